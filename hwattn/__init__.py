@@ -1,0 +1,11 @@
+"""hwattn: hardware-efficient attention (GTA, GLA, MLA, GQA, MQA, MHA) from
+"Hardware-Efficient Attention for Fast Decoding" (Zadouri, Strauss, Dao, 2025)."""
+
+from hwattn.config import ATTENTION_KINDS, ModelConfig
+from hwattn.layers import AttentionMetadata, build_attention
+from hwattn.models import Transformer, greedy_generate
+
+__version__ = "0.1.0"
+
+__all__ = ["ATTENTION_KINDS", "AttentionMetadata", "ModelConfig", "Transformer",
+           "build_attention", "greedy_generate", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from hwattn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The `hwattn` command. Each subcommand lives in a module of this package that defines
+`register(subparsers)`; `hwattn bench X` subcommands register under the `bench` group."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules of hwattn.cli, in the order `hwattn --help` lists them.
+COMMANDS = ("analyze", "demo")
+# Modules of hwattn.cli registering a subcommand of `hwattn bench`.
+BENCH_COMMANDS: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hwattn",
+        description="Hardware-efficient attention: GTA, GLA, MLA, GQA, MQA and MHA layers, "
+                    "paged decode kernels, training and serving.")
+    from hwattn import __version__
+    parser.add_argument("--version", action="version", version=f"hwattn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"hwattn.cli.{name}").register(sub)
+    if BENCH_COMMANDS:
+        bench = sub.add_parser("bench", help="benchmarks (decode kernels, engine, server)",
+                               description="Benchmarks that print the physics: time, GB/s, "
+                                           "TFLOP/s and distance to the roofline.")
+        bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+        for name in BENCH_COMMANDS:
+            importlib.import_module(f"hwattn.cli.{name}").register(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except ValueError as err:
+        print(f"hwattn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""`hwattn analyze`: per-variant parameters, KV cache and decode roofline of a preset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hwattn.config import PRESETS
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def register(sub) -> None:
+    from hwattn.analysis.cost import DEFAULT_VARIANTS, DTYPES, GPUS
+
+    p = sub.add_parser("analyze", help="KV cache, arithmetic intensity and roofline per variant",
+                       description="One row per attention variant and TP degree: parameters, KV "
+                                   "bytes per token per layer (per rank), total KV cache, "
+                                   "arithmetic intensity at L_q = 1 and 2, and the roofline-bound "
+                                   "attention decode time.")
+    p.add_argument("--preset", default="xl", choices=tuple(PRESETS), help="model shape (default xl)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated labels such as mha,gqa-8,gta-4,gla-4 (default: the six)")
+    p.add_argument("--tp", type=int_list, default=[1], help="TP degrees, e.g. 1,2,4,8 (default 1)")
+    p.add_argument("--batch", type=int, default=128, help="concurrent sequences (default 128)")
+    p.add_argument("--context", type=int, default=8192, help="tokens per sequence (default 8192)")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="KV cache dtype")
+    p.add_argument("--gpu", default="h100", choices=tuple(GPUS), help="GPU peaks (default h100)")
+    p.add_argument("--peak-tflops", type=float, help="override the GPU's dense TFLOP/s")
+    p.add_argument("--bandwidth", type=float, help="override the GPU's memory TB/s")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw the roofline to this file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dataclasses import replace
+
+    from hwattn.analysis.cost import GPUS, analyze, format_table
+
+    gpu = GPUS[args.gpu]
+    if args.peak_tflops:
+        gpu = replace(gpu, name=f"{gpu.name} (custom)", tflops=args.peak_tflops)
+    if args.bandwidth:
+        gpu = replace(gpu, name=f"{gpu.name} (custom)", tb_per_s=args.bandwidth)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows = analyze(args.preset, variants, args.tp, args.batch, args.context, args.dtype, gpu)
+    if args.json:
+        print(json.dumps({"gpu": gpu.__dict__, "rows": rows}))
+    else:
+        print(format_table(rows, gpu))
+    if args.plot:
+        from hwattn.analysis.plot import plot_roofline
+
+        plot_roofline(rows, gpu, args.plot)
+        if not args.json:
+            print(f"roofline plot written to {args.plot}")
+    return 0

@@ -1,0 +1,208 @@
+"""What every attention family shares: the forward flow over a paged KV cache, the
+attention metadata that drives it, and the cost accounting (KV bytes, decode bytes, FLOPs).
+
+A family implements five hooks:
+
+    project(x, cos, sin) -> (q_parts, states)   query pieces and the per-token cached states
+    attend(q_parts, states) -> (B, T, H, d_h)   dense causal attention over states (training,
+                                                 prefill); keys may outnumber queries
+    decode(q_parts, cache, meta) -> (B, T, H, d_h)  attention through `hwattn.ops`
+    cache_layout(tp) -> {name: per-token shape}  what is cached per token on one rank
+    decode_widths() -> (d_qk, d_v)              widths the decode kernel multiplies by
+
+and `forward` ties them together: without metadata it is the training path; with metadata it
+writes this step's states into the cache through `slot_mapping`, then attends either densely
+(prefill) or through the paged decode op.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hwattn import ops
+from hwattn.config import ModelConfig
+from hwattn.ops.reference import gather_cache
+
+
+@dataclass
+class AttentionMetadata:
+    """How one forward step reads and writes the paged KV cache; shared by every layer.
+
+    block_table: (B, max_pages) int32, page ids of each sequence in order.
+    cache_seqlens: (B,) int32, tokens cached per sequence once this step's T tokens are written.
+    slot_mapping: (B*T,) int64, flat cache slot (page * page_size + offset) of each new token,
+        row-major over (B, T); negative slots are padding and are not written.
+    is_prefill: attend densely (prompt chunks) instead of through the decode kernel.
+    seqlens_host: host copy of cache_seqlens, used by the prefill path to gather past tokens.
+    plan: split-KV schedule from `hwattn.ops.plan_decode`, computed once per step.
+    backend: "auto" | "triton" | "torch", passed to the decode ops.
+    """
+
+    block_table: Tensor
+    cache_seqlens: Tensor
+    slot_mapping: Tensor
+    is_prefill: bool = False
+    seqlens_host: list[int] | None = None
+    plan: Any = None
+    backend: str = "auto"
+
+    def positions(self, query_len: int) -> Tensor:
+        """(B, T) int64 positions of this step's tokens: the last T of each sequence."""
+        offsets = torch.arange(query_len, device=self.cache_seqlens.device)
+        return self.cache_seqlens.long()[:, None] - query_len + offsets
+
+    @staticmethod
+    def slots(block_table: Tensor, positions: Tensor, page_size: int) -> Tensor:
+        """Flat cache slots (B*T,) int64 of token positions (B, T) under a block table."""
+        pages = torch.gather(block_table.long(), 1, positions // page_size)
+        return (pages * page_size + positions % page_size).flatten()
+
+    @classmethod
+    def for_step(cls, block_table: Tensor, cache_seqlens: Tensor, query_len: int, page_size: int,
+                 is_prefill: bool = False, **kwargs) -> "AttentionMetadata":
+        """Metadata for T = `query_len` new tokens per sequence, slots derived from the table."""
+        meta = cls(block_table, cache_seqlens, slot_mapping=torch.empty(0), is_prefill=is_prefill,
+                   **kwargs)
+        meta.slot_mapping = cls.slots(block_table, meta.positions(query_len), page_size)
+        if is_prefill and meta.seqlens_host is None:
+            meta.seqlens_host = [int(n) for n in cache_seqlens.tolist()]
+        return meta
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal SDPA with the mask aligned bottom-right (queries are the last T of L keys).
+
+    q (B, T, H, E); k (B, L, H_kv, E); v (B, L, H_kv, E_v) -> (B, T, H, E_v).
+    Widths that differ are zero-padded, which leaves scores and outputs unchanged.
+    """
+    n_q, n_k = q.shape[1], k.shape[1]
+    e, e_v = q.shape[-1], v.shape[-1]
+    if e_v < e:
+        v = F.pad(v, (0, e - e_v))
+    elif e_v > e:
+        q, k = F.pad(q, (0, e_v - e)), F.pad(k, (0, e_v - e))
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, E)
+    gqa = kt.shape[1] != qt.shape[1]
+    if n_q == n_k:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        rows = torch.arange(n_q, device=q.device)[:, None]
+        cols = torch.arange(n_k, device=q.device)[None, :]
+        mask = cols <= rows + (n_k - n_q)  # (T, L)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)[..., :e_v]  # (B, T, H, E_v)
+
+
+class Attention(nn.Module):
+    """Base class of the attention families; see the module docstring for the hooks."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.rope_dim = config.rope_dim
+
+    # Hooks each family implements.
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def attend(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...]) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, q: tuple[Tensor, ...], cache: tuple[Tensor, ...], meta: AttentionMetadata) -> Tensor:
+        raise NotImplementedError
+
+    def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def decode_widths(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None = None,
+                cache: tuple[Tensor, ...] | None = None) -> Tensor:
+        """x (B, T, D); cos, sin (B, T, d_R / 2) -> (B, T, D).
+
+        Without `meta` this is the causal training path. With `meta` and this layer's `cache`
+        (the tensors from `allocate_cache`), the step's states are written to the cache first.
+        """
+        batch, seq = x.shape[:2]
+        q, states = self.project(x, cos, sin)
+        if meta is None:
+            out = self.attend(q, states)
+        else:
+            if cache is None:
+                raise ValueError("cache must be given together with meta")
+            for tensor, state in zip(cache, states):
+                ops.store_kv(tensor, state.flatten(0, 1), meta.slot_mapping)
+            if meta.is_prefill:
+                out = self._prefill(q, states, cache, meta, seq)
+            else:
+                out = self.decode(q, cache, meta)
+        return self.wo(out.reshape(batch, seq, -1))
+
+    def _prefill(self, q, states, cache, meta: AttentionMetadata, seq: int) -> Tensor:
+        lens = meta.seqlens_host if meta.seqlens_host is not None else meta.cache_seqlens.tolist()
+        if all(n == seq for n in lens):  # nothing cached before this chunk
+            return self.attend(q, states)
+        outs = []
+        for b, length in enumerate(lens):
+            past = tuple(gather_cache(c, meta.block_table[b], length)[None].to(s.dtype)
+                         for c, s in zip(cache, states))  # each (1, L, ...)
+            outs.append(self.attend(tuple(t[b:b + 1] for t in q), past))
+        return torch.cat(outs)
+
+    # Cost accounting (DESIGN §2). All counts are for one layer on one tensor-parallel rank.
+    def local_heads(self, tp: int = 1) -> tuple[int, int]:
+        """(query heads, cached heads) on one rank of a `tp`-way split.
+
+        Cached heads are split while there are at least as many as ranks, else each rank keeps
+        the one its query heads read (duplicated across ranks).
+        """
+        cached = self.config.cache_heads
+        if tp <= 0 or self.n_heads % tp:
+            raise ValueError(f"tp ({tp}) must divide n_heads ({self.n_heads})")
+        if cached >= tp:
+            if cached % tp:
+                raise ValueError(f"tp ({tp}) must divide the {cached} cached heads")
+            return self.n_heads // tp, cached // tp
+        if tp % cached:
+            raise ValueError(f"tp ({tp}) must be a multiple of the {cached} cached heads")
+        return self.n_heads // tp, 1
+
+    def kv_elements_per_token(self, tp: int = 1) -> int:
+        return sum(math.prod(shape) for shape in self.cache_layout(tp).values())
+
+    def kv_bytes_per_token(self, tp: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes of KV cache one token occupies in this layer on one rank."""
+        return self.kv_elements_per_token(tp) * dtype.itemsize
+
+    def decode_flops(self, context_len: int, query_len: int = 1, tp: int = 1) -> int:
+        """FLOPs of one decode call for one sequence: QK^T and PV over the whole context."""
+        d_qk, d_v = self.decode_widths()
+        return 2 * query_len * self.local_heads(tp)[0] * context_len * (d_qk + d_v)
+
+    def decode_bytes(self, context_len: int, query_len: int = 1, tp: int = 1,
+                     dtype: torch.dtype = torch.bfloat16) -> int:
+        """Fewest bytes one decode call moves for one sequence: the cache once, q and out."""
+        d_qk, d_v = self.decode_widths()
+        io = query_len * self.local_heads(tp)[0] * (d_qk + d_v) * dtype.itemsize
+        return context_len * self.kv_bytes_per_token(tp, dtype) + io
+
+    def arithmetic_intensity(self, context_len: int, query_len: int = 1, tp: int = 1,
+                             dtype: torch.dtype = torch.bfloat16) -> float:
+        return self.decode_flops(context_len, query_len, tp) / self.decode_bytes(
+            context_len, query_len, tp, dtype)
+
+    def allocate_cache(self, num_pages: int, page_size: int, dtype: torch.dtype = torch.bfloat16,
+                       device=None) -> tuple[Tensor, ...]:
+        """Uninitialised paged cache tensors, one per `cache_layout` entry:
+        (num_pages, page_size, *per-token shape)."""
+        return tuple(torch.empty(num_pages, page_size, *shape, dtype=dtype, device=device)
+                     for shape in self.cache_layout(1).values())

@@ -1,0 +1,55 @@
+"""Multi-head, grouped-query and multi-query attention: one class, the KV head count decides.
+
+MHA caches K and V for every head, GQA-G for G KV heads shared by contiguous blocks of
+g_q = h_q / G query heads, MQA for a single head. Per token per layer the cache holds
+2 · h_kv · d_h elements. RoPE rotates the whole head. Decode runs `hwattn.ops.decode`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from hwattn import ops
+from hwattn.config import ModelConfig
+from hwattn.layers.base import Attention, AttentionMetadata, causal_attention
+from hwattn.layers.rope import apply_rope
+
+
+class GroupedQueryAttention(Attention):
+    """MHA (n_kv_heads = n_heads), GQA (1 < n_kv_heads < n_heads) or MQA (n_kv_heads = 1)."""
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__(config)
+        d, h, hk = config.dim, config.n_heads, config.n_kv_heads
+        self.n_kv_heads = hk
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.wq = nn.Linear(d, h * self.head_dim, **kw)
+        self.wk = nn.Linear(d, hk * self.head_dim, **kw)
+        self.wv = nn.Linear(d, hk * self.head_dim, **kw)
+        self.wo = nn.Linear(h * self.head_dim, d, **kw)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, d_h)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
+        return (apply_rope(q, cos, sin),), (apply_rope(k, cos, sin), v)
+
+    def attend(self, q, states) -> Tensor:
+        k, v = states
+        return causal_attention(q[0], k, v, self.scale)
+
+    def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
+        k_cache, v_cache = cache
+        return ops.decode(q[0], k_cache, v_cache, meta.block_table, meta.cache_seqlens,
+                          softmax_scale=self.scale, plan=meta.plan, backend=meta.backend)
+
+    def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
+        heads = self.local_heads(tp)[1]
+        return {"k": (heads, self.head_dim), "v": (heads, self.head_dim)}
+
+    def decode_widths(self) -> tuple[int, int]:
+        return self.head_dim, self.head_dim

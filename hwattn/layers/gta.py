@@ -1,0 +1,64 @@
+"""Grouped-Tied Attention (GTA): one tied state per KV head serves as both key and value.
+
+`wkv: D -> h_kv · d_h` gives the tied state S per KV head. The value is all of S; the key is
+[S[..., :d_h - d_R] (never rotated), RoPE(k_rope)] where `wk_rope: D -> d_R` is a single-head
+projection shared by every head. The query's last d_R dims are rotated. Per token per layer
+the cache holds h_kv · d_h + d_R elements, about half of GQA's 2 · h_kv · d_h.
+Decode runs `hwattn.ops.decode_tied`, reading S once for both roles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from hwattn import ops
+from hwattn.config import ModelConfig
+from hwattn.layers.base import Attention, AttentionMetadata, causal_attention
+from hwattn.layers.rope import apply_rope
+
+
+class GroupedTiedAttention(Attention):
+    """GTA-G: G tied KV heads (`n_kv_heads`) and one shared RoPE key of `rope_dim` dims."""
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__(config)
+        d, h, hk = config.dim, config.n_heads, config.n_kv_heads
+        self.n_kv_heads = hk
+        self.nope_dim = self.head_dim - self.rope_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.wq = nn.Linear(d, h * self.head_dim, **kw)
+        self.wkv = nn.Linear(d, hk * self.head_dim, **kw)
+        self.wk_rope = nn.Linear(d, self.rope_dim, **kw)
+        self.wo = nn.Linear(h * self.head_dim, d, **kw)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, d_h)
+        q = torch.cat((q[..., :self.nope_dim], apply_rope(q[..., self.nope_dim:], cos, sin)), -1)
+        tied = self.wkv(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
+        k_rope = apply_rope(self.wk_rope(x), cos, sin)  # (B, T, d_R)
+        return (q,), (tied, k_rope)
+
+    def attend(self, q, states) -> Tensor:
+        tied, k_rope = states
+        b, n, hk, _ = tied.shape
+        k = torch.cat((tied[..., :self.nope_dim],
+                       k_rope[:, :, None, :].expand(b, n, hk, self.rope_dim)), -1)  # (B, L, H_kv, d_h)
+        return causal_attention(q[0], k, tied, self.scale)
+
+    def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
+        kv_cache, rope_cache = cache
+        q_full = q[0]
+        return ops.decode_tied(q_full[..., :self.nope_dim], q_full[..., self.nope_dim:], kv_cache,
+                               rope_cache, meta.block_table, meta.cache_seqlens,
+                               softmax_scale=self.scale, plan=meta.plan, backend=meta.backend)
+
+    def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
+        return {"kv": (self.local_heads(tp)[1], self.head_dim), "rope": (self.rope_dim,)}
+
+    def decode_widths(self) -> tuple[int, int]:
+        return self.head_dim, self.head_dim

@@ -1,0 +1,109 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2 style) and the latent machinery GLA shares.
+
+Query: x -> `wq_a` (D -> 8·d_h) -> RMSNorm -> `wq_b` -> per head [q_nope (d_h) | q_rope (d_R)].
+KV: `wkv_a` (D -> h_c·d_c + d_R) gives h_c latents c (each RMSNorm'd) and one RoPE key shared
+by every head. Training / prefill up-projects each head's latent to K_nope = W_UK c and
+V = W_UV c (d_h each) and attends with K = [K_nope, k_rope] at scale 1/sqrt(d_h + d_R).
+
+Decode absorbs the up-projections: q_abs = q_nope · W_UK (a d_c-wide query per head) attends
+the cached latent directly through `hwattn.ops.decode_tied` (the latent is both the key's
+un-rotated part and the value), and W_UV maps the attended latent back to d_h. The scale stays
+the training scale. Per token per layer the cache holds h_c · d_c + d_R elements; MLA has one
+latent head of d_c = 4·d_h. Query head i uses latent head i // (h_q / h_c).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from hwattn import ops
+from hwattn.config import ModelConfig
+from hwattn.layers.base import Attention, AttentionMetadata, causal_attention
+from hwattn.layers.norm import RMSNorm
+from hwattn.layers.rope import apply_rope
+
+
+class LatentAttention(Attention):
+    """Latent attention with `n_latent_heads` latents of `latent_dim` each (MLA: 1, GLA: h_c)."""
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__(config)
+        d, h, dh = config.dim, config.n_heads, self.head_dim
+        self.n_latent_heads = config.n_latent_heads
+        self.latent_dim = config.latent_dim
+        self.group = h // self.n_latent_heads
+        self.scale = 1.0 / math.sqrt(dh + self.rope_dim)
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.wq_a = nn.Linear(d, config.q_latent_dim, **kw)
+        self.q_norm = RMSNorm(config.q_latent_dim, eps=config.norm_eps, device=device, dtype=dtype)
+        self.wq_b = nn.Linear(config.q_latent_dim, h * (dh + self.rope_dim), **kw)
+        self.wkv_a = nn.Linear(d, self.n_latent_heads * self.latent_dim + self.rope_dim, **kw)
+        self.kv_norm = RMSNorm(self.n_latent_heads, self.latent_dim, eps=config.norm_eps,
+                               device=device, dtype=dtype)
+        # Up-projections, one (d_h, d_c) matrix per query head; head i reads latent i // group.
+        self.w_uk = nn.Parameter(torch.empty(h, dh, self.latent_dim, device=device, dtype=dtype))
+        self.w_uv = nn.Parameter(torch.empty(h, dh, self.latent_dim, device=device, dtype=dtype))
+        self.wo = nn.Linear(h * dh, d, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.latent_dim)
+        for w in (self.w_uk, self.w_uv):
+            if not w.is_meta:
+                nn.init.uniform_(w, -bound, bound)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor):
+        b, t, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))).view(b, t, self.n_heads, -1)  # (B, T, H, d_h + d_R)
+        q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
+        kv = self.wkv_a(x)  # (B, T, h_c·d_c + d_R)
+        latent, k_rope = kv.split([self.n_latent_heads * self.latent_dim, self.rope_dim], dim=-1)
+        latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))  # (B, T, h_c, d_c)
+        return (q_nope, apply_rope(q_rope, cos, sin)), (latent, apply_rope(k_rope, cos, sin))
+
+    def _up(self, latent: Tensor, weight: Tensor) -> Tensor:
+        """Per-head up-projection: latent (B, L, h_c, d_c) -> (B, L, H, d_h)."""
+        b, n = latent.shape[:2]
+        w = weight.view(self.n_latent_heads, self.group, self.head_dim, self.latent_dim)
+        return torch.einsum("bljc,jgdc->bljgd", latent, w).reshape(b, n, self.n_heads, self.head_dim)
+
+    def attend(self, q, states) -> Tensor:
+        q_nope, q_rope = q
+        latent, k_rope = states
+        b, n = latent.shape[:2]
+        k = torch.cat((self._up(latent, self.w_uk),
+                       k_rope[:, :, None, :].expand(b, n, self.n_heads, self.rope_dim)), -1)  # (B, L, H, d_h + d_R)
+        v = self._up(latent, self.w_uv)  # (B, L, H, d_h)
+        return causal_attention(torch.cat((q_nope, q_rope), -1), k, v, self.scale)
+
+    def absorb_query(self, q_nope: Tensor) -> Tensor:
+        """q_nope (B, T, H, d_h) -> q_abs (B, T, H, d_c): W_UK folded into the query."""
+        return torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk)
+
+    def absorb_output(self, out_latent: Tensor) -> Tensor:
+        """Attended latent (B, T, H, d_c) -> per-head output (B, T, H, d_h) through W_UV."""
+        return torch.einsum("bthc,hdc->bthd", out_latent, self.w_uv)
+
+    def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
+        q_nope, q_rope = q
+        kv_cache, rope_cache = cache
+        out_latent = ops.decode_tied(self.absorb_query(q_nope), q_rope, kv_cache, rope_cache,
+                                     meta.block_table, meta.cache_seqlens, softmax_scale=self.scale,
+                                     plan=meta.plan, backend=meta.backend)  # (B, T, H, d_c)
+        return self.absorb_output(out_latent)
+
+    def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
+        return {"kv": (self.local_heads(tp)[1], self.latent_dim), "rope": (self.rope_dim,)}
+
+    def decode_widths(self) -> tuple[int, int]:
+        return self.latent_dim + self.rope_dim, self.latent_dim
+
+
+class MultiHeadLatentAttention(LatentAttention):
+    """MLA: one latent of d_c = 4·d_h shared by all query heads, plus one RoPE key.
+
+    Under tensor parallelism the latent cannot be split, so every rank keeps a full copy.
+    """

@@ -1,0 +1,141 @@
+"""A Llama-style decoder whose attention is any of the six families.
+
+RMSNorm pre-norm blocks, SwiGLU feed-forward, RoPE (theta from the config) and tied input /
+output embeddings. The model is single-device; tensor parallelism, compilation and checkpoint
+conversion are applied from outside.
+
+    model = Transformer(ModelConfig.from_preset("tiny", attention="gta"))
+    logits = model(tokens)                                   # training: (B, T) -> (B, T, V)
+    caches = model.allocate_kv_cache(num_pages, page_size)   # paged KV cache, one tuple a layer
+    logits = model(tokens, meta=meta, kv_caches=caches)      # prefill / decode through the cache
+
+Cost accounting (KV bytes per token, FLOPs per token for MFU) sits beside the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hwattn.config import ModelConfig
+from hwattn.layers import AttentionMetadata, RMSNorm, build_attention, rope_table
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.w1 = nn.Linear(dim, hidden_dim, **kw)
+        self.w3 = nn.Linear(dim, hidden_dim, **kw)
+        self.w2 = nn.Linear(hidden_dim, dim, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps, device=device, dtype=dtype)
+        self.attn = build_attention(config, device=device, dtype=dtype)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps, device=device, dtype=dtype)
+        self.ffn = FeedForward(config.dim, config.hidden_dim, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None,
+                cache: tuple[Tensor, ...] | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, meta, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(config, device=device, dtype=dtype)
+                                    for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps, device=device, dtype=dtype)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        rope_device = None if device is None or torch.device(device).type == "meta" else device
+        cos, sin = rope_table(config.rope_dim, config.max_seq_len, config.rope_theta, rope_device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, d_R / 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """N(0, 0.02) weights, output projections scaled by 1/sqrt(2 · n_layers), unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            with torch.no_grad():
+                if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
+                    p.fill_(1.0)
+                else:
+                    std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+    def forward(self, tokens: Tensor, meta: AttentionMetadata | None = None,
+                kv_caches: Sequence[tuple[Tensor, ...]] | None = None) -> Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V).
+
+        Without `meta`, positions are 0..T-1 and attention is causal over the input (training).
+        With `meta` and `kv_caches` (from `allocate_kv_cache`), the T tokens are the last T of
+        each cached sequence: they are written to the cache and attend to everything before.
+        """
+        b, t = tokens.shape
+        if meta is None:
+            positions = torch.arange(t, device=tokens.device)[None].expand(b, t)
+        else:
+            if kv_caches is None or len(kv_caches) != len(self.layers):
+                raise ValueError(f"kv_caches must hold one cache per layer ({len(self.layers)})")
+            positions = meta.positions(t)
+        cos, sin = self.rope(positions)
+        x = self.tok_embeddings(tokens)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, None if meta is None else kv_caches[i])
+        return self.output(self.norm(x))
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, T, d_R / 2) fp32 for positions (B, T). Positions past max_seq_len
+        raise on CPU; on a GPU the check would sync inside a decode step, so callers bound them."""
+        if positions.device.type == "cpu" and positions.numel() and \
+                int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def allocate_kv_cache(self, num_pages: int, page_size: int, dtype: torch.dtype | None = None,
+                          device=None) -> list[tuple[Tensor, ...]]:
+        """One tuple of paged cache tensors per layer (see `Attention.allocate_cache`)."""
+        ref = self.tok_embeddings.weight
+        dtype = dtype or ref.dtype
+        device = device or ref.device
+        return [blk.attn.allocate_cache(num_pages, page_size, dtype, device) for blk in self.layers]
+
+    def kv_bytes_per_token(self, tp: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+        """KV cache bytes per token for the whole model on one rank of a `tp`-way split."""
+        return sum(blk.attn.kv_bytes_per_token(tp, dtype) for blk in self.layers)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); `non_embedding` drops the embedding matrix."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at sequence length `seq_len`:
+        6 per matmul weight plus attention's QK^T and PV over the (full) context."""
+        cfg = self.config
+        matmul = sum(p.numel() for n, p in self.named_parameters() if not n.endswith("norm.weight"))
+        d_qk = cfg.head_dim + (cfg.rope_dim if cfg.attention in ("mla", "gla") else 0)
+        attn = 6 * cfg.n_layers * cfg.n_heads * seq_len * (d_qk + cfg.head_dim)
+        return 6 * matmul + attn
