@@ -1,16 +1,22 @@
 """The `hwattn` command. Each subcommand lives in a module of this package that defines
-`register(subparsers)`; `hwattn bench X` subcommands register under the `bench` group."""
+`register(subparsers)`; `hwattn bench X` subcommands register under the `bench` group.
+A listed module that is not present (a partial install) is left out of the menu."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # Modules of hwattn.cli, in the order `hwattn --help` lists them.
-COMMANDS = ("analyze", "demo")
+COMMANDS = ("compare", "analyze", "demo", "data", "train", "eval", "serve")
 # Modules of hwattn.cli registering a subcommand of `hwattn bench`.
-BENCH_COMMANDS: tuple[str, ...] = ()
+BENCH_COMMANDS = ("bench_decode", "bench_engine", "bench_serve")
+
+
+def _present(names):
+    return [n for n in names if importlib.util.find_spec(f"hwattn.cli.{n}") is not None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,14 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     from hwattn import __version__
     parser.add_argument("--version", action="version", version=f"hwattn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in _present(COMMANDS):
         importlib.import_module(f"hwattn.cli.{name}").register(sub)
-    if BENCH_COMMANDS:
+    bench_names = _present(BENCH_COMMANDS)
+    if bench_names:
         bench = sub.add_parser("bench", help="benchmarks (decode kernels, engine, server)",
                                description="Benchmarks that print the physics: time, GB/s, "
                                            "TFLOP/s and distance to the roofline.")
         bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-        for name in BENCH_COMMANDS:
+        for name in bench_names:
             importlib.import_module(f"hwattn.cli.{name}").register(bench_sub)
     return parser
 
