@@ -64,10 +64,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        rope_device = None if device is None or torch.device(device).type == "meta" else device
-        cos, sin = rope_table(config.rope_dim, config.max_seq_len, config.rope_theta, rope_device)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, d_R / 2)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # fp32 (max_seq_len, d_R / 2) cos / sin tables per device; kept out of the module's
+        # buffers so that casting the model to bf16 never quantises them.
+        self._rope_tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
         self.init_weights()
 
     def init_weights(self, seed: int | None = None) -> None:
@@ -112,7 +111,13 @@ class Transformer(nn.Module):
                 int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
-        return self.rope_cos[positions], self.rope_sin[positions]
+        tables = self._rope_tables.get(positions.device)
+        if tables is None:
+            cfg = self.config
+            tables = rope_table(cfg.rope_dim, cfg.max_seq_len, cfg.rope_theta, positions.device)
+            self._rope_tables[positions.device] = tables
+        cos, sin = tables
+        return cos[positions], sin[positions]
 
     def allocate_kv_cache(self, num_pages: int, page_size: int, dtype: torch.dtype | None = None,
                           device=None) -> list[tuple[Tensor, ...]]:

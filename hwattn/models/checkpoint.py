@@ -1,0 +1,71 @@
+"""Model checkpoints in the Hugging Face layout: `config.json` + `model.safetensors`.
+
+config.json holds every `ModelConfig` field at top level plus `model_type: "hwattn"` and
+`architectures`, so `transformers` can load the directory once hwattn registers its classes.
+Weights are the `Transformer` state dict under the prefix `model.` (the Hugging Face wrapper
+keeps the decoder as its `model` attribute); the tied output matrix is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hwattn.config import ModelConfig
+from hwattn.models.transformer import Transformer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PREFIX = "model."
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError("checkpoints need safetensors: pip install 'hwattn[train]'") from err
+    return safetensors.torch
+
+
+def config_document(config: ModelConfig) -> dict:
+    doc = config.to_dict()
+    doc.update(model_type="hwattn", architectures=["HwattnForCausalLM"],
+               tie_word_embeddings=config.tie_embeddings)
+    return doc
+
+
+def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = None) -> Path:
+    """Write `model` to directory `path` (created); `extra` keys are added to config.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    doc = config_document(model.config)
+    doc.update(extra or {})
+    state = {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_embeddings and k == "output.weight")}
+    _safetensors().save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    (path / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
+    return path
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise ValueError(f"{path} is not an hwattn checkpoint: no {CONFIG_NAME}")
+    return ModelConfig.from_dict(json.loads(file.read_text()))
+
+
+def load_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Transformer:
+    """The `Transformer` saved in directory `path`, on `device` in `dtype`."""
+    config = load_config(path)
+    state = _safetensors().load_file(str(Path(path) / WEIGHTS_NAME), device="cpu")
+    state = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+    with torch.device("meta"):
+        model = Transformer(config)
+    if config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device=device, dtype=dtype)
