@@ -6,9 +6,12 @@
     store_kv(cache, new, slot_mapping)                                       # write new tokens
 
 Each op has a plain PyTorch reference in `reference.py`; `backend="auto"` picks the Triton
-kernel for CUDA tensors and the reference for CPU tensors.
+kernels (`triton_decode.py` launching `kernels/attend.py`, `kernels/combine.py`,
+`kernels/store.py`) for CUDA tensors and the reference for CPU tensors. `plan.py` holds the
+split-KV planner.
 """
 
-from hwattn.ops.interface import decode, decode_tied, plan_decode, store_kv
+from hwattn.ops.interface import decode, decode_tied, store_kv
+from hwattn.ops.plan import DecodePlan, plan_decode
 
-__all__ = ["decode", "decode_tied", "plan_decode", "store_kv"]
+__all__ = ["DecodePlan", "decode", "decode_tied", "plan_decode", "store_kv"]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from hwattn.ops import reference
+from hwattn.ops.plan import DecodePlan, plan_decode
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -32,7 +33,7 @@ def _triton_available() -> bool:
 
 
 def _check_paged(name_cache: str, cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
-                 batch: int, query_len: int, device: torch.device) -> None:
+                 batch: int, query_len: int, device: torch.device, plan: DecodePlan | None) -> None:
     if block_table.dim() != 2 or block_table.shape[0] != batch:
         raise ValueError(f"block_table must be (B={batch}, max_pages), got {tuple(block_table.shape)}")
     if block_table.dtype != torch.int32:
@@ -44,17 +45,27 @@ def _check_paged(name_cache: str, cache: Tensor, block_table: Tensor, cache_seql
     for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens), (name_cache, cache)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not capturing:
-        # Reading the lengths syncs with the device; skipped while a CUDA graph is captured.
-        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
-        if lo < query_len:
-            raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new "
-                             f"tokens are counted), got min {lo}")
-        capacity = block_table.shape[1] * cache.shape[1]
-        if hi > capacity:
+    if cache.shape[1] <= 0:
+        raise ValueError(f"{name_cache} page size must be positive, got {cache.shape[1]}")
+    capacity = block_table.shape[1] * cache.shape[1]
+    if plan is not None:
+        # plan_decode read the lengths on the host already: no device read here (CUDA graphs).
+        if not isinstance(plan, DecodePlan) or plan.batch != batch:
+            raise ValueError(f"plan must be a DecodePlan from plan_decode for B={batch}")
+        if plan.max_seqlen > capacity:
             raise ValueError(f"block_table has {block_table.shape[1]} pages of {cache.shape[1]} "
-                             f"tokens = {capacity} slots, too short for cache_seqlens max {hi}")
+                             f"tokens = {capacity} slots, too short for the plan's longest "
+                             f"sequence {plan.max_seqlen}")
+        return
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return  # reading the lengths would sync; pass a plan to have them checked
+    lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if lo < query_len:
+        raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new "
+                         f"tokens are counted), got min {lo}")
+    if hi > capacity:
+        raise ValueError(f"block_table has {block_table.shape[1]} pages of {cache.shape[1]} "
+                         f"tokens = {capacity} slots, too short for cache_seqlens max {hi}")
 
 
 def _check_float(name: str, t: Tensor) -> None:
@@ -101,9 +112,11 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     n_kv = k_cache.shape[2]
-    if n_heads % n_kv:
-        raise ValueError(f"q heads ({n_heads}) must be a multiple of cache heads ({n_kv})")
-    _check_paged("k_cache", k_cache, block_table, cache_seqlens, batch, query_len, q.device)
+    if n_kv <= 0 or n_heads % n_kv:
+        raise ValueError(f"k_cache has {n_kv} heads, which must divide q's {n_heads} heads")
+    _check_paged("k_cache", k_cache, block_table, cache_seqlens, batch, query_len, q.device, plan)
+    if v_cache.device != q.device:
+        raise ValueError(f"v_cache is on {v_cache.device} but q is on {q.device}")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     if _pick_backend(backend, q.device) == "torch":
         out, lse = reference.decode_reference(q, k_cache, v_cache, block_table, cache_seqlens,
@@ -152,9 +165,10 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     _check_cache_dtype("kv_cache", kv_cache, q_nope, kv_scale)
     _check_cache_dtype("rope_cache", rope_cache, q_nope, kv_scale)
     n_kv = kv_cache.shape[2]
-    if n_heads % n_kv:
-        raise ValueError(f"q heads ({n_heads}) must be a multiple of cache heads ({n_kv})")
-    _check_paged("kv_cache", kv_cache, block_table, cache_seqlens, batch, query_len, q_nope.device)
+    if n_kv <= 0 or n_heads % n_kv:
+        raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
+    _check_paged("kv_cache", kv_cache, block_table, cache_seqlens, batch, query_len, q_nope.device,
+                 plan)
     if q_rope.device != q_nope.device or rope_cache.device != q_nope.device:
         raise ValueError("q_rope and rope_cache must be on q_nope's device")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_nope + d_rope)
@@ -167,21 +181,6 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
                                              cache_seqlens, softmax_scale=scale, plan=plan,
                                              kv_scale=kv_scale)
     return (out, lse) if return_lse else out
-
-
-def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
-                page_size: int = 64, num_sms: int | None = None):
-    """Split-KV schedule for one decode step, computed once and reused by every layer.
-
-    The reference backend needs no plan and this returns None until a kernel backend
-    provides one.
-    """
-    try:
-        from hwattn.ops import triton_decode
-    except ImportError:
-        return None
-    return triton_decode.plan_decode(cache_seqlens, num_heads_kv=num_heads_kv,
-                                     query_len=query_len, page_size=page_size, num_sms=num_sms)
 
 
 def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, *, scale: float | None = None,
@@ -200,5 +199,14 @@ def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, *, scale: float |
         raise ValueError(f"slot_mapping must be (N={new.shape[0]},), got {tuple(slot_mapping.shape)}")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
-    _pick_backend(backend, cache.device)
-    reference.store_kv_reference(cache, new, slot_mapping, scale)
+    for name, t in (("new", new), ("slot_mapping", slot_mapping)):
+        if t.device != cache.device:
+            raise ValueError(f"{name} is on {t.device} but cache is on {cache.device}")
+    kernel_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    if (_pick_backend(backend, cache.device) == "triton" and cache.is_contiguous()
+            and new.dtype in kernel_dtypes
+            and cache.dtype in (*kernel_dtypes, torch.float8_e4m3fn)):
+        from hwattn.ops import triton_decode
+        triton_decode.store_kv(cache, new, slot_mapping, scale)
+    else:
+        reference.store_kv_reference(cache, new, slot_mapping, scale)

@@ -105,10 +105,14 @@ def decode_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope
 def store_kv_reference(cache: Tensor, new: Tensor, slot_mapping: Tensor,
                        scale: float | None = None) -> None:
     """Write `new` (N, *feat) into `cache` (P, page_size, *feat) at flat slots
-    `slot_mapping` (N,) = page * page_size + offset; negative slots are skipped (padding)."""
+    `slot_mapping` (N,) = page * page_size + offset; negative slots are skipped (padding).
+    An fp8 cache stores value / scale, saturated to the format's range."""
     keep = slot_mapping >= 0
     flat = cache.view(-1, *cache.shape[2:])
     values = new[keep]
     if scale is not None:
         values = values.float() / scale
+    if cache.dtype == torch.float8_e4m3fn:  # saturate explicitly, as the Triton store does
+        limit = torch.finfo(cache.dtype).max
+        values = values.float().clamp(-limit, limit)
     flat[slot_mapping[keep].long()] = values.to(cache.dtype)

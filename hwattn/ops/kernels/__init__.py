@@ -1,0 +1,1 @@
+"""Triton kernels of the paged decode ops, one file per phase: attend, combine, store."""

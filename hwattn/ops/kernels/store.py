@@ -1,0 +1,33 @@
+"""The store kernel: write new tokens into a paged cache through a flat slot mapping.
+
+One program copies one token's features (all heads, flattened) to `cache[slot]`; negative
+slots are padding and are skipped. For an fp8 cache the value is divided by the scale and
+saturated to the e4m3 range before rounding, as `reference.store_kv_reference` does. No host
+reads, so it is safe inside a captured CUDA graph (the reference's boolean indexing is not).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+E4M3_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def store_kernel(cache_ptr, new_ptr, slots_ptr, n_feat, stride_new, scale,
+                 SCALED: tl.constexpr, SATURATE: tl.constexpr, BLOCK: tl.constexpr):
+    pid_tok = tl.program_id(0)
+    slot = tl.load(slots_ptr + pid_tok).to(tl.int64)
+    if slot < 0:
+        return
+    for f0 in range(0, n_feat, BLOCK):
+        offs_f = f0 + tl.arange(0, BLOCK)
+        mask_f = offs_f < n_feat
+        values = tl.load(new_ptr + pid_tok.to(tl.int64) * stride_new + offs_f, mask=mask_f)  # (BLOCK,)
+        if SCALED:
+            values = values.to(tl.float32) / scale
+        if SATURATE:
+            values = tl.minimum(tl.maximum(values.to(tl.float32), -E4M3_MAX), E4M3_MAX)
+        tl.store(cache_ptr + slot * n_feat + offs_f, values.to(cache_ptr.dtype.element_ty),
+                 mask=mask_f)

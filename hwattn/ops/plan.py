@@ -1,0 +1,141 @@
+"""Split-KV planning: which program attends which tokens of which sequence.
+
+A decode step's work is B sequences × the programs along the head axis (KV heads × head
+blocks). When that is too few programs to keep every SM streaming (small batch, long context),
+long sequences are cut into pieces; each piece becomes a work item with its own partial output
+and LSE, and the combine kernel merges a sequence's pieces. Piece sizes follow the lengths, so a
+batch of one 128K and three 1K sequences spends its programs on the long one.
+
+The plan is computed once per step on the host (it reads `cache_seqlens`) and reused by every
+layer. Its tensors live on the lengths' device; the kernels read them there and never sync.
+Its grid, `capacity` items, depends only on the batch size and head count, so a CUDA graph
+captured with one plan replays correctly after `plan_decode(..., out=plan)` refreshes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Pieces start on multiples of this many tokens, a multiple of every kernel's token block.
+PIECE_ALIGN = 64
+# Each piece of a split sequence covers at least this many tokens, so the partial written per
+# piece stays small next to the cache bytes the piece reads.
+MIN_PIECE = 256
+# Programs in flight per SM that the planner aims for (two hide most of the load latency).
+PROGRAMS_PER_SM = 2
+
+
+@dataclass
+class DecodePlan:
+    """Work items of one decode step.
+
+    batch: B the plan was made for. max_seqlen: longest sequence, checked against the block
+    table without a device read. items: (capacity, 3) int32, one row per program along the
+    token axis: (sequence, first token, end token); sequence -1 marks an idle slot.
+    splits: (B, 2) int32, (first item, number of items) of each sequence; a sequence's items
+    are consecutive. Item i writes its partial into slot i of the partial buffers.
+    """
+
+    batch: int
+    max_seqlen: int
+    items: Tensor
+    splits: Tensor
+
+    @property
+    def capacity(self) -> int:
+        return self.items.shape[0]
+
+    @property
+    def may_split(self) -> bool:
+        """Whether any sequence can have several pieces, i.e. the combine kernel must run."""
+        return self.capacity > self.batch
+
+
+def _pieces(length: int, n_pieces: int) -> list[tuple[int, int]]:
+    """Cut [0, length) into at most `n_pieces` aligned pieces of near-equal size."""
+    size = -(-length // n_pieces)
+    size = -(-size // PIECE_ALIGN) * PIECE_ALIGN
+    return [(s, min(s + size, length)) for s in range(0, length, size)]
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100's count, so CPU plans (tests, interpreter) look like GPU ones
+
+
+def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
+                page_size: int = 64, num_sms: int | None = None, head_blocks: int = 1,
+                split_tokens: int | None = None, out: DecodePlan | None = None) -> DecodePlan:
+    """Split-KV schedule for one decode step (reads `cache_seqlens` on the host once).
+
+    Args:
+        cache_seqlens: (B,) int32, tokens cached per sequence, the `query_len` new ones included.
+        num_heads_kv: KV (or latent) heads per layer; with `head_blocks` (query-head blocks per
+            KV head, default 1) it sets how many programs work on each item.
+        query_len: L_q of the step; every length must be at least this.
+        page_size: the cache's page size; must be positive (pieces are aligned to 64 tokens).
+        num_sms: multiprocessors to fill; default: the device's (132 on CPU).
+        split_tokens: force pieces of this many tokens (a multiple of 64), e.g. to test the
+            combine path; default: decided from the lengths.
+        out: a previous plan of the same batch to refresh in place (CUDA graph replay); the new
+            schedule must fit its capacity.
+    Returns:
+        a `DecodePlan`.
+    """
+    if cache_seqlens.dim() != 1 or cache_seqlens.dtype != torch.int32:
+        raise ValueError(f"cache_seqlens must be (B,) int32, got {tuple(cache_seqlens.shape)} "
+                         f"{cache_seqlens.dtype}")
+    for name, value in (("num_heads_kv", num_heads_kv), ("query_len", query_len),
+                        ("page_size", page_size), ("head_blocks", head_blocks)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if split_tokens is not None and (split_tokens <= 0 or split_tokens % PIECE_ALIGN):
+        raise ValueError(f"split_tokens must be a positive multiple of {PIECE_ALIGN}, "
+                         f"got {split_tokens}")
+    lengths = [int(n) for n in cache_seqlens.tolist()]
+    batch = len(lengths)
+    if batch == 0:
+        raise ValueError("cache_seqlens must hold at least one sequence")
+    if min(lengths) < query_len:
+        raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new tokens "
+                         f"are counted), got min {min(lengths)}")
+    sms = num_sms if num_sms is not None else _device_sms(cache_seqlens.device)
+    per_item = num_heads_kv * head_blocks
+
+    if split_tokens is not None:
+        pieces = [_pieces(n, -(-n // split_tokens)) for n in lengths]
+        capacity = sum(len(p) for p in pieces)
+    elif batch * per_item >= PROGRAMS_PER_SM * sms:
+        pieces = [[(0, n)] for n in lengths]
+        capacity = batch
+    else:
+        wanted = math.ceil(PROGRAMS_PER_SM * sms / per_item)  # items that fill the GPU
+        chunk = max(MIN_PIECE, -(-sum(lengths) // wanted))
+        # round() keeps the count within wanted + B/2; capacity B + wanted always holds it.
+        pieces = [_pieces(n, max(1, round(n / chunk))) for n in lengths]
+        capacity = batch + wanted
+
+    rows, splits = [], []
+    for seq, seq_pieces in enumerate(pieces):
+        splits.append((len(rows), len(seq_pieces)))
+        rows.extend((seq, s, e) for s, e in seq_pieces)
+    if out is not None:
+        if out.batch != batch or out.capacity < len(rows):
+            raise ValueError(f"out: a plan for B={out.batch} with {out.capacity} items cannot "
+                             f"hold B={batch} with {len(rows)} items")
+        capacity = out.capacity
+    rows.extend([(-1, 0, 0)] * (capacity - len(rows)))
+    items = torch.tensor(rows, dtype=torch.int32)
+    split_table = torch.tensor(splits, dtype=torch.int32)
+    if out is None:
+        device = cache_seqlens.device
+        return DecodePlan(batch, max(lengths), items.to(device), split_table.to(device))
+    out.items.copy_(items, non_blocking=True)
+    out.splits.copy_(split_table, non_blocking=True)
+    out.max_seqlen = max(lengths)
+    return out

@@ -1,0 +1,186 @@
+"""Launchers of the Triton kernels behind `hwattn.ops` (arguments already validated there).
+
+    decode(q, k_cache, v_cache, ...)                   kernels/attend.py (TIED=False) + combine
+    decode_tied(q_nope, q_rope, kv_cache, rope_cache)  kernels/attend.py (TIED=True) + combine
+    store_kv(cache, new, slot_mapping)                 kernels/store.py
+    plan_decode(...)                                   plan.py
+
+With a plan given, nothing here reads device memory from the host: the launch grid is fixed by
+the plan's capacity, so the engine may capture these calls in a CUDA graph. On CPU tensors the
+kernels run under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from hwattn.ops.kernels import interpreter
+from hwattn.ops.kernels.attend import attend_kernel
+from hwattn.ops.kernels.combine import combine_kernel
+from hwattn.ops.kernels.store import store_kernel
+from hwattn.ops.plan import DecodePlan, plan_decode
+
+__all__ = ["KernelConfig", "choose_config", "decode", "decode_tied", "plan_decode", "store_kv"]
+
+LOG2E = 1.4426950408889634
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp8 caches are widened to the query dtype in registers; e4m3 fits fp16 and bf16 exactly.
+CACHE_DTYPES = KERNEL_DTYPES + (torch.float8_e4m3fn,)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape of one attention launch.
+
+    block_n: tokens per loop step (16, 32 or 64: pieces start on multiples of 64).
+    max_rows: cap on the rows (query heads × L_q) of one program; a KV head's query heads are
+        split into head blocks beyond it (MLA's 128 heads × 512-wide accumulators do not fit
+        one program's registers).
+    """
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    max_rows: int = 128
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if _interpreting():
+    interpreter.patch()
+
+
+def choose_config(d_pad: int, query_len: int, group: int, tied: bool) -> KernelConfig:
+    """Tile shape for a head width (padded to a power of two), L_q and g_q."""
+    if _interpreting():
+        return KernelConfig(block_n=16, num_warps=4, num_stages=1, max_rows=128)
+    if d_pad >= 512:  # MLA-like: 64 rows × 512 fp32 accumulators already fill 8 warps
+        return KernelConfig(block_n=32, num_warps=8, num_stages=2, max_rows=64)
+    rows = min(group * query_len, 128)
+    if d_pad >= 256:  # GLA-like
+        return KernelConfig(block_n=64 if rows <= 64 else 32, num_warps=8, num_stages=2,
+                            max_rows=128)
+    return KernelConfig(block_n=64, num_warps=4 if rows <= 64 else 8, num_stages=3, max_rows=128)
+
+
+def _head_layout(group: int, query_len: int, max_rows: int) -> tuple[int, int, int]:
+    """(heads per program, head blocks per KV head, BLOCK_M) for g_q heads × L_q rows."""
+    heads = min(group, max(1, max_rows // query_len))
+    blocks = triton.cdiv(group, heads)
+    block_m = max(16, triton.next_power_of_2(heads * query_len))
+    return heads, blocks, block_m
+
+
+def _check_kernel_dtypes(**tensors: Tensor) -> None:
+    for name, t in tensors.items():
+        allowed = CACHE_DTYPES if "cache" in name else KERNEL_DTYPES
+        if t.dtype not in allowed:
+            raise ValueError(f"{name} is {t.dtype}; the Triton kernels take "
+                             f"{', '.join(str(d) for d in allowed)} (use backend='torch' for others)")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens, *,
+            softmax_scale: float, plan: DecodePlan | None, k_scale: float, v_scale: float,
+            d_qk: int, tied: bool, config: KernelConfig | None):
+    batch, query_len, n_heads, _ = q.shape
+    n_pages, page_size, n_kv, d_v = k_cache.shape
+    group = n_heads // n_kv
+    d_pad = max(16, triton.next_power_of_2(d_v))
+    config = config or choose_config(d_pad, query_len, group, tied)
+    if 64 % config.block_n or config.block_n < 16:
+        raise ValueError(f"config.block_n must be 16, 32 or 64, got {config.block_n}")
+    heads, head_blocks, block_m = _head_layout(group, query_len, config.max_rows)
+    if plan is None:
+        plan = plan_decode(cache_seqlens, num_heads_kv=n_kv, query_len=query_len,
+                           page_size=page_size, head_blocks=head_blocks)
+    elif plan.batch != batch or plan.items.device != q.device:
+        raise ValueError(f"plan was made for B={plan.batch} on {plan.items.device}, "
+                         f"not B={batch} on {q.device}")
+
+    out = torch.empty(batch, query_len, n_heads, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, n_heads, query_len, dtype=torch.float32, device=q.device)
+    if plan.may_split:
+        part_out = torch.empty(plan.capacity, query_len, n_heads, d_v, dtype=torch.float32,
+                               device=q.device)
+        part_lse = torch.empty(plan.capacity, query_len, n_heads, dtype=torch.float32,
+                               device=q.device)
+    else:  # every sequence is one piece: the kernel never touches the partials
+        part_out, part_lse = out, lse
+    if tied:
+        d_rope = q_rope.shape[-1]
+        qr_strides, r_strides = q_rope.stride()[:3], rope_cache.stride()[:2]
+    else:
+        d_rope, q_rope, rope_cache = 16, q, k_cache
+        qr_strides, r_strides = (0, 0, 0), (0, 0)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    attend_kernel[(n_kv * head_blocks, plan.capacity)](
+        q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
+        plan.items, plan.splits, out, lse, part_out, part_lse,
+        softmax_scale * k_scale * LOG2E, v_scale, n_heads, group,
+        *q.stride()[:3], *qr_strides, *k_cache.stride()[:3], *v_cache.stride()[:3], *r_strides,
+        block_table.stride(0), *out.stride()[:3], *lse.stride()[:2],
+        L_Q=query_len, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v, D_PAD=d_pad,
+        D_R=d_rope, DR_PAD=max(16, triton.next_power_of_2(d_rope)),
+        PAGE=page_size, TIED=tied, DOT_PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if plan.may_split:
+        block_d = min(64, d_pad)
+        grid = (batch, triton.cdiv(query_len * n_heads, 8), triton.cdiv(d_v, block_d))
+        combine_kernel[grid](
+            part_out, part_lse, plan.splits, out, lse, n_heads,
+            *out.stride()[:3], *lse.stride()[:2],
+            L_Q=query_len, D_V=d_v, BLOCK_ROWS=8, BLOCK_D=block_d, num_warps=4,
+        )
+    return out, lse
+
+
+def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+           cache_seqlens: Tensor, *, softmax_scale: float, plan: DecodePlan | None = None,
+           k_scale: float | None = None, v_scale: float | None = None,
+           config: KernelConfig | None = None):
+    """Separate K/V paged decode; shapes as `hwattn.ops.decode`. Returns (out, lse)."""
+    _check_kernel_dtypes(q=q, k_cache=k_cache, v_cache=v_cache)
+    return _attend(q, None, k_cache, v_cache, None, block_table, cache_seqlens,
+                   softmax_scale=softmax_scale, plan=plan, k_scale=k_scale or 1.0,
+                   v_scale=v_scale or 1.0, d_qk=q.shape[-1], tied=False, config=config)
+
+
+def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                block_table: Tensor, cache_seqlens: Tensor, *, softmax_scale: float,
+                plan: DecodePlan | None = None, kv_scale: float | None = None,
+                config: KernelConfig | None = None):
+    """Tied-state paged decode; shapes as `hwattn.ops.decode_tied`. Returns (out, lse)."""
+    _check_kernel_dtypes(q_nope=q_nope, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache)
+    scale = kv_scale or 1.0
+    return _attend(q_nope, q_rope, kv_cache, kv_cache, rope_cache, block_table, cache_seqlens,
+                   softmax_scale=softmax_scale, plan=plan, k_scale=scale, v_scale=scale,
+                   d_qk=q_nope.shape[-1], tied=True, config=config)
+
+
+def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, scale: float | None = None) -> None:
+    """Write `new` (N, *feat) into the contiguous `cache` (P, page_size, *feat) at `slot_mapping`."""
+    if not cache.is_contiguous():
+        raise ValueError("cache must be contiguous for the Triton store")
+    n_tokens = new.shape[0]
+    if n_tokens == 0:
+        return
+    flat = new.reshape(n_tokens, -1)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    n_feat = flat.shape[1]
+    store_kernel[(n_tokens,)](
+        cache, flat, slot_mapping, n_feat, flat.stride(0), scale if scale is not None else 1.0,
+        SCALED=scale is not None, SATURATE=cache.dtype == torch.float8_e4m3fn, BLOCK=min(1024, triton.next_power_of_2(n_feat)),
+    )

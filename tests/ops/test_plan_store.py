@@ -1,0 +1,120 @@
+"""The split-KV planner, the Triton store (interpreted) and the layers on the Triton backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hwattn import AttentionMetadata, ModelConfig, ops
+from hwattn.layers import build_attention
+from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN
+
+
+def _pieces(plan):
+    """{sequence: [(start, end), ...]} read back from the plan's tensors."""
+    out = {}
+    for seq, start, end in plan.items.tolist():
+        if seq >= 0:
+            out.setdefault(seq, []).append((start, end))
+    for seq, (first, count) in enumerate(plan.splits.tolist()):
+        assert [tuple(r[1:]) for r in plan.items[first:first + count].tolist()] == out[seq]
+    return out
+
+
+def _assert_partition(plan, lengths):
+    pieces = _pieces(plan)
+    for seq, n in enumerate(lengths):
+        bounds = pieces[seq]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert all(s % PIECE_ALIGN == 0 and e > s for s, e in bounds)
+    return pieces
+
+
+def test_large_batch_is_not_split():
+    lengths = [8192] * 128
+    plan = ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), num_heads_kv=4, num_sms=132)
+    assert plan.capacity == 128 and not plan.may_split
+    assert all(len(p) == 1 for p in _assert_partition(plan, lengths).values())
+
+
+def test_small_batch_fills_the_gpu_and_balances_uneven_lengths():
+    lengths = [131072, 1024, 1000, 3]
+    plan = ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), num_heads_kv=1, num_sms=132)
+    pieces = _assert_partition(plan, lengths)
+    sizes = [e - s for s, e in pieces[0]]
+    assert len(sizes) >= 200  # the long sequence gets nearly all 264 programs
+    assert max(sizes) - min(sizes) <= PIECE_ALIGN
+    assert len(pieces[3]) == 1 and len(pieces[1]) <= 2
+    assert min(sizes) >= MIN_PIECE
+    assert plan.capacity == 4 + 264  # fixed by B and heads, not by the lengths
+
+
+def test_capacity_is_stable_and_refresh_in_place():
+    seqlens = torch.tensor([5000, 70000], dtype=torch.int32)
+    plan = ops.plan_decode(seqlens, num_heads_kv=2, num_sms=132)
+    items_ptr = plan.items.data_ptr()
+    again = ops.plan_decode(torch.tensor([9, 300], dtype=torch.int32), num_heads_kv=2,
+                            num_sms=132, out=plan)
+    assert again is plan and plan.items.data_ptr() == items_ptr
+    _assert_partition(plan, [9, 300])
+    assert plan.max_seqlen == 300
+    with pytest.raises(ValueError, match="out"):
+        ops.plan_decode(torch.tensor([9, 300, 4], dtype=torch.int32), num_heads_kv=2, out=plan)
+
+
+def test_plan_rejects():
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        ops.plan_decode(torch.tensor([3, 1], dtype=torch.int32), num_heads_kv=1, query_len=2)
+    with pytest.raises(ValueError, match="split_tokens"):
+        ops.plan_decode(torch.tensor([300], dtype=torch.int32), num_heads_kv=1, split_tokens=48)
+    with pytest.raises(ValueError, match="num_heads_kv"):
+        ops.plan_decode(torch.tensor([300], dtype=torch.int32), num_heads_kv=0)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        ops.plan_decode(torch.tensor([300]), num_heads_kv=1)
+
+
+@pytest.mark.parametrize("dtype, cache_dtype, scale", [
+    (torch.bfloat16, torch.bfloat16, None), (torch.float32, torch.float16, None),
+    (torch.bfloat16, torch.float8_e4m3fn, 0.37), (torch.float32, torch.float8_e4m3fn, 0.01)],
+    ids=["bf16", "fp32-into-fp16", "fp8-scaled", "fp8-saturating"])
+def test_store_kv_matches_reference(dtype, cache_dtype, scale):
+    n_tokens, page = 37, 16
+    new = (torch.randn(n_tokens, 3, 24) * 5).to(dtype)
+    slots = torch.randperm(5 * page)[:n_tokens]
+    slots[::7] = -1  # padding tokens are skipped
+    caches = []
+    for backend in ("torch", "triton"):
+        cache = torch.full((5, page, 3, 24), float("nan")).to(cache_dtype)
+        ops.store_kv(cache, new, slots, scale=scale, backend=backend)
+        caches.append(cache)
+    torch.testing.assert_close(caches[1].view(torch.uint8), caches[0].view(torch.uint8), rtol=0, atol=0)
+    written = caches[1].flatten(0, 1)[slots[slots >= 0]].float()
+    assert torch.isfinite(written).all()
+    untouched = torch.ones(5 * page, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert caches[1].flatten(0, 1)[untouched].float().isnan().all()
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mqa", "gta", "mla", "gla"])
+def test_layer_decode_on_triton_matches_torch(attention):
+    """Each family's decode hook through the Triton kernels equals the reference backend."""
+    cfg = ModelConfig.from_preset("tiny", attention=attention)
+    layer = build_attention(cfg).eval()
+    batch, past, page = 2, 21, 4
+    x = torch.randn(batch, past, cfg.dim)
+    positions = torch.arange(past)[None].expand(batch, past)
+    cos, sin = torch.ones(batch, past, cfg.rope_dim // 2), torch.zeros(batch, past, cfg.rope_dim // 2)
+    with torch.no_grad():
+        q, states = layer.project(x, cos, sin)
+        table = torch.randperm(batch * 6).to(torch.int32).view(batch, 6)
+        cache = layer.allocate_cache(batch * 6, page)
+        cache = tuple(c.float().fill_(float("nan")) for c in cache)
+        slots = AttentionMetadata.slots(table, positions, page)
+        for c, s in zip(cache, states):
+            ops.store_kv(c, s.flatten(0, 1), slots)
+        lens = torch.full((batch,), past, dtype=torch.int32)
+        last = tuple(t[:, -2:] for t in q)  # L_q = 2
+        outs = [layer.decode(last, cache, AttentionMetadata(table, lens, slots, backend=b))
+                for b in ("torch", "triton")]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
