@@ -1,0 +1,195 @@
+"""The page pool: which KV-cache pages each sequence owns, shared prefixes, and free pages.
+
+Mechanism only (the scheduler decides who runs). The cache is a fixed pool of `num_pages`
+pages of `page_size` tokens, sized once from a memory budget with the model's own
+`kv_bytes_per_token`. Page 0 is reserved as the null page: padding rows of a batch point at
+it, so no real sequence ever reads what they write.
+
+Prefix caching: a full page is identified by the hash chain of its tokens and of every page
+before it. Once written, a full page is registered under that hash; a later prompt that starts
+with the same tokens takes the page (reference count + 1) instead of recomputing it. A page
+whose count drops to zero keeps its contents and hash and joins the free list in
+least-recently-used order, so it can still be revived until it is handed out again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from hwattn.engine.sequence import Sequence
+
+NULL_PAGE = 0
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+def num_pages_for_budget(memory_budget: int, kv_bytes_per_token: int, page_size: int) -> int:
+    """Pages (the null page included) that fit `memory_budget` bytes of KV cache."""
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget}")
+    if kv_bytes_per_token <= 0:
+        raise ValueError(f"kv_bytes_per_token must be positive, got {kv_bytes_per_token}")
+    return memory_budget // (kv_bytes_per_token * page_size)
+
+
+class BlockManager:
+    """Allocates, shares (prefix caching), grows, trims and frees sequences' pages."""
+
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (one is the null page), got {num_pages}")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_pages
+        self.page_hash: list[int | None] = [None] * num_pages
+        self.page_tokens: list[tuple[int, ...] | None] = [None] * num_pages
+        self.hash_to_page: dict[int, int] = {}
+        # Free pages in eviction order: the first is handed out next.
+        self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(1, num_pages))
+        self.prefix_hits = 0
+        self.prefix_queries = 0
+
+    @property
+    def num_usable_pages(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.num_usable_pages - len(self.free)
+
+    @staticmethod
+    def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((previous, tokens))
+
+    def _take_free_page(self) -> int:
+        page, _ = self.free.popitem(last=False)
+        old = self.page_hash[page]
+        if old is not None:  # evict the cached contents
+            if self.hash_to_page.get(old) == page:
+                del self.hash_to_page[old]
+            self.page_hash[page] = None
+            self.page_tokens[page] = None
+        self.ref_count[page] = 1
+        return page
+
+    def _release(self, page: int) -> None:
+        self.ref_count[page] -= 1
+        if self.ref_count[page] < 0:
+            raise RuntimeError(f"page {page} released more often than taken")
+        if self.ref_count[page] == 0:
+            self.free[page] = None
+            if self.page_hash[page] is None:  # nothing worth keeping: hand it out first
+                self.free.move_to_end(page, last=False)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Pages registered for the sequence's leading full pages. At least one token is left
+        to compute, so the model still produces the logits of the last one."""
+        if not self.enable_prefix_caching:
+            return []
+        ps = self.page_size
+        hits, previous = [], None
+        for i in range((len(seq) - 1) // ps):
+            tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
+            previous = self.chain_hash(previous, tokens)
+            page = self.hash_to_page.get(previous)
+            if page is None or self.page_tokens[page] != tokens:
+                break
+            hits.append(page)
+        return hits
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        """Whether the sequence's tokens (plus `reserve` more) fit, counting prefix hits."""
+        hits = self._cached_prefix(seq)
+        revived = sum(1 for p in hits if self.ref_count[p] == 0)
+        needed = pages_for(len(seq) + reserve, self.page_size) - len(hits) + revived
+        return needed <= self.num_free_pages
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence pages for all its tokens, reusing cached prefix pages."""
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.request_id} already holds pages")
+        hits = self._cached_prefix(seq)
+        self.prefix_queries += pages_for(len(seq), self.page_size)
+        self.prefix_hits += len(hits)
+        for page in hits:
+            if self.ref_count[page] == 0:
+                del self.free[page]
+            self.ref_count[page] += 1
+        seq.block_table = list(hits)
+        seq.page_hashes = [self.page_hash[p] for p in hits]
+        seq.num_cached = len(hits) * self.page_size
+        seq.num_prefix_hit = seq.num_cached
+        needed = pages_for(len(seq), self.page_size) - len(hits)
+        if needed > self.num_free_pages:
+            self.free_sequence(seq)
+            raise RuntimeError("allocate called without can_allocate")
+        seq.block_table.extend(self._take_free_page() for _ in range(needed))
+
+    def can_grow(self, seqs: list[Sequence], extra: int) -> bool:
+        """Whether every sequence can hold `extra` more tokens beyond its cached ones."""
+        return self.pages_to_grow(seqs, extra) <= self.num_free_pages
+
+    def pages_to_grow(self, seqs: list[Sequence], extra: int) -> int:
+        return sum(max(0, pages_for(s.num_cached + extra, self.page_size) - len(s.block_table))
+                   for s in seqs)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Make the page list cover `num_tokens` tokens."""
+        needed = pages_for(num_tokens, self.page_size) - len(seq.block_table)
+        if needed > self.num_free_pages:
+            raise RuntimeError(f"no free pages for sequence {seq.request_id}")
+        seq.block_table.extend(self._take_free_page() for _ in range(needed))
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Drop pages past those covering `num_tokens` tokens (rejected speculative slots)."""
+        keep = pages_for(num_tokens, self.page_size)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
+    def register_full_pages(self, seq: Sequence) -> None:
+        """Record the hash of every page the sequence has completely written."""
+        if not self.enable_prefix_caching:
+            return
+        ps = self.page_size
+        for i in range(len(seq.page_hashes), seq.num_cached // ps):
+            tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
+            h = self.chain_hash(seq.page_hashes[-1] if seq.page_hashes else None, tokens)
+            seq.page_hashes.append(h)
+            page = seq.block_table[i]
+            if h not in self.hash_to_page and self.page_hash[page] is None:
+                self.hash_to_page[h] = page
+                self.page_hash[page] = h
+                self.page_tokens[page] = tokens
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Return all the sequence's pages (finished, aborted or preempted)."""
+        for page in reversed(seq.block_table):
+            self._release(page)
+        seq.block_table = []
+        seq.page_hashes = []
+        seq.num_cached = 0
+        seq.draft_cached = 0
+
+    def check(self, live: list[Sequence]) -> None:
+        """Raise if the reference counts disagree with the live sequences' page lists."""
+        counts = [0] * self.num_pages
+        for seq in live:
+            for page in seq.block_table:
+                counts[page] += 1
+        for page in range(1, self.num_pages):
+            if counts[page] != self.ref_count[page]:
+                raise AssertionError(f"page {page}: {self.ref_count[page]} references recorded, "
+                                     f"{counts[page]} held")
+            if (page in self.free) != (counts[page] == 0):
+                raise AssertionError(f"page {page}: free list disagrees with {counts[page]} holders")
+        if NULL_PAGE in self.free or self.ref_count[NULL_PAGE]:
+            raise AssertionError("the null page was handed out")

@@ -1,0 +1,174 @@
+"""`LLM`: the offline, vLLM-style entry point.
+
+    from hwattn import LLM, SamplingParams
+    llm = LLM("tiny", attention="gla-2", seed=0)                   # preset, random weights
+    llm = LLM("runs/gla/ckpt", speculative="ngram", num_speculative_tokens=3)
+    for out in llm.generate(["Once upon a time"], SamplingParams(max_tokens=32)):
+        print(out.text, out.token_ids, out.finish_reason)
+"""
+
+from __future__ import annotations
+
+from hwattn.engine.llm_engine import EngineConfig, LLMEngine, plan_pages
+from hwattn.engine.loader import build_model, is_checkpoint, model_config, resolve_device, resolve_dtype
+from hwattn.engine.model_runner import ModelRunner
+from hwattn.engine.sampling_params import SamplingParams
+from hwattn.engine.sequence import RequestOutput
+from hwattn.engine.speculative import DraftModelDrafter, NgramDrafter
+from hwattn.engine.tokenizer import load_tokenizer
+
+
+def create_engine(model: str, attention: str | None = None, dtype=None, device=None,
+                  tensor_parallel_size: int = 1, page_size: int = 64, max_num_seqs: int = 64,
+                  max_num_batched_tokens: int = 2048, memory_budget=None, num_pages=None,
+                  max_model_len: int | None = None, speculative: str | None = None,
+                  num_speculative_tokens: int = 3, seed: int = 0, cuda_graphs: bool = True,
+                  enable_prefix_caching: bool = True, backend: str = "auto",
+                  model_overrides: dict | None = None) -> LLMEngine:
+    """Build the model (sharded over `tensor_parallel_size` ranks), its tokenizer, page pool,
+    scheduler and drafter. See `LLM` for the arguments."""
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    config = model_config(model, attention, model_overrides)
+    max_len = max_model_len or config.max_seq_len
+    if max_len > config.max_seq_len:
+        raise ValueError(f"max_model_len {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    k = num_speculative_tokens if speculative else 0
+    engine_config = EngineConfig(page_size=page_size, max_num_seqs=max_num_seqs,
+                                 max_num_batched_tokens=max_num_batched_tokens,
+                                 max_model_len=max_len, memory_budget=memory_budget,
+                                 num_pages=num_pages, enable_prefix_caching=enable_prefix_caching,
+                                 num_speculative_tokens=k, cuda_graphs=cuda_graphs,
+                                 backend=backend, seed=seed)
+    draft_model = None
+    if speculative and speculative != "ngram":
+        if not is_checkpoint(speculative):
+            raise ValueError(f"speculative must be None, 'ngram' or a draft checkpoint directory, "
+                             f"got {speculative!r}")
+        draft_model = build_model(speculative, dtype=dt, device=dev, seed=seed)
+        if draft_model.config.vocab_size != config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) "
+                             f"differs from the target's ({config.vocab_size})")
+
+    def pages(model_) -> int:
+        per_token = model_.kv_bytes_per_token(1, dt)  # this rank's real layout
+        if draft_model is not None:
+            per_token += draft_model.kv_bytes_per_token(1, dt)
+        return plan_pages(engine_config, per_token, dev, max_len)
+
+    graph_lens = (1, k + 1) if k else (1,)
+    runner_kwargs = dict(page_size=page_size, max_model_len=max_len + k + 1,
+                         max_num_seqs=max_num_seqs, cache_dtype=dt, backend=backend,
+                         cuda_graphs=cuda_graphs, graph_query_lens=graph_lens)
+    build = dict(model=model, attention=attention, dtype=dt, device=str(dev), seed=seed,
+                 overrides=model_overrides)
+    if tensor_parallel_size > 1:
+        from hwattn.parallel.launch import start_tensor_parallel
+
+        runner, net, n_pages = start_tensor_parallel(tensor_parallel_size, build, runner_kwargs, pages)
+    else:
+        net = build_model(**build)
+        n_pages = pages(net)
+        runner = ModelRunner(net, num_pages=n_pages, **runner_kwargs)
+    drafter = None
+    if speculative == "ngram":
+        drafter = NgramDrafter(k)
+    elif draft_model is not None:
+        drafter = DraftModelDrafter(draft_model, k, n_pages, page_size, max_len + k + 1, backend)
+    tokenizer = load_tokenizer(model if is_checkpoint(model) else None, config.vocab_size)
+    engine = LLMEngine(runner, tokenizer, config, engine_config, n_pages, drafter,
+                       kv_bytes_per_token=net.kv_bytes_per_token(1, dt))
+    engine.model = net
+    engine.tensor_parallel_size = tensor_parallel_size
+    engine.dtype = dt
+    return engine
+
+
+class LLM:
+    """Offline generation with continuous batching over a paged KV cache.
+
+    Args:
+        model: a checkpoint directory (config.json + model.safetensors [+ tokenizer.json]) or
+            a preset name (tiny, mini, small, medium, large, xl) with seeded random weights.
+        attention: variant label for presets ("gla-2", "gqa-4", "mla", ...); default mha.
+        dtype: "bf16" | "fp16" | "fp32" | "fp64" | "auto" (bf16 on CUDA, fp32 on CPU).
+        device: "cuda", "cpu", "cuda:1", or "auto".
+        tensor_parallel_size: ranks to shard over (processes; gloo on CPU, NCCL on GPUs).
+        page_size: tokens per KV page. max_num_seqs: sequences decoded together at most.
+        memory_budget: KV-cache bytes per rank, or a fraction of free GPU memory.
+        speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
+        num_speculative_tokens: k drafts verified per step.
+        seed: weights of presets, and the seeds of requests that bring none.
+        Other keywords: see `create_engine` (max_num_batched_tokens, num_pages,
+        max_model_len, cuda_graphs, enable_prefix_caching, backend, model_overrides).
+    """
+
+    def __init__(self, model: str, attention: str | None = None, dtype="auto", device="auto",
+                 tensor_parallel_size: int = 1, page_size: int = 64, max_num_seqs: int = 64,
+                 memory_budget=None, speculative: str | None = None,
+                 num_speculative_tokens: int = 3, seed: int = 0, **kwargs):
+        self.engine = create_engine(model, attention, dtype, device, tensor_parallel_size,
+                                    page_size, max_num_seqs, memory_budget=memory_budget,
+                                    speculative=speculative,
+                                    num_speculative_tokens=num_speculative_tokens, seed=seed,
+                                    **kwargs)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Complete every prompt; outputs come back in the prompts' order.
+
+        prompts: a string, a list of token ids, or a list of either.
+        sampling_params: one for all prompts, or one per prompt.
+        """
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else \
+            [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        engine = self.engine
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(ids), desc="generate", unit="req")
+            except ImportError:
+                bar = None
+        try:
+            while len(results) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid not in results:
+                    engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[r] for r in ids]
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op on one rank)."""
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

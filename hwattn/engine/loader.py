@@ -1,0 +1,87 @@
+"""Building the model the engine serves: a checkpoint directory or a preset with random
+weights, on a device in a dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hwattn.config import PRESETS, ModelConfig, parse_variant
+from hwattn.models import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+          "fp64": torch.float64, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """`dtype` as a torch dtype; "auto" / None: bf16 on CUDA, fp32 elsewhere."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def is_checkpoint(model: str | Path) -> bool:
+    return (Path(model) / "config.json").is_file()
+
+
+def model_config(model: str, attention: str | None = None, overrides: dict | None = None) -> ModelConfig:
+    """The config a checkpoint or a preset describes (no weights are built)."""
+    if is_checkpoint(model):
+        from hwattn.models.checkpoint import load_config
+
+        config = load_config(model)
+        if attention is not None and parse_variant(attention)["attention"] != config.attention:
+            raise ValueError(f"attention {attention!r} does not match the checkpoint's "
+                             f"{config.label!r}; leave it out for checkpoints")
+        return config
+    if model not in PRESETS:
+        raise ValueError(f"model must be a checkpoint directory (with config.json) or a preset "
+                         f"{tuple(PRESETS)}, got {model!r}")
+    return ModelConfig.from_preset(model, **parse_variant(attention or "mha"), **(overrides or {}))
+
+
+@torch.no_grad()
+def build_model(model: str, attention: str | None = None, dtype=None, device=None,
+                seed: int = 0, overrides: dict | None = None) -> Transformer:
+    """A checkpoint's model, or a preset's with seeded random weights, in eval mode.
+
+    Random weights are drawn on the CPU (same values on every process and device) for models
+    up to 100M parameters; larger ones are drawn on the target device directly (fast; same
+    values for the same device type and seed).
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if is_checkpoint(model):
+        from hwattn.models.checkpoint import load_checkpoint
+
+        model_config(model, attention)
+        return load_checkpoint(model, device=device, dtype=dtype).eval()
+    config = model_config(model, attention, overrides)
+    with torch.device("meta"):
+        net = Transformer(config)
+    if net.num_params() <= 100e6:
+        net = Transformer(config)
+        net.init_weights(seed=seed)
+        return net.to(device=device, dtype=dtype).eval()
+    net = net.to_empty(device=device).to(dtype)
+    if config.tie_embeddings:
+        net.output.weight = net.tok_embeddings.weight
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in net.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    return net.eval()

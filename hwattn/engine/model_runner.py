@@ -1,0 +1,214 @@
+"""Runs the model over the paged cache: prefill chunks through the dense path, decode steps
+through `hwattn.ops`, and CUDA graphs for decode batch-size buckets on a GPU.
+
+Mechanism only. A step arrives as a `StepInput` of plain lists (so that tensor-parallel
+workers can receive the same step), the runner builds one `AttentionMetadata` per forward
+(one split-KV plan per decode step, reused by every layer) and returns logits; sampling is the
+engine's. Inside a decode step nothing reads device values back to the host: slots and
+positions are derived on the device from the block table and `cache_seqlens`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from hwattn import ops
+from hwattn.engine.block_manager import NULL_PAGE, pages_for
+from hwattn.layers import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInput:
+    """One forward step over several sequences.
+
+    kind: "prefill" (each row its own chunk length, attended densely) or "decode" (every row
+        the same number T of tokens, attended through the paged decode op).
+    tokens: per sequence, the new tokens this step feeds.
+    num_cached: per sequence, tokens already in the cache before this step.
+    block_tables: per sequence, its page ids (covering num_cached + len(tokens) tokens).
+    skip_write: per sequence, how many leading tokens are not written to the cache (their
+        slots are padding); None means all are written.
+    """
+
+    kind: str
+    tokens: list[list[int]] | Tensor
+    num_cached: list[int]
+    block_tables: list[list[int]]
+    skip_write: list[int] | None = None
+    need_logits: list[bool] = field(default_factory=list)
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes that get a CUDA graph: 1, 2, 4, 8, then multiples of 16."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))
+    return sizes + [max_num_seqs]
+
+
+class ModelRunner:
+    """Owns the model's KV cache and runs prefill and decode steps.
+
+    num_pages, page_size: the pool the `BlockManager` hands out (page 0 is the null page).
+    cuda_graphs: capture decode for every bucket in `decode_buckets(max_num_seqs)` and each
+        query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails).
+    """
+
+    def __init__(self, model, num_pages: int, page_size: int, max_model_len: int,
+                 max_num_seqs: int = 64, cache_dtype: torch.dtype | None = None,
+                 backend: str = "auto", cuda_graphs: bool = True,
+                 graph_query_lens: tuple[int, ...] = (1,)):
+        self.model = model
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.backend = backend
+        ref = model.tok_embeddings.weight
+        self.device = ref.device
+        self.kv_caches = model.allocate_kv_cache(num_pages, page_size, dtype=cache_dtype or ref.dtype,
+                                                 device=self.device)
+        first = next(iter(model.layers[0].attn.cache_layout(1).values()))
+        self.cache_heads = first[0] if len(first) > 1 else 1
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graph_error: str | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture(graph_query_lens)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
+
+    def forward(self, tokens: Tensor, meta: AttentionMetadata, last_only: bool = False) -> Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) for the last position only."""
+        model = self.model
+        cos, sin = model.rope(meta.positions(tokens.shape[1]))
+        x = model.tok_embeddings(tokens)  # (B, T, D)
+        for layer, cache in zip(model.layers, self.kv_caches):
+            x = layer(x, cos, sin, meta, cache)
+        if last_only:
+            x = x[:, -1:]
+        return model.output(model.norm(x))
+
+    def _table(self, tables: list[list[int]], width: int | None = None) -> Tensor:
+        width = width or max(1, max(len(t) for t in tables))
+        rows = [t + [NULL_PAGE] * (width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.int32)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> Tensor | None:
+        """Run one step. prefill -> logits (n, V) of the last token of every row whose
+        `need_logits` is set (None if none); decode -> logits (B, T, V)."""
+        if step.kind == "prefill":
+            return self._prefill(step)
+        if step.kind == "decode":
+            return self._decode(step)
+        raise ValueError(f"step kind must be 'prefill' or 'decode', got {step.kind!r}")
+
+    def _prefill(self, step: StepInput) -> Tensor | None:
+        # Rows with nothing cached and the same chunk length run as one batch.
+        groups: dict[tuple, list[int]] = {}
+        for i, (toks, n0) in enumerate(zip(step.tokens, step.num_cached)):
+            key = (len(toks),) if n0 == 0 else ("alone", i)
+            groups.setdefault(key, []).append(i)
+        logits: dict[int, Tensor] = {}
+        for rows in groups.values():
+            need = [i for i in rows if step.need_logits and step.need_logits[i]]
+            t = len(step.tokens[rows[0]])
+            tokens = torch.tensor([step.tokens[i] for i in rows], dtype=torch.int64)
+            lens = [step.num_cached[i] + t for i in rows]
+            meta = AttentionMetadata.for_step(
+                self._table([step.block_tables[i] for i in rows]).to(self.device),
+                torch.tensor(lens, dtype=torch.int32, device=self.device), t, self.page_size,
+                is_prefill=True, seqlens_host=lens, backend=self.backend)
+            out = self.forward(tokens.to(self.device), meta, last_only=True)[:, 0]  # (n, V)
+            for j, i in enumerate(rows):
+                if i in need:
+                    logits[i] = out[j]
+        if not logits:
+            return None
+        return torch.stack([logits[i] for i in sorted(logits)])
+
+    def _decode(self, step: StepInput) -> Tensor:
+        if isinstance(step.tokens, Tensor):  # already on the device (draft model steps)
+            tokens = step.tokens
+        else:
+            if len({len(x) for x in step.tokens}) != 1:
+                raise ValueError("decode rows must all feed the same number of tokens")
+            tokens = torch.tensor(step.tokens, dtype=torch.int64)
+        batch, t = tokens.shape
+        seqlens = torch.tensor([n + t for n in step.num_cached], dtype=torch.int32)
+        graph = self._graph_for(batch, t, step)
+        if graph is not None:
+            return self._replay(graph, batch, t, tokens, seqlens, step.block_tables)
+        meta = AttentionMetadata.for_step(self._table(step.block_tables).to(self.device),
+                                          seqlens.to(self.device), t, self.page_size,
+                                          backend=self.backend)
+        if step.skip_write:
+            skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
+            meta.slot_mapping = meta.slot_mapping.masked_fill(skip.flatten().to(self.device), -1)
+        meta.plan = ops.plan_decode(meta.cache_seqlens, num_heads_kv=self.cache_heads,
+                                    query_len=t, page_size=self.page_size)
+        return self.forward(tokens.to(self.device), meta)
+
+    # CUDA graphs: static inputs per query length, one graph per batch bucket.
+    def _graph_for(self, batch: int, t: int, step: StepInput):
+        if not self.graphs or step.skip_write:
+            return None
+        for size in self.buckets:
+            if size >= batch and (size, t) in self.graphs:
+                return size
+        return None
+
+    def _capture(self, query_lens: tuple[int, ...]) -> None:
+        self.buckets = decode_buckets(self.max_num_seqs)
+        width = pages_for(self.max_model_len, self.page_size)
+        big = self.buckets[-1]
+        self.static = {}
+        pool = None
+        try:
+            for t in query_lens:
+                ids = torch.zeros(big, t, dtype=torch.int64, device=self.device)
+                table = torch.full((big, width), NULL_PAGE, dtype=torch.int32, device=self.device)
+                lens = torch.full((big,), t, dtype=torch.int32, device=self.device)
+                self.static[t] = (ids, table, lens)
+                for size in reversed(self.buckets):
+                    with torch.inference_mode():
+                        self._static_forward(size, t)  # warm up (compiles kernels)
+                        torch.cuda.synchronize()
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool):
+                            out = self._static_forward(size, t)
+                    pool = graph.pool()
+                    self.graphs[(size, t)] = (graph, out)
+            torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001 - any capture failure means eager decoding
+            self.graphs.clear()
+            self.graph_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
+            torch.cuda.synchronize()
+
+    def _static_forward(self, size: int, t: int) -> Tensor:
+        ids, table, lens = self.static[t]
+        meta = AttentionMetadata.for_step(table[:size], lens[:size], t, self.page_size,
+                                          backend=self.backend)
+        meta.plan = ops.plan_decode(meta.cache_seqlens, num_heads_kv=self.cache_heads,
+                                    query_len=t, page_size=self.page_size)
+        return self.forward(ids[:size], meta)
+
+    def _replay(self, size: int, batch: int, t: int, tokens: Tensor, seqlens: Tensor,
+                tables: list[list[int]]) -> Tensor:
+        ids, table, lens = self.static[t]
+        graph, out = self.graphs[(size, t)]
+        pad = size - batch
+        ids[:batch].copy_(tokens)
+        ids[batch:size].zero_()
+        table[:size].copy_(self._table(tables + [[]] * pad, table.shape[1]))
+        lens[:size].copy_(torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32))))
+        graph.replay()
+        return out[:batch]

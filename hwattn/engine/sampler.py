@@ -1,0 +1,150 @@
+"""Sampling on the device without host syncs: temperature, top-k, top-p, and per-request
+seeds through a counter-based random number generator.
+
+Each random draw is a hash of (request seed, token position, stream, vocabulary index), so a
+request's samples depend only on its own seed and never on which other requests share its
+batch, and no generator object has to be stepped from the host. Sampling draws a Gumbel
+variate per vocabulary entry and takes the argmax (the Gumbel-max trick), which samples
+exactly from softmax(logits).
+
+`rejection_sample` verifies speculative drafts: draft i is accepted with probability
+min(1, p(d_i) / q(d_i)); at the first rejection the token is drawn from normalize(max(p - q, 0)),
+and after k acceptances a bonus token is drawn from p. The output is distributed as p
+(Leviathan et al. 2023; Chen et al. 2023). Greedy requests accept a draft iff it is p's argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+STREAM_SAMPLE, STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_DRAFT = 0, 1, 2, 3
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """An integer hash of 32-bit values held in int64 (products stay below 2**63)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & MASK32
+    return (x >> 16) ^ x
+
+
+def uniform(seeds: Tensor, counters: Tensor, stream: int, n: int) -> Tensor:
+    """(B, n) float32 uniforms in (0, 1) from seeds (B,) int64 and counters (B,) int64."""
+    h = _mix32(seeds & MASK32)
+    h = _mix32(h ^ ((seeds >> 32) & MASK32))
+    h = _mix32(h ^ (counters & MASK32))
+    h = _mix32(h ^ stream)
+    cols = (torch.arange(n, device=seeds.device, dtype=torch.int64) * 0x9E3779B1) & MASK32
+    v = _mix32(_mix32(h[:, None] ^ cols))
+    return ((v >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel(seeds: Tensor, counters: Tensor, stream: int, n: int) -> Tensor:
+    return -torch.log(-torch.log(uniform(seeds, counters, stream, n)))
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling settings on the device, all (B,)."""
+
+    temperature: Tensor  # float32, 0 = greedy
+    top_k: Tensor  # int64, 0 = off
+    top_p: Tensor  # float32
+    seeds: Tensor  # int64
+    positions: Tensor  # int64: index of the token being sampled within its sequence
+    filtered: bool  # whether any row uses top-k / top-p (decided on the host)
+    all_greedy: bool
+
+    @classmethod
+    def build(cls, params, seeds: list[int], positions: list[int], device) -> "SamplingTensors":
+        kw = dict(device=device)
+        return cls(torch.tensor([p.temperature if not p.greedy else 0.0 for p in params],
+                                dtype=torch.float32, **kw),
+                   torch.tensor([p.top_k for p in params], dtype=torch.int64, **kw),
+                   torch.tensor([p.top_p for p in params], dtype=torch.float32, **kw),
+                   torch.tensor(seeds, dtype=torch.int64, **kw),
+                   torch.tensor(positions, dtype=torch.int64, **kw),
+                   any(p.top_k > 0 or p.top_p < 1.0 for p in params),
+                   all(p.greedy for p in params))
+
+    def repeat(self, times: int) -> "SamplingTensors":
+        """Each row repeated `times` times with positions counting up (for k + 1 rows)."""
+        step = torch.arange(times, device=self.positions.device)
+        rep = lambda t: t.repeat_interleave(times)  # noqa: E731
+        return SamplingTensors(rep(self.temperature), rep(self.top_k), rep(self.top_p),
+                               rep(self.seeds), (self.positions[:, None] + step).flatten(),
+                               self.filtered, self.all_greedy)
+
+
+def processed_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
+    """(B, V) logits -> temperature-scaled, top-k / top-p masked (-inf) fp32 logits."""
+    logits = logits.float()
+    temp = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
+    logits = logits / temp[:, None]
+    if not st.filtered:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(st.top_k > 0, st.top_k, torch.full_like(st.top_k, vocab))
+    drop = rank >= k[:, None]
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+    drop |= before >= st.top_p[:, None]
+    drop[:, 0] = False
+    mask = torch.empty_like(drop).scatter_(1, order, drop)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def probabilities(logits: Tensor, st: SamplingTensors) -> Tensor:
+    """(B, V) fp32 distribution each row samples from; greedy rows are one-hot at the argmax."""
+    probs = processed_logits(logits, st).softmax(-1)
+    greedy = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
+    return torch.where((st.temperature == 0)[:, None], greedy, probs)
+
+
+def sample(logits: Tensor, st: SamplingTensors, stream: int = STREAM_SAMPLE) -> Tensor:
+    """(B, V) logits -> (B,) int64 tokens."""
+    greedy = logits.argmax(-1)
+    if st.all_greedy:
+        return greedy
+    noisy = processed_logits(logits, st) + gumbel(st.seeds, st.positions, stream, logits.shape[-1])
+    return torch.where(st.temperature == 0, greedy, noisy.argmax(-1))
+
+
+def rejection_sample(target_logits: Tensor, drafts: Tensor, draft_probs: Tensor | None,
+                     st: SamplingTensors) -> tuple[Tensor, Tensor]:
+    """Verify k drafts per row.
+
+    target_logits: (B, k + 1, V), the target's logits after the last accepted token and after
+        each draft. drafts: (B, k) int64. draft_probs: (B, k, V) draft distribution, or None
+        for a deterministic drafter (one-hot at the draft). st: settings of the B rows, with
+        `positions` the index the first new token will take.
+    Returns (tokens (B, k + 1) int64, num_accepted (B,) int64): row b's new tokens are
+    tokens[b, :num_accepted[b] + 1].
+    """
+    batch, k1, vocab = target_logits.shape
+    k = k1 - 1
+    rows = st.repeat(k1)
+    p = probabilities(target_logits.reshape(batch * k1, vocab), rows).view(batch, k1, vocab)
+    q = draft_probs if draft_probs is not None else \
+        torch.nn.functional.one_hot(drafts, vocab).to(p.dtype)  # (B, k, V)
+    p_d = p[:, :k].gather(-1, drafts[..., None])[..., 0]  # (B, k)
+    q_d = q.gather(-1, drafts[..., None])[..., 0]
+    u = uniform(st.seeds, st.positions, STREAM_ACCEPT, k)  # (B, k)
+    accept = u * q_d < p_d
+    num_accepted = accept.long().cumprod(-1).sum(-1)  # (B,)
+    residual = torch.cat(((p[:, :k] - q).clamp(min=0), p[:, k:]), 1)  # (B, k + 1, V)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+    noise = gumbel(rows.seeds, rows.positions, STREAM_RESIDUAL, vocab).view(batch, k1, vocab)
+    fixed = (residual.log() + noise).argmax(-1)  # (B, k + 1)
+    fixed = torch.where((st.temperature == 0)[:, None], residual.argmax(-1), fixed)
+    correction = fixed.gather(1, num_accepted[:, None])  # (B, 1)
+    idx = torch.arange(k1, device=drafts.device)[None, :]
+    padded = torch.cat((drafts, drafts[:, -1:]), 1)
+    tokens = torch.where(idx < num_accepted[:, None], padded, correction)
+    return tokens, num_accepted

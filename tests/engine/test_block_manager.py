@@ -1,0 +1,100 @@
+"""The page pool: allocation, growth, trimming, prefix sharing and the no-leak invariant."""
+
+import pytest
+
+from hwattn.config import ModelConfig
+from hwattn.engine.block_manager import NULL_PAGE, BlockManager, num_pages_for_budget
+from hwattn.engine.sampling_params import SamplingParams
+from hwattn.engine.sequence import Sequence
+from hwattn.models import Transformer
+
+
+def seq(ids, rid="r"):
+    return Sequence(rid, list(ids), SamplingParams(), seed=0)
+
+
+def test_allocate_grow_trim_free_keeps_counts():
+    bm = BlockManager(num_pages=10, page_size=4)
+    a = seq(range(10), "a")
+    bm.allocate(a)
+    assert len(a.block_table) == 3 and NULL_PAGE not in a.block_table
+    assert bm.num_free_pages == 9 - 3
+    bm.grow(a, 17)  # 5 pages
+    assert len(a.block_table) == 5
+    bm.trim(a, 11)  # 3 pages
+    assert len(a.block_table) == 3
+    bm.check([a])
+    bm.free_sequence(a)
+    assert bm.num_free_pages == 9
+    bm.check([])
+
+
+def test_prefix_pages_are_shared_and_revived_after_free():
+    bm = BlockManager(num_pages=12, page_size=4)
+    a = seq(list(range(12)) + [99], "a")
+    bm.allocate(a)
+    a.num_cached = len(a)
+    bm.register_full_pages(a)
+    b = seq(list(range(12)) + [50, 51], "b")
+    assert bm.can_allocate(b)
+    bm.allocate(b)
+    assert b.block_table[:3] == a.block_table[:3] and b.num_cached == 12
+    assert all(bm.ref_count[p] == 2 for p in a.block_table[:3])
+    bm.check([a, b])
+    bm.free_sequence(a)
+    bm.free_sequence(b)
+    bm.check([])
+    # The freed pages keep their contents: a third prompt revives them.
+    c = seq(list(range(8)) + [7], "c")
+    bm.allocate(c)
+    assert c.num_cached == 8
+    bm.check([c])
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    bm = BlockManager(num_pages=8, page_size=4)
+    a = seq(range(8), "a")
+    bm.allocate(a)
+    a.num_cached = 8
+    bm.register_full_pages(a)
+    b = seq(range(8), "b")
+    bm.allocate(b)
+    assert b.num_cached == 4  # the second page is recomputed for the last token's logits
+
+
+def test_prefix_cache_eviction_hands_out_unhashed_pages_first():
+    bm = BlockManager(num_pages=5, page_size=2)
+    a = seq([1, 2, 3, 4, 5], "a")
+    bm.allocate(a)
+    a.num_cached = 4
+    bm.register_full_pages(a)
+    hashed = a.block_table[:2]
+    bm.free_sequence(a)
+    b = seq([9], "b")
+    bm.allocate(b)
+    assert b.block_table[0] not in hashed
+    big = seq(range(100, 108), "big")  # needs all 4 pages: the cached ones are evicted
+    bm.free_sequence(b)
+    bm.allocate(big)
+    assert not bm.hash_to_page
+    bm.check([big])
+
+
+def test_can_allocate_counts_revived_pages():
+    bm = BlockManager(num_pages=4, page_size=2)
+    a = seq([1, 2, 3, 4, 5], "a")
+    bm.allocate(a)  # 3 pages, pool full
+    assert not bm.can_allocate(seq([1, 2, 9], "b"))
+    with pytest.raises(RuntimeError):
+        bm.grow(a, 8)
+
+
+def test_pool_size_from_budget_uses_the_models_own_accounting():
+    model = Transformer(ModelConfig.from_preset("tiny", attention="gla"))
+    per_token = model.kv_bytes_per_token(1, __import__("torch").float32)
+    pages = num_pages_for_budget(1 << 20, per_token, 16)
+    assert pages == (1 << 20) // (per_token * 16)
+    with pytest.raises(ValueError, match="memory_budget"):
+        num_pages_for_budget(0, per_token, 16)
+    with pytest.raises(ValueError, match="num_pages"):
+        BlockManager(1, 16)
