@@ -2,10 +2,13 @@
 "Hardware-Efficient Attention for Fast Decoding" (Zadouri, Strauss, Dao, 2025)."""
 
 from hwattn.config import ATTENTION_KINDS, ModelConfig
+from hwattn.hf import install as _install_hf
 from hwattn.layers import AttentionMetadata, build_attention
 from hwattn.models import Transformer, greedy_generate
 
 __version__ = "0.1.0"
+
+_install_hf()  # registers the transformers Auto classes lazily (see hwattn.hf)
 
 __all__ = ["ATTENTION_KINDS", "AttentionMetadata", "ModelConfig", "Transformer",
            "build_attention", "greedy_generate", "__version__"]

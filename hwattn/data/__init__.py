@@ -1,0 +1,1 @@
+"""Corpora, tokenizers and token shards: `hwattn data build` and the training data loader."""

@@ -1,0 +1,220 @@
+"""Tokenizers: GPT-2 r50k read offline from a registry package, or a byte-level BPE of our own.
+
+Both end up as a Hugging Face `tokenizers.Tokenizer` (byte-level BPE, GPT-2 pre-tokenizer
+regex), so encoding runs in Rust and the same `tokenizer.json` serves training, evaluation,
+the serving engine and `transformers`.
+
+GPT-2's ranks come as a `.tiktoken` file (base64 token bytes and rank per line), the one the
+PyPI package `openai-whisper` ships as `whisper/assets/gpt2.tiktoken`. Its SHA-256 is checked
+against the published r50k_base hash before use. A rank file has no merge list, so the merges
+are recovered: the token of rank r is what byte-pair merging with the ranks below r builds
+from its bytes, and that run ends in exactly one final merge of two smaller tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+EOT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ImportError("tokenizers is needed: pip install 'hwattn[train]'") from err
+    return tokenizers
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+def read_tiktoken_ranks(path: str | Path, expected_sha256: str | None = R50K_SHA256) -> dict[bytes, int]:
+    """Token bytes -> rank from a `.tiktoken` file, after checking its SHA-256."""
+    data = Path(path).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ValueError(f"{path}: sha256 {digest} does not match the expected {expected_sha256}")
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def bpe_split(ranks: dict[bytes, int], word: bytes, max_rank: int | None = None) -> list[bytes]:
+    """Byte-pair merge `word` using only ranks below `max_rank` (all when None):
+    repeatedly merge the adjacent pair whose joined bytes have the lowest rank."""
+    parts = [bytes([b]) for b in word]
+    while len(parts) > 1:
+        best, best_rank = None, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and (max_rank is None or r < max_rank) and \
+                    (best_rank is None or r < best_rank):
+                best, best_rank = i, r
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list, in rank order, that rebuilds every multi-byte token of `ranks`."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = bpe_split(ranks, token, max_rank=rank)
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not one merge of lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+class Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` with the end-of-text token hwattn separates
+    documents with.
+
+    encode(text) -> list[int]; encode_batch(texts) -> list[list[int]]; decode(ids) -> str.
+    `token_byte_lengths` (V,) int64 counts the UTF-8 bytes each id stands for (0 for special
+    tokens), which turns a token-level loss into bits per byte exactly.
+    """
+
+    def __init__(self, tok, name: str = "custom"):
+        self.tok = tok
+        self.name = name
+        eot = tok.token_to_id(EOT)
+        if eot is None:
+            raise ValueError(f"tokenizer has no {EOT} token")
+        self.eot_id = eot
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    @cached_property
+    def token_byte_lengths(self) -> np.ndarray:
+        to_byte = {c: b for b, c in byte_to_unicode().items()}
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        for piece, idx in self.tok.get_vocab(with_added_tokens=True).items():
+            if piece not in special and idx < len(lengths):
+                lengths[idx] = sum(1 for ch in piece if ch in to_byte)
+        return lengths
+
+    def save(self, directory: str | Path) -> Path:
+        """Write tokenizer.json, and a tokenizer_config.json that lets
+        `transformers.AutoTokenizer` load the folder."""
+        path = Path(directory) / TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(path))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
+               "unk_token": EOT, "add_prefix_space": False, "hwattn_name": self.name}
+        (path.parent / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        return path
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """From a `tokenizer.json` file or a directory holding one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if not path.is_file():
+            raise ValueError(f"no tokenizer at {path}")
+        tok = _tokenizers().Tokenizer.from_file(str(path))
+        meta = path.parent / "tokenizer_config.json"
+        name = json.loads(meta.read_text()).get("hwattn_name") if meta.is_file() else None
+        return cls(tok, name=name or path.parent.name)
+
+
+def _byte_level_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
+    tk = _tokenizers()
+    tok = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = tk.decoders.ByteLevel()
+    return tok
+
+
+def from_tiktoken_ranks(ranks: dict[bytes, int], eot_id: int | None = None,
+                        name: str = "gpt2") -> Tokenizer:
+    """Byte-level BPE tokenizer equivalent to a tiktoken rank table (GPT-2 regex), with
+    `<|endoftext|>` at `eot_id` (default: right after the last rank)."""
+    enc = byte_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(enc[x] for x in b)
+
+    vocab = {text(t): r for t, r in ranks.items()}
+    merges = [(text(a), text(b)) for a, b in merges_from_ranks(ranks)]
+    tok = _byte_level_tokenizer(vocab, merges)
+    eot_id = len(ranks) if eot_id is None else eot_id
+    if eot_id != len(ranks):
+        raise ValueError(f"eot_id must follow the ranks ({len(ranks)}), got {eot_id}")
+    tok.add_special_tokens([EOT])
+    return Tokenizer(tok, name=name)
+
+
+def gpt2_tokenizer(tiktoken_file: str | Path) -> Tokenizer:
+    """GPT-2 (r50k_base, 50,257 ids, <|endoftext|> = 50256) from a hash-checked rank file."""
+    return from_tiktoken_ranks(read_tiktoken_ranks(tiktoken_file, R50K_SHA256), name="gpt2")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` ids (including <|endoftext|> and the 256 bytes)
+    trained on `texts` with the GPT-2 pre-tokenizer."""
+    if vocab_size < 257 + 1:
+        raise ValueError(f"vocab_size must be at least 258 (256 bytes, one merge, <|endoftext|>), "
+                         f"got {vocab_size}")
+    tk = _tokenizers()
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+                                     show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok, name=name or f"bpe{vocab_size}")
+
+
+def ranks_of(tokenizer: Tokenizer) -> dict[bytes, int]:
+    """A tiktoken-style rank table (token bytes -> id) of a byte-level BPE tokenizer's
+    non-special vocabulary; the inverse of `from_tiktoken_ranks` (used by the tests)."""
+    dec = {c: b for b, c in byte_to_unicode().items()}
+    special = {t.content for t in tokenizer.tok.get_added_tokens_decoder().values()}
+    return {bytes(dec[ch] for ch in piece): idx
+            for piece, idx in tokenizer.tok.get_vocab(with_added_tokens=True).items()
+            if piece not in special}

@@ -1,0 +1,72 @@
+"""Perplexity and bits per byte on held-out token shards.
+
+Every token of a shard (after the first) is predicted once, from non-overlapping windows of
+`seq_len` (so contexts restart at each window, as in the paper's evaluation). Bits per byte
+divide the summed loss in bits by the UTF-8 bytes the predicted tokens stand for, counted
+exactly from the tokenizer's byte lengths, which makes numbers comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hwattn.data.loader import eval_windows
+
+
+def autocast_for(device: torch.device | str, dtype: str = "auto"):
+    """bf16 autocast on CUDA (dtype "auto" or "bf16"), nothing on CPU or for "fp32"."""
+    device = torch.device(device)
+    if device.type == "cuda" and dtype in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def token_losses(model, windows: torch.Tensor, batch_size: int = 16, amp: str = "auto") -> torch.Tensor:
+    """Per-token losses (n, T) in nats of `windows` (n, T + 1) int64."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(windows), batch_size):
+        w = windows[i:i + batch_size].to(device)
+        with autocast_for(device, amp):
+            logits = model(w[:, :-1])
+        loss = F.cross_entropy(logits.float().transpose(1, 2), w[:, 1:], reduction="none")
+        out.append(loss.cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray | None = None,
+                        max_tokens: int | None = None, batch_size: int = 16, amp: str = "auto") -> dict:
+    """Loss (nats/token), perplexity, and bits per byte when `token_bytes` (V,) is given.
+
+    tokens: (N,) held-out token ids; at most `max_tokens` of them are scored.
+    """
+    windows = eval_windows(tokens, seq_len, max_tokens)
+    losses = token_losses(model, windows, batch_size, amp)
+    total = float(losses.double().sum())
+    n = losses.numel()
+    out = {"tokens": n, "loss": total / n, "ppl": math.exp(total / n)}
+    if token_bytes is not None:
+        n_bytes = int(token_bytes[windows[:, 1:].numpy()].sum())
+        out["bytes"] = n_bytes
+        out["bpb"] = total / math.log(2) / n_bytes if n_bytes else float("nan")
+    return out
+
+
+def evaluate_domains(model, dataset, seq_len: int, max_tokens: int | None = None,
+                     batch_size: int = 16, amp: str = "auto") -> dict:
+    """{domain: perplexity record} for every held-out domain of a `TokenDataset`, plus
+    "average": the unweighted mean over domains of loss, ppl and bpb."""
+    lengths = dataset.tokenizer.token_byte_lengths
+    res = {d: evaluate_perplexity(model, dataset.val[d], seq_len, lengths, max_tokens, batch_size, amp)
+           for d in dataset.domains}
+    if res:
+        res["average"] = {k: sum(r[k] for r in res.values()) / len(res)
+                          for k in ("loss", "ppl", "bpb")}
+    return res

@@ -1,0 +1,1 @@
+"""Training: `hwattn train` (`hwattn.train.trainer`)."""

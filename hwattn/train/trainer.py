@@ -1,0 +1,350 @@
+"""The training loop behind `hwattn train`, `hwattn compare` and the quality study.
+
+AdamW (β = 0.9, 0.95; weight decay on matrices only — norms and the tied embedding are not
+decayed), gradient clipping, linear warm-up then cosine decay to `min_lr_ratio` of the peak,
+gradient accumulation, bf16 autocast on CUDA, optional `torch.compile`, DDP under `torchrun`.
+
+Checkpoints (`<out>/checkpoint/`) are Hugging Face-layout model folders (config.json,
+model.safetensors, tokenizer.json) plus `trainer_state.pt` (optimizer, step, RNG states).
+The batch of step s is a pure function of (seed, s) (`hwattn.data.loader.BatchSampler`) and
+the learning rate a function of s, so resuming reproduces the uninterrupted run.
+Metrics go to `<out>/metrics.jsonl`; the loss curve to `<out>/loss.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hwattn.config import ModelConfig, parse_variant
+from hwattn.data.loader import BatchSampler, TokenDataset
+from hwattn.data.progress import progress_bar
+from hwattn.eval.perplexity import autocast_for, evaluate_domains
+from hwattn.models.checkpoint import load_checkpoint, save_checkpoint
+from hwattn.models.transformer import Transformer
+
+H100_BF16_TFLOPS = 989.0
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `steps` optimizer steps of `batch_size · accum_steps · world`
+    sequences of `seq_len` tokens each."""
+
+    data: str
+    out: str
+    preset: str = "tiny"
+    variant: str = "mha"
+    seq_len: int = 256
+    batch_size: int = 16
+    accum_steps: int = 1
+    steps: int = 200
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    compile: bool = False
+    eval_every: int = 0
+    eval_tokens: int = 65_536
+    ckpt_every: int = 0
+    log_every: int = 10
+    peak_tflops: float | None = None
+    resume: bool = True
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_size", "accum_steps", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.amp not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"amp must be auto, bf16 or fp32, got {self.amp!r}")
+        parse_variant(self.variant)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up over `warmup_steps`,
+    then cosine from `lr` to `min_lr_ratio · lr` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The preset with the run's variant, the data's vocabulary (rounded up to 64) and a
+    context long enough for `seq_len`."""
+    from hwattn.config import PRESETS
+
+    vocab = -(-vocab_size // 64) * 64
+    max_len = max(cfg.seq_len, PRESETS[cfg.preset]["max_seq_len"])
+    return ModelConfig.from_preset(cfg.preset, **parse_variant(cfg.variant), vocab_size=vocab,
+                                   max_seq_len=max_len)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on 2-D weights except embeddings; none on norms or the embedding (which
+    the tied output shares)."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "tok_embeddings" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dist_env():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: int, cfg: TrainConfig,
+                             tokenizer=None, extra: dict | None = None) -> None:
+    """Write the checkpoint folder atomically (staged next to it, then renamed)."""
+    stage = path.with_name(path.name + ".tmp")
+    shutil.rmtree(stage, ignore_errors=True)
+    save_checkpoint(model, stage, extra={"hwattn_train": {"step": step, **(extra or {})}})
+    if tokenizer is not None:
+        tokenizer.save(stage)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                "train_config": dataclasses.asdict(cfg)}, stage / STATE_FILE)
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    stage.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only records up to `step` (a resumed run rewrites what came after)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+
+
+def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | None = None,
+          dataset: TokenDataset | None = None, model: Transformer | None = None) -> dict:
+    """Run (or resume) `cfg`; returns a summary dict. `stop_after` ends the run after that
+    many optimizer steps of this call, checkpointing first (used to test resumption).
+    `model` reuses an already-built (e.g. compiled elsewhere) model instead of building one."""
+    world, rank, local_rank = _dist_env()
+    distributed = world > 1
+    device = resolve_device(cfg.device)
+    if distributed:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main = rank == 0
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    metrics_path = out / "metrics.jsonl"
+    data = dataset or TokenDataset(cfg.data)
+    mcfg = model_config(cfg, data.vocab_size)
+
+    torch.manual_seed(cfg.seed)
+    start_step = 0
+    state = None
+    if cfg.resume and (ckpt / STATE_FILE).is_file():
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        if state["train_config"]["steps"] != cfg.steps or state["train_config"]["variant"] != cfg.variant:
+            raise ValueError(f"{ckpt} holds a run with steps={state['train_config']['steps']}, "
+                             f"variant={state['train_config']['variant']}; use a new --out or "
+                             "--no-resume")
+        model = load_checkpoint(ckpt, device=device, dtype=torch.float32)
+        start_step = state["step"]
+    elif model is None:
+        model = Transformer(mcfg).to(device)
+        model.init_weights(seed=cfg.seed)
+    else:
+        model.init_weights(seed=cfg.seed)
+    raw_model = model
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = BatchSampler(data.train, cfg.seq_len, cfg.batch_size, cfg.accum_steps, cfg.seed,
+                           rank, world)
+    flops_tok = raw_model.flops_per_token(cfg.seq_len)
+    peak = cfg.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda" else None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_step)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if start_step:
+            log(f"resuming {cfg.variant} from step {start_step} of {cfg.steps}")
+
+    def evaluate(step: int) -> dict:
+        raw_model.eval()
+        res = evaluate_domains(raw_model, data, cfg.seq_len, cfg.eval_tokens, amp=cfg.amp)
+        raw_model.train()
+        rec = {"step": step, "tokens": step * sampler.tokens_per_step,
+               "val_loss": res["average"]["loss"], "val_bpb": res["average"]["bpb"]}
+        rec.update({f"val_loss/{d}": r["loss"] for d, r in res.items() if d != "average"})
+        return rec
+
+    model.train()
+    bar = progress_bar(total=cfg.steps, initial=start_step, desc=f"train {cfg.variant}",
+                       disable=not (progress and main), unit="step")
+    t_window, tok_window, last = time.perf_counter(), 0, {}
+    steady_tokens, steady_time = 0, 0.0
+    end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
+    for step in range(start_step, end):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.accum_steps):
+            x, y = sampler.batch(step, micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = not distributed or micro == cfg.accum_steps - 1
+            ctx = train_model.no_sync() if distributed and not sync else _Null()
+            with ctx, autocast_for(device, cfg.amp):
+                logits = train_model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / cfg.accum_steps).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tok_window += sampler.tokens_per_step
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            loss_val = float(loss_sum) / cfg.accum_steps
+            if distributed:
+                import torch.distributed as dist
+                t = torch.tensor([loss_val], device=device)
+                dist.all_reduce(t)
+                loss_val = float(t) / world
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t_window
+            tps = tok_window / elapsed
+            if step - start_step >= cfg.log_every:  # leave the first window (compile, warm-up) out
+                steady_tokens += tok_window
+                steady_time += elapsed
+            mfu = tps * flops_tok / (peak * 1e12) / world if peak else None
+            last = {"step": done, "tokens": done * sampler.tokens_per_step, "loss": loss_val,
+                    "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
+                    "step_s": time.perf_counter() - t0}
+            if main:
+                _append_jsonl(metrics_path, last)
+                bar.set_postfix_str(f"loss {loss_val:.3f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"
+                                    + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+            t_window, tok_window = time.perf_counter(), 0
+        if main:
+            bar.update(1)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and main:
+            _append_jsonl(metrics_path, evaluate(done))
+            t_window = time.perf_counter()
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != end and main:
+            save_training_checkpoint(ckpt, raw_model, optimizer, done, cfg, data.tokenizer)
+            t_window = time.perf_counter()
+    bar.close()
+    summary = {"variant": cfg.variant, "steps_done": end, "steps": cfg.steps,
+               "params": raw_model.num_params(), "tokens": end * sampler.tokens_per_step,
+               "flops_per_token": flops_tok, "last": last}
+    if steady_time > 0:
+        summary["steady_tokens_per_s"] = steady_tokens / steady_time
+        summary["steady_mfu"] = (summary["steady_tokens_per_s"] * flops_tok / (peak * 1e12) / world
+                                 if peak else None)
+    if main:
+        if end == cfg.steps:
+            rec = evaluate(end)
+            _append_jsonl(metrics_path, rec)
+            summary["val"] = rec
+        save_training_checkpoint(ckpt, raw_model, optimizer, end, cfg, data.tokenizer)
+        summary["checkpoint"] = str(ckpt)
+        if end == cfg.steps:
+            try:
+                from hwattn.train.plot import plot_loss
+
+                plot_loss({cfg.variant: read_metrics(metrics_path)}, out / "loss.png")
+                summary["plot"] = str(out / "loss.png")
+            except ImportError:
+                pass
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["model"] = raw_model
+    return summary
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
