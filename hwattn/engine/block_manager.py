@@ -155,12 +155,14 @@ class BlockManager:
         while len(seq.block_table) > keep:
             self._release(seq.block_table.pop())
 
-    def register_full_pages(self, seq: Sequence) -> None:
-        """Record the hash of every page the sequence has completely written."""
+    def register_full_pages(self, seq: Sequence, written: int | None = None) -> None:
+        """Record the hash of every full page among the sequence's first `written` tokens
+        (default: its cached ones; a draft model's cache may lag behind the target's)."""
         if not self.enable_prefix_caching:
             return
         ps = self.page_size
-        for i in range(len(seq.page_hashes), seq.num_cached // ps):
+        written = seq.num_cached if written is None else min(written, seq.num_cached)
+        for i in range(len(seq.page_hashes), written // ps):
             tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
             h = self.chain_hash(seq.page_hashes[-1] if seq.page_hashes else None, tokens)
             seq.page_hashes.append(h)

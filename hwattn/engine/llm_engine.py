@@ -22,6 +22,7 @@ from hwattn.engine.sampler import SamplingTensors, rejection_sample, sample
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import RequestOutput, Sequence
+from hwattn.engine.speculative import DraftModelDrafter
 from hwattn.engine.tokenizer import IncrementalDetokenizer
 
 MiB = 1 << 20
@@ -193,7 +194,7 @@ class LLMEngine:
             seq.num_cached += n
             seq.draft_cached = seq.num_cached
             self.counters["prompt_tokens"] += n
-            self.block_manager.register_full_pages(seq)
+            self._register(seq)
             if need:
                 done.append(seq)
         if done:
@@ -212,7 +213,7 @@ class LLMEngine:
             old = seq.num_cached
             appended = self._append(seq, [token])
             seq.num_cached = old + appended
-            self.block_manager.register_full_pages(seq)
+            self._register(seq)
         return seqs
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
@@ -237,8 +238,13 @@ class LLMEngine:
             self.counters["draft_tokens"] += k
             self.counters["accepted_tokens"] += n_acc
             self.block_manager.trim(seq, seq.num_cached + 1)
-            self.block_manager.register_full_pages(seq)
+            self._register(seq)
         return seqs
+
+    def _register(self, seq: Sequence) -> None:
+        # With a draft model, a page is shared only once both caches hold all its tokens.
+        drafted = isinstance(self.drafter, DraftModelDrafter)
+        self.block_manager.register_full_pages(seq, seq.draft_cached if drafted else None)
 
     def _append(self, seq: Sequence, tokens: list[int]) -> int:
         """Append sampled tokens until a stop condition; returns how many were kept."""

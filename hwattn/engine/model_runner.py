@@ -77,6 +77,8 @@ class ModelRunner:
         self.cache_heads = first[0] if len(first) > 1 else 1
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.graph_error: str | None = None
+        self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                        if self.device.type == "cuda" else None)
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 
@@ -152,9 +154,17 @@ class ModelRunner:
         if step.skip_write:
             skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
             meta.slot_mapping = meta.slot_mapping.masked_fill(skip.flatten().to(self.device), -1)
-        meta.plan = ops.plan_decode(meta.cache_seqlens, num_heads_kv=self.cache_heads,
-                                    query_len=t, page_size=self.page_size)
+        meta.plan = self._plan(seqlens, t)
         return self.forward(tokens.to(self.device), meta)
+
+    def _plan(self, seqlens: Tensor, t: int, out=None):
+        """The step's split-KV plan from host lengths (no device read), on the device."""
+        plan = ops.plan_decode(seqlens, num_heads_kv=self.cache_heads, query_len=t,
+                               page_size=self.page_size, num_sms=self.num_sms, out=out)
+        if out is None and plan is not None and self.device.type != "cpu":
+            plan.items = plan.items.to(self.device)
+            plan.splits = plan.splits.to(self.device)
+        return plan
 
     # CUDA graphs: static inputs per query length, one graph per batch bucket.
     def _graph_for(self, batch: int, t: int, step: StepInput):
@@ -170,6 +180,7 @@ class ModelRunner:
         width = pages_for(self.max_model_len, self.page_size)
         big = self.buckets[-1]
         self.static = {}
+        self.plans = {}
         pool = None
         try:
             for t in query_lens:
@@ -194,11 +205,14 @@ class ModelRunner:
             torch.cuda.synchronize()
 
     def _static_forward(self, size: int, t: int) -> Tensor:
+        """The captured decode step: reads only the static tensors and the bucket's plan,
+        which `_replay` refreshes in place before each replay."""
         ids, table, lens = self.static[t]
+        if (size, t) not in self.plans:
+            self.plans[(size, t)] = self._plan(torch.full((size,), t, dtype=torch.int32), t)
         meta = AttentionMetadata.for_step(table[:size], lens[:size], t, self.page_size,
                                           backend=self.backend)
-        meta.plan = ops.plan_decode(meta.cache_seqlens, num_heads_kv=self.cache_heads,
-                                    query_len=t, page_size=self.page_size)
+        meta.plan = self.plans[(size, t)]
         return self.forward(ids[:size], meta)
 
     def _replay(self, size: int, batch: int, t: int, tokens: Tensor, seqlens: Tensor,
@@ -209,6 +223,9 @@ class ModelRunner:
         ids[:batch].copy_(tokens)
         ids[batch:size].zero_()
         table[:size].copy_(self._table(tables + [[]] * pad, table.shape[1]))
-        lens[:size].copy_(torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32))))
+        host_lens = torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32)))
+        lens[:size].copy_(host_lens)
+        if self.plans.get((size, t)) is not None:
+            self._plan(host_lens, t, out=self.plans[(size, t)])
         graph.replay()
         return out[:batch]

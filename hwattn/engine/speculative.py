@@ -103,7 +103,7 @@ class DraftModelDrafter:
             drafts.append(token)
             probs.append(q)
             if i + 1 < self.k:
-                step = StepInput("decode", token[:, None], [len(s) - 1 + i for s in seqs], tables)
+                step = StepInput("decode", token[:, None], [len(s) + i for s in seqs], tables)
                 logits = self.runner.execute(step)[:, -1]
         for s in seqs:
             s.draft_cached = len(s) + self.k - 1

@@ -22,6 +22,20 @@ def make_checkpoint(path, attention: str, scale: float = 5.0, seed: int = 0, n_l
     return str(path)
 
 
+def make_draft(target_path, path, n_layers: int = 1):
+    """A draft model made of the target's embeddings and first `n_layers` layers: it agrees
+    with the target often, not always."""
+    import dataclasses
+
+    from hwattn.models.checkpoint import load_checkpoint
+
+    model = load_checkpoint(target_path)
+    model.layers = model.layers[:n_layers]
+    model.config = dataclasses.replace(model.config, n_layers=n_layers)
+    save_checkpoint(model, path)
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: these models are tiny, and a shared 2-core machine makes
@@ -37,10 +51,14 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     cache = {}
 
-    def get(attention: str, **kw):
-        key = (attention, tuple(sorted(kw.items())))
+    def get(attention: str, draft_layers: int = 0, **kw):
+        key = (attention, draft_layers, tuple(sorted(kw.items())))
         if key not in cache:
-            cache[key] = make_checkpoint(root / f"{attention}-{len(cache)}", attention, **kw)
+            path = root / f"{attention}-{len(cache)}"
+            if draft_layers:
+                cache[key] = make_draft(get(attention, **kw), path, draft_layers)
+            else:
+                cache[key] = make_checkpoint(path, attention, **kw)
         return cache[key]
 
     return get

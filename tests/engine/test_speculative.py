@@ -1,0 +1,72 @@
+"""Speculative decoding: greedy output identical with and without it, rejected draft slots
+rolled back, pages never leaked."""
+
+import pytest
+
+from hwattn.engine import LLM, SamplingParams
+from hwattn.engine.speculative import NgramDrafter
+
+GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3], list(range(5, 40)), [7] * 5,
+           [9, 8, 7, 9, 8, 7, 9], [300, 301]]
+
+
+def test_ngram_lookup_takes_the_most_recent_match():
+    d = NgramDrafter(k=3, max_ngram=2)
+    assert d.lookup([1, 2, 3, 4, 9, 1, 2, 5, 6, 1, 2]) == [5, 6, 1]
+    assert d.lookup([5, 6, 7, 8]) == [8, 8, 8]  # no match: the last token repeated
+    assert d.lookup([4, 4]) == [4, 4, 4]  # a match at the very end pads with its last token
+
+
+@pytest.mark.parametrize("variant", ["gqa-2", "gla-2"])
+@pytest.mark.parametrize("drafter", ["ngram", "model"])
+def test_greedy_identical_with_speculation(checkpoints, variant, drafter):
+    path = checkpoints(variant)
+    plain = LLM(path, page_size=4, num_pages=300, max_model_len=128).generate(PROMPTS, GREEDY)
+    spec = checkpoints(variant, draft_layers=1) if drafter == "model" else "ngram"
+    llm = LLM(path, page_size=4, num_pages=300, max_model_len=128, speculative=spec,
+              num_speculative_tokens=3)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+        # Cache holds exactly the tokens before the last one; no page beyond what it needs.
+        for seq in engine.scheduler.running:
+            if not seq.is_prefilling:
+                assert seq.num_cached == len(seq) - 1
+                assert -(-seq.num_cached // 4) <= len(seq.block_table) <= -(-len(seq) // 4)
+    assert [done[i].token_ids for i in ids] == [o.token_ids for o in plain]
+    stats = engine.stats()
+    assert 0 < stats["accepted_tokens"] < stats["draft_tokens"], stats
+    assert engine.block_manager.num_used_pages == 0
+
+
+def test_speculation_near_the_context_end_and_with_preemption(checkpoints):
+    path = checkpoints("gta-4")
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    prompts = [list(range(i, i + 20)) for i in range(6)]
+    plain = LLM(path, page_size=4, num_pages=200, max_model_len=48).generate(prompts, params)
+    llm = LLM(path, page_size=4, num_pages=30, max_model_len=48, speculative="ngram",
+              num_speculative_tokens=3, max_num_seqs=6)
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert all(o.finish_reason == "length" and len(o.prompt_token_ids) + len(o.token_ids) == 48
+               for o in outs)
+    assert llm.engine.stats()["preemptions"] > 0
+    llm.engine.check_invariants()
+    assert llm.engine.block_manager.num_used_pages == 0
+
+
+def test_sampled_speculation_runs_and_is_seeded(checkpoints):
+    llm = LLM(checkpoints("mla"), page_size=4, num_pages=300, max_model_len=128,
+              speculative=checkpoints("mla", draft_layers=1), num_speculative_tokens=2)
+    sp = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
+    a = llm.generate(PROMPTS, sp)
+    b = llm.generate(PROMPTS[::-1], sp)[::-1]
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert all(len(o.token_ids) == 20 for o in a)
+    assert llm.engine.block_manager.num_used_pages == 0
