@@ -7,7 +7,13 @@ pages), and block-table entries past a sequence's last page pointing far out of 
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Where the kernels run: the CPU under Triton's interpreter (CI), or "cuda" to run the same
+# tests compiled on a GPU (HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/ops).
+DEVICE = torch.device(os.environ.get("HWATTN_TEST_DEVICE", "cpu"))
 
 OUT_OF_RANGE = (2**30, -7)  # garbage page ids the kernels must never follow
 

@@ -15,7 +15,7 @@ import torch
 
 from hwattn import ops
 from tests.conftest import assert_close_derived
-from tests.ops.paged import attention_truth, fill_cache, gather_truth, paged_table
+from tests.ops.paged import DEVICE, attention_truth, fill_cache, gather_truth, paged_table
 
 FP8 = torch.float8_e4m3fn
 
@@ -45,14 +45,18 @@ FORCED_SPLIT = 64  # pieces of 64 tokens: every sequence longer than that is spl
 
 
 def _plans(lengths, n_kv, query_len):
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     return {"auto": None,
             "split": ops.plan_decode(seqlens, num_heads_kv=n_kv, query_len=query_len,
                                      split_tokens=FORCED_SPLIT)}
 
 
+def _on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
 def _check(name, got, truth, baseline):
-    out, lse = got
+    out, lse = (t.cpu() for t in got)
     assert_close_derived(out, truth[0], baseline[0], what=f"{name} out")
     assert_close_derived(lse, truth[1], baseline[1], what=f"{name} lse")
 
@@ -74,7 +78,8 @@ def test_decode_matches_fp64(case):
     baseline = ops.decode(q, k_cache, v_cache, table, seqlens, backend="torch", **kw)
     _check("reference", baseline, truth, baseline)
     for name, plan in _plans(lengths, h_kv, l_q).items():
-        got = ops.decode(q, k_cache, v_cache, table, seqlens, backend="triton", plan=plan, **kw)
+        got = ops.decode(*_on_device(q, k_cache, v_cache, table, seqlens), backend="triton",
+                         plan=plan, **kw)
         _check(f"triton/{name}", got, truth, baseline)
 
 
@@ -103,7 +108,7 @@ def test_decode_tied_matches_fp64(case):
                                backend="torch", **kw)
     _check("reference", baseline, truth, baseline)
     for name, plan in _plans(lengths, h_kv, l_q).items():
-        got = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
+        got = ops.decode_tied(*_on_device(q_nope, q_rope, kv_cache, rope_cache, table, seqlens),
                               backend="triton", plan=plan, **kw)
         _check(f"triton/{name}", got, truth, baseline)
 
@@ -125,8 +130,8 @@ def test_other_token_blocks(block_n, page):
                           return_lse=True, backend="torch")
     config = triton_decode.KernelConfig(block_n=block_n, num_warps=4, num_stages=2, max_rows=8)
     for name, plan in _plans(lengths, h_kv, l_q).items():
-        got = triton_decode.decode(q, k_cache, v_cache, table, seqlens, softmax_scale=0.125,
-                                   plan=plan, config=config)
+        got = triton_decode.decode(*_on_device(q, k_cache, v_cache, table, seqlens),
+                                   softmax_scale=0.125, plan=plan, config=config)
         _check(f"block_n={block_n}/{name}", got, truth, baseline)
 
 
@@ -138,7 +143,7 @@ def test_default_scale_and_no_lse():
     v_cache, _ = fill_cache((1, 64), lengths, table, n_pool, page, torch.float32)
     q = torch.randn(1, 1, 2, 64)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
-    out = ops.decode(q, k_cache, v_cache, table, seqlens, backend="triton")
+    out = ops.decode(*_on_device(q, k_cache, v_cache, table, seqlens), backend="triton").cpu()
     ref = ops.decode(q, k_cache, v_cache, table, seqlens, softmax_scale=0.125, backend="torch")
     assert isinstance(out, torch.Tensor)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

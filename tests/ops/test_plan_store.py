@@ -8,6 +8,7 @@ import torch
 from hwattn import AttentionMetadata, ModelConfig, ops
 from hwattn.layers import build_attention
 from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN
+from tests.ops.paged import DEVICE
 
 
 def _pieces(plan):
@@ -85,9 +86,9 @@ def test_store_kv_matches_reference(dtype, cache_dtype, scale):
     slots[::7] = -1  # padding tokens are skipped
     caches = []
     for backend in ("torch", "triton"):
-        cache = torch.full((5, page, 3, 24), float("nan")).to(cache_dtype)
-        ops.store_kv(cache, new, slots, scale=scale, backend=backend)
-        caches.append(cache)
+        cache = torch.full((5, page, 3, 24), float("nan")).to(cache_dtype).to(DEVICE)
+        ops.store_kv(cache, new.to(DEVICE), slots.to(DEVICE), scale=scale, backend=backend)
+        caches.append(cache.cpu())
     torch.testing.assert_close(caches[1].view(torch.uint8), caches[0].view(torch.uint8), rtol=0, atol=0)
     written = caches[1].flatten(0, 1)[slots[slots >= 0]].float()
     assert torch.isfinite(written).all()
@@ -100,21 +101,23 @@ def test_store_kv_matches_reference(dtype, cache_dtype, scale):
 def test_layer_decode_on_triton_matches_torch(attention):
     """Each family's decode hook through the Triton kernels equals the reference backend."""
     cfg = ModelConfig.from_preset("tiny", attention=attention)
-    layer = build_attention(cfg).eval()
+    layer = build_attention(cfg, device=DEVICE).eval()
     batch, past, page = 2, 21, 4
-    x = torch.randn(batch, past, cfg.dim)
-    positions = torch.arange(past)[None].expand(batch, past)
-    cos, sin = torch.ones(batch, past, cfg.rope_dim // 2), torch.zeros(batch, past, cfg.rope_dim // 2)
+    x = torch.randn(batch, past, cfg.dim, device=DEVICE)
+    positions = torch.arange(past, device=DEVICE)[None].expand(batch, past)
+    half = cfg.rope_dim // 2
+    cos, sin = torch.ones(batch, past, half, device=DEVICE), torch.zeros(batch, past, half, device=DEVICE)
     with torch.no_grad():
         q, states = layer.project(x, cos, sin)
-        table = torch.randperm(batch * 6).to(torch.int32).view(batch, 6)
-        cache = layer.allocate_cache(batch * 6, page)
-        cache = tuple(c.float().fill_(float("nan")) for c in cache)
+        table = torch.randperm(batch * 6, device=DEVICE).to(torch.int32).view(batch, 6)
+        cache = layer.allocate_cache(batch * 6, page, dtype=torch.float32, device=DEVICE)
+        for c in cache:
+            c.fill_(float("nan"))
         slots = AttentionMetadata.slots(table, positions, page)
         for c, s in zip(cache, states):
             ops.store_kv(c, s.flatten(0, 1), slots)
-        lens = torch.full((batch,), past, dtype=torch.int32)
+        lens = torch.full((batch,), past, dtype=torch.int32, device=DEVICE)
         last = tuple(t[:, -2:] for t in q)  # L_q = 2
         outs = [layer.decode(last, cache, AttentionMetadata(table, lens, slots, backend=b))
                 for b in ("torch", "triton")]
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

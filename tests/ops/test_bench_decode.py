@@ -1,0 +1,44 @@
+"""`hwattn bench decode` on CPU: its accounting, its SDPA baseline (which must agree with the
+kernel it checks), and a clear error without a GPU."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from hwattn.cli import bench_decode, main
+from tests.ops.paged import DEVICE
+
+
+def _wall_clock(fn, warmup=0, rep=0, return_mode="median"):
+    fn()
+    return 1.0  # ms; this checks the plumbing, not the speed
+
+
+@pytest.mark.parametrize("variant, heads, l_q", [("gqa-2", 4, 2), ("gla-2", 8, 1), ("gta-2", 4, 3)])
+def test_bench_case_checks_against_sdpa(variant, heads, l_q):
+    args = argparse.Namespace(cache_dtype="bf16", head_dim=32, rope_dim=16, no_sdpa=False,
+                              warmup_ms=1, rep_ms=1)
+    case = dict(variant=variant, heads=heads, tp=1, batch=2, context=70, query_len=l_q, page=16)
+    row = bench_decode.bench_case(torch, _wall_clock, case, args, (1000.0, 100.0), [], device=DEVICE.type)
+    assert row["check_rel_err"] < 1e-2, row
+    layer = bench_decode._layer(variant, heads, 32, 16)
+    assert row["bytes"] == 2 * layer.decode_bytes(70, l_q)
+    assert row["flops"] == 2 * layer.decode_flops(70, l_q)
+    assert row["us"] == 1000.0 and row["pct_roofline"] == pytest.approx(100 * row["roofline_us"] / 1000)
+
+
+def test_targets_suite_is_well_formed():
+    cases = bench_decode._targets()
+    assert {c["variant"] for c in cases} == {"gla-2", "mla", "gqa-4", "gta-4", "mqa"}
+    for case in cases:
+        layer = bench_decode._layer(case["variant"], case["heads"], 128, 64)
+        layer.local_heads(case["tp"])  # every per-rank shape exists
+
+
+def test_cli_without_gpu_exits_2(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "decode", "--variants", "gla-2"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
