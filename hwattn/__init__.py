@@ -10,5 +10,14 @@ __version__ = "0.1.0"
 
 _install_hf()  # registers the transformers Auto classes lazily (see hwattn.hf)
 
-__all__ = ["ATTENTION_KINDS", "AttentionMetadata", "ModelConfig", "Transformer",
-           "build_attention", "greedy_generate", "__version__"]
+__all__ = ["ATTENTION_KINDS", "AttentionMetadata", "LLM", "ModelConfig", "SamplingParams",
+           "Transformer", "build_attention", "greedy_generate", "__version__"]
+
+
+def __getattr__(name: str):
+    # The engine is imported on first use so that `import hwattn` stays light.
+    if name in ("LLM", "SamplingParams"):
+        from hwattn import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'hwattn' has no attribute {name!r}")
