@@ -1,0 +1,162 @@
+"""lm-evaluation-harness adapter: hwattn models as an `lm_eval` LM, and tasks from local JSONL.
+
+    from hwattn.eval.lm_eval_adapter import HwattnLM, local_tasks, run_lm_eval
+    lm = HwattnLM.from_checkpoint("runs/x/checkpoint")
+    results = run_lm_eval(lm, {"my_cloze": "cloze.jsonl", "my_mc": "mc.jsonl"})
+
+`local_tasks` writes one task YAML per JSONL file: files whose rows have "choices" and "gold"
+become `multiple_choice` tasks (acc, acc_norm); rows with "context" and "target" become
+`loglikelihood` tasks (acc = greedy match, perplexity). The harness reads the JSONL through
+`datasets`' local json builder, so nothing is downloaded. The model is also registered with
+the harness as "hwattn" (model_args "pretrained=DIR").
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from hwattn.data.tokenizer import Tokenizer
+from hwattn.eval.perplexity import autocast_for
+from hwattn.eval.tasks import loglikelihoods
+
+
+@register_model("hwattn")
+class HwattnLM(LM):
+    """Log-likelihoods and greedy generation of a hwattn `Transformer` for the harness."""
+
+    def __init__(self, model=None, tokenizer: Tokenizer | None = None, pretrained: str | None = None,
+                 batch_size: int = 16, max_length: int | None = None, device: str = "auto",
+                 amp: str = "auto"):
+        super().__init__()
+        if model is None:
+            if pretrained is None:
+                raise ValueError("HwattnLM needs a model or pretrained=<checkpoint dir>")
+            from hwattn.train.trainer import load_model, resolve_device
+
+            model = load_model(pretrained, device=resolve_device(device))
+            tokenizer = Tokenizer.load(pretrained)
+        if tokenizer is None:
+            raise ValueError("HwattnLM needs the tokenizer the model was trained with")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length or model.config.max_seq_len)
+        self.amp = amp
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> "HwattnLM":
+        return cls(pretrained=str(path), **kwargs)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
+        args.update({k: v for k, v in (additional_config or {}).items() if v is not None
+                     and k in ("batch_size", "device")})
+        return cls(**args)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for req in requests:
+            context, continuation = req.args
+            ctx = self.tokenizer.encode(context) if context else [self.tokenizer.eot_id]
+            pairs.append((ctx, self.tokenizer.encode(continuation)))
+        return loglikelihoods(self.model, pairs, self.max_length, self.batch_size, self.amp)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihood, in windows of max_length that each condition on the
+        previous window's tokens (the first token is conditioned on <|endoftext|>)."""
+        out = []
+        for req in requests:
+            ids = [self.tokenizer.eot_id] + self.tokenizer.encode(req.args[0])
+            total, pos = 0.0, 1
+            while pos < len(ids):
+                end = min(len(ids), pos + self.max_length)
+                start = max(0, end - self.max_length - 1)
+                ctx, cont = ids[start:pos], ids[pos:end]
+                total += loglikelihoods(self.model, [(ctx, cont)], self.max_length, 1, self.amp)[0][0]
+                pos = end
+            out.append(total)
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for req in requests:
+            context, gen = req.args
+            until = gen.get("until", []) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen.get("max_gen_toks", 64))
+            ids = self.tokenizer.encode(context)[-(self.max_length - max_new):] or [self.tokenizer.eot_id]
+            x = torch.tensor([ids], device=self.device)
+            new = []
+            for _ in range(max_new):
+                with autocast_for(self.device, self.amp):
+                    nxt = int(self.model(x[:, -self.max_length:])[0, -1].argmax())
+                if nxt == self.tokenizer.eot_id:
+                    break
+                new.append(nxt)
+                x = torch.cat([x, torch.tensor([[nxt]], device=self.device)], 1)
+                text = self.tokenizer.decode(new)
+                if any(u in text for u in until):
+                    break
+            text = self.tokenizer.decode(new)
+            for u in until:
+                text = text.split(u)[0]
+            out.append(text)
+        return out
+
+
+def _task_yaml(name: str, path: Path) -> str:
+    first = json.loads(next(ln for ln in path.read_text().splitlines() if ln.strip()))
+    files = json.dumps({"test": str(path.resolve())})
+    head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {files}\n"
+            "test_split: test\n")
+    if "choices" in first and "gold" in first:
+        return head + ("output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+                       "doc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n"
+                       "target_delimiter: \"\"\nmetric_list:\n"
+                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                       "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    if "context" in first and "target" in first:
+        return head + ("output_type: loglikelihood\ndoc_to_text: \"{{context}}\"\n"
+                       "doc_to_target: \"{{target}}\"\ntarget_delimiter: \"\"\nmetric_list:\n"
+                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                       "  - metric: perplexity\n    aggregation: perplexity\n"
+                       "    higher_is_better: false\n")
+    raise ValueError(f"{path}: rows need context+target or context+choices+gold, got {list(first)}")
+
+
+def local_tasks(tasks: dict[str, str | Path], directory: str | Path) -> Path:
+    """Write one harness task YAML per {task name: JSONL path} into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, path in tasks.items():
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"task {name}: no such file {path}")
+        (directory / f"{name}.yaml").write_text(_task_yaml(name, path))
+    return directory
+
+
+def run_lm_eval(lm: HwattnLM, tasks: dict[str, str | Path], limit: int | None = None) -> dict:
+    """Run the harness on local JSONL tasks; returns {task: {metric: value}}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = TaskManager(include_path=str(local_tasks(tasks, tmp)))
+        res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                              log_samples=False, verbosity="ERROR")
+    return {name: {k.split(",")[0]: v for k, v in vals.items()
+                   if isinstance(v, (int, float)) and not k.endswith("_stderr,none")}
+            for name, vals in res["results"].items()}

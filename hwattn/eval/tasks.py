@@ -1,0 +1,209 @@
+"""Downstream-style tasks built from held-out text, and their scoring.
+
+No stock benchmark data (HellaSwag, LAMBADA, ...) is reachable offline, so both tasks are cut
+from the validation documents of a built dataset, deterministically from a seed:
+
+- **cloze** (LAMBADA-style last word): the context is up to `context_chars` of text ending
+  just before the last word of a sentence; the target is that word with its leading space.
+  Correct when greedy decoding reproduces every token of the target.
+- **mc** (4-way continuation choice, HellaSwag-style): the context ends at a sentence
+  boundary; the true next sentence competes with three sentences of similar length drawn from
+  other held-out documents of the same domain. Scored by total log-likelihood (acc) and by
+  log-likelihood per character (acc_norm).
+
+Both are stored as JSONL ({"context", "target"} / {"context", "choices", "gold"}, plus
+"domain"), the same files the lm-evaluation-harness adapter turns into tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hwattn.eval.perplexity import autocast_for
+
+_SENT_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z])")
+_WORD = re.compile(r"^[A-Za-z][a-z]{2,}$")
+
+
+def sentences(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the sentences of `text` (single lines joined)."""
+    spans, start = [], 0
+    for m in _SENT_END.finditer(text):
+        spans.append((start, m.start() + 1 if text[m.start()] in ".!?" else m.end()))
+        start = m.end()
+    if start < len(text):
+        spans.append((start, len(text)))
+    return spans
+
+
+def _trim_left(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    cut = text[-max_chars:]
+    space = cut.find(" ")
+    return cut[space + 1:] if 0 <= space < 40 else cut
+
+
+def build_cloze(docs: list[dict], n: int, seed: int = 0, context_chars: int = 600) -> list[dict]:
+    """Up to `n` last-word cloze items, balanced over the documents' domains."""
+    rng = random.Random(seed)
+    by_domain = defaultdict(list)
+    for d in docs:
+        text = d["text"].replace("\n", " ")
+        for s, e in sentences(text):
+            sent = text[s:e].rstrip(".!?\"') ")
+            if " " not in sent or s < 200:
+                continue
+            head, word = sent.rsplit(" ", 1)
+            if not _WORD.match(word):
+                continue
+            ctx = _trim_left(text[:s] + head, context_chars)
+            by_domain[d["domain"]].append({"context": ctx, "target": " " + word, "domain": d["domain"]})
+    return _balanced(by_domain, n, rng)
+
+
+def build_mc(docs: list[dict], n: int, seed: int = 0, context_chars: int = 600,
+             choices: int = 4) -> list[dict]:
+    """Up to `n` continuation multiple-choice items, balanced over domains."""
+    rng = random.Random(seed)
+    pool = defaultdict(list)  # domain -> (doc index, sentence)
+    cands = defaultdict(list)
+    for i, d in enumerate(docs):
+        text = re.sub(r"\s+", " ", d["text"])
+        spans = sentences(text)
+        for j, (s, e) in enumerate(spans):
+            sent = text[s:e].strip()
+            if 30 <= len(sent) <= 240:
+                pool[d["domain"]].append((i, sent))
+                if j > 0 and s >= 200:
+                    cands[d["domain"]].append((i, _trim_left(text[:s].rstrip(), context_chars), sent))
+    by_domain = defaultdict(list)
+    for dom, items in cands.items():
+        others = pool[dom]
+        for i, ctx, sent in items:
+            wrong = [x for x in others if x[0] != i]
+            if len(wrong) < choices - 1:
+                continue
+            picks = []
+            for _ in range(40 * choices):
+                if len(picks) == choices - 1:
+                    break
+                cand = rng.choice(wrong)[1]
+                if 0.6 <= len(cand) / len(sent) <= 1.6 and cand != sent and cand not in picks:
+                    picks.append(cand)
+            if len(picks) < choices - 1:
+                continue
+            opts = [" " + sent] + [" " + p for p in picks]
+            order = list(range(choices))
+            rng.shuffle(order)
+            by_domain[dom].append({"context": ctx, "choices": [opts[k] for k in order],
+                                   "gold": order.index(0), "domain": dom})
+    return _balanced(by_domain, n, rng)
+
+
+def _balanced(by_domain: dict, n: int, rng: random.Random) -> list[dict]:
+    domains = sorted(by_domain)
+    for d in domains:
+        rng.shuffle(by_domain[d])
+    out, k = [], 0
+    while len(out) < n and any(k < len(by_domain[d]) for d in domains):
+        for d in domains:
+            if k < len(by_domain[d]) and len(out) < n:
+                out.append(by_domain[d][k])
+        k += 1
+    return out
+
+
+def write_jsonl(items: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items))
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+@torch.no_grad()
+def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int,
+                   batch_size: int = 16, amp: str = "auto") -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the summed log-probability of the
+    continuation given the context, and whether greedy decoding would produce it.
+    Contexts are cut from the left to fit `max_len` tokens in all."""
+    device = next(model.parameters()).device
+    rows = []
+    for ctx, cont in pairs:
+        if not cont:
+            raise ValueError("continuation must not be empty")
+        seq = (ctx + cont)[-(max_len + 1):]
+        rows.append((seq[:-1], len(cont)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(rows[i][0]) for i in idx)
+        inp = torch.zeros(len(idx), width, dtype=torch.long)
+        for r, i in enumerate(idx):
+            inp[r, :len(rows[i][0])] = torch.tensor(rows[i][0])  # right padding: causal, harmless
+        with autocast_for(device, amp):
+            logits = model(inp.to(device))
+        logp = F.log_softmax(logits.float(), dim=-1).cpu()
+        for r, i in enumerate(idx):
+            seq, n_cont = rows[i]
+            full = (pairs[i][0] + pairs[i][1])[-(max_len + 1):]
+            targets = torch.tensor(full[-n_cont:])
+            pos = torch.arange(len(seq) - n_cont, len(seq))
+            lp = logp[r, pos]  # (n_cont, V)
+            results[i] = (float(lp.gather(1, targets[:, None]).sum()),
+                          bool((lp.argmax(-1) == targets).all()))
+    return results
+
+
+def score_cloze(model, tokenizer, items: list[dict], max_len: int, batch_size: int = 16,
+                amp: str = "auto") -> dict:
+    """Accuracy (greedy reproduces the whole target word), overall and per domain."""
+    pairs = [(tokenizer.encode(x["context"]), tokenizer.encode(x["target"])) for x in items]
+    res = loglikelihoods(model, pairs, max_len, batch_size, amp)
+    return _summarise(items, [{"acc": float(g), "loglik": ll} for ll, g in res])
+
+
+def score_mc(model, tokenizer, items: list[dict], max_len: int, batch_size: int = 16,
+             amp: str = "auto") -> dict:
+    """acc (argmax total log-likelihood) and acc_norm (argmax per character), per domain."""
+    pairs, owner = [], []
+    for k, x in enumerate(items):
+        ctx = tokenizer.encode(x["context"])
+        for c in x["choices"]:
+            pairs.append((ctx, tokenizer.encode(c)))
+            owner.append(k)
+    res = loglikelihoods(model, pairs, max_len, batch_size, amp)
+    per = []
+    pos = 0
+    for x in items:
+        lls = [res[pos + j][0] for j in range(len(x["choices"]))]
+        pos += len(x["choices"])
+        norm = [ll / len(c) for ll, c in zip(lls, x["choices"])]
+        per.append({"acc": float(max(range(len(lls)), key=lls.__getitem__) == x["gold"]),
+                    "acc_norm": float(max(range(len(norm)), key=norm.__getitem__) == x["gold"])})
+    return _summarise(items, per)
+
+
+def _summarise(items: list[dict], per: list[dict]) -> dict:
+    keys = [k for k in per[0] if k != "loglik"] if per else []
+    out = {"n": len(items)}
+    for k in keys:
+        out[k] = sum(p[k] for p in per) / len(per)
+    by = defaultdict(list)
+    for x, p in zip(items, per):
+        by[x.get("domain", "all")].append(p)
+    out["by_domain"] = {d: {"n": len(ps), **{k: sum(p[k] for p in ps) / len(ps) for k in keys}}
+                        for d, ps in sorted(by.items())}
+    return out
