@@ -114,15 +114,7 @@ class LLMEngine:
         prompt is empty, has ids outside the vocabulary or does not fit the context."""
         params = params or SamplingParams()
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                             f"{self.max_model_len}, leaving no room to generate")
+        ids = self.validate_prompt(prompt)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -132,6 +124,20 @@ class LLMEngine:
         self.detok[request_id] = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)
         return request_id
+
+    def validate_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids; ValueError if it is empty, has ids outside the vocabulary
+        or leaves no room in the context. Safe to call from another thread."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
+                             f"{self.max_model_len}, leaving no room to generate")
+        return ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its pages; None if it is unknown or already done."""

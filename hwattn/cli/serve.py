@@ -1,0 +1,103 @@
+"""`hwattn serve`: the OpenAI-compatible server over one model (optionally tensor-parallel)."""
+
+from __future__ import annotations
+
+import argparse
+
+from hwattn.config import PRESETS
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine options shared by `hwattn serve` and the benchmarks."""
+    p.add_argument("--attention", default=None,
+                   help="variant for presets: mha, mqa, gqa-4, gta-4, mla, gla-2, ... (default mha)")
+    p.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 on CUDA)")
+    p.add_argument("--device", default="auto", help="cuda | cpu | auto")
+    p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="tensor-parallel ranks (processes; NCCL on GPUs, gloo on CPU)")
+    p.add_argument("--page-size", type=int, default=64, help="tokens per KV page (default 64)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="prompt tokens prefilled per step at most (chunked prefill)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: model's)")
+    p.add_argument("--memory-budget", default=None,
+                   help="KV-cache bytes per rank (e.g. 2e9) or a fraction of free GPU memory (0.85)")
+    p.add_argument("--speculative", default=None,
+                   help="'ngram' or a draft-model checkpoint directory")
+    p.add_argument("--num-speculative-tokens", type=int, default=3, help="k drafts per step")
+    p.add_argument("--seed", type=int, default=0, help="weights of presets and unseeded requests")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt pages")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="presets only: override the model's max_seq_len (RoPE table)")
+
+
+def parse_budget(text):
+    if text is None:
+        return None
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"memory_budget must be positive, got {text}")
+    return value if value <= 1 else int(value)
+
+
+def engine_from_args(args):
+    from hwattn.engine import create_engine
+
+    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
+    return create_engine(args.model, attention=args.attention, dtype=args.dtype,
+                         device=args.device, tensor_parallel_size=args.tp,
+                         page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+                         max_num_batched_tokens=args.max_num_batched_tokens,
+                         memory_budget=parse_budget(args.memory_budget),
+                         max_model_len=args.max_model_len, speculative=args.speculative,
+                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+                         cuda_graphs=not args.no_cuda_graphs,
+                         enable_prefix_caching=not args.no_prefix_caching,
+                         model_overrides=overrides)
+
+
+def served_name(args) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model in PRESETS:
+        return f"{args.model}-{args.attention or 'mha'}"
+    return args.model.rstrip("/").split("/")[-1]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE)",
+                       description="Serve a checkpoint directory or a random-weight preset over "
+                                   "an OpenAI-compatible API: /v1/completions, "
+                                   "/v1/chat/completions, /v1/models, /health, /metrics.")
+    p.add_argument("model", help=f"checkpoint directory or preset {tuple(PRESETS)}")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", default=None,
+                   help="name clients pass as `model` (default: preset-variant or directory name)")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from hwattn.server.app import build_app
+    except ImportError as err:
+        raise ValueError(f"serving needs fastapi and uvicorn: pip install 'hwattn[serve]' ({err})")
+    from hwattn.server.async_engine import AsyncEngine
+
+    engine = engine_from_args(args)
+    name = served_name(args)
+    print(f"hwattn serve: {name} ({engine.model_config.label}, TP={engine.tensor_parallel_size}, "
+          f"{engine.block_manager.num_usable_pages} pages of {engine.block_manager.page_size} "
+          f"tokens, {engine.kv_bytes_per_token} KV bytes/token/rank) on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(build_app(AsyncEngine(engine), name), host=args.host, port=args.port,
+                    log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0

@@ -1,0 +1,137 @@
+"""The engine loop in a background thread, fed and drained from asyncio.
+
+The HTTP handlers never touch the `LLMEngine` directly while it steps: new requests and
+aborts go into queues that the engine thread takes between steps, and each step's outputs
+are handed back to the requests' asyncio queues with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+
+from hwattn.engine.llm_engine import LLMEngine
+from hwattn.engine.sampling_params import SamplingParams
+from hwattn.engine.sequence import RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request."""
+
+
+class AsyncEngine:
+    """Runs `engine.step()` in a thread; `generate` streams a request's outputs."""
+
+    def __init__(self, engine: LLMEngine, rate_window_s: float = 10.0):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._adds: deque = deque()
+        self._aborts: deque[str] = deque()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._window = rate_window_s
+        self._history: deque[tuple[float, int]] = deque()
+        self.snapshot = engine.stats()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="hwattn-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+        """Yield this request's `RequestOutput` after every step that advanced it, the last one
+        finished. Leaving the loop early (client gone, task cancelled) aborts the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._queues[request_id] = (loop, queue)
+            self._adds.append((request_id, prompt_ids, params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, Exception):
+                    finished = True
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+            with self._lock:
+                self._queues.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last `rate_window_s` seconds."""
+        with self._lock:
+            if len(self._history) < 2:
+                return 0.0
+            (t0, n0), (t1, n1) = self._history[0], self._history[-1]
+        return (n1 - n0) / max(time.perf_counter() - t0, t1 - t0, 1e-9)
+
+    def _send(self, request_id: str, item) -> None:
+        target = self._queues.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            with self._lock:
+                adds, self._adds = list(self._adds), deque()
+                aborts, self._aborts = list(self._aborts), deque()
+            for request_id, ids, params in adds:
+                try:
+                    engine.add_request(ids, params, request_id=request_id)
+                except ValueError as err:
+                    self._send(request_id, err)
+            for request_id in aborts:
+                engine.abort_request(request_id)
+            if engine.has_unfinished():
+                try:
+                    outputs = engine.step()
+                except Exception as err:  # noqa: BLE001 - fail the requests, keep serving
+                    log.exception("engine step failed")
+                    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+                        engine.abort_request(seq.request_id)
+                        self._send(seq.request_id, EngineError(f"engine step failed: {err}"))
+                    outputs = []
+                with self._lock:
+                    for out in outputs:
+                        self._send(out.request_id, out)
+                    self._record()
+            else:
+                with self._lock:
+                    self._record()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+
+    def _record(self) -> None:
+        now = time.perf_counter()
+        self.snapshot = self.engine.stats()
+        self._history.append((now, self.snapshot["generation_tokens"]))
+        while self._history and now - self._history[0][0] > self._window:
+            self._history.popleft()
