@@ -1,7 +1,7 @@
 """`hwattn bench decode`: the paged decode kernels against the roofline and baselines.
 
-For each variant and (B, L, L_q, page size): the median kernel time (CUDA events, after warm-up,
-L2 flushed before every call by `triton.testing.do_bench`), GB/s on the fewest bytes the step
+For each variant and (B, L, L_q, page size): the median kernel time (CUDA events around CUDA-graph
+replays, after warm-up, L2 flushed before every call by `triton.testing.do_bench`), GB/s on the fewest bytes the step
 must read (the layer's `decode_bytes`: the cache once, q and out), TFLOP/s (`decode_flops`),
 arithmetic intensity, the roofline time from the copy bandwidth and bf16 matmul rate measured
 in the same run, the % of that roofline reached, and the speed-up over PyTorch SDPA on the
@@ -186,6 +186,14 @@ class Inputs:
             self.q = torch.randn(batch, l_q, h_q, d_qk, device=device, dtype=torch.bfloat16)
         self.softmax_scale = 1 / math.sqrt(d_qk)
 
+    def min_piece(self) -> int:
+        from hwattn.ops import triton_decode
+
+        if self.tied:
+            return triton_decode.min_piece(self.q_nope, self.kv_cache, self.kv_cache,
+                                           self.rope_cache, True)
+        return triton_decode.min_piece(self.q, self.k_cache, self.v_cache, None, False)
+
     def kernel(self, plan, config):
         from hwattn.ops import triton_decode
 
@@ -238,6 +246,25 @@ class Inputs:
         return fn, unpack
 
 
+def _graphed(torch, fn):
+    """(callable, how): replaying a CUDA graph of `fn` keeps the host's launch cost out of the
+    timed window (as the engine runs decode); eager if capture fails."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # warm-up on a side stream, as capture requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph.replay, "graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return fn, "eager"
+
+
 def _sdpa_bytes(case: dict, h_q: int, h_kv: int, widths: tuple[int, int]) -> int:
     """GPU memory the SDPA baseline needs: gathered bf16 K and V, and fp32 scores should it
     fall back to the math kernel."""
@@ -269,17 +296,16 @@ def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda") -> di
     for config in [default, *configs]:
         _, head_blocks, _ = _head_layout(h_q // h_kv, l_q, config.max_rows)
         plan = plan_decode(inputs.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=case["page"],
-                           head_blocks=head_blocks)
+                           head_blocks=head_blocks, min_piece=inputs.min_piece())
         fn = inputs.kernel(plan, config)
         try:
             out = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
+            timed, how = _graphed(torch, fn) if device == "cuda" else (fn, "eager")
         except Exception as err:  # a tile config the GPU cannot hold (shared memory, registers)
             timings[str(config)] = dict(error=f"{type(err).__name__}: {str(err)[:120]}")
             continue
-        ms = do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
-        timings[str(config)] = dict(us=ms * 1e3, splits=plan.capacity, out=out)
+        ms = do_bench(timed, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+        timings[str(config)] = dict(us=ms * 1e3, splits=plan.capacity, out=out, timing=how)
     ok = {k: v for k, v in timings.items() if "us" in v}
     if not ok:
         raise RuntimeError(f"no kernel config ran: {timings}")
@@ -288,7 +314,7 @@ def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda") -> di
     us = best["us"]
     row.update(us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, AI=flops / nbytes,
                roofline_us=roofline_us, pct_roofline=100 * roofline_us / us, bytes=nbytes,
-               flops=flops, config=best_key, items=best["splits"],
+               flops=flops, config=best_key, items=best["splits"], timing=best["timing"],
                configs={k: round(v["us"], 2) if "us" in v else v["error"] for k, v in timings.items()})
 
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2**34
@@ -297,7 +323,8 @@ def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda") -> di
         try:
             ref = unpack(sdpa()).float()
             err = ((best["out"].float() - ref).norm() / ref.norm()).item()
-            sdpa_ms = do_bench(sdpa, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+            timed, _ = _graphed(torch, sdpa) if device == "cuda" else (sdpa, "eager")
+            sdpa_ms = do_bench(timed, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
             row.update(sdpa_us=sdpa_ms * 1e3, speedup_sdpa=sdpa_ms * 1e3 / us, check_rel_err=err)
         except torch.OutOfMemoryError:
             row.update(sdpa_us=None, note="SDPA baseline out of memory")

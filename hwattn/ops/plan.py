@@ -22,8 +22,8 @@ from torch import Tensor
 
 # Pieces start on multiples of this many tokens, a multiple of every kernel's token block.
 PIECE_ALIGN = 64
-# Each piece of a split sequence covers at least this many tokens, so the partial written per
-# piece stays small next to the cache bytes the piece reads.
+# Default shortest piece of a split sequence, so the partial written per piece stays small
+# next to the cache bytes the piece reads (the kernels' launcher passes a shape-aware value).
 MIN_PIECE = 256
 # Programs in flight per SM that the planner aims for (two hide most of the load latency).
 PROGRAMS_PER_SM = 2
@@ -70,7 +70,8 @@ def _device_sms(device: torch.device) -> int:
 
 def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
                 page_size: int = 64, num_sms: int | None = None, head_blocks: int = 1,
-                split_tokens: int | None = None, out: DecodePlan | None = None) -> DecodePlan:
+                min_piece: int = MIN_PIECE, split_tokens: int | None = None,
+                out: DecodePlan | None = None) -> DecodePlan:
     """Split-KV schedule for one decode step (reads `cache_seqlens` on the host once).
 
     Args:
@@ -80,6 +81,8 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
         query_len: L_q of the step; every length must be at least this.
         page_size: the cache's page size; must be positive (pieces are aligned to 64 tokens).
         num_sms: multiprocessors to fill; default: the device's (132 on CPU).
+        min_piece: shortest piece worth its partial output (tokens, default 256); wide partials
+            (MLA: 128 heads × 512 fp32 per piece) call for longer pieces.
         split_tokens: force pieces of this many tokens (a multiple of 64), e.g. to test the
             combine path; default: decided from the lengths.
         out: a previous plan of the same batch to refresh in place (CUDA graph replay); the new
@@ -91,7 +94,8 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
         raise ValueError(f"cache_seqlens must be (B,) int32, got {tuple(cache_seqlens.shape)} "
                          f"{cache_seqlens.dtype}")
     for name, value in (("num_heads_kv", num_heads_kv), ("query_len", query_len),
-                        ("page_size", page_size), ("head_blocks", head_blocks)):
+                        ("page_size", page_size), ("head_blocks", head_blocks),
+                        ("min_piece", min_piece)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     if split_tokens is not None and (split_tokens <= 0 or split_tokens % PIECE_ALIGN):
@@ -115,7 +119,7 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
         capacity = batch
     else:
         wanted = math.ceil(PROGRAMS_PER_SM * sms / per_item)  # items that fill the GPU
-        chunk = max(MIN_PIECE, -(-sum(lengths) // wanted))
+        chunk = max(min_piece, -(-sum(lengths) // wanted))
         # round() keeps the count within wanted + B/2; capacity B + wanted always holds it.
         pieces = [_pieces(n, max(1, round(n / chunk))) for n in lengths]
         capacity = batch + wanted

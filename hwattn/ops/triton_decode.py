@@ -23,7 +23,7 @@ from hwattn.ops.kernels import interpreter
 from hwattn.ops.kernels.attend import attend_kernel
 from hwattn.ops.kernels.combine import combine_kernel
 from hwattn.ops.kernels.store import store_kernel
-from hwattn.ops.plan import DecodePlan, plan_decode
+from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN, DecodePlan, plan_decode
 
 __all__ = ["KernelConfig", "choose_config", "decode", "decode_tied", "plan_decode", "store_kv"]
 
@@ -58,16 +58,21 @@ if _interpreting():
 
 
 def choose_config(d_pad: int, query_len: int, group: int, tied: bool) -> KernelConfig:
-    """Tile shape for a head width (padded to a power of two), L_q and g_q."""
+    """Tile shape for a head width (padded to a power of two), L_q and g_q.
+
+    Picked from compile reports (benchmarks/decode_compile.py: no spills, 2-3 tiles in flight)
+    and H100 timings (benchmarks/notes_decode.md).
+    """
     if _interpreting():
         return KernelConfig(block_n=16, num_warps=4, num_stages=1, max_rows=128)
     if d_pad >= 512:  # MLA-like: 64 rows × 512 fp32 accumulators already fill 8 warps
-        return KernelConfig(block_n=32, num_warps=8, num_stages=2, max_rows=64)
+        return KernelConfig(block_n=32, num_warps=8, num_stages=3, max_rows=64)
     rows = min(group * query_len, 128)
     if d_pad >= 256:  # GLA-like
-        return KernelConfig(block_n=64 if rows <= 64 else 32, num_warps=8, num_stages=2,
-                            max_rows=128)
-    return KernelConfig(block_n=64, num_warps=4 if rows <= 64 else 8, num_stages=3, max_rows=128)
+        if rows <= 64:
+            return KernelConfig(block_n=64, num_warps=8, num_stages=3, max_rows=128)
+        return KernelConfig(block_n=32, num_warps=8, num_stages=3, max_rows=128)
+    return KernelConfig(block_n=64, num_warps=4 if rows <= 64 else 8, num_stages=4, max_rows=128)
 
 
 def _head_layout(group: int, query_len: int, max_rows: int) -> tuple[int, int, int]:
@@ -76,6 +81,19 @@ def _head_layout(group: int, query_len: int, max_rows: int) -> tuple[int, int, i
     blocks = triton.cdiv(group, heads)
     block_m = max(16, triton.next_power_of_2(heads * query_len))
     return heads, blocks, block_m
+
+
+def min_piece(q: Tensor, k_cache: Tensor, v_cache: Tensor, rope_cache: Tensor | None,
+              tied: bool) -> int:
+    """Shortest split-KV piece (tokens) whose fp32 partial, written and read back, costs at most
+    a quarter of the cache bytes the piece reads."""
+    batch, query_len, n_heads, _ = q.shape
+    d_v = k_cache.shape[-1]
+    partial = 2 * n_heads * query_len * (d_v + 1) * 4
+    per_token = k_cache[0, 0].numel() * k_cache.element_size()
+    per_token += (rope_cache[0, 0].numel() * rope_cache.element_size() if tied
+                  else v_cache[0, 0].numel() * v_cache.element_size())
+    return max(MIN_PIECE, -(-4 * partial // per_token // PIECE_ALIGN) * PIECE_ALIGN)
 
 
 def _check_kernel_dtypes(**tensors: Tensor) -> None:
@@ -101,7 +119,8 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
     heads, head_blocks, block_m = _head_layout(group, query_len, config.max_rows)
     if plan is None:
         plan = plan_decode(cache_seqlens, num_heads_kv=n_kv, query_len=query_len,
-                           page_size=page_size, head_blocks=head_blocks)
+                           page_size=page_size, head_blocks=head_blocks,
+                           min_piece=min_piece(q, k_cache, v_cache, rope_cache, tied))
     elif plan.batch != batch or plan.items.device != q.device:
         raise ValueError(f"plan was made for B={plan.batch} on {plan.items.device}, "
                          f"not B={batch} on {q.device}")
