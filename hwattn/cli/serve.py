@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt pages")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="presets only: override the model's max_seq_len (RoPE table)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch intra-op threads on CPU (default torch's; 1 is fastest for tiny "
+                        "models on a busy machine)")
 
 
 def parse_budget(text):
@@ -42,8 +45,12 @@ def parse_budget(text):
 
 
 def engine_from_args(args):
+    import torch
+
     from hwattn.engine import create_engine
 
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
     return create_engine(args.model, attention=args.attention, dtype=args.dtype,
                          device=args.device, tensor_parallel_size=args.tp,

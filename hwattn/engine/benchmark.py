@@ -1,0 +1,258 @@
+"""Measurements of the engine shared by `hwattn bench engine` and `benchmarks/serving_study.py`.
+
+- `run_offline`: submit a batch of requests at once and run them to completion, timing every
+  step: output throughput, TTFT, inter-token latency (per decode step), TPOT, end-to-end.
+- `decode_breakdown`: one decode step of B sequences at context L, split into the step's wall
+  time, the device time of the model's forward, and the device time of the attention kernels
+  alone (the same `hwattn.ops` calls every layer makes, timed standalone), hence the share of
+  the step spent outside the attention kernels and outside any kernel at all.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hwattn import ops
+from hwattn.engine.model_runner import StepInput
+from hwattn.engine.sampling_params import SamplingParams
+from hwattn.layers import GroupedQueryAttention, GroupedTiedAttention, LatentAttention
+
+
+def summary(values: list[float]) -> dict:
+    """mean / median / p99 / min / max of a list (empty -> zeros)."""
+    if not values:
+        return dict(mean=0.0, median=0.0, p99=0.0, min=0.0, max=0.0, n=0)
+    s = sorted(values)
+    p99 = s[min(len(s) - 1, max(0, round(0.99 * (len(s) - 1))))]
+    return dict(mean=statistics.fmean(s), median=statistics.median(s), p99=p99, min=s[0],
+                max=s[-1], n=len(s))
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_prompts(n: int, length: int | tuple[int, int], vocab: int, seed: int = 0,
+                   repetitive: bool = False) -> list[list[int]]:
+    """`n` prompts of token ids, lengths fixed or uniform in [lo, hi]. `repetitive`: each is a
+    short random phrase (16-48 tokens) repeated, the kind of text n-gram drafting exploits."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        m = length if isinstance(length, int) else int(torch.randint(length[0], length[1] + 1, (1,),
+                                                                     generator=g))
+        if repetitive:
+            phrase = torch.randint(0, vocab, (int(torch.randint(16, 49, (1,), generator=g)),),
+                                   generator=g).tolist()
+            out.append((phrase * (m // len(phrase) + 1))[:m])
+        else:
+            out.append(torch.randint(0, vocab, (m,), generator=g).tolist())
+    return out
+
+
+@dataclass
+class OfflineResult:
+    requests: int
+    prompt_tokens: int
+    output_tokens: int
+    wall_s: float
+    prefill_s: float
+    decode_s: float
+    ttft_s: dict
+    itl_s: dict
+    tpot_s: dict
+    e2e_s: dict
+    decode_steps: int
+    accepted_per_step: float
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.output_tokens / self.decode_s if self.decode_s else 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.update(output_tokens_per_s=self.output_tokens_per_s,
+                 decode_tokens_per_s=self.decode_tokens_per_s)
+        return d
+
+
+def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: float = 0.0,
+                progress: bool = False) -> OfflineResult:
+    """Submit every prompt at once (ignore_eos, no detokenization) and run to completion.
+
+    ITL is the wall time of each decode step (every running request gets its next token(s)
+    from it); TPOT is per request, (finish - first token) / (tokens - 1).
+    """
+    params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True,
+                            detokenize=False, seed=0)
+    counters0 = dict(engine.counters)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts) * output_len, desc="tokens", unit="tok", leave=False)
+        except ImportError:
+            bar = None
+    start = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    step_times, prefill_s, decode_s = [], 0.0, 0.0
+    finished = {}
+    while engine.has_unfinished():
+        kind_before = engine.counters["prefill_steps"]
+        t0 = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t0
+        if engine.counters["prefill_steps"] > kind_before:
+            prefill_s += dt
+        else:
+            decode_s += dt
+            step_times.append(dt)
+        for out in outs:
+            if out.finished:
+                finished[out.request_id] = out
+        if bar is not None:
+            bar.update(engine.counters["generation_tokens"] - bar.n - counters0["generation_tokens"])
+    wall = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    outs = [finished[i] for i in ids]
+    ttft = [o.first_token_time - o.arrival_time for o in outs]
+    e2e = [o.finish_time - o.arrival_time for o in outs]
+    tpot = [(o.finish_time - o.first_token_time) / (len(o.token_ids) - 1) for o in outs
+            if len(o.token_ids) > 1]
+    steps = engine.counters["decode_steps"] - counters0["decode_steps"]
+    accepted = engine.counters["accepted_tokens"] - counters0["accepted_tokens"]
+    return OfflineResult(len(prompts), sum(len(p) for p in prompts),
+                         sum(len(o.token_ids) for o in outs), wall, prefill_s, decode_s,
+                         summary(ttft), summary(step_times), summary(tpot), summary(e2e), steps,
+                         accepted / steps if steps else 0.0)
+
+
+class _Timer:
+    """Device time of a callable: CUDA events on GPU, wall clock elsewhere (seconds)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self, fn, iters: int = 10, warmup: int = 2) -> float:
+        for _ in range(warmup):
+            fn()
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(iters):
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return statistics.median(times)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def attention_calls(model, batch: int, query_len: int, caches, block_table, seqlens, plan,
+                    backend: str = "auto"):
+    """A function that makes, for every layer, the paged decode-op call that layer makes at
+    this shape, on random queries (absorbed widths for MLA/GLA)."""
+    calls = []
+    gen = torch.Generator(device=block_table.device).manual_seed(0)
+    for blk, cache in zip(model.layers, caches):
+        attn = blk.attn
+        w = next(attn.parameters())
+        kw = dict(device=w.device, dtype=w.dtype, generator=gen)
+        h = attn.n_heads
+        if isinstance(attn, GroupedQueryAttention):
+            q = torch.randn(batch, query_len, h, attn.head_dim, **kw)
+            calls.append(lambda q=q, c=cache, a=attn: ops.decode(
+                q, c[0], c[1], block_table, seqlens, softmax_scale=a.scale, plan=plan,
+                backend=backend))
+        elif isinstance(attn, GroupedTiedAttention):
+            qn = torch.randn(batch, query_len, h, attn.nope_dim, **kw)
+            qr = torch.randn(batch, query_len, h, attn.rope_dim, **kw)
+            calls.append(lambda qn=qn, qr=qr, c=cache, a=attn: ops.decode_tied(
+                qn, qr, c[0], c[1], block_table, seqlens, softmax_scale=a.scale, plan=plan,
+                backend=backend))
+        elif isinstance(attn, LatentAttention):
+            qn = torch.randn(batch, query_len, h, attn.latent_dim, **kw)
+            qr = torch.randn(batch, query_len, h, attn.rope_dim, **kw)
+            calls.append(lambda qn=qn, qr=qr, c=cache, a=attn: ops.decode_tied(
+                qn, qr, c[0], c[1], block_table, seqlens, softmax_scale=a.scale, plan=plan,
+                backend=backend))
+
+    def run():
+        for call in calls:
+            call()
+    return run
+
+
+@torch.inference_mode()
+def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> dict:
+    """Time one decode step of `batch` sequences with `context_len` cached tokens each.
+
+    Uses pages straight from the pool (the engine must be idle) and gives them back.
+    Returns seconds: step_wall (host included: metadata, graph replay or eager forward),
+    forward_device (the model's forward on the device), attention (the attention kernels of
+    every layer alone), and derived shares.
+    """
+    runner = getattr(engine.runner, "runner", engine.runner)
+    bm = engine.block_manager
+    if engine.has_unfinished():
+        raise RuntimeError("decode_breakdown needs an idle engine")
+    per_seq = -(-context_len // bm.page_size)
+    if per_seq * batch > bm.num_free_pages:
+        raise ValueError(f"{batch} sequences of {context_len} tokens need {per_seq * batch} pages; "
+                         f"the pool has {bm.num_free_pages} free")
+    pages = [bm._take_free_page() for _ in range(per_seq * batch)]
+    try:
+        tables = [pages[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, engine.model_config.vocab_size, (batch, 1), generator=g).tolist()
+        step = StepInput("decode", tokens, [context_len - 1] * batch, tables)
+        device = runner.device
+        timer = _Timer(device)
+
+        def wall():
+            t0 = time.perf_counter()
+            runner.execute(step)
+            _sync(device)
+            return time.perf_counter() - t0
+
+        runner.execute(step)
+        _sync(device)
+        step_wall = statistics.median(wall() for _ in range(iters))
+        size = runner._graph_for(batch, 1, step) if getattr(runner, "graphs", None) else None
+        if size is not None:  # the captured forward alone, its inputs already in place
+            forward_device = timer(runner.graphs[(size, 1)][0].replay, iters)
+        else:
+            forward_device = timer(lambda: runner.execute(step), iters)
+        table = runner._table(tables).to(device)
+        seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
+        seqlens = seqlens_host.to(device)
+        plan = runner._plan(seqlens_host, 1)
+        attention = timer(attention_calls(runner.model, batch, 1, runner.kv_caches, table, seqlens,
+                                          plan, runner.backend), iters)
+    finally:
+        for p in pages:
+            bm._release(p)
+    graphs = bool(getattr(runner, "graphs", None))
+    return dict(batch=batch, context_len=context_len, cuda_graphs=graphs,
+                graph_error=getattr(runner, "graph_error", None),
+                step_wall_s=step_wall, forward_device_s=forward_device, attention_s=attention,
+                attention_share=attention / step_wall,
+                outside_attention_share=1 - attention / step_wall,
+                host_overhead_share=max(0.0, 1 - forward_device / step_wall))
