@@ -256,3 +256,81 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
                 attention_share=attention / step_wall,
                 outside_attention_share=1 - attention / step_wall,
                 host_overhead_share=max(0.0, 1 - forward_device / step_wall))
+
+
+@torch.inference_mode()
+def graph_consistency(engine, batch: int = 4, context: int = 96) -> dict | None:
+    """Logits of one decode step through the captured CUDA graph against the same step run
+    eagerly (None without graphs): max |difference| relative to max |logit|, and the share of
+    rows whose argmax agrees. Uses pool pages directly (the engine must be idle)."""
+    runner = getattr(engine.runner, "runner", engine.runner)
+    if not getattr(runner, "graphs", None):
+        return None
+    bm = engine.block_manager
+    per_seq = -(-(context + 1) // bm.page_size)
+    pages = [bm._take_free_page() for _ in range(per_seq * batch)]
+    try:
+        tables = [pages[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
+        prompts = random_prompts(batch, context, engine.model_config.vocab_size, seed=1)
+        runner.execute(StepInput("prefill", prompts, [0] * batch, tables))
+        step = StepInput("decode", [[p[-1]] for p in prompts], [context] * batch, tables)
+        with_graph = runner.execute(step).float().clone()
+        graphs, runner.graphs = runner.graphs, {}
+        try:
+            eager = runner.execute(step).float()
+        finally:
+            runner.graphs = graphs
+    finally:
+        for p in pages:
+            bm._release(p)
+    diff = (with_graph - eager).abs().max().item() / max(eager.abs().max().item(), 1e-30)
+    agree = (with_graph.argmax(-1) == eager.argmax(-1)).float().mean().item()
+    return dict(rel_max_diff=diff, argmax_agreement=agree)
+
+
+def rank_attention_time(label: str, tp: int, batch: int, context: int, preset: str = "xl",
+                        page_size: int = 64, dtype=torch.bfloat16, device="cuda",
+                        iters: int = 20) -> dict:
+    """Time one layer's paged decode call at the shape one rank of a `tp`-way split runs.
+
+    Returns the local (query, cached) heads, KV bytes per token per layer on the rank, the
+    kernel time and the bandwidth it reaches on the bytes the cache holds.
+    """
+    from hwattn.config import ModelConfig, parse_variant
+    from hwattn.layers import build_attention
+
+    cfg = ModelConfig.from_preset(preset, **parse_variant(label))
+    layer = build_attention(cfg, device=torch.device("meta"))
+    n_q, n_c = layer.local_heads(tp)
+    pages_per_seq = -(-context // page_size)
+    n_pages = batch * pages_per_seq + 1
+    g = torch.Generator(device=device).manual_seed(0)
+    kw = dict(dtype=dtype, device=device)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, **kw)
+
+    table = torch.arange(1, n_pages, dtype=torch.int32, device=device).view(batch, pages_per_seq)
+    seqlens = torch.full((batch,), context, dtype=torch.int32)
+    plan = ops.plan_decode(seqlens, num_heads_kv=n_c, query_len=1, page_size=page_size,
+                           num_sms=torch.cuda.get_device_properties(device).multi_processor_count
+                           if torch.device(device).type == "cuda" else None)
+    if plan is not None and torch.device(device).type != "cpu":
+        plan.items, plan.splits = plan.items.to(device), plan.splits.to(device)
+    seqlens = seqlens.to(device)
+    if isinstance(layer, GroupedQueryAttention):
+        q = rnd(batch, 1, n_q, cfg.head_dim)
+        k, v = rnd(n_pages, page_size, n_c, cfg.head_dim), rnd(n_pages, page_size, n_c, cfg.head_dim)
+        call = lambda: ops.decode(q, k, v, table, seqlens, plan=plan)  # noqa: E731
+    else:
+        width = cfg.head_dim if isinstance(layer, GroupedTiedAttention) else cfg.latent_dim
+        d_nope = cfg.head_dim - cfg.rope_dim if isinstance(layer, GroupedTiedAttention) else width
+        qn, qr = rnd(batch, 1, n_q, d_nope), rnd(batch, 1, n_q, cfg.rope_dim)
+        kv, rope = rnd(n_pages, page_size, n_c, width), rnd(n_pages, page_size, cfg.rope_dim)
+        call = lambda: ops.decode_tied(qn, qr, kv, rope, table, seqlens, plan=plan,  # noqa: E731
+                                       softmax_scale=layer.scale)
+    seconds = _Timer(device)(call, iters)
+    per_token = layer.kv_bytes_per_token(tp, dtype)
+    return dict(variant=label, tp=tp, batch=batch, context=context, query_heads=n_q,
+                cached_heads=n_c, kv_bytes_per_token_layer=per_token, seconds=seconds,
+                gb_per_s=batch * context * per_token / seconds / 1e9)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -98,9 +99,12 @@ class ModelRunner:
         return model.output(model.norm(x))
 
     def _table(self, tables: list[list[int]], width: int | None = None) -> Tensor:
+        """(B, width) int32 block table, rows padded with the null page."""
         width = width or max(1, max(len(t) for t in tables))
-        rows = [t + [NULL_PAGE] * (width - len(t)) for t in tables]
-        return torch.tensor(rows, dtype=torch.int32)
+        out = np.full((len(tables), width), NULL_PAGE, dtype=np.int32)
+        for row, pages in zip(out, tables):
+            row[:len(pages)] = pages
+        return torch.from_numpy(out)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> Tensor | None:

@@ -60,13 +60,12 @@ class SamplingTensors:
 
     @classmethod
     def build(cls, params, seeds: list[int], positions: list[int], device) -> "SamplingTensors":
-        kw = dict(device=device)
-        return cls(torch.tensor([p.temperature if not p.greedy else 0.0 for p in params],
-                                dtype=torch.float32, **kw),
-                   torch.tensor([p.top_k for p in params], dtype=torch.int64, **kw),
-                   torch.tensor([p.top_p for p in params], dtype=torch.float32, **kw),
-                   torch.tensor(seeds, dtype=torch.int64, **kw),
-                   torch.tensor(positions, dtype=torch.int64, **kw),
+        # Two host-to-device copies: the float and the integer fields.
+        floats = torch.tensor([[0.0 if p.greedy else p.temperature for p in params],
+                               [p.top_p for p in params]], dtype=torch.float32).to(device)
+        ints = torch.tensor([[p.top_k for p in params], seeds, positions],
+                            dtype=torch.int64).to(device)
+        return cls(floats[0], ints[0], floats[1], ints[1], ints[2],
                    any(p.top_k > 0 or p.top_p < 1.0 for p in params),
                    all(p.greedy for p in params))
 
