@@ -69,9 +69,9 @@ def choose_config(d_pad: int, query_len: int, group: int, tied: bool) -> KernelC
         return KernelConfig(block_n=32, num_warps=8, num_stages=3, max_rows=64)
     rows = min(group * query_len, 128)
     if d_pad >= 256:  # GLA-like
-        if rows <= 64:
-            return KernelConfig(block_n=64, num_warps=8, num_stages=3, max_rows=128)
-        return KernelConfig(block_n=32, num_warps=8, num_stages=3, max_rows=128)
+        if rows <= 64:  # 4 warps: two programs per SM, each with two 32-token tiles in flight
+            return KernelConfig(block_n=32, num_warps=4, num_stages=3, max_rows=128)
+        return KernelConfig(block_n=64, num_warps=8, num_stages=3, max_rows=128)
     return KernelConfig(block_n=64, num_warps=4 if rows <= 64 else 8, num_stages=4, max_rows=128)
 
 
@@ -86,14 +86,14 @@ def _head_layout(group: int, query_len: int, max_rows: int) -> tuple[int, int, i
 def min_piece(q: Tensor, k_cache: Tensor, v_cache: Tensor, rope_cache: Tensor | None,
               tied: bool) -> int:
     """Shortest split-KV piece (tokens) whose fp32 partial, written and read back, costs at most
-    a quarter of the cache bytes the piece reads."""
+    half the cache bytes the piece reads (longer pieces would leave SMs idle at B = 1)."""
     batch, query_len, n_heads, _ = q.shape
     d_v = k_cache.shape[-1]
     partial = 2 * n_heads * query_len * (d_v + 1) * 4
     per_token = k_cache[0, 0].numel() * k_cache.element_size()
     per_token += (rope_cache[0, 0].numel() * rope_cache.element_size() if tied
                   else v_cache[0, 0].numel() * v_cache.element_size())
-    return max(MIN_PIECE, -(-4 * partial // per_token // PIECE_ALIGN) * PIECE_ALIGN)
+    return max(MIN_PIECE, -(-2 * partial // per_token // PIECE_ALIGN) * PIECE_ALIGN)
 
 
 def _check_kernel_dtypes(**tensors: Tensor) -> None:
@@ -155,12 +155,11 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if plan.may_split:
-        block_d = min(64, d_pad)
-        grid = (batch, triton.cdiv(query_len * n_heads, 8), triton.cdiv(d_v, block_d))
-        combine_kernel[grid](
+        block_d = min(128, d_pad)
+        combine_kernel[(batch, query_len * n_heads, triton.cdiv(d_v, block_d))](
             part_out, part_lse, plan.splits, out, lse, n_heads,
             *out.stride()[:3], *lse.stride()[:2],
-            L_Q=query_len, D_V=d_v, BLOCK_ROWS=8, BLOCK_D=block_d, num_warps=4,
+            L_Q=query_len, D_V=d_v, BLOCK_P=64, BLOCK_D=block_d, num_warps=4,
         )
     return out, lse
 
