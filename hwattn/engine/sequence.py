@@ -51,6 +51,7 @@ class Sequence:
                  seed: int, prompt: str | None = None):
         self.request_id = request_id
         self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)  # shared by every output: read-only
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -93,7 +94,7 @@ class Sequence:
         return self.status == Status.FINISHED
 
     def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.token_ids[:self.num_prompt_tokens],
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              self.text, self.output_token_ids, self.finish_reason,
                              self.num_prefix_hit, self.arrival_time, self.first_token_time,
                              self.finish_time)
