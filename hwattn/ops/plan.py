@@ -38,12 +38,15 @@ class DecodePlan:
     token axis: (sequence, first token, end token); sequence -1 marks an idle slot.
     splits: (B, 2) int32, (first item, number of items) of each sequence; a sequence's items
     are consecutive. Item i writes its partial into slot i of the partial buffers.
+    max_pieces: most items of one sequence (sizes the combine kernel's tile; a refreshed plan
+    that exceeds the tile a CUDA graph captured is still merged correctly, in more steps).
     """
 
     batch: int
     max_seqlen: int
     items: Tensor
     splits: Tensor
+    max_pieces: int = 1
 
     @property
     def capacity(self) -> int:
@@ -136,10 +139,11 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     rows.extend([(-1, 0, 0)] * (capacity - len(rows)))
     items = torch.tensor(rows, dtype=torch.int32)
     split_table = torch.tensor(splits, dtype=torch.int32)
+    max_pieces = max(len(p) for p in pieces)
     if out is None:
         device = cache_seqlens.device
-        return DecodePlan(batch, max(lengths), items.to(device), split_table.to(device))
+        return DecodePlan(batch, max(lengths), items.to(device), split_table.to(device), max_pieces)
     out.items.copy_(items, non_blocking=True)
     out.splits.copy_(split_table, non_blocking=True)
-    out.max_seqlen = max(lengths)
+    out.max_seqlen, out.max_pieces = max(lengths), max_pieces
     return out

@@ -66,7 +66,7 @@ def choose_config(d_pad: int, query_len: int, group: int, tied: bool) -> KernelC
     if _interpreting():
         return KernelConfig(block_n=16, num_warps=4, num_stages=1, max_rows=128)
     if d_pad >= 512:  # MLA-like: 64 rows × 512 fp32 accumulators already fill 8 warps
-        return KernelConfig(block_n=32, num_warps=8, num_stages=3, max_rows=64)
+        return KernelConfig(block_n=64, num_warps=8, num_stages=2, max_rows=64)
     rows = min(group * query_len, 128)
     if d_pad >= 256:  # GLA-like
         if rows <= 64:  # 4 warps: two programs per SM, each with two 32-token tiles in flight
@@ -156,10 +156,11 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
     )
     if plan.may_split:
         block_d = min(128, d_pad)
+        block_p = min(64, max(8, triton.next_power_of_2(plan.max_pieces)))
         combine_kernel[(batch, query_len * n_heads, triton.cdiv(d_v, block_d))](
             part_out, part_lse, plan.splits, out, lse, n_heads,
             *out.stride()[:3], *lse.stride()[:2],
-            L_Q=query_len, D_V=d_v, BLOCK_P=64, BLOCK_D=block_d, num_warps=4,
+            L_Q=query_len, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
         )
     return out, lse
 

@@ -147,3 +147,23 @@ def test_default_scale_and_no_lse():
     ref = ops.decode(q, k_cache, v_cache, table, seqlens, softmax_scale=0.125, backend="torch")
     assert isinstance(out, torch.Tensor)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_many_pieces_merge_in_several_steps():
+    """More pieces than the combine kernel's tile: it merges them over several steps."""
+    lengths, l_q, h_q, h_kv, dim, page = [1000, 130], 2, 4, 2, 64, 16
+    table, n_pool = paged_table(lengths, page)
+    k_cache, k_real = fill_cache((h_kv, dim), lengths, table, n_pool, page, torch.bfloat16)
+    v_cache, v_real = fill_cache((h_kv, dim), lengths, table, n_pool, page, torch.bfloat16)
+    q = torch.randn(2, l_q, h_q, dim).to(torch.bfloat16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    truth = attention_truth(q, [gather_truth(k_real, table, b, n) for b, n in enumerate(lengths)],
+                            [gather_truth(v_real, table, b, n) for b, n in enumerate(lengths)], 0.125)
+    baseline = ops.decode(q, k_cache, v_cache, table, seqlens, softmax_scale=0.125,
+                          return_lse=True, backend="torch")
+    plan = ops.plan_decode(seqlens.to(DEVICE), num_heads_kv=h_kv, query_len=l_q,
+                           split_tokens=FORCED_SPLIT)
+    assert plan.max_pieces == 16
+    got = ops.decode(*_on_device(q, k_cache, v_cache, table, seqlens), softmax_scale=0.125,
+                     return_lse=True, plan=plan, backend="triton")
+    _check("16 pieces", got, truth, baseline)
