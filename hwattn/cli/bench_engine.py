@@ -66,7 +66,7 @@ def run(args) -> int:
                         ("end-to-end", res.e2e_s)):
             print(f"  {name:18}{s['mean'] * ms:10.2f}{s['median'] * ms:10.2f}{s['p99'] * ms:10.2f}")
         if args.speculative:
-            print(f"  accepted drafts per decode step  {res.accepted_per_step:.2f}")
+            print(f"  draft tokens accepted            {res.acceptance_rate:.0%}")
         print(f"  decode step, B={brk['batch']} L={brk['context_len']} "
               f"(CUDA graphs: {'on' if brk['cuda_graphs'] else 'off'}):")
         print(f"    step wall {brk['step_wall_s'] * ms:.3f} ms | forward on device "

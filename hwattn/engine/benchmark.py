@@ -68,7 +68,7 @@ class OfflineResult:
     tpot_s: dict
     e2e_s: dict
     decode_steps: int
-    accepted_per_step: float
+    acceptance_rate: float  # accepted / proposed draft tokens (speculative decoding)
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -132,10 +132,11 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
             if len(o.token_ids) > 1]
     steps = engine.counters["decode_steps"] - counters0["decode_steps"]
     accepted = engine.counters["accepted_tokens"] - counters0["accepted_tokens"]
+    drafted = engine.counters["draft_tokens"] - counters0["draft_tokens"]
     return OfflineResult(len(prompts), sum(len(p) for p in prompts),
                          sum(len(o.token_ids) for o in outs), wall, prefill_s, decode_s,
                          summary(ttft), summary(step_times), summary(tpot), summary(e2e), steps,
-                         accepted / steps if steps else 0.0)
+                         accepted / drafted if drafted else 0.0)
 
 
 class _Timer:
