@@ -1,0 +1,43 @@
+"""Tokenizers: a checkpoint's tokenizer.json, the byte fallback, incremental detokenization."""
+
+from hwattn.engine import LLM, SamplingParams
+from hwattn.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer, chat_prompt, load_tokenizer
+
+
+def test_incremental_detokenizer_holds_back_split_utf8():
+    tok = ByteTokenizer(512)
+    ids = tok.encode("añb€")
+    detok, text = IncrementalDetokenizer(tok), []
+    for i in range(1, len(ids) + 1):
+        text.append(detok.step(ids[:i]))
+    assert "".join(text) == "añb€"
+    assert "\ufffd" not in "".join(text)
+    assert tok.decode([300, 256, 65]) == chr(32 + 300 % 95) + "A"  # eos prints nothing
+
+
+def test_checkpoint_tokenizer_json_is_used(checkpoints, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, "hello": 2, "world": 3}
+    vocab.update({f"w{i}": i for i in range(4, 2048)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = checkpoints("gqa-2")
+    tok.save(f"{path}/tokenizer.json")
+    try:
+        loaded = load_tokenizer(path, 2048)
+        assert loaded.encode("hello world") == [2, 3] and loaded.eos_token_id == 0
+        out = LLM(path, page_size=8, memory_budget=1 << 20).generate(
+            "hello world", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+        assert out.prompt_token_ids == [2, 3]
+        assert out.text == loaded.decode(out.token_ids)
+    finally:
+        import os
+
+        os.remove(f"{path}/tokenizer.json")
+
+
+def test_chat_template():
+    text = chat_prompt([{"role": "system", "content": "s"},
+                        {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert text == "<|system|>\ns\n<|user|>\nhi\n<|assistant|>\n"
