@@ -238,7 +238,7 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
         step_wall = statistics.median(wall() for _ in range(iters))
         size = runner._graph_for(batch, 1, step) if getattr(runner, "graphs", None) else None
         if size is not None:  # the captured forward alone, its inputs already in place
-            forward_device = timer(runner.graphs[(size, 1)][0].replay, iters)
+            forward_device = timer(runner.graphs[(size, 1)][0], iters)
         else:
             forward_device = timer(lambda: runner.execute(step), iters)
         table = runner._table(tables).to(device)

@@ -76,7 +76,7 @@ class ModelRunner:
                                                  device=self.device)
         first = next(iter(model.layers[0].attn.cache_layout(1).values()))
         self.cache_heads = first[0] if len(first) > 1 else 1
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (bucket, T) -> (replay, logits)
         self.graph_error: str | None = None
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else None)
@@ -180,12 +180,14 @@ class ModelRunner:
         return None
 
     def _capture(self, query_lens: tuple[int, ...]) -> None:
+        """Record one decode graph per (bucket, query length), largest bucket first so the
+        smaller ones reuse its memory pool. Any failure leaves decoding eager."""
         self.buckets = decode_buckets(self.max_num_seqs)
         width = pages_for(self.max_model_len, self.page_size)
         big = self.buckets[-1]
         self.static = {}
         self.plans = {}
-        pool = None
+        self._pool = None
         try:
             for t in query_lens:
                 ids = torch.zeros(big, t, dtype=torch.int64, device=self.device)
@@ -193,20 +195,30 @@ class ModelRunner:
                 lens = torch.full((big,), t, dtype=torch.int32, device=self.device)
                 self.static[t] = (ids, table, lens)
                 for size in reversed(self.buckets):
-                    with torch.inference_mode():
-                        self._static_forward(size, t)  # warm up (compiles kernels)
-                        torch.cuda.synchronize()
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool=pool):
-                            out = self._static_forward(size, t)
-                    pool = graph.pool()
-                    self.graphs[(size, t)] = (graph, out)
-            torch.cuda.synchronize()
+                    self.graphs[(size, t)] = self._record(
+                        lambda size=size, t=t: self._static_forward(size, t))
+            self._synchronize()
         except Exception as err:  # noqa: BLE001 - any capture failure means eager decoding
             self.graphs.clear()
             self.graph_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
-            torch.cuda.synchronize()
+            self._synchronize()
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _record(self, forward):
+        """Capture `forward` (a decode step over the static inputs) as a CUDA graph.
+        Returns (replay, output): calling `replay()` reruns it into `output`."""
+        with torch.inference_mode():
+            forward()  # warm up: compiles kernels, settles the allocator
+            self._synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = forward()
+        self._pool = graph.pool()
+        return graph.replay, out
 
     def _static_forward(self, size: int, t: int) -> Tensor:
         """The captured decode step: reads only the static tensors and the bucket's plan,
@@ -222,7 +234,7 @@ class ModelRunner:
     def _replay(self, size: int, batch: int, t: int, tokens: Tensor, seqlens: Tensor,
                 tables: list[list[int]]) -> Tensor:
         ids, table, lens = self.static[t]
-        graph, out = self.graphs[(size, t)]
+        replay, out = self.graphs[(size, t)]
         pad = size - batch
         ids[:batch].copy_(tokens)
         ids[batch:size].zero_()
@@ -231,5 +243,5 @@ class ModelRunner:
         lens[:size].copy_(host_lens)
         if self.plans.get((size, t)) is not None:
             self._plan(host_lens, t, out=self.plans[(size, t)])
-        graph.replay()
+        replay()
         return out[:batch]
