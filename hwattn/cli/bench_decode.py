@@ -70,7 +70,7 @@ def _targets() -> list[dict]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("decode", help="paged decode kernels: µs, GB/s, TFLOP/s, % of roofline",
+    p = sub.add_parser("decode", help="paged decode kernels: µs, GB/s, TFLOP/s, %% of roofline",
                        description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="\n".join(__doc__.splitlines()[2:]))
@@ -331,7 +331,8 @@ def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda") -> di
         del sdpa
     for name in EXTERNAL_KERNELS:
         anchor = ANCHORS_H100.get((name, case["variant"], l_q, length))
-        if anchor and b == 128 and h_q == 128 and case["page"] == 64 and case["tp"] == 1:
+        if (anchor and b == 128 and h_q == 128 and case["page"] == 64 and case["tp"] == 1
+                and args.cache_dtype == "bf16"):
             row[f"anchor_{name}_us"] = anchor
     return row
 
