@@ -225,7 +225,10 @@ class ModelRunner:
         which `_replay` refreshes in place before each replay."""
         ids, table, lens = self.static[t]
         if (size, t) not in self.plans:
-            self.plans[(size, t)] = self._plan(torch.full((size,), t, dtype=torch.int32), t)
+            # Planned for the longest context, so the captured combine tile fits the most
+            # pieces a refreshed plan will have (the grid depends only on B and heads).
+            longest = torch.full((size,), max(t, self.max_model_len), dtype=torch.int32)
+            self.plans[(size, t)] = self._plan(longest, t)
         meta = AttentionMetadata.for_step(table[:size], lens[:size], t, self.page_size,
                                           backend=self.backend)
         meta.plan = self.plans[(size, t)]
