@@ -320,6 +320,7 @@ def main(argv=None) -> int:
         if "spec_plain" in v:
             plain_spec = (v.pop("_spec_prompts"), v.pop("spec_plain"))
         doc["variants"].append(v)
+        save(args.out, doc, final=False)  # keep what is measured if the run is cut short
     itl = {v["variant"]: v["offline"]["itl_s"]["median"] for v in doc["variants"] if "offline" in v}
     ratios = {}
     if "gla-2" in itl and "mla" in itl:
@@ -351,12 +352,18 @@ def main(argv=None) -> int:
         gc.collect()
     doc["tp_rank_shapes"] = rank
     doc["wall_s"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving_study.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    (out / "serving_study.md").write_text(markdown(doc))
+    save(args.out, doc, final=True)
     print(markdown(doc), flush=True)
     return 0
+
+
+def save(folder: str, doc: dict, final: bool) -> None:
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = dict(doc, complete=final)
+    (out / "serving_study.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    if final:
+        (out / "serving_study.md").write_text(markdown(doc))
 
 
 if __name__ == "__main__":
