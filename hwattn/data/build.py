@@ -34,6 +34,8 @@ from hwattn.data.sources import sha256_file
 from hwattn.data.tokenizer import Tokenizer
 
 FORMAT = "hwattn-data-1"
+# Bumped whenever extraction or cleaning changes what a build contains (part of the build key).
+EXTRACT_VERSION = 2
 MANIFEST = "manifest.json"
 VAL_DOCS = "val_docs.jsonl.gz"
 
@@ -207,7 +209,7 @@ def up_to_date(out_dir: str | Path, build_key: str) -> bool:
 
 
 def build_key(inputs: dict, options: BuildOptions, tokenizer_spec: dict) -> str:
-    doc = {"format": FORMAT, "inputs": inputs, "options": asdict(options),
+    doc = {"format": FORMAT, "extract": EXTRACT_VERSION, "inputs": inputs, "options": asdict(options),
            "tokenizer": tokenizer_spec}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 

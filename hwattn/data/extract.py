@@ -129,7 +129,7 @@ def strip_rst(text: str) -> str:
                 continue
             skip_comment = True  # comment, target or substitution definition
             continue
-        if re.match(r"^\s+:[\w-]+:", line) and not s.startswith(":"):
+        if re.match(r"^\s+:[\w-]+:", line):  # a directive's option line
             continue
         out.append(line)
     text = "\n".join(out)
@@ -137,7 +137,7 @@ def strip_rst(text: str) -> str:
     text = _RST_LINK.sub(r"\1", text)
     text = re.sub(r"``([^`]+)``", r"\1", text)
     text = re.sub(r"`([^`]+)`_{0,2}", r"\1", text)
-    text = re.sub(r"::\s*$", ":", text, flags=re.M)
+    text = re.sub(r"::[ \t]*$", ":", text, flags=re.M)
     return text
 
 

@@ -137,12 +137,18 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
                    batch_size: int = 16, amp: str = "auto") -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the
     continuation given the context, and whether greedy decoding would produce it.
-    Contexts are cut from the left to fit `max_len` tokens in all."""
+
+    Contexts are cut from the left to fit `max_len` tokens in all; when a continuation alone
+    needs more, `max_len` is raised to hold it plus one context token (up to the model's
+    `max_seq_len`)."""
     device = next(model.parameters()).device
+    longest = max((len(c) for _, c in pairs), default=1)
+    limit = getattr(getattr(model, "config", None), "max_seq_len", None) or max_len
+    max_len = max(max_len, min(longest + 1, limit))
     rows = []
     for ctx, cont in pairs:
-        if not cont:
-            raise ValueError("continuation must not be empty")
+        if not cont or len(cont) > max_len:
+            raise ValueError(f"continuation must have 1..{max_len} tokens, got {len(cont)}")
         seq = (ctx + cont)[-(max_len + 1):]
         rows.append((seq[:-1], len(cont)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -154,16 +160,15 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
         for r, i in enumerate(idx):
             inp[r, :len(rows[i][0])] = torch.tensor(rows[i][0])  # right padding: causal, harmless
         with autocast_for(device, amp):
-            logits = model(inp.to(device))
-        logp = F.log_softmax(logits.float(), dim=-1).cpu()
+            logits = model(inp.to(device))  # (b, width, V)
         for r, i in enumerate(idx):
             seq, n_cont = rows[i]
             full = (pairs[i][0] + pairs[i][1])[-(max_len + 1):]
-            targets = torch.tensor(full[-n_cont:])
-            pos = torch.arange(len(seq) - n_cont, len(seq))
-            lp = logp[r, pos]  # (n_cont, V)
-            results[i] = (float(lp.gather(1, targets[:, None]).sum()),
-                          bool((lp.argmax(-1) == targets).all()))
+            targets = torch.tensor(full[-n_cont:], device=logits.device)
+            lp = F.log_softmax(logits[r, len(seq) - n_cont:len(seq)].float(), dim=-1)  # (n_cont, V)
+            ll = lp.gather(1, targets[:, None]).sum()
+            greedy = (lp.argmax(-1) == targets).all()
+            results[i] = (float(ll), bool(greedy))
     return results
 
 

@@ -52,16 +52,18 @@ class _AfterImport(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.loader.exec_module(module)
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _TransformersHook)]
         _register_quietly()
 
 
 class _TransformersHook(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of the top-level `transformers` package."""
+    """Finds nothing itself; wraps the loader of the top-level `transformers` package. It
+    stays installed until that loader has run: libraries often call
+    `importlib.util.find_spec("transformers")` only to ask whether it is installed."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "transformers":
+        if fullname != "transformers" or fullname in sys.modules:
             return None
-        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None:
             spec.loader = _AfterImport(spec.loader)

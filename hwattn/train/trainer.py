@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,9 @@ class TrainConfig:
     log_every: int = 10
     peak_tflops: float | None = None
     resume: bool = True
+    save_final: bool = True
+    plot: bool = True
+    model_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("seq_len", "batch_size", "accum_steps", "steps"):
@@ -96,14 +99,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The preset with the run's variant, the data's vocabulary (rounded up to 64) and a
-    context long enough for `seq_len`."""
+    """The preset with the run's variant, the data's vocabulary (rounded up to 64), a context
+    long enough for `seq_len`, and `model_overrides` (any `ModelConfig` field)."""
     from hwattn.config import PRESETS
 
     vocab = -(-vocab_size // 64) * 64
     max_len = max(cfg.seq_len, PRESETS[cfg.preset]["max_seq_len"])
-    return ModelConfig.from_preset(cfg.preset, **parse_variant(cfg.variant), vocab_size=vocab,
-                                   max_seq_len=max_len)
+    kwargs = {"vocab_size": vocab, "max_seq_len": max_len, **cfg.model_overrides}
+    return ModelConfig.from_preset(cfg.preset, **parse_variant(cfg.variant), **kwargs)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -198,10 +201,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | None = None,
-          dataset: TokenDataset | None = None, model: Transformer | None = None) -> dict:
-    """Run (or resume) `cfg`; returns a summary dict. `stop_after` ends the run after that
-    many optimizer steps of this call, checkpointing first (used to test resumption).
-    `model` reuses an already-built (e.g. compiled elsewhere) model instead of building one."""
+          dataset: TokenDataset | None = None, model: Transformer | None = None,
+          compiled=None) -> dict:
+    """Run (or resume) `cfg`; returns a summary dict (the trained model under "model").
+
+    `stop_after` ends the run after that many optimizer steps of this call, checkpointing
+    first (used to test resumption). `model` reuses an already-built model (re-initialised
+    from `cfg.seed`), and `compiled` a `torch.compile` wrapper of it, so that several runs of
+    one variant compile once."""
     world, rank, local_rank = _dist_env()
     distributed = world > 1
     device = resolve_device(cfg.device)
@@ -244,7 +251,9 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
     train_model = model
-    if cfg.compile:
+    if compiled is not None and state is None:
+        train_model = compiled
+    elif cfg.compile:
         train_model = torch.compile(model)
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -342,9 +351,10 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
             rec = evaluate(end)
             _append_jsonl(metrics_path, rec)
             summary["val"] = rec
-        save_training_checkpoint(ckpt, raw_model, optimizer, end, cfg, data.tokenizer)
-        summary["checkpoint"] = str(ckpt)
-        if end == cfg.steps:
+        if cfg.save_final or end < cfg.steps:
+            save_training_checkpoint(ckpt, raw_model, optimizer, end, cfg, data.tokenizer)
+            summary["checkpoint"] = str(ckpt)
+        if end == cfg.steps and cfg.plot:
             try:
                 from hwattn.train.plot import plot_loss
 

@@ -1,0 +1,99 @@
+"""`hwattn eval`: evaluate a checkpoint on a built dataset's held-out split."""
+
+from __future__ import annotations
+
+import json
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    import argparse
+
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity / bits per byte per domain, cloze, multiple "
+                                    "choice, recall probe, lm-eval tasks",
+                       description="Evaluates a checkpoint folder (from `hwattn train`) on the "
+                                   "held-out split of a dataset built by `hwattn data build`.")
+    p.add_argument("checkpoint", help="checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--seq-len", type=int, default=None, help="context length (default: the run's)")
+    p.add_argument("--ppl-tokens", type=int, help="held-out tokens per domain (default all)")
+    p.add_argument("--cloze", type=int, default=200, help="cloze items, 0 skips (default 200)")
+    p.add_argument("--mc", type=int, default=200, help="multiple-choice items, 0 skips (default 200)")
+    p.add_argument("--recall-pairs", type=int_tuple, default=(8, 32, 64),
+                   help="key-value pair counts of the recall probe (default 8,32,64)")
+    p.add_argument("--write-tasks", metavar="DIR", help="also write the cloze / MC items as JSONL")
+    p.add_argument("--lm-eval", action="append", default=[], metavar="NAME=FILE.jsonl",
+                   help="run lm-evaluation-harness on a local JSONL task (repeatable)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task sampling (default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from hwattn.data.loader import TokenDataset
+    from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
+    from hwattn.eval.tasks import write_jsonl
+    from hwattn.train.trainer import load_model, resolve_device
+
+    ckpt = Path(args.checkpoint)
+    model = load_model(ckpt, device=resolve_device(args.device))
+    data = TokenDataset(args.data)
+    if data.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the dataset's tokenizer has {data.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size}: --data does not match the checkpoint")
+    seq_len = args.seq_len
+    if seq_len is None:
+        run_cfg = ckpt.parent / "train_config.json"
+        seq_len = json.loads(run_cfg.read_text())["seq_len"] if run_cfg.is_file() else 256
+    cfg = EvalConfig(seq_len=seq_len, ppl_tokens=args.ppl_tokens, n_cloze=args.cloze, n_mc=args.mc,
+                     recall_pairs=args.recall_pairs, batch_size=args.batch_size, seed=args.seed)
+    tasks = build_tasks(data, cfg)
+    if args.write_tasks:
+        write_jsonl(tasks["cloze"], Path(args.write_tasks) / "cloze.jsonl")
+        write_jsonl(tasks["mc"], Path(args.write_tasks) / "mc.jsonl")
+    res = evaluate_model(model, data, cfg, tasks)
+    if args.lm_eval:
+        from hwattn.eval.lm_eval_adapter import HwattnLM, run_lm_eval
+
+        specs = {}
+        for spec in args.lm_eval:
+            name, sep, file = spec.partition("=")
+            if not sep or not name or not file:
+                raise ValueError(f"--lm-eval expects NAME=FILE.jsonl, got {spec!r}")
+            specs[name] = file
+        lm = HwattnLM(model=model, tokenizer=data.tokenizer, batch_size=args.batch_size,
+                      max_length=seq_len)
+        res["lm_eval"] = run_lm_eval(lm, specs)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{'domain':<14} {'tokens':>9} {'loss':>7} {'ppl':>9} {'bits/byte':>9}")
+    for dom, r in res["ppl"].items():
+        if dom != "average":
+            print(f"{dom:<14} {r['tokens']:>9,} {r['loss']:>7.4f} {r['ppl']:>9.2f} {r['bpb']:>9.4f}")
+    a = res["ppl"]["average"]
+    print(f"{'average':<14} {'':>9} {a['loss']:>7.4f} {a['ppl']:>9.2f} {a['bpb']:>9.4f}")
+    if "cloze" in res:
+        print(f"cloze (last word, greedy): {100 * res['cloze']['acc']:.1f}% of {res['cloze']['n']}")
+    if "mc" in res:
+        print(f"multiple choice (4-way): acc {100 * res['mc']['acc']:.1f}%, per-char norm "
+              f"{100 * res['mc']['acc_norm']:.1f}% of {res['mc']['n']}")
+    if "recall" in res:
+        r = res["recall"]
+        print("recall probe: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r.items()))
+    for name, vals in res.get("lm_eval", {}).items():
+        print(f"lm-eval {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in vals.items()))
+    return 0

@@ -1,0 +1,71 @@
+"""`hwattn train`: train one model on a built dataset (DDP under torchrun)."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    from hwattn.config import PRESETS
+
+    p = sub.add_parser("train", help="train one model on a dataset built by `hwattn data build`",
+                       description="AdamW (0.9, 0.95), weight decay 0.1 on matrices (not on norms "
+                                   "or the tied embedding), clipping 1.0, warm-up then cosine to "
+                                   "1% of the peak, bf16 autocast on GPU, optional torch.compile, "
+                                   "DDP when launched with torchrun. Checkpoints in <out>/checkpoint "
+                                   "are Hugging Face folders and resume exactly; metrics go to "
+                                   "<out>/metrics.jsonl and <out>/loss.png.")
+    p.add_argument("--data", required=True, help="dataset folder (from `hwattn data build`)")
+    p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS), help="model shape (default tiny)")
+    p.add_argument("--variant", default="mha", help="mha, mqa, gqa-4, gta-4, mla, gla-2, ... (default mha)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per GPU (default 16)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr / peak (default 0.01)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="autocast: auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-every", type=int, default=0, help="validation every N steps (default: end only)")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per domain")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
+    p.add_argument("--log-every", type=int, default=10, help="metrics record every N steps")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU "
+                                                     "(default 989 on CUDA = H100 bf16, none on CPU)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from hwattn.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(data=args.data, out=args.out, preset=args.preset, variant=args.variant,
+                      seq_len=args.seq_len, batch_size=args.batch_size, accum_steps=args.accum,
+                      steps=args.steps, lr=args.lr, warmup_steps=args.warmup,
+                      min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
+                      grad_clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
+                      compile=args.compile, eval_every=args.eval_every,
+                      eval_tokens=args.eval_tokens, ckpt_every=args.ckpt_every,
+                      log_every=args.log_every, peak_tflops=args.peak_tflops,
+                      resume=not args.no_resume)
+    res = train(cfg, progress=not args.json, log=(lambda *a: None) if args.json else print)
+    res.pop("model", None)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        val = res.get("val", {})
+        tps = res.get("steady_tokens_per_s")
+        mfu = res.get("steady_mfu")
+        print(f"{cfg.variant}: {res['params']:,} params, {res['tokens']:,} tokens"
+              + (f", val loss {val['val_loss']:.4f} ({val['val_bpb']:.3f} bits/byte)" if val else "")
+              + (f", {tps:,.0f} tok/s" if tps else "") + (f", MFU {100 * mfu:.1f}%" if mfu else ""))
+        print(f"checkpoint: {res['checkpoint']}")
+    return 0

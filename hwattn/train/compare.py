@@ -1,0 +1,233 @@
+"""`hwattn compare`: the whole loop for every variant at one scale, side by side.
+
+For each variant: train on the same tokens with the same schedule and seed, evaluate
+(per-domain perplexity and bits per byte, cloze, multiple choice, recall probe), and measure
+its KV cache bytes per token and greedy decode tokens/s through the paged cache. Writes
+`compare.json` (every number), `compare.md` (the table) and `compare.png` (loss curves and
+bars) under the output folder, and prints the table.
+
+Scales: on CPU the `tiny` preset on the shipped corpus (own 2,048-id BPE), a few minutes on
+two cores; on a GPU the `mini` preset (d_h = 64) at sequence length 1024 with an 8,192-id BPE
+on the shipped corpus, or any dataset built with `hwattn data build` (`data=`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from hwattn.analysis.cost import DEFAULT_VARIANTS
+from hwattn.data.loader import TokenDataset
+from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
+from hwattn.models.generate import greedy_generate
+from hwattn.train.trainer import TrainConfig, read_metrics, resolve_device, train
+
+# Per-scale defaults: (preset, tokenizer for the shipped corpus, seq_len, batch, steps, lr).
+SCALES = {
+    # Two CPU cores: many small steps learn more per second than few large ones.
+    "cpu": dict(preset="tiny", tokenizer="bpe:2048", seq_len=128, batch_size=8, steps=200,
+                lr=6e-3, warmup_steps=10, eval_tokens=8_192, n_cloze=100, n_mc=50,
+                recall_pairs=(4, 8, 16), recall_seqs=16, decode_batch=4, decode_prompt=32,
+                decode_new=32),
+    "cuda": dict(preset="mini", tokenizer="bpe:8192", seq_len=1024, batch_size=32, steps=300,
+                 lr=1.5e-3, warmup_steps=30, eval_tokens=65_536, n_cloze=400, n_mc=400,
+                 recall_pairs=(16, 64, 128), recall_seqs=64, decode_batch=32,
+                 decode_prompt=512, decode_new=128),
+}
+
+
+@dataclass
+class CompareConfig:
+    """Unset fields (None) take the defaults of the device's scale (`SCALES`)."""
+
+    out: str = "runs/compare"
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    data: str | None = None
+    device: str = "auto"
+    preset: str | None = None
+    tokenizer: str | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    eval_tokens: int | None = None
+    n_cloze: int | None = None
+    n_mc: int | None = None
+    recall_pairs: tuple[int, ...] | None = None
+    recall_seqs: int | None = None
+    decode_batch: int | None = None
+    decode_prompt: int | None = None
+    decode_new: int | None = None
+    seed: int = 0
+    compile: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def resolved(self) -> "CompareConfig":
+        scale = SCALES["cuda" if resolve_device(self.device).type == "cuda" else "cpu"]
+        vals = {k: (v if v is not None else scale.get(k)) for k, v in asdict(self).items()}
+        return CompareConfig(**vals)
+
+
+def prepare_data(cfg: CompareConfig, log=print) -> TokenDataset:
+    """The dataset to train on: `cfg.data`, or the shipped corpus built under `<out>/data`."""
+    if cfg.data:
+        return TokenDataset(cfg.data)
+    from hwattn.data.build import BuildOptions
+    from hwattn.data.corpora import build_dataset
+
+    path = Path(cfg.out) / "data"
+    build_dataset(path, "embedded", cfg.tokenizer, BuildOptions(val_fraction=0.1), progress=False,
+                  log=log)
+    return TokenDataset(path)
+
+
+@torch.no_grad()
+def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> dict:
+    """Greedy decode through the paged cache (bf16 cache on CUDA): tokens/s of the decode
+    phase, best of two runs after a warm-up, and the cache bytes allocated."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    model.eval()
+    m = model.to(torch.bfloat16) if device.type == "cuda" else model
+    greedy_generate(m, prompt, 4, cache_dtype=dtype)
+    best = None
+    for _ in range(2):
+        _, stats = greedy_generate(m, prompt, new_tokens, cache_dtype=dtype)
+        if best is None or stats.decode_tokens_per_s > best.decode_tokens_per_s:
+            best = stats
+    if device.type == "cuda":
+        model.float()
+    return {"decode_tokens_per_s": best.decode_tokens_per_s, "kv_cache_bytes": best.kv_cache_bytes,
+            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
+
+
+def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
+    """Train, evaluate and time every variant; returns {"config", "rows", "files"}."""
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = prepare_data(cfg, log)
+    ecfg = EvalConfig(seq_len=cfg.seq_len, ppl_tokens=None, n_cloze=cfg.n_cloze, n_mc=cfg.n_mc,
+                      recall_pairs=tuple(cfg.recall_pairs), recall_seqs=cfg.recall_seqs,
+                      seed=cfg.seed)
+    tasks = build_tasks(data, ecfg)
+    rows, curves = [], {}
+    for label in cfg.variants:
+        t0 = time.perf_counter()
+        tcfg = TrainConfig(data=str(data.path), out=str(out / label), preset=cfg.preset,
+                           variant=label, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                           steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                           seed=cfg.seed, device=cfg.device, compile=cfg.compile,
+                           eval_every=max(1, cfg.steps // 4), eval_tokens=cfg.eval_tokens,
+                           save_final=True, plot=False,
+                           log_every=max(1, min(10, cfg.steps // 20)), resume=False, **cfg.extra)
+        res = train(tcfg, progress=progress, log=log, dataset=data)
+        train_s = time.perf_counter() - t0
+        model = res.pop("model")
+        t1 = time.perf_counter()
+        ev = evaluate_model(model, data, ecfg, tasks)
+        eval_s = time.perf_counter() - t1
+        speed = decode_speed(model, cfg.decode_batch, cfg.decode_prompt, cfg.decode_new, cfg.seed)
+        curves[label] = read_metrics(out / label / "metrics.jsonl")
+        row = {"variant": label, "params": model.num_params(),
+               "kv_bytes_per_token": model.kv_bytes_per_token(1, torch.bfloat16),
+               "kv_bytes_per_token_per_layer": model.kv_bytes_per_token(1, torch.bfloat16)
+               // model.config.n_layers,
+               "hidden_dim": model.config.hidden_dim, "train_tokens": res["tokens"],
+               "train_tokens_per_s": res.get("steady_tokens_per_s", res["last"].get("tokens_per_s")),
+               "train_mfu": res.get("steady_mfu"), "train_s": train_s, "eval_s": eval_s,
+               "val_loss": ev["ppl"]["average"]["loss"], "val_ppl": ev["ppl"]["average"]["ppl"],
+               "val_bpb": ev["ppl"]["average"]["bpb"],
+               "val_ppl_by_domain": {d: r["ppl"] for d, r in ev["ppl"].items() if d != "average"},
+               "cloze_acc": ev.get("cloze", {}).get("acc"), "mc_acc": ev.get("mc", {}).get("acc"),
+               "mc_acc_norm": ev.get("mc", {}).get("acc_norm"),
+               "recall": ev.get("recall", {}), **speed}
+        rows.append(row)
+        log(f"{label}: val ppl {row['val_ppl']:.2f}, {train_s:.0f} s training, "
+            f"{speed['decode_tokens_per_s']:.0f} decode tok/s")
+    result = {"config": asdict(cfg), "device": str(resolve_device(cfg.device)),
+              "torch": torch.__version__, "rows": rows,
+              "wall_s": time.perf_counter() - t_start}
+    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = format_compare(rows, cfg)
+    (out / "compare.md").write_text(table + "\n")
+    files = {"json": str(out / "compare.json"), "table": str(out / "compare.md")}
+    try:
+        plot_compare(rows, curves, out / "compare.png", cfg)
+        files["plot"] = str(out / "compare.png")
+    except ImportError:
+        pass
+    result["files"] = files
+    result["table"] = table
+    return result
+
+
+def format_compare(rows: list[dict], cfg: CompareConfig) -> str:
+    """The side-by-side markdown table."""
+    head = ("| variant | params | KV B/token (bf16, all layers) | val loss | val ppl | bits/byte "
+            "| cloze acc | MC acc (norm) | recall acc | train tok/s | decode tok/s |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        rec = r["recall"].get("mean")
+        lines.append(
+            f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['kv_bytes_per_token']:,} "
+            f"| {r['val_loss']:.3f} | {r['val_ppl']:.2f} | {r['val_bpb']:.3f} "
+            f"| {_pct(r['cloze_acc'])} | {_pct(r['mc_acc'])} ({_pct(r['mc_acc_norm'])}) "
+            f"| {_pct(rec)} | {r['train_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} |")
+    lines.append("")
+    lines.append(f"preset {cfg.preset}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, "
+                 f"seed {cfg.seed}; val = mean over held-out domains; recall = mean over {'/'.join(map(str, cfg.recall_pairs))} pairs "
+                 f"(chance {100 * rows[0]['recall'].get('chance', 0):.2f}%); decode: batch "
+                 f"{cfg.decode_batch}, {cfg.decode_prompt}-token prompts, {cfg.decode_new} new tokens.")
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def plot_compare(rows: list[dict], curves: dict, path: Path, cfg: CompareConfig) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110)
+    ax = axes[0, 0]
+    for i, (label, recs) in enumerate(curves.items()):
+        tr = [(r["tokens"], r["loss"]) for r in recs if "loss" in r]
+        va = [(r["tokens"], r["val_loss"]) for r in recs if "val_loss" in r]
+        ax.plot(*zip(*tr), color=f"C{i}", alpha=0.35, lw=1)
+        if va:
+            ax.plot(*zip(*va), "o-", color=f"C{i}", ms=3, label=label)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("loss (faint: train, dots: validation)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    labels = [r["variant"] for r in rows]
+    colours = [f"C{i}" for i in range(len(rows))]
+    for ax, key, title in ((axes[0, 1], "kv_bytes_per_token", "KV cache bytes per token (bf16)"),
+                           (axes[1, 0], "val_ppl", "validation perplexity (mean over domains)"),
+                           (axes[1, 1], "decode_tokens_per_s", "greedy decode tokens/s")):
+        vals = [r[key] for r in rows]
+        ax.bar(labels, vals, color=colours)
+        ax.set_title(title, fontsize=9)
+        for x, v in enumerate(vals):
+            ax.text(x, v, f"{v:,.0f}" if v >= 100 else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+        if key == "val_ppl":
+            lo, hi = min(vals), max(vals)
+            ax.set_ylim(lo - 0.6 * (hi - lo + 1e-9) - 0.01 * lo, hi + 0.3 * (hi - lo + 1e-9) + 0.01 * hi)
+    fig.suptitle(f"hwattn compare: preset {cfg.preset}, {cfg.steps} steps, seed {cfg.seed}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

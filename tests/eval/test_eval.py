@@ -1,0 +1,192 @@
+"""Evaluation: perplexity and bits per byte, the tasks, the recall probe, lm-eval, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hwattn.data.loader import TokenDataset
+from hwattn.eval.perplexity import evaluate_perplexity
+from hwattn.eval.recall import make_recall_batch, recall_accuracy, word_tokens
+from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
+from hwattn.eval.tasks import build_cloze, build_mc, loglikelihoods, score_cloze, score_mc, write_jsonl
+from hwattn.train.trainer import load_model
+
+
+@pytest.fixture(scope="module")
+def data(dataset_dir):
+    return TokenDataset(dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return load_model(trained[0] / "checkpoint").eval()
+
+
+def test_uniform_model_has_vocabulary_perplexity(data, model):
+    """Zero output weights give uniform predictions: ppl = V, bits/byte = log2(V)·tokens/bytes."""
+    m = model
+    saved = m.output.weight.detach().clone()
+    with torch.no_grad():
+        m.output.weight.zero_()  # tied: the embedding goes to zero too; logits are all 0
+    try:
+        tokens = data.val["books"]
+        r = evaluate_perplexity(m, tokens, 64, data.tokenizer.token_byte_lengths, max_tokens=1000)
+    finally:
+        with torch.no_grad():
+            m.output.weight.copy_(saved)
+    v = m.config.vocab_size
+    assert r["ppl"] == pytest.approx(v, rel=1e-5)
+    n_bytes = int(data.tokenizer.token_byte_lengths[np.asarray(tokens[1:r["tokens"] + 1])].sum())
+    assert r["bytes"] == n_bytes
+    assert r["bpb"] == pytest.approx(r["tokens"] * math.log2(v) / n_bytes, rel=1e-5)
+
+
+def test_loglikelihoods_match_a_direct_computation(model):
+    g = torch.Generator().manual_seed(1)
+    pairs = [(torch.randint(0, 500, (n,), generator=g).tolist(),
+              torch.randint(0, 500, (k,), generator=g).tolist()) for n, k in ((5, 1), (30, 4), (12, 2))]
+    res = loglikelihoods(model, pairs, max_len=64, batch_size=2)
+    for (ctx, cont), (ll, greedy) in zip(pairs, res):
+        seq = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = F.log_softmax(model(seq[:, :-1]).float(), -1)[0]
+        pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        want = logp[pos, torch.tensor(cont)]
+        assert ll == pytest.approx(float(want.sum()), abs=1e-4)
+        assert greedy == bool((logp[pos].argmax(-1) == torch.tensor(cont)).all())
+    # A continuation the model itself produces greedily is reported as greedy.
+    ctx = pairs[1][0]
+    with torch.no_grad():
+        nxt = int(model(torch.tensor([ctx]))[0, -1].argmax())
+    assert loglikelihoods(model, [(ctx, [nxt])], 64)[0][1] is True
+
+
+def test_tasks_are_built_from_held_out_text(data):
+    docs = data.val_documents()
+    cloze = build_cloze(docs, 40, seed=0)
+    assert len(cloze) == 40 and cloze == build_cloze(docs, 40, seed=0)
+    joined = {d["domain"]: d["text"].replace("\n", " ") for d in docs}
+    for x in cloze:
+        assert x["target"].startswith(" ") and x["target"][1:].isalpha()
+        assert (x["context"] + x["target"]) in " ".join(d["text"].replace("\n", " ") for d in docs)
+    assert {x["domain"] for x in cloze} == set(joined)
+    mc = build_mc(docs, 30, seed=0)
+    assert len(mc) == 30
+    for x in mc:
+        assert len(x["choices"]) == 4 and len(set(x["choices"])) == 4 and 0 <= x["gold"] < 4
+    assert len({x["gold"] for x in mc}) > 1
+
+
+def test_scores_agree_with_their_definitions(data, model):
+    tasks = build_tasks(data, EvalConfig(n_cloze=12, n_mc=12))
+    c = score_cloze(model, data.tokenizer, tasks["cloze"], 256)
+    m = score_mc(model, data.tokenizer, tasks["mc"], 256)
+    assert c["n"] == 12 and 0 <= c["acc"] <= 1
+    assert sum(v["n"] for v in m["by_domain"].values()) == 12
+    # acc recomputed by hand from log-likelihoods of each choice
+    hits = 0
+    for x in tasks["mc"]:
+        ctx = data.tokenizer.encode(x["context"])
+        lls = [ll for ll, _ in loglikelihoods(model, [(ctx, data.tokenizer.encode(ch)) for ch in x["choices"]], 256)]
+        hits += int(np.argmax(lls) == x["gold"])
+    assert m["acc"] == pytest.approx(hits / 12)
+
+
+def test_recall_probe(data, model):
+    words = word_tokens(data.tokenizer)
+    assert len(words) > 30 and all(data.tokenizer.decode([w]).startswith(" ") for w in words)
+    tokens, qpos, ans = make_recall_batch(words, 3, 6, 4, seed=0)
+    assert tokens.shape == (3, 20) and qpos.shape == ans.shape == (3, 4)
+    for s in range(3):
+        pairs = dict(zip(tokens[s, :12:2].tolist(), tokens[s, 1:12:2].tolist()))
+        for q, a in zip(qpos[s].tolist(), ans[s].tolist()):
+            assert pairs[int(tokens[s, q])] == a and tokens[s, q + 1] == a
+    r = recall_accuracy(model, data.tokenizer, (4, 8, 1000), n_queries=4, n_seqs=4, max_len=64)
+    assert set(r) == {"pairs_4", "pairs_8", "mean", "chance"}  # 1000 pairs do not fit
+    assert all(0 <= v <= 1 for v in r.values())
+    with pytest.raises(ValueError, match="word tokens"):
+        make_recall_batch(words[:10], 1, 6, 2)
+
+
+def test_copying_model_solves_the_recall_probe(data):
+    """A model that predicts 'the token that followed the previous occurrence of the current
+    token' (a perfect induction head) scores 100%; one that never copies scores 0%."""
+
+    class Copier(torch.nn.Module):
+        def __init__(self, v, copy=True):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.v, self.copy = v, copy
+            self.config = type("C", (), {"max_seq_len": 256})()
+
+        def forward(self, x):
+            b, t = x.shape
+            out = torch.zeros(b, t, self.v)
+            for i in range(b):
+                for j in range(t):
+                    prev = [k for k in range(j) if x[i, k] == x[i, j]]
+                    nxt = int(x[i, prev[-1] + 1]) if prev and self.copy else 0
+                    out[i, j, nxt] = 1.0
+            return out
+
+    v = data.tokenizer.vocab_size
+    assert recall_accuracy(Copier(v), data.tokenizer, (8,), 8, 4)["pairs_8"] == 1.0
+    assert recall_accuracy(Copier(v, copy=False), data.tokenizer, (8,), 8, 4)["pairs_8"] == 0.0
+
+
+def test_lm_eval_adapter_matches_our_scoring(data, model, trained, tmp_path):
+    from hwattn.eval.lm_eval_adapter import HwattnLM, local_tasks, run_lm_eval
+
+    tasks = build_tasks(data, EvalConfig(n_cloze=10, n_mc=10))
+    write_jsonl(tasks["cloze"], tmp_path / "cloze.jsonl")
+    write_jsonl(tasks["mc"], tmp_path / "mc.jsonl")
+    lm = HwattnLM.from_checkpoint(trained[0] / "checkpoint", max_length=256)
+    res = run_lm_eval(lm, {"hw_cloze": tmp_path / "cloze.jsonl", "hw_mc": tmp_path / "mc.jsonl"})
+    ours_c = score_cloze(lm.model, data.tokenizer, tasks["cloze"], 256)
+    ours_m = score_mc(lm.model, data.tokenizer, tasks["mc"], 256)
+    assert res["hw_cloze"]["acc"] == pytest.approx(ours_c["acc"])
+    assert res["hw_mc"]["acc"] == pytest.approx(ours_m["acc"])
+    assert res["hw_mc"]["acc_norm"] == pytest.approx(ours_m["acc_norm"])
+    (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
+    with pytest.raises(ValueError, match="rows need"):
+        local_tasks({"bad": tmp_path / "bad.jsonl"}, tmp_path / "yaml")
+
+    class Req:
+        def __init__(self, *args):
+            self.args = args
+
+    lm.max_length = 64
+    text = data.val_documents()[0]["text"][:400]
+    rolling = lm.loglikelihood_rolling([Req(text)])[0]
+    ids = [data.tokenizer.eot_id] + data.tokenizer.encode(text)
+    assert len(ids) > 64  # several windows
+    whole = sum(ll for ll, _ in loglikelihoods(lm.model, [(ids[max(0, e - 65):s], ids[s:e])
+                for s, e in [(p, min(len(ids), p + 64)) for p in range(1, len(ids), 64)]], 64))
+    assert rolling == pytest.approx(whole, abs=1e-3)
+    gen = lm.generate_until([Req("Fellow-Citizens of the", {"until": ["."], "max_gen_toks": 8})])[0]
+    assert isinstance(gen, str) and "." not in gen
+
+
+def test_evaluate_model_and_cli(data, model, trained, dataset_dir, capsys, tmp_path):
+    res = evaluate_model(model, data, EvalConfig(seq_len=64, ppl_tokens=512, n_cloze=6, n_mc=6,
+                                                 recall_pairs=(4,), recall_seqs=4))
+    assert set(res["ppl"]) == {"books", "speeches", "average"}
+    assert res["ppl"]["books"]["tokens"] == 512
+    from hwattn.cli import main
+
+    ck = str(trained[0] / "checkpoint")
+    assert main(["eval", ck, "--data", str(dataset_dir), "--ppl-tokens", "256", "--cloze", "4",
+                 "--mc", "4", "--recall-pairs", "4", "--write-tasks", str(tmp_path / "t"),
+                 "--lm-eval", f"mc={tmp_path / 't' / 'mc.jsonl'}", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["lm_eval"]["mc"]["acc"] == pytest.approx(out["mc"]["acc"])
+    assert main(["eval", ck, "--data", str(dataset_dir), "--ppl-tokens", "256", "--cloze", "0",
+                 "--mc", "0", "--recall-pairs", "4"]) == 0
+    assert "average" in capsys.readouterr().out
+    assert main(["eval", ck, "--data", str(dataset_dir), "--lm-eval", "nofile"]) == 2

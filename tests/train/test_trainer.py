@@ -1,0 +1,105 @@
+"""The training loop: schedule, optimizer groups, exact resumption, outputs, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from hwattn.models.checkpoint import load_checkpoint
+from hwattn.train.trainer import TrainConfig, lr_at, param_groups, read_metrics, train
+from tests.train.conftest import SMALL
+
+
+def test_schedule_warms_up_then_decays_to_one_percent():
+    cfg = TrainConfig(data="-", out="-", steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.01)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-5)
+    mid = 10 + (99 - 10) / 2
+    assert lr_at(int(mid), cfg) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(
+        math.pi * (int(mid) - 10) / 89)))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(data="-", out="-", steps=5, warmup_steps=6)
+    with pytest.raises(ValueError, match="variant"):
+        TrainConfig(data="-", out="-", variant="xyz")
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(data="-", out="-", amp="fp16")
+
+
+def test_no_decay_on_norms_and_embedding():
+    from hwattn.config import ModelConfig
+    from hwattn.models.transformer import Transformer
+
+    model = Transformer(ModelConfig.from_preset("tiny", attention="mla", **SMALL))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] or "tok_embeddings" in names[id(p)] for p in no_decay["params"])
+    assert all(p.dim() >= 2 and "tok_embeddings" not in names[id(p)] for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _cfg(dataset_dir, out, **kw):
+    base = dict(data=str(dataset_dir), out=str(out), variant="gla-2", seq_len=32, batch_size=4,
+                accum_steps=2, steps=8, lr=5e-3, warmup_steps=2, eval_tokens=512, log_every=1,
+                model_overrides=SMALL, plot=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_equals_uninterrupted_run(dataset_dir, tmp_path):
+    quiet = dict(progress=False, log=lambda *a: None)
+    whole = train(_cfg(dataset_dir, tmp_path / "a"), **quiet)
+    first = train(_cfg(dataset_dir, tmp_path / "b"), stop_after=3, **quiet)
+    assert first["steps_done"] == 3
+    assert (tmp_path / "b" / "checkpoint" / "trainer_state.pt").is_file()
+    second = train(_cfg(dataset_dir, tmp_path / "b"), stop_after=2, **quiet)
+    assert second["steps_done"] == 5
+    resumed = train(_cfg(dataset_dir, tmp_path / "b"), **quiet)
+    a, b = whole["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losses = lambda p: [(r["step"], r["loss"]) for r in read_metrics(p) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "a" / "metrics.jsonl") == losses(tmp_path / "b" / "metrics.jsonl")
+    with pytest.raises(ValueError, match="steps="):
+        train(_cfg(dataset_dir, tmp_path / "b", steps=9), **quiet)
+
+
+def test_short_run_learns_and_writes_everything(trained):
+    out, res = trained
+    recs = read_metrics(out / "metrics.jsonl")
+    train_loss = [r["loss"] for r in recs if "loss" in r]
+    vals = [r for r in recs if "val_loss" in r]
+    uniform = math.log(res["model"].config.vocab_size)
+    assert train_loss[-1] < train_loss[0] and train_loss[-1] < uniform - 0.5
+    assert len(vals) == 2 and vals[-1]["val_loss"] < vals[0]["val_loss"] + 0.1
+    assert set(vals[-1]) >= {"val_bpb", "val_loss/books", "val_loss/speeches"}
+    ck = out / "checkpoint"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
+        assert (ck / name).is_file(), name
+    assert (out / "loss.png").stat().st_size > 10_000
+    model = load_checkpoint(ck)
+    assert torch.equal(model.state_dict()["layers.0.attn.wkv.weight"],
+                       res["model"].state_dict()["layers.0.attn.wkv.weight"])
+    assert json.loads((ck / "config.json").read_text())["hwattn_train"]["step"] == 40
+    assert res["steady_tokens_per_s"] > 0 and res["steady_mfu"] is None  # no CPU peak given
+
+
+def test_train_cli(dataset_dir, tmp_path, capsys):
+    from hwattn.cli import main
+
+    out = tmp_path / "cli"
+    args = ["train", "--data", str(dataset_dir), "--out", str(out), "--variant", "mqa",
+            "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--warmup", "1",
+            "--eval-tokens", "256", "--peak-tflops", "1", "--json"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["steps_done"] == 3 and res["val"]["val_loss"] > 0
+    assert main(args[:-1] + ["--no-resume", "--variant", "gqa-3"]) == 2  # 8 heads / 3
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(out / "x")]) == 2
