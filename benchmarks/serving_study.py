@@ -315,6 +315,9 @@ def main(argv=None) -> int:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
+        gc.collect()  # the engine is gone now; hand its pages back before the next build
+        if cuda:
+            torch.cuda.empty_cache()
         if "hf_compare" in v:
             doc["hf_compare"] = v.pop("hf_compare")
         if "spec_plain" in v:

@@ -68,6 +68,8 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
             if device.type != "cuda":
                 raise ValueError("memory_budget as a fraction needs a CUDA device; give bytes")
             free, _ = torch.cuda.mem_get_info(device)
+            # Blocks PyTorch has cached but not handed out are free to this process too.
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             budget = int(free * budget)
         num_pages = num_pages_for_budget(int(budget), kv_bytes_per_token, config.page_size)
     need = pages_for(max_model_len + config.num_speculative_tokens + 1, config.page_size) + 1
