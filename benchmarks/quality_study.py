@@ -41,6 +41,8 @@ import tempfile  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -77,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-frac", type=float, default=0.05)
     p.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of the whole script")
-    p.add_argument("--steps", type=int, help="fixed step count (skips the budget calculation)")
+    p.add_argument("--steps", type=int, help="fixed step count; 0 or unset: sized to the budget")
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--min-steps", type=int, default=20)
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
@@ -94,8 +96,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.preset, args.seq_len, args.batch_size, args.accum = "tiny", 128, 4, 1
-        args.compile = "off" if args.compile == "auto" else args.compile
-        args.steps = args.steps or 6
+        args.steps = 6 if args.steps is None else args.steps
         args.n_cloze, args.n_mc, args.eval_tokens, args.eval_batch = 8, 8, 2048, 8
         args.evals_per_run = 2
     return args
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
     # The schedule: the same step count for every run, sized to the remaining budget.
     n_runs = len(variants) * len(seeds)
     evals_cost = args.evals_per_run * 1.0 + args.eval_reserve_s
-    if args.steps:
+    if args.steps:  # 0 or None: size to the budget
         steps = args.steps
     else:
         remaining = deadline - time.perf_counter() - n_runs * evals_cost - 10.0
@@ -241,10 +242,16 @@ def main(argv=None) -> int:
     log(f"schedule: {steps} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens "
         f"per run ({steps * tokens_per_step / len(data.train):.2f} epochs), {n_runs} runs")
 
-    runs = []
+    runs, skipped = [], []
     warmup = max(1, int(args.warmup_frac * steps))
-    for label in variants:
-        for seed in seeds:
+    # Seeds outermost: if time runs short, every variant still has its first seed.
+    for seed in seeds:
+        for label in variants:
+            projected = steps * calib[label]["step_s"] + evals_cost
+            if time.perf_counter() + projected > deadline + 20:
+                log(f"{label} seed {seed}: skipped, {projected:.0f} s would overrun the budget")
+                skipped.append({"variant": label, "seed": seed})
+                continue
             t0 = time.perf_counter()
             cfg = TrainConfig(data=args.data, out=str(scratch / f"{label}-s{seed}"), preset=args.preset,
                               variant=label, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -281,15 +288,9 @@ def main(argv=None) -> int:
                 f"train {train_s:.1f} s at {rec['steady_tokens_per_s'] or 0:,.0f} tok/s"
                 + (f" (MFU {100 * mfu:.1f}%)" if mfu else "") + f", eval {rec['eval_s']:.1f} s")
             shutil.rmtree(cfg.out, ignore_errors=True)
+            write_summary(out, env, args, calib, steps, tokens_per_step, warmup, data, runs, skipped)
 
-    summary = {"environment": env, "args": vars(args), "calibration": calib,
-               "schedule": {"steps": steps, "tokens_per_step": tokens_per_step,
-                            "tokens_per_run": steps * tokens_per_step, "warmup_steps": warmup,
-                            "lr": args.lr, "train_tokens_available": len(data.train)},
-               "dataset": {"path": args.data, "build_key": data.manifest["build_key"],
-                           "tokenizer": data.manifest["tokenizer"]},
-               "variants": summarise(runs), "wall_s": time.perf_counter() - T_START}
-    (out / "study_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(out, env, args, calib, steps, tokens_per_step, warmup, data, runs, skipped)
     try:
         from hwattn.eval.report import plot_study
         plot_study(runs, out / "loss_curves.png")
@@ -298,6 +299,19 @@ def main(argv=None) -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     log(f"done in {time.perf_counter() - T_START:.1f} s; files in {out}")
     return 0
+
+
+def write_summary(out, env, args, calib, steps, tokens_per_step, warmup, data, runs, skipped):
+    """study_summary.json, rewritten after every run so a cut-short study keeps its numbers."""
+    summary = {"environment": env, "args": vars(args), "calibration": calib,
+               "schedule": {"steps": steps, "tokens_per_step": tokens_per_step,
+                            "tokens_per_run": steps * tokens_per_step, "warmup_steps": warmup,
+                            "lr": args.lr, "train_tokens_available": len(data.train)},
+               "dataset": {"path": args.data, "build_key": data.manifest["build_key"],
+                           "tokenizer": data.manifest["tokenizer"]},
+               "variants": summarise(runs), "skipped": skipped,
+               "wall_s": time.perf_counter() - T_START}
+    (out / "study_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -29,8 +29,8 @@ from hwattn.train.trainer import TrainConfig, read_metrics, resolve_device, trai
 # Per-scale defaults: (preset, tokenizer for the shipped corpus, seq_len, batch, steps, lr).
 SCALES = {
     # Two CPU cores: many small steps learn more per second than few large ones.
-    "cpu": dict(preset="tiny", tokenizer="bpe:2048", seq_len=128, batch_size=8, steps=200,
-                lr=6e-3, warmup_steps=10, eval_tokens=8_192, n_cloze=100, n_mc=50,
+    "cpu": dict(preset="tiny", tokenizer="bpe:2048", seq_len=128, batch_size=8, steps=320,
+                lr=6e-3, warmup_steps=16, eval_tokens=8_192, n_cloze=100, n_mc=50,
                 recall_pairs=(4, 8, 16), recall_seqs=16, decode_batch=4, decode_prompt=32,
                 decode_new=32),
     "cuda": dict(preset="mini", tokenizer="bpe:8192", seq_len=1024, batch_size=32, steps=300,
