@@ -51,6 +51,10 @@ def run(args) -> int:
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         compile=args.compile, out=args.out or "")
     cfg = cfg.resolved()
+    if args.data is None and cfg.preset != "tiny":
+        print("note: training on the small shipped corpus; for a meaningful comparison at this "
+              "scale build one with `hwattn data build --corpus registry --tokenizer gpt2` and "
+              "pass --data")
     if not args.out:
         cfg.out = f"runs/compare-{cfg.preset}"
     log = (lambda *a, **k: None) if args.json else print

@@ -240,7 +240,8 @@ def write_build(out_dir: str | Path, docs: list[dict], tokenizer_factory, option
     try:
         files = {}
         tokenizer.save(staging)
-        files["tokenizer"] = {"file": "tokenizer.json", "sha256": sha256_file(staging / "tokenizer.json")}
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            files[name.split(".")[0]] = {"file": name, "sha256": sha256_file(staging / name)}
 
         train_ids = _encode_docs(tokenizer, train, "tokenize train", progress)
         keep = _cap(train, train_ids, options.max_train_tokens_per_domain, options.seed)

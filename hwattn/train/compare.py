@@ -68,8 +68,11 @@ class CompareConfig:
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "CompareConfig":
+        """Defaults filled in from the device's scale; `steps` stays None when not given
+        (`run_compare` then caps the scale's step count at two epochs of the data)."""
         scale = SCALES["cuda" if resolve_device(self.device).type == "cuda" else "cpu"]
-        vals = {k: (v if v is not None else scale.get(k)) for k, v in asdict(self).items()}
+        vals = {k: (v if v is not None or k == "steps" else scale.get(k))
+                for k, v in asdict(self).items()}
         return CompareConfig(**vals)
 
 
@@ -115,6 +118,13 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     data = prepare_data(cfg, log)
+    if cfg.steps is None:
+        scale = SCALES["cuda" if resolve_device(cfg.device).type == "cuda" else "cpu"]
+        two_epochs = 2 * len(data.train) // (cfg.seq_len * cfg.batch_size)
+        cfg.steps = max(20, min(scale["steps"], two_epochs))
+        if cfg.steps < scale["steps"]:
+            log(f"{len(data.train):,} training tokens: {cfg.steps} steps (two epochs); build a "
+                "larger dataset with `hwattn data build --corpus registry` and pass --data")
     ecfg = EvalConfig(seq_len=cfg.seq_len, ppl_tokens=None, n_cloze=cfg.n_cloze, n_mc=cfg.n_mc,
                       recall_pairs=tuple(cfg.recall_pairs), recall_seqs=cfg.recall_seqs,
                       seed=cfg.seed)
@@ -124,7 +134,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
         t0 = time.perf_counter()
         tcfg = TrainConfig(data=str(data.path), out=str(out / label), preset=cfg.preset,
                            variant=label, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                           steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                           steps=cfg.steps, lr=cfg.lr,
+                           warmup_steps=min(cfg.warmup_steps, max(1, cfg.steps // 10)),
                            seed=cfg.seed, device=cfg.device, compile=cfg.compile,
                            eval_every=max(1, cfg.steps // 4), eval_tokens=cfg.eval_tokens,
                            save_final=True, plot=False,
