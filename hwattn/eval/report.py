@@ -152,7 +152,9 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
             f"{sched.get('tokens_per_step', 0):,} tokens = {sched.get('tokens_per_run', 0):,} tokens "
             f"(of {sched.get('train_tokens_available', 0):,} available), peak lr {sched.get('lr')}, "
             f"warm-up {sched.get('warmup_steps')} steps then cosine to 1%, AdamW (0.9, 0.95), "
-            f"weight decay 0.1, clip 1.0, bf16 autocast, seeds {seeds}.", ""]
+            f"weight decay 0.1, clip 1.0, bf16 autocast, seeds {seeds} (a seed sets both the "
+            "initialisation and the data order; every variant sees the same batches for a given seed).",
+            ""]
     head = ("| variant | params | hidden | KV B/token/layer (bf16) | KV vs MHA | val ppl (mean) "
             "| seed spread | " + " | ".join(f"ppl {d}" for d in domains)
             + " | bits/byte | cloze | MC acc / norm | recall | tok/s | MFU |")
