@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from hwattn import AttentionMetadata, ModelConfig, Transformer
-from hwattn.config import parse_variant
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from hwattn import AttentionMetadata, ModelConfig, Transformer  # noqa: E402
+from hwattn.config import parse_variant  # noqa: E402
 
 
 def main() -> None:

@@ -91,6 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--eval-reserve-s", type=float, default=8.0, help="assumed final-eval seconds per run")
     p.add_argument("--device", default="auto")
+    p.add_argument("--keep-checkpoint", metavar="DIR",
+                   help="save the first seed's model of --keep-variant (with the tokenizer) to DIR, "
+                        "for decoding studies after the run")
+    p.add_argument("--keep-variant", default="gla-2")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test: tiny preset, seq 128, few steps, small eval")
     args = p.parse_args(argv)
@@ -288,6 +292,11 @@ def main(argv=None) -> int:
                 f"train {train_s:.1f} s at {rec['steady_tokens_per_s'] or 0:,.0f} tok/s"
                 + (f" (MFU {100 * mfu:.1f}%)" if mfu else "") + f", eval {rec['eval_s']:.1f} s")
             shutil.rmtree(cfg.out, ignore_errors=True)
+            if args.keep_checkpoint and label == args.keep_variant and seed == seeds[0]:
+                from hwattn.models.checkpoint import save_checkpoint
+                save_checkpoint(model, args.keep_checkpoint, extra={"study_seed": seed})
+                shutil.copy(Path(args.data) / "tokenizer.json", Path(args.keep_checkpoint))
+                log(f"kept {label} seed {seed} in {args.keep_checkpoint}")
             write_summary(out, env, args, calib, steps, tokens_per_step, warmup, data, runs, skipped)
 
     write_summary(out, env, args, calib, steps, tokens_per_step, warmup, data, runs, skipped)

@@ -63,7 +63,10 @@ class ModelConfig:
     - `latent_dim` (d_c, per latent head): 4·d_h for mla, 2·d_h for gla.
     - `q_latent_dim`: width of the query low-rank bottleneck of mla/gla, 8·d_h.
     - `rope_dim` (d_R): rotated width of gta/mla/gla, d_h/2. mha/mqa/gqa rotate all of d_h.
-    - `hidden_dim`: the SwiGLU width that matches the MHA model's parameter count.
+    - `hidden_dim`: the SwiGLU width that matches the MHA model's parameter count, rounded to
+      a multiple of `hidden_multiple` (8: an odd width breaks the 16-byte alignment GPU matrix
+      kernels need and, measured on an H100, sends the feed-forward GEMMs to a kernel several
+      times slower).
     """
 
     attention: str = "mha"
@@ -79,6 +82,7 @@ class ModelConfig:
     rope_dim: int | None = None
     mha_hidden_dim: int = 384
     hidden_dim: int | None = None
+    hidden_multiple: int = 8
     max_seq_len: int = 1024
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
@@ -170,7 +174,11 @@ class ModelConfig:
                                   hidden_dim=self.mha_hidden_dim)
         saved = attention_param_count(mha) - attention_param_count(self)
         # Each unit of SwiGLU width costs three weight columns of length `dim`.
-        return self.mha_hidden_dim + round(saved / (3 * self.dim))
+        exact = self.mha_hidden_dim + saved / (3 * self.dim)
+        m = self.hidden_multiple
+        if m <= 0:
+            raise ValueError(f"hidden_multiple must be positive, got {m}")
+        return m * round(exact / m)
 
     @property
     def group_size(self) -> int:

@@ -208,9 +208,13 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
     Uses pages straight from the pool (the engine must be idle) and gives them back.
     Returns seconds: step_wall (host included: metadata, graph replay or eager forward),
     forward_device (the model's forward on the device), attention (the attention kernels of
-    every layer alone), and derived shares.
+    every layer alone), and derived shares. Under tensor parallelism every step goes through
+    the parallel runner (all ranks take part in its all-reduces); the forward's device time is
+    then that whole step, and the attention time is rank 0's kernels alone.
     """
-    runner = getattr(engine.runner, "runner", engine.runner)
+    driver = engine.runner  # broadcasts each step to every rank when TP > 1
+    runner = getattr(driver, "runner", driver)  # rank 0's own runner
+    parallel = driver is not runner
     bm = engine.block_manager
     if engine.has_unfinished():
         raise RuntimeError("decode_breakdown needs an idle engine")
@@ -229,18 +233,19 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
 
         def wall():
             t0 = time.perf_counter()
-            runner.execute(step)
+            driver.execute(step)
             _sync(device)
             return time.perf_counter() - t0
 
-        runner.execute(step)
+        driver.execute(step)
         _sync(device)
         step_wall = statistics.median(wall() for _ in range(iters))
-        size = runner._graph_for(batch, 1, step) if getattr(runner, "graphs", None) else None
+        graphed = getattr(runner, "graphs", None) and not parallel
+        size = runner._graph_for(batch, 1, step) if graphed else None
         if size is not None:  # the captured forward alone, its inputs already in place
             forward_device = timer(runner.graphs[(size, 1)][0], iters)
         else:
-            forward_device = timer(lambda: runner.execute(step), iters)
+            forward_device = timer(lambda: driver.execute(step), iters)
         table = runner._table(tables).to(device)
         seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
         seqlens = seqlens_host.to(device)
