@@ -25,7 +25,8 @@ GPT2_VOCAB_PADDED = 50_304
 # parameter budget every other variant is matched to.
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layers=4, dim=128, n_heads=8, head_dim=16, mha_hidden_dim=384,
-                 vocab_size=2048, max_seq_len=1024, rope_theta=10_000.0),
+                 vocab_size=2048, max_seq_len=1024, rope_theta=10_000.0,
+                 hidden_multiple=1),  # a CPU model: exact matching beats alignment
     "mini": dict(n_layers=8, dim=512, n_heads=8, head_dim=64, mha_hidden_dim=1408,
                  vocab_size=GPT2_VOCAB_PADDED, max_seq_len=2048),
     "small": dict(n_layers=12, dim=768, n_heads=12, head_dim=64, mha_hidden_dim=2048,

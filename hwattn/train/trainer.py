@@ -129,18 +129,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(path: str | Path, device=None) -> Transformer:
-    """`load_checkpoint` with every parameter copied into freshly allocated memory.
-
-    safetensors hands back CPU tensors at 16-byte offsets into its buffer; on CPU the
-    matmuls then ran 6-8x slower (measured on the tiny model), so each tensor is cloned
-    into its own aligned allocation (tied weights stay tied)."""
-    model = load_checkpoint(path, device=device, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.clone()
-    if model.config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model
+    """A checkpoint's model in fp32 on `device` (for training, resuming and evaluation)."""
+    return load_checkpoint(path, device=device, dtype=torch.float32)
 
 
 def _dist_env():

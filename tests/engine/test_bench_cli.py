@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from hwattn.cli import main
 
 
@@ -21,3 +23,15 @@ def test_bench_engine_reports_throughput_and_breakdown(capsys, tmp_path):
     assert step["batch"] == 4 and step["context_len"] == 26
     assert 0 < step["attention_s"] < step["step_wall_s"] * 1.5
     assert doc["kv_bytes_per_token_per_rank"] == 4 * (2 * 2 * 16 + 8) * 4  # fp32, 4 layers
+
+
+@pytest.mark.timeout(180)
+def test_bench_engine_breakdown_under_tensor_parallelism(capsys):
+    """The decode-step breakdown drives its steps through the parallel runner: driving rank
+    0 alone left rank 1 outside the all-reduce and hung."""
+    rc = main(["bench", "engine", "tiny", "--attention", "gla-2", "--tp", "2", "--num-prompts",
+               "2", "--prompt-len", "12", "--output-len", "3", "--page-size", "8",
+               "--cpu-threads", "1", "--memory-budget", "2e6", "--max-seq-len", "64", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["tp"] == 2 and doc["decode_step"]["step_wall_s"] > 0
