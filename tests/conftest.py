@@ -9,6 +9,12 @@ import torch
 
 # Tests compare against fp64 references; keep the CPU deterministic and small.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Nothing in the tests may reach the network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A model small enough to train in seconds, for the data / train / eval / hf tests.
+SMALL = {"n_layers": 2, "dim": 64, "n_heads": 4, "mha_hidden_dim": 192}
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +33,28 @@ def assert_close_derived(actual: torch.Tensor, truth: torch.Tensor, baseline: to
     base = (baseline.double() - truth).abs().max().item()
     ulp = torch.finfo(actual.dtype).eps * truth.abs().max().item()
     assert err <= factor * base + ulp, f"{what}: error {err:.3e} > {factor} x baseline {base:.3e} + {ulp:.3e}"
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    """A small dataset (own BPE of 512 ids) built from the shipped corpus."""
+    from hwattn.data.build import BuildOptions
+    from hwattn.data.corpora import build_dataset
+
+    out = tmp_path_factory.mktemp("data") / "ds"
+    build_dataset(out, "embedded", "bpe:512", BuildOptions(val_fraction=0.1), progress=False,
+                  log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, dataset_dir):
+    """A tiny model (2 layers, 64 wide) trained for 40 steps; returns (run dir, summary)."""
+    from hwattn.train.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run") / "gta"
+    cfg = TrainConfig(data=str(dataset_dir), out=str(out), variant="gta-4", seq_len=64, batch_size=8,
+                      steps=40, lr=1e-2, warmup_steps=4, eval_every=20, eval_tokens=2048,
+                      log_every=5, model_overrides=SMALL)
+    res = train(cfg, progress=False, log=lambda *a: None)
+    return out, res

@@ -37,7 +37,7 @@ def test_auto_model_generates_like_greedy_generate(trained, tmp_path, variant):
     else:  # a random-weight model of another family, saved in the same layout
         from hwattn.config import ModelConfig, parse_variant
         from hwattn.models.transformer import Transformer
-        from tests.hf.conftest import SMALL
+        from tests.conftest import SMALL
 
         model = Transformer(ModelConfig.from_preset("tiny", **parse_variant(variant), vocab_size=512, **SMALL))
         model.init_weights(seed=5)

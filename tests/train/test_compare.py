@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from hwattn.train.compare import CompareConfig, run_compare
-from tests.train.conftest import SMALL
+from tests.conftest import SMALL
 
 
 def test_run_compare_writes_table_plot_and_json(dataset_dir, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from hwattn.config import ModelConfig, parse_variant
 from hwattn.models.transformer import Transformer
 from hwattn.train.compile import RegionallyCompiled
-from tests.train.conftest import SMALL
+from tests.conftest import SMALL
 
 
 @pytest.mark.parametrize("variant", ["gqa-4", "gta-4", "gla-2"])

@@ -8,7 +8,7 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-from tests.train.conftest import SMALL
+from tests.conftest import SMALL
 
 
 def _worker(rank, world, port, dataset_dir, out, result):

@@ -10,7 +10,7 @@ import torch
 
 from hwattn.models.checkpoint import load_checkpoint
 from hwattn.train.trainer import TrainConfig, lr_at, param_groups, read_metrics, train
-from tests.train.conftest import SMALL
+from tests.conftest import SMALL
 
 
 def test_schedule_warms_up_then_decays_to_one_percent():
