@@ -19,7 +19,7 @@ import torch
 from hwattn import ops
 from hwattn.engine.model_runner import StepInput
 from hwattn.engine.sampling_params import SamplingParams
-from hwattn.layers import GroupedQueryAttention, GroupedTiedAttention, LatentAttention
+from hwattn.layers import GroupedQueryAttention
 
 
 def summary(values: list[float]) -> dict:
@@ -182,14 +182,9 @@ def attention_calls(model, batch: int, query_len: int, caches, block_table, seql
             calls.append(lambda q=q, c=cache, a=attn: ops.decode(
                 q, c[0], c[1], block_table, seqlens, softmax_scale=a.scale, plan=plan,
                 backend=backend))
-        elif isinstance(attn, GroupedTiedAttention):
-            qn = torch.randn(batch, query_len, h, attn.nope_dim, **kw)
-            qr = torch.randn(batch, query_len, h, attn.rope_dim, **kw)
-            calls.append(lambda qn=qn, qr=qr, c=cache, a=attn: ops.decode_tied(
-                qn, qr, c[0], c[1], block_table, seqlens, softmax_scale=a.scale, plan=plan,
-                backend=backend))
-        elif isinstance(attn, LatentAttention):
-            qn = torch.randn(batch, query_len, h, attn.latent_dim, **kw)
+        else:  # GTA, MLA, GLA: the tied kernel; its key width is the decode QK width less RoPE
+            d_nope = attn.decode_widths()[0] - attn.rope_dim
+            qn = torch.randn(batch, query_len, h, d_nope, **kw)
             qr = torch.randn(batch, query_len, h, attn.rope_dim, **kw)
             calls.append(lambda qn=qn, qr=qr, c=cache, a=attn: ops.decode_tied(
                 qn, qr, c[0], c[1], block_table, seqlens, softmax_scale=a.scale, plan=plan,
@@ -329,8 +324,8 @@ def rank_attention_time(label: str, tp: int, batch: int, context: int, preset: s
         k, v = rnd(n_pages, page_size, n_c, cfg.head_dim), rnd(n_pages, page_size, n_c, cfg.head_dim)
         call = lambda: ops.decode(q, k, v, table, seqlens, plan=plan)  # noqa: E731
     else:
-        width = cfg.head_dim if isinstance(layer, GroupedTiedAttention) else cfg.latent_dim
-        d_nope = cfg.head_dim - cfg.rope_dim if isinstance(layer, GroupedTiedAttention) else width
+        d_qk, width = layer.decode_widths()  # GTA: d_h, d_h; MLA/GLA: d_c + d_R, d_c
+        d_nope = d_qk - cfg.rope_dim
         qn, qr = rnd(batch, 1, n_q, d_nope), rnd(batch, 1, n_q, cfg.rope_dim)
         kv, rope = rnd(n_pages, page_size, n_c, width), rnd(n_pages, page_size, cfg.rope_dim)
         call = lambda: ops.decode_tied(qn, qr, kv, rope, table, seqlens, plan=plan,  # noqa: E731
