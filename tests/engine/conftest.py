@@ -62,3 +62,18 @@ def checkpoints(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def step_to_completion(engine, prompts, params, after_step=None) -> list:
+    """Add `prompts`, step the engine until nothing is left, checking its invariants (and
+    `after_step(engine)`, if given) after every step; the finished outputs in prompt order."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+        if after_step is not None:
+            after_step(engine)
+    return [done[i] for i in ids]

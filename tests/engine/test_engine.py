@@ -6,6 +6,7 @@ import torch
 
 from hwattn.engine import LLM, SamplingParams
 from hwattn.models import greedy_generate
+from tests.engine.conftest import step_to_completion
 
 VARIANTS = ["mha", "mqa", "gqa-2", "gta-4", "mla", "gla-2"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -43,14 +44,7 @@ def test_preemption_chunked_prefill_and_prefix_cache_keep_outputs(checkpoints):
     tight = LLM(path, page_size=4, max_num_seqs=8, num_pages=41, max_num_batched_tokens=16,
                 max_model_len=128)
     engine = tight.engine
-    ids = [engine.add_request(p, GREEDY) for p in ps]
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
-    assert [done[i].token_ids for i in ids] == expected
+    assert [o.token_ids for o in step_to_completion(engine, ps, GREEDY)] == expected
     stats = engine.stats()
     assert stats["preemptions"] > 0, stats
     assert stats["prefix_hit_pages"] > 0, stats

@@ -5,6 +5,7 @@ import pytest
 
 from hwattn.engine import LLM, SamplingParams
 from hwattn.engine.speculative import NgramDrafter
+from tests.engine.conftest import step_to_completion
 
 GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3], list(range(5, 40)), [7] * 5,
@@ -27,19 +28,15 @@ def test_greedy_identical_with_speculation(checkpoints, variant, drafter):
     llm = LLM(path, page_size=4, num_pages=300, max_model_len=128, speculative=spec,
               num_speculative_tokens=3)
     engine = llm.engine
-    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
+    def cache_is_tight(engine):
         # Cache holds exactly the tokens before the last one; no page beyond what it needs.
         for seq in engine.scheduler.running:
             if not seq.is_prefilling:
                 assert seq.num_cached == len(seq) - 1
                 assert -(-seq.num_cached // 4) <= len(seq.block_table) <= -(-len(seq) // 4)
-    assert [done[i].token_ids for i in ids] == [o.token_ids for o in plain]
+
+    outs = step_to_completion(engine, PROMPTS, GREEDY, after_step=cache_is_tight)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
     stats = engine.stats()
     assert 0 < stats["accepted_tokens"] < stats["draft_tokens"], stats
     assert engine.block_manager.num_used_pages == 0
