@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One device call: the ops tests compiled on the GPU, a few tile-config alternatives on the
-# headline shapes, then the target suite. Logs and JSON go to $OUT.
-#   run: bash benchmarks/decode_gpu.sh [tests|explore|explore2|fp8|targets ...]
-#   (default: tests explore targets)
+# headline shapes, then the standard suite. Logs and JSON go to $OUT.
+#   run: bash benchmarks/decode_gpu.sh [tests|explore|explore2|fp8|standard ...]
+#   (default: tests explore standard)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/decode_out}; mkdir -p "$OUT"
-steps=${*:-tests explore targets}
+steps=${*:-tests explore standard}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee "$OUT/log"
 python3 -m pip show flash_mla flash-attn flash_attn_3 flashinfer-python 2>&1 | grep -E "^(Name|Version)|not found" | tee -a "$OUT/log"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/log"
@@ -32,7 +32,7 @@ for step in $steps; do
     fp8)
       bench 90 --variants gla-2,mla,gqa-4,gta-4 --context 16384 --cache-dtype fp8 \
         --out "$OUT/fp8.json" ;;
-    targets)
-      bench 330 --suite targets --out "$OUT/targets.json" ;;
+    standard)
+      bench 330 --suite standard --out "$OUT/standard.json" ;;
   esac
 done

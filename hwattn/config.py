@@ -1,8 +1,9 @@
 """Typed model configuration with the paper's presets.
 
 `ModelConfig` describes a Llama-style decoder (RMSNorm, SwiGLU, RoPE, tied embeddings) whose
-attention is one of six families. Everything derivable is derived in `__post_init__`:
-per-variant head counts, latent and RoPE widths, and the SwiGLU hidden size that makes the
+attention is one of the registered variants (`hwattn.variants`; the paper's six are built in).
+Everything derivable is derived in `__post_init__`: per-variant head counts, latent and RoPE
+widths (each variant's `VariantSpec` says how), and the SwiGLU hidden size that makes the
 model parameter-matched to the MHA model of the same shape (the paper's protocol).
 
     cfg = ModelConfig.from_preset("xl", attention="gla")        # GLA-2, hidden 6296
@@ -14,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from hwattn.variants import get_variant, parse_variant
+
+# The paper's six variants, built in; `hwattn.variants.variant_names()` lists every registered one.
 ATTENTION_KINDS = ("mha", "mqa", "gqa", "gta", "mla", "gla")
 
 # Llama-3 tokenizer vocabulary, used by the paper for every model.
@@ -42,7 +46,7 @@ PRESETS: dict[str, dict] = {
 # Parameter counts the paper reports for the MHA model of each preset.
 PAPER_PARAMS = {"small": 183e6, "medium": 433e6, "large": 876e6, "xl": 1.47e9}
 
-# Published SwiGLU hidden sizes of the parameter-matched variants (DESIGN §3).
+# Published SwiGLU hidden sizes of the parameter-matched variants (docs/design.md §3).
 PAPER_HIDDEN = {
     "mha": {"small": 2048, "medium": 2736, "large": 4096, "xl": 5464},
     "gqa": {"small": 2392, "medium": 3248, "large": 4864, "xl": 6486},
@@ -57,7 +61,8 @@ PAPER_HIDDEN = {
 class ModelConfig:
     """A decoder-only transformer and its attention variant.
 
-    Fields left as None are derived from `attention` in `__post_init__`:
+    Fields left as None are derived from `attention`'s `VariantSpec` in `__post_init__`; for
+    the built-in variants:
 
     - `n_kv_heads`: KV heads for mha (= n_heads), mqa (1), gqa and gta (4).
     - `n_latent_heads` (h_c): 1 for mla, 2 for gla.
@@ -91,8 +96,7 @@ class ModelConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        spec = get_variant(self.attention)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "mha_hidden_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -103,77 +107,18 @@ class ModelConfig:
             self.head_dim = self.dim // self.n_heads
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"head_dim must be a positive even number, got {self.head_dim}")
-        self._derive_heads()
-        self._derive_latent()
-        self._derive_rope()
+        spec.derive(self)
         if self.hidden_dim is None:
             self.hidden_dim = self._matched_hidden_dim()
         if self.hidden_dim <= 0:
             raise ValueError(f"hidden_dim must be positive, got {self.hidden_dim}")
 
-    def _derive_heads(self) -> None:
-        a, h = self.attention, self.n_heads
-        defaults = {"mha": h, "mqa": 1, "gqa": 4, "gta": 4}
-        if a in defaults:
-            if self.n_kv_heads is None:
-                self.n_kv_heads = defaults[a]
-            if a == "mha" and self.n_kv_heads != h:
-                raise ValueError(f"n_kv_heads must equal n_heads ({h}) for mha, got {self.n_kv_heads}")
-            if a == "mqa" and self.n_kv_heads != 1:
-                raise ValueError(f"n_kv_heads must be 1 for mqa, got {self.n_kv_heads}")
-            if self.n_kv_heads <= 0 or h % self.n_kv_heads:
-                raise ValueError(f"n_heads ({h}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-            if self.n_latent_heads is not None:
-                raise ValueError(f"n_latent_heads applies to mla/gla only, not {a}")
-        else:
-            if self.n_kv_heads is not None:
-                raise ValueError(f"n_kv_heads applies to mha/mqa/gqa/gta only, not {a}; "
-                                 "use n_latent_heads")
-            if self.n_latent_heads is None:
-                self.n_latent_heads = 1 if a == "mla" else 2
-            if a == "mla" and self.n_latent_heads != 1:
-                raise ValueError(f"n_latent_heads must be 1 for mla, got {self.n_latent_heads}")
-            if self.n_latent_heads <= 0 or h % self.n_latent_heads:
-                raise ValueError(f"n_heads ({h}) must be divisible by n_latent_heads "
-                                 f"({self.n_latent_heads})")
-
-    def _derive_latent(self) -> None:
-        if self.attention in ("mla", "gla"):
-            if self.latent_dim is None:
-                self.latent_dim = (4 if self.attention == "mla" else 2) * self.head_dim
-            if self.q_latent_dim is None:
-                self.q_latent_dim = 8 * self.head_dim
-            if self.latent_dim <= 0 or self.q_latent_dim <= 0:
-                raise ValueError("latent_dim and q_latent_dim must be positive")
-        elif self.latent_dim is not None or self.q_latent_dim is not None:
-            raise ValueError(f"latent_dim / q_latent_dim apply to mla/gla only, not {self.attention}")
-
-    def _derive_rope(self) -> None:
-        if self.attention in ("gta", "mla", "gla"):
-            if self.rope_dim is None:
-                self.rope_dim = self.head_dim // 2
-            if self.rope_dim <= 0 or self.rope_dim % 2:
-                raise ValueError(f"rope_dim must be a positive even number, got {self.rope_dim}")
-            if self.attention == "gta" and self.rope_dim >= self.head_dim:
-                raise ValueError(f"rope_dim ({self.rope_dim}) must be smaller than head_dim "
-                                 f"({self.head_dim}) for gta: the tied state keeps d_h - d_R "
-                                 "un-rotated key dims")
-            if self.rope_dim > self.head_dim:
-                raise ValueError(f"rope_dim ({self.rope_dim}) must not exceed head_dim ({self.head_dim})")
-        elif self.rope_dim is not None and self.rope_dim != self.head_dim:
-            raise ValueError(f"rope_dim must equal head_dim ({self.head_dim}) for {self.attention}: "
-                             "it rotates the whole head")
-        else:
-            self.rope_dim = self.head_dim
-
     def _matched_hidden_dim(self) -> int:
         """SwiGLU width whose parameters make up for this attention's saving over MHA."""
-        from hwattn.layers import attention_param_count
-
         mha = dataclasses.replace(self, attention="mha", n_kv_heads=None, n_latent_heads=None,
                                   latent_dim=None, q_latent_dim=None, rope_dim=None,
                                   hidden_dim=self.mha_hidden_dim)
-        saved = attention_param_count(mha) - attention_param_count(self)
+        saved = get_variant("mha").param_count(mha) - get_variant(self.attention).param_count(self)
         # Each unit of SwiGLU width costs three weight columns of length `dim`.
         exact = self.mha_hidden_dim + saved / (3 * self.dim)
         m = self.hidden_multiple
@@ -189,16 +134,12 @@ class ModelConfig:
     @property
     def cache_heads(self) -> int:
         """Heads of the cached state: KV heads, or latent heads for mla/gla."""
-        return self.n_latent_heads if self.attention in ("mla", "gla") else self.n_kv_heads
+        return get_variant(self.attention).cache_heads(self)
 
     @property
     def label(self) -> str:
         """Variant label as the paper writes it: mha, mqa, gqa-4, gta-4, mla, gla-2."""
-        if self.attention in ("gqa", "gta"):
-            return f"{self.attention}-{self.n_kv_heads}"
-        if self.attention == "gla":
-            return f"gla-{self.n_latent_heads}"
-        return self.attention
+        return get_variant(self.attention).label(self)
 
     @classmethod
     def from_preset(cls, name: str, attention: str = "mha", **overrides) -> "ModelConfig":
@@ -209,8 +150,8 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
         kwargs = dict(PRESETS[name])
-        if attention in ("mha", "mqa", "gqa"):
-            kwargs.pop("rope_dim", None)  # these rotate the whole head
+        if not get_variant(attention).partial_rope:
+            kwargs.pop("rope_dim", None)  # the variant rotates the whole head
         kwargs.update(overrides)
         return cls(attention=attention, preset=name, **kwargs)
 
@@ -223,20 +164,5 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def parse_variant(label: str) -> dict:
-    """'gqa-8' -> {'attention': 'gqa', 'n_kv_heads': 8}; 'gla-4' -> latent heads; 'mla' -> {}."""
-    name, _, count = label.lower().partition("-")
-    if name not in ATTENTION_KINDS:
-        raise ValueError(f"variant must start with one of {ATTENTION_KINDS}, got {label!r}")
-    out: dict = {"attention": name}
-    if count:
-        if not count.isdigit() or int(count) <= 0:
-            raise ValueError(f"variant group count must be a positive integer, got {label!r}")
-        if name in ("gqa", "gta"):
-            out["n_kv_heads"] = int(count)
-        elif name == "gla":
-            out["n_latent_heads"] = int(count)
-        else:
-            raise ValueError(f"variant {name} takes no group count, got {label!r}")
-    return out
-
+__all__ = ["ATTENTION_KINDS", "GPT2_VOCAB_PADDED", "LLAMA3_VOCAB", "PAPER_HIDDEN", "PAPER_PARAMS",
+           "PRESETS", "ModelConfig", "parse_variant"]

@@ -7,11 +7,11 @@ arithmetic intensity, the roofline time from the copy bandwidth and bf16 matmul 
 in the same run, the % of that roofline reached, and the speed-up over PyTorch SDPA on the
 cache gathered into contiguous tensors (query heads of a KV head packed as rows, as the kernel
 does; gather not timed). FlashMLA / FlashAttention-3 / FlashInfer are reported when importable;
-DESIGN §5's anchors (FlashMLA and FA3 on an H100 80GB, another process and day) are printed
+the H100 anchors of docs/design.md §6 (FlashMLA and FA3, another process and day) are printed
 beside matching rows. Every row is checked against SDPA before it is timed.
 
     hwattn bench decode --variants gla-2,mla --batch 128 --context 8192,16384 --query-len 1,2
-    hwattn bench decode --suite targets --out results.json
+    hwattn bench decode --suite standard --out results.json
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import time
 
 from hwattn.cli.analyze import int_list
 
-# DESIGN §5 / shared/anchors/h100-2026-11-23.json: (kernel, variant, L_q, L) -> µs at B = 128,
-# h_q = 128, page 64, bf16, on an H100 80GB HBM3. Anchors, not timed in this process.
+# docs/design.md §6: (kernel, variant, L_q, L) -> µs at B = 128, h_q = 128, page 64, bf16, on an
+# H100 80GB HBM3, measured 2026-11-23. Anchors, not timed in this process.
 ANCHORS_H100 = {
     ("FlashMLA", "mla", 1, 1024): 83.5, ("FlashMLA", "mla", 1, 4096): 262.8,
     ("FlashMLA", "mla", 1, 8192): 529.3, ("FlashMLA", "mla", 1, 16384): 1022.6,
@@ -44,8 +44,10 @@ CHECK_LIMIT = 2e-2  # relative L2 error vs SDPA; bf16 operands land near 3e-3
 CACHE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
 
 
-def _targets() -> list[dict]:
-    """The issue's target shapes: (variant, h_q, tp, B, L, L_q, page)."""
+def _standard() -> list[dict]:
+    """The standard sweep, (variant, h_q, tp, B, L, L_q, page): the latent variants at the
+    paper's h_q = 128, one rank's shapes of the KV-head variants at TP 1 / 4 / 8, long contexts
+    at B = 1 and 4 (split-KV), and page sizes 1 / 16 / 256."""
     cases = []
     for variant in ("gla-2", "mla"):
         for l_q in (1, 2):
@@ -74,8 +76,10 @@ def register(sub) -> None:
                        description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--suite", choices=("custom", "targets"), default="custom",
-                   help="custom: the product of the lists below; targets: the issue's target shapes")
+    p.add_argument("--suite", choices=("custom", "standard"), default="custom",
+                   help="custom: the product of the lists below; standard: the sweep the README "
+                        "reports (latent variants at h_q 128, per-rank shapes, long contexts, "
+                        "page sizes)")
     p.add_argument("--variants", default="gla-2,mla,gqa-4,gta-4,mqa",
                    help="comma-separated labels (mha, mqa, gqa-G, gta-G, mla, gla-H)")
     p.add_argument("--heads", type=int, help="query heads h_q (default 128 for mla/gla, 32 otherwise)")
@@ -112,11 +116,13 @@ def _parse_configs(text: str):
 
 
 def _cases(args) -> list[dict]:
-    if args.suite == "targets":
-        return _targets()
+    if args.suite == "standard":
+        return _standard()
+    from hwattn.variants import get_variant, parse_variant
+
     cases = []
     for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
-        heads = args.heads or (128 if variant.split("-")[0] in ("mla", "gla") else 32)
+        heads = args.heads or get_variant(parse_variant(variant)["attention"]).bench_heads
         for tp in args.tp:
             for batch in args.batch:
                 for length in args.context:
@@ -131,14 +137,15 @@ def _layer(variant: str, heads: int, head_dim: int, rope_dim: int):
     """A meta-device layer of the variant: its cost accounting and cache layout."""
     import torch
 
-    from hwattn.config import ModelConfig, parse_variant
+    from hwattn.config import ModelConfig
     from hwattn.layers import build_attention
+    from hwattn.variants import get_variant, parse_variant
 
-    spec = parse_variant(variant)
-    if spec["attention"] in ("gta", "mla", "gla"):
-        spec["rope_dim"] = rope_dim
+    fields = parse_variant(variant)
+    if get_variant(fields["attention"]).partial_rope:
+        fields["rope_dim"] = rope_dim
     dim = heads * head_dim
-    cfg = ModelConfig(n_heads=heads, head_dim=head_dim, dim=dim, hidden_dim=4 * dim, **spec)
+    cfg = ModelConfig(n_heads=heads, head_dim=head_dim, dim=dim, hidden_dim=4 * dim, **fields)
     return build_attention(cfg, device=torch.device("meta"))
 
 
@@ -156,13 +163,13 @@ def measure_peaks(torch, do_bench) -> tuple[float, float]:
 
 
 class Inputs:
-    """Random paged cache, shuffled block table and queries for one case, on the GPU."""
+    """Random paged cache, shuffled block table and queries for one case, on the GPU: the
+    layer's cache tensors (`cache_layout`) and the queries its kernel takes
+    (`decode_query_shapes`), called through `Attention.kernel_call`."""
 
     def __init__(self, torch, layer, case: dict, cache_dtype, device="cuda"):
         batch, length, l_q, page = case["batch"], case["context"], case["query_len"], case["page"]
-        h_q, _ = layer.local_heads(case["tp"])
-        layout = layer.cache_layout(case["tp"])
-        self.tied = "kv" in layout
+        self.layer = layer
         pages = -(-length // page)
         n_pool = batch * pages + 7  # spare pages, table shuffled across the pool
         self.device = device
@@ -175,69 +182,52 @@ class Inputs:
             data = torch.randn(n_pool, page, *shape, device=device, dtype=torch.bfloat16)
             return (data.float() / self.scale).to(cache_dtype) if fp8 else data.to(cache_dtype)
 
-        d_qk, d_v = layer.decode_widths()
-        if self.tied:
-            self.kv_cache, self.rope_cache = cache(layout["kv"]), cache(layout["rope"])
-            d_rope = layout["rope"][0]
-            self.q_nope = torch.randn(batch, l_q, h_q, d_qk - d_rope, device=device, dtype=torch.bfloat16)
-            self.q_rope = torch.randn(batch, l_q, h_q, d_rope, device=device, dtype=torch.bfloat16)
-        else:
-            self.k_cache, self.v_cache = cache(layout["k"]), cache(layout["v"])
-            self.q = torch.randn(batch, l_q, h_q, d_qk, device=device, dtype=torch.bfloat16)
-        self.softmax_scale = 1 / math.sqrt(d_qk)
+        self.caches = tuple(cache(shape) for shape in layer.cache_layout(case["tp"]).values())
+        self.queries = tuple(torch.randn(shape, device=device, dtype=torch.bfloat16)
+                             for shape in layer.decode_query_shapes(batch, l_q, case["tp"]))
+        # decode takes one query tensor, decode_tied two (q_nope, q_rope).
+        self.tied = len(self.queries) == 2
 
     def min_piece(self) -> int:
         from hwattn.ops import triton_decode
 
-        if self.tied:
-            return triton_decode.min_piece(self.q_nope, self.kv_cache, self.kv_cache,
-                                           self.rope_cache, True)
-        return triton_decode.min_piece(self.q, self.k_cache, self.v_cache, None, False)
+        _, l_q, h_q = self.queries[0].shape[:3]
+        per_token = sum(c[0, 0].numel() * c.element_size() for c in self.caches)
+        return triton_decode.min_piece_for(h_q, l_q, self.layer.decode_widths()[1], per_token)
 
     def kernel(self, plan, config):
-        from hwattn.ops import triton_decode
+        from hwattn.ops.backends.triton_backend import TritonBackend
 
-        if self.tied:
-            return lambda: triton_decode.decode_tied(
-                self.q_nope, self.q_rope, self.kv_cache, self.rope_cache, self.block_table,
-                self.seqlens, softmax_scale=self.softmax_scale, plan=plan, kv_scale=self.scale,
-                config=config)[0]
-        return lambda: triton_decode.decode(
-            self.q, self.k_cache, self.v_cache, self.block_table, self.seqlens,
-            softmax_scale=self.softmax_scale, plan=plan, k_scale=self.scale, v_scale=self.scale,
-            config=config)[0]
+        backend = TritonBackend(config)
+        return lambda: self.layer.kernel_call(backend, self.queries, self.caches, self.block_table,
+                                              self.seqlens, plan=plan, cache_scale=self.scale)
 
     def sdpa(self, torch):
         """SDPA on the gathered cache with query heads packed as rows: (fn, unpack)."""
         import torch.nn.functional as F
 
-        def gathered(cache):  # (P, page, H, E) -> (B, H, L, E) bf16
-            b, length = self.block_table.shape[0], int(self.seqlens[0])
+        def gathered(cache):  # (P, page, *feat) -> (B, L, *feat) bf16
+            length = int(self.seqlens[0])
             x = cache[self.block_table.long()].flatten(1, 2)[:, :length]
-            x = x.to(torch.bfloat16) * (self.scale or 1.0)
-            return x.transpose(1, 2).contiguous()
+            return x.to(torch.bfloat16) * (self.scale or 1.0)
 
-        if self.tied:
-            state = gathered(self.kv_cache)  # (B, H_kv, L, D_v)
-            rope = gathered(self.rope_cache[:, :, None, :])  # (B, 1, L, D_R)
-            d_nope = self.q_nope.shape[-1]
-            keys = torch.cat([state[..., :d_nope], rope.expand(-1, state.shape[1], -1, -1)], -1)
-            values, q = state, torch.cat([self.q_nope, self.q_rope], -1)
-        else:
-            keys, values, q = gathered(self.k_cache), gathered(self.v_cache), self.q
+        q, keys, values = self.layer.kernel_operands(self.queries,
+                                                     tuple(gathered(c) for c in self.caches))
+        keys, values = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()  # (B, H_kv, L, E)
         batch, l_q, h_q, d_qk = q.shape
         h_kv, length = keys.shape[1], keys.shape[2]
         g = h_q // h_kv
         # (B, L_q, H_kv, g, E) -> (B, H_kv, g * L_q, E): row = head * L_q + query
-        packed = q.view(batch, l_q, h_kv, g, d_qk).permute(0, 2, 3, 1, 4).reshape(batch, h_kv, g * l_q, d_qk)
+        packed = q.reshape(batch, l_q, h_kv, g, d_qk).permute(0, 2, 3, 1, 4).reshape(batch, h_kv, g * l_q, d_qk)
         mask = None
         if l_q > 1:
             query = torch.arange(g * l_q, device=self.device) % l_q
             mask = torch.arange(length, device=self.device)[None, :] <= (length - l_q + query)[:, None]
+        softmax_scale = self.layer.scale
 
         def fn():
             return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask,
-                                                  scale=self.softmax_scale)
+                                                  scale=softmax_scale)
 
         def unpack(out):  # (B, H_kv, g * L_q, D_v) -> (B, L_q, H_q, D_v)
             d_v = out.shape[-1]
@@ -358,8 +348,8 @@ def format_table(rows: list[dict], peaks) -> str:
             f"{r['TFLOPs']:7.1f} {r['AI']:6.1f} {r['roofline_us']:8.1f} {r['pct_roofline']:5.0f} "
             f"{_fmt(r.get('sdpa_us'), '9.1f'):>9} {_fmt(r.get('speedup_sdpa'), '6.2f'):>6} "
             f"{_fmt(r.get('check_rel_err'), '7.1e'):>7} {', '.join(anchors) or '-':>16}")
-    lines.append("anchor: µs of FlashMLA / FA3 on an H100 80GB (DESIGN §5), another process: "
-                 "compare only on the same GPU model")
+    lines.append("anchor: µs of FlashMLA / FA3 on an H100 80GB (docs/design.md §6), another "
+                 "process: compare only on the same GPU model")
     return "\n".join(lines)
 
 

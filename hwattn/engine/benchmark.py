@@ -19,7 +19,6 @@ import torch
 from hwattn import ops
 from hwattn.engine.model_runner import StepInput
 from hwattn.engine.sampling_params import SamplingParams
-from hwattn.layers import GroupedQueryAttention
 
 
 def summary(values: list[float]) -> dict:
@@ -167,28 +166,19 @@ class _Timer:
 
 
 def attention_calls(model, batch: int, query_len: int, caches, block_table, seqlens, plan,
-                    backend: str = "auto"):
+                    backend: str | ops.AttentionBackend = "auto"):
     """A function that makes, for every layer, the paged decode-op call that layer makes at
-    this shape, on random queries (absorbed widths for MLA/GLA)."""
+    this shape (`Attention.kernel_call`), on random queries of the widths its kernel takes."""
+    backend = ops.get_backend(backend, block_table.device)
     calls = []
     gen = torch.Generator(device=block_table.device).manual_seed(0)
     for blk, cache in zip(model.layers, caches):
         attn = blk.attn
         w = next(attn.parameters())
-        kw = dict(device=w.device, dtype=w.dtype, generator=gen)
-        h = attn.n_heads
-        if isinstance(attn, GroupedQueryAttention):
-            q = torch.randn(batch, query_len, h, attn.head_dim, **kw)
-            calls.append(lambda q=q, c=cache, a=attn: ops.decode(
-                q, c[0], c[1], block_table, seqlens, softmax_scale=a.scale, plan=plan,
-                backend=backend))
-        else:  # GTA, MLA, GLA: the tied kernel; its key width is the decode QK width less RoPE
-            d_nope = attn.decode_widths()[0] - attn.rope_dim
-            qn = torch.randn(batch, query_len, h, d_nope, **kw)
-            qr = torch.randn(batch, query_len, h, attn.rope_dim, **kw)
-            calls.append(lambda qn=qn, qr=qr, c=cache, a=attn: ops.decode_tied(
-                qn, qr, c[0], c[1], block_table, seqlens, softmax_scale=a.scale, plan=plan,
-                backend=backend))
+        queries = tuple(torch.randn(shape, device=w.device, dtype=w.dtype, generator=gen)
+                        for shape in attn.decode_query_shapes(batch, query_len))
+        calls.append(lambda a=attn, q=queries, c=cache: a.kernel_call(
+            backend, q, c, block_table, seqlens, plan=plan))
 
     def run():
         for call in calls:
@@ -244,7 +234,7 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
         table = runner._table(tables).to(device)
         seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
         seqlens = seqlens_host.to(device)
-        plan = runner._plan(seqlens_host, 1)
+        plan = runner.plan(seqlens_host, 1)
         attention = timer(attention_calls(runner.model, batch, 1, runner.kv_caches, table, seqlens,
                                           plan, runner.backend), iters)
     finally:
@@ -312,24 +302,16 @@ def rank_attention_time(label: str, tp: int, batch: int, context: int, preset: s
         return torch.randn(*shape, generator=g, **kw)
 
     table = torch.arange(1, n_pages, dtype=torch.int32, device=device).view(batch, pages_per_seq)
+    backend = ops.get_backend("auto", device)
     seqlens = torch.full((batch,), context, dtype=torch.int32)
-    plan = ops.plan_decode(seqlens, num_heads_kv=n_c, query_len=1, page_size=page_size,
-                           num_sms=torch.cuda.get_device_properties(device).multi_processor_count
-                           if torch.device(device).type == "cuda" else None)
-    if plan is not None and torch.device(device).type != "cpu":
-        plan.items, plan.splits = plan.items.to(device), plan.splits.to(device)
+    plan = backend.plan(seqlens, num_heads_kv=n_c, query_len=1, page_size=page_size, device=device)
     seqlens = seqlens.to(device)
-    if isinstance(layer, GroupedQueryAttention):
-        q = rnd(batch, 1, n_q, cfg.head_dim)
-        k, v = rnd(n_pages, page_size, n_c, cfg.head_dim), rnd(n_pages, page_size, n_c, cfg.head_dim)
-        call = lambda: ops.decode(q, k, v, table, seqlens, plan=plan)  # noqa: E731
-    else:
-        d_qk, width = layer.decode_widths()  # GTA: d_h, d_h; MLA/GLA: d_c + d_R, d_c
-        d_nope = d_qk - cfg.rope_dim
-        qn, qr = rnd(batch, 1, n_q, d_nope), rnd(batch, 1, n_q, cfg.rope_dim)
-        kv, rope = rnd(n_pages, page_size, n_c, width), rnd(n_pages, page_size, cfg.rope_dim)
-        call = lambda: ops.decode_tied(qn, qr, kv, rope, table, seqlens, plan=plan,  # noqa: E731
-                                       softmax_scale=layer.scale)
+    queries = tuple(rnd(*shape) for shape in layer.decode_query_shapes(batch, 1, tp))
+    cache = tuple(rnd(n_pages, page_size, *shape) for shape in layer.cache_layout(tp).values())
+
+    def call():
+        return layer.kernel_call(backend, queries, cache, table, seqlens, plan=plan)
+
     seconds = _Timer(device)(call, iters)
     per_token = layer.kv_bytes_per_token(tp, dtype)
     return dict(variant=label, tp=tp, batch=batch, context=context, query_heads=n_q,

@@ -1,10 +1,12 @@
 """Runs the model over the paged cache: prefill chunks through the dense path, decode steps
-through `hwattn.ops`, and CUDA graphs for decode batch-size buckets on a GPU.
+through an attention backend (`hwattn.ops`), and CUDA graphs for decode batch-size buckets on
+a GPU.
 
-Mechanism only. A step arrives as a `StepInput` of plain lists (so that tensor-parallel
-workers can receive the same step), the runner builds one `AttentionMetadata` per forward
-(one split-KV plan per decode step, reused by every layer) and returns logits; sampling is the
-engine's. Inside a decode step nothing reads device values back to the host: slots and
+Mechanism only. The runner chooses its backend once; a step arrives as a `StepInput` of plain
+lists (so that tensor-parallel workers can receive the same step), the runner builds one
+`AttentionMetadata` per forward (carrying the backend and, for a decode step, the one plan the
+backend made for it, reused by every layer), runs `Transformer.forward` and returns logits;
+sampling is the engine's. Inside a decode step nothing reads device values back to the host: slots and
 positions are derived on the device from the block table and `cache_seqlens`.
 """
 
@@ -56,30 +58,30 @@ class ModelRunner:
     """Owns the model's KV cache and runs prefill and decode steps.
 
     num_pages, page_size: the pool the `BlockManager` hands out (page 0 is the null page).
+    backend: attention backend name, "auto" (chosen for the model's device) or an
+        `AttentionBackend`; it also chooses the cache dtype when `cache_dtype` is None.
     cuda_graphs: capture decode for every bucket in `decode_buckets(max_num_seqs)` and each
         query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails).
     """
 
     def __init__(self, model, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int = 64, cache_dtype: torch.dtype | None = None,
-                 backend: str = "auto", cuda_graphs: bool = True,
+                 backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
                  graph_query_lens: tuple[int, ...] = (1,)):
         self.model = model
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
-        self.backend = backend
         ref = model.tok_embeddings.weight
         self.device = ref.device
-        self.kv_caches = model.allocate_kv_cache(num_pages, page_size, dtype=cache_dtype or ref.dtype,
+        self.backend = ops.get_backend(backend, self.device)
+        cache_dtype = cache_dtype or self.backend.cache_dtype(ref.dtype)
+        self.backend.check_cache(page_size, cache_dtype)
+        self.kv_caches = model.allocate_kv_cache(num_pages, page_size, dtype=cache_dtype,
                                                  device=self.device)
-        first = next(iter(model.layers[0].attn.cache_layout(1).values()))
-        self.cache_heads = first[0] if len(first) > 1 else 1
         self.graphs: dict[tuple[int, int], tuple] = {}  # (bucket, T) -> (replay, logits)
         self.graph_error: str | None = None
-        self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
-                        if self.device.type == "cuda" else None)
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 
@@ -89,14 +91,14 @@ class ModelRunner:
 
     def forward(self, tokens: Tensor, meta: AttentionMetadata, last_only: bool = False) -> Tensor:
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) for the last position only."""
-        model = self.model
-        cos, sin = model.rope(meta.positions(tokens.shape[1]))
-        x = model.tok_embeddings(tokens)  # (B, T, D)
-        for layer, cache in zip(model.layers, self.kv_caches):
-            x = layer(x, cos, sin, meta, cache)
-        if last_only:
-            x = x[:, -1:]
-        return model.output(model.norm(x))
+        return self.model(tokens, meta=meta, kv_caches=self.kv_caches, last_only=last_only)
+
+    def plan(self, seqlens: Tensor, query_len: int, out=None):
+        """The backend's plan for a decode step of host lengths `seqlens` (B,) int32 (the
+        step's `query_len` new tokens included), for the kernels on this runner's device;
+        `out` refreshes an earlier plan of the same batch size in place."""
+        return self.backend.plan(seqlens, num_heads_kv=self.model.cache_heads, query_len=query_len,
+                                 page_size=self.page_size, device=self.device, out=out)
 
     def _table(self, tables: list[list[int]], width: int | None = None) -> Tensor:
         """(B, width) int32 block table, rows padded with the null page."""
@@ -158,17 +160,8 @@ class ModelRunner:
         if step.skip_write:
             skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
             meta.slot_mapping = meta.slot_mapping.masked_fill(skip.flatten().to(self.device), -1)
-        meta.plan = self._plan(seqlens, t)
+        meta.plan = self.plan(seqlens, t)
         return self.forward(tokens.to(self.device), meta)
-
-    def _plan(self, seqlens: Tensor, t: int, out=None):
-        """The step's split-KV plan from host lengths (no device read), on the device."""
-        plan = ops.plan_decode(seqlens, num_heads_kv=self.cache_heads, query_len=t,
-                               page_size=self.page_size, num_sms=self.num_sms, out=out)
-        if out is None and plan is not None and self.device.type != "cpu":
-            plan.items = plan.items.to(self.device)
-            plan.splits = plan.splits.to(self.device)
-        return plan
 
     # CUDA graphs: static inputs per query length, one graph per batch bucket.
     def _graph_for(self, batch: int, t: int, step: StepInput):
@@ -228,7 +221,7 @@ class ModelRunner:
             # Planned for the longest context, so the captured combine tile fits the most
             # pieces a refreshed plan will have (the grid depends only on B and heads).
             longest = torch.full((size,), max(t, self.max_model_len), dtype=torch.int32)
-            self.plans[(size, t)] = self._plan(longest, t)
+            self.plans[(size, t)] = self.plan(longest, t)
         meta = AttentionMetadata.for_step(table[:size], lens[:size], t, self.page_size,
                                           backend=self.backend)
         meta.plan = self.plans[(size, t)]
@@ -245,6 +238,6 @@ class ModelRunner:
         host_lens = torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32)))
         lens[:size].copy_(host_lens)
         if self.plans.get((size, t)) is not None:
-            self._plan(host_lens, t, out=self.plans[(size, t)])
+            self.plan(host_lens, t, out=self.plans[(size, t)])
         replay()
         return out[:batch]

@@ -1,18 +1,24 @@
 """What every attention family shares: the forward flow over a paged KV cache, the
 attention metadata that drives it, and the cost accounting (KV bytes, decode bytes, FLOPs).
 
-A family implements five hooks:
+A family implements these hooks:
 
     project(x, cos, sin) -> (q_parts, states)   query pieces and the per-token cached states
     attend(q_parts, states) -> (B, T, H, d_h)   dense causal attention over states (training,
                                                  prefill); keys may outnumber queries
-    decode(q_parts, cache, meta) -> (B, T, H, d_h)  attention through `hwattn.ops`
+    decode(q_parts, cache, meta) -> (B, T, H, d_h)  attention through `meta.backend`
     cache_layout(tp) -> {name: per-token shape}  what is cached per token on one rank
     decode_widths() -> (d_qk, d_v)              widths the decode kernel multiplies by
+    attend_widths() -> (d_qk, d_v)              widths the dense path multiplies by (FLOPs)
+    decode_query_shapes(B, L_q, tp) -> shapes   the queries its decode kernel takes
+    kernel_call(backend, queries, cache, ...)   the one paged decode-op call `decode` makes
+    kernel_operands(queries, caches) -> q, k, v  that call written as dense attention
+    shard_heads(q_heads, c_heads) -> fields     keep one tensor-parallel rank's heads
 
 and `forward` ties them together: without metadata it is the training path; with metadata it
 writes this step's states into the cache through `slot_mapping`, then attends either densely
-(prefill) or through the paged decode op.
+(prefill) or through the paged decode op. The last three hooks let benchmarks and tensor
+parallelism treat every family alike; the layer never sees which backend runs its kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import Tensor, nn
 
 from hwattn import ops
 from hwattn.config import ModelConfig
+from hwattn.ops import AttentionBackend
 from hwattn.ops.reference import gather_cache
 
 
@@ -40,8 +47,10 @@ class AttentionMetadata:
         row-major over (B, T); negative slots are padding and are not written.
     is_prefill: attend densely (prompt chunks) instead of through the decode kernel.
     seqlens_host: host copy of cache_seqlens, used by the prefill path to gather past tokens.
-    plan: split-KV schedule from `hwattn.ops.plan_decode`, computed once per step.
-    backend: "auto" | "triton" | "torch", passed to the decode ops.
+    plan: the backend's schedule for this step (`backend.plan(...)`), computed once and reused
+        by every layer; None where the backend needs none.
+    backend: the `AttentionBackend` every layer calls. A registered name or "auto" given here
+        is resolved once, for block_table's device, when the metadata is made.
     """
 
     block_table: Tensor
@@ -50,7 +59,10 @@ class AttentionMetadata:
     is_prefill: bool = False
     seqlens_host: list[int] | None = None
     plan: Any = None
-    backend: str = "auto"
+    backend: AttentionBackend | str = "auto"
+
+    def __post_init__(self) -> None:
+        self.backend = ops.get_backend(self.backend, self.block_table.device)
 
     def positions(self, query_len: int) -> Tensor:
         """(B, T) int64 positions of this step's tokens: the last T of each sequence."""
@@ -125,6 +137,35 @@ class Attention(nn.Module):
     def decode_widths(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    def attend_widths(self) -> tuple[int, int]:
+        """(d_qk, d_v) of the dense path, per query head; default d_h for both."""
+        return self.head_dim, self.head_dim
+
+    def decode_query_shapes(self, batch: int, query_len: int, tp: int = 1) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the queries `kernel_call` takes, on one rank of a `tp`-way split."""
+        raise NotImplementedError
+
+    def kernel_call(self, backend: AttentionBackend, queries: tuple[Tensor, ...],
+                    cache: tuple[Tensor, ...], block_table: Tensor, cache_seqlens: Tensor, *,
+                    plan: Any = None, cache_scale: float | None = None, return_lse: bool = False):
+        """The paged decode-op call `decode` makes, on kernel-ready queries (shapes from
+        `decode_query_shapes`) and this layer's cache tensors; `cache_scale` dequantises an
+        fp8 cache. Returns what the backend's op returns."""
+        raise NotImplementedError
+
+    def kernel_operands(self, queries: tuple[Tensor, ...],
+                        caches: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """`kernel_call` as dense attention: from the queries and each cache gathered per
+        sequence, (B, L, *per-token shape), the (q (B, L_q, H, E), k (B, L, H_kv, E),
+        v (B, L, H_kv, E_v)) whose bottom-right causal attention gives the same output."""
+        raise NotImplementedError
+
+    def shard_heads(self, q_heads: range, c_heads: range) -> dict:
+        """Keep query heads `q_heads` and cached heads `c_heads` of every projection into
+        heads (column-parallel), and return the config fields that change on this rank. The
+        output projection `wo` is split by the caller."""
+        raise NotImplementedError
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None = None,
                 cache: tuple[Tensor, ...] | None = None) -> Tensor:
         """x (B, T, D); cos, sin (B, T, d_R / 2) -> (B, T, D).
@@ -140,7 +181,7 @@ class Attention(nn.Module):
             if cache is None:
                 raise ValueError("cache must be given together with meta")
             for tensor, state in zip(cache, states):
-                ops.store_kv(tensor, state.flatten(0, 1), meta.slot_mapping)
+                meta.backend.store_kv(tensor, state.flatten(0, 1), meta.slot_mapping)
             if meta.is_prefill:
                 out = self._prefill(q, states, cache, meta, seq)
             else:
@@ -158,7 +199,7 @@ class Attention(nn.Module):
             outs.append(self.attend(tuple(t[b:b + 1] for t in q), past))
         return torch.cat(outs)
 
-    # Cost accounting (DESIGN §2). All counts are for one layer on one tensor-parallel rank.
+    # Cost accounting (docs/design.md §2). All counts are for one layer on one tensor-parallel rank.
     def local_heads(self, tp: int = 1) -> tuple[int, int]:
         """(query heads, cached heads) on one rank of a `tp`-way split.
 
@@ -206,3 +247,38 @@ class Attention(nn.Module):
         (num_pages, page_size, *per-token shape)."""
         return tuple(torch.empty(num_pages, page_size, *shape, dtype=dtype, device=device)
                      for shape in self.cache_layout(1).values())
+
+
+class TiedStateAttention(Attention):
+    """Families that cache one tied state per cached head plus one RoPE key shared by every
+    head (GTA; MLA and GLA absorbed): the state's first D_nope dims are the un-rotated key and
+    all of it the value, so decode runs `decode_tied` (docs/design.md §4). `scale` is set by
+    the subclass."""
+
+    def kernel_call(self, backend, queries, cache, block_table, cache_seqlens, *, plan=None,
+                    cache_scale=None, return_lse=False):
+        q_nope, q_rope = queries
+        kv_cache, rope_cache = cache
+        return backend.decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                   cache_seqlens, softmax_scale=self.scale, plan=plan,
+                                   kv_scale=cache_scale, return_lse=return_lse)
+
+    def kernel_operands(self, queries, caches):
+        q_nope, q_rope = queries  # (B, L_q, H, D_nope), (B, L_q, H, D_R)
+        state, rope = caches  # (B, L, H_kv, D_v), (B, L, D_R)
+        heads = state.shape[2]
+        keys = torch.cat((state[..., :q_nope.shape[-1]],
+                          rope[:, :, None, :].expand(-1, -1, heads, -1)), -1)  # (B, L, H_kv, D_nope + D_R)
+        return torch.cat((q_nope, q_rope), -1), keys, state
+
+
+def select_heads(weight: Tensor, heads: range, width: int) -> Tensor:
+    """Rows of `weight` (H * width, D) belonging to `heads`: (len(heads) * width, D)."""
+    d_in = weight.shape[-1]
+    return weight.view(-1, width, d_in)[heads.start:heads.stop].reshape(-1, d_in)
+
+
+def set_weight(linear: nn.Linear, weight: Tensor) -> None:
+    """Replace `linear`'s weight (a frozen shard: tensor-parallel models serve, not train)."""
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    linear.out_features, linear.in_features = weight.shape

@@ -4,7 +4,7 @@
 [S[..., :d_h - d_R] (never rotated), RoPE(k_rope)] where `wk_rope: D -> d_R` is a single-head
 projection shared by every head. The query's last d_R dims are rotated. Per token per layer
 the cache holds h_kv · d_h + d_R elements, about half of GQA's 2 · h_kv · d_h.
-Decode runs `hwattn.ops.decode_tied`, reading S once for both roles.
+Decode runs the backend's `decode_tied`, reading S once for both roles.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from hwattn import ops
 from hwattn.config import ModelConfig
-from hwattn.layers.base import Attention, AttentionMetadata, causal_attention
+from hwattn.layers.base import (AttentionMetadata, TiedStateAttention, causal_attention, select_heads,
+                                set_weight)
 from hwattn.layers.rope import apply_rope
+from hwattn.variants import VariantSpec, register_variant
 
 
-class GroupedTiedAttention(Attention):
+class GroupedTiedAttention(TiedStateAttention):
     """GTA-G: G tied KV heads (`n_kv_heads`) and one shared RoPE key of `rope_dim` dims."""
 
     def __init__(self, config: ModelConfig, device=None, dtype=None):
@@ -51,14 +52,27 @@ class GroupedTiedAttention(Attention):
         return causal_attention(q[0], k, tied, self.scale)
 
     def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
-        kv_cache, rope_cache = cache
         q_full = q[0]
-        return ops.decode_tied(q_full[..., :self.nope_dim], q_full[..., self.nope_dim:], kv_cache,
-                               rope_cache, meta.block_table, meta.cache_seqlens,
-                               softmax_scale=self.scale, plan=meta.plan, backend=meta.backend)
+        return self.kernel_call(meta.backend, (q_full[..., :self.nope_dim], q_full[..., self.nope_dim:]),
+                                cache, meta.block_table, meta.cache_seqlens, plan=meta.plan)
 
     def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
         return {"kv": (self.local_heads(tp)[1], self.head_dim), "rope": (self.rope_dim,)}
 
     def decode_widths(self) -> tuple[int, int]:
         return self.head_dim, self.head_dim
+
+    def decode_query_shapes(self, batch: int, query_len: int, tp: int = 1):
+        heads = self.local_heads(tp)[0]
+        return (batch, query_len, heads, self.nope_dim), (batch, query_len, heads, self.rope_dim)
+
+    def shard_heads(self, q_heads: range, c_heads: range) -> dict:
+        set_weight(self.wq, select_heads(self.wq.weight, q_heads, self.head_dim))
+        set_weight(self.wkv, select_heads(self.wkv.weight, c_heads, self.head_dim))
+        self.n_kv_heads = len(c_heads)
+        return dict(n_kv_heads=len(c_heads))
+
+
+GTA = register_variant(VariantSpec(
+    "gta", GroupedTiedAttention, "grouped-tied attention: G tied K/V states + a shared RoPE key",
+    groups=4, partial_rope=True, rope_below_head=True))

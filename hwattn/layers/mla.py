@@ -6,7 +6,7 @@ by every head. Training / prefill up-projects each head's latent to K_nope = W_U
 V = W_UV c (d_h each) and attends with K = [K_nope, k_rope] at scale 1/sqrt(d_h + d_R).
 
 Decode absorbs the up-projections: q_abs = q_nope · W_UK (a d_c-wide query per head) attends
-the cached latent directly through `hwattn.ops.decode_tied` (the latent is both the key's
+the cached latent directly through the backend's `decode_tied` (the latent is both the key's
 un-rotated part and the value), and W_UV maps the attended latent back to d_h. The scale stays
 the training scale. Per token per layer the cache holds h_c · d_c + d_R elements; MLA has one
 latent head of d_c = 4·d_h. Query head i uses latent head i // (h_q / h_c).
@@ -19,14 +19,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from hwattn import ops
 from hwattn.config import ModelConfig
-from hwattn.layers.base import Attention, AttentionMetadata, causal_attention
+from hwattn.layers.base import (AttentionMetadata, TiedStateAttention, causal_attention, select_heads,
+                                set_weight)
 from hwattn.layers.norm import RMSNorm
 from hwattn.layers.rope import apply_rope
+from hwattn.variants import VariantSpec, register_variant
 
 
-class LatentAttention(Attention):
+class LatentAttention(TiedStateAttention):
     """Latent attention with `n_latent_heads` latents of `latent_dim` each (MLA: 1, GLA: h_c)."""
 
     def __init__(self, config: ModelConfig, device=None, dtype=None):
@@ -89,10 +90,9 @@ class LatentAttention(Attention):
 
     def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
         q_nope, q_rope = q
-        kv_cache, rope_cache = cache
-        out_latent = ops.decode_tied(self.absorb_query(q_nope), q_rope, kv_cache, rope_cache,
-                                     meta.block_table, meta.cache_seqlens, softmax_scale=self.scale,
-                                     plan=meta.plan, backend=meta.backend)  # (B, T, H, d_c)
+        out_latent = self.kernel_call(meta.backend, (self.absorb_query(q_nope), q_rope), cache,
+                                      meta.block_table, meta.cache_seqlens,
+                                      plan=meta.plan)  # (B, T, H, d_c)
         return self.absorb_output(out_latent)
 
     def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
@@ -101,9 +101,35 @@ class LatentAttention(Attention):
     def decode_widths(self) -> tuple[int, int]:
         return self.latent_dim + self.rope_dim, self.latent_dim
 
+    def attend_widths(self) -> tuple[int, int]:
+        return self.head_dim + self.rope_dim, self.head_dim
+
+    def decode_query_shapes(self, batch: int, query_len: int, tp: int = 1):
+        heads = self.local_heads(tp)[0]  # absorbed: a d_c-wide query per head
+        return (batch, query_len, heads, self.latent_dim), (batch, query_len, heads, self.rope_dim)
+
+    def shard_heads(self, q_heads: range, c_heads: range) -> dict:
+        dc, dr = self.latent_dim, self.rope_dim
+        set_weight(self.wq_b, select_heads(self.wq_b.weight, q_heads, self.head_dim + dr))
+        w = self.wkv_a.weight  # (h_c * d_c + d_R, D): the latents, then the shared RoPE key
+        latent = select_heads(w[:self.n_latent_heads * dc], c_heads, dc)
+        set_weight(self.wkv_a, torch.cat((latent, w[self.n_latent_heads * dc:])))
+        self.kv_norm.weight = nn.Parameter(self.kv_norm.weight[c_heads.start:c_heads.stop].clone(),
+                                           requires_grad=False)
+        self.w_uk = nn.Parameter(self.w_uk[q_heads.start:q_heads.stop].clone(), requires_grad=False)
+        self.w_uv = nn.Parameter(self.w_uv[q_heads.start:q_heads.stop].clone(), requires_grad=False)
+        self.n_latent_heads = len(c_heads)
+        self.group = len(q_heads) // len(c_heads)
+        return dict(n_latent_heads=len(c_heads))
+
 
 class MultiHeadLatentAttention(LatentAttention):
     """MLA: one latent of d_c = 4·d_h shared by all query heads, plus one RoPE key.
 
     Under tensor parallelism the latent cannot be split, so every rank keeps a full copy.
     """
+
+
+MLA = register_variant(VariantSpec(
+    "mla", MultiHeadLatentAttention, "multi-head latent attention: one latent of 4·d_h + a RoPE key",
+    groups=1, fixed_groups=True, latent_width=4, partial_rope=True, bench_heads=128))

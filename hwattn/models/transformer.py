@@ -1,4 +1,4 @@
-"""A Llama-style decoder whose attention is any of the six families.
+"""A Llama-style decoder whose attention is any registered variant (the paper's six built in).
 
 RMSNorm pre-norm blocks, SwiGLU feed-forward, RoPE (theta from the config) and tied input /
 output embeddings. The model is single-device; tensor parallelism, compilation and checkpoint
@@ -9,13 +9,16 @@ conversion are applied from outside.
     caches = model.allocate_kv_cache(num_pages, page_size)   # paged KV cache, one tuple a layer
     logits = model(tokens, meta=meta, kv_caches=caches)      # prefill / decode through the cache
 
+`forward` is the one decoder loop: training, regionally compiled training (`blocks=`) and the
+serving engine (`last_only=`) all run it.
+
 Cost accounting (KV bytes per token, FLOPs per token for MFU) sits beside the model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,12 +87,16 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
     def forward(self, tokens: Tensor, meta: AttentionMetadata | None = None,
-                kv_caches: Sequence[tuple[Tensor, ...]] | None = None) -> Tensor:
-        """tokens (B, T) int64 -> logits (B, T, V).
+                kv_caches: Sequence[tuple[Tensor, ...]] | None = None, last_only: bool = False,
+                blocks: Sequence[Callable] | None = None) -> Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V), or (B, 1, V) with `last_only`.
 
         Without `meta`, positions are 0..T-1 and attention is causal over the input (training).
         With `meta` and `kv_caches` (from `allocate_kv_cache`), the T tokens are the last T of
         each cached sequence: they are written to the cache and attend to everything before.
+        last_only: project only the last position to the vocabulary (prefill, decode).
+        blocks: callables run in place of `self.layers`, with `Block.forward`'s signature
+            (e.g. compiled copies of the blocks, sharing their parameters).
         """
         b, t = tokens.shape
         if meta is None:
@@ -98,11 +105,22 @@ class Transformer(nn.Module):
             if kv_caches is None or len(kv_caches) != len(self.layers):
                 raise ValueError(f"kv_caches must hold one cache per layer ({len(self.layers)})")
             positions = meta.positions(t)
-        cos, sin = self.rope(positions)
+        blocks = self.layers if blocks is None else blocks
+        if len(blocks) != len(self.layers):
+            raise ValueError(f"blocks must hold one callable per layer ({len(self.layers)})")
+        cos, sin = self.rope(positions)  # (B, T, d_R / 2) each
         x = self.tok_embeddings(tokens)  # (B, T, D)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, None if meta is None else kv_caches[i])
+        for i, block in enumerate(blocks):
+            x = block(x, cos, sin, meta, None if meta is None else kv_caches[i])
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
         return self.output(self.norm(x))
+
+    @property
+    def cache_heads(self) -> int:
+        """Cached heads per layer on this rank (KV or latent heads), from the layers' own
+        configs, which describe the local shard once the model is tensor-parallel."""
+        return self.layers[0].attn.config.cache_heads
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin (B, T, d_R / 2) fp32 for positions (B, T). Positions past max_seq_len
@@ -139,8 +157,7 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at sequence length `seq_len`:
         6 per matmul weight plus attention's QK^T and PV over the (full) context."""
-        cfg = self.config
         matmul = sum(p.numel() for n, p in self.named_parameters() if not n.endswith("norm.weight"))
-        d_qk = cfg.head_dim + (cfg.rope_dim if cfg.attention in ("mla", "gla") else 0)
-        attn = 6 * cfg.n_layers * cfg.n_heads * seq_len * (d_qk + cfg.head_dim)
+        attn = sum(6 * blk.attn.n_heads * seq_len * sum(blk.attn.attend_widths())
+                   for blk in self.layers)
         return 6 * matmul + attn

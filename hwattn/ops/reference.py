@@ -3,7 +3,7 @@
 Written for obviousness, not speed: one sequence at a time, scores in fp32 (fp64 when the
 inputs are fp64). They never import a kernel. They are also the CPU path of `hwattn.ops`.
 
-Paged layout (DESIGN §4): `cache[num_pages, page_size, heads, dim]`; sequence b's token t
+Paged layout (docs/design.md §4): `cache[num_pages, page_size, heads, dim]`; sequence b's token t
 lives in page `block_table[b, t // page_size]` at offset `t % page_size`. `cache_seqlens[b]`
 counts every cached token, the L_q new ones included. Query row j of L_q sees cache
 positions < L - L_q + j + 1 (causal mask aligned bottom-right).

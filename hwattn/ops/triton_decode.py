@@ -88,12 +88,17 @@ def min_piece(q: Tensor, k_cache: Tensor, v_cache: Tensor, rope_cache: Tensor | 
     """Shortest split-KV piece (tokens) whose fp32 partial, written and read back, costs at most
     half the cache bytes the piece reads (longer pieces would leave SMs idle at B = 1)."""
     batch, query_len, n_heads, _ = q.shape
-    d_v = k_cache.shape[-1]
-    partial = 2 * n_heads * query_len * (d_v + 1) * 4
     per_token = k_cache[0, 0].numel() * k_cache.element_size()
     per_token += (rope_cache[0, 0].numel() * rope_cache.element_size() if tied
                   else v_cache[0, 0].numel() * v_cache.element_size())
-    return max(MIN_PIECE, -(-2 * partial // per_token // PIECE_ALIGN) * PIECE_ALIGN)
+    return min_piece_for(n_heads, query_len, k_cache.shape[-1], per_token)
+
+
+def min_piece_for(n_heads: int, query_len: int, d_v: int, cache_bytes_per_token: int) -> int:
+    """`min_piece` from the shape alone: H_q query heads × L_q rows of d_v-wide partials
+    against the cache bytes one token occupies."""
+    partial = 2 * n_heads * query_len * (d_v + 1) * 4
+    return max(MIN_PIECE, -(-2 * partial // cache_bytes_per_token // PIECE_ALIGN) * PIECE_ALIGN)
 
 
 def _check_kernel_dtypes(**tensors: Tensor) -> None:

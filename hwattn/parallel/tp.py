@@ -5,9 +5,10 @@ Each rank keeps a contiguous block of query heads and the cached heads they read
 there are at least as many as ranks, else each rank keeps (duplicates) the one its query heads
 use; MLA's single latent is therefore replicated on every rank, and the shared RoPE key of
 GTA/MLA/GLA is replicated too. Projections into heads are split by output rows
-(column-parallel), the output projection by input columns (row-parallel) followed by an
-all-reduce; the SwiGLU hidden units are split the same way. Embeddings, norms and the output
-head stay replicated, so every rank computes the same logits.
+(column-parallel), which each family does for itself (`Attention.shard_heads`); the output
+projection is split here by input columns (row-parallel) followed by an all-reduce, and the
+SwiGLU hidden units the same way. Embeddings, norms and the output head stay replicated, so
+every rank computes the same logits.
 
 After sharding, each attention layer's `config` describes its local shard, so its
 `cache_layout(1)`, `allocate_cache` and `kv_bytes_per_token(1)` are the per-rank ones.
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hwattn.layers import GroupedQueryAttention, GroupedTiedAttention, LatentAttention
+from hwattn.layers import set_weight
 
 
 class RowParallelLinear(nn.Module):
@@ -41,16 +42,6 @@ class RowParallelLinear(nn.Module):
         return y
 
 
-def _heads(weight: Tensor, heads: range, width: int) -> Tensor:
-    """Rows of `weight` (H * width, D) belonging to `heads`."""
-    return weight.view(-1, width, weight.shape[-1])[heads.start:heads.stop].reshape(-1, weight.shape[-1])
-
-
-def _set(linear: nn.Linear, weight: Tensor) -> None:
-    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-    linear.out_features, linear.in_features = weight.shape
-
-
 def _row_parallel(linear: nn.Linear, heads: range, width: int, group) -> RowParallelLinear:
     d_out = linear.weight.shape[0]
     w = linear.weight.view(d_out, -1, width)[:, heads.start:heads.stop].reshape(d_out, -1)
@@ -58,40 +49,14 @@ def _row_parallel(linear: nn.Linear, heads: range, width: int, group) -> RowPara
 
 
 def shard_attention(attn, rank: int, world: int, group=None) -> None:
+    """Keep rank `rank`'s query heads and the cached heads they read (in place)."""
     cfg = attn.config
     n_q, n_c = attn.local_heads(world)
-    group_size = cfg.n_heads // cfg.cache_heads
     q_heads = range(rank * n_q, (rank + 1) * n_q)
-    first = rank * n_q // group_size
+    first = rank * n_q // cfg.group_size
     c_heads = range(first, first + n_c)
-    dh = cfg.head_dim
-    if isinstance(attn, GroupedQueryAttention):
-        _set(attn.wq, _heads(attn.wq.weight, q_heads, dh))
-        _set(attn.wk, _heads(attn.wk.weight, c_heads, dh))
-        _set(attn.wv, _heads(attn.wv.weight, c_heads, dh))
-        attn.n_kv_heads = n_c
-        local = dict(n_kv_heads=n_c)
-    elif isinstance(attn, GroupedTiedAttention):
-        _set(attn.wq, _heads(attn.wq.weight, q_heads, dh))
-        _set(attn.wkv, _heads(attn.wkv.weight, c_heads, dh))
-        attn.n_kv_heads = n_c
-        local = dict(n_kv_heads=n_c)
-    elif isinstance(attn, LatentAttention):
-        dc, dr = attn.latent_dim, attn.rope_dim
-        _set(attn.wq_b, _heads(attn.wq_b.weight, q_heads, dh + dr))
-        w = attn.wkv_a.weight  # (h_c * d_c + d_R, D)
-        latent = _heads(w[:cfg.n_latent_heads * dc], c_heads, dc)
-        _set(attn.wkv_a, torch.cat((latent, w[cfg.n_latent_heads * dc:])))
-        attn.kv_norm.weight = nn.Parameter(attn.kv_norm.weight[c_heads.start:c_heads.stop].clone(),
-                                           requires_grad=False)
-        attn.w_uk = nn.Parameter(attn.w_uk[q_heads.start:q_heads.stop].clone(), requires_grad=False)
-        attn.w_uv = nn.Parameter(attn.w_uv[q_heads.start:q_heads.stop].clone(), requires_grad=False)
-        attn.n_latent_heads = n_c
-        attn.group = n_q // n_c
-        local = dict(n_latent_heads=n_c)
-    else:
-        raise ValueError(f"no tensor-parallel rule for {type(attn).__name__}")
-    attn.wo = _row_parallel(attn.wo, q_heads, dh, group)
+    local = attn.shard_heads(q_heads, c_heads)
+    attn.wo = _row_parallel(attn.wo, q_heads, attn.head_dim, group)
     attn.n_heads = n_q
     attn.config = dataclasses.replace(cfg, n_heads=n_q, **local)
 
@@ -99,8 +64,8 @@ def shard_attention(attn, rank: int, world: int, group=None) -> None:
 def shard_ffn(ffn, rank: int, world: int, group=None) -> None:
     units = torch.tensor_split(torch.arange(ffn.w1.weight.shape[0]), world)[rank]
     lo, hi = int(units[0]), int(units[-1]) + 1
-    _set(ffn.w1, ffn.w1.weight[lo:hi])
-    _set(ffn.w3, ffn.w3.weight[lo:hi])
+    set_weight(ffn.w1, ffn.w1.weight[lo:hi])
+    set_weight(ffn.w3, ffn.w3.weight[lo:hi])
     ffn.w2 = RowParallelLinear(ffn.w2.weight[:, lo:hi], group)
 
 

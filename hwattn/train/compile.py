@@ -3,9 +3,9 @@
 Every block of a model runs the same code, so dynamo compiles one block graph (forward and
 backward) and reuses it for all layers: compile time is that of one layer, which matters when
 six variants are each trained for half a minute. The embedding, final norm and output matmul
-stay eager. The returned callable computes the training path of `Transformer.forward` (no
-cache) with the compiled blocks; the model itself is untouched, so evaluation and decoding
-keep running eagerly.
+stay eager. The returned callable runs `Transformer.forward`'s training path (no cache) with
+the compiled blocks in place of the model's own; the model itself is untouched, so evaluation
+and decoding keep running eagerly.
 """
 
 from __future__ import annotations
@@ -27,11 +27,4 @@ class RegionallyCompiled:
         self.blocks = [torch.compile(blk, **compile_kwargs) for blk in model.layers]
 
     def __call__(self, tokens: Tensor) -> Tensor:
-        m = self.model
-        b, t = tokens.shape
-        positions = torch.arange(t, device=tokens.device)[None].expand(b, t)
-        cos, sin = m.rope(positions)  # (B, T, d_R / 2) each
-        x = m.tok_embeddings(tokens)  # (B, T, D)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, None, None)
-        return m.output(m.norm(x))  # (B, T, V)
+        return self.model(tokens, blocks=self.blocks)  # (B, T, V)

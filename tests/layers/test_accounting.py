@@ -9,7 +9,7 @@ from hwattn import AttentionMetadata, ModelConfig, Transformer, build_attention
 from hwattn.analysis.cost import analyze
 from hwattn.config import ATTENTION_KINDS
 
-# DESIGN §2: per-device KV bytes per token per layer, bf16, XL config.
+# docs/design.md §2: per-device KV bytes per token per layer, bf16, XL config.
 XL_TABLE = {
     "mha": {1: 8192, 2: 4096, 4: 2048},
     "gqa-4": {1: 2048, 2: 1024, 4: 512},
@@ -62,7 +62,7 @@ def test_decode_flops_and_bytes_by_hand():
 @pytest.mark.parametrize("attention, expected", [
     ("mha", 1), ("gqa", 4), ("gta", 8), ("mqa", 16), ("mla", 32), ("gla", 16)])
 def test_arithmetic_intensity_matches_design(attention, expected):
-    """DESIGN §2 at L_q = 1, L >> h_q, with h_q = 16: MHA 1, GQA g, GTA 2g, MQA h, MLA 2h,
+    """docs/design.md §2 at L_q = 1, L >> h_q, with h_q = 16: MHA 1, GQA g, GTA 2g, MQA h, MLA 2h,
     GLA-2 h (within the RoPE key's and the latent's small overheads)."""
     attn = build_attention(ModelConfig.from_preset("xl", attention=attention), device="meta")
     ai = attn.arithmetic_intensity(1 << 20, 1)

@@ -30,8 +30,8 @@ def test_bench_case_checks_against_sdpa(variant, heads, l_q):
     assert row["us"] == 1000.0 and row["pct_roofline"] == pytest.approx(100 * row["roofline_us"] / 1000)
 
 
-def test_targets_suite_is_well_formed():
-    cases = bench_decode._targets()
+def test_standard_suite_is_well_formed():
+    cases = bench_decode._standard()
     assert {c["variant"] for c in cases} == {"gla-2", "mla", "gqa-4", "gta-4", "mqa"}
     for case in cases:
         layer = bench_decode._layer(case["variant"], case["heads"], 128, 64)

@@ -2,7 +2,7 @@
 one block of query heads that share a KV (or latent) head.
 
 Rows of the tiles are (query head, query position) pairs: the g_q heads of a KV head times L_q
-share every K/V tile, so packing them into M is what turns decode into matrix work (DESIGN §4).
+share every K/V tile, so packing them into M is what turns decode into matrix work (docs/design.md §4).
 Row r is head `r // L_Q` of the block at query position `r % L_Q`.
 
 Two cache shapes, chosen by the constexpr TIED:

@@ -1,0 +1,262 @@
+"""`AttentionBackend`: the object a model runner chooses once and every layer calls.
+
+A backend owns one implementation of the paged decode ops (docs/design.md §4) and the plan
+of a step. Its public methods check their arguments (raising `ValueError` naming the argument,
+before any kernel launches) and then call the `run_*` hooks a subclass implements:
+
+    plan(cache_seqlens, num_heads_kv=, query_len=, page_size=, device=, out=)  -> plan or None
+    decode(q, k_cache, v_cache, block_table, cache_seqlens, ...)      -> run_decode
+    decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table, ...) -> run_decode_tied
+    store_kv(cache, new, slot_mapping, ...)                            -> run_store_kv
+
+Caches are paged as `(num_pages, page_size, *per-token shape)`, contiguous; `cache_dtype` and
+`check_cache` say which cache a backend reads. A plan is computed once per step from host
+lengths and reused by every layer; `plan(..., out=previous)` refreshes it in place so that a
+captured CUDA graph replays with new lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from hwattn.ops.plan import DecodePlan
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
+
+
+def _check_cache_dtype(name: str, cache: Tensor, q: Tensor, scale) -> None:
+    fp8 = cache.dtype in FP8_DTYPES
+    if fp8 and scale is None:
+        raise ValueError(f"{name} is fp8: pass its dequantisation scale")
+    if not fp8 and cache.dtype != q.dtype:
+        raise ValueError(f"{name} dtype {cache.dtype} must match the query dtype {q.dtype} "
+                         "(or be float8_e4m3fn with a scale)")
+
+
+class AttentionBackend:
+    """One implementation of the paged decode ops; see the module docstring.
+
+    Class attributes a subclass sets: `name` (its registry name) and, for automatic choice,
+    `priority` and `auto_select(device)` (see `hwattn.ops.backends.register_backend`).
+    """
+
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 0
+
+    @classmethod
+    def auto_select(cls, device: torch.device) -> bool:
+        """Whether "auto" may choose this backend for tensors on `device` (cheap, no imports)."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    # The step plan.
+    def plan(self, cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
+             page_size: int, device=None, out: Any = None) -> Any:
+        """The schedule of one decode step, shared by every layer (None if none is needed).
+
+        Args:
+            cache_seqlens: (B,) int32 on the host, tokens cached per sequence once the step's
+                `query_len` new ones are written; read here, once, so decode never has to.
+            num_heads_kv: cached heads per layer on this rank.
+            page_size: the cache's page size.
+            device: where the decode kernels run (default: the lengths' device).
+            out: a plan of the same batch size to refresh in place (CUDA graph replay).
+        """
+        return None
+
+    def check_plan(self, plan: Any, batch: int, capacity: int) -> bool:
+        """Validate a plan handed to a decode call. Returns True if the plan vouches for the
+        lengths (read on the host when it was made), so the call need not read them.
+
+        The default accepts None and the split-KV `DecodePlan` of `hwattn.ops.plan_decode`.
+        """
+        if plan is None:
+            return False
+        if not isinstance(plan, DecodePlan) or plan.batch != batch:
+            raise ValueError(f"plan must be a DecodePlan from plan_decode for B={batch}")
+        if plan.max_seqlen > capacity:
+            raise ValueError(f"block_table holds {capacity} slots, too short for the plan's "
+                             f"longest sequence {plan.max_seqlen}")
+        return True
+
+    # The cache it reads.
+    def cache_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the paged cache for a model computing in `dtype` (default: the same)."""
+        return dtype
+
+    def check_cache(self, page_size: int, dtype: torch.dtype) -> None:
+        """Raise ValueError if this backend cannot read a cache of this page size and dtype."""
+        if page_size <= 0:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+
+    # Kernels a subclass implements; arguments arrive checked, scales resolved.
+    def run_decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                   cache_seqlens: Tensor, *, softmax_scale: float, plan: Any,
+                   k_scale: float | None, v_scale: float | None) -> tuple[Tensor, Tensor]:
+        """Separate K/V paged attention -> (out (B, L_q, H_q, D), lse (B, H_q, L_q) fp32)."""
+        raise NotImplementedError
+
+    def run_decode_tied(self, q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor,
+                        rope_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, *,
+                        softmax_scale: float, plan: Any,
+                        kv_scale: float | None) -> tuple[Tensor, Tensor]:
+        """Tied-state paged attention -> (out (B, L_q, H_q, D_v), lse (B, H_q, L_q) fp32)."""
+        raise NotImplementedError
+
+    def run_store_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor, *,
+                     scale: float | None) -> None:
+        """Write `new` (N, *feat) into `cache` at `slot_mapping`; negative slots are skipped."""
+        raise NotImplementedError
+
+    # Checked entry points.
+    def _check_paged(self, name_cache: str, cache: Tensor, block_table: Tensor,
+                     cache_seqlens: Tensor, batch: int, query_len: int, device: torch.device,
+                     plan: Any) -> None:
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must be (B={batch}, max_pages), got {tuple(block_table.shape)}")
+        if block_table.dtype != torch.int32:
+            raise ValueError(f"block_table must be int32, got {block_table.dtype}")
+        if cache_seqlens.shape != (batch,):
+            raise ValueError(f"cache_seqlens must be (B={batch},), got {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.dtype != torch.int32:
+            raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+        for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens), (name_cache, cache)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but q is on {device}")
+        if cache.shape[1] <= 0:
+            raise ValueError(f"{name_cache} page size must be positive, got {cache.shape[1]}")
+        capacity = block_table.shape[1] * cache.shape[1]
+        if self.check_plan(plan, batch, capacity):
+            return  # the plan read the lengths on the host already: no device read (CUDA graphs)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return  # reading the lengths would sync; pass a plan to have them checked
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < query_len:
+            raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new "
+                             f"tokens are counted), got min {lo}")
+        if hi > capacity:
+            raise ValueError(f"block_table has {block_table.shape[1]} pages of {cache.shape[1]} "
+                             f"tokens = {capacity} slots, too short for cache_seqlens max {hi}")
+
+    def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+               cache_seqlens: Tensor, *, softmax_scale: float | None = None,
+               return_lse: bool = False, plan: Any = None, k_scale: float | None = None,
+               v_scale: float | None = None):
+        """Paged attention with separate K and V caches (MHA / MQA / GQA).
+
+        Args:
+            q: (B, L_q, H_q, D) fp16/bf16 (fp32/fp64 where the backend takes them).
+            k_cache, v_cache: (P, page_size, H_kv, D); H_q % H_kv == 0, head i reads KV head
+                i // (H_q // H_kv). fp8 (e4m3) with `k_scale` / `v_scale` is accepted.
+            block_table: (B, max_pages) int32. cache_seqlens: (B,) int32, counting the L_q new
+                tokens.
+            softmax_scale: default 1/sqrt(D).
+            plan: this backend's plan for the step (`plan(...)`), reused by every layer.
+        Returns:
+            out (B, L_q, H_q, D) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
+        """
+        if q.dim() != 4:
+            raise ValueError(f"q must be (B, L_q, H_q, D), got shape {tuple(q.shape)}")
+        _check_float("q", q)
+        batch, query_len, n_heads, head_dim = q.shape
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if cache.dim() != 4:
+                raise ValueError(f"{name} must be (P, page_size, H_kv, D), got {tuple(cache.shape)}")
+            if cache.shape[3] != head_dim:
+                raise ValueError(f"{name} head dim {cache.shape[3]} must equal q's {head_dim}")
+        _check_cache_dtype("k_cache", k_cache, q, k_scale)
+        _check_cache_dtype("v_cache", v_cache, q, v_scale)
+        if k_cache.shape != v_cache.shape:
+            raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+        n_kv = k_cache.shape[2]
+        if n_kv <= 0 or n_heads % n_kv:
+            raise ValueError(f"k_cache has {n_kv} heads, which must divide q's {n_heads} heads")
+        self._check_paged("k_cache", k_cache, block_table, cache_seqlens, batch, query_len,
+                          q.device, plan)
+        if v_cache.device != q.device:
+            raise ValueError(f"v_cache is on {v_cache.device} but q is on {q.device}")
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        out, lse = self.run_decode(q, k_cache, v_cache, block_table, cache_seqlens,
+                                   softmax_scale=scale, plan=plan, k_scale=k_scale,
+                                   v_scale=v_scale)
+        return (out, lse) if return_lse else out
+
+    def decode_tied(self, q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                    block_table: Tensor, cache_seqlens: Tensor, *,
+                    softmax_scale: float | None = None, return_lse: bool = False,
+                    plan: Any = None, kv_scale: float | None = None):
+        """Paged attention over one tied state per head plus one shared RoPE key (GTA, MLA,
+        GLA): scores = (q_nope · S[..., :D_nope] + q_rope · R) · scale, out = P · S.
+
+        Args:
+            q_nope: (B, L_q, H_q, D_nope); q_rope: (B, L_q, H_q, D_R).
+            kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
+            block_table, cache_seqlens, plan: as for `decode`.
+            softmax_scale: default 1/sqrt(D_nope + D_R).
+            kv_scale: dequantisation scale of an fp8 cache (both caches share it).
+        Returns:
+            out (B, L_q, H_q, D_v) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
+        """
+        if q_nope.dim() != 4:
+            raise ValueError(f"q_nope must be (B, L_q, H_q, D_nope), got {tuple(q_nope.shape)}")
+        _check_float("q_nope", q_nope)
+        batch, query_len, n_heads, d_nope = q_nope.shape
+        if q_rope.dim() != 4 or q_rope.shape[:3] != q_nope.shape[:3]:
+            raise ValueError(f"q_rope must be (B, L_q, H_q, D_R) matching q_nope {tuple(q_nope.shape[:3])}, "
+                             f"got {tuple(q_rope.shape)}")
+        if q_rope.dtype != q_nope.dtype:
+            raise ValueError(f"q_rope dtype {q_rope.dtype} must match q_nope's {q_nope.dtype}")
+        d_rope = q_rope.shape[3]
+        if kv_cache.dim() != 4:
+            raise ValueError(f"kv_cache must be (P, page_size, H_kv, D_v), got {tuple(kv_cache.shape)}")
+        if kv_cache.shape[3] < d_nope:
+            raise ValueError(f"kv_cache width {kv_cache.shape[3]} must be >= q_nope's D_nope {d_nope}")
+        if rope_cache.dim() != 3 or rope_cache.shape[:2] != kv_cache.shape[:2] or rope_cache.shape[2] != d_rope:
+            raise ValueError(f"rope_cache must be (P, page_size, D_R) = {(*kv_cache.shape[:2], d_rope)}, "
+                             f"got {tuple(rope_cache.shape)}")
+        _check_cache_dtype("kv_cache", kv_cache, q_nope, kv_scale)
+        _check_cache_dtype("rope_cache", rope_cache, q_nope, kv_scale)
+        n_kv = kv_cache.shape[2]
+        if n_kv <= 0 or n_heads % n_kv:
+            raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
+        self._check_paged("kv_cache", kv_cache, block_table, cache_seqlens, batch, query_len,
+                          q_nope.device, plan)
+        if q_rope.device != q_nope.device or rope_cache.device != q_nope.device:
+            raise ValueError("q_rope and rope_cache must be on q_nope's device")
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_nope + d_rope)
+        out, lse = self.run_decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                        cache_seqlens, softmax_scale=scale, plan=plan,
+                                        kv_scale=kv_scale)
+        return (out, lse) if return_lse else out
+
+    def store_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor, *,
+                 scale: float | None = None) -> None:
+        """Write new tokens into a paged cache in place.
+
+        Args:
+            cache: (P, page_size, *feat). new: (N, *feat). slot_mapping: (N,) int, flat slot
+                page * page_size + offset per token; negative entries are skipped (padding).
+            scale: quantisation scale for an fp8 cache (stored = value / scale).
+        """
+        if new.shape[1:] != cache.shape[2:]:
+            raise ValueError(f"new tokens {tuple(new.shape)} do not fit cache {tuple(cache.shape)}: "
+                             f"expected (N, {', '.join(map(str, cache.shape[2:]))})")
+        if slot_mapping.shape != (new.shape[0],):
+            raise ValueError(f"slot_mapping must be (N={new.shape[0]},), got {tuple(slot_mapping.shape)}")
+        if slot_mapping.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+        for name, t in (("new", new), ("slot_mapping", slot_mapping)):
+            if t.device != cache.device:
+                raise ValueError(f"{name} is on {t.device} but cache is on {cache.device}")
+        self.run_store_kv(cache, new, slot_mapping, scale=scale)

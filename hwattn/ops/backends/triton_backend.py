@@ -1,0 +1,77 @@
+"""The Triton backend: the kernels of `hwattn.ops.kernels` launched by `triton_decode`.
+
+Its plan is the split-KV `DecodePlan` (`hwattn.ops.plan`), sized for the device's
+multiprocessors; with a plan given, a decode step reads nothing back to the host, so it can be
+captured in a CUDA graph. "auto" chooses it for CUDA tensors; on the CPU it runs only when
+asked for by name, under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported).
+Importing this module imports triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hwattn.ops import reference, triton_decode
+from hwattn.ops.backends.base import AttentionBackend
+from hwattn.ops.plan import plan_decode
+
+
+class TritonBackend(AttentionBackend):
+    """`config`: a `triton_decode.KernelConfig` forcing one tile shape for every call
+    (benchmarks use it to sweep tiles); default: chosen per shape by `choose_config`."""
+
+    name = "triton"
+    priority = 10
+
+    def __init__(self, config: triton_decode.KernelConfig | None = None):
+        self.config = config
+        self._sms: dict[torch.device, int | None] = {}
+
+    @classmethod
+    def auto_select(cls, device) -> bool:
+        return torch.device(device).type == "cuda"
+
+    def with_config(self, config: triton_decode.KernelConfig | None) -> "TritonBackend":
+        """A backend that launches every kernel with the tile shape `config`."""
+        return TritonBackend(config)
+
+    def check_cache(self, page_size: int, dtype: torch.dtype) -> None:
+        super().check_cache(page_size, dtype)
+        if dtype not in triton_decode.CACHE_DTYPES:
+            raise ValueError(f"cache dtype {dtype} is not one the Triton kernels read "
+                             f"({', '.join(str(d) for d in triton_decode.CACHE_DTYPES)}); "
+                             "use backend='torch'")
+
+    def _num_sms(self, device: torch.device) -> int | None:
+        if device not in self._sms:
+            self._sms[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                 if device.type == "cuda" else None)
+        return self._sms[device]
+
+    def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None, out=None):
+        device = torch.device(device) if device is not None else cache_seqlens.device
+        plan = plan_decode(cache_seqlens, num_heads_kv=num_heads_kv, query_len=query_len,
+                           page_size=page_size, num_sms=self._num_sms(device), out=out)
+        if out is None and plan.items.device != device:
+            plan.items, plan.splits = plan.items.to(device), plan.splits.to(device)
+        return plan
+
+    def run_decode(self, q, k_cache, v_cache, block_table, cache_seqlens, *, softmax_scale,
+                   plan, k_scale, v_scale):
+        return triton_decode.decode(q, k_cache, v_cache, block_table, cache_seqlens,
+                                    softmax_scale=softmax_scale, plan=plan, k_scale=k_scale,
+                                    v_scale=v_scale, config=self.config)
+
+    def run_decode_tied(self, q_nope, q_rope, kv_cache, rope_cache, block_table, cache_seqlens,
+                        *, softmax_scale, plan, kv_scale):
+        return triton_decode.decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                         cache_seqlens, softmax_scale=softmax_scale, plan=plan,
+                                         kv_scale=kv_scale, config=self.config)
+
+    def run_store_kv(self, cache, new, slot_mapping, *, scale) -> None:
+        # The kernel writes flat slots of a contiguous cache; anything else takes the reference.
+        if (cache.is_contiguous() and new.dtype in triton_decode.KERNEL_DTYPES
+                and cache.dtype in triton_decode.CACHE_DTYPES):
+            triton_decode.store_kv(cache, new, slot_mapping, scale)
+        else:
+            reference.store_kv_reference(cache, new, slot_mapping, scale)
