@@ -3,7 +3,7 @@
 
 from hwattn.config import ATTENTION_KINDS, ModelConfig
 from hwattn.hf import install as _install_hf
-from hwattn.layers import AttentionMetadata, build_attention
+from hwattn.layers import AttentionMetadata, build_attention  # registers the built-in variants
 from hwattn.models import Transformer, greedy_generate
 
 __version__ = "0.1.0"

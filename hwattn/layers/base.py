@@ -143,7 +143,8 @@ class Attention(nn.Module):
 
     def decode_query_shapes(self, batch: int, query_len: int, tp: int = 1) -> tuple[tuple[int, ...], ...]:
         """Shapes of the queries `kernel_call` takes, on one rank of a `tp`-way split."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not say what its decode kernel "
+                                  "takes (decode_query_shapes): benchmarks cannot call it")
 
     def kernel_call(self, backend: AttentionBackend, queries: tuple[Tensor, ...],
                     cache: tuple[Tensor, ...], block_table: Tensor, cache_seqlens: Tensor, *,
@@ -151,20 +152,22 @@ class Attention(nn.Module):
         """The paged decode-op call `decode` makes, on kernel-ready queries (shapes from
         `decode_query_shapes`) and this layer's cache tensors; `cache_scale` dequantises an
         fp8 cache. Returns what the backend's op returns."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement kernel_call")
 
     def kernel_operands(self, queries: tuple[Tensor, ...],
                         caches: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         """`kernel_call` as dense attention: from the queries and each cache gathered per
         sequence, (B, L, *per-token shape), the (q (B, L_q, H, E), k (B, L, H_kv, E),
         v (B, L, H_kv, E_v)) whose bottom-right causal attention gives the same output."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement kernel_operands: "
+                                  "no dense baseline for its decode kernel")
 
     def shard_heads(self, q_heads: range, c_heads: range) -> dict:
         """Keep query heads `q_heads` and cached heads `c_heads` of every projection into
         heads (column-parallel), and return the config fields that change on this rank. The
         output projection `wo` is split by the caller."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement shard_heads: it "
+                                  "cannot be split over tensor-parallel ranks")
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None = None,
                 cache: tuple[Tensor, ...] | None = None) -> Tensor:

@@ -90,6 +90,11 @@ def test_priority_device_and_missing_dependencies_decide_auto(registry, monkeypa
         ops.get_backend("auto", "cpu")
 
 
+def test_a_gpu_generation_hook_never_fires_off_the_gpu():
+    hopper = backends.on_compute_capability((9, 0))
+    assert not hopper(torch.device("cpu")) and not hopper("meta")
+
+
 def test_entry_points_register_backends(registry, tmp_path, monkeypatch):
     dist = tmp_path / "hwattn_test_backend-0.dist-info"
     dist.mkdir()

@@ -10,8 +10,8 @@ factories (usually `AttentionBackend` subclasses):
 `get_backend(name, device)` returns the one instance of a backend; "auto" picks, once per
 device, the registered backend of highest priority whose `auto_select(device)` is true: Triton
 (priority 10) for CUDA tensors, PyTorch (0) everywhere else. A backend for one GPU generation
-(say, Hopper at priority 20 with `auto_select` true on compute capability 9.0) registers the
-same way and is then chosen on that GPU automatically. To override the choice, ask for a
+registers the same way and is then chosen on that GPU automatically, e.g. a Hopper one with
+`register_backend("hopper", factory, priority=20, auto_select=on_compute_capability((9, 0)))`. To override the choice, ask for a
 backend by name (`LLM(..., backend="triton")`), or set HWATTN_ATTENTION_BACKEND to the name
 "auto" should mean.
 """
@@ -72,6 +72,15 @@ def register_backend(name: str, factory: Callable[[], AttentionBackend], *,
         auto_select = getattr(factory, "auto_select", None)
     _REGISTRY[name] = _Entry(factory, priority, auto_select)
     _AUTO.clear()
+
+
+def on_compute_capability(*capabilities: tuple[int, int]) -> Callable[[torch.device], bool]:
+    """An `auto_select` for a backend written for some GPUs: true for CUDA devices whose compute
+    capability is one of `capabilities`, e.g. `on_compute_capability((9, 0))` for Hopper."""
+    def select(device) -> bool:
+        device = torch.device(device)
+        return device.type == "cuda" and torch.cuda.get_device_capability(device) in capabilities
+    return select
 
 
 def _load_entry_points() -> None:
@@ -154,4 +163,4 @@ register_backend("triton", _triton_factory, priority=10,
                  auto_select=lambda device: torch.device(device).type == "cuda")
 
 __all__ = ["AttentionBackend", "ENTRY_POINT_GROUP", "ENV_OVERRIDE", "backend_names",
-           "get_backend", "register_backend"]
+           "get_backend", "on_compute_capability", "register_backend"]
