@@ -6,8 +6,8 @@ Mechanism only. The runner chooses its backend once; a step arrives as a `StepIn
 lists (so that tensor-parallel workers can receive the same step), the runner builds one
 `AttentionMetadata` per forward (carrying the backend and, for a decode step, the one plan the
 backend made for it, reused by every layer), runs `Transformer.forward` and returns logits;
-sampling is the engine's. Inside a decode step nothing reads device values back to the host: slots and
-positions are derived on the device from the block table and `cache_seqlens`.
+sampling is the engine's. Inside a decode step nothing reads device values back to the host:
+slots and positions are derived on the device from the block table and `cache_seqlens`.
 """
 
 from __future__ import annotations

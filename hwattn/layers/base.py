@@ -17,7 +17,7 @@ A family implements these hooks:
 
 and `forward` ties them together: without metadata it is the training path; with metadata it
 writes this step's states into the cache through `slot_mapping`, then attends either densely
-(prefill) or through the paged decode op. The last three hooks let benchmarks and tensor
+(prefill) or through the paged decode op. The last four hooks let benchmarks and tensor
 parallelism treat every family alike; the layer never sees which backend runs its kernels.
 """
 
@@ -141,7 +141,8 @@ class Attention(nn.Module):
         """(d_qk, d_v) of the dense path, per query head; default d_h for both."""
         return self.head_dim, self.head_dim
 
-    def decode_query_shapes(self, batch: int, query_len: int, tp: int = 1) -> tuple[tuple[int, ...], ...]:
+    def decode_query_shapes(self, batch: int, query_len: int,
+                            tp: int = 1) -> tuple[tuple[int, ...], ...]:
         """Shapes of the queries `kernel_call` takes, on one rank of a `tp`-way split."""
         raise NotImplementedError(f"{type(self).__name__} does not say what its decode kernel "
                                   "takes (decode_query_shapes): benchmarks cannot call it")

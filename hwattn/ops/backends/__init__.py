@@ -11,9 +11,11 @@ factories (usually `AttentionBackend` subclasses):
 device, the registered backend of highest priority whose `auto_select(device)` is true: Triton
 (priority 10) for CUDA tensors, PyTorch (0) everywhere else. A backend for one GPU generation
 registers the same way and is then chosen on that GPU automatically, e.g. a Hopper one with
-`register_backend("hopper", factory, priority=20, auto_select=on_compute_capability((9, 0)))`. To override the choice, ask for a
-backend by name (`LLM(..., backend="triton")`), or set HWATTN_ATTENTION_BACKEND to the name
-"auto" should mean.
+
+    register_backend("hopper", factory, priority=20, auto_select=on_compute_capability((9, 0)))
+
+To override the choice, ask for a backend by name (`LLM(..., backend="triton")`), or set
+HWATTN_ATTENTION_BACKEND to the name "auto" should mean.
 """
 
 from __future__ import annotations
