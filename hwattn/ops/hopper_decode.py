@@ -87,7 +87,11 @@ def warp_layout(d_v: int, rows: int) -> tuple[int, int, int]:
 
 def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
                 config: HopperConfig, elem_bytes: int = 2) -> Launch:
-    """Tile shape, ring depth and head blocks; raises ValueError if two slots do not fit."""
+    """Tile shape, ring depth and head blocks; raises ValueError for widths the kernel does not
+    take or when two slots do not fit."""
+    if d_v not in WIDTHS or d_nope not in WIDTHS or d_nope > d_v or d_rope not in ROPE_WIDTHS:
+        raise ValueError(f"widths D_nope={d_nope}, D_v={d_v}, D_R={d_rope}: need D_nope <= D_v, "
+                         f"both in {WIDTHS}, D_R in {ROPE_WIDTHS}")
     block_m, num_warps, warps_n = warp_layout(d_v, group * query_len)
     heads = min(group, max(1, block_m // query_len))
     head_blocks = -(-group // heads)

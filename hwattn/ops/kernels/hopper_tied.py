@@ -66,12 +66,16 @@ def row_layout(width, num_warps):
 
 
 @gluon.jit
-def _issue_block(kv_desc, rope_desc, kv_buf, rope_buf, bar, table_row, n0, end, kv_col,
-                 PAGE: gl.constexpr, D_V: gl.constexpr, pred):
-    """Copy tokens [n0, n0 + 64) of the state (kv_col.. + D_V) and the RoPE key into one slot."""
+def _slot_row(table_row, n0, end, PAGE: gl.constexpr):
+    """Row of token n0 in the caches viewed as (pages × page_size, ...)."""
     tok = gl.minimum(n0, end - 1)  # never read a table entry past the sequence
     page = gl.load(table_row + tok // PAGE)
-    row = page * PAGE + tok % PAGE
+    return page * PAGE + tok % PAGE
+
+
+@gluon.jit
+def _issue_block(kv_desc, rope_desc, kv_buf, rope_buf, bar, row, kv_col, D_V: gl.constexpr, pred):
+    """Copy 64 tokens from `row` on: the state (columns kv_col.. + D_V) and the RoPE key."""
     nbytes: gl.constexpr = kv_desc.block_type.nbytes * (D_V // COL_BOX) + rope_desc.block_type.nbytes
     mbarrier.expect(bar, nbytes, pred=pred)
     for c in gl.static_range(D_V // COL_BOX):
@@ -186,10 +190,11 @@ def _produce(kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, st
     """Producer warp: fill the ring NUM_STAGES blocks ahead of the consumers."""
     for j in range(gl.cdiv(end - start, BLOCK_N)):
         slot = j % NUM_STAGES
+        row = _slot_row(table_row, start + j * BLOCK_N, end, PAGE)  # in flight during the wait
         # A fresh mbarrier counts as having completed the phase before 0: the first pass is free.
         mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)
         _issue_block(kv_desc, rope_desc, kv_bufs.index(slot), rope_bufs.index(slot),
-                     ready.index(slot), table_row, start + j * BLOCK_N, end, kv_col, PAGE, D_V, True)
+                     ready.index(slot), row, kv_col, D_V, True)
 
 
 @gluon.jit
@@ -281,16 +286,18 @@ def hopper_tied_kernel(
         n_blocks = gl.cdiv(end - start, BLOCK_N)
         for i in gl.static_range(NUM_STAGES - 1):
             _issue_block(kv_desc, rope_desc, kv_bufs.index(i), rope_bufs.index(i), ready.index(i),
-                         table_row, start + i * BLOCK_N, end, kv_col, PAGE, D_V, i < n_blocks)
+                         _slot_row(table_row, start + i * BLOCK_N, end, PAGE), kv_col, D_V,
+                         i < n_blocks)
         o, m_i, l_i = _init_state(BLOCK_M, BLOCK_N, D_V, WARPS_N, num_warps)
         row_limit = _row_limit(seqlen, BLOCK_M, BLOCK_N, L_Q, WARPS_N, num_warps)
         for j in range(n_blocks):
             # Refill the slot block j - 1 used: every warpgroup has waited for its MMAs on it.
             ahead = j + NUM_STAGES - 1
+            row = _slot_row(table_row, start + ahead * BLOCK_N, end, PAGE)
             gl.thread_barrier()
             _issue_block(kv_desc, rope_desc, kv_bufs.index(ahead % NUM_STAGES),
                          rope_bufs.index(ahead % NUM_STAGES), ready.index(ahead % NUM_STAGES),
-                         table_row, start + ahead * BLOCK_N, end, kv_col, PAGE, D_V, ahead < n_blocks)
+                         row, kv_col, D_V, ahead < n_blocks)
             slot = j % NUM_STAGES
             mbarrier.wait(ready.index(slot), (j // NUM_STAGES) & 1)
             o, m_i, l_i = _attend_block(q_smem, qr_smem, kv_bufs.index(slot), rope_bufs.index(slot),
