@@ -10,7 +10,7 @@ import importlib.util
 import sys
 
 # Modules of hwattn.cli, in the order `hwattn --help` lists them.
-COMMANDS = ("compare", "analyze", "demo", "data", "train", "eval", "serve")
+COMMANDS = ("compare", "analyze", "demo", "data", "train", "eval", "serve", "convert")
 # Modules of hwattn.cli registering a subcommand of `hwattn bench`.
 BENCH_COMMANDS = ("bench_decode", "bench_engine", "bench_serve")
 
