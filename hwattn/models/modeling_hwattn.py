@@ -56,12 +56,17 @@ _FAMILY = {"mha": "gqa", "mqa": "gqa", "gqa": "gqa", "gta": "gta", "mla": "laten
 
 
 def _resolve(fields: dict) -> dict:
-    """Validate and derive the fields through hwattn's ModelConfig when hwattn is importable."""
+    """Derive missing fields (head counts, widths, the parameter-matched SwiGLU width) through
+    hwattn's ModelConfig when hwattn is importable. Complete fields (every checkpoint's) are
+    taken as they are, so an older or newer hwattn installed beside does not matter."""
+    family = _FAMILY.get(fields["attention"])
+    if family is not None and all(fields[k] is not None for k in _REQUIRED[family]):
+        return fields
     try:
         from hwattn.config import ModelConfig
     except ImportError:
-        return fields
-    return ModelConfig.from_dict(fields).to_dict()
+        return fields  # check_complete() names what is missing when a model is built
+    return {**fields, **ModelConfig.from_dict(fields).to_dict()}
 
 
 class HwattnConfig(PretrainedConfig):
