@@ -147,7 +147,10 @@ class HwattnLM(LM):
 
 
 def _task_yaml(name: str, path: Path) -> str:
-    first = json.loads(next(ln for ln in path.read_text().splitlines() if ln.strip()))
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if not rows:
+        raise ValueError(f"task {name}: {path} has no rows")
+    first = json.loads(rows[0])
     files = json.dumps({"test": str(path.resolve())})
     head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {files}\n"
             "test_split: test\n")
