@@ -20,6 +20,7 @@ def int_list(text: str) -> list[int]:
 
 def register(sub) -> None:
     from hwattn.analysis.cost import DEFAULT_VARIANTS, DTYPES, GPUS
+    from hwattn.cli import add_cpu_threads
 
     p = sub.add_parser("analyze", help="KV cache, arithmetic intensity and roofline per variant",
                        description="One row per attention variant and TP degree: parameters, KV "
@@ -38,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--bandwidth", type=float, help="override the GPU's memory TB/s")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.add_argument("--plot", metavar="FILE.png", help="also draw the roofline to this file")
+    add_cpu_threads(p)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from hwattn.cli import add_cpu_threads
+
     p = sub.add_parser("convert", help="convert a checkpoint of the paper's released GTA/GLA "
                                        "code into an hwattn checkpoint",
                        description="Reads a directory written by the paper's Llama-style modeling "
@@ -13,6 +15,7 @@ def register(sub) -> None:
                                    "checkpoint folder, tokenizer files included.")
     p.add_argument("source", help="directory of the paper-format checkpoint")
     p.add_argument("out", help="output checkpoint directory")
+    add_cpu_threads(p)
     p.set_defaults(func=run)
 
 

@@ -14,7 +14,8 @@ The model is registered with the harness as "hwattn", so its command line takes 
     lm_eval --model hwattn --model_args pretrained=DIR,batch_size=16 --tasks NAME ...
 
 (hwattn installs a start-up hook that registers the name when lm-eval loads; see
-`hwattn_lm_eval_hook`). model_args: pretrained, batch_size, max_length, device, amp.
+`hwattn_lm_eval_hook`). model_args: pretrained, batch_size, max_length, device, amp,
+cpu_threads (default: 1 for small models, see `hwattn.cpu_threads`).
 """
 
 from __future__ import annotations
@@ -38,15 +39,19 @@ class HwattnLM(LM):
 
     def __init__(self, model=None, tokenizer: Tokenizer | None = None, pretrained: str | None = None,
                  batch_size: int = 16, max_length: int | None = None, device: str = "auto",
-                 amp: str = "auto"):
+                 amp: str = "auto", cpu_threads: int | None = None):
         super().__init__()
         if model is None:
             if pretrained is None:
                 raise ValueError("HwattnLM needs a model or pretrained=<checkpoint dir>")
+            from hwattn.cpu_threads import set_cpu_threads, use_default_cpu_threads
             from hwattn.train.trainer import load_model, resolve_device
 
             model = load_model(pretrained, device=resolve_device(device))
             tokenizer = Tokenizer.load(pretrained)
+            if cpu_threads is not None:
+                set_cpu_threads(cpu_threads)
+            use_default_cpu_threads(model.num_params(), model.tok_embeddings.weight.device)
         if tokenizer is None:
             raise ValueError("HwattnLM needs the tokenizer the model was trained with")
         self.model = model.eval()
@@ -60,7 +65,8 @@ class HwattnLM(LM):
         return cls(pretrained=str(path), **kwargs)
 
     # What `lm_eval --model_args` may set, and how to read each value given as text.
-    ARGS = {"pretrained": str, "batch_size": int, "max_length": int, "device": str, "amp": str}
+    ARGS = {"pretrained": str, "batch_size": int, "max_length": int, "device": str, "amp": str,
+            "cpu_threads": int}
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
