@@ -25,12 +25,16 @@ REGISTRY = "lm_eval.api.registry"
 
 def register(registry) -> None:
     """Add the "hwattn" placeholder to lm-eval's model registry (the module `registry`)."""
+    models = getattr(registry, "model_registry", None)
+    if models is None:
+        raise RuntimeError("`lm_eval --model hwattn` needs lm-eval >= 0.4.10 (its lazy model "
+                           "registry); from Python, pass hwattn.eval.lm_eval_adapter.HwattnLM")
     # lm-eval fills its built-in names only into an empty registry, on first lookup; load them
     # first so that adding ours does not hide "hf", "vllm", ... .
     import lm_eval.models  # noqa: F401
 
-    if MODEL_NAME not in registry.model_registry:
-        registry.model_registry.register(MODEL_NAME, target=TARGET)
+    if MODEL_NAME not in models:
+        models.register(MODEL_NAME, target=TARGET)
 
 
 class _RegisterAfterLoading(importlib.abc.Loader):
