@@ -48,7 +48,7 @@ MODEL_FIELDS = {
     "hidden_multiple": 8, "max_seq_len": 1024, "rope_theta": 500_000.0, "norm_eps": 1e-5,
     "tie_embeddings": True, "attention_bias": False, "preset": None,
 }
-_REQUIRED = {"gqa": ("head_dim", "n_kv_heads", "hidden_dim"),
+_REQUIRED = {"gqa": ("head_dim", "n_kv_heads", "rope_dim", "hidden_dim"),
              "gta": ("head_dim", "n_kv_heads", "rope_dim", "hidden_dim"),
              "latent": ("head_dim", "n_latent_heads", "latent_dim", "q_latent_dim", "rope_dim",
                         "hidden_dim")}

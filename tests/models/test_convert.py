@@ -41,7 +41,8 @@ def their_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
           "lm_head.weight": rnd(V, D)}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": 1 + rnd(D), p + "post_attention_layernorm.weight": 1 + rnd(D),
+        sd.update({p + "input_layernorm.weight": 1 + rnd(D),
+                   p + "post_attention_layernorm.weight": 1 + rnd(D),
                    p + "mlp.gate_proj.weight": rnd(FFN, D), p + "mlp.up_proj.weight": rnd(FFN, D),
                    p + "mlp.down_proj.weight": rnd(D, FFN), p + "self_attn.o_proj.weight": rnd(D, H * DH)})
         a = p + "self_attn."
@@ -54,7 +55,8 @@ def their_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
             sd.update({a + "q_norm.weight": 1 + rnd(8 * DH), a + "kv_norm_1.weight": 1 + rnd(kv // 2),
                        a + "kv_norm_2.weight": 1 + rnd(kv // 2),
                        a + "W_dQ.weight": rnd(8 * DH, D), a + "W_dQ.bias": rnd(8 * DH),
-                       a + "W_uQ_rope.weight": rnd(H * (DH + DR), 8 * DH), a + "W_uQ_rope.bias": rnd(H * (DH + DR)),
+                       a + "W_uQ_rope.weight": rnd(H * (DH + DR), 8 * DH),
+                       a + "W_uQ_rope.bias": rnd(H * (DH + DR)),
                        a + "W_dKV.weight": rnd(kv + DR, D), a + "W_dKV.bias": rnd(kv + DR),
                        a + "W_ukv_1.weight": rnd(H * DH, kv // 2), a + "W_ukv_1.bias": rnd(H * DH),
                        a + "W_ukv_2.weight": rnd(H * DH, kv // 2), a + "W_ukv_2.bias": rnd(H * DH)})
