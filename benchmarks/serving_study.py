@@ -177,7 +177,9 @@ def hf_generate(engine, prompts, output_len) -> dict:
 
     with torch.device("meta"):
         hf = HwattnForCausalLM(HwattnConfig(**engine.model_config.to_dict()))
-    hf.model = engine.model
+    hf.model.load_state_dict(engine.model.state_dict(), assign=True)  # the engine's tensors
+    if engine.model_config.tie_embeddings:
+        hf.model.output.weight = hf.model.tok_embeddings.weight
     hf.eval()
     ids = torch.tensor(prompts, device=engine.device)
     kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
@@ -193,8 +195,8 @@ def hf_generate(engine, prompts, output_len) -> dict:
     new = out.shape[1] - ids.shape[1]
     return dict(hf_tok_s=out.shape[0] * new / dt, hf_s=dt, hf_new_tokens=int(new),
                 transformers=transformers.__version__,
-                hf_note="hwattn.hf.HwattnForCausalLM keeps no KV cache: generate() re-runs the "
-                        "whole prefix every step")
+                hf_note="hwattn.hf.HwattnForCausalLM with transformers' DynamicCache (eager "
+                        "PyTorch attention, no paging, no CUDA graphs)")
 
 
 def spec_run(args, cfg, prompts, plain) -> dict:

@@ -64,6 +64,9 @@ class ModelConfig:
     - `latent_dim` (d_c, per latent head): 4·d_h for mla, 2·d_h for gla.
     - `q_latent_dim`: width of the query low-rank bottleneck of mla/gla, 8·d_h.
     - `rope_dim` (d_R): rotated width of gta/mla/gla, d_h/2. mha/mqa/gqa rotate all of d_h.
+    - `attention_bias`: biases on the RoPE-key projection (gta) and on the query-latent and KV
+      down / up projections (mla, gla), as in the paper's released modeling code; the other
+      families have no such projections.
     - `hidden_dim`: the SwiGLU width that matches the MHA model's parameter count, rounded to
       a multiple of `hidden_multiple` (8: an odd width breaks the 16-byte alignment GPU matrix
       kernels need and, measured on an H100, sends the feed-forward GEMMs to a kernel several
@@ -88,6 +91,7 @@ class ModelConfig:
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    attention_bias: bool = False
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +110,8 @@ class ModelConfig:
         self._derive_heads()
         self._derive_latent()
         self._derive_rope()
+        if self.attention_bias and self.attention not in ("gta", "mla", "gla"):
+            raise ValueError(f"attention_bias applies to gta/mla/gla only, not {self.attention}")
         if self.hidden_dim is None:
             self.hidden_dim = self._matched_hidden_dim()
         if self.hidden_dim <= 0:
@@ -172,7 +178,7 @@ class ModelConfig:
 
         mha = dataclasses.replace(self, attention="mha", n_kv_heads=None, n_latent_heads=None,
                                   latent_dim=None, q_latent_dim=None, rope_dim=None,
-                                  hidden_dim=self.mha_hidden_dim)
+                                  hidden_dim=self.mha_hidden_dim, attention_bias=False)
         saved = attention_param_count(mha) - attention_param_count(self)
         # Each unit of SwiGLU width costs three weight columns of length `dim`.
         exact = self.mha_hidden_dim + saved / (3 * self.dim)

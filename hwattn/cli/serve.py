@@ -30,9 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt pages")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="presets only: override the model's max_seq_len (RoPE table)")
-    p.add_argument("--cpu-threads", type=int, default=None,
-                   help="torch intra-op threads on CPU (default torch's; 1 is fastest for tiny "
-                        "models on a busy machine)")
+    from hwattn.cli import add_cpu_threads
+
+    add_cpu_threads(p)
 
 
 def parse_budget(text):
@@ -45,23 +45,23 @@ def parse_budget(text):
 
 
 def engine_from_args(args):
-    import torch
-
+    from hwattn.cli import model_params
+    from hwattn.cpu_threads import use_default_cpu_threads
     from hwattn.engine import create_engine
 
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
-    return create_engine(args.model, attention=args.attention, dtype=args.dtype,
-                         device=args.device, tensor_parallel_size=args.tp,
-                         page_size=args.page_size, max_num_seqs=args.max_num_seqs,
-                         max_num_batched_tokens=args.max_num_batched_tokens,
-                         memory_budget=parse_budget(args.memory_budget),
-                         max_model_len=args.max_model_len, speculative=args.speculative,
-                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
-                         cuda_graphs=not args.no_cuda_graphs,
-                         enable_prefix_caching=not args.no_prefix_caching,
-                         model_overrides=overrides)
+    engine = create_engine(args.model, attention=args.attention, dtype=args.dtype,
+                           device=args.device, tensor_parallel_size=args.tp,
+                           page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens,
+                           memory_budget=parse_budget(args.memory_budget),
+                           max_model_len=args.max_model_len, speculative=args.speculative,
+                           num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+                           cuda_graphs=not args.no_cuda_graphs,
+                           enable_prefix_caching=not args.no_prefix_caching,
+                           model_overrides=overrides)
+    use_default_cpu_threads(model_params(engine.model_config), engine.device)
+    return engine
 
 
 def served_name(args) -> str:
@@ -96,11 +96,14 @@ def run(args) -> int:
         raise ValueError(f"serving needs fastapi and uvicorn: pip install 'hwattn[serve]' ({err})")
     from hwattn.server.async_engine import AsyncEngine
 
+    from hwattn.cpu_threads import describe
+
     engine = engine_from_args(args)
     name = served_name(args)
+    cpu = f", {describe()}" if engine.device.type == "cpu" else ""
     print(f"hwattn serve: {name} ({engine.model_config.label}, TP={engine.tensor_parallel_size}, "
           f"{engine.block_manager.num_usable_pages} pages of {engine.block_manager.page_size} "
-          f"tokens, {engine.kv_bytes_per_token} KV bytes/token/rank) on "
+          f"tokens, {engine.kv_bytes_per_token} KV bytes/token/rank{cpu}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(build_app(AsyncEngine(engine), name), host=args.host, port=args.port,

@@ -32,7 +32,8 @@ class GroupedTiedAttention(Attention):
         kw = dict(bias=False, device=device, dtype=dtype)
         self.wq = nn.Linear(d, h * self.head_dim, **kw)
         self.wkv = nn.Linear(d, hk * self.head_dim, **kw)
-        self.wk_rope = nn.Linear(d, self.rope_dim, **kw)
+        self.wk_rope = nn.Linear(d, self.rope_dim, bias=config.attention_bias, device=device,
+                                 dtype=dtype)
         self.wo = nn.Linear(h * self.head_dim, d, **kw)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor):

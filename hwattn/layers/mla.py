@@ -37,15 +37,21 @@ class LatentAttention(Attention):
         self.group = h // self.n_latent_heads
         self.scale = 1.0 / math.sqrt(dh + self.rope_dim)
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.wq_a = nn.Linear(d, config.q_latent_dim, **kw)
+        biased = dict(bias=config.attention_bias, device=device, dtype=dtype)
+        self.wq_a = nn.Linear(d, config.q_latent_dim, **biased)
         self.q_norm = RMSNorm(config.q_latent_dim, eps=config.norm_eps, device=device, dtype=dtype)
-        self.wq_b = nn.Linear(config.q_latent_dim, h * (dh + self.rope_dim), **kw)
-        self.wkv_a = nn.Linear(d, self.n_latent_heads * self.latent_dim + self.rope_dim, **kw)
+        self.wq_b = nn.Linear(config.q_latent_dim, h * (dh + self.rope_dim), **biased)
+        self.wkv_a = nn.Linear(d, self.n_latent_heads * self.latent_dim + self.rope_dim, **biased)
         self.kv_norm = RMSNorm(self.n_latent_heads, self.latent_dim, eps=config.norm_eps,
                                device=device, dtype=dtype)
         # Up-projections, one (d_h, d_c) matrix per query head; head i reads latent i // group.
         self.w_uk = nn.Parameter(torch.empty(h, dh, self.latent_dim, device=device, dtype=dtype))
         self.w_uv = nn.Parameter(torch.empty(h, dh, self.latent_dim, device=device, dtype=dtype))
+        # Their biases (attention_bias), one d_h row per query head.
+        self.b_uk = self.b_uv = None
+        if config.attention_bias:
+            self.b_uk = nn.Parameter(torch.zeros(h, dh, device=device, dtype=dtype))
+            self.b_uv = nn.Parameter(torch.zeros(h, dh, device=device, dtype=dtype))
         self.wo = nn.Linear(h * dh, d, **kw)
         self.reset_parameters()
 
@@ -64,28 +70,32 @@ class LatentAttention(Attention):
         latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))  # (B, T, h_c, d_c)
         return (q_nope, apply_rope(q_rope, cos, sin)), (latent, apply_rope(k_rope, cos, sin))
 
-    def _up(self, latent: Tensor, weight: Tensor) -> Tensor:
+    def _up(self, latent: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Per-head up-projection: latent (B, L, h_c, d_c) -> (B, L, H, d_h)."""
         b, n = latent.shape[:2]
         w = weight.view(self.n_latent_heads, self.group, self.head_dim, self.latent_dim)
-        return torch.einsum("bljc,jgdc->bljgd", latent, w).reshape(b, n, self.n_heads, self.head_dim)
+        out = torch.einsum("bljc,jgdc->bljgd", latent, w).reshape(b, n, self.n_heads, self.head_dim)
+        return out if bias is None else out + bias
 
     def attend(self, q, states) -> Tensor:
         q_nope, q_rope = q
         latent, k_rope = states
         b, n = latent.shape[:2]
-        k = torch.cat((self._up(latent, self.w_uk),
+        k = torch.cat((self._up(latent, self.w_uk, self.b_uk),
                        k_rope[:, :, None, :].expand(b, n, self.n_heads, self.rope_dim)), -1)  # (B, L, H, d_h + d_R)
-        v = self._up(latent, self.w_uv)  # (B, L, H, d_h)
+        v = self._up(latent, self.w_uv, self.b_uv)  # (B, L, H, d_h)
         return causal_attention(torch.cat((q_nope, q_rope), -1), k, v, self.scale)
 
     def absorb_query(self, q_nope: Tensor) -> Tensor:
-        """q_nope (B, T, H, d_h) -> q_abs (B, T, H, d_c): W_UK folded into the query."""
+        """q_nope (B, T, H, d_h) -> q_abs (B, T, H, d_c): W_UK folded into the query. The key
+        bias b_uk adds q_nope · b_uk to every score of a query alike, which softmax drops."""
         return torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk)
 
     def absorb_output(self, out_latent: Tensor) -> Tensor:
-        """Attended latent (B, T, H, d_c) -> per-head output (B, T, H, d_h) through W_UV."""
-        return torch.einsum("bthc,hdc->bthd", out_latent, self.w_uv)
+        """Attended latent (B, T, H, d_c) -> per-head output (B, T, H, d_h) through W_UV (plus
+        b_uv whole: the attention weights sum to one)."""
+        out = torch.einsum("bthc,hdc->bthd", out_latent, self.w_uv)
+        return out if self.b_uv is None else out + self.b_uv
 
     def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
         q_nope, q_rope = q

@@ -42,13 +42,20 @@ class RowParallelLinear(nn.Module):
 
 
 def _heads(weight: Tensor, heads: range, width: int) -> Tensor:
-    """Rows of `weight` (H * width, D) belonging to `heads`."""
-    return weight.view(-1, width, weight.shape[-1])[heads.start:heads.stop].reshape(-1, weight.shape[-1])
+    """Rows of `weight` (H * width, ...) belonging to `heads` (a weight or a bias)."""
+    return weight.reshape(-1, width, *weight.shape[1:])[heads.start:heads.stop].flatten(0, 1)
 
 
-def _set(linear: nn.Linear, weight: Tensor) -> None:
+def _set(linear: nn.Linear, weight: Tensor, bias: Tensor | None = None) -> None:
     linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
     linear.out_features, linear.in_features = weight.shape
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+
+
+def _slice(param: Tensor | None, heads: range) -> nn.Parameter | None:
+    return None if param is None else nn.Parameter(param[heads.start:heads.stop].clone(),
+                                                   requires_grad=False)
 
 
 def _row_parallel(linear: nn.Linear, heads: range, width: int, group) -> RowParallelLinear:
@@ -78,14 +85,19 @@ def shard_attention(attn, rank: int, world: int, group=None) -> None:
         local = dict(n_kv_heads=n_c)
     elif isinstance(attn, LatentAttention):
         dc, dr = attn.latent_dim, attn.rope_dim
-        _set(attn.wq_b, _heads(attn.wq_b.weight, q_heads, dh + dr))
-        w = attn.wkv_a.weight  # (h_c * d_c + d_R, D)
-        latent = _heads(w[:cfg.n_latent_heads * dc], c_heads, dc)
-        _set(attn.wkv_a, torch.cat((latent, w[cfg.n_latent_heads * dc:])))
-        attn.kv_norm.weight = nn.Parameter(attn.kv_norm.weight[c_heads.start:c_heads.stop].clone(),
-                                           requires_grad=False)
-        attn.w_uk = nn.Parameter(attn.w_uk[q_heads.start:q_heads.stop].clone(), requires_grad=False)
-        attn.w_uv = nn.Parameter(attn.w_uv[q_heads.start:q_heads.stop].clone(), requires_grad=False)
+        bias_q, bias_kv = attn.wq_b.bias, attn.wkv_a.bias  # None without attention_bias
+        _set(attn.wq_b, _heads(attn.wq_b.weight, q_heads, dh + dr),
+             None if bias_q is None else _heads(bias_q, q_heads, dh + dr))
+        latent_rows = cfg.n_latent_heads * dc
+
+        def latent_split(t):  # (h_c * d_c + d_R, ...) -> this rank's latents and the RoPE rows
+            return torch.cat((_heads(t[:latent_rows], c_heads, dc), t[latent_rows:]))
+
+        _set(attn.wkv_a, latent_split(attn.wkv_a.weight),
+             None if bias_kv is None else latent_split(bias_kv))
+        attn.kv_norm.weight = _slice(attn.kv_norm.weight, c_heads)
+        attn.w_uk, attn.w_uv = _slice(attn.w_uk, q_heads), _slice(attn.w_uv, q_heads)
+        attn.b_uk, attn.b_uv = _slice(attn.b_uk, q_heads), _slice(attn.b_uv, q_heads)
         attn.n_latent_heads = n_c
         attn.group = n_q // n_c
         local = dict(n_latent_heads=n_c)
