@@ -117,8 +117,8 @@ class LLMEngine:
         self._failed: list[Sequence] = []  # requests failed alone during the current step
 
     # Requests.
-    def add_request(self, prompt: str | list[int] | torch.Tensor, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(self, prompt: str | list[int] | torch.Tensor,
+                    params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue a request (text, token ids or a 1-D integer tensor of ids); returns its id.
         Raises ValueError if the prompt is empty, has ids outside the vocabulary or does not
         fit the context, or if `params` is not a valid `SamplingParams`."""
@@ -255,8 +255,9 @@ class LLMEngine:
     def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingTensors | None, list[int]]:
         """The sampling tensors of the rows of `seqs` that can have them, and those rows."""
         def build(rows):
-            return SamplingTensors.build([seqs[i].params for i in rows], [seqs[i].seed for i in rows],
-                                         [len(seqs[i]) for i in rows], self.device)
+            picked = [seqs[i] for i in rows]
+            return SamplingTensors.build([s.params for s in picked], [s.seed for s in picked],
+                                         [len(s) for s in picked], self.device)
 
         rows = list(range(len(seqs)))
         try:

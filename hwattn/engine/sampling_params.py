@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 INT64_LIMIT = 1 << 63  # settings the sampler puts in int64 tensors must stay below this
 
 
-def _integer(name: str, value, low: int, high: int = INT64_LIMIT, what: str = "") -> int:
+def _integer(name: str, value, low: int, what: str = "") -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) \
-            or not low <= value < high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high if high < INT64_LIMIT else '2**63'})"
-                         f"{what}, got {value!r}")
+            or not low <= value < INT64_LIMIT:
+        raise ValueError(f"{name} must be an integer in [{low}, 2**63){what}, got {value!r}")
     return int(value)
 
 
@@ -60,14 +59,15 @@ class SamplingParams:
         elif isinstance(stop, str):
             stop = [stop]
         elif not isinstance(stop, (list, tuple)):
-            raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__} "
-                             f"{stop!r}")
+            raise ValueError(f"stop must be a string or a list of strings, got "
+                             f"{type(stop).__name__} {stop!r}")
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must hold non-empty strings, got {list(stop)!r}")
         self.stop = list(stop)
         ids = self.stop_token_ids if self.stop_token_ids is not None else []
         if not isinstance(ids, (list, tuple)):
-            raise ValueError(f"stop_token_ids must be a list of token ids, got {type(ids).__name__}")
+            raise ValueError(f"stop_token_ids must be a list of token ids, got "
+                             f"{type(ids).__name__}")
         self.stop_token_ids = [_integer("stop_token_ids", t, 0, what=" each") for t in ids]
         self.max_tokens = _integer("max_tokens", self.max_tokens, 1)
         self.temperature = _number("temperature", self.temperature, ">= 0")

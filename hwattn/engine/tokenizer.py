@@ -114,7 +114,8 @@ def chat_prompt(messages: list[dict]) -> str:
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, "
+                             f"got {role!r}")
         content = m.get("content")
         if isinstance(content, list) and all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)

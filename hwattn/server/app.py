@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.tokenizer import chat_prompt
@@ -89,11 +90,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if size.isdigit() and int(size) > cap:
             raise too_large
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > cap:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > cap:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError("the client went away while sending the request", status=499) from None
         try:
             body = json.loads(b"".join(chunks), parse_constant=_no_constants)
         except RecursionError:

@@ -10,6 +10,7 @@ capped by `ServerLimits`.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,8 @@ class APIError(Exception):
             self.param.encode("utf-8", "backslashreplace").decode("utf-8")
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse({"error": {"message": message, "type": self.kind, "param": param,
-                                       "code": self.code}}, status_code=self.status, headers=headers)
+                                       "code": self.code}},
+                            status_code=self.status, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ class ChatMessage(BaseModel):
     def _role(cls, value):
         if not isinstance(value, str) or value not in CHAT_ROLES:
             raise _error("invalid_value", "role must be one of {roles}; got {got}",
-                         roles=", ".join(CHAT_ROLES), got=repr(value)[:80])
+                         roles=", ".join(CHAT_ROLES), got=_SHORT.repr(value))
         return value
 
     @field_validator("content", mode="before")
@@ -262,6 +264,10 @@ class ChatRequest(_Request):
         return value
 
 
+_SHORT = reprlib.Repr()  # quotes a client's value briefly, however long or deep
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 3, 60, 60, 6, 6
+
+
 def _param(loc: tuple) -> str:
     """('messages', 0, 'role') -> 'messages[0].role'."""
     out = ""
@@ -286,7 +292,7 @@ def parse(model: type[BaseModel], body: dict, limits: ServerLimits):
         if first["type"] == "missing":
             message = f"{param} is required"
         elif first["type"] != "invalid_value":
-            message = f"{param}: {message}, got {repr(first.get('input'))[:80]}"
+            message = f"{param}: {message}, got {_SHORT.repr(first.get('input'))}"
         elif message.startswith(name):
             message = param + message[len(name):]  # name the field by its whole path
         else:
