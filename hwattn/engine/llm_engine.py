@@ -140,9 +140,11 @@ class LLMEngine:
             except ValueError as err:
                 raise ValueError(f"{where}{err}") from None
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
+        seen = set()
         for rid in rids:
-            if rid in self.seqs or rids.count(rid) > 1:
+            if rid in self.seqs or rid in seen:
                 raise ValueError(f"request_id {rid!r} is already in use")
+            seen.add(rid)
         for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
             seq = Sequence(rid, ids, sp, seed, prompt=prompt if isinstance(prompt, str) else None)
@@ -192,10 +194,12 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
                              f"{limit}, leaving no room to generate")
         vocab = self.model_config.vocab_size
+        if all(type(t) is int and 0 <= t < vocab for t in ids):  # the common case, fast
+            return ids
         if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab
                for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        return [int(t) for t in ids]
+        return [int(t) for t in ids]  # numpy or other integer scalars
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its pages; None if it is unknown or already done."""

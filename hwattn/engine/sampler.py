@@ -72,6 +72,8 @@ class SamplingTensors:
     def select(self, rows: slice) -> "SamplingTensors":
         """The settings of `rows` alone (the host-side flags stay those of the whole batch,
         which is still correct for any subset)."""
+        if rows == slice(None):
+            return self
         return SamplingTensors(self.temperature[rows], self.top_k[rows], self.top_p[rows],
                                self.seeds[rows], self.positions[rows], self.filtered,
                                self.all_greedy)

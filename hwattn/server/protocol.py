@@ -167,7 +167,8 @@ class _Request(BaseModel):
         return value
 
     def sampling(self, max_tokens: int) -> SamplingParams:
-        """The engine's settings; `max_tokens` is used when the request gives none."""
+        """The engine's settings, with `max_tokens` as the route resolved it (the request's own,
+        or the route's default when it gives none)."""
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
