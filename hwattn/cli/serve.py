@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from hwattn.config import PRESETS
+
+API_KEY_ENV = "HWATTN_API_KEY"
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +86,11 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="name clients pass as `model` (default: preset-variant or directory name)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on every /v1 route (default: the "
+                        f"{API_KEY_ENV} environment variable; unset: no authentication)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted (413 beyond; default 16 MiB)")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -95,19 +103,26 @@ def run(args) -> int:
     except ImportError as err:
         raise ValueError(f"serving needs fastapi and uvicorn: pip install 'hwattn[serve]' ({err})")
     from hwattn.server.async_engine import AsyncEngine
+    from hwattn.server.protocol import ServerLimits
 
     from hwattn.cpu_threads import describe
 
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key must not be empty")
+    limits = ServerLimits() if args.max_body_bytes is None else \
+        ServerLimits(max_body_bytes=args.max_body_bytes)
     engine = engine_from_args(args)
     name = served_name(args)
     cpu = f", {describe()}" if engine.device.type == "cpu" else ""
     print(f"hwattn serve: {name} ({engine.model_config.label}, TP={engine.tensor_parallel_size}, "
           f"{engine.block_manager.num_usable_pages} pages of {engine.block_manager.page_size} "
           f"tokens, {engine.kv_bytes_per_token} KV bytes/token/rank{cpu}) on "
-          f"http://{args.host}:{args.port}/v1", flush=True)
+          f"http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
     try:
-        uvicorn.run(build_app(AsyncEngine(engine), name), host=args.host, port=args.port,
-                    log_level=args.log_level)
+        uvicorn.run(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits),
+                    host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()
     return 0

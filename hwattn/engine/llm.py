@@ -9,6 +9,10 @@
 
 from __future__ import annotations
 
+import numbers
+
+import torch
+
 from hwattn.engine.llm_engine import EngineConfig, LLMEngine, plan_pages
 from hwattn.engine.loader import build_model, is_checkpoint, model_config, resolve_device, resolve_dtype
 from hwattn.engine.model_runner import ModelRunner
@@ -123,20 +127,23 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the prompts' order.
 
-        prompts: a string, a list of token ids, or a list of either.
+        prompts: a string, a list of token ids, a 1-D integer tensor of ids, or a list of any
+            of these (a 2-D integer tensor is one prompt per row).
         sampling_params: one for all prompts, or one per prompt.
+
+        All or nothing: every prompt and params is checked before any is queued, so a
+        ValueError (naming the bad prompt's index) runs nothing and leaves nothing behind. A
+        request that fails inside the engine comes back alone with finish_reason "error".
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, list) else \
-            [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        if isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(prompts)
         engine = self.engine
-        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids = engine.add_requests(prompts, params)
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -172,3 +179,23 @@ class LLM:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _prompt_list(prompts) -> list:
+    """`LLM.generate`'s prompts as a list of single prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            return [prompts]
+        if prompts.dim() == 2:
+            return list(prompts)
+        raise ValueError(f"prompts as a tensor must be 1-D (one prompt's token ids) or 2-D (one "
+                         f"prompt per row), got shape {tuple(prompts.shape)}")
+    if isinstance(prompts, (list, tuple)):
+        if prompts and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                           for t in prompts):
+            return [list(prompts)]  # one prompt of token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a list of token ids, an integer tensor or a list "
+                     f"of these, got {type(prompts).__name__}")

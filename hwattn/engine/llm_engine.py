@@ -5,11 +5,17 @@ mechanism), `ModelRunner` (the model over the paged cache), the sampler and an o
 speculative drafter. Each `step()` runs one prefill or decode step, samples on the device,
 reads the new tokens back once, and updates the sequences: stop conditions, detokenized text,
 cache bookkeeping (including rolling back rejected draft slots).
+
+Nothing one request carries can stop another: requests are validated (all or none) before they
+are queued, and a request whose sampling or detokenization still fails inside a step is
+finished alone with finish_reason "error".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import numbers
 import random
 import time
 from dataclasses import dataclass
@@ -107,39 +113,93 @@ class LLMEngine:
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, prefill_steps=0,
                              decode_steps=0, draft_tokens=0, accepted_tokens=0, finished=0,
-                             aborted=0)
+                             aborted=0, failed=0)
+        self._failed: list[Sequence] = []  # requests failed alone during the current step
 
     # Requests.
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (text or token ids); returns its id. Raises ValueError if the
-        prompt is empty, has ids outside the vocabulary or does not fit the context."""
-        params = params or SamplingParams()
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.validate_prompt(prompt)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.seqs:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        seq = Sequence(request_id, ids, params, seed, prompt=text)
-        self.seqs[request_id] = seq
-        self.detok[request_id] = IncrementalDetokenizer(self.tokenizer)
-        self.scheduler.add(seq)
-        return request_id
+    def add_request(self, prompt: str | list[int] | torch.Tensor,
+                    params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request (text, token ids or a 1-D integer tensor of ids); returns its id.
+        Raises ValueError if the prompt is empty, has ids outside the vocabulary or does not
+        fit the context, or if `params` is not a valid `SamplingParams`."""
+        return self.add_requests([prompt], [params], [request_id])[0]
 
-    def validate_prompt(self, prompt: str | list[int]) -> list[int]:
-        """The prompt's token ids; ValueError if it is empty, has ids outside the vocabulary
-        or leaves no room in the context. Safe to call from another thread."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    def add_requests(self, prompts: list, params: list[SamplingParams | None],
+                     request_ids: list[str | None] | None = None) -> list[str]:
+        """Queue several requests, all or none: every prompt and every params is checked
+        before any request is queued, so a ValueError (naming the bad prompt's index) leaves
+        the engine as it was."""
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        checked = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            where = f"prompts[{i}]: " if len(prompts) > 1 else ""
+            try:
+                checked.append((self.validate_prompt(prompt), self._checked_params(sp)))
+            except ValueError as err:
+                raise ValueError(f"{where}{err}") from None
+        rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
+        seen = set()
+        for rid in rids:
+            if rid in self.seqs or rid in seen:
+                raise ValueError(f"request_id {rid!r} is already in use")
+            seen.add(rid)
+        for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
+            seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
+            seq = Sequence(rid, ids, sp, seed, prompt=prompt if isinstance(prompt, str) else None)
+            self.seqs[rid] = seq
+            self.detok[rid] = IncrementalDetokenizer(self.tokenizer)
+            self.scheduler.add(seq)
+        return rids
+
+    @staticmethod
+    def _checked_params(params: SamplingParams | None) -> SamplingParams:
+        """A validated copy: a caller changing its params afterwards cannot reach the sampler."""
+        if params is None:
+            return SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        return dataclasses.replace(params)
+
+    def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
+        """The prompt's token ids; ValueError if it is empty, has ids outside the vocabulary,
+        is not valid Unicode or leaves no room in the context. A text far too long for the
+        context is refused before it is tokenized. Safe to call from another thread."""
+        limit = self.max_model_len
+        if isinstance(prompt, str):
+            chars = getattr(self.tokenizer, "max_token_chars", None)
+            if chars is not None and len(prompt) >= limit * chars:
+                raise ValueError(f"prompt has {len(prompt)} characters, more than {limit - 1} "
+                                 f"tokens can hold; the model's context is {limit}")
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except UnicodeEncodeError as err:
+                raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
+                                 f"{prompt[err.start]!r} ({err.reason})") from None
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
+                    or prompt.dtype == torch.bool:
+                raise ValueError(f"a tensor prompt must be a 1-D integer tensor of token ids, got "
+                                 f"shape {tuple(prompt.shape)} and dtype {prompt.dtype}")
+            ids = prompt.tolist()
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string, a list of token ids or a 1-D integer "
+                             f"tensor, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
+        if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                             f"{self.max_model_len}, leaving no room to generate")
-        return ids
+                             f"{limit}, leaving no room to generate")
+        vocab = self.model_config.vocab_size
+        if all(type(t) is int and 0 <= t < vocab for t in ids):  # the common case, fast
+            return ids
+        if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab
+               for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return [int(t) for t in ids]  # numpy or other integer scalars
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its pages; None if it is unknown or already done."""
@@ -159,7 +219,11 @@ class LLMEngine:
     # One step.
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; returns the outputs of requests that advanced."""
+        """Run one prefill or decode step; returns the outputs of requests that advanced.
+
+        A request whose sampling, detokenization or stop handling raises is finished alone
+        with finish_reason "error" (its output's `error` says why); the rest of the batch
+        goes on. Only a failure of the step itself (the model, the scheduler) raises."""
         k = self.k
         if k and any(len(s) + k > self.max_model_len for s in self.scheduler.running):
             k = 0  # someone is at the end of the context: plain decoding this step
@@ -167,12 +231,14 @@ class LLMEngine:
         if batch is None or not batch.seqs:
             return []
         self.counters["steps"] += 1
+        self._failed = []
         if batch.kind == "prefill":
             touched = self._prefill(batch)
         elif k:
             touched = self._speculative_decode(batch.seqs, k)
         else:
             touched = self._decode(batch.seqs)
+        touched += [s for s in self._failed if s not in touched]
         outputs = []
         for seq in touched:
             outputs.append(seq.output())
@@ -180,12 +246,55 @@ class LLMEngine:
                 self.seqs.pop(seq.request_id, None)
                 self.detok.pop(seq.request_id, None)
                 self.scheduler.finish(seq)
-                self.counters["finished"] += 1
+                self.counters["failed" if seq.finish_reason == "error" else "finished"] += 1
         return outputs
 
-    def _sampling(self, seqs: list[Sequence]) -> SamplingTensors:
-        return SamplingTensors.build([s.params for s in seqs], [s.seed for s in seqs],
-                                     [len(s) for s in seqs], self.device)
+    def _fail(self, seq: Sequence, err: Exception) -> None:
+        """Finish `seq` alone with an error; `step` frees it with the finished ones."""
+        seq.finish_reason = "error"
+        seq.error = f"{type(err).__name__}: {err}"
+        seq.finish_time = time.perf_counter()
+        self._failed.append(seq)
+
+    def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingTensors | None, list[int]]:
+        """The sampling tensors of the rows of `seqs` that can have them, and those rows."""
+        def build(rows):
+            picked = [seqs[i] for i in rows]
+            return SamplingTensors.build([s.params for s in picked], [s.seed for s in picked],
+                                         [len(s) for s in picked], self.device)
+
+        rows = list(range(len(seqs)))
+        try:
+            return build(rows), rows
+        except Exception:  # noqa: BLE001 - find the rows that fail on their own
+            pass
+        ok = []
+        for i in rows:
+            try:
+                build([i])
+                ok.append(i)
+            except Exception as err:  # noqa: BLE001 - that request alone fails
+                self._fail(seqs[i], err)
+        return (build(ok) if ok else None), ok
+
+    def _per_row(self, seqs: list[Sequence], run) -> list:
+        """`run(rows)` (rows: a slice of the batch) returns one result per row. The whole batch
+        goes at once; if that raises, each row goes alone, and a row that still raises fails
+        its request and gets None."""
+        try:
+            return run(slice(None))
+        except Exception as err:  # noqa: BLE001
+            if len(seqs) == 1:
+                self._fail(seqs[0], err)
+                return [None]
+        results = []
+        for i, seq in enumerate(seqs):
+            try:
+                results.append(run(slice(i, i + 1))[0])
+            except Exception as err:  # noqa: BLE001 - that request alone fails
+                self._fail(seq, err)
+                results.append(None)
+        return results
 
     def _prefill(self, batch) -> list[Sequence]:
         self.counters["prefill_steps"] += 1
@@ -206,27 +315,40 @@ class LLMEngine:
             if need:
                 done.append(seq)
         if done:
-            tokens = sample(logits, self._sampling(done)).tolist()
-            for seq, token in zip(done, tokens):
-                self._append(seq, [token])
+            st, rows = self._sampling(done)
+            if len(rows) < len(done):
+                logits = logits[rows]
+            sampled = [done[i] for i in rows]
+            tokens = self._per_row(sampled, lambda r: sample(logits[r], st.select(r)).tolist())
+            for seq, token in zip(sampled, tokens):
+                if token is not None:
+                    self._append_or_fail(seq, [token])
         return done
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         self.counters["decode_steps"] += 1
+        st, rows = self._sampling(seqs)
+        seqs = [seqs[i] for i in rows]
+        if not seqs:
+            return []
         step = StepInput("decode", [[s.token_ids[-1]] for s in seqs], [s.num_cached for s in seqs],
                          [list(s.block_table) for s in seqs])
         logits = self.runner.execute(step)[:, 0]  # (B, V)
-        tokens = sample(logits, self._sampling(seqs)).tolist()
+        tokens = self._per_row(seqs, lambda r: sample(logits[r], st.select(r)).tolist())
         for seq, token in zip(seqs, tokens):
             old = seq.num_cached
-            appended = self._append(seq, [token])
-            seq.num_cached = old + appended
-            self._register(seq)
+            appended = self._append_or_fail(seq, [token]) if token is not None else None
+            if appended is not None:
+                seq.num_cached = old + appended
+                self._register(seq)
         return seqs
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
         self.counters["decode_steps"] += 1
-        st = self._sampling(seqs)
+        st, rows = self._sampling(seqs)
+        seqs = [seqs[i] for i in rows]
+        if not seqs:
+            return []
         drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k) on the device
         last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64, device=self.device)
         if getattr(self.drafter, "deterministic", False):
@@ -236,11 +358,21 @@ class LLMEngine:
         step = StepInput("decode", fed, [s.num_cached for s in seqs],
                          [list(s.block_table) for s in seqs])
         logits = self.runner.execute(step)  # (B, k + 1, V)
-        tokens, accepted = rejection_sample(logits, drafts, draft_probs, st)
-        tokens, accepted = tokens.tolist(), accepted.tolist()
-        for seq, row, n_acc in zip(seqs, tokens, accepted):
+
+        def verify(r):
+            tokens, accepted = rejection_sample(logits[r], drafts[r],
+                                                None if draft_probs is None else draft_probs[r],
+                                                st.select(r))
+            return list(zip(tokens.tolist(), accepted.tolist()))
+
+        for seq, result in zip(seqs, self._per_row(seqs, verify)):
+            if result is None:
+                continue
+            row, n_acc = result
             old_len, old = len(seq), seq.num_cached
-            appended = self._append(seq, row[:n_acc + 1])
+            appended = self._append_or_fail(seq, row[:n_acc + 1])
+            if appended is None:
+                continue
             seq.num_cached = old + appended
             seq.draft_cached = min(seq.draft_cached, old_len + n_acc)
             self.counters["draft_tokens"] += k
@@ -248,6 +380,14 @@ class LLMEngine:
             self.block_manager.trim(seq, seq.num_cached + 1)
             self._register(seq)
         return seqs
+
+    def _append_or_fail(self, seq: Sequence, tokens: list[int]) -> int | None:
+        """`_append`, or None after failing the request if detokenizing or stop handling raised."""
+        try:
+            return self._append(seq, tokens)
+        except Exception as err:  # noqa: BLE001 - that request alone fails
+            self._fail(seq, err)
+            return None
 
     def _register(self, seq: Sequence) -> None:
         # With a draft model, a page is shared only once both caches hold all its tokens.

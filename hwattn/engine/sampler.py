@@ -69,6 +69,15 @@ class SamplingTensors:
                    any(p.top_k > 0 or p.top_p < 1.0 for p in params),
                    all(p.greedy for p in params))
 
+    def select(self, rows: slice) -> "SamplingTensors":
+        """The settings of `rows` alone (the host-side flags stay those of the whole batch,
+        which is still correct for any subset)."""
+        if rows == slice(None):
+            return self
+        return SamplingTensors(self.temperature[rows], self.top_k[rows], self.top_p[rows],
+                               self.seeds[rows], self.positions[rows], self.filtered,
+                               self.all_greedy)
+
     def repeat(self, times: int) -> "SamplingTensors":
         """Each row repeated `times` times with positions counting up (for k + 1 rows)."""
         step = torch.arange(times, device=self.positions.device)

@@ -54,7 +54,8 @@ class AsyncEngine:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         """Yield this request's `RequestOutput` after every step that advanced it, the last one
-        finished. Leaving the loop early (client gone, task cancelled) aborts the request."""
+        finished. Leaving the loop early (client gone, task cancelled) aborts the request.
+        Raises ValueError if the engine refuses the request, EngineError if it fails."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -69,6 +70,8 @@ class AsyncEngine:
                     finished = True
                     raise out
                 finished = out.finished
+                if out.finish_reason == "error":
+                    raise EngineError(f"the request failed: {out.error}")
                 yield out
                 if finished:
                     return
@@ -95,39 +98,62 @@ class AsyncEngine:
         target = self._queues.get(request_id)
         if target is not None:
             loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # that caller's event loop is closed: nobody is listening
+                self._queues.pop(request_id, None)
+                self._aborts.append(request_id)
 
     def _loop(self) -> None:
-        engine = self.engine
         while not self._stop.is_set():
+            try:
+                self._iteration()
+            except Exception:  # noqa: BLE001 - keep serving; the requests in flight are lost
+                log.exception("engine loop failed")
+                try:
+                    self._fail_all("engine loop failed")
+                except Exception:  # noqa: BLE001
+                    log.exception("could not fail the requests in flight")
+                self._stop.wait(0.1)  # no hot loop if the failure repeats
+
+    def _iteration(self) -> None:
+        engine = self.engine
+        with self._lock:
+            adds, self._adds = list(self._adds), deque()
+            aborts, self._aborts = list(self._aborts), deque()
+        for request_id, ids, params in adds:
+            try:
+                engine.add_request(ids, params, request_id=request_id)
+            except Exception as err:  # noqa: BLE001 - refused: only that request hears of it
+                with self._lock:
+                    self._send(request_id, err if isinstance(err, ValueError)
+                               else EngineError(f"the request could not be queued: {err}"))
+        for request_id in aborts:
+            engine.abort_request(request_id)
+        if engine.has_unfinished():
+            try:
+                outputs = engine.step()
+            except Exception as err:  # noqa: BLE001 - the step itself failed: fail its requests
+                log.exception("engine step failed")
+                self._fail_all(f"engine step failed: {err}")
+                outputs = []
             with self._lock:
-                adds, self._adds = list(self._adds), deque()
-                aborts, self._aborts = list(self._aborts), deque()
-            for request_id, ids, params in adds:
-                try:
-                    engine.add_request(ids, params, request_id=request_id)
-                except ValueError as err:
-                    self._send(request_id, err)
-            for request_id in aborts:
-                engine.abort_request(request_id)
-            if engine.has_unfinished():
-                try:
-                    outputs = engine.step()
-                except Exception as err:  # noqa: BLE001 - fail the requests, keep serving
-                    log.exception("engine step failed")
-                    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                        engine.abort_request(seq.request_id)
-                        self._send(seq.request_id, EngineError(f"engine step failed: {err}"))
-                    outputs = []
-                with self._lock:
-                    for out in outputs:
-                        self._send(out.request_id, out)
-                    self._record()
-            else:
-                with self._lock:
-                    self._record()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
+                for out in outputs:
+                    self._send(out.request_id, out)
+                self._record()
+        else:
+            with self._lock:
+                self._record()
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+
+    def _fail_all(self, message: str) -> None:
+        """Abort every request the engine holds and tell each caller why."""
+        engine = self.engine
+        for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
+            engine.abort_request(seq.request_id)
+            with self._lock:
+                self._send(seq.request_id, EngineError(message))
 
     def _record(self) -> None:
         now = time.perf_counter()
