@@ -94,13 +94,17 @@ def _qk_issue(q_smem, qr_op, kv_buf, rope_buf, bars, base, phase, n_valid, s, T0
 
 
 @gluon.jit
-def _scores(s, n0, end, row_limit, qk_scale, L_Q: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Scaled scores of the block at token n0, -inf where a row may not look (past the piece's
-    end, the causal diagonal, or a block past the end altogether)."""
+def _scores(s, n0, end, seqlen, qk_scale, L_Q: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Scaled scores of the block at token n0, -inf where a row may not look: past the piece's
+    end (or a block past the end altogether) or past the causal diagonal, aligned bottom-right
+    (row r, query r % L_Q, sees positions < seqlen - L_Q + r % L_Q + 1)."""
     s = s * qk_scale
     if n0 + BLOCK_N > end - L_Q + 1:
-        tok = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))  # (N,)
-        visible = (tok[None, :] < end) & (tok[None, :] < row_limit[:, None])  # (M, N)
+        layout: gl.constexpr = s.type.layout
+        tok = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))  # (N,)
+        rows = gl.arange(0, s.shape[0], layout=gl.SliceLayout(1, layout))  # (M,)
+        limit = seqlen - L_Q + rows % L_Q + 1
+        visible = (tok[None, :] < end) & (tok[None, :] < limit[:, None])  # (M, N)
         s = gl.where(visible, s, float("-inf"))
     return s
 
@@ -109,13 +113,6 @@ def _scores(s, n0, end, row_limit, qk_scale, L_Q: gl.constexpr, BLOCK_N: gl.cons
 def _finite(m):
     """A running max to subtract: 0 while a row has seen nothing (keeps exp2 finite)."""
     return gl.where(m == float("-inf"), 0.0, m)
-
-
-@gluon.jit
-def _row_limit(seqlen, BLOCK_M: gl.constexpr, L_Q: gl.constexpr, layout: gl.constexpr):
-    """Bottom-right causal mask: row r (query r % L_Q) sees positions < its limit."""
-    offs_m = gl.arange(0, BLOCK_M, layout=layout)
-    return seqlen - L_Q + offs_m % L_Q + 1  # (M,)
 
 
 @gluon.jit
@@ -175,7 +172,6 @@ def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd
 
     o = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
     l_i = gl.zeros([BLOCK_M], gl.float32, row_l)
-    row_limit = _row_limit(seqlen, BLOCK_M, L_Q, row_l)
     n_blocks = gl.cdiv(end - start, BLOCK_N)
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     s = _qk_issue(q_smem.index(0), qr_op, kv_bufs.index(0), rope_bufs.index(0), tile_bars, 0, 0,
@@ -188,15 +184,17 @@ def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd
         varying = k * zero
         slot = j % SLOTS + varying
         q_view = q_smem.index(varying)
-        nxt = j + SLOTS  # the block that follows in this slot, then in the odd one
-        row_even = _slot_row(table_row, start + nxt * BLOCK_N, end, PAGE)
-        row_odd = _slot_row(table_row, start + (nxt + 1) * BLOCK_N, end, PAGE)
+        refill = j + SLOTS  # the block that follows in this slot (refill + 1: in the odd one)
+        row_even = _slot_row(table_row, start + refill * BLOCK_N, end, PAGE)
+        row_odd = _slot_row(table_row, start + (refill + 1) * BLOCK_N, end, PAGE)
         n0 = start + j * BLOCK_N
         kv_even = kv_bufs.index(slot)
         kv_odd = kv_bufs.index(slot + 1)
+        nxt = j + 2  # our next block
+        slot_nxt = nxt % SLOTS + varying
 
         # Softmax of block j from the running max the odd warpgroup left.
-        s = _scores(s, n0, end, row_limit, qk_scale, L_Q, BLOCK_N)
+        s = _scores(s, n0, end, seqlen, qk_scale, L_Q, BLOCK_N)
         m_prev = vec_m.index(varying).load(row_l)
         m_new = gl.maximum(m_prev, gl.max(s, 1))
         m_use = _finite(m_new)
@@ -214,7 +212,7 @@ def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd
         o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
         # Block nxt may replace the left half of the even slot (the odd warpgroup never reads it).
         _issue_tiles(kv_desc, rope_desc, kv_even, rope_bufs.index(slot), tile_bars, slot * NT,
-                     row_even, kv_col, 0, N_LEFT, N_STATE, nxt < n_blocks)
+                     row_even, kv_col, 0, N_LEFT, N_STATE, refill < n_blocks)
 
         # The odd warpgroup's factor takes this block's P and our output to its max.
         mbarrier.wait(sync.index(1), k & 1)
@@ -231,16 +229,19 @@ def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd
         if nxt < n_blocks:
             o = warpgroup_mma(p_odd.index(varying), kv_odd.slice(0, HALF, dim=1), o, is_async=True)
             # Scores of block nxt behind it, the left boxes first (their copies went out first).
+            kv_nxt = kv_bufs.index(slot_nxt)
             phase = (nxt // SLOTS) & 1
             n_valid = end - start - nxt * BLOCK_N
             s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-            s = _qk_issue(q_view, qr_op, kv_even, rope_bufs.index(slot), tile_bars, slot * NT,
-                          phase, n_valid, s, 0, N_LEFT, False, True, BLOCK_N, N_STATE)
+            s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
+                          slot_nxt * NT, phase, n_valid, s, 0, N_LEFT, False, True, BLOCK_N, N_STATE)
             o = warpgroup_mma_wait(num_outstanding=N_LEFT, deps=(o, ))
             _issue_tiles(kv_desc, rope_desc, kv_odd, rope_bufs.index(slot + 1), tile_bars,
-                         (slot + 1) * NT, row_odd, kv_col, 0, N_LEFT, N_STATE, nxt + 1 < n_blocks)
-            s = _qk_issue(q_view, qr_op, kv_even, rope_bufs.index(slot), tile_bars, slot * NT,
-                          phase, n_valid, s, N_LEFT, N_STATE, True, False, BLOCK_N, N_STATE)
+                         (slot + 1) * NT, row_odd, kv_col, 0, N_LEFT, N_STATE,
+                         refill + 1 < n_blocks)
+            s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
+                          slot_nxt * NT, phase, n_valid, s, N_LEFT, N_STATE, True, False, BLOCK_N,
+                          N_STATE)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         elif n0 + BLOCK_N < end:  # the last block is the odd one
             o = warpgroup_mma(p_odd.index(varying), kv_odd.slice(0, HALF, dim=1), o, is_async=True)
@@ -282,7 +283,6 @@ def _odd(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd,
 
     o = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
     l_i = gl.zeros([BLOCK_M], gl.float32, row_l)
-    row_limit = _row_limit(seqlen, BLOCK_M, L_Q, row_l)
     n_blocks = gl.cdiv(end - start, BLOCK_N)
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     # Scores start on the right half's boxes and the RoPE box (their copies go out first).
@@ -298,16 +298,18 @@ def _odd(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd,
         varying = k * zero  # 0 (see the even warpgroup)
         slot = (j - 1) % SLOTS + varying  # the even slot; ours is slot + 1
         q_view = q_smem.index(varying)
-        nxt = j + SLOTS
-        row_odd = _slot_row(table_row, start + nxt * BLOCK_N, end, PAGE)
-        row_even = _slot_row(table_row, start + (nxt - 1) * BLOCK_N, end, PAGE)
+        refill = j + SLOTS  # the block that follows in our slot (refill - 1: in the even one)
+        row_odd = _slot_row(table_row, start + refill * BLOCK_N, end, PAGE)
+        row_even = _slot_row(table_row, start + (refill - 1) * BLOCK_N, end, PAGE)
         n0 = start + j * BLOCK_N
         kv_even = kv_bufs.index(slot)
         kv_odd = kv_bufs.index(slot + 1)
+        nxt = j + 2  # our next block
+        slot_nxt = nxt % SLOTS + varying
 
         # Continue the running max from the even warpgroup's block j - 1; a block past the end
         # is all -inf and changes nothing.
-        s = _scores(s, n0, end, row_limit, qk_scale, L_Q, BLOCK_N)
+        s = _scores(s, n0, end, seqlen, qk_scale, L_Q, BLOCK_N)
         mbarrier.wait(sync.index(0), k & 1)
         m_prev = vec_m.index(varying).load(row_l)
         alpha = vec_even.index(varying).load(row_l)
@@ -337,25 +339,26 @@ def _odd(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd,
             # Each slot's right half (and RoPE box) is free once our product on it completes.
             o = warpgroup_mma_wait(num_outstanding=1, deps=(o, ))
             _issue_tiles(kv_desc, rope_desc, kv_odd, rope_bufs.index(slot + 1), tile_bars,
-                         (slot + 1) * NT, row_odd, kv_col, N_LEFT, NT, N_STATE, nxt < n_blocks)
+                         (slot + 1) * NT, row_odd, kv_col, N_LEFT, NT, N_STATE, refill < n_blocks)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
             _issue_tiles(kv_desc, rope_desc, kv_even, rope_bufs.index(slot), tile_bars, slot * NT,
-                         row_even, kv_col, N_LEFT, NT, N_STATE, nxt - 1 < n_blocks)
+                         row_even, kv_col, N_LEFT, NT, N_STATE, refill - 1 < n_blocks)
         else:  # no block j (the slot may never have been filled): only the even one's product
             mbarrier.wait(sync.index(2), k & 1)
             o = warpgroup_mma(p_even.index(varying), kv_even.slice(HALF, HALF, dim=1), o,
                               is_async=True)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
         if nxt < n_blocks:
+            kv_nxt = kv_bufs.index(slot_nxt)
             phase = (nxt // SLOTS) & 1
             n_valid = end - start - nxt * BLOCK_N
             s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-            s = _qk_issue(q_view, qr_op, kv_odd, rope_bufs.index(slot + 1), tile_bars,
-                          (slot + 1) * NT, phase, n_valid, s, N_LEFT, N_STATE, True, True,
-                          BLOCK_N, N_STATE)
-            s = _qk_issue(q_view, qr_op, kv_odd, rope_bufs.index(slot + 1), tile_bars,
-                          (slot + 1) * NT, phase, n_valid, s, 0, N_LEFT, False, False,
-                          BLOCK_N, N_STATE)
+            s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
+                          slot_nxt * NT, phase, n_valid, s, N_LEFT, N_STATE, True, True, BLOCK_N,
+                          N_STATE)
+            s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
+                          slot_nxt * NT, phase, n_valid, s, 0, N_LEFT, False, False, BLOCK_N,
+                          N_STATE)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
     vec_odd.index(0).store(l_i)
