@@ -50,6 +50,9 @@ class HopperConfig:
         on blocks, each owning half the value columns; states of 128 columns or more).
     specialize: ring only: a producer warp issues the copies (`gl.warp_specialize`); False: the
         consumer warps issue them NUM_STAGES - 1 blocks ahead themselves (the fallback variant).
+    overlap: ring, specialised, states of at most 256 columns: each block's softmax runs while
+        the previous block's P·S and the next block's scores are on the tensor cores (three
+        blocks in flight: needs three slots).
     num_stages: slots in the shared-memory ring (duo: an even number); None: as many as fit
         (at most `max_stages`).
     ctas_per_sm: resident programs per SM the shared memory and registers are divided for.
@@ -58,6 +61,7 @@ class HopperConfig:
 
     schedule: str = "ring"
     specialize: bool = True
+    overlap: bool = False
     num_stages: int | None = None
     ctas_per_sm: int = 1
     max_stages: int = 6
@@ -67,6 +71,8 @@ class HopperConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.ctas_per_sm not in (1, 2):
             raise ValueError(f"ctas_per_sm must be 1 or 2, got {self.ctas_per_sm}")
+        if self.overlap and (self.schedule != "ring" or not self.specialize):
+            raise ValueError("overlap is a schedule of the specialised ring kernel")
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,11 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     if duo:
         fit -= fit % 2
     stages = config.num_stages or min(config.max_stages, fit)
-    if stages < 2 or stages > fit or (duo and stages % 2):
+    if config.overlap and warps_n != 1:
+        raise ValueError(f"the overlapped schedule keeps all D_v={d_v} columns in one warpgroup: "
+                         f"needs D_v <= 256")
+    least = 3 if config.overlap else 2
+    if stages < least or stages > fit or (duo and stages % 2):
         raise ValueError(f"{stages} ring slots of {stage} B do not fit {budget} B of shared memory "
                          f"beside {fixed} B of queries (d_v={d_v}, ctas_per_sm={config.ctas_per_sm}"
                          + (", duo needs an even count)" if duo else ")"))
@@ -234,7 +244,7 @@ def _kernel(d_nope: int, d_v: int, d_rope: int, query_len: int, page: int, confi
     from hwattn.ops.kernels.hopper_tied import hopper_tied_kernel
 
     return hopper_tied_kernel, dict(common, NUM_STAGES=launch.num_stages, WARPS_N=launch.warps_n,
-                                    SPECIALIZE=config.specialize)
+                                    SPECIALIZE=config.specialize, OVERLAP=config.overlap)
 
 
 def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
@@ -372,7 +382,7 @@ def describe(shape: TiedShape, config: HopperConfig) -> str:
         return (f"duo, M={launch.block_m} (2 warpgroups taking turns), {launch.num_stages} slots, "
                 f"{launch.head_blocks} head block(s), {launch.smem_bytes / 1024:.0f} KiB, "
                 f"{config.ctas_per_sm}/SM")
-    kind = "specialised" if config.specialize else "pipelined"
+    kind = ("overlapped" if config.overlap else "specialised") if config.specialize else "pipelined"
     return (f"{kind}, M={launch.block_m} ({launch.num_warps} warps, WARPS_N={launch.warps_n}), "
             f"{launch.num_stages} slots, {launch.head_blocks} head block(s), "
             f"{launch.smem_bytes / 1024:.0f} KiB, {config.ctas_per_sm}/SM"

@@ -184,6 +184,99 @@ def _consume(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, e
 
 
 @gluon.jit
+def _issue_scores(q_smem, qr_smem, kv_buf, rope_buf, n0, end, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """Zero a partial block's tail, then issue its two score products; returns their token
+    (two commit groups)."""
+    s_layout: gl.constexpr = mma_layout(num_warps, 1, BLOCK_N)
+    if n0 + BLOCK_N > end:
+        _zero_tail(kv_buf, end - n0, BLOCK_N, D_V, num_warps)
+    key = kv_buf.slice(0, D_NOPE, dim=1).permute((1, 0))  # (D_NOPE, N), K-major
+    s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    s = warpgroup_mma(qr_smem, rope_buf.permute((1, 0)), s, use_acc=False, is_async=True)
+    return warpgroup_mma(q_smem, key, s, is_async=True)
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, n0, end, row_limit, qk_scale, L_Q: gl.constexpr, BLOCK_N: gl.constexpr,
+             dtype: gl.constexpr):
+    """Online softmax of one block's scores: (P in dtype, the factor for the output so far,
+    the new running max, the new row sums)."""
+    s = s * qk_scale
+    if n0 + BLOCK_N > end - L_Q + 1:  # the piece's end or the causal diagonal is in this block
+        tok = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))  # (N,)
+        visible = (tok[None, :] < end) & (tok[None, :] < row_limit[:, None])  # (M, N)
+        s = gl.where(visible, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
+    alpha = gl.exp2(m_i - m_use)  # (M,)
+    p = gl.exp2(s - m_use[:, None])  # (M, N)
+    return p.to(dtype), alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _consume_overlap(q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start, end, seqlen,
+                     qk_scale, L_Q: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     D_NOPE: gl.constexpr, D_V: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     num_warps: gl.constexpr):
+    """Consumer warps of the overlapped schedule (one warpgroup per 64 rows, all columns).
+
+    Block j + 1's scores are issued first, the output is rescaled while they run, block j's
+    P·S is issued behind them, and block j + 1's softmax runs while P·S(j) is on the tensor
+    cores. Nothing is in flight across iterations (a product pending at the loop's back edge
+    makes ptxas wait for it there); the last block is peeled off the loop (as a branch, the
+    rescale common to both sides would be hoisted above the scores' issue).
+    """
+    o_layout: gl.constexpr = mma_layout(num_warps, 1, D_V)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_smem.dtype
+    o, m_i, l_i = _init_state(BLOCK_M, BLOCK_N, D_V, 1, num_warps)
+    row_limit = _row_limit(seqlen, BLOCK_M, BLOCK_N, L_Q, 1, num_warps)
+    n_blocks = gl.cdiv(end - start, BLOCK_N)
+
+    mbarrier.wait(ready.index(0), 0)
+    s = _issue_scores(q_smem, qr_smem, kv_bufs.index(0), rope_bufs.index(0), start, end,
+                      BLOCK_M, BLOCK_N, D_NOPE, D_V, num_warps)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, end, row_limit, qk_scale, L_Q, BLOCK_N,
+                                  dtype)
+    if n_blocks > 1:
+        mbarrier.wait(ready.index(1 % NUM_STAGES), (1 // NUM_STAGES) & 1)
+    for j in range(n_blocks - 1):
+        slot = j % NUM_STAGES
+        nxt = (j + 1) % NUM_STAGES
+        s = _issue_scores(q_smem, qr_smem, kv_bufs.index(nxt), rope_bufs.index(nxt),
+                          start + (j + 1) * BLOCK_N, end, BLOCK_M, BLOCK_N, D_NOPE, D_V, num_warps)
+        # (A wait that returns at once: it orders the rescale after the scores' issue, so the
+        # rescale runs while they compute.)
+        alpha = warpgroup_mma_wait(num_outstanding=2, deps=(alpha, ))
+        o = o * gl.convert_layout(alpha, row_o)[:, None]
+        p_op = gl.convert_layout(p, p_layout)
+        o = warpgroup_mma(p_op, kv_bufs.index(slot), o, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # QK(j + 1); P·S(j) runs on
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start + (j + 1) * BLOCK_N, end, row_limit,
+                                      qk_scale, L_Q, BLOCK_N, dtype)
+        # Waiting for block j + 2's copy here, ahead of the wait for P·S(j), puts a branch
+        # between the softmax and that wait: ptxas would otherwise hoist the wait above the
+        # softmax's exponentials, and they would no longer overlap the product.
+        if j + 2 < n_blocks:
+            mbarrier.wait(ready.index((j + 2) % NUM_STAGES), ((j + 2) // NUM_STAGES) & 1)
+        o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_op))
+        gl.thread_barrier()  # every consumer warpgroup's MMAs on this slot have completed
+        mbarrier.arrive(empty.index(slot), count=1)
+    last = (n_blocks - 1) % NUM_STAGES
+    o = o * gl.convert_layout(alpha, row_o)[:, None]
+    p_op = gl.convert_layout(p, p_layout)
+    o = warpgroup_mma(p_op, kv_bufs.index(last), o, is_async=True)
+    o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_op))
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(last), count=1)
+    return o, m_i, l_i
+
+
+@gluon.jit
 def _produce(kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start, end, kv_col,
              PAGE: gl.constexpr, BLOCK_N: gl.constexpr, D_V: gl.constexpr,
              NUM_STAGES: gl.constexpr):
@@ -211,7 +304,7 @@ def hopper_tied_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
     PAGE: gl.constexpr, NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr,
-    SPECIALIZE: gl.constexpr, num_warps: gl.constexpr,
+    SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Head blocks vary fastest: programs reading the same state tiles run side by side, so the
     # second read of a tile (several head blocks per state head) comes from L2.
@@ -275,13 +368,22 @@ def hopper_tied_kernel(
             mbarrier.init(empty.index(i), count=1)
         fence_async_shared()
         gl.thread_barrier()
-        o, m_i, l_i = gl.warp_specialize([
-            (_consume, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, end,
-                        seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, NUM_STAGES, WARPS_N,
-                        num_warps)),
-            (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start, end,
-                        kv_col, PAGE, BLOCK_N, D_V, NUM_STAGES)),
-        ], [1], [40])
+        if OVERLAP:
+            o, m_i, l_i = gl.warp_specialize([
+                (_consume_overlap, (q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start, end,
+                                    seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
+                                    NUM_STAGES, num_warps)),
+                (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start,
+                            end, kv_col, PAGE, BLOCK_N, D_V, NUM_STAGES)),
+            ], [1], [40])
+        else:
+            o, m_i, l_i = gl.warp_specialize([
+                (_consume, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, end,
+                            seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, NUM_STAGES,
+                            WARPS_N, num_warps)),
+                (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start,
+                            end, kv_col, PAGE, BLOCK_N, D_V, NUM_STAGES)),
+            ], [1], [40])
     else:
         n_blocks = gl.cdiv(end - start, BLOCK_N)
         for i in gl.static_range(NUM_STAGES - 1):
