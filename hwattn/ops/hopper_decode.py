@@ -1,8 +1,11 @@
-"""Launcher of the Hopper (sm_90) tied-state decode kernel (`kernels/hopper_tied.py`, Gluon).
+"""Launcher of the Hopper (sm_90) tied-state decode kernels (Gluon): `kernels/hopper_tied.py`
+(a ring of slots, every consumer warpgroup on every block; plain or overlapped schedule) and
+`kernels/hopper_duo.py` (two warpgroups taking turns on blocks, each owning half the columns).
 
     decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table, cache_seqlens, ...)
     supported(q_nope, q_rope, kv_cache, rope_cache)      # which calls it takes
     choose_config(...), HopperConfig                      # how it is launched
+    make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)   # its split-KV plan
     compile_sm90(shape, config)                           # compile without a GPU (tests, reports)
 
 Same contract as `triton_decode.decode_tied`: the same split-KV plan (`plan.py`), the same
@@ -23,10 +26,10 @@ from torch import Tensor
 
 from hwattn.ops import triton_decode
 from hwattn.ops.kernels.combine import combine_kernel
-from hwattn.ops.plan import DecodePlan, plan_decode
+from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
 
-__all__ = ["HopperConfig", "choose_config", "compile_sm90", "decode_tied", "supported",
-           "why_unsupported"]
+__all__ = ["HopperConfig", "choose_config", "compile_sm90", "decode_tied", "make_plan",
+           "supported", "why_unsupported"]
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # tokens per block: one TMA row box; pages are multiples of it
@@ -57,6 +60,10 @@ class HopperConfig:
         (at most `max_stages`).
     ctas_per_sm: resident programs per SM the shared memory and registers are divided for.
     max_stages: cap on the automatic ring depth.
+    programs_per_sm: split-KV planning (`make_plan`): programs per SM its pieces aim for; None:
+        the planner's default (2).
+    min_piece: split-KV planning: shortest piece in tokens; None: the Triton kernel's rule
+        (the fp32 partial costs at most half the bytes the piece reads).
     """
 
     schedule: str = "ring"
@@ -65,6 +72,8 @@ class HopperConfig:
     num_stages: int | None = None
     ctas_per_sm: int = 1
     max_stages: int = 6
+    programs_per_sm: int | None = None
+    min_piece: int | None = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -73,6 +82,10 @@ class HopperConfig:
             raise ValueError(f"ctas_per_sm must be 1 or 2, got {self.ctas_per_sm}")
         if self.overlap and (self.schedule != "ring" or not self.specialize):
             raise ValueError("overlap is a schedule of the specialised ring kernel")
+        for name in ("programs_per_sm", "min_piece"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,9 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
                          f"both in {WIDTHS}, D_R in {ROPE_WIDTHS}")
     duo = config.schedule == "duo"
     if duo:
+        if config.ctas_per_sm != 1:
+            raise ValueError("the duo schedule's two warpgroups need all of an SM's registers: "
+                             "ctas_per_sm must be 1")
         if d_v < 128 or d_nope != d_v:
             raise ValueError(f"the duo schedule splits D_v={d_v} in halves of whole 64-column "
                              f"boxes that are all key boxes: needs D_v >= 128 and D_nope = D_v "
@@ -229,6 +245,22 @@ def _descriptors(kv_cache: Tensor, rope_cache: Tensor):
     return kv_desc, rope_desc
 
 
+def make_plan(q_nope: Tensor, kv_cache: Tensor, rope_cache: Tensor, cache_seqlens: Tensor,
+              config: HopperConfig | None = None, out: DecodePlan | None = None) -> DecodePlan:
+    """The split-KV plan `decode_tied` makes when given none (reads `cache_seqlens` on the
+    host): pieces for this config's head blocks and planning knobs."""
+    _, query_len, n_heads, d_nope = q_nope.shape
+    _, page_size, n_kv, d_v = kv_cache.shape
+    d_rope = rope_cache.shape[-1]
+    config = config or choose_config(d_nope, d_v, d_rope, n_heads // n_kv, query_len)
+    launch = plan_launch(d_nope, d_v, d_rope, n_heads // n_kv, query_len, config)
+    min_piece = config.min_piece or triton_decode.min_piece(q_nope, kv_cache, kv_cache,
+                                                            rope_cache, True)
+    return plan_decode(cache_seqlens, num_heads_kv=n_kv, query_len=query_len,
+                       page_size=page_size, head_blocks=launch.head_blocks, min_piece=min_piece,
+                       programs_per_sm=config.programs_per_sm or PROGRAMS_PER_SM, out=out)
+
+
 def _kernel(d_nope: int, d_v: int, d_rope: int, query_len: int, page: int, config: HopperConfig,
             launch: Launch):
     """(Gluon kernel, its constexpr and launch keywords) for a config's schedule."""
@@ -265,10 +297,7 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     config = config or choose_config(d_nope, d_v, d_rope, group, query_len)
     launch = plan_launch(d_nope, d_v, d_rope, group, query_len, config)
     if plan is None:
-        plan = plan_decode(cache_seqlens, num_heads_kv=n_kv, query_len=query_len,
-                           page_size=page_size, head_blocks=launch.head_blocks,
-                           min_piece=triton_decode.min_piece(q_nope, kv_cache, kv_cache,
-                                                             rope_cache, True))
+        plan = make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)
     elif plan.batch != batch or plan.items.device != q_nope.device:
         raise ValueError(f"plan was made for B={plan.batch} on {plan.items.device}, "
                          f"not B={batch} on {q_nope.device}")
