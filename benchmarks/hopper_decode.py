@@ -5,7 +5,8 @@ H100/H200, in one command: correctness first, then the peaks, then the timings.
     python benchmarks/hopper_decode.py --only correctness       # the checks alone
     python benchmarks/hopper_decode.py --only timing --shapes mla-b128-16k-lq1,gla2-b128-16k-lq2
     python benchmarks/hopper_decode.py --variants pipe          # only the pipelined fallback
-    python benchmarks/hopper_decode.py --list                   # the shape names
+    python benchmarks/hopper_decode.py --variants ws,duo,duo-p1-m256,ovl-s4   # schedules, knobs
+    python benchmarks/hopper_decode.py --list                   # shapes, checks, variants
 
 correctness: hostile paged caches (shuffled pages from a pool with spare pages, NaN in every
     slot no sequence owns, out-of-range table entries past each sequence) with lengths 1, 63,
@@ -15,9 +16,17 @@ correctness: hostile paged caches (shuffled pages from a pool with spare pages, 
     passes.
 peaks: copy GB/s (read + write) and bf16 matmul TFLOP/s, measured in the same process.
 timing: median of `triton.testing.do_bench` over CUDA-graph replays (L2 flushed between calls)
-    for Triton and each Hopper variant (ws: producer warp; pipe: consumer-issued copies);
-    GB/s and TFLOP/s on the layer's own byte and FLOP counts, % of the peaks, the roofline
-    time and the speed-up over Triton; GTA-4 rows also time GQA-4 on the same batch.
+    for Triton and each Hopper variant; GB/s and TFLOP/s on the layer's own byte and FLOP
+    counts, % of the peaks, the roofline time and the speed-up over Triton; GTA-4 rows also time
+    GQA-4 on the same batch.
+
+Hopper variants (`--variants`): ws (ring of slots, producer warp), pipe (ring, consumer-issued
+copies), ovl (ring, producer warp, softmax overlapped with the products; states <= 256 wide),
+duo (two warpgroups taking turns on blocks, each owning half the columns; MLA and GLA). A name
+may carry knobs: -s<N> ring slots, -c<N> resident programs per SM, -p<N> programs per SM the
+split-KV plan aims for, -m<N> its shortest piece in tokens (duo-p1-m256: the duo schedule
+with one-wave pieces of at least 256 tokens). A variant that does not take a shape, or whose
+plan knobs change nothing there (no sequence is split either way), is reported as n/a.
 
 Every task runs in a worker process the parent watches: a kernel that fails to compile or is
 wrong is reported and the run goes on; a crash or a hang (past --task-timeout) kills the
@@ -39,7 +48,11 @@ import tempfile
 import threading
 import time
 
-VARIANTS = {"ws": True, "pipe": False}  # name -> HopperConfig.specialize
+# Hopper schedules: name -> HopperConfig fields on top of the shape's default programs per SM.
+VARIANTS = {"ws": {}, "pipe": dict(specialize=False), "ovl": dict(overlap=True),
+            "duo": dict(schedule="duo", ctas_per_sm=1)}
+KNOBS = {"s": "num_stages", "c": "ctas_per_sm", "p": "programs_per_sm", "m": "min_piece"}
+PLAN_KNOBS = ("programs_per_sm", "min_piece")
 DEVICE = os.environ.get("HOPPER_BENCH_DEVICE", "cuda")  # "cpu" dry-runs the checks' plumbing
 OVERRIDES: dict = {}  # HopperConfig fields forced from the command line (--stages, --ctas-per-sm)
 CHECK_LIMIT = 2e-2  # relative L2 error against the Triton kernel in the timing phase
@@ -177,24 +190,94 @@ def _errors(torch, got, truth, base):
     return err, err / bound
 
 
-def _hopper_call(torch, kernel: str, data, plan_head_blocks=None):
-    """(launch description, fn(plan) -> (out, lse), head blocks) of a Hopper variant."""
+def parse_variant(spec: str) -> dict:
+    """HopperConfig fields of a variant name with knobs, e.g. 'duo-p1-m256'; ValueError if bad."""
+    base, *knobs = spec.split("-")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown Hopper variant {base!r} in {spec!r} (one of {list(VARIANTS)})")
+    fields = dict(VARIANTS[base])
+    for knob in knobs:
+        if knob[:1] not in KNOBS or not knob[1:].isdigit():
+            raise ValueError(f"bad knob {knob!r} in {spec!r}: -s/-c/-p/-m followed by a number")
+        fields[KNOBS[knob[:1]]] = int(knob[1:])
+    return fields
+
+
+class NotApplicable(Exception):
+    """The variant does not take this shape, or its plan knobs change nothing here."""
+
+
+def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=None):
+    """The HopperConfig of a variant for a shape; NotApplicable where it does not take it, or
+    (given the lengths) where its plan knobs change nothing because no plan splits."""
     from hwattn.ops import hopper_decode
-    from hwattn.ops.hopper_decode import HopperConfig, TiedShape
+    from hwattn.ops.hopper_decode import HopperConfig
+    from hwattn.ops.plan import PROGRAMS_PER_SM
+
+    default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
+    fields = dict(ctas_per_sm=default.ctas_per_sm)
+    fields.update(parse_variant(spec))
+    fields.update(OVERRIDES)
+    try:
+        config = HopperConfig(**fields)
+        launch = hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, config)
+    except ValueError as err:
+        raise NotApplicable(str(err)) from None
+    if lengths is not None and any(k in parse_variant(spec) for k in PLAN_KNOBS):
+        import dataclasses
+
+        import torch
+
+        # The plans on the host: meta tensors carry the shapes the planner reads.
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        q_nope = torch.empty(len(lengths), l_q, group * h_kv, d_nope, **meta)
+        kv_cache = torch.empty(1, 64, h_kv, d_v, **meta)
+        rope_cache = torch.empty(1, 64, d_rope, **meta)
+        seqlens = torch.tensor(lengths, dtype=torch.int32)
+
+        def pieces(cfg):
+            plan = hopper_decode.make_plan(q_nope, kv_cache, rope_cache, seqlens, cfg)
+            return plan.items.tolist(), plan.may_split
+
+        base = dataclasses.replace(config, programs_per_sm=None, min_piece=None)
+        if pieces(config) == pieces(base):
+            raise NotApplicable("the plan knobs leave the plan as it is")
+    return config
+
+
+def _sms() -> int:
+    import torch
+
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_properties(0).multi_processor_count
+    return 132
+
+
+def _hopper_call(torch, kernel: str, data, lengths=None):
+    """(launch description, fn(plan) -> (out, lse), config) of a Hopper variant."""
+    from hwattn.ops import hopper_decode
+    from hwattn.ops.hopper_decode import TiedShape
 
     args = data.tied_args()
     d_nope, d_v, d_rope = data.q_nope.shape[-1], data.kv_cache.shape[-1], data.q_rope.shape[-1]
     group, l_q = data.q_nope.shape[2] // data.kv_cache.shape[2], data.q_nope.shape[1]
-    default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
-    fields = dict(specialize=VARIANTS[kernel], ctas_per_sm=default.ctas_per_sm)
-    config = HopperConfig(**{**fields, **OVERRIDES})
-    launch = hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, config)
+    config = _hopper_config(kernel, d_nope, d_v, d_rope, group, data.kv_cache.shape[2], l_q,
+                            lengths)
     page = data.kv_cache.shape[1]
     text = hopper_decode.describe(TiedShape(d_nope, d_v, d_rope, group, l_q, page), config)
 
     def fn(plan):
         return hopper_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan, config=config)
-    return text, fn, launch.head_blocks
+    return text, fn, config
+
+
+def _widths(layer, tp):
+    """(D_nope, D_v, D_R, group, H_kv) of a tied-state layer's decode call at a TP degree."""
+    h_q, h_kv = layer.local_heads(tp)
+    layout = layer.cache_layout(tp)
+    d_qk, d_v = layer.decode_widths()
+    d_rope = layout["rope"][0]
+    return d_qk - d_rope, d_v, d_rope, h_q // h_kv, h_kv
 
 
 def task_check(torch, name: str, kernel: str) -> dict:
@@ -206,18 +289,24 @@ def task_check(torch, name: str, kernel: str) -> dict:
     _, variant, heads, tp, lengths, l_q, page = next(c for c in CHECKS if c[0] == name)
     layer = _layer(variant, heads)
     _, h_kv = layer.local_heads(tp)
+    row = dict(task=f"check:{name}:{kernel}", check=name, kernel=kernel)
+    if kernel != "triton":
+        try:
+            _hopper_config(kernel, *_widths(layer, tp), l_q)
+        except NotApplicable as why:
+            return dict(row, not_applicable=str(why))
     data = Paged(torch, layer, tp, lengths, l_q, page, hostile=True)
     args = data.tied_args()
     wide = [t.double() if t.is_floating_point() else t for t in args]
     truth = decode_tied_reference(*wide, softmax_scale=data.scale)
     base = decode_tied_reference(*args, softmax_scale=data.scale)  # the same maths in bf16
-    row = dict(task=f"check:{name}:{kernel}", check=name, kernel=kernel)
     if kernel == "triton":
         def fn(plan):
             return triton_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan)
     else:
         row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
         row["launch"], fn, _ = _hopper_call(torch, kernel, data)
+    # unsplit: the kernel's own plan (its knobs: pieces of a long sequence); split: 64 tokens.
     plans = {"unsplit": None, "split": ops.plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q,
                                                        page_size=page, split_tokens=64)}
     for pname, plan in plans.items():
@@ -255,13 +344,18 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
     layer = _layer(variant, shape["heads"])
     h_q, h_kv = layer.local_heads(shape["tp"])
     lengths, l_q, page = shape["lengths"], shape["query_len"], shape["page"]
-    data = Paged(torch, layer, shape["tp"], lengths, l_q, page)
     nbytes = sum(layer.decode_bytes(n, l_q, shape["tp"]) for n in lengths)
     flops = sum(layer.decode_flops(n, l_q, shape["tp"]) for n in lengths)
     copy_gbps, mm_tflops = peaks
     row = dict(task=f"time:{name}:{kernel}", shape=name, kernel=kernel, variant=variant, h_q=h_q,
                h_kv=h_kv, batch=len(lengths), max_len=max(lengths), query_len=l_q, bytes=nbytes,
                flops=flops, roofline_us=max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6))
+    if kernel not in ("triton", "gqa"):
+        try:
+            _hopper_config(kernel, *_widths(layer, shape["tp"]), l_q, lengths)
+        except NotApplicable as why:
+            return dict(row, not_applicable=str(why))
+    data = Paged(torch, layer, shape["tp"], lengths, l_q, page)
     if kernel == "gqa":
         plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
                            min_piece=triton_decode.min_piece(data.q, data.k_cache, data.v_cache, None, False))
@@ -285,10 +379,10 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
     if kernel == "triton":
         return _timed(torch, do_bench, row, tri, tri_plan, None, rep_ms, peaks)
     row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
-    row["launch"], fn, head_blocks = _hopper_call(torch, kernel, data)
+    row["launch"], fn, config = _hopper_call(torch, kernel, data)
     reference = tri(tri_plan)[0].float()
-    plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
-                       head_blocks=head_blocks, min_piece=min_piece)
+    plan = hopper_decode.make_plan(data.q_nope, data.kv_cache, data.rope_cache, data.seqlens,
+                                   config)
     return _timed(torch, do_bench, row, fn, plan, reference, rep_ms, peaks)
 
 
@@ -415,7 +509,7 @@ def run_tasks(tasks, args, deadline) -> list[dict]:
             results.append(row)
             print(_summary(row), flush=True)
             kernel = _kernel_of(task)
-            if kernel in VARIANTS:
+            if kernel not in ("triton", "gqa"):
                 dropped = [t for t in pending if _kernel_of(t) == kernel]
                 pending = [t for t in pending if _kernel_of(t) != kernel]
                 results += [dict(task=t, error=f"skipped: {kernel} {reason} on {task}") for t in dropped]
@@ -437,6 +531,8 @@ def _summary_line(row: dict) -> str:
     task = row.get("task", "?")
     if "error" in row:
         return f"{task}: ERROR {row['error'][:300]}"
+    if "not_applicable" in row:
+        return f"{task}: n/a ({row['not_applicable'][:120]})"
     if task == "peaks":
         return f"peaks: copy {row['copy_GBps']:.0f} GB/s, bf16 matmul {row['mm_TFLOPs']:.0f} TFLOP/s ({row['device']})"
     if task.startswith("check:"):
@@ -456,12 +552,12 @@ def _summary_line(row: dict) -> str:
 
 def format_table(rows: list[dict], peaks) -> str:
     lines = [f"peaks: copy {peaks[0]:.0f} GB/s, bf16 matmul {peaks[1]:.0f} TFLOP/s" if peaks else "peaks: -",
-             f"{'shape':22} {'kernel':7} {'µs':>9} {'GB/s':>6} {'TFLOP/s':>7} {'%copy':>5} {'%mm':>5} "
+             f"{'shape':22} {'kernel':12} {'µs':>9} {'GB/s':>6} {'TFLOP/s':>7} {'%copy':>5} {'%mm':>5} "
              f"{'roof µs':>8} {'×Triton':>7} {'err':>7}  launch"]
     triton_us = {r["shape"]: r["us"] for r in rows if r.get("kernel") == "triton" and "us" in r}
     for row in rows:
         task = row.get("task", "")
-        if not task.startswith("time:"):
+        if not task.startswith("time:") or "not_applicable" in row:
             continue
         if "us" not in row:
             lines.append(f"{task[5:]:30} ERROR {row.get('error', '?')[:200]}")
@@ -478,8 +574,38 @@ def format_table(rows: list[dict], peaks) -> str:
             note = f"{row['variant']} (Triton); GTA time / this: " + ", ".join(
                 f"{k} {us / row['us']:.2f}" for k, us in tied.items())
         lines.append(
-            f"{row['shape']:22} {row['kernel']:7} {row['us']:9.1f} {row['GBps']:6.0f} {row['TFLOPs']:7.1f} "
+            f"{row['shape']:22} {row['kernel']:12} {row['us']:9.1f} {row['GBps']:6.0f} {row['TFLOPs']:7.1f} "
             f"{row['pct_copy']:5.0f} {row['pct_mm']:5.0f} {row['roofline_us']:8.1f} {speedup:7.2f} {err}  {note}")
+    return "\n".join(lines)
+
+
+def format_pivot(rows: list[dict], kernels: list[str]) -> str:
+    """One line per shape: µs of every kernel (n/a, or ERR/WRONG) and the fastest correct
+    Hopper variant with its %mm or %copy, whichever roof is nearer."""
+    times: dict[str, dict[str, str]] = {}
+    best: dict[str, tuple[float, str, float]] = {}
+    for row in rows:
+        task = row.get("task", "")
+        if not task.startswith("time:"):
+            continue
+        _, shape, kernel = task.split(":")
+        if "not_applicable" in row:
+            cell = "n/a"
+        elif "us" not in row:
+            cell = "ERR"
+        elif row.get("wrong"):
+            cell = "WRONG"
+        else:
+            cell = f"{row['us']:.1f}"
+            if kernel not in ("triton", "gqa") and (shape not in best or row["us"] < best[shape][0]):
+                best[shape] = (row["us"], kernel, max(row["pct_mm"], row["pct_copy"]))
+        times.setdefault(shape, {})[kernel] = cell
+    cols = [k for k in kernels + ["gqa"] if any(k in t for t in times.values())]
+    width = max([8] + [len(k) + 1 for k in cols])
+    lines = [f"{'shape':22}" + "".join(f"{k:>{width}}" for k in cols) + "  fastest Hopper variant"]
+    for shape, cells in times.items():
+        tail = (f"  {best[shape][1]} ({best[shape][2]:.0f}% of roof)" if shape in best else "")
+        lines.append(f"{shape:22}" + "".join(f"{cells.get(k, '-'):>{width}}" for k in cols) + tail)
     return "\n".join(lines)
 
 
@@ -490,7 +616,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("correctness", "timing"))
     parser.add_argument("--shapes", help="comma-separated shape names (default: all; see --list)")
     parser.add_argument("--checks", help="comma-separated check names (default: all)")
-    parser.add_argument("--variants", default="ws,pipe", help="Hopper variants: ws, pipe")
+    parser.add_argument("--variants", default="ws,pipe",
+                        help="Hopper variants with optional knobs (see above), e.g. ws,duo-p1")
     parser.add_argument("--no-triton", action="store_true", help="time only the Hopper variants")
     parser.add_argument("--stages", type=int, help="force the Hopper ring depth (default: fill)")
     parser.add_argument("--ctas-per-sm", type=int, choices=(1, 2),
@@ -499,7 +626,7 @@ def main() -> int:
     parser.add_argument("--task-timeout", type=float, default=90.0, help="seconds per task")
     parser.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run")
     parser.add_argument("--out", help="JSON file (default $OUT/hopper_decode.json when $OUT is set)")
-    parser.add_argument("--list", action="store_true", help="print the shape and check names")
+    parser.add_argument("--list", action="store_true", help="print the shapes, checks, variants")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", help=argparse.SUPPRESS)
     parser.add_argument("--peaks", help=argparse.SUPPRESS)
@@ -511,12 +638,19 @@ def main() -> int:
     if args.list:
         print("shapes:", ", ".join(shapes))
         print("checks:", ", ".join(c[0] for c in CHECKS))
+        print("variants:", ", ".join(VARIANTS), "(knobs: -s<slots> -c<per SM> -p<plan per SM> "
+              "-m<min piece>)")
         return 0
     variants = [v for v in args.variants.split(",") if v]
     names = (args.shapes or ",".join(shapes)).split(",")
     checks = (args.checks or ",".join(c[0] for c in CHECKS)).split(",")
-    unknown = [v for v in variants if v not in VARIANTS] + [s for s in names if s not in shapes] + \
+    unknown = [s for s in names if s not in shapes] + \
         [c for c in checks if c not in {c[0] for c in CHECKS}]
+    for spec in variants:
+        try:
+            parse_variant(spec)
+        except ValueError as err:
+            unknown.append(str(err))
     if unknown:
         print(f"unknown variants/shapes/checks: {unknown}; see --list", file=sys.stderr)
         return 2
@@ -535,6 +669,7 @@ def main() -> int:
     peaks = (peak_row["copy_GBps"], peak_row["mm_TFLOPs"]) if peak_row else None
     if args.only != "correctness":
         print(format_table(rows, peaks))
+        print(format_pivot(rows, kernels))
     doc = dict(kernels=kernels, peaks=peaks, rows=rows)
     print(json.dumps(doc))
     out = args.out or (os.path.join(os.environ["OUT"], "hopper_decode.json") if os.environ.get("OUT") else None)
