@@ -22,7 +22,8 @@ timing: median of `triton.testing.do_bench` over CUDA-graph replays (L2 flushed 
 
 Hopper variants (`--variants`): ws (ring of slots, producer warp), pipe (ring, consumer-issued
 copies), ovl (ring, producer warp, softmax overlapped with the products; states <= 256 wide),
-duo (two warpgroups taking turns on blocks, each owning half the columns; MLA and GLA). A name
+duo (two warpgroups taking turns on blocks, each owning half the columns; MLA and GLA), pp
+(128 rows, two warpgroups of 64 taking turns on the tensor cores; GLA at L_q >= 2). A name
 may carry knobs: -s<N> ring slots, -c<N> resident programs per SM, -p<N> programs per SM the
 split-KV plan aims for, -m<N> its shortest piece in tokens (duo-p1-m256: the duo schedule
 with one-wave pieces of at least 256 tokens). A variant that does not take a shape, or whose
@@ -50,7 +51,7 @@ import time
 
 # Hopper schedules: name -> HopperConfig fields on top of the shape's default programs per SM.
 VARIANTS = {"ws": {}, "pipe": dict(specialize=False), "ovl": dict(overlap=True),
-            "duo": dict(schedule="duo", ctas_per_sm=1)}
+            "duo": dict(schedule="duo", ctas_per_sm=1), "pp": dict(schedule="pingpong")}
 KNOBS = {"s": "num_stages", "c": "ctas_per_sm", "p": "programs_per_sm", "m": "min_piece"}
 PLAN_KNOBS = ("programs_per_sm", "min_piece")
 DEVICE = os.environ.get("HOPPER_BENCH_DEVICE", "cuda")  # "cpu" dry-runs the checks' plumbing

@@ -41,7 +41,7 @@ SMEM_PER_SM = 233472  # bytes on sm_90 (228 KiB), 1 KiB of it reserved per resid
 SMEM_RESERVED = 1024
 SMEM_SLACK = 1024  # barriers and the compiler's reduction scratch
 REGISTERS_PER_SM = 65536
-SCHEDULES = ("ring", "duo")
+SCHEDULES = ("ring", "duo", "pingpong")
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,10 @@ class HopperConfig:
     """How one launch runs.
 
     schedule: "ring" (`kernels/hopper_tied.py`: consumer warpgroups attend every block side by
-        side from a ring of slots) or "duo" (`kernels/hopper_duo.py`: two warpgroups take turns
-        on blocks, each owning half the value columns; states of 128 columns or more).
+        side from a ring of slots), "duo" (`kernels/hopper_duo.py`: two warpgroups take turns
+        on blocks, each owning half the value columns; states of 128 columns or more) or
+        "pingpong" (`kernels/hopper_pingpong.py`: 128 rows, two warpgroups of 64 take turns on
+        the tensor cores; states of at most 256 columns).
     specialize: ring only: a producer warp issues the copies (`gl.warp_specialize`); False: the
         consumer warps issue them NUM_STAGES - 1 blocks ahead themselves (the fallback variant).
     overlap: ring, specialised, states of at most 256 columns: each block's softmax runs while
@@ -134,6 +136,12 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
                              f"(got D_nope={d_nope})")
         # One warpgroup of the parent region plus one worker: 64 rows, each half the columns.
         block_m, num_warps, warps_n = 64, 4, 2
+    elif config.schedule == "pingpong":
+        if d_v > 256 or group * query_len <= 64:
+            raise ValueError(f"the pingpong schedule gives each of two warpgroups 64 rows and "
+                             f"every column: needs D_v <= 256 (got {d_v}) and more than 64 rows "
+                             f"(got {group * query_len})")
+        block_m, num_warps, warps_n = 128, 4, 1  # the parent region is the first warpgroup
     else:
         block_m, num_warps, warps_n = warp_layout(d_v, group * query_len)
     heads = min(group, max(1, block_m // query_len))
@@ -154,7 +162,7 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     if config.overlap and warps_n != 1:
         raise ValueError(f"the overlapped schedule keeps all D_v={d_v} columns in one warpgroup: "
                          f"needs D_v <= 256")
-    least = 3 if config.overlap else 2
+    least = 3 if config.overlap or config.schedule == "pingpong" else 2
     if stages < least or stages > fit or (duo and stages % 2):
         raise ValueError(f"{stages} ring slots of {stage} B do not fit {budget} B of shared memory "
                          f"beside {fixed} B of queries (d_v={d_v}, ctas_per_sm={config.ctas_per_sm}"
@@ -162,6 +170,8 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     maxnreg = None
     if duo:
         threads = 32 * 2 * num_warps
+    elif config.schedule == "pingpong":
+        threads = 32 * 3 * num_warps  # two consumer warpgroups and the producer's
     else:
         threads = 32 * (num_warps + (4 if config.specialize else 0))  # the producer: a warpgroup
     if threads * 255 * config.ctas_per_sm > REGISTERS_PER_SM:
@@ -273,6 +283,10 @@ def _kernel(d_nope: int, d_v: int, d_rope: int, query_len: int, page: int, confi
         from hwattn.ops.kernels.hopper_duo import hopper_duo_kernel
 
         return hopper_duo_kernel, dict(common, PAIRS=launch.num_stages // 2)
+    if config.schedule == "pingpong":
+        from hwattn.ops.kernels.hopper_pingpong import hopper_pingpong_kernel
+
+        return hopper_pingpong_kernel, dict(common, NUM_STAGES=launch.num_stages)
     from hwattn.ops.kernels.hopper_tied import hopper_tied_kernel
 
     return hopper_tied_kernel, dict(common, NUM_STAGES=launch.num_stages, WARPS_N=launch.warps_n,
@@ -407,6 +421,10 @@ def resources(kernel) -> dict[str, int]:
 def describe(shape: TiedShape, config: HopperConfig) -> str:
     """One line: the launch a shape gets under a config."""
     launch = plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group, shape.query_len, config)
+    if config.schedule == "pingpong":
+        return (f"pingpong, M=128 (2 warpgroups of 64 rows taking turns), {launch.num_stages} "
+                f"slots, {launch.head_blocks} head block(s), {launch.smem_bytes / 1024:.0f} KiB, "
+                f"{config.ctas_per_sm}/SM" + (f", maxnreg {launch.maxnreg}" if launch.maxnreg else ""))
     if config.schedule == "duo":
         return (f"duo, M={launch.block_m} (2 warpgroups taking turns), {launch.num_stages} slots, "
                 f"{launch.head_blocks} head block(s), {launch.smem_bytes / 1024:.0f} KiB, "

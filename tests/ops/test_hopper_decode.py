@@ -36,6 +36,7 @@ VARIANTS = {
     "pipelined": dict(specialize=False),
     "overlapped": dict(overlap=True),
     "duo": dict(schedule="duo", ctas_per_sm=1),
+    "pingpong": dict(schedule="pingpong"),
 }
 
 
@@ -91,8 +92,8 @@ for fields, config in json.loads(sys.argv[1]):
     shape, config = TiedShape(**fields), HopperConfig(**config)
     kernel, launch = hopper_decode.compile_sm90(shape, config)
     ptx = kernel.asm["ptx"]
-    threads = 32 * (2 * launch.num_warps if config.schedule == "duo"
-                    else launch.num_warps + (4 if config.specialize else 0))
+    threads = 32 * {"duo": 2 * launch.num_warps, "pingpong": 3 * launch.num_warps}.get(
+        config.schedule, launch.num_warps + (4 if config.specialize else 0))
     results.append(dict(hopper_decode.resources(kernel), ctas_per_sm=config.ctas_per_sm,
                         threads=threads, wgmma="wgmma.mma_async" in ptx,
                         tma="cp.async.bulk.tensor" in ptx, mbarrier="mbarrier.try_wait" in ptx,
@@ -129,11 +130,12 @@ def test_compiles_for_sm90(compiled, shape_id, variant):
 
 def test_schedules_take_the_shapes_they_are_for():
     """duo: MLA's and GLA's latents (key = value, at least 128 wide); overlapped: one
-    warpgroup holds all columns (at most 256)."""
+    warpgroup holds all columns (at most 256); pingpong: that, and more than 64 rows."""
     taken = {sid: [v for s, v in CASES if s == sid] for sid in (p.id for p in COMPILE_SHAPES)}
     assert "duo" in taken["mla-2wg-split-columns"] and "overlapped" not in taken["mla-lq4"]
     assert {"duo", "overlapped"} <= set(taken["gla2-lq2-2wg-split-rows"])
     assert "duo" not in taken["gta4-2-per-sm"] and "overlapped" in taken["gta4-2-per-sm"]
+    assert "pingpong" in taken["gla2-lq2-2wg-split-rows"] and "pingpong" not in taken["gla2-lq1-1wg"]
     with pytest.raises(ValueError, match="even"):
         hopper_decode.plan_launch(256, 256, 64, 64, 1, HopperConfig(schedule="duo", num_stages=3))
     with pytest.raises(ValueError, match="schedule"):

@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from hwattn.ops.kernels.hopper_tied import COL_BOX, LN2, _slot_row, mma_layout, row_layout
+from hwattn.ops.kernels.hopper_tied import COL_BOX, _slot_row, _store_tile, mma_layout, row_layout
 
 # Warps of one consumer warpgroup; each partition is one.
 WG: gl.constexpr = gl.constexpr(4)
@@ -113,41 +113,6 @@ def _scores(s, n0, end, seqlen, qk_scale, L_Q: gl.constexpr, BLOCK_N: gl.constex
 def _finite(m):
     """A running max to subtract: 0 while a row has seen nothing (keeps exp2 finite)."""
     return gl.where(m == float("-inf"), 0.0, m)
-
-
-@gluon.jit
-def _store_half(o, l, m, col0, head0, head_end, n_heads_q, single, out_base, lse_base, part_base,
-                part_lse_base, stride_ot, stride_oh, stride_lh,
-                L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
-                D_V: gl.constexpr, HALF: gl.constexpr, WRITE_LSE: gl.constexpr):
-    """Normalise and write columns col0..col0+HALF of the output (or of the partial when the
-    sequence has several pieces), and the LSE. The bases point at this sequence's output and
-    LSE, and at this item's partials."""
-    o_layout: gl.constexpr = o.type.layout
-    seen = l > 0.0
-    lse = gl.where(seen, (m + gl.log2(gl.where(seen, l, 1.0))) * LN2, float("-inf"))  # (M,)
-    inv_l = gl.convert_layout(1.0 / gl.where(seen, l, 1.0), gl.SliceLayout(1, o_layout))
-    out_tile = o * inv_l[:, None]  # (M, HALF)
-    offs_om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-    offs_od = col0 + gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
-    o_head = head0 + offs_om // L_Q
-    o_query = offs_om % L_Q
-    mask_o = (offs_om < HEADS_PER_PROG * L_Q) & (o_head < head_end)  # (M,)
-    mask_od = mask_o[:, None] & (offs_od[None, :] < D_V)  # (M, HALF)
-    lse = gl.convert_layout(lse, gl.SliceLayout(1, o_layout))
-    if single:
-        o_rows = o_query.to(gl.int64) * stride_ot + o_head.to(gl.int64) * stride_oh
-        gl.store(out_base + o_rows[:, None] + offs_od[None, :],
-                 out_tile.to(out_base.dtype.element_ty), mask=mask_od)
-        if WRITE_LSE:
-            gl.store(lse_base + o_head.to(gl.int64) * stride_lh + o_query, lse, mask=mask_o)
-    else:
-        # Partials: (capacity, L_Q, H_q, D_V) and (capacity, L_Q, H_q), contiguous fp32.
-        part_rows = o_query * n_heads_q + o_head  # (M,)
-        gl.store(part_base + part_rows[:, None].to(gl.int64) * D_V + offs_od[None, :], out_tile,
-                 mask=mask_od)
-        if WRITE_LSE:
-            gl.store(part_lse_base + part_rows, lse, mask=mask_o)
 
 
 @gluon.jit
@@ -256,9 +221,9 @@ def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd
     mbarrier.wait(sync.index(5), 0)
     l_i = l_i + vec_odd.index(0).load(row_l)
     m_i = vec_m.index(0).load(row_l)
-    _store_half(o, l_i, m_i, 0, head0, head_end, n_heads_q, single, out_base, lse_base, part_base,
-                part_lse_base, stride_ot, stride_oh, stride_lh,
-                L_Q, HEADS_PER_PROG, BLOCK_M, D_V, HALF, True)
+    _store_tile(o, l_i, m_i, 0, 0, head0, head_end, n_heads_q, single, out_base, lse_base,
+                part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q, HEADS_PER_PROG,
+                D_V, True)
 
 
 @gluon.jit
@@ -367,9 +332,9 @@ def _odd(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd,
     mbarrier.wait(sync.index(4), 0)
     l_i = l_i + vec_even.index(0).load(row_l)
     m_i = vec_m.index(0).load(row_l)
-    _store_half(o, l_i, m_i, HALF, head0, head_end, n_heads_q, single, out_base, lse_base,
-                part_base, part_lse_base, stride_ot, stride_oh, stride_lh,
-                L_Q, HEADS_PER_PROG, BLOCK_M, D_V, HALF, False)
+    _store_tile(o, l_i, m_i, 0, HALF, head0, head_end, n_heads_q, single, out_base, lse_base,
+                part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q, HEADS_PER_PROG,
+                D_V, False)
 
 
 @gluon.jit
@@ -471,7 +436,7 @@ def hopper_duo_kernel(
     # Where the epilogues write: this sequence's output and LSE, this item's partials.
     out_base = out_ptr + seq64 * stride_ob
     lse_base = lse_ptr + seq64 * stride_lb
-    part_row0 = pid_item.to(gl.int64) * L_Q * n_heads_q
+    part_row0 = (pid_item * L_Q * n_heads_q).to(gl.int64)  # < 2**31: items × L_q × H_q
     part_base = part_out_ptr + part_row0 * D_V
     part_lse_base = part_lse_ptr + part_row0
     head_end = (kv_head + 1) * group
