@@ -216,14 +216,30 @@ def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=Non
     from hwattn.ops.plan import PROGRAMS_PER_SM
 
     default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
-    fields = dict(ctas_per_sm=default.ctas_per_sm)
-    fields.update(parse_variant(spec))
-    fields.update(OVERRIDES)
+
+    def config_of(name):
+        fields = dict(ctas_per_sm=default.ctas_per_sm)
+        fields.update(parse_variant(name))
+        fields.update(OVERRIDES)
+        return HopperConfig(**fields)
+
     try:
-        config = HopperConfig(**fields)
+        config = config_of(spec)
         launch = hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, config)
     except ValueError as err:
         raise NotApplicable(str(err)) from None
+    base_name = spec.split("-")[0]
+    if spec != base_name:
+        import dataclasses
+
+        base = config_of(base_name)
+        try:
+            same = (dataclasses.replace(config, num_stages=None) == base and launch
+                    == hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, base))
+        except ValueError:
+            same = False
+        if same:
+            raise NotApplicable(f"the knobs leave {base_name} as it is here")
     if lengths is not None and any(k in parse_variant(spec) for k in PLAN_KNOBS):
         import dataclasses
 
@@ -334,10 +350,9 @@ def task_peaks(torch) -> dict:
                 device=torch.cuda.get_device_name(), torch=torch.__version__)
 
 
-def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms: int) -> dict:
-    """Time one shape through one kernel (triton, ws, pipe, or gqa beside a GTA shape)."""
-    from triton.testing import do_bench
-
+def _prepare(torch, name: str, kernel: str, peaks):
+    """(row, fn, plan, reference or None) of one shape through one kernel (triton, a Hopper
+    variant, or gqa beside a GTA shape); (row, None, None, None) where the variant is n/a."""
     from hwattn.ops import hopper_decode, plan_decode, triton_decode
 
     shape = _shapes()[name]
@@ -347,7 +362,7 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
     lengths, l_q, page = shape["lengths"], shape["query_len"], shape["page"]
     nbytes = sum(layer.decode_bytes(n, l_q, shape["tp"]) for n in lengths)
     flops = sum(layer.decode_flops(n, l_q, shape["tp"]) for n in lengths)
-    copy_gbps, mm_tflops = peaks
+    copy_gbps, mm_tflops = peaks or (float("nan"), float("nan"))
     row = dict(task=f"time:{name}:{kernel}", shape=name, kernel=kernel, variant=variant, h_q=h_q,
                h_kv=h_kv, batch=len(lengths), max_len=max(lengths), query_len=l_q, bytes=nbytes,
                flops=flops, roofline_us=max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6))
@@ -355,7 +370,7 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
         try:
             _hopper_config(kernel, *_widths(layer, shape["tp"]), l_q, lengths)
         except NotApplicable as why:
-            return dict(row, not_applicable=str(why))
+            return dict(row, not_applicable=str(why)), None, None, None
     data = Paged(torch, layer, shape["tp"], lengths, l_q, page)
     if kernel == "gqa":
         plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
@@ -364,7 +379,7 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
         def fn(plan):
             return triton_decode.decode(data.q, data.k_cache, data.v_cache, data.block_table,
                                         data.seqlens, softmax_scale=data.scale, plan=plan)
-        return _timed(torch, do_bench, row, fn, plan, None, rep_ms, peaks)
+        return row, fn, plan, None
     args = data.tied_args()
     group = h_q // h_kv
     min_piece = triton_decode.min_piece(data.q_nope, data.kv_cache, data.kv_cache, data.rope_cache, True)
@@ -378,13 +393,38 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
     tri_plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
                            head_blocks=tri_blocks, min_piece=min_piece)
     if kernel == "triton":
-        return _timed(torch, do_bench, row, tri, tri_plan, None, rep_ms, peaks)
+        return row, tri, tri_plan, None
     row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
     row["launch"], fn, config = _hopper_call(torch, kernel, data)
-    reference = tri(tri_plan)[0].float()
     plan = hopper_decode.make_plan(data.q_nope, data.kv_cache, data.rope_cache, data.seqlens,
                                    config)
-    return _timed(torch, do_bench, row, fn, plan, reference, rep_ms, peaks)
+    return row, fn, plan, (lambda: tri(tri_plan)[0].float())
+
+
+def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms: int) -> dict:
+    """Time one shape through one kernel (triton, a Hopper variant, or gqa beside GTA)."""
+    from triton.testing import do_bench
+
+    row, fn, plan, reference = _prepare(torch, name, kernel, peaks)
+    if fn is None:
+        return row
+    return _timed(torch, do_bench, row, fn, plan, reference() if reference else None, rep_ms,
+                  peaks)
+
+
+def task_warm(torch, name: str, kernel: str) -> dict:
+    """Compile one timing task's kernels (one call on its data), untimed: run several of these
+    side by side and the timing phase finds every kernel in Triton's cache."""
+    row, fn, plan, _ = _prepare(torch, name, kernel, None)
+    row = dict(task=f"warm:{name}:{kernel}", **({"not_applicable": row["not_applicable"]}
+                                                 if fn is None else {}))
+    if fn is not None:
+        try:
+            fn(plan)
+            _sync(torch)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return row
 
 
 def _timed(torch, do_bench, row, fn, plan, reference, rep_ms, peaks) -> dict:
@@ -426,6 +466,8 @@ def worker(args) -> None:
             elif kind == "peaks":
                 row = task_peaks(torch)
                 peaks = (row["copy_GBps"], row["mm_TFLOPs"])
+            elif kind == "warm":
+                row = task_warm(torch, name, kernel)
             else:
                 row = task_time(torch, name, kernel, peaks, args.rep_ms)
         except Exception as err:
@@ -521,6 +563,29 @@ def run_tasks(tasks, args, deadline) -> list[dict]:
     return results
 
 
+def run_parallel(task_lists, args, deadline) -> list[dict]:
+    """run_tasks on each list in its own worker, side by side (compiles and correctness checks,
+    never timings: those run alone)."""
+    results: list[list[dict]] = [[] for _ in task_lists]
+
+    def run(i):
+        results[i] = run_tasks(task_lists[i], args, deadline)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(task_lists))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [row for rows in results for row in rows]
+
+
+def _crashed(rows) -> set[str]:
+    """Hopper variants whose worker crashed or hung on some task."""
+    return {_kernel_of(r["task"]) for r in rows if "error" in r
+            and r["error"].startswith(("timed out", "worker died"))
+            and _kernel_of(r["task"]) not in ("triton", "gqa")}
+
+
 def _summary(row: dict) -> str:
     try:
         return _summary_line(row)
@@ -534,6 +599,8 @@ def _summary_line(row: dict) -> str:
         return f"{task}: ERROR {row['error'][:300]}"
     if "not_applicable" in row:
         return f"{task}: n/a ({row['not_applicable'][:120]})"
+    if task.startswith("warm:"):
+        return f"{task} ({row['wall_s']}s): compiled"
     if task == "peaks":
         return f"peaks: copy {row['copy_GBps']:.0f} GB/s, bf16 matmul {row['mm_TFLOPs']:.0f} TFLOP/s ({row['device']})"
     if task.startswith("check:"):
@@ -626,6 +693,9 @@ def main() -> int:
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition window")
     parser.add_argument("--task-timeout", type=float, default=90.0, help="seconds per task")
     parser.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="workers that run the checks and compile every timed kernel side by "
+                             "side before the timings, which always run one at a time")
     parser.add_argument("--out", help="JSON file (default $OUT/hopper_decode.json when $OUT is set)")
     parser.add_argument("--list", action="store_true", help="print the shapes, checks, variants")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -656,16 +726,26 @@ def main() -> int:
         print(f"unknown variants/shapes/checks: {unknown}; see --list", file=sys.stderr)
         return 2
     kernels = ([] if args.no_triton else ["triton"]) + variants
-    tasks = []
-    if args.only != "timing":
-        tasks += [f"check:{c}:{k}" for c in checks for k in kernels]
+    check_tasks = [f"check:{c}:{k}" for c in checks for k in kernels] if args.only != "timing" else []
+    time_tasks = []
     if args.only != "correctness":
-        tasks.append("peaks")
         for name in names:
-            tasks += [f"time:{name}:{k}" for k in kernels]
+            time_tasks += [f"time:{name}:{k}" for k in kernels]
             if shapes[name]["variant"].startswith("gta") and not args.no_triton:
-                tasks.append(f"time:{name}:gqa")
-    rows = run_tasks(tasks, args, time.time() + args.budget)
+                time_tasks.append(f"time:{name}:gqa")
+    deadline = time.time() + args.budget
+    if args.jobs > 1:
+        early = check_tasks + [t.replace("time:", "warm:", 1) for t in time_tasks]
+        rows = run_parallel([early[i::args.jobs] for i in range(args.jobs)], args, deadline)
+        crashed = _crashed(rows)
+        rows += [dict(task=t, error=f"skipped: {_kernel_of(t)} crashed or hung before")
+                 for t in time_tasks if _kernel_of(t) in crashed]
+        time_tasks = [t for t in time_tasks if _kernel_of(t) not in crashed]
+        if time_tasks:
+            rows += run_tasks(["peaks"] + time_tasks, args, deadline)
+    else:
+        rows = run_tasks(check_tasks + (["peaks"] + time_tasks if time_tasks else []), args,
+                         deadline)
     peak_row = next((r for r in rows if r.get("task") == "peaks" and "copy_GBps" in r), None)
     peaks = (peak_row["copy_GBps"], peak_row["mm_TFLOPs"]) if peak_row else None
     if args.only != "correctness":
