@@ -215,7 +215,6 @@ def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=Non
     (given the lengths) where its plan knobs change nothing because no plan splits."""
     from hwattn.ops import hopper_decode
     from hwattn.ops.hopper_decode import HopperConfig
-    from hwattn.ops.plan import PROGRAMS_PER_SM
 
     default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
 
