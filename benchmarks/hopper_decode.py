@@ -5,7 +5,8 @@ H100/H200, in one command: correctness first, then the peaks, then the timings.
     python benchmarks/hopper_decode.py --only correctness       # the checks alone
     python benchmarks/hopper_decode.py --only timing --shapes mla-b128-16k-lq1,gla2-b128-16k-lq2
     python benchmarks/hopper_decode.py --variants pipe          # only the pipelined fallback
-    python benchmarks/hopper_decode.py --list                   # the shape names
+    python benchmarks/hopper_decode.py --variants ws,duo,duo-p1-m256,ovl-s4   # schedules, knobs
+    python benchmarks/hopper_decode.py --list                   # shapes, checks, variants
 
 correctness: hostile paged caches (shuffled pages from a pool with spare pages, NaN in every
     slot no sequence owns, out-of-range table entries past each sequence) with lengths 1, 63,
@@ -15,9 +16,18 @@ correctness: hostile paged caches (shuffled pages from a pool with spare pages, 
     passes.
 peaks: copy GB/s (read + write) and bf16 matmul TFLOP/s, measured in the same process.
 timing: median of `triton.testing.do_bench` over CUDA-graph replays (L2 flushed between calls)
-    for Triton and each Hopper variant (ws: producer warp; pipe: consumer-issued copies);
-    GB/s and TFLOP/s on the layer's own byte and FLOP counts, % of the peaks, the roofline
-    time and the speed-up over Triton; GTA-4 rows also time GQA-4 on the same batch.
+    for Triton and each Hopper variant; GB/s and TFLOP/s on the layer's own byte and FLOP
+    counts, % of the peaks, the roofline time and the speed-up over Triton; GTA-4 rows also time
+    GQA-4 on the same batch.
+
+Hopper variants (`--variants`): ws (ring of slots, producer warp), pipe (ring, consumer-issued
+copies), ovl (ring, producer warp, softmax overlapped with the products; states <= 256 wide),
+duo (two warpgroups taking turns on blocks, each owning half the columns; MLA and GLA), pp
+(128 rows, two warpgroups of 64 taking turns on the tensor cores; GLA at L_q >= 2). A name
+may carry knobs: -s<N> ring slots, -c<N> resident programs per SM, -p<N> programs per SM the
+split-KV plan aims for, -m<N> its shortest piece in tokens (duo-p1-m256: the duo schedule
+with one-wave pieces of at least 256 tokens). A variant that does not take a shape, or whose
+plan knobs change nothing there (no sequence is split either way), is reported as n/a.
 
 Every task runs in a worker process the parent watches: a kernel that fails to compile or is
 wrong is reported and the run goes on; a crash or a hang (past --task-timeout) kills the
@@ -39,7 +49,13 @@ import tempfile
 import threading
 import time
 
-VARIANTS = {"ws": True, "pipe": False}  # name -> HopperConfig.specialize
+from hopper_report import format_pivot, format_table, summary
+
+# Hopper schedules: name -> HopperConfig fields on top of the shape's default programs per SM.
+VARIANTS = {"ws": {}, "pipe": dict(specialize=False), "ovl": dict(overlap=True),
+            "duo": dict(schedule="duo", ctas_per_sm=1), "pp": dict(schedule="pingpong")}
+KNOBS = {"s": "num_stages", "c": "ctas_per_sm", "p": "programs_per_sm", "m": "min_piece"}
+PLAN_KNOBS = ("programs_per_sm", "min_piece")
 DEVICE = os.environ.get("HOPPER_BENCH_DEVICE", "cuda")  # "cpu" dry-runs the checks' plumbing
 OVERRIDES: dict = {}  # HopperConfig fields forced from the command line (--stages, --ctas-per-sm)
 CHECK_LIMIT = 2e-2  # relative L2 error against the Triton kernel in the timing phase
@@ -177,24 +193,109 @@ def _errors(torch, got, truth, base):
     return err, err / bound
 
 
-def _hopper_call(torch, kernel: str, data, plan_head_blocks=None):
-    """(launch description, fn(plan) -> (out, lse), head blocks) of a Hopper variant."""
+def parse_variant(spec: str) -> dict:
+    """HopperConfig fields of a variant name with knobs, e.g. 'duo-p1-m256'; ValueError if bad."""
+    base, *knobs = spec.split("-")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown Hopper variant {base!r} in {spec!r} (one of {list(VARIANTS)})")
+    fields = dict(VARIANTS[base])
+    for knob in knobs:
+        if knob[:1] not in KNOBS or not knob[1:].isdigit():
+            raise ValueError(f"bad knob {knob!r} in {spec!r}: -s/-c/-p/-m followed by a number")
+        fields[KNOBS[knob[:1]]] = int(knob[1:])
+    return fields
+
+
+class NotApplicable(Exception):
+    """The variant does not take this shape, or its plan knobs change nothing here."""
+
+
+def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=None):
+    """The HopperConfig of a variant for a shape; NotApplicable where it does not take it, or
+    (given the lengths) where its plan knobs change nothing because no plan splits."""
     from hwattn.ops import hopper_decode
-    from hwattn.ops.hopper_decode import HopperConfig, TiedShape
+    from hwattn.ops.hopper_decode import HopperConfig
+
+    default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
+
+    def config_of(name):
+        fields = dict(ctas_per_sm=default.ctas_per_sm)
+        fields.update(parse_variant(name))
+        fields.update(OVERRIDES)
+        return HopperConfig(**fields)
+
+    try:
+        config = config_of(spec)
+        launch = hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, config)
+    except ValueError as err:
+        raise NotApplicable(str(err)) from None
+    base_name = spec.split("-")[0]
+    if spec != base_name:
+        import dataclasses
+
+        base = config_of(base_name)
+        try:
+            same = (dataclasses.replace(config, num_stages=None) == base and launch
+                    == hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, base))
+        except ValueError:
+            same = False
+        if same:
+            raise NotApplicable(f"the knobs leave {base_name} as it is here")
+    if lengths is not None and any(k in parse_variant(spec) for k in PLAN_KNOBS):
+        import dataclasses
+
+        import torch
+
+        # The plans on the host: meta tensors carry the shapes the planner reads.
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        q_nope = torch.empty(len(lengths), l_q, group * h_kv, d_nope, **meta)
+        kv_cache = torch.empty(1, 64, h_kv, d_v, **meta)
+        rope_cache = torch.empty(1, 64, d_rope, **meta)
+        seqlens = torch.tensor(lengths, dtype=torch.int32)
+
+        def pieces(cfg):
+            plan = hopper_decode.make_plan(q_nope, kv_cache, rope_cache, seqlens, cfg)
+            return plan.items.tolist(), plan.may_split
+
+        base = dataclasses.replace(config, programs_per_sm=None, min_piece=None)
+        if pieces(config) == pieces(base):
+            raise NotApplicable("the plan knobs leave the plan as it is")
+    return config
+
+
+def _sms() -> int:
+    import torch
+
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_properties(0).multi_processor_count
+    return 132
+
+
+def _hopper_call(torch, kernel: str, data, lengths=None):
+    """(launch description, fn(plan) -> (out, lse), config) of a Hopper variant."""
+    from hwattn.ops import hopper_decode
+    from hwattn.ops.hopper_decode import TiedShape
 
     args = data.tied_args()
     d_nope, d_v, d_rope = data.q_nope.shape[-1], data.kv_cache.shape[-1], data.q_rope.shape[-1]
     group, l_q = data.q_nope.shape[2] // data.kv_cache.shape[2], data.q_nope.shape[1]
-    default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
-    fields = dict(specialize=VARIANTS[kernel], ctas_per_sm=default.ctas_per_sm)
-    config = HopperConfig(**{**fields, **OVERRIDES})
-    launch = hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, config)
+    config = _hopper_config(kernel, d_nope, d_v, d_rope, group, data.kv_cache.shape[2], l_q,
+                            lengths)
     page = data.kv_cache.shape[1]
     text = hopper_decode.describe(TiedShape(d_nope, d_v, d_rope, group, l_q, page), config)
 
     def fn(plan):
         return hopper_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan, config=config)
-    return text, fn, launch.head_blocks
+    return text, fn, config
+
+
+def _widths(layer, tp):
+    """(D_nope, D_v, D_R, group, H_kv) of a tied-state layer's decode call at a TP degree."""
+    h_q, h_kv = layer.local_heads(tp)
+    layout = layer.cache_layout(tp)
+    d_qk, d_v = layer.decode_widths()
+    d_rope = layout["rope"][0]
+    return d_qk - d_rope, d_v, d_rope, h_q // h_kv, h_kv
 
 
 def task_check(torch, name: str, kernel: str) -> dict:
@@ -206,18 +307,24 @@ def task_check(torch, name: str, kernel: str) -> dict:
     _, variant, heads, tp, lengths, l_q, page = next(c for c in CHECKS if c[0] == name)
     layer = _layer(variant, heads)
     _, h_kv = layer.local_heads(tp)
+    row = dict(task=f"check:{name}:{kernel}", check=name, kernel=kernel)
+    if kernel != "triton":
+        try:
+            _hopper_config(kernel, *_widths(layer, tp), l_q)
+        except NotApplicable as why:
+            return dict(row, not_applicable=str(why))
     data = Paged(torch, layer, tp, lengths, l_q, page, hostile=True)
     args = data.tied_args()
     wide = [t.double() if t.is_floating_point() else t for t in args]
     truth = decode_tied_reference(*wide, softmax_scale=data.scale)
     base = decode_tied_reference(*args, softmax_scale=data.scale)  # the same maths in bf16
-    row = dict(task=f"check:{name}:{kernel}", check=name, kernel=kernel)
     if kernel == "triton":
         def fn(plan):
             return triton_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan)
     else:
         row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
         row["launch"], fn, _ = _hopper_call(torch, kernel, data)
+    # unsplit: the kernel's own plan (its knobs: pieces of a long sequence); split: 64 tokens.
     plans = {"unsplit": None, "split": ops.plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q,
                                                        page_size=page, split_tokens=64)}
     for pname, plan in plans.items():
@@ -244,10 +351,9 @@ def task_peaks(torch) -> dict:
                 device=torch.cuda.get_device_name(), torch=torch.__version__)
 
 
-def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms: int) -> dict:
-    """Time one shape through one kernel (triton, ws, pipe, or gqa beside a GTA shape)."""
-    from triton.testing import do_bench
-
+def _prepare(torch, name: str, kernel: str, peaks):
+    """(row, fn, plan, reference or None) of one shape through one kernel (triton, a Hopper
+    variant, or gqa beside a GTA shape); (row, None, None, None) where the variant is n/a."""
     from hwattn.ops import hopper_decode, plan_decode, triton_decode
 
     shape = _shapes()[name]
@@ -255,13 +361,18 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
     layer = _layer(variant, shape["heads"])
     h_q, h_kv = layer.local_heads(shape["tp"])
     lengths, l_q, page = shape["lengths"], shape["query_len"], shape["page"]
-    data = Paged(torch, layer, shape["tp"], lengths, l_q, page)
     nbytes = sum(layer.decode_bytes(n, l_q, shape["tp"]) for n in lengths)
     flops = sum(layer.decode_flops(n, l_q, shape["tp"]) for n in lengths)
-    copy_gbps, mm_tflops = peaks
+    copy_gbps, mm_tflops = peaks or (float("nan"), float("nan"))
     row = dict(task=f"time:{name}:{kernel}", shape=name, kernel=kernel, variant=variant, h_q=h_q,
                h_kv=h_kv, batch=len(lengths), max_len=max(lengths), query_len=l_q, bytes=nbytes,
                flops=flops, roofline_us=max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6))
+    if kernel not in ("triton", "gqa"):
+        try:
+            _hopper_config(kernel, *_widths(layer, shape["tp"]), l_q, lengths)
+        except NotApplicable as why:
+            return dict(row, not_applicable=str(why)), None, None, None
+    data = Paged(torch, layer, shape["tp"], lengths, l_q, page)
     if kernel == "gqa":
         plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
                            min_piece=triton_decode.min_piece(data.q, data.k_cache, data.v_cache, None, False))
@@ -269,7 +380,7 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
         def fn(plan):
             return triton_decode.decode(data.q, data.k_cache, data.v_cache, data.block_table,
                                         data.seqlens, softmax_scale=data.scale, plan=plan)
-        return _timed(torch, do_bench, row, fn, plan, None, rep_ms, peaks)
+        return row, fn, plan, None
     args = data.tied_args()
     group = h_q // h_kv
     min_piece = triton_decode.min_piece(data.q_nope, data.kv_cache, data.kv_cache, data.rope_cache, True)
@@ -283,13 +394,38 @@ def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms:
     tri_plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
                            head_blocks=tri_blocks, min_piece=min_piece)
     if kernel == "triton":
-        return _timed(torch, do_bench, row, tri, tri_plan, None, rep_ms, peaks)
+        return row, tri, tri_plan, None
     row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
-    row["launch"], fn, head_blocks = _hopper_call(torch, kernel, data)
-    reference = tri(tri_plan)[0].float()
-    plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
-                       head_blocks=head_blocks, min_piece=min_piece)
-    return _timed(torch, do_bench, row, fn, plan, reference, rep_ms, peaks)
+    row["launch"], fn, config = _hopper_call(torch, kernel, data)
+    plan = hopper_decode.make_plan(data.q_nope, data.kv_cache, data.rope_cache, data.seqlens,
+                                   config)
+    return row, fn, plan, (lambda: tri(tri_plan)[0].float())
+
+
+def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms: int) -> dict:
+    """Time one shape through one kernel (triton, a Hopper variant, or gqa beside GTA)."""
+    from triton.testing import do_bench
+
+    row, fn, plan, reference = _prepare(torch, name, kernel, peaks)
+    if fn is None:
+        return row
+    return _timed(torch, do_bench, row, fn, plan, reference() if reference else None, rep_ms,
+                  peaks)
+
+
+def task_warm(torch, name: str, kernel: str) -> dict:
+    """Compile one timing task's kernels (one call on its data), untimed: run several of these
+    side by side and the timing phase finds every kernel in Triton's cache."""
+    row, fn, plan, _ = _prepare(torch, name, kernel, None)
+    row = dict(task=f"warm:{name}:{kernel}", **({"not_applicable": row["not_applicable"]}
+                                                 if fn is None else {}))
+    if fn is not None:
+        try:
+            fn(plan)
+            _sync(torch)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return row
 
 
 def _timed(torch, do_bench, row, fn, plan, reference, rep_ms, peaks) -> dict:
@@ -331,6 +467,8 @@ def worker(args) -> None:
             elif kind == "peaks":
                 row = task_peaks(torch)
                 peaks = (row["copy_GBps"], row["mm_TFLOPs"])
+            elif kind == "warm":
+                row = task_warm(torch, name, kernel)
             else:
                 row = task_time(torch, name, kernel, peaks, args.rep_ms)
         except Exception as err:
@@ -402,7 +540,7 @@ def run_tasks(tasks, args, deadline) -> list[dict]:
                     row = json.loads(line[len("RESULT "):])
                     results.append(row)
                     pending.pop(0)
-                    print(_summary(row), flush=True)
+                    print(summary(row), flush=True)
                     if row.get("task") == "peaks" and "copy_GBps" in row:
                         peaks = (row["copy_GBps"], row["mm_TFLOPs"])
                 continue  # other lines are a library's chatter
@@ -413,9 +551,9 @@ def run_tasks(tasks, args, deadline) -> list[dict]:
             reason = reason if reason == "timed out" else f"{reason} (exit {code})"
             row = dict(task=task, error=f"{reason}: {stderr}")
             results.append(row)
-            print(_summary(row), flush=True)
+            print(summary(row), flush=True)
             kernel = _kernel_of(task)
-            if kernel in VARIANTS:
+            if kernel not in ("triton", "gqa"):
                 dropped = [t for t in pending if _kernel_of(t) == kernel]
                 pending = [t for t in pending if _kernel_of(t) != kernel]
                 results += [dict(task=t, error=f"skipped: {kernel} {reason} on {task}") for t in dropped]
@@ -426,61 +564,27 @@ def run_tasks(tasks, args, deadline) -> list[dict]:
     return results
 
 
-def _summary(row: dict) -> str:
-    try:
-        return _summary_line(row)
-    except (KeyError, TypeError, ValueError):  # an unexpected row is printed raw, never fatal
-        return json.dumps(row)[:400]
+def run_parallel(task_lists, args, deadline) -> list[dict]:
+    """run_tasks on each list in its own worker, side by side (compiles and correctness checks,
+    never timings: those run alone)."""
+    results: list[list[dict]] = [[] for _ in task_lists]
+
+    def run(i):
+        results[i] = run_tasks(task_lists[i], args, deadline)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(task_lists))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [row for rows in results for row in rows]
 
 
-def _summary_line(row: dict) -> str:
-    task = row.get("task", "?")
-    if "error" in row:
-        return f"{task}: ERROR {row['error'][:300]}"
-    if task == "peaks":
-        return f"peaks: copy {row['copy_GBps']:.0f} GB/s, bf16 matmul {row['mm_TFLOPs']:.0f} TFLOP/s ({row['device']})"
-    if task.startswith("check:"):
-        parts = []
-        for pname in ("unsplit", "split"):
-            val = row.get(pname, {})
-            if "error" in val:
-                parts.append(f"{pname} ERROR {val['error'][:200]}")
-            elif val:
-                parts.append(f"{pname} out {val['out_err']:.1e} lse {val['lse_err']:.1e} "
-                             f"ratio {val['ratio']:.2f}{'' if val['ok'] else ' FAIL'}")
-        note = f" [falls back: {row['unsupported']}]" if row.get("unsupported") else ""
-        return f"{task} ({row['wall_s']}s): " + "; ".join(parts) + note
-    extra = f" err {row['rel_err_vs_triton']:.1e}{' WRONG' if row['wrong'] else ''}" if "rel_err_vs_triton" in row else ""
-    return f"{task} ({row['wall_s']}s): {row['us']:.1f} us, {row['GBps']:.0f} GB/s, {row['TFLOPs']:.0f} TFLOP/s{extra}"
-
-
-def format_table(rows: list[dict], peaks) -> str:
-    lines = [f"peaks: copy {peaks[0]:.0f} GB/s, bf16 matmul {peaks[1]:.0f} TFLOP/s" if peaks else "peaks: -",
-             f"{'shape':22} {'kernel':7} {'µs':>9} {'GB/s':>6} {'TFLOP/s':>7} {'%copy':>5} {'%mm':>5} "
-             f"{'roof µs':>8} {'×Triton':>7} {'err':>7}  launch"]
-    triton_us = {r["shape"]: r["us"] for r in rows if r.get("kernel") == "triton" and "us" in r}
-    for row in rows:
-        task = row.get("task", "")
-        if not task.startswith("time:"):
-            continue
-        if "us" not in row:
-            lines.append(f"{task[5:]:30} ERROR {row.get('error', '?')[:200]}")
-            continue
-        speedup = triton_us[row["shape"]] / row["us"] if row["shape"] in triton_us else float("nan")
-        err = f"{row['rel_err_vs_triton']:7.1e}" if "rel_err_vs_triton" in row else f"{'-':>7}"
-        note = row.get("launch", "") + (" WRONG" if row.get("wrong") else "")
-        if row.get("unsupported"):
-            note = f"falls back to Triton: {row['unsupported']}"
-        if row["kernel"] == "gqa":  # the question is GTA's time as a fraction of GQA's
-            speedup = float("nan")
-            tied = {r["kernel"]: r["us"] for r in rows if r.get("shape") == row["shape"]
-                    and r.get("kernel") != "gqa" and "us" in r}
-            note = f"{row['variant']} (Triton); GTA time / this: " + ", ".join(
-                f"{k} {us / row['us']:.2f}" for k, us in tied.items())
-        lines.append(
-            f"{row['shape']:22} {row['kernel']:7} {row['us']:9.1f} {row['GBps']:6.0f} {row['TFLOPs']:7.1f} "
-            f"{row['pct_copy']:5.0f} {row['pct_mm']:5.0f} {row['roofline_us']:8.1f} {speedup:7.2f} {err}  {note}")
-    return "\n".join(lines)
+def _crashed(rows) -> set[str]:
+    """Hopper variants whose worker crashed or hung on some task."""
+    return {_kernel_of(r["task"]) for r in rows if "error" in r
+            and r["error"].startswith(("timed out", "worker died"))
+            and _kernel_of(r["task"]) not in ("triton", "gqa")}
 
 
 def main() -> int:
@@ -490,7 +594,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("correctness", "timing"))
     parser.add_argument("--shapes", help="comma-separated shape names (default: all; see --list)")
     parser.add_argument("--checks", help="comma-separated check names (default: all)")
-    parser.add_argument("--variants", default="ws,pipe", help="Hopper variants: ws, pipe")
+    parser.add_argument("--variants", default="ws,pipe",
+                        help="Hopper variants with optional knobs (see above), e.g. ws,duo-p1")
     parser.add_argument("--no-triton", action="store_true", help="time only the Hopper variants")
     parser.add_argument("--stages", type=int, help="force the Hopper ring depth (default: fill)")
     parser.add_argument("--ctas-per-sm", type=int, choices=(1, 2),
@@ -498,8 +603,11 @@ def main() -> int:
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition window")
     parser.add_argument("--task-timeout", type=float, default=90.0, help="seconds per task")
     parser.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="workers that run the checks and compile every timed kernel side by "
+                             "side before the timings, which always run one at a time")
     parser.add_argument("--out", help="JSON file (default $OUT/hopper_decode.json when $OUT is set)")
-    parser.add_argument("--list", action="store_true", help="print the shape and check names")
+    parser.add_argument("--list", action="store_true", help="print the shapes, checks, variants")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tasks", help=argparse.SUPPRESS)
     parser.add_argument("--peaks", help=argparse.SUPPRESS)
@@ -511,30 +619,48 @@ def main() -> int:
     if args.list:
         print("shapes:", ", ".join(shapes))
         print("checks:", ", ".join(c[0] for c in CHECKS))
+        print("variants:", ", ".join(VARIANTS), "(knobs: -s<slots> -c<per SM> -p<plan per SM> "
+              "-m<min piece>)")
         return 0
     variants = [v for v in args.variants.split(",") if v]
     names = (args.shapes or ",".join(shapes)).split(",")
     checks = (args.checks or ",".join(c[0] for c in CHECKS)).split(",")
-    unknown = [v for v in variants if v not in VARIANTS] + [s for s in names if s not in shapes] + \
+    unknown = [s for s in names if s not in shapes] + \
         [c for c in checks if c not in {c[0] for c in CHECKS}]
+    for spec in variants:
+        try:
+            parse_variant(spec)
+        except ValueError as err:
+            unknown.append(str(err))
     if unknown:
         print(f"unknown variants/shapes/checks: {unknown}; see --list", file=sys.stderr)
         return 2
     kernels = ([] if args.no_triton else ["triton"]) + variants
-    tasks = []
-    if args.only != "timing":
-        tasks += [f"check:{c}:{k}" for c in checks for k in kernels]
+    check_tasks = [f"check:{c}:{k}" for c in checks for k in kernels] if args.only != "timing" else []
+    time_tasks = []
     if args.only != "correctness":
-        tasks.append("peaks")
         for name in names:
-            tasks += [f"time:{name}:{k}" for k in kernels]
+            time_tasks += [f"time:{name}:{k}" for k in kernels]
             if shapes[name]["variant"].startswith("gta") and not args.no_triton:
-                tasks.append(f"time:{name}:gqa")
-    rows = run_tasks(tasks, args, time.time() + args.budget)
+                time_tasks.append(f"time:{name}:gqa")
+    deadline = time.time() + args.budget
+    if args.jobs > 1:
+        early = check_tasks + [t.replace("time:", "warm:", 1) for t in time_tasks]
+        rows = run_parallel([early[i::args.jobs] for i in range(args.jobs)], args, deadline)
+        crashed = _crashed(rows)
+        rows += [dict(task=t, error=f"skipped: {_kernel_of(t)} crashed or hung before")
+                 for t in time_tasks if _kernel_of(t) in crashed]
+        time_tasks = [t for t in time_tasks if _kernel_of(t) not in crashed]
+        if time_tasks:
+            rows += run_tasks(["peaks"] + time_tasks, args, deadline)
+    else:
+        rows = run_tasks(check_tasks + (["peaks"] + time_tasks if time_tasks else []), args,
+                         deadline)
     peak_row = next((r for r in rows if r.get("task") == "peaks" and "copy_GBps" in r), None)
     peaks = (peak_row["copy_GBps"], peak_row["mm_TFLOPs"]) if peak_row else None
     if args.only != "correctness":
         print(format_table(rows, peaks))
+        print(format_pivot(rows, kernels))
     doc = dict(kernels=kernels, peaks=peaks, rows=rows)
     print(json.dumps(doc))
     out = args.out or (os.path.join(os.environ["OUT"], "hopper_decode.json") if os.environ.get("OUT") else None)

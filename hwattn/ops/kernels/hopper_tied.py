@@ -86,15 +86,18 @@ def _issue_block(kv_desc, rope_desc, kv_buf, rope_buf, bar, row, kv_col, D_V: gl
 
 @gluon.jit
 def _zero_tail(kv_buf, n_valid, BLOCK_N: gl.constexpr, D_V: gl.constexpr, num_warps: gl.constexpr):
-    """Zero rows >= n_valid of a (BLOCK_N, D_V) slot, one 64-column box at a time."""
+    """Zero rows >= n_valid of a (BLOCK_N, D_V) slot, 4·num_warps rows of one 64-column box at a
+    time (a whole box at once costs registers the consumers do not have to spare)."""
     layout: gl.constexpr = row_layout(COL_BOX, num_warps)
-    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    ROWS: gl.constexpr = 4 * num_warps  # one pass of the layout: 8 elements per thread
+    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, COL_BOX, layout=gl.SliceLayout(0, layout))
-    keep = (rows[:, None] < n_valid) & (cols[None, :] < COL_BOX)  # (N, 64)
     for c in gl.static_range(D_V // COL_BOX):
-        box = kv_buf.slice(c * COL_BOX, COL_BOX, dim=1)
-        tile = box.load(layout)
-        box.store(gl.where(keep, tile, gl.zeros_like(tile)))
+        for h in gl.static_range(BLOCK_N // ROWS):
+            part = kv_buf.slice(c * COL_BOX, COL_BOX, dim=1).slice(h * ROWS, ROWS, dim=0)
+            keep = (h * ROWS + rows[:, None] < n_valid) & (cols[None, :] < COL_BOX)  # (ROWS, 64)
+            tile = part.load(layout)
+            part.store(gl.where(keep, tile, gl.zeros_like(tile)))
     fence_async_shared()  # the MMAs read the slot through the async proxy
     gl.thread_barrier()
 
@@ -184,6 +187,138 @@ def _consume(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, e
 
 
 @gluon.jit
+def _issue_scores(q_smem, qr_smem, kv_buf, rope_buf, n0, end, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr,
+                  num_warps: gl.constexpr):
+    """Zero a partial block's tail, then issue its two score products; returns their token
+    (two commit groups)."""
+    s_layout: gl.constexpr = mma_layout(num_warps, 1, BLOCK_N)
+    if n0 + BLOCK_N > end:
+        _zero_tail(kv_buf, end - n0, BLOCK_N, D_V, num_warps)
+    key = kv_buf.slice(0, D_NOPE, dim=1).permute((1, 0))  # (D_NOPE, N), K-major
+    s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    s = warpgroup_mma(qr_smem, rope_buf.permute((1, 0)), s, use_acc=False, is_async=True)
+    return warpgroup_mma(q_smem, key, s, is_async=True)
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, n0, end, seqlen, row0, qk_scale, L_Q: gl.constexpr,
+             BLOCK_N: gl.constexpr, dtype: gl.constexpr):
+    """Online softmax of one block's scores (rows row0.. of the program's): (P in dtype, the
+    factor for the output so far, the new running max, the new row sums)."""
+    s = s * qk_scale
+    if n0 + BLOCK_N > end - L_Q + 1:  # the piece's end or the causal diagonal is in this block
+        layout: gl.constexpr = s.type.layout
+        tok = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))  # (N,)
+        rows = row0 + gl.arange(0, s.shape[0], layout=gl.SliceLayout(1, layout))  # (M,)
+        limit = seqlen - L_Q + rows % L_Q + 1  # bottom-right causal mask: row r is query r % L_Q
+        visible = (tok[None, :] < end) & (tok[None, :] < limit[:, None])  # (M, N)
+        s = gl.where(visible, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet
+    alpha = gl.exp2(m_i - m_use)  # (M,)
+    p = gl.exp2(s - m_use[:, None])  # (M, N)
+    return p.to(dtype), alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _consume_overlap(q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start, end, seqlen,
+                     qk_scale, L_Q: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     D_NOPE: gl.constexpr, D_V: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     num_warps: gl.constexpr):
+    """Consumer warps of the overlapped schedule (one warpgroup per 64 rows, all columns).
+
+    Block j + 1's scores are issued first, the output is rescaled while they run, block j's
+    P·S is issued behind them, and block j + 1's softmax runs while P·S(j) is on the tensor
+    cores. Nothing is in flight across iterations (a product pending at the loop's back edge
+    makes ptxas wait for it there); the last block is peeled off the loop (as a branch, the
+    rescale common to both sides would be hoisted above the scores' issue).
+    """
+    o_layout: gl.constexpr = mma_layout(num_warps, 1, D_V)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    dtype: gl.constexpr = q_smem.dtype
+    o, m_i, l_i = _init_state(BLOCK_M, BLOCK_N, D_V, 1, num_warps)
+    n_blocks = gl.cdiv(end - start, BLOCK_N)
+
+    mbarrier.wait(ready.index(0), 0)
+    s = _issue_scores(q_smem, qr_smem, kv_bufs.index(0), rope_bufs.index(0), start, end,
+                      BLOCK_M, BLOCK_N, D_NOPE, D_V, num_warps)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start, end, seqlen, 0, qk_scale, L_Q, BLOCK_N,
+                                  dtype)
+    if n_blocks > 1:
+        mbarrier.wait(ready.index(1 % NUM_STAGES), (1 // NUM_STAGES) & 1)
+    for j in range(n_blocks - 1):
+        slot = j % NUM_STAGES
+        nxt = (j + 1) % NUM_STAGES
+        s = _issue_scores(q_smem, qr_smem, kv_bufs.index(nxt), rope_bufs.index(nxt),
+                          start + (j + 1) * BLOCK_N, end, BLOCK_M, BLOCK_N, D_NOPE, D_V, num_warps)
+        # (A wait that returns at once: it orders the rescale after the scores' issue, so the
+        # rescale runs while they compute.)
+        alpha = warpgroup_mma_wait(num_outstanding=2, deps=(alpha, ))
+        o = o * gl.convert_layout(alpha, row_o)[:, None]
+        p_op = gl.convert_layout(p, p_layout)
+        o = warpgroup_mma(p_op, kv_bufs.index(slot), o, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))  # QK(j + 1); P·S(j) runs on
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start + (j + 1) * BLOCK_N, end, seqlen, 0,
+                                      qk_scale, L_Q, BLOCK_N, dtype)
+        # Waiting for block j + 2's copy here, ahead of the wait for P·S(j), puts a branch
+        # between the softmax and that wait: ptxas would otherwise hoist the wait above the
+        # softmax's exponentials, and they would no longer overlap the product.
+        if j + 2 < n_blocks:
+            mbarrier.wait(ready.index((j + 2) % NUM_STAGES), ((j + 2) // NUM_STAGES) & 1)
+        o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_op))
+        gl.thread_barrier()  # every consumer warpgroup's MMAs on this slot have completed
+        mbarrier.arrive(empty.index(slot), count=1)
+    last = (n_blocks - 1) % NUM_STAGES
+    o = o * gl.convert_layout(alpha, row_o)[:, None]
+    p_op = gl.convert_layout(p, p_layout)
+    o = warpgroup_mma(p_op, kv_bufs.index(last), o, is_async=True)
+    o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o, p_op))
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(last), count=1)
+    return o, m_i, l_i
+
+
+@gluon.jit
+def _store_tile(o, l_i, m_i, row0, col0, head0, head_end, n_heads_q, single, out_base, lse_base,
+                part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q: gl.constexpr,
+                HEADS_PER_PROG: gl.constexpr, D_V: gl.constexpr, WRITE_LSE: gl.constexpr):
+    """Normalise and write an output tile: rows row0.. (row r is head head0 + r // L_Q at query
+    position r % L_Q), columns col0.. of the output, or of the partial when the sequence has
+    several pieces; and the LSE. The bases point at this sequence's output and LSE and at this
+    item's partials. Stored in the accumulator's own layout (a layout change would need the
+    tile's size in shared memory)."""
+    o_layout: gl.constexpr = o.type.layout
+    seen = l_i > 0.0
+    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * LN2, float("-inf"))  # (M,)
+    inv_l = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
+    out_tile = o * inv_l[:, None]  # (M, N)
+    offs_om = row0 + gl.arange(0, o.shape[0], layout=gl.SliceLayout(1, o_layout))
+    offs_od = col0 + gl.arange(0, o.shape[1], layout=gl.SliceLayout(0, o_layout))
+    o_head = head0 + offs_om // L_Q
+    o_query = offs_om % L_Q
+    mask_o = (offs_om < HEADS_PER_PROG * L_Q) & (o_head < head_end)  # (M,)
+    mask_od = mask_o[:, None] & (offs_od[None, :] < D_V)  # (M, N)
+    lse = gl.convert_layout(lse, gl.SliceLayout(1, o_layout))
+    if single:
+        # Offsets inside one sequence's output fit 32 bits (the bases carry the 64-bit part).
+        o_rows = o_query * stride_ot + o_head * stride_oh
+        gl.store(out_base + o_rows[:, None] + offs_od[None, :],
+                 out_tile.to(out_base.dtype.element_ty), mask=mask_od)
+        if WRITE_LSE:
+            gl.store(lse_base + o_head * stride_lh + o_query, lse, mask=mask_o)
+    else:
+        # Partials: (capacity, L_Q, H_q, D_V) and (capacity, L_Q, H_q), contiguous fp32.
+        part_rows = o_query * n_heads_q + o_head  # (M,)
+        gl.store(part_base + part_rows[:, None].to(gl.int64) * D_V + offs_od[None, :], out_tile,
+                 mask=mask_od)
+        if WRITE_LSE:
+            gl.store(part_lse_base + part_rows, lse, mask=mask_o)
+
+
+@gluon.jit
 def _produce(kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start, end, kv_col,
              PAGE: gl.constexpr, BLOCK_N: gl.constexpr, D_V: gl.constexpr,
              NUM_STAGES: gl.constexpr):
@@ -211,7 +346,7 @@ def hopper_tied_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
     PAGE: gl.constexpr, NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr,
-    SPECIALIZE: gl.constexpr, num_warps: gl.constexpr,
+    SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Head blocks vary fastest: programs reading the same state tiles run side by side, so the
     # second read of a tile (several head blocks per state head) comes from L2.
@@ -275,13 +410,22 @@ def hopper_tied_kernel(
             mbarrier.init(empty.index(i), count=1)
         fence_async_shared()
         gl.thread_barrier()
-        o, m_i, l_i = gl.warp_specialize([
-            (_consume, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, end,
-                        seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, NUM_STAGES, WARPS_N,
-                        num_warps)),
-            (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start, end,
-                        kv_col, PAGE, BLOCK_N, D_V, NUM_STAGES)),
-        ], [1], [40])
+        if OVERLAP:
+            o, m_i, l_i = gl.warp_specialize([
+                (_consume_overlap, (q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start, end,
+                                    seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
+                                    NUM_STAGES, num_warps)),
+                (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start,
+                            end, kv_col, PAGE, BLOCK_N, D_V, NUM_STAGES)),
+            ], [1], [40])
+        else:
+            o, m_i, l_i = gl.warp_specialize([
+                (_consume, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, end,
+                            seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, NUM_STAGES,
+                            WARPS_N, num_warps)),
+                (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start,
+                            end, kv_col, PAGE, BLOCK_N, D_V, NUM_STAGES)),
+            ], [1], [40])
     else:
         n_blocks = gl.cdiv(end - start, BLOCK_N)
         for i in gl.static_range(NUM_STAGES - 1):
@@ -305,27 +449,9 @@ def hopper_tied_kernel(
                                         qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, WARPS_N,
                                         num_warps)
 
-    # Epilogue, in the accumulator's own layout (a layout change would need 64 × D_V × 4 bytes
-    # of shared memory).
-    o_layout: gl.constexpr = mma_layout(num_warps // WARPS_N, WARPS_N, D_V)
-    seen = l_i > 0.0
-    lse = gl.where(seen, (m_i + gl.log2(gl.where(seen, l_i, 1.0))) * LN2, float("-inf"))  # (M,)
-    inv_l = gl.convert_layout(1.0 / gl.where(seen, l_i, 1.0), gl.SliceLayout(1, o_layout))
-    out_tile = o * inv_l[:, None]  # (M, D_V)
-    offs_om = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
-    offs_od = gl.arange(0, D_V, layout=gl.SliceLayout(0, o_layout))
-    o_head = head0 + offs_om // L_Q
-    o_query = offs_om % L_Q
-    mask_o = (offs_om < HEADS_PER_PROG * L_Q) & (o_head < (kv_head + 1) * group)  # (M,)
-    mask_od = mask_o[:, None] & (offs_od[None, :] < D_V)  # (M, D_V)
-    lse = gl.convert_layout(lse, gl.SliceLayout(1, o_layout))
-    if n_pieces == 1:
-        o_rows = seq64 * stride_ob + o_query.to(gl.int64) * stride_ot + o_head.to(gl.int64) * stride_oh
-        gl.store(out_ptr + o_rows[:, None] + offs_od[None, :], out_tile.to(dtype), mask=mask_od)
-        gl.store(lse_ptr + seq64 * stride_lb + o_head.to(gl.int64) * stride_lh + o_query, lse,
-                 mask=mask_o)
-    else:
-        # Partials: (capacity, L_Q, H_q, D_V) and (capacity, L_Q, H_q), contiguous fp32.
-        part_rows = (pid_item.to(gl.int64) * L_Q + o_query) * n_heads_q + o_head  # (M,)
-        gl.store(part_out_ptr + part_rows[:, None] * D_V + offs_od[None, :], out_tile, mask=mask_od)
-        gl.store(part_lse_ptr + part_rows, lse, mask=mask_o)
+    # Where the epilogue writes: this sequence's output and LSE, this item's partials.
+    part_row0 = (pid_item * L_Q * n_heads_q).to(gl.int64)  # < 2**31: items × L_q × H_q
+    _store_tile(o, l_i, m_i, 0, 0, head0, (kv_head + 1) * group, n_heads_q, n_pieces == 1,
+                out_ptr + seq64 * stride_ob, lse_ptr + seq64 * stride_lb,
+                part_out_ptr + part_row0 * D_V, part_lse_ptr + part_row0,
+                stride_ot, stride_oh, stride_lh, L_Q, HEADS_PER_PROG, D_V, True)
