@@ -20,7 +20,7 @@ EXTRA_OF = {
     "hwattn/server/": "serve", "hwattn/engine/": "serve", "hwattn/cli/serve.py": "serve",
     "hwattn/cli/bench_serve.py": "serve", "hwattn/cli/bench_engine.py": "serve",
 }
-DISTRIBUTION = {"lm_eval": "lm-eval"}  # import name -> package name where they differ
+DISTRIBUTION = {"lm_eval": "lm-eval", "pydantic_core": "pydantic-core"}  # import name -> package name where they differ
 
 
 def _requirements(specs: list[str]) -> dict[str, str]:

@@ -213,7 +213,7 @@ tok.padding_side = "left"
 batch = tok(["It was the best of times,", "Fellow-Citizens of the Senate and"],
             return_tensors="pt", padding=True)
 out = model.generate(**batch, max_new_tokens=12, do_sample=False)
-assert not [m for m in sys.modules if m.startswith("hwattn")]
+assert not [m for m in sys.modules if m == "hwattn" or m.startswith("hwattn.")]
 print(json.dumps({"module": type(model).__module__, "ids": batch["input_ids"].tolist(),
                   "mask": batch["attention_mask"].tolist(), "out": out.tolist()}))
 """
