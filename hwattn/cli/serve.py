@@ -1,4 +1,5 @@
-"""`hwattn serve`: the OpenAI-compatible server over one model (optionally tensor-parallel)."""
+"""`hwattn serve`: the OpenAI-compatible server over one model (optionally tensor-parallel,
+optionally several data-parallel replicas)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cuda | cpu | auto")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks (processes; NCCL on GPUs, gloo on CPU)")
+    p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1,
+                   help="engine replicas, each with --tp ranks on its own GPUs (replica i uses "
+                        "GPUs [i*tp, (i+1)*tp)); requests go to the least-loaded one")
     p.add_argument("--page-size", type=int, default=64, help="tokens per KV page (default 64)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -54,6 +58,7 @@ def engine_from_args(args):
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
     return create_engine(args.model, attention=args.attention, dtype=args.dtype,
                          device=args.device, tensor_parallel_size=args.tp,
+                         data_parallel_size=args.dp,
                          page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens,
                          memory_budget=parse_budget(args.memory_budget),
@@ -98,9 +103,10 @@ def run(args) -> int:
 
     engine = engine_from_args(args)
     name = served_name(args)
-    print(f"hwattn serve: {name} ({engine.model_config.label}, TP={engine.tensor_parallel_size}, "
-          f"{engine.block_manager.num_usable_pages} pages of {engine.block_manager.page_size} "
-          f"tokens, {engine.kv_bytes_per_token} KV bytes/token/rank) on "
+    stats = engine.stats()
+    print(f"hwattn serve: {name} ({engine.model_config.label}, TP={args.tp}, DP={args.dp}, "
+          f"{stats['pages_total']} pages of {stats['page_size']} tokens, "
+          f"{engine.kv_bytes_per_token} KV bytes/token/rank) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(build_app(AsyncEngine(engine), name), host=args.host, port=args.port,

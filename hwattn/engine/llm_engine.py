@@ -18,7 +18,7 @@ import torch
 
 from hwattn.engine.block_manager import BlockManager, num_pages_for_budget, pages_for
 from hwattn.engine.model_runner import ModelRunner, StepInput
-from hwattn.engine.sampler import SamplingTensors, rejection_sample, sample
+from hwattn.engine.sampler import SamplingInput
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import RequestOutput, Sequence
@@ -80,10 +80,26 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
     return num_pages
 
 
-class LLMEngine:
-    """Continuous-batching engine over one model (or one tensor-parallel group's rank 0).
+def validate_prompt(prompt: str | list[int], tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+    """The prompt's token ids; ValueError if it is empty, has ids outside [0, vocab_size) or
+    leaves no room to generate within max_model_len."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
+                         f"{max_model_len}, leaving no room to generate")
+    return ids
 
-    runner: anything with `execute(StepInput)` (a `ModelRunner`, or a tensor-parallel proxy).
+
+class LLMEngine:
+    """Continuous-batching engine over one model, in this process or sharded over
+    tensor-parallel worker processes.
+
+    runner: runs the model and samples: `sample_step`, `verify_step`, `device` (a
+        `ModelRunner`, or a `TensorParallelExecutor` driving worker processes).
     drafter: a speculative drafter (`NgramDrafter`, `DraftModelDrafter`) or None.
     """
 
@@ -130,16 +146,8 @@ class LLMEngine:
     def validate_prompt(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids; ValueError if it is empty, has ids outside the vocabulary
         or leaves no room in the context. Safe to call from another thread."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                             f"{self.max_model_len}, leaving no room to generate")
-        return ids
+        return validate_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
+                               self.max_model_len)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its pages; None if it is unknown or already done."""
@@ -155,6 +163,9 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.seqs)
 
     # One step.
     @torch.inference_mode()
@@ -183,9 +194,10 @@ class LLMEngine:
                 self.counters["finished"] += 1
         return outputs
 
-    def _sampling(self, seqs: list[Sequence]) -> SamplingTensors:
-        return SamplingTensors.build([s.params for s in seqs], [s.seed for s in seqs],
-                                     [len(s) for s in seqs], self.device)
+    @staticmethod
+    def _sampling(seqs: list[Sequence]) -> SamplingInput:
+        return SamplingInput.of([s.params for s in seqs], [s.seed for s in seqs],
+                                [len(s) for s in seqs])
 
     def _prefill(self, batch) -> list[Sequence]:
         self.counters["prefill_steps"] += 1
@@ -194,29 +206,24 @@ class LLMEngine:
                                      for s, n in zip(seqs, batch.chunks)],
                          [s.num_cached for s in seqs], [list(s.block_table) for s in seqs],
                          need_logits=[s.num_cached + n == len(s) for s, n in zip(seqs, batch.chunks)])
-        logits = self.runner.execute(step)
+        done = [s for s, need in zip(seqs, step.need_logits) if need]
+        tokens = self.runner.sample_step(step, self._sampling(done) if done else None)
         if self.drafter is not None and hasattr(self.drafter, "prefill"):
             self.drafter.prefill(step)
-        done = []
-        for seq, n, need in zip(seqs, batch.chunks, step.need_logits):
+        for seq, n in zip(seqs, batch.chunks):
             seq.num_cached += n
             seq.draft_cached = seq.num_cached
             self.counters["prompt_tokens"] += n
             self._register(seq)
-            if need:
-                done.append(seq)
-        if done:
-            tokens = sample(logits, self._sampling(done)).tolist()
-            for seq, token in zip(done, tokens):
-                self._append(seq, [token])
+        for seq, token in zip(done, tokens):
+            self._append(seq, [token])
         return done
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         self.counters["decode_steps"] += 1
         step = StepInput("decode", [[s.token_ids[-1]] for s in seqs], [s.num_cached for s in seqs],
                          [list(s.block_table) for s in seqs])
-        logits = self.runner.execute(step)[:, 0]  # (B, V)
-        tokens = sample(logits, self._sampling(seqs)).tolist()
+        tokens = self.runner.sample_step(step, self._sampling(seqs))
         for seq, token in zip(seqs, tokens):
             old = seq.num_cached
             appended = self._append(seq, [token])
@@ -226,18 +233,17 @@ class LLMEngine:
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
         self.counters["decode_steps"] += 1
-        st = self._sampling(seqs)
-        drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k) on the device
-        last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64, device=self.device)
-        if getattr(self.drafter, "deterministic", False):
-            fed = torch.cat((last.cpu(), drafts.cpu()), 1).tolist()
-        else:
-            fed = torch.cat((last, drafts), 1)
-        step = StepInput("decode", fed, [s.num_cached for s in seqs],
-                         [list(s.block_table) for s in seqs])
-        logits = self.runner.execute(step)  # (B, k + 1, V)
-        tokens, accepted = rejection_sample(logits, drafts, draft_probs, st)
-        tokens, accepted = tokens.tolist(), accepted.tolist()
+        sampling = self._sampling(seqs)
+        deterministic = getattr(self.drafter, "deterministic", False)
+        # A deterministic drafter's tokens travel as lists (to other processes, too); a draft
+        # model's stay on its device with the distributions they were drawn from.
+        device = "cpu" if deterministic else self.device
+        drafts, draft_probs = self.drafter.propose(seqs, sampling.tensors(device))  # (B, k)
+        last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64, device=device)
+        fed = torch.cat((last, drafts.to(device)), 1)
+        step = StepInput("decode", fed.tolist() if deterministic else fed,
+                         [s.num_cached for s in seqs], [list(s.block_table) for s in seqs])
+        tokens, accepted = self.runner.verify_step(step, sampling, draft_probs)
         for seq, row, n_acc in zip(seqs, tokens, accepted):
             old_len, old = len(seq), seq.num_cached
             appended = self._append(seq, row[:n_acc + 1])

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
+from hwattn.engine.sampler import SamplingInput, rejection_sample, sample
 from hwattn.layers import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,32 @@ class ModelRunner:
         if step.kind == "decode":
             return self._decode(step)
         raise ValueError(f"step kind must be 'prefill' or 'decode', got {step.kind!r}")
+
+    @torch.inference_mode()
+    def sample_step(self, step: StepInput, sampling: SamplingInput | None) -> list[int]:
+        """Run a prefill or plain decode step and sample one token per row that has logits
+        (prefill: rows whose `need_logits` is set, in order; decode: every row).
+        sampling: the settings of those rows, or None when no row needs a token."""
+        logits = self.execute(step)
+        if sampling is None or logits is None:
+            return []
+        if step.kind == "decode":
+            logits = logits[:, -1]  # (B, V)
+        return sample(logits, sampling.tensors(self.device)).tolist()
+
+    @torch.inference_mode()
+    def verify_step(self, step: StepInput, sampling: SamplingInput,
+                    draft_probs: Tensor | None = None) -> tuple[list[list[int]], list[int]]:
+        """Run a decode step that feeds each row's last token and its k drafts
+        (`step.tokens` (B, k + 1)) and verify the drafts (`sampler.rejection_sample`).
+        draft_probs: (B, k, V) draft distributions, or None for a deterministic drafter.
+        Returns per row the k + 1 candidate tokens and how many drafts were accepted."""
+        logits = self.execute(step)  # (B, k + 1, V)
+        tokens = step.tokens if isinstance(step.tokens, Tensor) else torch.tensor(step.tokens)
+        drafts = tokens[:, 1:].to(self.device)
+        out, accepted = rejection_sample(logits, drafts, draft_probs,
+                                         sampling.tensors(self.device))
+        return out.tolist(), accepted.tolist()
 
     def _prefill(self, step: StepInput) -> Tensor | None:
         # Rows with nothing cached and the same chunk length run as one batch.

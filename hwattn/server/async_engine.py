@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 
-from hwattn.engine.llm_engine import LLMEngine
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
 
@@ -25,9 +24,13 @@ class EngineError(RuntimeError):
 
 
 class AsyncEngine:
-    """Runs `engine.step()` in a thread; `generate` streams a request's outputs."""
+    """Runs `engine.step()` in a thread; `generate` streams a request's outputs.
 
-    def __init__(self, engine: LLMEngine, rate_window_s: float = 10.0):
+    engine: an `LLMEngine` or a `DataParallelEngine` (whose step waits briefly for its
+    replicas' outputs).
+    """
+
+    def __init__(self, engine, rate_window_s: float = 10.0):
         self.engine = engine
         self._lock = threading.Lock()
         self._adds: deque = deque()
@@ -108,16 +111,25 @@ class AsyncEngine:
                     engine.add_request(ids, params, request_id=request_id)
                 except ValueError as err:
                     self._send(request_id, err)
+                except Exception as err:  # noqa: BLE001 - e.g. a failed worker: fail the request
+                    log.exception("engine refused a request")
+                    self._send(request_id, EngineError(f"engine failed: {err}"))
             for request_id in aborts:
-                engine.abort_request(request_id)
+                try:
+                    engine.abort_request(request_id)
+                except Exception:  # noqa: BLE001 - the engine is gone; nothing to stop
+                    log.exception("engine could not abort a request")
             if engine.has_unfinished():
                 try:
                     outputs = engine.step()
                 except Exception as err:  # noqa: BLE001 - fail the requests, keep serving
                     log.exception("engine step failed")
-                    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                        engine.abort_request(seq.request_id)
-                        self._send(seq.request_id, EngineError(f"engine step failed: {err}"))
+                    for request_id in engine.unfinished_request_ids():
+                        try:
+                            engine.abort_request(request_id)
+                        except Exception:  # noqa: BLE001 - a dead engine cannot abort
+                            pass
+                        self._send(request_id, EngineError(f"engine step failed: {err}"))
                     outputs = []
                 with self._lock:
                     for out in outputs:
