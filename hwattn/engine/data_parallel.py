@@ -83,10 +83,12 @@ class DataParallelEngine:
     engine_kwargs: `create_engine`'s keywords (tensor_parallel_size included) with `model`,
     a resolved `device` and `dtype`. model_config, tokenizer: the served model's, for prompt
     validation here. poll_s: how long `step()` waits for outputs before returning none.
+    workers: a stand-in for the replica processes with `WorkerGroup`'s methods (tests run
+    replicas in this process); None starts the processes.
     """
 
     def __init__(self, size: int, engine_kwargs: dict, model_config, tokenizer,
-                 poll_s: float = 0.02, setup_timeout: float = 600.0):
+                 poll_s: float = 0.02, setup_timeout: float = 600.0, workers=None):
         if size < 2:
             raise ValueError(f"data_parallel_size must be >= 2 for replica processes, got {size}")
         tp = engine_kwargs.get("tensor_parallel_size", 1)
@@ -115,8 +117,9 @@ class DataParallelEngine:
         self._ids = itertools.count()
         self._rng = random.Random(engine_kwargs.get("seed", 0))
         threads = max(1, torch.get_num_threads() // size)
-        self.group = WorkerGroup("hwattn.engine.engine_core", size, label="data-parallel replica",
-                                 env=env, connect_timeout=setup_timeout)
+        self.group = workers or WorkerGroup("hwattn.engine.engine_core", size, env=env,
+                                            label="data-parallel replica",
+                                            connect_timeout=setup_timeout)
         try:
             self.group.broadcast(("build", dict(engine=engine_kwargs, threads=threads)))
             infos = [self.group.recv(i, setup_timeout, "ready signal")[1] for i in range(size)]

@@ -280,24 +280,26 @@ class WorkerGroup:
                     deaths.add(conn.rank)
                     conn.closed = True
         self.kill()
-        if reports:
-            reports.sort(key=lambda r: r["time"])
+        reports.sort(key=lambda r: r["time"])
+        reported = {r["rank"] for r in reports}
+        silent = sorted(deaths - reported)
+        notes = [f"{self.label} {r['rank']} ({r['phase']}): "
+                 f"{r['traceback'].strip().splitlines()[-1]}" for r in reports]
+        if silent:  # a rank that died without a word is the cause; its peers' errors follow
+            rank = silent[0]
+            self.log_threads[rank].join(timeout=1.0)  # the output it printed before dying
+            tail = "".join(self.tails[rank]).rstrip()
+            msg = (f"{self.label} {rank} (pid {self.procs[rank].pid}) died with "
+                   f"{describe_exit(self.procs[rank].poll())} without reporting an error"
+                   + (f"; its last output:\n{tail}" if tail else ""))
+            error = WorkerError(msg + ("\nthen: " + "; ".join(notes) if notes else ""), rank)
+        elif reports:  # the first report in time is the cause
             first = reports[0]
             msg = (f"{self.label} {first['rank']} failed during {first['phase']}:\n"
                    f"{first['traceback'].rstrip()}")
-            others = [f"{self.label} {r['rank']} ({r['phase']}): "
-                      f"{r['traceback'].strip().splitlines()[-1]}" for r in reports[1:]]
-            if others:
-                msg += "\nthen: " + "; ".join(others)
+            if notes[1:]:
+                msg += "\nthen: " + "; ".join(notes[1:])
             error = WorkerError(msg, first["rank"], first["phase"])
-        elif error is None:
-            rank = min(deaths)
-            self.log_threads[rank].join(timeout=1.0)  # the output it printed before dying
-            code = self.procs[rank].poll()
-            tail = "".join(self.tails[rank]).rstrip()
-            error = WorkerError(f"{self.label} {rank} (pid {self.procs[rank].pid}) died with "
-                                f"{describe_exit(code)} without reporting an error"
-                                + (f"; its last output:\n{tail}" if tail else ""), rank)
         self.error = error
         raise error
 
