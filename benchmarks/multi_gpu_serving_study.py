@@ -121,7 +121,9 @@ def free_port() -> int:
 
 
 def child_env() -> dict:
-    env = dict(os.environ)
+    from hwattn.parallel.launch import NO_MULTICAST
+
+    env = dict(os.environ, **NO_MULTICAST)  # NVLink multicast stays off in every process
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -276,6 +278,11 @@ def study_config(cfg: dict, st: dict, share_s: float, tiny: bool, notes: list) -
             row["workloads"][name] = doc
             if doc["wall_s"] > 0 and name != "long":
                 rate = (doc["prompt_tokens"] + doc["output_tokens"]) / doc["wall_s"]
+            if doc["itl_s"]["median"] < doc["tpot_s"]["median"] / 3:
+                notes.append(f"{cfg['name']}, {name}: streamed chunks arrived in bursts (ITL "
+                             f"p50 {doc['itl_s']['median'] * 1e3:.2f} ms against TPOT p50 "
+                             f"{doc['tpot_s']['median'] * 1e3:.2f} ms): the HTTP server or the "
+                             "client fell behind the engine; read TPOT, not ITL")
             if doc["timed_out"] or doc["failed"]:
                 notes.append(f"{cfg['name']}, {name}: {doc['completed']}/{doc['requests']} "
                              f"completed{' (time limit)' if doc['timed_out'] else ''}"
@@ -298,19 +305,20 @@ def table(doc: dict) -> str:
              f"torch {doc.get('torch')}; {doc.get('wall_s', 0):.0f} s wall; requests per "
              f"workload as listed; output {doc['settings']['output_len']} tokens.", "",
              "| config | workload | requests | out tok/s | TTFT p50 / p99 s | ITL p50 / p99 ms | "
-             "e2e p50 / p99 s | KV B/tok/layer per GPU | KV pool per GPU MiB | most sequences "
-             f"of {doc['settings']['prompt_len']}+{doc['settings']['output_len']} |",
-             "|" + "---|" * 10]
+             "TPOT p50 ms | e2e p50 / p99 s | KV B/tok/layer per GPU | KV pool per GPU MiB | "
+             f"most sequences of {doc['settings']['prompt_len']}+{doc['settings']['output_len']} |",
+             "|" + "---|" * 11]
     for row in doc["configs"]:
         if "error" in row:
-            lines.append(f"| {row['name']} | error: {row['error'][:200]} |" + " |" * 8)
+            lines.append(f"| {row['name']} | error: {row['error'][:200]} |" + " |" * 9)
             continue
         for name, w in row["workloads"].items():
             lines.append(
                 f"| {row['name']} | {name} | {w['completed']}/{w['requests']} at c={w['concurrency']} | "
                 f"{w['output_tokens_per_s']:.0f} | {w['ttft_s']['median']:.2f} / "
                 f"{w['ttft_s']['p99']:.2f} | {w['itl_s']['median'] * 1e3:.1f} / "
-                f"{w['itl_s']['p99'] * 1e3:.1f} | {w['e2e_s']['median']:.1f} / "
+                f"{w['itl_s']['p99'] * 1e3:.1f} | {w['tpot_s']['median'] * 1e3:.1f} | "
+                f"{w['e2e_s']['median']:.1f} / "
                 f"{w['e2e_s']['p99']:.1f} | {row['kv_bytes_per_token_per_layer_per_gpu']} | "
                 f"{row['kv_pool_bytes_per_gpu'] / 2**20:.0f} | {row['max_sequences']} |")
     lines += ["", "Output throughput of GLA over each other configuration, beside the paper's "

@@ -19,6 +19,11 @@ from hwattn.engine.sequence import RequestOutput
 log = logging.getLogger(__name__)
 
 
+def _put_all(pairs) -> None:
+    for queue, item in pairs:
+        queue.put_nowait(item)
+
+
 class EngineError(RuntimeError):
     """The engine failed while running a request."""
 
@@ -95,10 +100,18 @@ class AsyncEngine:
         return (n1 - n0) / max(time.perf_counter() - t0, t1 - t0, 1e-9)
 
     def _send(self, request_id: str, item) -> None:
-        target = self._queues.get(request_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        self._deliver([(request_id, item)])
+
+    def _deliver(self, items) -> None:
+        """Hand (request_id, item) pairs to their requests' queues, waking each event loop
+        once for all of them (a step's outputs are many; each wake-up costs)."""
+        by_loop: dict = {}
+        for request_id, item in items:
+            target = self._queues.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, pairs in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, pairs)
 
     def _loop(self) -> None:
         engine = self.engine
@@ -132,8 +145,7 @@ class AsyncEngine:
                         self._send(request_id, EngineError(f"engine step failed: {err}"))
                     outputs = []
                 with self._lock:
-                    for out in outputs:
-                        self._send(out.request_id, out)
+                    self._deliver([(out.request_id, out) for out in outputs])
                     self._record()
             else:
                 with self._lock:
