@@ -27,14 +27,14 @@ GQA-8 TP=4; GTA-8 TP=4. With `--gpus 2`: GLA-2 TP=2; GLA-2 TP=1; MLA TP=2; MLA T
 
 On the GPU machine (Python 3.12, no FastAPI / uvicorn / pydantic, no network): first, here,
 `bash benchmarks/fetch_serving_wheels.sh` (fills the git-ignored .whl/), then carry `.whl`
-and run, for 4 GPUs, two commands of at most 9 minutes each:
+and run, for 4 GPUs, two commands of under 10 minutes each:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 4 --configs gla-4:tp4,mla:tp4,mla:tp1:dp4 --minutes 9 --name part1 --out $OUT
-    (same install) ; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 4 --configs mla:tp2:dp2,gqa-8:tp4,gta-8:tp4 --minutes 9 --name part2 --out $OUT
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 4 --configs gla-4:tp4,mla:tp4,mla:tp1:dp4 --minutes 8.5 --name part1 --out $OUT
+    (same install) ; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 4 --configs mla:tp2:dp2,gqa-8:tp4,gta-8:tp4 --minutes 8.5 --name part2 --out $OUT
 
 and for 2 GPUs one command:
 
-    (same install) ; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 2 --minutes 9 --name two_gpus --out $OUT
+    (same install) ; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 2 --minutes 8.5 --name two_gpus --out $OUT
 
 `--report A.json B.json ...` prints the combined tables of finished runs. `--tiny` runs the
 same code on CPU: the tiny preset, short prompts, configurations of two processes.
@@ -183,11 +183,11 @@ class Server:
         return out
 
     def stop(self) -> None:
-        """SIGINT (graceful), then SIGKILL to the whole session after 30 s."""
+        """SIGINT (graceful), then SIGKILL to the whole session after 20 s."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 pass
         try:
@@ -213,7 +213,7 @@ def run_workload(server: Server, name: str, st: dict, prompts: int, cap_s: float
            str(concurrency), "--max-duration", f"{max(cap_s, 5.0):.0f}", "--seed", "0",
            "--json", "--out", str(out)]
     proc = subprocess.run(cmd, env=child_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=max(cap_s, 5.0) + 120)
+                          timeout=max(cap_s, 5.0) + 60)
     if proc.returncode != 0:
         raise RuntimeError(f"bench serve failed ({proc.returncode}): {proc.stderr[-2000:]}")
     doc = json.loads(out.read_text())
@@ -251,7 +251,7 @@ def study_config(cfg: dict, st: dict, share_s: float, tiny: bool, notes: list) -
     cfg_dir = Path(tempfile.mkdtemp(prefix="hwattn-study-"))
     server = Server(cfg, st, cfg_dir / "server.log")
     try:
-        row["startup_s"] = server.wait_ready(min(share_s * 0.6, 480.0))
+        row["startup_s"] = server.wait_ready(min(share_s * 0.7, 480.0))
         m = server.metrics()
         pages = m["hwattn_kv_pages_total"] / cfg["dp"]  # per replica (the sum over replicas)
         page = m["hwattn_kv_page_size_tokens"]

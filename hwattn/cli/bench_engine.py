@@ -34,10 +34,16 @@ def register(sub) -> None:
 def run(args) -> int:
     from hwattn.cli.serve import engine_from_args
     from hwattn.engine.benchmark import decode_breakdown, random_prompts, run_offline
+    from hwattn.engine.loader import model_config
 
     for name in ("num_prompts", "prompt_len", "output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
+    context = args.max_model_len or model_config(args.model, args.attention, overrides).max_seq_len
+    if args.prompt_len >= context:  # said before any worker process starts
+        raise ValueError(f"--prompt-len {args.prompt_len} leaves no room to generate in the "
+                         f"model's context of {context} tokens")
     engine = engine_from_args(args)
     try:
         prompts = random_prompts(args.num_prompts, args.prompt_len, engine.model_config.vocab_size,
