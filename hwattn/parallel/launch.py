@@ -3,8 +3,10 @@
 `WorkerGroup` starts N workers as `python -m MODULE` subprocesses, so the parent's `__main__`
 is never imported again: a script fed on standard input, a notebook or an interactive session
 can start workers. Each worker reads a short bootstrap record on its standard input (where to
-connect and a one-time token), connects back over a Unix socket in a private directory, and
-from then on parent and worker exchange pickled messages framed by their length.
+connect and a one-time token), connects back over a Unix socket in a directory only this user
+can enter, opens with the token (plain bytes: nothing is unpickled from a connection that has
+not shown it), and from then on parent and worker exchange pickled messages framed by their
+length. The build spec travels this way, never on a command line or in a file.
 
 The parent never joins a `torch.distributed` process group. When the workers need one (tensor
 parallelism) the parent only hosts the rendezvous store and the workers form the group among
@@ -59,6 +61,7 @@ from pathlib import Path
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 _HEADER = struct.Struct("!Q")
+_HELLO = struct.Struct("!32sI")  # one-time token (hex), rank
 # hwattn's own location, so a worker imports the same hwattn as its parent.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -104,6 +107,31 @@ class _Conn:
 
     def read(self) -> list:
         """Messages completed by what the socket holds now; EOFError once it is closed."""
+        self._fill()
+        out = []
+        while len(self.buf) >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(self.buf)
+            if len(self.buf) < _HEADER.size + n:
+                break
+            out.append(pickle.loads(bytes(self.buf[_HEADER.size:_HEADER.size + n])))
+            del self.buf[:_HEADER.size + n]
+        if self.closed and not out:
+            raise EOFError("socket closed")
+        return out
+
+    def hello(self) -> tuple[str, int] | None:
+        """The (token, rank) a new worker opens with (plain bytes, read before any message
+        is unpickled), once all of it has arrived; EOFError if the socket closes first."""
+        self._fill()
+        if len(self.buf) < _HELLO.size:
+            if self.closed:
+                raise EOFError("socket closed")
+            return None
+        token, rank = _HELLO.unpack_from(self.buf)
+        del self.buf[:_HELLO.size]
+        return token.decode("ascii", errors="replace"), rank
+
+    def _fill(self) -> None:
         while True:
             try:
                 chunk = self.sock.recv(1 << 20)
@@ -115,16 +143,6 @@ class _Conn:
                 self.closed = True
                 break
             self.buf += chunk
-        out = []
-        while len(self.buf) >= _HEADER.size:
-            (n,) = _HEADER.unpack_from(self.buf)
-            if len(self.buf) < _HEADER.size + n:
-                break
-            out.append(pickle.loads(bytes(self.buf[_HEADER.size:_HEADER.size + n])))
-            del self.buf[:_HEADER.size + n]
-        if self.closed and not out:
-            raise EOFError("socket closed")
-        return out
 
 
 def _forward_output(stream, prefix: str, tail: deque) -> None:
@@ -235,20 +253,19 @@ class WorkerGroup:
                     pending.append(_Conn(sock, -1))
                     continue
                 try:
-                    msgs = item.read()
+                    hello = item.hello()
                 except EOFError:
                     pending.remove(item)
                     continue
-                if msgs:
+                if hello is not None:
                     pending.remove(item)
-                    kind, got, rank = msgs[0]
-                    if kind != "hello" or got != token or not 0 <= rank < self.world \
+                    got, rank = hello
+                    if not secrets.compare_digest(got, token) or not 0 <= rank < self.world \
                             or self.conns[rank] is not None:
                         item.sock.close()
                         continue
                     item.rank = rank
                     self.conns[rank] = item
-                    self.queues[rank].extend(msgs[1:])
 
     # Failures.
     def _check_exits(self) -> None:
@@ -435,7 +452,7 @@ class ParentLink:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(boot["address"])
-        self.send(("hello", boot["token"], self.rank))
+        self.sock.sendall(_HELLO.pack(boot["token"].encode("ascii"), self.rank))
         threading.Thread(target=self._watch_parent, daemon=True, name="hwattn-watchdog").start()
 
     def _watch_parent(self) -> None:
