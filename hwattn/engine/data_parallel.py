@@ -13,9 +13,9 @@ outputs rather than running a model step; the replicas step on their own.
 
 Routing: each request goes to the replica with the fewest outstanding tokens (prompt tokens
 not yet prefilled plus output tokens not yet generated, over its unfinished requests), ties
-broken round-robin. A request lives on exactly one replica from `add_request` until its final
-output or its abort; outputs for a request that is no longer live are dropped, so none is
-delivered twice. Any replica failing fails the whole engine with that replica's traceback.
+broken round-robin. A request lives on exactly one replica, under a key never used again,
+from `add_request` until its final output or its abort; outputs for a key that is no longer
+live are dropped, so none is delivered twice or to the wrong request. Any replica failing fails the whole engine with that replica's traceback.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def _check_invariants(engine) -> None:
 
 @dataclasses.dataclass
 class _Request:
+    key: str  # the request's name on its replica: unique for the engine's life
     replica: int
     prompt: str | None
     prompt_ids: list[int]
@@ -111,10 +112,12 @@ class DataParallelEngine:
         self.setup_timeout = setup_timeout
         self.router = LeastOutstandingTokens(size)
         self.requests: dict[str, _Request] = {}
+        self.keys: dict[str, str] = {}  # replica-side key -> request id
         self.results: list[list] = [[] for _ in range(size)]
         self.pending: dict[str, RequestOutput] = {}
         self.step_times: list[tuple[str, float]] = []
         self._ids = itertools.count()
+        self._keys = itertools.count()
         self._rng = random.Random(engine_kwargs.get("seed", 0))
         threads = max(1, torch.get_num_threads() // size)
         self.group = workers or WorkerGroup("hwattn.engine.engine_core", size, env=env,
@@ -158,9 +161,13 @@ class DataParallelEngine:
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
         replica = self.router.pick()
         outstanding = len(ids) + params.max_tokens
-        self.group.send(replica, ("add", request_id, ids, params))
-        self.requests[request_id] = _Request(replica, prompt if isinstance(prompt, str) else None,
-                                             ids, outstanding, time.perf_counter())
+        # A fresh key per request: outputs still in flight for an aborted request can never
+        # be taken for a later request that reuses its id.
+        key = str(next(self._keys))
+        self.group.send(replica, ("add", key, ids, params))
+        self.requests[request_id] = _Request(key, replica, prompt if isinstance(prompt, str)
+                                             else None, ids, outstanding, time.perf_counter())
+        self.keys[key] = request_id
         self.router.add(replica, outstanding)
         return request_id
 
@@ -168,13 +175,14 @@ class DataParallelEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        del self.keys[req.key]
         self.router.add(req.replica, -req.outstanding)
         self.pending.pop(request_id, None)
-        self.group.send(req.replica, ("abort", request_id))
+        self.group.send(req.replica, ("abort", req.key))
         return self._output(request_id, req, "abort", time.perf_counter())
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self.pending)
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self.requests)
@@ -203,7 +211,8 @@ class DataParallelEngine:
             elif kind == "result":
                 self.results[replica].append(message[1])
             elif kind == "rejected":
-                _, request_id, reason = message
+                _, key, reason = message
+                request_id = self.keys.get(key)
                 self.abort_request(request_id)
                 raise WorkerError(f"data-parallel replica {replica} refused request "
                                   f"{request_id!r}: {reason}", replica)
@@ -212,10 +221,11 @@ class DataParallelEngine:
                                   f"{kind!r}", replica)
 
     def _apply(self, replica: int, delta, now: float) -> None:
-        request_id, new_tokens, start, text, finish_reason = delta
-        req = self.requests.get(request_id)
-        if req is None or req.replica != replica:  # aborted meanwhile
+        key, new_tokens, start, text, finish_reason = delta
+        request_id = self.keys.get(key)
+        if request_id is None:  # aborted meanwhile
             return
+        req = self.requests[request_id]
         done = len(new_tokens)
         if req.first_token_time is None and new_tokens:
             req.first_token_time = now
@@ -226,7 +236,7 @@ class DataParallelEngine:
         req.tokens.extend(new_tokens)
         req.text = req.text[:start] + text
         if finish_reason is not None:
-            del self.requests[request_id]
+            del self.requests[request_id], self.keys[key]
             self.router.add(replica, -req.outstanding)
         self.pending[request_id] = self._output(request_id, req, finish_reason,
                                                 now if finish_reason else None)

@@ -38,13 +38,14 @@ def test_least_outstanding_tokens_router():
 
 class InProcessReplicas:
     """`WorkerGroup`'s methods over `EngineCore`s in this process. Each call to `recv_any`
-    steps a random subset of the busy replicas (seeded), so they run at uneven speeds."""
+    steps a random subset of the busy replicas and hands over a random part of what they
+    sent (seeded), so replicas run at uneven speeds and outputs trail behind aborts."""
 
     def __init__(self, size: int, seed: int = 0):
         self.size = size
         self.cores: list[EngineCore] = []
         self.queues = [deque() for _ in range(size)]
-        self.added = Counter()  # request id -> times it was sent to any replica
+        self.added = Counter()  # replica-side key -> times it was sent to any replica
         self.rng = random.Random(seed)
         self.pids = []
 
@@ -68,9 +69,9 @@ class InProcessReplicas:
         for i, core in enumerate(self.cores):
             if core.engine.has_unfinished() and self.rng.random() < 0.6:
                 self.queues[i].extend(core.step())
-        out = []
+        out = []  # messages arrive late: a random part of each replica's queue, in order
         for i, q in enumerate(self.queues):
-            while q:
+            for _ in range(self.rng.randint(0, len(q))):
                 out.append((i, q.popleft()))
         return out
 
@@ -83,18 +84,21 @@ class InProcessReplicas:
 
 def test_router_delivers_every_request_once_with_the_single_engine_outputs():
     """30 requests of mixed lengths over 3 replicas stepping at uneven speeds, some aborted
-    along the way: every other one finishes exactly once with exactly what a single engine
-    gives (greedy and seeded sampling alike), nothing is reported after it ends, each went to
-    one replica, and the router's books balance to zero."""
+    along the way (one id then reused for a new request while outputs of the old one are in
+    flight): every other one finishes exactly once with exactly what a single engine gives
+    (greedy and seeded sampling alike), nothing is reported after it ends, each went to one
+    replica, and the router's books balance to zero."""
     rng = random.Random(1)
     prompts = [[rng.randrange(2048) for _ in range(rng.randint(1, 40))] for _ in range(30)]
     params = [SamplingParams(max_tokens=rng.randint(1, 12), ignore_eos=True,
                              temperature=0.0 if i % 3 else 0.9, seed=i if i % 2 else None)
               for i in range(30)]
+    reused = ([7, 7, 8, 9, 10], SamplingParams(max_tokens=9, temperature=0, ignore_eos=True))
     single = create_engine(**TINY)
     want = {}
     for p, sp in zip(prompts, params):
         single.add_request(p, sp)
+    single.add_request(*reused, request_id="again")
     while single.has_unfinished():
         for out in single.step():
             if out.finished:
@@ -104,7 +108,7 @@ def test_router_delivers_every_request_once_with_the_single_engine_outputs():
     dp = DataParallelEngine(3, dict(TINY), config, load_tokenizer(None, config.vocab_size),
                             workers=fake)
     ids = [dp.add_request(p, sp) for p, sp in zip(prompts, params)]
-    assert ids == [f"req-{i}" for i in range(30)] and set(ids) == set(want)  # same ids, same seeds
+    assert ids == [f"req-{i}" for i in range(30)] and set(ids) | {"again"} == set(want)
     doomed = set(rng.sample(ids, 5))
     finished, ended = Counter(), set()
     outputs = {}
@@ -117,6 +121,10 @@ def test_router_delivers_every_request_once_with_the_single_engine_outputs():
                 finished[out.request_id] += 1
                 ended.add(out.request_id)
                 outputs[out.request_id] = out
+        if steps == 2:  # a long request, surely unfinished: abort it and reuse its id at once
+            assert dp.abort_request("req-0") is not None
+            dp.add_request(*reused, request_id="req-0")
+            want["req-0"], outputs_of_reused = want.pop("again"), True
         if steps % 3 == 0 and doomed:
             rid = doomed.pop()
             if rid not in ended:
@@ -124,12 +132,13 @@ def test_router_delivers_every_request_once_with_the_single_engine_outputs():
                 ended.add(rid)
         assert steps < 10_000
     aborted = ended - set(finished)
+    assert outputs_of_reused and outputs["req-0"].prompt_token_ids == reused[0]
     assert all(n == 1 for n in finished.values())
     assert set(finished) | aborted == set(ids) and not set(finished) & aborted
     for rid, out in outputs.items():
         assert out.token_ids == want[rid], rid
         assert out.finish_reason == "length"
-    assert set(fake.added) == set(ids) and set(fake.added.values()) == {1}
+    assert len(fake.added) == len(ids) + 1 and set(fake.added.values()) == {1}
     assert dp.router.load == [0, 0, 0]
     assert all(core.engine.stats()["finished"] > 0 for core in fake.cores)
     dp.check_invariants()
