@@ -125,7 +125,7 @@ class DataParallelEngine:
                                             connect_timeout=setup_timeout)
         try:
             self.group.broadcast(("build", dict(engine=engine_kwargs, threads=threads)))
-            infos = [self.group.recv(i, setup_timeout, "ready signal")[1] for i in range(size)]
+            infos = [m[1] for m in self.group.gather(setup_timeout, "ready signal")]
         except BaseException:
             self.group.kill()
             raise

@@ -63,10 +63,10 @@ class TensorParallelExecutor:
                                  rendezvous=True, connect_timeout=self.setup_timeout)
         try:
             self.group.broadcast(("build", spec))
-            planned = [self.group.recv(r, self.setup_timeout, "page plan")[1] for r in range(world)]
+            planned = [m[1] for m in self.group.gather(self.setup_timeout, "page plan")]
             self.num_pages = min(planned)
             self.group.broadcast(("pages", self.num_pages))
-            ready = [self.group.recv(r, self.setup_timeout, "ready signal")[1] for r in range(world)]
+            ready = [m[1] for m in self.group.gather(self.setup_timeout, "ready signal")]
         except BaseException:
             self.group.kill()
             raise

@@ -32,7 +32,8 @@ TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
 
 Fault injection for tests: `HWATTN_FAULT=ROLE:PHASE:INDEX[:N]` makes worker INDEX of that role
 ("rank" for tensor-parallel ranks, "replica" for data-parallel engine cores) raise in PHASE
-("build", "step", "shutdown"), at its N-th step when N is given (see `fault_point`).
+("build", "step", "shutdown"), at its N-th step when N is given, or hang there when N is
+"hang" (see `fault_point`).
 """
 
 from __future__ import annotations
@@ -387,6 +388,19 @@ class WorkerGroup:
             self._pump(min(left, 1.0))
         return self.queues[rank].popleft()
 
+    def gather(self, timeout: float, what: str = "a reply") -> list:
+        """The next message of every worker, in rank order; WorkerError naming the ones that
+        sent none within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not all(self.queues):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = [r for r, q in enumerate(self.queues) if not q]
+                self._fail(WorkerError(f"{self.label} {', '.join(map(str, missing))} sent no "
+                                       f"{what} within {timeout:.0f} s; the group was stopped"))
+            self._pump(min(left, 1.0))
+        return [q.popleft() for q in self.queues]
+
     def recv_any(self, timeout: float) -> list[tuple[int, object]]:
         """Every message that is or becomes available within `timeout` s, as (rank, message)."""
         if not any(self.queues):
@@ -543,13 +557,17 @@ class InjectedFault(RuntimeError):
 
 
 def fault_point(role: str, phase: str, index: int, count: int | None = None) -> None:
-    """Raise InjectedFault if HWATTN_FAULT is `role:phase:index` or `role:phase:index:count`."""
+    """Raise InjectedFault if HWATTN_FAULT is `role:phase:index` or `role:phase:index:count`;
+    hang for good if it is `role:phase:index:hang`."""
     spec = os.environ.get("HWATTN_FAULT")
     if not spec:
         return
     parts = spec.split(":")
     if parts[:3] != [role, phase, str(index)]:
         return
+    if parts[3:] == ["hang"]:  # stop answering instead of failing
+        while True:
+            time.sleep(3600)
     if len(parts) > 3 and count is not None and int(parts[3]) != count:
         return
     raise InjectedFault(f"injected fault: {role} {index} in {phase}"

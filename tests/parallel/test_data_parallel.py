@@ -62,8 +62,8 @@ class InProcessReplicas:
             self.added[message[1]] += 1
         self.queues[replica].extend(self.cores[replica].handle(message))
 
-    def recv(self, replica: int, timeout=None, what=None):
-        return self.queues[replica].popleft()
+    def gather(self, timeout=None, what=None):
+        return [q.popleft() for q in self.queues]
 
     def recv_any(self, timeout: float):
         for i, core in enumerate(self.cores):

@@ -42,6 +42,19 @@ def test_failure_while_building_raises_the_ranks_traceback(fault):
     assert not wait_gone(set(children(os.getpid())) - before, 1.0)
 
 
+def test_a_rank_that_never_joins_the_group_fails_set_up_in_time(fault, monkeypatch):
+    """Rank 1 hangs before the rendezvous: set-up gives up after its timeout, and rank 0,
+    left waiting in the rendezvous, is killed with it."""
+    fault("rank:build:1:hang")
+    monkeypatch.setenv("HWATTN_SETUP_TIMEOUT_S", "20")
+    before = set(children(os.getpid()))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"tensor-parallel rank 0, 1 sent no page plan within 20 s"):
+        LLM(tensor_parallel_size=2, **TINY)
+    assert time.monotonic() - t0 < 20 + 10
+    assert not wait_gone(set(children(os.getpid())) - before, 1.0)
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_failure_in_a_step_raises_and_stops_every_rank(fault, rank):
     """Rank 1 failing leaves rank 0 in an all-reduce that then fails too: the report names
