@@ -294,13 +294,15 @@ class WorkerGroup:
                     for m in conn.read():
                         if isinstance(m, tuple) and m and m[0] == "error":
                             reports.append(m[1] | {"rank": conn.rank})
+                        elif m == ("bye",):
+                            self.said_bye[conn.rank] = True
                 except EOFError:
                     deaths.add(conn.rank)
                     conn.closed = True
         self.kill()
         reports.sort(key=lambda r: r["time"])
         reported = {r["rank"] for r in reports}
-        silent = sorted(deaths - reported)
+        silent = sorted(r for r in deaths - reported if not self.said_bye[r])
         notes = [f"{self.label} {r['rank']} ({r['phase']}): "
                  f"{r['traceback'].strip().splitlines()[-1]}" for r in reports]
         if silent:  # a rank that died without a word is the cause; its peers' errors follow
