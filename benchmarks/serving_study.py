@@ -90,7 +90,7 @@ def study_variant(args, cfg, label, clock, share, notes, extra=None):
     """The main workload on one variant; `extra(engine)` runs more work on the same engine."""
     t0 = time.perf_counter()
     engine = build(args, cfg, label)
-    runner = getattr(engine.runner, "runner", engine.runner)
+    runner = engine.runner
     out = dict(variant=label, build_s=time.perf_counter() - t0,
                kv_bytes_per_token=engine.kv_bytes_per_token,
                kv_bytes_per_token_layer=engine.kv_bytes_per_token // engine.model_config.n_layers,

@@ -37,6 +37,12 @@ PRESETS: dict[str, dict] = {
                   vocab_size=LLAMA3_VOCAB, max_seq_len=2048, rope_dim=32),
     "xl": dict(n_layers=24, dim=2048, n_heads=16, head_dim=128, mha_hidden_dim=5464,
                vocab_size=LLAMA3_VOCAB, max_seq_len=2048, rope_dim=64),
+    # The paper's serving attention (h_q 128, d_h 128, d_R 64: MLA latent 512, GLA latent heads
+    # of 256) on a shallow, narrow trunk with one FFN width for every variant, so that
+    # random-weight multi-GPU serving studies spend their time in attention and fit in minutes.
+    "serving": dict(n_layers=8, dim=2048, n_heads=128, head_dim=128, rope_dim=64,
+                    mha_hidden_dim=8192, hidden_dim=8192, vocab_size=LLAMA3_VOCAB,
+                    max_seq_len=69_632),
 }
 
 # Parameter counts the paper reports for the MHA model of each preset.

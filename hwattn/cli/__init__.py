@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import signal
 import sys
+import threading
 
 # Modules of hwattn.cli, in the order `hwattn --help` lists them.
 COMMANDS = ("compare", "analyze", "demo", "data", "train", "eval", "serve", "convert")
@@ -54,12 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so commands stop their worker processes on the way out.
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if getattr(args, "cpu_threads", None) is not None:
             from hwattn.cpu_threads import set_cpu_threads

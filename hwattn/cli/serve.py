@@ -1,4 +1,5 @@
-"""`hwattn serve`: the OpenAI-compatible server over one model (optionally tensor-parallel)."""
+"""`hwattn serve`: the OpenAI-compatible server over one model (optionally tensor-parallel,
+optionally several data-parallel replicas)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cuda | cpu | auto")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks (processes; NCCL on GPUs, gloo on CPU)")
+    p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1,
+                   help="engine replicas, each with --tp ranks on its own GPUs (replica i uses "
+                        "GPUs [i*tp, (i+1)*tp)); requests go to the least-loaded one")
     p.add_argument("--page-size", type=int, default=64, help="tokens per KV page (default 64)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -55,6 +59,7 @@ def engine_from_args(args):
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
     engine = create_engine(args.model, attention=args.attention, dtype=args.dtype,
                            device=args.device, tensor_parallel_size=args.tp,
+                           data_parallel_size=args.dp,
                            page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                            max_num_batched_tokens=args.max_num_batched_tokens,
                            memory_budget=parse_budget(args.memory_budget),
@@ -102,10 +107,11 @@ def run(args) -> int:
         from hwattn.server.app import build_app
     except ImportError as err:
         raise ValueError(f"serving needs fastapi and uvicorn: pip install 'hwattn[serve]' ({err})")
-    from hwattn.server.async_engine import AsyncEngine
-    from hwattn.server.protocol import ServerLimits
+    import torch
 
     from hwattn.cpu_threads import describe
+    from hwattn.server.async_engine import AsyncEngine
+    from hwattn.server.protocol import ServerLimits
 
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.api_key is not None and not args.api_key:
@@ -114,10 +120,11 @@ def run(args) -> int:
         ServerLimits(max_body_bytes=args.max_body_bytes)
     engine = engine_from_args(args)
     name = served_name(args)
-    cpu = f", {describe()}" if engine.device.type == "cpu" else ""
-    print(f"hwattn serve: {name} ({engine.model_config.label}, TP={engine.tensor_parallel_size}, "
-          f"{engine.block_manager.num_usable_pages} pages of {engine.block_manager.page_size} "
-          f"tokens, {engine.kv_bytes_per_token} KV bytes/token/rank{cpu}) on "
+    stats = engine.stats()
+    cpu = f", {describe()}" if torch.device(engine.device).type == "cpu" else ""
+    print(f"hwattn serve: {name} ({engine.model_config.label}, TP={args.tp}, DP={args.dp}, "
+          f"{stats['pages_total']} pages of {stats['page_size']} tokens, "
+          f"{engine.kv_bytes_per_token} KV bytes/token/rank{cpu}) on "
           f"http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
     try:

@@ -8,7 +8,9 @@ cache bookkeeping (including rolling back rejected draft slots).
 
 Nothing one request carries can stop another: requests are validated (all or none) before they
 are queued, and a request whose sampling or detokenization still fails inside a step is
-finished alone with finish_reason "error".
+finished alone with finish_reason "error". Sampling runs in the runner (in this process or on
+tensor-parallel rank 0), which samples a failing batch row by row and reports the failing
+row's error in place of its token, so that a bad row never fails the step.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from hwattn.engine.block_manager import BlockManager, num_pages_for_budget, pages_for
 from hwattn.engine.model_runner import ModelRunner, StepInput
-from hwattn.engine.sampler import SamplingTensors, rejection_sample, sample
+from hwattn.engine.sampler import SamplingInput, describe_error
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import RequestOutput, Sequence
@@ -86,10 +88,87 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
     return num_pages
 
 
-class LLMEngine:
-    """Continuous-batching engine over one model (or one tensor-parallel group's rank 0).
+def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_size: int,
+                    max_model_len: int) -> list[int]:
+    """The prompt's token ids; ValueError if it is empty, has ids outside [0, vocab_size), is
+    not valid Unicode or leaves no room to generate within max_model_len. A text far too long
+    for the context is refused before it is tokenized.
 
-    runner: anything with `execute(StepInput)` (a `ModelRunner`, or a tensor-parallel proxy).
+    prompt: text, a list of token ids, or a 1-D integer tensor of token ids."""
+    if isinstance(prompt, str):
+        chars = getattr(tokenizer, "max_token_chars", None)
+        if chars is not None and len(prompt) >= max_model_len * chars:
+            raise ValueError(f"prompt has {len(prompt)} characters, more than {max_model_len - 1} "
+                             f"tokens can hold; the model's context is {max_model_len}")
+        try:
+            ids = tokenizer.encode(prompt)
+        except UnicodeEncodeError as err:
+            raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
+                             f"{prompt[err.start]!r} ({err.reason})") from None
+    elif isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
+                or prompt.dtype == torch.bool:
+            raise ValueError(f"a tensor prompt must be a 1-D integer tensor of token ids, got "
+                             f"shape {tuple(prompt.shape)} and dtype {prompt.dtype}")
+        ids = prompt.tolist()
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+    else:
+        raise ValueError(f"prompt must be a string, a list of token ids or a 1-D integer "
+                         f"tensor, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
+                         f"{max_model_len}, leaving no room to generate")
+    if all(type(t) is int and 0 <= t < vocab_size for t in ids):  # the common case, fast
+        return ids
+    if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size
+           for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    return [int(t) for t in ids]  # numpy or other integer scalars
+
+
+def checked_params(params: SamplingParams | None) -> SamplingParams:
+    """A validated copy: a caller changing its params afterwards cannot reach the sampler."""
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    return dataclasses.replace(params)
+
+
+def check_requests(prompts: list, params: list, validate) -> list[tuple[list[int], SamplingParams]]:
+    """(token ids, checked params copy) of every request, or a ValueError naming the first bad
+    prompt's index: the all-or-nothing check before a batch of requests is queued anywhere.
+    validate: prompt -> token ids (`validate_prompt` bound to a model)."""
+    if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+    checked = []
+    for i, (prompt, sp) in enumerate(zip(prompts, params)):
+        try:
+            checked.append((validate(prompt), checked_params(sp)))
+        except ValueError as err:
+            where = f"prompts[{i}]: " if len(prompts) > 1 else ""
+            raise ValueError(f"{where}{err}") from None
+    return checked
+
+
+def check_request_ids(request_ids: list[str], in_use) -> None:
+    """ValueError if any id is in `in_use` or appears twice."""
+    seen = set()
+    for rid in request_ids:
+        if rid in in_use or rid in seen:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        seen.add(rid)
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model, in this process or sharded over
+    tensor-parallel worker processes.
+
+    runner: runs the model and samples: `sample_step`, `verify_step`, `device` (a
+        `ModelRunner`, or a `TensorParallelExecutor` driving worker processes).
     drafter: a speculative drafter (`NgramDrafter`, `DraftModelDrafter`) or None.
     """
 
@@ -129,22 +208,10 @@ class LLMEngine:
         """Queue several requests, all or none: every prompt and every params is checked
         before any request is queued, so a ValueError (naming the bad prompt's index) leaves
         the engine as it was."""
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        checked = check_requests(prompts, params, self.validate_prompt)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
-        checked = []
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
-            where = f"prompts[{i}]: " if len(prompts) > 1 else ""
-            try:
-                checked.append((self.validate_prompt(prompt), self._checked_params(sp)))
-            except ValueError as err:
-                raise ValueError(f"{where}{err}") from None
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
-        seen = set()
-        for rid in rids:
-            if rid in self.seqs or rid in seen:
-                raise ValueError(f"request_id {rid!r} is already in use")
-            seen.add(rid)
+        check_request_ids(rids, self.seqs)
         for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
             seq = Sequence(rid, ids, sp, seed, prompt=prompt if isinstance(prompt, str) else None)
@@ -153,53 +220,11 @@ class LLMEngine:
             self.scheduler.add(seq)
         return rids
 
-    @staticmethod
-    def _checked_params(params: SamplingParams | None) -> SamplingParams:
-        """A validated copy: a caller changing its params afterwards cannot reach the sampler."""
-        if params is None:
-            return SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        return dataclasses.replace(params)
-
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
-        """The prompt's token ids; ValueError if it is empty, has ids outside the vocabulary,
-        is not valid Unicode or leaves no room in the context. A text far too long for the
-        context is refused before it is tokenized. Safe to call from another thread."""
-        limit = self.max_model_len
-        if isinstance(prompt, str):
-            chars = getattr(self.tokenizer, "max_token_chars", None)
-            if chars is not None and len(prompt) >= limit * chars:
-                raise ValueError(f"prompt has {len(prompt)} characters, more than {limit - 1} "
-                                 f"tokens can hold; the model's context is {limit}")
-            try:
-                ids = self.tokenizer.encode(prompt)
-            except UnicodeEncodeError as err:
-                raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
-                                 f"{prompt[err.start]!r} ({err.reason})") from None
-        elif isinstance(prompt, torch.Tensor):
-            if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
-                    or prompt.dtype == torch.bool:
-                raise ValueError(f"a tensor prompt must be a 1-D integer tensor of token ids, got "
-                                 f"shape {tuple(prompt.shape)} and dtype {prompt.dtype}")
-            ids = prompt.tolist()
-        elif isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-        else:
-            raise ValueError(f"prompt must be a string, a list of token ids or a 1-D integer "
-                             f"tensor, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                             f"{limit}, leaving no room to generate")
-        vocab = self.model_config.vocab_size
-        if all(type(t) is int and 0 <= t < vocab for t in ids):  # the common case, fast
-            return ids
-        if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab
-               for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        return [int(t) for t in ids]  # numpy or other integer scalars
+        """`validate_prompt` against this engine's tokenizer, vocabulary and context. Safe to
+        call from another thread."""
+        return validate_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
+                               self.max_model_len)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its pages; None if it is unknown or already done."""
@@ -215,6 +240,9 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.seqs)
 
     # One step.
     @torch.inference_mode()
@@ -249,95 +277,75 @@ class LLMEngine:
                 self.counters["failed" if seq.finish_reason == "error" else "finished"] += 1
         return outputs
 
-    def _fail(self, seq: Sequence, err: Exception) -> None:
-        """Finish `seq` alone with an error; `step` frees it with the finished ones."""
+    def _fail(self, seq: Sequence, err: Exception | str) -> None:
+        """Finish `seq` alone with an error (an exception, or its description from a worker);
+        `step` frees it with the finished ones."""
         seq.finish_reason = "error"
-        seq.error = f"{type(err).__name__}: {err}"
+        seq.error = err if isinstance(err, str) else describe_error(err)
         seq.finish_time = time.perf_counter()
         self._failed.append(seq)
 
-    def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingTensors | None, list[int]]:
-        """The sampling tensors of the rows of `seqs` that can have them, and those rows."""
+    def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingInput | None, list[Sequence]]:
+        """The sampling settings of those of `seqs` whose settings can be read, and those
+        sequences; any other fails alone here."""
         def build(rows):
-            picked = [seqs[i] for i in rows]
-            return SamplingTensors.build([s.params for s in picked], [s.seed for s in picked],
-                                         [len(s) for s in picked], self.device)
+            return SamplingInput.of([s.params for s in rows], [s.seed for s in rows],
+                                    [len(s) for s in rows])
 
-        rows = list(range(len(seqs)))
         try:
-            return build(rows), rows
+            return build(seqs), seqs
         except Exception:  # noqa: BLE001 - find the rows that fail on their own
             pass
         ok = []
-        for i in rows:
+        for seq in seqs:
             try:
-                build([i])
-                ok.append(i)
-            except Exception as err:  # noqa: BLE001 - that request alone fails
-                self._fail(seqs[i], err)
-        return (build(ok) if ok else None), ok
-
-    def _per_row(self, seqs: list[Sequence], run) -> list:
-        """`run(rows)` (rows: a slice of the batch) returns one result per row. The whole batch
-        goes at once; if that raises, each row goes alone, and a row that still raises fails
-        its request and gets None."""
-        try:
-            return run(slice(None))
-        except Exception as err:  # noqa: BLE001
-            if len(seqs) == 1:
-                self._fail(seqs[0], err)
-                return [None]
-        results = []
-        for i, seq in enumerate(seqs):
-            try:
-                results.append(run(slice(i, i + 1))[0])
+                build([seq])
+                ok.append(seq)
             except Exception as err:  # noqa: BLE001 - that request alone fails
                 self._fail(seq, err)
-                results.append(None)
-        return results
+        return (build(ok) if ok else None), ok
 
     def _prefill(self, batch) -> list[Sequence]:
         self.counters["prefill_steps"] += 1
         seqs = batch.seqs
+        last = [s for s, n in zip(seqs, batch.chunks) if s.num_cached + n == len(s)]
+        sampling, done = self._sampling(last) if last else (None, [])
+        # A row whose settings failed still writes its prompt (its pages stay consistent for
+        # the prefix cache) but gets no logits.
+        sampled = set(done)
         step = StepInput("prefill", [s.token_ids[s.num_cached:s.num_cached + n]
                                      for s, n in zip(seqs, batch.chunks)],
                          [s.num_cached for s in seqs], [list(s.block_table) for s in seqs],
-                         need_logits=[s.num_cached + n == len(s) for s, n in zip(seqs, batch.chunks)])
-        logits = self.runner.execute(step)
+                         need_logits=[s in sampled for s in seqs])
+        tokens = self.runner.sample_step(step, sampling)
         if self.drafter is not None and hasattr(self.drafter, "prefill"):
             self.drafter.prefill(step)
-        done = []
-        for seq, n, need in zip(seqs, batch.chunks, step.need_logits):
+        for seq, n in zip(seqs, batch.chunks):
             seq.num_cached += n
             seq.draft_cached = seq.num_cached
             self.counters["prompt_tokens"] += n
             self._register(seq)
-            if need:
-                done.append(seq)
-        if done:
-            st, rows = self._sampling(done)
-            if len(rows) < len(done):
-                logits = logits[rows]
-            sampled = [done[i] for i in rows]
-            tokens = self._per_row(sampled, lambda r: sample(logits[r], st.select(r)).tolist())
-            for seq, token in zip(sampled, tokens):
-                if token is not None:
-                    self._append_or_fail(seq, [token])
+        for seq, token in zip(done, tokens):
+            if isinstance(token, str):  # its sampling failed in the runner
+                self._fail(seq, token)
+            else:
+                self._append_or_fail(seq, [token])
         return done
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         self.counters["decode_steps"] += 1
-        st, rows = self._sampling(seqs)
-        seqs = [seqs[i] for i in rows]
+        sampling, seqs = self._sampling(seqs)
         if not seqs:
             return []
         step = StepInput("decode", [[s.token_ids[-1]] for s in seqs], [s.num_cached for s in seqs],
                          [list(s.block_table) for s in seqs])
-        logits = self.runner.execute(step)[:, 0]  # (B, V)
-        tokens = self._per_row(seqs, lambda r: sample(logits[r], st.select(r)).tolist())
+        tokens = self.runner.sample_step(step, sampling)
         for seq, token in zip(seqs, tokens):
+            if isinstance(token, str):  # its sampling failed in the runner
+                self._fail(seq, token)
+                continue
             old = seq.num_cached
-            appended = self._append_or_fail(seq, [token]) if token is not None else None
+            appended = self._append_or_fail(seq, [token])
             if appended is not None:
                 seq.num_cached = old + appended
                 self._register(seq)
@@ -345,28 +353,23 @@ class LLMEngine:
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
         self.counters["decode_steps"] += 1
-        st, rows = self._sampling(seqs)
-        seqs = [seqs[i] for i in rows]
+        sampling, seqs = self._sampling(seqs)
+        deterministic = getattr(self.drafter, "deterministic", False)
+        # A deterministic drafter's tokens travel as lists (to other processes, too); a draft
+        # model's stay on its device with the distributions they were drawn from.
+        device = "cpu" if deterministic else self.device
+        sampling, seqs, st = self._drafting_tensors(sampling, seqs, device)
         if not seqs:
             return []
-        drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k) on the device
-        last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64, device=self.device)
-        if getattr(self.drafter, "deterministic", False):
-            fed = torch.cat((last.cpu(), drafts.cpu()), 1).tolist()
-        else:
-            fed = torch.cat((last, drafts), 1)
-        step = StepInput("decode", fed, [s.num_cached for s in seqs],
-                         [list(s.block_table) for s in seqs])
-        logits = self.runner.execute(step)  # (B, k + 1, V)
-
-        def verify(r):
-            tokens, accepted = rejection_sample(logits[r], drafts[r],
-                                                None if draft_probs is None else draft_probs[r],
-                                                st.select(r))
-            return list(zip(tokens.tolist(), accepted.tolist()))
-
-        for seq, result in zip(seqs, self._per_row(seqs, verify)):
-            if result is None:
+        drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k)
+        last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64, device=device)
+        fed = torch.cat((last, drafts.to(device)), 1)
+        step = StepInput("decode", fed.tolist() if deterministic else fed,
+                         [s.num_cached for s in seqs], [list(s.block_table) for s in seqs])
+        results = self.runner.verify_step(step, sampling, draft_probs)
+        for seq, result in zip(seqs, results):
+            if isinstance(result, str):  # its verification failed in the runner
+                self._fail(seq, result)
                 continue
             row, n_acc = result
             old_len, old = len(seq), seq.num_cached
@@ -380,6 +383,27 @@ class LLMEngine:
             self.block_manager.trim(seq, seq.num_cached + 1)
             self._register(seq)
         return seqs
+
+    def _drafting_tensors(self, sampling: SamplingInput | None, seqs: list[Sequence], device):
+        """`sampling` as tensors on `device` for the drafter. Rows whose settings the device
+        cannot hold fail alone here; returns (sampling, seqs, tensors) of the others."""
+        if not seqs:
+            return None, [], None
+        try:
+            return sampling, seqs, sampling.tensors(device)
+        except Exception:  # noqa: BLE001 - find the rows that fail on their own
+            pass
+        ok = []
+        for i, seq in enumerate(seqs):
+            try:
+                sampling.select([i]).tensors(device)
+                ok.append(i)
+            except Exception as err:  # noqa: BLE001 - that request alone fails
+                self._fail(seq, err)
+        if not ok:
+            return None, [], None
+        sampling = sampling.select(ok)
+        return sampling, [seqs[i] for i in ok], sampling.tensors(device)
 
     def _append_or_fail(self, seq: Sequence, tokens: list[int]) -> int | None:
         """`_append`, or None after failing the request if detokenizing or stop handling raised."""

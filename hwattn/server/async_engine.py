@@ -13,11 +13,15 @@ import threading
 import time
 from collections import deque
 
-from hwattn.engine.llm_engine import LLMEngine
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
+
+
+def _put_all(pairs) -> None:
+    for queue, item in pairs:
+        queue.put_nowait(item)
 
 
 class EngineError(RuntimeError):
@@ -25,9 +29,13 @@ class EngineError(RuntimeError):
 
 
 class AsyncEngine:
-    """Runs `engine.step()` in a thread; `generate` streams a request's outputs."""
+    """Runs `engine.step()` in a thread; `generate` streams a request's outputs.
 
-    def __init__(self, engine: LLMEngine, rate_window_s: float = 10.0):
+    engine: an `LLMEngine` or a `DataParallelEngine` (whose step waits briefly for its
+    replicas' outputs).
+    """
+
+    def __init__(self, engine, rate_window_s: float = 10.0):
         self.engine = engine
         self._lock = threading.Lock()
         self._adds: deque = deque()
@@ -95,14 +103,25 @@ class AsyncEngine:
         return (n1 - n0) / max(time.perf_counter() - t0, t1 - t0, 1e-9)
 
     def _send(self, request_id: str, item) -> None:
-        target = self._queues.get(request_id)
-        if target is not None:
-            loop, queue = target
+        self._deliver([(request_id, item)])
+
+    def _deliver(self, items) -> None:
+        """Hand (request_id, item) pairs to their requests' queues, waking each event loop
+        once for all of them (a step's outputs are many; each wake-up costs). A request whose
+        event loop is closed has nobody listening: it is forgotten and aborted. Call with
+        `_lock` held."""
+        by_loop: dict = {}
+        for request_id, item in items:
+            target = self._queues.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((request_id, target[1], item))
+        for loop, entries in by_loop.items():
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, [(queue, item) for _, queue, item in entries])
             except RuntimeError:  # that caller's event loop is closed: nobody is listening
-                self._queues.pop(request_id, None)
-                self._aborts.append(request_id)
+                for request_id, _, _ in entries:
+                    if self._queues.pop(request_id, None) is not None:
+                        self._aborts.append(request_id)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -124,22 +143,27 @@ class AsyncEngine:
         for request_id, ids, params in adds:
             try:
                 engine.add_request(ids, params, request_id=request_id)
-            except Exception as err:  # noqa: BLE001 - refused: only that request hears of it
+            except ValueError as err:  # refused: only that request hears of it
                 with self._lock:
-                    self._send(request_id, err if isinstance(err, ValueError)
-                               else EngineError(f"the request could not be queued: {err}"))
+                    self._send(request_id, err)
+            except Exception as err:  # noqa: BLE001 - e.g. a failed worker: fail the request
+                log.exception("engine refused a request")
+                with self._lock:
+                    self._send(request_id, EngineError(f"the request could not be queued: {err}"))
         for request_id in aborts:
-            engine.abort_request(request_id)
+            try:
+                engine.abort_request(request_id)
+            except Exception:  # noqa: BLE001 - the engine is gone; nothing to stop
+                log.exception("engine could not abort a request")
         if engine.has_unfinished():
             try:
-                outputs = engine.step()
+                outputs = engine.step()  # a request failing alone comes back finished "error"
             except Exception as err:  # noqa: BLE001 - the step itself failed: fail its requests
                 log.exception("engine step failed")
                 self._fail_all(f"engine step failed: {err}")
                 outputs = []
             with self._lock:
-                for out in outputs:
-                    self._send(out.request_id, out)
+                self._deliver([(out.request_id, out) for out in outputs])
                 self._record()
         else:
             with self._lock:
@@ -150,10 +174,15 @@ class AsyncEngine:
     def _fail_all(self, message: str) -> None:
         """Abort every request the engine holds and tell each caller why."""
         engine = self.engine
-        for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-            engine.abort_request(seq.request_id)
-            with self._lock:
-                self._send(seq.request_id, EngineError(message))
+        failed = []
+        for request_id in engine.unfinished_request_ids():
+            try:
+                engine.abort_request(request_id)
+            except Exception:  # noqa: BLE001 - a dead engine cannot abort
+                pass
+            failed.append((request_id, EngineError(message)))
+        with self._lock:
+            self._deliver(failed)
 
     def _record(self) -> None:
         now = time.perf_counter()

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from hwattn.engine import LLM, SamplingParams
+from hwattn.engine.model_runner import ModelRunner, StepInput
+from hwattn.engine.sampler import SamplingInput
 from hwattn.engine.tokenizer import chat_prompt
 
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44], [9] * 12]
@@ -65,6 +67,25 @@ def test_a_request_that_fails_in_a_step_finishes_alone(llms, speculative, fault)
     stats = engine.stats()
     assert stats["failed"] == before["failed"] + 1
     assert stats["running"] == stats["waiting"] == stats["pages_used"] == 0
+
+
+def test_the_runner_samples_row_by_row_when_the_batch_fails(llms):
+    """What a tensor-parallel rank 0 runs: one row's settings break the batch's sampling and
+    verification; that row gets its error as a string, the others exactly their tokens."""
+    engine = llms[None].engine
+    runner = ModelRunner(engine.model, num_pages=8, page_size=8, max_model_len=64,
+                         cuda_graphs=False)  # its own cache: the engine's pages stay untouched
+    tables = [[1], [2], [3]]
+    plain = StepInput("decode", [[5], [6], [7]], [0, 0, 0], tables)
+    fed = StepInput("decode", [[5, 6, 7, 8], [6, 7, 8, 9], [7, 8, 9, 5]], [0, 0, 0], tables)
+    sampling = SamplingInput.of([SAMPLED] * 3, [1, 2, 3], [4, 4, 4])
+    clean = runner.sample_step(plain, sampling), runner.verify_step(fed, sampling)
+    sampling.top_k[1] = 1 << 64
+    for got, want in zip((runner.sample_step(plain, sampling), runner.verify_step(fed, sampling)),
+                         clean):
+        assert isinstance(got[1], str) and "Overflow" in got[1]
+        assert [got[0], got[2]] == [want[0], want[2]]
+        assert not any(isinstance(w, str) for w in want)
 
 
 def test_generate_returns_a_failing_request_alone(llms):

@@ -9,6 +9,7 @@ from hwattn.engine import LLM, SamplingParams
 from hwattn.models import Transformer
 from hwattn.parallel import local_kv_bytes_per_token, shard_model
 from tests.engine.conftest import make_checkpoint
+from tests.parallel.procs import wait_gone
 
 CASES = {  # label -> overrides of the tiny preset (8 query heads)
     "gqa-4": dict(attention="gqa", n_kv_heads=4),
@@ -88,6 +89,7 @@ def test_two_processes_generate_what_one_does(label, tmp_path):
         assert engine.kv_bytes_per_token == single.engine.model.kv_bytes_per_token(2, torch.float64)
         got = [o.token_ids for o in llm.generate(prompts, params)]
         engine.check_invariants()
+        pids = engine.runner.pids
     assert got == want
     assert len(set(sum(want, []))) > 10, want  # not one repeated token
-    assert not engine.runner.procs  # workers joined
+    assert not wait_gone(pids, 1.0)  # shutdown waited for the ranks to exit
