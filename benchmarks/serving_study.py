@@ -90,7 +90,7 @@ def study_variant(args, cfg, label, clock, share, notes, extra=None):
     """The main workload on one variant; `extra(engine)` runs more work on the same engine."""
     t0 = time.perf_counter()
     engine = build(args, cfg, label)
-    runner = getattr(engine.runner, "runner", engine.runner)
+    runner = engine.runner
     out = dict(variant=label, build_s=time.perf_counter() - t0,
                kv_bytes_per_token=engine.kv_bytes_per_token,
                kv_bytes_per_token_layer=engine.kv_bytes_per_token // engine.model_config.n_layers,
@@ -177,7 +177,9 @@ def hf_generate(engine, prompts, output_len) -> dict:
 
     with torch.device("meta"):
         hf = HwattnForCausalLM(HwattnConfig(**engine.model_config.to_dict()))
-    hf.model = engine.model
+    hf.model.load_state_dict(engine.model.state_dict(), assign=True)  # the engine's tensors
+    if engine.model_config.tie_embeddings:
+        hf.model.output.weight = hf.model.tok_embeddings.weight
     hf.eval()
     ids = torch.tensor(prompts, device=engine.device)
     kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
@@ -193,8 +195,8 @@ def hf_generate(engine, prompts, output_len) -> dict:
     new = out.shape[1] - ids.shape[1]
     return dict(hf_tok_s=out.shape[0] * new / dt, hf_s=dt, hf_new_tokens=int(new),
                 transformers=transformers.__version__,
-                hf_note="hwattn.hf.HwattnForCausalLM keeps no KV cache: generate() re-runs the "
-                        "whole prefix every step")
+                hf_note="hwattn.hf.HwattnForCausalLM with transformers' DynamicCache (eager "
+                        "PyTorch attention, no paging, no CUDA graphs)")
 
 
 def spec_run(args, cfg, prompts, plain) -> dict:

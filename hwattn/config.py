@@ -41,6 +41,12 @@ PRESETS: dict[str, dict] = {
                   vocab_size=LLAMA3_VOCAB, max_seq_len=2048, rope_dim=32),
     "xl": dict(n_layers=24, dim=2048, n_heads=16, head_dim=128, mha_hidden_dim=5464,
                vocab_size=LLAMA3_VOCAB, max_seq_len=2048, rope_dim=64),
+    # The paper's serving attention (h_q 128, d_h 128, d_R 64: MLA latent 512, GLA latent heads
+    # of 256) on a shallow, narrow trunk with one FFN width for every variant, so that
+    # random-weight multi-GPU serving studies spend their time in attention and fit in minutes.
+    "serving": dict(n_layers=8, dim=2048, n_heads=128, head_dim=128, rope_dim=64,
+                    mha_hidden_dim=8192, hidden_dim=8192, vocab_size=LLAMA3_VOCAB,
+                    max_seq_len=69_632),
 }
 
 # Parameter counts the paper reports for the MHA model of each preset.
@@ -69,6 +75,9 @@ class ModelConfig:
     - `latent_dim` (d_c, per latent head): 4·d_h for mla, 2·d_h for gla.
     - `q_latent_dim`: width of the query low-rank bottleneck of mla/gla, 8·d_h.
     - `rope_dim` (d_R): rotated width of gta/mla/gla, d_h/2. mha/mqa/gqa rotate all of d_h.
+    - `attention_bias`: biases on the RoPE-key projection (gta) and on the query-latent and KV
+      down / up projections (mla, gla), as in the paper's released modeling code; the other
+      families have no such projections.
     - `hidden_dim`: the SwiGLU width that matches the MHA model's parameter count, rounded to
       a multiple of `hidden_multiple` (8: an odd width breaks the 16-byte alignment GPU matrix
       kernels need and, measured on an H100, sends the feed-forward GEMMs to a kernel several
@@ -93,6 +102,7 @@ class ModelConfig:
     rope_theta: float = 500_000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    attention_bias: bool = False
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -117,7 +127,7 @@ class ModelConfig:
         """SwiGLU width whose parameters make up for this attention's saving over MHA."""
         mha = dataclasses.replace(self, attention="mha", n_kv_heads=None, n_latent_heads=None,
                                   latent_dim=None, q_latent_dim=None, rope_dim=None,
-                                  hidden_dim=self.mha_hidden_dim)
+                                  hidden_dim=self.mha_hidden_dim, attention_bias=False)
         saved = get_variant("mha").param_count(mha) - get_variant(self.attention).param_count(self)
         # Each unit of SwiGLU width costs three weight columns of length `dim`.
         exact = self.mha_hidden_dim + saved / (3 * self.dim)

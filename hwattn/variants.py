@@ -46,6 +46,8 @@ class VariantSpec:
     partial_rope: RoPE rotates `rope_dim` dims (default d_h / 2) instead of the whole head.
     rope_below_head: `rope_dim` must be smaller than `head_dim` (GTA: the tied state keeps
         d_h - d_R un-rotated key dims).
+    takes_bias: the layer honours `attention_bias` (the paper's checkpoints keep biases on
+        GTA's RoPE-key projection and on GLA's / MLA's latent projections).
     bench_heads: query heads of the decode benchmark's default shape (128 where the paper
         benchmarks DeepSeek-like latent attention, 32 otherwise).
     """
@@ -60,6 +62,7 @@ class VariantSpec:
     partial_rope: bool = False
     rope_below_head: bool = False
     bench_heads: int = 32
+    takes_bias: bool = False
 
     @property
     def latent(self) -> bool:
@@ -95,6 +98,9 @@ class VariantSpec:
             raise ValueError(f"{field} must be {what} for {self.name}, got {count}")
         if count <= 0 or h % count:
             raise ValueError(f"n_heads ({h}) must be divisible by {field} ({count})")
+        if config.attention_bias and not self.takes_bias:
+            owners = ", ".join(n for n in variant_names() if get_variant(n).takes_bias)
+            raise ValueError(f"attention_bias applies to {owners} only, not {self.name}")
 
         if self.latent:
             if config.latent_dim is None:

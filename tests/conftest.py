@@ -22,6 +22,17 @@ def _seed():
     torch.manual_seed(1234)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_threads():
+    """CLI calls choose thread counts for their model; give later tests back the suite's."""
+    from hwattn import cpu_threads
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    cpu_threads._explicit = None
+
+
 def assert_close_derived(actual: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor,
                          factor: float = 4.0, what: str = "output") -> None:
     """`actual` may differ from the fp64 `truth` by at most `factor` times the error of

@@ -7,12 +7,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import signal
 import sys
+import threading
 
 # Modules of hwattn.cli, in the order `hwattn --help` lists them.
-COMMANDS = ("compare", "analyze", "demo", "data", "train", "eval", "serve")
+COMMANDS = ("compare", "analyze", "demo", "data", "train", "eval", "serve", "convert")
 # Modules of hwattn.cli registering a subcommand of `hwattn bench`.
 BENCH_COMMANDS = ("bench_decode", "bench_engine", "bench_serve")
+
+
+def add_cpu_threads(p: argparse.ArgumentParser) -> None:
+    """The `--cpu-threads` option every subcommand takes (applied by `main`)."""
+    p.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: 1 for models under 20M parameters, else the "
+                        "idle cores; OMP_NUM_THREADS is honoured)")
+
+
+def model_params(config) -> int:
+    """Parameters of the model `config` describes, counted without allocating it."""
+    from hwattn.models.transformer import Transformer
+
+    return Transformer(config, device="meta").num_params()
 
 
 def _present(names):
@@ -40,13 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so commands stop their worker processes on the way out.
+        signal.signal(signal.SIGTERM, _terminated)
     try:
+        if getattr(args, "cpu_threads", None) is not None:
+            from hwattn.cpu_threads import set_cpu_threads
+
+            set_cpu_threads(args.cpu_threads)
         return args.func(args) or 0
     except ValueError as err:
         print(f"hwattn {args.command}: error: {err}", file=sys.stderr)

@@ -20,6 +20,7 @@ def int_list(text: str) -> list[int]:
 
 def register(sub) -> None:
     from hwattn.analysis.cost import DEFAULT_VARIANTS, DTYPES, GPUS
+    from hwattn.cli import add_cpu_threads
 
     p = sub.add_parser("analyze", help="KV cache, arithmetic intensity and roofline per variant",
                        description="One row per attention variant and TP degree: parameters, KV "
@@ -37,7 +38,10 @@ def register(sub) -> None:
     p.add_argument("--peak-tflops", type=float, help="override the GPU's dense TFLOP/s")
     p.add_argument("--bandwidth", type=float, help="override the GPU's memory TB/s")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw the roofline to this file")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw KV bytes per GPU against the TP degree and the roofline, every "
+                        "variant and TP degree, to this PNG")
+    add_cpu_threads(p)
     p.set_defaults(func=run)
 
 
@@ -58,9 +62,9 @@ def run(args) -> int:
     else:
         print(format_table(rows, gpu))
     if args.plot:
-        from hwattn.analysis.plot import plot_roofline
+        from hwattn.analysis.plot import plot_analysis
 
-        plot_roofline(rows, gpu, args.plot)
+        plot_analysis(rows, gpu, args.plot)
         if not args.json:
-            print(f"roofline plot written to {args.plot}")
+            print(f"plot (KV bytes per GPU vs TP degree, roofline) written to {args.plot}")
     return 0

@@ -71,6 +71,8 @@ def _standard() -> list[dict]:
 
 
 def register(sub) -> None:
+    from hwattn.cli import add_cpu_threads
+
     p = sub.add_parser("decode", help="paged decode kernels: µs, GB/s, TFLOP/s, %% of roofline",
                        description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,6 +100,7 @@ def register(sub) -> None:
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--out", metavar="FILE.json", help="also write the JSON document here")
+    add_cpu_threads(p)
     p.set_defaults(func=run)
 
 

@@ -34,10 +34,16 @@ def register(sub) -> None:
 def run(args) -> int:
     from hwattn.cli.serve import engine_from_args
     from hwattn.engine.benchmark import decode_breakdown, random_prompts, run_offline
+    from hwattn.engine.loader import model_config
 
     for name in ("num_prompts", "prompt_len", "output_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
+    context = args.max_model_len or model_config(args.model, args.attention, overrides).max_seq_len
+    if args.prompt_len >= context:  # said before any worker process starts
+        raise ValueError(f"--prompt-len {args.prompt_len} leaves no room to generate in the "
+                         f"model's context of {context} tokens")
     engine = engine_from_args(args)
     try:
         prompts = random_prompts(args.num_prompts, args.prompt_len, engine.model_config.vocab_size,
@@ -48,19 +54,25 @@ def run(args) -> int:
         batch = args.breakdown_batch or min(args.num_prompts, args.max_num_seqs)
         context = args.breakdown_context or args.prompt_len + args.output_len
         brk = decode_breakdown(engine, batch, context)
+        doc = dict(model=args.model, variant=engine.model_config.label, tp=args.tp, dp=args.dp,
+                   device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
+                   speculative=args.speculative,
+                   kv_bytes_per_token_per_rank=engine.kv_bytes_per_token,
+                   offline=res.as_dict(), decode_step=brk)
+        report(doc, args, res, brk)  # before teardown: a slow shutdown cannot lose the results
     finally:
         engine.shutdown()
-    doc = dict(model=args.model, variant=engine.model_config.label, tp=args.tp,
-               device=str(engine.device), dtype=str(engine.dtype).replace("torch.", ""),
-               speculative=args.speculative,
-               kv_bytes_per_token_per_rank=engine.kv_bytes_per_token,
-               offline=res.as_dict(), decode_step=brk)
+    return 0
+
+
+def report(doc: dict, args, res, brk) -> None:
     if not args.json:
         ms = 1e3
-        print(f"{doc['variant']} on {doc['device']} ({doc['dtype']}, TP={args.tp}), "
+        print(f"{doc['variant']} on {doc['device']} ({doc['dtype']}, TP={args.tp}, DP={args.dp}), "
               f"{res.requests} requests x {args.prompt_len} prompt + {args.output_len} output tokens")
         print(f"  output throughput   {res.output_tokens_per_s:10.1f} tok/s "
-              f"(decode phase {res.decode_tokens_per_s:.1f} tok/s)")
+              f"(decode phase {res.decode_tokens_per_s:.1f} tok/s"
+              f"{' per replica' if args.dp > 1 else ''})")
         print(f"  {'':18}{'mean':>10}{'median':>10}{'p99':>10}  ms")
         for name, s in (("TTFT", res.ttft_s), ("ITL (step)", res.itl_s), ("TPOT", res.tpot_s),
                         ("end-to-end", res.e2e_s)):
@@ -68,7 +80,8 @@ def run(args) -> int:
         if args.speculative:
             print(f"  draft tokens accepted            {res.acceptance_rate:.0%}")
         print(f"  decode step, B={brk['batch']} L={brk['context_len']} "
-              f"(CUDA graphs: {'on' if brk['cuda_graphs'] else 'off'}):")
+              f"(CUDA graphs: {'on' if brk['cuda_graphs'] else 'off'}"
+              f"{', replica 0' if args.dp > 1 else ''}):")
         print(f"    step wall {brk['step_wall_s'] * ms:.3f} ms | forward on device "
               f"{brk['forward_device_s'] * ms:.3f} ms | attention kernels "
               f"{brk['attention_s'] * ms:.3f} ms ({brk['attention_share']:.0%} of the step)")
@@ -78,5 +91,4 @@ def run(args) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(line + "\n")
-    print(line)
-    return 0
+    print(line, flush=True)

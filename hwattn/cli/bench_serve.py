@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     p.add_argument("--max-duration", type=float, default=600.0, help="stop after this many seconds")
+    p.add_argument("--warmup-requests", type=int, default=2,
+                   help="short requests sent and discarded before timing (default 2)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--out", default=None, help="also write the JSON document to this file")
     add_engine_args(p)
@@ -43,10 +45,13 @@ def run(args) -> int:
     if not 0 <= args.prompt_spread < 1:
         raise ValueError(f"--prompt-spread must be in [0, 1), got {args.prompt_spread}")
     lengths = prompt_lengths(args.num_prompts, args.prompt_len, args.prompt_spread, args.seed)
+    if args.warmup_requests < 0:
+        raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
     engine, server = None, None
     try:
         if args.url:
-            target = HttpTarget(args.url, args.served_model_name)
+            def make_target():
+                return HttpTarget(args.url, args.served_model_name)
             vocab = 256  # ids every model has; the server's vocabulary is not known here
         else:
             from hwattn.cli.serve import engine_from_args
@@ -59,13 +64,25 @@ def run(args) -> int:
             async_engine = AsyncEngine(engine)
             if args.http:
                 server, url = _start_server(async_engine)
-                target = HttpTarget(url)
+
+                def make_target():
+                    return HttpTarget(url)
             else:
-                target = InProcessTarget(async_engine)
+                direct = InProcessTarget(async_engine)
+
+                def make_target():
+                    return direct
         g_prompts = [random_prompts(1, n, vocab, seed=args.seed + i)[0] for i, n in enumerate(lengths)]
-        doc = asyncio.run(run_load(target, g_prompts, args.output_len, args.max_concurrency,
-                                   args.request_rate, seed=args.seed,
-                                   max_duration_s=args.max_duration, progress=not args.json))
+
+        async def measure():
+            if args.warmup_requests:  # first requests pay for allocation and kernel compilation
+                await run_load(make_target(), g_prompts[:args.warmup_requests], 4, None, None,
+                               seed=args.seed, max_duration_s=args.max_duration)
+            return await run_load(make_target(), g_prompts, args.output_len, args.max_concurrency,
+                                  args.request_rate, seed=args.seed,
+                                  max_duration_s=args.max_duration, progress=not args.json)
+
+        doc = asyncio.run(measure())
     finally:
         if server is not None:
             server.should_exit = True

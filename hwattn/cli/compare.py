@@ -7,6 +7,7 @@ import json
 
 def register(sub) -> None:
     from hwattn.analysis.cost import DEFAULT_VARIANTS
+    from hwattn.cli import add_cpu_threads
 
     p = sub.add_parser("compare", help="train + evaluate + time every variant, one table and plot",
                        description="The main job. For each attention variant: train a "
@@ -33,11 +34,16 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    add_cpu_threads(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from hwattn.cli import model_params
+    from hwattn.config import ModelConfig, parse_variant
+    from hwattn.cpu_threads import describe, use_default_cpu_threads
     from hwattn.train.compare import CompareConfig, run_compare
+    from hwattn.train.trainer import resolve_device
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:
@@ -51,6 +57,11 @@ def run(args) -> int:
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         compile=args.compile, out=args.out or "")
     cfg = cfg.resolved()
+    device = resolve_device(cfg.device)
+    use_default_cpu_threads(max(model_params(ModelConfig.from_preset(cfg.preset, **parse_variant(v)))
+                                for v in variants), device)
+    if device.type == "cpu" and not args.json:
+        print(f"CPU: {describe()}")
     if args.data is None and cfg.preset != "tiny":
         print("note: training on the small shipped corpus; for a meaningful comparison at this "
               "scale build one with `hwattn data build --corpus registry --tokenizer gpt2` and "

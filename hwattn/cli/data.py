@@ -44,6 +44,8 @@ def register(sub) -> None:
     b.add_argument("--hf-data-files", help="local files for an hf: builder such as json")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
     b.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    b.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="threads for tokenizing and torch (default: tokenizers' and torch's own)")
     b.set_defaults(func=run_build)
 
     s = dsub.add_parser("sources", help="list the registry packages `--corpus registry` uses")
@@ -52,6 +54,10 @@ def register(sub) -> None:
 
 
 def run_build(args) -> int:
+    import os
+
+    if args.cpu_threads is not None:  # read by tokenizers' thread pool when it starts
+        os.environ["RAYON_NUM_THREADS"] = str(args.cpu_threads)
     from hwattn.data.build import BuildOptions
     from hwattn.data.corpora import build_dataset
 

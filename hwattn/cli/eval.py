@@ -18,6 +18,8 @@ def int_tuple(text: str) -> tuple[int, ...]:
 
 
 def register(sub) -> None:
+    from hwattn.cli import add_cpu_threads
+
     p = sub.add_parser("eval", help="perplexity / bits per byte per domain, cloze, multiple "
                                     "choice, recall probe, lm-eval tasks",
                        description="Evaluates a checkpoint folder (from `hwattn train`) on the "
@@ -37,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the task sampling (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    add_cpu_threads(p)
     p.set_defaults(func=run)
 
 
@@ -48,8 +51,12 @@ def run(args) -> int:
     from hwattn.eval.tasks import write_jsonl
     from hwattn.train.trainer import load_model, resolve_device
 
+    from hwattn.cpu_threads import use_default_cpu_threads
+
     ckpt = Path(args.checkpoint)
-    model = load_model(ckpt, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    model = load_model(ckpt, device=device)
+    use_default_cpu_threads(model.num_params(), device)
     data = TokenDataset(args.data)
     if data.vocab_size > model.config.vocab_size:
         raise ValueError(f"the dataset's tokenizer has {data.vocab_size} ids but the model only "

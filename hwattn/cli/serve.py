@@ -1,10 +1,14 @@
-"""`hwattn serve`: the OpenAI-compatible server over one model (optionally tensor-parallel)."""
+"""`hwattn serve`: the OpenAI-compatible server over one model (optionally tensor-parallel,
+optionally several data-parallel replicas)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from hwattn.config import PRESETS
+
+API_KEY_ENV = "HWATTN_API_KEY"
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -15,6 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cuda | cpu | auto")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks (processes; NCCL on GPUs, gloo on CPU)")
+    p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1,
+                   help="engine replicas, each with --tp ranks on its own GPUs (replica i uses "
+                        "GPUs [i*tp, (i+1)*tp)); requests go to the least-loaded one")
     p.add_argument("--page-size", type=int, default=64, help="tokens per KV page (default 64)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -30,9 +37,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt pages")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="presets only: override the model's max_seq_len (RoPE table)")
-    p.add_argument("--cpu-threads", type=int, default=None,
-                   help="torch intra-op threads on CPU (default torch's; 1 is fastest for tiny "
-                        "models on a busy machine)")
+    from hwattn.cli import add_cpu_threads
+
+    add_cpu_threads(p)
 
 
 def parse_budget(text):
@@ -45,23 +52,24 @@ def parse_budget(text):
 
 
 def engine_from_args(args):
-    import torch
-
+    from hwattn.cli import model_params
+    from hwattn.cpu_threads import use_default_cpu_threads
     from hwattn.engine import create_engine
 
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
-    return create_engine(args.model, attention=args.attention, dtype=args.dtype,
-                         device=args.device, tensor_parallel_size=args.tp,
-                         page_size=args.page_size, max_num_seqs=args.max_num_seqs,
-                         max_num_batched_tokens=args.max_num_batched_tokens,
-                         memory_budget=parse_budget(args.memory_budget),
-                         max_model_len=args.max_model_len, speculative=args.speculative,
-                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
-                         cuda_graphs=not args.no_cuda_graphs,
-                         enable_prefix_caching=not args.no_prefix_caching,
-                         model_overrides=overrides)
+    engine = create_engine(args.model, attention=args.attention, dtype=args.dtype,
+                           device=args.device, tensor_parallel_size=args.tp,
+                           data_parallel_size=args.dp,
+                           page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens,
+                           memory_budget=parse_budget(args.memory_budget),
+                           max_model_len=args.max_model_len, speculative=args.speculative,
+                           num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+                           cuda_graphs=not args.no_cuda_graphs,
+                           enable_prefix_caching=not args.no_prefix_caching,
+                           model_overrides=overrides)
+    use_default_cpu_threads(model_params(engine.model_config), engine.device)
+    return engine
 
 
 def served_name(args) -> str:
@@ -83,6 +91,11 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="name clients pass as `model` (default: preset-variant or directory name)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on every /v1 route (default: the "
+                        f"{API_KEY_ENV} environment variable; unset: no authentication)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted (413 beyond; default 16 MiB)")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -94,17 +107,29 @@ def run(args) -> int:
         from hwattn.server.app import build_app
     except ImportError as err:
         raise ValueError(f"serving needs fastapi and uvicorn: pip install 'hwattn[serve]' ({err})")
-    from hwattn.server.async_engine import AsyncEngine
+    import torch
 
+    from hwattn.cpu_threads import describe
+    from hwattn.server.async_engine import AsyncEngine
+    from hwattn.server.protocol import ServerLimits
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key must not be empty")
+    limits = ServerLimits() if args.max_body_bytes is None else \
+        ServerLimits(max_body_bytes=args.max_body_bytes)
     engine = engine_from_args(args)
     name = served_name(args)
-    print(f"hwattn serve: {name} ({engine.model_config.label}, TP={engine.tensor_parallel_size}, "
-          f"{engine.block_manager.num_usable_pages} pages of {engine.block_manager.page_size} "
-          f"tokens, {engine.kv_bytes_per_token} KV bytes/token/rank) on "
-          f"http://{args.host}:{args.port}/v1", flush=True)
+    stats = engine.stats()
+    cpu = f", {describe()}" if torch.device(engine.device).type == "cpu" else ""
+    print(f"hwattn serve: {name} ({engine.model_config.label}, TP={args.tp}, DP={args.dp}, "
+          f"{stats['pages_total']} pages of {stats['page_size']} tokens, "
+          f"{engine.kv_bytes_per_token} KV bytes/token/rank{cpu}) on "
+          f"http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", flush=True)
     try:
-        uvicorn.run(build_app(AsyncEngine(engine), name), host=args.host, port=args.port,
-                    log_level=args.log_level)
+        uvicorn.run(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits),
+                    host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()
     return 0

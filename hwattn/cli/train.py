@@ -6,6 +6,7 @@ import json
 
 
 def register(sub) -> None:
+    from hwattn.cli import add_cpu_threads
     from hwattn.config import PRESETS
 
     p = sub.add_parser("train", help="train one model on a dataset built by `hwattn data build`",
@@ -41,12 +42,21 @@ def register(sub) -> None:
                                                      "(default 989 on CUDA = H100 bf16, none on CPU)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_cpu_threads(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from hwattn.train.trainer import TrainConfig, train
+    from hwattn.cli import model_params
+    from hwattn.config import ModelConfig, parse_variant
+    from hwattn.cpu_threads import describe, use_default_cpu_threads
+    from hwattn.train.trainer import TrainConfig, resolve_device, train
 
+    device = resolve_device(args.device)
+    shape = ModelConfig.from_preset(args.preset, **parse_variant(args.variant))
+    use_default_cpu_threads(model_params(shape), device)
+    if device.type == "cpu" and not args.json:
+        print(f"training on {describe()}")
     cfg = TrainConfig(data=args.data, out=args.out, preset=args.preset, variant=args.variant,
                       seq_len=args.seq_len, batch_size=args.batch_size, accum_steps=args.accum,
                       steps=args.steps, lr=args.lr, warmup_steps=args.warmup,

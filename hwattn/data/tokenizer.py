@@ -140,7 +140,8 @@ class Tokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(path))
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT,
-               "unk_token": EOT, "add_prefix_space": False, "hwattn_name": self.name}
+               "pad_token": EOT, "unk_token": EOT, "add_prefix_space": False,
+               "hwattn_name": self.name}
         (path.parent / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         return path
 

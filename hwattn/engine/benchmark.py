@@ -89,7 +89,9 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
     """Submit every prompt at once (ignore_eos, no detokenization) and run to completion.
 
     ITL is the wall time of each decode step (every running request gets its next token(s)
-    from it); TPOT is per request, (finish - first token) / (tokens - 1).
+    from it); TPOT is per request, (finish - first token) / (tokens - 1). With data-parallel
+    replicas the steps are the replicas' own (they run side by side, so prefill_s and
+    decode_s add up the replicas' time, not wall time).
     """
     params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True,
                             detokenize=False, seed=0)
@@ -102,6 +104,9 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
             bar = tqdm(total=len(prompts) * output_len, desc="tokens", unit="tok", leave=False)
         except ImportError:
             bar = None
+    replica_steps = getattr(engine, "take_step_times", None)  # data-parallel replicas
+    if replica_steps is not None:
+        replica_steps()
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     step_times, prefill_s, decode_s = [], 0.0, 0.0
@@ -111,7 +116,14 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
         t0 = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t0
-        if engine.counters["prefill_steps"] > kind_before:
+        if replica_steps is not None:
+            for kind, seconds in replica_steps():
+                if kind == "prefill":
+                    prefill_s += seconds
+                else:
+                    decode_s += seconds
+                    step_times.append(seconds)
+        elif engine.counters["prefill_steps"] > kind_before:
             prefill_s += dt
         else:
             decode_s += dt
@@ -193,13 +205,12 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
     Uses pages straight from the pool (the engine must be idle) and gives them back.
     Returns seconds: step_wall (host included: metadata, graph replay or eager forward),
     forward_device (the model's forward on the device), attention (the attention kernels of
-    every layer alone), and derived shares. Under tensor parallelism every step goes through
-    the parallel runner (all ranks take part in its all-reduces); the forward's device time is
-    then that whole step, and the attention time is rank 0's kernels alone.
+    every layer alone), and derived shares. Under tensor parallelism every rank runs the same
+    timing (so the forward's all-reduces line up) and the numbers are rank 0's, taken inside
+    its worker process; with data-parallel replicas, replica 0 is timed.
     """
-    driver = engine.runner  # broadcasts each step to every rank when TP > 1
-    runner = getattr(driver, "runner", driver)  # rank 0's own runner
-    parallel = driver is not runner
+    if hasattr(engine, "call_replica"):
+        return engine.call_replica(0, decode_breakdown, batch, context_len, iters)
     bm = engine.block_manager
     if engine.has_unfinished():
         raise RuntimeError("decode_breakdown needs an idle engine")
@@ -213,40 +224,47 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, engine.model_config.vocab_size, (batch, 1), generator=g).tolist()
         step = StepInput("decode", tokens, [context_len - 1] * batch, tables)
-        device = runner.device
-        timer = _Timer(device)
-
-        def wall():
-            t0 = time.perf_counter()
-            driver.execute(step)
-            _sync(device)
-            return time.perf_counter() - t0
-
-        driver.execute(step)
-        _sync(device)
-        step_wall = statistics.median(wall() for _ in range(iters))
-        graphed = getattr(runner, "graphs", None) and not parallel
-        size = runner._graph_for(batch, 1, step) if graphed else None
-        if size is not None:  # the captured forward alone, its inputs already in place
-            forward_device = timer(runner.graphs[(size, 1)][0], iters)
+        if hasattr(engine.runner, "call"):  # tensor-parallel workers
+            times = engine.runner.call(time_decode_step, step, context_len, iters)
         else:
-            forward_device = timer(lambda: driver.execute(step), iters)
-        table = runner._table(tables).to(device)
-        seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
-        seqlens = seqlens_host.to(device)
-        plan = runner.plan(seqlens_host, 1)
-        attention = timer(attention_calls(runner.model, batch, 1, runner.kv_caches, table, seqlens,
-                                          plan, runner.backend), iters)
+            times = time_decode_step(engine.runner, step, context_len, iters)
     finally:
         for p in pages:
             bm._release(p)
-    graphs = bool(getattr(runner, "graphs", None))
-    return dict(batch=batch, context_len=context_len, cuda_graphs=graphs,
-                graph_error=getattr(runner, "graph_error", None),
-                step_wall_s=step_wall, forward_device_s=forward_device, attention_s=attention,
-                attention_share=attention / step_wall,
-                outside_attention_share=1 - attention / step_wall,
-                host_overhead_share=max(0.0, 1 - forward_device / step_wall))
+    wall, attention = times["step_wall_s"], times["attention_s"]
+    return dict(batch=batch, context_len=context_len, **times,
+                attention_share=attention / wall, outside_attention_share=1 - attention / wall,
+                host_overhead_share=max(0.0, 1 - times["forward_device_s"] / wall))
+
+
+@torch.inference_mode()
+def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10) -> dict:
+    """The timings of `decode_breakdown` on one `ModelRunner` (one rank)."""
+    batch = len(step.num_cached)
+    device = runner.device
+    timer = _Timer(device)
+
+    def wall():
+        t0 = time.perf_counter()
+        runner.execute(step)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    runner.execute(step)
+    _sync(device)
+    step_wall = statistics.median(wall() for _ in range(iters))
+    size = runner._graph_for(batch, 1, step) if runner.graphs else None
+    if size is not None:  # the captured forward alone, its inputs already in place
+        forward_device = timer(runner.graphs[(size, 1)][0], iters)
+    else:
+        forward_device = timer(lambda: runner.execute(step), iters)
+    table = runner._table(step.block_tables).to(device)
+    seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
+    plan = runner.plan(seqlens_host, 1)
+    attention = timer(attention_calls(runner.model, batch, 1, runner.kv_caches, table,
+                                      seqlens_host.to(device), plan, runner.backend), iters)
+    return dict(cuda_graphs=bool(runner.graphs), graph_error=runner.graph_error,
+                step_wall_s=step_wall, forward_device_s=forward_device, attention_s=attention)
 
 
 @torch.inference_mode()
@@ -254,8 +272,8 @@ def graph_consistency(engine, batch: int = 4, context: int = 96) -> dict | None:
     """Logits of one decode step through the captured CUDA graph against the same step run
     eagerly (None without graphs): max |difference| relative to max |logit|, and the share of
     rows whose argmax agrees. Uses pool pages directly (the engine must be idle)."""
-    runner = getattr(engine.runner, "runner", engine.runner)
-    if not getattr(runner, "graphs", None):
+    runner = engine.runner
+    if not getattr(runner, "graphs", None):  # eager, or tensor-parallel workers
         return None
     bm = engine.block_manager
     per_seq = -(-(context + 1) // bm.page_size)

@@ -9,6 +9,11 @@
 
 from __future__ import annotations
 
+import numbers
+
+import torch
+
+from hwattn.engine.data_parallel import DataParallelEngine
 from hwattn.engine.llm_engine import EngineConfig, LLMEngine, plan_pages
 from hwattn.engine.loader import build_model, is_checkpoint, model_config, resolve_device, resolve_dtype
 from hwattn.engine.model_runner import ModelRunner
@@ -16,6 +21,7 @@ from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
 from hwattn.engine.speculative import DraftModelDrafter, NgramDrafter
 from hwattn.engine.tokenizer import load_tokenizer
+from hwattn.engine.tp_executor import TensorParallelExecutor
 
 
 def create_engine(model: str, attention: str | None = None, dtype=None, device=None,
@@ -24,11 +30,14 @@ def create_engine(model: str, attention: str | None = None, dtype=None, device=N
                   max_model_len: int | None = None, speculative: str | None = None,
                   num_speculative_tokens: int = 3, seed: int = 0, cuda_graphs: bool = True,
                   enable_prefix_caching: bool = True, backend: str = "auto",
-                  model_overrides: dict | None = None) -> LLMEngine:
+                  model_overrides: dict | None = None, data_parallel_size: int = 1):
     """Build the model (sharded over `tensor_parallel_size` ranks), its tokenizer, page pool,
-    scheduler and drafter. See `LLM` for the arguments."""
+    scheduler and drafter: an `LLMEngine`, or with `data_parallel_size` > 1 a
+    `DataParallelEngine` over that many replicas of it. See `LLM` for the arguments."""
     if tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    if data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     config = model_config(model, attention, model_overrides)
@@ -42,6 +51,17 @@ def create_engine(model: str, attention: str | None = None, dtype=None, device=N
                                  num_pages=num_pages, enable_prefix_caching=enable_prefix_caching,
                                  num_speculative_tokens=k, cuda_graphs=cuda_graphs,
                                  backend=backend, seed=seed)
+    if data_parallel_size > 1:
+        replica = dict(model=model, attention=attention, dtype=dt, device=str(dev),
+                       tensor_parallel_size=tensor_parallel_size, page_size=page_size,
+                       max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       memory_budget=memory_budget, num_pages=num_pages, max_model_len=max_len,
+                       speculative=speculative, num_speculative_tokens=num_speculative_tokens,
+                       seed=seed, cuda_graphs=cuda_graphs,
+                       enable_prefix_caching=enable_prefix_caching, backend=backend,
+                       model_overrides=model_overrides)
+        tokenizer = load_tokenizer(model if is_checkpoint(model) else None, config.vocab_size)
+        return DataParallelEngine(data_parallel_size, replica, config, tokenizer)
     draft_model = None
     if speculative and speculative != "ngram":
         if not is_checkpoint(speculative):
@@ -65,13 +85,17 @@ def create_engine(model: str, attention: str | None = None, dtype=None, device=N
     build = dict(model=model, attention=attention, dtype=dt, device=str(dev), seed=seed,
                  overrides=model_overrides)
     if tensor_parallel_size > 1:
-        from hwattn.parallel.launch import start_tensor_parallel
-
-        runner, net, n_pages = start_tensor_parallel(tensor_parallel_size, build, runner_kwargs, pages)
+        if draft_model is not None:
+            raise ValueError("a draft model cannot be combined with tensor_parallel_size > 1; "
+                             "use speculative='ngram'")
+        runner = TensorParallelExecutor(tensor_parallel_size, build, runner_kwargs, engine_config,
+                                        max_len)
+        net, n_pages, kv_bytes = None, runner.num_pages, runner.kv_bytes_per_token
     else:
         net = build_model(**build)
         n_pages = pages(net)
         runner = ModelRunner(net, num_pages=n_pages, **runner_kwargs)
+        kv_bytes = net.kv_bytes_per_token(1, dt)
     drafter = None
     if speculative == "ngram":
         drafter = NgramDrafter(k)
@@ -79,8 +103,8 @@ def create_engine(model: str, attention: str | None = None, dtype=None, device=N
         drafter = DraftModelDrafter(draft_model, k, n_pages, page_size, max_len + k + 1, backend)
     tokenizer = load_tokenizer(model if is_checkpoint(model) else None, config.vocab_size)
     engine = LLMEngine(runner, tokenizer, config, engine_config, n_pages, drafter,
-                       kv_bytes_per_token=net.kv_bytes_per_token(1, dt))
-    engine.model = net
+                       kv_bytes_per_token=kv_bytes)
+    engine.model = net  # None under tensor parallelism: the weights live in the workers
     engine.tensor_parallel_size = tensor_parallel_size
     engine.dtype = dt
     return engine
@@ -95,7 +119,10 @@ class LLM:
         attention: variant label for presets ("gla-2", "gqa-4", "mla", ...); default mha.
         dtype: "bf16" | "fp16" | "fp32" | "fp64" | "auto" (bf16 on CUDA, fp32 on CPU).
         device: "cuda", "cpu", "cuda:1", or "auto".
-        tensor_parallel_size: ranks to shard over (processes; gloo on CPU, NCCL on GPUs).
+        tensor_parallel_size: ranks to shard over (worker processes; gloo on CPU, NCCL on
+            GPUs). The weights live in the workers; this process keeps the scheduler.
+        data_parallel_size: replicas, each in its own process with `tensor_parallel_size`
+            ranks on its own GPUs; requests go to the one with the least outstanding tokens.
         page_size: tokens per KV page. max_num_seqs: sequences decoded together at most.
         memory_budget: KV-cache bytes per rank, or a fraction of free GPU memory.
         speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
@@ -108,12 +135,13 @@ class LLM:
     def __init__(self, model: str, attention: str | None = None, dtype="auto", device="auto",
                  tensor_parallel_size: int = 1, page_size: int = 64, max_num_seqs: int = 64,
                  memory_budget=None, speculative: str | None = None,
-                 num_speculative_tokens: int = 3, seed: int = 0, **kwargs):
+                 num_speculative_tokens: int = 3, seed: int = 0, data_parallel_size: int = 1,
+                 **kwargs):
         self.engine = create_engine(model, attention, dtype, device, tensor_parallel_size,
                                     page_size, max_num_seqs, memory_budget=memory_budget,
                                     speculative=speculative,
                                     num_speculative_tokens=num_speculative_tokens, seed=seed,
-                                    **kwargs)
+                                    data_parallel_size=data_parallel_size, **kwargs)
 
     @property
     def tokenizer(self):
@@ -123,20 +151,23 @@ class LLM:
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the prompts' order.
 
-        prompts: a string, a list of token ids, or a list of either.
+        prompts: a string, a list of token ids, a 1-D integer tensor of ids, or a list of any
+            of these (a 2-D integer tensor is one prompt per row).
         sampling_params: one for all prompts, or one per prompt.
+
+        All or nothing: every prompt and params is checked before any is queued, so a
+        ValueError (naming the bad prompt's index) runs nothing and leaves nothing behind. A
+        request that fails inside the engine comes back alone with finish_reason "error".
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                        and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, list) else \
-            [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        if isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(prompts)
         engine = self.engine
-        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids = engine.add_requests(prompts, params)
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
@@ -164,7 +195,9 @@ class LLM:
         return [results[r] for r in ids]
 
     def shutdown(self) -> None:
-        """Stop tensor-parallel workers (a no-op on one rank)."""
+        """Stop the worker processes (tensor-parallel ranks, data-parallel replicas); a no-op
+        on one in-process rank. Bounded in time; raises a worker's error at shutdown. Dropping
+        the last reference to the `LLM` stops them too (without waiting for them to finish)."""
         self.engine.shutdown()
 
     def __enter__(self):
@@ -172,3 +205,23 @@ class LLM:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _prompt_list(prompts) -> list:
+    """`LLM.generate`'s prompts as a list of single prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            return [prompts]
+        if prompts.dim() == 2:
+            return list(prompts)
+        raise ValueError(f"prompts as a tensor must be 1-D (one prompt's token ids) or 2-D (one "
+                         f"prompt per row), got shape {tuple(prompts.shape)}")
+    if isinstance(prompts, (list, tuple)):
+        if prompts and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                           for t in prompts):
+            return [list(prompts)]  # one prompt of token ids
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a list of token ids, an integer tensor or a list "
+                     f"of these, got {type(prompts).__name__}")

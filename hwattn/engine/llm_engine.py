@@ -5,11 +5,19 @@ mechanism), `ModelRunner` (the model over the paged cache), the sampler and an o
 speculative drafter. Each `step()` runs one prefill or decode step, samples on the device,
 reads the new tokens back once, and updates the sequences: stop conditions, detokenized text,
 cache bookkeeping (including rolling back rejected draft slots).
+
+Nothing one request carries can stop another: requests are validated (all or none) before they
+are queued, and a request whose sampling or detokenization still fails inside a step is
+finished alone with finish_reason "error". Sampling runs in the runner (in this process or on
+tensor-parallel rank 0), which samples a failing batch row by row and reports the failing
+row's error in place of its token, so that a bad row never fails the step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import numbers
 import random
 import time
 from dataclasses import dataclass
@@ -18,7 +26,7 @@ import torch
 
 from hwattn.engine.block_manager import BlockManager, num_pages_for_budget, pages_for
 from hwattn.engine.model_runner import ModelRunner, StepInput
-from hwattn.engine.sampler import SamplingTensors, rejection_sample, sample
+from hwattn.engine.sampler import SamplingInput, describe_error
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import RequestOutput, Sequence
@@ -80,10 +88,87 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
     return num_pages
 
 
-class LLMEngine:
-    """Continuous-batching engine over one model (or one tensor-parallel group's rank 0).
+def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_size: int,
+                    max_model_len: int) -> list[int]:
+    """The prompt's token ids; ValueError if it is empty, has ids outside [0, vocab_size), is
+    not valid Unicode or leaves no room to generate within max_model_len. A text far too long
+    for the context is refused before it is tokenized.
 
-    runner: anything with `execute(StepInput)` (a `ModelRunner`, or a tensor-parallel proxy).
+    prompt: text, a list of token ids, or a 1-D integer tensor of token ids."""
+    if isinstance(prompt, str):
+        chars = getattr(tokenizer, "max_token_chars", None)
+        if chars is not None and len(prompt) >= max_model_len * chars:
+            raise ValueError(f"prompt has {len(prompt)} characters, more than {max_model_len - 1} "
+                             f"tokens can hold; the model's context is {max_model_len}")
+        try:
+            ids = tokenizer.encode(prompt)
+        except UnicodeEncodeError as err:
+            raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
+                             f"{prompt[err.start]!r} ({err.reason})") from None
+    elif isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
+                or prompt.dtype == torch.bool:
+            raise ValueError(f"a tensor prompt must be a 1-D integer tensor of token ids, got "
+                             f"shape {tuple(prompt.shape)} and dtype {prompt.dtype}")
+        ids = prompt.tolist()
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+    else:
+        raise ValueError(f"prompt must be a string, a list of token ids or a 1-D integer "
+                         f"tensor, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
+                         f"{max_model_len}, leaving no room to generate")
+    if all(type(t) is int and 0 <= t < vocab_size for t in ids):  # the common case, fast
+        return ids
+    if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size
+           for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    return [int(t) for t in ids]  # numpy or other integer scalars
+
+
+def checked_params(params: SamplingParams | None) -> SamplingParams:
+    """A validated copy: a caller changing its params afterwards cannot reach the sampler."""
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    return dataclasses.replace(params)
+
+
+def check_requests(prompts: list, params: list, validate) -> list[tuple[list[int], SamplingParams]]:
+    """(token ids, checked params copy) of every request, or a ValueError naming the first bad
+    prompt's index: the all-or-nothing check before a batch of requests is queued anywhere.
+    validate: prompt -> token ids (`validate_prompt` bound to a model)."""
+    if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+    checked = []
+    for i, (prompt, sp) in enumerate(zip(prompts, params)):
+        try:
+            checked.append((validate(prompt), checked_params(sp)))
+        except ValueError as err:
+            where = f"prompts[{i}]: " if len(prompts) > 1 else ""
+            raise ValueError(f"{where}{err}") from None
+    return checked
+
+
+def check_request_ids(request_ids: list[str], in_use) -> None:
+    """ValueError if any id is in `in_use` or appears twice."""
+    seen = set()
+    for rid in request_ids:
+        if rid in in_use or rid in seen:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        seen.add(rid)
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model, in this process or sharded over
+    tensor-parallel worker processes.
+
+    runner: runs the model and samples: `sample_step`, `verify_step`, `device` (a
+        `ModelRunner`, or a `TensorParallelExecutor` driving worker processes).
     drafter: a speculative drafter (`NgramDrafter`, `DraftModelDrafter`) or None.
     """
 
@@ -107,39 +192,39 @@ class LLMEngine:
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, prefill_steps=0,
                              decode_steps=0, draft_tokens=0, accepted_tokens=0, finished=0,
-                             aborted=0)
+                             aborted=0, failed=0)
+        self._failed: list[Sequence] = []  # requests failed alone during the current step
 
     # Requests.
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request (text or token ids); returns its id. Raises ValueError if the
-        prompt is empty, has ids outside the vocabulary or does not fit the context."""
-        params = params or SamplingParams()
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.validate_prompt(prompt)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.seqs:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        seq = Sequence(request_id, ids, params, seed, prompt=text)
-        self.seqs[request_id] = seq
-        self.detok[request_id] = IncrementalDetokenizer(self.tokenizer)
-        self.scheduler.add(seq)
-        return request_id
+    def add_request(self, prompt: str | list[int] | torch.Tensor,
+                    params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request (text, token ids or a 1-D integer tensor of ids); returns its id.
+        Raises ValueError if the prompt is empty, has ids outside the vocabulary or does not
+        fit the context, or if `params` is not a valid `SamplingParams`."""
+        return self.add_requests([prompt], [params], [request_id])[0]
 
-    def validate_prompt(self, prompt: str | list[int]) -> list[int]:
-        """The prompt's token ids; ValueError if it is empty, has ids outside the vocabulary
-        or leaves no room in the context. Safe to call from another thread."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                             f"{self.max_model_len}, leaving no room to generate")
-        return ids
+    def add_requests(self, prompts: list, params: list[SamplingParams | None],
+                     request_ids: list[str | None] | None = None) -> list[str]:
+        """Queue several requests, all or none: every prompt and every params is checked
+        before any request is queued, so a ValueError (naming the bad prompt's index) leaves
+        the engine as it was."""
+        checked = check_requests(prompts, params, self.validate_prompt)
+        request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
+        check_request_ids(rids, self.seqs)
+        for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
+            seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
+            seq = Sequence(rid, ids, sp, seed, prompt=prompt if isinstance(prompt, str) else None)
+            self.seqs[rid] = seq
+            self.detok[rid] = IncrementalDetokenizer(self.tokenizer)
+            self.scheduler.add(seq)
+        return rids
+
+    def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
+        """`validate_prompt` against this engine's tokenizer, vocabulary and context. Safe to
+        call from another thread."""
+        return validate_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
+                               self.max_model_len)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its pages; None if it is unknown or already done."""
@@ -156,10 +241,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.seqs)
+
     # One step.
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; returns the outputs of requests that advanced."""
+        """Run one prefill or decode step; returns the outputs of requests that advanced.
+
+        A request whose sampling, detokenization or stop handling raises is finished alone
+        with finish_reason "error" (its output's `error` says why); the rest of the batch
+        goes on. Only a failure of the step itself (the model, the scheduler) raises."""
         k = self.k
         if k and any(len(s) + k > self.max_model_len for s in self.scheduler.running):
             k = 0  # someone is at the end of the context: plain decoding this step
@@ -167,12 +259,14 @@ class LLMEngine:
         if batch is None or not batch.seqs:
             return []
         self.counters["steps"] += 1
+        self._failed = []
         if batch.kind == "prefill":
             touched = self._prefill(batch)
         elif k:
             touched = self._speculative_decode(batch.seqs, k)
         else:
             touched = self._decode(batch.seqs)
+        touched += [s for s in self._failed if s not in touched]
         outputs = []
         for seq in touched:
             outputs.append(seq.output())
@@ -180,67 +274,108 @@ class LLMEngine:
                 self.seqs.pop(seq.request_id, None)
                 self.detok.pop(seq.request_id, None)
                 self.scheduler.finish(seq)
-                self.counters["finished"] += 1
+                self.counters["failed" if seq.finish_reason == "error" else "finished"] += 1
         return outputs
 
-    def _sampling(self, seqs: list[Sequence]) -> SamplingTensors:
-        return SamplingTensors.build([s.params for s in seqs], [s.seed for s in seqs],
-                                     [len(s) for s in seqs], self.device)
+    def _fail(self, seq: Sequence, err: Exception | str) -> None:
+        """Finish `seq` alone with an error (an exception, or its description from a worker);
+        `step` frees it with the finished ones."""
+        seq.finish_reason = "error"
+        seq.error = err if isinstance(err, str) else describe_error(err)
+        seq.finish_time = time.perf_counter()
+        self._failed.append(seq)
+
+    def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingInput | None, list[Sequence]]:
+        """The sampling settings of those of `seqs` whose settings can be read, and those
+        sequences; any other fails alone here."""
+        def build(rows):
+            return SamplingInput.of([s.params for s in rows], [s.seed for s in rows],
+                                    [len(s) for s in rows])
+
+        try:
+            return build(seqs), seqs
+        except Exception:  # noqa: BLE001 - find the rows that fail on their own
+            pass
+        ok = []
+        for seq in seqs:
+            try:
+                build([seq])
+                ok.append(seq)
+            except Exception as err:  # noqa: BLE001 - that request alone fails
+                self._fail(seq, err)
+        return (build(ok) if ok else None), ok
 
     def _prefill(self, batch) -> list[Sequence]:
         self.counters["prefill_steps"] += 1
         seqs = batch.seqs
+        last = [s for s, n in zip(seqs, batch.chunks) if s.num_cached + n == len(s)]
+        sampling, done = self._sampling(last) if last else (None, [])
+        # A row whose settings failed still writes its prompt (its pages stay consistent for
+        # the prefix cache) but gets no logits.
+        sampled = set(done)
         step = StepInput("prefill", [s.token_ids[s.num_cached:s.num_cached + n]
                                      for s, n in zip(seqs, batch.chunks)],
                          [s.num_cached for s in seqs], [list(s.block_table) for s in seqs],
-                         need_logits=[s.num_cached + n == len(s) for s, n in zip(seqs, batch.chunks)])
-        logits = self.runner.execute(step)
+                         need_logits=[s in sampled for s in seqs])
+        tokens = self.runner.sample_step(step, sampling)
         if self.drafter is not None and hasattr(self.drafter, "prefill"):
             self.drafter.prefill(step)
-        done = []
-        for seq, n, need in zip(seqs, batch.chunks, step.need_logits):
+        for seq, n in zip(seqs, batch.chunks):
             seq.num_cached += n
             seq.draft_cached = seq.num_cached
             self.counters["prompt_tokens"] += n
             self._register(seq)
-            if need:
-                done.append(seq)
-        if done:
-            tokens = sample(logits, self._sampling(done)).tolist()
-            for seq, token in zip(done, tokens):
-                self._append(seq, [token])
+        for seq, token in zip(done, tokens):
+            if isinstance(token, str):  # its sampling failed in the runner
+                self._fail(seq, token)
+            else:
+                self._append_or_fail(seq, [token])
         return done
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         self.counters["decode_steps"] += 1
+        sampling, seqs = self._sampling(seqs)
+        if not seqs:
+            return []
         step = StepInput("decode", [[s.token_ids[-1]] for s in seqs], [s.num_cached for s in seqs],
                          [list(s.block_table) for s in seqs])
-        logits = self.runner.execute(step)[:, 0]  # (B, V)
-        tokens = sample(logits, self._sampling(seqs)).tolist()
+        tokens = self.runner.sample_step(step, sampling)
         for seq, token in zip(seqs, tokens):
+            if isinstance(token, str):  # its sampling failed in the runner
+                self._fail(seq, token)
+                continue
             old = seq.num_cached
-            appended = self._append(seq, [token])
-            seq.num_cached = old + appended
-            self._register(seq)
+            appended = self._append_or_fail(seq, [token])
+            if appended is not None:
+                seq.num_cached = old + appended
+                self._register(seq)
         return seqs
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
         self.counters["decode_steps"] += 1
-        st = self._sampling(seqs)
-        drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k) on the device
-        last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64, device=self.device)
-        if getattr(self.drafter, "deterministic", False):
-            fed = torch.cat((last.cpu(), drafts.cpu()), 1).tolist()
-        else:
-            fed = torch.cat((last, drafts), 1)
-        step = StepInput("decode", fed, [s.num_cached for s in seqs],
-                         [list(s.block_table) for s in seqs])
-        logits = self.runner.execute(step)  # (B, k + 1, V)
-        tokens, accepted = rejection_sample(logits, drafts, draft_probs, st)
-        tokens, accepted = tokens.tolist(), accepted.tolist()
-        for seq, row, n_acc in zip(seqs, tokens, accepted):
+        sampling, seqs = self._sampling(seqs)
+        deterministic = getattr(self.drafter, "deterministic", False)
+        # A deterministic drafter's tokens travel as lists (to other processes, too); a draft
+        # model's stay on its device with the distributions they were drawn from.
+        device = "cpu" if deterministic else self.device
+        sampling, seqs, st = self._drafting_tensors(sampling, seqs, device)
+        if not seqs:
+            return []
+        drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k)
+        last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64, device=device)
+        fed = torch.cat((last, drafts.to(device)), 1)
+        step = StepInput("decode", fed.tolist() if deterministic else fed,
+                         [s.num_cached for s in seqs], [list(s.block_table) for s in seqs])
+        results = self.runner.verify_step(step, sampling, draft_probs)
+        for seq, result in zip(seqs, results):
+            if isinstance(result, str):  # its verification failed in the runner
+                self._fail(seq, result)
+                continue
+            row, n_acc = result
             old_len, old = len(seq), seq.num_cached
-            appended = self._append(seq, row[:n_acc + 1])
+            appended = self._append_or_fail(seq, row[:n_acc + 1])
+            if appended is None:
+                continue
             seq.num_cached = old + appended
             seq.draft_cached = min(seq.draft_cached, old_len + n_acc)
             self.counters["draft_tokens"] += k
@@ -248,6 +383,35 @@ class LLMEngine:
             self.block_manager.trim(seq, seq.num_cached + 1)
             self._register(seq)
         return seqs
+
+    def _drafting_tensors(self, sampling: SamplingInput | None, seqs: list[Sequence], device):
+        """`sampling` as tensors on `device` for the drafter. Rows whose settings the device
+        cannot hold fail alone here; returns (sampling, seqs, tensors) of the others."""
+        if not seqs:
+            return None, [], None
+        try:
+            return sampling, seqs, sampling.tensors(device)
+        except Exception:  # noqa: BLE001 - find the rows that fail on their own
+            pass
+        ok = []
+        for i, seq in enumerate(seqs):
+            try:
+                sampling.select([i]).tensors(device)
+                ok.append(i)
+            except Exception as err:  # noqa: BLE001 - that request alone fails
+                self._fail(seq, err)
+        if not ok:
+            return None, [], None
+        sampling = sampling.select(ok)
+        return sampling, [seqs[i] for i in ok], sampling.tensors(device)
+
+    def _append_or_fail(self, seq: Sequence, tokens: list[int]) -> int | None:
+        """`_append`, or None after failing the request if detokenizing or stop handling raised."""
+        try:
+            return self._append(seq, tokens)
+        except Exception as err:  # noqa: BLE001 - that request alone fails
+            self._fail(seq, err)
+            return None
 
     def _register(self, seq: Sequence) -> None:
         # With a draft model, a page is shared only once both caches hold all its tokens.

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
+from hwattn.engine.sampler import SamplingInput, by_rows, rejection_sample, sample
 from hwattn.layers import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,51 @@ class ModelRunner:
         if step.kind == "decode":
             return self._decode(step)
         raise ValueError(f"step kind must be 'prefill' or 'decode', got {step.kind!r}")
+
+    @torch.inference_mode()
+    def sample_step(self, step: StepInput, sampling: SamplingInput | None) -> list[int | str]:
+        """Run a prefill or plain decode step and sample one token per row that has logits
+        (prefill: rows whose `need_logits` is set, in order; decode: every row).
+        sampling: the settings of those rows, or None when no row needs a token.
+
+        The batch is sampled at once; if that raises (settings the device cannot hold, ...),
+        each row is sampled alone, and a row that still fails gets its error (a str) in place
+        of its token. Only a failure of the forward itself raises."""
+        logits = self.execute(step)
+        if sampling is None or logits is None:
+            return []
+        if step.kind == "decode":
+            logits = logits[:, -1]  # (B, V)
+
+        def run(rows):
+            if len(rows) == len(sampling):
+                return sample(logits, sampling.tensors(self.device)).tolist()
+            return sample(logits[rows], sampling.select(rows).tensors(self.device)).tolist()
+
+        return by_rows(run, len(sampling))
+
+    @torch.inference_mode()
+    def verify_step(self, step: StepInput, sampling: SamplingInput,
+                    draft_probs: Tensor | None = None) -> list[tuple[list[int], int] | str]:
+        """Run a decode step that feeds each row's last token and its k drafts
+        (`step.tokens` (B, k + 1)) and verify the drafts (`sampler.rejection_sample`).
+        draft_probs: (B, k, V) draft distributions, or None for a deterministic drafter.
+        Returns per row (the k + 1 candidate tokens, how many drafts were accepted), or the
+        row's error (a str) if verifying it failed even alone (as in `sample_step`)."""
+        logits = self.execute(step)  # (B, k + 1, V)
+        tokens = step.tokens if isinstance(step.tokens, Tensor) else torch.tensor(step.tokens)
+        drafts = tokens[:, 1:].to(self.device)
+
+        def run(rows):
+            every = len(rows) == len(sampling)
+            pick = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
+            settings = sampling if every else sampling.select(rows)
+            out, accepted = rejection_sample(pick(logits), pick(drafts),
+                                             None if draft_probs is None else pick(draft_probs),
+                                             settings.tensors(self.device))
+            return list(zip(out.tolist(), accepted.tolist()))
+
+        return by_rows(run, len(sampling))
 
     def _prefill(self, step: StepInput) -> Tensor | None:
         # Rows with nothing cached and the same chunk length run as one batch.

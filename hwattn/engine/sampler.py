@@ -46,6 +46,67 @@ def gumbel(seeds: Tensor, counters: Tensor, stream: int, n: int) -> Tensor:
     return -torch.log(-torch.log(uniform(seeds, counters, stream, n)))
 
 
+def describe_error(err: BaseException) -> str:
+    """How a failed request's output names its error: "ExceptionType: message"."""
+    return f"{type(err).__name__}: {err}"
+
+
+def by_rows(run, n: int) -> list:
+    """`run(rows)` over all `n` rows of a batch at once (rows: a list of row indices; it
+    returns one result per row). If that raises, every row goes alone, and a row that still
+    raises gets `describe_error` of its exception (a str) in place of a result: one row's
+    settings can never cost the other rows theirs."""
+    try:
+        return run(list(range(n)))
+    except Exception as err:  # noqa: BLE001 - find the rows that fail on their own
+        if n == 1:
+            return [describe_error(err)]
+    out = []
+    for i in range(n):
+        try:
+            out.append(run([i])[0])
+        except Exception as err:  # noqa: BLE001 - that row alone fails
+            out.append(describe_error(err))
+    return out
+
+
+@dataclass
+class SamplingInput:
+    """Per-row sampling settings as plain lists (what a step sends to another process).
+
+    temperature (0 = greedy), top_k (0 = off), top_p, seeds, positions (index of the token
+    being sampled within its sequence): one entry per row.
+    """
+
+    temperature: list[float]
+    top_k: list[int]
+    top_p: list[float]
+    seeds: list[int]
+    positions: list[int]
+
+    @classmethod
+    def of(cls, params, seeds: list[int], positions: list[int]) -> "SamplingInput":
+        return cls([0.0 if p.greedy else p.temperature for p in params], [p.top_k for p in params],
+                   [p.top_p for p in params], list(seeds), list(positions))
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def select(self, rows: list[int]) -> "SamplingInput":
+        """The settings of `rows` alone, in that order."""
+        pick = lambda values: [values[i] for i in rows]  # noqa: E731
+        return SamplingInput(pick(self.temperature), pick(self.top_k), pick(self.top_p),
+                             pick(self.seeds), pick(self.positions))
+
+    def tensors(self, device) -> "SamplingTensors":
+        # Two host-to-device copies: the float and the integer fields.
+        floats = torch.tensor([self.temperature, self.top_p], dtype=torch.float32).to(device)
+        ints = torch.tensor([self.top_k, self.seeds, self.positions], dtype=torch.int64).to(device)
+        return SamplingTensors(floats[0], ints[0], floats[1], ints[1], ints[2],
+                               any(k > 0 for k in self.top_k) or any(p < 1.0 for p in self.top_p),
+                               all(t == 0.0 for t in self.temperature))
+
+
 @dataclass
 class SamplingTensors:
     """Per-row sampling settings on the device, all (B,)."""
@@ -60,14 +121,7 @@ class SamplingTensors:
 
     @classmethod
     def build(cls, params, seeds: list[int], positions: list[int], device) -> "SamplingTensors":
-        # Two host-to-device copies: the float and the integer fields.
-        floats = torch.tensor([[0.0 if p.greedy else p.temperature for p in params],
-                               [p.top_p for p in params]], dtype=torch.float32).to(device)
-        ints = torch.tensor([[p.top_k for p in params], seeds, positions],
-                            dtype=torch.int64).to(device)
-        return cls(floats[0], ints[0], floats[1], ints[1], ints[2],
-                   any(p.top_k > 0 or p.top_p < 1.0 for p in params),
-                   all(p.greedy for p in params))
+        return SamplingInput.of(params, seeds, positions).tensors(device)
 
     def repeat(self, times: int) -> "SamplingTensors":
         """Each row repeated `times` times with positions counting up (for k + 1 rows)."""

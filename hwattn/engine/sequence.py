@@ -25,7 +25,8 @@ class RequestOutput:
     """What `LLM.generate` and the engine's step report for one request.
 
     finish_reason: None while running; "stop" (EOS, a stop string or stop token), "length"
-    (max_tokens or the model's context), or "abort".
+    (max_tokens or the model's context), "abort", or "error" (this request alone failed while
+    being sampled or detokenized; `error` says why).
     """
 
     request_id: str
@@ -38,6 +39,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -63,6 +65,7 @@ class Sequence:
         self.num_prefix_hit = 0  # prompt tokens found in the prefix cache at admission
         self.draft_cached = 0  # tokens in the draft model's cache (speculative decoding)
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.text = ""
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
@@ -97,4 +100,4 @@ class Sequence:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              self.text, self.output_token_ids, self.finish_reason,
                              self.num_prefix_hit, self.arrival_time, self.first_token_time,
-                             self.finish_time)
+                             self.finish_time, self.error)

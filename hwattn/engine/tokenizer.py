@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+CHAT_ROLES = ("system", "user", "assistant")  # the roles `chat_prompt` knows
 
 
 class ByteTokenizer:
@@ -16,6 +17,8 @@ class ByteTokenizer:
     Ids past 256 have no text of their own; they print as one ASCII character
     (space + id mod 95) so that random-weight models still produce readable output.
     """
+
+    max_token_chars = 1  # most characters one token can stand for (every character is >= 1 byte)
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
@@ -48,6 +51,10 @@ class HFTokenizer:
 
         self.tok = Tokenizer.from_file(str(path))
         self.vocab_size = self.tok.get_vocab_size()
+        # A token's vocabulary string has at least as many characters as the text it stands for
+        # (one per byte in byte-level BPE), so no text longer than this many characters per
+        # token fits a token budget: long prompts can be refused before they are tokenized.
+        self.max_token_chars = max(1, max(map(len, self.tok.get_vocab()), default=1))
         if eos_token_id is None:
             for name in EOS_NAMES:
                 eos_token_id = self.tok.token_to_id(name)
@@ -98,11 +105,24 @@ class IncrementalDetokenizer:
 
 
 def chat_prompt(messages: list[dict]) -> str:
-    """The chat template: `<|role|>\\ncontent\\n` per message, then `<|assistant|>\\n`."""
+    """The chat template: `<|role|>\\ncontent\\n` per message, then `<|assistant|>\\n`.
+
+    Each message is {"role": one of `CHAT_ROLES`, "content": a string or a list of OpenAI text
+    parts {"type": "text", "text": str}}; anything else raises `ValueError` (a free-form role
+    could write its own markers into the template)."""
     parts = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, "
+                             f"got {role!r}")
         content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        parts.append(f"<|{m['role']}|>\n{content or ''}\n")
+        if isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts, "
+                             f"got {type(content).__name__}")
+        parts.append(f"<|{role}|>\n{content}\n")
     return "".join(parts) + "<|assistant|>\n"

@@ -7,8 +7,15 @@
 `local_tasks` writes one task YAML per JSONL file: files whose rows have "choices" and "gold"
 become `multiple_choice` tasks (acc, acc_norm); rows with "context" and "target" become
 `loglikelihood` tasks (acc = greedy match, perplexity). The harness reads the JSONL through
-`datasets`' local json builder, so nothing is downloaded. The model is also registered with
-the harness as "hwattn" (model_args "pretrained=DIR").
+`datasets`' local json builder, so nothing is downloaded.
+
+The model is registered with the harness as "hwattn", so its command line takes it:
+
+    lm_eval --model hwattn --model_args pretrained=DIR,batch_size=16 --tasks NAME ...
+
+(hwattn installs a start-up hook that registers the name when lm-eval loads; see
+`hwattn_lm_eval_hook`). model_args: pretrained, batch_size, max_length, device, amp,
+cpu_threads (default: 1 for small models, see `hwattn.cpu_threads`).
 """
 
 from __future__ import annotations
@@ -32,15 +39,19 @@ class HwattnLM(LM):
 
     def __init__(self, model=None, tokenizer: Tokenizer | None = None, pretrained: str | None = None,
                  batch_size: int = 16, max_length: int | None = None, device: str = "auto",
-                 amp: str = "auto"):
+                 amp: str = "auto", cpu_threads: int | None = None):
         super().__init__()
         if model is None:
             if pretrained is None:
                 raise ValueError("HwattnLM needs a model or pretrained=<checkpoint dir>")
+            from hwattn.cpu_threads import set_cpu_threads, use_default_cpu_threads
             from hwattn.train.trainer import load_model, resolve_device
 
             model = load_model(pretrained, device=resolve_device(device))
             tokenizer = Tokenizer.load(pretrained)
+            if cpu_threads is not None:
+                set_cpu_threads(cpu_threads)
+            use_default_cpu_threads(model.num_params(), model.tok_embeddings.weight.device)
         if tokenizer is None:
             raise ValueError("HwattnLM needs the tokenizer the model was trained with")
         self.model = model.eval()
@@ -53,12 +64,37 @@ class HwattnLM(LM):
     def from_checkpoint(cls, path: str | Path, **kwargs) -> "HwattnLM":
         return cls(pretrained=str(path), **kwargs)
 
+    # What `lm_eval --model_args` may set, and how to read each value given as text.
+    ARGS = {"pretrained": str, "batch_size": int, "max_length": int, "device": str, "amp": str,
+            "cpu_threads": int}
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """From `--model_args` (a dict) plus the harness's `--batch_size` / `--device`."""
+        args = dict(arg_dict)
+        for key in ("batch_size", "device"):
+            value = (additional_config or {}).get(key)
+            if value is not None and key not in args:
+                args[key] = value
+        if str(args.get("batch_size", "")).startswith("auto"):
+            args.pop("batch_size")  # the harness's batch-size search; ours is a fixed size
+        unknown = sorted(set(args) - set(cls.ARGS))
+        if unknown:
+            raise ValueError(f"hwattn model_args: unknown {unknown}; known {sorted(cls.ARGS)}")
+        try:
+            args = {k: cls.ARGS[k](v) for k, v in args.items() if v is not None}
+        except ValueError as err:
+            raise ValueError(f"hwattn model_args: {err}") from None
+        return cls(**args)
+
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
-        args.update({k: v for k, v in (additional_config or {}).items() if v is not None
-                     and k in ("batch_size", "device")})
-        return cls(**args)
+        """From `--model_args` written as "key=value,key=value"."""
+        pairs = [kv.split("=", 1) for kv in arg_string.split(",") if kv]
+        bad = [kv[0] for kv in pairs if len(kv) != 2]
+        if bad:
+            raise ValueError(f"hwattn model_args: expected key=value, got {bad}")
+        return cls.create_from_arg_obj(dict(pairs), additional_config)
 
     @property
     def device(self):
@@ -117,7 +153,10 @@ class HwattnLM(LM):
 
 
 def _task_yaml(name: str, path: Path) -> str:
-    first = json.loads(next(ln for ln in path.read_text().splitlines() if ln.strip()))
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if not rows:
+        raise ValueError(f"task {name}: {path} has no rows")
+    first = json.loads(rows[0])
     files = json.dumps({"test": str(path.resolve())})
     head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {files}\n"
             "test_split: test\n")

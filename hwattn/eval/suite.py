@@ -31,9 +31,18 @@ class EvalConfig:
 
 
 def build_tasks(dataset: TokenDataset, cfg: EvalConfig) -> dict[str, list[dict]]:
+    """Cloze and multiple-choice items from the held-out documents. Raises ValueError when
+    items were asked for and the held-out text yields none."""
     docs = dataset.val_documents()
-    return {"cloze": build_cloze(docs, cfg.n_cloze, cfg.seed) if cfg.n_cloze else [],
-            "mc": build_mc(docs, cfg.n_mc, cfg.seed) if cfg.n_mc else []}
+    tasks = {"cloze": build_cloze(docs, cfg.n_cloze, cfg.seed) if cfg.n_cloze else [],
+             "mc": build_mc(docs, cfg.n_mc, cfg.seed) if cfg.n_mc else []}
+    for name, asked in (("cloze", cfg.n_cloze), ("mc", cfg.n_mc)):
+        if asked and not tasks[name]:
+            chars = sum(len(d["text"]) for d in docs)
+            raise ValueError(f"no {name} items could be built from the {len(docs)} held-out "
+                             f"documents ({chars:,} characters) of {dataset.path}: rebuild the "
+                             f"dataset with a larger --val-fraction, or pass --{name} 0")
+    return tasks
 
 
 def evaluate_model(model, dataset: TokenDataset, cfg: EvalConfig, tasks: dict | None = None) -> dict:

@@ -8,8 +8,9 @@ from the validation documents of a built dataset, deterministically from a seed:
   Correct when greedy decoding reproduces every token of the target.
 - **mc** (4-way continuation choice, HellaSwag-style): the context ends at a sentence
   boundary; the true next sentence competes with three sentences of similar length drawn from
-  other held-out documents of the same domain. Scored by total log-likelihood (acc) and by
-  log-likelihood per character (acc_norm).
+  other held-out documents of the same domain (or, when the domain holds one document, from
+  later in the same document, never shown in the context). Scored by total log-likelihood
+  (acc) and by log-likelihood per character (acc_norm).
 
 Both are stored as JSONL ({"context", "target"} / {"context", "choices", "gold"}, plus
 "domain"), the same files the lm-evaluation-harness adapter turns into tasks.
@@ -73,7 +74,7 @@ def build_mc(docs: list[dict], n: int, seed: int = 0, context_chars: int = 600,
              choices: int = 4) -> list[dict]:
     """Up to `n` continuation multiple-choice items, balanced over domains."""
     rng = random.Random(seed)
-    pool = defaultdict(list)  # domain -> (doc index, sentence)
+    pool = defaultdict(list)  # domain -> (doc index, sentence index, sentence)
     cands = defaultdict(list)
     for i, d in enumerate(docs):
         text = re.sub(r"\s+", " ", d["text"])
@@ -81,21 +82,23 @@ def build_mc(docs: list[dict], n: int, seed: int = 0, context_chars: int = 600,
         for j, (s, e) in enumerate(spans):
             sent = text[s:e].strip()
             if 30 <= len(sent) <= 240:
-                pool[d["domain"]].append((i, sent))
+                pool[d["domain"]].append((i, j, sent))
                 if j > 0 and s >= 200:
-                    cands[d["domain"]].append((i, _trim_left(text[:s].rstrip(), context_chars), sent))
+                    cands[d["domain"]].append((i, j, _trim_left(text[:s].rstrip(), context_chars), sent))
     by_domain = defaultdict(list)
     for dom, items in cands.items():
         others = pool[dom]
-        for i, ctx, sent in items:
+        for i, j, ctx, sent in items:
             wrong = [x for x in others if x[0] != i]
+            if len(wrong) < choices - 1:  # a one-document domain: its later sentences
+                wrong = [x for x in others if x[0] == i and x[1] > j + 2]
             if len(wrong) < choices - 1:
                 continue
             picks = []
             for _ in range(40 * choices):
                 if len(picks) == choices - 1:
                     break
-                cand = rng.choice(wrong)[1]
+                cand = rng.choice(wrong)[2]
                 if 0.6 <= len(cand) / len(sent) <= 1.6 and cand != sent and cand not in picks:
                     picks.append(cand)
             if len(picks) < choices - 1:

@@ -1,12 +1,15 @@
 """Hugging Face `transformers` integration.
 
-`import hwattn` calls `install()`: if transformers is already imported the classes are
-registered at once; if it is merely installed, a one-shot import hook registers them right
-after the first `import transformers`, so `import hwattn` itself never pays for importing
-transformers (several seconds). Then
+Checkpoints carry their own modeling code (`modeling_hwattn.py`, named by `auto_map` in
+config.json), so without hwattn
 
-    import hwattn, transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained("runs/x/checkpoint")
+    model = transformers.AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
+
+and with hwattn imported the same classes are registered with the Auto classes, so
+`trust_remote_code` is not needed. `import hwattn` calls `install()`: if transformers is
+already imported the classes are registered at once; if it is merely installed, a one-shot
+import hook registers them right after the first `import transformers`, so `import hwattn`
+itself never pays for importing transformers (several seconds).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def register() -> bool:
         return True
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from hwattn.hf.modeling import HwattnConfig, HwattnForCausalLM
+    from hwattn.models.modeling_hwattn import HwattnConfig, HwattnForCausalLM
 
     AutoConfig.register("hwattn", HwattnConfig, exist_ok=True)
     AutoModelForCausalLM.register(HwattnConfig, HwattnForCausalLM, exist_ok=True)

@@ -277,12 +277,16 @@ class TiedStateAttention(Attention):
 
 
 def select_heads(weight: Tensor, heads: range, width: int) -> Tensor:
-    """Rows of `weight` (H * width, D) belonging to `heads`: (len(heads) * width, D)."""
-    d_in = weight.shape[-1]
-    return weight.view(-1, width, d_in)[heads.start:heads.stop].reshape(-1, d_in)
+    """Rows of `weight` (H * width, ...) belonging to `heads`: (len(heads) * width, ...).
+
+    Takes a weight (H * width, D) or a bias (H * width,)."""
+    return weight.reshape(-1, width, *weight.shape[1:])[heads.start:heads.stop].flatten(0, 1)
 
 
-def set_weight(linear: nn.Linear, weight: Tensor) -> None:
-    """Replace `linear`'s weight (a frozen shard: tensor-parallel models serve, not train)."""
+def set_weight(linear: nn.Linear, weight: Tensor, bias: Tensor | None = None) -> None:
+    """Replace `linear`'s weight and, if given, its bias (a frozen shard: tensor-parallel
+    models serve, not train)."""
     linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
     linear.out_features, linear.in_features = weight.shape

@@ -20,4 +20,4 @@ class GroupedLatentAttention(LatentAttention):
 
 GLA = register_variant(VariantSpec(
     "gla", GroupedLatentAttention, "grouped latent attention: h_c latents of 2·d_h + a RoPE key",
-    groups=2, latent_width=2, partial_rope=True, bench_heads=128))
+    groups=2, latent_width=2, partial_rope=True, bench_heads=128, takes_bias=True))

@@ -33,7 +33,8 @@ class GroupedTiedAttention(TiedStateAttention):
         kw = dict(bias=False, device=device, dtype=dtype)
         self.wq = nn.Linear(d, h * self.head_dim, **kw)
         self.wkv = nn.Linear(d, hk * self.head_dim, **kw)
-        self.wk_rope = nn.Linear(d, self.rope_dim, **kw)
+        self.wk_rope = nn.Linear(d, self.rope_dim, bias=config.attention_bias, device=device,
+                                 dtype=dtype)
         self.wo = nn.Linear(h * self.head_dim, d, **kw)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor):
@@ -75,4 +76,4 @@ class GroupedTiedAttention(TiedStateAttention):
 
 GTA = register_variant(VariantSpec(
     "gta", GroupedTiedAttention, "grouped-tied attention: G tied K/V states + a shared RoPE key",
-    groups=4, partial_rope=True, rope_below_head=True))
+    groups=4, partial_rope=True, rope_below_head=True, takes_bias=True))

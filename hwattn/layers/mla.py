@@ -38,15 +38,21 @@ class LatentAttention(TiedStateAttention):
         self.group = h // self.n_latent_heads
         self.scale = 1.0 / math.sqrt(dh + self.rope_dim)
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.wq_a = nn.Linear(d, config.q_latent_dim, **kw)
+        biased = dict(bias=config.attention_bias, device=device, dtype=dtype)
+        self.wq_a = nn.Linear(d, config.q_latent_dim, **biased)
         self.q_norm = RMSNorm(config.q_latent_dim, eps=config.norm_eps, device=device, dtype=dtype)
-        self.wq_b = nn.Linear(config.q_latent_dim, h * (dh + self.rope_dim), **kw)
-        self.wkv_a = nn.Linear(d, self.n_latent_heads * self.latent_dim + self.rope_dim, **kw)
+        self.wq_b = nn.Linear(config.q_latent_dim, h * (dh + self.rope_dim), **biased)
+        self.wkv_a = nn.Linear(d, self.n_latent_heads * self.latent_dim + self.rope_dim, **biased)
         self.kv_norm = RMSNorm(self.n_latent_heads, self.latent_dim, eps=config.norm_eps,
                                device=device, dtype=dtype)
         # Up-projections, one (d_h, d_c) matrix per query head; head i reads latent i // group.
         self.w_uk = nn.Parameter(torch.empty(h, dh, self.latent_dim, device=device, dtype=dtype))
         self.w_uv = nn.Parameter(torch.empty(h, dh, self.latent_dim, device=device, dtype=dtype))
+        # Their biases (attention_bias), one d_h row per query head.
+        self.b_uk = self.b_uv = None
+        if config.attention_bias:
+            self.b_uk = nn.Parameter(torch.zeros(h, dh, device=device, dtype=dtype))
+            self.b_uv = nn.Parameter(torch.zeros(h, dh, device=device, dtype=dtype))
         self.wo = nn.Linear(h * dh, d, **kw)
         self.reset_parameters()
 
@@ -65,28 +71,32 @@ class LatentAttention(TiedStateAttention):
         latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))  # (B, T, h_c, d_c)
         return (q_nope, apply_rope(q_rope, cos, sin)), (latent, apply_rope(k_rope, cos, sin))
 
-    def _up(self, latent: Tensor, weight: Tensor) -> Tensor:
+    def _up(self, latent: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Per-head up-projection: latent (B, L, h_c, d_c) -> (B, L, H, d_h)."""
         b, n = latent.shape[:2]
         w = weight.view(self.n_latent_heads, self.group, self.head_dim, self.latent_dim)
-        return torch.einsum("bljc,jgdc->bljgd", latent, w).reshape(b, n, self.n_heads, self.head_dim)
+        out = torch.einsum("bljc,jgdc->bljgd", latent, w).reshape(b, n, self.n_heads, self.head_dim)
+        return out if bias is None else out + bias
 
     def attend(self, q, states) -> Tensor:
         q_nope, q_rope = q
         latent, k_rope = states
         b, n = latent.shape[:2]
-        k = torch.cat((self._up(latent, self.w_uk),
+        k = torch.cat((self._up(latent, self.w_uk, self.b_uk),
                        k_rope[:, :, None, :].expand(b, n, self.n_heads, self.rope_dim)), -1)  # (B, L, H, d_h + d_R)
-        v = self._up(latent, self.w_uv)  # (B, L, H, d_h)
+        v = self._up(latent, self.w_uv, self.b_uv)  # (B, L, H, d_h)
         return causal_attention(torch.cat((q_nope, q_rope), -1), k, v, self.scale)
 
     def absorb_query(self, q_nope: Tensor) -> Tensor:
-        """q_nope (B, T, H, d_h) -> q_abs (B, T, H, d_c): W_UK folded into the query."""
+        """q_nope (B, T, H, d_h) -> q_abs (B, T, H, d_c): W_UK folded into the query. The key
+        bias b_uk adds q_nope · b_uk to every score of a query alike, which softmax drops."""
         return torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk)
 
     def absorb_output(self, out_latent: Tensor) -> Tensor:
-        """Attended latent (B, T, H, d_c) -> per-head output (B, T, H, d_h) through W_UV."""
-        return torch.einsum("bthc,hdc->bthd", out_latent, self.w_uv)
+        """Attended latent (B, T, H, d_c) -> per-head output (B, T, H, d_h) through W_UV (plus
+        b_uv whole: the attention weights sum to one)."""
+        out = torch.einsum("bthc,hdc->bthd", out_latent, self.w_uv)
+        return out if self.b_uv is None else out + self.b_uv
 
     def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
         q_nope, q_rope = q
@@ -110,14 +120,22 @@ class LatentAttention(TiedStateAttention):
 
     def shard_heads(self, q_heads: range, c_heads: range) -> dict:
         dc, dr = self.latent_dim, self.rope_dim
-        set_weight(self.wq_b, select_heads(self.wq_b.weight, q_heads, self.head_dim + dr))
-        w = self.wkv_a.weight  # (h_c * d_c + d_R, D): the latents, then the shared RoPE key
-        latent = select_heads(w[:self.n_latent_heads * dc], c_heads, dc)
-        set_weight(self.wkv_a, torch.cat((latent, w[self.n_latent_heads * dc:])))
-        self.kv_norm.weight = nn.Parameter(self.kv_norm.weight[c_heads.start:c_heads.stop].clone(),
-                                           requires_grad=False)
-        self.w_uk = nn.Parameter(self.w_uk[q_heads.start:q_heads.stop].clone(), requires_grad=False)
-        self.w_uv = nn.Parameter(self.w_uv[q_heads.start:q_heads.stop].clone(), requires_grad=False)
+        latent_rows = self.n_latent_heads * dc
+
+        def latents(t: Tensor) -> Tensor:  # (h_c * d_c + d_R, ...): this rank's latents + RoPE rows
+            return torch.cat((select_heads(t[:latent_rows], c_heads, dc), t[latent_rows:]))
+
+        def rows(p: Tensor | None, heads: range) -> nn.Parameter | None:
+            return None if p is None else nn.Parameter(p[heads.start:heads.stop].clone(),
+                                                       requires_grad=False)
+
+        bias_q, bias_kv = self.wq_b.bias, self.wkv_a.bias  # None without attention_bias
+        set_weight(self.wq_b, select_heads(self.wq_b.weight, q_heads, self.head_dim + dr),
+                   None if bias_q is None else select_heads(bias_q, q_heads, self.head_dim + dr))
+        set_weight(self.wkv_a, latents(self.wkv_a.weight), None if bias_kv is None else latents(bias_kv))
+        self.kv_norm.weight = rows(self.kv_norm.weight, c_heads)
+        self.w_uk, self.w_uv = rows(self.w_uk, q_heads), rows(self.w_uv, q_heads)
+        self.b_uk, self.b_uv = rows(self.b_uk, q_heads), rows(self.b_uv, q_heads)
         self.n_latent_heads = len(c_heads)
         self.group = len(q_heads) // len(c_heads)
         return dict(n_latent_heads=len(c_heads))
@@ -132,4 +150,4 @@ class MultiHeadLatentAttention(LatentAttention):
 
 MLA = register_variant(VariantSpec(
     "mla", MultiHeadLatentAttention, "multi-head latent attention: one latent of 4·d_h + a RoPE key",
-    groups=1, fixed_groups=True, latent_width=4, partial_rope=True, bench_heads=128))
+    groups=1, fixed_groups=True, latent_width=4, partial_rope=True, bench_heads=128, takes_bias=True))

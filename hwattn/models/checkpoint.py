@@ -1,14 +1,18 @@
-"""Model checkpoints in the Hugging Face layout: `config.json` + `model.safetensors`.
+"""Model checkpoints in the Hugging Face layout: `config.json` + `model.safetensors`, plus
+`generation_config.json` and `modeling_hwattn.py`.
 
-config.json holds every `ModelConfig` field at top level plus `model_type: "hwattn"` and
-`architectures`, so `transformers` can load the directory once hwattn registers its classes.
-Weights are the `Transformer` state dict under the prefix `model.` (the Hugging Face wrapper
-keeps the decoder as its `model` attribute); the tied output matrix is stored once.
+config.json holds every `ModelConfig` field at top level plus `model_type: "hwattn"`,
+`architectures`, the end-of-text id when the tokenizer is known, and an `auto_map` naming the
+classes in the copied `modeling_hwattn.py`, so `transformers` loads the directory either after
+`import hwattn` or, without hwattn, with `trust_remote_code=True`. Weights are the
+`Transformer` state dict under the prefix `model.` (the Hugging Face model keeps the decoder as
+its `model` attribute); the tied output matrix is stored once.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,8 +21,13 @@ from hwattn.config import ModelConfig
 from hwattn.models.transformer import Transformer
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 PREFIX = "model."
+# The self-contained transformers classes, copied into every checkpoint.
+MODELING_FILE = Path(__file__).with_name("modeling_hwattn.py")
+AUTO_MAP = {"AutoConfig": "modeling_hwattn.HwattnConfig",
+            "AutoModelForCausalLM": "modeling_hwattn.HwattnForCausalLM"}
 
 
 def _safetensors():
@@ -29,23 +38,39 @@ def _safetensors():
     return safetensors.torch
 
 
-def config_document(config: ModelConfig) -> dict:
+def special_tokens(eos_token_id: int | None) -> dict:
+    """The token ids `generate()` needs: hwattn's tokenizers have one end-of-text token, which
+    also opens a document and pads a batch."""
+    if eos_token_id is None:
+        return {}
+    return {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id,
+            "pad_token_id": eos_token_id}
+
+
+def config_document(config: ModelConfig, eos_token_id: int | None = None) -> dict:
     doc = config.to_dict()
     doc.update(model_type="hwattn", architectures=["HwattnForCausalLM"],
-               tie_word_embeddings=config.tie_embeddings)
+               tie_word_embeddings=config.tie_embeddings, auto_map=dict(AUTO_MAP),
+               **special_tokens(eos_token_id))
     return doc
 
 
-def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = None) -> Path:
-    """Write `model` to directory `path` (created); `extra` keys are added to config.json."""
+def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = None,
+                    eos_token_id: int | None = None) -> Path:
+    """Write `model` to directory `path` (created); `extra` keys are added to config.json.
+    `eos_token_id` (the tokenizer's end-of-text id) goes to config.json and
+    generation_config.json, so `generate()` stops there."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    doc = config_document(model.config)
+    doc = config_document(model.config, eos_token_id)
     doc.update(extra or {})
     state = {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()
              if not (model.config.tie_embeddings and k == "output.weight")}
     _safetensors().save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
     (path / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
+    generation = special_tokens(eos_token_id)
+    (path / GENERATION_CONFIG_NAME).write_text(json.dumps(generation, indent=2) + "\n")
+    shutil.copyfile(MODELING_FILE, path / MODELING_FILE.name)
     return path
 
 

@@ -73,7 +73,8 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def init_weights(self, seed: int | None = None) -> None:
-        """N(0, 0.02) weights, output projections scaled by 1/sqrt(2 · n_layers), unit norms."""
+        """N(0, 0.02) weights, output projections scaled by 1/sqrt(2 · n_layers), zero biases,
+        unit norms."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
@@ -82,6 +83,8 @@ class Transformer(nn.Module):
             with torch.no_grad():
                 if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
                     p.fill_(1.0)
+                elif name.endswith(("bias", "b_uk", "b_uv")):
+                    p.zero_()
                 else:
                     std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)

@@ -74,6 +74,7 @@ def _device_sms(device: torch.device) -> int:
 def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
                 page_size: int = 64, num_sms: int | None = None, head_blocks: int = 1,
                 min_piece: int = MIN_PIECE, split_tokens: int | None = None,
+                programs_per_sm: int = PROGRAMS_PER_SM,
                 out: DecodePlan | None = None) -> DecodePlan:
     """Split-KV schedule for one decode step (reads `cache_seqlens` on the host once).
 
@@ -88,6 +89,8 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
             (MLA: 128 heads × 512 fp32 per piece) call for longer pieces.
         split_tokens: force pieces of this many tokens (a multiple of 64), e.g. to test the
             combine path; default: decided from the lengths.
+        programs_per_sm: programs in flight per SM to aim for when splitting (default 2); a
+            kernel that fits one program per SM asks for 1, so its pieces fill one wave.
         out: a previous plan of the same batch to refresh in place (CUDA graph replay); the new
             schedule must fit its capacity.
     Returns:
@@ -98,7 +101,7 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
                          f"{cache_seqlens.dtype}")
     for name, value in (("num_heads_kv", num_heads_kv), ("query_len", query_len),
                         ("page_size", page_size), ("head_blocks", head_blocks),
-                        ("min_piece", min_piece)):
+                        ("min_piece", min_piece), ("programs_per_sm", programs_per_sm)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     if split_tokens is not None and (split_tokens <= 0 or split_tokens % PIECE_ALIGN):
@@ -117,11 +120,11 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     if split_tokens is not None:
         pieces = [_pieces(n, -(-n // split_tokens)) for n in lengths]
         capacity = sum(len(p) for p in pieces)
-    elif batch * per_item >= PROGRAMS_PER_SM * sms:
+    elif batch * per_item >= programs_per_sm * sms:
         pieces = [[(0, n)] for n in lengths]
         capacity = batch
     else:
-        wanted = math.ceil(PROGRAMS_PER_SM * sms / per_item)  # items that fill the GPU
+        wanted = math.ceil(programs_per_sm * sms / per_item)  # items that fill the GPU
         chunk = max(min_piece, -(-sum(lengths) // wanted))
         # round() keeps the count within wanted + B/2; capacity B + wanted always holds it.
         pieces = [_pieces(n, max(1, round(n / chunk))) for n in lengths]

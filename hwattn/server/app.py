@@ -1,101 +1,54 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions (both with server-sent
 event streaming), /v1/models, /health and /metrics (Prometheus text).
 
-Errors come back as OpenAI does them, `{"error": {"message", "type", "param", "code"}}`, with
-400 for a malformed body or bad values, 404 for an unknown model, and 500 if the engine fails.
+Errors come back as OpenAI does them, `{"error": {"message", "type", "param", "code"}}`: 400 for
+a malformed body, a bad or unknown field (see `protocol`), 401 for a missing or wrong API key
+(when the server has one), 404 for an unknown model, 413 for a body over the size cap, and 500
+if the engine fails the request. One request's failure never reaches another's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.tokenizer import chat_prompt
 from hwattn.server.async_engine import AsyncEngine, EngineError
+from hwattn.server.protocol import APIError, ChatRequest, CompletionRequest, ServerLimits, parse
 
-UNSUPPORTED = {"logprobs": None, "echo": False, "best_of": 1, "suffix": None,
-               "logit_bias": None, "tools": None, "tool_choice": None, "top_logprobs": None,
-               "presence_penalty": 0, "frequency_penalty": 0}
-
-
-class APIError(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.status, self.param, self.code, self.kind = message, status, param, code, kind
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind,
-                                       "param": self.param, "code": self.code}},
-                            status_code=self.status)
+log = logging.getLogger(__name__)
 
 
-def _sampling(body: dict, max_len: int, chat: bool) -> SamplingParams:
-    for name, default in UNSUPPORTED.items():
-        value = body.get(name)
-        if value not in (None, default) and not (name == "logprobs" and value is False):
-            raise APIError(f"{name} is not supported by this server", param=name,
-                           code="unsupported_parameter")
-    n = body.get("n", 1)
-    if n != 1:
-        raise APIError(f"n must be 1, got {n!r}", param="n")
-    max_tokens = body.get("max_completion_tokens") if chat else None
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens", 16 if not chat else max_len)
-    kwargs = dict(max_tokens=max_tokens, temperature=body.get("temperature", 1.0),
-                  top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
-                  seed=body.get("seed"), stop=body.get("stop"),
-                  ignore_eos=body.get("ignore_eos", False))
-    for name in ("max_tokens", "top_k", "seed"):
-        if kwargs[name] is not None and (not isinstance(kwargs[name], int)
-                                         or isinstance(kwargs[name], bool)):
-            raise APIError(f"{name} must be an integer, got {kwargs[name]!r}", param=name)
-    for name in ("temperature", "top_p"):
-        value = kwargs[name]
-        if value is None:
-            kwargs[name] = 1.0
-        elif not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise APIError(f"{name} must be a number, got {value!r}", param=name)
-    if kwargs["top_k"] is None:
-        kwargs["top_k"] = 0
-    stop = kwargs["stop"]
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise APIError("stop must be a string or a list of strings", param="stop")
-    try:
-        return SamplingParams(**kwargs)
-    except ValueError as err:
-        param = str(err).split(" ", 1)[0]
-        raise APIError(str(err), param=param) from None
-
-
-def _prompts(body: dict) -> list:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return [prompt]
-        if all(isinstance(p, str) for p in prompt) or all(
-                isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-            return list(prompt)
-    raise APIError("prompt must be a string, a list of strings, a list of token ids or a "
-                   "list of such lists", param="prompt")
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _sse(doc) -> str:
     return f"data: {json.dumps(doc) if not isinstance(doc, str) else doc}\n\n"
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
-    """The FastAPI application serving `engine` under the name `model_name`."""
+def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+              limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI application serving `engine` under the name `model_name`.
+
+    api_key: when given, every /v1 route needs `Authorization: Bearer <api_key>` (compared in
+        constant time); /health and /metrics stay open.
+    limits: caps on body size, stop lists and prompts per request (`ServerLimits()` default).
+    """
+    limits = limits or ServerLimits()
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must not be empty (leave it None for no authentication)")
+    key = api_key.encode() if api_key is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
@@ -112,32 +65,69 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def _api_error(request, err: APIError):
         return err.response()
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, err: Exception):
+        log.exception("unexpected error in %s", request.url.path, exc_info=err)
+        return APIError(f"internal error: {type(err).__name__}", status=500,
+                        kind="server_error").response()
+
+    async def authorize(request: Request) -> None:
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            raise APIError("invalid or missing API key: send the header `Authorization: Bearer "
+                           "<key>`", status=401, code="invalid_api_key")
+
+    auth = [Depends(authorize)]
+
     async def read_body(request: Request) -> dict:
+        """The JSON object of the body, at most `limits.max_body_bytes`, naming the served model."""
+        cap = limits.max_body_bytes
+        too_large = APIError(f"the request body is larger than {cap} bytes", status=413,
+                             code="request_too_large")
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > cap:
+            raise too_large
+        chunks, total = [], 0
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > cap:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError("the client went away while sending the request", status=499) from None
+        try:
+            body = json.loads(b"".join(chunks), parse_constant=_no_constants)
+        except RecursionError:
+            raise APIError("request body is not valid JSON: it is nested too deeply",
+                           code="invalid_json") from None
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
             raise APIError(f"request body is not valid JSON: {err}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError("request body must be a JSON object")
         model = body.get("model")
-        if model is None:
-            raise APIError("model is required", param="model")
+        if not isinstance(model, str):
+            raise APIError("model is required and must be a string", param="model")
         if model != model_name:
-            raise APIError(f"the model `{model}` does not exist; this server serves "
-                           f"`{model_name}`", status=404, param="model", code="model_not_found")
+            raise APIError(f"the model {model!r} does not exist; this server serves "
+                           f"{model_name!r}", status=404, param="model", code="model_not_found")
         return body
 
-    def encode(prompt, params: SamplingParams) -> list[int]:
+    def prompt_ids(prompt, param: str) -> list[int]:
         try:
-            ids = llm.validate_prompt(prompt)
+            return llm.validate_prompt(prompt)
         except ValueError as err:
-            raise APIError(str(err), param="prompt",
+            raise APIError(str(err), param=param,
                            code="context_length_exceeded" if "context" in str(err) else None) from None
+
+    def fits(ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
         if len(ids) + params.max_tokens > max_len:
             raise APIError(f"this model's maximum context length is {max_len} tokens; the prompt "
                            f"has {len(ids)} and max_tokens asks for {params.max_tokens}",
                            param="max_tokens", code="context_length_exceeded")
-        return ids
+        return ids, params
 
     async def run_all(request: Request, jobs: list[tuple[list[int], SamplingParams]], prefix: str):
         """Merge the output streams of several requests: yields (index, RequestOutput)."""
@@ -183,9 +173,20 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 return None
         try:
             task.result()
-        except EngineError as err:
-            raise APIError(str(err), status=500, kind="server_error") from None
+        except Exception as err:  # noqa: BLE001 - this request's failure, told to its client
+            raise request_error(err) from None
         return [final[i] for i in sorted(final)]
+
+    def request_error(err: Exception) -> APIError:
+        """What a client hears when its request fails after it was accepted."""
+        if isinstance(err, APIError):
+            return err
+        if isinstance(err, ValueError):  # the engine refused the request
+            return APIError(str(err))
+        if isinstance(err, EngineError):
+            return APIError(str(err), status=500, kind="server_error")
+        log.error("request failed", exc_info=err)
+        return APIError(f"internal error: {type(err).__name__}", status=500, kind="server_error")
 
     def usage(outs) -> dict:
         p = sum(len(o.prompt_token_ids) for o in outs)
@@ -207,15 +208,16 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             if include_usage:
                 yield _sse(make_chunk(None, None, None, usage=usage(outs.values())))
             yield _sse("[DONE]")
-        except EngineError as err:
-            yield _sse({"error": {"message": str(err), "type": "server_error", "param": None,
-                                  "code": None}})
+        except Exception as err:  # noqa: BLE001 - this request's failure, told to its client
+            e = request_error(err)
+            yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param,
+                                  "code": e.code}})
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=auth)
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model",
                                             "created": created, "owned_by": "hwattn",
@@ -236,6 +238,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             ("hwattn_generation_tokens_total", "counter", "Tokens generated.", s["generation_tokens"]),
             ("hwattn_requests_finished_total", "counter", "Requests finished.", s["finished"]),
             ("hwattn_requests_aborted_total", "counter", "Requests aborted.", s["aborted"]),
+            ("hwattn_requests_failed_total", "counter", "Requests that failed alone in the engine.",
+             s["failed"]),
             ("hwattn_preemptions_total", "counter", "Requests preempted for recompute.", s["preemptions"]),
             ("hwattn_prefix_cache_hit_pages_total", "counter", "Prompt pages found in the prefix cache.",
              s["prefix_hit_pages"]),
@@ -249,11 +253,12 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return PlainTextResponse("\n".join(lines) + "\n",
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
-        body = await read_body(request)
-        params = _sampling(body, max_len, chat=False)
-        jobs = [(encode(p, params), params) for p in _prompts(body)]
+        req = parse(CompletionRequest, await read_body(request), limits)
+        include_usage = req.check_stream_options()
+        params = req.sampling(16 if req.max_tokens is None else req.max_tokens)
+        jobs = [fits(prompt_ids(p, "prompt"), params) for p in req.prompt]
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = run_all(request, jobs, rid)
 
@@ -267,9 +272,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 doc["usage"] = usage
             return doc
 
-        if body.get("stream"):
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(stream_events(stream, chunk, include),
+        if req.stream:
+            return StreamingResponse(stream_events(stream, chunk, include_usage),
                                      media_type="text/event-stream")
         outs = await until_done(request, stream)
         if outs is None:
@@ -279,20 +283,19 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                            "logprobs": None} for i, o in enumerate(outs)]
         return doc
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
-        body = await read_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-            raise APIError("messages must be a non-empty list of {role, content} objects",
-                           param="messages")
-        params = _sampling(body, max_len, chat=True)
-        prompt = chat_prompt(messages)
-        if "max_tokens" not in body and "max_completion_tokens" not in body:
-            room = max_len - len(llm.validate_prompt(prompt)) if prompt else 0
-            params.max_tokens = max(1, room)
-        jobs = [(encode(prompt, params), params)]
+        req = parse(ChatRequest, await read_body(request), limits)
+        include_usage = req.check_stream_options()
+        try:
+            prompt = chat_prompt([m.model_dump() for m in req.messages])
+        except ValueError as err:
+            raise APIError(str(err), param="messages") from None
+        ids = prompt_ids(prompt, "messages")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+            else req.max_tokens
+        params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens)
+        jobs = [fits(ids, params)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = run_all(request, jobs, rid)
 
@@ -307,11 +310,10 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 doc["usage"] = usage
             return doc
 
-        if body.get("stream"):
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
+        if req.stream:
             first = chunk(0, None, None)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return StreamingResponse(stream_events(stream, chunk, include, first=first),
+            return StreamingResponse(stream_events(stream, chunk, include_usage, first=first),
                                      media_type="text/event-stream")
         outs = await until_done(request, stream)
         if outs is None:

@@ -13,11 +13,15 @@ import threading
 import time
 from collections import deque
 
-from hwattn.engine.llm_engine import LLMEngine
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
+
+
+def _put_all(pairs) -> None:
+    for queue, item in pairs:
+        queue.put_nowait(item)
 
 
 class EngineError(RuntimeError):
@@ -25,9 +29,13 @@ class EngineError(RuntimeError):
 
 
 class AsyncEngine:
-    """Runs `engine.step()` in a thread; `generate` streams a request's outputs."""
+    """Runs `engine.step()` in a thread; `generate` streams a request's outputs.
 
-    def __init__(self, engine: LLMEngine, rate_window_s: float = 10.0):
+    engine: an `LLMEngine` or a `DataParallelEngine` (whose step waits briefly for its
+    replicas' outputs).
+    """
+
+    def __init__(self, engine, rate_window_s: float = 10.0):
         self.engine = engine
         self._lock = threading.Lock()
         self._adds: deque = deque()
@@ -54,7 +62,8 @@ class AsyncEngine:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         """Yield this request's `RequestOutput` after every step that advanced it, the last one
-        finished. Leaving the loop early (client gone, task cancelled) aborts the request."""
+        finished. Leaving the loop early (client gone, task cancelled) aborts the request.
+        Raises ValueError if the engine refuses the request, EngineError if it fails."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -69,6 +78,8 @@ class AsyncEngine:
                     finished = True
                     raise out
                 finished = out.finished
+                if out.finish_reason == "error":
+                    raise EngineError(f"the request failed: {out.error}")
                 yield out
                 if finished:
                     return
@@ -92,42 +103,86 @@ class AsyncEngine:
         return (n1 - n0) / max(time.perf_counter() - t0, t1 - t0, 1e-9)
 
     def _send(self, request_id: str, item) -> None:
-        target = self._queues.get(request_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        self._deliver([(request_id, item)])
+
+    def _deliver(self, items) -> None:
+        """Hand (request_id, item) pairs to their requests' queues, waking each event loop
+        once for all of them (a step's outputs are many; each wake-up costs). A request whose
+        event loop is closed has nobody listening: it is forgotten and aborted. Call with
+        `_lock` held."""
+        by_loop: dict = {}
+        for request_id, item in items:
+            target = self._queues.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((request_id, target[1], item))
+        for loop, entries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(queue, item) for _, queue, item in entries])
+            except RuntimeError:  # that caller's event loop is closed: nobody is listening
+                for request_id, _, _ in entries:
+                    if self._queues.pop(request_id, None) is not None:
+                        self._aborts.append(request_id)
 
     def _loop(self) -> None:
-        engine = self.engine
         while not self._stop.is_set():
-            with self._lock:
-                adds, self._adds = list(self._adds), deque()
-                aborts, self._aborts = list(self._aborts), deque()
-            for request_id, ids, params in adds:
+            try:
+                self._iteration()
+            except Exception:  # noqa: BLE001 - keep serving; the requests in flight are lost
+                log.exception("engine loop failed")
                 try:
-                    engine.add_request(ids, params, request_id=request_id)
-                except ValueError as err:
+                    self._fail_all("engine loop failed")
+                except Exception:  # noqa: BLE001
+                    log.exception("could not fail the requests in flight")
+                self._stop.wait(0.1)  # no hot loop if the failure repeats
+
+    def _iteration(self) -> None:
+        engine = self.engine
+        with self._lock:
+            adds, self._adds = list(self._adds), deque()
+            aborts, self._aborts = list(self._aborts), deque()
+        for request_id, ids, params in adds:
+            try:
+                engine.add_request(ids, params, request_id=request_id)
+            except ValueError as err:  # refused: only that request hears of it
+                with self._lock:
                     self._send(request_id, err)
-            for request_id in aborts:
+            except Exception as err:  # noqa: BLE001 - e.g. a failed worker: fail the request
+                log.exception("engine refused a request")
+                with self._lock:
+                    self._send(request_id, EngineError(f"the request could not be queued: {err}"))
+        for request_id in aborts:
+            try:
                 engine.abort_request(request_id)
-            if engine.has_unfinished():
-                try:
-                    outputs = engine.step()
-                except Exception as err:  # noqa: BLE001 - fail the requests, keep serving
-                    log.exception("engine step failed")
-                    for seq in list(engine.scheduler.running) + list(engine.scheduler.waiting):
-                        engine.abort_request(seq.request_id)
-                        self._send(seq.request_id, EngineError(f"engine step failed: {err}"))
-                    outputs = []
-                with self._lock:
-                    for out in outputs:
-                        self._send(out.request_id, out)
-                    self._record()
-            else:
-                with self._lock:
-                    self._record()
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
+            except Exception:  # noqa: BLE001 - the engine is gone; nothing to stop
+                log.exception("engine could not abort a request")
+        if engine.has_unfinished():
+            try:
+                outputs = engine.step()  # a request failing alone comes back finished "error"
+            except Exception as err:  # noqa: BLE001 - the step itself failed: fail its requests
+                log.exception("engine step failed")
+                self._fail_all(f"engine step failed: {err}")
+                outputs = []
+            with self._lock:
+                self._deliver([(out.request_id, out) for out in outputs])
+                self._record()
+        else:
+            with self._lock:
+                self._record()
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+
+    def _fail_all(self, message: str) -> None:
+        """Abort every request the engine holds and tell each caller why."""
+        engine = self.engine
+        failed = []
+        for request_id in engine.unfinished_request_ids():
+            try:
+                engine.abort_request(request_id)
+            except Exception:  # noqa: BLE001 - a dead engine cannot abort
+                pass
+            failed.append((request_id, EngineError(message)))
+        with self._lock:
+            self._deliver(failed)
 
     def _record(self) -> None:
         now = time.perf_counter()

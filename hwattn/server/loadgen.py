@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from hwattn.engine.benchmark import summary
 from hwattn.engine.sampling_params import SamplingParams
 
 MAX_REQUESTS = 10_000
+API_KEY_ENV = "HWATTN_API_KEY"  # the variable `hwattn serve` takes its API key from
 
 
 def check_loopback(url: str) -> None:
@@ -55,16 +57,19 @@ class RequestRecord:
 
 
 class HttpTarget:
-    """Streams /v1/completions of a running server with httpx."""
+    """Streams /v1/completions of a running server with httpx. api_key: the server's bearer
+    token (default: the HWATTN_API_KEY environment variable, if set)."""
 
-    def __init__(self, url: str, model: str | None = None):
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None):
         import httpx
 
         check_loopback(url)
         self.base = url.rstrip("/")
         if self.base.endswith("/v1"):
             self.base = self.base[:-3]
-        self.client = httpx.AsyncClient(trust_env=False, timeout=None)
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self.client = httpx.AsyncClient(trust_env=False, timeout=None, headers=headers)
         self.model = model
 
     async def setup(self) -> None:

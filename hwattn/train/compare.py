@@ -14,6 +14,7 @@ on the shipped corpus, or any dataset built with `hwattn data build` (`data=`).
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,9 +91,11 @@ def prepare_data(cfg: CompareConfig, log=print) -> TokenDataset:
 
 
 @torch.no_grad()
-def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> dict:
+def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, seed: int = 0,
+                 repeats: int = 3) -> dict:
     """Greedy decode through the paged cache (bf16 cache on CUDA): tokens/s of the decode
-    phase, best of two runs after a warm-up, and the cache bytes allocated."""
+    phase (median of `repeats` runs after a warm-up, and their spread: (max - min) / median),
+    and the cache bytes allocated."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
@@ -100,14 +103,16 @@ def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, seed: int 
     model.eval()
     m = model.to(torch.bfloat16) if device.type == "cuda" else model
     greedy_generate(m, prompt, 4, cache_dtype=dtype)
-    best = None
-    for _ in range(2):
+    rates = []
+    for _ in range(repeats):
         _, stats = greedy_generate(m, prompt, new_tokens, cache_dtype=dtype)
-        if best is None or stats.decode_tokens_per_s > best.decode_tokens_per_s:
-            best = stats
+        rates.append(stats.decode_tokens_per_s)
     if device.type == "cuda":
         model.float()
-    return {"decode_tokens_per_s": best.decode_tokens_per_s, "kv_cache_bytes": best.kv_cache_bytes,
+    median = statistics.median(rates)
+    return {"decode_tokens_per_s": median,
+            "decode_tokens_per_s_spread": (max(rates) - min(rates)) / median,
+            "kv_cache_bytes": stats.kv_cache_bytes,
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
 
 
@@ -192,12 +197,14 @@ def format_compare(rows: list[dict], cfg: CompareConfig) -> str:
             f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['kv_bytes_per_token']:,} "
             f"| {r['val_loss']:.3f} | {r['val_ppl']:.2f} | {r['val_bpb']:.3f} "
             f"| {_pct(r['cloze_acc'])} | {_pct(r['mc_acc'])} ({_pct(r['mc_acc_norm'])}) "
-            f"| {_pct(rec)} | {r['train_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} |")
+            f"| {_pct(rec)} | {r['train_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f}"
+            f" ±{50 * r.get('decode_tokens_per_s_spread', 0):.0f}% |")
     lines.append("")
     lines.append(f"preset {cfg.preset}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, "
                  f"seed {cfg.seed}; val = mean over held-out domains; recall = mean over {'/'.join(map(str, cfg.recall_pairs))} pairs "
                  f"(chance {100 * rows[0]['recall'].get('chance', 0):.2f}%); decode: batch "
-                 f"{cfg.decode_batch}, {cfg.decode_prompt}-token prompts, {cfg.decode_new} new tokens.")
+                 f"{cfg.decode_batch}, {cfg.decode_prompt}-token prompts, {cfg.decode_new} new tokens, "
+                 "median of 3 runs ± half their range; differences inside that range are noise.")
     return "\n".join(lines)
 
 

@@ -159,7 +159,8 @@ def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: in
     """Write the checkpoint folder atomically (staged next to it, then renamed)."""
     stage = path.with_name(path.name + ".tmp")
     shutil.rmtree(stage, ignore_errors=True)
-    save_checkpoint(model, stage, extra={"hwattn_train": {"step": step, **(extra or {})}})
+    save_checkpoint(model, stage, extra={"hwattn_train": {"step": step, **(extra or {})}},
+                    eos_token_id=None if tokenizer is None else tokenizer.eot_id)
     if tokenizer is not None:
         tokenizer.save(stage)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),

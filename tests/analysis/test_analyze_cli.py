@@ -26,6 +26,32 @@ def test_analyze_table_and_plot(tmp_path, capsys):
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plot_shows_every_variant_and_tp_degree_apart(tmp_path):
+    """KV bytes per GPU against TP and the roofline: one marker per (variant, TP degree), and
+    markers of different variants never drawn on top of each other, even where their values
+    coincide (MQA and GLA-2 at TP 1, GTA-4 / MLA / GLA-2 at 1152 bytes)."""
+    pytest.importorskip("matplotlib")
+    import itertools
+    import math
+
+    from hwattn.analysis.cost import GPUS, analyze
+    from hwattn.analysis.plot import plot_analysis
+
+    rows = analyze("xl", tps=(1, 2, 4))
+    placed = plot_analysis(rows, GPUS["h100"], str(tmp_path / "a.png"))
+    want = {(r["variant"], r["tp"]) for r in rows}
+    assert set(placed["kv"]) == want
+    assert set(placed["roofline"]) == {(v, tp, q) for v, tp in want for q in (1, 2)}
+    kv = {r["variant"]: r["kv_bytes_per_token_per_layer"] for r in rows if r["tp"] == 1}
+    assert kv["mqa"] != kv["gla-2"] and kv["gta-4"] == kv["mla"] == kv["gla-2"] == 1152
+    panels = [placed["kv"]] + [{k: p for k, p in placed["roofline"].items() if k[2] == q}
+                               for q in (1, 2)]
+    for points in panels:
+        for (a, pa), (b, pb) in itertools.combinations(points.items(), 2):
+            if a[0] != b[0]:
+                assert math.dist(pa, pb) >= 5, (a, b, pa, pb)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["analyze", "--variants", "bogus"], "variant"),
     (["analyze", "--tp", "3"], "tp"),

@@ -35,3 +35,16 @@ def test_bench_engine_breakdown_under_tensor_parallelism(capsys):
     assert rc == 0
     doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert doc["tp"] == 2 and doc["decode_step"]["step_wall_s"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_engine_with_two_replicas_reports_before_it_stops(capsys):
+    """--dp 2: two replica processes; the decode-step breakdown runs inside replica 0."""
+    rc = main(["bench", "engine", "tiny", "--attention", "gqa-4", "--dp", "2", "--num-prompts",
+               "4", "--prompt-len", "12", "--output-len", "3", "--page-size", "8",
+               "--cpu-threads", "1", "--memory-budget", "2e6", "--max-seq-len", "64", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["dp"] == 2 and doc["offline"]["output_tokens"] == 4 * 3
+    assert doc["offline"]["itl_s"]["n"] >= 2  # the replicas' own decode steps
+    assert doc["decode_step"]["step_wall_s"] > 0

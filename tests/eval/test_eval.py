@@ -83,6 +83,37 @@ def test_tasks_are_built_from_held_out_text(data):
     assert len({x["gold"] for x in mc}) > 1
 
 
+def test_one_document_per_domain_still_gives_multiple_choice(data, tmp_path):
+    """`hwattn data build` holds out 3% of the documents: on the shipped corpus that is one
+    document per domain. Distractors then come from later in the same document."""
+    from hwattn.eval.lm_eval_adapter import local_tasks
+
+    docs = data.val_documents()
+    one_each = [next(d for d in docs if d["domain"] == dom) for dom in ("books", "speeches")]
+    mc = build_mc(one_each, 20, seed=0)
+    assert len(mc) == 20 and {x["domain"] for x in mc} == {"books", "speeches"}
+    for x in mc:
+        text = " ".join(next(d["text"] for d in one_each if d["domain"] == x["domain"]).split())
+        gold = x["choices"][x["gold"]]
+        assert (x["context"] + gold) in text
+        for wrong in x["choices"]:
+            if wrong != gold:
+                assert wrong.strip() in text and wrong.strip() not in x["context"]
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no rows"):
+        local_tasks({"empty": tmp_path / "empty.jsonl"}, tmp_path / "yaml")
+
+
+def test_no_items_is_an_error_not_an_empty_task(data, monkeypatch):
+    tiny = [{"domain": "books", "text": "Too short. To hold anything."}]
+    monkeypatch.setattr(data, "val_documents", lambda: tiny)
+    with pytest.raises(ValueError, match="no cloze items.*--cloze 0"):
+        build_tasks(data, EvalConfig(n_cloze=5, n_mc=0))
+    with pytest.raises(ValueError, match="no mc items.*--mc 0"):
+        build_tasks(data, EvalConfig(n_cloze=0, n_mc=5))
+    assert build_tasks(data, EvalConfig(n_cloze=0, n_mc=0)) == {"cloze": [], "mc": []}
+
+
 def test_scores_agree_with_their_definitions(data, model):
     tasks = build_tasks(data, EvalConfig(n_cloze=12, n_mc=12))
     c = score_cloze(model, data.tokenizer, tasks["cloze"], 256)

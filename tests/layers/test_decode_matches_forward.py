@@ -33,6 +33,21 @@ def test_prefill_then_decode_matches_forward(attention, shape):
     assert_close_derived(logits, truth, fwd32, what=f"{attention} decode logits")
 
 
+@pytest.mark.parametrize("attention", ["gta", "mla", "gla"])
+def test_biased_projections_decode_like_forward(attention):
+    model = tiny(attention, attention_bias=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "b_uk", "b_uv")):
+                p.normal_(std=0.5)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 7))
+    tokens, _, logits = greedy_generate(model, prompt, 9, page_size=4, return_logits=True)
+    with torch.no_grad():
+        fwd32 = model(tokens[:, :-1])[:, 6:]
+        truth = model.double()(tokens[:, :-1])[:, 6:]
+    assert_close_derived(logits, truth, fwd32, what=f"{attention} biased decode logits")
+
+
 @pytest.mark.parametrize("attention", ATTENTION_KINDS)
 def test_token_by_token_and_chunked_prefill(attention):
     """Prefill in uneven chunks (the cache already holds earlier tokens), then decode one
@@ -61,13 +76,20 @@ def test_token_by_token_and_chunked_prefill(attention):
     assert_close_derived(got, truth, fwd32, what=f"{attention} chunked logits")
 
 
-@pytest.mark.parametrize("attention, latent_heads", [("mla", None), ("gla", None), ("gla", 4)])
-def test_absorbed_decode_equals_unabsorbed(attention, latent_heads):
+@pytest.mark.parametrize("attention, latent_heads, bias", [
+    ("mla", None, False), ("gla", None, False), ("gla", 4, False), ("mla", None, True),
+    ("gla", None, True)])
+def test_absorbed_decode_equals_unabsorbed(attention, latent_heads, bias):
     """Layer level: the absorbed path (W_UK in the query, W_UV on the output, attention over
-    the cached latent) equals attention with explicitly up-projected keys and values."""
+    the cached latent) equals attention with explicitly up-projected keys and values, also
+    with biased up-projections (the key bias cancels in softmax, the value bias passes)."""
     kw = {"n_latent_heads": latent_heads} if latent_heads else {}
-    cfg = ModelConfig.from_preset("tiny", attention=attention, **kw)
+    cfg = ModelConfig.from_preset("tiny", attention=attention, attention_bias=bias, **kw)
     model = Transformer(cfg).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "b_uk", "b_uv")):
+                p.normal_()
     layer = model.layers[0].attn
     b, t, page = 2, 11, 4
     x = torch.randn(b, t, cfg.dim, dtype=torch.float64)

@@ -51,6 +51,18 @@ def test_small_batch_fills_the_gpu_and_balances_uneven_lengths():
     assert plan.capacity == 4 + 264  # fixed by B and heads, not by the lengths
 
 
+def test_one_program_per_sm_fills_one_wave():
+    """A kernel that fits one program per SM asks for half as many, twice as long pieces."""
+    seqlens = torch.tensor([32768], dtype=torch.int32)
+    two = ops.plan_decode(seqlens, num_heads_kv=1, head_blocks=2, num_sms=132)
+    one = ops.plan_decode(seqlens, num_heads_kv=1, head_blocks=2, num_sms=132, programs_per_sm=1)
+    n_two, n_one = len(_assert_partition(two, [32768])[0]), len(_assert_partition(one, [32768])[0])
+    assert 0.9 * 132 < 2 * n_one <= 132  # programs: pieces × 2 head blocks, one per SM
+    assert abs(n_two - 2 * n_one) <= 2
+    with pytest.raises(ValueError, match="programs_per_sm"):
+        ops.plan_decode(seqlens, num_heads_kv=1, programs_per_sm=0)
+
+
 def test_capacity_is_stable_and_refresh_in_place():
     seqlens = torch.tensor([5000, 70000], dtype=torch.int32)
     plan = ops.plan_decode(seqlens, num_heads_kv=2, num_sms=132)

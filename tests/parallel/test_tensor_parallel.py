@@ -9,6 +9,7 @@ from hwattn.engine import LLM, SamplingParams
 from hwattn.models import Transformer
 from hwattn.parallel import local_kv_bytes_per_token, shard_model
 from tests.engine.conftest import make_checkpoint
+from tests.parallel.procs import wait_gone
 
 CASES = {  # label -> overrides of the tiny preset (8 query heads)
     "gqa-4": dict(attention="gqa", n_kv_heads=4),
@@ -38,11 +39,20 @@ def test_shards_match_the_per_rank_cost_accounting(label, tp):
         assert expected == full.kv_bytes_per_token(1, torch.bfloat16)
 
 
-def test_head_split_without_communication_sums_to_the_full_layer():
+@pytest.mark.parametrize("overrides", [dict(attention="gla", n_latent_heads=2),
+                                       dict(attention="gla", n_latent_heads=2, attention_bias=True),
+                                       dict(attention="mla", attention_bias=True),
+                                       dict(attention="gta", attention_bias=True)],
+                         ids=["gla-2", "gla-2-bias", "mla-bias", "gta-4-bias"])
+def test_head_split_without_communication_sums_to_the_full_layer(overrides):
     """Row-parallel partial outputs of every rank add up to the unsharded layer's output."""
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", n_layers=1, attention="gla", n_latent_heads=2)
+    cfg = ModelConfig.from_preset("tiny", n_layers=1, **overrides)
     full = Transformer(cfg).double()
+    with torch.no_grad():
+        for name, p in full.named_parameters():
+            if name.endswith(("bias", "b_uk", "b_uv")):
+                p.normal_()  # biases start at zero; make a wrong slice visible
     x = torch.randn(2, 5, cfg.dim, dtype=torch.float64)
     cos, sin = full.rope(torch.arange(5)[None].expand(2, 5))
     want = full.layers[0].attn(x, cos, sin)
@@ -79,6 +89,7 @@ def test_two_processes_generate_what_one_does(label, tmp_path):
         assert engine.kv_bytes_per_token == single.engine.model.kv_bytes_per_token(2, torch.float64)
         got = [o.token_ids for o in llm.generate(prompts, params)]
         engine.check_invariants()
+        pids = engine.runner.pids
     assert got == want
     assert len(set(sum(want, []))) > 10, want  # not one repeated token
-    assert not engine.runner.procs  # workers joined
+    assert not wait_gone(pids, 1.0)  # shutdown waited for the ranks to exit

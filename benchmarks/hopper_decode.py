@@ -1,0 +1,677 @@
+"""The Hopper tied decode kernel (`hwattn/ops/hopper_decode.py`) against the Triton kernel on an
+H100/H200, in one command: correctness first, then the peaks, then the timings.
+
+    python benchmarks/hopper_decode.py                          # all of it (< 4 min on an H200)
+    python benchmarks/hopper_decode.py --only correctness       # the checks alone
+    python benchmarks/hopper_decode.py --only timing --shapes mla-b128-16k-lq1,gla2-b128-16k-lq2
+    python benchmarks/hopper_decode.py --variants pipe          # only the pipelined fallback
+    python benchmarks/hopper_decode.py --variants ws,duo,duo-p1-m256,ovl-s4   # schedules, knobs
+    python benchmarks/hopper_decode.py --list                   # shapes, checks, variants
+
+correctness: hostile paged caches (shuffled pages from a pool with spare pages, NaN in every
+    slot no sequence owns, out-of-range table entries past each sequence) with lengths 1, 63,
+    64, 65, prime and long, L_q 1-4, each through an unsplit and a 64-token split plan, against
+    the fp64 reference; the Triton kernel's error on the same data is printed beside, and
+    `ratio` is the error over the tests' bound (4 × the bf16 reference's error + 1 ulp): <= 1
+    passes.
+peaks: copy GB/s (read + write) and bf16 matmul TFLOP/s, measured in the same process.
+timing: median of `triton.testing.do_bench` over CUDA-graph replays (L2 flushed between calls)
+    for Triton and each Hopper variant; GB/s and TFLOP/s on the layer's own byte and FLOP
+    counts, % of the peaks, the roofline time and the speed-up over Triton; GTA-4 rows also time
+    GQA-4 on the same batch.
+
+Hopper variants (`--variants`): ws (ring of slots, producer warp), pipe (ring, consumer-issued
+copies), ovl (ring, producer warp, softmax overlapped with the products; states <= 256 wide),
+duo (two warpgroups taking turns on blocks, each owning half the columns; MLA and GLA), pp
+(128 rows, two warpgroups of 64 taking turns on the tensor cores; GLA at L_q >= 2). A name
+may carry knobs: -s<N> ring slots, -c<N> resident programs per SM, -p<N> programs per SM the
+split-KV plan aims for, -m<N> its shortest piece in tokens (duo-p1-m256: the duo schedule
+with one-wave pieces of at least 256 tokens). A variant that does not take a shape, or whose
+plan knobs change nothing there (no sequence is split either way), is reported as n/a.
+
+Every task runs in a worker process the parent watches: a kernel that fails to compile or is
+wrong is reported and the run goes on; a crash or a hang (past --task-timeout) kills the
+worker, the task is reported, and a fresh worker continues with the rest (a Hopper variant that
+crashed or hung in the correctness phase is dropped from the timings). The human table comes
+first, then one line of JSON; the JSON also goes to $OUT/hopper_decode.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from hopper_report import format_pivot, format_table, summary
+
+# Hopper schedules: name -> HopperConfig fields on top of the shape's default programs per SM.
+VARIANTS = {"ws": {}, "pipe": dict(specialize=False), "ovl": dict(overlap=True),
+            "duo": dict(schedule="duo", ctas_per_sm=1), "pp": dict(schedule="pingpong")}
+KNOBS = {"s": "num_stages", "c": "ctas_per_sm", "p": "programs_per_sm", "m": "min_piece"}
+PLAN_KNOBS = ("programs_per_sm", "min_piece")
+DEVICE = os.environ.get("HOPPER_BENCH_DEVICE", "cuda")  # "cpu" dry-runs the checks' plumbing
+OVERRIDES: dict = {}  # HopperConfig fields forced from the command line (--stages, --ctas-per-sm)
+CHECK_LIMIT = 2e-2  # relative L2 error against the Triton kernel in the timing phase
+
+
+def _shapes() -> dict[str, dict]:
+    """name -> (variant, h_q, tp, batch lengths, L_q, page); h_q and tp as the layer sees them."""
+    shapes = {}
+    for variant in ("mla", "gla-2"):
+        for l_q in (1, 2, 4):
+            shapes[f"{variant.replace('-', '')}-b128-16k-lq{l_q}"] = dict(
+                variant=variant, heads=128, tp=1, lengths=[16384] * 128, query_len=l_q)
+        for l_q in (1, 2):  # one rank of TP-8: 16 query heads on one (duplicated) latent head
+            shapes[f"{variant.replace('-', '')}-tp8-b128-32k-lq{l_q}"] = dict(
+                variant=variant, heads=128, tp=8, lengths=[32768] * 128, query_len=l_q)
+    for length in (8192, 16384, 32768):
+        shapes[f"gta4-b128-{length // 1024}k"] = dict(variant="gta-4", heads=32, tp=1,
+                                                       lengths=[length] * 128, query_len=1)
+    for variant, heads in (("mla", 128), ("gla-2", 128), ("gta-4", 32)):
+        for batch in (1, 4):
+            for length in (32768, 131072):
+                shapes[f"{variant.replace('-', '')}-b{batch}-{length // 1024}k"] = dict(
+                    variant=variant, heads=heads, tp=1, lengths=[length] * batch, query_len=1)
+    for variant in ("mla", "gla-2"):
+        shapes[f"{variant.replace('-', '')}-uneven"] = dict(
+            variant=variant, heads=128, tp=1, lengths=[131072] + [1024] * 63, query_len=1)
+    for shape in shapes.values():
+        shape["page"] = 64
+    return shapes
+
+
+# (name, variant, h_q, tp, lengths, L_q, page)
+CHECKS = [
+    ("mla-lq1", "mla", 128, 1, [1, 63, 64, 65, 339], 1, 64),
+    ("mla-lq2-page128", "mla", 128, 1, [2, 127, 129, 700], 2, 128),
+    ("mla-tp8-lq4", "mla", 128, 8, [4, 65, 257], 4, 64),
+    ("gla2-lq1", "gla-2", 128, 1, [1, 64, 65, 2049], 1, 64),
+    ("gla2-lq3", "gla-2", 128, 1, [3, 63, 339], 3, 256),
+    ("gta4-lq1", "gta-4", 32, 1, [1, 63, 64, 65, 4100], 1, 64),
+    ("gta4-lq4", "gta-4", 32, 1, [5, 130, 1000], 4, 64),
+]
+
+
+def _layer(variant: str, heads: int):
+    """A meta-device layer (d_h 128, d_R 64): its cache layout and cost accounting."""
+    import torch
+
+    from hwattn.config import ModelConfig, parse_variant
+    from hwattn.layers import build_attention
+
+    spec = parse_variant(variant)
+    if spec["attention"] in ("gta", "mla", "gla"):
+        spec["rope_dim"] = 64
+    cfg = ModelConfig(n_heads=heads, head_dim=128, dim=heads * 128, hidden_dim=4 * heads * 128, **spec)
+    return build_attention(cfg, device=torch.device("meta"))
+
+
+class Paged:
+    """Random paged caches and queries for one batch on the GPU (tied or separate K/V)."""
+
+    def __init__(self, torch, layer, tp, lengths, l_q, page, hostile=False, dtype=None):
+        dtype = dtype or torch.bfloat16
+        h_q, _ = layer.local_heads(tp)
+        layout = layer.cache_layout(tp)
+        pages = [-(-n // page) for n in lengths]
+        width = max(pages) + 1
+        n_pool = sum(pages) + 3
+        order = torch.randperm(n_pool, device=DEVICE).to(torch.int32)
+        table = torch.full((len(lengths), width), 2**30, dtype=torch.int32, device=DEVICE)
+        owner = torch.zeros(n_pool, page, dtype=torch.bool, device=DEVICE)
+        used = 0
+        for b, (n, p) in enumerate(zip(lengths, pages)):
+            table[b, :p] = order[used:used + p]
+            slots = torch.arange(p * page, device=DEVICE) < n
+            owner[order[used:used + p].long()] = slots.view(p, page)
+            used += p
+        if hostile:
+            table[:, 1::2] = torch.where(table[:, 1::2] == 2**30, -7, table[:, 1::2])
+
+        def cache(shape):  # random where a sequence owns the slot; NaN elsewhere when hostile
+            data = torch.randn(n_pool, page, *shape, device=DEVICE, dtype=dtype)
+            if hostile:
+                data[~owner] = float("nan")
+            return data
+
+        self.block_table, self.lengths = table, lengths
+        self.seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+        d_qk, d_v = layer.decode_widths()
+        self.tied = "kv" in layout
+        if self.tied:
+            self.kv_cache, self.rope_cache = cache(layout["kv"]), cache(layout["rope"])
+            d_rope = layout["rope"][0]
+            self.q_nope = torch.randn(len(lengths), l_q, h_q, d_qk - d_rope, device=DEVICE, dtype=dtype)
+            self.q_rope = torch.randn(len(lengths), l_q, h_q, d_rope, device=DEVICE, dtype=dtype)
+        else:
+            self.k_cache, self.v_cache = cache(layout["k"]), cache(layout["v"])
+            self.q = torch.randn(len(lengths), l_q, h_q, d_qk, device=DEVICE, dtype=dtype)
+        self.scale = 1 / math.sqrt(d_qk)
+
+    def tied_args(self):
+        return (self.q_nope, self.q_rope, self.kv_cache, self.rope_cache, self.block_table,
+                self.seqlens)
+
+
+def _sync(torch) -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _graphed(torch, fn):
+    """A CUDA-graph replay of `fn` (the host's launch cost stays out of the time), else eager."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph.replay, "graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return fn, "eager"
+
+
+def _errors(torch, got, truth, base):
+    """(max |err|, ratio to the tests' bound) of `got` against the fp64 truth."""
+    err = (got.double() - truth).abs().max().item()
+    if not math.isfinite(err) or not torch.isfinite(got).all():
+        return float("inf"), float("inf")
+    bound = 4 * (base.double() - truth).abs().max().item() + \
+        torch.finfo(got.dtype).eps * truth.abs().max().item()
+    return err, err / bound
+
+
+def parse_variant(spec: str) -> dict:
+    """HopperConfig fields of a variant name with knobs, e.g. 'duo-p1-m256'; ValueError if bad."""
+    base, *knobs = spec.split("-")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown Hopper variant {base!r} in {spec!r} (one of {list(VARIANTS)})")
+    fields = dict(VARIANTS[base])
+    for knob in knobs:
+        if knob[:1] not in KNOBS or not knob[1:].isdigit():
+            raise ValueError(f"bad knob {knob!r} in {spec!r}: -s/-c/-p/-m followed by a number")
+        fields[KNOBS[knob[:1]]] = int(knob[1:])
+    return fields
+
+
+class NotApplicable(Exception):
+    """The variant does not take this shape, or its plan knobs change nothing here."""
+
+
+def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=None):
+    """The HopperConfig of a variant for a shape; NotApplicable where it does not take it, or
+    (given the lengths) where its plan knobs change nothing because no plan splits."""
+    from hwattn.ops import hopper_decode
+    from hwattn.ops.hopper_decode import HopperConfig
+
+    default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
+
+    def config_of(name):
+        fields = dict(ctas_per_sm=default.ctas_per_sm)
+        fields.update(parse_variant(name))
+        fields.update(OVERRIDES)
+        return HopperConfig(**fields)
+
+    try:
+        config = config_of(spec)
+        launch = hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, config)
+    except ValueError as err:
+        raise NotApplicable(str(err)) from None
+    base_name = spec.split("-")[0]
+    if spec != base_name:
+        import dataclasses
+
+        base = config_of(base_name)
+        try:
+            same = (dataclasses.replace(config, num_stages=None) == base and launch
+                    == hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, base))
+        except ValueError:
+            same = False
+        if same:
+            raise NotApplicable(f"the knobs leave {base_name} as it is here")
+    if lengths is not None and any(k in parse_variant(spec) for k in PLAN_KNOBS):
+        import dataclasses
+
+        import torch
+
+        # The plans on the host: meta tensors carry the shapes the planner reads.
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        q_nope = torch.empty(len(lengths), l_q, group * h_kv, d_nope, **meta)
+        kv_cache = torch.empty(1, 64, h_kv, d_v, **meta)
+        rope_cache = torch.empty(1, 64, d_rope, **meta)
+        seqlens = torch.tensor(lengths, dtype=torch.int32)
+
+        def pieces(cfg):
+            plan = hopper_decode.make_plan(q_nope, kv_cache, rope_cache, seqlens, cfg)
+            return plan.items.tolist(), plan.may_split
+
+        base = dataclasses.replace(config, programs_per_sm=None, min_piece=None)
+        if pieces(config) == pieces(base):
+            raise NotApplicable("the plan knobs leave the plan as it is")
+    return config
+
+
+def _sms() -> int:
+    import torch
+
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_properties(0).multi_processor_count
+    return 132
+
+
+def _hopper_call(torch, kernel: str, data, lengths=None):
+    """(launch description, fn(plan) -> (out, lse), config) of a Hopper variant."""
+    from hwattn.ops import hopper_decode
+    from hwattn.ops.hopper_decode import TiedShape
+
+    args = data.tied_args()
+    d_nope, d_v, d_rope = data.q_nope.shape[-1], data.kv_cache.shape[-1], data.q_rope.shape[-1]
+    group, l_q = data.q_nope.shape[2] // data.kv_cache.shape[2], data.q_nope.shape[1]
+    config = _hopper_config(kernel, d_nope, d_v, d_rope, group, data.kv_cache.shape[2], l_q,
+                            lengths)
+    page = data.kv_cache.shape[1]
+    text = hopper_decode.describe(TiedShape(d_nope, d_v, d_rope, group, l_q, page), config)
+
+    def fn(plan):
+        return hopper_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan, config=config)
+    return text, fn, config
+
+
+def _widths(layer, tp):
+    """(D_nope, D_v, D_R, group, H_kv) of a tied-state layer's decode call at a TP degree."""
+    h_q, h_kv = layer.local_heads(tp)
+    layout = layer.cache_layout(tp)
+    d_qk, d_v = layer.decode_widths()
+    d_rope = layout["rope"][0]
+    return d_qk - d_rope, d_v, d_rope, h_q // h_kv, h_kv
+
+
+def task_check(torch, name: str, kernel: str) -> dict:
+    """One CHECKS case through one kernel, unsplit and split, against the fp64 reference."""
+    from hwattn import ops
+    from hwattn.ops import hopper_decode, triton_decode
+    from hwattn.ops.reference import decode_tied_reference
+
+    _, variant, heads, tp, lengths, l_q, page = next(c for c in CHECKS if c[0] == name)
+    layer = _layer(variant, heads)
+    _, h_kv = layer.local_heads(tp)
+    row = dict(task=f"check:{name}:{kernel}", check=name, kernel=kernel)
+    if kernel != "triton":
+        try:
+            _hopper_config(kernel, *_widths(layer, tp), l_q)
+        except NotApplicable as why:
+            return dict(row, not_applicable=str(why))
+    data = Paged(torch, layer, tp, lengths, l_q, page, hostile=True)
+    args = data.tied_args()
+    wide = [t.double() if t.is_floating_point() else t for t in args]
+    truth = decode_tied_reference(*wide, softmax_scale=data.scale)
+    base = decode_tied_reference(*args, softmax_scale=data.scale)  # the same maths in bf16
+    if kernel == "triton":
+        def fn(plan):
+            return triton_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan)
+    else:
+        row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
+        row["launch"], fn, _ = _hopper_call(torch, kernel, data)
+    # unsplit: the kernel's own plan (its knobs: pieces of a long sequence); split: 64 tokens.
+    plans = {"unsplit": None, "split": ops.plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q,
+                                                       page_size=page, split_tokens=64)}
+    for pname, plan in plans.items():
+        try:
+            out, lse = fn(plan)
+            _sync(torch)
+        except Exception as err:  # a compile error is a result, not the end of the run
+            row[pname] = dict(error=f"{type(err).__name__}: {str(err)[:300]}")
+            continue
+        out_err, out_ratio = _errors(torch, out, truth[0], base[0])
+        lse_err, lse_ratio = _errors(torch, lse, truth[1], base[1])
+        row[pname] = dict(out_err=out_err, lse_err=lse_err, ratio=max(out_ratio, lse_ratio),
+                          ok=max(out_ratio, lse_ratio) <= 1.0)
+    return row
+
+
+def task_peaks(torch) -> dict:
+    from triton.testing import do_bench
+
+    from hwattn.cli.bench_decode import measure_peaks
+
+    copy_gbps, mm_tflops = measure_peaks(torch, do_bench)
+    return dict(task="peaks", copy_GBps=copy_gbps, mm_TFLOPs=mm_tflops,
+                device=torch.cuda.get_device_name(), torch=torch.__version__)
+
+
+def _prepare(torch, name: str, kernel: str, peaks):
+    """(row, fn, plan, reference or None) of one shape through one kernel (triton, a Hopper
+    variant, or gqa beside a GTA shape); (row, None, None, None) where the variant is n/a."""
+    from hwattn.ops import hopper_decode, plan_decode, triton_decode
+
+    shape = _shapes()[name]
+    variant = shape["variant"].replace("gta", "gqa") if kernel == "gqa" else shape["variant"]
+    layer = _layer(variant, shape["heads"])
+    h_q, h_kv = layer.local_heads(shape["tp"])
+    lengths, l_q, page = shape["lengths"], shape["query_len"], shape["page"]
+    nbytes = sum(layer.decode_bytes(n, l_q, shape["tp"]) for n in lengths)
+    flops = sum(layer.decode_flops(n, l_q, shape["tp"]) for n in lengths)
+    copy_gbps, mm_tflops = peaks or (float("nan"), float("nan"))
+    row = dict(task=f"time:{name}:{kernel}", shape=name, kernel=kernel, variant=variant, h_q=h_q,
+               h_kv=h_kv, batch=len(lengths), max_len=max(lengths), query_len=l_q, bytes=nbytes,
+               flops=flops, roofline_us=max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6))
+    if kernel not in ("triton", "gqa"):
+        try:
+            _hopper_config(kernel, *_widths(layer, shape["tp"]), l_q, lengths)
+        except NotApplicable as why:
+            return dict(row, not_applicable=str(why)), None, None, None
+    data = Paged(torch, layer, shape["tp"], lengths, l_q, page)
+    if kernel == "gqa":
+        plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
+                           min_piece=triton_decode.min_piece(data.q, data.k_cache, data.v_cache, None, False))
+
+        def fn(plan):
+            return triton_decode.decode(data.q, data.k_cache, data.v_cache, data.block_table,
+                                        data.seqlens, softmax_scale=data.scale, plan=plan)
+        return row, fn, plan, None
+    args = data.tied_args()
+    group = h_q // h_kv
+    min_piece = triton_decode.min_piece(data.q_nope, data.kv_cache, data.kv_cache, data.rope_cache, True)
+
+    def tri(plan):
+        return triton_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan)
+
+    tri_config = triton_decode.choose_config(max(16, 1 << (data.kv_cache.shape[-1] - 1).bit_length()),
+                                             l_q, group, True)
+    _, tri_blocks, _ = triton_decode._head_layout(group, l_q, tri_config.max_rows)
+    tri_plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
+                           head_blocks=tri_blocks, min_piece=min_piece)
+    if kernel == "triton":
+        return row, tri, tri_plan, None
+    row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
+    row["launch"], fn, config = _hopper_call(torch, kernel, data)
+    plan = hopper_decode.make_plan(data.q_nope, data.kv_cache, data.rope_cache, data.seqlens,
+                                   config)
+    return row, fn, plan, (lambda: tri(tri_plan)[0].float())
+
+
+def task_time(torch, name: str, kernel: str, peaks: tuple[float, float], rep_ms: int) -> dict:
+    """Time one shape through one kernel (triton, a Hopper variant, or gqa beside GTA)."""
+    from triton.testing import do_bench
+
+    row, fn, plan, reference = _prepare(torch, name, kernel, peaks)
+    if fn is None:
+        return row
+    return _timed(torch, do_bench, row, fn, plan, reference() if reference else None, rep_ms,
+                  peaks)
+
+
+def task_warm(torch, name: str, kernel: str) -> dict:
+    """Compile one timing task's kernels (one call on its data), untimed: run several of these
+    side by side and the timing phase finds every kernel in Triton's cache."""
+    row, fn, plan, _ = _prepare(torch, name, kernel, None)
+    row = dict(task=f"warm:{name}:{kernel}", **({"not_applicable": row["not_applicable"]}
+                                                 if fn is None else {}))
+    if fn is not None:
+        try:
+            fn(plan)
+            _sync(torch)
+        except Exception as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return row
+
+
+def _timed(torch, do_bench, row, fn, plan, reference, rep_ms, peaks) -> dict:
+    copy_gbps, mm_tflops = peaks
+    try:
+        out = fn(plan)[0]
+        _sync(torch)
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        return row
+    if reference is not None:
+        rel = ((out.float() - reference).norm() / reference.norm()).item()
+        row.update(rel_err_vs_triton=rel, wrong=not rel <= CHECK_LIMIT)
+    timed, how = _graphed(torch, lambda: fn(plan))
+    us = do_bench(timed, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+    row.update(us=us, GBps=row["bytes"] / us / 1e3, TFLOPs=row["flops"] / us / 1e6,
+               pct_copy=100 * row["bytes"] / us / 1e3 / copy_gbps,
+               pct_mm=100 * row["flops"] / us / 1e6 / mm_tflops, items=plan.capacity, timing=how)
+    return row
+
+
+def worker(args) -> None:
+    """Run tasks in order, one JSON line each on stdout."""
+    import torch
+
+    torch.manual_seed(0)
+    if args.stages:
+        OVERRIDES["num_stages"] = args.stages
+    if args.ctas_per_sm:
+        OVERRIDES["ctas_per_sm"] = args.ctas_per_sm
+    peaks = tuple(float(x) for x in args.peaks.split(",")) if args.peaks else None
+    for task in args.tasks.split(","):
+        kind, _, rest = task.partition(":")
+        name, _, kernel = rest.partition(":")
+        start = time.perf_counter()
+        try:
+            if kind == "check":
+                row = task_check(torch, name, kernel)
+            elif kind == "peaks":
+                row = task_peaks(torch)
+                peaks = (row["copy_GBps"], row["mm_TFLOPs"])
+            elif kind == "warm":
+                row = task_warm(torch, name, kernel)
+            else:
+                row = task_time(torch, name, kernel, peaks, args.rep_ms)
+        except Exception as err:
+            row = dict(task=task, error=f"{type(err).__name__}: {str(err)[:400]}")
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        print("RESULT " + json.dumps(row), flush=True)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _spawn(tasks, peaks, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--tasks", ",".join(tasks),
+           "--rep-ms", str(args.rep_ms)]
+    for flag, value in (("--stages", args.stages), ("--ctas-per-sm", args.ctas_per_sm)):
+        if value:
+            cmd += [flag, str(value)]
+    if peaks:
+        cmd += ["--peaks", f"{peaks[0]},{peaks[1]}"]
+    # stderr goes to a file: a chatty worker must never block on a full pipe
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env=dict(os.environ, TRITON_INTERPRET="1" if DEVICE == "cpu" else "0"))
+    proc.log = log
+    return proc
+
+
+def _stderr_tail(proc) -> str:
+    log = getattr(proc, "log", None)
+    if log is None:
+        return proc.stderr.read()[-1500:] if proc.stderr else ""
+    log.seek(0)
+    return log.read()[-1500:]
+
+
+def _kernel_of(task: str) -> str:
+    return task.split(":")[-1]
+
+
+def _lines(proc) -> queue.Queue:
+    """The worker's stdout lines on a queue (None at its end), read by a thread so that the
+    parent can wait for the next one with a timeout."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def run_tasks(tasks, args, deadline) -> list[dict]:
+    """Run `tasks` in a worker; when a task crashes or hangs the worker, it is reported, every
+    later task of the same Hopper variant is skipped, and a fresh worker takes the rest."""
+    results, pending, peaks = [], list(tasks), None
+    while pending and time.time() < deadline:
+        proc = _spawn(pending, peaks, args)
+        lines = _lines(proc)
+        while pending:
+            try:
+                line = lines.get(timeout=max(1.0, min(args.task_timeout, deadline - time.time())))
+            except queue.Empty:
+                line, reason = None, "timed out"
+            else:
+                reason = None if line is not None else "worker died"
+            if line is not None:
+                if line.startswith("RESULT "):
+                    row = json.loads(line[len("RESULT "):])
+                    results.append(row)
+                    pending.pop(0)
+                    print(summary(row), flush=True)
+                    if row.get("task") == "peaks" and "copy_GBps" in row:
+                        peaks = (row["copy_GBps"], row["mm_TFLOPs"])
+                continue  # other lines are a library's chatter
+            proc.kill()
+            code = proc.wait()
+            stderr = _stderr_tail(proc)
+            task = pending.pop(0)
+            reason = reason if reason == "timed out" else f"{reason} (exit {code})"
+            row = dict(task=task, error=f"{reason}: {stderr}")
+            results.append(row)
+            print(summary(row), flush=True)
+            kernel = _kernel_of(task)
+            if kernel not in ("triton", "gqa"):
+                dropped = [t for t in pending if _kernel_of(t) == kernel]
+                pending = [t for t in pending if _kernel_of(t) != kernel]
+                results += [dict(task=t, error=f"skipped: {kernel} {reason} on {task}") for t in dropped]
+            break
+        else:
+            proc.wait()
+    results += [dict(task=t, error="not run: out of time") for t in pending]
+    return results
+
+
+def run_parallel(task_lists, args, deadline) -> list[dict]:
+    """run_tasks on each list in its own worker, side by side (compiles and correctness checks,
+    never timings: those run alone)."""
+    results: list[list[dict]] = [[] for _ in task_lists]
+
+    def run(i):
+        results[i] = run_tasks(task_lists[i], args, deadline)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(task_lists))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [row for rows in results for row in rows]
+
+
+def _crashed(rows) -> set[str]:
+    """Hopper variants whose worker crashed or hung on some task."""
+    return {_kernel_of(r["task"]) for r in rows if "error" in r
+            and r["error"].startswith(("timed out", "worker died"))
+            and _kernel_of(r["task"]) not in ("triton", "gqa")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--only", choices=("correctness", "timing"))
+    parser.add_argument("--shapes", help="comma-separated shape names (default: all; see --list)")
+    parser.add_argument("--checks", help="comma-separated check names (default: all)")
+    parser.add_argument("--variants", default="ws,pipe",
+                        help="Hopper variants with optional knobs (see above), e.g. ws,duo-p1")
+    parser.add_argument("--no-triton", action="store_true", help="time only the Hopper variants")
+    parser.add_argument("--stages", type=int, help="force the Hopper ring depth (default: fill)")
+    parser.add_argument("--ctas-per-sm", type=int, choices=(1, 2),
+                        help="force programs per SM the Hopper launch is sized for")
+    parser.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition window")
+    parser.add_argument("--task-timeout", type=float, default=90.0, help="seconds per task")
+    parser.add_argument("--budget", type=float, default=230.0, help="seconds for the whole run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="workers that run the checks and compile every timed kernel side by "
+                             "side before the timings, which always run one at a time")
+    parser.add_argument("--out", help="JSON file (default $OUT/hopper_decode.json when $OUT is set)")
+    parser.add_argument("--list", action="store_true", help="print the shapes, checks, variants")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", help=argparse.SUPPRESS)
+    parser.add_argument("--peaks", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    shapes = _shapes()
+    if args.list:
+        print("shapes:", ", ".join(shapes))
+        print("checks:", ", ".join(c[0] for c in CHECKS))
+        print("variants:", ", ".join(VARIANTS), "(knobs: -s<slots> -c<per SM> -p<plan per SM> "
+              "-m<min piece>)")
+        return 0
+    variants = [v for v in args.variants.split(",") if v]
+    names = (args.shapes or ",".join(shapes)).split(",")
+    checks = (args.checks or ",".join(c[0] for c in CHECKS)).split(",")
+    unknown = [s for s in names if s not in shapes] + \
+        [c for c in checks if c not in {c[0] for c in CHECKS}]
+    for spec in variants:
+        try:
+            parse_variant(spec)
+        except ValueError as err:
+            unknown.append(str(err))
+    if unknown:
+        print(f"unknown variants/shapes/checks: {unknown}; see --list", file=sys.stderr)
+        return 2
+    kernels = ([] if args.no_triton else ["triton"]) + variants
+    check_tasks = [f"check:{c}:{k}" for c in checks for k in kernels] if args.only != "timing" else []
+    time_tasks = []
+    if args.only != "correctness":
+        for name in names:
+            time_tasks += [f"time:{name}:{k}" for k in kernels]
+            if shapes[name]["variant"].startswith("gta") and not args.no_triton:
+                time_tasks.append(f"time:{name}:gqa")
+    deadline = time.time() + args.budget
+    if args.jobs > 1:
+        early = check_tasks + [t.replace("time:", "warm:", 1) for t in time_tasks]
+        rows = run_parallel([early[i::args.jobs] for i in range(args.jobs)], args, deadline)
+        crashed = _crashed(rows)
+        rows += [dict(task=t, error=f"skipped: {_kernel_of(t)} crashed or hung before")
+                 for t in time_tasks if _kernel_of(t) in crashed]
+        time_tasks = [t for t in time_tasks if _kernel_of(t) not in crashed]
+        if time_tasks:
+            rows += run_tasks(["peaks"] + time_tasks, args, deadline)
+    else:
+        rows = run_tasks(check_tasks + (["peaks"] + time_tasks if time_tasks else []), args,
+                         deadline)
+    peak_row = next((r for r in rows if r.get("task") == "peaks" and "copy_GBps" in r), None)
+    peaks = (peak_row["copy_GBps"], peak_row["mm_TFLOPs"]) if peak_row else None
+    if args.only != "correctness":
+        print(format_table(rows, peaks))
+        print(format_pivot(rows, kernels))
+    doc = dict(kernels=kernels, peaks=peaks, rows=rows)
+    print(json.dumps(doc))
+    out = args.out or (os.path.join(os.environ["OUT"], "hopper_decode.json") if os.environ.get("OUT") else None)
+    if out:
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=1)
+    bad = [r for r in rows if "error" in r or r.get("wrong")
+           or any(isinstance(v, dict) and (v.get("error") or v.get("ok") is False) for v in r.values())]
+    print(f"{len(rows) - len(bad)}/{len(rows)} tasks clean", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`hwattn convert`: a checkpoint of the paper's released GTA / GLA code -> an hwattn checkpoint."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from hwattn.cli import add_cpu_threads
+
+    p = sub.add_parser("convert", help="convert a checkpoint of the paper's released GTA/GLA "
+                                       "code into an hwattn checkpoint",
+                       description="Reads a directory written by the paper's Llama-style modeling "
+                                   "files (config.json + *.safetensors or pytorch_model*.bin), maps "
+                                   "its parameter names and shapes onto hwattn's (biased "
+                                   "projections become attention_bias=True) and writes an hwattn "
+                                   "checkpoint folder, tokenizer files included.")
+    p.add_argument("source", help="directory of the paper-format checkpoint")
+    p.add_argument("out", help="output checkpoint directory")
+    add_cpu_threads(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    import shutil
+    from pathlib import Path
+
+    from hwattn.models.checkpoint import save_checkpoint
+    from hwattn.models.convert import load_paper_checkpoint
+
+    src, out = Path(args.source), Path(args.out)
+    model = load_paper_checkpoint(src)
+    their = json.loads((src / "config.json").read_text())
+    eos = their.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    save_checkpoint(model, out, eos_token_id=eos)
+    copied = []
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            copied.append(name)
+    cfg = model.config
+    print(f"{src} -> {out}: {cfg.label}, {cfg.n_layers} layers, dim {cfg.dim}, "
+          f"{model.num_params():,} parameters, attention_bias={cfg.attention_bias}"
+          + (f"; copied {', '.join(copied)}" if copied else ""))
+    return 0

@@ -1,0 +1,310 @@
+"""Data parallelism: N engine replicas behind one engine interface, with a load-aware router.
+
+Each replica is an `LLMEngine` in its own process (`hwattn.engine.engine_core`), tensor-
+parallel itself when asked, on its own GPUs: replica i of N, each of M ranks, sees the
+visible devices [i*M, (i+1)*M) as its cuda:0..M-1. One process per replica is what lets
+several tensor-parallel groups serve side by side (a process joins one process group at most)
+and keeps each replica's scheduling off the others' Python interpreter.
+
+`DataParallelEngine` offers what `LLM` and the server's `AsyncEngine` use of an `LLMEngine`:
+add_request, add_requests, validate_prompt, abort_request, has_unfinished, step, stats, counters,
+unfinished_request_ids, check_invariants, shutdown. `step()` waits briefly for replica
+outputs rather than running a model step; the replicas step on their own.
+
+Routing: each request goes to the replica with the fewest outstanding tokens (prompt tokens
+not yet prefilled plus output tokens not yet generated, over its unfinished requests), ties
+broken round-robin. A request lives on exactly one replica, under a key never used again,
+from `add_request` until its final output or its abort; outputs for a key that is no longer
+live are dropped, so none is delivered twice or to the wrong request. Any replica failing
+fails the whole engine with that replica's traceback.
+
+Requests are checked here, all of a batch before any is routed, with the replicas' own checks
+(`validate_prompt`, `checked_params`). A request that fails alone inside its replica (its
+sampling, detokenization or stop handling raised) comes back finished with "error" and its
+`error`, as from an `LLMEngine`; the other requests go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import random
+import time
+
+import torch
+
+from hwattn.engine.llm_engine import check_request_ids, check_requests, validate_prompt
+from hwattn.engine.sampling_params import SamplingParams
+from hwattn.engine.sequence import RequestOutput
+from hwattn.parallel.launch import WorkerError, WorkerGroup
+
+COUNTERS = ("prompt_tokens", "generation_tokens", "steps", "prefill_steps", "decode_steps",
+            "draft_tokens", "accepted_tokens", "finished", "aborted", "failed")
+
+
+class LeastOutstandingTokens:
+    """Picks the replica with the least outstanding work, in tokens."""
+
+    def __init__(self, size: int):
+        self.load = [0] * size
+        self._next = itertools.cycle(range(size))
+
+    def pick(self) -> int:
+        start = next(self._next)
+        order = [(start + i) % len(self.load) for i in range(len(self.load))]
+        return min(order, key=lambda r: self.load[r])
+
+    def add(self, replica: int, tokens: int) -> None:
+        self.load[replica] += tokens
+
+
+def _check_invariants(engine) -> None:
+    """Run inside a replica: raises if its engine leaks pages."""
+    engine.check_invariants()
+
+
+@dataclasses.dataclass
+class _Request:
+    key: str  # the request's name on its replica: unique for the engine's life
+    replica: int
+    prompt: str | None
+    prompt_ids: list[int]
+    outstanding: int  # prompt tokens until the first token, plus output tokens still to come
+    arrival: float
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    first_token_time: float | None = None
+    error: str | None = None
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+class DataParallelEngine:
+    """`size` replicas of `create_engine(**engine_kwargs)`, each in its own process.
+
+    engine_kwargs: `create_engine`'s keywords (tensor_parallel_size included) with `model`,
+    a resolved `device` and `dtype`. model_config, tokenizer: the served model's, for prompt
+    validation here. poll_s: how long `step()` waits for outputs before returning none.
+    workers: a stand-in for the replica processes with `WorkerGroup`'s methods (tests run
+    replicas in this process); None starts the processes.
+    """
+
+    def __init__(self, size: int, engine_kwargs: dict, model_config, tokenizer,
+                 poll_s: float = 0.02, setup_timeout: float = 600.0, workers=None):
+        if size < 2:
+            raise ValueError(f"data_parallel_size must be >= 2 for replica processes, got {size}")
+        tp = engine_kwargs.get("tensor_parallel_size", 1)
+        device = torch.device(engine_kwargs["device"])
+        env = None
+        if device.type == "cuda":
+            gpus = _visible_gpus()
+            if len(gpus) < size * tp:
+                raise ValueError(f"data_parallel_size {size} x tensor_parallel_size {tp} needs "
+                                 f"{size * tp} GPUs, found {len(gpus)}")
+            env = [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * tp:(i + 1) * tp])} for i in range(size)]
+            engine_kwargs = dict(engine_kwargs, device="cuda")
+        self.size = size
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.tensor_parallel_size = tp
+        self.data_parallel_size = size
+        self.model = None  # the weights live in the replicas
+        self.poll_s = poll_s
+        self.setup_timeout = setup_timeout
+        self.router = LeastOutstandingTokens(size)
+        self.requests: dict[str, _Request] = {}
+        self.keys: dict[str, str] = {}  # replica-side key -> request id
+        self.results: list[list] = [[] for _ in range(size)]
+        self.pending: dict[str, RequestOutput] = {}
+        self.step_times: list[tuple[str, float]] = []
+        self.refused = 0  # requests a replica refused after they passed the checks here
+        self._ids = itertools.count()
+        self._keys = itertools.count()
+        self._rng = random.Random(engine_kwargs.get("seed", 0))
+        threads = max(1, torch.get_num_threads() // size)
+        self.group = workers or WorkerGroup("hwattn.engine.engine_core", size, env=env,
+                                            label="data-parallel replica",
+                                            connect_timeout=setup_timeout)
+        try:
+            self.group.broadcast(("build", dict(engine=engine_kwargs, threads=threads)))
+            infos = [m[1] for m in self.group.gather(setup_timeout, "ready signal")]
+        except BaseException:
+            self.group.kill()
+            raise
+        info = infos[0]
+        self.replica_info = infos
+        self.snapshots = [i["stats"] for i in infos]
+        self.kv_bytes_per_token: int = info["kv_bytes_per_token"]
+        self.max_model_len: int = info["max_model_len"]
+        self.config = info["config"]
+        self.device = info["device"]
+        self.dtype = getattr(torch, info["dtype"])
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the replicas (their tensor-parallel ranks are their children)."""
+        return self.group.pids
+
+    # Requests.
+    def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
+        """`llm_engine.validate_prompt` against the served model (what every replica checks)."""
+        return validate_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
+                               self.max_model_len)
+
+    def add_request(self, prompt: str | list[int] | torch.Tensor,
+                    params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request on the least-loaded replica; returns its id. ValueError for an
+        invalid prompt or params, or a request id in use."""
+        return self.add_requests([prompt], [params], [request_id])[0]
+
+    def add_requests(self, prompts: list, params: list[SamplingParams | None],
+                     request_ids: list[str | None] | None = None) -> list[str]:
+        """Queue several requests, all or none: every prompt, params and id is checked before
+        any request goes to a replica, so a ValueError (naming the bad prompt's index) leaves
+        the engine as it was."""
+        checked = check_requests(prompts, params, self.validate_prompt)
+        request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
+        rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
+        check_request_ids(rids, self.requests)
+        for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
+            self._route(rid, prompt, ids, sp)
+        return rids
+
+    def _route(self, request_id: str, prompt, ids: list[int], params: SamplingParams) -> None:
+        if params.seed is None:  # drawn here, so a request's samples do not depend on routing
+            params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
+        replica = self.router.pick()
+        outstanding = len(ids) + params.max_tokens
+        # A fresh key per request: outputs still in flight for an aborted request can never
+        # be taken for a later request that reuses its id.
+        key = str(next(self._keys))
+        self.group.send(replica, ("add", key, ids, params))
+        self.requests[request_id] = _Request(key, replica, prompt if isinstance(prompt, str)
+                                             else None, ids, outstanding, time.perf_counter())
+        self.keys[key] = request_id
+        self.router.add(replica, outstanding)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        del self.keys[req.key]
+        self.router.add(req.replica, -req.outstanding)
+        self.pending.pop(request_id, None)
+        self.group.send(req.replica, ("abort", req.key))
+        return self._output(request_id, req, "abort", time.perf_counter())
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self.pending)
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.requests)
+
+    # Outputs.
+    def step(self) -> list[RequestOutput]:
+        """The outputs of requests that advanced since the last call (waits up to poll_s for
+        some). Raises WorkerError if a replica failed."""
+        if not self.pending:
+            self._take(self.group.recv_any(self.poll_s))
+        out, self.pending = list(self.pending.values()), {}
+        return out
+
+    def _take(self, messages) -> None:
+        now = time.perf_counter()
+        for replica, message in messages:
+            kind = message[0]
+            if kind == "outputs":
+                _, deltas, step_time, stats = message
+                self.snapshots[replica] = stats
+                self.step_times.append(step_time)
+                for delta in deltas:
+                    self._apply(replica, delta, now)
+            elif kind == "stats":
+                self.snapshots[replica] = message[1]
+            elif kind == "result":
+                self.results[replica].append(message[1])
+            elif kind == "rejected":  # checked here first, so rare; it fails that request alone
+                _, key, reason = message
+                self.refused += key in self.keys
+                self._apply(replica, (key, [], 0, "", "error",
+                                      f"data-parallel replica {replica} refused it: {reason}"), now)
+            else:
+                raise WorkerError(f"data-parallel replica {replica} sent an unknown message "
+                                  f"{kind!r}", replica)
+
+    def _apply(self, replica: int, delta, now: float) -> None:
+        key, new_tokens, start, text, finish_reason, error = delta
+        request_id = self.keys.get(key)
+        if request_id is None:  # aborted meanwhile
+            return
+        req = self.requests[request_id]
+        done = len(new_tokens)
+        if req.first_token_time is None and new_tokens:
+            req.first_token_time = now
+            done += len(req.prompt_ids)
+        done = min(done, req.outstanding)
+        req.outstanding -= done
+        self.router.add(replica, -done)
+        req.tokens.extend(new_tokens)
+        req.text = req.text[:start] + text
+        req.error = error
+        if finish_reason is not None:
+            del self.requests[request_id], self.keys[key]
+            self.router.add(replica, -req.outstanding)
+        self.pending[request_id] = self._output(request_id, req, finish_reason,
+                                                now if finish_reason else None)
+
+    @staticmethod
+    def _output(request_id: str, req: _Request, finish_reason, finish_time) -> RequestOutput:
+        return RequestOutput(request_id, req.prompt, req.prompt_ids, req.text, list(req.tokens),
+                             finish_reason, 0, req.arrival, req.first_token_time, finish_time,
+                             req.error)
+
+    def take_step_times(self) -> list[tuple[str, float]]:
+        """(kind, seconds) of every replica step reported since the last call."""
+        out, self.step_times = self.step_times, []
+        return out
+
+    # Replicas.
+    def call_replica(self, replica: int, fn, *args, timeout: float | None = None):
+        """`fn(engine, *args)` inside replica `replica`'s process; its result. `fn` must be
+        importable. Outputs that arrive meanwhile are kept for the next `step()`."""
+        self.group.send(replica, ("call", fn, args))
+        deadline = time.monotonic() + (timeout or self.setup_timeout)
+        while not self.results[replica]:
+            if time.monotonic() > deadline:
+                self.group.kill()
+                raise WorkerError(f"data-parallel replica {replica} did not answer "
+                                  f"{getattr(fn, '__name__', fn)} in time", replica)
+            self._take(self.group.recv_any(0.1))
+        return self.results[replica].pop(0)
+
+    def check_invariants(self) -> None:
+        for replica in range(self.size):
+            self.call_replica(replica, _check_invariants)
+
+    # Introspection.
+    def stats(self) -> dict:
+        """The replicas' latest stats, summed (page_size is each replica's); "failed" also
+        counts requests a replica refused."""
+        total = {}
+        for snap in self.snapshots:
+            for key, value in snap.items():
+                total[key] = value if key == "page_size" else total.get(key, 0) + value
+        total["failed"] = total.get("failed", 0) + self.refused
+        return total
+
+    @property
+    def counters(self) -> dict:
+        stats = self.stats()
+        return {k: stats.get(k, 0) for k in COUNTERS}
+
+    def shutdown(self) -> None:
+        """Stop every replica (and its ranks): bounded; raises a replica's shutdown error."""
+        self.group.shutdown(grace=15.0)

@@ -1,0 +1,120 @@
+"""One data-parallel replica: an `LLMEngine` in its own process, driven by messages.
+
+Started by `DataParallelEngine` as `python -m hwattn.engine.engine_core`. The replica builds
+its engine (itself tensor-parallel when asked: its ranks are then its own worker processes,
+on the GPUs its CUDA_VISIBLE_DEVICES names), then loops: take every message waiting, run one
+engine step if anything is unfinished, send what the step produced.
+
+Messages in: ("add", request_id, prompt_ids, params), ("abort", request_id),
+("call", fn, args) -> ("result", fn(engine, *args)), ("stop",).
+Messages out: ("ready", info), ("outputs", deltas, (step kind, seconds), stats),
+("stats", stats), ("rejected", request_id, message), ("result", value).
+A delta is (request_id, new token ids, text start, text from there, finish_reason, error):
+output text only grows, except when a stop string cuts it, and then `text start` says where
+the replacement begins; error is set when the request failed alone (finish_reason "error").
+"""
+
+from __future__ import annotations
+
+import time
+
+from hwattn.parallel.launch import ParentLink, fault_point
+
+
+class EngineCore:
+    """Turns messages into calls on `engine` and engine steps into output messages."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) sent
+
+    def info(self) -> dict:
+        e = self.engine
+        runner = e.runner
+        return dict(kv_bytes_per_token=e.kv_bytes_per_token, max_model_len=e.max_model_len,
+                    device=str(e.device), dtype=str(e.dtype).replace("torch.", ""),
+                    stats=e.stats(), config=e.config,
+                    cuda_graphs=bool(getattr(runner, "graphs", None)
+                                     or getattr(runner, "cuda_graphs", False)),
+                    graph_error=getattr(runner, "graph_error", None))
+
+    def handle(self, message) -> list:
+        kind = message[0]
+        if kind == "add":
+            _, request_id, ids, params = message
+            try:
+                self.engine.add_request(ids, params, request_id=request_id)
+            except ValueError as err:
+                return [("rejected", request_id, str(err))]
+            return []
+        if kind == "abort":
+            self.sent.pop(message[1], None)
+            self.engine.abort_request(message[1])
+            return []
+        if kind == "call":
+            return [("result", message[1](self.engine, *message[2]))]
+        raise RuntimeError(f"unknown message {kind!r}")
+
+    def step(self) -> list:
+        engine = self.engine
+        prefills = engine.counters["prefill_steps"]
+        t0 = time.perf_counter()
+        outputs = engine.step()
+        seconds = time.perf_counter() - t0
+        kind = "prefill" if engine.counters["prefill_steps"] > prefills else "decode"
+        deltas = []
+        for out in outputs:
+            n_tokens, n_chars = self.sent.get(out.request_id, (0, 0))
+            start = n_chars if len(out.text) >= n_chars else 0
+            deltas.append((out.request_id, out.token_ids[n_tokens:], start, out.text[start:],
+                           out.finish_reason, out.error))
+            if out.finished:
+                self.sent.pop(out.request_id, None)
+            else:
+                self.sent[out.request_id] = (len(out.token_ids), len(out.text))
+        return [("outputs", deltas, (kind, seconds), engine.stats())]
+
+
+def main() -> None:
+    link = ParentLink()
+    with link.phase("build"):
+        import torch
+
+        from hwattn.engine.llm import create_engine
+
+        _, spec = link.recv()
+        torch.set_num_threads(spec["threads"])
+        fault_point("replica", "build", link.rank)
+        core = EngineCore(create_engine(**spec["engine"]))
+        link.send(("ready", core.info()))
+    engine, steps, stop = core.engine, 0, False
+    with link.phase("step"):
+        while not stop:
+            timeout = 0.0 if engine.has_unfinished() else 0.5
+            handled = False
+            while link.poll(timeout):
+                message = link.recv()
+                if message[0] == "stop":
+                    stop = True
+                    break
+                for reply in core.handle(message):
+                    link.send(reply)
+                handled, timeout = True, 0.0
+            if stop:
+                break
+            if engine.has_unfinished():
+                steps += 1
+                fault_point("replica", "step", link.rank, steps)
+                for reply in core.step():
+                    link.send(reply)
+            elif handled:
+                link.send(("stats", engine.stats()))
+    with link.phase("shutdown"):
+        fault_point("replica", "shutdown", link.rank)
+        engine.shutdown()
+        link.send(("bye",))
+    link.exit(0)
+
+
+if __name__ == "__main__":
+    main()

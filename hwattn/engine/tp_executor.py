@@ -1,0 +1,109 @@
+"""Tensor-parallel execution in worker processes: every rank, rank 0 included, runs in a
+`python -m hwattn.engine.tp_worker` process; this process keeps the scheduler, the page
+table and no weights.
+
+Each step the engine's `StepInput` (plain lists) and the sampling settings of its rows go to
+every rank; all ranks run the sharded forward (all-reduces among themselves: gloo on CPU,
+NCCL on GPUs), rank 0 samples and sends back only the token ids. Because this process never
+joins the process group, it can create and shut down any number of tensor-parallel engines,
+and a failed or stuck rank is killed rather than waited on (`hwattn.parallel.launch`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hwattn.parallel.launch import WorkerGroup
+
+
+def _seconds(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+    if seconds <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return seconds
+
+
+class TensorParallelExecutor:
+    """The engine's runner when `tensor_parallel_size > 1`.
+
+    world: ranks (processes). build: keyword arguments of `loader.build_model` (device "cuda"
+    puts rank r on cuda:r of the visible devices). runner_kwargs: of `ModelRunner` but
+    num_pages. engine_config, max_model_len: size the page pool on every rank (the smallest
+    plan wins, so every rank holds the same pages).
+
+    setup_timeout (HWATTN_SETUP_TIMEOUT_S, default 600 s) bounds start-up: processes, process
+    group, weights, cache and CUDA graphs. step_timeout (HWATTN_STEP_TIMEOUT_S, default 600 s)
+    bounds each step's reply. Any failure raises `WorkerError` with the rank's traceback.
+    """
+
+    def __init__(self, world: int, build: dict, runner_kwargs: dict, engine_config,
+                 max_model_len: int, setup_timeout: float | None = None,
+                 step_timeout: float | None = None):
+        if world < 2:
+            raise ValueError(f"tensor_parallel_size must be >= 2 for worker processes, got {world}")
+        device = torch.device(build.get("device") or "cpu")
+        if device.type == "cuda" and torch.cuda.device_count() < world:
+            raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs, "
+                             f"found {torch.cuda.device_count()}")
+        self.world = world
+        self.setup_timeout = setup_timeout or _seconds("HWATTN_SETUP_TIMEOUT_S", 600.0)
+        self.step_timeout = step_timeout or _seconds("HWATTN_STEP_TIMEOUT_S", 600.0)
+        spec = dict(build=build, runner=runner_kwargs, engine_config=engine_config,
+                    max_model_len=max_model_len, threads=max(1, torch.get_num_threads() // world),
+                    setup_timeout=self.setup_timeout, collective_timeout=self.step_timeout)
+        self.group = WorkerGroup("hwattn.engine.tp_worker", world, label="tensor-parallel rank",
+                                 rendezvous=True, connect_timeout=self.setup_timeout)
+        try:
+            self.group.broadcast(("build", spec))
+            planned = [m[1] for m in self.group.gather(self.setup_timeout, "page plan")]
+            self.num_pages = min(planned)
+            self.group.broadcast(("pages", self.num_pages))
+            ready = [m[1] for m in self.group.gather(self.setup_timeout, "ready signal")]
+        except BaseException:
+            self.group.kill()
+            raise
+        info = ready[0]
+        self.device = torch.device(info["device"])
+        self.kv_bytes_per_token: int = info["kv_bytes_per_token"]
+        self.cuda_graphs: bool = info["cuda_graphs"]
+        self.graph_error: str | None = info["graph_error"]
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the ranks, rank 0 first."""
+        return self.group.pids
+
+    def _run(self, message):
+        self.group.broadcast(message)
+        kind, result = self.group.recv(0, self.step_timeout, "step result")
+        return result
+
+    def sample_step(self, step, sampling) -> list[int | str]:
+        """`ModelRunner.sample_step` on every rank; rank 0's tokens (a row whose sampling
+        failed on rank 0 gets its error, a str, as there)."""
+        return self._run(("sample", step, sampling))
+
+    def verify_step(self, step, sampling, draft_probs=None):
+        """`ModelRunner.verify_step` on every rank, for a deterministic drafter only; rank 0's
+        per-row results."""
+        if draft_probs is not None:
+            raise ValueError("tensor-parallel workers verify deterministic drafts only "
+                             "(speculative='ngram')")
+        return self._run(("verify", step, sampling))
+
+    def call(self, fn, *args):
+        """Run `fn(runner, *args)` on every rank (each with its own `ModelRunner`, so any
+        collective inside lines up) and return rank 0's result. `fn` must be importable."""
+        return self._run(("call", fn, args))
+
+    def shutdown(self) -> None:
+        """Stop the ranks: bounded, never waits on a dead one; raises a rank's shutdown error."""
+        self.group.shutdown()

@@ -1,0 +1,89 @@
+"""One tensor-parallel rank, started by `TensorParallelExecutor` as
+`python -m hwattn.engine.tp_worker`.
+
+Life of a rank: receive the build spec, join the process group through the parent's store,
+build and shard the model, plan its page pool (the parent picks the smallest plan of all
+ranks), allocate the cache (capturing CUDA graphs on GPUs), then answer steps until told to
+stop. Every rank runs every step (the forward's all-reduces need them all); rank 0 samples
+and replies. Any exception goes to the parent with its traceback and ends the process.
+"""
+
+from __future__ import annotations
+
+from hwattn.parallel.launch import ParentLink, destroy_process_group, fault_point, init_process_group
+
+
+def build_rank(link: ParentLink, spec: dict):
+    import torch
+    import torch.distributed as dist
+
+    from hwattn.engine.llm_engine import plan_pages
+    from hwattn.engine.loader import build_model, resolve_dtype
+    from hwattn.engine.model_runner import ModelRunner
+    from hwattn.parallel.tp import shard_model
+
+    rank, world = link.rank, link.world
+    torch.set_num_threads(spec["threads"])
+    fault_point("rank", "build", rank)
+    build = dict(spec["build"])
+    device = torch.device(build["device"])
+    backend = "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+        build["device"] = f"cuda:{rank}"
+        backend = "nccl"
+    init_process_group(link, backend, spec["setup_timeout"], spec["collective_timeout"])
+    model = shard_model(build_model(**build), rank, world, dist.group.WORLD)
+    dtype = resolve_dtype(build["dtype"], model.tok_embeddings.weight.device)
+    per_token = model.kv_bytes_per_token(1, dtype)  # this rank's real layout
+    link.send(("planned", plan_pages(spec["engine_config"], per_token,
+                                     model.tok_embeddings.weight.device, spec["max_model_len"])))
+    _, num_pages = link.recv()
+    runner = ModelRunner(model, num_pages=num_pages, **spec["runner"])
+    link.send(("ready", dict(kv_bytes_per_token=per_token, device=str(runner.device),
+                             cuda_graphs=bool(runner.graphs), graph_error=runner.graph_error)))
+    return runner
+
+
+def serve(link: ParentLink, runner) -> None:
+    """Answer steps until ("stop",)."""
+    rank, count = link.rank, 0
+    while True:
+        message = link.recv()
+        kind = message[0]
+        if kind == "stop":
+            return
+        count += 1
+        fault_point("rank", "step", rank, count)
+        if kind == "call":
+            fn, args = message[1], message[2]
+            result = fn(runner, *args)
+        elif kind not in ("sample", "verify"):
+            raise RuntimeError(f"unknown message {kind!r}")
+        elif rank != 0:
+            runner.execute(message[1])  # the forward only: rank 0 samples
+            continue
+        elif kind == "sample":
+            result = runner.sample_step(message[1], message[2])
+        else:
+            result = runner.verify_step(message[1], message[2])
+        if rank == 0:
+            link.send(("result", result))
+
+
+def main() -> None:
+    link = ParentLink()
+    with link.phase("build"):
+        _, spec = link.recv()
+        runner = build_rank(link, spec)
+    with link.phase("step"):
+        serve(link, runner)
+    with link.phase("shutdown"):
+        fault_point("rank", "shutdown", link.rank)
+        destroy_process_group()
+        link.send(("bye",))
+    link.exit(0)
+
+
+if __name__ == "__main__":
+    main()

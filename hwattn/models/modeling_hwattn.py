@@ -1,0 +1,468 @@
+"""hwattn models in Hugging Face `transformers` form, in one file that needs only torch and
+transformers: `HwattnConfig` and `HwattnForCausalLM`.
+
+Every checkpoint hwattn writes carries a copy of this file and an `auto_map` in config.json,
+so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` loads it on a machine
+without hwattn; with hwattn imported, the same classes are registered with the Auto classes
+directly. The file therefore restates the decoder of `hwattn.models.Transformer` (RMSNorm,
+SwiGLU, rotate-half RoPE, the six attention families) instead of importing it; hwattn's tests
+hold the two to identical logits and token-for-token identical greedy generations.
+
+The weights keep hwattn's names (`model.<Transformer state-dict key>`). Generation keeps a
+transformers `DynamicCache`; what each layer stores in its key / value slots:
+
+    mha / mqa / gqa   K (B, H_kv, L, d_h) rotated, V (B, H_kv, L, d_h)
+    gta               tied state (B, H_kv, L, d_h), shared RoPE key (B, 1, L, d_R)
+    mla / gla         normalised latents (B, h_c, L, d_c), shared RoPE key (B, 1, L, d_R)
+
+Latent layers attend with the up-projections expanded when a step has no cached past (prompt,
+training) and absorbed into the query and output when it does (decode), as hwattn does.
+`attention_mask` (B, L) of ones and zeros handles padding on either side; positions follow
+the mask, so a left-padded row generates exactly what it would unpadded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+_V5 = int(transformers.__version__.split(".")[0]) >= 5
+# transformers 5.24 renamed the output's `past_key_values` to `cache`.
+_CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+                else "past_key_values")
+# scaled_dot_product_attention takes `enable_gqa` from torch 2.5 on.
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+# Every field of hwattn's ModelConfig with its default. The derived ones (None here) are
+# filled in by hwattn when it is installed; checkpoints always store them resolved.
+MODEL_FIELDS = {
+    "attention": "mha", "vocab_size": 2048, "dim": 128, "n_layers": 4, "n_heads": 8,
+    "head_dim": None, "n_kv_heads": None, "n_latent_heads": None, "latent_dim": None,
+    "q_latent_dim": None, "rope_dim": None, "mha_hidden_dim": 384, "hidden_dim": None,
+    "hidden_multiple": 8, "max_seq_len": 1024, "rope_theta": 500_000.0, "norm_eps": 1e-5,
+    "tie_embeddings": True, "attention_bias": False, "preset": None,
+}
+_REQUIRED = {"gqa": ("head_dim", "n_kv_heads", "rope_dim", "hidden_dim"),
+             "gta": ("head_dim", "n_kv_heads", "rope_dim", "hidden_dim"),
+             "latent": ("head_dim", "n_latent_heads", "latent_dim", "q_latent_dim", "rope_dim",
+                        "hidden_dim")}
+_FAMILY = {"mha": "gqa", "mqa": "gqa", "gqa": "gqa", "gta": "gta", "mla": "latent", "gla": "latent"}
+
+
+def _resolve(fields: dict) -> dict:
+    """Derive missing fields (head counts, widths, the parameter-matched SwiGLU width) through
+    hwattn's ModelConfig when hwattn is importable. Complete fields (every checkpoint's) are
+    taken as they are, so an older or newer hwattn installed beside does not matter."""
+    family = _FAMILY.get(fields["attention"])
+    if family is not None and all(fields[k] is not None for k in _REQUIRED[family]):
+        return fields
+    try:
+        from hwattn.config import ModelConfig
+    except ImportError:
+        return fields  # check_complete() names what is missing when a model is built
+    return {**fields, **ModelConfig.from_dict(fields).to_dict()}
+
+
+class HwattnConfig(PretrainedConfig):
+    """Every hwattn `ModelConfig` field as an attribute (see `MODEL_FIELDS`)."""
+
+    model_type = "hwattn"
+    # The names other Hugging Face tools look for.
+    attribute_map = {"hidden_size": "dim", "num_hidden_layers": "n_layers",
+                     "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len",
+                     "intermediate_size": "hidden_dim", "rms_norm_eps": "norm_eps"}
+
+    def __init__(self, **kwargs):
+        fields = {k: kwargs.pop(k, v) for k, v in MODEL_FIELDS.items()}
+        fields = _resolve(fields)
+        kwargs.setdefault("tie_word_embeddings", fields["tie_embeddings"])
+        kwargs.setdefault("architectures", ["HwattnForCausalLM"])
+        for k, v in fields.items():
+            setattr(self, k, v)
+        super().__init__(**kwargs)
+
+    def to_diff_dict(self) -> dict:
+        # transformers drops values equal to a default-constructed config; the model fields
+        # are always written, so the file reads the same with or without hwattn installed.
+        out = super().to_diff_dict()
+        out.update({k: getattr(self, k) for k in MODEL_FIELDS})
+        return out
+
+    def check_complete(self) -> None:
+        """Raise ValueError if a field the model needs is missing (only possible without hwattn)."""
+        family = _FAMILY.get(self.attention)
+        if family is None:
+            raise ValueError(f"attention must be one of {tuple(_FAMILY)}, got {self.attention!r}")
+        missing = [k for k in _REQUIRED[family] if getattr(self, k, None) is None]
+        if missing:
+            raise ValueError(f"HwattnConfig needs {missing} for attention={self.attention!r}; "
+                             "give them, or install hwattn to derive them")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight in fp32; `shape` (dim,) or (heads, dim) for per-head weights."""
+
+    def __init__(self, *shape: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(*shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_cos_sin(positions: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, T, dim / 2) fp32 for int positions (B, T); angles computed in fp64."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+    angles = positions.double()[..., None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE of x (B, T, [H,] d) by cos, sin (B, T, d / 2); keeps x's dtype."""
+    while cos.dim() < x.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """q (B, T, H, E); k (B, L, H_kv, E); v (B, L, H_kv, E_v) -> (B, T, H, E_v).
+
+    `mask` (B, 1, T, L) bool, True = may attend; None means causal with the queries being the
+    last T of the L keys. Query head i reads KV head i // (H / H_kv). Widths that differ are
+    zero-padded, which leaves scores and outputs unchanged."""
+    n_q, n_k = q.shape[1], k.shape[1]
+    e, e_v = q.shape[-1], v.shape[-1]
+    if e_v < e:
+        v = F.pad(v, (0, e - e_v))
+    elif e_v > e:
+        q, k = F.pad(q, (0, e_v - e)), F.pad(k, (0, e_v - e))
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, E)
+    extra = {}
+    if kt.shape[1] != qt.shape[1]:
+        if _SDPA_GQA:
+            extra["enable_gqa"] = True
+        else:
+            group = qt.shape[1] // kt.shape[1]
+            kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
+    if mask is None and n_q == n_k:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, **extra)
+    else:
+        if mask is None:
+            rows = torch.arange(n_q, device=q.device)[:, None]
+            mask = torch.arange(n_k, device=q.device)[None, :] <= rows + (n_k - n_q)  # (T, L)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, **extra)
+    return out.transpose(1, 2)[..., :e_v]  # (B, T, H, E_v)
+
+
+def _cached(cache, layer_idx: int, *states: Tensor) -> tuple[Tensor, ...]:
+    """Append this step's states (B, T, heads, d) to the cache; the whole history back."""
+    if cache is None:
+        return states
+    full = cache.update(*(s.transpose(1, 2) for s in states), layer_idx)  # each (B, heads, L, d)
+    return tuple(s.transpose(1, 2) for s in full)  # each (B, L, heads, d)
+
+
+class GroupedQueryAttention(nn.Module):
+    """MHA / GQA / MQA: the number of KV heads decides."""
+
+    def __init__(self, config: HwattnConfig, layer_idx: int):
+        super().__init__()
+        d, self.h, self.hk, self.dh = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+        self.layer_idx = layer_idx
+        self.scale = 1.0 / math.sqrt(self.dh)
+        self.wq = nn.Linear(d, self.h * self.dh, bias=False)
+        self.wk = nn.Linear(d, self.hk * self.dh, bias=False)
+        self.wv = nn.Linear(d, self.hk * self.dh, bias=False)
+        self.wo = nn.Linear(self.h * self.dh, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache) -> Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, t, self.h, self.dh), cos, sin)  # (B, T, H, d_h)
+        k = apply_rope(self.wk(x).view(b, t, self.hk, self.dh), cos, sin)  # (B, T, H_kv, d_h)
+        v = self.wv(x).view(b, t, self.hk, self.dh)  # (B, T, H_kv, d_h)
+        k, v = _cached(cache, self.layer_idx, k, v)  # (B, L, H_kv, d_h)
+        return self.wo(attention(q, k, v, self.scale, mask).reshape(b, t, -1))
+
+
+class GroupedTiedAttention(nn.Module):
+    """GTA: one tied state per KV head is the value and the key's un-rotated part; one RoPE
+    key of d_R dims is shared by every head."""
+
+    def __init__(self, config: HwattnConfig, layer_idx: int):
+        super().__init__()
+        d, self.h, self.hk, self.dh = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+        self.rope_dim = config.rope_dim
+        self.nope = self.dh - self.rope_dim
+        self.layer_idx = layer_idx
+        self.scale = 1.0 / math.sqrt(self.dh)
+        self.wq = nn.Linear(d, self.h * self.dh, bias=False)
+        self.wkv = nn.Linear(d, self.hk * self.dh, bias=False)
+        self.wk_rope = nn.Linear(d, self.rope_dim, bias=config.attention_bias)
+        self.wo = nn.Linear(self.h * self.dh, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache) -> Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.h, self.dh)  # (B, T, H, d_h)
+        q = torch.cat((q[..., :self.nope], apply_rope(q[..., self.nope:], cos, sin)), -1)
+        tied = self.wkv(x).view(b, t, self.hk, self.dh)  # (B, T, H_kv, d_h)
+        k_rope = apply_rope(self.wk_rope(x), cos, sin)[:, :, None]  # (B, T, 1, d_R)
+        tied, k_rope = _cached(cache, self.layer_idx, tied, k_rope)  # (B, L, H_kv, d_h), (B, L, 1, d_R)
+        n = tied.shape[1]
+        k = torch.cat((tied[..., :self.nope], k_rope.expand(b, n, self.hk, self.rope_dim)), -1)
+        return self.wo(attention(q, k, tied, self.scale, mask).reshape(b, t, -1))
+
+
+class LatentAttention(nn.Module):
+    """MLA (one latent head) and GLA (h_c latent heads): a low-rank query, h_c RMSNorm'd latents
+    of d_c dims and one shared RoPE key are computed per token; query head i up-projects latent
+    i // (H / h_c) with its own (d_h, d_c) matrices W_UK and W_UV."""
+
+    def __init__(self, config: HwattnConfig, layer_idx: int):
+        super().__init__()
+        d, self.h, self.dh = config.dim, config.n_heads, config.head_dim
+        self.hc, self.dc, self.rope_dim = config.n_latent_heads, config.latent_dim, config.rope_dim
+        self.group = self.h // self.hc
+        self.layer_idx = layer_idx
+        self.scale = 1.0 / math.sqrt(self.dh + self.rope_dim)
+        bias = config.attention_bias
+        self.wq_a = nn.Linear(d, config.q_latent_dim, bias=bias)
+        self.q_norm = RMSNorm(config.q_latent_dim, eps=config.norm_eps)
+        self.wq_b = nn.Linear(config.q_latent_dim, self.h * (self.dh + self.rope_dim), bias=bias)
+        self.wkv_a = nn.Linear(d, self.hc * self.dc + self.rope_dim, bias=bias)
+        self.kv_norm = RMSNorm(self.hc, self.dc, eps=config.norm_eps)
+        self.w_uk = nn.Parameter(torch.zeros(self.h, self.dh, self.dc))
+        self.w_uv = nn.Parameter(torch.zeros(self.h, self.dh, self.dc))
+        self.b_uk = nn.Parameter(torch.zeros(self.h, self.dh)) if bias else None
+        self.b_uv = nn.Parameter(torch.zeros(self.h, self.dh)) if bias else None
+        self.wo = nn.Linear(self.h * self.dh, d, bias=False)
+
+    def _up(self, latent: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """latent (B, L, h_c, d_c) -> per query head (B, L, H, d_h)."""
+        b, n = latent.shape[:2]
+        w = weight.view(self.hc, self.group, self.dh, self.dc)
+        out = torch.einsum("bljc,jgdc->bljgd", latent, w).reshape(b, n, self.h, self.dh)
+        return out if bias is None else out + bias
+
+    def forward(self, x, cos, sin, mask, cache) -> Tensor:
+        b, t, _ = x.shape
+        past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
+        q = self.wq_b(self.q_norm(self.wq_a(x))).view(b, t, self.h, -1)  # (B, T, H, d_h + d_R)
+        q_nope, q_rope = q.split([self.dh, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        latent, k_rope = self.wkv_a(x).split([self.hc * self.dc, self.rope_dim], dim=-1)
+        latent = self.kv_norm(latent.view(b, t, self.hc, self.dc))  # (B, T, h_c, d_c)
+        k_rope = apply_rope(k_rope, cos, sin)[:, :, None]  # (B, T, 1, d_R)
+        latent, k_rope = _cached(cache, self.layer_idx, latent, k_rope)  # (B, L, h_c, d_c), (B, L, 1, d_R)
+        n = latent.shape[1]
+        if past == 0:  # expanded: per-head keys and values from the latents
+            k = torch.cat((self._up(latent, self.w_uk, self.b_uk),
+                           k_rope.expand(b, n, self.h, self.rope_dim)), -1)  # (B, L, H, d_h + d_R)
+            v = self._up(latent, self.w_uv, self.b_uv)  # (B, L, H, d_h)
+            out = attention(torch.cat((q_nope, q_rope), -1), k, v, self.scale, mask)
+        else:  # absorbed: W_UK folded into the query, W_UV applied after attention
+            # The key bias adds q_nope · b_uk to every score of a query alike: softmax drops it.
+            q_abs = torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk)  # (B, T, H, d_c)
+            k = torch.cat((latent, k_rope.expand(b, n, self.hc, self.rope_dim)), -1)
+            out_latent = attention(torch.cat((q_abs, q_rope), -1), k, latent, self.scale, mask)
+            out = torch.einsum("bthc,hdc->bthd", out_latent, self.w_uv)  # (B, T, H, d_h)
+            if self.b_uv is not None:
+                out = out + self.b_uv  # attention weights sum to one
+        return self.wo(out.reshape(b, t, -1))
+
+
+ATTENTION = {"mha": GroupedQueryAttention, "mqa": GroupedQueryAttention,
+             "gqa": GroupedQueryAttention, "gta": GroupedTiedAttention,
+             "mla": LatentAttention, "gla": LatentAttention}
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class HwattnBlock(nn.Module):
+    def __init__(self, config: HwattnConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = ATTENTION[config.attention](config, layer_idx)
+        self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn = FeedForward(config.dim, config.hidden_dim)
+
+    def forward(self, x, cos, sin, mask, cache) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class HwattnDecoder(nn.Module):
+    """Embedding, blocks, final norm and output projection, named as in hwattn's Transformer."""
+
+    def __init__(self, config: HwattnConfig):
+        super().__init__()
+        config.check_complete()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(HwattnBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, input_ids: Tensor, positions: Tensor, mask: Tensor | None, cache,
+                logits_to_keep: int | Tensor = 0) -> Tensor:
+        """input_ids, positions (B, T); mask (B, 1, T, L) bool or None -> logits (B, T', V)."""
+        cos, sin = rope_cos_sin(positions, self.config.rope_dim, self.config.rope_theta)
+        x = self.tok_embeddings(input_ids)  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if isinstance(logits_to_keep, int):
+            x = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
+        else:
+            x = x[:, logits_to_keep]
+        return self.output(self.norm(x))
+
+
+def padding_mask(attention_mask: Tensor, query_len: int) -> Tensor | None:
+    """(B, L) ones / zeros -> (B, 1, T, L) bool: causal (queries are the last T positions) and
+    never a padded key. A query row with nothing to attend to (a padded query) may attend to
+    everything; its output is never read. None when nothing is padded."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, length), got shape "
+                         f"{tuple(attention_mask.shape)}")
+    keep = attention_mask.bool()
+    if bool(keep.all()):
+        return None
+    n_k = keep.shape[1]
+    rows = torch.arange(query_len, device=keep.device)[:, None]
+    causal = torch.arange(n_k, device=keep.device)[None, :] <= rows + (n_k - query_len)  # (T, L)
+    allowed = causal[None, None] & keep[:, None, None, :]  # (B, 1, T, L)
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
+    """Causal LM over an hwattn decoder: input_ids (B, T) -> logits (B, T, V)."""
+
+    config_class = HwattnConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["HwattnBlock"]
+    _tied_weights_keys = ({"model.output.weight": "model.tok_embeddings.weight"} if _V5
+                          else ["model.output.weight"])
+    _supports_cache_class = True
+    _supports_static_cache = False
+
+    def __init__(self, config: HwattnConfig):
+        super().__init__(config)
+        self.model = HwattnDecoder(config)
+        self.post_init()
+        self.init_hwattn_weights()
+
+    @torch.no_grad()
+    def init_hwattn_weights(self, seed: int | None = None) -> None:
+        """hwattn's initialisation: N(0, 0.02), output projections scaled by
+        1/sqrt(2 · n_layers), zero biases, unit norms (loading a checkpoint overwrites it)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.model.named_parameters():
+            if p.is_meta:
+                continue
+            if isinstance(self.model.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
+                p.fill_(1.0)
+            elif name.endswith(("bias", "b_uk", "b_uv")):
+                p.zero_()
+            else:
+                std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+    def _init_weights(self, module):
+        pass  # the decoder is initialised by init_hwattn_weights; loading overwrites it
+
+    def get_input_embeddings(self):
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value):
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self):
+        return self.model.output
+
+    def set_output_embeddings(self, value):
+        self.model.output = value
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None,
+                use_cache: bool | None = None, labels: torch.LongTensor | None = None,
+                logits_to_keep: int | Tensor = 0, num_logits_to_keep: int | None = None,
+                return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """input_ids (B, T) -> logits (B, T, V), or the last `logits_to_keep` positions.
+
+        attention_mask (B, past + T): 1 for tokens, 0 for padding (either side).
+        position_ids (B, T): default from the mask (cumulative count of tokens), else
+            past + 0..T-1.
+        past_key_values / cache: a transformers `Cache` holding the earlier tokens; with
+            `use_cache=True` a `DynamicCache` is made when none is given, and returned.
+        labels (B, T): mean next-token cross-entropy, -100 ignored.
+        """
+        cache = kwargs.pop("cache", None)
+        cache = past_key_values if cache is None else cache
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        b, t = input_ids.shape
+        if attention_mask is not None and attention_mask.shape[-1] != past + t:
+            raise ValueError(f"attention_mask must cover the {past} cached and {t} new tokens, "
+                             f"got length {attention_mask.shape[-1]}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
+        if int(position_ids.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(position_ids.max())} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        mask = padding_mask(attention_mask, t) if attention_mask is not None else None
+        keep = num_logits_to_keep if num_logits_to_keep is not None else logits_to_keep
+        logits = self.model(input_ids, position_ids, mask, cache, keep)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        out = {_CACHE_FIELD: cache} if cache is not None else {}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **out)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """Only the tokens the cache has not seen, with positions from the padding mask."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        inputs = {"input_ids": input_ids[:, past:], "attention_mask": attention_mask,
+                  "use_cache": kwargs.get("use_cache")}
+        if cache is not None:
+            inputs["cache" if "cache" in kwargs else "past_key_values"] = cache
+        keep = kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep"))
+        if keep is not None:
+            inputs["logits_to_keep"] = keep
+        return inputs
+
+
+# `save_pretrained` then copies this file next to the weights and writes the `auto_map`.
+HwattnConfig.register_for_auto_class()
+HwattnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["HwattnBlock", "HwattnConfig", "HwattnForCausalLM"]

@@ -1,0 +1,436 @@
+"""Launcher of the Hopper (sm_90) tied-state decode kernels (Gluon): `kernels/hopper_tied.py`
+(a ring of slots, every consumer warpgroup on every block; plain or overlapped schedule) and
+`kernels/hopper_duo.py` (two warpgroups taking turns on blocks, each owning half the columns).
+
+    decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table, cache_seqlens, ...)
+    supported(q_nope, q_rope, kv_cache, rope_cache)      # which calls it takes
+    choose_config(...), HopperConfig                      # how it is launched
+    make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)   # its split-KV plan
+    compile_sm90(shape, config)                           # compile without a GPU (tests, reports)
+
+Same contract as `triton_decode.decode_tied`: the same split-KV plan (`plan.py`), the same
+partial outputs merged by the same combine kernel, (out, lse) returned, and with a plan given
+no host read of device memory (CUDA-graph safe; the TMA descriptors only hold the caches'
+addresses and shapes). Calls it does not support (another GPU, fp8 or fp32, widths that are not
+multiples of 64, page sizes that are not multiples of 64, non-contiguous caches) go to the
+portable Triton kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from hwattn.ops import triton_decode
+from hwattn.ops.kernels.combine import combine_kernel
+from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
+
+__all__ = ["HopperConfig", "choose_config", "compile_sm90", "decode_tied", "make_plan",
+           "supported", "why_unsupported"]
+
+LOG2E = 1.4426950408889634
+BLOCK_N = 64  # tokens per block: one TMA row box; pages are multiples of it
+COL_BOX = 64  # state columns per TMA copy (128 bytes, the widest swizzle)
+DTYPES = (torch.bfloat16, torch.float16)
+WIDTHS = (64, 128, 256, 512)  # state widths: whole TMA boxes, power-of-two tiles
+ROPE_WIDTHS = (16, 32, 64)  # one TMA box wide, a multiple of the MMA's K step
+SMEM_PER_SM = 233472  # bytes on sm_90 (228 KiB), 1 KiB of it reserved per resident program
+SMEM_RESERVED = 1024
+SMEM_SLACK = 1024  # barriers and the compiler's reduction scratch
+REGISTERS_PER_SM = 65536
+SCHEDULES = ("ring", "duo", "pingpong")
+
+
+@dataclass(frozen=True)
+class HopperConfig:
+    """How one launch runs.
+
+    schedule: "ring" (`kernels/hopper_tied.py`: consumer warpgroups attend every block side by
+        side from a ring of slots), "duo" (`kernels/hopper_duo.py`: two warpgroups take turns
+        on blocks, each owning half the value columns; states of 128 columns or more) or
+        "pingpong" (`kernels/hopper_pingpong.py`: 128 rows, two warpgroups of 64 take turns on
+        the tensor cores; states of at most 256 columns).
+    specialize: ring only: a producer warp issues the copies (`gl.warp_specialize`); False: the
+        consumer warps issue them NUM_STAGES - 1 blocks ahead themselves (the fallback variant).
+    overlap: ring, specialised, states of at most 256 columns: each block's softmax runs while
+        the previous block's P·S and the next block's scores are on the tensor cores (three
+        blocks in flight: needs three slots).
+    num_stages: slots in the shared-memory ring (duo: an even number); None: as many as fit
+        (at most `max_stages`).
+    ctas_per_sm: resident programs per SM the shared memory and registers are divided for.
+    max_stages: cap on the automatic ring depth.
+    programs_per_sm: split-KV planning (`make_plan`): programs per SM its pieces aim for; None:
+        the planner's default (2).
+    min_piece: split-KV planning: shortest piece in tokens; None: the Triton kernel's rule
+        (the fp32 partial costs at most half the bytes the piece reads).
+    """
+
+    schedule: str = "ring"
+    specialize: bool = True
+    overlap: bool = False
+    num_stages: int | None = None
+    ctas_per_sm: int = 1
+    max_stages: int = 6
+    programs_per_sm: int | None = None
+    min_piece: int | None = None
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.ctas_per_sm not in (1, 2):
+            raise ValueError(f"ctas_per_sm must be 1 or 2, got {self.ctas_per_sm}")
+        if self.overlap and (self.schedule != "ring" or not self.specialize):
+            raise ValueError("overlap is a schedule of the specialised ring kernel")
+        for name in ("programs_per_sm", "min_piece"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Derived launch parameters of one (shape, config)."""
+
+    block_m: int
+    num_warps: int
+    warps_n: int
+    num_stages: int
+    heads_per_prog: int
+    head_blocks: int
+    smem_bytes: int
+    maxnreg: int | None
+
+
+def warp_layout(d_v: int, rows: int) -> tuple[int, int, int]:
+    """(BLOCK_M, consumer warps, WARPS_N) for a state width and g_q × L_q rows.
+
+    Above 256 columns two warpgroups split the value columns of 64 rows (a 64 × 512 fp32
+    accumulator needs 256 registers per thread in one warpgroup); otherwise one warpgroup per
+    64 rows, two when there are more than 64 rows (both read each state tile once).
+    """
+    if d_v > 256:
+        return 64, 8, 2
+    if rows > 64:
+        return 128, 8, 1
+    return 64, 4, 1
+
+
+def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
+                config: HopperConfig, elem_bytes: int = 2) -> Launch:
+    """Tile shape, ring depth and head blocks; raises ValueError for widths the kernel does not
+    take or when two slots do not fit."""
+    if d_v not in WIDTHS or d_nope not in WIDTHS or d_nope > d_v or d_rope not in ROPE_WIDTHS:
+        raise ValueError(f"widths D_nope={d_nope}, D_v={d_v}, D_R={d_rope}: need D_nope <= D_v, "
+                         f"both in {WIDTHS}, D_R in {ROPE_WIDTHS}")
+    duo = config.schedule == "duo"
+    if duo:
+        if config.ctas_per_sm != 1:
+            raise ValueError("the duo schedule's two warpgroups need all of an SM's registers: "
+                             "ctas_per_sm must be 1")
+        if d_v < 128 or d_nope != d_v:
+            raise ValueError(f"the duo schedule splits D_v={d_v} in halves of whole 64-column "
+                             f"boxes that are all key boxes: needs D_v >= 128 and D_nope = D_v "
+                             f"(got D_nope={d_nope})")
+        # One warpgroup of the parent region plus one worker: 64 rows, each half the columns.
+        block_m, num_warps, warps_n = 64, 4, 2
+    elif config.schedule == "pingpong":
+        if d_v > 256 or group * query_len <= 64:
+            raise ValueError(f"the pingpong schedule gives each of two warpgroups 64 rows and "
+                             f"every column: needs D_v <= 256 (got {d_v}) and more than 64 rows "
+                             f"(got {group * query_len})")
+        block_m, num_warps, warps_n = 128, 4, 1  # the parent region is the first warpgroup
+    else:
+        block_m, num_warps, warps_n = warp_layout(d_v, group * query_len)
+    heads = min(group, max(1, block_m // query_len))
+    head_blocks = -(-group // heads)
+    if duo:
+        # Non-RoPE queries; the RoPE queries wait in one of the two probability tiles.
+        fixed = block_m * d_nope * elem_bytes + 2 * block_m * BLOCK_N * elem_bytes
+    else:
+        fixed = block_m * (d_nope + d_rope) * elem_bytes  # queries
+        if warps_n == 2:
+            fixed += block_m * BLOCK_N * elem_bytes  # shared probabilities
+    stage = BLOCK_N * (d_v + d_rope) * elem_bytes
+    budget = SMEM_PER_SM // config.ctas_per_sm - SMEM_RESERVED - SMEM_SLACK
+    fit = (budget - fixed) // stage
+    if duo:
+        fit -= fit % 2
+    stages = config.num_stages or min(config.max_stages, fit)
+    if config.overlap and warps_n != 1:
+        raise ValueError(f"the overlapped schedule keeps all D_v={d_v} columns in one warpgroup: "
+                         f"needs D_v <= 256")
+    least = 3 if config.overlap or config.schedule == "pingpong" else 2
+    if stages < least or stages > fit or (duo and stages % 2):
+        raise ValueError(f"{stages} ring slots of {stage} B do not fit {budget} B of shared memory "
+                         f"beside {fixed} B of queries (d_v={d_v}, ctas_per_sm={config.ctas_per_sm}"
+                         + (", duo needs an even count)" if duo else ")"))
+    maxnreg = None
+    if duo:
+        threads = 32 * 2 * num_warps
+    elif config.schedule == "pingpong":
+        threads = 32 * 3 * num_warps  # two consumer warpgroups and the producer's
+    else:
+        threads = 32 * (num_warps + (4 if config.specialize else 0))  # the producer: a warpgroup
+    if threads * 255 * config.ctas_per_sm > REGISTERS_PER_SM:
+        maxnreg = REGISTERS_PER_SM // (threads * config.ctas_per_sm) // 8 * 8
+    return Launch(block_m, num_warps, warps_n, stages, heads, head_blocks,
+                  fixed + stages * stage, maxnreg)
+
+
+def choose_config(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int) -> HopperConfig:
+    """Default config: specialised; two programs per SM when each still gets four slots
+    (narrow states such as GTA's, whose single warpgroup would otherwise idle the tensor cores
+    during its softmax)."""
+    two = HopperConfig(ctas_per_sm=2)
+    try:
+        if plan_launch(d_nope, d_v, d_rope, group, query_len, two).num_stages >= 4:
+            return two
+    except ValueError:
+        pass
+    return HopperConfig()
+
+
+def why_unsupported(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                    kv_scale: float | None = None) -> str | None:
+    """None if the Hopper kernel takes this call, else the reason it does not."""
+    if q_nope.device.type != "cuda":
+        return "not a CUDA tensor"
+    try:
+        from triton.experimental import gluon  # noqa: F401
+    except ImportError:
+        return "this Triton has no Gluon"
+    if torch.cuda.get_device_capability(q_nope.device)[0] != 9:
+        return "not an sm_90 (Hopper) GPU"
+    if q_nope.dtype not in DTYPES:
+        return f"dtype {q_nope.dtype} (needs bf16 or fp16)"
+    if kv_scale is not None or kv_cache.dtype != q_nope.dtype or rope_cache.dtype != q_nope.dtype:
+        return "caches must have the query dtype (no fp8)"
+    d_nope, d_v, d_rope = q_nope.shape[-1], kv_cache.shape[-1], q_rope.shape[-1]
+    if d_v not in WIDTHS or d_nope not in WIDTHS or d_nope > d_v:
+        return f"widths D_nope={d_nope}, D_v={d_v} (need D_nope <= D_v, both in {WIDTHS})"
+    if d_rope not in ROPE_WIDTHS:
+        return f"RoPE width {d_rope} (needs one of {ROPE_WIDTHS})"
+    if kv_cache.shape[1] % BLOCK_N:
+        return f"page size {kv_cache.shape[1]} (needs a multiple of 64)"
+    if not (kv_cache.is_contiguous() and rope_cache.is_contiguous()):
+        return "caches must be contiguous (TMA views them as 2-D)"
+    if any(t.data_ptr() % 16 for t in (kv_cache, rope_cache)):
+        return "caches must be 16-byte aligned"
+    if q_nope.stride(-1) != 1 or q_rope.stride(-1) != 1:
+        return "queries must be contiguous in their last dimension"
+    query_len, n_heads, n_kv = q_nope.shape[1], q_nope.shape[2], kv_cache.shape[2]
+    if query_len > 64:
+        return f"L_q={query_len} (at most 64)"
+    try:
+        plan_launch(d_nope, d_v, d_rope, n_heads // n_kv, query_len, HopperConfig())
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def supported(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+              kv_scale: float | None = None) -> bool:
+    """Whether `decode_tied` runs this call on the Hopper kernel (else it uses Triton's)."""
+    return why_unsupported(q_nope, q_rope, kv_cache, rope_cache, kv_scale) is None
+
+
+def _descriptors(kv_cache: Tensor, rope_cache: Tensor):
+    """TMA descriptors over the caches viewed 2-D: (pages × page_size, H_kv × D_v) and
+    (pages × page_size, D_R); one box is 64 tokens × 64 state columns / the RoPE key."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    n_pages, page, n_kv, d_v = kv_cache.shape
+    d_rope = rope_cache.shape[-1]
+    ty = gl.bfloat16 if kv_cache.dtype == torch.bfloat16 else gl.float16
+    kv_2d = kv_cache.view(n_pages * page, n_kv * d_v)
+    rope_2d = rope_cache.view(n_pages * page, d_rope)
+    kv_desc = TensorDescriptor.from_tensor(
+        kv_2d, [BLOCK_N, COL_BOX], gl.NVMMASharedLayout.get_default_for([BLOCK_N, COL_BOX], ty))
+    rope_desc = TensorDescriptor.from_tensor(
+        rope_2d, [BLOCK_N, d_rope], gl.NVMMASharedLayout.get_default_for([BLOCK_N, d_rope], ty))
+    return kv_desc, rope_desc
+
+
+def make_plan(q_nope: Tensor, kv_cache: Tensor, rope_cache: Tensor, cache_seqlens: Tensor,
+              config: HopperConfig | None = None, out: DecodePlan | None = None) -> DecodePlan:
+    """The split-KV plan `decode_tied` makes when given none (reads `cache_seqlens` on the
+    host): pieces for this config's head blocks and planning knobs."""
+    _, query_len, n_heads, d_nope = q_nope.shape
+    _, page_size, n_kv, d_v = kv_cache.shape
+    d_rope = rope_cache.shape[-1]
+    config = config or choose_config(d_nope, d_v, d_rope, n_heads // n_kv, query_len)
+    launch = plan_launch(d_nope, d_v, d_rope, n_heads // n_kv, query_len, config)
+    min_piece = config.min_piece or triton_decode.min_piece(q_nope, kv_cache, kv_cache,
+                                                            rope_cache, True)
+    return plan_decode(cache_seqlens, num_heads_kv=n_kv, query_len=query_len,
+                       page_size=page_size, head_blocks=launch.head_blocks, min_piece=min_piece,
+                       programs_per_sm=config.programs_per_sm or PROGRAMS_PER_SM, out=out)
+
+
+def _kernel(d_nope: int, d_v: int, d_rope: int, query_len: int, page: int, config: HopperConfig,
+            launch: Launch):
+    """(Gluon kernel, its constexpr and launch keywords) for a config's schedule."""
+    common = dict(L_Q=query_len, HEADS_PER_PROG=launch.heads_per_prog,
+                  HEAD_BLOCKS=launch.head_blocks, BLOCK_M=launch.block_m, BLOCK_N=BLOCK_N,
+                  D_NOPE=d_nope, D_V=d_v, D_R=d_rope, PAGE=page, num_warps=launch.num_warps)
+    if launch.maxnreg is not None:
+        common["maxnreg"] = launch.maxnreg
+    if config.schedule == "duo":
+        from hwattn.ops.kernels.hopper_duo import hopper_duo_kernel
+
+        return hopper_duo_kernel, dict(common, PAIRS=launch.num_stages // 2)
+    if config.schedule == "pingpong":
+        from hwattn.ops.kernels.hopper_pingpong import hopper_pingpong_kernel
+
+        return hopper_pingpong_kernel, dict(common, NUM_STAGES=launch.num_stages)
+    from hwattn.ops.kernels.hopper_tied import hopper_tied_kernel
+
+    return hopper_tied_kernel, dict(common, NUM_STAGES=launch.num_stages, WARPS_N=launch.warps_n,
+                                    SPECIALIZE=config.specialize, OVERLAP=config.overlap)
+
+
+def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                block_table: Tensor, cache_seqlens: Tensor, *, softmax_scale: float,
+                plan: DecodePlan | None = None, kv_scale: float | None = None,
+                config: HopperConfig | None = None):
+    """Tied-state paged decode on Hopper; shapes as `hwattn.ops.decode_tied` (arguments already
+    validated there). Returns (out (B, L_q, H_q, D_v), lse (B, H_q, L_q) fp32). Unsupported
+    calls run `triton_decode.decode_tied`."""
+    if not supported(q_nope, q_rope, kv_cache, rope_cache, kv_scale):
+        return triton_decode.decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                         cache_seqlens, softmax_scale=softmax_scale, plan=plan,
+                                         kv_scale=kv_scale)
+    batch, query_len, n_heads, d_nope = q_nope.shape
+    _, page_size, n_kv, d_v = kv_cache.shape
+    d_rope = q_rope.shape[-1]
+    group = n_heads // n_kv
+    config = config or choose_config(d_nope, d_v, d_rope, group, query_len)
+    launch = plan_launch(d_nope, d_v, d_rope, group, query_len, config)
+    if plan is None:
+        plan = make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)
+    elif plan.batch != batch or plan.items.device != q_nope.device:
+        raise ValueError(f"plan was made for B={plan.batch} on {plan.items.device}, "
+                         f"not B={batch} on {q_nope.device}")
+
+    out = torch.empty(batch, query_len, n_heads, d_v, dtype=q_nope.dtype, device=q_nope.device)
+    lse = torch.empty(batch, n_heads, query_len, dtype=torch.float32, device=q_nope.device)
+    if plan.may_split:
+        part_out = torch.empty(plan.capacity, query_len, n_heads, d_v, dtype=torch.float32,
+                               device=q_nope.device)
+        part_lse = torch.empty(plan.capacity, query_len, n_heads, dtype=torch.float32,
+                               device=q_nope.device)
+    else:  # every sequence is one piece: the kernel never touches the partials
+        part_out, part_lse = out, lse
+    kv_desc, rope_desc = _descriptors(kv_cache, rope_cache)
+    kernel, constexprs = _kernel(d_nope, d_v, d_rope, query_len, page_size, config, launch)
+    kernel[(n_kv * launch.head_blocks, plan.capacity)](
+        q_nope, q_rope, kv_desc, rope_desc, block_table, cache_seqlens,
+        plan.items, plan.splits, out, lse, part_out, part_lse,
+        softmax_scale * LOG2E, n_heads, group,
+        *q_nope.stride()[:3], *q_rope.stride()[:3], block_table.stride(0),
+        *out.stride()[:3], *lse.stride()[:2], **constexprs,
+    )
+    if plan.may_split:
+        block_d = min(128, triton.next_power_of_2(d_v))
+        block_p = min(64, max(8, triton.next_power_of_2(plan.max_pieces)))
+        combine_kernel[(batch, query_len * n_heads, triton.cdiv(d_v, block_d))](
+            part_out, part_lse, plan.splits, out, lse, n_heads,
+            *out.stride()[:3], *lse.stride()[:2],
+            L_Q=query_len, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+        )
+    return out, lse
+
+
+@dataclass(frozen=True)
+class TiedShape:
+    """What the kernel is compiled for: widths, heads per state head, L_q, page size, dtype."""
+
+    d_nope: int
+    d_v: int
+    d_rope: int
+    group: int
+    query_len: int
+    page: int = 64
+    dtype: str = "bf16"
+
+
+def compile_sm90(shape: TiedShape, config: HopperConfig):
+    """Compile the kernel for sm_90 on any machine (ptxas included, no GPU needed).
+
+    Returns (compiled kernel, Launch). The kernel's `asm` holds 'ttgir', 'ptx' and 'cubin';
+    `metadata.shared` its shared memory. Pointer strides stay runtime values here, so registers
+    can differ slightly from a launch that specialises them.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    launch = plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group, shape.query_len, config)
+    ty = {"bf16": gl.bfloat16, "fp16": gl.float16}[shape.dtype]
+    box = gl.NVMMASharedLayout.get_default_for([BLOCK_N, COL_BOX], ty)
+    rope_box = gl.NVMMASharedLayout.get_default_for([BLOCK_N, shape.d_rope], ty)
+    fn, constexprs = _kernel(shape.d_nope, shape.d_v, shape.d_rope, shape.query_len, shape.page,
+                             config, launch)
+    options = {k: constexprs.pop(k) for k in ("num_warps", "maxnreg") if k in constexprs}
+    constexprs["num_warps"] = options["num_warps"]
+    pointers = dict(q_ptr=shape.dtype, q_rope_ptr=shape.dtype, block_table_ptr="i32",
+                    seqlens_ptr="i32", items_ptr="i32", splits_ptr="i32", out_ptr=shape.dtype,
+                    lse_ptr="fp32", part_out_ptr="fp32", part_lse_ptr="fp32")
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        elif name == "kv_desc":
+            signature[name] = f"tensordesc<{shape.dtype}[{BLOCK_N}, {COL_BOX}],{box!r}>"
+        elif name == "rope_desc":
+            signature[name] = f"tensordesc<{shape.dtype}[{BLOCK_N}, {shape.d_rope}],{rope_box!r}>"
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return kernel, launch
+
+
+def resources(kernel) -> dict[str, int]:
+    """Registers per thread, spill (local) bytes and shared bytes of a compiled kernel, read
+    from its cubin with the cuobjdump that ships with Triton."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    found = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    return dict(registers=found.get("REG", -1), spill_bytes=found.get("LOCAL", 0) + found.get("STACK", 0),
+                shared_bytes=kernel.metadata.shared)
+
+
+def describe(shape: TiedShape, config: HopperConfig) -> str:
+    """One line: the launch a shape gets under a config."""
+    launch = plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group, shape.query_len, config)
+    if config.schedule == "pingpong":
+        return (f"pingpong, M=128 (2 warpgroups of 64 rows taking turns), {launch.num_stages} "
+                f"slots, {launch.head_blocks} head block(s), {launch.smem_bytes / 1024:.0f} KiB, "
+                f"{config.ctas_per_sm}/SM" + (f", maxnreg {launch.maxnreg}" if launch.maxnreg else ""))
+    if config.schedule == "duo":
+        return (f"duo, M={launch.block_m} (2 warpgroups taking turns), {launch.num_stages} slots, "
+                f"{launch.head_blocks} head block(s), {launch.smem_bytes / 1024:.0f} KiB, "
+                f"{config.ctas_per_sm}/SM")
+    kind = ("overlapped" if config.overlap else "specialised") if config.specialize else "pipelined"
+    return (f"{kind}, M={launch.block_m} ({launch.num_warps} warps, WARPS_N={launch.warps_n}), "
+            f"{launch.num_stages} slots, {launch.head_blocks} head block(s), "
+            f"{launch.smem_bytes / 1024:.0f} KiB, {config.ctas_per_sm}/SM"
+            + (f", maxnreg {launch.maxnreg}" if launch.maxnreg else ""))

@@ -1,0 +1,301 @@
+"""Request bodies of the OpenAI-compatible routes, as pydantic models with bounds, and the
+OpenAI-style error they turn into.
+
+Every field the server honours is declared; any other field is refused by name (400) instead
+of being silently ignored, and OpenAI fields this server does not implement are accepted only
+at their no-op value. Integers must be JSON integers, floats must be finite, and what costs the
+engine time on every token (stop strings, stop ids) or per request (prompts in one body) is
+capped by `ServerLimits`.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from hwattn.engine.sampling_params import INT64_LIMIT, SamplingParams
+from hwattn.engine.tokenizer import CHAT_ROLES
+
+
+class APIError(Exception):
+    """An error sent to the client as `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code, self.kind = message, status, param, code, kind
+
+    def response(self) -> JSONResponse:
+        # A message may quote the client's input, lone surrogates included: keep it encodable.
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        param = None if self.param is None else \
+            self.param.encode("utf-8", "backslashreplace").decode("utf-8")
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse({"error": {"message": message, "type": self.kind, "param": param,
+                                       "code": self.code}},
+                            status_code=self.status, headers=headers)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Caps on what one request may ask of the server.
+
+    max_body_bytes: largest request body (413 beyond it, checked before it is parsed).
+    max_stop: stop strings, and stop token ids, per request.
+    max_stop_chars: characters in one stop string.
+    max_prompts: prompts in one /v1/completions request.
+    max_messages: messages in one /v1/chat/completions request.
+    """
+
+    max_body_bytes: int = 16 << 20
+    max_stop: int = 64
+    max_stop_chars: int = 1024
+    max_prompts: int = 256
+    max_messages: int = 1024
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_stop", "max_stop_chars", "max_prompts", "max_messages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# OpenAI fields this server does not implement, and the values that ask for nothing.
+NO_OP = {
+    "presence_penalty": lambda v: _number(v) and v == 0,
+    "frequency_penalty": lambda v: _number(v) and v == 0,
+    "logit_bias": lambda v: v == {},
+    "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: _number(v) and v == 0,
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "echo": lambda v: v is False,
+    "best_of": lambda v: _number(v) and v == 1,
+    "suffix": lambda v: v == "",
+}
+
+
+def _error(kind: str, message: str, **ctx) -> PydanticCustomError:
+    return PydanticCustomError(kind, message, ctx or None)
+
+
+def _limits(info: ValidationInfo) -> ServerLimits:
+    return (info.context or {}).get("limits") or ServerLimits()
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """Fields shared by completions and chat: the model and the sampling settings."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1, lt=INT64_LIMIT)
+    seed: int | None = Field(None, ge=0, lt=INT64_LIMIT)
+    stop: Any = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None  # the caller's end-user label: accepted, used for nothing
+    # OpenAI fields without an implementation here: only their no-op values are accepted.
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
+
+    @field_validator(*NO_OP, mode="before", check_fields=False)
+    @classmethod
+    def _no_op_only(cls, value, info: ValidationInfo):
+        if value is None or NO_OP[info.field_name](value):
+            return None
+        raise _error("unsupported_parameter", "{name} is not supported by this server",
+                     name=info.field_name)
+
+    @field_validator("n")
+    @classmethod
+    def _one(cls, value):
+        if value != 1:
+            raise _error("invalid_value", "n must be 1, got {n}", n=value)
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value, info: ValidationInfo):
+        if value is None:
+            return None
+        limits = _limits(info)
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise _error("invalid_value", "stop must be a non-empty string or a list of them")
+        if len(stops) > limits.max_stop:
+            raise _error("invalid_value", "stop has {n} strings; at most {cap} are allowed",
+                         n=len(stops), cap=limits.max_stop)
+        longest = max((len(s) for s in stops), default=0)
+        if longest > limits.max_stop_chars:
+            raise _error("invalid_value", "a stop string has {n} characters; at most {cap} are "
+                         "allowed", n=longest, cap=limits.max_stop_chars)
+        return stops
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, value, info: ValidationInfo):
+        limits = _limits(info)
+        if value is not None:
+            if len(value) > limits.max_stop:
+                raise _error("invalid_value", "stop_token_ids has {n} ids; at most {cap} are "
+                             "allowed", n=len(value), cap=limits.max_stop)
+            if not all(0 <= t < INT64_LIMIT for t in value):
+                raise _error("invalid_value", "stop_token_ids must be token ids >= 0")
+        return value
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """The engine's settings, with `max_tokens` as the route resolved it (the request's own,
+        or the route's default when it gives none)."""
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=self.top_k or 0, seed=self.seed, stop=self.stop,
+                stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos)
+        except ValueError as err:
+            raise APIError(str(err), param=str(err).split(" ", 1)[0]) from None
+
+    def check_stream_options(self) -> bool:
+        """Whether to send a usage chunk last; stream_options without streaming is an error."""
+        if self.stream_options is not None and not self.stream:
+            raise APIError("stream_options is only allowed when stream is true",
+                           param="stream_options")
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions. `prompt` becomes a list of prompts (strings or token-id lists)."""
+
+    prompt: Any
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value, info: ValidationInfo):
+        def ids(x):
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                               for t in x)
+
+        if isinstance(value, str) or (ids(value) and value):
+            return [value]
+        if isinstance(value, list) and value and (all(isinstance(p, str) for p in value)
+                                                  or all(ids(p) for p in value)):
+            cap = _limits(info).max_prompts
+            if len(value) > cap:
+                raise _error("invalid_value", "prompt has {n} prompts; at most {cap} are allowed",
+                             n=len(value), cap=cap)
+            return value
+        raise _error("invalid_value", "prompt must be a string, a list of strings, a list of "
+                     "token ids or a list of such lists")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Any
+    content: Any
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _role(cls, value):
+        if not isinstance(value, str) or value not in CHAT_ROLES:
+            raise _error("invalid_value", "role must be one of {roles}; got {got}",
+                         roles=", ".join(CHAT_ROLES), got=_SHORT.repr(value))
+        return value
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if not isinstance(part, dict) or part.get("type") != "text" \
+                        or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                    raise _error("invalid_value", "content[{i}] must be a text part: an object "
+                                 "with type \"text\" and a string text (only text is supported)",
+                                 i=i)
+            return value
+        raise _error("invalid_value", "content must be a string or a list of text parts, got {t}",
+                     t=type(value).__name__ if value is not None else "null")
+
+
+class ChatRequest(_Request):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _few_messages(cls, value, info: ValidationInfo):
+        cap = _limits(info).max_messages
+        if isinstance(value, list) and len(value) > cap:
+            raise _error("invalid_value", "messages has {n} messages; at most {cap} are allowed",
+                         n=len(value), cap=cap)
+        return value
+
+
+_SHORT = reprlib.Repr()  # quotes a client's value briefly, however long or deep
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 3, 60, 60, 6, 6
+
+
+def _param(loc: tuple) -> str:
+    """('messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse(model: type[BaseModel], body: dict, limits: ServerLimits):
+    """`model` validated from `body`, or an APIError (400) naming the first bad field."""
+    try:
+        return model.model_validate(body, context={"limits": limits})
+    except ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        param = _param(first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise APIError(f"unrecognized request argument {param!r}: this server does not "
+                           f"implement it", param=param, code="unsupported_parameter") from None
+        if first["type"] == "unsupported_parameter":
+            raise APIError(first["msg"], param=param, code="unsupported_parameter") from None
+        message, name = first["msg"], str(first["loc"][-1]) if first["loc"] else ""
+        if first["type"] == "missing":
+            message = f"{param} is required"
+        elif first["type"] != "invalid_value":
+            message = f"{param}: {message}, got {_SHORT.repr(first.get('input'))}"
+        elif message.startswith(name):
+            message = param + message[len(name):]  # name the field by its whole path
+        else:
+            message = f"{param}: {message}"
+        raise APIError(message, param=param) from None

@@ -1,0 +1,245 @@
+"""The Hopper (sm_90) tied decode kernel (`hopper_decode.py`, Gluon).
+
+On any machine: every launch layout the launcher ships, in every schedule (VARIANTS), compiles
+for sm_90 (ptxas included) to warpgroup MMAs fed by TMA copies on mbarriers, without spills,
+within the shared memory and registers of one SM; calls it does not take fall back to the
+Triton kernel.
+On an H100/H200 (HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0): the hostile paged cases of
+`test_decode.py` against the fp64 truth, with the same derived tolerances, for every schedule
+that takes the shape, unsplit and split into 64-token pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hwattn import ops
+from hwattn.ops import hopper_decode, triton_decode
+from hwattn.ops.hopper_decode import HopperConfig, TiedShape
+from tests.conftest import assert_close_derived
+from tests.ops.paged import DEVICE, attention_truth, fill_cache, gather_truth, paged_table
+
+SMEM_LIMIT = 232448  # dynamic shared memory one sm_90 program may use (227 KiB)
+
+# Schedules under test: HopperConfig fields on top of the shape's default programs per SM.
+VARIANTS = {
+    "specialised": dict(specialize=True),
+    "pipelined": dict(specialize=False),
+    "overlapped": dict(overlap=True),
+    "duo": dict(schedule="duo", ctas_per_sm=1),
+    "pingpong": dict(schedule="pingpong"),
+}
+
+
+def _config(shape: TiedShape, variant: str) -> HopperConfig | None:
+    """The variant's config for a shape, or None where the schedule does not take it."""
+    base = hopper_decode.choose_config(shape.d_nope, shape.d_v, shape.d_rope, shape.group,
+                                       shape.query_len)
+    config = HopperConfig(**dict(dict(ctas_per_sm=base.ctas_per_sm), **VARIANTS[variant]))
+    try:
+        hopper_decode.plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group,
+                                  shape.query_len, config)
+    except ValueError:
+        return None
+    return config
+
+
+def _nvidia_backend() -> bool:
+    import triton
+
+    if importlib.util.find_spec("triton.experimental.gluon") is None:
+        return False
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.exists(os.path.join(tools, "ptxas")) and os.path.exists(os.path.join(tools, "cuobjdump"))
+
+
+def _on_hopper() -> bool:
+    return (DEVICE.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] == 9)
+
+
+# One shape per launch layout the launcher picks (BLOCK_M, warps, WARPS_N, programs per SM).
+COMPILE_SHAPES = [
+    pytest.param(TiedShape(512, 512, 64, 128, 1), id="mla-2wg-split-columns"),
+    pytest.param(TiedShape(512, 512, 64, 128, 4), id="mla-lq4"),
+    pytest.param(TiedShape(256, 256, 64, 64, 1), id="gla2-lq1-1wg"),
+    pytest.param(TiedShape(256, 256, 64, 64, 2), id="gla2-lq2-2wg-split-rows"),
+    pytest.param(TiedShape(64, 128, 64, 8, 1), id="gta4-2-per-sm"),
+    pytest.param(TiedShape(64, 128, 16, 3, 3, page=128, dtype="fp16"), id="dr16-fp16-page128"),
+    pytest.param(TiedShape(128, 128, 32, 3, 3, page=128, dtype="fp16"), id="d128-dr32-fp16"),
+]
+CASES = [(p.id, v) for p in COMPILE_SHAPES for v in VARIANTS
+         if _config(p.values[0], v) is not None]
+
+
+# Compiled in a child process: the ops tests run Triton's interpreter, which replaces the
+# language's library functions the Gluon compiler needs.
+COMPILE_SCRIPT = """
+import json, sys
+from hwattn.ops import hopper_decode, triton_decode
+from hwattn.ops.hopper_decode import HopperConfig, TiedShape
+results = []
+for fields, config in json.loads(sys.argv[1]):
+    shape, config = TiedShape(**fields), HopperConfig(**config)
+    kernel, launch = hopper_decode.compile_sm90(shape, config)
+    ptx = kernel.asm["ptx"]
+    threads = 32 * {"duo": 2 * launch.num_warps, "pingpong": 3 * launch.num_warps}.get(
+        config.schedule, launch.num_warps + (4 if config.specialize else 0))
+    results.append(dict(hopper_decode.resources(kernel), ctas_per_sm=config.ctas_per_sm,
+                        threads=threads, wgmma="wgmma.mma_async" in ptx,
+                        tma="cp.async.bulk.tensor" in ptx, mbarrier="mbarrier.try_wait" in ptx,
+                        setmaxnreg="setmaxnreg" in ptx))
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{(shape id, variant): report} for every case in CASES."""
+    shapes = {p.id: p.values[0] for p in COMPILE_SHAPES}
+    cases = [(dataclasses.asdict(shapes[sid]), dataclasses.asdict(_config(shapes[sid], v)))
+             for sid, v in CASES]
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(zip(CASES, reports))
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without Gluon or the NVIDIA backend")
+@pytest.mark.parametrize("shape_id, variant", CASES, ids=[f"{s}-{v}" for s, v in CASES])
+def test_compiles_for_sm90(compiled, shape_id, variant):
+    res = compiled[(shape_id, variant)]
+    assert res["wgmma"] and res["tma"] and res["mbarrier"], res
+    assert res["setmaxnreg"] == (variant != "pipelined"), res  # warp-specialised partitions
+    assert res["spill_bytes"] == 0, res
+    assert res["shared_bytes"] <= min(SMEM_LIMIT, 233472 // res["ctas_per_sm"] - 1024), res
+    assert 0 < res["registers"] <= 255, res
+    assert res["registers"] * res["threads"] * res["ctas_per_sm"] <= 65536, res
+
+
+def test_schedules_take_the_shapes_they_are_for():
+    """duo: MLA's and GLA's latents (key = value, at least 128 wide); overlapped: one
+    warpgroup holds all columns (at most 256); pingpong: that, and more than 64 rows."""
+    taken = {sid: [v for s, v in CASES if s == sid] for sid in (p.id for p in COMPILE_SHAPES)}
+    assert "duo" in taken["mla-2wg-split-columns"] and "overlapped" not in taken["mla-lq4"]
+    assert {"duo", "overlapped"} <= set(taken["gla2-lq2-2wg-split-rows"])
+    assert "duo" not in taken["gta4-2-per-sm"] and "overlapped" in taken["gta4-2-per-sm"]
+    assert "pingpong" in taken["gla2-lq2-2wg-split-rows"] and "pingpong" not in taken["gla2-lq1-1wg"]
+    with pytest.raises(ValueError, match="even"):
+        hopper_decode.plan_launch(256, 256, 64, 64, 1, HopperConfig(schedule="duo", num_stages=3))
+    with pytest.raises(ValueError, match="schedule"):
+        HopperConfig(schedule="fast")
+    with pytest.raises(ValueError, match="overlap"):
+        HopperConfig(overlap=True, specialize=False)
+
+
+def test_plan_launch_layouts_and_budget():
+    mla = hopper_decode.plan_launch(512, 512, 64, 128, 1, HopperConfig())
+    assert (mla.block_m, mla.num_warps, mla.warps_n, mla.head_blocks) == (64, 8, 2, 2)
+    assert mla.maxnreg == 168  # 8 consumer warps + the producer's warpgroup share 64K registers
+    gla = hopper_decode.plan_launch(256, 256, 64, 64, 4, HopperConfig())
+    assert (gla.block_m, gla.warps_n, gla.heads_per_prog, gla.head_blocks) == (128, 1, 32, 2)
+    assert hopper_decode.choose_config(64, 128, 64, 8, 1).ctas_per_sm == 2
+    with pytest.raises(ValueError, match="do not fit"):
+        hopper_decode.plan_launch(512, 512, 64, 128, 1, HopperConfig(num_stages=3))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton runs CPU tensors only under its interpreter (TRITON_INTERPRET=1)")
+def test_cpu_calls_fall_back_to_triton():
+    """Off Hopper the launcher is the Triton kernel: same numbers as calling it directly."""
+    lengths, page = [70, 5], 64
+    table, n_pool = paged_table(lengths, page)
+    kv_cache, _ = fill_cache((1, 64), lengths, table, n_pool, page, torch.float32)
+    rope_cache, _ = fill_cache((16,), lengths, table, n_pool, page, torch.float32)
+    q_nope, q_rope = torch.randn(2, 1, 2, 64), torch.randn(2, 1, 2, 16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    args = [t.to("cpu") for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
+    assert hopper_decode.why_unsupported(*args[:4]) == "not a CUDA tensor"
+    got = hopper_decode.decode_tied(*args, softmax_scale=0.1)
+    ref = ops.decode_tied(*args, softmax_scale=0.1, return_lse=True, backend="torch")
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
+def test_unsupported_cuda_calls_fall_back_to_triton():
+    """A page size the Hopper kernels do not take: the launcher runs the Triton kernel."""
+    lengths, page = [70, 5], 16
+    table, n_pool = paged_table(lengths, page)
+    kv_cache, _ = fill_cache((1, 128), lengths, table, n_pool, page, torch.bfloat16)
+    rope_cache, _ = fill_cache((64,), lengths, table, n_pool, page, torch.bfloat16)
+    q_nope = torch.randn(2, 1, 8, 128).to(torch.bfloat16)
+    q_rope = torch.randn(2, 1, 8, 64).to(torch.bfloat16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
+    assert "page size" in hopper_decode.why_unsupported(*args[:4])
+    got = hopper_decode.decode_tied(*args, softmax_scale=0.1)
+    ref = triton_decode.decode_tied(*args, softmax_scale=0.1)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+
+
+# (lengths, L_q, H_q, H_kv, D_nope, D_v, D_R, page, dtype)
+GPU_CASES = [
+    pytest.param(([1, 63, 64, 65], 1, 16, 4, 64, 128, 64, 64, torch.bfloat16), id="gta-len1-63-64-65"),
+    pytest.param(([339, 127, 129], 2, 128, 2, 256, 256, 64, 64, torch.bfloat16), id="gla2-prime-lq2"),
+    pytest.param(([257, 3], 1, 128, 1, 512, 512, 64, 128, torch.bfloat16), id="mla-prime-page128"),
+    pytest.param(([128, 130, 192], 2, 128, 1, 512, 512, 64, 64, torch.bfloat16), id="mla-2-3-3-blocks"),
+    pytest.param(([64, 200], 4, 16, 1, 512, 512, 64, 64, torch.bfloat16), id="mla-tp8-lq4"),
+    pytest.param(([97, 5], 3, 6, 2, 64, 128, 16, 256, torch.float16), id="dr16-ratio3-lq3-fp16"),
+    pytest.param(([2049, 700], 1, 64, 1, 256, 256, 32, 64, torch.bfloat16), id="gla-long-dr32"),
+    pytest.param(([4100], 2, 32, 4, 64, 128, 64, 64, torch.bfloat16), id="gta4-long-lq2"),
+    pytest.param(([40, 90], 1, 2, 1, 128, 128, 64, 64, torch.float16), id="ratio2-padded-rows"),
+]
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_matches_fp64_on_hopper(case, variant):
+    lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    config = _config(TiedShape(d_nope, d_v, d_rope, h_q // h_kv, l_q, page, dtype_name), variant)
+    if config is None:
+        pytest.skip(f"the {variant} schedule does not take this shape")
+    table, n_pool = paged_table(lengths, page)
+    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype)
+    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, dtype)
+    batch = len(lengths)
+    q_nope = torch.randn(batch, l_q, h_q, d_nope).to(dtype)
+    q_rope = torch.randn(batch, l_q, h_q, d_rope).to(dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    softmax_scale = 1 / math.sqrt(d_nope + d_rope)
+    keys, values = [], []
+    for b, n in enumerate(lengths):
+        state = gather_truth(kv_real, table, b, n)  # (L, H_kv, D_v)
+        rope = gather_truth(rope_real, table, b, n)[:, None, :].expand(n, h_kv, d_rope)
+        keys.append(torch.cat([state[..., :d_nope], rope], -1))
+        values.append(state)
+    truth = attention_truth(torch.cat([q_nope, q_rope], -1), keys, values, softmax_scale)
+    baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
+                               softmax_scale=softmax_scale, return_lse=True, backend="torch")
+    args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
+    assert hopper_decode.why_unsupported(*args[:4]) is None
+    one_wave = dataclasses.replace(config, programs_per_sm=1, min_piece=64)
+    plans = {"auto": None,
+             "split": ops.plan_decode(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page,
+                                      split_tokens=64),
+             "one-wave": hopper_decode.make_plan(args[0], args[2], args[3], args[5], one_wave)}
+    for name, plan in plans.items():
+        out, lse = hopper_decode.decode_tied(*args, softmax_scale=softmax_scale, plan=plan,
+                                             config=config)
+        assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{variant} {name} out")
+        assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"{variant} {name} lse")
