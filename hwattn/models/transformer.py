@@ -84,8 +84,11 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
     def forward(self, tokens: Tensor, meta: AttentionMetadata | None = None,
-                kv_caches: Sequence[tuple[Tensor, ...]] | None = None) -> Tensor:
-        """tokens (B, T) int64 -> logits (B, T, V).
+                kv_caches: Sequence[tuple[Tensor, ...]] | None = None,
+                hidden_only: bool = False) -> Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V), or with `hidden_only` the final-norm
+        hidden states (B, T, D) that the output matrix turns into logits (training computes
+        its loss from these without materializing the logits).
 
         Without `meta`, positions are 0..T-1 and attention is causal over the input (training).
         With `meta` and `kv_caches` (from `allocate_kv_cache`), the T tokens are the last T of
@@ -102,7 +105,8 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, meta, None if meta is None else kv_caches[i])
-        return self.output(self.norm(x))
+        x = self.norm(x)  # (B, T, D)
+        return x if hidden_only else self.output(x)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin (B, T, d_R / 2) fp32 for positions (B, T). Positions past max_seq_len

@@ -19,14 +19,15 @@ from hwattn.models.transformer import Transformer
 class RegionallyCompiled:
     """model(tokens) for training, with each block wrapped by `torch.compile`.
 
-    tokens (B, T) int64 -> logits (B, T, V). Shares every parameter with `model`.
+    tokens (B, T) int64 -> logits (B, T, V), or the final-norm hidden states (B, T, D) with
+    `hidden_only`. Shares every parameter with `model`.
     """
 
     def __init__(self, model: Transformer, **compile_kwargs):
         self.model = model
         self.blocks = [torch.compile(blk, **compile_kwargs) for blk in model.layers]
 
-    def __call__(self, tokens: Tensor) -> Tensor:
+    def __call__(self, tokens: Tensor, hidden_only: bool = False) -> Tensor:
         m = self.model
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device)[None].expand(b, t)
@@ -34,4 +35,5 @@ class RegionallyCompiled:
         x = m.tok_embeddings(tokens)  # (B, T, D)
         for blk in self.blocks:
             x = blk(x, cos, sin, None, None)
-        return m.output(m.norm(x))  # (B, T, V)
+        x = m.norm(x)  # (B, T, D)
+        return x if hidden_only else m.output(x)  # (B, T, V)

