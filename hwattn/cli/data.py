@@ -115,9 +115,10 @@ def run_sources(args) -> int:
     if args.json:
         print(json.dumps([asdict(s) for s in SOURCES + (WHISPER,)]))
         return 0
-    print(f"{'name':<12} {'client':<6} {'package':<32} {'domain':<13} licence")
+    print(f"{'name':<12} {'client':<6} {'package':<32} {'domain':<6} {'genre':<12} licence")
     for s in SOURCES + (WHISPER,):
-        print(f"{s.name:<12} {s.client:<6} {s.package:<32} {s.domain:<13} {s.licence}")
+        print(f"{s.name:<12} {s.client:<6} {s.package:<32} {s.domain:<6} {s.genre or '-':<12} "
+              f"{s.licence}")
     return 0
 
 

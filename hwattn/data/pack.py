@@ -188,26 +188,34 @@ def unpack_dataset(pack: str | Path, out: str | Path, workers: int | None = None
         temps[name] = tmp
         for part in rec["parts"]:
             src = pack / part["file"]
-            if not src.is_file():
-                raise ValueError(f"{pack}: part {part['file']} of {name} is missing")
-            if verify and sha256_file(src) != part["xz_sha256"]:
-                raise ValueError(f"{src}: SHA-256 differs from {meta_file}; the copy is damaged")
+            problem = None if src.is_file() else f"{pack}: part {part['file']} of {name} is missing"
+            if problem is None and verify and sha256_file(src) != part["xz_sha256"]:
+                problem = f"{src}: SHA-256 differs from {meta_file}; the copy is damaged"
+            if problem:
+                for t in temps.values():
+                    t.unlink(missing_ok=True)
+                raise ValueError(problem)
             jobs.append((str(src), str(tmp), part["offset"], part["size"]))
     pool = _pool(min(workers or os.cpu_count() or 1, max(1, len(jobs))))
     try:
-        _map(pool, _decompress_part, jobs)
-    except lzma.LZMAError as err:
-        raise ValueError(f"{pack}: a part does not decompress ({err})") from None
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    for name, tmp in temps.items():
-        want = meta["files"][name]["sha256"]
-        got = sha256_file(tmp)
-        if got != want:
+        try:
+            _map(pool, _decompress_part, jobs)
+        except lzma.LZMAError as err:
+            raise ValueError(f"{pack}: a part does not decompress ({err})") from None
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        for name, tmp in temps.items():
+            want = meta["files"][name]["sha256"]
+            got = sha256_file(tmp)
+            if got != want:
+                raise ValueError(f"{name}: expanded file has SHA-256 {got[:16]}…, the manifest "
+                                 f"says {want[:16]}…")
+    except BaseException:
+        for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-            raise ValueError(f"{name}: expanded file has SHA-256 {got[:16]}…, the manifest says "
-                             f"{want[:16]}…")
+        raise
+    for name, tmp in temps.items():
         os.replace(tmp, out / name)
     shutil.copyfile(pack / MANIFEST, out / f".{MANIFEST}.tmp")
     os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
