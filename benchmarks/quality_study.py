@@ -22,7 +22,8 @@ Folders:
                                        throughput and MFU, loss curve, evaluation),
                                        study_summary.json (plan, progress, schedule),
                                        study_log.txt; small, copied to --export ($OUT)
-    --work DIR (runs/quality_work)     checkpoints and metrics of runs in progress
+    --work DIR (runs/quality_work)     checkpoints and metrics of runs in progress, and a
+                                       copy of each finished run's record
 
 `python -m hwattn.eval.report --study DIR` turns the study folder into docs/results/quality.md.
 CPU smoke test: `python benchmarks/quality_study.py --smoke --data DIR` (tiny preset, a few steps).
@@ -145,18 +146,20 @@ class Log:
             f.write(line + "\n")
 
 
-def finished_runs(study: Path) -> dict[str, dict]:
+def finished_runs(study: Path, work: Path | None = None) -> dict[str, dict]:
     """Finished runs by name: study_runs.jsonl (carried from earlier commands) merged with
-    results/*.json (written by this command's workers)."""
+    the results/*.json that workers write to the study and work folders (the work folder's
+    copy survives a command killed before it merged them, on a machine kept warm)."""
     runs = {}
     if (study / RUNS_FILE).is_file():
         for line in (study / RUNS_FILE).read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
                 runs[run_name(rec["variant"], rec["seed"])] = rec
-    for f in sorted((study / "results").glob("*.json")) if (study / "results").is_dir() else []:
-        rec = json.loads(f.read_text())
-        runs[run_name(rec["variant"], rec["seed"])] = rec
+    for folder in [study] + ([work] if work is not None else []):
+        for f in sorted((folder / "results").glob("*.json")) if (folder / "results").is_dir() else []:
+            rec = json.loads(f.read_text())
+            runs.setdefault(run_name(rec["variant"], rec["seed"]), rec)
     return runs
 
 
@@ -214,9 +217,9 @@ def work(args, deadline: float, log) -> int:
     done_here = 0
     for variant, seed in plan(args):
         name = run_name(variant, seed)
-        if name in finished_runs(study):
+        if name in finished_runs(study, work_dir):
             continue
-        if args.max_runs and len(finished_runs(study)) >= args.max_runs:
+        if args.max_runs and len(finished_runs(study, work_dir)) >= args.max_runs:
             break
         if deadline - time.time() < args.min_start_s:
             log(f"{deadline - time.time():.0f} s left: starting no more runs in this command")
@@ -261,8 +264,9 @@ def work(args, deadline: float, log) -> int:
                "peak_tflops": args.peak_tflops if gpu else None, "gpu": gpu,
                "flops_per_token": res["flops_per_token"],
                "curve": read_metrics(Path(cfg.out) / "metrics.jsonl"), "eval": ev}
-        (study / "results").mkdir(parents=True, exist_ok=True)
-        _write_atomic(study / "results" / f"{name}.json", json.dumps(rec) + "\n")
+        for folder in (work_dir, study):
+            (folder / "results").mkdir(parents=True, exist_ok=True)
+            _write_atomic(folder / "results" / f"{name}.json", json.dumps(rec) + "\n")
         shutil.rmtree(work_dir / name, ignore_errors=True)
         (work_dir / "claims" / name).unlink(missing_ok=True)
         done_here += 1
@@ -299,7 +303,7 @@ def write_study(args, log, env: dict | None = None) -> dict:
     study = Path(args.study)
     data = TokenDataset(args.data)
     setup = setup_of(args, data.manifest["build_key"])
-    runs = finished_runs(study)
+    runs = finished_runs(study, Path(args.work))
     order = {run_name(v, s): i for i, (v, s) in enumerate(plan(args))}
     ordered = sorted(runs.values(), key=lambda r: order.get(run_name(r["variant"], r["seed"]), 1e9))
     _write_atomic(study / RUNS_FILE, "".join(json.dumps(r) + "\n" for r in ordered))
@@ -338,12 +342,12 @@ def check_study(args, log) -> None:
 
     data = TokenDataset(args.data)
     want = setup_of(args, data.manifest["build_key"])
-    for name, rec in finished_runs(Path(args.study)).items():
+    for name, rec in finished_runs(Path(args.study), Path(args.work)).items():
         got = {k: rec.get(k) for k in SETUP_KEYS}
         if got != want:
             diff = {k: (got[k], want[k]) for k in SETUP_KEYS if got[k] != want[k]}
-            raise SystemExit(f"{args.study} holds run {name} of another setup {diff}; use a "
-                             "new --study folder")
+            raise SystemExit(f"{args.study} (or {args.work}) holds run {name} of another setup "
+                             f"{diff}; use new --study and --work folders")
 
 
 def visible_gpus() -> int:

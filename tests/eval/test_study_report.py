@@ -34,7 +34,7 @@ def study(tmp_path_factory, dataset_dir):
     root = tmp_path_factory.mktemp("study")
     argv = ["--smoke", "--data", str(dataset_dir), "--study", str(root / "s"), "--work",
             str(root / "w"), "--export", str(root / "e"), "--variants", CLAIM, "--seeds", "0,1",
-            "--extra-seeds", "", "--steps", "4"]
+            "--extra-seeds", "", "--steps", "4", "--deadline-s", "1e6"]
     killed = mod.run_config(mod.parse_args(argv), "gqa-4", 0, "cpu", False)
     train(killed, stop_after=2, progress=False, log=lambda *a: None)
     assert mod.main(argv + ["--max-runs", "3"]) == 0
