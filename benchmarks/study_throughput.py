@@ -58,19 +58,24 @@ def main(argv=None) -> int:
     p.add_argument("--unfused-loss", action="store_true",
                    help="also time each variant with the plain (B·T, V) logits cross-entropy")
     p.add_argument("--out", default=os.environ.get("OUT", "runs"))
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check of the script: tiny preset, a few eager steps, no MFU")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.preset, args.seq_len, args.batch_size, args.steps, args.log_every = "tiny", 64, 4, 6, 2
 
     import torch
 
     from hwattn.data.loader import TokenDataset
     from hwattn.train.trainer import TrainConfig, train
 
-    if not torch.cuda.is_available():
-        print("study_throughput: needs a CUDA GPU", file=sys.stderr)
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        print("study_throughput: needs a CUDA GPU (--smoke runs a CPU check)", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     data = TokenDataset(args.data)
-    gpu = torch.cuda.get_device_name(0)
+    gpu = torch.cuda.get_device_name(0) if cuda else "CPU"
     rows = []
     t_all = time.time()
     cases = [(v, True) for v in args.variants.split(",") if v]
@@ -78,12 +83,15 @@ def main(argv=None) -> int:
         cases += [(v, False) for v, _ in list(cases)]
     with tempfile.TemporaryDirectory(prefix="hwattn-throughput-") as tmp:
         for variant, fused in cases:
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             cfg = TrainConfig(data=args.data, out=f"{tmp}/{variant}-{int(fused)}", preset=args.preset,
                               variant=variant, seq_len=args.seq_len, batch_size=args.batch_size,
-                              steps=args.steps, lr=2e-3, warmup_steps=2, compile=True,
+                              steps=args.steps, lr=2e-3, warmup_steps=2, compile=cuda,
+                              device="cuda" if cuda else "cpu",
                               fused_loss=fused, eval_tokens=8192, log_every=args.log_every,
-                              peak_tflops=args.peak_tflops, resume=False, save_final=False,
+                              peak_tflops=args.peak_tflops if cuda else None, resume=False,
+                              save_final=False,
                               plot=False)
             t0 = time.time()
             res = train(cfg, progress=False, log=lambda *a: None, dataset=data)
@@ -97,14 +105,15 @@ def main(argv=None) -> int:
                    "ms_per_step": 1e3 * args.batch_size * args.seq_len / tps if tps else None,
                    "tflops": tps * res["flops_per_token"] / 1e12,
                    "mfu": res.get("steady_mfu"),
-                   "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+                   "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                    "first_window_s": first.get("step_s"), "wall_s": wall,
-                   "flash_sdpa": flash_ok(model, args.seq_len)}
+                   "flash_sdpa": flash_ok(model, args.seq_len) if cuda else "n/a"}
             rows.append(row)
             print(f"{variant:<6} {'fused' if fused else 'plain'} CE: {tps:,.0f} tok/s, "
                   f"MFU {100 * (row['mfu'] or 0):.1f}%, {wall:.0f} s", flush=True)
             del model
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     print(f"\n{gpu}, torch {torch.__version__}, preset {args.preset}, batch {args.batch_size} × "
           f"{args.seq_len}, {args.steps} steps, MFU against {args.peak_tflops:.0f} TFLOP/s\n")
     print("| variant | loss | params (non-emb) | ms/step | tokens/s | TFLOP/s | MFU | peak GiB "

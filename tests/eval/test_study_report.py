@@ -139,3 +139,16 @@ def test_verdicts_follow_the_numbers():
     text = render(noisy, {})
     assert "is not decided" in next(ln for ln in text.splitlines() if ln.startswith("- **gta-4"))
     assert "untested" in next(ln for ln in text.splitlines() if ln.startswith("- **gla-2"))
+
+
+def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("study_throughput",
+                                                  ROOT / "benchmarks" / "study_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--data", str(dataset_dir), "--variants", "gta-4,gla-2",
+                     "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "study_throughput.json").read_text())
+    assert [r["variant"] for r in res["rows"]] == ["gta-4", "gla-2"]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"])
+    assert "| gta-4 | chunked |" in capsys.readouterr().out
