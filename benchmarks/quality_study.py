@@ -356,6 +356,7 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     study, work_dir = Path(args.study), Path(args.work)

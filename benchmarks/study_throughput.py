@@ -45,6 +45,7 @@ def flash_ok(model, seq_len: int) -> str:
         return f"no ({str(err).splitlines()[0][:80]})"
 
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/study")
