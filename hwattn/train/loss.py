@@ -44,12 +44,25 @@ _COMPILED: dict = {}
 
 
 def _pointwise(device: torch.device):
-    """`softmax_xent_grad`, compiled with torch.compile on CUDA (eager elsewhere)."""
-    if device.type != "cuda":
+    """`softmax_xent_grad`, compiled with torch.compile on CUDA (eager elsewhere, and after
+    a compiler failure, which is reported once)."""
+    if device.type != "cuda" or _COMPILED.get("failed"):
         return softmax_xent_grad
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(softmax_xent_grad, dynamic=False)
-    return _COMPILED["cuda"]
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(softmax_xent_grad, dynamic=False)
+
+    def run(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        try:
+            return _COMPILED["fn"](logits, targets)
+        except Exception as err:  # a compiler problem must not stop training
+            import warnings
+
+            warnings.warn(f"compiling the cross-entropy pass failed ({type(err).__name__}: "
+                          f"{err}); running it eagerly")
+            _COMPILED["failed"] = True
+            return softmax_xent_grad(logits, targets)
+
+    return run
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
