@@ -90,7 +90,9 @@ def parse_args(argv=None):
                    help="start no run with less than this left before the deadline")
     p.add_argument("--max-runs", type=int, default=0,
                    help="start no run once this many of the plan are finished (0: no limit)")
-    p.add_argument("--gpus", type=int, default=0, help="workers, one per GPU (0: every visible GPU)")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="workers, one a GPU (0: every visible GPU; on a CPU: that many CPU "
+                        "workers, for testing)")
     p.add_argument("--no-compile", action="store_true", help="eager training steps")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="MFU denominator (H100 / H200 bf16 dense: 989)")
@@ -372,15 +374,16 @@ def main(argv=None) -> int:
     check_study(args, log)
     shutil.rmtree(work_dir / "claims", ignore_errors=True)  # claims of earlier commands
     (work_dir / "claims").mkdir(parents=True, exist_ok=True)
-    n_gpu = visible_gpus()
-    workers = min(args.gpus or n_gpu, n_gpu) if args.device in ("auto", "cuda") else 0
+    n_gpu = visible_gpus() if args.device in ("auto", "cuda") else 0
+    # On GPUs one worker per device; --gpus N on a CPU starts N CPU workers (to test).
+    workers = min(args.gpus or n_gpu, n_gpu) if n_gpu else args.gpus
     if workers <= 1:
         work(args, deadline, log)
     else:
-        log(f"{workers} GPUs: one worker each")
+        log(f"{workers} workers" + (" (one a GPU)" if n_gpu else " on the CPU"))
         procs = []
         for i in range(workers):
-            env_i = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i)}
+            env_i = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(i)} if n_gpu else {})}
             procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(i),
                                            "--deadline-at", str(deadline)], env=env_i))
         codes = [p.wait() for p in procs]

@@ -152,3 +152,22 @@ def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
     assert [r["variant"] for r in res["rows"]] == ["gta-4", "gla-2"]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"])
     assert "| gta-4 | chunked |" in capsys.readouterr().out
+
+
+def test_parallel_workers_share_the_plan(dataset_dir, tmp_path):
+    """Two worker processes (CPU stand-ins for two GPUs) claim runs: each runs exactly once."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality_study.py"), "--smoke", "--device",
+           "cpu", "--gpus", "2", "--data", str(dataset_dir), "--study", str(tmp_path / "s"),
+           "--work", str(tmp_path / "w"), "--variants", "mqa,gta-4", "--seeds", "0,1",
+           "--extra-seeds", "", "--steps", "2", "--n-cloze", "0", "--n-mc", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = [json.loads(x) for x in (tmp_path / "s" / "study_runs.jsonl").read_text().splitlines()]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [
+        ("gta-4", 0), ("gta-4", 1), ("mqa", 0), ("mqa", 1)]
+    log = (tmp_path / "s" / "study_log.txt").read_text()
+    assert "2 workers on the CPU" in log and "[gpu 0]" in log and "[gpu 1]" in log
+    assert sum(f"{v}-s{s}: val ppl" in log for v in ("mqa", "gta-4") for s in (0, 1)) == 4
