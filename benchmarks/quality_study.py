@@ -1,356 +1,396 @@
-"""The GPU quality study: do GTA-4 match GQA-4 and GLA-2 match MLA at equal parameters?
+"""The GPU quality study: does GTA-4 match GQA-4, and GLA-2 match MLA, at equal parameters?
 
-One command, one H100, a fixed wall-clock budget (default 500 s of the device's 10-minute
-limit). Trains parameter-matched `mini` models (d_h = 64) for mha, mqa, gqa-4, gta-4, mla and
-gla-2, two seeds each, on the same tokens with the same schedule, then evaluates each one
-(per-domain perplexity and bits per byte, cloze, 4-way multiple choice, recall probe).
+Trains parameter-matched models of the `study` preset (6 layers, d = 512, d_h = 64,
+19.3M non-embedding parameters) on the registry corpus (102M training tokens: Linux C code
+and English prose, 32,768-id BPE; `hwattn data build`, docs/data.md), each for 3,000 steps
+of 128 × 1024 tokens = 393M tokens, 20.4 tokens per non-embedding parameter. A seed fixes
+both the initialisation and the data order, so every variant of a seed sees the same tokens
+in the same order. Each finished run is evaluated (per-domain perplexity and bits per byte,
+cloze, multiple choice, recall probe) and kept.
 
-How the budget is kept: a calibration pass builds every variant once, times a few steps in
-eager mode, and — when `--compile auto` — compiles the blocks of the first variant
-(`hwattn.train.compile`) and keeps compiling only if the measured speed-up repays the compile
-time of the remaining variants. The step count, the same for every run, is then chosen so
-that all runs plus their evaluation fit the remaining budget. Compiled models are reused for
-the second seed (weights re-initialised in place), so each variant compiles once.
+The plan: all six variants with seeds 0 and 1, and seed 2 for GQA-4, GTA-4, MLA and GLA-2
+(16 runs); the claim pairs come first, so each seed's pairs finish together.
 
-Writes under --out (default $OUT, else runs/quality_study), at most 4 files:
+Several at once, across commands: one worker process per visible GPU takes the next pending
+run (in sequence on one GPU). A command stops at `--deadline-s`: a run in progress is
+checkpointed and continues from there in the next command (while the machine holds the
+work folder), finished runs are never redone. So the study can span many ten-minute device
+commands: run the same command until it reports no run pending.
 
-    study_runs.jsonl     one line per run: config, throughput and MFU, loss curve, evaluation
-    study_summary.json   environment, calibration, schedule, per-variant means and seed spread
-    loss_curves.png      validation loss vs tokens, one colour per variant, one style per seed
-    study_log.txt        everything printed
+Folders:
+    --study DIR (runs/quality_study)   study_runs.jsonl (one line per finished run: config,
+                                       throughput and MFU, loss curve, evaluation),
+                                       study_summary.json (plan, progress, schedule),
+                                       study_log.txt; small, copied to --export ($OUT)
+    --work DIR (runs/quality_work)     checkpoints and metrics of runs in progress, and a
+                                       copy of each finished run's record
 
-`python -m hwattn.eval.report --study DIR` turns these into docs/results/quality.md.
-CPU smoke test: `python benchmarks/quality_study.py --smoke` (tiny preset, a few steps).
+`python -m hwattn.eval.report --study DIR` turns the study folder into docs/results/quality.md.
+CPU smoke test: `python benchmarks/quality_study.py --smoke --data DIR` (tiny preset, a few steps).
 """
 
 from __future__ import annotations
 
 import time
 
-T_START = time.perf_counter()
+T_START = time.time()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
+import sys  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from hwattn.data.loader import BatchSampler, TokenDataset  # noqa: E402
-from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model  # noqa: E402
-from hwattn.models.transformer import Transformer  # noqa: E402
-from hwattn.train.trainer import (H100_BF16_TFLOPS, TrainConfig, model_config, param_groups,  # noqa: E402
-                                  read_metrics, resolve_device, train)
-
-VARIANTS = ("mha", "mqa", "gqa-4", "gta-4", "mla", "gla-2")
-
-
-class Tee:
-    def __init__(self, path: Path):
-        self.file = open(path, "a", buffering=1)
-
-    def __call__(self, *parts):
-        line = " ".join(str(p) for p in parts)
-        stamp = f"[{time.perf_counter() - T_START:6.1f}s] "
-        print(stamp + line, flush=True)
-        self.file.write(stamp + line + "\n")
+ALL_VARIANTS = ("gqa-4", "gta-4", "mla", "gla-2", "mha", "mqa")
+CLAIM_VARIANTS = ("gqa-4", "gta-4", "mla", "gla-2")
+RUNS_FILE, SUMMARY_FILE, LOG_FILE = "study_runs.jsonl", "study_summary.json", "study_log.txt"
+# What must be equal for runs to be compared: a study folder refuses runs of another setup.
+SETUP_KEYS = ("preset", "steps", "seq_len", "batch_size", "lr", "warmup_steps", "build_key")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=".carry/quality_data", help="built dataset (GPT-2 tokens)")
-    p.add_argument("--out", default=os.environ.get("OUT", "runs/quality_study"))
-    p.add_argument("--preset", default="mini")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--data", default="data/study", help="built dataset (default data/study)")
+    p.add_argument("--study", default="runs/quality_study", help="study folder (finished runs)")
+    p.add_argument("--work", default="runs/quality_work", help="checkpoints of runs in progress")
+    p.add_argument("--export", default=os.environ.get("OUT"),
+                   help="copy the study files here at the end (default $OUT when set)")
+    p.add_argument("--preset", default="study")
+    p.add_argument("--variants", default=",".join(ALL_VARIANTS), help="variants of every seed")
+    p.add_argument("--seeds", default="0,1", help="seeds of every variant")
+    p.add_argument("--extra-seeds", default="2", help="seeds of --extra-variants only")
+    p.add_argument("--extra-variants", default=",".join(CLAIM_VARIANTS))
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
-    p.add_argument("--accum", type=int, default=2, help="micro-batches per step")
+    p.add_argument("--batch-size", type=int, default=128, help="sequences per step")
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-frac", type=float, default=0.05)
-    p.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of the whole script")
-    p.add_argument("--steps", type=int, help="fixed step count; 0 or unset: sized to the budget")
-    p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--min-steps", type=int, default=20)
-    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
-    p.add_argument("--calib-steps", type=int, default=3, help="timed steps per variant in calibration")
-    p.add_argument("--evals-per-run", type=int, default=4, help="validation points on the loss curve")
-    p.add_argument("--eval-tokens", type=int, default=65_536, help="validation tokens per domain during training")
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--evals-per-run", type=int, default=12, help="validation points on the curve")
+    p.add_argument("--eval-tokens", type=int, default=262_144,
+                   help="validation tokens per domain at each curve point (the final "
+                        "evaluation scores every held-out token)")
+    p.add_argument("--ppl-tokens", type=int, default=0,
+                   help="held-out tokens per domain in the final evaluation (0: all of them)")
+    p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--n-cloze", type=int, default=400)
     p.add_argument("--n-mc", type=int, default=400)
     p.add_argument("--eval-batch", type=int, default=32)
-    p.add_argument("--eval-reserve-s", type=float, default=8.0, help="assumed final-eval seconds per run")
+    p.add_argument("--deadline-s", type=float, default=520.0,
+                   help="stop (checkpointing a run in progress) this many seconds after start")
+    p.add_argument("--eval-reserve-s", type=float, default=45.0,
+                   help="training stops this long before the deadline, for the evaluation")
+    p.add_argument("--min-start-s", type=float, default=60.0,
+                   help="start no run with less than this left before the deadline")
+    p.add_argument("--max-runs", type=int, default=0,
+                   help="start no run once this many of the plan are finished (0: no limit)")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="workers, one a GPU (0: every visible GPU; on a CPU: that many CPU "
+                        "workers, for testing)")
+    p.add_argument("--no-compile", action="store_true", help="eager training steps")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="MFU denominator (H100 / H200 bf16 dense: 989)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--keep-checkpoint", metavar="DIR",
-                   help="save the first seed's model of --keep-variant (with the tokenizer) to DIR, "
-                        "for decoding studies after the run")
-    p.add_argument("--keep-variant", default="gla-2")
-    p.add_argument("--smoke", action="store_true",
-                   help="CPU smoke test: tiny preset, seq 128, few steps, small eval")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny preset, a few steps")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deadline-at", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.preset, args.seq_len, args.batch_size, args.accum = "tiny", 128, 4, 1
-        args.steps = 6 if args.steps is None else args.steps
-        args.n_cloze, args.n_mc, args.eval_tokens, args.eval_batch = 8, 8, 2048, 8
-        args.evals_per_run = 2
+        args.preset, args.seq_len, args.batch_size = "tiny", 64, 4
+        args.steps = 6 if args.steps == 3000 else args.steps
+        args.warmup, args.log_every, args.evals_per_run = 1, 1, 2
+        args.eval_tokens, args.n_cloze, args.n_mc, args.eval_batch = 2048, 8, 8, 32
+        args.ppl_tokens = args.ppl_tokens or 4096
+        args.ckpt_every, args.no_compile = 0, True
     return args
 
 
-def _git_commit() -> str | None:
+def plan(args) -> list[tuple[str, int]]:
+    """(variant, seed) in the order they run: per seed the claim variants first, the other
+    variants after every claim run."""
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    variants, extra = split(args.variants), split(args.extra_variants)
+    seeds, extra_seeds = [int(s) for s in split(args.seeds)], [int(s) for s in split(args.extra_seeds)]
+    first, later = [], []
+    for seed in seeds + [s for s in extra_seeds if s not in seeds]:
+        chosen = variants if seed in seeds else [v for v in extra if v in variants]
+        first += [(v, seed) for v in chosen if v in CLAIM_VARIANTS]
+        later += [(v, seed) for v in chosen if v not in CLAIM_VARIANTS]
+    return first + later
+
+
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}-s{seed}"
+
+
+def setup_of(args, build_key: str) -> dict:
+    return {"preset": args.preset, "steps": args.steps, "seq_len": args.seq_len,
+            "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup,
+            "build_key": build_key}
+
+
+class Log:
+    """Prints with a time stamp and appends to the study log (several workers may append)."""
+
+    def __init__(self, path: Path, tag: str = ""):
+        self.path, self.tag = path, tag
+
+    def __call__(self, *parts):
+        line = f"[{time.time() - T_START:6.1f}s]{self.tag} " + " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def finished_runs(study: Path, work: Path | None = None) -> dict[str, dict]:
+    """Finished runs by name: study_runs.jsonl (carried from earlier commands) merged with
+    the results/*.json that workers write to the study and work folders (the work folder's
+    copy survives a command killed before it merged them, on a machine kept warm)."""
+    runs = {}
+    if (study / RUNS_FILE).is_file():
+        for line in (study / RUNS_FILE).read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                runs[run_name(rec["variant"], rec["seed"])] = rec
+    for folder in [study] + ([work] if work is not None else []):
+        for f in sorted((folder / "results").glob("*.json")) if (folder / "results").is_dir() else []:
+            rec = json.loads(f.read_text())
+            runs.setdefault(run_name(rec["variant"], rec["seed"]), rec)
+    return runs
+
+
+def _claim(claims: Path, name: str) -> bool:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
-def timed_steps(step_fn, n: int, device) -> float:
-    """Seconds per call of step_fn over n calls (after synchronising)."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_config(args, variant: str, seed: int, device: str, on_gpu: bool):
+    """The `TrainConfig` of one run of the study (its folder under --work)."""
+    from hwattn.train.trainer import TrainConfig
+
+    return TrainConfig(data=args.data, out=str(Path(args.work) / run_name(variant, seed)),
+                       preset=args.preset, variant=variant, seq_len=args.seq_len,
+                       batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+                       warmup_steps=min(args.warmup, args.steps), seed=seed, device=device,
+                       compile=not args.no_compile,
+                       eval_every=max(1, args.steps // args.evals_per_run),
+                       eval_tokens=args.eval_tokens, ckpt_every=args.ckpt_every,
+                       log_every=args.log_every, peak_tflops=args.peak_tflops if on_gpu else None,
+                       resume=True, save_final=True, plot=False)
+
+
+def work(args, deadline: float, log) -> int:
+    """A worker: train and evaluate pending runs, one at a time, until none is left or the
+    deadline is near. Returns the number of runs it finished."""
+    import torch
+
+    from hwattn.data.loader import TokenDataset
+    from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
+    from hwattn.train.trainer import read_metrics, resolve_device, train
+
+    device = resolve_device(args.device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        step_fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    study, work_dir = Path(args.study), Path(args.work)
+    data = TokenDataset(args.data)
+    setup = setup_of(args, data.manifest["build_key"])
+    ecfg = EvalConfig(seq_len=args.seq_len, ppl_tokens=args.ppl_tokens or None, n_cloze=args.n_cloze, n_mc=args.n_mc,
+                      recall_pairs=(8, 16) if args.smoke else (16, 64, 128),
+                      recall_queries=4 if args.smoke else 32, recall_seqs=4 if args.smoke else 64,
+                      batch_size=args.eval_batch, seed=0)
+    tasks = build_tasks(data, ecfg)
+    done_here = 0
+    for variant, seed in plan(args):
+        name = run_name(variant, seed)
+        if name in finished_runs(study, work_dir):
+            continue
+        if args.max_runs and len(finished_runs(study, work_dir)) >= args.max_runs:
+            break
+        if deadline - time.time() < args.min_start_s:
+            log(f"{deadline - time.time():.0f} s left: starting no more runs in this command")
+            break
+        if not _claim(work_dir / "claims", name):
+            continue
+        cfg = run_config(args, variant, seed, str(device), gpu is not None)
+        t0 = time.time()
+        res = train(cfg, progress=False, log=log, dataset=data,
+                    deadline=deadline - args.eval_reserve_s)
+        model = res.pop("model")
+        segment = {"steps_done": res["steps_done"], "train_s": time.time() - t0,
+                   "steady_tokens_per_s": res.get("steady_tokens_per_s"),
+                   "steady_mfu": res.get("steady_mfu"), "gpu": gpu}
+        with open(work_dir / name / "segments.jsonl", "a") as f:
+            f.write(json.dumps(segment) + "\n")
+        if res["steps_done"] < cfg.steps:
+            log(f"{name}: stopped at step {res['steps_done']} of {cfg.steps} (deadline); the "
+                "next command resumes it from its checkpoint")
+            (work_dir / "claims" / name).unlink(missing_ok=True)
+            break
+        t1 = time.time()
+        ev = evaluate_model(model, data, ecfg, tasks)
+        segments = [json.loads(x) for x in (work_dir / name / "segments.jsonl").read_text().splitlines()]
+        timed = [s for s in segments if s["steady_tokens_per_s"]]
+        weights = [s["train_s"] for s in timed]
+        tps = sum(s["steady_tokens_per_s"] * w for s, w in zip(timed, weights)) / sum(weights) \
+            if timed else None
+        n_ne = model.num_params(non_embedding=True)
+        rec = {"variant": variant, "seed": seed, **setup, "tokens": res["tokens"],
+               "params": model.num_params(), "non_embedding_params": n_ne,
+               "tokens_per_non_embedding_param": res["tokens"] / n_ne,
+               "hidden_dim": model.config.hidden_dim,
+               "kv_bytes_per_token": model.kv_bytes_per_token(1, torch.bfloat16),
+               "kv_bytes_per_token_per_layer": model.kv_bytes_per_token(1, torch.bfloat16)
+               // model.config.n_layers,
+               "compiled": cfg.compile, "segments": segments,
+               "train_s": sum(s["train_s"] for s in segments), "eval_s": time.time() - t1,
+               "steady_tokens_per_s": tps,
+               "steady_mfu": tps * res["flops_per_token"] / (args.peak_tflops * 1e12)
+               if tps and gpu else None,
+               "peak_tflops": args.peak_tflops if gpu else None, "gpu": gpu,
+               "flops_per_token": res["flops_per_token"],
+               "curve": read_metrics(Path(cfg.out) / "metrics.jsonl"), "eval": ev}
+        for folder in (work_dir, study):
+            (folder / "results").mkdir(parents=True, exist_ok=True)
+            _write_atomic(folder / "results" / f"{name}.json", json.dumps(rec) + "\n")
+        shutil.rmtree(work_dir / name, ignore_errors=True)
+        (work_dir / "claims" / name).unlink(missing_ok=True)
+        done_here += 1
+        ppl = ev["ppl"]
+        log(f"{name}: val ppl {ppl['average']['ppl']:.3f} ("
+            + ", ".join(f"{d} {r['ppl']:.3f}" for d, r in ppl.items() if d != "average")
+            + f"), recall {100 * ev.get('recall', {}).get('mean', 0):.1f}%; "
+            f"{rec['train_s']:.0f} s training at {tps or 0:,.0f} tok/s"
+            + (f", MFU {100 * rec['steady_mfu']:.1f}%" if rec["steady_mfu"] else ""))
+    return done_here
 
 
-def make_step(forward, model, sampler, device, amp_ctx):
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
-    state = {"k": 0}
+def _environment(argv: list[str]) -> dict:
+    import torch
 
-    def step():
-        for micro in range(sampler.accum_steps):
-            x, y = sampler.batch(state["k"], micro)
-            x, y = x.to(device), y.to(device)
-            with amp_ctx():
-                logits = forward(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            (loss / sampler.accum_steps).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state["k"] += 1
+    def commit():
+        try:
+            return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
 
-    return step
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
+            "argv": argv}
+
+
+def write_study(args, log, env: dict | None = None) -> dict:
+    """Merge the finished runs into study_runs.jsonl (plan order), write study_summary.json,
+    and copy both and the log to --export."""
+    from hwattn.data.loader import TokenDataset
+
+    study = Path(args.study)
+    data = TokenDataset(args.data)
+    setup = setup_of(args, data.manifest["build_key"])
+    runs = finished_runs(study, Path(args.work))
+    order = {run_name(v, s): i for i, (v, s) in enumerate(plan(args))}
+    ordered = sorted(runs.values(), key=lambda r: order.get(run_name(r["variant"], r["seed"]), 1e9))
+    _write_atomic(study / RUNS_FILE, "".join(json.dumps(r) + "\n" for r in ordered))
+    pending = [run_name(v, s) for v, s in plan(args) if run_name(v, s) not in runs]
+    old = json.loads((study / SUMMARY_FILE).read_text()) if (study / SUMMARY_FILE).is_file() else {}
+    summary = {
+        "setup": setup, "plan": list(order), "finished": [run_name(r["variant"], r["seed"])
+                                                          for r in ordered],
+        "pending": pending,
+        "schedule": {"steps": args.steps, "tokens_per_step": args.batch_size * args.seq_len,
+                     "tokens_per_run": args.steps * args.batch_size * args.seq_len,
+                     "warmup_steps": args.warmup, "lr": args.lr, "min_lr_ratio": 0.01,
+                     "train_tokens_available": len(data.train)},
+        "dataset": {"path": args.data, "build_key": data.manifest["build_key"],
+                    "tokenizer": data.manifest["tokenizer"], "splits": {
+                        "train": data.manifest["splits"]["train"].get("tokens_by_domain"),
+                        "val": {d: e["tokens"] for d, e in data.manifest["splits"]["val"].items()}}},
+        "commands": old.get("commands", []) + ([{"environment": env,
+                                                "wall_s": time.time() - T_START}] if env else []),
+    }
+    _write_atomic(study / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    if args.export:
+        out = Path(args.export)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (RUNS_FILE, SUMMARY_FILE, LOG_FILE):
+            if (study / name).is_file() and (study / name).resolve() != (out / name).resolve():
+                shutil.copy(study / name, out / name)
+    log(f"study {study}: {len(ordered)} of {len(order)} runs finished"
+        + (f"; pending: {', '.join(pending)} (run the same command again)" if pending else "; complete"))
+    return summary
+
+
+def check_study(args, log) -> None:
+    """Refuse to add runs of another setup to a study folder."""
+    from hwattn.data.loader import TokenDataset
+
+    data = TokenDataset(args.data)
+    want = setup_of(args, data.manifest["build_key"])
+    for name, rec in finished_runs(Path(args.study), Path(args.work)).items():
+        got = {k: rec.get(k) for k in SETUP_KEYS}
+        if got != want:
+            diff = {k: (got[k], want[k]) for k in SETUP_KEYS if got[k] != want[k]}
+            raise SystemExit(f"{args.study} (or {args.work}) holds run {name} of another setup "
+                             f"{diff}; use new --study and --work folders")
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("study_runs.jsonl", "study_log.txt"):
-        (out / name).unlink(missing_ok=True)
-    log = Tee(out / "study_log.txt")
-    deadline = T_START + args.budget_s
-    device = resolve_device(args.device)
-    variants = [v for v in args.variants.split(",") if v]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    env = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-           "argv": sys.argv[1:], "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "commit": _git_commit()}
-    log("environment", json.dumps(env))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    data = TokenDataset(args.data)
-    log(f"data {args.data}: {len(data.train):,} train tokens, val domains {data.domains}, "
-        f"tokenizer {data.manifest['tokenizer']['name']}")
-    ecfg = EvalConfig(seq_len=args.seq_len, ppl_tokens=None, n_cloze=args.n_cloze, n_mc=args.n_mc,
-                      recall_pairs=(16, 64, 128) if not args.smoke else (8, 16),
-                      recall_queries=32 if not args.smoke else 4, recall_seqs=64 if not args.smoke else 4,
-                      batch_size=args.eval_batch, seed=0)
-    tasks = build_tasks(data, ecfg)
-    log(f"tasks: {len(tasks['cloze'])} cloze, {len(tasks['mc'])} multiple choice")
-    scratch = Path(tempfile.mkdtemp(prefix="hwattn-study-"))
-
-    # Calibration: build every variant, time eager steps, decide on compilation.
-    from hwattn.eval.perplexity import autocast_for
-    from hwattn.train.compile import RegionallyCompiled
-
-    probe_cfg = TrainConfig(data=args.data, out=str(scratch), preset=args.preset, seq_len=args.seq_len,
-                            batch_size=args.batch_size, accum_steps=args.accum)
-    sampler = BatchSampler(data.train, args.seq_len, args.batch_size, args.accum, seed=12345)
-    amp = lambda: autocast_for(device, "auto")  # noqa: E731
-    models, compiled, calib = {}, {}, {}
-    use_compile = args.compile == "on"
-    for i, label in enumerate(variants):
-        probe_cfg.variant = label
-        model = Transformer(model_config(probe_cfg, data.vocab_size)).to(device)
-        models[label] = model
-        step = make_step(model, model, sampler, device, amp)
-        step()  # warm-up (allocator, kernels)
-        eager_s = timed_steps(step, args.calib_steps, device)
-        rec = {"eager_step_s": eager_s, "params": model.num_params(),
-               "flops_per_token": model.flops_per_token(args.seq_len)}
-        decide_here = args.compile == "auto" and i == 0
-        if use_compile or decide_here:
-            try:
-                t0 = time.perf_counter()
-                fn = RegionallyCompiled(model)
-                cstep = make_step(fn, model, sampler, device, amp)
-                cstep()
-                cstep()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                rec["compile_s"] = time.perf_counter() - t0
-                rec["compiled_step_s"] = timed_steps(cstep, args.calib_steps, device)
-                compiled[label] = fn
-            except Exception as err:  # a compiler failure must not cost the study
-                log(f"{label}: torch.compile failed ({type(err).__name__}: {err}); eager")
-                rec["compile_error"] = f"{type(err).__name__}: {err}"[:500]
-                use_compile = False
-            if decide_here and "compiled_step_s" in rec:
-                remaining = args.budget_s - (time.perf_counter() - T_START)
-                train_share = 0.6 * remaining  # rough share of the budget spent training
-                gain = train_share * (1 - rec["compiled_step_s"] / eager_s)
-                cost = rec["compile_s"] * (len(variants) - 1)
-                use_compile = gain > cost
-                rec["compile_decision"] = {"projected_gain_s": gain, "projected_cost_s": cost,
-                                           "use_compile": use_compile}
-                if not use_compile:
-                    compiled.pop(label)
-        rec["step_s"] = rec.get("compiled_step_s") if label in compiled else eager_s
-        calib[label] = rec
-        log(f"calibrate {label}: {rec['params']:,} params, eager {eager_s * 1e3:.0f} ms/step"
-            + (f", compiled {rec['compiled_step_s'] * 1e3:.0f} ms/step after {rec['compile_s']:.1f} s "
-               "compile" if "compiled_step_s" in rec else "")
-            + (f" -> compile {'on' if use_compile else 'off'}" if "compile_decision" in rec else ""))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-    # The schedule: the same step count for every run, sized to the remaining budget.
-    n_runs = len(variants) * len(seeds)
-    evals_cost = args.evals_per_run * 1.0 + args.eval_reserve_s
-    if args.steps:  # 0 or None: size to the budget
-        steps = args.steps
+    study, work_dir = Path(args.study), Path(args.work)
+    study.mkdir(parents=True, exist_ok=True)
+    if args.worker is not None:  # a worker process started by the command below
+        return 0 if work(args, args.deadline_at, Log(study / LOG_FILE, f" [gpu {args.worker}]")) \
+            >= 0 else 1
+    log = Log(study / LOG_FILE)
+    deadline = T_START + args.deadline_s
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = _environment(argv)
+    log("command", json.dumps(env))
+    check_study(args, log)
+    shutil.rmtree(work_dir / "claims", ignore_errors=True)  # claims of earlier commands
+    (work_dir / "claims").mkdir(parents=True, exist_ok=True)
+    n_gpu = visible_gpus() if args.device in ("auto", "cuda") else 0
+    # On GPUs one worker per device; --gpus N on a CPU starts N CPU workers (to test).
+    workers = min(args.gpus or n_gpu, n_gpu) if n_gpu else args.gpus
+    if workers <= 1:
+        work(args, deadline, log)
     else:
-        remaining = deadline - time.perf_counter() - n_runs * evals_cost - 10.0
-        per_step_all = sum(calib[v]["step_s"] for v in variants) * len(seeds)
-        steps = int(remaining / per_step_all) if per_step_all > 0 else args.min_steps
-        steps = max(args.min_steps, min(args.max_steps, steps))
-    tokens_per_step = sampler.tokens_per_step
-    log(f"schedule: {steps} steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens "
-        f"per run ({steps * tokens_per_step / len(data.train):.2f} epochs), {n_runs} runs")
-
-    runs, skipped = [], []
-    warmup = max(1, int(args.warmup_frac * steps))
-    # Seeds outermost: if time runs short, every variant still has its first seed.
-    for seed in seeds:
-        for label in variants:
-            projected = steps * calib[label]["step_s"] + evals_cost
-            if time.perf_counter() + projected > deadline + 20:
-                log(f"{label} seed {seed}: skipped, {projected:.0f} s would overrun the budget")
-                skipped.append({"variant": label, "seed": seed})
-                continue
-            t0 = time.perf_counter()
-            cfg = TrainConfig(data=args.data, out=str(scratch / f"{label}-s{seed}"), preset=args.preset,
-                              variant=label, seq_len=args.seq_len, batch_size=args.batch_size,
-                              accum_steps=args.accum, steps=steps, lr=args.lr, warmup_steps=warmup,
-                              seed=seed, device=str(device), eval_every=max(1, steps // args.evals_per_run),
-                              eval_tokens=args.eval_tokens, log_every=max(1, steps // 50),
-                              resume=False, save_final=False, plot=False)
-            res = train(cfg, progress=False, log=log, dataset=data, model=models[label],
-                        compiled=compiled.get(label))
-            model = res.pop("model")
-            train_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            ev = evaluate_model(model, data, ecfg, tasks)
-            rec = {"variant": label, "seed": seed, "preset": args.preset, "steps": steps,
-                   "tokens": res["tokens"], "params": res["params"],
-                   "hidden_dim": model.config.hidden_dim,
-                   "kv_bytes_per_token": model.kv_bytes_per_token(1, torch.bfloat16),
-                   "kv_bytes_per_token_per_layer": model.kv_bytes_per_token(1, torch.bfloat16)
-                   // model.config.n_layers,
-                   "compiled": label in compiled, "train_s": train_s,
-                   "eval_s": time.perf_counter() - t1,
-                   "steady_tokens_per_s": res.get("steady_tokens_per_s"),
-                   "steady_mfu": res.get("steady_mfu"),
-                   "peak_tflops": H100_BF16_TFLOPS if device.type == "cuda" else None,
-                   "flops_per_token": res["flops_per_token"],
-                   "curve": read_metrics(Path(cfg.out) / "metrics.jsonl"), "eval": ev}
-            runs.append(rec)
-            with open(out / "study_runs.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            mfu = rec["steady_mfu"]
-            log(f"{label} seed {seed}: val ppl {ev['ppl']['average']['ppl']:.3f} "
-                f"(bpb {ev['ppl']['average']['bpb']:.4f}), cloze {100 * ev['cloze']['acc']:.1f}%, "
-                f"MC {100 * ev['mc']['acc_norm']:.1f}%, recall {100 * ev['recall'].get('mean', 0):.1f}%; "
-                f"train {train_s:.1f} s at {rec['steady_tokens_per_s'] or 0:,.0f} tok/s"
-                + (f" (MFU {100 * mfu:.1f}%)" if mfu else "") + f", eval {rec['eval_s']:.1f} s")
-            shutil.rmtree(cfg.out, ignore_errors=True)
-            if args.keep_checkpoint and label == args.keep_variant and seed == seeds[0]:
-                from hwattn.models.checkpoint import save_checkpoint
-                save_checkpoint(model, args.keep_checkpoint, extra={"study_seed": seed})
-                shutil.copy(Path(args.data) / "tokenizer.json", Path(args.keep_checkpoint))
-                log(f"kept {label} seed {seed} in {args.keep_checkpoint}")
-            write_summary(out, env, args, calib, steps, tokens_per_step, warmup, data, runs, skipped)
-
-    write_summary(out, env, args, calib, steps, tokens_per_step, warmup, data, runs, skipped)
-    try:
-        from hwattn.eval.report import plot_study
-        plot_study(runs, out / "loss_curves.png")
-    except Exception as err:  # the numbers matter more than the picture
-        log(f"plot failed: {type(err).__name__}: {err}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    log(f"done in {time.perf_counter() - T_START:.1f} s; files in {out}")
+        log(f"{workers} workers" + (" (one a GPU)" if n_gpu else " on the CPU"))
+        procs = []
+        for i in range(workers):
+            env_i = {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(i)} if n_gpu else {})}
+            procs.append(subprocess.Popen([sys.executable, __file__, *argv, "--worker", str(i),
+                                           "--deadline-at", str(deadline)], env=env_i))
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            log(f"worker exit codes {codes}")
+    write_study(args, log, env)
     return 0
-
-
-def write_summary(out, env, args, calib, steps, tokens_per_step, warmup, data, runs, skipped):
-    """study_summary.json, rewritten after every run so a cut-short study keeps its numbers."""
-    summary = {"environment": env, "args": vars(args), "calibration": calib,
-               "schedule": {"steps": steps, "tokens_per_step": tokens_per_step,
-                            "tokens_per_run": steps * tokens_per_step, "warmup_steps": warmup,
-                            "lr": args.lr, "train_tokens_available": len(data.train)},
-               "dataset": {"path": args.data, "build_key": data.manifest["build_key"],
-                           "tokenizer": data.manifest["tokenizer"]},
-               "variants": summarise(runs), "skipped": skipped,
-               "wall_s": time.perf_counter() - T_START}
-    (out / "study_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def summarise(runs: list[dict]) -> dict:
-    """Per variant: mean and spread (max - min over seeds) of the headline numbers."""
-    by = {}
-    for r in runs:
-        by.setdefault(r["variant"], []).append(r)
-    out = {}
-    for label, rs in by.items():
-        def stat(fn):
-            vals = [fn(r) for r in rs]
-            vals = [v for v in vals if v is not None]
-            if not vals:
-                return None
-            return {"mean": statistics.fmean(vals), "spread": max(vals) - min(vals), "values": vals}
-        out[label] = {
-            "params": rs[0]["params"], "kv_bytes_per_token": rs[0]["kv_bytes_per_token"],
-            "val_ppl": stat(lambda r: r["eval"]["ppl"]["average"]["ppl"]),
-            "val_loss": stat(lambda r: r["eval"]["ppl"]["average"]["loss"]),
-            "val_bpb": stat(lambda r: r["eval"]["ppl"]["average"]["bpb"]),
-            "ppl_by_domain": {d: stat(lambda r, d=d: r["eval"]["ppl"][d]["ppl"])
-                              for d in rs[0]["eval"]["ppl"] if d != "average"},
-            "cloze_acc": stat(lambda r: r["eval"].get("cloze", {}).get("acc")),
-            "mc_acc": stat(lambda r: r["eval"].get("mc", {}).get("acc")),
-            "mc_acc_norm": stat(lambda r: r["eval"].get("mc", {}).get("acc_norm")),
-            "recall": stat(lambda r: r["eval"].get("recall", {}).get("mean")),
-            "tokens_per_s": stat(lambda r: r["steady_tokens_per_s"]),
-            "mfu": stat(lambda r: r["steady_mfu"]),
-        }
-    return out
 
 
 if __name__ == "__main__":

@@ -64,8 +64,9 @@ def run(args) -> int:
         print(f"CPU: {describe()}")
     if args.data is None and cfg.preset != "tiny":
         print("note: training on the small shipped corpus; for a meaningful comparison at this "
-              "scale build one with `hwattn data build --corpus registry --tokenizer gpt2` and "
-              "pass --data")
+              "scale build the registry corpus (`hwattn data build --corpus registry --tokenizer "
+              "bpe:32768 --out data/study`, see docs/data.md) and pass --data, or run the quality "
+              "study (benchmarks/quality_study.py)")
     if not args.out:
         cfg.out = f"runs/compare-{cfg.preset}"
     log = (lambda *a, **k: None) if args.json else print

@@ -35,7 +35,11 @@ def register(sub) -> None:
                    help="cap on training tokens per domain, 0 = none")
     b.add_argument("--max-val-tokens-per-domain", type=int, default=0,
                    help="cap on validation tokens per domain, 0 = none")
-    b.add_argument("--seed", type=int, default=0, help="order of capped documents and of training shards")
+    b.add_argument("--tokenizer-sample-chars", type=int, default=48_000_000,
+                   help="a bpe:N tokenizer trains on training documents drawn at random up to "
+                        "this many characters, 0 = all (default 48M)")
+    b.add_argument("--seed", type=int, default=0,
+                   help="order of capped documents and of the tokenizer's sample")
     b.add_argument("--hf-name", help="dataset configuration for hf: corpora (e.g. sample-10BT)")
     b.add_argument("--hf-split", default="train", help="split for hf: corpora (default train)")
     b.add_argument("--hf-text-field", default="text", help="text field for hf: corpora (default text)")
@@ -52,6 +56,25 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=run_sources)
 
+    pk = dsub.add_parser("pack", help="compress a built dataset into xz parts for copying",
+                         description="Write a built dataset as LZMA2-compressed parts plus its "
+                                     "manifest, to copy to a machine without network; `data "
+                                     "unpack` restores it byte for byte. Resumable.")
+    pk.add_argument("data", help="a folder written by `hwattn data build`")
+    pk.add_argument("--out", required=True, help="pack folder")
+    pk.add_argument("--part-mb", type=int, default=64, help="raw MiB per part (default 64)")
+    pk.add_argument("--workers", type=int, help="compressing processes (default: all cores)")
+    pk.set_defaults(func=run_pack)
+
+    up = dsub.add_parser("unpack", help="restore a built dataset from a pack",
+                         description="Decompress a pack's parts in parallel, check every file "
+                                     "against the manifest's SHA-256, write the manifest last. "
+                                     "Does nothing when the folder already holds that build.")
+    up.add_argument("pack", help="a folder written by `hwattn data pack`")
+    up.add_argument("--out", required=True, help="dataset folder to write")
+    up.add_argument("--workers", type=int, help="decompressing processes (default: all cores)")
+    up.set_defaults(func=run_unpack)
+
 
 def run_build(args) -> int:
     import os
@@ -60,24 +83,31 @@ def run_build(args) -> int:
         os.environ["RAYON_NUM_THREADS"] = str(args.cpu_threads)
     from hwattn.data.build import BuildOptions
     from hwattn.data.corpora import build_dataset
+    from hwattn.data.sources import DownloadError
 
     options = BuildOptions(val_fraction=args.val_fraction,
                            max_train_tokens_per_domain=args.max_train_tokens_per_domain,
-                           max_val_tokens_per_domain=args.max_val_tokens_per_domain, seed=args.seed)
+                           max_val_tokens_per_domain=args.max_val_tokens_per_domain,
+                           tokenizer_sample_chars=args.tokenizer_sample_chars, seed=args.seed)
     hf = None
     if args.corpus.startswith("hf:"):
         hf = {"name": args.hf_name, "split": args.hf_split, "text_field": args.hf_text_field,
               "domain": args.hf_domain, "limit": args.hf_limit, "data_files": args.hf_data_files}
     sources = [s.strip() for s in args.sources.split(",")] if args.sources else None
     log = (lambda *a: None) if args.json else print
-    man = build_dataset(args.out, args.corpus, args.tokenizer, options, sources, args.cache,
-                        args.gpt2_file, hf, args.force, progress=not args.json, log=log)
+    try:
+        man = build_dataset(args.out, args.corpus, args.tokenizer, options, sources, args.cache,
+                            args.gpt2_file, hf, args.force, progress=not args.json, log=log)
+    except (OSError, DownloadError) as err:  # one line for the user, not a traceback
+        raise ValueError(str(err)) from None
     if args.json:
         print(json.dumps(man))
         return 0
     tr = man["splits"]["train"]
     print(f"{args.out}: tokenizer {man['tokenizer']['name']} ({man['tokenizer']['vocab_size']} ids), "
           f"train {tr['tokens']:,} tokens in {tr['documents']} documents")
+    for dom, n in tr.get("tokens_by_domain", {}).items():
+        print(f"  train {dom:<11} {n:>10,} tokens")
     for dom, e in man["splits"]["val"].items():
         print(f"  val {dom:<13} {e['tokens']:>10,} tokens {e['documents']:>5} documents")
     return 0
@@ -91,7 +121,28 @@ def run_sources(args) -> int:
     if args.json:
         print(json.dumps([asdict(s) for s in SOURCES + (WHISPER,)]))
         return 0
-    print(f"{'name':<12} {'client':<6} {'package':<32} {'domain':<13} licence")
+    print(f"{'name':<12} {'client':<6} {'package':<32} {'domain':<6} {'genre':<12} licence")
     for s in SOURCES + (WHISPER,):
-        print(f"{s.name:<12} {s.client:<6} {s.package:<32} {s.domain:<13} {s.licence}")
+        print(f"{s.name:<12} {s.client:<6} {s.package:<32} {s.domain:<6} {s.genre or '-':<12} "
+              f"{s.licence}")
+    return 0
+
+
+def run_pack(args) -> int:
+    from hwattn.data.pack import pack_dataset, pack_size
+
+    if args.part_mb < 1:
+        raise ValueError(f"--part-mb must be >= 1, got {args.part_mb}")
+    pack_dataset(args.data, args.out, part_bytes=args.part_mb << 20, workers=args.workers)
+    print(f"{args.out}: {pack_size(args.out) / 2**20:.1f} MiB")
+    return 0
+
+
+def run_unpack(args) -> int:
+    from hwattn.data.pack import unpack_dataset
+
+    man = unpack_dataset(args.pack, args.out, workers=args.workers)
+    tr = man["splits"]["train"]
+    print(f"{args.out}: train {tr['tokens']:,} tokens, validation "
+          + ", ".join(f"{d} {e['tokens']:,}" for d, e in man["splits"]["val"].items()))
     return 0

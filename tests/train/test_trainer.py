@@ -103,3 +103,56 @@ def test_train_cli(dataset_dir, tmp_path, capsys):
     assert res["steps_done"] == 3 and res["val"]["val_loss"] > 0
     assert main(args[:-1] + ["--no-resume", "--variant", "gqa-3"]) == 2  # 8 heads / 3
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(out / "x")]) == 2
+
+
+@pytest.mark.parametrize("crash", ["old-only", "tmp-and-old", "partial-tmp"])
+def test_resume_after_a_kill_inside_a_checkpoint_save(dataset_dir, tmp_path, crash):
+    """A kill between the renames of a save leaves checkpoint.old (and maybe a complete
+    checkpoint.tmp) but no checkpoint: the rerun resumes from them, never from step 0."""
+    import shutil
+
+    quiet = dict(progress=False, log=lambda *a: None)
+    out = tmp_path / "run"
+    train(_cfg(dataset_dir, out), stop_after=3, **quiet)
+    ckpt = out / "checkpoint"
+    if crash == "old-only":  # killed after `checkpoint` -> `.old`, with no stage left
+        ckpt.rename(out / "checkpoint.old")
+    elif crash == "tmp-and-old":  # killed between the two renames of the step-5 save
+        train(_cfg(dataset_dir, out), stop_after=2, **quiet)
+        shutil.copytree(ckpt, out / "checkpoint.tmp")
+        train(_cfg(dataset_dir, tmp_path / "other"), stop_after=1, **quiet)
+        shutil.rmtree(ckpt)
+        shutil.copytree(tmp_path / "other" / "checkpoint", out / "checkpoint.old")
+    else:  # killed while writing the stage: the stage has no trainer state yet
+        shutil.copytree(ckpt, out / "checkpoint.tmp")
+        (out / "checkpoint.tmp" / "trainer_state.pt").unlink()
+    logs = []
+    res = train(_cfg(dataset_dir, out), stop_after=1, progress=False, log=logs.append)
+    expected = {"old-only": 4, "tmp-and-old": 6, "partial-tmp": 4}[crash]
+    assert res["steps_done"] == expected, logs
+    assert (ckpt / "trainer_state.pt").is_file()
+    assert not (out / "checkpoint.old").exists() and not (out / "checkpoint.tmp").exists()
+
+
+def test_incomplete_checkpoint_is_an_error_not_a_restart(dataset_dir, tmp_path):
+    quiet = dict(progress=False, log=lambda *a: None)
+    out = tmp_path / "run"
+    train(_cfg(dataset_dir, out), stop_after=2, **quiet)
+    (out / "checkpoint" / "trainer_state.pt").unlink()
+    with pytest.raises(ValueError, match="incomplete"):
+        train(_cfg(dataset_dir, out), **quiet)
+    (out / "checkpoint" / "model.safetensors").write_bytes(b"garbage")
+    (out / "checkpoint.old").mkdir()
+    with pytest.raises(ValueError, match="incomplete"):
+        train(_cfg(dataset_dir, out), **quiet)
+
+
+def test_deadline_checkpoints_and_the_next_call_finishes(dataset_dir, tmp_path):
+    import time
+
+    quiet = dict(progress=False, log=lambda *a: None)
+    out = tmp_path / "run"
+    first = train(_cfg(dataset_dir, out), deadline=time.time() - 1, **quiet)
+    assert first["steps_done"] == 1 and (out / "checkpoint" / "trainer_state.pt").is_file()
+    rest = train(_cfg(dataset_dir, out), **quiet)
+    assert rest["steps_done"] == 8 and "val" in rest

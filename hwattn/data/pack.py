@@ -1,0 +1,223 @@
+"""A built dataset as a small folder of xz parts, and back: how data travels to a machine
+that has no network and a cap on what can be copied to it.
+
+    hwattn data pack data/study --out .carry/study_pack      # here, once
+    hwattn data unpack .carry/study_pack --out data/study    # there, in seconds
+
+Token shards are cut into parts of `part_bytes` and each part is compressed with LZMA2
+(preset 9, literal position and position bits set for 2- or 4-byte tokens). Compressed
+token ids came out smaller than the same documents compressed as text, and expanding them
+is a decompression only, where the text would also have to be tokenized again (measured
+numbers in docs/data.md). Other files (tokenizer, validation documents) are compressed the
+same way; a file that is compressed already (.gz, from older builds) travels as it is.
+
+A pack holds the dataset's manifest.json byte for byte and pack.json, which lists every
+part with its SHA-256. Unpacking decompresses the parts in parallel straight into their
+place in each file, checks every file against the manifest's SHA-256, and writes the
+manifest last, so the result is byte-identical to the build that was packed and is seen by
+`hwattn train` only once complete. Both directions are idempotent and resumable: part files
+are named by the hash of their content and written atomically, and an unpacked folder whose
+files already match is left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from hwattn.data.build import MANIFEST, up_to_date
+from hwattn.data.sources import sha256_file
+
+PACK_FORMAT = "hwattn-pack-1"
+PACK_FILE = "pack.json"
+PART_BYTES = 64 << 20
+
+
+def _filters(name: str, itemsize: int) -> list[dict]:
+    if name.endswith(".bin"):
+        # lp/pb = log2 of the token size: LZMA2 then models each byte by its place in a token.
+        bits = {2: 1, 4: 2}.get(itemsize, 0)
+        return [{"id": lzma.FILTER_LZMA2, "preset": 9, "lp": bits, "pb": bits}]
+    return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+
+def _compress_part(job: tuple) -> tuple[str, int]:
+    src, offset, size, filters, dest_dir, stem = job
+    with open(src, "rb") as f:
+        f.seek(offset)
+        raw = f.read(size)
+    digest = hashlib.sha256(raw).hexdigest()
+    name = f"{stem}-{digest[:16]}.xz"
+    dest = Path(dest_dir) / name
+    if not dest.is_file():  # named by content: an existing part is a finished one
+        tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
+        tmp.write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ, filters=filters))
+        os.replace(tmp, dest)
+    return name, dest.stat().st_size
+
+
+def _decompress_part(job: tuple) -> int:
+    part, dest, offset, size = job
+    data = lzma.decompress(Path(part).read_bytes())
+    if len(data) != size:
+        raise ValueError(f"{part}: expands to {len(data)} bytes, the pack says {size}")
+    fd = os.open(dest, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+    return size
+
+
+def _pool(workers: int | None):
+    workers = workers or os.cpu_count() or 1
+    return ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+
+
+def _map(pool, fn, jobs):
+    return list(pool.map(fn, jobs)) if pool is not None else [fn(j) for j in jobs]
+
+
+def pack_dataset(data_dir: str | Path, out: str | Path, part_bytes: int = PART_BYTES,
+                 workers: int | None = None, log=print) -> dict:
+    """Write the pack of the built dataset in `data_dir` to folder `out`; returns pack.json.
+
+    Parts already present (same content) are kept, so an interrupted pack resumes; parts of
+    other builds are removed once the new pack.json is written.
+    """
+    data_dir, out = Path(data_dir), Path(out)
+    man_file = data_dir / MANIFEST
+    if not man_file.is_file():
+        raise ValueError(f"{data_dir} is not a built dataset (no {MANIFEST})")
+    if part_bytes < 1 << 20:
+        raise ValueError(f"part_bytes must be at least 1 MiB, got {part_bytes}")
+    manifest = json.loads(man_file.read_text())
+    if not up_to_date(data_dir, manifest["build_key"]):
+        raise ValueError(f"{data_dir}: files do not match the manifest's SHA-256; rebuild first")
+    out.mkdir(parents=True, exist_ok=True)
+    itemsize = {"uint16": 2, "uint32": 4}.get(manifest.get("dtype"), 1)
+    jobs, layout = [], {}
+    for entry in manifest["files"].values():
+        name = entry["file"]
+        src = data_dir / name
+        size = src.stat().st_size
+        rec = {"sha256": entry["sha256"], "size": size}
+        if name.endswith(".gz"):
+            rec["copy"] = name
+            if not (out / name).is_file() or sha256_file(out / name) != entry["sha256"]:
+                shutil.copyfile(src, out / f".{name}.tmp")
+                os.replace(out / f".{name}.tmp", out / name)
+        else:
+            step = part_bytes - part_bytes % itemsize
+            starts = list(range(0, size, step)) or [0]
+            rec["parts"] = [{"offset": o, "size": min(step, size - o)} for o in starts]
+            for k, part in enumerate(rec["parts"]):
+                jobs.append((str(src), part["offset"], part["size"], _filters(name, itemsize),
+                             str(out), f"{name}.{k:03d}"))
+        layout[name] = rec
+    log(f"packing {data_dir}: {len(jobs)} parts of at most {part_bytes >> 20} MiB")
+    pool = _pool(min(workers or os.cpu_count() or 1, max(1, len(jobs))))
+    try:
+        results = _map(pool, _compress_part, jobs)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    it = iter(results)
+    for rec in layout.values():
+        for part in rec.get("parts", []):
+            part["file"], part["xz_bytes"] = next(it)
+            part["xz_sha256"] = sha256_file(out / part["file"])
+    shutil.copyfile(man_file, out / f".{MANIFEST}.tmp")
+    os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
+    doc = {"format": PACK_FORMAT, "build_key": manifest["build_key"],
+           "manifest_sha256": sha256_file(out / MANIFEST), "files": layout}
+    (out / f".{PACK_FILE}.tmp").write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(out / f".{PACK_FILE}.tmp", out / PACK_FILE)
+    keep = {MANIFEST, PACK_FILE} | {p["file"] for r in layout.values() for p in r.get("parts", [])} \
+        | {r["copy"] for r in layout.values() if "copy" in r}
+    for p in out.iterdir():
+        if p.is_file() and p.name not in keep:
+            p.unlink()
+    total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    raw = sum(r["size"] for r in layout.values())
+    log(f"{out}: {raw / 2**20:.1f} MiB of dataset in {total / 2**20:.1f} MiB")
+    return doc
+
+
+def pack_size(pack: str | Path) -> int:
+    """Bytes of every file in a pack folder (what a copy of it carries)."""
+    return sum(p.stat().st_size for p in Path(pack).iterdir() if p.is_file())
+
+
+def unpack_dataset(pack: str | Path, out: str | Path, workers: int | None = None,
+                   verify: bool = True, log=print) -> dict:
+    """Expand the pack in folder `pack` into the built dataset `out`; returns its manifest.
+
+    Does nothing when `out` already holds the same build. Raises ValueError when a part is
+    missing or damaged, or an expanded file does not match the manifest's SHA-256.
+    """
+    pack, out = Path(pack), Path(out)
+    meta_file = pack / PACK_FILE
+    if not meta_file.is_file():
+        raise ValueError(f"{pack} is not a dataset pack (no {PACK_FILE})")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != PACK_FORMAT:
+        raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {PACK_FORMAT!r}")
+    if sha256_file(pack / MANIFEST) != meta["manifest_sha256"]:
+        raise ValueError(f"{pack / MANIFEST} does not match the SHA-256 in {meta_file}")
+    manifest = json.loads((pack / MANIFEST).read_text())
+    if up_to_date(out, meta["build_key"]):
+        log(f"{out}: already holds build {meta['build_key'][:12]}, nothing to do")
+        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    jobs, temps = [], {}
+    for name, rec in meta["files"].items():
+        if "copy" in rec:
+            shutil.copyfile(pack / rec["copy"], out / f".{name}.tmp")
+            temps[name] = out / f".{name}.tmp"
+            continue
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.truncate(rec["size"])
+        temps[name] = tmp
+        for part in rec["parts"]:
+            src = pack / part["file"]
+            problem = None if src.is_file() else f"{pack}: part {part['file']} of {name} is missing"
+            if problem is None and verify and sha256_file(src) != part["xz_sha256"]:
+                problem = f"{src}: SHA-256 differs from {meta_file}; the copy is damaged"
+            if problem:
+                for t in temps.values():
+                    t.unlink(missing_ok=True)
+                raise ValueError(problem)
+            jobs.append((str(src), str(tmp), part["offset"], part["size"]))
+    pool = _pool(min(workers or os.cpu_count() or 1, max(1, len(jobs))))
+    try:
+        try:
+            _map(pool, _decompress_part, jobs)
+        except lzma.LZMAError as err:
+            raise ValueError(f"{pack}: a part does not decompress ({err})") from None
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        for name, tmp in temps.items():
+            want = meta["files"][name]["sha256"]
+            got = sha256_file(tmp)
+            if got != want:
+                raise ValueError(f"{name}: expanded file has SHA-256 {got[:16]}…, the manifest "
+                                 f"says {want[:16]}…")
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for name, tmp in temps.items():
+        os.replace(tmp, out / name)
+    shutil.copyfile(pack / MANIFEST, out / f".{MANIFEST}.tmp")
+    os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
+    log(f"{out}: unpacked build {meta['build_key'][:12]} ({len(jobs)} parts)")
+    return manifest
