@@ -23,6 +23,7 @@ concurrency) and the output says so; `hwattn bench serve --max-duration` stops t
 
 Configurations (`--gpus 4`, default): GLA-4 TP=4; MLA TP=4; MLA TP=1 x DP=4; MLA TP=2 x DP=2;
 GQA-8 TP=4; GTA-8 TP=4. With `--gpus 2`: GLA-2 TP=2; GLA-2 TP=1; MLA TP=2; MLA TP=1 x DP=2.
+With `--gpus 1`: GLA-2 and MLA at TP=1 (the single-GPU baseline).
 `--configs gla-4:tp4,mla:tp1:dp4` picks any.
 
 On the GPU machine (Python 3.12, no FastAPI / uvicorn / pydantic, no network): first, here,
@@ -63,7 +64,8 @@ sys.path.insert(0, str(ROOT))
 # the long imbalanced workload).
 PAPER_RATIOS = {"c16": 1.17, "c64": 1.70, "c128": 1.60, "long": 2.7}
 CONFIGS = {4: "gla-4:tp4,mla:tp4,mla:tp1:dp4,mla:tp2:dp2,gqa-8:tp4,gta-8:tp4",
-           2: "gla-2:tp2,gla-2:tp1,mla:tp2,mla:tp1:dp2"}
+           2: "gla-2:tp2,gla-2:tp1,mla:tp2,mla:tp1:dp2",
+           1: "gla-2:tp1,mla:tp1"}  # the pipeline and the single-GPU baseline, on one H200
 # Share of a configuration's time each workload may take, in the order they run.
 WEIGHTS = {"c16": 0.15, "c64": 0.25, "c128": 0.35, "long": 0.25}
 
@@ -387,7 +389,7 @@ def report(paths: list[str]) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gpus", type=int, default=4, choices=(2, 4),
+    p.add_argument("--gpus", type=int, default=4, choices=(1, 2, 4),
                    help="which configuration set (default 4)")
     p.add_argument("--configs", default=None, help="comma-separated, e.g. gla-4:tp4,mla:tp1:dp4")
     p.add_argument("--minutes", type=float, default=9.0, help="time for all configurations")
