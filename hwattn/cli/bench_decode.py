@@ -319,7 +319,7 @@ def _time_hopper(torch, do_bench, inputs, case, args, backend, roofline_us, trit
                 hopper_config=f"{config.schedule}{'-ovl' if config.overlap else ''} "
                               f"{config.ctas_per_sm}/SM p{config.programs_per_sm or 2}"
                               f"{f'-m{config.min_piece}' if config.min_piece else ''}",
-                hopper_items=[p.capacity for p in plan.plans.values()], _hopper_out=out[0])
+                hopper_items=[p.capacity for p in plan.plans.values()], _hopper_out=out)
 
 
 def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda", hopper=None) -> dict:
