@@ -97,8 +97,10 @@ class HopperBackend(TritonBackend):
     priority = 20
 
     def __init__(self, config=None):
-        from triton.experimental import gluon  # noqa: F401 - ImportError: "auto" skips this backend
-
+        try:
+            from triton.experimental import gluon  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - any broken Gluon means: use another backend
+            raise ImportError(f"the Hopper backend needs Triton's Gluon: {err}") from err
         from hwattn.ops import hopper_decode
 
         super().__init__()
