@@ -30,7 +30,8 @@ HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 170 python3 -m pytest -q -p n
 tail -25 "$OUT/gpu_tests.log" | tee -a "$OUT/log"
 
 echo "== 2. engine: backend auto (hopper) vs triton" | tee -a "$OUT/log"
-timeout 110 python3 benchmarks/hopper_engine_check.py 2>&1 | grep -v '^{' | tee -a "$OUT/log" || status=1
+timeout 150 python3 benchmarks/hopper_engine_check.py --steps 16 --max-tokens 24 2>&1 \
+  | tee "$OUT/engine.log" | grep -v '^{' | tee -a "$OUT/log" || status=1
 
 wait $compile_pid
 echo "== sm_90 compile checks (CPU)" | tee -a "$OUT/log"
@@ -41,9 +42,10 @@ echo "== 3. hwattn bench decode: Hopper beside Triton and SDPA" | tee -a "$OUT/l
 bench() {  # name, time limit, arguments
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 -m hwattn bench decode "$@" --warmup-ms 10 --rep-ms 50 \
-    --out "$OUT/decode_$name.json" 2>&1 | grep -v '^row \|^{' | tee -a "$OUT/log" || status=1
+    --out "$OUT/decode_$name.json" 2>&1 | tee "$OUT/decode_$name.log" | grep -v '^row \|^{' \
+    | tee -a "$OUT/log" || status=1
 }
-bench b128_latent 90 --variants gla-2,mla --batch 128 --context 16384 --query-len 1,2
+bench b128_latent 80 --variants gla-2,mla --batch 128 --context 16384 --query-len 1,2
 bench b128_gta 45 --variants gta-4,gqa-4 --batch 128 --context 16384
 bench b4_split 55 --variants mla,gla-2,gta-4 --batch 4 --context 32768
 echo "verify status $status" | tee -a "$OUT/log"
