@@ -184,24 +184,24 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
 
 # Defaults measured on an NVIDIA H200 (copy 4246 GB/s, bf16 matmul 693 TFLOP/s in the same run;
 # benchmarks/results/hopper_decode_h200_2026-11-29_v2.log, its pivot table; d_h 128, d_R 64,
-# page 64, bf16, CUDA-graph replays; µs, fastest first, Triton's kernel last):
+# page 64, bf16, CUDA-graph replays). µs of the default, the next best and Triton's kernel:
 #
-#   shape class (h_q per state head × L_q)   B × L        default        µs      next best       Triton
-#   MLA 512-wide, 128 × 1                    128 × 16K    duo            1034    ws 1264          2358
-#   MLA, 128 × 2 / 128 × 4                   128 × 16K    duo       2021 / 3622  ws 2541 / 4939   4348 / 8902
-#   MLA, 16 × 1 / 16 × 2 (one TP-8 rank)     128 × 32K    duo-p1-m256 1160/1202  duo 1170 / 1245  1248 / 2254
-#   MLA, 128 × 1, split-KV                   1 × 128K     duo-p1-m256    94      duo 114          190
-#                                            4 × 32K      duo-p1-m256    97      duo 111          187
-#                                            1×128K+63×1K duo-p1-m256   167      duo 185          313
-#   GLA-2 256-wide, 64 × 1                   128 × 16K    ovl             641    ws 663           840
-#   GLA-2, 64 × 2 / 64 × 4                   128 × 16K    pp        1029 / 1996  ovl 1074 / 2087  1315 / 2294
-#   GLA, 16 × 1 / 16 × 2 (one TP-8 rank)     128 × 32K    ovl-p1-m256 631 / 635  ovl 640 / 657    779 / 1126
-#   GLA-2, 64 × 1, split-KV                  1 × 128K     ovl-p1-m256    62      ovl 77           71
-#                                            4 × 32K      ovl-p1-m256    62      ovl 70           67
-#                                            1×128K+63×1K ovl-p1-m256   105      ovl 118          121
-#   GTA-4 (128 tied + 64 RoPE), 8 × 1        128 × 8-32K  ovl (2 per SM) 296-1138 ws 306-1149    453-1693
-#                                            4 × 128K     ovl           159      ws 166           224
-#                                            1 × 128K     ovl            59      ws 61            69
+#   shape class (heads per state head × L_q)  B × L         default       µs     next best
+#   MLA 512 wide, 128 × 1                     128 × 16K     duo           1034   ws 1264, tri 2358
+#   MLA, 128 × 2 / 128 × 4                    128 × 16K     duo      2021/3622   ws 2541/4939
+#   MLA, 16 × 1 / 16 × 2 (a TP-8 rank)        128 × 32K     duo-p1-m256 1160/1202  duo 1170/1245
+#   MLA, 128 × 1, split-KV                    1 × 128K      duo-p1-m256   94     duo 114, tri 190
+#                                             4 × 32K       duo-p1-m256   97     duo 111, tri 187
+#                                             1×128K+63×1K  duo-p1-m256  167     duo 185, tri 313
+#   GLA-2 256 wide, 64 × 1                    128 × 16K     ovl            641   ws 663, tri 840
+#   GLA-2, 64 × 2 / 64 × 4                    128 × 16K     pp       1029/1996   ovl 1074/2087
+#   GLA, 16 × 1 / 16 × 2 (a TP-8 rank)        128 × 32K     ovl-p1-m256 631/635  ovl 640/657
+#   GLA-2, 64 × 1, split-KV                   1 × 128K      ovl-p1-m256   62     ovl 77, tri 71
+#                                             4 × 32K       ovl-p1-m256   62     ovl 70, tri 67
+#                                             1×128K+63×1K  ovl-p1-m256  105     ovl 118, tri 121
+#   GTA-4 (128 tied + 64 RoPE), 8 × 1         128 × 8-32K   ovl, 2/SM  296-1138  ws 306-1149
+#                                             4 × 128K      ovl, 2/SM    159     ws 166, tri 224
+#                                             1 × 128K      ovl, 2/SM     59     ws 61, tri 69
 #
 # duo: two warpgroups take turns on blocks, each owning half the columns (latents >= 128 wide,
 # key = value); pp: two 64-row warpgroups take turns on the tensor cores (latents <= 256 wide,
