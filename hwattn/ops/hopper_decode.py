@@ -20,6 +20,7 @@ portable Triton kernel.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -229,6 +230,7 @@ def _preferred_schedule(d_nope: int, d_v: int, group: int, query_len: int) -> di
     return {}
 
 
+@functools.lru_cache(maxsize=512)  # called per layer and step: a pure function of its integers
 def choose_config(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int, *,
                   batch: int | None = None, num_heads_kv: int = 1,
                   num_sms: int = NUM_SMS) -> HopperConfig:

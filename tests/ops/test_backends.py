@@ -4,6 +4,8 @@ layer that backend and the plan it made for the step."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -288,3 +290,28 @@ def test_hopper_backend_gives_triton_what_it_does_not_take(monkeypatch):
         backend.decode(q[:1], k_cache, k_cache, table[:1], lengths[:1], plan=plan)
     with pytest.raises(ValueError, match="HopperPlan"):
         backend.plan(lengths, num_heads_kv=2, page_size=64, out=ops.plan_decode(lengths, num_heads_kv=2))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton runs CPU tensors only under its interpreter")
+def test_runner_decodes_through_the_hopper_backend_plan():
+    """The engine's path: the runner asks the Hopper backend for the step's plan, every layer's
+    call takes its launch's plan from it (off Hopper: the Triton kernels'), and the logits
+    match the references'."""
+    pytest.importorskip("triton.experimental.gluon")
+    from hwattn.ops.backends.hopper_backend import HopperBackend, HopperPlan
+
+    cfg = ModelConfig.from_preset("tiny", attention="mla", n_layers=2)
+    model = Transformer(cfg).eval()
+    logits = {}
+    for name, backend in (("hopper", HopperBackend()), ("torch", "torch")):
+        runner = ModelRunner(model, num_pages=16, page_size=4, max_model_len=32,
+                             cuda_graphs=False, backend=backend)
+        runner.execute(StepInput("prefill", [[1, 2, 3, 4, 5], [6, 7, 8]], [0, 0], [[1, 2], [3]],
+                                 need_logits=[True, True]))
+        step = StepInput("decode", [[9], [10]], [5, 3], [[1, 2], [3]])
+        if name == "hopper":
+            plan = runner.plan(torch.tensor([6, 4], dtype=torch.int32), 1)
+            assert isinstance(plan, HopperPlan) and plan.num_heads_kv == cfg.cache_heads
+        logits[name] = runner.execute(step)
+    torch.testing.assert_close(logits["hopper"], logits["torch"], rtol=1e-4, atol=1e-4)
