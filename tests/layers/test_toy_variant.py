@@ -157,18 +157,18 @@ def test_two_gloo_ranks_generate_what_one_does(tmp_path, monkeypatch):
 
 
 def test_bench_decode_builds_and_checks_its_kernel_inputs():
+    from hwattn.bench import decode
     from hwattn.cli import bench_decode
 
     args = argparse.Namespace(suite="custom", variants="kvs-2", heads=None, tp=[1, 2], batch=[2],
                               context=[70], query_len=[2], page_size=[16])
-    cases = bench_decode._cases(args)
+    cases = bench_decode.cases(args)
     assert [c["heads"] for c in cases] == [TOY.bench_heads] * 2
-    args = argparse.Namespace(cache_dtype="bf16", head_dim=32, rope_dim=16, no_sdpa=False,
-                              warmup_ms=1, rep_ms=1)
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, warmup_ms=1, rep_ms=1)
     case = dict(variant="kvs-2", heads=4, tp=2, batch=2, context=70, query_len=2, page=16)
-    row = bench_decode.bench_case(torch, lambda fn, **_: (fn(), 1.0)[1], case, args,
+    row = decode.bench_case(torch, lambda fn, **_: (fn(), 1.0)[1], case, options,
                                   (1000.0, 100.0), [], device="cpu")
     assert row["check_rel_err"] < 1e-2, row
     assert (row["heads_local"], row["kv_heads_local"]) == (2, 1)
-    layer = bench_decode._layer("kvs-2", 4, 32, 16)
+    layer = decode.layer_for("kvs-2", 4, 32, 16)
     assert row["bytes"] == 2 * layer.decode_bytes(70, 2, tp=2)
