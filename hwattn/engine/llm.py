@@ -14,15 +14,15 @@ import numbers
 
 import torch
 
-from hwattn.engine.data_parallel import DataParallelEngine
+from hwattn.data.tokenizer import load_tokenizer
 from hwattn.engine.config import EngineConfig
+from hwattn.engine.data_parallel import DataParallelEngine
 from hwattn.engine.llm_engine import LLMEngine, plan_pages
 from hwattn.engine.loader import build_model, is_checkpoint, model_config, resolve_device, resolve_dtype
 from hwattn.engine.model_runner import ModelRunner
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
 from hwattn.engine.speculative import DraftModelDrafter, NgramDrafter
-from hwattn.engine.tokenizer import load_tokenizer
 from hwattn.engine.tp_executor import TensorParallelExecutor
 
 

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from hwattn.data.tokenizer import IncrementalDetokenizer
 from hwattn.engine.block_manager import BlockManager, num_pages_for_budget, pages_for
 from hwattn.engine.config import EngineConfig
 from hwattn.engine.model_runner import ModelRunner, StepInput
@@ -31,7 +32,6 @@ from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import RequestOutput, Sequence
 from hwattn.engine.speculative import Drafter
-from hwattn.engine.tokenizer import IncrementalDetokenizer
 
 MiB = 1 << 20
 

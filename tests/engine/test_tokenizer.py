@@ -1,7 +1,7 @@
 """Tokenizers: a checkpoint's tokenizer.json, the byte fallback, incremental detokenization."""
 
+from hwattn.data.tokenizer import ByteTokenizer, IncrementalDetokenizer, chat_prompt, load_tokenizer
 from hwattn.engine import LLM, SamplingParams
-from hwattn.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer, chat_prompt, load_tokenizer
 
 
 def test_incremental_detokenizer_holds_back_split_utf8():

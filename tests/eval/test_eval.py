@@ -15,7 +15,7 @@ from hwattn.eval.perplexity import evaluate_perplexity
 from hwattn.eval.recall import make_recall_batch, recall_accuracy, word_tokens
 from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
 from hwattn.eval.tasks import build_cloze, build_mc, loglikelihoods, score_cloze, score_mc, write_jsonl
-from hwattn.train.trainer import load_model
+from hwattn.models.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")

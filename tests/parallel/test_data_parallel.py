@@ -11,11 +11,11 @@ from collections import Counter, deque
 import pytest
 import torch
 
+from hwattn.data.tokenizer import load_tokenizer
 from hwattn.engine import LLM, SamplingParams, create_engine
 from hwattn.engine.data_parallel import DataParallelEngine, LeastOutstandingTokens
 from hwattn.engine.engine_core import EngineCore
 from hwattn.engine.loader import model_config
-from hwattn.engine.tokenizer import load_tokenizer
 from hwattn.models import Transformer
 from hwattn.parallel.launch import WorkerError
 from tests.parallel.procs import alive, children, fault_age, wait_gone

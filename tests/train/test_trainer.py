@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hwattn.models.checkpoint import load_checkpoint
-from hwattn.train.trainer import TrainConfig, lr_at, param_groups, read_metrics, train
+from hwattn.train.metrics import read_metrics
+from hwattn.train.trainer import TrainConfig, lr_at, param_groups, train
 from tests.conftest import SMALL
 
 
