@@ -52,6 +52,7 @@ def test_plan_puts_the_claim_pairs_first():
     assert sorted(s for v, s in runs if v == "mha") == [0, 1]
 
 
+@pytest.mark.slow
 def test_study_resumes_and_keeps_finished_runs(study):
     mod, sdir, export, argv, first = study
     log = (sdir / "study_log.txt").read_text()
@@ -154,6 +155,7 @@ def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
     assert "| gta-4 | chunked |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_parallel_workers_share_the_plan(dataset_dir, tmp_path):
     """Two worker processes (CPU stand-ins for two GPUs) claim runs: each runs exactly once."""
     import subprocess

@@ -22,7 +22,7 @@ from hwattn.layers import Attention, apply_rope, causal_attention, select_heads,
 from hwattn.parallel import shard_model  # noqa: E402
 from hwattn.variants import VariantSpec, parse_variant, register_variant, variant_names  # noqa: E402
 from tests.conftest import assert_close_derived  # noqa: E402
-from tests.engine.conftest import make_checkpoint  # noqa: E402
+from tests.conftest import make_checkpoint  # noqa: E402
 
 
 class SharedKVAttention(Attention):
@@ -137,6 +137,7 @@ def test_shards_sum_to_the_full_layer():
     torch.testing.assert_close(total, want)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_generate_what_one_does(tmp_path, monkeypatch):
     # The spawned rank imports nothing of this process: an entry point (a dist-info folder
     # on sys.path, which spawned children inherit) tells it where the variant lives.

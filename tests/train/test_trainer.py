@@ -106,6 +106,7 @@ def test_train_cli(dataset_dir, tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(out / "x")]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash", ["old-only", "tmp-and-old", "partial-tmp"])
 def test_resume_after_a_kill_inside_a_checkpoint_save(dataset_dir, tmp_path, crash):
     """A kill between the renames of a save leaves checkpoint.old (and maybe a complete
