@@ -127,8 +127,10 @@ class ModelRunner:
         step left in place), or None when that step runs eagerly."""
         if not self.graphs:
             return None
-        size = self._graph_for(batch, query_len, StepInput("decode", [], [], []))
-        return None if size is None else self.graphs[(size, query_len)][0]
+        for size in self.buckets:
+            if size >= batch and (size, query_len) in self.graphs:
+                return self.graphs[(size, query_len)][0]
+        return None
 
     @contextmanager
     def eager(self) -> Iterator[ModelRunner]:
