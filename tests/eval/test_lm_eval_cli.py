@@ -14,6 +14,8 @@ import pytest
 
 import hwattn
 
+pytestmark = pytest.mark.slow  # the lm_eval command line in a subprocess
+
 REPO = Path(hwattn.__file__).resolve().parent.parent
 PTH = "hwattn-lm-eval.pth"
 
@@ -23,8 +25,6 @@ _LM_EVAL_WITH_SITE_DIR = """
 import site, sys
 site.addsitedir(sys.argv.pop(1))
 from lm_eval.__main__ import cli_evaluate
-
-pytestmark = pytest.mark.slow  # the lm_eval command line in a subprocess
 sys.argv[0] = "lm_eval"
 cli_evaluate()
 """

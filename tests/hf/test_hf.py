@@ -62,6 +62,7 @@ def _until_eos(row: torch.Tensor, start: int, eos: int | None) -> list[int]:
 
 @pytest.mark.parametrize("variant, bias", [("gta-4", False), ("gla-2", False), ("mqa", False),
                                            ("mla", True), ("gla-2", True), ("gta-4", True)])
+@pytest.mark.slow
 def test_auto_model_generates_like_greedy_generate(trained, tmp_path, variant, bias):
     import transformers
 

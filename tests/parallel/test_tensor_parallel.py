@@ -72,6 +72,7 @@ def test_bad_degrees_are_refused():
         shard_model(model, 2, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["gqa-4", "gta-4", "mla", "gla-2"])
 def test_two_processes_generate_what_one_does(label, checkpoints):
     """TP = 2 over gloo (rank 1 a spawned process) against TP = 1, greedy, fp64, on a model

@@ -54,6 +54,7 @@ def _cfg(dataset_dir, out, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(dataset_dir, tmp_path):
     quiet = dict(progress=False, log=lambda *a: None)
     whole = train(_cfg(dataset_dir, tmp_path / "a"), **quiet)
