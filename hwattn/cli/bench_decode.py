@@ -15,10 +15,9 @@ import argparse
 
 from hwattn.cli.analyze import int_list
 
-CACHE_DTYPES = ("bf16", "fp16", "fp8")
-
 
 def register(sub) -> None:
+    from hwattn.bench.decode import CACHE_DTYPES
     from hwattn.cli import add_cpu_threads
 
     p = sub.add_parser("decode", help="paged decode kernels: µs, GB/s, TFLOP/s, %% of roofline",
@@ -39,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--context", type=int_list, default=[8192], help="L values (default 8192)")
     p.add_argument("--query-len", type=int_list, default=[1], help="L_q values (default 1)")
     p.add_argument("--page-size", type=int_list, default=[64], help="page sizes (default 64)")
-    p.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="bf16",
+    p.add_argument("--cache-dtype", choices=tuple(CACHE_DTYPES), default="bf16",
                    help="KV cache dtype; queries are bf16 (fp8 uses a per-tensor scale)")
     p.add_argument("--configs", default="",
                    help="extra kernel tile configs to time, 'block_n:warps:stages:max_rows;...'; "
