@@ -352,7 +352,7 @@ def task_check(torch, name: str, kernel: str) -> dict:
 def task_peaks(torch) -> dict:
     from triton.testing import do_bench
 
-    from hwattn.cli.bench_decode import measure_peaks
+    from hwattn.bench.decode import measure_peaks
 
     copy_gbps, mm_tflops = measure_peaks(torch, do_bench)
     return dict(task="peaks", copy_GBps=copy_gbps, mm_TFLOPs=mm_tflops,
@@ -398,7 +398,7 @@ def _prepare(torch, name: str, kernel: str, peaks):
 
     tri_config = triton_decode.choose_config(max(16, 1 << (data.kv_cache.shape[-1] - 1).bit_length()),
                                              l_q, group, True)
-    _, tri_blocks, _ = triton_decode._head_layout(group, l_q, tri_config.max_rows)
+    _, tri_blocks, _ = triton_decode.head_layout(group, l_q, tri_config.max_rows)
     tri_plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
                            head_blocks=tri_blocks, min_piece=min_piece)
     if kernel == "triton":

@@ -22,8 +22,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from hwattn.data.tokenizer import chat_prompt
 from hwattn.engine.sampling_params import SamplingParams
-from hwattn.engine.tokenizer import chat_prompt
 from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
 from hwattn.server.protocol import APIError, ChatRequest, CompletionRequest, ServerLimits, parse
 

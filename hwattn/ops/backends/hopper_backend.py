@@ -155,7 +155,7 @@ class HopperBackend(TritonBackend):
         n_kv, d_v = k_cache.shape[2:]
         d_pad = max(16, 1 << (d_v - 1).bit_length())
         config = triton_decode.choose_config(d_pad, query_len, n_heads // n_kv, tied)
-        _, head_blocks, _ = triton_decode._head_layout(n_heads // n_kv, query_len, config.max_rows)
+        _, head_blocks, _ = triton_decode.head_layout(n_heads // n_kv, query_len, config.max_rows)
         min_piece = triton_decode.min_piece(q, k_cache, v_cache, rope_cache, tied)
         return plan.for_launch(head_blocks, PROGRAMS_PER_SM, min_piece)
 
