@@ -39,13 +39,17 @@ MiB = 1 << 20
 @dataclass
 class EngineConfig:
     """Engine sizes. memory_budget: bytes of KV cache, or a fraction (0, 1] of the GPU memory
-    free after loading the model; default 256 MiB on CPU, 0.85 on CUDA. num_pages overrides it."""
+    free after loading the model; default 256 MiB on CPU, 0.85 on CUDA.
+    gpu_memory_utilization: instead of memory_budget, the fraction (0, 1] of the GPU's whole
+    memory this process may fill, weights and everything else already on the device counted
+    (vLLM's meaning); the KV cache gets what is left of it. CUDA only. num_pages overrides both."""
 
     page_size: int = 64
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     memory_budget: int | float | None = None
+    gpu_memory_utilization: float | None = None
     num_pages: int | None = None
     enable_prefix_caching: bool = True
     num_speculative_tokens: int = 0
@@ -59,6 +63,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        util = self.gpu_memory_utilization
+        if util is not None:
+            if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+                raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
+            if self.memory_budget is not None:
+                raise ValueError("give memory_budget or gpu_memory_utilization, not both")
 
 
 def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.device,
@@ -66,6 +76,20 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
     """Pages in the pool (null page included), from `num_pages` or the memory budget."""
     if config.num_pages is not None:
         num_pages = config.num_pages
+    elif config.gpu_memory_utilization is not None:
+        if device.type != "cuda":
+            raise ValueError("gpu_memory_utilization needs a CUDA device; on the CPU give "
+                             "memory_budget in bytes (or num_pages)")
+        free, total = torch.cuda.mem_get_info(device)
+        # Blocks PyTorch has cached but not handed out are free to this process too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = int(total * config.gpu_memory_utilization) - (total - free)
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} allows "
+                             f"{total * config.gpu_memory_utilization / 2**30:.2f} GiB, but "
+                             f"{(total - free) / 2**30:.2f} GiB of the device are already in use: "
+                             f"raise it")
+        num_pages = num_pages_for_budget(budget, kv_bytes_per_token, config.page_size)
     else:
         budget = config.memory_budget
         if budget is None:
