@@ -23,6 +23,7 @@ class ByteTokenizer:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self.eos_token_id = 256 if vocab_size > 256 else None
+        self.eos_token = None  # id 256 has no text
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -61,6 +62,7 @@ class HFTokenizer:
                 if eos_token_id is not None:
                     break
         self.eos_token_id = eos_token_id
+        self.eos_token = None if eos_token_id is None else self.tok.id_to_token(eos_token_id)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -15,6 +15,7 @@ from collections import deque
 
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
+from hwattn.server.metrics import LatencyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class AsyncEngine:
         self._window = rate_window_s
         self._history: deque[tuple[float, int]] = deque()
         self.snapshot = engine.stats()
+        self.latency = LatencyMetrics()
 
     def start(self) -> None:
         if self._thread is None:
@@ -70,6 +72,7 @@ class AsyncEngine:
             self._queues[request_id] = (loop, queue)
             self._adds.append((request_id, prompt_ids, params))
         self._wake.set()
+        timer = self.latency.timer()
         finished = False
         try:
             while True:
@@ -80,6 +83,7 @@ class AsyncEngine:
                 finished = out.finished
                 if out.finish_reason == "error":
                     raise EngineError(f"the request failed: {out.error}")
+                timer.observe(out)
                 yield out
                 if finished:
                     return
