@@ -549,9 +549,12 @@ class LLMEngine:
         if isinstance(entries, str):
             self._fail(seq, entries)
             return
-        for offset, entry in enumerate(entries):
-            position = seq.num_cached + 1 + offset
-            seq.prompt_logprobs[position] = self._position(seq.token_ids[position], entry)
+        try:
+            for offset, entry in enumerate(entries):
+                position = seq.num_cached + 1 + offset
+                seq.prompt_logprobs[position] = self._position(seq.token_ids[position], entry)
+        except Exception as err:  # noqa: BLE001 - that request alone fails
+            self._fail(seq, err)
 
     @staticmethod
     def _hit_stop(seq: Sequence, delta_len: int) -> bool:

@@ -57,3 +57,29 @@ def test_rank_0_samples_penalties_and_logprobs_as_one_process_does(monkeypatch):
         assert done[rid].finish_reason == "error" and "Overflow" in done[rid].error
         same(summary(done[keep]), want[0])
         assert engine.stats()["pages_used"] == 0
+
+
+def test_data_parallel_refuses_what_replicas_do_not_report_by_name():
+    from hwattn.engine.data_parallel import DataParallelEngine
+    from hwattn.engine.loader import model_config
+    from hwattn.engine.tokenizer import load_tokenizer
+    from tests.parallel.test_data_parallel import TINY as DP_TINY
+    from tests.parallel.test_data_parallel import InProcessReplicas
+
+    config = model_config(DP_TINY["model"], DP_TINY["attention"], DP_TINY["model_overrides"])
+    dp = DataParallelEngine(2, dict(DP_TINY), config, load_tokenizer(None, config.vocab_size),
+                            workers=InProcessReplicas(2))
+    for kw in (dict(n=2), dict(logprobs=1), dict(prompt_logprobs=0)):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=f"{name}=.* data_parallel_size"):
+            dp.add_requests([[1, 2], [3, 4]], [SamplingParams(), SamplingParams(**kw)])
+        assert not dp.has_unfinished()
+    penalized = SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.5, min_tokens=2)
+    rid = dp.add_request([5, 6, 7], penalized)
+    done = {}
+    while dp.has_unfinished():
+        for out in dp.step():
+            if out.finished:
+                done[out.request_id] = out
+    with LLM(**DP_TINY) as one:
+        assert done[rid].token_ids == one.generate([[5, 6, 7]], penalized)[0].token_ids
