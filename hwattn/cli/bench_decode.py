@@ -6,7 +6,10 @@ must read (the layer's `decode_bytes`: the cache once, q and out), TFLOP/s (`dec
 arithmetic intensity, the roofline time from the copy bandwidth and bf16 matmul rate measured
 in the same run, the % of that roofline reached, and the speed-up over PyTorch SDPA on the
 cache gathered into contiguous tensors (query heads of a KV head packed as rows, as the kernel
-does; gather not timed). FlashMLA / FlashAttention-3 / FlashInfer are reported when importable;
+does; gather not timed). On an sm_90 GPU the Hopper backend (`hwattn.ops.backends.hopper_backend`)
+is timed beside Triton with its own plan, % of the same roofline and speed-up over Triton, on the
+tied-state calls it takes (MLA, GLA, GTA; the rest it hands to Triton); elsewhere the header says
+why it is unavailable. FlashMLA / FlashAttention-3 / FlashInfer are reported when importable;
 the H100 anchors of docs/design.md §6 (FlashMLA and FA3, another process and day) are printed
 beside matching rows. Every row is checked against SDPA before it is timed.
 
@@ -97,6 +100,8 @@ def register(sub) -> None:
                    help="extra kernel tile configs to time, 'block_n:warps:stages:max_rows;...'; "
                         "each row reports the fastest")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline and check")
+    p.add_argument("--no-hopper", action="store_true",
+                   help="skip the Hopper backend (timed by default on sm_90 GPUs)")
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--out", metavar="FILE.json", help="also write the JSON document here")
@@ -204,6 +209,23 @@ class Inputs:
         return lambda: self.layer.kernel_call(backend, self.queries, self.caches, self.block_table,
                                               self.seqlens, plan=plan, cache_scale=self.scale)
 
+    def hopper_declines(self) -> str | None:
+        """None if the Hopper kernels take this call, else why Triton runs it."""
+        if not self.tied:
+            return "separate K/V: the Triton kernels"
+        from hwattn.ops import hopper_decode
+
+        return hopper_decode.why_unsupported(*self.queries, *self.caches, kv_scale=self.scale)
+
+    def hopper(self, backend, case: dict):
+        """(fn, plan) of the Hopper backend: its own step plan, as the engine makes it."""
+        h_kv = self.caches[0].shape[2]
+        plan = backend.plan(self.seqlens.cpu(), num_heads_kv=h_kv, query_len=case["query_len"],
+                            page_size=case["page"], device=self.device)
+        return (lambda: self.layer.kernel_call(backend, self.queries, self.caches,
+                                               self.block_table, self.seqlens, plan=plan,
+                                               cache_scale=self.scale)), plan
+
     def sdpa(self, torch):
         """SDPA on the gathered cache with query heads packed as rows: (fn, unpack)."""
         import torch.nn.functional as F
@@ -265,8 +287,44 @@ def _sdpa_bytes(case: dict, h_q: int, h_kv: int, widths: tuple[int, int]) -> int
     return tokens * h_kv * sum(widths) * 2 + scores
 
 
-def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda") -> dict:
-    """Time one case with each tile config (keeping the fastest), then SDPA; check against it."""
+def hopper_status(torch) -> str | None:
+    """None if the Hopper backend runs on this GPU, else why not (printed, never an error)."""
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return (f"unavailable: needs compute capability 9.0 (Hopper), "
+                f"{torch.cuda.get_device_name()} is {major}.{minor}")
+    from hwattn.ops import get_backend
+
+    try:
+        get_backend("hopper")
+    except ImportError as err:
+        return f"unavailable: {err} (Triton without Gluon)"
+    return None
+
+
+def _time_hopper(torch, do_bench, inputs, case, args, backend, roofline_us, triton_us, device):
+    """The Hopper backend's columns of a row (and its output, under "_hopper_out")."""
+    why = inputs.hopper_declines()
+    if why is not None:
+        return dict(hopper_note=f"Triton runs it ({why})")
+    from hwattn.ops import hopper_decode
+
+    fn, plan = inputs.hopper(backend, case)
+    out = fn()
+    timed, how = _graphed(torch, fn) if device == "cuda" else (fn, "eager")
+    hopper_us = do_bench(timed, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median") * 1e3
+    config = hopper_decode.call_config(inputs.queries[0], inputs.caches[0], inputs.caches[1])
+    return dict(hopper_us=hopper_us, hopper_pct_roofline=100 * roofline_us / hopper_us,
+                hopper_speedup_triton=triton_us / hopper_us, hopper_timing=how,
+                hopper_config=f"{config.schedule}{'-ovl' if config.overlap else ''} "
+                              f"{config.ctas_per_sm}/SM p{config.programs_per_sm or 2}"
+                              f"{f'-m{config.min_piece}' if config.min_piece else ''}",
+                hopper_items=[p.capacity for p in plan.plans.values()], _hopper_out=out)
+
+
+def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda", hopper=None) -> dict:
+    """Time one case with each tile config (keeping the fastest), then the Hopper backend if
+    given (`hopper`: an AttentionBackend), then SDPA; check each against SDPA."""
     from hwattn.ops import plan_decode
     from hwattn.ops.triton_decode import _head_layout, choose_config
 
@@ -308,6 +366,16 @@ def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda") -> di
                roofline_us=roofline_us, pct_roofline=100 * roofline_us / us, bytes=nbytes,
                flops=flops, config=best_key, items=best["splits"], timing=best["timing"],
                configs={k: round(v["us"], 2) if "us" in v else v["error"] for k, v in timings.items()})
+    if hopper is not None:
+        try:
+            row.update(_time_hopper(torch, do_bench, inputs, case, args, hopper, roofline_us, us,
+                                    device))
+        except Exception as err:  # noqa: BLE001 - a Hopper failure is a result, Triton's row stands
+            row["hopper_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    hopper_out = row.pop("_hopper_out", None)
+    if hopper_out is not None:
+        row["hopper_check_rel_err"] = ((hopper_out.float() - best["out"].float()).norm()
+                                       / best["out"].float().norm()).item()
 
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2**34
     if not args.no_sdpa and _sdpa_bytes(case, h_q, h_kv, (d_qk, d_v)) < 0.5 * free:
@@ -315,6 +383,8 @@ def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda") -> di
         try:
             ref = unpack(sdpa()).float()
             err = ((best["out"].float() - ref).norm() / ref.norm()).item()
+            if hopper_out is not None:
+                row["hopper_check_rel_err"] = ((hopper_out.float() - ref).norm() / ref.norm()).item()
             timed, _ = _graphed(torch, sdpa) if device == "cuda" else (sdpa, "eager")
             sdpa_ms = do_bench(timed, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
             row.update(sdpa_us=sdpa_ms * 1e3, speedup_sdpa=sdpa_ms * 1e3 / us, check_rel_err=err)
@@ -336,7 +406,7 @@ def _fmt(value, spec):
 def format_table(rows: list[dict], peaks) -> str:
     head = (f"{'variant':8} {'hq/hkv':>7} {'B':>4} {'L':>7} {'Lq':>2} {'page':>4} {'µs':>9} "
             f"{'GB/s':>6} {'TFLOP/s':>7} {'AI':>6} {'roof µs':>8} {'%roof':>5} {'SDPA µs':>9} "
-            f"{'×SDPA':>6} {'err':>7} {'anchor':>16}")
+            f"{'×SDPA':>6} {'err':>7} {'Hopper µs':>9} {'%roof':>5} {'×Tri':>5} {'anchor':>16}")
     lines = [f"peaks measured now: copy {peaks[0]:.0f} GB/s (read+write), bf16 matmul "
              f"{peaks[1]:.0f} TFLOP/s", head]
     for r in rows:
@@ -349,7 +419,11 @@ def format_table(rows: list[dict], peaks) -> str:
             f"{r['context']:7} {r['query_len']:2} {r['page']:4} {r['us']:9.1f} {r['GBps']:6.0f} "
             f"{r['TFLOPs']:7.1f} {r['AI']:6.1f} {r['roofline_us']:8.1f} {r['pct_roofline']:5.0f} "
             f"{_fmt(r.get('sdpa_us'), '9.1f'):>9} {_fmt(r.get('speedup_sdpa'), '6.2f'):>6} "
-            f"{_fmt(r.get('check_rel_err'), '7.1e'):>7} {', '.join(anchors) or '-':>16}")
+            f"{_fmt(r.get('check_rel_err'), '7.1e'):>7} {_fmt(r.get('hopper_us'), '9.1f'):>9} "
+            f"{_fmt(r.get('hopper_pct_roofline'), '5.0f'):>5} "
+            f"{_fmt(r.get('hopper_speedup_triton'), '5.2f'):>5} {', '.join(anchors) or '-':>16}")
+    lines.append("µs, GB/s, %roof: the Triton backend; Hopper µs / %roof / ×Tri: the Hopper "
+                 "backend (its default schedule and plan; '-' where it hands the call to Triton)")
     lines.append("anchor: µs of FlashMLA / FA3 on an H100 80GB (docs/design.md §6), another "
                  "process: compare only on the same GPU model")
     return "\n".join(lines)
@@ -381,11 +455,18 @@ def run(args) -> int:
     external = {name: importlib.util.find_spec(mod) is not None for name, mod in EXTERNAL_KERNELS.items()}
     print(f"device: {gpu}; torch {torch.__version__}; external kernels importable: "
           f"{', '.join(k for k, v in external.items() if v) or 'none'}", flush=True)
+    hopper_why = "skipped (--no-hopper)" if args.no_hopper else hopper_status(torch)
+    hopper = None
+    if hopper_why is None:
+        from hwattn.ops import get_backend
+
+        hopper = get_backend("hopper")
+    print(f"hopper backend: {hopper_why or 'timed beside Triton'}", flush=True)
     rows = []
     for case in cases:
         start = time.perf_counter()
         try:
-            row = bench_case(torch, do_bench, case, args, peaks, configs)
+            row = bench_case(torch, do_bench, case, args, peaks, configs, hopper=hopper)
         except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
             row = dict(case, error=f"{type(err).__name__}: {str(err)[:200]}")
         row["wall_s"] = round(time.perf_counter() - start, 1)
@@ -393,11 +474,13 @@ def run(args) -> int:
         print("row " + json.dumps(row), flush=True)
         torch.cuda.empty_cache()
     doc = dict(device=gpu, torch=torch.__version__, copy_GBps=peaks[0], mm_TFLOPs=peaks[1],
-               external_kernels=external, rows=rows)
+               external_kernels=external, hopper=hopper_why or "timed", rows=rows)
     print(format_table(rows, peaks))
     print(json.dumps(doc))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)
-    failed = [r for r in rows if "error" in r or r.get("check_rel_err", 0) > CHECK_LIMIT]
+    failed = [r for r in rows if "error" in r or "hopper_error" in r
+              or r.get("check_rel_err", 0) > CHECK_LIMIT
+              or r.get("hopper_check_rel_err", 0) > CHECK_LIMIT]
     return 1 if failed else 0
