@@ -53,15 +53,20 @@ def test_top_k_top_p_and_temperature():
     assert torch.equal(greedy[0], torch.tensor([1.0, 0, 0, 0]))
 
 
+@pytest.mark.parametrize("min_p", [0.0, 0.3])
 @pytest.mark.parametrize("draft", ["ngram", "model"])
-def test_rejection_sampling_keeps_the_target_distribution(draft):
-    """First and second emitted tokens follow the target's distribution whatever the drafts."""
+def test_rejection_sampling_keeps_the_target_distribution(draft, min_p):
+    """First and second emitted tokens follow the target's distribution (min-p filtered when
+    asked) whatever the drafts."""
     vocab, k, n = 4, 2, 30000
     g = torch.Generator().manual_seed(0)
     target = torch.randn(k + 1, vocab, generator=g) * 1.5
-    st = tensors([SamplingParams(temperature=1.0)] * n, seeds=list(range(n)))
+    params = SamplingParams(temperature=1.0, min_p=min_p)
+    st = tensors([params] * n, seeds=list(range(n)))
     if draft == "ngram":  # a fixed proposal, one-hot q
         drafts = torch.tensor([[1, 2]] * n)
+        if min_p:  # drafts min-p keeps (the most likely tokens), so some are accepted
+            drafts = target[:k].argmax(-1).expand(n, k)
         q = None
     else:  # drafts drawn from a different distribution q
         q_dist = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
@@ -69,13 +74,14 @@ def test_rejection_sampling_keeps_the_target_distribution(draft):
                               for i in range(k)], 1)
         q = q_dist.expand(n, k, vocab)
     tokens, accepted = rejection_sample(target.expand(n, k + 1, vocab), drafts, q, st)
-    p0 = target[0].softmax(-1)
-    chi2_ok(torch.bincount(tokens[:, 0], minlength=vocab).float(), p0, n)
+    p = probabilities(target, tensors([params] * (k + 1)))  # (k + 1, V)
+    if min_p:
+        assert (p == 0).any()  # the filter drops something here
+    chi2_ok(torch.bincount(tokens[:, 0], minlength=vocab).float(), p[0], n)
     assert 0 < accepted.float().mean() < k
     # The second token, among rows that accepted the first draft, follows p(. | draft 1).
     rows = accepted >= 1
-    chi2_ok(torch.bincount(tokens[rows, 1], minlength=vocab).float(), target[1].softmax(-1),
-            int(rows.sum()))
+    chi2_ok(torch.bincount(tokens[rows, 1], minlength=vocab).float(), p[1], int(rows.sum()))
 
 
 def test_greedy_verification_accepts_exactly_the_argmax_prefix():
