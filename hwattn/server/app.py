@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from hwattn import __version__
+from hwattn.config import VERSION
 from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
@@ -269,7 +269,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/version")
     async def version():
-        return {"version": __version__}
+        return {"version": VERSION}
 
     @app.get("/metrics")
     async def metrics():
