@@ -1,12 +1,12 @@
 """hwattn: hardware-efficient attention (GTA, GLA, MLA, GQA, MQA, MHA) from
 "Hardware-Efficient Attention for Fast Decoding" (Zadouri, Strauss, Dao, 2025)."""
 
-from hwattn.config import ATTENTION_KINDS, ModelConfig
+from hwattn.config import ATTENTION_KINDS, VERSION, ModelConfig
 from hwattn.hf import install as _install_hf
 from hwattn.layers import AttentionMetadata, build_attention  # registers the built-in variants
 from hwattn.models import Transformer, greedy_generate
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 _install_hf()  # registers the transformers Auto classes lazily (see hwattn.hf)
 

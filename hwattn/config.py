@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from hwattn.variants import get_variant, parse_variant
 
+VERSION = "0.1.0"  # the package's version (`hwattn.__version__`; the server's /version)
+
 # The paper's six variants, built in; `hwattn.variants.variant_names()` lists every registered one.
 ATTENTION_KINDS = ("mha", "mqa", "gqa", "gta", "mla", "gla")
 

@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: model's)")
     p.add_argument("--memory-budget", default=None,
                    help="KV-cache bytes per rank (e.g. 2e9) or a fraction of free GPU memory (0.85)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="instead of --memory-budget: the fraction of each GPU's whole memory the "
+                        "engine may fill, weights included (as vLLM); CUDA only")
     p.add_argument("--speculative", default=None,
                    help="'ngram' or a draft-model checkpoint directory")
     p.add_argument("--num-speculative-tokens", type=int, default=3, help="k drafts per step")
@@ -62,6 +65,7 @@ def engine_config(args):
                         max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         memory_budget=parse_budget(args.memory_budget),
+                        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
                         max_model_len=args.max_model_len, speculative=args.speculative,
                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
                         cuda_graphs=not args.no_cuda_graphs,
@@ -91,8 +95,12 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE)",
                        description="Serve a checkpoint directory or a random-weight preset over "
                                    "an OpenAI-compatible API: /v1/completions, "
-                                   "/v1/chat/completions, /v1/models, /health, /metrics.")
-    p.add_argument("model", help=f"checkpoint directory or preset {tuple(PRESETS)}")
+                                   "/v1/chat/completions, /v1/models, /tokenize, /detokenize, "
+                                   "/version, /health, /metrics.")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"checkpoint directory or preset {tuple(PRESETS)} (or give --model)")
+    p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                   help="the same as the positional MODEL (as vLLM takes either)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--served-model-name", default=None,
@@ -103,11 +111,27 @@ def register(sub) -> None:
                         f"{API_KEY_ENV} environment variable; unset: no authentication)")
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted (413 beyond; default 16 MiB)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|STRING",
+                   help="Jinja chat template (a file or the template itself) for "
+                        "/v1/chat/completions; default: the checkpoint's tokenizer_config.json "
+                        "chat_template, else the built-in <|role|> format")
     add_engine_args(p)
     p.set_defaults(func=run)
 
 
+def resolve_model(args) -> str:
+    """The model from the positional MODEL or --model (ValueError if neither, or both differ)."""
+    given = [m for m in (args.model, args.model_flag) if m is not None]
+    if not given:
+        raise ValueError("serve needs a model: hwattn serve MODEL (or --model MODEL)")
+    if len(given) == 2 and given[0] != given[1]:
+        raise ValueError(f"the positional MODEL {given[0]!r} and --model {given[1]!r} differ; "
+                         f"give one")
+    return given[0]
+
+
 def run(args) -> int:
+    args.model = resolve_model(args)
     try:
         import uvicorn
 
@@ -117,6 +141,8 @@ def run(args) -> int:
     import torch
 
     from hwattn.cpu_threads import describe
+    from hwattn.engine.chat import ChatTemplate
+    from hwattn.engine.loader import is_checkpoint
     from hwattn.server.async_engine import AsyncEngine
     from hwattn.server.protocol import ServerLimits
 
@@ -125,17 +151,19 @@ def run(args) -> int:
         raise ValueError("--api-key must not be empty")
     limits = ServerLimits() if args.max_body_bytes is None else \
         ServerLimits(max_body_bytes=args.max_body_bytes)
+    template = ChatTemplate(args.model if is_checkpoint(args.model) else None, args.chat_template)
     engine = engine_from_args(args)
     name = served_name(args)
     stats = engine.stats()
     cpu = f", {describe()}" if torch.device(engine.device).type == "cpu" else ""
     print(f"hwattn serve: {name} ({engine.model_config.label}, TP={args.tp}, DP={args.dp}, "
           f"{stats['pages_total']} pages of {stats['page_size']} tokens, "
-          f"{engine.kv_bytes_per_token} KV bytes/token/rank{cpu}) on "
-          f"http://{args.host}:{args.port}/v1"
+          f"{engine.kv_bytes_per_token} KV bytes/token/rank{cpu}, chat template: "
+          f"{template.source}) on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", flush=True)
     try:
-        uvicorn.run(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits),
+        uvicorn.run(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits,
+                          chat_template=template),
                     host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()

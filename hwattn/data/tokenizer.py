@@ -121,6 +121,7 @@ class Tokenizer:
         if eos_token_id is None:
             eos_token_id = next((i for i in map(tok.token_to_id, EOS_NAMES) if i is not None), None)
         self.eos_token_id = eos_token_id
+        self.eos_token = None if eos_token_id is None else tok.id_to_token(eos_token_id)
         self.skip_special_tokens = skip_special_tokens
 
     @property
@@ -258,6 +259,7 @@ class ByteTokenizer:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
         self.eos_token_id = 256 if vocab_size > 256 else None
+        self.eos_token = None  # id 256 has no text
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

@@ -8,7 +8,8 @@ from hwattn.engine.llm_engine import LLMEngine
 from hwattn.engine.model_runner import ModelRunner, StepInput
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
-from hwattn.engine.sequence import RequestOutput, Sequence
+from hwattn.engine.sequence import CompletionOutput, Logprob, RequestOutput, Sequence
 
-__all__ = ["BlockManager", "EngineConfig", "LLM", "LLMEngine", "ModelRunner", "RequestOutput",
-           "SamplingParams", "Scheduler", "Sequence", "StepInput", "create_engine"]
+__all__ = ["BlockManager", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "Logprob",
+           "ModelRunner", "RequestOutput", "SamplingParams", "Scheduler", "Sequence", "StepInput",
+           "create_engine"]

@@ -110,8 +110,9 @@ class BlockManager:
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Pages registered for the sequence's leading full pages. At least one token is left
-        to compute, so the model still produces the logits of the last one."""
-        if not self.enable_prefix_caching:
+        to compute, so the model still produces the logits of the last one. A request that
+        asks for prompt log-probabilities computes its whole prompt."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         ps = self.page_size
         hits, previous = [], None

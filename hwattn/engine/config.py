@@ -28,6 +28,9 @@ class EngineConfig:
     max_model_len: context limit (default: the model's max_seq_len).
     memory_budget: bytes of KV cache per rank, or a fraction (0, 1] of the GPU memory free
         after loading the model; default 256 MiB on CPU, 0.85 on CUDA. num_pages overrides it.
+    gpu_memory_utilization: instead of memory_budget, the fraction (0, 1] of each GPU's whole
+        memory the engine may fill (weights and all else on it counted; the KV cache takes the
+        rest); refused on CPU and together with memory_budget.
     enable_prefix_caching: share the pages of common prompt prefixes.
     speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
     num_speculative_tokens: k drafts verified per step (default 3; 0 without `speculative`).
@@ -47,6 +50,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     memory_budget: int | float | None = None
+    gpu_memory_utilization: float | None = None
     num_pages: int | None = None
     enable_prefix_caching: bool = True
     speculative: str | None = None
@@ -68,6 +72,12 @@ class EngineConfig:
         elif self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1 with speculative="
                              f"{self.speculative!r}, got {self.num_speculative_tokens}")
+        util = self.gpu_memory_utilization
+        if util is not None:
+            if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+                raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
+            if self.memory_budget is not None:
+                raise ValueError("give memory_budget or gpu_memory_utilization, not both")
 
     def as_kwargs(self) -> dict:
         """The fields as keywords (`EngineConfig(**config.as_kwargs())` is a copy), for

@@ -36,7 +36,7 @@ import torch
 
 from hwattn.engine.llm_engine import check_request_ids, check_requests, validate_prompt
 from hwattn.engine.sampling_params import SamplingParams
-from hwattn.engine.sequence import RequestOutput
+from hwattn.engine.sequence import CompletionOutput, RequestOutput
 from hwattn.parallel.launch import WorkerError, WorkerGroup
 
 COUNTERS = ("prompt_tokens", "generation_tokens", "steps", "prefill_steps", "decode_steps",
@@ -169,6 +169,12 @@ class DataParallelEngine:
         any request goes to a replica, so a ValueError (naming the bad prompt's index) leaves
         the engine as it was."""
         checked = check_requests(prompts, params, self.validate_prompt)
+        for i, (_, sp) in enumerate(checked):
+            # Replicas report text and tokens of one completion, without log-probabilities.
+            for name, plain in (("n", 1), ("logprobs", None), ("prompt_logprobs", None)):
+                if getattr(sp, name) != plain:
+                    raise ValueError(f"{name}={getattr(sp, name)!r} is not supported with "
+                                     f"data_parallel_size > 1 (prompts[{i}])")
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
         check_request_ids(rids, self.requests)
@@ -262,9 +268,9 @@ class DataParallelEngine:
 
     @staticmethod
     def _output(request_id: str, req: _Request, finish_reason, finish_time) -> RequestOutput:
-        return RequestOutput(request_id, req.prompt, req.prompt_ids, req.text, list(req.tokens),
-                             finish_reason, 0, req.arrival, req.first_token_time, finish_time,
-                             req.error)
+        completion = CompletionOutput(0, req.text, list(req.tokens), finish_reason=finish_reason)
+        return RequestOutput(request_id, req.prompt, req.prompt_ids, [completion], None, 0,
+                             req.arrival, req.first_token_time, finish_time, req.error)
 
     def take_step_times(self) -> list[tuple[str, float]]:
         """(kind, seconds) of every replica step reported since the last call."""

@@ -3,8 +3,10 @@
     from hwattn import LLM, SamplingParams
     llm = LLM("tiny", attention="gla-2", seed=0)                   # preset, random weights
     llm = LLM("runs/gla/ckpt", speculative="ngram", num_speculative_tokens=3)
-    for out in llm.generate(["Once upon a time"], SamplingParams(max_tokens=32)):
-        print(out.text, out.token_ids, out.finish_reason)
+    for out in llm.generate(["Once upon a time"], SamplingParams(max_tokens=32, n=2)):
+        for completion in out.outputs:                              # n completions each
+            print(completion.text, completion.token_ids, completion.finish_reason)
+    llm.chat([{"role": "user", "content": "Hello"}])               # the checkpoint's template
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from hwattn.data.tokenizer import load_tokenizer
 from hwattn.engine.config import EngineConfig
+from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.data_parallel import DataParallelEngine
 from hwattn.engine.llm_engine import LLMEngine, plan_pages
 from hwattn.engine.loader import build_model, is_checkpoint, model_config, resolve_device, resolve_dtype
@@ -111,6 +114,9 @@ class LLM:
             ranks on its own GPUs; requests go to the one with the least outstanding tokens.
         page_size: tokens per KV page. max_num_seqs: sequences decoded together at most.
         memory_budget: KV-cache bytes per rank, or a fraction of free GPU memory.
+        gpu_memory_utilization: instead, the fraction of each GPU's whole memory the engine
+            may fill (weights and all else on it counted; the KV cache takes the rest). On the
+            CPU it is refused: give memory_budget in bytes.
         speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
         num_speculative_tokens: k drafts verified per step.
         seed: weights of presets, and the seeds of requests that bring none.
@@ -123,6 +129,8 @@ class LLM:
                  memory_budget=None, speculative: str | None = None,
                  num_speculative_tokens: int = 3, seed: int = 0, data_parallel_size: int = 1,
                  **kwargs):
+        self._model_dir = model if is_checkpoint(model) else None
+        self._templates: dict[str | None, ChatTemplate] = {}
         config = EngineConfig(model=model, attention=attention, dtype=dtype, device=device,
                               tensor_parallel_size=tensor_parallel_size, page_size=page_size,
                               max_num_seqs=max_num_seqs, memory_budget=memory_budget,
@@ -148,6 +156,38 @@ class LLM:
         request that fails inside the engine comes back alone with finish_reason "error".
         """
         prompts = _prompt_list(prompts)
+        return self._run(prompts, sampling_params, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = False, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} messages) or several (a list
+        of such lists); outputs come back in order.
+
+        The prompt is rendered with `chat_template` (a template file or Jinja string) if
+        given, else the checkpoint's tokenizer_config.json template, else the built-in one
+        (`hwattn.engine.chat.ChatTemplate`). A bad message or template raises ValueError
+        naming it, before anything runs."""
+        if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+            conversations = [messages]
+        elif isinstance(messages, list) and messages and all(isinstance(c, list) for c in messages):
+            conversations = messages
+        else:
+            raise ValueError("messages must be a list of {role, content} messages or a list of "
+                             "such lists (one per conversation)")
+        if chat_template not in self._templates:
+            self._templates[chat_template] = ChatTemplate(self._model_dir, chat_template)
+        template = self._templates[chat_template]
+        prompts = []
+        for i, conversation in enumerate(conversations):
+            try:
+                prompts.append(template.render(conversation, add_generation_prompt))
+            except ValueError as err:
+                where = f"conversation {i}: " if len(conversations) > 1 else ""
+                raise ValueError(f"{where}{err}") from None
+        return self._run(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, (list, tuple)):
@@ -162,7 +202,7 @@ class LLM:
             try:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(ids), desc="generate", unit="req")
+                bar = tqdm(total=len(ids), desc="Processed prompts", unit="req")
             except ImportError:
                 bar = None
         try:

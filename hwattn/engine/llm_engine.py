@@ -26,11 +26,11 @@ import torch
 from hwattn.data.tokenizer import IncrementalDetokenizer
 from hwattn.engine.block_manager import BlockManager, num_pages_for_budget, pages_for
 from hwattn.engine.config import EngineConfig
-from hwattn.engine.model_runner import ModelRunner, StepInput
+from hwattn.engine.model_runner import ModelRunner, Sampled, StepInput
 from hwattn.engine.sampler import SamplingInput, describe_error
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
-from hwattn.engine.sequence import RequestOutput, Sequence
+from hwattn.engine.sequence import Logprob, RequestOutput, Sequence
 from hwattn.engine.speculative import Drafter
 
 MiB = 1 << 20
@@ -41,6 +41,20 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
     """Pages in the pool (null page included), from `num_pages` or the memory budget."""
     if config.num_pages is not None:
         num_pages = config.num_pages
+    elif config.gpu_memory_utilization is not None:
+        if device.type != "cuda":
+            raise ValueError("gpu_memory_utilization needs a CUDA device; on the CPU give "
+                             "memory_budget in bytes (or num_pages)")
+        free, total = torch.cuda.mem_get_info(device)
+        # Blocks PyTorch has cached but not handed out are free to this process too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = int(total * config.gpu_memory_utilization) - (total - free)
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} allows "
+                             f"{total * config.gpu_memory_utilization / 2**30:.2f} GiB, but "
+                             f"{(total - free) / 2**30:.2f} GiB of the device are already in use: "
+                             f"raise it")
+        num_pages = num_pages_for_budget(budget, kv_bytes_per_token, config.page_size)
     else:
         budget = config.memory_budget
         if budget is None:
@@ -129,6 +143,13 @@ def check_requests(prompts: list, params: list, validate) -> list[tuple[list[int
     return checked
 
 
+def sibling_seed(seed: int, index: int) -> int:
+    """The seed of a request's `index`-th completion: its own seed for the first."""
+    if index == 0:
+        return seed
+    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
 def check_request_ids(request_ids: list[str], in_use) -> None:
     """ValueError if any id is in `in_use` or appears twice."""
     seen = set()
@@ -168,8 +189,8 @@ class LLMEngine:
         self.k = config.num_speculative_tokens if drafter is not None else 0
         self.kv_bytes_per_token = kv_bytes_per_token
         self.device = runner.device
-        self.seqs: dict[str, Sequence] = {}
-        self.detok: dict[str, IncrementalDetokenizer] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
+        self.detok: dict[Sequence, IncrementalDetokenizer] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, prefill_steps=0,
@@ -193,13 +214,17 @@ class LLMEngine:
         checked = check_requests(prompts, params, self.validate_prompt)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
-        check_request_ids(rids, self.seqs)
+        check_request_ids(rids, self.requests)
         for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
-            seq = Sequence(rid, ids, sp, seed, prompt=prompt if isinstance(prompt, str) else None)
-            self.seqs[rid] = seq
-            self.detok[rid] = IncrementalDetokenizer(self.tokenizer)
-            self.scheduler.add(seq)
+            text = prompt if isinstance(prompt, str) else None
+            # n completions: n sequences sharing the prompt, each with its own seed.
+            group = [Sequence(rid, ids, sp, sibling_seed(seed, i), prompt=text, index=i)
+                     for i in range(sp.n)]
+            self.requests[rid] = group
+            for seq in group:
+                self.detok[seq] = IncrementalDetokenizer(self.tokenizer)
+                self.scheduler.add(seq)
         return rids
 
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
@@ -209,22 +234,26 @@ class LLMEngine:
                                self.max_model_len)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its pages; None if it is unknown or already done."""
-        seq = self.seqs.pop(request_id, None)
-        if seq is None:
+        """Stop a request (all its n sequences) and free its pages; None if it is unknown or
+        already done."""
+        group = self.requests.pop(request_id, None)
+        if group is None:
             return None
-        self.detok.pop(request_id, None)
-        seq.finish_reason = "abort"
-        seq.finish_time = time.perf_counter()
-        self.scheduler.finish(seq)
+        now = time.perf_counter()
+        for seq in group:
+            self.detok.pop(seq, None)
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                seq.finish_time = now
+            self.scheduler.finish(seq)
         self.counters["aborted"] += 1
-        return seq.output()
+        return group[0].output(group)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def unfinished_request_ids(self) -> list[str]:
-        return list(self.seqs)
+        return list(self.requests)
 
     # One step.
     @torch.inference_mode()
@@ -235,8 +264,11 @@ class LLMEngine:
         with finish_reason "error" (its output's `error` says why); the rest of the batch
         goes on. Only a failure of the step itself (the model, the scheduler) raises."""
         k = self.k
-        if k and any(len(s) + k > self.max_model_len for s in self.scheduler.running):
-            k = 0  # someone is at the end of the context: plain decoding this step
+        if k and any(len(s) + k > self.max_model_len or not s.params.plain
+                     for s in self.scheduler.running):
+            # Someone is at the end of the context, or needs penalties, bans or log-probs
+            # (drafts are verified for plain sampling only): plain decoding this step.
+            k = 0
         batch = self.scheduler.schedule(lookahead=k)
         if batch is None or not batch.seqs:
             return []
@@ -249,14 +281,28 @@ class LLMEngine:
         else:
             touched = self._decode(batch.seqs)
         touched += [s for s in self._failed if s not in touched]
-        outputs = []
+        requests: dict[str, list[Sequence]] = {}
         for seq in touched:
-            outputs.append(seq.output())
+            group = self.requests.get(seq.request_id)
+            if group is None:
+                continue
+            requests[seq.request_id] = group
             if seq.finish_reason is not None:
-                self.seqs.pop(seq.request_id, None)
-                self.detok.pop(seq.request_id, None)
+                self.detok.pop(seq, None)
                 self.scheduler.finish(seq)
-                self.counters["failed" if seq.finish_reason == "error" else "finished"] += 1
+            if seq.finish_reason == "error":  # the request fails: its siblings stop too
+                for sibling in group:
+                    if sibling.finish_reason is None:
+                        sibling.finish_reason, sibling.finish_time = "abort", seq.finish_time
+                        self.detok.pop(sibling, None)
+                        self.scheduler.finish(sibling)
+        outputs = []
+        for rid, group in requests.items():
+            out = group[0].output(group)
+            outputs.append(out)
+            if out.finished:
+                del self.requests[rid]
+                self.counters["failed" if out.error is not None else "finished"] += 1
         return outputs
 
     def _fail(self, seq: Sequence, err: Exception | str) -> None:
@@ -270,9 +316,14 @@ class LLMEngine:
     def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingInput | None, list[Sequence]]:
         """The sampling settings of those of `seqs` whose settings can be read, and those
         sequences; any other fails alone here."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+
         def build(rows):
-            return SamplingInput.of([s.params for s in rows], [s.seed for s in rows],
-                                    [len(s) for s in rows])
+            params = [s.params for s in rows]
+            history = any(p.penalized or p.min_tokens for p in params)
+            return SamplingInput.of(params, [s.seed for s in rows], [len(s) for s in rows],
+                                    [(s.token_ids, s.num_prompt_tokens) for s in rows]
+                                    if history else None, eos)
 
         try:
             return build(seqs), seqs
@@ -299,15 +350,27 @@ class LLMEngine:
                                      for s, n in zip(seqs, batch.chunks)],
                          [s.num_cached for s in seqs], [list(s.block_table) for s in seqs],
                          need_logits=[s in sampled for s in seqs])
+        if any(s.prompt_logprobs is not None for s in seqs):
+            # Position p of a chunk predicts token p + 1, kept while that is a prompt token.
+            step.prompt_logprobs = [-1 if s.prompt_logprobs is None else s.params.prompt_logprobs
+                                    for s in seqs]
+            step.prompt_targets = [s.token_ids[s.num_cached + 1:min(s.num_cached + n + 1,
+                                                                     s.num_prompt_tokens)]
+                                   for s, n in zip(seqs, batch.chunks)]
         tokens = self.runner.sample_step(step, sampling)
         if self.drafter is not None:
             self.drafter.prefill(step)
-        for seq, n in zip(seqs, batch.chunks):
+        prompt_logprobs = getattr(tokens, "prompt_logprobs", {})
+        for i, (seq, n) in enumerate(zip(seqs, batch.chunks)):
+            if i in prompt_logprobs:
+                self._record_prompt_logprobs(seq, prompt_logprobs[i])
             seq.num_cached += n
             seq.draft_cached = seq.num_cached
             self.counters["prompt_tokens"] += n
             self._register(seq)
         for seq, token in zip(done, tokens):
+            if seq.finish_reason is not None:  # failed above
+                continue
             if isinstance(token, str):  # its sampling failed in the runner
                 self._fail(seq, token)
             else:
@@ -387,8 +450,9 @@ class LLMEngine:
         sampling = sampling.select(ok)
         return sampling, [seqs[i] for i in ok], sampling.tensors(device)
 
-    def _append_or_fail(self, seq: Sequence, tokens: list[int]) -> int | None:
-        """`_append`, or None after failing the request if detokenizing or stop handling raised."""
+    def _append_or_fail(self, seq: Sequence, tokens: list) -> int | None:
+        """`_append`, or None after failing the request if detokenizing or stop handling raised.
+        tokens: ids, or the runner's `Sampled` (id and log-probabilities)."""
         try:
             return self._append(seq, tokens)
         except Exception as err:  # noqa: BLE001 - that request alone fails
@@ -401,7 +465,7 @@ class LLMEngine:
         written = None if self.drafter is None else self.drafter.cache_written(seq)
         self.block_manager.register_full_pages(seq, written)
 
-    def _append(self, seq: Sequence, tokens: list[int]) -> int:
+    def _append(self, seq: Sequence, tokens: list) -> int:
         """Append sampled tokens until a stop condition; returns how many were kept."""
         params = seq.params
         eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -410,34 +474,72 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         for token in tokens:
+            if isinstance(token, Sampled):
+                token, logprobs = token
+                self._record_logprobs(seq, token, logprobs)
             seq.token_ids.append(token)
             kept += 1
             self.counters["generation_tokens"] += 1
-            if (token == eos and not params.ignore_eos) or token in params.stop_token_ids:
+            may_stop = seq.num_output_tokens > params.min_tokens
+            if may_stop and token == eos and not params.ignore_eos:
                 seq.finish_reason = "stop"
+            elif may_stop and token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
             elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
                 seq.finish_reason = "length"
             if params.detokenize:
                 shown = seq.output_token_ids if seq.finish_reason != "stop" or token != eos \
                     else seq.output_token_ids[:-1]
-                delta = self.detok[seq.request_id].step(shown)
+                delta = self.detok[seq].step(shown)
                 if delta:
                     seq.text += delta
-                    if params.stop and self._hit_stop(seq, len(delta)):
+                    if params.stop and may_stop and self._hit_stop(seq, len(delta)):
                         seq.finish_reason = "stop"
             if seq.finish_reason is not None:
                 seq.finish_time = now
                 break
         return kept
 
+    def _decoded(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _position(self, token: int, entry) -> dict:
+        """A `PositionLogprobs` from the runner's (logprob, rank, top ids, top logprobs)."""
+        logprob, rank, top_ids, top_values = entry
+        out = {t: Logprob(v, r + 1, self._decoded(t))
+               for r, (t, v) in enumerate(zip(top_ids, top_values))}
+        if token not in out:
+            out = {token: Logprob(logprob, rank, self._decoded(token)), **out}
+        return out
+
+    def _record_logprobs(self, seq: Sequence, token: int, entry) -> None:
+        seq.logprobs.append(self._position(token, entry))
+        seq.cumulative_logprob += entry[0]
+
+    def _record_prompt_logprobs(self, seq: Sequence, entries) -> None:
+        """Store a prefill chunk's prompt log-probabilities, or fail the request with the
+        runner's error (a str)."""
+        if isinstance(entries, str):
+            self._fail(seq, entries)
+            return
+        try:
+            for offset, entry in enumerate(entries):
+                position = seq.num_cached + 1 + offset
+                seq.prompt_logprobs[position] = self._position(seq.token_ids[position], entry)
+        except Exception as err:  # noqa: BLE001 - that request alone fails
+            self._fail(seq, err)
+
     @staticmethod
     def _hit_stop(seq: Sequence, delta_len: int) -> bool:
         longest = max(len(s) for s in seq.params.stop)
         start = max(0, len(seq.text) - delta_len - longest + 1)
-        cut = [i for i in (seq.text.find(s, start) for s in seq.params.stop) if i >= 0]
-        if not cut:
+        found = [(i, s) for i, s in ((seq.text.find(s, start), s) for s in seq.params.stop)
+                 if i >= 0]
+        if not found:
             return False
-        seq.text = seq.text[:min(cut)]
+        at, stop = min(found)
+        seq.text = seq.text[:at + len(stop) if seq.params.include_stop_str_in_output else at]
+        seq.stop_reason = stop
         return True
 
     # Introspection for metrics and tests.
@@ -450,6 +552,9 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         """Raise if any page is leaked or double-counted."""
+        held = sum(len(group) for group in self.requests.values())
+        if len(self.detok) > held:
+            raise RuntimeError(f"{len(self.detok)} detokenizers for {held} live sequences")
         live = self.scheduler.running + list(self.scheduler.waiting)
         self.block_manager.check(live)
 

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ from torch import Tensor
 
 from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
-from hwattn.engine.sampler import SamplingInput, by_rows, rejection_sample, sample
+from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, rejection_sample,
+                                  sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,10 @@ class StepInput:
     block_tables: per sequence, its page ids (covering num_cached + len(tokens) tokens).
     skip_write: per sequence, how many leading tokens are not written to the cache (their
         slots are padding); None means all are written.
+    need_logits: prefill only: per sequence, whether its last token's logits are sampled.
+    prompt_logprobs: prefill only, empty or per sequence: how many top log-probabilities to
+        report for its chunk's positions (-1: none). prompt_targets: the tokens those
+        positions predict (the next prompt tokens; at most one per position).
     """
 
     kind: str
@@ -48,6 +54,27 @@ class StepInput:
     block_tables: list[list[int]]
     skip_write: list[int] | None = None
     need_logits: list[bool] = field(default_factory=list)
+    prompt_logprobs: list[int] = field(default_factory=list)
+    prompt_targets: list[list[int]] = field(default_factory=list)
+
+
+class Sampled(NamedTuple):
+    """A sampled token with the log-probabilities its request asked for: `logprobs` is
+    (the token's log-probability, its rank, top token ids, their log-probabilities)."""
+
+    token: int
+    logprobs: tuple[float, int, list[int], list[float]]
+
+
+class StepResults(list):
+    """What `ModelRunner.sample_step` returns: one entry per sampled row (a token id, a
+    `Sampled`, or the row's error as a str), and in `prompt_logprobs` for each step row that
+    asked for them, its chunk's per-position (logprob, rank, top ids, top logprobs) tuples,
+    or the row's error as a str."""
+
+    def __init__(self, rows=(), prompt_logprobs: dict | None = None):
+        super().__init__(rows)
+        self.prompt_logprobs = prompt_logprobs or {}
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -85,6 +112,7 @@ class ModelRunner:
                                                  device=self.device)
         self.graphs: dict[tuple[int, int], tuple] = {}  # (bucket, T) -> (replay, logits)
         self.graph_error: str | None = None
+        self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 
@@ -152,26 +180,58 @@ class ModelRunner:
         raise ValueError(f"step kind must be 'prefill' or 'decode', got {step.kind!r}")
 
     @torch.inference_mode()
-    def sample_step(self, step: StepInput, sampling: SamplingInput | None) -> list[int | str]:
+    def sample_step(self, step: StepInput, sampling: SamplingInput | None) -> StepResults:
         """Run a prefill or plain decode step and sample one token per row that has logits
         (prefill: rows whose `need_logits` is set, in order; decode: every row).
         sampling: the settings of those rows, or None when no row needs a token.
 
         The batch is sampled at once; if that raises (settings the device cannot hold, ...),
         each row is sampled alone, and a row that still fails gets its error (a str) in place
-        of its token. Only a failure of the forward itself raises."""
+        of its token. Only a failure of the forward itself raises. Rows whose settings ask for
+        log-probabilities get a `Sampled`; prompt log-probabilities come in the results'
+        `prompt_logprobs`."""
         logits = self.execute(step)
+        prompt = self._prompt_logprobs(step)
         if sampling is None or logits is None:
-            return []
+            return StepResults([], prompt)
         if step.kind == "decode":
             logits = logits[:, -1]  # (B, V)
 
         def run(rows):
-            if len(rows) == len(sampling):
-                return sample(logits, sampling.tensors(self.device)).tolist()
-            return sample(logits[rows], sampling.select(rows).tensors(self.device)).tolist()
+            every = len(rows) == len(sampling)
+            settings = sampling if every else sampling.select(rows)
+            rows_logits = logits if every else logits[rows]
+            st = settings.tensors(self.device)
+            tokens = sample(rows_logits, st)
+            if not any(k >= 0 for k in st.logprobs):
+                return tokens.tolist()
+            want = [j for j, k in enumerate(st.logprobs) if k >= 0]
+            lp, rank, ids, values = top_logprobs(rows_logits[want], tokens[want],
+                                                 max(st.logprobs[j] for j in want))
+            out: list = tokens.tolist()
+            for n, j in enumerate(want):
+                k = st.logprobs[j]
+                out[j] = Sampled(out[j], (lp[n].item(), rank[n].item(), ids[n, :k].tolist(),
+                                          values[n, :k].tolist()))
+            return out
 
-        return by_rows(run, len(sampling))
+        return StepResults(by_rows(run, len(sampling)), prompt)
+
+    def _prompt_logprobs(self, step: StepInput) -> dict:
+        """Per step row that asked, its chunk's (logprob, rank, top ids, top logprobs) per
+        position that predicts a prompt token, or its error (a str)."""
+        out = {}
+        for i, logits in self._prompt_logits.items():
+            targets = step.prompt_targets[i]
+            try:
+                t = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+                lp, rank, ids, values = top_logprobs(logits[:len(targets)], t,
+                                                     step.prompt_logprobs[i])
+                out[i] = list(zip(lp.tolist(), rank.tolist(), ids.tolist(), values.tolist()))
+            except Exception as err:  # noqa: BLE001 - that request alone fails
+                out[i] = describe_error(err)
+        self._prompt_logits = {}
+        return out
 
     @torch.inference_mode()
     def verify_step(self, step: StepInput, sampling: SamplingInput,
@@ -197,14 +257,17 @@ class ModelRunner:
         return by_rows(run, len(sampling))
 
     def _prefill(self, step: StepInput) -> Tensor | None:
+        self._prompt_logits = {}
         # Rows with nothing cached and the same chunk length run as one batch.
         groups: dict[tuple, list[int]] = {}
         for i, (toks, n0) in enumerate(zip(step.tokens, step.num_cached)):
             key = (len(toks),) if n0 == 0 else ("alone", i)
             groups.setdefault(key, []).append(i)
         logits: dict[int, Tensor] = {}
+        wants = [i for i, k in enumerate(step.prompt_logprobs) if k >= 0]
         for rows in groups.values():
             need = [i for i in rows if step.need_logits and step.need_logits[i]]
+            whole = [i for i in rows if i in wants]
             t = len(step.tokens[rows[0]])
             tokens = torch.tensor([step.tokens[i] for i in rows], dtype=torch.int64)
             lens = [step.num_cached[i] + t for i in rows]
@@ -212,10 +275,12 @@ class ModelRunner:
                 self._table([step.block_tables[i] for i in rows]).to(self.device),
                 torch.tensor(lens, dtype=torch.int32, device=self.device), t, self.page_size,
                 is_prefill=True, seqlens_host=lens, backend=self.backend)
-            out = self.forward(tokens.to(self.device), meta, last_only=True)[:, 0]  # (n, V)
+            out = self.forward(tokens.to(self.device), meta, last_only=not whole)  # (n, T | 1, V)
             for j, i in enumerate(rows):
+                if i in whole:
+                    self._prompt_logits[i] = out[j]
                 if i in need:
-                    logits[i] = out[j]
+                    logits[i] = out[j, -1]
         if not logits:
             return None
         return torch.stack([logits[i] for i in sorted(logits)])

@@ -1,5 +1,7 @@
-"""Sampling on the device without host syncs: temperature, top-k, top-p, and per-request
-seeds through a counter-based random number generator.
+"""Sampling on the device without host syncs: presence / frequency / repetition penalties,
+tokens banned until min_tokens, temperature, min-p, top-k, top-p, and per-request seeds through
+a counter-based random number generator; plus the model's log-probabilities that requests ask
+to see.
 
 Each random draw is a hash of (request seed, token position, stream, vocabulary index), so a
 request's samples depend only on its own seed and never on which other requests share its
@@ -15,7 +17,7 @@ and after k acceptances a bonus token is drawn from p. The output is distributed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -75,7 +77,11 @@ class SamplingInput:
     """Per-row sampling settings as plain lists (what a step sends to another process).
 
     temperature (0 = greedy), top_k (0 = off), top_p, seeds, positions (index of the token
-    being sampled within its sequence): one entry per row.
+    being sampled within its sequence): one entry per row. The rest is empty when no row uses
+    it: min_p (0 = off); presence, frequency, repetition penalties with the earlier tokens
+    they read (`outputs`: each row's generated tokens; `prompts`: its prompt, for the
+    repetition penalty only); `banned`: token ids a row may not sample yet (end-of-sequence
+    and stop ids before min_tokens); `logprobs`: top log-probabilities to report (-1 = none).
     """
 
     temperature: list[float]
@@ -83,33 +89,81 @@ class SamplingInput:
     top_p: list[float]
     seeds: list[int]
     positions: list[int]
+    min_p: list[float] = field(default_factory=list)
+    penalties: list[tuple[float, float, float]] = field(default_factory=list)
+    outputs: list[list[int]] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)
+    banned: list[list[int]] = field(default_factory=list)
+    logprobs: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, params, seeds: list[int], positions: list[int]) -> "SamplingInput":
-        return cls([0.0 if p.greedy else p.temperature for p in params], [p.top_k for p in params],
-                   [p.top_p for p in params], list(seeds), list(positions))
+    def of(cls, params, seeds: list[int], positions: list[int], histories=None,
+           eos_token_id: int | None = None) -> "SamplingInput":
+        """Settings of rows with `params`. histories: per row (token ids, prompt length) of
+        its sequence so far, needed when a row has penalties or min_tokens (None: no row has)."""
+        out = cls([0.0 if p.greedy else p.temperature for p in params], [p.top_k for p in params],
+                  [p.top_p for p in params], list(seeds), list(positions))
+        if any(p.min_p > 0 for p in params):
+            out.min_p = [p.min_p for p in params]
+        if any(p.logprobs is not None for p in params):
+            out.logprobs = [-1 if p.logprobs is None else p.logprobs for p in params]
+        if histories is None:
+            if any(p.penalized or p.min_tokens for p in params):
+                raise ValueError("penalties and min_tokens need the rows' histories")
+            return out
+        if any(p.penalized for p in params):
+            out.penalties = [(p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+                             for p in params]
+            out.outputs = [ids[n:] if p.penalized else [] for p, (ids, n) in zip(params, histories)]
+            out.prompts = [ids[:n] if p.repetition_penalty != 1 else []
+                           for p, (ids, n) in zip(params, histories)]
+        if any(p.min_tokens for p in params):
+            out.banned = [
+                ([] if p.ignore_eos or eos_token_id is None else [eos_token_id])
+                + list(p.stop_token_ids) if len(ids) - n < p.min_tokens else []
+                for p, (ids, n) in zip(params, histories)]
+        return out
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def select(self, rows: list[int]) -> "SamplingInput":
         """The settings of `rows` alone, in that order."""
-        pick = lambda values: [values[i] for i in rows]  # noqa: E731
-        return SamplingInput(pick(self.temperature), pick(self.top_k), pick(self.top_p),
-                             pick(self.seeds), pick(self.positions))
+        def pick(values):
+            return [values[i] for i in rows] if values else []
+
+        return SamplingInput(*(pick(getattr(self, f.name)) for f in fields(self)))
 
     def tensors(self, device) -> "SamplingTensors":
-        # Two host-to-device copies: the float and the integer fields.
+        # Two host-to-device copies for the common settings, a few more for penalties.
         floats = torch.tensor([self.temperature, self.top_p], dtype=torch.float32).to(device)
         ints = torch.tensor([self.top_k, self.seeds, self.positions], dtype=torch.int64).to(device)
-        return SamplingTensors(floats[0], ints[0], floats[1], ints[1], ints[2],
-                               any(k > 0 for k in self.top_k) or any(p < 1.0 for p in self.top_p),
-                               all(t == 0.0 for t in self.temperature))
+        st = SamplingTensors(floats[0], ints[0], floats[1], ints[1], ints[2],
+                             any(k > 0 for k in self.top_k) or any(p < 1.0 for p in self.top_p),
+                             all(t == 0.0 for t in self.temperature))
+        if self.min_p:
+            st.min_p = torch.tensor(self.min_p, dtype=torch.float32).to(device)
+        if self.penalties:
+            st.penalties = torch.tensor(self.penalties, dtype=torch.float32).to(device)  # (B, 3)
+            st.outputs = _ragged(self.outputs, device)
+            st.prompts = _ragged(self.prompts, device)
+        if any(self.banned):
+            st.banned = _ragged(self.banned, device)
+        st.logprobs = list(self.logprobs)
+        return st
+
+
+def _ragged(rows: list[list[int]], device) -> tuple[Tensor, Tensor]:
+    """(row index, token id) pairs of ragged per-row token lists, as two (N,) int64 tensors."""
+    index = [i for i, row in enumerate(rows) for _ in row]
+    flat = [t for row in rows for t in row]
+    both = torch.tensor([index, flat], dtype=torch.int64).reshape(2, -1).to(device)
+    return both[0], both[1]
 
 
 @dataclass
 class SamplingTensors:
-    """Per-row sampling settings on the device, all (B,)."""
+    """Per-row sampling settings on the device, all (B,) unless said otherwise."""
 
     temperature: Tensor  # float32, 0 = greedy
     top_k: Tensor  # int64, 0 = off
@@ -118,25 +172,62 @@ class SamplingTensors:
     positions: Tensor  # int64: index of the token being sampled within its sequence
     filtered: bool  # whether any row uses top-k / top-p (decided on the host)
     all_greedy: bool
+    min_p: Tensor | None = None  # float32, 0 = off; None: no row uses it
+    penalties: Tensor | None = None  # (B, 3) float32 presence, frequency, repetition
+    outputs: tuple[Tensor, Tensor] | None = None  # (row, token) of generated tokens
+    prompts: tuple[Tensor, Tensor] | None = None  # (row, token) of prompt tokens
+    banned: tuple[Tensor, Tensor] | None = None  # (row, token) not to be sampled yet
+    logprobs: list[int] = field(default_factory=list)  # top log-probs per row, -1 = none
 
     @classmethod
-    def build(cls, params, seeds: list[int], positions: list[int], device) -> "SamplingTensors":
-        return SamplingInput.of(params, seeds, positions).tensors(device)
+    def build(cls, params, seeds: list[int], positions: list[int], device,
+              histories=None, eos_token_id: int | None = None) -> "SamplingTensors":
+        return SamplingInput.of(params, seeds, positions, histories, eos_token_id).tensors(device)
 
     def repeat(self, times: int) -> "SamplingTensors":
-        """Each row repeated `times` times with positions counting up (for k + 1 rows)."""
+        """Each row repeated `times` times with positions counting up (for k + 1 rows).
+        Speculative verification takes plain rows only: penalties, bans and log-probs stay."""
         step = torch.arange(times, device=self.positions.device)
         rep = lambda t: t.repeat_interleave(times)  # noqa: E731
         return SamplingTensors(rep(self.temperature), rep(self.top_k), rep(self.top_p),
                                rep(self.seeds), (self.positions[:, None] + step).flatten(),
-                               self.filtered, self.all_greedy)
+                               self.filtered, self.all_greedy,
+                               None if self.min_p is None else rep(self.min_p))
+
+
+def adjusted_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
+    """(B, V) logits with the rows' penalties applied and banned tokens at -inf: what both
+    the greedy argmax and sampling start from. Returns `logits` itself when no row has any."""
+    if st.penalties is None and st.banned is None:
+        return logits
+    logits = logits.float().clone()
+    batch, vocab = logits.shape
+    if st.penalties is not None:
+        presence, frequency, repetition = st.penalties.unbind(-1)  # (B,) each
+        counts = torch.zeros(batch, vocab, dtype=torch.float32, device=logits.device)
+        rows, ids = st.outputs
+        counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
+        seen = counts > 0
+        rows, ids = st.prompts
+        seen_anywhere = seen.clone().index_put_((rows, ids), torch.ones_like(ids, dtype=torch.bool))
+        scaled = torch.where(logits > 0, logits / repetition[:, None], logits * repetition[:, None])
+        logits = torch.where(seen_anywhere, scaled, logits)
+        logits = logits - frequency[:, None] * counts - presence[:, None] * seen.float()
+    if st.banned is not None:
+        rows, ids = st.banned
+        logits.index_put_((rows, ids), torch.full_like(ids, float("-inf"), dtype=torch.float32))
+    return logits
 
 
 def processed_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
-    """(B, V) logits -> temperature-scaled, top-k / top-p masked (-inf) fp32 logits."""
+    """(B, V) logits -> temperature-scaled, min-p / top-k / top-p masked (-inf) fp32 logits."""
     logits = logits.float()
     temp = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
     logits = logits / temp[:, None]
+    if st.min_p is not None:
+        probs = logits.softmax(-1)
+        low = probs < st.min_p[:, None] * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(low, float("-inf"))
     if not st.filtered:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -154,6 +245,7 @@ def processed_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
 
 def probabilities(logits: Tensor, st: SamplingTensors) -> Tensor:
     """(B, V) fp32 distribution each row samples from; greedy rows are one-hot at the argmax."""
+    logits = adjusted_logits(logits, st)
     probs = processed_logits(logits, st).softmax(-1)
     greedy = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
     return torch.where((st.temperature == 0)[:, None], greedy, probs)
@@ -161,11 +253,23 @@ def probabilities(logits: Tensor, st: SamplingTensors) -> Tensor:
 
 def sample(logits: Tensor, st: SamplingTensors, stream: int = STREAM_SAMPLE) -> Tensor:
     """(B, V) logits -> (B,) int64 tokens."""
+    logits = adjusted_logits(logits, st)
     greedy = logits.argmax(-1)
     if st.all_greedy:
         return greedy
     noisy = processed_logits(logits, st) + gumbel(st.seeds, st.positions, stream, logits.shape[-1])
     return torch.where(st.temperature == 0, greedy, noisy.argmax(-1))
+
+
+def top_logprobs(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The model's log-probabilities (log-softmax of raw `logits` (N, V), in fp32) of
+    `targets` (N,) int64, with their ranks (1 = most likely) and the `k` most likely tokens.
+    Returns (target logprob (N,), rank (N,) int64, top ids (N, k), top logprobs (N, k))."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(-1, targets[:, None])  # (N, 1)
+    rank = (logp > chosen).sum(-1) + 1
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return chosen[:, 0], rank, top.indices, top.values
 
 
 def rejection_sample(target_logits: Tensor, drafts: Tensor, draft_probs: Tensor | None,

@@ -27,18 +27,35 @@ def _number(name: str, value, what: str) -> float:
 class SamplingParams:
     """How one request is decoded.
 
+    n: independent completions of the prompt (>= 1); each is one of the output's `outputs`.
     max_tokens: new tokens to generate at most (>= 1).
+    min_tokens: new tokens before end-of-sequence, stop token ids or stop strings may end the
+        output (0 <= min_tokens <= max_tokens).
     temperature: 0 means greedy; otherwise logits are divided by it (finite, >= 0).
     top_k: keep the k most likely tokens (0 or -1: all; below 2**63).
     top_p: keep the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1).
+    min_p: drop tokens less likely than min_p times the most likely one (0 <= min_p <= 1).
+    presence_penalty: subtracted from the logit of every token already in the output
+        (finite, in [-2, 2]).
+    frequency_penalty: subtracted once per occurrence in the output (finite, in [-2, 2]).
+    repetition_penalty: divides positive (multiplies negative) logits of tokens in the prompt
+        or the output (finite, > 0; 1 is off).
     seed: makes this request's samples reproducible whatever else runs beside it; when None
         the engine draws one from its own seeded generator.
     stop: a string or a list of strings that end the output when they appear (the stop string
-        is not returned).
+        is not returned unless include_stop_str_in_output).
     stop_token_ids: token ids that end the output (the id is kept in `token_ids`).
+    include_stop_str_in_output: keep the stop string that ended the output in its text.
     ignore_eos: keep going past the end-of-sequence token.
+    logprobs: None, or how many of the most likely tokens to report beside each sampled one
+        (0: the sampled token alone). Log-probabilities are the model's own (log-softmax of
+        its logits, before penalties, temperature and filtering).
+    prompt_logprobs: None, or the same for every prompt token but the first (the request's
+        prompt is then computed in full, not taken from the prefix cache).
     detokenize: build the output text (benchmarks turn it off to time the model alone).
 
+    Penalties and min_p / min_tokens apply before the greedy argmax too; with none of them
+    set, sampling is exactly what it was without them.
     Every setting is checked here; a bad one raises `ValueError` naming it.
     """
 
@@ -51,6 +68,15 @@ class SamplingParams:
     ignore_eos: bool = False
     detokenize: bool = True
     stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1
+    min_tokens: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -81,10 +107,43 @@ class SamplingParams:
             raise ValueError(f"top_p must be a finite number in (0, 1], got {self.top_p!r}")
         if self.seed is not None:
             self.seed = _integer("seed", self.seed, 0)
-        for name in ("ignore_eos", "detokenize"):
+        self.n = _integer("n", self.n, 1)
+        self.min_tokens = _integer("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be at most max_tokens ({self.max_tokens}), got "
+                             f"{self.min_tokens}")
+        self.min_p = _number("min_p", self.min_p, "in [0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be a finite number in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _number(name, getattr(self, name), "in [-2, 2]")
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a finite number in [-2, 2], got {value!r}")
+            setattr(self, name, value)
+        self.repetition_penalty = _number("repetition_penalty", self.repetition_penalty, "> 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got "
+                             f"{self.repetition_penalty!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _integer(name, getattr(self, name), 0,
+                                             what=" (None: no log-probabilities)"))
+        for name in ("ignore_eos", "detokenize", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty reads this request's earlier tokens."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 \
+            or self.repetition_penalty != 1
+
+    @property
+    def plain(self) -> bool:
+        """Whether the sampler needs nothing beyond temperature, top-k, top-p and min-p
+        (speculative decoding verifies drafts of plain requests only)."""
+        return not self.penalized and self.min_tokens == 0 and self.logprobs is None

@@ -21,20 +21,60 @@ class Status(enum.Enum):
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model, its rank among the vocabulary (1 = most
+    likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per position: the sampled (or prompt) token and the requested top tokens, by token id.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's `n` completions.
+
+    index: which of the n it is. text, token_ids: generated so far. cumulative_logprob: sum
+    of the sampled tokens' log-probabilities (None unless `logprobs` was asked for).
+    logprobs: per generated token, its `PositionLogprobs` (None unless asked for).
+    finish_reason: None while running; "stop" (EOS, a stop string or stop token), "length"
+    (max_tokens or the model's context), "abort", or "error" (see `RequestOutput.error`).
+    stop_reason: the stop string or stop token id that ended it (None otherwise).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
 class RequestOutput:
     """What `LLM.generate` and the engine's step report for one request.
 
-    finish_reason: None while running; "stop" (EOS, a stop string or stop token), "length"
-    (max_tokens or the model's context), "abort", or "error" (this request alone failed while
-    being sampled or detokenized; `error` says why).
+    outputs: its `n` completions. `text`, `token_ids` and `finish_reason` read `outputs[0]`.
+    prompt_logprobs: None unless asked for; else per prompt token, None for the first and its
+    `PositionLogprobs` for every other. error: why the request failed, when one of its
+    completions failed while being sampled or detokenized (that one finishes "error", the
+    others "abort").
     """
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_prompt_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
@@ -42,16 +82,33 @@ class RequestOutput:
     error: str | None = None
 
     @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        """outputs[0]'s, but "error" whenever the request failed, and None until all n are
+        done."""
+        if not self.finished:
+            return None
+        return "error" if self.error is not None else self.outputs[0].finish_reason
+
+    @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return all(o.finished for o in self.outputs)
 
 
 class Sequence:
     """Token ids (prompt then output), page list and progress of one request."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 seed: int, prompt: str | None = None):
+                 seed: int, prompt: str | None = None, index: int = 0):
         self.request_id = request_id
+        self.index = index  # which of the request's n completions this is
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)  # shared by every output: read-only
         self.token_ids = list(prompt_token_ids)
@@ -67,6 +124,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.text = ""
+        self.stop_reason: str | int | None = None
+        # Filled in only when the params ask: per output token, per prompt position.
+        self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = \
+            [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -96,8 +159,23 @@ class Sequence:
     def finished(self) -> bool:
         return self.status == Status.FINISHED
 
-    def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             self.text, self.output_token_ids, self.finish_reason,
-                             self.num_prefix_hit, self.arrival_time, self.first_token_time,
-                             self.finish_time, self.error)
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(self.index, self.text, self.output_token_ids,
+                                self.cumulative_logprob,
+                                None if self.logprobs is None else list(self.logprobs),
+                                self.finish_reason, self.stop_reason)
+
+    def output(self, siblings: list["Sequence"] | None = None) -> RequestOutput:
+        """The request's output; `siblings`: all n sequences of the request (default: this
+        one alone), in index order."""
+        group = siblings or [self]
+        first = group[0]
+        times = [s.first_token_time for s in group if s.first_token_time is not None]
+        done = [s.finish_time for s in group]
+        error = next((s.error for s in group if s.error is not None), None)
+        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
+                             [s.completion() for s in group],
+                             None if first.prompt_logprobs is None else list(first.prompt_logprobs),
+                             first.num_prefix_hit, first.arrival_time,
+                             min(times) if times else None,
+                             None if None in done else max(done), error)

@@ -1,5 +1,8 @@
-"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions (both with server-sent
-event streaming), /v1/models, /health and /metrics (Prometheus text).
+"""OpenAI-compatible routes, as vLLM's server has them: /v1/completions (with `echo` and
+`logprobs`, which lm-eval's `local-completions` needs for log-likelihoods),
+/v1/chat/completions (both with server-sent event streaming and `n` choices per prompt),
+/v1/models, /tokenize, /detokenize, /tokenizer_info, /version, /health and /metrics
+(Prometheus text, with latency histograms).
 
 Errors come back as OpenAI does them, `{"error": {"message", "type", "param", "code"}}`: 400 for
 a malformed body, a bad or unknown field (see `protocol`), 401 for a missing or wrong API key
@@ -22,10 +25,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from hwattn.data.tokenizer import chat_prompt
+from hwattn.config import VERSION
+from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
-from hwattn.server.protocol import APIError, ChatRequest, CompletionRequest, ServerLimits, parse
+from hwattn.server.formats import chat_logprobs, completion_logprobs
+from hwattn.server.metrics import render
+from hwattn.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest,
+                                    ServerLimits, TokenizeRequest, parse)
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +46,17 @@ def _sse(doc) -> str:
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-              limits: ServerLimits | None = None) -> FastAPI:
+              limits: ServerLimits | None = None,
+              chat_template: ChatTemplate | None = None) -> FastAPI:
     """The FastAPI application serving `engine` under the name `model_name`.
 
-    api_key: when given, every /v1 route needs `Authorization: Bearer <api_key>` (compared in
-        constant time); /health and /metrics stay open.
+    api_key: when given, every /v1 route and the tokenizer routes need `Authorization: Bearer
+        <api_key>` (compared in constant time); /health, /version and /metrics stay open.
     limits: caps on body size, stop lists and prompts per request (`ServerLimits()` default).
+    chat_template: how /v1/chat/completions renders messages (default: the built-in format).
     """
     limits = limits or ServerLimits()
+    template = chat_template or ChatTemplate()
     if api_key is not None and not api_key:
         raise ValueError("api_key must not be empty (leave it None for no authentication)")
     key = api_key.encode() if api_key is not None else None
@@ -59,8 +69,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="hwattn", lifespan=lifespan)
     llm = engine.engine
+    tokenizer = llm.tokenizer
     max_len = llm.max_model_len
     created = int(time.time())
+
+    def decode(token: int) -> str:
+        return tokenizer.decode([token])
 
     @app.exception_handler(APIError)
     async def _api_error(request, err: APIError):
@@ -82,8 +96,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     auth = [Depends(authorize)]
 
-    async def read_body(request: Request) -> dict:
-        """The JSON object of the body, at most `limits.max_body_bytes`, naming the served model."""
+    async def read_body(request: Request, model_required: bool = True) -> dict:
+        """The JSON object of the body, at most `limits.max_body_bytes`, naming the served model
+        (or, unless `model_required`, naming none)."""
         cap = limits.max_body_bytes
         too_large = APIError(f"the request body is larger than {cap} bytes", status=413,
                              code="request_too_large")
@@ -109,6 +124,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if not isinstance(body, dict):
             raise APIError("request body must be a JSON object")
         model = body.get("model")
+        if model is None and not model_required:
+            return body
         if not isinstance(model, str):
             raise APIError("model is required and must be a string", param="model")
         if model != model_name:
@@ -122,6 +139,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except ValueError as err:
             raise APIError(str(err), param=param,
                            code="context_length_exceeded" if "context" in str(err) else None) from None
+
+    def render_chat(messages, add_generation_prompt: bool = True) -> str:
+        try:
+            return template.render([m.model_dump() for m in messages], add_generation_prompt)
+        except ValueError as err:
+            raise APIError(str(err), param="messages") from None
 
     def fits(ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
         if len(ids) + params.max_tokens > max_len:
@@ -191,25 +214,41 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         log.error("request failed", exc_info=err)
         return APIError(f"internal error: {type(err).__name__}", status=500, kind="server_error")
 
-    def usage(outs) -> dict:
+    def usage(outs, generated: bool = True) -> dict:
         p = sum(len(o.prompt_token_ids) for o in outs)
-        c = sum(len(o.token_ids) for o in outs)
+        c = sum(len(c.token_ids) for o in outs for c in o.outputs) if generated else 0
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    async def stream_events(stream, make_chunk, include_usage: bool, first=None):
-        sent: dict[int, int] = {}
+    async def stream_events(stream, make_chunk, include_usage: bool, n: int, first=None,
+                            generated: bool = True, announce: bool = False):
+        """SSE chunks of the merged `stream`: `make_chunk(choice, text, completion, start,
+        request output, is_first)` for each choice's new text (its tokens from `start`) and
+        its finish; `announce`: send each choice's first chunk even before it has text (an
+        echoed prompt). `generated` False shows no generated text (echo of the prompt alone)."""
+        sent: dict[int, tuple[int, int]] = {}  # choice -> (characters, tokens) sent
+        done: set[int] = set()
         outs = {}
         try:
             if first is not None:
                 yield _sse(first)
             async for i, out in stream:
-                text = out.text[sent.get(i, 0):]
-                sent[i] = len(out.text)
                 outs[i] = out
-                if text or out.finished:
-                    yield _sse(make_chunk(i, text, out.finish_reason))
+                for completion in out.outputs:
+                    choice = i * n + completion.index
+                    if choice in done:
+                        continue
+                    is_first = choice not in sent
+                    chars, tokens = sent.get(choice, (0, 0))
+                    text = completion.text[chars:] if generated else ""
+                    if not (text or completion.finished or (is_first and announce)):
+                        continue
+                    sent[choice] = (len(completion.text), len(completion.token_ids))
+                    if completion.finished:
+                        done.add(choice)
+                    yield _sse(make_chunk(choice, text, completion, tokens, out, is_first))
             if include_usage:
-                yield _sse(make_chunk(None, None, None, usage=usage(outs.values())))
+                yield _sse(make_chunk(None, None, None, None, None, None,
+                                      usage=usage(outs.values(), generated)))
             yield _sse("[DONE]")
         except Exception as err:  # noqa: BLE001 - this request's failure, told to its client
             e = request_error(err)
@@ -228,105 +267,154 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                             "created": created, "owned_by": "hwattn",
                                             "max_model_len": max_len}]}
 
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
+
     @app.get("/metrics")
     async def metrics():
-        s = engine.snapshot
-        rows = [
-            ("hwattn_requests_running", "gauge", "Requests being decoded or prefilled.", s["running"]),
-            ("hwattn_requests_waiting", "gauge", "Requests queued for admission.", s["waiting"]),
-            ("hwattn_kv_pages_used", "gauge", "KV-cache pages held by requests.", s["pages_used"]),
-            ("hwattn_kv_pages_total", "gauge", "KV-cache pages in the pool.", s["pages_total"]),
-            ("hwattn_kv_page_size_tokens", "gauge", "Tokens per KV-cache page.", s["page_size"]),
-            ("hwattn_generation_tokens_per_second", "gauge",
-             "Generated tokens per second over the last 10 s.", round(engine.tokens_per_second(), 3)),
-            ("hwattn_prompt_tokens_total", "counter", "Prompt tokens prefilled.", s["prompt_tokens"]),
-            ("hwattn_generation_tokens_total", "counter", "Tokens generated.", s["generation_tokens"]),
-            ("hwattn_requests_finished_total", "counter", "Requests finished.", s["finished"]),
-            ("hwattn_requests_aborted_total", "counter", "Requests aborted.", s["aborted"]),
-            ("hwattn_requests_failed_total", "counter", "Requests that failed alone in the engine.",
-             s["failed"]),
-            ("hwattn_preemptions_total", "counter", "Requests preempted for recompute.", s["preemptions"]),
-            ("hwattn_prefix_cache_hit_pages_total", "counter", "Prompt pages found in the prefix cache.",
-             s["prefix_hit_pages"]),
-            ("hwattn_spec_draft_tokens_total", "counter", "Speculative draft tokens verified.", s["draft_tokens"]),
-            ("hwattn_spec_accepted_tokens_total", "counter", "Speculative draft tokens accepted.",
-             s["accepted_tokens"]),
-        ]
-        lines = []
-        for name, kind, doc, value in rows:
-            lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return PlainTextResponse("\n".join(lines) + "\n",
+        return PlainTextResponse(render(engine.snapshot, engine.tokens_per_second(),
+                                        engine.latency),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info():
+        return {"tokenizer_class": type(tokenizer).__name__,
+                "eos_token": getattr(tokenizer, "eos_token", None),
+                "eos_token_id": getattr(tokenizer, "eos_token_id", None), "bos_token": None, "pad_token": None,
+                "chat_template": template.text, "model_max_length": max_len,
+                "vocab_size": llm.model_config.vocab_size}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request):
+        req = parse(TokenizeRequest, await read_body(request, model_required=False), limits)
+        if req.messages is not None:
+            text, param = render_chat(req.messages, req.add_generation_prompt), "messages"
+        else:
+            text, param = req.prompt, "prompt"
+        try:
+            ids = tokenizer.encode(text)
+        except UnicodeEncodeError as err:
+            raise APIError(f"{param} is not valid Unicode: {err.reason}", param=param) from None
+        return {"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request):
+        req = parse(DetokenizeRequest, await read_body(request, model_required=False), limits)
+        vocab = llm.model_config.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(f"tokens must be ids in [0, {vocab}), got {bad}", param="tokens")
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
         req = parse(CompletionRequest, await read_body(request), limits)
         include_usage = req.check_stream_options()
-        params = req.sampling(16 if req.max_tokens is None else req.max_tokens)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        generated = max_tokens > 0  # echo with max_tokens 0: the prompt alone
+        want = req.logprobs is not None
+        params = req.sampling(max(1, max_tokens), logprobs=req.logprobs,
+                              prompt_logprobs=req.logprobs if req.echo and want else None)
         jobs = [fits(prompt_ids(p, "prompt"), params) for p in req.prompt]
+        texts = [p if isinstance(p, str) else tokenizer.decode(ids)
+                 for p, (ids, _) in zip(req.prompt, jobs)]
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = run_all(request, jobs, rid)
+        n = req.n
 
-        def chunk(i, text, reason, usage=None):
+        def choice(index, text, completion, start, out, is_first):
+            """One choice: new text (the prompt before it on the first chunk, with echo) and
+            the log-probabilities of its tokens from `start`."""
+            entries = []
+            if generated:
+                tokens = completion.token_ids[start:]
+                lps = completion.logprobs[start:] if want else [None] * len(tokens)
+                entries = list(zip(tokens, lps))
+            else:
+                text = ""
+            if req.echo and is_first:
+                prompt = out.prompt_token_ids
+                lps = out.prompt_logprobs if want else [None] * len(prompt)
+                entries = list(zip(prompt, lps)) + entries
+                text = texts[index // n] + text
+            doc = {"index": index, "text": text,
+                   "logprobs": completion_logprobs(entries, decode) if want else None,
+                   "finish_reason": completion.finish_reason,
+                   "stop_reason": completion.stop_reason}
+            return doc
+
+        def chunk(index, text, completion, start, out, is_first, usage=None):
             doc = {"id": rid, "object": "text_completion", "created": int(time.time()),
                    "model": model_name, "choices": []}
-            if i is not None:
-                doc["choices"] = [{"index": i, "text": text, "finish_reason": reason,
-                                   "logprobs": None}]
+            if index is not None:
+                doc["choices"] = [choice(index, text, completion, start, out, is_first)]
             if usage is not None:
                 doc["usage"] = usage
             return doc
 
         if req.stream:
-            return StreamingResponse(stream_events(stream, chunk, include_usage),
+            return StreamingResponse(stream_events(stream, chunk, include_usage, n,
+                                                   generated=generated, announce=req.echo),
                                      media_type="text/event-stream")
         outs = await until_done(request, stream)
         if outs is None:
             return JSONResponse({}, status_code=499)
-        doc = chunk(None, None, None, usage=usage(outs))
-        doc["choices"] = [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
-                           "logprobs": None} for i, o in enumerate(outs)]
+        doc = chunk(None, None, None, None, None, None, usage=usage(outs, generated))
+        doc["choices"] = [choice(i * n + c.index, c.text, c, 0, o, True)
+                          for i, o in enumerate(outs) for c in o.outputs]
         return doc
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         req = parse(ChatRequest, await read_body(request), limits)
         include_usage = req.check_stream_options()
-        try:
-            prompt = chat_prompt([m.model_dump() for m in req.messages])
-        except ValueError as err:
-            raise APIError(str(err), param="messages") from None
-        ids = prompt_ids(prompt, "messages")
+        ids = prompt_ids(render_chat(req.messages, req.add_generation_prompt), "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
-        params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens)
+        top_n = req.top_logprobs or 0
+        params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens,
+                              logprobs=top_n if req.logprobs else None)
         jobs = [fits(ids, params)]
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = run_all(request, jobs, rid)
 
-        def chunk(i, text, reason, usage=None):
+        def logprobs(completion, start):
+            if not req.logprobs:
+                return None
+            return chat_logprobs(zip(completion.token_ids[start:], completion.logprobs[start:]),
+                                 decode, top_n)
+
+        def chunk(index, text, completion, start, out, is_first, usage=None):
             doc = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                    "model": model_name, "choices": []}
-            if i is not None:
+            if index is not None:
                 delta = {"content": text} if text else {}
-                doc["choices"] = [{"index": i, "delta": delta, "finish_reason": reason,
-                                   "logprobs": None}]
+                doc["choices"] = [{"index": index, "delta": delta,
+                                   "finish_reason": completion.finish_reason,
+                                   "stop_reason": completion.stop_reason,
+                                   "logprobs": logprobs(completion, start)}]
             if usage is not None:
                 doc["usage"] = usage
             return doc
 
         if req.stream:
-            first = chunk(0, None, None)
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return StreamingResponse(stream_events(stream, chunk, include_usage, first=first),
+            first = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": model_name,
+                     "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                  "finish_reason": None, "logprobs": None}
+                                 for i in range(req.n)]}
+            return StreamingResponse(stream_events(stream, chunk, include_usage, req.n, first=first),
                                      media_type="text/event-stream")
         outs = await until_done(request, stream)
         if outs is None:
             return JSONResponse({}, status_code=499)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": outs[0].text},
-                             "finish_reason": outs[0].finish_reason, "logprobs": None}],
+                "choices": [{"index": c.index,
+                             "message": {"role": "assistant", "content": c.text},
+                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                             "logprobs": logprobs(c, 0)} for c in outs[0].outputs],
                 "usage": usage(outs)}
 
     return app

@@ -16,6 +16,7 @@ from collections import deque
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.parallel.launch import WorkerError
 from hwattn.engine.sequence import RequestOutput
+from hwattn.server.metrics import LatencyMetrics
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class AsyncEngine:
         self._window = rate_window_s
         self._history: deque[tuple[float, int]] = deque()
         self.snapshot = engine.stats()
+        self.latency = LatencyMetrics()
         self.dead: str | None = None  # why the engine can serve no more, once it cannot
 
     def start(self) -> None:
@@ -79,6 +81,7 @@ class AsyncEngine:
             self._queues[request_id] = (loop, queue)
             self._adds.append((request_id, prompt_ids, params))
         self._wake.set()
+        timer = self.latency.timer()
         finished = False
         try:
             while True:
@@ -89,6 +92,7 @@ class AsyncEngine:
                 finished = out.finished
                 if out.finish_reason == "error":
                     raise EngineError(f"the request failed: {out.error}")
+                timer.observe(out)
                 yield out
                 if finished:
                     return

@@ -1,9 +1,11 @@
 """Request bodies of the OpenAI-compatible routes, as pydantic models with bounds, and the
 OpenAI-style error they turn into.
 
-Every field the server honours is declared; any other field is refused by name (400) instead
-of being silently ignored, and OpenAI fields this server does not implement are accepted only
-at their no-op value. Integers must be JSON integers, floats must be finite, and what costs the
+Every field the server honours is declared (OpenAI's sampling fields plus vLLM's extras:
+top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
+include_stop_str_in_output, prompt_logprobs); any other field is refused by name (400)
+instead of being silently ignored, and OpenAI fields this server does not implement
+(logit_bias, tools, tool_choice, suffix, best_of above n) are accepted only at their no-op value. Integers must be JSON integers, floats must be finite, and what costs the
 engine time on every token (stop strings, stop ids) or per request (prompts in one body) is
 capped by `ServerLimits`.
 """
@@ -50,6 +52,9 @@ class ServerLimits:
     max_stop_chars: characters in one stop string.
     max_prompts: prompts in one /v1/completions request.
     max_messages: messages in one /v1/chat/completions request.
+    max_n: completions per prompt (`n`).
+    max_logprobs: top log-probabilities per token (`logprobs`, `top_logprobs`,
+        `prompt_logprobs`).
     """
 
     max_body_bytes: int = 16 << 20
@@ -57,11 +62,16 @@ class ServerLimits:
     max_stop_chars: int = 1024
     max_prompts: int = 256
     max_messages: int = 1024
+    max_n: int = 16
+    max_logprobs: int = 20
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_stop", "max_stop_chars", "max_prompts", "max_messages"):
+        for name in ("max_body_bytes", "max_stop", "max_stop_chars", "max_prompts", "max_messages",
+                     "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
 
 
 def _number(value) -> bool:
@@ -70,15 +80,9 @@ def _number(value) -> bool:
 
 # OpenAI fields this server does not implement, and the values that ask for nothing.
 NO_OP = {
-    "presence_penalty": lambda v: _number(v) and v == 0,
-    "frequency_penalty": lambda v: _number(v) and v == 0,
     "logit_bias": lambda v: v == {},
-    "logprobs": lambda v: v is False,
-    "top_logprobs": lambda v: _number(v) and v == 0,
     "tools": lambda v: v == [],
     "tool_choice": lambda v: v == "none",
-    "echo": lambda v: v is False,
-    "best_of": lambda v: _number(v) and v == 1,
     "suffix": lambda v: v == "",
 }
 
@@ -107,19 +111,23 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1, lt=INT64_LIMIT)
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0, lt=INT64_LIMIT)
     seed: int | None = Field(None, ge=0, lt=INT64_LIMIT)
     stop: Any = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)
     user: str | None = None  # the caller's end-user label: accepted, used for nothing
     # OpenAI fields without an implementation here: only their no-op values are accepted.
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     logit_bias: Any = None
-    logprobs: Any = None
 
     @field_validator(*NO_OP, mode="before", check_fields=False)
     @classmethod
@@ -131,9 +139,19 @@ class _Request(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one(cls, value):
-        if value != 1:
-            raise _error("invalid_value", "n must be 1, got {n}", n=value)
+    def _few(cls, value, info: ValidationInfo):
+        cap = _limits(info).max_n
+        if value > cap:
+            raise _error("invalid_value", "n must be at most {cap}, got {n}", cap=cap, n=value)
+        return value
+
+    @field_validator("prompt_logprobs", "logprobs", "top_logprobs", check_fields=False)
+    @classmethod
+    def _few_logprobs(cls, value, info: ValidationInfo):
+        cap = _limits(info).max_logprobs
+        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+            raise _error("invalid_value", "{name} must be at most {cap}, got {n}",
+                         name=info.field_name, cap=cap, n=value)
         return value
 
     @field_validator("stop", mode="before")
@@ -166,18 +184,28 @@ class _Request(BaseModel):
                 raise _error("invalid_value", "stop_token_ids must be token ids >= 0")
         return value
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
-        """The engine's settings, with `max_tokens` as the route resolved it (the request's own,
-        or the route's default when it gives none)."""
+    def sampling(self, max_tokens: int, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
+        """The engine's settings, with `max_tokens`, `logprobs` and `prompt_logprobs` as the
+        route resolved them (from the request's own fields and the route's defaults)."""
+        if prompt_logprobs is None:
+            prompt_logprobs = self.prompt_logprobs
         try:
             return SamplingParams(
-                max_tokens=max_tokens,
+                n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens,
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=self.top_k or 0, seed=self.seed, stop=self.stop,
-                stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos)
+                top_k=self.top_k or 0, min_p=self.min_p, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
+                stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+                include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs)
         except ValueError as err:
             raise APIError(str(err), param=str(err).split(" ", 1)[0]) from None
+
+    def check(self) -> None:
+        """Checks across fields, raising `APIError` naming the field."""
 
     def check_stream_options(self) -> bool:
         """Whether to send a usage chunk last; stream_options without streaming is an error."""
@@ -188,12 +216,25 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    """POST /v1/completions. `prompt` becomes a list of prompts (strings or token-id lists)."""
+    """POST /v1/completions. `prompt` becomes a list of prompts (strings or token-id lists).
+    logprobs: top log-probabilities per token (0: the token's own). echo: the prompt comes
+    back before the completion (with its log-probabilities when `logprobs` is set); with echo,
+    max_tokens may be 0 (the prompt alone)."""
 
     prompt: Any
-    echo: Any = None
-    best_of: Any = None
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
     suffix: Any = None
+
+    def check(self) -> None:
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(f"best_of={self.best_of} is not supported by this server (best_of "
+                           f"must equal n, {self.n})", param="best_of",
+                           code="unsupported_parameter")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError("max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -247,13 +288,21 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Request):
-    """POST /v1/chat/completions."""
+    """POST /v1/chat/completions. logprobs: report each token's log-probability, with the
+    `top_logprobs` most likely tokens beside it. add_generation_prompt: end the rendered
+    prompt with the assistant's turn (vLLM's extra; default true)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: Any = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    add_generation_prompt: bool = True
     tools: Any = None
     tool_choice: Any = None
+
+    def check(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -263,6 +312,35 @@ class ChatRequest(_Request):
             raise _error("invalid_value", "messages has {n} messages; at most {cap} are allowed",
                          n=len(value), cap=cap)
         return value
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: a `prompt` or chat `messages` (rendered with the chat template).
+    add_special_tokens is accepted for compatibility: this server's tokenizers add none."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError("give exactly one of prompt and messages", param="prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+    def check(self) -> None:
+        pass
 
 
 _SHORT = reprlib.Repr()  # quotes a client's value briefly, however long or deep
@@ -280,7 +358,9 @@ def _param(loc: tuple) -> str:
 def parse(model: type[BaseModel], body: dict, limits: ServerLimits):
     """`model` validated from `body`, or an APIError (400) naming the first bad field."""
     try:
-        return model.model_validate(body, context={"limits": limits})
+        request = model.model_validate(body, context={"limits": limits})
+        request.check()
+        return request
     except ValidationError as err:
         first = err.errors(include_url=False)[0]
         param = _param(first["loc"])

@@ -52,7 +52,7 @@ def test_a_request_that_fails_in_a_step_finishes_alone(llms, speculative, fault)
     engine = llm.engine
     clean = llm.generate(PROMPTS, SAMPLED)
     ids = [engine.add_request(p, SAMPLED) for p in PROMPTS]
-    victim = engine.seqs[ids[1]]
+    victim = engine.requests[ids[1]][0]
     if fault == "top_k overflows int64":
         victim.params.top_k = 1 << 64  # changed behind the engine's back, after validation
     else:

@@ -4,7 +4,8 @@ keeps the target distribution."""
 import pytest
 import torch
 
-from hwattn.engine.sampler import SamplingTensors, probabilities, rejection_sample, sample, uniform
+from hwattn.engine.sampler import (SamplingTensors, adjusted_logits, probabilities, rejection_sample,
+                                   sample, top_logprobs, uniform)
 from hwattn.engine.sampling_params import SamplingParams
 
 
@@ -52,15 +53,20 @@ def test_top_k_top_p_and_temperature():
     assert torch.equal(greedy[0], torch.tensor([1.0, 0, 0, 0]))
 
 
+@pytest.mark.parametrize("min_p", [0.0, 0.3])
 @pytest.mark.parametrize("draft", ["ngram", "model"])
-def test_rejection_sampling_keeps_the_target_distribution(draft):
-    """First and second emitted tokens follow the target's distribution whatever the drafts."""
+def test_rejection_sampling_keeps_the_target_distribution(draft, min_p):
+    """First and second emitted tokens follow the target's distribution (min-p filtered when
+    asked) whatever the drafts."""
     vocab, k, n = 4, 2, 30000
     g = torch.Generator().manual_seed(0)
     target = torch.randn(k + 1, vocab, generator=g) * 1.5
-    st = tensors([SamplingParams(temperature=1.0)] * n, seeds=list(range(n)))
+    params = SamplingParams(temperature=1.0, min_p=min_p)
+    st = tensors([params] * n, seeds=list(range(n)))
     if draft == "ngram":  # a fixed proposal, one-hot q
         drafts = torch.tensor([[1, 2]] * n)
+        if min_p:  # drafts min-p keeps (the most likely tokens), so some are accepted
+            drafts = target[:k].argmax(-1).expand(n, k)
         q = None
     else:  # drafts drawn from a different distribution q
         q_dist = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
@@ -68,13 +74,14 @@ def test_rejection_sampling_keeps_the_target_distribution(draft):
                               for i in range(k)], 1)
         q = q_dist.expand(n, k, vocab)
     tokens, accepted = rejection_sample(target.expand(n, k + 1, vocab), drafts, q, st)
-    p0 = target[0].softmax(-1)
-    chi2_ok(torch.bincount(tokens[:, 0], minlength=vocab).float(), p0, n)
+    p = probabilities(target, tensors([params] * (k + 1)))  # (k + 1, V)
+    if min_p:
+        assert (p == 0).any()  # the filter drops something here
+    chi2_ok(torch.bincount(tokens[:, 0], minlength=vocab).float(), p[0], n)
     assert 0 < accepted.float().mean() < k
     # The second token, among rows that accepted the first draft, follows p(. | draft 1).
     rows = accepted >= 1
-    chi2_ok(torch.bincount(tokens[rows, 1], minlength=vocab).float(), target[1].softmax(-1),
-            int(rows.sum()))
+    chi2_ok(torch.bincount(tokens[rows, 1], minlength=vocab).float(), p[1], int(rows.sum()))
 
 
 def test_greedy_verification_accepts_exactly_the_argmax_prefix():
@@ -87,3 +94,81 @@ def test_greedy_verification_accepts_exactly_the_argmax_prefix():
     assert accepted.tolist() == [2, 3]
     assert tokens[0, :3].tolist() == [3, 1, 4]
     assert tokens[1].tolist() == [0, 0, 5, 5]
+
+
+def reference_penalized(logits, outputs, prompts, presence, frequency, repetition):
+    """Penalties for one row, written out: repetition over prompt and output tokens first,
+    then frequency per occurrence and presence once per generated token."""
+    out = logits.clone().double()
+    for t in set(outputs) | set(prompts):
+        out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+    for t in set(outputs):
+        out[t] -= frequency * outputs.count(t) + presence
+    return out
+
+
+def test_penalties_match_the_written_out_rule_per_row():
+    vocab = 12
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3),
+              SamplingParams(),  # untouched beside penalized rows
+              SamplingParams(repetition_penalty=0.7, frequency_penalty=-1.0)]
+    histories = [([1, 2, 3, 3, 3, 5], 3), ([4, 4, 4], 1), ([7, 8, 8], 2)]
+    st = SamplingTensors.build(params, [0, 1, 2], [6, 3, 3], "cpu", histories)
+    got = adjusted_logits(logits, st)
+    for row, (p, (ids, n)) in enumerate(zip(params, histories)):
+        want = reference_penalized(logits[row], ids[n:], ids[:n], p.presence_penalty,
+                                   p.frequency_penalty, p.repetition_penalty)
+        torch.testing.assert_close(got[row].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_without_new_settings_the_logits_are_untouched():
+    logits = torch.randn(4, 9)
+    st = tensors([SamplingParams(temperature=0)] * 4)
+    assert adjusted_logits(logits, st) is logits
+    assert torch.equal(sample(logits, st), logits.argmax(-1))
+
+
+def test_banned_tokens_are_never_drawn_and_greedy_moves_past_them():
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]]).expand(2000, 4)
+    params = [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[0])] + \
+        [SamplingParams(temperature=1.0, min_tokens=2, stop_token_ids=[0, 1])] * 1999
+    st = SamplingTensors.build(params, list(range(2000)), [1] * 2000, "cpu",
+                               [([9], 1)] * 2000, eos_token_id=3)
+    tokens = sample(logits, st)
+    assert tokens[0] == 1  # greedy's argmax 0 is banned
+    assert not set(tokens[1:].tolist()) & {0, 1, 3}  # only 2 is left for the sampled rows
+    done = SamplingTensors.build(params[:1], [0], [3], "cpu", [([9, 1, 1], 1)], eos_token_id=3)
+    assert sample(logits[:1], done).item() == 0  # min_tokens reached: nothing banned
+
+
+def test_min_p_drops_unlikely_tokens_and_samples_the_rest_in_proportion():
+    probs = torch.tensor([0.5, 0.3, 0.12, 0.05, 0.03])
+    n = 20000
+    st = tensors([SamplingParams(min_p=0.2)] * n, seeds=list(range(n)))
+    tokens = sample(probs.log().expand(n, 5), st)
+    kept = torch.tensor([0.5, 0.3, 0.12, 0.0, 0.0])  # below 0.2 * 0.5 = 0.1 is dropped
+    chi2_ok(torch.bincount(tokens, minlength=5).float(), kept / kept.sum(), n)
+
+
+def test_top_logprobs_are_the_models_log_softmax():
+    logits = torch.randn(3, 10)
+    targets = torch.tensor([4, 0, 9])
+    lp, rank, ids, values = top_logprobs(logits, targets, 3)
+    ref = logits.log_softmax(-1)
+    torch.testing.assert_close(lp, ref.gather(-1, targets[:, None])[:, 0])
+    torch.testing.assert_close(values, ref.topk(3).values)
+    assert rank.tolist() == [int((ref[i] > ref[i, t]).sum()) + 1 for i, t in enumerate(targets)]
+
+
+def test_bad_settings_name_the_argument():
+    for kw, name in ((dict(n=0), "n"), (dict(min_p=1.5), "min_p"),
+                     (dict(presence_penalty=3.0), "presence_penalty"),
+                     (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+                     (dict(repetition_penalty=0.0), "repetition_penalty"),
+                     (dict(min_tokens=-1), "min_tokens"),
+                     (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+                     (dict(logprobs=-1), "logprobs"), (dict(prompt_logprobs=1.5), "prompt_logprobs"),
+                     (dict(include_stop_str_in_output="yes"), "include_stop_str_in_output")):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**kw)

@@ -32,8 +32,8 @@ def poison_marked(engine, max_tokens: int = MARK) -> None:
     def poisoned(prompts, params, request_ids=None):
         rids = add(prompts, params, request_ids)
         for rid in rids:
-            if engine.seqs[rid].params.max_tokens == max_tokens:
-                engine.seqs[rid].params.top_k = 1 << 64
+            if engine.requests[rid][0].params.max_tokens == max_tokens:
+                engine.requests[rid][0].params.top_k = 1 << 64
         return rids
 
     engine.add_requests = poisoned

@@ -54,3 +54,35 @@ def wait_idle(engine, timeout: float = 20.0) -> dict:
             return stats
         assert time.time() < deadline, f"engine still busy: {stats}"
         time.sleep(0.02)
+
+
+TEXT = ("the cat sat on the mat. the dog sat on the log. a bird sang in the tree.\n"
+        "one two three four five six seven eight nine ten.\n") * 20
+TEMPLATE = ("{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}### assistant:{% endif %}")
+
+
+def make_bpe_checkpoint(path, chat_template: str | None = TEMPLATE) -> str:
+    """A tiny random-weight checkpoint with a byte-level BPE tokenizer.json (320 ids,
+    <|endoftext|> its end of text) and, in tokenizer_config.json, `chat_template`."""
+    import json
+
+    from hwattn.data.tokenizer import EOT, train_bpe
+    from hwattn.engine.loader import build_model
+    from hwattn.models.checkpoint import save_checkpoint
+
+    tok = train_bpe([TEXT], 320)
+    model = build_model("tiny", attention="gqa-2", seed=0,
+                        overrides=dict(n_layers=2, max_seq_len=256, vocab_size=tok.vocab_size))
+    save_checkpoint(model, path, eos_token_id=tok.tok.token_to_id(EOT))
+    tok.save(path)
+    if chat_template is not None:
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        config["chat_template"] = chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bpe_checkpoint(tmp_path_factory):
+    return make_bpe_checkpoint(tmp_path_factory.mktemp("bpe") / "ckpt")

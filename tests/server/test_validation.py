@@ -77,14 +77,24 @@ BAD = [  # (id, path, body, param)
     ("chat lone surrogate, no max_tokens", H,
      b'{"model": "tiny-gla-2", "messages": [{"role": "user", "content": "a\\ud800"}]}', "messages"),
     ("prompt lone surrogate", C, b'{"model": "tiny-gla-2", "prompt": "\\udfff"}', "prompt"),
-    ("min_p", C, cmpl(min_p=0.1), "min_p"),
-    ("repetition_penalty", C, cmpl(repetition_penalty=1.1), "repetition_penalty"),
-    ("min_tokens", C, cmpl(min_tokens=2), "min_tokens"),
-    ("chat min_p", H, chat(min_p=0.1), "min_p"),
+    ("min_p above 1", C, cmpl(min_p=1.5), "min_p"),
+    ("repetition_penalty 0", C, cmpl(repetition_penalty=0), "repetition_penalty"),
+    ("min_tokens negative", C, cmpl(min_tokens=-1), "min_tokens"),
+    ("min_tokens above max_tokens", C, cmpl(min_tokens=9, max_tokens=2), "min_tokens"),
+    ("chat min_p str", H, chat(min_p="low"), "min_p"),
     ("response_format", H, chat(response_format={"type": "json_object"}), "response_format"),
-    ("best_of", C, cmpl(best_of=2), "best_of"),
-    ("echo", C, cmpl(echo=True), "echo"),
-    ("presence_penalty", H, chat(presence_penalty=0.5), "presence_penalty"),
+    ("best_of above n", C, cmpl(best_of=2), "best_of"),
+    ("logit_bias", C, cmpl(logit_bias={"5": 10}), "logit_bias"),
+    ("echo str", C, cmpl(echo="yes"), "echo"),
+    ("max_tokens 0 without echo", C, cmpl(max_tokens=0), "max_tokens"),
+    ("logprobs negative", C, cmpl(logprobs=-1), "logprobs"),
+    ("chat logprobs int", H, chat(logprobs=3), "logprobs"),
+    ("chat top_logprobs without logprobs", H, chat(top_logprobs=2), "top_logprobs"),
+    ("chat top_logprobs above cap", H, chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    ("n 0", C, cmpl(n=0), "n"),
+    ("prompt_logprobs negative", C, cmpl(prompt_logprobs=-2), "prompt_logprobs"),
+    ("presence_penalty above 2", H, chat(presence_penalty=2.5), "presence_penalty"),
+    ("frequency_penalty str", H, chat(frequency_penalty="x"), "frequency_penalty"),
     ("tools", H, chat(tools=[{"type": "function"}]), "tools"),
     ("max_tokens float", C, cmpl(max_tokens=5.0), "max_tokens"),
     ("max_tokens str", C, cmpl(max_tokens="5"), "max_tokens"),
@@ -119,11 +129,12 @@ def test_bad_requests_get_a_400_naming_the_field(server, path, body, param):
     assert time.perf_counter() - start < 2.0
 
 
-def test_unknown_fields_are_named_in_the_message(server):
+def test_unknown_or_unsupported_fields_are_named_in_the_message(server):
     base, _ = server
-    for field in ("min_p", "repetition_penalty", "min_tokens"):
-        err = post(base, C, cmpl(**{field: 1})).json()["error"]
-        assert field in err["message"] and err["code"] == "unsupported_parameter"
+    for field, value in (("best_of", 4), ("logit_bias", {"1": 1}), ("guided_json", {}),
+                         ("suffix", "x")):
+        err = post(base, C, cmpl(**{field: value})).json()["error"]
+        assert field in err["message"] and err["code"] == "unsupported_parameter", err
 
 
 def test_stop_token_ids_end_the_output(server):
