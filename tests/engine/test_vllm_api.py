@@ -13,7 +13,7 @@ PROMPT = [5, 17, 300, 42, 42, 7, 1000, 3]
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    from tests.engine.conftest import make_checkpoint
+    from tests.conftest import make_checkpoint
 
     path = make_checkpoint(tmp_path_factory.mktemp("vllm") / "gla", "gla-2")
     torch.set_num_threads(1)
@@ -155,7 +155,7 @@ def test_stop_strings_can_stay_in_the_output(llm):
 
 
 def test_speculative_engines_decode_penalized_requests_plainly(tmp_path):
-    from tests.engine.conftest import make_checkpoint
+    from tests.conftest import make_checkpoint
 
     path = make_checkpoint(tmp_path / "m", "gqa-2")
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, repetition_penalty=1.5,
