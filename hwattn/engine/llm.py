@@ -30,7 +30,8 @@ def create_engine(model: str, attention: str | None = None, dtype=None, device=N
                   max_model_len: int | None = None, speculative: str | None = None,
                   num_speculative_tokens: int = 3, seed: int = 0, cuda_graphs: bool = True,
                   enable_prefix_caching: bool = True, backend: str = "auto",
-                  model_overrides: dict | None = None, data_parallel_size: int = 1):
+                  model_overrides: dict | None = None, data_parallel_size: int = 1,
+                  enable_mixed_batches: bool = True, overlap_scheduling: bool = True):
     """Build the model (sharded over `tensor_parallel_size` ranks), its tokenizer, page pool,
     scheduler and drafter: an `LLMEngine`, or with `data_parallel_size` > 1 a
     `DataParallelEngine` over that many replicas of it. See `LLM` for the arguments."""
@@ -50,7 +51,9 @@ def create_engine(model: str, attention: str | None = None, dtype=None, device=N
                                  max_model_len=max_len, memory_budget=memory_budget,
                                  num_pages=num_pages, enable_prefix_caching=enable_prefix_caching,
                                  num_speculative_tokens=k, cuda_graphs=cuda_graphs,
-                                 backend=backend, seed=seed)
+                                 backend=backend, seed=seed,
+                                 enable_mixed_batches=enable_mixed_batches,
+                                 overlap_scheduling=overlap_scheduling)
     if data_parallel_size > 1:
         replica = dict(model=model, attention=attention, dtype=dt, device=str(dev),
                        tensor_parallel_size=tensor_parallel_size, page_size=page_size,
@@ -59,7 +62,9 @@ def create_engine(model: str, attention: str | None = None, dtype=None, device=N
                        speculative=speculative, num_speculative_tokens=num_speculative_tokens,
                        seed=seed, cuda_graphs=cuda_graphs,
                        enable_prefix_caching=enable_prefix_caching, backend=backend,
-                       model_overrides=model_overrides)
+                       model_overrides=model_overrides,
+                       enable_mixed_batches=enable_mixed_batches,
+                       overlap_scheduling=overlap_scheduling)
         tokenizer = load_tokenizer(model if is_checkpoint(model) else None, config.vocab_size)
         return DataParallelEngine(data_parallel_size, replica, config, tokenizer)
     draft_model = None
@@ -129,7 +134,8 @@ class LLM:
         num_speculative_tokens: k drafts verified per step.
         seed: weights of presets, and the seeds of requests that bring none.
         Other keywords: see `create_engine` (max_num_batched_tokens, num_pages,
-        max_model_len, cuda_graphs, enable_prefix_caching, backend, model_overrides).
+        max_model_len, cuda_graphs, enable_prefix_caching, backend, model_overrides,
+        enable_mixed_batches, overlap_scheduling).
     """
 
     def __init__(self, model: str, attention: str | None = None, dtype="auto", device="auto",

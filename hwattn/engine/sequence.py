@@ -3,6 +3,9 @@
 A sequence's KV cache holds `num_cached` tokens. While `num_cached < len(token_ids)` the rest
 still has to go through the model: a prompt (chunk by chunk) or, in decoding, the last sampled
 token. A preempted sequence drops its pages and recomputes prompt and output from scratch.
+
+While the engine overlaps steps, the last `num_pending` entries of `token_ids` are placeholders
+for tokens sampled on the device and not yet read back; outputs never show them.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Sequence:
         self.num_cached = 0  # tokens whose K/V are in the cache
         self.num_prefix_hit = 0  # prompt tokens found in the prefix cache at admission
         self.draft_cached = 0  # tokens in the draft model's cache (speculative decoding)
+        self.num_pending = 0  # trailing placeholder tokens still on the device
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.text = ""
@@ -97,7 +101,9 @@ class Sequence:
         return self.status == Status.FINISHED
 
     def output(self) -> RequestOutput:
+        known = len(self.token_ids) - self.num_pending
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             self.text, self.output_token_ids, self.finish_reason,
+                             self.text, self.token_ids[self.num_prompt_tokens:known],
+                             self.finish_reason,
                              self.num_prefix_hit, self.arrival_time, self.first_token_time,
                              self.finish_time, self.error)
