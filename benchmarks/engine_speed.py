@@ -46,7 +46,7 @@ def settings(tiny: bool) -> dict:
                     max_num_batched_tokens=64, memory_budget=64 << 20)
     return dict(preset="xl", device="cuda", dtype="bf16", requests=64, prompt_len=8192,
                 output_len=128, rate=16.0, batch=64, decode_prompt=1024, decode_output=48,
-                spec_requests=32, spec_prompt=1024, spec_output=128, page_size=64,
+                spec_requests=64, spec_prompt=2048, spec_output=128, page_size=64,
                 max_num_batched_tokens=1024, memory_budget=0.5)
 
 
@@ -82,10 +82,11 @@ class Variant:
         dtype = resolve_dtype(cfg["dtype"], device)
         self.net = build_model(cfg["preset"], attention=label, dtype=dtype, device=device,
                                seed=0, overrides=dict(max_seq_len=self.max_len + kmax + 8))
-        self.engine_config = lambda k: EngineConfig(  # noqa: E731
+        self.engine_config = lambda k, budget=None: EngineConfig(  # noqa: E731
             page_size=cfg["page_size"], max_num_seqs=cfg["batch"],
-            max_num_batched_tokens=cfg["max_num_batched_tokens"], max_model_len=self.max_len,
-            memory_budget=cfg["memory_budget"], num_speculative_tokens=k)
+            max_num_batched_tokens=budget or cfg["max_num_batched_tokens"],
+            max_model_len=self.max_len, memory_budget=cfg["memory_budget"],
+            num_speculative_tokens=k)
         self.kv_bytes = self.net.kv_bytes_per_token(1, dtype)
         self.num_pages = plan_pages(self.engine_config(kmax), self.kv_bytes, device, self.max_len)
         lens = (1,) + tuple(k + 1 for k in ks if k)
@@ -95,11 +96,14 @@ class Variant:
                                   cuda_graphs=True, graph_query_lens=lens)
         self.tokenizer = load_tokenizer(None, self.net.config.vocab_size)
 
-    def engine(self, k: int = 0):
+    def engine(self, k: int = 0, budget: int | None = None):
+        """An engine on the shared runner: n-gram drafting with k tokens (0: none), and
+        `budget` tokens per step (default the serving one)."""
         from hwattn.engine.llm_engine import LLMEngine
         from hwattn.engine.speculative import NgramDrafter
 
-        return LLMEngine(self.runner, self.tokenizer, self.net.config, self.engine_config(k),
+        return LLMEngine(self.runner, self.tokenizer, self.net.config,
+                         self.engine_config(k, budget),
                          self.num_pages, NgramDrafter(k) if k else None,
                          kv_bytes_per_token=self.kv_bytes)
 
@@ -175,8 +179,8 @@ def run_batch(engine, prompts: list[list[int]], output_len: int) -> list[dict]:
 def decode_share(v: Variant, cfg: dict) -> dict:
     from hwattn.engine.benchmark import decode_breakdown, random_prompts
 
-    engine = v.engine()
     b, lp, lo = cfg["batch"], cfg["decode_prompt"], cfg["decode_output"]
+    engine = v.engine(budget=b * lp)  # every prompt in one step: then B decode together
     steps = run_batch(engine, random_prompts(b, lp, v.net.config.vocab_size, seed=3), lo)
     steady = [s["s"] for s in steps if s["launched"] and not s["prefill"] and s["running"] == b]
     step_s = statistics.median(steady) if steady else float("nan")
@@ -193,11 +197,12 @@ def speculation(v: Variant, cfg: dict, ks: tuple[int, ...], clock) -> dict:
     prompts = random_prompts(cfg["spec_requests"], cfg["spec_prompt"], v.net.config.vocab_size,
                              seed=5, repetitive=True)
     rows = {}
+    budget = cfg["spec_requests"] * cfg["spec_prompt"]  # all prompts first, then decoding
     for k in (0,) + tuple(ks):
         if clock() < 0:
             rows[k] = dict(skipped="time budget")
             continue
-        steps = run_batch(v.engine(k), prompts, cfg["spec_output"])
+        steps = run_batch(v.engine(k, budget), prompts, cfg["spec_output"])
         dec = [s for s in steps if not s["prefill"]]
         timed = [s["s"] for s in dec if s["launched"]]
         drafted = sum(s["drafted"] for s in dec)
@@ -301,7 +306,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--spec-variants", default="gla-2")
     p.add_argument("--ks", default="1,2,3,4", help="n-gram draft lengths to measure")
-    p.add_argument("--budget-s", type=float, default=300.0,
+    p.add_argument("--budget-s", type=float, default=320.0,
                    help="work budget in seconds for everything (half each with --before)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a workload setting (requests, prompt_len, rate, ...)")

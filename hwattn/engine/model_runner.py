@@ -15,8 +15,8 @@ previous launched step sampled, still on the device (`StepInput.feed`).
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,7 +159,7 @@ class ModelRunner:
         if not 0 < nd < len(step.num_cached):
             raise ValueError(f"a mixed step needs 0 < num_decode < {len(step.num_cached)} rows, "
                              f"got {nd}")
-        cut = lambda values: (values[:nd], values[nd:]) if values else (values, values)  # noqa: E731
+        cut = lambda values: (values[:nd], values[nd:])  # noqa: E731
         tokens, rest = cut(step.tokens)
         cached, cached_rest = cut(step.num_cached)
         tables, tables_rest = cut(step.block_tables)

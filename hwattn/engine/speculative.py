@@ -45,11 +45,14 @@ class NgramDrafter:
         self._index: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _extend(self, index: dict, tokens: list[int], start: int, stop: int) -> None:
-        """Record the n-grams that end right before each position in [start, stop)."""
-        lo_n, hi_n = self.min_ngram, self.max_ngram
-        for pos in range(max(start, 1), stop):
-            for n in range(lo_n, min(hi_n, pos) + 1):
-                index[tuple(tokens[pos - n:pos])] = pos
+        """Record the n-grams that end right before each position in [start, stop); positions
+        before the window are skipped (a match there is never proposed)."""
+        start = max(start, stop - self.window)
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            first = max(start, n)
+            # The j-th slice holds token pos - n + j for every pos in [first, stop).
+            grams = zip(*(tokens[first - n + j:stop - n + j] for j in range(n)))
+            index.update(zip(grams, range(first, stop)))
 
     def _draft(self, index: dict, tokens: list[int]) -> list[int]:
         size = len(tokens)
