@@ -16,14 +16,14 @@ timeout 150 python3 - <<'PY' 2>&1 | tee -a "$OUT/log"
 import json, os
 import torch
 from hwattn.engine import LLM, SamplingParams
-from hwattn.engine.benchmark import decode_breakdown, graph_consistency
+from hwattn.bench.engine import decode_breakdown, graph_consistency
 rows = []
 for label in ("gqa-4", "gta-4", "mla", "gla-2"):
     llm = LLM("small", attention=label, device="cuda", max_num_seqs=16, max_model_len=2048,
               memory_budget=2 << 30)
     engine, runner = llm.engine, llm.engine.runner
     out = llm.generate([[1, 2, 3, 4] * 64] * 8, SamplingParams(max_tokens=32, temperature=0))
-    row = dict(variant=label, backend=runner.backend.name, graphs=len(runner.graphs),
+    row = dict(variant=label, backend=runner.backend.name, graphs=runner.cuda_graphs,
                graph_error=runner.graph_error, tokens=sum(len(o.token_ids) for o in out),
                consistency=graph_consistency(engine), breakdown=decode_breakdown(engine, 8, 1024))
     print(json.dumps(row), flush=True)

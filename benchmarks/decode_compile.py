@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from hwattn.ops.kernels.attend import attend_kernel
-from hwattn.ops.triton_decode import KernelConfig, _head_layout, choose_config
+from hwattn.ops.triton_decode import KernelConfig, choose_config, head_layout
 
 # name: (tied, H_q, H_kv, D_qk, D_v, D_R, L_q, page, cache dtype)
 SHAPES = {
@@ -42,7 +42,7 @@ def compile_shape(shape, config: KernelConfig | None = None):
     d_pad = triton.next_power_of_2(d_v)
     os.environ.pop("TRITON_INTERPRET", None)
     config = config or choose_config(d_pad, l_q, group, tied)
-    heads, blocks, block_m = _head_layout(group, l_q, config.max_rows)
+    heads, blocks, block_m = head_layout(group, l_q, config.max_rows)
     constexprs = dict(L_Q=l_q, HEADS_PER_PROG=heads, HEAD_BLOCKS=blocks, BLOCK_M=block_m,
                       BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v, D_PAD=d_pad, D_R=max(d_r, 16),
                       DR_PAD=max(16, triton.next_power_of_2(max(d_r, 16))), PAGE=page, TIED=tied,

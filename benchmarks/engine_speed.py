@@ -68,7 +68,8 @@ class Variant:
     def __init__(self, cfg: dict, label: str, ks: tuple[int, ...]):
         import torch
 
-        from hwattn.engine.llm_engine import EngineConfig, plan_pages
+        from hwattn.engine.config import EngineConfig
+        from hwattn.engine.llm_engine import plan_pages
         from hwattn.engine.loader import build_model, resolve_dtype
         from hwattn.engine.model_runner import ModelRunner
         from hwattn.engine.tokenizer import load_tokenizer
@@ -86,7 +87,7 @@ class Variant:
             page_size=cfg["page_size"], max_num_seqs=cfg["batch"],
             max_num_batched_tokens=budget or cfg["max_num_batched_tokens"],
             max_model_len=self.max_len, memory_budget=cfg["memory_budget"],
-            num_speculative_tokens=k)
+            speculative="ngram" if k else None, num_speculative_tokens=k)
         self.kv_bytes = self.net.kv_bytes_per_token(1, dtype)
         self.num_pages = plan_pages(self.engine_config(kmax), self.kv_bytes, device, self.max_len)
         lens = (1,) + tuple(k + 1 for k in ks if k)
@@ -177,7 +178,7 @@ def run_batch(engine, prompts: list[list[int]], output_len: int) -> list[dict]:
 
 
 def decode_share(v: Variant, cfg: dict) -> dict:
-    from hwattn.engine.benchmark import decode_breakdown, random_prompts
+    from hwattn.bench.engine import decode_breakdown, random_prompts
 
     b, lp, lo = cfg["batch"], cfg["decode_prompt"], cfg["decode_output"]
     engine = v.engine(budget=b * lp)  # every prompt in one step: then B decode together
@@ -192,7 +193,7 @@ def decode_share(v: Variant, cfg: dict) -> dict:
 
 
 def speculation(v: Variant, cfg: dict, ks: tuple[int, ...], clock) -> dict:
-    from hwattn.engine.benchmark import random_prompts
+    from hwattn.bench.engine import random_prompts
 
     prompts = random_prompts(cfg["spec_requests"], cfg["spec_prompt"], v.net.config.vocab_size,
                              seed=5, repetitive=True)
@@ -225,7 +226,7 @@ def measure(cfg: dict, variants: list[str], spec_variants: list[str], ks: tuple[
     import torch
 
     import hwattn
-    from hwattn.engine.benchmark import random_prompts
+    from hwattn.bench.engine import random_prompts
 
     start = time.perf_counter()
     clock = lambda: budget_s - (time.perf_counter() - start)  # noqa: E731

@@ -20,7 +20,8 @@ timing: median of `triton.testing.do_bench` over CUDA-graph replays (L2 flushed 
     counts, % of the peaks, the roofline time and the speed-up over Triton; GTA-4 rows also time
     GQA-4 on the same batch.
 
-Hopper variants (`--variants`): ws (ring of slots, producer warp), pipe (ring, consumer-issued
+Hopper variants (`--variants`): default (what the "hopper" backend launches for each call:
+`hopper_decode.call_config`, schedule and plan knobs), ws (ring of slots, producer warp), pipe (ring, consumer-issued
 copies), ovl (ring, producer warp, softmax overlapped with the products; states <= 256 wide),
 duo (two warpgroups taking turns on blocks, each owning half the columns; MLA and GLA), pp
 (128 rows, two warpgroups of 64 taking turns on the tensor cores; GLA at L_q >= 2). A name
@@ -194,7 +195,10 @@ def _errors(torch, got, truth, base):
 
 
 def parse_variant(spec: str) -> dict:
-    """HopperConfig fields of a variant name with knobs, e.g. 'duo-p1-m256'; ValueError if bad."""
+    """HopperConfig fields of a variant name with knobs, e.g. 'duo-p1-m256'; ValueError if bad.
+    "default" (no fields here) is `hopper_decode.call_config`'s choice for each call."""
+    if spec == "default":
+        return {}
     base, *knobs = spec.split("-")
     if base not in VARIANTS:
         raise ValueError(f"unknown Hopper variant {base!r} in {spec!r} (one of {list(VARIANTS)})")
@@ -217,6 +221,8 @@ def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=Non
     from hwattn.ops.hopper_decode import HopperConfig
 
     default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
+    if spec == "default":
+        return default
 
     def config_of(name):
         fields = dict(ctas_per_sm=default.ctas_per_sm)
@@ -281,6 +287,8 @@ def _hopper_call(torch, kernel: str, data, lengths=None):
     group, l_q = data.q_nope.shape[2] // data.kv_cache.shape[2], data.q_nope.shape[1]
     config = _hopper_config(kernel, d_nope, d_v, d_rope, group, data.kv_cache.shape[2], l_q,
                             lengths)
+    if kernel == "default":  # the backend's choice for this call: batch and SMs included
+        config = hopper_decode.call_config(data.q_nope, data.kv_cache, data.rope_cache)
     page = data.kv_cache.shape[1]
     text = hopper_decode.describe(TiedShape(d_nope, d_v, d_rope, group, l_q, page), config)
 
@@ -344,7 +352,7 @@ def task_check(torch, name: str, kernel: str) -> dict:
 def task_peaks(torch) -> dict:
     from triton.testing import do_bench
 
-    from hwattn.cli.bench_decode import measure_peaks
+    from hwattn.bench.decode import measure_peaks
 
     copy_gbps, mm_tflops = measure_peaks(torch, do_bench)
     return dict(task="peaks", copy_GBps=copy_gbps, mm_TFLOPs=mm_tflops,
@@ -390,7 +398,7 @@ def _prepare(torch, name: str, kernel: str, peaks):
 
     tri_config = triton_decode.choose_config(max(16, 1 << (data.kv_cache.shape[-1] - 1).bit_length()),
                                              l_q, group, True)
-    _, tri_blocks, _ = triton_decode._head_layout(group, l_q, tri_config.max_rows)
+    _, tri_blocks, _ = triton_decode.head_layout(group, l_q, tri_config.max_rows)
     tri_plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
                            head_blocks=tri_blocks, min_piece=min_piece)
     if kernel == "triton":

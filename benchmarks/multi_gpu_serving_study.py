@@ -23,6 +23,7 @@ concurrency) and the output says so; `hwattn bench serve --max-duration` stops t
 
 Configurations (`--gpus 4`, default): GLA-4 TP=4; MLA TP=4; MLA TP=1 x DP=4; MLA TP=2 x DP=2;
 GQA-8 TP=4; GTA-8 TP=4. With `--gpus 2`: GLA-2 TP=2; GLA-2 TP=1; MLA TP=2; MLA TP=1 x DP=2.
+With `--gpus 1`: GLA-2 and MLA at TP=1 (the single-GPU baseline).
 `--configs gla-4:tp4,mla:tp1:dp4` picks any.
 
 On the GPU machine (Python 3.12, no FastAPI / uvicorn / pydantic, no network): first, here,
@@ -31,6 +32,12 @@ and run, for 4 GPUs, two commands of under 10 minutes each:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 4 --configs gla-4:tp4,mla:tp4,mla:tp1:dp4 --minutes 8.5 --name part1 --out $OUT
     (same install) ; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 4 --configs mla:tp2:dp2,gqa-8:tp4,gta-8:tp4 --minutes 8.5 --name part2 --out $OUT
+
+for 8 GPUs (the paper's own setting: GLA-8 TP=8, MLA TP=8, MLA TP=2 x DP=4 on 8K prompts at
+concurrency 16 / 64 / 128, 32K and 64K prompts at 16, prompts uniform up to 128K at 4) two:
+
+    (same install) ; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 8 --configs gla-8:tp8,mla:tp8 --minutes 9 --name eight_a --out $OUT
+    (same install) ; PYTHONUNBUFFERED=1 python3 benchmarks/multi_gpu_serving_study.py --gpus 8 --configs mla:tp2:dp4 --minutes 9 --name eight_b --out $OUT
 
 and for 2 GPUs one command:
 
@@ -60,28 +67,65 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # The paper's GLA-8 (TP=8) over MLA output throughput, 8 GPUs (8K prompts / 4K outputs, and
-# the long imbalanced workload).
-PAPER_RATIOS = {"c16": 1.17, "c64": 1.70, "c128": 1.60, "long": 2.7}
-CONFIGS = {4: "gla-4:tp4,mla:tp4,mla:tp1:dp4,mla:tp2:dp2,gqa-8:tp4,gta-8:tp4",
-           2: "gla-2:tp2,gla-2:tp1,mla:tp2,mla:tp1:dp2"}
-# Share of a configuration's time each workload may take, in the order they run.
-WEIGHTS = {"c16": 0.15, "c64": 0.25, "c128": 0.35, "long": 0.25}
+# the long imbalanced workload of prompts up to 131K).
+PAPER_RATIOS = {"c16": 1.17, "c64": 1.70, "c128": 1.60, "long": 2.7, "imb_r0": 2.7}
+CONFIGS = {8: "gla-8:tp8,mla:tp8,mla:tp2:dp4",
+           4: "gla-4:tp4,mla:tp4,mla:tp1:dp4,mla:tp2:dp2,gqa-8:tp4,gta-8:tp4",
+           2: "gla-2:tp2,gla-2:tp1,mla:tp2,mla:tp1:dp2",
+           1: "gla-2:tp1,mla:tp1"}  # the pipeline and the single-GPU baseline, on one H200
 
 
-def settings(tiny: bool, per_concurrency: int) -> dict:
+def uniform(lo: int, hi: int) -> dict:
+    """Prompt lengths uniform in [lo, hi], as `hwattn bench serve` takes them (mean, spread)."""
+    return dict(mean=(lo + hi) // 2, spread=round((hi - lo) / (hi + lo), 4))
+
+
+def workloads(gpus: int, tiny: bool) -> dict:
+    """name -> prompt lengths (mean, spread), concurrency, requests (None: the run's
+    requests-per-concurrency x concurrency) and the share of a configuration's time it may
+    take, in the order they run. Eight GPUs get the paper's own set (section 5.2): 8K prompts
+    at 16 / 64 / 128, 32K and 64K prompts at 16, and prompts uniform up to 128K with the
+    shortest at r = 0 and r = 0.125 of the longest, at 4."""
+    k = 1 / 256 if tiny else 1  # the tiny preset's 8K is 32 tokens
+    fixed = lambda n, c, w, prompts=None: dict(mean=int(n * k) or 1, spread=0.0, concurrency=c,  # noqa: E731
+                                               prompts=prompts, weight=w)
     if tiny:
-        long_len = dict(mean=160, spread=0.9)
-        return dict(preset="tiny", page_size=16, output_len=8, prompt_len=48, long=long_len,
-                    concurrency=dict(c16=2, c64=4, c128=8), long_prompts=4, long_concurrency=2,
-                    per_concurrency=per_concurrency,
-                    serve=["--device", "cpu", "--dtype", "fp32", "--max-seq-len", "512",
-                           "--memory-budget", "4e6", "--max-num-seqs", "8",
-                           "--max-num-batched-tokens", "512", "--cpu-threads", "1"])
-    # Uniform in mean * (1 +- spread): [1014, 66570] tokens, up to 64K and beyond.
+        scale = {16: 2, 64: 4, 128: 8, 4: 2}
+    else:
+        scale = {16: 16, 64: 64, 128: 128, 4: 4}
+    out = {"c16": fixed(8192, scale[16], 0.15), "c64": fixed(8192, scale[64], 0.25),
+           "c128": fixed(8192, scale[128], 0.35)}
+    if gpus < 8:
+        long = dict(mean=160, spread=0.9) if tiny else dict(mean=33792, spread=0.97)  # [1014, 66570]
+        out["long"] = dict(long, concurrency=scale[4], prompts=4 if tiny else 8, weight=0.25)
+        return out
+    for name in out:
+        out[name]["weight"] *= 0.5
+    top = 320 if tiny else 131072
+    out["ctx32k"] = fixed(32768, scale[16], 0.125, 2 if tiny else 16)
+    out["ctx64k"] = fixed(65536, scale[16], 0.15, 2 if tiny else 16)
+    out["imb_r0"] = dict(uniform(max(1, top // 128), top), concurrency=scale[4],
+                         prompts=4 if tiny else 8, weight=0.175)
+    out["imb_r0.125"] = dict(uniform(top // 8, top), concurrency=scale[4],
+                             prompts=4 if tiny else 8, weight=0.175)
+    return out
+
+
+def settings(tiny: bool, per_concurrency: int, gpus: int = 4) -> dict:
+    loads = workloads(gpus, tiny)
+    longest = max(int(w["mean"] * (1 + w["spread"])) + 1 for w in loads.values())
+    if tiny:
+        return dict(preset="tiny", page_size=16, output_len=8, prompt_len=loads["c64"]["mean"],
+                    workloads=loads, per_concurrency=per_concurrency,
+                    serve=["--device", "cpu", "--dtype", "fp32", "--max-seq-len",
+                           str(max(512, longest + 64)), "--memory-budget", "4e6",
+                           "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
+                           "--cpu-threads", "1"])
+    serve = ["--max-num-seqs", "128", "--max-num-batched-tokens", "8192"]
+    if longest + 1024 > 68 * 1024:  # beyond the serving preset's context
+        serve += ["--max-seq-len", str(-(-(longest + 1024) // 1024) * 1024)]
     return dict(preset="serving", page_size=64, output_len=1024, prompt_len=8192,
-                long=dict(mean=33792, spread=0.97), concurrency=dict(c16=16, c64=64, c128=128),
-                long_prompts=8, long_concurrency=4, per_concurrency=per_concurrency,
-                serve=["--max-num-seqs", "128", "--max-num-batched-tokens", "8192"])
+                workloads=loads, per_concurrency=per_concurrency, serve=serve)
 
 
 def parse_config(text: str) -> dict:
@@ -201,11 +245,8 @@ class Server:
 def run_workload(server: Server, name: str, st: dict, prompts: int, cap_s: float,
                  work_dir: Path) -> dict:
     """`hwattn bench serve --url` for one workload; its JSON document."""
-    if name == "long":
-        mean, spread = st["long"]["mean"], st["long"]["spread"]
-        concurrency = st["long_concurrency"]
-    else:
-        mean, spread, concurrency = st["prompt_len"], 0.0, st["concurrency"][name]
+    w = st["workloads"][name]
+    mean, spread, concurrency = w["mean"], w["spread"], w["concurrency"]
     out = work_dir / f"bench_{name}.json"
     cmd = [sys.executable, "-m", "hwattn", "bench", "serve", "--url", server.url,
            "--num-prompts", str(prompts), "--prompt-len", str(mean), "--prompt-spread",
@@ -226,13 +267,10 @@ def plan_prompts(name: str, st: dict, cap_s: float, rate: float | None, notes: l
                  cfg_name: str) -> int:
     """Requests for a workload: the planned count, fewer if the measured token rate says it
     would not fit `cap_s` (but at least one full wave of `concurrency`)."""
-    if name == "long":
-        planned, concurrency = st["long_prompts"], st["long_concurrency"]
-        tokens = st["long"]["mean"] + st["output_len"]
-    else:
-        concurrency = st["concurrency"][name]
-        planned = st["per_concurrency"] * concurrency
-        tokens = st["prompt_len"] + st["output_len"]
+    w = st["workloads"][name]
+    concurrency = w["concurrency"]
+    planned = w["prompts"] or st["per_concurrency"] * concurrency
+    tokens = w["mean"] + st["output_len"]
     if rate is None:
         return planned
     fit = int(0.8 * cap_s * rate / tokens)
@@ -265,18 +303,21 @@ def study_config(cfg: dict, st: dict, share_s: float, tiny: bool, notes: list) -
                    max_sequences=int(pages // per_seq) * cfg["dp"])
         log(f"{cfg['name']}: ready in {row['startup_s']:.0f} s, {pages:.0f} pages/replica, "
             f"up to {row['max_sequences']} sequences of {st['prompt_len']}+{st['output_len']}")
-        rate = None
-        for name, weight in WEIGHTS.items():
+        rate, skipped = None, set()
+        weights = {n: w["weight"] for n, w in st["workloads"].items()}
+        for name, weight in weights.items():
             left = share_s - (time.perf_counter() - t0)
-            weights_left = sum(w for n, w in WEIGHTS.items() if n not in row["workloads"])
+            weights_left = sum(w for n, w in weights.items() if n not in row["workloads"]
+                               and n not in skipped)
             cap = left * weight / weights_left
             if cap < 5:
                 notes.append(f"{cfg['name']}, {name}: skipped, out of its time share")
+                skipped.add(name)
                 continue
             prompts = plan_prompts(name, st, cap, rate, notes, cfg["name"])
             doc = run_workload(server, name, st, prompts, cap, cfg_dir)
             row["workloads"][name] = doc
-            if doc["wall_s"] > 0 and name != "long":
+            if doc["wall_s"] > 0 and not st["workloads"][name]["spread"]:
                 rate = (doc["prompt_tokens"] + doc["output_tokens"]) / doc["wall_s"]
             if doc["itl_s"]["median"] < doc["tpot_s"]["median"] / 3:
                 notes.append(f"{cfg['name']}, {name}: streamed chunks arrived in bursts (ITL "
@@ -321,14 +362,15 @@ def table(doc: dict) -> str:
                 f"{w['e2e_s']['median']:.1f} / "
                 f"{w['e2e_s']['p99']:.1f} | {row['kv_bytes_per_token_per_layer_per_gpu']} | "
                 f"{row['kv_pool_bytes_per_gpu'] / 2**20:.0f} | {row['max_sequences']} |")
+    names = list(doc["settings"]["workloads"])
     lines += ["", "Output throughput of GLA over each other configuration, beside the paper's "
-              "GLA-8 (TP=8) over MLA:", "", "| GLA / other | c16 | c64 | c128 | long |",
-              "|---|---|---|---|---|",
+              "GLA-8 (TP=8) over MLA:", "", "| GLA / other | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names),
               "| paper: GLA-8 TP=8 / MLA (8 GPUs) | " + " | ".join(
-                  f"{PAPER_RATIOS[k]:.2f}x" for k in ("c16", "c64", "c128", "long")) + " |"]
+                  f"{PAPER_RATIOS[k]:.2f}x" if k in PAPER_RATIOS else "-" for k in names) + " |"]
     for gla, other, ratios in doc.get("ratios", []):
         lines.append(f"| {gla} / {other} | " + " | ".join(
-            f"{ratios[k]:.2f}x" if k in ratios else "-" for k in ("c16", "c64", "c128", "long")) + " |")
+            f"{ratios[k]:.2f}x" if k in ratios else "-" for k in names) + " |")
     if doc.get("targets"):
         lines += ["", "Targets:"] + [f"- {t}" for t in doc["targets"]]
     if doc.get("notes"):
@@ -365,6 +407,9 @@ def targets(rows: list[dict]) -> list[str]:
                    f"{'met' if a < b else 'missed'}")
     check("gla-4 TP=4", "mla TP=1 x DP=4", "long", 2.0, "")
     check("gla-2 TP=2", "gla-2 TP=1", "c64", 1.7, "")
+    check("gla-8 TP=8", "mla TP=8", "c64", 1.5, "")
+    for imbalanced in ("imb_r0", "imb_r0.125"):
+        check("gla-8 TP=8", "mla TP=2 x DP=4", imbalanced, 2.0, "")
     return out
 
 
@@ -387,7 +432,7 @@ def report(paths: list[str]) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gpus", type=int, default=4, choices=(2, 4),
+    p.add_argument("--gpus", type=int, default=4, choices=(1, 2, 4, 8),
                    help="which configuration set (default 4)")
     p.add_argument("--configs", default=None, help="comma-separated, e.g. gla-4:tp4,mla:tp1:dp4")
     p.add_argument("--minutes", type=float, default=9.0, help="time for all configurations")
@@ -400,7 +445,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.report:
         return report(args.report)
-    st = settings(args.tiny, args.prompts_per_concurrency)
+    st = settings(args.tiny, args.prompts_per_concurrency, args.gpus)
     configs = [parse_config(c) for c in (args.configs or CONFIGS[args.gpus]).split(",") if c]
     if not args.tiny:
         for c in configs:

@@ -201,7 +201,9 @@ def work(args, deadline: float, log) -> int:
 
     from hwattn.data.loader import TokenDataset
     from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
-    from hwattn.train.trainer import read_metrics, resolve_device, train
+    from hwattn.device import resolve_device
+    from hwattn.train.metrics import read_metrics
+    from hwattn.train.trainer import train
 
     device = resolve_device(args.device)
     if device.type == "cuda":

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hwattn.engine import create_engine  # noqa: E402
-from hwattn.engine.benchmark import (decode_breakdown, graph_consistency, random_prompts,  # noqa: E402
+from hwattn.bench.engine import (decode_breakdown, graph_consistency, random_prompts,  # noqa: E402
                                      rank_attention_time, run_offline)
 
 VARIANTS = ("gla-2", "mla", "gqa-4", "gta-4")
@@ -94,10 +94,10 @@ def study_variant(args, cfg, label, clock, share, notes, extra=None):
     out = dict(variant=label, build_s=time.perf_counter() - t0,
                kv_bytes_per_token=engine.kv_bytes_per_token,
                kv_bytes_per_token_layer=engine.kv_bytes_per_token // engine.model_config.n_layers,
-               pages=engine.block_manager.num_usable_pages, cuda_graphs=bool(runner.graphs),
+               pages=engine.block_manager.num_usable_pages, cuda_graphs=runner.cuda_graphs,
                graph_error=runner.graph_error, params=engine.model.num_params())
     log(f"{label}: built in {out['build_s']:.1f} s, {out['pages']} pages, graphs "
-        f"{'on' if runner.graphs else 'off'}{' (' + runner.graph_error + ')' if runner.graph_error else ''}")
+        f"{'on' if runner.cuda_graphs else 'off'}{' (' + runner.graph_error + ')' if runner.graph_error else ''}")
     try:
         out["graph_check"] = graph_consistency(engine)
     except Exception as err:  # noqa: BLE001 - reported; the measurements go on

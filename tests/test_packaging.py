@@ -12,13 +12,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Which extra enables which code (path prefixes relative to the repository).
 EXTRA_OF = {
-    "hwattn/ops/": "gpu", "hwattn/cli/bench_decode.py": "gpu",
+    "hwattn/ops/": "gpu", "hwattn/cli/bench_decode.py": "gpu", "hwattn/bench/decode.py": "gpu",
     "hwattn/analysis/plot.py": "plot", "hwattn/train/plot.py": "plot",
     "hwattn/train/": "train", "hwattn/data/": "train",
     "hwattn/eval/report.py": "plot", "hwattn/eval/": "eval", "hwattn_lm_eval_hook.py": "eval",
     "hwattn/hf/": "hf", "hwattn/models/": "hf",
     "hwattn/server/": "serve", "hwattn/engine/": "serve", "hwattn/cli/serve.py": "serve",
     "hwattn/cli/bench_serve.py": "serve", "hwattn/cli/bench_engine.py": "serve",
+    "hwattn/bench/": "serve",
 }
 DISTRIBUTION = {"lm_eval": "lm-eval", "pydantic_core": "pydantic-core"}  # import name -> package name where they differ
 

@@ -1,14 +1,9 @@
 """`hwattn bench decode`: the paged decode kernels against the roofline and baselines.
 
-For each variant and (B, L, L_q, page size): the median kernel time (CUDA events around CUDA-graph
-replays, after warm-up, L2 flushed before every call by `triton.testing.do_bench`), GB/s on the fewest bytes the step
-must read (the layer's `decode_bytes`: the cache once, q and out), TFLOP/s (`decode_flops`),
-arithmetic intensity, the roofline time from the copy bandwidth and bf16 matmul rate measured
-in the same run, the % of that roofline reached, and the speed-up over PyTorch SDPA on the
-cache gathered into contiguous tensors (query heads of a KV head packed as rows, as the kernel
-does; gather not timed). FlashMLA / FlashAttention-3 / FlashInfer are reported when importable;
-the H100 anchors of docs/design.md §6 (FlashMLA and FA3, another process and day) are printed
-beside matching rows. Every row is checked against SDPA before it is timed.
+Times each variant's decode kernel at every (B, L, L_q, page size): µs, GB/s, TFLOP/s,
+arithmetic intensity and the % of the roofline measured in the same run, with the speed-up
+over PyTorch SDPA (every row is checked against it) and, beside matching rows, the measured
+FlashMLA / FA3 anchors of this GPU model (`hwattn.bench.decode` has the details).
 
     hwattn bench decode --variants gla-2,mla --batch 128 --context 8192,16384 --query-len 1,2
     hwattn bench decode --suite standard --out results.json
@@ -17,60 +12,12 @@ beside matching rows. Every row is checked against SDPA before it is timed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import sys
-import time
 
 from hwattn.cli.analyze import int_list
 
-# docs/design.md §6: (kernel, variant, L_q, L) -> µs at B = 128, h_q = 128, page 64, bf16, on an
-# H100 80GB HBM3, measured 2026-11-23. Anchors, not timed in this process.
-ANCHORS_H100 = {
-    ("FlashMLA", "mla", 1, 1024): 83.5, ("FlashMLA", "mla", 1, 4096): 262.8,
-    ("FlashMLA", "mla", 1, 8192): 529.3, ("FlashMLA", "mla", 1, 16384): 1022.6,
-    ("FlashMLA", "mla", 1, 32768): 2012.5, ("FlashMLA", "mla", 2, 1024): 139.8,
-    ("FlashMLA", "mla", 2, 4096): 477.6, ("FlashMLA", "mla", 2, 8192): 930.8,
-    ("FlashMLA", "mla", 2, 16384): 1829.4, ("FlashMLA", "mla", 2, 32768): 3711.3,
-    ("FA3", "gla-2", 1, 1024): 94.3, ("FA3", "gla-2", 1, 4096): 268.3,
-    ("FA3", "gla-2", 1, 8192): 506.1, ("FA3", "gla-2", 1, 16384): 976.8,
-    ("FA3", "gla-2", 1, 32768): 1923.3, ("FA3", "gla-2", 2, 1024): 105.5,
-    ("FA3", "gla-2", 2, 4096): 281.4, ("FA3", "gla-2", 2, 8192): 525.2,
-    ("FA3", "gla-2", 2, 16384): 1055.0, ("FA3", "gla-2", 2, 32768): 2095.8,
-}
-EXTERNAL_KERNELS = {"FlashMLA": "flash_mla", "FA3": "flash_attn_interface", "FlashInfer": "flashinfer"}
-CHECK_LIMIT = 2e-2  # relative L2 error vs SDPA; bf16 operands land near 3e-3
-CACHE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
-
-
-def _standard() -> list[dict]:
-    """The standard sweep, (variant, h_q, tp, B, L, L_q, page): the latent variants at the
-    paper's h_q = 128, one rank's shapes of the KV-head variants at TP 1 / 4 / 8, long contexts
-    at B = 1 and 4 (split-KV), and page sizes 1 / 16 / 256."""
-    cases = []
-    for variant in ("gla-2", "mla"):
-        for l_q in (1, 2):
-            for length in (4096, 8192, 16384, 32768):
-                cases.append(dict(variant=variant, heads=128, tp=1, batch=128, context=length,
-                                  query_len=l_q, page=64))
-    for variant in ("gqa-4", "gta-4", "mqa"):
-        for tp in (1, 4, 8):
-            for length in (8192, 16384):
-                cases.append(dict(variant=variant, heads=32, tp=tp, batch=128, context=length,
-                                  query_len=1, page=64))
-    for variant, heads in (("gqa-4", 32), ("gta-4", 32), ("gla-2", 128)):
-        for batch in (1, 4):
-            for length in (32768, 131072):
-                cases.append(dict(variant=variant, heads=heads, tp=1, batch=batch, context=length,
-                                  query_len=1, page=64))
-    for variant, heads in (("gla-2", 128), ("gqa-4", 32)):
-        for page in (1, 16, 256):
-            cases.append(dict(variant=variant, heads=heads, tp=1, batch=128, context=8192,
-                              query_len=1, page=page))
-    return cases
-
 
 def register(sub) -> None:
+    from hwattn.bench.decode import CACHE_DTYPES
     from hwattn.cli import add_cpu_threads
 
     p = sub.add_parser("decode", help="paged decode kernels: µs, GB/s, TFLOP/s, %% of roofline",
@@ -97,6 +44,8 @@ def register(sub) -> None:
                    help="extra kernel tile configs to time, 'block_n:warps:stages:max_rows;...'; "
                         "each row reports the fastest")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline and check")
+    p.add_argument("--no-hopper", action="store_true",
+                   help="skip the Hopper backend (timed by default on sm_90 GPUs)")
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--out", metavar="FILE.json", help="also write the JSON document here")
@@ -104,300 +53,22 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_configs(text: str):
-    from hwattn.ops.triton_decode import KernelConfig
+def cases(args) -> list[dict]:
+    from hwattn.bench import decode
 
-    configs = []
-    for item in filter(None, text.split(";")):
-        try:
-            block_n, warps, stages, rows = (int(v) for v in item.split(":"))
-        except ValueError:
-            raise ValueError(f"--configs entries must be block_n:warps:stages:max_rows, got {item!r}")
-        configs.append(KernelConfig(block_n, warps, stages, rows))
-    return configs
-
-
-def _cases(args) -> list[dict]:
     if args.suite == "standard":
-        return _standard()
-    from hwattn.variants import get_variant, parse_variant
-
-    cases = []
-    for variant in (v.strip() for v in args.variants.split(",") if v.strip()):
-        heads = args.heads or get_variant(parse_variant(variant)["attention"]).bench_heads
-        for tp in args.tp:
-            for batch in args.batch:
-                for length in args.context:
-                    for l_q in args.query_len:
-                        for page in args.page_size:
-                            cases.append(dict(variant=variant, heads=heads, tp=tp, batch=batch,
-                                              context=length, query_len=l_q, page=page))
-    return cases
-
-
-def _layer(variant: str, heads: int, head_dim: int, rope_dim: int):
-    """A meta-device layer of the variant: its cost accounting and cache layout."""
-    import torch
-
-    from hwattn.config import ModelConfig
-    from hwattn.layers import build_attention
-    from hwattn.variants import get_variant, parse_variant
-
-    fields = parse_variant(variant)
-    if get_variant(fields["attention"]).partial_rope:
-        fields["rope_dim"] = rope_dim
-    dim = heads * head_dim
-    cfg = ModelConfig(n_heads=heads, head_dim=head_dim, dim=dim, hidden_dim=4 * dim, **fields)
-    return build_attention(cfg, device=torch.device("meta"))
-
-
-def measure_peaks(torch, do_bench) -> tuple[float, float]:
-    """(copy GB/s counting read + write, bf16 matmul TFLOP/s), measured on this GPU now."""
-    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    mm_ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
-    del src, dst, a, b
-    return 2 * 2**30 / copy_ms / 1e6, 2 * n**3 / mm_ms / 1e9
-
-
-class Inputs:
-    """Random paged cache, shuffled block table and queries for one case, on the GPU: the
-    layer's cache tensors (`cache_layout`) and the queries its kernel takes
-    (`decode_query_shapes`), called through `Attention.kernel_call`."""
-
-    def __init__(self, torch, layer, case: dict, cache_dtype, device="cuda"):
-        batch, length, l_q, page = case["batch"], case["context"], case["query_len"], case["page"]
-        self.layer = layer
-        pages = -(-length // page)
-        n_pool = batch * pages + 7  # spare pages, table shuffled across the pool
-        self.device = device
-        self.block_table = torch.randperm(n_pool, device=device)[: batch * pages].to(torch.int32).view(batch, pages)
-        self.seqlens = torch.full((batch,), length, dtype=torch.int32, device=device)
-        fp8 = cache_dtype == torch.float8_e4m3fn
-        self.scale = 0.05 if fp8 else None
-
-        def cache(shape):  # random, never zeros; fp8 stores value / scale
-            data = torch.randn(n_pool, page, *shape, device=device, dtype=torch.bfloat16)
-            return (data.float() / self.scale).to(cache_dtype) if fp8 else data.to(cache_dtype)
-
-        self.caches = tuple(cache(shape) for shape in layer.cache_layout(case["tp"]).values())
-        self.queries = tuple(torch.randn(shape, device=device, dtype=torch.bfloat16)
-                             for shape in layer.decode_query_shapes(batch, l_q, case["tp"]))
-        # decode takes one query tensor, decode_tied two (q_nope, q_rope).
-        self.tied = len(self.queries) == 2
-
-    def min_piece(self) -> int:
-        from hwattn.ops import triton_decode
-
-        _, l_q, h_q = self.queries[0].shape[:3]
-        per_token = sum(c[0, 0].numel() * c.element_size() for c in self.caches)
-        return triton_decode.min_piece_for(h_q, l_q, self.layer.decode_widths()[1], per_token)
-
-    def kernel(self, plan, config):
-        from hwattn.ops.backends.triton_backend import TritonBackend
-
-        backend = TritonBackend(config)
-        return lambda: self.layer.kernel_call(backend, self.queries, self.caches, self.block_table,
-                                              self.seqlens, plan=plan, cache_scale=self.scale)
-
-    def sdpa(self, torch):
-        """SDPA on the gathered cache with query heads packed as rows: (fn, unpack)."""
-        import torch.nn.functional as F
-
-        def gathered(cache):  # (P, page, *feat) -> (B, L, *feat) bf16
-            length = int(self.seqlens[0])
-            x = cache[self.block_table.long()].flatten(1, 2)[:, :length]
-            return x.to(torch.bfloat16) * (self.scale or 1.0)
-
-        q, keys, values = self.layer.kernel_operands(self.queries,
-                                                     tuple(gathered(c) for c in self.caches))
-        keys, values = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()  # (B, H_kv, L, E)
-        batch, l_q, h_q, d_qk = q.shape
-        h_kv, length = keys.shape[1], keys.shape[2]
-        g = h_q // h_kv
-        # (B, L_q, H_kv, g, E) -> (B, H_kv, g * L_q, E): row = head * L_q + query
-        packed = q.reshape(batch, l_q, h_kv, g, d_qk).permute(0, 2, 3, 1, 4).reshape(batch, h_kv, g * l_q, d_qk)
-        mask = None
-        if l_q > 1:
-            query = torch.arange(g * l_q, device=self.device) % l_q
-            mask = torch.arange(length, device=self.device)[None, :] <= (length - l_q + query)[:, None]
-        softmax_scale = self.layer.scale
-
-        def fn():
-            return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask,
-                                                  scale=softmax_scale)
-
-        def unpack(out):  # (B, H_kv, g * L_q, D_v) -> (B, L_q, H_q, D_v)
-            d_v = out.shape[-1]
-            return out.view(batch, h_kv, g, l_q, d_v).permute(0, 3, 1, 2, 4).reshape(batch, l_q, h_q, d_v)
-
-        return fn, unpack
-
-
-def _graphed(torch, fn):
-    """(callable, how): replaying a CUDA graph of `fn` keeps the host's launch cost out of the
-    timed window (as the engine runs decode); eager if capture fails."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # warm-up on a side stream, as capture requires
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-        return graph.replay, "graph"
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return fn, "eager"
-
-
-def _sdpa_bytes(case: dict, h_q: int, h_kv: int, widths: tuple[int, int]) -> int:
-    """GPU memory the SDPA baseline needs: gathered bf16 K and V, and fp32 scores should it
-    fall back to the math kernel."""
-    tokens = case["batch"] * case["context"]
-    scores = tokens * h_q * case["query_len"] * 4
-    return tokens * h_kv * sum(widths) * 2 + scores
-
-
-def bench_case(torch, do_bench, case, args, peaks, configs, device="cuda") -> dict:
-    """Time one case with each tile config (keeping the fastest), then SDPA; check against it."""
-    from hwattn.ops import plan_decode
-    from hwattn.ops.triton_decode import _head_layout, choose_config
-
-    cache_dtype = getattr(torch, CACHE_DTYPES[args.cache_dtype])
-    layer = _layer(case["variant"], case["heads"], args.head_dim, args.rope_dim)
-    h_q, h_kv = layer.local_heads(case["tp"])
-    inputs = Inputs(torch, layer, case, cache_dtype, device)
-    d_qk, d_v = layer.decode_widths()
-    default = choose_config(max(16, 1 << (d_v - 1).bit_length()), case["query_len"], h_q // h_kv,
-                            inputs.tied)
-    row = dict(case, heads_local=h_q, kv_heads_local=h_kv, cache_dtype=args.cache_dtype)
-    b, length, l_q = case["batch"], case["context"], case["query_len"]
-    flops = b * layer.decode_flops(length, l_q, case["tp"])
-    nbytes = b * layer.decode_bytes(length, l_q, case["tp"], cache_dtype)
-    copy_gbps, mm_tflops = peaks
-    roofline_us = max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6)
-
-    timings = {}
-    for config in [default, *configs]:
-        _, head_blocks, _ = _head_layout(h_q // h_kv, l_q, config.max_rows)
-        plan = plan_decode(inputs.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=case["page"],
-                           head_blocks=head_blocks, min_piece=inputs.min_piece())
-        fn = inputs.kernel(plan, config)
-        try:
-            out = fn()
-            timed, how = _graphed(torch, fn) if device == "cuda" else (fn, "eager")
-        except Exception as err:  # a tile config the GPU cannot hold (shared memory, registers)
-            timings[str(config)] = dict(error=f"{type(err).__name__}: {str(err)[:120]}")
-            continue
-        ms = do_bench(timed, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
-        timings[str(config)] = dict(us=ms * 1e3, splits=plan.capacity, out=out, timing=how)
-    ok = {k: v for k, v in timings.items() if "us" in v}
-    if not ok:
-        raise RuntimeError(f"no kernel config ran: {timings}")
-    best_key = min(ok, key=lambda k: ok[k]["us"])
-    best = ok[best_key]
-    us = best["us"]
-    row.update(us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, AI=flops / nbytes,
-               roofline_us=roofline_us, pct_roofline=100 * roofline_us / us, bytes=nbytes,
-               flops=flops, config=best_key, items=best["splits"], timing=best["timing"],
-               configs={k: round(v["us"], 2) if "us" in v else v["error"] for k, v in timings.items()})
-
-    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2**34
-    if not args.no_sdpa and _sdpa_bytes(case, h_q, h_kv, (d_qk, d_v)) < 0.5 * free:
-        sdpa, unpack = inputs.sdpa(torch)
-        try:
-            ref = unpack(sdpa()).float()
-            err = ((best["out"].float() - ref).norm() / ref.norm()).item()
-            timed, _ = _graphed(torch, sdpa) if device == "cuda" else (sdpa, "eager")
-            sdpa_ms = do_bench(timed, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
-            row.update(sdpa_us=sdpa_ms * 1e3, speedup_sdpa=sdpa_ms * 1e3 / us, check_rel_err=err)
-        except torch.OutOfMemoryError:
-            row.update(sdpa_us=None, note="SDPA baseline out of memory")
-        del sdpa
-    for name in EXTERNAL_KERNELS:
-        anchor = ANCHORS_H100.get((name, case["variant"], l_q, length))
-        if (anchor and b == 128 and h_q == 128 and case["page"] == 64 and case["tp"] == 1
-                and args.cache_dtype == "bf16"):
-            row[f"anchor_{name}_us"] = anchor
-    return row
-
-
-def _fmt(value, spec):
-    return format(value, spec) if isinstance(value, (int, float)) else "-"
-
-
-def format_table(rows: list[dict], peaks) -> str:
-    head = (f"{'variant':8} {'hq/hkv':>7} {'B':>4} {'L':>7} {'Lq':>2} {'page':>4} {'µs':>9} "
-            f"{'GB/s':>6} {'TFLOP/s':>7} {'AI':>6} {'roof µs':>8} {'%roof':>5} {'SDPA µs':>9} "
-            f"{'×SDPA':>6} {'err':>7} {'anchor':>16}")
-    lines = [f"peaks measured now: copy {peaks[0]:.0f} GB/s (read+write), bf16 matmul "
-             f"{peaks[1]:.0f} TFLOP/s", head]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['variant']:8} B={r['batch']} L={r['context']} Lq={r['query_len']}: {r['error']}")
-            continue
-        anchors = [f"{k[7:-3]} {v:.0f}" for k, v in r.items() if k.startswith("anchor_")]
-        lines.append(
-            f"{r['variant']:8} {r['heads_local']:>3}/{r['kv_heads_local']:<3} {r['batch']:4} "
-            f"{r['context']:7} {r['query_len']:2} {r['page']:4} {r['us']:9.1f} {r['GBps']:6.0f} "
-            f"{r['TFLOPs']:7.1f} {r['AI']:6.1f} {r['roofline_us']:8.1f} {r['pct_roofline']:5.0f} "
-            f"{_fmt(r.get('sdpa_us'), '9.1f'):>9} {_fmt(r.get('speedup_sdpa'), '6.2f'):>6} "
-            f"{_fmt(r.get('check_rel_err'), '7.1e'):>7} {', '.join(anchors) or '-':>16}")
-    lines.append("anchor: µs of FlashMLA / FA3 on an H100 80GB (docs/design.md §6), another "
-                 "process: compare only on the same GPU model")
-    return "\n".join(lines)
+        return decode.standard_suite()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    return decode.product_suite(variants, args.heads, args.tp, args.batch, args.context,
+                                args.query_len, args.page_size)
 
 
 def run(args) -> int:
-    try:
-        import torch
-    except ImportError:
-        print("hwattn bench decode: error: PyTorch is not installed", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("hwattn bench decode: error: needs a CUDA GPU (torch.cuda.is_available() is False). "
-              "The kernels' correctness runs on CPU under Triton's interpreter: pytest tests/ops",
-              file=sys.stderr)
-        return 2
-    try:
-        from triton.testing import do_bench
+    from hwattn.bench import decode
 
-        from hwattn.ops import triton_decode  # noqa: F401
-    except ImportError as err:
-        print(f"hwattn bench decode: error: Triton is not importable ({err})", file=sys.stderr)
-        return 2
-    configs = _parse_configs(args.configs)
-    cases = _cases(args)
-    torch.manual_seed(0)
-    gpu = torch.cuda.get_device_name()
-    peaks = measure_peaks(torch, do_bench)
-    external = {name: importlib.util.find_spec(mod) is not None for name, mod in EXTERNAL_KERNELS.items()}
-    print(f"device: {gpu}; torch {torch.__version__}; external kernels importable: "
-          f"{', '.join(k for k, v in external.items() if v) or 'none'}", flush=True)
-    rows = []
-    for case in cases:
-        start = time.perf_counter()
-        try:
-            row = bench_case(torch, do_bench, case, args, peaks, configs)
-        except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
-            row = dict(case, error=f"{type(err).__name__}: {str(err)[:200]}")
-        row["wall_s"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
-        print("row " + json.dumps(row), flush=True)
-        torch.cuda.empty_cache()
-    doc = dict(device=gpu, torch=torch.__version__, copy_GBps=peaks[0], mm_TFLOPs=peaks[1],
-               external_kernels=external, rows=rows)
-    print(format_table(rows, peaks))
-    print(json.dumps(doc))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=1)
-    failed = [r for r in rows if "error" in r or r.get("check_rel_err", 0) > CHECK_LIMIT]
-    return 1 if failed else 0
+    options = decode.DecodeOptions(head_dim=args.head_dim, rope_dim=args.rope_dim,
+                                   cache_dtype=args.cache_dtype, no_sdpa=args.no_sdpa,
+                                   no_hopper=args.no_hopper,
+                                   warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    configs = decode.parse_configs(args.configs) if args.configs else []
+    return decode.run(cases(args), options, configs, out=args.out)

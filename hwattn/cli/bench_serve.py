@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 
@@ -37,59 +36,29 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from hwattn.engine.benchmark import random_prompts
-    from hwattn.server.loadgen import HttpTarget, InProcessTarget, format_report, prompt_lengths, run_load
+    from hwattn.bench.serve import bench_serve, format_report, prompt_lengths
 
     if (args.url is None) == (args.model is None):
         raise ValueError("give either --url (a running server) or MODEL (in-process)")
     if not 0 <= args.prompt_spread < 1:
         raise ValueError(f"--prompt-spread must be in [0, 1), got {args.prompt_spread}")
-    lengths = prompt_lengths(args.num_prompts, args.prompt_len, args.prompt_spread, args.seed)
     if args.warmup_requests < 0:
         raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
-    engine, server = None, None
+    lengths = prompt_lengths(args.num_prompts, args.prompt_len, args.prompt_spread, args.seed)
+    engine = None
     try:
-        if args.url:
-            def make_target():
-                return HttpTarget(args.url, args.served_model_name)
-            vocab = 256  # ids every model has; the server's vocabulary is not known here
-        else:
+        if args.model is not None:
             from hwattn.cli.serve import engine_from_args
-            from hwattn.server.async_engine import AsyncEngine
 
             engine = engine_from_args(args)
-            vocab = engine.model_config.vocab_size
-            limit = engine.max_model_len - args.output_len
-            lengths = [min(n, limit) for n in lengths]
-            async_engine = AsyncEngine(engine)
-            if args.http:
-                server, url = _start_server(async_engine)
-
-                def make_target():
-                    return HttpTarget(url)
-            else:
-                direct = InProcessTarget(async_engine)
-
-                def make_target():
-                    return direct
-        g_prompts = [random_prompts(1, n, vocab, seed=args.seed + i)[0] for i, n in enumerate(lengths)]
-
-        async def measure():
-            if args.warmup_requests:  # first requests pay for allocation and kernel compilation
-                await run_load(make_target(), g_prompts[:args.warmup_requests], 4, None, None,
-                               seed=args.seed, max_duration_s=args.max_duration)
-            return await run_load(make_target(), g_prompts, args.output_len, args.max_concurrency,
-                                  args.request_rate, seed=args.seed,
-                                  max_duration_s=args.max_duration, progress=not args.json)
-
-        doc = asyncio.run(measure())
+        doc = bench_serve(lengths, args.output_len, url=args.url,
+                          served_model_name=args.served_model_name, engine=engine,
+                          http=args.http, max_concurrency=args.max_concurrency,
+                          request_rate=args.request_rate, seed=args.seed,
+                          max_duration_s=args.max_duration,
+                          warmup_requests=args.warmup_requests, progress=not args.json)
     finally:
-        if server is not None:
-            server.should_exit = True
-            server.thread.join(timeout=30)
         if engine is not None:
-            if not args.url and not args.http:
-                async_engine.shutdown()
             engine.shutdown()
     doc.update(target=args.url or f"in-process {args.model} ({'http' if args.http else 'direct'})")
     if not args.json:
@@ -100,23 +69,3 @@ def run(args) -> int:
             f.write(line + "\n")
     print(line)
     return 0
-
-
-def _start_server(async_engine):
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    from hwattn.server.app import build_app
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    app = build_app(async_engine, "bench")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    server.thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    server.thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"

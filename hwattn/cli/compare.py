@@ -43,7 +43,7 @@ def run(args) -> int:
     from hwattn.config import ModelConfig, parse_variant
     from hwattn.cpu_threads import describe, use_default_cpu_threads
     from hwattn.train.compare import CompareConfig, run_compare
-    from hwattn.train.trainer import resolve_device
+    from hwattn.device import resolve_device
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:

@@ -63,7 +63,8 @@ def register(sub) -> None:
     pk.add_argument("data", help="a folder written by `hwattn data build`")
     pk.add_argument("--out", required=True, help="pack folder")
     pk.add_argument("--part-mb", type=int, default=64, help="raw MiB per part (default 64)")
-    pk.add_argument("--workers", type=int, help="compressing processes (default: all cores)")
+    pk.add_argument("--workers", "--cpu-threads", dest="workers", type=int, metavar="N",
+                    help="compressing processes (default: all cores)")
     pk.set_defaults(func=run_pack)
 
     up = dsub.add_parser("unpack", help="restore a built dataset from a pack",
@@ -72,7 +73,8 @@ def register(sub) -> None:
                                      "Does nothing when the folder already holds that build.")
     up.add_argument("pack", help="a folder written by `hwattn data pack`")
     up.add_argument("--out", required=True, help="dataset folder to write")
-    up.add_argument("--workers", type=int, help="decompressing processes (default: all cores)")
+    up.add_argument("--workers", "--cpu-threads", dest="workers", type=int, metavar="N",
+                    help="decompressing processes (default: all cores)")
     up.set_defaults(func=run_unpack)
 
 

@@ -49,7 +49,8 @@ def run(args) -> int:
     from hwattn.data.loader import TokenDataset
     from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
     from hwattn.eval.tasks import write_jsonl
-    from hwattn.train.trainer import load_model, resolve_device
+    from hwattn.device import resolve_device
+    from hwattn.models.checkpoint import load_model
 
     from hwattn.cpu_threads import use_default_cpu_threads
 

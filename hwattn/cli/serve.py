@@ -51,23 +51,30 @@ def parse_budget(text):
     return value if value <= 1 else int(value)
 
 
+def engine_config(args):
+    """The `EngineConfig` the engine options (`add_engine_args`) describe."""
+    from hwattn.engine import EngineConfig
+
+    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
+    return EngineConfig(model=args.model, attention=args.attention, dtype=args.dtype,
+                        device=args.device, tensor_parallel_size=args.tp,
+                        data_parallel_size=args.dp, page_size=args.page_size,
+                        max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens,
+                        memory_budget=parse_budget(args.memory_budget),
+                        max_model_len=args.max_model_len, speculative=args.speculative,
+                        num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+                        cuda_graphs=not args.no_cuda_graphs,
+                        enable_prefix_caching=not args.no_prefix_caching,
+                        model_overrides=overrides)
+
+
 def engine_from_args(args):
     from hwattn.cli import model_params
     from hwattn.cpu_threads import use_default_cpu_threads
     from hwattn.engine import create_engine
 
-    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
-    engine = create_engine(args.model, attention=args.attention, dtype=args.dtype,
-                           device=args.device, tensor_parallel_size=args.tp,
-                           data_parallel_size=args.dp,
-                           page_size=args.page_size, max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=args.max_num_batched_tokens,
-                           memory_budget=parse_budget(args.memory_budget),
-                           max_model_len=args.max_model_len, speculative=args.speculative,
-                           num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
-                           cuda_graphs=not args.no_cuda_graphs,
-                           enable_prefix_caching=not args.no_prefix_caching,
-                           model_overrides=overrides)
+    engine = create_engine(engine_config(args))
     use_default_cpu_threads(model_params(engine.model_config), engine.device)
     return engine
 

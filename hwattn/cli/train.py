@@ -50,7 +50,8 @@ def run(args) -> int:
     from hwattn.cli import model_params
     from hwattn.config import ModelConfig, parse_variant
     from hwattn.cpu_threads import describe, use_default_cpu_threads
-    from hwattn.train.trainer import TrainConfig, resolve_device, train
+    from hwattn.device import resolve_device
+    from hwattn.train.trainer import TrainConfig, train
 
     device = resolve_device(args.device)
     shape = ModelConfig.from_preset(args.preset, **parse_variant(args.variant))

@@ -1,4 +1,6 @@
-"""Tokenizers: GPT-2 r50k read offline from a registry package, or a byte-level BPE of our own.
+"""Tokenizers: GPT-2 r50k read offline from a registry package, or a byte-level BPE of our own;
+the byte-level fallback of random-weight presets; incremental detokenization and the chat
+template the server uses. One `Tokenizer` wrapper serves training, evaluation and serving.
 
 Both end up as a Hugging Face `tokenizers.Tokenizer` (byte-level BPE, GPT-2 pre-tokenizer
 regex), so encoding runs in Rust and the same `tokenizer.json` serves training, evaluation,
@@ -25,6 +27,8 @@ import numpy as np
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+EOS_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")  # looked for in this order
+CHAT_ROLES = ("system", "user", "assistant")  # the roles `chat_prompt` knows
 
 
 def _tokenizers():
@@ -100,15 +104,24 @@ class Tokenizer:
     encode(text) -> list[int]; encode_batch(texts) -> list[list[int]]; decode(ids) -> str.
     `token_byte_lengths` (V,) int64 counts the UTF-8 bytes each id stands for (0 for special
     tokens), which turns a token-level loss into bits per byte exactly.
+
+    require_eot: raise ValueError without the end-of-text token (training separates documents
+        with it); a checkpoint's tokenizer served by the engine may lack it.
+    eos_token_id: where generation stops (default: the first of `EOS_NAMES` it has).
+    skip_special_tokens: whether `decode` drops special tokens (the engine's output does).
     """
 
-    def __init__(self, tok, name: str = "custom"):
+    def __init__(self, tok, name: str = "custom", require_eot: bool = True,
+                 eos_token_id: int | None = None, skip_special_tokens: bool = False):
         self.tok = tok
         self.name = name
-        eot = tok.token_to_id(EOT)
-        if eot is None:
+        self.eot_id = tok.token_to_id(EOT)
+        if self.eot_id is None and require_eot:
             raise ValueError(f"tokenizer has no {EOT} token")
-        self.eot_id = eot
+        if eos_token_id is None:
+            eos_token_id = next((i for i in map(tok.token_to_id, EOS_NAMES) if i is not None), None)
+        self.eos_token_id = eos_token_id
+        self.skip_special_tokens = skip_special_tokens
 
     @property
     def vocab_size(self) -> int:
@@ -123,7 +136,15 @@ class Tokenizer:
         return [e.ids for e in fn(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
+        return self.tok.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """Most characters one token can stand for. A token's vocabulary string has at least
+        as many characters as the text it stands for (one per byte in byte-level BPE), so a
+        text longer than this many characters per token cannot fit a token budget: long
+        prompts are refused before they are tokenized."""
+        return max(1, max(map(len, self.tok.get_vocab()), default=1))
 
     @cached_property
     def token_byte_lengths(self) -> np.ndarray:
@@ -151,8 +172,9 @@ class Tokenizer:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        """From a `tokenizer.json` file or a directory holding one."""
+    def load(cls, path: str | Path, **kwargs) -> "Tokenizer":
+        """From a `tokenizer.json` file or a directory holding one; `kwargs` as for the
+        constructor."""
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
@@ -161,7 +183,7 @@ class Tokenizer:
         tok = _tokenizers().Tokenizer.from_file(str(path))
         meta = path.parent / "tokenizer_config.json"
         name = json.loads(meta.read_text()).get("hwattn_name") if meta.is_file() else None
-        return cls(tok, name=name or path.parent.name)
+        return cls(tok, name=name or path.parent.name, **kwargs)
 
 
 def _byte_level_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
@@ -221,3 +243,98 @@ def ranks_of(tokenizer: Tokenizer) -> dict[bytes, int]:
     return {bytes(dec[ch] for ch in piece): idx
             for piece, idx in tokenizer.tok.get_vocab(with_added_tokens=True).items()
             if piece not in special}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are ids 0..255 and id 256 is end-of-sequence (when the vocabulary has room):
+    the tokenizer of random-weight presets, which ship none.
+
+    Ids past 256 have no text of their own; they print as one ASCII character
+    (space + id mod 95) so that random-weight models still produce readable output.
+    """
+
+    max_token_chars = 1  # most characters one token can stand for (every character is >= 1 byte)
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eos_token_id = 256 if vocab_size > 256 else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        out, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            if run:
+                out.append(run.decode("utf-8", errors="replace"))
+                run = bytearray()
+            if i != self.eos_token_id:
+                out.append(chr(32 + i % 95))
+        if run:
+            out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+def load_tokenizer(model_dir: str | Path | None, vocab_size: int) -> Tokenizer | ByteTokenizer:
+    """What the engine generates with: the checkpoint's tokenizer.json if there is one (its
+    config.json's eos_token_id stops generation; special tokens are left out of the text),
+    else a `ByteTokenizer` of `vocab_size`."""
+    if model_dir is not None:
+        path = Path(model_dir) / TOKENIZER_FILE
+        if path.is_file():
+            eos = None
+            config = Path(model_dir) / "config.json"
+            if config.is_file():
+                eos = json.loads(config.read_text()).get("eos_token_id")
+            return Tokenizer.load(path, require_eot=False, skip_special_tokens=True,
+                                  eos_token_id=eos if isinstance(eos, int) else None)
+    return ByteTokenizer(vocab_size)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text without re-decoding it all each step.
+
+    Decodes a short window (`prefix` .. end) and emits what goes beyond the window's already
+    emitted part; holds back text ending in an incomplete UTF-8 sequence.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.prefix = 0
+        self.read = 0
+
+    def step(self, ids: list[int]) -> str:
+        """New text for `ids` (the whole output so far)."""
+        before = self.tokenizer.decode(ids[self.prefix:self.read])
+        after = self.tokenizer.decode(ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(ids)
+            return after[len(before):]
+        return ""
+
+
+def chat_prompt(messages: list[dict]) -> str:
+    """The chat template: `<|role|>\\ncontent\\n` per message, then `<|assistant|>\\n`.
+
+    Each message is {"role": one of `CHAT_ROLES`, "content": a string or a list of OpenAI text
+    parts {"type": "text", "text": str}}; anything else raises `ValueError` (a free-form role
+    could write its own markers into the template)."""
+    parts = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, "
+                             f"got {role!r}")
+        content = m.get("content")
+        if isinstance(content, list) and all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts, "
+                             f"got {type(content).__name__}")
+        parts.append(f"<|{role}|>\n{content}\n")
+    return "".join(parts) + "<|assistant|>\n"

@@ -3,7 +3,8 @@ sampler, speculative drafters, and the `LLM` / `SamplingParams` API."""
 
 from hwattn.engine.block_manager import BlockManager
 from hwattn.engine.llm import LLM, create_engine
-from hwattn.engine.llm_engine import EngineConfig, LLMEngine
+from hwattn.engine.config import EngineConfig
+from hwattn.engine.llm_engine import LLMEngine
 from hwattn.engine.model_runner import ModelRunner, StepInput
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler

@@ -15,6 +15,8 @@ least-recently-used order, so it can still be revived until it is handed out aga
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from hwattn.engine.sequence import Sequence
 
@@ -89,6 +91,22 @@ class BlockManager:
             self.free[page] = None
             if self.page_hash[page] is None:  # nothing worth keeping: hand it out first
                 self.free.move_to_end(page, last=False)
+
+    @contextmanager
+    def borrow_pages(self, n: int) -> Iterator[list[int]]:
+        """Lend `n` free pages outside any sequence (benchmarks timing a step on pages of
+        their own) and take them back when the block ends, whatever happens inside.
+        Raises ValueError if fewer than `n` pages are free."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n > self.num_free_pages:
+            raise ValueError(f"{n} pages asked for; the pool has {self.num_free_pages} free")
+        pages = [self._take_free_page() for _ in range(n)]
+        try:
+            yield list(pages)
+        finally:
+            for page in pages:
+                self._release(page)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Pages registered for the sequence's leading full pages. At least one token is left

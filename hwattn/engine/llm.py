@@ -9,91 +9,76 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import torch
 
+from hwattn.data.tokenizer import load_tokenizer
+from hwattn.engine.config import EngineConfig
 from hwattn.engine.data_parallel import DataParallelEngine
-from hwattn.engine.llm_engine import EngineConfig, LLMEngine, plan_pages
+from hwattn.engine.llm_engine import LLMEngine, plan_pages
 from hwattn.engine.loader import build_model, is_checkpoint, model_config, resolve_device, resolve_dtype
 from hwattn.engine.model_runner import ModelRunner
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
 from hwattn.engine.speculative import DraftModelDrafter, NgramDrafter
-from hwattn.engine.tokenizer import load_tokenizer
 from hwattn.engine.tp_executor import TensorParallelExecutor
 
 
-def create_engine(model: str, attention: str | None = None, dtype=None, device=None,
-                  tensor_parallel_size: int = 1, page_size: int = 64, max_num_seqs: int = 64,
-                  max_num_batched_tokens: int = 2048, memory_budget=None, num_pages=None,
-                  max_model_len: int | None = None, speculative: str | None = None,
-                  num_speculative_tokens: int = 3, seed: int = 0, cuda_graphs: bool = True,
-                  enable_prefix_caching: bool = True, backend: str = "auto",
-                  model_overrides: dict | None = None, data_parallel_size: int = 1,
-                  enable_mixed_batches: bool = True, overlap_scheduling: bool = True):
-    """Build the model (sharded over `tensor_parallel_size` ranks), its tokenizer, page pool,
-    scheduler and drafter: an `LLMEngine`, or with `data_parallel_size` > 1 a
-    `DataParallelEngine` over that many replicas of it. See `LLM` for the arguments."""
-    if tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
-    if data_parallel_size < 1:
-        raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    config = model_config(model, attention, model_overrides)
-    max_len = max_model_len or config.max_seq_len
-    if max_len > config.max_seq_len:
-        raise ValueError(f"max_model_len {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
-    k = num_speculative_tokens if speculative else 0
-    engine_config = EngineConfig(page_size=page_size, max_num_seqs=max_num_seqs,
-                                 max_num_batched_tokens=max_num_batched_tokens,
-                                 max_model_len=max_len, memory_budget=memory_budget,
-                                 num_pages=num_pages, enable_prefix_caching=enable_prefix_caching,
-                                 num_speculative_tokens=k, cuda_graphs=cuda_graphs,
-                                 backend=backend, seed=seed,
-                                 enable_mixed_batches=enable_mixed_batches,
-                                 overlap_scheduling=overlap_scheduling)
-    if data_parallel_size > 1:
-        replica = dict(model=model, attention=attention, dtype=dt, device=str(dev),
-                       tensor_parallel_size=tensor_parallel_size, page_size=page_size,
-                       max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       memory_budget=memory_budget, num_pages=num_pages, max_model_len=max_len,
-                       speculative=speculative, num_speculative_tokens=num_speculative_tokens,
-                       seed=seed, cuda_graphs=cuda_graphs,
-                       enable_prefix_caching=enable_prefix_caching, backend=backend,
-                       model_overrides=model_overrides,
-                       enable_mixed_batches=enable_mixed_batches,
-                       overlap_scheduling=overlap_scheduling)
-        tokenizer = load_tokenizer(model if is_checkpoint(model) else None, config.vocab_size)
-        return DataParallelEngine(data_parallel_size, replica, config, tokenizer)
+def create_engine(config: EngineConfig | str | None = None, **kwargs):
+    """Build what `config` describes (an `EngineConfig`, or a model name with the
+    `EngineConfig` fields as keywords): the model (sharded over `tensor_parallel_size`
+    ranks), its tokenizer, page pool, scheduler and drafter, as an `LLMEngine`, or with
+    `data_parallel_size` > 1 a `DataParallelEngine` over that many replicas of it."""
+    if not isinstance(config, EngineConfig):
+        config = EngineConfig(**kwargs) if config is None else EngineConfig(model=config, **kwargs)
+    elif kwargs:
+        raise ValueError(f"give an EngineConfig or keywords, not both (got {sorted(kwargs)})")
+    if config.model is None:
+        raise ValueError("model must be a checkpoint directory or a preset name, got None")
+    dev = resolve_device(config.device)
+    dt = resolve_dtype(config.dtype, dev)
+    model_cfg = model_config(config.model, config.attention, config.model_overrides)
+    max_len = config.max_model_len or model_cfg.max_seq_len
+    if max_len > model_cfg.max_seq_len:
+        raise ValueError(f"max_model_len {max_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
+    # Resolved once here, so that every rank and replica builds the same engine.
+    config = dataclasses.replace(config, dtype=dt, device=str(dev), max_model_len=max_len)
+    tokenizer = load_tokenizer(config.model if is_checkpoint(config.model) else None,
+                               model_cfg.vocab_size)
+    if config.data_parallel_size > 1:
+        replica = dataclasses.replace(config, data_parallel_size=1)
+        return DataParallelEngine(config.data_parallel_size, replica.as_kwargs(), model_cfg,
+                                  tokenizer)
     draft_model = None
-    if speculative and speculative != "ngram":
-        if not is_checkpoint(speculative):
+    if config.speculative and config.speculative != "ngram":
+        if not is_checkpoint(config.speculative):
             raise ValueError(f"speculative must be None, 'ngram' or a draft checkpoint directory, "
-                             f"got {speculative!r}")
-        draft_model = build_model(speculative, dtype=dt, device=dev, seed=seed)
-        if draft_model.config.vocab_size != config.vocab_size:
+                             f"got {config.speculative!r}")
+        draft_model = build_model(config.speculative, dtype=dt, device=dev, seed=config.seed)
+        if draft_model.config.vocab_size != model_cfg.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) "
-                             f"differs from the target's ({config.vocab_size})")
+                             f"differs from the target's ({model_cfg.vocab_size})")
 
     def pages(model_) -> int:
         per_token = model_.kv_bytes_per_token(1, dt)  # this rank's real layout
         if draft_model is not None:
             per_token += draft_model.kv_bytes_per_token(1, dt)
-        return plan_pages(engine_config, per_token, dev, max_len)
+        return plan_pages(config, per_token, dev, max_len)
 
+    k = config.num_speculative_tokens
     graph_lens = (1, k + 1) if k else (1,)
-    runner_kwargs = dict(page_size=page_size, max_model_len=max_len + k + 1,
-                         max_num_seqs=max_num_seqs, cache_dtype=dt, backend=backend,
-                         cuda_graphs=cuda_graphs, graph_query_lens=graph_lens)
-    build = dict(model=model, attention=attention, dtype=dt, device=str(dev), seed=seed,
-                 overrides=model_overrides)
-    if tensor_parallel_size > 1:
+    runner_kwargs = dict(page_size=config.page_size, max_model_len=max_len + k + 1,
+                         max_num_seqs=config.max_num_seqs, cache_dtype=dt, backend=config.backend,
+                         cuda_graphs=config.cuda_graphs, graph_query_lens=graph_lens)
+    build = dict(model=config.model, attention=config.attention, dtype=dt, device=str(dev),
+                 seed=config.seed, overrides=config.model_overrides)
+    if config.tensor_parallel_size > 1:
         if draft_model is not None:
             raise ValueError("a draft model cannot be combined with tensor_parallel_size > 1; "
                              "use speculative='ngram'")
-        runner = TensorParallelExecutor(tensor_parallel_size, build, runner_kwargs, engine_config,
+        runner = TensorParallelExecutor(config.tensor_parallel_size, build, runner_kwargs, config,
                                         max_len)
         net, n_pages, kv_bytes = None, runner.num_pages, runner.kv_bytes_per_token
     else:
@@ -102,17 +87,13 @@ def create_engine(model: str, attention: str | None = None, dtype=None, device=N
         runner = ModelRunner(net, num_pages=n_pages, **runner_kwargs)
         kv_bytes = net.kv_bytes_per_token(1, dt)
     drafter = None
-    if speculative == "ngram":
+    if config.speculative == "ngram":
         drafter = NgramDrafter(k)
     elif draft_model is not None:
-        drafter = DraftModelDrafter(draft_model, k, n_pages, page_size, max_len + k + 1, backend)
-    tokenizer = load_tokenizer(model if is_checkpoint(model) else None, config.vocab_size)
-    engine = LLMEngine(runner, tokenizer, config, engine_config, n_pages, drafter,
-                       kv_bytes_per_token=kv_bytes)
-    engine.model = net  # None under tensor parallelism: the weights live in the workers
-    engine.tensor_parallel_size = tensor_parallel_size
-    engine.dtype = dt
-    return engine
+        drafter = DraftModelDrafter(draft_model, k, n_pages, config.page_size, max_len + k + 1,
+                                    config.backend)
+    return LLMEngine(runner, tokenizer, model_cfg, config, n_pages, drafter,
+                     kv_bytes_per_token=kv_bytes, model=net, dtype=dt)
 
 
 class LLM:
@@ -133,9 +114,8 @@ class LLM:
         speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
         num_speculative_tokens: k drafts verified per step.
         seed: weights of presets, and the seeds of requests that bring none.
-        Other keywords: see `create_engine` (max_num_batched_tokens, num_pages,
-        max_model_len, cuda_graphs, enable_prefix_caching, backend, model_overrides,
-        enable_mixed_batches, overlap_scheduling).
+        Other keywords: any field of `EngineConfig` (max_num_batched_tokens, num_pages,
+        max_model_len, cuda_graphs, enable_prefix_caching, backend, model_overrides).
     """
 
     def __init__(self, model: str, attention: str | None = None, dtype="auto", device="auto",
@@ -143,11 +123,13 @@ class LLM:
                  memory_budget=None, speculative: str | None = None,
                  num_speculative_tokens: int = 3, seed: int = 0, data_parallel_size: int = 1,
                  **kwargs):
-        self.engine = create_engine(model, attention, dtype, device, tensor_parallel_size,
-                                    page_size, max_num_seqs, memory_budget=memory_budget,
-                                    speculative=speculative,
-                                    num_speculative_tokens=num_speculative_tokens, seed=seed,
-                                    data_parallel_size=data_parallel_size, **kwargs)
+        config = EngineConfig(model=model, attention=attention, dtype=dtype, device=device,
+                              tensor_parallel_size=tensor_parallel_size, page_size=page_size,
+                              max_num_seqs=max_num_seqs, memory_budget=memory_budget,
+                              speculative=speculative,
+                              num_speculative_tokens=num_speculative_tokens, seed=seed,
+                              data_parallel_size=data_parallel_size, **kwargs)
+        self.engine = create_engine(config)
 
     @property
     def tokenizer(self):

@@ -33,46 +33,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hwattn.data.tokenizer import IncrementalDetokenizer
 from hwattn.engine.block_manager import BlockManager, num_pages_for_budget, pages_for
+from hwattn.engine.config import EngineConfig
 from hwattn.engine.model_runner import ModelRunner, PendingTokens, StepInput
 from hwattn.engine.sampler import SamplingInput, describe_error
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import RequestOutput, Sequence
-from hwattn.engine.speculative import DraftModelDrafter
-from hwattn.engine.tokenizer import IncrementalDetokenizer
+from hwattn.engine.speculative import Drafter
 
 MiB = 1 << 20
-
-
-@dataclass
-class EngineConfig:
-    """Engine sizes. memory_budget: bytes of KV cache, or a fraction (0, 1] of the GPU memory
-    free after loading the model; default 256 MiB on CPU, 0.85 on CUDA. num_pages overrides it.
-    enable_mixed_batches: decodes and prompt chunks share each step under
-    `max_num_batched_tokens` (plain decoding). overlap_scheduling: prepare and launch the next
-    step before reading back the previous one (plain decoding, one process)."""
-
-    page_size: int = 64
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    memory_budget: int | float | None = None
-    num_pages: int | None = None
-    enable_prefix_caching: bool = True
-    num_speculative_tokens: int = 0
-    cuda_graphs: bool = True
-    backend: str = "auto"
-    seed: int = 0
-    enable_mixed_batches: bool = True
-    overlap_scheduling: bool = True
-
-    def __post_init__(self):
-        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
 
 
 def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.device,
@@ -196,12 +167,19 @@ class LLMEngine:
 
     runner: runs the model and samples: `sample_step`, `verify_step`, `device` (a
         `ModelRunner`, or a `TensorParallelExecutor` driving worker processes).
-    drafter: a speculative drafter (`NgramDrafter`, `DraftModelDrafter`) or None.
+    config: how the engine was assembled (`EngineConfig`); its sizes are read here.
+    drafter: a speculative `Drafter` or None.
+    model: the served `Transformer` when it lives in this process (None under tensor
+        parallelism: the weights live in the workers). dtype: the weights' dtype.
     """
 
     def __init__(self, runner, tokenizer, model_config, config: EngineConfig, num_pages: int,
-                 drafter=None, kv_bytes_per_token: int | None = None):
+                 drafter: Drafter | None = None, kv_bytes_per_token: int | None = None,
+                 model=None, dtype: torch.dtype | None = None):
         self.runner = runner
+        self.model = model
+        self.dtype = dtype
+        self.tensor_parallel_size = config.tensor_parallel_size
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.config = config
@@ -382,7 +360,7 @@ class LLMEngine:
             tokens = self.runner.launch_step(step, sampling)
         else:
             tokens = PendingTokens(rows=self.runner.sample_step(step, sampling))
-        if prefills and self.drafter is not None and hasattr(self.drafter, "prefill"):
+        if prefills and self.drafter is not None:
             self.drafter.prefill(StepInput("prefill", step.tokens[len(decodes):],
                                            step.num_cached[len(decodes):],
                                            step.block_tables[len(decodes):]))
@@ -431,7 +409,7 @@ class LLMEngine:
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
         self.counters["decode_steps"] += 1
         sampling, seqs = self._sampling(seqs)
-        deterministic = getattr(self.drafter, "deterministic", False)
+        deterministic = self.drafter.deterministic
         # A deterministic drafter's tokens travel as lists (to other processes, too); a draft
         # model's stay on its device with the distributions they were drawn from.
         device = "cpu" if deterministic else self.device
@@ -491,9 +469,10 @@ class LLMEngine:
             return None
 
     def _register(self, seq: Sequence) -> None:
-        # With a draft model, a page is shared only once both caches hold all its tokens.
-        drafted = isinstance(self.drafter, DraftModelDrafter)
-        self.block_manager.register_full_pages(seq, seq.draft_cached if drafted else None)
+        # With a drafter that keeps a cache, a page is shared only once both caches hold all
+        # its tokens.
+        written = None if self.drafter is None else self.drafter.cache_written(seq)
+        self.block_manager.register_full_pages(seq, written)
 
     def _append(self, seq: Sequence, tokens: list[int]) -> int:
         """Append sampled tokens until a stop condition; returns how many were kept."""

@@ -8,29 +8,8 @@ from pathlib import Path
 import torch
 
 from hwattn.config import PRESETS, ModelConfig, parse_variant
+from hwattn.device import resolve_device, resolve_dtype
 from hwattn.models import Transformer
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
-          "fp64": torch.float64, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """`dtype` as a torch dtype; "auto" / None: bf16 on CUDA, fp32 elsewhere."""
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 def is_checkpoint(model: str | Path) -> bool:
     return (Path(model) / "config.json").is_file()

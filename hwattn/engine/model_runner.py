@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -138,6 +140,36 @@ class ModelRunner:
         for row, pages in zip(out, tables):
             row[:len(pages)] = pages
         return torch.from_numpy(out)
+
+    def block_table(self, tables: list[list[int]], width: int | None = None) -> Tensor:
+        """Per-sequence page lists as the (B, width) int32 host tensor the kernels read, rows
+        padded with the null page (width: the longest list by default)."""
+        return self._table(tables, width)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay captured CUDA graphs."""
+        return bool(self.graphs)
+
+    def graph_for(self, batch: int, query_len: int):
+        """The replay of the captured decode graph a step of `batch` rows of `query_len`
+        tokens runs through (a callable rerunning the forward on the inputs the last such
+        step left in place), or None when that step runs eagerly."""
+        if not self.graphs:
+            return None
+        for size in self.buckets:
+            if size >= batch and (size, query_len) in self.graphs:
+                return self.graphs[(size, query_len)][0]
+        return None
+
+    @contextmanager
+    def eager(self) -> Iterator[ModelRunner]:
+        """Inside the block every decode step runs eagerly, without the captured graphs."""
+        graphs, self.graphs = self.graphs, {}
+        try:
+            yield self
+        finally:
+            self.graphs = graphs
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> Tensor | None:

@@ -1,4 +1,5 @@
-"""Draft proposers for speculative decoding: n-gram prompt lookup and a small draft model.
+"""Draft proposers for speculative decoding: the `Drafter` interface, n-gram prompt lookup and
+a small draft model.
 
 The target model then verifies all k drafts of every sequence in one decode call with
 L_q = k + 1 (see `sampler.rejection_sample`). Both drafters propose exactly k tokens per
@@ -9,6 +10,7 @@ token repeated, which the target simply rejects.
 from __future__ import annotations
 
 import weakref
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
@@ -18,7 +20,34 @@ from hwattn.engine.sampler import STREAM_DRAFT, SamplingTensors, gumbel, probabi
 from hwattn.engine.sequence import Sequence
 
 
-class NgramDrafter:
+class Drafter(ABC):
+    """What the engine asks of a speculative drafter; it never looks at the concrete class.
+
+    k: drafts proposed per sequence and step.
+    deterministic: the drafts are a function of the tokens alone, so `propose` returns no
+        distributions and the drafts may travel as lists (to tensor-parallel workers);
+        otherwise they were sampled and the target verifies them against their distributions.
+    """
+
+    k: int
+    deterministic: bool = True
+
+    def prefill(self, step: StepInput) -> None:
+        """See the target's prefill step (a drafter with a cache of its own writes it too)."""
+
+    @abstractmethod
+    def propose(self, seqs: list[Sequence], st: SamplingTensors) -> tuple[Tensor, Tensor | None]:
+        """Drafts (B, k) int64 for the running `seqs`, and the (B, k, V) distributions they
+        were drawn from (None for a deterministic drafter). st: the rows' sampling tensors."""
+
+    def cache_written(self, seq: Sequence) -> int | None:
+        """How many of `seq`'s tokens the drafter's own KV cache (kept in the sequence's
+        pages) holds, so that a page is shared only once both caches hold it; None when the
+        drafter keeps no cache."""
+        return None
+
+
+class NgramDrafter(Drafter):
     """Prompt lookup: find the most recent earlier occurrence of the sequence's last n tokens
     (n from `max_ngram` down to `min_ngram`, within the last `window` tokens) and propose the
     k tokens that followed it.
@@ -88,7 +117,7 @@ class NgramDrafter:
         return torch.tensor([self.draft(s) for s in seqs], dtype=torch.int64), None
 
 
-class DraftModelDrafter:
+class DraftModelDrafter(Drafter):
     """A small model with the target's vocabulary drafts k tokens autoregressively.
 
     Its KV cache uses the same page ids as the target's (one `BlockManager` serves both), so
@@ -104,6 +133,9 @@ class DraftModelDrafter:
         self.k = k
         self.runner = ModelRunner(model, num_pages, page_size, max_model_len, cuda_graphs=False,
                                   backend=backend)
+
+    def cache_written(self, seq: Sequence) -> int:
+        return seq.draft_cached
 
     def prefill(self, step: StepInput) -> None:
         self.runner.execute(StepInput("prefill", step.tokens, step.num_cached, step.block_tables))

@@ -45,7 +45,8 @@ class HwattnLM(LM):
             if pretrained is None:
                 raise ValueError("HwattnLM needs a model or pretrained=<checkpoint dir>")
             from hwattn.cpu_threads import set_cpu_threads, use_default_cpu_threads
-            from hwattn.train.trainer import load_model, resolve_device
+            from hwattn.device import resolve_device
+            from hwattn.models.checkpoint import load_model
 
             model = load_model(pretrained, device=resolve_device(device))
             tokenizer = Tokenizer.load(pretrained)

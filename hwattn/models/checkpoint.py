@@ -130,3 +130,12 @@ def load_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None = N
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device=device, dtype=dtype)
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None) -> Transformer:
+    """A checkpoint's model in fp32 on `device` ("auto": CUDA when available; None: the CPU),
+    the way training resumes it and evaluation reads it."""
+    from hwattn.device import resolve_device
+
+    return load_checkpoint(path, device=None if device is None else resolve_device(device),
+                           dtype=torch.float32)

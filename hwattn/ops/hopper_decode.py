@@ -1,11 +1,13 @@
 """Launcher of the Hopper (sm_90) tied-state decode kernels (Gluon): `kernels/hopper_tied.py`
-(a ring of slots, every consumer warpgroup on every block; plain or overlapped schedule) and
-`kernels/hopper_duo.py` (two warpgroups taking turns on blocks, each owning half the columns).
+(a ring of slots, every consumer warpgroup on every block; plain or overlapped schedule),
+`kernels/hopper_duo.py` (two warpgroups taking turns on blocks, each owning half the columns)
+and `kernels/hopper_pingpong.py` (two 64-row warpgroups taking turns on the tensor cores).
 
     decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table, cache_seqlens, ...)
     supported(q_nope, q_rope, kv_cache, rope_cache)      # which calls it takes
-    choose_config(...), HopperConfig                      # how it is launched
+    choose_config(...), HopperConfig                      # how it is launched (measured defaults)
     make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)   # its split-KV plan
+    plan_knobs(q_nope, kv_cache, rope_cache)              # the plan_decode keywords of a call
     compile_sm90(shape, config)                           # compile without a GPU (tests, reports)
 
 Same contract as `triton_decode.decode_tied`: the same split-KV plan (`plan.py`), the same
@@ -18,7 +20,8 @@ portable Triton kernel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -28,8 +31,8 @@ from hwattn.ops import triton_decode
 from hwattn.ops.kernels.combine import combine_kernel
 from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
 
-__all__ = ["HopperConfig", "choose_config", "compile_sm90", "decode_tied", "make_plan",
-           "supported", "why_unsupported"]
+__all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "decode_tied",
+           "make_plan", "plan_knobs", "supported", "why_unsupported"]
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # tokens per block: one TMA row box; pages are multiples of it
@@ -180,17 +183,90 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
                   fixed + stages * stage, maxnreg)
 
 
-def choose_config(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int) -> HopperConfig:
-    """Default config: specialised; two programs per SM when each still gets four slots
-    (narrow states such as GTA's, whose single warpgroup would otherwise idle the tensor cores
-    during its softmax)."""
-    two = HopperConfig(ctas_per_sm=2)
+# Defaults measured on an NVIDIA H200 (copy 4246 GB/s, bf16 matmul 693 TFLOP/s in the same run;
+# benchmarks/results/hopper_decode_h200_2026-11-29_v2.log, its pivot table; d_h 128, d_R 64,
+# page 64, bf16, CUDA-graph replays). µs of the default, the next best and Triton's kernel:
+#
+#   shape class (heads per state head × L_q)  B × L         default       µs     next best
+#   MLA 512 wide, 128 × 1                     128 × 16K     duo           1034   ws 1264, tri 2358
+#   MLA, 128 × 2 / 128 × 4                    128 × 16K     duo      2021/3622   ws 2541/4939
+#   MLA, 16 × 1 / 16 × 2 (a TP-8 rank)        128 × 32K     duo-p1-m256 1160/1202  duo 1170/1245
+#   MLA, 128 × 1, split-KV                    1 × 128K      duo-p1-m256   94     duo 114, tri 190
+#                                             4 × 32K       duo-p1-m256   97     duo 111, tri 187
+#                                             1×128K+63×1K  duo-p1-m256  167     duo 185, tri 313
+#   GLA-2 256 wide, 64 × 1                    128 × 16K     ovl            641   ws 663, tri 840
+#   GLA-2, 64 × 2 / 64 × 4                    128 × 16K     pp       1029/1996   ovl 1074/2087
+#   GLA, 16 × 1 / 16 × 2 (a TP-8 rank)        128 × 32K     ovl-p1-m256 631/635  ovl 640/657
+#   GLA-2, 64 × 1, split-KV                   1 × 128K      ovl-p1-m256   62     ovl 77, tri 71
+#                                             4 × 32K       ovl-p1-m256   62     ovl 70, tri 67
+#                                             1×128K+63×1K  ovl-p1-m256  105     ovl 118, tri 121
+#   GTA-4 (128 tied + 64 RoPE), 8 × 1         128 × 8-32K   ovl, 2/SM  296-1138  ws 306-1149
+#                                             4 × 128K      ovl, 2/SM    159     ws 166, tri 224
+#                                             1 × 128K      ovl, 2/SM     59     ws 61, tri 69
+#
+# duo: two warpgroups take turns on blocks, each owning half the columns (latents >= 128 wide,
+# key = value); pp: two 64-row warpgroups take turns on the tensor cores (latents <= 256 wide,
+# more than 64 rows); ovl: one warpgroup per 64 rows, softmax overlapped with the products
+# (states <= 256 wide); ws: the plain ring with a producer warp, the fallback. "-p1-m256": the
+# split-KV plan aims at one program per SM with pieces of at least 256 tokens; it wins wherever
+# the batch leaves fewer head programs than SMs (so sequences must be split) and the kernel holds
+# one program per SM, and it loses for GTA's two-per-SM kernel (B=4 128K: 184 vs 159 µs), so
+# that keeps the planner's two programs per SM. pp's split-KV plans and L_q = 3 were checked for
+# correctness, not timed: they follow the same rule.
+SPLIT_PROGRAMS_PER_SM = 1
+SPLIT_MIN_PIECE = 256
+NUM_SMS = 132  # H100 / H200 SXM; the backend passes the device's count
+
+
+def _preferred_schedule(d_nope: int, d_v: int, group: int, query_len: int) -> dict:
+    """HopperConfig fields of the measured best schedule for a shape class (table above)."""
+    latent = d_nope == d_v  # MLA / GLA: the whole state is the key
+    if latent and d_v > 256:
+        return dict(schedule="duo")
+    if latent and d_v >= 128 and group * query_len > 64:
+        return dict(schedule="pingpong")
+    if d_v <= 256:
+        return dict(overlap=True)
+    return {}
+
+
+@functools.lru_cache(maxsize=512)  # called per layer and step: a pure function of its integers
+def choose_config(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int, *,
+                  batch: int | None = None, num_heads_kv: int = 1,
+                  num_sms: int = NUM_SMS) -> HopperConfig:
+    """The default config of a shape: the schedule measured fastest for its class (see the table
+    above), two programs per SM when each still gets four ring slots (narrow states such as
+    GTA's), else one; a schedule the shape cannot take falls back to the plain ring.
+
+    With `batch` (and the KV heads on this rank, `num_heads_kv`) it also sets the split-KV plan
+    knobs: a one-program-per-SM kernel whose batch × head programs leave SMs idle plans one
+    wave of pieces of at least 256 tokens.
+    """
+    ctas = 1
     try:
-        if plan_launch(d_nope, d_v, d_rope, group, query_len, two).num_stages >= 4:
-            return two
+        if plan_launch(d_nope, d_v, d_rope, group, query_len,
+                       HopperConfig(ctas_per_sm=2)).num_stages >= 4:
+            ctas = 2
     except ValueError:
         pass
-    return HopperConfig()
+    config, launch = None, None
+    for fields in (_preferred_schedule(d_nope, d_v, group, query_len), {}):
+        for per_sm in dict.fromkeys((ctas, 1)):
+            try:
+                candidate = HopperConfig(ctas_per_sm=per_sm, **fields)
+                launch = plan_launch(d_nope, d_v, d_rope, group, query_len, candidate)
+            except ValueError:
+                continue
+            config = candidate
+            break
+        if config is not None:
+            break
+    if config is None:  # nothing fits: the caller's plan_launch reports why
+        return HopperConfig()
+    if (batch is not None and config.ctas_per_sm == 1
+            and batch * num_heads_kv * launch.head_blocks < num_sms):
+        config = replace(config, programs_per_sm=SPLIT_PROGRAMS_PER_SM, min_piece=SPLIT_MIN_PIECE)
+    return config
 
 
 def why_unsupported(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
@@ -255,20 +331,43 @@ def _descriptors(kv_cache: Tensor, rope_cache: Tensor):
     return kv_desc, rope_desc
 
 
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (the H100's / H200's 132 elsewhere)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NUM_SMS
+
+
+def call_config(q_nope: Tensor, kv_cache: Tensor, rope_cache: Tensor) -> HopperConfig:
+    """`choose_config` for one call: its widths, heads, L_q, batch and device."""
+    batch, query_len, n_heads, d_nope = q_nope.shape
+    n_kv, d_v = kv_cache.shape[2:]
+    return choose_config(d_nope, d_v, rope_cache.shape[-1], n_heads // n_kv, query_len,
+                         batch=batch, num_heads_kv=n_kv, num_sms=num_sms(q_nope.device))
+
+
+def plan_knobs(q_nope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+               config: HopperConfig | None = None) -> dict[str, int]:
+    """The `plan_decode` keywords of a call's launch (head_blocks, min_piece, programs_per_sm);
+    default config: `call_config`."""
+    _, query_len, n_heads, d_nope = q_nope.shape
+    n_kv, d_v = kv_cache.shape[2:]
+    config = config or call_config(q_nope, kv_cache, rope_cache)
+    launch = plan_launch(d_nope, d_v, rope_cache.shape[-1], n_heads // n_kv, query_len, config)
+    min_piece = config.min_piece or triton_decode.min_piece(q_nope, kv_cache, kv_cache,
+                                                            rope_cache, True)
+    return dict(head_blocks=launch.head_blocks, min_piece=min_piece,
+                programs_per_sm=config.programs_per_sm or PROGRAMS_PER_SM)
+
+
 def make_plan(q_nope: Tensor, kv_cache: Tensor, rope_cache: Tensor, cache_seqlens: Tensor,
               config: HopperConfig | None = None, out: DecodePlan | None = None) -> DecodePlan:
     """The split-KV plan `decode_tied` makes when given none (reads `cache_seqlens` on the
-    host): pieces for this config's head blocks and planning knobs."""
-    _, query_len, n_heads, d_nope = q_nope.shape
-    _, page_size, n_kv, d_v = kv_cache.shape
-    d_rope = rope_cache.shape[-1]
-    config = config or choose_config(d_nope, d_v, d_rope, n_heads // n_kv, query_len)
-    launch = plan_launch(d_nope, d_v, d_rope, n_heads // n_kv, query_len, config)
-    min_piece = config.min_piece or triton_decode.min_piece(q_nope, kv_cache, kv_cache,
-                                                            rope_cache, True)
-    return plan_decode(cache_seqlens, num_heads_kv=n_kv, query_len=query_len,
-                       page_size=page_size, head_blocks=launch.head_blocks, min_piece=min_piece,
-                       programs_per_sm=config.programs_per_sm or PROGRAMS_PER_SM, out=out)
+    host): pieces for this config's head blocks and planning knobs (default: `call_config`)."""
+    return plan_decode(cache_seqlens, num_heads_kv=kv_cache.shape[2], query_len=q_nope.shape[1],
+                       page_size=kv_cache.shape[1], out=out,
+                       **plan_knobs(q_nope, kv_cache, rope_cache, config))
 
 
 def _kernel(d_nope: int, d_v: int, d_rope: int, query_len: int, page: int, config: HopperConfig,
@@ -308,7 +407,7 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     _, page_size, n_kv, d_v = kv_cache.shape
     d_rope = q_rope.shape[-1]
     group = n_heads // n_kv
-    config = config or choose_config(d_nope, d_v, d_rope, group, query_len)
+    config = config or call_config(q_nope, kv_cache, rope_cache)
     launch = plan_launch(d_nope, d_v, d_rope, group, query_len, config)
     if plan is None:
         plan = make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)

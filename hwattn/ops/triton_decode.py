@@ -75,7 +75,7 @@ def choose_config(d_pad: int, query_len: int, group: int, tied: bool) -> KernelC
     return KernelConfig(block_n=64, num_warps=4 if rows <= 64 else 8, num_stages=4, max_rows=128)
 
 
-def _head_layout(group: int, query_len: int, max_rows: int) -> tuple[int, int, int]:
+def head_layout(group: int, query_len: int, max_rows: int) -> tuple[int, int, int]:
     """(heads per program, head blocks per KV head, BLOCK_M) for g_q heads × L_q rows."""
     heads = min(group, max(1, max_rows // query_len))
     blocks = triton.cdiv(group, heads)
@@ -121,7 +121,7 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
     config = config or choose_config(d_pad, query_len, group, tied)
     if 64 % config.block_n or config.block_n < 16:
         raise ValueError(f"config.block_n must be 16, 32 or 64, got {config.block_n}")
-    heads, head_blocks, block_m = _head_layout(group, query_len, config.max_rows)
+    heads, head_blocks, block_m = head_layout(group, query_len, config.max_rows)
     if plan is None:
         plan = plan_decode(cache_seqlens, num_heads_kv=n_kv, query_len=query_len,
                            page_size=page_size, head_blocks=head_blocks,

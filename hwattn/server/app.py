@@ -3,8 +3,9 @@ event streaming), /v1/models, /health and /metrics (Prometheus text).
 
 Errors come back as OpenAI does them, `{"error": {"message", "type", "param", "code"}}`: 400 for
 a malformed body, a bad or unknown field (see `protocol`), 401 for a missing or wrong API key
-(when the server has one), 404 for an unknown model, 413 for a body over the size cap, and 500
-if the engine fails the request. One request's failure never reaches another's.
+(when the server has one), 404 for an unknown model, 413 for a body over the size cap, 500
+if the engine fails the request, and 503 once a worker process is gone (/health then answers
+503 with the reason). One request's failure never reaches another's.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from hwattn.data.tokenizer import chat_prompt
 from hwattn.engine.sampling_params import SamplingParams
-from hwattn.engine.tokenizer import chat_prompt
-from hwattn.server.async_engine import AsyncEngine, EngineError
+from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
 from hwattn.server.protocol import APIError, ChatRequest, CompletionRequest, ServerLimits, parse
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return err
         if isinstance(err, ValueError):  # the engine refused the request
             return APIError(str(err))
+        if isinstance(err, EngineDeadError):  # nothing more will run: say so, do not retry here
+            return APIError(str(err), status=503, kind="server_error")
         if isinstance(err, EngineError):
             return APIError(str(err), status=500, kind="server_error")
         log.error("request failed", exc_info=err)
@@ -215,6 +218,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
+        if engine.dead is not None:  # a worker is gone: load balancers should stop sending
+            return JSONResponse({"status": "error", "message": engine.dead}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models", dependencies=auth)

@@ -14,6 +14,7 @@ import time
 from collections import deque
 
 from hwattn.engine.sampling_params import SamplingParams
+from hwattn.parallel.launch import WorkerError
 from hwattn.engine.sequence import RequestOutput
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,11 @@ def _put_all(pairs) -> None:
 
 class EngineError(RuntimeError):
     """The engine failed while running a request."""
+
+
+class EngineDeadError(EngineError):
+    """The engine can serve no more requests: a worker process (a tensor-parallel rank or a
+    data-parallel replica) is gone. The server answers 503 and /health says why."""
 
 
 class AsyncEngine:
@@ -47,6 +53,7 @@ class AsyncEngine:
         self._window = rate_window_s
         self._history: deque[tuple[float, int]] = deque()
         self.snapshot = engine.stats()
+        self.dead: str | None = None  # why the engine can serve no more, once it cannot
 
     def start(self) -> None:
         if self._thread is None:
@@ -64,6 +71,8 @@ class AsyncEngine:
         """Yield this request's `RequestOutput` after every step that advanced it, the last one
         finished. Leaving the loop early (client gone, task cancelled) aborts the request.
         Raises ValueError if the engine refuses the request, EngineError if it fails."""
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -148,8 +157,9 @@ class AsyncEngine:
                     self._send(request_id, err)
             except Exception as err:  # noqa: BLE001 - e.g. a failed worker: fail the request
                 log.exception("engine refused a request")
+                self._note_death(err)
                 with self._lock:
-                    self._send(request_id, EngineError(f"the request could not be queued: {err}"))
+                    self._send(request_id, self._error(f"the request could not be queued: {err}"))
         for request_id in aborts:
             try:
                 engine.abort_request(request_id)
@@ -160,6 +170,7 @@ class AsyncEngine:
                 outputs = engine.step()  # a request failing alone comes back finished "error"
             except Exception as err:  # noqa: BLE001 - the step itself failed: fail its requests
                 log.exception("engine step failed")
+                self._note_death(err)
                 self._fail_all(f"engine step failed: {err}")
                 outputs = []
             with self._lock:
@@ -171,6 +182,15 @@ class AsyncEngine:
             self._wake.wait(timeout=0.5)
             self._wake.clear()
 
+    def _note_death(self, err: Exception) -> None:
+        """A worker's failure leaves the engine unable to run any step: remember why."""
+        if isinstance(err, WorkerError) and self.dead is None:
+            first = str(err).strip().splitlines()
+            self.dead = f"the engine is down: {first[0] if first else type(err).__name__}"
+
+    def _error(self, message: str) -> EngineError:
+        return EngineError(message) if self.dead is None else EngineDeadError(f"{message} ({self.dead})")
+
     def _fail_all(self, message: str) -> None:
         """Abort every request the engine holds and tell each caller why."""
         engine = self.engine
@@ -180,7 +200,7 @@ class AsyncEngine:
                 engine.abort_request(request_id)
             except Exception:  # noqa: BLE001 - a dead engine cannot abort
                 pass
-            failed.append((request_id, EngineError(message)))
+            failed.append((request_id, self._error(message)))
         with self._lock:
             self._deliver(failed)
 

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from hwattn.data.tokenizer import CHAT_ROLES
 from hwattn.engine.sampling_params import INT64_LIMIT, SamplingParams
-from hwattn.engine.tokenizer import CHAT_ROLES
 
 
 class APIError(Exception):

@@ -25,7 +25,9 @@ from hwattn.analysis.cost import DEFAULT_VARIANTS
 from hwattn.data.loader import TokenDataset
 from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
 from hwattn.models.generate import greedy_generate
-from hwattn.train.trainer import TrainConfig, read_metrics, resolve_device, train
+from hwattn.device import resolve_device
+from hwattn.train.metrics import read_metrics
+from hwattn.train.trainer import TrainConfig, train
 
 # Printed with every CPU comparison: what its numbers can and cannot say.
 SMOKE_NOTE = ("CPU numbers are a smoke test: models this small, trained for a few minutes on a "

@@ -31,9 +31,11 @@ from hwattn.config import ModelConfig, parse_variant
 from hwattn.data.loader import BatchSampler, TokenDataset
 from hwattn.data.progress import progress_bar
 from hwattn.eval.perplexity import autocast_for, evaluate_domains
-from hwattn.models.checkpoint import load_checkpoint, save_checkpoint
+from hwattn.device import resolve_device
+from hwattn.models.checkpoint import load_model, save_checkpoint
 from hwattn.models.transformer import Transformer
 from hwattn.train.loss import linear_cross_entropy
+from hwattn.train.metrics import append_metrics, read_metrics, truncate_metrics
 
 H100_BF16_TFLOPS = 989.0
 STATE_FILE = "trainer_state.pt"
@@ -124,17 +126,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model(path: str | Path, device=None) -> Transformer:
-    """A checkpoint's model in fp32 on `device` (for training, resuming and evaluation)."""
-    return load_checkpoint(path, device=device, dtype=torch.float32)
-
-
 def _dist_env():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -203,24 +194,6 @@ def recover_checkpoint(path: Path, log=print) -> Path | None:
                          f"{path.name}.old: the checkpoint is incomplete; move it away to "
                          "start over, or pass --no-resume")
     return None
-
-
-def _append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only records up to `step` (a resumed run rewrites what came after)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
 
 
 def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | None = None,
@@ -310,7 +283,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     peak = cfg.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda" else None)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, start_step)
+        truncate_metrics(metrics_path, start_step)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if start_step:
             log(f"resuming {cfg.variant} from step {start_step} of {cfg.steps}")
@@ -379,14 +352,14 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
                     "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
                     "step_s": time.perf_counter() - t0}
             if main:
-                _append_jsonl(metrics_path, last)
+                append_metrics(metrics_path, last)
                 bar.set_postfix_str(f"loss {loss_val:.3f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"
                                     + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""))
             t_window, tok_window = time.perf_counter(), 0
         if main:
             bar.update(1)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and main:
-            _append_jsonl(metrics_path, evaluate(done))
+            append_metrics(metrics_path, evaluate(done))
             t_window = time.perf_counter()
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != end and main:
             save_training_checkpoint(ckpt, raw_model, optimizer, done, cfg, data.tokenizer)
@@ -406,7 +379,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     if main:
         if end == cfg.steps:
             rec = evaluate(end)
-            _append_jsonl(metrics_path, rec)
+            append_metrics(metrics_path, rec)
             summary["val"] = rec
         if cfg.save_final or end < cfg.steps:
             save_training_checkpoint(ckpt, raw_model, optimizer, end, cfg, data.tokenizer)

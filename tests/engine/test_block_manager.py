@@ -98,3 +98,19 @@ def test_pool_size_from_budget_uses_the_models_own_accounting():
         num_pages_for_budget(0, per_token, 16)
     with pytest.raises(ValueError, match="num_pages"):
         BlockManager(1, 16)
+
+
+def test_borrowed_pages_come_back_even_on_error():
+    bm = BlockManager(num_pages=6, page_size=4)
+    with bm.borrow_pages(3) as pages:
+        assert len(set(pages)) == 3 and NULL_PAGE not in pages
+        assert bm.num_free_pages == 2
+    assert bm.num_free_pages == 5
+    with pytest.raises(KeyError):
+        with bm.borrow_pages(5):
+            raise KeyError("inside")
+    assert bm.num_free_pages == 5
+    with pytest.raises(ValueError, match="5 free"):
+        with bm.borrow_pages(6):
+            pass
+    bm.check([])

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_engine_speed_tiny_before_and_after(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_speed.py"), "--tiny",
            "--variants", "gla-2", "--ks", "1,3", "--before", str(ROOT), "--out", str(tmp_path)]

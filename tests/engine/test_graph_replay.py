@@ -49,3 +49,26 @@ def test_replayed_decode_matches_eager(checkpoints, speculative):
     assert got == want
     assert runner.replays > 0
     llm.engine.check_invariants()
+
+
+def test_public_graph_seams_the_benchmarks_use(checkpoints):
+    """`graph_for`, `eager()` and `BlockManager.borrow_pages`, through the benchmarks that
+    use them: a replayed step agrees with the same step run eagerly."""
+    from hwattn.bench.engine import decode_breakdown, graph_consistency
+
+    llm = LLM(checkpoints("gqa-4"), page_size=4, num_pages=120, max_model_len=96, max_num_seqs=6)
+    runner = with_replay(llm, (1,))
+    assert runner.cuda_graphs
+    assert runner.graph_for(3, 1) is runner.graphs[(4, 1)][0]  # the bucket of 4 serves 3 rows
+    assert runner.graph_for(3, 2) is None  # no graph captured for L_q = 2
+    with runner.eager():
+        assert not runner.cuda_graphs and runner.graph_for(3, 1) is None
+    assert runner.graph_for(3, 1) is not None
+    free = llm.engine.block_manager.num_free_pages
+    check = graph_consistency(llm.engine, batch=3, context=20)
+    assert check["rel_max_diff"] < 1e-5 and check["argmax_agreement"] == 1.0
+    replays = runner.replays
+    step = decode_breakdown(llm.engine, 3, 40, iters=2)
+    assert step["cuda_graphs"] and runner.replays > replays
+    assert llm.engine.block_manager.num_free_pages == free
+    llm.engine.check_invariants()

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
+from hwattn.data.tokenizer import chat_prompt
 from hwattn.engine import LLM, SamplingParams
 from hwattn.engine.model_runner import ModelRunner, StepInput
 from hwattn.engine.sampler import SamplingInput
-from hwattn.engine.tokenizer import chat_prompt
 
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44], [9] * 12]
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=3,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the whole serving study on a tiny model
+
 STUDY = Path(__file__).resolve().parents[2] / "benchmarks" / "serving_study.py"
 
 

@@ -1,7 +1,10 @@
 """Tokenizers: a checkpoint's tokenizer.json, the byte fallback, incremental detokenization."""
 
+import pytest
+
+from hwattn.data import tokenizer as data_tokenizer
+from hwattn.data.tokenizer import ByteTokenizer, IncrementalDetokenizer, chat_prompt, load_tokenizer
 from hwattn.engine import LLM, SamplingParams
-from hwattn.engine.tokenizer import ByteTokenizer, IncrementalDetokenizer, chat_prompt, load_tokenizer
 
 
 def test_incremental_detokenizer_holds_back_split_utf8():
@@ -26,6 +29,7 @@ def test_checkpoint_tokenizer_json_is_used(checkpoints, tmp_path):
     tok.save(f"{path}/tokenizer.json")
     try:
         loaded = load_tokenizer(path, 2048)
+        assert isinstance(loaded, data_tokenizer.Tokenizer)  # the one wrapper training uses too
         assert loaded.encode("hello world") == [2, 3] and loaded.eos_token_id == 0
         out = LLM(path, page_size=8, memory_budget=1 << 20).generate(
             "hello world", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
@@ -35,6 +39,16 @@ def test_checkpoint_tokenizer_json_is_used(checkpoints, tmp_path):
         import os
 
         os.remove(f"{path}/tokenizer.json")
+
+
+def test_served_tokenizer_may_lack_the_end_of_text_token():
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "hi": 2}, unk_token="[UNK]"))
+    with pytest.raises(ValueError, match="endoftext"):
+        data_tokenizer.Tokenizer(tok)  # training needs it to separate documents
+    served = data_tokenizer.Tokenizer(tok, require_eot=False, skip_special_tokens=True)
+    assert served.eot_id is None and served.eos_token_id == 1 and served.max_token_chars == 5
 
 
 def test_chat_template():

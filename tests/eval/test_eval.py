@@ -15,7 +15,7 @@ from hwattn.eval.perplexity import evaluate_perplexity
 from hwattn.eval.recall import make_recall_batch, recall_accuracy, word_tokens
 from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
 from hwattn.eval.tasks import build_cloze, build_mc, loglikelihoods, score_cloze, score_mc, write_jsonl
-from hwattn.train.trainer import load_model
+from hwattn.models.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,7 @@ def test_copying_model_solves_the_recall_probe(data):
     assert recall_accuracy(Copier(v, copy=False), data.tokenizer, (8,), 8, 4)["pairs_8"] == 0.0
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_matches_our_scoring(data, model, trained, tmp_path):
     from hwattn.eval.lm_eval_adapter import HwattnLM, local_tasks, run_lm_eval
 
@@ -204,6 +205,7 @@ def test_lm_eval_adapter_matches_our_scoring(data, model, trained, tmp_path):
     assert isinstance(gen, str) and "." not in gen
 
 
+@pytest.mark.slow
 def test_evaluate_model_and_cli(data, model, trained, dataset_dir, capsys, tmp_path):
     res = evaluate_model(model, data, EvalConfig(seq_len=64, ppl_tokens=512, n_cloze=6, n_mc=6,
                                                  recall_pairs=(4,), recall_seqs=4))

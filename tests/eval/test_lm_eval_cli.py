@@ -14,6 +14,8 @@ import pytest
 
 import hwattn
 
+pytestmark = pytest.mark.slow  # the lm_eval command line in a subprocess
+
 REPO = Path(hwattn.__file__).resolve().parent.parent
 PTH = "hwattn-lm-eval.pth"
 

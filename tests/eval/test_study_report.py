@@ -52,6 +52,7 @@ def test_plan_puts_the_claim_pairs_first():
     assert sorted(s for v, s in runs if v == "mha") == [0, 1]
 
 
+@pytest.mark.slow
 def test_study_resumes_and_keeps_finished_runs(study):
     mod, sdir, export, argv, first = study
     log = (sdir / "study_log.txt").read_text()
@@ -67,6 +68,7 @@ def test_study_resumes_and_keeps_finished_runs(study):
     assert summary["pending"] == [] and len(summary["commands"]) == 2
 
 
+@pytest.mark.slow
 def test_records_share_tokens_and_parameters(study):
     _, sdir, _, _, _ = study
     runs = [json.loads(x) for x in (sdir / "study_runs.jsonl").read_text().splitlines()]
@@ -80,12 +82,14 @@ def test_records_share_tokens_and_parameters(study):
     assert ppl[("gta-4", 0)] != ppl[("gta-4", 1)]  # two seeds, two initialisations
 
 
+@pytest.mark.slow
 def test_study_refuses_runs_of_another_setup(study):
     mod, _, _, argv, _ = study
     with pytest.raises(SystemExit, match="another setup"):
         mod.main(argv + ["--steps", "5"])
 
 
+@pytest.mark.slow
 def test_report_from_study_files(study, tmp_path):
     _, sdir, _, _, _ = study
     out = tmp_path / "docs" / "quality.md"
@@ -141,6 +145,7 @@ def test_verdicts_follow_the_numbers():
     assert "untested" in next(ln for ln in text.splitlines() if ln.startswith("- **gla-2"))
 
 
+@pytest.mark.slow
 def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("study_throughput",
                                                   ROOT / "benchmarks" / "study_throughput.py")
@@ -154,6 +159,7 @@ def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
     assert "| gta-4 | chunked |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_parallel_workers_share_the_plan(dataset_dir, tmp_path):
     """Two worker processes (CPU stand-ins for two GPUs) claim runs: each runs exactly once."""
     import subprocess

@@ -22,6 +22,7 @@ def _python(code: str) -> str:
                           timeout=300).stdout
 
 
+@pytest.mark.slow
 def test_import_hwattn_does_not_import_transformers_but_registers_on_its_import():
     out = _python("import sys, hwattn; print('transformers' in sys.modules); import transformers; "
                   "from transformers import AutoConfig; print(type(AutoConfig.for_model('hwattn')).__name__)")
@@ -61,6 +62,7 @@ def _until_eos(row: torch.Tensor, start: int, eos: int | None) -> list[int]:
 
 @pytest.mark.parametrize("variant, bias", [("gta-4", False), ("gla-2", False), ("mqa", False),
                                            ("mla", True), ("gla-2", True), ("gta-4", True)])
+@pytest.mark.slow
 def test_auto_model_generates_like_greedy_generate(trained, tmp_path, variant, bias):
     import transformers
 
@@ -187,6 +189,7 @@ def test_auto_tokenizer_reads_the_checkpoint_tokenizer(trained):
     assert tok.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_registration_survives_find_spec_probes():
     """Libraries probe `importlib.util.find_spec("transformers")` before importing it."""
     out = _python("import importlib.util, hwattn; importlib.util.find_spec('transformers'); "
@@ -219,6 +222,7 @@ print(json.dumps({"module": type(model).__module__, "ids": batch["input_ids"].to
 """
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_without_hwattn(trained, tmp_path):
     import transformers
 

@@ -22,7 +22,7 @@ from hwattn.layers import Attention, apply_rope, causal_attention, select_heads,
 from hwattn.parallel import shard_model  # noqa: E402
 from hwattn.variants import VariantSpec, parse_variant, register_variant, variant_names  # noqa: E402
 from tests.conftest import assert_close_derived  # noqa: E402
-from tests.engine.conftest import make_checkpoint  # noqa: E402
+from tests.conftest import make_checkpoint  # noqa: E402
 
 
 class SharedKVAttention(Attention):
@@ -137,6 +137,7 @@ def test_shards_sum_to_the_full_layer():
     torch.testing.assert_close(total, want)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_generate_what_one_does(tmp_path, monkeypatch):
     # The spawned rank imports nothing of this process: an entry point (a dist-info folder
     # on sys.path, which spawned children inherit) tells it where the variant lives.
@@ -157,18 +158,18 @@ def test_two_gloo_ranks_generate_what_one_does(tmp_path, monkeypatch):
 
 
 def test_bench_decode_builds_and_checks_its_kernel_inputs():
+    from hwattn.bench import decode
     from hwattn.cli import bench_decode
 
     args = argparse.Namespace(suite="custom", variants="kvs-2", heads=None, tp=[1, 2], batch=[2],
                               context=[70], query_len=[2], page_size=[16])
-    cases = bench_decode._cases(args)
+    cases = bench_decode.cases(args)
     assert [c["heads"] for c in cases] == [TOY.bench_heads] * 2
-    args = argparse.Namespace(cache_dtype="bf16", head_dim=32, rope_dim=16, no_sdpa=False,
-                              warmup_ms=1, rep_ms=1)
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, warmup_ms=1, rep_ms=1)
     case = dict(variant="kvs-2", heads=4, tp=2, batch=2, context=70, query_len=2, page=16)
-    row = bench_decode.bench_case(torch, lambda fn, **_: (fn(), 1.0)[1], case, args,
+    row = decode.bench_case(torch, lambda fn, **_: (fn(), 1.0)[1], case, options,
                                   (1000.0, 100.0), [], device="cpu")
     assert row["check_rel_err"] < 1e-2, row
     assert (row["heads_local"], row["kv_heads_local"]) == (2, 1)
-    layer = bench_decode._layer("kvs-2", 4, 32, 16)
+    layer = decode.layer_for("kvs-2", 4, 32, 16)
     assert row["bytes"] == 2 * layer.decode_bytes(70, 2, tp=2)

@@ -41,9 +41,12 @@ VARIANTS = {
 
 
 def _config(shape: TiedShape, variant: str) -> HopperConfig | None:
-    """The variant's config for a shape, or None where the schedule does not take it."""
+    """The variant's config for a shape ("default": `choose_config`'s, whose plan knobs leave
+    the kernel as it is), or None where the schedule does not take it."""
     base = hopper_decode.choose_config(shape.d_nope, shape.d_v, shape.d_rope, shape.group,
                                        shape.query_len)
+    if variant == "default":
+        return base
     config = HopperConfig(**dict(dict(ctas_per_sm=base.ctas_per_sm), **VARIANTS[variant]))
     try:
         hopper_decode.plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group,
@@ -77,8 +80,23 @@ COMPILE_SHAPES = [
     pytest.param(TiedShape(64, 128, 16, 3, 3, page=128, dtype="fp16"), id="dr16-fp16-page128"),
     pytest.param(TiedShape(128, 128, 32, 3, 3, page=128, dtype="fp16"), id="d128-dr32-fp16"),
 ]
-CASES = [(p.id, v) for p in COMPILE_SHAPES for v in VARIANTS
-         if _config(p.values[0], v) is not None]
+# Every shape class `choose_config` has a measured default for, and the engine's model shapes:
+# the default config must compile (the schedules above already cover some of them).
+DEFAULT_SHAPES = [
+    pytest.param(TiedShape(512, 512, 64, 128, 2), id="default-mla-lq2"),
+    pytest.param(TiedShape(512, 512, 64, 16, 1), id="default-mla-tp8-lq1"),
+    pytest.param(TiedShape(512, 512, 64, 16, 2), id="default-mla-tp8-lq2"),
+    pytest.param(TiedShape(512, 512, 64, 8, 1), id="default-mla-8-heads"),
+    pytest.param(TiedShape(256, 256, 64, 64, 3), id="default-gla2-lq3"),
+    pytest.param(TiedShape(256, 256, 64, 64, 4), id="default-gla2-lq4"),
+    pytest.param(TiedShape(256, 256, 64, 16, 2), id="default-gla-tp8-lq2"),
+    pytest.param(TiedShape(256, 256, 64, 4, 1), id="default-gla2-4-heads"),
+    pytest.param(TiedShape(64, 128, 64, 8, 4), id="default-gta4-lq4"),
+    pytest.param(TiedShape(64, 128, 64, 2, 1), id="default-gta4-2-heads"),
+    pytest.param(TiedShape(128, 128, 32, 4, 1), id="default-d128-dr32"),
+]
+CASES = [(p.id, v) for p in COMPILE_SHAPES for v in [*VARIANTS, "default"]
+         if _config(p.values[0], v) is not None] + [(p.id, "default") for p in DEFAULT_SHAPES]
 
 
 # Compiled in a child process: the ops tests run Triton's interpreter, which replaces the
@@ -104,16 +122,19 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def compiled():
-    """{(shape id, variant): report} for every case in CASES."""
-    shapes = {p.id: p.values[0] for p in COMPILE_SHAPES}
-    cases = [(dataclasses.asdict(shapes[sid]), dataclasses.asdict(_config(shapes[sid], v)))
-             for sid, v in CASES]
+    """{(shape id, variant): report} for every case in CASES, each distinct (shape, config)
+    compiled once."""
+    shapes = {p.id: p.values[0] for p in COMPILE_SHAPES + DEFAULT_SHAPES}
+    pairs = {case: (dataclasses.asdict(shapes[case[0]]), dataclasses.asdict(_config(shapes[case[0]], case[1])))
+             for case in CASES}
+    unique = list({json.dumps(pair, sort_keys=True): pair for pair in pairs.values()}.values())
     env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)], env=env,
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, json.dumps(unique)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = json.loads(done.stdout.strip().splitlines()[-1])
-    return dict(zip(CASES, reports))
+    by_pair = {json.dumps(pair, sort_keys=True): report for pair, report in zip(unique, reports)}
+    return {case: by_pair[json.dumps(pair, sort_keys=True)] for case, pair in pairs.items()}
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="Triton without Gluon or the NVIDIA backend")
@@ -142,6 +163,28 @@ def test_schedules_take_the_shapes_they_are_for():
         HopperConfig(schedule="fast")
     with pytest.raises(ValueError, match="overlap"):
         HopperConfig(overlap=True, specialize=False)
+
+
+def test_defaults_follow_the_measured_table():
+    """choose_config: duo for MLA's 512-wide latent, pingpong for GLA's 256-wide latent with more
+    than 64 rows, overlapped otherwise (GTA two per SM); one-wave plans of >= 256-token pieces
+    only where a one-program-per-SM kernel's batch leaves SMs idle."""
+    def pick(*shape, **kw):
+        c = hopper_decode.choose_config(*shape, **kw)
+        return c.schedule, c.overlap, c.ctas_per_sm, c.programs_per_sm, c.min_piece
+
+    assert pick(512, 512, 64, 128, 1, batch=128) == ("duo", False, 1, None, None)
+    assert pick(512, 512, 64, 128, 1, batch=4) == ("duo", False, 1, 1, 256)
+    assert pick(512, 512, 64, 16, 2, batch=128) == ("duo", False, 1, 1, 256)
+    assert pick(256, 256, 64, 64, 1, batch=128, num_heads_kv=2) == ("ring", True, 1, None, None)
+    assert pick(256, 256, 64, 64, 2, batch=128, num_heads_kv=2) == ("pingpong", False, 1, None, None)
+    assert pick(256, 256, 64, 64, 1, batch=1, num_heads_kv=2) == ("ring", True, 1, 1, 256)
+    assert pick(256, 256, 64, 16, 1, batch=128) == ("ring", True, 1, 1, 256)
+    assert pick(64, 128, 64, 8, 1, batch=1, num_heads_kv=4) == ("ring", True, 2, None, None)
+    # A width no schedule but the ring takes (a GTA state wider than 256): the plain ring.
+    assert pick(256, 512, 64, 8, 1)[:2] == ("ring", False)
+    # The split decision counts this device's SMs.
+    assert pick(512, 512, 64, 128, 1, batch=40, num_sms=78)[3] is None
 
 
 def test_plan_launch_layouts_and_budget():
@@ -206,7 +249,7 @@ GPU_CASES = [
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", [*VARIANTS, "default"])
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_matches_fp64_on_hopper(case, variant):
     lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
@@ -243,3 +286,38 @@ def test_matches_fp64_on_hopper(case, variant):
                                              config=config)
         assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{variant} {name} out")
         assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"{variant} {name} lse")
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_backend_matches_fp64_on_hopper(case):
+    """The "hopper" backend as the engine calls it: its step plan (made once, refreshed in place
+    for a second step), the default config per call, the fp64 truth."""
+    lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
+    backend = ops.get_backend("hopper")
+    assert ops.get_backend("auto", DEVICE) is backend
+    table, n_pool = paged_table(lengths, page)
+    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype)
+    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, dtype)
+    batch = len(lengths)
+    q_nope = torch.randn(batch, l_q, h_q, d_nope).to(dtype)
+    q_rope = torch.randn(batch, l_q, h_q, d_rope).to(dtype)
+    softmax_scale = 1 / math.sqrt(d_nope + d_rope)
+    keys, values = [], []
+    for b, n in enumerate(lengths):
+        state = gather_truth(kv_real, table, b, n)  # (L, H_kv, D_v)
+        rope = gather_truth(rope_real, table, b, n)[:, None, :].expand(n, h_kv, d_rope)
+        keys.append(torch.cat([state[..., :d_nope], rope], -1))
+        values.append(state)
+    truth = attention_truth(torch.cat([q_nope, q_rope], -1), keys, values, softmax_scale)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
+                               softmax_scale=softmax_scale, return_lse=True, backend="torch")
+    args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
+    plan = backend.plan(seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page, device=DEVICE)
+    for step in ("made", "refreshed"):
+        out, lse = backend.decode_tied(*args, softmax_scale=softmax_scale, plan=plan,
+                                       return_lse=True)
+        assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{step} plan out")
+        assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"{step} plan lse")
+        backend.plan(seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page, out=plan)

@@ -11,14 +11,16 @@ from collections import Counter, deque
 import pytest
 import torch
 
+from hwattn.data.tokenizer import load_tokenizer
 from hwattn.engine import LLM, SamplingParams, create_engine
 from hwattn.engine.data_parallel import DataParallelEngine, LeastOutstandingTokens
 from hwattn.engine.engine_core import EngineCore
 from hwattn.engine.loader import model_config
-from hwattn.engine.tokenizer import load_tokenizer
 from hwattn.models import Transformer
 from hwattn.parallel.launch import WorkerError
 from tests.parallel.procs import alive, children, fault_age, wait_gone
+
+pytestmark = pytest.mark.slow  # data-parallel replica processes
 
 TINY = dict(model="tiny", attention="gla-2", device="cpu", dtype="fp32", page_size=8,
             num_pages=96, max_model_len=96, model_overrides=dict(n_layers=1, max_seq_len=96))

@@ -20,7 +20,7 @@ SAMPLED = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.95, s
                          ignore_eos=True)
 MARK = 37  # a victim is a request asking for exactly this many tokens
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]  # slow: tensor-parallel ranks and replicas
 
 
 def poison_marked(engine, max_tokens: int = MARK) -> None:

@@ -22,7 +22,7 @@ TINY = dict(model="tiny", attention="gqa-4", device="cpu", dtype="fp32", page_si
 PARAMS = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # slow: processes started and killed
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from hwattn.config import ModelConfig
 from hwattn.engine import LLM, SamplingParams
 from hwattn.models import Transformer
 from hwattn.parallel import local_kv_bytes_per_token, shard_model
-from tests.engine.conftest import make_checkpoint
 from tests.parallel.procs import wait_gone
 
 CASES = {  # label -> overrides of the tiny preset (8 query heads)
@@ -73,11 +72,12 @@ def test_bad_degrees_are_refused():
         shard_model(model, 2, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["gqa-4", "gta-4", "mla", "gla-2"])
-def test_two_processes_generate_what_one_does(label, tmp_path):
+def test_two_processes_generate_what_one_does(label, checkpoints):
     """TP = 2 over gloo (rank 1 a spawned process) against TP = 1, greedy, fp64, on a model
     whose greedy continuations vary from token to token."""
-    path = make_checkpoint(tmp_path / label, label, scale=5.0)
+    path = checkpoints(label)
     kw = dict(model=path, dtype="fp64", device="cpu", page_size=8, num_pages=64,
               max_model_len=96)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)

@@ -16,7 +16,7 @@ from hwattn.engine import create_engine  # noqa: E402
 from hwattn.server import AsyncEngine  # noqa: E402
 from hwattn.server import app as app_module  # noqa: E402
 from hwattn.server.app import build_app  # noqa: E402
-from hwattn.server.loadgen import HttpTarget, run_load  # noqa: E402
+from hwattn.bench.serve import HttpTarget, run_load  # noqa: E402
 from tests.server.conftest import TINY, serving, wait_idle  # noqa: E402
 
 NAME = "tiny-gla-2"

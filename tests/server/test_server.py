@@ -180,6 +180,7 @@ def test_concurrent_clients_and_metrics(server, client):
     assert "hwattn_generation_tokens_per_second" in m
 
 
+@pytest.mark.slow
 def test_hwattn_serve_command_with_two_tensor_parallel_ranks(tmp_path):
     """`hwattn serve --tp 2` as a user starts it: a subprocess with a spawned worker rank;
     its greedy output equals the single-process library's, and SIGINT stops both."""

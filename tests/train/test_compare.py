@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from hwattn.train.compare import CompareConfig, run_compare
 from tests.conftest import SMALL
+
+pytestmark = pytest.mark.slow  # training every variant
 
 
 def test_run_compare_writes_table_plot_and_json(dataset_dir, tmp_path):

@@ -27,7 +27,8 @@ def test_hidden_only_and_the_compiled_training_path(dataset_dir, tmp_path, monke
     """`hidden_only` gives the final-norm states; `train(compile=True)` trains through the
     regionally compiled blocks and the chunked loss exactly as the eager model does."""
     from hwattn.train import compile as C
-    from hwattn.train.trainer import TrainConfig, read_metrics, train
+    from hwattn.train.metrics import read_metrics
+    from hwattn.train.trainer import TrainConfig, train
 
     torch._dynamo.reset()
     model = Transformer(ModelConfig.from_preset("tiny", attention="mla", **SMALL))

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import SMALL
+
+pytestmark = pytest.mark.slow  # two training processes
 
 
 def _worker(rank, world, port, dataset_dir, out, result):

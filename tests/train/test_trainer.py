@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hwattn.models.checkpoint import load_checkpoint
-from hwattn.train.trainer import TrainConfig, lr_at, param_groups, read_metrics, train
+from hwattn.train.metrics import read_metrics
+from hwattn.train.trainer import TrainConfig, lr_at, param_groups, train
 from tests.conftest import SMALL
 
 
@@ -53,6 +54,7 @@ def _cfg(dataset_dir, out, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(dataset_dir, tmp_path):
     quiet = dict(progress=False, log=lambda *a: None)
     whole = train(_cfg(dataset_dir, tmp_path / "a"), **quiet)
@@ -105,6 +107,7 @@ def test_train_cli(dataset_dir, tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(out / "x")]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash", ["old-only", "tmp-and-old", "partial-tmp"])
 def test_resume_after_a_kill_inside_a_checkpoint_save(dataset_dir, tmp_path, crash):
     """A kill between the renames of a save leaves checkpoint.old (and maybe a complete

@@ -8,9 +8,9 @@ factories (usually `AttentionBackend` subclasses):
     mykernels = "mypkg.attention:MyBackend"
 
 `get_backend(name, device)` returns the one instance of a backend; "auto" picks, once per
-device, the registered backend of highest priority whose `auto_select(device)` is true: Triton
-(priority 10) for CUDA tensors, PyTorch (0) everywhere else. A backend for one GPU generation
-registers the same way and is then chosen on that GPU automatically, e.g. a Hopper one with
+device, the registered backend of highest priority whose `auto_select(device)` is true: Hopper
+(priority 20) on compute capability 9.0 GPUs, Triton (10) on other CUDA devices, PyTorch (0)
+everywhere else. A backend for one GPU generation registers the way the Hopper one does:
 
     register_backend("hopper", factory, priority=20, auto_select=on_compute_capability((9, 0)))
 
@@ -160,9 +160,17 @@ def _triton_factory() -> AttentionBackend:
     return TritonBackend()
 
 
+def _hopper_factory() -> AttentionBackend:
+    from hwattn.ops.backends.hopper_backend import HopperBackend
+
+    return HopperBackend()
+
+
 register_backend("torch", TorchBackend)
 register_backend("triton", _triton_factory, priority=10,
                  auto_select=lambda device: torch.device(device).type == "cuda")
+register_backend("hopper", _hopper_factory, priority=20,
+                 auto_select=on_compute_capability((9, 0)))
 
 __all__ = ["AttentionBackend", "ENTRY_POINT_GROUP", "ENV_OVERRIDE", "backend_names",
            "get_backend", "on_compute_capability", "register_backend"]

@@ -8,7 +8,9 @@ end-to-end latency. Targets are loopback addresses only, and every run is bounde
 and in time.
 
 Two transports: HTTP streaming against a running server (`HttpTarget`), or the engine driven
-in-process through `AsyncEngine` (`InProcessTarget`, no HTTP packages needed).
+in-process through `AsyncEngine` (`InProcessTarget`, no HTTP packages needed). `bench_serve`
+puts it together: warm-up, the timed run, and (in process) the engine's server started and
+stopped around it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from hwattn.engine.benchmark import summary
-from hwattn.engine.sampling_params import SamplingParams
+from hwattn.bench.engine import random_prompts, summary
+from hwattn.engine import SamplingParams
 
 MAX_REQUESTS = 10_000
 API_KEY_ENV = "HWATTN_API_KEY"  # the variable `hwattn serve` takes its API key from
@@ -224,3 +226,80 @@ def format_report(doc: dict) -> str:
     if doc["errors"]:
         lines.append(f"errors: {doc['errors']}")
     return "\n".join(lines)
+
+
+async def _measure(make_target, prompts, output_len, max_concurrency, request_rate, seed,
+                   max_duration_s, warmup_requests, progress) -> dict:
+    if warmup_requests:  # the first requests pay for allocation and kernel compilation
+        await run_load(make_target(), prompts[:warmup_requests], 4, None, None, seed=seed,
+                       max_duration_s=max_duration_s)
+    return await run_load(make_target(), prompts, output_len, max_concurrency, request_rate,
+                          seed=seed, max_duration_s=max_duration_s, progress=progress)
+
+
+def bench_serve(lengths: list[int], output_len: int, *, url: str | None = None,
+                served_model_name: str | None = None, engine=None, http: bool = False,
+                max_concurrency: int | None = None, request_rate: float | None = None,
+                seed: int = 0, max_duration_s: float = 600.0, warmup_requests: int = 2,
+                progress: bool = False) -> dict:
+    """Send one seeded random prompt of each length in `lengths` to a running server at `url`
+    (loopback only), or to `engine` (an engine `create_engine` built) served in this process:
+    driven through `AsyncEngine` directly, or with `http` through a real uvicorn on a loopback
+    port. The first `warmup_requests` prompts are sent once untimed. Returns `run_load`'s
+    document. The engine itself is left running: its owner shuts it down."""
+    if (url is None) == (engine is None):
+        raise ValueError("give either url (a running server) or engine (in-process)")
+    if warmup_requests < 0:
+        raise ValueError(f"warmup_requests must be >= 0, got {warmup_requests}")
+    server = async_engine = None
+    try:
+        if url is not None:
+            def make_target():
+                return HttpTarget(url, served_model_name)
+            vocab = 256  # ids every model has; the server's vocabulary is not known here
+        else:
+            from hwattn.server.async_engine import AsyncEngine
+
+            vocab = engine.model_config.vocab_size
+            limit = engine.max_model_len - output_len
+            lengths = [min(n, limit) for n in lengths]
+            async_engine = AsyncEngine(engine)
+            if http:
+                server, served_url = _start_server(async_engine)
+
+                def make_target():
+                    return HttpTarget(served_url)
+            else:
+                direct = InProcessTarget(async_engine)
+
+                def make_target():
+                    return direct
+        prompts = [random_prompts(1, n, vocab, seed=seed + i)[0] for i, n in enumerate(lengths)]
+        return asyncio.run(_measure(make_target, prompts, output_len, max_concurrency,
+                                    request_rate, seed, max_duration_s, warmup_requests, progress))
+    finally:
+        if server is not None:
+            server.should_exit = True
+            server.thread.join(timeout=30)
+        elif async_engine is not None:
+            async_engine.shutdown()
+
+
+def _start_server(async_engine):
+    """A uvicorn server of the app on a free loopback port, in a daemon thread: (server, url)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from hwattn.server.app import build_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    app = build_app(async_engine, "bench")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    server.thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{sock.getsockname()[1]}"

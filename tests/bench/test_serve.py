@@ -6,7 +6,7 @@ import json
 import pytest
 
 from hwattn.cli import main
-from hwattn.server.loadgen import check_loopback, prompt_lengths, run_load
+from hwattn.bench.serve import check_loopback, prompt_lengths, run_load
 
 
 @pytest.mark.parametrize("mode", [[], ["--http"]])

@@ -25,6 +25,7 @@ def test_bench_engine_reports_throughput_and_breakdown(capsys, tmp_path):
     assert doc["kv_bytes_per_token_per_rank"] == 4 * (2 * 2 * 16 + 8) * 4  # fp32, 4 layers
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bench_engine_breakdown_under_tensor_parallelism(capsys):
     """The decode-step breakdown drives its steps through the parallel runner: driving rank
@@ -37,6 +38,7 @@ def test_bench_engine_breakdown_under_tensor_parallelism(capsys):
     assert doc["tp"] == 2 and doc["decode_step"]["step_wall_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bench_engine_with_two_replicas_reports_before_it_stops(capsys):
     """--dp 2: two replica processes; the decode-step breakdown runs inside replica 0."""

@@ -1,4 +1,4 @@
-"""Measurements of the engine shared by `hwattn bench engine` and `benchmarks/serving_study.py`.
+"""Measurements of the engine (`hwattn bench engine`, `benchmarks/serving_study.py`).
 
 - `run_offline`: submit a batch of requests at once and run them to completion, timing every
   step: output throughput, TTFT, inter-token latency (per decode step), TPOT, end-to-end.
@@ -6,6 +6,11 @@
   time, the device time of the model's forward, and the device time of the attention kernels
   alone (the same `hwattn.ops` calls every layer makes, timed standalone), hence the share of
   the step spent outside the attention kernels and outside any kernel at all.
+- `bench_engine`: both on one engine, as one JSON-ready document; `format_engine_report` prints it.
+
+Everything here goes through the engine's public API: pages are borrowed from the pool with
+`BlockManager.borrow_pages`, the captured graph of a batch comes from `ModelRunner.graph_for`,
+and `ModelRunner.eager()` runs a step without graphs.
 """
 
 from __future__ import annotations
@@ -17,8 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hwattn import ops
-from hwattn.engine.model_runner import StepInput
-from hwattn.engine.sampling_params import SamplingParams
+from hwattn.engine import ModelRunner, SamplingParams, StepInput
 
 
 def summary(values: list[float]) -> dict:
@@ -205,7 +209,7 @@ def attention_calls(model, batch: int, query_len: int, caches, block_table, seql
 def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> dict:
     """Time one decode step of `batch` sequences with `context_len` cached tokens each.
 
-    Uses pages straight from the pool (the engine must be idle) and gives them back.
+    Borrows pages from the pool (the engine must be idle) and gives them back.
     Returns seconds: step_wall (host included: metadata, graph replay or eager forward),
     forward_device (the model's forward on the device), attention (the attention kernels of
     every layer alone), and derived shares. Under tensor parallelism every rank runs the same
@@ -221,8 +225,7 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
     if per_seq * batch > bm.num_free_pages:
         raise ValueError(f"{batch} sequences of {context_len} tokens need {per_seq * batch} pages; "
                          f"the pool has {bm.num_free_pages} free")
-    pages = [bm._take_free_page() for _ in range(per_seq * batch)]
-    try:
+    with bm.borrow_pages(per_seq * batch) as pages:
         tables = [pages[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, engine.model_config.vocab_size, (batch, 1), generator=g).tolist()
@@ -231,9 +234,6 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
             times = engine.runner.call(time_decode_step, step, context_len, iters)
         else:
             times = time_decode_step(engine.runner, step, context_len, iters)
-    finally:
-        for p in pages:
-            bm._release(p)
     wall, attention = times["step_wall_s"], times["attention_s"]
     return dict(batch=batch, context_len=context_len, **times,
                 attention_share=attention / wall, outside_attention_share=1 - attention / wall,
@@ -256,17 +256,17 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     runner.execute(step)
     _sync(device)
     step_wall = statistics.median(wall() for _ in range(iters))
-    size = runner._graph_for(batch, 1, step) if runner.graphs else None
-    if size is not None:  # the captured forward alone, its inputs already in place
-        forward_device = timer(runner.graphs[(size, 1)][0], iters)
+    replay = runner.graph_for(batch, 1)
+    if replay is not None:  # the captured forward alone, its inputs already in place
+        forward_device = timer(replay, iters)
     else:
         forward_device = timer(lambda: runner.execute(step), iters)
-    table = runner._table(step.block_tables).to(device)
+    table = runner.block_table(step.block_tables).to(device)
     seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
     plan = runner.plan(seqlens_host, 1)
     attention = timer(attention_calls(runner.model, batch, 1, runner.kv_caches, table,
                                       seqlens_host.to(device), plan, runner.backend), iters)
-    return dict(cuda_graphs=bool(runner.graphs), graph_error=runner.graph_error,
+    return dict(cuda_graphs=runner.cuda_graphs, graph_error=runner.graph_error,
                 step_wall_s=step_wall, forward_device_s=forward_device, attention_s=attention)
 
 
@@ -274,27 +274,20 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
 def graph_consistency(engine, batch: int = 4, context: int = 96) -> dict | None:
     """Logits of one decode step through the captured CUDA graph against the same step run
     eagerly (None without graphs): max |difference| relative to max |logit|, and the share of
-    rows whose argmax agrees. Uses pool pages directly (the engine must be idle)."""
+    rows whose argmax agrees. Borrows pages from the pool (the engine must be idle)."""
     runner = engine.runner
-    if not getattr(runner, "graphs", None):  # eager, or tensor-parallel workers
+    if not isinstance(runner, ModelRunner) or not runner.cuda_graphs:  # eager, or TP workers
         return None
     bm = engine.block_manager
     per_seq = -(-(context + 1) // bm.page_size)
-    pages = [bm._take_free_page() for _ in range(per_seq * batch)]
-    try:
+    with bm.borrow_pages(per_seq * batch) as pages:
         tables = [pages[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
         prompts = random_prompts(batch, context, engine.model_config.vocab_size, seed=1)
         runner.execute(StepInput("prefill", prompts, [0] * batch, tables))
         step = StepInput("decode", [[p[-1]] for p in prompts], [context] * batch, tables)
         with_graph = runner.execute(step).float().clone()
-        graphs, runner.graphs = runner.graphs, {}
-        try:
+        with runner.eager():
             eager = runner.execute(step).float()
-        finally:
-            runner.graphs = graphs
-    finally:
-        for p in pages:
-            bm._release(p)
     diff = (with_graph - eager).abs().max().item() / max(eager.abs().max().item(), 1e-30)
     agree = (with_graph.argmax(-1) == eager.argmax(-1)).float().mean().item()
     return dict(rel_max_diff=diff, argmax_agreement=agree)
@@ -338,3 +331,58 @@ def rank_attention_time(label: str, tp: int, batch: int, context: int, preset: s
     return dict(variant=label, tp=tp, batch=batch, context=context, query_heads=n_q,
                 cached_heads=n_c, kv_bytes_per_token_layer=per_token, seconds=seconds,
                 gb_per_s=batch * context * per_token / seconds / 1e9)
+
+
+def bench_engine(engine, num_prompts: int, prompt_len: int, output_len: int,
+                 temperature: float = 0.0, repetitive: bool = False, seed: int = 0,
+                 breakdown_batch: int | None = None, breakdown_context: int | None = None,
+                 progress: bool = False) -> dict:
+    """`run_offline` on `num_prompts` random prompts (after a short warm-up), then the
+    `decode_breakdown` of one step at B = breakdown_batch (default: the prompts that fit one
+    batch) and L = breakdown_context (default prompt + output length). Returns the document
+    `hwattn bench engine` prints: the engine's shape, `offline` and `decode_step`."""
+    for name, value in (("num_prompts", num_prompts), ("prompt_len", prompt_len),
+                        ("output_len", output_len)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    prompts = random_prompts(num_prompts, prompt_len, engine.model_config.vocab_size, seed=seed,
+                             repetitive=repetitive)
+    run_offline(engine, prompts[:2], 4)  # warm-up (kernel compilation, allocator)
+    res = run_offline(engine, prompts, output_len, temperature, progress=progress)
+    batch = breakdown_batch or min(num_prompts, engine.config.max_num_seqs)
+    brk = decode_breakdown(engine, batch, breakdown_context or prompt_len + output_len)
+    return dict(variant=engine.model_config.label, tp=engine.tensor_parallel_size,
+                dp=getattr(engine, "data_parallel_size", 1), device=str(engine.device),
+                dtype=str(engine.dtype).replace("torch.", ""),
+                speculative=engine.config.speculative, prompt_len=prompt_len,
+                output_len=output_len, kv_bytes_per_token_per_rank=engine.kv_bytes_per_token,
+                offline=res.as_dict(), decode_step=brk)
+
+
+def format_engine_report(doc: dict) -> str:
+    """The human table of a `bench_engine` document."""
+    ms = 1e3
+    off, brk = doc["offline"], doc["decode_step"]
+    dp = doc["dp"]
+    lines = [f"{doc['variant']} on {doc['device']} ({doc['dtype']}, TP={doc['tp']}, DP={dp}), "
+             f"{off['requests']} requests x {doc['prompt_len']} prompt + {doc['output_len']} "
+             f"output tokens",
+             f"  output throughput   {off['output_tokens_per_s']:10.1f} tok/s "
+             f"(decode phase {off['decode_tokens_per_s']:.1f} tok/s"
+             f"{' per replica' if dp > 1 else ''})",
+             f"  {'':18}{'mean':>10}{'median':>10}{'p99':>10}  ms"]
+    for name, s in (("TTFT", off["ttft_s"]), ("ITL (step)", off["itl_s"]),
+                    ("TPOT", off["tpot_s"]), ("end-to-end", off["e2e_s"])):
+        lines.append(f"  {name:18}{s['mean'] * ms:10.2f}{s['median'] * ms:10.2f}"
+                     f"{s['p99'] * ms:10.2f}")
+    if doc["speculative"]:
+        lines.append(f"  draft tokens accepted            {off['acceptance_rate']:.0%}")
+    lines += [f"  decode step, B={brk['batch']} L={brk['context_len']} "
+              f"(CUDA graphs: {'on' if brk['cuda_graphs'] else 'off'}"
+              f"{', replica 0' if dp > 1 else ''}):",
+              f"    step wall {brk['step_wall_s'] * ms:.3f} ms | forward on device "
+              f"{brk['forward_device_s'] * ms:.3f} ms | attention kernels "
+              f"{brk['attention_s'] * ms:.3f} ms ({brk['attention_share']:.0%} of the step)",
+              f"    outside attention {brk['outside_attention_share']:.0%} | host overhead "
+              f"beyond the forward {brk['host_overhead_share']:.0%}"]
+    return "\n".join(lines)

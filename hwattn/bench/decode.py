@@ -1,0 +1,473 @@
+"""The paged decode kernels against the roofline and baselines (`hwattn bench decode`).
+
+For each variant and (B, L, L_q, page size): the median kernel time (CUDA events around CUDA-graph
+replays, after warm-up, L2 flushed before every call by `triton.testing.do_bench`), GB/s on the
+fewest bytes the step must read (the layer's `decode_bytes`: the cache once, q and out), TFLOP/s
+(`decode_flops`), arithmetic intensity, the roofline time from the copy bandwidth and bf16 matmul
+rate measured in the same run, the % of that roofline reached, and the speed-up over PyTorch SDPA
+on the cache gathered into contiguous tensors (query heads of a KV head packed as rows, as the
+kernel does; gather not timed). Whether FlashMLA / FlashAttention-3 / FlashInfer are importable
+is reported; their measured timings (`hwattn.bench.anchors`, another process and day) are
+printed beside matching rows. On an sm_90 GPU the Hopper backend
+(`hwattn.ops.backends.hopper_backend`) is timed beside Triton with its own plan, % of the same
+roofline and speed-up over Triton, on the tied-state calls it takes (MLA, GLA, GTA; the rest it
+hands to Triton); elsewhere the header says why it is unavailable. Every row is checked against
+SDPA before it is timed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from hwattn.bench.anchors import AnchorSet, anchors_for
+
+EXTERNAL_KERNELS = {"FlashMLA": "flash_mla", "FA3": "flash_attn_interface", "FlashInfer": "flashinfer"}
+CHECK_LIMIT = 2e-2  # relative L2 error vs SDPA; bf16 operands land near 3e-3
+CACHE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp8": "float8_e4m3fn"}
+
+
+@dataclass
+class DecodeOptions:
+    """How every case is built and timed.
+
+    head_dim: d_h. rope_dim: d_R of the partial-RoPE variants (gta/mla/gla).
+    cache_dtype: "bf16", "fp16" or "fp8" (queries stay bf16; fp8 uses a per-tensor scale).
+    no_sdpa: skip the SDPA baseline and its check. no_hopper: skip the Hopper backend (timed
+    by default on sm_90 GPUs). warmup_ms, rep_ms: `do_bench`'s budgets.
+    """
+
+    head_dim: int = 128
+    rope_dim: int = 64
+    cache_dtype: str = "bf16"
+    no_sdpa: bool = False
+    no_hopper: bool = False
+    warmup_ms: int = 25
+    rep_ms: int = 100
+
+    def __post_init__(self):
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+
+
+def standard_suite() -> list[dict]:
+    """The standard sweep, (variant, h_q, tp, B, L, L_q, page): the latent variants at the
+    paper's h_q = 128, one rank's shapes of the KV-head variants at TP 1 / 4 / 8, long contexts
+    at B = 1 and 4 (split-KV), and page sizes 1 / 16 / 256."""
+    cases = []
+    for variant in ("gla-2", "mla"):
+        for l_q in (1, 2):
+            for length in (4096, 8192, 16384, 32768):
+                cases.append(dict(variant=variant, heads=128, tp=1, batch=128, context=length,
+                                  query_len=l_q, page=64))
+    for variant in ("gqa-4", "gta-4", "mqa"):
+        for tp in (1, 4, 8):
+            for length in (8192, 16384):
+                cases.append(dict(variant=variant, heads=32, tp=tp, batch=128, context=length,
+                                  query_len=1, page=64))
+    for variant, heads in (("gqa-4", 32), ("gta-4", 32), ("gla-2", 128)):
+        for batch in (1, 4):
+            for length in (32768, 131072):
+                cases.append(dict(variant=variant, heads=heads, tp=1, batch=batch, context=length,
+                                  query_len=1, page=64))
+    for variant, heads in (("gla-2", 128), ("gqa-4", 32)):
+        for page in (1, 16, 256):
+            cases.append(dict(variant=variant, heads=heads, tp=1, batch=128, context=8192,
+                              query_len=1, page=page))
+    return cases
+
+
+def product_suite(variants: list[str], heads: int | None, tp: list[int], batch: list[int],
+                  context: list[int], query_len: list[int], page_size: list[int]) -> list[dict]:
+    """Every combination of the lists; `heads` None takes each variant's `bench_heads`."""
+    from hwattn.variants import get_variant, parse_variant
+
+    cases = []
+    for variant in variants:
+        h = heads or get_variant(parse_variant(variant)["attention"]).bench_heads
+        for t in tp:
+            for b in batch:
+                for length in context:
+                    for l_q in query_len:
+                        for page in page_size:
+                            cases.append(dict(variant=variant, heads=h, tp=t, batch=b,
+                                              context=length, query_len=l_q, page=page))
+    return cases
+
+
+def parse_configs(text: str):
+    """Kernel tile configs from 'block_n:warps:stages:max_rows;...'."""
+    from hwattn.ops.triton_decode import KernelConfig
+
+    configs = []
+    for item in filter(None, text.split(";")):
+        try:
+            block_n, warps, stages, rows = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise ValueError(f"--configs entries must be block_n:warps:stages:max_rows, got {item!r}")
+        configs.append(KernelConfig(block_n, warps, stages, rows))
+    return configs
+
+
+def layer_for(variant: str, heads: int, head_dim: int, rope_dim: int):
+    """A meta-device layer of the variant: its cost accounting and cache layout."""
+    import torch
+
+    from hwattn.config import ModelConfig
+    from hwattn.layers import build_attention
+    from hwattn.variants import get_variant, parse_variant
+
+    fields = parse_variant(variant)
+    if get_variant(fields["attention"]).partial_rope:
+        fields["rope_dim"] = rope_dim
+    dim = heads * head_dim
+    cfg = ModelConfig(n_heads=heads, head_dim=head_dim, dim=dim, hidden_dim=4 * dim, **fields)
+    return build_attention(cfg, device=torch.device("meta"))
+
+
+def measure_peaks(torch, do_bench) -> tuple[float, float]:
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s), measured on this GPU now."""
+    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    del src, dst, a, b
+    return 2 * 2**30 / copy_ms / 1e6, 2 * n**3 / mm_ms / 1e9
+
+
+class Inputs:
+    """Random paged cache, shuffled block table and queries for one case, on the GPU: the
+    layer's cache tensors (`cache_layout`) and the queries its kernel takes
+    (`decode_query_shapes`), called through `Attention.kernel_call`."""
+
+    def __init__(self, torch, layer, case: dict, cache_dtype, device="cuda"):
+        batch, length, l_q, page = case["batch"], case["context"], case["query_len"], case["page"]
+        self.layer = layer
+        pages = -(-length // page)
+        n_pool = batch * pages + 7  # spare pages, table shuffled across the pool
+        self.device = device
+        self.block_table = torch.randperm(n_pool, device=device)[: batch * pages].to(torch.int32).view(batch, pages)
+        self.seqlens = torch.full((batch,), length, dtype=torch.int32, device=device)
+        fp8 = cache_dtype == torch.float8_e4m3fn
+        self.scale = 0.05 if fp8 else None
+
+        def cache(shape):  # random, never zeros; fp8 stores value / scale
+            data = torch.randn(n_pool, page, *shape, device=device, dtype=torch.bfloat16)
+            return (data.float() / self.scale).to(cache_dtype) if fp8 else data.to(cache_dtype)
+
+        self.caches = tuple(cache(shape) for shape in layer.cache_layout(case["tp"]).values())
+        self.queries = tuple(torch.randn(shape, device=device, dtype=torch.bfloat16)
+                             for shape in layer.decode_query_shapes(batch, l_q, case["tp"]))
+        # decode takes one query tensor, decode_tied two (q_nope, q_rope).
+        self.tied = len(self.queries) == 2
+
+    def min_piece(self) -> int:
+        from hwattn.ops import triton_decode
+
+        _, l_q, h_q = self.queries[0].shape[:3]
+        per_token = sum(c[0, 0].numel() * c.element_size() for c in self.caches)
+        return triton_decode.min_piece_for(h_q, l_q, self.layer.decode_widths()[1], per_token)
+
+    def kernel(self, plan, config):
+        from hwattn.ops.backends.triton_backend import TritonBackend
+
+        backend = TritonBackend(config)
+        return lambda: self.layer.kernel_call(backend, self.queries, self.caches, self.block_table,
+                                              self.seqlens, plan=plan, cache_scale=self.scale)
+
+    def hopper_declines(self) -> str | None:
+        """None if the Hopper kernels take this call, else why Triton runs it."""
+        if not self.tied:
+            return "separate K/V: the Triton kernels"
+        from hwattn.ops import hopper_decode
+
+        return hopper_decode.why_unsupported(*self.queries, *self.caches, kv_scale=self.scale)
+
+    def hopper(self, backend, case: dict):
+        """(fn, plan) of the Hopper backend: its own step plan, as the engine makes it."""
+        h_kv = self.caches[0].shape[2]
+        plan = backend.plan(self.seqlens.cpu(), num_heads_kv=h_kv, query_len=case["query_len"],
+                            page_size=case["page"], device=self.device)
+        return (lambda: self.layer.kernel_call(backend, self.queries, self.caches,
+                                               self.block_table, self.seqlens, plan=plan,
+                                               cache_scale=self.scale)), plan
+
+    def sdpa(self, torch):
+        """SDPA on the gathered cache with query heads packed as rows: (fn, unpack)."""
+        import torch.nn.functional as F
+
+        def gathered(cache):  # (P, page, *feat) -> (B, L, *feat) bf16
+            length = int(self.seqlens[0])
+            x = cache[self.block_table.long()].flatten(1, 2)[:, :length]
+            return x.to(torch.bfloat16) * (self.scale or 1.0)
+
+        q, keys, values = self.layer.kernel_operands(self.queries,
+                                                     tuple(gathered(c) for c in self.caches))
+        keys, values = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()  # (B, H_kv, L, E)
+        batch, l_q, h_q, d_qk = q.shape
+        h_kv, length = keys.shape[1], keys.shape[2]
+        g = h_q // h_kv
+        # (B, L_q, H_kv, g, E) -> (B, H_kv, g * L_q, E): row = head * L_q + query
+        packed = q.reshape(batch, l_q, h_kv, g, d_qk).permute(0, 2, 3, 1, 4).reshape(batch, h_kv, g * l_q, d_qk)
+        mask = None
+        if l_q > 1:
+            query = torch.arange(g * l_q, device=self.device) % l_q
+            mask = torch.arange(length, device=self.device)[None, :] <= (length - l_q + query)[:, None]
+        softmax_scale = self.layer.scale
+
+        def fn():
+            return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask,
+                                                  scale=softmax_scale)
+
+        def unpack(out):  # (B, H_kv, g * L_q, D_v) -> (B, L_q, H_q, D_v)
+            d_v = out.shape[-1]
+            return out.view(batch, h_kv, g, l_q, d_v).permute(0, 3, 1, 2, 4).reshape(batch, l_q, h_q, d_v)
+
+        return fn, unpack
+
+
+def _graphed(torch, fn):
+    """(callable, how): replaying a CUDA graph of `fn` keeps the host's launch cost out of the
+    timed window (as the engine runs decode); eager if capture fails."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # warm-up on a side stream, as capture requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph.replay, "graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return fn, "eager"
+
+
+def _sdpa_bytes(case: dict, h_q: int, h_kv: int, widths: tuple[int, int]) -> int:
+    """GPU memory the SDPA baseline needs: gathered bf16 K and V, and fp32 scores should it
+    fall back to the math kernel."""
+    tokens = case["batch"] * case["context"]
+    scores = tokens * h_q * case["query_len"] * 4
+    return tokens * h_kv * sum(widths) * 2 + scores
+
+
+def hopper_status(torch) -> str | None:
+    """None if the Hopper backend runs on this GPU, else why not (printed, never an error)."""
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return (f"unavailable: needs compute capability 9.0 (Hopper), "
+                f"{torch.cuda.get_device_name()} is {major}.{minor}")
+    from hwattn.ops import get_backend
+
+    try:
+        get_backend("hopper")
+    except ImportError as err:
+        return f"unavailable: {err} (Triton without Gluon)"
+    return None
+
+
+def _time_hopper(torch, do_bench, inputs, case, options, backend, roofline_us, triton_us, device):
+    """The Hopper backend's columns of a row (and its output, under "_hopper_out")."""
+    why = inputs.hopper_declines()
+    if why is not None:
+        return dict(hopper_note=f"Triton runs it ({why})")
+    from hwattn.ops import hopper_decode
+
+    fn, plan = inputs.hopper(backend, case)
+    out = fn()
+    timed, how = _graphed(torch, fn) if device == "cuda" else (fn, "eager")
+    hopper_us = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms,
+                         return_mode="median") * 1e3
+    config = hopper_decode.call_config(inputs.queries[0], inputs.caches[0], inputs.caches[1])
+    return dict(hopper_us=hopper_us, hopper_pct_roofline=100 * roofline_us / hopper_us,
+                hopper_speedup_triton=triton_us / hopper_us, hopper_timing=how,
+                hopper_config=f"{config.schedule}{'-ovl' if config.overlap else ''} "
+                              f"{config.ctas_per_sm}/SM p{config.programs_per_sm or 2}"
+                              f"{f'-m{config.min_piece}' if config.min_piece else ''}",
+                hopper_items=[p.capacity for p in plan.plans.values()], _hopper_out=out)
+
+
+def _rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple[float, float],
+               configs, device="cuda", anchors: AnchorSet | None = None, hopper=None) -> dict:
+    """Time one case with each tile config (the default and `configs`, keeping the fastest),
+    then the Hopper backend if given (`hopper`: an AttentionBackend), then SDPA; check each
+    against SDPA. Returns the table row: the case, µs, GB/s, TFLOP/s, AI, the
+    roofline from `peaks` (copy GB/s, matmul TFLOP/s), SDPA µs and error, and the `anchors`
+    timings taken at this shape. `do_bench(fn, warmup, rep, return_mode)` returns ms."""
+    from hwattn.ops import plan_decode
+    from hwattn.ops.triton_decode import choose_config, head_layout
+
+    cache_dtype = getattr(torch, CACHE_DTYPES[options.cache_dtype])
+    layer = layer_for(case["variant"], case["heads"], options.head_dim, options.rope_dim)
+    h_q, h_kv = layer.local_heads(case["tp"])
+    inputs = Inputs(torch, layer, case, cache_dtype, device)
+    d_qk, d_v = layer.decode_widths()
+    default = choose_config(max(16, 1 << (d_v - 1).bit_length()), case["query_len"], h_q // h_kv,
+                            inputs.tied)
+    row = dict(case, heads_local=h_q, kv_heads_local=h_kv, cache_dtype=options.cache_dtype)
+    b, length, l_q = case["batch"], case["context"], case["query_len"]
+    flops = b * layer.decode_flops(length, l_q, case["tp"])
+    nbytes = b * layer.decode_bytes(length, l_q, case["tp"], cache_dtype)
+    copy_gbps, mm_tflops = peaks
+    roofline_us = max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6)
+
+    timings = {}
+    for config in [default, *configs]:
+        _, head_blocks, _ = head_layout(h_q // h_kv, l_q, config.max_rows)
+        plan = plan_decode(inputs.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=case["page"],
+                           head_blocks=head_blocks, min_piece=inputs.min_piece())
+        fn = inputs.kernel(plan, config)
+        try:
+            out = fn()
+            timed, how = _graphed(torch, fn) if device == "cuda" else (fn, "eager")
+        except Exception as err:  # a tile config the GPU cannot hold (shared memory, registers)
+            timings[str(config)] = dict(error=f"{type(err).__name__}: {str(err)[:120]}")
+            continue
+        ms = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms, return_mode="median")
+        timings[str(config)] = dict(us=ms * 1e3, splits=plan.capacity, out=out, timing=how)
+    ok = {k: v for k, v in timings.items() if "us" in v}
+    if not ok:
+        raise RuntimeError(f"no kernel config ran: {timings}")
+    best_key = min(ok, key=lambda k: ok[k]["us"])
+    best = ok[best_key]
+    us = best["us"]
+    row.update(us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, AI=flops / nbytes,
+               roofline_us=roofline_us, pct_roofline=100 * roofline_us / us, bytes=nbytes,
+               flops=flops, config=best_key, items=best["splits"], timing=best["timing"],
+               configs={k: round(v["us"], 2) if "us" in v else v["error"] for k, v in timings.items()})
+    if hopper is not None:
+        try:
+            row.update(_time_hopper(torch, do_bench, inputs, case, options, hopper, roofline_us,
+                                    us, device))
+        except Exception as err:  # noqa: BLE001 - a Hopper failure is a result, Triton's row stands
+            row["hopper_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    hopper_out = row.pop("_hopper_out", None)
+    if hopper_out is not None:  # against Triton until SDPA is there to compare with
+        row["hopper_check_rel_err"] = _rel_err(hopper_out, best["out"])
+
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2**34
+    if not options.no_sdpa and _sdpa_bytes(case, h_q, h_kv, (d_qk, d_v)) < 0.5 * free:
+        sdpa, unpack = inputs.sdpa(torch)
+        try:
+            ref = unpack(sdpa()).float()
+            err = _rel_err(best["out"], ref)
+            if hopper_out is not None:
+                row["hopper_check_rel_err"] = _rel_err(hopper_out, ref)
+            timed, _ = _graphed(torch, sdpa) if device == "cuda" else (sdpa, "eager")
+            sdpa_ms = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms, return_mode="median")
+            row.update(sdpa_us=sdpa_ms * 1e3, speedup_sdpa=sdpa_ms * 1e3 / us, check_rel_err=err)
+        except torch.OutOfMemoryError:
+            row.update(sdpa_us=None, note="SDPA baseline out of memory")
+        del sdpa
+    if anchors is not None and anchors.matches(dict(case, heads=h_q, cache_dtype=options.cache_dtype)):
+        for name in EXTERNAL_KERNELS:
+            anchor = anchors.lookup(name, case["variant"], l_q, length)
+            if anchor is not None:
+                row[f"anchor_{name}_us"] = anchor
+    return row
+
+
+def _fmt(value, spec):
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def format_table(rows: list[dict], peaks, anchors: AnchorSet | None = None) -> str:
+    head = (f"{'variant':8} {'hq/hkv':>7} {'B':>4} {'L':>7} {'Lq':>2} {'page':>4} {'µs':>9} "
+            f"{'GB/s':>6} {'TFLOP/s':>7} {'AI':>6} {'roof µs':>8} {'%roof':>5} {'SDPA µs':>9} "
+            f"{'×SDPA':>6} {'err':>7} {'Hopper µs':>9} {'%roof':>5} {'×Tri':>5} {'anchor':>16}")
+    lines = [f"peaks measured now: copy {peaks[0]:.0f} GB/s (read+write), bf16 matmul "
+             f"{peaks[1]:.0f} TFLOP/s", head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['variant']:8} B={r['batch']} L={r['context']} Lq={r['query_len']}: {r['error']}")
+            continue
+        beside = [f"{k[7:-3]} {v:.0f}" for k, v in r.items() if k.startswith("anchor_")]
+        lines.append(
+            f"{r['variant']:8} {r['heads_local']:>3}/{r['kv_heads_local']:<3} {r['batch']:4} "
+            f"{r['context']:7} {r['query_len']:2} {r['page']:4} {r['us']:9.1f} {r['GBps']:6.0f} "
+            f"{r['TFLOPs']:7.1f} {r['AI']:6.1f} {r['roofline_us']:8.1f} {r['pct_roofline']:5.0f} "
+            f"{_fmt(r.get('sdpa_us'), '9.1f'):>9} {_fmt(r.get('speedup_sdpa'), '6.2f'):>6} "
+            f"{_fmt(r.get('check_rel_err'), '7.1e'):>7} {_fmt(r.get('hopper_us'), '9.1f'):>9} "
+            f"{_fmt(r.get('hopper_pct_roofline'), '5.0f'):>5} "
+            f"{_fmt(r.get('hopper_speedup_triton'), '5.2f'):>5} {', '.join(beside) or '-':>16}")
+    lines.append("µs, GB/s, %roof: the Triton backend; Hopper µs / %roof / ×Tri: the Hopper "
+                 "backend (its default schedule and plan; '-' where it hands the call to Triton)")
+    if anchors is not None:
+        lines.append(f"anchor: µs of FlashMLA / FA3 on {anchors.describe()} ({anchors.name}), "
+                     f"another process: compare only on the same GPU model")
+    return "\n".join(lines)
+
+
+def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None = None,
+        name: str = "hwattn bench decode") -> int:
+    """Time every case on the GPU; print one JSON line per row, the table, then the whole
+    document as one JSON line (also written to `out`). Returns the exit status: 0, 1 if a row
+    failed or disagreed with SDPA, 2 without a CUDA GPU or Triton."""
+    try:
+        import torch
+    except ImportError:
+        print(f"{name}: error: PyTorch is not installed", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print(f"{name}: error: needs a CUDA GPU (torch.cuda.is_available() is False). "
+              "The kernels' correctness runs on CPU under Triton's interpreter: pytest tests/ops",
+              file=sys.stderr)
+        return 2
+    try:
+        from triton.testing import do_bench
+
+        from hwattn.ops import triton_decode  # noqa: F401
+    except ImportError as err:
+        print(f"{name}: error: Triton is not importable ({err})", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    anchors = anchors_for(gpu)
+    peaks = measure_peaks(torch, do_bench)
+    external = {k: importlib.util.find_spec(mod) is not None for k, mod in EXTERNAL_KERNELS.items()}
+    print(f"device: {gpu}; torch {torch.__version__}; external kernels importable: "
+          f"{', '.join(k for k, v in external.items() if v) or 'none'}", flush=True)
+    hopper_why = "skipped (no_hopper)" if options.no_hopper else hopper_status(torch)
+    hopper = None
+    if hopper_why is None:
+        from hwattn.ops import get_backend
+
+        hopper = get_backend("hopper")
+    print(f"hopper backend: {hopper_why or 'timed beside Triton'}", flush=True)
+    rows = []
+    for case in cases:
+        start = time.perf_counter()
+        try:
+            row = bench_case(torch, do_bench, case, options, peaks, configs, anchors=anchors,
+                             hopper=hopper)
+        except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
+            row = dict(case, error=f"{type(err).__name__}: {str(err)[:200]}")
+        row["wall_s"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        print("row " + json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    doc = dict(device=gpu, torch=torch.__version__, copy_GBps=peaks[0], mm_TFLOPs=peaks[1],
+               external_kernels=external, hopper=hopper_why or "timed", rows=rows,
+               anchors=None if anchors is None else dict(file=anchors.name, gpu=anchors.gpu,
+                                                         date=anchors.date, source=anchors.source))
+    print(format_table(rows, peaks, anchors))
+    print(json.dumps(doc))
+    if out:
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=1)
+    failed = [r for r in rows if "error" in r or "hopper_error" in r
+              or r.get("check_rel_err", 0) > CHECK_LIMIT
+              or r.get("hopper_check_rel_err", 0) > CHECK_LIMIT]
+    return 1 if failed else 0

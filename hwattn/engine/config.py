@@ -1,0 +1,82 @@
+"""`EngineConfig`: everything that assembles an engine, in one typed place.
+
+`LLM(...)`'s keywords, `create_engine`'s and the `hwattn serve` / `hwattn bench` command lines
+all build one of these; `create_engine` reads it and hands it to the engine, its runner and its
+replicas. Nothing is patched onto an engine after it is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    """What to serve and how.
+
+    model: a checkpoint directory (config.json + model.safetensors [+ tokenizer.json]) or a
+        preset name (tiny, mini, small, medium, large, xl) with seeded random weights.
+    attention: variant label for presets ("gla-2", "gqa-4", "mla", ...; default mha).
+    dtype: "bf16" | "fp16" | "fp32" | "fp64" | a torch dtype | "auto" (bf16 on CUDA, fp32 on CPU).
+    device: "cuda", "cpu", "cuda:1" or "auto".
+    tensor_parallel_size: ranks to shard over (worker processes; gloo on CPU, NCCL on GPUs).
+    data_parallel_size: replicas, each in its own process with `tensor_parallel_size` ranks.
+    page_size: tokens per KV page. max_num_seqs: sequences decoded together at most.
+    max_num_batched_tokens: prompt tokens prefilled per step at most (chunked prefill).
+    max_model_len: context limit (default: the model's max_seq_len).
+    memory_budget: bytes of KV cache per rank, or a fraction (0, 1] of the GPU memory free
+        after loading the model; default 256 MiB on CPU, 0.85 on CUDA. num_pages overrides it.
+    enable_prefix_caching: share the pages of common prompt prefixes.
+    speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
+    num_speculative_tokens: k drafts verified per step (default 3; 0 without `speculative`).
+    cuda_graphs: capture decode steps in CUDA graphs (on CUDA). backend: attention backend.
+    seed: weights of presets, and the seeds of requests that bring none.
+    model_overrides: presets only, ModelConfig fields to change (e.g. max_seq_len).
+    enable_mixed_batches: decodes and prompt chunks share each step, decodes first, prompts
+        taking the rest of `max_num_batched_tokens` (plain decoding; speculation keeps
+        prefill and verify steps apart).
+    overlap_scheduling: launch each step before reading the previous one back, so the host's
+        work runs while the device computes (plain decoding in one process).
+    """
+
+    model: str | None = None
+    attention: str | None = None
+    dtype: str | torch.dtype | None = "auto"
+    device: str | None = "auto"
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    page_size: int = 64
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    memory_budget: int | float | None = None
+    num_pages: int | None = None
+    enable_prefix_caching: bool = True
+    speculative: str | None = None
+    num_speculative_tokens: int = 3
+    cuda_graphs: bool = True
+    backend: str = "auto"
+    seed: int = 0
+    model_overrides: dict | None = None
+    enable_mixed_batches: bool = True
+    overlap_scheduling: bool = True
+
+    def __post_init__(self):
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens",
+                     "tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.speculative is None:
+            self.num_speculative_tokens = 0  # k means nothing without a drafter
+        elif self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1 with speculative="
+                             f"{self.speculative!r}, got {self.num_speculative_tokens}")
+
+    def as_kwargs(self) -> dict:
+        """The fields as keywords (`EngineConfig(**config.as_kwargs())` is a copy), for
+        processes that build their own engine from it."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,113 @@
+"""`hwattn bench decode` on CPU: its accounting, its SDPA baseline (which must agree with the
+kernel it checks), and a clear error without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hwattn.bench import decode
+from hwattn.bench.anchors import anchors_for, load_anchors
+from hwattn.cli import main
+from tests.ops.paged import DEVICE
+
+
+def _wall_clock(fn, warmup=0, rep=0, return_mode="median"):
+    fn()
+    return 1.0  # ms; this checks the plumbing, not the speed
+
+
+@pytest.mark.parametrize("variant, heads, l_q", [("gqa-2", 4, 2), ("gla-2", 8, 1), ("gta-2", 4, 3)])
+def test_bench_case_checks_against_sdpa(variant, heads, l_q):
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, warmup_ms=1, rep_ms=1)
+    case = dict(variant=variant, heads=heads, tp=1, batch=2, context=70, query_len=l_q, page=16)
+    hopper = _hopper_backend()
+    row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
+                            device=DEVICE.type, hopper=hopper)
+    assert row["check_rel_err"] < 1e-2, row
+    if hopper is not None and DEVICE.type == "cpu":  # the Hopper kernels take no CPU call
+        expected = "separate K/V" if variant.startswith("gqa") else "not a CUDA tensor"
+        assert expected in row["hopper_note"] and "hopper_us" not in row, row
+    layer = decode.layer_for(variant, heads, 32, 16)
+    assert row["bytes"] == 2 * layer.decode_bytes(70, l_q)
+    assert row["flops"] == 2 * layer.decode_flops(70, l_q)
+    assert row["us"] == 1000.0 and row["pct_roofline"] == pytest.approx(100 * row["roofline_us"] / 1000)
+
+
+def test_hopper_columns_are_timed_and_checked(monkeypatch):
+    """The Hopper backend's columns: its own plan, % of the same roofline, × Triton, checked
+    against SDPA (on the CPU its calls run the Triton kernels; the plumbing is the same)."""
+    hopper = _hopper_backend()
+    if hopper is None:
+        pytest.skip("Triton without Gluon")
+    monkeypatch.setattr(decode.Inputs, "hopper_declines", lambda self: None)
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, warmup_ms=1, rep_ms=1)
+    case = dict(variant="mla", heads=4, tp=1, batch=2, context=70, query_len=1, page=64)
+    row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
+                            device=DEVICE.type, hopper=hopper)
+    assert row["hopper_us"] == 1000.0 and row["hopper_speedup_triton"] == 1.0, row
+    assert row["hopper_pct_roofline"] == pytest.approx(row["pct_roofline"])
+    assert row["hopper_check_rel_err"] < 1e-2 and "_hopper_out" not in row, row
+    assert row["hopper_items"] and row["hopper_config"].startswith("ring"), row
+    assert "Hopper µs" in decode.format_table([row], (1000.0, 100.0))
+
+
+def _hopper_backend():
+    try:
+        from hwattn.ops.backends.hopper_backend import HopperBackend
+
+        return HopperBackend()
+    except ImportError:
+        return None
+
+
+@pytest.mark.parametrize("capability, expected", [((8, 0), "9.0"), ((9, 0), None)])
+def test_hopper_column_says_why_it_is_missing(monkeypatch, capability, expected):
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    why = decode.hopper_status(torch)
+    assert why is None if expected is None else (expected in why and "Some GPU" in why)
+
+
+def test_standard_suite_is_well_formed():
+    cases = decode.standard_suite()
+    assert {c["variant"] for c in cases} == {"gla-2", "mla", "gqa-4", "gta-4", "mqa"}
+    for case in cases:
+        layer = decode.layer_for(case["variant"], case["heads"], 128, 64)
+        layer.local_heads(case["tp"])  # every per-rank shape exists
+
+
+def test_cli_without_gpu_exits_2(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "decode", "--variants", "gla-2"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_anchors_are_data_with_provenance():
+    sets = load_anchors()
+    assert {s.gpu for s in sets} >= {"NVIDIA H100 80GB HBM3", "NVIDIA H200"}
+    for s in sets:
+        assert s.date and s.source and s.timings, s.name
+    h100 = anchors_for("NVIDIA H100 80GB HBM3")
+    assert h100.lookup("FlashMLA", "mla", 1, 16384) == 1022.6
+    assert anchors_for("NVIDIA H200").lookup("FA3", "gla-2", 2, 16384) == 1090
+    assert anchors_for("NVIDIA A100-SXM4-80GB") == sets[0]  # another GPU: the oldest reference
+    case = dict(batch=128, heads=128, page=64, tp=1, cache_dtype="bf16")
+    assert h100.matches(case) and not h100.matches(dict(case, page=16))
+
+
+def test_bench_case_prints_anchors_only_at_their_shape():
+    anchors = anchors_for("NVIDIA H100 80GB HBM3")
+    shape = dict(anchors.shape)
+    fake = type(anchors)("test.json", anchors.gpu, anchors.date, anchors.source,
+                         dict(shape, batch=2, heads=8, page=16), {("FA3", "gla-2", 1, 70): 5.0})
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, no_sdpa=True)
+    case = dict(variant="gla-2", heads=8, tp=1, batch=2, context=70, query_len=1, page=16)
+    row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
+                            device=DEVICE.type, anchors=fake)
+    assert row["anchor_FA3_us"] == 5.0
+    assert "FA3 5" in decode.format_table([row], (1000.0, 100.0), fake)
+    row = decode.bench_case(torch, _wall_clock, dict(case, page=8), options, (1000.0, 100.0), [],
+                            device=DEVICE.type, anchors=fake)
+    assert not any(k.startswith("anchor_") for k in row)

@@ -1,0 +1,77 @@
+"""Engine assembly: one `EngineConfig` from `LLM` keywords and from the command line, handed to
+the engine whole; any `Drafter` works without the engine knowing its class."""
+
+import pytest
+import torch
+
+from hwattn.engine import LLM, EngineConfig, SamplingParams, create_engine
+from hwattn.engine.speculative import Drafter
+from hwattn.models import Transformer
+from tests.engine.conftest import step_to_completion
+
+
+def test_config_validates_and_speculation_needs_a_drafter():
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(model="tiny", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(model="tiny", speculative="ngram", num_speculative_tokens=0)
+    assert EngineConfig(model="tiny", num_speculative_tokens=5).num_speculative_tokens == 0
+    config = EngineConfig(model="tiny", speculative="ngram")
+    assert EngineConfig(**config.as_kwargs()) == config
+    with pytest.raises(ValueError, match="not both"):
+        create_engine(config, page_size=8)
+
+
+def test_llm_keywords_become_the_engines_config():
+    llm = LLM("tiny", attention="gqa-2", page_size=8, max_num_seqs=3, memory_budget=1 << 20,
+              max_num_batched_tokens=64, model_overrides=dict(n_layers=1))
+    engine = llm.engine
+    config = engine.config
+    assert (config.model, config.attention, config.page_size, config.max_num_seqs,
+            config.max_num_batched_tokens) == ("tiny", "gqa-2", 8, 3, 64)
+    # Resolved once at assembly: what every rank and replica builds from.
+    assert config.device == "cpu" and config.dtype == torch.float32
+    assert config.max_model_len == engine.model_config.max_seq_len
+    assert isinstance(engine.model, Transformer) and engine.dtype == torch.float32
+    assert engine.tensor_parallel_size == 1
+
+
+def test_command_line_options_become_a_config():
+    from hwattn.cli import build_parser
+    from hwattn.cli.serve import engine_config
+
+    args = build_parser().parse_args(
+        ["serve", "tiny", "--attention", "gla-2", "--page-size", "16", "--memory-budget", "2e6",
+         "--speculative", "ngram", "--num-speculative-tokens", "2", "--no-cuda-graphs",
+         "--max-seq-len", "128"])
+    assert engine_config(args) == EngineConfig(
+        model="tiny", attention="gla-2", dtype=args.dtype, device=args.device, page_size=16,
+        memory_budget=2_000_000, speculative="ngram", num_speculative_tokens=2,
+        cuda_graphs=False, model_overrides={"max_seq_len": 128})
+
+
+class FirstTokenDrafter(Drafter):
+    """Proposes token 0 k times: a drafter the engine has never heard of."""
+
+    deterministic = True
+
+    def __init__(self, k):
+        self.k = k
+        self.calls = 0
+
+    def propose(self, seqs, st):
+        self.calls += 1
+        return torch.zeros(len(seqs), self.k, dtype=torch.int64), None
+
+
+def test_the_engine_takes_any_drafter(checkpoints):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[1, 2, 3, 4], list(range(20, 45))]
+    path = checkpoints("gqa-2")
+    want = [o.token_ids for o in LLM(path, page_size=4, num_pages=100).generate(prompts, params)]
+    engine = LLM(path, page_size=4, num_pages=100, speculative="ngram",
+                 num_speculative_tokens=2).engine
+    engine.drafter = FirstTokenDrafter(2)
+    outs = step_to_completion(engine, prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert engine.drafter.calls > 0
