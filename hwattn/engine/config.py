@@ -37,6 +37,11 @@ class EngineConfig:
     cuda_graphs: capture decode steps in CUDA graphs (on CUDA). backend: attention backend.
     seed: weights of presets, and the seeds of requests that bring none.
     model_overrides: presets only, ModelConfig fields to change (e.g. max_seq_len).
+    enable_mixed_batches: decodes and prompt chunks share each step, decodes first, prompts
+        taking the rest of `max_num_batched_tokens` (plain decoding; speculation keeps
+        prefill and verify steps apart).
+    overlap_scheduling: launch each step before reading the previous one back, so the host's
+        work runs while the device computes (plain decoding in one process).
     """
 
     model: str | None = None
@@ -59,6 +64,8 @@ class EngineConfig:
     backend: str = "auto"
     seed: int = 0
     model_overrides: dict | None = None
+    enable_mixed_batches: bool = True
+    overlap_scheduling: bool = True
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens",

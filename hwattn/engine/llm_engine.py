@@ -2,9 +2,18 @@
 
 `LLMEngine` ties the parts together: `Scheduler` (who runs: policy), `BlockManager` (pages:
 mechanism), `ModelRunner` (the model over the paged cache), the sampler and an optional
-speculative drafter. Each `step()` runs one prefill or decode step, samples on the device,
-reads the new tokens back once, and updates the sequences: stop conditions, detokenized text,
-cache bookkeeping (including rolling back rejected draft slots).
+speculative drafter. Each `step()` runs one step (decodes and prompt chunks together, or, when
+speculating, a prefill or a verify step), samples on the device, reads the new tokens back
+once, and updates the sequences: stop conditions, detokenized text, cache bookkeeping
+(including rolling back rejected draft slots).
+
+Overlapped scheduling (plain decoding on one process): `step()` launches step N, whose decode
+rows take their input tokens straight from step N-1's sampled tokens on the device, and only
+then reads back and processes step N-1's tokens, so the host's scheduling, bookkeeping and
+detokenization run while the device computes. Until read back, a sampled token is a
+placeholder in `Sequence.token_ids` (`Sequence.num_pending`); a sequence that turns out to have
+stopped at step N-1 has its row of step N dropped, and one that ends by length is not
+scheduled past its end. Outputs therefore trail their step by one `step()` call.
 
 Nothing one request carries can stop another: requests are validated (all or none) before they
 are queued, and a request whose sampling or detokenization still fails inside a step is
@@ -20,13 +29,14 @@ import itertools
 import numbers
 import random
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from hwattn.data.tokenizer import IncrementalDetokenizer
 from hwattn.engine.block_manager import BlockManager, num_pages_for_budget, pages_for
 from hwattn.engine.config import EngineConfig
-from hwattn.engine.model_runner import ModelRunner, Sampled, StepInput
+from hwattn.engine.model_runner import ModelRunner, PendingTokens, Sampled, StepInput
 from hwattn.engine.sampler import SamplingInput, describe_error
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
@@ -118,6 +128,20 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
     return [int(t) for t in ids]  # numpy or other integer scalars
 
 
+PLACEHOLDER = -1  # token id standing for a sampled token not read back yet
+
+
+@dataclass
+class InFlight:
+    """A launched step: its tokens on their way back, and per sampled row the sequence and
+    the index of its placeholder in `token_ids`."""
+
+    tokens: PendingTokens
+    rows: list[tuple[Sequence, int]]
+    row_of: dict = field(default_factory=dict)  # sequence -> its row in the sampled tokens
+    deferred: bool = True  # read back during the next step (else at once: sampled on the host's terms)
+
+
 def checked_params(params: SamplingParams | None) -> SamplingParams:
     """A validated copy: a caller changing its params afterwards cannot reach the sampler."""
     if params is None:
@@ -183,10 +207,14 @@ class LLMEngine:
         self.config = config
         self.max_model_len = config.max_model_len or model_config.max_seq_len
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len)
         self.drafter = drafter
         self.k = config.num_speculative_tokens if drafter is not None else 0
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len,
+                                   mixed=config.enable_mixed_batches and not self.k)
+        self.overlap = (config.overlap_scheduling and not self.k
+                        and hasattr(runner, "launch_step"))
+        self._inflight: InFlight | None = None
         self.kv_bytes_per_token = kv_bytes_per_token
         self.device = runner.device
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
@@ -194,8 +222,8 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, prefill_steps=0,
-                             decode_steps=0, draft_tokens=0, accepted_tokens=0, finished=0,
-                             aborted=0, failed=0)
+                             decode_steps=0, mixed_steps=0, draft_tokens=0, accepted_tokens=0,
+                             finished=0, aborted=0, failed=0)
         self._failed: list[Sequence] = []  # requests failed alone during the current step
 
     # Requests.
@@ -242,6 +270,9 @@ class LLMEngine:
         now = time.perf_counter()
         for seq in group:
             self.detok.pop(seq, None)
+            if seq.num_pending:  # placeholders of tokens still on the device
+                del seq.token_ids[len(seq.token_ids) - seq.num_pending:]
+                seq.num_pending = 0
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
                 seq.finish_time = now
@@ -258,7 +289,8 @@ class LLMEngine:
     # One step.
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one prefill or decode step; returns the outputs of requests that advanced.
+        """Run one step; returns the outputs of requests that advanced (with overlapped
+        scheduling: those the previous step advanced, read back while this one runs).
 
         A request whose sampling, detokenization or stop handling raises is finished alone
         with finish_reason "error" (its output's `error` says why); the rest of the batch
@@ -269,17 +301,32 @@ class LLMEngine:
             # Someone is at the end of the context, or needs penalties, bans or log-probs
             # (drafts are verified for plain sampling only): plain decoding this step.
             k = 0
-        batch = self.scheduler.schedule(lookahead=k)
-        if batch is None or not batch.seqs:
-            return []
-        self.counters["steps"] += 1
         self._failed = []
-        if batch.kind == "prefill":
-            touched = self._prefill(batch)
-        elif k:
-            touched = self._speculative_decode(batch.seqs, k)
-        else:
-            touched = self._decode(batch.seqs)
+        touched, launched = [], None
+        if self._inflight is not None and self._needs_host(
+                [*self.scheduler.running, *self.scheduler.waiting]):
+            # The next step is sampled on the host's terms: read the one in flight back first,
+            # so that no step of it reads a placeholder.
+            previous, self._inflight = self._inflight, None
+            touched = self._resolve(previous)
+            for seq in touched:
+                if seq.finish_reason is not None:
+                    self.scheduler.finish(seq)
+        batch = self.scheduler.schedule(lookahead=k)
+        if batch is not None and batch.seqs:
+            self.counters["steps"] += 1
+            if batch.kind == "decode" and k:
+                touched += self._speculative_decode(batch.seqs, k)
+            else:
+                launched = self._launch(batch)
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            touched += self._resolve(previous)
+        if launched is not None:
+            if launched.deferred:
+                self._inflight = launched
+            else:
+                touched += self._resolve(launched)
         touched += [s for s in self._failed if s not in touched]
         requests: dict[str, list[Sequence]] = {}
         for seq in touched:
@@ -338,63 +385,106 @@ class LLMEngine:
                 self._fail(seq, err)
         return (build(ok) if ok else None), ok
 
-    def _prefill(self, batch) -> list[Sequence]:
-        self.counters["prefill_steps"] += 1
-        seqs = batch.seqs
-        last = [s for s, n in zip(seqs, batch.chunks) if s.num_cached + n == len(s)]
-        sampling, done = self._sampling(last) if last else (None, [])
-        # A row whose settings failed still writes its prompt (its pages stay consistent for
-        # the prefix cache) but gets no logits.
-        sampled = set(done)
-        step = StepInput("prefill", [s.token_ids[s.num_cached:s.num_cached + n]
-                                     for s, n in zip(seqs, batch.chunks)],
-                         [s.num_cached for s in seqs], [list(s.block_table) for s in seqs],
-                         need_logits=[s in sampled for s in seqs])
-        if any(s.prompt_logprobs is not None for s in seqs):
+    def _launch(self, batch) -> InFlight | None:
+        """Start a step of decode rows (one token each, the first `batch.num_decode`) and
+        prompt chunks; returns it in flight. Each row that samples gets a placeholder token,
+        and the cache counts advance as if the step were done."""
+        nd = batch.num_decode
+        decodes = batch.seqs[:nd]
+        prefills = list(zip(batch.seqs[nd:], batch.chunks[nd:]))
+        last = [s for s, n in prefills if s.num_cached + n == len(s)]
+        sampling, sampled = self._sampling(decodes + last) if decodes or last else (None, [])
+        ok = {id(s) for s in sampled}
+        # A decode row whose settings failed leaves the step; a prompt row whose settings
+        # failed still writes its prompt (its pages stay consistent for the prefix cache).
+        decodes = [s for s in decodes if id(s) in ok]
+        if not decodes and not prefills:
+            return None
+        source = self._inflight.row_of if self._inflight is not None else {}
+        feed = []
+        for seq in decodes:
+            if seq.num_pending and id(seq) not in source:
+                raise RuntimeError(f"request {seq.request_id} waits on a token no step in "
+                                   "flight sampled")
+            feed.append(source[id(seq)] if seq.num_pending else -1)
+        kind = "mixed" if decodes and prefills else ("decode" if decodes else "prefill")
+        step = StepInput(kind, [[s.token_ids[-1]] for s in decodes]
+                         + [s.token_ids[s.num_cached:s.num_cached + n] for s, n in prefills],
+                         [s.num_cached for s in decodes]
+                         + [s.num_cached for s, _ in prefills],
+                         [list(s.block_table) for s in decodes]
+                         + [list(s.block_table) for s, _ in prefills],
+                         need_logits=[True] * len(decodes) + [id(s) in ok for s, _ in prefills],
+                         num_decode=len(decodes),
+                         feed=feed if any(f >= 0 for f in feed) else None)
+        if any(s.prompt_logprobs is not None for s, _ in prefills):
             # Position p of a chunk predicts token p + 1, kept while that is a prompt token.
-            step.prompt_logprobs = [-1 if s.prompt_logprobs is None else s.params.prompt_logprobs
-                                    for s in seqs]
-            step.prompt_targets = [s.token_ids[s.num_cached + 1:min(s.num_cached + n + 1,
-                                                                     s.num_prompt_tokens)]
-                                   for s, n in zip(seqs, batch.chunks)]
-        tokens = self.runner.sample_step(step, sampling)
-        if self.drafter is not None:
-            self.drafter.prefill(step)
-        prompt_logprobs = getattr(tokens, "prompt_logprobs", {})
-        for i, (seq, n) in enumerate(zip(seqs, batch.chunks)):
-            if i in prompt_logprobs:
-                self._record_prompt_logprobs(seq, prompt_logprobs[i])
+            step.prompt_logprobs = [-1] * len(decodes) + [
+                -1 if s.prompt_logprobs is None else s.params.prompt_logprobs for s, _ in prefills]
+            step.prompt_targets = [[] for _ in decodes] + [
+                s.token_ids[s.num_cached + 1:min(s.num_cached + n + 1, s.num_prompt_tokens)]
+                for s, n in prefills]
+        deferred = self.overlap and not self._needs_host(batch.seqs)
+        if deferred:
+            tokens = self.runner.launch_step(step, sampling)
+        else:
+            results = self.runner.sample_step(step, sampling)
+            for j, (seq, _) in enumerate(prefills):  # before num_cached moves past the chunk
+                if len(decodes) + j in results.prompt_logprobs:
+                    self._record_prompt_logprobs(seq, results.prompt_logprobs[len(decodes) + j])
+            tokens = PendingTokens(rows=results)
+        if prefills and self.drafter is not None:
+            self.drafter.prefill(StepInput("prefill", step.tokens[len(decodes):],
+                                           step.num_cached[len(decodes):],
+                                           step.block_tables[len(decodes):]))
+        self.counters["decode_steps"] += bool(decodes)
+        self.counters["prefill_steps"] += bool(prefills)
+        self.counters["mixed_steps"] += bool(decodes and prefills)
+        for seq in decodes:
+            seq.num_cached += 1
+        for seq, n in prefills:
             seq.num_cached += n
             seq.draft_cached = seq.num_cached
             self.counters["prompt_tokens"] += n
             self._register(seq)
-        for seq, token in zip(done, tokens):
-            if seq.finish_reason is not None:  # failed above
-                continue
-            if isinstance(token, str):  # its sampling failed in the runner
-                self._fail(seq, token)
-            else:
-                self._append_or_fail(seq, [token])
-        return done
+        inflight = InFlight(tokens, [], deferred=deferred)
+        for seq in decodes + [s for s, _ in prefills if id(s) in ok]:
+            inflight.row_of[id(seq)] = len(inflight.rows)
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_pending += 1
+            inflight.rows.append((seq, len(seq.token_ids) - 1))
+        return inflight
 
-    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        self.counters["decode_steps"] += 1
-        sampling, seqs = self._sampling(seqs)
-        if not seqs:
-            return []
-        step = StepInput("decode", [[s.token_ids[-1]] for s in seqs], [s.num_cached for s in seqs],
-                         [list(s.block_table) for s in seqs])
-        tokens = self.runner.sample_step(step, sampling)
-        for seq, token in zip(seqs, tokens):
+    @staticmethod
+    def _needs_host(seqs) -> bool:
+        """Whether a step of these sequences must be sampled in step with the host: penalties
+        and min_tokens read the tokens sampled so far, log-probabilities come back with the
+        tokens; overlapped steps only carry token ids."""
+        return any(not s.params.plain or s.prompt_logprobs is not None for s in seqs)
+
+    def _resolve(self, inflight: InFlight) -> list[Sequence]:
+        """Read a launched step's tokens back and put them in place of their placeholders:
+        stop conditions, text, page registration. A sequence finished meanwhile (stopped by
+        an earlier token, aborted, failed) is skipped; one that stops here drops the
+        placeholders of the step launched after this one."""
+        touched = []
+        for (seq, pos), token in zip(inflight.rows, inflight.tokens.result()):
+            if seq.finish_reason is not None:
+                continue
+            later = seq.token_ids[pos + 1:]  # placeholders of a step launched since
+            del seq.token_ids[pos:]
+            seq.num_pending -= 1 + len(later)
+            touched.append(seq)
             if isinstance(token, str):  # its sampling failed in the runner
                 self._fail(seq, token)
                 continue
-            old = seq.num_cached
             appended = self._append_or_fail(seq, [token])
+            if seq.finish_reason is None:
+                seq.token_ids.extend(later)
+                seq.num_pending += len(later)
             if appended is not None:
-                seq.num_cached = old + appended
                 self._register(seq)
-        return seqs
+        return touched
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
         self.counters["decode_steps"] += 1

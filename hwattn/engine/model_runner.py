@@ -1,17 +1,21 @@
 """Runs the model over the paged cache: prefill chunks through the dense path, decode steps
 through an attention backend (`hwattn.ops`), and CUDA graphs for decode batch-size buckets on
-a GPU.
+a GPU (one per bucket and query length: plain decode and speculative verification).
 
 Mechanism only. The runner chooses its backend once; a step arrives as a `StepInput` of plain
 lists (so that tensor-parallel workers can receive the same step), the runner builds one
 `AttentionMetadata` per forward (carrying the backend and, for a decode step, the one plan the
 backend made for it, reused by every layer), runs `Transformer.forward` and returns logits;
 sampling is the engine's. Inside a decode step nothing reads device values back to the host:
-slots and positions are derived on the device from the block table and `cache_seqlens`.
+slots and positions are derived on the device from the block table and `cache_seqlens`, and
+host inputs reach the device by non-blocking copies, so the host can prepare and launch the next
+step while this one runs (`launch_step`). A decode row may take its token from the tokens the
+previous launched step sampled, still on the device (`StepInput.feed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,8 +39,9 @@ log = logging.getLogger(__name__)
 class StepInput:
     """One forward step over several sequences.
 
-    kind: "prefill" (each row its own chunk length, attended densely) or "decode" (every row
-        the same number T of tokens, attended through the paged decode op).
+    kind: "prefill" (each row its own chunk length, attended densely), "decode" (every row
+        the same number T of tokens, attended through the paged decode op) or "mixed" (the
+        first `num_decode` rows decode one token each, the rest are prefill chunks).
     tokens: per sequence, the new tokens this step feeds.
     num_cached: per sequence, tokens already in the cache before this step.
     block_tables: per sequence, its page ids (covering num_cached + len(tokens) tokens).
@@ -56,6 +61,14 @@ class StepInput:
     need_logits: list[bool] = field(default_factory=list)
     prompt_logprobs: list[int] = field(default_factory=list)
     prompt_targets: list[list[int]] = field(default_factory=list)
+    num_decode: int = 0
+    feed: list[int] | None = None
+
+    @property
+    def feeds(self) -> bool:
+        """Whether any row's last token comes from the previous step's sampled tokens:
+        `feed[i] >= 0` replaces row i's last token by that row of them."""
+        return self.feed is not None and any(f >= 0 for f in self.feed)
 
 
 class Sampled(NamedTuple):
@@ -75,6 +88,22 @@ class StepResults(list):
     def __init__(self, rows=(), prompt_logprobs: dict | None = None):
         super().__init__(rows)
         self.prompt_logprobs = prompt_logprobs or {}
+
+
+class PendingTokens:
+    """Tokens sampled by a launched step, on their way to the host: `result()` waits for
+    them (the step's one synchronisation) and returns one int per sampled row, or a row's
+    error (a str) where sampling it failed."""
+
+    def __init__(self, host: Tensor | None = None, event=None, rows: list | None = None):
+        self._host, self._event, self._rows = host, event, rows
+
+    def result(self) -> list[int | str]:
+        if self._rows is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._rows = self._host.tolist()
+        return self._rows
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -113,6 +142,7 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple] = {}  # (bucket, T) -> (replay, logits)
         self.graph_error: str | None = None
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
+        self.last_sampled: Tensor | None = None  # (n,) int64: the last launched step's tokens
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 
@@ -172,12 +202,80 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> Tensor | None:
         """Run one step. prefill -> logits (n, V) of the last token of every row whose
-        `need_logits` is set (None if none); decode -> logits (B, T, V)."""
+        `need_logits` is set (None if none); decode -> logits (B, T, V); mixed -> logits
+        (num_decode + n, V): every decode row's, then those of the prefill rows as for prefill."""
         if step.kind == "prefill":
             return self._prefill(step)
         if step.kind == "decode":
             return self._decode(step)
-        raise ValueError(f"step kind must be 'prefill' or 'decode', got {step.kind!r}")
+        if step.kind == "mixed":
+            return self._mixed(step)
+        raise ValueError(f"step kind must be 'prefill', 'decode' or 'mixed', got {step.kind!r}")
+
+    def _mixed(self, step: StepInput) -> Tensor | None:
+        """Decode rows first (their graph starts on the device while the host launches the
+        prefill chunks behind it), then the prefill rows; one logits tensor for sampling."""
+        nd = step.num_decode
+        if not 0 < nd < len(step.num_cached):
+            raise ValueError(f"a mixed step needs 0 < num_decode < {len(step.num_cached)} rows, "
+                             f"got {nd}")
+        cut = lambda values: (values[:nd], values[nd:])  # noqa: E731
+        tokens, rest = cut(step.tokens)
+        cached, cached_rest = cut(step.num_cached)
+        tables, tables_rest = cut(step.block_tables)
+        feed = step.feed[:nd] if step.feed is not None else None
+        decode = self._decode(StepInput("decode", tokens, cached, tables, feed=feed))[:, -1]
+        need = step.need_logits[nd:] if step.need_logits else []
+        sub = StepInput("prefill", rest, cached_rest, tables_rest, need_logits=need)
+        if step.prompt_logprobs:  # rows of the prefill part: their step rows are nd later
+            sub.prompt_logprobs, sub.prompt_targets = step.prompt_logprobs[nd:], step.prompt_targets[nd:]
+        prefill = self._prefill(sub)
+        self._prompt_logits = {i + nd: v for i, v in self._prompt_logits.items()}
+        return decode if prefill is None else torch.cat((decode, prefill))
+
+    def _upload(self, t: Tensor) -> Tensor:
+        """A host tensor on the runner's device without waiting for the device: a blocking
+        copy would first drain every step already queued."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _device_sampling(self, sampling: SamplingInput):
+        """`sampling.tensors` on this device, uploaded without a synchronisation."""
+        st = sampling.tensors("cpu")
+        if self.device.type == "cpu":
+            return st
+        moved = {f.name: self._upload(getattr(st, f.name)) for f in dataclasses.fields(st)
+                 if isinstance(getattr(st, f.name), Tensor)}
+        return dataclasses.replace(st, **moved)
+
+    @torch.inference_mode()
+    def launch_step(self, step: StepInput, sampling: SamplingInput | None) -> PendingTokens:
+        """`sample_step` without waiting: the step and its sampling are queued on the device
+        and the tokens start their copy to the host. The tokens also stay on the device as
+        `last_sampled`, which the next step's `feed` reads. If sampling the batch at once
+        raises, the rows are sampled alone at once (as `sample_step` does)."""
+        logits = self.execute(step)
+        if sampling is None or logits is None:
+            self.last_sampled = None
+            return PendingTokens(rows=[])
+        if step.kind == "decode":
+            logits = logits[:, -1]  # (B, V)
+        try:
+            tokens = sample(logits, self._device_sampling(sampling))  # (n,) int64
+        except Exception:  # noqa: BLE001 - row by row, as sample_step does
+            rows = self._sample_rows(logits, sampling)
+            self.last_sampled = self._upload(torch.tensor(
+                [t if isinstance(t, int) else 0 for t in rows], dtype=torch.int64))
+            return PendingTokens(rows=rows)
+        self.last_sampled = tokens
+        if self.device.type != "cuda":
+            return PendingTokens(host=tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingTokens(host=host, event=event)
 
     @torch.inference_mode()
     def sample_step(self, step: StepInput, sampling: SamplingInput | None) -> StepResults:
@@ -196,7 +294,9 @@ class ModelRunner:
             return StepResults([], prompt)
         if step.kind == "decode":
             logits = logits[:, -1]  # (B, V)
+        return StepResults(self._sample_rows(logits, sampling), prompt)
 
+    def _sample_rows(self, logits: Tensor, sampling: SamplingInput) -> list[int | str]:
         def run(rows):
             every = len(rows) == len(sampling)
             settings = sampling if every else sampling.select(rows)
@@ -215,7 +315,7 @@ class ModelRunner:
                                           values[n, :k].tolist()))
             return out
 
-        return StepResults(by_rows(run, len(sampling)), prompt)
+        return by_rows(run, len(sampling))
 
     def _prompt_logprobs(self, step: StepInput) -> dict:
         """Per step row that asked, its chunk's (logprob, rank, top ids, top logprobs) per
@@ -243,16 +343,21 @@ class ModelRunner:
         row's error (a str) if verifying it failed even alone (as in `sample_step`)."""
         logits = self.execute(step)  # (B, k + 1, V)
         tokens = step.tokens if isinstance(step.tokens, Tensor) else torch.tensor(step.tokens)
-        drafts = tokens[:, 1:].to(self.device)
+        drafts = tokens[:, 1:]
+        drafts = drafts if drafts.device == self.device else self._upload(drafts)
 
         def run(rows):
             every = len(rows) == len(sampling)
             pick = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
             settings = sampling if every else sampling.select(rows)
-            out, accepted = rejection_sample(pick(logits), pick(drafts),
-                                             None if draft_probs is None else pick(draft_probs),
-                                             settings.tensors(self.device))
-            return list(zip(out.tolist(), accepted.tolist()))
+            if all(t == 0.0 for t in settings.temperature):
+                out, accepted = greedy_verify(pick(logits), pick(drafts))
+            else:
+                out, accepted = rejection_sample(
+                    pick(logits), pick(drafts), None if draft_probs is None else pick(draft_probs),
+                    self._device_sampling(settings))
+            both = torch.cat((out, accepted[:, None]), 1).tolist()  # one read-back
+            return [(row[:-1], row[-1]) for row in both]
 
         return by_rows(run, len(sampling))
 
@@ -272,10 +377,10 @@ class ModelRunner:
             tokens = torch.tensor([step.tokens[i] for i in rows], dtype=torch.int64)
             lens = [step.num_cached[i] + t for i in rows]
             meta = AttentionMetadata.for_step(
-                self._table([step.block_tables[i] for i in rows]).to(self.device),
-                torch.tensor(lens, dtype=torch.int32, device=self.device), t, self.page_size,
+                self._upload(self._table([step.block_tables[i] for i in rows])),
+                self._upload(torch.tensor(lens, dtype=torch.int32)), t, self.page_size,
                 is_prefill=True, seqlens_host=lens, backend=self.backend)
-            out = self.forward(tokens.to(self.device), meta, last_only=not whole)  # (n, T | 1, V)
+            out = self.forward(self._upload(tokens), meta, last_only=not whole)  # (n, T | 1, V)
             for j, i in enumerate(rows):
                 if i in whole:
                     self._prompt_logits[i] = out[j]
@@ -294,17 +399,32 @@ class ModelRunner:
             tokens = torch.tensor(step.tokens, dtype=torch.int64)
         batch, t = tokens.shape
         seqlens = torch.tensor([n + t for n in step.num_cached], dtype=torch.int32)
+        if tokens.device != self.device:
+            tokens = self._upload(tokens)
+        if step.feeds:
+            tokens = self._feed(tokens, step.feed)
         graph = self._graph_for(batch, t, step)
         if graph is not None:
             return self._replay(graph, batch, t, tokens, seqlens, step.block_tables)
-        meta = AttentionMetadata.for_step(self._table(step.block_tables).to(self.device),
-                                          seqlens.to(self.device), t, self.page_size,
+        meta = AttentionMetadata.for_step(self._upload(self._table(step.block_tables)),
+                                          self._upload(seqlens), t, self.page_size,
                                           backend=self.backend)
         if step.skip_write:
             skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
-            meta.slot_mapping = meta.slot_mapping.masked_fill(skip.flatten().to(self.device), -1)
+            meta.slot_mapping = meta.slot_mapping.masked_fill(self._upload(skip.flatten()), -1)
         meta.plan = self.plan(seqlens, t)
-        return self.forward(tokens.to(self.device), meta)
+        return self.forward(tokens, meta)
+
+    def _feed(self, tokens: Tensor, feed: list[int]) -> Tensor:
+        """tokens (B, T) on the device with each row i whose feed[i] >= 0 ending in
+        `last_sampled[feed[i]]` (the token the previous step sampled for it)."""
+        if self.last_sampled is None:
+            raise RuntimeError("a step feeds on the previous step's tokens, but none were sampled")
+        rows = [i for i, f in enumerate(feed) if f >= 0]
+        index = self._upload(torch.tensor([rows, [feed[i] for i in rows]], dtype=torch.int64))
+        tokens = tokens.clone()
+        tokens[index[0], -1] = self.last_sampled[index[1]]
+        return tokens
 
     # CUDA graphs: static inputs per query length, one graph per batch bucket.
     def _graph_for(self, batch: int, t: int, step: StepInput):
@@ -375,12 +495,22 @@ class ModelRunner:
         ids, table, lens = self.static[t]
         replay, out = self.graphs[(size, t)]
         pad = size - batch
-        ids[:batch].copy_(tokens)
+        ids[:batch].copy_(tokens)  # already on the device
         ids[batch:size].zero_()
-        table[:size].copy_(self._table(tables + [[]] * pad, table.shape[1]))
+        table[:size].copy_(self._upload(self._table(tables + [[]] * pad, table.shape[1])))
         host_lens = torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32)))
-        lens[:size].copy_(host_lens)
+        lens[:size].copy_(self._upload(host_lens))
         if self.plans.get((size, t)) is not None:
             self.plan(host_lens, t, out=self.plans[(size, t)])
         replay()
         return out[:batch]
+
+
+def greedy_verify(target_logits: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor]:
+    """`rejection_sample` for rows that all sample greedily, whatever drafted: a draft is
+    accepted iff it is the target's argmax, and every output token is the target's argmax.
+
+    target_logits (B, k + 1, V), drafts (B, k) int64 -> (tokens (B, k + 1), num_accepted (B,))."""
+    best = target_logits.argmax(-1)  # (B, k + 1)
+    num_accepted = (drafts == best[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
+    return best, num_accepted

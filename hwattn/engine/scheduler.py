@@ -1,12 +1,19 @@
 """Who runs next: first-come first-served continuous batching with chunked prefill and
 preemption by recompute. Policy only; pages come from the `BlockManager`.
 
-Each step is either a prefill step (prompt chunks of up to `max_num_batched_tokens` tokens in
-all, finishing partly-prefilled sequences first, then admitting waiting ones in arrival order)
-or a decode step (every running sequence advances by one token, or by up to k + 1 when
-speculating). When a decode step needs pages the pool does not have, the most recently
-admitted sequence is preempted: it gives back all its pages and goes to the front of the
-waiting queue, to be recomputed later.
+With `mixed` set (the default for plain decoding), every step first takes every decoding
+sequence (one token each) and spends what is left of `max_num_batched_tokens` on prompt
+chunks: partly-prefilled sequences first, then waiting ones admitted in arrival order. Decodes
+keep flowing while long prompts arrive, one bounded chunk per step.
+
+Without it, each step is either a prefill step (prompt chunks of up to
+`max_num_batched_tokens` tokens in all, in the same order) or a decode step (every running
+sequence advances by one token, or by up to k + 1 when speculating).
+
+When decoding needs pages the pool does not have, the most recently admitted sequence is
+preempted: it gives back all its pages and goes to the front of the waiting queue, to be
+recomputed later. A sequence whose last sampled token the engine has not read back yet
+(`Sequence.num_pending`) and that will end by length once it has is not scheduled again.
 """
 
 from __future__ import annotations
@@ -21,18 +28,21 @@ from hwattn.engine.sequence import Sequence, Status
 @dataclass
 class ScheduledBatch:
     """One step's work. prefill: `chunks[i]` new tokens of `seqs[i]`; decode: `query_len`
-    tokens (1, or k + 1 with speculation) for every sequence."""
+    tokens (1, or k + 1 with speculation) for every sequence; mixed: the first `num_decode`
+    sequences decode one token, the others take `chunks[i]` prompt tokens."""
 
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" | "decode" | "mixed"
     seqs: list[Sequence]
     chunks: list[int] = field(default_factory=list)
     query_len: int = 1
     preempted: list[Sequence] = field(default_factory=list)
+    num_decode: int = 0
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int = 2048):
+                 max_num_batched_tokens: int = 2048, max_model_len: int = 2048,
+                 mixed: bool = False):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -41,6 +51,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.mixed = mixed
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -54,13 +65,59 @@ class Scheduler:
     def schedule(self, lookahead: int = 0) -> ScheduledBatch | None:
         """The next step, or None when nothing can run. `lookahead` is the number of draft
         tokens a decode step will verify (pages are reserved for them)."""
+        if self.mixed and not lookahead:
+            return self._schedule_mixed()
         batch = self._schedule_prefill()
         if batch is not None:
             return batch
         return self._schedule_decode(lookahead)
 
+    def will_end(self, seq: Sequence) -> bool:
+        """Whether the sequence ends by length once its pending tokens are read back."""
+        return seq.num_pending > 0 and (seq.num_output_tokens >= seq.params.max_tokens
+                                        or len(seq) >= self.max_model_len)
+
+    def _decoding(self) -> list[Sequence]:
+        return [s for s in self.running if not s.is_prefilling and not self.will_end(s)]
+
+    def _schedule_mixed(self) -> ScheduledBatch | None:
+        decodes = self._decoding()
+        preempted = self._make_room(decodes, 1)
+        for seq in decodes:
+            self.bm.grow(seq, seq.num_cached + 1)
+        budget = self.max_num_batched_tokens - len(decodes)
+        seqs, chunks = self._prefill_chunks(max(0, budget)) if budget > 0 else ([], [])
+        if not decodes and not seqs:
+            return ScheduledBatch("decode", [], preempted=preempted) if preempted else None
+        kind = "mixed" if decodes and seqs else ("decode" if decodes else "prefill")
+        return ScheduledBatch(kind, decodes + seqs, [1] * len(decodes) + chunks,
+                              preempted=preempted, num_decode=len(decodes))
+
+    def _make_room(self, decodes: list[Sequence], query_len: int) -> list[Sequence]:
+        """Preempt the most recently admitted sequences (never one about to end) until every
+        one left in `decodes` can hold `query_len` more tokens; returns those preempted."""
+        preempted = []
+        while decodes and not self.bm.can_grow(decodes, query_len):
+            victims = [s for s in self.running if not self.will_end(s)]
+            if not victims:
+                break
+            victim = victims[-1]
+            self.running.remove(victim)
+            if victim in decodes:
+                decodes.remove(victim)
+            self._preempt(victim)
+            preempted.append(victim)
+        return preempted
+
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        budget = self.max_num_batched_tokens
+        seqs, chunks = self._prefill_chunks(self.max_num_batched_tokens)
+        if not seqs:
+            return None
+        return ScheduledBatch("prefill", seqs, chunks)
+
+    def _prefill_chunks(self, budget: int) -> tuple[list[Sequence], list[int]]:
+        """Prompt chunks of `budget` tokens in all: partly-prefilled sequences first, then
+        waiting ones admitted in arrival order (pages allocated for their whole prompt)."""
         seqs, chunks = [], []
         for seq in self.running:  # sequences part-way through their prompt
             if budget and seq.is_prefilling:
@@ -70,6 +127,8 @@ class Scheduler:
                 budget -= n
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token still on its way: next step
+                break
             if not self.bm.can_allocate(seq, reserve=1):
                 if not self.running and not seqs:
                     # Alone and still too big: the pool cannot ever hold it.
@@ -84,24 +143,20 @@ class Scheduler:
             seqs.append(seq)
             chunks.append(n)
             budget -= n
-        if not seqs:
-            return None
-        return ScheduledBatch("prefill", seqs, chunks)
+        return seqs, chunks
 
     def _schedule_decode(self, lookahead: int) -> ScheduledBatch | None:
-        preempted = []
         query_len = 1 + lookahead
-        while self.running and not self.bm.can_grow(self.running, query_len):
-            victim = self.running.pop()
-            self._preempt(victim)
-            preempted.append(victim)
-        if not self.running:
+        decodes = self._decoding() if any(s.num_pending for s in self.running) \
+            else list(self.running)
+        preempted = self._make_room(decodes, query_len)
+        if not decodes:
             return ScheduledBatch("decode", [], query_len=query_len, preempted=preempted) \
                 if preempted else None
-        for seq in self.running:
+        for seq in decodes:
             self.bm.grow(seq, seq.num_cached + query_len)
-        return ScheduledBatch("decode", list(self.running), query_len=query_len,
-                              preempted=preempted)
+        return ScheduledBatch("decode", decodes, query_len=query_len, preempted=preempted,
+                              num_decode=len(decodes))
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_sequence(seq)

@@ -3,6 +3,9 @@
 A sequence's KV cache holds `num_cached` tokens. While `num_cached < len(token_ids)` the rest
 still has to go through the model: a prompt (chunk by chunk) or, in decoding, the last sampled
 token. A preempted sequence drops its pages and recomputes prompt and output from scratch.
+
+While the engine overlaps steps, the last `num_pending` entries of `token_ids` are placeholders
+for tokens sampled on the device and not yet read back; outputs never show them.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ class Sequence:
         self.num_cached = 0  # tokens whose K/V are in the cache
         self.num_prefix_hit = 0  # prompt tokens found in the prefix cache at admission
         self.draft_cached = 0  # tokens in the draft model's cache (speculative decoding)
+        self.num_pending = 0  # trailing placeholder tokens still on the device
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.text = ""
@@ -160,7 +164,8 @@ class Sequence:
         return self.status == Status.FINISHED
 
     def completion(self) -> CompletionOutput:
-        return CompletionOutput(self.index, self.text, self.output_token_ids,
+        known = len(self.token_ids) - self.num_pending  # placeholders stay hidden
+        return CompletionOutput(self.index, self.text, self.token_ids[self.num_prompt_tokens:known],
                                 self.cumulative_logprob,
                                 None if self.logprobs is None else list(self.logprobs),
                                 self.finish_reason, self.stop_reason)

@@ -9,9 +9,9 @@ token repeated, which the target simply rejects.
 
 from __future__ import annotations
 
+import weakref
 from abc import ABC, abstractmethod
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,7 +50,12 @@ class Drafter(ABC):
 class NgramDrafter(Drafter):
     """Prompt lookup: find the most recent earlier occurrence of the sequence's last n tokens
     (n from `max_ngram` down to `min_ngram`, within the last `window` tokens) and propose the
-    k tokens that followed it."""
+    k tokens that followed it.
+
+    Each sequence keeps an index from every n-gram it holds to where that n-gram last ended,
+    extended by the tokens appended since the previous call, so a proposal costs a few
+    dictionary lookups per sequence however long the history is.
+    """
 
     deterministic = True
 
@@ -65,27 +70,51 @@ class NgramDrafter(Drafter):
         self.window = window
         self.proposed = 0
         self.matched = 0
+        # Per sequence: (tokens indexed so far, {n-gram tuple: index of the token after it}).
+        self._index: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def lookup(self, tokens: list[int]) -> list[int]:
-        """k draft tokens for a token history (its last token repeated when nothing matches)."""
-        hist = np.asarray(tokens[-self.window:], dtype=np.int64)
-        n_hist = len(hist)
+    def _extend(self, index: dict, tokens: list[int], start: int, stop: int) -> None:
+        """Record the n-grams that end right before each position in [start, stop); positions
+        before the window are skipped (a match there is never proposed)."""
+        start = max(start, stop - self.window)
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            first = max(start, n)
+            # The j-th slice holds token pos - n + j for every pos in [first, stop).
+            grams = zip(*(tokens[first - n + j:stop - n + j] for j in range(n)))
+            index.update(zip(grams, range(first, stop)))
+
+    def _draft(self, index: dict, tokens: list[int]) -> list[int]:
+        size = len(tokens)
         self.proposed += 1
-        for n in range(min(self.max_ngram, n_hist - 1), self.min_ngram - 1, -1):
-            suffix = hist[n_hist - n:]
-            # Windows starting at 0 .. n_hist - n - 1 (the suffix itself excluded).
-            windows = np.lib.stride_tricks.sliding_window_view(hist[:n_hist - 1], n)
-            hits = np.flatnonzero((windows == suffix).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
-                draft = hist[start:start + self.k].tolist()
+        for n in range(min(self.max_ngram, size - 1), self.min_ngram - 1, -1):
+            start = index.get(tuple(tokens[size - n:]))
+            # The suffix itself is never indexed (nothing follows it yet); the match must lie
+            # inside the window, as a scan of the last `window` tokens would find it.
+            if start is not None and start - n >= size - self.window:
+                draft = tokens[start:start + self.k]
                 self.matched += 1
                 return draft + [draft[-1]] * (self.k - len(draft))
         return [tokens[-1]] * self.k
 
+    def lookup(self, tokens: list[int]) -> list[int]:
+        """k draft tokens for a token history (its last token repeated when nothing matches)."""
+        index: dict = {}
+        self._extend(index, tokens, 0, len(tokens))
+        return self._draft(index, tokens)
+
+    def draft(self, seq: Sequence) -> list[int]:
+        """`lookup` of the sequence's tokens, indexing only the tokens new since the last call."""
+        tokens = seq.token_ids
+        done, index = self._index.get(seq, (0, None))
+        if index is None or done > len(tokens):  # a new sequence, or its history was cut
+            done, index = 0, {}
+        self._extend(index, tokens, done, len(tokens))
+        self._index[seq] = (len(tokens), index)
+        return self._draft(index, tokens)
+
     def propose(self, seqs: list[Sequence], st: SamplingTensors) -> tuple[Tensor, None]:
-        drafts = [self.lookup(s.token_ids) for s in seqs]
-        return torch.tensor(drafts, dtype=torch.int64, device=st.seeds.device), None
+        """Drafts (B, k) int64 on the host: a deterministic drafter's tokens travel as lists."""
+        return torch.tensor([self.draft(s) for s in seqs], dtype=torch.int64), None
 
 
 class DraftModelDrafter(Drafter):

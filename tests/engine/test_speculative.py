@@ -2,6 +2,7 @@
 rolled back, pages never leaked."""
 
 import pytest
+import torch
 
 from hwattn.engine import LLM, SamplingParams
 from hwattn.engine.speculative import NgramDrafter
@@ -67,3 +68,40 @@ def test_sampled_speculation_runs_and_is_seeded(checkpoints):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert all(len(o.token_ids) == 20 for o in a)
     assert llm.engine.block_manager.num_used_pages == 0
+
+
+def test_incremental_ngram_drafts_equal_a_fresh_lookup():
+    """The per-sequence index, extended as tokens arrive, proposes what a scan of the whole
+    history proposes: over growing random histories from a small alphabet (many matches),
+    with a window short enough to cut some of them."""
+    from hwattn.engine.sequence import Sequence
+
+    g = torch.Generator().manual_seed(0)
+    for window in (4096, 9):
+        incremental, fresh = NgramDrafter(k=3, window=window), NgramDrafter(k=3, window=window)
+        seq = Sequence("r", torch.randint(0, 5, (3,), generator=g).tolist(), GREEDY, 0)
+        for _ in range(60):
+            assert incremental.draft(seq) == fresh.lookup(seq.token_ids)
+            seq.token_ids.extend(torch.randint(0, 5, (int(torch.randint(1, 4, (1,))),),
+                                               generator=g).tolist())
+
+
+@pytest.mark.parametrize("with_probs", [False, True])
+def test_greedy_verify_equals_rejection_sampling_of_greedy_rows(with_probs):
+    from hwattn.engine.model_runner import greedy_verify
+    from hwattn.engine.sampler import SamplingTensors, rejection_sample
+
+    g = torch.Generator().manual_seed(1)
+    batch, k, vocab = 6, 3, 11
+    logits = torch.randn(batch, k + 1, vocab, generator=g)
+    drafts = torch.randint(0, vocab, (batch, k), generator=g)
+    drafts[:3] = logits[:3, :k].argmax(-1)  # some rows fully accepted
+    drafts[1, 2] = (drafts[1, 2] + 1) % vocab
+    probs = torch.rand(batch, k, vocab, generator=g).softmax(-1) if with_probs else None
+    st = SamplingTensors.build([GREEDY] * batch, list(range(batch)), [10] * batch, "cpu")
+    want = rejection_sample(logits, drafts, probs, st)
+    got = greedy_verify(logits, drafts)
+    assert torch.equal(got[1], want[1])
+    for row, (n, ours, theirs) in enumerate(zip(want[1].tolist(), got[0], want[0])):
+        assert ours[:n + 1].tolist() == theirs[:n + 1].tolist(), row  # the tokens kept
+    assert got[1].tolist()[:3] == [3, 2, 3]

@@ -1,0 +1,197 @@
+"""Mixed batches (decodes and prompt chunks in one step under the token budget) and
+overlapped scheduling (the next step launched before the last one is read back): greedy
+outputs equal the unmixed, unoverlapped engine's and the minimal greedy decoder's; budgets
+hold; aborts mid-chunk and mid-flight leave no page behind and no placeholder in an output."""
+
+import pytest
+import torch
+
+from hwattn.engine import LLM, SamplingParams
+from hwattn.engine.llm_engine import PLACEHOLDER
+from hwattn.models import greedy_generate
+from tests.engine.conftest import step_to_completion
+
+MODES = [dict(enable_mixed_batches=m, overlap_scheduling=o) for m in (False, True)
+         for o in (False, True)]
+MODE_IDS = ["plain", "overlap", "mixed", "mixed+overlap"]
+
+
+def prompts(n, seed=0, longest=40):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, longest, (n,), generator=g).tolist()
+    return [torch.randint(0, 2048, (m,), generator=g).tolist() for m in lengths]
+
+
+def oracle(model, prompt, n):
+    tokens, _ = greedy_generate(model, torch.tensor([prompt]), n, page_size=8)
+    return tokens[0, len(prompt):].tolist()
+
+
+def record_batches(engine) -> list:
+    """Wrap the scheduler so every scheduled batch is kept, for inspection."""
+    seen, schedule = [], engine.scheduler.schedule
+
+    def wrapped(*args, **kw):
+        batch = schedule(*args, **kw)
+        if batch is not None:
+            seen.append((batch.kind, batch.num_decode, list(batch.chunks), batch.query_len))
+        return batch
+
+    engine.scheduler.schedule = wrapped
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["gqa-2", "gla-2"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_greedy_output_is_the_reference_decoders_in_every_mode(checkpoints, variant, mode):
+    ps = prompts(7)
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True)
+              for i in range(len(ps))]
+    llm = LLM(checkpoints(variant), page_size=8, max_num_seqs=4, memory_budget=1 << 20,
+              max_num_batched_tokens=12, **mode)
+    engine = llm.engine
+    batches = record_batches(engine)
+    ids = engine.add_requests(ps, params)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert PLACEHOLDER not in out.token_ids
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+    for p, sp, rid in zip(ps, params, ids):
+        assert done[rid].token_ids == oracle(engine.model, p, sp.max_tokens)
+        assert done[rid].finish_reason == "length"
+    assert engine.block_manager.num_used_pages == 0
+    for kind, nd, chunks, _ in batches:
+        assert sum(chunks) <= 12 or kind == "decode"
+    mixed = [b for b in batches if b[0] == "mixed"]
+    assert bool(mixed) == mode["enable_mixed_batches"]
+    assert engine.stats()["mixed_steps"] == len(mixed)
+
+
+def test_mixed_steps_give_decodes_first_and_the_rest_of_the_budget_to_prompts(checkpoints):
+    llm = LLM(checkpoints("gta-4"), page_size=4, num_pages=200, max_model_len=128,
+              max_num_batched_tokens=10, overlap_scheduling=False)
+    engine = llm.engine
+    batches = record_batches(engine)
+    short = [engine.add_request([3, 4, 5], SamplingParams(max_tokens=20, temperature=0))
+             for _ in range(3)]
+    engine.step()  # the three short prompts: 9 tokens
+    long = engine.add_request(list(range(60)), SamplingParams(max_tokens=3, temperature=0))
+    engine.step()
+    kind, nd, chunks, _ = batches[-1]
+    assert (kind, nd, chunks) == ("mixed", 3, [1, 1, 1, 7])  # three decodes, then 10 - 3
+    seq = engine.requests[long][0]
+    assert seq.num_cached == 7 and seq.is_prefilling
+    while engine.has_unfinished():
+        engine.step()
+        engine.check_invariants()
+    assert engine.block_manager.num_used_pages == 0
+    assert all(rid not in engine.requests for rid in short + [long])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_mid_chunk_and_mid_flight_is_clean(checkpoints, overlap):
+    path = checkpoints("gla-2")
+    greedy = SamplingParams(max_tokens=15, temperature=0, ignore_eos=True)
+    llm = LLM(path, page_size=4, num_pages=200, max_model_len=128, max_num_batched_tokens=8,
+              overlap_scheduling=overlap)
+    engine = llm.engine
+    keep = engine.add_request([5, 6, 7], greedy)
+    chunked = engine.add_request(list(range(50)), greedy)
+    flying = engine.add_request([9, 8, 7, 6], greedy)
+    engine.step()
+    engine.step()
+    seq = engine.requests[chunked][0]
+    assert 0 < seq.num_cached < 50  # part-way through its prompt
+    out = engine.abort_request(chunked)
+    assert out.finish_reason == "abort" and out.token_ids == []
+    engine.step()
+    if overlap:
+        assert engine.requests[flying][0].num_pending == 1  # its token is still on the device
+    out = engine.abort_request(flying)
+    assert out.finish_reason == "abort" and PLACEHOLDER not in out.token_ids
+    engine.check_invariants()
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = o
+        engine.check_invariants()
+    assert set(outs) == {keep}
+    assert outs[keep].token_ids == oracle(engine.model, [5, 6, 7], 15)
+    assert engine.block_manager.num_used_pages == 0
+
+
+def test_overlap_stops_preempts_and_recomputes_like_the_plain_engine(checkpoints):
+    path = checkpoints("gta-4")
+    ps = prompts(10, seed=1) + [list(range(100, 133))] * 2
+    reference = LLM(path, page_size=4, max_num_seqs=8, num_pages=400,
+                    overlap_scheduling=False, enable_mixed_batches=False)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    free = reference.generate(ps, greedy)
+    # Stop on each request's 5th greedy token: the stop is seen one step late under overlap.
+    stops = [SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[o.token_ids[4]])
+             for o in free]
+    expected = reference.generate(ps, stops)
+    assert any(len(o.token_ids) < 12 for o in expected)
+    tight = LLM(path, page_size=4, max_num_seqs=8, num_pages=22, max_num_batched_tokens=16,
+                max_model_len=64)
+    engine = tight.engine
+    assert engine.overlap and engine.scheduler.mixed
+    ids = engine.add_requests(ps, stops)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+    got = [done[i] for i in ids]
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in expected]
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_hit_pages"] > 0, stats
+    assert engine.block_manager.num_used_pages == 0
+    assert step_to_completion(engine, ps[:2], greedy)[0].token_ids == free[0].token_ids
+
+
+def test_sampled_outputs_do_not_depend_on_mixing_or_overlap(checkpoints):
+    ps = prompts(6, seed=3)
+    sp = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)
+    outs = []
+    for mode in MODES:
+        llm = LLM(checkpoints("mla"), page_size=8, num_pages=200, max_num_batched_tokens=16,
+                  **mode)
+        outs.append([o.token_ids for o in llm.generate(ps, sp)])
+    assert all(o == outs[0] for o in outs[1:])
+
+
+@pytest.mark.parametrize("mode", MODES[1:], ids=MODE_IDS[1:])
+def test_host_sampled_requests_beside_overlapped_ones(checkpoints, mode):
+    """Requests whose sampling reads the tokens so far (penalties, min_tokens) or returns
+    log-probabilities run beside plain ones: every output equals the plain engine's."""
+    ps = prompts(6, seed=3)
+    params = []
+    for i in range(len(ps)):
+        extra = [dict(), dict(repetition_penalty=1.5, frequency_penalty=0.5),
+                 dict(logprobs=2), dict(min_tokens=5), dict(prompt_logprobs=1),
+                 dict(temperature=0.9, seed=i)][i]
+        params.append(SamplingParams(**{"max_tokens": 6 + i, "temperature": 0, **extra}))
+
+    def run(**kw):
+        llm = LLM(checkpoints("gla-2"), page_size=8, max_num_seqs=3, memory_budget=1 << 20,
+                  max_num_batched_tokens=12, **kw)
+        outs = llm.generate(ps, params)
+        llm.engine.check_invariants()
+        return outs
+
+    def flat(entries):  # log-probabilities in order: batch composition moves them by ~1e-6
+        return [v.logprob for e in entries or [] if e for v in e.values()]
+
+    for got, want in zip(run(**mode), run(**MODES[0])):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in ((got.outputs[0].logprobs, want.outputs[0].logprobs),
+                     (got.prompt_logprobs, want.prompt_logprobs)):
+            assert (a is None) == (b is None)
+            assert [list(e or {}) for e in a or []] == [list(e or {}) for e in b or []]
+            assert flat(a) == pytest.approx(flat(b), abs=1e-4)
