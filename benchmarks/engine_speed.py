@@ -43,11 +43,11 @@ def settings(tiny: bool) -> dict:
         return dict(preset="tiny", device="cpu", dtype="fp32", requests=6, prompt_len=48,
                     output_len=10, rate=400.0, batch=6, decode_prompt=32, decode_output=8,
                     spec_requests=3, spec_prompt=48, spec_output=16, page_size=16,
-                    max_num_batched_tokens=64, memory_budget=64 << 20)
+                    max_num_batched_tokens=64, memory_budget=64 << 20, mixed=1, overlap=1)
     return dict(preset="xl", device="cuda", dtype="bf16", requests=64, prompt_len=8192,
                 output_len=128, rate=16.0, batch=64, decode_prompt=1024, decode_output=48,
                 spec_requests=64, spec_prompt=2048, spec_output=128, page_size=64,
-                max_num_batched_tokens=1024, memory_budget=0.5)
+                max_num_batched_tokens=1024, memory_budget=0.5, mixed=1, overlap=1)
 
 
 def log(msg: str) -> None:
@@ -87,7 +87,8 @@ class Variant:
             page_size=cfg["page_size"], max_num_seqs=cfg["batch"],
             max_num_batched_tokens=budget or cfg["max_num_batched_tokens"],
             max_model_len=self.max_len, memory_budget=cfg["memory_budget"],
-            speculative="ngram" if k else None, num_speculative_tokens=k)
+            speculative="ngram" if k else None, num_speculative_tokens=k,
+            **self.modes())
         self.kv_bytes = self.net.kv_bytes_per_token(1, dtype)
         self.num_pages = plan_pages(self.engine_config(kmax), self.kv_bytes, device, self.max_len)
         lens = (1,) + tuple(k + 1 for k in ks if k)
@@ -96,6 +97,19 @@ class Variant:
                                   max_num_seqs=cfg["batch"], cache_dtype=dtype,
                                   cuda_graphs=True, graph_query_lens=lens)
         self.tokenizer = load_tokenizer(None, self.net.config.vocab_size)
+
+    def modes(self) -> dict:
+        """`--set mixed=0` / `overlap=0` turn the engine's mixed steps / overlapped scheduling
+        off (this tree's engine only: a --before tree may not know them)."""
+        from hwattn.engine.config import EngineConfig
+
+        known = EngineConfig.__dataclass_fields__
+        out = {}
+        if "enable_mixed_batches" in known:
+            out["enable_mixed_batches"] = bool(self.cfg.get("mixed", 1))
+        if "overlap_scheduling" in known:
+            out["overlap_scheduling"] = bool(self.cfg.get("overlap", 1))
+        return out
 
     def engine(self, k: int = 0, budget: int | None = None):
         """An engine on the shared runner: n-gram drafting with k tokens (0: none), and

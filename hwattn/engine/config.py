@@ -39,7 +39,10 @@ class EngineConfig:
     model_overrides: presets only, ModelConfig fields to change (e.g. max_seq_len).
     enable_mixed_batches: decodes and prompt chunks share each step, decodes first, prompts
         taking the rest of `max_num_batched_tokens` (plain decoding; speculation keeps
-        prefill and verify steps apart).
+        prefill and verify steps apart). Off by default: on an H200 (xl GLA-2, 64 prompts of
+        8K arriving at 16/s) it made ITL p50 115 ms against 8.5 ms without it, since every
+        decode then waits for a prompt chunk whose attention reads the whole cached prefix
+        (benchmarks/results/engine_speed_h200_2026-11-29/).
     overlap_scheduling: launch each step before reading the previous one back, so the host's
         work runs while the device computes (plain decoding in one process).
     """
@@ -64,7 +67,7 @@ class EngineConfig:
     backend: str = "auto"
     seed: int = 0
     model_overrides: dict | None = None
-    enable_mixed_batches: bool = True
+    enable_mixed_batches: bool = False
     overlap_scheduling: bool = True
 
     def __post_init__(self):

@@ -72,7 +72,7 @@ def test_greedy_output_is_the_reference_decoders_in_every_mode(checkpoints, vari
 
 def test_mixed_steps_give_decodes_first_and_the_rest_of_the_budget_to_prompts(checkpoints):
     llm = LLM(checkpoints("gta-4"), page_size=4, num_pages=200, max_model_len=128,
-              max_num_batched_tokens=10, overlap_scheduling=False)
+              max_num_batched_tokens=10, overlap_scheduling=False, enable_mixed_batches=True)
     engine = llm.engine
     batches = record_batches(engine)
     short = [engine.add_request([3, 4, 5], SamplingParams(max_tokens=20, temperature=0))
@@ -136,7 +136,7 @@ def test_overlap_stops_preempts_and_recomputes_like_the_plain_engine(checkpoints
     expected = reference.generate(ps, stops)
     assert any(len(o.token_ids) < 12 for o in expected)
     tight = LLM(path, page_size=4, max_num_seqs=8, num_pages=22, max_num_batched_tokens=16,
-                max_model_len=64)
+                max_model_len=64, enable_mixed_batches=True)
     engine = tight.engine
     assert engine.overlap and engine.scheduler.mixed
     ids = engine.add_requests(ps, stops)
