@@ -21,12 +21,15 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from hwattn.engine import LLM, SamplingParams
+import torch  # noqa: E402
+
+from hwattn.engine import LLM, SamplingParams  # noqa: E402
 
 
 def gib(n: float) -> float:
