@@ -43,11 +43,11 @@ def settings(tiny: bool) -> dict:
         return dict(preset="tiny", device="cpu", dtype="fp32", requests=6, prompt_len=48,
                     output_len=10, rate=400.0, batch=6, decode_prompt=32, decode_output=8,
                     spec_requests=3, spec_prompt=48, spec_output=16, page_size=16,
-                    max_num_batched_tokens=64, memory_budget=64 << 20, mixed=1, overlap=1)
+                    max_num_batched_tokens=64, memory_budget=64 << 20, mixed=0, overlap=1)
     return dict(preset="xl", device="cuda", dtype="bf16", requests=64, prompt_len=8192,
                 output_len=128, rate=16.0, batch=64, decode_prompt=1024, decode_output=48,
                 spec_requests=64, spec_prompt=2048, spec_output=128, page_size=64,
-                max_num_batched_tokens=1024, memory_budget=0.5, mixed=1, overlap=1)
+                max_num_batched_tokens=1024, memory_budget=0.5, mixed=0, overlap=1)
 
 
 def log(msg: str) -> None:
@@ -99,14 +99,14 @@ class Variant:
         self.tokenizer = load_tokenizer(None, self.net.config.vocab_size)
 
     def modes(self) -> dict:
-        """`--set mixed=0` / `overlap=0` turn the engine's mixed steps / overlapped scheduling
-        off (this tree's engine only: a --before tree may not know them)."""
+        """The engine's defaults (mixed steps off, overlapped scheduling on); `--set mixed=1` /
+        `overlap=0` change them (in a tree whose engine knows them: a --before tree may not)."""
         from hwattn.engine.config import EngineConfig
 
         known = EngineConfig.__dataclass_fields__
         out = {}
         if "enable_mixed_batches" in known:
-            out["enable_mixed_batches"] = bool(self.cfg.get("mixed", 1))
+            out["enable_mixed_batches"] = bool(self.cfg.get("mixed", 0))
         if "overlap_scheduling" in known:
             out["overlap_scheduling"] = bool(self.cfg.get("overlap", 1))
         return out
