@@ -237,6 +237,7 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
     wall, attention = times["step_wall_s"], times["attention_s"]
     return dict(batch=batch, context_len=context_len, **times,
                 attention_share=attention / wall, outside_attention_share=1 - attention / wall,
+                allreduce_share=times["allreduce_s"] / wall,
                 host_overhead_share=max(0.0, 1 - times["forward_device_s"] / wall))
 
 
@@ -267,7 +268,29 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     attention = timer(attention_calls(runner.model, batch, 1, runner.kv_caches, table,
                                       seqlens_host.to(device), plan, runner.backend), iters)
     return dict(cuda_graphs=runner.cuda_graphs, graph_error=runner.graph_error,
-                step_wall_s=step_wall, forward_device_s=forward_device, attention_s=attention)
+                step_wall_s=step_wall, forward_device_s=forward_device, attention_s=attention,
+                allreduce_s=timer(allreduce_calls(runner.model, batch), iters))
+
+
+def allreduce_calls(model, batch: int):
+    """A callable making the tensor-parallel all-reduces of one decode step of `batch`
+    tokens: one per row-parallel projection, each of its output shape and dtype (every rank
+    must call it at once, as the step would). A model that is not sharded has none. Timed
+    alone, each collective also waits for the slowest rank to arrive, so this is an upper
+    bound on what the step's all-reduces cost."""
+    import torch.distributed as dist
+
+    from hwattn.parallel.tp import RowParallelLinear
+
+    layers = [m for m in model.modules() if isinstance(m, RowParallelLinear) and m.group is not None]
+    buffers = [(torch.zeros(batch, 1, m.out_features, dtype=m.weight.dtype, device=m.weight.device),
+                m.group) for m in layers]
+
+    def run():
+        for buf, group in buffers:
+            dist.all_reduce(buf, group=group)
+
+    return run
 
 
 @torch.inference_mode()
@@ -383,6 +406,7 @@ def format_engine_report(doc: dict) -> str:
               f"    step wall {brk['step_wall_s'] * ms:.3f} ms | forward on device "
               f"{brk['forward_device_s'] * ms:.3f} ms | attention kernels "
               f"{brk['attention_s'] * ms:.3f} ms ({brk['attention_share']:.0%} of the step)",
-              f"    outside attention {brk['outside_attention_share']:.0%} | host overhead "
-              f"beyond the forward {brk['host_overhead_share']:.0%}"]
+              f"    outside attention {brk['outside_attention_share']:.0%} | tensor-parallel "
+              f"all-reduces {brk['allreduce_s'] * ms:.3f} ms ({brk['allreduce_share']:.0%}, timed "
+              f"alone) | host overhead beyond the forward {brk['host_overhead_share']:.0%}"]
     return "\n".join(lines)
