@@ -411,19 +411,10 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     launch = plan_launch(d_nope, d_v, d_rope, group, query_len, config)
     if plan is None:
         plan = make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)
-    elif plan.batch != batch or plan.items.device != q_nope.device:
-        raise ValueError(f"plan was made for B={plan.batch} on {plan.items.device}, "
-                         f"not B={batch} on {q_nope.device}")
-
-    out = torch.empty(batch, query_len, n_heads, d_v, dtype=q_nope.dtype, device=q_nope.device)
-    lse = torch.empty(batch, n_heads, query_len, dtype=torch.float32, device=q_nope.device)
-    if plan.may_split:
-        part_out = torch.empty(plan.capacity, query_len, n_heads, d_v, dtype=torch.float32,
-                               device=q_nope.device)
-        part_lse = torch.empty(plan.capacity, query_len, n_heads, dtype=torch.float32,
-                               device=q_nope.device)
-    else:  # every sequence is one piece: the kernel never touches the partials
-        part_out, part_lse = out, lse
+    else:
+        plan.check(batch, q_nope.device)
+    out, lse, part_out, part_lse = plan.buffers(query_len, n_heads, d_v, q_nope.dtype,
+                                                q_nope.device)
     kv_desc, rope_desc = _descriptors(kv_cache, rope_cache)
     kernel, constexprs = _kernel(d_nope, d_v, d_rope, query_len, page_size, config, launch)
     kernel[(n_kv * launch.head_blocks, plan.capacity)](

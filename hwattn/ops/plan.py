@@ -57,6 +57,28 @@ class DecodePlan:
         """Whether any sequence can have several pieces, i.e. the combine kernel must run."""
         return self.capacity > self.batch
 
+    def check(self, batch: int, device: torch.device) -> None:
+        """Raise ValueError unless this plan was made for `batch` sequences on `device`."""
+        if self.batch != batch or self.items.device != device:
+            raise ValueError(f"plan was made for B={self.batch} on {self.items.device}, "
+                             f"not B={batch} on {device}")
+
+    def buffers(self, query_len: int, n_heads: int, d_v: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The step's outputs and the partials its pieces write: out (B, L_q, H, d_v) in
+        `dtype`, lse (B, H, L_q) fp32, and the fp32 partials (capacity, L_q, H, d_v) and
+        (capacity, L_q, H), which are `out` and `lse` themselves when no sequence splits
+        (the kernel then never touches them)."""
+        out = torch.empty(self.batch, query_len, n_heads, d_v, dtype=dtype, device=device)
+        lse = torch.empty(self.batch, n_heads, query_len, dtype=torch.float32, device=device)
+        if not self.may_split:
+            return out, lse, out, lse
+        part_out = torch.empty(self.capacity, query_len, n_heads, d_v, dtype=torch.float32,
+                               device=device)
+        part_lse = torch.empty(self.capacity, query_len, n_heads, dtype=torch.float32,
+                               device=device)
+        return out, lse, part_out, part_lse
+
 
 def _pieces(length: int, n_pieces: int) -> list[tuple[int, int]]:
     """Cut [0, length) into at most `n_pieces` aligned pieces of near-equal size."""

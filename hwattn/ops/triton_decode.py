@@ -126,19 +126,9 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
         plan = plan_decode(cache_seqlens, num_heads_kv=n_kv, query_len=query_len,
                            page_size=page_size, head_blocks=head_blocks,
                            min_piece=min_piece(q, k_cache, v_cache, rope_cache, tied))
-    elif plan.batch != batch or plan.items.device != q.device:
-        raise ValueError(f"plan was made for B={plan.batch} on {plan.items.device}, "
-                         f"not B={batch} on {q.device}")
-
-    out = torch.empty(batch, query_len, n_heads, d_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, n_heads, query_len, dtype=torch.float32, device=q.device)
-    if plan.may_split:
-        part_out = torch.empty(plan.capacity, query_len, n_heads, d_v, dtype=torch.float32,
-                               device=q.device)
-        part_lse = torch.empty(plan.capacity, query_len, n_heads, dtype=torch.float32,
-                               device=q.device)
-    else:  # every sequence is one piece: the kernel never touches the partials
-        part_out, part_lse = out, lse
+    else:
+        plan.check(batch, q.device)
+    out, lse, part_out, part_lse = plan.buffers(query_len, n_heads, d_v, q.dtype, q.device)
     if tied:
         d_rope = q_rope.shape[-1]
         qr_strides, r_strides = q_rope.stride()[:3], rope_cache.stride()[:2]
