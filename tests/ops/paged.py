@@ -7,6 +7,7 @@ pages), and block-table entries past a sequence's last page pointing far out of 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -78,3 +79,30 @@ def attention_truth(q: torch.Tensor, keys: list[torch.Tensor], values: list[torc
         outs.append(torch.einsum("hjl,lhe->jhe", probs, v[:, kv_of_head]))
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
+
+
+def tied_case(lengths: list[int], l_q: int, h_q: int, h_kv: int, d_nope: int, d_v: int,
+              d_rope: int, page: int, dtype, cache_dtype=None, scale: float | None = None) -> dict:
+    """A tied-state decode case on hostile paged caches (CPU tensors): the queries q_nope /
+    q_rope (B, L_q, H_q, d_nope / d_R), the state cache (pool, page, H_kv, d_v) and the shared
+    RoPE cache (pool, page, d_R), the shuffled block table, seqlens, the softmax scale, and
+    `truth`: the fp64 (out, lse) of attention over keys [state[:d_nope], rope] and values
+    state, as `attention_truth` gives them."""
+    cache_dtype = cache_dtype or dtype
+    table, n_pool = paged_table(lengths, page)
+    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, cache_dtype, scale)
+    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, cache_dtype, scale)
+    batch = len(lengths)
+    q_nope = torch.randn(batch, l_q, h_q, d_nope).to(dtype)
+    q_rope = torch.randn(batch, l_q, h_q, d_rope).to(dtype)
+    softmax_scale = 1 / math.sqrt(d_nope + d_rope)
+    keys, values = [], []
+    for b, n in enumerate(lengths):
+        state = gather_truth(kv_real, table, b, n)  # (L, H_kv, D_v)
+        rope = gather_truth(rope_real, table, b, n)[:, None, :].expand(n, h_kv, d_rope)
+        keys.append(torch.cat([state[..., :d_nope], rope], -1))
+        values.append(state)
+    truth = attention_truth(torch.cat([q_nope, q_rope], -1), keys, values, softmax_scale)
+    return dict(q_nope=q_nope, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache,
+                table=table, seqlens=torch.tensor(lengths, dtype=torch.int32),
+                softmax_scale=softmax_scale, truth=truth)

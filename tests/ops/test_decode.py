@@ -15,7 +15,8 @@ import torch
 
 from hwattn import ops
 from tests.conftest import assert_close_derived
-from tests.ops.paged import DEVICE, attention_truth, fill_cache, gather_truth, paged_table
+from tests.ops.paged import (DEVICE, attention_truth, fill_cache, gather_truth, paged_table,
+                              tied_case)
 
 FP8 = torch.float8_e4m3fn
 
@@ -88,21 +89,9 @@ def test_decode_tied_matches_fp64(case):
     lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype, cache_dtype = case
     cache_dtype = cache_dtype or dtype
     scale = 0.06 if cache_dtype == FP8 else None
-    table, n_pool = paged_table(lengths, page)
-    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, cache_dtype, scale)
-    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, cache_dtype, scale)
-    batch = len(lengths)
-    q_nope = torch.randn(batch, l_q, h_q, d_nope).to(dtype)
-    q_rope = torch.randn(batch, l_q, h_q, d_rope).to(dtype)
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
-    softmax_scale = 1 / math.sqrt(d_nope + d_rope)
-    keys, values = [], []
-    for b, n in enumerate(lengths):
-        state = gather_truth(kv_real, table, b, n)  # (L, H_kv, D_v)
-        rope = gather_truth(rope_real, table, b, n)[:, None, :].expand(n, h_kv, d_rope)
-        keys.append(torch.cat([state[..., :d_nope], rope], -1))
-        values.append(state)
-    truth = attention_truth(torch.cat([q_nope, q_rope], -1), keys, values, softmax_scale)
+    c = tied_case(lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype, cache_dtype, scale)
+    q_nope, q_rope, kv_cache, rope_cache = c["q_nope"], c["q_rope"], c["kv_cache"], c["rope_cache"]
+    table, seqlens, softmax_scale, truth = c["table"], c["seqlens"], c["softmax_scale"], c["truth"]
     kw = dict(softmax_scale=softmax_scale, return_lse=True, kv_scale=scale)
     baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
                                backend="torch", **kw)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from hwattn import ops
 from hwattn.ops import hopper_decode, triton_decode
 from hwattn.ops.hopper_decode import HopperConfig, TiedShape
 from tests.conftest import assert_close_derived
-from tests.ops.paged import DEVICE, attention_truth, fill_cache, gather_truth, paged_table
+from tests.ops.paged import DEVICE, fill_cache, paged_table, tied_case
 
 SMEM_LIMIT = 232448  # dynamic shared memory one sm_90 program may use (227 KiB)
 
@@ -257,21 +256,9 @@ def test_matches_fp64_on_hopper(case, variant):
     config = _config(TiedShape(d_nope, d_v, d_rope, h_q // h_kv, l_q, page, dtype_name), variant)
     if config is None:
         pytest.skip(f"the {variant} schedule does not take this shape")
-    table, n_pool = paged_table(lengths, page)
-    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype)
-    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, dtype)
-    batch = len(lengths)
-    q_nope = torch.randn(batch, l_q, h_q, d_nope).to(dtype)
-    q_rope = torch.randn(batch, l_q, h_q, d_rope).to(dtype)
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
-    softmax_scale = 1 / math.sqrt(d_nope + d_rope)
-    keys, values = [], []
-    for b, n in enumerate(lengths):
-        state = gather_truth(kv_real, table, b, n)  # (L, H_kv, D_v)
-        rope = gather_truth(rope_real, table, b, n)[:, None, :].expand(n, h_kv, d_rope)
-        keys.append(torch.cat([state[..., :d_nope], rope], -1))
-        values.append(state)
-    truth = attention_truth(torch.cat([q_nope, q_rope], -1), keys, values, softmax_scale)
+    c = tied_case(lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype)
+    q_nope, q_rope, kv_cache, rope_cache = c["q_nope"], c["q_rope"], c["kv_cache"], c["rope_cache"]
+    table, seqlens, softmax_scale, truth = c["table"], c["seqlens"], c["softmax_scale"], c["truth"]
     baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
                                softmax_scale=softmax_scale, return_lse=True, backend="torch")
     args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
@@ -296,21 +283,9 @@ def test_backend_matches_fp64_on_hopper(case):
     lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
     backend = ops.get_backend("hopper")
     assert ops.get_backend("auto", DEVICE) is backend
-    table, n_pool = paged_table(lengths, page)
-    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype)
-    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, dtype)
-    batch = len(lengths)
-    q_nope = torch.randn(batch, l_q, h_q, d_nope).to(dtype)
-    q_rope = torch.randn(batch, l_q, h_q, d_rope).to(dtype)
-    softmax_scale = 1 / math.sqrt(d_nope + d_rope)
-    keys, values = [], []
-    for b, n in enumerate(lengths):
-        state = gather_truth(kv_real, table, b, n)  # (L, H_kv, D_v)
-        rope = gather_truth(rope_real, table, b, n)[:, None, :].expand(n, h_kv, d_rope)
-        keys.append(torch.cat([state[..., :d_nope], rope], -1))
-        values.append(state)
-    truth = attention_truth(torch.cat([q_nope, q_rope], -1), keys, values, softmax_scale)
-    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    c = tied_case(lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype)
+    q_nope, q_rope, kv_cache, rope_cache = c["q_nope"], c["q_rope"], c["kv_cache"], c["rope_cache"]
+    table, seqlens, softmax_scale, truth = c["table"], c["seqlens"], c["softmax_scale"], c["truth"]
     baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
                                softmax_scale=softmax_scale, return_lse=True, backend="torch")
     args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
