@@ -209,12 +209,10 @@ def attention_calls(model, batch: int, query_len: int, caches, block_table, seql
 def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> dict:
     """Time one decode step of `batch` sequences with `context_len` cached tokens each.
 
-    Borrows pages from the pool (the engine must be idle) and gives them back.
-    Returns seconds: step_wall (host included: metadata, graph replay or eager forward),
-    forward_device (the model's forward on the device), attention (the attention kernels of
-    every layer alone), and derived shares. Under tensor parallelism every rank runs the same
-    timing (so the forward's all-reduces line up) and the numbers are rank 0's, taken inside
-    its worker process; with data-parallel replicas, replica 0 is timed.
+    Borrows pages from the pool (the engine must be idle) and gives them back. Returns the
+    fields of `time_decode_step` plus shares of the step. Under tensor parallelism every rank
+    runs the same timing (so the forward's all-reduces line up) and the numbers are rank 0's,
+    taken inside its worker process; with data-parallel replicas, replica 0 is timed.
     """
     if hasattr(engine, "call_replica"):
         return engine.call_replica(0, decode_breakdown, batch, context_len, iters)
@@ -238,12 +236,135 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
     return dict(batch=batch, context_len=context_len, **times,
                 attention_share=attention / wall, outside_attention_share=1 - attention / wall,
                 allreduce_share=times["allreduce_s"] / wall,
-                host_overhead_share=max(0.0, 1 - times["forward_device_s"] / wall))
+                host_overhead_share=max(0.0, times["host_s"] / wall))
+
+
+# Substrings of cuBLAS / CUTLASS matrix-multiply kernel names (Hopper, Ampere, split-K, GEMV).
+GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "gemv", "splitk", "matmul", "_mma_")
+
+
+def classify_kernel(name: str, backend) -> str:
+    """The part of a decode step a GPU kernel belongs to: "attention" or "cache_write" (the
+    kernels `backend.kernel_names` lists for its paged ops), "gemm" (cuBLAS / CUTLASS
+    matrix products) or "other" (norms, RoPE, activations, copies, sampling, ...)."""
+    for part in ("attention", "cache_write"):
+        if any(k in name for k in backend.kernel_names.get(part, ())):
+            return part
+    low = name.lower()
+    if any(m in low for m in GEMM_MARKERS):
+        return "gemm"
+    return "other"
+
+
+def profile_kernels(fn, iters: int) -> list[tuple[str, float]]:
+    """(kernel name, seconds) of every GPU kernel, copy and memset that `iters` calls of `fn`
+    ran, read from the profiler's trace (CUPTI records the kernels inside a CUDA graph's
+    replay as it records launched ones)."""
+    import json as _json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = _json.load(f)
+    finally:
+        os.unlink(path)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [(e["name"], e["dur"] / 1e6) for e in events
+            if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
+def kernel_breakdown(kernels: list[tuple[str, float]], iters: int, backend, top: int = 12) -> dict:
+    """Per step (kernel times summed over `iters` steps, divided by `iters`): seconds in each
+    part of `classify_kernel`, the kernel count, and the `top` kernels by time."""
+    parts = dict.fromkeys(("attention", "cache_write", "gemm", "other"), 0.0)
+    by_name: dict[str, list] = {}
+    for name, seconds in kernels:
+        parts[classify_kernel(name, backend)] += seconds
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += seconds
+        entry[1] += 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(**{f"{k}_s": v / iters for k, v in parts.items()},
+                kernels_s=sum(parts.values()) / iters, kernels_per_step=len(kernels) / iters,
+                top=[dict(name=n[:120], part=classify_kernel(n, backend), us=t / iters * 1e6,
+                          per_step=c / iters) for n, (t, c) in ranked])
+
+
+_PEAKS: dict = {}
+
+
+def device_peaks(device) -> tuple[float, float] | None:
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s) of this GPU, measured once per
+    process (`hwattn.bench.decode.measure_peaks`); None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if device not in _PEAKS:
+        from triton.testing import do_bench
+
+        from hwattn.bench.decode import measure_peaks
+
+        with torch.cuda.device(device):
+            _PEAKS[device] = measure_peaks(torch, do_bench)
+    return _PEAKS[device]
+
+
+def decode_floor(model, batch: int, context_len: int, cache_dtype: torch.dtype,
+                 peaks: tuple[float, float] | None) -> dict:
+    """The fewest bytes and FLOPs of one decode step of `batch` sequences at `context_len`
+    on this (possibly sharded) model, and the time they take at `peaks`.
+
+    Bytes: every weight once (the tied embedding counts once: the output head reads it all)
+    plus the whole KV cache the step reads and the one token per sequence it writes. FLOPs:
+    2 per weight per token (the embedding lookup is free) plus each layer's decode attention.
+    """
+    params = {id(p): p for p in model.parameters()}.values()
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    kv_per_token = model.kv_bytes_per_token(1, cache_dtype)
+    kv_bytes = batch * (context_len + 1) * kv_per_token
+    embed = model.tok_embeddings.weight
+    tied = model.output.weight is embed
+    matmul_weights = sum(p.numel() for p in params) - (0 if tied else embed.numel())
+    flops = 2 * batch * matmul_weights + batch * sum(
+        blk.attn.decode_flops(context_len, 1) for blk in model.layers)
+    out = dict(weight_bytes=weight_bytes, kv_bytes=kv_bytes, flops=flops)
+    if peaks is not None:
+        copy_gbps, tflops = peaks
+        out.update(copy_gb_s=copy_gbps, matmul_tflop_s=tflops,
+                   bytes_s=(weight_bytes + kv_bytes) / (copy_gbps * 1e9),
+                   flops_s=flops / (tflops * 1e12))
+        out["floor_s"] = max(out["bytes_s"], out["flops_s"])
+    return out
 
 
 @torch.inference_mode()
 def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10) -> dict:
-    """The timings of `decode_breakdown` on one `ModelRunner` (one rank)."""
+    """The timings of `decode_breakdown` on one `ModelRunner` (one rank), in seconds.
+
+    step_wall_s: the engine's step as the host sees it (inputs prepared and uploaded, the
+        captured graph replayed or the forward run eagerly, synchronised), median.
+    forward_device_s: the forward on the device alone (the captured graph replayed with its
+        inputs in place; the eager forward where there is no graph), median of CUDA events.
+    host_s: step_wall_s - forward_device_s, the time the device waits for the host.
+    kernels (CUDA): `kernel_breakdown` of the same forward, from the profiler's trace; its
+        parts plus `launch_gaps_s` (forward_device_s minus the kernels' time: the device idle
+        between kernels) plus host_s make up the step.
+    attention_s: the paged attention kernels inside the step (CUDA: from the trace); on the
+        CPU, the layers' decode-op calls timed alone (`attention_method` says which).
+    floor: `decode_floor` at the peaks measured in this process (CUDA), and
+        floor_ratio = step_wall_s / its floor_s.
+    """
     batch = len(step.num_cached)
     device = runner.device
     timer = _Timer(device)
@@ -258,18 +379,32 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     _sync(device)
     step_wall = statistics.median(wall() for _ in range(iters))
     replay = runner.graph_for(batch, 1)
-    if replay is not None:  # the captured forward alone, its inputs already in place
-        forward_device = timer(replay, iters)
+    forward = replay if replay is not None else (lambda: runner.execute(step))
+    forward_device = timer(forward, iters)
+    out = dict(cuda_graphs=runner.cuda_graphs, graph_error=runner.graph_error,
+               compiled=getattr(runner, "decode_blocks", None) is not None,
+               step_wall_s=step_wall, forward_device_s=forward_device,
+               host_s=step_wall - forward_device,
+               allreduce_s=timer(allreduce_calls(runner.model, batch), iters))
+    if torch.device(device).type == "cuda":
+        kernels = kernel_breakdown(profile_kernels(forward, iters), iters, runner.backend)
+        kernels["launch_gaps_s"] = forward_device - kernels["kernels_s"]
+        out.update(kernels=kernels, attention_s=kernels["attention_s"],
+                   attention_method="profiler trace of the step's forward")
     else:
-        forward_device = timer(lambda: runner.execute(step), iters)
-    table = runner.block_table(step.block_tables).to(device)
-    seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
-    plan = runner.plan(seqlens_host, 1)
-    attention = timer(attention_calls(runner.model, batch, 1, runner.kv_caches, table,
-                                      seqlens_host.to(device), plan, runner.backend), iters)
-    return dict(cuda_graphs=runner.cuda_graphs, graph_error=runner.graph_error,
-                step_wall_s=step_wall, forward_device_s=forward_device, attention_s=attention,
-                allreduce_s=timer(allreduce_calls(runner.model, batch), iters))
+        table = runner.block_table(step.block_tables).to(device)
+        seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
+        plan = runner.plan(seqlens_host, 1)
+        out.update(kernels=None, attention_method="decode-op calls timed alone",
+                   attention_s=timer(attention_calls(runner.model, batch, 1, runner.kv_caches,
+                                                     table, seqlens_host.to(device), plan,
+                                                     runner.backend), iters))
+    cache_dtype = runner.kv_caches[0][0].dtype
+    floor = decode_floor(runner.model, batch, context_len, cache_dtype, device_peaks(device))
+    if "floor_s" in floor:
+        floor["floor_ratio"] = step_wall / floor["floor_s"]
+    out["floor"] = floor
+    return out
 
 
 def allreduce_calls(model, batch: int):
@@ -401,12 +536,28 @@ def format_engine_report(doc: dict) -> str:
     if doc["speculative"]:
         lines.append(f"  draft tokens accepted            {off['acceptance_rate']:.0%}")
     lines += [f"  decode step, B={brk['batch']} L={brk['context_len']} "
-              f"(CUDA graphs: {'on' if brk['cuda_graphs'] else 'off'}"
-              f"{', replica 0' if dp > 1 else ''}):",
-              f"    step wall {brk['step_wall_s'] * ms:.3f} ms | forward on device "
-              f"{brk['forward_device_s'] * ms:.3f} ms | attention kernels "
-              f"{brk['attention_s'] * ms:.3f} ms ({brk['attention_share']:.0%} of the step)",
-              f"    outside attention {brk['outside_attention_share']:.0%} | tensor-parallel "
-              f"all-reduces {brk['allreduce_s'] * ms:.3f} ms ({brk['allreduce_share']:.0%}, timed "
-              f"alone) | host overhead beyond the forward {brk['host_overhead_share']:.0%}"]
+              f"(CUDA graphs: {'on' if brk['cuda_graphs'] else 'off'}, compiled: "
+              f"{'yes' if brk.get('compiled') else 'no'}{', replica 0' if dp > 1 else ''}):",
+              f"    step wall {brk['step_wall_s'] * ms:.3f} ms = forward on device "
+              f"{brk['forward_device_s'] * ms:.3f} ms + host beyond the forward "
+              f"{brk['host_s'] * ms:.3f} ms ({brk['host_overhead_share']:.0%})"]
+    kern = brk.get("kernels")
+    if kern:
+        wall = brk["step_wall_s"]
+        parts = [(name, kern[f"{name}_s"]) for name in
+                 ("attention", "cache_write", "gemm", "other", "launch_gaps")]
+        lines.append("    forward = " + " + ".join(
+            f"{name.replace('_', ' ')} {t * ms:.3f} ms ({t / wall:.0%})" for name, t in parts)
+            + f"; {kern['kernels_per_step']:.0f} kernels a step")
+    else:
+        lines.append(f"    attention {brk['attention_s'] * ms:.3f} ms "
+                     f"({brk['attention_share']:.0%} of the step; {brk['attention_method']})")
+    lines.append(f"    tensor-parallel all-reduces {brk['allreduce_s'] * ms:.3f} ms "
+                 f"({brk['allreduce_share']:.0%}, timed alone)")
+    floor = brk.get("floor") or {}
+    if "floor_s" in floor:
+        lines.append(f"    floor {floor['floor_s'] * ms:.3f} ms (weights {floor['weight_bytes'] / 1e9:.2f}"
+                     f" GB + KV {floor['kv_bytes'] / 1e9:.2f} GB at {floor['copy_gb_s']:.0f} GB/s;"
+                     f" {floor['flops'] / 1e12:.2f} TFLOP at {floor['matmul_tflop_s']:.0f} TFLOP/s)"
+                     f": step = {floor['floor_ratio']:.2f}x its floor")
     return "\n".join(lines)

@@ -35,6 +35,10 @@ class EngineConfig:
     speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
     num_speculative_tokens: k drafts verified per step (default 3; 0 without `speculative`).
     cuda_graphs: capture decode steps in CUDA graphs (on CUDA). backend: attention backend.
+    compile_decode: run decode steps through `torch.compile`d decoder blocks (norms, RoPE,
+        absorptions and SwiGLU fused into a few kernels; hwattn/models/compile.py); None: on
+        for CUDA devices, off on the CPU. Compiling adds start-up time (tens of seconds per
+        model on a GPU machine) and changes no result beyond floating-point rounding.
     seed: weights of presets, and the seeds of requests that bring none.
     model_overrides: presets only, ModelConfig fields to change (e.g. max_seq_len).
     enable_mixed_batches: decodes and prompt chunks share each step, decodes first, prompts
@@ -64,6 +68,7 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = 3
     cuda_graphs: bool = True
+    compile_decode: bool | None = None
     backend: str = "auto"
     seed: int = 0
     model_overrides: dict | None = None

@@ -31,6 +31,7 @@ from hwattn.engine.block_manager import NULL_PAGE, pages_for
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, rejection_sample,
                                   sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
+from hwattn.models.compile import compile_blocks
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,14 @@ class ModelRunner:
         `AttentionBackend`; it also chooses the cache dtype when `cache_dtype` is None.
     cuda_graphs: capture decode for every bucket in `decode_buckets(max_num_seqs)` and each
         query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails).
+    compile_decode: run decode steps through `torch.compile`d blocks (hwattn/models/compile.py;
+        compiled before capture, so each captured graph replays the fused kernels).
     """
 
     def __init__(self, model, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int = 64, cache_dtype: torch.dtype | None = None,
                  backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
-                 graph_query_lens: tuple[int, ...] = (1,)):
+                 graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False):
         self.model = model
         self.page_size = page_size
         self.num_pages = num_pages
@@ -143,6 +146,7 @@ class ModelRunner:
         self.graph_error: str | None = None
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
         self.last_sampled: Tensor | None = None  # (n,) int64: the last launched step's tokens
+        self.decode_blocks = compile_blocks(model) if compile_decode else None
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 
@@ -150,9 +154,12 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
 
-    def forward(self, tokens: Tensor, meta: AttentionMetadata, last_only: bool = False) -> Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) for the last position only."""
-        return self.model(tokens, meta=meta, kv_caches=self.kv_caches, last_only=last_only)
+    def forward(self, tokens: Tensor, meta: AttentionMetadata, last_only: bool = False,
+                blocks=None) -> Tensor:
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) for the last position only;
+        `blocks` run in place of the model's layers (the compiled decode blocks)."""
+        return self.model(tokens, meta=meta, kv_caches=self.kv_caches, last_only=last_only,
+                          blocks=blocks)
 
     def plan(self, seqlens: Tensor, query_len: int, out=None):
         """The backend's plan for a decode step of host lengths `seqlens` (B,) int32 (the
@@ -413,7 +420,7 @@ class ModelRunner:
             skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
             meta.slot_mapping = meta.slot_mapping.masked_fill(self._upload(skip.flatten()), -1)
         meta.plan = self.plan(seqlens, t)
-        return self.forward(tokens, meta)
+        return self.forward(tokens, meta, blocks=self.decode_blocks)
 
     def _feed(self, tokens: Tensor, feed: list[int]) -> Tensor:
         """tokens (B, T) on the device with each row i whose feed[i] >= 0 ending in
@@ -488,7 +495,7 @@ class ModelRunner:
         meta = AttentionMetadata.for_step(table[:size], lens[:size], t, self.page_size,
                                           backend=self.backend)
         meta.plan = self.plans[(size, t)]
-        return self.forward(ids[:size], meta)
+        return self.forward(ids[:size], meta, blocks=self.decode_blocks)
 
     def _replay(self, size: int, batch: int, t: int, tokens: Tensor, seqlens: Tensor,
                 tables: list[list[int]]) -> Tensor:

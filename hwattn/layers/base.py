@@ -184,13 +184,20 @@ class Attention(nn.Module):
         else:
             if cache is None:
                 raise ValueError("cache must be given together with meta")
-            for tensor, state in zip(cache, states):
-                meta.backend.store_kv(tensor, state.flatten(0, 1), meta.slot_mapping)
+            self._store(cache, states, meta)
             if meta.is_prefill:
                 out = self._prefill(q, states, cache, meta, seq)
             else:
                 out = self.decode(q, cache, meta)
         return self.wo(out.reshape(batch, seq, -1))
+
+    @torch.compiler.disable
+    def _store(self, cache: tuple[Tensor, ...], states: tuple[Tensor, ...],
+               meta: AttentionMetadata) -> None:
+        """Write this step's states (each (B, T, ...)) into the cache at `meta.slot_mapping`;
+        one graph break for all of them under `torch.compile`."""
+        for tensor, state in zip(cache, states):
+            meta.backend.store_kv(tensor, state.flatten(0, 1), meta.slot_mapping)
 
     def _prefill(self, q, states, cache, meta: AttentionMetadata, seq: int) -> Tensor:
         lens = meta.seqlens_host if meta.seqlens_host is not None else meta.cache_seqlens.tolist()

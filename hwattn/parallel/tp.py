@@ -38,8 +38,15 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight)
         if self.group is not None:
-            dist.all_reduce(y, group=self.group)
+            _all_reduce(y, self.group)
         return y
+
+
+@torch.compiler.disable
+def _all_reduce(y: Tensor, group) -> None:
+    """In-place sum over `group`; a compiled block breaks its graph here and runs the
+    collective as the eager model does (and as a captured CUDA graph records it)."""
+    dist.all_reduce(y, group=group)
 
 
 def _row_parallel(linear: nn.Linear, heads: range, width: int, group) -> RowParallelLinear:

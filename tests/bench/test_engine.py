@@ -14,7 +14,7 @@ def test_bench_engine_reports_throughput_and_breakdown(capsys, tmp_path):
                "--memory-budget", "2e6", "--max-seq-len", "128", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "output throughput" in text and "attention kernels" in text
+    assert "output throughput" in text and "host beyond the forward" in text
     doc = json.loads(text.strip().splitlines()[-1])
     assert doc == json.loads(out.read_text())
     assert doc["offline"]["output_tokens"] == 4 * 6
@@ -22,6 +22,8 @@ def test_bench_engine_reports_throughput_and_breakdown(capsys, tmp_path):
     step = doc["decode_step"]
     assert step["batch"] == 4 and step["context_len"] == 26
     assert 0 < step["attention_s"] < step["step_wall_s"] * 1.5
+    assert step["step_wall_s"] == pytest.approx(step["forward_device_s"] + step["host_s"])
+    assert step["floor"]["weight_bytes"] > 0 and "floor_s" not in step["floor"]  # no peaks on CPU
     assert doc["kv_bytes_per_token_per_rank"] == 4 * (2 * 2 * 16 + 8) * 4  # fp32, 4 layers
 
 
@@ -50,3 +52,45 @@ def test_bench_engine_with_two_replicas_reports_before_it_stops(capsys):
     assert doc["dp"] == 2 and doc["offline"]["output_tokens"] == 4 * 3
     assert doc["offline"]["itl_s"]["n"] >= 2  # the replicas' own decode steps
     assert doc["decode_step"]["step_wall_s"] > 0
+
+
+def test_kernel_breakdown_sorts_kernels_into_the_parts_of_a_step():
+    """A step's profile is split by kernel name: the backend's paged-op kernels, cuBLAS /
+    CUTLASS products, and the rest; per-step times divide by the steps profiled."""
+    from hwattn.bench.engine import classify_kernel, kernel_breakdown
+    from hwattn.ops import get_backend
+
+    hopper = type("B", (), {"kernel_names": {"attention": ("attend_kernel", "hopper_tied_kernel"),
+                                             "cache_write": ("store_kernel",)}})()
+    kernels = [("hopper_tied_kernel", 4e-6), ("attend_kernel_0d1d", 2e-6),
+               ("store_kernel", 1e-6), ("sm90_xmma_gemm_bf16bf16_bf16f32", 8e-6),
+               ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", 6e-6),
+               ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", 3e-6),
+               ("void at::native::elementwise_kernel<128, 4>", 1e-6)] * 2
+    b = kernel_breakdown(kernels, iters=2, backend=hopper, top=3)
+    assert b["attention_s"] == pytest.approx(6e-6) and b["cache_write_s"] == pytest.approx(1e-6)
+    assert b["gemm_s"] == pytest.approx(14e-6) and b["other_s"] == pytest.approx(4e-6)
+    assert b["kernels_s"] == pytest.approx(25e-6) and b["kernels_per_step"] == 7
+    assert [t["name"] for t in b["top"]] == ["sm90_xmma_gemm_bf16bf16_bf16f32",
+                                             "nvjet_tst_64x8_64x16_4x1_v_bz_TNT",
+                                             "hopper_tied_kernel"]
+    # The CPU backend launches no GPU kernels: nothing is attention by name.
+    assert classify_kernel("attend_kernel", get_backend("torch", "cpu")) == "other"
+
+
+def test_decode_floor_counts_weights_once_and_the_whole_cache():
+    import torch
+
+    from hwattn import ModelConfig, Transformer
+    from hwattn.bench.engine import decode_floor
+
+    model = Transformer(ModelConfig.from_preset("tiny", attention="gta", n_kv_heads=4))
+    f = decode_floor(model, batch=3, context_len=100, cache_dtype=torch.bfloat16,
+                     peaks=(1000.0, 100.0))
+    params = sum(p.numel() for p in model.parameters())  # the tied embedding once
+    assert f["weight_bytes"] == params * 4
+    assert f["kv_bytes"] == 3 * 101 * model.kv_bytes_per_token(1, torch.bfloat16)
+    attn = sum(blk.attn.decode_flops(100, 1) for blk in model.layers)
+    assert f["flops"] == 2 * 3 * params + 3 * attn
+    assert f["bytes_s"] == pytest.approx((f["weight_bytes"] + f["kv_bytes"]) / 1e12)
+    assert f["floor_s"] == max(f["bytes_s"], f["flops_s"])

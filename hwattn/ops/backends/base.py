@@ -51,6 +51,9 @@ class AttentionBackend:
 
     name: ClassVar[str] = ""
     priority: ClassVar[int] = 0
+    # Substrings of the GPU kernel names its ops launch, by part of a step ("attention",
+    # "cache_write"): how a profile of a step (hwattn/bench/engine.py) tells them apart.
+    kernel_names: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     def auto_select(cls, device: torch.device) -> bool:
@@ -149,6 +152,7 @@ class AttentionBackend:
             raise ValueError(f"block_table has {block_table.shape[1]} pages of {cache.shape[1]} "
                              f"tokens = {capacity} slots, too short for cache_seqlens max {hi}")
 
+    @torch.compiler.disable
     def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                cache_seqlens: Tensor, *, softmax_scale: float | None = None,
                return_lse: bool = False, plan: Any = None, k_scale: float | None = None,
@@ -192,6 +196,7 @@ class AttentionBackend:
                                    v_scale=v_scale)
         return (out, lse) if return_lse else out
 
+    @torch.compiler.disable
     def decode_tied(self, q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
                     block_table: Tensor, cache_seqlens: Tensor, *,
                     softmax_scale: float | None = None, return_lse: bool = False,
@@ -240,6 +245,7 @@ class AttentionBackend:
                                         kv_scale=kv_scale)
         return (out, lse) if return_lse else out
 
+    @torch.compiler.disable
     def store_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor, *,
                  scale: float | None = None) -> None:
         """Write new tokens into a paged cache in place.

@@ -95,6 +95,9 @@ class HopperBackend(TritonBackend):
 
     name = "hopper"
     priority = 20
+    kernel_names = {"attention": TritonBackend.kernel_names["attention"]
+                    + ("hopper_tied_kernel", "hopper_duo_kernel", "hopper_pingpong_kernel"),
+                    "cache_write": TritonBackend.kernel_names["cache_write"]}
 
     def __init__(self, config=None):
         try:

@@ -22,6 +22,8 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
     priority = 10
+    kernel_names = {"attention": ("attend_kernel", "combine_kernel"),
+                    "cache_write": ("store_kernel",)}
 
     def __init__(self, config: triton_decode.KernelConfig | None = None):
         self.config = config

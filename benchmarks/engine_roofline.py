@@ -1,0 +1,303 @@
+"""The engine against its roofline on one GPU, from one command.
+
+Three parts (`--parts`, default all), every number from this run on this GPU, and the copy
+rate and bf16 matmul rate measured first in the same process:
+
+- decode: `xl` random weights, bf16, page 64, CUDA graphs, B = `--batch` sequences at each
+  context of `--contexts`, for each variant of `--variants`; each step is timed twice, with
+  the eager decoder blocks and with `torch.compile`d ones (`compile_decode`), through
+  `hwattn.bench.engine.time_decode_step`: the step as the host sees it, the captured forward,
+  the kernels of that forward from the profiler's trace (attention, cache write, GEMMs, other,
+  gaps between kernels), host time beyond the forward, and the step's floor (weights + KV
+  cache at the copy rate, FLOPs at the matmul rate) with the step's ratio to it.
+- serving: the `serving` preset (h_q = 128), GLA-2 against MLA, compiled, at B in
+  `--serving-batches` and L in `--serving-contexts`: decode tokens/s (B / step), the
+  attention kernels' time inside the step, and MLA's step and kernel time over GLA-2's.
+- prefill: `xl`, prompts of `--prefill-len` tokens through the runner's prefill path, whole
+  and in chunks of `--chunk`: seconds, tokens/s and MFU (forward FLOPs, causal attention
+  counted in full as is the convention, over the matmul rate).
+
+Results: `engine_roofline.json` and `engine_roofline.md` under `--out` (default `$OUT`, else
+the current directory); the tables are printed, then one line of JSON. `--tiny` runs the
+same code on the CPU with the tiny preset in seconds (no peaks, hence no floors).
+
+    PYTHONUNBUFFERED=1 python benchmarks/engine_roofline.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import torch  # noqa: E402
+
+from hwattn.bench.engine import decode_floor, device_peaks, time_decode_step  # noqa: E402
+from hwattn.engine.loader import build_model  # noqa: E402
+from hwattn.engine.model_runner import ModelRunner, StepInput  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Setup:
+    """Device, dtype and sizes: the xl/serving GPU study, or the tiny CPU smoke run."""
+
+    def __init__(self, args):
+        self.tiny = args.tiny
+        self.device = torch.device("cpu" if args.tiny else "cuda")
+        self.dtype = torch.float32 if args.tiny else torch.bfloat16
+        self.page = 16 if args.tiny else 64
+        self.preset = "tiny" if args.tiny else "xl"
+        self.serving_preset = "tiny" if args.tiny else "serving"
+        self.iters = 3 if args.tiny else 20
+
+
+def runner_for(setup: Setup, net, batch: int, max_len: int, compiled: bool) -> ModelRunner:
+    """A runner whose pool holds `batch` sequences of `max_len` tokens, its cache filled with
+    random values (never zeros, never uninitialised memory)."""
+    per_seq = -(-max_len // setup.page)
+    runner = ModelRunner(net, num_pages=batch * per_seq + 1, page_size=setup.page,
+                         max_model_len=max_len, max_num_seqs=batch, cache_dtype=setup.dtype,
+                         cuda_graphs=setup.device.type == "cuda", compile_decode=compiled)
+    g = torch.Generator(device=setup.device).manual_seed(0)  # the same cache in every runner
+    for layer in runner.kv_caches:
+        for t in layer:
+            t.normal_(generator=g)
+    return runner
+
+
+def decode_step(setup: Setup, runner: ModelRunner, net, batch: int, context: int) -> dict:
+    """`time_decode_step` for B sequences holding `context` tokens, pages in shuffled order."""
+    per_seq = -(-context // setup.page)
+    g = torch.Generator().manual_seed(batch * 7919 + context)
+    pages = (torch.randperm(batch * per_seq, generator=g) + 1).view(batch, per_seq).tolist()
+    tokens = torch.randint(0, net.config.vocab_size, (batch, 1), generator=g).tolist()
+    step = StepInput("decode", tokens, [context - 1] * batch, pages)
+    out = time_decode_step(runner, step, context, setup.iters)
+    with torch.inference_mode():
+        out["logits"] = runner.execute(step)[:, -1].float()  # (B, V), dropped before saving
+    return out
+
+
+def build(setup: Setup, preset: str, variant: str, max_len: int):
+    return build_model(preset, attention=variant, dtype=setup.dtype, device=setup.device,
+                       seed=0, overrides=dict(max_seq_len=max_len + 64))
+
+
+def free(*objs) -> None:
+    del objs
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def part_decode(setup: Setup, args, rows: list) -> list[dict]:
+    contexts = [int(c) for c in args.contexts.split(",")]
+    for variant in args.variants.split(","):
+        net = build(setup, setup.preset, variant, max(contexts))
+        eager_logits = {}
+        for compiled in (False, True):
+            t0 = time.perf_counter()
+            runner = runner_for(setup, net, args.batch, max(contexts) + 8, compiled)
+            build_s = time.perf_counter() - t0
+            for context in contexts:
+                r = decode_step(setup, runner, net, args.batch, context)
+                logits = r.pop("logits")
+                if not compiled:
+                    eager_logits[context] = logits
+                else:  # the compiled step against the eager one, on the same cache
+                    ref = eager_logits.pop(context)
+                    r["vs_eager"] = dict(
+                        argmax_agreement=(logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                        rel_max_diff=((logits - ref).abs().max() / ref.abs().max()).item())
+                rows.append(dict(part="decode", variant=variant,
+                                 batch=args.batch, context=context, runner_build_s=build_s, **r))
+                log(f"decode {variant} compiled={compiled} L={context}: step "
+                    f"{r['step_wall_s'] * 1e3:.3f} ms, x{r['floor'].get('floor_ratio', 0):.2f} floor")
+            free(runner)
+        free(net)
+    return rows
+
+
+def part_serving(setup: Setup, args, rows: list) -> list[dict]:
+    batches = [int(b) for b in args.serving_batches.split(",")]
+    contexts = [int(c) for c in args.serving_contexts.split(",")]
+    for variant in ("gla-2", "mla"):
+        net = build(setup, setup.serving_preset, variant, max(contexts))
+        runner = runner_for(setup, net, max(batches), max(contexts) + 8, True)
+        for batch in batches:
+            for context in contexts:
+                r = decode_step(setup, runner, net, batch, context)
+                r.pop("logits")
+                rows.append(dict(part="serving", variant=variant, batch=batch, context=context,
+                                 tokens_per_s=batch / r["step_wall_s"], **r))
+                log(f"serving {variant} B={batch} L={context}: {batch / r['step_wall_s']:.0f} tok/s")
+        free(runner, net)
+    return rows
+
+
+def part_prefill(setup: Setup, args, peaks, rows: list) -> list[dict]:
+    n = args.prefill_len
+    for variant in args.variants.split(","):
+        net = build(setup, setup.preset, variant, n)
+        runner = runner_for(setup, net, args.prefill_batch, n + 8, False)
+        per_seq = -(-(n + 8) // setup.page)
+        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))
+                  for i in range(args.prefill_batch)]
+        g = torch.Generator().manual_seed(1)
+        prompts = torch.randint(0, net.config.vocab_size, (args.prefill_batch, n),
+                                generator=g).tolist()
+        # Forward FLOPs per token at context n: a third of the training count.
+        flops = net.flops_per_token(n) / 3 * n * args.prefill_batch
+        for chunk in sorted({n, args.chunk}, reverse=True):
+            def run(prompts=prompts, chunk=chunk):
+                done = 0
+                while done < n:
+                    size = min(chunk, n - done)
+                    runner.execute(StepInput(
+                        "prefill", [p[done:done + size] for p in prompts], [done] * len(prompts),
+                        tables, need_logits=[done + size == n] * len(prompts)))
+                    done += size
+            seconds = _time(setup, run, 2 if setup.tiny else 5)
+            row = dict(part="prefill", variant=variant, batch=args.prefill_batch, prompt_len=n,
+                       chunk=chunk, seconds=seconds, tokens_per_s=n * args.prefill_batch / seconds,
+                       flops=flops)
+            if peaks:
+                row["mfu"] = flops / seconds / (peaks[1] * 1e12)
+            rows.append(row)
+            log(f"prefill {variant} chunk {chunk}: {seconds * 1e3:.1f} ms, "
+                f"{row['tokens_per_s']:.0f} tok/s, MFU {row.get('mfu', 0):.1%}")
+        free(runner, net)
+    return rows
+
+
+def _time(setup: Setup, fn, iters: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(iters):
+        if setup.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if setup.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class SavedRows(list):
+    """The result rows, rewritten to `path` (with `doc`) as each one arrives, so a run cut
+    short keeps what it measured."""
+
+    def __init__(self, doc: dict, path: Path):
+        super().__init__()
+        self.doc, self.path = doc, path
+        doc["rows"] = self
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.path.write_text(json.dumps(self.doc, indent=1))
+
+
+def tables(doc: dict) -> str:
+    ms = 1e3
+    out = [f"# Engine roofline on {doc['device_name']}", ""]
+    if doc["peaks"]:
+        out += [f"Copy {doc['peaks'][0]:.0f} GB/s (read + write), bf16 matmul "
+                f"{doc['peaks'][1]:.0f} TFLOP/s, measured in this run.", ""]
+    dec = [r for r in doc["rows"] if r["part"] == "decode"]
+    if dec:
+        out += ["## Decode step (xl, random weights, CUDA graphs)", "",
+                "| variant | L | compiled | step ms | floor ms | step / floor | host | attention | "
+                "cache write | GEMM | other | gaps | kernels/step |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in dec:
+            k, f, w = r.get("kernels") or {}, r["floor"], r["step_wall_s"]
+
+            def share(key, k=k, w=w):
+                return f"{k[key] / w:.0%}" if key in k else "-"
+            out.append(f"| {r['variant']} | {r['context']} | {'yes' if r['compiled'] else 'no'} | "
+                       f"{w * ms:.3f} | {f.get('floor_s', 0) * ms:.3f} | "
+                       f"{f.get('floor_ratio', float('nan')):.2f} | {r['host_s'] / w:.0%} | "
+                       f"{share('attention_s')} | {share('cache_write_s')} | {share('gemm_s')} | "
+                       f"{share('other_s')} | {share('launch_gaps_s')} | "
+                       f"{k.get('kernels_per_step', 0):.0f} |")
+        out.append("")
+    srv = [r for r in doc["rows"] if r["part"] == "serving"]
+    if srv:
+        out += ["## serving preset (h_q 128), GLA-2 vs MLA, compiled", "",
+                "| B | L | GLA-2 tok/s | MLA tok/s | step MLA / GLA-2 | attention MLA / GLA-2 | "
+                "step ratio / kernel ratio |", "|---|---|---|---|---|---|---|"]
+        by = {(r["variant"], r["batch"], r["context"]): r for r in srv}
+        for (v, b, c), g in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+            m = by.get(("mla", b, c))
+            if v != "gla-2" or m is None:
+                continue
+            step_ratio = m["step_wall_s"] / g["step_wall_s"]
+            kern_ratio = m["attention_s"] / g["attention_s"]
+            out.append(f"| {b} | {c} | {g['tokens_per_s']:.0f} | {m['tokens_per_s']:.0f} | "
+                       f"{step_ratio:.2f} | {kern_ratio:.2f} | {step_ratio / kern_ratio:.2f} |")
+        out.append("")
+    pre = [r for r in doc["rows"] if r["part"] == "prefill"]
+    if pre:
+        out += ["## Prefill (xl)", "", "| variant | B x prompt | chunk | ms | tok/s | MFU |",
+                "|---|---|---|---|---|---|"]
+        for r in pre:
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+            out.append(f"| {r['variant']} | {r['batch']} x {r['prompt_len']} | {r['chunk']} | "
+                       f"{r['seconds'] * ms:.1f} | {r['tokens_per_s']:.0f} | {mfu} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="decode,serving,prefill")
+    p.add_argument("--variants", default="gqa-4,gta-4,gla-2,mla,mha")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--contexts", default="1024,8192")
+    p.add_argument("--serving-batches", default="32,64,128")
+    p.add_argument("--serving-contexts", default="8192,16384,32768")
+    p.add_argument("--prefill-len", type=int, default=8192)
+    p.add_argument("--prefill-batch", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--tiny", action="store_true", help="tiny preset on the CPU (a smoke run)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.contexts, args.serving_batches, args.serving_contexts = "24,40", "2,4", "24,40"
+        args.batch, args.prefill_len, args.chunk = 4, 48, 16
+        torch.set_num_threads(1)
+    setup = Setup(args)
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"decode", "serving", "prefill"}
+    if unknown:
+        p.error(f"--parts takes decode, serving, prefill; got {sorted(unknown)}")
+    peaks = device_peaks(setup.device)
+    doc = dict(device_name=torch.cuda.get_device_name() if setup.device.type == "cuda" else "cpu",
+               torch=torch.__version__, peaks=peaks, args=vars(args))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows = SavedRows(doc, Path(args.out) / "engine_roofline.json")
+    for part in parts:
+        log(f"part {part}")
+        if part == "decode":
+            part_decode(setup, args, rows)
+        elif part == "serving":
+            part_serving(setup, args, rows)
+        else:
+            part_prefill(setup, args, peaks, rows)
+    text = tables(doc)
+    (Path(args.out) / "engine_roofline.md").write_text(text + "\n")
+    print(text)
+    print(json.dumps(dict(peaks=peaks, rows=len(doc["rows"]))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

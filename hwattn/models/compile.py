@@ -1,0 +1,42 @@
+"""Regional compilation: `torch.compile` each decoder block instead of the whole model.
+
+Every block of a model runs the same code, so dynamo compiles one block graph and reuses it
+for all layers: compile time is that of one layer. Training (`hwattn.train.compile`) and the
+engine's decode step (`hwattn.engine.model_runner`) both run `Transformer.forward` with the
+compiled blocks in place of the model's own (`blocks=`); the model itself is untouched.
+
+Inside a block, the paged-cache ops are opaque to the compiler: the public methods of
+`hwattn.ops.AttentionBackend` are `torch.compiler.disable`d, so the graph breaks around the
+cache write and the decode kernel and Inductor fuses what lies between (RMSNorm, RoPE, the
+latent absorptions, SwiGLU's activation, residual adds) into a few kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hwattn.models.transformer import Transformer
+
+# One process may compile many models (the quality study trains 16 in one worker; a benchmark
+# builds an engine per variant): many graphs for the one code object of `Block.forward`, where
+# dynamo's default limit (8) would soon fall back to eager without a word.
+RECOMPILE_LIMIT = 256
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-code-object recompile limits to at least `limit`."""
+    import torch._dynamo.config as dc
+
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
+        if hasattr(dc, name):
+            setattr(dc, name, max(getattr(dc, name), limit))
+    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, max(getattr(dc, name), 4 * limit))
+
+
+def compile_blocks(model: Transformer, **compile_kwargs) -> list:
+    """One `torch.compile`d callable per block of `model`, sharing its parameters, for
+    `Transformer.forward(..., blocks=)`. Compilation happens on first call."""
+    allow_recompiles()
+    return [torch.compile(blk, **compile_kwargs) for blk in model.layers]

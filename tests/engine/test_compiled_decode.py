@@ -1,0 +1,61 @@
+"""Decode steps through `torch.compile`d blocks (EngineConfig.compile_decode) give the eager
+engine's greedy tokens, for every kernel shape and with speculative verification; the paged
+ops stay outside the compiled graphs."""
+
+import pytest
+import torch
+
+from hwattn.engine import LLM, SamplingParams
+from tests.engine.test_engine import prompts
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def _generate(path, compile_decode, **kw):
+    llm = LLM(path, page_size=8, max_num_seqs=4, memory_budget=1 << 20,
+              compile_decode=compile_decode, **kw)
+    outs = [o.token_ids for o in llm.generate(prompts(5, seed=3), GREEDY)]
+    assert llm.engine.block_manager.num_used_pages == 0
+    return outs, llm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["gqa-2", "gta-4", "gla-2", "mla"])
+def test_compiled_decode_matches_eager(checkpoints, variant):
+    torch._dynamo.reset()
+    path = checkpoints(variant)
+    eager, _ = _generate(path, False)
+    compiled, llm = _generate(path, True)
+    assert compiled == eager
+    assert llm.engine.runner.decode_blocks is not None
+
+
+@pytest.mark.slow
+def test_compiled_verify_steps_match_eager(checkpoints):
+    """Speculative verification (L_q = k + 1) runs the same compiled blocks."""
+    torch._dynamo.reset()
+    path = checkpoints("gla-2")
+    eager, _ = _generate(path, False, speculative="ngram", num_speculative_tokens=2)
+    compiled, _ = _generate(path, True, speculative="ngram", num_speculative_tokens=2)
+    assert compiled == eager
+
+
+def test_backend_ops_are_opaque_to_the_compiler(checkpoints):
+    """dynamo breaks the graph at the paged ops instead of tracing into the kernels: the
+    cache write and decode run once per layer as the eager model runs them."""
+    from torch._dynamo.testing import CompileCounter
+
+    from hwattn.models.compile import compile_blocks
+
+    torch._dynamo.reset()
+    llm = LLM(checkpoints("gta-4"), page_size=8, max_num_seqs=4, memory_budget=1 << 20)
+    runner = llm.engine.runner
+    counter = CompileCounter()
+    runner.decode_blocks = compile_blocks(llm.engine.model, backend=counter)
+    outs = [o.token_ids for o in llm.generate(prompts(3, seed=4), GREEDY)]
+    runner.decode_blocks = None
+    eager = [o.token_ids for o in llm.generate(prompts(3, seed=4), GREEDY)]
+    assert outs == eager
+    # One block code object: before the cache write, between it and the decode op, after it
+    # (and one recompile with a symbolic batch), shared by every layer.
+    assert 0 < counter.frame_count <= 8, counter.frame_count
