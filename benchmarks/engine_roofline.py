@@ -87,6 +87,27 @@ def decode_step(setup: Setup, runner: ModelRunner, net, batch: int, context: int
     return out
 
 
+def engine_steady(setup: Setup, runner: ModelRunner, net, batch: int, context: int,
+                  steps: int = 32) -> dict:
+    """The serving engine on `runner` (overlapped scheduling, its default): `batch` prompts
+    prefilled in one step, then `steps` decode steps of all of them around `context` tokens.
+    Returns the median decode step as the engine's loop sees it (`run_offline`'s ITL)."""
+    from hwattn.bench.engine import random_prompts, run_offline
+    from hwattn.data.tokenizer import load_tokenizer
+    from hwattn.engine.config import EngineConfig
+    from hwattn.engine.llm_engine import LLMEngine
+
+    prompt_len = context - steps // 2
+    config = EngineConfig(page_size=setup.page, max_num_seqs=batch,
+                          max_num_batched_tokens=batch * prompt_len,
+                          max_model_len=runner.max_model_len, enable_prefix_caching=False)
+    engine = LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config, config,
+                       runner.num_pages, kv_bytes_per_token=net.kv_bytes_per_token(1, setup.dtype))
+    res = run_offline(engine, random_prompts(batch, prompt_len, net.config.vocab_size, seed=5),
+                      steps + 1)
+    return dict(engine_step_s=res.itl_s["median"], engine_steps=res.itl_s["n"])
+
+
 def build(setup: Setup, preset: str, variant: str, max_len: int):
     return build_model(preset, attention=variant, dtype=setup.dtype, device=setup.device,
                        seed=0, overrides=dict(max_seq_len=max_len + 64))
@@ -117,6 +138,10 @@ def part_decode(setup: Setup, args, rows: list) -> list[dict]:
                     r["vs_eager"] = dict(
                         argmax_agreement=(logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
                         rel_max_diff=((logits - ref).abs().max() / ref.abs().max()).item())
+                    r.update(engine_steady(setup, runner, net, args.batch, context))
+                    r["engine_beyond_forward"] = 1 - r["forward_device_s"] / r["engine_step_s"]
+                    if "floor_s" in r["floor"]:
+                        r["engine_floor_ratio"] = r["engine_step_s"] / r["floor"]["floor_s"]
                 rows.append(dict(part="decode", variant=variant,
                                  batch=args.batch, context=context, runner_build_s=build_s, **r))
                 log(f"decode {variant} compiled={compiled} L={context}: step "
@@ -178,6 +203,38 @@ def part_prefill(setup: Setup, args, peaks, rows: list) -> list[dict]:
     return rows
 
 
+def part_ttft(setup: Setup, args, rows: list) -> None:
+    """Poisson arrivals of `--ttft-requests` prompts of `--prefill-len` tokens at `--rate`
+    requests/s, `--ttft-output` greedy tokens each, on the serving engine (compiled decode,
+    CUDA graphs, overlapped scheduling), for each prefill budget of `--ttft-chunks`:
+    TTFT and inter-token latency percentiles (`benchmarks/engine_speed.py`'s loop)."""
+    from benchmarks.engine_speed import serve_poisson
+    from hwattn.bench.engine import random_prompts
+    from hwattn.data.tokenizer import load_tokenizer
+    from hwattn.engine.config import EngineConfig
+    from hwattn.engine.llm_engine import LLMEngine
+
+    n, out_len = args.prefill_len, args.ttft_output
+    for variant in args.ttft_variants.split(","):
+        net = build(setup, setup.preset, variant, n + out_len)
+        runner = runner_for(setup, net, args.batch, n + out_len + 8, True)
+        prompts = random_prompts(args.ttft_requests, n, net.config.vocab_size, seed=11)
+        for chunk in [int(c) for c in args.ttft_chunks.split(",")]:
+            config = EngineConfig(page_size=setup.page, max_num_seqs=args.batch,
+                                  max_num_batched_tokens=chunk, max_model_len=runner.max_model_len,
+                                  enable_prefix_caching=False)
+            engine = LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config,
+                               config, runner.num_pages,
+                               kv_bytes_per_token=net.kv_bytes_per_token(1, setup.dtype))
+            serve_poisson(engine, prompts[:2], 2, rate=1e6)  # warm-up
+            r = serve_poisson(engine, prompts, out_len, args.rate)
+            rows.append(dict(part="ttft", variant=variant, chunk=chunk, prompt_len=n,
+                             rate=args.rate, **r))
+            log(f"ttft {variant} chunk {chunk}: TTFT p50 {r['ttft_p50_s']:.2f} s, "
+                f"ITL p50 {r['itl_p50_s'] * 1e3:.1f} ms")
+        free(runner, net)
+
+
 def _time(setup: Setup, fn, iters: int) -> float:
     fn()  # warm-up
     times = []
@@ -216,8 +273,9 @@ def tables(doc: dict) -> str:
     if dec:
         out += ["## Decode step (xl, random weights, CUDA graphs)", "",
                 "| variant | L | compiled | step ms | floor ms | step / floor | host | attention | "
-                "cache write | GEMM | other | gaps | kernels/step |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "cache write | GEMM | other | gaps | kernels/step | engine step ms | engine / floor "
+                "| engine beyond forward |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in dec:
             k, f, w = r.get("kernels") or {}, r["floor"], r["step_wall_s"]
 
@@ -228,7 +286,9 @@ def tables(doc: dict) -> str:
                        f"{f.get('floor_ratio', float('nan')):.2f} | {r['host_s'] / w:.0%} | "
                        f"{share('attention_s')} | {share('cache_write_s')} | {share('gemm_s')} | "
                        f"{share('other_s')} | {share('launch_gaps_s')} | "
-                       f"{k.get('kernels_per_step', 0):.0f} |")
+                       f"{k.get('kernels_per_step', 0):.0f} | "
+                       + (f"{r['engine_step_s'] * ms:.3f} | {r.get('engine_floor_ratio', float('nan')):.2f}"
+                          f" | {r['engine_beyond_forward']:.1%} |" if "engine_step_s" in r else "- | - | - |"))
         out.append("")
     srv = [r for r in doc["rows"] if r["part"] == "serving"]
     if srv:
@@ -245,6 +305,17 @@ def tables(doc: dict) -> str:
             out.append(f"| {b} | {c} | {g['tokens_per_s']:.0f} | {m['tokens_per_s']:.0f} | "
                        f"{step_ratio:.2f} | {kern_ratio:.2f} | {step_ratio / kern_ratio:.2f} |")
         out.append("")
+    ttft = [r for r in doc["rows"] if r["part"] == "ttft"]
+    if ttft:
+        out += ["## Serving: Poisson arrivals (xl, compiled decode, CUDA graphs)", "",
+                "| variant | requests x prompt @ rate | prefill budget | TTFT p50 s | TTFT p99 s | "
+                "ITL p50 ms | ITL p99 ms | out tok/s |", "|---|---|---|---|---|---|---|---|"]
+        for r in ttft:
+            out.append(f"| {r['variant']} | {r['requests']} x {r['prompt_len']} @ {r['rate']:g}/s | "
+                       f"{r['chunk']} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+                       f"{r['itl_p50_s'] * ms:.1f} | {r['itl_p99_s'] * ms:.1f} | "
+                       f"{r['output_tok_s']:.0f} |")
+        out.append("")
     pre = [r for r in doc["rows"] if r["part"] == "prefill"]
     if pre:
         out += ["## Prefill (xl)", "", "| variant | B x prompt | chunk | ms | tok/s | MFU |",
@@ -258,7 +329,7 @@ def tables(doc: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="decode,serving,prefill")
+    p.add_argument("--parts", default="decode,serving,prefill,ttft")
     p.add_argument("--variants", default="gqa-4,gta-4,gla-2,mla,mha")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--contexts", default="1024,8192")
@@ -267,18 +338,24 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-len", type=int, default=8192)
     p.add_argument("--prefill-batch", type=int, default=1)
     p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--ttft-variants", default="gla-2")
+    p.add_argument("--ttft-chunks", default="2048,8192")
+    p.add_argument("--ttft-requests", type=int, default=64)
+    p.add_argument("--ttft-output", type=int, default=128)
+    p.add_argument("--rate", type=float, default=16.0)
     p.add_argument("--tiny", action="store_true", help="tiny preset on the CPU (a smoke run)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     if args.tiny:
         args.contexts, args.serving_batches, args.serving_contexts = "24,40", "2,4", "24,40"
         args.batch, args.prefill_len, args.chunk = 4, 48, 16
+        args.ttft_chunks, args.ttft_requests, args.ttft_output, args.rate = "16,64", 4, 4, 200.0
         torch.set_num_threads(1)
     setup = Setup(args)
     parts = args.parts.split(",")
-    unknown = set(parts) - {"decode", "serving", "prefill"}
+    unknown = set(parts) - {"decode", "serving", "prefill", "ttft"}
     if unknown:
-        p.error(f"--parts takes decode, serving, prefill; got {sorted(unknown)}")
+        p.error(f"--parts takes decode, serving, prefill, ttft; got {sorted(unknown)}")
     peaks = device_peaks(setup.device)
     doc = dict(device_name=torch.cuda.get_device_name() if setup.device.type == "cuda" else "cpu",
                torch=torch.__version__, peaks=peaks, args=vars(args))
@@ -290,8 +367,10 @@ def main(argv=None) -> int:
             part_decode(setup, args, rows)
         elif part == "serving":
             part_serving(setup, args, rows)
-        else:
+        elif part == "prefill":
             part_prefill(setup, args, peaks, rows)
+        else:
+            part_ttft(setup, args, rows)
     text = tables(doc)
     (Path(args.out) / "engine_roofline.md").write_text(text + "\n")
     print(text)

@@ -9,6 +9,10 @@ import torch
 
 # Tests compare against fp64 references; keep the CPU deterministic and small.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Triton kernels run on CPU tensors under its interpreter, which must be chosen before the
+# first import of triton, whichever test module comes first (GPU runs set
+# HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 explicitly).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # Nothing in the tests may reach the network.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -130,7 +130,7 @@ class ModelRunner:
                  max_num_seqs: int = 64, cache_dtype: torch.dtype | None = None,
                  backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
                  graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False):
-        self.model = model
+        self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
@@ -146,7 +146,7 @@ class ModelRunner:
         self.graph_error: str | None = None
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
         self.last_sampled: Tensor | None = None  # (n,) int64: the last launched step's tokens
-        self.decode_blocks = compile_blocks(model) if compile_decode else None
+        self.decode_blocks = compile_blocks(model, eager_numerics=True) if compile_decode else None
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 

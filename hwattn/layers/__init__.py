@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hwattn.config import ModelConfig
 from hwattn.layers.base import (Attention, AttentionMetadata, TiedStateAttention, causal_attention,
-                                select_heads, set_weight)
+                                fuse_linears, select_heads, set_weight)
 from hwattn.layers.gqa import GroupedQueryAttention  # isort: skip
 from hwattn.layers.gta import GroupedTiedAttention  # isort: skip
 from hwattn.layers.mla import LatentAttention, MultiHeadLatentAttention  # isort: skip
@@ -32,5 +32,5 @@ __all__ = [
     "Attention", "AttentionMetadata", "GroupedLatentAttention", "GroupedQueryAttention",
     "GroupedTiedAttention", "LatentAttention", "MultiHeadLatentAttention", "RMSNorm",
     "TiedStateAttention", "apply_rope", "attention_param_count", "build_attention",
-    "causal_attention", "rope_table", "select_heads", "set_weight",
+    "causal_attention", "fuse_linears", "rope_table", "select_heads", "set_weight",
 ]

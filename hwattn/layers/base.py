@@ -114,12 +114,34 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 class Attention(nn.Module):
     """Base class of the attention families; see the module docstring for the hooks."""
 
+    # The linear layers a family applies to the block input, in the order `in_proj` returns
+    # their outputs; `fuse_projections` makes them one matrix product for inference.
+    input_projections: tuple[str, ...] = ()
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.rope_dim = config.rope_dim
+        self._fused_in: tuple[Tensor, Tensor | None, list[int]] | None = None
+
+    def in_proj(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x (B, T, D) through each layer of `input_projections`: (B, T, out_i) each; one
+        matrix product over the concatenated weights once `fuse_projections` ran."""
+        if self._fused_in is None:
+            return tuple(getattr(self, name)(x) for name in self.input_projections)
+        weight, bias, sizes = self._fused_in
+        return F.linear(x, weight, bias).split(sizes, dim=-1)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate the weights of `input_projections` into one matrix that `in_proj`
+        multiplies once (fewer, larger GEMMs: a decode step reads the same bytes in fewer
+        launches). Each layer's weight becomes a view of its rows, so nothing is stored twice
+        and the state dict is unchanged. For inference, once the model is on its device and
+        sharded: replacing a weight afterwards (`set_weight`) needs `fuse_projections` again."""
+        self._fused_in = fuse_linears([getattr(self, n) for n in self.input_projections])
 
     # Hooks each family implements.
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -281,6 +303,27 @@ class TiedStateAttention(Attention):
         keys = torch.cat((state[..., :q_nope.shape[-1]],
                           rope[:, :, None, :].expand(-1, -1, heads, -1)), -1)  # (B, L, H_kv, D_nope + D_R)
         return torch.cat((q_nope, q_rope), -1), keys, state
+
+
+def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None, list[int]] | None:
+    """One (sum of out, in) weight for linear layers of one input (and one bias, zeros where a
+    layer has none, if any has one), with every layer's weight and bias replaced by views of
+    its rows. Returns (weight, bias, output sizes), or None for fewer than two layers."""
+    if len(linears) < 2:
+        return None
+    weight = torch.cat([m.weight for m in linears])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                          for m in linears])
+    sizes = [m.out_features for m in linears]
+    start = 0
+    for m, n in zip(linears, sizes):
+        m.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if m.bias is not None:
+            m.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    return weight, bias, sizes
 
 
 def select_heads(weight: Tensor, heads: range, width: int) -> Tensor:

@@ -31,11 +31,14 @@ class GroupedQueryAttention(Attention):
         self.wv = nn.Linear(d, hk * self.head_dim, **kw)
         self.wo = nn.Linear(h * self.head_dim, d, **kw)
 
+    input_projections = ("wq", "wk", "wv")
+
     def project(self, x: Tensor, cos: Tensor, sin: Tensor):
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, d_h)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
+        q, k, v = self.in_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, d_h)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
         return (apply_rope(q, cos, sin),), (apply_rope(k, cos, sin), v)
 
     def attend(self, q, states) -> Tensor:

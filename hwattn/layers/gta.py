@@ -37,12 +37,15 @@ class GroupedTiedAttention(TiedStateAttention):
                                  dtype=dtype)
         self.wo = nn.Linear(h * self.head_dim, d, **kw)
 
+    input_projections = ("wq", "wkv", "wk_rope")
+
     def project(self, x: Tensor, cos: Tensor, sin: Tensor):
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, d_h)
+        q, tied, k_rope = self.in_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, d_h)
         q = torch.cat((q[..., :self.nope_dim], apply_rope(q[..., self.nope_dim:], cos, sin)), -1)
-        tied = self.wkv(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
-        k_rope = apply_rope(self.wk_rope(x), cos, sin)  # (B, T, d_R)
+        tied = tied.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
+        k_rope = apply_rope(k_rope, cos, sin)  # (B, T, d_R)
         return (q,), (tied, k_rope)
 
     def attend(self, q, states) -> Tensor:

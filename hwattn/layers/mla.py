@@ -62,11 +62,13 @@ class LatentAttention(TiedStateAttention):
             if not w.is_meta:
                 nn.init.uniform_(w, -bound, bound)
 
+    input_projections = ("wq_a", "wkv_a")
+
     def project(self, x: Tensor, cos: Tensor, sin: Tensor):
         b, t, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))).view(b, t, self.n_heads, -1)  # (B, T, H, d_h + d_R)
+        q_latent, kv = self.in_proj(x)  # (B, T, 8·d_h), (B, T, h_c·d_c + d_R)
+        q = self.wq_b(self.q_norm(q_latent)).view(b, t, self.n_heads, -1)  # (B, T, H, d_h + d_R)
         q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
-        kv = self.wkv_a(x)  # (B, T, h_c·d_c + d_R)
         latent, k_rope = kv.split([self.n_latent_heads * self.latent_dim, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))  # (B, T, h_c, d_c)
         return (q_nope, apply_rope(q_rope, cos, sin)), (latent, apply_rope(k_rope, cos, sin))

@@ -35,8 +35,21 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
             setattr(dc, name, max(getattr(dc, name), 4 * limit))
 
 
-def compile_blocks(model: Transformer, **compile_kwargs) -> list:
+def compile_blocks(model: Transformer, eager_numerics: bool = False, **compile_kwargs) -> list:
     """One `torch.compile`d callable per block of `model`, sharing its parameters, for
-    `Transformer.forward(..., blocks=)`. Compilation happens on first call."""
+    `Transformer.forward(..., blocks=)`. Compilation happens on first call.
+
+    eager_numerics: have Inductor round each intermediate result to the model's dtype where
+        the eager model does (`emulate_precision_casts`), instead of keeping fused
+        intermediates in fp32: a bf16 model then decodes as its eager self does, up to the
+        order of reductions (the serving engine asks for it).
+    """
     allow_recompiles()
+    if eager_numerics and compile_kwargs.get("backend", "inductor") == "inductor":
+        import torch._inductor.config as inductor_config
+
+        if hasattr(inductor_config, "emulate_precision_casts"):
+            options = dict(compile_kwargs.pop("options", None) or {})
+            options.setdefault("emulate_precision_casts", True)
+            compile_kwargs["options"] = options
     return [torch.compile(blk, **compile_kwargs) for blk in model.layers]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hwattn.config import ModelConfig
-from hwattn.layers import AttentionMetadata, RMSNorm, build_attention, rope_table
+from hwattn.layers import AttentionMetadata, RMSNorm, build_attention, fuse_linears, rope_table
 
 
 class FeedForward(nn.Module):
@@ -38,8 +38,18 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, **kw)
         self.w2 = nn.Linear(hidden_dim, dim, **kw)
 
+        self._w13: Tensor | None = None
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self._w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, self._w13).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.w2(F.silu(gate) * up)
+
+    def fuse_projections(self) -> None:
+        """w1 and w3 as one matrix product (see `Attention.fuse_projections`)."""
+        fused = fuse_linears([self.w1, self.w3])
+        self._w13 = fused[0]
 
 
 class Block(nn.Module):
@@ -121,6 +131,17 @@ class Transformer(nn.Module):
             x = x[:, -1:]  # (B, 1, D)
         x = self.norm(x)  # (B, T, D)
         return x if hidden_only else self.output(x)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> "Transformer":
+        """For inference: every layer's projections of one input become one matrix product
+        (attention's input projections, SwiGLU's w1 and w3), their weights views of the
+        fused ones; results are unchanged up to the matmuls' rounding. Call once the model
+        is on its device (and sharded); returns the model."""
+        for blk in self.layers:
+            blk.attn.fuse_projections()
+            blk.ffn.fuse_projections()
+        return self
 
     @property
     def cache_heads(self) -> int:
