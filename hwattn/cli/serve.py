@@ -24,8 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "GPUs [i*tp, (i+1)*tp)); requests go to the least-loaded one")
     p.add_argument("--page-size", type=int, default=64, help="tokens per KV page (default 64)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="prompt tokens prefilled per step at most (chunked prefill)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="prompt tokens prefilled per step at most (chunked prefill; default 8192)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: model's)")
     p.add_argument("--memory-budget", default=None,
                    help="KV-cache bytes per rank (e.g. 2e9) or a fraction of free GPU memory (0.85)")
