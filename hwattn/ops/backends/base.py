@@ -302,11 +302,11 @@ class AttentionBackend:
                 raise ValueError("plan: a prefill call inside a CUDA graph capture needs the "
                                  "step's plan (backend.plan_prefill), its lengths cannot be read")
             plan = self.plan_prefill(cu_seqlens_q.cpu(), cache_seqlens.cpu())
+            if plan.total_q != n_tokens:
+                raise ValueError(f"cu_seqlens_q must end at the {n_tokens} query rows, but its "
+                                 f"sequences hold {plan.total_q}")
         elif not isinstance(plan, PrefillPlan):
             raise ValueError(f"plan must be a PrefillPlan from plan_prefill, got {type(plan).__name__}")
-        if plan.total_q != n_tokens:
-            raise ValueError(f"cu_seqlens_q must end at the {n_tokens} query rows, but its "
-                             f"sequences hold {plan.total_q}")
         plan.check(batch, n_tokens, capacity)
         return plan
 
