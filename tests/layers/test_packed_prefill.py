@@ -86,10 +86,8 @@ def test_latent_prefill_forms_agree(attention, latent_heads, bias):
     for t in cache:
         t.fill_(float("nan"))
     n_total = [c + n for c, n in zip(cached, lens)]
-    x = torch.randn(1, 4 * max(n_total), cfg.dim, dtype=torch.float64)
+    xs = torch.randn(1, sum(n_total), cfg.dim, dtype=torch.float64)  # every token, packed
     history = AttentionMetadata.for_prefill(table, n_total, [0] * 4, PAGE)
-    rows = torch.cat([torch.arange(n) + b * max(n_total) for b, n in enumerate(n_total)])
-    xs = x[:, rows]  # every sequence's tokens, packed
     cos, sin = model.rope(history.token_positions)
     q, states = layer.project(xs, cos, sin)
     for c, s in zip(cache, states):
