@@ -1,6 +1,8 @@
-"""Runs the model over the paged cache: prefill chunks through the dense path, decode steps
-through an attention backend (`hwattn.ops`), and CUDA graphs for decode batch-size buckets on
-a GPU (one per bucket and query length: plain decode and speculative verification).
+"""Runs the model over the paged cache through an attention backend (`hwattn.ops`): prefill
+and mixed steps as one variable-length forward through the paged prefill op (every row's chunk,
+cached prefix or not, decode rows of a mixed step as one-token rows), decode steps through the
+paged decode op, and CUDA graphs for decode batch-size buckets on a GPU (one per bucket and
+query length: plain decode and speculative verification).
 
 Mechanism only. The runner chooses its backend once; a step arrives as a `StepInput` of plain
 lists (so that tensor-parallel workers can receive the same step), the runner builds one
@@ -40,9 +42,10 @@ log = logging.getLogger(__name__)
 class StepInput:
     """One forward step over several sequences.
 
-    kind: "prefill" (each row its own chunk length, attended densely), "decode" (every row
-        the same number T of tokens, attended through the paged decode op) or "mixed" (the
-        first `num_decode` rows decode one token each, the rest are prefill chunks).
+    kind: "prefill" (each row its own chunk length, attended through the paged prefill op),
+        "decode" (every row the same number T of tokens, attended through the paged decode op)
+        or "mixed" (the first `num_decode` rows decode one token each, the rest are prefill
+        chunks; all rows attended through the prefill op).
     tokens: per sequence, the new tokens this step feeds.
     num_cached: per sequence, tokens already in the cache before this step.
     block_tables: per sequence, its page ids (covering num_cached + len(tokens) tokens).
@@ -220,25 +223,16 @@ class ModelRunner:
         raise ValueError(f"step kind must be 'prefill', 'decode' or 'mixed', got {step.kind!r}")
 
     def _mixed(self, step: StepInput) -> Tensor | None:
-        """Decode rows first (their graph starts on the device while the host launches the
-        prefill chunks behind it), then the prefill rows; one logits tensor for sampling."""
+        """Decode rows and prompt chunks in one variable-length forward: each decode row is a
+        sequence of one query token (its last token may come from the previous step's
+        sampled tokens, `feed`); logits of every decode row, then those of the prompt rows
+        as for prefill."""
         nd = step.num_decode
         if not 0 < nd < len(step.num_cached):
             raise ValueError(f"a mixed step needs 0 < num_decode < {len(step.num_cached)} rows, "
                              f"got {nd}")
-        cut = lambda values: (values[:nd], values[nd:])  # noqa: E731
-        tokens, rest = cut(step.tokens)
-        cached, cached_rest = cut(step.num_cached)
-        tables, tables_rest = cut(step.block_tables)
-        feed = step.feed[:nd] if step.feed is not None else None
-        decode = self._decode(StepInput("decode", tokens, cached, tables, feed=feed))[:, -1]
-        need = step.need_logits[nd:] if step.need_logits else []
-        sub = StepInput("prefill", rest, cached_rest, tables_rest, need_logits=need)
-        if step.prompt_logprobs:  # rows of the prefill part: their step rows are nd later
-            sub.prompt_logprobs, sub.prompt_targets = step.prompt_logprobs[nd:], step.prompt_targets[nd:]
-        prefill = self._prefill(sub)
-        self._prompt_logits = {i + nd: v for i, v in self._prompt_logits.items()}
-        return decode if prefill is None else torch.cat((decode, prefill))
+        rest = step.need_logits[nd:] if step.need_logits else [False] * (len(step.num_cached) - nd)
+        return self._packed(step, [True] * nd + list(rest))
 
     def _upload(self, t: Tensor) -> Tensor:
         """A host tensor on the runner's device without waiting for the device: a blocking
@@ -369,33 +363,46 @@ class ModelRunner:
         return by_rows(run, len(sampling))
 
     def _prefill(self, step: StepInput) -> Tensor | None:
+        """Every row's chunk (any length, with or without a cached prefix) in one
+        variable-length forward; logits of the last token of each row whose `need_logits`
+        is set (None if none)."""
+        return self._packed(step, step.need_logits or [False] * len(step.num_cached))
+
+    def _packed(self, step: StepInput, need: list[bool]) -> Tensor | None:
+        """One forward over the rows' tokens packed as (1, N), attended through the paged
+        prefill op. Returns the logits (n, V) of the last token of each row i with need[i],
+        in row order (None if none); rows asking prompt log-probabilities keep every
+        position's logits for `_prompt_logprobs`."""
         self._prompt_logits = {}
-        # Rows with nothing cached and the same chunk length run as one batch.
-        groups: dict[tuple, list[int]] = {}
-        for i, (toks, n0) in enumerate(zip(step.tokens, step.num_cached)):
-            key = (len(toks),) if n0 == 0 else ("alone", i)
-            groups.setdefault(key, []).append(i)
-        logits: dict[int, Tensor] = {}
-        wants = [i for i, k in enumerate(step.prompt_logprobs) if k >= 0]
-        for rows in groups.values():
-            need = [i for i in rows if step.need_logits and step.need_logits[i]]
-            whole = [i for i in rows if i in wants]
-            t = len(step.tokens[rows[0]])
-            tokens = torch.tensor([step.tokens[i] for i in rows], dtype=torch.int64)
-            lens = [step.num_cached[i] + t for i in rows]
-            meta = AttentionMetadata.for_step(
-                self._upload(self._table([step.block_tables[i] for i in rows])),
-                self._upload(torch.tensor(lens, dtype=torch.int32)), t, self.page_size,
-                is_prefill=True, seqlens_host=lens, backend=self.backend)
-            out = self.forward(self._upload(tokens), meta, last_only=not whole)  # (n, T | 1, V)
-            for j, i in enumerate(rows):
-                if i in whole:
-                    self._prompt_logits[i] = out[j]
-                if i in need:
-                    logits[i] = out[j, -1]
-        if not logits:
+        query_lens = [len(t) for t in step.tokens]
+        meta = AttentionMetadata.for_prefill(self._table(step.block_tables), query_lens,
+                                             step.num_cached, self.page_size,
+                                             backend=self.backend, upload=self._upload)
+        cu = meta.plan.cu_seqlens_q
+        tokens = self._upload(torch.tensor([t for row in step.tokens for t in row],
+                                           dtype=torch.int64)[None])  # (1, N)
+        if step.feeds:
+            tokens = self._feed_packed(tokens, step.feed, cu)
+        hidden = self.model(tokens, meta=meta, kv_caches=self.kv_caches, hidden_only=True)[0]  # (N, D)
+        for i, k in enumerate(step.prompt_logprobs):
+            if k >= 0:
+                self._prompt_logits[i] = self.model.output(hidden[cu[i]:cu[i + 1]])  # (T_i, V)
+        last = [cu[i + 1] - 1 for i, wanted in enumerate(need) if wanted]
+        if not last:
             return None
-        return torch.stack([logits[i] for i in sorted(logits)])
+        return self.model.output(hidden[self._upload(torch.tensor(last))])  # (n, V)
+
+    def _feed_packed(self, tokens: Tensor, feed: list[int], cu: list[int]) -> Tensor:
+        """Packed tokens (1, N) on the device with the last token of each row i whose
+        feed[i] >= 0 (rows cu[i]:cu[i + 1]) replaced by `last_sampled[feed[i]]`."""
+        if self.last_sampled is None:
+            raise RuntimeError("a step feeds on the previous step's tokens, but none were sampled")
+        rows = [i for i, f in enumerate(feed) if f >= 0]
+        index = self._upload(torch.tensor([[cu[i + 1] - 1 for i in rows], [feed[i] for i in rows]],
+                                          dtype=torch.int64))
+        tokens = tokens.clone()
+        tokens[0, index[0]] = self.last_sampled[index[1]]
+        return tokens
 
     def _decode(self, step: StepInput) -> Tensor:
         if isinstance(step.tokens, Tensor):  # already on the device (draft model steps)

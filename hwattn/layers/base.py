@@ -4,9 +4,11 @@ attention metadata that drives it, and the cost accounting (KV bytes, decode byt
 A family implements these hooks:
 
     project(x, cos, sin) -> (q_parts, states)   query pieces and the per-token cached states
-    attend(q_parts, states) -> (B, T, H, d_h)   dense causal attention over states (training,
-                                                 prefill); keys may outnumber queries
+    attend(q_parts, states) -> (B, T, H, d_h)   dense causal attention over states (training);
+                                                 keys may outnumber queries
     decode(q_parts, cache, meta) -> (B, T, H, d_h)  attention through `meta.backend`
+    prefill(q_parts, cache, meta) -> (N, H, d_h)    varlen attention through `meta.backend`
+    prefill_forms() -> (PrefillForm, ...)       the paged prefill-op calls it can make
     cache_layout(tp) -> {name: per-token shape}  what is cached per token on one rank
     decode_widths() -> (d_qk, d_v)              widths the decode kernel multiplies by
     attend_widths() -> (d_qk, d_v)              widths the dense path multiplies by (FLOPs)
@@ -16,17 +18,22 @@ A family implements these hooks:
     shard_heads(q_heads, c_heads) -> fields     keep one tensor-parallel rank's heads
 
 and `forward` ties them together: without metadata it is the training path; with metadata it
-writes this step's states into the cache through `slot_mapping`, then attends either densely
-(prefill) or through the paged decode op. The last four hooks let benchmarks and tensor
-parallelism treat every family alike; the layer never sees which backend runs its kernels.
+writes this step's states into the cache through `slot_mapping`, then attends through the
+paged prefill op (a prefill step: every sequence's tokens packed as rows, `cu_seqlens_q`
+saying whose they are) or the paged decode op. The decode-op hooks and `prefill_forms` let
+benchmarks and tensor parallelism treat every family alike; the layer never sees which backend
+runs its kernels. A family without a paged prefill keeps the default `prefill`: dense
+attention (`attend`) over each sequence's cache gathered into a tensor.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -42,13 +49,19 @@ class AttentionMetadata:
     """How one forward step reads and writes the paged KV cache; shared by every layer.
 
     block_table: (B, max_pages) int32, page ids of each sequence in order.
-    cache_seqlens: (B,) int32, tokens cached per sequence once this step's T tokens are written.
-    slot_mapping: (B*T,) int64, flat cache slot (page * page_size + offset) of each new token,
-        row-major over (B, T); negative slots are padding and are not written.
-    is_prefill: attend densely (prompt chunks) instead of through the decode kernel.
-    seqlens_host: host copy of cache_seqlens, used by the prefill path to gather past tokens.
-    plan: the backend's schedule for this step (`backend.plan(...)`), computed once and reused
-        by every layer; None where the backend needs none.
+    cache_seqlens: (B,) int32, tokens cached per sequence once this step's tokens are written.
+    slot_mapping: (N,) int64, flat cache slot (page * page_size + offset) of each new token, in
+        the order of the step's tokens; negative slots are padding and are not written.
+    is_prefill: attend through the variable-length prefill op: the step's N tokens are the
+        sequences' new tokens packed in order, sequence b's being tokens
+        cu_seqlens_q[b]:cu_seqlens_q[b + 1] (any number, the last of its cached tokens).
+        Otherwise every sequence has T tokens, attended through the decode op.
+    cu_seqlens_q: prefill only: (B + 1,) int32 offsets of each sequence's tokens.
+    token_positions: positions of the step's tokens, shaped as the tokens ((1, N) for packed
+        prefill rows); None: the last T of each sequence (`positions`).
+    plan: the backend's schedule for this step, computed once and reused by every layer: for
+        decode `backend.plan(...)` (None where the backend needs none), for prefill the
+        `PrefillPlan` of the step's host lengths (`backend.plan_prefill`).
     backend: the `AttentionBackend` every layer calls. A registered name or "auto" given here
         is resolved once, for block_table's device, when the metadata is made.
     """
@@ -57,15 +70,20 @@ class AttentionMetadata:
     cache_seqlens: Tensor
     slot_mapping: Tensor
     is_prefill: bool = False
-    seqlens_host: list[int] | None = None
     plan: Any = None
     backend: AttentionBackend | str = "auto"
+    cu_seqlens_q: Tensor | None = None
+    token_positions: Tensor | None = None
+    _context: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.backend = ops.get_backend(self.backend, self.block_table.device)
 
     def positions(self, query_len: int) -> Tensor:
-        """(B, T) int64 positions of this step's tokens: the last T of each sequence."""
+        """Positions of this step's tokens: `token_positions` if set, else (B, T) int64, the
+        last T = `query_len` of each sequence."""
+        if self.token_positions is not None:
+            return self.token_positions
         offsets = torch.arange(query_len, device=self.cache_seqlens.device)
         return self.cache_seqlens.long()[:, None] - query_len + offsets
 
@@ -78,13 +96,145 @@ class AttentionMetadata:
     @classmethod
     def for_step(cls, block_table: Tensor, cache_seqlens: Tensor, query_len: int, page_size: int,
                  is_prefill: bool = False, **kwargs) -> "AttentionMetadata":
-        """Metadata for T = `query_len` new tokens per sequence, slots derived from the table."""
+        """Metadata for T = `query_len` new tokens per sequence, slots derived from the table.
+        With `is_prefill` the (B, T) tokens run as B packed sequences of T through the prefill
+        op (reading the lengths back once, for the step's plan, unless `plan` is given)."""
         meta = cls(block_table, cache_seqlens, slot_mapping=torch.empty(0), is_prefill=is_prefill,
                    **kwargs)
         meta.slot_mapping = cls.slots(block_table, meta.positions(query_len), page_size)
-        if is_prefill and meta.seqlens_host is None:
-            meta.seqlens_host = [int(n) for n in cache_seqlens.tolist()]
+        if is_prefill:
+            batch = block_table.shape[0]
+            cu = torch.arange(batch + 1, dtype=torch.int32) * query_len
+            meta.cu_seqlens_q = cu.to(block_table.device)
+            if meta.plan is None:
+                meta.plan = meta.backend.plan_prefill(cu, cache_seqlens.cpu())
         return meta
+
+    @classmethod
+    def for_prefill(cls, block_table: Tensor, query_lens: Sequence[int], num_cached: Sequence[int],
+                    page_size: int, backend: AttentionBackend | str = "auto",
+                    device=None, upload=None) -> "AttentionMetadata":
+        """Metadata of a variable-length prefill step, built from host lists.
+
+        Args:
+            block_table: (B, max_pages) int32 on the host, each sequence's pages.
+            query_lens: per sequence, its new tokens this step (packed in this order).
+            num_cached: per sequence, tokens already cached before this step.
+            page_size: the cache's page size.
+            device: where the model runs (default: the host). upload: `f(host tensor) ->
+                device tensor` (default `.to(device)`), e.g. a non-blocking pinned copy.
+        Returns:
+            metadata whose `token_positions` is (1, N) and `plan` the step's `PrefillPlan`.
+        """
+        upload = upload or (lambda t: t.to(device) if device is not None else t)
+        q_lens = np.asarray(query_lens, dtype=np.int64)
+        seqlens = np.asarray(num_cached, dtype=np.int64) + q_lens
+        cu = np.concatenate(([0], np.cumsum(q_lens)))
+        rows = np.repeat(np.arange(len(q_lens)), q_lens)  # (N,) sequence of each token
+        positions = np.arange(cu[-1]) - cu[rows] + (seqlens - q_lens)[rows]  # (N,)
+        table = block_table.numpy()
+        slots = table[rows, positions // page_size].astype(np.int64) * page_size + positions % page_size
+        meta = cls(upload(block_table), upload(torch.from_numpy(seqlens.astype(np.int32))),
+                   upload(torch.from_numpy(slots)), is_prefill=True, backend=backend,
+                   cu_seqlens_q=upload(torch.from_numpy(cu.astype(np.int32))),
+                   token_positions=upload(torch.from_numpy(positions)[None]))
+        meta.plan = meta.backend.plan_prefill(cu.tolist(), seqlens.tolist())
+        return meta
+
+    def context_pages(self, page_size: int) -> tuple[Tensor, Tensor]:
+        """Prefill: every page holding a sequence's cached tokens, gathered into one list.
+
+        Returns pages (n,) int64, the page ids of sequence 0's tokens, then sequence 1's, ...
+        (block_table's device), and table (B, max_pages) int32, sequence b's pages as indices
+        into `pages`: the block table of a cache whose page i holds what page pages[i] holds.
+        Made once per step (the first layer to ask) from the plan's host lengths.
+        """
+        if page_size not in self._context:
+            counts = np.array([-(-n // page_size) for n in self.plan.seqlens], dtype=np.int64)
+            first = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            rows = np.repeat(np.arange(len(counts)), counts)
+            cols = np.arange(counts.sum()) - first[rows]  # page index within its sequence
+            table = np.zeros((len(counts), max(1, counts.max())), dtype=np.int32)
+            table[rows, cols] = np.arange(counts.sum())
+            device = self.block_table.device
+            index = torch.from_numpy(np.stack((rows, cols))).to(device)
+            pages = self.block_table[index[0], index[1]].long()
+            self._context[page_size] = pages, torch.from_numpy(table).to(device)
+        return self._context[page_size]
+
+
+@dataclass(frozen=True)
+class PrefillForm:
+    """One paged prefill-op call a family can make (`Attention.prefill_forms`), with its cost.
+
+    name: what the family calls it ("paged"; latent families "absorbed" / "expanded").
+    tied: the call is `prefill_tied` (queries q_nope, q_rope; caches state, RoPE key) rather
+        than `prefill` (query q; caches K, V).
+    heads, heads_kv: query heads and cached heads the call sees.
+    d_qk: query / key width (tied: D_nope, the state's dims that serve as key). d_v: value
+        width. d_rope: the shared RoPE key's width (tied only, else 0).
+    softmax_scale: the family's scale.
+    context_flops: FLOPs per cached context token to build the call's operands (the latent
+        families' expanded form up-projects every context token to per-head keys and values).
+    query_flops: FLOPs per query token around the call (the absorbed form folds W_UK into the
+        query and W_UV into the output).
+    """
+
+    name: str
+    tied: bool
+    heads: int
+    heads_kv: int
+    d_qk: int
+    d_v: int
+    d_rope: int
+    softmax_scale: float
+    context_flops: int = 0
+    query_flops: int = 0
+
+    @staticmethod
+    def pairs(query_lens: Sequence[int], seqlens: Sequence[int]) -> int:
+        """(query, key) pairs a causal varlen step attends: query j of a sequence of n queries
+        over L cached tokens sees L - n + j + 1 keys."""
+        return sum(n * (length - n) + n * (n + 1) // 2 for n, length in zip(query_lens, seqlens))
+
+    def attention_flops(self, query_lens: Sequence[int], seqlens: Sequence[int]) -> int:
+        """FLOPs of the op itself: QK^T and PV over the visible pairs, every query head."""
+        return 2 * self.heads * self.pairs(query_lens, seqlens) * (self.d_qk + self.d_rope + self.d_v)
+
+    def flops(self, query_lens: Sequence[int], seqlens: Sequence[int]) -> int:
+        """FLOPs of the step's attention in this form: the op, plus building its operands."""
+        return (self.attention_flops(query_lens, seqlens) + self.context_flops * sum(seqlens)
+                + self.query_flops * sum(query_lens))
+
+    def query_shapes(self, n_tokens: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the queries the call takes for N packed query tokens."""
+        if self.tied:
+            return (n_tokens, self.heads, self.d_qk), (n_tokens, self.heads, self.d_rope)
+        return ((n_tokens, self.heads, self.d_qk),)
+
+    def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-token shapes of the paged caches the call reads."""
+        if self.tied:
+            return (self.heads_kv, self.d_v), (self.d_rope,)
+        return (self.heads_kv, self.d_qk), (self.heads_kv, self.d_v)
+
+    def run(self, backend: AttentionBackend, queries: tuple[Tensor, ...],
+            caches: tuple[Tensor, ...], block_table: Tensor, cu_seqlens_q: Tensor,
+            cache_seqlens: Tensor, *, plan: Any = None, cache_scale: float | None = None,
+            return_lse: bool = False):
+        """The call: queries and caches shaped as `query_shapes` / `cache_shapes`; returns
+        what the backend's op returns (out (N, H_q, d_v) [, lse (H_q, N)])."""
+        if self.tied:
+            q_nope, q_rope = queries
+            kv_cache, rope_cache = caches
+            return backend.prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                        cu_seqlens_q, cache_seqlens,
+                                        softmax_scale=self.softmax_scale, plan=plan,
+                                        kv_scale=cache_scale, return_lse=return_lse)
+        k_cache, v_cache = caches
+        return backend.prefill(queries[0], k_cache, v_cache, block_table, cu_seqlens_q,
+                               cache_seqlens, softmax_scale=self.softmax_scale, plan=plan,
+                               k_scale=cache_scale, v_scale=cache_scale, return_lse=return_lse)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -192,12 +342,17 @@ class Attention(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not implement shard_heads: it "
                                   "cannot be split over tensor-parallel ranks")
 
+    def prefill_forms(self) -> tuple[PrefillForm, ...]:
+        """The paged prefill-op calls `prefill` can make, on this layer's (local) heads."""
+        raise NotImplementedError(f"{type(self).__name__} has no paged prefill (prefill_forms)")
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None = None,
                 cache: tuple[Tensor, ...] | None = None) -> Tensor:
         """x (B, T, D); cos, sin (B, T, d_R / 2) -> (B, T, D).
 
         Without `meta` this is the causal training path. With `meta` and this layer's `cache`
-        (the tensors from `allocate_cache`), the step's states are written to the cache first.
+        (the tensors from `allocate_cache`), the step's states are written to the cache first;
+        a prefill step's B·T tokens are the packed rows of `meta.cu_seqlens_q`'s sequences.
         """
         batch, seq = x.shape[:2]
         q, states = self.project(x, cos, sin)
@@ -208,7 +363,7 @@ class Attention(nn.Module):
                 raise ValueError("cache must be given together with meta")
             self._store(cache, states, meta)
             if meta.is_prefill:
-                out = self._prefill(q, states, cache, meta, seq)
+                out = self.prefill(tuple(t.flatten(0, 1) for t in q), cache, meta)  # (N, H, d_h)
             else:
                 out = self.decode(q, cache, meta)
         return self.wo(out.reshape(batch, seq, -1))
@@ -221,15 +376,21 @@ class Attention(nn.Module):
         for tensor, state in zip(cache, states):
             meta.backend.store_kv(tensor, state.flatten(0, 1), meta.slot_mapping)
 
-    def _prefill(self, q, states, cache, meta: AttentionMetadata, seq: int) -> Tensor:
-        lens = meta.seqlens_host if meta.seqlens_host is not None else meta.cache_seqlens.tolist()
-        if all(n == seq for n in lens):  # nothing cached before this chunk
-            return self.attend(q, states)
+    def prefill(self, q: tuple[Tensor, ...], cache: tuple[Tensor, ...],
+                meta: AttentionMetadata) -> Tensor:
+        """Attention of a prefill step's packed queries (each part (N, H, ...)) over the paged
+        cache (this step's states already written) -> (N, H, d_h).
+
+        This default serves families without a paged prefill: each sequence's cache gathered
+        into a dense tensor, attended by `attend` (slow: a loop over sequences)."""
+        cu, seqlens = meta.plan.cu_seqlens_q, meta.plan.seqlens
         outs = []
-        for b, length in enumerate(lens):
-            past = tuple(gather_cache(c, meta.block_table[b], length)[None].to(s.dtype)
-                         for c, s in zip(cache, states))  # each (1, L, ...)
-            outs.append(self.attend(tuple(t[b:b + 1] for t in q), past))
+        for b, (lo, hi) in enumerate(zip(cu, cu[1:])):
+            if hi == lo:
+                continue
+            past = tuple(gather_cache(c, meta.block_table[b], seqlens[b])[None].to(q[0].dtype)
+                         for c in cache)  # each (1, L, ...)
+            outs.append(self.attend(tuple(t[lo:hi][None] for t in q), past)[0])
         return torch.cat(outs)
 
     # Cost accounting (docs/design.md §2). All counts are for one layer on one tensor-parallel rank.
@@ -295,6 +456,12 @@ class TiedStateAttention(Attention):
         return backend.decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                    cache_seqlens, softmax_scale=self.scale, plan=plan,
                                    kv_scale=cache_scale, return_lse=return_lse)
+
+    def tied_form(self, d_nope: int, name: str = "paged", **costs) -> PrefillForm:
+        """The `prefill_tied` call over this layer's cache, with keys of `d_nope` state dims."""
+        n_heads, n_cached = self.n_heads, self.cache_layout(1)["kv"][0]
+        return PrefillForm(name, True, n_heads, n_cached, d_nope, self.cache_layout(1)["kv"][1],
+                           self.rope_dim, self.scale, **costs)
 
     def kernel_operands(self, queries, caches):
         q_nope, q_rope = queries  # (B, L_q, H, D_nope), (B, L_q, H, D_R)

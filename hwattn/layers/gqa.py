@@ -2,7 +2,8 @@
 
 MHA caches K and V for every head, GQA-G for G KV heads shared by contiguous blocks of
 g_q = h_q / G query heads, MQA for a single head. Per token per layer the cache holds
-2 · h_kv · d_h elements. RoPE rotates the whole head. Decode runs the backend's `decode`.
+2 · h_kv · d_h elements. RoPE rotates the whole head. Decode runs the backend's `decode`,
+prefill its variable-length `prefill` over the same cache.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import math
 from torch import Tensor, nn
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import Attention, AttentionMetadata, causal_attention, select_heads, set_weight
+from hwattn.layers.base import (Attention, AttentionMetadata, PrefillForm, causal_attention, select_heads,
+                                set_weight)
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
 
@@ -48,6 +50,14 @@ class GroupedQueryAttention(Attention):
     def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
         return self.kernel_call(meta.backend, q, cache, meta.block_table, meta.cache_seqlens,
                                 plan=meta.plan)
+
+    def prefill_forms(self) -> tuple[PrefillForm, ...]:
+        return (PrefillForm("paged", False, self.n_heads, self.n_kv_heads, self.head_dim,
+                            self.head_dim, 0, self.scale),)
+
+    def prefill(self, q, cache, meta: AttentionMetadata) -> Tensor:
+        return self.prefill_forms()[0].run(meta.backend, q, cache, meta.block_table,
+                                           meta.cu_seqlens_q, meta.cache_seqlens, plan=meta.plan)
 
     def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
         heads = self.local_heads(tp)[1]

@@ -4,7 +4,8 @@
 [S[..., :d_h - d_R] (never rotated), RoPE(k_rope)] where `wk_rope: D -> d_R` is a single-head
 projection shared by every head. The query's last d_R dims are rotated. Per token per layer
 the cache holds h_kv · d_h + d_R elements, about half of GQA's 2 · h_kv · d_h.
-Decode runs the backend's `decode_tied`, reading S once for both roles.
+Decode runs the backend's `decode_tied`, prefill its variable-length `prefill_tied`, each
+reading S once for both roles.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ class GroupedTiedAttention(TiedStateAttention):
         q_full = q[0]
         return self.kernel_call(meta.backend, (q_full[..., :self.nope_dim], q_full[..., self.nope_dim:]),
                                 cache, meta.block_table, meta.cache_seqlens, plan=meta.plan)
+
+    def prefill_forms(self):
+        return (self.tied_form(self.nope_dim),)
+
+    def prefill(self, q, cache, meta: AttentionMetadata) -> Tensor:
+        q_full = q[0]  # (N, H, d_h)
+        return self.prefill_forms()[0].run(
+            meta.backend, (q_full[..., :self.nope_dim], q_full[..., self.nope_dim:]), cache,
+            meta.block_table, meta.cu_seqlens_q, meta.cache_seqlens, plan=meta.plan)
 
     def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
         return {"kv": (self.local_heads(tp)[1], self.head_dim), "rope": (self.rope_dim,)}

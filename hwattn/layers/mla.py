@@ -10,6 +10,14 @@ the cached latent directly through the backend's `decode_tied` (the latent is bo
 un-rotated part and the value), and W_UV maps the attended latent back to d_h. The scale stays
 the training scale. Per token per layer the cache holds h_c · d_c + d_R elements; MLA has one
 latent head of d_c = 4·d_h. Query head i uses latent head i // (h_q / h_c).
+
+Prefill has two forms (`prefill_forms`), chosen per step by their FLOPs (`prefill_form`):
+absorbed, as decode (`prefill_tied` over the latent cache: ~2·(d_c + d_R + d_c) FLOPs per
+query-key pair per head), or expanded (each sequence's cached latent pages gathered and
+up-projected to per-head K = [W_UK c, k_rope] and V = W_UV c, attended by `prefill`:
+~2·(d_h + d_R + d_h) per pair, plus the up-projection of every context token). Long prompts
+take the expanded form, a few queries over a long context (decode rows, short chunks) the
+absorbed one.
 """
 
 from __future__ import annotations
@@ -20,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import (AttentionMetadata, TiedStateAttention, causal_attention, select_heads,
-                                set_weight)
+from hwattn.layers.base import (AttentionMetadata, PrefillForm, TiedStateAttention, causal_attention,
+                                select_heads, set_weight)
 from hwattn.layers.norm import RMSNorm
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
@@ -90,14 +98,14 @@ class LatentAttention(TiedStateAttention):
         return causal_attention(torch.cat((q_nope, q_rope), -1), k, v, self.scale)
 
     def absorb_query(self, q_nope: Tensor) -> Tensor:
-        """q_nope (B, T, H, d_h) -> q_abs (B, T, H, d_c): W_UK folded into the query. The key
+        """q_nope (..., H, d_h) -> q_abs (..., H, d_c): W_UK folded into the query. The key
         bias b_uk adds q_nope · b_uk to every score of a query alike, which softmax drops."""
-        return torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk)
+        return torch.einsum("...hd,hdc->...hc", q_nope, self.w_uk)
 
     def absorb_output(self, out_latent: Tensor) -> Tensor:
-        """Attended latent (B, T, H, d_c) -> per-head output (B, T, H, d_h) through W_UV (plus
+        """Attended latent (..., H, d_c) -> per-head output (..., H, d_h) through W_UV (plus
         b_uv whole: the attention weights sum to one)."""
-        out = torch.einsum("bthc,hdc->bthd", out_latent, self.w_uv)
+        out = torch.einsum("...hc,hdc->...hd", out_latent, self.w_uv)
         return out if self.b_uv is None else out + self.b_uv
 
     def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:
@@ -106,6 +114,50 @@ class LatentAttention(TiedStateAttention):
                                       meta.block_table, meta.cache_seqlens,
                                       plan=meta.plan)  # (B, T, H, d_c)
         return self.absorb_output(out_latent)
+
+    def prefill_forms(self) -> tuple[PrefillForm, PrefillForm]:
+        """(absorbed, expanded); see the module docstring. Costs per query token (absorbing
+        W_UK and W_UV) and per context token (up-projecting K_nope and V) on local heads."""
+        h, dh, dc = self.n_heads, self.head_dim, self.latent_dim
+        absorbed = self.tied_form(dc, "absorbed", query_flops=2 * 2 * h * dh * dc)
+        expanded = PrefillForm("expanded", False, h, h, dh + self.rope_dim, dh, 0, self.scale,
+                               context_flops=2 * 2 * h * dc * dh)
+        return absorbed, expanded
+
+    def prefill_form(self, plan) -> PrefillForm:
+        """The form of fewer FLOPs for a step's lengths (`PrefillPlan`); absorbed on a tie."""
+        return min(self.prefill_forms(), key=lambda f: f.flops(plan.query_lens, plan.seqlens))
+
+    def prefill(self, q, cache, meta: AttentionMetadata) -> Tensor:
+        return self.prefill_as(self.prefill_form(meta.plan), q, cache, meta)
+
+    def prefill_as(self, form: PrefillForm, q, cache, meta: AttentionMetadata) -> Tensor:
+        """`prefill` in the given form (one of `prefill_forms()`): q_nope (N, H, d_h),
+        q_rope (N, H, d_R) -> (N, H, d_h)."""
+        q_nope, q_rope = q
+        args = (meta.cu_seqlens_q, meta.cache_seqlens)
+        if form.name == "absorbed":
+            out_latent = form.run(meta.backend, (self.absorb_query(q_nope), q_rope), cache,
+                                  meta.block_table, *args, plan=meta.plan)  # (N, H, d_c)
+            return self.absorb_output(out_latent)
+        k, v, table = self.expand_context(cache, meta)
+        return form.run(meta.backend, (torch.cat((q_nope, q_rope), -1),), (k, v), table, *args,
+                        plan=meta.plan)
+
+    def expand_context(self, cache: tuple[Tensor, Tensor],
+                       meta: AttentionMetadata) -> tuple[Tensor, Tensor, Tensor]:
+        """Every sequence's cached latent pages, gathered and up-projected to per-head keys
+        and values: K (n, page, H, d_h + d_R), V (n, page, H, d_h), and the block table
+        (B, max_pages) int32 that maps each sequence onto them (`meta.context_pages`)."""
+        kv_cache, rope_cache = cache
+        pages, table = meta.context_pages(kv_cache.shape[1])
+        latent, rope = kv_cache[pages], rope_cache[pages]  # (n, page, h_c, d_c), (n, page, d_R)
+        n, page = latent.shape[:2]
+        latent = latent.view(1, n * page, self.n_latent_heads, self.latent_dim)
+        rope = rope.view(1, n * page, 1, self.rope_dim).expand(1, n * page, self.n_heads, self.rope_dim)
+        k = torch.cat((self._up(latent, self.w_uk, self.b_uk), rope), -1)  # (1, n·page, H, d_h + d_R)
+        v = self._up(latent, self.w_uv, self.b_uv)  # (1, n·page, H, d_h)
+        return k.view(n, page, self.n_heads, -1), v.view(n, page, self.n_heads, -1), table
 
     def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
         return {"kv": (self.local_heads(tp)[1], self.latent_dim), "rope": (self.rope_dim,)}

@@ -54,6 +54,52 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
         softmax_scale=softmax_scale, return_lse=return_lse, plan=plan, kv_scale=kv_scale)
 
 
+def prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+            cu_seqlens_q: Tensor, cache_seqlens: Tensor, *, softmax_scale: float | None = None,
+            return_lse: bool = False, plan=None, backend: str | AttentionBackend = "auto",
+            k_scale: float | None = None, v_scale: float | None = None):
+    """Variable-length causal paged attention with separate K and V caches (prefill of MHA /
+    MQA / GQA; the latent variants' expanded form).
+
+    Args:
+        q: (N, H_q, D_qk): the queries of B sequences packed as rows, sequence b's being rows
+            cu_seqlens_q[b]:cu_seqlens_q[b + 1], its last tokens (already in the cache).
+        k_cache: (P, page_size, H_kv, D_qk); v_cache: (P, page_size, H_kv, D_v).
+        block_table: (B, max_pages) int32. cu_seqlens_q: (B + 1,) int32 from 0, ending at N.
+        cache_seqlens: (B,) int32, counting each sequence's queries; causal bottom-right: query
+            j of n sees cache positions < cache_seqlens[b] - n + j + 1.
+        softmax_scale: default 1/sqrt(D_qk).
+        plan: the step's `plan_prefill(cu_seqlens_q, cache_seqlens)` on host lengths, reused by
+            every layer; without it the lengths are read back from the device.
+    Returns:
+        out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
+    """
+    return get_backend(backend, q.device).prefill(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, cache_seqlens,
+        softmax_scale=softmax_scale, return_lse=return_lse, plan=plan, k_scale=k_scale,
+        v_scale=v_scale)
+
+
+def prefill_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                 block_table: Tensor, cu_seqlens_q: Tensor, cache_seqlens: Tensor, *,
+                 softmax_scale: float | None = None, return_lse: bool = False, plan=None,
+                 backend: str | AttentionBackend = "auto", kv_scale: float | None = None):
+    """Variable-length causal paged attention over tied states plus one shared RoPE key
+    (prefill of GTA; MLA / GLA absorbed).
+
+    Args:
+        q_nope: (N, H_q, D_nope); q_rope: (N, H_q, D_R), packed as for `prefill`.
+        kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
+        block_table, cu_seqlens_q, cache_seqlens, plan: as for `prefill`.
+        softmax_scale: default 1/sqrt(D_nope + D_R).
+    Returns:
+        out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
+    """
+    return get_backend(backend, q_nope.device).prefill_tied(
+        q_nope, q_rope, kv_cache, rope_cache, block_table, cu_seqlens_q, cache_seqlens,
+        softmax_scale=softmax_scale, return_lse=return_lse, plan=plan, kv_scale=kv_scale)
+
+
 def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, *, scale: float | None = None,
              backend: str | AttentionBackend = "auto") -> None:
     """Write new tokens into a paged cache in place.

@@ -1,4 +1,6 @@
-"""Split-KV planning: which program attends which tokens of which sequence.
+"""Step plans: split-KV decode schedules and the host lengths of a prefill step.
+
+Decode: which program attends which tokens of which sequence.
 
 A decode step's work is B sequences × the programs along the head axis (KV heads × head
 blocks). When that is too few programs to keep every SM streaming (small batch, long context),
@@ -10,6 +12,9 @@ The plan is computed once per step on the host (it reads `cache_seqlens`) and re
 layer. Its tensors live on the lengths' device; the kernels read them there and never sync.
 Its grid, `capacity` items, depends only on the batch size and head count, so a CUDA graph
 captured with one plan replays correctly after `plan_decode(..., out=plan)` refreshes it.
+
+Prefill (`plan_prefill`): a variable-length step's query and context lengths, read on the host
+once and checked, so that every layer's prefill call launches without reading them back.
 """
 
 from __future__ import annotations
@@ -172,3 +177,79 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     out.splits.copy_(split_table, non_blocking=True)
     out.max_seqlen, out.max_pieces = max(lengths), max_pieces
     return out
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """The host lengths of one variable-length prefill step, read once and shared by every
+    layer (so that no layer reads `cu_seqlens_q` or `cache_seqlens` back from the device).
+
+    query_lens: per sequence, its query tokens this step (0 allowed).
+    seqlens: per sequence, tokens cached once this step's are written (>= its query tokens).
+    """
+
+    query_lens: tuple[int, ...]
+    seqlens: tuple[int, ...]
+
+    @property
+    def batch(self) -> int:
+        return len(self.seqlens)
+
+    @property
+    def total_q(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return max(self.query_lens)
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return max(self.seqlens)
+
+    @property
+    def cu_seqlens_q(self) -> list[int]:
+        """(B + 1) offsets of each sequence's first query token, as the ops take them."""
+        cu = [0]
+        for n in self.query_lens:
+            cu.append(cu[-1] + n)
+        return cu
+
+    def check(self, batch: int, total_q: int, capacity: int) -> None:
+        """Raise ValueError unless this plan describes `batch` sequences holding `total_q`
+        query tokens whose longest context fits a block table of `capacity` slots."""
+        if self.batch != batch or self.total_q != total_q:
+            raise ValueError(f"plan was made for B={self.batch} with {self.total_q} query tokens, "
+                             f"not B={batch} with {total_q}")
+        if self.max_seqlen_k > capacity:
+            raise ValueError(f"block_table holds {capacity} slots, too short for the plan's "
+                             f"longest sequence {self.max_seqlen_k}")
+
+
+def plan_prefill(cu_seqlens_q, cache_seqlens) -> PrefillPlan:
+    """Read and check the lengths of a variable-length prefill step (on the host, once).
+
+    Args:
+        cu_seqlens_q: (B + 1,) int offsets of each sequence's queries, starting at 0 and
+            non-decreasing (a tensor, read back once, or a list).
+        cache_seqlens: (B,) int tokens cached per sequence, this step's included.
+    Returns:
+        a `PrefillPlan`.
+    """
+    cu = [int(n) for n in (cu_seqlens_q.tolist() if isinstance(cu_seqlens_q, Tensor) else cu_seqlens_q)]
+    lens = [int(n) for n in (cache_seqlens.tolist() if isinstance(cache_seqlens, Tensor) else cache_seqlens)]
+    if not lens:
+        raise ValueError("cache_seqlens must hold at least one sequence")
+    if len(cu) != len(lens) + 1:
+        raise ValueError(f"cu_seqlens_q must hold B + 1 = {len(lens) + 1} offsets, got {len(cu)}")
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens_q must start at 0, got {cu[0]}")
+    query_lens = [hi - lo for lo, hi in zip(cu, cu[1:])]
+    if min(query_lens) < 0:
+        raise ValueError(f"cu_seqlens_q must be non-decreasing, got {cu}")
+    short = [b for b, (n, q) in enumerate(zip(lens, query_lens)) if n < q]
+    if short:
+        b = short[0]
+        raise ValueError(f"cache_seqlens must count each sequence's query tokens: sequence {b} "
+                         f"has {query_lens[b]} queries but cache_seqlens {lens[b]}")
+    return PrefillPlan(tuple(query_lens), tuple(lens))

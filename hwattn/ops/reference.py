@@ -1,4 +1,4 @@
-"""Plain PyTorch references for the paged decode ops.
+"""Plain PyTorch references for the paged decode and prefill ops.
 
 Written for obviousness, not speed: one sequence at a time, scores in fp32 (fp64 when the
 inputs are fp64). They never import a kernel. They are also the CPU path of `hwattn.ops`.
@@ -7,6 +7,9 @@ Paged layout (docs/design.md §4): `cache[num_pages, page_size, heads, dim]`; se
 lives in page `block_table[b, t // page_size]` at offset `t % page_size`. `cache_seqlens[b]`
 counts every cached token, the L_q new ones included. Query row j of L_q sees cache
 positions < L - L_q + j + 1 (causal mask aligned bottom-right).
+
+Prefill is decode with a query length per sequence: the queries of all sequences are packed as
+rows of one (N, H_q, D) tensor, sequence b's being rows cu_seqlens_q[b]:cu_seqlens_q[b + 1].
 """
 
 from __future__ import annotations
@@ -100,6 +103,59 @@ def decode_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope
         outs.append(out)
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
+
+
+def _per_sequence(decode, cu_seqlens_q: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                  queries: tuple[Tensor, ...], n_heads: int, d_v: int, out_dtype: torch.dtype):
+    """Run `decode(queries of one sequence (1, n, ...), table row, seqlen)` for every sequence
+    and pack the results: out (N, H_q, D_v), lse (H_q, N) fp32."""
+    n_tokens = queries[0].shape[0]
+    out = torch.empty(n_tokens, n_heads, d_v, dtype=out_dtype, device=queries[0].device)
+    lse = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=queries[0].device)
+    cu = cu_seqlens_q.tolist()
+    for b in range(len(cu) - 1):
+        lo, hi = cu[b], cu[b + 1]
+        if hi == lo:  # a sequence with no queries this step
+            continue
+        o, l = decode(tuple(x[lo:hi][None] for x in queries), block_table[b:b + 1],
+                      cache_seqlens[b:b + 1])  # (1, n, H_q, D_v), (1, H_q, n)
+        out[lo:hi] = o[0]
+        lse[:, lo:hi] = l[0]
+    return out, lse
+
+
+def prefill_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                      cu_seqlens_q: Tensor, cache_seqlens: Tensor,
+                      softmax_scale: float | None = None, k_scale: float | None = None,
+                      v_scale: float | None = None):
+    """Variable-length separate K/V paged attention: `decode_reference` per sequence.
+
+    q (N, H_q, D_qk); k_cache (P, page_size, H_kv, D_qk); v_cache (P, page_size, H_kv, D_v);
+    block_table (B, max_pages); cu_seqlens_q (B + 1,); cache_seqlens (B,). Returns
+    out (N, H_q, D_v) in q's dtype and lse (H_q, N) fp32.
+    """
+    def one(queries, table, seqlens):
+        return decode_reference(queries[0], k_cache, v_cache, table, seqlens, softmax_scale,
+                                k_scale, v_scale)
+
+    return _per_sequence(one, cu_seqlens_q, block_table, cache_seqlens, (q,), q.shape[1],
+                         v_cache.shape[3], q.dtype)
+
+
+def prefill_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                           block_table: Tensor, cu_seqlens_q: Tensor, cache_seqlens: Tensor,
+                           softmax_scale: float, kv_scale: float | None = None):
+    """Variable-length tied-state paged attention: `decode_tied_reference` per sequence.
+
+    q_nope (N, H_q, D_nope); q_rope (N, H_q, D_R); kv_cache (P, page_size, H_kv, D_v);
+    rope_cache (P, page_size, D_R). Returns out (N, H_q, D_v) and lse (H_q, N) fp32.
+    """
+    def one(queries, table, seqlens):
+        return decode_tied_reference(*queries, kv_cache, rope_cache, table, seqlens,
+                                     softmax_scale, kv_scale)
+
+    return _per_sequence(one, cu_seqlens_q, block_table, cache_seqlens, (q_nope, q_rope),
+                         q_nope.shape[1], kv_cache.shape[3], q_nope.dtype)
 
 
 def store_kv_reference(cache: Tensor, new: Tensor, slot_mapping: Tensor,

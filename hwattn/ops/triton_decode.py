@@ -101,7 +101,9 @@ def min_piece_for(n_heads: int, query_len: int, d_v: int, cache_bytes_per_token:
     return max(MIN_PIECE, -(-2 * partial // cache_bytes_per_token // PIECE_ALIGN) * PIECE_ALIGN)
 
 
-def _check_kernel_dtypes(**tensors: Tensor) -> None:
+def check_kernel_dtypes(**tensors: Tensor) -> None:
+    """Raise ValueError unless every tensor has a dtype the Triton kernels take (caches: also
+    fp8) and is contiguous in its last dimension."""
     for name, t in tensors.items():
         allowed = CACHE_DTYPES if "cache" in name else KERNEL_DTYPES
         if t.dtype not in allowed:
@@ -165,7 +167,7 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
            k_scale: float | None = None, v_scale: float | None = None,
            config: KernelConfig | None = None):
     """Separate K/V paged decode; shapes as `hwattn.ops.decode`. Returns (out, lse)."""
-    _check_kernel_dtypes(q=q, k_cache=k_cache, v_cache=v_cache)
+    check_kernel_dtypes(q=q, k_cache=k_cache, v_cache=v_cache)
     return _attend(q, None, k_cache, v_cache, None, block_table, cache_seqlens,
                    softmax_scale=softmax_scale, plan=plan, k_scale=k_scale or 1.0,
                    v_scale=v_scale or 1.0, d_qk=q.shape[-1], tied=False, config=config)
@@ -176,7 +178,7 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
                 plan: DecodePlan | None = None, kv_scale: float | None = None,
                 config: KernelConfig | None = None):
     """Tied-state paged decode; shapes as `hwattn.ops.decode_tied`. Returns (out, lse)."""
-    _check_kernel_dtypes(q_nope=q_nope, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache)
+    check_kernel_dtypes(q_nope=q_nope, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache)
     scale = kv_scale or 1.0
     return _attend(q_nope, q_rope, kv_cache, kv_cache, rope_cache, block_table, cache_seqlens,
                    softmax_scale=softmax_scale, plan=plan, k_scale=scale, v_scale=scale,

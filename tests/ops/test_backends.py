@@ -22,7 +22,7 @@ class RecordingBackend(TorchBackend):
     priority = 100
 
     def __init__(self):
-        self.made, self.seen, self.stores = [], [], 0
+        self.made, self.seen, self.stores, self.prefill_plans = [], [], 0, []
 
     @classmethod
     def auto_select(cls, device) -> bool:
@@ -45,6 +45,19 @@ class RecordingBackend(TorchBackend):
     def run_decode_tied(self, q_nope, *args, plan, **kw):
         self.seen.append(plan)
         return super().run_decode_tied(q_nope, *args, plan=plan, **kw)
+
+    def plan_prefill(self, cu_seqlens_q, cache_seqlens):
+        plan = super().plan_prefill(cu_seqlens_q, cache_seqlens)
+        self.prefill_plans.append(plan)
+        return plan
+
+    def run_prefill(self, q, *args, plan, **kw):
+        self.seen.append(plan)
+        return super().run_prefill(q, *args, plan=plan, **kw)
+
+    def run_prefill_tied(self, q_nope, *args, plan, **kw):
+        self.seen.append(plan)
+        return super().run_prefill_tied(q_nope, *args, plan=plan, **kw)
 
     def run_store_kv(self, *args, **kw):
         self.stores += 1
@@ -119,9 +132,13 @@ def test_runner_chooses_once_and_every_layer_gets_its_plan(registry, attention):
     assert isinstance(backend, RecordingBackend)
     runner.execute(StepInput("prefill", [[1, 2, 3, 4, 5], [6, 7, 8]], [0, 0], [[1, 2], [3]],
                              need_logits=[True, True]))
-    # Two prefill forwards (the rows differ in length), each writing two tensors per layer;
-    # prefill attends densely, so no plan is made.
-    assert backend.stores == 2 * 2 * cfg.n_layers and not backend.made
+    # One packed prefill forward writing two tensors per layer; its one prefill plan (the
+    # step's host lengths) reaches every layer, and no decode plan is made.
+    assert backend.stores == 2 * cfg.n_layers and not backend.made
+    assert [(p.query_lens, p.seqlens) for p in backend.prefill_plans] == [((5, 3), (5, 3))]
+    assert len(backend.seen) == cfg.n_layers
+    assert all(plan is backend.prefill_plans[0] for plan in backend.seen)
+    backend.seen.clear()
     runner.execute(StepInput("decode", [[9], [10]], [5, 3], [[1, 2], [3]]))
     assert backend.made == [dict(heads=cfg.cache_heads, query_len=1, lengths=[6, 4])]
     assert len(backend.seen) == cfg.n_layers

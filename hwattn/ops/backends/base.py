@@ -7,12 +7,20 @@ before any kernel launches) and then call the `run_*` hooks a subclass implement
     plan(cache_seqlens, num_heads_kv=, query_len=, page_size=, device=, out=)  -> plan or None
     decode(q, k_cache, v_cache, block_table, cache_seqlens, ...)      -> run_decode
     decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table, ...) -> run_decode_tied
+    plan_prefill(cu_seqlens_q, cache_seqlens)                          -> PrefillPlan
+    prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, ...)      -> run_prefill
+    prefill_tied(q_nope, q_rope, kv_cache, rope_cache, ...)           -> run_prefill_tied
     store_kv(cache, new, slot_mapping, ...)                            -> run_store_kv
 
 Caches are paged as `(num_pages, page_size, *per-token shape)`, contiguous; `cache_dtype` and
 `check_cache` say which cache a backend reads. A plan is computed once per step from host
 lengths and reused by every layer; `plan(..., out=previous)` refreshes it in place so that a
 captured CUDA graph replays with new lengths.
+
+Prefill is the variable-length form of the same two shapes: the queries of B sequences packed
+as rows (N, H_q, D), sequence b's being rows cu_seqlens_q[b]:cu_seqlens_q[b + 1], the last of
+its cache_seqlens[b] cached tokens (causal, aligned bottom-right per sequence). Its plan is the
+step's host lengths (`plan_prefill`), made once per step; without one, the call reads them.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from hwattn.ops.plan import DecodePlan
+from hwattn.ops.plan import DecodePlan, PrefillPlan, plan_prefill
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
@@ -43,7 +51,7 @@ def _check_cache_dtype(name: str, cache: Tensor, q: Tensor, scale) -> None:
 
 
 class AttentionBackend:
-    """One implementation of the paged decode ops; see the module docstring.
+    """One implementation of the paged decode and prefill ops; see the module docstring.
 
     Class attributes a subclass sets: `name` (its registry name) and, for automatic choice,
     `priority` and `auto_select(device)` (see `hwattn.ops.backends.register_backend`).
@@ -116,6 +124,20 @@ class AttentionBackend:
                         kv_scale: float | None) -> tuple[Tensor, Tensor]:
         """Tied-state paged attention -> (out (B, L_q, H_q, D_v), lse (B, H_q, L_q) fp32)."""
         raise NotImplementedError
+
+    def run_prefill(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                    cu_seqlens_q: Tensor, cache_seqlens: Tensor, *, softmax_scale: float,
+                    plan: PrefillPlan, k_scale: float | None,
+                    v_scale: float | None) -> tuple[Tensor, Tensor]:
+        """Variable-length separate K/V paged attention -> (out (N, H_q, D_v), lse (H_q, N) fp32)."""
+        raise NotImplementedError(f"backend {self.name!r} has no prefill kernel")
+
+    def run_prefill_tied(self, q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor,
+                         rope_cache: Tensor, block_table: Tensor, cu_seqlens_q: Tensor,
+                         cache_seqlens: Tensor, *, softmax_scale: float, plan: PrefillPlan,
+                         kv_scale: float | None) -> tuple[Tensor, Tensor]:
+        """Variable-length tied-state paged attention -> (out (N, H_q, D_v), lse (H_q, N) fp32)."""
+        raise NotImplementedError(f"backend {self.name!r} has no tied prefill kernel")
 
     def run_store_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor, *,
                      scale: float | None) -> None:
@@ -243,6 +265,155 @@ class AttentionBackend:
         out, lse = self.run_decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                         cache_seqlens, softmax_scale=scale, plan=plan,
                                         kv_scale=kv_scale)
+        return (out, lse) if return_lse else out
+
+    # Prefill: variable-length queries per sequence.
+    def plan_prefill(self, cu_seqlens_q, cache_seqlens) -> PrefillPlan:
+        """The host lengths of a prefill step, read and checked once, for every layer's call.
+
+        Args:
+            cu_seqlens_q: (B + 1,) int32 query offsets (host tensor or list), from 0,
+                non-decreasing. cache_seqlens: (B,) int32 tokens cached per sequence, this
+                step's included (host tensor or list).
+        """
+        return plan_prefill(cu_seqlens_q, cache_seqlens)
+
+    def _check_varlen(self, name_cache: str, cache: Tensor, block_table: Tensor,
+                      cu_seqlens_q: Tensor, cache_seqlens: Tensor, n_tokens: int,
+                      device: torch.device, plan: Any) -> PrefillPlan:
+        """Check the varlen arguments; return the step's plan (made here when not given)."""
+        if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 2:
+            raise ValueError(f"cu_seqlens_q must be (B + 1,) with B >= 1, got {tuple(cu_seqlens_q.shape)}")
+        if cu_seqlens_q.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens_q must be int32, got {cu_seqlens_q.dtype}")
+        batch = cu_seqlens_q.shape[0] - 1
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must be (B={batch}, max_pages), got {tuple(block_table.shape)}")
+        if block_table.dtype != torch.int32:
+            raise ValueError(f"block_table must be int32, got {block_table.dtype}")
+        if cache_seqlens.shape != (batch,):
+            raise ValueError(f"cache_seqlens must be (B={batch},), got {tuple(cache_seqlens.shape)}")
+        if cache_seqlens.dtype != torch.int32:
+            raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+        for name, t in (("block_table", block_table), ("cu_seqlens_q", cu_seqlens_q),
+                        ("cache_seqlens", cache_seqlens), (name_cache, cache)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but q is on {device}")
+        if cache.shape[1] <= 0:
+            raise ValueError(f"{name_cache} page size must be positive, got {cache.shape[1]}")
+        capacity = block_table.shape[1] * cache.shape[1]
+        if plan is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise ValueError("plan: a prefill call inside a CUDA graph capture needs the "
+                                 "step's plan (backend.plan_prefill), its lengths cannot be read")
+            plan = self.plan_prefill(cu_seqlens_q.cpu(), cache_seqlens.cpu())
+            if plan.total_q != n_tokens:
+                raise ValueError(f"cu_seqlens_q must end at the {n_tokens} query rows, but its "
+                                 f"sequences hold {plan.total_q}")
+        elif not isinstance(plan, PrefillPlan):
+            raise ValueError(f"plan must be a PrefillPlan from plan_prefill, got {type(plan).__name__}")
+        plan.check(batch, n_tokens, capacity)
+        return plan
+
+    @torch.compiler.disable
+    def prefill(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                cu_seqlens_q: Tensor, cache_seqlens: Tensor, *,
+                softmax_scale: float | None = None, return_lse: bool = False, plan: Any = None,
+                k_scale: float | None = None, v_scale: float | None = None):
+        """Variable-length causal paged attention with separate K and V caches (MHA / MQA /
+        GQA prefill; the latent variants' expanded form).
+
+        Args:
+            q: (N, H_q, D_qk), the queries of B sequences packed as rows: sequence b's are rows
+                cu_seqlens_q[b]:cu_seqlens_q[b + 1], its last tokens (already in the cache).
+            k_cache: (P, page_size, H_kv, D_qk); v_cache: (P, page_size, H_kv, D_v), the value
+                width may differ from the key's. H_q % H_kv == 0, head i reads KV head
+                i // (H_q // H_kv). fp8 (e4m3) with `k_scale` / `v_scale` is accepted.
+            block_table: (B, max_pages) int32. cu_seqlens_q: (B + 1,) int32, from 0,
+                non-decreasing, ending at N (a sequence may have no queries).
+            cache_seqlens: (B,) int32, tokens cached per sequence counting its queries; query j
+                of a sequence of n queries sees cache positions < cache_seqlens[b] - n + j + 1.
+            softmax_scale: default 1/sqrt(D_qk).
+            plan: the step's `plan_prefill(...)`, shared by every layer; without it the lengths
+                are read back from the device (a synchronisation).
+        Returns:
+            out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
+        """
+        if q.dim() != 3:
+            raise ValueError(f"q must be (N, H_q, D_qk), got shape {tuple(q.shape)}")
+        _check_float("q", q)
+        n_tokens, n_heads, d_qk = q.shape
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if cache.dim() != 4:
+                raise ValueError(f"{name} must be (P, page_size, H_kv, D), got {tuple(cache.shape)}")
+        if k_cache.shape[3] != d_qk:
+            raise ValueError(f"k_cache head dim {k_cache.shape[3]} must equal q's {d_qk}")
+        if v_cache.shape[:3] != k_cache.shape[:3]:
+            raise ValueError(f"v_cache {tuple(v_cache.shape)} must match k_cache "
+                             f"{tuple(k_cache.shape)} in pages, page size and heads")
+        _check_cache_dtype("k_cache", k_cache, q, k_scale)
+        _check_cache_dtype("v_cache", v_cache, q, v_scale)
+        n_kv = k_cache.shape[2]
+        if n_kv <= 0 or n_heads % n_kv:
+            raise ValueError(f"k_cache has {n_kv} heads, which must divide q's {n_heads} heads")
+        if v_cache.device != q.device:
+            raise ValueError(f"v_cache is on {v_cache.device} but q is on {q.device}")
+        plan = self._check_varlen("k_cache", k_cache, block_table, cu_seqlens_q, cache_seqlens,
+                                  n_tokens, q.device, plan)
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_qk)
+        out, lse = self.run_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q,
+                                    cache_seqlens, softmax_scale=scale, plan=plan,
+                                    k_scale=k_scale, v_scale=v_scale)
+        return (out, lse) if return_lse else out
+
+    @torch.compiler.disable
+    def prefill_tied(self, q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                     block_table: Tensor, cu_seqlens_q: Tensor, cache_seqlens: Tensor, *,
+                     softmax_scale: float | None = None, return_lse: bool = False,
+                     plan: Any = None, kv_scale: float | None = None):
+        """Variable-length causal paged attention over one tied state per head plus one shared
+        RoPE key (GTA; MLA / GLA absorbed): scores = (q_nope · S[..., :D_nope] + q_rope · R)
+        · scale, out = P · S.
+
+        Args:
+            q_nope: (N, H_q, D_nope); q_rope: (N, H_q, D_R), packed as for `prefill`.
+            kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
+            block_table, cu_seqlens_q, cache_seqlens, plan: as for `prefill`.
+            softmax_scale: default 1/sqrt(D_nope + D_R).
+            kv_scale: dequantisation scale of an fp8 cache (both caches share it).
+        Returns:
+            out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
+        """
+        if q_nope.dim() != 3:
+            raise ValueError(f"q_nope must be (N, H_q, D_nope), got {tuple(q_nope.shape)}")
+        _check_float("q_nope", q_nope)
+        n_tokens, n_heads, d_nope = q_nope.shape
+        if q_rope.dim() != 3 or q_rope.shape[:2] != q_nope.shape[:2]:
+            raise ValueError(f"q_rope must be (N, H_q, D_R) matching q_nope {tuple(q_nope.shape[:2])}, "
+                             f"got {tuple(q_rope.shape)}")
+        if q_rope.dtype != q_nope.dtype:
+            raise ValueError(f"q_rope dtype {q_rope.dtype} must match q_nope's {q_nope.dtype}")
+        d_rope = q_rope.shape[2]
+        if kv_cache.dim() != 4:
+            raise ValueError(f"kv_cache must be (P, page_size, H_kv, D_v), got {tuple(kv_cache.shape)}")
+        if kv_cache.shape[3] < d_nope:
+            raise ValueError(f"kv_cache width {kv_cache.shape[3]} must be >= q_nope's D_nope {d_nope}")
+        if rope_cache.dim() != 3 or rope_cache.shape[:2] != kv_cache.shape[:2] or rope_cache.shape[2] != d_rope:
+            raise ValueError(f"rope_cache must be (P, page_size, D_R) = {(*kv_cache.shape[:2], d_rope)}, "
+                             f"got {tuple(rope_cache.shape)}")
+        _check_cache_dtype("kv_cache", kv_cache, q_nope, kv_scale)
+        _check_cache_dtype("rope_cache", rope_cache, q_nope, kv_scale)
+        n_kv = kv_cache.shape[2]
+        if n_kv <= 0 or n_heads % n_kv:
+            raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
+        if q_rope.device != q_nope.device or rope_cache.device != q_nope.device:
+            raise ValueError("q_rope and rope_cache must be on q_nope's device")
+        plan = self._check_varlen("kv_cache", kv_cache, block_table, cu_seqlens_q, cache_seqlens,
+                                  n_tokens, q_nope.device, plan)
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_nope + d_rope)
+        out, lse = self.run_prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                         cu_seqlens_q, cache_seqlens, softmax_scale=scale,
+                                         plan=plan, kv_scale=kv_scale)
         return (out, lse) if return_lse else out
 
     @torch.compiler.disable

@@ -28,5 +28,16 @@ class TorchBackend(AttentionBackend):
         return reference.decode_tied_reference(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                                cache_seqlens, softmax_scale, kv_scale)
 
+    def run_prefill(self, q, k_cache, v_cache, block_table, cu_seqlens_q, cache_seqlens, *,
+                    softmax_scale, plan, k_scale, v_scale):
+        return reference.prefill_reference(q, k_cache, v_cache, block_table, cu_seqlens_q,
+                                           cache_seqlens, softmax_scale, k_scale, v_scale)
+
+    def run_prefill_tied(self, q_nope, q_rope, kv_cache, rope_cache, block_table, cu_seqlens_q,
+                         cache_seqlens, *, softmax_scale, plan, kv_scale):
+        return reference.prefill_tied_reference(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                                cu_seqlens_q, cache_seqlens, softmax_scale,
+                                                kv_scale)
+
     def run_store_kv(self, cache, new, slot_mapping, *, scale) -> None:
         reference.store_kv_reference(cache, new, slot_mapping, scale)

@@ -1,4 +1,5 @@
-"""The Triton backend: the kernels of `hwattn.ops.kernels` launched by `triton_decode`.
+"""The Triton backend: the kernels of `hwattn.ops.kernels` launched by `triton_decode` (decode,
+store) and `triton_prefill` (variable-length prefill).
 
 Its plan is the split-KV `DecodePlan` (`hwattn.ops.plan`), sized for the device's
 multiprocessors; with a plan given, a decode step reads nothing back to the host, so it can be
@@ -11,22 +12,26 @@ from __future__ import annotations
 
 import torch
 
-from hwattn.ops import reference, triton_decode
+from hwattn.ops import reference, triton_decode, triton_prefill
 from hwattn.ops.backends.base import AttentionBackend
 from hwattn.ops.plan import plan_decode
 
 
 class TritonBackend(AttentionBackend):
-    """`config`: a `triton_decode.KernelConfig` forcing one tile shape for every call
-    (benchmarks use it to sweep tiles); default: chosen per shape by `choose_config`."""
+    """`config`: a `triton_decode.KernelConfig` forcing one tile shape for every decode call
+    (benchmarks use it to sweep tiles); default: chosen per shape by `choose_config`.
+    `prefill_config`: a `triton_prefill.PrefillConfig` forcing the prefill kernel's tiles;
+    default: `choose_prefill_config`."""
 
     name = "triton"
     priority = 10
-    kernel_names = {"attention": ("attend_kernel", "combine_kernel"),
+    kernel_names = {"attention": ("attend_kernel", "combine_kernel", "prefill_kernel"),
                     "cache_write": ("store_kernel",)}
 
-    def __init__(self, config: triton_decode.KernelConfig | None = None):
+    def __init__(self, config: triton_decode.KernelConfig | None = None,
+                 prefill_config: triton_prefill.PrefillConfig | None = None):
         self.config = config
+        self.prefill_config = prefill_config
         self._sms: dict[torch.device, int | None] = {}
 
     @classmethod
@@ -35,7 +40,11 @@ class TritonBackend(AttentionBackend):
 
     def with_config(self, config: triton_decode.KernelConfig | None) -> "TritonBackend":
         """A backend that launches every kernel with the tile shape `config`."""
-        return TritonBackend(config)
+        return TritonBackend(config, self.prefill_config)
+
+    def with_prefill_config(self, config: triton_prefill.PrefillConfig | None) -> "TritonBackend":
+        """A Triton backend that launches every prefill kernel with the tile shape `config`."""
+        return TritonBackend(self.config, config)
 
     def check_cache(self, page_size: int, dtype: torch.dtype) -> None:
         super().check_cache(page_size, dtype)
@@ -69,6 +78,19 @@ class TritonBackend(AttentionBackend):
         return triton_decode.decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                          cache_seqlens, softmax_scale=softmax_scale, plan=plan,
                                          kv_scale=kv_scale, config=self.config)
+
+    def run_prefill(self, q, k_cache, v_cache, block_table, cu_seqlens_q, cache_seqlens, *,
+                    softmax_scale, plan, k_scale, v_scale):
+        return triton_prefill.prefill(q, k_cache, v_cache, block_table, cu_seqlens_q,
+                                      cache_seqlens, softmax_scale=softmax_scale, plan=plan,
+                                      k_scale=k_scale, v_scale=v_scale, config=self.prefill_config)
+
+    def run_prefill_tied(self, q_nope, q_rope, kv_cache, rope_cache, block_table, cu_seqlens_q,
+                         cache_seqlens, *, softmax_scale, plan, kv_scale):
+        return triton_prefill.prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                           cu_seqlens_q, cache_seqlens,
+                                           softmax_scale=softmax_scale, plan=plan,
+                                           kv_scale=kv_scale, config=self.prefill_config)
 
     def run_store_kv(self, cache, new, slot_mapping, *, scale) -> None:
         # The kernel writes flat slots of a contiguous cache; anything else takes the reference.

@@ -1,0 +1,155 @@
+"""Launchers of the Triton prefill kernel (kernels/prefill.py); arguments validated in
+`hwattn.ops.backends.base`.
+
+    prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, cache_seqlens, plan=...)
+    prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table, cu_seqlens_q, ...)
+
+The step's `PrefillPlan` gives the longest query run on the host, which sizes the grid; nothing
+is read back from the device. The tile shape is a `PrefillConfig`, chosen per call by
+`choose_prefill_config` or forced (benchmarks sweep it on the GPU). On CPU tensors the kernel
+runs under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from hwattn.ops.kernels import interpreter
+from hwattn.ops.kernels.prefill import prefill_kernel
+from hwattn.ops.plan import PrefillPlan
+from hwattn.ops.triton_decode import LOG2E, check_kernel_dtypes
+
+__all__ = ["PrefillConfig", "choose_prefill_config", "prefill", "prefill_layout", "prefill_tied"]
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile shape of one prefill launch.
+
+    block_m: rows of a program, (query heads of one KV head) × (query tokens); a power of two
+        >= 16. Long chunks fill it with the tokens of one head, short ones with the heads.
+    block_n: key positions per loop step (a power of two >= 16).
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if _interpreting():
+    interpreter.patch()
+
+
+def _pad(width: int) -> int:
+    return max(16, triton.next_power_of_2(width))
+
+
+def choose_prefill_config(dk_pad: int, dv_pad: int) -> PrefillConfig:
+    """Tile shape for padded key and value widths: 128 rows while the fp32 accumulator
+    (rows × dv_pad) and the query tile fit the registers of 8 warps, fewer rows and keys
+    beyond. A starting point for tuning on the GPU (hwattn.bench.prefill sweeps it)."""
+    if _interpreting():  # small tiles: several query tiles and key blocks even in tiny tests
+        return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    widest = max(dk_pad, dv_pad)
+    if widest <= 64:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if widest <= 128:
+        return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if widest <= 256:
+        return PrefillConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+    return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=1)
+
+
+def prefill_layout(group: int, max_seqlen_q: int, block_m: int) -> tuple[int, int, int, int]:
+    """(query tokens per tile, heads per program, head blocks per KV head, BLOCK_M) for g_q
+    query heads per KV head and the step's longest query run: as many tokens as the longest
+    run needs (up to block_m), the remaining rows filled with heads."""
+    tokens = min(triton.next_power_of_2(max(1, max_seqlen_q)), block_m)
+    heads = min(group, max(1, block_m // tokens))
+    head_blocks = triton.cdiv(group, heads)
+    rows = max(16, tokens * triton.next_power_of_2(heads))
+    return tokens, heads, head_blocks, rows
+
+
+def _launch(q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, cache_seqlens,
+            *, softmax_scale: float, plan: PrefillPlan, k_scale: float, v_scale: float,
+            tied: bool, config: PrefillConfig | None):
+    n_tokens, n_heads, d_qk = q.shape
+    n_kv, d_v = k_cache.shape[2], v_cache.shape[3]
+    page_size = k_cache.shape[1]
+    out = torch.empty(n_tokens, n_heads, d_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=q.device)
+    if n_tokens == 0:
+        return out, lse
+    dk_pad, dv_pad = _pad(d_qk), _pad(d_v)
+    # Tied states with a key as wide (padded) as the value: one tile serves as both.
+    shared = tied and dk_pad == dv_pad
+    config = config or choose_prefill_config(dk_pad, dv_pad)
+    group = n_heads // n_kv
+    tokens, heads, head_blocks, block_m = prefill_layout(group, plan.max_seqlen_q, config.block_m)
+    if tied:
+        d_rope = q_rope.shape[-1]
+        qr_strides, r_strides = q_rope.stride()[:2], rope_cache.stride()[:2]
+    else:
+        d_rope, q_rope, rope_cache = 16, q, k_cache
+        qr_strides, r_strides = (0, 0), (0, 0)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(plan.max_seqlen_q, tokens), plan.batch, n_kv * head_blocks)
+    prefill_kernel[grid](
+        q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, cache_seqlens,
+        out, lse,
+        softmax_scale * k_scale * LOG2E, v_scale, group,
+        *q.stride()[:2], *qr_strides, *k_cache.stride()[:3], *v_cache.stride()[:3], *r_strides,
+        block_table.stride(0), *out.stride()[:2], lse.stride(0),
+        TOKENS=tokens, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v,
+        DK_PAD=dv_pad if shared else dk_pad, DV_PAD=dv_pad, D_R=d_rope, DR_PAD=_pad(d_rope),
+        PAGE=page_size, TIED=tied, SHARED_TILE=shared, DOT_PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
+
+
+def prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+            cu_seqlens_q: Tensor, cache_seqlens: Tensor, *, softmax_scale: float,
+            plan: PrefillPlan, k_scale: float | None = None, v_scale: float | None = None,
+            config: PrefillConfig | None = None):
+    """Separate K/V varlen paged prefill; shapes as `AttentionBackend.prefill`. Returns
+    (out (N, H_q, D_v), lse (H_q, N))."""
+    check_kernel_dtypes(q=q, k_cache=k_cache, v_cache=v_cache)
+    return _launch(q, None, k_cache, v_cache, None, block_table, cu_seqlens_q, cache_seqlens,
+                   softmax_scale=softmax_scale, plan=plan, k_scale=k_scale or 1.0,
+                   v_scale=v_scale or 1.0, tied=False, config=config)
+
+
+def prefill_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                 block_table: Tensor, cu_seqlens_q: Tensor, cache_seqlens: Tensor, *,
+                 softmax_scale: float, plan: PrefillPlan, kv_scale: float | None = None,
+                 config: PrefillConfig | None = None):
+    """Tied-state varlen paged prefill; shapes as `AttentionBackend.prefill_tied`. Returns
+    (out (N, H_q, D_v), lse (H_q, N))."""
+    check_kernel_dtypes(q_nope=q_nope, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache)
+    scale = kv_scale or 1.0
+    return _launch(q_nope, q_rope, kv_cache, kv_cache, rope_cache, block_table, cu_seqlens_q,
+                   cache_seqlens, softmax_scale=softmax_scale, plan=plan, k_scale=scale,
+                   v_scale=scale, tied=True, config=config)

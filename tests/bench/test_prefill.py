@@ -1,0 +1,63 @@
+"""`python -m hwattn.bench.prefill` on CPU: its argument handling, and its plumbing (inputs per
+prefill form, the check against the reference, FLOP accounting) with the Triton kernel under
+the interpreter and a wall clock in place of CUDA events."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from hwattn import ops
+from hwattn.bench import prefill
+from hwattn.bench.decode import layer_for
+
+
+def _wall_clock(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def test_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        prefill.main(["--help"])
+    assert exit_.value.code == 0 and "TFLOP/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        prefill.main(["--batch", "two"])
+    assert "--batch" in capsys.readouterr().err
+    for argv, name in ((["--batch", "0"], "batch"), (["--block-m", "24"], "block_m"),
+                       (["--variants", ","], "variants"), (["--stages", "0"], "num_stages")):
+        assert prefill.main(argv) == 2
+        assert name in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert prefill.main(["--variants", "gqa-4"]) == 2
+        assert "CUDA GPU" in capsys.readouterr().err
+
+
+def test_cases_are_the_product_of_the_lists():
+    args = prefill.parser().parse_args(["--variants", "gqa-4,mla", "--query-len", "512,1024",
+                                        "--prefix", "0,4096"])
+    cases = prefill.cases_from(args)
+    assert len(cases) == 8 and {c.context for c in cases} == {512, 1024, 4608, 5120}
+    assert prefill.tile_config(args) is None
+    forced = prefill.tile_config(prefill.parser().parse_args(["--block-m", "64"]))
+    assert (forced.block_m, forced.block_n) == (64, 64)
+
+
+@pytest.mark.parametrize("variant, forms", [("gla-2", ("absorbed", "expanded")), ("gqa-2", ("paged",))])
+def test_every_form_is_checked_and_counted(variant, forms):
+    case = prefill.PrefillCase(variant, heads=4, head_dim=32, rope_dim=16, batch=2, query_len=20,
+                               prefix=5, page=16)
+    rows = prefill.bench_case(case, backend=ops.get_backend("triton"), timer=_wall_clock,
+                              peak_tflops=1.0, device="cpu", dtype=torch.float32)
+    assert tuple(r["form"] for r in rows) == forms
+    layer = layer_for(variant, 4, 32, 16)
+    for row, form in zip(rows, layer.prefill_forms()):
+        assert row["check_rel_err"] < 1e-4, row
+        assert row["attention_flops"] == form.attention_flops([20, 20], [25, 25])
+        assert row["tflops"] == pytest.approx(row["attention_flops"] / row["ms"] / 1e9)
+    with pytest.raises(ValueError, match="forms"):
+        prefill.bench_case(case, backend=ops.get_backend("torch"), timer=_wall_clock,
+                           forms=("nope",), device="cpu")
