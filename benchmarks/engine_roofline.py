@@ -225,18 +225,19 @@ def part_ttft(setup: Setup, args, rows: list) -> None:
         net = build(setup, setup.preset, variant, n + out_len)
         runner = runner_for(setup, net, args.batch, n + out_len + 8, True)
         prompts = random_prompts(args.ttft_requests, n, net.config.vocab_size, seed=11)
-        for chunk in [int(c) for c in args.ttft_chunks.split(",")]:
+        for spec in args.ttft_chunks.split(","):
+            chunk, mixed = int(spec.rstrip("m")), spec.endswith("m")
             config = EngineConfig(page_size=setup.page, max_num_seqs=args.batch,
                                   max_num_batched_tokens=chunk, max_model_len=runner.max_model_len,
-                                  enable_prefix_caching=False)
+                                  enable_prefix_caching=False, enable_mixed_batches=mixed)
             engine = LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config,
                                config, runner.num_pages,
                                kv_bytes_per_token=net.kv_bytes_per_token(1, setup.dtype))
             serve_poisson(engine, prompts[:2], 2, rate=1e6)  # warm-up
             r = serve_poisson(engine, prompts, out_len, args.rate)
-            rows.append(dict(part="ttft", variant=variant, chunk=chunk, prompt_len=n,
+            rows.append(dict(part="ttft", variant=variant, chunk=chunk, mixed=mixed, prompt_len=n,
                              rate=args.rate, **r))
-            log(f"ttft {variant} chunk {chunk}: TTFT p50 {r['ttft_p50_s']:.2f} s, "
+            log(f"ttft {variant} chunk {chunk} mixed={mixed}: TTFT p50 {r['ttft_p50_s']:.2f} s, "
                 f"ITL p50 {r['itl_p50_s'] * 1e3:.1f} ms")
         free(runner, net)
 
@@ -314,11 +315,11 @@ def tables(doc: dict) -> str:
     ttft = [r for r in doc["rows"] if r["part"] == "ttft"]
     if ttft:
         out += ["## Serving: Poisson arrivals (xl, compiled decode, CUDA graphs)", "",
-                "| variant | requests x prompt @ rate | prefill budget | TTFT p50 s | TTFT p99 s | "
+                "| variant | requests x prompt @ rate | prefill budget (m: mixed steps) | TTFT p50 s | TTFT p99 s | "
                 "ITL p50 ms | ITL p99 ms | out tok/s |", "|---|---|---|---|---|---|---|---|"]
         for r in ttft:
             out.append(f"| {r['variant']} | {r['requests']} x {r['prompt_len']} @ {r['rate']:g}/s | "
-                       f"{r['chunk']} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+                       f"{r['chunk']}{'m' if r.get('mixed') else ''} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
                        f"{r['itl_p50_s'] * ms:.1f} | {r['itl_p99_s'] * ms:.1f} | "
                        f"{r['output_tok_s']:.0f} |")
         out.append("")
@@ -345,7 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-batch", type=int, default=1)
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--ttft-variants", default="gla-2")
-    p.add_argument("--ttft-chunks", default="2048,8192")
+    p.add_argument("--ttft-chunks", default="2048,8192,2048m",
+                   help="prefill budgets per step; a trailing m turns mixed prefill+decode steps on")
     p.add_argument("--ttft-requests", type=int, default=64)
     p.add_argument("--ttft-output", type=int, default=128)
     p.add_argument("--rate", type=float, default=16.0)
@@ -355,7 +357,7 @@ def main(argv=None) -> int:
     if args.tiny:
         args.contexts, args.serving_batches, args.serving_contexts = "24,40", "2,4", "24,40"
         args.batch, args.prefill_len, args.chunk = 4, 48, 16
-        args.ttft_chunks, args.ttft_requests, args.ttft_output, args.rate = "16,64", 4, 4, 200.0
+        args.ttft_chunks, args.ttft_requests, args.ttft_output, args.rate = "16,64,16m", 4, 4, 200.0
         torch.set_num_threads(1)
     setup = Setup(args)
     parts = args.parts.split(",")
