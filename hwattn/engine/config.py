@@ -47,10 +47,11 @@ class EngineConfig:
     model_overrides: presets only, ModelConfig fields to change (e.g. max_seq_len).
     enable_mixed_batches: decodes and prompt chunks share each step, decodes first, prompts
         taking the rest of `max_num_batched_tokens` (plain decoding; speculation keeps
-        prefill and verify steps apart). Off by default: on an H200 (xl GLA-2, 64 prompts of
-        8K arriving at 16/s) it made ITL p50 115 ms against 8.5 ms without it, since every
-        decode then waits for a prompt chunk whose attention reads the whole cached prefix
-        (benchmarks/results/engine_speed_h200_2026-11-29/).
+        prefill and verify steps apart); a mixed step is one packed forward through the
+        paged prefill op. Off by default: on an H200 (xl GLA-2, 64 prompts of 8K arriving at
+        16/s, budget 2048) it gave ITL p50 61.6 ms and TTFT p50 7.1 s against 5.5 ms and
+        4.2 s without it, since every decode then waits for a prompt chunk and runs outside
+        the captured CUDA graphs (benchmarks/results/engine_roofline_h200_2026-12-04/).
     overlap_scheduling: launch each step before reading the previous one back, so the host's
         work runs while the device computes (plain decoding in one process).
     """

@@ -362,11 +362,33 @@ class Attention(nn.Module):
             if cache is None:
                 raise ValueError("cache must be given together with meta")
             self._store(cache, states, meta)
-            if meta.is_prefill:
+            if meta.is_prefill and meta.plan.fresh:
+                out = self._attend_fresh(q, states, meta.plan.query_lens)  # (N, H, d_h)
+            elif meta.is_prefill:
                 out = self.prefill(tuple(t.flatten(0, 1) for t in q), cache, meta)  # (N, H, d_h)
             else:
                 out = self.decode(q, cache, meta)
         return self.wo(out.reshape(batch, seq, -1))
+
+    def _attend_fresh(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...],
+                      query_lens: Sequence[int]) -> Tensor:
+        """A prefill step whose sequences have nothing cached before it: each attends only to
+        its own states, densely (`attend`: SDPA, FlashAttention on a GPU, which outran the
+        paged prefill kernel on whole prompts on an H200). q and states are packed (1, N, ...);
+        returns (N, H, d_v). Sequences of one length run as one batch, else one by one."""
+        lens = [n for n in query_lens if n]
+        if len(set(lens)) == 1:
+            batch, t = len(lens), lens[0]
+            out = self.attend(tuple(x.reshape(batch, t, *x.shape[2:]) for x in q),
+                              tuple(x.reshape(batch, t, *x.shape[2:]) for x in states))
+            return out.flatten(0, 1)
+        outs, start = [], 0
+        for n in lens:
+            part = slice(start, start + n)
+            outs.append(self.attend(tuple(x[:, part] for x in q),
+                                    tuple(x[:, part] for x in states))[0])
+            start += n
+        return torch.cat(outs)
 
     @torch.compiler.disable
     def _store(self, cache: tuple[Tensor, ...], states: tuple[Tensor, ...],

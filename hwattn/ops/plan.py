@@ -208,6 +208,11 @@ class PrefillPlan:
         return max(self.seqlens)
 
     @property
+    def fresh(self) -> bool:
+        """Whether every sequence's cache holds only this step's tokens (whole prompts)."""
+        return all(s == q for s, q in zip(self.seqlens, self.query_lens))
+
+    @property
     def cu_seqlens_q(self) -> list[int]:
         """(B + 1) offsets of each sequence's first query token, as the ops take them."""
         cu = [0]

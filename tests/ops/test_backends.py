@@ -132,15 +132,21 @@ def test_runner_chooses_once_and_every_layer_gets_its_plan(registry, attention):
     assert isinstance(backend, RecordingBackend)
     runner.execute(StepInput("prefill", [[1, 2, 3, 4, 5], [6, 7, 8]], [0, 0], [[1, 2], [3]],
                              need_logits=[True, True]))
-    # One packed prefill forward writing two tensors per layer; its one prefill plan (the
-    # step's host lengths) reaches every layer, and no decode plan is made.
+    # Whole prompts: one packed forward writing two tensors per layer, attended densely (no
+    # prefill-op call), and no decode plan is made.
     assert backend.stores == 2 * cfg.n_layers and not backend.made
     assert [(p.query_lens, p.seqlens) for p in backend.prefill_plans] == [((5, 3), (5, 3))]
+    assert backend.seen == []
+    # Chunks over cached prefixes: the prefill op, its one plan (the step's host lengths)
+    # reaching every layer.
+    runner.execute(StepInput("prefill", [[11, 12], [13]], [5, 3], [[1, 2], [3, 4]],
+                             need_logits=[True, True]))
+    assert [(p.query_lens, p.seqlens) for p in backend.prefill_plans[1:]] == [((2, 1), (7, 4))]
     assert len(backend.seen) == cfg.n_layers
-    assert all(plan is backend.prefill_plans[0] for plan in backend.seen)
+    assert all(plan is backend.prefill_plans[1] for plan in backend.seen)
     backend.seen.clear()
-    runner.execute(StepInput("decode", [[9], [10]], [5, 3], [[1, 2], [3]]))
-    assert backend.made == [dict(heads=cfg.cache_heads, query_len=1, lengths=[6, 4])]
+    runner.execute(StepInput("decode", [[9], [10]], [7, 4], [[1, 2], [3, 4]]))
+    assert backend.made == [dict(heads=cfg.cache_heads, query_len=1, lengths=[8, 5])]
     assert len(backend.seen) == cfg.n_layers
     assert all(plan is backend.made[0] for plan in backend.seen)
 
