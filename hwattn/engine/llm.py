@@ -36,7 +36,7 @@ from hwattn.engine.tp_executor import TensorParallelExecutor
 from hwattn.models import Transformer
 
 # vLLM `LLM(...)` arguments hwattn takes under another name or as a note, with what each does
-# here (`vllm_arguments` applies them; the README's vLLM table repeats this).
+# here (`vllm_arguments` applies them; docs/engine.md's table of vLLM's arguments repeats this).
 VLLM_ARGUMENTS = {
     "block_size": "page_size (tokens per KV page)",
     "enforce_eager": "enforce_eager=True is cuda_graphs=False",

@@ -3,8 +3,8 @@
 One YAML per JSONL file, read by the harness through `datasets`' local json builder (nothing is
 downloaded). Rows with "context", "choices" and "gold" become a `multiple_choice` task (acc,
 acc_norm); rows with "context" and "target" a `loglikelihood` task (acc: the target is the
-greedy continuation; perplexity). For example, for `hwattn eval --write-tasks DIR`'s cloze
-items:
+greedy continuation; perplexity). For `hwattn eval --write-tasks DIR`'s cloze items the
+YAML begins
 
     task: hwattn_cloze
     dataset_path: json
@@ -12,13 +12,9 @@ items:
       data_files: {"test": "/abs/DIR/cloze.jsonl"}
     test_split: test
     output_type: loglikelihood
-    doc_to_text: "{{context}}"
-    doc_to_target: "{{target}}"
-    target_delimiter: ""
-    metric_list: [acc (mean), perplexity]
 
-Then `lm_eval --model hwattn --model_args pretrained=CKPT --tasks hwattn_cloze
---include_path DIR` runs it.
+and docs/transformers.md shows it whole. Then `lm_eval --model hwattn --model_args
+pretrained=CKPT --tasks hwattn_cloze --include_path DIR` runs it.
 """
 
 from __future__ import annotations
