@@ -227,8 +227,8 @@ def chance_notes(rows: list[dict]) -> list[str]:
         line = ("Cloze: an item counts when greedy decoding reproduces the whole last word of a "
                 "held-out sentence, so chance is near 0%.")
         if max(cloze) <= 0.02:
-            line += (f" At {_pct(max(cloze))} or less for every variant, the models have not "
-                     f"learned to predict whole words from context: the column cannot rank them.")
+            line += (f" At {_at_most(cloze)} for every variant, the models have not learned to "
+                     f"predict whole words from context: the column cannot rank them.")
         notes.append(line)
     recall = [r["recall"].get("mean") for r in rows if r["recall"].get("mean") is not None]
     if recall:
@@ -236,8 +236,8 @@ def chance_notes(rows: list[dict]) -> list[str]:
         line = (f"Recall: the value of a key seen earlier in the sequence, chance "
                 f"{100 * chance:.2f}% (one word among the probe's values).")
         if max(recall) <= 2 * chance:
-            line += (f" At {_pct(max(recall))} or less for every variant, the models have not "
-                     f"learned to copy from their context: the column cannot rank them.")
+            line += (f" At {_at_most(recall)} for every variant, the models have not learned to "
+                     f"copy from their context: the column cannot rank them.")
         notes.append(line)
     return notes
 
@@ -270,6 +270,10 @@ def format_compare(rows: list[dict], cfg: CompareConfig) -> str:
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _at_most(values: list[float]) -> str:
+    return _pct(0.0) if max(values) == 0 else f"{_pct(max(values))} or less"
 
 
 def plot_compare(rows: list[dict], curves: dict, path: Path, cfg: CompareConfig,

@@ -20,7 +20,8 @@ def test_notes_give_chance_levels_and_say_why_columns_sit_at_zero():
     notes = chance_notes(rows)
     assert "chance 25%" in notes[0] and "below chance (16.0%-20.0%)" in notes[0]
     assert "At 1.0% or less for every variant" in notes[1] and "cannot rank" in notes[1]
-    assert "chance 0.25%" in notes[2] and "not learned to copy" in notes[2]
+    assert "chance 0.25%" in notes[2] and "At 0.0% for every variant" in notes[2]
+    assert "not learned to copy" in notes[2]
     learned = chance_notes([dict(ROW, variant="mha", mc_acc=0.4, cloze_acc=0.3,
                                  recall={"mean": 0.5, "chance": 0.0025})])
     assert not any("below chance" in n or "cannot rank" in n for n in learned)
