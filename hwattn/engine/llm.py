@@ -84,9 +84,8 @@ def vllm_arguments(kwargs: dict) -> dict:
     unknown = sorted(set(kwargs) - ENGINE_FIELDS)
     if unknown:
         raise ValueError(f"LLM got unknown argument{'s' * (len(unknown) > 1)} "
-                         f"{', '.join(unknown)}; it takes the EngineConfig fields "
-                         f"{sorted(ENGINE_FIELDS - {'model'})}, cpu_threads and vLLM's "
-                         f"{sorted(VLLM_ARGUMENTS)} (hwattn.engine.llm.VLLM_ARGUMENTS)")
+                         f"{', '.join(unknown)}; it takes EngineConfig's fields, cpu_threads "
+                         f"and vLLM's {', '.join(sorted(VLLM_ARGUMENTS))} (docs/engine.md)")
     return kwargs
 
 
