@@ -2,7 +2,7 @@
 # One device call checking the attention-backend seam on a GPU: the ops and backend tests
 # compiled (Triton, not the interpreter), the engine with CUDA graphs through the backend's
 # in-place plan refresh (graph vs eager logits, decode-step breakdown), and the headline decode
-# rows, to compare with the README's H100 table. Logs and JSON go to $OUT.
+# rows, to compare with the H100 table of docs/results/decode.md. Logs and JSON go to $OUT.
 #   run: bash benchmarks/backend_seam_gpu.sh        (about 6 minutes on one H100/H200)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -32,6 +32,6 @@ for label in ("gqa-4", "gta-4", "mla", "gla-2"):
     torch.cuda.empty_cache()
 json.dump(rows, open(os.path.join(os.environ.get("OUT", "/tmp"), "engine.json"), "w"), indent=1)
 PY
-echo "== headline decode rows (README: GLA-2 16K 847 µs, MLA 16K 2369 µs, GQA-4 1417 µs, GTA-4 862 µs on an H100)" | tee -a "$OUT/log"
+echo "== headline decode rows (docs/results/decode.md: GLA-2 16K 847 µs, MLA 16K 2369 µs, GQA-4 1417 µs, GTA-4 862 µs on an H100)" | tee -a "$OUT/log"
 timeout 200 python3 -m hwattn bench decode --variants gla-2,mla,gqa-4,gta-4 --context 16384 \
   --warmup-ms 10 --rep-ms 60 --out "$OUT/decode.json" 2>&1 | grep -v "^row \|^{" | tee -a "$OUT/log"

@@ -7,7 +7,8 @@ import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
           "fp64": torch.float64, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "float": torch.float32}  # the last two as vLLM names them
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

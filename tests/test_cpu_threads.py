@@ -74,3 +74,30 @@ def test_demo_reports_median_and_spread_after_warm_up(capsys, monkeypatch):
     assert "1 CPU thread (default for this model size" in out
     assert "median, range of 2" in out and "decode tokens/s" in out
     assert torch.get_num_threads() == 1
+
+
+def test_llm_applies_the_thread_default_of_the_commands(monkeypatch):
+    """`LLM(...)` in Python chooses CPU threads as `hwattn serve` does: one for the tiny
+    model on an idle 2-core machine, OMP_NUM_THREADS or an explicit cpu_threads if given."""
+    from hwattn.engine import LLM
+
+    small = dict(device="cpu", max_model_len=64, num_pages=12)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu_threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(cpu_threads, "available_cores", lambda: 2)
+    torch.set_num_threads(2)
+    llm = LLM("tiny", **small)
+    assert torch.get_num_threads() == llm.cpu_threads == cpu_threads.default_threads(1_000_000) == 1
+    torch.set_num_threads(1)
+    big = LLM("tiny", model_overrides={"vocab_size": 200_000}, **small)  # over 20M parameters
+    assert big.engine.model.num_params() > cpu_threads.SMALL_MODEL_PARAMS
+    assert torch.get_num_threads() == 2  # the idle cores
+    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    LLM("tiny", **small)
+    assert torch.get_num_threads() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    assert LLM("tiny", cpu_threads=2, **small).cpu_threads == 2 == torch.get_num_threads()
+    with pytest.raises(ValueError, match="cpu_threads"):
+        LLM("tiny", cpu_threads=0, **small)

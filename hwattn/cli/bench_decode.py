@@ -25,9 +25,9 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--suite", choices=("custom", "standard"), default="custom",
-                   help="custom: the product of the lists below; standard: the sweep the README "
-                        "reports (latent variants at h_q 128, per-rank shapes, long contexts, "
-                        "page sizes)")
+                   help="custom: the product of the lists below; standard: the sweep of "
+                        "docs/results/decode.md (latent variants at h_q 128, per-rank shapes, "
+                        "long contexts, page sizes)")
     p.add_argument("--variants", default="gla-2,mla,gqa-4,gta-4,mqa",
                    help="comma-separated labels (mha, mqa, gqa-G, gta-G, mla, gla-H)")
     p.add_argument("--heads", type=int, help="query heads h_q (default 128 for mla/gla, 32 otherwise)")

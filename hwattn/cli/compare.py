@@ -76,5 +76,5 @@ def run(args) -> int:
     else:
         print()
         print(res["table"])
-        print(f"\nwall time {res['wall_s']:.0f} s; written: " + ", ".join(res["files"].values()))
+        print("written: " + ", ".join(res["files"].values()))
     return 0

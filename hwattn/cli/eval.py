@@ -23,8 +23,13 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="perplexity / bits per byte per domain, cloze, multiple "
                                     "choice, recall probe, lm-eval tasks",
                        description="Evaluates a checkpoint folder (from `hwattn train`) on the "
-                                   "held-out split of a dataset built by `hwattn data build`.")
-    p.add_argument("checkpoint", help="checkpoint folder (config.json + model.safetensors)")
+                                   "held-out split of a dataset built by `hwattn data build`. "
+                                   "With --write-tasks DIR and no checkpoint, only writes the "
+                                   "cloze and multiple-choice items with their lm-eval task "
+                                   "YAML (tasks hwattn_cloze, hwattn_mc).")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="checkpoint folder (config.json + model.safetensors); may be left out "
+                        "with --write-tasks")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--seq-len", type=int, default=None, help="context length (default: the run's)")
     p.add_argument("--ppl-tokens", type=int, help="held-out tokens per domain (default all)")
@@ -32,7 +37,10 @@ def register(sub) -> None:
     p.add_argument("--mc", type=int, default=200, help="multiple-choice items, 0 skips (default 200)")
     p.add_argument("--recall-pairs", type=int_tuple, default=(8, 32, 64),
                    help="key-value pair counts of the recall probe (default 8,32,64)")
-    p.add_argument("--write-tasks", metavar="DIR", help="also write the cloze / MC items as JSONL")
+    p.add_argument("--write-tasks", metavar="DIR",
+                   help="write the cloze / MC items as JSONL with lm-eval task YAML (tasks "
+                        "hwattn_cloze, hwattn_mc: `lm_eval --model hwattn --tasks hwattn_cloze,"
+                        "hwattn_mc --include_path DIR`)")
     p.add_argument("--lm-eval", action="append", default=[], metavar="NAME=FILE.jsonl",
                    help="run lm-evaluation-harness on a local JSONL task (repeatable)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -48,12 +56,25 @@ def run(args) -> int:
 
     from hwattn.data.loader import TokenDataset
     from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
-    from hwattn.eval.tasks import write_jsonl
     from hwattn.device import resolve_device
     from hwattn.models.checkpoint import load_model
 
     from hwattn.cpu_threads import use_default_cpu_threads
+    from hwattn.eval.lm_eval_tasks import write_tasks
 
+    if args.checkpoint is None:
+        if not args.write_tasks:
+            raise ValueError("eval needs a checkpoint folder (or --write-tasks DIR alone to "
+                             "write lm-eval tasks)")
+        tasks = build_tasks(TokenDataset(args.data),
+                            EvalConfig(n_cloze=args.cloze, n_mc=args.mc, seed=args.seed))
+        written = write_tasks(tasks, args.write_tasks)
+        for name, path in written.items():
+            print(f"{name}: {len(tasks[path.stem])} items in {path}, task in "
+                  f"{path.parent / (name + '.yaml')}")
+        print(f"run: lm_eval --model hwattn --model_args pretrained=CHECKPOINT --tasks "
+              f"{','.join(written)} --include_path {args.write_tasks}")
+        return 0
     ckpt = Path(args.checkpoint)
     device = resolve_device(args.device)
     model = load_model(ckpt, device=device)
@@ -70,8 +91,7 @@ def run(args) -> int:
                      recall_pairs=args.recall_pairs, batch_size=args.batch_size, seed=args.seed)
     tasks = build_tasks(data, cfg)
     if args.write_tasks:
-        write_jsonl(tasks["cloze"], Path(args.write_tasks) / "cloze.jsonl")
-        write_jsonl(tasks["mc"], Path(args.write_tasks) / "mc.jsonl")
+        write_tasks(tasks, args.write_tasks)
     res = evaluate_model(model, data, cfg, tasks)
     if args.lm_eval:
         from hwattn.eval.lm_eval_adapter import HwattnLM, run_lm_eval

@@ -22,7 +22,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1,
                    help="engine replicas, each with --tp ranks on its own GPUs (replica i uses "
                         "GPUs [i*tp, (i+1)*tp)); requests go to the least-loaded one")
-    p.add_argument("--page-size", type=int, default=64, help="tokens per KV page (default 64)")
+    p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=64,
+                   help="tokens per KV page (default 64; --block-size is vLLM's name)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="prompt tokens prefilled per step at most (chunked prefill; default 8192)")
@@ -36,8 +37,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="'ngram' or a draft-model checkpoint directory")
     p.add_argument("--num-speculative-tokens", type=int, default=3, help="k drafts per step")
     p.add_argument("--seed", type=int, default=0, help="weights of presets and unseeded requests")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on GPU")
-    p.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt pages")
+    p.add_argument("--no-cuda-graphs", "--enforce-eager", dest="no_cuda_graphs",
+                   action="store_true", help="decode eagerly on GPU (--enforce-eager: vLLM's name)")
+    caching = p.add_mutually_exclusive_group()
+    caching.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt pages")
+    caching.add_argument("--enable-prefix-caching", action="store_true",
+                         help="share the pages of common prompt prefixes (the default; as vLLM)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM's command lines and ignored: hwattn runs its own model "
+                        "code, never code from the checkpoint folder")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="presets only: override the model's max_seq_len (RoPE table)")
     from hwattn.cli import add_cpu_threads

@@ -136,8 +136,11 @@ class Tokenizer:
         fn = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
         return [e.ids for e in fn(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=self.skip_special_tokens)
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
+        """The text of `ids`; special tokens left out if `skip_special_tokens` (default: the
+        tokenizer's own setting)."""
+        skip = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
+        return self.tok.decode(list(ids), skip_special_tokens=skip)
 
     @cached_property
     def max_token_chars(self) -> int:
@@ -264,7 +267,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool | None = None) -> str:
+        """The text of `ids` (`skip_special_tokens` changes nothing: no special token here has
+        text)."""
         out, run = [], bytearray()
         for i in ids:
             if i < 256:
@@ -303,15 +308,17 @@ class IncrementalDetokenizer:
     emitted part; holds back text ending in an incomplete UTF-8 sequence.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, skip_special_tokens: bool | None = None):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens  # None: the tokenizer's own setting
         self.prefix = 0
         self.read = 0
 
     def step(self, ids: list[int]) -> str:
         """New text for `ids` (the whole output so far)."""
-        before = self.tokenizer.decode(ids[self.prefix:self.read])
-        after = self.tokenizer.decode(ids[self.prefix:])
+        skip = self.skip_special_tokens
+        before = self.tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=skip)
+        after = self.tokenizer.decode(ids[self.prefix:], skip_special_tokens=skip)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(ids)
             return after[len(before):]

@@ -19,7 +19,9 @@ class EngineConfig:
     model: a checkpoint directory (config.json + model.safetensors [+ tokenizer.json]) or a
         preset name (tiny, mini, small, medium, large, xl) with seeded random weights.
     attention: variant label for presets ("gla-2", "gqa-4", "mla", ...; default mha).
-    dtype: "bf16" | "fp16" | "fp32" | "fp64" | a torch dtype | "auto" (bf16 on CUDA, fp32 on CPU).
+    tokenizer: a local tokenizer.json (or a folder holding one) instead of the checkpoint's.
+    dtype: "bf16" | "fp16" | "fp32" | "fp64" (or vLLM's "half", "float") | a torch dtype |
+        "auto" (bf16 on CUDA, fp32 on CPU).
     device: "cuda", "cpu", "cuda:1" or "auto".
     tensor_parallel_size: ranks to shard over (worker processes; gloo on CPU, NCCL on GPUs).
     data_parallel_size: replicas, each in its own process with `tensor_parallel_size` ranks.
@@ -79,6 +81,7 @@ class EngineConfig:
     model_overrides: dict | None = None
     enable_mixed_batches: bool = False
     overlap_scheduling: bool = True
+    tokenizer: str | None = None
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens",

@@ -168,7 +168,7 @@ class DataParallelEngine:
         """Queue several requests, all or none: every prompt, params and id is checked before
         any request goes to a replica, so a ValueError (naming the bad prompt's index) leaves
         the engine as it was."""
-        checked = check_requests(prompts, params, self.validate_prompt)
+        checked = check_requests(prompts, params, self.validate_prompt, self.max_model_len)
         for i, (_, sp) in enumerate(checked):
             # Replicas report text and tokens of one completion, without log-probabilities.
             for name, plain in (("n", 1), ("logprobs", None), ("prompt_logprobs", None)):

@@ -7,16 +7,22 @@
         for completion in out.outputs:                              # n completions each
             print(completion.text, completion.token_ids, completion.finish_reason)
     llm.chat([{"role": "user", "content": "Hello"}])               # the checkpoint's template
+
+vLLM's everyday arguments are taken where they mean something here (`VLLM_ARGUMENTS`), and
+any other argument is refused by name with a ValueError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
+from pathlib import Path
 
 import torch
 
-from hwattn.data.tokenizer import load_tokenizer
+from hwattn.cpu_threads import set_cpu_threads, use_default_cpu_threads
+from hwattn.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from hwattn.engine.config import EngineConfig
 from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.data_parallel import DataParallelEngine
@@ -27,6 +33,82 @@ from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
 from hwattn.engine.speculative import DraftModelDrafter, NgramDrafter
 from hwattn.engine.tp_executor import TensorParallelExecutor
+from hwattn.models import Transformer
+
+# vLLM `LLM(...)` arguments hwattn takes under another name or as a note, with what each does
+# here (`vllm_arguments` applies them; docs/engine.md's table of vLLM's arguments repeats this).
+VLLM_ARGUMENTS = {
+    "block_size": "page_size (tokens per KV page)",
+    "enforce_eager": "enforce_eager=True is cuda_graphs=False",
+    "trust_remote_code": "accepted and ignored: the engine runs hwattn's own model code and "
+                         "never executes code from the checkpoint folder",
+    "swap_space": "accepted and ignored: preempted sequences are recomputed, never swapped to "
+                  "host memory, so no swap space is allocated",
+}
+# vLLM arguments accepted only at the value that asks for nothing hwattn lacks.
+VLLM_DEFAULTS = {"tokenizer_mode": "auto", "revision": None, "tokenizer_revision": None,
+                 "quantization": None, "cpu_offload_gb": 0, "kv_cache_dtype": "auto"}
+ENGINE_FIELDS = frozenset(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def vllm_arguments(kwargs: dict) -> dict:
+    """`kwargs` with vLLM's argument names (`VLLM_ARGUMENTS`, `VLLM_DEFAULTS`) turned into
+    `EngineConfig` fields. ValueError naming any argument that neither maps nor is a field."""
+    kwargs = dict(kwargs)
+    for name in ("trust_remote_code", "enforce_eager"):
+        if name in kwargs and not isinstance(kwargs[name], bool):
+            raise ValueError(f"{name} must be True or False, got {kwargs[name]!r}")
+    kwargs.pop("trust_remote_code", None)
+    if "swap_space" in kwargs:
+        space = kwargs.pop("swap_space")
+        if isinstance(space, bool) or not isinstance(space, numbers.Real) or not space >= 0:
+            raise ValueError(f"swap_space must be a number of GiB >= 0, got {space!r}")
+    if "enforce_eager" in kwargs:
+        eager = kwargs.pop("enforce_eager")
+        if "cuda_graphs" in kwargs and kwargs["cuda_graphs"] == eager:
+            raise ValueError(f"enforce_eager={eager} contradicts cuda_graphs="
+                             f"{kwargs['cuda_graphs']}; give one of them")
+        kwargs["cuda_graphs"] = not eager
+    if "block_size" in kwargs:
+        block = kwargs.pop("block_size")
+        if kwargs.get("page_size", block) != block:
+            raise ValueError(f"block_size={block!r} and page_size={kwargs['page_size']!r} differ; "
+                             f"they are the same setting, give one")
+        kwargs["page_size"] = block
+    for name, nothing in VLLM_DEFAULTS.items():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            if value != nothing:
+                raise ValueError(f"{name}={value!r} is not supported by hwattn's LLM (only "
+                                 f"{nothing!r})")
+    unknown = sorted(set(kwargs) - ENGINE_FIELDS)
+    if unknown:
+        raise ValueError(f"LLM got unknown argument{'s' * (len(unknown) > 1)} "
+                         f"{', '.join(unknown)}; it takes EngineConfig's fields, cpu_threads "
+                         f"and vLLM's {', '.join(sorted(VLLM_ARGUMENTS))} (docs/engine.md)")
+    return kwargs
+
+
+def engine_tokenizer(config: EngineConfig, vocab_size: int):
+    """The engine's tokenizer: `config.tokenizer` (a local tokenizer.json or a folder holding
+    one), else the checkpoint's, else a byte tokenizer (`load_tokenizer`)."""
+    checkpoint = config.model if is_checkpoint(config.model) else None
+    if config.tokenizer is None:
+        return load_tokenizer(checkpoint, vocab_size)
+    path = Path(config.tokenizer)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"tokenizer must be a local {TOKENIZER_FILE} or a folder holding one "
+                         f"(hwattn downloads nothing), got {config.tokenizer!r}")
+    eos = None
+    if checkpoint is not None:  # the model's own end of sequence, as load_tokenizer reads it
+        eos = json.loads((Path(checkpoint) / "config.json").read_text()).get("eos_token_id")
+    tokenizer = Tokenizer.load(file, require_eot=False, skip_special_tokens=True,
+                               eos_token_id=eos if isinstance(eos, int) else None)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} ids, more "
+                         f"than the model's vocabulary of {vocab_size}")
+    return tokenizer
 
 
 def create_engine(config: EngineConfig | str | None = None, **kwargs):
@@ -48,8 +130,7 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
         raise ValueError(f"max_model_len {max_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     # Resolved once here, so that every rank and replica builds the same engine.
     config = dataclasses.replace(config, dtype=dt, device=str(dev), max_model_len=max_len)
-    tokenizer = load_tokenizer(config.model if is_checkpoint(config.model) else None,
-                               model_cfg.vocab_size)
+    tokenizer = engine_tokenizer(config, model_cfg.vocab_size)
     if config.data_parallel_size > 1:
         replica = dataclasses.replace(config, data_parallel_size=1)
         return DataParallelEngine(config.data_parallel_size, replica.as_kwargs(), model_cfg,
@@ -108,13 +189,15 @@ class LLM:
         model: a checkpoint directory (config.json + model.safetensors [+ tokenizer.json]) or
             a preset name (tiny, mini, small, medium, large, xl) with seeded random weights.
         attention: variant label for presets ("gla-2", "gqa-4", "mla", ...); default mha.
-        dtype: "bf16" | "fp16" | "fp32" | "fp64" | "auto" (bf16 on CUDA, fp32 on CPU).
+        dtype: "bf16" | "fp16" | "half" | "fp32" | "float" | "fp64" | "auto" (bf16 on CUDA,
+            fp32 on CPU).
         device: "cuda", "cpu", "cuda:1", or "auto".
         tensor_parallel_size: ranks to shard over (worker processes; gloo on CPU, NCCL on
             GPUs). The weights live in the workers; this process keeps the scheduler.
         data_parallel_size: replicas, each in its own process with `tensor_parallel_size`
             ranks on its own GPUs; requests go to the one with the least outstanding tokens.
-        page_size: tokens per KV page. max_num_seqs: sequences decoded together at most.
+        page_size (or vLLM's block_size): tokens per KV page (default 64).
+        max_num_seqs: sequences decoded together at most.
         memory_budget: KV-cache bytes per rank, or a fraction of free GPU memory.
         gpu_memory_utilization: instead, the fraction of each GPU's whole memory the engine
             may fill (weights and all else on it counted; the KV cache takes the rest). On the
@@ -122,35 +205,60 @@ class LLM:
         speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
         num_speculative_tokens: k drafts verified per step.
         seed: weights of presets, and the seeds of requests that bring none.
+        tokenizer: a local tokenizer.json (or a folder holding one) to use instead of the
+            checkpoint's; its ids must fit the model's vocabulary.
+        cpu_threads: torch CPU threads for this process (and its workers). Default, as every
+            `hwattn` command: OMP_NUM_THREADS if set, else 1 for models under 20M parameters
+            and the idle cores otherwise (`hwattn.cpu_threads`); applied with
+            `torch.set_num_threads` when the model runs on the CPU.
         Other keywords: any field of `EngineConfig` (max_num_batched_tokens, num_pages,
-        max_model_len, cuda_graphs, enable_prefix_caching, backend, model_overrides).
+        max_model_len, cuda_graphs, enable_prefix_caching, backend, model_overrides), and
+        vLLM's `enforce_eager`, `trust_remote_code` and `swap_space` (`VLLM_ARGUMENTS`).
+        Anything else raises ValueError naming it.
     """
 
     def __init__(self, model: str, attention: str | None = None, dtype="auto", device="auto",
-                 tensor_parallel_size: int = 1, page_size: int = 64, max_num_seqs: int = 64,
-                 memory_budget=None, speculative: str | None = None,
+                 tensor_parallel_size: int = 1, page_size: int | None = None,
+                 max_num_seqs: int = 64, memory_budget=None, speculative: str | None = None,
                  num_speculative_tokens: int = 3, seed: int = 0, data_parallel_size: int = 1,
-                 **kwargs):
-        self._model_dir = model if is_checkpoint(model) else None
-        self._templates: dict[str | None, ChatTemplate] = {}
+                 tokenizer: str | None = None, cpu_threads: int | None = None, **kwargs):
+        if page_size is not None:
+            kwargs["page_size"] = page_size
+        kwargs = vllm_arguments(kwargs)
+        kwargs.setdefault("page_size", 64)
         config = EngineConfig(model=model, attention=attention, dtype=dtype, device=device,
-                              tensor_parallel_size=tensor_parallel_size, page_size=page_size,
+                              tensor_parallel_size=tensor_parallel_size,
                               max_num_seqs=max_num_seqs, memory_budget=memory_budget,
                               speculative=speculative,
                               num_speculative_tokens=num_speculative_tokens, seed=seed,
-                              data_parallel_size=data_parallel_size, **kwargs)
+                              data_parallel_size=data_parallel_size, tokenizer=tokenizer,
+                              **kwargs)
+        # Chat templates come from the tokenizer's folder, as transformers keeps them.
+        self._model_dir = model if is_checkpoint(model) else None
+        if tokenizer is not None and Path(tokenizer).is_dir():
+            self._model_dir = tokenizer
+        self._templates: dict[str | None, ChatTemplate] = {}
+        # Before the engine starts its workers, which split this process's thread count.
+        self.cpu_threads = apply_cpu_threads(config, cpu_threads)
         self.engine = create_engine(config)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def get_tokenizer(self):
+        """The engine's tokenizer (vLLM's `LLM.get_tokenizer`): `encode(text) -> ids`,
+        `decode(ids) -> text`, `eos_token_id`, `vocab_size`. It is hwattn's own wrapper (or a
+        byte tokenizer for presets), not a transformers tokenizer."""
+        return self.engine.tokenizer
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in the prompts' order.
 
-        prompts: a string, a list of token ids, a 1-D integer tensor of ids, or a list of any
-            of these (a 2-D integer tensor is one prompt per row).
+        prompts: a string, a list of token ids, a 1-D integer tensor of ids, a vLLM prompt
+            dict ({"prompt": text} or {"prompt_token_ids": ids}), or a list of any of these
+            (a 2-D integer tensor is one prompt per row).
         sampling_params: one for all prompts, or one per prompt.
 
         All or nothing: every prompt and params is checked before any is queued, so a
@@ -237,8 +345,48 @@ class LLM:
         self.shutdown()
 
 
+def apply_cpu_threads(config: EngineConfig, cpu_threads: int | None) -> int:
+    """Set torch's CPU threads as every `hwattn` command does: `cpu_threads` if given, else
+    OMP_NUM_THREADS if set, else `hwattn.cpu_threads.default_threads` for the model's size
+    (when it runs on the CPU). Returns the thread count in effect."""
+    if cpu_threads is not None:
+        if isinstance(cpu_threads, bool) or not isinstance(cpu_threads, numbers.Integral):
+            raise ValueError(f"cpu_threads must be an integer >= 1, got {cpu_threads!r}")
+        return set_cpu_threads(int(cpu_threads))
+    device = resolve_device(config.device)
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    shape = model_config(config.model, config.attention, config.model_overrides)
+    return use_default_cpu_threads(Transformer(shape, device="meta").num_params(), device)
+
+
+# The keys of vLLM's TextPrompt / TokensPrompt dicts, and what hwattn does with them.
+PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
+def _prompt_of_dict(prompt: dict, where: str):
+    """A vLLM prompt dict as the text or token ids it holds."""
+    extra = sorted(set(prompt) - set(PROMPT_KEYS))
+    if extra:
+        raise ValueError(f"{where}: prompt dict key{'s' * (len(extra) > 1)} {extra} not "
+                         f"supported; give {{'prompt': text}} or {{'prompt_token_ids': ids}}")
+    given = [k for k in PROMPT_KEYS if k in prompt]
+    if len(given) != 1:
+        raise ValueError(f"{where}: a prompt dict needs exactly one of {list(PROMPT_KEYS)}, "
+                         f"got {sorted(prompt)}")
+    value = prompt[given[0]]
+    if given[0] == "prompt" and not isinstance(value, str):
+        raise ValueError(f"{where}: 'prompt' must be a string, got {type(value).__name__}")
+    if given[0] == "prompt_token_ids" and not isinstance(value, (list, tuple, torch.Tensor)):
+        raise ValueError(f"{where}: 'prompt_token_ids' must be a list of token ids, got "
+                         f"{type(value).__name__}")
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _prompt_list(prompts) -> list:
-    """`LLM.generate`'s prompts as a list of single prompts."""
+    """`LLM.generate`'s prompts as a list of single prompts (texts, id lists or tensors)."""
+    if isinstance(prompts, dict):
+        return [_prompt_of_dict(prompts, "prompts")]
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, torch.Tensor):
@@ -252,6 +400,7 @@ def _prompt_list(prompts) -> list:
         if prompts and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                            for t in prompts):
             return [list(prompts)]  # one prompt of token ids
-        return list(prompts)
-    raise ValueError(f"prompts must be a string, a list of token ids, an integer tensor or a list "
-                     f"of these, got {type(prompts).__name__}")
+        return [_prompt_of_dict(p, f"prompts[{i}]") if isinstance(p, dict) else p
+                for i, p in enumerate(prompts)]
+    raise ValueError(f"prompts must be a string, a list of token ids, an integer tensor, a "
+                     f"prompt dict or a list of these, got {type(prompts).__name__}")

@@ -151,16 +151,21 @@ def checked_params(params: SamplingParams | None) -> SamplingParams:
     return dataclasses.replace(params)
 
 
-def check_requests(prompts: list, params: list, validate) -> list[tuple[list[int], SamplingParams]]:
+def check_requests(prompts: list, params: list, validate,
+                   max_model_len: int) -> list[tuple[list[int], SamplingParams]]:
     """(token ids, checked params copy) of every request, or a ValueError naming the first bad
     prompt's index: the all-or-nothing check before a batch of requests is queued anywhere.
-    validate: prompt -> token ids (`validate_prompt` bound to a model)."""
+    validate: prompt -> token ids (`validate_prompt` bound to a model). A `max_tokens` of None
+    becomes what the context leaves after the prompt (`max_model_len` - its length)."""
     if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
     checked = []
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         try:
-            checked.append((validate(prompt), checked_params(sp)))
+            ids, sp = validate(prompt), checked_params(sp)
+            if sp.max_tokens is None:
+                sp.max_tokens = max_model_len - len(ids)  # validate left at least one
+            checked.append((ids, sp))
         except ValueError as err:
             where = f"prompts[{i}]: " if len(prompts) > 1 else ""
             raise ValueError(f"{where}{err}") from None
@@ -239,7 +244,7 @@ class LLMEngine:
         """Queue several requests, all or none: every prompt and every params is checked
         before any request is queued, so a ValueError (naming the bad prompt's index) leaves
         the engine as it was."""
-        checked = check_requests(prompts, params, self.validate_prompt)
+        checked = check_requests(prompts, params, self.validate_prompt, self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
         check_request_ids(rids, self.requests)
@@ -251,7 +256,7 @@ class LLMEngine:
                      for i in range(sp.n)]
             self.requests[rid] = group
             for seq in group:
-                self.detok[seq] = IncrementalDetokenizer(self.tokenizer)
+                self.detok[seq] = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
                 self.scheduler.add(seq)
         return rids
 

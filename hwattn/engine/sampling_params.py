@@ -28,7 +28,8 @@ class SamplingParams:
     """How one request is decoded.
 
     n: independent completions of the prompt (>= 1); each is one of the output's `outputs`.
-    max_tokens: new tokens to generate at most (>= 1).
+    max_tokens: new tokens to generate at most (>= 1); None: until the context is full (the
+        engine sets it to max_model_len minus the prompt's length when the request is queued).
     min_tokens: new tokens before end-of-sequence, stop token ids or stop strings may end the
         output (0 <= min_tokens <= max_tokens).
     temperature: 0 means greedy; otherwise logits are divided by it (finite, >= 0).
@@ -53,13 +54,15 @@ class SamplingParams:
     prompt_logprobs: None, or the same for every prompt token but the first (the request's
         prompt is then computed in full, not taken from the prefix cache).
     detokenize: build the output text (benchmarks turn it off to time the model alone).
+    skip_special_tokens: leave special tokens (such as <|endoftext|>) out of the output text
+        (True, as vLLM); False writes them into the text. The token ids are the same either way.
 
     Penalties and min_p / min_tokens apply before the greedy argmax too; with none of them
     set, sampling is exactly what it was without them.
     Every setting is checked here; a bad one raises `ValueError` naming it.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -77,6 +80,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -95,7 +99,9 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of token ids, got "
                              f"{type(ids).__name__}")
         self.stop_token_ids = [_integer("stop_token_ids", t, 0, what=" each") for t in ids]
-        self.max_tokens = _integer("max_tokens", self.max_tokens, 1)
+        if self.max_tokens is not None:
+            self.max_tokens = _integer("max_tokens", self.max_tokens, 1,
+                                       what=" (None: up to the context limit)")
         self.temperature = _number("temperature", self.temperature, ">= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
@@ -109,7 +115,7 @@ class SamplingParams:
             self.seed = _integer("seed", self.seed, 0)
         self.n = _integer("n", self.n, 1)
         self.min_tokens = _integer("min_tokens", self.min_tokens, 0)
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be at most max_tokens ({self.max_tokens}), got "
                              f"{self.min_tokens}")
         self.min_p = _number("min_p", self.min_p, "in [0, 1]")
@@ -128,7 +134,8 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name), 0,
                                              what=" (None: no log-probabilities)"))
-        for name in ("ignore_eos", "detokenize", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "detokenize", "include_stop_str_in_output",
+                     "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

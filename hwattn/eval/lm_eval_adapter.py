@@ -4,10 +4,9 @@
     lm = HwattnLM.from_checkpoint("runs/x/checkpoint")
     results = run_lm_eval(lm, {"my_cloze": "cloze.jsonl", "my_mc": "mc.jsonl"})
 
-`local_tasks` writes one task YAML per JSONL file: files whose rows have "choices" and "gold"
-become `multiple_choice` tasks (acc, acc_norm); rows with "context" and "target" become
-`loglikelihood` tasks (acc = greedy match, perplexity). The harness reads the JSONL through
-`datasets`' local json builder, so nothing is downloaded.
+`local_tasks` (`hwattn.eval.lm_eval_tasks`, which shows the YAML) writes one task YAML per
+JSONL file; `hwattn eval --data DIR --write-tasks OUT` writes the cloze and multiple-choice
+items of a dataset with their YAML.
 
 The model is registered with the harness as "hwattn", so its command line takes it:
 
@@ -15,12 +14,14 @@ The model is registered with the harness as "hwattn", so its command line takes 
 
 (hwattn installs a start-up hook that registers the name when lm-eval loads; see
 `hwattn_lm_eval_hook`). model_args: pretrained, batch_size, max_length, device, amp,
-cpu_threads (default: 1 for small models, see `hwattn.cpu_threads`).
+cpu_threads (default: 1 for small models, see `hwattn.cpu_threads`). The harness's own
+`--device` (default cuda:0) is read as its `--model hf` reads it: a device this machine lacks
+becomes CUDA if there is one, else the CPU.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -29,8 +30,37 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from hwattn.data.tokenizer import Tokenizer
+from hwattn.eval.lm_eval_tasks import local_tasks
 from hwattn.eval.perplexity import autocast_for
 from hwattn.eval.tasks import loglikelihoods
+
+log = logging.getLogger(__name__)
+
+
+def _present(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index is None
+                                              or device.index < torch.cuda.device_count())
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return True
+
+
+def harness_device(device: str | None) -> str:
+    """The harness's `--device` as lm-eval's `--model hf` reads it: the device if this machine
+    has it, else "cuda" if it has CUDA, else "cpu" (so its default, cuda:0, runs on a CPU-only
+    machine). None or "auto": "auto"."""
+    if device in (None, "", "auto"):
+        return "auto"
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or mps, got {device!r}") from None
+    if _present(wanted):
+        return str(device)
+    chosen = "cuda" if torch.cuda.is_available() else "cpu"
+    log.warning("hwattn: device %r is not available here; using %s", device, chosen)
+    return chosen
 
 
 @register_model("hwattn")
@@ -48,7 +78,11 @@ class HwattnLM(LM):
             from hwattn.device import resolve_device
             from hwattn.models.checkpoint import load_model
 
-            model = load_model(pretrained, device=resolve_device(device))
+            where = resolve_device(device)
+            if not _present(where):
+                raise ValueError(f"device {device!r} is not available on this machine (CUDA "
+                                 f"available: {torch.cuda.is_available()}); give device=cpu")
+            model = load_model(pretrained, device=where)
             tokenizer = Tokenizer.load(pretrained)
             if cpu_threads is not None:
                 set_cpu_threads(cpu_threads)
@@ -76,7 +110,7 @@ class HwattnLM(LM):
         for key in ("batch_size", "device"):
             value = (additional_config or {}).get(key)
             if value is not None and key not in args:
-                args[key] = value
+                args[key] = harness_device(value) if key == "device" else value
         if str(args.get("batch_size", "")).startswith("auto"):
             args.pop("batch_size")  # the harness's batch-size search; ours is a fixed size
         unknown = sorted(set(args) - set(cls.ARGS))
@@ -151,41 +185,6 @@ class HwattnLM(LM):
                 text = text.split(u)[0]
             out.append(text)
         return out
-
-
-def _task_yaml(name: str, path: Path) -> str:
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    if not rows:
-        raise ValueError(f"task {name}: {path} has no rows")
-    first = json.loads(rows[0])
-    files = json.dumps({"test": str(path.resolve())})
-    head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {files}\n"
-            "test_split: test\n")
-    if "choices" in first and "gold" in first:
-        return head + ("output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
-                       "doc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n"
-                       "target_delimiter: \"\"\nmetric_list:\n"
-                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                       "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
-    if "context" in first and "target" in first:
-        return head + ("output_type: loglikelihood\ndoc_to_text: \"{{context}}\"\n"
-                       "doc_to_target: \"{{target}}\"\ntarget_delimiter: \"\"\nmetric_list:\n"
-                       "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                       "  - metric: perplexity\n    aggregation: perplexity\n"
-                       "    higher_is_better: false\n")
-    raise ValueError(f"{path}: rows need context+target or context+choices+gold, got {list(first)}")
-
-
-def local_tasks(tasks: dict[str, str | Path], directory: str | Path) -> Path:
-    """Write one harness task YAML per {task name: JSONL path} into `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, path in tasks.items():
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"task {name}: no such file {path}")
-        (directory / f"{name}.yaml").write_text(_task_yaml(name, path))
-    return directory
 
 
 def run_lm_eval(lm: HwattnLM, tasks: dict[str, str | Path], limit: int | None = None) -> dict:

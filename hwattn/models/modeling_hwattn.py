@@ -18,7 +18,9 @@ transformers `DynamicCache`; what each layer stores in its key / value slots:
 Latent layers attend with the up-projections expanded when a step has no cached past (prompt,
 training) and absorbed into the query and output when it does (decode), as hwattn does.
 `attention_mask` (B, L) of ones and zeros handles padding on either side; positions follow
-the mask, so a left-padded row generates exactly what it would unpadded.
+the mask, so a left-padded row generates exactly what it would unpadded. Other caches
+(`cache_implementation="static"`, quantized or offloaded ones) preallocate key / value tensors
+of one shape per layer, which these states do not have; they are refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -416,12 +418,19 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask (B, past + T): 1 for tokens, 0 for padding (either side).
         position_ids (B, T): default from the mask (cumulative count of tokens), else
             past + 0..T-1.
-        past_key_values / cache: a transformers `Cache` holding the earlier tokens; with
-            `use_cache=True` a `DynamicCache` is made when none is given, and returned.
+        past_key_values / cache: a transformers `DynamicCache` holding the earlier tokens (any
+            other cache raises ValueError); with `use_cache=True` one is made when none is
+            given, and returned.
         labels (B, T): mean next-token cross-entropy, -100 ignored.
         """
         cache = kwargs.pop("cache", None)
         cache = past_key_values if cache is None else cache
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"past_key_values: a {type(cache).__name__} cannot hold hwattn's cached states "
+                f"(a tied state, latents or a shared RoPE key beside K/V, each of its own "
+                f"shape); only transformers' DynamicCache can, so leave cache_implementation "
+                f"unset (not 'static') and pass no cache or a DynamicCache")
         if cache is None and use_cache:
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0

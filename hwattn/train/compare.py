@@ -3,8 +3,9 @@
 For each variant: train on the same tokens with the same schedule and seed, evaluate
 (per-domain perplexity and bits per byte, cloze, multiple choice, recall probe), and measure
 its KV cache bytes per token and greedy decode tokens/s through the paged cache. Writes
-`compare.json` (every number), `compare.md` (the table) and `compare.png` (loss curves and
-bars) under the output folder, and prints the table.
+`compare.json` (every number), `compare.md` (the table, what it can and cannot say, each
+task's chance level, the measured wall time) and `compare.png` (loss curves and bars, every
+axis from zero) under the output folder, and prints the table and notes.
 
 Scales: on CPU the `tiny` preset on the shipped corpus (own 2,048-id BPE), a few minutes on
 two cores; on a GPU the `mini` preset (d_h = 64) at sequence length 1024 with an 8,192-id BPE
@@ -29,12 +30,19 @@ from hwattn.device import resolve_device
 from hwattn.train.metrics import read_metrics
 from hwattn.train.trainer import TrainConfig, train
 
-# Printed with every CPU comparison: what its numbers can and cannot say.
-SMOKE_NOTE = ("CPU numbers are a smoke test: models this small, trained for a few minutes on a "
-              "few hundred thousand tokens, check that every variant trains, evaluates and "
-              "decodes, but their perplexity gaps are noise and cannot confirm or refute the "
-              "paper's quality claims. The quality comparison is the GPU study "
-              "(benchmarks/quality_study.py; results in docs/results/quality.md).")
+# Printed and written with every CPU comparison: what its numbers can and cannot say.
+SMOKE_NOTE = ("Smoke test, not evidence. On CPU every model is tiny (about 1M parameters) and "
+              "sees a few hundred thousand tokens with one seed: the run checks that every "
+              "variant trains, evaluates and decodes, and measures its KV bytes per token. "
+              "Its quality columns rank the variants by seed noise (the order changes from "
+              "run to run and no seed spread is measured), so they can neither confirm nor "
+              "refute the paper's quality claims; that is the GPU study's job "
+              "(benchmarks/quality_study.py, docs/quality_study.md).")
+# Printed and written with every other comparison (one seed, no spread).
+ONE_SEED_NOTE = ("One seed: no seed spread is measured, so quality differences between variants "
+                 "are not established by this run (the GPU quality study, "
+                 "benchmarks/quality_study.py, runs several seeds).")
+MC_CHANCE = 0.25  # 4-way multiple choice (hwattn.eval.tasks.build_mc)
 
 # Per-scale defaults: (preset, tokenizer for the shipped corpus, seq_len, batch, steps, lr).
 SCALES = {
@@ -179,16 +187,19 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
         log(f"{label}: val ppl {row['val_ppl']:.2f}, {train_s:.0f} s training, "
             f"{speed['decode_tokens_per_s']:.0f} decode tok/s")
     smoke = resolve_device(cfg.device).type == "cpu"
+    notes = [SMOKE_NOTE if smoke else ONE_SEED_NOTE, *chance_notes(rows)]
     result = {"config": asdict(cfg), "device": str(resolve_device(cfg.device)),
-              "smoke_test": smoke,
+              "smoke_test": smoke, "notes": notes,
               "torch": torch.__version__, "rows": rows,
               "wall_s": time.perf_counter() - t_start}
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = format_compare(rows, cfg) + (f"\n\n{SMOKE_NOTE}" if smoke else "")
+    table = (format_compare(rows, cfg) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+             + f"\n\nwall time {result['wall_s']:.0f} s (data build, training, evaluation and "
+             f"decode timing of {len(rows)} variants).")
     (out / "compare.md").write_text(table + "\n")
     files = {"json": str(out / "compare.json"), "table": str(out / "compare.md")}
     try:
-        plot_compare(rows, curves, out / "compare.png", cfg)
+        plot_compare(rows, curves, out / "compare.png", cfg, notes[0])
         files["plot"] = str(out / "compare.png")
     except ImportError:
         pass
@@ -197,10 +208,45 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
     return result
 
 
+def chance_notes(rows: list[dict]) -> list[str]:
+    """What the task columns are measured against: each task's chance level, and why a
+    column sits at zero or below chance when it does."""
+    notes = []
+    mc = [r["mc_acc"] for r in rows if r.get("mc_acc") is not None]
+    if mc:
+        line = (f"Multiple choice: 4 choices, chance {100 * MC_CHANCE:.0f}%. acc picks the "
+                f"choice of highest total log-likelihood, which favours short choices (the "
+                f"wrong ones are 0.6-1.6x the true sentence's length); (norm) divides by the "
+                f"characters of each choice.")
+        if max(mc) < MC_CHANCE:
+            line += (f" Every variant's acc is below chance ({_pct(min(mc))}-{_pct(max(mc))}): "
+                     f"a model this undertrained mostly prefers the shorter choice.")
+        notes.append(line)
+    cloze = [r["cloze_acc"] for r in rows if r.get("cloze_acc") is not None]
+    if cloze:
+        line = ("Cloze: an item counts when greedy decoding reproduces the whole last word of a "
+                "held-out sentence, so chance is near 0%.")
+        if max(cloze) <= 0.02:
+            line += (f" At {_at_most(cloze)} for every variant, the models have not learned to "
+                     f"predict whole words from context: the column cannot rank them.")
+        notes.append(line)
+    recall = [r["recall"].get("mean") for r in rows if r["recall"].get("mean") is not None]
+    if recall:
+        chance = rows[0]["recall"].get("chance", 0)
+        line = (f"Recall: the value of a key seen earlier in the sequence, chance "
+                f"{100 * chance:.2f}% (one word among the probe's values).")
+        if max(recall) <= 2 * chance:
+            line += (f" At {_at_most(recall)} for every variant, the models have not learned to "
+                     f"copy from their context: the column cannot rank them.")
+        notes.append(line)
+    return notes
+
+
 def format_compare(rows: list[dict], cfg: CompareConfig) -> str:
-    """The side-by-side markdown table."""
+    """The side-by-side markdown table and the line that says how it was measured."""
     head = ("| variant | params | KV B/token (bf16, all layers) | val loss | val ppl | bits/byte "
-            "| cloze acc | MC acc (norm) | recall acc | train tok/s | decode tok/s |")
+            f"| cloze acc | MC acc (norm), chance {100 * MC_CHANCE:.0f}% | recall acc "
+            "| train tok/s | decode tok/s |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         rec = r["recall"].get("mean")
@@ -212,7 +258,10 @@ def format_compare(rows: list[dict], cfg: CompareConfig) -> str:
             f" ±{50 * r.get('decode_tokens_per_s_spread', 0):.0f}% |")
     lines.append("")
     lines.append(f"preset {cfg.preset}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens, "
-                 f"seed {cfg.seed}; val = mean over held-out domains; recall = mean over {'/'.join(map(str, cfg.recall_pairs))} pairs "
+                 f"seed {cfg.seed}; val loss / ppl / bits per byte: every held-out token of each "
+                 f"domain, mean over domains (the plot's validation dots during training use the "
+                 f"first {cfg.eval_tokens:,} of each); recall = mean over "
+                 f"{'/'.join(map(str, cfg.recall_pairs))} pairs "
                  f"(chance {100 * rows[0]['recall'].get('chance', 0):.2f}%); decode: batch "
                  f"{cfg.decode_batch}, {cfg.decode_prompt}-token prompts, {cfg.decode_new} new tokens, "
                  "median of 3 runs ± half their range; differences inside that range are noise.")
@@ -223,40 +272,87 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def plot_compare(rows: list[dict], curves: dict, path: Path, cfg: CompareConfig) -> Path:
+def _at_most(values: list[float]) -> str:
+    return _pct(0.0) if max(values) == 0 else f"{_pct(max(values))} or less"
+
+
+def plot_compare(rows: list[dict], curves: dict, path: Path, cfg: CompareConfig,
+                 note: str = ""):
+    """compare.png: loss curves, validation perplexity and task accuracy against their chance
+    levels (top); KV bytes, decode speed and `note` (bottom). Every bar axis starts at zero.
+    Returns the (closed) matplotlib figure."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=110)
+    labels = [r["variant"] for r in rows]
+    colours = [f"C{i}" for i in range(len(rows))]
     ax = axes[0, 0]
+    final = {r["variant"]: r for r in rows}
     for i, (label, recs) in enumerate(curves.items()):
         tr = [(r["tokens"], r["loss"]) for r in recs if "loss" in r]
         va = [(r["tokens"], r["val_loss"]) for r in recs if "val_loss" in r]
         ax.plot(*zip(*tr), color=f"C{i}", alpha=0.35, lw=1)
         if va:
             ax.plot(*zip(*va), "o-", color=f"C{i}", ms=3, label=label)
+        if label in final and tr:
+            ax.plot(tr[-1][0], final[label]["val_loss"], "*", color=f"C{i}", ms=9)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title("loss (faint: train, dots: validation)", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"loss. faint: training; dots: validation on the first {cfg.eval_tokens:,}\n"
+                 f"held-out tokens per domain; star: all held-out tokens (the table)", fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    labels = [r["variant"] for r in rows]
-    colours = [f"C{i}" for i in range(len(rows))]
-    for ax, key, title in ((axes[0, 1], "kv_bytes_per_token", "KV cache bytes per token (bf16)"),
-                           (axes[1, 0], "val_ppl", "validation perplexity (mean over domains)"),
-                           (axes[1, 1], "decode_tokens_per_s", "greedy decode tokens/s")):
+
+    def bars(ax, key, title, fmt):
         vals = [r[key] for r in rows]
         ax.bar(labels, vals, color=colours)
-        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 1.12 * max(vals))  # from zero: bar heights compare as the values do
+        ax.set_title(title, fontsize=8)
         for x, v in enumerate(vals):
-            ax.text(x, v, f"{v:,.0f}" if v >= 100 else f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-        if key == "val_ppl":
-            lo, hi = min(vals), max(vals)
-            ax.set_ylim(lo - 0.6 * (hi - lo + 1e-9) - 0.01 * lo, hi + 0.3 * (hi - lo + 1e-9) + 0.01 * hi)
-    fig.suptitle(f"hwattn compare: preset {cfg.preset}, {cfg.steps} steps, seed {cfg.seed}", fontsize=10)
+            ax.text(x, v, fmt(v), ha="center", va="bottom", fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+
+    bars(axes[0, 1], "val_ppl", "validation perplexity, lower is better (all held-out tokens,\n"
+                                "mean over domains)",
+         lambda v: f"{v:,.1f}")
+    bars(axes[1, 0], "kv_bytes_per_token", "KV cache bytes per token (bf16, all layers)",
+         lambda v: f"{v:,.0f}")
+    bars(axes[1, 1], "decode_tokens_per_s", "greedy decode tokens/s (median of 3)",
+         lambda v: f"{v:,.0f}")
+
+    ax = axes[0, 2]
+    tasks = [("cloze", "cloze_acc"), ("MC", "mc_acc"), ("MC (norm)", "mc_acc_norm"),
+             ("recall", None)]
+    width = 0.8 / len(rows)
+    top = 0.0
+    for i, r in enumerate(rows):
+        vals = [(r["recall"].get("mean") if key is None else r.get(key)) or 0.0 for _, key in tasks]
+        top = max(top, *vals)
+        ax.bar([t + (i - (len(rows) - 1) / 2) * width for t in range(len(tasks))],
+               [100 * v for v in vals], width, color=colours[i], label=r["variant"])
+    ax.axhline(100 * MC_CHANCE, color="k", ls="--", lw=1)
+    ax.text(len(tasks) - 0.5, 100 * MC_CHANCE, f"MC chance {100 * MC_CHANCE:.0f}%", ha="right",
+            va="bottom", fontsize=7)
+    ax.set_xticks(range(len(tasks)), [t for t, _ in tasks], fontsize=7)
+    ax.set_ylim(0, max(50.0, 115 * top))
+    ax.set_ylabel("accuracy (%)")
+    recall_chance = 100 * rows[0]["recall"].get("chance", 0)
+    ax.set_title(f"task accuracy; chance: MC {100 * MC_CHANCE:.0f}% (dashed), cloze ~0%, "
+                 f"recall {recall_chance:.2f}%", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+
+    ax = axes[1, 2]
+    ax.axis("off")
+    ax.text(0, 1, "\n".join(textwrap.wrap(note, 60)), va="top", ha="left", fontsize=8,
+            transform=ax.transAxes)
+    fig.suptitle(f"hwattn compare: preset {cfg.preset}, {cfg.steps} steps x {cfg.batch_size} x "
+                 f"{cfg.seq_len} tokens, seed {cfg.seed}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return path
+    return fig

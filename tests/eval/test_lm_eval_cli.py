@@ -52,33 +52,59 @@ def _lm_eval(args: list[str], tmp_path) -> subprocess.CompletedProcess:
                           env=_env(tmp_path))
 
 
-def test_lm_eval_command_line_runs_the_hwattn_model(trained, dataset_dir, tmp_path):
+def test_lm_eval_command_line_runs_the_hwattn_model(trained, dataset_dir, tmp_path, capsys):
+    """The tasks `hwattn eval --write-tasks` writes, run by `lm_eval --model hwattn` with the
+    harness's default device (cuda:0: on a CPU-only machine the CPU, as `--model hf` does)."""
+    from hwattn.cli import main
     from hwattn.data.loader import TokenDataset
-    from hwattn.eval.lm_eval_adapter import HwattnLM, local_tasks
-    from hwattn.eval.suite import EvalConfig, build_tasks
-    from hwattn.eval.tasks import score_cloze, score_mc, write_jsonl
+    from hwattn.eval.lm_eval_adapter import HwattnLM
+    from hwattn.eval.tasks import read_jsonl, score_cloze, score_mc
 
-    data = TokenDataset(dataset_dir)
-    tasks = build_tasks(data, EvalConfig(n_cloze=6, n_mc=4))
-    write_jsonl(tasks["cloze"], tmp_path / "cloze.jsonl")
-    write_jsonl(tasks["mc"], tmp_path / "mc.jsonl")
-    local_tasks({"hw_cloze": tmp_path / "cloze.jsonl", "hw_mc": tmp_path / "mc.jsonl"},
-                tmp_path / "yaml")
+    tasks = tmp_path / "tasks"
+    assert main(["eval", "--data", str(dataset_dir), "--write-tasks", str(tasks), "--cloze", "6",
+                 "--mc", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "--tasks hwattn_cloze,hwattn_mc --include_path" in printed
+    assert sorted(p.name for p in tasks.iterdir()) == ["cloze.jsonl", "hwattn_cloze.yaml",
+                                                      "hwattn_mc.yaml", "mc.jsonl"]
     ckpt = trained[0] / "checkpoint"
     res = _lm_eval(["--model", "hwattn", "--model_args", f"pretrained={ckpt},max_length=256",
-                    "--tasks", "hw_cloze,hw_mc", "--include_path", str(tmp_path / "yaml"),
-                    "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "out")],
-                   tmp_path)
+                    "--tasks", "hwattn_cloze,hwattn_mc", "--include_path", str(tasks),
+                    "--batch_size", "4", "--output_path", str(tmp_path / "out")], tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     files = sorted((tmp_path / "out").rglob("results_*.json"))
     assert files, res.stdout[-2000:]
     results = json.loads(files[-1].read_text())["results"]
+    data = TokenDataset(dataset_dir)
     lm = HwattnLM.from_checkpoint(ckpt)
-    ours_c = score_cloze(lm.model, data.tokenizer, tasks["cloze"], 256)
-    ours_m = score_mc(lm.model, data.tokenizer, tasks["mc"], 256)
-    assert results["hw_cloze"]["acc,none"] == pytest.approx(ours_c["acc"])
-    assert results["hw_mc"]["acc,none"] == pytest.approx(ours_m["acc"])
-    assert results["hw_mc"]["acc_norm,none"] == pytest.approx(ours_m["acc_norm"])
+    ours_c = score_cloze(lm.model, data.tokenizer, read_jsonl(tasks / "cloze.jsonl"), 256)
+    ours_m = score_mc(lm.model, data.tokenizer, read_jsonl(tasks / "mc.jsonl"), 256)
+    assert ours_c["n"] == 6 and ours_m["n"] == 4
+    assert results["hwattn_cloze"]["acc,none"] == pytest.approx(ours_c["acc"])
+    assert results["hwattn_mc"]["acc,none"] == pytest.approx(ours_m["acc"])
+    assert results["hwattn_mc"]["acc_norm,none"] == pytest.approx(ours_m["acc_norm"])
+
+
+def test_harness_device_falls_back_as_the_hf_model_does(trained, monkeypatch, caplog):
+    import torch
+
+    from hwattn.eval import lm_eval_adapter
+    from hwattn.eval.lm_eval_adapter import HwattnLM, harness_device
+
+    ckpt = str(trained[0] / "checkpoint")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lm = HwattnLM.create_from_arg_string(f"pretrained={ckpt}", {"device": "cuda:0",
+                                                                "batch_size": 2})
+    assert lm.device.type == "cpu" and "'cuda:0' is not available here; using cpu" in caplog.text
+    assert harness_device("cpu") == "cpu" and harness_device(None) == "auto"
+    with pytest.raises(ValueError, match="--device must be"):
+        harness_device("gpu0")
+    with pytest.raises(ValueError, match="device 'cuda' is not available on this machine"):
+        HwattnLM(pretrained=ckpt, device="cuda")  # asked for by name in model_args: refused
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert harness_device("cuda:3") == "cuda" and harness_device("cuda:0") == "cuda:0"
+    assert lm_eval_adapter._present(torch.device("cuda:0"))
 
 
 def test_start_up_hook_registers_lazily_and_keeps_the_built_in_models(tmp_path):

@@ -177,3 +177,29 @@ def test_parallel_workers_share_the_plan(dataset_dir, tmp_path):
     log = (tmp_path / "s" / "study_log.txt").read_text()
     assert "2 workers on the CPU" in log and "[gpu 0]" in log and "[gpu 1]" in log
     assert sum(f"{v}-s{s}: val ppl" in log for v in ("mqa", "gta-4") for s in (0, 1)) == 4
+
+
+def test_committed_quality_page_is_what_the_generator_writes():
+    """docs/results/quality.md is regenerated, never edited by hand: it equals what the
+    report writes from the raw files beside it."""
+    from hwattn.eval.report import load_runs
+
+    runs, summary = load_runs(ROOT / "docs" / "results" / "quality_raw")
+    assert render(runs, summary) == (ROOT / "docs" / "results" / "quality.md").read_text()
+
+
+def test_report_states_setup_and_scale_from_the_records_it_has():
+    runs = []
+    for seed in (0, 1):
+        for v, ppl in (("gqa-4", 20.0), ("gta-4", 20.5)):
+            r = _run(v, seed, ppl, ppl)
+            r["tokens"] = 3_800_000
+            r["curve"] = [{"tokens": t, "val_loss": 4 - t / 5e6} for t in (1e6, 2.85e6, 3.8e6)]
+            runs.append(r)
+    text = render(runs, {})
+    assert "None" not in text and "0.00M" not in text
+    assert "19.0M non-embedding parameters" in text and "0.2 tokens per parameter" in text
+    assert "still falling when it stopped: by 0.19–0.19 nats" in text
+    assert "held-out domains are code, prose" in text
+    old_format = [{k: v for k, v in r.items() if k != "non_embedding_params"} for r in runs]
+    assert "36.00M parameters with the tied embedding" in render(old_format, {})

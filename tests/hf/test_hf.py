@@ -117,6 +117,25 @@ def test_generate_keeps_a_kv_cache(tmp_path, variant):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["gqa-2", "gta-4", "gla-2"])
+def test_static_and_other_caches_are_refused_by_name(tmp_path, variant):
+    """transformers' static cache preallocates one K and one V shape per layer, which GTA's and
+    GLA's states do not have (and which GQA's unmasked attention would read past the prompt):
+    generate(cache_implementation="static") says so instead of failing inside index_copy_."""
+    import transformers
+
+    ckpt, _ = _random_checkpoint(tmp_path, variant)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    prompt = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(3))
+    # (transformers before 4.50 refuses it itself, reading _supports_static_cache = False.)
+    with pytest.raises(ValueError, match="StaticCache cannot hold hwattn's cached states.*"
+                                         "cache_implementation unset|does not support.*static"):
+        hf.generate(prompt, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    with pytest.raises(ValueError, match="past_key_values: a tuple"):
+        hf(prompt, past_key_values=((torch.zeros(1), torch.zeros(1)),))
+    assert hf.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
 @pytest.mark.parametrize("variant", ["gqa-2", "gta-4", "mla", "gla-2"])
 def test_padded_batches_match_unpadded_rows(tmp_path, variant):
     """Left padding (generation) and right padding (scoring) give each row what it gets alone."""

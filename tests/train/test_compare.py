@@ -6,12 +6,44 @@ import json
 
 import pytest
 
-from hwattn.train.compare import CompareConfig, run_compare
+from hwattn.train.compare import SMOKE_NOTE, CompareConfig, chance_notes, plot_compare, run_compare
 from tests.conftest import SMALL
 
-pytestmark = pytest.mark.slow  # training every variant
+ROW = {"params": 1e6, "kv_bytes_per_token": 576, "val_loss": 5.3, "val_ppl": 200.0,
+       "val_bpb": 2.4, "cloze_acc": 0.0, "mc_acc": 0.16, "mc_acc_norm": 0.3,
+       "recall": {"mean": 0.0, "chance": 0.0025}, "train_tokens_per_s": 9e3,
+       "decode_tokens_per_s": 400.0}
 
 
+def test_notes_give_chance_levels_and_say_why_columns_sit_at_zero():
+    rows = [dict(ROW, variant="mha"), dict(ROW, variant="gla-2", mc_acc=0.2, cloze_acc=0.01)]
+    notes = chance_notes(rows)
+    assert "chance 25%" in notes[0] and "below chance (16.0%-20.0%)" in notes[0]
+    assert "At 1.0% or less for every variant" in notes[1] and "cannot rank" in notes[1]
+    assert "chance 0.25%" in notes[2] and "At 0.0% for every variant" in notes[2]
+    assert "not learned to copy" in notes[2]
+    learned = chance_notes([dict(ROW, variant="mha", mc_acc=0.4, cloze_acc=0.3,
+                                 recall={"mean": 0.5, "chance": 0.0025})])
+    assert not any("below chance" in n or "cannot rank" in n for n in learned)
+
+
+def test_plot_starts_every_bar_axis_at_zero(tmp_path):
+    cfg = CompareConfig(device="cpu").resolved()
+    cfg.steps = 10
+    rows = [dict(ROW, variant="mla", val_ppl=263.0), dict(ROW, variant="gla-2", val_ppl=158.0)]
+    curves = {r["variant"]: [{"tokens": 1024, "loss": 6.0}, {"tokens": 2048, "loss": 5.5,
+                                                             "val_loss": 5.6}] for r in rows}
+    fig = plot_compare(rows, curves, tmp_path / "c.png", cfg, SMOKE_NOTE)
+    titled = {ax.get_title(): ax for ax in fig.axes}
+    ppl = next(ax for t, ax in titled.items() if t.startswith("validation perplexity"))
+    assert ppl.get_ylim()[0] == 0
+    tasks = next(ax for t, ax in titled.items() if t.startswith("task accuracy"))
+    assert [line.get_ydata()[0] for line in tasks.get_lines()] == [25.0]  # the MC chance line
+    assert any("star: all held-out tokens" in t for t in titled)
+    assert (tmp_path / "c.png").stat().st_size > 20_000
+
+
+@pytest.mark.slow  # training every variant
 def test_run_compare_writes_table_plot_and_json(dataset_dir, tmp_path):
     cfg = CompareConfig(out=str(tmp_path / "cmp"), variants=("mha", "gta-4", "gla-2"),
                         data=str(dataset_dir), device="cpu", steps=4, seq_len=32, batch_size=2,
@@ -30,11 +62,14 @@ def test_run_compare_writes_table_plot_and_json(dataset_dir, tmp_path):
     assert [r["variant"] for r in saved["rows"]] == ["mha", "gta-4", "gla-2"]
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert sum(ln.startswith("| ") for ln in table.splitlines()) == 1 + 3 and "| gta-4 |" in table
-    assert "CPU numbers are a smoke test" in table and "benchmarks/quality_study.py" in table
-    assert saved["smoke_test"] is True
+    assert "Smoke test, not evidence" in table and "rank the variants by seed noise" in table
+    assert "benchmarks/quality_study.py" in table and "MC acc (norm), chance 25%" in table
+    assert "Multiple choice: 4 choices, chance 25%" in table and "wall time" in table
+    assert saved["smoke_test"] is True and saved["notes"][0].startswith("Smoke test")
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 20_000
 
 
+@pytest.mark.slow
 def test_compare_cli(dataset_dir, tmp_path, capsys):
     from hwattn.cli import main
 
