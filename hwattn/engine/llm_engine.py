@@ -259,6 +259,13 @@ class LLMEngine:
                 self.scheduler.add(seq)
         return rids
 
+    def check_request(self, prompt: str | list[int] | torch.Tensor,
+                      params: SamplingParams | None = None) -> tuple[list[int], SamplingParams]:
+        """What `add_request` checks, without queueing anything: (the prompt's token ids, a
+        checked copy of params), or the ValueError `add_request` would raise. Safe to call from
+        another thread (the server checks a request before it starts streaming the answer)."""
+        return check_requests([prompt], [params], self.validate_prompt)[0]
+
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
         """`validate_prompt` against this engine's tokenizer, vocabulary and context. Safe to
         call from another thread."""
