@@ -119,7 +119,8 @@ class ChatTemplate:
             return chat_prompt(flat, add_generation_prompt)
         return self._render(flat, add_generation_prompt)
 
-    def parts(self, messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+    def parts(self, messages: list[dict],
+              add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
         """The prompt as (text, is_content) pieces whose texts join into `render`'s prompt:
         the template's own text, and each message's content where the template put it."""
         flat = self._flat(messages)

@@ -11,17 +11,18 @@ admitted of the owner holding the most), so every owner soon holds its share of 
 
 With `mixed` set (the default for plain decoding), every step first takes every decoding
 sequence (one token each) and spends what is left of `max_num_batched_tokens` on prompt
-chunks: partly-prefilled sequences first, then waiting ones admitted in arrival order. Decodes
+chunks: partly-prefilled sequences first, then waiting ones in the fair order above. Decodes
 keep flowing while long prompts arrive, one bounded chunk per step.
 
 Without it, each step is either a prefill step (prompt chunks of up to
-`max_num_batched_tokens` tokens in all, admitted in the same order) or a decode step (every running
-sequence advances by one token, or by up to k + 1 when speculating).
+`max_num_batched_tokens` tokens in all, admitted in the same order) or a decode step (every
+running sequence advances by one token, or by up to k + 1 when speculating).
 
 When decoding needs pages the pool does not have, the most recently admitted sequence of the
 owner holding the most running sequences is preempted: it gives back all its pages and goes to
-the front of its owner's waiting queue, to be recomputed later. A sequence whose last sampled token the engine has not read back yet
-(`Sequence.num_pending`) and that will end by length once it has is not scheduled again.
+the front of its owner's waiting queue, to be recomputed later. A sequence whose last sampled
+token the engine has not read back yet (`Sequence.num_pending`) and that will end by length
+once it has is not scheduled again.
 """
 
 from __future__ import annotations

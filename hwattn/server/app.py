@@ -90,8 +90,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     tokenizer = llm.tokenizer
     max_len = llm.max_model_len
     created = int(time.time())
-    # Characters a prompt may have before tokenizing it is pointless: more than the context's
-    # tokens can stand for (`Tokenizer.max_token_chars`).
+    # The most characters a prompt can have and still fit the context (a token stands for at
+    # most `max_token_chars` of them): a longer one is refused before it is tokenized.
     max_chars = max_len * getattr(tokenizer, "max_token_chars", 1 << 30)
 
     def decode(token: int) -> str:
@@ -138,8 +138,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 chunks.append(chunk)
         except ClientDisconnect:
             raise APIError("the client went away while sending the request", status=499) from None
+        data = b"".join(chunks)
         try:
-            body = json.loads(b"".join(chunks), parse_constant=_no_constants)
+            if len(data) > 1 << 16:  # megabytes of JSON take a while: not on the event loop
+                body = await run_in_threadpool(json.loads, data, parse_constant=_no_constants)
+            else:
+                body = json.loads(data, parse_constant=_no_constants)
         except RecursionError:
             raise APIError("request body is not valid JSON: it is nested too deeply",
                            code="invalid_json") from None
@@ -169,12 +173,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         special token or a turn marker), refused before tokenizing if it cannot fit."""
         try:
             ids = template.encode([m.model_dump() for m in messages], tokenizer,
-                                  add_generation_prompt, max_chars=max_chars - 1)
+                                  add_generation_prompt, max_chars=max_chars)
+        except UnicodeEncodeError as err:  # a lone surrogate in a message
+            raise APIError(f"messages are not valid Unicode: {err.reason}",
+                           param="messages") from None
         except ValueError as err:
+            too_long = "context" in str(err)
             raise APIError(str(err), param="messages",
-                           code="context_length_exceeded" if "context" in str(err) else None) from None
-        except UnicodeEncodeError as err:
-            raise APIError(f"messages are not valid Unicode: {err.reason}", param="messages") from None
+                           code="context_length_exceeded" if too_long else None) from None
         return ids
 
     def tokenize_text(text: str) -> list[int]:

@@ -81,7 +81,8 @@ def test_tokenize_is_capped_like_the_generation_routes(server, monkeypatch):
     base, engine = server
     seen = []
     encode = engine.tokenizer.encode
-    monkeypatch.setattr(engine.tokenizer, "encode", lambda text: seen.append(len(text)) or encode(text))
+    monkeypatch.setattr(engine.tokenizer, "encode",
+                        lambda text: seen.append(len(text)) or encode(text))
     huge = {"prompt": "x" * 15_000_000}
     too_many = {"messages": [{"role": "user", "content": "x"}] * 1025}
 
@@ -190,7 +191,8 @@ def test_null_means_not_given(server, path):
         r = http.post(T, json={"prompt": "hi", "add_special_tokens": None,
                                "add_generation_prompt": None, "model": None})
         assert r.status_code == 200, r.text
-        r = http.post(path, json={**body, "stream": True, "stream_options": {"include_usage": None}})
+        r = http.post(path, json={**body, "stream": True,
+                                  "stream_options": {"include_usage": None}})
         assert r.status_code == 200 and "[DONE]" in r.text
     wait_idle(engine)
 
