@@ -9,6 +9,7 @@ import os
 from hwattn.config import PRESETS
 
 API_KEY_ENV = "HWATTN_API_KEY"
+PROTECT_METRICS_ENV = "HWATTN_PROTECT_METRICS"
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -115,10 +116,19 @@ def register(sub) -> None:
                    help="name clients pass as `model` (default: preset-variant or directory name)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
     p.add_argument("--api-key", default=None,
-                   help=f"require `Authorization: Bearer KEY` on every /v1 route (default: the "
-                        f"{API_KEY_ENV} environment variable; unset: no authentication)")
+                   help=f"require `Authorization: Bearer KEY` on every /v1 route and the "
+                        f"tokenizer routes (default: the {API_KEY_ENV} environment variable; "
+                        f"unset: no authentication). /health and /version stay open")
+    p.add_argument("--protect-metrics", action="store_true",
+                   default=os.environ.get(PROTECT_METRICS_ENV, "").lower() in ("1", "true", "yes"),
+                   help=f"with an API key, require it on /metrics and the API docs (/docs, "
+                        f"/redoc, /openapi.json) as well. Default: off (or {PROTECT_METRICS_ENV}"
+                        f"=1), those stay open to scrapers without the key")
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted (413 beyond; default 16 MiB)")
+    p.add_argument("--max-request-sequences", type=int, default=None,
+                   help="prompts x n one request may ask for (400 beyond; default 256); the "
+                        "scheduler also shares the batch fairly between requests")
     p.add_argument("--chat-template", default=None, metavar="FILE|STRING",
                    help="Jinja chat template (a file or the template itself) for "
                         "/v1/chat/completions; default: the checkpoint's tokenizer_config.json "
@@ -157,8 +167,10 @@ def run(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty")
-    limits = ServerLimits() if args.max_body_bytes is None else \
-        ServerLimits(max_body_bytes=args.max_body_bytes)
+    if args.protect_metrics and not api_key:
+        raise ValueError(f"--protect-metrics needs an API key (--api-key or {API_KEY_ENV})")
+    caps = dict(max_body_bytes=args.max_body_bytes, max_sequences=args.max_request_sequences)
+    limits = ServerLimits(**{k: v for k, v in caps.items() if v is not None})
     template = ChatTemplate(args.model if is_checkpoint(args.model) else None, args.chat_template)
     engine = engine_from_args(args)
     name = served_name(args)
@@ -171,7 +183,7 @@ def run(args) -> int:
           f"{' (API key required)' if api_key else ''}", flush=True)
     try:
         uvicorn.run(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits,
-                          chat_template=template),
+                              chat_template=template, protect_metrics=args.protect_metrics),
                     host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()

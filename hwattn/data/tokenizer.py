@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -101,7 +102,9 @@ class Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` with the end-of-text token hwattn separates
     documents with.
 
-    encode(text) -> list[int]; encode_batch(texts) -> list[list[int]]; decode(ids) -> str.
+    encode(text) -> list[int] (special tokens written in the text become their ids);
+    encode_text(text) -> list[int] (special tokens' text stays ordinary text: for what a user
+    wrote, e.g. chat message content); encode_batch(texts) -> list[list[int]]; decode(ids) -> str.
     `token_byte_lengths` (V,) int64 counts the UTF-8 bytes each id stands for (0 for special
     tokens), which turns a token-level loss into bits per byte exactly.
 
@@ -130,6 +133,23 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """`text`'s ids with no special token among them: "<|endoftext|>" written in the text
+        is encoded as the characters it is made of, never as the end-of-text id."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    @cached_property
+    def special_token_texts(self) -> tuple[str, ...]:
+        """The texts that `encode` turns into special token ids."""
+        return tuple(t.content for t in self.tok.get_added_tokens_decoder().values() if t.special)
+
+    @cached_property
+    def _plain(self):
+        """A copy of the tokenizer that encodes special tokens' text as ordinary text."""
+        plain = _tokenizers().Tokenizer.from_str(self.tok.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nobody reads here.
@@ -258,6 +278,7 @@ class ByteTokenizer:
     """
 
     max_token_chars = 1  # most characters one token can stand for (every character is >= 1 byte)
+    special_token_texts = ()  # no text encodes to the end-of-sequence id
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
@@ -266,6 +287,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_text(self, text: str) -> list[int]:
+        """The same as `encode`: no text can become the end-of-sequence id."""
+        return self.encode(text)
 
     def decode(self, ids: list[int], skip_special_tokens: bool | None = None) -> str:
         """The text of `ids` (`skip_special_tokens` changes nothing: no special token here has
@@ -325,8 +350,22 @@ class IncrementalDetokenizer:
         return ""
 
 
-def chat_prompt(messages: list[dict]) -> str:
-    """The chat template: `<|role|>\\ncontent\\n` per message, then `<|assistant|>\\n`.
+# A role marker of `chat_prompt` written inside a message's content.
+_MARKER = re.compile("<\\|(" + "|".join(CHAT_ROLES) + ")\\|>")
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def defuse_markers(content: str) -> str:
+    """`content` with every role marker (`<|user|>`, ...) it contains broken by a zero-width
+    space after its `<`: a message cannot start a turn of its own in `chat_prompt`."""
+    return _MARKER.sub(lambda m: "<" + ZERO_WIDTH_SPACE + m.group(0)[1:], content)
+
+
+def chat_parts(messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+    """The built-in chat template as (text, is_content) pieces: `<|role|>\\n`, the content
+    (its role markers defused by `defuse_markers`), `\\n` per message, then `<|assistant|>\\n`
+    when `add_generation_prompt`. Tokenize content pieces with `encode_text`, so that no
+    message can forge a turn or a special token.
 
     Each message is {"role": one of `CHAT_ROLES`, "content": a string or a list of OpenAI text
     parts {"type": "text", "text": str}}; anything else raises `ValueError` (a free-form role
@@ -345,5 +384,13 @@ def chat_prompt(messages: list[dict]) -> str:
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts, "
                              f"got {type(content).__name__}")
-        parts.append(f"<|{role}|>\n{content}\n")
-    return "".join(parts) + "<|assistant|>\n"
+        parts += [(f"<|{role}|>\n", False), (defuse_markers(content), True), ("\n", False)]
+    if add_generation_prompt:
+        parts.append(("<|assistant|>\n", False))
+    return parts
+
+
+def chat_prompt(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The built-in chat template as text: `<|role|>\\ncontent\\n` per message, then
+    `<|assistant|>\\n` (see `chat_parts`, which also says how to tokenize it safely)."""
+    return "".join(text for text, _ in chat_parts(messages, add_generation_prompt))

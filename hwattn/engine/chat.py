@@ -6,14 +6,23 @@ tokenizers do; a caller may override it with a file or a template string. Templa
 rendered in Jinja's sandbox with `messages`, `add_generation_prompt`, `bos_token`,
 `eos_token` and `raise_exception`. Without any, the built-in `chat_prompt` format is used:
 `<|role|>\\ncontent\\n` per message, then `<|assistant|>\\n`.
+
+What a message says must never act as the template's own markup. `ChatTemplate.encode` turns a
+conversation into token ids piece by piece: the template's text is tokenized as usual (its
+special tokens, such as `<|im_start|>`, become their ids) and every message's content with
+special tokens read as plain text, so "<|endoftext|>" in a message is a few ordinary tokens,
+never the end-of-text id. The built-in template's markers are plain text, so in content they
+are broken up as well (`defuse_markers`): a message cannot forge a turn.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from pathlib import Path
 
-from hwattn.data.tokenizer import CHAT_ROLES, chat_prompt
+from hwattn.data.tokenizer import CHAT_ROLES, chat_parts, chat_prompt
 
 
 def _message_text(i: int, message) -> tuple[str, str]:
@@ -102,13 +111,71 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt for `messages` (each {"role": one of `CHAT_ROLES`, "content": a string or
-        a list of text parts}); ValueError naming the bad message or the template's error."""
+        a list of text parts}) as text; ValueError naming the bad message or the template's
+        error. Tokenize a conversation with `encode`, not by encoding this text: only `encode`
+        keeps message content from producing special tokens."""
+        flat = self._flat(messages)
+        if self._compiled is None:
+            return chat_prompt(flat, add_generation_prompt)
+        return self._render(flat, add_generation_prompt)
+
+    def parts(self, messages: list[dict],
+              add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
+        """The prompt as (text, is_content) pieces whose texts join into `render`'s prompt:
+        the template's own text, and each message's content where the template put it."""
+        flat = self._flat(messages)
+        if self._compiled is None:
+            return chat_parts(flat, add_generation_prompt)
+        # Render once with a placeholder in place of each content (the placeholders hold
+        # nothing of the client's), then put the contents where the placeholders landed.
+        nonce = secrets.token_hex(8)
+        marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(flat))]
+        shaped = self._render([dict(m, content=mark) for m, mark in zip(flat, marks)],
+                              add_generation_prompt)
+        pieces = re.split(f"\ue000{nonce}:([0-9]+)\ue001", shaped)
+        parts = [(text, i % 2 == 1) for i, text in enumerate(pieces)]
+        parts = [(flat[int(text)]["content"], True) if content else (text, False)
+                 for text, content in parts]
+        plain = self._render(flat, add_generation_prompt)
+        if "".join(text for text, _ in parts) == plain:
+            return parts
+        # The template reshapes content (e.g. trims or tests it): keep the plain prompt, as
+        # template text, unless a message holds a special token's text.
+        return [(plain, False)]
+
+    def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True,
+               max_chars: int | None = None) -> list[int]:
+        """The prompt's token ids: the template's text with `tokenizer.encode`, each message's
+        content with `tokenizer.encode_text` (special tokens' text stays text). ValueError
+        naming `messages` if the prompt is longer than `max_chars` characters (checked before
+        anything is tokenized), or if the template reshapes message content and a message
+        holds a special token's text (it could then not be kept apart)."""
+        parts = self.parts(messages, add_generation_prompt)
+        chars = sum(len(text) for text, _ in parts)
+        if max_chars is not None and chars > max_chars:
+            raise ValueError(f"messages: the conversation's prompt has {chars} characters, more "
+                             f"than the model's context can hold")
+        if len(parts) == 1 and not parts[0][1]:
+            specials = getattr(tokenizer, "special_token_texts", ())
+            for i, m in enumerate(self._flat(messages)):
+                found = next((t for t in specials if t in m["content"]), None)
+                if found is not None:
+                    raise ValueError(f"messages[{i}].content holds the special token {found!r}, "
+                                     f"which this chat template ({self.source}) cannot keep "
+                                     f"apart from its own (it reshapes message content)")
+        ids: list[int] = []
+        for text, content in parts:
+            if text:
+                ids += tokenizer.encode_text(text) if content else tokenizer.encode(text)
+        return ids
+
+    @staticmethod
+    def _flat(messages) -> list[dict]:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {role, content} messages")
-        flat = [dict(zip(("role", "content"), _message_text(i, m))) for i, m in enumerate(messages)]
-        if self._compiled is None:
-            prompt = chat_prompt(flat)
-            return prompt if add_generation_prompt else prompt[:-len("<|assistant|>\n")]
+        return [dict(zip(("role", "content"), _message_text(i, m))) for i, m in enumerate(messages)]
+
+    def _render(self, flat: list[dict], add_generation_prompt: bool) -> str:
         try:
             return self._compiled.render(messages=flat, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token, eos_token=self.eos_token)

@@ -59,6 +59,15 @@ class LeastOutstandingTokens:
         self.load[replica] += tokens
 
 
+def _check_supported(params: SamplingParams, where: str = "") -> None:
+    """ValueError naming the setting if replicas cannot honour `params`: they report the text
+    and tokens of one completion, without log-probabilities."""
+    for name, plain in (("n", 1), ("logprobs", None), ("prompt_logprobs", None)):
+        if getattr(params, name) != plain:
+            raise ValueError(f"{name}={getattr(params, name)!r} is not supported with "
+                             f"data_parallel_size > 1{where}")
+
+
 def _check_invariants(engine) -> None:
     """Run inside a replica: raises if its engine leaks pages."""
     engine.check_invariants()
@@ -158,31 +167,39 @@ class DataParallelEngine:
                                self.max_model_len)
 
     def add_request(self, prompt: str | list[int] | torch.Tensor,
-                    params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        """Queue a request on the least-loaded replica; returns its id. ValueError for an
-        invalid prompt or params, or a request id in use."""
-        return self.add_requests([prompt], [params], [request_id])[0]
+                    params: SamplingParams | None = None, request_id: str | None = None,
+                    owner: str | None = None) -> str:
+        """Queue a request on the least-loaded replica; returns its id. owner: whom the
+        replica's scheduler shares its batch fairly between (`LLMEngine.add_request`).
+        ValueError for an invalid prompt or params, or a request id in use."""
+        return self.add_requests([prompt], [params], [request_id], owner=owner)[0]
+
+    def check_request(self, prompt: str | list[int] | torch.Tensor,
+                      params: SamplingParams | None = None) -> tuple[list[int], SamplingParams]:
+        """What `add_request` checks, without queueing anything: (token ids, checked params),
+        or the ValueError `add_request` would raise."""
+        ids, sp = check_requests([prompt], [params], self.validate_prompt, self.max_model_len)[0]
+        _check_supported(sp)
+        return ids, sp
 
     def add_requests(self, prompts: list, params: list[SamplingParams | None],
-                     request_ids: list[str | None] | None = None) -> list[str]:
+                     request_ids: list[str | None] | None = None,
+                     owner: str | None = None) -> list[str]:
         """Queue several requests, all or none: every prompt, params and id is checked before
         any request goes to a replica, so a ValueError (naming the bad prompt's index) leaves
         the engine as it was."""
         checked = check_requests(prompts, params, self.validate_prompt, self.max_model_len)
         for i, (_, sp) in enumerate(checked):
-            # Replicas report text and tokens of one completion, without log-probabilities.
-            for name, plain in (("n", 1), ("logprobs", None), ("prompt_logprobs", None)):
-                if getattr(sp, name) != plain:
-                    raise ValueError(f"{name}={getattr(sp, name)!r} is not supported with "
-                                     f"data_parallel_size > 1 (prompts[{i}])")
+            _check_supported(sp, f" (prompts[{i}])")
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
         check_request_ids(rids, self.requests)
         for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
-            self._route(rid, prompt, ids, sp)
+            self._route(rid, prompt, ids, sp, owner)
         return rids
 
-    def _route(self, request_id: str, prompt, ids: list[int], params: SamplingParams) -> None:
+    def _route(self, request_id: str, prompt, ids: list[int], params: SamplingParams,
+               owner: str | None = None) -> None:
         if params.seed is None:  # drawn here, so a request's samples do not depend on routing
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
         replica = self.router.pick()
@@ -190,7 +207,7 @@ class DataParallelEngine:
         # A fresh key per request: outputs still in flight for an aborted request can never
         # be taken for a later request that reuses its id.
         key = str(next(self._keys))
-        self.group.send(replica, ("add", key, ids, params))
+        self.group.send(replica, ("add", key, ids, params, owner))
         self.requests[request_id] = _Request(key, replica, prompt if isinstance(prompt, str)
                                              else None, ids, outstanding, time.perf_counter())
         self.keys[key] = request_id

@@ -5,7 +5,7 @@ its engine (itself tensor-parallel when asked: its ranks are then its own worker
 on the GPUs its CUDA_VISIBLE_DEVICES names), then loops: take every message waiting, run one
 engine step if anything is unfinished, send what the step produced.
 
-Messages in: ("add", request_id, prompt_ids, params), ("abort", request_id),
+Messages in: ("add", request_id, prompt_ids, params, owner), ("abort", request_id),
 ("call", fn, args) -> ("result", fn(engine, *args)), ("stop",).
 Messages out: ("ready", info), ("outputs", deltas, (step kind, seconds), stats),
 ("stats", stats), ("rejected", request_id, message), ("result", value).
@@ -41,9 +41,9 @@ class EngineCore:
     def handle(self, message) -> list:
         kind = message[0]
         if kind == "add":
-            _, request_id, ids, params = message
+            _, request_id, ids, params, owner = message
             try:
-                self.engine.add_request(ids, params, request_id=request_id)
+                self.engine.add_request(ids, params, request_id=request_id, owner=owner)
             except ValueError as err:
                 return [("rejected", request_id, str(err))]
             return []

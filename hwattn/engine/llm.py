@@ -276,7 +276,8 @@ class LLM:
 
         The prompt is rendered with `chat_template` (a template file or Jinja string) if
         given, else the checkpoint's tokenizer_config.json template, else the built-in one
-        (`hwattn.engine.chat.ChatTemplate`). A bad message or template raises ValueError
+        (`hwattn.engine.chat.ChatTemplate`), and tokenized so that message content never
+        becomes a special token or a turn marker. A bad message or template raises ValueError
         naming it, before anything runs."""
         if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
             conversations = [messages]
@@ -288,14 +289,20 @@ class LLM:
         if chat_template not in self._templates:
             self._templates[chat_template] = ChatTemplate(self._model_dir, chat_template)
         template = self._templates[chat_template]
-        prompts = []
+        prompts, texts = [], []
         for i, conversation in enumerate(conversations):
             try:
-                prompts.append(template.render(conversation, add_generation_prompt))
+                # Token ids, built piece by piece: no message can produce a special token or
+                # a turn marker (`ChatTemplate.encode`).
+                prompts.append(template.encode(conversation, self.tokenizer, add_generation_prompt))
+                texts.append(template.render(conversation, add_generation_prompt))
             except ValueError as err:
                 where = f"conversation {i}: " if len(conversations) > 1 else ""
                 raise ValueError(f"{where}{err}") from None
-        return self._run(prompts, sampling_params, use_tqdm)
+        outputs = self._run(prompts, sampling_params, use_tqdm)
+        for out, text in zip(outputs, texts):
+            out.prompt = text
+        return outputs
 
     def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:

@@ -233,17 +233,21 @@ class LLMEngine:
 
     # Requests.
     def add_request(self, prompt: str | list[int] | torch.Tensor,
-                    params: SamplingParams | None = None, request_id: str | None = None) -> str:
+                    params: SamplingParams | None = None, request_id: str | None = None,
+                    owner: str | None = None) -> str:
         """Queue a request (text, token ids or a 1-D integer tensor of ids); returns its id.
+        owner: whom the scheduler shares the batch fairly between (default: the request id;
+        requests of one owner take turns together against other owners' requests).
         Raises ValueError if the prompt is empty, has ids outside the vocabulary or does not
         fit the context, or if `params` is not a valid `SamplingParams`."""
-        return self.add_requests([prompt], [params], [request_id])[0]
+        return self.add_requests([prompt], [params], [request_id], owner=owner)[0]
 
     def add_requests(self, prompts: list, params: list[SamplingParams | None],
-                     request_ids: list[str | None] | None = None) -> list[str]:
+                     request_ids: list[str | None] | None = None,
+                     owner: str | None = None) -> list[str]:
         """Queue several requests, all or none: every prompt and every params is checked
         before any request is queued, so a ValueError (naming the bad prompt's index) leaves
-        the engine as it was."""
+        the engine as it was. owner: as for `add_request`, shared by all of them."""
         checked = check_requests(prompts, params, self.validate_prompt, self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
@@ -252,13 +256,20 @@ class LLMEngine:
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
             text = prompt if isinstance(prompt, str) else None
             # n completions: n sequences sharing the prompt, each with its own seed.
-            group = [Sequence(rid, ids, sp, sibling_seed(seed, i), prompt=text, index=i)
-                     for i in range(sp.n)]
+            group = [Sequence(rid, ids, sp, sibling_seed(seed, i), prompt=text, index=i,
+                              owner=owner) for i in range(sp.n)]
             self.requests[rid] = group
             for seq in group:
                 self.detok[seq] = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
                 self.scheduler.add(seq)
         return rids
+
+    def check_request(self, prompt: str | list[int] | torch.Tensor,
+                      params: SamplingParams | None = None) -> tuple[list[int], SamplingParams]:
+        """What `add_request` checks, without queueing anything: (the prompt's token ids, a
+        checked copy of params), or the ValueError `add_request` would raise. Safe to call from
+        another thread (the server checks a request before it starts streaming the answer)."""
+        return check_requests([prompt], [params], self.validate_prompt, self.max_model_len)[0]
 
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
         """`validate_prompt` against this engine's tokenizer, vocabulary and context. Safe to

@@ -1,24 +1,33 @@
-"""Who runs next: first-come first-served continuous batching with chunked prefill and
-preemption by recompute. Policy only; pages come from the `BlockManager`.
+"""Who runs next: continuous batching with chunked prefill and preemption by recompute, fair
+between owners. Policy only; pages come from the `BlockManager`.
+
+Every sequence has an owner (by default its request; the server passes the HTTP request, so
+the prompts and `n` completions of one call share one owner). Waiting sequences are admitted
+owner by owner: next is the first waiting sequence of the owner holding the fewest running
+sequences (ties: the one waiting longest), so a one-prompt request is not queued behind the
+thousands of sequences of a big one. When that sequence finds no free slot or no pages, a
+running sequence of an owner holding at least two more is preempted for it (the most recently
+admitted of the owner holding the most), so every owner soon holds its share of the batch.
 
 With `mixed` set (the default for plain decoding), every step first takes every decoding
 sequence (one token each) and spends what is left of `max_num_batched_tokens` on prompt
-chunks: partly-prefilled sequences first, then waiting ones admitted in arrival order. Decodes
+chunks: partly-prefilled sequences first, then waiting ones in the fair order above. Decodes
 keep flowing while long prompts arrive, one bounded chunk per step.
 
 Without it, each step is either a prefill step (prompt chunks of up to
-`max_num_batched_tokens` tokens in all, in the same order) or a decode step (every running
-sequence advances by one token, or by up to k + 1 when speculating).
+`max_num_batched_tokens` tokens in all, admitted in the same order) or a decode step (every
+running sequence advances by one token, or by up to k + 1 when speculating).
 
-When decoding needs pages the pool does not have, the most recently admitted sequence is
-preempted: it gives back all its pages and goes to the front of the waiting queue, to be
-recomputed later. A sequence whose last sampled token the engine has not read back yet
-(`Sequence.num_pending`) and that will end by length once it has is not scheduled again.
+When decoding needs pages the pool does not have, the most recently admitted sequence of the
+owner holding the most running sequences is preempted: it gives back all its pages and goes to
+the front of its owner's waiting queue, to be recomputed later. A sequence whose last sampled
+token the engine has not read back yet (`Sequence.num_pending`) and that will end by length
+once it has is not scheduled again.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from hwattn.engine.block_manager import BlockManager
@@ -39,6 +48,57 @@ class ScheduledBatch:
     num_decode: int = 0
 
 
+class WaitQueue:
+    """The waiting sequences, one first-in first-out queue per owner (owners in the order
+    they first queued). A preempted sequence goes back to the front of its owner's queue."""
+
+    def __init__(self):
+        self._queues: dict[str, deque[Sequence]] = {}
+        self._size = 0
+
+    def append(self, seq: Sequence) -> None:
+        self._queues.setdefault(seq.owner, deque()).append(seq)
+        self._size += 1
+
+    def appendleft(self, seq: Sequence) -> None:
+        self._queues.setdefault(seq.owner, deque()).appendleft(seq)
+        self._size += 1
+
+    def remove(self, seq: Sequence) -> None:
+        """ValueError if `seq` is not waiting."""
+        queue = self._queues.get(seq.owner)
+        if queue is None:
+            raise ValueError(f"sequence of {seq.request_id} is not waiting")
+        queue.remove(seq)
+        self._size -= 1
+        if not queue:
+            del self._queues[seq.owner]
+
+    def next(self, held: Counter) -> Sequence | None:
+        """The first waiting sequence of the owner holding the fewest running sequences
+        (`held`: owner -> running sequences); ties go to the one waiting longest."""
+        best, best_key = None, None
+        for owner, queue in self._queues.items():
+            key = (held[owner], queue[0].arrival_time)
+            if best_key is None or key < best_key:
+                best, best_key = queue[0], key
+        return best
+
+    def __contains__(self, seq) -> bool:
+        queue = self._queues.get(getattr(seq, "owner", None))
+        return queue is not None and seq in queue
+
+    def __iter__(self):
+        for queue in list(self._queues.values()):
+            yield from list(queue)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_model_len: int = 2048,
@@ -52,7 +112,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.mixed = mixed
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
@@ -65,12 +125,16 @@ class Scheduler:
     def schedule(self, lookahead: int = 0) -> ScheduledBatch | None:
         """The next step, or None when nothing can run. `lookahead` is the number of draft
         tokens a decode step will verify (pages are reserved for them)."""
+        made_way = self._make_way()
         if self.mixed and not lookahead:
-            return self._schedule_mixed()
-        batch = self._schedule_prefill()
-        if batch is not None:
-            return batch
-        return self._schedule_decode(lookahead)
+            batch = self._schedule_mixed()
+        else:
+            batch = self._schedule_prefill() or self._schedule_decode(lookahead)
+        if made_way:
+            if batch is None:
+                batch = ScheduledBatch("decode", [], query_len=1 + lookahead)
+            batch.preempted = made_way + batch.preempted
+        return batch
 
     def will_end(self, seq: Sequence) -> bool:
         """Whether the sequence ends by length once its pending tokens are read back."""
@@ -93,15 +157,50 @@ class Scheduler:
         return ScheduledBatch(kind, decodes + seqs, [1] * len(decodes) + chunks,
                               preempted=preempted, num_decode=len(decodes))
 
+    def _held(self) -> Counter:
+        """Running sequences per owner."""
+        return Counter(s.owner for s in self.running)
+
+    def _victim(self, at_least: int = 1) -> Sequence | None:
+        """The most recently admitted running sequence (never one about to end) of the owner
+        holding the most running sequences, when that owner holds at least `at_least`."""
+        held = self._held()
+        best = None
+        for seq in reversed(self.running):  # the latest admitted first
+            if self.will_end(seq) or held[seq.owner] < at_least:
+                continue
+            if best is None or held[seq.owner] > held[best.owner]:
+                best = seq
+        return best
+
+    def _make_way(self) -> list[Sequence]:
+        """Fairness: while the next waiting sequence finds no free slot or no pages, preempt
+        for it a sequence of an owner holding at least two more running sequences than its own
+        owner (so no two owners trade a sequence back and forth); returns those preempted."""
+        preempted = []
+        while self.waiting:
+            held = self._held()
+            seq = self.waiting.next(held)
+            if seq.num_pending:  # preempted with a token still on its way: next step
+                break
+            if len(self.running) < self.max_num_seqs and self.bm.can_allocate(seq, reserve=1):
+                break
+            victim = self._victim(at_least=held[seq.owner] + 2)
+            if victim is None:
+                break
+            self.running.remove(victim)
+            self._preempt(victim)
+            preempted.append(victim)
+        return preempted
+
     def _make_room(self, decodes: list[Sequence], query_len: int) -> list[Sequence]:
-        """Preempt the most recently admitted sequences (never one about to end) until every
-        one left in `decodes` can hold `query_len` more tokens; returns those preempted."""
+        """Preempt running sequences (`_victim`: never one about to end) until every one left
+        in `decodes` can hold `query_len` more tokens; returns those preempted."""
         preempted = []
         while decodes and not self.bm.can_grow(decodes, query_len):
-            victims = [s for s in self.running if not self.will_end(s)]
-            if not victims:
+            victim = self._victim()
+            if victim is None:
                 break
-            victim = victims[-1]
             self.running.remove(victim)
             if victim in decodes:
                 decodes.remove(victim)
@@ -117,7 +216,8 @@ class Scheduler:
 
     def _prefill_chunks(self, budget: int) -> tuple[list[Sequence], list[int]]:
         """Prompt chunks of `budget` tokens in all: partly-prefilled sequences first, then
-        waiting ones admitted in arrival order (pages allocated for their whole prompt)."""
+        waiting ones admitted in the fair order of `WaitQueue.next` (pages allocated for their
+        whole prompt)."""
         seqs, chunks = [], []
         for seq in self.running:  # sequences part-way through their prompt
             if budget and seq.is_prefilling:
@@ -125,8 +225,9 @@ class Scheduler:
                 seqs.append(seq)
                 chunks.append(n)
                 budget -= n
+        held = self._held()
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.next(held)
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if not self.bm.can_allocate(seq, reserve=1):
@@ -135,10 +236,11 @@ class Scheduler:
                     raise RuntimeError(f"request {seq.request_id} needs more KV pages than the "
                                        f"pool has ({self.bm.num_usable_pages})")
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.bm.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            held[seq.owner] += 1
             n = min(seq.num_uncomputed, budget)
             seqs.append(seq)
             chunks.append(n)

@@ -109,8 +109,10 @@ class Sequence:
     """Token ids (prompt then output), page list and progress of one request."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 seed: int, prompt: str | None = None, index: int = 0):
+                 seed: int, prompt: str | None = None, index: int = 0, owner: str | None = None):
         self.request_id = request_id
+        # Whom the scheduler shares the batch fairly between (default: the request itself).
+        self.owner = request_id if owner is None else owner
         self.index = index  # which of the request's n completions this is
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)  # shared by every output: read-only

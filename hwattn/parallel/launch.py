@@ -26,6 +26,9 @@ How failures surface:
   terminates and kills what is left: a dead or stuck peer never blocks it.
 - Workers ignore SIGINT (the parent decides when they stop) and exit by themselves within a
   second when their parent process is gone, however it went.
+- The socket folder (`hwattn-PID-*` in the temporary directory) lives only until every worker
+  has connected, so a parent killed later leaves nothing behind; the folder of a parent killed
+  during start-up is removed by the next group started on the machine (its PID is gone).
 
 NVLink multicast stays off in every worker (NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
@@ -42,6 +45,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import secrets
 import select
 import shutil
@@ -176,6 +180,40 @@ def _reap(procs: list, folder: str, wait_s: float = 2.0) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_stale_folders(root: str | None = None) -> list[str]:
+    """Remove this user's socket folders (`hwattn-PID-*` under `root`, default the temporary
+    directory) whose process is gone: what a parent killed during start-up left. Returns them."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = re.fullmatch(r"hwattn-([0-9]+)-[^/]+", entry.name)
+        try:
+            if match is None or not entry.is_dir(follow_symlinks=False) \
+                    or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    return removed
+
+
 class WorkerGroup:
     """`world` workers running `python -m module`, each connected to this process.
 
@@ -200,7 +238,10 @@ class WorkerGroup:
         self.log_threads: list[threading.Thread] = []
         self.conns: list[_Conn | None] = [None] * world
         self.procs: list[subprocess.Popen] = []
-        self.folder = tempfile.mkdtemp(prefix="hwattn-")  # mode 0700: only we can connect
+        sweep_stale_folders()
+        # mode 0700: only we can connect. Named after this process, so that a later group can
+        # tell a folder whose owner was killed before removing it.
+        self.folder = tempfile.mkdtemp(prefix=f"hwattn-{os.getpid()}-")
         self._finalizer = weakref.finalize(self, _reap, self.procs, self.folder)
         self.store = None
         store_port = None
@@ -237,6 +278,8 @@ class WorkerGroup:
             raise
         finally:
             listener.close()
+            # Every worker is connected (or the group failed): the address is not needed again.
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     # Start-up.
     def _accept(self, listener: socket.socket, token: str, timeout: float) -> None:

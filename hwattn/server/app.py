@@ -8,7 +8,13 @@ Errors come back as OpenAI does them, `{"error": {"message", "type", "param", "c
 a malformed body, a bad or unknown field (see `protocol`), 401 for a missing or wrong API key
 (when the server has one), 404 for an unknown model, 413 for a body over the size cap, 500
 if the engine fails the request, and 503 once a worker process is gone (/health then answers
-503 with the reason). One request's failure never reaches another's.
+503 with the reason; the worker's traceback goes to the log, never to a client). A request
+the engine would refuse is refused before any answer starts, so a streamed request gets the
+same 400 as an unstreamed one. One request's failure never reaches another's.
+
+Tokenizing and rendering prompts runs in worker threads, never on the event loop, and is
+bounded before it starts (a text longer than the context could hold is refused untokenized):
+a huge prompt costs its own request a 400 or 413, not the other requests their answers.
 """
 
 from __future__ import annotations
@@ -17,19 +23,22 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from hwattn.config import VERSION
 from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
-from hwattn.server.formats import chat_logprobs, completion_logprobs
+from hwattn.server.formats import chat_logprobs, completion_logprobs, prompt_logprobs, top
 from hwattn.server.metrics import render
 from hwattn.server.protocol import (APIError, ChatRequest, CompletionRequest, DetokenizeRequest,
                                     ServerLimits, TokenizeRequest, parse)
@@ -47,11 +56,15 @@ def _sse(doc) -> str:
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               limits: ServerLimits | None = None,
-              chat_template: ChatTemplate | None = None) -> FastAPI:
+              chat_template: ChatTemplate | None = None, protect_metrics: bool = False) -> FastAPI:
     """The FastAPI application serving `engine` under the name `model_name`.
 
     api_key: when given, every /v1 route and the tokenizer routes need `Authorization: Bearer
-        <api_key>` (compared in constant time); /health, /version and /metrics stay open.
+        <api_key>`, compared as UTF-8 bytes in constant time (any Unicode key works);
+        /health and /version stay open.
+    protect_metrics: with an api_key, /metrics and the API docs (/docs, /redoc,
+        /openapi.json) need the key too; by default they are open (monitoring scrapers
+        usually carry no key). ValueError without an api_key.
     limits: caps on body size, stop lists and prompts per request (`ServerLimits()` default).
     chat_template: how /v1/chat/completions renders messages (default: the built-in format).
     """
@@ -59,7 +72,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     template = chat_template or ChatTemplate()
     if api_key is not None and not api_key:
         raise ValueError("api_key must not be empty (leave it None for no authentication)")
-    key = api_key.encode() if api_key is not None else None
+    if protect_metrics and api_key is None:
+        raise ValueError("protect_metrics needs an api_key to protect /metrics and the docs with")
+    # surrogateescape: a key read from the environment or the command line as raw bytes that
+    # are not UTF-8 comes back as exactly those bytes.
+    key = api_key.encode("utf-8", "surrogateescape") if api_key is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
@@ -67,11 +84,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         yield
         engine.shutdown()
 
-    app = FastAPI(title="hwattn", lifespan=lifespan)
+    docs = {} if not protect_metrics else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="hwattn", lifespan=lifespan, **docs)
     llm = engine.engine
     tokenizer = llm.tokenizer
     max_len = llm.max_model_len
     created = int(time.time())
+    # The most characters a prompt can have and still fit the context (a token stands for at
+    # most `max_token_chars` of them): a longer one is refused before it is tokenized.
+    max_chars = max_len * getattr(tokenizer, "max_token_chars", 1 << 30)
 
     def decode(token: int) -> str:
         return tokenizer.decode([token])
@@ -89,12 +110,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def authorize(request: Request) -> None:
         if key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+        # The header's raw bytes: a client sends a non-ASCII key as UTF-8.
+        raw = next((v for k, v in request.scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = raw.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key):
             raise APIError("invalid or missing API key: send the header `Authorization: Bearer "
                            "<key>`", status=401, code="invalid_api_key")
 
     auth = [Depends(authorize)]
+    auth_metrics = auth if protect_metrics else []
 
     async def read_body(request: Request, model_required: bool = True) -> dict:
         """The JSON object of the body, at most `limits.max_body_bytes`, naming the served model
@@ -114,8 +138,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 chunks.append(chunk)
         except ClientDisconnect:
             raise APIError("the client went away while sending the request", status=499) from None
+        data = b"".join(chunks)
         try:
-            body = json.loads(b"".join(chunks), parse_constant=_no_constants)
+            if len(data) > 1 << 16:  # megabytes of JSON take a while: not on the event loop
+                body = await run_in_threadpool(json.loads, data, parse_constant=_no_constants)
+            else:
+                body = json.loads(data, parse_constant=_no_constants)
         except RecursionError:
             raise APIError("request body is not valid JSON: it is nested too deeply",
                            code="invalid_json") from None
@@ -140,11 +168,45 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(str(err), param=param,
                            code="context_length_exceeded" if "context" in str(err) else None) from None
 
-    def render_chat(messages, add_generation_prompt: bool = True) -> str:
+    def chat_ids(messages, add_generation_prompt: bool = True) -> list[int]:
+        """The conversation's token ids (`ChatTemplate.encode`: no message can produce a
+        special token or a turn marker), refused before tokenizing if it cannot fit."""
         try:
-            return template.render([m.model_dump() for m in messages], add_generation_prompt)
+            ids = template.encode([m.model_dump() for m in messages], tokenizer,
+                                  add_generation_prompt, max_chars=max_chars)
+        except UnicodeEncodeError as err:  # a lone surrogate in a message
+            raise APIError(f"messages are not valid Unicode: {err.reason}",
+                           param="messages") from None
         except ValueError as err:
-            raise APIError(str(err), param="messages") from None
+            too_long = "context" in str(err)
+            raise APIError(str(err), param="messages",
+                           code="context_length_exceeded" if too_long else None) from None
+        return ids
+
+    def tokenize_text(text: str) -> list[int]:
+        """/tokenize's ids of a prompt: at most the model's context (as for generation, a text
+        that could not fit is refused before it is tokenized)."""
+        if len(text) > max_chars:
+            raise APIError(f"prompt has {len(text)} characters, more than the model's context "
+                           f"of {max_len} tokens can hold", param="prompt",
+                           code="context_length_exceeded")
+        try:
+            return tokenizer.encode(text)
+        except UnicodeEncodeError as err:
+            raise APIError(f"prompt is not valid Unicode: {err.reason}", param="prompt") from None
+
+    def checked(jobs: list[tuple[list[int], SamplingParams]]) -> None:
+        """Refuse now, with the engine's own checks, what the engine would refuse once queued
+        (e.g. settings a data-parallel engine does not support), and everything once the
+        engine is down: a stream must not start with 200 and then fail."""
+        if engine.dead is not None:
+            raise APIError(engine.dead, status=503, kind="server_error")
+        for ids, params in jobs:
+            try:
+                llm.check_request(ids, params)
+            except ValueError as err:
+                name = re.match(r"[a-z_]+", str(err))
+                raise APIError(str(err), param=name.group(0) if name else None) from None
 
     def fits(ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
         if len(ids) + params.max_tokens > max_len:
@@ -154,12 +216,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return ids, params
 
     async def run_all(request: Request, jobs: list[tuple[list[int], SamplingParams]], prefix: str):
-        """Merge the output streams of several requests: yields (index, RequestOutput)."""
+        """Merge the output streams of several requests: yields (index, RequestOutput). The
+        requests share one owner (`prefix`): the scheduler weighs them together against other
+        clients' requests."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, ids, params):
             try:
-                async for out in engine.generate(ids, params, f"{prefix}-{i}"):
+                async for out in engine.generate(ids, params, f"{prefix}-{i}", owner=prefix):
                     await queue.put((i, out))
             except Exception as err:  # noqa: BLE001 - handed to the consumer
                 await queue.put((i, err))
@@ -271,11 +335,24 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def version():
         return {"version": VERSION}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=auth_metrics)
     async def metrics():
         return PlainTextResponse(render(engine.snapshot, engine.tokens_per_second(),
                                         engine.latency),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if protect_metrics:  # FastAPI's own docs routes are off: the same, behind the key
+        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+        async def openapi():
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", dependencies=auth, include_in_schema=False)
+        async def swagger():
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="hwattn - docs")
+
+        @app.get("/redoc", dependencies=auth, include_in_schema=False)
+        async def redoc():
+            return get_redoc_html(openapi_url="/openapi.json", title="hwattn - docs")
 
     @app.get("/tokenizer_info", dependencies=auth)
     async def tokenizer_info():
@@ -289,13 +366,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def tokenize(request: Request):
         req = parse(TokenizeRequest, await read_body(request, model_required=False), limits)
         if req.messages is not None:
-            text, param = render_chat(req.messages, req.add_generation_prompt), "messages"
+            ids, param = await run_in_threadpool(chat_ids, req.messages,
+                                                 req.add_generation_prompt), "messages"
         else:
-            text, param = req.prompt, "prompt"
-        try:
-            ids = tokenizer.encode(text)
-        except UnicodeEncodeError as err:
-            raise APIError(f"{param} is not valid Unicode: {err.reason}", param=param) from None
+            ids, param = await run_in_threadpool(tokenize_text, req.prompt), "prompt"
+        if len(ids) > max_len:
+            raise APIError(f"{param} has {len(ids)} tokens; the model's context is {max_len}",
+                           param=param, code="context_length_exceeded")
         return {"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize", dependencies=auth)
@@ -314,11 +391,21 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         generated = max_tokens > 0  # echo with max_tokens 0: the prompt alone
         want = req.logprobs is not None
+        # The engine computes the prompt's log-probabilities once, for the echoed prompt's
+        # `logprobs` and for `prompt_logprobs`, each then showing its own number of top tokens.
+        asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None)
+                 if k is not None]
         params = req.sampling(max(1, max_tokens), logprobs=req.logprobs,
-                              prompt_logprobs=req.logprobs if req.echo and want else None)
-        jobs = [fits(prompt_ids(p, "prompt"), params) for p in req.prompt]
-        texts = [p if isinstance(p, str) else tokenizer.decode(ids)
-                 for p, (ids, _) in zip(req.prompt, jobs)]
+                              prompt_logprobs=max(asked) if asked else None)
+
+        def prepare():
+            jobs = [fits(prompt_ids(p, "prompt"), params) for p in req.prompt]
+            checked(jobs)
+            texts = [p if isinstance(p, str) else tokenizer.decode(ids)
+                     for p, (ids, _) in zip(req.prompt, jobs)]
+            return jobs, texts
+
+        jobs, texts = await run_in_threadpool(prepare)
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = run_all(request, jobs, rid)
         n = req.n
@@ -335,13 +422,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 text = ""
             if req.echo and is_first:
                 prompt = out.prompt_token_ids
-                lps = out.prompt_logprobs if want else [None] * len(prompt)
+                lps = [top(p, t, req.logprobs) for t, p in zip(prompt, out.prompt_logprobs)] \
+                    if want else [None] * len(prompt)
                 entries = list(zip(prompt, lps)) + entries
                 text = texts[index // n] + text
             doc = {"index": index, "text": text,
                    "logprobs": completion_logprobs(entries, decode) if want else None,
                    "finish_reason": completion.finish_reason,
                    "stop_reason": completion.stop_reason}
+            if out is not None and not req.stream:
+                doc["prompt_logprobs"] = None if req.prompt_logprobs is None else prompt_logprobs(
+                    out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)
             return doc
 
         def chunk(index, text, completion, start, out, is_first, usage=None):
@@ -369,13 +460,19 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def chat_completions(request: Request):
         req = parse(ChatRequest, await read_body(request), limits)
         include_usage = req.check_stream_options()
-        ids = prompt_ids(render_chat(req.messages, req.add_generation_prompt), "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
         top_n = req.top_logprobs or 0
-        params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens,
-                              logprobs=top_n if req.logprobs else None)
-        jobs = [fits(ids, params)]
+
+        def prepare():
+            ids = prompt_ids(chat_ids(req.messages, req.add_generation_prompt), "messages")
+            params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens,
+                                  logprobs=top_n if req.logprobs else None)
+            jobs = [fits(ids, params)]
+            checked(jobs)
+            return jobs
+
+        jobs = await run_in_threadpool(prepare)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         stream = run_all(request, jobs, rid)
 
@@ -409,12 +506,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         outs = await until_done(request, stream)
         if outs is None:
             return JSONResponse({}, status_code=499)
+        out = outs[0]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()),
                 "model": model_name,
                 "choices": [{"index": c.index,
                              "message": {"role": "assistant", "content": c.text},
                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                             "logprobs": logprobs(c, 0)} for c in outs[0].outputs],
-                "usage": usage(outs)}
+                             "logprobs": logprobs(c, 0)} for c in out.outputs],
+                "usage": usage(outs),
+                "prompt_logprobs": None if req.prompt_logprobs is None else prompt_logprobs(
+                    out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)}
 
     return app

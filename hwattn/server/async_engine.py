@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -19,6 +20,16 @@ from hwattn.engine.sequence import RequestOutput
 from hwattn.server.metrics import LatencyMetrics
 
 log = logging.getLogger(__name__)
+
+
+def public_reason(err: BaseException) -> str:
+    """What a client may hear of a failure: the first line of its message, without process
+    ids, at most 200 characters. The whole error (a worker's traceback, with its file paths
+    and ports) goes to the server's log only."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()),
+                 type(err).__name__)
+    first = re.sub(r"\s*\(pid [0-9]+\)", "", first).split("; its last output")[0]
+    return first.rstrip(":; ")[:200]
 
 
 def _put_all(pairs) -> None:
@@ -69,9 +80,12 @@ class AsyncEngine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       owner: str | None = None):
         """Yield this request's `RequestOutput` after every step that advanced it, the last one
         finished. Leaving the loop early (client gone, task cancelled) aborts the request.
+        owner: whom the scheduler shares the batch fairly between (default: the request; the
+        server passes one owner for all the prompts of an HTTP request).
         Raises ValueError if the engine refuses the request, EngineError if it fails."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
@@ -79,7 +93,7 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._queues[request_id] = (loop, queue)
-            self._adds.append((request_id, prompt_ids, params))
+            self._adds.append((request_id, prompt_ids, params, owner))
         self._wake.set()
         timer = self.latency.timer()
         finished = False
@@ -153,9 +167,9 @@ class AsyncEngine:
         with self._lock:
             adds, self._adds = list(self._adds), deque()
             aborts, self._aborts = list(self._aborts), deque()
-        for request_id, ids, params in adds:
+        for request_id, ids, params, owner in adds:
             try:
-                engine.add_request(ids, params, request_id=request_id)
+                engine.add_request(ids, params, request_id=request_id, owner=owner)
             except ValueError as err:  # refused: only that request hears of it
                 with self._lock:
                     self._send(request_id, err)
@@ -163,7 +177,8 @@ class AsyncEngine:
                 log.exception("engine refused a request")
                 self._note_death(err)
                 with self._lock:
-                    self._send(request_id, self._error(f"the request could not be queued: {err}"))
+                    self._send(request_id, self._error(f"the request could not be queued: "
+                                                       f"{public_reason(err)}"))
         for request_id in aborts:
             try:
                 engine.abort_request(request_id)
@@ -175,7 +190,7 @@ class AsyncEngine:
             except Exception as err:  # noqa: BLE001 - the step itself failed: fail its requests
                 log.exception("engine step failed")
                 self._note_death(err)
-                self._fail_all(f"engine step failed: {err}")
+                self._fail_all(f"engine step failed: {public_reason(err)}")
                 outputs = []
             with self._lock:
                 self._deliver([(out.request_id, out) for out in outputs])
@@ -187,13 +202,13 @@ class AsyncEngine:
             self._wake.clear()
 
     def _note_death(self, err: Exception) -> None:
-        """A worker's failure leaves the engine unable to run any step: remember why."""
+        """A worker's failure leaves the engine unable to run any step: remember why (in
+        words a client may read; the traceback was logged)."""
         if isinstance(err, WorkerError) and self.dead is None:
-            first = str(err).strip().splitlines()
-            self.dead = f"the engine is down: {first[0] if first else type(err).__name__}"
+            self.dead = f"the engine is down: {public_reason(err)}"
 
     def _error(self, message: str) -> EngineError:
-        return EngineError(message) if self.dead is None else EngineDeadError(f"{message} ({self.dead})")
+        return EngineError(message) if self.dead is None else EngineDeadError(self.dead)
 
     def _fail_all(self, message: str) -> None:
         """Abort every request the engine holds and tell each caller why."""

@@ -63,3 +63,25 @@ def chat_logprobs(entries, decode, top_n: int) -> dict:
                         lp.logprob) for tid, lp in likely]
         content.append(entry)
     return {"content": content}
+
+
+def top(position, token: int, k: int | None):
+    """`position` (a PositionLogprobs, or None) cut to `token`'s own entry and the `k` most
+    likely tokens (the engine may have computed more for another part of the answer)."""
+    if position is None or k is None:
+        return position
+    return {t: lp for t, lp in position.items()
+            if t == token or (lp.rank is not None and lp.rank <= k)}
+
+
+def prompt_logprobs(prompt_ids, positions, k: int) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first (nothing predicts it),
+    else {token id: {"logprob", "rank", "decoded_token"}} for the token itself and the `k`
+    most likely tokens at its position."""
+    out = []
+    for token, position in zip(prompt_ids, positions or [None] * len(prompt_ids)):
+        position = top(position, token, k)
+        out.append(None if position is None else {
+            str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                     "decoded_token": lp.decoded_token} for t, lp in position.items()})
+    return out

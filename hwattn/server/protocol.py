@@ -5,9 +5,11 @@ Every field the server honours is declared (OpenAI's sampling fields plus vLLM's
 top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
 include_stop_str_in_output, prompt_logprobs); any other field is refused by name (400)
 instead of being silently ignored, and OpenAI fields this server does not implement
-(logit_bias, tools, tool_choice, suffix, best_of above n) are accepted only at their no-op value. Integers must be JSON integers, floats must be finite, and what costs the
-engine time on every token (stop strings, stop ids) or per request (prompts in one body) is
-capped by `ServerLimits`.
+(logit_bias, tools, tool_choice, suffix, best_of above n) are accepted only at their no-op
+value. `null` for any optional field means the field was not given (OpenAI marks them
+nullable). Integers must be JSON integers, floats must be finite, and what costs the engine
+time on every token (stop strings, stop ids) or per request (prompts in one body, prompts x n
+sequences, chat messages) is capped by `ServerLimits`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from hwattn.data.tokenizer import CHAT_ROLES
@@ -51,7 +54,10 @@ class ServerLimits:
     max_stop: stop strings, and stop token ids, per request.
     max_stop_chars: characters in one stop string.
     max_prompts: prompts in one /v1/completions request.
-    max_messages: messages in one /v1/chat/completions request.
+    max_sequences: prompts x `n` in one request: the sequences it queues in the engine (the
+        scheduler shares the batch fairly between requests, but each sequence still costs
+        pages and steps).
+    max_messages: messages in one /v1/chat/completions or /tokenize request.
     max_n: completions per prompt (`n`).
     max_logprobs: top log-probabilities per token (`logprobs`, `top_logprobs`,
         `prompt_logprobs`).
@@ -61,13 +67,14 @@ class ServerLimits:
     max_stop: int = 64
     max_stop_chars: int = 1024
     max_prompts: int = 256
+    max_sequences: int = 256
     max_messages: int = 1024
     max_n: int = 16
     max_logprobs: int = 20
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_stop", "max_stop_chars", "max_prompts", "max_messages",
-                     "max_n"):
+        for name in ("max_body_bytes", "max_stop", "max_stop_chars", "max_prompts",
+                     "max_sequences", "max_messages", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_logprobs < 0:
@@ -95,16 +102,36 @@ def _limits(info: ValidationInfo) -> ServerLimits:
     return (info.context or {}).get("limits") or ServerLimits()
 
 
-class StreamOptions(BaseModel):
+class _Body(BaseModel):
+    """A JSON object with only the declared fields, where `null` leaves an optional field
+    unset (its default), as OpenAI's nullable fields are."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or k not in fields or fields[k].is_required()}
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
-    """Fields shared by completions and chat: the model and the sampling settings."""
+def _cap_messages(value, info: ValidationInfo):
+    cap = _limits(info).max_messages
+    if isinstance(value, list) and len(value) > cap:
+        raise _error("invalid_value", "messages has {n} messages; at most {cap} are allowed",
+                     n=len(value), cap=cap)
+    return value
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+
+class _Request(_Body):
+    """Fields shared by completions and chat: the model and the sampling settings."""
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -206,6 +233,9 @@ class _Request(BaseModel):
 
     def check(self) -> None:
         """Checks across fields, raising `APIError` naming the field."""
+        if self.stream and self.prompt_logprobs is not None:
+            raise APIError("prompt_logprobs is not available with stream: ask without streaming",
+                           param="prompt_logprobs")
 
     def check_stream_options(self) -> bool:
         """Whether to send a usage chunk last; stream_options without streaming is an error."""
@@ -229,12 +259,23 @@ class CompletionRequest(_Request):
     suffix: Any = None
 
     def check(self) -> None:
+        super().check()
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(f"best_of={self.best_of} is not supported by this server (best_of "
                            f"must equal n, {self.n})", param="best_of",
                            code="unsupported_parameter")
         if self.max_tokens == 0 and not self.echo:
             raise APIError("max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
+
+    @model_validator(mode="after")
+    def _few_sequences(self, info: ValidationInfo):
+        cap = _limits(info).max_sequences
+        if len(self.prompt) * self.n > cap:
+            raise APIError(f"this request asks for {len(self.prompt)} prompt(s) x n={self.n} = "
+                           f"{len(self.prompt) * self.n} sequences; at most {cap} are allowed "
+                           f"in one request: send fewer prompts or a smaller n",
+                           param="n" if self.n > 1 else "prompt")
+        return self
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -256,9 +297,7 @@ class CompletionRequest(_Request):
                      "token ids or a list of such lists")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ChatMessage(_Body):
     role: Any
     content: Any
 
@@ -301,24 +340,25 @@ class ChatRequest(_Request):
     tool_choice: Any = None
 
     def check(self) -> None:
+        super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
 
-    @field_validator("messages", mode="before")
-    @classmethod
-    def _few_messages(cls, value, info: ValidationInfo):
-        cap = _limits(info).max_messages
-        if isinstance(value, list) and len(value) > cap:
-            raise _error("invalid_value", "messages has {n} messages; at most {cap} are allowed",
-                         n=len(value), cap=cap)
-        return value
+    @model_validator(mode="after")
+    def _few_sequences(self, info: ValidationInfo):
+        cap = _limits(info).max_sequences
+        if self.n > cap:
+            raise APIError(f"n={self.n} asks for more sequences than the {cap} allowed in one "
+                           f"request", param="n")
+        return self
+
+    _few_messages = field_validator("messages", mode="before")(_cap_messages)
 
 
-class TokenizeRequest(BaseModel):
-    """POST /tokenize: a `prompt` or chat `messages` (rendered with the chat template).
+class TokenizeRequest(_Body):
+    """POST /tokenize: a `prompt` or chat `messages` (rendered with the chat template), capped
+    as the generation routes cap them (messages, and the model's context).
     add_special_tokens is accepted for compatibility: this server's tokenizers add none."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str | None = None
@@ -326,15 +366,15 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
+    _few_messages = field_validator("messages", mode="before")(_cap_messages)
+
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise APIError("give exactly one of prompt and messages", param="prompt")
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     """POST /detokenize: token ids back to text."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     tokens: list[int]

@@ -29,8 +29,8 @@ def poison_marked(engine, max_tokens: int = MARK) -> None:
     sampling tensors fails where the sampler runs (the runner, on rank 0 under TP)."""
     add = engine.add_requests
 
-    def poisoned(prompts, params, request_ids=None):
-        rids = add(prompts, params, request_ids)
+    def poisoned(prompts, params, request_ids=None, **kw):
+        rids = add(prompts, params, request_ids, **kw)
         for rid in rids:
             if engine.requests[rid][0].params.max_tokens == max_tokens:
                 engine.requests[rid][0].params.top_k = 1 << 64

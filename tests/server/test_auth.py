@@ -1,6 +1,7 @@
 """`--api-key` / HWATTN_API_KEY: every /v1 route wants `Authorization: Bearer KEY` (compared
-in constant time) and answers 401 in OpenAI's error format without it; /health and /metrics
-stay open; the official client and the load generator authenticate with the key."""
+as UTF-8 bytes in constant time, so any Unicode key works) and answers 401 in OpenAI's error
+format without it; /health stays open, /metrics and the API docs too unless
+`--protect-metrics`; the official client and the load generator authenticate with the key."""
 
 import asyncio
 
@@ -96,3 +97,52 @@ def test_serve_command_takes_an_api_key(server, monkeypatch, how):
     http = TestClient(apps[0])  # no lifespan: only routes that need no generation are called
     assert http.get("/v1/models").status_code == 401
     assert http.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+UNICODE_KEY = "schlüssel-ключ-🔑"
+
+
+def test_a_non_ascii_key_works_and_metrics_and_docs_can_be_protected(monkeypatch):
+    """A key outside ASCII is compared as the UTF-8 bytes a client sends; /metrics and the API
+    docs are open unless `protect_metrics`, and then want the key like /v1."""
+    engine = create_engine(**TINY)
+    good = {"Authorization": b"Bearer " + UNICODE_KEY.encode()}
+    bad = {"Authorization": b"Bearer " + "schlussel-ключ-🔑".encode()}
+    for protect in (False, True):
+        # No lifespan: only routes that need no generation are called.
+        http = TestClient(build_app(AsyncEngine(engine), NAME, api_key=UNICODE_KEY,
+                                    protect_metrics=protect))
+        assert http.get("/v1/models", headers=good).status_code == 200
+        assert http.get("/v1/models", headers=bad).status_code == 401
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/health").status_code == 200
+        for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert http.get(path).status_code == (401 if protect else 200), (path, protect)
+            assert http.get(path, headers=good).status_code == 200, path
+        assert "/v1/completions" in http.get("/openapi.json", headers=good).json()["paths"]
+    with pytest.raises(ValueError, match="protect_metrics needs an api_key"):
+        build_app(AsyncEngine(engine), NAME, protect_metrics=True)
+
+
+def test_serve_command_takes_a_non_ascii_key_and_protects_metrics(server, monkeypatch):
+    import uvicorn
+
+    from hwattn.cli import build_parser
+    from hwattn.cli import serve as serve_cli
+
+    _, engine = server
+    apps = []
+    monkeypatch.setattr(serve_cli, "engine_from_args", lambda args: engine)
+    monkeypatch.setattr(engine, "shutdown", lambda: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setenv("HWATTN_API_KEY", UNICODE_KEY)
+    args = build_parser().parse_args(["serve", "tiny", "--protect-metrics"])
+    assert args.func(args) == 0
+    http = TestClient(apps[0])
+    assert http.get("/metrics").status_code == 401
+    ok = {"Authorization": b"Bearer " + UNICODE_KEY.encode()}
+    assert http.get("/metrics", headers=ok).status_code == 200
+    monkeypatch.delenv("HWATTN_API_KEY")
+    args = build_parser().parse_args(["serve", "tiny", "--protect-metrics"])
+    with pytest.raises(ValueError, match="--protect-metrics needs an API key"):
+        args.func(args)
