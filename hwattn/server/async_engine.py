@@ -21,6 +21,12 @@ from hwattn.server.metrics import LatencyMetrics
 log = logging.getLogger(__name__)
 
 
+def _reason(err: Exception) -> str:
+    """What a client hears of `err`: a worker's failure in one line, without its traceback
+    (the log has that)."""
+    return err.reason if isinstance(err, WorkerError) else str(err)
+
+
 def _put_all(pairs) -> None:
     for queue, item in pairs:
         queue.put_nowait(item)
@@ -31,8 +37,10 @@ class EngineError(RuntimeError):
 
 
 class EngineDeadError(EngineError):
-    """The engine can serve no more requests: a worker process (a tensor-parallel rank or a
-    data-parallel replica) is gone. The server answers 503 and /health says why."""
+    """A worker process the request needed is gone or stuck: a tensor-parallel rank (the
+    engine can serve no more requests: `AsyncEngine.dead` says why) or the data-parallel
+    replica that ran it (the others serve on; it is restarted). The server answers 503 with
+    the reason, and /health says why."""
 
 
 class AsyncEngine:
@@ -56,6 +64,7 @@ class AsyncEngine:
         self.snapshot = engine.stats()
         self.latency = LatencyMetrics()
         self.dead: str | None = None  # why the engine can serve no more, once it cannot
+        self._health: tuple[bool, str | None] = (True, None)
 
     def start(self) -> None:
         if self._thread is None:
@@ -91,7 +100,8 @@ class AsyncEngine:
                     raise out
                 finished = out.finished
                 if out.finish_reason == "error":
-                    raise EngineError(f"the request failed: {out.error}")
+                    failure = EngineDeadError if out.worker_failed else EngineError
+                    raise failure(f"the request failed: {out.error}")
                 timer.observe(out)
                 yield out
                 if finished:
@@ -106,6 +116,14 @@ class AsyncEngine:
         with self._lock:
             self._aborts.append(request_id)
         self._wake.set()
+
+    def health(self) -> tuple[bool, str | None]:
+        """(serving, problem): whether requests can run now, and what is wrong, if anything
+        (a worker gone: for good when not serving; a data-parallel replica down and
+        restarting while the others serve)."""
+        if self.dead is not None:
+            return False, self.dead
+        return self._health
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last `rate_window_s` seconds."""
@@ -163,7 +181,8 @@ class AsyncEngine:
                 log.exception("engine refused a request")
                 self._note_death(err)
                 with self._lock:
-                    self._send(request_id, self._error(f"the request could not be queued: {err}"))
+                    self._send(request_id, self._error("the request could not be queued: "
+                                                       + _reason(err)))
         for request_id in aborts:
             try:
                 engine.abort_request(request_id)
@@ -175,25 +194,36 @@ class AsyncEngine:
             except Exception as err:  # noqa: BLE001 - the step itself failed: fail its requests
                 log.exception("engine step failed")
                 self._note_death(err)
-                self._fail_all(f"engine step failed: {err}")
+                self._fail_all(f"engine step failed: {_reason(err)}")
                 outputs = []
             with self._lock:
                 self._deliver([(out.request_id, out) for out in outputs])
                 self._record()
         else:
+            self._check_workers()
             with self._lock:
                 self._record()
             self._wake.wait(timeout=0.5)
             self._wake.clear()
 
+    def _check_workers(self) -> None:
+        """Between requests: notice a worker that died or got stuck (and a data-parallel
+        replica that is back), so that /health tells before a request runs into it."""
+        if self.dead is not None or not hasattr(self.engine, "check_workers"):
+            return
+        try:
+            self.engine.check_workers()
+        except Exception as err:  # noqa: BLE001 - the engine is down; say so from now on
+            log.error("engine worker failed: %s", err)
+            self._note_death(err)
+
     def _note_death(self, err: Exception) -> None:
         """A worker's failure leaves the engine unable to run any step: remember why."""
         if isinstance(err, WorkerError) and self.dead is None:
-            first = str(err).strip().splitlines()
-            self.dead = f"the engine is down: {first[0] if first else type(err).__name__}"
+            self.dead = f"the engine is down: {err.reason}"
 
     def _error(self, message: str) -> EngineError:
-        return EngineError(message) if self.dead is None else EngineDeadError(f"{message} ({self.dead})")
+        return EngineError(message) if self.dead is None else EngineDeadError(self.dead)
 
     def _fail_all(self, message: str) -> None:
         """Abort every request the engine holds and tell each caller why."""
@@ -211,6 +241,8 @@ class AsyncEngine:
     def _record(self) -> None:
         now = time.perf_counter()
         self.snapshot = self.engine.stats()
+        if hasattr(self.engine, "health"):
+            self._health = self.engine.health()
         self._history.append((now, self.snapshot["generation_tokens"]))
         while self._history and now - self._history[0][0] > self._window:
             self._history.popleft()

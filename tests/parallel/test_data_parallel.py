@@ -39,7 +39,7 @@ def test_least_outstanding_tokens_router():
 
 
 class InProcessReplicas:
-    """`WorkerGroup`'s methods over `EngineCore`s in this process. Each call to `recv_any`
+    """`ReplicaProcesses`' methods over `EngineCore`s in this process. Each call to `recv_any`
     steps a random subset of the busy replicas and hands over a random part of what they
     sent (seeded), so replicas run at uneven speeds and outputs trail behind aborts."""
 
@@ -51,21 +51,14 @@ class InProcessReplicas:
         self.rng = random.Random(seed)
         self.pids = []
 
-    def broadcast(self, message) -> None:
-        kind, spec = message
-        assert kind == "build"
-        for q in self.queues:
-            core = EngineCore(create_engine(**spec["engine"]))
-            self.cores.append(core)
-            q.append(("ready", core.info()))
+    def start(self, spec) -> list[dict]:
+        self.cores = [EngineCore(create_engine(**spec["engine"])) for _ in range(self.size)]
+        return [core.info() for core in self.cores]
 
     def send(self, replica: int, message) -> None:
         if message[0] == "add":
             self.added[message[1]] += 1
         self.queues[replica].extend(self.cores[replica].handle(message))
-
-    def gather(self, timeout=None, what=None):
-        return [q.popleft() for q in self.queues]
 
     def recv_any(self, timeout: float):
         for i, core in enumerate(self.cores):
