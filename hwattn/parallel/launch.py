@@ -23,15 +23,16 @@ How failures surface:
 - Every wait has a deadline (set-up, each reply); once a failure is seen, every worker of the
   group is killed, and later calls raise the same error.
 - A worker that is alive but frozen (SIGSTOP, a debugger holding it, a deadlock with the
-  interpreter lock held) is caught by its heartbeat: a thread in every worker stamps the time
-  into a slot of a small file both sides map, every `beat` seconds, while the main thread
-  computes (a long prefill, a first CUDA-graph capture, a compile: all of them leave the
-  thread running). The parent checks the stamps whenever it waits on or polls the group; a
-  worker whose stamp is older than the heartbeat timeout (HWATTN_HEARTBEAT_TIMEOUT_S, default
-  5 s; 0 turns the check off) and which used no CPU time meanwhile is stuck: the group fails
-  with a `WorkerError` naming it and is killed. The CPU test keeps a worker that holds the
-  interpreter lock in one long native call (the heartbeat thread cannot run then) from being
-  taken for a stuck one; such a worker is bounded by the caller's reply deadline instead.
+  interpreter lock held) is caught by its heartbeat: a thread of its own in every worker
+  stamps the time into the worker's slot of a small file both sides map, twice a second,
+  while the main thread computes (a long prefill, a first CUDA-graph capture, a compile all
+  leave that thread running). The parent reads the stamps whenever it waits on or polls the
+  group (`check` between steps); a worker whose stamp is older than the heartbeat timeout
+  (HWATTN_HEARTBEAT_TIMEOUT_S, default 5 s; 0 turns the check off) and which meanwhile used
+  no CPU time and waited on no disk is stuck: the group fails with a `WorkerError` naming it
+  and is killed. The CPU and disk test keeps a worker inside one long native call that holds
+  the interpreter lock (the heartbeat thread cannot run then) from being taken for a stuck
+  one; such a worker is bounded by the caller's reply deadline instead.
 - `shutdown` sends `("stop",)`, waits at most `grace` seconds for the workers to exit, then
   terminates and kills what is left: a dead or stuck peer never blocks it.
 - Workers ignore SIGINT (the parent decides when they stop) and exit by themselves within a
