@@ -68,7 +68,6 @@ class ReplicaProcesses:
         self.spec: dict | None = None
         self.groups: list[WorkerGroup | None] = [None] * size
         self.failures = [deque() for _ in range(size)]  # times each replica failed
-        self.restarts = 0
         self._events: deque = deque()  # (replica, event) noticed on this thread
         self._built: queue.SimpleQueue = queue.SimpleQueue()  # from restart threads
         self._lock = threading.Lock()
@@ -79,15 +78,19 @@ class ReplicaProcesses:
     # Starting.
     def start(self, spec: dict) -> list[dict]:
         """Start every replica with the build `spec` (side by side) and return their ready
-        infos; on any failure, kill them all and raise the first replica's error."""
+        infos; on a failure, kill them all and raise the error that came first."""
         self.spec = spec
         results: list = [None] * self.size
+        first: list[BaseException] = []
 
         def launch(replica):
             try:
                 results[replica] = self._launch(replica)
             except BaseException as err:  # noqa: BLE001 - raised below, in this thread's caller
                 results[replica] = err
+                with self._lock:
+                    first.append(err)
+                self._close()  # the others stop building
 
         threads = [threading.Thread(target=launch, args=(r,), daemon=True,
                                     name=f"hwattn-replica-{r}") for r in range(self.size)]
@@ -95,12 +98,11 @@ class ReplicaProcesses:
             t.start()
         for t in threads:
             t.join()
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
+        if first:
             for r in results:
                 if not isinstance(r, BaseException):
                     r[0].kill()
-            raise errors[0]
+            raise first[0]
         self.groups = [group for group, _ in results]
         return [info for _, info in results]
 
@@ -161,7 +163,6 @@ class ReplicaProcesses:
             failures.popleft()
         restarting = not self._closed and len(failures) <= self.max_restarts
         if restarting:
-            self.restarts += 1
             self._spawn_restart(replica)
         self._events.append((replica, ("down", error, restarting)))
 

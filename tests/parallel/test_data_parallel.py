@@ -264,3 +264,17 @@ def test_a_killed_idle_replica_costs_no_request_and_shutdown_is_bounded():
     llm.shutdown()
     assert time.monotonic() - t0 < 20
     assert not wait_gone([p for p in pids + engine.pids if p is not None], 1.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_failing_to_build_fails_the_engine_with_its_traceback(monkeypatch):
+    """The replica that failed is named (not the other one, stopped because of it), and no
+    process is left."""
+    monkeypatch.setenv("HWATTN_FAULT", "replica:build:1")
+    before = set(children(os.getpid()))
+    with pytest.raises(WorkerError) as info:
+        LLM(data_parallel_size=2, **TINY)
+    msg = str(info.value)
+    assert msg.startswith("data-parallel replica 1 failed during build:"), msg
+    assert "InjectedFault: injected fault: replica 1 in build" in msg and fault_age(msg) < 10
+    assert not wait_gone(set(children(os.getpid())) - before, 3.0)
