@@ -105,10 +105,11 @@ def short_reason(response, *parts):
 
 @pytest.mark.slow  # worker processes stopped and killed
 @pytest.mark.timeout(120)
-def test_a_stopped_rank_fails_requests_in_flight_with_503_within_seconds(signals):
-    """TP=2, four long requests decoding, rank 1 stopped (kill -STOP): every request gets
-    503 naming the stuck rank within seconds (not the 600 s step timeout), /health answers
-    503 with the reason, and the ranks are gone."""
+def test_a_stopped_rank_fails_requests_in_flight_with_503_within_seconds(signals, monkeypatch):
+    """TP=2 with the default heartbeat timeout (5 s), four long requests decoding, rank 1
+    stopped (kill -STOP): every request gets 503 naming the stuck rank within 10 s (not the
+    600 s step timeout), /health answers 503 with the reason, and the ranks are gone."""
+    monkeypatch.delenv("HWATTN_HEARTBEAT_TIMEOUT_S")
     engine = create_engine(**TINY, tensor_parallel_size=2)
     pids = engine.runner.pids
     body = {"model": "m", "prompt": "abc", "max_tokens": 300, "temperature": 0, "ignore_eos": True}
