@@ -19,10 +19,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 on CUDA)")
     p.add_argument("--device", default="auto", help="cuda | cpu | auto")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
-                   help="tensor-parallel ranks (processes; NCCL on GPUs, gloo on CPU)")
+                   help="tensor-parallel ranks (processes; NCCL on GPUs, gloo on CPU). A rank "
+                        "that dies or stops (no heartbeat for HWATTN_HEARTBEAT_TIMEOUT_S, "
+                        "default 5 s) fails the requests in flight; the server then answers "
+                        "503 and /health 503 with the reason until the server is restarted "
+                        "(a supervisor can watch /health)")
     p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1,
                    help="engine replicas, each with --tp ranks on its own GPUs (replica i uses "
-                        "GPUs [i*tp, (i+1)*tp)); requests go to the least-loaded one")
+                        "GPUs [i*tp, (i+1)*tp)); requests go to the least-loaded one. A replica "
+                        "that dies or stops fails only its own requests (503) and is restarted "
+                        "in the background (at most HWATTN_REPLICA_RESTARTS times, default 3, "
+                        "in 10 minutes); /health answers 200 \"degraded\" meanwhile, and 503 "
+                        "once no replica is left")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=64,
                    help="tokens per KV page (default 64; --block-size is vLLM's name)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most")

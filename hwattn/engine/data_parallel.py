@@ -15,8 +15,18 @@ Routing: each request goes to the replica with the fewest outstanding tokens (pr
 not yet prefilled plus output tokens not yet generated, over its unfinished requests), ties
 broken round-robin. A request lives on exactly one replica, under a key never used again,
 from `add_request` until its final output or its abort; outputs for a key that is no longer
-live are dropped, so none is delivered twice or to the wrong request. Any replica failing
-fails the whole engine with that replica's traceback.
+live are dropped, so none is delivered twice or to the wrong request.
+
+A replica failing fails its own requests alone: its process died (killed, out of memory),
+raised (its step failed, one of its tensor-parallel ranks failed) or stopped beating its
+heartbeat (stopped, frozen: caught within HWATTN_HEARTBEAT_TIMEOUT_S, default 5 s). Its
+requests finish with finish_reason "error", `worker_failed` set and the reason in `error`;
+the other replicas' requests go on untouched. The failed replica is killed and restarted in
+the background (same engine, same devices; `hwattn.engine.replicas` bounds the restarts),
+and the router sends it requests again once it is built. Meanwhile new requests go to the
+replicas that are up; with none up they fail at once the same way, and `health()` says why.
+Once no replica is up and none is restarting, the engine is dead: `step` and `add_request`
+raise `WorkerError`.
 
 Requests are checked here, all of a batch before any is routed, with the replicas' own checks
 (`validate_prompt`, `checked_params`). A request that fails alone inside its replica (its
@@ -35,12 +45,14 @@ import time
 import torch
 
 from hwattn.engine.llm_engine import check_request_ids, check_requests, validate_prompt
+from hwattn.engine.replicas import ReplicaProcesses
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import CompletionOutput, RequestOutput
-from hwattn.parallel.launch import WorkerError, WorkerGroup
+from hwattn.parallel.launch import WorkerError
 
 COUNTERS = ("prompt_tokens", "generation_tokens", "steps", "prefill_steps", "decode_steps",
             "draft_tokens", "accepted_tokens", "finished", "aborted", "failed")
+GAUGES = ("running", "waiting", "pages_total", "pages_used")  # of `stats`; the rest count up
 
 
 class LeastOutstandingTokens:
@@ -50,10 +62,12 @@ class LeastOutstandingTokens:
         self.load = [0] * size
         self._next = itertools.cycle(range(size))
 
-    def pick(self) -> int:
+    def pick(self, up: list[bool] | None = None) -> int | None:
+        """The least-loaded replica among those `up` (all when None); None if none is."""
         start = next(self._next)
         order = [(start + i) % len(self.load) for i in range(len(self.load))]
-        return min(order, key=lambda r: self.load[r])
+        order = [r for r in order if up is None or up[r]]
+        return min(order, key=lambda r: self.load[r]) if order else None
 
     def add(self, replica: int, tokens: int) -> None:
         self.load[replica] += tokens
@@ -100,7 +114,7 @@ class DataParallelEngine:
     engine_kwargs: `create_engine`'s keywords (tensor_parallel_size included) with `model`,
     a resolved `device` and `dtype`. model_config, tokenizer: the served model's, for prompt
     validation here. poll_s: how long `step()` waits for outputs before returning none.
-    workers: a stand-in for the replica processes with `WorkerGroup`'s methods (tests run
+    workers: a stand-in for the replica processes with `ReplicaProcesses`' methods (tests run
     replicas in this process); None starts the processes.
     """
 
@@ -133,19 +147,19 @@ class DataParallelEngine:
         self.pending: dict[str, RequestOutput] = {}
         self.step_times: list[tuple[str, float]] = []
         self.refused = 0  # requests a replica refused after they passed the checks here
+        self.lost = 0  # requests failed with their replica, or while no replica was up
+        self.up = [True] * size
+        self.down: dict[int, str] = {}  # replica -> why it is down, while it is
+        self.restarting = [False] * size
+        self.generation = [0] * size  # replica -> processes it has lost
+        self.retired: dict[str, int] = {}  # counters of replicas' lost processes
+        self.error: WorkerError | None = None  # set once no replica is up or restarting
         self._ids = itertools.count()
         self._keys = itertools.count()
         self._rng = random.Random(engine_kwargs.get("seed", 0))
         threads = max(1, torch.get_num_threads() // size)
-        self.group = workers or WorkerGroup("hwattn.engine.engine_core", size, env=env,
-                                            label="data-parallel replica",
-                                            connect_timeout=setup_timeout)
-        try:
-            self.group.broadcast(("build", dict(engine=engine_kwargs, threads=threads)))
-            infos = [m[1] for m in self.group.gather(setup_timeout, "ready signal")]
-        except BaseException:
-            self.group.kill()
-            raise
+        self.replicas = workers or ReplicaProcesses(size, env, setup_timeout)
+        infos = self.replicas.start(dict(engine=engine_kwargs, threads=threads))
         info = infos[0]
         self.replica_info = infos
         self.snapshots = [i["stats"] for i in infos]
@@ -156,9 +170,10 @@ class DataParallelEngine:
         self.dtype = getattr(torch, info["dtype"])
 
     @property
-    def pids(self) -> list[int]:
-        """Process ids of the replicas (their tensor-parallel ranks are their children)."""
-        return self.group.pids
+    def pids(self) -> list[int | None]:
+        """Process ids of the replicas, None for one that is down (their tensor-parallel ranks
+        are their children)."""
+        return self.replicas.pids
 
     # Requests.
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
@@ -187,7 +202,9 @@ class DataParallelEngine:
                      owner: str | None = None) -> list[str]:
         """Queue several requests, all or none: every prompt, params and id is checked before
         any request goes to a replica, so a ValueError (naming the bad prompt's index) leaves
-        the engine as it was."""
+        the engine as it was. WorkerError once the engine is dead (no replica left)."""
+        if self.error is not None:
+            raise self.error
         checked = check_requests(prompts, params, self.validate_prompt, self.max_model_len)
         for i, (_, sp) in enumerate(checked):
             _check_supported(sp, f" (prompts[{i}])")
@@ -202,14 +219,27 @@ class DataParallelEngine:
                owner: str | None = None) -> None:
         if params.seed is None:  # drawn here, so a request's samples do not depend on routing
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
-        replica = self.router.pick()
         outstanding = len(ids) + params.max_tokens
         # A fresh key per request: outputs still in flight for an aborted request can never
         # be taken for a later request that reuses its id.
         key = str(next(self._keys))
-        self.group.send(replica, ("add", key, ids, params, owner))
-        self.requests[request_id] = _Request(key, replica, prompt if isinstance(prompt, str)
-                                             else None, ids, outstanding, time.perf_counter())
+        req = _Request(key, -1, prompt if isinstance(prompt, str) else None, ids, outstanding,
+                       time.perf_counter())
+        while True:
+            replica = self.router.pick(self.up)
+            if replica is None:  # fails at once, as the requests of a failed replica do
+                req.error = "no data-parallel replica is up: " + "; ".join(self.down.values())
+                self.lost += 1
+                self.pending[request_id] = self._output(request_id, req, "error",
+                                                        time.perf_counter(), worker_failed=True)
+                return
+            try:
+                self.replicas.send(replica, ("add", key, ids, params, owner))
+                break
+            except WorkerError:  # it failed just now: take the news in, route elsewhere
+                self._take(self.replicas.recv_any(0.0))
+        req.replica = replica
+        self.requests[request_id] = req
         self.keys[key] = request_id
         self.router.add(replica, outstanding)
 
@@ -220,7 +250,10 @@ class DataParallelEngine:
         del self.keys[req.key]
         self.router.add(req.replica, -req.outstanding)
         self.pending.pop(request_id, None)
-        self.group.send(req.replica, ("abort", req.key))
+        try:
+            self.replicas.send(req.replica, ("abort", req.key))
+        except WorkerError:  # its replica is gone, and the request with it
+            pass
         return self._output(request_id, req, "abort", time.perf_counter())
 
     def has_unfinished(self) -> bool:
@@ -232,11 +265,27 @@ class DataParallelEngine:
     # Outputs.
     def step(self) -> list[RequestOutput]:
         """The outputs of requests that advanced since the last call (waits up to poll_s for
-        some). Raises WorkerError if a replica failed."""
+        some), the requests of a replica that failed among them. Raises WorkerError once no
+        replica is left and every output is delivered."""
         if not self.pending:
-            self._take(self.group.recv_any(self.poll_s))
+            if self.error is not None:
+                raise self.error
+            self._take(self.replicas.recv_any(self.poll_s))
         out, self.pending = list(self.pending.values()), {}
         return out
+
+    def check_workers(self) -> None:
+        """Between steps: take in replicas that failed or came back (a failed one's requests
+        are then in the next `step`'s outputs). Raises WorkerError once no replica is left."""
+        if not self.pending:
+            if self.error is not None:
+                raise self.error
+            self._take(self.replicas.recv_any(0.0))
+
+    def health(self) -> tuple[bool, str | None]:
+        """(whether a replica takes requests now, why replicas are down or None)."""
+        problem = "; ".join(self.down[r] for r in sorted(self.down)) or None
+        return any(self.up), problem
 
     def _take(self, messages) -> None:
         now = time.perf_counter()
@@ -257,6 +306,10 @@ class DataParallelEngine:
                 self.refused += key in self.keys
                 self._apply(replica, (key, [], 0, "", "error",
                                       f"data-parallel replica {replica} refused it: {reason}"), now)
+            elif kind == "down":
+                self._replica_down(replica, message[1], message[2], now)
+            elif kind == "ready":
+                self._replica_up(replica, message[1])
             else:
                 raise WorkerError(f"data-parallel replica {replica} sent an unknown message "
                                   f"{kind!r}", replica)
@@ -283,11 +336,44 @@ class DataParallelEngine:
         self.pending[request_id] = self._output(request_id, req, finish_reason,
                                                 now if finish_reason else None)
 
+    def _replica_down(self, replica: int, error: WorkerError, restarting: bool, now: float) -> None:
+        """`replica` is gone: fail its requests (alone), stop routing to it, keep its counts."""
+        self.up[replica] = False
+        self.restarting[replica] = restarting
+        self.generation[replica] += 1
+        self.results[replica].clear()
+        why = error.reason + ("; restarting it" if restarting else "; it is not restarted (it "
+                              "failed too often; see HWATTN_REPLICA_RESTARTS)")
+        self.down[replica] = why
+        snapshot = self.snapshots[replica]
+        for name, value in snapshot.items():
+            if name not in GAUGES and name != "page_size":
+                self.retired[name] = self.retired.get(name, 0) + value
+        self.snapshots[replica] = {k: (v if k == "page_size" else 0) for k, v in snapshot.items()}
+        for request_id, req in list(self.requests.items()):
+            if req.replica == replica:
+                del self.requests[request_id], self.keys[req.key]
+                req.error = why
+                self.lost += 1
+                self.pending[request_id] = self._output(request_id, req, "error", now,
+                                                        worker_failed=True)
+        self.router.load[replica] = 0
+        if not any(self.up) and not any(self.restarting):
+            self.error = WorkerError("every data-parallel replica is down: "
+                                     + "; ".join(self.down[r] for r in sorted(self.down)))
+
+    def _replica_up(self, replica: int, info: dict) -> None:
+        self.up[replica], self.restarting[replica] = True, False
+        self.down.pop(replica, None)
+        self.snapshots[replica] = info["stats"]
+
     @staticmethod
-    def _output(request_id: str, req: _Request, finish_reason, finish_time) -> RequestOutput:
+    def _output(request_id: str, req: _Request, finish_reason, finish_time,
+                worker_failed: bool = False) -> RequestOutput:
         completion = CompletionOutput(0, req.text, list(req.tokens), finish_reason=finish_reason)
         return RequestOutput(request_id, req.prompt, req.prompt_ids, [completion], None, 0,
-                             req.arrival, req.first_token_time, finish_time, req.error)
+                             req.arrival, req.first_token_time, finish_time, req.error,
+                             worker_failed=worker_failed)
 
     def take_step_times(self) -> list[tuple[str, float]]:
         """(kind, seconds) of every replica step reported since the last call."""
@@ -297,30 +383,49 @@ class DataParallelEngine:
     # Replicas.
     def call_replica(self, replica: int, fn, *args, timeout: float | None = None):
         """`fn(engine, *args)` inside replica `replica`'s process; its result. `fn` must be
-        importable. Outputs that arrive meanwhile are kept for the next `step()`."""
-        self.group.send(replica, ("call", fn, args))
+        importable. Outputs that arrive meanwhile are kept for the next `step()`. WorkerError
+        if the replica is down or fails meanwhile; one that does not answer within `timeout`
+        s (default: the set-up timeout) is taken as failed."""
+        what = getattr(fn, "__name__", fn)
+        generation = self.generation[replica]
+        try:
+            if not self.up[replica]:
+                raise WorkerError(f"data-parallel replica {replica} is down", replica)
+            self.replicas.send(replica, ("call", fn, args))
+        except WorkerError as err:
+            self._take(self.replicas.recv_any(0.0))
+            raise WorkerError(f"data-parallel replica {replica} could not run {what}: "
+                              f"{self.down.get(replica, err.reason)}", replica) from None
         deadline = time.monotonic() + (timeout or self.setup_timeout)
         while not self.results[replica]:
+            if self.generation[replica] != generation:
+                raise WorkerError(f"data-parallel replica {replica} failed while running "
+                                  f"{what}: {self.down.get(replica, '')}", replica)
             if time.monotonic() > deadline:
-                self.group.kill()
-                raise WorkerError(f"data-parallel replica {replica} did not answer "
-                                  f"{getattr(fn, '__name__', fn)} in time", replica)
-            self._take(self.group.recv_any(0.1))
+                error = WorkerError(f"data-parallel replica {replica} did not answer {what} "
+                                    f"in time", replica)
+                self.replicas.lose(replica, error)
+                self._take(self.replicas.recv_any(0.0))
+                raise error
+            self._take(self.replicas.recv_any(0.1))
         return self.results[replica].pop(0)
 
     def check_invariants(self) -> None:
+        """Raise if a replica that is up leaks pages."""
         for replica in range(self.size):
-            self.call_replica(replica, _check_invariants)
+            if self.up[replica]:
+                self.call_replica(replica, _check_invariants)
 
     # Introspection.
     def stats(self) -> dict:
-        """The replicas' latest stats, summed (page_size is each replica's); "failed" also
-        counts requests a replica refused."""
-        total = {}
+        """The replicas' latest stats, summed (page_size is each replica's); counters include
+        the replicas' earlier processes, and "failed" also counts requests a replica refused
+        or failed with. A replica that is down holds no pages."""
+        total = dict(self.retired)
         for snap in self.snapshots:
             for key, value in snap.items():
                 total[key] = value if key == "page_size" else total.get(key, 0) + value
-        total["failed"] = total.get("failed", 0) + self.refused
+        total["failed"] = total.get("failed", 0) + self.refused + self.lost
         return total
 
     @property
@@ -329,5 +434,6 @@ class DataParallelEngine:
         return {k: stats.get(k, 0) for k in COUNTERS}
 
     def shutdown(self) -> None:
-        """Stop every replica (and its ranks): bounded; raises a replica's shutdown error."""
-        self.group.shutdown(grace=15.0)
+        """Stop every replica (and its ranks), restarts in progress included: bounded; raises
+        a replica's shutdown error."""
+        self.replicas.shutdown(grace=15.0)

@@ -107,7 +107,9 @@ def main() -> None:
                 fault_point("replica", "step", link.rank, steps)
                 for reply in core.step():
                     link.send(reply)
-            elif handled:
+                continue
+            engine.check_workers()  # a rank of this replica that died or stopped, while idle
+            if handled:
                 link.send(("stats", engine.stats()))
     with link.phase("shutdown"):
         fault_point("replica", "shutdown", link.rank)

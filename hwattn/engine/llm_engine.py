@@ -664,6 +664,13 @@ class LLMEngine:
         live = self.scheduler.running + list(self.scheduler.waiting)
         self.block_manager.check(live)
 
+    def check_workers(self) -> None:
+        """Raise `WorkerError` if a worker process (a tensor-parallel rank) has died or is
+        stuck; nothing in one process. For callers that wait between steps (the server), so
+        that a failure shows before the next request runs into it."""
+        if hasattr(self.runner, "check"):
+            self.runner.check()
+
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()

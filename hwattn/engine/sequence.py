@@ -70,7 +70,9 @@ class RequestOutput:
     prompt_logprobs: None unless asked for; else per prompt token, None for the first and its
     `PositionLogprobs` for every other. error: why the request failed, when one of its
     completions failed while being sampled or detokenized (that one finishes "error", the
-    others "abort").
+    others "abort"), or when the worker process running it failed. worker_failed: the
+    latter (a data-parallel replica died or got stuck): nothing about the request itself
+    was wrong, and it may succeed if sent again.
     """
 
     request_id: str
@@ -83,6 +85,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     error: str | None = None
+    worker_failed: bool = False
 
     @property
     def text(self) -> str:

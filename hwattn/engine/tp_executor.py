@@ -11,24 +11,9 @@ and a failed or stuck rank is killed rather than waited on (`hwattn.parallel.lau
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from hwattn.parallel.launch import WorkerGroup
-
-
-def _seconds(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
-    if seconds <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return seconds
+from hwattn.parallel.launch import WorkerGroup, env_seconds
 
 
 class TensorParallelExecutor:
@@ -41,7 +26,10 @@ class TensorParallelExecutor:
 
     setup_timeout (HWATTN_SETUP_TIMEOUT_S, default 600 s) bounds start-up: processes, process
     group, weights, cache and CUDA graphs. step_timeout (HWATTN_STEP_TIMEOUT_S, default 600 s)
-    bounds each step's reply. Any failure raises `WorkerError` with the rank's traceback.
+    bounds each step's reply. A rank that dies, or stops (its heartbeat stands still for
+    HWATTN_HEARTBEAT_TIMEOUT_S, default 5 s: see `hwattn.parallel.launch`), fails the step
+    within seconds, whatever the step timeout. Any failure raises `WorkerError` with the
+    rank's traceback, and every rank is killed.
     """
 
     def __init__(self, world: int, build: dict, runner_kwargs: dict, engine_config,
@@ -54,8 +42,8 @@ class TensorParallelExecutor:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs, "
                              f"found {torch.cuda.device_count()}")
         self.world = world
-        self.setup_timeout = setup_timeout or _seconds("HWATTN_SETUP_TIMEOUT_S", 600.0)
-        self.step_timeout = step_timeout or _seconds("HWATTN_STEP_TIMEOUT_S", 600.0)
+        self.setup_timeout = setup_timeout or env_seconds("HWATTN_SETUP_TIMEOUT_S", 600.0)
+        self.step_timeout = step_timeout or env_seconds("HWATTN_STEP_TIMEOUT_S", 600.0)
         spec = dict(build=build, runner=runner_kwargs, engine_config=engine_config,
                     max_model_len=max_model_len, threads=max(1, torch.get_num_threads() // world),
                     setup_timeout=self.setup_timeout, collective_timeout=self.step_timeout)
@@ -103,6 +91,10 @@ class TensorParallelExecutor:
         """Run `fn(runner, *args)` on every rank (each with its own `ModelRunner`, so any
         collective inside lines up) and return rank 0's result. `fn` must be importable."""
         return self._run(("call", fn, args))
+
+    def check(self) -> None:
+        """Raise `WorkerError` if a rank has died or is stuck; for an engine between steps."""
+        self.group.check()
 
     def shutdown(self) -> None:
         """Stop the ranks: bounded, never waits on a dead one; raises a rank's shutdown error."""

@@ -22,6 +22,17 @@ How failures surface:
   report that came first in time is the cause; the others are listed after it.
 - Every wait has a deadline (set-up, each reply); once a failure is seen, every worker of the
   group is killed, and later calls raise the same error.
+- A worker that is alive but frozen (SIGSTOP, a debugger holding it, a deadlock with the
+  interpreter lock held) is caught by its heartbeat: a thread of its own in every worker
+  stamps the time into the worker's slot of a small file both sides map, twice a second,
+  while the main thread computes (a long prefill, a first CUDA-graph capture, a compile all
+  leave that thread running). The parent reads the stamps whenever it waits on or polls the
+  group (`check` between steps); a worker whose stamp is older than the heartbeat timeout
+  (HWATTN_HEARTBEAT_TIMEOUT_S, default 5 s; 0 turns the check off) and which meanwhile used
+  no CPU time and waited on no disk is stuck: the group fails with a `WorkerError` naming it
+  and is killed. The CPU and disk test keeps a worker inside one long native call that holds
+  the interpreter lock (the heartbeat thread cannot run then) from being taken for a stuck
+  one; such a worker is bounded by the caller's reply deadline instead.
 - `shutdown` sends `("stop",)`, waits at most `grace` seconds for the workers to exit, then
   terminates and kills what is left: a dead or stuck peer never blocks it.
 - Workers ignore SIGINT (the parent decides when they stop) and exit by themselves within a
@@ -43,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import pickle
 import re
@@ -67,18 +79,55 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
                 "NVSHMEM_DISABLE_NVLS": "1"}
 _HEADER = struct.Struct("!Q")
 _HELLO = struct.Struct("!32sI")  # one-time token (hex), rank
+_BEAT = struct.Struct("d")  # a worker's last heartbeat, time.monotonic() (system-wide on Linux)
 # hwattn's own location, so a worker imports the same hwattn as its parent.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 class WorkerError(RuntimeError):
     """A worker process failed. `rank` and `phase` say which and when; the message carries the
-    worker's traceback (or, for a worker that died without one, how it died)."""
+    worker's traceback (or, for a worker that died without one, how it died). `reason` is the
+    same in one line without the traceback, for logs' summaries and for clients."""
 
-    def __init__(self, message: str, rank: int | None = None, phase: str | None = None):
+    def __init__(self, message: str, rank: int | None = None, phase: str | None = None,
+                 reason: str | None = None):
         super().__init__(message)
         self.rank = rank
         self.phase = phase
+        lines = message.strip().splitlines()
+        self.reason = reason or (lines[0] if lines else "a worker process failed")
+
+
+def env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
+    """The number of seconds in environment variable `name` (`default` when unset);
+    ValueError naming it when it is not a positive number (or zero, where allowed)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not (seconds >= 0 if allow_zero else seconds > 0):  # NaN fails both
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
+    return seconds
+
+
+def summarize(exc: BaseException) -> str:
+    """`Type: first line of the message` (a `WorkerError`'s reason), without the traceback."""
+    text = getattr(exc, "reason", None) or (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def proc_activity(pid: int) -> tuple[str, int] | None:
+    """(state, CPU clock ticks used) of process `pid` from /proc: state "R" running, "D" in
+    the disk, "S" asleep, "T" stopped, ...; None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[11]) + int(fields[12])  # state, utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def pack(obj) -> bytes:
@@ -168,6 +217,7 @@ def _reap(procs: list, folder: str, wait_s: float = 2.0) -> None:
         if p.poll() is None:
             with contextlib.suppress(OSError):
                 p.terminate()
+                p.send_signal(signal.SIGCONT)  # a stopped worker takes the SIGTERM now
     end = time.monotonic() + wait_s
     for p in procs:
         try:
@@ -222,14 +272,26 @@ class WorkerGroup:
     env: per-worker environment additions (e.g. CUDA_VISIBLE_DEVICES), or None.
     rendezvous: host a `torch.distributed` TCPStore here for the workers' process group.
     connect_timeout: seconds for every worker to start and connect.
+    first_rank: the number of the first worker, in errors and in its `ParentLink.rank` (a
+        group may be one of several: data-parallel replica i is a group of one numbered i).
+        Methods take a worker's place in this group, 0..world-1.
+    heartbeat_timeout: seconds without a heartbeat (and without CPU time used) after which a
+        worker counts as stuck; None reads HWATTN_HEARTBEAT_TIMEOUT_S (default 5); 0: off.
     """
 
     def __init__(self, module: str, world: int, label: str = "worker", env: list[dict] | None = None,
-                 rendezvous: bool = False, connect_timeout: float = 180.0):
+                 rendezvous: bool = False, connect_timeout: float = 180.0, first_rank: int = 0,
+                 heartbeat_timeout: float | None = None):
         if world < 1:
             raise ValueError(f"world must be >= 1, got {world}")
+        if heartbeat_timeout is None:
+            heartbeat_timeout = env_seconds("HWATTN_HEARTBEAT_TIMEOUT_S", 5.0, allow_zero=True)
+        if heartbeat_timeout < 0:
+            raise ValueError(f"heartbeat_timeout must be >= 0 (0: off), got {heartbeat_timeout}")
         self.world = world
         self.label = label
+        self.first_rank = first_rank
+        self.heartbeat_timeout = heartbeat_timeout
         self.error: WorkerError | None = None
         self.stopping = False
         self.tails = [deque(maxlen=40) for _ in range(world)]
@@ -243,6 +305,17 @@ class WorkerGroup:
         # tell a folder whose owner was killed before removing it.
         self.folder = tempfile.mkdtemp(prefix=f"hwattn-{os.getpid()}-")
         self._finalizer = weakref.finalize(self, _reap, self.procs, self.folder)
+        beats_path = os.path.join(self.folder, "beats")
+        with open(beats_path, "wb") as f:
+            f.write(bytes(_BEAT.size * world))
+        with open(beats_path, "r+b") as f:
+            self._beats = mmap.mmap(f.fileno(), _BEAT.size * world)
+        now = time.monotonic()
+        self._watched_since = now  # heartbeats older than this were not watched for
+        self._last_check = now
+        self._sampled = 0.0  # when /proc was last read for the workers' activity
+        self._tick = min(1.0, heartbeat_timeout / 4) if heartbeat_timeout else 1.0  # wait slices
+        self._busy = [(None, now)] * world  # (CPU ticks last seen, when last seen busy)
         self.store = None
         store_port = None
         if rendezvous:
@@ -257,19 +330,21 @@ class WorkerGroup:
         token = secrets.token_hex(16)
         base = dict(os.environ, **NO_MULTICAST)
         base["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, base.get("PYTHONPATH")) if p)
+        beat_s = min(0.5, heartbeat_timeout / 5) if heartbeat_timeout else 0.5
         try:
-            for rank in range(world):
-                child_env = dict(base, **(env[rank] if env else {}))
+            for i in range(world):
+                child_env = dict(base, **(env[i] if env else {}))
                 proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env=child_env, close_fds=True)
                 self.procs.append(proc)
-                thread = threading.Thread(target=_forward_output, daemon=True, name=f"hwattn-log-{rank}",
-                                          args=(proc.stdout, f"({label} {rank}) ", self.tails[rank]))
+                thread = threading.Thread(target=_forward_output, daemon=True, name=f"hwattn-log-{i}",
+                                          args=(proc.stdout, f"({self._name(i)}) ", self.tails[i]))
                 thread.start()
                 self.log_threads.append(thread)
-                boot = dict(address=address, token=token, rank=rank, world=world,
-                            parent_pid=os.getpid(), store_port=store_port, sys_path=sys.path)
+                boot = dict(address=address, token=token, rank=first_rank + i, slot=i, world=world,
+                            parent_pid=os.getpid(), store_port=store_port, sys_path=sys.path,
+                            beats=beats_path, beat_s=beat_s)
                 proc.stdin.write(json.dumps(boot).encode())
                 proc.stdin.close()
             self._accept(listener, token, connect_timeout)
@@ -281,6 +356,9 @@ class WorkerGroup:
             # Every worker is connected (or the group failed): the address is not needed again.
             shutil.rmtree(self.folder, ignore_errors=True)
 
+    def _name(self, i: int) -> str:
+        return f"{self.label} {self.first_rank + i}"
+
     # Start-up.
     def _accept(self, listener: socket.socket, token: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -288,7 +366,7 @@ class WorkerGroup:
         while any(c is None for c in self.conns):
             self._check_exits()
             if time.monotonic() > deadline:
-                missing = [r for r, c in enumerate(self.conns) if c is None]
+                missing = [self.first_rank + i for i, c in enumerate(self.conns) if c is None]
                 self._fail(WorkerError(f"{self.label} {missing} did not connect within {timeout:.0f} s"))
             ready, _, _ = select.select([listener] + pending, [], [], 0.2)
             for item in ready:
@@ -304,21 +382,68 @@ class WorkerGroup:
                 if hello is not None:
                     pending.remove(item)
                     got, rank = hello
-                    if not secrets.compare_digest(got, token) or not 0 <= rank < self.world \
-                            or self.conns[rank] is not None:
+                    i = rank - self.first_rank
+                    if not secrets.compare_digest(got, token) or not 0 <= i < self.world \
+                            or self.conns[i] is not None:
                         item.sock.close()
                         continue
-                    item.rank = rank
-                    self.conns[rank] = item
+                    item.rank = i
+                    self.conns[i] = item
+        self._watched_since = time.monotonic()
 
     # Failures.
     def _check_exits(self) -> None:
-        for rank, p in enumerate(self.procs):
+        for i, p in enumerate(self.procs):
             if p.poll() is not None:
-                self._died(rank)
+                self._died(i)
 
-    def _died(self, rank: int) -> None:
-        self._fail(None, dead=rank)
+    def _check_beats(self) -> None:
+        """Fail the group if a worker's heartbeat has stood still for `heartbeat_timeout`
+        seconds of our watching while it used no CPU and waited on no disk (a gap in our own
+        checks, as when this process was stopped along with its workers, restarts the count)."""
+        limit = self.heartbeat_timeout
+        if not limit or self.stopping:
+            return
+        now = time.monotonic()
+        if now - self._last_check > max(2.0, limit / 2):
+            self._watched_since = now
+        self._last_check = now
+        since = self._watched_since
+        sample = now - self._sampled >= 0.25
+        if sample:
+            self._sampled = now
+        for i, p in enumerate(self.procs):
+            if sample:
+                activity = proc_activity(p.pid)
+                ticks = None if activity is None else activity[1]
+                seen, busy = self._busy[i]
+                if activity is not None and activity[0] in "RD":
+                    busy = now  # computing or reading from disk: not frozen
+                elif seen is not None and ticks != seen:
+                    busy = now  # it used CPU time since the last look
+                self._busy[i] = (ticks, busy)
+            (beat,) = _BEAT.unpack_from(self._beats, _BEAT.size * i)
+            silent = now - max(beat, since)
+            if silent <= limit:
+                continue
+            ticks, busy = self._busy[i]
+            if ticks is not None and now - max(busy, since) <= limit:
+                continue  # busy in a long native call that holds the interpreter lock
+            reason = (f"{self._name(i)} (pid {p.pid}) is stuck: no heartbeat for {silent:.1f} s "
+                      f"(stopped or frozen)")
+            self._fail(WorkerError(f"{reason}; the group was stopped", i, reason=reason))
+
+    def check(self) -> None:
+        """Raise `WorkerError` if a worker has died or is stuck (reading no messages)."""
+        if self.error is not None:
+            raise self.error
+        if self.stopping or not self._finalizer.alive:
+            return
+        self._check_exits()
+        self._check_beats()
+
+    def _died(self, i: int) -> None:
+        self._fail(None, dead=i)
 
     def _fail(self, error: WorkerError | None, dead: int | None = None, report=None) -> None:
         """Gather what every worker says for a moment, kill them all, raise the first cause."""
@@ -346,23 +471,29 @@ class WorkerGroup:
         reports.sort(key=lambda r: r["time"])
         reported = {r["rank"] for r in reports}
         silent = sorted(r for r in deaths - reported if not self.said_bye[r])
-        notes = [f"{self.label} {r['rank']} ({r['phase']}): "
+        notes = [f"{self._name(r['rank'])} ({r['phase']}): "
                  f"{r['traceback'].strip().splitlines()[-1]}" for r in reports]
         if silent:  # a rank that died without a word is the cause; its peers' errors follow
-            rank = silent[0]
-            self.log_threads[rank].join(timeout=1.0)  # the output it printed before dying
-            tail = "".join(self.tails[rank]).rstrip()
-            msg = (f"{self.label} {rank} (pid {self.procs[rank].pid}) died with "
-                   f"{describe_exit(self.procs[rank].poll())} without reporting an error"
+            i = silent[0]
+            self.log_threads[i].join(timeout=1.0)  # the output it printed before dying
+            tail = "".join(self.tails[i]).rstrip()
+            reason = f"{self._name(i)} died with {describe_exit(self.procs[i].poll())}"
+            msg = (f"{self._name(i)} (pid {self.procs[i].pid}) died with "
+                   f"{describe_exit(self.procs[i].poll())} without reporting an error"
                    + (f"; its last output:\n{tail}" if tail else ""))
-            error = WorkerError(msg + ("\nthen: " + "; ".join(notes) if notes else ""), rank)
+            error = WorkerError(msg + ("\nthen: " + "; ".join(notes) if notes else ""),
+                                self.first_rank + i, reason=reason)
         elif reports:  # the first report in time is the cause
             first = reports[0]
-            msg = (f"{self.label} {first['rank']} failed during {first['phase']}:\n"
-                   f"{first['traceback'].rstrip()}")
+            name = self._name(first["rank"])
+            msg = f"{name} failed during {first['phase']}:\n{first['traceback'].rstrip()}"
             if notes[1:]:
                 msg += "\nthen: " + "; ".join(notes[1:])
-            error = WorkerError(msg, first["rank"], first["phase"])
+            summary = first.get("summary") or first["traceback"].strip().splitlines()[-1]
+            error = WorkerError(msg, self.first_rank + first["rank"], first["phase"],
+                                reason=f"{name} failed during {first['phase']}: {summary}")
+        elif error is not None and error.rank is not None:
+            error.rank += self.first_rank  # raised with the worker's place in this group
         self.error = error
         raise error
 
@@ -389,6 +520,7 @@ class WorkerGroup:
                     self.queues[conn.rank].append(m)
         if not self.stopping:
             self._check_exits()
+            self._check_beats()
 
     # Messages.
     def send(self, rank: int, message, timeout: float = 600.0) -> None:
@@ -408,7 +540,7 @@ class WorkerGroup:
             conn, sent = self.conns[rank], 0
             while sent < len(data):
                 if conn is None or time.monotonic() > deadline:
-                    self._fail(WorkerError(f"{self.label} {rank} has not read its messages for "
+                    self._fail(WorkerError(f"{self._name(rank)} has not read its messages for "
                                            f"{timeout:.0f} s", rank))
                 try:
                     sent += conn.sock.send(view[sent:])
@@ -426,11 +558,11 @@ class WorkerGroup:
         comes within `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.queues[rank]:
-            left = 1.0 if deadline is None else deadline - time.monotonic()
+            left = self._tick if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                self._fail(WorkerError(f"{self.label} {rank} sent no {what} within "
+                self._fail(WorkerError(f"{self._name(rank)} sent no {what} within "
                                        f"{timeout:.0f} s; the group was stopped", rank))
-            self._pump(min(left, 1.0))
+            self._pump(min(left, self._tick))
         return self.queues[rank].popleft()
 
     def gather(self, timeout: float, what: str = "a reply") -> list:
@@ -440,10 +572,10 @@ class WorkerGroup:
         while not all(self.queues):
             left = deadline - time.monotonic()
             if left <= 0:
-                missing = [r for r, q in enumerate(self.queues) if not q]
+                missing = [self.first_rank + i for i, q in enumerate(self.queues) if not q]
                 self._fail(WorkerError(f"{self.label} {', '.join(map(str, missing))} sent no "
                                        f"{what} within {timeout:.0f} s; the group was stopped"))
-            self._pump(min(left, 1.0))
+            self._pump(min(left, self._tick))
         return [q.popleft() for q in self.queues]
 
     def recv_any(self, timeout: float) -> list[tuple[int, object]]:
@@ -495,11 +627,24 @@ class WorkerGroup:
             raise error
 
 
+def wait_readable(groups, timeout: float) -> None:
+    """Wait up to `timeout` s until a message (or the end of a link) is waiting from a worker
+    of any of `groups`; returns at once if one already is."""
+    if any(any(g.queues) for g in groups):
+        return
+    live = [c for g in groups if g.error is None for c in g.conns if c is not None]
+    if live:
+        select.select(live, [], [], max(0.0, timeout))
+    else:
+        time.sleep(max(0.0, timeout))
+
+
 class ParentLink:
     """A worker's end of its link to the `WorkerGroup` that started it.
 
-    Reads the bootstrap record from standard input, connects, ignores SIGINT and watches the
-    parent process (exiting within a second of its end). rank, world: this worker's place.
+    Reads the bootstrap record from standard input, connects, ignores SIGINT, and starts a
+    thread that beats the heartbeat and watches the parent process (exiting within a second
+    of its end). rank, world: this worker's place.
     """
 
     def __init__(self):
@@ -512,14 +657,24 @@ class ParentLink:
         self.store_port: int | None = boot["store_port"]
         self.parent_pid: int = boot["parent_pid"]
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with open(boot["beats"], "r+b") as f:
+            self._beats = mmap.mmap(f.fileno(), _BEAT.size * (boot["slot"] + 1))
+        self._slot, self._beat_s = boot["slot"], boot["beat_s"]
+        self._beat()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(boot["address"])
         self.sock.sendall(_HELLO.pack(boot["token"].encode("ascii"), self.rank))
         threading.Thread(target=self._watch_parent, daemon=True, name="hwattn-watchdog").start()
 
+    def _beat(self) -> None:
+        _BEAT.pack_into(self._beats, _BEAT.size * self._slot, time.monotonic())
+
     def _watch_parent(self) -> None:
+        # A thread of its own: it beats while the main thread computes, and stops only
+        # when the whole process does.
         while os.getppid() == self.parent_pid:
-            time.sleep(0.5)
+            self._beat()
+            time.sleep(self._beat_s)
         os._exit(3)
 
     def send(self, message) -> None:
@@ -554,7 +709,7 @@ class ParentLink:
 
     def fail(self, phase: str) -> None:
         report = dict(phase=phase, traceback=traceback.format_exc(), time=time.time(),
-                      pid=os.getpid())
+                      pid=os.getpid(), summary=summarize(sys.exc_info()[1]))
         with contextlib.suppress(OSError):
             self.send(("error", report))
         self.exit(1)

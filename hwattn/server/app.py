@@ -7,10 +7,12 @@
 Errors come back as OpenAI does them, `{"error": {"message", "type", "param", "code"}}`: 400 for
 a malformed body, a bad or unknown field (see `protocol`), 401 for a missing or wrong API key
 (when the server has one), 404 for an unknown model, 413 for a body over the size cap, 500
-if the engine fails the request, and 503 once a worker process is gone (/health then answers
-503 with the reason; the worker's traceback goes to the log, never to a client). A request
-the engine would refuse is refused before any answer starts, so a streamed request gets the
-same 400 as an unstreamed one. One request's failure never reaches another's.
+if the engine fails the request, and 503 when a worker process it needed is gone or stuck
+(/health then answers 503 with the reason; with data-parallel replicas, only the failed
+replica's requests get 503, and /health answers 200 "degraded" while it restarts and the
+others serve; the worker's traceback goes to the log, never to a client). A request the
+engine would refuse is refused before any answer starts, so a streamed request gets the same
+400 as an unstreamed one. One request's failure never reaches another's.
 
 Tokenizing and rendering prompts runs in worker threads, never on the event loop, and is
 bounded before it starts (a text longer than the context could hold is refused untokenized):
@@ -321,8 +323,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
-        if engine.dead is not None:  # a worker is gone: load balancers should stop sending
-            return JSONResponse({"status": "error", "message": engine.dead}, status_code=503)
+        serving, problem = engine.health()
+        if not serving:  # a worker is gone: load balancers should stop sending
+            return JSONResponse({"status": "error", "message": problem}, status_code=503)
+        if problem is not None:  # a data-parallel replica is down (restarting); others serve
+            return {"status": "degraded", "message": problem}
         return {"status": "ok"}
 
     @app.get("/v1/models", dependencies=auth)

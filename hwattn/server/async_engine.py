@@ -26,7 +26,8 @@ def public_reason(err: BaseException) -> str:
     """What a client may hear of a failure: the first line of its message, without process
     ids, at most 200 characters. The whole error (a worker's traceback, with its file paths
     and ports) goes to the server's log only."""
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()),
+    text = err.reason if isinstance(err, WorkerError) else str(err)
+    first = next((line.strip() for line in text.splitlines() if line.strip()),
                  type(err).__name__)
     first = re.sub(r"\s*\(pid [0-9]+\)", "", first).split("; its last output")[0]
     return first.rstrip(":; ")[:200]
@@ -42,8 +43,10 @@ class EngineError(RuntimeError):
 
 
 class EngineDeadError(EngineError):
-    """The engine can serve no more requests: a worker process (a tensor-parallel rank or a
-    data-parallel replica) is gone. The server answers 503 and /health says why."""
+    """A worker process the request needed is gone or stuck: a tensor-parallel rank (the
+    engine can serve no more requests: `AsyncEngine.dead` says why) or the data-parallel
+    replica that ran it (the others serve on; it is restarted). The server answers 503 with
+    the reason, and /health says why."""
 
 
 class AsyncEngine:
@@ -67,6 +70,7 @@ class AsyncEngine:
         self.snapshot = engine.stats()
         self.latency = LatencyMetrics()
         self.dead: str | None = None  # why the engine can serve no more, once it cannot
+        self._health: tuple[bool, str | None] = (True, None)
 
     def start(self) -> None:
         if self._thread is None:
@@ -105,7 +109,8 @@ class AsyncEngine:
                     raise out
                 finished = out.finished
                 if out.finish_reason == "error":
-                    raise EngineError(f"the request failed: {out.error}")
+                    failure = EngineDeadError if out.worker_failed else EngineError
+                    raise failure(f"the request failed: {out.error}")
                 timer.observe(out)
                 yield out
                 if finished:
@@ -120,6 +125,14 @@ class AsyncEngine:
         with self._lock:
             self._aborts.append(request_id)
         self._wake.set()
+
+    def health(self) -> tuple[bool, str | None]:
+        """(serving, problem): whether requests can run now, and what is wrong, if anything
+        (a worker gone: for good when not serving; a data-parallel replica down and
+        restarting while the others serve)."""
+        if self.dead is not None:
+            return False, self.dead
+        return self._health
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last `rate_window_s` seconds."""
@@ -196,10 +209,22 @@ class AsyncEngine:
                 self._deliver([(out.request_id, out) for out in outputs])
                 self._record()
         else:
+            self._check_workers()
             with self._lock:
                 self._record()
             self._wake.wait(timeout=0.5)
             self._wake.clear()
+
+    def _check_workers(self) -> None:
+        """Between requests: notice a worker that died or got stuck (and a data-parallel
+        replica that is back), so that /health tells before a request runs into it."""
+        if self.dead is not None or not hasattr(self.engine, "check_workers"):
+            return
+        try:
+            self.engine.check_workers()
+        except Exception as err:  # noqa: BLE001 - the engine is down; say so from now on
+            log.error("engine worker failed: %s", err)
+            self._note_death(err)
 
     def _note_death(self, err: Exception) -> None:
         """A worker's failure leaves the engine unable to run any step: remember why (in
@@ -226,6 +251,8 @@ class AsyncEngine:
     def _record(self) -> None:
         now = time.perf_counter()
         self.snapshot = self.engine.stats()
+        if hasattr(self.engine, "health"):
+            self._health = self.engine.health()
         self._history.append((now, self.snapshot["generation_tokens"]))
         while self._history and now - self._history[0][0] > self._window:
             self._history.popleft()

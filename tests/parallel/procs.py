@@ -44,3 +44,19 @@ def children(pid: int) -> list[int]:
             except (FileNotFoundError, ProcessLookupError, ValueError):
                 pass
     return out
+
+
+def wait_exited(pid: int, timeout: float = 10.0) -> bool:
+    """Wait up to `timeout` s until `pid` has exited with all its threads, so its files
+    (sockets) are closed: a killed process shows as a zombie as soon as its main thread
+    ends, while its other threads may still hold the sockets open for a moment. Whether it
+    did."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if not alive(pid) and os.listdir(f"/proc/{pid}/task") == [str(pid)]:
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.02)
+    return False

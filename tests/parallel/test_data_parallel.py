@@ -4,6 +4,7 @@ engine with its traceback, leaving no process behind."""
 
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter, deque
@@ -18,7 +19,7 @@ from hwattn.engine.engine_core import EngineCore
 from hwattn.engine.loader import model_config
 from hwattn.models import Transformer
 from hwattn.parallel.launch import WorkerError
-from tests.parallel.procs import alive, children, fault_age, wait_gone
+from tests.parallel.procs import alive, children, fault_age, wait_exited, wait_gone
 
 pytestmark = pytest.mark.slow  # data-parallel replica processes
 
@@ -39,7 +40,7 @@ def test_least_outstanding_tokens_router():
 
 
 class InProcessReplicas:
-    """`WorkerGroup`'s methods over `EngineCore`s in this process. Each call to `recv_any`
+    """`ReplicaProcesses`' methods over `EngineCore`s in this process. Each call to `recv_any`
     steps a random subset of the busy replicas and hands over a random part of what they
     sent (seeded), so replicas run at uneven speeds and outputs trail behind aborts."""
 
@@ -51,21 +52,14 @@ class InProcessReplicas:
         self.rng = random.Random(seed)
         self.pids = []
 
-    def broadcast(self, message) -> None:
-        kind, spec = message
-        assert kind == "build"
-        for q in self.queues:
-            core = EngineCore(create_engine(**spec["engine"]))
-            self.cores.append(core)
-            q.append(("ready", core.info()))
+    def start(self, spec) -> list[dict]:
+        self.cores = [EngineCore(create_engine(**spec["engine"])) for _ in range(self.size)]
+        return [core.info() for core in self.cores]
 
     def send(self, replica: int, message) -> None:
         if message[0] == "add":
             self.added[message[1]] += 1
         self.queues[replica].extend(self.cores[replica].handle(message))
-
-    def gather(self, timeout=None, what=None):
-        return [q.popleft() for q in self.queues]
 
     def recv_any(self, timeout: float):
         for i, core in enumerate(self.cores):
@@ -186,8 +180,9 @@ def _tp_pids(engine):
 def test_two_replicas_of_two_ranks_and_a_failing_rank_inside_one(monkeypatch):
     """--tp 2 --dp 2 on CPU (gloo): 2 replica processes, each with 2 rank processes. Greedy
     outputs equal one in-process engine's. Then rank 1 of each replica fails at its 40th step:
-    the error names the replica, the rank and carries the rank's traceback, and all six
-    processes are gone."""
+    every request fails with an error naming the replica and the rank and quoting the fault,
+    all six processes are gone, and both replicas come back (new ranks) with the same
+    outputs."""
     prompts = [[1, 2, 3], list(range(10, 40)), [7] * 9, [5, 6], [100, 200, 300, 400]]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     want = [o.token_ids for o in LLM(**TINY).generate(prompts, params)]
@@ -202,43 +197,84 @@ def test_two_replicas_of_two_ranks_and_a_failing_rank_inside_one(monkeypatch):
     assert stats["finished"] == len(prompts) and stats["running"] == 0
     config = model_config(TINY["model"], TINY["attention"], TINY["model_overrides"])
     assert engine.kv_bytes_per_token == Transformer(config).kv_bytes_per_token(2, torch.float32)
-    with pytest.raises(WorkerError) as info:
-        llm.generate([[9, 9, 9]] * 4, SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
-    msg = str(info.value)
-    assert msg.startswith("data-parallel replica")
-    assert "tensor-parallel rank 1 failed during step" in msg and "InjectedFault" in msg
-    assert fault_age(msg) < 10
+    outs = llm.generate([[9, 9, 9]] * 4,
+                        SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    for out in outs:
+        msg = out.error
+        assert out.finish_reason == "error" and out.worker_failed, msg
+        assert re.match(r"data-parallel replica [01] failed during step: WorkerError: "
+                        r"tensor-parallel rank 1 failed during step: InjectedFault", msg), msg
+        assert fault_age(msg) < 10
     assert not wait_gone(pids, 5.0)
+    deadline = time.monotonic() + 120
+    while not all(engine.up):
+        assert time.monotonic() < deadline, engine.health()
+        engine.check_workers()
+        time.sleep(0.1)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
     llm.shutdown()
 
 
 @pytest.mark.timeout(120)
-def test_a_replica_failing_in_a_step_fails_the_engine(monkeypatch):
+def test_a_replica_failing_in_a_step_fails_its_own_requests(monkeypatch):
+    """Replica 1 raises in its 3rd step: its requests fail with its error (the traceback's
+    last line, in one line), replica 0's finish, and the engine takes requests on."""
     monkeypatch.setenv("HWATTN_FAULT", "replica:step:1:3")
     before = set(children(os.getpid()))
     llm = LLM(data_parallel_size=2, **TINY)
-    pids = llm.engine.pids
-    with pytest.raises(WorkerError) as info:
-        llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    msg = str(info.value)
-    assert msg.startswith("data-parallel replica 1 failed during step:")
-    assert "InjectedFault: injected fault: replica 1 in step (step 3)" in msg
-    assert fault_age(msg) < 10
-    assert not wait_gone(pids, 1.0)
-    with pytest.raises(WorkerError):  # the engine stays failed
-        llm.engine.add_request([1, 2])
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ids = engine.add_requests([[1, 2, 3]] * 4, [params] * 4)
+    placed = {rid: engine.requests[rid].replica for rid in ids}
+    assert sorted(placed.values()) == [0, 0, 1, 1]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+    for rid, replica in placed.items():
+        out = outs[rid]
+        if replica == 0:
+            assert out.finish_reason == "length" and len(out.token_ids) == 8
+        else:
+            assert out.finish_reason == "error" and out.worker_failed
+            assert out.error.startswith("data-parallel replica 1 failed during step: "
+                                        "InjectedFault: injected fault: replica 1 in step (step 3)")
+            assert "Traceback" not in out.error and fault_age(out.error) < 10
+    assert all(o.finish_reason == "length" for o in llm.generate([[4, 5]] * 2, params))
     llm.shutdown()
-    assert not wait_gone(set(children(os.getpid())) - before, 1.0)
+    assert not wait_gone(set(children(os.getpid())) - before, 3.0)
 
 
 @pytest.mark.timeout(120)
-def test_a_killed_replica_fails_the_engine_and_shutdown_is_bounded():
+def test_a_killed_idle_replica_costs_no_request_and_shutdown_is_bounded():
+    """Replica 0 killed between requests: the next requests go to replica 1 (one sent to the
+    dead replica is routed again), all finish, and replica 0 is started anew."""
     llm = LLM(data_parallel_size=2, **TINY)
-    pids = llm.engine.pids
+    engine = llm.engine
+    pids = list(engine.pids)
     os.kill(pids[0], signal.SIGKILL)
+    assert wait_exited(pids[0], 3.0)
     t0 = time.monotonic()
-    with pytest.raises(WorkerError, match=r"data-parallel replica 0 \(pid \d+\) died with signal SIGKILL"):
-        llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=4))
+    outs = llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=4))
+    assert [o.finish_reason for o in outs] == ["length"] * 3, [o.error for o in outs]
     assert time.monotonic() - t0 < 10
+    serving, problem = engine.health()
+    assert serving and (problem is None
+                        or problem.startswith("data-parallel replica 0 died with signal SIGKILL"))
+    t0 = time.monotonic()
     llm.shutdown()
-    assert not wait_gone(pids, 1.0)
+    assert time.monotonic() - t0 < 20
+    assert not wait_gone([p for p in pids + engine.pids if p is not None], 1.0)
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_failing_to_build_fails_the_engine_with_its_traceback(monkeypatch):
+    """The replica that failed is named (not the other one, stopped because of it), and no
+    process is left."""
+    monkeypatch.setenv("HWATTN_FAULT", "replica:build:1")
+    before = set(children(os.getpid()))
+    with pytest.raises(WorkerError) as info:
+        LLM(data_parallel_size=2, **TINY)
+    msg = str(info.value)
+    assert msg.startswith("data-parallel replica 1 failed during build:"), msg
+    assert "InjectedFault: injected fault: replica 1 in build" in msg and fault_age(msg) < 10
+    assert not wait_gone(set(children(os.getpid())) - before, 3.0)

@@ -1,0 +1,275 @@
+"""The processes behind a `DataParallelEngine`: one `WorkerGroup` of one worker per replica, so
+that a replica dying or getting stuck takes down itself alone, and a fresh process can take
+its place while the others serve.
+
+A replica fails when its process dies (killed, out of memory), raises (its engine's step
+failed, a tensor-parallel rank of its own failed) or stops beating its heartbeat (stopped,
+frozen: see `hwattn.parallel.launch`); its group is killed at once, and `recv_any` reports
+the event beside the replicas' messages:
+
+- ("down", WorkerError, restarting): the replica is gone; `restarting` says whether a new
+  process is being started for it (in a background thread: the others keep serving).
+- ("ready", info): a restarted replica is built (same engine, same devices) and takes
+  requests again; `info` is its ready message, as from `start`.
+
+Restarts are bounded: a replica is restarted unless it has failed more than `max_restarts`
+times within the last `restart_window` seconds (HWATTN_REPLICA_RESTARTS, default 3, within 10
+minutes; 0 never restarts). A restart that fails to build counts as another failure, so a
+replica that cannot start gives up after a few tries instead of looping.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections import deque
+
+from hwattn.parallel.launch import WorkerError, WorkerGroup, summarize, wait_readable
+
+MODULE = "hwattn.engine.engine_core"
+LABEL = "data-parallel replica"
+
+
+def restart_budget() -> int:
+    """HWATTN_REPLICA_RESTARTS (default 3): restarts of one replica allowed per window."""
+    value = os.environ.get("HWATTN_REPLICA_RESTARTS", "3")
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"HWATTN_REPLICA_RESTARTS must be a whole number >= 0, got {value!r}")
+    return count
+
+
+class ReplicaProcesses:
+    """`size` replica processes running `hwattn.engine.engine_core`, restarted when they fail.
+
+    env: per-replica environment additions (CUDA_VISIBLE_DEVICES), or None.
+    setup_timeout: seconds for a replica to start and build its engine.
+    max_restarts, restart_window: the restart budget (None: HWATTN_REPLICA_RESTARTS, 3 per
+        600 s). heartbeat_timeout: `WorkerGroup`'s (None: HWATTN_HEARTBEAT_TIMEOUT_S).
+
+    Not thread-safe: one thread (the engine's) calls the methods; restarts run in threads of
+    their own and hand their result over through `recv_any`.
+    """
+
+    def __init__(self, size: int, env: list[dict] | None = None, setup_timeout: float = 600.0,
+                 max_restarts: int | None = None, restart_window: float = 600.0,
+                 heartbeat_timeout: float | None = None):
+        self.size = size
+        self.env = env
+        self.setup_timeout = setup_timeout
+        self.max_restarts = restart_budget() if max_restarts is None else max_restarts
+        self.restart_window = restart_window
+        self.heartbeat_timeout = heartbeat_timeout
+        self.spec: dict | None = None
+        self.groups: list[WorkerGroup | None] = [None] * size
+        self.failures = [deque() for _ in range(size)]  # times each replica failed
+        self._events: deque = deque()  # (replica, event) noticed on this thread
+        self._built: queue.SimpleQueue = queue.SimpleQueue()  # from restart threads
+        self._lock = threading.Lock()
+        self._starting: dict[int, WorkerGroup] = {}  # groups being built, to kill on close
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    # Starting.
+    def start(self, spec: dict) -> list[dict]:
+        """Start every replica with the build `spec` (side by side) and return their ready
+        infos; on a failure, kill them all and raise the error that came first."""
+        self.spec = spec
+        results: list = [None] * self.size
+        first: list[BaseException] = []
+
+        def launch(replica):
+            try:
+                results[replica] = self._launch(replica)
+            except BaseException as err:  # noqa: BLE001 - raised below, in this thread's caller
+                results[replica] = err
+                with self._lock:
+                    first.append(err)
+                self._close()  # the others stop building
+
+        threads = [threading.Thread(target=launch, args=(r,), daemon=True,
+                                    name=f"hwattn-replica-{r}") for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if first:
+            for r in results:
+                if not isinstance(r, BaseException):
+                    r[0].kill()
+            raise first[0]
+        self.groups = [group for group, _ in results]
+        return [info for _, info in results]
+
+    def _launch(self, replica: int) -> tuple[WorkerGroup, dict]:
+        """Start `replica`'s process and build its engine (blocking); (group, ready info)."""
+        group = WorkerGroup(MODULE, 1, label=LABEL, env=[self.env[replica]] if self.env else None,
+                            connect_timeout=self.setup_timeout, first_rank=replica,
+                            heartbeat_timeout=self.heartbeat_timeout)
+        try:
+            with self._lock:
+                if self._closed:
+                    raise WorkerError(f"{LABEL} {replica}: the engine shut down while it started",
+                                      replica)
+                self._starting[replica] = group
+            group.broadcast(("build", self.spec))
+            _, info = group.recv(0, self.setup_timeout, "ready signal")
+        except BaseException:
+            group.kill()
+            raise
+        finally:
+            with self._lock:
+                self._starting.pop(replica, None)
+        return group, info
+
+    def _restart(self, replica: int) -> None:
+        """A restart thread: build `replica` anew and hand the result to `recv_any`."""
+        try:
+            group, info = self._launch(replica)
+        except BaseException as err:  # noqa: BLE001 - reported as the replica failing again
+            if not isinstance(err, WorkerError):
+                err = WorkerError(f"{LABEL} {replica} could not be restarted: {summarize(err)}",
+                                  replica)
+            self._built.put((replica, None, err))
+            return
+        with self._lock:
+            if self._closed:  # nobody will take it over
+                group.kill()
+                return
+            self._built.put((replica, group, info))
+
+    # Failures.
+    def lose(self, replica: int, error: WorkerError) -> None:
+        """Take `replica` as failed with `error`: kill it, report ("down", ...) through the
+        next `recv_any` and restart it if the budget allows."""
+        group = self.groups[replica]
+        if group is None:
+            return
+        self.groups[replica] = None
+        group.kill()
+        self._failed(replica, error)
+
+    def _failed(self, replica: int, error: WorkerError) -> None:
+        """Count a failure of `replica`, restart it within the budget, queue its event."""
+        now = time.monotonic()
+        failures = self.failures[replica]
+        failures.append(now)
+        while failures and now - failures[0] > self.restart_window:
+            failures.popleft()
+        restarting = not self._closed and len(failures) <= self.max_restarts
+        if restarting:
+            self._spawn_restart(replica)
+        self._events.append((replica, ("down", error, restarting)))
+
+    def _spawn_restart(self, replica: int) -> None:
+        thread = threading.Thread(target=self._restart, args=(replica,), daemon=True,
+                                  name=f"hwattn-restart-{replica}")
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _take_built(self) -> None:
+        """Install the replicas the restart threads have built; a failed restart is a failure."""
+        while True:
+            try:
+                replica, group, info = self._built.get_nowait()
+            except queue.Empty:
+                return
+            if group is not None:
+                self.groups[replica] = group
+                self._events.append((replica, ("ready", info)))
+                continue
+            self._failed(replica, info)  # its restart failed: `info` is the error
+
+    # Messages.
+    def send(self, replica: int, message) -> None:
+        """Send `message` to `replica`; WorkerError if it is down or fails now (its "down"
+        event then comes with the next `recv_any`)."""
+        group = self.groups[replica]
+        if group is None:
+            raise WorkerError(f"{LABEL} {replica} is down", replica)
+        try:
+            group.send(0, message)
+        except WorkerError as err:
+            self.lose(replica, err)
+            raise
+
+    def recv_any(self, timeout: float) -> list[tuple[int, object]]:
+        """The replicas' messages and events that are or become available within `timeout`
+        seconds, as (replica, message); every replica's liveness is checked on the way."""
+        self._take_built()
+        live = [g for g in self.groups if g is not None]
+        if not self._events:
+            wait_readable(live, timeout)
+        out = []
+        for replica, group in enumerate(self.groups):
+            if group is None:
+                continue
+            try:
+                out += [(replica, m) for _, m in group.recv_any(0.0)]
+            except WorkerError as err:
+                self.lose(replica, err)
+        self._take_built()
+        out += self._events
+        self._events = deque()
+        return out
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Each replica's process id; None while it is down."""
+        return [g.pids[0] if g is not None else None for g in self.groups]
+
+    # Stopping.
+    def _close(self) -> list[WorkerGroup]:
+        with self._lock:
+            self._closed = True
+            starting = list(self._starting.values())
+        for group in starting:  # a restart in progress: its thread sees the failure and ends
+            group.kill()
+        return [g for g in self.groups if g is not None]
+
+    def _join_restarts(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        while True:  # built just before we closed
+            try:
+                _, group, _ = self._built.get_nowait()
+            except queue.Empty:
+                break
+            if group is not None:
+                group.kill()
+
+    def kill(self) -> None:
+        """Kill every replica now, restarts in progress included."""
+        for group in self._close():
+            group.kill()
+        self._join_restarts(5.0)
+
+    def shutdown(self, grace: float = 15.0) -> None:
+        """Stop every replica (side by side, each given `grace` s), restarts in progress
+        included; raises the first replica's shutdown error after all are gone."""
+        groups = self._close()
+        errors: list = [None] * len(groups)
+
+        def stop(i, group):
+            try:
+                group.shutdown(grace=grace)
+            except WorkerError as err:
+                errors[i] = err
+
+        threads = [threading.Thread(target=stop, args=(i, g), daemon=True)
+                   for i, g in enumerate(groups)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._join_restarts(grace)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
