@@ -311,12 +311,14 @@ def device_peaks(device) -> tuple[float, float] | None:
     if device.type != "cuda":
         return None
     if device not in _PEAKS:
-        from triton.testing import do_bench
-
         from hwattn.bench.decode import measure_peaks
 
+        def median_ms(fn, warmup: int, rep: int, return_mode: str = "median") -> float:
+            # `triton.testing.do_bench`'s signature, in call counts: serving needs no Triton.
+            return _Timer(device)(fn, iters=max(10, rep // 4), warmup=max(3, warmup // 5)) * 1e3
+
         with torch.cuda.device(device):
-            _PEAKS[device] = measure_peaks(torch, do_bench)
+            _PEAKS[device] = measure_peaks(torch, median_ms)
     return _PEAKS[device]
 
 
