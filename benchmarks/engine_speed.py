@@ -47,7 +47,7 @@ def settings(tiny: bool) -> dict:
     return dict(preset="xl", device="cuda", dtype="bf16", requests=64, prompt_len=8192,
                 output_len=128, rate=16.0, batch=64, decode_prompt=1024, decode_output=48,
                 spec_requests=64, spec_prompt=2048, spec_output=128, page_size=64,
-                max_num_batched_tokens=1024, memory_budget=0.5, mixed=0, overlap=1)
+                max_num_batched_tokens=8192, memory_budget=0.5, mixed=0, overlap=1)
 
 
 def log(msg: str) -> None:
