@@ -46,8 +46,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="'ngram' or a draft-model checkpoint directory")
     p.add_argument("--num-speculative-tokens", type=int, default=3, help="k drafts per step")
     p.add_argument("--seed", type=int, default=0, help="weights of presets and unseeded requests")
-    p.add_argument("--no-cuda-graphs", "--enforce-eager", dest="no_cuda_graphs",
-                   action="store_true", help="decode eagerly on GPU (--enforce-eager: vLLM's name)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode steps without captured CUDA graphs")
+    p.add_argument("--no-compile", action="store_true",
+                   help="decode steps through the eager decoder blocks, not torch.compile'd ones "
+                        "(compiling is on by default on CUDA)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="both of the above, as vLLM's flag of that name")
     caching = p.add_mutually_exclusive_group()
     caching.add_argument("--no-prefix-caching", action="store_true", help="do not share prompt pages")
     caching.add_argument("--enable-prefix-caching", action="store_true",
@@ -85,7 +90,8 @@ def engine_config(args):
                         gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
                         max_model_len=args.max_model_len, speculative=args.speculative,
                         num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
-                        cuda_graphs=not args.no_cuda_graphs,
+                        cuda_graphs=not (args.no_cuda_graphs or args.enforce_eager),
+                        compile_decode=False if (args.no_compile or args.enforce_eager) else None,
                         enable_prefix_caching=not args.no_prefix_caching,
                         model_overrides=overrides)
 

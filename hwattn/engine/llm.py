@@ -39,7 +39,7 @@ from hwattn.models import Transformer
 # here (`vllm_arguments` applies them; docs/engine.md's table of vLLM's arguments repeats this).
 VLLM_ARGUMENTS = {
     "block_size": "page_size (tokens per KV page)",
-    "enforce_eager": "enforce_eager=True is cuda_graphs=False",
+    "enforce_eager": "enforce_eager=True is cuda_graphs=False and compile_decode=False",
     "trust_remote_code": "accepted and ignored: the engine runs hwattn's own model code and "
                          "never executes code from the checkpoint folder",
     "swap_space": "accepted and ignored: preempted sequences are recomputed, never swapped to "
@@ -65,10 +65,11 @@ def vllm_arguments(kwargs: dict) -> dict:
             raise ValueError(f"swap_space must be a number of GiB >= 0, got {space!r}")
     if "enforce_eager" in kwargs:
         eager = kwargs.pop("enforce_eager")
-        if "cuda_graphs" in kwargs and kwargs["cuda_graphs"] == eager:
-            raise ValueError(f"enforce_eager={eager} contradicts cuda_graphs="
-                             f"{kwargs['cuda_graphs']}; give one of them")
-        kwargs["cuda_graphs"] = not eager
+        for name in ("cuda_graphs", "compile_decode"):
+            if eager and kwargs.get(name):
+                raise ValueError(f"enforce_eager=True contradicts {name}=True; give one of them")
+        if eager:
+            kwargs["cuda_graphs"] = kwargs["compile_decode"] = False
     if "block_size" in kwargs:
         block = kwargs.pop("block_size")
         if kwargs.get("page_size", block) != block:

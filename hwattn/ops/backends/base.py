@@ -50,6 +50,55 @@ def _check_cache_dtype(name: str, cache: Tensor, q: Tensor, scale) -> None:
                          "(or be float8_e4m3fn with a scale)")
 
 
+def _check_table(name_cache: str, cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                 batch: int, device: torch.device) -> int:
+    """The block table and lengths checks of every paged op; returns the table's capacity in
+    tokens (pages per row x page size)."""
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be (B={batch}, max_pages), got {tuple(block_table.shape)}")
+    if block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must be int32, got {block_table.dtype}")
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must be (B={batch},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.dtype != torch.int32:
+        raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens), (name_cache, cache)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if cache.shape[1] <= 0:
+        raise ValueError(f"{name_cache} page size must be positive, got {cache.shape[1]}")
+    return block_table.shape[1] * cache.shape[1]
+
+
+def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                kv_scale, lead: str) -> None:
+    """The operand checks `decode_tied` and `prefill_tied` share; `lead` names the query
+    dimensions before the head width ("B, L_q, H_q" for decode, "N, H_q" for prefill)."""
+    dims = lead.count(",") + 2
+    if q_nope.dim() != dims:
+        raise ValueError(f"q_nope must be ({lead}, D_nope), got {tuple(q_nope.shape)}")
+    _check_float("q_nope", q_nope)
+    d_nope, n_heads = q_nope.shape[-1], q_nope.shape[-2]
+    if q_rope.dim() != dims or q_rope.shape[:-1] != q_nope.shape[:-1]:
+        raise ValueError(f"q_rope must be ({lead}, D_R) matching q_nope {tuple(q_nope.shape[:-1])}, "
+                         f"got {tuple(q_rope.shape)}")
+    if q_rope.dtype != q_nope.dtype:
+        raise ValueError(f"q_rope dtype {q_rope.dtype} must match q_nope's {q_nope.dtype}")
+    d_rope = q_rope.shape[-1]
+    if kv_cache.dim() != 4:
+        raise ValueError(f"kv_cache must be (P, page_size, H_kv, D_v), got {tuple(kv_cache.shape)}")
+    if kv_cache.shape[3] < d_nope:
+        raise ValueError(f"kv_cache width {kv_cache.shape[3]} must be >= q_nope's D_nope {d_nope}")
+    if rope_cache.dim() != 3 or rope_cache.shape[:2] != kv_cache.shape[:2] or rope_cache.shape[2] != d_rope:
+        raise ValueError(f"rope_cache must be (P, page_size, D_R) = {(*kv_cache.shape[:2], d_rope)}, "
+                         f"got {tuple(rope_cache.shape)}")
+    _check_cache_dtype("kv_cache", kv_cache, q_nope, kv_scale)
+    _check_cache_dtype("rope_cache", rope_cache, q_nope, kv_scale)
+    n_kv = kv_cache.shape[2]
+    if n_kv <= 0 or n_heads % n_kv:
+        raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
+
+
 class AttentionBackend:
     """One implementation of the paged decode and prefill ops; see the module docstring.
 
@@ -148,20 +197,7 @@ class AttentionBackend:
     def _check_paged(self, name_cache: str, cache: Tensor, block_table: Tensor,
                      cache_seqlens: Tensor, batch: int, query_len: int, device: torch.device,
                      plan: Any) -> None:
-        if block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(f"block_table must be (B={batch}, max_pages), got {tuple(block_table.shape)}")
-        if block_table.dtype != torch.int32:
-            raise ValueError(f"block_table must be int32, got {block_table.dtype}")
-        if cache_seqlens.shape != (batch,):
-            raise ValueError(f"cache_seqlens must be (B={batch},), got {tuple(cache_seqlens.shape)}")
-        if cache_seqlens.dtype != torch.int32:
-            raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-        for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens), (name_cache, cache)):
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but q is on {device}")
-        if cache.shape[1] <= 0:
-            raise ValueError(f"{name_cache} page size must be positive, got {cache.shape[1]}")
-        capacity = block_table.shape[1] * cache.shape[1]
+        capacity = _check_table(name_cache, cache, block_table, cache_seqlens, batch, device)
         if self.check_plan(plan, batch, capacity):
             return  # the plan read the lengths on the host already: no device read (CUDA graphs)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -235,28 +271,9 @@ class AttentionBackend:
         Returns:
             out (B, L_q, H_q, D_v) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
         """
-        if q_nope.dim() != 4:
-            raise ValueError(f"q_nope must be (B, L_q, H_q, D_nope), got {tuple(q_nope.shape)}")
-        _check_float("q_nope", q_nope)
+        _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, "B, L_q, H_q")
         batch, query_len, n_heads, d_nope = q_nope.shape
-        if q_rope.dim() != 4 or q_rope.shape[:3] != q_nope.shape[:3]:
-            raise ValueError(f"q_rope must be (B, L_q, H_q, D_R) matching q_nope {tuple(q_nope.shape[:3])}, "
-                             f"got {tuple(q_rope.shape)}")
-        if q_rope.dtype != q_nope.dtype:
-            raise ValueError(f"q_rope dtype {q_rope.dtype} must match q_nope's {q_nope.dtype}")
         d_rope = q_rope.shape[3]
-        if kv_cache.dim() != 4:
-            raise ValueError(f"kv_cache must be (P, page_size, H_kv, D_v), got {tuple(kv_cache.shape)}")
-        if kv_cache.shape[3] < d_nope:
-            raise ValueError(f"kv_cache width {kv_cache.shape[3]} must be >= q_nope's D_nope {d_nope}")
-        if rope_cache.dim() != 3 or rope_cache.shape[:2] != kv_cache.shape[:2] or rope_cache.shape[2] != d_rope:
-            raise ValueError(f"rope_cache must be (P, page_size, D_R) = {(*kv_cache.shape[:2], d_rope)}, "
-                             f"got {tuple(rope_cache.shape)}")
-        _check_cache_dtype("kv_cache", kv_cache, q_nope, kv_scale)
-        _check_cache_dtype("rope_cache", rope_cache, q_nope, kv_scale)
-        n_kv = kv_cache.shape[2]
-        if n_kv <= 0 or n_heads % n_kv:
-            raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
         self._check_paged("kv_cache", kv_cache, block_table, cache_seqlens, batch, query_len,
                           q_nope.device, plan)
         if q_rope.device != q_nope.device or rope_cache.device != q_nope.device:
@@ -287,21 +304,9 @@ class AttentionBackend:
         if cu_seqlens_q.dtype != torch.int32:
             raise ValueError(f"cu_seqlens_q must be int32, got {cu_seqlens_q.dtype}")
         batch = cu_seqlens_q.shape[0] - 1
-        if block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(f"block_table must be (B={batch}, max_pages), got {tuple(block_table.shape)}")
-        if block_table.dtype != torch.int32:
-            raise ValueError(f"block_table must be int32, got {block_table.dtype}")
-        if cache_seqlens.shape != (batch,):
-            raise ValueError(f"cache_seqlens must be (B={batch},), got {tuple(cache_seqlens.shape)}")
-        if cache_seqlens.dtype != torch.int32:
-            raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-        for name, t in (("block_table", block_table), ("cu_seqlens_q", cu_seqlens_q),
-                        ("cache_seqlens", cache_seqlens), (name_cache, cache)):
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but q is on {device}")
-        if cache.shape[1] <= 0:
-            raise ValueError(f"{name_cache} page size must be positive, got {cache.shape[1]}")
-        capacity = block_table.shape[1] * cache.shape[1]
+        if cu_seqlens_q.device != device:
+            raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device} but q is on {device}")
+        capacity = _check_table(name_cache, cache, block_table, cache_seqlens, batch, device)
         if plan is None:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise ValueError("plan: a prefill call inside a CUDA graph capture needs the "
@@ -384,28 +389,9 @@ class AttentionBackend:
         Returns:
             out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
         """
-        if q_nope.dim() != 3:
-            raise ValueError(f"q_nope must be (N, H_q, D_nope), got {tuple(q_nope.shape)}")
-        _check_float("q_nope", q_nope)
+        _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, "N, H_q")
         n_tokens, n_heads, d_nope = q_nope.shape
-        if q_rope.dim() != 3 or q_rope.shape[:2] != q_nope.shape[:2]:
-            raise ValueError(f"q_rope must be (N, H_q, D_R) matching q_nope {tuple(q_nope.shape[:2])}, "
-                             f"got {tuple(q_rope.shape)}")
-        if q_rope.dtype != q_nope.dtype:
-            raise ValueError(f"q_rope dtype {q_rope.dtype} must match q_nope's {q_nope.dtype}")
         d_rope = q_rope.shape[2]
-        if kv_cache.dim() != 4:
-            raise ValueError(f"kv_cache must be (P, page_size, H_kv, D_v), got {tuple(kv_cache.shape)}")
-        if kv_cache.shape[3] < d_nope:
-            raise ValueError(f"kv_cache width {kv_cache.shape[3]} must be >= q_nope's D_nope {d_nope}")
-        if rope_cache.dim() != 3 or rope_cache.shape[:2] != kv_cache.shape[:2] or rope_cache.shape[2] != d_rope:
-            raise ValueError(f"rope_cache must be (P, page_size, D_R) = {(*kv_cache.shape[:2], d_rope)}, "
-                             f"got {tuple(rope_cache.shape)}")
-        _check_cache_dtype("kv_cache", kv_cache, q_nope, kv_scale)
-        _check_cache_dtype("rope_cache", rope_cache, q_nope, kv_scale)
-        n_kv = kv_cache.shape[2]
-        if n_kv <= 0 or n_heads % n_kv:
-            raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
         if q_rope.device != q_nope.device or rope_cache.device != q_nope.device:
             raise ValueError("q_rope and rope_cache must be on q_nope's device")
         plan = self._check_varlen("kv_cache", kv_cache, block_table, cu_seqlens_q, cache_seqlens,
