@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hwattn import ops
+from hwattn.bench.timing import DeviceTimer, device_peaks
 from hwattn.engine import ModelRunner, SamplingParams, StepInput
 
 
@@ -157,33 +158,6 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
                          accepted / drafted if drafted else 0.0)
 
 
-class _Timer:
-    """Device time of a callable: CUDA events on GPU, wall clock elsewhere (seconds)."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-
-    def __call__(self, fn, iters: int = 10, warmup: int = 2) -> float:
-        for _ in range(warmup):
-            fn()
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(iters):
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return statistics.median(times)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-
 def attention_calls(model, batch: int, query_len: int, caches, block_table, seqlens, plan,
                     backend: str | ops.AttentionBackend = "auto"):
     """A function that makes, for every layer, the paged decode-op call that layer makes at
@@ -301,27 +275,6 @@ def kernel_breakdown(kernels: list[tuple[str, float]], iters: int, backend, top:
                           per_step=c / iters) for n, (t, c) in ranked])
 
 
-_PEAKS: dict = {}
-
-
-def device_peaks(device) -> tuple[float, float] | None:
-    """(copy GB/s counting read + write, bf16 matmul TFLOP/s) of this GPU, measured once per
-    process (`hwattn.bench.decode.measure_peaks`); None off CUDA."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    if device not in _PEAKS:
-        from hwattn.bench.decode import measure_peaks
-
-        def median_ms(fn, warmup: int, rep: int, return_mode: str = "median") -> float:
-            # `triton.testing.do_bench`'s signature, in call counts: serving needs no Triton.
-            return _Timer(device)(fn, iters=max(10, rep // 4), warmup=max(3, warmup // 5)) * 1e3
-
-        with torch.cuda.device(device):
-            _PEAKS[device] = measure_peaks(torch, median_ms)
-    return _PEAKS[device]
-
-
 def decode_floor(model, batch: int, context_len: int, cache_dtype: torch.dtype,
                  peaks: tuple[float, float] | None) -> dict:
     """The fewest bytes and FLOPs of one decode step of `batch` sequences at `context_len`
@@ -369,7 +322,7 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     """
     batch = len(step.num_cached)
     device = runner.device
-    timer = _Timer(device)
+    timer = DeviceTimer(device)
 
     def wall():
         t0 = time.perf_counter()
@@ -486,7 +439,7 @@ def rank_attention_time(label: str, tp: int, batch: int, context: int, preset: s
     def call():
         return layer.kernel_call(backend, queries, cache, table, seqlens, plan=plan)
 
-    seconds = _Timer(device)(call, iters)
+    seconds = DeviceTimer(device)(call, iters)
     per_token = layer.kv_bytes_per_token(tp, dtype)
     return dict(variant=label, tp=tp, batch=batch, context=context, query_heads=n_q,
                 cached_heads=n_c, kv_bytes_per_token_layer=per_token, seconds=seconds,

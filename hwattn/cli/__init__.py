@@ -14,7 +14,7 @@ import threading
 # Modules of hwattn.cli, in the order `hwattn --help` lists them.
 COMMANDS = ("compare", "analyze", "demo", "data", "train", "eval", "serve", "convert")
 # Modules of hwattn.cli registering a subcommand of `hwattn bench`.
-BENCH_COMMANDS = ("bench_decode", "bench_engine", "bench_serve")
+BENCH_COMMANDS = ("bench_decode", "bench_engine", "bench_prefill", "bench_serve")
 
 
 def add_cpu_threads(p: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"hwattn.cli.{name}").register(sub)
     bench_names = _present(BENCH_COMMANDS)
     if bench_names:
-        bench = sub.add_parser("bench", help="benchmarks (decode kernels, engine, server)",
+        bench = sub.add_parser("bench", help="benchmarks (decode and prefill kernels, engine, server)",
                                description="Benchmarks that print the physics: time, GB/s, "
                                            "TFLOP/s and distance to the roofline.")
         bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)

@@ -8,13 +8,15 @@ import json
 from hwattn.config import PRESETS
 
 
-def int_list(text: str) -> list[int]:
+def int_list(text: str, minimum: int = 1) -> list[int]:
+    """An argparse type: comma-separated integers, each at least `minimum`."""
     try:
         values = [int(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if not values or any(v < minimum for v in values):
+        kind = "positive" if minimum == 1 else f">= {minimum}"
+        raise argparse.ArgumentTypeError(f"expected {kind} integers, got {text!r}")
     return values
 
 

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
+from hwattn.cli.analyze import int_list
+
 import json
-
-
-def int_tuple(text: str) -> tuple[int, ...]:
-    import argparse
-
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
 
 
 def register(sub) -> None:
@@ -35,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--ppl-tokens", type=int, help="held-out tokens per domain (default all)")
     p.add_argument("--cloze", type=int, default=200, help="cloze items, 0 skips (default 200)")
     p.add_argument("--mc", type=int, default=200, help="multiple-choice items, 0 skips (default 200)")
-    p.add_argument("--recall-pairs", type=int_tuple, default=(8, 32, 64),
+    p.add_argument("--recall-pairs", type=lambda text: tuple(int_list(text)), default=(8, 32, 64),
                    help="key-value pair counts of the recall probe (default 8,32,64)")
     p.add_argument("--write-tasks", metavar="DIR",
                    help="write the cloze / MC items as JSONL with lm-eval task YAML (tasks "

@@ -67,7 +67,7 @@ def _pad(width: int) -> int:
 def choose_prefill_config(dk_pad: int, dv_pad: int) -> PrefillConfig:
     """Tile shape for padded key and value widths: 128 rows while the fp32 accumulator
     (rows × dv_pad) and the query tile fit the registers of 8 warps, fewer rows and keys
-    beyond. A starting point for tuning on the GPU (hwattn.bench.prefill sweeps it)."""
+    beyond. A starting point for tuning on the GPU (`hwattn bench prefill --block-m ...` sweeps it)."""
     if _interpreting():  # small tiles: several query tiles and key blocks even in tiny tests
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     widest = max(dk_pad, dv_pad)

@@ -1,6 +1,6 @@
-"""`python -m hwattn.bench.prefill` on CPU: its argument handling, and its plumbing (inputs per
-prefill form, the check against the reference, FLOP accounting) with the Triton kernel under
-the interpreter and a wall clock in place of CUDA events."""
+"""`hwattn bench prefill` on CPU: its argument handling, and its plumbing (inputs per prefill
+form, the check against the reference, FLOP accounting) with the Triton kernel under the
+interpreter and a wall clock in place of CUDA events."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from hwattn import ops
 from hwattn.bench import prefill
 from hwattn.bench.decode import layer_for
+from hwattn.cli import build_parser, main
+from hwattn.cli.bench_prefill import cases_from, tile_config
 
 
 def _wall_clock(fn) -> float:
@@ -20,29 +22,33 @@ def _wall_clock(fn) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
+def _args(argv):
+    return build_parser().parse_args(["bench", "prefill", *argv])
+
+
 def test_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exit_:
-        prefill.main(["--help"])
+        main(["bench", "prefill", "--help"])
     assert exit_.value.code == 0 and "TFLOP/s" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        prefill.main(["--batch", "two"])
-    assert "--batch" in capsys.readouterr().err
-    for argv, name in ((["--batch", "0"], "batch"), (["--block-m", "24"], "block_m"),
-                       (["--variants", ","], "variants"), (["--stages", "0"], "num_stages")):
-        assert prefill.main(argv) == 2
+    for argv, name in ((["--batch", "two"], "--batch"), (["--batch", "0"], "--batch")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "prefill", *argv])
+        assert exit_.value.code == 2 and name in capsys.readouterr().err
+    for argv, name in ((["--block-m", "24"], "block_m"), (["--variants", ","], "variants"),
+                       (["--stages", "0"], "num_stages"), (["--heads", "0"], "heads")):
+        assert main(["bench", "prefill", *argv]) == 2
         assert name in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert prefill.main(["--variants", "gqa-4"]) == 2
+        assert main(["bench", "prefill", "--variants", "gqa-4"]) == 2
         assert "CUDA GPU" in capsys.readouterr().err
 
 
 def test_cases_are_the_product_of_the_lists():
-    args = prefill.parser().parse_args(["--variants", "gqa-4,mla", "--query-len", "512,1024",
-                                        "--prefix", "0,4096"])
-    cases = prefill.cases_from(args)
+    args = _args(["--variants", "gqa-4,mla", "--query-len", "512,1024", "--prefix", "0,4096"])
+    cases = cases_from(args)
     assert len(cases) == 8 and {c.context for c in cases} == {512, 1024, 4608, 5120}
-    assert prefill.tile_config(args) is None
-    forced = prefill.tile_config(prefill.parser().parse_args(["--block-m", "64"]))
+    assert tile_config(args) is None
+    forced = tile_config(_args(["--block-m", "64"]))
     assert (forced.block_m, forced.block_n) == (64, 64)
 
 

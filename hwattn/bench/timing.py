@@ -1,0 +1,58 @@
+"""Timing shared by the benchmarks: the median device time of a callable, and the GPU's two
+ceilings (copy bandwidth and bf16 matmul rate) measured once per process with it."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+class DeviceTimer:
+    """Device time of a callable in seconds: the median of CUDA-event timings on a GPU, of
+    wall-clock timings elsewhere, after `warmup` untimed calls."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self, fn, iters: int = 10, warmup: int = 2) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+_PEAKS: dict = {}
+
+
+def device_peaks(device) -> tuple[float, float] | None:
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s) of this GPU, measured once per
+    process on random data (`hwattn.bench.decode.measure_peaks`); None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if device not in _PEAKS:
+        from hwattn.bench.decode import measure_peaks
+
+        timer = DeviceTimer(device)
+
+        def median_ms(fn, warmup: int, rep: int, return_mode: str = "median") -> float:
+            # `triton.testing.do_bench`'s signature, in call counts: serving needs no Triton.
+            return timer(fn, iters=max(10, rep // 4), warmup=max(3, warmup // 5)) * 1e3
+
+        with torch.cuda.device(device):
+            _PEAKS[device] = measure_peaks(torch, median_ms)
+    return _PEAKS[device]
