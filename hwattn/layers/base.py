@@ -28,6 +28,7 @@ attention (`attend`) over each sequence's cache gathered into a tensor.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 from hwattn import ops
 from hwattn.config import ModelConfig
-from hwattn.ops import AttentionBackend
+from hwattn.ops import AttentionBackend, PrefillPlan, plan_prefill
 from hwattn.ops.reference import gather_cache
 
 
@@ -74,7 +75,10 @@ class AttentionMetadata:
     backend: AttentionBackend | str = "auto"
     cu_seqlens_q: Tensor | None = None
     token_positions: Tensor | None = None
-    _context: dict = field(default_factory=dict, repr=False)
+    # Per-step values the first layer that needs them makes (`context_pages`), and the host
+    # block table with the upload that made the device one (`for_prefill`).
+    _context: dict = field(default_factory=dict, init=False, repr=False)
+    _host_table: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.backend = ops.get_backend(self.backend, self.block_table.device)
@@ -139,6 +143,7 @@ class AttentionMetadata:
                    cu_seqlens_q=upload(torch.from_numpy(cu.astype(np.int32))),
                    token_positions=upload(torch.from_numpy(positions)[None]))
         meta.plan = meta.backend.plan_prefill(cu.tolist(), seqlens.tolist())
+        meta._host_table = table, upload
         return meta
 
     def context_pages(self, page_size: int) -> tuple[Tensor, Tensor]:
@@ -156,10 +161,15 @@ class AttentionMetadata:
             cols = np.arange(counts.sum()) - first[rows]  # page index within its sequence
             table = np.zeros((len(counts), max(1, counts.max())), dtype=np.int32)
             table[rows, cols] = np.arange(counts.sum())
-            device = self.block_table.device
-            index = torch.from_numpy(np.stack((rows, cols))).to(device)
-            pages = self.block_table[index[0], index[1]].long()
-            self._context[page_size] = pages, torch.from_numpy(table).to(device)
+            if self._host_table is not None:  # the pages read on the host, one upload each
+                host, upload = self._host_table
+                pages = upload(torch.from_numpy(host[rows, cols].astype(np.int64)))
+                self._context[page_size] = pages, upload(torch.from_numpy(table))
+            else:
+                device = self.block_table.device
+                index = torch.from_numpy(np.stack((rows, cols))).to(device)
+                pages = self.block_table[index[0], index[1]].long()
+                self._context[page_size] = pages, torch.from_numpy(table).to(device)
         return self._context[page_size]
 
 
@@ -193,18 +203,25 @@ class PrefillForm:
 
     @staticmethod
     def pairs(query_lens: Sequence[int], seqlens: Sequence[int]) -> int:
-        """(query, key) pairs a causal varlen step attends: query j of a sequence of n queries
-        over L cached tokens sees L - n + j + 1 keys."""
-        return sum(n * (length - n) + n * (n + 1) // 2 for n, length in zip(query_lens, seqlens))
+        """(query, key) pairs a causal varlen step attends (`PrefillPlan.pairs`)."""
+        return plan_prefill([0, *itertools.accumulate(query_lens)], seqlens).pairs
 
     def attention_flops(self, query_lens: Sequence[int], seqlens: Sequence[int]) -> int:
         """FLOPs of the op itself: QK^T and PV over the visible pairs, every query head."""
-        return 2 * self.heads * self.pairs(query_lens, seqlens) * (self.d_qk + self.d_rope + self.d_v)
+        return self._attention_flops(self.pairs(query_lens, seqlens))
+
+    def _attention_flops(self, pairs: int) -> int:
+        return 2 * self.heads * pairs * (self.d_qk + self.d_rope + self.d_v)
 
     def flops(self, query_lens: Sequence[int], seqlens: Sequence[int]) -> int:
         """FLOPs of the step's attention in this form: the op, plus building its operands."""
-        return (self.attention_flops(query_lens, seqlens) + self.context_flops * sum(seqlens)
-                + self.query_flops * sum(query_lens))
+        return self.step_flops(plan_prefill([0, *itertools.accumulate(query_lens)], seqlens))
+
+    def step_flops(self, plan: PrefillPlan) -> int:
+        """`flops` of a step's plan, from the counts the plan keeps (no pass over the batch:
+        every latent layer of a step asks)."""
+        return (self._attention_flops(plan.pairs) + self.context_flops * plan.total_k
+                + self.query_flops * plan.total_q)
 
     def query_shapes(self, n_tokens: int) -> tuple[tuple[int, ...], ...]:
         """Shapes of the queries the call takes for N packed query tokens."""

@@ -126,7 +126,7 @@ class LatentAttention(TiedStateAttention):
 
     def prefill_form(self, plan) -> PrefillForm:
         """The form of fewer FLOPs for a step's lengths (`PrefillPlan`); absorbed on a tie."""
-        return min(self.prefill_forms(), key=lambda f: f.flops(plan.query_lens, plan.seqlens))
+        return min(self.prefill_forms(), key=lambda f: f.step_flops(plan))
 
     def prefill(self, q, cache, meta: AttentionMetadata) -> Tensor:
         return self.prefill_as(self.prefill_form(meta.plan), q, cache, meta)

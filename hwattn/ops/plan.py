@@ -19,8 +19,10 @@ once and checked, so that every layer's prefill call launches without reading th
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -191,34 +193,44 @@ class PrefillPlan:
     query_lens: tuple[int, ...]
     seqlens: tuple[int, ...]
 
-    @property
+    # Read by every layer of a step: computed once per plan (the plan is immutable).
+    @cached_property
     def batch(self) -> int:
         return len(self.seqlens)
 
-    @property
+    @cached_property
     def total_q(self) -> int:
         return sum(self.query_lens)
 
-    @property
+    @cached_property
     def max_seqlen_q(self) -> int:
         return max(self.query_lens)
 
-    @property
+    @cached_property
     def max_seqlen_k(self) -> int:
         return max(self.seqlens)
 
-    @property
+    @cached_property
+    def total_k(self) -> int:
+        """Cached tokens of all sequences, this step's included."""
+        return sum(self.seqlens)
+
+    @cached_property
+    def pairs(self) -> int:
+        """(query, key) pairs the causal step attends: query j of a sequence of n queries over
+        L cached tokens sees L - n + j + 1 keys."""
+        return sum(n * (length - n) + n * (n + 1) // 2
+                   for n, length in zip(self.query_lens, self.seqlens))
+
+    @cached_property
     def fresh(self) -> bool:
         """Whether every sequence's cache holds only this step's tokens (whole prompts)."""
         return all(s == q for s, q in zip(self.seqlens, self.query_lens))
 
-    @property
+    @cached_property
     def cu_seqlens_q(self) -> list[int]:
         """(B + 1) offsets of each sequence's first query token, as the ops take them."""
-        cu = [0]
-        for n in self.query_lens:
-            cu.append(cu[-1] + n)
-        return cu
+        return [0, *itertools.accumulate(self.query_lens)]
 
     def check(self, batch: int, total_q: int, capacity: int) -> None:
         """Raise ValueError unless this plan describes `batch` sequences holding `total_q`
