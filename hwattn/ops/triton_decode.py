@@ -49,12 +49,18 @@ class KernelConfig:
     max_rows: int = 128
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels under its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-if _interpreting():
+if interpreting():
     interpreter.patch()
+
+
+def pad_width(width: int) -> int:
+    """A head width padded to the power of two (at least 16) a kernel tile holds."""
+    return max(16, triton.next_power_of_2(width))
 
 
 def choose_config(d_pad: int, query_len: int, group: int, tied: bool) -> KernelConfig:
@@ -63,7 +69,7 @@ def choose_config(d_pad: int, query_len: int, group: int, tied: bool) -> KernelC
     Picked from compile reports (benchmarks/decode_compile.py: no spills, 2-3 tiles in flight)
     and H100 timings (benchmarks/notes_decode.md).
     """
-    if _interpreting():
+    if interpreting():
         return KernelConfig(block_n=16, num_warps=4, num_stages=1, max_rows=128)
     if d_pad >= 512:  # MLA-like: 64 rows × 512 fp32 accumulators already fill 8 warps
         return KernelConfig(block_n=64, num_warps=8, num_stages=2, max_rows=64)
@@ -119,7 +125,7 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
     batch, query_len, n_heads, _ = q.shape
     n_pages, page_size, n_kv, d_v = k_cache.shape
     group = n_heads // n_kv
-    d_pad = max(16, triton.next_power_of_2(d_v))
+    d_pad = pad_width(d_v)
     config = config or choose_config(d_pad, query_len, group, tied)
     if 64 % config.block_n or config.block_n < 16:
         raise ValueError(f"config.block_n must be 16, 32 or 64, got {config.block_n}")
@@ -147,7 +153,7 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
         block_table.stride(0), *out.stride()[:3], *lse.stride()[:2],
         L_Q=query_len, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks,
         BLOCK_M=block_m, BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v, D_PAD=d_pad,
-        D_R=d_rope, DR_PAD=max(16, triton.next_power_of_2(d_rope)),
+        D_R=d_rope, DR_PAD=pad_width(d_rope),
         PAGE=page_size, TIED=tied, DOT_PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

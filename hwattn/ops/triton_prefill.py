@@ -12,17 +12,15 @@ runs under the Triton interpreter (TRITON_INTERPRET=1 set before triton is impor
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 from torch import Tensor
 
-from hwattn.ops.kernels import interpreter
 from hwattn.ops.kernels.prefill import prefill_kernel
 from hwattn.ops.plan import PrefillPlan
-from hwattn.ops.triton_decode import LOG2E, check_kernel_dtypes
+from hwattn.ops.triton_decode import LOG2E, check_kernel_dtypes, interpreting, pad_width
 
 __all__ = ["PrefillConfig", "choose_prefill_config", "prefill", "prefill_layout", "prefill_tied"]
 
@@ -52,23 +50,11 @@ class PrefillConfig:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-if _interpreting():
-    interpreter.patch()
-
-
-def _pad(width: int) -> int:
-    return max(16, triton.next_power_of_2(width))
-
-
 def choose_prefill_config(dk_pad: int, dv_pad: int) -> PrefillConfig:
     """Tile shape for padded key and value widths: 128 rows while the fp32 accumulator
     (rows × dv_pad) and the query tile fit the registers of 8 warps, fewer rows and keys
     beyond. A starting point for tuning on the GPU (`hwattn bench prefill --block-m ...` sweeps it)."""
-    if _interpreting():  # small tiles: several query tiles and key blocks even in tiny tests
+    if interpreting():  # small tiles: several query tiles and key blocks even in tiny tests
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     widest = max(dk_pad, dv_pad)
     if widest <= 64:
@@ -101,7 +87,7 @@ def _launch(q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, 
     lse = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=q.device)
     if n_tokens == 0:
         return out, lse
-    dk_pad, dv_pad = _pad(d_qk), _pad(d_v)
+    dk_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
     # Tied states with a key as wide (padded) as the value: one tile serves as both.
     shared = tied and dk_pad == dv_pad
     config = config or choose_prefill_config(dk_pad, dv_pad)
@@ -123,7 +109,7 @@ def _launch(q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, 
         block_table.stride(0), *out.stride()[:2], lse.stride(0),
         TOKENS=tokens, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks,
         BLOCK_M=block_m, BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v,
-        DK_PAD=dv_pad if shared else dk_pad, DV_PAD=dv_pad, D_R=d_rope, DR_PAD=_pad(d_rope),
+        DK_PAD=dv_pad if shared else dk_pad, DV_PAD=dv_pad, D_R=d_rope, DR_PAD=pad_width(d_rope),
         PAGE=page_size, TIED=tied, SHARED_TILE=shared, DOT_PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -70,11 +70,39 @@ def _check_table(name_cache: str, cache: Tensor, block_table: Tensor, cache_seql
     return block_table.shape[1] * cache.shape[1]
 
 
+def _check_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale, v_scale,
+              lead: tuple[str, ...], value_width: int | None) -> None:
+    """The operand checks `decode` and `prefill` share; `lead` names the query dimensions
+    before the head width. value_width: the value width the op needs (decode: the key's),
+    None where any width goes (prefill, whose expanded latent form has keys wider than values)."""
+    if q.dim() != len(lead) + 1:
+        raise ValueError(f"q must be ({', '.join(lead)}, D), got shape {tuple(q.shape)}")
+    _check_float("q", q)
+    n_heads, head_dim = q.shape[-2:]
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4:
+            raise ValueError(f"{name} must be (P, page_size, H_kv, D), got {tuple(cache.shape)}")
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache head dim {k_cache.shape[3]} must equal q's {head_dim}")
+    if value_width is not None and v_cache.shape[3] != value_width:
+        raise ValueError(f"v_cache head dim {v_cache.shape[3]} must equal q's {value_width}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} must match k_cache "
+                         f"{tuple(k_cache.shape)} in pages, page size and heads")
+    _check_cache_dtype("k_cache", k_cache, q, k_scale)
+    _check_cache_dtype("v_cache", v_cache, q, v_scale)
+    n_kv = k_cache.shape[2]
+    if n_kv <= 0 or n_heads % n_kv:
+        raise ValueError(f"k_cache has {n_kv} heads, which must divide q's {n_heads} heads")
+    if v_cache.device != q.device:
+        raise ValueError(f"v_cache is on {v_cache.device} but q is on {q.device}")
+
+
 def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
-                kv_scale, lead: str) -> None:
+                kv_scale, lead: tuple[str, ...]) -> None:
     """The operand checks `decode_tied` and `prefill_tied` share; `lead` names the query
-    dimensions before the head width ("B, L_q, H_q" for decode, "N, H_q" for prefill)."""
-    dims = lead.count(",") + 2
+    dimensions before the head width (("B", "L_q", "H_q") for decode, ("N", "H_q") for prefill)."""
+    dims, lead = len(lead) + 1, ", ".join(lead)
     if q_nope.dim() != dims:
         raise ValueError(f"q_nope must be ({lead}, D_nope), got {tuple(q_nope.shape)}")
     _check_float("q_nope", q_nope)
@@ -228,26 +256,11 @@ class AttentionBackend:
         Returns:
             out (B, L_q, H_q, D) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
         """
-        if q.dim() != 4:
-            raise ValueError(f"q must be (B, L_q, H_q, D), got shape {tuple(q.shape)}")
-        _check_float("q", q)
-        batch, query_len, n_heads, head_dim = q.shape
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if cache.dim() != 4:
-                raise ValueError(f"{name} must be (P, page_size, H_kv, D), got {tuple(cache.shape)}")
-            if cache.shape[3] != head_dim:
-                raise ValueError(f"{name} head dim {cache.shape[3]} must equal q's {head_dim}")
-        _check_cache_dtype("k_cache", k_cache, q, k_scale)
-        _check_cache_dtype("v_cache", v_cache, q, v_scale)
-        if k_cache.shape != v_cache.shape:
-            raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-        n_kv = k_cache.shape[2]
-        if n_kv <= 0 or n_heads % n_kv:
-            raise ValueError(f"k_cache has {n_kv} heads, which must divide q's {n_heads} heads")
+        _check_kv(q, k_cache, v_cache, k_scale, v_scale, ("B", "L_q", "H_q"),
+                  value_width=q.shape[-1])
+        batch, query_len, _, head_dim = q.shape
         self._check_paged("k_cache", k_cache, block_table, cache_seqlens, batch, query_len,
                           q.device, plan)
-        if v_cache.device != q.device:
-            raise ValueError(f"v_cache is on {v_cache.device} but q is on {q.device}")
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         out, lse = self.run_decode(q, k_cache, v_cache, block_table, cache_seqlens,
                                    softmax_scale=scale, plan=plan, k_scale=k_scale,
@@ -271,7 +284,7 @@ class AttentionBackend:
         Returns:
             out (B, L_q, H_q, D_v) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
         """
-        _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, "B, L_q, H_q")
+        _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, ("B", "L_q", "H_q"))
         batch, query_len, n_heads, d_nope = q_nope.shape
         d_rope = q_rope.shape[3]
         self._check_paged("kv_cache", kv_cache, block_table, cache_seqlens, batch, query_len,
@@ -344,25 +357,8 @@ class AttentionBackend:
         Returns:
             out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
         """
-        if q.dim() != 3:
-            raise ValueError(f"q must be (N, H_q, D_qk), got shape {tuple(q.shape)}")
-        _check_float("q", q)
-        n_tokens, n_heads, d_qk = q.shape
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if cache.dim() != 4:
-                raise ValueError(f"{name} must be (P, page_size, H_kv, D), got {tuple(cache.shape)}")
-        if k_cache.shape[3] != d_qk:
-            raise ValueError(f"k_cache head dim {k_cache.shape[3]} must equal q's {d_qk}")
-        if v_cache.shape[:3] != k_cache.shape[:3]:
-            raise ValueError(f"v_cache {tuple(v_cache.shape)} must match k_cache "
-                             f"{tuple(k_cache.shape)} in pages, page size and heads")
-        _check_cache_dtype("k_cache", k_cache, q, k_scale)
-        _check_cache_dtype("v_cache", v_cache, q, v_scale)
-        n_kv = k_cache.shape[2]
-        if n_kv <= 0 or n_heads % n_kv:
-            raise ValueError(f"k_cache has {n_kv} heads, which must divide q's {n_heads} heads")
-        if v_cache.device != q.device:
-            raise ValueError(f"v_cache is on {v_cache.device} but q is on {q.device}")
+        _check_kv(q, k_cache, v_cache, k_scale, v_scale, ("N", "H_q"), value_width=None)
+        n_tokens, _, d_qk = q.shape
         plan = self._check_varlen("k_cache", k_cache, block_table, cu_seqlens_q, cache_seqlens,
                                   n_tokens, q.device, plan)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_qk)
@@ -389,7 +385,7 @@ class AttentionBackend:
         Returns:
             out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
         """
-        _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, "N, H_q")
+        _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, ("N", "H_q"))
         n_tokens, n_heads, d_nope = q_nope.shape
         d_rope = q_rope.shape[2]
         if q_rope.device != q_nope.device or rope_cache.device != q_nope.device:

@@ -156,7 +156,7 @@ class HopperBackend(TritonBackend):
             return plan
         batch, query_len, n_heads, _ = q.shape
         n_kv, d_v = k_cache.shape[2:]
-        d_pad = max(16, 1 << (d_v - 1).bit_length())
+        d_pad = triton_decode.pad_width(d_v)
         config = triton_decode.choose_config(d_pad, query_len, n_heads // n_kv, tied)
         _, head_blocks, _ = triton_decode.head_layout(n_heads // n_kv, query_len, config.max_rows)
         min_piece = triton_decode.min_piece(q, k_cache, v_cache, rope_cache, tied)
