@@ -18,6 +18,7 @@ previous launched step sampled, still on the device (`StepInput.feed`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -379,10 +380,11 @@ class ModelRunner:
                                              step.num_cached, self.page_size,
                                              backend=self.backend, upload=self._upload)
         cu = meta.plan.cu_seqlens_q
-        tokens = self._upload(torch.tensor([t for row in step.tokens for t in row],
-                                           dtype=torch.int64)[None])  # (1, N)
+        flat = np.fromiter(itertools.chain.from_iterable(step.tokens), dtype=np.int64,
+                           count=cu[-1])
+        tokens = self._upload(torch.from_numpy(flat)[None])  # (1, N)
         if step.feeds:
-            tokens = self._feed_packed(tokens, step.feed, cu)
+            tokens = self._feed(tokens, step.feed, last=[n - 1 for n in cu[1:]])
         hidden = self.model(tokens, meta=meta, kv_caches=self.kv_caches, hidden_only=True)[0]  # (N, D)
         for i, k in enumerate(step.prompt_logprobs):
             if k >= 0:
@@ -391,18 +393,6 @@ class ModelRunner:
         if not last:
             return None
         return self.model.output(hidden[self._upload(torch.tensor(last))])  # (n, V)
-
-    def _feed_packed(self, tokens: Tensor, feed: list[int], cu: list[int]) -> Tensor:
-        """Packed tokens (1, N) on the device with the last token of each row i whose
-        feed[i] >= 0 (rows cu[i]:cu[i + 1]) replaced by `last_sampled[feed[i]]`."""
-        if self.last_sampled is None:
-            raise RuntimeError("a step feeds on the previous step's tokens, but none were sampled")
-        rows = [i for i, f in enumerate(feed) if f >= 0]
-        index = self._upload(torch.tensor([[cu[i + 1] - 1 for i in rows], [feed[i] for i in rows]],
-                                          dtype=torch.int64))
-        tokens = tokens.clone()
-        tokens[0, index[0]] = self.last_sampled[index[1]]
-        return tokens
 
     def _decode(self, step: StepInput) -> Tensor:
         if isinstance(step.tokens, Tensor):  # already on the device (draft model steps)
@@ -429,15 +419,19 @@ class ModelRunner:
         meta.plan = self.plan(seqlens, t)
         return self.forward(tokens, meta, blocks=self.decode_blocks)
 
-    def _feed(self, tokens: Tensor, feed: list[int]) -> Tensor:
-        """tokens (B, T) on the device with each row i whose feed[i] >= 0 ending in
-        `last_sampled[feed[i]]` (the token the previous step sampled for it)."""
+    def _feed(self, tokens: Tensor, feed: list[int], last: list[int] | None = None) -> Tensor:
+        """tokens on the device with the last token of each row i whose feed[i] >= 0 replaced
+        by `last_sampled[feed[i]]` (the token the previous step sampled for it). Rows are
+        those of (B, T) tokens, or with `last` (each row's last position in the flat tokens)
+        the packed rows of a (1, N) prefill step."""
         if self.last_sampled is None:
             raise RuntimeError("a step feeds on the previous step's tokens, but none were sampled")
         rows = [i for i, f in enumerate(feed) if f >= 0]
-        index = self._upload(torch.tensor([rows, [feed[i] for i in rows]], dtype=torch.int64))
+        t = tokens.shape[1]
+        ends = [last[i] if last is not None else i * t + t - 1 for i in rows]
+        index = self._upload(torch.tensor([ends, [feed[i] for i in rows]], dtype=torch.int64))
         tokens = tokens.clone()
-        tokens[index[0], -1] = self.last_sampled[index[1]]
+        tokens.view(-1)[index[0]] = self.last_sampled[index[1]]
         return tokens
 
     # CUDA graphs: static inputs per query length, one graph per batch bucket.

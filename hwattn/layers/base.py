@@ -32,7 +32,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -291,15 +291,14 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.rope_dim = config.rope_dim
-        self._fused_in: tuple[Tensor, Tensor | None, list[int]] | None = None
+        self._fused_in: FusedLinear | None = None
 
     def in_proj(self, x: Tensor) -> tuple[Tensor, ...]:
         """x (B, T, D) through each layer of `input_projections`: (B, T, out_i) each; one
         matrix product over the concatenated weights once `fuse_projections` ran."""
         if self._fused_in is None:
             return tuple(getattr(self, name)(x) for name in self.input_projections)
-        weight, bias, sizes = self._fused_in
-        return F.linear(x, weight, bias).split(sizes, dim=-1)
+        return self._fused_in(x)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
@@ -511,10 +510,22 @@ class TiedStateAttention(Attention):
         return torch.cat((q_nope, q_rope), -1), keys, state
 
 
-def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None, list[int]] | None:
-    """One (sum of out, in) weight for linear layers of one input (and one bias, zeros where a
-    layer has none, if any has one), with every layer's weight and bias replaced by views of
-    its rows. Returns (weight, bias, output sizes), or None for fewer than two layers."""
+class FusedLinear(NamedTuple):
+    """Linear layers of one input as one matrix product: `weight` (sum of outs, in), `bias`
+    (or None) and each layer's output size. Calling it on x (..., in) returns their outputs."""
+
+    weight: Tensor
+    bias: Tensor | None
+    sizes: list[int]
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def fuse_linears(linears: list[nn.Linear]) -> FusedLinear | None:
+    """One `FusedLinear` for linear layers of one input (one bias, zeros where a layer has
+    none, if any has one), with every layer's weight and bias replaced by views of its rows,
+    so nothing is stored twice. None for fewer than two layers."""
     if len(linears) < 2:
         return None
     weight = torch.cat([m.weight for m in linears])
@@ -529,7 +540,7 @@ def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None, list[
         if m.bias is not None:
             m.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
         start += n
-    return weight, bias, sizes
+    return FusedLinear(weight, bias, sizes)
 
 
 def select_heads(weight: Tensor, heads: range, width: int) -> Tensor:

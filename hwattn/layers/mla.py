@@ -88,13 +88,17 @@ class LatentAttention(TiedStateAttention):
         out = torch.einsum("bljc,jgdc->bljgd", latent, w).reshape(b, n, self.n_heads, self.head_dim)
         return out if bias is None else out + bias
 
-    def attend(self, q, states) -> Tensor:
-        q_nope, q_rope = q
-        latent, k_rope = states
+    def expand(self, latent: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head keys and values of latents (B, L, h_c, d_c) and RoPE keys (B, L, d_R):
+        K (B, L, H, d_h + d_R) = [W_UK c, k_rope], V (B, L, H, d_h) = W_UV c."""
         b, n = latent.shape[:2]
         k = torch.cat((self._up(latent, self.w_uk, self.b_uk),
-                       k_rope[:, :, None, :].expand(b, n, self.n_heads, self.rope_dim)), -1)  # (B, L, H, d_h + d_R)
-        v = self._up(latent, self.w_uv, self.b_uv)  # (B, L, H, d_h)
+                       k_rope[:, :, None, :].expand(b, n, self.n_heads, self.rope_dim)), -1)
+        return k, self._up(latent, self.w_uv, self.b_uv)
+
+    def attend(self, q, states) -> Tensor:
+        q_nope, q_rope = q
+        k, v = self.expand(*states)
         return causal_attention(torch.cat((q_nope, q_rope), -1), k, v, self.scale)
 
     def absorb_query(self, q_nope: Tensor) -> Tensor:
@@ -153,10 +157,8 @@ class LatentAttention(TiedStateAttention):
         pages, table = meta.context_pages(kv_cache.shape[1])
         latent, rope = kv_cache[pages], rope_cache[pages]  # (n, page, h_c, d_c), (n, page, d_R)
         n, page = latent.shape[:2]
-        latent = latent.view(1, n * page, self.n_latent_heads, self.latent_dim)
-        rope = rope.view(1, n * page, 1, self.rope_dim).expand(1, n * page, self.n_heads, self.rope_dim)
-        k = torch.cat((self._up(latent, self.w_uk, self.b_uk), rope), -1)  # (1, n·page, H, d_h + d_R)
-        v = self._up(latent, self.w_uv, self.b_uv)  # (1, n·page, H, d_h)
+        k, v = self.expand(latent.view(1, n * page, self.n_latent_heads, self.latent_dim),
+                           rope.view(1, n * page, self.rope_dim))  # (1, n·page, H, ...)
         return k.view(n, page, self.n_heads, -1), v.view(n, page, self.n_heads, -1), table
 
     def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:

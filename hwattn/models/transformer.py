@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hwattn.config import ModelConfig
-from hwattn.layers import AttentionMetadata, RMSNorm, build_attention, fuse_linears, rope_table
+from hwattn.layers import (AttentionMetadata, FusedLinear, RMSNorm, build_attention, fuse_linears,
+                           rope_table)
 
 
 class FeedForward(nn.Module):
@@ -37,19 +38,15 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, **kw)
         self.w3 = nn.Linear(dim, hidden_dim, **kw)
         self.w2 = nn.Linear(hidden_dim, dim, **kw)
-
-        self._w13: Tensor | None = None
+        self._w13: FusedLinear | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._w13 is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = F.linear(x, self._w13).chunk(2, dim=-1)  # (B, T, hidden) each
+        gate, up = (self.w1(x), self.w3(x)) if self._w13 is None else self._w13(x)
         return self.w2(F.silu(gate) * up)
 
     def fuse_projections(self) -> None:
         """w1 and w3 as one matrix product (see `Attention.fuse_projections`)."""
-        fused = fuse_linears([self.w1, self.w3])
-        self._w13 = fused[0]
+        self._w13 = fuse_linears([self.w1, self.w3])
 
 
 class Block(nn.Module):

@@ -30,6 +30,6 @@ def test_fused_projections_keep_logits_and_weights(variant):
     for n in names:  # views of the fused matrix, not copies
         assert getattr(attn, n).weight.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
     assert (bias is not None) == bool(variant.get("attention_bias"))
-    assert ffn.w1.weight.untyped_storage().data_ptr() == ffn._w13.untyped_storage().data_ptr()
+    assert ffn.w1.weight.untyped_storage().data_ptr() == ffn._w13.weight.untyped_storage().data_ptr()
     params = {id(p): p for p in fused.parameters()}.values()
     assert sum(p.numel() for p in params) == model.num_params()
