@@ -2,10 +2,12 @@
 
 - `run_offline`: submit a batch of requests at once and run them to completion, timing every
   step: output throughput, TTFT, inter-token latency (per decode step), TPOT, end-to-end.
-- `decode_breakdown`: one decode step of B sequences at context L, split into the step's wall
-  time, the device time of the model's forward, and the device time of the attention kernels
-  alone (the same `hwattn.ops` calls every layer makes, timed standalone), hence the share of
-  the step spent outside the attention kernels and outside any kernel at all.
+- `decode_breakdown`: one decode step of B sequences at context L: the step as the host sees
+  it, the captured forward's device time, and (on a GPU, from the profiler's trace of the
+  replay) its kernels split into attention, cache writes, GEMMs, other kernels and the gaps
+  between them, plus host time, beside the step's floor (weights + KV cache at the copy rate,
+  FLOPs at the matmul rate, both measured in the same process); on the CPU, the layers'
+  attention calls timed alone.
 - `bench_engine`: both on one engine, as one JSON-ready document; `format_engine_report` prints it.
 
 Everything here goes through the engine's public API: pages are borrowed from the pool with
@@ -234,7 +236,7 @@ def profile_kernels(fn, iters: int) -> list[tuple[str, float]]:
     """(kernel name, seconds) of every GPU kernel, copy and memset that `iters` calls of `fn`
     ran, read from the profiler's trace (CUPTI records the kernels inside a CUDA graph's
     replay as it records launched ones)."""
-    import json as _json
+    import json
     import os
     import tempfile
 
@@ -250,7 +252,7 @@ def profile_kernels(fn, iters: int) -> list[tuple[str, float]]:
     try:
         prof.export_chrome_trace(path)
         with open(path) as f:
-            trace = _json.load(f)
+            trace = json.load(f)
     finally:
         os.unlink(path)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -284,13 +286,11 @@ def decode_floor(model, batch: int, context_len: int, cache_dtype: torch.dtype,
     plus the whole KV cache the step reads and the one token per sequence it writes. FLOPs:
     2 per weight per token (the embedding lookup is free) plus each layer's decode attention.
     """
-    params = {id(p): p for p in model.parameters()}.values()
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
-    kv_per_token = model.kv_bytes_per_token(1, cache_dtype)
-    kv_bytes = batch * (context_len + 1) * kv_per_token
-    embed = model.tok_embeddings.weight
-    tied = model.output.weight is embed
-    matmul_weights = sum(p.numel() for p in params) - (0 if tied else embed.numel())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = batch * (context_len + 1) * model.kv_bytes_per_token(1, cache_dtype)
+    # Untied, the input embedding is only looked up; tied, it is also the output head.
+    untied = model.output.weight is not model.tok_embeddings.weight
+    matmul_weights = model.num_params(non_embedding=untied)
     flops = 2 * batch * matmul_weights + batch * sum(
         blk.attn.decode_flops(context_len, 1) for blk in model.layers)
     out = dict(weight_bytes=weight_bytes, kv_bytes=kv_bytes, flops=flops)

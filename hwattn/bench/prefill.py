@@ -48,7 +48,7 @@ class PrefillCase:
         return self.prefix + self.query_len
 
 
-def case_inputs(torch, layer, form, case: PrefillCase, device, dtype=None) -> dict:
+def case_inputs(torch, form, case: PrefillCase, device, dtype=None) -> dict:
     """Random queries and paged caches of one form (its `query_shapes` / `cache_shapes`),
     a shuffled block table with spare pages, the lengths and the step's plan."""
     dtype = dtype or torch.bfloat16
@@ -101,7 +101,7 @@ def bench_case(case: PrefillCase, *, backend, timer, peak_tflops: float | None =
     for form in available.values():
         if forms and form.name not in forms:
             continue
-        inputs = case_inputs(torch, layer, form, case, device, dtype)
+        inputs = case_inputs(torch, form, case, device, dtype)
         plan = backend.plan_prefill(*inputs["plan_args"])
         row = dict(asdict(case), form=form.name, backend=backend.name,
                    attention_flops=form.attention_flops(q_lens, seqlens),

@@ -1,7 +1,7 @@
 """Runs the model over the paged cache through an attention backend (`hwattn.ops`): prefill
-and mixed steps as one variable-length forward through the paged prefill op (every row's chunk,
-cached prefix or not, decode rows of a mixed step as one-token rows), decode steps through the
-paged decode op, and CUDA graphs for decode batch-size buckets on a GPU (one per bucket and
+and mixed steps as one variable-length forward (every row's chunk, cached prefix or not, decode
+rows of a mixed step as one-token rows; a step of whole prompts attends densely, any other
+through the paged prefill op), decode steps through the paged decode op, and CUDA graphs for decode batch-size buckets on a GPU (one per bucket and
 query length: plain decode and speculative verification).
 
 Mechanism only. The runner chooses its backend once; a step arrives as a `StepInput` of plain
@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 class StepInput:
     """One forward step over several sequences.
 
-    kind: "prefill" (each row its own chunk length, attended through the paged prefill op),
-        "decode" (every row the same number T of tokens, attended through the paged decode op)
-        or "mixed" (the first `num_decode` rows decode one token each, the rest are prefill
-        chunks; all rows attended through the prefill op).
+    kind: "prefill" (each row its own chunk length: whole prompts attended densely, chunks
+        over a cached prefix through the paged prefill op), "decode" (every row the same
+        number T of tokens, attended through the paged decode op) or "mixed" (the first
+        `num_decode` rows decode one token each, the rest are prefill chunks; all rows
+        attended through the prefill op).
     tokens: per sequence, the new tokens this step feeds.
     num_cached: per sequence, tokens already in the cache before this step.
     block_tables: per sequence, its page ids (covering num_cached + len(tokens) tokens).
@@ -158,12 +159,10 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer)
 
-    def forward(self, tokens: Tensor, meta: AttentionMetadata, last_only: bool = False,
-                blocks=None) -> Tensor:
-        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) for the last position only;
-        `blocks` run in place of the model's layers (the compiled decode blocks)."""
-        return self.model(tokens, meta=meta, kv_caches=self.kv_caches, last_only=last_only,
-                          blocks=blocks)
+    def forward(self, tokens: Tensor, meta: AttentionMetadata, blocks=None) -> Tensor:
+        """A decode step: tokens (B, T) -> logits (B, T, V); `blocks` run in place of the
+        model's layers (the compiled decode blocks)."""
+        return self.model(tokens, meta=meta, kv_caches=self.kv_caches, blocks=blocks)
 
     def plan(self, seqlens: Tensor, query_len: int, out=None):
         """The backend's plan for a decode step of host lengths `seqlens` (B,) int32 (the
@@ -370,8 +369,8 @@ class ModelRunner:
         return self._packed(step, step.need_logits or [False] * len(step.num_cached))
 
     def _packed(self, step: StepInput, need: list[bool]) -> Tensor | None:
-        """One forward over the rows' tokens packed as (1, N), attended through the paged
-        prefill op. Returns the logits (n, V) of the last token of each row i with need[i],
+        """One forward over the rows' tokens packed as (1, N) (whole prompts attended densely,
+        chunks over a cached prefix through the paged prefill op). Returns the logits (n, V) of the last token of each row i with need[i],
         in row order (None if none); rows asking prompt log-probabilities keep every
         position's logits for `_prompt_logprobs`."""
         self._prompt_logits = {}

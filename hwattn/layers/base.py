@@ -4,8 +4,8 @@ attention metadata that drives it, and the cost accounting (KV bytes, decode byt
 A family implements these hooks:
 
     project(x, cos, sin) -> (q_parts, states)   query pieces and the per-token cached states
-    attend(q_parts, states) -> (B, T, H, d_h)   dense causal attention over states (training);
-                                                 keys may outnumber queries
+    attend(q_parts, states) -> (B, T, H, d_h)   dense causal attention over states (training,
+                                                 whole prompts); keys may outnumber queries
     decode(q_parts, cache, meta) -> (B, T, H, d_h)  attention through `meta.backend`
     prefill(q_parts, cache, meta) -> (N, H, d_h)    varlen attention through `meta.backend`
     prefill_forms() -> (PrefillForm, ...)       the paged prefill-op calls it can make
@@ -18,9 +18,10 @@ A family implements these hooks:
     shard_heads(q_heads, c_heads) -> fields     keep one tensor-parallel rank's heads
 
 and `forward` ties them together: without metadata it is the training path; with metadata it
-writes this step's states into the cache through `slot_mapping`, then attends through the
-paged prefill op (a prefill step: every sequence's tokens packed as rows, `cu_seqlens_q`
-saying whose they are) or the paged decode op. The decode-op hooks and `prefill_forms` let
+writes this step's states into the cache through `slot_mapping`, then attends: a prefill
+step (every sequence's tokens packed as rows, `cu_seqlens_q` saying whose they are) densely
+through `attend` when it holds only whole prompts, else through the paged prefill op; a
+decode step through the paged decode op. The decode-op hooks and `prefill_forms` let
 benchmarks and tensor parallelism treat every family alike; the layer never sees which backend
 runs its kernels. A family without a paged prefill keeps the default `prefill`: dense
 attention (`attend`) over each sequence's cache gathered into a tensor.

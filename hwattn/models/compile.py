@@ -5,9 +5,10 @@ for all layers: compile time is that of one layer. Training (`hwattn.train.compi
 engine's decode step (`hwattn.engine.model_runner`) both run `Transformer.forward` with the
 compiled blocks in place of the model's own (`blocks=`); the model itself is untouched.
 
-Inside a block, the paged-cache ops are opaque to the compiler: the public methods of
-`hwattn.ops.AttentionBackend` are `torch.compiler.disable`d, so the graph breaks around the
-cache write and the decode kernel and Inductor fuses what lies between (RMSNorm, RoPE, the
+Inside a block, the paged-cache ops are opaque to the compiler: the checked op entry points
+of `hwattn.ops.AttentionBackend` (decode, prefill, store_kv) and the layers' cache write
+(`Attention._store`) are `torch.compiler.disable`d, so the graph breaks around the cache write
+and the attention kernel and Inductor fuses what lies between (RMSNorm, RoPE, the
 latent absorptions, SwiGLU's activation, residual adds) into a few kernels.
 """
 

@@ -61,7 +61,7 @@ def greedy_generate(model, prompt: Tensor, max_new_tokens: int, page_size: int =
     seqlens = torch.full((batch,), t0, dtype=torch.int32, device=device)
     meta = AttentionMetadata.for_step(block_table, seqlens, t0, page_size, is_prefill=True,
                                       backend=backend)
-    logits = model(prompt, meta=meta, kv_caches=caches)[:, -1]  # (B, V)
+    logits = model(prompt, meta=meta, kv_caches=caches, last_only=True)[:, -1]  # (B, V)
     sync()
     prefill_s = time.perf_counter() - start
     out, step_logits = [prompt], [logits]

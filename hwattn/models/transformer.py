@@ -10,7 +10,7 @@ conversion are applied from outside.
     logits = model(tokens, meta=meta, kv_caches=caches)      # prefill / decode through the cache
 
 `forward` is the one decoder loop: training, regionally compiled training (`blocks=`) and the
-serving engine (`last_only=`) all run it.
+serving engine (`meta=`, `hidden_only=`) all run it.
 
 Cost accounting (KV bytes per token, FLOPs per token for MFU) sits beside the model.
 """
@@ -106,7 +106,7 @@ class Transformer(nn.Module):
         Without `meta`, positions are 0..T-1 and attention is causal over the input (training).
         With `meta` and `kv_caches` (from `allocate_kv_cache`), the T tokens are the last T of
         each cached sequence: they are written to the cache and attend to everything before.
-        last_only: project only the last position to the vocabulary (prefill, decode).
+        last_only: project only the last position to the vocabulary (a prompt's next token).
         blocks: callables run in place of `self.layers`, with `Block.forward`'s signature
             (e.g. compiled copies of the blocks, sharing their parameters).
         """

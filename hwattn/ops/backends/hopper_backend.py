@@ -95,9 +95,9 @@ class HopperBackend(TritonBackend):
 
     name = "hopper"
     priority = 20
-    kernel_names = {"attention": TritonBackend.kernel_names["attention"]
-                    + ("hopper_tied_kernel", "hopper_duo_kernel", "hopper_pingpong_kernel"),
-                    "cache_write": TritonBackend.kernel_names["cache_write"]}
+    kernel_names = {**TritonBackend.kernel_names,
+                    "attention": TritonBackend.kernel_names["attention"]
+                    + ("hopper_tied_kernel", "hopper_duo_kernel", "hopper_pingpong_kernel")}
 
     def __init__(self, config=None):
         try:

@@ -10,6 +10,8 @@ Importing this module imports triton.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from hwattn.ops import reference, triton_decode, triton_prefill
@@ -43,8 +45,11 @@ class TritonBackend(AttentionBackend):
         return TritonBackend(config, self.prefill_config)
 
     def with_prefill_config(self, config: triton_prefill.PrefillConfig | None) -> "TritonBackend":
-        """A Triton backend that launches every prefill kernel with the tile shape `config`."""
-        return TritonBackend(self.config, config)
+        """This backend (of whatever subclass: the Hopper one keeps its decode kernels), with
+        every prefill kernel launched with the tile shape `config`."""
+        out = copy.copy(self)
+        out.prefill_config = config
+        return out
 
     def check_cache(self, page_size: int, dtype: torch.dtype) -> None:
         super().check_cache(page_size, dtype)
