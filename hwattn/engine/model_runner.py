@@ -129,6 +129,9 @@ class ModelRunner:
         query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails).
     compile_decode: run decode steps through `torch.compile`d blocks (hwattn/models/compile.py;
         compiled before capture, so each captured graph replays the fused kernels).
+
+    The runner fuses the model's input projections (`Transformer.fuse_projections`): from
+    then on the model serves (its fused weights take no gradients).
     """
 
     def __init__(self, model, num_pages: int, page_size: int, max_model_len: int,
