@@ -44,7 +44,6 @@ class ScheduledBatch:
     seqs: list[Sequence]
     chunks: list[int] = field(default_factory=list)
     query_len: int = 1
-    preempted: list[Sequence] = field(default_factory=list)
     num_decode: int = 0
 
 
@@ -125,16 +124,10 @@ class Scheduler:
     def schedule(self, lookahead: int = 0) -> ScheduledBatch | None:
         """The next step, or None when nothing can run. `lookahead` is the number of draft
         tokens a decode step will verify (pages are reserved for them)."""
-        made_way = self._make_way()
+        self._make_way()
         if self.mixed and not lookahead:
-            batch = self._schedule_mixed()
-        else:
-            batch = self._schedule_prefill() or self._schedule_decode(lookahead)
-        if made_way:
-            if batch is None:
-                batch = ScheduledBatch("decode", [], query_len=1 + lookahead)
-            batch.preempted = made_way + batch.preempted
-        return batch
+            return self._schedule_mixed()
+        return self._schedule_prefill() or self._schedule_decode(lookahead)
 
     def will_end(self, seq: Sequence) -> bool:
         """Whether the sequence ends by length once its pending tokens are read back."""
@@ -146,16 +139,16 @@ class Scheduler:
 
     def _schedule_mixed(self) -> ScheduledBatch | None:
         decodes = self._decoding()
-        preempted = self._make_room(decodes, 1)
+        self._make_room(decodes, 1)
         for seq in decodes:
             self.bm.grow(seq, seq.num_cached + 1)
         budget = self.max_num_batched_tokens - len(decodes)
         seqs, chunks = self._prefill_chunks(max(0, budget)) if budget > 0 else ([], [])
         if not decodes and not seqs:
-            return ScheduledBatch("decode", [], preempted=preempted) if preempted else None
+            return None
         kind = "mixed" if decodes and seqs else ("decode" if decodes else "prefill")
         return ScheduledBatch(kind, decodes + seqs, [1] * len(decodes) + chunks,
-                              preempted=preempted, num_decode=len(decodes))
+                              num_decode=len(decodes))
 
     def _held(self) -> Counter:
         """Running sequences per owner."""
@@ -173,11 +166,10 @@ class Scheduler:
                 best = seq
         return best
 
-    def _make_way(self) -> list[Sequence]:
+    def _make_way(self) -> None:
         """Fairness: while the next waiting sequence finds no free slot or no pages, preempt
         for it a sequence of an owner holding at least two more running sequences than its own
-        owner (so no two owners trade a sequence back and forth); returns those preempted."""
-        preempted = []
+        owner (so no two owners trade a sequence back and forth)."""
         while self.waiting:
             held = self._held()
             seq = self.waiting.next(held)
@@ -190,13 +182,10 @@ class Scheduler:
                 break
             self.running.remove(victim)
             self._preempt(victim)
-            preempted.append(victim)
-        return preempted
 
-    def _make_room(self, decodes: list[Sequence], query_len: int) -> list[Sequence]:
+    def _make_room(self, decodes: list[Sequence], query_len: int) -> None:
         """Preempt running sequences (`_victim`: never one about to end) until every one left
-        in `decodes` can hold `query_len` more tokens; returns those preempted."""
-        preempted = []
+        in `decodes` can hold `query_len` more tokens."""
         while decodes and not self.bm.can_grow(decodes, query_len):
             victim = self._victim()
             if victim is None:
@@ -205,8 +194,6 @@ class Scheduler:
             if victim in decodes:
                 decodes.remove(victim)
             self._preempt(victim)
-            preempted.append(victim)
-        return preempted
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         seqs, chunks = self._prefill_chunks(self.max_num_batched_tokens)
@@ -251,14 +238,12 @@ class Scheduler:
         query_len = 1 + lookahead
         decodes = self._decoding() if any(s.num_pending for s in self.running) \
             else list(self.running)
-        preempted = self._make_room(decodes, query_len)
+        self._make_room(decodes, query_len)
         if not decodes:
-            return ScheduledBatch("decode", [], query_len=query_len, preempted=preempted) \
-                if preempted else None
+            return None
         for seq in decodes:
             self.bm.grow(seq, seq.num_cached + query_len)
-        return ScheduledBatch("decode", decodes, query_len=query_len, preempted=preempted,
-                              num_decode=len(decodes))
+        return ScheduledBatch("decode", decodes, query_len=query_len, num_decode=len(decodes))
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_sequence(seq)
