@@ -113,6 +113,9 @@ class Scheduler:
         self.mixed = mixed
         self.waiting = WaitQueue()
         self.running: list[Sequence] = []
+        # Running sequences per owner; built by `schedule` and kept up to date as it preempts
+        # and admits, so the fairness checks do not recount `running` each time.
+        self._held: Counter = Counter()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -124,6 +127,7 @@ class Scheduler:
     def schedule(self, lookahead: int = 0) -> ScheduledBatch | None:
         """The next step, or None when nothing can run. `lookahead` is the number of draft
         tokens a decode step will verify (pages are reserved for them)."""
+        self._held = Counter(s.owner for s in self.running)
         self._make_way()
         if self.mixed and not lookahead:
             return self._schedule_mixed()
@@ -150,14 +154,10 @@ class Scheduler:
         return ScheduledBatch(kind, decodes + seqs, [1] * len(decodes) + chunks,
                               num_decode=len(decodes))
 
-    def _held(self) -> Counter:
-        """Running sequences per owner."""
-        return Counter(s.owner for s in self.running)
-
     def _victim(self, at_least: int = 1) -> Sequence | None:
         """The most recently admitted running sequence (never one about to end) of the owner
         holding the most running sequences, when that owner holds at least `at_least`."""
-        held = self._held()
+        held = self._held
         best = None
         for seq in reversed(self.running):  # the latest admitted first
             if self.will_end(seq) or held[seq.owner] < at_least:
@@ -170,8 +170,8 @@ class Scheduler:
         """Fairness: while the next waiting sequence finds no free slot or no pages, preempt
         for it a sequence of an owner holding at least two more running sequences than its own
         owner (so no two owners trade a sequence back and forth)."""
+        held = self._held
         while self.waiting:
-            held = self._held()
             seq = self.waiting.next(held)
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
@@ -180,7 +180,6 @@ class Scheduler:
             victim = self._victim(at_least=held[seq.owner] + 2)
             if victim is None:
                 break
-            self.running.remove(victim)
             self._preempt(victim)
 
     def _make_room(self, decodes: list[Sequence], query_len: int) -> None:
@@ -190,7 +189,6 @@ class Scheduler:
             victim = self._victim()
             if victim is None:
                 break
-            self.running.remove(victim)
             if victim in decodes:
                 decodes.remove(victim)
             self._preempt(victim)
@@ -212,9 +210,8 @@ class Scheduler:
                 seqs.append(seq)
                 chunks.append(n)
                 budget -= n
-        held = self._held()
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.next(held)
+            seq = self.waiting.next(self._held)
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if not self.bm.can_allocate(seq, reserve=1):
@@ -227,7 +224,7 @@ class Scheduler:
             self.bm.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            held[seq.owner] += 1
+            self._held[seq.owner] += 1
             n = min(seq.num_uncomputed, budget)
             seqs.append(seq)
             chunks.append(n)
@@ -246,6 +243,9 @@ class Scheduler:
         return ScheduledBatch("decode", decodes, query_len=query_len, num_decode=len(decodes))
 
     def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence back to the front of its owner's waiting queue."""
+        self.running.remove(seq)
+        self._held[seq.owner] -= 1
         self.bm.free_sequence(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1
