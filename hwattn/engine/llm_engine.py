@@ -151,24 +151,27 @@ def checked_params(params: SamplingParams | None) -> SamplingParams:
     return dataclasses.replace(params)
 
 
-def check_requests(prompts: list, params: list, validate,
+def check_requests(prompts: list, params: list, validate, check_params,
                    max_model_len: int) -> list[tuple[list[int], SamplingParams]]:
     """(token ids, checked params copy) of every request, or a ValueError naming the first bad
-    prompt's index: the all-or-nothing check before a batch of requests is queued anywhere.
-    validate: prompt -> token ids (`validate_prompt` bound to a model). A `max_tokens` of None
-    becomes what the context leaves after the prompt (`max_model_len` - its length)."""
+    prompt's index (one request's error as it was raised, a `ParamError` keeping its `param`):
+    the all-or-nothing check before a batch of requests is queued anywhere.
+    validate: prompt -> token ids (`validate_prompt` bound to a model). check_params: params ->
+    a checked copy (the engine's `check_params`). A `max_tokens` of None becomes what the
+    context leaves after the prompt (`max_model_len` - its length)."""
     if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
     checked = []
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         try:
-            ids, sp = validate(prompt), checked_params(sp)
+            ids, sp = validate(prompt), check_params(sp)
             if sp.max_tokens is None:
                 sp.max_tokens = max_model_len - len(ids)  # validate left at least one
             checked.append((ids, sp))
         except ValueError as err:
-            where = f"prompts[{i}]: " if len(prompts) > 1 else ""
-            raise ValueError(f"{where}{err}") from None
+            if len(prompts) == 1:
+                raise
+            raise ValueError(f"prompts[{i}]: {err}") from None
     return checked
 
 
@@ -248,7 +251,8 @@ class LLMEngine:
         """Queue several requests, all or none: every prompt and every params is checked
         before any request is queued, so a ValueError (naming the bad prompt's index) leaves
         the engine as it was. owner: as for `add_request`, shared by all of them."""
-        checked = check_requests(prompts, params, self.validate_prompt, self.max_model_len)
+        checked = check_requests(prompts, params, self.validate_prompt, self.check_params,
+                                 self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
         check_request_ids(rids, self.requests)
@@ -264,12 +268,12 @@ class LLMEngine:
                 self.scheduler.add(seq)
         return rids
 
-    def check_request(self, prompt: str | list[int] | torch.Tensor,
-                      params: SamplingParams | None = None) -> tuple[list[int], SamplingParams]:
-        """What `add_request` checks, without queueing anything: (the prompt's token ids, a
-        checked copy of params), or the ValueError `add_request` would raise. Safe to call from
-        another thread (the server checks a request before it starts streaming the answer)."""
-        return check_requests([prompt], [params], self.validate_prompt, self.max_model_len)[0]
+    def check_params(self, params: SamplingParams | None) -> SamplingParams:
+        """What `add_request` checks of `params` (`validate_prompt` checks the prompt), without
+        queueing anything: a checked copy, or the ValueError `add_request` would raise. Safe to
+        call from another thread (the server checks a request before it starts streaming the
+        answer)."""
+        return checked_params(params)
 
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
         """`validate_prompt` against this engine's tokenizer, vocabulary and context. Safe to

@@ -25,7 +25,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -198,17 +197,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError(f"prompt is not valid Unicode: {err.reason}", param="prompt") from None
 
     def checked(jobs: list[tuple[list[int], SamplingParams]]) -> None:
-        """Refuse now, with the engine's own checks, what the engine would refuse once queued
-        (e.g. settings a data-parallel engine does not support), and everything once the
-        engine is down: a stream must not start with 200 and then fail."""
+        """Refuse now, with the engine's own check of the params (the prompts passed
+        `prompt_ids`), what the engine would refuse once queued (e.g. settings a data-parallel
+        engine does not support, each a `ParamError` naming the setting), and everything once
+        the engine is down: a stream must not start with 200 and then fail."""
         if engine.dead is not None:
             raise APIError(engine.dead, status=503, kind="server_error")
-        for ids, params in jobs:
+        for _, params in jobs:
             try:
-                llm.check_request(ids, params)
+                llm.check_params(params)
             except ValueError as err:
-                name = re.match(r"[a-z_]+", str(err))
-                raise APIError(str(err), param=name.group(0) if name else None) from None
+                raise APIError(str(err), param=getattr(err, "param", None)) from None
 
     def fits(ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
         if len(ids) + params.max_tokens > max_len:
