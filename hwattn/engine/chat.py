@@ -23,6 +23,7 @@ import secrets
 from pathlib import Path
 
 from hwattn.data.tokenizer import CHAT_ROLES, chat_parts, chat_prompt
+from hwattn.engine.llm_engine import check_prompt_chars
 
 
 def _message_text(i: int, message) -> tuple[str, str]:
@@ -144,17 +145,17 @@ class ChatTemplate:
         return [(plain, False)]
 
     def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True,
-               max_chars: int | None = None) -> list[int]:
+               max_model_len: int | None = None, generate: bool = True) -> list[int]:
         """The prompt's token ids: the template's text with `tokenizer.encode`, each message's
         content with `tokenizer.encode_text` (special tokens' text stays text). ValueError
-        naming `messages` if the prompt is longer than `max_chars` characters (checked before
-        anything is tokenized), or if the template reshapes message content and a message
-        holds a special token's text (it could then not be kept apart)."""
+        naming `messages` if, with `max_model_len` given, the prompt has too many characters to
+        fit it (`llm_engine.check_prompt_chars`, with `generate`; checked before anything is
+        tokenized), or if the template reshapes message content and a message holds a special
+        token's text (it could then not be kept apart)."""
         parts = self.parts(messages, add_generation_prompt)
-        chars = sum(len(text) for text, _ in parts)
-        if max_chars is not None and chars > max_chars:
-            raise ValueError(f"messages: the conversation's prompt has {chars} characters, more "
-                             f"than the model's context can hold")
+        if max_model_len is not None:
+            check_prompt_chars(sum(len(text) for text, _ in parts), tokenizer, max_model_len,
+                               generate, what="messages: the conversation's prompt")
         if len(parts) == 1 and not parts[0][1]:
             specials = getattr(tokenizer, "special_token_texts", ())
             for i, m in enumerate(self._flat(messages)):

@@ -87,23 +87,46 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
     return num_pages
 
 
+class ContextLengthError(ValueError):
+    """A prompt that cannot fit the model's context."""
+
+
+def check_prompt_chars(chars: int, tokenizer, max_model_len: int, generate: bool = True,
+                       what: str = "prompt") -> None:
+    """ContextLengthError (naming `what`) if a text of `chars` characters cannot fit the
+    context, checked before it is tokenized so that a huge text costs nothing: no token stands
+    for more than `tokenizer.max_token_chars` characters (no bound when the tokenizer does not
+    say), so a text of more than T times that many characters cannot come to T tokens or
+    fewer. T is max_model_len - 1 with `generate` (a prompt must leave room for a token, as
+    `validate_prompt` requires) and max_model_len without (/tokenize)."""
+    per_token = getattr(tokenizer, "max_token_chars", None)
+    limit = max_model_len - 1 if generate else max_model_len
+    if per_token is not None and chars > limit * per_token:
+        raise ContextLengthError(f"{what} has {chars} characters, more than {limit} tokens can "
+                                 f"hold; the model's context is {max_model_len}")
+
+
+def encode_prompt(text: str, tokenizer, max_model_len: int, generate: bool = True) -> list[int]:
+    """`tokenizer.encode(text)` after `check_prompt_chars`; ValueError if the text is not
+    valid Unicode (a lone surrogate), naming the character."""
+    check_prompt_chars(len(text), tokenizer, max_model_len, generate)
+    try:
+        return tokenizer.encode(text)
+    except UnicodeEncodeError as err:
+        raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
+                         f"{text[err.start]!r} ({err.reason})") from None
+
+
 def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_size: int,
                     max_model_len: int) -> list[int]:
     """The prompt's token ids; ValueError if it is empty, has ids outside [0, vocab_size), is
-    not valid Unicode or leaves no room to generate within max_model_len. A text far too long
-    for the context is refused before it is tokenized.
+    not valid Unicode or leaves no room to generate within max_model_len (a
+    `ContextLengthError`). A text too long for the context is refused before it is tokenized
+    (`check_prompt_chars`).
 
     prompt: text, a list of token ids, or a 1-D integer tensor of token ids."""
     if isinstance(prompt, str):
-        chars = getattr(tokenizer, "max_token_chars", None)
-        if chars is not None and len(prompt) >= max_model_len * chars:
-            raise ValueError(f"prompt has {len(prompt)} characters, more than {max_model_len - 1} "
-                             f"tokens can hold; the model's context is {max_model_len}")
-        try:
-            ids = tokenizer.encode(prompt)
-        except UnicodeEncodeError as err:
-            raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
-                             f"{prompt[err.start]!r} ({err.reason})") from None
+        ids = encode_prompt(prompt, tokenizer, max_model_len)
     elif isinstance(prompt, torch.Tensor):
         if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
                 or prompt.dtype == torch.bool:
@@ -118,8 +141,8 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
     if not ids:
         raise ValueError("prompt must not be empty")
     if len(ids) >= max_model_len:
-        raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                         f"{max_model_len}, leaving no room to generate")
+        raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context is "
+                                 f"{max_model_len}, leaving no room to generate")
     if all(type(t) is int and 0 <= t < vocab_size for t in ids):  # the common case, fast
         return ids
     if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size

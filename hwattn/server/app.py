@@ -37,6 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from hwattn.config import VERSION
 from hwattn.engine.chat import ChatTemplate
+from hwattn.engine.llm_engine import ContextLengthError, encode_prompt
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
 from hwattn.server.formats import chat_logprobs, completion_logprobs, prompt_logprobs, top
@@ -91,9 +92,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     tokenizer = llm.tokenizer
     max_len = llm.max_model_len
     created = int(time.time())
-    # The most characters a prompt can have and still fit the context (a token stands for at
-    # most `max_token_chars` of them): a longer one is refused before it is tokenized.
-    max_chars = max_len * getattr(tokenizer, "max_token_chars", 1 << 30)
 
     def decode(token: int) -> str:
         return tokenizer.decode([token])
@@ -162,39 +160,37 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                            f"{model_name!r}", status=404, param="model", code="model_not_found")
         return body
 
+    def refused(err: ValueError, param: str) -> APIError:
+        code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
+        return APIError(str(err), param=param, code=code)
+
     def prompt_ids(prompt, param: str) -> list[int]:
         try:
             return llm.validate_prompt(prompt)
         except ValueError as err:
-            raise APIError(str(err), param=param,
-                           code="context_length_exceeded" if "context" in str(err) else None) from None
+            raise refused(err, param) from None
 
-    def chat_ids(messages, add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(messages, add_generation_prompt: bool = True, generate: bool = True) -> list[int]:
         """The conversation's token ids (`ChatTemplate.encode`: no message can produce a
-        special token or a turn marker), refused before tokenizing if it cannot fit."""
+        special token or a turn marker), refused before tokenizing if it cannot fit (leaving a
+        token to generate, with `generate`)."""
         try:
             ids = template.encode([m.model_dump() for m in messages], tokenizer,
-                                  add_generation_prompt, max_chars=max_chars)
+                                  add_generation_prompt, max_model_len=max_len, generate=generate)
         except UnicodeEncodeError as err:  # a lone surrogate in a message
             raise APIError(f"messages are not valid Unicode: {err.reason}",
                            param="messages") from None
         except ValueError as err:
-            too_long = "context" in str(err)
-            raise APIError(str(err), param="messages",
-                           code="context_length_exceeded" if too_long else None) from None
+            raise refused(err, "messages") from None
         return ids
 
     def tokenize_text(text: str) -> list[int]:
         """/tokenize's ids of a prompt: at most the model's context (as for generation, a text
         that could not fit is refused before it is tokenized)."""
-        if len(text) > max_chars:
-            raise APIError(f"prompt has {len(text)} characters, more than the model's context "
-                           f"of {max_len} tokens can hold", param="prompt",
-                           code="context_length_exceeded")
         try:
-            return tokenizer.encode(text)
-        except UnicodeEncodeError as err:
-            raise APIError(f"prompt is not valid Unicode: {err.reason}", param="prompt") from None
+            return encode_prompt(text, tokenizer, max_len, generate=False)
+        except ValueError as err:
+            raise refused(err, "prompt") from None
 
     def checked(jobs: list[tuple[list[int], SamplingParams]]) -> None:
         """Refuse now, with the engine's own check of the params (the prompts passed
@@ -371,7 +367,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         req = parse(TokenizeRequest, await read_body(request, model_required=False), limits)
         if req.messages is not None:
             ids, param = await run_in_threadpool(chat_ids, req.messages,
-                                                 req.add_generation_prompt), "messages"
+                                                 req.add_generation_prompt, False), "messages"
         else:
             ids, param = await run_in_threadpool(tokenize_text, req.prompt), "prompt"
         if len(ids) > max_len:
