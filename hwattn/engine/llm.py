@@ -294,9 +294,11 @@ class LLM:
         for i, conversation in enumerate(conversations):
             try:
                 # Token ids, built piece by piece: no message can produce a special token or
-                # a turn marker (`ChatTemplate.encode`).
-                prompts.append(template.encode(conversation, self.tokenizer, add_generation_prompt))
-                texts.append(template.render(conversation, add_generation_prompt))
+                # a turn marker (`ChatTemplate.encode`); the text from the same rendering.
+                ids, text = template.encode_with_text(conversation, self.tokenizer,
+                                                      add_generation_prompt)
+                prompts.append(ids)
+                texts.append(text)
             except ValueError as err:
                 where = f"conversation {i}: " if len(conversations) > 1 else ""
                 raise ValueError(f"{where}{err}") from None
