@@ -119,6 +119,12 @@ def summarize(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _summary(report: dict) -> str:
+    """A worker's error report in one line: `summarize` of its exception, as the worker
+    (`ParentLink.fail`) wrote it, else the last line of its traceback."""
+    return report.get("summary") or report["traceback"].strip().splitlines()[-1]
+
+
 def proc_activity(pid: int) -> tuple[str, int] | None:
     """(state, CPU clock ticks used) of process `pid` from /proc: state "R" running, "D" in
     the disk, "S" asleep, "T" stopped, ...; None where /proc cannot say."""
@@ -471,8 +477,7 @@ class WorkerGroup:
         reports.sort(key=lambda r: r["time"])
         reported = {r["rank"] for r in reports}
         silent = sorted(r for r in deaths - reported if not self.said_bye[r])
-        notes = [f"{self._name(r['rank'])} ({r['phase']}): "
-                 f"{r['traceback'].strip().splitlines()[-1]}" for r in reports]
+        notes = [f"{self._name(r['rank'])} ({r['phase']}): {_summary(r)}" for r in reports]
         if silent:  # a rank that died without a word is the cause; its peers' errors follow
             i = silent[0]
             self.log_threads[i].join(timeout=1.0)  # the output it printed before dying
@@ -489,9 +494,8 @@ class WorkerGroup:
             msg = f"{name} failed during {first['phase']}:\n{first['traceback'].rstrip()}"
             if notes[1:]:
                 msg += "\nthen: " + "; ".join(notes[1:])
-            summary = first.get("summary") or first["traceback"].strip().splitlines()[-1]
             error = WorkerError(msg, self.first_rank + first["rank"], first["phase"],
-                                reason=f"{name} failed during {first['phase']}: {summary}")
+                                reason=f"{name} failed during {first['phase']}: {_summary(first)}")
         elif error is not None and error.rank is not None:
             error.rank += self.first_rank  # raised with the worker's place in this group
         self.error = error
