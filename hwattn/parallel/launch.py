@@ -365,6 +365,12 @@ class WorkerGroup:
     def _name(self, i: int) -> str:
         return f"{self.label} {self.first_rank + i}"
 
+    def _error(self, i: int | None, message: str, phase: str | None = None,
+               reason: str | None = None) -> WorkerError:
+        """A `WorkerError` about the worker in place `i` of this group (None: no one worker),
+        carrying its rank among all groups (`first_rank` + i)."""
+        return WorkerError(message, None if i is None else self.first_rank + i, phase, reason)
+
     # Start-up.
     def _accept(self, listener: socket.socket, token: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -373,7 +379,8 @@ class WorkerGroup:
             self._check_exits()
             if time.monotonic() > deadline:
                 missing = [self.first_rank + i for i, c in enumerate(self.conns) if c is None]
-                self._fail(WorkerError(f"{self.label} {missing} did not connect within {timeout:.0f} s"))
+                self._fail(self._error(None, f"{self.label} {missing} did not connect within "
+                                             f"{timeout:.0f} s"))
             ready, _, _ = select.select([listener] + pending, [], [], 0.2)
             for item in ready:
                 if item is listener:
@@ -437,7 +444,7 @@ class WorkerGroup:
                 continue  # busy in a long native call that holds the interpreter lock
             reason = (f"{self._name(i)} (pid {p.pid}) is stuck: no heartbeat for {silent:.1f} s "
                       f"(stopped or frozen)")
-            self._fail(WorkerError(f"{reason}; the group was stopped", i, reason=reason))
+            self._fail(self._error(i, f"{reason}; the group was stopped", reason=reason))
 
     def check(self) -> None:
         """Raise `WorkerError` if a worker has died or is stuck (reading no messages)."""
@@ -482,22 +489,19 @@ class WorkerGroup:
             i = silent[0]
             self.log_threads[i].join(timeout=1.0)  # the output it printed before dying
             tail = "".join(self.tails[i]).rstrip()
-            reason = f"{self._name(i)} died with {describe_exit(self.procs[i].poll())}"
-            msg = (f"{self._name(i)} (pid {self.procs[i].pid}) died with "
-                   f"{describe_exit(self.procs[i].poll())} without reporting an error"
-                   + (f"; its last output:\n{tail}" if tail else ""))
-            error = WorkerError(msg + ("\nthen: " + "; ".join(notes) if notes else ""),
-                                self.first_rank + i, reason=reason)
+            how = describe_exit(self.procs[i].poll())
+            msg = (f"{self._name(i)} (pid {self.procs[i].pid}) died with {how} without "
+                   f"reporting an error" + (f"; its last output:\n{tail}" if tail else ""))
+            error = self._error(i, msg + ("\nthen: " + "; ".join(notes) if notes else ""),
+                                reason=f"{self._name(i)} died with {how}")
         elif reports:  # the first report in time is the cause
             first = reports[0]
             name = self._name(first["rank"])
             msg = f"{name} failed during {first['phase']}:\n{first['traceback'].rstrip()}"
             if notes[1:]:
                 msg += "\nthen: " + "; ".join(notes[1:])
-            error = WorkerError(msg, self.first_rank + first["rank"], first["phase"],
+            error = self._error(first["rank"], msg, first["phase"],
                                 reason=f"{name} failed during {first['phase']}: {_summary(first)}")
-        elif error is not None and error.rank is not None:
-            error.rank += self.first_rank  # raised with the worker's place in this group
         self.error = error
         raise error
 
@@ -544,8 +548,8 @@ class WorkerGroup:
             conn, sent = self.conns[rank], 0
             while sent < len(data):
                 if conn is None or time.monotonic() > deadline:
-                    self._fail(WorkerError(f"{self._name(rank)} has not read its messages for "
-                                           f"{timeout:.0f} s", rank))
+                    self._fail(self._error(rank, f"{self._name(rank)} has not read its messages "
+                                                 f"for {timeout:.0f} s"))
                 try:
                     sent += conn.sock.send(view[sent:])
                     continue
@@ -564,8 +568,8 @@ class WorkerGroup:
         while not self.queues[rank]:
             left = self._tick if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                self._fail(WorkerError(f"{self._name(rank)} sent no {what} within "
-                                       f"{timeout:.0f} s; the group was stopped", rank))
+                self._fail(self._error(rank, f"{self._name(rank)} sent no {what} within "
+                                             f"{timeout:.0f} s; the group was stopped"))
             self._pump(min(left, self._tick))
         return self.queues[rank].popleft()
 
@@ -577,8 +581,9 @@ class WorkerGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = [self.first_rank + i for i, q in enumerate(self.queues) if not q]
-                self._fail(WorkerError(f"{self.label} {', '.join(map(str, missing))} sent no "
-                                       f"{what} within {timeout:.0f} s; the group was stopped"))
+                self._fail(self._error(None, f"{self.label} {', '.join(map(str, missing))} sent "
+                                             f"no {what} within {timeout:.0f} s; the group was "
+                                             f"stopped"))
             self._pump(min(left, self._tick))
         return [q.popleft() for q in self.queues]
 
