@@ -242,7 +242,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
-        return True
+        pass
     return True
 
 
@@ -310,12 +310,10 @@ class WorkerGroup:
         # mode 0700: only we can connect. Named after this process, so that a later group can
         # tell a folder whose owner was killed before removing it.
         self.folder = tempfile.mkdtemp(prefix=f"hwattn-{os.getpid()}-")
+        # A safety net: the folder is removed at the end of this constructor, however it ends;
+        # the finaliser (run by `kill`, or when the group is collected) removes it too.
         self._finalizer = weakref.finalize(self, _reap, self.procs, self.folder)
-        beats_path = os.path.join(self.folder, "beats")
-        with open(beats_path, "wb") as f:
-            f.write(bytes(_BEAT.size * world))
-        with open(beats_path, "r+b") as f:
-            self._beats = mmap.mmap(f.fileno(), _BEAT.size * world)
+        self._beats: mmap.mmap | None = None
         now = time.monotonic()
         self._watched_since = now  # heartbeats older than this were not watched for
         self._last_check = now
@@ -323,21 +321,27 @@ class WorkerGroup:
         self._tick = min(1.0, heartbeat_timeout / 4) if heartbeat_timeout else 1.0  # wait slices
         self._busy = [(None, now)] * world  # (CPU ticks last seen, when last seen busy)
         self.store = None
-        store_port = None
-        if rendezvous:
-            from torch.distributed import TCPStore
-
-            self.store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
-            store_port = self.store.port
-        address = os.path.join(self.folder, "link")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(address)
-        listener.listen(world)
         token = secrets.token_hex(16)
         base = dict(os.environ, **NO_MULTICAST)
         base["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, base.get("PYTHONPATH")) if p)
         beat_s = min(0.5, heartbeat_timeout / 5) if heartbeat_timeout else 0.5
+        listener = None
         try:
+            beats_path = os.path.join(self.folder, "beats")
+            with open(beats_path, "wb") as f:
+                f.write(bytes(_BEAT.size * world))
+            with open(beats_path, "r+b") as f:
+                self._beats = mmap.mmap(f.fileno(), _BEAT.size * world)
+            store_port = None
+            if rendezvous:
+                from torch.distributed import TCPStore
+
+                self.store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+                store_port = self.store.port
+            address = os.path.join(self.folder, "link")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(address)
+            listener.listen(world)
             for i in range(world):
                 child_env = dict(base, **(env[i] if env else {}))
                 proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
@@ -358,8 +362,10 @@ class WorkerGroup:
             self.kill()
             raise
         finally:
-            listener.close()
-            # Every worker is connected (or the group failed): the address is not needed again.
+            if listener is not None:
+                listener.close()
+            # Every worker is connected (or the group failed): the address and the beats file
+            # (mapped by now, where it got that far) are not needed again.
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _name(self, i: int) -> str:
@@ -414,8 +420,8 @@ class WorkerGroup:
         """Fail the group if a worker's heartbeat has stood still for `heartbeat_timeout`
         seconds of our watching while it used no CPU and waited on no disk (a gap in our own
         checks, as when this process was stopped along with its workers, restarts the count)."""
-        limit = self.heartbeat_timeout
-        if not limit or self.stopping:
+        limit, beats = self.heartbeat_timeout, self._beats
+        if not limit or self.stopping or beats is None:
             return
         now = time.monotonic()
         if now - self._last_check > max(2.0, limit / 2):
@@ -435,7 +441,10 @@ class WorkerGroup:
                 elif seen is not None and ticks != seen:
                     busy = now  # it used CPU time since the last look
                 self._busy[i] = (ticks, busy)
-            (beat,) = _BEAT.unpack_from(self._beats, _BEAT.size * i)
+            try:
+                (beat,) = _BEAT.unpack_from(beats, _BEAT.size * i)
+            except ValueError:  # the group was killed from another thread: its map is closed
+                return
             silent = now - max(beat, since)
             if silent <= limit:
                 continue
@@ -603,7 +612,8 @@ class WorkerGroup:
 
     # Stopping.
     def kill(self) -> None:
-        """Stop every worker now (terminate, then kill) and release the socket folder."""
+        """Stop every worker now (terminate, then kill), close the links and the heartbeat
+        map, and drop the rendezvous store."""
         for c in self.conns:
             if c is not None:
                 with contextlib.suppress(OSError):
@@ -611,6 +621,9 @@ class WorkerGroup:
         self.conns = [None] * self.world
         self._finalizer()
         self.store = None
+        beats, self._beats = self._beats, None
+        if beats is not None:
+            beats.close()
 
     def shutdown(self, grace: float = 5.0) -> None:
         """Ask every worker to stop, wait at most `grace` s, kill the rest. Raises the first
