@@ -409,6 +409,18 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = run_all(request, jobs, rid)
         n = req.n
+        # Per prompt, shared by its n choices: the echoed prompt's (token, top tokens) entries
+        # and the formatted `prompt_logprobs`.
+        echoed: dict[int, list] = {}
+        formatted: dict[int, list] = {}
+
+        def echo_entries(i, out) -> list:
+            if i not in echoed:
+                prompt = out.prompt_token_ids
+                lps = [top(p, t, req.logprobs) for t, p in zip(prompt, out.prompt_logprobs)] \
+                    if want else [None] * len(prompt)
+                echoed[i] = list(zip(prompt, lps))
+            return echoed[i]
 
         def choice(index, text, completion, start, out, is_first):
             """One choice: new text (the prompt before it on the first chunk, with echo) and
@@ -421,18 +433,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             else:
                 text = ""
             if req.echo and is_first:
-                prompt = out.prompt_token_ids
-                lps = [top(p, t, req.logprobs) for t, p in zip(prompt, out.prompt_logprobs)] \
-                    if want else [None] * len(prompt)
-                entries = list(zip(prompt, lps)) + entries
+                entries = echo_entries(index // n, out) + entries
                 text = texts[index // n] + text
             doc = {"index": index, "text": text,
                    "logprobs": completion_logprobs(entries, decode) if want else None,
                    "finish_reason": completion.finish_reason,
                    "stop_reason": completion.stop_reason}
             if out is not None and not req.stream:
-                doc["prompt_logprobs"] = None if req.prompt_logprobs is None else prompt_logprobs(
-                    out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)
+                if req.prompt_logprobs is not None and index // n not in formatted:
+                    formatted[index // n] = prompt_logprobs(
+                        out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)
+                doc["prompt_logprobs"] = formatted.get(index // n)
             return doc
 
         def chunk(index, text, completion, start, out, is_first, usage=None):
