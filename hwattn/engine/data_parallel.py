@@ -228,7 +228,7 @@ class DataParallelEngine:
         while True:
             replica = self.router.pick(self.up)
             if replica is None:  # fails at once, as the requests of a failed replica do
-                req.error = "no data-parallel replica is up: " + "; ".join(self.down.values())
+                req.error = "no data-parallel replica is up: " + self._down_reasons()
                 self.lost += 1
                 self.pending[request_id] = self._output(request_id, req, "error",
                                                         time.perf_counter(), worker_failed=True)
@@ -267,25 +267,30 @@ class DataParallelEngine:
         """The outputs of requests that advanced since the last call (waits up to poll_s for
         some), the requests of a replica that failed among them. Raises WorkerError once no
         replica is left and every output is delivered."""
-        if not self.pending:
-            if self.error is not None:
-                raise self.error
-            self._take(self.replicas.recv_any(self.poll_s))
+        self._poll(self.poll_s)
         out, self.pending = list(self.pending.values()), {}
         return out
 
     def check_workers(self) -> None:
         """Between steps: take in replicas that failed or came back (a failed one's requests
         are then in the next `step`'s outputs). Raises WorkerError once no replica is left."""
+        self._poll(0.0)
+
+    def _poll(self, timeout: float) -> None:
+        """Unless outputs are waiting to be delivered: raise the engine's error once it is
+        dead, else take in what the replicas send within `timeout` s."""
         if not self.pending:
             if self.error is not None:
                 raise self.error
-            self._take(self.replicas.recv_any(0.0))
+            self._take(self.replicas.recv_any(timeout))
 
     def health(self) -> tuple[bool, str | None]:
         """(whether a replica takes requests now, why replicas are down or None)."""
-        problem = "; ".join(self.down[r] for r in sorted(self.down)) or None
-        return any(self.up), problem
+        return any(self.up), self._down_reasons() or None
+
+    def _down_reasons(self) -> str:
+        """Why each replica that is down is, in replica order ("" when none is)."""
+        return "; ".join(self.down[r] for r in sorted(self.down))
 
     def _take(self, messages) -> None:
         now = time.perf_counter()
@@ -360,7 +365,7 @@ class DataParallelEngine:
         self.router.load[replica] = 0
         if not any(self.up) and not any(self.restarting):
             self.error = WorkerError("every data-parallel replica is down: "
-                                     + "; ".join(self.down[r] for r in sorted(self.down)))
+                                     + self._down_reasons())
 
     def _replica_up(self, replica: int, info: dict) -> None:
         self.up[replica], self.restarting[replica] = True, False
