@@ -204,7 +204,6 @@ class LLM:
         if page_size is not None:
             kwargs["page_size"] = page_size
         kwargs = vllm_arguments(kwargs)
-        kwargs.setdefault("page_size", 64)
         config = EngineConfig(model=model, attention=attention, dtype=dtype, device=device,
                               tensor_parallel_size=tensor_parallel_size,
                               max_num_seqs=max_num_seqs, memory_budget=memory_budget,
