@@ -49,7 +49,7 @@ from hwattn.engine.llm_engine import (check_request_ids, check_requests, checked
 from hwattn.engine.replicas import ReplicaProcesses
 from hwattn.engine.sampling_params import ParamError, SamplingParams
 from hwattn.engine.sequence import CompletionOutput, RequestOutput
-from hwattn.parallel.launch import WorkerError
+from hwattn.parallel.errors import WorkerError
 
 COUNTERS = ("prompt_tokens", "generation_tokens", "steps", "prefill_steps", "decode_steps",
             "draft_tokens", "accepted_tokens", "finished", "aborted", "failed")

@@ -26,7 +26,8 @@ import threading
 import time
 from collections import deque
 
-from hwattn.parallel.launch import WorkerError, WorkerGroup, summarize, wait_readable
+from hwattn.parallel.errors import WorkerError, summarize
+from hwattn.parallel.launch import WorkerGroup, wait_readable
 
 MODULE = "hwattn.engine.engine_core"
 LABEL = "data-parallel replica"

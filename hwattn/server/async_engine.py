@@ -15,8 +15,8 @@ import time
 from collections import deque
 
 from hwattn.engine.sampling_params import SamplingParams
-from hwattn.parallel.launch import WorkerError
 from hwattn.engine.sequence import RequestOutput
+from hwattn.parallel.errors import WorkerError
 from hwattn.server.metrics import LatencyMetrics
 
 log = logging.getLogger(__name__)
