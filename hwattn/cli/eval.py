@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hwattn.cli.analyze import int_list
-
 import json
+
+from hwattn.cli.analyze import int_list
 
 
 def register(sub) -> None:

@@ -77,23 +77,28 @@ def parse_budget(text):
 
 
 def engine_config(args):
-    """The `EngineConfig` the engine options (`add_engine_args`) describe."""
+    """The `EngineConfig` the engine options (`add_engine_args`) describe; vLLM's flags
+    (--enforce-eager, --trust-remote-code) go through `vllm_arguments`, as `LLM`'s do."""
     from hwattn.engine import EngineConfig
+    from hwattn.engine.llm import vllm_arguments
 
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
-    return EngineConfig(model=args.model, attention=args.attention, dtype=args.dtype,
-                        device=args.device, tensor_parallel_size=args.tp,
-                        data_parallel_size=args.dp, page_size=args.page_size,
-                        max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens,
-                        memory_budget=parse_budget(args.memory_budget),
-                        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
-                        max_model_len=args.max_model_len, speculative=args.speculative,
-                        num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
-                        cuda_graphs=not (args.no_cuda_graphs or args.enforce_eager),
-                        compile_decode=False if (args.no_compile or args.enforce_eager) else None,
-                        enable_prefix_caching=not args.no_prefix_caching,
-                        model_overrides=overrides)
+    kwargs = dict(model=args.model, attention=args.attention, dtype=args.dtype,
+                  device=args.device, tensor_parallel_size=args.tp, data_parallel_size=args.dp,
+                  page_size=args.page_size, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  memory_budget=parse_budget(args.memory_budget),
+                  gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
+                  max_model_len=args.max_model_len, speculative=args.speculative,
+                  num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+                  enable_prefix_caching=not args.no_prefix_caching, model_overrides=overrides,
+                  enforce_eager=args.enforce_eager,
+                  trust_remote_code=getattr(args, "trust_remote_code", False))
+    if args.no_cuda_graphs:
+        kwargs["cuda_graphs"] = False
+    if args.no_compile:
+        kwargs["compile_decode"] = False
+    return EngineConfig(**vllm_arguments(kwargs))
 
 
 def engine_from_args(args):

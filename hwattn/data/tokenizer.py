@@ -310,20 +310,33 @@ class ByteTokenizer:
         return "".join(out)
 
 
-def load_tokenizer(model_dir: str | Path | None, vocab_size: int) -> Tokenizer | ByteTokenizer:
-    """What the engine generates with: the checkpoint's tokenizer.json if there is one (its
-    config.json's eos_token_id stops generation; special tokens are left out of the text),
-    else a `ByteTokenizer` of `vocab_size`."""
-    if model_dir is not None:
-        path = Path(model_dir) / TOKENIZER_FILE
-        if path.is_file():
-            eos = None
-            config = Path(model_dir) / "config.json"
-            if config.is_file():
-                eos = json.loads(config.read_text()).get("eos_token_id")
-            return Tokenizer.load(path, require_eot=False, skip_special_tokens=True,
-                                  eos_token_id=eos if isinstance(eos, int) else None)
-    return ByteTokenizer(vocab_size)
+def load_tokenizer(model_dir: str | Path | None, vocab_size: int,
+                   tokenizer: str | Path | None = None) -> Tokenizer | ByteTokenizer:
+    """What the engine generates with: `tokenizer` (a local tokenizer.json or a folder holding
+    one) if given, else the checkpoint's tokenizer.json if there is one, else a `ByteTokenizer`
+    of `vocab_size`. The checkpoint's config.json's eos_token_id stops generation; special
+    tokens are left out of the text. ValueError if `tokenizer` names no local tokenizer.json
+    or has more ids than `vocab_size`."""
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise ValueError(f"tokenizer must be a local {TOKENIZER_FILE} or a folder holding one "
+                             f"(hwattn downloads nothing), got {str(tokenizer)!r}")
+    elif model_dir is not None and (Path(model_dir) / TOKENIZER_FILE).is_file():
+        file = Path(model_dir) / TOKENIZER_FILE
+    else:
+        return ByteTokenizer(vocab_size)
+    eos = None
+    config = Path(model_dir) / "config.json" if model_dir is not None else None
+    if config is not None and config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+    loaded = Tokenizer.load(file, require_eot=False, skip_special_tokens=True,
+                            eos_token_id=eos if isinstance(eos, int) else None)
+    if tokenizer is not None and loaded.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {str(tokenizer)!r} has {loaded.vocab_size} ids, more "
+                         f"than the model's vocabulary of {vocab_size}")
+    return loaded
 
 
 class IncrementalDetokenizer:

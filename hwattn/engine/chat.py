@@ -23,6 +23,7 @@ import secrets
 from pathlib import Path
 
 from hwattn.data.tokenizer import CHAT_ROLES, chat_parts, chat_prompt
+from hwattn.engine.llm_engine import check_prompt_chars
 
 
 def _message_text(i: int, message) -> tuple[str, str]:
@@ -120,12 +121,15 @@ class ChatTemplate:
         return self._render(flat, add_generation_prompt)
 
     def parts(self, messages: list[dict],
-              add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
-        """The prompt as (text, is_content) pieces whose texts join into `render`'s prompt:
-        the template's own text, and each message's content where the template put it."""
+              add_generation_prompt: bool = True) -> tuple[list[tuple[str, bool]], bool]:
+        """(pieces, reshaped): the prompt as (text, is_content) pieces whose texts join into
+        `render`'s prompt: the template's own text, and each message's content where the
+        template put it. `reshaped` is True when the template changes message content (trims
+        or tests it), so that the contents cannot be found in its output: the pieces are then
+        the whole prompt as one piece of template text."""
         flat = self._flat(messages)
         if self._compiled is None:
-            return chat_parts(flat, add_generation_prompt)
+            return chat_parts(flat, add_generation_prompt), False
         # Render once with a placeholder in place of each content (the placeholders hold
         # nothing of the client's), then put the contents where the placeholders landed.
         nonce = secrets.token_hex(8)
@@ -136,26 +140,35 @@ class ChatTemplate:
         parts = [(text, i % 2 == 1) for i, text in enumerate(pieces)]
         parts = [(flat[int(text)]["content"], True) if content else (text, False)
                  for text, content in parts]
+        # Rendered again with the real contents: a template that reshapes content (trims or
+        # tests it) treats them otherwise than the placeholders, which only this comparison can
+        # tell. Then the plain prompt is all template text (`encode_with_text` refuses a message
+        # holding a special token's text, which could not be kept apart).
         plain = self._render(flat, add_generation_prompt)
         if "".join(text for text, _ in parts) == plain:
-            return parts
-        # The template reshapes content (e.g. trims or tests it): keep the plain prompt, as
-        # template text, unless a message holds a special token's text.
-        return [(plain, False)]
+            return parts, False
+        return [(plain, False)], True
 
     def encode(self, messages: list[dict], tokenizer, add_generation_prompt: bool = True,
-               max_chars: int | None = None) -> list[int]:
+               max_model_len: int | None = None, generate: bool = True) -> list[int]:
         """The prompt's token ids: the template's text with `tokenizer.encode`, each message's
         content with `tokenizer.encode_text` (special tokens' text stays text). ValueError
-        naming `messages` if the prompt is longer than `max_chars` characters (checked before
-        anything is tokenized), or if the template reshapes message content and a message
-        holds a special token's text (it could then not be kept apart)."""
-        parts = self.parts(messages, add_generation_prompt)
-        chars = sum(len(text) for text, _ in parts)
-        if max_chars is not None and chars > max_chars:
-            raise ValueError(f"messages: the conversation's prompt has {chars} characters, more "
-                             f"than the model's context can hold")
-        if len(parts) == 1 and not parts[0][1]:
+        naming `messages` if, with `max_model_len` given, the prompt has too many characters to
+        fit it (`llm_engine.check_prompt_chars`, with `generate`; checked before anything is
+        tokenized), or if the template reshapes message content and a message holds a special
+        token's text (it could then not be kept apart)."""
+        return self.encode_with_text(messages, tokenizer, add_generation_prompt, max_model_len,
+                                     generate)[0]
+
+    def encode_with_text(self, messages: list[dict], tokenizer,
+                         add_generation_prompt: bool = True, max_model_len: int | None = None,
+                         generate: bool = True) -> tuple[list[int], str]:
+        """(`encode`'s token ids, the prompt as `render` gives it), from one rendering."""
+        parts, reshaped = self.parts(messages, add_generation_prompt)
+        if max_model_len is not None:
+            check_prompt_chars(sum(len(text) for text, _ in parts), tokenizer, max_model_len,
+                               generate, what="messages: the conversation's prompt")
+        if reshaped:  # the prompt is all template text: no message may hold a special token
             specials = getattr(tokenizer, "special_token_texts", ())
             for i, m in enumerate(self._flat(messages)):
                 found = next((t for t in specials if t in m["content"]), None)
@@ -167,7 +180,7 @@ class ChatTemplate:
         for text, content in parts:
             if text:
                 ids += tokenizer.encode_text(text) if content else tokenizer.encode(text)
-        return ids
+        return ids, "".join(text for text, _ in parts)
 
     @staticmethod
     def _flat(messages) -> list[dict]:

@@ -7,7 +7,7 @@ several tensor-parallel groups serve side by side (a process joins one process g
 and keeps each replica's scheduling off the others' Python interpreter.
 
 `DataParallelEngine` offers what `LLM` and the server's `AsyncEngine` use of an `LLMEngine`:
-add_request, add_requests, validate_prompt, abort_request, has_unfinished, step, stats, counters,
+add_request, add_requests, validate_prompt, check_params, abort_request, has_unfinished, step, stats, counters,
 unfinished_request_ids, check_invariants, shutdown. `step()` waits briefly for replica
 outputs rather than running a model step; the replicas step on their own.
 
@@ -29,7 +29,7 @@ Once no replica is up and none is restarting, the engine is dead: `step` and `ad
 raise `WorkerError`.
 
 Requests are checked here, all of a batch before any is routed, with the replicas' own checks
-(`validate_prompt`, `checked_params`). A request that fails alone inside its replica (its
+(`validate_prompt`, `check_params`). A request that fails alone inside its replica (its
 sampling, detokenization or stop handling raised) comes back finished with "error" and its
 `error`, as from an `LLMEngine`; the other requests go on.
 """
@@ -44,11 +44,12 @@ import time
 
 import torch
 
-from hwattn.engine.llm_engine import check_request_ids, check_requests, validate_prompt
+from hwattn.engine.llm_engine import (check_request_ids, check_requests, checked_params,
+                                      validate_prompt)
 from hwattn.engine.replicas import ReplicaProcesses
-from hwattn.engine.sampling_params import SamplingParams
+from hwattn.engine.sampling_params import ParamError, SamplingParams
 from hwattn.engine.sequence import CompletionOutput, RequestOutput
-from hwattn.parallel.launch import WorkerError
+from hwattn.parallel.errors import WorkerError
 
 COUNTERS = ("prompt_tokens", "generation_tokens", "steps", "prefill_steps", "decode_steps",
             "draft_tokens", "accepted_tokens", "finished", "aborted", "failed")
@@ -73,13 +74,13 @@ class LeastOutstandingTokens:
         self.load[replica] += tokens
 
 
-def _check_supported(params: SamplingParams, where: str = "") -> None:
-    """ValueError naming the setting if replicas cannot honour `params`: they report the text
-    and tokens of one completion, without log-probabilities."""
+def _check_supported(params: SamplingParams) -> None:
+    """`ParamError` naming the setting if replicas cannot honour `params`: they report the
+    text and tokens of one completion, without log-probabilities."""
     for name, plain in (("n", 1), ("logprobs", None), ("prompt_logprobs", None)):
         if getattr(params, name) != plain:
-            raise ValueError(f"{name}={getattr(params, name)!r} is not supported with "
-                             f"data_parallel_size > 1{where}")
+            raise ParamError(name, f"{name}={getattr(params, name)!r} is not supported with "
+                                   f"data_parallel_size > 1")
 
 
 def _check_invariants(engine) -> None:
@@ -189,13 +190,13 @@ class DataParallelEngine:
         ValueError for an invalid prompt or params, or a request id in use."""
         return self.add_requests([prompt], [params], [request_id], owner=owner)[0]
 
-    def check_request(self, prompt: str | list[int] | torch.Tensor,
-                      params: SamplingParams | None = None) -> tuple[list[int], SamplingParams]:
-        """What `add_request` checks, without queueing anything: (token ids, checked params),
-        or the ValueError `add_request` would raise."""
-        ids, sp = check_requests([prompt], [params], self.validate_prompt, self.max_model_len)[0]
-        _check_supported(sp)
-        return ids, sp
+    def check_params(self, params: SamplingParams | None) -> SamplingParams:
+        """What `add_request` checks of `params` (`validate_prompt` checks the prompt), without
+        queueing anything: a checked copy, or the ValueError (a `ParamError` for a setting the
+        replicas cannot honour) `add_request` would raise."""
+        params = checked_params(params)
+        _check_supported(params)
+        return params
 
     def add_requests(self, prompts: list, params: list[SamplingParams | None],
                      request_ids: list[str | None] | None = None,
@@ -205,9 +206,8 @@ class DataParallelEngine:
         the engine as it was. WorkerError once the engine is dead (no replica left)."""
         if self.error is not None:
             raise self.error
-        checked = check_requests(prompts, params, self.validate_prompt, self.max_model_len)
-        for i, (_, sp) in enumerate(checked):
-            _check_supported(sp, f" (prompts[{i}])")
+        checked = check_requests(prompts, params, self.validate_prompt, self.check_params,
+                                 self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
         check_request_ids(rids, self.requests)
@@ -228,7 +228,7 @@ class DataParallelEngine:
         while True:
             replica = self.router.pick(self.up)
             if replica is None:  # fails at once, as the requests of a failed replica do
-                req.error = "no data-parallel replica is up: " + "; ".join(self.down.values())
+                req.error = "no data-parallel replica is up: " + self._down_reasons()
                 self.lost += 1
                 self.pending[request_id] = self._output(request_id, req, "error",
                                                         time.perf_counter(), worker_failed=True)
@@ -267,25 +267,30 @@ class DataParallelEngine:
         """The outputs of requests that advanced since the last call (waits up to poll_s for
         some), the requests of a replica that failed among them. Raises WorkerError once no
         replica is left and every output is delivered."""
-        if not self.pending:
-            if self.error is not None:
-                raise self.error
-            self._take(self.replicas.recv_any(self.poll_s))
+        self._poll(self.poll_s)
         out, self.pending = list(self.pending.values()), {}
         return out
 
     def check_workers(self) -> None:
         """Between steps: take in replicas that failed or came back (a failed one's requests
         are then in the next `step`'s outputs). Raises WorkerError once no replica is left."""
+        self._poll(0.0)
+
+    def _poll(self, timeout: float) -> None:
+        """Unless outputs are waiting to be delivered: raise the engine's error once it is
+        dead, else take in what the replicas send within `timeout` s."""
         if not self.pending:
             if self.error is not None:
                 raise self.error
-            self._take(self.replicas.recv_any(0.0))
+            self._take(self.replicas.recv_any(timeout))
 
     def health(self) -> tuple[bool, str | None]:
         """(whether a replica takes requests now, why replicas are down or None)."""
-        problem = "; ".join(self.down[r] for r in sorted(self.down)) or None
-        return any(self.up), problem
+        return any(self.up), self._down_reasons() or None
+
+    def _down_reasons(self) -> str:
+        """Why each replica that is down is, in replica order ("" when none is)."""
+        return "; ".join(self.down[r] for r in sorted(self.down))
 
     def _take(self, messages) -> None:
         now = time.perf_counter()
@@ -360,7 +365,7 @@ class DataParallelEngine:
         self.router.load[replica] = 0
         if not any(self.up) and not any(self.restarting):
             self.error = WorkerError("every data-parallel replica is down: "
-                                     + "; ".join(self.down[r] for r in sorted(self.down)))
+                                     + self._down_reasons())
 
     def _replica_up(self, replica: int, info: dict) -> None:
         self.up[replica], self.restarting[replica] = True, False

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from hwattn.parallel.launch import ParentLink, fault_point
+from hwattn.parallel.worker import ParentLink, fault_point
 
 
 class EngineCore:

@@ -15,14 +15,13 @@ any other argument is refused by name with a ValueError.
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
 from pathlib import Path
 
 import torch
 
 from hwattn.cpu_threads import set_cpu_threads, use_default_cpu_threads
-from hwattn.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from hwattn.data.tokenizer import load_tokenizer
 from hwattn.engine.config import EngineConfig
 from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.data_parallel import DataParallelEngine
@@ -90,28 +89,6 @@ def vllm_arguments(kwargs: dict) -> dict:
     return kwargs
 
 
-def engine_tokenizer(config: EngineConfig, vocab_size: int):
-    """The engine's tokenizer: `config.tokenizer` (a local tokenizer.json or a folder holding
-    one), else the checkpoint's, else a byte tokenizer (`load_tokenizer`)."""
-    checkpoint = config.model if is_checkpoint(config.model) else None
-    if config.tokenizer is None:
-        return load_tokenizer(checkpoint, vocab_size)
-    path = Path(config.tokenizer)
-    file = path / TOKENIZER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise ValueError(f"tokenizer must be a local {TOKENIZER_FILE} or a folder holding one "
-                         f"(hwattn downloads nothing), got {config.tokenizer!r}")
-    eos = None
-    if checkpoint is not None:  # the model's own end of sequence, as load_tokenizer reads it
-        eos = json.loads((Path(checkpoint) / "config.json").read_text()).get("eos_token_id")
-    tokenizer = Tokenizer.load(file, require_eot=False, skip_special_tokens=True,
-                               eos_token_id=eos if isinstance(eos, int) else None)
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} ids, more "
-                         f"than the model's vocabulary of {vocab_size}")
-    return tokenizer
-
-
 def create_engine(config: EngineConfig | str | None = None, **kwargs):
     """Build what `config` describes (an `EngineConfig`, or a model name with the
     `EngineConfig` fields as keywords): the model (sharded over `tensor_parallel_size`
@@ -131,7 +108,8 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
         raise ValueError(f"max_model_len {max_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     # Resolved once here, so that every rank and replica builds the same engine.
     config = dataclasses.replace(config, dtype=dt, device=str(dev), max_model_len=max_len)
-    tokenizer = engine_tokenizer(config, model_cfg.vocab_size)
+    checkpoint = config.model if is_checkpoint(config.model) else None
+    tokenizer = load_tokenizer(checkpoint, model_cfg.vocab_size, config.tokenizer)
     if config.data_parallel_size > 1:
         replica = dataclasses.replace(config, data_parallel_size=1)
         return DataParallelEngine(config.data_parallel_size, replica.as_kwargs(), model_cfg,
@@ -226,7 +204,6 @@ class LLM:
         if page_size is not None:
             kwargs["page_size"] = page_size
         kwargs = vllm_arguments(kwargs)
-        kwargs.setdefault("page_size", 64)
         config = EngineConfig(model=model, attention=attention, dtype=dtype, device=device,
                               tensor_parallel_size=tensor_parallel_size,
                               max_num_seqs=max_num_seqs, memory_budget=memory_budget,
@@ -294,9 +271,11 @@ class LLM:
         for i, conversation in enumerate(conversations):
             try:
                 # Token ids, built piece by piece: no message can produce a special token or
-                # a turn marker (`ChatTemplate.encode`).
-                prompts.append(template.encode(conversation, self.tokenizer, add_generation_prompt))
-                texts.append(template.render(conversation, add_generation_prompt))
+                # a turn marker (`ChatTemplate.encode`); the text from the same rendering.
+                ids, text = template.encode_with_text(conversation, self.tokenizer,
+                                                      add_generation_prompt)
+                prompts.append(ids)
+                texts.append(text)
             except ValueError as err:
                 where = f"conversation {i}: " if len(conversations) > 1 else ""
                 raise ValueError(f"{where}{err}") from None

@@ -87,23 +87,46 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
     return num_pages
 
 
+class ContextLengthError(ValueError):
+    """A prompt that cannot fit the model's context."""
+
+
+def check_prompt_chars(chars: int, tokenizer, max_model_len: int, generate: bool = True,
+                       what: str = "prompt") -> None:
+    """ContextLengthError (naming `what`) if a text of `chars` characters cannot fit the
+    context, checked before it is tokenized so that a huge text costs nothing: no token stands
+    for more than `tokenizer.max_token_chars` characters (no bound when the tokenizer does not
+    say), so a text of more than T times that many characters cannot come to T tokens or
+    fewer. T is max_model_len - 1 with `generate` (a prompt must leave room for a token, as
+    `validate_prompt` requires) and max_model_len without (/tokenize)."""
+    per_token = getattr(tokenizer, "max_token_chars", None)
+    limit = max_model_len - 1 if generate else max_model_len
+    if per_token is not None and chars > limit * per_token:
+        raise ContextLengthError(f"{what} has {chars} characters, more than {limit} tokens can "
+                                 f"hold; the model's context is {max_model_len}")
+
+
+def encode_prompt(text: str, tokenizer, max_model_len: int, generate: bool = True) -> list[int]:
+    """`tokenizer.encode(text)` after `check_prompt_chars`; ValueError if the text is not
+    valid Unicode (a lone surrogate), naming the character."""
+    check_prompt_chars(len(text), tokenizer, max_model_len, generate)
+    try:
+        return tokenizer.encode(text)
+    except UnicodeEncodeError as err:
+        raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
+                         f"{text[err.start]!r} ({err.reason})") from None
+
+
 def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_size: int,
                     max_model_len: int) -> list[int]:
     """The prompt's token ids; ValueError if it is empty, has ids outside [0, vocab_size), is
-    not valid Unicode or leaves no room to generate within max_model_len. A text far too long
-    for the context is refused before it is tokenized.
+    not valid Unicode or leaves no room to generate within max_model_len (a
+    `ContextLengthError`). A text too long for the context is refused before it is tokenized
+    (`check_prompt_chars`).
 
     prompt: text, a list of token ids, or a 1-D integer tensor of token ids."""
     if isinstance(prompt, str):
-        chars = getattr(tokenizer, "max_token_chars", None)
-        if chars is not None and len(prompt) >= max_model_len * chars:
-            raise ValueError(f"prompt has {len(prompt)} characters, more than {max_model_len - 1} "
-                             f"tokens can hold; the model's context is {max_model_len}")
-        try:
-            ids = tokenizer.encode(prompt)
-        except UnicodeEncodeError as err:
-            raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
-                             f"{prompt[err.start]!r} ({err.reason})") from None
+        ids = encode_prompt(prompt, tokenizer, max_model_len)
     elif isinstance(prompt, torch.Tensor):
         if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
                 or prompt.dtype == torch.bool:
@@ -118,8 +141,8 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
     if not ids:
         raise ValueError("prompt must not be empty")
     if len(ids) >= max_model_len:
-        raise ValueError(f"prompt has {len(ids)} tokens; the model's context is "
-                         f"{max_model_len}, leaving no room to generate")
+        raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context is "
+                                 f"{max_model_len}, leaving no room to generate")
     if all(type(t) is int and 0 <= t < vocab_size for t in ids):  # the common case, fast
         return ids
     if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size
@@ -151,24 +174,27 @@ def checked_params(params: SamplingParams | None) -> SamplingParams:
     return dataclasses.replace(params)
 
 
-def check_requests(prompts: list, params: list, validate,
+def check_requests(prompts: list, params: list, validate, check_params,
                    max_model_len: int) -> list[tuple[list[int], SamplingParams]]:
     """(token ids, checked params copy) of every request, or a ValueError naming the first bad
-    prompt's index: the all-or-nothing check before a batch of requests is queued anywhere.
-    validate: prompt -> token ids (`validate_prompt` bound to a model). A `max_tokens` of None
-    becomes what the context leaves after the prompt (`max_model_len` - its length)."""
+    prompt's index (one request's error as it was raised, a `ParamError` keeping its `param`):
+    the all-or-nothing check before a batch of requests is queued anywhere.
+    validate: prompt -> token ids (`validate_prompt` bound to a model). check_params: params ->
+    a checked copy (the engine's `check_params`). A `max_tokens` of None becomes what the
+    context leaves after the prompt (`max_model_len` - its length)."""
     if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
     checked = []
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         try:
-            ids, sp = validate(prompt), checked_params(sp)
+            ids, sp = validate(prompt), check_params(sp)
             if sp.max_tokens is None:
                 sp.max_tokens = max_model_len - len(ids)  # validate left at least one
             checked.append((ids, sp))
         except ValueError as err:
-            where = f"prompts[{i}]: " if len(prompts) > 1 else ""
-            raise ValueError(f"{where}{err}") from None
+            if len(prompts) == 1:
+                raise
+            raise ValueError(f"prompts[{i}]: {err}") from None
     return checked
 
 
@@ -248,7 +274,8 @@ class LLMEngine:
         """Queue several requests, all or none: every prompt and every params is checked
         before any request is queued, so a ValueError (naming the bad prompt's index) leaves
         the engine as it was. owner: as for `add_request`, shared by all of them."""
-        checked = check_requests(prompts, params, self.validate_prompt, self.max_model_len)
+        checked = check_requests(prompts, params, self.validate_prompt, self.check_params,
+                                 self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
         check_request_ids(rids, self.requests)
@@ -264,12 +291,12 @@ class LLMEngine:
                 self.scheduler.add(seq)
         return rids
 
-    def check_request(self, prompt: str | list[int] | torch.Tensor,
-                      params: SamplingParams | None = None) -> tuple[list[int], SamplingParams]:
-        """What `add_request` checks, without queueing anything: (the prompt's token ids, a
-        checked copy of params), or the ValueError `add_request` would raise. Safe to call from
-        another thread (the server checks a request before it starts streaming the answer)."""
-        return check_requests([prompt], [params], self.validate_prompt, self.max_model_len)[0]
+    def check_params(self, params: SamplingParams | None) -> SamplingParams:
+        """What `add_request` checks of `params` (`validate_prompt` checks the prompt), without
+        queueing anything: a checked copy, or the ValueError `add_request` would raise. Safe to
+        call from another thread (the server checks a request before it starts streaming the
+        answer)."""
+        return checked_params(params)
 
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
         """`validate_prompt` against this engine's tokenizer, vocabulary and context. Safe to

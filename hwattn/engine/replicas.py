@@ -26,10 +26,38 @@ import threading
 import time
 from collections import deque
 
-from hwattn.parallel.launch import WorkerError, WorkerGroup, summarize, wait_readable
+from hwattn.parallel.errors import WorkerError, summarize
+from hwattn.parallel.launch import WorkerGroup, wait_readable
 
 MODULE = "hwattn.engine.engine_core"
 LABEL = "data-parallel replica"
+
+
+def _side_by_side(fn, count: int, name: str, on_error=None) -> tuple[list, list[BaseException]]:
+    """Run `fn(i)` for i in range(count), each in a thread of its own (named `name`-i), and
+    wait for all. Returns (per i its result, or the exception it raised; the exceptions in the
+    order they were raised). on_error(err) runs in the failing thread as soon as it fails."""
+    results: list = [None] * count
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run(i):
+        try:
+            results[i] = fn(i)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            results[i] = err
+            with lock:
+                errors.append(err)
+            if on_error is not None:
+                on_error(err)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True, name=f"{name}-{i}")
+               for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
 
 
 def restart_budget() -> int:
@@ -80,29 +108,14 @@ class ReplicaProcesses:
         """Start every replica with the build `spec` (side by side) and return their ready
         infos; on a failure, kill them all and raise the error that came first."""
         self.spec = spec
-        results: list = [None] * self.size
-        first: list[BaseException] = []
-
-        def launch(replica):
-            try:
-                results[replica] = self._launch(replica)
-            except BaseException as err:  # noqa: BLE001 - raised below, in this thread's caller
-                results[replica] = err
-                with self._lock:
-                    first.append(err)
-                self._close()  # the others stop building
-
-        threads = [threading.Thread(target=launch, args=(r,), daemon=True,
-                                    name=f"hwattn-replica-{r}") for r in range(self.size)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if first:
+        # A failure closes at once, so that the others stop building.
+        results, errors = _side_by_side(self._launch, self.size, "hwattn-replica",
+                                       on_error=lambda err: self._close())
+        if errors:
             for r in results:
                 if not isinstance(r, BaseException):
                     r[0].kill()
-            raise first[0]
+            raise errors[0]
         self.groups = [group for group, _ in results]
         return [info for _, info in results]
 
@@ -254,22 +267,10 @@ class ReplicaProcesses:
         """Stop every replica (side by side, each given `grace` s), restarts in progress
         included; raises the first replica's shutdown error after all are gone."""
         groups = self._close()
-        errors: list = [None] * len(groups)
-
-        def stop(i, group):
-            try:
-                group.shutdown(grace=grace)
-            except WorkerError as err:
-                errors[i] = err
-
-        threads = [threading.Thread(target=stop, args=(i, g), daemon=True)
-                   for i, g in enumerate(groups)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results, _ = _side_by_side(lambda i: groups[i].shutdown(grace=grace), len(groups),
+                                  "hwattn-replica-stop")
         self._join_restarts(grace)
-        first = next((e for e in errors if e is not None), None)
+        first = next((r for r in results if isinstance(r, BaseException)), None)
         if first is not None:
             raise first
 

@@ -10,6 +10,15 @@ from dataclasses import dataclass, field
 INT64_LIMIT = 1 << 63  # settings the sampler puts in int64 tensors must stay below this
 
 
+class ParamError(ValueError):
+    """A refused sampling setting, named in `param` (so that the server's 400 can name it
+    without reading the message)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def _integer(name: str, value, low: int, what: str = "") -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) \
             or not low <= value < INT64_LIMIT:

@@ -44,7 +44,6 @@ class ScheduledBatch:
     seqs: list[Sequence]
     chunks: list[int] = field(default_factory=list)
     query_len: int = 1
-    preempted: list[Sequence] = field(default_factory=list)
     num_decode: int = 0
 
 
@@ -114,6 +113,9 @@ class Scheduler:
         self.mixed = mixed
         self.waiting = WaitQueue()
         self.running: list[Sequence] = []
+        # Running sequences per owner; built by `schedule` and kept up to date as it preempts
+        # and admits, so the fairness checks do not recount `running` each time.
+        self._held: Counter = Counter()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -125,16 +127,11 @@ class Scheduler:
     def schedule(self, lookahead: int = 0) -> ScheduledBatch | None:
         """The next step, or None when nothing can run. `lookahead` is the number of draft
         tokens a decode step will verify (pages are reserved for them)."""
-        made_way = self._make_way()
+        self._held = Counter(s.owner for s in self.running)
+        self._make_way()
         if self.mixed and not lookahead:
-            batch = self._schedule_mixed()
-        else:
-            batch = self._schedule_prefill() or self._schedule_decode(lookahead)
-        if made_way:
-            if batch is None:
-                batch = ScheduledBatch("decode", [], query_len=1 + lookahead)
-            batch.preempted = made_way + batch.preempted
-        return batch
+            return self._schedule_mixed()
+        return self._schedule_prefill() or self._schedule_decode(lookahead)
 
     def will_end(self, seq: Sequence) -> bool:
         """Whether the sequence ends by length once its pending tokens are read back."""
@@ -146,25 +143,21 @@ class Scheduler:
 
     def _schedule_mixed(self) -> ScheduledBatch | None:
         decodes = self._decoding()
-        preempted = self._make_room(decodes, 1)
+        self._make_room(decodes, 1)
         for seq in decodes:
             self.bm.grow(seq, seq.num_cached + 1)
         budget = self.max_num_batched_tokens - len(decodes)
         seqs, chunks = self._prefill_chunks(max(0, budget)) if budget > 0 else ([], [])
         if not decodes and not seqs:
-            return ScheduledBatch("decode", [], preempted=preempted) if preempted else None
+            return None
         kind = "mixed" if decodes and seqs else ("decode" if decodes else "prefill")
         return ScheduledBatch(kind, decodes + seqs, [1] * len(decodes) + chunks,
-                              preempted=preempted, num_decode=len(decodes))
-
-    def _held(self) -> Counter:
-        """Running sequences per owner."""
-        return Counter(s.owner for s in self.running)
+                              num_decode=len(decodes))
 
     def _victim(self, at_least: int = 1) -> Sequence | None:
         """The most recently admitted running sequence (never one about to end) of the owner
         holding the most running sequences, when that owner holds at least `at_least`."""
-        held = self._held()
+        held = self._held
         best = None
         for seq in reversed(self.running):  # the latest admitted first
             if self.will_end(seq) or held[seq.owner] < at_least:
@@ -173,13 +166,12 @@ class Scheduler:
                 best = seq
         return best
 
-    def _make_way(self) -> list[Sequence]:
+    def _make_way(self) -> None:
         """Fairness: while the next waiting sequence finds no free slot or no pages, preempt
         for it a sequence of an owner holding at least two more running sequences than its own
-        owner (so no two owners trade a sequence back and forth); returns those preempted."""
-        preempted = []
+        owner (so no two owners trade a sequence back and forth)."""
+        held = self._held
         while self.waiting:
-            held = self._held()
             seq = self.waiting.next(held)
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
@@ -188,25 +180,18 @@ class Scheduler:
             victim = self._victim(at_least=held[seq.owner] + 2)
             if victim is None:
                 break
-            self.running.remove(victim)
             self._preempt(victim)
-            preempted.append(victim)
-        return preempted
 
-    def _make_room(self, decodes: list[Sequence], query_len: int) -> list[Sequence]:
+    def _make_room(self, decodes: list[Sequence], query_len: int) -> None:
         """Preempt running sequences (`_victim`: never one about to end) until every one left
-        in `decodes` can hold `query_len` more tokens; returns those preempted."""
-        preempted = []
+        in `decodes` can hold `query_len` more tokens."""
         while decodes and not self.bm.can_grow(decodes, query_len):
             victim = self._victim()
             if victim is None:
                 break
-            self.running.remove(victim)
             if victim in decodes:
                 decodes.remove(victim)
             self._preempt(victim)
-            preempted.append(victim)
-        return preempted
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         seqs, chunks = self._prefill_chunks(self.max_num_batched_tokens)
@@ -225,9 +210,8 @@ class Scheduler:
                 seqs.append(seq)
                 chunks.append(n)
                 budget -= n
-        held = self._held()
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.next(held)
+            seq = self.waiting.next(self._held)
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if not self.bm.can_allocate(seq, reserve=1):
@@ -240,7 +224,7 @@ class Scheduler:
             self.bm.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            held[seq.owner] += 1
+            self._held[seq.owner] += 1
             n = min(seq.num_uncomputed, budget)
             seqs.append(seq)
             chunks.append(n)
@@ -251,16 +235,17 @@ class Scheduler:
         query_len = 1 + lookahead
         decodes = self._decoding() if any(s.num_pending for s in self.running) \
             else list(self.running)
-        preempted = self._make_room(decodes, query_len)
+        self._make_room(decodes, query_len)
         if not decodes:
-            return ScheduledBatch("decode", [], query_len=query_len, preempted=preempted) \
-                if preempted else None
+            return None
         for seq in decodes:
             self.bm.grow(seq, seq.num_cached + query_len)
-        return ScheduledBatch("decode", decodes, query_len=query_len, preempted=preempted,
-                              num_decode=len(decodes))
+        return ScheduledBatch("decode", decodes, query_len=query_len, num_decode=len(decodes))
 
     def _preempt(self, seq: Sequence) -> None:
+        """Take a running sequence back to the front of its owner's waiting queue."""
+        self.running.remove(seq)
+        self._held[seq.owner] -= 1
         self.bm.free_sequence(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1

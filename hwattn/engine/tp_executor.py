@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from hwattn.parallel.launch import WorkerGroup, env_seconds
+from hwattn.parallel.errors import env_seconds
+from hwattn.parallel.launch import WorkerGroup
 
 
 class TensorParallelExecutor:

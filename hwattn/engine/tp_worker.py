@@ -10,7 +10,7 @@ and replies. Any exception goes to the parent with its traceback and ends the pr
 
 from __future__ import annotations
 
-from hwattn.parallel.launch import ParentLink, destroy_process_group, fault_point, init_process_group
+from hwattn.parallel.worker import ParentLink, destroy_process_group, fault_point, init_process_group
 
 
 def build_rank(link: ParentLink, spec: dict):

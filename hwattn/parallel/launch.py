@@ -44,159 +44,45 @@ How failures surface:
 NVLink multicast stays off in every worker (NCCL_NVLS_ENABLE=0,
 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
 
-Fault injection for tests: `HWATTN_FAULT=ROLE:PHASE:INDEX[:N]` makes worker INDEX of that role
-("rank" for tensor-parallel ranks, "replica" for data-parallel engine cores) raise in PHASE
-("build", "step", "shutdown"), at its N-th step when N is given, or hang there when N is
-"hang" (see `fault_point`).
+The parts: `WorkerGroup` (the parent's side) is here; `errors` (`WorkerError`), `wire` (the
+hello and the message frames), `heartbeat`, `folders` (the socket folder) and `worker` (the
+worker's side: `ParentLink`, the process group, fault injection for tests with HWATTN_FAULT)
+are beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
-import pickle
-import re
 import secrets
 import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 import weakref
 from collections import deque
-from datetime import timedelta
 from pathlib import Path
+
+from hwattn.parallel.errors import WorkerError, describe_exit, env_seconds
+from hwattn.parallel.folders import make_socket_folder
+from hwattn.parallel.heartbeat import HeartbeatMonitor, beat_interval
+from hwattn.parallel.wire import Conn, pack
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
-_HEADER = struct.Struct("!Q")
-_HELLO = struct.Struct("!32sI")  # one-time token (hex), rank
-_BEAT = struct.Struct("d")  # a worker's last heartbeat, time.monotonic() (system-wide on Linux)
 # hwattn's own location, so a worker imports the same hwattn as its parent.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
-class WorkerError(RuntimeError):
-    """A worker process failed. `rank` and `phase` say which and when; the message carries the
-    worker's traceback (or, for a worker that died without one, how it died). `reason` is the
-    same in one line without the traceback, for logs' summaries and for clients."""
-
-    def __init__(self, message: str, rank: int | None = None, phase: str | None = None,
-                 reason: str | None = None):
-        super().__init__(message)
-        self.rank = rank
-        self.phase = phase
-        lines = message.strip().splitlines()
-        self.reason = reason or (lines[0] if lines else "a worker process failed")
-
-
-def env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
-    """The number of seconds in environment variable `name` (`default` when unset);
-    ValueError naming it when it is not a positive number (or zero, where allowed)."""
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
-    if not (seconds >= 0 if allow_zero else seconds > 0):  # NaN fails both
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
-    return seconds
-
-
-def summarize(exc: BaseException) -> str:
-    """`Type: first line of the message` (a `WorkerError`'s reason), without the traceback."""
-    text = getattr(exc, "reason", None) or (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def proc_activity(pid: int) -> tuple[str, int] | None:
-    """(state, CPU clock ticks used) of process `pid` from /proc: state "R" running, "D" in
-    the disk, "S" asleep, "T" stopped, ...; None where /proc cannot say."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[11]) + int(fields[12])  # state, utime + stime
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def pack(obj) -> bytes:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "no exit yet"
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
-class _Conn:
-    """The parent's end of one worker's socket: non-blocking, frames reassembled."""
-
-    def __init__(self, sock: socket.socket, rank: int):
-        sock.setblocking(False)
-        self.sock = sock
-        self.rank = rank
-        self.buf = bytearray()
-        self.closed = False
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def read(self) -> list:
-        """Messages completed by what the socket holds now; EOFError once it is closed."""
-        self._fill()
-        out = []
-        while len(self.buf) >= _HEADER.size:
-            (n,) = _HEADER.unpack_from(self.buf)
-            if len(self.buf) < _HEADER.size + n:
-                break
-            out.append(pickle.loads(bytes(self.buf[_HEADER.size:_HEADER.size + n])))
-            del self.buf[:_HEADER.size + n]
-        if self.closed and not out:
-            raise EOFError("socket closed")
-        return out
-
-    def hello(self) -> tuple[str, int] | None:
-        """The (token, rank) a new worker opens with (plain bytes, read before any message
-        is unpickled), once all of it has arrived; EOFError if the socket closes first."""
-        self._fill()
-        if len(self.buf) < _HELLO.size:
-            if self.closed:
-                raise EOFError("socket closed")
-            return None
-        token, rank = _HELLO.unpack_from(self.buf)
-        del self.buf[:_HELLO.size]
-        return token.decode("ascii", errors="replace"), rank
-
-    def _fill(self) -> None:
-        while True:
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except BlockingIOError:
-                break
-            except OSError as err:
-                raise EOFError(str(err)) from None
-            if not chunk:
-                self.closed = True
-                break
-            self.buf += chunk
+def _summary(report: dict) -> str:
+    """A worker's error report in one line: `summarize` of its exception, as the worker
+    (`ParentLink.fail`) wrote it, else the last line of its traceback."""
+    return report.get("summary") or report["traceback"].strip().splitlines()[-1]
 
 
 def _forward_output(stream, prefix: str, tail: deque) -> None:
@@ -228,40 +114,6 @@ def _reap(procs: list, folder: str, wait_s: float = 2.0) -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=5)
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def sweep_stale_folders(root: str | None = None) -> list[str]:
-    """Remove this user's socket folders (`hwattn-PID-*` under `root`, default the temporary
-    directory) whose process is gone: what a parent killed during start-up left. Returns them."""
-    root = root or tempfile.gettempdir()
-    removed = []
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = re.fullmatch(r"hwattn-([0-9]+)-[^/]+", entry.name)
-        try:
-            if match is None or not entry.is_dir(follow_symlinks=False) \
-                    or entry.stat(follow_symlinks=False).st_uid != os.getuid():
-                continue
-        except OSError:
-            continue
-        pid = int(match.group(1))
-        if pid != os.getpid() and not _alive(pid):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
-    return removed
 
 
 class WorkerGroup:
@@ -298,40 +150,32 @@ class WorkerGroup:
         self.queues = [deque() for _ in range(world)]
         self.said_bye = [False] * world
         self.log_threads: list[threading.Thread] = []
-        self.conns: list[_Conn | None] = [None] * world
+        self.conns: list[Conn | None] = [None] * world
         self.procs: list[subprocess.Popen] = []
-        sweep_stale_folders()
-        # mode 0700: only we can connect. Named after this process, so that a later group can
-        # tell a folder whose owner was killed before removing it.
-        self.folder = tempfile.mkdtemp(prefix=f"hwattn-{os.getpid()}-")
+        self.folder = make_socket_folder()
+        # A safety net: the folder is removed at the end of this constructor, however it ends;
+        # the finaliser (run by `kill`, or when the group is collected) removes it too.
         self._finalizer = weakref.finalize(self, _reap, self.procs, self.folder)
-        beats_path = os.path.join(self.folder, "beats")
-        with open(beats_path, "wb") as f:
-            f.write(bytes(_BEAT.size * world))
-        with open(beats_path, "r+b") as f:
-            self._beats = mmap.mmap(f.fileno(), _BEAT.size * world)
-        now = time.monotonic()
-        self._watched_since = now  # heartbeats older than this were not watched for
-        self._last_check = now
-        self._sampled = 0.0  # when /proc was last read for the workers' activity
+        self._heartbeat = HeartbeatMonitor(heartbeat_timeout, world)
         self._tick = min(1.0, heartbeat_timeout / 4) if heartbeat_timeout else 1.0  # wait slices
-        self._busy = [(None, now)] * world  # (CPU ticks last seen, when last seen busy)
         self.store = None
-        store_port = None
-        if rendezvous:
-            from torch.distributed import TCPStore
-
-            self.store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
-            store_port = self.store.port
-        address = os.path.join(self.folder, "link")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(address)
-        listener.listen(world)
         token = secrets.token_hex(16)
         base = dict(os.environ, **NO_MULTICAST)
         base["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, base.get("PYTHONPATH")) if p)
-        beat_s = min(0.5, heartbeat_timeout / 5) if heartbeat_timeout else 0.5
+        listener = None
         try:
+            beats_path = os.path.join(self.folder, "beats")
+            self._heartbeat.open(beats_path)
+            store_port = None
+            if rendezvous:
+                from torch.distributed import TCPStore
+
+                self.store = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+                store_port = self.store.port
+            address = os.path.join(self.folder, "link")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(address)
+            listener.listen(world)
             for i in range(world):
                 child_env = dict(base, **(env[i] if env else {}))
                 proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
@@ -344,7 +188,7 @@ class WorkerGroup:
                 self.log_threads.append(thread)
                 boot = dict(address=address, token=token, rank=first_rank + i, slot=i, world=world,
                             parent_pid=os.getpid(), store_port=store_port, sys_path=sys.path,
-                            beats=beats_path, beat_s=beat_s)
+                            beats=beats_path, beat_s=beat_interval(heartbeat_timeout))
                 proc.stdin.write(json.dumps(boot).encode())
                 proc.stdin.close()
             self._accept(listener, token, connect_timeout)
@@ -352,27 +196,36 @@ class WorkerGroup:
             self.kill()
             raise
         finally:
-            listener.close()
-            # Every worker is connected (or the group failed): the address is not needed again.
+            if listener is not None:
+                listener.close()
+            # Every worker is connected (or the group failed): the address and the beats file
+            # (mapped by now, where it got that far) are not needed again.
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _name(self, i: int) -> str:
         return f"{self.label} {self.first_rank + i}"
 
+    def _error(self, i: int | None, message: str, phase: str | None = None,
+               reason: str | None = None) -> WorkerError:
+        """A `WorkerError` about the worker in place `i` of this group (None: no one worker),
+        carrying its rank among all groups (`first_rank` + i)."""
+        return WorkerError(message, None if i is None else self.first_rank + i, phase, reason)
+
     # Start-up.
     def _accept(self, listener: socket.socket, token: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending: list[_Conn] = []
+        pending: list[Conn] = []
         while any(c is None for c in self.conns):
             self._check_exits()
             if time.monotonic() > deadline:
                 missing = [self.first_rank + i for i, c in enumerate(self.conns) if c is None]
-                self._fail(WorkerError(f"{self.label} {missing} did not connect within {timeout:.0f} s"))
+                self._fail(self._error(None, f"{self.label} {missing} did not connect within "
+                                             f"{timeout:.0f} s"))
             ready, _, _ = select.select([listener] + pending, [], [], 0.2)
             for item in ready:
                 if item is listener:
                     sock, _ = listener.accept()
-                    pending.append(_Conn(sock, -1))
+                    pending.append(Conn(sock, -1))
                     continue
                 try:
                     hello = item.hello()
@@ -389,7 +242,7 @@ class WorkerGroup:
                         continue
                     item.rank = i
                     self.conns[i] = item
-        self._watched_since = time.monotonic()
+        self._heartbeat.watch_from_now()
 
     # Failures.
     def _check_exits(self) -> None:
@@ -398,40 +251,15 @@ class WorkerGroup:
                 self._died(i)
 
     def _check_beats(self) -> None:
-        """Fail the group if a worker's heartbeat has stood still for `heartbeat_timeout`
-        seconds of our watching while it used no CPU and waited on no disk (a gap in our own
-        checks, as when this process was stopped along with its workers, restarts the count)."""
-        limit = self.heartbeat_timeout
-        if not limit or self.stopping:
+        """Fail the group if a worker is stuck (`HeartbeatMonitor.stuck`)."""
+        if self.stopping:
             return
-        now = time.monotonic()
-        if now - self._last_check > max(2.0, limit / 2):
-            self._watched_since = now
-        self._last_check = now
-        since = self._watched_since
-        sample = now - self._sampled >= 0.25
-        if sample:
-            self._sampled = now
-        for i, p in enumerate(self.procs):
-            if sample:
-                activity = proc_activity(p.pid)
-                ticks = None if activity is None else activity[1]
-                seen, busy = self._busy[i]
-                if activity is not None and activity[0] in "RD":
-                    busy = now  # computing or reading from disk: not frozen
-                elif seen is not None and ticks != seen:
-                    busy = now  # it used CPU time since the last look
-                self._busy[i] = (ticks, busy)
-            (beat,) = _BEAT.unpack_from(self._beats, _BEAT.size * i)
-            silent = now - max(beat, since)
-            if silent <= limit:
-                continue
-            ticks, busy = self._busy[i]
-            if ticks is not None and now - max(busy, since) <= limit:
-                continue  # busy in a long native call that holds the interpreter lock
-            reason = (f"{self._name(i)} (pid {p.pid}) is stuck: no heartbeat for {silent:.1f} s "
-                      f"(stopped or frozen)")
-            self._fail(WorkerError(f"{reason}; the group was stopped", i, reason=reason))
+        found = self._heartbeat.stuck([p.pid for p in self.procs])
+        if found is not None:
+            i, silent = found
+            reason = (f"{self._name(i)} (pid {self.procs[i].pid}) is stuck: no heartbeat for "
+                      f"{silent:.1f} s (stopped or frozen)")
+            self._fail(self._error(i, f"{reason}; the group was stopped", reason=reason))
 
     def check(self) -> None:
         """Raise `WorkerError` if a worker has died or is stuck (reading no messages)."""
@@ -471,29 +299,24 @@ class WorkerGroup:
         reports.sort(key=lambda r: r["time"])
         reported = {r["rank"] for r in reports}
         silent = sorted(r for r in deaths - reported if not self.said_bye[r])
-        notes = [f"{self._name(r['rank'])} ({r['phase']}): "
-                 f"{r['traceback'].strip().splitlines()[-1]}" for r in reports]
+        notes = [f"{self._name(r['rank'])} ({r['phase']}): {_summary(r)}" for r in reports]
         if silent:  # a rank that died without a word is the cause; its peers' errors follow
             i = silent[0]
             self.log_threads[i].join(timeout=1.0)  # the output it printed before dying
             tail = "".join(self.tails[i]).rstrip()
-            reason = f"{self._name(i)} died with {describe_exit(self.procs[i].poll())}"
-            msg = (f"{self._name(i)} (pid {self.procs[i].pid}) died with "
-                   f"{describe_exit(self.procs[i].poll())} without reporting an error"
-                   + (f"; its last output:\n{tail}" if tail else ""))
-            error = WorkerError(msg + ("\nthen: " + "; ".join(notes) if notes else ""),
-                                self.first_rank + i, reason=reason)
+            how = describe_exit(self.procs[i].poll())
+            msg = (f"{self._name(i)} (pid {self.procs[i].pid}) died with {how} without "
+                   f"reporting an error" + (f"; its last output:\n{tail}" if tail else ""))
+            error = self._error(i, msg + ("\nthen: " + "; ".join(notes) if notes else ""),
+                                reason=f"{self._name(i)} died with {how}")
         elif reports:  # the first report in time is the cause
             first = reports[0]
             name = self._name(first["rank"])
             msg = f"{name} failed during {first['phase']}:\n{first['traceback'].rstrip()}"
             if notes[1:]:
                 msg += "\nthen: " + "; ".join(notes[1:])
-            summary = first.get("summary") or first["traceback"].strip().splitlines()[-1]
-            error = WorkerError(msg, self.first_rank + first["rank"], first["phase"],
-                                reason=f"{name} failed during {first['phase']}: {summary}")
-        elif error is not None and error.rank is not None:
-            error.rank += self.first_rank  # raised with the worker's place in this group
+            error = self._error(first["rank"], msg, first["phase"],
+                                reason=f"{name} failed during {first['phase']}: {_summary(first)}")
         self.error = error
         raise error
 
@@ -540,8 +363,8 @@ class WorkerGroup:
             conn, sent = self.conns[rank], 0
             while sent < len(data):
                 if conn is None or time.monotonic() > deadline:
-                    self._fail(WorkerError(f"{self._name(rank)} has not read its messages for "
-                                           f"{timeout:.0f} s", rank))
+                    self._fail(self._error(rank, f"{self._name(rank)} has not read its messages "
+                                                 f"for {timeout:.0f} s"))
                 try:
                     sent += conn.sock.send(view[sent:])
                     continue
@@ -560,8 +383,8 @@ class WorkerGroup:
         while not self.queues[rank]:
             left = self._tick if deadline is None else deadline - time.monotonic()
             if left <= 0:
-                self._fail(WorkerError(f"{self._name(rank)} sent no {what} within "
-                                       f"{timeout:.0f} s; the group was stopped", rank))
+                self._fail(self._error(rank, f"{self._name(rank)} sent no {what} within "
+                                             f"{timeout:.0f} s; the group was stopped"))
             self._pump(min(left, self._tick))
         return self.queues[rank].popleft()
 
@@ -573,8 +396,9 @@ class WorkerGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = [self.first_rank + i for i, q in enumerate(self.queues) if not q]
-                self._fail(WorkerError(f"{self.label} {', '.join(map(str, missing))} sent no "
-                                       f"{what} within {timeout:.0f} s; the group was stopped"))
+                self._fail(self._error(None, f"{self.label} {', '.join(map(str, missing))} sent "
+                                             f"no {what} within {timeout:.0f} s; the group was "
+                                             f"stopped"))
             self._pump(min(left, self._tick))
         return [q.popleft() for q in self.queues]
 
@@ -594,7 +418,8 @@ class WorkerGroup:
 
     # Stopping.
     def kill(self) -> None:
-        """Stop every worker now (terminate, then kill) and release the socket folder."""
+        """Stop every worker now (terminate, then kill), close the links and the heartbeat
+        map, and drop the rendezvous store."""
         for c in self.conns:
             if c is not None:
                 with contextlib.suppress(OSError):
@@ -602,6 +427,7 @@ class WorkerGroup:
         self.conns = [None] * self.world
         self._finalizer()
         self.store = None
+        self._heartbeat.close()
 
     def shutdown(self, grace: float = 5.0) -> None:
         """Ask every worker to stop, wait at most `grace` s, kill the rest. Raises the first
@@ -637,142 +463,3 @@ def wait_readable(groups, timeout: float) -> None:
         select.select(live, [], [], max(0.0, timeout))
     else:
         time.sleep(max(0.0, timeout))
-
-
-class ParentLink:
-    """A worker's end of its link to the `WorkerGroup` that started it.
-
-    Reads the bootstrap record from standard input, connects, ignores SIGINT, and starts a
-    thread that beats the heartbeat and watches the parent process (exiting within a second
-    of its end). rank, world: this worker's place.
-    """
-
-    def __init__(self):
-        boot = json.loads(sys.stdin.read())
-        # What the parent can import, the worker can (as multiprocessing's spawn does): a
-        # plugin on a path the parent added at run time still resolves here.
-        sys.path.extend(p for p in boot.get("sys_path", ()) if p and p not in sys.path)
-        self.rank: int = boot["rank"]
-        self.world: int = boot["world"]
-        self.store_port: int | None = boot["store_port"]
-        self.parent_pid: int = boot["parent_pid"]
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        with open(boot["beats"], "r+b") as f:
-            self._beats = mmap.mmap(f.fileno(), _BEAT.size * (boot["slot"] + 1))
-        self._slot, self._beat_s = boot["slot"], boot["beat_s"]
-        self._beat()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(boot["address"])
-        self.sock.sendall(_HELLO.pack(boot["token"].encode("ascii"), self.rank))
-        threading.Thread(target=self._watch_parent, daemon=True, name="hwattn-watchdog").start()
-
-    def _beat(self) -> None:
-        _BEAT.pack_into(self._beats, _BEAT.size * self._slot, time.monotonic())
-
-    def _watch_parent(self) -> None:
-        # A thread of its own: it beats while the main thread computes, and stops only
-        # when the whole process does.
-        while os.getppid() == self.parent_pid:
-            self._beat()
-            time.sleep(self._beat_s)
-        os._exit(3)
-
-    def send(self, message) -> None:
-        self.sock.sendall(pack(message))
-
-    def _exact(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:  # the parent is gone: nothing left to do
-                os._exit(0)
-            buf += chunk
-        return bytes(buf)
-
-    def recv(self):
-        (n,) = _HEADER.unpack(self._exact(_HEADER.size))
-        return pickle.loads(self._exact(n))
-
-    def poll(self, timeout: float) -> bool:
-        """Whether a message (or the end of the link) is waiting, after up to `timeout` s."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        return bool(ready)
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        """Run a phase of the worker's life; any exception is reported to the parent with its
-        traceback, and the worker exits."""
-        try:
-            yield
-        except BaseException:  # noqa: BLE001 - everything goes to the parent
-            self.fail(name)
-
-    def fail(self, phase: str) -> None:
-        report = dict(phase=phase, traceback=traceback.format_exc(), time=time.time(),
-                      pid=os.getpid(), summary=summarize(sys.exc_info()[1]))
-        with contextlib.suppress(OSError):
-            self.send(("error", report))
-        self.exit(1)
-
-    def exit(self, code: int = 0) -> None:
-        """Leave at once (no interpreter teardown, which could wait on peers)."""
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        with contextlib.suppress(OSError):
-            self.sock.close()
-        os._exit(code)
-
-
-def init_process_group(link: ParentLink, backend: str, setup_timeout: float = 120.0,
-                       timeout: float = 600.0) -> None:
-    """Join the group of `link`'s siblings through the parent's store. setup_timeout bounds the
-    rendezvous; timeout bounds each collective."""
-    import torch.distributed as dist
-
-    if link.store_port is None:
-        raise RuntimeError("this worker group was started without a rendezvous store")
-    store = dist.TCPStore("127.0.0.1", link.store_port, None, False,
-                          timeout=timedelta(seconds=setup_timeout))
-    dist.init_process_group(backend, store=store, rank=link.rank, world_size=link.world,
-                            timeout=timedelta(seconds=timeout))
-
-
-def destroy_process_group(wait_s: float = 3.0) -> None:
-    """Tear the process group down, giving up after `wait_s` s (a peer may be gone)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    done = threading.Event()
-
-    def destroy():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-        done.set()
-
-    threading.Thread(target=destroy, daemon=True).start()
-    done.wait(wait_s)
-
-
-class InjectedFault(RuntimeError):
-    """Raised by `fault_point` where HWATTN_FAULT asks for it (tests only)."""
-
-
-def fault_point(role: str, phase: str, index: int, count: int | None = None) -> None:
-    """Raise InjectedFault if HWATTN_FAULT is `role:phase:index` or `role:phase:index:count`;
-    hang for good if it is `role:phase:index:hang`."""
-    spec = os.environ.get("HWATTN_FAULT")
-    if not spec:
-        return
-    parts = spec.split(":")
-    if parts[:3] != [role, phase, str(index)]:
-        return
-    if parts[3:] == ["hang"]:  # stop answering instead of failing
-        while True:
-            time.sleep(3600)
-    if len(parts) > 3 and count is not None and int(parts[3]) != count:
-        return
-    raise InjectedFault(f"injected fault: {role} {index} in {phase}"
-                        + (f" (step {count})" if count is not None else "")
-                        + f" at unix time {time.time():.3f}")

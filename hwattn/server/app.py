@@ -25,7 +25,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -38,6 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from hwattn.config import VERSION
 from hwattn.engine.chat import ChatTemplate
+from hwattn.engine.llm_engine import ContextLengthError, encode_prompt
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
 from hwattn.server.formats import chat_logprobs, completion_logprobs, prompt_logprobs, top
@@ -92,9 +92,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     tokenizer = llm.tokenizer
     max_len = llm.max_model_len
     created = int(time.time())
-    # The most characters a prompt can have and still fit the context (a token stands for at
-    # most `max_token_chars` of them): a longer one is refused before it is tokenized.
-    max_chars = max_len * getattr(tokenizer, "max_token_chars", 1 << 30)
 
     def decode(token: int) -> str:
         return tokenizer.decode([token])
@@ -163,52 +160,50 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                            f"{model_name!r}", status=404, param="model", code="model_not_found")
         return body
 
+    def refused(err: ValueError, param: str) -> APIError:
+        code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
+        return APIError(str(err), param=param, code=code)
+
     def prompt_ids(prompt, param: str) -> list[int]:
         try:
             return llm.validate_prompt(prompt)
         except ValueError as err:
-            raise APIError(str(err), param=param,
-                           code="context_length_exceeded" if "context" in str(err) else None) from None
+            raise refused(err, param) from None
 
-    def chat_ids(messages, add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(messages, add_generation_prompt: bool = True, generate: bool = True) -> list[int]:
         """The conversation's token ids (`ChatTemplate.encode`: no message can produce a
-        special token or a turn marker), refused before tokenizing if it cannot fit."""
+        special token or a turn marker), refused before tokenizing if it cannot fit (leaving a
+        token to generate, with `generate`)."""
         try:
             ids = template.encode([m.model_dump() for m in messages], tokenizer,
-                                  add_generation_prompt, max_chars=max_chars)
+                                  add_generation_prompt, max_model_len=max_len, generate=generate)
         except UnicodeEncodeError as err:  # a lone surrogate in a message
             raise APIError(f"messages are not valid Unicode: {err.reason}",
                            param="messages") from None
         except ValueError as err:
-            too_long = "context" in str(err)
-            raise APIError(str(err), param="messages",
-                           code="context_length_exceeded" if too_long else None) from None
+            raise refused(err, "messages") from None
         return ids
 
     def tokenize_text(text: str) -> list[int]:
         """/tokenize's ids of a prompt: at most the model's context (as for generation, a text
         that could not fit is refused before it is tokenized)."""
-        if len(text) > max_chars:
-            raise APIError(f"prompt has {len(text)} characters, more than the model's context "
-                           f"of {max_len} tokens can hold", param="prompt",
-                           code="context_length_exceeded")
         try:
-            return tokenizer.encode(text)
-        except UnicodeEncodeError as err:
-            raise APIError(f"prompt is not valid Unicode: {err.reason}", param="prompt") from None
+            return encode_prompt(text, tokenizer, max_len, generate=False)
+        except ValueError as err:
+            raise refused(err, "prompt") from None
 
     def checked(jobs: list[tuple[list[int], SamplingParams]]) -> None:
-        """Refuse now, with the engine's own checks, what the engine would refuse once queued
-        (e.g. settings a data-parallel engine does not support), and everything once the
-        engine is down: a stream must not start with 200 and then fail."""
+        """Refuse now, with the engine's own check of the params (the prompts passed
+        `prompt_ids`), what the engine would refuse once queued (e.g. settings a data-parallel
+        engine does not support, each a `ParamError` naming the setting), and everything once
+        the engine is down: a stream must not start with 200 and then fail."""
         if engine.dead is not None:
             raise APIError(engine.dead, status=503, kind="server_error")
-        for ids, params in jobs:
+        for _, params in jobs:
             try:
-                llm.check_request(ids, params)
+                llm.check_params(params)
             except ValueError as err:
-                name = re.match(r"[a-z_]+", str(err))
-                raise APIError(str(err), param=name.group(0) if name else None) from None
+                raise APIError(str(err), param=getattr(err, "param", None)) from None
 
     def fits(ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
         if len(ids) + params.max_tokens > max_len:
@@ -372,7 +367,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         req = parse(TokenizeRequest, await read_body(request, model_required=False), limits)
         if req.messages is not None:
             ids, param = await run_in_threadpool(chat_ids, req.messages,
-                                                 req.add_generation_prompt), "messages"
+                                                 req.add_generation_prompt, False), "messages"
         else:
             ids, param = await run_in_threadpool(tokenize_text, req.prompt), "prompt"
         if len(ids) > max_len:
@@ -414,6 +409,18 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         rid = f"cmpl-{uuid.uuid4().hex}"
         stream = run_all(request, jobs, rid)
         n = req.n
+        # Per prompt, shared by its n choices: the echoed prompt's (token, top tokens) entries
+        # and the formatted `prompt_logprobs`.
+        echoed: dict[int, list] = {}
+        formatted: dict[int, list] = {}
+
+        def echo_entries(i, out) -> list:
+            if i not in echoed:
+                prompt = out.prompt_token_ids
+                lps = [top(p, t, req.logprobs) for t, p in zip(prompt, out.prompt_logprobs)] \
+                    if want else [None] * len(prompt)
+                echoed[i] = list(zip(prompt, lps))
+            return echoed[i]
 
         def choice(index, text, completion, start, out, is_first):
             """One choice: new text (the prompt before it on the first chunk, with echo) and
@@ -426,18 +433,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             else:
                 text = ""
             if req.echo and is_first:
-                prompt = out.prompt_token_ids
-                lps = [top(p, t, req.logprobs) for t, p in zip(prompt, out.prompt_logprobs)] \
-                    if want else [None] * len(prompt)
-                entries = list(zip(prompt, lps)) + entries
+                entries = echo_entries(index // n, out) + entries
                 text = texts[index // n] + text
             doc = {"index": index, "text": text,
                    "logprobs": completion_logprobs(entries, decode) if want else None,
                    "finish_reason": completion.finish_reason,
                    "stop_reason": completion.stop_reason}
             if out is not None and not req.stream:
-                doc["prompt_logprobs"] = None if req.prompt_logprobs is None else prompt_logprobs(
-                    out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)
+                if req.prompt_logprobs is not None and index // n not in formatted:
+                    formatted[index // n] = prompt_logprobs(
+                        out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)
+                doc["prompt_logprobs"] = formatted.get(index // n)
             return doc
 
         def chunk(index, text, completion, start, out, is_first, usage=None):

@@ -15,21 +15,22 @@ import time
 from collections import deque
 
 from hwattn.engine.sampling_params import SamplingParams
-from hwattn.parallel.launch import WorkerError
 from hwattn.engine.sequence import RequestOutput
+from hwattn.parallel.errors import WorkerError
 from hwattn.server.metrics import LatencyMetrics
 
 log = logging.getLogger(__name__)
 
 
 def public_reason(err: BaseException) -> str:
-    """What a client may hear of a failure: the first line of its message, without process
-    ids, at most 200 characters. The whole error (a worker's traceback, with its file paths
-    and ports) goes to the server's log only."""
+    """What a client may hear of a failure: the first line of its message (a `WorkerError`'s
+    one-line reason), without process ids, at most 200 characters. The whole error (a worker's
+    traceback and last output, with its file paths and ports) goes to the server's log only."""
     text = err.reason if isinstance(err, WorkerError) else str(err)
     first = next((line.strip() for line in text.splitlines() if line.strip()),
                  type(err).__name__)
-    first = re.sub(r"\s*\(pid [0-9]+\)", "", first).split("; its last output")[0]
+    # A stuck worker's reason names its pid (for the operator: it is the process to look at).
+    first = re.sub(r"\s*\(pid [0-9]+\)", "", first)
     return first.rstrip(":; ")[:200]
 
 

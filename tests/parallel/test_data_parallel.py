@@ -18,7 +18,7 @@ from hwattn.engine.data_parallel import DataParallelEngine, LeastOutstandingToke
 from hwattn.engine.engine_core import EngineCore
 from hwattn.engine.loader import model_config
 from hwattn.models import Transformer
-from hwattn.parallel.launch import WorkerError
+from hwattn.parallel.errors import WorkerError
 from tests.parallel.procs import alive, children, fault_age, wait_exited, wait_gone
 
 pytestmark = pytest.mark.slow  # data-parallel replica processes

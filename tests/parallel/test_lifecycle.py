@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hwattn.engine import LLM, SamplingParams
-from hwattn.parallel.launch import WorkerError
+from hwattn.parallel.errors import WorkerError
 from tests.parallel.procs import alive, children, fault_age, wait_gone
 
 TINY = dict(model="tiny", attention="gqa-4", device="cpu", dtype="fp32", page_size=8,

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from hwattn.engine import LLM, SamplingParams
-from hwattn.parallel.launch import WorkerError
+from hwattn.parallel.errors import WorkerError
 from tests.parallel.procs import alive, children, wait_exited, wait_gone
 
 TP_TINY = dict(model="tiny", attention="gqa-4", device="cpu", dtype="fp32", page_size=8,

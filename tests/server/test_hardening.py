@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from hwattn.engine import create_engine  # noqa: E402
-from hwattn.parallel.launch import WorkerError  # noqa: E402
+from hwattn.parallel.errors import WorkerError  # noqa: E402
 from hwattn.server import AsyncEngine  # noqa: E402
 from hwattn.server.app import build_app  # noqa: E402
 from tests.server.conftest import TINY, serving, wait_idle  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from hwattn.parallel.launch import sweep_stale_folders  # noqa: E402
+from hwattn.parallel.folders import sweep_stale_folders  # noqa: E402
 from tests.parallel.procs import children, wait_gone  # noqa: E402
 
 
