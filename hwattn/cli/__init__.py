@@ -24,6 +24,18 @@ def add_cpu_threads(p: argparse.ArgumentParser) -> None:
                         "idle cores; OMP_NUM_THREADS is honoured)")
 
 
+def emit_json(doc: dict, out: str | None = None) -> None:
+    """A benchmark's last line: its document as one line of JSON on stdout (flushed), and in
+    `out` too when given."""
+    import json
+
+    line = json.dumps(doc)
+    if out:
+        with open(out, "w") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+
+
 def model_params(config) -> int:
     """Parameters of the model `config` describes, counted without allocating it."""
     from hwattn.models.transformer import Transformer

@@ -1,9 +1,9 @@
-"""`hwattn bench engine`: offline throughput and per-step decode latency of the engine, with
-the time spent in attention kernels versus the rest of the step."""
+"""`hwattn bench engine`: offline throughput and latency of the engine, and one decode step
+split into attention, cache writes, GEMMs, other kernels, gaps and host time beside its floor."""
 
 from __future__ import annotations
 
-import json
+from hwattn.cli import emit_json
 
 
 def register(sub) -> None:
@@ -12,8 +12,9 @@ def register(sub) -> None:
     p = sub.add_parser("engine", help="offline engine throughput and decode-step breakdown",
                        description="Runs N requests at once to completion (output tokens/s, "
                                    "TTFT, ITL, TPOT, e2e), then times one decode step at "
-                                   "batch B and context L split into attention kernels, the "
-                                   "rest of the forward, and host overhead.")
+                                   "batch B and context L split into attention, cache writes, "
+                                   "GEMMs, other kernels, gaps between them (GPU, from the "
+                                   "profiler's trace) and host time, beside its roofline floor.")
     p.add_argument("model", help="checkpoint directory or preset")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=256)
@@ -53,11 +54,7 @@ def run(args) -> int:
         # Printed before teardown: a slow shutdown cannot lose the results.
         if not args.json:
             print(format_engine_report(doc))
-        line = json.dumps(doc)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(line + "\n")
-        print(line, flush=True)
+        emit_json(doc, args.out)
     finally:
         engine.shutdown()
     return 0

@@ -8,8 +8,8 @@ the matmul peak measured in the same run (`hwattn.bench.prefill` has the details
 from __future__ import annotations
 
 import argparse
-import json
 
+from hwattn.cli import emit_json
 from hwattn.cli.analyze import int_list
 
 
@@ -89,9 +89,5 @@ def run(args) -> int:
         backend = backend.with_prefill_config(config)
     doc = run_cases(cases, backend=backend, forms=tuple(filter(None, args.forms.split(","))) or None,
                     check=not args.no_check, warmup=args.warmup, iters=args.iters, config=config)
-    line = json.dumps(doc)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit_json(doc, args.out)
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from hwattn.cli import emit_json
 
 
 def register(sub) -> None:
@@ -63,9 +63,5 @@ def run(args) -> int:
     doc.update(target=args.url or f"in-process {args.model} ({'http' if args.http else 'direct'})")
     if not args.json:
         print(format_report(doc))
-    line = json.dumps(doc)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    emit_json(doc, args.out)
     return 0
