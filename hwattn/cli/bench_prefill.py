@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from hwattn.cli import emit_json
+from hwattn.cli import add_cpu_threads, emit_json
 from hwattn.cli.analyze import int_list
 
 
@@ -38,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("--iters", type=int, default=20, help="timed calls (default 20)")
     p.add_argument("--no-check", action="store_true", help="skip the check against the reference")
     p.add_argument("--out", metavar="FILE.json", help="also write the JSON document here")
+    add_cpu_threads(p)
     p.set_defaults(func=run)
 
 
