@@ -50,12 +50,27 @@ class PrefillConfig:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
 
+# Tile shapes measured fastest on one H200 for a 2048-token chunk over a 6144-token cached
+# prefix, B = 1, 16 query heads (the engine's chunked-prefill step at `xl`): 8 configurations
+# swept per form, benchmarks/results/prefill_tiles_h200_2026-12-04/ (ms against the shape's
+# previous default in brackets). Keyed by the padded (key, value) widths of the launch.
+_TUNED = {
+    (128, 128): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),  # GQA: 0.368 (0.485)
+    (64, 128): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),  # GTA: 0.406 (0.479)
+    (256, 256): PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),  # GLA absorbed: 0.611 (1.159)
+    (256, 128): PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),  # expanded MLA / GLA: 0.699 / 0.597 (1.148 / 1.152)
+}
+
+
 def choose_prefill_config(dk_pad: int, dv_pad: int) -> PrefillConfig:
-    """Tile shape for padded key and value widths: 128 rows while the fp32 accumulator
-    (rows × dv_pad) and the query tile fit the registers of 8 warps, fewer rows and keys
-    beyond. A starting point for tuning on the GPU (`hwattn bench prefill --block-m ...` sweeps it)."""
+    """Tile shape for padded key and value widths: the shape measured fastest on the GPU for
+    the widths of the layers we ship (`_TUNED`); otherwise 128 rows while the fp32
+    accumulator (rows × dv_pad) and the query tile fit the registers of 8 warps, fewer rows
+    and keys beyond. `hwattn bench prefill --block-m ...` sweeps it."""
     if interpreting():  # small tiles: several query tiles and key blocks even in tiny tests
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    if (dk_pad, dv_pad) in _TUNED:
+        return _TUNED[(dk_pad, dv_pad)]
     widest = max(dk_pad, dv_pad)
     if widest <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)

@@ -190,3 +190,24 @@ def test_plan_reads_the_lengths_once():
                            ([0], [], "at least one")):
         with pytest.raises(ValueError, match=name):
             ops.plan_prefill(cu, lens)
+
+
+def test_tuned_tiles_match_the_shipped_layers(monkeypatch):
+    """The tile table measured on the GPU is keyed by the padded widths of the xl layers'
+    prefill forms: if a layer's widths change, its tuned tile must be measured again."""
+    from hwattn.bench.decode import layer_for
+    from hwattn.ops import triton_prefill
+    from hwattn.ops.triton_decode import pad_width
+
+    monkeypatch.setattr(triton_prefill, "interpreting", lambda: False)
+    widths = set()
+    for variant in ("gqa-4", "gta-4", "gla-2", "mla"):
+        for form in layer_for(variant, 16, 128, 64).prefill_forms():
+            d_qk = form.query_shapes(1)[0][-1]
+            caches = form.cache_shapes()
+            d_v = caches[1][-1] if len(caches[1]) > 1 else caches[0][-1]  # tied: the state
+            widths.add((pad_width(d_qk), pad_width(d_v)))
+    assert widths == set(triton_prefill._TUNED) | {(512, 512)}  # MLA absorbed: its default
+    for key, config in triton_prefill._TUNED.items():
+        assert triton_prefill.choose_prefill_config(*key) is config
+    assert triton_prefill.choose_prefill_config(512, 512).block_n == 32

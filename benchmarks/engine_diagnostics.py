@@ -1,0 +1,94 @@
+"""Engine diagnostics on one GPU, each part optional (first argument, comma-separated):
+
+- host: `xl` B=64 L=1024 GTA-4 and GQA-4 on compiled, graph-captured runners: the engine's
+  median decode step (`engine_roofline.engine_steady`) beside the captured forward's device
+  time (`time_decode_step`), then the same engine loop under cProfile (host_<variant>.txt).
+- gemm: one eager decode step of `xl` GQA-4 and GLA-2 (B=64, L=1024) under the PyTorch
+  profiler: every matmul op with its shapes and device time, and the 25 kernels costing the
+  most per step.
+- prefill: the paged prefill op on a 2048-token chunk over a 6144-token prefix (B=1, 16
+  heads) for GQA-4, GLA-2, MLA and GTA-4 under 8 tile shapes (`PrefillConfig`), each checked
+  against the PyTorch reference (`hwattn.bench.prefill.bench_case`).
+
+    python3 benchmarks/engine_diagnostics.py host,gemm,prefill   # writes $OUT/diag.jsonl
+
+Results of 2026-12-04: benchmarks/results/prefill_tiles_h200_2026-12-04/.
+"""
+import cProfile, io, json, os, pstats, statistics, sys, time, types
+sys.path.insert(0, os.getcwd()); sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+import torch
+OUT = os.environ.get("OUT", "/tmp")
+T0 = time.time()
+def log(m): print(f"[{time.time()-T0:6.1f}s] {m}", flush=True)
+def save(name, obj):
+    with open(os.path.join(OUT, name), "a") as f: f.write(json.dumps(obj) + "\n")
+import engine_roofline as er
+from hwattn.bench.timing import DeviceTimer, device_peaks
+peaks = device_peaks("cuda"); log(f"peaks {peaks}"); save("diag.jsonl", dict(peaks=peaks))
+setup = er.Setup(types.SimpleNamespace(tiny=False))
+parts = sys.argv[1].split(",")
+
+if "host" in parts:
+    for variant in ["gta-4", "gqa-4"]:
+        net = er.build(setup, "xl", variant, 1024 + 64)
+        runner = er.runner_for(setup, net, 64, 1024 + 64, compiled=True)
+        plain = er.engine_steady(setup, runner, net, 64, 1024)
+        fwd = er.decode_step(setup, runner, net, 64, 1024); fwd.pop("logits", None)
+        pr = cProfile.Profile(); pr.enable()
+        prof = er.engine_steady(setup, runner, net, 64, 1024)
+        pr.disable()
+        s = io.StringIO(); st = pstats.Stats(pr, stream=s)
+        st.sort_stats("tottime").print_stats(35); st.sort_stats("cumulative").print_stats(60)
+        open(os.path.join(OUT, f"host_{variant}.txt"), "w").write(s.getvalue())
+        save("diag.jsonl", dict(part="host", variant=variant, plain=plain, profiled=prof, step={k: v for k, v in fwd.items() if not isinstance(v, (list, dict)) or k in ("breakdown",)}))
+        log(f"host {variant}: engine step {plain['engine_step_s']*1e3:.2f} ms; step keys {list(fwd)}")
+        er.free(runner, net)
+
+if "gemm" in parts:
+    from torch.profiler import profile, ProfilerActivity
+    for variant in ["gqa-4", "gla-2"]:
+        net = er.build(setup, "xl", variant, 1024 + 64)
+        runner = er.runner_for(setup, net, 64, 1024 + 64, compiled=False)
+        ctx = 1024; per = ctx // 64
+        pages = (torch.randperm(64 * per) + 1).view(64, per).tolist()
+        from hwattn.engine.model_runner import StepInput
+        step = StepInput("decode", [[1]] * 64, [ctx - 1] * 64, pages)
+        with runner.eager():
+            for _ in range(3): runner.execute(step)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as p:
+                for _ in range(5): runner.execute(step)
+                torch.cuda.synchronize()
+        rows = []
+        for e in p.key_averages(group_by_input_shape=True):
+            if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul") and e.device_time_total > 0:
+                rows.append(dict(op=e.key, shapes=str(e.input_shapes), count=e.count, us=e.device_time_total / e.count))
+        save("diag.jsonl", dict(part="gemm_ops", variant=variant, rows=rows))
+        ker = {}
+        for e in p.events():
+            if e.device_type.name == "CUDA":
+                ker.setdefault(e.name, []).append(e.device_time)
+        top = sorted(((k, len(v) / 5, statistics.median(v), sum(v) / 5) for k, v in ker.items()), key=lambda r: -r[3])[:25]
+        save("diag.jsonl", dict(part="gemm_kernels", variant=variant, top=[dict(name=k[:120], per_step=n, median_us=m, step_us=t) for k, n, m, t in top]))
+        log(f"gemm {variant} done")
+        er.free(runner, net)
+
+if "prefill" in parts:
+    from hwattn import ops
+    from hwattn.bench.prefill import PrefillCase, bench_case
+    from hwattn.ops.triton_prefill import PrefillConfig
+    timer = DeviceTimer("cuda")
+    base = ops.get_backend("triton", "cuda")
+    configs = [None, (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 128, 8, 2), (64, 128, 8, 2)]
+    for variant in ["gqa-4", "gla-2", "mla", "gta-4"]:
+        for cfg in configs:
+            if time.time() - T0 > float(os.environ.get("DEADLINE", "540")): break
+            be = base if cfg is None else base.with_prefill_config(PrefillConfig(*cfg))
+            try:
+                rows = bench_case(PrefillCase(variant, query_len=2048, prefix=6144), backend=be,
+                                  timer=lambda fn: timer(fn, iters=10, warmup=3) * 1e3, peak_tflops=peaks[1] if peaks else None)
+                for r in rows: r["config"] = cfg; save("diag.jsonl", dict(part="prefill", **r))
+                log(f"prefill {variant} {cfg}: " + ", ".join(f"{r['form']} {r['ms']:.3f} ms {r.get('pct_peak', 0):.0f}%" for r in rows))
+            except Exception as err:
+                log(f"prefill {variant} {cfg}: {type(err).__name__}: {str(err)[:150]}")
+log("done")
