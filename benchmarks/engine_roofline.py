@@ -92,7 +92,8 @@ def engine_steady(setup: Setup, runner: ModelRunner, net, batch: int, context: i
                   steps: int = 32) -> dict:
     """The serving engine on `runner` (overlapped scheduling, its default): `batch` prompts
     prefilled in one step, then `steps` decode steps of all of them around `context` tokens.
-    Returns the median decode step as the engine's loop sees it (`run_offline`'s ITL)."""
+    Returns the median decode step as the engine's loop sees it (`run_offline`'s ITL) and the
+    median host µs per phase of those steps (`hwattn.engine.step_timer`)."""
     from hwattn.bench.engine import random_prompts, run_offline
     from hwattn.data.tokenizer import load_tokenizer
     from hwattn.engine.config import EngineConfig
@@ -106,7 +107,8 @@ def engine_steady(setup: Setup, runner: ModelRunner, net, batch: int, context: i
                        runner.num_pages, kv_bytes_per_token=net.kv_bytes_per_token(1, setup.dtype))
     res = run_offline(engine, random_prompts(batch, prompt_len, net.config.vocab_size, seed=5),
                       steps + 1)
-    return dict(engine_step_s=res.itl_s["median"], engine_steps=res.itl_s["n"])
+    return dict(engine_step_s=res.itl_s["median"], engine_steps=res.itl_s["n"],
+                host_phases_us={k: v["median"] for k, v in res.host_phases_us.items() if k != "n"})
 
 
 def build(setup: Setup, preset: str, variant: str, max_len: int):

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from hwattn import ops
 from hwattn.bench.timing import DeviceTimer, device_peaks
 from hwattn.engine import ModelRunner, SamplingParams, StepInput
+from hwattn.engine.step_timer import PHASES
+from hwattn.engine.step_timer import summarize as summarize_phases
 
 
 def summary(values: list[float]) -> dict:
@@ -75,6 +77,9 @@ class OfflineResult:
     e2e_s: dict
     decode_steps: int
     acceptance_rate: float  # accepted / proposed draft tokens (speculative decoding)
+    # Host µs per phase of the decode steps (`hwattn.engine.step_timer.summarize`); empty
+    # for engines without a step timer (data-parallel replicas).
+    host_phases_us: dict = field(default_factory=dict)
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -98,7 +103,9 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
     ITL is the wall time of each decode step (every running request gets its next token(s)
     from it); TPOT is per request, (finish - first token) / (tokens - 1). With data-parallel
     replicas the steps are the replicas' own (they run side by side, so prefill_s and
-    decode_s add up the replicas' time, not wall time).
+    decode_s add up the replicas' time, not wall time). `host_phases_us`: where the host's
+    time went in the decode steps, per phase of `LLMEngine.step` and in garbage collection
+    (`hwattn.engine.step_timer`).
     """
     params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True,
                             detokenize=False, seed=0)
@@ -114,6 +121,25 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
     replica_steps = getattr(engine, "take_step_times", None)  # data-parallel replicas
     if replica_steps is not None:
         replica_steps()
+    timer = getattr(engine, "step_timer", None)
+    decode_phases = []
+    if timer is not None:
+        timer.clear()
+        timer.attach()  # garbage collections timed too
+    try:
+        res = _run_offline(engine, prompts, params, counters0, bar, replica_steps, timer,
+                           decode_phases)
+    finally:
+        if timer is not None:
+            timer.detach()
+        if bar is not None:
+            bar.close()
+    res.host_phases_us = summarize_phases(decode_phases)
+    return res
+
+
+def _run_offline(engine, prompts, params, counters0, bar, replica_steps, timer,
+                 decode_phases: list) -> OfflineResult:
     start = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     step_times, prefill_s, decode_s = [], 0.0, 0.0
@@ -138,14 +164,14 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
         else:
             decode_s += dt
             step_times.append(dt)
+            if timer is not None and timer.steps:
+                decode_phases.append(timer.steps[-1])
         for out in outs:
             if out.finished:
                 finished[out.request_id] = out
         if bar is not None:
             bar.update(engine.counters["generation_tokens"] - bar.n - counters0["generation_tokens"])
     wall = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
     outs = [finished[i] for i in ids]
     ttft = [o.first_token_time - o.arrival_time for o in outs]
     e2e = [o.finish_time - o.arrival_time for o in outs]
@@ -490,6 +516,11 @@ def format_engine_report(doc: dict) -> str:
                      f"{s['p99'] * ms:10.2f}")
     if doc["speculative"]:
         lines.append(f"  draft tokens accepted            {off['acceptance_rate']:.0%}")
+    phases = off.get("host_phases_us") or {}
+    if phases.get("n"):
+        lines.append("  host per decode step (median µs): " + ", ".join(
+            f"{name} {phases[name]['median']:.0f}" for name in (*PHASES, "gc"))
+            + f"; all but wait {phases['host']['median']:.0f}")
     lines += [f"  decode step, B={brk['batch']} L={brk['context_len']} "
               f"(CUDA graphs: {'on' if brk['cuda_graphs'] else 'off'}, compiled: "
               f"{'yes' if brk.get('compiled') else 'no'}{', replica 0' if dp > 1 else ''}):",

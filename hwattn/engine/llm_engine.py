@@ -42,6 +42,7 @@ from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import Logprob, RequestOutput, Sequence
 from hwattn.engine.speculative import Drafter
+from hwattn.engine.step_timer import StepTimer
 
 MiB = 1 << 20
 
@@ -256,6 +257,7 @@ class LLMEngine:
                              decode_steps=0, mixed_steps=0, draft_tokens=0, accepted_tokens=0,
                              finished=0, aborted=0, failed=0)
         self._failed: list[Sequence] = []  # requests failed alone during the current step
+        self.step_timer = StepTimer()  # host seconds per phase of each step
 
     # Requests.
     def add_request(self, prompt: str | list[int] | torch.Tensor,
@@ -346,22 +348,27 @@ class LLMEngine:
             k = 0
         self._failed = []
         touched, launched = [], None
+        timer = self.step_timer
+        timer.begin_step()
         if self._inflight is not None and self._needs_host(
                 [*self.scheduler.running, *self.scheduler.waiting]):
             # The next step is sampled on the host's terms: read the one in flight back first,
             # so that no step of it reads a placeholder.
             previous, self._inflight = self._inflight, None
             touched = self._resolve(previous)
-            for seq in touched:
-                if seq.finish_reason is not None:
-                    self.scheduler.finish(seq)
-        batch = self.scheduler.schedule(lookahead=k)
+            with timer.phase("resolve"):
+                for seq in touched:
+                    if seq.finish_reason is not None:
+                        self.scheduler.finish(seq)
+        with timer.phase("schedule"):
+            batch = self.scheduler.schedule(lookahead=k)
         if batch is not None and batch.seqs:
             self.counters["steps"] += 1
-            if batch.kind == "decode" and k:
-                touched += self._speculative_decode(batch.seqs, k)
-            else:
-                launched = self._launch(batch)
+            with timer.phase("launch"):  # a speculative step waits for its results here
+                if batch.kind == "decode" and k:
+                    touched += self._speculative_decode(batch.seqs, k)
+                else:
+                    launched = self._launch(batch)
         previous, self._inflight = self._inflight, None
         if previous is not None:
             touched += self._resolve(previous)
@@ -370,6 +377,14 @@ class LLMEngine:
                 self._inflight = launched
             else:
                 touched += self._resolve(launched)
+        with timer.phase("output"):
+            outputs = self._outputs(touched)
+        timer.end_step()
+        return outputs
+
+    def _outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
+        """Free the finished among the sequences a step advanced (and the failed ones);
+        one output per request that advanced."""
         touched += [s for s in self._failed if s not in touched]
         requests: dict[str, list[Sequence]] = {}
         for seq in touched:
@@ -510,23 +525,26 @@ class LLMEngine:
         stop conditions, text, page registration. A sequence finished meanwhile (stopped by
         an earlier token, aborted, failed) is skipped; one that stops here drops the
         placeholders of the step launched after this one."""
-        touched = []
-        for (seq, pos), token in zip(inflight.rows, inflight.tokens.result()):
-            if seq.finish_reason is not None:
-                continue
-            later = seq.token_ids[pos + 1:]  # placeholders of a step launched since
-            del seq.token_ids[pos:]
-            seq.num_pending -= 1 + len(later)
-            touched.append(seq)
-            if isinstance(token, str):  # its sampling failed in the runner
-                self._fail(seq, token)
-                continue
-            appended = self._append_or_fail(seq, [token])
-            if seq.finish_reason is None:
-                seq.token_ids.extend(later)
-                seq.num_pending += len(later)
-            if appended is not None:
-                self._register(seq)
+        with self.step_timer.phase("wait"):
+            tokens = inflight.tokens.result()
+        with self.step_timer.phase("resolve"):
+            touched = []
+            for (seq, pos), token in zip(inflight.rows, tokens):
+                if seq.finish_reason is not None:
+                    continue
+                later = seq.token_ids[pos + 1:]  # placeholders of a step launched since
+                del seq.token_ids[pos:]
+                seq.num_pending -= 1 + len(later)
+                touched.append(seq)
+                if isinstance(token, str):  # its sampling failed in the runner
+                    self._fail(seq, token)
+                    continue
+                appended = self._append_or_fail(seq, [token])
+                if seq.finish_reason is None:
+                    seq.token_ids.extend(later)
+                    seq.num_pending += len(later)
+                if appended is not None:
+                    self._register(seq)
         return touched
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:

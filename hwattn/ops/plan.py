@@ -175,6 +175,8 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     if out is None:
         device = cache_seqlens.device
         return DecodePlan(batch, max(lengths), items.to(device), split_table.to(device), max_pieces)
+    if out.items.is_cuda:  # a copy from pageable memory may wait for the stream to drain
+        items, split_table = items.pin_memory(), split_table.pin_memory()
     out.items.copy_(items, non_blocking=True)
     out.splits.copy_(split_table, non_blocking=True)
     out.max_seqlen, out.max_pieces = max(lengths), max_pieces

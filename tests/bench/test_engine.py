@@ -19,6 +19,12 @@ def test_bench_engine_reports_throughput_and_breakdown(capsys, tmp_path):
     assert doc == json.loads(out.read_text())
     assert doc["offline"]["output_tokens"] == 4 * 6
     assert doc["offline"]["itl_s"]["n"] == 5  # one prefill step, then five decode steps
+    phases = doc["offline"]["host_phases_us"]
+    assert phases["n"] == 5 and "host per decode step" in text
+    # On the CPU the forward runs inside `launch`, so the host's share is the whole step.
+    assert phases["launch"]["median"] > 0 and phases["host"]["median"] >= phases["launch"]["median"]
+    itl_us = doc["offline"]["itl_s"]["median"] * 1e6
+    assert phases["host"]["median"] + phases["wait"]["median"] <= itl_us * 1.05
     step = doc["decode_step"]
     assert step["batch"] == 4 and step["context_len"] == 26
     assert 0 < step["attention_s"] < step["step_wall_s"] * 1.5

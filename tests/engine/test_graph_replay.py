@@ -73,3 +73,45 @@ def test_public_graph_seams_the_benchmarks_use(checkpoints):
     assert step["allreduce_s"] < 1e-3  # one process: no collectives to make
     assert llm.engine.block_manager.num_free_pages == free
     llm.engine.check_invariants()
+
+
+def test_host_block_table_equals_a_table_built_afresh():
+    """Kept from step to step, the host table equals the one built from the step's lists,
+    whatever happened to them in between: pages appended or popped (speculative rollback),
+    a row taken by another sequence, fewer rows, then more again."""
+    import random
+
+    import numpy as np
+
+    from hwattn.engine.block_manager import NULL_PAGE
+    from hwattn.engine.model_runner import HostBlockTable
+
+    rng = random.Random(0)
+    rows, width = 8, 12
+    table = HostBlockTable(rows, width)
+    lists = [[rng.randrange(1, 100) for _ in range(rng.randrange(0, 6))] for _ in range(5)]
+    for _ in range(300):
+        op = rng.randrange(6)
+        i = rng.randrange(len(lists)) if lists else 0
+        if op == 0 and lists and len(lists[i]) < width:
+            lists[i].append(rng.randrange(1, 100))
+        elif op == 1 and lists and lists[i]:
+            lists[i].pop()
+        elif op == 2 and lists:
+            lists[i] = [rng.randrange(1, 100) for _ in range(rng.randrange(0, width + 1))]
+        elif op == 3 and len(lists) > 1:
+            lists.pop(i)
+        elif op == 4 and len(lists) < rows:
+            lists.insert(i, [rng.randrange(1, 100) for _ in range(rng.randrange(0, 4))])
+        elif op == 5 and lists and lists[i]:
+            lists[i][rng.randrange(len(lists[i]))] = 7  # a page replaced mid-row
+        size = rng.randrange(max(1, len(lists)), rows + 1)
+        got = table.update(lists, size)
+        want = np.full((size, width), NULL_PAGE, dtype=np.int32)
+        for row, pages in zip(want, lists):
+            row[:len(pages)] = pages
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="row 0 has 13 pages"):
+        table.update([list(range(1, 14))], 1)
+    with pytest.raises(ValueError, match="rows must lie"):
+        table.update([[1]] * 3, 2)

@@ -1,0 +1,106 @@
+"""Where the host's time goes in each engine step.
+
+`LLMEngine.step` runs in phases: schedule the batch, launch it (sampling settings, the step's
+inputs, the forward and its sampling queued on the device), wait for the tokens of the step
+in flight, resolve them (stop conditions, text, page registration) and build the outputs.
+With overlapped scheduling the device runs one step while the host does all of this for the
+next, so the step costs max(device, host - wait): a host whose phases other than `wait`
+add up to more than the device step holds the device back.
+
+`StepTimer` keeps, per finished step, the seconds spent in each phase and in Python's cyclic
+garbage collector (timed through `gc.callbacks`, whichever phase it interrupted), over the
+last `window` steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections import deque
+from contextlib import contextmanager
+
+PHASES = ("schedule", "launch", "wait", "resolve", "output")
+
+
+class StepTimer:
+    """Host seconds per phase of each engine step (the last `window` steps).
+
+    Use `timer.begin_step()`, then `with timer.phase("launch"): ...` inside the step and
+    `timer.end_step()` after it;
+    `summary()` gives the medians in µs. Garbage collection is timed only while the timer is
+    `attached` (one `gc.callbacks` entry; `detach` removes it)."""
+
+    def __init__(self, window: int = 4096):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.steps: deque[dict[str, float]] = deque(maxlen=window)
+        self._current = self._empty()
+        self._gc_start: float | None = None
+        self.attached = False
+
+    @staticmethod
+    def _empty() -> dict[str, float]:
+        return dict.fromkeys((*PHASES, "gc"), 0.0)
+
+    @contextmanager
+    def phase(self, name: str):
+        if name not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._current[name] += time.perf_counter() - start
+
+    def begin_step(self) -> None:
+        """Start a step afresh (what an interrupted step had timed is dropped)."""
+        self._current = self._empty()
+
+    def end_step(self) -> None:
+        """Close the current step: its phase totals join the window."""
+        self.steps.append(self._current)
+        self._current = self._empty()
+
+    def _on_gc(self, event: str, info: dict) -> None:
+        if event == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self._current["gc"] += time.perf_counter() - self._gc_start
+            self._gc_start = None
+
+    def attach(self) -> StepTimer:
+        """Start timing garbage collections (returns self)."""
+        if not self.attached:
+            gc.callbacks.append(self._on_gc)
+            self.attached = True
+        return self
+
+    def detach(self) -> None:
+        if self.attached:
+            gc.callbacks.remove(self._on_gc)
+            self.attached = False
+
+    def clear(self) -> None:
+        self.steps.clear()
+        self._current = self._empty()
+
+    def summary(self, last: int | None = None) -> dict:
+        """`summarize` of the last `last` steps kept (default: all)."""
+        steps = list(self.steps)
+        return summarize(steps[-last:] if last else steps)
+
+
+def summarize(steps: list[dict[str, float]]) -> dict:
+    """Per phase of `steps` (each a `StepTimer` record), plus "gc" and "host" (every phase
+    but `wait`): the median, p90 and max in µs, and the number of steps `n`."""
+    out: dict = dict(n=len(steps))
+    if not steps:
+        return out
+    rows = [dict(s, host=sum(s[p] for p in PHASES if p != "wait")) for s in steps]
+    for key in (*PHASES, "gc", "host"):
+        values = sorted(r[key] * 1e6 for r in rows)
+        out[key] = dict(median=statistics.median(values),
+                        p90=values[min(len(values) - 1, int(0.9 * len(values)))],
+                        max=values[-1])
+    return out

@@ -1,0 +1,73 @@
+"""The engine's per-phase host timer (`hwattn.engine.step_timer`)."""
+
+import gc
+import time
+
+import pytest
+
+from hwattn.engine.step_timer import PHASES, StepTimer, summarize
+
+
+def test_phases_add_up_per_step_and_summarize():
+    timer = StepTimer()
+    for wait in (0.002, 0.004, 0.006):
+        timer.begin_step()
+        with timer.phase("launch"):
+            time.sleep(0.001)
+        with timer.phase("wait"):
+            time.sleep(wait)
+        with timer.phase("resolve"):  # a phase met twice in a step adds up
+            pass
+        with timer.phase("resolve"):
+            time.sleep(0.001)
+        timer.end_step()
+    doc = timer.summary()
+    assert doc["n"] == 3
+    assert doc["wait"]["median"] == pytest.approx(4000, rel=0.5)
+    assert doc["wait"]["max"] >= doc["wait"]["median"] >= 2000
+    assert doc["resolve"]["median"] >= 1000 and doc["schedule"]["max"] == 0
+    exact = summarize([dict(schedule=1e-6, launch=2e-6, wait=100e-6, resolve=3e-6, output=4e-6,
+                            gc=5e-6)] * 3)
+    assert exact["host"]["median"] == pytest.approx(10)  # every phase but wait; gc within them
+    assert exact["gc"]["p90"] == pytest.approx(5) and exact["n"] == 3
+    assert timer.summary(last=1)["n"] == 1 and timer.summary(last=1)["wait"]["median"] >= 5000
+
+
+def test_an_interrupted_step_is_dropped_and_bad_names_raise():
+    timer = StepTimer(window=2)
+    with timer.phase("launch"):
+        time.sleep(0.002)  # a step that raised before end_step
+    timer.begin_step()
+    timer.end_step()
+    assert timer.steps[-1]["launch"] == 0
+    for _ in range(3):
+        timer.end_step()
+    assert len(timer.steps) == 2  # the window
+    with pytest.raises(ValueError, match="phase must be one of"):
+        with timer.phase("sampling"):
+            pass
+    with pytest.raises(ValueError, match="window"):
+        StepTimer(window=0)
+    assert set(PHASES) == {"schedule", "launch", "wait", "resolve", "output"}
+
+
+def test_garbage_collection_is_timed_only_while_attached():
+    timer = StepTimer()
+    timer.begin_step()
+    gc.collect()
+    timer.end_step()
+    assert timer.steps[-1]["gc"] == 0
+    timer.attach()
+    try:
+        timer.begin_step()
+        garbage = [[] for _ in range(50_000)]
+        for a, b in zip(garbage, garbage[1:]):
+            a.append(b)
+            b.append(a)  # cycles only the collector frees
+        del garbage, a, b
+        gc.collect()
+        timer.end_step()
+    finally:
+        timer.detach()
+    assert timer.steps[-1]["gc"] > 0
+    assert timer._on_gc not in gc.callbacks
