@@ -300,6 +300,19 @@ def tables(doc: dict) -> str:
                        + (f"{r['engine_step_s'] * ms:.3f} | {r.get('engine_floor_ratio', float('nan')):.2f}"
                           f" | {r['engine_beyond_forward']:.1%} |" if "engine_step_s" in r else "- | - | - |"))
         out.append("")
+        phased = [r for r in dec if r.get("host_phases_us")]
+        if phased:
+            names = ("schedule", "launch", "wait", "resolve", "output", "gc", "host")
+            out += ["Host per engine decode step (median µs; `host` is every phase but `wait`, "
+                    "`gc` the garbage collections inside them):", "",
+                    "| variant | L | compiled | " + " | ".join(names) + " | engine step µs |",
+                    "|---|---|---|" + "---|" * (len(names) + 1)]
+            for r in phased:
+                h = r["host_phases_us"]
+                out.append(f"| {r['variant']} | {r['context']} | {'yes' if r['compiled'] else 'no'} | "
+                           + " | ".join(f"{h.get(n, 0):.0f}" for n in names)
+                           + f" | {r['engine_step_s'] * 1e6:.0f} |")
+            out.append("")
     srv = [r for r in doc["rows"] if r["part"] == "serving"]
     if srv:
         out += ["## serving preset (h_q 128), GLA-2 vs MLA, compiled", "",
