@@ -1,0 +1,27 @@
+"""benchmarks/engine_roofline.py on the tiny preset (CPU): the decode part runs eager and
+compiled runners and the engine loop, and its tables carry the host phases."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+def test_engine_roofline_tiny_decode(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_roofline.py"), "--tiny", "--parts",
+           "decode", "--variants", "gla-2", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=280, capture_output=True)
+    doc = json.loads((tmp_path / "engine_roofline.json").read_text())
+    compiled = [r for r in doc["rows"] if r["part"] == "decode" and r["compiled"]]
+    assert compiled and all("argmax_agreement" in r["vs_eager"] for r in compiled)
+    for r in compiled:
+        phases = r["host_phases_us"]
+        assert set(phases) >= {"schedule", "launch", "wait", "resolve", "output", "gc", "host"}
+        assert 0 < phases["host"] <= r["engine_step_s"] * 1e6 * 1.05
+    table = (tmp_path / "engine_roofline.md").read_text()
+    assert "Host per engine decode step" in table
