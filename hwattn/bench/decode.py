@@ -8,7 +8,9 @@ rate measured in the same run, the % of that roofline reached, and the speed-up 
 on the cache gathered into contiguous tensors (query heads of a KV head packed as rows, as the
 kernel does; gather not timed). Whether FlashMLA / FlashAttention-3 / FlashInfer are importable
 is reported; their measured timings (`hwattn.bench.anchors`, another process and day) are
-printed beside matching rows. On an sm_90 GPU the Hopper backend
+printed beside matching rows, and FlashMLA and FA3 are timed in this process, on the same paged
+data, where their packages import (`hwattn.bench.external`: the layout conversion is done once,
+before timing). On an sm_90 GPU the Hopper backend
 (`hwattn.ops.backends.hopper_backend`) is timed beside Triton with its own plan, % of the same
 roofline and speed-up over Triton, on the tied-state calls it takes (MLA, GLA, GTA; the rest it
 hands to Triton); elsewhere the header says why it is unavailable. Every row is checked against
@@ -37,7 +39,8 @@ class DecodeOptions:
     head_dim: d_h. rope_dim: d_R of the partial-RoPE variants (gta/mla/gla).
     cache_dtype: "bf16", "fp16" or "fp8" (queries stay bf16; fp8 uses a per-tensor scale).
     no_sdpa: skip the SDPA baseline and its check. no_hopper: skip the Hopper backend (timed
-    by default on sm_90 GPUs). warmup_ms, rep_ms: `do_bench`'s budgets.
+    by default on sm_90 GPUs). external: time FlashMLA / FA3 in this process where their
+    packages import (default True). warmup_ms, rep_ms: `do_bench`'s budgets.
     """
 
     head_dim: int = 128
@@ -45,6 +48,7 @@ class DecodeOptions:
     cache_dtype: str = "bf16"
     no_sdpa: bool = False
     no_hopper: bool = False
+    external: bool = True
     warmup_ms: int = 25
     rep_ms: int = 100
 
@@ -295,17 +299,49 @@ def _time_hopper(torch, do_bench, inputs, case, options, backend, roofline_us, t
                 hopper_items=[p.capacity for p in plan.plans.values()], _hopper_out=out)
 
 
+def _time_external(torch, do_bench, name, module, inputs, layer, options, hw_us, device):
+    """One external kernel's columns of a row (`ext_<name>_...`) and its output in our layout
+    (None if it has no call for this case or failed). The operands are converted before
+    timing; only the kernel call is timed, graphed as ours is."""
+    from hwattn.bench import external
+
+    try:
+        call = external.build(name, module, inputs.queries, inputs.caches, inputs.block_table,
+                              inputs.seqlens, layer.scale, inputs.scale)
+    except external.Unsupported as why:
+        return {f"ext_{name}_note": str(why)}, None
+    except Exception as err:  # noqa: BLE001 - e.g. out of memory for a converted copy
+        return {f"ext_{name}_error": f"{type(err).__name__}: {str(err)[:200]}"}, None
+    try:
+        out = call.to_ours(call.run())
+        timed, how = _graphed(torch, call.run) if device == "cuda" else (call.run, "eager")
+        ext_us = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms,
+                          return_mode="median") * 1e3
+    except Exception as err:  # noqa: BLE001 - their failure at a shape is a result, our row stands
+        return {f"ext_{name}_error": f"{type(err).__name__}: {str(err)[:200]}"}, None
+    cols = {f"ext_{name}_us": ext_us, f"ext_{name}_ratio": hw_us / ext_us,
+            f"ext_{name}_timing": how}
+    if call.converted:
+        cols[f"ext_{name}_converted"] = call.converted
+    return cols, out
+
+
 def _rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple[float, float],
-               configs, device="cuda", anchors: AnchorSet | None = None, hopper=None) -> dict:
+               configs, device="cuda", anchors: AnchorSet | None = None, hopper=None,
+               external: dict | None = None) -> dict:
     """Time one case with each tile config (the default and `configs`, keeping the fastest),
-    then the Hopper backend if given (`hopper`: an AttentionBackend), then SDPA; check each
+    then the Hopper backend if given (`hopper`: an AttentionBackend), then each external kernel
+    in `external` ({name: module}, from `hwattn.bench.external.load`), then SDPA; check each
     against SDPA. Returns the table row: the case, µs, GB/s, TFLOP/s, AI, the
-    roofline from `peaks` (copy GB/s, matmul TFLOP/s), SDPA µs and error, and the `anchors`
-    timings taken at this shape. `do_bench(fn, warmup, rep, return_mode)` returns ms."""
+    roofline from `peaks` (copy GB/s, matmul TFLOP/s), SDPA µs and error, per external kernel
+    `ext_<name>_us`, `ext_<name>_rel_err` and `ext_<name>_ratio` (hwattn's fastest µs over
+    its µs: above 1 it is faster) or `ext_<name>_note` / `_error` saying why it has no time,
+    and the `anchors` timings taken at this shape. `do_bench(fn, warmup, rep, return_mode)`
+    returns ms."""
     from hwattn.ops import plan_decode
     from hwattn.ops.triton_decode import choose_config, head_layout
 
@@ -356,6 +392,15 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
     hopper_out = row.pop("_hopper_out", None)
     if hopper_out is not None:  # against Triton until SDPA is there to compare with
         row["hopper_check_rel_err"] = _rel_err(hopper_out, best["out"])
+    hw_us = min(us, row.get("hopper_us", us))
+    ext_outs = {}
+    for name, module in (external or {}).items():
+        cols, ext_out = _time_external(torch, do_bench, name, module, inputs, layer, options,
+                                       hw_us, device)
+        row.update(cols)
+        if ext_out is not None:  # against Triton until SDPA is there to compare with
+            ext_outs[name] = ext_out
+            row[f"ext_{name}_rel_err"] = _rel_err(ext_out, best["out"])
 
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else 2**34
     if not options.no_sdpa and _sdpa_bytes(case, h_q, h_kv, (d_qk, d_v)) < 0.5 * free:
@@ -365,6 +410,8 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
             err = _rel_err(best["out"], ref)
             if hopper_out is not None:
                 row["hopper_check_rel_err"] = _rel_err(hopper_out, ref)
+            for name, ext_out in ext_outs.items():
+                row[f"ext_{name}_rel_err"] = _rel_err(ext_out, ref)
             timed, _ = _graphed(torch, sdpa) if device == "cuda" else (sdpa, "eager")
             sdpa_ms = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms, return_mode="median")
             row.update(sdpa_us=sdpa_ms * 1e3, speedup_sdpa=sdpa_ms * 1e3 / us, check_rel_err=err)
@@ -383,10 +430,43 @@ def _fmt(value, spec):
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def _external_names(rows: list[dict]) -> list[str]:
+    """External kernels with a column: those any row timed or tried (in first-seen order)."""
+    names = []
+    for r in rows:
+        for key in r:
+            if key.startswith("ext_") and key.endswith(("_us", "_error")):
+                name = key[4:].rsplit("_", 1)[0]
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def _external_widths(name: str) -> tuple[int, int]:
+    return max(9, len(name) + 3), max(6, len(name) + 3)  # "<name> µs", "hw/<name>"
+
+
+def _external_head(name: str) -> str:
+    us, ratio = _external_widths(name)
+    return f"{name + ' µs':>{us}} {'hw/' + name:>{ratio}} {'err':>7} "
+
+
+def _external_cells(row: dict, name: str) -> str:
+    us, ratio = _external_widths(name)
+    if f"ext_{name}_error" in row:
+        return f"{'error':>{us}} {'-':>{ratio}} {'-':>7} "
+    return (f"{_fmt(row.get(f'ext_{name}_us'), '.1f'):>{us}} "
+            f"{_fmt(row.get(f'ext_{name}_ratio'), '.2f'):>{ratio}} "
+            f"{_fmt(row.get(f'ext_{name}_rel_err'), '.1e'):>7} ")
+
+
 def format_table(rows: list[dict], peaks, anchors: AnchorSet | None = None) -> str:
+    names = _external_names(rows)
     head = (f"{'variant':8} {'hq/hkv':>7} {'B':>4} {'L':>7} {'Lq':>2} {'page':>4} {'µs':>9} "
             f"{'GB/s':>6} {'TFLOP/s':>7} {'AI':>6} {'roof µs':>8} {'%roof':>5} {'SDPA µs':>9} "
-            f"{'×SDPA':>6} {'err':>7} {'Hopper µs':>9} {'%roof':>5} {'×Tri':>5} {'anchor':>16}")
+            f"{'×SDPA':>6} {'err':>7} {'Hopper µs':>9} {'%roof':>5} {'×Tri':>5} "
+            + "".join(_external_head(name) for name in names)
+            + f"{'anchor':>16}")
     lines = [f"peaks measured now: copy {peaks[0]:.0f} GB/s (read+write), bf16 matmul "
              f"{peaks[1]:.0f} TFLOP/s", head]
     for r in rows:
@@ -401,9 +481,16 @@ def format_table(rows: list[dict], peaks, anchors: AnchorSet | None = None) -> s
             f"{_fmt(r.get('sdpa_us'), '9.1f'):>9} {_fmt(r.get('speedup_sdpa'), '6.2f'):>6} "
             f"{_fmt(r.get('check_rel_err'), '7.1e'):>7} {_fmt(r.get('hopper_us'), '9.1f'):>9} "
             f"{_fmt(r.get('hopper_pct_roofline'), '5.0f'):>5} "
-            f"{_fmt(r.get('hopper_speedup_triton'), '5.2f'):>5} {', '.join(beside) or '-':>16}")
+            f"{_fmt(r.get('hopper_speedup_triton'), '5.2f'):>5} "
+            + "".join(_external_cells(r, name) for name in names)
+            + f"{', '.join(beside) or '-':>16}")
     lines.append("µs, GB/s, %roof: the Triton backend; Hopper µs / %roof / ×Tri: the Hopper "
                  "backend (its default schedule and plan; '-' where it hands the call to Triton)")
+    if names:
+        lines.append(f"{' / '.join(names)} µs: timed in this process on the same paged data "
+                     "(layouts converted before timing); hw/X: hwattn's fastest µs over X's, "
+                     "above 1 X is faster; err: X's output against SDPA; '-' where X has no "
+                     "call for the case (the JSON row's ext_X_note says why)")
     if anchors is not None:
         lines.append(f"anchor: µs of FlashMLA / FA3 on {anchors.describe()} ({anchors.name}), "
                      f"another process: compare only on the same GPU model")
@@ -439,6 +526,8 @@ def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None =
     external = {k: importlib.util.find_spec(mod) is not None for k, mod in EXTERNAL_KERNELS.items()}
     print(f"device: {gpu}; torch {torch.__version__}; external kernels importable: "
           f"{', '.join(k for k, v in external.items() if v) or 'none'}", flush=True)
+    timed_external, external_line = external_kernels(options)
+    print(external_line, flush=True)
     hopper_why = "skipped (no_hopper)" if options.no_hopper else hopper_status(torch)
     hopper = None
     if hopper_why is None:
@@ -451,7 +540,7 @@ def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None =
         start = time.perf_counter()
         try:
             row = bench_case(torch, do_bench, case, options, peaks, configs, anchors=anchors,
-                             hopper=hopper)
+                             hopper=hopper, external=timed_external)
         except (RuntimeError, ValueError, torch.OutOfMemoryError) as err:
             row = dict(case, error=f"{type(err).__name__}: {str(err)[:200]}")
         row["wall_s"] = round(time.perf_counter() - start, 1)
@@ -460,6 +549,7 @@ def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None =
         torch.cuda.empty_cache()
     doc = dict(device=gpu, torch=torch.__version__, copy_GBps=peaks[0], mm_TFLOPs=peaks[1],
                external_kernels=external, hopper=hopper_why or "timed", rows=rows,
+               external_timed=external_line,
                anchors=None if anchors is None else dict(file=anchors.name, gpu=anchors.gpu,
                                                          date=anchors.date, source=anchors.source))
     print(format_table(rows, peaks, anchors))
@@ -469,5 +559,20 @@ def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None =
             json.dump(doc, f, indent=1)
     failed = [r for r in rows if "error" in r or "hopper_error" in r
               or r.get("check_rel_err", 0) > CHECK_LIMIT
-              or r.get("hopper_check_rel_err", 0) > CHECK_LIMIT]
+              or r.get("hopper_check_rel_err", 0) > CHECK_LIMIT
+              or any(k.startswith("ext_") and k.endswith("_rel_err") and v > CHECK_LIMIT
+                     for k, v in r.items())]
     return 1 if failed else 0
+
+
+def external_kernels(options: DecodeOptions) -> tuple[dict, str]:
+    """({name: module} of the external kernels to time, the header line saying which run and
+    why the others do not)."""
+    from hwattn.bench import external
+
+    if not options.external:
+        return {}, "external kernels in this process: skipped (--no-external)"
+    status = external.available()
+    parts = [f"{name} {s.version}" if s.version else f"{name} not timed: {s.why}"
+             for name, s in status.items()]
+    return external.load(), "external kernels in this process: " + "; ".join(parts)

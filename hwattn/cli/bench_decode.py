@@ -2,11 +2,14 @@
 
 Times each variant's decode kernel at every (B, L, L_q, page size): µs, GB/s, TFLOP/s,
 arithmetic intensity and the % of the roofline measured in the same run, with the speed-up
-over PyTorch SDPA (every row is checked against it) and, beside matching rows, the measured
-FlashMLA / FA3 anchors of this GPU model (`hwattn.bench.decode` has the details).
+over PyTorch SDPA (every row is checked against it), FlashMLA and FA3 timed in this process on
+the same paged data where their packages import (docs/external_baselines.md: how to build
+them; each row is checked against SDPA too) and, beside matching rows, the measured FlashMLA /
+FA3 anchors of this GPU model (`hwattn.bench.decode` has the details).
 
     hwattn bench decode --variants gla-2,mla --batch 128 --context 8192,16384 --query-len 1,2
     hwattn bench decode --suite standard --out results.json
+    hwattn bench decode --variants mla,gla-2,gqa-4 --context 16384 --no-hopper --no-external
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def register(sub) -> None:
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline and check")
     p.add_argument("--no-hopper", action="store_true",
                    help="skip the Hopper backend (timed by default on sm_90 GPUs)")
+    p.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
+                   help="time FlashMLA (flash_mla) and FA3 (flash_attn_interface) in this process "
+                        "where they import (default on; --no-external skips them)")
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
     p.add_argument("--out", metavar="FILE.json", help="also write the JSON document here")
@@ -68,7 +74,7 @@ def run(args) -> int:
 
     options = decode.DecodeOptions(head_dim=args.head_dim, rope_dim=args.rope_dim,
                                    cache_dtype=args.cache_dtype, no_sdpa=args.no_sdpa,
-                                   no_hopper=args.no_hopper,
+                                   no_hopper=args.no_hopper, external=args.external,
                                    warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     configs = decode.parse_configs(args.configs) if args.configs else []
     return decode.run(cases(args), options, configs, out=args.out)
