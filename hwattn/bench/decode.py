@@ -20,6 +20,7 @@ SDPA before it is timed.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 import time
@@ -40,7 +41,9 @@ class DecodeOptions:
     cache_dtype: "bf16", "fp16" or "fp8" (queries stay bf16; fp8 uses a per-tensor scale).
     no_sdpa: skip the SDPA baseline and its check. no_hopper: skip the Hopper backend (timed
     by default on sm_90 GPUs). external: time FlashMLA / FA3 in this process where their
-    packages import (default True). warmup_ms, rep_ms: `do_bench`'s budgets.
+    packages import (default True). programs_per_sm: split-KV plans to time the Triton
+    kernel under (`plan_decode`'s programs in flight per SM; empty: its default alone), each
+    with every tile config; the row keeps the fastest. warmup_ms, rep_ms: `do_bench`'s budgets.
     """
 
     head_dim: int = 128
@@ -49,12 +52,15 @@ class DecodeOptions:
     no_sdpa: bool = False
     no_hopper: bool = False
     external: bool = True
+    programs_per_sm: tuple[int, ...] = ()
     warmup_ms: int = 25
     rep_ms: int = 100
 
     def __post_init__(self):
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        if any(p < 1 for p in self.programs_per_sm):
+            raise ValueError(f"programs_per_sm must be positive, got {self.programs_per_sm}")
 
 
 def standard_suite() -> list[dict]:
@@ -343,6 +349,7 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
     and the `anchors` timings taken at this shape. `do_bench(fn, warmup, rep, return_mode)`
     returns ms."""
     from hwattn.ops import plan_decode
+    from hwattn.ops.plan import PROGRAMS_PER_SM
     from hwattn.ops.triton_decode import choose_config, head_layout
 
     cache_dtype = getattr(torch, CACHE_DTYPES[options.cache_dtype])
@@ -360,19 +367,21 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
     roofline_us = max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6)
 
     timings = {}
-    for config in [default, *configs]:
+    for config, programs in itertools.product([default, *configs], options.programs_per_sm or (None,)):
+        key = str(config) if programs is None else f"{config} programs_per_sm={programs}"
         _, head_blocks, _ = head_layout(h_q // h_kv, l_q, config.max_rows)
         plan = plan_decode(inputs.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=case["page"],
-                           head_blocks=head_blocks, min_piece=inputs.min_piece())
+                           head_blocks=head_blocks, min_piece=inputs.min_piece(),
+                           programs_per_sm=programs or PROGRAMS_PER_SM)
         fn = inputs.kernel(plan, config)
         try:
             out = fn()
             timed, how = _graphed(torch, fn) if device == "cuda" else (fn, "eager")
         except Exception as err:  # a tile config the GPU cannot hold (shared memory, registers)
-            timings[str(config)] = dict(error=f"{type(err).__name__}: {str(err)[:120]}")
+            timings[key] = dict(error=f"{type(err).__name__}: {str(err)[:120]}")
             continue
         ms = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms, return_mode="median")
-        timings[str(config)] = dict(us=ms * 1e3, splits=plan.capacity, out=out, timing=how)
+        timings[key] = dict(us=ms * 1e3, splits=plan.capacity, out=out, timing=how)
     ok = {k: v for k, v in timings.items() if "us" in v}
     if not ok:
         raise RuntimeError(f"no kernel config ran: {timings}")

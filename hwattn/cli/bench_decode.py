@@ -46,6 +46,9 @@ def register(sub) -> None:
     p.add_argument("--configs", default="",
                    help="extra kernel tile configs to time, 'block_n:warps:stages:max_rows;...'; "
                         "each row reports the fastest")
+    p.add_argument("--programs-per-sm", type=int_list, default=[],
+                   help="split-KV plans to time the Triton kernel under (programs in flight per "
+                        "SM, e.g. 1,2,4; default: the planner's own); each row reports the fastest")
     p.add_argument("--no-sdpa", action="store_true", help="skip the SDPA baseline and check")
     p.add_argument("--no-hopper", action="store_true",
                    help="skip the Hopper backend (timed by default on sm_90 GPUs)")
@@ -75,6 +78,7 @@ def run(args) -> int:
     options = decode.DecodeOptions(head_dim=args.head_dim, rope_dim=args.rope_dim,
                                    cache_dtype=args.cache_dtype, no_sdpa=args.no_sdpa,
                                    no_hopper=args.no_hopper, external=args.external,
+                                   programs_per_sm=tuple(args.programs_per_sm),
                                    warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
     configs = decode.parse_configs(args.configs) if args.configs else []
     return decode.run(cases(args), options, configs, out=args.out)

@@ -111,3 +111,18 @@ def test_bench_case_prints_anchors_only_at_their_shape():
     row = decode.bench_case(torch, _wall_clock, dict(case, page=8), options, (1000.0, 100.0), [],
                             device=DEVICE.type, anchors=fake)
     assert not any(k.startswith("anchor_") for k in row)
+
+
+def test_programs_per_sm_sweep_times_each_plan_and_checks_it():
+    """--programs-per-sm: the Triton kernel timed under each split-KV plan (B=1, L=1000 splits
+    into more pieces the more programs per SM are wanted); the row's pick is checked against
+    SDPA."""
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, warmup_ms=1, rep_ms=1,
+                                   programs_per_sm=(1, 4), external=False)
+    case = dict(variant="gqa-2", heads=4, tp=1, batch=1, context=1000, query_len=1, page=16)
+    row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
+                            device=DEVICE.type)
+    assert len(row["configs"]) == 2 and all("programs_per_sm=" in k for k in row["configs"])
+    assert row["check_rel_err"] < 1e-2
+    with pytest.raises(ValueError, match="programs_per_sm must be positive"):
+        decode.DecodeOptions(programs_per_sm=(0,))
