@@ -194,6 +194,21 @@ def run_config(args, variant: str, seed: int, device: str, on_gpu: bool):
                        resume=True, save_final=True, plot=False)
 
 
+def study_device(name: str):
+    """The device `--device` names, set up as the study trains on it (TF32 matmuls on CUDA),
+    and the GPU's name (None off CUDA)."""
+    import torch
+
+    from hwattn.device import resolve_device
+
+    device = resolve_device(name)
+    if device.type != "cuda":
+        return device, None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device, torch.cuda.get_device_name(device)
+
+
 def work(args, deadline: float, log) -> int:
     """A worker: train and evaluate pending runs, one at a time, until none is left or the
     deadline is near. Returns the number of runs it finished."""
@@ -201,15 +216,10 @@ def work(args, deadline: float, log) -> int:
 
     from hwattn.data.loader import TokenDataset
     from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
-    from hwattn.device import resolve_device
     from hwattn.train.metrics import read_metrics
     from hwattn.train.trainer import train
 
-    device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    device, gpu = study_device(args.device)
     study, work_dir = Path(args.study), Path(args.work)
     data = TokenDataset(args.data)
     setup = setup_of(args, data.manifest["build_key"])

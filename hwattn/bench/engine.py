@@ -2,12 +2,12 @@
 
 - `run_offline`: submit a batch of requests at once and run them to completion, timing every
   step: output throughput, TTFT, inter-token latency (per decode step), TPOT, end-to-end.
-- `decode_breakdown`: one decode step of B sequences at context L: the step as the host sees
-  it, the captured forward's device time, and (on a GPU, from the profiler's trace of the
-  replay) its kernels split into attention, cache writes, GEMMs, other kernels and the gaps
-  between them, plus host time, beside the step's floor (weights + KV cache at the copy rate,
-  FLOPs at the matmul rate, both measured in the same process); on the CPU, the layers'
-  attention calls timed alone.
+- `decode_breakdown`: one decode step of B sequences at context L (feeding one token each, or
+  k + 1 for a speculative verify step): the step as the host sees it, the captured forward's
+  device time, and (on a GPU, from the profiler's trace of the replay) its kernels split into
+  attention, cache writes, GEMMs, other kernels and the gaps between them, plus host time,
+  beside the step's floor (weights + KV cache at the copy rate, FLOPs at the matmul rate, both
+  measured in the same process); on the CPU, the layers' attention calls timed alone.
 - `bench_engine`: both on one engine, as one JSON-ready document; `format_engine_report` prints it.
 
 Everything here goes through the engine's public API: pages are borrowed from the pool with
@@ -80,6 +80,8 @@ class OfflineResult:
     # Host µs per phase of the decode steps (`hwattn.engine.step_timer.summarize`); empty
     # for engines without a step timer (data-parallel replicas).
     host_phases_us: dict = field(default_factory=dict)
+    # The generated token ids of every request, in prompt order (left out of `as_dict`).
+    outputs: list[list[int]] = field(default_factory=list)
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -91,6 +93,7 @@ class OfflineResult:
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
+        d.pop("outputs")
         d.update(output_tokens_per_s=self.output_tokens_per_s,
                  decode_tokens_per_s=self.decode_tokens_per_s)
         return d
@@ -105,7 +108,7 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
     replicas the steps are the replicas' own (they run side by side, so prefill_s and
     decode_s add up the replicas' time, not wall time). `host_phases_us`: where the host's
     time went in the decode steps, per phase of `LLMEngine.step` and in garbage collection
-    (`hwattn.engine.step_timer`).
+    (`hwattn.engine.step_timer`). `outputs`: the generated token ids, in prompt order.
     """
     params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True,
                             detokenize=False, seed=0)
@@ -183,7 +186,8 @@ def _run_offline(engine, prompts, params, counters0, bar, replica_steps, timer,
     return OfflineResult(len(prompts), sum(len(p) for p in prompts),
                          sum(len(o.token_ids) for o in outs), wall, prefill_s, decode_s,
                          summary(ttft), summary(step_times), summary(tpot), summary(e2e), steps,
-                         accepted / drafted if drafted else 0.0)
+                         accepted / drafted if drafted else 0.0,
+                         outputs=[list(o.token_ids) for o in outs])
 
 
 def attention_calls(model, batch: int, query_len: int, caches, block_table, seqlens, plan,
@@ -208,8 +212,11 @@ def attention_calls(model, batch: int, query_len: int, caches, block_table, seql
 
 
 @torch.inference_mode()
-def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> dict:
-    """Time one decode step of `batch` sequences with `context_len` cached tokens each.
+def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10,
+                     query_len: int = 1) -> dict:
+    """Time one decode step of `batch` sequences that feeds `query_len` tokens each (1: a
+    plain step; k + 1: a speculative verify step of k drafts) and holds `context_len` tokens
+    per sequence once those are written.
 
     Borrows pages from the pool (the engine must be idle) and gives them back. Returns the
     fields of `time_decode_step` plus shares of the step. Under tensor parallelism every rank
@@ -217,10 +224,12 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
     taken inside its worker process; with data-parallel replicas, replica 0 is timed.
     """
     if hasattr(engine, "call_replica"):
-        return engine.call_replica(0, decode_breakdown, batch, context_len, iters)
+        return engine.call_replica(0, decode_breakdown, batch, context_len, iters, query_len)
     bm = engine.block_manager
     if engine.has_unfinished():
         raise RuntimeError("decode_breakdown needs an idle engine")
+    if not 1 <= query_len <= context_len:
+        raise ValueError(f"query_len must be in [1, context_len={context_len}], got {query_len}")
     per_seq = -(-context_len // bm.page_size)
     if per_seq * batch > bm.num_free_pages:
         raise ValueError(f"{batch} sequences of {context_len} tokens need {per_seq * batch} pages; "
@@ -228,14 +237,15 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10) -> d
     with bm.borrow_pages(per_seq * batch) as pages:
         tables = [pages[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
         g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, engine.model_config.vocab_size, (batch, 1), generator=g).tolist()
-        step = StepInput("decode", tokens, [context_len - 1] * batch, tables)
+        tokens = torch.randint(0, engine.model_config.vocab_size, (batch, query_len),
+                               generator=g).tolist()
+        step = StepInput("decode", tokens, [context_len - query_len] * batch, tables)
         if hasattr(engine.runner, "call"):  # tensor-parallel workers
             times = engine.runner.call(time_decode_step, step, context_len, iters)
         else:
             times = time_decode_step(engine.runner, step, context_len, iters)
     wall, attention = times["step_wall_s"], times["attention_s"]
-    return dict(batch=batch, context_len=context_len, **times,
+    return dict(batch=batch, context_len=context_len, query_len=query_len, **times,
                 attention_share=attention / wall, outside_attention_share=1 - attention / wall,
                 allreduce_share=times["allreduce_s"] / wall,
                 host_overhead_share=max(0.0, times["host_s"] / wall))
@@ -304,21 +314,23 @@ def kernel_breakdown(kernels: list[tuple[str, float]], iters: int, backend, top:
 
 
 def decode_floor(model, batch: int, context_len: int, cache_dtype: torch.dtype,
-                 peaks: tuple[float, float] | None) -> dict:
-    """The fewest bytes and FLOPs of one decode step of `batch` sequences at `context_len`
-    on this (possibly sharded) model, and the time they take at `peaks`.
+                 peaks: tuple[float, float] | None, query_len: int = 1) -> dict:
+    """The fewest bytes and FLOPs of one decode step of `batch` sequences at `context_len`,
+    each feeding `query_len` tokens, on this (possibly sharded) model, and the time they
+    take at `peaks`.
 
     Bytes: every weight once (the tied embedding counts once: the output head reads it all)
-    plus the whole KV cache the step reads and the one token per sequence it writes. FLOPs:
-    2 per weight per token (the embedding lookup is free) plus each layer's decode attention.
+    plus the whole KV cache the step reads and the `query_len` tokens per sequence it writes.
+    FLOPs: 2 per weight per token (the embedding lookup is free) plus each layer's decode
+    attention.
     """
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_bytes = batch * (context_len + 1) * model.kv_bytes_per_token(1, cache_dtype)
+    kv_bytes = batch * (context_len + query_len) * model.kv_bytes_per_token(1, cache_dtype)
     # Untied, the input embedding is only looked up; tied, it is also the output head.
     untied = model.output.weight is not model.tok_embeddings.weight
     matmul_weights = model.num_params(non_embedding=untied)
-    flops = 2 * batch * matmul_weights + batch * sum(
-        blk.attn.decode_flops(context_len, 1) for blk in model.layers)
+    flops = 2 * batch * query_len * matmul_weights + batch * sum(
+        blk.attn.decode_flops(context_len, query_len) for blk in model.layers)
     out = dict(weight_bytes=weight_bytes, kv_bytes=kv_bytes, flops=flops)
     if peaks is not None:
         copy_gbps, tflops = peaks
@@ -331,7 +343,8 @@ def decode_floor(model, batch: int, context_len: int, cache_dtype: torch.dtype,
 
 @torch.inference_mode()
 def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10) -> dict:
-    """The timings of `decode_breakdown` on one `ModelRunner` (one rank), in seconds.
+    """The timings of `decode_breakdown` on one `ModelRunner` (one rank), in seconds; the
+    step's rows all feed the same number of tokens (its query length).
 
     step_wall_s: the engine's step as the host sees it (inputs prepared and uploaded, the
         captured graph replayed or the forward run eagerly, synchronised), median.
@@ -347,6 +360,7 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
         floor_ratio = step_wall_s / its floor_s.
     """
     batch = len(step.num_cached)
+    query_len = len(step.tokens[0])
     device = runner.device
     timer = DeviceTimer(device)
 
@@ -359,7 +373,7 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     runner.execute(step)
     _sync(device)
     step_wall = statistics.median(wall() for _ in range(iters))
-    replay = runner.graph_for(batch, 1)
+    replay = runner.graph_for(batch, query_len)
     forward = replay if replay is not None else (lambda: runner.execute(step))
     forward_device = timer(forward, iters)
     out = dict(cuda_graphs=runner.cuda_graphs, graph_error=runner.graph_error,
@@ -375,13 +389,15 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     else:
         table = runner.block_table(step.block_tables).to(device)
         seqlens_host = torch.full((batch,), context_len, dtype=torch.int32)
-        plan = runner.plan(seqlens_host, 1)
+        plan = runner.plan(seqlens_host, query_len)
         out.update(kernels=None, attention_method="decode-op calls timed alone",
-                   attention_s=timer(attention_calls(runner.model, batch, 1, runner.kv_caches,
-                                                     table, seqlens_host.to(device), plan,
+                   attention_s=timer(attention_calls(runner.model, batch, query_len,
+                                                     runner.kv_caches, table,
+                                                     seqlens_host.to(device), plan,
                                                      runner.backend), iters))
     cache_dtype = runner.kv_caches[0][0].dtype
-    floor = decode_floor(runner.model, batch, context_len, cache_dtype, device_peaks(device))
+    floor = decode_floor(runner.model, batch, context_len, cache_dtype, device_peaks(device),
+                         query_len)
     if "floor_s" in floor:
         floor["floor_ratio"] = step_wall / floor["floor_s"]
     out["floor"] = floor

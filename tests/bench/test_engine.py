@@ -100,3 +100,19 @@ def test_decode_floor_counts_weights_once_and_the_whole_cache():
     assert f["flops"] == 2 * 3 * params + 3 * attn
     assert f["bytes_s"] == pytest.approx((f["weight_bytes"] + f["kv_bytes"]) / 1e12)
     assert f["floor_s"] == max(f["bytes_s"], f["flops_s"])
+
+
+def test_decode_floor_of_a_verify_step_counts_every_query_token():
+    import torch
+
+    from hwattn import ModelConfig, Transformer
+    from hwattn.bench.engine import decode_floor
+
+    model = Transformer(ModelConfig.from_preset("tiny", attention="gta", n_kv_heads=4))
+    f = decode_floor(model, batch=3, context_len=100, cache_dtype=torch.bfloat16, peaks=None,
+                     query_len=4)
+    params = sum(p.numel() for p in model.parameters())
+    assert f["kv_bytes"] == 3 * 104 * model.kv_bytes_per_token(1, torch.bfloat16)
+    attn = sum(blk.attn.decode_flops(100, 4) for blk in model.layers)
+    assert attn == 4 * sum(blk.attn.decode_flops(100, 1) for blk in model.layers)
+    assert f["flops"] == 2 * 3 * 4 * params + 3 * attn

@@ -1,0 +1,560 @@
+"""N-gram speculative decoding on a trained quality-study model, on held-out C code and prose.
+
+    python benchmarks/study_speculative.py --train gqa-4 --seed 0 --data data/study --out $OUT
+    python benchmarks/study_speculative.py --checkpoint runs/study_speculative_work/gqa-4-s0
+
+The model is either a checkpoint (`--checkpoint`: a folder with config.json and
+model.safetensors, or a trainer's run folder holding `checkpoint/`) or trained here
+(`--train VARIANT --seed S`) with exactly the study's configuration: the `TrainConfig` comes
+from `benchmarks/quality_study.py`'s own `parse_args` and `run_config`, so the run is the one
+the study would make (its checkpoint stays in `--work`; a finished one there is reused).
+Training stops `--measure-reserve-s` before `--deadline-s`, so that training and measuring fit
+one command; a run cut short is measured as it stands and reported as unfinished.
+
+From each held-out domain of the built dataset (`--data`; the study's are `code`, Linux C, and
+`prose`) `--prompts` documents, drawn in a seeded order, give a prompt each: their first
+`--prompt-len` tokens. Every prompt of a domain is submitted at once and decoded greedily for
+`--output-len` tokens (temperature 0, ignore_eos) through `hwattn.bench.engine.run_offline`,
+by an engine without drafting (k = 0) and by one with n-gram drafting for each k in `--ks`.
+All engines share one model and `ModelRunner` (its KV cache and CUDA graphs for 1 and every
+k + 1 query tokens), as benchmarks/engine_speed.py does. Per domain and k: decode tokens/s,
+speed-up over k = 0, acceptance (accepted / drafted tokens), the share of steps where an
+n-gram matched, ITL median and p99, and whether the greedy outputs equal k = 0's token for
+token (speculation at temperature 0 must not change them; in bf16 a near-tie in the logits
+may still flip between the verify step and the plain one, so the agreement is reported, not
+assumed).
+
+Step time: `hwattn.bench.engine.decode_breakdown` times one decode step of all `--prompts`
+sequences at context prompt + output / 2 that feeds k + 1 tokens (a verify step) against
+one that feeds 1 (a plain step): the step as the host sees it and the captured forward on the
+device (CUDA events). Verify over plain, beside the ratio of the engines' median ITL (which
+also holds drafting and acceptance on the host).
+
+Targets (issue 20): speed-up >= 1.5x on C code at greedy for some k, with that k's verify
+step <= 1.3x a plain step (host-seen step wall time).
+
+Writes study_speculative.json, study_speculative.md and study_speculative_log.txt under
+`--out` (default $OUT, else runs/study_speculative); prints the tables, then one line of JSON.
+`--tiny`: the same on the CPU in seconds (tiny preset trained for a few steps as
+quality_study.py --smoke does, fp64, a few short prompts; the embedded corpus is built into
+`--work` when `--data` holds no dataset).
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.time()
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout
+sys.path.insert(0, str(HERE))  # quality_study, for the study's training configuration
+
+import quality_study  # noqa: E402
+
+SPEEDUP_TARGET, VERIFY_TARGET = 1.5, 1.3
+# Workload sizes: (GPU study, --tiny CPU check); an argument given on the command line wins.
+SIZES = {"prompts": (32, 3), "prompt_len": (256, 48), "output_len": (128, 24),
+         "page_size": (64, 16), "iters": (20, 2)}
+OUT_JSON, OUT_MD = "study_speculative.json", "study_speculative.md"
+OUT_LOG = "study_speculative_log.txt"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint folder, or a run folder with checkpoint/")
+    src.add_argument("--train", metavar="VARIANT",
+                     help="train this variant first, with the study's configuration")
+    p.add_argument("--seed", type=int, default=0, help="the study seed of --train")
+    p.add_argument("--data", default="data/study", help="built dataset (default data/study)")
+    p.add_argument("--work", default="runs/study_speculative_work",
+                   help="where --train keeps its run (checkpoint, metrics)")
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/study_speculative"),
+                   help="results folder (default $OUT when set)")
+    p.add_argument("--domains", default="",
+                   help="held-out domains, comma-separated (default: all, code first)")
+    p.add_argument("--prompts", type=int, default=None, help="documents per domain (32)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (256)")
+    p.add_argument("--output-len", type=int, default=None, help="generated tokens (128)")
+    p.add_argument("--ks", default="1,2,3,4", help="n-gram draft lengths")
+    p.add_argument("--page-size", type=int, default=None, help="KV page tokens (64)")
+    p.add_argument("--iters", type=int, default=None, help="timed repeats of each step (20)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="order the documents are drawn in")
+    p.add_argument("--dtype", default=None, help="engine dtype (default bf16 on CUDA; fp64 --tiny)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="decode through torch.compiled blocks (adds compile time)")
+    p.add_argument("--deadline-s", type=float, default=560.0,
+                   help="everything ends this many seconds after start")
+    p.add_argument("--measure-reserve-s", type=float, default=120.0,
+                   help="training stops this long before the deadline, for the measurements")
+    p.add_argument("--tiny", action="store_true", help="CPU check: tiny preset, short prompts")
+    args = p.parse_args(argv)
+    for name, sizes in SIZES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, sizes[1] if args.tiny else sizes[0])
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tiny:
+        args.device = "cpu" if args.device == "auto" else args.device
+        args.dtype = args.dtype or "fp64"
+    try:
+        args.ks = tuple(sorted({int(k) for k in args.ks.split(",") if k.strip()}))
+    except ValueError:
+        raise SystemExit(f"--ks must be comma-separated integers, got {args.ks!r}") from None
+    if not args.ks or min(args.ks) < 1:
+        raise SystemExit(f"--ks needs draft lengths >= 1, got {args.ks}")
+    return args
+
+
+class Log:
+    """Prints a line with the seconds since start and appends it to the log file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, *parts):
+        line = f"[{time.time() - T_START:6.1f}s] " + " ".join(str(x) for x in parts)
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+class TrainingProgress:
+    """While a run trains, logs the newest training record of its metrics.jsonl every
+    `every` seconds (the trainer prints nothing itself without its progress bar)."""
+
+    def __init__(self, metrics: Path, steps: int, log, every: float = 30.0):
+        self.metrics, self.steps, self.log, self.every = metrics, steps, log, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def _run(self) -> None:
+        from hwattn.train.metrics import read_metrics
+
+        while not self._stop.wait(self.every):
+            try:
+                records = [r for r in read_metrics(self.metrics) if "loss" in r]
+            except (OSError, ValueError):  # a line being written
+                continue
+            if records:
+                r = records[-1]
+                self.log(f"step {r['step']} of {self.steps}: loss {r['loss']:.3f}, "
+                         f"{r['tokens_per_s']:,.0f} tok/s"
+                         + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""))
+
+
+def checkpoint_folder(path: str) -> Path:
+    """The checkpoint folder `--checkpoint` names (itself, or a run folder's checkpoint/)."""
+    for cand in (Path(path), Path(path) / "checkpoint"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise SystemExit(f"--checkpoint: {path} holds no config.json; give a checkpoint folder "
+                     "(config.json + model.safetensors) or a run folder holding checkpoint/")
+
+
+def dataset(args, log):
+    """The built dataset of `--data`; under --tiny, the embedded corpus built into --work
+    when `--data` holds none."""
+    from hwattn.data.build import MANIFEST, BuildOptions
+    from hwattn.data.corpora import build_dataset
+    from hwattn.data.loader import TokenDataset
+
+    if args.tiny and not (Path(args.data) / MANIFEST).is_file():
+        args.data = str(Path(args.work) / "data")
+        if not (Path(args.data) / MANIFEST).is_file():
+            log(f"--tiny: building the embedded corpus into {args.data}")
+            build_dataset(args.data, "embedded", "bpe:512", BuildOptions(val_fraction=0.1),
+                          progress=False, log=lambda *a: None)
+    try:
+        return TokenDataset(args.data)
+    except ValueError as err:
+        raise SystemExit(f"--data: {err}") from None
+
+
+def train_study_run(args, data, device, gpu, deadline: float, log) -> tuple[Path, dict]:
+    """Train `--train` / `--seed` as the study does (quality_study's `run_config`: preset,
+    schedule, batch, compilation, curve points), or reuse the finished checkpoint of the
+    same run in --work. Returns (checkpoint folder, training record)."""
+    import torch
+
+    from hwattn.train.trainer import STATE_FILE, train
+
+    study_argv = ["--data", args.data, "--work", args.work] + (["--smoke"] if args.tiny else [])
+    cfg = quality_study.run_config(quality_study.parse_args(study_argv), args.train, args.seed,
+                                   str(device), gpu is not None)
+    ckpt = Path(cfg.out) / "checkpoint"
+    record = {"variant": args.train, "seed": args.seed, "preset": cfg.preset, "steps": cfg.steps,
+              "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
+              "compiled": cfg.compile, "run": cfg.out}
+    if (ckpt / STATE_FILE).is_file():
+        step = json.loads((ckpt / "config.json").read_text()).get("hwattn_train", {}).get("step")
+        if step == cfg.steps:
+            log(f"{args.train} seed {args.seed}: reusing the finished run in {cfg.out}")
+            return ckpt, {**record, "steps_done": step, "finished": True, "reused": True}
+    log(f"training {args.train} seed {args.seed}: {cfg.preset} preset, {cfg.steps} steps of "
+        f"{cfg.batch_size} x {cfg.seq_len} tokens, until "
+        f"{deadline - args.measure_reserve_s - T_START:.0f} s at the latest")
+    t0 = time.time()
+    with TrainingProgress(Path(cfg.out) / "metrics.jsonl", cfg.steps, log):
+        res = train(cfg, progress=False, log=log, dataset=data,
+                    deadline=deadline - args.measure_reserve_s)
+    del res["model"]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    record.update(steps_done=res["steps_done"], finished=res["steps_done"] == cfg.steps,
+                  reused=False, tokens=res["tokens"], train_s=time.time() - t0,
+                  steady_tokens_per_s=res.get("steady_tokens_per_s"),
+                  steady_mfu=res.get("steady_mfu"), val=res.get("val"), gpu=gpu)
+    val = (res.get("val") or {}).get("val_loss")
+    log(f"trained {res['steps_done']} of {cfg.steps} steps in {record['train_s']:.0f} s"
+        + (f", validation loss {val:.3f}" if val is not None else " (stopped at the deadline: "
+           "the unfinished model is measured)"))
+    return ckpt, record
+
+
+def held_out_prompts(docs: list[dict], tokenizer, n: int, prompt_len: int,
+                     seed: int) -> tuple[list[list[int]], list[str]]:
+    """The first `prompt_len` tokens of up to `n` of `docs` (one domain's held-out documents)
+    that have that many, drawn in a seeded order. Returns (prompts, their document ids)."""
+    order = list(docs)
+    random.Random(seed).shuffle(order)
+    prompts, ids = [], []
+    for start in range(0, len(order), 2 * n):
+        chunk = order[start:start + 2 * n]
+        for doc, tokens in zip(chunk, tokenizer.encode_batch([d["text"] for d in chunk])):
+            if len(tokens) >= prompt_len and len(prompts) < n:
+                prompts.append(tokens[:prompt_len])
+                ids.append(doc["id"])
+        if len(prompts) == n:
+            break
+    return prompts, ids
+
+
+class SharedRunner:
+    """One model and `ModelRunner` (KV cache; CUDA graphs for 1 and every k + 1 query tokens)
+    and an `LLMEngine` on it for each k, built through the engine's public constructor."""
+
+    def __init__(self, ckpt: Path, args, device, dtype):
+        import torch
+
+        from hwattn.data.tokenizer import load_tokenizer
+        from hwattn.engine.block_manager import pages_for
+        from hwattn.engine.loader import build_model
+        from hwattn.engine.model_runner import ModelRunner
+
+        self.ckpt, self.args, self.dtype = ckpt, args, dtype
+        self.net = build_model(str(ckpt), dtype=dtype, device=device)
+        self.max_len = args.prompt_len + args.output_len + 8
+        if self.max_len > self.net.config.max_seq_len:
+            raise SystemExit(f"--prompt-len + --output-len ({args.prompt_len} + "
+                             f"{args.output_len}) exceed the model's context "
+                             f"{self.net.config.max_seq_len}")
+        kmax = max(args.ks)
+        per_seq = pages_for(self.max_len + kmax + 1, args.page_size)
+        self.num_pages = (args.prompts + 2) * per_seq + 1  # + the warm-up's, + the null page
+        self.runner = ModelRunner(self.net, self.num_pages, args.page_size,
+                                  max_model_len=self.max_len + kmax + 1,
+                                  max_num_seqs=args.prompts, cache_dtype=dtype,
+                                  cuda_graphs=True,
+                                  graph_query_lens=(1,) + tuple(k + 1 for k in args.ks),
+                                  compile_decode=args.compile_decode)
+        self.tokenizer = load_tokenizer(str(ckpt), self.net.config.vocab_size)  # the engine's
+        self.kv_bytes = self.net.kv_bytes_per_token(1, dtype)
+        self.cuda = torch.device(device).type == "cuda"
+
+    def engine(self, k: int):
+        """An engine drafting k tokens a step by n-gram lookup (k = 0: plain decoding) that
+        prefills every prompt in one step, then decodes them together."""
+        from hwattn.engine.config import EngineConfig
+        from hwattn.engine.llm_engine import LLMEngine
+        from hwattn.engine.speculative import NgramDrafter
+
+        a = self.args
+        config = EngineConfig(model=str(self.ckpt), dtype=self.dtype,
+                              device=str(self.runner.device), page_size=a.page_size,
+                              max_num_seqs=a.prompts,
+                              max_num_batched_tokens=a.prompts * a.prompt_len,
+                              max_model_len=self.max_len, num_pages=self.num_pages,
+                              speculative="ngram" if k else None, num_speculative_tokens=k,
+                              compile_decode=a.compile_decode)
+        return LLMEngine(self.runner, self.tokenizer, self.net.config, config, self.num_pages,
+                         NgramDrafter(k) if k else None, kv_bytes_per_token=self.kv_bytes,
+                         model=self.net, dtype=self.dtype)
+
+
+def agreement(plain: list[list[int]], spec: list[list[int]]) -> dict:
+    """How far speculative outputs equal the plain ones: the share of sequences equal token
+    for token, the share of tokens equal before each sequence's first difference, and the
+    mean position of the first difference among the sequences that differ."""
+    if len(plain) != len(spec):
+        raise ValueError(f"{len(spec)} speculative outputs for {len(plain)} plain ones")
+    firsts, kept, total = [], 0, 0
+    for a, b in zip(plain, spec):
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        if a != b:
+            firsts.append(first)
+        kept += first
+        total += len(a)
+    return dict(outputs_equal=sum(a == b for a, b in zip(plain, spec)) / len(plain),
+                tokens_before_divergence=kept / total if total else 1.0,
+                first_divergence_mean=statistics.fmean(firsts) if firsts else None)
+
+
+def measure_domain(shared: SharedRunner, prompts: list[list[int]], args, clock, log,
+                   domain: str, tokenizer) -> dict:
+    """run_offline of the prompts for k = 0 and each k: one row per k (see the module
+    docstring), k = 0's first; a k is skipped once `clock()` says time is up. `tokenizer`
+    (the dataset's) writes out the first prompt's end and its plain continuation."""
+    from hwattn.bench.engine import random_prompts, run_offline
+
+    warm = random_prompts(2, args.prompt_len, shared.net.config.vocab_size, seed=9)
+    rows, plain = {}, None
+    for k in (0,) + args.ks:
+        if clock() < 0:
+            rows[str(k)] = dict(k=k, skipped="deadline")
+            continue
+        engine = shared.engine(k)
+        run_offline(engine, warm, 4)  # warm-up on other prompts: kernels, allocator
+        proposed = matched = 0
+        if engine.drafter is not None:
+            proposed, matched = engine.drafter.proposed, engine.drafter.matched
+        res = run_offline(engine, prompts, args.output_len)
+        engine.check_invariants()
+        row = dict(k=k, decode_tokens_per_s=res.decode_tokens_per_s,
+                   output_tokens=res.output_tokens, decode_s=res.decode_s,
+                   prefill_s=res.prefill_s, decode_steps=res.decode_steps,
+                   itl_median_s=res.itl_s["median"], itl_p99_s=res.itl_s["p99"],
+                   acceptance=res.acceptance_rate if k else None,
+                   host_phases_us={name: v["median"] for name, v in res.host_phases_us.items()
+                                   if isinstance(v, dict)})
+        if k:
+            lookups = engine.drafter.proposed - proposed  # one a sequence and step
+            row["ngram_match_share"] = ((engine.drafter.matched - matched) / lookups
+                                        if lookups else 0.0)
+            row.update(speedup=row["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+                       itl_over_plain=row["itl_median_s"] / plain["itl_median_s"],
+                       **agreement(plain["outputs"], res.outputs))
+        else:
+            plain = dict(row, outputs=res.outputs)
+        rows[str(k)] = row
+        log(f"{domain} k={k}: {row['decode_tokens_per_s']:,.0f} decode tok/s"
+            + (f", speed-up {row['speedup']:.2f}x, acceptance {row['acceptance']:.1%}, "
+               f"outputs equal to plain {row['outputs_equal']:.0%}" if k else "")
+            + f", ITL median {row['itl_median_s'] * 1e3:.2f} ms")
+    sample = None
+    if plain is not None:
+        sample = dict(prompt_tail=tokenizer.decode(prompts[0][-48:]),
+                      plain_output=tokenizer.decode(plain["outputs"][0][:96]))
+    return dict(rows=rows, sample=sample)
+
+
+def step_times(shared: SharedRunner, args, log) -> dict:
+    """decode_breakdown of a verify step (k + 1 query tokens) for each k and of a plain one,
+    at batch `--prompts` and context prompt + output / 2; ratios over the plain step."""
+    from hwattn.bench.engine import decode_breakdown
+
+    context = args.prompt_len + args.output_len // 2
+    rows = {}
+    for k in (0,) + args.ks:
+        b = decode_breakdown(shared.engine(k), args.prompts, context, args.iters, query_len=k + 1)
+        rows[str(k)] = dict(k=k, query_len=k + 1, step_wall_s=b["step_wall_s"],
+                            forward_device_s=b["forward_device_s"], host_s=b["host_s"],
+                            attention_s=b["attention_s"], cuda_graphs=b["cuda_graphs"],
+                            compiled=b["compiled"], floor_s=b["floor"].get("floor_s"),
+                            kernels=b.get("kernels"))
+    base = rows["0"]
+    for row in rows.values():
+        row["step_over_plain"] = row["step_wall_s"] / base["step_wall_s"]
+        row["forward_over_plain"] = row["forward_device_s"] / base["forward_device_s"]
+    log("verify / plain step (host-seen wall, device forward): " + ", ".join(
+        f"k={r['k']} {r['step_over_plain']:.2f} / {r['forward_over_plain']:.2f}"
+        for r in rows.values() if r["k"]))
+    return dict(batch=args.prompts, context_len=context, iters=args.iters, rows=rows)
+
+
+def targets(doc: dict) -> dict | None:
+    """The issue's targets on the code domain: the k of the best speed-up, and whether its
+    speed-up reaches 1.5x and its verify step stays within 1.3x of a plain step."""
+    code = doc["domains"].get("code")
+    rows = [r for r in (code or {}).get("rows", {}).values() if r["k"] and "speedup" in r]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: r["speedup"])
+    step = (doc.get("step_time") or {}).get("rows", {}).get(str(best["k"]), {})
+    ratio = step.get("step_over_plain")
+    return dict(domain="code", k=best["k"], speedup=best["speedup"],
+                speedup_target=SPEEDUP_TARGET, speedup_met=best["speedup"] >= SPEEDUP_TARGET,
+                verify_over_plain=ratio, forward_over_plain=step.get("forward_over_plain"),
+                verify_target=VERIFY_TARGET,
+                verify_met=None if ratio is None else ratio <= VERIFY_TARGET,
+                outputs_equal=best["outputs_equal"])
+
+
+def markdown(doc: dict) -> str:
+    """The tables of the document."""
+    s, m = doc["setup"], doc["model"]
+    trained = m.get("training") or {}
+    lines = [f"{m['label']} ({m['params'] / 1e6:.1f}M parameters) from {m['checkpoint']}"
+             + (f", trained {trained['steps_done']} of {trained['steps']} steps"
+                if trained else "")
+             + f"; {s['device']} {s['dtype']}, {s['prompts']} prompts x {s['prompt_len']} held-out "
+               f"tokens + {s['output_len']} greedy, page {s['page_size']}, CUDA graphs "
+               f"{'on' if doc['cuda_graphs'] else 'off'}, compiled decode "
+               f"{'on' if s['compile_decode'] else 'off'}", "",
+             "| domain | k | decode tok/s | speed-up | acceptance | n-gram found | ITL p50 ms "
+             "| ITL / plain | outputs = plain | tokens before divergence |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    for domain, part in doc["domains"].items():
+        for row in part["rows"].values():
+            if "skipped" in row:
+                lines.append(f"| {domain} | {row['k']} | skipped ({row['skipped']}) |"
+                             + " |" * 7)
+                continue
+            lines.append(
+                f"| {domain} | {row['k']} | {row['decode_tokens_per_s']:,.0f} | "
+                f"{f(row.get('speedup'), '{:.2f}x')} | {f(row.get('acceptance'), '{:.1%}')} | "
+                f"{f(row.get('ngram_match_share'), '{:.0%}')} | {row['itl_median_s'] * 1e3:.2f} | "
+                f"{f(row.get('itl_over_plain'))} | {f(row.get('outputs_equal'), '{:.0%}')} | "
+                f"{f(row.get('tokens_before_divergence'), '{:.1%}')} |")
+    st = doc.get("step_time")
+    if st:
+        lines += ["", f"Decode step of {st['batch']} sequences at context {st['context_len']}: "
+                      "a verify step (k + 1 query tokens) against a plain one (1).", "",
+                  "| k | query tokens | step ms (host-seen) | forward ms (device) | step / plain "
+                  "| forward / plain |", "|---|---|---|---|---|---|"]
+        for row in st["rows"].values():
+            lines.append(f"| {row['k']} | {row['query_len']} | {row['step_wall_s'] * 1e3:.3f} | "
+                         f"{row['forward_device_s'] * 1e3:.3f} | {row['step_over_plain']:.2f} | "
+                         f"{row['forward_over_plain']:.2f} |")
+    t = doc.get("targets")
+    if t:
+        verdict = {True: "met", False: "not met", None: "not measured"}
+        lines += ["", f"Targets on C code, at the best k = {t['k']}: speed-up "
+                      f"{t['speedup']:.2f}x (>= {t['speedup_target']}x: "
+                      f"{verdict[t['speedup_met']]}); verify step {f(t['verify_over_plain'])}x a "
+                      f"plain step (<= {t['verify_target']}x: {verdict[t['verify_met']]}); "
+                      f"outputs equal to plain decoding for {t['outputs_equal']:.0%} of prompts."]
+    return "\n".join(lines)
+
+
+def environment(argv: list[str]) -> dict:
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=HERE).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "commit": commit, "argv": argv}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / OUT_LOG)
+    deadline = T_START + args.deadline_s
+    clock = lambda: deadline - time.time()  # noqa: E731
+
+    import torch
+
+    from hwattn.device import resolve_dtype
+
+    device, gpu = quality_study.study_device(args.device)
+    dtype = resolve_dtype(args.dtype or "auto", device)
+    log(f"device {gpu or device}, dtype {str(dtype).replace('torch.', '')}, deadline "
+        f"{args.deadline_s:.0f} s")
+    data = dataset(args, log)
+    ckpt = checkpoint_folder(args.checkpoint) if args.checkpoint else None
+    # Every input is checked before training, which takes minutes.
+    docs = data.val_documents()
+    known = sorted({d["domain"] for d in docs}, key=lambda d: (d != "code", d))
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] or known
+    unknown = [d for d in domains if d not in known]
+    if unknown:
+        raise SystemExit(f"--domains: {', '.join(unknown)} not among the held-out domains "
+                         f"{', '.join(known)} of {args.data}")
+    prompts = {}
+    for domain in domains:
+        prompts[domain] = held_out_prompts([d for d in docs if d["domain"] == domain],
+                                           data.tokenizer, args.prompts, args.prompt_len,
+                                           args.prompt_seed)
+        if len(prompts[domain][0]) < args.prompts:
+            raise SystemExit(f"{domain}: {len(prompts[domain][0])} held-out documents hold "
+                             f"{args.prompt_len} tokens, --prompts asks for {args.prompts}")
+    log(f"prompts: {args.prompts} held-out documents of each of {', '.join(domains)}")
+    training = None
+    if args.train:
+        ckpt, training = train_study_run(args, data, device, gpu, deadline, log)
+
+    t0 = time.time()
+    shared = SharedRunner(ckpt, args, device, dtype)
+    log(f"engine on {ckpt}: {shared.net.config.label}, {shared.num_pages} pages, CUDA graphs "
+        f"{'on' if shared.runner.cuda_graphs else 'off'}"
+        + (f" ({shared.runner.graph_error})" if shared.runner.graph_error else "")
+        + f", built in {time.time() - t0:.1f} s")
+    doc = dict(setup=dict(data=args.data, build_key=data.manifest.get("build_key"),
+                          device=str(device), dtype=str(dtype).replace("torch.", ""),
+                          prompts=args.prompts, prompt_len=args.prompt_len,
+                          output_len=args.output_len, ks=list(args.ks), page_size=args.page_size,
+                          prompt_seed=args.prompt_seed, compile_decode=args.compile_decode,
+                          temperature=0.0, tiny=args.tiny),
+               model=dict(checkpoint=str(ckpt), label=shared.net.config.label,
+                          params=shared.net.num_params(),
+                          non_embedding_params=shared.net.num_params(non_embedding=True),
+                          training=training),
+               cuda_graphs=shared.runner.cuda_graphs, graph_error=shared.runner.graph_error,
+               domains={}, step_time=None, environment=environment(argv))
+    for i, domain in enumerate(domains):
+        tokens, ids = prompts[domain]
+        doc["domains"][domain] = dict(documents=ids, **measure_domain(
+            shared, tokens, args, clock, log, domain, data.tokenizer))
+        if i == 0:  # the step timing right after the first domain: it needs little time
+            doc["step_time"] = step_times(shared, args, log) if clock() > 0 else None
+    doc["targets"] = targets(doc)
+    doc["wall_s"] = time.time() - T_START
+    md = markdown(doc)
+    (out / OUT_JSON).write_text(json.dumps(doc, indent=1) + "\n")
+    (out / OUT_MD).write_text(md + "\n")
+    log(f"wrote {out / OUT_JSON} and {out / OUT_MD} after {doc['wall_s']:.0f} s")
+    print(md)
+    print(json.dumps(doc))
+    del shared
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""benchmarks/study_speculative.py --tiny on the CPU: a study run trained with the study's
+smoke configuration, its held-out prompts decoded with and without n-gram drafting, the
+document's numbers consistent with each other, and greedy outputs unchanged by speculation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KS = ("1", "2", "3", "4")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "study_speculative", ROOT / "benchmarks" / "study_speculative.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _doc(out: Path) -> dict:
+    return json.loads((out / "study_speculative.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset_dir):
+    """One --tiny command that trains gqa-4 seed 0 first. Returns (module, root, argv, doc)."""
+    mod = _script()
+    root = tmp_path_factory.mktemp("spec")
+    argv = ["--tiny", "--train", "gqa-4", "--seed", "0", "--data", str(dataset_dir),
+            "--work", str(root / "work")]
+    assert mod.main(argv + ["--out", str(root / "out")]) == 0
+    return mod, root, argv, _doc(root / "out")
+
+
+def test_tiny_run_trains_as_the_study_and_reports_every_k(trained, dataset_dir):
+    from hwattn.data.loader import TokenDataset
+
+    mod, root, _, doc = trained
+    study = mod.quality_study.parse_args(["--smoke"])
+    run = doc["model"]["training"]
+    assert run["finished"] and not run["reused"]
+    assert (run["preset"], run["steps"], run["steps_done"], run["batch_size"], run["seq_len"],
+            run["lr"]) == (study.preset, study.steps, study.steps, study.batch_size,
+                           study.seq_len, study.lr)
+    assert doc["model"]["label"] == "gqa-4"
+    assert Path(doc["model"]["checkpoint"]) == root / "work" / "gqa-4-s0" / "checkpoint"
+    assert sorted(doc["domains"]) == TokenDataset(dataset_dir).domains
+    s = doc["setup"]
+    assert (s["prompts"], s["prompt_len"], s["output_len"], s["dtype"]) == (3, 48, 24, "float64")
+    for domain, part in doc["domains"].items():
+        assert len(set(part["documents"])) == 3
+        rows = part["rows"]
+        assert list(rows) == ["0", *KS]
+        plain = rows["0"]
+        assert plain["output_tokens"] == 3 * 24 and plain["acceptance"] is None
+        for k in KS:
+            row = rows[k]
+            assert row["output_tokens"] == plain["output_tokens"]
+            assert row["speedup"] == row["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
+            assert row["itl_over_plain"] == row["itl_median_s"] / plain["itl_median_s"]
+            assert 0 <= row["acceptance"] <= 1 and 0 <= row["ngram_match_share"] <= 1
+            # A verify step yields at least one token a sequence: never more steps than plain.
+            assert 0 < row["decode_steps"] <= plain["decode_steps"]
+            assert row["outputs_equal"] == 1.0 and row["tokens_before_divergence"] == 1.0
+            assert row["first_divergence_mean"] is None
+        assert part["sample"]["prompt_tail"]
+    step = doc["step_time"]
+    assert (step["batch"], step["context_len"]) == (3, 48 + 12)
+    assert list(step["rows"]) == ["0", *KS]
+    for k, row in step["rows"].items():
+        assert row["query_len"] == int(k) + 1 and row["step_wall_s"] > 0
+        assert row["step_over_plain"] == row["step_wall_s"] / step["rows"]["0"]["step_wall_s"]
+    assert doc["targets"] is None  # the embedded corpus has no C code
+    table = (root / "out" / "study_speculative.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == (1 + 5 * len(doc["domains"])) + (1 + 5)  # two tables, header + rows
+    assert "| 4 | 5 |" in table  # k = 4 verifies 5 tokens a step
+
+
+def test_rerun_reuses_the_finished_run(trained):
+    mod, root, argv, first = trained
+    domain = sorted(first["domains"])[0]
+    assert mod.main(argv + ["--out", str(root / "again"), "--ks", "2", "--domains", domain]) == 0
+    doc = _doc(root / "again")
+    assert doc["model"]["training"]["reused"] is True
+    assert doc["model"]["checkpoint"] == first["model"]["checkpoint"]
+    assert list(doc["domains"]) == [domain]
+    assert doc["domains"][domain]["documents"] == first["domains"][domain]["documents"]
+    assert list(doc["domains"][domain]["rows"]) == ["0", "2"]
+    assert list(doc["step_time"]["rows"]) == ["0", "2"]
+
+
+def test_greedy_outputs_survive_rejected_drafts(tmp_path, dataset_dir, checkpoints):
+    """A random model with scaled-up weights varies its output, so drafts are sometimes
+    accepted and sometimes rejected; the outputs must still be plain decoding's."""
+    mod = _script()
+    ckpt = checkpoints("gla-2")
+    assert mod.main(["--tiny", "--checkpoint", ckpt, "--data", str(dataset_dir),
+                     "--out", str(tmp_path)]) == 0
+    doc = _doc(tmp_path)
+    assert doc["model"]["training"] is None and doc["model"]["label"] == "gla-2"
+    rows = [r for part in doc["domains"].values() for k, r in part["rows"].items() if k != "0"]
+    assert len(rows) == 4 * len(doc["domains"])
+    assert any(0 < r["acceptance"] < 1 for r in rows), "no run both accepted and rejected drafts"
+    assert all(r["outputs_equal"] == 1.0 for r in rows)
+
+
+def test_agreement_finds_the_first_difference():
+    mod = _script()
+    plain = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    spec = [[1, 2, 3, 4], [5, 6, 0, 8], [0, 9, 9, 9]]
+    got = mod.agreement(plain, spec)
+    assert got["outputs_equal"] == pytest.approx(1 / 3)
+    assert got["tokens_before_divergence"] == pytest.approx((4 + 2 + 0) / 12)
+    assert got["first_divergence_mean"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="2 speculative outputs for 3"):
+        mod.agreement(plain, spec[:2])
+
+
+def test_bad_arguments_are_refused(tmp_path, dataset_dir, checkpoints):
+    mod = _script()
+    base = ["--tiny", "--data", str(dataset_dir), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--ks"):
+        mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--ks", "0,2"])
+    with pytest.raises(SystemExit, match="--checkpoint: .* holds no config.json"):
+        mod.main(base + ["--checkpoint", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--domains: nosuch"):
+        mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--domains", "nosuch"])
+    with pytest.raises(SystemExit, match="--prompt-len"):
+        mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--prompt-len", "0"])
+    with pytest.raises(SystemExit):  # a model comes from one place
+        mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--train", "mha"])
+
+
+def test_targets_read_the_code_domain(trained):
+    """The targets come from the code domain's best k and that k's verify step."""
+    mod, _, _, doc = trained
+    doc = json.loads(json.dumps(doc))
+    first = sorted(doc["domains"])[0]
+    doc["domains"] = {"code": doc["domains"][first]}
+    rows = doc["domains"]["code"]["rows"]
+    rows["2"]["speedup"], rows["3"]["speedup"] = 1.6, 1.4
+    rows["1"]["speedup"] = rows["4"]["speedup"] = 1.1
+    doc["step_time"]["rows"]["2"]["step_over_plain"] = 1.35
+    t = mod.targets(doc)
+    assert (t["k"], t["speedup"], t["speedup_met"]) == (2, 1.6, True)
+    assert (t["verify_over_plain"], t["verify_met"]) == (1.35, False)
+    text = mod.markdown({**doc, "targets": t})
+    assert "at the best k = 2: speed-up 1.60x (>= 1.5x: met)" in text
+    assert "verify step 1.35x a plain step (<= 1.3x: not met)" in text
+
+
+def test_inputs_are_checked_before_training(tmp_path, dataset_dir):
+    mod = _script()
+    with pytest.raises(SystemExit, match="--prompts asks for 50"):
+        mod.main(["--tiny", "--train", "mha", "--data", str(dataset_dir), "--prompts", "50",
+                  "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "work" / "mha-s0").exists()
