@@ -18,6 +18,7 @@ previous launched step sampled, still on the device (`StepInput.feed`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 from collections.abc import Iterator
@@ -110,6 +111,16 @@ class PendingTokens:
                 self._event.synchronize()
             self._rows = self._host.tolist()
         return self._rows
+
+
+def freeze_heap() -> None:
+    """Collect garbage once, then move every object alive (the model, the compiled decode
+    blocks, the captured graphs' Python side) to the collector's permanent generation, as
+    vLLM does after start-up. Left in the collected generations, the long-lived heap that
+    compilation leaves makes each full collection a stall of the step it falls in: 178 ms once
+    in 600 decode steps of a compiled tiny model on our CPU, 14 ms after freezing."""
+    gc.collect()
+    gc.freeze()
 
 
 class HostBlockTable:
@@ -502,6 +513,7 @@ class ModelRunner:
                     self.graphs[(size, t)] = self._record(
                         lambda size=size, t=t: self._static_forward(size, t))
             self._synchronize()
+            freeze_heap()
         except Exception as err:  # noqa: BLE001 - any capture failure means eager decoding
             self.graphs.clear()
             self.graph_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]

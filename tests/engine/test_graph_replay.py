@@ -2,6 +2,8 @@
 in-place plan refresh are the real code; only the capture itself is replaced by re-running
 the recorded forward."""
 
+import gc
+
 import pytest
 
 from hwattn.engine import LLM, SamplingParams
@@ -25,7 +27,15 @@ def with_replay(llm, query_lens):
     runner.recorded = runner.replays = 0
     runner._capture(query_lens)
     assert runner.graph_error is None, runner.graph_error
+    assert gc.get_freeze_count() > 0  # a capture freezes the heap it leaves (freeze_heap)
     return runner
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze():
+    """The rest of the test session collects as usual."""
+    yield
+    gc.unfreeze()
 
 
 def test_buckets():
