@@ -15,7 +15,10 @@ rate and bf16 matmul rate measured first in the same process:
   attention kernels' time inside the step, and MLA's step and kernel time over GLA-2's.
 - prefill: `xl`, prompts of `--prefill-len` tokens through the runner's prefill path, whole
   and in chunks of `--chunk`: seconds, tokens/s and MFU (forward FLOPs, causal attention
-  counted in full as is the convention, over the matmul rate).
+  counted in full as is the convention, over the matmul rate). Then one step of whole prompts
+  of unequal lengths (`--unequal`: B × mean length pairs; lengths spread evenly over
+  [mean / 4, 7 · mean / 4]) attended both ways `Attention._attends_densely` chooses between:
+  the dense loop (SDPA per prompt) and one call of the paged prefill op.
 
 Results: `engine_roofline.json` and `engine_roofline.md` under `--out` (default `$OUT`, else
 the current directory); the tables are printed, then one line of JSON. `--tiny` runs the
@@ -209,7 +212,59 @@ def part_prefill(setup: Setup, args, peaks, rows: list) -> list[dict]:
             log(f"prefill {variant} chunk {chunk}: {seconds * 1e3:.1f} ms, "
                 f"{row['tokens_per_s']:.0f} tok/s, MFU {row.get('mfu', 0):.1%}")
         free(runner, net)
+        part_prefill_unequal(setup, args, peaks, rows, variant)
     return rows
+
+
+def unequal_lengths(batch: int, mean: int) -> list[int]:
+    """`batch` prompt lengths spread evenly over [mean / 4, 7 mean / 4], averaging `mean`."""
+    if batch == 1:
+        return [mean]
+    lo, hi = mean // 4, 7 * mean // 4
+    return [lo + (hi - lo) * i // (batch - 1) for i in range(batch)]
+
+
+def part_prefill_unequal(setup: Setup, args, peaks, rows: list, variant: str) -> None:
+    """One prefill step of whole prompts of unequal lengths, for each `--unequal` B x mean,
+    attended by the dense loop and by the paged prefill op (`DENSE_LOOP_MIN_MEAN_LEN` set
+    past or below the mean)."""
+    from hwattn.layers import base
+
+    shapes = [tuple(int(v) for v in item.split("x")) for item in args.unequal.split(",") if item]
+    for batch, mean in shapes:
+        lens = unequal_lengths(batch, mean)
+        net = build(setup, setup.preset, variant, max(lens))
+        runner = runner_for(setup, net, batch, max(lens) + 8, False)
+        per_seq = -(-(max(lens) + 8) // setup.page)
+        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(batch)]
+        g = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(0, net.config.vocab_size, (n,), generator=g).tolist()
+                   for n in lens]
+        flops = sum(net.flops_per_token(n) / 3 * n for n in lens)
+        saved = base.DENSE_LOOP_MIN_MEAN_LEN
+        try:
+            routes = [("dense loop", 0), ("paged op", 1 << 62)]
+            if not runner.backend.varlen_prefill:  # its prefill op loops too: one route
+                routes = routes[:1]
+            for route, threshold in routes:
+                # 0: every step dense; past any mean: every unequal step through the paged op.
+                base.DENSE_LOOP_MIN_MEAN_LEN = threshold
+
+                def run():
+                    runner.execute(StepInput("prefill", prompts, [0] * batch, tables,
+                                             need_logits=[True] * batch))
+                seconds = _time(setup, run, 2 if setup.tiny else 5)
+                row = dict(part="prefill_unequal", variant=variant, batch=batch, mean_len=mean,
+                           lengths=lens, route=route, seconds=seconds,
+                           tokens_per_s=sum(lens) / seconds, flops=flops)
+                if peaks:
+                    row["mfu"] = flops / seconds / (peaks[1] * 1e12)
+                rows.append(row)
+                log(f"prefill {variant} {batch} prompts averaging {mean}, {route}: "
+                    f"{seconds * 1e3:.1f} ms, MFU {row.get('mfu', 0):.1%}")
+        finally:
+            base.DENSE_LOOP_MIN_MEAN_LEN = saved
+        free(runner, net)
 
 
 def part_ttft(setup: Setup, args, rows: list) -> None:
@@ -339,6 +394,16 @@ def tables(doc: dict) -> str:
                        f"{r['itl_p50_s'] * ms:.1f} | {r['itl_p99_s'] * ms:.1f} | "
                        f"{r['output_tok_s']:.0f} |")
         out.append("")
+    uneq = [r for r in doc["rows"] if r["part"] == "prefill_unequal"]
+    if uneq:
+        out += ["## One step of whole prompts of unequal lengths (xl)", "",
+                "| variant | prompts x mean length | route | ms | tok/s | MFU |",
+                "|---|---|---|---|---|---|"]
+        for r in uneq:
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+            out.append(f"| {r['variant']} | {r['batch']} x {r['mean_len']} | {r['route']} | "
+                       f"{r['seconds'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {mfu} |")
+        out.append("")
     pre = [r for r in doc["rows"] if r["part"] == "prefill"]
     if pre:
         out += ["## Prefill (xl)", "", "| variant | B x prompt | chunk | ms | tok/s | MFU |",
@@ -361,6 +426,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-len", type=int, default=8192)
     p.add_argument("--prefill-batch", type=int, default=1)
     p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--unequal", default="16x512,4x2048",
+                   help="prefill steps of unequal whole prompts, B x mean length, comma-separated")
     p.add_argument("--ttft-variants", default="gla-2")
     p.add_argument("--ttft-chunks", default="2048,8192,2048m",
                    help="prefill budgets per step; a trailing m turns mixed prefill+decode steps on")
@@ -372,7 +439,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         args.contexts, args.serving_batches, args.serving_contexts = "24,40", "2,4", "24,40"
-        args.batch, args.prefill_len, args.chunk = 4, 48, 16
+        args.batch, args.prefill_len, args.chunk, args.unequal = 4, 48, 16, "3x16"
         args.ttft_chunks, args.ttft_requests, args.ttft_output, args.rate = "16,64,16m", 4, 4, 200.0
         torch.set_num_threads(1)
     setup = Setup(args)

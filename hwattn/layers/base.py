@@ -279,6 +279,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return out.transpose(1, 2)[..., :e_v]  # (B, T, H, E_v)
 
 
+# Whole prompts of unequal lengths are attended one by one, densely (SDPA: FlashAttention on a
+# GPU, one call per prompt and layer), or all in one call of the paged prefill op. The loop is
+# kept while the prompts average this many tokens or more: calls that long are compute-bound,
+# where FlashAttention led our kernel on 8K prompts (75% against 49% of the matmul peak on an
+# H200, docs/results/engine.md); shorter ones cost their launches. An estimate, not yet measured
+# at the crossover (benchmarks/engine_roofline.py --parts prefill times both sides).
+DENSE_LOOP_MIN_MEAN_LEN = 1024
+
+
 class Attention(nn.Module):
     """Base class of the attention families; see the module docstring for the hooks."""
 
@@ -379,13 +388,26 @@ class Attention(nn.Module):
             if cache is None:
                 raise ValueError("cache must be given together with meta")
             self._store(cache, states, meta)
-            if meta.is_prefill and meta.plan.fresh:
+            if meta.is_prefill and meta.plan.fresh and self._attends_densely(meta):
                 out = self._attend_fresh(q, states, meta.plan.query_lens)  # (N, H, d_h)
             elif meta.is_prefill:
                 out = self.prefill(tuple(t.flatten(0, 1) for t in q), cache, meta)  # (N, H, d_h)
             else:
                 out = self.decode(q, cache, meta)
         return self.wo(out.reshape(batch, seq, -1))
+
+    def _attends_densely(self, meta: AttentionMetadata) -> bool:
+        """Whether a step of whole prompts goes through `_attend_fresh` rather than the paged
+        prefill op: always for prompts of one length (one dense call) and where the op would
+        loop anyway (a backend without a variable-length kernel, a layer without its own
+        `prefill`); for unequal lengths, while they average `DENSE_LOOP_MIN_MEAN_LEN` tokens
+        or more."""
+        lens = [n for n in meta.plan.query_lens if n]
+        if len(set(lens)) <= 1 or not meta.backend.varlen_prefill:
+            return True
+        if type(self).prefill is Attention.prefill:
+            return True
+        return sum(lens) >= DENSE_LOOP_MIN_MEAN_LEN * len(lens)
 
     def _attend_fresh(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...],
                       query_lens: Sequence[int]) -> Tensor:

@@ -25,3 +25,16 @@ def test_engine_roofline_tiny_decode(tmp_path):
         assert 0 < phases["host"] <= r["engine_step_s"] * 1e6 * 1.05
     table = (tmp_path / "engine_roofline.md").read_text()
     assert "Host per engine decode step" in table
+
+
+@pytest.mark.timeout(300)
+def test_engine_roofline_tiny_prefill_with_unequal_prompts(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_roofline.py"), "--tiny", "--parts",
+           "prefill", "--variants", "gqa-4", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=280, capture_output=True)
+    doc = json.loads((tmp_path / "engine_roofline.json").read_text())
+    unequal = [r for r in doc["rows"] if r["part"] == "prefill_unequal"]
+    # The CPU's reference backend has no variable-length kernel: the dense loop alone.
+    assert [r["route"] for r in unequal] == ["dense loop"]
+    assert unequal[0]["lengths"] == [4, 16, 28] and unequal[0]["tokens_per_s"] > 0
+    assert "prompts of unequal lengths" in (tmp_path / "engine_roofline.md").read_text()

@@ -142,3 +142,42 @@ def test_prefill_form_flops_by_hand():
     assert absorbed.flops([3], [10]) == 2 * 16 * 27 * 576 + 3 * 4 * 16 * 128 * 256
     # expanded: widths 128 + 64 + 128, plus K_nope and V up-projected for every context token.
     assert expanded.flops([3], [10]) == 2 * 16 * 27 * 320 + 10 * 4 * 16 * 256 * 128
+
+
+@pytest.mark.parametrize("backend, lens, threshold, dense", [
+    ("triton", (5, 1, 9), None, False),  # short unequal prompts: one call of the paged op
+    ("triton", (6, 6, 6), None, True),   # one length: one dense batch
+    ("torch", (5, 1, 9), None, True),    # the reference op loops over sequences anyway
+    ("triton", (20, 11, 3), 10, True),   # prompts averaging >= the threshold: the dense loop
+    ("triton", (20, 11, 0), 16, False),  # an empty row does not count: mean 15.5 < 16
+])
+def test_whole_prompts_route_by_length(monkeypatch, backend, lens, threshold, dense):
+    """A step of whole prompts attends densely (`_attend_fresh`) or through the paged op
+    (`prefill`) as `Attention._attends_densely` says, and either way as the forward does.
+    `threshold` stands in for `DENSE_LOOP_MIN_MEAN_LEN` (1024) to keep the prompts short."""
+    from hwattn.layers import base
+
+    model = _tiny("gqa")
+    calls = []
+    cls = type(model.layers[0].attn)
+    for name in ("_attend_fresh", "prefill"):
+        def counted(self, *args, _original=getattr(cls, name), _name=name):
+            calls.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(cls, name, counted)
+    if threshold is not None:
+        monkeypatch.setattr(base, "DENSE_LOOP_MIN_MEAN_LEN", threshold)
+    seqs = torch.randint(0, model.config.vocab_size, (3, max(lens)))
+    pages = -(-max(lens) // PAGE)
+    table = torch.arange(1, 3 * pages + 1, dtype=torch.int32).view(3, pages)
+    caches = model.allocate_kv_cache(3 * pages + 1, PAGE)
+    tokens = torch.cat([seqs[b, :n] for b, n in enumerate(lens)])
+    with torch.no_grad():
+        meta = AttentionMetadata.for_prefill(table, lens, [0, 0, 0], PAGE, backend=backend)
+        out = model(tokens[None], meta=meta, kv_caches=caches)[0]
+        cu = meta.plan.cu_seqlens_q
+        for b, n in enumerate(lens):
+            if n:
+                torch.testing.assert_close(out[cu[b]:cu[b + 1]], model(seqs[b:b + 1, :n])[0],
+                                           rtol=1e-4, atol=1e-4)
+    assert set(calls) == {"_attend_fresh" if dense else "prefill"}, calls

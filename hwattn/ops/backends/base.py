@@ -139,6 +139,9 @@ class AttentionBackend:
     # Substrings of the GPU kernel names its ops launch, by part of a step ("attention",
     # "cache_write"): how a profile of a step (hwattn/bench/engine.py) tells them apart.
     kernel_names: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Whether one launch of its prefill op serves a whole variable-length step (a kernel over
+    # the packed sequences), rather than a loop over them as the PyTorch reference does.
+    varlen_prefill: ClassVar[bool] = False
 
     @classmethod
     def auto_select(cls, device: torch.device) -> bool:

@@ -29,6 +29,7 @@ class TritonBackend(AttentionBackend):
     priority = 10
     kernel_names = {"attention": ("attend_kernel", "combine_kernel", "prefill_kernel"),
                     "cache_write": ("store_kernel",)}
+    varlen_prefill = True
 
     def __init__(self, config: triton_decode.KernelConfig | None = None,
                  prefill_config: triton_prefill.PrefillConfig | None = None):
