@@ -1,5 +1,6 @@
 """benchmarks/engine_roofline.py on the tiny preset (CPU): the decode part runs eager and
-compiled runners and the engine loop, and its tables carry the host phases."""
+compiled runners and the engine loop, and its tables carry the host phases; the prefill part
+times whole prompts of unequal lengths."""
 
 import json
 import subprocess
@@ -11,30 +12,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def roofline(tmp_path, *args) -> tuple[dict, str]:
+    """Run the script with --tiny and `args`; its JSON document and its markdown tables."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_roofline.py"), "--tiny",
+           "--out", str(tmp_path), *args]
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=280, capture_output=True)
+    return (json.loads((tmp_path / "engine_roofline.json").read_text()),
+            (tmp_path / "engine_roofline.md").read_text())
+
+
 @pytest.mark.timeout(300)
 def test_engine_roofline_tiny_decode(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_roofline.py"), "--tiny", "--parts",
-           "decode", "--variants", "gla-2", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, cwd=ROOT, timeout=280, capture_output=True)
-    doc = json.loads((tmp_path / "engine_roofline.json").read_text())
+    doc, table = roofline(tmp_path, "--parts", "decode", "--variants", "gla-2")
     compiled = [r for r in doc["rows"] if r["part"] == "decode" and r["compiled"]]
     assert compiled and all("argmax_agreement" in r["vs_eager"] for r in compiled)
     for r in compiled:
         phases = r["host_phases_us"]
         assert set(phases) >= {"schedule", "launch", "wait", "resolve", "output", "gc", "host"}
         assert 0 < phases["host"] <= r["engine_step_s"] * 1e6 * 1.05
-    table = (tmp_path / "engine_roofline.md").read_text()
     assert "Host per engine decode step" in table
 
 
 @pytest.mark.timeout(300)
 def test_engine_roofline_tiny_prefill_with_unequal_prompts(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_roofline.py"), "--tiny", "--parts",
-           "prefill", "--variants", "gqa-4", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, cwd=ROOT, timeout=280, capture_output=True)
-    doc = json.loads((tmp_path / "engine_roofline.json").read_text())
+    doc, table = roofline(tmp_path, "--parts", "prefill", "--variants", "gqa-4")
     unequal = [r for r in doc["rows"] if r["part"] == "prefill_unequal"]
     # The CPU's reference backend has no variable-length kernel: the dense loop alone.
     assert [r["route"] for r in unequal] == ["dense loop"]
     assert unequal[0]["lengths"] == [4, 16, 28] and unequal[0]["tokens_per_s"] > 0
-    assert "prompts of unequal lengths" in (tmp_path / "engine_roofline.md").read_text()
+    assert "prompts of unequal lengths" in table
