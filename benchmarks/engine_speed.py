@@ -69,7 +69,7 @@ class Variant:
         import torch
 
         from hwattn.engine.config import EngineConfig
-        from hwattn.engine.llm_engine import plan_pages
+        from hwattn.engine.block_manager import plan_pages
         from hwattn.engine.loader import build_model, resolve_dtype
         from hwattn.engine.model_runner import ModelRunner
         from hwattn.engine.tokenizer import load_tokenizer

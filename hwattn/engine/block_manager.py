@@ -18,6 +18,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+
+from hwattn.engine.config import EngineConfig
 from hwattn.engine.sequence import Sequence
 
 NULL_PAGE = 0
@@ -34,6 +37,50 @@ def num_pages_for_budget(memory_budget: int, kv_bytes_per_token: int, page_size:
     if kv_bytes_per_token <= 0:
         raise ValueError(f"kv_bytes_per_token must be positive, got {kv_bytes_per_token}")
     return memory_budget // (kv_bytes_per_token * page_size)
+
+
+MiB = 1 << 20
+
+
+def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.device,
+               max_model_len: int) -> int:
+    """Pages in the pool (null page included), from `num_pages` or the memory budget."""
+    if config.num_pages is not None:
+        num_pages = config.num_pages
+    elif config.gpu_memory_utilization is not None:
+        if device.type != "cuda":
+            raise ValueError("gpu_memory_utilization needs a CUDA device; on the CPU give "
+                             "memory_budget in bytes (or num_pages)")
+        free, total = torch.cuda.mem_get_info(device)
+        # Blocks PyTorch has cached but not handed out are free to this process too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = int(total * config.gpu_memory_utilization) - (total - free)
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} allows "
+                             f"{total * config.gpu_memory_utilization / 2**30:.2f} GiB, but "
+                             f"{(total - free) / 2**30:.2f} GiB of the device are already in use: "
+                             f"raise it")
+        num_pages = num_pages_for_budget(budget, kv_bytes_per_token, config.page_size)
+    else:
+        budget = config.memory_budget
+        if budget is None:
+            budget = 0.85 if device.type == "cuda" else 256 * MiB
+        if isinstance(budget, float):
+            if not 0 < budget <= 1:
+                raise ValueError(f"memory_budget as a fraction must be in (0, 1], got {budget}")
+            if device.type != "cuda":
+                raise ValueError("memory_budget as a fraction needs a CUDA device; give bytes")
+            free, _ = torch.cuda.mem_get_info(device)
+            # Blocks PyTorch has cached but not handed out are free to this process too.
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            budget = int(free * budget)
+        num_pages = num_pages_for_budget(int(budget), kv_bytes_per_token, config.page_size)
+    need = pages_for(max_model_len + config.num_speculative_tokens + 1, config.page_size) + 1
+    if num_pages < need:
+        raise ValueError(f"memory_budget / num_pages gives {num_pages} pages of {config.page_size} "
+                         f"tokens, fewer than the {need} one sequence of max_model_len "
+                         f"{max_model_len} needs: raise memory_budget or lower max_model_len")
+    return num_pages
 
 
 class BlockManager:

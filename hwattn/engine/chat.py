@@ -23,7 +23,7 @@ import secrets
 from pathlib import Path
 
 from hwattn.data.tokenizer import CHAT_ROLES, chat_parts, chat_prompt
-from hwattn.engine.llm_engine import check_prompt_chars
+from hwattn.engine.requests import check_prompt_chars
 
 
 def _message_text(i: int, message) -> tuple[str, str]:
@@ -154,7 +154,7 @@ class ChatTemplate:
         """The prompt's token ids: the template's text with `tokenizer.encode`, each message's
         content with `tokenizer.encode_text` (special tokens' text stays text). ValueError
         naming `messages` if, with `max_model_len` given, the prompt has too many characters to
-        fit it (`llm_engine.check_prompt_chars`, with `generate`; checked before anything is
+        fit it (`requests.check_prompt_chars`, with `generate`; checked before anything is
         tokenized), or if the template reshapes message content and a message holds a special
         token's text (it could then not be kept apart)."""
         return self.encode_with_text(messages, tokenizer, add_generation_prompt, max_model_len,

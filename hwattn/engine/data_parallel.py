@@ -44,8 +44,8 @@ import time
 
 import torch
 
-from hwattn.engine.llm_engine import (check_request_ids, check_requests, checked_params,
-                                      validate_prompt)
+from hwattn.engine.requests import (check_request_ids, check_requests, checked_params,
+                                    validate_prompt)
 from hwattn.engine.replicas import ReplicaProcesses
 from hwattn.engine.sampling_params import ParamError, SamplingParams
 from hwattn.engine.sequence import CompletionOutput, RequestOutput
@@ -178,7 +178,7 @@ class DataParallelEngine:
 
     # Requests.
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
-        """`llm_engine.validate_prompt` against the served model (what every replica checks)."""
+        """`requests.validate_prompt` against the served model (what every replica checks)."""
         return validate_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
                                self.max_model_len)
 

@@ -25,7 +25,8 @@ from hwattn.data.tokenizer import load_tokenizer
 from hwattn.engine.config import EngineConfig
 from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.data_parallel import DataParallelEngine
-from hwattn.engine.llm_engine import LLMEngine, plan_pages
+from hwattn.engine.block_manager import plan_pages
+from hwattn.engine.llm_engine import LLMEngine
 from hwattn.engine.loader import build_model, is_checkpoint, model_config, resolve_device, resolve_dtype
 from hwattn.engine.model_runner import ModelRunner
 from hwattn.engine.sampling_params import SamplingParams

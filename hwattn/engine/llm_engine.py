@@ -16,7 +16,7 @@ stopped at step N-1 has its row of step N dropped, and one that ends by length i
 scheduled past its end. Outputs therefore trail their step by one `step()` call.
 
 Nothing one request carries can stop another: requests are validated (all or none) before they
-are queued, and a request whose sampling or detokenization still fails inside a step is
+are queued (`hwattn/engine/requests.py`), and a request whose sampling or detokenization still fails inside a step is
 finished alone with finish_reason "error". Sampling runs in the runner (in this process or on
 tensor-parallel rank 0), which samples a failing batch row by row and reports the failing
 row's error in place of its token, so that a bad row never fails the step.
@@ -24,9 +24,7 @@ row's error in place of its token, so that a bad row never fails the step.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import numbers
 import random
 import time
 from dataclasses import dataclass, field
@@ -34,123 +32,17 @@ from dataclasses import dataclass, field
 import torch
 
 from hwattn.data.tokenizer import IncrementalDetokenizer
-from hwattn.engine.block_manager import BlockManager, num_pages_for_budget, pages_for
+from hwattn.engine.block_manager import BlockManager
 from hwattn.engine.config import EngineConfig
-from hwattn.engine.model_runner import ModelRunner, PendingTokens, Sampled, StepInput
+from hwattn.engine.model_runner import PendingTokens, Sampled, StepInput
+from hwattn.engine.requests import (check_request_ids, check_requests, checked_params,
+                                    sibling_seed, validate_prompt)
 from hwattn.engine.sampler import SamplingInput, describe_error
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import Logprob, RequestOutput, Sequence
 from hwattn.engine.speculative import Drafter
 from hwattn.engine.step_timer import StepTimer
-
-MiB = 1 << 20
-
-
-def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.device,
-               max_model_len: int) -> int:
-    """Pages in the pool (null page included), from `num_pages` or the memory budget."""
-    if config.num_pages is not None:
-        num_pages = config.num_pages
-    elif config.gpu_memory_utilization is not None:
-        if device.type != "cuda":
-            raise ValueError("gpu_memory_utilization needs a CUDA device; on the CPU give "
-                             "memory_budget in bytes (or num_pages)")
-        free, total = torch.cuda.mem_get_info(device)
-        # Blocks PyTorch has cached but not handed out are free to this process too.
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget = int(total * config.gpu_memory_utilization) - (total - free)
-        if budget <= 0:
-            raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} allows "
-                             f"{total * config.gpu_memory_utilization / 2**30:.2f} GiB, but "
-                             f"{(total - free) / 2**30:.2f} GiB of the device are already in use: "
-                             f"raise it")
-        num_pages = num_pages_for_budget(budget, kv_bytes_per_token, config.page_size)
-    else:
-        budget = config.memory_budget
-        if budget is None:
-            budget = 0.85 if device.type == "cuda" else 256 * MiB
-        if isinstance(budget, float):
-            if not 0 < budget <= 1:
-                raise ValueError(f"memory_budget as a fraction must be in (0, 1], got {budget}")
-            if device.type != "cuda":
-                raise ValueError("memory_budget as a fraction needs a CUDA device; give bytes")
-            free, _ = torch.cuda.mem_get_info(device)
-            # Blocks PyTorch has cached but not handed out are free to this process too.
-            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-            budget = int(free * budget)
-        num_pages = num_pages_for_budget(int(budget), kv_bytes_per_token, config.page_size)
-    need = pages_for(max_model_len + config.num_speculative_tokens + 1, config.page_size) + 1
-    if num_pages < need:
-        raise ValueError(f"memory_budget / num_pages gives {num_pages} pages of {config.page_size} "
-                         f"tokens, fewer than the {need} one sequence of max_model_len "
-                         f"{max_model_len} needs: raise memory_budget or lower max_model_len")
-    return num_pages
-
-
-class ContextLengthError(ValueError):
-    """A prompt that cannot fit the model's context."""
-
-
-def check_prompt_chars(chars: int, tokenizer, max_model_len: int, generate: bool = True,
-                       what: str = "prompt") -> None:
-    """ContextLengthError (naming `what`) if a text of `chars` characters cannot fit the
-    context, checked before it is tokenized so that a huge text costs nothing: no token stands
-    for more than `tokenizer.max_token_chars` characters (no bound when the tokenizer does not
-    say), so a text of more than T times that many characters cannot come to T tokens or
-    fewer. T is max_model_len - 1 with `generate` (a prompt must leave room for a token, as
-    `validate_prompt` requires) and max_model_len without (/tokenize)."""
-    per_token = getattr(tokenizer, "max_token_chars", None)
-    limit = max_model_len - 1 if generate else max_model_len
-    if per_token is not None and chars > limit * per_token:
-        raise ContextLengthError(f"{what} has {chars} characters, more than {limit} tokens can "
-                                 f"hold; the model's context is {max_model_len}")
-
-
-def encode_prompt(text: str, tokenizer, max_model_len: int, generate: bool = True) -> list[int]:
-    """`tokenizer.encode(text)` after `check_prompt_chars`; ValueError if the text is not
-    valid Unicode (a lone surrogate), naming the character."""
-    check_prompt_chars(len(text), tokenizer, max_model_len, generate)
-    try:
-        return tokenizer.encode(text)
-    except UnicodeEncodeError as err:
-        raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
-                         f"{text[err.start]!r} ({err.reason})") from None
-
-
-def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_size: int,
-                    max_model_len: int) -> list[int]:
-    """The prompt's token ids; ValueError if it is empty, has ids outside [0, vocab_size), is
-    not valid Unicode or leaves no room to generate within max_model_len (a
-    `ContextLengthError`). A text too long for the context is refused before it is tokenized
-    (`check_prompt_chars`).
-
-    prompt: text, a list of token ids, or a 1-D integer tensor of token ids."""
-    if isinstance(prompt, str):
-        ids = encode_prompt(prompt, tokenizer, max_model_len)
-    elif isinstance(prompt, torch.Tensor):
-        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
-                or prompt.dtype == torch.bool:
-            raise ValueError(f"a tensor prompt must be a 1-D integer tensor of token ids, got "
-                             f"shape {tuple(prompt.shape)} and dtype {prompt.dtype}")
-        ids = prompt.tolist()
-    elif isinstance(prompt, (list, tuple)):
-        ids = list(prompt)
-    else:
-        raise ValueError(f"prompt must be a string, a list of token ids or a 1-D integer "
-                         f"tensor, got {type(prompt).__name__}")
-    if not ids:
-        raise ValueError("prompt must not be empty")
-    if len(ids) >= max_model_len:
-        raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context is "
-                                 f"{max_model_len}, leaving no room to generate")
-    if all(type(t) is int and 0 <= t < vocab_size for t in ids):  # the common case, fast
-        return ids
-    if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size
-           for t in ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
-    return [int(t) for t in ids]  # numpy or other integer scalars
-
 
 PLACEHOLDER = -1  # token id standing for a sampled token not read back yet
 
@@ -164,55 +56,6 @@ class InFlight:
     rows: list[tuple[Sequence, int]]
     row_of: dict = field(default_factory=dict)  # sequence -> its row in the sampled tokens
     deferred: bool = True  # read back during the next step (else at once: sampled on the host's terms)
-
-
-def checked_params(params: SamplingParams | None) -> SamplingParams:
-    """A validated copy: a caller changing its params afterwards cannot reach the sampler."""
-    if params is None:
-        return SamplingParams()
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-    return dataclasses.replace(params)
-
-
-def check_requests(prompts: list, params: list, validate, check_params,
-                   max_model_len: int) -> list[tuple[list[int], SamplingParams]]:
-    """(token ids, checked params copy) of every request, or a ValueError naming the first bad
-    prompt's index (one request's error as it was raised, a `ParamError` keeping its `param`):
-    the all-or-nothing check before a batch of requests is queued anywhere.
-    validate: prompt -> token ids (`validate_prompt` bound to a model). check_params: params ->
-    a checked copy (the engine's `check_params`). A `max_tokens` of None becomes what the
-    context leaves after the prompt (`max_model_len` - its length)."""
-    if len(params) != len(prompts):
-        raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-    checked = []
-    for i, (prompt, sp) in enumerate(zip(prompts, params)):
-        try:
-            ids, sp = validate(prompt), check_params(sp)
-            if sp.max_tokens is None:
-                sp.max_tokens = max_model_len - len(ids)  # validate left at least one
-            checked.append((ids, sp))
-        except ValueError as err:
-            if len(prompts) == 1:
-                raise
-            raise ValueError(f"prompts[{i}]: {err}") from None
-    return checked
-
-
-def sibling_seed(seed: int, index: int) -> int:
-    """The seed of a request's `index`-th completion: its own seed for the first."""
-    if index == 0:
-        return seed
-    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
-
-
-def check_request_ids(request_ids: list[str], in_use) -> None:
-    """ValueError if any id is in `in_use` or appears twice."""
-    seen = set()
-    for rid in request_ids:
-        if rid in in_use or rid in seen:
-            raise ValueError(f"request_id {rid!r} is already in use")
-        seen.add(rid)
 
 
 class LLMEngine:

@@ -17,7 +17,7 @@ def build_rank(link: ParentLink, spec: dict):
     import torch
     import torch.distributed as dist
 
-    from hwattn.engine.llm_engine import plan_pages
+    from hwattn.engine.block_manager import plan_pages
     from hwattn.engine.loader import build_model, resolve_dtype
     from hwattn.engine.model_runner import ModelRunner
     from hwattn.parallel.tp import shard_model

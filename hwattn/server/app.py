@@ -37,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from hwattn.config import VERSION
 from hwattn.engine.chat import ChatTemplate
-from hwattn.engine.llm_engine import ContextLengthError, encode_prompt
+from hwattn.engine.requests import ContextLengthError, encode_prompt
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
 from hwattn.server.formats import chat_logprobs, completion_logprobs, prompt_logprobs, top

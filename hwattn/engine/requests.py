@@ -1,0 +1,131 @@
+"""Request intake: what the engine checks before a request is queued, all or nothing.
+
+A prompt is text, token ids or a 1-D integer tensor: `validate_prompt` turns it into token ids
+or refuses it with a `ValueError` (a `ContextLengthError` when it cannot fit the context; a
+text too long for any tokenization is refused before it is tokenized, `check_prompt_chars`).
+`check_requests` checks a batch of (prompt, params) pairs before any of it is queued, so one
+bad request refuses the batch and harms no other. `LLMEngine`, the data-parallel front end,
+the chat template and the server call these; none of them keeps state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import torch
+
+from hwattn.engine.sampling_params import SamplingParams
+
+
+class ContextLengthError(ValueError):
+    """A prompt that cannot fit the model's context."""
+
+
+def check_prompt_chars(chars: int, tokenizer, max_model_len: int, generate: bool = True,
+                       what: str = "prompt") -> None:
+    """ContextLengthError (naming `what`) if a text of `chars` characters cannot fit the
+    context, checked before it is tokenized so that a huge text costs nothing: no token stands
+    for more than `tokenizer.max_token_chars` characters (no bound when the tokenizer does not
+    say), so a text of more than T times that many characters cannot come to T tokens or
+    fewer. T is max_model_len - 1 with `generate` (a prompt must leave room for a token, as
+    `validate_prompt` requires) and max_model_len without (/tokenize)."""
+    per_token = getattr(tokenizer, "max_token_chars", None)
+    limit = max_model_len - 1 if generate else max_model_len
+    if per_token is not None and chars > limit * per_token:
+        raise ContextLengthError(f"{what} has {chars} characters, more than {limit} tokens can "
+                                 f"hold; the model's context is {max_model_len}")
+
+
+def encode_prompt(text: str, tokenizer, max_model_len: int, generate: bool = True) -> list[int]:
+    """`tokenizer.encode(text)` after `check_prompt_chars`; ValueError if the text is not
+    valid Unicode (a lone surrogate), naming the character."""
+    check_prompt_chars(len(text), tokenizer, max_model_len, generate)
+    try:
+        return tokenizer.encode(text)
+    except UnicodeEncodeError as err:
+        raise ValueError(f"prompt is not valid Unicode: character {err.start} is "
+                         f"{text[err.start]!r} ({err.reason})") from None
+
+
+def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_size: int,
+                    max_model_len: int) -> list[int]:
+    """The prompt's token ids; ValueError if it is empty, has ids outside [0, vocab_size), is
+    not valid Unicode or leaves no room to generate within max_model_len (a
+    `ContextLengthError`). A text too long for the context is refused before it is tokenized
+    (`check_prompt_chars`).
+
+    prompt: text, a list of token ids, or a 1-D integer tensor of token ids."""
+    if isinstance(prompt, str):
+        ids = encode_prompt(prompt, tokenizer, max_model_len)
+    elif isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
+                or prompt.dtype == torch.bool:
+            raise ValueError(f"a tensor prompt must be a 1-D integer tensor of token ids, got "
+                             f"shape {tuple(prompt.shape)} and dtype {prompt.dtype}")
+        ids = prompt.tolist()
+    elif isinstance(prompt, (list, tuple)):
+        ids = list(prompt)
+    else:
+        raise ValueError(f"prompt must be a string, a list of token ids or a 1-D integer "
+                         f"tensor, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    if len(ids) >= max_model_len:
+        raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context is "
+                                 f"{max_model_len}, leaving no room to generate")
+    if all(type(t) is int and 0 <= t < vocab_size for t in ids):  # the common case, fast
+        return ids
+    if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size
+           for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    return [int(t) for t in ids]  # numpy or other integer scalars
+
+
+def checked_params(params: SamplingParams | None) -> SamplingParams:
+    """A validated copy: a caller changing its params afterwards cannot reach the sampler."""
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    return dataclasses.replace(params)
+
+
+def check_requests(prompts: list, params: list, validate, check_params,
+                   max_model_len: int) -> list[tuple[list[int], SamplingParams]]:
+    """(token ids, checked params copy) of every request, or a ValueError naming the first bad
+    prompt's index (one request's error as it was raised, a `ParamError` keeping its `param`):
+    the all-or-nothing check before a batch of requests is queued anywhere.
+    validate: prompt -> token ids (`validate_prompt` bound to a model). check_params: params ->
+    a checked copy (the engine's `check_params`). A `max_tokens` of None becomes what the
+    context leaves after the prompt (`max_model_len` - its length)."""
+    if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+    checked = []
+    for i, (prompt, sp) in enumerate(zip(prompts, params)):
+        try:
+            ids, sp = validate(prompt), check_params(sp)
+            if sp.max_tokens is None:
+                sp.max_tokens = max_model_len - len(ids)  # validate left at least one
+            checked.append((ids, sp))
+        except ValueError as err:
+            if len(prompts) == 1:
+                raise
+            raise ValueError(f"prompts[{i}]: {err}") from None
+    return checked
+
+
+def sibling_seed(seed: int, index: int) -> int:
+    """The seed of a request's `index`-th completion: its own seed for the first."""
+    if index == 0:
+        return seed
+    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def check_request_ids(request_ids: list[str], in_use) -> None:
+    """ValueError if any id is in `in_use` or appears twice."""
+    seen = set()
+    for rid in request_ids:
+        if rid in in_use or rid in seen:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        seen.add(rid)
