@@ -17,6 +17,7 @@ and `ModelRunner.eager()` runs a step without graphs.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -124,57 +125,44 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
     replica_steps = getattr(engine, "take_step_times", None)  # data-parallel replicas
     if replica_steps is not None:
         replica_steps()
-    timer = getattr(engine, "step_timer", None)
+    timer = getattr(engine, "step_timer", None)  # absent on data-parallel replicas
     decode_phases = []
-    if timer is not None:
-        timer.clear()
-        timer.attach()  # garbage collections timed too
-    try:
-        res = _run_offline(engine, prompts, params, counters0, bar, replica_steps, timer,
-                           decode_phases)
-    finally:
-        if timer is not None:
-            timer.detach()
-        if bar is not None:
-            bar.close()
-    res.host_phases_us = summarize_phases(decode_phases)
-    return res
-
-
-def _run_offline(engine, prompts, params, counters0, bar, replica_steps, timer,
-                 decode_phases: list) -> OfflineResult:
-    start = time.perf_counter()
-    ids = [engine.add_request(p, params) for p in prompts]
-    step_times, prefill_s, decode_s = [], 0.0, 0.0
-    finished = {}
-    while engine.has_unfinished():
-        kind_before = engine.counters["prefill_steps"]
-        steps_before = engine.counters["steps"]
-        t0 = time.perf_counter()
-        outs = engine.step()
-        dt = time.perf_counter() - t0
-        if replica_steps is not None:
-            for kind, seconds in replica_steps():
-                if kind == "prefill":
-                    prefill_s += seconds
-                else:
-                    decode_s += seconds
-                    step_times.append(seconds)
-        elif engine.counters["prefill_steps"] > kind_before:
-            prefill_s += dt
-        elif engine.counters["steps"] == steps_before:
-            decode_s += dt  # read back the last overlapped step; launched none
-        else:
-            decode_s += dt
-            step_times.append(dt)
-            if timer is not None and timer.steps:
-                decode_phases.append(timer.steps[-1])
-        for out in outs:
-            if out.finished:
-                finished[out.request_id] = out
-        if bar is not None:
-            bar.update(engine.counters["generation_tokens"] - bar.n - counters0["generation_tokens"])
-    wall = time.perf_counter() - start
+    with timer.collecting() if timer is not None else contextlib.nullcontext():
+        start = time.perf_counter()
+        ids = [engine.add_request(p, params) for p in prompts]
+        step_times, prefill_s, decode_s = [], 0.0, 0.0
+        finished = {}
+        while engine.has_unfinished():
+            kind_before = engine.counters["prefill_steps"]
+            steps_before = engine.counters["steps"]
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            if replica_steps is not None:
+                for kind, seconds in replica_steps():
+                    if kind == "prefill":
+                        prefill_s += seconds
+                    else:
+                        decode_s += seconds
+                        step_times.append(seconds)
+            elif engine.counters["prefill_steps"] > kind_before:
+                prefill_s += dt
+            elif engine.counters["steps"] == steps_before:
+                decode_s += dt  # read back the last overlapped step; launched none
+            else:
+                decode_s += dt
+                step_times.append(dt)
+                if timer is not None and timer.steps:
+                    decode_phases.append(timer.steps[-1])
+            for out in outs:
+                if out.finished:
+                    finished[out.request_id] = out
+            if bar is not None:
+                done = engine.counters["generation_tokens"] - counters0["generation_tokens"]
+                bar.update(done - bar.n)
+        wall = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
     outs = [finished[i] for i in ids]
     ttft = [o.first_token_time - o.arrival_time for o in outs]
     e2e = [o.finish_time - o.arrival_time for o in outs]
@@ -187,7 +175,8 @@ def _run_offline(engine, prompts, params, counters0, bar, replica_steps, timer,
                          sum(len(o.token_ids) for o in outs), wall, prefill_s, decode_s,
                          summary(ttft), summary(step_times), summary(tpot), summary(e2e), steps,
                          accepted / drafted if drafted else 0.0,
-                         outputs=[list(o.token_ids) for o in outs])
+                         outputs=[list(o.token_ids) for o in outs],
+                         host_phases_us=summarize_phases(decode_phases))
 
 
 def attention_calls(model, batch: int, query_len: int, caches, block_table, seqlens, plan,

@@ -85,6 +85,16 @@ class StepTimer:
         self.steps.clear()
         self._current = self._empty()
 
+    @contextmanager
+    def collecting(self):
+        """Inside the block: the window starts empty and garbage collections are timed."""
+        self.clear()
+        self.attach()
+        try:
+            yield self
+        finally:
+            self.detach()
+
     def summary(self, last: int | None = None) -> dict:
         """`summarize` of the last `last` steps kept (default: all)."""
         steps = list(self.steps)

@@ -71,3 +71,15 @@ def test_garbage_collection_is_timed_only_while_attached():
         timer.detach()
     assert timer.steps[-1]["gc"] > 0
     assert timer._on_gc not in gc.callbacks
+
+
+def test_collecting_starts_empty_and_times_collections_inside_only():
+    timer = StepTimer()
+    timer.end_step()
+    with timer.collecting() as t:
+        assert t is timer and not timer.steps and timer.attached
+        timer.begin_step()
+        gc.collect()
+        timer.end_step()
+    assert not timer.attached and timer._on_gc not in gc.callbacks
+    assert len(timer.steps) == 1 and timer.steps[0]["gc"] > 0
