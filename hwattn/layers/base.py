@@ -283,9 +283,10 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 # GPU, one call per prompt and layer), or all in one call of the paged prefill op. The loop is
 # kept while the prompts average this many tokens or more: calls that long are compute-bound,
 # where FlashAttention led our kernel on 8K prompts (75% against 49% of the matmul peak on an
-# H200, docs/results/engine.md); shorter ones cost their launches. An estimate, not yet measured
-# at the crossover (benchmarks/engine_roofline.py --parts prefill times both sides).
-DENSE_LOOP_MIN_MEAN_LEN = 1024
+# H200). Measured on an H200 (docs/results/engine.md, `xl`, one step of whole prompts): the op
+# was faster at a mean of 512 tokens (by 6-10% for GQA-4/GTA-4, 31% for GLA-2/MLA) and level
+# with it at 2048 (the op ahead by 1-2%), so the crossover is set there.
+DENSE_LOOP_MIN_MEAN_LEN = 2048
 
 
 class Attention(nn.Module):

@@ -154,7 +154,7 @@ def test_prefill_form_flops_by_hand():
 def test_whole_prompts_route_by_length(monkeypatch, backend, lens, threshold, dense):
     """A step of whole prompts attends densely (`_attend_fresh`) or through the paged op
     (`prefill`) as `Attention._attends_densely` says, and either way as the forward does.
-    `threshold` stands in for `DENSE_LOOP_MIN_MEAN_LEN` (1024) to keep the prompts short."""
+    `threshold` stands in for `DENSE_LOOP_MIN_MEAN_LEN` (2048) to keep the prompts short."""
     from hwattn.layers import base
 
     model = _tiny("gqa")
