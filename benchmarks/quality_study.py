@@ -88,6 +88,10 @@ def parse_args(argv=None):
                    help="training stops this long before the deadline, for the evaluation")
     p.add_argument("--min-start-s", type=float, default=60.0,
                    help="start no run with less than this left before the deadline")
+    p.add_argument("--resume-min-s", type=float, default=60.0,
+                   help="resume a run an earlier command checkpointed whenever this much is "
+                        "left (it may need far less than a fresh run; --min-start-s is for "
+                        "fresh runs)")
     p.add_argument("--max-runs", type=int, default=0,
                    help="start no run once this many of the plan are finished (0: no limit)")
     p.add_argument("--gpus", type=int, default=0,
@@ -235,7 +239,9 @@ def work(args, deadline: float, log) -> int:
             continue
         if args.max_runs and len(finished_runs(study, work_dir)) >= args.max_runs:
             break
-        if deadline - time.time() < args.min_start_s:
+        started = (work_dir / name / "checkpoint").is_dir()  # an earlier command's, to resume
+        if deadline - time.time() < (min(args.resume_min_s, args.min_start_s) if started
+                                     else args.min_start_s):
             log(f"{deadline - time.time():.0f} s left: starting no more runs in this command")
             break
         if not _claim(work_dir / "claims", name):

@@ -69,6 +69,28 @@ def test_study_resumes_and_keeps_finished_runs(study):
 
 
 @pytest.mark.slow
+def test_a_checkpointed_run_resumes_where_a_fresh_one_would_not_start(tmp_path, dataset_dir):
+    """--min-start-s holds back fresh runs only: a run an earlier command checkpointed goes
+    on with --resume-min-s left, and no fresh run starts after it."""
+    from hwattn.train.trainer import train
+
+    mod = _study_module()
+    argv = ["--smoke", "--data", str(dataset_dir), "--study", str(tmp_path / "s"), "--work",
+            str(tmp_path / "w"), "--variants", CLAIM, "--seeds", "0", "--extra-seeds", "",
+            "--steps", "4", "--deadline-s", "1000", "--min-start-s", "5000"]
+    train(mod.run_config(mod.parse_args(argv), "gqa-4", 0, "cpu", False), stop_after=2,
+          progress=False, log=lambda *a: None)
+    assert mod.main(argv) == 0
+    log = (tmp_path / "s" / "study_log.txt").read_text()
+    assert "resuming gqa-4 from step 2 of 4" in log
+    assert "starting no more runs in this command" in log
+    runs = [json.loads(x) for x in (tmp_path / "s" / "study_runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in runs] == [("gqa-4", 0)]
+    assert mod.main(argv + ["--resume-min-s", "5000"]) == 0  # nothing checkpointed is left
+    assert len((tmp_path / "s" / "study_runs.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.slow
 def test_records_share_tokens_and_parameters(study):
     _, sdir, _, _, _ = study
     runs = [json.loads(x) for x in (sdir / "study_runs.jsonl").read_text().splitlines()]
