@@ -9,8 +9,13 @@
 - prefill: the paged prefill op on a 2048-token chunk over a 6144-token prefix (B=1, 16
   heads) for GQA-4, GLA-2, MLA and GTA-4 under 8 tile shapes (`PrefillConfig`), each checked
   against the PyTorch reference (`hwattn.bench.prefill.bench_case`).
+- skinny: the decode GEMMs of `xl` (QKV, O, gate+up, down, GLA-2's input projections, LM head)
+  at M = 64, 16, 128 rows: cuBLAS against the Triton skinny GEMM (hwattn/ops/skinny_gemm.py)
+  under its chosen tiles, then up to 7 other tiles per shape while SKINNY_SECONDS (default 85)
+  last; weights cold, CUDA graphs, each Triton output checked (`hwattn.bench.skinny`).
 
     python3 benchmarks/engine_diagnostics.py host,gemm,prefill   # writes $OUT/diag.jsonl
+    OUT=/tmp/skinny python3 benchmarks/engine_diagnostics.py skinny   # about 2 minutes
 
 Results of 2026-12-04: benchmarks/results/prefill_tiles_h200_2026-12-04/.
 """
@@ -91,4 +96,14 @@ if "prefill" in parts:
                 log(f"prefill {variant} {cfg}: " + ", ".join(f"{r['form']} {r['ms']:.3f} ms {r.get('pct_peak', 0):.0f}%" for r in rows))
             except Exception as err:
                 log(f"prefill {variant} {cfg}: {type(err).__name__}: {str(err)[:150]}")
+
+if "skinny" in parts:
+    from hwattn.bench import skinny
+    timer = DeviceTimer("cuda")
+    rows, totals = skinny.run(timer=lambda fn: timer(fn, iters=20, warmup=3), copy_gbs=peaks[0],
+                              seconds=float(os.environ.get("SKINNY_SECONDS", "85")))
+    for r in rows: save("diag.jsonl", dict(part="skinny", **r))
+    save("diag.jsonl", dict(part="skinny_totals", totals=totals, copy_gbs=peaks[0]))
+    log(f"skinny: {len(rows)} rows, {sum(not r['ok'] for r in rows)} failed")
+
 log("done")

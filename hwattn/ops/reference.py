@@ -1,4 +1,4 @@
-"""Plain PyTorch references for the paged decode and prefill ops.
+"""Plain PyTorch references for the paged decode and prefill ops, and for the skinny GEMM.
 
 Written for obviousness, not speed: one sequence at a time, scores in fp32 (fp64 when the
 inputs are fp64). They never import a kernel. They are also the CPU path of `hwattn.ops`.
@@ -172,3 +172,9 @@ def store_kv_reference(cache: Tensor, new: Tensor, slot_mapping: Tensor,
         limit = torch.finfo(cache.dtype).max
         values = values.float().clamp(-limit, limit)
     flat[slot_mapping[keep].long()] = values.to(cache.dtype)
+
+
+def skinny_linear_reference(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., K) @ weight (N, K)^T -> (..., N) in x's dtype, computed in fp32 and rounded once
+    (the contract of `hwattn.ops.skinny_gemm.skinny_linear`)."""
+    return torch.nn.functional.linear(x.float(), weight.float()).to(x.dtype)

@@ -1,0 +1,91 @@
+"""The skinny-GEMM benchmark (hwattn/bench/skinny.py) on CPU: its rows, checks, table and
+totals, with the Triton kernel under the interpreter and a wall clock in place of CUDA events.
+The timings themselves mean nothing here."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from hwattn.bench import skinny
+from hwattn.ops.skinny_gemm import SkinnyConfig, choose_config, split_layout
+
+
+def _wall_clock(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+CONFIGS = [SkinnyConfig(block_n=16, block_k=32, split_k=3, num_stages=1),
+           SkinnyConfig(block_n=32, block_k=64, split_k=1, num_stages=1)]
+
+
+def test_rows_carry_the_physics():
+    m, n, k = 5, 40, 200
+    rows = skinny.bench_shape("tiny", m, n, k, CONFIGS, timer=_wall_clock, copy_gbs=1.0,
+                              device="cpu")
+    assert [r["impl"] for r in rows] == ["cublas", "triton", "triton"]
+    assert [r.get("chosen") for r in rows] == [None, True, False]
+    cublas_us = rows[0]["us"]
+    for r in rows[1:]:
+        assert r["ok"] and r["deterministic"] and r["rel_err"] < skinny.CHECK_LIMIT
+        assert r["gbs"] == (n * k + m * k + m * n) * 2 / r["us"] / 1e3
+        assert r["pct_copy"] == 100 * r["gbs"] / 1.0
+        assert r["speedup"] == cublas_us / r["us"]
+        assert r["config"]["split_k"] in (1, 3)
+    lines = [skinny.format_row(r) for r in rows]
+    assert all(line.startswith("tiny") for line in lines) and "n16 k32 s3 w4 p1 *" in lines[1]
+    total = skinny.summary(rows)[0]
+    assert total["shapes"] == ["tiny"] and total["cublas_us"] == cublas_us
+    assert total["best_us"] == min(r["us"] for r in rows[1:]) <= total["chosen_us"]
+
+
+def test_wrong_or_failing_kernels_are_marked(monkeypatch):
+    calls = []
+
+    def off_by_a_little(x, weight, config=None, out=None):
+        calls.append(config)
+        if config.split_k == 1:
+            raise RuntimeError("out of shared memory")
+        y = torch.nn.functional.linear(x, weight) * 1.05
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setattr(skinny, "skinny_linear", off_by_a_little)
+    rows = skinny.bench_shape("tiny", 5, 40, 200, CONFIGS, timer=_wall_clock, device="cpu",
+                              cublas_us=3.0)
+    assert [r["impl"] for r in rows] == ["triton", "triton"]  # cuBLAS time given, not retimed
+    wrong, failing = rows
+    assert not wrong["ok"] and wrong["rel_err"] > skinny.CHECK_LIMIT
+    assert wrong["speedup"] == 3.0 / wrong["us"]
+    assert not failing["ok"] and failing["us"] is None
+    assert "out of shared memory" in failing["error"]
+    assert "FAILED" in skinny.format_row(wrong) and "FAILED" in skinny.format_row(failing)
+    assert skinny.summary(rows)[0]["shapes"] == []  # no cuBLAS row, no passing chosen row
+
+
+def test_sweep_starts_with_the_chosen_tiles():
+    for m in skinny.ROWS:
+        for n, k in skinny.SHAPES.values():
+            configs = skinny.sweep_configs(m, n, k, 132)
+            chosen = choose_config(m, n, k, 132)
+            assert configs[0] == chosen and 2 <= len(configs) <= 8
+            assert len(set(configs)) == len(configs)
+            for c in configs:  # split_k is what launches
+                assert split_layout(k, c.block_k, c.split_k)[1] == c.split_k
+
+
+def test_run_two_passes_within_the_deadline():
+    lines = []
+    rows, totals = skinny.run({"tiny": (40, 72), "ragged": (33, 37)}, rows=(5, 1),
+                              timer=_wall_clock, device="cpu", sms=2, sweep_limit=3,
+                              log=lines.append)
+    chosen = [r for r in rows if r.get("chosen")]
+    assert len(chosen) == 4 and rows.index(chosen[-1]) < 8  # every chosen row before a sweep
+    assert all(r["ok"] for r in rows) and len(lines) == 1 + len(rows) + len(totals)
+    assert [t["m"] for t in totals] == [5, 1]
+    assert all(t["shapes"] == ["tiny", "ragged"] for t in totals)
+    rows, _ = skinny.run({"tiny": (40, 72)}, rows=(5,), timer=_wall_clock, device="cpu", sms=2,
+                         seconds=0.0, log=lines.append)
+    assert rows == []
