@@ -130,7 +130,7 @@ def part_decode(setup: Setup, args, rows: list) -> list[dict]:
     for variant in args.variants.split(","):
         net = build(setup, setup.preset, variant, max(contexts))
         eager_logits = {}
-        for compiled in (False, True):
+        for compiled in [mode == "compiled" for mode in args.decode_modes.split(",")]:
             t0 = time.perf_counter()
             runner = runner_for(setup, net, args.batch, max(contexts) + 8, compiled)
             build_s = time.perf_counter() - t0
@@ -140,7 +140,7 @@ def part_decode(setup: Setup, args, rows: list) -> list[dict]:
                 logits = r.pop("logits")
                 if not compiled:
                     eager_logits[context] = logits
-                else:  # the compiled step against the eager one, on the same cache
+                elif context in eager_logits:  # the compiled step against the eager one, on the same cache
                     ref = eager_logits.pop(context)
                     r["vs_eager"] = dict(
                         argmax_agreement=(logits.argmax(-1) == ref.argmax(-1)).float().mean().item(),
@@ -334,6 +334,10 @@ def tables(doc: dict) -> str:
     if doc["peaks"]:
         out += [f"Copy {doc['peaks'][0]:.0f} GB/s (read + write), bf16 matmul "
                 f"{doc['peaks'][1]:.0f} TFLOP/s, measured in this run.", ""]
+    if "skinny_gemm" in doc:
+        out += ["Linear layers at decode's few rows: "
+                + ("the skinny Triton kernel (`hwattn/ops/linear.py`)." if doc["skinny_gemm"]
+                   else "`F.linear` (cuBLAS on a GPU)."), ""]
     dec = [r for r in doc["rows"] if r["part"] == "decode"]
     if dec:
         out += ["## Decode step (xl, random weights, CUDA graphs)", "",
@@ -421,6 +425,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="gqa-4,gta-4,gla-2,mla,mha")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--contexts", default="1024,8192")
+    p.add_argument("--decode-modes", default="eager,compiled",
+                   help="decode steps to time: eager blocks, compiled blocks or both (the "
+                        "compiled step is compared with the eager one when both run)")
     p.add_argument("--serving-batches", default="32,64,128")
     p.add_argument("--serving-contexts", default="8192,16384,32768")
     p.add_argument("--prefill-len", type=int, default=8192)
@@ -443,13 +450,19 @@ def main(argv=None) -> int:
         args.ttft_chunks, args.ttft_requests, args.ttft_output, args.rate = "16,64,16m", 4, 4, 200.0
         torch.set_num_threads(1)
     setup = Setup(args)
+    if not args.decode_modes or set(args.decode_modes.split(",")) - {"eager", "compiled"}:
+        p.error(f"--decode-modes takes eager, compiled or both; got {args.decode_modes!r}")
     parts = args.parts.split(",")
     unknown = set(parts) - {"decode", "serving", "prefill", "ttft"}
     if unknown:
         p.error(f"--parts takes decode, serving, prefill, ttft; got {sorted(unknown)}")
     peaks = device_peaks(setup.device)
+    from hwattn.ops import linear as ops_linear
+
     doc = dict(device_name=torch.cuda.get_device_name() if setup.device.type == "cuda" else "cpu",
-               torch=torch.__version__, peaks=peaks, args=vars(args))
+               torch=torch.__version__, peaks=peaks, args=vars(args),
+               skinny_gemm=ops_linear.SKINNY_ENABLED
+               and setup.device.type in ops_linear.SKINNY_DEVICES)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = SavedRows(doc, Path(args.out) / "engine_roofline.json")
     for part in parts:

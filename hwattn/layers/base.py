@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from hwattn import ops
 from hwattn.config import ModelConfig
 from hwattn.ops import AttentionBackend, PrefillPlan, plan_prefill
+from hwattn.ops.linear import linear
 from hwattn.ops.reference import gather_cache
 
 
@@ -534,6 +535,14 @@ class TiedStateAttention(Attention):
         return torch.cat((q_nope, q_rope), -1), keys, state
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, same state dict) whose product goes through
+    `hwattn.ops.linear`: decode's few rows on a GPU take the skinny kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class FusedLinear(NamedTuple):
     """Linear layers of one input as one matrix product: `weight` (sum of outs, in), `bias`
     (or None) and each layer's output size. Calling it on x (..., in) returns their outputs."""
@@ -543,7 +552,7 @@ class FusedLinear(NamedTuple):
     sizes: list[int]
 
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 def fuse_linears(linears: list[nn.Linear]) -> FusedLinear | None:

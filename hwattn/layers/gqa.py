@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import (Attention, AttentionMetadata, PrefillForm, causal_attention, select_heads,
-                                set_weight)
+from hwattn.layers.base import (Attention, AttentionMetadata, Linear, PrefillForm, causal_attention,
+                                select_heads, set_weight)
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
 
@@ -28,10 +28,10 @@ class GroupedQueryAttention(Attention):
         self.n_kv_heads = hk
         self.scale = 1.0 / math.sqrt(self.head_dim)
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.wq = nn.Linear(d, h * self.head_dim, **kw)
-        self.wk = nn.Linear(d, hk * self.head_dim, **kw)
-        self.wv = nn.Linear(d, hk * self.head_dim, **kw)
-        self.wo = nn.Linear(h * self.head_dim, d, **kw)
+        self.wq = Linear(d, h * self.head_dim, **kw)
+        self.wk = Linear(d, hk * self.head_dim, **kw)
+        self.wv = Linear(d, hk * self.head_dim, **kw)
+        self.wo = Linear(h * self.head_dim, d, **kw)
 
     input_projections = ("wq", "wk", "wv")
 

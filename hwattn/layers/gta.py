@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import (AttentionMetadata, TiedStateAttention, causal_attention, select_heads,
-                                set_weight)
+from hwattn.layers.base import (AttentionMetadata, Linear, TiedStateAttention, causal_attention,
+                                select_heads, set_weight)
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
 
@@ -32,11 +32,11 @@ class GroupedTiedAttention(TiedStateAttention):
         self.nope_dim = self.head_dim - self.rope_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.wq = nn.Linear(d, h * self.head_dim, **kw)
-        self.wkv = nn.Linear(d, hk * self.head_dim, **kw)
-        self.wk_rope = nn.Linear(d, self.rope_dim, bias=config.attention_bias, device=device,
+        self.wq = Linear(d, h * self.head_dim, **kw)
+        self.wkv = Linear(d, hk * self.head_dim, **kw)
+        self.wk_rope = Linear(d, self.rope_dim, bias=config.attention_bias, device=device,
                                  dtype=dtype)
-        self.wo = nn.Linear(h * self.head_dim, d, **kw)
+        self.wo = Linear(h * self.head_dim, d, **kw)
 
     input_projections = ("wq", "wkv", "wk_rope")
 

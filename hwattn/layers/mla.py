@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import (AttentionMetadata, PrefillForm, TiedStateAttention, causal_attention,
-                                select_heads, set_weight)
+from hwattn.layers.base import (AttentionMetadata, Linear, PrefillForm, TiedStateAttention,
+                                causal_attention, select_heads, set_weight)
 from hwattn.layers.norm import RMSNorm
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
@@ -47,10 +47,10 @@ class LatentAttention(TiedStateAttention):
         self.scale = 1.0 / math.sqrt(dh + self.rope_dim)
         kw = dict(bias=False, device=device, dtype=dtype)
         biased = dict(bias=config.attention_bias, device=device, dtype=dtype)
-        self.wq_a = nn.Linear(d, config.q_latent_dim, **biased)
+        self.wq_a = Linear(d, config.q_latent_dim, **biased)
         self.q_norm = RMSNorm(config.q_latent_dim, eps=config.norm_eps, device=device, dtype=dtype)
-        self.wq_b = nn.Linear(config.q_latent_dim, h * (dh + self.rope_dim), **biased)
-        self.wkv_a = nn.Linear(d, self.n_latent_heads * self.latent_dim + self.rope_dim, **biased)
+        self.wq_b = Linear(config.q_latent_dim, h * (dh + self.rope_dim), **biased)
+        self.wkv_a = Linear(d, self.n_latent_heads * self.latent_dim + self.rope_dim, **biased)
         self.kv_norm = RMSNorm(self.n_latent_heads, self.latent_dim, eps=config.norm_eps,
                                device=device, dtype=dtype)
         # Up-projections, one (d_h, d_c) matrix per query head; head i reads latent i // group.
@@ -61,7 +61,7 @@ class LatentAttention(TiedStateAttention):
         if config.attention_bias:
             self.b_uk = nn.Parameter(torch.zeros(h, dh, device=device, dtype=dtype))
             self.b_uv = nn.Parameter(torch.zeros(h, dh, device=device, dtype=dtype))
-        self.wo = nn.Linear(h * dh, d, **kw)
+        self.wo = Linear(h * dh, d, **kw)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

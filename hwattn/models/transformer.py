@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hwattn.config import ModelConfig
-from hwattn.layers import (AttentionMetadata, FusedLinear, RMSNorm, build_attention, fuse_linears,
-                           rope_table)
+from hwattn.layers import (AttentionMetadata, FusedLinear, Linear, RMSNorm, build_attention,
+                           fuse_linears, rope_table)
 
 
 class FeedForward(nn.Module):
@@ -35,9 +35,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=False, device=device, dtype=dtype)
-        self.w1 = nn.Linear(dim, hidden_dim, **kw)
-        self.w3 = nn.Linear(dim, hidden_dim, **kw)
-        self.w2 = nn.Linear(hidden_dim, dim, **kw)
+        self.w1 = Linear(dim, hidden_dim, **kw)
+        self.w3 = Linear(dim, hidden_dim, **kw)
+        self.w2 = Linear(hidden_dim, dim, **kw)
         self._w13: FusedLinear | None = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -71,7 +71,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, device=device, dtype=dtype)
                                     for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps, device=device, dtype=dtype)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.output = Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # fp32 (max_seq_len, d_R / 2) cos / sin tables per device; kept out of the module's

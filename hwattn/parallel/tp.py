@@ -20,10 +20,10 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hwattn.layers import set_weight
+from hwattn.ops.linear import linear
 
 
 class RowParallelLinear(nn.Module):
@@ -36,7 +36,7 @@ class RowParallelLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.group is not None:
             _all_reduce(y, self.group)
         return y

@@ -31,6 +31,14 @@ def test_engine_roofline_tiny_decode(tmp_path):
         assert set(phases) >= {"schedule", "launch", "wait", "resolve", "output", "gc", "host"}
         assert 0 < phases["host"] <= r["engine_step_s"] * 1e6 * 1.05
     assert "Host per engine decode step" in table
+    assert doc["skinny_gemm"] is False and "`F.linear`" in table  # the CPU has no skinny kernel
+
+
+def test_engine_roofline_rejects_unknown_decode_modes(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_roofline.py"), "--tiny",
+           "--out", str(tmp_path), "--parts", "decode", "--decode-modes", "eager,fast"]
+    done = subprocess.run(cmd, cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 2 and "--decode-modes takes eager, compiled or both" in done.stderr
 
 
 @pytest.mark.timeout(300)
