@@ -11,7 +11,7 @@
 #   4. benchmarks/engine_roofline.py --parts prefill: chunked-prefill MFU with the tuned tiles,
 #      and whole prompts of unequal lengths through the dense loop and through the paged op.
 #   5. skinny: the skinny GEMM of hwattn/ops/linear.py against cuBLAS, alone and in the step;
-#   6. pps: split-KV plans of the Triton decode kernel for GQA-4, MQA, MHA at B 1-128.
+#   6. pps: split-KV plans of the Triton decode kernel for GQA-4, MQA, MHA at B 1, 64, 128.
 #   run: bash benchmarks/engine_check.sh [tests|decode|prefill|engine|skinny|pps ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
@@ -41,15 +41,15 @@ for step in $steps; do
       # the decode step's shapes, then the compiled decode step with and without it.
       HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
         tests/ops/test_skinny_gemm.py tests/ops/test_linear.py 2>&1 | tail -5 | tee -a "$OUT/log"
-      OUT="$OUT" timeout 80 python3 benchmarks/engine_diagnostics.py skinny 2>&1 | tail -40 | tee -a "$OUT/log"
-      for on in 0 1; do
+      OUT="$OUT" SKINNY_SECONDS=45 timeout 75 python3 benchmarks/engine_diagnostics.py skinny 2>&1 | tail -40 | tee -a "$OUT/log"
+      for on in 1 0; do
         mkdir -p "$OUT/skinny$on"
-        HWATTN_SKINNY_GEMM=$on timeout 80 python3 benchmarks/engine_roofline.py --parts decode \
+        HWATTN_SKINNY_GEMM=$on timeout 70 python3 benchmarks/engine_roofline.py --parts decode \
           --decode-modes compiled --variants gqa-4,gla-2 --out "$OUT/skinny$on" 2>&1 | tail -12 | tee -a "$OUT/log"
       done ;;
     pps)
       # Split-KV plans of the Triton decode kernel across the variants it serves.
-      timeout 70 python3 -m hwattn bench decode --variants gqa-4,mqa,mha --heads 16 --batch 1,16,64,128 \
+      timeout 50 python3 -m hwattn bench decode --variants gqa-4,mqa,mha --heads 16 --batch 1,64,128 \
         --context 1024,8192 --programs-per-sm 1,2 --no-sdpa --no-hopper --warmup-ms 5 --rep-ms 30 \
         --out "$OUT/decode_pps_all.json" 2>&1 | grep -v "^row " | tail -30 | tee -a "$OUT/log" ;;
     *) echo "unknown step $step (tests, decode, engine, prefill, skinny, pps)" | tee -a "$OUT/log"; exit 2 ;;
