@@ -537,7 +537,8 @@ class TiedStateAttention(Attention):
 
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, same state dict) whose product goes through
-    `hwattn.ops.linear`: decode's few rows on a GPU take the skinny kernel."""
+    `hwattn.ops.linear` (`F.linear`, or the skinny kernel for decode's few rows on a GPU when
+    HWATTN_SKINNY_GEMM=1)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)

@@ -1,18 +1,21 @@
 """The linear layers' matrix product, with decode's few rows on the skinny kernel.
 
-`linear(x, weight, bias)` computes `F.linear(x, weight, bias)`. When the product has few rows
-(a decode step: one row per sequence, at most `SKINNY_MAX_ROWS`), runs on a GPU, in bf16 or
-fp16, and needs no gradient, it goes through the split-N/split-K Triton kernel of
-`hwattn/ops/skinny_gemm.py` instead of cuBLAS: at 64 rows cuBLAS's tiles leave most SMs idle
-on the small weight matrices of a decoder block and read them at a third to a half of the copy
-rate (docs/results/engine.md).
+`linear(x, weight, bias)` computes `F.linear(x, weight, bias)`. With `HWATTN_SKINNY_GEMM=1` in
+the environment (or `SKINNY_ENABLED = True` before a model is compiled), a product with few
+rows (a decode step: one row per sequence, at most `SKINNY_MAX_ROWS`) on a GPU, in bf16 or
+fp16, needing no gradient, goes through the split-N/split-K Triton kernel of
+`hwattn/ops/skinny_gemm.py` instead of cuBLAS.
+
+It is off by default because it lost to cuBLAS on an H200 (docs/results/engine.md, run 6):
+at 64 rows its best tiles were 1.2-1.3x slower than cuBLAS on the block's small matrices (QKV,
+O, down, GLA-2's input projections; 1.4-1.6x with the tiles its heuristic picks), and 3-5%
+faster only on gate+up and the LM head; the compiled `xl` decode step at L = 8K was 4%
+(GQA-4) and 7% (GLA-2) slower with it. The hook stays so that a better kernel for these shapes can be
+measured in the step with one switch (`bash benchmarks/engine_check.sh skinny`).
 
 The kernel is registered as the custom op `hwattn::skinny_linear` (`torch.library`), so a
 `torch.compile`d decoder block keeps it inside its graph, as one opaque call, instead of
 breaking the graph around it, and a captured CUDA graph records it like any kernel.
-
-`HWATTN_SKINNY_GEMM=0` in the environment (or `SKINNY_ENABLED = False` before a model is
-compiled) keeps every product on `F.linear`, for comparisons.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SKINNY_MAX_ROWS = 128
-SKINNY_ENABLED = os.environ.get("HWATTN_SKINNY_GEMM", "1") != "0"
+SKINNY_ENABLED = os.environ.get("HWATTN_SKINNY_GEMM", "0") == "1"
 # Device types whose products may take the kernel; the tests add "cpu" under the interpreter.
 SKINNY_DEVICES = ("cuda",)
 _DTYPES = (torch.bfloat16, torch.float16)
