@@ -361,9 +361,11 @@ def tables(doc: dict) -> str:
         out.append("")
         phased = [r for r in dec if r.get("host_phases_us")]
         if phased:
-            names = ("schedule", "launch", "wait", "resolve", "output", "gc", "host")
+            names = ("schedule", "launch", "inputs", "forward", "sampling", "copy_out", "wait",
+                     "resolve", "output", "gc", "host")
             out += ["Host per engine decode step (median µs; `host` is every phase but `wait`, "
-                    "`gc` the garbage collections inside them):", "",
+                    "`gc` the garbage collections inside them; inputs, forward, sampling and "
+                    "copy_out are parts of `launch`, `hwattn/engine/step_timer.py`):", "",
                     "| variant | L | compiled | " + " | ".join(names) + " | engine step µs |",
                     "|---|---|---|" + "---|" * (len(names) + 1)]
             for r in phased:

@@ -27,7 +27,7 @@ import torch
 from hwattn import ops
 from hwattn.bench.timing import DeviceTimer, device_peaks
 from hwattn.engine import ModelRunner, SamplingParams, StepInput
-from hwattn.engine.step_timer import PHASES
+from hwattn.engine.step_timer import LAUNCH_PARTS, PHASES
 from hwattn.engine.step_timer import summarize as summarize_phases
 
 
@@ -525,7 +525,9 @@ def format_engine_report(doc: dict) -> str:
     if phases.get("n"):
         lines.append("  host per decode step (median µs): " + ", ".join(
             f"{name} {phases[name]['median']:.0f}" for name in (*PHASES, "gc"))
-            + f"; all but wait {phases['host']['median']:.0f}")
+            + f"; all but wait {phases['host']['median']:.0f}; launch = "
+            + ", ".join(f"{name} {phases[name]['median']:.0f}" for name in LAUNCH_PARTS
+                        if name in phases) + " + the rest")
     lines += [f"  decode step, B={brk['batch']} L={brk['context_len']} "
               f"(CUDA graphs: {'on' if brk['cuda_graphs'] else 'off'}, compiled: "
               f"{'yes' if brk.get('compiled') else 'no'}{', replica 0' if dp > 1 else ''}):",

@@ -101,6 +101,8 @@ class LLMEngine:
                              finished=0, aborted=0, failed=0)
         self._failed: list[Sequence] = []  # requests failed alone during the current step
         self.step_timer = StepTimer()  # host seconds per phase of each step
+        if hasattr(runner, "step_timer"):  # a local runner times the parts of its launches
+            runner.step_timer = self.step_timer
 
     # Requests.
     def add_request(self, prompt: str | list[int] | torch.Tensor,

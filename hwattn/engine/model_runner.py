@@ -22,7 +22,7 @@ import gc
 import itertools
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -202,8 +202,15 @@ class ModelRunner:
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
         self.last_sampled: Tensor | None = None  # (n,) int64: the last launched step's tokens
         self.decode_blocks = compile_blocks(model, eager_numerics=True) if compile_decode else None
+        # The engine's `StepTimer`, when one is attached: decode launches time their parts
+        # on it (`hwattn.engine.step_timer.LAUNCH_PARTS`).
+        self.step_timer = None
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
+
+    def _part(self, name: str):
+        """Time a part of a decode launch on the attached step timer (none: no timing)."""
+        return self.step_timer.phase(name) if self.step_timer is not None else nullcontext()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -313,7 +320,8 @@ class ModelRunner:
         if step.kind == "decode":
             logits = logits[:, -1]  # (B, V)
         try:
-            tokens = sample(logits, self._device_sampling(sampling))  # (n,) int64
+            with self._part("sampling"):
+                tokens = sample(logits, self._device_sampling(sampling))  # (n,) int64
         except Exception:  # noqa: BLE001 - row by row, as sample_step does
             rows = self._sample_rows(logits, sampling)
             self.last_sampled = self._upload(torch.tensor(
@@ -322,10 +330,11 @@ class ModelRunner:
         self.last_sampled = tokens
         if self.device.type != "cuda":
             return PendingTokens(host=tokens)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        with self._part("copy_out"):
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         return PendingTokens(host=host, event=event)
 
     @torch.inference_mode()
@@ -444,29 +453,32 @@ class ModelRunner:
         return self.model.output(hidden[self._upload(torch.tensor(last))])  # (n, V)
 
     def _decode(self, step: StepInput) -> Tensor:
-        if isinstance(step.tokens, Tensor):  # already on the device (draft model steps)
-            tokens = step.tokens
-        else:
-            if len({len(x) for x in step.tokens}) != 1:
-                raise ValueError("decode rows must all feed the same number of tokens")
-            tokens = torch.tensor(step.tokens, dtype=torch.int64)
-        batch, t = tokens.shape
-        seqlens = torch.tensor([n + t for n in step.num_cached], dtype=torch.int32)
-        if tokens.device != self.device:
-            tokens = self._upload(tokens)
-        if step.feeds:
-            tokens = self._feed(tokens, step.feed)
-        graph = self._graph_for(batch, t, step)
+        with self._part("inputs"):
+            if isinstance(step.tokens, Tensor):  # already on the device (draft model steps)
+                tokens = step.tokens
+            else:
+                if len({len(x) for x in step.tokens}) != 1:
+                    raise ValueError("decode rows must all feed the same number of tokens")
+                tokens = torch.tensor(step.tokens, dtype=torch.int64)
+            batch, t = tokens.shape
+            seqlens = torch.tensor([n + t for n in step.num_cached], dtype=torch.int32)
+            if tokens.device != self.device:
+                tokens = self._upload(tokens)
+            if step.feeds:
+                tokens = self._feed(tokens, step.feed)
+            graph = self._graph_for(batch, t, step)
         if graph is not None:
             return self._replay(graph, batch, t, tokens, seqlens, step.block_tables)
-        meta = AttentionMetadata.for_step(self._upload(self._table(step.block_tables)),
-                                          self._upload(seqlens), t, self.page_size,
-                                          backend=self.backend)
-        if step.skip_write:
-            skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
-            meta.slot_mapping = meta.slot_mapping.masked_fill(self._upload(skip.flatten()), -1)
-        meta.plan = self.plan(seqlens, t)
-        return self.forward(tokens, meta, blocks=self.decode_blocks)
+        with self._part("inputs"):
+            meta = AttentionMetadata.for_step(self._upload(self._table(step.block_tables)),
+                                              self._upload(seqlens), t, self.page_size,
+                                              backend=self.backend)
+            if step.skip_write:
+                skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
+                meta.slot_mapping = meta.slot_mapping.masked_fill(self._upload(skip.flatten()), -1)
+            meta.plan = self.plan(seqlens, t)
+        with self._part("forward"):
+            return self.forward(tokens, meta, blocks=self.decode_blocks)
 
     def _feed(self, tokens: Tensor, feed: list[int], last: list[int] | None = None) -> Tensor:
         """tokens on the device with the last token of each row i whose feed[i] >= 0 replaced
@@ -554,15 +566,18 @@ class ModelRunner:
                 tables: list[list[int]]) -> Tensor:
         ids, table, lens = self.static[t]
         replay, out = self.graphs[(size, t)]
-        pad = size - batch
-        ids[:batch].copy_(tokens)  # already on the device
-        ids[batch:size].zero_()
-        table[:size].copy_(self._upload(torch.from_numpy(self.host_tables[t].update(tables, size))))
-        host_lens = torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32)))
-        lens[:size].copy_(self._upload(host_lens))
-        if self.plans.get((size, t)) is not None:
-            self.plan(host_lens, t, out=self.plans[(size, t)])
-        replay()
+        with self._part("inputs"):
+            pad = size - batch
+            ids[:batch].copy_(tokens)  # already on the device
+            ids[batch:size].zero_()
+            table[:size].copy_(self._upload(torch.from_numpy(
+                self.host_tables[t].update(tables, size))))
+            host_lens = torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32)))
+            lens[:size].copy_(self._upload(host_lens))
+            if self.plans.get((size, t)) is not None:
+                self.plan(host_lens, t, out=self.plans[(size, t)])
+        with self._part("forward"):
+            replay()
         return out[:batch]
 
 

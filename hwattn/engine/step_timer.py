@@ -10,6 +10,12 @@ add up to more than the device step holds the device back.
 `StepTimer` keeps, per finished step, the seconds spent in each phase and in Python's cyclic
 garbage collector (timed through `gc.callbacks`, whichever phase it interrupted), over the
 last `window` steps.
+
+The launch phase is split further by the model runner (`ModelRunner.step_timer`), in
+`LAUNCH_PARTS`: the step's inputs (tokens, block tables, lengths, split-KV plan, their
+uploads), the forward (a CUDA graph's replay, or the eager forward's launches), sampling
+(its settings uploaded, the sampling kernels queued) and copy_out (the tokens' copy to the
+host queued). They are reported beside the phases and are not added to `host` again.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections import deque
 from contextlib import contextmanager
 
 PHASES = ("schedule", "launch", "wait", "resolve", "output")
+LAUNCH_PARTS = ("inputs", "forward", "sampling", "copy_out")
 
 
 class StepTimer:
@@ -41,12 +48,12 @@ class StepTimer:
 
     @staticmethod
     def _empty() -> dict[str, float]:
-        return dict.fromkeys((*PHASES, "gc"), 0.0)
+        return dict.fromkeys((*PHASES, *LAUNCH_PARTS, "gc"), 0.0)
 
     @contextmanager
     def phase(self, name: str):
-        if name not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
+        if name not in PHASES and name not in LAUNCH_PARTS:
+            raise ValueError(f"phase must be one of {PHASES + LAUNCH_PARTS}, got {name!r}")
         start = time.perf_counter()
         try:
             yield
@@ -102,14 +109,14 @@ class StepTimer:
 
 
 def summarize(steps: list[dict[str, float]]) -> dict:
-    """Per phase of `steps` (each a `StepTimer` record), plus "gc" and "host" (every phase
-    but `wait`): the median, p90 and max in µs, and the number of steps `n`."""
+    """Per phase and launch part of `steps` (each a `StepTimer` record), plus "gc" and "host"
+    (every phase but `wait`): the median, p90 and max in µs, and the number of steps `n`."""
     out: dict = dict(n=len(steps))
     if not steps:
         return out
     rows = [dict(s, host=sum(s[p] for p in PHASES if p != "wait")) for s in steps]
-    for key in (*PHASES, "gc", "host"):
-        values = sorted(r[key] * 1e6 for r in rows)
+    for key in (*PHASES, *LAUNCH_PARTS, "gc", "host"):
+        values = sorted(r.get(key, 0.0) * 1e6 for r in rows)
         out[key] = dict(median=statistics.median(values),
                         p90=values[min(len(values) - 1, int(0.9 * len(values)))],
                         max=values[-1])

@@ -23,6 +23,11 @@ def test_bench_engine_reports_throughput_and_breakdown(capsys, tmp_path):
     assert phases["n"] == 5 and "host per decode step" in text
     # On the CPU the forward runs inside `launch`, so the host's share is the whole step.
     assert phases["launch"]["median"] > 0 and phases["host"]["median"] >= phases["launch"]["median"]
+    # The runner times the parts of each decode launch; they lie inside it.
+    parts = ("inputs", "forward", "sampling", "copy_out")
+    assert all(phases[p]["median"] > 0 for p in parts[:3]) and phases["copy_out"]["max"] == 0
+    assert sum(phases[p]["median"] for p in parts) <= phases["launch"]["median"] * 1.05
+    assert "launch = inputs" in text
     itl_us = doc["offline"]["itl_s"]["median"] * 1e6
     assert phases["host"]["median"] + phases["wait"]["median"] <= itl_us * 1.05
     step = doc["decode_step"]

@@ -44,11 +44,21 @@ def test_an_interrupted_step_is_dropped_and_bad_names_raise():
         timer.end_step()
     assert len(timer.steps) == 2  # the window
     with pytest.raises(ValueError, match="phase must be one of"):
-        with timer.phase("sampling"):
+        with timer.phase("sample"):
             pass
     with pytest.raises(ValueError, match="window"):
         StepTimer(window=0)
     assert set(PHASES) == {"schedule", "launch", "wait", "resolve", "output"}
+
+
+def test_launch_parts_are_reported_but_not_counted_twice():
+    exact = summarize([dict(schedule=1e-6, launch=8e-6, inputs=2e-6, forward=3e-6,
+                            sampling=1e-6, copy_out=1e-6, wait=100e-6, resolve=0, output=0,
+                            gc=0)] * 2)
+    assert exact["host"]["median"] == pytest.approx(9)
+    assert exact["forward"]["median"] == pytest.approx(3)
+    older = summarize([dict(schedule=1e-6, launch=8e-6, wait=0, resolve=0, output=0, gc=0)])
+    assert older["inputs"]["max"] == 0  # records from before the parts existed
 
 
 def test_garbage_collection_is_timed_only_while_attached():
