@@ -17,7 +17,6 @@ previous launched step sampled, still on the device (`StepInput.feed`).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import itertools
 import logging
@@ -299,13 +298,9 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def _device_sampling(self, sampling: SamplingInput):
-        """`sampling.tensors` on this device, uploaded without a synchronisation."""
-        st = sampling.tensors("cpu")
-        if self.device.type == "cpu":
-            return st
-        moved = {f.name: self._upload(getattr(st, f.name)) for f in dataclasses.fields(st)
-                 if isinstance(getattr(st, f.name), Tensor)}
-        return dataclasses.replace(st, **moved)
+        """`sampling.tensors` on this device, uploaded without a synchronisation (two copies
+        for the common settings, one per extra setting)."""
+        return sampling.tensors(self.device, upload=self._upload)
 
     @torch.inference_mode()
     def launch_step(self, step: StepInput, sampling: SamplingInput | None) -> PendingTokens:

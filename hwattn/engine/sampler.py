@@ -134,30 +134,34 @@ class SamplingInput:
 
         return SamplingInput(*(pick(getattr(self, f.name)) for f in fields(self)))
 
-    def tensors(self, device) -> "SamplingTensors":
-        # Two host-to-device copies for the common settings, a few more for penalties.
-        floats = torch.tensor([self.temperature, self.top_p], dtype=torch.float32).to(device)
-        ints = torch.tensor([self.top_k, self.seeds, self.positions], dtype=torch.int64).to(device)
+    def tensors(self, device, upload=None) -> "SamplingTensors":
+        """The settings on `device`: two host-to-device copies for the common settings, a few
+        more for penalties. upload: how a host tensor gets there (default `.to(device)`; the
+        engine's runner passes its pinned, non-blocking copy)."""
+        move = upload or (lambda t: t.to(device))
+        floats = move(torch.tensor([self.temperature, self.top_p], dtype=torch.float32))
+        ints = move(torch.tensor([self.top_k, self.seeds, self.positions], dtype=torch.int64))
         st = SamplingTensors(floats[0], ints[0], floats[1], ints[1], ints[2],
                              any(k > 0 for k in self.top_k) or any(p < 1.0 for p in self.top_p),
                              all(t == 0.0 for t in self.temperature))
         if self.min_p:
-            st.min_p = torch.tensor(self.min_p, dtype=torch.float32).to(device)
+            st.min_p = move(torch.tensor(self.min_p, dtype=torch.float32))
         if self.penalties:
-            st.penalties = torch.tensor(self.penalties, dtype=torch.float32).to(device)  # (B, 3)
-            st.outputs = _ragged(self.outputs, device)
-            st.prompts = _ragged(self.prompts, device)
+            st.penalties = move(torch.tensor(self.penalties, dtype=torch.float32))  # (B, 3)
+            st.outputs = _ragged(self.outputs, move)
+            st.prompts = _ragged(self.prompts, move)
         if any(self.banned):
-            st.banned = _ragged(self.banned, device)
+            st.banned = _ragged(self.banned, move)
         st.logprobs = list(self.logprobs)
         return st
 
 
-def _ragged(rows: list[list[int]], device) -> tuple[Tensor, Tensor]:
-    """(row index, token id) pairs of ragged per-row token lists, as two (N,) int64 tensors."""
+def _ragged(rows: list[list[int]], move) -> tuple[Tensor, Tensor]:
+    """(row index, token id) pairs of ragged per-row token lists, as two (N,) int64 tensors
+    put on the device by `move`."""
     index = [i for i, row in enumerate(rows) for _ in row]
     flat = [t for row in rows for t in row]
-    both = torch.tensor([index, flat], dtype=torch.int64).reshape(2, -1).to(device)
+    both = move(torch.tensor([index, flat], dtype=torch.int64).reshape(2, -1))
     return both[0], both[1]
 
 
