@@ -22,6 +22,7 @@ import json
 import random
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -88,8 +89,9 @@ def build_mc(docs: list[dict], n: int, seed: int = 0, context_chars: int = 600,
     by_domain = defaultdict(list)
     for dom, items in cands.items():
         others = pool[dom]
+        blocks = _doc_blocks(others)
         for i, j, ctx, sent in items:
-            wrong = [x for x in others if x[0] != i]
+            wrong = _Without(others, *blocks.get(i, (0, 0)))  # the other documents' sentences
             if len(wrong) < choices - 1:  # a one-document domain: its later sentences
                 wrong = [x for x in others if x[0] == i and x[1] > j + 2]
             if len(wrong) < choices - 1:
@@ -109,6 +111,34 @@ def build_mc(docs: list[dict], n: int, seed: int = 0, context_chars: int = 600,
             by_domain[dom].append({"context": ctx, "choices": [opts[k] for k in order],
                                    "gold": order.index(0), "domain": dom})
     return _balanced(by_domain, n, rng)
+
+
+def _doc_blocks(pool: list[tuple]) -> dict[int, tuple[int, int]]:
+    """Document index -> [start, stop) of its entries in `pool`, where each document's
+    entries are consecutive (the pool is built document by document)."""
+    blocks: dict[int, tuple[int, int]] = {}
+    for k, entry in enumerate(pool):
+        start = blocks.get(entry[0], (k, k))[0]
+        blocks[entry[0]] = (start, k + 1)
+    return blocks
+
+
+class _Without(Sequence):
+    """`items` without items[start:stop], as a read-only view: what `[x for x in items if x
+    is not in that block]` holds, without building it for every multiple-choice item (which
+    made `build_mc` quadratic in the held-out sentences). `random.choice` draws the same
+    element from it as from the list."""
+
+    def __init__(self, items: list, start: int, stop: int):
+        self.items, self.start, self.gap = items, start, stop - start
+
+    def __len__(self) -> int:
+        return len(self.items) - self.gap
+
+    def __getitem__(self, k: int):
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self.items[k if k < self.start else k + self.gap]
 
 
 def _balanced(by_domain: dict, n: int, rng: random.Random) -> list[dict]:
