@@ -15,6 +15,9 @@ An `AttentionBackend` (`backends/`) implements them: "torch" runs the plain refe
 `triton_prefill.py` launching `kernels/prefill.py`. "auto" picks
 Triton for CUDA tensors and the reference for CPU tensors; `register_backend` (or the
 `hwattn.backends` entry-point group) adds others.
+
+Beside them, `linear.py` holds the linear layers' product (`F.linear`, or, opted into with
+HWATTN_SKINNY_GEMM=1, the few-row Triton GEMM of `skinny_gemm.py` / `kernels/skinny_gemm.py`).
 """
 
 from hwattn.ops.backends import AttentionBackend, backend_names, get_backend, register_backend
