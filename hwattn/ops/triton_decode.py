@@ -22,10 +22,11 @@ from torch import Tensor
 from hwattn.ops.kernels import interpreter
 from hwattn.ops.kernels.attend import attend_kernel
 from hwattn.ops.kernels.combine import combine_kernel
-from hwattn.ops.kernels.store import store_kernel
+from hwattn.ops.kernels.store import store_kernel, store_pair_kernel
 from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN, DecodePlan, plan_decode
 
-__all__ = ["KernelConfig", "choose_config", "decode", "decode_tied", "plan_decode", "store_kv"]
+__all__ = ["KernelConfig", "choose_config", "decode", "decode_tied", "plan_decode", "store_kv",
+           "store_kv_pair"]
 
 LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -191,6 +192,16 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
                    d_qk=q_nope.shape[-1], tied=True, config=config)
 
 
+def _token_rows(new: Tensor) -> Tensor:
+    """new (N, *feat) as (N, F) rows with unit feature stride (a copy only if needed)."""
+    flat = new.reshape(new.shape[0], -1)
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _store_block(n_feat: int) -> int:
+    return min(1024, triton.next_power_of_2(n_feat))
+
+
 def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, scale: float | None = None) -> None:
     """Write `new` (N, *feat) into the contiguous `cache` (P, page_size, *feat) at `slot_mapping`."""
     if not cache.is_contiguous():
@@ -198,11 +209,34 @@ def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, scale: float | No
     n_tokens = new.shape[0]
     if n_tokens == 0:
         return
-    flat = new.reshape(n_tokens, -1)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
+    flat = _token_rows(new)
     n_feat = flat.shape[1]
     store_kernel[(n_tokens,)](
         cache, flat, slot_mapping, n_feat, flat.stride(0), scale if scale is not None else 1.0,
-        SCALED=scale is not None, SATURATE=cache.dtype == torch.float8_e4m3fn, BLOCK=min(1024, triton.next_power_of_2(n_feat)),
+        SCALED=scale is not None, SATURATE=cache.dtype == torch.float8_e4m3fn,
+        BLOCK=_store_block(n_feat),
+    )
+
+
+def store_kv_pair(caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
+                  slot_mapping: Tensor, scale: float | None = None) -> None:
+    """`store_kv` of two caches of one dtype at the same slots, in one launch: caches[i]
+    (P, page_size, *feat_i) contiguous, news[i] (N, *feat_i)."""
+    (cache_a, cache_b), (new_a, new_b) = caches, news
+    if not (cache_a.is_contiguous() and cache_b.is_contiguous()):
+        raise ValueError("caches must be contiguous for the Triton store")
+    if cache_a.dtype != cache_b.dtype:
+        raise ValueError(f"the two caches must share a dtype, got {cache_a.dtype} and {cache_b.dtype}")
+    n_tokens = new_a.shape[0]
+    if new_b.shape[0] != n_tokens:
+        raise ValueError(f"news hold {n_tokens} and {new_b.shape[0]} tokens: they must match")
+    if n_tokens == 0:
+        return
+    flat_a, flat_b = _token_rows(new_a), _token_rows(new_b)
+    store_pair_kernel[(n_tokens, 2)](
+        cache_a, flat_a, flat_a.shape[1], flat_a.stride(0),
+        cache_b, flat_b, flat_b.shape[1], flat_b.stride(0),
+        slot_mapping, scale if scale is not None else 1.0,
+        SCALED=scale is not None, SATURATE=cache_a.dtype == torch.float8_e4m3fn,
+        BLOCK_A=_store_block(flat_a.shape[1]), BLOCK_B=_store_block(flat_b.shape[1]),
     )

@@ -127,6 +127,21 @@ def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
         raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
 
 
+def _check_store(cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
+    """ValueError naming the argument unless `new` (N, *feat) fits `cache` (P, page, *feat)
+    and `slot_mapping` is (N,) int32/int64 on the cache's device."""
+    if new.shape[1:] != cache.shape[2:]:
+        raise ValueError(f"new tokens {tuple(new.shape)} do not fit cache {tuple(cache.shape)}: "
+                         f"expected (N, {', '.join(map(str, cache.shape[2:]))})")
+    if slot_mapping.shape != (new.shape[0],):
+        raise ValueError(f"slot_mapping must be (N={new.shape[0]},), got {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    for name, t in (("new", new), ("slot_mapping", slot_mapping)):
+        if t.device != cache.device:
+            raise ValueError(f"{name} is on {t.device} but cache is on {cache.device}")
+
+
 class AttentionBackend:
     """One implementation of the paged decode and prefill ops; see the module docstring.
 
@@ -223,6 +238,12 @@ class AttentionBackend:
                      scale: float | None) -> None:
         """Write `new` (N, *feat) into `cache` at `slot_mapping`; negative slots are skipped."""
         raise NotImplementedError
+
+    def run_store_kv_pair(self, caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
+                          slot_mapping: Tensor, *, scale: float | None) -> None:
+        """`run_store_kv` of two caches at the same slots; a backend may do both in one launch."""
+        for cache, new in zip(caches, news):
+            self.run_store_kv(cache, new, slot_mapping, scale=scale)
 
     # Checked entry points.
     def _check_paged(self, name_cache: str, cache: Tensor, block_table: Tensor,
@@ -411,14 +432,18 @@ class AttentionBackend:
                 page * page_size + offset per token; negative entries are skipped (padding).
             scale: quantisation scale for an fp8 cache (stored = value / scale).
         """
-        if new.shape[1:] != cache.shape[2:]:
-            raise ValueError(f"new tokens {tuple(new.shape)} do not fit cache {tuple(cache.shape)}: "
-                             f"expected (N, {', '.join(map(str, cache.shape[2:]))})")
-        if slot_mapping.shape != (new.shape[0],):
-            raise ValueError(f"slot_mapping must be (N={new.shape[0]},), got {tuple(slot_mapping.shape)}")
-        if slot_mapping.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
-        for name, t in (("new", new), ("slot_mapping", slot_mapping)):
-            if t.device != cache.device:
-                raise ValueError(f"{name} is on {t.device} but cache is on {cache.device}")
+        _check_store(cache, new, slot_mapping)
         self.run_store_kv(cache, new, slot_mapping, scale=scale)
+
+    @torch.compiler.disable
+    def store_kv_pair(self, caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
+                      slot_mapping: Tensor, *, scale: float | None = None) -> None:
+        """`store_kv` of a layer's two caches (K and V, or latent and RoPE key) at the same
+        slots: caches[i] (P, page_size, *feat_i), news[i] (N, *feat_i). One launch where the
+        backend can (Triton), two otherwise."""
+        if len(caches) != 2 or len(news) != 2:
+            raise ValueError(f"store_kv_pair takes two caches and two tensors of new tokens, got "
+                             f"{len(caches)} and {len(news)}")
+        for cache, new in zip(caches, news):
+            _check_store(cache, new, slot_mapping)
+        self.run_store_kv_pair(tuple(caches), tuple(news), slot_mapping, scale=scale)

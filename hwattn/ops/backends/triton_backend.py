@@ -28,7 +28,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     priority = 10
     kernel_names = {"attention": ("attend_kernel", "combine_kernel", "prefill_kernel"),
-                    "cache_write": ("store_kernel",)}
+                    "cache_write": ("store_kernel", "store_pair_kernel")}
     varlen_prefill = True
 
     def __init__(self, config: triton_decode.KernelConfig | None = None,
@@ -98,10 +98,20 @@ class TritonBackend(AttentionBackend):
                                            softmax_scale=softmax_scale, plan=plan,
                                            kv_scale=kv_scale, config=self.prefill_config)
 
+    @staticmethod
+    def _stores(cache, new) -> bool:
+        """Whether the store kernel takes this pair: it writes flat slots of a contiguous cache."""
+        return (cache.is_contiguous() and new.dtype in triton_decode.KERNEL_DTYPES
+                and cache.dtype in triton_decode.CACHE_DTYPES)
+
     def run_store_kv(self, cache, new, slot_mapping, *, scale) -> None:
-        # The kernel writes flat slots of a contiguous cache; anything else takes the reference.
-        if (cache.is_contiguous() and new.dtype in triton_decode.KERNEL_DTYPES
-                and cache.dtype in triton_decode.CACHE_DTYPES):
+        if self._stores(cache, new):
             triton_decode.store_kv(cache, new, slot_mapping, scale)
         else:
             reference.store_kv_reference(cache, new, slot_mapping, scale)
+
+    def run_store_kv_pair(self, caches, news, slot_mapping, *, scale) -> None:
+        if caches[0].dtype == caches[1].dtype and all(map(self._stores, caches, news)):
+            triton_decode.store_kv_pair(caches, news, slot_mapping, scale)
+        else:
+            super().run_store_kv_pair(caches, news, slot_mapping, scale=scale)
