@@ -83,57 +83,26 @@ def test_tasks_are_built_from_held_out_text(data):
     assert len({x["gold"] for x in mc}) > 1
 
 
-def _build_mc_by_lists(docs, n, seed, context_chars=600, choices=4):
-    """build_mc as first written, each item's distractor pool a fresh list (quadratic): the
-    reference the faster `build_mc` must reproduce item for item, so a study's tasks stay
-    the same across its sittings."""
+def test_multiple_choice_distractors_are_drawn_as_from_the_filtered_list():
+    """build_mc draws each item's distractors from a view of the other documents' sentences
+    (`_Without`), not a list built per item: the view must hold what that list held, in its
+    order, so that `random.choice` draws the same sentences and a study's items stay the same
+    across its sittings."""
     import random
-    import re
-    from collections import defaultdict
 
-    from hwattn.eval.tasks import _balanced, _trim_left, sentences
+    from hwattn.eval.tasks import _doc_blocks, _Without
 
-    rng = random.Random(seed)
-    pool, cands = defaultdict(list), defaultdict(list)
-    for i, d in enumerate(docs):
-        text = re.sub(r"\s+", " ", d["text"])
-        for j, (s, e) in enumerate(sentences(text)):
-            sent = text[s:e].strip()
-            if 30 <= len(sent) <= 240:
-                pool[d["domain"]].append((i, j, sent))
-                if j > 0 and s >= 200:
-                    cands[d["domain"]].append((i, j, _trim_left(text[:s].rstrip(), context_chars), sent))
-    by_domain = defaultdict(list)
-    for dom, items in cands.items():
-        for i, j, ctx, sent in items:
-            wrong = [x for x in pool[dom] if x[0] != i]
-            if len(wrong) < choices - 1:
-                wrong = [x for x in pool[dom] if x[0] == i and x[1] > j + 2]
-            if len(wrong) < choices - 1:
-                continue
-            picks = []
-            for _ in range(40 * choices):
-                if len(picks) == choices - 1:
-                    break
-                cand = rng.choice(wrong)[2]
-                if 0.6 <= len(cand) / len(sent) <= 1.6 and cand != sent and cand not in picks:
-                    picks.append(cand)
-            if len(picks) < choices - 1:
-                continue
-            opts = [" " + sent] + [" " + p for p in picks]
-            order = list(range(choices))
-            rng.shuffle(order)
-            by_domain[dom].append({"context": ctx, "choices": [opts[k] for k in order],
-                                   "gold": order.index(0), "domain": dom})
-    return _balanced(by_domain, n, rng)
-
-
-def test_multiple_choice_items_are_those_of_the_quadratic_build(data):
-    docs = data.val_documents()
-    one_each = [next(d for d in docs if d["domain"] == dom) for dom in ("books", "speeches")]
-    for subset in (docs, one_each, docs[::-1] + one_each):
-        for seed in (0, 3):
-            assert build_mc(subset, 50, seed) == _build_mc_by_lists(subset, 50, seed)
+    rng = random.Random(7)
+    pool = [(doc, k, f"s{doc}.{k}") for doc in range(9) for k in range(rng.randrange(0, 5))]
+    blocks = _doc_blocks(pool)
+    for doc in range(10):  # documents 9 (and any without sentences) remove nothing
+        listed = [x for x in pool if x[0] != doc]
+        view = _Without(pool, *blocks.get(doc, (0, 0)))
+        assert len(view) == len(listed) and list(view) == listed
+        a, b = random.Random(doc), random.Random(doc)
+        assert [a.choice(view) for _ in range(20)] == [b.choice(listed) for _ in range(20)]
+        with pytest.raises(IndexError):
+            view[len(view)]
 
 
 def test_one_document_per_domain_still_gives_multiple_choice(data, tmp_path):
