@@ -462,16 +462,17 @@ class ModelRunner:
             if step.feeds:
                 tokens = self._feed(tokens, step.feed)
             graph = self._graph_for(batch, t, step)
+            if graph is None:
+                meta = AttentionMetadata.for_step(self._upload(self._table(step.block_tables)),
+                                                  self._upload(seqlens), t, self.page_size,
+                                                  backend=self.backend)
+                if step.skip_write:
+                    skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
+                    meta.slot_mapping = meta.slot_mapping.masked_fill(
+                        self._upload(skip.flatten()), -1)
+                meta.plan = self.plan(seqlens, t)
         if graph is not None:
             return self._replay(graph, batch, t, tokens, seqlens, step.block_tables)
-        with self._part("inputs"):
-            meta = AttentionMetadata.for_step(self._upload(self._table(step.block_tables)),
-                                              self._upload(seqlens), t, self.page_size,
-                                              backend=self.backend)
-            if step.skip_write:
-                skip = torch.tensor([[j < s for j in range(t)] for s in step.skip_write])
-                meta.slot_mapping = meta.slot_mapping.masked_fill(self._upload(skip.flatten()), -1)
-            meta.plan = self.plan(seqlens, t)
         with self._part("forward"):
             return self.forward(tokens, meta, blocks=self.decode_blocks)
 
