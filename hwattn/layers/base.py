@@ -435,13 +435,9 @@ class Attention(nn.Module):
     def _store(self, cache: tuple[Tensor, ...], states: tuple[Tensor, ...],
                meta: AttentionMetadata) -> None:
         """Write this step's states (each (B, T, ...)) into the cache at `meta.slot_mapping`;
-        one graph break for all of them under `torch.compile`, and one launch for two."""
-        if len(cache) == 2:
-            meta.backend.store_kv_pair(cache, tuple(s.flatten(0, 1) for s in states),
-                                       meta.slot_mapping)
-            return
-        for tensor, state in zip(cache, states):
-            meta.backend.store_kv(tensor, state.flatten(0, 1), meta.slot_mapping)
+        one graph break for all of them under `torch.compile`, and one launch where the
+        backend can."""
+        meta.backend.store_kvs(cache, tuple(s.flatten(0, 1) for s in states), meta.slot_mapping)
 
     def prefill(self, q: tuple[Tensor, ...], cache: tuple[Tensor, ...],
                 meta: AttentionMetadata) -> Tensor:

@@ -112,7 +112,7 @@ def test_store_kv_matches_reference(dtype, cache_dtype, scale):
 @pytest.mark.parametrize("dtype, cache_dtype, scale", [
     (torch.bfloat16, torch.bfloat16, None), (torch.float32, torch.float16, None),
     (torch.bfloat16, torch.float8_e4m3fn, 0.37)], ids=["bf16", "fp32-into-fp16", "fp8-scaled"])
-def test_store_kv_pair_writes_both_caches_as_two_stores_would(dtype, cache_dtype, scale):
+def test_store_kvs_of_two_caches_writes_both_caches_as_two_stores_would(dtype, cache_dtype, scale):
     """One launch for a layer's two caches of different widths (a latent and its RoPE key),
     bit for bit what two reference stores write, padding slots and other slots untouched."""
     n_tokens, page = 29, 16
@@ -123,7 +123,7 @@ def test_store_kv_pair_writes_both_caches_as_two_stores_would(dtype, cache_dtype
     for backend in ("torch", "triton"):
         caches = tuple(torch.full((4, page, *n.shape[1:]), float("nan")).to(cache_dtype).to(DEVICE)
                        for n in news)
-        ops.get_backend(backend, torch.device(DEVICE)).store_kv_pair(
+        ops.get_backend(backend, torch.device(DEVICE)).store_kvs(
             caches, tuple(n.to(DEVICE) for n in news), slots.to(DEVICE), scale=scale)
         written[backend] = [c.cpu() for c in caches]
     for ref, got in zip(written["torch"], written["triton"]):
@@ -135,21 +135,22 @@ def test_store_kv_pair_writes_both_caches_as_two_stores_would(dtype, cache_dtype
         assert flat[untouched].float().isnan().all()
 
 
-def test_store_kv_pair_of_two_cache_dtypes_and_bad_arguments():
+def test_store_kvs_of_two_cache_dtypes_and_bad_arguments():
     backend = ops.get_backend("triton", torch.device(DEVICE))
     slots = torch.tensor([3, -1, 0], device=DEVICE)
     news = (torch.randn(3, 8, device=DEVICE), torch.randn(3, 4, device=DEVICE))
     caches = (torch.zeros(2, 4, 8, device=DEVICE), torch.zeros(2, 4, 4, dtype=torch.float16, device=DEVICE))
-    backend.store_kv_pair(caches, news, slots)  # two dtypes: a store each, same result
+    backend.store_kvs(caches, news, slots)  # two dtypes: a store each, same result
     for cache, new in zip(caches, news):
         torch.testing.assert_close(cache.flatten(0, 1)[[3, 0]].float(), new[[0, 2]].to(cache.dtype).float())
         assert cache.flatten(0, 1)[[1, 2, 4, 5, 6, 7]].abs().sum() == 0
     with pytest.raises(ValueError, match="new tokens .* do not fit cache"):
-        backend.store_kv_pair(caches, news[::-1], slots)
+        backend.store_kvs(caches, news[::-1], slots)
     with pytest.raises(ValueError, match="slot_mapping must be"):
-        backend.store_kv_pair(caches, news, slots[:2])
-    with pytest.raises(ValueError, match="two caches"):
-        backend.store_kv_pair(caches[:1], news[:1], slots)
+        backend.store_kvs(caches, news, slots[:2])
+    with pytest.raises(ValueError, match="a tensor of new tokens per cache"):
+        backend.store_kvs(caches, news[:1], slots)
+    backend.store_kvs(caches[:1], news[:1], slots)  # one cache: a plain store
 
 
 @pytest.mark.parametrize("attention", ["gqa", "mqa", "gta", "mla", "gla"])

@@ -239,9 +239,10 @@ class AttentionBackend:
         """Write `new` (N, *feat) into `cache` at `slot_mapping`; negative slots are skipped."""
         raise NotImplementedError
 
-    def run_store_kv_pair(self, caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
-                          slot_mapping: Tensor, *, scale: float | None) -> None:
-        """`run_store_kv` of two caches at the same slots; a backend may do both in one launch."""
+    def run_store_kvs(self, caches: tuple[Tensor, ...], news: tuple[Tensor, ...],
+                      slot_mapping: Tensor, *, scale: float | None) -> None:
+        """`run_store_kv` of each cache at the same slots; a backend may write several in one
+        launch."""
         for cache, new in zip(caches, news):
             self.run_store_kv(cache, new, slot_mapping, scale=scale)
 
@@ -436,14 +437,14 @@ class AttentionBackend:
         self.run_store_kv(cache, new, slot_mapping, scale=scale)
 
     @torch.compiler.disable
-    def store_kv_pair(self, caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
-                      slot_mapping: Tensor, *, scale: float | None = None) -> None:
-        """`store_kv` of a layer's two caches (K and V, or latent and RoPE key) at the same
-        slots: caches[i] (P, page_size, *feat_i), news[i] (N, *feat_i). One launch where the
-        backend can (Triton), two otherwise."""
-        if len(caches) != 2 or len(news) != 2:
-            raise ValueError(f"store_kv_pair takes two caches and two tensors of new tokens, got "
-                             f"{len(caches)} and {len(news)}")
+    def store_kvs(self, caches: tuple[Tensor, ...], news: tuple[Tensor, ...],
+                  slot_mapping: Tensor, *, scale: float | None = None) -> None:
+        """`store_kv` of a layer's caches (K and V, or latent and RoPE key) at the same
+        slots: caches[i] (P, page_size, *feat_i), news[i] (N, *feat_i). The Triton backend
+        writes two caches of one dtype in one launch."""
+        if len(caches) != len(news):
+            raise ValueError(f"store_kvs takes a tensor of new tokens per cache, got "
+                             f"{len(caches)} caches and {len(news)} tensors")
         for cache, new in zip(caches, news):
             _check_store(cache, new, slot_mapping)
-        self.run_store_kv_pair(tuple(caches), tuple(news), slot_mapping, scale=scale)
+        self.run_store_kvs(tuple(caches), tuple(news), slot_mapping, scale=scale)

@@ -110,8 +110,9 @@ class TritonBackend(AttentionBackend):
         else:
             reference.store_kv_reference(cache, new, slot_mapping, scale)
 
-    def run_store_kv_pair(self, caches, news, slot_mapping, *, scale) -> None:
-        if caches[0].dtype == caches[1].dtype and all(map(self._stores, caches, news)):
-            triton_decode.store_kv_pair(caches, news, slot_mapping, scale)
+    def run_store_kvs(self, caches, news, slot_mapping, *, scale) -> None:
+        if (len(caches) == 2 and caches[0].dtype == caches[1].dtype
+                and all(map(self._stores, caches, news))):
+            triton_decode.store_kv_pair(caches, news, slot_mapping, scale)  # one launch
         else:
-            super().run_store_kv_pair(caches, news, slot_mapping, scale=scale)
+            super().run_store_kvs(caches, news, slot_mapping, scale=scale)
