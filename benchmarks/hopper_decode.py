@@ -166,24 +166,6 @@ def _sync(torch) -> None:
         torch.cuda.synchronize()
 
 
-def _graphed(torch, fn):
-    """A CUDA-graph replay of `fn` (the host's launch cost stays out of the time), else eager."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-        return graph.replay, "graph"
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return fn, "eager"
-
-
 def _errors(torch, got, truth, base):
     """(max |err|, ratio to the tests' bound) of `got` against the fp64 truth."""
     err = (got.double() - truth).abs().max().item()
@@ -447,7 +429,9 @@ def _timed(torch, do_bench, row, fn, plan, reference, rep_ms, peaks) -> dict:
     if reference is not None:
         rel = ((out.float() - reference).norm() / reference.norm()).item()
         row.update(rel_err_vs_triton=rel, wrong=not rel <= CHECK_LIMIT)
-    timed, how = _graphed(torch, lambda: fn(plan))
+    from hwattn.bench.timing import graphed
+
+    timed, how = graphed(lambda: fn(plan), DEVICE)
     us = do_bench(timed, warmup=10, rep=rep_ms, return_mode="median") * 1e3
     row.update(us=us, GBps=row["bytes"] / us / 1e3, TFLOPs=row["flops"] / us / 1e6,
                pct_copy=100 * row["bytes"] / us / 1e3 / copy_gbps,

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from hwattn.bench.anchors import AnchorSet, anchors_for
+from hwattn.bench.timing import graphed
 
 EXTERNAL_KERNELS = {"FlashMLA": "flash_mla", "FA3": "flash_attn_interface", "FlashInfer": "flashinfer"}
 CHECK_LIMIT = 2e-2  # relative L2 error vs SDPA; bf16 operands land near 3e-3
@@ -242,25 +243,6 @@ class Inputs:
         return fn, unpack
 
 
-def _graphed(torch, fn):
-    """(callable, how): replaying a CUDA graph of `fn` keeps the host's launch cost out of the
-    timed window (as the engine runs decode); eager if capture fails."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # warm-up on a side stream, as capture requires
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-        return graph.replay, "graph"
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return fn, "eager"
-
-
 def _sdpa_bytes(case: dict, h_q: int, h_kv: int, widths: tuple[int, int]) -> int:
     """GPU memory the SDPA baseline needs: gathered bf16 K and V, and fp32 scores should it
     fall back to the math kernel."""
@@ -293,7 +275,7 @@ def _time_hopper(torch, do_bench, inputs, case, options, backend, roofline_us, t
 
     fn, plan = inputs.hopper(backend, case)
     out = fn()
-    timed, how = _graphed(torch, fn) if device == "cuda" else (fn, "eager")
+    timed, how = graphed(fn, device)
     hopper_us = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms,
                          return_mode="median") * 1e3
     config = hopper_decode.call_config(inputs.queries[0], inputs.caches[0], inputs.caches[1])
@@ -320,7 +302,7 @@ def _time_external(torch, do_bench, name, module, inputs, layer, options, hw_us,
         return {f"ext_{name}_error": f"{type(err).__name__}: {str(err)[:200]}"}, None
     try:
         out = call.to_ours(call.run())
-        timed, how = _graphed(torch, call.run) if device == "cuda" else (call.run, "eager")
+        timed, how = graphed(call.run, device)
         ext_us = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms,
                           return_mode="median") * 1e3
     except Exception as err:  # noqa: BLE001 - their failure at a shape is a result, our row stands
@@ -376,7 +358,7 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
         fn = inputs.kernel(plan, config)
         try:
             out = fn()
-            timed, how = _graphed(torch, fn) if device == "cuda" else (fn, "eager")
+            timed, how = graphed(fn, device)
         except Exception as err:  # a tile config the GPU cannot hold (shared memory, registers)
             timings[key] = dict(error=f"{type(err).__name__}: {str(err)[:120]}")
             continue
@@ -421,7 +403,7 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
                 row["hopper_check_rel_err"] = _rel_err(hopper_out, ref)
             for name, ext_out in ext_outs.items():
                 row[f"ext_{name}_rel_err"] = _rel_err(ext_out, ref)
-            timed, _ = _graphed(torch, sdpa) if device == "cuda" else (sdpa, "eager")
+            timed, _ = graphed(sdpa, device)
             sdpa_ms = do_bench(timed, warmup=options.warmup_ms, rep=options.rep_ms, return_mode="median")
             row.update(sdpa_us=sdpa_ms * 1e3, speedup_sdpa=sdpa_ms * 1e3 / us, check_rel_err=err)
         except torch.OutOfMemoryError:

@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from hwattn.bench.decode import _graphed
+from hwattn.bench.timing import graphed
 from hwattn.ops.reference import skinny_linear_reference
 from hwattn.ops.skinny_gemm import SkinnyConfig, choose_config, skinny_linear, split_layout
 
@@ -111,7 +111,7 @@ def bench_shape(name: str, m: int, n: int, k: int, configs: list[SkinnyConfig], 
             for w in weights:
                 op(w)
 
-        fn, how = _graphed(torch, every_copy) if device.type == "cuda" else (every_copy, "eager")
+        fn, how = graphed(every_copy, device)
         return timer(fn) / copies * 1e6, how
 
     def row(impl: str, tiles: SkinnyConfig | None, us: float | None, **extra) -> dict:

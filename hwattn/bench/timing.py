@@ -57,3 +57,25 @@ def device_peaks(device) -> tuple[float, float] | None:
         with torch.cuda.device(device):
             _PEAKS[device] = measure_peaks(torch, median_ms)
     return _PEAKS[device]
+
+
+def graphed(fn, device) -> tuple:
+    """(callable, how): on CUDA, a CUDA-graph replay of `fn`, which keeps the host's launch
+    cost out of the timed window (as the engine runs decode), or `fn` itself if capture fails
+    ("eager"); elsewhere `fn` ("eager")."""
+    if torch.device(device).type != "cuda":
+        return fn, "eager"
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # warm-up on a side stream, as capture requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph.replay, "graph"
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return fn, "eager"
