@@ -42,6 +42,13 @@ def num_pages_for_budget(memory_budget: int, kv_bytes_per_token: int, page_size:
 MiB = 1 << 20
 
 
+def _free_bytes(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, counting as free the blocks PyTorch has cached
+    but not handed out (they are free to this process too)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
 def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.device,
                max_model_len: int) -> int:
     """Pages in the pool (null page included), from `num_pages` or the memory budget."""
@@ -51,9 +58,7 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
         if device.type != "cuda":
             raise ValueError("gpu_memory_utilization needs a CUDA device; on the CPU give "
                              "memory_budget in bytes (or num_pages)")
-        free, total = torch.cuda.mem_get_info(device)
-        # Blocks PyTorch has cached but not handed out are free to this process too.
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free, total = _free_bytes(device)
         budget = int(total * config.gpu_memory_utilization) - (total - free)
         if budget <= 0:
             raise ValueError(f"gpu_memory_utilization {config.gpu_memory_utilization} allows "
@@ -70,10 +75,7 @@ def plan_pages(config: EngineConfig, kv_bytes_per_token: int, device: torch.devi
                 raise ValueError(f"memory_budget as a fraction must be in (0, 1], got {budget}")
             if device.type != "cuda":
                 raise ValueError("memory_budget as a fraction needs a CUDA device; give bytes")
-            free, _ = torch.cuda.mem_get_info(device)
-            # Blocks PyTorch has cached but not handed out are free to this process too.
-            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-            budget = int(free * budget)
+            budget = int(_free_bytes(device)[0] * budget)
         num_pages = num_pages_for_budget(int(budget), kv_bytes_per_token, config.page_size)
     need = pages_for(max_model_len + config.num_speculative_tokens + 1, config.page_size) + 1
     if num_pages < need:
