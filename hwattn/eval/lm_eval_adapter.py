@@ -188,14 +188,18 @@ class HwattnLM(LM):
 
 
 def run_lm_eval(lm: HwattnLM, tasks: dict[str, str | Path], limit: int | None = None) -> dict:
-    """Run the harness on local JSONL tasks; returns {task: {metric: value}}."""
+    """Run the harness on local JSONL tasks; returns {task: {metric: value}}.
+
+    Point estimates only: the harness's bootstrap standard errors are not computed
+    (`bootstrap_iters=0`). They would be dropped here anyway, and the bootstrap forks a process
+    pool, which hung a test process that already ran torch and tqdm threads (CI, 2026-12-04)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory() as tmp:
         manager = TaskManager(include_path=str(local_tasks(tasks, tmp)))
         res = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                              log_samples=False, verbosity="ERROR")
+                              log_samples=False, verbosity="ERROR", bootstrap_iters=0)
     return {name: {k.split(",")[0]: v for k, v in vals.items()
                    if isinstance(v, (int, float)) and not k.endswith("_stderr,none")}
             for name, vals in res["results"].items()}
