@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,6 +55,27 @@ class DecodePlan:
     items: Tensor
     splits: Tensor
     max_pieces: int = 1
+    # items and splits as views of this one int32 buffer, flattened and in that order, when
+    # they share one (then a refresh is one host-to-device copy); None when they do not.
+    packed: Tensor | None = None
+
+    @classmethod
+    def of_packed(cls, batch: int, max_seqlen: int, packed: Tensor, max_pieces: int) -> DecodePlan:
+        """A plan whose items and splits are views of `packed`: (capacity * 3 + B * 2,) int32."""
+        capacity = (packed.numel() - 2 * batch) // 3
+        return cls(batch, max_seqlen, packed[:3 * capacity].view(capacity, 3),
+                   packed[3 * capacity:].view(batch, 2), max_pieces, packed)
+
+    def to(self, device) -> DecodePlan:
+        """This plan with its tensors on `device` (itself if they are there already)."""
+        device = torch.device(device)
+        if self.items.device == device:
+            return self
+        if self.packed is not None:
+            return DecodePlan.of_packed(self.batch, self.max_seqlen, self.packed.to(device),
+                                        self.max_pieces)
+        return DecodePlan(self.batch, self.max_seqlen, self.items.to(device),
+                          self.splits.to(device), self.max_pieces)
 
     @property
     def capacity(self) -> int:
@@ -87,11 +109,30 @@ class DecodePlan:
         return out, lse, part_out, part_lse
 
 
-def _pieces(length: int, n_pieces: int) -> list[tuple[int, int]]:
-    """Cut [0, length) into at most `n_pieces` aligned pieces of near-equal size."""
-    size = -(-length // n_pieces)
+def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    """The packed plan of sequences of `lengths` (B,), each cut into at most `n_pieces` (B,)
+    aligned pieces of near-equal size: (capacity * 3 + B * 2,) int32 holding the items
+    (sequence, start, end), idle slots (-1, 0, 0) after them, then the splits (first item,
+    number of items); and the most pieces of one sequence."""
+    size = -(-lengths // n_pieces)
     size = -(-size // PIECE_ALIGN) * PIECE_ALIGN
-    return [(s, min(s + size, length)) for s in range(0, length, size)]
+    counts = -(-lengths // size)  # pieces actually cut: [0, n) in steps of `size`
+    first = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    if total > capacity:
+        raise ValueError(f"{total} pieces do not fit a plan of {capacity} items")
+    batch = len(lengths)
+    packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
+    items = packed[:3 * capacity].reshape(capacity, 3)
+    seq = np.repeat(np.arange(batch), counts)
+    start = (np.arange(total) - first[seq]) * size[seq]
+    items[:total, 0] = seq
+    items[:total, 1] = start
+    items[:total, 2] = np.minimum(start + size[seq], lengths[seq])
+    items[total:] = (-1, 0, 0)
+    splits = packed[3 * capacity:].reshape(batch, 2)
+    splits[:, 0], splits[:, 1] = first, counts
+    return packed, int(counts.max())
 
 
 def _device_sms(device: torch.device) -> int:
@@ -136,50 +177,52 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     if split_tokens is not None and (split_tokens <= 0 or split_tokens % PIECE_ALIGN):
         raise ValueError(f"split_tokens must be a positive multiple of {PIECE_ALIGN}, "
                          f"got {split_tokens}")
-    lengths = [int(n) for n in cache_seqlens.tolist()]
+    lengths = cache_seqlens.cpu().numpy().astype(np.int64)
     batch = len(lengths)
     if batch == 0:
         raise ValueError("cache_seqlens must hold at least one sequence")
-    if min(lengths) < query_len:
+    if lengths.min() < query_len:
         raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new tokens "
-                         f"are counted), got min {min(lengths)}")
+                         f"are counted), got min {lengths.min()}")
     sms = num_sms if num_sms is not None else _device_sms(cache_seqlens.device)
     per_item = num_heads_kv * head_blocks
 
     if split_tokens is not None:
-        pieces = [_pieces(n, -(-n // split_tokens)) for n in lengths]
-        capacity = sum(len(p) for p in pieces)
+        n_pieces = -(-lengths // split_tokens)
+        capacity = int(n_pieces.sum())
     elif batch * per_item >= programs_per_sm * sms:
-        pieces = [[(0, n)] for n in lengths]
+        n_pieces = np.ones_like(lengths)
         capacity = batch
     else:
         wanted = math.ceil(programs_per_sm * sms / per_item)  # items that fill the GPU
-        chunk = max(min_piece, -(-sum(lengths) // wanted))
-        # round() keeps the count within wanted + B/2; capacity B + wanted always holds it.
-        pieces = [_pieces(n, max(1, round(n / chunk))) for n in lengths]
+        chunk = max(min_piece, -(-int(lengths.sum()) // wanted))
+        # Rounding (half to even) keeps the count within wanted + B/2; capacity B + wanted
+        # always holds it.
+        n_pieces = np.maximum(1, np.rint(lengths / chunk).astype(np.int64))
         capacity = batch + wanted
-
-    rows, splits = [], []
-    for seq, seq_pieces in enumerate(pieces):
-        splits.append((len(rows), len(seq_pieces)))
-        rows.extend((seq, s, e) for s, e in seq_pieces)
     if out is not None:
-        if out.batch != batch or out.capacity < len(rows):
-            raise ValueError(f"out: a plan for B={out.batch} with {out.capacity} items cannot "
-                             f"hold B={batch} with {len(rows)} items")
+        if out.batch != batch:
+            raise ValueError(f"out: a plan for B={out.batch} cannot hold B={batch}")
         capacity = out.capacity
-    rows.extend([(-1, 0, 0)] * (capacity - len(rows)))
-    items = torch.tensor(rows, dtype=torch.int32)
-    split_table = torch.tensor(splits, dtype=torch.int32)
-    max_pieces = max(len(p) for p in pieces)
+    try:
+        packed, max_pieces = _schedule(lengths, n_pieces, capacity)
+    except ValueError as err:
+        if out is None:
+            raise
+        raise ValueError(f"out: a plan for B={out.batch} with {out.capacity} items cannot hold "
+                         f"this step's: {err}") from None
+    packed = torch.from_numpy(packed)
+    max_seqlen = int(lengths.max())
     if out is None:
-        device = cache_seqlens.device
-        return DecodePlan(batch, max(lengths), items.to(device), split_table.to(device), max_pieces)
+        return DecodePlan.of_packed(batch, max_seqlen, packed, max_pieces).to(cache_seqlens.device)
     if out.items.is_cuda:  # a copy from pageable memory may wait for the stream to drain
-        items, split_table = items.pin_memory(), split_table.pin_memory()
-    out.items.copy_(items, non_blocking=True)
-    out.splits.copy_(split_table, non_blocking=True)
-    out.max_seqlen, out.max_pieces = max(lengths), max_pieces
+        packed = packed.pin_memory()
+    if out.packed is not None:
+        out.packed.copy_(packed, non_blocking=True)
+    else:
+        out.items.copy_(packed[:3 * capacity].view(capacity, 3), non_blocking=True)
+        out.splits.copy_(packed[3 * capacity:].view(batch, 2), non_blocking=True)
+    out.max_seqlen, out.max_pieces = max_seqlen, max_pieces
     return out
 
 

@@ -76,6 +76,80 @@ def test_capacity_is_stable_and_refresh_in_place():
         ops.plan_decode(torch.tensor([9, 300, 4], dtype=torch.int32), num_heads_kv=2, out=plan)
 
 
+def _loop_plan(lengths, *, num_heads_kv, num_sms, head_blocks=1, min_piece=MIN_PIECE,
+               split_tokens=None, programs_per_sm=2):
+    """The planner's rule written as a loop over sequences: (items, splits) as lists."""
+    def cut(n, parts):
+        size = -(-n // parts)
+        size = -(-size // PIECE_ALIGN) * PIECE_ALIGN
+        return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+    batch, per_item = len(lengths), num_heads_kv * head_blocks
+    if split_tokens is not None:
+        pieces = [cut(n, -(-n // split_tokens)) for n in lengths]
+        capacity = sum(len(p) for p in pieces)
+    elif batch * per_item >= programs_per_sm * num_sms:
+        pieces, capacity = [[(0, n)] for n in lengths], batch
+    else:
+        wanted = -(-programs_per_sm * num_sms // per_item)
+        chunk = max(min_piece, -(-sum(lengths) // wanted))
+        pieces = [cut(n, max(1, round(n / chunk))) for n in lengths]
+        capacity = batch + wanted
+    items, splits = [], []
+    for seq, seq_pieces in enumerate(pieces):
+        splits.append([len(items), len(seq_pieces)])
+        items += [[seq, s, e] for s, e in seq_pieces]
+    return items + [[-1, 0, 0]] * (capacity - len(items)), splits
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_matches_the_rule_written_as_a_loop(seed):
+    """The vectorised planner against the per-sequence loop, on random batches (lengths from
+    1 to 200K, some exact multiples of the piece alignment) and random launch shapes; a plan
+    refreshed in place equals a fresh one."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(40):
+        batch = int(torch.randint(1, 80, (1,), generator=g))
+        top = int(torch.randint(2, 200_000, (1,), generator=g))
+        lengths = torch.randint(1, top, (batch,), generator=g, dtype=torch.int32)
+        lengths[::5] = (lengths[::5] // PIECE_ALIGN + 1) * PIECE_ALIGN
+        kw = dict(num_heads_kv=int(torch.randint(1, 9, (1,), generator=g)),
+                  num_sms=int(torch.randint(1, 140, (1,), generator=g)),
+                  head_blocks=int(torch.randint(1, 3, (1,), generator=g)),
+                  min_piece=int(torch.randint(1, 1024, (1,), generator=g)),
+                  programs_per_sm=int(torch.randint(1, 3, (1,), generator=g)))
+        if seed == 0:
+            kw["split_tokens"] = PIECE_ALIGN * int(torch.randint(1, 40, (1,), generator=g))
+        plan = ops.plan_decode(lengths, **kw)
+        items, splits = _loop_plan(lengths.tolist(), **kw)
+        assert plan.items.tolist() == items and plan.splits.tolist() == splits
+        assert plan.max_pieces == max(n for _, n in splits)
+        assert plan.max_seqlen == int(lengths.max()) and plan.packed is not None
+        if "split_tokens" not in kw:
+            shorter = torch.randint(1, top, (batch,), generator=g, dtype=torch.int32)
+            fresh = ops.plan_decode(shorter, **kw)
+            assert ops.plan_decode(shorter, **kw, out=plan) is plan
+            assert torch.equal(plan.items, fresh.items) and torch.equal(plan.splits, fresh.splits)
+            assert (plan.max_pieces, plan.max_seqlen) == (fresh.max_pieces, fresh.max_seqlen)
+
+
+def test_plan_moves_as_one_buffer():
+    """`to` keeps items and splits views of one buffer, so a refresh is one copy."""
+    plan = ops.plan_decode(torch.tensor([5000, 70], dtype=torch.int32), num_heads_kv=2, num_sms=8)
+    moved = plan.to("meta")
+    assert moved.items.device.type == "meta" and moved.packed.device.type == "meta"
+    assert moved.items.untyped_storage().data_ptr() == moved.splits.untyped_storage().data_ptr()
+    assert plan.to("cpu") is plan
+    # A plan made of two separate tensors (as before) is refreshed through two copies.
+    two = ops.DecodePlan(plan.batch, plan.max_seqlen, plan.items.clone(), plan.splits.clone(),
+                         plan.max_pieces)
+    again = ops.plan_decode(torch.tensor([64, 9000], dtype=torch.int32), num_heads_kv=2,
+                            num_sms=8, out=two)
+    fresh = ops.plan_decode(torch.tensor([64, 9000], dtype=torch.int32), num_heads_kv=2, num_sms=8)
+    assert again is two and torch.equal(two.items, fresh.items)
+    assert torch.equal(two.splits, fresh.splits)
+
+
 def test_plan_rejects():
     with pytest.raises(ValueError, match="cache_seqlens"):
         ops.plan_decode(torch.tensor([3, 1], dtype=torch.int32), num_heads_kv=1, query_len=2)

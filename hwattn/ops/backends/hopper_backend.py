@@ -62,9 +62,7 @@ class HopperPlan:
                            query_len=self.query_len, page_size=self.page_size,
                            num_sms=self.num_sms, head_blocks=head_blocks, min_piece=min_piece,
                            programs_per_sm=programs_per_sm, out=out)
-        if out is None and plan.items.device != self.device:
-            plan.items, plan.splits = plan.items.to(self.device), plan.splits.to(self.device)
-        return plan
+        return plan if out is not None else plan.to(self.device)
 
     def for_launch(self, head_blocks: int, programs_per_sm: int, min_piece: int) -> DecodePlan:
         """The `DecodePlan` of one launch shape (made on first use, outside graph capture)."""

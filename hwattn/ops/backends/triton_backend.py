@@ -69,9 +69,7 @@ class TritonBackend(AttentionBackend):
         device = torch.device(device) if device is not None else cache_seqlens.device
         plan = plan_decode(cache_seqlens, num_heads_kv=num_heads_kv, query_len=query_len,
                            page_size=page_size, num_sms=self._num_sms(device), out=out)
-        if out is None and plan.items.device != device:
-            plan.items, plan.splits = plan.items.to(device), plan.splits.to(device)
-        return plan
+        return plan if out is not None else plan.to(device)
 
     def run_decode(self, q, k_cache, v_cache, block_table, cache_seqlens, *, softmax_scale,
                    plan, k_scale, v_scale):
