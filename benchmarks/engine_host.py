@@ -111,7 +111,8 @@ def measure(args) -> dict:
     vocab = engine.model_config.vocab_size
     prompt_len = args.context - args.steps // 2
     params = SamplingParams(max_tokens=args.steps + 2, temperature=args.temperature,
-                            ignore_eos=True, detokenize=False, seed=0)
+                            ignore_eos=True, detokenize=False, seed=0,
+                            output_kind="final_only")
     for prompt in random_prompts(args.batch, prompt_len, vocab, seed=5):
         engine.add_request(prompt, params)
     while engine.counters["decode_steps"] < 2:  # the prompts, then decoding under way

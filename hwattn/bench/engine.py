@@ -112,7 +112,7 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
     (`hwattn.engine.step_timer`). `outputs`: the generated token ids, in prompt order.
     """
     params = SamplingParams(max_tokens=output_len, temperature=temperature, ignore_eos=True,
-                            detokenize=False, seed=0)
+                            detokenize=False, seed=0, output_kind="final_only")
     counters0 = dict(engine.counters)
     bar = None
     if progress:

@@ -288,10 +288,12 @@ class LLM:
     def _run(self, prompts: list, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
+        # Only finished outputs are read here: the engine need not build the others.
+        final = {}
         if isinstance(sampling_params, (list, tuple)):
-            params = list(sampling_params)
+            params = [_final_only(p, final) for p in sampling_params]
         else:
-            params = [sampling_params] * len(prompts)
+            params = [_final_only(sampling_params, final)] * len(prompts)
         engine = self.engine
         ids = engine.add_requests(prompts, params)
         results: dict[str, RequestOutput] = {}
@@ -331,6 +333,16 @@ class LLM:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _final_only(params, done: dict):
+    """`params` asking for its final output only (a copy; one per distinct object, kept in
+    `done`); anything but a `SamplingParams` as it is, for the engine to check."""
+    if not isinstance(params, SamplingParams) or params.output_kind == "final_only":
+        return params
+    if id(params) not in done:
+        done[id(params)] = dataclasses.replace(params, output_kind="final_only")
+    return done[id(params)]
 
 
 def apply_cpu_threads(config: EngineConfig, cpu_threads: int | None) -> int:

@@ -229,7 +229,8 @@ class LLMEngine:
 
     def _outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
         """Free the finished among the sequences a step advanced (and the failed ones);
-        one output per request that advanced."""
+        one output per request that advanced (if its `output_kind` is "final_only": only once
+        all its sequences have finished)."""
         touched += [s for s in self._failed if s not in touched]
         requests: dict[str, list[Sequence]] = {}
         for seq in touched:
@@ -248,6 +249,9 @@ class LLMEngine:
                         self.scheduler.finish(sibling)
         outputs = []
         for rid, group in requests.items():
+            if group[0].params.output_kind == "final_only" and any(
+                    s.finish_reason is None for s in group):
+                continue
             out = group[0].output(group)
             outputs.append(out)
             if out.finished:

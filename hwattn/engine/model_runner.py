@@ -316,7 +316,10 @@ class ModelRunner:
             logits = logits[:, -1]  # (B, V)
         try:
             with self._part("sampling"):
-                tokens = sample(logits, self._device_sampling(sampling))  # (n,) int64
+                if sampling.argmax_only:  # what `sample` computes, without uploading settings
+                    tokens = logits.argmax(-1)  # (n,) int64
+                else:
+                    tokens = sample(logits, self._device_sampling(sampling))
         except Exception:  # noqa: BLE001 - row by row, as sample_step does
             rows = self._sample_rows(logits, sampling)
             self.last_sampled = self._upload(torch.tensor(

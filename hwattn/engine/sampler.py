@@ -127,6 +127,13 @@ class SamplingInput:
     def __len__(self) -> int:
         return len(self.seeds)
 
+    @property
+    def argmax_only(self) -> bool:
+        """Whether every row's token is the argmax of its raw logits (greedy, no penalties, no
+        banned tokens): `sample` then needs none of the settings on the device."""
+        return not self.penalties and not any(self.banned) and all(
+            t == 0.0 for t in self.temperature)
+
     def select(self, rows: list[int]) -> "SamplingInput":
         """The settings of `rows` alone, in that order."""
         def pick(values):

@@ -32,6 +32,9 @@ def _number(name: str, value, what: str) -> float:
     return float(value)
 
 
+OUTPUT_KINDS = ("cumulative", "final_only")
+
+
 @dataclass
 class SamplingParams:
     """How one request is decoded.
@@ -65,6 +68,10 @@ class SamplingParams:
     detokenize: build the output text (benchmarks turn it off to time the model alone).
     skip_special_tokens: leave special tokens (such as <|endoftext|>) out of the output text
         (True, as vLLM); False writes them into the text. The token ids are the same either way.
+    output_kind: when `LLMEngine.step` returns this request's output: "cumulative" (the
+        default: every step that advanced it, with everything so far, for streaming) or
+        "final_only" (once, when it has finished; `LLM.generate` asks for this). As vLLM's
+        `RequestOutputKind.CUMULATIVE` / `FINAL_ONLY`; a step then builds no output for it.
 
     Penalties and min_p / min_tokens apply before the greedy argmax too; with none of them
     set, sampling is exactly what it was without them.
@@ -90,6 +97,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -143,6 +151,9 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name), 0,
                                              what=" (None: no log-probabilities)"))
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got "
+                             f"{self.output_kind!r}")
         for name in ("ignore_eos", "detokenize", "include_stop_str_in_output",
                      "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):

@@ -172,3 +172,28 @@ def test_bad_settings_name_the_argument():
                      (dict(include_stop_str_in_output="yes"), "include_stop_str_in_output")):
         with pytest.raises(ValueError, match=name):
             SamplingParams(**kw)
+
+
+def test_argmax_only_rows_sample_the_argmax_of_their_raw_logits():
+    """`SamplingInput.argmax_only` (the runner then takes the argmax without uploading any
+    setting) holds exactly when `sample` returns the raw logits' argmax for every row."""
+    from hwattn.engine.sampler import SamplingInput
+
+    logits = 0.1 * torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    cases = {
+        "greedy": ([SamplingParams(temperature=0)] * 4, None),
+        "greedy, top-k and min-p": ([SamplingParams(temperature=0, top_k=3, min_p=0.2)] * 4, None),
+        "one sampled row": ([SamplingParams(temperature=0)] * 3 + [SamplingParams()], None),
+        "penalties": ([SamplingParams(temperature=0, presence_penalty=2.0)] * 4,
+                      [([1, int(logits[i].argmax())], 1) for i in range(4)]),
+        "min_tokens": ([SamplingParams(temperature=0, min_tokens=5)] * 4,
+                       [([int(logits[i].argmax())], 1) for i in range(4)]),
+    }
+    expected = {"greedy": True, "greedy, top-k and min-p": True, "one sampled row": False,
+                "penalties": False, "min_tokens": False}
+    for name, (params, histories) in cases.items():
+        settings = SamplingInput.of(params, list(range(4)), [1] * 4, histories,
+                                    eos_token_id=int(logits[0].argmax()))
+        assert settings.argmax_only == expected[name], name
+        tokens = sample(logits, settings.tensors("cpu"))
+        assert torch.equal(tokens, logits.argmax(-1)) == expected[name], name

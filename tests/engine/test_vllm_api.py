@@ -194,3 +194,25 @@ def test_gpu_memory_utilization_is_refused_on_the_cpu_by_name():
         LLM("tiny", device="cpu", gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="not both"):
         LLM("tiny", device="cpu", gpu_memory_utilization=0.5, memory_budget=1 << 20)
+
+
+def test_final_only_requests_get_one_output_when_every_completion_is_done(llm):
+    """output_kind="final_only" (vLLM's FINAL_ONLY): no output while a request runs, then the
+    same final output a cumulative request ends with; `generate` asks for it on a copy."""
+    engine = llm.engine
+    params = dict(max_tokens=5, temperature=0.8, seed=3, n=2, ignore_eos=True)
+    final = engine.add_request(PROMPT, SamplingParams(**params, output_kind="final_only"))
+    cumulative = engine.add_request(PROMPT, SamplingParams(**params))
+    seen = {final: [], cumulative: []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen[final]) == 1 and seen[final][0].finished
+    assert len(seen[cumulative]) > 2 and not seen[cumulative][0].finished
+    assert [o.token_ids for o in seen[final][0].outputs] == \
+        [o.token_ids for o in seen[cumulative][-1].outputs]
+    assert engine.block_manager.num_used_pages == 0
+    mine = SamplingParams(max_tokens=3, temperature=0)
+    assert llm.generate([PROMPT], mine)[0].finished and mine.output_kind == "cumulative"
+    with pytest.raises(ValueError, match="output_kind must be one of cumulative, final_only"):
+        SamplingParams(output_kind="delta")
