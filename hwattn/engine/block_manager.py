@@ -213,6 +213,8 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Make the page list cover `num_tokens` tokens."""
         needed = pages_for(num_tokens, self.page_size) - len(seq.block_table)
+        if needed <= 0:  # most decode steps: the last page has room
+            return
         if needed > self.num_free_pages:
             raise RuntimeError(f"no free pages for sequence {seq.request_id}")
         seq.block_table.extend(self._take_free_page() for _ in range(needed))

@@ -337,11 +337,15 @@ class LLM:
 
 def _final_only(params, done: dict):
     """`params` asking for its final output only (a copy; one per distinct object, kept in
-    `done`); anything but a `SamplingParams` as it is, for the engine to check."""
+    `done`). Anything but a valid `SamplingParams` stays as it is, for the engine's checks
+    to name the prompt it came with."""
     if not isinstance(params, SamplingParams) or params.output_kind == "final_only":
         return params
     if id(params) not in done:
-        done[id(params)] = dataclasses.replace(params, output_kind="final_only")
+        try:
+            done[id(params)] = dataclasses.replace(params, output_kind="final_only")
+        except ValueError:  # a field set to a bad value after construction
+            done[id(params)] = params
     return done[id(params)]
 
 
