@@ -12,7 +12,10 @@
 #      and whole prompts of unequal lengths through the dense loop and through the paged op.
 #   5. skinny: the skinny GEMM of hwattn/ops/linear.py against cuBLAS, alone and in the step;
 #   6. pps: split-KV plans of the Triton decode kernel for GQA-4, MQA, MHA at B 1, 64, 128.
-#   run: bash benchmarks/engine_check.sh [tests|decode|prefill|engine|skinny|pps ...]
+#   7. host: benchmarks/engine_host.py, the engine's host work per decode step without the
+#      graph launch, on this machine's CPU (L 1K) and with real uploads to the GPU (L 1K, 8K), B 64;
+#      beside `engine`'s launch phase it says what the graph replay costs the host.
+#   run: bash benchmarks/engine_check.sh [tests|decode|prefill|engine|skinny|pps|host ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -52,6 +55,12 @@ for step in $steps; do
       timeout 50 python3 -m hwattn bench decode --variants gqa-4,mqa,mha --heads 16 --batch 1,64,128 \
         --context 1024,8192 --programs-per-sm 1,2 --no-sdpa --no-hopper --warmup-ms 5 --rep-ms 30 \
         --out "$OUT/decode_pps_all.json" 2>&1 | grep -v "^row " | tail -30 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, decode, engine, prefill, skinny, pps)" | tee -a "$OUT/log"; exit 2 ;;
+    host)
+      for run in "cpu 1024" "cuda 1024" "cuda 8192"; do
+        set -- $run
+        timeout 90 python3 benchmarks/engine_host.py --device $1 --context $2 --steps 200 \
+          --out "$OUT/engine_host.jsonl" 2>&1 | tail -2 | tee -a "$OUT/log"
+      done ;;
+    *) echo "unknown step $step (tests, decode, engine, prefill, skinny, pps, host)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

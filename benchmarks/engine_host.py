@@ -6,9 +6,10 @@ read the previous step's tokens back and update every sequence within one device
 script measures that host work alone, on any machine (a CPU included): a `tiny` model whose
 captured decode graphs are replaced by a replay that does nothing, behind a backend that plans
 decode steps as the GPU kernels do (`plan_decode`), so every line of Python the engine runs
-around a GPU decode step runs here too. What it leaves out is the CUDA API's own time (the
-graph launch, the copies' calls), which only a GPU run shows (`engine_roofline.py`'s host
-table).
+around a GPU decode step runs here too. On the CPU it leaves out the CUDA API's own time;
+with `--device cuda` the step's uploads, plan refresh, argmax and copy back are real and only
+the graph launch is missing, so the engine's launch phase in `engine_roofline.py`'s host table
+minus this one's is what replaying the graph costs the host.
 
     python3 benchmarks/engine_host.py --batch 64 --context 1024 --steps 200
     python3 benchmarks/engine_host.py --profile tottime      # cProfile of the decode steps
@@ -73,12 +74,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens per sequence around the measured steps (default 1024)")
     p.add_argument("--steps", type=int, default=200, help="decode steps measured (default 200)")
     p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the tiny model and the step's tensors live (default cpu)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature of every request (default 0: greedy)")
     p.add_argument("--profile", choices=("tottime", "cumulative"),
                    help="print a cProfile of the measured steps, sorted by this key")
     p.add_argument("--out", type=Path, help="append the result as one JSON line to this file")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device on this machine")
     for name in ("batch", "context", "steps", "page_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -89,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_engine(args) -> LLMEngine:
     max_len = args.context + args.steps
-    net = build_model("tiny", attention=args.variant, dtype=torch.float32, device="cpu", seed=0,
+    net = build_model("tiny", attention=args.variant, dtype=torch.float32, device=args.device, seed=0,
                       overrides=dict(max_seq_len=max_len))
     num_pages = args.batch * pages_for(max_len, args.page_size) + 1
     runner = ModelRunner(net, num_pages, args.page_size, max_len, max_num_seqs=args.batch,
@@ -133,7 +138,8 @@ def measure(args) -> dict:
         pstats.Stats(profile, stream=text).sort_stats(args.profile).print_stats(40)
         print(text.getvalue())
     phases = {k: round(v["median"], 1) for k, v in engine.step_timer.summary().items() if k != "n"}
-    return dict(variant=args.variant, batch=args.batch, context=args.context, steps=steps,
+    return dict(variant=args.variant, device=args.device, batch=args.batch, context=args.context,
+                steps=steps,
                 temperature=args.temperature, profiled=bool(profile),
                 step_us=round(wall / steps * 1e6, 1), phases_us=phases,
                 machine=platform.processor() or platform.machine(),

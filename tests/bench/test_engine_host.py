@@ -1,0 +1,36 @@
+"""benchmarks/engine_host.py: the engine's host work per decode step with the graph replay
+stubbed, on the CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "engine_host.py"
+
+
+def run(*args, check=True):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, timeout=240,
+                          capture_output=True, text=True, check=check)
+
+
+def test_engine_host_times_every_phase_of_replayed_decode_steps(tmp_path):
+    out = tmp_path / "host.jsonl"
+    done = run("--batch", "6", "--context", "80", "--steps", "24", "--page-size", "16",
+               "--out", str(out))
+    res = json.loads(out.read_text().splitlines()[-1])
+    assert res["device"] == "cpu" and res["batch"] == 6 and res["steps"] >= 24
+    phases = res["phases_us"]
+    assert set(phases) >= {"schedule", "launch", "resolve", "output", "inputs", "sampling", "host"}
+    # The captured path ran (the plan refresh and the static inputs are its "inputs").
+    assert phases["inputs"] > 0 and phases["launch"] >= phases["inputs"]
+    assert 0 < phases["host"] <= res["step_us"] * 1.05
+    assert "host work only" in done.stdout
+
+
+def test_engine_host_checks_its_arguments():
+    done = run("--steps", "400", "--context", "100", check=False)
+    assert done.returncode == 2 and "--context must exceed" in done.stderr
+    done = run("--batch", "0", check=False)
+    assert done.returncode == 2 and "--batch must be >= 1" in done.stderr
