@@ -366,12 +366,18 @@ def tables(doc: dict) -> str:
             out += ["Host per engine decode step (median µs; `host` is every phase but `wait`, "
                     "`gc` the garbage collections inside them; inputs, forward, sampling and "
                     "copy_out are parts of `launch`, `hwattn/engine/step_timer.py`):", "",
-                    "| variant | L | compiled | " + " | ".join(names) + " | engine step µs |",
-                    "|---|---|---|" + "---|" * (len(names) + 1)]
+                    "`graph launch` is one `replay()` call's host time with the device idle.", "",
+                    "| variant | L | compiled | " + " | ".join(names)
+                    + " | graph launch | kernels/step | engine step µs |",
+                    "|---|---|---|" + "---|" * (len(names) + 3)]
             for r in phased:
                 h = r["host_phases_us"]
+                call = r.get("replay_call_s")
+                nodes = (r.get("kernels") or {}).get("kernels_per_step")
                 out.append(f"| {r['variant']} | {r['context']} | {'yes' if r['compiled'] else 'no'} | "
                            + " | ".join(f"{h.get(n, 0):.0f}" for n in names)
+                           + f" | {'-' if call is None else f'{call * 1e6:.0f}'}"
+                           + f" | {'-' if nodes is None else f'{nodes:.0f}'}"
                            + f" | {r['engine_step_s'] * 1e6:.0f} |")
             out.append("")
     srv = [r for r in doc["rows"] if r["part"] == "serving"]

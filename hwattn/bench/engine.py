@@ -340,6 +340,9 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     forward_device_s: the forward on the device alone (the captured graph replayed with its
         inputs in place; the eager forward where there is no graph), median of CUDA events.
     host_s: step_wall_s - forward_device_s, the time the device waits for the host.
+    replay_call_s: with captured graphs, the host's time inside one `replay()` call made with
+        the device idle (the CUDA API's cost of launching the step's graph, which grows with
+        its kernel nodes), median; None without graphs.
     kernels (CUDA): `kernel_breakdown` of the same forward, from the profiler's trace; its
         parts plus `launch_gaps_s` (forward_device_s minus the kernels' time: the device idle
         between kernels) plus host_s make up the step.
@@ -365,10 +368,21 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     replay = runner.graph_for(batch, query_len)
     forward = replay if replay is not None else (lambda: runner.execute(step))
     forward_device = timer(forward, iters)
+
+    def replay_call():
+        _sync(device)
+        t0 = time.perf_counter()
+        replay()
+        seconds = time.perf_counter() - t0
+        _sync(device)
+        return seconds
+
     out = dict(cuda_graphs=runner.cuda_graphs, graph_error=runner.graph_error,
                compiled=getattr(runner, "decode_blocks", None) is not None,
                step_wall_s=step_wall, forward_device_s=forward_device,
                host_s=step_wall - forward_device,
+               replay_call_s=None if replay is None else statistics.median(
+                   replay_call() for _ in range(iters)),
                allreduce_s=timer(allreduce_calls(runner.model, batch), iters))
     if torch.device(device).type == "cuda":
         kernels = kernel_breakdown(profile_kernels(forward, iters), iters, runner.backend)
@@ -542,6 +556,9 @@ def format_engine_report(doc: dict) -> str:
         lines.append("    forward = " + " + ".join(
             f"{name.replace('_', ' ')} {t * ms:.3f} ms ({t / wall:.0%})" for name, t in parts)
             + f"; {kern['kernels_per_step']:.0f} kernels a step")
+    if brk.get("replay_call_s") is not None:
+        lines.append(f"    one graph launch holds the host {brk['replay_call_s'] * ms:.3f} ms "
+                     "(replay() with the device idle)")
     else:
         lines.append(f"    attention {brk['attention_s'] * ms:.3f} ms "
                      f"({brk['attention_share']:.0%} of the step; {brk['attention_method']})")

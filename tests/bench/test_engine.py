@@ -34,6 +34,7 @@ def test_bench_engine_reports_throughput_and_breakdown(capsys, tmp_path):
     assert step["batch"] == 4 and step["context_len"] == 26
     assert 0 < step["attention_s"] < step["step_wall_s"] * 1.5
     assert step["step_wall_s"] == pytest.approx(step["forward_device_s"] + step["host_s"])
+    assert step["replay_call_s"] is None  # no captured graph on the CPU
     assert step["floor"]["weight_bytes"] > 0 and "floor_s" not in step["floor"]  # no peaks on CPU
     assert doc["kv_bytes_per_token_per_rank"] == 4 * (2 * 2 * 16 + 8) * 4  # fp32, 4 layers
 
@@ -121,3 +122,32 @@ def test_decode_floor_of_a_verify_step_counts_every_query_token():
     attn = sum(blk.attn.decode_flops(100, 4) for blk in model.layers)
     assert attn == 4 * sum(blk.attn.decode_flops(100, 1) for blk in model.layers)
     assert f["flops"] == 2 * 3 * 4 * params + 3 * attn
+
+
+def test_time_decode_step_times_one_graph_launch_call(monkeypatch):
+    """With captured graphs (here a stand-in whose replay sleeps 2 ms, recorded through the
+    runner's own capture path), `replay_call_s` is the host's time inside one replay."""
+    import time
+
+    import torch
+
+    from hwattn.bench.engine import time_decode_step
+    from hwattn.engine.loader import build_model
+    from hwattn.engine.model_runner import ModelRunner, StepInput
+
+    net = build_model("tiny", attention="gqa-4", dtype=torch.float32, device="cpu", seed=0,
+                      overrides=dict(max_seq_len=64))
+    runner = ModelRunner(net, num_pages=20, page_size=8, max_model_len=64, max_num_seqs=2,
+                         cuda_graphs=False)
+
+    def record(forward):
+        with torch.inference_mode():
+            out = forward()
+        return (lambda: time.sleep(0.002)), out
+
+    runner._record = record
+    runner._capture((1,))
+    assert runner.cuda_graphs
+    step = StepInput("decode", [[3], [4]], [5, 9], [[1, 2], [3, 4]])
+    res = time_decode_step(runner, step, context_len=10, iters=3)
+    assert 0.002 <= res["replay_call_s"] < 0.05
