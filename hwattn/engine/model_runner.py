@@ -31,8 +31,8 @@ from torch import Tensor
 
 from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
-from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, rejection_sample,
-                                  sample, top_logprobs)
+from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
+                                  rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
 from hwattn.models.compile import compile_blocks
 
@@ -395,7 +395,8 @@ class ModelRunner:
     def verify_step(self, step: StepInput, sampling: SamplingInput,
                     draft_probs: Tensor | None = None) -> list[tuple[list[int], int] | str]:
         """Run a decode step that feeds each row's last token and its k drafts
-        (`step.tokens` (B, k + 1)) and verify the drafts (`sampler.rejection_sample`).
+        (`step.tokens` (B, k + 1)) and verify the drafts (`sampler.matching_verify` for a
+        deterministic drafter, else `sampler.rejection_sample`).
         draft_probs: (B, k, V) draft distributions, or None for a deterministic drafter.
         Returns per row (the k + 1 candidate tokens, how many drafts were accepted), or the
         row's error (a str) if verifying it failed even alone (as in `sample_step`)."""
@@ -410,10 +411,12 @@ class ModelRunner:
             settings = sampling if every else sampling.select(rows)
             if all(t == 0.0 for t in settings.temperature):
                 out, accepted = greedy_verify(pick(logits), pick(drafts))
+            elif draft_probs is None:  # a deterministic drafter: the plain sampler's tokens
+                out, accepted = matching_verify(pick(logits), pick(drafts),
+                                                self._device_sampling(settings))
             else:
-                out, accepted = rejection_sample(
-                    pick(logits), pick(drafts), None if draft_probs is None else pick(draft_probs),
-                    self._device_sampling(settings))
+                out, accepted = rejection_sample(pick(logits), pick(drafts), pick(draft_probs),
+                                                 self._device_sampling(settings))
             both = torch.cat((out, accepted[:, None]), 1).tolist()  # one read-back
             return [(row[:-1], row[-1]) for row in both]
 

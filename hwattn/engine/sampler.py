@@ -13,6 +13,14 @@ exactly from softmax(logits).
 min(1, p(d_i) / q(d_i)); at the first rejection the token is drawn from normalize(max(p - q, 0)),
 and after k acceptances a bonus token is drawn from p. The output is distributed as p
 (Leviathan et al. 2023; Chen et al. 2023). Greedy requests accept a draft iff it is p's argmax.
+
+`matching_verify` verifies the drafts of a deterministic drafter (q one-hot, n-gram lookup)
+by drawing, at each of the k + 1 positions, the very token `sample` draws there without
+speculation (same seed, position and stream), and accepting the drafts that match. A draft d
+is then accepted with probability p(d) and a rejection emits p's draw given that it is not d:
+`rejection_sample`'s law for one-hot q. But the tokens are also those of decoding without
+speculation, so a seeded request gets the same tokens whether its steps verify drafts or not,
+which depends on what shares its batch (a penalised batch mate makes a step plain).
 """
 
 from __future__ import annotations
@@ -281,6 +289,22 @@ def top_logprobs(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tenso
     rank = (logp > chosen).sum(-1) + 1
     top = logp.topk(min(k, logp.shape[-1]), dim=-1)
     return chosen[:, 0], rank, top.indices, top.values
+
+
+def matching_verify(target_logits: Tensor, drafts: Tensor,
+                    st: SamplingTensors) -> tuple[Tensor, Tensor]:
+    """Verify k drafts per row of a deterministic drafter by matching them against the tokens
+    plain sampling draws at their positions (see the module's docstring).
+
+    target_logits: (B, k + 1, V); drafts: (B, k) int64; st: settings of the B plain rows, with
+    `positions` the index the first new token will take.
+    Returns (tokens (B, k + 1) int64, num_accepted (B,) int64), as `rejection_sample`: row b's
+    new tokens are tokens[b, :num_accepted[b] + 1] (its accepted drafts, then one draw).
+    """
+    batch, k1, vocab = target_logits.shape
+    tokens = sample(target_logits.reshape(batch * k1, vocab), st.repeat(k1)).view(batch, k1)
+    num_accepted = (drafts == tokens[:, :-1]).long().cumprod(-1).sum(-1)
+    return tokens, num_accepted
 
 
 def rejection_sample(target_logits: Tensor, drafts: Tensor, draft_probs: Tensor | None,

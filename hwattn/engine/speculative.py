@@ -2,7 +2,8 @@
 a small draft model.
 
 The target model then verifies all k drafts of every sequence in one decode call with
-L_q = k + 1 (see `sampler.rejection_sample`). Both drafters propose exactly k tokens per
+L_q = k + 1 (see `sampler.matching_verify` for n-gram drafts, `sampler.rejection_sample` for a
+draft model's). Both drafters propose exactly k tokens per
 sequence so the batch keeps one query length; a sequence with no n-gram match gets its last
 token repeated, which the target simply rejects.
 """

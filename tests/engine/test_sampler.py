@@ -4,8 +4,8 @@ keeps the target distribution."""
 import pytest
 import torch
 
-from hwattn.engine.sampler import (SamplingTensors, adjusted_logits, probabilities, rejection_sample,
-                                   sample, top_logprobs, uniform)
+from hwattn.engine.sampler import (SamplingTensors, adjusted_logits, matching_verify, probabilities,
+                                   rejection_sample, sample, top_logprobs, uniform)
 from hwattn.engine.sampling_params import SamplingParams
 
 
@@ -54,7 +54,7 @@ def test_top_k_top_p_and_temperature():
 
 
 @pytest.mark.parametrize("min_p", [0.0, 0.3])
-@pytest.mark.parametrize("draft", ["ngram", "model"])
+@pytest.mark.parametrize("draft", ["ngram", "ngram, matched", "model"])
 def test_rejection_sampling_keeps_the_target_distribution(draft, min_p):
     """First and second emitted tokens follow the target's distribution (min-p filtered when
     asked) whatever the drafts."""
@@ -63,7 +63,7 @@ def test_rejection_sampling_keeps_the_target_distribution(draft, min_p):
     target = torch.randn(k + 1, vocab, generator=g) * 1.5
     params = SamplingParams(temperature=1.0, min_p=min_p)
     st = tensors([params] * n, seeds=list(range(n)))
-    if draft == "ngram":  # a fixed proposal, one-hot q
+    if draft.startswith("ngram"):  # a fixed proposal, one-hot q
         drafts = torch.tensor([[1, 2]] * n)
         if min_p:  # drafts min-p keeps (the most likely tokens), so some are accepted
             drafts = target[:k].argmax(-1).expand(n, k)
@@ -73,7 +73,10 @@ def test_rejection_sampling_keeps_the_target_distribution(draft, min_p):
         drafts = torch.stack([torch.multinomial(q_dist[i], n, replacement=True, generator=g)
                               for i in range(k)], 1)
         q = q_dist.expand(n, k, vocab)
-    tokens, accepted = rejection_sample(target.expand(n, k + 1, vocab), drafts, q, st)
+    if draft == "ngram, matched":
+        tokens, accepted = matching_verify(target.expand(n, k + 1, vocab), drafts, st)
+    else:
+        tokens, accepted = rejection_sample(target.expand(n, k + 1, vocab), drafts, q, st)
     p = probabilities(target, tensors([params] * (k + 1)))  # (k + 1, V)
     if min_p:
         assert (p == 0).any()  # the filter drops something here
@@ -197,3 +200,28 @@ def test_argmax_only_rows_sample_the_argmax_of_their_raw_logits():
         assert settings.argmax_only == expected[name], name
         tokens = sample(logits, settings.tensors("cpu"))
         assert torch.equal(tokens, logits.argmax(-1)) == expected[name], name
+
+
+def test_matching_verification_emits_the_plain_samplers_tokens():
+    """Each emitted token is the one `sample` draws at its position without speculation, so
+    drafts change how many tokens a step yields, never which; a draft is accepted iff it
+    matches that draw and every draft before it was accepted."""
+    vocab, k, n = 7, 3, 64
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(n, k + 1, vocab, generator=g)
+    params = [SamplingParams(temperature=t, top_k=tk) for t, tk in
+              zip([0.0, 0.5, 1.0, 1.7] * (n // 4), [0, 3, 0, 2] * (n // 4))]
+    positions = torch.randint(0, 500, (n,), generator=g).tolist()
+    st = tensors(params, positions=positions, seeds=list(range(100, 100 + n)))
+    plain = torch.stack([sample(logits[:, i], tensors(params, [p + i for p in positions],
+                                                      list(range(100, 100 + n))))
+                         for i in range(k + 1)], 1)  # (n, k + 1): one plain step per position
+    drafts = torch.where(torch.rand(n, k, generator=g) < 0.5, plain[:, :k],
+                         torch.randint(0, vocab, (n, k), generator=g))
+    tokens, accepted = matching_verify(logits, drafts, st)
+    for b in range(n):
+        a = int(accepted[b])
+        assert tokens[b, :a + 1].tolist() == plain[b, :a + 1].tolist()
+        assert drafts[b, :a].tolist() == plain[b, :a].tolist()
+        assert a == k or drafts[b, a] != plain[b, a]
+    assert 0 < accepted.float().mean() < k

@@ -1,0 +1,94 @@
+"""The engine under a random load: requests of random lengths and settings arrive between
+steps, some are aborted at random moments, the page pool is tight enough to preempt, and
+prefix caching, overlapped scheduling and mixed steps are on or off.
+
+After every step the pages must add up (`check_invariants`); at the end every request must
+have finished exactly once (aborted ones with "abort") and the pool must be empty; and every
+request that ran to its end must hold the tokens it gets alone in a roomy engine: seeded
+sampling and greedy decoding depend on nothing a request shares its batch with, speculative
+steps included (a batch mate with penalties makes a step plain; n-gram drafts are verified
+against the plain sampler's own draws, `sampler.matching_verify`).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hwattn.engine import LLM, SamplingParams
+
+
+def random_request(rng: random.Random, shared_prefix: list[int]) -> tuple[list[int], SamplingParams]:
+    length = rng.randint(1, 40)
+    prompt = [rng.randrange(2048) for _ in range(length)]
+    if rng.random() < 0.3:  # a prefix other requests share: prefix-cache hits
+        prompt = shared_prefix + prompt[:8]
+    params = SamplingParams(
+        max_tokens=rng.randint(1, 14), temperature=rng.choice([0.0, 0.0, 0.7, 1.3]),
+        top_k=rng.choice([0, 0, 5]), top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1 << 30),
+        n=rng.choice([1, 1, 1, 2]), ignore_eos=True,
+        presence_penalty=rng.choice([0.0, 0.0, 0.0, 0.5]),
+        output_kind=rng.choice(["cumulative", "final_only"]))
+    return prompt, params
+
+
+@pytest.mark.parametrize("seed, overlap, mixed, speculative", [
+    (0, True, False, None), (1, False, False, None), (2, True, True, None),
+    (3, False, True, None), (4, False, False, "ngram")])
+def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overlap, mixed,
+                                                       speculative):
+    rng = random.Random(seed)
+    path = checkpoints("gqa-2")
+    spec = dict(speculative=speculative, num_speculative_tokens=3) if speculative else {}
+    tight = LLM(path, page_size=4, num_pages=40, max_num_seqs=6, max_num_batched_tokens=24,
+                max_model_len=128, overlap_scheduling=overlap, enable_mixed_batches=mixed,
+                enable_prefix_caching=True, **spec)
+    engine = tight.engine
+    shared_prefix = [rng.randrange(2048) for _ in range(12)]
+    requests: dict[str, tuple[list[int], SamplingParams]] = {}
+    finals: dict[str, object] = {}
+    aborted: set[str] = set()
+    outputs_seen: dict[str, int] = {}
+    for step in range(400):
+        if step < 150 and rng.random() < 0.35:
+            for _ in range(rng.randint(1, 3)):
+                prompt, params = random_request(rng, shared_prefix)
+                requests[engine.add_request(prompt, params)] = (prompt, params)
+        live = [r for r in requests if r not in finals and r not in aborted]
+        if live and rng.random() < 0.04:
+            victim = rng.choice(live)
+            out = engine.abort_request(victim)
+            assert out is not None and out.finished
+            aborted.add(victim)
+        if not engine.has_unfinished() and step >= 150:
+            break
+        for out in engine.step():
+            rid = out.request_id
+            assert rid not in finals, f"{rid} gave an output after its final one"
+            outputs_seen[rid] = outputs_seen.get(rid, 0) + 1
+            if requests[rid][1].output_kind == "final_only":
+                assert out.finished, f"{rid} asked for its final output only"
+            if out.finished:
+                finals[rid] = out
+        engine.check_invariants()
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_used_pages == 0
+    assert set(finals) | aborted == set(requests) and not set(finals) & aborted
+    assert engine.stats()["preemptions"] > 0 and engine.stats()["prefix_hit_pages"] > 0
+
+    roomy = LLM(path, page_size=4, num_pages=400, max_num_seqs=1, max_model_len=128,
+                enable_prefix_caching=False, **spec).engine
+    for rid, out in finals.items():
+        prompt, params = requests[rid]
+        assert all(c.finish_reason == "length" for c in out.outputs), out
+        alone = [o for o in _run_alone(roomy, prompt, params) if o.finished][0]
+        assert [c.token_ids for c in out.outputs] == [c.token_ids for c in alone.outputs], rid
+
+
+def _run_alone(engine, prompt, params):
+    engine.add_request(prompt, params)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    return outs
