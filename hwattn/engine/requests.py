@@ -76,9 +76,10 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
                                  f"{max_model_len}, leaving no room to generate")
     if all(type(t) is int and 0 <= t < vocab_size for t in ids):  # the common case, fast
         return ids
-    if any(not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size
-           for t in ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    for i, t in enumerate(ids):
+        if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab_size:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}) (the "
+                             f"model's vocabulary); got {t!r} at position {i}")
     return [int(t) for t in ids]  # numpy or other integer scalars
 
 

@@ -2,7 +2,7 @@
 steps, some are aborted at random moments, the page pool is tight enough to preempt, and
 prefix caching, overlapped scheduling and mixed steps are on or off.
 
-After every step the pages must add up (`check_invariants`); at the end every request must
+Bad requests arrive too and must be refused whole. After every step the pages must add up (`check_invariants`); at the end every request must
 have finished exactly once (aborted ones with "abort") and the pool must be empty; and every
 request that ran to its end must hold the tokens it gets alone in a roomy engine: seeded
 sampling and greedy decoding depend on nothing a request shares its batch with, speculative
@@ -55,6 +55,17 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
             for _ in range(rng.randint(1, 3)):
                 prompt, params = random_request(rng, shared_prefix)
                 requests[engine.add_request(prompt, params)] = (prompt, params)
+        if rng.random() < 0.05:  # a bad request is refused whole and touches nothing
+            bad = rng.choice([([], "empty"), ([5, 1 << 20], "vocabulary"),
+                              ([1] * 200, "context"), ([7, 8], "max_tokens")])
+            params = SamplingParams(max_tokens=2)
+            if bad[1] == "max_tokens":
+                params.max_tokens = -3  # changed after construction: caught when queued
+            used = engine.block_manager.num_used_pages
+            with pytest.raises(ValueError, match=bad[1]):
+                engine.add_request(bad[0], params)
+            assert engine.block_manager.num_used_pages == used
+            assert engine.abort_request("no-such-request") is None
         live = [r for r in requests if r not in finals and r not in aborted]
         if live and rng.random() < 0.04:
             victim = rng.choice(live)
