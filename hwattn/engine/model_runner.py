@@ -297,6 +297,14 @@ class ModelRunner:
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
 
+    def _upload_into(self, dst: Tensor, src: Tensor) -> None:
+        """Copy host tensor `src` into device tensor `dst` without waiting for the device, in
+        one copy (pinned, non-blocking), not an upload and then a device-to-device copy."""
+        if self.device.type != "cuda":
+            dst.copy_(src)
+        else:
+            dst.copy_(src.pin_memory(), non_blocking=True)
+
     def _device_sampling(self, sampling: SamplingInput):
         """`sampling.tensors` on this device, uploaded without a synchronisation (two copies
         for the common settings, one per extra setting)."""
@@ -463,12 +471,12 @@ class ModelRunner:
                 tokens = torch.tensor(step.tokens, dtype=torch.int64)
             batch, t = tokens.shape
             seqlens = torch.tensor([n + t for n in step.num_cached], dtype=torch.int32)
-            if tokens.device != self.device:
-                tokens = self._upload(tokens)
-            if step.feeds:
-                tokens = self._feed(tokens, step.feed)
             graph = self._graph_for(batch, t, step)
-            if graph is None:
+            if graph is None:  # (a graph's static inputs take the tokens in `_replay`)
+                if tokens.device != self.device:
+                    tokens = self._upload(tokens)
+                if step.feeds:
+                    tokens = self._feed(tokens, step.feed)
                 meta = AttentionMetadata.for_step(self._upload(self._table(step.block_tables)),
                                                   self._upload(seqlens), t, self.page_size,
                                                   backend=self.backend)
@@ -478,7 +486,8 @@ class ModelRunner:
                         self._upload(skip.flatten()), -1)
                 meta.plan = self.plan(seqlens, t)
         if graph is not None:
-            return self._replay(graph, batch, t, tokens, seqlens, step.block_tables)
+            return self._replay(graph, batch, t, tokens, seqlens, step.block_tables,
+                                step.feed if step.feeds else None)
         with self._part("forward"):
             return self.forward(tokens, meta, blocks=self.decode_blocks)
 
@@ -487,15 +496,19 @@ class ModelRunner:
         by `last_sampled[feed[i]]` (the token the previous step sampled for it). Rows are
         those of (B, T) tokens, or with `last` (each row's last position in the flat tokens)
         the packed rows of a (1, N) prefill step."""
+        tokens = tokens.clone()
+        self._feed_into(tokens, feed, last)
+        return tokens
+
+    def _feed_into(self, tokens: Tensor, feed: list[int], last: list[int] | None = None) -> None:
+        """`_feed` in place: `tokens` (contiguous, on the device) gets the fed tokens."""
         if self.last_sampled is None:
             raise RuntimeError("a step feeds on the previous step's tokens, but none were sampled")
         rows = [i for i, f in enumerate(feed) if f >= 0]
         t = tokens.shape[1]
         ends = [last[i] if last is not None else i * t + t - 1 for i in rows]
         index = self._upload(torch.tensor([ends, [feed[i] for i in rows]], dtype=torch.int64))
-        tokens = tokens.clone()
         tokens.view(-1)[index[0]] = self.last_sampled[index[1]]
-        return tokens
 
     # CUDA graphs: static inputs per query length, one graph per batch bucket.
     def _graph_for(self, batch: int, t: int, step: StepInput):
@@ -565,17 +578,25 @@ class ModelRunner:
         return self.forward(ids[:size], meta, blocks=self.decode_blocks)
 
     def _replay(self, size: int, batch: int, t: int, tokens: Tensor, seqlens: Tensor,
-                tables: list[list[int]]) -> Tensor:
+                tables: list[list[int]], feed: list[int] | None = None) -> Tensor:
+        """Refresh the static inputs of the (size, t) graph in place and replay it. tokens:
+        (batch, t) on the host or the device; feed: `StepInput.feed` when rows take their last
+        token from the previous step's sampled ones."""
         ids, table, lens = self.static[t]
         replay, out = self.graphs[(size, t)]
         with self._part("inputs"):
             pad = size - batch
-            ids[:batch].copy_(tokens)  # already on the device
+            if tokens.device == self.device:
+                ids[:batch].copy_(tokens)
+            else:
+                self._upload_into(ids[:batch], tokens)
+            if feed is not None:
+                self._feed_into(ids[:batch], feed)
             ids[batch:size].zero_()
-            table[:size].copy_(self._upload(torch.from_numpy(
-                self.host_tables[t].update(tables, size))))
+            self._upload_into(table[:size], torch.from_numpy(
+                self.host_tables[t].update(tables, size)))
             host_lens = torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32)))
-            lens[:size].copy_(self._upload(host_lens))
+            self._upload_into(lens[:size], host_lens)
             if self.plans.get((size, t)) is not None:
                 self.plan(host_lens, t, out=self.plans[(size, t)])
         with self._part("forward"):

@@ -12,6 +12,7 @@ against the plain sampler's own draws, `sampler.matching_verify`).
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
@@ -33,11 +34,12 @@ def random_request(rng: random.Random, shared_prefix: list[int]) -> tuple[list[i
     return prompt, params
 
 
-@pytest.mark.parametrize("seed, overlap, mixed, speculative", [
-    (0, True, False, None), (1, False, False, None), (2, True, True, None),
-    (3, False, True, None), (4, False, False, "ngram")])
+@pytest.mark.parametrize("seed, overlap, mixed, speculative, graphs", [
+    (0, True, False, None, False), (1, False, False, None, False), (2, True, True, None, False),
+    (3, False, True, None, False), (4, False, False, "ngram", False),
+    (5, True, False, None, True), (6, False, False, "ngram", True)])
 def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overlap, mixed,
-                                                       speculative):
+                                                       speculative, graphs):
     rng = random.Random(seed)
     path = checkpoints("gqa-2")
     spec = dict(speculative=speculative, num_speculative_tokens=3) if speculative else {}
@@ -45,6 +47,14 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
                 max_model_len=128, overlap_scheduling=overlap, enable_mixed_batches=mixed,
                 enable_prefix_caching=True, **spec)
     engine = tight.engine
+    if graphs:  # the captured-graph decode path, its capture re-run on the CPU
+        from tests.engine.test_graph_replay import with_replay
+
+        try:
+            runner = with_replay(tight, (1, 4) if speculative else (1,))
+        finally:
+            gc.unfreeze()
+        assert runner.cuda_graphs
     shared_prefix = [rng.randrange(2048) for _ in range(12)]
     requests: dict[str, tuple[list[int], SamplingParams]] = {}
     finals: dict[str, object] = {}
@@ -87,6 +97,8 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
     assert engine.block_manager.num_used_pages == 0
     assert set(finals) | aborted == set(requests) and not set(finals) & aborted
     assert engine.stats()["preemptions"] > 0 and engine.stats()["prefix_hit_pages"] > 0
+    if graphs:
+        assert runner.replays > 0
 
     roomy = LLM(path, page_size=4, num_pages=400, max_num_seqs=1, max_model_len=128,
                 enable_prefix_caching=False, **spec).engine
