@@ -100,6 +100,7 @@ class _Request:
     text: str = ""
     first_token_time: float | None = None
     error: str | None = None
+    final_only: bool = False  # its params' output_kind: an output only once it has finished
 
 
 def _visible_gpus() -> list[str]:
@@ -219,12 +220,15 @@ class DataParallelEngine:
                owner: str | None = None) -> None:
         if params.seed is None:  # drawn here, so a request's samples do not depend on routing
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
+        final_only = params.output_kind == "final_only"
+        if final_only:  # its replica reports every step: the router and TTFT read them
+            params = dataclasses.replace(params, output_kind="cumulative")
         outstanding = len(ids) + params.max_tokens
         # A fresh key per request: outputs still in flight for an aborted request can never
         # be taken for a later request that reuses its id.
         key = str(next(self._keys))
         req = _Request(key, -1, prompt if isinstance(prompt, str) else None, ids, outstanding,
-                       time.perf_counter())
+                       time.perf_counter(), final_only=final_only)
         while True:
             replica = self.router.pick(self.up)
             if replica is None:  # fails at once, as the requests of a failed replica do
@@ -338,6 +342,8 @@ class DataParallelEngine:
         if finish_reason is not None:
             del self.requests[request_id], self.keys[key]
             self.router.add(replica, -req.outstanding)
+        elif req.final_only:
+            return
         self.pending[request_id] = self._output(request_id, req, finish_reason,
                                                 now if finish_reason else None)
 

@@ -141,6 +141,36 @@ def test_router_delivers_every_request_once_with_the_single_engine_outputs():
     assert dp.stats()["finished"] == len(finished)
 
 
+def test_final_only_requests_are_reported_once_while_replicas_report_every_step():
+    """A request asking for its final output only gets one output from the data-parallel
+    engine; its replica still reports each step (it is sent cumulative params), so the router
+    counts its tokens down as they come and its first token is timed when it came."""
+    fake = InProcessReplicas(2, seed=3)
+    config = model_config(TINY["model"], TINY["attention"], TINY["model_overrides"])
+    dp = DataParallelEngine(2, dict(TINY), config, load_tokenizer(None, config.vocab_size),
+                            workers=fake)
+    final = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, output_kind="final_only")
+    ids = [dp.add_request([5, 6, 7, 8], final), dp.add_request([9, 10], final),
+           dp.add_request([11, 12, 13], SamplingParams(max_tokens=8, temperature=0,
+                                                       ignore_eos=True))]
+    seen = Counter()
+    finals = {}
+    loads = []
+    while dp.has_unfinished():
+        for out in dp.step():
+            seen[out.request_id] += 1
+            if out.finished:
+                finals[out.request_id] = out
+        loads.append(sum(dp.router.load))
+    assert seen[ids[0]] == seen[ids[1]] == 1 and seen[ids[2]] > 1
+    assert all(len(finals[i].token_ids) == 8 for i in ids)
+    assert all(core.engine.requests == {} for core in fake.cores)
+    assert len(set(loads)) > 2  # the router's books moved step by step, not only at the end
+    out = finals[ids[0]]
+    assert out.arrival_time <= out.first_token_time < out.finish_time
+    assert dp.router.load == [0, 0]
+
+
 def test_a_request_a_replica_refuses_fails_alone():
     """A replica refusing a request that passed the router's checks (they are the same checks,
     so this takes a replica that disagrees) finishes that request with "error"; the engine and
