@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the tiny model and the step's tensors live (default cpu)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature of every request (default 0: greedy)")
+    p.add_argument("--output-kind", default="final_only", choices=("final_only", "cumulative"),
+                   help="the requests' SamplingParams.output_kind (default final_only, as "
+                        "LLM.generate; cumulative: an output per request and step, as streaming)")
     p.add_argument("--profile", choices=("tottime", "cumulative"),
                    help="print a cProfile of the measured steps, sorted by this key")
     p.add_argument("--out", type=Path, help="append the result as one JSON line to this file")
@@ -117,7 +120,7 @@ def measure(args) -> dict:
     prompt_len = args.context - args.steps // 2
     params = SamplingParams(max_tokens=args.steps + 2, temperature=args.temperature,
                             ignore_eos=True, detokenize=False, seed=0,
-                            output_kind="final_only")
+                            output_kind=args.output_kind)
     for prompt in random_prompts(args.batch, prompt_len, vocab, seed=5):
         engine.add_request(prompt, params)
     while engine.counters["decode_steps"] < 2:  # the prompts, then decoding under way
@@ -140,7 +143,8 @@ def measure(args) -> dict:
     phases = {k: round(v["median"], 1) for k, v in engine.step_timer.summary().items() if k != "n"}
     return dict(variant=args.variant, device=args.device, batch=args.batch, context=args.context,
                 steps=steps,
-                temperature=args.temperature, profiled=bool(profile),
+                temperature=args.temperature, output_kind=args.output_kind,
+                profiled=bool(profile),
                 step_us=round(wall / steps * 1e6, 1), phases_us=phases,
                 machine=platform.processor() or platform.machine(),
                 python=platform.python_version(), torch=torch.__version__)
