@@ -367,7 +367,7 @@ class LLMEngine:
         """Whether a step of these sequences must be sampled in step with the host: penalties
         and min_tokens read the tokens sampled so far, log-probabilities come back with the
         tokens; overlapped steps only carry token ids."""
-        return any(not s.params.plain or s.prompt_logprobs is not None for s in seqs)
+        return any(s.sampled_on_host for s in seqs)
 
     def _resolve(self, inflight: InFlight) -> list[Sequence]:
         """Read a launched step's tokens back and put them in place of their placeholders:

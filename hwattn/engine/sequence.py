@@ -139,6 +139,10 @@ class Sequence:
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = \
             [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
+        # Whether its tokens must be read back before the next step is launched (penalties
+        # and min_tokens read them; log-probabilities come back with them). The engine's
+        # params are its own copy, so this holds for the sequence's life.
+        self.sampled_on_host = not params.plain or self.prompt_logprobs is not None
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
