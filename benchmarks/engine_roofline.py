@@ -92,11 +92,12 @@ def decode_step(setup: Setup, runner: ModelRunner, net, batch: int, context: int
 
 
 def engine_steady(setup: Setup, runner: ModelRunner, net, batch: int, context: int,
-                  steps: int = 32) -> dict:
+                  steps: int = 32, launch_thread: bool = False) -> dict:
     """The serving engine on `runner` (overlapped scheduling, its default): `batch` prompts
     prefilled in one step, then `steps` decode steps of all of them around `context` tokens.
     Returns the median decode step as the engine's loop sees it (`run_offline`'s ITL) and the
-    median host µs per phase of those steps (`hwattn.engine.step_timer`)."""
+    median host µs per phase of those steps (`hwattn.engine.step_timer`). launch_thread:
+    the engine's launches from a thread of their own (`EngineConfig.launch_thread`)."""
     from hwattn.bench.engine import random_prompts, run_offline
     from hwattn.data.tokenizer import load_tokenizer
     from hwattn.engine.config import EngineConfig
@@ -105,11 +106,15 @@ def engine_steady(setup: Setup, runner: ModelRunner, net, batch: int, context: i
     prompt_len = context - steps // 2
     config = EngineConfig(page_size=setup.page, max_num_seqs=batch,
                           max_num_batched_tokens=batch * prompt_len,
-                          max_model_len=runner.max_model_len, enable_prefix_caching=False)
+                          max_model_len=runner.max_model_len, enable_prefix_caching=False,
+                          launch_thread=launch_thread)
     engine = LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config, config,
                        runner.num_pages, kv_bytes_per_token=net.kv_bytes_per_token(1, setup.dtype))
-    res = run_offline(engine, random_prompts(batch, prompt_len, net.config.vocab_size, seed=5),
-                      steps + 1)
+    try:
+        res = run_offline(engine, random_prompts(batch, prompt_len, net.config.vocab_size, seed=5),
+                          steps + 1)
+    finally:
+        engine.shutdown()
     return dict(engine_step_s=res.itl_s["median"], engine_steps=res.itl_s["n"],
                 host_phases_us={k: v["median"] for k, v in res.host_phases_us.items() if k != "n"})
 
@@ -155,6 +160,12 @@ def part_decode(setup: Setup, args, rows: list) -> list[dict]:
                 if compiled:
                     r.update(engine_steady(setup, runner, net, args.batch, context))
                     r["engine_beyond_forward"] = 1 - r["forward_device_s"] / r["engine_step_s"]
+                    threaded = engine_steady(setup, runner, net, args.batch, context,
+                                             launch_thread=True)
+                    r["threaded"] = dict(
+                        engine_step_s=threaded["engine_step_s"],
+                        beyond_forward=1 - r["forward_device_s"] / threaded["engine_step_s"],
+                        host_phases_us=threaded["host_phases_us"])
                     if "floor_s" in r["floor"]:
                         r["engine_floor_ratio"] = r["engine_step_s"] / r["floor"]["floor_s"]
                 rows.append(r)
@@ -359,6 +370,18 @@ def tables(doc: dict) -> str:
                        + (f"{r['engine_step_s'] * ms:.3f} | {r.get('engine_floor_ratio', float('nan')):.2f}"
                           f" | {r['engine_beyond_forward']:.1%} |" if "engine_step_s" in r else "- | - | - |"))
         out.append("")
+        threaded = [r for r in dec if r.get("threaded")]
+        if threaded:
+            out += ["Engine step with its launches made from a thread of their own "
+                    "(`EngineConfig.launch_thread`) beside the same engine without:", "",
+                    "| variant | L | engine step µs | threaded µs | beyond forward | threaded "
+                    "beyond forward | threaded host µs (all but wait) |", "|---|---|---|---|---|---|---|"]
+            for r in threaded:
+                t = r["threaded"]
+                out.append(f"| {r['variant']} | {r['context']} | {r['engine_step_s'] * 1e6:.0f} | "
+                           f"{t['engine_step_s'] * 1e6:.0f} | {r['engine_beyond_forward']:.1%} | "
+                           f"{t['beyond_forward']:.1%} | {t['host_phases_us'].get('host', 0):.0f} |")
+            out.append("")
         phased = [r for r in dec if r.get("host_phases_us")]
         if phased:
             names = ("schedule", "launch", "inputs", "forward", "sampling", "copy_out", "wait",

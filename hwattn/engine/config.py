@@ -56,6 +56,10 @@ class EngineConfig:
         the captured CUDA graphs (benchmarks/results/engine_roofline_h200_2026-12-04/).
     overlap_scheduling: launch each step before reading the previous one back, so the host's
         work runs while the device computes (plain decoding in one process).
+    launch_thread: with overlapped scheduling, make the launches from a thread of their own
+        (`model_runner.LaunchThread`): the CUDA API's time in each launch (graph replay,
+        copies) then overlaps the engine's Python instead of adding to it. Off by default:
+        not yet measured on a GPU; on the CPU it changes no output (tests).
     """
 
     model: str | None = None
@@ -81,6 +85,7 @@ class EngineConfig:
     model_overrides: dict | None = None
     enable_mixed_batches: bool = False
     overlap_scheduling: bool = True
+    launch_thread: bool = False
     tokenizer: str | None = None
 
     def __post_init__(self):

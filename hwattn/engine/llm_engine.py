@@ -34,7 +34,7 @@ import torch
 from hwattn.data.tokenizer import IncrementalDetokenizer
 from hwattn.engine.block_manager import BlockManager
 from hwattn.engine.config import EngineConfig
-from hwattn.engine.model_runner import PendingTokens, Sampled, StepInput
+from hwattn.engine.model_runner import LaunchThread, PendingTokens, Sampled, StepInput
 from hwattn.engine.requests import (check_request_ids, check_requests, checked_params,
                                     sibling_seed, validate_prompt)
 from hwattn.engine.sampler import SamplingInput, describe_error
@@ -101,8 +101,11 @@ class LLMEngine:
                              finished=0, aborted=0, failed=0)
         self._failed: list[Sequence] = []  # requests failed alone during the current step
         self.step_timer = StepTimer()  # host seconds per phase of each step
-        if hasattr(runner, "step_timer"):  # a local runner times the parts of its launches
-            runner.step_timer = self.step_timer
+        # Overlapped launches made from a thread of their own (`LaunchThread`): their parts
+        # are then not timed (the thread's time falls across the engine's steps).
+        self.launcher = LaunchThread(runner) if self.overlap and config.launch_thread else None
+        if hasattr(runner, "step_timer") and self.launcher is None:
+            runner.step_timer = self.step_timer  # a local runner times its launches' parts
 
     # Requests.
     def add_request(self, prompt: str | list[int] | torch.Tensor,
@@ -333,8 +336,11 @@ class LLMEngine:
                 for s, n in prefills]
         deferred = self.overlap and not self._needs_host(batch.seqs)
         if deferred:
-            tokens = self.runner.launch_step(step, sampling)
+            tokens = self.launcher.submit(step, sampling) if self.launcher is not None \
+                else self.runner.launch_step(step, sampling)
         else:
+            if self.launcher is not None:
+                self.launcher.drain()
             results = self.runner.sample_step(step, sampling)
             for j, (seq, _) in enumerate(prefills):  # before num_cached moves past the chunk
                 if len(decodes) + j in results.prompt_logprobs:
@@ -566,5 +572,7 @@ class LLMEngine:
             self.runner.check()
 
     def shutdown(self) -> None:
+        if self.launcher is not None:
+            self.launcher.shutdown()
         if hasattr(self.runner, "shutdown"):
             self.runner.shutdown()

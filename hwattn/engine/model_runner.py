@@ -21,6 +21,7 @@ import gc
 import itertools
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -99,17 +100,59 @@ class StepResults(list):
 class PendingTokens:
     """Tokens sampled by a launched step, on their way to the host: `result()` waits for
     them (the step's one synchronisation) and returns one int per sampled row, or a row's
-    error (a str) where sampling it failed."""
+    error (a str) where sampling it failed. `launch`: the future of a launch made by a
+    `LaunchThread` (its `PendingTokens`), waited for first."""
 
-    def __init__(self, host: Tensor | None = None, event=None, rows: list | None = None):
-        self._host, self._event, self._rows = host, event, rows
+    def __init__(self, host: Tensor | None = None, event=None, rows: list | None = None,
+                 launch: Future | None = None):
+        self._host, self._event, self._rows, self._launch = host, event, rows, launch
 
     def result(self) -> list[int | str]:
+        if self._launch is not None:
+            launched, self._launch = self._launch.result(), None  # re-raises a failed launch
+            self._host, self._event, self._rows = launched._host, launched._event, launched._rows
         if self._rows is None:
             if self._event is not None:
                 self._event.synchronize()
             self._rows = self._host.tolist()
         return self._rows
+
+
+class LaunchThread:
+    """Makes a runner's `launch_step` calls from one thread of their own, in the order they
+    are submitted, so that the CUDA API's time in each launch (the graph's replay, the input
+    copies: calls that release the GIL) overlaps the engine's Python for other steps (reading
+    tokens back, outputs, scheduling) instead of adding to it.
+
+    Every other use of the runner must come after `drain()`. A launch that raises re-raises
+    from its `PendingTokens.result()` (or from `drain`). The thread launches on the stream
+    that was current where the step was submitted.
+    """
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwattn-launch")
+        self._last: Future | None = None
+
+    def submit(self, step: StepInput, sampling: SamplingInput | None) -> PendingTokens:
+        cuda = self.runner.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.runner.device) if cuda else None
+
+        def launch() -> PendingTokens:
+            with torch.cuda.stream(stream) if cuda else nullcontext():
+                return self.runner.launch_step(step, sampling)
+
+        self._last = self._pool.submit(launch)
+        return PendingTokens(launch=self._last)
+
+    def drain(self) -> None:
+        """Return once every submitted launch has been made (queued on the device)."""
+        if self._last is not None:
+            last, self._last = self._last, None
+            last.result()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def freeze_heap() -> None:

@@ -31,6 +31,8 @@ def test_engine_roofline_tiny_decode(tmp_path):
         assert set(phases) >= {"schedule", "launch", "wait", "resolve", "output", "gc", "host"}
         assert 0 < phases["host"] <= r["engine_step_s"] * 1e6 * 1.05
     assert "Host per engine decode step" in table
+    assert all(r["threaded"]["engine_step_s"] > 0 for r in compiled)
+    assert "launches made from a thread of their own" in table
     assert doc["skinny_gemm"] is False and "`F.linear`" in table  # the CPU has no skinny kernel
 
 

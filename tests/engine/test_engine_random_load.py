@@ -1,6 +1,7 @@
 """The engine under a random load: requests of random lengths and settings arrive between
 steps, some are aborted at random moments, the page pool is tight enough to preempt, and
-prefix caching, overlapped scheduling and mixed steps are on or off.
+prefix caching, overlapped scheduling (its launches made from a thread or not), mixed steps
+and the captured-graph decode path are on or off.
 
 Bad requests arrive too and must be refused whole. After every step the pages must add up (`check_invariants`); at the end every request must
 have finished exactly once (aborted ones with "abort") and the pool must be empty; and every
@@ -34,18 +35,21 @@ def random_request(rng: random.Random, shared_prefix: list[int]) -> tuple[list[i
     return prompt, params
 
 
-@pytest.mark.parametrize("seed, overlap, mixed, speculative, graphs", [
-    (0, True, False, None, False), (1, False, False, None, False), (2, True, True, None, False),
-    (3, False, True, None, False), (4, False, False, "ngram", False),
-    (5, True, False, None, True), (6, False, False, "ngram", True)])
+@pytest.mark.parametrize("seed, overlap, mixed, speculative, graphs, thread", [
+    (0, True, False, None, False, False), (1, False, False, None, False, False),
+    (2, True, True, None, False, False), (3, False, True, None, False, False),
+    (4, False, False, "ngram", False, False), (5, True, False, None, True, False),
+    (6, False, False, "ngram", True, False), (7, True, False, None, True, True),
+    (8, True, True, None, False, True)])
 def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overlap, mixed,
-                                                       speculative, graphs):
+                                                       speculative, graphs, thread):
     rng = random.Random(seed)
     path = checkpoints("gqa-2")
     spec = dict(speculative=speculative, num_speculative_tokens=3) if speculative else {}
     tight = LLM(path, page_size=4, num_pages=40, max_num_seqs=6, max_num_batched_tokens=24,
                 max_model_len=128, overlap_scheduling=overlap, enable_mixed_batches=mixed,
-                enable_prefix_caching=True, **spec)
+                enable_prefix_caching=True, launch_thread=thread, **spec)
+    assert (tight.engine.launcher is not None) == thread
     engine = tight.engine
     if graphs:  # the captured-graph decode path, its capture re-run on the CPU
         from tests.engine.test_graph_replay import with_replay
@@ -95,6 +99,7 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
         engine.check_invariants()
     assert not engine.has_unfinished()
     assert engine.block_manager.num_used_pages == 0
+    engine.shutdown()
     assert set(finals) | aborted == set(requests) and not set(finals) & aborted
     assert engine.stats()["preemptions"] > 0 and engine.stats()["prefix_hit_pages"] > 0
     if graphs:
