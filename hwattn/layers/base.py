@@ -107,7 +107,9 @@ class AttentionMetadata:
         op (reading the lengths back once, for the step's plan, unless `plan` is given)."""
         meta = cls(block_table, cache_seqlens, slot_mapping=torch.empty(0), is_prefill=is_prefill,
                    **kwargs)
-        meta.slot_mapping = cls.slots(block_table, meta.positions(query_len), page_size)
+        # Computed once for the step: the slots and every later `positions` call read them.
+        meta.token_positions = meta.positions(query_len)
+        meta.slot_mapping = cls.slots(block_table, meta.token_positions, page_size)
         if is_prefill:
             batch = block_table.shape[0]
             cu = torch.arange(batch + 1, dtype=torch.int32) * query_len
