@@ -14,7 +14,8 @@ minus this one's is what replaying the graph costs the host.
     python3 benchmarks/engine_host.py --batch 64 --context 1024 --steps 200
     python3 benchmarks/engine_host.py --profile tottime      # cProfile of the decode steps
 
-Prints the median µs per phase of `LLMEngine.step` (`hwattn/engine/step_timer.py`) and the
+Prints the median µs per phase of `LLMEngine.step` (`hwattn/engine/step_timer.py`), the
+host-to-device copies the runner makes per step (uploads and plan refreshes, counted) and the
 wall time per step, and writes them as one JSON line to `--out` if given.
 """
 
@@ -28,6 +29,7 @@ import platform
 import pstats
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
@@ -56,6 +58,28 @@ class PlanningBackend(TorchBackend):
              out=None):
         return plan_decode(cache_seqlens, num_heads_kv=num_heads_kv, query_len=query_len,
                            page_size=page_size, out=out)
+
+
+def count_copies(runner) -> Counter:
+    """Count the runner's host-to-device copies from here on: each upload, and each refreshed
+    plan (one copy when its tensors share a buffer, else two). On the CPU a step's token ids
+    are already "on the device" and their copy is not counted; on a GPU it is one more."""
+    copies: Counter = Counter()
+    for name in ("_upload", "_upload_into"):
+        if hasattr(runner, name):
+            def counted(*args, _fn=getattr(runner, name), **kwargs):
+                copies["copies"] += 1
+                return _fn(*args, **kwargs)
+            setattr(runner, name, counted)
+    plan = runner.plan
+
+    def planned(seqlens, query_len, out=None):
+        if out is not None:
+            copies["copies"] += 1 if getattr(out, "packed", None) is not None else 2
+        return plan(seqlens, query_len, out=out)
+
+    runner.plan = planned
+    return copies
 
 
 def stub_record(forward):
@@ -126,6 +150,7 @@ def measure(args) -> dict:
     while engine.counters["decode_steps"] < 2:  # the prompts, then decoding under way
         engine.step()
     engine.step_timer.steps.clear()
+    copies = count_copies(engine.runner)
     profile = cProfile.Profile() if args.profile else None
     steps, start = 0, time.perf_counter()
     if profile:
@@ -146,6 +171,7 @@ def measure(args) -> dict:
                 temperature=args.temperature, output_kind=args.output_kind,
                 profiled=bool(profile),
                 step_us=round(wall / steps * 1e6, 1), phases_us=phases,
+                copies_per_step=round(copies["copies"] / steps, 2),
                 machine=platform.processor() or platform.machine(),
                 python=platform.python_version(), torch=torch.__version__)
 
@@ -154,6 +180,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     res = measure(args)
     print(" ".join(f"{k} {v:.0f}" for k, v in res["phases_us"].items()))
+    print(f"host-to-device copies per step: {res['copies_per_step']:.2f}")
     print(f"step {res['step_us']:.0f} µs over {res['steps']} steps "
           f"(B={args.batch}, L≈{args.context}, {args.variant}, host work only)")
     if args.out:
