@@ -18,9 +18,10 @@ and after k acceptances a bonus token is drawn from p. The output is distributed
 by drawing, at each of the k + 1 positions, the very token `sample` draws there without
 speculation (same seed, position and stream), and accepting the drafts that match. A draft d
 is then accepted with probability p(d) and a rejection emits p's draw given that it is not d:
-`rejection_sample`'s law for one-hot q. But the tokens are also those of decoding without
-speculation, so a seeded request gets the same tokens whether its steps verify drafts or not,
-which depends on what shares its batch (a penalised batch mate makes a step plain).
+`rejection_sample`'s law for one-hot q. The tokens are also those of decoding without
+speculation. A seeded request therefore gets the same tokens whether or not its steps verify
+drafts, and whether they do can depend on its batch mates (a penalised one makes the step
+plain).
 """
 
 from __future__ import annotations
