@@ -56,8 +56,11 @@ class PlanningBackend(TorchBackend):
 
     def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None,
              out=None):
-        return plan_decode(cache_seqlens, num_heads_kv=num_heads_kv, query_len=query_len,
+        plan = plan_decode(cache_seqlens, num_heads_kv=num_heads_kv, query_len=query_len,
                            page_size=page_size, out=out)
+        if out is not None:
+            return plan
+        return plan.to(device if device is not None else cache_seqlens.device)
 
 
 def count_copies(runner) -> Counter:
