@@ -25,10 +25,10 @@ import triton
 from torch import Tensor
 
 from hwattn.ops.kernels.skinny_gemm import skinny_gemm_kernel
-from hwattn.ops.plan import _device_sms
+from hwattn.ops.plan import device_sms
 from hwattn.ops.reference import skinny_linear_reference
 # Importing triton_decode also applies kernels/interpreter.py's fixes under TRITON_INTERPRET=1.
-from hwattn.ops.triton_decode import KERNEL_DTYPES
+from hwattn.ops.triton_decode import KERNEL_DTYPES, check_tile, pad_width
 
 __all__ = ["MAX_ROWS", "SkinnyConfig", "block_rows", "choose_config", "skinny_linear",
            "skinny_linear_reference", "split_layout"]
@@ -59,16 +59,9 @@ class SkinnyConfig:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_n", "block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        check_tile(self, ("block_n", "block_k"))
         if self.split_k < 1:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
     def label(self) -> str:
         """Short name for tables, e.g. "n64 k128 s4 w4 p3"."""
@@ -78,7 +71,7 @@ class SkinnyConfig:
 
 def block_rows(m: int) -> int:
     """BLOCK_M for m rows: the next power of two, at least 16 (the tensor-core minimum)."""
-    return max(16, triton.next_power_of_2(m))
+    return pad_width(m)
 
 
 def split_layout(k: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -209,7 +202,7 @@ def skinny_linear(x: Tensor, weight: Tensor, config: SkinnyConfig | None = None,
     if k == 0:
         return out.zero_()
     elem = x.element_size()
-    config = config or choose_config(m, n, k, _device_sms(x.device), elem_size=elem)
+    config = config or choose_config(m, n, k, device_sms(x.device), elem_size=elem)
     bm = block_rows(m)
     k_per_split, split = split_layout(k, config.block_k, config.split_k)
     n_blocks = triton.cdiv(n, config.block_n)

@@ -60,8 +60,22 @@ if interpreting():
 
 
 def pad_width(width: int) -> int:
-    """A head width padded to the power of two (at least 16) a kernel tile holds."""
+    """A width (head width, row count) padded to the power of two, at least 16, that a
+    kernel tile holds."""
     return max(16, triton.next_power_of_2(width))
+
+
+def check_tile(config, blocks: tuple[str, ...]) -> None:
+    """Raise ValueError naming the field unless each of `config`'s `blocks` fields is a power
+    of two >= 16, its num_warps one Triton launches with, and its num_stages >= 1."""
+    for name in blocks:
+        value = getattr(config, name)
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    if config.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {config.num_warps}")
+    if config.num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {config.num_stages}")
 
 
 def choose_config(d_pad: int, query_len: int, group: int, tied: bool) -> KernelConfig:

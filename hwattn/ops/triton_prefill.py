@@ -20,7 +20,8 @@ from torch import Tensor
 
 from hwattn.ops.kernels.prefill import prefill_kernel
 from hwattn.ops.plan import PrefillPlan
-from hwattn.ops.triton_decode import LOG2E, check_kernel_dtypes, interpreting, pad_width
+from hwattn.ops.triton_decode import (LOG2E, check_kernel_dtypes, check_tile, interpreting,
+                                     pad_width)
 
 __all__ = ["PrefillConfig", "choose_prefill_config", "prefill", "prefill_layout", "prefill_tied"]
 
@@ -40,14 +41,7 @@ class PrefillConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_m", "block_n"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        check_tile(self, ("block_m", "block_n"))
 
 
 # Tile shapes measured fastest on one H200 for a 2048-token chunk over a 6144-token cached

@@ -196,3 +196,20 @@ def test_split_k_in_a_cuda_graph():
         x.copy_(torch.randn_like(x))
         graph.replay()
         _assert_matches(y, x, w, "graph replay")
+
+
+def test_tile_configs_name_the_bad_field():
+    """The skinny GEMM's and the prefill kernel's tile shapes share one check
+    (`triton_decode.check_tile`), which names the field it refuses."""
+    from hwattn.ops.triton_prefill import PrefillConfig
+
+    sk = _kernel()
+    for make, block in ((sk.SkinnyConfig, "block_k"), (PrefillConfig, "block_m")):
+        with pytest.raises(ValueError, match=f"{block} must be a power of two >= 16, got 48"):
+            make(**{block: 48})
+        with pytest.raises(ValueError, match="num_warps must be 1, 2, 4, 8 or 16, got 3"):
+            make(num_warps=3)
+        with pytest.raises(ValueError, match="num_stages must be >= 1, got 0"):
+            make(num_stages=0)
+    with pytest.raises(ValueError, match="split_k must be >= 1"):
+        sk.SkinnyConfig(split_k=0)
