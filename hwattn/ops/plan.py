@@ -119,8 +119,9 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     counts = -(-lengths // size)  # pieces actually cut: [0, n) in steps of `size`
     first = np.cumsum(counts) - counts
     total = int(counts.sum())
-    if total > capacity:
-        raise ValueError(f"{total} pieces do not fit a plan of {capacity} items")
+    if total > capacity:  # only a refreshed plan can be too small: a fresh one is sized here
+        raise ValueError(f"out: a plan for B={len(lengths)} with {capacity} items cannot hold "
+                         f"this step's {total} pieces")
     batch = len(lengths)
     packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
     items = packed[:3 * capacity].reshape(capacity, 3)
@@ -135,7 +136,8 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     return packed, int(counts.max())
 
 
-def _device_sms(device: torch.device) -> int:
+def device_sms(device: torch.device) -> int:
+    """Multiprocessors of `device`: the GPU's count, or an H100's (132) on the CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # an H100's count, so CPU plans (tests, interpreter) look like GPU ones
@@ -184,7 +186,7 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     if lengths.min() < query_len:
         raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new tokens "
                          f"are counted), got min {lengths.min()}")
-    sms = num_sms if num_sms is not None else _device_sms(cache_seqlens.device)
+    sms = num_sms if num_sms is not None else device_sms(cache_seqlens.device)
     per_item = num_heads_kv * head_blocks
 
     if split_tokens is not None:
@@ -204,13 +206,7 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
         if out.batch != batch:
             raise ValueError(f"out: a plan for B={out.batch} cannot hold B={batch}")
         capacity = out.capacity
-    try:
-        packed, max_pieces = _schedule(lengths, n_pieces, capacity)
-    except ValueError as err:
-        if out is None:
-            raise
-        raise ValueError(f"out: a plan for B={out.batch} with {out.capacity} items cannot hold "
-                         f"this step's: {err}") from None
+    packed, max_pieces = _schedule(lengths, n_pieces, capacity)
     packed = torch.from_numpy(packed)
     max_seqlen = int(lengths.max())
     if out is None:
