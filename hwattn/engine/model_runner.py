@@ -108,9 +108,8 @@ class PendingTokens:
         self._host, self._event, self._rows, self._launch = host, event, rows, launch
 
     def result(self) -> list[int | str]:
-        if self._launch is not None:
-            launched, self._launch = self._launch.result(), None  # re-raises a failed launch
-            self._host, self._event, self._rows = launched._host, launched._event, launched._rows
+        if self._launch is not None:  # the launch's own tokens (re-raises a failed launch)
+            return self._launch.result().result()
         if self._rows is None:
             if self._event is not None:
                 self._event.synchronize()
