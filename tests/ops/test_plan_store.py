@@ -251,3 +251,12 @@ def test_layer_decode_on_triton_matches_torch(attention):
         outs = [layer.decode(last, cache, AttentionMetadata(table, lens, slots, backend=b))
                 for b in ("torch", "triton")]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_refresh_that_does_not_fit_its_plan_says_so():
+    small = ops.plan_decode(torch.tensor([128], dtype=torch.int32), num_heads_kv=1,
+                            split_tokens=64)  # two pieces: capacity 2
+    with pytest.raises(ValueError, match="out: a plan for B=1 with 2 items cannot hold this "
+                                         "step's 4 pieces"):
+        ops.plan_decode(torch.tensor([256], dtype=torch.int32), num_heads_kv=1,
+                        split_tokens=64, out=small)
