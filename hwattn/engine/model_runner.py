@@ -366,10 +366,7 @@ class ModelRunner:
             logits = logits[:, -1]  # (B, V)
         try:
             with self._part("sampling"):
-                if sampling.argmax_only:  # what `sample` computes, without uploading settings
-                    tokens = logits.argmax(-1)  # (n,) int64
-                else:
-                    tokens = sample(logits, self._device_sampling(sampling))
+                tokens = self._sample(logits, sampling)  # (n,) int64
         except Exception:  # noqa: BLE001 - row by row, as sample_step does
             rows = self._sample_rows(logits, sampling)
             self.last_sampled = self._upload(torch.tensor(
@@ -404,21 +401,27 @@ class ModelRunner:
             logits = logits[:, -1]  # (B, V)
         return StepResults(self._sample_rows(logits, sampling), prompt)
 
+    def _sample(self, logits: Tensor, sampling: SamplingInput) -> Tensor:
+        """(n, V) logits -> (n,) int64 tokens: `sample` with the settings on this device, or
+        the argmax at once when every row takes it (no setting needs uploading then)."""
+        if sampling.argmax_only:
+            return logits.argmax(-1)
+        return sample(logits, self._device_sampling(sampling))
+
     def _sample_rows(self, logits: Tensor, sampling: SamplingInput) -> list[int | str]:
         def run(rows):
             every = len(rows) == len(sampling)
             settings = sampling if every else sampling.select(rows)
             rows_logits = logits if every else logits[rows]
-            st = settings.tensors(self.device)
-            tokens = sample(rows_logits, st)
-            if not any(k >= 0 for k in st.logprobs):
+            tokens = self._sample(rows_logits, settings)
+            if not any(k >= 0 for k in settings.logprobs):
                 return tokens.tolist()
-            want = [j for j, k in enumerate(st.logprobs) if k >= 0]
+            want = [j for j, k in enumerate(settings.logprobs) if k >= 0]
             lp, rank, ids, values = top_logprobs(rows_logits[want], tokens[want],
-                                                 max(st.logprobs[j] for j in want))
+                                                 max(settings.logprobs[j] for j in want))
             out: list = tokens.tolist()
             for n, j in enumerate(want):
-                k = st.logprobs[j]
+                k = settings.logprobs[j]
                 out[j] = Sampled(out[j], (lp[n].item(), rank[n].item(), ids[n, :k].tolist(),
                                           values[n, :k].tolist()))
             return out
