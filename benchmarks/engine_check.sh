@@ -15,7 +15,10 @@
 #   7. host: benchmarks/engine_host.py, the engine's host work per decode step without the
 #      graph launch, on this machine's CPU (L 1K) and with real uploads to the GPU (L 1K, 8K), B 64;
 #      beside `engine`'s launch phase it says what the graph replay costs the host.
-#   run: bash benchmarks/engine_check.sh [tests|decode|prefill|engine|skinny|pps|host ...]
+#   8. enginetests: the engine's own GPU tests (staged inputs, real CUDA graphs against eager).
+#   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
+#   eager,compiled) from the environment.
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -26,15 +29,21 @@ for step in $steps; do
   echo "== $step" | tee -a "$OUT/log"
   case $step in
     tests)
-      HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -x -n 8 \
-        -p no:cacheprovider tests/ops 2>&1 | tail -15 | tee -a "$OUT/log" ;;
+      HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 240 python3 -m pytest -q -x -n 8 \
+        -p no:cacheprovider tests/ops tests/engine/test_staging.py 2>&1 | tail -15 | tee -a "$OUT/log" ;;
     decode)
       timeout 90 python3 -m hwattn bench decode --variants gqa-4 --heads 16 --batch 64 \
         --context 1024,8192 --programs-per-sm 1,2,4 --no-sdpa --warmup-ms 10 --rep-ms 60 \
         --out "$OUT/decode_pps.json" 2>&1 | grep -v "^row " | tee -a "$OUT/log" ;;
     engine)
       timeout 560 python3 benchmarks/engine_roofline.py --parts decode \
-        --variants gqa-4,gta-4,gla-2,mla --out "$OUT" 2>&1 | tail -40 | tee -a "$OUT/log" ;;
+        --variants "${ENGINE_VARIANTS:-gqa-4,gta-4,gla-2,mla}" \
+        --decode-modes "${ENGINE_MODES:-eager,compiled}" --out "$OUT" 2>&1 | tail -40 | tee -a "$OUT/log" ;;
+    enginetests)
+      # (test_graph_replay's other tests replace the capture; on a GPU they only cost time)
+      HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 300 python3 -m pytest -q -x -p no:cacheprovider \
+        tests/engine/test_staging.py \
+        tests/engine/test_graph_replay.py::test_captured_decode_on_the_gpu_matches_eager 2>&1 | tail -5 | tee -a "$OUT/log" ;;
     prefill)
       mkdir -p "$OUT/prefill"
       timeout 300 python3 benchmarks/engine_roofline.py --parts prefill \
@@ -61,6 +70,6 @@ for step in $steps; do
         timeout 90 python3 benchmarks/engine_host.py --device $1 --context $2 --steps 200 \
           --out "$OUT/engine_host.jsonl" 2>&1 | tail -2 | tee -a "$OUT/log"
       done ;;
-    *) echo "unknown step $step (tests, decode, engine, prefill, skinny, pps, host)" | tee -a "$OUT/log"; exit 2 ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

@@ -63,11 +63,19 @@ class PlanningBackend(TorchBackend):
         return plan.to(device if device is not None else cache_seqlens.device)
 
 
+PREFILL_TOKENS = 32768  # prompt tokens per prefill step, at most (whole prompts)
+
+
 def count_copies(runner) -> Counter:
-    """Count the runner's host-to-device copies from here on: each upload, and each refreshed
-    plan (one copy when its tensors share a buffer, else two). On the CPU a step's token ids
-    are already "on the device" and their copy is not counted; on a GPU it is one more."""
+    """Count the runner's host-to-device copies from here on: each upload, each staged copy
+    of a captured step's inputs (`hwattn.engine.staging.StagedInputs`), and each refreshed
+    plan (one copy when its tensors share a buffer, else two)."""
     copies: Counter = Counter()
+    for stage in getattr(runner, "stages", {}).values():
+        def staged(*args, _fn=stage.upload, **kwargs):
+            copies["copies"] += 1
+            return _fn(*args, **kwargs)
+        stage.upload = staged
     for name in ("_upload", "_upload_into"):
         if hasattr(runner, name):
             def counted(*args, _fn=getattr(runner, name), **kwargs):
@@ -134,8 +142,11 @@ def build_engine(args) -> LLMEngine:
     if not runner.cuda_graphs:
         raise RuntimeError(f"stub capture failed: {runner.graph_error}")
     prompt_len = args.context - args.steps // 2
+    # Prompts are prefilled a few at a time: one step of 64 prompts of 8K tokens would ask
+    # the dense prefill for more memory than an H200 has.
+    per_step = max(1, min(args.batch, PREFILL_TOKENS // prompt_len))
     config = EngineConfig(page_size=args.page_size, max_num_seqs=args.batch,
-                          max_num_batched_tokens=args.batch * prompt_len, max_model_len=max_len,
+                          max_num_batched_tokens=per_step * prompt_len, max_model_len=max_len,
                           enable_prefix_caching=False)
     return LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config, config,
                      num_pages)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
+from hwattn.engine.staging import PinnedRing, StagedInputs
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
@@ -104,8 +105,9 @@ class PendingTokens:
     `LaunchThread` (its `PendingTokens`), waited for first."""
 
     def __init__(self, host: Tensor | None = None, event=None, rows: list | None = None,
-                 launch: Future | None = None):
+                 launch: Future | None = None, release=None):
         self._host, self._event, self._rows, self._launch = host, event, rows, launch
+        self._release = release  # called once the host buffer is read (a `PinnedRing` slot)
 
     def result(self) -> list[int | str]:
         if self._launch is not None:  # the launch's own tokens (re-raises a failed launch)
@@ -114,6 +116,9 @@ class PendingTokens:
             if self._event is not None:
                 self._event.synchronize()
             self._rows = self._host.tolist()
+            if self._release is not None:
+                self._release()
+                self._host = self._release = None
         return self._rows
 
 
@@ -174,8 +179,15 @@ class HostBlockTable:
     every row, so the array always equals the table built from scratch.
     """
 
-    def __init__(self, rows: int, width: int):
-        self.array = np.full((rows, width), NULL_PAGE, dtype=np.int32)
+    def __init__(self, rows: int, width: int, array: np.ndarray | None = None):
+        """array: (rows, width) int32 to keep the table in (a `StagedInputs` host slot), by
+        default one of its own."""
+        if array is None:
+            array = np.empty((rows, width), dtype=np.int32)
+        elif array.shape != (rows, width) or array.dtype != np.int32:
+            raise ValueError(f"array must be ({rows}, {width}) int32, got {array.shape} {array.dtype}")
+        array[:] = NULL_PAGE
+        self.array = array
         self._held: list[list[int]] = [[] for _ in range(rows)]  # each row's pages
 
     def update(self, tables: list[list[int]], rows: int) -> np.ndarray:
@@ -246,6 +258,9 @@ class ModelRunner:
         # The engine's `StepTimer`, when one is attached: decode launches time their parts
         # on it (`hwattn.engine.step_timer.LAUNCH_PARTS`).
         self.step_timer = None
+        # Pinned buffers the launched steps' tokens come back through (`launch_step`).
+        self._out_ring = (PinnedRing(max_num_seqs * max(graph_query_lens))
+                          if self.device.type == "cuda" else None)
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 
@@ -376,11 +391,16 @@ class ModelRunner:
         if self.device.type != "cuda":
             return PendingTokens(host=tokens)
         with self._part("copy_out"):
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            taken = self._out_ring.take(tokens.numel(), tokens.dtype)
+            if taken is None:  # every ring buffer still held (or too small): a fresh one
+                host, event, release = (torch.empty(tokens.shape, dtype=tokens.dtype,
+                                                    pin_memory=True), torch.cuda.Event(), None)
+            else:
+                host, event, slot = taken
+                host, release = host.view(tokens.shape), (lambda: self._out_ring.release(slot))
             host.copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
             event.record()
-        return PendingTokens(host=host, event=event)
+        return PendingTokens(host=host, event=event, release=release)
 
     @torch.inference_mode()
     def sample_step(self, step: StepInput, sampling: SamplingInput | None) -> StepResults:
@@ -509,15 +529,17 @@ class ModelRunner:
     def _decode(self, step: StepInput) -> Tensor:
         with self._part("inputs"):
             if isinstance(step.tokens, Tensor):  # already on the device (draft model steps)
-                tokens = step.tokens
+                batch, t = step.tokens.shape
             else:
                 if len({len(x) for x in step.tokens}) != 1:
                     raise ValueError("decode rows must all feed the same number of tokens")
-                tokens = torch.tensor(step.tokens, dtype=torch.int64)
-            batch, t = tokens.shape
-            seqlens = torch.tensor([n + t for n in step.num_cached], dtype=torch.int32)
+                batch, t = len(step.tokens), len(step.tokens[0])
             graph = self._graph_for(batch, t, step)
-            if graph is None:  # (a graph's static inputs take the tokens in `_replay`)
+            if graph is None:  # (a graph's static inputs take the step in `_replay`)
+                tokens = step.tokens
+                if not isinstance(tokens, Tensor):
+                    tokens = torch.tensor(tokens, dtype=torch.int64)
+                seqlens = torch.tensor([n + t for n in step.num_cached], dtype=torch.int32)
                 if tokens.device != self.device:
                     tokens = self._upload(tokens)
                 if step.feeds:
@@ -531,8 +553,7 @@ class ModelRunner:
                         self._upload(skip.flatten()), -1)
                 meta.plan = self.plan(seqlens, t)
         if graph is not None:
-            return self._replay(graph, batch, t, tokens, seqlens, step.block_tables,
-                                step.feed if step.feeds else None)
+            return self._replay(graph, batch, t, step)
         with self._part("forward"):
             return self.forward(tokens, meta, blocks=self.decode_blocks)
 
@@ -549,6 +570,12 @@ class ModelRunner:
         """`_feed` in place: `tokens` (contiguous, on the device) gets the fed tokens."""
         if self.last_sampled is None:
             raise RuntimeError("a step feeds on the previous step's tokens, but none were sampled")
+        n = len(feed)
+        if last is None and feed == list(range(n)) and len(self.last_sampled) >= n:
+            # Every row takes the token sampled for it in the row it held last step (a
+            # steady decode batch): one device copy, no index to upload.
+            tokens[:, -1].copy_(self.last_sampled[:n])
+            return
         rows = [i for i, f in enumerate(feed) if f >= 0]
         t = tokens.shape[1]
         ends = [last[i] if last is not None else i * t + t - 1 for i in rows]
@@ -571,16 +598,24 @@ class ModelRunner:
         width = pages_for(self.max_model_len, self.page_size)
         big = self.buckets[-1]
         self.static = {}
-        self.host_tables: dict[int, HostBlockTable] = {}
+        self.stages: dict[int, StagedInputs] = {}
+        # Per query length, one host block table per staging slot, each kept in its slot.
+        self.host_tables: dict[int, list[HostBlockTable]] = {}
         self.plans = {}
         self._pool = None
         try:
             for t in query_lens:
-                ids = torch.zeros(big, t, dtype=torch.int64, device=self.device)
-                table = torch.full((big, width), NULL_PAGE, dtype=torch.int32, device=self.device)
-                lens = torch.full((big,), t, dtype=torch.int32, device=self.device)
+                # In upload order: a step of a bucket of `size` rows sends ids and lengths
+                # whole, then the table's first `size` rows, in one copy.
+                stage = StagedInputs({"ids": ((big, t), torch.int64), "lens": ((big,), torch.int32),
+                                      "table": ((big, width), torch.int32)}, self.device)
+                ids, lens, table = (stage.device[k] for k in ("ids", "lens", "table"))
+                table.fill_(NULL_PAGE)
+                lens.fill_(t)
                 self.static[t] = (ids, table, lens)
-                self.host_tables[t] = HostBlockTable(big, width)
+                self.stages[t] = stage
+                self.host_tables[t] = [HostBlockTable(big, width, array=slot["table"])
+                                       for slot in stage.slots]
                 for size in reversed(self.buckets):
                     self.graphs[(size, t)] = self._record(
                         lambda size=size, t=t: self._static_forward(size, t))
@@ -622,28 +657,32 @@ class ModelRunner:
         meta.plan = self.plans[(size, t)]
         return self.forward(ids[:size], meta, blocks=self.decode_blocks)
 
-    def _replay(self, size: int, batch: int, t: int, tokens: Tensor, seqlens: Tensor,
-                tables: list[list[int]], feed: list[int] | None = None) -> Tensor:
-        """Refresh the static inputs of the (size, t) graph in place and replay it. tokens:
-        (batch, t) on the host or the device; feed: `StepInput.feed` when rows take their last
-        token from the previous step's sampled ones."""
-        ids, table, lens = self.static[t]
+    def _replay(self, size: int, batch: int, t: int, step: StepInput) -> Tensor:
+        """Refresh the static inputs of the (size, t) graph in place and replay it: the step's
+        tokens (host lists, or a (batch, t) device tensor), lengths and block tables reach the
+        device in one copy from a pinned staging slot, then fed tokens are written in place."""
+        ids, _, _ = self.static[t]
+        stage = self.stages[t]
         replay, out = self.graphs[(size, t)]
         with self._part("inputs"):
-            pad = size - batch
-            if tokens.device == self.device:
-                ids[:batch].copy_(tokens)
-            else:
-                self._upload_into(ids[:batch], tokens)
-            if feed is not None:
-                self._feed_into(ids[:batch], feed)
-            ids[batch:size].zero_()
-            self._upload_into(table[:size], torch.from_numpy(
-                self.host_tables[t].update(tables, size)))
-            host_lens = torch.cat((seqlens, torch.full((pad,), t, dtype=torch.int32)))
-            self._upload_into(lens[:size], host_lens)
+            table = self.host_tables[t][stage.index]
+            host = stage.slot()
+            on_device = isinstance(step.tokens, Tensor)
+            if not on_device:
+                host["ids"][:batch] = step.tokens
+            host["ids"][batch:size] = 0
+            lens = host["lens"]
+            lens[:batch] = step.num_cached
+            lens[:batch] += t
+            lens[batch:size] = t
+            table.update(step.block_tables, size)
+            stage.upload(stage.end("table", size))
+            if on_device:
+                ids[:batch].copy_(step.tokens)
+            if step.feeds:
+                self._feed_into(ids[:batch], step.feed)
             if self.plans.get((size, t)) is not None:
-                self.plan(host_lens, t, out=self.plans[(size, t)])
+                self.plan(torch.from_numpy(lens[:size]), t, out=self.plans[(size, t)])
         with self._part("forward"):
             replay()
         return out[:batch]

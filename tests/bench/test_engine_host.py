@@ -26,9 +26,10 @@ def test_engine_host_times_every_phase_of_replayed_decode_steps(tmp_path):
     # The captured path ran (the plan refresh and the static inputs are its "inputs").
     assert phases["inputs"] > 0 and phases["launch"] >= phases["inputs"]
     assert 0 < phases["host"] <= res["step_us"] * 1.05
-    # Greedy steps on the CPU: block table, lengths and plan refresh, and the feed index of
-    # every step that takes its tokens from the previous one (before this count was 7).
-    assert 3.5 <= res["copies_per_step"] <= 4
+    # Greedy steps: the staged inputs (tokens, lengths, block table) in one copy and the
+    # plan refresh; a steady batch feeds its tokens without an index upload (this count was
+    # 7 on the CPU, 8 on a GPU, before the uploads were merged).
+    assert 1.9 <= res["copies_per_step"] <= 2
     assert "host work only" in done.stdout
 
 

@@ -5,6 +5,7 @@ the recorded forward."""
 import gc
 
 import pytest
+import torch
 
 from hwattn.engine import LLM, SamplingParams
 from hwattn.engine.model_runner import ModelRunner, decode_buckets
@@ -125,3 +126,21 @@ def test_host_block_table_equals_a_table_built_afresh():
         table.update([list(range(1, 14))], 1)
     with pytest.raises(ValueError, match="rows must lie"):
         table.update([[1]] * 3, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+@pytest.mark.parametrize("launch_thread", [False, True])
+def test_captured_decode_on_the_gpu_matches_eager(checkpoints, launch_thread):
+    """Real graphs, staged inputs, fed tokens and the pinned ring of sampled tokens: greedy
+    tokens equal those of the same engine decoding eagerly, as batch mates finish early."""
+    path = checkpoints("gqa-4")
+    prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(7)]
+    params = [SamplingParams(max_tokens=12 + 9 * i, temperature=0, ignore_eos=True)
+              for i in range(7)]
+    kw = dict(device="cuda", dtype="fp32", page_size=16, num_pages=160, max_model_len=256,
+              max_num_seqs=8)
+    want = [o.token_ids for o in LLM(path, cuda_graphs=False, **kw).generate(prompts, params)]
+    llm = LLM(path, launch_thread=launch_thread, **kw)
+    assert llm.engine.runner.cuda_graphs, llm.engine.runner.graph_error
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    llm.engine.check_invariants()

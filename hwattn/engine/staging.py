@@ -1,0 +1,123 @@
+"""Host-side buffers that let a captured decode step reach the device in one copy and return
+its tokens without allocating.
+
+A replayed CUDA graph reads its inputs (token ids, block table, lengths) from static device
+tensors. Uploading each from a fresh pinned tensor costs the host one pinned allocation (whose
+allocator polls the events of every pinned block still in flight) and one copy call per
+tensor, every step. `StagedInputs` lays the static tensors out in one device buffer, mirrors
+that layout in pinned host slots the engine writes with numpy, and sends a step's inputs in one
+copy. `PinnedRing` keeps a few pinned buffers for the sampled tokens on their way back.
+
+Both reuse host memory that a queued copy may still read, so each slot carries the CUDA event
+of its last copy and is only rewritten once that copy has run (`slot()` waits for it; with two
+slots and the engine's one step in flight, the wait is over before it starts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_ALIGN = 16  # bytes; every field starts on a multiple (int64 views need 8)
+
+
+class StagedInputs:
+    """Named device tensors carved out of one byte buffer, with `slots` host mirrors.
+
+    fields: name -> (shape, dtype), in layout order. `device[name]` is the device tensor;
+    `slot()` returns the next host mirror as numpy arrays, `upload(nbytes)` sends its first
+    `nbytes` bytes (see `end`) to the device buffer in one non-blocking copy.
+    """
+
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 device: torch.device, slots: int = 2):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.device_type = torch.device(device).type
+        self._offsets: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        offset = 0
+        for name, (shape, dtype) in fields.items():
+            offset = -(-offset // _ALIGN) * _ALIGN
+            self._offsets[name] = (offset, tuple(shape), dtype)
+            offset += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self.nbytes = offset
+        self._device_buffer = torch.zeros(offset, dtype=torch.uint8, device=device)
+        self.device = self._views(self._device_buffer)
+        pinned = self.device_type == "cuda"
+        self._host_buffers = [torch.zeros(offset, dtype=torch.uint8, pin_memory=pinned)
+                              for _ in range(slots)]
+        self._host = [{k: v.numpy() for k, v in self._views(b).items()}
+                      for b in self._host_buffers]
+        self._events: list = [None] * slots
+        self._next = 0
+
+    def _views(self, buffer: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for name, (offset, shape, dtype) in self._offsets.items():
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            out[name] = buffer[offset:offset + size].view(dtype).view(shape)
+        return out
+
+    @property
+    def slots(self) -> list[dict[str, np.ndarray]]:
+        """Every host mirror, in the order `slot()` hands them out."""
+        return self._host
+
+    @property
+    def index(self) -> int:
+        """Which of `slots` the next `slot()` returns."""
+        return self._next
+
+    def end(self, name: str, rows: int) -> int:
+        """Byte offset just past the first `rows` rows of field `name` (dimension 0)."""
+        offset, shape, dtype = self._offsets[name]
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        return offset + rows * row
+
+    def slot(self) -> dict[str, np.ndarray]:
+        """The next host mirror, once the copy that last read it has run."""
+        event = self._events[self._next]
+        if event is not None:
+            event.synchronize()
+        return self._host[self._next]
+
+    def upload(self, nbytes: int | None = None) -> None:
+        """Send the first `nbytes` (default all) of the slot `slot()` returned to the device
+        buffer, then move on to the next slot."""
+        nbytes = self.nbytes if nbytes is None else nbytes
+        i = self._next
+        src = self._host_buffers[i][:nbytes]
+        if self.device_type == "cuda":
+            self._device_buffer[:nbytes].copy_(src, non_blocking=True)
+            if self._events[i] is None:
+                self._events[i] = torch.cuda.Event()
+            self._events[i].record()
+        else:
+            self._device_buffer[:nbytes].copy_(src)
+        self._next = (i + 1) % len(self._host)
+
+
+class PinnedRing:
+    """A few pinned (capacity,) buffers that sampled tokens are copied back into, taken in
+    turn. `take(n, dtype)` returns (buffer view, slot) or None when the next buffer is still
+    held or too small (the caller allocates then); `release(slot)` frees it once read."""
+
+    def __init__(self, capacity: int, dtype: torch.dtype = torch.int64, slots: int = 4):
+        self.capacity = capacity
+        self.dtype = dtype
+        self._buffers = [torch.empty(capacity, dtype=dtype, pin_memory=True) for _ in range(slots)]
+        self._events = [torch.cuda.Event() for _ in range(slots)]
+        self._held = [False] * slots
+        self._next = 0
+
+    def take(self, n: int, dtype: torch.dtype):
+        i = self._next
+        if n > self.capacity or dtype != self.dtype or self._held[i]:
+            return None
+        self._held[i] = True
+        self._next = (i + 1) % len(self._buffers)
+        return self._buffers[i][:n], self._events[i], i
+
+    def release(self, slot: int) -> None:
+        self._held[slot] = False
