@@ -200,7 +200,7 @@ def decode_share(v: Variant, cfg: dict) -> dict:
     steady = [s["s"] for s in steps if s["launched"] and not s["prefill"] and s["running"] == b]
     step_s = statistics.median(steady) if steady else float("nan")
     probe = decode_breakdown(engine, b, lp + lo // 2)
-    forward = probe["forward_device_s"]
+    forward = probe["forward_queued_s"]  # the forward's device time with steps queued ahead
     return dict(batch=b, context=lp + lo // 2, step_s=step_s, steps=len(steady),
                 forward_s=forward, beyond_forward_share=max(0.0, 1 - forward / step_s),
                 cuda_graphs=probe.get("cuda_graphs"))

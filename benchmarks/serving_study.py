@@ -129,8 +129,9 @@ def study_variant(args, cfg, label, clock, share, notes, extra=None):
         f"{res.itl_s['median'] * 1e3:.2f} ms, TTFT median {res.ttft_s['median']:.2f} s")
     itl = res.itl_s["median"]
     out["overhead"] = dict(
-        itl_median_s=itl, forward_device_s=probe["forward_device_s"], attention_s=probe["attention_s"],
-        beyond_forward_share=max(0.0, 1 - probe["forward_device_s"] / itl),
+        itl_median_s=itl, forward_device_s=probe["forward_device_s"],
+        forward_queued_s=probe["forward_queued_s"], attention_s=probe["attention_s"],
+        beyond_forward_share=max(0.0, 1 - probe["forward_queued_s"] / itl),
         beyond_attention_share=max(0.0, 1 - probe["attention_s"] / itl))
     if extra is not None and clock.left > 30:
         out.update(extra(engine))

@@ -338,14 +338,20 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     step_wall_s: the engine's step as the host sees it (inputs prepared and uploaded, the
         captured graph replayed or the forward run eagerly, synchronised), median.
     forward_device_s: the forward on the device alone (the captured graph replayed with its
-        inputs in place; the eager forward where there is no graph), median of CUDA events.
+        inputs in place; the eager forward where there is no graph), median of CUDA events
+        around one call made with the device idle.
+    forward_queued_s: the same forward's device time per call with calls queued back to back
+        (`DeviceTimer.queued`): what the forward costs the device in a loop that launches
+        ahead, as the engine's overlapped scheduling does; the floor of its step.
+    launch_latency_s: forward_device_s - forward_queued_s, the device's wait for the start of
+        a forward launched onto an idle device (the graph launch's own latency).
     host_s: step_wall_s - forward_device_s, the time the device waits for the host.
     replay_call_s: with captured graphs, the host's time inside one `replay()` call made with
         the device idle (the CUDA API's cost of launching the step's graph, which grows with
         its kernel nodes), median; None without graphs.
     kernels (CUDA): `kernel_breakdown` of the same forward, from the profiler's trace; its
-        parts plus `launch_gaps_s` (forward_device_s minus the kernels' time: the device idle
-        between kernels) plus host_s make up the step.
+        parts plus `launch_gaps_s` (forward_queued_s minus the kernels' time: the device idle
+        between kernels) plus launch_latency_s plus host_s make up the step.
     attention_s: the paged attention kernels inside the step (CUDA: from the trace); on the
         CPU, the layers' decode-op calls timed alone (`attention_method` says which).
     floor: `decode_floor` at the peaks measured in this process (CUDA), and
@@ -368,6 +374,7 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     replay = runner.graph_for(batch, query_len)
     forward = replay if replay is not None else (lambda: runner.execute(step))
     forward_device = timer(forward, iters)
+    forward_queued = timer.queued(forward, calls=iters)
 
     def replay_call():
         _sync(device)
@@ -380,13 +387,14 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     out = dict(cuda_graphs=runner.cuda_graphs, graph_error=runner.graph_error,
                compiled=getattr(runner, "decode_blocks", None) is not None,
                step_wall_s=step_wall, forward_device_s=forward_device,
+               forward_queued_s=forward_queued, launch_latency_s=forward_device - forward_queued,
                host_s=step_wall - forward_device,
                replay_call_s=None if replay is None else statistics.median(
                    replay_call() for _ in range(iters)),
                allreduce_s=timer(allreduce_calls(runner.model, batch), iters))
     if torch.device(device).type == "cuda":
         kernels = kernel_breakdown(profile_kernels(forward, iters), iters, runner.backend)
-        kernels["launch_gaps_s"] = forward_device - kernels["kernels_s"]
+        kernels["launch_gaps_s"] = forward_queued - kernels["kernels_s"]
         out.update(kernels=kernels, attention_s=kernels["attention_s"],
                    attention_method="profiler trace of the step's forward")
     else:
@@ -553,6 +561,7 @@ def format_engine_report(doc: dict) -> str:
         wall = brk["step_wall_s"]
         parts = [(name, kern[f"{name}_s"]) for name in
                  ("attention", "cache_write", "gemm", "other", "launch_gaps")]
+        parts.append(("launch_latency", brk["launch_latency_s"]))
         lines.append("    forward = " + " + ".join(
             f"{name.replace('_', ' ')} {t * ms:.3f} ms ({t / wall:.0%})" for name, t in parts)
             + f"; {kern['kernels_per_step']:.0f} kernels a step")

@@ -35,6 +35,33 @@ class DeviceTimer:
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    def queued(self, fn, calls: int = 8, repeats: int = 3, warmup: int = 2) -> float:
+        """Device time per call of `fn` with `calls` calls queued back to back, so that the
+        device does not wait for the host between them (as in a serving loop that launches
+        each step before the last one ends): the median over `repeats` spans, each timed from
+        the end of an untimed first call. Off CUDA: wall-clock time per call."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(repeats):
+            if self.cuda:
+                torch.cuda.synchronize()
+                fn()  # its own launch latency stays outside the span
+                start.record()
+                for _ in range(calls):
+                    fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / calls)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times.append((time.perf_counter() - t0) / calls)
+        return statistics.median(times)
+
 
 _PEAKS: dict = {}
 

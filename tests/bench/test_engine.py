@@ -1,6 +1,7 @@
 """`hwattn bench engine` end to end on a tiny model."""
 
 import json
+import time
 
 import pytest
 
@@ -34,6 +35,10 @@ def test_bench_engine_reports_throughput_and_breakdown(capsys, tmp_path):
     assert step["batch"] == 4 and step["context_len"] == 26
     assert 0 < step["attention_s"] < step["step_wall_s"] * 1.5
     assert step["step_wall_s"] == pytest.approx(step["forward_device_s"] + step["host_s"])
+    # The forward queued back to back (its device time per call in a loop that launches
+    # ahead) and the launch latency it leaves of the single call's time.
+    assert step["forward_queued_s"] > 0
+    assert step["launch_latency_s"] == pytest.approx(step["forward_device_s"] - step["forward_queued_s"])
     assert step["replay_call_s"] is None  # no captured graph on the CPU
     assert step["floor"]["weight_bytes"] > 0 and "floor_s" not in step["floor"]  # no peaks on CPU
     assert doc["kv_bytes_per_token_per_rank"] == 4 * (2 * 2 * 16 + 8) * 4  # fp32, 4 layers
@@ -151,3 +156,18 @@ def test_time_decode_step_times_one_graph_launch_call(monkeypatch):
     step = StepInput("decode", [[3], [4]], [5, 9], [[1, 2], [3, 4]])
     res = time_decode_step(runner, step, context_len=10, iters=3)
     assert 0.002 <= res["replay_call_s"] < 0.05
+
+
+def test_queued_timer_times_calls_back_to_back():
+    """`DeviceTimer.queued` on the CPU: wall-clock per call, each span of `calls` calls after
+    the warm-up."""
+    from hwattn.bench.timing import DeviceTimer
+
+    count = []
+
+    def call():
+        count.append(1)
+        time.sleep(0.002)
+    per_call = DeviceTimer("cpu").queued(call, calls=5, repeats=3, warmup=2)
+    assert len(count) == 2 + 3 * 5
+    assert 0.002 <= per_call < 0.02
