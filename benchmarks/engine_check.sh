@@ -13,7 +13,8 @@
 #   5. skinny: the skinny GEMM of hwattn/ops/linear.py against cuBLAS, alone and in the step;
 #   6. pps: split-KV plans of the Triton decode kernel for GQA-4, MQA, MHA at B 1, 64, 128.
 #   7. host: benchmarks/engine_host.py, the engine's host work per decode step without the
-#      graph launch, on this machine's CPU (L 1K) and with real uploads to the GPU (L 1K, 8K), B 64;
+#      graph launch, on this machine's CPU (L 1K) and with real uploads to the GPU (L 1K, 8K), B 64,
+#      and both 1K runs again with one torch CPU thread (torch takes one per core);
 #      beside `engine`'s launch phase it says what the graph replay costs the host.
 #   8. enginetests: the engine's own GPU tests (staged inputs, real CUDA graphs against eager).
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
@@ -65,10 +66,11 @@ for step in $steps; do
         --context 1024,8192 --programs-per-sm 1,2 --no-sdpa --no-hopper --warmup-ms 5 --rep-ms 30 \
         --out "$OUT/decode_pps_all.json" 2>&1 | grep -v "^row " | tail -30 | tee -a "$OUT/log" ;;
     host)
-      for run in "cpu 1024" "cuda 1024" "cuda 8192"; do
+      # (the last two: torch's CPU threads, one per core by default, against one)
+      for run in "cpu 1024" "cuda 1024" "cuda 8192" "cpu 1024 1" "cuda 1024 1"; do
         set -- $run
         timeout 90 python3 benchmarks/engine_host.py --device $1 --context $2 --steps 200 \
-          --out "$OUT/engine_host.jsonl" 2>&1 | tail -2 | tee -a "$OUT/log"
+          ${3:+--cpu-threads $3} --out "$OUT/engine_host.jsonl" 2>&1 | tail -2 | tee -a "$OUT/log"
       done ;;
     *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host)" | tee -a "$OUT/log"; exit 2 ;;
   esac

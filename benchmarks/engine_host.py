@@ -118,10 +118,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "LLM.generate; cumulative: an output per request and step, as streaming)")
     p.add_argument("--profile", choices=("tottime", "cumulative"),
                    help="print a cProfile of the measured steps, sorted by this key")
+    p.add_argument("--cpu-threads", type=int,
+                   help="torch CPU threads of this process (default: torch's own, one per core)")
     p.add_argument("--out", type=Path, help="append the result as one JSON line to this file")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device on this machine")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        p.error(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     for name in ("batch", "context", "steps", "page_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -186,12 +190,14 @@ def measure(args) -> dict:
                 profiled=bool(profile),
                 step_us=round(wall / steps * 1e6, 1), phases_us=phases,
                 copies_per_step=round(copies["copies"] / steps, 2),
-                machine=platform.processor() or platform.machine(),
+                cpu_threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
                 python=platform.python_version(), torch=torch.__version__)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
     res = measure(args)
     print(" ".join(f"{k} {v:.0f}" for k, v in res["phases_us"].items()))
     print(f"host-to-device copies per step: {res['copies_per_step']:.2f}")
