@@ -19,21 +19,7 @@ class DeviceTimer:
     def __call__(self, fn, iters: int = 10, warmup: int = 2) -> float:
         for _ in range(warmup):
             fn()
-        times = []
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(iters):
-            if self.cuda:
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(self._span(fn) for _ in range(iters))
 
     def queued(self, fn, calls: int = 8, repeats: int = 3, warmup: int = 2) -> float:
         """Device time per call of `fn` with `calls` calls queued back to back, so that the
@@ -42,25 +28,30 @@ class DeviceTimer:
         the end of an untimed first call. Off CUDA: wall-clock time per call."""
         for _ in range(warmup):
             fn()
+
+        def run():
+            for _ in range(calls):
+                fn()
         times = []
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(repeats):
             if self.cuda:
                 torch.cuda.synchronize()
                 fn()  # its own launch latency stays outside the span
-                start.record()
-                for _ in range(calls):
-                    fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3 / calls)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times.append((time.perf_counter() - t0) / calls)
+            times.append(self._span(run) / calls)
         return statistics.median(times)
+
+    def _span(self, run) -> float:
+        """Seconds `run()` takes: between CUDA events recorded around it, or wall-clock."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
 
 
 _PEAKS: dict = {}
