@@ -1,7 +1,8 @@
-"""Launcher of the Hopper (sm_90) tied-state decode kernels (Gluon): `kernels/hopper_tied.py`
-(a ring of slots, every consumer warpgroup on every block; plain or overlapped schedule),
+"""Launcher of the Hopper (sm_90) tied-state decode kernel (Gluon): one entry kernel,
+`kernels/hopper.py`, whose constexpr SCHEDULE picks the body: `kernels/hopper_tied.py` (a ring
+of slots, every consumer warpgroup on every block; plain or overlapped schedule),
 `kernels/hopper_duo.py` (two warpgroups taking turns on blocks, each owning half the columns)
-and `kernels/hopper_pingpong.py` (two 64-row warpgroups taking turns on the tensor cores).
+or `kernels/hopper_pingpong.py` (two 64-row warpgroups taking turns on the tensor cores).
 
     decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table, cache_seqlens, ...)
     supported(q_nope, q_rope, kv_cache, rope_cache)      # which calls it takes
@@ -378,18 +379,11 @@ def _kernel(d_nope: int, d_v: int, d_rope: int, query_len: int, page: int, confi
                   D_NOPE=d_nope, D_V=d_v, D_R=d_rope, PAGE=page, num_warps=launch.num_warps)
     if launch.maxnreg is not None:
         common["maxnreg"] = launch.maxnreg
-    if config.schedule == "duo":
-        from hwattn.ops.kernels.hopper_duo import hopper_duo_kernel
+    from hwattn.ops.kernels.hopper import hopper_decode_kernel
 
-        return hopper_duo_kernel, dict(common, PAIRS=launch.num_stages // 2)
-    if config.schedule == "pingpong":
-        from hwattn.ops.kernels.hopper_pingpong import hopper_pingpong_kernel
-
-        return hopper_pingpong_kernel, dict(common, NUM_STAGES=launch.num_stages)
-    from hwattn.ops.kernels.hopper_tied import hopper_tied_kernel
-
-    return hopper_tied_kernel, dict(common, NUM_STAGES=launch.num_stages, WARPS_N=launch.warps_n,
-                                    SPECIALIZE=config.specialize, OVERLAP=config.overlap)
+    return hopper_decode_kernel, dict(common, SCHEDULE=config.schedule, NUM_STAGES=launch.num_stages,
+                                      WARPS_N=launch.warps_n, SPECIALIZE=config.specialize,
+                                      OVERLAP=config.overlap)
 
 
 def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,

@@ -77,9 +77,9 @@ def test_kernel_breakdown_sorts_kernels_into_the_parts_of_a_step():
     from hwattn.bench.engine import classify_kernel, kernel_breakdown
     from hwattn.ops import get_backend
 
-    hopper = type("B", (), {"kernel_names": {"attention": ("attend_kernel", "hopper_tied_kernel"),
+    hopper = type("B", (), {"kernel_names": {"attention": ("attend_kernel", "hopper_decode_kernel"),
                                              "cache_write": ("store_kernel",)}})()
-    kernels = [("hopper_tied_kernel", 4e-6), ("attend_kernel_0d1d", 2e-6),
+    kernels = [("hopper_decode_kernel", 4e-6), ("attend_kernel_0d1d", 2e-6),
                ("store_kernel", 1e-6), ("sm90_xmma_gemm_bf16bf16_bf16f32", 8e-6),
                ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", 6e-6),
                ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", 3e-6),
@@ -90,7 +90,7 @@ def test_kernel_breakdown_sorts_kernels_into_the_parts_of_a_step():
     assert b["kernels_s"] == pytest.approx(25e-6) and b["kernels_per_step"] == 7
     assert [t["name"] for t in b["top"]] == ["sm90_xmma_gemm_bf16bf16_bf16f32",
                                              "nvjet_tst_64x8_64x16_4x1_v_bz_TNT",
-                                             "hopper_tied_kernel"]
+                                             "hopper_decode_kernel"]
     # The CPU backend launches no GPU kernels: nothing is attention by name.
     assert classify_kernel("attend_kernel", get_backend("torch", "cpu")) == "other"
 

@@ -95,7 +95,7 @@ class HopperBackend(TritonBackend):
     priority = 20
     kernel_names = {**TritonBackend.kernel_names,
                     "attention": TritonBackend.kernel_names["attention"]
-                    + ("hopper_tied_kernel", "hopper_duo_kernel", "hopper_pingpong_kernel")}
+                    + ("hopper_decode_kernel",)}
 
     def __init__(self, config=None):
         try:

@@ -163,34 +163,18 @@ def _load_rows(base, stride_t, stride_h, head0, head_end, row0, L_Q: gl.constexp
 
 
 @gluon.jit
-def hopper_pingpong_kernel(
-    q_ptr, q_rope_ptr, kv_desc, rope_desc, block_table_ptr, seqlens_ptr,
-    items_ptr, splits_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, n_heads_q, group,
-    stride_qb, stride_qt, stride_qh,
-    stride_qrb, stride_qrt, stride_qrh,
-    stride_btb,
-    stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh,
-    L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, HEAD_BLOCKS: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
-    PAGE: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr,
-):
+def pingpong_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
+                      PAGE: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """One work item of `hwattn.ops.kernels.hopper.hopper_decode_kernel` in the pingpong
+    schedule; `args` and `item` as it passes them."""
     gl.static_assert(num_warps == WG, "the parent region is the first warpgroup")
     gl.static_assert(BLOCK_M == 128 and BLOCK_N == 64, "two 64-row warpgroups, 64-token blocks")
-    pid_head = gl.program_id(0)
-    pid_item = gl.program_id(1)
-    seq = gl.load(items_ptr + pid_item * 3)
-    if seq < 0:
-        return
-    start = gl.load(items_ptr + pid_item * 3 + 1)
-    end = gl.load(items_ptr + pid_item * 3 + 2)
-    seqlen = gl.load(seqlens_ptr + seq)
-    n_pieces = gl.load(splits_ptr + seq * 2 + 1)
-    seq64 = seq.to(gl.int64)
-    kv_head = pid_head // HEAD_BLOCKS
-    head0 = kv_head * group + (pid_head % HEAD_BLOCKS) * HEADS_PER_PROG
+    (q_ptr, q_rope_ptr, kv_desc, rope_desc, block_table_ptr, out_ptr, lse_ptr, part_out_ptr,
+     part_lse_ptr, qk_scale, n_heads_q, group, stride_qb, stride_qt, stride_qh, stride_qrb,
+     stride_qrt, stride_qrh, stride_btb, stride_ob, stride_ot, stride_oh, stride_lb,
+     stride_lh) = args
+    pid_item, seq64, start, end, seqlen, n_pieces, kv_head, head0 = item
     head_end = (kv_head + 1) * group
     dtype: gl.constexpr = q_ptr.dtype.element_ty
 
