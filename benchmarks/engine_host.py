@@ -76,12 +76,12 @@ def count_copies(runner) -> Counter:
             copies["copies"] += 1
             return _fn(*args, **kwargs)
         stage.upload = staged
-    for name in ("_upload", "_upload_into"):
-        if hasattr(runner, name):
-            def counted(*args, _fn=getattr(runner, name), **kwargs):
-                copies["copies"] += 1
-                return _fn(*args, **kwargs)
-            setattr(runner, name, counted)
+    upload = runner._upload
+
+    def counted(*args, **kwargs):
+        copies["copies"] += 1
+        return upload(*args, **kwargs)
+    runner._upload = counted
     plan = runner.plan
 
     def planned(seqlens, query_len, out=None):

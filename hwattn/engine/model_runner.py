@@ -258,9 +258,8 @@ class ModelRunner:
         # The engine's `StepTimer`, when one is attached: decode launches time their parts
         # on it (`hwattn.engine.step_timer.LAUNCH_PARTS`).
         self.step_timer = None
-        # Pinned buffers the launched steps' tokens come back through (`launch_step`).
-        self._out_ring = (PinnedRing(max_num_seqs * max(graph_query_lens))
-                          if self.device.type == "cuda" else None)
+        # Pinned buffers the launched steps' tokens (one per row) come back through.
+        self._out_ring = PinnedRing(max_num_seqs) if self.device.type == "cuda" else None
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 
@@ -353,14 +352,6 @@ class ModelRunner:
         if self.device.type != "cuda":
             return t.to(self.device)
         return t.pin_memory().to(self.device, non_blocking=True)
-
-    def _upload_into(self, dst: Tensor, src: Tensor) -> None:
-        """Copy host tensor `src` into device tensor `dst` without waiting for the device, in
-        one copy (pinned, non-blocking), not an upload and then a device-to-device copy."""
-        if self.device.type != "cuda":
-            dst.copy_(src)
-        else:
-            dst.copy_(src.pin_memory(), non_blocking=True)
 
     def _device_sampling(self, sampling: SamplingInput):
         """`sampling.tensors` on this device, uploaded without a synchronisation (two copies

@@ -100,8 +100,9 @@ class StagedInputs:
 
 class PinnedRing:
     """A few pinned (capacity,) buffers that sampled tokens are copied back into, taken in
-    turn. `take(n, dtype)` returns (buffer view, slot) or None when the next buffer is still
-    held or too small (the caller allocates then); `release(slot)` frees it once read."""
+    turn. `take(n, dtype)` returns (the buffer's first n elements, the event to record after
+    the copy into them, the slot) or None when the next buffer is still held, too small or of
+    another dtype (the caller allocates then); `release(slot)` frees it once read."""
 
     def __init__(self, capacity: int, dtype: torch.dtype = torch.int64, slots: int = 4):
         self.capacity = capacity
