@@ -565,12 +565,12 @@ def format_engine_report(doc: dict) -> str:
         lines.append("    forward = " + " + ".join(
             f"{name.replace('_', ' ')} {t * ms:.3f} ms ({t / wall:.0%})" for name, t in parts)
             + f"; {kern['kernels_per_step']:.0f} kernels a step")
-    if brk.get("replay_call_s") is not None:
-        lines.append(f"    one graph launch holds the host {brk['replay_call_s'] * ms:.3f} ms "
-                     "(replay() with the device idle)")
     else:
         lines.append(f"    attention {brk['attention_s'] * ms:.3f} ms "
                      f"({brk['attention_share']:.0%} of the step; {brk['attention_method']})")
+    if brk.get("replay_call_s") is not None:
+        lines.append(f"    one graph launch holds the host {brk['replay_call_s'] * ms:.3f} ms "
+                     "(replay() with the device idle)")
     lines.append(f"    tensor-parallel all-reduces {brk['allreduce_s'] * ms:.3f} ms "
                  f"({brk['allreduce_share']:.0%}, timed alone)")
     floor = brk.get("floor") or {}

@@ -171,3 +171,28 @@ def test_queued_timer_times_calls_back_to_back():
     per_call = DeviceTimer("cpu").queued(call, calls=5, repeats=3, warmup=2)
     assert len(count) == 2 + 3 * 5
     assert 0.002 <= per_call < 0.02
+
+
+def test_engine_report_names_attention_once_whatever_the_graphs():
+    """With a kernel breakdown the attention is one of the forward's parts; without one (the
+    CPU) it gets its own line; a graph's launch time is reported beside either."""
+    from hwattn.bench.engine import format_engine_report
+
+    stats = dict(mean=1e-3, median=1e-3, p99=2e-3)
+    kernels = dict(attention_s=4e-4, cache_write_s=1e-5, gemm_s=3e-4, other_s=1e-4,
+                   launch_gaps_s=5e-5, kernels_per_step=300)
+    step = dict(batch=4, context_len=64, cuda_graphs=False, compiled=False, step_wall_s=1e-3,
+                forward_device_s=9e-4, host_s=1e-4, host_overhead_share=0.1,
+                launch_latency_s=4e-5, attention_s=4e-4, attention_share=0.4,
+                attention_method="decode-op calls timed alone", allreduce_s=0.0,
+                allreduce_share=0.0, replay_call_s=None, kernels=None)
+    doc = dict(variant="gqa-4", device="cuda", dtype="bf16", tp=1, dp=1, prompt_len=8,
+               output_len=4, speculative=False,
+               offline=dict(requests=4, output_tokens_per_s=1.0, decode_tokens_per_s=1.0,
+                            ttft_s=stats, itl_s=stats, tpot_s=stats, e2e_s=stats))
+    for kern, call in ((None, None), (kernels, None), (kernels, 2e-4), (None, 2e-4)):
+        text = format_engine_report(dict(doc, decode_step=dict(step, kernels=kern,
+                                                               replay_call_s=call)))
+        assert ("    attention 0.400 ms" in text) == (kern is None)
+        assert ("forward = attention" in text) == (kern is not None)
+        assert ("one graph launch holds the host 0.200 ms" in text) == (call is not None)
