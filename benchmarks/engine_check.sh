@@ -17,9 +17,12 @@
 #      and both 1K runs again with one torch CPU thread (torch takes one per core);
 #      beside `engine`'s launch phase it says what the graph replay costs the host.
 #   8. enginetests: the engine's own GPU tests (staged inputs, real CUDA graphs against eager).
+#   9. xlattn: the Hopper kernels at the engine's `xl` decode shape (h_q 16, B 64, L 1K and 8K)
+#      under several schedules and split-KV plans, Triton beside (run 9: MLA's attention took
+#      55 µs a layer at L = 1K where GLA-2's took 28 µs for the same cache bytes).
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -72,6 +75,11 @@ for step in $steps; do
         timeout 90 python3 benchmarks/engine_host.py --device $1 --context $2 --steps 200 \
           ${3:+--cpu-threads $3} --out "$OUT/engine_host.jsonl" 2>&1 | tail -2 | tee -a "$OUT/log"
       done ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host)" | tee -a "$OUT/log"; exit 2 ;;
+    xlattn)
+      timeout 280 python3 benchmarks/hopper_decode.py --only timing --budget 250 --rep-ms 30 \
+        --shapes mla-xl-b64-1k,mla-xl-b64-8k,gla2-xl-b64-1k,gla2-xl-b64-8k,gta4-xl-b64-1k,gta4-xl-b64-8k \
+        --variants default,ws,duo,duo-p1-m256,duo-p1-m512,duo-p1-m1024,duo-p2-m256,ovl,ovl-p1-m256,ovl-p1-m1024 \
+        --out "$OUT/hopper_xl.json" 2>&1 | tail -20 | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

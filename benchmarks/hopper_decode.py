@@ -80,6 +80,12 @@ def _shapes() -> dict[str, dict]:
             for length in (32768, 131072):
                 shapes[f"{variant.replace('-', '')}-b{batch}-{length // 1024}k"] = dict(
                     variant=variant, heads=heads, tp=1, lengths=[length] * batch, query_len=1)
+    # The engine's `xl` decode step (h_q 16 on one GPU, B 64), where MLA's attention took
+    # twice GLA-2's time for the same cache bytes (docs/results/engine.md, run 9).
+    for variant in ("mla", "gla-2", "gta-4"):
+        for length in (1024, 8192):
+            shapes[f"{variant.replace('-', '')}-xl-b64-{length // 1024}k"] = dict(
+                variant=variant, heads=16, tp=1, lengths=[length] * 64, query_len=1)
     for variant in ("mla", "gla-2"):
         shapes[f"{variant.replace('-', '')}-uneven"] = dict(
             variant=variant, heads=128, tp=1, lengths=[131072] + [1024] * 63, query_len=1)
