@@ -11,7 +11,9 @@ rate and bf16 matmul rate measured first in the same process:
   gaps between kernels when forwards are queued back to back), the launch latency of a
   forward started on an idle device, host time beyond the forward, and the step's floor
   (weights + KV cache at the copy rate, FLOPs at the matmul rate) with the step's ratio to it;
-  then the engine's own step, and how far it is beyond the queued forward.
+  then the runner's whole launch loop queued one step ahead (inputs, plan, forward, argmax,
+  copy back: the engine's step without its own Python), the engine's own step, and how far
+  it is beyond the queued forward (`--threaded`: also with launches from a thread).
 - serving: the `serving` preset (h_q = 128), GLA-2 against MLA, compiled, at B in
   `--serving-batches` and L in `--serving-contexts`: decode tokens/s (B / step), the
   attention kernels' time inside the step, and MLA's step and kernel time over GLA-2's.
@@ -163,12 +165,13 @@ def part_decode(setup: Setup, args, rows: list) -> list[dict]:
                     r.update(engine_steady(setup, runner, net, args.batch, context))
                     # Against the forward queued back to back: the engine launches ahead too.
                     r["engine_beyond_forward"] = 1 - r["forward_queued_s"] / r["engine_step_s"]
-                    threaded = engine_steady(setup, runner, net, args.batch, context,
-                                             launch_thread=True)
-                    r["threaded"] = dict(
-                        engine_step_s=threaded["engine_step_s"],
-                        beyond_forward=1 - r["forward_queued_s"] / threaded["engine_step_s"],
-                        host_phases_us=threaded["host_phases_us"])
+                    if args.threaded:
+                        threaded = engine_steady(setup, runner, net, args.batch, context,
+                                                 launch_thread=True)
+                        r["threaded"] = dict(
+                            engine_step_s=threaded["engine_step_s"],
+                            beyond_forward=1 - r["forward_queued_s"] / threaded["engine_step_s"],
+                            host_phases_us=threaded["host_phases_us"])
                     if "floor_s" in r["floor"]:
                         r["engine_floor_ratio"] = r["engine_step_s"] / r["floor"]["floor_s"]
                 rows.append(r)
@@ -357,8 +360,8 @@ def tables(doc: dict) -> str:
         out += ["## Decode step (xl, random weights, CUDA graphs)", "",
                 "| variant | L | compiled | step ms | floor ms | step / floor | host | launch latency "
                 "| attention | cache write | GEMM | other | gaps | kernels/step | queued forward ms "
-                "| engine step ms | engine / floor | engine beyond queued forward |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| launch loop ms | engine step ms | engine / floor | engine beyond queued forward |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in dec:
             k, f, w = r.get("kernels") or {}, r["floor"], r["step_wall_s"]
 
@@ -371,6 +374,7 @@ def tables(doc: dict) -> str:
                        f"{share('attention_s')} | {share('cache_write_s')} | {share('gemm_s')} | "
                        f"{share('other_s')} | {share('launch_gaps_s')} | "
                        f"{k.get('kernels_per_step', 0):.0f} | {r['forward_queued_s'] * ms:.3f} | "
+                       + (f"{r['launch_queued_s'] * ms:.3f} | " if r.get("launch_queued_s") else "- | ")
                        + (f"{r['engine_step_s'] * ms:.3f} | {r.get('engine_floor_ratio', float('nan')):.2f}"
                           f" | {r['engine_beyond_forward']:.1%} |" if "engine_step_s" in r else "- | - | - |"))
         out.append("")
@@ -463,6 +467,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-modes", default="eager,compiled",
                    help="decode steps to time: eager blocks, compiled blocks or both (the "
                         "compiled step is compared with the eager one when both run)")
+    p.add_argument("--threaded", action="store_true",
+                   help="also time every compiled decode row's engine with its launches made "
+                        "from a thread of their own (EngineConfig.launch_thread)")
     p.add_argument("--serving-batches", default="32,64,128")
     p.add_argument("--serving-contexts", default="8192,16384,32768")
     p.add_argument("--prefill-len", type=int, default=8192)

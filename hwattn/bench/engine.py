@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from hwattn import ops
 from hwattn.bench.timing import DeviceTimer, device_peaks
 from hwattn.engine import ModelRunner, SamplingParams, StepInput
+from hwattn.engine.sampler import SamplingInput
 from hwattn.engine.step_timer import LAUNCH_PARTS, PHASES
 from hwattn.engine.step_timer import summarize as summarize_phases
 
@@ -345,6 +346,12 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
         ahead, as the engine's overlapped scheduling does; the floor of its step.
     launch_latency_s: forward_device_s - forward_queued_s, the device's wait for the start of
         a forward launched onto an idle device (the graph launch's own latency).
+    launch_queued_s: with one token per row, the runner's whole launch of a greedy step that
+        feeds each row the token it sampled last (staged inputs, plan, forward, argmax, copy
+        back; `ModelRunner.launch_step`), made back to back and each step's tokens read one
+        step later, as the engine's overlapped loop does: the engine's step without its own
+        Python (scheduling, outputs). step_io_s = launch_queued_s - forward_queued_s is what
+        the step's inputs and sampling add on the device. None for longer queries.
     host_s: step_wall_s - forward_device_s, the time the device waits for the host.
     replay_call_s: with captured graphs, the host's time inside one `replay()` call made with
         the device idle (the CUDA API's cost of launching the step's graph, which grows with
@@ -375,6 +382,11 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     forward = replay if replay is not None else (lambda: runner.execute(step))
     forward_device = timer(forward, iters)
     forward_queued = timer.queued(forward, calls=iters)
+    launch_queued = None
+    if query_len == 1:
+        launch, drain = launch_loop(runner, step)
+        launch_queued = timer.queued(launch, calls=iters)
+        drain()
 
     def replay_call():
         _sync(device)
@@ -388,6 +400,8 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
                compiled=getattr(runner, "decode_blocks", None) is not None,
                step_wall_s=step_wall, forward_device_s=forward_device,
                forward_queued_s=forward_queued, launch_latency_s=forward_device - forward_queued,
+               launch_queued_s=launch_queued,
+               step_io_s=None if launch_queued is None else launch_queued - forward_queued,
                host_s=step_wall - forward_device,
                replay_call_s=None if replay is None else statistics.median(
                    replay_call() for _ in range(iters)),
@@ -413,6 +427,33 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
         floor["floor_ratio"] = step_wall / floor["floor_s"]
     out["floor"] = floor
     return out
+
+
+def launch_loop(runner, step: StepInput):
+    """(launch, drain) for timing a runner's decode launches as the engine makes them:
+    `launch()` launches the one-token decode `step` with greedy sampling, every row fed the
+    token it sampled in the previous launch, and then reads the tokens of the launch before
+    (the engine's one step in flight); `drain()` reads the rest. Each launch rewrites the
+    same cache slots, so the cache's contents are what `step` left."""
+    import collections
+
+    batch = len(step.num_cached)
+    fed = replace(step, feed=list(range(batch)))
+    greedy = SamplingInput.of([SamplingParams(temperature=0.0)] * batch, [0] * batch,
+                              [0] * batch)
+    runner.launch_step(step, greedy).result()  # the tokens the first fed launch reads
+    pending: collections.deque = collections.deque()
+
+    def launch():
+        pending.append(runner.launch_step(fed, greedy))
+        while len(pending) > 1:
+            pending.popleft().result()
+
+    def drain():
+        while pending:
+            pending.popleft().result()
+
+    return launch, drain
 
 
 def allreduce_calls(model, batch: int):
@@ -568,6 +609,11 @@ def format_engine_report(doc: dict) -> str:
     else:
         lines.append(f"    attention {brk['attention_s'] * ms:.3f} ms "
                      f"({brk['attention_share']:.0%} of the step; {brk['attention_method']})")
+    if brk.get("launch_queued_s") is not None:
+        lines.append(f"    launch loop {brk['launch_queued_s'] * ms:.3f} ms a step (inputs, plan, "
+                     f"forward, argmax, copy back, queued one step ahead): the step's I/O adds "
+                     f"{brk['step_io_s'] * ms:.3f} ms to the queued forward "
+                     f"{brk['forward_queued_s'] * ms:.3f} ms on the device")
     if brk.get("replay_call_s") is not None:
         lines.append(f"    one graph launch holds the host {brk['replay_call_s'] * ms:.3f} ms "
                      "(replay() with the device idle)")

@@ -196,3 +196,56 @@ def test_engine_report_names_attention_once_whatever_the_graphs():
         assert ("    attention 0.400 ms" in text) == (kern is None)
         assert ("forward = attention" in text) == (kern is not None)
         assert ("one graph launch holds the host 0.200 ms" in text) == (call is not None)
+        assert "launch loop" not in text
+    text = format_engine_report(dict(doc, decode_step=dict(
+        step, forward_queued_s=8e-4, launch_queued_s=1e-3, step_io_s=2e-4)))
+    assert "launch loop 1.000 ms a step" in text and "adds 0.200 ms" in text
+
+
+def test_launch_loop_feeds_each_step_the_tokens_of_the_last():
+    """`launch_loop` launches greedy decode steps fed by the previous launch's tokens, one
+    step in flight: its tokens are the chain of argmaxes that plain `execute` calls give, and
+    `time_decode_step` reports the launch loop beside the queued forward."""
+    import torch
+
+    from hwattn.bench.engine import launch_loop, time_decode_step
+    from hwattn.engine.loader import build_model
+    from hwattn.engine.model_runner import ModelRunner, StepInput
+
+    # (untied: a random tied model's argmax is its input token, a chain that never moves)
+    net = build_model("tiny", attention="gqa-4", dtype=torch.float32, device="cpu", seed=0,
+                      overrides=dict(max_seq_len=64, tie_embeddings=False))
+    runner = ModelRunner(net, num_pages=20, page_size=8, max_model_len=64, max_num_seqs=2,
+                         cuda_graphs=False)
+    tables = [[1, 2], [3, 4]]
+    runner.execute(StepInput("prefill", [[5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9]],
+                             [0, 0], tables, need_logits=[False, False]))
+    step = StepInput("decode", [[3], [4]], [5, 9], tables)
+    # Every launch rewrites the same slot, so each step sees the same cache and the argmax
+    # of its fed token: first of `step`'s own tokens, then of the token sampled before.
+    expected, tokens = [], [[3], [4]]
+    for _ in range(4):
+        nxt = runner.execute(StepInput("decode", tokens, [5, 9], tables))[:, -1].argmax(-1)
+        expected.append(nxt.tolist())
+        tokens = [[t] for t in nxt.tolist()]
+    launch, drain = launch_loop(runner, step)
+    seen = []
+    real = runner.launch_step
+
+    def spy(s, sampling):
+        pending = real(s, sampling)
+        seen.append(pending)
+        return pending
+    runner.launch_step = spy
+    for _ in range(3):
+        launch()
+    drain()
+    runner.launch_step = real
+    assert len({tuple(e) for e in expected}) > 1  # the feed changes the tokens
+    assert [p.result() for p in seen] == expected[1:]
+
+    res = time_decode_step(runner, step, context_len=10, iters=2)
+    assert res["launch_queued_s"] > 0
+    assert res["step_io_s"] == pytest.approx(res["launch_queued_s"] - res["forward_queued_s"])
+    verify = StepInput("decode", [[3, 4], [4, 5]], [5, 9], tables)
+    assert time_decode_step(runner, verify, context_len=10, iters=2)["launch_queued_s"] is None

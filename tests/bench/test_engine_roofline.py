@@ -23,7 +23,7 @@ def roofline(tmp_path, *args) -> tuple[dict, str]:
 
 @pytest.mark.timeout(300)
 def test_engine_roofline_tiny_decode(tmp_path):
-    doc, table = roofline(tmp_path, "--parts", "decode", "--variants", "gla-2")
+    doc, table = roofline(tmp_path, "--parts", "decode", "--variants", "gla-2", "--threaded")
     compiled = [r for r in doc["rows"] if r["part"] == "decode" and r["compiled"]]
     assert compiled and all("argmax_agreement" in r["vs_eager"] for r in compiled)
     for r in compiled:
@@ -32,6 +32,7 @@ def test_engine_roofline_tiny_decode(tmp_path):
         assert 0 < phases["host"] <= r["engine_step_s"] * 1e6 * 1.05
     assert "Host per engine decode step" in table
     assert all(r["threaded"]["engine_step_s"] > 0 for r in compiled)
+    assert all(r["launch_queued_s"] > 0 for r in compiled) and "launch loop ms" in table
     assert "launches made from a thread of their own" in table
     assert doc["skinny_gemm"] is False and "`F.linear`" in table  # the CPU has no skinny kernel
 
