@@ -47,7 +47,9 @@ for step in $steps; do
       # (test_graph_replay's other tests replace the capture; on a GPU they only cost time)
       HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 300 python3 -m pytest -q -x -p no:cacheprovider \
         tests/engine/test_staging.py \
-        tests/engine/test_graph_replay.py::test_captured_decode_on_the_gpu_matches_eager 2>&1 | tail -5 | tee -a "$OUT/log" ;;
+        tests/engine/test_graph_replay.py::test_captured_decode_on_the_gpu_matches_eager \
+        tests/engine/test_graph_replay.py::test_captured_latent_decode_on_the_gpu_reads_its_staged_plan \
+        2>&1 | tail -5 | tee -a "$OUT/log" ;;
     prefill)
       mkdir -p "$OUT/prefill"
       timeout 300 python3 benchmarks/engine_roofline.py --parts prefill \

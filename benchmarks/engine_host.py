@@ -69,7 +69,7 @@ PREFILL_TOKENS = 32768  # prompt tokens per prefill step, at most (whole prompts
 def count_copies(runner) -> Counter:
     """Count the runner's host-to-device copies from here on: each upload, each staged copy
     of a captured step's inputs (`hwattn.engine.staging.StagedInputs`), and each refreshed
-    plan (one copy when its tensors share a buffer, else two)."""
+    plan that is not staged with them (one copy when its tensors share a buffer, else two)."""
     copies: Counter = Counter()
     for stage in getattr(runner, "stages", {}).values():
         def staged(*args, _fn=stage.upload, **kwargs):
@@ -85,9 +85,10 @@ def count_copies(runner) -> Counter:
     plan = runner.plan
 
     def planned(seqlens, query_len, out=None):
-        if out is not None:
+        parts = runner.backend.plan_parts(out) if out is not None else []
+        if out is not None and not (parts and all(p.host is not None for p in parts)):
             copies["copies"] += 1 if getattr(out, "packed", None) is not None else 2
-        return plan(seqlens, query_len, out=out)
+        return plan(seqlens, query_len, out=out)  # (a staged plan rides the inputs' copy)
 
     runner.plan = planned
     return copies

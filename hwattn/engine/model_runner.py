@@ -584,7 +584,11 @@ class ModelRunner:
 
     def _capture(self, query_lens: tuple[int, ...]) -> None:
         """Record one decode graph per (bucket, query length), largest bucket first so the
-        smaller ones reuse its memory pool. Any failure leaves decoding eager."""
+        smaller ones reuse its memory pool. Any failure leaves decoding eager.
+
+        Per query length, a step's inputs reach the device in one copy (`StagedInputs`): its
+        bucket's split-KV plan (made first, by one eager forward per bucket, then moved into
+        the staged buffer), the token ids, the lengths and the block table, in that order."""
         self.buckets = decode_buckets(self.max_num_seqs)
         width = pages_for(self.max_model_len, self.page_size)
         big = self.buckets[-1]
@@ -593,13 +597,29 @@ class ModelRunner:
         # Per query length, one host block table per staging slot, each kept in its slot.
         self.host_tables: dict[int, list[HostBlockTable]] = {}
         self.plans = {}
+        # Per (bucket, query length): the plan's parts (`AttentionBackend.plan_parts`), each
+        # slot's host views of them, and the byte where the bucket's upload starts.
+        self.plan_parts: dict[tuple[int, int], list] = {}
+        self.plan_hosts: dict[tuple[int, int], list[list[Tensor]]] = {}
+        self.upload_start: dict[tuple[int, int], int] = {}
         self._pool = None
         try:
             for t in query_lens:
-                # In upload order: a step of a bucket of `size` rows sends ids and lengths
-                # whole, then the table's first `size` rows, in one copy.
-                stage = StagedInputs({"ids": ((big, t), torch.int64), "lens": ((big,), torch.int32),
-                                      "table": ((big, width), torch.int32)}, self.device)
+                # The plans first: a bucket's plan takes its final shape (every launch shape
+                # of a Hopper plan) in a forward over placeholder inputs.
+                self.static[t] = self._placeholders(big, t, width)
+                with torch.inference_mode():
+                    for size in reversed(self.buckets):
+                        self._static_forward(size, t)
+                parts = {size: self.backend.plan_parts(self.plans[(size, t)])
+                         for size in self.buckets}
+                # Largest bucket's plan first: a bucket's upload runs from its own plan to its
+                # rows of the table, so it also carries the (smaller) plans of smaller buckets.
+                fields = {f"plan{size}.{i}": ((part.packed.numel(),), torch.int32)
+                          for size in reversed(self.buckets) for i, part in enumerate(parts[size])}
+                fields.update({"ids": ((big, t), torch.int64), "lens": ((big,), torch.int32),
+                               "table": ((big, width), torch.int32)})
+                stage = StagedInputs(fields, self.device)
                 ids, lens, table = (stage.device[k] for k in ("ids", "lens", "table"))
                 table.fill_(NULL_PAGE)
                 lens.fill_(t)
@@ -607,6 +627,14 @@ class ModelRunner:
                 self.stages[t] = stage
                 self.host_tables[t] = [HostBlockTable(big, width, array=slot["table"])
                                        for slot in stage.slots]
+                for size in self.buckets:
+                    names = [f"plan{size}.{i}" for i in range(len(parts[size]))]
+                    for part, name in zip(parts[size], names):
+                        part.rebind(stage.device[name])
+                    self.plan_parts[(size, t)] = parts[size]
+                    self.plan_hosts[(size, t)] = [[torch.from_numpy(slot[name]) for name in names]
+                                                  for slot in stage.slots]
+                    self.upload_start[(size, t)] = stage.start(names[0] if names else "ids")
                 for size in reversed(self.buckets):
                     self.graphs[(size, t)] = self._record(
                         lambda size=size, t=t: self._static_forward(size, t))
@@ -617,6 +645,14 @@ class ModelRunner:
             self.graph_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
             self._synchronize()
+
+    def _placeholders(self, rows: int, t: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids, table, lens) for a decode forward that only settles shapes: every row one
+        page-less sequence of `t` tokens."""
+        ids = torch.zeros(rows, t, dtype=torch.int64, device=self.device)
+        table = torch.full((rows, width), NULL_PAGE, dtype=torch.int32, device=self.device)
+        lens = torch.full((rows,), t, dtype=torch.int32, device=self.device)
+        return ids, table, lens
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -650,13 +686,15 @@ class ModelRunner:
 
     def _replay(self, size: int, batch: int, t: int, step: StepInput) -> Tensor:
         """Refresh the static inputs of the (size, t) graph in place and replay it: the step's
-        tokens (host lists, or a (batch, t) device tensor), lengths and block tables reach the
-        device in one copy from a pinned staging slot, then fed tokens are written in place."""
+        split-KV plan, tokens (host lists, or a (batch, t) device tensor), lengths and block
+        tables reach the device in one copy from a pinned staging slot, then fed tokens are
+        written in place."""
         ids, _, _ = self.static[t]
         stage = self.stages[t]
         replay, out = self.graphs[(size, t)]
         with self._part("inputs"):
-            table = self.host_tables[t][stage.index]
+            slot = stage.index
+            table = self.host_tables[t][slot]
             host = stage.slot()
             on_device = isinstance(step.tokens, Tensor)
             if not on_device:
@@ -667,13 +705,16 @@ class ModelRunner:
             lens[:batch] += t
             lens[batch:size] = t
             table.update(step.block_tables, size)
-            stage.upload(stage.end("table", size))
+            plan = self.plans.get((size, t))
+            if plan is not None:  # refreshed into the slot: the upload below carries it
+                for part, view in zip(self.plan_parts[(size, t)], self.plan_hosts[(size, t)][slot]):
+                    part.host = view
+                self.plan(torch.from_numpy(lens[:size]), t, out=plan)
+            stage.upload(stage.end("table", size), start=self.upload_start[(size, t)])
             if on_device:
                 ids[:batch].copy_(step.tokens)
             if step.feeds:
                 self._feed_into(ids[:batch], step.feed)
-            if self.plans.get((size, t)) is not None:
-                self.plan(torch.from_numpy(lens[:size]), t, out=self.plans[(size, t)])
         with self._part("forward"):
             replay()
         return out[:batch]

@@ -26,8 +26,8 @@ class StagedInputs:
     """Named device tensors carved out of one byte buffer, with `slots` host mirrors.
 
     fields: name -> (shape, dtype), in layout order. `device[name]` is the device tensor;
-    `slot()` returns the next host mirror as numpy arrays, `upload(nbytes)` sends its first
-    `nbytes` bytes (see `end`) to the device buffer in one non-blocking copy.
+    `slot()` returns the next host mirror as numpy arrays, `upload(end, start)` sends its
+    bytes [start, end) (see `start` and `end`) to the device buffer in one non-blocking copy.
     """
 
     def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -69,6 +69,10 @@ class StagedInputs:
         """Which of `slots` the next `slot()` returns."""
         return self._next
 
+    def start(self, name: str) -> int:
+        """Byte offset of field `name`."""
+        return self._offsets[name][0]
+
     def end(self, name: str, rows: int) -> int:
         """Byte offset just past the first `rows` rows of field `name` (dimension 0)."""
         offset, shape, dtype = self._offsets[name]
@@ -82,19 +86,21 @@ class StagedInputs:
             event.synchronize()
         return self._host[self._next]
 
-    def upload(self, nbytes: int | None = None) -> None:
-        """Send the first `nbytes` (default all) of the slot `slot()` returned to the device
+    def upload(self, end: int | None = None, start: int = 0) -> None:
+        """Send bytes [start, end) (default all) of the slot `slot()` returned to the device
         buffer, then move on to the next slot."""
-        nbytes = self.nbytes if nbytes is None else nbytes
+        end = self.nbytes if end is None else end
+        if not 0 <= start <= end <= self.nbytes:
+            raise ValueError(f"upload: bytes [{start}, {end}) lie outside [0, {self.nbytes})")
         i = self._next
-        src = self._host_buffers[i][:nbytes]
+        src = self._host_buffers[i][start:end]
         if self.device_type == "cuda":
-            self._device_buffer[:nbytes].copy_(src, non_blocking=True)
+            self._device_buffer[start:end].copy_(src, non_blocking=True)
             if self._events[i] is None:
                 self._events[i] = torch.cuda.Event()
             self._events[i].record()
         else:
-            self._device_buffer[:nbytes].copy_(src)
+            self._device_buffer[start:end].copy_(src)
         self._next = (i + 1) % len(self._host)
 
 

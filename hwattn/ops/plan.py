@@ -58,6 +58,9 @@ class DecodePlan:
     # items and splits as views of this one int32 buffer, flattened and in that order, when
     # they share one (then a refresh is one host-to-device copy); None when they do not.
     packed: Tensor | None = None
+    # A host tensor shaped like `packed` that a refresh writes instead of copying to the
+    # device, for a caller whose own upload carries it (the engine's staged inputs).
+    host: Tensor | None = None
 
     @classmethod
     def of_packed(cls, batch: int, max_seqlen: int, packed: Tensor, max_pieces: int) -> DecodePlan:
@@ -65,6 +68,21 @@ class DecodePlan:
         capacity = (packed.numel() - 2 * batch) // 3
         return cls(batch, max_seqlen, packed[:3 * capacity].view(capacity, 3),
                    packed[3 * capacity:].view(batch, 2), max_pieces, packed)
+
+    def rebind(self, packed: Tensor) -> None:
+        """Move this plan into `packed` (a (capacity * 3 + B * 2,) int32 tensor, e.g. a view
+        of a larger buffer): its contents are copied there and items and splits become views
+        of it, so a CUDA graph captured afterwards reads the plan from `packed`."""
+        if self.packed is None:
+            raise ValueError("rebind: the plan's items and splits do not share one buffer")
+        if packed.shape != self.packed.shape or packed.dtype != torch.int32:
+            raise ValueError(f"packed must be {tuple(self.packed.shape)} int32, got "
+                             f"{tuple(packed.shape)} {packed.dtype}")
+        packed.copy_(self.packed)
+        capacity = self.capacity
+        self.items = packed[:3 * capacity].view(capacity, 3)
+        self.splits = packed[3 * capacity:].view(self.batch, 2)
+        self.packed = packed
 
     def to(self, device) -> DecodePlan:
         """This plan with its tensors on `device` (itself if they are there already)."""
@@ -164,7 +182,8 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
         programs_per_sm: programs in flight per SM to aim for when splitting (default 2); a
             kernel that fits one program per SM asks for 1, so its pieces fill one wave.
         out: a previous plan of the same batch to refresh in place (CUDA graph replay); the new
-            schedule must fit its capacity.
+            schedule must fit its capacity. If `out.host` is set the schedule is written there
+            and not copied to the device (the caller uploads it).
     Returns:
         a `DecodePlan`.
     """
@@ -211,6 +230,10 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     max_seqlen = int(lengths.max())
     if out is None:
         return DecodePlan.of_packed(batch, max_seqlen, packed, max_pieces).to(cache_seqlens.device)
+    if out.host is not None:  # the caller's own upload carries it (see DecodePlan.host)
+        out.host.copy_(packed)
+        out.max_seqlen, out.max_pieces = max_seqlen, max_pieces
+        return out
     if out.items.is_cuda:  # a copy from pageable memory may wait for the stream to drain
         packed = packed.pin_memory()
     if out.packed is not None:

@@ -26,10 +26,10 @@ def test_engine_host_times_every_phase_of_replayed_decode_steps(tmp_path):
     # The captured path ran (the plan refresh and the static inputs are its "inputs").
     assert phases["inputs"] > 0 and phases["launch"] >= phases["inputs"]
     assert 0 < phases["host"] <= res["step_us"] * 1.05
-    # Greedy steps: the staged inputs (tokens, lengths, block table) in one copy and the
-    # plan refresh; a steady batch feeds its tokens without an index upload (this count was
-    # 7 on the CPU, 8 on a GPU, before the uploads were merged).
-    assert 1.9 <= res["copies_per_step"] <= 2
+    # Greedy steps: the staged inputs (plan, tokens, lengths, block table) in one copy; a
+    # steady batch feeds its tokens without an index upload (this count was 7 on the CPU,
+    # 8 on a GPU, before the uploads were merged, then 2 with the plan copied apart).
+    assert 0.9 <= res["copies_per_step"] <= 1
     assert "host work only" in done.stdout
 
 

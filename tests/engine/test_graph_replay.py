@@ -144,3 +144,106 @@ def test_captured_decode_on_the_gpu_matches_eager(checkpoints, launch_thread):
     assert llm.engine.runner.cuda_graphs, llm.engine.runner.graph_error
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
     llm.engine.check_invariants()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+def test_captured_latent_decode_on_the_gpu_reads_its_staged_plan(checkpoints):
+    """GLA-2 in bf16 on the GPU's own backend (the Hopper kernels on an H100/H200, whose
+    plans hold one part per launch shape): replayed steps at lengths that change the split-KV
+    plan, each through the other staging slot, agree with the same steps run eagerly."""
+    from hwattn.bench.engine import graph_consistency
+
+    llm = LLM(checkpoints("gla-2"), device="cuda", dtype="bf16", page_size=64, num_pages=400,
+              max_model_len=4096, max_num_seqs=8)
+    runner = llm.engine.runner
+    assert runner.cuda_graphs, runner.graph_error
+    for batch, context in ((5, 300), (8, 2500), (3, 1200)):
+        check = graph_consistency(llm.engine, batch=batch, context=context)
+        assert check["rel_max_diff"] < 2e-2, (batch, context, check)
+    llm.engine.check_invariants()
+
+
+class PlanCheckingBackend:
+    """The PyTorch backend with a Hopper-style plan (two launch shapes, so two `DecodePlan`
+    parts) whose every decode call checks the plans it is handed, as a kernel would read them,
+    against plans made afresh from the step's lengths."""
+
+    KEYS = ((1, 2, 256), (2, 1, 64))  # (head blocks, programs per SM, shortest piece)
+
+    def __new__(cls):
+        from hwattn.ops.backends.hopper_backend import HopperPlan
+        from hwattn.ops.backends.torch_backend import TorchBackend
+        from hwattn.ops.plan import plan_decode
+
+        class Checking(TorchBackend):
+            name = "torch+hopper-plan"
+            checked = 0
+
+            def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None,
+                     out=None):
+                if out is not None:
+                    out.refresh(cache_seqlens.cpu())
+                    return out
+                return HopperPlan(cache_seqlens.cpu().clone(), num_heads_kv, query_len,
+                                  page_size, torch.device(device or "cpu"), 8)
+
+            def plan_parts(self, plan):
+                return list(plan.plans.values()) if isinstance(plan, HopperPlan) else []
+
+            def check_plan(self, plan, batch, capacity):
+                return False  # the lengths are read and checked on the CPU
+
+            def _check(self, plan, cache_seqlens):
+                if not isinstance(plan, HopperPlan):
+                    return
+                parts = [plan.for_launch(*key) for key in self.KEYS]  # as the kernels ask
+                lengths = cache_seqlens.cpu()
+                if not torch.equal(plan.lengths, lengths):
+                    return  # (a capture's forwards run a plan made for the longest context)
+                for key, got in zip(self.KEYS, parts):
+                    want = plan_decode(lengths, num_heads_kv=plan.num_heads_kv,
+                                       query_len=plan.query_len, page_size=plan.page_size,
+                                       num_sms=8, head_blocks=key[0], programs_per_sm=key[1],
+                                       min_piece=key[2])
+                    total = int(want.splits[:, 1].sum())
+                    assert torch.equal(got.splits.cpu(), want.splits)
+                    assert torch.equal(got.items[:total].cpu(), want.items[:total])
+                    assert (got.items[total:, 0] == -1).all()
+                self.checked += 1
+
+            def run_decode(self, q, k_cache, v_cache, block_table, cache_seqlens, **kw):
+                self._check(kw["plan"], cache_seqlens)
+                return super().run_decode(q, k_cache, v_cache, block_table, cache_seqlens, **kw)
+
+            def run_decode_tied(self, q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                cache_seqlens, **kw):
+                self._check(kw["plan"], cache_seqlens)
+                return super().run_decode_tied(q_nope, q_rope, kv_cache, rope_cache,
+                                               block_table, cache_seqlens, **kw)
+
+        Checking.KEYS = cls.KEYS
+        return Checking()
+
+
+@pytest.mark.parametrize("variant", ["gqa-4", "gla-2"])
+def test_replayed_plans_reach_the_kernels_through_the_staged_upload(checkpoints, variant):
+    """A captured step's plan (here two launch shapes of a Hopper plan) is refreshed into the
+    staging slot and carried by the step's one upload: at every replayed step, in every layer,
+    the plans the decode op reads equal plans made afresh from the step's lengths, across
+    buckets (rows finishing early) and both staging slots; tokens equal eager decoding's."""
+    path = checkpoints(variant)
+    params = [SamplingParams(max_tokens=6 + 5 * i, temperature=0, ignore_eos=True)
+              for i in range(5)]
+    prompts = [list(range(3 + i, 20 + 9 * i)) for i in range(5)]  # lengths 17 .. 53
+    kw = dict(page_size=4, num_pages=200, max_model_len=96, max_num_seqs=6)
+    want = [o.token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    llm = LLM(path, **kw)
+    runner = llm.engine.runner
+    runner.backend = PlanCheckingBackend()
+    runner = with_replay(llm, (1,))
+    stage = runner.stages[1]
+    assert [k for k in stage._offsets][:2] == ["plan6.0", "plan6.1"]  # largest bucket first
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+    assert runner.replays > 0 and runner.backend.checked >= runner.replays
+    llm.engine.check_invariants()

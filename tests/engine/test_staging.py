@@ -49,6 +49,20 @@ def test_upload_sends_a_prefix_and_slots_take_turns():
         StagedInputs(FIELDS, torch.device("cpu"), slots=0)
 
 
+def test_upload_sends_a_range():
+    """`upload(end, start)` leaves the bytes before `start` as they were on the device."""
+    stage = StagedInputs(FIELDS, torch.device("cpu"), slots=1)
+    host = stage.slot()
+    host["ids"][:] = 5
+    host["lens"][:] = 6
+    stage.upload(stage.end("lens", 4), start=stage.start("lens"))
+    assert stage.device["ids"].eq(0).all() and stage.device["lens"].eq(6).all()
+    assert stage.start("ids") == 0 and stage.start("table") == 112
+    for start, end in ((-1, 8), (16, 8), (0, stage.nbytes + 1)):
+        with pytest.raises(ValueError, match="outside"):
+            stage.upload(end, start=start)
+
+
 def test_host_block_table_kept_in_a_given_array():
     array = np.zeros((3, 4), dtype=np.int32)
     table = HostBlockTable(3, 4, array=array)

@@ -150,6 +150,33 @@ def test_plan_moves_as_one_buffer():
     assert torch.equal(two.splits, fresh.splits)
 
 
+def test_plan_rebound_into_a_buffer_and_refreshed_through_its_host_mirror():
+    """`rebind` moves a plan into a view of a larger buffer (contents kept); with `host` set,
+    a refresh writes the new schedule there and leaves the plan's own tensors alone, and the
+    caller's copy of the mirror gives what a plain refresh gives."""
+    plan = ops.plan_decode(torch.tensor([5000, 70], dtype=torch.int32), num_heads_kv=2, num_sms=8)
+    before = plan.packed.clone()
+    buffer = torch.full((plan.packed.numel() + 10,), -7, dtype=torch.int32)
+    plan.rebind(buffer[4:4 + plan.packed.numel()])
+    assert torch.equal(buffer[4:4 + before.numel()], before)
+    assert buffer[:4].eq(-7).all() and buffer[4 + before.numel():].eq(-7).all()
+    assert plan.items.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    lengths = torch.tensor([64, 9000], dtype=torch.int32)
+    plan.host = torch.zeros_like(plan.packed)
+    assert ops.plan_decode(lengths, num_heads_kv=2, num_sms=8, out=plan) is plan
+    assert torch.equal(plan.packed, before)  # untouched until the caller uploads
+    assert plan.max_seqlen == 9000
+    plan.packed.copy_(plan.host)
+    fresh = ops.plan_decode(lengths, num_heads_kv=2, num_sms=8, out=ops.plan_decode(
+        torch.tensor([5000, 70], dtype=torch.int32), num_heads_kv=2, num_sms=8))
+    assert torch.equal(plan.items, fresh.items) and torch.equal(plan.splits, fresh.splits)
+    with pytest.raises(ValueError, match="packed must be"):
+        plan.rebind(torch.zeros(3, dtype=torch.int32))
+    two = ops.DecodePlan(plan.batch, plan.max_seqlen, plan.items.clone(), plan.splits.clone())
+    with pytest.raises(ValueError, match="do not share one buffer"):
+        two.rebind(buffer)
+
+
 def test_plan_rejects():
     with pytest.raises(ValueError, match="cache_seqlens"):
         ops.plan_decode(torch.tensor([3, 1], dtype=torch.int32), num_heads_kv=1, query_len=2)

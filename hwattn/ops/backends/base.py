@@ -181,6 +181,12 @@ class AttentionBackend:
         """
         return None
 
+    def plan_parts(self, plan: Any) -> list[DecodePlan]:
+        """The `DecodePlan`s a plan of this backend holds (their `packed` buffers are all
+        the device memory it has; a refresh rewrites each), for a caller that moves them into
+        memory of its own (`DecodePlan.rebind`) and uploads their `host` mirrors itself."""
+        return [plan] if isinstance(plan, DecodePlan) and plan.packed is not None else []
+
     def check_plan(self, plan: Any, batch: int, capacity: int) -> bool:
         """Validate a plan handed to a decode call. Returns True if the plan vouches for the
         lengths (read on the host when it was made), so the call need not read them.

@@ -136,6 +136,11 @@ class HopperBackend(TritonBackend):
         return HopperPlan(lengths.clone(), num_heads_kv, query_len, page_size, device,
                           self.hopper.num_sms(device))
 
+    def plan_parts(self, plan) -> list[DecodePlan]:
+        if isinstance(plan, HopperPlan):  # one per launch shape met so far
+            return [p for p in plan.plans.values() if p.packed is not None]
+        return super().plan_parts(plan)
+
     def check_plan(self, plan, batch: int, capacity: int) -> bool:
         if isinstance(plan, HopperPlan):
             if plan.batch != batch:
