@@ -29,7 +29,7 @@ import triton
 from torch import Tensor
 
 from hwattn.ops import triton_decode
-from hwattn.ops.kernels.combine import combine_kernel
+from hwattn.ops.kernels.combine import combine
 from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
 
 __all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "decode_tied",
@@ -419,13 +419,7 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
         *out.stride()[:3], *lse.stride()[:2], **constexprs,
     )
     if plan.may_split:
-        block_d = min(128, triton.next_power_of_2(d_v))
-        block_p = min(64, max(8, triton.next_power_of_2(plan.max_pieces)))
-        combine_kernel[(batch, query_len * n_heads, triton.cdiv(d_v, block_d))](
-            part_out, part_lse, plan.splits, out, lse, n_heads,
-            *out.stride()[:3], *lse.stride()[:2],
-            L_Q=query_len, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
-        )
+        combine(part_out, part_lse, plan.splits, out, lse, max_pieces=plan.max_pieces)
     return out, lse
 
 

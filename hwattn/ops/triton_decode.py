@@ -21,7 +21,7 @@ from torch import Tensor
 
 from hwattn.ops.kernels import interpreter
 from hwattn.ops.kernels.attend import attend_kernel
-from hwattn.ops.kernels.combine import combine_kernel
+from hwattn.ops.kernels.combine import combine
 from hwattn.ops.kernels.store import store_kernel, store_pair_kernel
 from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN, DecodePlan, plan_decode
 
@@ -173,13 +173,8 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if plan.may_split:
-        block_d = min(128, d_pad)
-        block_p = min(64, max(8, triton.next_power_of_2(plan.max_pieces)))
-        combine_kernel[(batch, query_len * n_heads, triton.cdiv(d_v, block_d))](
-            part_out, part_lse, plan.splits, out, lse, n_heads,
-            *out.stride()[:3], *lse.stride()[:2],
-            L_Q=query_len, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
-        )
+        combine(part_out, part_lse, plan.splits, out, lse, max_pieces=plan.max_pieces,
+                max_block_d=min(128, d_pad))
     return out, lse
 
 

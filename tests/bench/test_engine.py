@@ -93,6 +93,12 @@ def test_kernel_breakdown_sorts_kernels_into_the_parts_of_a_step():
                                              "hopper_decode_kernel"]
     # The CPU backend launches no GPU kernels: nothing is attention by name.
     assert classify_kernel("attend_kernel", get_backend("torch", "cpu")) == "other"
+    # Both shapes of the combine step belong to the attention, on either GPU backend.
+    from hwattn.ops.backends.hopper_backend import HopperBackend
+    from hwattn.ops.backends.triton_backend import TritonBackend
+    for backend in (TritonBackend, HopperBackend):
+        for name in ("combine_kernel", "combine_rows_kernel"):
+            assert classify_kernel(name, backend) == "attention"
 
 
 def test_decode_floor_counts_weights_once_and_the_whole_cache():

@@ -27,7 +27,8 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
     priority = 10
-    kernel_names = {"attention": ("attend_kernel", "combine_kernel", "prefill_kernel"),
+    kernel_names = {"attention": ("attend_kernel", "combine_kernel", "combine_rows_kernel",
+                                  "prefill_kernel"),
                     "cache_write": ("store_kernel", "store_pair_kernel")}
     varlen_prefill = True
 
