@@ -10,7 +10,8 @@ Two shapes of program, chosen by `combine` from the plan's most pieces per seque
   BLOCK_P pieces per step as one tile so that the loads of all pieces are in flight together.
 - `combine_rows_kernel` (a few pieces each: large batches, many heads): one program merges
   BLOCK_R rows × every output column of one sequence, one piece at a time with a running
-  maximum. Its grid is BLOCK_R × (D_V / BLOCK_D) times smaller, which is what matters there:
+  maximum. Each program holds 2048 outputs where a one-row program holds at most 128, so
+  its grid is up to 16 times smaller, which is what matters there:
   run 9 on an H200 measured the one-row kernel at 13.8 µs a layer for MLA at h_q 16, B 64
   (4096 programs of two pieces each), and a graph captured for long contexts launches it
   every step even when no sequence is split.
