@@ -225,8 +225,10 @@ class PlanCheckingBackend:
         return Checking()
 
 
-@pytest.mark.parametrize("variant", ["gqa-4", "gla-2"])
-def test_replayed_plans_reach_the_kernels_through_the_staged_upload(checkpoints, variant):
+@pytest.mark.parametrize("variant, speculative", [("gqa-4", None), ("gla-2", None),
+                                                  ("gla-2", "ngram")])
+def test_replayed_plans_reach_the_kernels_through_the_staged_upload(checkpoints, variant,
+                                                                    speculative):
     """A captured step's plan (here two launch shapes of a Hopper plan) is refreshed into the
     staging slot and carried by the step's one upload: at every replayed step, in every layer,
     the plans the decode op reads equal plans made afresh from the step's lengths, across
@@ -235,14 +237,17 @@ def test_replayed_plans_reach_the_kernels_through_the_staged_upload(checkpoints,
     params = [SamplingParams(max_tokens=6 + 5 * i, temperature=0, ignore_eos=True)
               for i in range(5)]
     prompts = [list(range(3 + i, 20 + 9 * i)) for i in range(5)]  # lengths 17 .. 53
-    kw = dict(page_size=4, num_pages=200, max_model_len=96, max_num_seqs=6)
+    kw = dict(page_size=4, num_pages=200, max_model_len=96, max_num_seqs=6,
+              speculative=speculative, num_speculative_tokens=3)
     want = [o.token_ids for o in LLM(path, **kw).generate(prompts, params)]
     llm = LLM(path, **kw)
     runner = llm.engine.runner
     runner.backend = PlanCheckingBackend()
-    runner = with_replay(llm, (1,))
-    stage = runner.stages[1]
-    assert [k for k in stage._offsets][:2] == ["plan6.0", "plan6.1"]  # largest bucket first
+    query_lens = (1, 4) if speculative else (1,)
+    runner = with_replay(llm, query_lens)
+    for t in query_lens:  # largest bucket's plan first, then the smaller ones', then inputs
+        names = list(runner.stages[t]._offsets)
+        assert names[:2] == ["plan6.0", "plan6.1"] and names[-3:] == ["ids", "lens", "table"]
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == want
     assert runner.replays > 0 and runner.backend.checked >= runner.replays
