@@ -34,7 +34,8 @@ import torch
 from hwattn.data.tokenizer import IncrementalDetokenizer
 from hwattn.engine.block_manager import BlockManager
 from hwattn.engine.config import EngineConfig
-from hwattn.engine.model_runner import LaunchThread, PendingTokens, Sampled, StepInput
+from hwattn.engine.launch import LaunchThread, PendingTokens
+from hwattn.engine.model_runner import Sampled, StepInput
 from hwattn.engine.requests import (check_request_ids, check_requests, checked_params,
                                     sibling_seed, validate_prompt)
 from hwattn.engine.sampler import SamplingInput, describe_error

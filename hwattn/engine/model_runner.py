@@ -21,7 +21,6 @@ import gc
 import itertools
 import logging
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -32,7 +31,8 @@ from torch import Tensor
 
 from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
-from hwattn.engine.staging import PinnedRing, StagedInputs
+from hwattn.engine.launch import PendingTokens
+from hwattn.engine.staging import HostBlockTable, PinnedRing, StagedInputs
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
@@ -98,67 +98,6 @@ class StepResults(list):
         self.prompt_logprobs = prompt_logprobs or {}
 
 
-class PendingTokens:
-    """Tokens sampled by a launched step, on their way to the host: `result()` waits for
-    them (the step's one synchronisation) and returns one int per sampled row, or a row's
-    error (a str) where sampling it failed. `launch`: the future of a launch made by a
-    `LaunchThread` (its `PendingTokens`), waited for first."""
-
-    def __init__(self, host: Tensor | None = None, event=None, rows: list | None = None,
-                 launch: Future | None = None, release=None):
-        self._host, self._event, self._rows, self._launch = host, event, rows, launch
-        self._release = release  # called once the host buffer is read (a `PinnedRing` slot)
-
-    def result(self) -> list[int | str]:
-        if self._launch is not None:  # the launch's own tokens (re-raises a failed launch)
-            return self._launch.result().result()
-        if self._rows is None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._rows = self._host.tolist()
-            if self._release is not None:
-                self._release()
-                self._host = self._release = None
-        return self._rows
-
-
-class LaunchThread:
-    """Makes a runner's `launch_step` calls from one thread of their own, in the order they
-    are submitted, so that the CUDA API's time in each launch (the graph's replay, the input
-    copies: calls that release the GIL) overlaps the engine's Python for other steps (reading
-    tokens back, outputs, scheduling) instead of adding to it.
-
-    Every other use of the runner must come after `drain()`. A launch that raises re-raises
-    from its `PendingTokens.result()` (or from `drain`). The thread launches on the stream
-    that was current where the step was submitted.
-    """
-
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hwattn-launch")
-        self._last: Future | None = None
-
-    def submit(self, step: StepInput, sampling: SamplingInput | None) -> PendingTokens:
-        cuda = self.runner.device.type == "cuda"
-        stream = torch.cuda.current_stream(self.runner.device) if cuda else None
-
-        def launch() -> PendingTokens:
-            with torch.cuda.stream(stream) if cuda else nullcontext():
-                return self.runner.launch_step(step, sampling)
-
-        self._last = self._pool.submit(launch)
-        return PendingTokens(launch=self._last)
-
-    def drain(self) -> None:
-        """Return once every submitted launch has been made (queued on the device)."""
-        if self._last is not None:
-            last, self._last = self._last, None
-            last.result()
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
 def freeze_heap() -> None:
     """Collect garbage once, then move every object alive (the model, the compiled decode
     blocks, the captured graphs' Python side) to the collector's permanent generation, as
@@ -167,49 +106,6 @@ def freeze_heap() -> None:
     in 600 decode steps of a compiled tiny model on our CPU, 14 ms after freezing."""
     gc.collect()
     gc.freeze()
-
-
-class HostBlockTable:
-    """The (rows, width) int32 block table of captured decode steps on the host, kept from
-    step to step: a row is rewritten only where its page list changed (a decoding sequence
-    gains a page every `page_size` tokens), where building the table afresh converts every
-    page of every row each step (0.8 ms for 64 rows of 512 pages on our CPU).
-
-    Rows beyond the step's lists are the null page throughout, like the unused tail of
-    every row, so the array always equals the table built from scratch.
-    """
-
-    def __init__(self, rows: int, width: int, array: np.ndarray | None = None):
-        """array: (rows, width) int32 to keep the table in (a `StagedInputs` host slot), by
-        default one of its own."""
-        if array is None:
-            array = np.empty((rows, width), dtype=np.int32)
-        elif array.shape != (rows, width) or array.dtype != np.int32:
-            raise ValueError(f"array must be ({rows}, {width}) int32, got {array.shape} {array.dtype}")
-        array[:] = NULL_PAGE
-        self.array = array
-        self._held: list[list[int]] = [[] for _ in range(rows)]  # each row's pages
-
-    def update(self, tables: list[list[int]], rows: int) -> np.ndarray:
-        """Rows 0..rows-1 hold `tables` (then empty rows); returns `array[:rows]`."""
-        width = self.array.shape[1]
-        if not len(tables) <= rows <= self.array.shape[0]:
-            raise ValueError(f"rows must lie in [{len(tables)}, {self.array.shape[0]}], got {rows}")
-        for i in range(rows):
-            pages = tables[i] if i < len(tables) else []
-            held = self._held[i]
-            if pages == held:
-                continue
-            if len(pages) > width:
-                raise ValueError(f"block_tables: row {i} has {len(pages)} pages, the table "
-                                 f"holds {width}")
-            row = self.array[i]
-            keep = len(held) if len(pages) >= len(held) and pages[:len(held)] == held else 0
-            row[keep:len(pages)] = pages[keep:]
-            if len(held) > len(pages):
-                row[len(pages):len(held)] = NULL_PAGE
-            self._held[i] = list(pages)
-        return self.array[:rows]
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -598,10 +494,8 @@ class ModelRunner:
         self.host_tables: dict[int, list[HostBlockTable]] = {}
         self.plans = {}
         # Per (bucket, query length): the plan's parts (`AttentionBackend.plan_parts`), each
-        # slot's host views of them, and the byte where the bucket's upload starts.
-        self.plan_parts: dict[tuple[int, int], list] = {}
-        self.plan_hosts: dict[tuple[int, int], list[list[Tensor]]] = {}
-        self.upload_start: dict[tuple[int, int], int] = {}
+        # staging slot's host views of them, and the byte where the bucket's upload starts.
+        self.staged_plans: dict[tuple[int, int], tuple[list, list[list[Tensor]], int]] = {}
         self._pool = None
         try:
             for t in query_lens:
@@ -631,10 +525,9 @@ class ModelRunner:
                     names = [f"plan{size}.{i}" for i in range(len(parts[size]))]
                     for part, name in zip(parts[size], names):
                         part.rebind(stage.device[name])
-                    self.plan_parts[(size, t)] = parts[size]
-                    self.plan_hosts[(size, t)] = [[torch.from_numpy(slot[name]) for name in names]
-                                                  for slot in stage.slots]
-                    self.upload_start[(size, t)] = stage.start(names[0] if names else "ids")
+                    hosts = [[torch.from_numpy(slot[name]) for name in names] for slot in stage.slots]
+                    self.staged_plans[(size, t)] = (parts[size], hosts,
+                                                    stage.start(names[0] if names else "ids"))
                 for size in reversed(self.buckets):
                     self.graphs[(size, t)] = self._record(
                         lambda size=size, t=t: self._static_forward(size, t))
@@ -705,12 +598,13 @@ class ModelRunner:
             lens[:batch] += t
             lens[batch:size] = t
             table.update(step.block_tables, size)
+            parts, hosts, start = self.staged_plans[(size, t)]
             plan = self.plans.get((size, t))
             if plan is not None:  # refreshed into the slot: the upload below carries it
-                for part, view in zip(self.plan_parts[(size, t)], self.plan_hosts[(size, t)][slot]):
+                for part, view in zip(parts, hosts[slot]):
                     part.host = view
                 self.plan(torch.from_numpy(lens[:size]), t, out=plan)
-            stage.upload(stage.end("table", size), start=self.upload_start[(size, t)])
+            stage.upload(stage.end("table", size), start=start)
             if on_device:
                 ids[:batch].copy_(step.tokens)
             if step.feeds:

@@ -1,14 +1,15 @@
 """Host-side buffers that let a captured decode step reach the device in one copy and return
 its tokens without allocating.
 
-A replayed CUDA graph reads its inputs (token ids, block table, lengths) from static device
-tensors. Uploading each from a fresh pinned tensor costs the host one pinned allocation (whose
+A replayed CUDA graph reads its inputs (split-KV plan, token ids, lengths, block table) from
+static device tensors. Uploading each from a fresh pinned tensor costs the host one pinned allocation (whose
 allocator polls the events of every pinned block still in flight) and one copy call per
 tensor, every step. `StagedInputs` lays the static tensors out in one device buffer, mirrors
 that layout in pinned host slots the engine writes with numpy, and sends a step's inputs in one
 copy. `PinnedRing` keeps a few pinned buffers for the sampled tokens on their way back.
+`HostBlockTable` keeps a slot's block table from step to step, rewriting only changed rows.
 
-Both reuse host memory that a queued copy may still read, so each slot carries the CUDA event
+`StagedInputs` and `PinnedRing` reuse host memory that a queued copy may still read, so each slot carries the CUDA event
 of its last copy and is only rewritten once that copy has run (`slot()` waits for it; with two
 slots and the engine's one step in flight, the wait is over before it starts).
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+
+from hwattn.engine.block_manager import NULL_PAGE
 
 _ALIGN = 16  # bytes; every field starts on a multiple (int64 views need 8)
 
@@ -128,3 +131,46 @@ class PinnedRing:
 
     def release(self, slot: int) -> None:
         self._held[slot] = False
+
+
+class HostBlockTable:
+    """The (rows, width) int32 block table of captured decode steps on the host, kept from
+    step to step: a row is rewritten only where its page list changed (a decoding sequence
+    gains a page every `page_size` tokens), where building the table afresh converts every
+    page of every row each step (0.8 ms for 64 rows of 512 pages on our CPU).
+
+    Rows beyond the step's lists are the null page throughout, like the unused tail of
+    every row, so the array always equals the table built from scratch.
+    """
+
+    def __init__(self, rows: int, width: int, array: np.ndarray | None = None):
+        """array: (rows, width) int32 to keep the table in (a `StagedInputs` host slot), by
+        default one of its own."""
+        if array is None:
+            array = np.empty((rows, width), dtype=np.int32)
+        elif array.shape != (rows, width) or array.dtype != np.int32:
+            raise ValueError(f"array must be ({rows}, {width}) int32, got {array.shape} {array.dtype}")
+        array[:] = NULL_PAGE
+        self.array = array
+        self._held: list[list[int]] = [[] for _ in range(rows)]  # each row's pages
+
+    def update(self, tables: list[list[int]], rows: int) -> np.ndarray:
+        """Rows 0..rows-1 hold `tables` (then empty rows); returns `array[:rows]`."""
+        width = self.array.shape[1]
+        if not len(tables) <= rows <= self.array.shape[0]:
+            raise ValueError(f"rows must lie in [{len(tables)}, {self.array.shape[0]}], got {rows}")
+        for i in range(rows):
+            pages = tables[i] if i < len(tables) else []
+            held = self._held[i]
+            if pages == held:
+                continue
+            if len(pages) > width:
+                raise ValueError(f"block_tables: row {i} has {len(pages)} pages, the table "
+                                 f"holds {width}")
+            row = self.array[i]
+            keep = len(held) if len(pages) >= len(held) and pages[:len(held)] == held else 0
+            row[keep:len(pages)] = pages[keep:]
+            if len(held) > len(pages):
+                row[len(pages):len(held)] = NULL_PAGE
+            self._held[i] = list(pages)
+        return self.array[:rows]

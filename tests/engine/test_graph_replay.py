@@ -95,7 +95,7 @@ def test_host_block_table_equals_a_table_built_afresh():
     import numpy as np
 
     from hwattn.engine.block_manager import NULL_PAGE
-    from hwattn.engine.model_runner import HostBlockTable
+    from hwattn.engine.staging import HostBlockTable
 
     rng = random.Random(0)
     rows, width = 8, 12

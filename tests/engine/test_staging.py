@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hwattn.engine.block_manager import NULL_PAGE
-from hwattn.engine.model_runner import HostBlockTable, ModelRunner
-from hwattn.engine.staging import PinnedRing, StagedInputs
+from hwattn.engine.model_runner import ModelRunner
+from hwattn.engine.staging import HostBlockTable, PinnedRing, StagedInputs
 
 FIELDS = {"ids": ((4, 3), torch.int64), "lens": ((4,), torch.int32),
           "table": ((4, 5), torch.int32)}
