@@ -17,6 +17,7 @@ and `ModelRunner.eager()` runs a step without graphs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import statistics
 import time
@@ -435,8 +436,6 @@ def launch_loop(runner, step: StepInput):
     token it sampled in the previous launch, and then reads the tokens of the launch before
     (the engine's one step in flight); `drain()` reads the rest. Each launch rewrites the
     same cache slots, so the cache's contents are what `step` left."""
-    import collections
-
     batch = len(step.num_cached)
     fed = replace(step, feed=list(range(batch)))
     greedy = SamplingInput.of([SamplingParams(temperature=0.0)] * batch, [0] * batch,

@@ -65,9 +65,7 @@ class DecodePlan:
     @classmethod
     def of_packed(cls, batch: int, max_seqlen: int, packed: Tensor, max_pieces: int) -> DecodePlan:
         """A plan whose items and splits are views of `packed`: (capacity * 3 + B * 2,) int32."""
-        capacity = (packed.numel() - 2 * batch) // 3
-        return cls(batch, max_seqlen, packed[:3 * capacity].view(capacity, 3),
-                   packed[3 * capacity:].view(batch, 2), max_pieces, packed)
+        return cls(batch, max_seqlen, *_unpacked(packed, batch), max_pieces, packed)
 
     def rebind(self, packed: Tensor) -> None:
         """Move this plan into `packed` (a (capacity * 3 + B * 2,) int32 tensor, e.g. a view
@@ -79,9 +77,7 @@ class DecodePlan:
             raise ValueError(f"packed must be {tuple(self.packed.shape)} int32, got "
                              f"{tuple(packed.shape)} {packed.dtype}")
         packed.copy_(self.packed)
-        capacity = self.capacity
-        self.items = packed[:3 * capacity].view(capacity, 3)
-        self.splits = packed[3 * capacity:].view(self.batch, 2)
+        self.items, self.splits = _unpacked(packed, self.batch)
         self.packed = packed
 
     def to(self, device) -> DecodePlan:
@@ -125,6 +121,12 @@ class DecodePlan:
         part_lse = torch.empty(self.capacity, query_len, n_heads, dtype=torch.float32,
                                device=device)
         return out, lse, part_out, part_lse
+
+
+def _unpacked(packed: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    """(items (capacity, 3), splits (B, 2)) as views of a packed plan buffer."""
+    capacity = (packed.numel() - 2 * batch) // 3
+    return packed[:3 * capacity].view(capacity, 3), packed[3 * capacity:].view(batch, 2)
 
 
 def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
