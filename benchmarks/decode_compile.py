@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from hwattn.ops.hopper_decode import resources
 from hwattn.ops.kernels.attend import attend_kernel
 from hwattn.ops.triton_decode import KernelConfig, choose_config, head_layout
 
@@ -70,17 +68,6 @@ def compile_shape(shape, config: KernelConfig | None = None):
     return kernel, config, block_m
 
 
-def resources(cubin: bytes) -> dict:
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                              capture_output=True, text=True).stdout
-    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    return {k: int(v) for k, v in found.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
@@ -100,12 +87,11 @@ def main() -> None:
             config = KernelConfig(args.block_n or base.block_n, args.warps or base.num_warps,
                                   args.stages or base.num_stages, args.max_rows or base.max_rows)
         kernel, config, block_m = compile_shape(shape, config)
-        res = resources(kernel.asm["cubin"])
+        res = resources(kernel)
         ptx = kernel.asm["ptx"]
         wgmma = ptx.count("wgmma.mma_async")
         print(f"{name:18} {config.block_n:7} {config.num_warps:5} {config.num_stages:6} {block_m:4} "
-              f"{kernel.metadata.shared / 1024:8.1f} {res.get('REG', -1):5} "
-              f"{res.get('LOCAL', 0) + res.get('STACK', 0):7} {wgmma:5}")
+              f"{res['shared_bytes'] / 1024:8.1f} {res['registers']:5} {res['spill_bytes']:7} {wgmma:5}")
         if args.ptx == name:
             with open(f"/tmp/{name}.ptx", "w") as f:
                 f.write(ptx)

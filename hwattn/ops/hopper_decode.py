@@ -32,7 +32,7 @@ from hwattn.ops import triton_decode
 from hwattn.ops.kernels.combine import combine
 from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
 
-__all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "decode_tied",
+__all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "cuobjdump", "decode_tied",
            "make_plan", "plan_knobs", "supported", "why_unsupported"]
 
 LOG2E = 1.4426950408889634
@@ -477,20 +477,27 @@ def compile_sm90(shape: TiedShape, config: HopperConfig):
     return kernel, launch
 
 
-def resources(kernel) -> dict[str, int]:
-    """Registers per thread, spill (local) bytes and shared bytes of a compiled kernel, read
-    from its cubin with the cuobjdump that ships with Triton."""
+def cuobjdump(cubin: bytes, option: str) -> str:
+    """The text `cuobjdump <option>` prints for a cubin (e.g. '-res-usage', '-sass'), with the
+    cuobjdump that ships with Triton (no CUDA toolkit needed)."""
     import os
-    import re
     import subprocess
     import tempfile
 
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        text = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                              capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, option, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resources(kernel) -> dict[str, int]:
+    """Registers per thread, spill (local) bytes and shared bytes of a compiled kernel, read
+    from its cubin."""
+    import re
+
+    text = cuobjdump(kernel.asm["cubin"], "-res-usage")
     found = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
     return dict(registers=found.get("REG", -1), spill_bytes=found.get("LOCAL", 0) + found.get("STACK", 0),
                 shared_bytes=kernel.metadata.shared)

@@ -101,9 +101,10 @@ CASES = [(p.id, v) for p in COMPILE_SHAPES for v in [*VARIANTS, "default"]
 # Compiled in a child process: the ops tests run Triton's interpreter, which replaces the
 # language's library functions the Gluon compiler needs.
 COMPILE_SCRIPT = """
-import json, sys
+import hashlib, json, sys
 from hwattn.ops import hopper_decode, triton_decode
 from hwattn.ops.hopper_decode import HopperConfig, TiedShape
+from tests.ops.hopper_fingerprint import sass
 results = []
 for fields, config in json.loads(sys.argv[1]):
     shape, config = TiedShape(**fields), HopperConfig(**config)
@@ -114,7 +115,8 @@ for fields, config in json.loads(sys.argv[1]):
     results.append(dict(hopper_decode.resources(kernel), ctas_per_sm=config.ctas_per_sm,
                         threads=threads, wgmma="wgmma.mma_async" in ptx,
                         tma="cp.async.bulk.tensor" in ptx, mbarrier="mbarrier.try_wait" in ptx,
-                        setmaxnreg="setmaxnreg" in ptx))
+                        setmaxnreg="setmaxnreg" in ptx,
+                        sass=hashlib.sha256(sass(kernel.asm["cubin"]).encode()).hexdigest()))
 print(json.dumps(results))
 """
 
@@ -146,6 +148,15 @@ def test_compiles_for_sm90(compiled, shape_id, variant):
     assert res["shared_bytes"] <= min(SMEM_LIMIT, 233472 // res["ctas_per_sm"] - 1024), res
     assert 0 < res["registers"] <= 255, res
     assert res["registers"] * res["threads"] * res["ctas_per_sm"] <= 65536, res
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without Gluon or the NVIDIA backend")
+def test_fingerprints_tell_the_schedules_apart(compiled):
+    """The SASS digest `hopper_fingerprint.py` compares across refactors covers the instructions:
+    every schedule of one shape gets its own."""
+    shape = "gla2-lq2-2wg-split-rows"
+    digests = {v: compiled[(s, v)]["sass"] for s, v in CASES if s == shape and v != "default"}
+    assert len(digests) == 5 and len(set(digests.values())) == 5, digests
 
 
 def test_schedules_take_the_shapes_they_are_for():

@@ -34,7 +34,14 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from hwattn.ops.kernels.hopper_tied import COL_BOX, _slot_row, _store_tile, mma_layout, row_layout
+from hwattn.ops.kernels.hopper_tied import (
+    COL_BOX,
+    _load_rows,
+    _slot_row,
+    _store_tile,
+    mma_layout,
+    row_layout,
+)
 
 # Warps of one consumer warpgroup; each partition is one.
 WG: gl.constexpr = gl.constexpr(4)
@@ -381,27 +388,16 @@ def duo_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BL
 
     # Queries: row r is head head0 + r // L_Q at query position r % L_Q; padding rows are zero.
     # Loaded 64 columns at a time (a whole 64 × 512 tile would take 128 registers per thread).
-    q_layout: gl.constexpr = row_layout(COL_BOX, num_warps)
     q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, D_NOPE],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, D_NOPE], dtype))
-    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
-    offs_d = gl.arange(0, COL_BOX, layout=gl.SliceLayout(0, q_layout))
-    m_head = head0 + offs_m // L_Q
-    mask_m = (offs_m < HEADS_PER_PROG * L_Q) & (m_head < (kv_head + 1) * group)
-    q_rows = seq64 * stride_qb + (offs_m % L_Q).to(gl.int64) * stride_qt + m_head.to(gl.int64) * stride_qh
+    head_end = (kv_head + 1) * group
+    q_base = q_ptr + seq64 * stride_qb
     for c in gl.static_range(D_NOPE // COL_BOX):
-        q_tile = gl.load(q_ptr + q_rows[:, None] + c * COL_BOX + offs_d[None, :],
-                         mask=mask_m[:, None] & (offs_d[None, :] < COL_BOX), other=0.0)  # (M, 64)
+        q_tile = _load_rows(q_base + c * COL_BOX, stride_qt, stride_qh, head0, head_end, 0,
+                            BLOCK_M, L_Q, HEADS_PER_PROG, COL_BOX, num_warps)  # (M, 64)
         q_smem.index(0).slice(c * COL_BOX, COL_BOX, dim=1).store(q_tile)
-    qr_layout: gl.constexpr = row_layout(D_R, num_warps)
-    offs_mr = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, qr_layout))
-    offs_r = gl.arange(0, D_R, layout=gl.SliceLayout(0, qr_layout))
-    mr_head = head0 + offs_mr // L_Q
-    mask_mr = (offs_mr < HEADS_PER_PROG * L_Q) & (mr_head < (kv_head + 1) * group)
-    qr_rows = (seq64 * stride_qrb + (offs_mr % L_Q).to(gl.int64) * stride_qrt
-               + mr_head.to(gl.int64) * stride_qrh)
-    qr_tile = gl.load(q_rope_ptr + qr_rows[:, None] + offs_r[None, :],
-                      mask=mask_mr[:, None] & (offs_r[None, :] < D_R), other=0.0)  # (M, D_R)
+    qr_tile = _load_rows(q_rope_ptr + seq64 * stride_qrb, stride_qrt, stride_qrh, head0, head_end,
+                         0, BLOCK_M, L_Q, HEADS_PER_PROG, D_R, num_warps)  # (M, D_R)
     # The RoPE queries wait in the odd P buffer until both warpgroups hold them in registers
     # (the odd warpgroup first writes P after the even one's first softmax).
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype)
@@ -411,7 +407,8 @@ def duo_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BL
     qr_smem.store(qr_tile)
     vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     vec_m = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M], vec_layout)
-    vec_m.index(0).store(gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, q_layout)))
+    vec_m.index(0).store(gl.full([BLOCK_M], float("-inf"), gl.float32,
+                                 gl.SliceLayout(1, row_layout(COL_BOX, num_warps))))
     vec_even = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M], vec_layout)
     vec_odd = gl.allocate_shared_memory(gl.float32, [1, BLOCK_M], vec_layout)
     fence_async_shared()  # the queries, before the products read them
@@ -423,7 +420,6 @@ def duo_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BL
     part_row0 = (pid_item * L_Q * n_heads_q).to(gl.int64)  # < 2**31: items × L_q × H_q
     part_base = part_out_ptr + part_row0 * D_V
     part_lse_base = part_lse_ptr + part_row0
-    head_end = (kv_head + 1) * group
     single = n_pieces == 1
     # (The argument tuples are written out: a tuple bound to a name turns constexprs to tensors.)
     gl.warp_specialize([

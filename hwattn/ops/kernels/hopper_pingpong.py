@@ -23,11 +23,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from hwattn.ops.kernels.hopper_tied import (
     _issue_scores,
+    _load_rows,
     _produce,
     _softmax,
     _store_tile,
     mma_layout,
-    row_layout,
 )
 
 WG: gl.constexpr = gl.constexpr(4)  # warps of one consumer warpgroup
@@ -67,10 +67,10 @@ def _rows(q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_s
     dtype: gl.constexpr = q_smem.dtype
     q_rows = q_smem.index(WG_ID)
     qr_rows = qr_smem.index(WG_ID)
-    q_rows.store(_load_rows(q_base, stride_qt, stride_qh, head0, head_end, WG_ID * ROWS, L_Q,
-                            HEADS_PER_PROG, D_NOPE, WG))
+    q_rows.store(_load_rows(q_base, stride_qt, stride_qh, head0, head_end, WG_ID * ROWS, ROWS,
+                            L_Q, HEADS_PER_PROG, D_NOPE, WG))
     qr_rows.store(_load_rows(q_rope_base, stride_qrt, stride_qrh, head0, head_end, WG_ID * ROWS,
-                             L_Q, HEADS_PER_PROG, qr_smem.shape[2], WG))
+                             ROWS, L_Q, HEADS_PER_PROG, qr_smem.shape[2], WG))
     fence_async_shared()  # our queries, before our products read them
     gl.thread_barrier()
     o = gl.zeros([ROWS, D_V], gl.float32, o_layout)
@@ -122,47 +122,6 @@ def _rows(q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_s
 
 
 @gluon.jit
-def _rows_first(q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem, qr_smem,
-                kv_bufs, rope_bufs, ready, empty, turns, start, end, seqlen, qk_scale, head0,
-                head_end, n_heads_q, single, out_base, lse_base, part_base, part_lse_base,
-                stride_ot, stride_oh, stride_lh, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr,
-                BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr,
-                NUM_STAGES: gl.constexpr):
-    _rows(q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem, qr_smem,
-          kv_bufs, rope_bufs, ready, empty, turns, start, end, seqlen, qk_scale, head0, head_end,
-          n_heads_q, single, out_base, lse_base, part_base, part_lse_base, stride_ot, stride_oh,
-          stride_lh, 0, L_Q, HEADS_PER_PROG, BLOCK_N, D_NOPE, D_V, NUM_STAGES)
-
-
-@gluon.jit
-def _rows_second(q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem,
-                 qr_smem, kv_bufs, rope_bufs, ready, empty, turns, start, end, seqlen, qk_scale,
-                 head0, head_end, n_heads_q, single, out_base, lse_base, part_base, part_lse_base,
-                 stride_ot, stride_oh, stride_lh, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr,
-                 BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr,
-                 NUM_STAGES: gl.constexpr):
-    _rows(q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem, qr_smem,
-          kv_bufs, rope_bufs, ready, empty, turns, start, end, seqlen, qk_scale, head0, head_end,
-          n_heads_q, single, out_base, lse_base, part_base, part_lse_base, stride_ot, stride_oh,
-          stride_lh, 1, L_Q, HEADS_PER_PROG, BLOCK_N, D_NOPE, D_V, NUM_STAGES)
-
-
-@gluon.jit
-def _load_rows(base, stride_t, stride_h, head0, head_end, row0, L_Q: gl.constexpr,
-               HEADS_PER_PROG: gl.constexpr, WIDTH: gl.constexpr, num_warps: gl.constexpr):
-    """Queries of rows row0..row0+63 of this sequence (row r: head head0 + r // L_Q, position
-    r % L_Q; padding rows are zero): a (64, WIDTH) tile."""
-    layout: gl.constexpr = row_layout(WIDTH, num_warps)
-    offs_m = row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
-    offs_d = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
-    head = head0 + offs_m // L_Q
-    mask = (offs_m < HEADS_PER_PROG * L_Q) & (head < head_end)
-    rows = (offs_m % L_Q) * stride_t + head * stride_h  # inside one sequence: 32 bits
-    return gl.load(base + rows[:, None] + offs_d[None, :],
-                   mask=mask[:, None] & (offs_d[None, :] < WIDTH), other=0.0)
-
-
-@gluon.jit
 def pingpong_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
                       PAGE: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
@@ -208,16 +167,16 @@ def pingpong_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexp
     single = n_pieces == 1
     # (The argument tuples are written out: a tuple bound to a name turns constexprs to tensors.)
     gl.warp_specialize([
-        (_rows_first, (q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem,
-                       qr_smem, kv_bufs, rope_bufs, ready, empty, turns, start, end, seqlen,
-                       qk_scale, head0, head_end, n_heads_q, single, out_base, lse_base,
-                       part_base, part_lse_base, stride_ot, stride_oh, stride_lh,
-                       L_Q, HEADS_PER_PROG, BLOCK_N, D_NOPE, D_V, NUM_STAGES)),
-        (_rows_second, (q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem,
-                        qr_smem, kv_bufs, rope_bufs, ready, empty, turns, start, end, seqlen,
-                        qk_scale, head0, head_end, n_heads_q, single, out_base, lse_base,
-                        part_base, part_lse_base, stride_ot, stride_oh, stride_lh,
-                        L_Q, HEADS_PER_PROG, BLOCK_N, D_NOPE, D_V, NUM_STAGES)),
+        (_rows, (q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem, qr_smem,
+                 kv_bufs, rope_bufs, ready, empty, turns, start, end, seqlen, qk_scale, head0,
+                 head_end, n_heads_q, single, out_base, lse_base, part_base, part_lse_base,
+                 stride_ot, stride_oh, stride_lh, 0, L_Q, HEADS_PER_PROG, BLOCK_N, D_NOPE, D_V,
+                 NUM_STAGES)),
+        (_rows, (q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem, qr_smem,
+                 kv_bufs, rope_bufs, ready, empty, turns, start, end, seqlen, qk_scale, head0,
+                 head_end, n_heads_q, single, out_base, lse_base, part_base, part_lse_base,
+                 stride_ot, stride_oh, stride_lh, 1, L_Q, HEADS_PER_PROG, BLOCK_N, D_NOPE, D_V,
+                 NUM_STAGES)),
         (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start, end,
                     kv_head * D_V, PAGE, BLOCK_N, D_V, NUM_STAGES)),
     ], [WG, 1], [240, 24])

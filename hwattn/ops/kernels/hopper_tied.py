@@ -74,6 +74,23 @@ def _slot_row(table_row, n0, end, PAGE: gl.constexpr):
 
 
 @gluon.jit
+def _load_rows(base, stride_t, stride_h, head0, head_end, row0, ROWS: gl.constexpr,
+               L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, WIDTH: gl.constexpr,
+               num_warps: gl.constexpr):
+    """Queries of rows row0..row0+ROWS-1 of one sequence (`base`: its first query; row r is head
+    head0 + r // L_Q at position r % L_Q; padding rows and heads from head_end on are zero): a
+    (ROWS, WIDTH) tile."""
+    layout: gl.constexpr = row_layout(WIDTH, num_warps)
+    offs_m = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    offs_d = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, layout))
+    head = head0 + offs_m // L_Q
+    mask = (offs_m < HEADS_PER_PROG * L_Q) & (head < head_end)
+    rows = (offs_m % L_Q) * stride_t + head * stride_h  # inside one sequence: 32 bits
+    return gl.load(base + rows[:, None] + offs_d[None, :],
+                   mask=mask[:, None] & (offs_d[None, :] < WIDTH), other=0.0)
+
+
+@gluon.jit
 def _issue_block(kv_desc, rope_desc, kv_buf, rope_buf, bar, row, kv_col, D_V: gl.constexpr, pred):
     """Copy 64 tokens from `row` on: the state (columns kv_col.. + D_V) and the RoPE key."""
     nbytes: gl.constexpr = kv_desc.block_type.nbytes * (D_V // COL_BOX) + rope_desc.block_type.nbytes
@@ -347,24 +364,11 @@ def tied_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, B
     dtype: gl.constexpr = q_ptr.dtype.element_ty
 
     # Queries: row r is head head0 + r // L_Q at query position r % L_Q; padding rows are zero.
-    q_layout: gl.constexpr = row_layout(D_NOPE, num_warps)
-    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
-    offs_d = gl.arange(0, D_NOPE, layout=gl.SliceLayout(0, q_layout))
-    m_head = head0 + offs_m // L_Q
-    m_query = offs_m % L_Q
-    mask_m = (offs_m < HEADS_PER_PROG * L_Q) & (m_head < (kv_head + 1) * group)
-    q_rows = seq64 * stride_qb + m_query.to(gl.int64) * stride_qt + m_head.to(gl.int64) * stride_qh
-    q_tile = gl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
-                     mask=mask_m[:, None] & (offs_d[None, :] < D_NOPE), other=0.0)  # (M, D_NOPE)
-    qr_layout: gl.constexpr = row_layout(D_R, num_warps)
-    offs_mr = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, qr_layout))
-    offs_r = gl.arange(0, D_R, layout=gl.SliceLayout(0, qr_layout))
-    mr_head = head0 + offs_mr // L_Q
-    mask_mr = (offs_mr < HEADS_PER_PROG * L_Q) & (mr_head < (kv_head + 1) * group)
-    qr_rows = (seq64 * stride_qrb + (offs_mr % L_Q).to(gl.int64) * stride_qrt
-               + mr_head.to(gl.int64) * stride_qrh)
-    qr_tile = gl.load(q_rope_ptr + qr_rows[:, None] + offs_r[None, :],
-                      mask=mask_mr[:, None] & (offs_r[None, :] < D_R), other=0.0)  # (M, D_R)
+    head_end = (kv_head + 1) * group
+    q_tile = _load_rows(q_ptr + seq64 * stride_qb, stride_qt, stride_qh, head0, head_end, 0,
+                        BLOCK_M, L_Q, HEADS_PER_PROG, D_NOPE, num_warps)  # (M, D_NOPE)
+    qr_tile = _load_rows(q_rope_ptr + seq64 * stride_qrb, stride_qrt, stride_qrh, head0, head_end,
+                         0, BLOCK_M, L_Q, HEADS_PER_PROG, D_R, num_warps)  # (M, D_R)
 
     q_smem = gl.allocate_shared_memory(
         dtype, [BLOCK_M, D_NOPE], gl.NVMMASharedLayout.get_default_for([BLOCK_M, D_NOPE], dtype), q_tile)
