@@ -1,6 +1,7 @@
 """Compile the decode kernel for Hopper (sm_90a) on any machine, GPU or not, and print what the
 compiler made of each benchmark shape: shared memory, registers, local-memory (spill) bytes and
-whether the matrix products became wgmma. Costs no device time; run before a GPU call.
+whether the matrix products became wgmma, and digests of its PTX (debug information left out)
+and SASS to tell whether a change altered the code. Costs no device time; run before a GPU call.
 
     python benchmarks/decode_compile.py                  # the default shapes and configs
     python benchmarks/decode_compile.py --ptx gla2-lq1   # also dump that shape's PTX
@@ -9,13 +10,14 @@ whether the matrix products became wgmma. Costs no device time; run before a GPU
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hwattn.ops.hopper_decode import resources
+from hwattn.ops.hopper_decode import ptx_code, resources, sass
 from hwattn.ops.kernels.attend import attend_kernel
 from hwattn.ops.triton_decode import KernelConfig, choose_config, head_layout
 
@@ -68,6 +70,12 @@ def compile_shape(shape, config: KernelConfig | None = None):
     return kernel, config, block_m
 
 
+def digest(text: str) -> str:
+    """The first 12 hex digits of a text's SHA-256: compare runs before and after a change
+    (the PTX digest ignores debug information; see hopper_decode.ptx_code)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
@@ -78,7 +86,7 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int)
     args = parser.parse_args()
     print(f"{'shape':18} {'block_n':>7} {'warps':>5} {'stages':>6} {'M':>4} {'smem KB':>8} "
-          f"{'regs':>5} {'local B':>7} {'wgmma':>5}")
+          f"{'regs':>5} {'local B':>7} {'wgmma':>5} {'PTX sha256':>12} {'SASS sha256':>12}")
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         config = None
@@ -91,7 +99,8 @@ def main() -> None:
         ptx = kernel.asm["ptx"]
         wgmma = ptx.count("wgmma.mma_async")
         print(f"{name:18} {config.block_n:7} {config.num_warps:5} {config.num_stages:6} {block_m:4} "
-              f"{res['shared_bytes'] / 1024:8.1f} {res['registers']:5} {res['spill_bytes']:7} {wgmma:5}")
+              f"{res['shared_bytes'] / 1024:8.1f} {res['registers']:5} {res['spill_bytes']:7} {wgmma:5} "
+              f"{digest(ptx_code(ptx)):>12} {digest(sass(kernel.asm['cubin'])):>12}")
         if args.ptx == name:
             with open(f"/tmp/{name}.ptx", "w") as f:
                 f.write(ptx)

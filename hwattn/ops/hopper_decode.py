@@ -32,7 +32,7 @@ from hwattn.ops import triton_decode
 from hwattn.ops.kernels.combine import combine
 from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
 
-__all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "cuobjdump", "decode_tied",
+__all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "cuobjdump", "ptx_code", "sass", "decode_tied",
            "make_plan", "plan_knobs", "supported", "why_unsupported"]
 
 LOG2E = 1.4426950408889634
@@ -490,6 +490,28 @@ def cuobjdump(cubin: bytes, option: str) -> str:
         f.flush()
         return subprocess.run([tool, option, f.name], capture_output=True, text=True,
                               check=True).stdout
+
+
+def sass(cubin: bytes) -> str:
+    """The cubin's SASS, instructions only (function names and section headers dropped), so
+    that two builds of the same code compare equal."""
+    import re
+
+    return "\n".join(line.strip() for line in cuobjdump(cubin, "-sass").splitlines()
+                     if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line) or line.strip().startswith("/* 0x"))
+
+
+def ptx_code(ptx: str) -> str:
+    """A kernel's PTX without its debug information (line directives, debug labels and the
+    DWARF sections): what ptxas is asked to compute. Two builds whose code is the same compare
+    equal even when their source lines moved, which can still perturb ptxas's scheduling (and
+    so their SASS) through the line information."""
+    import re
+
+    body = ptx.split("\t.section\t.debug", 1)[0]
+    return "\n".join(line.split("//")[0].rstrip() for line in body.splitlines()
+                     if not re.match(r"\s*(\.loc|\.file)\b|\$L__tmp\d+:$", line.strip())
+                     and line.split("//")[0].strip())
 
 
 def resources(kernel) -> dict[str, int]:

@@ -104,7 +104,6 @@ COMPILE_SCRIPT = """
 import hashlib, json, sys
 from hwattn.ops import hopper_decode, triton_decode
 from hwattn.ops.hopper_decode import HopperConfig, TiedShape
-from tests.ops.hopper_fingerprint import sass
 results = []
 for fields, config in json.loads(sys.argv[1]):
     shape, config = TiedShape(**fields), HopperConfig(**config)
@@ -116,7 +115,7 @@ for fields, config in json.loads(sys.argv[1]):
                         threads=threads, wgmma="wgmma.mma_async" in ptx,
                         tma="cp.async.bulk.tensor" in ptx, mbarrier="mbarrier.try_wait" in ptx,
                         setmaxnreg="setmaxnreg" in ptx,
-                        sass=hashlib.sha256(sass(kernel.asm["cubin"]).encode()).hexdigest()))
+                        ptx_code=hashlib.sha256(hopper_decode.ptx_code(ptx).encode()).hexdigest()))
 print(json.dumps(results))
 """
 
@@ -152,10 +151,10 @@ def test_compiles_for_sm90(compiled, shape_id, variant):
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="Triton without Gluon or the NVIDIA backend")
 def test_fingerprints_tell_the_schedules_apart(compiled):
-    """The SASS digest `hopper_fingerprint.py` compares across refactors covers the instructions:
-    every schedule of one shape gets its own."""
+    """The PTX digest `hopper_fingerprint.py` compares across refactors covers the code: every
+    schedule of one shape gets its own."""
     shape = "gla2-lq2-2wg-split-rows"
-    digests = {v: compiled[(s, v)]["sass"] for s, v in CASES if s == shape and v != "default"}
+    digests = {v: compiled[(s, v)]["ptx_code"] for s, v in CASES if s == shape and v != "default"}
     assert len(digests) == 5 and len(set(digests.values())) == 5, digests
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hwattn.ops.kernels.paging import block_pages
+
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -84,9 +86,7 @@ def attend_kernel(
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
     mask_d = offs_d < D_V
-    # Page ids are read one block ahead: a page-table load inside the iteration that uses it
-    # would make the tile loads wait on it, and Triton's pipeliner then keeps only one tile in
-    # flight; carried over from the previous iteration, they let it keep num_stages - 1.
+    # Page ids are read one block ahead (kernels/paging.py says why): the first block's here.
     if PAGE % BLOCK_N == 0:
         # Pieces start on multiples of 64 >= BLOCK_N, so a block lies in one page.
         page_next = tl.load(table_row + start // PAGE).to(tl.int64)
@@ -96,15 +96,8 @@ def attend_kernel(
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + offs_n  # (N,) token positions
         mask_n = tok < end
-        if PAGE % BLOCK_N == 0:
-            tok_page = tl.zeros([BLOCK_N], tl.int64) + page_next
-            page_next = tl.load(table_row + tl.minimum(n0 + BLOCK_N, end - 1) // PAGE).to(tl.int64)
-            tok_slot = n0 % PAGE + offs_n
-        else:
-            tok_page = page_next
-            tok_next = tok + BLOCK_N
-            page_next = tl.load(table_row + tok_next // PAGE, mask=tok_next < end, other=0).to(tl.int64)
-            tok_slot = tok % PAGE
+        tok_page, tok_slot, page_next = block_pages(table_row, n0, offs_n, end, page_next, PAGE,
+                                                    BLOCK_N)
         k_rows = tok_page * stride_kp + tok_slot.to(tl.int64) * stride_kt  # (N,)
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k_tile = tl.load(k_head + k_rows[:, None] + offs_d[None, :], mask=mask_nd, other=0.0)  # (N, D_PAD)

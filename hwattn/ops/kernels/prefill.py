@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hwattn.ops.kernels.paging import block_pages
+
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -48,8 +50,7 @@ def _attend_blocks(
     offs_dv = tl.arange(0, DV_PAD)
     mask_dk = offs_dk < (D_V if SHARED_TILE else D_QK)
     mask_dv = offs_dv < D_V
-    # Page ids are read one block ahead, as in kernels/attend.py: a table load inside the
-    # iteration that uses it would hold the tile loads back and stop the pipelining.
+    # Page ids are read one block ahead (kernels/paging.py says why): the first block's here.
     if PAGE % BLOCK_N == 0:  # a block lies in one page (start is a multiple of BLOCK_N)
         # Clamped into [0, end): an empty range must not read past the sequence's pages.
         first = tl.maximum(tl.minimum(start, end - 1), 0)
@@ -59,15 +60,8 @@ def _attend_blocks(
         page_next = tl.load(table_row + tok_next // PAGE, mask=tok_next < end, other=0).to(tl.int64)
     for n0 in range(start, end, BLOCK_N):
         tok = n0 + offs_n  # (N,) key positions
-        if PAGE % BLOCK_N == 0:
-            tok_page = tl.zeros([BLOCK_N], tl.int64) + page_next
-            page_next = tl.load(table_row + tl.minimum(n0 + BLOCK_N, end - 1) // PAGE).to(tl.int64)
-            tok_slot = n0 % PAGE + offs_n
-        else:
-            tok_page = page_next
-            tok_next = tok + BLOCK_N
-            page_next = tl.load(table_row + tok_next // PAGE, mask=tok_next < end, other=0).to(tl.int64)
-            tok_slot = tok % PAGE
+        tok_page, tok_slot, page_next = block_pages(table_row, n0, offs_n, end, page_next, PAGE,
+                                                    BLOCK_N)
         if MASKED:
             mask_n = tok < end
         else:
