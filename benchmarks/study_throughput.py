@@ -9,6 +9,9 @@ compiled blocks, fused AdamW, the chunked linear cross-entropy, pinned host batc
 what it measures is what the study will get. Steady state leaves out the first logging
 window (compilation and warm-up). It also checks that SDPA can run the variant's training
 attention on the FlashAttention backend (a fallback to the math kernel would cost a lot).
+`--sdpa auto,cudnn` times every variant under each attention-kernel choice
+(`hwattn.layers.sdpa_choice`: cuDNN's fused attention first, MLA's and GLA's 192-wide keys and
+128-wide values unpadded); a choice this PyTorch cannot run gets a row with its error.
 
 Prints a table (ms/step, tokens/s, achieved TFLOP/s, MFU against `--peak-tflops`, peak
 memory, time to the first step) and one line of JSON; writes study_throughput.json under
@@ -58,6 +61,9 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 / H200 bf16 dense")
     p.add_argument("--unfused-loss", action="store_true",
                    help="also time each variant with the plain (B·T, V) logits cross-entropy")
+    p.add_argument("--sdpa", default="auto",
+                   help="comma-separated attention kernel choices to time each variant with "
+                        "(TrainConfig.sdpa: auto, cudnn); e.g. auto,cudnn")
     p.add_argument("--out", default=os.environ.get("OUT", "runs"))
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of the script: tiny preset, a few eager steps, no MFU")
@@ -79,14 +85,16 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0) if cuda else "CPU"
     rows = []
     t_all = time.time()
-    cases = [(v, True) for v in args.variants.split(",") if v]
+    choices = [c for c in args.sdpa.split(",") if c]
+    cases = [(v, True, c) for c in choices for v in args.variants.split(",") if v]
     if args.unfused_loss:
-        cases += [(v, False) for v, _ in list(cases)]
+        cases += [(v, False, c) for v, _, c in list(cases)]
     with tempfile.TemporaryDirectory(prefix="hwattn-throughput-") as tmp:
-        for variant, fused in cases:
+        for variant, fused, sdpa in cases:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            cfg = TrainConfig(data=args.data, out=f"{tmp}/{variant}-{int(fused)}", preset=args.preset,
+            cfg = TrainConfig(data=args.data, out=f"{tmp}/{variant}-{int(fused)}-{sdpa}",
+                              preset=args.preset, sdpa=sdpa,
                               variant=variant, seq_len=args.seq_len, batch_size=args.batch_size,
                               steps=args.steps, lr=2e-3, warmup_steps=2, compile=cuda,
                               device="cuda" if cuda else "cpu",
@@ -95,12 +103,19 @@ def main(argv=None) -> int:
                               save_final=False,
                               plot=False)
             t0 = time.time()
-            res = train(cfg, progress=False, log=lambda *a: None, dataset=data)
+            try:
+                res = train(cfg, progress=False, log=lambda *a: None, dataset=data)
+            except Exception as err:  # noqa: BLE001 - a kernel choice this build lacks: say so
+                rows.append({"variant": variant, "fused_loss": fused, "sdpa": sdpa,
+                             "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
+                print(f"{variant:<6} sdpa {sdpa}: {rows[-1]['error']}", flush=True)
+                torch._dynamo.reset()
+                continue
             wall = time.time() - t0
             model = res.pop("model")
             tps = res.get("steady_tokens_per_s") or 0.0
             first = next((r for r in _metrics(Path(cfg.out)) if "step_s" in r), {})
-            row = {"variant": variant, "fused_loss": fused, "params": res["params"],
+            row = {"variant": variant, "fused_loss": fused, "sdpa": sdpa, "params": res["params"],
                    "non_embedding_params": model.num_params(non_embedding=True),
                    "flops_per_token": res["flops_per_token"], "tokens_per_s": tps,
                    "ms_per_step": 1e3 * args.batch_size * args.seq_len / tps if tps else None,
@@ -110,18 +125,22 @@ def main(argv=None) -> int:
                    "first_window_s": first.get("step_s"), "wall_s": wall,
                    "flash_sdpa": flash_ok(model, args.seq_len) if cuda else "n/a"}
             rows.append(row)
-            print(f"{variant:<6} {'fused' if fused else 'plain'} CE: {tps:,.0f} tok/s, "
+            print(f"{variant:<6} {'fused' if fused else 'plain'} CE, sdpa {sdpa}: {tps:,.0f} tok/s, "
                   f"MFU {100 * (row['mfu'] or 0):.1f}%, {wall:.0f} s", flush=True)
             del model
             if cuda:
                 torch.cuda.empty_cache()
     print(f"\n{gpu}, torch {torch.__version__}, preset {args.preset}, batch {args.batch_size} × "
           f"{args.seq_len}, {args.steps} steps, MFU against {args.peak_tflops:.0f} TFLOP/s\n")
-    print("| variant | loss | params (non-emb) | ms/step | tokens/s | TFLOP/s | MFU | peak GiB "
+    print("| variant | loss | sdpa | params (non-emb) | ms/step | tokens/s | TFLOP/s | MFU | peak GiB "
           "| flash SDPA | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {'chunked' if r['fused_loss'] else 'plain'} | "
+        if "error" in r:
+            print(f"| {r['variant']} | {'chunked' if r['fused_loss'] else 'plain'} | {r['sdpa']} | "
+                  f"{r['error']} |" + " |" * 7)
+            continue
+        print(f"| {r['variant']} | {'chunked' if r['fused_loss'] else 'plain'} | {r['sdpa']} | "
               f"{r['params'] / 1e6:.1f}M ({r['non_embedding_params'] / 1e6:.1f}M) | "
               f"{r['ms_per_step'] or 0:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
               f"{100 * (r['mfu'] or 0):.1f}% | {r['peak_mem_gb']:.1f} | {r['flash_sdpa']} | "

@@ -34,6 +34,10 @@ def register(sub) -> None:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast: auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sdpa", default="auto", choices=("auto", "cudnn"),
+                   help="attention kernels: auto = PyTorch's choice (FlashAttention-2 on a GPU, "
+                        "differing key/value widths zero-padded); cudnn = cuDNN's fused "
+                        "attention first, widths as they are (CUDA only)")
     p.add_argument("--eval-every", type=int, default=0, help="validation every N steps (default: end only)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per domain")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
@@ -63,7 +67,7 @@ def run(args) -> int:
                       steps=args.steps, lr=args.lr, warmup_steps=args.warmup,
                       min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
                       grad_clip=args.clip, seed=args.seed, device=args.device, amp=args.amp,
-                      compile=args.compile, eval_every=args.eval_every,
+                      compile=args.compile, sdpa=args.sdpa, eval_every=args.eval_every,
                       eval_tokens=args.eval_tokens, ckpt_every=args.ckpt_every,
                       log_every=args.log_every, peak_tflops=args.peak_tflops,
                       resume=not args.no_resume)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -258,17 +259,52 @@ class PrefillForm:
                                k_scale=cache_scale, v_scale=cache_scale, return_lse=return_lse)
 
 
+# Which SDPA kernels dense attention may use (`sdpa_choice`, TrainConfig.sdpa):
+# - "auto": PyTorch's own choice, FlashAttention-2 on a GPU. It needs one width for queries,
+#   keys and values, so widths that differ (MLA and GLA: 192-wide keys, 128-wide values) are
+#   zero-padded to one: P·V then runs at the keys' 192 columns, 3.6% of MLA's and GLA's
+#   training FLOPs at the `study` scale spent on zeros (docs/quality_study.md).
+# - "cudnn": cuDNN's fused attention first, with the widths as they are (PyTorch's cuDNN
+#   backend takes differing widths), then FlashAttention, memory-efficient and math kernels.
+SDPA_CHOICES = ("auto", "cudnn")
+_sdpa_native_widths = False  # read while tracing, so a compiled block keeps the choice it saw
+
+
+@contextmanager
+def sdpa_choice(name: str) -> Iterator[None]:
+    """Inside the block dense attention (`causal_attention`) picks its SDPA kernels as `name`
+    says (see SDPA_CHOICES). A compiled model should be compiled inside the block."""
+    global _sdpa_native_widths
+    if name not in SDPA_CHOICES:
+        raise ValueError(f"sdpa must be one of {SDPA_CHOICES}, got {name!r}")
+    if name == "auto":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    before = _sdpa_native_widths
+    _sdpa_native_widths = True
+    try:
+        with sdpa_kernel(order, set_priority=True):
+            yield
+    finally:
+        _sdpa_native_widths = before
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Causal SDPA with the mask aligned bottom-right (queries are the last T of L keys).
 
     q (B, T, H, E); k (B, L, H_kv, E); v (B, L, H_kv, E_v) -> (B, T, H, E_v).
-    Widths that differ are zero-padded, which leaves scores and outputs unchanged.
+    Widths that differ are zero-padded, which leaves scores and outputs unchanged, except
+    inside `sdpa_choice("cudnn")`, whose first kernel takes them as they are.
     """
     n_q, n_k = q.shape[1], k.shape[1]
     e, e_v = q.shape[-1], v.shape[-1]
-    if e_v < e:
+    if e_v < e and not _sdpa_native_widths:
         v = F.pad(v, (0, e - e_v))
-    elif e_v > e:
+    elif e_v > e and not _sdpa_native_widths:
         q, k = F.pad(q, (0, e_v - e)), F.pad(k, (0, e_v - e))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, E)
     gqa = kt.shape[1] != qt.shape[1]

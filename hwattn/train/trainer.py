@@ -31,6 +31,7 @@ from hwattn.config import ModelConfig, parse_variant
 from hwattn.data.loader import BatchSampler, TokenDataset
 from hwattn.data.progress import progress_bar
 from hwattn.eval.perplexity import autocast_for, evaluate_domains
+from hwattn.layers import SDPA_CHOICES, sdpa_choice
 from hwattn.device import resolve_device
 from hwattn.models.checkpoint import load_model, save_checkpoint
 from hwattn.models.transformer import Transformer
@@ -65,6 +66,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False
+    sdpa: str = "auto"
     fused_loss: bool = True
     eval_every: int = 0
     eval_tokens: int = 65_536
@@ -88,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise ValueError(f"amp must be auto, bf16 or fp32, got {self.amp!r}")
+        if self.sdpa not in SDPA_CHOICES:
+            raise ValueError(f"sdpa must be one of {SDPA_CHOICES}, got {self.sdpa!r}")
         parse_variant(self.variant)
 
 
@@ -205,7 +209,16 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     first (used to test resumption). `deadline` (a `time.time()` value) does the same once
     a step ends past it, so a run fits a time-limited job and resumes in the next one. `model` reuses an already-built model (re-initialised
     from `cfg.seed`), and `compiled` a `torch.compile` wrapper of it, so that several runs of
-    one variant compile once."""
+    one variant compile once. The whole run attends with the SDPA kernels `cfg.sdpa` picks
+    (`hwattn.layers.sdpa_choice`); "cudnn" needs a CUDA device."""
+    if cfg.sdpa != "auto" and resolve_device(cfg.device).type != "cuda":
+        raise ValueError(f"sdpa={cfg.sdpa!r} needs a CUDA device (cuDNN's attention), got "
+                         f"device {cfg.device!r}")
+    with sdpa_choice(cfg.sdpa):
+        return _train(cfg, progress, log, stop_after, dataset, model, compiled, deadline)
+
+
+def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled, deadline) -> dict:
     world, rank, local_rank = _dist_env()
     distributed = world > 1
     device = resolve_device(cfg.device)

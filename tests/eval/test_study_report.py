@@ -174,11 +174,16 @@ def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--smoke", "--data", str(dataset_dir), "--variants", "gta-4,gla-2",
-                     "--out", str(tmp_path)]) == 0
+                     "--sdpa", "auto,cudnn", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "study_throughput.json").read_text())
-    assert [r["variant"] for r in res["rows"]] == ["gta-4", "gla-2"]
-    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in res["rows"])
-    assert "| gta-4 | chunked |" in capsys.readouterr().out
+    rows = res["rows"]
+    assert [(r["variant"], r["sdpa"]) for r in rows] == [
+        ("gta-4", "auto"), ("gla-2", "auto"), ("gta-4", "cudnn"), ("gla-2", "cudnn")]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in rows[:2])
+    # cuDNN's attention on a CPU: each row says why it did not run, and the others still ran.
+    assert all("CUDA device" in r["error"] for r in rows[2:])
+    out = capsys.readouterr().out
+    assert "| gta-4 | chunked | auto |" in out and "| gla-2 | chunked | cudnn | ValueError" in out
 
 
 @pytest.mark.slow

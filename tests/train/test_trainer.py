@@ -32,6 +32,11 @@ def test_config_errors():
         TrainConfig(data="-", out="-", variant="xyz")
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(data="-", out="-", amp="fp16")
+    with pytest.raises(ValueError, match="sdpa must be one of"):
+        TrainConfig(data="-", out="-", sdpa="flash3")
+    # cuDNN's attention is a GPU kernel: asking for it on a CPU is an error, not ignored.
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        train(TrainConfig(data="-", out="-", sdpa="cudnn", device="cpu"))
 
 
 def test_no_decay_on_norms_and_embedding():
