@@ -14,6 +14,10 @@ the paper's two claims gets a verdict derived from its interval:
 - fails: the lower end is above +1%: it is worse by more than 1%;
 - inconclusive: the interval straddles +1% (more seeds would decide);
 - untested: fewer than two seeds of the pair.
+
+An inconclusive claim also gets the number of paired seeds that would decide it if the gaps'
+mean and standard deviation stayed as observed (`seeds_to_decide`): a planning figure for the
+study, not a prediction.
 """
 
 from __future__ import annotations
@@ -126,17 +130,45 @@ def verdict(interval: tuple[float, float, float] | None) -> str:
     return "inconclusive"
 
 
+# The most seeds `seeds_to_decide` looks for; beyond it, "more than" this.
+MAX_SEEDS = 100
+
+
+def seeds_to_decide(values: list[float]) -> int | None:
+    """The fewest paired seeds whose 95% interval would clear the margin (lie wholly on one
+    side of +1%) if the gaps kept the mean and standard deviation of `values`; None when that
+    cannot happen (fewer than two values, no spread, or a mean on the margin itself) and
+    MAX_SEEDS + 1 when more than MAX_SEEDS would be needed."""
+    if len(values) < 2:
+        return None
+    m, sd = statistics.fmean(values), statistics.stdev(values)
+    distance = abs(m - MATCH_MARGIN)
+    if sd == 0 or distance == 0:
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if t95(n - 1) * sd / math.sqrt(n) < distance:
+            return n
+    return MAX_SEEDS + 1
+
+
 def claim_results(by: dict, domains: list[str]) -> list[dict]:
     """Per claim pair and metric (the mean over domains, then each domain): the per-seed
-    gaps, their 95% interval and the verdict."""
+    gaps, their 95% interval, the verdict and, when inconclusive, `seeds_to_decide`."""
     out = []
     for new, base in CLAIMS:
         for metric in ["average", *domains]:
             gaps = paired_gaps(by, new, base, metric)
-            iv = t_interval([g for _, g in gaps])
+            values = [g for _, g in gaps]
+            iv = t_interval(values)
+            decided = verdict(iv)
             out.append({"new": new, "base": base, "metric": metric, "gaps": gaps,
-                        "interval": iv, "verdict": verdict(iv)})
+                        "interval": iv, "verdict": decided,
+                        "seeds_needed": seeds_to_decide(values) if decided == "inconclusive" else None})
     return out
+
+
+def _seeds(n: int | None) -> str:
+    return "–" if n is None else (f"> {MAX_SEEDS}" if n > MAX_SEEDS else str(n))
 
 
 def plain_statement(res: list[dict], domains: list[str]) -> list[str]:
@@ -162,7 +194,12 @@ def plain_statement(res: list[dict], domains: list[str]) -> list[str]:
             text += (f": worse by {100 * m:.2f}% (at least {100 * lo:.2f}%), beyond the "
                      f"{100 * MATCH_MARGIN:.0f}% margin.")
         else:
-            text += f", which straddles the {100 * MATCH_MARGIN:.0f}% margin; more seeds would decide."
+            text += f", which straddles the {100 * MATCH_MARGIN:.0f}% margin; more seeds would decide"
+            if head["seeds_needed"] is not None:
+                side = "holds" if m < MATCH_MARGIN else "does not hold"
+                text += (f" (if the gaps kept their mean and spread, {_seeds(head['seeds_needed'])} "
+                         f"paired seeds would show that it {side})")
+            text += "."
         per = [f"{r['metric']} {100 * r['interval'][0]:+.2f}% ({r['verdict']})"
                for r in rows[1:] if r["interval"] is not None]
         if per:
@@ -357,15 +394,17 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
     out += ["## The paper's claims", "",
             "Paired by seed: gap = perplexity of the new variant / perplexity of its baseline − 1; "
             f"95% t-interval over seeds; a claim holds when the interval's upper end is at most "
-            f"+{100 * MATCH_MARGIN:.0f}% (the new variant no more than 1% worse).", "",
-            "| claim | metric | seeds | per-seed gaps | mean gap | 95% interval | verdict |",
-            "|---|---|---|---|---|---|---|"]
+            f"+{100 * MATCH_MARGIN:.0f}% (the new variant no more than 1% worse). Seeds to "
+            "decide: for an inconclusive row, the paired seeds whose interval would clear the "
+            "margin if the gaps kept their mean and standard deviation.", "",
+            "| claim | metric | seeds | per-seed gaps | mean gap | 95% interval | verdict | seeds to decide |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in res:
         iv = r["interval"]
         gaps = ", ".join(f"s{s}: {100 * g:+.2f}%" for s, g in r["gaps"]) or "–"
         out.append(f"| {r['new']} vs {r['base']} | {r['metric']} | {len(r['gaps'])} | {gaps} | "
                    + (f"{100 * iv[0]:+.2f}% | [{100 * iv[1]:+.2f}%, {100 * iv[2]:+.2f}%]"
-                      if iv else "– | –") + f" | {r['verdict']} |")
+                      if iv else "– | –") + f" | {r['verdict']} | {_seeds(r['seeds_needed'])} |")
     paper = [f"{k}: " + ", ".join(f"{v} {p}" for v, p in d.items()) for k, d in PAPER_PPL.items()]
     gaps = []
     for new, base in CLAIMS:

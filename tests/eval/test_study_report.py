@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hwattn.eval.report import claim_results, main as report_main, render, t95, t_interval
+from hwattn.eval.report import (MAX_SEEDS, claim_results, main as report_main, render,
+                                seeds_to_decide, t95, t_interval)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIM = "gqa-4,gta-4,mla,gla-2"
@@ -143,6 +144,15 @@ def test_t_interval_against_hand_computation():
     assert t_interval([0.1]) is None and t95(1) == 12.706 and t95(22) == t95(20) and t95(100) == 1.96
 
 
+def test_seeds_to_decide_against_hand_computation():
+    # Gaps +3.23%, +1.27%, +1.38%: mean 1.96%, sd 1.101%, 0.96% from the margin. Seven seeds
+    # give a half-width of 2.447 * 1.101 / sqrt(7) = 1.018% (not clear), eight 0.921% (clear).
+    assert seeds_to_decide([0.0323, 0.0127, 0.0138]) == 8
+    assert seeds_to_decide([0.01, 0.01]) is None  # on the margin, no spread
+    assert seeds_to_decide([0.02]) is None
+    assert seeds_to_decide([0.0100, 0.0101, 0.0099, 0.0100001]) == MAX_SEEDS + 1
+
+
 def test_verdicts_follow_the_numbers():
     runs = []
     for seed, (gqa, gta, mla, gla) in enumerate([(20.0, 19.9, 20.0, 21.0), (20.2, 20.1, 20.1, 21.1),
@@ -163,7 +173,12 @@ def test_verdicts_follow_the_numbers():
     noisy = [_run("gqa-4", 0, 20, 20), _run("gta-4", 0, 20.4, 20.4), _run("gqa-4", 1, 20, 20),
              _run("gta-4", 1, 19.9, 19.9)]
     text = render(noisy, {})
-    assert "is not decided" in next(ln for ln in text.splitlines() if ln.startswith("- **gta-4"))
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **gta-4"))
+    assert "is not decided" in line
+    # gaps +2%, -0.5%: mean 0.75% < 1%, sd 1.77%: the interval clears the margin at 194 seeds
+    assert "> 100 paired seeds would show that it holds" in line
+    row = next(ln for ln in text.splitlines() if ln.startswith("| gta-4 vs gqa-4 | average"))
+    assert row.endswith("| inconclusive | > 100 |")
     assert "untested" in next(ln for ln in text.splitlines() if ln.startswith("- **gla-2"))
 
 
