@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hwattn.ops.hopper_decode import ptx_code, resources, sass
+from hwattn.ops.kernel_code import ptx_code, resources, sass
 from hwattn.ops.kernels.attend import attend_kernel
 from hwattn.ops.triton_decode import KernelConfig, choose_config, head_layout
 
@@ -72,7 +72,7 @@ def compile_shape(shape, config: KernelConfig | None = None):
 
 def digest(text: str) -> str:
     """The first 12 hex digits of a text's SHA-256: compare runs before and after a change
-    (the PTX digest ignores debug information; see hopper_decode.ptx_code)."""
+    (the PTX digest ignores debug information; see hwattn.ops.kernel_code.ptx_code)."""
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

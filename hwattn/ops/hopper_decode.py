@@ -9,7 +9,8 @@ or `kernels/hopper_pingpong.py` (two 64-row warpgroups taking turns on the tenso
     choose_config(...), HopperConfig                      # how it is launched (measured defaults)
     make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)   # its split-KV plan
     plan_knobs(q_nope, kv_cache, rope_cache)              # the plan_decode keywords of a call
-    compile_sm90(shape, config)                           # compile without a GPU (tests, reports)
+    compile_sm90(shape, config)                           # compile without a GPU (tests, reports;
+                                                          # hwattn.ops.kernel_code reads the result)
 
 Same contract as `triton_decode.decode_tied`: the same split-KV plan (`plan.py`), the same
 partial outputs merged by the same combine kernel, (out, lse) returned, and with a plan given
@@ -32,7 +33,7 @@ from hwattn.ops import triton_decode
 from hwattn.ops.kernels.combine import combine
 from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
 
-__all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "cuobjdump", "ptx_code", "sass", "decode_tied",
+__all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "decode_tied",
            "make_plan", "plan_knobs", "supported", "why_unsupported"]
 
 LOG2E = 1.4426950408889634
@@ -475,54 +476,6 @@ def compile_sm90(shape: TiedShape, config: HopperConfig):
     source = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     return kernel, launch
-
-
-def cuobjdump(cubin: bytes, option: str) -> str:
-    """The text `cuobjdump <option>` prints for a cubin (e.g. '-res-usage', '-sass'), with the
-    cuobjdump that ships with Triton (no CUDA toolkit needed)."""
-    import os
-    import subprocess
-    import tempfile
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([tool, option, f.name], capture_output=True, text=True,
-                              check=True).stdout
-
-
-def sass(cubin: bytes) -> str:
-    """The cubin's SASS, instructions only (function names and section headers dropped), so
-    that two builds of the same code compare equal."""
-    import re
-
-    return "\n".join(line.strip() for line in cuobjdump(cubin, "-sass").splitlines()
-                     if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line) or line.strip().startswith("/* 0x"))
-
-
-def ptx_code(ptx: str) -> str:
-    """A kernel's PTX without its debug information (line directives, debug labels and the
-    DWARF sections): what ptxas is asked to compute. Two builds whose code is the same compare
-    equal even when their source lines moved, which can still perturb ptxas's scheduling (and
-    so their SASS) through the line information."""
-    import re
-
-    body = ptx.split("\t.section\t.debug", 1)[0]
-    return "\n".join(line.split("//")[0].rstrip() for line in body.splitlines()
-                     if not re.match(r"\s*(\.loc|\.file)\b|\$L__tmp\d+:$", line.strip())
-                     and line.split("//")[0].strip())
-
-
-def resources(kernel) -> dict[str, int]:
-    """Registers per thread, spill (local) bytes and shared bytes of a compiled kernel, read
-    from its cubin."""
-    import re
-
-    text = cuobjdump(kernel.asm["cubin"], "-res-usage")
-    found = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
-    return dict(registers=found.get("REG", -1), spill_bytes=found.get("LOCAL", 0) + found.get("STACK", 0),
-                shared_bytes=kernel.metadata.shared)
 
 
 def describe(shape: TiedShape, config: HopperConfig) -> str:

@@ -6,10 +6,10 @@
 Compiles every case of the sm_90 compile test (`test_hopper_decode.CASES`: each launch layout
 in each schedule, and the default config of every measured shape class) with ptxas, as
 `compile_sm90` does on any machine, and records two SHA-256 digests per case:
-- `ptx`: the PTX without its debug information (`hopper_decode.ptx_code`), i.e. what ptxas is
+- `ptx`: the PTX without its debug information (`kernel_code.ptx_code`), i.e. what ptxas is
   asked to compute. Equal digests mean the change cannot alter what the GPU computes there
   (e.g. code folded into `@gluon.jit` helpers, which Gluon inlines).
-- `sass`: the instructions ptxas made (`hopper_decode.sass`). They can differ while the PTX is
+- `sass`: the instructions ptxas made (`kernel_code.sass`). They can differ while the PTX is
   the same, because moved source lines change the line information ptxas schedules with;
   equal digests mean the very same machine code.
 `--against` lists every case whose digests differ from an earlier run's and exits 1 when a PTX
@@ -29,7 +29,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from hwattn.ops import hopper_decode
+from hwattn.ops import hopper_decode, kernel_code
 from hwattn.ops.hopper_decode import HopperConfig, TiedShape
 
 
@@ -37,11 +37,11 @@ def fingerprint(pair: tuple[dict, dict]) -> dict:
     """Compile one (shape fields, config fields) pair; its SASS digest and resources."""
     shape, config = TiedShape(**pair[0]), HopperConfig(**pair[1])
     kernel, _ = hopper_decode.compile_sm90(shape, config)
-    code = hopper_decode.sass(kernel.asm["cubin"])
-    ptx = hopper_decode.ptx_code(kernel.asm["ptx"])
+    code = kernel_code.sass(kernel.asm["cubin"])
+    ptx = kernel_code.ptx_code(kernel.asm["ptx"])
     return dict(ptx=hashlib.sha256(ptx.encode()).hexdigest(),
                 sass=hashlib.sha256(code.encode()).hexdigest(),
-                instructions=code.count("\n") // 2 + 1, **hopper_decode.resources(kernel))
+                instructions=code.count("\n") // 2 + 1, **kernel_code.resources(kernel))
 
 
 def cases() -> dict[str, tuple[dict, dict]]:

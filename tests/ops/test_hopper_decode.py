@@ -102,7 +102,7 @@ CASES = [(p.id, v) for p in COMPILE_SHAPES for v in [*VARIANTS, "default"]
 # language's library functions the Gluon compiler needs.
 COMPILE_SCRIPT = """
 import hashlib, json, sys
-from hwattn.ops import hopper_decode, triton_decode
+from hwattn.ops import hopper_decode, kernel_code, triton_decode
 from hwattn.ops.hopper_decode import HopperConfig, TiedShape
 results = []
 for fields, config in json.loads(sys.argv[1]):
@@ -111,11 +111,11 @@ for fields, config in json.loads(sys.argv[1]):
     ptx = kernel.asm["ptx"]
     threads = 32 * {"duo": 2 * launch.num_warps, "pingpong": 3 * launch.num_warps}.get(
         config.schedule, launch.num_warps + (4 if config.specialize else 0))
-    results.append(dict(hopper_decode.resources(kernel), ctas_per_sm=config.ctas_per_sm,
+    results.append(dict(kernel_code.resources(kernel), ctas_per_sm=config.ctas_per_sm,
                         threads=threads, wgmma="wgmma.mma_async" in ptx,
                         tma="cp.async.bulk.tensor" in ptx, mbarrier="mbarrier.try_wait" in ptx,
                         setmaxnreg="setmaxnreg" in ptx,
-                        ptx_code=hashlib.sha256(hopper_decode.ptx_code(ptx).encode()).hexdigest()))
+                        ptx_code=hashlib.sha256(kernel_code.ptx_code(ptx).encode()).hexdigest()))
 print(json.dumps(results))
 """
 
