@@ -211,9 +211,10 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     from `cfg.seed`), and `compiled` a `torch.compile` wrapper of it, so that several runs of
     one variant compile once. The whole run attends with the SDPA kernels `cfg.sdpa` picks
     (`hwattn.layers.sdpa_choice`); "cudnn" needs a CUDA device."""
-    if cfg.sdpa != "auto" and resolve_device(cfg.device).type != "cuda":
+    device = resolve_device(cfg.device)
+    if cfg.sdpa != "auto" and device.type != "cuda":
         raise ValueError(f"sdpa={cfg.sdpa!r} needs a CUDA device (cuDNN's attention), got "
-                         f"device {cfg.device!r}")
+                         f"device {cfg.device!r}" + ("" if cfg.device == str(device) else f" ({device})"))
     with sdpa_choice(cfg.sdpa):
         return _train(cfg, progress, log, stop_after, dataset, model, compiled, deadline)
 
