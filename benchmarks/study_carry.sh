@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quality study's corpus, ready to carry to a GPU machine that has no network, in two folders
-# of less than 64 MiB each (what one device call may carry): .carry/pack_a and .carry/pack_b.
+# of less than 64 MiB each (a transfer limited to 64 MiB at a time takes one): .carry/pack_a and .carry/pack_b.
 #
 #   bash benchmarks/study_carry.sh            # here, with network: build (or reuse) and pack
 #
