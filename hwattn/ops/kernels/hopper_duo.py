@@ -123,6 +123,26 @@ def _finite(m):
 
 
 @gluon.jit
+def _finish(o, l_i, vec_mine, vec_other, vec_m, sync, MINE: gl.constexpr, head0, head_end,
+            n_heads_q, single, out_base, lse_base, part_base, part_lse_base, stride_ot,
+            stride_oh, stride_lh, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr,
+            D_V: gl.constexpr):
+    """The end of warpgroup MINE (0 even, 1 odd): its row sum and the other's are over different
+    blocks at the same final max, so each publishes its own (sync 4 + MINE), adds the other's,
+    and stores its half of the columns (the even warpgroup the left half and the LSE)."""
+    row_l: gl.constexpr = l_i.type.layout
+    vec_mine.index(0).store(l_i)
+    gl.thread_barrier()
+    mbarrier.arrive(sync.index(4 + MINE), count=1)
+    mbarrier.wait(sync.index(5 - MINE), 0)
+    l_i = l_i + vec_other.index(0).load(row_l)
+    m_i = vec_m.index(0).load(row_l)
+    _store_tile(o, l_i, m_i, 0, MINE * (D_V // 2), head0, head_end, n_heads_q, single, out_base,
+                lse_base, part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q,
+                HEADS_PER_PROG, D_V, MINE == 0)
+
+
+@gluon.jit
 def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd, vec_m, vec_even,
           vec_odd, tile_bars, sync, zero, table_row, start, end, seqlen, kv_col, qk_scale,
           head0, head_end, n_heads_q, single, out_base, lse_base, part_base, part_lse_base,
@@ -219,18 +239,12 @@ def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd
             o = warpgroup_mma(p_odd.index(varying), kv_odd.slice(0, HALF, dim=1), o, is_async=True)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
 
-    # The two sums are over different blocks at the same final max. (The factor vectors are free:
-    # the odd warpgroup read its last one before storing the P we waited for, and stores its sum
-    # after waiting for our last P, which we stored after reading its last factor.)
-    vec_even.index(0).store(l_i)
-    gl.thread_barrier()
-    mbarrier.arrive(sync.index(4), count=1)
-    mbarrier.wait(sync.index(5), 0)
-    l_i = l_i + vec_odd.index(0).load(row_l)
-    m_i = vec_m.index(0).load(row_l)
-    _store_tile(o, l_i, m_i, 0, 0, head0, head_end, n_heads_q, single, out_base, lse_base,
-                part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q, HEADS_PER_PROG,
-                D_V, True)
+    # (The factor vectors are free for the row sums: the odd warpgroup read its last one before
+    # storing the P we waited for, and stores its sum after waiting for our last P, which we
+    # stored after reading its last factor.)
+    _finish(o, l_i, vec_even, vec_odd, vec_m, sync, 0, head0, head_end, n_heads_q, single,
+            out_base, lse_base, part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q,
+            HEADS_PER_PROG, D_V)
 
 
 @gluon.jit
@@ -333,15 +347,9 @@ def _odd(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd,
                           N_STATE)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
-    vec_odd.index(0).store(l_i)
-    gl.thread_barrier()
-    mbarrier.arrive(sync.index(5), count=1)
-    mbarrier.wait(sync.index(4), 0)
-    l_i = l_i + vec_even.index(0).load(row_l)
-    m_i = vec_m.index(0).load(row_l)
-    _store_tile(o, l_i, m_i, 0, HALF, head0, head_end, n_heads_q, single, out_base, lse_base,
-                part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q, HEADS_PER_PROG,
-                D_V, False)
+    _finish(o, l_i, vec_odd, vec_even, vec_m, sync, 1, head0, head_end, n_heads_q, single,
+            out_base, lse_base, part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q,
+            HEADS_PER_PROG, D_V)
 
 
 @gluon.jit
