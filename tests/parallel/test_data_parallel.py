@@ -247,13 +247,16 @@ def test_two_replicas_of_two_ranks_and_a_failing_rank_inside_one(monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_a_replica_failing_in_a_step_fails_its_own_requests(monkeypatch):
-    """Replica 1 raises in its 3rd step: its requests fail with its error (the traceback's
-    last line, in one line), replica 0's finish, and the engine takes requests on."""
-    monkeypatch.setenv("HWATTN_FAULT", "replica:step:1:3")
+    """Replica 1 raises in its 12th step (of about 16 for its requests): its requests fail with
+    its error (the traceback's last line, in one line), replica 0's finish, and the engine
+    takes requests on. (The fault comes late enough that all four requests are routed before
+    it: a fault in replica 1's 3rd step could land while the later ones were still being
+    sent, and they were then routed again, to replica 0.)"""
+    monkeypatch.setenv("HWATTN_FAULT", "replica:step:1:12")
     before = set(children(os.getpid()))
     llm = LLM(data_parallel_size=2, **TINY)
     engine = llm.engine
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     ids = engine.add_requests([[1, 2, 3]] * 4, [params] * 4)
     placed = {rid: engine.requests[rid].replica for rid in ids}
     assert sorted(placed.values()) == [0, 0, 1, 1]
@@ -263,11 +266,11 @@ def test_a_replica_failing_in_a_step_fails_its_own_requests(monkeypatch):
     for rid, replica in placed.items():
         out = outs[rid]
         if replica == 0:
-            assert out.finish_reason == "length" and len(out.token_ids) == 8
+            assert out.finish_reason == "length" and len(out.token_ids) == 16
         else:
             assert out.finish_reason == "error" and out.worker_failed
             assert out.error.startswith("data-parallel replica 1 failed during step: "
-                                        "InjectedFault: injected fault: replica 1 in step (step 3)")
+                                        "InjectedFault: injected fault: replica 1 in step (step 12)")
             assert "Traceback" not in out.error and fault_age(out.error) < 10
     assert all(o.finish_reason == "length" for o in llm.generate([[4, 5]] * 2, params))
     llm.shutdown()
