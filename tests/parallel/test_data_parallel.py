@@ -249,9 +249,9 @@ def test_two_replicas_of_two_ranks_and_a_failing_rank_inside_one(monkeypatch):
 def test_a_replica_failing_in_a_step_fails_its_own_requests(monkeypatch):
     """Replica 1 raises in its 12th step (of about 16 for its requests): its requests fail with
     its error (the traceback's last line, in one line), replica 0's finish, and the engine
-    takes requests on. (The fault comes late enough that all four requests are routed before
-    it: a fault in replica 1's 3rd step could land while the later ones were still being
-    sent, and they were then routed again, to replica 0.)"""
+    takes requests on. (The fault comes late so that the four requests are routed before it:
+    a fault in replica 1's 3rd step once landed while the later ones were still being sent,
+    and they were then routed again, to replica 0.)"""
     monkeypatch.setenv("HWATTN_FAULT", "replica:step:1:12")
     before = set(children(os.getpid()))
     llm = LLM(data_parallel_size=2, **TINY)
