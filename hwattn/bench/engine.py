@@ -26,7 +26,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from hwattn import ops
-from hwattn.bench.timing import DeviceTimer, device_peaks
+from hwattn.bench.timing import (GEMM_MARKERS, DeviceTimer, device_peaks, summarize_kernels,
+                                 trace_kernels)
 from hwattn.engine import ModelRunner, SamplingParams, StepInput
 from hwattn.engine.sampler import SamplingInput
 from hwattn.engine.step_timer import LAUNCH_PARTS, PHASES
@@ -242,10 +243,6 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10,
                 host_overhead_share=max(0.0, times["host_s"] / wall))
 
 
-# Substrings of cuBLAS / CUTLASS matrix-multiply kernel names (Hopper, Ampere, split-K, GEMV).
-GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "gemv", "splitk", "matmul", "_mma_")
-
-
 def classify_kernel(name: str, backend) -> str:
     """The part of a decode step a GPU kernel belongs to: "attention" or "cache_write" (the
     kernels `backend.kernel_names` lists for its paged ops), "gemm" (cuBLAS / CUTLASS
@@ -263,10 +260,6 @@ def profile_kernels(fn, iters: int) -> list[tuple[str, float]]:
     """(kernel name, seconds) of every GPU kernel, copy and memset that `iters` calls of `fn`
     ran, read from the profiler's trace (CUPTI records the kernels inside a CUDA graph's
     replay as it records launched ones)."""
-    import json
-    import os
-    import tempfile
-
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -274,34 +267,14 @@ def profile_kernels(fn, iters: int) -> list[tuple[str, float]]:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            trace = json.load(f)
-    finally:
-        os.unlink(path)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    return [(e["name"], e["dur"] / 1e6) for e in events
-            if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return trace_kernels(prof)
 
 
 def kernel_breakdown(kernels: list[tuple[str, float]], iters: int, backend, top: int = 12) -> dict:
     """Per step (kernel times summed over `iters` steps, divided by `iters`): seconds in each
     part of `classify_kernel`, the kernel count, and the `top` kernels by time."""
-    parts = dict.fromkeys(("attention", "cache_write", "gemm", "other"), 0.0)
-    by_name: dict[str, list] = {}
-    for name, seconds in kernels:
-        parts[classify_kernel(name, backend)] += seconds
-        entry = by_name.setdefault(name, [0.0, 0])
-        entry[0] += seconds
-        entry[1] += 1
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
-    return dict(**{f"{k}_s": v / iters for k, v in parts.items()},
-                kernels_s=sum(parts.values()) / iters, kernels_per_step=len(kernels) / iters,
-                top=[dict(name=n[:120], part=classify_kernel(n, backend), us=t / iters * 1e6,
-                          per_step=c / iters) for n, (t, c) in ranked])
+    return summarize_kernels(kernels, iters, lambda name: classify_kernel(name, backend),
+                             ("attention", "cache_write", "gemm", "other"), top)
 
 
 def decode_floor(model, batch: int, context_len: int, cache_dtype: torch.dtype,

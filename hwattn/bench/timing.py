@@ -1,9 +1,13 @@
-"""Timing shared by the benchmarks: the median device time of a callable, and the GPU's two
-ceilings (copy bandwidth and bf16 matmul rate) measured once per process with it."""
+"""Timing shared by the benchmarks: the median device time of a callable, the GPU's two
+ceilings (copy bandwidth and bf16 matmul rate) measured once per process with it, and the
+kernels of a profiler's trace."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -97,3 +101,43 @@ def graphed(fn, device) -> tuple:
     except RuntimeError:
         torch.cuda.synchronize()
         return fn, "eager"
+
+
+# Substrings of cuBLAS / CUTLASS matrix-multiply kernel names (Hopper, Ampere, split-K, GEMV).
+GEMM_MARKERS = ("gemm", "xmma", "cutlass", "nvjet", "gemv", "splitk", "matmul", "_mma_")
+
+
+def trace_kernels(prof) -> list[tuple[str, float]]:
+    """(kernel name, seconds) of every GPU kernel, copy and memset in a finished
+    `torch.profiler.profile`'s trace, in the trace's order."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    finally:
+        os.unlink(path)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [(e["name"], e["dur"] / 1e6) for e in events
+            if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
+def summarize_kernels(kernels: list[tuple[str, float]], iters: int, classify, parts: tuple[str, ...],
+                      top: int = 12) -> dict:
+    """Per iteration (times summed over `iters` iterations, divided by `iters`): seconds in
+    each of `parts` (`<part>_s`, by `classify(name)`, which returns one of them), all kernels'
+    seconds (`kernels_s`), the kernel count (`kernels_per_step`) and the `top` kernels by time
+    (name, part, µs and calls per iteration)."""
+    totals = dict.fromkeys(parts, 0.0)
+    by_name: dict[str, list] = {}
+    for name, seconds in kernels:
+        totals[classify(name)] += seconds
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += seconds
+        entry[1] += 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(**{f"{k}_s": v / iters for k, v in totals.items()},
+                kernels_s=sum(totals.values()) / iters, kernels_per_step=len(kernels) / iters,
+                top=[dict(name=n[:120], part=classify(n), us=t / iters * 1e6, per_step=c / iters)
+                     for n, (t, c) in ranked])

@@ -261,9 +261,10 @@ class PrefillForm:
 
 # Which SDPA kernels dense attention may use (`sdpa_choice`, TrainConfig.sdpa):
 # - "auto": PyTorch's own choice, FlashAttention-2 on a GPU. It needs one width for queries,
-#   keys and values, so widths that differ (MLA and GLA: 192-wide keys, 128-wide values) are
-#   zero-padded to one: P·V then runs at the keys' 192 columns, 3.6% of MLA's and GLA's
-#   training FLOPs at the `study` scale spent on zeros (docs/quality_study.md).
+#   keys and values, so widths that differ (MLA and GLA: d_h + d_R-wide keys, d_h-wide values)
+#   are zero-padded to one: P·V then runs at the keys' width, e.g. 96 columns for 64 at the
+#   `study` scale, 3.6% of MLA's and GLA's training FLOPs there spent on zeros
+#   (docs/quality_study.md).
 # - "cudnn": cuDNN's fused attention first, with the widths as they are (PyTorch's cuDNN
 #   backend takes differing widths), then FlashAttention, memory-efficient and math kernels.
 SDPA_CHOICES = ("auto", "cudnn")

@@ -182,6 +182,10 @@ class Transformer(nn.Module):
         """Training FLOPs per token (forward + backward) at sequence length `seq_len`:
         6 per matmul weight plus attention's QK^T and PV over the (full) context."""
         matmul = sum(p.numel() for n, p in self.named_parameters() if not n.endswith("norm.weight"))
-        attn = sum(6 * blk.attn.n_heads * seq_len * sum(blk.attn.attend_widths())
+        return 6 * matmul + self.attention_flops_per_token(seq_len)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """The attention part of `flops_per_token`: QK^T and PV over the full `seq_len`
+        context, forward and backward, summed over layers."""
+        return sum(6 * blk.attn.n_heads * seq_len * sum(blk.attn.attend_widths())
                    for blk in self.layers)
-        return 6 * matmul + attn

@@ -202,7 +202,7 @@ def recover_checkpoint(path: Path, log=print) -> Path | None:
 
 def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | None = None,
           dataset: TokenDataset | None = None, model: Transformer | None = None,
-          compiled=None, deadline: float | None = None) -> dict:
+          compiled=None, deadline: float | None = None, on_step=None) -> dict:
     """Run (or resume) `cfg`; returns a summary dict (the trained model under "model").
 
     `stop_after` ends the run after that many optimizer steps of this call, checkpointing
@@ -210,16 +210,19 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     a step ends past it, so a run fits a time-limited job and resumes in the next one. `model` reuses an already-built model (re-initialised
     from `cfg.seed`), and `compiled` a `torch.compile` wrapper of it, so that several runs of
     one variant compile once. The whole run attends with the SDPA kernels `cfg.sdpa` picks
-    (`hwattn.layers.sdpa_choice`); "cudnn" needs a CUDA device."""
+    (`hwattn.layers.sdpa_choice`); "cudnn" needs a CUDA device. `on_step(done)`, if given, is
+    called after each optimizer step (and its logging) with the number of steps done, e.g. to
+    drive a profiler over chosen steps."""
     device = resolve_device(cfg.device)
     if cfg.sdpa != "auto" and device.type != "cuda":
         raise ValueError(f"sdpa={cfg.sdpa!r} needs a CUDA device (cuDNN's attention), got "
                          f"device {cfg.device!r}" + ("" if cfg.device == str(device) else f" ({device})"))
     with sdpa_choice(cfg.sdpa):
-        return _train(cfg, progress, log, stop_after, dataset, model, compiled, deadline)
+        return _train(cfg, progress, log, stop_after, dataset, model, compiled, deadline, on_step)
 
 
-def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled, deadline) -> dict:
+def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled, deadline,
+           on_step) -> dict:
     world, rank, local_rank = _dist_env()
     distributed = world > 1
     device = resolve_device(cfg.device)
@@ -372,6 +375,8 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
             t_window, tok_window = time.perf_counter(), 0
         if main:
             bar.update(1)
+        if on_step is not None:
+            on_step(done)
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and main:
             append_metrics(metrics_path, evaluate(done))
             t_window = time.perf_counter()

@@ -189,9 +189,14 @@ def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--smoke", "--data", str(dataset_dir), "--variants", "gta-4,gla-2",
-                     "--sdpa", "auto,cudnn", "--out", str(tmp_path)]) == 0
+                     "--sdpa", "auto,cudnn", "--profile-steps", "1", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "study_throughput.json").read_text())
     rows = res["rows"]
+    # Profiling adds one logging window (2 steps in the smoke), of which the last step ran
+    # under the profiler (no GPU kernels on a CPU); that window is not in the steady rate.
+    assert (res["steps"], res["steps_run"], res["profile_steps"]) == (6, 8, 1)
+    assert all(r["profiled_steps"] == 1 and r["kernels"]["kernels_per_step"] == 0
+               for r in rows[:2])
     assert [(r["variant"], r["sdpa"]) for r in rows] == [
         ("gta-4", "auto"), ("gla-2", "auto"), ("gta-4", "cudnn"), ("gla-2", "cudnn")]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in rows[:2])
@@ -199,6 +204,21 @@ def test_throughput_script_runs_on_cpu(dataset_dir, tmp_path, capsys):
     assert all("CUDA device" in r["error"] for r in rows[2:])
     out = capsys.readouterr().out
     assert "| gta-4 | chunked | auto |" in out and "| gla-2 | chunked | cudnn | ValueError" in out
+    assert "GPU time per training step by part" in out
+
+
+def test_throughput_steady_rate_leaves_out_warm_up_and_profiled_windows():
+    spec = importlib.util.spec_from_file_location("study_throughput",
+                                                  ROOT / "benchmarks" / "study_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    windows = [{"tokens_per_s": r} for r in (10.0, 100.0, 300.0, 1.0)]
+    # 600 tokens per window: 6 s + 2 s for the middle two -> 1200 / 8
+    assert mod.steady_rate(windows, 600, skip_last=True) == pytest.approx(150.0)
+    assert mod.steady_rate(windows, 600, skip_last=False) == pytest.approx(1800 / (6 + 2 + 600))
+    assert mod.steady_rate(windows[:2], 600, skip_last=True) == 0.0
+    with pytest.raises(SystemExit):  # more profiled steps than a window holds
+        mod.main(["--smoke", "--profile-steps", "3"])
 
 
 @pytest.mark.slow

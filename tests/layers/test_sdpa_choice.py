@@ -1,8 +1,8 @@
 """`sdpa_choice`: dense attention with cuDNN's kernel first and key / value widths unpadded.
 
 On a CPU the kernels differ from a GPU's, but what the choice changes in our code does not:
-inside `sdpa_choice("cudnn")` MLA's and GLA's 192-wide keys and 128-wide values reach SDPA as
-they are (no zero padding), with the same outputs and gradients as the padded call, and the
+inside `sdpa_choice("cudnn")` MLA's and GLA's (d_h + d_R)-wide keys and d_h-wide values reach
+SDPA as they are (no zero padding), with the same outputs and gradients as the padded call, and the
 SDPA backend priority is restored on the way out.
 """
 

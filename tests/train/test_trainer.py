@@ -160,7 +160,10 @@ def test_deadline_checkpoints_and_the_next_call_finishes(dataset_dir, tmp_path):
 
     quiet = dict(progress=False, log=lambda *a: None)
     out = tmp_path / "run"
-    first = train(_cfg(dataset_dir, out), deadline=time.time() - 1, **quiet)
+    seen = []
+    first = train(_cfg(dataset_dir, out), deadline=time.time() - 1, on_step=seen.append, **quiet)
     assert first["steps_done"] == 1 and (out / "checkpoint" / "trainer_state.pt").is_file()
-    rest = train(_cfg(dataset_dir, out), **quiet)
+    rest = train(_cfg(dataset_dir, out), on_step=seen.append, **quiet)
     assert rest["steps_done"] == 8 and "val" in rest
+    # on_step hears of every optimizer step once, with the count done, across the resume.
+    assert seen == list(range(1, 9))
