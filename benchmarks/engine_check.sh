@@ -20,9 +20,12 @@
 #   9. xlattn: the Hopper kernels at the engine's `xl` decode shape (h_q 16, B 64, L 1K and 8K)
 #      under several schedules and split-KV plans, Triton beside (run 9: MLA's attention took
 #      55 µs a layer at L = 1K where GLA-2's took 28 µs for the same cache bytes).
+#  10. fp8: the Hopper tied kernel over an e4m3 cache (copied as it is, widened to fp16 in shared
+#      memory; built without a GPU on 2026-12-05): its correctness checks, then its timing beside
+#      the bf16 kernel on the same shapes (the target: >= 1.6x the bf16 speed at L_q = 1).
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8 ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -83,6 +86,13 @@ for step in $steps; do
         --shapes mla-xl-b64-1k,gla2-xl-b64-1k,gta4-xl-b64-1k,mla-xl-b64-8k,gla2-xl-b64-8k,gta4-xl-b64-8k \
         --variants default,ws,duo,duo-p1-m256,duo-p1-m512,duo-p1-m1024,duo-p2-m256,ovl,ovl-p1-m256,ovl-p1-m1024 \
         --out "$OUT/hopper_xl.json" 2>&1 | tail -20 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn)" | tee -a "$OUT/log"; exit 2 ;;
+    fp8)
+      timeout 150 python3 benchmarks/hopper_decode.py --only correctness --budget 130 --jobs 4 \
+        --checks gla2-lq2-fp8,gta4-lq1-fp8 --variants default,ws,ovl \
+        --out "$OUT/hopper_fp8_checks.json" 2>&1 | tail -8 | tee -a "$OUT/log"
+      timeout 200 python3 benchmarks/hopper_decode.py --only timing --budget 180 --rep-ms 30 --jobs 8 \
+        --shapes gla2-b128-16k-lq1,gla2-b128-16k-lq1-fp8,gta4-b128-16k,gta4-b128-16k-fp8,gla2-b128-16k-lq2,gla2-b128-16k-lq2-fp8,gta4-b1-128k,gta4-b1-128k-fp8,gla2-b4-32k,gla2-b4-32k-fp8 \
+        --variants default,ws,ovl --out "$OUT/hopper_fp8.json" 2>&1 | tail -24 | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

@@ -13,12 +13,13 @@ correctness: hostile paged caches (shuffled pages from a pool with spare pages, 
     64, 65, prime and long, L_q 1-4, each through an unsplit and a 64-token split plan, against
     the fp64 reference; the Triton kernel's error on the same data is printed beside, and
     `ratio` is the error over the tests' bound (4 × the bf16 reference's error + 1 ulp): <= 1
-    passes.
+    passes. Names ending in -fp8 run over an e4m3 cache (stored = value / 0.5).
 peaks: copy GB/s (read + write) and bf16 matmul TFLOP/s, measured in the same process.
 timing: median of `triton.testing.do_bench` over CUDA-graph replays (L2 flushed between calls)
     for Triton and each Hopper variant; GB/s and TFLOP/s on the layer's own byte and FLOP
     counts, % of the peaks, the roofline time and the speed-up over Triton; GTA-4 rows also time
-    GQA-4 on the same batch.
+    GQA-4 on the same batch. Shapes ending in -fp8 read an e4m3 cache (their bytes counted at
+    one per cached element); beside the bf16 shape of the same name they give the fp8 speed-up.
 
 Hopper variants (`--variants`): default (what the "hopper" backend launches for each call:
 `hopper_decode.call_config`, schedule and plan knobs), ws (ring of slots, producer warp), pipe (ring, consumer-issued
@@ -60,6 +61,7 @@ PLAN_KNOBS = ("programs_per_sm", "min_piece")
 DEVICE = os.environ.get("HOPPER_BENCH_DEVICE", "cuda")  # "cpu" dry-runs the checks' plumbing
 OVERRIDES: dict = {}  # HopperConfig fields forced from the command line (--stages, --ctas-per-sm)
 CHECK_LIMIT = 2e-2  # relative L2 error against the Triton kernel in the timing phase
+FP8_SCALE = 0.5  # an fp8 cache stores value / FP8_SCALE (the N(0, 1) data stay well in range)
 
 
 def _shapes() -> dict[str, dict]:
@@ -89,6 +91,11 @@ def _shapes() -> dict[str, dict]:
     for variant in ("mla", "gla-2"):
         shapes[f"{variant.replace('-', '')}-uneven"] = dict(
             variant=variant, heads=128, tp=1, lengths=[131072] + [1024] * 63, query_len=1)
+    # fp8 (e4m3) caches, beside the bf16 shapes of the same name (the issue's fp8 target: the
+    # tied kernel at L_q = 1 against itself on bf16).
+    for name in ("gla2-b128-16k-lq1", "gla2-b128-16k-lq2", "gta4-b128-16k", "gta4-b1-128k",
+                 "gla2-b4-32k"):
+        shapes[f"{name}-fp8"] = dict(shapes[name], cache="fp8")
     for shape in shapes.values():
         shape["page"] = 64
     return shapes
@@ -103,6 +110,8 @@ CHECKS = [
     ("gla2-lq3", "gla-2", 128, 1, [3, 63, 339], 3, 256),
     ("gta4-lq1", "gta-4", 32, 1, [1, 63, 64, 65, 4100], 1, 64),
     ("gta4-lq4", "gta-4", 32, 1, [5, 130, 1000], 4, 64),
+    ("gla2-lq2-fp8", "gla-2", 128, 1, [2, 63, 64, 65, 2049], 2, 64),
+    ("gta4-lq1-fp8", "gta-4", 32, 1, [1, 63, 64, 65, 4100], 1, 64),
 ]
 
 
@@ -123,7 +132,8 @@ def _layer(variant: str, heads: int):
 class Paged:
     """Random paged caches and queries for one batch on the GPU (tied or separate K/V)."""
 
-    def __init__(self, torch, layer, tp, lengths, l_q, page, hostile=False, dtype=None):
+    def __init__(self, torch, layer, tp, lengths, l_q, page, hostile=False, dtype=None,
+                 fp8=False):
         dtype = dtype or torch.bfloat16
         h_q, _ = layer.local_heads(tp)
         layout = layer.cache_layout(tp)
@@ -146,7 +156,9 @@ class Paged:
             data = torch.randn(n_pool, page, *shape, device=DEVICE, dtype=dtype)
             if hostile:
                 data[~owner] = float("nan")
-            return data
+            return (data / FP8_SCALE).to(torch.float8_e4m3fn) if fp8 else data
+
+        self.kv_scale = FP8_SCALE if fp8 else None
 
         self.block_table, self.lengths = table, lengths
         self.seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
@@ -202,13 +214,14 @@ class NotApplicable(Exception):
     """The variant does not take this shape, or its plan knobs change nothing here."""
 
 
-def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=None):
-    """The HopperConfig of a variant for a shape; NotApplicable where it does not take it, or
-    (given the lengths) where its plan knobs change nothing because no plan splits."""
+def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=None, fp8=False):
+    """The HopperConfig of a variant for a shape (fp8: over an e4m3 cache); NotApplicable where
+    it does not take it, or (given the lengths) where its plan knobs change nothing because no
+    plan splits."""
     from hwattn.ops import hopper_decode
     from hwattn.ops.hopper_decode import HopperConfig
 
-    default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q)
+    default = hopper_decode.choose_config(d_nope, d_v, d_rope, group, l_q, fp8_cache=fp8)
     if spec == "default":
         return default
 
@@ -220,7 +233,7 @@ def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=Non
 
     try:
         config = config_of(spec)
-        launch = hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, config)
+        launch = hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, config, fp8_cache=fp8)
     except ValueError as err:
         raise NotApplicable(str(err)) from None
     base_name = spec.split("-")[0]
@@ -230,7 +243,8 @@ def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=Non
         base = config_of(base_name)
         try:
             same = (dataclasses.replace(config, num_stages=None) == base and launch
-                    == hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, base))
+                    == hopper_decode.plan_launch(d_nope, d_v, d_rope, group, l_q, base,
+                                                 fp8_cache=fp8))
         except ValueError:
             same = False
         if same:
@@ -242,9 +256,10 @@ def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=Non
 
         # The plans on the host: meta tensors carry the shapes the planner reads.
         meta = dict(device="meta", dtype=torch.bfloat16)
+        cache = dict(meta, dtype=torch.float8_e4m3fn) if fp8 else meta
         q_nope = torch.empty(len(lengths), l_q, group * h_kv, d_nope, **meta)
-        kv_cache = torch.empty(1, 64, h_kv, d_v, **meta)
-        rope_cache = torch.empty(1, 64, d_rope, **meta)
+        kv_cache = torch.empty(1, 64, h_kv, d_v, **cache)
+        rope_cache = torch.empty(1, 64, d_rope, **cache)
         seqlens = torch.tensor(lengths, dtype=torch.int32)
 
         def pieces(cfg):
@@ -273,15 +288,18 @@ def _hopper_call(torch, kernel: str, data, lengths=None):
     args = data.tied_args()
     d_nope, d_v, d_rope = data.q_nope.shape[-1], data.kv_cache.shape[-1], data.q_rope.shape[-1]
     group, l_q = data.q_nope.shape[2] // data.kv_cache.shape[2], data.q_nope.shape[1]
+    fp8 = data.kv_scale is not None
     config = _hopper_config(kernel, d_nope, d_v, d_rope, group, data.kv_cache.shape[2], l_q,
-                            lengths)
+                            lengths, fp8)
     if kernel == "default":  # the backend's choice for this call: batch and SMs included
         config = hopper_decode.call_config(data.q_nope, data.kv_cache, data.rope_cache)
     page = data.kv_cache.shape[1]
-    text = hopper_decode.describe(TiedShape(d_nope, d_v, d_rope, group, l_q, page), config)
+    text = hopper_decode.describe(TiedShape(d_nope, d_v, d_rope, group, l_q, page,
+                                            cache="fp8" if fp8 else None), config)
 
     def fn(plan):
-        return hopper_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan, config=config)
+        return hopper_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan,
+                                         kv_scale=data.kv_scale, config=config)
     return text, fn, config
 
 
@@ -301,24 +319,26 @@ def task_check(torch, name: str, kernel: str) -> dict:
     from hwattn.ops.reference import decode_tied_reference
 
     _, variant, heads, tp, lengths, l_q, page = next(c for c in CHECKS if c[0] == name)
+    fp8 = name.endswith("-fp8")
     layer = _layer(variant, heads)
     _, h_kv = layer.local_heads(tp)
     row = dict(task=f"check:{name}:{kernel}", check=name, kernel=kernel)
     if kernel != "triton":
         try:
-            _hopper_config(kernel, *_widths(layer, tp), l_q)
+            _hopper_config(kernel, *_widths(layer, tp), l_q, fp8=fp8)
         except NotApplicable as why:
             return dict(row, not_applicable=str(why))
-    data = Paged(torch, layer, tp, lengths, l_q, page, hostile=True)
+    data = Paged(torch, layer, tp, lengths, l_q, page, hostile=True, fp8=fp8)
     args = data.tied_args()
+    scale = dict(softmax_scale=data.scale, kv_scale=data.kv_scale)
     wide = [t.double() if t.is_floating_point() else t for t in args]
-    truth = decode_tied_reference(*wide, softmax_scale=data.scale)
-    base = decode_tied_reference(*args, softmax_scale=data.scale)  # the same maths in bf16
+    truth = decode_tied_reference(*wide, **scale)
+    base = decode_tied_reference(*args, **scale)  # the same maths in bf16
     if kernel == "triton":
         def fn(plan):
-            return triton_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan)
+            return triton_decode.decode_tied(*args, plan=plan, **scale)
     else:
-        row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
+        row["unsupported"] = hopper_decode.why_unsupported(*args[:4], kv_scale=data.kv_scale)
         row["launch"], fn, _ = _hopper_call(torch, kernel, data)
     # unsplit: the kernel's own plan (its knobs: pieces of a long sequence); split: 64 tokens.
     plans = {"unsplit": None, "split": ops.plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q,
@@ -357,18 +377,24 @@ def _prepare(torch, name: str, kernel: str, peaks):
     layer = _layer(variant, shape["heads"])
     h_q, h_kv = layer.local_heads(shape["tp"])
     lengths, l_q, page = shape["lengths"], shape["query_len"], shape["page"]
+    fp8 = shape.get("cache") == "fp8" and kernel != "gqa"  # (GQA-4 beside it: bf16)
     nbytes = sum(layer.decode_bytes(n, l_q, shape["tp"]) for n in lengths)
+    if fp8:  # the cache at one byte per element; queries and outputs stay bf16
+        nbytes -= sum(lengths) * (layer.kv_bytes_per_token(shape["tp"], torch.bfloat16)
+                                  - layer.kv_bytes_per_token(shape["tp"], torch.float8_e4m3fn))
     flops = sum(layer.decode_flops(n, l_q, shape["tp"]) for n in lengths)
     copy_gbps, mm_tflops = peaks or (float("nan"), float("nan"))
     row = dict(task=f"time:{name}:{kernel}", shape=name, kernel=kernel, variant=variant, h_q=h_q,
                h_kv=h_kv, batch=len(lengths), max_len=max(lengths), query_len=l_q, bytes=nbytes,
                flops=flops, roofline_us=max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6))
+    if fp8:
+        row["cache"] = "fp8"
     if kernel not in ("triton", "gqa"):
         try:
-            _hopper_config(kernel, *_widths(layer, shape["tp"]), l_q, lengths)
+            _hopper_config(kernel, *_widths(layer, shape["tp"]), l_q, lengths, fp8)
         except NotApplicable as why:
             return dict(row, not_applicable=str(why)), None, None, None
-    data = Paged(torch, layer, shape["tp"], lengths, l_q, page)
+    data = Paged(torch, layer, shape["tp"], lengths, l_q, page, fp8=fp8)
     if kernel == "gqa":
         plan = plan_decode(data.seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page,
                            min_piece=triton_decode.min_piece(data.q, data.k_cache, data.v_cache, None, False))
@@ -382,7 +408,8 @@ def _prepare(torch, name: str, kernel: str, peaks):
     min_piece = triton_decode.min_piece(data.q_nope, data.kv_cache, data.kv_cache, data.rope_cache, True)
 
     def tri(plan):
-        return triton_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan)
+        return triton_decode.decode_tied(*args, softmax_scale=data.scale, plan=plan,
+                                         kv_scale=data.kv_scale)
 
     tri_config = triton_decode.choose_config(max(16, 1 << (data.kv_cache.shape[-1] - 1).bit_length()),
                                              l_q, group, True)
@@ -391,7 +418,7 @@ def _prepare(torch, name: str, kernel: str, peaks):
                            head_blocks=tri_blocks, min_piece=min_piece)
     if kernel == "triton":
         return row, tri, tri_plan, None
-    row["unsupported"] = hopper_decode.why_unsupported(*args[:4])
+    row["unsupported"] = hopper_decode.why_unsupported(*args[:4], kv_scale=data.kv_scale)
     row["launch"], fn, config = _hopper_call(torch, kernel, data)
     plan = hopper_decode.make_plan(data.q_nope, data.kv_cache, data.rope_cache, data.seqlens,
                                    config)

@@ -15,9 +15,12 @@ or `kernels/hopper_pingpong.py` (two 64-row warpgroups taking turns on the tenso
 Same contract as `triton_decode.decode_tied`: the same split-KV plan (`plan.py`), the same
 partial outputs merged by the same combine kernel, (out, lse) returned, and with a plan given
 no host read of device memory (CUDA-graph safe; the TMA descriptors only hold the caches'
-addresses and shapes). Calls it does not support (another GPU, fp8 or fp32, widths that are not
-multiples of 64, page sizes that are not multiples of 64, non-contiguous caches) go to the
-portable Triton kernel.
+addresses and shapes). An fp8 (e4m3) cache runs on the specialised ring schedule, widened to
+the query dtype in shared memory by warps of their own (`kernels/hopper_tied.py`), its scale
+folded into the softmax scale and the output. Calls it does not support (another GPU, fp32,
+widths that are not multiples of 64, page sizes that are not multiples of 64, non-contiguous
+caches, an fp8 cache whose slots do not fit, such as MLA's 512-wide latent) go to the portable
+Triton kernel.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ LOG2E = 1.4426950408889634
 BLOCK_N = 64  # tokens per block: one TMA row box; pages are multiples of it
 COL_BOX = 64  # state columns per TMA copy (128 bytes, the widest swizzle)
 DTYPES = (torch.bfloat16, torch.float16)
+FP8 = torch.float8_e4m3fn  # the cache dtype the kernel widens (the Triton kernel's fp8 too)
+WIDEN_WARPS = 4  # the widening partition of an fp8 cache (kernels/hopper_tied.py)
 WIDTHS = (64, 128, 256, 512)  # state widths: whole TMA boxes, power-of-two tiles
 ROPE_WIDTHS = (16, 32, 64)  # one TMA box wide, a multiple of the MMA's K step
 SMEM_PER_SM = 233472  # bytes on sm_90 (228 KiB), 1 KiB of it reserved per resident program
@@ -107,6 +112,8 @@ class Launch:
     head_blocks: int
     smem_bytes: int
     maxnreg: int | None
+    cache_stages: int = 0  # fp8 cache: slots of the copied cache (the consumers' ring: num_stages)
+    threads: int = 0  # every warp of the program, a lone producer warp counted as a warpgroup
 
 
 def warp_layout(d_v: int, rows: int) -> tuple[int, int, int]:
@@ -124,12 +131,21 @@ def warp_layout(d_v: int, rows: int) -> tuple[int, int, int]:
 
 
 def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
-                config: HopperConfig, elem_bytes: int = 2) -> Launch:
+                config: HopperConfig, elem_bytes: int = 2, fp8_cache: bool = False) -> Launch:
     """Tile shape, ring depth and head blocks; raises ValueError for widths the kernel does not
-    take or when two slots do not fit."""
+    take or when two slots do not fit.
+
+    fp8_cache: the cache is e4m3, copied into a ring of its own (`cache_stages` slots of one
+    byte per element, as deep as fits up to `max_stages`, or `num_stages`) and widened into
+    the consumers' ring, which then holds the fewest slots its schedule needs (2; overlapped 3).
+    Specialised ring schedule only, one program per SM, one consumer warpgroup of 64 rows where
+    the state is at most 256 wide (more rows: more head blocks)."""
     if d_v not in WIDTHS or d_nope not in WIDTHS or d_nope > d_v or d_rope not in ROPE_WIDTHS:
         raise ValueError(f"widths D_nope={d_nope}, D_v={d_v}, D_R={d_rope}: need D_nope <= D_v, "
                          f"both in {WIDTHS}, D_R in {ROPE_WIDTHS}")
+    if fp8_cache and (config.schedule != "ring" or not config.specialize or config.ctas_per_sm != 1):
+        raise ValueError("an fp8 cache runs on the specialised ring schedule, one program per SM "
+                         "(its copies are widened by warps of their own)")
     duo = config.schedule == "duo"
     if duo:
         if config.ctas_per_sm != 1:
@@ -149,6 +165,10 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
         block_m, num_warps, warps_n = 128, 4, 1  # the parent region is the first warpgroup
     else:
         block_m, num_warps, warps_n = warp_layout(d_v, group * query_len)
+        if fp8_cache and warps_n == 1:
+            # One consumer warpgroup: with the widening warps, a second one would leave too few
+            # registers to stage the queries; more than 64 rows take more head blocks instead.
+            block_m, num_warps = 64, 4
     heads = min(group, max(1, block_m // query_len))
     head_blocks = -(-group // heads)
     if duo:
@@ -160,14 +180,26 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
             fixed += block_m * BLOCK_N * elem_bytes  # shared probabilities
     stage = BLOCK_N * (d_v + d_rope) * elem_bytes
     budget = SMEM_PER_SM // config.ctas_per_sm - SMEM_RESERVED - SMEM_SLACK
-    fit = (budget - fixed) // stage
-    if duo:
-        fit -= fit % 2
-    stages = config.num_stages or min(config.max_stages, fit)
     if config.overlap and warps_n != 1:
         raise ValueError(f"the overlapped schedule keeps all D_v={d_v} columns in one warpgroup: "
                          f"needs D_v <= 256")
     least = 3 if config.overlap or config.schedule == "pingpong" else 2
+    cache_stages = 0
+    if fp8_cache:
+        cache_stage = BLOCK_N * (d_v + d_rope)  # one byte per element
+        fit = (budget - fixed - least * stage) // cache_stage
+        cache_stages = config.num_stages or min(config.max_stages, fit)
+        if cache_stages < 2 or cache_stages > fit:
+            raise ValueError(f"{cache_stages} fp8 cache slots of {cache_stage} B do not fit "
+                             f"{budget} B of shared memory beside {least} widened slots of "
+                             f"{stage} B and {fixed} B of queries (d_v={d_v})")
+        fixed += cache_stages * cache_stage
+        fit = stages = least
+    else:
+        fit = (budget - fixed) // stage
+        if duo:
+            fit -= fit % 2
+        stages = config.num_stages or min(config.max_stages, fit)
     if stages < least or stages > fit or (duo and stages % 2):
         raise ValueError(f"{stages} ring slots of {stage} B do not fit {budget} B of shared memory "
                          f"beside {fixed} B of queries (d_v={d_v}, ctas_per_sm={config.ctas_per_sm}"
@@ -178,11 +210,13 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     elif config.schedule == "pingpong":
         threads = 32 * 3 * num_warps  # two consumer warpgroups and the producer's
     else:
-        threads = 32 * (num_warps + (4 if config.specialize else 0))  # the producer: a warpgroup
+        # The producer counts as a warpgroup; an fp8 cache adds the widening warps.
+        threads = 32 * (num_warps + (4 if config.specialize else 0)
+                        + (WIDEN_WARPS if fp8_cache else 0))
     if threads * 255 * config.ctas_per_sm > REGISTERS_PER_SM:
         maxnreg = REGISTERS_PER_SM // (threads * config.ctas_per_sm) // 8 * 8
     return Launch(block_m, num_warps, warps_n, stages, heads, head_blocks,
-                  fixed + stages * stage, maxnreg)
+                  fixed + stages * stage, maxnreg, cache_stages, threads)
 
 
 # Defaults measured on an NVIDIA H200 (copy 4246 GB/s, bf16 matmul 693 TFLOP/s in the same run;
@@ -235,7 +269,7 @@ def _preferred_schedule(d_nope: int, d_v: int, group: int, query_len: int) -> di
 @functools.lru_cache(maxsize=512)  # called per layer and step: a pure function of its integers
 def choose_config(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int, *,
                   batch: int | None = None, num_heads_kv: int = 1,
-                  num_sms: int = NUM_SMS) -> HopperConfig:
+                  num_sms: int = NUM_SMS, fp8_cache: bool = False) -> HopperConfig:
     """The default config of a shape: the schedule measured fastest for its class (see the table
     above), two programs per SM when each still gets four ring slots (narrow states such as
     GTA's), else one; a schedule the shape cannot take falls back to the plain ring.
@@ -243,20 +277,26 @@ def choose_config(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int
     With `batch` (and the KV heads on this rank, `num_heads_kv`) it also sets the split-KV plan
     knobs: a one-program-per-SM kernel whose batch × head programs leave SMs idle plans one
     wave of pieces of at least 256 tokens.
+
+    fp8_cache: an e4m3 cache, which only the specialised ring takes (overlapped where the state
+    is at most 256 wide), one program per SM; not measured on a GPU yet.
     """
     ctas = 1
     try:
-        if plan_launch(d_nope, d_v, d_rope, group, query_len,
-                       HopperConfig(ctas_per_sm=2)).num_stages >= 4:
+        if not fp8_cache and plan_launch(d_nope, d_v, d_rope, group, query_len,
+                                         HopperConfig(ctas_per_sm=2)).num_stages >= 4:
             ctas = 2
     except ValueError:
         pass
+    preferred = (dict(overlap=True) if d_v <= 256 else {}) if fp8_cache else \
+        _preferred_schedule(d_nope, d_v, group, query_len)
     config, launch = None, None
-    for fields in (_preferred_schedule(d_nope, d_v, group, query_len), {}):
+    for fields in (preferred, {}):
         for per_sm in dict.fromkeys((ctas, 1)):
             try:
                 candidate = HopperConfig(ctas_per_sm=per_sm, **fields)
-                launch = plan_launch(d_nope, d_v, d_rope, group, query_len, candidate)
+                launch = plan_launch(d_nope, d_v, d_rope, group, query_len, candidate,
+                                     fp8_cache=fp8_cache)
             except ValueError:
                 continue
             config = candidate
@@ -284,8 +324,13 @@ def why_unsupported(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache
         return "not an sm_90 (Hopper) GPU"
     if q_nope.dtype not in DTYPES:
         return f"dtype {q_nope.dtype} (needs bf16 or fp16)"
-    if kv_scale is not None or kv_cache.dtype != q_nope.dtype or rope_cache.dtype != q_nope.dtype:
-        return "caches must have the query dtype (no fp8)"
+    if rope_cache.dtype != kv_cache.dtype:
+        return f"the two caches differ in dtype ({kv_cache.dtype}, {rope_cache.dtype})"
+    fp8 = kv_cache.dtype == FP8
+    if kv_cache.dtype != q_nope.dtype and not fp8:
+        return f"cache dtype {kv_cache.dtype} (needs the query dtype or fp8 e4m3)"
+    if kv_scale is not None and not fp8:
+        return "kv_scale given for a cache that is not fp8"
     d_nope, d_v, d_rope = q_nope.shape[-1], kv_cache.shape[-1], q_rope.shape[-1]
     if d_v not in WIDTHS or d_nope not in WIDTHS or d_nope > d_v:
         return f"widths D_nope={d_nope}, D_v={d_v} (need D_nope <= D_v, both in {WIDTHS})"
@@ -303,7 +348,9 @@ def why_unsupported(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache
     if query_len > 64:
         return f"L_q={query_len} (at most 64)"
     try:
-        plan_launch(d_nope, d_v, d_rope, n_heads // n_kv, query_len, HopperConfig())
+        config = (choose_config(d_nope, d_v, d_rope, n_heads // n_kv, query_len, fp8_cache=True)
+                  if fp8 else HopperConfig())
+        plan_launch(d_nope, d_v, d_rope, n_heads // n_kv, query_len, config, fp8_cache=fp8)
     except ValueError as err:
         return str(err)
     return None
@@ -323,7 +370,7 @@ def _descriptors(kv_cache: Tensor, rope_cache: Tensor):
 
     n_pages, page, n_kv, d_v = kv_cache.shape
     d_rope = rope_cache.shape[-1]
-    ty = gl.bfloat16 if kv_cache.dtype == torch.bfloat16 else gl.float16
+    ty = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, FP8: gl.float8e4nv}[kv_cache.dtype]
     kv_2d = kv_cache.view(n_pages * page, n_kv * d_v)
     rope_2d = rope_cache.view(n_pages * page, d_rope)
     kv_desc = TensorDescriptor.from_tensor(
@@ -346,7 +393,8 @@ def call_config(q_nope: Tensor, kv_cache: Tensor, rope_cache: Tensor) -> HopperC
     batch, query_len, n_heads, d_nope = q_nope.shape
     n_kv, d_v = kv_cache.shape[2:]
     return choose_config(d_nope, d_v, rope_cache.shape[-1], n_heads // n_kv, query_len,
-                         batch=batch, num_heads_kv=n_kv, num_sms=num_sms(q_nope.device))
+                         batch=batch, num_heads_kv=n_kv, num_sms=num_sms(q_nope.device),
+                         fp8_cache=kv_cache.dtype == FP8)
 
 
 def plan_knobs(q_nope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
@@ -356,7 +404,8 @@ def plan_knobs(q_nope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
     _, query_len, n_heads, d_nope = q_nope.shape
     n_kv, d_v = kv_cache.shape[2:]
     config = config or call_config(q_nope, kv_cache, rope_cache)
-    launch = plan_launch(d_nope, d_v, rope_cache.shape[-1], n_heads // n_kv, query_len, config)
+    launch = plan_launch(d_nope, d_v, rope_cache.shape[-1], n_heads // n_kv, query_len, config,
+                         fp8_cache=kv_cache.dtype == FP8)
     min_piece = config.min_piece or triton_decode.min_piece(q_nope, kv_cache, kv_cache,
                                                             rope_cache, True)
     return dict(head_blocks=launch.head_blocks, min_piece=min_piece,
@@ -384,7 +433,7 @@ def _kernel(d_nope: int, d_v: int, d_rope: int, query_len: int, page: int, confi
 
     return hopper_decode_kernel, dict(common, SCHEDULE=config.schedule, NUM_STAGES=launch.num_stages,
                                       WARPS_N=launch.warps_n, SPECIALIZE=config.specialize,
-                                      OVERLAP=config.overlap)
+                                      OVERLAP=config.overlap, CACHE_STAGES=launch.cache_stages)
 
 
 def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
@@ -393,7 +442,8 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
                 config: HopperConfig | None = None):
     """Tied-state paged decode on Hopper; shapes as `hwattn.ops.decode_tied` (arguments already
     validated there). Returns (out (B, L_q, H_q, D_v), lse (B, H_q, L_q) fp32). Unsupported
-    calls run `triton_decode.decode_tied`."""
+    calls run `triton_decode.decode_tied`. An fp8 cache holds value / kv_scale (both caches):
+    the scale multiplies the scores (folded into the softmax scale) and the output."""
     if not supported(q_nope, q_rope, kv_cache, rope_cache, kv_scale):
         return triton_decode.decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                          cache_seqlens, softmax_scale=softmax_scale, plan=plan,
@@ -402,8 +452,9 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     _, page_size, n_kv, d_v = kv_cache.shape
     d_rope = q_rope.shape[-1]
     group = n_heads // n_kv
+    fp8 = kv_cache.dtype == FP8
     config = config or call_config(q_nope, kv_cache, rope_cache)
-    launch = plan_launch(d_nope, d_v, d_rope, group, query_len, config)
+    launch = plan_launch(d_nope, d_v, d_rope, group, query_len, config, fp8_cache=fp8)
     if plan is None:
         plan = make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)
     else:
@@ -415,12 +466,14 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     kernel[(n_kv * launch.head_blocks, plan.capacity)](
         q_nope, q_rope, kv_desc, rope_desc, block_table, cache_seqlens,
         plan.items, plan.splits, out, lse, part_out, part_lse,
-        softmax_scale * LOG2E, n_heads, group,
+        softmax_scale * (kv_scale or 1.0) * LOG2E, n_heads, group,
         *q_nope.stride()[:3], *q_rope.stride()[:3], block_table.stride(0),
         *out.stride()[:3], *lse.stride()[:2], **constexprs,
     )
     if plan.may_split:
         combine(part_out, part_lse, plan.splits, out, lse, max_pieces=plan.max_pieces)
+    if kv_scale is not None and kv_scale != 1.0:
+        out.mul_(kv_scale)  # the values' scale (softmax weights sum to one)
     return out, lse
 
 
@@ -435,6 +488,7 @@ class TiedShape:
     query_len: int
     page: int = 64
     dtype: str = "bf16"
+    cache: str | None = None  # "fp8": an e4m3 cache (else the query dtype)
 
 
 def compile_sm90(shape: TiedShape, config: HopperConfig):
@@ -448,8 +502,11 @@ def compile_sm90(shape: TiedShape, config: HopperConfig):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    launch = plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group, shape.query_len, config)
-    ty = {"bf16": gl.bfloat16, "fp16": gl.float16}[shape.dtype]
+    fp8 = shape.cache == "fp8"
+    launch = plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group, shape.query_len, config,
+                         fp8_cache=fp8)
+    ty = gl.float8e4nv if fp8 else {"bf16": gl.bfloat16, "fp16": gl.float16}[shape.dtype]
+    cache = "fp8e4nv" if fp8 else shape.dtype
     box = gl.NVMMASharedLayout.get_default_for([BLOCK_N, COL_BOX], ty)
     rope_box = gl.NVMMASharedLayout.get_default_for([BLOCK_N, shape.d_rope], ty)
     fn, constexprs = _kernel(shape.d_nope, shape.d_v, shape.d_rope, shape.query_len, shape.page,
@@ -466,9 +523,9 @@ def compile_sm90(shape: TiedShape, config: HopperConfig):
         elif name in pointers:
             signature[name] = "*" + pointers[name]
         elif name == "kv_desc":
-            signature[name] = f"tensordesc<{shape.dtype}[{BLOCK_N}, {COL_BOX}],{box!r}>"
+            signature[name] = f"tensordesc<{cache}[{BLOCK_N}, {COL_BOX}],{box!r}>"
         elif name == "rope_desc":
-            signature[name] = f"tensordesc<{shape.dtype}[{BLOCK_N}, {shape.d_rope}],{rope_box!r}>"
+            signature[name] = f"tensordesc<{cache}[{BLOCK_N}, {shape.d_rope}],{rope_box!r}>"
         elif name == "qk_scale":
             signature[name] = "fp32"
         else:
@@ -480,7 +537,8 @@ def compile_sm90(shape: TiedShape, config: HopperConfig):
 
 def describe(shape: TiedShape, config: HopperConfig) -> str:
     """One line: the launch a shape gets under a config."""
-    launch = plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group, shape.query_len, config)
+    launch = plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group, shape.query_len, config,
+                         fp8_cache=shape.cache == "fp8")
     if config.schedule == "pingpong":
         return (f"pingpong, M=128 (2 warpgroups of 64 rows taking turns), {launch.num_stages} "
                 f"slots, {launch.head_blocks} head block(s), {launch.smem_bytes / 1024:.0f} KiB, "
@@ -490,7 +548,9 @@ def describe(shape: TiedShape, config: HopperConfig) -> str:
                 f"{launch.head_blocks} head block(s), {launch.smem_bytes / 1024:.0f} KiB, "
                 f"{config.ctas_per_sm}/SM")
     kind = ("overlapped" if config.overlap else "specialised") if config.specialize else "pipelined"
+    widened = (f" (fp8 cache: {launch.cache_stages} copied slots widened by {WIDEN_WARPS} warps)"
+               if launch.cache_stages else "")
     return (f"{kind}, M={launch.block_m} ({launch.num_warps} warps, WARPS_N={launch.warps_n}), "
-            f"{launch.num_stages} slots, {launch.head_blocks} head block(s), "
+            f"{launch.num_stages} slots{widened}, {launch.head_blocks} head block(s), "
             f"{launch.smem_bytes / 1024:.0f} KiB, {config.ctas_per_sm}/SM"
             + (f", maxnreg {launch.maxnreg}" if launch.maxnreg else ""))

@@ -42,14 +42,15 @@ VARIANTS = {
 def _config(shape: TiedShape, variant: str) -> HopperConfig | None:
     """The variant's config for a shape ("default": `choose_config`'s, whose plan knobs leave
     the kernel as it is), or None where the schedule does not take it."""
+    fp8 = shape.cache == "fp8"
     base = hopper_decode.choose_config(shape.d_nope, shape.d_v, shape.d_rope, shape.group,
-                                       shape.query_len)
+                                       shape.query_len, fp8_cache=fp8)
     if variant == "default":
         return base
     config = HopperConfig(**dict(dict(ctas_per_sm=base.ctas_per_sm), **VARIANTS[variant]))
     try:
         hopper_decode.plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group,
-                                  shape.query_len, config)
+                                  shape.query_len, config, fp8_cache=fp8)
     except ValueError:
         return None
     return config
@@ -78,6 +79,11 @@ COMPILE_SHAPES = [
     pytest.param(TiedShape(64, 128, 64, 8, 1), id="gta4-2-per-sm"),
     pytest.param(TiedShape(64, 128, 16, 3, 3, page=128, dtype="fp16"), id="dr16-fp16-page128"),
     pytest.param(TiedShape(128, 128, 32, 3, 3, page=128, dtype="fp16"), id="d128-dr32-fp16"),
+    # fp8 (e4m3) caches: copied as they are, widened to fp16 by warps of their own.
+    pytest.param(TiedShape(256, 256, 64, 64, 1, cache="fp8"), id="gla2-fp8"),
+    pytest.param(TiedShape(64, 128, 64, 8, 2, cache="fp8"), id="gta4-fp8-lq2"),
+    pytest.param(TiedShape(64, 128, 16, 3, 3, page=128, dtype="fp16", cache="fp8"),
+                 id="dr16-fp16-fp8"),
 ]
 # Every shape class `choose_config` has a measured default for, and the engine's model shapes:
 # the default config must compile (the schedules above already cover some of them).
@@ -93,6 +99,8 @@ DEFAULT_SHAPES = [
     pytest.param(TiedShape(64, 128, 64, 8, 4), id="default-gta4-lq4"),
     pytest.param(TiedShape(64, 128, 64, 2, 1), id="default-gta4-2-heads"),
     pytest.param(TiedShape(128, 128, 32, 4, 1), id="default-d128-dr32"),
+    pytest.param(TiedShape(256, 256, 64, 64, 4, cache="fp8"), id="default-gla2-fp8-lq4"),
+    pytest.param(TiedShape(128, 128, 64, 8, 1, cache="fp8"), id="default-gta4-xl-fp8"),
 ]
 CASES = [(p.id, v) for p in COMPILE_SHAPES for v in [*VARIANTS, "default"]
          if _config(p.values[0], v) is not None] + [(p.id, "default") for p in DEFAULT_SHAPES]
@@ -109,10 +117,9 @@ for fields, config in json.loads(sys.argv[1]):
     shape, config = TiedShape(**fields), HopperConfig(**config)
     kernel, launch = hopper_decode.compile_sm90(shape, config)
     ptx = kernel.asm["ptx"]
-    threads = 32 * {"duo": 2 * launch.num_warps, "pingpong": 3 * launch.num_warps}.get(
-        config.schedule, launch.num_warps + (4 if config.specialize else 0))
     results.append(dict(kernel_code.resources(kernel), ctas_per_sm=config.ctas_per_sm,
-                        threads=threads, wgmma="wgmma.mma_async" in ptx,
+                        threads=launch.threads, wgmma="wgmma.mma_async" in ptx,
+                        widens_e4m3="cvt.rn.f16x2.e4m3x2" in ptx,
                         tma="cp.async.bulk.tensor" in ptx, mbarrier="mbarrier.try_wait" in ptx,
                         setmaxnreg="setmaxnreg" in ptx,
                         ptx_code=hashlib.sha256(kernel_code.ptx_code(ptx).encode()).hexdigest()))
@@ -147,6 +154,7 @@ def test_compiles_for_sm90(compiled, shape_id, variant):
     assert res["shared_bytes"] <= min(SMEM_LIMIT, 233472 // res["ctas_per_sm"] - 1024), res
     assert 0 < res["registers"] <= 255, res
     assert res["registers"] * res["threads"] * res["ctas_per_sm"] <= 65536, res
+    assert res["widens_e4m3"] == ("fp8" in shape_id), res  # the fp8 cases convert e4m3 to fp16
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="Triton without Gluon or the NVIDIA backend")
@@ -172,6 +180,34 @@ def test_schedules_take_the_shapes_they_are_for():
         HopperConfig(schedule="fast")
     with pytest.raises(ValueError, match="overlap"):
         HopperConfig(overlap=True, specialize=False)
+
+
+def test_fp8_caches_take_the_specialised_ring():
+    """An fp8 cache: the specialised ring (overlapped where it can), one program per SM, one
+    64-row consumer warpgroup (more rows: more head blocks), the copied ring as deep as fits
+    beside the fewest widened slots; MLA's 512-wide latent does not fit and goes to Triton."""
+    fp8 = {s for s, v in CASES if "fp8" in s}
+    assert {v for s, v in CASES if s in fp8} == {"specialised", "overlapped", "default"}
+    config = hopper_decode.choose_config(256, 256, 64, 64, 2, batch=128, num_heads_kv=2,
+                                         fp8_cache=True)
+    assert (config.schedule, config.specialize, config.overlap, config.ctas_per_sm) == \
+        ("ring", True, True, 1)
+    launch = hopper_decode.plan_launch(256, 256, 64, 64, 2, config, fp8_cache=True)
+    assert (launch.block_m, launch.num_warps, launch.head_blocks) == (64, 4, 2)
+    assert (launch.num_stages, launch.cache_stages) == (3, 3)
+    assert launch.threads == 32 * 12 and launch.maxnreg == 168  # + the widening warpgroup
+    # Copied slots of one byte per element fill what the widened ones leave.
+    plain = hopper_decode.plan_launch(64, 128, 64, 8, 1, HopperConfig(), fp8_cache=True)
+    assert (plain.num_stages, plain.cache_stages) == (2, 6)
+    assert plain.smem_bytes == 64 * (64 + 64) * 2 + 2 * 64 * 192 * 2 + 6 * 64 * 192
+    for schedule in (dict(schedule="duo"), dict(schedule="pingpong"), dict(specialize=False),
+                     dict(ctas_per_sm=2)):
+        with pytest.raises(ValueError, match="fp8 cache runs on the specialised ring"):
+            hopper_decode.plan_launch(256, 256, 64, 64, 2, HopperConfig(**schedule), fp8_cache=True)
+    with pytest.raises(ValueError, match="fp8 cache slots"):
+        hopper_decode.plan_launch(512, 512, 64, 128, 1, HopperConfig(), fp8_cache=True)
+    # bf16 caches keep their measured defaults.
+    assert hopper_decode.choose_config(512, 512, 64, 128, 1).schedule == "duo"
 
 
 def test_defaults_follow_the_measured_table():
@@ -283,6 +319,67 @@ def test_matches_fp64_on_hopper(case, variant):
                                              config=config)
         assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{variant} {name} out")
         assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"{variant} {name} lse")
+
+
+FP8 = torch.float8_e4m3fn
+FP8_SCALE = 0.06  # stored = value / scale, both caches
+FP8_CASES = [p for p in GPU_CASES if p.id in (
+    "gta-len1-63-64-65", "gla2-prime-lq2", "dr16-ratio3-lq3-fp16", "gla-long-dr32", "gta4-long-lq2")]
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("variant", ["specialised", "overlapped", "default"])
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_fp8_cache_matches_fp64_on_hopper(case, variant):
+    """An e4m3 cache (NaN in the unused slots, as e4m3fn keeps it), widened in shared memory:
+    the fp64 truth of the stored values times the scale, with the tolerance the reference
+    earns in the query dtype; unsplit, split into 64-token pieces and in one wave; through
+    `decode_tied` and through the backend (the engine's path, its plan refreshed)."""
+    lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    config = _config(TiedShape(d_nope, d_v, d_rope, h_q // h_kv, l_q, page, dtype_name, "fp8"),
+                     variant)
+    if config is None:
+        pytest.skip(f"the {variant} schedule does not take this shape")
+    c = tied_case(lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype, FP8, FP8_SCALE)
+    q_nope, q_rope, kv_cache, rope_cache = c["q_nope"], c["q_rope"], c["kv_cache"], c["rope_cache"]
+    table, seqlens, softmax_scale, truth = c["table"], c["seqlens"], c["softmax_scale"], c["truth"]
+    kw = dict(softmax_scale=softmax_scale, kv_scale=FP8_SCALE)
+    baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
+                               return_lse=True, backend="torch", **kw)
+    args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
+    assert hopper_decode.why_unsupported(*args[:4], kv_scale=FP8_SCALE) is None
+    one_wave = dataclasses.replace(config, programs_per_sm=1, min_piece=64)
+    plans = {"auto": None,
+             "split": ops.plan_decode(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page,
+                                      split_tokens=64),
+             "one-wave": hopper_decode.make_plan(args[0], args[2], args[3], args[5], one_wave)}
+    for name, plan in plans.items():
+        out, lse = hopper_decode.decode_tied(*args, plan=plan, config=config, **kw)
+        assert out.dtype == dtype
+        assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{variant} {name} out")
+        assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"{variant} {name} lse")
+    if variant == "default":
+        backend = ops.get_backend("hopper")
+        plan = backend.plan(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page, device=DEVICE)
+        for step in ("made", "refreshed"):
+            out, lse = backend.decode_tied(*args, plan=plan, return_lse=True, **kw)
+            assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"backend {step} out")
+            assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"backend {step} lse")
+            backend.plan(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page, out=plan)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
+def test_fp8_mla_latent_falls_back_to_triton():
+    """MLA's 512-wide fp8 latent does not fit beside its widened slots: the Triton kernel."""
+    lengths, page = [257, 3], 64
+    c = tied_case(lengths, 1, 16, 1, 512, 512, 64, page, torch.bfloat16, FP8, FP8_SCALE)
+    args = [c[k].to(DEVICE) for k in ("q_nope", "q_rope", "kv_cache", "rope_cache", "table",
+                                      "seqlens")]
+    assert "fp8 cache slots" in hopper_decode.why_unsupported(*args[:4], kv_scale=FP8_SCALE)
+    got = hopper_decode.decode_tied(*args, softmax_scale=0.1, kv_scale=FP8_SCALE)
+    ref = triton_decode.decode_tied(*args, softmax_scale=0.1, kv_scale=FP8_SCALE)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")

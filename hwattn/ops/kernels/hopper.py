@@ -6,7 +6,8 @@ lies, and runs it in the schedule its launch asks for (`SCHEDULE`, a constexpr, 
 compiled kernel holds one schedule):
 
 - "ring": `hopper_tied.tied_schedule` (a producer warp or the consumers themselves filling a
-  ring of TMA slots; one or two consumer warpgroups; the overlapped consumer order);
+  ring of TMA slots; one or two consumer warpgroups; the overlapped consumer order; an fp8
+  cache widened by warps of their own, CACHE_STAGES > 0);
 - "duo": `hopper_duo.duo_schedule` (two warpgroups taking alternate 64-token blocks of MLA's
   and GLA's latents);
 - "pingpong": `hopper_pingpong.pingpong_schedule` (two 64-row warpgroups taking turns to
@@ -42,7 +43,8 @@ def hopper_decode_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr, PAGE: gl.constexpr,
     SCHEDULE: gl.constexpr, NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr,
-    SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+    SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CACHE_STAGES: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     # Head blocks vary fastest: programs reading the same state tiles run side by side, so the
     # second read of a tile (several head blocks per state head) comes from L2.
@@ -71,4 +73,4 @@ def hopper_decode_kernel(
                           PAGE, NUM_STAGES, num_warps)
     else:
         tied_schedule(args, item, L_Q, HEADS_PER_PROG, BLOCK_M, BLOCK_N, D_NOPE, D_V, D_R, PAGE,
-                      NUM_STAGES, WARPS_N, SPECIALIZE, OVERLAP, num_warps)
+                      NUM_STAGES, WARPS_N, SPECIALIZE, OVERLAP, CACHE_STAGES, num_warps)

@@ -23,6 +23,14 @@ What makes it Hopper-native:
   while the consumer warps compute, the slots handed back through a second ring of mbarriers.
   Without it, the consumer warps issue the copy NUM_STAGES - 1 blocks ahead themselves.
 
+- An fp8 (e4m3) cache (CACHE_STAGES > 0; specialised only): the producer copies the cache as
+  it is into a ring of its own, and a widening partition of four warps converts each slot to
+  fp16 into the consumers' ring (`_widen`), so the consumers run unchanged on 16-bit tiles
+  while half the bytes cross from memory. The products then run in fp16 whatever the query
+  dtype (e4m3 widens to fp16 exactly, two values per instruction; bf16 queries are rounded to
+  fp16, so |q| must stay below 65504). The cache's scale is folded into `qk_scale` and
+  applied to the output by the launcher.
+
 Rows past a sequence's last token inside its last 64-token slice are zeroed in shared memory
 before use: their scores are masked, but a NaN there (unwritten cache) times a zero probability
 would still poison P·S. Scores are fp32 in base 2 (log2(e) folded into `qk_scale`); outputs and
@@ -349,26 +357,64 @@ def _produce(kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, st
                      ready.index(slot), row, kv_col, D_V, True)
 
 
+WIDEN_WARPS: gl.constexpr = gl.constexpr(4)
+
+
+@gluon.jit
+def _widen(cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready, cache_empty, ready, empty,
+           start, end, BLOCK_N: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
+           NUM_STAGES: gl.constexpr, CACHE_STAGES: gl.constexpr):
+    """Widening warps (fp8 cache): each block's copied slot, one 64-column box at a time, is
+    converted to the consumers' dtype into their ring; the copied slot goes back to the
+    producer and the widened one to the consumers."""
+    box_layout: gl.constexpr = row_layout(COL_BOX, WIDEN_WARPS)
+    rope_layout: gl.constexpr = row_layout(D_R, WIDEN_WARPS)
+    dtype: gl.constexpr = kv_bufs.dtype
+    for j in range(gl.cdiv(end - start, BLOCK_N)):
+        copied = j % CACHE_STAGES
+        slot = j % NUM_STAGES
+        mbarrier.wait(cache_ready.index(copied), (j // CACHE_STAGES) & 1)
+        # A fresh mbarrier counts as having completed the phase before 0: the first pass is free.
+        mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)
+        src = cache_bufs.index(copied)
+        dst = kv_bufs.index(slot)
+        for c in gl.static_range(D_V // COL_BOX):
+            box = src.slice(c * COL_BOX, COL_BOX, dim=1).load(box_layout)
+            dst.slice(c * COL_BOX, COL_BOX, dim=1).store(box.to(dtype))
+        rope_bufs.index(slot).store(cache_rope_bufs.index(copied).load(rope_layout).to(dtype))
+        fence_async_shared()  # the consumers' MMAs read the slot through the async proxy
+        gl.thread_barrier()  # every widening warp has stored its part
+        mbarrier.arrive(ready.index(slot), count=1)
+        mbarrier.arrive(cache_empty.index(copied), count=1)
+
+
 @gluon.jit
 def tied_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
                   PAGE: gl.constexpr, NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr,
-                  SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+                  SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CACHE_STAGES: gl.constexpr,
+                  num_warps: gl.constexpr):
     """One work item of `hwattn.ops.kernels.hopper.hopper_decode_kernel` in the tied
-    schedules (specialised, pipelined, overlapped); `args` and `item` as it passes them."""
+    schedules (specialised, pipelined, overlapped); `args` and `item` as it passes them.
+    CACHE_STAGES > 0: the cache is fp8, copied into that many slots and widened (`_widen`)."""
     (q_ptr, q_rope_ptr, kv_desc, rope_desc, block_table_ptr, out_ptr, lse_ptr, part_out_ptr,
      part_lse_ptr, qk_scale, n_heads_q, group, stride_qb, stride_qt, stride_qh, stride_qrb,
      stride_qrt, stride_qrh, stride_btb, stride_ob, stride_ot, stride_oh, stride_lb,
      stride_lh) = args
     pid_item, seq64, start, end, seqlen, n_pieces, kv_head, head0 = item
-    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    # The products' dtype: the queries', or fp16 for an fp8 cache (e4m3 widens to fp16 exactly,
+    # two values per instruction; to bf16 it would take a second conversion of each value).
+    if CACHE_STAGES > 0:
+        dtype: gl.constexpr = gl.float16
+    else:
+        dtype: gl.constexpr = q_ptr.dtype.element_ty
 
     # Queries: row r is head head0 + r // L_Q at query position r % L_Q; padding rows are zero.
     head_end = (kv_head + 1) * group
     q_tile = _load_rows(q_ptr + seq64 * stride_qb, stride_qt, stride_qh, head0, head_end, 0,
-                        BLOCK_M, L_Q, HEADS_PER_PROG, D_NOPE, num_warps)  # (M, D_NOPE)
+                        BLOCK_M, L_Q, HEADS_PER_PROG, D_NOPE, num_warps).to(dtype)  # (M, D_NOPE)
     qr_tile = _load_rows(q_rope_ptr + seq64 * stride_qrb, stride_qrt, stride_qrh, head0, head_end,
-                         0, BLOCK_M, L_Q, HEADS_PER_PROG, D_R, num_warps)  # (M, D_R)
+                         0, BLOCK_M, L_Q, HEADS_PER_PROG, D_R, num_warps).to(dtype)  # (M, D_R)
 
     q_smem = gl.allocate_shared_memory(
         dtype, [BLOCK_M, D_NOPE], gl.NVMMASharedLayout.get_default_for([BLOCK_M, D_NOPE], dtype), q_tile)
@@ -376,7 +422,11 @@ def tied_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, B
         dtype, [BLOCK_M, D_R], gl.NVMMASharedLayout.get_default_for([BLOCK_M, D_R], dtype), qr_tile)
     kv_bufs = gl.allocate_shared_memory(
         dtype, [NUM_STAGES, BLOCK_N, D_V], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_V], dtype))
-    rope_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D_R], rope_desc.layout)
+    if CACHE_STAGES > 0:  # the descriptors' layouts are the fp8 cache's
+        rope_bufs = gl.allocate_shared_memory(
+            dtype, [NUM_STAGES, BLOCK_N, D_R], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_R], dtype))
+    else:
+        rope_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, D_R], rope_desc.layout)
     if WARPS_N == 1:
         p_smem = q_smem  # unused: P stays in registers
     else:
@@ -396,7 +446,44 @@ def tied_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, B
             mbarrier.init(empty.index(i), count=1)
         fence_async_shared()
         gl.thread_barrier()
-        if OVERLAP:
+        if CACHE_STAGES > 0:
+            cache_bufs = gl.allocate_shared_memory(kv_desc.dtype, [CACHE_STAGES, BLOCK_N, D_V],
+                                                   kv_desc.layout)
+            cache_rope_bufs = gl.allocate_shared_memory(rope_desc.dtype, [CACHE_STAGES, BLOCK_N, D_R],
+                                                        rope_desc.layout)
+            cache_ready = gl.allocate_shared_memory(gl.int64, [CACHE_STAGES, 1], mbarrier.MBarrierLayout())
+            cache_empty = gl.allocate_shared_memory(gl.int64, [CACHE_STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(CACHE_STAGES):
+                mbarrier.init(cache_ready.index(i), count=1)
+                mbarrier.init(cache_empty.index(i), count=1)
+            fence_async_shared()
+            gl.thread_barrier()
+            # The producer fills the copied ring; the widening warps turn it into the consumers'.
+            if OVERLAP:
+                o, m_i, l_i = gl.warp_specialize([
+                    (_consume_overlap, (q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start,
+                                        end, seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
+                                        NUM_STAGES, num_warps)),
+                    (_produce, (kv_desc, rope_desc, cache_bufs, cache_rope_bufs, cache_ready,
+                                cache_empty, table_row, start, end, kv_col, PAGE, BLOCK_N, D_V,
+                                CACHE_STAGES)),
+                    (_widen, (cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready,
+                              cache_empty, ready, empty, start, end, BLOCK_N, D_V, D_R,
+                              NUM_STAGES, CACHE_STAGES)),
+                ], [1, WIDEN_WARPS], [24, 80])
+            else:
+                o, m_i, l_i = gl.warp_specialize([
+                    (_consume, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start,
+                                end, seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
+                                NUM_STAGES, WARPS_N, num_warps)),
+                    (_produce, (kv_desc, rope_desc, cache_bufs, cache_rope_bufs, cache_ready,
+                                cache_empty, table_row, start, end, kv_col, PAGE, BLOCK_N, D_V,
+                                CACHE_STAGES)),
+                    (_widen, (cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready,
+                              cache_empty, ready, empty, start, end, BLOCK_N, D_V, D_R,
+                              NUM_STAGES, CACHE_STAGES)),
+                ], [1, WIDEN_WARPS], [24, 80])
+        elif OVERLAP:
             o, m_i, l_i = gl.warp_specialize([
                 (_consume_overlap, (q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start, end,
                                     seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
