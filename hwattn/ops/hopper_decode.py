@@ -16,8 +16,9 @@ Same contract as `triton_decode.decode_tied`: the same split-KV plan (`plan.py`)
 partial outputs merged by the same combine kernel, (out, lse) returned, and with a plan given
 no host read of device memory (CUDA-graph safe; the TMA descriptors only hold the caches'
 addresses and shapes). An fp8 (e4m3) cache runs on the specialised ring schedule, widened to
-the query dtype in shared memory by warps of their own (`kernels/hopper_tied.py`), its scale
-folded into the softmax scale and the output. Calls it does not support (another GPU, fp32,
+fp16 in shared memory by warps of their own (`kernels/hopper_tied.py`), its scale folded into
+the softmax scale and the output; until that path has run on a GPU it is taken only with
+HWATTN_HOPPER_FP8=1 (`fp8_enabled`), and fp8 caches otherwise stay on the Triton kernel. Calls it does not support (another GPU, fp32,
 widths that are not multiples of 64, page sizes that are not multiples of 64, non-contiguous
 caches, an fp8 cache whose slots do not fit, such as MLA's 512-wide latent) go to the portable
 Triton kernel.
@@ -26,6 +27,7 @@ Triton kernel.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,7 +39,7 @@ from hwattn.ops.kernels.combine import combine
 from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
 
 __all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "decode_tied",
-           "make_plan", "plan_knobs", "supported", "why_unsupported"]
+           "fp8_enabled", "make_plan", "plan_knobs", "supported", "why_unsupported"]
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # tokens per block: one TMA row box; pages are multiples of it
@@ -45,6 +47,13 @@ COL_BOX = 64  # state columns per TMA copy (128 bytes, the widest swizzle)
 DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn  # the cache dtype the kernel widens (the Triton kernel's fp8 too)
 WIDEN_WARPS = 4  # the widening partition of an fp8 cache (kernels/hopper_tied.py)
+FP8_ENV = "HWATTN_HOPPER_FP8"
+
+
+def fp8_enabled() -> bool:
+    """Whether fp8 caches may take the Hopper kernel: only with HWATTN_HOPPER_FP8=1 while the
+    widening path (built 2026-12-05 without a GPU) has not run on one; read at each call."""
+    return os.environ.get(FP8_ENV) == "1"
 WIDTHS = (64, 128, 256, 512)  # state widths: whole TMA boxes, power-of-two tiles
 ROPE_WIDTHS = (16, 32, 64)  # one TMA box wide, a multiple of the MMA's K step
 SMEM_PER_SM = 233472  # bytes on sm_90 (228 KiB), 1 KiB of it reserved per resident program
@@ -329,6 +338,8 @@ def why_unsupported(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache
     fp8 = kv_cache.dtype == FP8
     if kv_cache.dtype != q_nope.dtype and not fp8:
         return f"cache dtype {kv_cache.dtype} (needs the query dtype or fp8 e4m3)"
+    if fp8 and not fp8_enabled():
+        return f"fp8 cache: the Hopper fp8 path is not yet verified on a GPU ({FP8_ENV}=1 takes it)"
     if kv_scale is not None and not fp8:
         return "kv_scale given for a cache that is not fp8"
     d_nope, d_v, d_rope = q_nope.shape[-1], kv_cache.shape[-1], q_rope.shape[-1]

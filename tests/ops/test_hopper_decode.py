@@ -182,6 +182,15 @@ def test_schedules_take_the_shapes_they_are_for():
         HopperConfig(overlap=True, specialize=False)
 
 
+def test_fp8_path_is_opt_in_until_verified(monkeypatch):
+    monkeypatch.delenv(hopper_decode.FP8_ENV, raising=False)
+    assert not hopper_decode.fp8_enabled()
+    monkeypatch.setenv(hopper_decode.FP8_ENV, "0")
+    assert not hopper_decode.fp8_enabled()
+    monkeypatch.setenv(hopper_decode.FP8_ENV, "1")
+    assert hopper_decode.fp8_enabled()
+
+
 def test_fp8_caches_take_the_specialised_ring():
     """An fp8 cache: the specialised ring (overlapped where it can), one program per SM, one
     64-row consumer warpgroup (more rows: more head blocks), the copied ring as deep as fits
@@ -330,7 +339,7 @@ FP8_CASES = [p for p in GPU_CASES if p.id in (
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("variant", ["specialised", "overlapped", "default"])
 @pytest.mark.parametrize("case", FP8_CASES)
-def test_fp8_cache_matches_fp64_on_hopper(case, variant):
+def test_fp8_cache_matches_fp64_on_hopper(case, variant, monkeypatch):
     """An e4m3 cache (NaN in the unused slots, as e4m3fn keeps it), widened in shared memory:
     the fp64 truth of the stored values times the scale, with the tolerance the reference
     earns in the query dtype; unsplit, split into 64-token pieces and in one wave; through
@@ -345,6 +354,10 @@ def test_fp8_cache_matches_fp64_on_hopper(case, variant):
     q_nope, q_rope, kv_cache, rope_cache = c["q_nope"], c["q_rope"], c["kv_cache"], c["rope_cache"]
     table, seqlens, softmax_scale, truth = c["table"], c["seqlens"], c["softmax_scale"], c["truth"]
     kw = dict(softmax_scale=softmax_scale, kv_scale=FP8_SCALE)
+    gpu = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache)]
+    monkeypatch.delenv(hopper_decode.FP8_ENV, raising=False)
+    assert "not yet verified" in hopper_decode.why_unsupported(*gpu, kv_scale=FP8_SCALE)
+    monkeypatch.setenv(hopper_decode.FP8_ENV, "1")
     baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
                                return_lse=True, backend="torch", **kw)
     args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
@@ -370,8 +383,9 @@ def test_fp8_cache_matches_fp64_on_hopper(case, variant):
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
-def test_fp8_mla_latent_falls_back_to_triton():
+def test_fp8_mla_latent_falls_back_to_triton(monkeypatch):
     """MLA's 512-wide fp8 latent does not fit beside its widened slots: the Triton kernel."""
+    monkeypatch.setenv(hopper_decode.FP8_ENV, "1")
     lengths, page = [257, 3], 64
     c = tied_case(lengths, 1, 16, 1, 512, 512, 64, page, torch.bfloat16, FP8, FP8_SCALE)
     args = [c[k].to(DEVICE) for k in ("q_nope", "q_rope", "kv_cache", "rope_cache", "table",
