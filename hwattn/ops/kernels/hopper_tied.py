@@ -73,6 +73,15 @@ def row_layout(width, num_warps):
     return gl.BlockedLayout([1, vec], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
 
 
+@gluon.constexpr_function
+def byte_layout(width, num_warps):
+    """Blocked layout for loading a (rows, width) tile of one-byte elements (an fp8 cache) with
+    16-byte vectors along the width."""
+    vec = min(16, width)
+    lanes_n = min(32, max(1, width // vec))
+    return gl.BlockedLayout([1, vec], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
+
+
 @gluon.jit
 def _slot_row(table_row, n0, end, PAGE: gl.constexpr):
     """Row of token n0 in the caches viewed as (pages × page_size, ...)."""
@@ -367,8 +376,8 @@ def _widen(cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready, cache_e
     """Widening warps (fp8 cache): each block's copied slot, one 64-column box at a time, is
     converted to the consumers' dtype into their ring; the copied slot goes back to the
     producer and the widened one to the consumers."""
-    box_layout: gl.constexpr = row_layout(COL_BOX, WIDEN_WARPS)
-    rope_layout: gl.constexpr = row_layout(D_R, WIDEN_WARPS)
+    box_layout: gl.constexpr = byte_layout(COL_BOX, WIDEN_WARPS)
+    rope_layout: gl.constexpr = byte_layout(D_R, WIDEN_WARPS)
     dtype: gl.constexpr = kv_bufs.dtype
     for j in range(gl.cdiv(end - start, BLOCK_N)):
         copied = j % CACHE_STAGES
