@@ -316,6 +316,22 @@ def _consume_overlap(q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start, e
 
 
 @gluon.jit
+def _consumers(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, end, seqlen,
+               qk_scale, L_Q: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               D_NOPE: gl.constexpr, D_V: gl.constexpr, NUM_STAGES: gl.constexpr,
+               WARPS_N: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+    """The consumer partition of the specialised kernel: overlapped or plain."""
+    if OVERLAP:
+        return _consume_overlap(q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start, end,
+                                seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, NUM_STAGES,
+                                num_warps)
+    else:
+        return _consume(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, end,
+                        seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, NUM_STAGES, WARPS_N,
+                        num_warps)
+
+
+@gluon.jit
 def _store_tile(o, l_i, m_i, row0, col0, head0, head_end, n_heads_q, single, out_base, lse_base,
                 part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q: gl.constexpr,
                 HEADS_PER_PROG: gl.constexpr, D_V: gl.constexpr, WRITE_LSE: gl.constexpr):
@@ -468,43 +484,22 @@ def tied_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, B
             fence_async_shared()
             gl.thread_barrier()
             # The producer fills the copied ring; the widening warps turn it into the consumers'.
-            if OVERLAP:
-                o, m_i, l_i = gl.warp_specialize([
-                    (_consume_overlap, (q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start,
-                                        end, seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
-                                        NUM_STAGES, num_warps)),
-                    (_produce, (kv_desc, rope_desc, cache_bufs, cache_rope_bufs, cache_ready,
-                                cache_empty, table_row, start, end, kv_col, PAGE, BLOCK_N, D_V,
-                                CACHE_STAGES)),
-                    (_widen, (cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready,
-                              cache_empty, ready, empty, start, end, BLOCK_N, D_V, D_R,
-                              NUM_STAGES, CACHE_STAGES)),
-                ], [1, WIDEN_WARPS], [24, 80])
-            else:
-                o, m_i, l_i = gl.warp_specialize([
-                    (_consume, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start,
-                                end, seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
-                                NUM_STAGES, WARPS_N, num_warps)),
-                    (_produce, (kv_desc, rope_desc, cache_bufs, cache_rope_bufs, cache_ready,
-                                cache_empty, table_row, start, end, kv_col, PAGE, BLOCK_N, D_V,
-                                CACHE_STAGES)),
-                    (_widen, (cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready,
-                              cache_empty, ready, empty, start, end, BLOCK_N, D_V, D_R,
-                              NUM_STAGES, CACHE_STAGES)),
-                ], [1, WIDEN_WARPS], [24, 80])
-        elif OVERLAP:
             o, m_i, l_i = gl.warp_specialize([
-                (_consume_overlap, (q_smem, qr_smem, kv_bufs, rope_bufs, ready, empty, start, end,
-                                    seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
-                                    NUM_STAGES, num_warps)),
-                (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start,
-                            end, kv_col, PAGE, BLOCK_N, D_V, NUM_STAGES)),
-            ], [1], [40])
+                (_consumers, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start,
+                              end, seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
+                              NUM_STAGES, WARPS_N, OVERLAP, num_warps)),
+                (_produce, (kv_desc, rope_desc, cache_bufs, cache_rope_bufs, cache_ready,
+                            cache_empty, table_row, start, end, kv_col, PAGE, BLOCK_N, D_V,
+                            CACHE_STAGES)),
+                (_widen, (cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready,
+                          cache_empty, ready, empty, start, end, BLOCK_N, D_V, D_R, NUM_STAGES,
+                          CACHE_STAGES)),
+            ], [1, WIDEN_WARPS], [24, 80])
         else:
             o, m_i, l_i = gl.warp_specialize([
-                (_consume, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, end,
-                            seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, NUM_STAGES,
-                            WARPS_N, num_warps)),
+                (_consumers, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start,
+                              end, seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
+                              NUM_STAGES, WARPS_N, OVERLAP, num_warps)),
                 (_produce, (kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start,
                             end, kv_col, PAGE, BLOCK_N, D_V, NUM_STAGES)),
             ], [1], [40])
