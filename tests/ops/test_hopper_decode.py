@@ -288,6 +288,15 @@ def test_unsupported_cuda_calls_fall_back_to_triton():
     torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
 
 
+def _plans(args, h_kv: int, l_q: int, page: int, config: HopperConfig) -> dict:
+    """The plans a GPU case runs under: the kernel's own, 64-token pieces, one wave."""
+    one_wave = dataclasses.replace(config, programs_per_sm=1, min_piece=64)
+    return {"auto": None,
+            "split": ops.plan_decode(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page,
+                                     split_tokens=64),
+            "one-wave": hopper_decode.make_plan(args[0], args[2], args[3], args[5], one_wave)}
+
+
 # (lengths, L_q, H_q, H_kv, D_nope, D_v, D_R, page, dtype)
 GPU_CASES = [
     pytest.param(([1, 63, 64, 65], 1, 16, 4, 64, 128, 64, 64, torch.bfloat16), id="gta-len1-63-64-65"),
@@ -318,12 +327,7 @@ def test_matches_fp64_on_hopper(case, variant):
                                softmax_scale=softmax_scale, return_lse=True, backend="torch")
     args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
     assert hopper_decode.why_unsupported(*args[:4]) is None
-    one_wave = dataclasses.replace(config, programs_per_sm=1, min_piece=64)
-    plans = {"auto": None,
-             "split": ops.plan_decode(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page,
-                                      split_tokens=64),
-             "one-wave": hopper_decode.make_plan(args[0], args[2], args[3], args[5], one_wave)}
-    for name, plan in plans.items():
+    for name, plan in _plans(args, h_kv, l_q, page, config).items():
         out, lse = hopper_decode.decode_tied(*args, softmax_scale=softmax_scale, plan=plan,
                                              config=config)
         assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{variant} {name} out")
@@ -362,12 +366,7 @@ def test_fp8_cache_matches_fp64_on_hopper(case, variant, monkeypatch):
                                return_lse=True, backend="torch", **kw)
     args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
     assert hopper_decode.why_unsupported(*args[:4], kv_scale=FP8_SCALE) is None
-    one_wave = dataclasses.replace(config, programs_per_sm=1, min_piece=64)
-    plans = {"auto": None,
-             "split": ops.plan_decode(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page,
-                                      split_tokens=64),
-             "one-wave": hopper_decode.make_plan(args[0], args[2], args[3], args[5], one_wave)}
-    for name, plan in plans.items():
+    for name, plan in _plans(args, h_kv, l_q, page, config).items():
         out, lse = hopper_decode.decode_tied(*args, plan=plan, config=config, **kw)
         assert out.dtype == dtype
         assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{variant} {name} out")
