@@ -18,10 +18,10 @@ no host read of device memory (CUDA-graph safe; the TMA descriptors only hold th
 addresses and shapes). An fp8 (e4m3) cache runs on the specialised ring schedule, widened to
 fp16 in shared memory by warps of their own (`kernels/hopper_tied.py`), its scale folded into
 the softmax scale and the output; until that path has run on a GPU it is taken only with
-HWATTN_HOPPER_FP8=1 (`fp8_enabled`), and fp8 caches otherwise stay on the Triton kernel. Calls it does not support (another GPU, fp32,
-widths that are not multiples of 64, page sizes that are not multiples of 64, non-contiguous
-caches, an fp8 cache whose slots do not fit, such as MLA's 512-wide latent) go to the portable
-Triton kernel.
+HWATTN_HOPPER_FP8=1 (`fp8_enabled`), and fp8 caches otherwise stay on the Triton kernel.
+Calls it does not support (another GPU, fp32, widths that are not multiples of 64, page sizes
+that are not multiples of 64, non-contiguous caches, an fp8 cache whose slots do not fit, such
+as MLA's 512-wide latent) go to the portable Triton kernel.
 """
 
 from __future__ import annotations
@@ -48,12 +48,6 @@ DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn  # the cache dtype the kernel widens (the Triton kernel's fp8 too)
 WIDEN_WARPS = 4  # the widening partition of an fp8 cache (kernels/hopper_tied.py)
 FP8_ENV = "HWATTN_HOPPER_FP8"
-
-
-def fp8_enabled() -> bool:
-    """Whether fp8 caches may take the Hopper kernel: only with HWATTN_HOPPER_FP8=1 while the
-    widening path (built 2026-12-05 without a GPU) has not run on one; read at each call."""
-    return os.environ.get(FP8_ENV) == "1"
 WIDTHS = (64, 128, 256, 512)  # state widths: whole TMA boxes, power-of-two tiles
 ROPE_WIDTHS = (16, 32, 64)  # one TMA box wide, a multiple of the MMA's K step
 SMEM_PER_SM = 233472  # bytes on sm_90 (228 KiB), 1 KiB of it reserved per resident program
@@ -61,6 +55,12 @@ SMEM_RESERVED = 1024
 SMEM_SLACK = 1024  # barriers and the compiler's reduction scratch
 REGISTERS_PER_SM = 65536
 SCHEDULES = ("ring", "duo", "pingpong")
+
+
+def fp8_enabled() -> bool:
+    """Whether fp8 caches may take the Hopper kernel: only with HWATTN_HOPPER_FP8=1 while the
+    widening path (built 2026-12-05 without a GPU) has not run on one; read at each call."""
+    return os.environ.get(FP8_ENV) == "1"
 
 
 @dataclass(frozen=True)
