@@ -17,7 +17,7 @@ partial outputs merged by the same combine kernel, (out, lse) returned, and with
 no host read of device memory (CUDA-graph safe; the TMA descriptors only hold the caches'
 addresses and shapes). An fp8 (e4m3) cache runs on the specialised ring schedule, widened to
 fp16 in shared memory by warps of their own (`kernels/hopper_tied.py`), its scale folded into
-the softmax scale and the output; until that path has run on a GPU it is taken only with
+the softmax scale and into the output before rounding; until that path has run on a GPU it is taken only with
 HWATTN_HOPPER_FP8=1 (`fp8_enabled`), and fp8 caches otherwise stay on the Triton kernel.
 Calls it does not support (another GPU, fp32, widths that are not multiples of 64, page sizes
 that are not multiples of 64, non-contiguous caches, an fp8 cache whose slots do not fit, such
@@ -155,6 +155,10 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     if fp8_cache and (config.schedule != "ring" or not config.specialize or config.ctas_per_sm != 1):
         raise ValueError("an fp8 cache runs on the specialised ring schedule, one program per SM "
                          "(its copies are widened by warps of their own)")
+    if fp8_cache and d_v > 256:
+        # Two consumer warpgroups beside the producer and the widening warps: 512 threads,
+        # 128 registers each at launch, fewer than the column-split consumers need.
+        raise ValueError(f"an fp8 cache takes states of at most 256 columns (got D_v={d_v})")
     duo = config.schedule == "duo"
     if duo:
         if config.ctas_per_sm != 1:
@@ -464,6 +468,7 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     d_rope = q_rope.shape[-1]
     group = n_heads // n_kv
     fp8 = kv_cache.dtype == FP8
+    scale = kv_scale or 1.0  # an fp8 cache's: the scores and (in the kernel) the output
     config = config or call_config(q_nope, kv_cache, rope_cache)
     launch = plan_launch(d_nope, d_v, d_rope, group, query_len, config, fp8_cache=fp8)
     if plan is None:
@@ -477,14 +482,12 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     kernel[(n_kv * launch.head_blocks, plan.capacity)](
         q_nope, q_rope, kv_desc, rope_desc, block_table, cache_seqlens,
         plan.items, plan.splits, out, lse, part_out, part_lse,
-        softmax_scale * (kv_scale or 1.0) * LOG2E, n_heads, group,
+        softmax_scale * scale * LOG2E, scale, n_heads, group,
         *q_nope.stride()[:3], *q_rope.stride()[:3], block_table.stride(0),
         *out.stride()[:3], *lse.stride()[:2], **constexprs,
     )
     if plan.may_split:
         combine(part_out, part_lse, plan.splits, out, lse, max_pieces=plan.max_pieces)
-    if kv_scale is not None and kv_scale != 1.0:
-        out.mul_(kv_scale)  # the values' scale (softmax weights sum to one)
     return out, lse
 
 
@@ -537,7 +540,7 @@ def compile_sm90(shape: TiedShape, config: HopperConfig):
             signature[name] = f"tensordesc<{cache}[{BLOCK_N}, {COL_BOX}],{box!r}>"
         elif name == "rope_desc":
             signature[name] = f"tensordesc<{cache}[{BLOCK_N}, {shape.d_rope}],{rope_box!r}>"
-        elif name == "qk_scale":
+        elif name in ("qk_scale", "out_scale"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

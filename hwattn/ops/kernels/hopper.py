@@ -16,7 +16,8 @@ compiled kernel holds one schedule):
 Every schedule gets the same `args` (the kernel's runtime arguments but the plan's, in
 signature order) and `item` (program's item index, the sequence as int64, the piece's token
 range [start, end), the sequence's length, how many pieces it has, its state head and first
-query head). Constexprs a schedule does not use are ignored.
+query head). Constexprs a schedule does not use are ignored. `out_scale` multiplies the
+ring schedule's output of an fp8 cache (its quantisation scale, in fp32 before rounding).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hwattn.ops.kernels.hopper_tied import tied_schedule
 def hopper_decode_kernel(
     q_ptr, q_rope_ptr, kv_desc, rope_desc, block_table_ptr, seqlens_ptr,
     items_ptr, splits_ptr, out_ptr, lse_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, n_heads_q, group,
+    qk_scale, out_scale, n_heads_q, group,
     stride_qb, stride_qt, stride_qh,
     stride_qrb, stride_qrt, stride_qrh,
     stride_btb,
@@ -72,5 +73,5 @@ def hopper_decode_kernel(
         pingpong_schedule(args, item, L_Q, HEADS_PER_PROG, BLOCK_M, BLOCK_N, D_NOPE, D_V, D_R,
                           PAGE, NUM_STAGES, num_warps)
     else:
-        tied_schedule(args, item, L_Q, HEADS_PER_PROG, BLOCK_M, BLOCK_N, D_NOPE, D_V, D_R, PAGE,
-                      NUM_STAGES, WARPS_N, SPECIALIZE, OVERLAP, CACHE_STAGES, num_warps)
+        tied_schedule(args, item, out_scale, L_Q, HEADS_PER_PROG, BLOCK_M, BLOCK_N, D_NOPE, D_V,
+                      D_R, PAGE, NUM_STAGES, WARPS_N, SPECIALIZE, OVERLAP, CACHE_STAGES, num_warps)

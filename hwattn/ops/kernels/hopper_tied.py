@@ -29,7 +29,7 @@ What makes it Hopper-native:
   while half the bytes cross from memory. The products then run in fp16 whatever the query
   dtype (e4m3 widens to fp16 exactly, two values per instruction; bf16 queries are rounded to
   fp16, so |q| must stay below 65504). The cache's scale is folded into `qk_scale` and
-  applied to the output by the launcher.
+  multiplies the output accumulator (`out_scale`) before the epilogue rounds it.
 
 Rows past a sequence's last token inside its last 64-token slice are zeroed in shared memory
 before use: their scores are masked, but a NaN there (unwritten cache) times a zero probability
@@ -74,10 +74,11 @@ def row_layout(width, num_warps):
 
 
 @gluon.constexpr_function
-def byte_layout(width, num_warps):
+def byte_layout(rows, width, num_warps):
     """Blocked layout for loading a (rows, width) tile of one-byte elements (an fp8 cache) with
-    16-byte vectors along the width."""
-    vec = min(16, width)
+    vectors of up to 16 bytes along the width, one pass of the threads covering the tile (no
+    thread loads what another does)."""
+    vec = max(1, min(16, width, rows * width // (32 * num_warps)))
     lanes_n = min(32, max(1, width // vec))
     return gl.BlockedLayout([1, vec], [32 // lanes_n, lanes_n], [num_warps, 1], [1, 0])
 
@@ -392,8 +393,8 @@ def _widen(cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready, cache_e
     """Widening warps (fp8 cache): each block's copied slot, one 64-column box at a time, is
     converted to the consumers' dtype into their ring; the copied slot goes back to the
     producer and the widened one to the consumers."""
-    box_layout: gl.constexpr = byte_layout(COL_BOX, WIDEN_WARPS)
-    rope_layout: gl.constexpr = byte_layout(D_R, WIDEN_WARPS)
+    box_layout: gl.constexpr = byte_layout(BLOCK_N, COL_BOX, WIDEN_WARPS)
+    rope_layout: gl.constexpr = byte_layout(BLOCK_N, D_R, WIDEN_WARPS)
     dtype: gl.constexpr = kv_bufs.dtype
     for j in range(gl.cdiv(end - start, BLOCK_N)):
         copied = j % CACHE_STAGES
@@ -414,14 +415,15 @@ def _widen(cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready, cache_e
 
 
 @gluon.jit
-def tied_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
+def tied_schedule(args, item, out_scale, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
                   PAGE: gl.constexpr, NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr,
                   SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CACHE_STAGES: gl.constexpr,
                   num_warps: gl.constexpr):
     """One work item of `hwattn.ops.kernels.hopper.hopper_decode_kernel` in the tied
     schedules (specialised, pipelined, overlapped); `args` and `item` as it passes them.
-    CACHE_STAGES > 0: the cache is fp8, copied into that many slots and widened (`_widen`)."""
+    CACHE_STAGES > 0: the cache is fp8, copied into that many slots and widened (`_widen`);
+    `out_scale` (its quantisation scale) multiplies the output before it is rounded."""
     (q_ptr, q_rope_ptr, kv_desc, rope_desc, block_table_ptr, out_ptr, lse_ptr, part_out_ptr,
      part_lse_ptr, qk_scale, n_heads_q, group, stride_qb, stride_qt, stride_qh, stride_qrb,
      stride_qrt, stride_qrh, stride_btb, stride_ob, stride_ot, stride_oh, stride_lb,
@@ -526,6 +528,8 @@ def tied_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, B
                                         qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, WARPS_N,
                                         num_warps)
 
+    if CACHE_STAGES > 0:  # the values' scale, in fp32 (the softmax weights sum to one)
+        o = o * out_scale
     # Where the epilogue writes: this sequence's output and LSE, this item's partials.
     part_row0 = (pid_item * L_Q * n_heads_q).to(gl.int64)  # < 2**31: items × L_q × H_q
     _store_tile(o, l_i, m_i, 0, 0, head0, (kv_head + 1) * group, n_heads_q, n_pieces == 1,
