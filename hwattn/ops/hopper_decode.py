@@ -46,7 +46,7 @@ BLOCK_N = 64  # tokens per block: one TMA row box; pages are multiples of it
 COL_BOX = 64  # state columns per TMA copy (128 bytes, the widest swizzle)
 DTYPES = (torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn  # the cache dtype the kernel widens (the Triton kernel's fp8 too)
-WIDEN_WARPS = 4  # the widening partition of an fp8 cache (kernels/hopper_tied.py)
+WIDEN_WARPS = 4  # an fp8 cache's producer partition, which copies and widens (hopper_tied.py)
 FP8_ENV = "HWATTN_HOPPER_FP8"
 WIDTHS = (64, 128, 256, 512)  # state widths: whole TMA boxes, power-of-two tiles
 ROPE_WIDTHS = (16, 32, 64)  # one TMA box wide, a multiple of the MMA's K step
@@ -147,8 +147,7 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     fp8_cache: the cache is e4m3, copied into a ring of its own (`cache_stages` slots of one
     byte per element, as deep as fits up to `max_stages`, or `num_stages`) and widened into
     the consumers' ring, which then holds the fewest slots its schedule needs (2; overlapped 3).
-    Specialised ring schedule only, one program per SM, one consumer warpgroup of 64 rows where
-    the state is at most 256 wide (more rows: more head blocks)."""
+    Specialised ring schedule only, one program per SM, states at most 256 wide."""
     if d_v not in WIDTHS or d_nope not in WIDTHS or d_nope > d_v or d_rope not in ROPE_WIDTHS:
         raise ValueError(f"widths D_nope={d_nope}, D_v={d_v}, D_R={d_rope}: need D_nope <= D_v, "
                          f"both in {WIDTHS}, D_R in {ROPE_WIDTHS}")
@@ -178,10 +177,6 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
         block_m, num_warps, warps_n = 128, 4, 1  # the parent region is the first warpgroup
     else:
         block_m, num_warps, warps_n = warp_layout(d_v, group * query_len)
-        if fp8_cache and warps_n == 1:
-            # One consumer warpgroup: with the widening warps, a second one would leave too few
-            # registers to stage the queries; more than 64 rows take more head blocks instead.
-            block_m, num_warps = 64, 4
     heads = min(group, max(1, block_m // query_len))
     head_blocks = -(-group // heads)
     if duo:
@@ -223,9 +218,8 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     elif config.schedule == "pingpong":
         threads = 32 * 3 * num_warps  # two consumer warpgroups and the producer's
     else:
-        # The producer counts as a warpgroup; an fp8 cache adds the widening warps.
-        threads = 32 * (num_warps + (4 if config.specialize else 0)
-                        + (WIDEN_WARPS if fp8_cache else 0))
+        # The producer counts as a warpgroup (an fp8 cache's, which widens, is one).
+        threads = 32 * (num_warps + (4 if config.specialize else 0))
     if threads * 255 * config.ctas_per_sm > REGISTERS_PER_SM:
         maxnreg = REGISTERS_PER_SM // (threads * config.ctas_per_sm) // 8 * 8
     return Launch(block_m, num_warps, warps_n, stages, heads, head_blocks,
@@ -562,7 +556,8 @@ def describe(shape: TiedShape, config: HopperConfig) -> str:
                 f"{launch.head_blocks} head block(s), {launch.smem_bytes / 1024:.0f} KiB, "
                 f"{config.ctas_per_sm}/SM")
     kind = ("overlapped" if config.overlap else "specialised") if config.specialize else "pipelined"
-    widened = (f" (fp8 cache: {launch.cache_stages} copied slots widened by {WIDEN_WARPS} warps)"
+    widened = (f" (fp8 cache: {launch.cache_stages} copied slots, widened by {WIDEN_WARPS} "
+               "producer warps)"
                if launch.cache_stages else "")
     return (f"{kind}, M={launch.block_m} ({launch.num_warps} warps, WARPS_N={launch.warps_n}), "
             f"{launch.num_stages} slots{widened}, {launch.head_blocks} head block(s), "

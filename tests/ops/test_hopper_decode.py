@@ -192,19 +192,27 @@ def test_fp8_path_is_opt_in_until_verified(monkeypatch):
 
 
 def test_fp8_caches_take_the_specialised_ring():
-    """An fp8 cache: the specialised ring (overlapped where it can), one program per SM, one
-    64-row consumer warpgroup (more rows: more head blocks), the copied ring as deep as fits
-    beside the fewest widened slots; MLA's 512-wide latent does not fit and goes to Triton."""
+    """An fp8 cache: the specialised ring (overlapped where three widened slots fit), one
+    program per SM, the copied ring as deep as fits beside the fewest widened slots, a
+    producer warpgroup that copies and widens; states wider than 256 go to Triton."""
     fp8 = {s for s, v in CASES if "fp8" in s}
     assert {v for s, v in CASES if s in fp8} == {"specialised", "overlapped", "default"}
-    config = hopper_decode.choose_config(256, 256, 64, 64, 2, batch=128, num_heads_kv=2,
+    config = hopper_decode.choose_config(256, 256, 64, 64, 1, batch=128, num_heads_kv=2,
                                          fp8_cache=True)
     assert (config.schedule, config.specialize, config.overlap, config.ctas_per_sm) == \
         ("ring", True, True, 1)
-    launch = hopper_decode.plan_launch(256, 256, 64, 64, 2, config, fp8_cache=True)
-    assert (launch.block_m, launch.num_warps, launch.head_blocks) == (64, 4, 2)
+    launch = hopper_decode.plan_launch(256, 256, 64, 64, 1, config, fp8_cache=True)
+    assert (launch.block_m, launch.num_warps, launch.head_blocks) == (64, 4, 1)
     assert (launch.num_stages, launch.cache_stages) == (3, 3)
-    assert launch.threads == 32 * 12 and launch.maxnreg == 168  # + the widening warpgroup
+    assert launch.threads == 32 * 8 and launch.maxnreg is None  # the producer warps widen too
+    # 128 rows (L_q 2): two consumer warpgroups; three widened slots no longer fit beside the
+    # copied ones, so the plain specialised consumers.
+    config = hopper_decode.choose_config(256, 256, 64, 64, 2, batch=128, num_heads_kv=2,
+                                         fp8_cache=True)
+    assert (config.schedule, config.overlap) == ("ring", False)
+    launch = hopper_decode.plan_launch(256, 256, 64, 64, 2, config, fp8_cache=True)
+    assert (launch.block_m, launch.num_warps, launch.head_blocks) == (128, 8, 1)
+    assert (launch.num_stages, launch.cache_stages, launch.maxnreg) == (2, 3, 168)
     # Copied slots of one byte per element fill what the widened ones leave.
     plain = hopper_decode.plan_launch(64, 128, 64, 8, 1, HopperConfig(), fp8_cache=True)
     assert (plain.num_stages, plain.cache_stages) == (2, 6)

@@ -23,10 +23,10 @@ What makes it Hopper-native:
   while the consumer warps compute, the slots handed back through a second ring of mbarriers.
   Without it, the consumer warps issue the copy NUM_STAGES - 1 blocks ahead themselves.
 
-- An fp8 (e4m3) cache (CACHE_STAGES > 0; specialised only): the producer copies the cache as
-  it is into a ring of its own, and a widening partition of four warps converts each slot to
-  fp16 into the consumers' ring (`_widen`), so the consumers run unchanged on 16-bit tiles
-  while half the bytes cross from memory. The products then run in fp16 whatever the query
+- An fp8 (e4m3) cache (CACHE_STAGES > 0; specialised only): a producer partition of four
+  warps keeps CACHE_STAGES blocks of the cache in flight as they are, in a ring of their own,
+  and converts each copied block to fp16 into the consumers' ring (`_produce_widened`), so
+  the consumers run unchanged on 16-bit tiles while half the bytes cross from memory. The products then run in fp16 whatever the query
   dtype (e4m3 widens to fp16 exactly, two values per instruction; bf16 queries are rounded to
   fp16, so |q| must stay below 65504). The cache's scale is folded into `qk_scale` and
   multiplies the output accumulator (`out_scale`) before the epilogue rounds it.
@@ -387,19 +387,25 @@ WIDEN_WARPS: gl.constexpr = gl.constexpr(4)
 
 
 @gluon.jit
-def _widen(cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready, cache_empty, ready, empty,
-           start, end, BLOCK_N: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
-           NUM_STAGES: gl.constexpr, CACHE_STAGES: gl.constexpr):
-    """Widening warps (fp8 cache): each block's copied slot, one 64-column box at a time, is
-    converted to the consumers' dtype into their ring; the copied slot goes back to the
-    producer and the widened one to the consumers."""
+def _produce_widened(kv_desc, rope_desc, cache_bufs, cache_rope_bufs, copied_bars, kv_bufs,
+                     rope_bufs, ready, empty, table_row, start, end, kv_col, PAGE: gl.constexpr,
+                     BLOCK_N: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, CACHE_STAGES: gl.constexpr):
+    """Producer warps of an fp8 cache: keep CACHE_STAGES blocks of the cache in flight as they
+    are, and widen each copied block, one 64-column box at a time, to the consumers' dtype
+    into their ring; the copied slot is refilled as soon as it has been read."""
     box_layout: gl.constexpr = byte_layout(BLOCK_N, COL_BOX, WIDEN_WARPS)
     rope_layout: gl.constexpr = byte_layout(BLOCK_N, D_R, WIDEN_WARPS)
     dtype: gl.constexpr = kv_bufs.dtype
-    for j in range(gl.cdiv(end - start, BLOCK_N)):
+    n_blocks = gl.cdiv(end - start, BLOCK_N)
+    for i in gl.static_range(CACHE_STAGES):
+        _issue_block(kv_desc, rope_desc, cache_bufs.index(i), cache_rope_bufs.index(i),
+                     copied_bars.index(i), _slot_row(table_row, start + i * BLOCK_N, end, PAGE),
+                     kv_col, D_V, i < n_blocks)
+    for j in range(n_blocks):
         copied = j % CACHE_STAGES
         slot = j % NUM_STAGES
-        mbarrier.wait(cache_ready.index(copied), (j // CACHE_STAGES) & 1)
+        mbarrier.wait(copied_bars.index(copied), (j // CACHE_STAGES) & 1)
         # A fresh mbarrier counts as having completed the phase before 0: the first pass is free.
         mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)
         src = cache_bufs.index(copied)
@@ -409,9 +415,12 @@ def _widen(cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready, cache_e
             dst.slice(c * COL_BOX, COL_BOX, dim=1).store(box.to(dtype))
         rope_bufs.index(slot).store(cache_rope_bufs.index(copied).load(rope_layout).to(dtype))
         fence_async_shared()  # the consumers' MMAs read the slot through the async proxy
-        gl.thread_barrier()  # every widening warp has stored its part
+        gl.thread_barrier()  # every producer warp has read its part of the copy and stored it
         mbarrier.arrive(ready.index(slot), count=1)
-        mbarrier.arrive(cache_empty.index(copied), count=1)
+        ahead = j + CACHE_STAGES
+        row = _slot_row(table_row, start + ahead * BLOCK_N, end, PAGE)
+        _issue_block(kv_desc, rope_desc, src, cache_rope_bufs.index(copied),
+                     copied_bars.index(copied), row, kv_col, D_V, ahead < n_blocks)
 
 
 @gluon.jit
@@ -422,7 +431,8 @@ def tied_schedule(args, item, out_scale, L_Q: gl.constexpr, HEADS_PER_PROG: gl.c
                   num_warps: gl.constexpr):
     """One work item of `hwattn.ops.kernels.hopper.hopper_decode_kernel` in the tied
     schedules (specialised, pipelined, overlapped); `args` and `item` as it passes them.
-    CACHE_STAGES > 0: the cache is fp8, copied into that many slots and widened (`_widen`);
+    CACHE_STAGES > 0: the cache is fp8, copied into that many slots and widened
+    (`_produce_widened`);
     `out_scale` (its quantisation scale) multiplies the output before it is rounded."""
     (q_ptr, q_rope_ptr, kv_desc, rope_desc, block_table_ptr, out_ptr, lse_ptr, part_out_ptr,
      part_lse_ptr, qk_scale, n_heads_q, group, stride_qb, stride_qt, stride_qh, stride_qrb,
@@ -478,25 +488,19 @@ def tied_schedule(args, item, out_scale, L_Q: gl.constexpr, HEADS_PER_PROG: gl.c
                                                    kv_desc.layout)
             cache_rope_bufs = gl.allocate_shared_memory(rope_desc.dtype, [CACHE_STAGES, BLOCK_N, D_R],
                                                         rope_desc.layout)
-            cache_ready = gl.allocate_shared_memory(gl.int64, [CACHE_STAGES, 1], mbarrier.MBarrierLayout())
-            cache_empty = gl.allocate_shared_memory(gl.int64, [CACHE_STAGES, 1], mbarrier.MBarrierLayout())
+            copied = gl.allocate_shared_memory(gl.int64, [CACHE_STAGES, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(CACHE_STAGES):
-                mbarrier.init(cache_ready.index(i), count=1)
-                mbarrier.init(cache_empty.index(i), count=1)
+                mbarrier.init(copied.index(i), count=1)
             fence_async_shared()
             gl.thread_barrier()
-            # The producer fills the copied ring; the widening warps turn it into the consumers'.
             o, m_i, l_i = gl.warp_specialize([
                 (_consumers, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start,
                               end, seqlen, qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V,
                               NUM_STAGES, WARPS_N, OVERLAP, num_warps)),
-                (_produce, (kv_desc, rope_desc, cache_bufs, cache_rope_bufs, cache_ready,
-                            cache_empty, table_row, start, end, kv_col, PAGE, BLOCK_N, D_V,
-                            CACHE_STAGES)),
-                (_widen, (cache_bufs, cache_rope_bufs, kv_bufs, rope_bufs, cache_ready,
-                          cache_empty, ready, empty, start, end, BLOCK_N, D_V, D_R, NUM_STAGES,
-                          CACHE_STAGES)),
-            ], [1, WIDEN_WARPS], [24, 80])
+                (_produce_widened, (kv_desc, rope_desc, cache_bufs, cache_rope_bufs, copied,
+                                    kv_bufs, rope_bufs, ready, empty, table_row, start, end,
+                                    kv_col, PAGE, BLOCK_N, D_V, D_R, NUM_STAGES, CACHE_STAGES)),
+            ], [WIDEN_WARPS], [80])
         else:
             o, m_i, l_i = gl.warp_specialize([
                 (_consumers, (q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start,
