@@ -147,17 +147,13 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     fp8_cache: the cache is e4m3, copied into a ring of its own (`cache_stages` slots of one
     byte per element, as deep as fits up to `max_stages`, or `num_stages`) and widened into
     the consumers' ring, which then holds the fewest slots its schedule needs (2; overlapped 3).
-    Specialised ring schedule only, one program per SM, states at most 256 wide."""
+    Specialised ring schedule only, one program per SM."""
     if d_v not in WIDTHS or d_nope not in WIDTHS or d_nope > d_v or d_rope not in ROPE_WIDTHS:
         raise ValueError(f"widths D_nope={d_nope}, D_v={d_v}, D_R={d_rope}: need D_nope <= D_v, "
                          f"both in {WIDTHS}, D_R in {ROPE_WIDTHS}")
     if fp8_cache and (config.schedule != "ring" or not config.specialize or config.ctas_per_sm != 1):
         raise ValueError("an fp8 cache runs on the specialised ring schedule, one program per SM "
                          "(its copies are widened by warps of their own)")
-    if fp8_cache and d_v > 256:
-        # Two consumer warpgroups beside the producer and the widening warps: 512 threads,
-        # 128 registers each at launch, fewer than the column-split consumers need.
-        raise ValueError(f"an fp8 cache takes states of at most 256 columns (got D_v={d_v})")
     duo = config.schedule == "duo"
     if duo:
         if config.ctas_per_sm != 1:
@@ -219,7 +215,8 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
         threads = 32 * 3 * num_warps  # two consumer warpgroups and the producer's
     else:
         # The producer counts as a warpgroup (an fp8 cache's, which widens, is one).
-        threads = 32 * (num_warps + (4 if config.specialize else 0))
+        producer = (WIDEN_WARPS if fp8_cache else 4) if config.specialize else 0
+        threads = 32 * (num_warps + producer)
     if threads * 255 * config.ctas_per_sm > REGISTERS_PER_SM:
         maxnreg = REGISTERS_PER_SM // (threads * config.ctas_per_sm) // 8 * 8
     return Launch(block_m, num_warps, warps_n, stages, heads, head_blocks,

@@ -133,11 +133,18 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     """The packed plan of sequences of `lengths` (B,), each cut into at most `n_pieces` (B,)
     aligned pieces of near-equal size: (capacity * 3 + B * 2,) int32 holding the items
     (sequence, start, end), idle slots (-1, 0, 0) after them, then the splits (first item,
-    number of items); and the most pieces of one sequence."""
+    number of items); and the most pieces of one sequence.
+
+    Sequences are laid out longest pieces first (ties in batch order), each one's pieces
+    together: programs start in item order, so the longest work starts first and the short
+    pieces fill the gaps at the end (longest-processing-time order), wherever the long
+    sequences sit in the batch."""
     size = -(-lengths // n_pieces)
     size = -(-size // PIECE_ALIGN) * PIECE_ALIGN
     counts = -(-lengths // size)  # pieces actually cut: [0, n) in steps of `size`
-    first = np.cumsum(counts) - counts
+    order = np.argsort(-np.minimum(size, lengths), kind="stable")  # longest pieces first
+    first = np.empty_like(counts)
+    first[order] = np.cumsum(counts[order]) - counts[order]
     total = int(counts.sum())
     if total > capacity:  # only a refreshed plan can be too small: a fresh one is sized here
         raise ValueError(f"out: a plan for B={len(lengths)} with {capacity} items cannot hold "
@@ -145,7 +152,7 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     batch = len(lengths)
     packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
     items = packed[:3 * capacity].reshape(capacity, 3)
-    seq = np.repeat(np.arange(batch), counts)
+    seq = np.repeat(order, counts[order])
     start = (np.arange(total) - first[seq]) * size[seq]
     items[:total, 0] = seq
     items[:total, 1] = start

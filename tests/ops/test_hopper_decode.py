@@ -84,6 +84,7 @@ COMPILE_SHAPES = [
     pytest.param(TiedShape(64, 128, 64, 8, 2, cache="fp8"), id="gta4-fp8-lq2"),
     pytest.param(TiedShape(64, 128, 16, 3, 3, page=128, dtype="fp16", cache="fp8"),
                  id="dr16-fp16-fp8"),
+    pytest.param(TiedShape(64, 512, 16, 16, 1, cache="fp8"), id="d512-dr16-fp8-2wg"),
 ]
 # Every shape class `choose_config` has a measured default for, and the engine's model shapes:
 # the default config must compile (the schedules above already cover some of them).
@@ -221,11 +222,12 @@ def test_fp8_caches_take_the_specialised_ring():
                      dict(ctas_per_sm=2)):
         with pytest.raises(ValueError, match="fp8 cache runs on the specialised ring"):
             hopper_decode.plan_launch(256, 256, 64, 64, 2, HopperConfig(**schedule), fp8_cache=True)
-    # States wider than 256 (MLA's latent; also narrow-RoPE ones whose slots would fit, where
-    # ptxas refuses the column-split consumers at 128 registers): the Triton kernel.
-    for widths in ((512, 512, 64), (64, 512, 16), (128, 512, 16), (64, 512, 32)):
-        with pytest.raises(ValueError, match="at most 256 columns"):
-            hopper_decode.plan_launch(*widths, 16, 1, HopperConfig(), fp8_cache=True)
+    # MLA's latent: two copied slots do not fit beside its widened ones (the Triton kernel);
+    # a 512-wide state with a narrow RoPE key does (column-split consumers, compiled below).
+    with pytest.raises(ValueError, match="fp8 cache slots"):
+        hopper_decode.plan_launch(512, 512, 64, 16, 1, HopperConfig(), fp8_cache=True)
+    wide = hopper_decode.plan_launch(64, 512, 16, 16, 1, HopperConfig(), fp8_cache=True)
+    assert (wide.warps_n, wide.num_stages, wide.cache_stages) == (2, 2, 2)
     with pytest.raises(ValueError, match="fp8 cache slots"):
         hopper_decode.plan_launch(256, 256, 64, 64, 1, HopperConfig(num_stages=9), fp8_cache=True)
     # bf16 caches keep their measured defaults.
@@ -396,13 +398,13 @@ def test_fp8_cache_matches_fp64_on_hopper(case, variant, monkeypatch):
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
 def test_fp8_mla_latent_falls_back_to_triton(monkeypatch):
-    """MLA's 512-wide fp8 latent (states wider than 256): the Triton kernel."""
+    """MLA's 512-wide fp8 latent does not fit beside its widened slots: the Triton kernel."""
     monkeypatch.setenv(hopper_decode.FP8_ENV, "1")
     lengths, page = [257, 3], 64
     c = tied_case(lengths, 1, 16, 1, 512, 512, 64, page, torch.bfloat16, FP8, FP8_SCALE)
     args = [c[k].to(DEVICE) for k in ("q_nope", "q_rope", "kv_cache", "rope_cache", "table",
                                       "seqlens")]
-    assert "at most 256 columns" in hopper_decode.why_unsupported(*args[:4], kv_scale=FP8_SCALE)
+    assert "fp8 cache slots" in hopper_decode.why_unsupported(*args[:4], kv_scale=FP8_SCALE)
     got = hopper_decode.decode_tied(*args, softmax_scale=0.1, kv_scale=FP8_SCALE)
     ref = triton_decode.decode_tied(*args, softmax_scale=0.1, kv_scale=FP8_SCALE)
     torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)

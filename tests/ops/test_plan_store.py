@@ -51,6 +51,24 @@ def test_small_batch_fills_the_gpu_and_balances_uneven_lengths():
     assert plan.capacity == 4 + 264  # fixed by B and heads, not by the lengths
 
 
+def test_longest_pieces_start_first_wherever_they_sit():
+    """Items are laid out longest pieces first (a sequence's pieces together), so a long
+    sequence at the end of the batch does not start its pieces after every short one."""
+    short, long = [1024] * 63, [131072]
+    for lengths in (long + short, short + long, short[:30] + long + short[30:]):
+        plan = ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), num_heads_kv=1,
+                               head_blocks=2, num_sms=132, programs_per_sm=1, min_piece=256)
+        pieces = _assert_partition(plan, lengths)
+        items = [tuple(r) for r in plan.items.tolist() if r[0] >= 0]
+        sizes = [e - s for _, s, e in items]
+        n_long = len(pieces[lengths.index(131072)])
+        assert n_long > 20 and all(seq == lengths.index(131072) for seq, _, _ in items[:n_long])
+        assert sizes[:n_long - 1] == sorted(sizes[:n_long - 1], reverse=True)
+        assert min(sizes[:n_long - 1]) > max(sizes[n_long:])
+        # Short sequences keep their batch order behind it (a stable order).
+        assert [seq for seq, _, _ in items[n_long:]] == [b for b, n in enumerate(lengths) if n == 1024]
+
+
 def test_one_program_per_sm_fills_one_wave():
     """A kernel that fits one program per SM asks for half as many, twice as long pieces."""
     seqlens = torch.tensor([32768], dtype=torch.int32)
@@ -95,10 +113,11 @@ def _loop_plan(lengths, *, num_heads_kv, num_sms, head_blocks=1, min_piece=MIN_P
         chunk = max(min_piece, -(-sum(lengths) // wanted))
         pieces = [cut(n, max(1, round(n / chunk))) for n in lengths]
         capacity = batch + wanted
-    items, splits = [], []
-    for seq, seq_pieces in enumerate(pieces):
-        splits.append([len(items), len(seq_pieces)])
-        items += [[seq, s, e] for s, e in seq_pieces]
+    items, splits = [], [None] * batch
+    # Longest pieces first (a sequence's first piece is its longest), ties in batch order.
+    for seq in sorted(range(batch), key=lambda b: -(pieces[b][0][1] - pieces[b][0][0])):
+        splits[seq] = [len(items), len(pieces[seq])]
+        items += [[seq, s, e] for s, e in pieces[seq]]
     return items + [[-1, 0, 0]] * (capacity - len(items)), splits
 
 

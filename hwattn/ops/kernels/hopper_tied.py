@@ -405,6 +405,8 @@ def _produce_widened(kv_desc, rope_desc, cache_bufs, cache_rope_bufs, copied_bar
     for j in range(n_blocks):
         copied = j % CACHE_STAGES
         slot = j % NUM_STAGES
+        ahead = j + CACHE_STAGES  # the block this copied slot takes next
+        row = _slot_row(table_row, start + ahead * BLOCK_N, end, PAGE)  # loads during the waits
         mbarrier.wait(copied_bars.index(copied), (j // CACHE_STAGES) & 1)
         # A fresh mbarrier counts as having completed the phase before 0: the first pass is free.
         mbarrier.wait(empty.index(slot), ((j // NUM_STAGES) & 1) ^ 1)
@@ -414,11 +416,11 @@ def _produce_widened(kv_desc, rope_desc, cache_bufs, cache_rope_bufs, copied_bar
             box = src.slice(c * COL_BOX, COL_BOX, dim=1).load(box_layout)
             dst.slice(c * COL_BOX, COL_BOX, dim=1).store(box.to(dtype))
         rope_bufs.index(slot).store(cache_rope_bufs.index(copied).load(rope_layout).to(dtype))
-        fence_async_shared()  # the consumers' MMAs read the slot through the async proxy
+        # The fence orders this partition's generic accesses before the async proxy's: the
+        # consumers' MMAs read the widened slot, and the refill below overwrites the copied one.
+        fence_async_shared()
         gl.thread_barrier()  # every producer warp has read its part of the copy and stored it
         mbarrier.arrive(ready.index(slot), count=1)
-        ahead = j + CACHE_STAGES
-        row = _slot_row(table_row, start + ahead * BLOCK_N, end, PAGE)
         _issue_block(kv_desc, rope_desc, src, cache_rope_bufs.index(copied),
                      copied_bars.index(copied), row, kv_col, D_V, ahead < n_blocks)
 
