@@ -26,10 +26,11 @@ What makes it Hopper-native:
 - An fp8 (e4m3) cache (CACHE_STAGES > 0; specialised only): a producer partition of four
   warps keeps CACHE_STAGES blocks of the cache in flight as they are, in a ring of their own,
   and converts each copied block to fp16 into the consumers' ring (`_produce_widened`), so
-  the consumers run unchanged on 16-bit tiles while half the bytes cross from memory. The products then run in fp16 whatever the query
-  dtype (e4m3 widens to fp16 exactly, two values per instruction; bf16 queries are rounded to
-  fp16, so |q| must stay below 65504). The cache's scale is folded into `qk_scale` and
-  multiplies the output accumulator (`out_scale`) before the epilogue rounds it.
+  the consumers run unchanged on 16-bit tiles while half the bytes cross from memory. The
+  products then run in fp16 whatever the query dtype (e4m3 widens to fp16 exactly, two
+  values per instruction; bf16 queries are rounded to fp16, so |q| must stay below 65504).
+  The cache's scale is folded into `qk_scale` and multiplies the output accumulator
+  (`out_scale`) before the epilogue rounds it.
 
 Rows past a sequence's last token inside its last 64-token slice are zeroed in shared memory
 before use: their scores are masked, but a NaN there (unwritten cache) times a zero probability
@@ -426,16 +427,17 @@ def _produce_widened(kv_desc, rope_desc, cache_bufs, cache_rope_bufs, copied_bar
 
 
 @gluon.jit
-def tied_schedule(args, item, out_scale, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
+def tied_schedule(args, item, out_scale, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr,
+                  D_V: gl.constexpr, D_R: gl.constexpr,
                   PAGE: gl.constexpr, NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr,
                   SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CACHE_STAGES: gl.constexpr,
                   num_warps: gl.constexpr):
     """One work item of `hwattn.ops.kernels.hopper.hopper_decode_kernel` in the tied
     schedules (specialised, pipelined, overlapped); `args` and `item` as it passes them.
     CACHE_STAGES > 0: the cache is fp8, copied into that many slots and widened
-    (`_produce_widened`);
-    `out_scale` (its quantisation scale) multiplies the output before it is rounded."""
+    (`_produce_widened`); `out_scale`, its quantisation scale, multiplies the output before
+    it is rounded."""
     (q_ptr, q_rope_ptr, kv_desc, rope_desc, block_table_ptr, out_ptr, lse_ptr, part_out_ptr,
      part_lse_ptr, qk_scale, n_heads_q, group, stride_qb, stride_qt, stride_qh, stride_qrb,
      stride_qrt, stride_qrh, stride_btb, stride_ob, stride_ot, stride_oh, stride_lb,
