@@ -26,6 +26,9 @@ ATTENTION_KINDS = ("mha", "mqa", "gqa", "gta", "mla", "gla")
 LLAMA3_VOCAB = 128_256
 # GPT-2's 50,257 tokens rounded up to a multiple of 64 for the matrix units.
 GPT2_VOCAB_PADDED = 50_304
+# Which SDPA kernels dense attention may use in training (`hwattn.layers.sdpa_choice`,
+# `TrainConfig.sdpa`, `hwattn train --sdpa`): "auto" (PyTorch's choice) or "cudnn".
+SDPA_CHOICES = ("auto", "cudnn")
 
 # Shape of each preset; `mha_hidden_dim` is the MHA model's SwiGLU width, which fixes the
 # parameter budget every other variant is matched to.

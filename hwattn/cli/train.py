@@ -7,7 +7,7 @@ import json
 
 def register(sub) -> None:
     from hwattn.cli import add_cpu_threads
-    from hwattn.config import PRESETS
+    from hwattn.config import PRESETS, SDPA_CHOICES
 
     p = sub.add_parser("train", help="train one model on a dataset built by `hwattn data build`",
                        description="AdamW (0.9, 0.95), weight decay 0.1 on matrices (not on norms "
@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
                    help="autocast: auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sdpa", default="auto", choices=("auto", "cudnn"),
+    p.add_argument("--sdpa", default="auto", choices=SDPA_CHOICES,
                    help="attention kernels: auto = PyTorch's choice (FlashAttention-2 on a GPU, "
                         "differing key/value widths zero-padded); cudnn = cuDNN's fused "
                         "attention first, widths as they are (CUDA only)")

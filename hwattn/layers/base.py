@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hwattn import ops
-from hwattn.config import ModelConfig
+from hwattn.config import SDPA_CHOICES, ModelConfig
 from hwattn.ops import AttentionBackend, PrefillPlan, plan_prefill
 from hwattn.ops.linear import linear
 from hwattn.ops.reference import gather_cache
@@ -267,7 +267,7 @@ class PrefillForm:
 #   (docs/quality_study.md).
 # - "cudnn": cuDNN's fused attention first, with the widths as they are (PyTorch's cuDNN
 #   backend takes differing widths), then FlashAttention, memory-efficient and math kernels.
-SDPA_CHOICES = ("auto", "cudnn")
+# (SDPA_CHOICES lives in hwattn.config, which the command line reads without importing torch.)
 _sdpa_native_widths = False  # read while tracing, so a compiled block keeps the choice it saw
 
 
