@@ -142,9 +142,13 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     size = -(-lengths // n_pieces)
     size = -(-size // PIECE_ALIGN) * PIECE_ALIGN
     counts = -(-lengths // size)  # pieces actually cut: [0, n) in steps of `size`
-    order = np.argsort(-np.minimum(size, lengths), kind="stable")  # longest pieces first
-    first = np.empty_like(counts)
-    first[order] = np.cumsum(counts[order]) - counts[order]
+    piece = np.minimum(size, lengths)  # each sequence's longest (first) piece
+    if (piece[1:] <= piece[:-1]).all():  # already longest first (e.g. equal lengths)
+        order, first = np.arange(len(lengths)), np.cumsum(counts) - counts
+    else:
+        order = np.argsort(-piece, kind="stable")
+        first = np.empty_like(counts)
+        first[order] = np.cumsum(counts[order]) - counts[order]
     total = int(counts.sum())
     if total > capacity:  # only a refreshed plan can be too small: a fresh one is sized here
         raise ValueError(f"out: a plan for B={len(lengths)} with {capacity} items cannot hold "
@@ -152,7 +156,7 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     batch = len(lengths)
     packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
     items = packed[:3 * capacity].reshape(capacity, 3)
-    seq = np.repeat(order, counts[order])
+    seq = np.repeat(order, counts[order])  # (items in layout order)
     start = (np.arange(total) - first[seq]) * size[seq]
     items[:total, 0] = seq
     items[:total, 1] = start
