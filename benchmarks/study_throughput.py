@@ -167,7 +167,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     print(f"\n{gpu}, torch {torch.__version__}, preset {args.preset}, batch {args.batch_size} × "
           f"{args.seq_len}, {args.steps} steps"
-          f"{f' (+ {args.log_every}, the last {profiled} profiled)' if profiled else ''}, MFU against {args.peak_tflops:.0f} TFLOP/s\n")
+          + (f" (+ {args.log_every}, the last {profiled} profiled)" if profiled else "")
+          + f", MFU against {args.peak_tflops:.0f} TFLOP/s\n")
     print("| variant | loss | sdpa | params (non-emb) | ms/step | tokens/s | TFLOP/s | MFU | peak GiB "
           "| flash SDPA | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

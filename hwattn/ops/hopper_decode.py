@@ -16,9 +16,10 @@ Same contract as `triton_decode.decode_tied`: the same split-KV plan (`plan.py`)
 partial outputs merged by the same combine kernel, (out, lse) returned, and with a plan given
 no host read of device memory (CUDA-graph safe; the TMA descriptors only hold the caches'
 addresses and shapes). An fp8 (e4m3) cache runs on the specialised ring schedule, widened to
-fp16 in shared memory by warps of their own (`kernels/hopper_tied.py`), its scale folded into
-the softmax scale and into the output before rounding; until that path has run on a GPU it is taken only with
-HWATTN_HOPPER_FP8=1 (`fp8_enabled`), and fp8 caches otherwise stay on the Triton kernel.
+fp16 in shared memory by its producer warps (`kernels/hopper_tied.py`), its scale folded into
+the softmax scale and into the output before rounding; until that path has run on a GPU it is
+taken only with HWATTN_HOPPER_FP8=1 (`fp8_enabled`), and fp8 caches otherwise stay on the
+Triton kernel.
 Calls it does not support (another GPU, fp32, widths that are not multiples of 64, page sizes
 that are not multiples of 64, non-contiguous caches, an fp8 cache whose slots do not fit, such
 as MLA's 512-wide latent) go to the portable Triton kernel.
@@ -153,7 +154,7 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
                          f"both in {WIDTHS}, D_R in {ROPE_WIDTHS}")
     if fp8_cache and (config.schedule != "ring" or not config.specialize or config.ctas_per_sm != 1):
         raise ValueError("an fp8 cache runs on the specialised ring schedule, one program per SM "
-                         "(its copies are widened by warps of their own)")
+                         "(its producer warps widen the copies)")
     duo = config.schedule == "duo"
     if duo:
         if config.ctas_per_sm != 1:

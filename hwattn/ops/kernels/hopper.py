@@ -7,7 +7,7 @@ compiled kernel holds one schedule):
 
 - "ring": `hopper_tied.tied_schedule` (a producer warp or the consumers themselves filling a
   ring of TMA slots; one or two consumer warpgroups; the overlapped consumer order; an fp8
-  cache widened by warps of their own, CACHE_STAGES > 0);
+  cache widened by its producer warps, CACHE_STAGES > 0);
 - "duo": `hopper_duo.duo_schedule` (two warpgroups taking alternate 64-token blocks of MLA's
   and GLA's latents);
 - "pingpong": `hopper_pingpong.pingpong_schedule` (two 64-row warpgroups taking turns to
