@@ -36,165 +36,39 @@ wrong is reported and the run goes on; a crash or a hang (past --task-timeout) k
 worker, the task is reported, and a fresh worker continues with the rest (a Hopper variant that
 crashed or hung in the correctness phase is dropped from the timings). The human table comes
 first, then one line of JSON; the JSON also goes to $OUT/hopper_decode.json (or --out).
+
+This file holds the variants, the tasks and the command line; the shapes, checks and their
+paged data are in `hopper_cases.py`, the watched worker processes in `hopper_workers.py`, the
+tables in `hopper_report.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import queue
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 
-from hopper_report import format_pivot, format_table, summary
+from hopper_cases import CHECKS, DEVICE, Paged, errors, layer_of, shapes
+from hopper_report import format_pivot, format_table
+from hopper_workers import crashed, kernel_of, run_parallel, run_tasks, start_worker
 
 # Hopper schedules: name -> HopperConfig fields on top of the shape's default programs per SM.
 VARIANTS = {"ws": {}, "pipe": dict(specialize=False), "ovl": dict(overlap=True),
             "duo": dict(schedule="duo", ctas_per_sm=1), "pp": dict(schedule="pingpong")}
 KNOBS = {"s": "num_stages", "c": "ctas_per_sm", "p": "programs_per_sm", "m": "min_piece"}
 PLAN_KNOBS = ("programs_per_sm", "min_piece")
-DEVICE = os.environ.get("HOPPER_BENCH_DEVICE", "cuda")  # "cpu" dry-runs the checks' plumbing
 # The fp8 shapes measure the Hopper fp8 path, which the library takes only on request until it
 # has been verified on a GPU (`hopper_decode.fp8_enabled`); workers inherit this.
 os.environ.setdefault("HWATTN_HOPPER_FP8", "1")
 OVERRIDES: dict = {}  # HopperConfig fields forced from the command line (--stages, --ctas-per-sm)
 CHECK_LIMIT = 2e-2  # relative L2 error against the Triton kernel in the timing phase
-FP8_SCALE = 0.5  # an fp8 cache stores value / FP8_SCALE (the N(0, 1) data stay well in range)
-
-
-def _shapes() -> dict[str, dict]:
-    """name -> (variant, h_q, tp, batch lengths, L_q, page); h_q and tp as the layer sees them."""
-    shapes = {}
-    for variant in ("mla", "gla-2"):
-        for l_q in (1, 2, 4):
-            shapes[f"{variant.replace('-', '')}-b128-16k-lq{l_q}"] = dict(
-                variant=variant, heads=128, tp=1, lengths=[16384] * 128, query_len=l_q)
-        for l_q in (1, 2):  # one rank of TP-8: 16 query heads on one (duplicated) latent head
-            shapes[f"{variant.replace('-', '')}-tp8-b128-32k-lq{l_q}"] = dict(
-                variant=variant, heads=128, tp=8, lengths=[32768] * 128, query_len=l_q)
-    for length in (8192, 16384, 32768):
-        shapes[f"gta4-b128-{length // 1024}k"] = dict(variant="gta-4", heads=32, tp=1,
-                                                       lengths=[length] * 128, query_len=1)
-    for variant, heads in (("mla", 128), ("gla-2", 128), ("gta-4", 32)):
-        for batch in (1, 4):
-            for length in (32768, 131072):
-                shapes[f"{variant.replace('-', '')}-b{batch}-{length // 1024}k"] = dict(
-                    variant=variant, heads=heads, tp=1, lengths=[length] * batch, query_len=1)
-    # The engine's `xl` decode step (h_q 16 on one GPU, B 64), where MLA's attention took
-    # twice GLA-2's time for the same cache bytes (docs/results/engine.md, run 9).
-    for variant in ("mla", "gla-2", "gta-4"):
-        for length in (1024, 8192):
-            shapes[f"{variant.replace('-', '')}-xl-b64-{length // 1024}k"] = dict(
-                variant=variant, heads=16, tp=1, lengths=[length] * 64, query_len=1)
-    for variant in ("mla", "gla-2"):
-        shapes[f"{variant.replace('-', '')}-uneven"] = dict(
-            variant=variant, heads=128, tp=1, lengths=[131072] + [1024] * 63, query_len=1)
-    # fp8 (e4m3) caches, beside the bf16 shapes of the same name (the issue's fp8 target: the
-    # tied kernel at L_q = 1 against itself on bf16).
-    for name in ("gla2-b128-16k-lq1", "gla2-b128-16k-lq2", "gta4-b128-16k", "gta4-b1-128k",
-                 "gla2-b4-32k"):
-        shapes[f"{name}-fp8"] = dict(shapes[name], cache="fp8")
-    for shape in shapes.values():
-        shape["page"] = 64
-    return shapes
-
-
-# (name, variant, h_q, tp, lengths, L_q, page)
-CHECKS = [
-    ("mla-lq1", "mla", 128, 1, [1, 63, 64, 65, 339], 1, 64),
-    ("mla-lq2-page128", "mla", 128, 1, [2, 127, 129, 700], 2, 128),
-    ("mla-tp8-lq4", "mla", 128, 8, [4, 65, 257], 4, 64),
-    ("gla2-lq1", "gla-2", 128, 1, [1, 64, 65, 2049], 1, 64),
-    ("gla2-lq3", "gla-2", 128, 1, [3, 63, 339], 3, 256),
-    ("gta4-lq1", "gta-4", 32, 1, [1, 63, 64, 65, 4100], 1, 64),
-    ("gta4-lq4", "gta-4", 32, 1, [5, 130, 1000], 4, 64),
-    ("gla2-lq2-fp8", "gla-2", 128, 1, [2, 63, 64, 65, 2049], 2, 64),
-    ("gta4-lq1-fp8", "gta-4", 32, 1, [1, 63, 64, 65, 4100], 1, 64),
-]
-
-
-def _layer(variant: str, heads: int):
-    """A meta-device layer (d_h 128, d_R 64): its cache layout and cost accounting."""
-    import torch
-
-    from hwattn.config import ModelConfig, parse_variant
-    from hwattn.layers import build_attention
-
-    spec = parse_variant(variant)
-    if spec["attention"] in ("gta", "mla", "gla"):
-        spec["rope_dim"] = 64
-    cfg = ModelConfig(n_heads=heads, head_dim=128, dim=heads * 128, hidden_dim=4 * heads * 128, **spec)
-    return build_attention(cfg, device=torch.device("meta"))
-
-
-class Paged:
-    """Random paged caches and queries for one batch on the GPU (tied or separate K/V)."""
-
-    def __init__(self, torch, layer, tp, lengths, l_q, page, hostile=False, dtype=None,
-                 fp8=False):
-        dtype = dtype or torch.bfloat16
-        h_q, _ = layer.local_heads(tp)
-        layout = layer.cache_layout(tp)
-        pages = [-(-n // page) for n in lengths]
-        width = max(pages) + 1
-        n_pool = sum(pages) + 3
-        order = torch.randperm(n_pool, device=DEVICE).to(torch.int32)
-        table = torch.full((len(lengths), width), 2**30, dtype=torch.int32, device=DEVICE)
-        owner = torch.zeros(n_pool, page, dtype=torch.bool, device=DEVICE)
-        used = 0
-        for b, (n, p) in enumerate(zip(lengths, pages)):
-            table[b, :p] = order[used:used + p]
-            slots = torch.arange(p * page, device=DEVICE) < n
-            owner[order[used:used + p].long()] = slots.view(p, page)
-            used += p
-        if hostile:
-            table[:, 1::2] = torch.where(table[:, 1::2] == 2**30, -7, table[:, 1::2])
-
-        def cache(shape):  # random where a sequence owns the slot; NaN elsewhere when hostile
-            data = torch.randn(n_pool, page, *shape, device=DEVICE, dtype=dtype)
-            if hostile:
-                data[~owner] = float("nan")
-            return (data / FP8_SCALE).to(torch.float8_e4m3fn) if fp8 else data
-
-        self.kv_scale = FP8_SCALE if fp8 else None
-
-        self.block_table, self.lengths = table, lengths
-        self.seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-        d_qk, d_v = layer.decode_widths()
-        self.tied = "kv" in layout
-        if self.tied:
-            self.kv_cache, self.rope_cache = cache(layout["kv"]), cache(layout["rope"])
-            d_rope = layout["rope"][0]
-            self.q_nope = torch.randn(len(lengths), l_q, h_q, d_qk - d_rope, device=DEVICE, dtype=dtype)
-            self.q_rope = torch.randn(len(lengths), l_q, h_q, d_rope, device=DEVICE, dtype=dtype)
-        else:
-            self.k_cache, self.v_cache = cache(layout["k"]), cache(layout["v"])
-            self.q = torch.randn(len(lengths), l_q, h_q, d_qk, device=DEVICE, dtype=dtype)
-        self.scale = 1 / math.sqrt(d_qk)
-
-    def tied_args(self):
-        return (self.q_nope, self.q_rope, self.kv_cache, self.rope_cache, self.block_table,
-                self.seqlens)
 
 
 def _sync(torch) -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def _errors(torch, got, truth, base):
-    """(max |err|, ratio to the tests' bound) of `got` against the fp64 truth."""
-    err = (got.double() - truth).abs().max().item()
-    if not math.isfinite(err) or not torch.isfinite(got).all():
-        return float("inf"), float("inf")
-    bound = 4 * (base.double() - truth).abs().max().item() + \
-        torch.finfo(got.dtype).eps * truth.abs().max().item()
-    return err, err / bound
 
 
 def parse_variant(spec: str) -> dict:
@@ -275,14 +149,6 @@ def _hopper_config(spec: str, d_nope, d_v, d_rope, group, h_kv, l_q, lengths=Non
     return config
 
 
-def _sms() -> int:
-    import torch
-
-    if DEVICE == "cuda":
-        return torch.cuda.get_device_properties(0).multi_processor_count
-    return 132
-
-
 def _hopper_call(torch, kernel: str, data, lengths=None):
     """(launch description, fn(plan) -> (out, lse), config) of a Hopper variant."""
     from hwattn.ops import hopper_decode
@@ -323,7 +189,7 @@ def task_check(torch, name: str, kernel: str) -> dict:
 
     _, variant, heads, tp, lengths, l_q, page = next(c for c in CHECKS if c[0] == name)
     fp8 = name.endswith("-fp8")
-    layer = _layer(variant, heads)
+    layer = layer_of(variant, heads)
     _, h_kv = layer.local_heads(tp)
     row = dict(task=f"check:{name}:{kernel}", check=name, kernel=kernel)
     if kernel != "triton":
@@ -353,8 +219,8 @@ def task_check(torch, name: str, kernel: str) -> dict:
         except Exception as err:  # a compile error is a result, not the end of the run
             row[pname] = dict(error=f"{type(err).__name__}: {str(err)[:300]}")
             continue
-        out_err, out_ratio = _errors(torch, out, truth[0], base[0])
-        lse_err, lse_ratio = _errors(torch, lse, truth[1], base[1])
+        out_err, out_ratio = errors(torch, out, truth[0], base[0])
+        lse_err, lse_ratio = errors(torch, lse, truth[1], base[1])
         row[pname] = dict(out_err=out_err, lse_err=lse_err, ratio=max(out_ratio, lse_ratio),
                           ok=max(out_ratio, lse_ratio) <= 1.0)
     return row
@@ -375,9 +241,9 @@ def _prepare(torch, name: str, kernel: str, peaks):
     variant, or gqa beside a GTA shape); (row, None, None, None) where the variant is n/a."""
     from hwattn.ops import hopper_decode, plan_decode, triton_decode
 
-    shape = _shapes()[name]
+    shape = shapes()[name]
     variant = shape["variant"].replace("gta", "gqa") if kernel == "gqa" else shape["variant"]
-    layer = _layer(variant, shape["heads"])
+    layer = layer_of(variant, shape["heads"])
     h_q, h_kv = layer.local_heads(shape["tp"])
     lengths, l_q, page = shape["lengths"], shape["query_len"], shape["page"]
     fp8 = shape.get("cache") == "fp8" and kernel != "gqa"  # (GQA-4 beside it: bf16)
@@ -507,114 +373,6 @@ def worker(args) -> None:
             torch.cuda.empty_cache()
 
 
-def _spawn(tasks, peaks, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--tasks", ",".join(tasks),
-           "--rep-ms", str(args.rep_ms)]
-    for flag, value in (("--stages", args.stages), ("--ctas-per-sm", args.ctas_per_sm)):
-        if value:
-            cmd += [flag, str(value)]
-    if peaks:
-        cmd += ["--peaks", f"{peaks[0]},{peaks[1]}"]
-    # stderr goes to a file: a chatty worker must never block on a full pipe
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env=dict(os.environ, TRITON_INTERPRET="1" if DEVICE == "cpu" else "0"))
-    proc.log = log
-    return proc
-
-
-def _stderr_tail(proc) -> str:
-    log = getattr(proc, "log", None)
-    if log is None:
-        return proc.stderr.read()[-1500:] if proc.stderr else ""
-    log.seek(0)
-    return log.read()[-1500:]
-
-
-def _kernel_of(task: str) -> str:
-    return task.split(":")[-1]
-
-
-def _lines(proc) -> queue.Queue:
-    """The worker's stdout lines on a queue (None at its end), read by a thread so that the
-    parent can wait for the next one with a timeout."""
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
-def run_tasks(tasks, args, deadline) -> list[dict]:
-    """Run `tasks` in a worker; when a task crashes or hangs the worker, it is reported, every
-    later task of the same Hopper variant is skipped, and a fresh worker takes the rest."""
-    results, pending, peaks = [], list(tasks), None
-    while pending and time.time() < deadline:
-        proc = _spawn(pending, peaks, args)
-        lines = _lines(proc)
-        while pending:
-            try:
-                line = lines.get(timeout=max(1.0, min(args.task_timeout, deadline - time.time())))
-            except queue.Empty:
-                line, reason = None, "timed out"
-            else:
-                reason = None if line is not None else "worker died"
-            if line is not None:
-                if line.startswith("RESULT "):
-                    row = json.loads(line[len("RESULT "):])
-                    results.append(row)
-                    pending.pop(0)
-                    print(summary(row), flush=True)
-                    if row.get("task") == "peaks" and "copy_GBps" in row:
-                        peaks = (row["copy_GBps"], row["mm_TFLOPs"])
-                continue  # other lines are a library's chatter
-            proc.kill()
-            code = proc.wait()
-            stderr = _stderr_tail(proc)
-            task = pending.pop(0)
-            reason = reason if reason == "timed out" else f"{reason} (exit {code})"
-            row = dict(task=task, error=f"{reason}: {stderr}")
-            results.append(row)
-            print(summary(row), flush=True)
-            kernel = _kernel_of(task)
-            if kernel not in ("triton", "gqa"):
-                dropped = [t for t in pending if _kernel_of(t) == kernel]
-                pending = [t for t in pending if _kernel_of(t) != kernel]
-                results += [dict(task=t, error=f"skipped: {kernel} {reason} on {task}") for t in dropped]
-            break
-        else:
-            proc.wait()
-    results += [dict(task=t, error="not run: out of time") for t in pending]
-    return results
-
-
-def run_parallel(task_lists, args, deadline) -> list[dict]:
-    """run_tasks on each list in its own worker, side by side (compiles and correctness checks,
-    never timings: those run alone)."""
-    results: list[list[dict]] = [[] for _ in task_lists]
-
-    def run(i):
-        results[i] = run_tasks(task_lists[i], args, deadline)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(task_lists))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return [row for rows in results for row in rows]
-
-
-def _crashed(rows) -> set[str]:
-    """Hopper variants whose worker crashed or hung on some task."""
-    return {_kernel_of(r["task"]) for r in rows if "error" in r
-            and r["error"].startswith(("timed out", "worker died"))
-            and _kernel_of(r["task"]) not in ("triton", "gqa")}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -643,17 +401,17 @@ def main() -> int:
     if args.worker:
         worker(args)
         return 0
-    shapes = _shapes()
+    all_shapes = shapes()
     if args.list:
-        print("shapes:", ", ".join(shapes))
+        print("shapes:", ", ".join(all_shapes))
         print("checks:", ", ".join(c[0] for c in CHECKS))
         print("variants:", ", ".join(VARIANTS), "(knobs: -s<slots> -c<per SM> -p<plan per SM> "
               "-m<min piece>)")
         return 0
     variants = [v for v in args.variants.split(",") if v]
-    names = (args.shapes or ",".join(shapes)).split(",")
+    names = (args.shapes or ",".join(all_shapes)).split(",")
     checks = (args.checks or ",".join(c[0] for c in CHECKS)).split(",")
-    unknown = [s for s in names if s not in shapes] + \
+    unknown = [s for s in names if s not in all_shapes] + \
         [c for c in checks if c not in {c[0] for c in CHECKS}]
     for spec in variants:
         try:
@@ -669,21 +427,33 @@ def main() -> int:
     if args.only != "correctness":
         for name in names:
             time_tasks += [f"time:{name}:{k}" for k in kernels]
-            if shapes[name]["variant"].startswith("gta") and not args.no_triton:
+            if all_shapes[name]["variant"].startswith("gta") and not args.no_triton:
                 time_tasks.append(f"time:{name}:gqa")
     deadline = time.time() + args.budget
+
+    def spawn(tasks, peaks):
+        """A worker of this script for `tasks`, with the command line's knobs and the peaks."""
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--tasks", ",".join(tasks),
+               "--rep-ms", str(args.rep_ms)]
+        for flag, value in (("--stages", args.stages), ("--ctas-per-sm", args.ctas_per_sm)):
+            if value:
+                cmd += [flag, str(value)]
+        if peaks:
+            cmd += ["--peaks", f"{peaks[0]},{peaks[1]}"]
+        return start_worker(cmd, dict(os.environ, TRITON_INTERPRET="1" if DEVICE == "cpu" else "0"))
     if args.jobs > 1:
         early = check_tasks + [t.replace("time:", "warm:", 1) for t in time_tasks]
-        rows = run_parallel([early[i::args.jobs] for i in range(args.jobs)], args, deadline)
-        crashed = _crashed(rows)
-        rows += [dict(task=t, error=f"skipped: {_kernel_of(t)} crashed or hung before")
-                 for t in time_tasks if _kernel_of(t) in crashed]
-        time_tasks = [t for t in time_tasks if _kernel_of(t) not in crashed]
+        rows = run_parallel([early[i::args.jobs] for i in range(args.jobs)], spawn,
+                            args.task_timeout, deadline)
+        dead = crashed(rows)
+        rows += [dict(task=t, error=f"skipped: {kernel_of(t)} crashed or hung before")
+                 for t in time_tasks if kernel_of(t) in dead]
+        time_tasks = [t for t in time_tasks if kernel_of(t) not in dead]
         if time_tasks:
-            rows += run_tasks(["peaks"] + time_tasks, args, deadline)
+            rows += run_tasks(["peaks"] + time_tasks, spawn, args.task_timeout, deadline)
     else:
-        rows = run_tasks(check_tasks + (["peaks"] + time_tasks if time_tasks else []), args,
-                         deadline)
+        rows = run_tasks(check_tasks + (["peaks"] + time_tasks if time_tasks else []), spawn,
+                         args.task_timeout, deadline)
     peak_row = next((r for r in rows if r.get("task") == "peaks" and "copy_GBps" in r), None)
     peaks = (peak_row["copy_GBps"], peak_row["mm_TFLOPs"]) if peak_row else None
     if args.only != "correctness":
