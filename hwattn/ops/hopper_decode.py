@@ -17,9 +17,9 @@ partial outputs merged by the same combine kernel, (out, lse) returned, and with
 no host read of device memory (CUDA-graph safe; the TMA descriptors only hold the caches'
 addresses and shapes). An fp8 (e4m3) cache runs on the specialised ring schedule, widened to
 fp16 in shared memory by its producer warps (`kernels/hopper_tied.py`), its scale folded into
-the softmax scale and into the output before rounding; until that path has run on a GPU it is
-taken only with HWATTN_HOPPER_FP8=1 (`fp8_enabled`), and fp8 caches otherwise stay on the
-Triton kernel.
+the softmax scale and into the output before rounding (verified on an H200 on 2026-12-05:
+docs/hopper.md); HWATTN_HOPPER_FP8=0 sends fp8 caches to the Triton kernel instead
+(`fp8_enabled`).
 Calls it does not support (another GPU, fp32, widths that are not multiples of 64, page sizes
 that are not multiples of 64, non-contiguous caches, an fp8 cache whose slots do not fit, such
 as MLA's 512-wide latent) go to the portable Triton kernel.
@@ -59,9 +59,9 @@ SCHEDULES = ("ring", "duo", "pingpong")
 
 
 def fp8_enabled() -> bool:
-    """Whether fp8 caches may take the Hopper kernel: only with HWATTN_HOPPER_FP8=1 while the
-    widening path (built 2026-12-05 without a GPU) has not run on one; read at each call."""
-    return os.environ.get(FP8_ENV) == "1"
+    """Whether fp8 caches may take the Hopper kernel: yes unless HWATTN_HOPPER_FP8=0 (the
+    widening path passed its GPU tests on an H200 on 2026-12-05); read at each call."""
+    return os.environ.get(FP8_ENV, "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,7 @@ def why_unsupported(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache
     if kv_cache.dtype != q_nope.dtype and not fp8:
         return f"cache dtype {kv_cache.dtype} (needs the query dtype or fp8 e4m3)"
     if fp8 and not fp8_enabled():
-        return f"fp8 cache: the Hopper fp8 path is not yet verified on a GPU ({FP8_ENV}=1 takes it)"
+        return f"fp8 cache: the Hopper fp8 path is turned off ({FP8_ENV}=0)"
     if kv_scale is not None and not fp8:
         return "kv_scale given for a cache that is not fp8"
     d_nope, d_v, d_rope = q_nope.shape[-1], kv_cache.shape[-1], q_rope.shape[-1]

@@ -183,13 +183,13 @@ def test_schedules_take_the_shapes_they_are_for():
         HopperConfig(overlap=True, specialize=False)
 
 
-def test_fp8_path_is_opt_in_until_verified(monkeypatch):
+def test_fp8_path_is_on_unless_turned_off(monkeypatch):
     monkeypatch.delenv(hopper_decode.FP8_ENV, raising=False)
-    assert not hopper_decode.fp8_enabled()
-    monkeypatch.setenv(hopper_decode.FP8_ENV, "0")
-    assert not hopper_decode.fp8_enabled()
+    assert hopper_decode.fp8_enabled()
     monkeypatch.setenv(hopper_decode.FP8_ENV, "1")
     assert hopper_decode.fp8_enabled()
+    monkeypatch.setenv(hopper_decode.FP8_ENV, "0")
+    assert not hopper_decode.fp8_enabled()
 
 
 def test_fp8_caches_take_the_specialised_ring():
@@ -374,9 +374,9 @@ def test_fp8_cache_matches_fp64_on_hopper(case, variant, monkeypatch):
     table, seqlens, softmax_scale, truth = c["table"], c["seqlens"], c["softmax_scale"], c["truth"]
     kw = dict(softmax_scale=softmax_scale, kv_scale=FP8_SCALE)
     gpu = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache)]
+    monkeypatch.setenv(hopper_decode.FP8_ENV, "0")
+    assert "turned off" in hopper_decode.why_unsupported(*gpu, kv_scale=FP8_SCALE)
     monkeypatch.delenv(hopper_decode.FP8_ENV, raising=False)
-    assert "not yet verified" in hopper_decode.why_unsupported(*gpu, kv_scale=FP8_SCALE)
-    monkeypatch.setenv(hopper_decode.FP8_ENV, "1")
     baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
                                return_lse=True, backend="torch", **kw)
     args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
@@ -399,7 +399,7 @@ def test_fp8_cache_matches_fp64_on_hopper(case, variant, monkeypatch):
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
 def test_fp8_mla_latent_falls_back_to_triton(monkeypatch):
     """MLA's 512-wide fp8 latent does not fit beside its widened slots: the Triton kernel."""
-    monkeypatch.setenv(hopper_decode.FP8_ENV, "1")
+    monkeypatch.delenv(hopper_decode.FP8_ENV, raising=False)
     lengths, page = [257, 3], 64
     c = tied_case(lengths, 1, 16, 1, 512, 512, 64, page, torch.bfloat16, FP8, FP8_SCALE)
     args = [c[k].to(DEVICE) for k in ("q_nope", "q_rope", "kv_cache", "rope_cache", "table",

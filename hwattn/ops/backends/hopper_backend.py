@@ -3,7 +3,7 @@
 
 "auto" chooses it on compute capability 9.0 (priority 20, above Triton's 10). It takes the
 `decode_tied` calls the Hopper kernels take (bf16/fp16 queries over caches of their dtype, or
-of fp8 e4m3 with HWATTN_HOPPER_FP8=1 until that path is verified on a GPU; state widths 64-512;
+of fp8 e4m3 unless HWATTN_HOPPER_FP8=0; state widths 64-512;
 RoPE width 16-64; page sizes that are multiples of 64; contiguous caches;
 `hopper_decode.why_unsupported`) and hands the rest to the Triton kernels: separate-K/V decode
 (MHA/GQA/MQA), fp32 caches, fp8 caches whose slots do not fit (MLA's latent), other page
