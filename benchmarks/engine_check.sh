@@ -23,9 +23,16 @@
 #  10. fp8: the Hopper tied kernel over an e4m3 cache (copied as it is, widened to fp16 in shared
 #      memory; built without a GPU on 2026-12-05): its correctness checks, then its timing beside
 #      the bf16 kernel on the same shapes (the target: >= 1.6x the bf16 speed at L_q = 1).
+#  11. fp8slots: the fp8 path's ring depths (first run, 2026-12-05: 0.72-1.07x the bf16
+#      kernel's speed, the widening setting the pace; docs/hopper.md): the slots the producer
+#      widens into (-w, GTA's narrow states have room for 4-6) and the copied ring's (-s), on
+#      GTA-4's shapes and GLA-2's (ws-w3: the plain consumers, which hold fewer slots than the
+#      overlapped ones, with three widened), with a correctness check of the deepest. The
+#      overlapped consumers hold three blocks at once: with three widened slots the producer
+#      cannot widen ahead of them.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8 ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -93,6 +100,14 @@ for step in $steps; do
       timeout 200 python3 benchmarks/hopper_decode.py --only timing --budget 180 --rep-ms 30 --jobs 8 \
         --shapes gla2-b128-16k-lq1,gla2-b128-16k-lq1-fp8,gta4-b128-16k,gta4-b128-16k-fp8,gla2-b128-16k-lq2,gla2-b128-16k-lq2-fp8,gta4-b1-128k,gta4-b1-128k-fp8,gla2-b4-32k,gla2-b4-32k-fp8 \
         --variants default,ws,ovl --out "$OUT/hopper_fp8.json" 2>&1 | tail -24 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8)" | tee -a "$OUT/log"; exit 2 ;;
+    fp8slots)
+      timeout 100 python3 benchmarks/hopper_decode.py --only correctness --budget 80 --jobs 4 \
+        --checks gta4-lq1-fp8 --variants ovl-w6,ws-w4 \
+        --out "$OUT/hopper_fp8_slot_checks.json" 2>&1 | tail -4 | tee -a "$OUT/log"
+      timeout 200 python3 benchmarks/hopper_decode.py --only timing --budget 180 --rep-ms 30 --jobs 8 \
+        --shapes gta4-b128-16k,gta4-b128-16k-fp8,gta4-b1-128k-fp8,gla2-b128-16k-lq1,gla2-b128-16k-lq1-fp8 \
+        --variants default,ovl,ovl-w4,ovl-w5,ovl-w6,ovl-w4-s4,ws-w3,ws-w4 \
+        --out "$OUT/hopper_fp8_slots.json" 2>&1 | tail -12 | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

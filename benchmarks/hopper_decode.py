@@ -26,9 +26,10 @@ Hopper variants (`--variants`): default (what the "hopper" backend launches for 
 copies), ovl (ring, producer warp, softmax overlapped with the products; states <= 256 wide),
 duo (two warpgroups taking turns on blocks, each owning half the columns; MLA and GLA), pp
 (128 rows, two warpgroups of 64 taking turns on the tensor cores; GLA at L_q >= 2). A name
-may carry knobs: -s<N> ring slots, -c<N> resident programs per SM, -p<N> programs per SM the
-split-KV plan aims for, -m<N> its shortest piece in tokens (duo-p1-m256: the duo schedule
-with one-wave pieces of at least 256 tokens). A variant that does not take a shape, or whose
+may carry knobs: -s<N> ring slots (over an fp8 cache: the copied ring's), -c<N> resident
+programs per SM, -p<N> programs per SM the split-KV plan aims for, -m<N> its shortest piece
+in tokens (duo-p1-m256: the duo schedule with one-wave pieces of at least 256 tokens), -w<N>
+over an fp8 cache, the slots the producer widens into (ovl-w5). A variant that does not take a shape, or whose
 plan knobs change nothing there (no sequence is split either way), is reported as n/a.
 
 Every task runs in a worker process the parent watches: a kernel that fails to compile or is
@@ -57,7 +58,8 @@ from hopper_workers import crashed, kernel_of, run_parallel, run_tasks, start_wo
 # Hopper schedules: name -> HopperConfig fields on top of the shape's default programs per SM.
 VARIANTS = {"ws": {}, "pipe": dict(specialize=False), "ovl": dict(overlap=True),
             "duo": dict(schedule="duo", ctas_per_sm=1), "pp": dict(schedule="pingpong")}
-KNOBS = {"s": "num_stages", "c": "ctas_per_sm", "p": "programs_per_sm", "m": "min_piece"}
+KNOBS = {"s": "num_stages", "c": "ctas_per_sm", "p": "programs_per_sm", "m": "min_piece",
+         "w": "widened_stages"}
 PLAN_KNOBS = ("programs_per_sm", "min_piece")
 OVERRIDES: dict = {}  # HopperConfig fields forced from the command line (--stages, --ctas-per-sm)
 CHECK_LIMIT = 2e-2  # relative L2 error against the Triton kernel in the timing phase
@@ -79,7 +81,7 @@ def parse_variant(spec: str) -> dict:
     fields = dict(VARIANTS[base])
     for knob in knobs:
         if knob[:1] not in KNOBS or not knob[1:].isdigit():
-            raise ValueError(f"bad knob {knob!r} in {spec!r}: -s/-c/-p/-m followed by a number")
+            raise ValueError(f"bad knob {knob!r} in {spec!r}: -s/-c/-p/-m/-w followed by a number")
         fields[KNOBS[knob[:1]]] = int(knob[1:])
     return fields
 

@@ -86,6 +86,9 @@ class HopperConfig:
         the planner's default (2).
     min_piece: split-KV planning: shortest piece in tokens; None: the Triton kernel's rule
         (the fp32 partial costs at most half the bytes the piece reads).
+    widened_stages: fp8 caches only: slots of the consumers' ring that the producer widens the
+        copied blocks into; None: the fewest the schedule needs (2; overlapped 3), leaving the
+        most room to the copied ring (`num_stages` then sets that ring's depth).
     """
 
     schedule: str = "ring"
@@ -96,6 +99,7 @@ class HopperConfig:
     max_stages: int = 6
     programs_per_sm: int | None = None
     min_piece: int | None = None
+    widened_stages: int | None = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -104,7 +108,7 @@ class HopperConfig:
             raise ValueError(f"ctas_per_sm must be 1 or 2, got {self.ctas_per_sm}")
         if self.overlap and (self.schedule != "ring" or not self.specialize):
             raise ValueError("overlap is a schedule of the specialised ring kernel")
-        for name in ("programs_per_sm", "min_piece"):
+        for name in ("programs_per_sm", "min_piece", "widened_stages"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive or None, got {value}")
@@ -147,14 +151,17 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
 
     fp8_cache: the cache is e4m3, copied into a ring of its own (`cache_stages` slots of one
     byte per element, as deep as fits up to `max_stages`, or `num_stages`) and widened into
-    the consumers' ring, which then holds the fewest slots its schedule needs (2; overlapped 3).
-    Specialised ring schedule only, one program per SM."""
+    the consumers' ring, which then holds `widened_stages` slots, by default the fewest its
+    schedule needs (2; overlapped 3). Specialised ring schedule only, one program per SM."""
     if d_v not in WIDTHS or d_nope not in WIDTHS or d_nope > d_v or d_rope not in ROPE_WIDTHS:
         raise ValueError(f"widths D_nope={d_nope}, D_v={d_v}, D_R={d_rope}: need D_nope <= D_v, "
                          f"both in {WIDTHS}, D_R in {ROPE_WIDTHS}")
     if fp8_cache and (config.schedule != "ring" or not config.specialize or config.ctas_per_sm != 1):
         raise ValueError("an fp8 cache runs on the specialised ring schedule, one program per SM "
                          "(its producer warps widen the copies)")
+    if config.widened_stages is not None and not fp8_cache:
+        raise ValueError(f"widened_stages={config.widened_stages} applies to fp8 caches only "
+                         "(num_stages sets the ring of any other cache)")
     duo = config.schedule == "duo"
     if duo:
         if config.ctas_per_sm != 1:
@@ -191,15 +198,18 @@ def plan_launch(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int,
     least = 3 if config.overlap or config.schedule == "pingpong" else 2
     cache_stages = 0
     if fp8_cache:
+        stages = config.widened_stages or least
+        if stages < least:
+            raise ValueError(f"widened_stages={stages}: this schedule needs at least {least}")
         cache_stage = BLOCK_N * (d_v + d_rope)  # one byte per element
-        fit = (budget - fixed - least * stage) // cache_stage
+        fit = (budget - fixed - stages * stage) // cache_stage
         cache_stages = config.num_stages or min(config.max_stages, fit)
         if cache_stages < 2 or cache_stages > fit:
             raise ValueError(f"{cache_stages} fp8 cache slots of {cache_stage} B do not fit "
-                             f"{budget} B of shared memory beside {least} widened slots of "
+                             f"{budget} B of shared memory beside {stages} widened slots of "
                              f"{stage} B and {fixed} B of queries (d_v={d_v})")
         fixed += cache_stages * cache_stage
-        fit = stages = least
+        fit = stages
     else:
         fit = (budget - fixed) // stage
         if duo:
@@ -284,7 +294,8 @@ def choose_config(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int
     wave of pieces of at least 256 tokens.
 
     fp8_cache: an e4m3 cache, which only the specialised ring takes (overlapped where the state
-    is at most 256 wide), one program per SM; not measured on a GPU yet.
+    is at most 256 wide), one program per SM; overlapped was the fastest on an H200 wherever
+    it fits (2026-12-05, docs/hopper.md; GLA-2 at L_q 2 has 128 rows and no room for it).
     """
     ctas = 1
     try:

@@ -36,6 +36,8 @@ VARIANTS = {
     "overlapped": dict(overlap=True),
     "duo": dict(schedule="duo", ctas_per_sm=1),
     "pingpong": dict(schedule="pingpong"),
+    # fp8 caches only: five widened slots, where narrow states leave room for them.
+    "overlapped-w5": dict(overlap=True, widened_stages=5),
 }
 
 
@@ -197,7 +199,9 @@ def test_fp8_caches_take_the_specialised_ring():
     program per SM, the copied ring as deep as fits beside the fewest widened slots, a
     producer warpgroup that copies and widens; states wider than 256 go to Triton."""
     fp8 = {s for s, v in CASES if "fp8" in s}
-    assert {v for s, v in CASES if s in fp8} == {"specialised", "overlapped", "default"}
+    assert {v for s, v in CASES if s in fp8} == {"specialised", "overlapped", "overlapped-w5",
+                                                 "default"}
+    assert {s for s, v in CASES if v == "overlapped-w5"} == {"gta4-fp8-lq2", "dr16-fp16-fp8"}
     config = hopper_decode.choose_config(256, 256, 64, 64, 1, batch=128, num_heads_kv=2,
                                          fp8_cache=True)
     assert (config.schedule, config.specialize, config.overlap, config.ctas_per_sm) == \
@@ -230,6 +234,21 @@ def test_fp8_caches_take_the_specialised_ring():
     assert (wide.warps_n, wide.num_stages, wide.cache_stages) == (2, 2, 2)
     with pytest.raises(ValueError, match="fp8 cache slots"):
         hopper_decode.plan_launch(256, 256, 64, 64, 1, HopperConfig(num_stages=9), fp8_cache=True)
+    # More widened slots (GTA's narrow state has room): the copied ring takes what is left.
+    deep = hopper_decode.plan_launch(64, 128, 64, 8, 1, HopperConfig(overlap=True, widened_stages=6),
+                                     fp8_cache=True)
+    assert (deep.num_stages, deep.cache_stages) == (6, 5)
+    assert deep.smem_bytes == 64 * (64 + 64) * 2 + 6 * 64 * 192 * 2 + 5 * 64 * 192
+    with pytest.raises(ValueError, match="at least 3"):
+        hopper_decode.plan_launch(64, 128, 64, 8, 1, HopperConfig(overlap=True, widened_stages=2),
+                                  fp8_cache=True)
+    with pytest.raises(ValueError, match="fp8 cache slots"):  # GLA-2: no room for a fourth
+        hopper_decode.plan_launch(256, 256, 64, 64, 1, HopperConfig(overlap=True, widened_stages=4),
+                                  fp8_cache=True)
+    with pytest.raises(ValueError, match="fp8 caches only"):
+        hopper_decode.plan_launch(64, 128, 64, 8, 1, HopperConfig(widened_stages=4))
+    with pytest.raises(ValueError, match="widened_stages must be positive"):
+        HopperConfig(widened_stages=0)
     # bf16 caches keep their measured defaults.
     assert hopper_decode.choose_config(512, 512, 64, 128, 1).schedule == "duo"
 
@@ -356,7 +375,7 @@ FP8_CASES = [p for p in GPU_CASES if p.id in (
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
-@pytest.mark.parametrize("variant", ["specialised", "overlapped", "default"])
+@pytest.mark.parametrize("variant", ["specialised", "overlapped", "overlapped-w5", "default"])
 @pytest.mark.parametrize("case", FP8_CASES)
 def test_fp8_cache_matches_fp64_on_hopper(case, variant, monkeypatch):
     """An e4m3 cache (NaN in the unused slots, as e4m3fn keeps it), widened in shared memory:
