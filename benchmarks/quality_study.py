@@ -22,8 +22,13 @@ Folders:
                                        throughput and MFU, loss curve, evaluation),
                                        study_summary.json (plan, progress, schedule),
                                        study_log.txt; small, copied to --export ($OUT)
-    --work DIR (runs/quality_work)     checkpoints and metrics of runs in progress, and a
-                                       copy of each finished run's record
+    --work DIR (runs/quality_work)     checkpoints and metrics of runs in progress, a
+                                       copy of each finished run's record, and commands.jsonl:
+                                       every command this machine ran, with its log lines
+The study folder is tracked by git, the work folder is not: a machine that restores the
+tracked copies before each command (a GPU machine lent one command at a time, kept warm in
+between) still gets every command of its lifetime into the summary and the log, which are
+merged from commands.jsonl.
 
 `python -m hwattn.eval.report --study DIR` turns the study folder into docs/results/quality.md.
 CPU smoke test: `python benchmarks/quality_study.py --smoke --data DIR` (tiny preset, a few steps).
@@ -50,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 ALL_VARIANTS = ("gqa-4", "gta-4", "mla", "gla-2", "mha", "mqa")
 CLAIM_VARIANTS = ("gqa-4", "gta-4", "mla", "gla-2")
 RUNS_FILE, SUMMARY_FILE, LOG_FILE = "study_runs.jsonl", "study_summary.json", "study_log.txt"
+JOURNAL_FILE = "commands.jsonl"  # in --work
 # What must be equal for runs to be compared: a study folder refuses runs of another setup.
 SETUP_KEYS = ("preset", "steps", "seq_len", "batch_size", "lr", "warmup_steps", "build_key")
 
@@ -315,9 +321,37 @@ def _environment(argv: list[str]) -> dict:
             "argv": argv}
 
 
-def write_study(args, log, env: dict | None = None) -> dict:
+def _journal_merge(study: Path, work: Path, commands: list[dict], entry: dict,
+                   log_start: int) -> list[dict]:
+    """Append this command (`entry`, and the log lines written since byte `log_start`) to the
+    work folder's journal; rewrite the study log as it was when the command started plus every
+    journaled command missing from it, in date order; return `commands` (the summary's) with
+    the journaled ones it lacks, in date order."""
+    log_path = study / LOG_FILE
+    raw = log_path.read_bytes() if log_path.is_file() else b""
+    base, own = raw[:log_start].decode(), raw[log_start:].decode().splitlines()
+    with open(work / JOURNAL_FILE, "a") as f:
+        f.write(json.dumps({"command": entry, "log": own}) + "\n")
+    journal = [json.loads(line) for line in (work / JOURNAL_FILE).read_text().splitlines() if line]
+
+    def key(command):
+        return json.dumps(command.get("environment"), sort_keys=True)
+
+    def date(command):
+        return (command.get("environment") or {}).get("date") or ""
+
+    known = {key(c) for c in commands}
+    merged = commands + [j["command"] for j in journal if key(j["command"]) not in known]
+    missing = sorted((j for j in journal if json.dumps(j["command"]["environment"]) not in base),
+                     key=lambda j: date(j["command"]))
+    _write_atomic(log_path, base + "".join(line + "\n" for j in missing for line in j["log"]))
+    return sorted({key(c): c for c in merged}.values(), key=date)
+
+
+def write_study(args, log, env: dict | None = None, log_start: int | None = None) -> dict:
     """Merge the finished runs into study_runs.jsonl (plan order), write study_summary.json,
-    and copy both and the log to --export."""
+    and copy both and the log to --export. With `env` (a command's, which began when the log
+    was `log_start` bytes long) the command is journaled and merged (`_journal_merge`)."""
     from hwattn.data.loader import TokenDataset
 
     study = Path(args.study)
@@ -328,7 +362,15 @@ def write_study(args, log, env: dict | None = None) -> dict:
     ordered = sorted(runs.values(), key=lambda r: order.get(run_name(r["variant"], r["seed"]), 1e9))
     _write_atomic(study / RUNS_FILE, "".join(json.dumps(r) + "\n" for r in ordered))
     pending = [run_name(v, s) for v, s in plan(args) if run_name(v, s) not in runs]
+    log(f"study {study}: {len(ordered)} of {len(order)} runs finished"
+        + (f"; pending: {', '.join(pending)} (run the same command again)" if pending else "; complete"))
     old = json.loads((study / SUMMARY_FILE).read_text()) if (study / SUMMARY_FILE).is_file() else {}
+    commands = old.get("commands", [])
+    if env:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        commands = _journal_merge(study, Path(args.work), commands,
+                                  {"environment": env, "wall_s": time.time() - T_START},
+                                  log_start or 0)
     summary = {
         "setup": setup, "plan": list(order), "finished": [run_name(r["variant"], r["seed"])
                                                           for r in ordered],
@@ -341,8 +383,7 @@ def write_study(args, log, env: dict | None = None) -> dict:
                     "tokenizer": data.manifest["tokenizer"], "splits": {
                         "train": data.manifest["splits"]["train"].get("tokens_by_domain"),
                         "val": {d: e["tokens"] for d, e in data.manifest["splits"]["val"].items()}}},
-        "commands": old.get("commands", []) + ([{"environment": env,
-                                                "wall_s": time.time() - T_START}] if env else []),
+        "commands": commands,
     }
     _write_atomic(study / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if args.export:
@@ -351,8 +392,6 @@ def write_study(args, log, env: dict | None = None) -> dict:
         for name in (RUNS_FILE, SUMMARY_FILE, LOG_FILE):
             if (study / name).is_file() and (study / name).resolve() != (out / name).resolve():
                 shutil.copy(study / name, out / name)
-    log(f"study {study}: {len(ordered)} of {len(order)} runs finished"
-        + (f"; pending: {', '.join(pending)} (run the same command again)" if pending else "; complete"))
     return summary
 
 
@@ -385,6 +424,7 @@ def main(argv=None) -> int:
         return 0 if work(args, args.deadline_at, Log(study / LOG_FILE, f" [gpu {args.worker}]")) \
             >= 0 else 1
     log = Log(study / LOG_FILE)
+    log_start = (study / LOG_FILE).stat().st_size if (study / LOG_FILE).is_file() else 0
     deadline = T_START + args.deadline_s
     argv = sys.argv[1:] if argv is None else list(argv)
     env = _environment(argv)
@@ -407,7 +447,7 @@ def main(argv=None) -> int:
         codes = [p.wait() for p in procs]
         if any(codes):
             log(f"worker exit codes {codes}")
-    write_study(args, log, env)
+    write_study(args, log, env, log_start)
     return 0
 
 

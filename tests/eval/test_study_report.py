@@ -265,3 +265,40 @@ def test_report_states_setup_and_scale_from_the_records_it_has():
     assert "held-out domains are code, prose" in text
     old_format = [{k: v for k, v in r.items() if k != "non_embedding_params"} for r in runs]
     assert "36.00M parameters with the tied embedding" in render(old_format, {})
+
+
+def test_commands_survive_a_reset_of_the_tracked_copies(tmp_path, dataset_dir):
+    """A GPU machine lent one command at a time restores the study folder's tracked files
+    before each command; the work folder's journal still brings every command of the
+    machine's lifetime into the summary and the log, in order, without repeating one."""
+    mod = _study_module()
+    study, work = tmp_path / "s", tmp_path / "w"
+    argv = ["--smoke", "--data", str(dataset_dir), "--study", str(study), "--work", str(work),
+            "--export", str(tmp_path / "e"), "--variants", "gqa-4", "--seeds", "0",
+            "--extra-seeds", ""]
+    args = mod.parse_args(argv)
+    study.mkdir()
+    committed = "[   1.0s] command of an earlier sitting ×\n"
+    (study / mod.LOG_FILE).write_text(committed)
+
+    def command(date: str, note: str):
+        log = mod.Log(study / mod.LOG_FILE)
+        start = (study / mod.LOG_FILE).stat().st_size
+        env = {"date": date, "argv": argv}
+        log("command", json.dumps(env))
+        log(note)
+        return mod.write_study(args, log, env, start)
+
+    command("2026-12-05T01:00:00+00:00", "first command's run")
+    (study / mod.LOG_FILE).write_text(committed)  # the tracked copies, restored
+    (study / mod.SUMMARY_FILE).unlink()
+    command("2026-12-05T02:00:00+00:00", "second command's run")
+    summary = command("2026-12-05T03:00:00+00:00", "third command, tracked copies kept")
+    assert [c["environment"]["date"][11:13] for c in summary["commands"]] == ["01", "02", "03"]
+    lines = (study / mod.LOG_FILE).read_text().splitlines()
+    assert lines[0] == committed.strip()
+    order = [i for i, line in enumerate(lines) if line.endswith(
+        ("first command's run", "second command's run", "third command, tracked copies kept"))]
+    assert len(order) == 3 and order == sorted(order)
+    assert sum("command {" in line for line in lines) == 3
+    assert (tmp_path / "e" / mod.LOG_FILE).read_text() == (study / mod.LOG_FILE).read_text()
