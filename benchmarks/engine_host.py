@@ -13,10 +13,22 @@ minus this one's is what replaying the graph costs the host.
 
     python3 benchmarks/engine_host.py --batch 64 --context 1024 --steps 200
     python3 benchmarks/engine_host.py --profile tottime      # cProfile of the decode steps
+    python3 benchmarks/engine_host.py --batch 32 --context 320 --steps 128 --speculative 4
+
+`--speculative K`: n-gram drafting of K tokens a step, verified by replays of the captured
+K + 1 query-token graph. A replay that did nothing would verify every draft against the same
+stale logits, so with K (or `--target scripted`) each replay writes the logits of a scripted
+target instead: the next token is a fixed random map of the token (onto 64 ids, so that
+texts repeat and n-grams match), shifted by the position at the positions a hash picks
+(about one in 12), so that some drafts are rejected. It depends only on the token and its
+position, so greedy outputs are the same at every K (checked by `--check`). Its own time
+lands in the forward part, which the host phases leave out.
 
 Prints the median µs per phase of `LLMEngine.step` (`hwattn/engine/step_timer.py`), the
 host-to-device copies the runner makes per step (uploads and plan refreshes, counted) and the
-wall time per step, and writes them as one JSON line to `--out` if given.
+wall time per step (with `--speculative`, also the generated tokens per step, the drafts'
+acceptance and the host µs per generated token), and writes them as one JSON line to `--out`
+if given.
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ from hwattn.engine.llm_engine import LLMEngine  # noqa: E402
 from hwattn.engine.loader import build_model  # noqa: E402
 from hwattn.engine.model_runner import ModelRunner  # noqa: E402
 from hwattn.engine.sampling_params import SamplingParams  # noqa: E402
+from hwattn.engine.speculative import NgramDrafter  # noqa: E402
+from hwattn.engine.step_timer import PHASES  # noqa: E402
 from hwattn.ops.backends.torch_backend import TorchBackend  # noqa: E402
 from hwattn.ops.plan import plan_decode  # noqa: E402
 
@@ -102,6 +116,44 @@ def stub_record(forward):
     return (lambda: None), out
 
 
+SCRIPT_IDS = 64  # the scripted target's next tokens lie in [0, SCRIPT_IDS)
+
+
+def scripted_target(vocab: int, seed: int = 1, device="cpu"):
+    """next(tokens (B, T) int64, positions (B, T) int64) -> (B, T) int64: the scripted
+    target's next token after each token (see the module's docstring), on `device`."""
+    succ = torch.randint(0, SCRIPT_IDS, (vocab,),
+                         generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def next_tokens(tokens, positions):
+        out = succ[tokens.clamp(0, vocab - 1)]
+        shifted = (positions * 40503 + tokens * 9973) % 97 < 8
+        return torch.where(shifted, (out + positions) % SCRIPT_IDS, out)
+
+    return next_tokens
+
+
+def scripted_record(runner, vocab: int):
+    """A `ModelRunner._record` whose replay writes one-hot logits of `scripted_target`
+    for the static inputs the runner staged (tokens and lengths) into the step's output."""
+    next_tokens = scripted_target(vocab, device=runner.device)
+
+    def record(forward):
+        with torch.inference_mode():
+            out = forward()  # (size, t, V)
+        size, t = out.shape[0], out.shape[1]
+
+        def replay():
+            ids, _, lens = runner.static[t]
+            positions = lens[:size, None].long() - t + torch.arange(t, device=ids.device)
+            out.zero_()
+            out.scatter_(-1, next_tokens(ids[:size], positions)[..., None], 1.0)
+
+        return replay, out
+
+    return record
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="gqa-4", help="attention variant (default gqa-4)")
@@ -117,6 +169,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-kind", default="final_only", choices=("final_only", "cumulative"),
                    help="the requests' SamplingParams.output_kind (default final_only, as "
                         "LLM.generate; cumulative: an output per request and step, as streaming)")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="n-gram drafts verified per step (default 0: plain decoding)")
+    p.add_argument("--target", choices=("none", "scripted"),
+                   help="what a replayed step computes: nothing (default without "
+                        "--speculative) or the scripted target's logits (default with it)")
+    p.add_argument("--check", action="store_true",
+                   help="also decode the same prompts with K = 0 and fail unless the greedy "
+                        "outputs are equal")
     p.add_argument("--profile", choices=("tottime", "cumulative"),
                    help="print a cProfile of the measured steps, sorted by this key")
     p.add_argument("--cpu-threads", type=int,
@@ -127,6 +187,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device on this machine")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         p.error(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
+    if args.speculative < 0:
+        p.error(f"--speculative must be >= 0, got {args.speculative}")
+    if args.target is None:
+        args.target = "scripted" if args.speculative else "none"
+    if args.speculative and args.target != "scripted":
+        p.error("--speculative needs --target scripted (a replay doing nothing verifies "
+                "every draft against stale logits)")
+    if args.check and args.temperature != 0:
+        p.error("--check compares greedy outputs: --temperature must be 0")
     for name in ("batch", "context", "steps", "page_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -135,15 +204,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_engine(args) -> LLMEngine:
+def build_engine(args, k: int | None = None) -> LLMEngine:
+    """The engine measured: the tiny model behind stubbed decode graphs, drafting `k`
+    n-gram tokens a step (default `--speculative`)."""
+    k = args.speculative if k is None else k
     max_len = args.context + args.steps
     net = build_model("tiny", attention=args.variant, dtype=torch.float32, device=args.device, seed=0,
                       overrides=dict(max_seq_len=max_len))
     num_pages = args.batch * pages_for(max_len, args.page_size) + 1
     runner = ModelRunner(net, num_pages, args.page_size, max_len, max_num_seqs=args.batch,
                          backend=PlanningBackend(), cuda_graphs=False)
-    runner._record = stub_record  # the captured graphs, with a replay that does nothing
-    runner._capture((1,))
+    # The captured graphs, with a replay that does nothing or computes the scripted target.
+    runner._record = (scripted_record(runner, net.config.vocab_size)
+                      if args.target == "scripted" else stub_record)
+    runner._capture((1, k + 1) if k else (1,))
     if not runner.cuda_graphs:
         raise RuntimeError(f"stub capture failed: {runner.graph_error}")
     prompt_len = args.context - args.steps // 2
@@ -152,13 +226,14 @@ def build_engine(args) -> LLMEngine:
     per_step = max(1, min(args.batch, PREFILL_TOKENS // prompt_len))
     config = EngineConfig(page_size=args.page_size, max_num_seqs=args.batch,
                           max_num_batched_tokens=per_step * prompt_len, max_model_len=max_len,
-                          enable_prefix_caching=False)
+                          enable_prefix_caching=False, speculative="ngram" if k else None,
+                          num_speculative_tokens=k)
     return LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config, config,
-                     num_pages)
+                     num_pages, NgramDrafter(k) if k else None)
 
 
-def measure(args) -> dict:
-    engine = build_engine(args)
+def measure(args, k: int | None = None) -> dict:
+    engine = build_engine(args, k)
     vocab = engine.model_config.vocab_size
     prompt_len = args.context - args.steps // 2
     params = SamplingParams(max_tokens=args.steps + 2, temperature=args.temperature,
@@ -170,38 +245,72 @@ def measure(args) -> dict:
         engine.step()
     engine.step_timer.steps.clear()
     copies = count_copies(engine.runner)
+    generated = engine.counters["generation_tokens"]
+    drafted, accepted = engine.counters["draft_tokens"], engine.counters["accepted_tokens"]
+    outputs = {}
     profile = cProfile.Profile() if args.profile else None
     steps, start = 0, time.perf_counter()
     if profile:
         profile.enable()
     while engine.has_unfinished():
-        engine.step()
+        for out in engine.step():
+            outputs[out.request_id] = out.token_ids
         steps += 1
     if profile:
         profile.disable()
     wall = time.perf_counter() - start
+    generated = engine.counters["generation_tokens"] - generated
+    drafted = engine.counters["draft_tokens"] - drafted
+    accepted = engine.counters["accepted_tokens"] - accepted
     if profile:
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats(args.profile).print_stats(40)
         print(text.getvalue())
-    phases = {k: round(v["median"], 1) for k, v in engine.step_timer.summary().items() if k != "n"}
+    engine.check_invariants()
+    if engine.block_manager.num_used_pages:
+        raise RuntimeError(f"{engine.block_manager.num_used_pages} pages still held at the end")
+    summary = engine.step_timer.summary()
+    phases = {k: round(v["median"], 1) for k, v in summary.items() if k != "n"}
+    # Mean host µs per step: the medians of steps of different kinds do not add up.
+    host_mean = sum(r[p] for r in engine.step_timer.steps for p in PHASES if p != "wait") \
+        / max(1, len(engine.step_timer.steps)) * 1e6
+    forward_mean = sum(r["forward"] for r in engine.step_timer.steps) \
+        / max(1, len(engine.step_timer.steps)) * 1e6
+    k = args.speculative if k is None else k
     return dict(variant=args.variant, device=args.device, batch=args.batch, context=args.context,
-                steps=steps,
+                steps=steps, speculative=k, target=args.target,
                 temperature=args.temperature, output_kind=args.output_kind,
                 profiled=bool(profile),
                 step_us=round(wall / steps * 1e6, 1), phases_us=phases,
+                host_minus_forward_us=round(host_mean - forward_mean, 1),
+                tokens_per_step=round(generated / steps, 3),
+                host_us_per_token=round((host_mean - forward_mean) * steps / max(1, generated), 1),
+                acceptance=round(accepted / drafted, 4) if drafted else None,
                 copies_per_step=round(copies["copies"] / steps, 2),
                 cpu_threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
-                python=platform.python_version(), torch=torch.__version__)
+                python=platform.python_version(), torch=torch.__version__), outputs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_threads is not None:
         torch.set_num_threads(args.cpu_threads)
-    res = measure(args)
+    res, outputs = measure(args)
+    if args.check:
+        _, plain = measure(args, k=0)
+        if outputs != plain:
+            same = sum(outputs.get(r) == t for r, t in plain.items())
+            print(f"--check: {same} of {len(plain)} outputs equal plain decoding's",
+                  file=sys.stderr)
+            return 1
+        res["outputs_equal_plain"] = True
     print(" ".join(f"{k} {v:.0f}" for k, v in res["phases_us"].items()))
     print(f"host-to-device copies per step: {res['copies_per_step']:.2f}")
+    if res["speculative"]:
+        print(f"k {res['speculative']}: {res['tokens_per_step']:.2f} tokens per step, acceptance "
+              f"{res['acceptance']:.1%}; host minus forward {res['host_minus_forward_us']:.0f} µs "
+              f"per step (mean), {res['host_us_per_token']:.1f} µs per generated token"
+              + (", outputs equal plain decoding's" if args.check else ""))
     print(f"step {res['step_us']:.0f} µs over {res['steps']} steps "
           f"(B={args.batch}, L≈{args.context}, {args.variant}, host work only)")
     if args.out:

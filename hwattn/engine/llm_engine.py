@@ -213,10 +213,11 @@ class LLMEngine:
             batch = self.scheduler.schedule(lookahead=k)
         if batch is not None and batch.seqs:
             self.counters["steps"] += 1
-            with timer.phase("launch"):  # a speculative step waits for its results here
-                if batch.kind == "decode" and k:
-                    touched += self._speculative_decode(batch.seqs, k)
-                else:
+            if batch.kind == "decode" and k:
+                # Times its own launch (which waits for the results) and resolve.
+                touched += self._speculative_decode(batch.seqs, k)
+            else:
+                with timer.phase("launch"):
                     launched = self._launch(batch)
         previous, self._inflight = self._inflight, None
         if previous is not None:
@@ -404,36 +405,49 @@ class LLMEngine:
         return touched
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
-        self.counters["decode_steps"] += 1
-        sampling, seqs = self._sampling(seqs)
-        deterministic = self.drafter.deterministic
-        # A deterministic drafter's tokens travel as lists (to other processes, too); a draft
-        # model's stay on its device with the distributions they were drawn from.
-        device = "cpu" if deterministic else self.device
-        sampling, seqs, st = self._drafting_tensors(sampling, seqs, device)
-        if not seqs:
-            return []
-        drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k)
-        last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64, device=device)
-        fed = torch.cat((last, drafts.to(device)), 1)
-        step = StepInput("decode", fed.tolist() if deterministic else fed,
-                         [s.num_cached for s in seqs], [list(s.block_table) for s in seqs])
-        results = self.runner.verify_step(step, sampling, draft_probs)
-        for seq, result in zip(seqs, results):
-            if isinstance(result, str):  # its verification failed in the runner
-                self._fail(seq, result)
-                continue
-            row, n_acc = result
-            old_len, old = len(seq), seq.num_cached
-            appended = self._append_or_fail(seq, row[:n_acc + 1])
-            if appended is None:
-                continue
-            seq.num_cached = old + appended
-            seq.draft_cached = min(seq.draft_cached, old_len + n_acc)
-            self.counters["draft_tokens"] += k
-            self.counters["accepted_tokens"] += n_acc
-            self.block_manager.trim(seq, seq.num_cached + 1)
-            self._register(seq)
+        """A verify step: draft k tokens per sequence, run them through the target with each
+        sequence's last token and keep the accepted ones (timed as the step's launch, its
+        drafting apart, and its resolve)."""
+        timer = self.step_timer
+        with timer.phase("launch"):
+            self.counters["decode_steps"] += 1
+            sampling, seqs = self._sampling(seqs)
+            if self.drafter.deterministic:
+                # Its drafts are lists, made from the tokens alone (no sampling tensors); the
+                # step's token rows travel as lists (to other processes, too).
+                st = None
+            else:
+                # A draft model's stay on its device with the distributions they were drawn from.
+                sampling, seqs, st = self._drafting_tensors(sampling, seqs, self.device)
+            if not seqs:
+                return []
+            with timer.phase("draft"):
+                drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k)
+            if isinstance(drafts, list):
+                fed = [[s.token_ids[-1], *row] for s, row in zip(seqs, drafts)]
+            else:
+                last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64,
+                                    device=drafts.device)
+                fed = torch.cat((last, drafts), 1)
+            step = StepInput("decode", fed, [s.num_cached for s in seqs],
+                             [list(s.block_table) for s in seqs])
+            results = self.runner.verify_step(step, sampling, draft_probs)
+        with timer.phase("resolve"):
+            for seq, result in zip(seqs, results):
+                if isinstance(result, str):  # its verification failed in the runner
+                    self._fail(seq, result)
+                    continue
+                row, n_acc = result
+                old_len, old = len(seq), seq.num_cached
+                appended = self._append_or_fail(seq, row[:n_acc + 1])
+                if appended is None:
+                    continue
+                seq.num_cached = old + appended
+                seq.draft_cached = min(seq.draft_cached, old_len + n_acc)
+                self.counters["draft_tokens"] += k
+                self.counters["accepted_tokens"] += n_acc
+                self.block_manager.trim(seq, seq.num_cached + 1)
+                self._register(seq)
         return seqs
 
     def _drafting_tensors(self, sampling: SamplingInput | None, seqs: list[Sequence], device):
@@ -476,35 +490,45 @@ class LLMEngine:
         """Append sampled tokens until a stop condition; returns how many were kept."""
         params = seq.params
         eos = getattr(self.tokenizer, "eos_token_id", None)
+        stops_at_eos = eos is not None and not params.ignore_eos
+        ids = seq.token_ids
+        # Per token: its output count (the min_tokens and max_tokens checks) and the
+        # sequence's length once it is appended (the context check).
+        num_out = len(ids) - seq.num_prompt_tokens
+        room = self.max_model_len - len(ids)
+        min_tokens, max_tokens = params.min_tokens, params.max_tokens
+        stop_ids = params.stop_token_ids
         kept = 0
         now = time.perf_counter()
         if seq.first_token_time is None:
             seq.first_token_time = now
-        for token in tokens:
-            if isinstance(token, Sampled):
-                token, logprobs = token
-                self._record_logprobs(seq, token, logprobs)
-            seq.token_ids.append(token)
-            kept += 1
-            self.counters["generation_tokens"] += 1
-            may_stop = seq.num_output_tokens > params.min_tokens
-            if may_stop and token == eos and not params.ignore_eos:
-                seq.finish_reason = "stop"
-            elif may_stop and token in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
-                seq.finish_reason = "length"
-            if params.detokenize:
-                shown = seq.output_token_ids if seq.finish_reason != "stop" or token != eos \
-                    else seq.output_token_ids[:-1]
-                delta = self.detok[seq].step(shown)
-                if delta:
-                    seq.text += delta
-                    if params.stop and may_stop and self._hit_stop(seq, len(delta)):
-                        seq.finish_reason = "stop"
-            if seq.finish_reason is not None:
-                seq.finish_time = now
-                break
+        try:
+            for token in tokens:
+                if isinstance(token, Sampled):
+                    token, logprobs = token
+                    self._record_logprobs(seq, token, logprobs)
+                ids.append(token)
+                kept += 1
+                may_stop = num_out + kept > min_tokens
+                if may_stop and stops_at_eos and token == eos:
+                    seq.finish_reason = "stop"
+                elif may_stop and token in stop_ids:
+                    seq.finish_reason, seq.stop_reason = "stop", token
+                elif num_out + kept >= max_tokens or kept >= room:
+                    seq.finish_reason = "length"
+                if params.detokenize:
+                    shown = seq.output_token_ids if seq.finish_reason != "stop" or token != eos \
+                        else seq.output_token_ids[:-1]
+                    delta = self.detok[seq].step(shown)
+                    if delta:
+                        seq.text += delta
+                        if params.stop and may_stop and self._hit_stop(seq, len(delta)):
+                            seq.finish_reason = "stop"
+                if seq.finish_reason is not None:
+                    seq.finish_time = now
+                    break
+        finally:
+            self.counters["generation_tokens"] += kept
         return kept
 
     def _decoded(self, token: int) -> str:

@@ -150,6 +150,10 @@ class ModelRunner:
         self.graph_error: str | None = None
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
         self.last_sampled: Tensor | None = None  # (n,) int64: the last launched step's tokens
+        # (B, T) int64 on the device: the tokens the last decode step fed (a verify step's
+        # drafts are read from here; a captured step's are its static inputs, valid until
+        # the next step of its query length).
+        self.fed_tokens: Tensor | None = None
         self.decode_blocks = compile_blocks(model, eager_numerics=True) if compile_decode else None
         # The engine's `StepTimer`, when one is attached: decode launches time their parts
         # on it (`hwattn.engine.step_timer.LAUNCH_PARTS`).
@@ -360,16 +364,21 @@ class ModelRunner:
         draft_probs: (B, k, V) draft distributions, or None for a deterministic drafter.
         Returns per row (the k + 1 candidate tokens, how many drafts were accepted), or the
         row's error (a str) if verifying it failed even alone (as in `sample_step`)."""
+        if step.kind != "decode":
+            raise ValueError(f"verify_step runs decode steps, got {step.kind!r}")
         logits = self.execute(step)  # (B, k + 1, V)
-        tokens = step.tokens if isinstance(step.tokens, Tensor) else torch.tensor(step.tokens)
-        drafts = tokens[:, 1:]
-        drafts = drafts if drafts.device == self.device else self._upload(drafts)
+        drafts = self.fed_tokens[:, 1:]  # on the device already: no second upload
+        host_rows = step.tokens if not isinstance(step.tokens, Tensor) else None
 
         def run(rows):
             every = len(rows) == len(sampling)
             pick = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
             settings = sampling if every else sampling.select(rows)
             if all(t == 0.0 for t in settings.temperature):
+                if host_rows is not None:  # drafts on the host: only the argmax comes back
+                    best = pick(logits).argmax(-1).tolist()  # one read-back
+                    return [(row, accepted_prefix(host_rows[r], row))
+                            for r, row in zip(rows, best)]
                 out, accepted = greedy_verify(pick(logits), pick(drafts))
             elif draft_probs is None:  # a deterministic drafter: the plain sampler's tokens
                 out, accepted = matching_verify(pick(logits), pick(drafts),
@@ -380,7 +389,8 @@ class ModelRunner:
             both = torch.cat((out, accepted[:, None]), 1).tolist()  # one read-back
             return [(row[:-1], row[-1]) for row in both]
 
-        return by_rows(run, len(sampling))
+        with self._part("sampling"):  # (on a GPU: waits for the forward at the read-back)
+            return by_rows(run, len(sampling))
 
     def _prefill(self, step: StepInput) -> Tensor | None:
         """Every row's chunk (any length, with or without a cached prefix) in one
@@ -431,6 +441,7 @@ class ModelRunner:
                     tokens = self._upload(tokens)
                 if step.feeds:
                     tokens = self._feed(tokens, step.feed)
+                self.fed_tokens = tokens
                 meta = AttentionMetadata.for_step(self._upload(self._table(step.block_tables)),
                                                   self._upload(seqlens), t, self.page_size,
                                                   backend=self.backend)
@@ -609,9 +620,22 @@ class ModelRunner:
                 ids[:batch].copy_(step.tokens)
             if step.feeds:
                 self._feed_into(ids[:batch], step.feed)
+            self.fed_tokens = ids[:batch]
         with self._part("forward"):
             replay()
         return out[:batch]
+
+
+def accepted_prefix(fed: list[int], best: list[int]) -> int:
+    """How many drafts of a greedy row are accepted: fed is the row's last token then its k
+    drafts, best the target's k + 1 argmax tokens; draft i is kept while every draft up to
+    it equals the argmax after the token before it (`greedy_verify` on the host)."""
+    n = 0
+    for draft, target in zip(fed[1:], best):
+        if draft != target:
+            break
+        n += 1
+    return n
 
 
 def greedy_verify(target_logits: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor]:

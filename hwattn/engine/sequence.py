@@ -129,6 +129,7 @@ class Sequence:
         self.num_cached = 0  # tokens whose K/V are in the cache
         self.num_prefix_hit = 0  # prompt tokens found in the prefix cache at admission
         self.draft_cached = 0  # tokens in the draft model's cache (speculative decoding)
+        self.drafter_state = None  # what a speculative drafter keeps of it (an n-gram index)
         self.num_pending = 0  # trailing placeholder tokens still on the device
         self.finish_reason: str | None = None
         self.error: str | None = None

@@ -10,7 +10,6 @@ token repeated, which the target simply rejects.
 
 from __future__ import annotations
 
-import weakref
 from abc import ABC, abstractmethod
 
 import torch
@@ -37,9 +36,12 @@ class Drafter(ABC):
         """See the target's prefill step (a drafter with a cache of its own writes it too)."""
 
     @abstractmethod
-    def propose(self, seqs: list[Sequence], st: SamplingTensors) -> tuple[Tensor, Tensor | None]:
+    def propose(self, seqs: list[Sequence], st: SamplingTensors | None
+                ) -> tuple[Tensor | list[list[int]], Tensor | None]:
         """Drafts (B, k) int64 for the running `seqs`, and the (B, k, V) distributions they
-        were drawn from (None for a deterministic drafter). st: the rows' sampling tensors."""
+        were drawn from. A deterministic drafter returns its drafts as B lists of k token ids
+        and no distributions (None), and is given no sampling tensors (st None: the engine
+        builds none for it); any other gets the rows' sampling tensors on the device."""
 
     def cache_written(self, seq: Sequence) -> int | None:
         """How many of `seq`'s tokens the drafter's own KV cache (kept in the sequence's
@@ -55,10 +57,14 @@ class NgramDrafter(Drafter):
 
     Each sequence keeps an index from every n-gram it holds to where that n-gram last ended,
     extended by the tokens appended since the previous call, so a proposal costs a few
-    dictionary lookups per sequence however long the history is.
+    dictionary lookups per sequence however long the history is. The index lives on the
+    sequence (`Sequence.drafter_state`), so it goes when the sequence does.
     """
 
     deterministic = True
+    # Past this many new positions (a prompt, a history indexed afresh) the n-grams are
+    # indexed per n-gram size over slices; up to it (a decode step's 1 to k + 1), per position.
+    BULK = 16
 
     def __init__(self, k: int, max_ngram: int = 3, min_ngram: int = 1, window: int = 4096):
         if k < 1:
@@ -71,12 +77,11 @@ class NgramDrafter(Drafter):
         self.window = window
         self.proposed = 0
         self.matched = 0
-        # Per sequence: (tokens indexed so far, {n-gram tuple: index of the token after it}).
-        self._index: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _extend(self, index: dict, tokens: list[int], start: int, stop: int) -> None:
-        """Record the n-grams that end right before each position in [start, stop); positions
-        before the window are skipped (a match there is never proposed)."""
+        """Record the n-grams that end right before each position in [start, stop), per
+        n-gram size over slices (for many positions at once: a prompt, a history indexed
+        afresh); positions before the window are skipped (a match there is never proposed)."""
         start = max(start, stop - self.window)
         for n in range(self.min_ngram, self.max_ngram + 1):
             first = max(start, n)
@@ -84,38 +89,64 @@ class NgramDrafter(Drafter):
             grams = zip(*(tokens[first - n + j:stop - n + j] for j in range(n)))
             index.update(zip(grams, range(first, stop)))
 
-    def _draft(self, index: dict, tokens: list[int]) -> list[int]:
-        size = len(tokens)
-        self.proposed += 1
-        for n in range(min(self.max_ngram, size - 1), self.min_ngram - 1, -1):
-            start = index.get(tuple(tokens[size - n:]))
-            # The suffix itself is never indexed (nothing follows it yet); the match must lie
-            # inside the window, as a scan of the last `window` tokens would find it.
-            if start is not None and start - n >= size - self.window:
-                draft = tokens[start:start + self.k]
-                self.matched += 1
-                return draft + [draft[-1]] * (self.k - len(draft))
-        return [tokens[-1]] * self.k
+    def _propose(self, work: list[tuple[list[int], dict, int]]) -> list[list[int]]:
+        """k drafts for each (tokens, index, done) of `work`: first extend `index` (which
+        holds the n-grams ending before each of the first `done` positions of `tokens`) by
+        the positions since, each n-gram keeping the latest position it ends before."""
+        lo, hi, k, window, bulk = self.min_ngram, self.max_ngram, self.k, self.window, self.BULK
+        drafts, matched = [], 0
+        for tokens, index, done in work:
+            size = len(tokens)
+            start = max(done, size - window)
+            if size - start > bulk:
+                self._extend(index, tokens, start, size)
+            else:  # a decode step's few tokens: per position, its n-grams cut from the longest
+                for pos in range(max(start, lo), size):
+                    longest = tuple(tokens[pos - hi:pos] if pos >= hi else tokens[:pos])
+                    for n in range(lo, min(hi, pos) + 1):
+                        index[longest[-n:]] = pos
+            top = min(hi, size - 1)
+            suffix = tuple(tokens[size - top:]) if top > 0 else ()
+            for n in range(top, lo - 1, -1):
+                at = index.get(suffix[top - n:])
+                # The suffix itself is never indexed (nothing follows it yet); the match must
+                # lie inside the window, as a scan of the last `window` tokens would find it.
+                if at is not None and at - n >= size - window:
+                    matched += 1
+                    draft = tokens[at:at + k]
+                    if len(draft) < k:  # the match runs into the end: its last token repeated
+                        draft += [draft[-1]] * (k - len(draft))
+                    break
+            else:
+                draft = [tokens[-1]] * k
+            drafts.append(draft)
+        self.proposed += len(work)
+        self.matched += matched
+        return drafts
 
     def lookup(self, tokens: list[int]) -> list[int]:
         """k draft tokens for a token history (its last token repeated when nothing matches)."""
-        index: dict = {}
-        self._extend(index, tokens, 0, len(tokens))
-        return self._draft(index, tokens)
+        return self._propose([(tokens, {}, 0)])[0]
+
+    def _work(self, seq: Sequence) -> tuple[list[int], dict, int]:
+        """(tokens, index, positions indexed) of a sequence, its index kept on it."""
+        tokens = seq.token_ids
+        state = seq.drafter_state
+        if state is not None and state[0] is self and state[1] <= len(tokens):
+            _, done, index = state
+        else:  # a new sequence, another drafter's, or its history was cut
+            done, index = 0, {}
+        seq.drafter_state = (self, len(tokens), index)
+        return tokens, index, done
 
     def draft(self, seq: Sequence) -> list[int]:
         """`lookup` of the sequence's tokens, indexing only the tokens new since the last call."""
-        tokens = seq.token_ids
-        done, index = self._index.get(seq, (0, None))
-        if index is None or done > len(tokens):  # a new sequence, or its history was cut
-            done, index = 0, {}
-        self._extend(index, tokens, done, len(tokens))
-        self._index[seq] = (len(tokens), index)
-        return self._draft(index, tokens)
+        return self._propose([self._work(seq)])[0]
 
-    def propose(self, seqs: list[Sequence], st: SamplingTensors) -> tuple[Tensor, None]:
-        """Drafts (B, k) int64 on the host: a deterministic drafter's tokens travel as lists."""
-        return torch.tensor([self.draft(s) for s in seqs], dtype=torch.int64), None
+    def propose(self, seqs: list[Sequence], st: SamplingTensors | None = None
+                ) -> tuple[list[list[int]], None]:
+        """Drafts as B lists of k ids: a deterministic drafter's tokens travel as lists."""
+        return self._propose([self._work(s) for s in seqs]), None
 
 
 class DraftModelDrafter(Drafter):

@@ -15,7 +15,11 @@ The launch phase is split further by the model runner (`ModelRunner.step_timer`)
 `LAUNCH_PARTS`: the step's inputs (tokens, block tables, lengths, split-KV plan, their
 uploads), the forward (a CUDA graph's replay, or the eager forward's launches), sampling
 (its settings uploaded, the sampling kernels queued) and copy_out (the tokens' copy to the
-host queued). They are reported beside the phases and are not added to `host` again.
+host queued), and in a speculative verify step draft (the drafter's proposals); the verify
+step's sampling part also holds its one read-back, so on a GPU it waits there for the forward.
+They are reported beside the phases and are not added to `host` again. A verify step's
+acceptance bookkeeping (tokens appended, rejected slots trimmed, pages registered) is its
+resolve phase.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections import deque
 from contextlib import contextmanager
 
 PHASES = ("schedule", "launch", "wait", "resolve", "output")
-LAUNCH_PARTS = ("inputs", "forward", "sampling", "copy_out")
+LAUNCH_PARTS = ("inputs", "forward", "sampling", "copy_out", "draft")
 
 
 class StepTimer:

@@ -38,3 +38,25 @@ def test_engine_host_checks_its_arguments():
     assert done.returncode == 2 and "--context must exceed" in done.stderr
     done = run("--batch", "0", check=False)
     assert done.returncode == 2 and "--batch must be >= 1" in done.stderr
+
+
+def test_engine_host_times_speculative_verify_steps(tmp_path):
+    """--speculative K: n-gram drafts verified by replays of the K + 1 graph that compute the
+    scripted target, so some drafts are accepted and some rejected; --check decodes the same
+    prompts plainly and requires the same greedy outputs."""
+    out = tmp_path / "host.jsonl"
+    done = run("--batch", "6", "--context", "80", "--steps", "24", "--page-size", "16",
+               "--speculative", "2", "--check", "--out", str(out))
+    res = json.loads(out.read_text().splitlines()[-1])
+    assert res["speculative"] == 2 and res["target"] == "scripted"
+    assert res["outputs_equal_plain"] is True
+    assert 0 < res["acceptance"] < 1
+    # Fewer steps than tokens per sequence: accepted drafts advance a step by more than one.
+    assert res["tokens_per_step"] > res["batch"]
+    phases = res["phases_us"]
+    assert phases["draft"] > 0 and phases["resolve"] > 0 and phases["inputs"] > 0
+    assert 0 < res["host_minus_forward_us"] <= res["step_us"] * 1.05
+    assert 0.9 <= res["copies_per_step"] <= 1  # the verify step's inputs in one staged copy
+    assert "acceptance" in done.stdout and "equal plain decoding" in done.stdout
+    done = run("--speculative", "2", "--target", "none", check=False)
+    assert done.returncode == 2 and "--target scripted" in done.stderr

@@ -1,6 +1,8 @@
 """Speculative decoding: greedy output identical with and without it, rejected draft slots
 rolled back, pages never leaked."""
 
+import random
+
 import pytest
 import torch
 
@@ -86,9 +88,91 @@ def test_incremental_ngram_drafts_equal_a_fresh_lookup():
                                                generator=g).tolist())
 
 
+def scan(tokens, k, max_ngram=3, min_ngram=1, window=4096):
+    """What `NgramDrafter` proposes, by brute force: for n from max_ngram down, the latest
+    earlier occurrence of the last n tokens that starts inside the last `window` tokens;
+    the k tokens after it (its last token repeated past the end), else the last token k
+    times."""
+    size = len(tokens)
+    floor = max(0, size - window)
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        suffix = tokens[size - n:]
+        for end in range(size - 1, floor + n - 1, -1):  # the occurrence is tokens[end - n:end]
+            if tokens[end - n:end] == suffix:
+                draft = tokens[end:end + k]
+                return draft + [draft[-1]] * (k - len(draft))
+    return [tokens[-1]] * k
+
+
+@pytest.mark.parametrize("k,max_ngram,min_ngram", [(1, 3, 1), (3, 3, 1), (4, 4, 2), (2, 1, 1)])
+def test_ngram_drafts_equal_a_reference_scan(k, max_ngram, min_ngram):
+    """The incremental index (per position for a decode step's few tokens, per n-gram size
+    for many), a fresh lookup and `propose` over a batch all propose what a brute-force
+    scan proposes: random histories from small alphabets (many matches) growing by a decode
+    step's 1 to k + 1 tokens or by a long run, cut back now and then, at windows down to 1."""
+    from hwattn.engine.sequence import Sequence
+
+    rng = random.Random(k * 100 + max_ngram * 10 + min_ngram)
+    for window in (1, 2, 5, 9, 40, 4096):
+        for alphabet in (2, 4, 30):
+            drafter = NgramDrafter(k, max_ngram, min_ngram, window)
+            seqs = [Sequence(str(i), [rng.randrange(alphabet) for _ in range(rng.randint(1, 30))],
+                             GREEDY, 0) for i in range(3)]
+            for step in range(40):
+                want = [scan(s.token_ids, k, max_ngram, min_ngram, window) for s in seqs]
+                if step % 2:
+                    assert drafter.propose(seqs)[0] == want
+                else:
+                    assert [drafter.draft(s) for s in seqs] == want
+                assert [drafter.lookup(list(s.token_ids)) for s in seqs] == want
+                for s in seqs:
+                    grow = rng.randint(1, k + 1) if rng.random() < 0.85 else rng.randint(17, 60)
+                    s.token_ids.extend(rng.randrange(alphabet) for _ in range(grow))
+                    if rng.random() < 0.05:  # a history cut back: indexed afresh
+                        del s.token_ids[rng.randint(1, len(s.token_ids)):]
+    assert drafter.proposed > 0 and 0 < drafter.matched <= drafter.proposed
+
+
+def test_ngram_index_lives_on_the_sequence_per_drafter():
+    """Two drafters on one sequence keep apart: each proposes as a fresh lookup would."""
+    from hwattn.engine.sequence import Sequence
+
+    seq = Sequence("r", [1, 2, 3, 1, 2, 3, 1, 2], GREEDY, 0)
+    a, b = NgramDrafter(k=2), NgramDrafter(k=2, window=3)
+    for extra in ([3], [9, 1], [2]):
+        assert a.draft(seq) == scan(seq.token_ids, 2)
+        assert b.draft(seq) == scan(seq.token_ids, 2, window=3)
+        seq.token_ids.extend(extra)
+    assert seq.drafter_state[0] is b
+
+
+def test_stops_inside_accepted_drafts_equal_plain_decoding(checkpoints):
+    """A stop token, the end of sequence or max_tokens reached among a step's accepted
+    drafts ends the output exactly where plain decoding ends it."""
+    path = checkpoints("gqa-2")
+    plain_llm = LLM(path, page_size=4, num_pages=300, max_model_len=128)
+    free = plain_llm.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0,
+                                                      ignore_eos=True))
+    stop = free[0].token_ids[11]  # a token the first prompt's output reaches mid-way
+    eos = free[1].token_ids[7]
+    spec_llm = LLM(path, page_size=4, num_pages=300, max_model_len=128, speculative="ngram",
+                   num_speculative_tokens=4)
+    for tokenizer in (plain_llm.engine.tokenizer, spec_llm.engine.tokenizer):
+        tokenizer.eos_token_id = eos
+    for params in (SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[stop]),
+                   SamplingParams(max_tokens=17, temperature=0, ignore_eos=True)):
+        want = plain_llm.generate(PROMPTS, params)
+        got = step_to_completion(spec_llm.engine, PROMPTS, params)
+        assert [(o.token_ids, o.finish_reason, o.outputs[0].stop_reason) for o in got] == \
+            [(o.token_ids, o.finish_reason, o.outputs[0].stop_reason) for o in want]
+    stats = spec_llm.engine.stats()
+    assert stats["accepted_tokens"] > 0
+    assert spec_llm.engine.block_manager.num_used_pages == 0
+
+
 @pytest.mark.parametrize("with_probs", [False, True])
 def test_greedy_verify_equals_rejection_sampling_of_greedy_rows(with_probs):
-    from hwattn.engine.model_runner import greedy_verify
+    from hwattn.engine.model_runner import accepted_prefix, greedy_verify
     from hwattn.engine.sampler import SamplingTensors, rejection_sample
 
     g = torch.Generator().manual_seed(1)
@@ -105,3 +189,7 @@ def test_greedy_verify_equals_rejection_sampling_of_greedy_rows(with_probs):
     for row, (n, ours, theirs) in enumerate(zip(want[1].tolist(), got[0], want[0])):
         assert ours[:n + 1].tolist() == theirs[:n + 1].tolist(), row  # the tokens kept
     assert got[1].tolist()[:3] == [3, 2, 3]
+    # The host's count (the runner's path for drafts that came as lists) agrees.
+    fed = [[0] + row for row in drafts.tolist()]
+    best = logits.argmax(-1).tolist()
+    assert [accepted_prefix(f, b) for f, b in zip(fed, best)] == got[1].tolist()
