@@ -28,7 +28,13 @@ Results: `engine_roofline.json` and `engine_roofline.md` under `--out` (default 
 the current directory); the tables are printed, then one line of JSON. `--tiny` runs the
 same code on the CPU with the tiny preset in seconds (no peaks, hence no floors).
 
-    PYTHONUNBUFFERED=1 python benchmarks/engine_roofline.py --out $OUT
+`--plot FILE.png` also draws the compiled decode rows (`hwattn.bench.plot.plot_engine_step`:
+per context, each variant's engine step split into its kernels, gaps and the engine's time
+beyond the queued forward, against its floor). `--replot JSON --plot FILE.png` draws the
+figure from an earlier run's `engine_roofline.json`, without a GPU and without timing anything.
+
+    PYTHONUNBUFFERED=1 python benchmarks/engine_roofline.py --out $OUT --plot $OUT/engine_step.png
+    python benchmarks/engine_roofline.py --replot engine_roofline.json --plot engine_step.png
 """
 
 from __future__ import annotations
@@ -458,6 +464,14 @@ def tables(doc: dict) -> str:
     return "\n".join(out)
 
 
+def draw(doc: dict, path: str, source: str | None = None) -> None:
+    """The engine step figure of `doc`'s compiled decode rows, written to `path`."""
+    from hwattn.bench.plot import plot_engine_step
+
+    plot_engine_step(doc, path, source=source)
+    log(f"figure of the decode step against its floor written to {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="decode,serving,prefill,ttft")
@@ -485,7 +499,20 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=16.0)
     p.add_argument("--tiny", action="store_true", help="tiny preset on the CPU (a smoke run)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw the compiled decode rows' engine step against its floor "
+                        "(hwattn.bench.plot) to this file")
+    p.add_argument("--replot", metavar="JSON",
+                   help="time nothing: draw --plot from this engine_roofline.json")
     args = p.parse_args(argv)
+    if args.replot:
+        if not args.plot:
+            p.error("--replot needs --plot FILE.png")
+        try:
+            draw(json.loads(Path(args.replot).read_text()), args.plot, source=args.replot)
+        except (OSError, ValueError) as err:
+            p.error(str(err))
+        return 0
     if args.tiny:
         args.contexts, args.serving_batches, args.serving_contexts = "24,40", "2,4", "24,40"
         args.batch, args.prefill_len, args.chunk, args.unequal = 4, 48, 16, "3x16"
@@ -498,6 +525,9 @@ def main(argv=None) -> int:
     unknown = set(parts) - {"decode", "serving", "prefill", "ttft"}
     if unknown:
         p.error(f"--parts takes decode, serving, prefill, ttft; got {sorted(unknown)}")
+    if args.plot and ("decode" not in parts or "compiled" not in args.decode_modes.split(",")):
+        p.error("--plot draws compiled decode rows: --parts needs decode and --decode-modes "
+                "compiled")
     peaks = device_peaks(setup.device)
     from hwattn.ops import linear as ops_linear
 
@@ -521,6 +551,12 @@ def main(argv=None) -> int:
     (Path(args.out) / "engine_roofline.md").write_text(text + "\n")
     print(text)
     print(json.dumps(dict(peaks=peaks, rows=len(doc["rows"]))))
+    if args.plot:  # after the results are saved: a row the figure cannot draw loses nothing
+        try:
+            draw(doc, args.plot)
+        except ValueError as err:
+            log(f"no figure: {err}")
+            return 1
     return 0
 
 

@@ -7,6 +7,8 @@
 - `prefill`: the paged prefill op per variant and form against the matmul peak.
 - `timing`: the device timer and the copy / matmul peaks measured once per process.
 - `serve`: a bounded load generator against a running server or an engine served in process.
+- `plot`: the engine's decode step against its floor, drawn from `benchmarks/engine_roofline.py`'s
+  JSON (matplotlib).
 
 The `hwattn bench decode|engine|prefill|serve` commands parse their arguments and call these.
 """
