@@ -52,7 +52,8 @@ for step in $steps; do
     engine)
       timeout 560 python3 benchmarks/engine_roofline.py --parts decode \
         --variants "${ENGINE_VARIANTS:-gqa-4,gta-4,gla-2,mla}" \
-        --decode-modes "${ENGINE_MODES:-eager,compiled}" --out "$OUT" 2>&1 | tail -40 | tee -a "$OUT/log" ;;
+        --decode-modes "${ENGINE_MODES:-eager,compiled}" --out "$OUT" --plot "$OUT/engine_step.png" \
+        2>&1 | tail -40 | tee -a "$OUT/log" ;;
     enginetests)
       # (test_graph_replay's other tests replace the capture; on a GPU they only cost time)
       HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 300 python3 -m pytest -q -x -p no:cacheprovider \
