@@ -50,9 +50,11 @@ for step in $steps; do
         --context 1024,8192 --programs-per-sm 1,2,4 --no-sdpa --warmup-ms 10 --rep-ms 60 \
         --out "$OUT/decode_pps.json" 2>&1 | grep -v "^row " | tee -a "$OUT/log" ;;
     engine)
+      # (the figure draws compiled rows only)
+      plot=(); [[ ${ENGINE_MODES:-eager,compiled} == *compiled* ]] && plot=(--plot "$OUT/engine_step.png")
       timeout 560 python3 benchmarks/engine_roofline.py --parts decode \
         --variants "${ENGINE_VARIANTS:-gqa-4,gta-4,gla-2,mla}" \
-        --decode-modes "${ENGINE_MODES:-eager,compiled}" --out "$OUT" --plot "$OUT/engine_step.png" \
+        --decode-modes "${ENGINE_MODES:-eager,compiled}" --out "$OUT" "${plot[@]}" \
         2>&1 | tail -40 | tee -a "$OUT/log" ;;
     enginetests)
       # (test_graph_replay's other tests replace the capture; on a GPU they only cost time)
