@@ -22,7 +22,9 @@ target instead: the next token is a fixed random map of the token (onto 64 ids, 
 texts repeat and n-grams match), shifted by the position at the positions a hash picks
 (about one in 12), so that some drafts are rejected. It depends only on the token and its
 position, so greedy outputs are the same at every K (checked by `--check`). Its own time
-lands in the forward part, which the host phases leave out.
+lands in the forward part, which the host phases leave out. `--speculative-disable-batch-size
+N` sets the engine's `speculative_disable_batch_size`: at `--batch` >= N the steps are plain
+and overlapped, and should cost what K = 0's do.
 
 Prints the median µs per phase of `LLMEngine.step` (`hwattn/engine/step_timer.py`), the
 host-to-device copies the runner makes per step (uploads and plan refreshes, counted) and the
@@ -171,6 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "LLM.generate; cumulative: an output per request and step, as streaming)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="n-gram drafts verified per step (default 0: plain decoding)")
+    p.add_argument("--speculative-disable-batch-size", type=int, default=None, metavar="N",
+                   help="with --speculative: steps of N or more running sequences decode "
+                        "plainly (the engine's speculative_disable_batch_size)")
     p.add_argument("--target", choices=("none", "scripted"),
                    help="what a replayed step computes: nothing (default without "
                         "--speculative) or the scripted target's logits (default with it)")
@@ -189,6 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     if args.speculative < 0:
         p.error(f"--speculative must be >= 0, got {args.speculative}")
+    if args.speculative_disable_batch_size is not None and not args.speculative:
+        p.error("--speculative-disable-batch-size needs --speculative K")
     if args.target is None:
         args.target = "scripted" if args.speculative else "none"
     if args.speculative and args.target != "scripted":
@@ -227,7 +234,9 @@ def build_engine(args, k: int | None = None) -> LLMEngine:
     config = EngineConfig(page_size=args.page_size, max_num_seqs=args.batch,
                           max_num_batched_tokens=per_step * prompt_len, max_model_len=max_len,
                           enable_prefix_caching=False, speculative="ngram" if k else None,
-                          num_speculative_tokens=k)
+                          num_speculative_tokens=k,
+                          speculative_disable_batch_size=args.speculative_disable_batch_size
+                          if k else None)
     return LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config, config,
                      num_pages, NgramDrafter(k) if k else None)
 
@@ -278,7 +287,8 @@ def measure(args, k: int | None = None) -> dict:
         / max(1, len(engine.step_timer.steps)) * 1e6
     k = args.speculative if k is None else k
     return dict(variant=args.variant, device=args.device, batch=args.batch, context=args.context,
-                steps=steps, speculative=k, target=args.target,
+                steps=steps, speculative=k,
+                speculative_disable_batch_size=engine.disable_batch_size, target=args.target,
                 temperature=args.temperature, output_kind=args.output_kind,
                 profiled=bool(profile),
                 step_us=round(wall / steps * 1e6, 1), phases_us=phases,
@@ -307,10 +317,14 @@ def main(argv=None) -> int:
     print(" ".join(f"{k} {v:.0f}" for k, v in res["phases_us"].items()))
     print(f"host-to-device copies per step: {res['copies_per_step']:.2f}")
     if res["speculative"]:
-        print(f"k {res['speculative']}: {res['tokens_per_step']:.2f} tokens per step, acceptance "
-              f"{res['acceptance']:.1%}; host minus forward {res['host_minus_forward_us']:.0f} µs "
+        acceptance = "no drafts verified" if res["acceptance"] is None \
+            else f"acceptance {res['acceptance']:.1%}"
+        print(f"k {res['speculative']}: {res['tokens_per_step']:.2f} tokens per step, {acceptance}"
+              f"; host minus forward {res['host_minus_forward_us']:.0f} µs "
               f"per step (mean), {res['host_us_per_token']:.1f} µs per generated token"
-              + (", outputs equal plain decoding's" if args.check else ""))
+              + (", outputs equal plain decoding's" if args.check else "")
+              + (f" (plain steps from {res['speculative_disable_batch_size']} sequences)"
+                 if res["speculative_disable_batch_size"] else ""))
     print(f"step {res['step_us']:.0f} µs over {res['steps']} steps "
           f"(B={args.batch}, L≈{args.context}, {args.variant}, host work only)")
     if args.out:

@@ -13,25 +13,36 @@ one command; a run cut short is measured as it stands and reported as unfinished
 
 From each held-out domain of the built dataset (`--data`; the study's are `code`, Linux C, and
 `prose`) `--prompts` documents, drawn in a seeded order, give a prompt each: their first
-`--prompt-len` tokens. Every prompt of a domain is submitted at once and decoded greedily for
-`--output-len` tokens (temperature 0, ignore_eos) through `hwattn.bench.engine.run_offline`,
-by an engine without drafting (k = 0) and by one with n-gram drafting for each k in `--ks`.
+`--prompt-len` tokens. For each batch size B of `--batch-sizes` (default 1 and `--prompts`),
+every prompt of a domain is submitted at once to an engine that runs at most B of them
+together (`max_num_seqs` B: B concurrent requests, the next admitted as one finishes) and
+decoded greedily for `--output-len` tokens (temperature 0, ignore_eos) through
+`hwattn.bench.engine.run_offline`, by an engine without drafting (k = 0) and by one with
+n-gram drafting for each k in `--ks`. Speculative decoding is usually judged at small batches
+(latency), where a step's forward costs little per token and its host work is small; at
+large ones plain steps overlap the host's work with the device's and verify steps do not.
 All engines share one model and `ModelRunner` (its KV cache and CUDA graphs for 1 and every
-k + 1 query tokens), as benchmarks/engine_speed.py does. Per domain and k: decode tokens/s,
-speed-up over k = 0, acceptance (accepted / drafted tokens), the share of steps where an
-n-gram matched, ITL median and p99, and whether the greedy outputs equal k = 0's token for
-token (speculation at temperature 0 must not change them; in bf16 a near-tie in the logits
-may still flip between the verify step and the plain one, so the agreement is reported, not
-assumed).
+k + 1 query tokens), as benchmarks/engine_speed.py does. Per domain, B and k: decode
+tokens/s, speed-up over k = 0 at that B, acceptance (accepted / drafted tokens), the share of
+steps where an n-gram matched, the share of decode steps that verified drafts, ITL median and
+p99, and whether the greedy outputs equal k = 0's token for token (speculation at
+temperature 0 must not change them; in bf16 a near-tie in the logits may still flip between
+the verify step and the plain one, so the agreement is reported, not assumed).
 
-Step time: `hwattn.bench.engine.decode_breakdown` times one decode step of all `--prompts`
+Fallback row: per domain and B, the best k at that B once more with the engine's
+`speculative_disable_batch_size` at `--disable-batch-size` (default the largest of
+`--batch-sizes`; 0: no such row): steps that start with that many running sequences or more
+decode plainly. At B below it the row should match its k's row, at B from it on plain
+decoding's (so that the fallback is never slower than plain decoding: measured, not assumed).
+
+Step time: `hwattn.bench.engine.decode_breakdown` times, at each B, one decode step of B
 sequences at context prompt + output / 2 that feeds k + 1 tokens (a verify step) against
 one that feeds 1 (a plain step): the step as the host sees it and the captured forward on the
 device (CUDA events). Verify over plain, beside the ratio of the engines' median ITL (which
 also holds drafting and acceptance on the host).
 
-Targets (issue 20): speed-up >= 1.5x on C code at greedy for some k, with that k's verify
-step <= 1.3x a plain step (host-seen step wall time).
+Targets (issue 20), per B: speed-up >= 1.5x on C code at greedy for some k, with that k's
+verify step <= 1.3x a plain step (host-seen step wall time).
 
 Writes study_speculative.json, study_speculative.md and study_speculative_log.txt under
 `--out` (default $OUT, else runs/study_speculative); prints the tables, then one line of JSON.
@@ -90,6 +101,12 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (256)")
     p.add_argument("--output-len", type=int, default=None, help="generated tokens (128)")
     p.add_argument("--ks", default="1,2,3,4", help="n-gram draft lengths")
+    p.add_argument("--batch-sizes", default=None,
+                   help="requests decoded together at most, comma-separated, each measured "
+                        "(default 1 and --prompts: 1,32)")
+    p.add_argument("--disable-batch-size", type=int, default=None, metavar="N",
+                   help="the fallback row's speculative_disable_batch_size (default: the "
+                        "largest of --batch-sizes; 0: no fallback row)")
     p.add_argument("--page-size", type=int, default=None, help="KV page tokens (64)")
     p.add_argument("--iters", type=int, default=None, help="timed repeats of each step (20)")
     p.add_argument("--prompt-seed", type=int, default=0, help="order the documents are drawn in")
@@ -117,7 +134,27 @@ def parse_args(argv=None):
         raise SystemExit(f"--ks must be comma-separated integers, got {args.ks!r}") from None
     if not args.ks or min(args.ks) < 1:
         raise SystemExit(f"--ks needs draft lengths >= 1, got {args.ks}")
+    args.batch_sizes = batch_sizes(args.batch_sizes, args.prompts)
+    if args.disable_batch_size is None:
+        args.disable_batch_size = max(args.batch_sizes)
+    if args.disable_batch_size < 0:
+        raise SystemExit(f"--disable-batch-size must be >= 0 (0: no fallback row), got "
+                         f"{args.disable_batch_size}")
     return args
+
+
+def batch_sizes(text: str | None, prompts: int) -> tuple[int, ...]:
+    """The batch sizes of `--batch-sizes` (default 1 and `prompts`), ascending; each must lie
+    in [1, prompts]: a larger batch than there are prompts would never fill."""
+    if text is None:
+        return tuple(sorted({1, prompts}))
+    try:
+        sizes = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise SystemExit(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or sizes[0] < 1 or sizes[-1] > prompts:
+        raise SystemExit(f"--batch-sizes must lie in [1, --prompts = {prompts}], got {sizes}")
+    return sizes
 
 
 class Log:
@@ -286,9 +323,10 @@ class SharedRunner:
         self.kv_bytes = self.net.kv_bytes_per_token(1, dtype)
         self.cuda = torch.device(device).type == "cuda"
 
-    def engine(self, k: int):
+    def engine(self, k: int, batch: int | None = None, disable: int | None = None):
         """An engine drafting k tokens a step by n-gram lookup (k = 0: plain decoding) that
-        prefills every prompt in one step, then decodes them together."""
+        decodes `batch` sequences together at most (default `--prompts`), prefilling as many
+        prompts as it admits in one step; `disable`: its speculative_disable_batch_size."""
         from hwattn.engine.config import EngineConfig
         from hwattn.engine.llm_engine import LLMEngine
         from hwattn.engine.speculative import NgramDrafter
@@ -296,14 +334,30 @@ class SharedRunner:
         a = self.args
         config = EngineConfig(model=str(self.ckpt), dtype=self.dtype,
                               device=str(self.runner.device), page_size=a.page_size,
-                              max_num_seqs=a.prompts,
+                              max_num_seqs=batch or a.prompts,
                               max_num_batched_tokens=a.prompts * a.prompt_len,
                               max_model_len=self.max_len, num_pages=self.num_pages,
                               speculative="ngram" if k else None, num_speculative_tokens=k,
+                              speculative_disable_batch_size=disable,
                               compile_decode=a.compile_decode)
+        drafter = counting(NgramDrafter(k)) if k else None
         return LLMEngine(self.runner, self.tokenizer, self.net.config, config, self.num_pages,
-                         NgramDrafter(k) if k else None, kv_bytes_per_token=self.kv_bytes,
-                         model=self.net, dtype=self.dtype)
+                         drafter, kv_bytes_per_token=self.kv_bytes, model=self.net,
+                         dtype=self.dtype)
+
+
+def counting(drafter):
+    """`drafter` with its `propose` calls counted in `drafter.verify_steps` (one a verify step),
+    so that a row can say how many of its decode steps verified drafts."""
+    propose = drafter.propose
+    drafter.verify_steps = 0
+
+    def counted(seqs, st=None):
+        drafter.verify_steps += 1
+        return propose(seqs, st)
+
+    drafter.propose = counted
+    return drafter
 
 
 def agreement(plain: list[list[int]], spec: list[list[int]]) -> dict:
@@ -324,63 +378,107 @@ def agreement(plain: list[list[int]], spec: list[list[int]]) -> dict:
                 first_divergence_mean=statistics.fmean(firsts) if firsts else None)
 
 
-def measure_domain(shared: SharedRunner, prompts: list[list[int]], args, clock, log,
-                   domain: str, tokenizer) -> dict:
-    """run_offline of the prompts for k = 0 and each k: one row per k (see the module
-    docstring), k = 0's first; a k is skipped once `clock()` says time is up. `tokenizer`
-    (the dataset's) writes out the first prompt's end and its plain continuation."""
-    from hwattn.bench.engine import random_prompts, run_offline
+def measure_run(engine, prompts: list[list[int]], args, warm) -> tuple:
+    """run_offline of the prompts on `engine` after a warm-up on other prompts (kernels,
+    allocator); returns (its row's measurements, the outputs)."""
+    from hwattn.bench.engine import run_offline
 
-    warm = random_prompts(2, args.prompt_len, shared.net.config.vocab_size, seed=9)
+    run_offline(engine, warm, 4)
+    drafter = engine.drafter
+    proposed, matched, verified = ((drafter.proposed, drafter.matched, drafter.verify_steps)
+                                   if drafter is not None else (0, 0, 0))
+    res = run_offline(engine, prompts, args.output_len)
+    engine.check_invariants()
+    row = dict(decode_tokens_per_s=res.decode_tokens_per_s,
+               output_tokens=res.output_tokens, decode_s=res.decode_s,
+               prefill_s=res.prefill_s, decode_steps=res.decode_steps,
+               itl_median_s=res.itl_s["median"], itl_p99_s=res.itl_s["p99"],
+               acceptance=res.acceptance_rate if drafter is not None else None,
+               host_phases_us={name: v["median"] for name, v in res.host_phases_us.items()
+                               if isinstance(v, dict)})
+    if drafter is not None:
+        lookups = drafter.proposed - proposed  # one a sequence and verify step
+        # No lookup (no verify step: the fallback row at a large batch) leaves both unknown.
+        row["ngram_match_share"] = (drafter.matched - matched) / lookups if lookups else None
+        row["acceptance"] = res.acceptance_rate if lookups else None
+        row["verify_step_share"] = ((drafter.verify_steps - verified) / res.decode_steps
+                                    if res.decode_steps else 0.0)
+    return row, res.outputs
+
+
+def compared(row: dict, plain: dict, outputs: list[list[int]]) -> dict:
+    """`row` with its speed-up and ITL over the plain row's and its outputs' agreement."""
+    return dict(row, speedup=row["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
+                itl_over_plain=row["itl_median_s"] / plain["itl_median_s"],
+                **agreement(plain["outputs"], outputs))
+
+
+def measure_batch(shared: SharedRunner, prompts: list[list[int]], args, clock, log,
+                  domain: str, batch: int, warm) -> tuple[dict, list[list[int]] | None]:
+    """One row per k at batch size `batch` (k = 0's first), then the fallback row (the best
+    k with `speculative_disable_batch_size` at `--disable-batch-size`); a run is skipped
+    once `clock()` says time is up. Returns (rows, plain decoding's outputs or None)."""
     rows, plain = {}, None
     for k in (0,) + args.ks:
-        if clock() < 0:
-            rows[str(k)] = dict(k=k, skipped="deadline")
+        if clock() < 0 or (k and plain is None):
+            rows[str(k)] = dict(k=k, batch=batch, skipped="deadline")
             continue
-        engine = shared.engine(k)
-        run_offline(engine, warm, 4)  # warm-up on other prompts: kernels, allocator
-        proposed = matched = 0
-        if engine.drafter is not None:
-            proposed, matched = engine.drafter.proposed, engine.drafter.matched
-        res = run_offline(engine, prompts, args.output_len)
-        engine.check_invariants()
-        row = dict(k=k, decode_tokens_per_s=res.decode_tokens_per_s,
-                   output_tokens=res.output_tokens, decode_s=res.decode_s,
-                   prefill_s=res.prefill_s, decode_steps=res.decode_steps,
-                   itl_median_s=res.itl_s["median"], itl_p99_s=res.itl_s["p99"],
-                   acceptance=res.acceptance_rate if k else None,
-                   host_phases_us={name: v["median"] for name, v in res.host_phases_us.items()
-                                   if isinstance(v, dict)})
+        row, outputs = measure_run(shared.engine(k, batch), prompts, args, warm)
+        row = dict(k=k, batch=batch, **row)
         if k:
-            lookups = engine.drafter.proposed - proposed  # one a sequence and step
-            row["ngram_match_share"] = ((engine.drafter.matched - matched) / lookups
-                                        if lookups else 0.0)
-            row.update(speedup=row["decode_tokens_per_s"] / plain["decode_tokens_per_s"],
-                       itl_over_plain=row["itl_median_s"] / plain["itl_median_s"],
-                       **agreement(plain["outputs"], res.outputs))
+            row = compared(row, plain, outputs)
         else:
-            plain = dict(row, outputs=res.outputs)
+            plain = dict(row, outputs=outputs)
         rows[str(k)] = row
-        log(f"{domain} k={k}: {row['decode_tokens_per_s']:,.0f} decode tok/s"
+        log(f"{domain} B={batch} k={k}: {row['decode_tokens_per_s']:,.0f} decode tok/s"
             + (f", speed-up {row['speedup']:.2f}x, acceptance {row['acceptance']:.1%}, "
                f"outputs equal to plain {row['outputs_equal']:.0%}" if k else "")
             + f", ITL median {row['itl_median_s'] * 1e3:.2f} ms")
-    sample = None
-    if plain is not None:
-        sample = dict(prompt_tail=tokenizer.decode(prompts[0][-48:]),
-                      plain_output=tokenizer.decode(plain["outputs"][0][:96]))
-    return dict(rows=rows, sample=sample)
+    measured = [r for r in rows.values() if r["k"] and "speedup" in r]
+    if args.disable_batch_size and measured:
+        best = max(measured, key=lambda r: r["speedup"])["k"]
+        if clock() < 0:
+            rows["fallback"] = dict(k=best, batch=batch, skipped="deadline",
+                                    disable_batch_size=args.disable_batch_size)
+        else:
+            engine = shared.engine(best, batch, disable=args.disable_batch_size)
+            row, outputs = measure_run(engine, prompts, args, warm)
+            row = compared(dict(k=best, batch=batch, disable_batch_size=args.disable_batch_size,
+                                **row), plain, outputs)
+            rows["fallback"] = row
+            log(f"{domain} B={batch} k={best}, plain steps from {args.disable_batch_size} "
+                f"sequences: {row['decode_tokens_per_s']:,.0f} decode tok/s, speed-up "
+                f"{row['speedup']:.2f}x, verify steps {row['verify_step_share']:.0%}, outputs "
+                f"equal to plain {row['outputs_equal']:.0%}")
+    return rows, (plain or {}).get("outputs")
 
 
-def step_times(shared: SharedRunner, args, log) -> dict:
+def measure_domain(shared: SharedRunner, prompts: list[list[int]], args, clock, log,
+                   domain: str, tokenizer) -> dict:
+    """`measure_batch` at each batch size of `--batch-sizes`, smallest first. `tokenizer`
+    (the dataset's) writes out the first prompt's end and its plain continuation."""
+    from hwattn.bench.engine import random_prompts
+
+    warm = random_prompts(2, args.prompt_len, shared.net.config.vocab_size, seed=9)
+    batches, sample = {}, None
+    for batch in args.batch_sizes:
+        rows, outputs = measure_batch(shared, prompts, args, clock, log, domain, batch, warm)
+        batches[str(batch)] = dict(batch=batch, rows=rows)
+        if sample is None and outputs is not None:
+            sample = dict(prompt_tail=tokenizer.decode(prompts[0][-48:]),
+                          plain_output=tokenizer.decode(outputs[0][:96]))
+    return dict(batches=batches, sample=sample)
+
+
+def step_times(shared: SharedRunner, args, log, batch: int) -> dict:
     """decode_breakdown of a verify step (k + 1 query tokens) for each k and of a plain one,
-    at batch `--prompts` and context prompt + output / 2; ratios over the plain step."""
+    at batch `batch` and context prompt + output / 2; ratios over the plain step."""
     from hwattn.bench.engine import decode_breakdown
 
     context = args.prompt_len + args.output_len // 2
     rows = {}
     for k in (0,) + args.ks:
-        b = decode_breakdown(shared.engine(k), args.prompts, context, args.iters, query_len=k + 1)
+        b = decode_breakdown(shared.engine(k), batch, context, args.iters, query_len=k + 1)
         rows[str(k)] = dict(k=k, query_len=k + 1, step_wall_s=b["step_wall_s"],
                             forward_device_s=b["forward_device_s"], host_s=b["host_s"],
                             attention_s=b["attention_s"], cuda_graphs=b["cuda_graphs"],
@@ -390,28 +488,38 @@ def step_times(shared: SharedRunner, args, log) -> dict:
     for row in rows.values():
         row["step_over_plain"] = row["step_wall_s"] / base["step_wall_s"]
         row["forward_over_plain"] = row["forward_device_s"] / base["forward_device_s"]
-    log("verify / plain step (host-seen wall, device forward): " + ", ".join(
+    log(f"B={batch} verify / plain step (host-seen wall, device forward): " + ", ".join(
         f"k={r['k']} {r['step_over_plain']:.2f} / {r['forward_over_plain']:.2f}"
         for r in rows.values() if r["k"]))
-    return dict(batch=args.prompts, context_len=context, iters=args.iters, rows=rows)
+    return dict(batch=batch, context_len=context, iters=args.iters, rows=rows)
 
 
 def targets(doc: dict) -> dict | None:
-    """The issue's targets on the code domain: the k of the best speed-up, and whether its
-    speed-up reaches 1.5x and its verify step stays within 1.3x of a plain step."""
+    """The issue's targets on the code domain, per batch size: the k of the best speed-up at
+    that batch, and whether its speed-up reaches 1.5x and its verify step (timed at that
+    batch) stays within 1.3x of a plain step. None without a code domain."""
     code = doc["domains"].get("code")
-    rows = [r for r in (code or {}).get("rows", {}).values() if r["k"] and "speedup" in r]
-    if not rows:
+    if not code:
         return None
-    best = max(rows, key=lambda r: r["speedup"])
-    step = (doc.get("step_time") or {}).get("rows", {}).get(str(best["k"]), {})
-    ratio = step.get("step_over_plain")
-    return dict(domain="code", k=best["k"], speedup=best["speedup"],
-                speedup_target=SPEEDUP_TARGET, speedup_met=best["speedup"] >= SPEEDUP_TARGET,
-                verify_over_plain=ratio, forward_over_plain=step.get("forward_over_plain"),
-                verify_target=VERIFY_TARGET,
-                verify_met=None if ratio is None else ratio <= VERIFY_TARGET,
-                outputs_equal=best["outputs_equal"])
+    out = {}
+    for batch, part in code["batches"].items():
+        rows = [r for key, r in part["rows"].items() if key != "fallback" and r["k"]
+                and "speedup" in r]
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r["speedup"])
+        step = ((doc.get("step_time") or {}).get(batch) or {}).get("rows", {}).get(
+            str(best["k"]), {})
+        ratio = step.get("step_over_plain")
+        out[batch] = dict(domain="code", batch=int(batch), k=best["k"], speedup=best["speedup"],
+                          speedup_target=SPEEDUP_TARGET,
+                          speedup_met=best["speedup"] >= SPEEDUP_TARGET,
+                          verify_over_plain=ratio,
+                          forward_over_plain=step.get("forward_over_plain"),
+                          verify_target=VERIFY_TARGET,
+                          verify_met=None if ratio is None else ratio <= VERIFY_TARGET,
+                          outputs_equal=best["outputs_equal"])
+    return out or None
 
 
 def markdown(doc: dict) -> str:
@@ -422,42 +530,52 @@ def markdown(doc: dict) -> str:
              + (f", trained {trained['steps_done']} of {trained['steps']} steps"
                 if trained else "")
              + f"; {s['device']} {s['dtype']}, {s['prompts']} prompts x {s['prompt_len']} held-out "
-               f"tokens + {s['output_len']} greedy, page {s['page_size']}, CUDA graphs "
+               f"tokens + {s['output_len']} greedy, decoded at most B at a time (B = "
+               f"{', '.join(map(str, s['batch_sizes']))}), page {s['page_size']}, CUDA graphs "
                f"{'on' if doc['cuda_graphs'] else 'off'}, compiled decode "
                f"{'on' if s['compile_decode'] else 'off'}", "",
-             "| domain | k | decode tok/s | speed-up | acceptance | n-gram found | ITL p50 ms "
-             "| ITL / plain | outputs = plain | tokens before divergence |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| domain | batch | k | decode tok/s | speed-up | acceptance | n-gram found "
+             "| verify steps | ITL p50 ms | ITL / plain | outputs = plain "
+             "| tokens before divergence |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
     for domain, part in doc["domains"].items():
-        for row in part["rows"].values():
-            if "skipped" in row:
-                lines.append(f"| {domain} | {row['k']} | skipped ({row['skipped']}) |"
-                             + " |" * 7)
-                continue
-            lines.append(
-                f"| {domain} | {row['k']} | {row['decode_tokens_per_s']:,.0f} | "
-                f"{f(row.get('speedup'), '{:.2f}x')} | {f(row.get('acceptance'), '{:.1%}')} | "
-                f"{f(row.get('ngram_match_share'), '{:.0%}')} | {row['itl_median_s'] * 1e3:.2f} | "
-                f"{f(row.get('itl_over_plain'))} | {f(row.get('outputs_equal'), '{:.0%}')} | "
-                f"{f(row.get('tokens_before_divergence'), '{:.1%}')} |")
-    st = doc.get("step_time")
-    if st:
-        lines += ["", f"Decode step of {st['batch']} sequences at context {st['context_len']}: "
-                      "a verify step (k + 1 query tokens) against a plain one (1).", "",
-                  "| k | query tokens | step ms (host-seen) | forward ms (device) | step / plain "
-                  "| forward / plain |", "|---|---|---|---|---|---|"]
-        for row in st["rows"].values():
-            lines.append(f"| {row['k']} | {row['query_len']} | {row['step_wall_s'] * 1e3:.3f} | "
-                         f"{row['forward_device_s'] * 1e3:.3f} | {row['step_over_plain']:.2f} | "
-                         f"{row['forward_over_plain']:.2f} |")
-    t = doc.get("targets")
-    if t:
-        verdict = {True: "met", False: "not met", None: "not measured"}
-        lines += ["", f"Targets on C code, at the best k = {t['k']}: speed-up "
+        for batch, group in part["batches"].items():
+            for key, row in group["rows"].items():
+                k = (f"{row['k']}, plain at >= {row['disable_batch_size']} running"
+                     if key == "fallback" else str(row["k"]))
+                if "skipped" in row:
+                    lines.append(f"| {domain} | {batch} | {k} | skipped ({row['skipped']}) |"
+                                 + " |" * 8)
+                    continue
+                lines.append(
+                    f"| {domain} | {batch} | {k} | {row['decode_tokens_per_s']:,.0f} | "
+                    f"{f(row.get('speedup'), '{:.2f}x')} | "
+                    f"{f(row.get('acceptance'), '{:.1%}')} | "
+                    f"{f(row.get('ngram_match_share'), '{:.0%}')} | "
+                    f"{f(row.get('verify_step_share'), '{:.0%}')} | "
+                    f"{row['itl_median_s'] * 1e3:.2f} | {f(row.get('itl_over_plain'))} | "
+                    f"{f(row.get('outputs_equal'), '{:.0%}')} | "
+                    f"{f(row.get('tokens_before_divergence'), '{:.1%}')} |")
+    times = doc.get("step_time") or {}
+    if times:
+        st = next(iter(times.values()))
+        lines += ["", f"Decode step of B sequences at context {st['context_len']}: a verify "
+                      "step (k + 1 query tokens) against a plain one (1) at the same B.", "",
+                  "| batch | k | query tokens | step ms (host-seen) | forward ms (device) "
+                  "| step / plain | forward / plain |", "|---|---|---|---|---|---|---|"]
+        for batch, st in times.items():
+            for row in st["rows"].values():
+                lines.append(f"| {batch} | {row['k']} | {row['query_len']} | "
+                             f"{row['step_wall_s'] * 1e3:.3f} | "
+                             f"{row['forward_device_s'] * 1e3:.3f} | "
+                             f"{row['step_over_plain']:.2f} | {row['forward_over_plain']:.2f} |")
+    verdict = {True: "met", False: "not met", None: "not measured"}
+    for batch, t in (doc.get("targets") or {}).items():
+        lines += ["", f"Targets on C code at batch {batch}, at the best k = {t['k']}: speed-up "
                       f"{t['speedup']:.2f}x (>= {t['speedup_target']}x: "
                       f"{verdict[t['speedup_met']]}); verify step {f(t['verify_over_plain'])}x a "
                       f"plain step (<= {t['verify_target']}x: {verdict[t['verify_met']]}); "
@@ -527,7 +645,10 @@ def main(argv=None) -> int:
     doc = dict(setup=dict(data=args.data, build_key=data.manifest.get("build_key"),
                           device=str(device), dtype=str(dtype).replace("torch.", ""),
                           prompts=args.prompts, prompt_len=args.prompt_len,
-                          output_len=args.output_len, ks=list(args.ks), page_size=args.page_size,
+                          output_len=args.output_len, ks=list(args.ks),
+                          batch_sizes=list(args.batch_sizes),
+                          disable_batch_size=args.disable_batch_size or None,
+                          page_size=args.page_size,
                           prompt_seed=args.prompt_seed, compile_decode=args.compile_decode,
                           temperature=0.0, tiny=args.tiny),
                model=dict(checkpoint=str(ckpt), label=shared.net.config.label,
@@ -535,13 +656,15 @@ def main(argv=None) -> int:
                           non_embedding_params=shared.net.num_params(non_embedding=True),
                           training=training),
                cuda_graphs=shared.runner.cuda_graphs, graph_error=shared.runner.graph_error,
-               domains={}, step_time=None, environment=environment(argv))
+               domains={}, step_time={}, environment=environment(argv))
     for i, domain in enumerate(domains):
         tokens, ids = prompts[domain]
         doc["domains"][domain] = dict(documents=ids, **measure_domain(
             shared, tokens, args, clock, log, domain, data.tokenizer))
         if i == 0:  # the step timing right after the first domain: it needs little time
-            doc["step_time"] = step_times(shared, args, log) if clock() > 0 else None
+            for batch in args.batch_sizes:
+                if clock() > 0:
+                    doc["step_time"][str(batch)] = step_times(shared, args, log, batch)
     doc["targets"] = targets(doc)
     doc["wall_s"] = time.time() - T_START
     md = markdown(doc)

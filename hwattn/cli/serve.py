@@ -45,6 +45,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default=None,
                    help="'ngram' or a draft-model checkpoint directory")
     p.add_argument("--num-speculative-tokens", type=int, default=3, help="k drafts per step")
+    p.add_argument("--speculative-disable-batch-size", "--speculative-disable-by-batch-size",
+                   dest="speculative_disable_batch_size", type=int, default=None, metavar="N",
+                   help="with --speculative: a step that starts with N or more running sequences "
+                        "decodes plainly (overlapped with the host, in a CUDA graph) instead of "
+                        "verifying drafts (default: always verify; the second name is vLLM's). "
+                        "The best N depends on the model and the GPU")
     p.add_argument("--seed", type=int, default=0, help="weights of presets and unseeded requests")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="decode steps without captured CUDA graphs")
@@ -90,7 +96,10 @@ def engine_config(args):
                   memory_budget=parse_budget(args.memory_budget),
                   gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
                   max_model_len=args.max_model_len, speculative=args.speculative,
-                  num_speculative_tokens=args.num_speculative_tokens, seed=args.seed,
+                  num_speculative_tokens=args.num_speculative_tokens,
+                  speculative_disable_batch_size=getattr(args, "speculative_disable_batch_size",
+                                                         None),
+                  seed=args.seed,
                   enable_prefix_caching=not args.no_prefix_caching, model_overrides=overrides,
                   enforce_eager=args.enforce_eager,
                   trust_remote_code=getattr(args, "trust_remote_code", False))

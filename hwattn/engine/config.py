@@ -40,6 +40,15 @@ class EngineConfig:
     enable_prefix_caching: share the pages of common prompt prefixes.
     speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
     num_speculative_tokens: k drafts verified per step (default 3; 0 without `speculative`).
+    speculative_disable_batch_size: with `speculative`, a step that starts with at least this
+        many running sequences is a plain decode step (overlapped with the host, captured in
+        a CUDA graph) instead of a verify step, as vLLM's option of that name; None: always
+        verify. A verify step waits for its own tokens before the next step is prepared, so
+        where the host's work per step is a large share of the device's, plain steps win: on
+        an H200 (a 36M-parameter model, 32 sequences of C code) n-gram speculation decoded at
+        0.62-0.80x plain decoding's tokens/s although 55-75% of the drafts were accepted
+        (benchmarks/results/study_speculative_h200_2026-12-05/). The best threshold depends on
+        the model and the GPU; it has not been measured yet.
     cuda_graphs: capture decode steps in CUDA graphs (on CUDA). backend: attention backend.
     compile_decode: run decode steps through `torch.compile`d decoder blocks (norms, RoPE,
         absorptions and SwiGLU fused into a few kernels; hwattn/models/compile.py); None: on
@@ -78,6 +87,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     speculative: str | None = None
     num_speculative_tokens: int = 3
+    speculative_disable_batch_size: int | None = None
     cuda_graphs: bool = True
     compile_decode: bool | None = None
     backend: str = "auto"
@@ -100,12 +110,25 @@ class EngineConfig:
         elif self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1 with speculative="
                              f"{self.speculative!r}, got {self.num_speculative_tokens}")
+        self._check_disable_batch_size()
         util = self.gpu_memory_utilization
         if util is not None:
             if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
                 raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
             if self.memory_budget is not None:
                 raise ValueError("give memory_budget or gpu_memory_utilization, not both")
+
+    def _check_disable_batch_size(self) -> None:
+        size = self.speculative_disable_batch_size
+        if size is None:
+            return
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"speculative_disable_batch_size must be a positive integer or None, "
+                             f"got {size!r}")
+        if self.speculative is None:
+            # Refused rather than ignored: it would otherwise read as speculation configured.
+            raise ValueError(f"speculative_disable_batch_size={size} needs speculative "
+                             "('ngram' or a draft checkpoint directory)")
 
     def as_kwargs(self) -> dict:
         """The fields as keywords (`EngineConfig(**config.as_kwargs())` is a copy), for

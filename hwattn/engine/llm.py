@@ -184,6 +184,9 @@ class LLM:
             CPU it is refused: give memory_budget in bytes.
         speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
         num_speculative_tokens: k drafts verified per step.
+        speculative_disable_batch_size (a keyword, as every other `EngineConfig` field): a
+            step that starts with this many running sequences or more decodes plainly,
+            overlapped with the host, instead of verifying drafts (default None: always).
         seed: weights of presets, and the seeds of requests that bring none.
         tokenizer: a local tokenizer.json (or a folder holding one) to use instead of the
             checkpoint's; its ids must fit the model's vocabulary.

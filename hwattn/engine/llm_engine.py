@@ -15,6 +15,13 @@ placeholder in `Sequence.token_ids` (`Sequence.num_pending`); a sequence that tu
 stopped at step N-1 has its row of step N dropped, and one that ends by length is not
 scheduled past its end. Outputs therefore trail their step by one `step()` call.
 
+A speculative engine's verify steps are not overlapped: their drafts are made from the tokens
+themselves, so the step in flight is read back before one is prepared. Its other steps
+(prefill, and plain decode steps: a batch of `speculative_disable_batch_size` sequences or
+more, a sequence at the end of its context, a request that needs penalties or log-probs) are
+launched as above, so the engine may go from overlapped steps to verify steps and back at
+any step.
+
 Nothing one request carries can stop another: requests are validated (all or none) before they
 are queued (`hwattn/engine/requests.py`), and a request whose sampling or detokenization still fails inside a step is
 finished alone with finish_reason "error". Sampling runs in the runner (in this process or on
@@ -85,11 +92,13 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.drafter = drafter
         self.k = config.num_speculative_tokens if drafter is not None else 0
+        # Steps starting with this many running sequences or more decode plainly.
+        self.disable_batch_size = config.speculative_disable_batch_size if self.k else None
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len,
                                    mixed=config.enable_mixed_batches and not self.k)
-        self.overlap = (config.overlap_scheduling and not self.k
-                        and hasattr(runner, "launch_step"))
+        # Verify steps run in step with the host whatever this says; it is about the others.
+        self.overlap = config.overlap_scheduling and hasattr(runner, "launch_step")
         self._inflight: InFlight | None = None
         self.kv_bytes_per_token = kv_bytes_per_token
         self.device = runner.device
@@ -189,20 +198,16 @@ class LLMEngine:
         A request whose sampling, detokenization or stop handling raises is finished alone
         with finish_reason "error" (its output's `error` says why); the rest of the batch
         goes on. Only a failure of the step itself (the model, the scheduler) raises."""
-        k = self.k
-        if k and any(len(s) + k > self.max_model_len or not s.params.plain
-                     for s in self.scheduler.running):
-            # Someone is at the end of the context, or needs penalties, bans or log-probs
-            # (drafts are verified for plain sampling only): plain decoding this step.
-            k = 0
+        k = self._lookahead()
         self._failed = []
         touched, launched = [], None
         timer = self.step_timer
         timer.begin_step()
-        if self._inflight is not None and self._needs_host(
-                [*self.scheduler.running, *self.scheduler.waiting]):
-            # The next step is sampled on the host's terms: read the one in flight back first,
-            # so that no step of it reads a placeholder.
+        if self._inflight is not None and (k or self._needs_host(
+                [*self.scheduler.running, *self.scheduler.waiting])):
+            # The next step drafts from the tokens (a verify step) or is sampled on the host's
+            # terms: read the one in flight back first, so that no step of it reads a
+            # placeholder.
             previous, self._inflight = self._inflight, None
             touched = self._resolve(previous)
             with timer.phase("resolve"):
@@ -231,6 +236,23 @@ class LLMEngine:
             outputs = self._outputs(touched)
         timer.end_step()
         return outputs
+
+    def _lookahead(self) -> int:
+        """The drafts a decode step verifies this step: k, or 0 for a plain decode step. Decided
+        as the step starts, from the sequences running then (one whose token of the step in
+        flight ends it still counts, for this one step)."""
+        k, running = self.k, self.scheduler.running
+        if not k:
+            return 0
+        if self.disable_batch_size is not None and len(running) >= self.disable_batch_size:
+            # A batch this large takes plain steps, whose host work overlaps the device's
+            # (a verify step's cannot): the user's threshold, not one the engine measures.
+            return 0
+        if any(len(s) + k > self.max_model_len or not s.params.plain for s in running):
+            # Someone is at the end of the context, or needs penalties, bans or log-probs
+            # (drafts are verified for plain sampling only): plain decoding this step.
+            return 0
+        return k
 
     def _outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
         """Free the finished among the sequences a step advanced (and the failed ones);
@@ -409,7 +431,12 @@ class LLMEngine:
         sequence's last token and keep the accepted ones (timed as the step's launch, its
         drafting apart, and its resolve)."""
         timer = self.step_timer
+        if self._inflight is not None or any(s.num_pending for s in seqs):
+            raise RuntimeError("a verify step must not start before the step in flight is "
+                               "read back")
         with timer.phase("launch"):
+            if self.launcher is not None:  # every launch made before the runner is used here
+                self.launcher.drain()
             self.counters["decode_steps"] += 1
             sampling, seqs = self._sampling(seqs)
             if self.drafter.deterministic:

@@ -172,14 +172,30 @@ class DraftModelDrafter(Drafter):
     def prefill(self, step: StepInput) -> None:
         self.runner.execute(StepInput("prefill", step.tokens, step.num_cached, step.block_tables))
 
+    def _catch_up(self, seqs: list[Sequence]) -> None:
+        """Write into the draft cache the tokens of `seqs` it lacks but the last one (the
+        first draft call feeds that), in one prefill step over the sequences lagging by more
+        than two tokens; they then lag by one."""
+        behind = [s for s in seqs if len(s) - s.draft_cached > 2]
+        if not behind:
+            return
+        self.runner.execute(StepInput("prefill", [s.token_ids[s.draft_cached:-1] for s in behind],
+                                      [s.draft_cached for s in behind],
+                                      [s.block_table for s in behind]))
+        for s in behind:
+            s.draft_cached = len(s) - 1
+
     def propose(self, seqs: list[Sequence], st: SamplingTensors) -> tuple[Tensor, Tensor]:
         """Drafts (B, k) int64 and the draft distributions they were drawn from (B, k, V).
 
         The draft cache lags the sequence by one token, or by two when every draft of the
         last step was accepted; the first call feeds the last two tokens and leaves the older
-        one unwritten when it is already cached.
+        one unwritten when it is already cached. A sequence that went through plain decode
+        steps since (which the drafter does not see) lags by more: `_catch_up` writes what
+        it missed first.
         """
         device = st.seeds.device
+        self._catch_up(seqs)
         lags = [len(s) - s.draft_cached for s in seqs]
         if any(lag not in (1, 2) for lag in lags):
             raise RuntimeError(f"draft cache lags by {lags}, expected 1 or 2")

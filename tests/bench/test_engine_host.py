@@ -60,3 +60,23 @@ def test_engine_host_times_speculative_verify_steps(tmp_path):
     assert "acceptance" in done.stdout and "equal plain decoding" in done.stdout
     done = run("--speculative", "2", "--target", "none", check=False)
     assert done.returncode == 2 and "--target scripted" in done.stderr
+
+
+def test_engine_host_with_speculation_disabled_at_the_batch_size(tmp_path):
+    """--speculative-disable-batch-size N at --batch >= N: a speculative engine whose every
+    decode step is plain and overlapped (nothing drafted, one token a sequence per step),
+    with plain decoding's greedy outputs; below N it verifies drafts as before."""
+    out = tmp_path / "host.jsonl"
+    common = ("--batch", "6", "--context", "80", "--steps", "24", "--page-size", "16",
+              "--speculative", "2", "--check", "--out", str(out))
+    done = run(*common, "--speculative-disable-batch-size", "4")
+    res = json.loads(out.read_text().splitlines()[-1])
+    assert (res["speculative"], res["speculative_disable_batch_size"]) == (2, 4)
+    assert res["outputs_equal_plain"] is True and res["acceptance"] is None
+    assert res["tokens_per_step"] == res["batch"] and res["phases_us"]["draft"] == 0
+    assert "no drafts verified" in done.stdout
+    run(*common, "--speculative-disable-batch-size", "7")
+    res = json.loads(out.read_text().splitlines()[-1])
+    assert 0 < res["acceptance"] < 1 and res["tokens_per_step"] > res["batch"]
+    done = run("--speculative-disable-batch-size", "4", check=False)
+    assert done.returncode == 2 and "needs --speculative" in done.stderr

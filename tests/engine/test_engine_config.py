@@ -22,6 +22,24 @@ def test_config_validates_and_speculation_needs_a_drafter():
         create_engine(config, page_size=8)
 
 
+@pytest.mark.parametrize("size", [0, -2, 2.5, "4", True])
+def test_speculative_disable_batch_size_is_a_positive_integer(size):
+    with pytest.raises(ValueError, match="speculative_disable_batch_size must be a positive "
+                                         f"integer or None, got {size!r}"):
+        EngineConfig(model="tiny", speculative="ngram", speculative_disable_batch_size=size)
+
+
+def test_speculative_disable_batch_size_needs_speculation():
+    with pytest.raises(ValueError, match="speculative_disable_batch_size=8 needs speculative"):
+        EngineConfig(model="tiny", speculative_disable_batch_size=8)
+    with pytest.raises(ValueError, match="speculative_disable_batch_size"):
+        LLM("tiny", model_overrides=dict(n_layers=1), speculative="ngram",
+            speculative_disable_batch_size=0)
+    config = EngineConfig(model="tiny", speculative="ngram", speculative_disable_batch_size=8)
+    assert EngineConfig(**config.as_kwargs()) == config
+    assert EngineConfig(model="tiny", speculative="ngram").speculative_disable_batch_size is None
+
+
 def test_llm_keywords_become_the_engines_config():
     llm = LLM("tiny", attention="gqa-2", page_size=8, max_num_seqs=3, memory_budget=1 << 20,
               max_num_batched_tokens=64, model_overrides=dict(n_layers=1))
@@ -48,6 +66,12 @@ def test_command_line_options_become_a_config():
         model="tiny", attention="gla-2", dtype=args.dtype, device=args.device, page_size=16,
         memory_budget=2_000_000, speculative="ngram", num_speculative_tokens=2,
         cuda_graphs=False, model_overrides={"max_seq_len": 128})
+    for flag in ("--speculative-disable-batch-size", "--speculative-disable-by-batch-size"):
+        args = build_parser().parse_args(["serve", "tiny", "--speculative", "ngram", flag, "16"])
+        assert engine_config(args).speculative_disable_batch_size == 16
+    args = build_parser().parse_args(["serve", "tiny", "--speculative-disable-batch-size", "4"])
+    with pytest.raises(ValueError, match="speculative_disable_batch_size=4 needs speculative"):
+        engine_config(args)
 
 
 class FirstTokenDrafter(Drafter):

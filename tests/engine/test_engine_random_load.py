@@ -1,7 +1,8 @@
 """The engine under a random load: requests of random lengths and settings arrive between
 steps, some are aborted at random moments, the page pool is tight enough to preempt, and
 prefix caching, overlapped scheduling (its launches made from a thread or not), mixed steps
-and the captured-graph decode path are on or off.
+and the captured-graph decode path are on or off; a speculative engine may turn to plain
+overlapped steps while its batch is large (`speculative_disable_batch_size`) and back.
 
 Bad requests arrive too and must be refused whole. After every step the pages must add up (`check_invariants`); at the end every request must
 have finished exactly once (aborted ones with "abort") and the pool must be empty; and every
@@ -35,17 +36,21 @@ def random_request(rng: random.Random, shared_prefix: list[int]) -> tuple[list[i
     return prompt, params
 
 
-@pytest.mark.parametrize("seed, overlap, mixed, speculative, graphs, thread", [
-    (0, True, False, None, False, False), (1, False, False, None, False, False),
-    (2, True, True, None, False, False), (3, False, True, None, False, False),
-    (4, False, False, "ngram", False, False), (5, True, False, None, True, False),
-    (6, False, False, "ngram", True, False), (7, True, False, None, True, True),
-    (8, True, True, None, False, True)])
+# disable: speculative_disable_batch_size, so that steps switch between verify steps and plain
+# (overlapped) ones as the batch grows and shrinks.
+@pytest.mark.parametrize("seed, overlap, mixed, speculative, graphs, thread, disable", [
+    (0, True, False, None, False, False, None), (1, False, False, None, False, False, None),
+    (2, True, True, None, False, False, None), (3, False, True, None, False, False, None),
+    (4, False, False, "ngram", False, False, None), (5, True, False, None, True, False, None),
+    (6, False, False, "ngram", True, False, None), (7, True, False, None, True, True, None),
+    (8, True, True, None, False, True, None), (9, True, False, "ngram", False, False, 3),
+    (10, True, False, "ngram", True, True, 4)])
 def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overlap, mixed,
-                                                       speculative, graphs, thread):
+                                                       speculative, graphs, thread, disable):
     rng = random.Random(seed)
     path = checkpoints("gqa-2")
-    spec = dict(speculative=speculative, num_speculative_tokens=3) if speculative else {}
+    spec = dict(speculative=speculative, num_speculative_tokens=3,
+                speculative_disable_batch_size=disable) if speculative else {}
     tight = LLM(path, page_size=4, num_pages=40, max_num_seqs=6, max_num_batched_tokens=24,
                 max_model_len=128, overlap_scheduling=overlap, enable_mixed_batches=mixed,
                 enable_prefix_caching=True, launch_thread=thread, **spec)
@@ -59,6 +64,10 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
         finally:
             gc.unfreeze()
         assert runner.cuda_graphs
+    if disable:
+        from tests.engine.test_speculative import record_steps
+
+        kinds = record_steps(engine)
     shared_prefix = [rng.randrange(2048) for _ in range(12)]
     requests: dict[str, tuple[list[int], SamplingParams]] = {}
     finals: dict[str, object] = {}
@@ -104,6 +113,8 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
     assert engine.stats()["preemptions"] > 0 and engine.stats()["prefix_hit_pages"] > 0
     if graphs:
         assert runner.replays > 0
+    if disable:  # both kinds of decode step ran, the plain ones overlapped
+        assert "verify" in kinds and "fed" in kinds, set(kinds)
 
     roomy = LLM(path, page_size=4, num_pages=400, max_num_seqs=1, max_model_len=128,
                 enable_prefix_caching=False, **spec).engine

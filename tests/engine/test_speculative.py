@@ -193,3 +193,149 @@ def test_greedy_verify_equals_rejection_sampling_of_greedy_rows(with_probs):
     fed = [[0] + row for row in drafts.tolist()]
     best = logits.argmax(-1).tolist()
     assert [accepted_prefix(f, b) for f, b in zip(fed, best)] == got[1].tolist()
+
+
+def record_steps(engine) -> list[str]:
+    """Wrap the runner so that each decode step it runs is recorded, in order: "verify",
+    "plain" (a plain decode step) or "fed" (a plain decode step launched while the one before
+    it was still in flight: it feeds on that step's sampled tokens on the device)."""
+    runner, kinds = engine.runner, []
+
+    def plain(method):
+        def run(step, sampling):
+            if step.kind == "decode":
+                kinds.append("fed" if step.feed is not None else "plain")
+            return method(step, sampling)
+        return run
+
+    def verify(step, sampling, draft_probs=None, _method=runner.verify_step):
+        kinds.append("verify")
+        return _method(step, sampling, draft_probs)
+
+    runner.launch_step = plain(runner.launch_step)
+    runner.sample_step = plain(runner.sample_step)
+    runner.verify_step = verify
+    return kinds
+
+
+def check_greedy_drafts(engine, draft_path):
+    """Wrap a draft model's `propose` to check that each greedy draft is what the draft model
+    continues the sequence's tokens with when run afresh over all of them (no cache): its
+    cache, caught up after plain steps, holds what it should."""
+    from hwattn.engine.loader import build_model
+
+    fresh = build_model(draft_path, dtype=torch.float32, device="cpu")
+    drafter, checked = engine.drafter, []
+    propose = drafter.propose
+
+    def checked_propose(seqs, st):
+        drafts, probs = propose(seqs, st)
+        for seq, row in zip(seqs, drafts.tolist()):
+            tokens = list(seq.token_ids)
+            for _ in range(drafter.k):
+                tokens.append(int(fresh(torch.tensor([tokens]))[0, -1].argmax()))
+            assert row == tokens[len(seq):], seq.request_id
+            checked.append(seq)
+        return drafts, probs
+
+    drafter.propose = checked_propose
+    return checked
+
+
+# Requests arrive (step -> indices into SWITCH_PROMPTS) so that the running batch grows past
+# the threshold (3) and shrinks below it again, twice.
+SWITCH_PROMPTS = PROMPTS + [[11, 12, 13, 11, 12, 13, 11, 12], list(range(60, 75)), [42, 43]]
+SWITCH_MAX_TOKENS = [40, 9, 13, 6, 34, 11, 17, 5]
+ARRIVALS = {0: [0], 4: [1, 2, 3], 12: [4], 20: [5, 6, 7]}
+
+
+@pytest.mark.parametrize("drafter, overlap, thread", [
+    ("ngram", True, False), ("ngram", True, True), ("ngram", False, False),
+    ("model", True, False)])
+def test_disable_batch_size_switches_both_ways_like_plain_decoding(checkpoints, drafter,
+                                                                   overlap, thread):
+    """With speculative_disable_batch_size=3 a step of 3 or more running sequences is a plain
+    decode step (overlapped: fed by the step in flight) and one of fewer a verify step. As
+    requests arrive and finish (by length, by a stop token inside a plain or a verify step)
+    the engine goes from one to the other and back, twice; outputs stay plain greedy
+    decoding's, no token is lost or doubled, and no page is leaked."""
+    path = checkpoints("gqa-2")
+    plain_llm = LLM(path, page_size=4, num_pages=300, max_model_len=128)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+              for n in SWITCH_MAX_TOKENS]
+    free = plain_llm.generate(SWITCH_PROMPTS, params)
+    # Two requests stop at a token of their own output instead: inside some step of either kind.
+    for i, at in ((4, 19), (6, 8)):
+        params[i] = SamplingParams(max_tokens=SWITCH_MAX_TOKENS[i], temperature=0,
+                                   ignore_eos=True, stop_token_ids=[free[i].token_ids[at]])
+    want = plain_llm.generate(SWITCH_PROMPTS, params)
+    assert want[4].finish_reason == want[6].finish_reason == "stop"
+    spec = checkpoints("gqa-2", draft_layers=1) if drafter == "model" else "ngram"
+    llm = LLM(path, page_size=4, num_pages=300, max_model_len=128, speculative=spec,
+              num_speculative_tokens=3, speculative_disable_batch_size=3, max_num_seqs=6,
+              overlap_scheduling=overlap, launch_thread=thread)
+    engine = llm.engine
+    assert engine.disable_batch_size == 3
+    kinds = record_steps(engine)
+    checked = check_greedy_drafts(engine, spec) if drafter == "model" else None
+    ids, done, step = {}, {}, 0
+    while step <= max(ARRIVALS) or engine.has_unfinished():
+        for i in ARRIVALS.get(step, []):
+            ids[engine.add_request(SWITCH_PROMPTS[i], params[i])] = i
+        running = len(engine.scheduler.running)
+        for out in engine.step():
+            assert out.request_id not in done, "an output after the final one"
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+        if kinds and kinds[-1] == "verify":
+            assert running < 3, f"a verify step with {running} sequences running"
+        step += 1
+    got = [None] * len(SWITCH_PROMPTS)
+    for rid, i in ids.items():
+        got[i] = done[rid]
+    assert [(o.token_ids, o.finish_reason) for o in got] == \
+        [(o.token_ids, o.finish_reason) for o in want]
+    assert engine.block_manager.num_used_pages == 0
+    # Both ways, twice: verify -> plain -> verify -> plain -> verify.
+    runs = [kind for j, kind in enumerate(kinds)
+            if j == 0 or (kind == "verify") != (kinds[j - 1] == "verify")]
+    assert runs[:5] == ["verify", runs[1], "verify", runs[3], "verify"], runs
+    assert ("fed" in kinds) == overlap  # plain steps overlapped where overlap is on
+    stats = engine.stats()
+    assert 0 < stats["accepted_tokens"] < stats["draft_tokens"], stats
+    if checked is not None:
+        assert checked  # drafts were made, and checked, after plain steps too
+    engine.shutdown()
+
+
+def test_disable_batch_size_one_never_drafts(checkpoints):
+    """A threshold of one sequence turns every step plain: nothing is drafted, steps overlap,
+    and the outputs are plain decoding's."""
+    path = checkpoints("gqa-2")
+    want = LLM(path, page_size=4, num_pages=300, max_model_len=128).generate(PROMPTS, GREEDY)
+    llm = LLM(path, page_size=4, num_pages=300, max_model_len=128, speculative="ngram",
+              num_speculative_tokens=3, speculative_disable_batch_size=1)
+    kinds = record_steps(llm.engine)
+    outs = step_to_completion(llm.engine, PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in want]
+    assert "verify" not in kinds and "fed" in kinds
+    assert llm.engine.stats()["draft_tokens"] == 0
+    assert llm.engine.block_manager.num_used_pages == 0
+
+
+def test_draft_model_catches_up_after_plain_steps_of_a_logprobs_request(checkpoints):
+    """A request with log-probs makes every step plain while it runs; the draft model's cache
+    then lags the other sequences by many tokens, and is caught up before it drafts again."""
+    path = checkpoints("gqa-2")
+    draft = checkpoints("gqa-2", draft_layers=1)
+    params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)]
+    prompts = PROMPTS[:2]
+    want = LLM(path, page_size=4, num_pages=300, max_model_len=128).generate(prompts, params)
+    llm = LLM(path, page_size=4, num_pages=300, max_model_len=128, speculative=draft,
+              num_speculative_tokens=3)
+    checked = check_greedy_drafts(llm.engine, draft)
+    got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert checked and llm.engine.block_manager.num_used_pages == 0

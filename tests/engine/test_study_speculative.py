@@ -1,5 +1,6 @@
 """benchmarks/study_speculative.py --tiny on the CPU: a study run trained with the study's
-smoke configuration, its held-out prompts decoded with and without n-gram drafting, the
+smoke configuration, its held-out prompts decoded with and without n-gram drafting at each
+batch size (1 and 3), with the fallback row (plain steps from 3 running sequences), the
 document's numbers consistent with each other, and greedy outputs unchanged by speculation."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 KS = ("1", "2", "3", "4")
+BATCHES = ("1", "3")  # --tiny's default batch sizes: 1 and --prompts
 
 
 def _script():
@@ -52,34 +54,59 @@ def test_tiny_run_trains_as_the_study_and_reports_every_k(trained, dataset_dir):
     assert sorted(doc["domains"]) == TokenDataset(dataset_dir).domains
     s = doc["setup"]
     assert (s["prompts"], s["prompt_len"], s["output_len"], s["dtype"]) == (3, 48, 24, "float64")
+    assert (s["batch_sizes"], s["disable_batch_size"]) == ([1, 3], 3)
     for domain, part in doc["domains"].items():
         assert len(set(part["documents"])) == 3
-        rows = part["rows"]
-        assert list(rows) == ["0", *KS]
-        plain = rows["0"]
-        assert plain["output_tokens"] == 3 * 24 and plain["acceptance"] is None
-        for k in KS:
-            row = rows[k]
-            assert row["output_tokens"] == plain["output_tokens"]
-            assert row["speedup"] == row["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
-            assert row["itl_over_plain"] == row["itl_median_s"] / plain["itl_median_s"]
-            assert 0 <= row["acceptance"] <= 1 and 0 <= row["ngram_match_share"] <= 1
-            # A verify step yields at least one token a sequence: never more steps than plain.
-            assert 0 < row["decode_steps"] <= plain["decode_steps"]
-            assert row["outputs_equal"] == 1.0 and row["tokens_before_divergence"] == 1.0
-            assert row["first_divergence_mean"] is None
+        assert list(part["batches"]) == list(BATCHES)
+        for batch, group in part["batches"].items():
+            rows = group["rows"]
+            assert group["batch"] == int(batch)
+            assert list(rows) == ["0", *KS, "fallback"]
+            plain = rows["0"]
+            assert plain["output_tokens"] == 3 * 24 and plain["acceptance"] is None
+            for k in KS:
+                row = rows[k]
+                assert row["batch"] == int(batch)
+                assert row["output_tokens"] == plain["output_tokens"]
+                assert row["speedup"] == row["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
+                assert row["itl_over_plain"] == row["itl_median_s"] / plain["itl_median_s"]
+                assert 0 <= row["acceptance"] <= 1 and 0 <= row["ngram_match_share"] <= 1
+                assert row["verify_step_share"] == 1.0  # nothing asks for a plain step
+                # A verify step yields at least one token a sequence: never more steps than
+                # plain decoding.
+                assert 0 < row["decode_steps"] <= plain["decode_steps"]
+                assert row["outputs_equal"] == 1.0 and row["tokens_before_divergence"] == 1.0
+                assert row["first_divergence_mean"] is None
+            # The fallback row: the best k, its steps plain from 3 running sequences on. At
+            # batch 1 it runs as that k's row does, at batch 3 as plain decoding does.
+            fb = rows["fallback"]
+            best = max(KS, key=lambda k: rows[k]["speedup"])
+            assert (fb["k"], fb["disable_batch_size"], fb["batch"]) == (int(best), 3, int(batch))
+            assert fb["outputs_equal"] == 1.0
+            assert fb["speedup"] == fb["decode_tokens_per_s"] / plain["decode_tokens_per_s"]
+            if batch == "1":
+                assert fb["verify_step_share"] == 1.0
+                assert fb["decode_steps"] == rows[best]["decode_steps"]
+                assert fb["acceptance"] == rows[best]["acceptance"]
+            else:
+                assert fb["verify_step_share"] == 0.0 and fb["acceptance"] is None
+                assert fb["ngram_match_share"] is None
+                assert fb["decode_steps"] == plain["decode_steps"]
         assert part["sample"]["prompt_tail"]
-    step = doc["step_time"]
-    assert (step["batch"], step["context_len"]) == (3, 48 + 12)
-    assert list(step["rows"]) == ["0", *KS]
-    for k, row in step["rows"].items():
-        assert row["query_len"] == int(k) + 1 and row["step_wall_s"] > 0
-        assert row["step_over_plain"] == row["step_wall_s"] / step["rows"]["0"]["step_wall_s"]
+    assert list(doc["step_time"]) == list(BATCHES)
+    for batch, step in doc["step_time"].items():
+        assert (step["batch"], step["context_len"]) == (int(batch), 48 + 12)
+        assert list(step["rows"]) == ["0", *KS]
+        for k, row in step["rows"].items():
+            assert row["query_len"] == int(k) + 1 and row["step_wall_s"] > 0
+            assert row["step_over_plain"] == row["step_wall_s"] / step["rows"]["0"]["step_wall_s"]
     assert doc["targets"] is None  # the embedded corpus has no C code
     table = (root / "out" / "study_speculative.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == (1 + 5 * len(doc["domains"])) + (1 + 5)  # two tables, header + rows
-    assert "| 4 | 5 |" in table  # k = 4 verifies 5 tokens a step
+    # Two tables, header + rows: per domain and batch 5 k rows and the fallback row.
+    assert len(rows) == (1 + 6 * 2 * len(doc["domains"])) + (1 + 5 * 2)
+    assert "| 1 | 4 | 5 |" in table and "| 3 | 4 | 5 |" in table  # k = 4 verifies 5 tokens
+    assert f"| {best}, plain at >= 3 running |" in table
 
 
 def test_rerun_reuses_the_finished_run(trained):
@@ -91,8 +118,23 @@ def test_rerun_reuses_the_finished_run(trained):
     assert doc["model"]["checkpoint"] == first["model"]["checkpoint"]
     assert list(doc["domains"]) == [domain]
     assert doc["domains"][domain]["documents"] == first["domains"][domain]["documents"]
-    assert list(doc["domains"][domain]["rows"]) == ["0", "2"]
-    assert list(doc["step_time"]["rows"]) == ["0", "2"]
+    assert list(doc["domains"][domain]["batches"]) == list(BATCHES)
+    for group in doc["domains"][domain]["batches"].values():
+        assert list(group["rows"]) == ["0", "2", "fallback"]
+    assert [list(st["rows"]) for st in doc["step_time"].values()] == [["0", "2"], ["0", "2"]]
+
+
+def test_batch_sizes_and_no_fallback_row(trained):
+    """--batch-sizes picks the batches measured; --disable-batch-size 0 drops the fallback row."""
+    mod, root, argv, first = trained
+    domain = sorted(first["domains"])[0]
+    assert mod.main(argv + ["--out", str(root / "b2"), "--ks", "3", "--domains", domain,
+                            "--batch-sizes", "2", "--disable-batch-size", "0"]) == 0
+    doc = _doc(root / "b2")
+    assert (doc["setup"]["batch_sizes"], doc["setup"]["disable_batch_size"]) == ([2], None)
+    group = doc["domains"][domain]["batches"]["2"]
+    assert list(group["rows"]) == ["0", "3"] and group["rows"]["3"]["outputs_equal"] == 1.0
+    assert list(doc["step_time"]) == ["2"] and doc["step_time"]["2"]["batch"] == 2
 
 
 def test_greedy_outputs_survive_rejected_drafts(tmp_path, dataset_dir, checkpoints):
@@ -104,10 +146,13 @@ def test_greedy_outputs_survive_rejected_drafts(tmp_path, dataset_dir, checkpoin
                      "--out", str(tmp_path)]) == 0
     doc = _doc(tmp_path)
     assert doc["model"]["training"] is None and doc["model"]["label"] == "gla-2"
-    rows = [r for part in doc["domains"].values() for k, r in part["rows"].items() if k != "0"]
-    assert len(rows) == 4 * len(doc["domains"])
+    rows = [r for part in doc["domains"].values() for group in part["batches"].values()
+            for k, r in group["rows"].items() if k not in ("0", "fallback")]
+    assert len(rows) == 4 * len(BATCHES) * len(doc["domains"])
     assert any(0 < r["acceptance"] < 1 for r in rows), "no run both accepted and rejected drafts"
-    assert all(r["outputs_equal"] == 1.0 for r in rows)
+    assert all(r["outputs_equal"] == 1.0 for part in doc["domains"].values()
+               for group in part["batches"].values() for k, r in group["rows"].items()
+               if k != "0")  # the fallback rows too
 
 
 def test_agreement_finds_the_first_difference():
@@ -133,26 +178,41 @@ def test_bad_arguments_are_refused(tmp_path, dataset_dir, checkpoints):
         mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--domains", "nosuch"])
     with pytest.raises(SystemExit, match="--prompt-len"):
         mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--prompt-len", "0"])
+    for sizes in ("0,2", "4", "x"):  # --tiny decodes 3 prompts
+        with pytest.raises(SystemExit, match="--batch-sizes"):
+            mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--batch-sizes", sizes])
+    with pytest.raises(SystemExit, match="--disable-batch-size must be >= 0"):
+        mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--disable-batch-size", "-1"])
     with pytest.raises(SystemExit):  # a model comes from one place
         mod.main(base + ["--checkpoint", checkpoints("gla-2"), "--train", "mha"])
 
 
 def test_targets_read_the_code_domain(trained):
-    """The targets come from the code domain's best k and that k's verify step."""
+    """The targets come, per batch size, from the code domain's best k at that batch (never
+    the fallback row) and that k's verify step timed at that batch."""
     mod, _, _, doc = trained
     doc = json.loads(json.dumps(doc))
     first = sorted(doc["domains"])[0]
     doc["domains"] = {"code": doc["domains"][first]}
-    rows = doc["domains"]["code"]["rows"]
-    rows["2"]["speedup"], rows["3"]["speedup"] = 1.6, 1.4
-    rows["1"]["speedup"] = rows["4"]["speedup"] = 1.1
-    doc["step_time"]["rows"]["2"]["step_over_plain"] = 1.35
+    one, three = (doc["domains"]["code"]["batches"][b]["rows"] for b in BATCHES)
+    one["2"]["speedup"], one["3"]["speedup"] = 1.6, 1.4
+    one["1"]["speedup"] = one["4"]["speedup"] = 1.1
+    one["fallback"]["speedup"] = 9.0
+    for k in KS:
+        three[k]["speedup"] = 0.9 if k == "4" else 0.5
+    doc["step_time"]["1"]["rows"]["2"]["step_over_plain"] = 1.35
+    doc["step_time"]["3"]["rows"]["4"]["step_over_plain"] = 1.2
     t = mod.targets(doc)
-    assert (t["k"], t["speedup"], t["speedup_met"]) == (2, 1.6, True)
-    assert (t["verify_over_plain"], t["verify_met"]) == (1.35, False)
+    assert list(t) == list(BATCHES)
+    assert (t["1"]["batch"], t["1"]["k"], t["1"]["speedup"], t["1"]["speedup_met"]) == \
+        (1, 2, 1.6, True)
+    assert (t["1"]["verify_over_plain"], t["1"]["verify_met"]) == (1.35, False)
+    assert (t["3"]["k"], t["3"]["speedup_met"], t["3"]["verify_met"]) == (4, False, True)
     text = mod.markdown({**doc, "targets": t})
-    assert "at the best k = 2: speed-up 1.60x (>= 1.5x: met)" in text
+    assert "at batch 1, at the best k = 2: speed-up 1.60x (>= 1.5x: met)" in text
     assert "verify step 1.35x a plain step (<= 1.3x: not met)" in text
+    assert "at batch 3, at the best k = 4: speed-up 0.90x (>= 1.5x: not met); verify step " \
+        "1.20x a plain step (<= 1.3x: met)" in text
 
 
 def test_inputs_are_checked_before_training(tmp_path, dataset_dir):
