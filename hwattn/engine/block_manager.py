@@ -210,6 +210,24 @@ class BlockManager:
         return sum(max(0, pages_for(s.num_cached + extra, self.page_size) - len(s.block_table))
                    for s in seqs)
 
+    def grow_all(self, seqs: list[Sequence], extra: int) -> bool:
+        """Make every sequence's page list cover `extra` tokens beyond its cached ones, if the
+        pool has the pages for all of them; else change nothing. Returns whether it did
+        (`can_grow` then `grow` each, with the pages counted once)."""
+        ps = self.page_size
+        short = []
+        for seq in seqs:
+            needed = -(-(seq.num_cached + extra) // ps) - len(seq.block_table)
+            if needed > 0:
+                short.append((seq, needed))
+        if not short:
+            return True
+        if sum(n for _, n in short) > self.num_free_pages:
+            return False
+        for seq, needed in short:
+            seq.block_table.extend(self._take_free_page() for _ in range(needed))
+        return True
+
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Make the page list cover `num_tokens` tokens."""
         needed = pages_for(num_tokens, self.page_size) - len(seq.block_table)

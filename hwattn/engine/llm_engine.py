@@ -55,6 +55,11 @@ from hwattn.engine.step_timer import StepTimer
 PLACEHOLDER = -1  # token id standing for a sampled token not read back yet
 
 
+def _same(pages: list[int]) -> list[int]:
+    """A page list passed to the runner as it is (see `LLMEngine._launch`)."""
+    return pages
+
+
 @dataclass
 class InFlight:
     """A launched step: its tokens on their way back, and per sampled row the sequence and
@@ -297,6 +302,9 @@ class LLMEngine:
     def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingInput | None, list[Sequence]]:
         """The sampling settings of those of `seqs` whose settings can be read, and those
         sequences; any other fails alone here."""
+        if all(s.argmax_only for s in seqs):  # the common case, which cannot raise
+            return SamplingInput.argmax_rows([s.params for s in seqs], [s.seed for s in seqs],
+                                             [len(s.token_ids) for s in seqs]), seqs
         eos = getattr(self.tokenizer, "eos_token_id", None)
 
         def build(rows):
@@ -342,12 +350,15 @@ class LLMEngine:
                                    "flight sampled")
             feed.append(source[id(seq)] if seq.num_pending else -1)
         kind = "mixed" if decodes and prefills else ("decode" if decodes else "prefill")
+        # The runner reads the page lists before this returns, unless a launch thread takes
+        # the step later, while the next schedule may grow them: copies then.
+        table = list if self.launcher is not None else _same
         step = StepInput(kind, [[s.token_ids[-1]] for s in decodes]
                          + [s.token_ids[s.num_cached:s.num_cached + n] for s, n in prefills],
                          [s.num_cached for s in decodes]
                          + [s.num_cached for s, _ in prefills],
-                         [list(s.block_table) for s in decodes]
-                         + [list(s.block_table) for s, _ in prefills],
+                         [table(s.block_table) for s in decodes]
+                         + [table(s.block_table) for s, _ in prefills],
                          need_logits=[True] * len(decodes) + [id(s) in ok for s, _ in prefills],
                          num_decode=len(decodes),
                          feed=feed if any(f >= 0 for f in feed) else None)

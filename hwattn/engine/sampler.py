@@ -133,6 +133,14 @@ class SamplingInput:
                 for p, (ids, n) in zip(params, histories)]
         return out
 
+    @classmethod
+    def argmax_rows(cls, params, seeds: list[int], positions: list[int]) -> "SamplingInput":
+        """`of` for rows that all sample greedily with no penalty, min_tokens, min_p or
+        log-probabilities (`Sequence.argmax_only`): the same settings, built in two passes
+        instead of one per setting (a decode step builds them for every row)."""
+        return cls([0.0] * len(params), [p.top_k for p in params], [p.top_p for p in params],
+                   list(seeds), list(positions))
+
     def __len__(self) -> int:
         return len(self.seeds)
 

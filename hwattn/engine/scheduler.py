@@ -113,9 +113,10 @@ class Scheduler:
         self.mixed = mixed
         self.waiting = WaitQueue()
         self.running: list[Sequence] = []
-        # Running sequences per owner; built by `schedule` and kept up to date as it preempts
-        # and admits, so the fairness checks do not recount `running` each time.
-        self._held: Counter = Counter()
+        # Running sequences per owner; built by `schedule` when a fairness check first needs
+        # it (`_owners`: a steady decode step needs none) and kept up to date as it preempts
+        # and admits, so the checks do not recount `running` each time.
+        self._held: Counter | None = None
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -127,16 +128,24 @@ class Scheduler:
     def schedule(self, lookahead: int = 0) -> ScheduledBatch | None:
         """The next step, or None when nothing can run. `lookahead` is the number of draft
         tokens a decode step will verify (pages are reserved for them)."""
-        self._held = Counter(s.owner for s in self.running)
+        self._held = None
         self._make_way()
         if self.mixed and not lookahead:
             return self._schedule_mixed()
         return self._schedule_prefill() or self._schedule_decode(lookahead)
 
+    def _owners(self) -> Counter:
+        """Running sequences per owner (see `_held`)."""
+        if self._held is None:
+            self._held = Counter(s.owner for s in self.running)
+        return self._held
+
     def will_end(self, seq: Sequence) -> bool:
         """Whether the sequence ends by length once its pending tokens are read back."""
-        return seq.num_pending > 0 and (seq.num_output_tokens >= seq.params.max_tokens
-                                        or len(seq) >= self.max_model_len)
+        if not seq.num_pending:
+            return False
+        n = len(seq.token_ids)
+        return n - seq.num_prompt_tokens >= seq.params.max_tokens or n >= self.max_model_len
 
     def _decoding(self) -> list[Sequence]:
         return [s for s in self.running if not s.is_prefilling and not self.will_end(s)]
@@ -157,7 +166,7 @@ class Scheduler:
     def _victim(self, at_least: int = 1) -> Sequence | None:
         """The most recently admitted running sequence (never one about to end) of the owner
         holding the most running sequences, when that owner holds at least `at_least`."""
-        held = self._held
+        held = self._owners()
         best = None
         for seq in reversed(self.running):  # the latest admitted first
             if self.will_end(seq) or held[seq.owner] < at_least:
@@ -170,7 +179,9 @@ class Scheduler:
         """Fairness: while the next waiting sequence finds no free slot or no pages, preempt
         for it a sequence of an owner holding at least two more running sequences than its own
         owner (so no two owners trade a sequence back and forth)."""
-        held = self._held
+        if not self.waiting:
+            return
+        held = self._owners()
         while self.waiting:
             seq = self.waiting.next(held)
             if seq.num_pending:  # preempted with a token still on its way: next step
@@ -211,7 +222,7 @@ class Scheduler:
                 chunks.append(n)
                 budget -= n
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.next(self._held)
+            seq = self.waiting.next(self._owners())
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if not self.bm.can_allocate(seq, reserve=1):
@@ -224,7 +235,7 @@ class Scheduler:
             self.bm.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            self._held[seq.owner] += 1
+            self._owners()[seq.owner] += 1
             n = min(seq.num_uncomputed, budget)
             seqs.append(seq)
             chunks.append(n)
@@ -235,17 +246,21 @@ class Scheduler:
         query_len = 1 + lookahead
         decodes = self._decoding() if any(s.num_pending for s in self.running) \
             else list(self.running)
-        self._make_room(decodes, query_len)
         if not decodes:
             return None
-        for seq in decodes:
-            self.bm.grow(seq, seq.num_cached + query_len)
+        # Most steps: every page list already has room, or the pool has the few pages asked.
+        if not self.bm.grow_all(decodes, query_len):
+            self._make_room(decodes, query_len)
+            if not decodes:
+                return None
+            for seq in decodes:  # (raises if preempting found no room)
+                self.bm.grow(seq, seq.num_cached + query_len)
         return ScheduledBatch("decode", decodes, query_len=query_len, num_decode=len(decodes))
 
     def _preempt(self, seq: Sequence) -> None:
         """Take a running sequence back to the front of its owner's waiting queue."""
         self.running.remove(seq)
-        self._held[seq.owner] -= 1
+        self._owners()[seq.owner] -= 1
         self.bm.free_sequence(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1

@@ -144,6 +144,13 @@ class Sequence:
         # and min_tokens read them; log-probabilities come back with them). The engine's
         # params are its own copy, so this holds for the sequence's life.
         self.sampled_on_host = not params.plain or self.prompt_logprobs is not None
+        # Whether its token is always the argmax of the raw logits, with no setting the
+        # sampler reads beyond top-k and top-p (`SamplingInput.argmax_rows`). Settings that
+        # cannot be read take the general path, where the step fails this request alone.
+        try:
+            self.argmax_only = bool(params.greedy and params.plain and params.min_p == 0)
+        except Exception:  # noqa: BLE001 - see above
+            self.argmax_only = False
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -167,7 +174,10 @@ class Sequence:
 
     @property
     def is_prefilling(self) -> bool:
-        return self.num_uncomputed > 1 or self.num_output_tokens == 0
+        """Whether prompt tokens remain to be cached (`num_uncomputed` > 1, or no output yet).
+        Read for every running sequence each step, hence written out."""
+        n = len(self.token_ids)
+        return n - self.num_cached > 1 or n == self.num_prompt_tokens
 
     @property
     def finished(self) -> bool:

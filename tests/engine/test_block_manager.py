@@ -29,6 +29,31 @@ def test_allocate_grow_trim_free_keeps_counts():
     bm.check([])
 
 
+def test_grow_all_grows_every_sequence_or_none():
+    """`grow_all` (the scheduler's one pass over a decode batch) gives each sequence the
+    pages `grow` would, and when the pool cannot cover all of them changes nothing."""
+    bm = BlockManager(num_pages=12, page_size=4)
+    a, b, c = seq(range(8), "a"), seq(range(5), "b"), seq(range(3), "c")
+    for s in (a, b, c):
+        bm.allocate(s)
+        s.num_cached = len(s.token_ids)
+    tables = [list(s.block_table) for s in (a, b, c)]  # 2, 2, 1 pages
+    free = bm.num_free_pages  # 11 - 5
+    # a needs 1 more page for 1 token, b none (room in its last page), c none.
+    assert bm.grow_all([a, b, c], 1)
+    assert [len(s.block_table) for s in (a, b, c)] == [3, 2, 1]
+    assert [s.block_table[:len(t)] for s, t in zip((a, b, c), tables)] == tables
+    assert bm.num_free_pages == free - 1
+    # 9 more tokens each: a 5 pages (+2), b 4 (+2), c 3 (+2) = 6 > the 5 left.
+    before = [list(s.block_table) for s in (a, b, c)]
+    assert not bm.grow_all([a, b, c], 9)
+    assert [s.block_table for s in (a, b, c)] == before and bm.num_free_pages == free - 1
+    assert bm.grow_all([a, b], 9)  # 4 pages
+    assert [len(s.block_table) for s in (a, b)] == [5, 4] and bm.num_free_pages == free - 5
+    assert bm.grow_all([], 9)
+    bm.check([a, b, c])
+
+
 def test_prefix_pages_are_shared_and_revived_after_free():
     bm = BlockManager(num_pages=12, page_size=4)
     a = seq(list(range(12)) + [99], "a")

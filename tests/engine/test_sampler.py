@@ -202,6 +202,27 @@ def test_argmax_only_rows_sample_the_argmax_of_their_raw_logits():
         assert torch.equal(tokens, logits.argmax(-1)) == expected[name], name
 
 
+def test_argmax_rows_equal_the_general_build_for_the_rows_it_takes():
+    """`SamplingInput.argmax_rows` (the engine's decode-step shortcut) builds exactly what
+    `SamplingInput.of` does, for every setting `Sequence.argmax_only` lets through, and that
+    flag holds for exactly those settings."""
+    from hwattn.engine.sampler import SamplingInput
+    from hwattn.engine.sequence import Sequence
+
+    through = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=1),
+               SamplingParams(temperature=0, top_k=5, top_p=0.5, seed=3, max_tokens=7,
+                              stop=["x"], ignore_eos=True)]
+    kept_out = [SamplingParams(), SamplingParams(temperature=0, min_p=0.1),
+                SamplingParams(temperature=0, logprobs=2),
+                SamplingParams(temperature=0, repetition_penalty=1.1),
+                SamplingParams(temperature=0, min_tokens=2)]
+    assert all(Sequence("r", [1], p, seed=0).argmax_only for p in through)
+    assert not any(Sequence("r", [1], p, seed=0).argmax_only for p in kept_out)
+    seeds, positions = [11, 12, 13], [4, 9, 2]
+    assert SamplingInput.argmax_rows(through, seeds, positions) == \
+        SamplingInput.of(through, seeds, positions)
+
+
 def test_matching_verification_emits_the_plain_samplers_tokens():
     """Each emitted token is the one `sample` draws at its position without speculation, so
     drafts change how many tokens a step yields, never which; a draft is accepted iff it
