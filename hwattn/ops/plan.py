@@ -129,6 +129,33 @@ def _unpacked(packed: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     return packed[:3 * capacity].view(capacity, 3), packed[3 * capacity:].view(batch, 2)
 
 
+def _one_piece(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """`_schedule` when every sequence is one piece (the common case: enough sequences to
+    fill the GPU, or short ones): the same packed plan in fewer array operations (each one
+    costs the host a microsecond or two, and a plan is refreshed every step)."""
+    batch = len(lengths)
+    if batch > capacity:
+        raise ValueError(f"out: a plan for B={batch} with {capacity} items cannot hold "
+                         f"this step's {batch} pieces")
+    packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
+    items = packed[:3 * capacity].reshape(capacity, 3)
+    splits = packed[3 * capacity:].reshape(batch, 2)
+    rows = np.arange(batch)
+    if (lengths[1:] <= lengths[:-1]).all():  # already longest first
+        items[:batch, 0] = rows
+        items[:batch, 2] = lengths
+        splits[:, 0] = rows
+    else:
+        order = np.argsort(-lengths, kind="stable")
+        items[:batch, 0] = order
+        items[:batch, 2] = lengths[order]
+        splits[order, 0] = rows
+    items[:batch, 1] = 0
+    items[batch:] = (-1, 0, 0)
+    splits[:, 1] = 1
+    return packed
+
+
 def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
     """The packed plan of sequences of `lengths` (B,), each cut into at most `n_pieces` (B,)
     aligned pieces of near-equal size: (capacity * 3 + B * 2,) int32 holding the items
@@ -139,6 +166,8 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     together: programs start in item order, so the longest work starts first and the short
     pieces fill the gaps at the end (longest-processing-time order), wherever the long
     sequences sit in the batch."""
+    if n_pieces.max() == 1:
+        return _one_piece(lengths, capacity), 1
     size = -(-lengths // n_pieces)
     size = -(-size // PIECE_ALIGN) * PIECE_ALIGN
     counts = -(-lengths // size)  # pieces actually cut: [0, n) in steps of `size`
