@@ -35,6 +35,9 @@ PIECE_ALIGN = 64
 MIN_PIECE = 256
 # Programs in flight per SM that the planner aims for (two hide most of the load latency).
 PROGRAMS_PER_SM = 2
+# Batches of at most this many sequences are planned with Python integers: numpy's cost per
+# call, not the batch, sets the time of a small plan, and a plan is refreshed every step.
+SMALL_BATCH = 8
 
 
 @dataclass
@@ -196,6 +199,34 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     return packed, int(counts.max())
 
 
+def _schedule_small(lengths: list[int], n_pieces: list[int], capacity: int) -> tuple[np.ndarray, int]:
+    """`_schedule` for a few sequences, with Python integers: the same packed plan."""
+    sizes, counts = [], []
+    for n, parts in zip(lengths, n_pieces):
+        size = -(-n // parts)
+        size = -(-size // PIECE_ALIGN) * PIECE_ALIGN
+        sizes.append(size)
+        counts.append(-(-n // size))
+    total = sum(counts)
+    batch = len(lengths)
+    if total > capacity:
+        raise ValueError(f"out: a plan for B={batch} with {capacity} items cannot hold "
+                         f"this step's {total} pieces")
+    # Longest first piece first, ties in batch order (as `_schedule`'s stable sort).
+    order = sorted(range(batch), key=lambda b: -min(sizes[b], lengths[b]))
+    items, splits = [], [0] * (2 * batch)
+    for b in order:
+        n, size = lengths[b], sizes[b]
+        splits[2 * b], splits[2 * b + 1] = len(items) // 3, counts[b]
+        for start in range(0, n, size):
+            items += (b, start, min(start + size, n))
+    packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
+    packed[:3 * total] = items
+    packed[3 * total:3 * capacity].reshape(-1, 3)[:] = (-1, 0, 0)
+    packed[3 * capacity:] = splits
+    return packed, max(counts)
+
+
 def device_sms(device: torch.device) -> int:
     """Multiprocessors of `device`: the GPU's count, or an H100's (132) on the CPU."""
     if device.type == "cuda":
@@ -240,36 +271,42 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     if split_tokens is not None and (split_tokens <= 0 or split_tokens % PIECE_ALIGN):
         raise ValueError(f"split_tokens must be a positive multiple of {PIECE_ALIGN}, "
                          f"got {split_tokens}")
-    lengths = cache_seqlens.cpu().numpy().astype(np.int64)
-    batch = len(lengths)
+    host = cache_seqlens.cpu()
+    batch = host.shape[0]
     if batch == 0:
         raise ValueError("cache_seqlens must hold at least one sequence")
-    if lengths.min() < query_len:
+    small = batch <= SMALL_BATCH
+    # Python ints for a small batch, else an int64 array: both go through the same rule.
+    lengths = host.tolist() if small else host.numpy().astype(np.int64)
+    shortest, max_seqlen = (min(lengths), max(lengths)) if small else \
+        (int(lengths.min()), int(lengths.max()))
+    if shortest < query_len:
         raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new tokens "
-                         f"are counted), got min {lengths.min()}")
+                         f"are counted), got min {shortest}")
     sms = num_sms if num_sms is not None else device_sms(cache_seqlens.device)
     per_item = num_heads_kv * head_blocks
 
     if split_tokens is not None:
-        n_pieces = -(-lengths // split_tokens)
-        capacity = int(n_pieces.sum())
+        n_pieces = [-(-n // split_tokens) for n in lengths] if small \
+            else -(-lengths // split_tokens)
+        capacity = sum(n_pieces) if small else int(n_pieces.sum())
     elif batch * per_item >= programs_per_sm * sms:
-        n_pieces = np.ones_like(lengths)
+        n_pieces = [1] * batch if small else np.ones_like(lengths)
         capacity = batch
     else:
         wanted = math.ceil(programs_per_sm * sms / per_item)  # items that fill the GPU
-        chunk = max(min_piece, -(-int(lengths.sum()) // wanted))
-        # Rounding (half to even) keeps the count within wanted + B/2; capacity B + wanted
-        # always holds it.
-        n_pieces = np.maximum(1, np.rint(lengths / chunk).astype(np.int64))
+        chunk = max(min_piece, -(-(sum(lengths) if small else int(lengths.sum())) // wanted))
+        # Rounding (half to even, as Python's round) keeps the count within wanted + B/2;
+        # capacity B + wanted always holds it.
+        n_pieces = [max(1, round(n / chunk)) for n in lengths] if small \
+            else np.maximum(1, np.rint(lengths / chunk).astype(np.int64))
         capacity = batch + wanted
     if out is not None:
         if out.batch != batch:
             raise ValueError(f"out: a plan for B={out.batch} cannot hold B={batch}")
         capacity = out.capacity
-    packed, max_pieces = _schedule(lengths, n_pieces, capacity)
+    packed, max_pieces = (_schedule_small if small else _schedule)(lengths, n_pieces, capacity)
     packed = torch.from_numpy(packed)
-    max_seqlen = int(lengths.max())
     if out is None:
         return DecodePlan.of_packed(batch, max_seqlen, packed, max_pieces).to(cache_seqlens.device)
     if out.host is not None:  # the caller's own upload carries it (see DecodePlan.host)

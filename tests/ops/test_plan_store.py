@@ -7,7 +7,7 @@ import torch
 
 from hwattn import AttentionMetadata, ModelConfig, ops
 from hwattn.layers import build_attention
-from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN
+from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN, SMALL_BATCH
 from tests.ops.paged import DEVICE
 
 
@@ -121,14 +121,15 @@ def _loop_plan(lengths, *, num_heads_kv, num_sms, head_blocks=1, min_piece=MIN_P
     return items + [[-1, 0, 0]] * (capacity - len(items)), splits
 
 
+@pytest.mark.parametrize("small", [False, True], ids=["any batch", "small batches"])
 @pytest.mark.parametrize("seed", range(6))
-def test_plan_matches_the_rule_written_as_a_loop(seed):
-    """The vectorised planner against the per-sequence loop, on random batches (lengths from
-    1 to 200K, some exact multiples of the piece alignment) and random launch shapes; a plan
-    refreshed in place equals a fresh one."""
+def test_plan_matches_the_rule_written_as_a_loop(seed, small):
+    """The planner (vectorised, or with Python ints up to `SMALL_BATCH` sequences) against the
+    per-sequence loop, on random batches (lengths from 1 to 200K, some exact multiples of the
+    piece alignment) and random launch shapes; a plan refreshed in place equals a fresh one."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(40):
-        batch = int(torch.randint(1, 80, (1,), generator=g))
+        batch = int(torch.randint(1, SMALL_BATCH + 1 if small else 80, (1,), generator=g))
         top = int(torch.randint(2, 200_000, (1,), generator=g))
         lengths = torch.randint(1, top, (batch,), generator=g, dtype=torch.int32)
         lengths[::5] = (lengths[::5] // PIECE_ALIGN + 1) * PIECE_ALIGN
@@ -150,6 +151,18 @@ def test_plan_matches_the_rule_written_as_a_loop(seed):
             assert ops.plan_decode(shorter, **kw, out=plan) is plan
             assert torch.equal(plan.items, fresh.items) and torch.equal(plan.splits, fresh.splits)
             assert (plan.max_pieces, plan.max_seqlen) == (fresh.max_pieces, fresh.max_seqlen)
+
+
+@pytest.mark.parametrize("batch", [2, SMALL_BATCH + 1])
+def test_plan_rounds_a_half_piece_to_even(batch):
+    """A sequence of exactly 2.5 chunks is cut in 2 (round half to even, numpy's rint and
+    Python's round alike), in both the small-batch and the vectorised planner."""
+    kw = dict(num_heads_kv=1, num_sms=8, programs_per_sm=2, min_piece=256)  # chunk = 256
+    lengths = torch.tensor([640] + [128] * (batch - 1), dtype=torch.int32)
+    plan = ops.plan_decode(lengths, **kw)
+    assert plan.splits[0].tolist() == [0, 2]
+    items, splits = _loop_plan(lengths.tolist(), **kw)
+    assert plan.items.tolist() == items and plan.splits.tolist() == splits
 
 
 def test_plan_moves_as_one_buffer():
