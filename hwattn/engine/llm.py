@@ -157,7 +157,7 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
         drafter = NgramDrafter(k)
     elif draft_model is not None:
         drafter = DraftModelDrafter(draft_model, k, n_pages, config.page_size, max_len + k + 1,
-                                    config.backend)
+                                    config.backend, config.max_num_batched_tokens)
     return LLMEngine(runner, tokenizer, model_cfg, config, n_pages, drafter,
                      kv_bytes_per_token=kv_bytes, model=net, dtype=dt)
 

@@ -234,8 +234,8 @@ class Scheduler:
             self.waiting.remove(seq)
             self.bm.allocate(seq)
             seq.status = Status.RUNNING
+            self._owners()[seq.owner] += 1  # (built before `running` changes)
             self.running.append(seq)
-            self._owners()[seq.owner] += 1
             n = min(seq.num_uncomputed, budget)
             seqs.append(seq)
             chunks.append(n)
@@ -259,8 +259,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Take a running sequence back to the front of its owner's waiting queue."""
+        held = self._owners()  # (built before `running` changes)
         self.running.remove(seq)
-        self._owners()[seq.owner] -= 1
+        held[seq.owner] -= 1
         self.bm.free_sequence(seq)
         seq.status = Status.WAITING
         seq.num_preemptions += 1

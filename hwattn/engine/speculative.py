@@ -159,10 +159,14 @@ class DraftModelDrafter(Drafter):
     deterministic = False
 
     def __init__(self, model, k: int, num_pages: int, page_size: int, max_model_len: int,
-                 backend: str = "auto"):
+                 backend: str = "auto", max_num_batched_tokens: int = 2048):
         if k < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {k}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.k = k
+        # Tokens one catch-up prefill writes at most (the engine's own prefill budget).
+        self.budget = max_num_batched_tokens
         self.runner = ModelRunner(model, num_pages, page_size, max_model_len, cuda_graphs=False,
                                   backend=backend)
 
@@ -174,16 +178,24 @@ class DraftModelDrafter(Drafter):
 
     def _catch_up(self, seqs: list[Sequence]) -> None:
         """Write into the draft cache the tokens of `seqs` it lacks but the last one (the
-        first draft call feeds that), in one prefill step over the sequences lagging by more
-        than two tokens; they then lag by one."""
+        first draft call feeds that), for the sequences lagging by more than two tokens, in
+        prefill steps of at most `budget` tokens (a long stretch of plain steps may leave
+        thousands behind); they then lag by one."""
         behind = [s for s in seqs if len(s) - s.draft_cached > 2]
-        if not behind:
-            return
-        self.runner.execute(StepInput("prefill", [s.token_ids[s.draft_cached:-1] for s in behind],
-                                      [s.draft_cached for s in behind],
-                                      [s.block_table for s in behind]))
-        for s in behind:
-            s.draft_cached = len(s) - 1
+        while behind:
+            rows, left = [], self.budget
+            for s in behind:
+                n = min(len(s) - 1 - s.draft_cached, left)
+                if n <= 0:
+                    break
+                rows.append((s, n))
+                left -= n
+            self.runner.execute(StepInput(
+                "prefill", [s.token_ids[s.draft_cached:s.draft_cached + n] for s, n in rows],
+                [s.draft_cached for s, _ in rows], [s.block_table for s, _ in rows]))
+            for s, n in rows:
+                s.draft_cached += n
+            behind = [s for s in behind if len(s) - 1 > s.draft_cached]
 
     def propose(self, seqs: list[Sequence], st: SamplingTensors) -> tuple[Tensor, Tensor]:
         """Drafts (B, k) int64 and the draft distributions they were drawn from (B, k, V).

@@ -90,3 +90,30 @@ def test_two_big_owners_share_the_batch_evenly():
     assert engine.stats()["preemptions"] == 4
     assert not engine.requests and engine.block_manager.num_used_pages == 0
     assert len(a) == len(b) == 40
+
+
+def test_the_per_owner_count_follows_preemption_and_admission_however_it_is_first_built():
+    """The scheduler builds its per-owner count on first need (`_owners`); preempting or
+    admitting a sequence before anything built it still leaves it equal to a recount."""
+    from hwattn.engine.block_manager import BlockManager
+    from hwattn.engine.scheduler import Scheduler
+    from hwattn.engine.sequence import Sequence
+
+    sched = Scheduler(BlockManager(num_pages=64, page_size=4), max_num_seqs=8,
+                      max_num_batched_tokens=64)
+    seqs = [Sequence(f"r{i}", [1, 2, 3], SamplingParams(), seed=0, owner="ab"[i % 2])
+            for i in range(5)]
+    for seq in seqs:
+        sched.add(seq)
+    sched.schedule()  # admits all five
+
+    def recount():
+        return Counter(s.owner for s in sched.running)
+
+    assert +sched._owners() == recount()
+    sched._held = None  # as at the start of a step
+    sched._preempt(seqs[0])
+    assert +sched._owners() == recount() == Counter(a=2, b=2)
+    sched._held = None
+    sched._prefill_chunks(64)  # re-admits it
+    assert +sched._owners() == recount() == Counter(a=3, b=2)

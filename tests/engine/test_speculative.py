@@ -339,3 +339,33 @@ def test_draft_model_catches_up_after_plain_steps_of_a_logprobs_request(checkpoi
     got = llm.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert checked and llm.engine.block_manager.num_used_pages == 0
+
+
+def test_draft_model_catches_up_within_the_prefill_budget(checkpoints):
+    """Plain steps of a batch at the threshold leave the draft cache a hundred or more tokens
+    behind; once the batch shrinks, the catch-up writes them in prefill steps of at most
+    `max_num_batched_tokens`, and the drafts made after it are still the draft model's own."""
+    path = checkpoints("gqa-2")
+    draft = checkpoints("gqa-2", draft_layers=1)
+    budget = 32
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+              for n in (80, 80, 80, 40)]  # the short one ends: the batch drops below 4
+    prompts = [[5 + i, 6, 7, 8] for i in range(4)]
+    want = LLM(path, page_size=4, num_pages=400, max_model_len=128).generate(prompts, params)
+    llm = LLM(path, page_size=4, num_pages=400, max_model_len=128, max_num_seqs=8,
+              max_num_batched_tokens=budget, speculative=draft, num_speculative_tokens=3,
+              speculative_disable_batch_size=4)
+    checked = check_greedy_drafts(llm.engine, draft)
+    sizes, execute = [], llm.engine.drafter.runner.execute
+
+    def record(step):
+        if step.kind == "prefill":
+            sizes.append(sum(len(t) for t in step.tokens))
+        return execute(step)
+
+    llm.engine.drafter.runner.execute = record
+    got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert checked and llm.engine.block_manager.num_used_pages == 0
+    assert max(sizes) <= budget, sizes
+    assert sum(n == budget for n in sizes) >= 2, sizes  # the lag took several full steps
