@@ -16,6 +16,8 @@ slots and the engine's one step in flight, the wait is over before it starts).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -39,11 +41,14 @@ class StagedInputs:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.device_type = torch.device(device).type
         self._offsets: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        # Bytes of one row (dimension 0) of each field: `end` is called every step.
+        self._row_bytes: dict[str, int] = {}
         offset = 0
         for name, (shape, dtype) in fields.items():
             offset = -(-offset // _ALIGN) * _ALIGN
             self._offsets[name] = (offset, tuple(shape), dtype)
-            offset += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            self._row_bytes[name] = math.prod(shape[1:]) * dtype.itemsize
+            offset += math.prod(shape) * dtype.itemsize
         self.nbytes = offset
         self._device_buffer = torch.zeros(offset, dtype=torch.uint8, device=device)
         self.device = self._views(self._device_buffer)
@@ -58,7 +63,7 @@ class StagedInputs:
     def _views(self, buffer: Tensor) -> dict[str, Tensor]:
         out = {}
         for name, (offset, shape, dtype) in self._offsets.items():
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            size = math.prod(shape) * dtype.itemsize
             out[name] = buffer[offset:offset + size].view(dtype).view(shape)
         return out
 
@@ -78,9 +83,7 @@ class StagedInputs:
 
     def end(self, name: str, rows: int) -> int:
         """Byte offset just past the first `rows` rows of field `name` (dimension 0)."""
-        offset, shape, dtype = self._offsets[name]
-        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        return offset + rows * row
+        return self._offsets[name][0] + rows * self._row_bytes[name]
 
     def slot(self) -> dict[str, np.ndarray]:
         """The next host mirror, once the copy that last read it has run."""
