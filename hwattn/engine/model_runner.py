@@ -146,6 +146,8 @@ class ModelRunner:
         self.backend.check_cache(page_size, cache_dtype)
         self.kv_caches = model.allocate_kv_cache(num_pages, page_size, dtype=cache_dtype,
                                                  device=self.device)
+        # Cached heads per layer, as the caches were just allocated for (read every step).
+        self.cache_heads = model.cache_heads
         self.graphs: dict[tuple[int, int], tuple] = {}  # (bucket, T) -> (replay, logits)
         self.graph_error: str | None = None
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
@@ -180,7 +182,7 @@ class ModelRunner:
         """The backend's plan for a decode step of host lengths `seqlens` (B,) int32 (the
         step's `query_len` new tokens included), for the kernels on this runner's device;
         `out` refreshes an earlier plan of the same batch size in place."""
-        return self.backend.plan(seqlens, num_heads_kv=self.model.cache_heads, query_len=query_len,
+        return self.backend.plan(seqlens, num_heads_kv=self.cache_heads, query_len=query_len,
                                  page_size=self.page_size, device=self.device, out=out)
 
     def _table(self, tables: list[list[int]], width: int | None = None) -> Tensor:
