@@ -142,14 +142,17 @@ def scripted_record(runner, vocab: int):
 
     def record(forward):
         with torch.inference_mode():
-            out = forward()  # (size, t, V)
-        size, t = out.shape[0], out.shape[1]
+            out = forward()  # logits (size, t, V), or (logits, argmax (size,))
+        logits, argmax = out if isinstance(out, tuple) else (out, None)
+        size, t = logits.shape[0], logits.shape[1]
 
         def replay():
             ids, _, lens = runner.static[t]
             positions = lens[:size, None].long() - t + torch.arange(t, device=ids.device)
-            out.zero_()
-            out.scatter_(-1, next_tokens(ids[:size], positions)[..., None], 1.0)
+            logits.zero_()
+            logits.scatter_(-1, next_tokens(ids[:size], positions)[..., None], 1.0)
+            if argmax is not None:  # a one-token step's graph also takes the argmax
+                argmax.copy_(logits[:, -1].argmax(-1))
 
         return replay, out
 

@@ -152,6 +152,7 @@ class ModelRunner:
         self.graph_error: str | None = None
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
         self.last_sampled: Tensor | None = None  # (n,) int64: the last launched step's tokens
+        self.graph_argmax: Tensor | None = None  # see `execute`
         # (B, T) int64 on the device: the tokens the last decode step fed (a verify step's
         # drafts are read from here; a captured step's are its static inputs, valid until
         # the next step of its query length).
@@ -227,7 +228,10 @@ class ModelRunner:
     def execute(self, step: StepInput) -> Tensor | None:
         """Run one step. prefill -> logits (n, V) of the last token of every row whose
         `need_logits` is set (None if none); decode -> logits (B, T, V); mixed -> logits
-        (num_decode + n, V): every decode row's, then those of the prefill rows as for prefill."""
+        (num_decode + n, V): every decode row's, then those of the prefill rows as for prefill.
+        A one-token decode step replayed from a graph also leaves each row's argmax of its
+        logits in `graph_argmax` (B,) int64 (None after any other step)."""
+        self.graph_argmax = None
         if step.kind == "prefill":
             return self._prefill(step)
         if step.kind == "decode":
@@ -274,7 +278,10 @@ class ModelRunner:
             logits = logits[:, -1]  # (B, V)
         try:
             with self._part("sampling"):
-                tokens = self._sample(logits, sampling)  # (n,) int64
+                if sampling.argmax_only and self.graph_argmax is not None:
+                    tokens = self.graph_argmax  # taken inside the graph (`_captured_step`)
+                else:
+                    tokens = self._sample(logits, sampling)  # (n,) int64
         except Exception:  # noqa: BLE001 - row by row, as sample_step does
             rows = self._sample_rows(logits, sampling)
             self.last_sampled = self._upload(torch.tensor(
@@ -282,7 +289,9 @@ class ModelRunner:
             return PendingTokens(rows=rows)
         self.last_sampled = tokens
         if self.device.type != "cuda":
-            return PendingTokens(host=tokens)
+            # (A graph's argmax buffer is rewritten by the next replay, before this step is
+            # read back; on a GPU the copy below is queued ahead of that replay.)
+            return PendingTokens(host=tokens.clone() if tokens is self.graph_argmax else tokens)
         with self._part("copy_out"):
             taken = self._out_ring.take(tokens.numel(), tokens.dtype)
             if taken is None:  # every ring buffer still held (or too small): a fresh one
@@ -543,7 +552,7 @@ class ModelRunner:
                                                     stage.start(names[0] if names else "ids"))
                 for size in reversed(self.buckets):
                     self.graphs[(size, t)] = self._record(
-                        lambda size=size, t=t: self._static_forward(size, t))
+                        lambda size=size, t=t: self._captured_step(size, t))
             self._synchronize()
             freeze_heap()
         except Exception as err:  # noqa: BLE001 - any capture failure means eager decoding
@@ -566,7 +575,8 @@ class ModelRunner:
 
     def _record(self, forward):
         """Capture `forward` (a decode step over the static inputs) as a CUDA graph.
-        Returns (replay, output): calling `replay()` reruns it into `output`."""
+        Returns (replay, output): calling `replay()` reruns it into `output` (what `forward`
+        returned: a tensor, or a tuple of tensors)."""
         with torch.inference_mode():
             forward()  # warm up: compiles kernels, settles the allocator
             self._synchronize()
@@ -575,6 +585,15 @@ class ModelRunner:
                 out = forward()
         self._pool = graph.pool()
         return graph.replay, out
+
+    def _captured_step(self, size: int, t: int) -> Tensor | tuple[Tensor, Tensor]:
+        """What the (size, t) graph records: the decode forward's logits (size, t, V), and
+        for one-token steps also each row's argmax (size,) int64, so that a greedy step's
+        tokens need no kernel launched between two graphs (`launch_step`)."""
+        logits = self._static_forward(size, t)
+        if t != 1:  # verify steps read every position's logits
+            return logits
+        return logits, logits[:, -1].argmax(-1)
 
     def _static_forward(self, size: int, t: int) -> Tensor:
         """The captured decode step: reads only the static tensors and the bucket's plan,
@@ -598,6 +617,9 @@ class ModelRunner:
         ids, _, _ = self.static[t]
         stage = self.stages[t]
         replay, out = self.graphs[(size, t)]
+        if isinstance(out, tuple):  # (logits, each row's argmax): see `_captured_step`
+            out, argmax = out
+            self.graph_argmax = argmax[:batch]
         with self._part("inputs"):
             slot = stage.index
             table = self.host_tables[t][slot]

@@ -18,7 +18,12 @@ class ReplayRunner(ModelRunner):
 
         def replay():
             self.replays += 1
-            out.copy_(forward())
+            fresh = forward()
+            if isinstance(out, tuple):  # (logits, argmax) of a one-token step
+                for buffer, value in zip(out, fresh):
+                    buffer.copy_(value)
+            else:
+                out.copy_(fresh)
         return replay, out
 
 
@@ -59,6 +64,35 @@ def test_replayed_decode_matches_eager(checkpoints, speculative):
     got = [o.token_ids for o in llm.generate(prompts, params)]
     assert got == want
     assert runner.replays > 0
+    llm.engine.check_invariants()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_greedy_one_token_steps_take_their_tokens_from_the_graph(checkpoints, temperature):
+    """A one-token graph also records each row's argmax (`_captured_step`): greedy steps take
+    their tokens from it and launch no sampling of their own, with the tokens of eager
+    decoding; sampled steps still go through the sampler."""
+    path = checkpoints("gqa-4")
+    params = SamplingParams(max_tokens=12, temperature=temperature, seed=7, ignore_eos=True)
+    prompts = [[1, 2, 3, 4], list(range(30, 50)), [5] * 9]
+    kw = dict(page_size=4, num_pages=200, max_model_len=96, max_num_seqs=4)
+    want = [o.token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    llm = LLM(path, **kw)
+    runner = with_replay(llm, (1,))
+    after_replay = []  # per sampler call: whether a graph replay had just left its argmax
+    sample = runner._sample
+
+    def spy(logits, sampling):
+        after_replay.append(runner.graph_argmax is not None)
+        return sample(logits, sampling)
+
+    runner._sample = spy
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == want and runner.replays > 0
+    if temperature == 0:
+        assert not any(after_replay)  # prompts only: every replayed step used the graph's
+    else:
+        assert sum(after_replay) >= runner.replays - 1
     llm.engine.check_invariants()
 
 
