@@ -174,6 +174,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-kind", default="final_only", choices=("final_only", "cumulative"),
                    help="the requests' SamplingParams.output_kind (default final_only, as "
                         "LLM.generate; cumulative: an output per request and step, as streaming)")
+    p.add_argument("--detokenize", action="store_true",
+                   help="the requests detokenize their output as it grows (as LLM.generate "
+                        "and the server do; default off, as in the recorded runs; the "
+                        "tokenizer is the byte fallback)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="n-gram drafts verified per step (default 0: plain decoding)")
     p.add_argument("--speculative-disable-batch-size", type=int, default=None, metavar="N",
@@ -249,7 +253,7 @@ def measure(args, k: int | None = None) -> dict:
     vocab = engine.model_config.vocab_size
     prompt_len = args.context - args.steps // 2
     params = SamplingParams(max_tokens=args.steps + 2, temperature=args.temperature,
-                            ignore_eos=True, detokenize=False, seed=0,
+                            ignore_eos=True, detokenize=args.detokenize, seed=0,
                             output_kind=args.output_kind)
     for prompt in random_prompts(args.batch, prompt_len, vocab, seed=5):
         engine.add_request(prompt, params)
@@ -293,7 +297,7 @@ def measure(args, k: int | None = None) -> dict:
                 steps=steps, speculative=k,
                 speculative_disable_batch_size=engine.disable_batch_size, target=args.target,
                 temperature=args.temperature, output_kind=args.output_kind,
-                profiled=bool(profile),
+                detokenize=args.detokenize, profiled=bool(profile),
                 step_us=round(wall / steps * 1e6, 1), phases_us=phases,
                 host_minus_forward_us=round(host_mean - forward_mean, 1),
                 tokens_per_step=round(generated / steps, 3),

@@ -352,13 +352,17 @@ class IncrementalDetokenizer:
         self.prefix = 0
         self.read = 0
 
-    def step(self, ids: list[int]) -> str:
-        """New text for `ids` (the whole output so far)."""
+    def step(self, ids: list[int], start: int = 0, end: int | None = None) -> str:
+        """New text for the output `ids[start:end]` (the whole output so far; `start` and
+        `end` let a caller pass a sequence's token list without copying its output out of it
+        every step, which costs in proportion to the output's length)."""
         skip = self.skip_special_tokens
-        before = self.tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=skip)
-        after = self.tokenizer.decode(ids[self.prefix:], skip_special_tokens=skip)
+        end = len(ids) if end is None else end
+        prefix = start + self.prefix
+        before = self.tokenizer.decode(ids[prefix:start + self.read], skip_special_tokens=skip)
+        after = self.tokenizer.decode(ids[prefix:end], skip_special_tokens=skip)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(ids)
+            self.prefix, self.read = self.read, end - start
             return after[len(before):]
         return ""
 

@@ -554,10 +554,9 @@ class LLMEngine:
                     seq.finish_reason, seq.stop_reason = "stop", token
                 elif num_out + kept >= max_tokens or kept >= room:
                     seq.finish_reason = "length"
-                if params.detokenize:
-                    shown = seq.output_token_ids if seq.finish_reason != "stop" or token != eos \
-                        else seq.output_token_ids[:-1]
-                    delta = self.detok[seq].step(shown)
+                if params.detokenize:  # (the end-of-sequence token itself is not shown)
+                    shown = len(ids) - (seq.finish_reason == "stop" and token == eos)
+                    delta = self.detok[seq].step(ids, seq.num_prompt_tokens, shown)
                     if delta:
                         seq.text += delta
                         if params.stop and may_stop and self._hit_stop(seq, len(delta)):

@@ -18,6 +18,23 @@ def test_incremental_detokenizer_holds_back_split_utf8():
     assert tok.decode([300, 256, 65]) == chr(32 + 300 % 95) + "A"  # eos prints nothing
 
 
+def test_incremental_detokenizer_reads_the_output_in_place():
+    """`step(ids, start, end)` over a whole token list (prompt, output, then tokens not to
+    show) gives the text `step(ids[start:end])` gives, step by step."""
+    import random
+
+    tok = ByteTokenizer(512)
+    rng = random.Random(0)
+    prompt = tok.encode("prompt: ")
+    out = tok.encode("añb€ xyz 😀 ok") + [rng.randrange(256, 512) for _ in range(20)]
+    rng.shuffle(out)
+    copied, in_place = IncrementalDetokenizer(tok), IncrementalDetokenizer(tok)
+    for n in range(1, len(out) + 1):
+        ids = prompt + out[:n] + [7, 7]  # two trailing tokens the step must not show
+        assert in_place.step(ids, len(prompt), len(ids) - 2) == copied.step(out[:n])
+    assert (in_place.prefix, in_place.read) == (copied.prefix, copied.read)
+
+
 def test_checkpoint_tokenizer_json_is_used(checkpoints, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
