@@ -148,7 +148,8 @@ class ModelRunner:
                                                  device=self.device)
         # Cached heads per layer, as the caches were just allocated for (read every step).
         self.cache_heads = model.cache_heads
-        self.graphs: dict[tuple[int, int], tuple] = {}  # (bucket, T) -> (replay, logits)
+        # (bucket, T) -> (replay, its output: logits, or (logits, argmax) when T = 1)
+        self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_error: str | None = None
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)
         self.last_sampled: Tensor | None = None  # (n,) int64: the last launched step's tokens
