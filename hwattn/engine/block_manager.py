@@ -217,7 +217,7 @@ class BlockManager:
         ps = self.page_size
         short = []
         for seq in seqs:
-            needed = -(-(seq.num_cached + extra) // ps) - len(seq.block_table)
+            needed = pages_for(seq.num_cached + extra, ps) - len(seq.block_table)
             if needed > 0:
                 short.append((seq, needed))
         if not short:

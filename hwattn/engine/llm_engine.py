@@ -55,11 +55,6 @@ from hwattn.engine.step_timer import StepTimer
 PLACEHOLDER = -1  # token id standing for a sampled token not read back yet
 
 
-def _same(pages: list[int]) -> list[int]:
-    """A page list passed to the runner as it is (see `LLMEngine._launch`)."""
-    return pages
-
-
 @dataclass
 class InFlight:
     """A launched step: its tokens on their way back, and per sampled row the sequence and
@@ -350,15 +345,17 @@ class LLMEngine:
                                    "flight sampled")
             feed.append(source[id(seq)] if seq.num_pending else -1)
         kind = "mixed" if decodes and prefills else ("decode" if decodes else "prefill")
-        # The runner reads the page lists before this returns, unless a launch thread takes
-        # the step later, while the next schedule may grow them: copies then.
-        table = list if self.launcher is not None else _same
+        deferred = self.overlap and not self._needs_host(batch.seqs)
+        # The runner reads the page lists before this returns, unless the launch thread takes
+        # the step later, when the next schedule may already have grown them: copies then.
+        tables = [s.block_table for s in decodes] + [s.block_table for s, _ in prefills]
+        if deferred and self.launcher is not None:
+            tables = [list(t) for t in tables]
         step = StepInput(kind, [[s.token_ids[-1]] for s in decodes]
                          + [s.token_ids[s.num_cached:s.num_cached + n] for s, n in prefills],
                          [s.num_cached for s in decodes]
                          + [s.num_cached for s, _ in prefills],
-                         [table(s.block_table) for s in decodes]
-                         + [table(s.block_table) for s, _ in prefills],
+                         tables,
                          need_logits=[True] * len(decodes) + [id(s) in ok for s, _ in prefills],
                          num_decode=len(decodes),
                          feed=feed if any(f >= 0 for f in feed) else None)
@@ -369,7 +366,6 @@ class LLMEngine:
             step.prompt_targets = [[] for _ in decodes] + [
                 s.token_ids[s.num_cached + 1:min(s.num_cached + n + 1, s.num_prompt_tokens)]
                 for s, n in prefills]
-        deferred = self.overlap and not self._needs_host(batch.seqs)
         if deferred:
             tokens = self.launcher.submit(step, sampling) if self.launcher is not None \
                 else self.runner.launch_step(step, sampling)
@@ -467,8 +463,9 @@ class LLMEngine:
                 last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64,
                                     device=drafts.device)
                 fed = torch.cat((last, drafts), 1)
+            # (The runner reads the page lists here and now: the launch thread is drained.)
             step = StepInput("decode", fed, [s.num_cached for s in seqs],
-                             [list(s.block_table) for s in seqs])
+                             [s.block_table for s in seqs])
             results = self.runner.verify_step(step, sampling, draft_probs)
         with timer.phase("resolve"):
             for seq, result in zip(seqs, results):
