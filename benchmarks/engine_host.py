@@ -142,8 +142,8 @@ def scripted_record(runner, vocab: int):
 
     def record(forward):
         with torch.inference_mode():
-            out = forward()  # logits (size, t, V), or (logits, argmax (size,))
-        logits, argmax = out if isinstance(out, tuple) else (out, None)
+            out = forward()  # (logits (size, t, V), argmax (size,) or (size, t))
+        logits, argmax = out
         size, t = logits.shape[0], logits.shape[1]
 
         def replay():
@@ -151,8 +151,7 @@ def scripted_record(runner, vocab: int):
             positions = lens[:size, None].long() - t + torch.arange(t, device=ids.device)
             logits.zero_()
             logits.scatter_(-1, next_tokens(ids[:size], positions)[..., None], 1.0)
-            if argmax is not None:  # a one-token step's graph also takes the argmax
-                argmax.copy_(logits[:, -1].argmax(-1))
+            argmax.copy_((logits[:, -1] if t == 1 else logits).argmax(-1))  # as the graph does
 
         return replay, out
 

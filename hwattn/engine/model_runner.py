@@ -230,8 +230,9 @@ class ModelRunner:
         """Run one step. prefill -> logits (n, V) of the last token of every row whose
         `need_logits` is set (None if none); decode -> logits (B, T, V); mixed -> logits
         (num_decode + n, V): every decode row's, then those of the prefill rows as for prefill.
-        A one-token decode step replayed from a graph also leaves each row's argmax of its
-        logits in `graph_argmax` (B,) int64 (None after any other step)."""
+        A decode step replayed from a graph also leaves the argmax of its logits in
+        `graph_argmax`: (B,) int64 for one-token steps (the last position's), (B, T) for
+        verify steps; None after any other step."""
         self.graph_argmax = None
         if step.kind == "prefill":
             return self._prefill(step)
@@ -381,17 +382,19 @@ class ModelRunner:
         logits = self.execute(step)  # (B, k + 1, V)
         drafts = self.fed_tokens[:, 1:]  # on the device already: no second upload
         host_rows = step.tokens if not isinstance(step.tokens, Tensor) else None
+        graph_best = self.graph_argmax  # (B, k + 1), taken inside a replayed graph
 
         def run(rows):
             every = len(rows) == len(sampling)
             pick = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
             settings = sampling if every else sampling.select(rows)
             if all(t == 0.0 for t in settings.temperature):
+                best = pick(graph_best) if graph_best is not None else pick(logits).argmax(-1)
                 if host_rows is not None:  # drafts on the host: only the argmax comes back
-                    best = pick(logits).argmax(-1).tolist()  # one read-back
+                    best = best.tolist()  # one read-back
                     return [(row, accepted_prefix(host_rows[r], row))
                             for r, row in zip(rows, best)]
-                out, accepted = greedy_verify(pick(logits), pick(drafts))
+                out, accepted = greedy_accept(best, pick(drafts))
             elif draft_probs is None:  # a deterministic drafter: the plain sampler's tokens
                 out, accepted = matching_verify(pick(logits), pick(drafts),
                                                 self._device_sampling(settings))
@@ -587,14 +590,14 @@ class ModelRunner:
         self._pool = graph.pool()
         return graph.replay, out
 
-    def _captured_step(self, size: int, t: int) -> Tensor | tuple[Tensor, Tensor]:
-        """What the (size, t) graph records: the decode forward's logits (size, t, V), and
-        for one-token steps also each row's argmax (size,) int64, so that a greedy step's
-        tokens need no kernel launched between two graphs (`launch_step`)."""
+    def _captured_step(self, size: int, t: int) -> tuple[Tensor, Tensor]:
+        """What the (size, t) graph records: the decode forward's logits (size, t, V) and
+        their argmax, (size,) int64 for one-token steps and (size, t) for verify steps, so
+        that a greedy step launches no kernel of its own between two graphs (`launch_step`,
+        `verify_step`). A sampled step pays for an argmax it does not read: one pass over
+        the logits, small next to the forward that wrote them."""
         logits = self._static_forward(size, t)
-        if t != 1:  # verify steps read every position's logits
-            return logits
-        return logits, logits[:, -1].argmax(-1)
+        return logits, (logits[:, -1] if t == 1 else logits).argmax(-1)
 
     def _static_forward(self, size: int, t: int) -> Tensor:
         """The captured decode step: reads only the static tensors and the bucket's plan,
@@ -618,9 +621,8 @@ class ModelRunner:
         ids, _, _ = self.static[t]
         stage = self.stages[t]
         replay, out = self.graphs[(size, t)]
-        if isinstance(out, tuple):  # (logits, each row's argmax): see `_captured_step`
-            out, argmax = out
-            self.graph_argmax = argmax[:batch]
+        out, argmax = out  # (logits, their argmax): see `_captured_step`
+        self.graph_argmax = argmax[:batch]
         with self._part("inputs"):
             slot = stage.index
             table = self.host_tables[t][slot]
@@ -668,6 +670,10 @@ def greedy_verify(target_logits: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor
     accepted iff it is the target's argmax, and every output token is the target's argmax.
 
     target_logits (B, k + 1, V), drafts (B, k) int64 -> (tokens (B, k + 1), num_accepted (B,))."""
-    best = target_logits.argmax(-1)  # (B, k + 1)
+    return greedy_accept(target_logits.argmax(-1), drafts)
+
+
+def greedy_accept(best: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor]:
+    """`greedy_verify` from the target's argmax tokens `best` (B, k + 1) int64."""
     num_accepted = (drafts == best[:, :-1]).long().cumprod(-1).sum(-1)  # (B,)
     return best, num_accepted

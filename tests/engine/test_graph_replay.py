@@ -18,12 +18,8 @@ class ReplayRunner(ModelRunner):
 
         def replay():
             self.replays += 1
-            fresh = forward()
-            if isinstance(out, tuple):  # (logits, argmax) of a one-token step
-                for buffer, value in zip(out, fresh):
-                    buffer.copy_(value)
-            else:
-                out.copy_(fresh)
+            for buffer, value in zip(out, forward()):  # (logits, argmax)
+                buffer.copy_(value)
         return replay, out
 
 
@@ -93,6 +89,36 @@ def test_greedy_one_token_steps_take_their_tokens_from_the_graph(checkpoints, te
         assert not any(after_replay)  # prompts only: every replayed step used the graph's
     else:
         assert sum(after_replay) >= runner.replays - 1
+    llm.engine.check_invariants()
+
+
+@pytest.mark.parametrize("speculative", ["ngram", "draft"])
+def test_greedy_verify_steps_take_their_tokens_from_the_graph(checkpoints, speculative):
+    """A verify graph records the argmax of every position (`_captured_step`); greedy verify
+    steps read it instead of taking an argmax of their own: with the logits they are handed
+    blanked after each replay, the outputs still equal eager decoding's."""
+    path = checkpoints("gqa-4")
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompts = [[1, 2, 3, 1, 2, 3, 1], list(range(30, 50)), [5] * 9]
+    kw = dict(page_size=4, num_pages=200, max_model_len=96, max_num_seqs=4,
+              speculative="ngram" if speculative == "ngram" else path,
+              num_speculative_tokens=3)
+    want = [o.token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    llm = LLM(path, **kw)
+    runner = with_replay(llm, (1, 4))
+    execute, blanked = runner.execute, []
+
+    def blank_replayed(step):
+        logits = execute(step)
+        if runner.graph_argmax is not None and runner.graph_argmax.dim() == 2:
+            blanked.append(len(logits))
+            return torch.zeros_like(logits)  # an argmax of these accepts no draft
+        return logits
+
+    runner.execute = blank_replayed
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert blanked and got == want
+    assert llm.engine.counters["accepted_tokens"] > 0
     llm.engine.check_invariants()
 
 
