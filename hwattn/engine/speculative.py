@@ -77,6 +77,8 @@ class NgramDrafter(Drafter):
         self.window = window
         self.proposed = 0
         self.matched = 0
+        # The n-grams ending at a position, as slices of the max_ngram tokens before it.
+        self._tails = [slice(max_ngram - n, None) for n in range(min_ngram, max_ngram + 1)]
 
     def _extend(self, index: dict, tokens: list[int], start: int, stop: int) -> None:
         """Record the n-grams that end right before each position in [start, stop), per
@@ -94,6 +96,7 @@ class NgramDrafter(Drafter):
         holds the n-grams ending before each of the first `done` positions of `tokens`) by
         the positions since, each n-gram keeping the latest position it ends before."""
         lo, hi, k, window, bulk = self.min_ngram, self.max_ngram, self.k, self.window, self.BULK
+        tails = self._tails
         drafts, matched = [], 0
         for tokens, index, done in work:
             size = len(tokens)
@@ -101,10 +104,14 @@ class NgramDrafter(Drafter):
             if size - start > bulk:
                 self._extend(index, tokens, start, size)
             else:  # a decode step's few tokens: per position, its n-grams cut from the longest
-                for pos in range(max(start, lo), size):
-                    longest = tuple(tokens[pos - hi:pos] if pos >= hi else tokens[:pos])
-                    for n in range(lo, min(hi, pos) + 1):
-                        index[longest[-n:]] = pos
+                first = max(start, lo)
+                for pos in range(first, min(hi, size)):  # (a history shorter than max_ngram)
+                    for n in range(lo, pos + 1):
+                        index[tuple(tokens[pos - n:pos])] = pos
+                for pos in range(max(first, hi), size):
+                    longest = tuple(tokens[pos - hi:pos])
+                    for tail in tails:
+                        index[longest[tail]] = pos
             top = min(hi, size - 1)
             suffix = tuple(tokens[size - top:]) if top > 0 else ()
             for n in range(top, lo - 1, -1):
