@@ -176,7 +176,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--detokenize", action="store_true",
                    help="the requests detokenize their output as it grows (as LLM.generate "
                         "and the server do; default off, as in the recorded runs; the "
-                        "tokenizer is the byte fallback)")
+                        "tokenizer is the byte fallback unless --tokenizer names one)")
+    p.add_argument("--tokenizer", type=Path, metavar="PATH",
+                   help="a local tokenizer.json (or a folder holding one) of at most 2048 ids to "
+                        "detokenize with (default: the byte fallback)")
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="n-gram drafts verified per step (default 0: plain decoding)")
     p.add_argument("--speculative-disable-batch-size", type=int, default=None, metavar="N",
@@ -207,6 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.speculative and args.target != "scripted":
         p.error("--speculative needs --target scripted (a replay doing nothing verifies "
                 "every draft against stale logits)")
+    if args.tokenizer is not None and not args.detokenize:
+        p.error("--tokenizer is what --detokenize decodes with: give --detokenize too")
     if args.check and args.temperature != 0:
         p.error("--check compares greedy outputs: --temperature must be 0")
     for name in ("batch", "context", "steps", "page_size"):
@@ -243,8 +248,9 @@ def build_engine(args, k: int | None = None) -> LLMEngine:
                           num_speculative_tokens=k,
                           speculative_disable_batch_size=args.speculative_disable_batch_size
                           if k else None)
-    return LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config, config,
-                     num_pages, NgramDrafter(k) if k else None)
+    tokenizer = load_tokenizer(None, net.config.vocab_size, args.tokenizer)
+    return LLMEngine(runner, tokenizer, net.config, config, num_pages,
+                     NgramDrafter(k) if k else None)
 
 
 def measure(args, k: int | None = None) -> dict:
@@ -297,6 +303,8 @@ def measure(args, k: int | None = None) -> dict:
                 speculative_disable_batch_size=engine.disable_batch_size, target=args.target,
                 temperature=args.temperature, output_kind=args.output_kind,
                 detokenize=args.detokenize, profiled=bool(profile),
+                tokenizer=type(engine.tokenizer).__name__
+                + (f" of {engine.tokenizer.vocab_size} ids" if args.tokenizer else ""),
                 step_us=round(wall / steps * 1e6, 1), phases_us=phases,
                 host_minus_forward_us=round(host_mean - forward_mean, 1),
                 tokens_per_step=round(generated / steps, 3),

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hwattn.data.tokenizer import IncrementalDetokenizer
+from hwattn.data.tokenizer import IncrementalDetokenizer, StreamDetokenizer, incremental_detokenizer
 from hwattn.engine.block_manager import BlockManager
 from hwattn.engine.config import EngineConfig
 from hwattn.engine.launch import LaunchThread, PendingTokens
@@ -103,7 +103,7 @@ class LLMEngine:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.device = runner.device
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
-        self.detok: dict[Sequence, IncrementalDetokenizer] = {}
+        self.detok: dict[Sequence, IncrementalDetokenizer | StreamDetokenizer] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, prefill_steps=0,
@@ -147,7 +147,7 @@ class LLMEngine:
                               owner=owner) for i in range(sp.n)]
             self.requests[rid] = group
             for seq in group:
-                self.detok[seq] = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
+                self.detok[seq] = incremental_detokenizer(self.tokenizer, sp.skip_special_tokens)
                 self.scheduler.add(seq)
         return rids
 

@@ -2,7 +2,9 @@
 `hwattn.data.tokenizer`, one wrapper for training, evaluation and serving."""
 
 from hwattn.data.tokenizer import (CHAT_ROLES, EOS_NAMES, ByteTokenizer, IncrementalDetokenizer,
-                                   Tokenizer, chat_prompt, load_tokenizer)
+                                   StreamDetokenizer, Tokenizer, chat_prompt,
+                                   incremental_detokenizer, load_tokenizer)
 
-__all__ = ["CHAT_ROLES", "EOS_NAMES", "ByteTokenizer", "IncrementalDetokenizer", "Tokenizer",
-           "chat_prompt", "load_tokenizer"]
+__all__ = ["CHAT_ROLES", "EOS_NAMES", "ByteTokenizer", "IncrementalDetokenizer",
+           "StreamDetokenizer", "Tokenizer", "chat_prompt", "incremental_detokenizer",
+           "load_tokenizer"]
