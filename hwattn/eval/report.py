@@ -268,6 +268,26 @@ def final_descent(run: dict) -> float | None:
     return None if start == points[-1] else start[1] - end_loss
 
 
+def curve_note(runs: list[dict], domains: list[str]) -> str | None:
+    """How the curves' last validation points differ from the table's losses, in one run: the
+    curve scores a prefix of each domain's held-out tokens at each point, the final evaluation
+    every one of them. None when no run has both."""
+    for run in runs:
+        last = next((c for c in reversed(run.get("curve", []))
+                     if all(f"val_loss/{d}" in c for d in domains)), None)
+        ppl = run.get("eval", {}).get("ppl", {})
+        if last is None or not all(d in ppl and "loss" in ppl[d] for d in domains):
+            continue
+        pairs = ", ".join(f"{d} {last[f'val_loss/{d}']:.2f} against {ppl[d]['loss']:.2f}"
+                          for d in domains)
+        return ("- The curves' validation points score a prefix of each domain's held-out "
+                "tokens (the study's `--eval-tokens`), the tables every held-out token, so a "
+                "curve's last point is not the table's loss: "
+                f"{run['variant']} seed {run['seed']} ends its curve at {pairs} nats. Compare "
+                "variants on the curves with each other, not with the tables.")
+    return None
+
+
 def scale_notes(runs: list[dict], domains: list[str]) -> list[str]:
     """What the study's size allows, from its own numbers."""
     r0 = runs[0]
@@ -287,7 +307,8 @@ def scale_notes(runs: list[dict], domains: list[str]) -> list[str]:
               "absolute perplexities are not comparable with the paper's, the gaps are.",
               "- A verdict is only as good as its interval: with 2–3 seeds the t-interval is "
               "wide (the 95% quantile of t with 1 and 2 degrees of freedom is 12.7 and 4.3)."]
-    return notes
+    note = curve_note(runs, domains)
+    return notes + ([note] if note else [])
 
 
 def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png") -> str:

@@ -265,6 +265,12 @@ def test_report_states_setup_and_scale_from_the_records_it_has():
     assert "held-out domains are code, prose" in text
     old_format = [{k: v for k, v in r.items() if k != "non_embedding_params"} for r in runs]
     assert "36.00M parameters with the tied embedding" in render(old_format, {})
+    assert "curve's last point is not the table's loss" not in text  # no per-domain points
+    runs[0]["curve"][-1].update({"val_loss/code": 1.41, "val_loss/prose": 2.8})
+    runs[0]["eval"]["ppl"]["code"]["loss"] = 1.24
+    runs[0]["eval"]["ppl"]["prose"]["loss"] = 3.0
+    assert ("gqa-4 seed 0 ends its curve at code 1.41 against 1.24, prose 2.80 against 3.00 "
+            "nats") in render(runs, {})
 
 
 def test_commands_survive_a_reset_of_the_tracked_copies(tmp_path, dataset_dir):
