@@ -369,37 +369,76 @@ class IncrementalDetokenizer:
 
 class StreamDetokenizer:
     """`IncrementalDetokenizer` for a `Tokenizer`, through `tokenizers`' own incremental
-    decoder (`tokenizers.decoders.DecodeStream`, tokenizers >= 0.21): one call into the
+    decoder (`tokenizers.decoders.DecodeStream`, tokenizers >= 0.21.1): one call into the
     library per token instead of two window decodes, with the same text token by token (it
-    keeps the same window and holds back the same incomplete UTF-8; tests compare the two)."""
+    keeps the same window and holds back the same incomplete UTF-8; tests compare the two).
+
+    DecodeStream raises where its shown text stops being a prefix of the window's text (a
+    byte-fallback tokenizer's byte token shown, then made U+FFFD by an invalid byte after
+    it); the window detokenizer then takes over from the same window, as if it had run all
+    along."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool | None = None):
         skip = tokenizer.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
+        self.tokenizer, self.skip = tokenizer, skip
         self.tok = tokenizer.tok
         self.stream = _tokenizers().decoders.DecodeStream(skip_special_tokens=skip)
         self.fed = 0  # output tokens given to the stream
+        # The stream's window as `IncrementalDetokenizer`'s (prefix, read): where it starts and
+        # how many output tokens' text it has shown.
+        self.prefix = self.read = 0
+        self.window: IncrementalDetokenizer | None = None  # once the stream has refused a token
 
     def step(self, ids: list[int], start: int = 0, end: int | None = None) -> str:
         """New text for the output `ids[start:end]`, as `IncrementalDetokenizer.step`."""
+        if self.window is not None:
+            return self.window.step(ids, start, end)
         end = len(ids) if end is None else end
         fed = start + self.fed
         if end == fed + 1:  # a decode step's one token
+            try:
+                piece = self.stream.step(self.tok, ids[fed])
+            except Exception:  # noqa: BLE001 - see the class
+                return self._take_over(ids, start, end)
             self.fed += 1
-            return self.stream.step(self.tok, ids[fed]) or ""
+            if piece:
+                self.prefix, self.read = self.read, self.fed
+                return piece
+            return ""
         stream, tok, pieces = self.stream, self.tok, []
         for i in range(fed, end):
-            piece = stream.step(tok, ids[i])
+            try:
+                piece = stream.step(tok, ids[i])
+            except Exception:  # noqa: BLE001 - see the class
+                return "".join(pieces) + self._take_over(ids, start, end)
+            self.fed += 1
             if piece:
                 pieces.append(piece)
-        self.fed = max(self.fed, end - start)
+                self.prefix, self.read = self.read, self.fed
         return "".join(pieces)
+
+    def _take_over(self, ids: list[int], start: int, end: int) -> str:
+        self.window = IncrementalDetokenizer(self.tokenizer, self.skip)
+        self.window.prefix, self.window.read = self.prefix, self.read
+        self.stream = None
+        return self.window.step(ids, start, end)
+
+
+def _has_decode_stream() -> bool:
+    """Whether the installed `tokenizers` has a working `DecodeStream`: 0.21.0's panics on
+    ordinary text (huggingface/tokenizers#1705, fixed in 0.21.1), raising pyo3's
+    PanicException, which is no `Exception`."""
+    tk = _tokenizers()
+    version = re.match(r"(\d+)\.(\d+)\.(\d+)", getattr(tk, "__version__", ""))
+    return (hasattr(tk.decoders, "DecodeStream") and version is not None
+            and tuple(map(int, version.groups())) >= (0, 21, 1))
 
 
 def incremental_detokenizer(tokenizer, skip_special_tokens: bool | None = None):
     """The incremental detokenizer the engine gives each request: a `StreamDetokenizer` for a
-    `Tokenizer` when the installed `tokenizers` has `DecodeStream`, else an
-    `IncrementalDetokenizer` (the byte fallback, older `tokenizers`, other tokenizers)."""
-    if isinstance(tokenizer, Tokenizer) and hasattr(_tokenizers().decoders, "DecodeStream"):
+    `Tokenizer` when the installed `tokenizers` has a working `DecodeStream` (>= 0.21.1), else
+    an `IncrementalDetokenizer` (the byte fallback, older `tokenizers`, other tokenizers)."""
+    if isinstance(tokenizer, Tokenizer) and _has_decode_stream():
         return StreamDetokenizer(tokenizer, skip_special_tokens)
     return IncrementalDetokenizer(tokenizer, skip_special_tokens)
 

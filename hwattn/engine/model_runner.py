@@ -148,7 +148,7 @@ class ModelRunner:
                                                  device=self.device)
         # Cached heads per layer, as the caches were just allocated for (read every step).
         self.cache_heads = model.cache_heads
-        # (bucket, T) -> (replay, its output: logits, or (logits, argmax) when T = 1)
+        # (bucket, T) -> (replay, its output: (logits, argmax), see `_captured_step`)
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_error: str | None = None
         self._prompt_logits: dict[int, Tensor] = {}  # step row -> its chunk's logits (T, V)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hwattn.engine import LLM, SamplingParams
-from hwattn.engine.model_runner import ModelRunner, decode_buckets
+from hwattn.engine.model_runner import ModelRunner, StepInput, decode_buckets
+from hwattn.engine.sampler import SamplingInput
 
 
 class ReplayRunner(ModelRunner):
@@ -120,6 +121,50 @@ def test_greedy_verify_steps_take_their_tokens_from_the_graph(checkpoints, specu
     assert blanked and got == want
     assert llm.engine.counters["accepted_tokens"] > 0
     llm.engine.check_invariants()
+
+
+@pytest.fixture
+def replay_runner(checkpoints):
+    from hwattn.engine.loader import build_model
+
+    model = build_model(checkpoints("gqa-4"), dtype=torch.float32, device="cpu")
+    runner = ModelRunner(model, num_pages=16, page_size=4, max_model_len=32, max_num_seqs=4,
+                         cuda_graphs=False)
+    runner.__class__ = ReplayRunner
+    runner.recorded = runner.replays = 0
+    runner._capture((1, 4))
+    assert runner.graph_error is None
+    yield runner
+    gc.unfreeze()
+
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=8, temperature=0.9, top_k=20, seed=1, ignore_eos=True)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("bad_row", [False, True])
+def test_replayed_verify_step_rows_match_eager(replay_runner, on_device, bad_row):
+    """Three rows in the bucket of four (argmax[:batch]), greedy rows around a sampled one; with
+    `bad_row` the sampled row's settings break the batch, so every row is verified alone
+    (`by_rows`: the greedy rows read `graph_best[[i]]`). Host drafts and device drafts (a draft
+    model's) alike: the replayed step's results equal the eager step's."""
+    runner = replay_runner
+    tables = [[1, 2], [3, 4], [5, 6]]
+    rows = [[5, 6, 7, 8], [6, 7, 8, 9], [7, 8, 9, 5]]
+    tokens = torch.tensor(rows) if on_device else rows
+    runner.execute(StepInput("prefill", [[1, 2, 3], [4, 5, 6], [7, 8, 9]], [0] * 3, tables))
+    sampling = SamplingInput.of([GREEDY, SAMPLED, GREEDY], [1, 2, 3], [4, 4, 4])
+    if bad_row:
+        sampling.top_k[1] = 1 << 64
+    step = StepInput("decode", tokens, [3, 3, 3], tables)
+    with runner.eager():
+        want = runner.verify_step(step, sampling)
+        assert runner.graph_argmax is None
+    got = runner.verify_step(step, sampling)
+    assert runner.graph_argmax is not None and runner.graph_argmax.shape == (3, 4)
+    assert isinstance(got[1], str) == bad_row
+    assert got == want
 
 
 def test_public_graph_seams_the_benchmarks_use(checkpoints):

@@ -369,3 +369,32 @@ def test_draft_model_catches_up_within_the_prefill_budget(checkpoints):
     assert checked and llm.engine.block_manager.num_used_pages == 0
     assert max(sizes) <= budget, sizes
     assert sum(n == budget for n in sizes) >= 2, sizes  # the lag took several full steps
+
+
+def _plain_extend_per_position(lo, hi, index, tokens, start):
+    """The drafter's per-position index update, written plainly (as it was before it went
+    through precomputed tail slices)."""
+    for pos in range(max(start, lo), len(tokens)):
+        longest = tuple(tokens[pos - hi:pos] if pos >= hi else tokens[:pos])
+        for n in range(lo, min(hi, pos) + 1):
+            index[longest[-n:]] = pos
+
+
+@pytest.mark.parametrize("lo,hi", [(lo, hi) for hi in range(1, 6) for lo in range(1, hi + 1)])
+def test_ngram_tails_index_as_the_previous_per_position_update(lo, hi):
+    """The drafter's per-position loop keeps the index the plain update keeps (same entries,
+    same insertion order) and the same drafts, for every window and from the first token on
+    (histories shorter than max_ngram)."""
+    rng = random.Random(lo * 10 + hi)
+    for window in (1, 2, 3, 5, 8, 4096):
+        drafter = NgramDrafter(3, hi, lo, window)
+        for trial in range(20):
+            tokens, new, old, done = [], {}, {}, 0
+            while len(tokens) < 40:
+                tokens += [rng.randrange(4) for _ in range(rng.randint(1, 4))]
+                got = drafter._propose([(tokens, new, done)])[0]
+                start = max(done, len(tokens) - window)
+                _plain_extend_per_position(lo, hi, old, tokens, start)
+                assert list(new.items()) == list(old.items()), (window, tokens)
+                assert got == drafter._propose([(tokens, dict(old), len(tokens))])[0]
+                done = len(tokens)

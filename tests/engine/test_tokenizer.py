@@ -3,7 +3,8 @@
 import pytest
 
 from hwattn.data import tokenizer as data_tokenizer
-from hwattn.data.tokenizer import ByteTokenizer, IncrementalDetokenizer, chat_prompt, load_tokenizer
+from hwattn.data.tokenizer import (ByteTokenizer, IncrementalDetokenizer, StreamDetokenizer, chat_prompt,
+                                   incremental_detokenizer, load_tokenizer)
 from hwattn.engine import LLM, SamplingParams
 
 
@@ -51,7 +52,6 @@ def test_stream_detokenizer_gives_the_window_detokenizers_text(bpe, skip):
     holds back more text than the window does, and both end with the same text."""
     import random
 
-    from hwattn.data.tokenizer import StreamDetokenizer
 
     rng = random.Random(0)
     prompt = bpe.encode("prompt: ")
@@ -80,7 +80,6 @@ def test_stream_detokenizer_gives_the_window_detokenizers_text(bpe, skip):
 
 
 def test_the_engine_streams_a_tokenizers_text(bpe):
-    from hwattn.data.tokenizer import StreamDetokenizer, incremental_detokenizer
 
     assert isinstance(incremental_detokenizer(bpe), StreamDetokenizer)
     assert isinstance(incremental_detokenizer(ByteTokenizer(512)), IncrementalDetokenizer)
@@ -129,7 +128,6 @@ def test_engine_text_and_stop_strings_through_the_stream(bpe, tmp_path):
     """With a BPE tokenizer the engine detokenizes through `StreamDetokenizer`: a request's
     text is its tokens' text, and a stop string found in one run's text cuts the next run's
     text right before it, at the token that completed it."""
-    from hwattn.data.tokenizer import StreamDetokenizer
 
     bpe.save(tmp_path)
     kw = dict(device="cpu", max_model_len=96, num_pages=40, max_num_seqs=4, cpu_threads=1)
@@ -153,3 +151,78 @@ def test_engine_text_and_stop_strings_through_the_stream(bpe, tmp_path):
     assert cut.text == text[:first] and cut.finish_reason == "stop"
     assert cut.outputs[0].stop_reason == stop
     assert len(cut.token_ids) < len(outs[0].token_ids)
+
+
+@pytest.fixture(scope="module")
+def byte_fallback():
+    """A SentencePiece-style tokenizer.json (Llama, Mistral): byte-fallback tokens <0xNN>,
+    a Metaspace-like decoder. An invalid run of byte tokens decodes to one U+FFFD per byte,
+    so a byte token already shown can turn into U+FFFD once the next byte arrives."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{i:02X}>": 3 + i for i in range(256)})  # in the vocabulary, as Llama's
+    for ch in "\u2581abcdefghijklmnopqrstuvwxyz,.":
+        vocab[ch] = len(vocab)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return data_tokenizer.Tokenizer(tok, require_eot=False, skip_special_tokens=True)
+
+
+def _hostile_output(tok):
+    """A newline byte token, the first byte of a 4-byte character, then a word: the text is
+    "\n", then "\ufffd\ufffd" (held back), then "\ufffd\ufffd hello". The window detokenizer
+    shows "\n" and then "\ufffd hello" (its usual slice past what it showed); DecodeStream
+    finds "\n" no longer a prefix and raises (tokenizers 0.21.1 to 0.23.3 at least), which
+    `_append_or_fail` turns into finish_reason "error" for the request and its siblings."""
+    word = tok.encode("hello")
+    return [tok.tok.token_to_id("<0x0A>"), tok.tok.token_to_id("<0xF0>"), *word]
+
+
+def test_stream_detokenizer_does_not_raise_on_a_byte_fallback_tokenizer(byte_fallback):
+    out = _hostile_output(byte_fallback)
+    prompt = byte_fallback.encode("hi")
+    window, stream = IncrementalDetokenizer(byte_fallback), incremental_detokenizer(byte_fallback)
+    for n in range(1, len(out) + 1):
+        ids = prompt + out[:n]
+        assert stream.step(ids, len(prompt)) == window.step(ids, len(prompt)), n
+
+
+def test_engine_does_not_fail_a_request_on_a_byte_fallback_tokenizer(byte_fallback, tmp_path):
+    """Through the engine's `_append` (one step call per token): the request is not failed."""
+    from hwattn.engine import LLM
+
+    byte_fallback.save(tmp_path)
+    llm = LLM("tiny", tokenizer=str(tmp_path), device="cpu", max_model_len=64, num_pages=16,
+              max_num_seqs=2, cpu_threads=1)
+    engine = llm.engine
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True))
+    seq = engine.requests[rid][0]
+    out = _hostile_output(llm.get_tokenizer())
+    for token in out:
+        engine._append_or_fail(seq, [token])
+    assert seq.finish_reason is None, seq.error
+    window, text = IncrementalDetokenizer(llm.get_tokenizer(), True), ""
+    for n in range(1, len(out) + 1):
+        text += window.step([5, 6, 7] + out[:n], 3)
+    assert seq.text == text
+    engine.abort_request(rid)
+
+
+@pytest.mark.parametrize("version,stream", [("0.21.0", False), ("0.21.1", True),
+                                            ("0.22.0", True)])
+def test_no_decode_stream_from_tokenizers_0_21_0(monkeypatch, version, stream):
+    """tokenizers 0.21.0's DecodeStream panics on ordinary text (huggingface/tokenizers#1705,
+    fixed in 0.21.1 by #1716): a pyo3 PanicException, a BaseException that `_append_or_fail`
+    does not catch, so one request's text would fail the whole engine step. pyproject allows
+    tokenizers >= 0.19: such an install keeps the window detokenizer."""
+    import tokenizers
+
+    bpe = data_tokenizer.train_bpe(["plain words, x += 1\n"] * 10, 300)
+    monkeypatch.setattr(tokenizers, "__version__", version)
+    assert isinstance(incremental_detokenizer(bpe), StreamDetokenizer) == stream
