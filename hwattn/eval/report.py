@@ -268,6 +268,23 @@ def final_descent(run: dict) -> float | None:
     return None if start == points[-1] else start[1] - end_loss
 
 
+def seed_loss_spread(by: dict[str, list[dict]]) -> dict[str, float]:
+    """Per variant with two seeds or more, the seed-to-seed standard deviation of its
+    validation loss (mean over domains, `eval.ppl.average.loss`) as a share of its mean."""
+    out = {}
+    for label, rs in by.items():
+        losses = [r["eval"]["ppl"].get("average", {}).get("loss") for r in rs]
+        if len(losses) > 1 and None not in losses:
+            out[label] = statistics.stdev(losses) / statistics.fmean(losses)
+    return out
+
+
+def mean_loss(runs: list[dict]) -> float:
+    """The runs' mean validation loss (mean over domains), in nats per token."""
+    return statistics.fmean(r["eval"]["ppl"]["average"]["loss"] for r in runs
+                            if "loss" in r["eval"]["ppl"].get("average", {}))
+
+
 def curve_note(runs: list[dict], domains: list[str]) -> str | None:
     """How the curves' last validation points differ from the table's losses, in one run: the
     curve scores a prefix of each domain's held-out tokens at each point, the final evaluation
@@ -372,16 +389,20 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
             "seed by seed.", ""]
 
     head = ["variant", "seeds", "hidden", "KV B/token/layer", "val ppl (mean of domains)",
-            "seed std"] + [f"ppl {d}" for d in domains] + [f"bits/byte {d}" for d in domains] + \
+            "seed std", "loss seed std"] + [f"ppl {d}" for d in domains] + \
+        [f"bits/byte {d}" for d in domains] + \
         ["cloze", "MC (norm)", "recall", "tok/s", "MFU"]
-    out += ["## Results", "", "Mean ± standard deviation over seeds.", "",
+    loss_rel = seed_loss_spread(by)
+    out += ["## Results", "", "Mean ± standard deviation over seeds; seed std: of the mean "
+            "validation perplexity, as a share of it; loss seed std: of the validation loss "
+            "(nats per token, mean over domains), as a share of it.", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, rs in by.items():
         avg = [r["eval"]["ppl"]["average"]["ppl"] for r in rs]
         m, s = mean_std(avg)
         row = [label, str(len(rs)), str(rs[0].get("hidden_dim", "–")),
                f"{rs[0]['kv_bytes_per_token_per_layer']:,}", _pm(avg),
-               _pct(s / m if s is not None else None, 2)]
+               _pct(s / m if s is not None else None, 2), _pct(loss_rel.get(label), 2)]
         row += [_pm([_ppl(r, d) for r in rs]) for d in domains]
         row += [_pm([r["eval"]["ppl"][d].get("bpb") for r in rs], "{:.4f}") for d in domains]
         row += [_pct(mean_std([r["eval"].get("cloze", {}).get("acc") for r in rs])[0]),
@@ -401,6 +422,17 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
                 + ("every variant is within it." if rel[worst] <= SEED_STD_NEEDED else
                    f"{', '.join(k for k, v in rel.items() if v > SEED_STD_NEEDED)} "
                    "vary more.")]
+    if loss_rel:
+        worst = max(loss_rel, key=loss_rel.get)
+        over = [k for k, v in loss_rel.items() if v > SEED_STD_NEEDED]
+        out += ["", f"Of the validation loss itself the seed-to-seed standard deviation is at "
+                f"most {_pct(loss_rel[worst], 2)} ({worst}) of the loss: "
+                + (f"{', '.join(over)} above {_pct(SEED_STD_NEEDED, 1)}, every other variant "
+                   "within it." if over else f"every variant within {_pct(SEED_STD_NEEDED, 1)}.")
+                + f" A perplexity's relative spread is about its loss's spread in nats (the "
+                f"loss, {mean_loss(runs):.2f} nats here, times the loss's relative spread), "
+                "and the mean of the domains' perplexities weighs the high-perplexity domain "
+                "most, so the perplexity spreads above are the larger ones."]
     peak = r0.get("peak_tflops")
     out += ["", "Perplexity is per held-out domain; the mean over domains weighs each domain "
             "equally. Bits per byte divide the summed loss by the UTF-8 bytes the scored tokens "

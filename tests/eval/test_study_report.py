@@ -266,6 +266,14 @@ def test_report_states_setup_and_scale_from_the_records_it_has():
     old_format = [{k: v for k, v in r.items() if k != "non_embedding_params"} for r in runs]
     assert "36.00M parameters with the tied embedding" in render(old_format, {})
     assert "curve's last point is not the table's loss" not in text  # no per-domain points
+    assert "Of the validation loss itself" not in text  # no losses recorded
+    for r, loss in zip(runs, (2.0, 2.1, 2.0, 2.0)):  # gqa-4 s0, gta-4 s0, gqa-4 s1, gta-4 s1
+        r["eval"]["ppl"]["average"]["loss"] = loss
+    spread = render(runs, {})
+    assert "| gqa-4 | 2 | 1 | 256 | 20.000 ± 0.000 | 0.00% | 0.00% |" in spread
+    assert "| gta-4 | 2 | 1 | 256 | 20.500 ± 0.000 | 0.00% | 3.45% |" in spread  # 0.0707 / 2.05
+    assert ("at most 3.45% (gta-4) of the loss: gta-4 above 0.5%, every other variant within "
+            "it") in spread and "the loss, 2.02 nats here" in spread
     runs[0]["curve"][-1].update({"val_loss/code": 1.41, "val_loss/prose": 2.8})
     runs[0]["eval"]["ppl"]["code"]["loss"] = 1.24
     runs[0]["eval"]["ppl"]["prose"]["loss"] = 3.0
