@@ -30,9 +30,15 @@
 #      overlapped ones, with three widened), with a correctness check of the deepest. The
 #      overlapped consumers hold three blocks at once: with three widened slots the producer
 #      cannot widen ahead of them.
+#  12. harness: the two decode harnesses that disagreed on GLA-2 at B 128, L 16K, L_q 1 (78% of the
+#      copy rate in a same-process run with FlashMLA on 2026-12-03, 95.6% in hopper_decode.py on
+#      2026-12-05) and on GTA-4 / GQA-4 (0.625 against 0.58), timed on one commit in one call:
+#      hopper_decode.py, then `hwattn bench decode` (MLA, and FlashMLA / FA3 where they import,
+#      before GLA-2, in the 12-03 order), then hopper_decode.py again (heat), with the clocks,
+#      power and temperature before and after.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -111,6 +117,19 @@ for step in $steps; do
         --shapes gta4-b128-16k,gta4-b128-16k-fp8,gta4-b1-128k-fp8,gla2-b128-16k-lq1,gla2-b128-16k-lq1-fp8 \
         --variants default,ovl,ovl-w4,ovl-w5,ovl-w6,ovl-w4-s4,ws-w3,ws-w4 \
         --out "$OUT/hopper_fp8_slots.json" 2>&1 | tail -12 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots)" | tee -a "$OUT/log"; exit 2 ;;
+    harness)
+      git rev-parse HEAD 2>/dev/null | tee -a "$OUT/log"
+      nvidia-smi -q -d CLOCK,POWER,TEMPERATURE > "$OUT/gpu_state_before.txt" 2>&1
+      timeout 120 python3 benchmarks/hopper_decode.py --only timing --rep-ms 100 \
+        --variants default,ovl,ws,pipe --shapes gla2-b128-16k-lq1,gta4-b128-16k \
+        --out "$OUT/harness_hopper_a.json" 2>&1 | tail -8 | tee -a "$OUT/log"
+      timeout 150 python3 -m hwattn bench decode --variants mla,gla-2 --batch 128 --context 16384 \
+        --no-sdpa --out "$OUT/harness_bench_latent.json" 2>&1 | grep -v "^row " | tail -12 | tee -a "$OUT/log"
+      timeout 120 python3 -m hwattn bench decode --variants gta-4,gqa-4 --heads 32 --batch 128 \
+        --context 16384 --no-sdpa --out "$OUT/harness_bench_tied.json" 2>&1 | grep -v "^row " | tail -12 | tee -a "$OUT/log"
+      timeout 100 python3 benchmarks/hopper_decode.py --only timing --rep-ms 100 --variants default \
+        --shapes gla2-b128-16k-lq1,gta4-b128-16k --out "$OUT/harness_hopper_b.json" 2>&1 | tail -6 | tee -a "$OUT/log"
+      nvidia-smi -q -d CLOCK,POWER,TEMPERATURE > "$OUT/gpu_state_after.txt" 2>&1 ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done
