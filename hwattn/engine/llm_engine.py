@@ -276,8 +276,9 @@ class LLMEngine:
                         self.scheduler.finish(sibling)
         outputs = []
         for rid, group in requests.items():
-            if group[0].params.output_kind == "final_only" and any(
-                    s.finish_reason is None for s in group):
+            if group[0].params.output_kind == "final_only" and (
+                    group[0].finish_reason is None if len(group) == 1 else
+                    any(s.finish_reason is None for s in group)):
                 continue
             out = group[0].output(group)
             outputs.append(out)
