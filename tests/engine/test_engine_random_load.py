@@ -36,24 +36,42 @@ def random_request(rng: random.Random, shared_prefix: list[int]) -> tuple[list[i
     return prompt, params
 
 
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """A byte-level BPE (a tokenizer.json: text through tokenizers' DecodeStream) whose merges
+    cut multi-byte characters apart, for the model's 2048 ids and fewer."""
+    from hwattn.data.tokenizer import train_bpe
+
+    path = tmp_path_factory.mktemp("bpe")
+    train_bpe(["words, añb€ 😀 日本語 ok; x += 1\n" * 50], 600).save(path)
+    return path
+
+
 # disable: speculative_disable_batch_size, so that steps switch between verify steps and plain
-# (overlapped) ones as the batch grows and shrinks.
-@pytest.mark.parametrize("seed, overlap, mixed, speculative, graphs, thread, disable", [
-    (0, True, False, None, False, False, None), (1, False, False, None, False, False, None),
-    (2, True, True, None, False, False, None), (3, False, True, None, False, False, None),
-    (4, False, False, "ngram", False, False, None), (5, True, False, None, True, False, None),
-    (6, False, False, "ngram", True, False, None), (7, True, False, None, True, True, None),
-    (8, True, True, None, False, True, None), (9, True, False, "ngram", False, False, 3),
-    (10, True, False, "ngram", True, True, 4)])
-def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overlap, mixed,
-                                                       speculative, graphs, thread, disable):
+# (overlapped) ones as the batch grows and shrinks. bpe: the requests' text comes through
+# tokenizers' DecodeStream (else the byte tokenizer's window detokenizer).
+@pytest.mark.parametrize("seed, overlap, mixed, speculative, graphs, thread, disable, bpe", [
+    (0, True, False, None, False, False, None, False),
+    (1, False, False, None, False, False, None, False),
+    (2, True, True, None, False, False, None, False),
+    (3, False, True, None, False, False, None, True),
+    (4, False, False, "ngram", False, False, None, False),
+    (5, True, False, None, True, False, None, True),
+    (6, False, False, "ngram", True, False, None, False),
+    (7, True, False, None, True, True, None, False),
+    (8, True, True, None, False, True, None, False),
+    (9, True, False, "ngram", False, False, 3, True),
+    (10, True, False, "ngram", True, True, 4, False)])
+def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, bpe_dir, seed, overlap, mixed,
+                                                       speculative, graphs, thread, disable, bpe):
     rng = random.Random(seed)
     path = checkpoints("gqa-2")
     spec = dict(speculative=speculative, num_speculative_tokens=3,
                 speculative_disable_batch_size=disable) if speculative else {}
+    text = dict(tokenizer=str(bpe_dir)) if bpe else {}
     tight = LLM(path, page_size=4, num_pages=40, max_num_seqs=6, max_num_batched_tokens=24,
                 max_model_len=128, overlap_scheduling=overlap, enable_mixed_batches=mixed,
-                enable_prefix_caching=True, launch_thread=thread, **spec)
+                enable_prefix_caching=True, launch_thread=thread, **spec, **text)
     assert (tight.engine.launcher is not None) == thread
     engine = tight.engine
     if graphs:  # the captured-graph decode path, its capture re-run on the CPU
@@ -73,6 +91,7 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
     finals: dict[str, object] = {}
     aborted: set[str] = set()
     outputs_seen: dict[str, int] = {}
+    texts: dict[tuple[str, int], str] = {}
     for step in range(400):
         if step < 150 and rng.random() < 0.35:
             for _ in range(rng.randint(1, 3)):
@@ -101,6 +120,9 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
             rid = out.request_id
             assert rid not in finals, f"{rid} gave an output after its final one"
             outputs_seen[rid] = outputs_seen.get(rid, 0) + 1
+            for c in out.outputs:  # a streamed text only grows
+                assert c.text.startswith(texts.get((rid, c.index), "")), (rid, c.index)
+                texts[(rid, c.index)] = c.text
             if requests[rid][1].output_kind == "final_only":
                 assert out.finished, f"{rid} asked for its final output only"
             if out.finished:
@@ -116,8 +138,17 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, seed, overla
     if disable:  # both kinds of decode step ran, the plain ones overlapped
         assert "verify" in kinds and "fed" in kinds, set(kinds)
 
+    tok = engine.tokenizer
+    assert bpe == (type(tok).__name__ == "Tokenizer")
+    assert any(c.text for out in finals.values() for c in out.outputs)
+    for out in finals.values():  # each text is its tokens' text (less a held-back tail)
+        for c in out.outputs:
+            whole = tok.decode(c.token_ids, skip_special_tokens=True)
+            assert c.text == whole or whole.endswith("\ufffd") and whole.startswith(c.text), \
+                (out.request_id, c.text, whole)
+
     roomy = LLM(path, page_size=4, num_pages=400, max_num_seqs=1, max_model_len=128,
-                enable_prefix_caching=False, **spec).engine
+                enable_prefix_caching=False, **spec, **text).engine
     for rid, out in finals.items():
         prompt, params = requests[rid]
         assert all(c.finish_reason == "length" for c in out.outputs), out
