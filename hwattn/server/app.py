@@ -12,11 +12,14 @@ if the engine fails the request, and 503 when a worker process it needed is gone
 replica's requests get 503, and /health answers 200 "degraded" while it restarts and the
 others serve; the worker's traceback goes to the log, never to a client). A request the
 engine would refuse is refused before any answer starts, so a streamed request gets the same
-400 as an unstreamed one. One request's failure never reaches another's.
+400 as an unstreamed one. One request's failure never reaches another's. A stream
+holds back the end of its text that a stop string may still cut off, so that it says what the
+same request says unstreamed.
 
-Tokenizing and rendering prompts runs in worker threads, never on the event loop, and is
-bounded before it starts (a text longer than the context could hold is refused untokenized):
-a huge prompt costs its own request a 400 or 413, not the other requests their answers.
+Tokenizing and rendering prompts, detokenizing, and checking a large body run in worker
+threads, never on the event loop, and tokenizing is bounded before it starts (a text longer
+than the context could hold is refused untokenized): a huge prompt costs its own request a
+400 or 413, not the other requests their answers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from hwattn.config import VERSION
@@ -100,6 +104,18 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def _api_error(request, err: APIError):
         return err.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, err: StarletteHTTPException):
+        """The router's own errors (no such route, a method the route does not take) in the
+        same OpenAI format as every other error."""
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(
+            err.status_code, str(err.detail))
+        response = APIError(message, status=err.status_code,
+                            code="not_found" if err.status_code == 404 else None).response()
+        response.headers.update(err.headers or {})
+        return response
+
     @app.exception_handler(Exception)
     async def _unexpected(request, err: Exception):
         log.exception("unexpected error in %s", request.url.path, exc_info=err)
@@ -119,9 +135,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     auth = [Depends(authorize)]
     auth_metrics = auth if protect_metrics else []
 
-    async def read_body(request: Request, model_required: bool = True) -> dict:
+    async def read_request(request: Request, schema, model_required: bool = True):
+        """The body as a `schema` request (`parse`): validated off the event loop when it is
+        large, as its JSON is (a body of millions of list items takes a while to check)."""
+        body, size = await read_body(request, model_required)
+        if size > 1 << 16:
+            return await run_in_threadpool(parse, schema, body, limits)
+        return parse(schema, body, limits)
+
+    async def read_body(request: Request, model_required: bool = True) -> tuple[dict, int]:
         """The JSON object of the body, at most `limits.max_body_bytes`, naming the served model
-        (or, unless `model_required`, naming none)."""
+        (or, unless `model_required`, naming none), and the body's size in bytes."""
         cap = limits.max_body_bytes
         too_large = APIError(f"the request body is larger than {cap} bytes", status=413,
                              code="request_too_large")
@@ -152,13 +176,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise APIError("request body must be a JSON object")
         model = body.get("model")
         if model is None and not model_required:
-            return body
+            return body, len(data)
         if not isinstance(model, str):
             raise APIError("model is required and must be a string", param="model")
         if model != model_name:
             raise APIError(f"the model {model!r} does not exist; this server serves "
                            f"{model_name!r}", status=404, param="model", code="model_not_found")
-        return body
+        return body, len(data)
 
     def refused(err: ValueError, param: str) -> APIError:
         code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
@@ -280,12 +304,21 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         c = sum(len(c.token_ids) for o in outs for c in o.outputs) if generated else 0
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+    def holdback(params: SamplingParams) -> int:
+        """Characters at the end of an unfinished output that a stream must not send yet: a
+        stop string that has begun there may still end the output before them (the engine
+        then cuts its text back), so that the streamed text is the unstreamed one."""
+        if not params.stop or params.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in params.stop) - 1
+
     async def stream_events(stream, make_chunk, include_usage: bool, n: int, first=None,
-                            generated: bool = True, announce: bool = False):
+                            generated: bool = True, announce: bool = False, hold: int = 0):
         """SSE chunks of the merged `stream`: `make_chunk(choice, text, completion, start,
         request output, is_first)` for each choice's new text (its tokens from `start`) and
         its finish; `announce`: send each choice's first chunk even before it has text (an
-        echoed prompt). `generated` False shows no generated text (echo of the prompt alone)."""
+        echoed prompt). `generated` False shows no generated text (echo of the prompt alone).
+        hold: characters of an unfinished choice's text kept back (`holdback`)."""
         sent: dict[int, tuple[int, int]] = {}  # choice -> (characters, tokens) sent
         done: set[int] = set()
         outs = {}
@@ -300,10 +333,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                         continue
                     is_first = choice not in sent
                     chars, tokens = sent.get(choice, (0, 0))
-                    text = completion.text[chars:] if generated else ""
+                    end = len(completion.text)
+                    if hold and not completion.finished:
+                        end = max(chars, end - hold)
+                    text = completion.text[chars:end] if generated else ""
                     if not (text or completion.finished or (is_first and announce)):
                         continue
-                    sent[choice] = (len(completion.text), len(completion.token_ids))
+                    sent[choice] = (chars + len(text), len(completion.token_ids))
                     if completion.finished:
                         done.add(choice)
                     yield _sse(make_chunk(choice, text, completion, tokens, out, is_first))
@@ -364,7 +400,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request):
-        req = parse(TokenizeRequest, await read_body(request, model_required=False), limits)
+        req = await read_request(request, TokenizeRequest, model_required=False)
         if req.messages is not None:
             ids, param = await run_in_threadpool(chat_ids, req.messages,
                                                  req.add_generation_prompt, False), "messages"
@@ -377,16 +413,21 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(request: Request):
-        req = parse(DetokenizeRequest, await read_body(request, model_required=False), limits)
+        req = await read_request(request, DetokenizeRequest, model_required=False)
         vocab = llm.model_config.vocab_size
-        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(f"tokens must be ids in [0, {vocab}), got {bad}", param="tokens")
-        return {"prompt": tokenizer.decode(req.tokens)}
+
+        def text() -> str:
+            bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(f"tokens must be ids in [0, {vocab}), got {bad}", param="tokens")
+            return tokenizer.decode(req.tokens)
+
+        # Off the event loop, as tokenizing is: a body may hold millions of ids.
+        return {"prompt": await run_in_threadpool(text)}
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
-        req = parse(CompletionRequest, await read_body(request), limits)
+        req = await read_request(request, CompletionRequest)
         include_usage = req.check_stream_options()
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         generated = max_tokens > 0  # echo with max_tokens 0: the prompt alone
@@ -413,6 +454,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         # and the formatted `prompt_logprobs`.
         echoed: dict[int, list] = {}
         formatted: dict[int, list] = {}
+        offsets: dict[int, int] = {}  # choice -> text_offset of its next token (streams)
 
         def echo_entries(i, out) -> list:
             if i not in echoed:
@@ -435,8 +477,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             if req.echo and is_first:
                 entries = echo_entries(index // n, out) + entries
                 text = texts[index // n] + text
-            doc = {"index": index, "text": text,
-                   "logprobs": completion_logprobs(entries, decode) if want else None,
+            lps = None
+            if want:  # offsets count on from the choice's earlier chunks, as vLLM's
+                lps = completion_logprobs(entries, decode, offsets.get(index, 0))
+                if lps["tokens"]:
+                    offsets[index] = lps["text_offset"][-1] + len(lps["tokens"][-1])
+            doc = {"index": index, "text": text, "logprobs": lps,
                    "finish_reason": completion.finish_reason,
                    "stop_reason": completion.stop_reason}
             if out is not None and not req.stream:
@@ -457,7 +503,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
         if req.stream:
             return StreamingResponse(stream_events(stream, chunk, include_usage, n,
-                                                   generated=generated, announce=req.echo),
+                                                   generated=generated, announce=req.echo,
+                                                   hold=holdback(params)),
                                      media_type="text/event-stream")
         outs = await until_done(request, stream)
         if outs is None:
@@ -469,7 +516,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
-        req = parse(ChatRequest, await read_body(request), limits)
+        req = await read_request(request, ChatRequest)
         include_usage = req.check_stream_options()
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
@@ -512,7 +559,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                      "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                   "finish_reason": None, "logprobs": None}
                                  for i in range(req.n)]}
-            return StreamingResponse(stream_events(stream, chunk, include_usage, req.n, first=first),
+            return StreamingResponse(stream_events(stream, chunk, include_usage, req.n, first=first,
+                                                   hold=holdback(jobs[0][1])),
                                      media_type="text/event-stream")
         outs = await until_done(request, stream)
         if outs is None:

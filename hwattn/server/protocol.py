@@ -286,12 +286,13 @@ class CompletionRequest(_Request):
 
         if isinstance(value, str) or (ids(value) and value):
             return [value]
+        # Counted before the prompts are looked at: millions of tiny prompts cost nothing.
+        cap = _limits(info).max_prompts
+        if isinstance(value, list) and len(value) > cap and isinstance(value[0], (str, list)):
+            raise _error("invalid_value", "prompt has {n} prompts; at most {cap} are allowed",
+                         n=len(value), cap=cap)
         if isinstance(value, list) and value and (all(isinstance(p, str) for p in value)
                                                   or all(ids(p) for p in value)):
-            cap = _limits(info).max_prompts
-            if len(value) > cap:
-                raise _error("invalid_value", "prompt has {n} prompts; at most {cap} are allowed",
-                             n=len(value), cap=cap)
             return value
         raise _error("invalid_value", "prompt must be a string, a list of strings, a list of "
                      "token ids or a list of such lists")
