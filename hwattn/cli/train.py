@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--log-every", type=int, default=10, help="metrics record every N steps")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU "
                                                      "(default 989 on CUDA = H100 bf16, none on CPU)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--no-resume", action="store_true", help="start over, discarding any checkpoint in --out")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_cpu_threads(p)
     p.set_defaults(func=run)

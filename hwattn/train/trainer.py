@@ -7,7 +7,9 @@ gradient accumulation, bf16 autocast on CUDA, optional `torch.compile`, DDP unde
 Checkpoints (`<out>/checkpoint/`) are Hugging Face-layout model folders (config.json,
 model.safetensors, tokenizer.json) plus `trainer_state.pt` (optimizer, step, RNG states).
 The batch of step s is a pure function of (seed, s) (`hwattn.data.loader.BatchSampler`) and
-the learning rate a function of s, so resuming reproduces the uninterrupted run.
+the learning rate a function of s, so resuming reproduces the uninterrupted run. The trainer
+state also records the world size and the training data's hash: resuming with other settings
+(`RESUME_MUST_MATCH`), processes or data is an error, not a silent change of course.
 Metrics go to `<out>/metrics.jsonl`; the loss curve to `<out>/loss.png`.
 """
 
@@ -40,6 +42,14 @@ from hwattn.train.metrics import append_metrics, read_metrics, truncate_metrics
 
 H100_BF16_TFLOPS = 989.0
 STATE_FILE = "trainer_state.pt"
+# TrainConfig fields a resumed run must share with its checkpoint: they decide the model, the
+# batch of each step, the learning-rate schedule and the optimizer's updates.
+RESUME_MUST_MATCH = ("preset", "variant", "model_overrides", "seq_len", "batch_size",
+                     "accum_steps", "steps", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+                     "beta1", "beta2", "grad_clip", "seed")
+# Fields that only change how the same computation is rounded: a change is allowed (a run may
+# move to another machine) but announced, as the result is then not bit-identical.
+RESUME_NUMERICS = ("compile", "amp", "fused_loss", "sdpa")
 
 
 @dataclass
@@ -151,8 +161,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def data_fingerprint(data) -> dict:
+    """What identifies a dataset's training stream wherever its folder lies: the training
+    split's token count and hash, and the tokenizer's hash (None where the manifest has none)."""
+    man = getattr(data, "manifest", None) or {}
+    return {"train_tokens": int(len(data.train)),
+            "train_sha256": man.get("splits", {}).get("train", {}).get("sha256"),
+            "tokenizer_sha256": man.get("tokenizer", {}).get("sha256")}
+
+
 def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: int, cfg: TrainConfig,
-                             tokenizer=None, extra: dict | None = None) -> None:
+                             tokenizer=None, extra: dict | None = None,
+                             run_state: dict | None = None) -> None:
     """Write the checkpoint folder so that a kill at any moment leaves one whole checkpoint.
 
     The new folder is staged as `<path>.tmp`; its `trainer_state.pt` is written last (by
@@ -168,7 +188,7 @@ def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: in
         tokenizer.save(stage)
     part = stage / (STATE_FILE + ".part")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                "train_config": dataclasses.asdict(cfg)}, part)
+                "train_config": dataclasses.asdict(cfg), **(run_state or {})}, part)
     os.replace(part, stage / STATE_FILE)
     old = path.with_name(path.name + ".old")
     if (path / STATE_FILE).is_file():
@@ -198,6 +218,51 @@ def recover_checkpoint(path: Path, log=print) -> Path | None:
                          f"{path.name}.old: the checkpoint is incomplete; move it away to "
                          "start over, or pass --no-resume")
     return None
+
+
+def _read_trainer_state(file: Path) -> dict:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # a damaged pickle raises whatever its bytes trip over
+        raise ValueError(f"{file} cannot be read ({type(err).__name__}: {err}); move the "
+                         "checkpoint away or pass --no-resume") from None
+    kinds = {"step": int, "optimizer": dict, "rng": dict, "train_config": dict}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t)
+                                          for k, t in kinds.items()):
+        raise ValueError(f"{file} is not an hwattn trainer state (it needs "
+                         f"{', '.join(kinds)}); move the checkpoint away or pass --no-resume")
+    return state
+
+
+def _check_resume(state: dict, cfg: TrainConfig, ckpt: Path, world: int, data_fp: dict,
+                  device: torch.device) -> list[str]:
+    """ValueError naming every setting in which `cfg` (on this data, with `world` processes)
+    would continue `ckpt`'s run differently; returns warnings for rounding-only changes."""
+    saved = state["train_config"]
+    diff = [f"{k}={saved[k]!r} (this run: {getattr(cfg, k)!r})" for k in RESUME_MUST_MATCH
+            if k in saved and saved[k] != getattr(cfg, k)]
+    if "world" in state and state["world"] != world:
+        diff.append(f"world size {state['world']} processes (this run: {world})")
+    if diff:
+        raise ValueError(f"{ckpt} holds a run with other settings: {', '.join(diff)}; resume "
+                         "it with its own settings, or use a new --out or --no-resume")
+    old = state.get("data")
+    if old is not None:
+        bad = [k for k, v in data_fp.items() if v is not None and old.get(k) is not None
+               and old[k] != v]
+        if bad:
+            show = lambda fp: ", ".join(f"{k}={str(fp.get(k))[:16]}" for k in bad)  # noqa: E731
+            raise ValueError(f"{ckpt} was trained on other data ({show(old)}) than the dataset "
+                             f"{cfg.data} ({show(data_fp)}); resume it on the data build it "
+                             "started with, or use a new --out or --no-resume")
+    warn = [f"{k}={saved[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_NUMERICS
+            if k in saved and saved[k] != getattr(cfg, k)]
+    if "device" in state and state["device"] != device.type:
+        warn.append(f"device {state['device']} -> {device.type}")
+    if warn:
+        return [f"warning: resuming {ckpt} with {', '.join(warn)}: kernels round differently, "
+                "so the result will not be bit-identical to an uninterrupted run"]
+    return []
 
 
 def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | None = None,
@@ -256,18 +321,23 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
         if done and max(done) > 0:
             log(f"warning: {out} logged {max(done)} steps but holds no checkpoint to resume "
                 "from; training starts again at step 0")
+    data_fp = data_fingerprint(data)
     if found is not None:
-        try:
-            state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as err:  # a damaged pickle raises whatever its bytes trip over
-            raise ValueError(f"{ckpt / STATE_FILE} cannot be read ({type(err).__name__}: "
-                             f"{err}); move the checkpoint away or pass --no-resume") from None
-        if state["train_config"]["steps"] != cfg.steps or state["train_config"]["variant"] != cfg.variant:
-            raise ValueError(f"{ckpt} holds a run with steps={state['train_config']['steps']}, "
-                             f"variant={state['train_config']['variant']}; use a new --out or "
-                             "--no-resume")
+        state = _read_trainer_state(ckpt / STATE_FILE)
+        for line in _check_resume(state, cfg, ckpt, world, data_fp, device):
+            if main:
+                log(line)
         model = load_model(ckpt, device=device)
+        if model.config != mcfg:
+            diff = [f"{f.name}={getattr(model.config, f.name)!r} (this run: "
+                    f"{getattr(mcfg, f.name)!r})" for f in dataclasses.fields(mcfg)
+                    if f.compare and getattr(model.config, f.name) != getattr(mcfg, f.name)]
+            raise ValueError(f"{ckpt / 'config.json'} describes another model than this run's: "
+                             f"{', '.join(diff)}; use a new --out or --no-resume")
         start_step = state["step"]
+        if not 0 <= start_step <= cfg.steps:
+            raise ValueError(f"{ckpt / STATE_FILE} is at step {start_step}, outside this run's "
+                             f"0..{cfg.steps}; move the checkpoint away or pass --no-resume")
     elif model is None:
         model = Transformer(mcfg).to(device)
         model.init_weights(seed=cfg.seed)
@@ -296,10 +366,14 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
 
     sampler = BatchSampler(data.train, cfg.seq_len, cfg.batch_size, cfg.accum_steps, cfg.seed,
                            rank, world)
+    run_state = {"world": world, "data": data_fp, "device": device.type}
     flops_tok = raw_model.flops_per_token(cfg.seq_len)
     peak = cfg.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda" else None)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # starting over: a later resume must not pick up the old run
+            for suffix in ("", ".tmp", ".old"):
+                shutil.rmtree(ckpt.with_name(ckpt.name + suffix), ignore_errors=True)
         truncate_metrics(metrics_path, start_step)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         if start_step:
@@ -350,7 +424,10 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
         optimizer.zero_grad(set_to_none=True)
         tok_window += sampler.tokens_per_step
         done = step + 1
-        if done % cfg.log_every == 0 or done == end:
+        # The log holds the records an uninterrupted run writes; a call stopping early still
+        # measures its last step (for its summary) but logs it only where that run would.
+        log_now = done % cfg.log_every == 0 or done == cfg.steps
+        if log_now or done == end:
             loss_val = float(loss_sum) / cfg.accum_steps
             if distributed:
                 import torch.distributed as dist
@@ -368,7 +445,7 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
             last = {"step": done, "tokens": done * sampler.tokens_per_step, "loss": loss_val,
                     "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
                     "step_s": time.perf_counter() - t0}
-            if main:
+            if main and log_now:
                 append_metrics(metrics_path, last)
                 bar.set_postfix_str(f"loss {loss_val:.3f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"
                                     + (f" MFU {100 * mfu:.1f}%" if mfu is not None else ""))
@@ -381,7 +458,8 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
             append_metrics(metrics_path, evaluate(done))
             t_window = time.perf_counter()
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != end and main:
-            save_training_checkpoint(ckpt, raw_model, optimizer, done, cfg, data.tokenizer)
+            save_training_checkpoint(ckpt, raw_model, optimizer, done, cfg, data.tokenizer,
+                                     run_state=run_state)
             t_window = time.perf_counter()
         if deadline is not None and done < end and time.time() >= deadline:
             log(f"{cfg.variant}: deadline reached after step {done} of {cfg.steps}; checkpointing")
@@ -397,11 +475,18 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
                                  if peak else None)
     if main:
         if end == cfg.steps:
-            rec = evaluate(end)
-            append_metrics(metrics_path, rec)
+            # A finished run resumed again keeps the final evaluation it logged.
+            prev = [r for r in read_metrics(metrics_path)
+                    if r.get("step") == end and "val_loss" in r] if start_step == end else []
+            if prev:
+                rec = prev[-1]
+            else:
+                rec = evaluate(end)
+                append_metrics(metrics_path, rec)
             summary["val"] = rec
         if cfg.save_final or end < cfg.steps:
-            save_training_checkpoint(ckpt, raw_model, optimizer, end, cfg, data.tokenizer)
+            save_training_checkpoint(ckpt, raw_model, optimizer, end, cfg, data.tokenizer,
+                                     run_state=run_state)
             summary["checkpoint"] = str(ckpt)
         if end == cfg.steps and cfg.plot:
             try:
