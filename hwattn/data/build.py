@@ -124,6 +124,25 @@ def deduplicate(docs: Iterable[dict], min_paragraph_chars: int = 64,
     return out
 
 
+DOMAIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_domains(docs: Iterable[dict]) -> None:
+    """ValueError unless every document's domain can name its validation shard
+    `val_<domain>.bin` (and its manifest entry `val_<domain>`, which "docs" would share with
+    the held-out documents' `val_docs`)."""
+    seen = set()
+    for d in docs:
+        dom = d["domain"]
+        if dom in seen:
+            continue
+        if not isinstance(dom, str) or not DOMAIN_RE.fullmatch(dom) or dom == "docs":
+            raise ValueError(f"document {d['id']!r}: domain {dom!r} cannot name a validation "
+                             "shard val_<domain>.bin; use letters, digits, '_', '-' and '.' "
+                             "(not starting with '.', '_' or '-'), and not 'docs'")
+        seen.add(dom)
+
+
 def is_validation(doc_id: str, fraction: float) -> bool:
     """Deterministic held-out membership from the document id."""
     h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
@@ -213,6 +232,35 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _chunk_digest(chunk: list[dict]) -> np.ndarray:
+    """SHA-256 of a chunk's documents (ids and texts), kept with its encoded ids: a chunk
+    file is reused only for the very documents it was encoded from."""
+    h = hashlib.sha256()
+    for d in chunk:
+        for part in (d["id"], d["text"]):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
+def _load_chunk(file: Path, digest: np.ndarray, n_docs: int, dtype):
+    """(ids, offsets) of a chunk file written for the same documents, else None (missing,
+    damaged, or from other documents: encoded again)."""
+    if not file.is_file():
+        return None
+    try:
+        with np.load(file) as saved:
+            ids, offsets, got = saved["ids"], saved["offsets"], saved["digest"]
+    except Exception:  # noqa: BLE001 - any unreadable chunk is encoded again
+        return None
+    if (not np.array_equal(got, digest) or ids.dtype != np.dtype(dtype)
+            or offsets.shape != (n_docs + 1,) or offsets[0] != 0 or offsets[-1] != len(ids)
+            or np.any(np.diff(offsets) < 0)):
+        return None
+    return ids, offsets
+
+
 class _Work:
     """The resumable part of a build: `<out>/.work-<build key>/` keeps the trained tokenizer
     and every finished chunk of encoded documents, so a killed build resumes where it was."""
@@ -229,7 +277,10 @@ class _Work:
     def tokenizer(self, train_fn) -> Tokenizer:
         folder = self.path / "tokenizer"
         if (folder / "tokenizer.json").is_file():
-            return Tokenizer.load(folder)
+            try:
+                return Tokenizer.load(folder)
+            except Exception:  # noqa: BLE001 - a damaged file is trained again, not trusted
+                pass
         tok = train_fn()
         self.start()
         tmp = self.path / f".tokenizer-{os.getpid()}"
@@ -252,9 +303,10 @@ class _Work:
         for k, first in enumerate(range(0, len(docs), self.CHUNK_DOCS)):
             chunk = docs[first:first + self.CHUNK_DOCS]
             file = self.path / f"{split}-{k:05d}.npz"
-            if file.is_file():
-                saved = np.load(file)
-                ids, offsets = saved["ids"], saved["offsets"]
+            digest = _chunk_digest(chunk)
+            saved = _load_chunk(file, digest, len(chunk), dtype)
+            if saved is not None:
+                ids, offsets = saved
             else:
                 lists = tokenizer.encode_batch([d["text"] for d in chunk])
                 offsets = np.cumsum([0] + [len(x) for x in lists], dtype=np.int64)
@@ -263,7 +315,7 @@ class _Work:
 
                 def save(tmp, ids=ids, offsets=offsets):
                     with open(tmp, "wb") as f:
-                        np.savez(f, ids=ids, offsets=offsets)
+                        np.savez(f, ids=ids, offsets=offsets, digest=digest)
                 _atomic_write(file, save)
             out += [ids[offsets[i]:offsets[i + 1]] for i in range(len(chunk))]
             bar.update(sum(len(d["text"]) for d in chunk))
@@ -313,22 +365,119 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def up_to_date(out_dir: str | Path, build_key: str) -> bool:
-    """True when `out_dir` holds a build of `build_key` whose files still hash as recorded."""
+def read_manifest(path: str | Path) -> dict:
+    """The manifest.json at `path` (a file or the folder holding it); ValueError naming it
+    when it is missing or not a JSON object."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    try:
+        man = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} cannot be read ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); "
+                         "build or unpack the dataset again") from None
+    if not isinstance(man, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return man
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name \
+        and name not in (".", "..")
+
+
+def check_build(out_dir: str | Path, verify: bool = True) -> tuple[dict, Tokenizer]:
+    """(manifest, tokenizer) of the built dataset in `out_dir`, after checking that they
+    agree with each other and with the files: every file the manifest lists is there (and,
+    with `verify`, hashes as recorded), every shard holds exactly its token count in the
+    manifest's dtype, and the tokenizer is the one the shards were written with. Raises
+    ValueError naming the folder and what is wrong."""
     out_dir = Path(out_dir)
-    path = out_dir / MANIFEST
-    if not path.is_file():
+    man = read_manifest(out_dir / MANIFEST)
+    where = out_dir / MANIFEST
+
+    def bad(msg):
+        return ValueError(f"{where}: {msg}; build or unpack the dataset again")
+
+    if man.get("format") != FORMAT:
+        raise bad(f"format {man.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(man.get("build_key"), str):
+        raise bad("no build_key")
+    itemsize = {"uint16": 2, "uint32": 4}.get(man.get("dtype"))
+    if itemsize is None:
+        raise bad(f"dtype {man.get('dtype')!r} is not uint16 or uint32")
+    files, splits, tok = man.get("files"), man.get("splits"), man.get("tokenizer")
+    if not isinstance(files, dict) or not files:
+        raise bad("no files listed")
+    if not isinstance(splits, dict) or not isinstance(splits.get("train"), dict) \
+            or not isinstance(splits.get("val"), dict):
+        raise bad("the splits must hold 'train' and 'val'")
+    if not isinstance(tok, dict):
+        raise bad("no tokenizer entry")
+    listed = {}
+    for key, entry in files.items():
+        if not isinstance(entry, dict) or not _plain_name(entry.get("file")) \
+                or not isinstance(entry.get("sha256"), str):
+            raise bad(f"files entry {key!r} needs a plain file name and a sha256")
+        listed[entry["file"]] = entry["sha256"]
+    shards = {"train": splits["train"], **{f"val {d}": e for d, e in splits["val"].items()}}
+    for label, entry in shards.items():
+        if not isinstance(entry, dict) or entry.get("file") not in listed:
+            raise bad(f"split {label} names no file of the files list")
+        if entry.get("sha256") != listed[entry["file"]]:
+            raise bad(f"split {label}: sha256 differs from the files list's")
+        if not isinstance(entry.get("tokens"), int) or entry["tokens"] < 1:
+            raise bad(f"split {label}: token count {entry.get('tokens')!r}")
+        if label != "train" and not isinstance(entry.get("bytes"), int):
+            raise bad(f"split {label}: no byte count")
+    if tok.get("file") not in listed:
+        raise bad(f"tokenizer file {tok.get('file')!r} is not in the files list")
+    for name, sha in listed.items():
+        f = out_dir / name
+        if not f.is_file():
+            raise ValueError(f"{f} is missing; build or unpack the dataset again")
+        if verify and sha256_file(f) != sha:
+            raise ValueError(f"{f} does not match the SHA-256 in {where} (damaged or changed "
+                             "after the build); build or unpack the dataset again")
+    for label, entry in shards.items():
+        f = out_dir / entry["file"]
+        size = f.stat().st_size
+        if size != entry["tokens"] * itemsize:
+            raise ValueError(f"{f}: {size} bytes, the manifest says {entry['tokens']} tokens of "
+                             f"{man['dtype']} ({entry['tokens'] * itemsize} bytes); build or "
+                             "unpack the dataset again")
+    try:
+        tokenizer = Tokenizer.load(out_dir / tok["file"])
+    except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
+        raise ValueError(f"{out_dir / tok['file']}: not a usable tokenizer ({err})") from None
+    want = (tok.get("vocab_size"), tok.get("eot_id"), tok.get("sha256"))
+    got = (tokenizer.vocab_size, tokenizer.eot_id, tokenizer.sha256())
+    if want != got:
+        raise ValueError(f"{out_dir / tok['file']} is not the tokenizer in {where} (vocab size, "
+                         f"end-of-text id, sha256 {got[0]}, {got[1]}, {got[2][:12]}…; the "
+                         f"manifest says {want[0]}, {want[1]}, {str(want[2])[:12]}…); build or "
+                         "unpack the dataset again")
+    if tokenizer.vocab_size > np.iinfo(np.dtype(man["dtype"])).max + 1:
+        raise bad(f"dtype {man['dtype']} cannot hold {tokenizer.vocab_size} token ids")
+    return man, tokenizer
+
+
+def up_to_date(out_dir: str | Path, build_key: str) -> bool:
+    """True when `out_dir` holds a build of `build_key` whose files still hash as recorded
+    and agree with its manifest (`check_build`)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST).is_file():
         return False
     try:
-        man = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    if man.get("build_key") != build_key:
-        return False
-    for entry in man.get("files", {}).values():
-        f = out_dir / entry["file"]
-        if not f.is_file() or sha256_file(f) != entry["sha256"]:
+        if read_manifest(out_dir / MANIFEST).get("build_key") != build_key:
             return False
+        check_build(out_dir)
+    except ValueError:
+        return False
     return True
 
 
@@ -358,6 +507,7 @@ def write_build(out_dir: str | Path, docs: list[dict], tokenizer_factory, option
         raise ValueError(f"no documents with text to build from ({stats.documents_in} read, "
                          f"{stats.documents_in - stats.empty_documents} non-empty before "
                          "deduplication)")
+    check_domains(docs)
     train, val = split_documents(docs, options.val_fraction)
     if not train:
         raise ValueError(f"all {len(docs)} documents went to validation; a build needs at "

@@ -81,9 +81,26 @@ def jsonl_documents(path: str | Path, text_field: str = "text", domain: str = "w
     path = check_input_file(path)
     opener = gzip.open if path.name.endswith(".gz") else open
     line_no = 0
+
+    def string(value, field: str) -> str:
+        value = str(value)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate such as "\ud800" in the JSON
+            raise ValueError(f"{path}:{line_no}: field {field!r} is not valid Unicode "
+                             f"({err.reason} at character {err.start})") from None
+        return value
+
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
+        # Bytes, decoded line by line: an error names the line it is on (a text-mode reader
+        # decodes blocks ahead of the line being read).
+        with opener(path, "rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: not UTF-8 text ({err.reason} at byte "
+                                     f"{err.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:
@@ -100,16 +117,14 @@ def jsonl_documents(path: str | Path, text_field: str = "text", domain: str = "w
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{line_no}: field {text_field!r} must be a string, "
                                      f"got {'null' if text is None else type(text).__name__}")
-                src = str(rec.get("source", source or path.stem))
-                yield {"id": str(rec.get("id", f"{src}/{line_no - 1}")), "source": src,
-                       "domain": str(rec.get("domain", domain)), "title": str(rec.get("title", "")),
-                       "text": normalize(text)}
+                text = string(text, text_field)
+                src = string(rec.get("source", source or path.stem), "source")
+                yield {"id": string(rec.get("id", f"{src}/{line_no - 1}"), "id"), "source": src,
+                       "domain": string(rec.get("domain", domain), "domain"),
+                       "title": string(rec.get("title", ""), "title"), "text": normalize(text)}
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise ValueError(f"{path}: after line {line_no}: the gzip stream is truncated or "
                          f"corrupt ({err})") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}:{line_no + 1}: not UTF-8 text ({err.reason} at byte "
-                         f"{err.start})") from None
 
 
 def hf_documents(dataset: str, name: str | None = None, split: str = "train",
@@ -137,6 +152,27 @@ def hf_documents(dataset: str, name: str | None = None, split: str = "train",
                              f"string, got {'null' if text is None else type(text).__name__}")
         yield {"id": str(rec.get("id", f"{tag}/{i}")), "source": tag, "domain": domain,
                "title": "", "text": normalize(text)}
+
+
+def _local_data_files(data_files) -> dict[str, str]:
+    """SHA-256 of each local file that `data_files` (a path, a glob or a list of them, or a
+    dict of split -> those) names; remote URLs and names that match nothing are left out."""
+    import glob
+
+    if data_files is None:
+        return {}
+    if isinstance(data_files, dict):
+        items = [x for v in data_files.values() for x in ([v] if isinstance(v, str) else v)]
+    elif isinstance(data_files, str):
+        items = [data_files]
+    else:
+        items = list(data_files)
+    out = {}
+    for item in items:
+        for name in sorted(glob.glob(str(item))) if glob.has_magic(str(item)) else [str(item)]:
+            if Path(name).is_file():
+                out[name] = sha256_file(name)
+    return out
 
 
 def gpt2_tiktoken_file(cache_dir: str | Path, path: str | Path | None = None) -> Path:
@@ -232,6 +268,9 @@ def build_dataset(out_dir: str | Path, corpus: str = "embedded", tokenizer: str 
         hf = dict(hf or {})
         name = corpus[3:]
         inputs = {"hf": {"dataset": name, **{k: str(v) for k, v in hf.items()}}}
+        local = _local_data_files(hf.get("data_files"))
+        if local:  # the files' content, not only their names, decides the build
+            inputs["hf"]["data_files_sha256"] = local
         records = [{"name": name.rsplit("/", 1)[-1], "client": "datasets", "package": name,
                     "archive": "-", "archive_sha256": "-", "domain": hf.get("domain", "web"),
                     "licence": "see the dataset card", "notes": "streamed"}]
@@ -241,6 +280,8 @@ def build_dataset(out_dir: str | Path, corpus: str = "embedded", tokenizer: str 
     key = B.build_key(inputs, options, tok_spec)
     if not force and B.up_to_date(out_dir, key):
         log(f"{out_dir}: up to date (build {key[:12]}), nothing to do")
+        B.remove_stale_folders(out_dir, log=log)  # e.g. the work folder of a build killed
+        # after its manifest was written
         return json.loads((out_dir / B.MANIFEST).read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     docs = list(docs_fn())

@@ -22,20 +22,30 @@ files already match is left alone.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from hwattn.data.build import MANIFEST, up_to_date
+from hwattn.data.build import MANIFEST, _pid_alive, _plain_name, read_manifest, up_to_date
 from hwattn.data.sources import sha256_file
 
 PACK_FORMAT = "hwattn-pack-1"
 PACK_FILE = "pack.json"
 PART_BYTES = 64 << 20
+# The files a pack writes besides manifest.json and pack.json: parts named by content, and
+# the temporary files of an interrupted pack. Only these are ever removed from a pack folder.
+PART_RE = re.compile(r".+\.\d{3}-[0-9a-f]{16}\.xz")
+TMP_RE = re.compile(r"\..+\.tmp")
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 def _filters(name: str, itemsize: int) -> list[dict]:
@@ -96,8 +106,18 @@ def pack_dataset(data_dir: str | Path, out: str | Path, part_bytes: int = PART_B
         raise ValueError(f"{data_dir} is not a built dataset (no {MANIFEST})")
     if part_bytes < 1 << 20:
         raise ValueError(f"part_bytes must be at least 1 MiB, got {part_bytes}")
-    manifest = json.loads(man_file.read_text())
-    if not up_to_date(data_dir, manifest["build_key"]):
+    if _same_folder(out, data_dir):
+        raise ValueError(f"{out} is the dataset folder itself; give the pack a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
+    if (out / MANIFEST).is_file() and not (out / PACK_FILE).is_file():
+        others = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST
+                        and not PART_RE.fullmatch(p.name) and not TMP_RE.fullmatch(p.name))
+        if others:
+            raise ValueError(f"{out} holds a built dataset ({MANIFEST}, {', '.join(others[:3])}); "
+                             "give the pack a folder of its own")
+    manifest = read_manifest(man_file)
+    if not up_to_date(data_dir, manifest.get("build_key")):
         raise ValueError(f"{data_dir}: files do not match the manifest's SHA-256; rebuild first")
     out.mkdir(parents=True, exist_ok=True)
     itemsize = {"uint16": 2, "uint32": 4}.get(manifest.get("dtype"), 1)
@@ -140,8 +160,9 @@ def pack_dataset(data_dir: str | Path, out: str | Path, part_bytes: int = PART_B
     os.replace(out / f".{PACK_FILE}.tmp", out / PACK_FILE)
     keep = {MANIFEST, PACK_FILE} | {p["file"] for r in layout.values() for p in r.get("parts", [])} \
         | {r["copy"] for r in layout.values() if "copy" in r}
-    for p in out.iterdir():
-        if p.is_file() and p.name not in keep:
+    for p in out.iterdir():  # parts of other builds and dead packs' temporary files only
+        if p.is_file() and p.name not in keep and (PART_RE.fullmatch(p.name)
+                                                   or TMP_RE.fullmatch(p.name)):
             p.unlink()
     total = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     raw = sum(r["size"] for r in layout.values())
@@ -154,50 +175,110 @@ def pack_size(pack: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(pack).iterdir() if p.is_file())
 
 
+def _read_pack(pack: Path) -> dict:
+    """pack.json of folder `pack`, checked for shape; ValueError naming it otherwise."""
+    meta_file = pack / PACK_FILE
+    if not meta_file.is_file():
+        raise ValueError(f"{pack} is not a dataset pack (no {PACK_FILE})")
+    damaged = f"{meta_file} is damaged or incomplete; copy it again"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{damaged} ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(damaged)
+    if meta.get("format") != PACK_FORMAT:
+        raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {PACK_FORMAT!r}")
+    files = meta.get("files")
+    if not isinstance(meta.get("build_key"), str) or not isinstance(meta.get("manifest_sha256"), str) \
+            or not isinstance(files, dict) or not files:
+        raise ValueError(damaged)
+    for name, rec in files.items():
+        ok = _plain_name(name) and isinstance(rec, dict) and isinstance(rec.get("sha256"), str) \
+            and isinstance(rec.get("size"), int) and rec["size"] >= 0
+        if ok and "copy" in rec:
+            ok = _plain_name(rec["copy"])
+        elif ok:
+            parts = rec.get("parts")
+            ok = isinstance(parts, list) and bool(parts)
+            at = 0
+            for part in parts if ok else []:
+                ok = ok and isinstance(part, dict) and _plain_name(part.get("file")) \
+                    and part.get("offset") == at and isinstance(part.get("size"), int) \
+                    and part["size"] >= 0 and isinstance(part.get("xz_sha256"), str)
+                at += part.get("size", 0) if ok else 0
+            ok = ok and at == rec["size"]
+        if not ok:
+            raise ValueError(f"{damaged} (entry {name!r})")
+    return meta
+
+
+def _remove_dead_temps(out: Path, names) -> None:
+    """The temporary files `.<name>.<pid>.tmp` of unpacks that were killed."""
+    for name in names:
+        for p in out.glob(f".{glob.escape(name)}.*.tmp"):
+            pid = p.name[len(name) + 2:-4]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                p.unlink(missing_ok=True)
+
+
 def unpack_dataset(pack: str | Path, out: str | Path, workers: int | None = None,
                    verify: bool = True, log=print) -> dict:
     """Expand the pack in folder `pack` into the built dataset `out`; returns its manifest.
 
     Does nothing when `out` already holds the same build. Raises ValueError when a part is
-    missing or damaged, or an expanded file does not match the manifest's SHA-256.
+    missing or damaged, or an expanded file does not match the manifest's SHA-256; every
+    part is checked before `out` is touched, so a damaged pack leaves a build already there
+    as it was.
     """
     pack, out = Path(pack), Path(out)
+    meta = _read_pack(pack)
     meta_file = pack / PACK_FILE
-    if not meta_file.is_file():
-        raise ValueError(f"{pack} is not a dataset pack (no {PACK_FILE})")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != PACK_FORMAT:
-        raise ValueError(f"{meta_file}: format {meta.get('format')!r}, expected {PACK_FORMAT!r}")
+    if not (pack / MANIFEST).is_file():
+        raise ValueError(f"{pack / MANIFEST} is missing; copy the whole pack folder")
     if sha256_file(pack / MANIFEST) != meta["manifest_sha256"]:
         raise ValueError(f"{pack / MANIFEST} does not match the SHA-256 in {meta_file}")
-    manifest = json.loads((pack / MANIFEST).read_text())
+    manifest = read_manifest(pack / MANIFEST)
+    listed = {e.get("file"): e.get("sha256") for e in manifest.get("files", {}).values()
+              if isinstance(e, dict)}
+    packed = {name: rec["sha256"] for name, rec in meta["files"].items()}
+    if listed != packed:
+        diff = sorted(set(listed.items()) ^ set(packed.items()), key=str)
+        raise ValueError(f"{meta_file} and {pack / MANIFEST} list different files ("
+                         + ", ".join(str(n) for n, _ in diff[:3]) + "); pack the dataset again")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
+    if out.is_dir() and _same_folder(out, pack):
+        raise ValueError(f"{out} is the pack folder itself; give the dataset a folder of its own")
+    if (out / PACK_FILE).is_file():
+        raise ValueError(f"{out} holds a pack ({PACK_FILE}); give the dataset a folder of its own")
     if up_to_date(out, meta["build_key"]):
         log(f"{out}: already holds build {meta['build_key'][:12]}, nothing to do")
         return manifest
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    jobs, temps = [], {}
+    jobs = []
     for name, rec in meta["files"].items():
-        if "copy" in rec:
-            shutil.copyfile(pack / rec["copy"], out / f".{name}.tmp")
-            temps[name] = out / f".{name}.tmp"
-            continue
-        tmp = out / f".{name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.truncate(rec["size"])
-        temps[name] = tmp
-        for part in rec["parts"]:
+        for part in rec.get("parts", []) or [{"file": rec.get("copy")}]:
             src = pack / part["file"]
-            problem = None if src.is_file() else f"{pack}: part {part['file']} of {name} is missing"
-            if problem is None and verify and sha256_file(src) != part["xz_sha256"]:
-                problem = f"{src}: SHA-256 differs from {meta_file}; the copy is damaged"
-            if problem:
-                for t in temps.values():
-                    t.unlink(missing_ok=True)
-                raise ValueError(problem)
-            jobs.append((str(src), str(tmp), part["offset"], part["size"]))
-    pool = _pool(min(workers or os.cpu_count() or 1, max(1, len(jobs))))
+            if not src.is_file():
+                raise ValueError(f"{pack}: part {part['file']} of {name} is missing")
+            if verify and "xz_sha256" in part and sha256_file(src) != part["xz_sha256"]:
+                raise ValueError(f"{src}: SHA-256 differs from {meta_file}; the copy is damaged")
+            if "xz_sha256" in part:
+                jobs.append((str(src), name, part["offset"], part["size"]))
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(out, list(meta["files"]) + [MANIFEST])
+    temps = {}
     try:
+        for name, rec in meta["files"].items():
+            tmp = out / f".{name}.{os.getpid()}.tmp"
+            temps[name] = tmp
+            if "copy" in rec:
+                shutil.copyfile(pack / rec["copy"], tmp)
+                continue
+            with open(tmp, "wb") as f:
+                f.truncate(rec["size"])
+        jobs = [(src, str(temps[name]), offset, size) for src, name, offset, size in jobs]
+        pool = _pool(min(workers or os.cpu_count() or 1, max(1, len(jobs))))
         try:
             _map(pool, _decompress_part, jobs)
         except lzma.LZMAError as err:
@@ -215,9 +296,13 @@ def unpack_dataset(pack: str | Path, out: str | Path, workers: int | None = None
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         raise
+    # Everything is checked: from here on the old build (if any) is replaced; the manifest,
+    # written last, makes the new one visible.
+    (out / MANIFEST).unlink(missing_ok=True)
     for name, tmp in temps.items():
         os.replace(tmp, out / name)
-    shutil.copyfile(pack / MANIFEST, out / f".{MANIFEST}.tmp")
-    os.replace(out / f".{MANIFEST}.tmp", out / MANIFEST)
+    tmp = out / f".{MANIFEST}.{os.getpid()}.tmp"
+    shutil.copyfile(pack / MANIFEST, tmp)
+    os.replace(tmp, out / MANIFEST)
     log(f"{out}: unpacked build {meta['build_key'][:12]} ({len(jobs)} parts)")
     return manifest
