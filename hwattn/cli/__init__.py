@@ -36,6 +36,94 @@ def emit_json(doc: dict, out: str | None = None) -> None:
     print(line, flush=True)
 
 
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """ValueError unless `device` names a device this machine has ("auto" always does): a
+    CUDA device needs a CUDA build of PyTorch and a GPU of that index."""
+    if device in (None, "auto"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: CUDA is not available on this machine "
+                             f"(torch.cuda.is_available() is False); use {flag} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+
+
+def at_least(args, minimum, *names: str) -> None:
+    """ValueError naming the option when one of `names` (argparse dests, None = not given)
+    is below `minimum`."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value >= minimum:  # `not >=`: NaN fails too
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def positive(args, *names: str) -> None:
+    """ValueError naming the option when one of `names` is given and not a finite number > 0."""
+    import math
+
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+
+
+def check_output_file(path: str | None, flag: str = "--out") -> None:
+    """ValueError unless the file `path` can be created: its folder exists and is writable.
+    Checked before the work, so a long run does not end in a traceback."""
+    import os
+    from pathlib import Path
+
+    if not path:
+        return
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def check_output_dir(path: str | None, flag: str = "--out") -> None:
+    """ValueError unless the folder `path` exists or can be created (missing parents are
+    made): it is not a file, and its nearest existing ancestor is a writable folder."""
+    import os
+    from pathlib import Path
+
+    if not path:
+        return
+    p = Path(path).absolute()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable")
+
+
+def check_dataset(path: str | None, flag: str = "--data") -> None:
+    """ValueError for a pack (`hwattn data pack`) given where a built dataset is read."""
+    from pathlib import Path
+
+    if path and (Path(path) / "pack.json").is_file():
+        raise ValueError(f"{flag} {path} is a pack of a dataset, not the dataset: unpack it "
+                         f"first (`hwattn data unpack {path} --out DIR`, then {flag} DIR)")
+
+
 def model_params(config) -> int:
     """Parameters of the model `config` describes, counted without allocating it."""
     from hwattn.models.transformer import Transformer
@@ -81,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so commands stop their worker processes on the way out.
         signal.signal(signal.SIGTERM, _terminated)
+    # The full command in messages: `hwattn bench decode: error: ...` (as argparse names it).
+    name = " ".join(["hwattn", args.command] + [getattr(args, k) for k in ("bench_command",
+                                                                            "data_command")
+                                                 if getattr(args, k, None)])
     try:
         if getattr(args, "cpu_threads", None) is not None:
             from hwattn.cpu_threads import set_cpu_threads
@@ -88,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             set_cpu_threads(args.cpu_threads)
         return args.func(args) or 0
     except ValueError as err:
-        print(f"hwattn {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file or folder that cannot be read or written: one line
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

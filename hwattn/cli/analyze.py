@@ -51,13 +51,18 @@ def run(args) -> int:
     from dataclasses import replace
 
     from hwattn.analysis.cost import GPUS, analyze, format_table
+    from hwattn.cli import check_output_file, positive
 
-    gpu = GPUS[args.gpu]
-    if args.peak_tflops:
-        gpu = replace(gpu, name=f"{gpu.name} (custom)", tflops=args.peak_tflops)
-    if args.bandwidth:
-        gpu = replace(gpu, name=f"{gpu.name} (custom)", tb_per_s=args.bandwidth)
+    positive(args, "peak_tflops", "bandwidth")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants:
+        raise ValueError("--variants must name at least one variant")
+    check_output_file(args.plot, "--plot")
+    gpu = GPUS[args.gpu]
+    if args.peak_tflops is not None or args.bandwidth is not None:
+        gpu = replace(gpu, name=f"{gpu.name} (custom)",
+                      tflops=args.peak_tflops if args.peak_tflops is not None else gpu.tflops,
+                      tb_per_s=args.bandwidth if args.bandwidth is not None else gpu.tb_per_s)
     rows = analyze(args.preset, variants, args.tp, args.batch, args.context, args.dtype, gpu)
     if args.json:
         print(json.dumps({"gpu": gpu.__dict__, "rows": rows}))

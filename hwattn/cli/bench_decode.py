@@ -72,9 +72,30 @@ def cases(args) -> list[dict]:
                                 args.query_len, args.page_size)
 
 
+# The options that make the custom product; `--suite standard` has its own shapes.
+CUSTOM_ONLY = {"variants": "gla-2,mla,gqa-4,gta-4,mqa", "heads": None, "tp": [1], "batch": [128],
+               "context": [8192], "query_len": [1], "page_size": [64]}
+
+
+def check_args(args) -> None:
+    """ValueError before the GPU check, so that bad options are named on any machine."""
+    from hwattn.cli import at_least, check_output_file
+
+    at_least(args, 1, "heads", "head_dim", "rope_dim", "rep_ms")
+    at_least(args, 0, "warmup_ms")
+    if args.suite == "standard":
+        given = ["--" + k.replace("_", "-") for k, default in CUSTOM_ONLY.items()
+                 if getattr(args, k) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --suite custom; --suite standard "
+                             f"times its own shapes")
+    check_output_file(args.out)
+
+
 def run(args) -> int:
     from hwattn.bench import decode
 
+    check_args(args)
     options = decode.DecodeOptions(head_dim=args.head_dim, rope_dim=args.rope_dim,
                                    cache_dtype=args.cache_dtype, no_sdpa=args.no_sdpa,
                                    no_hopper=args.no_hopper, external=args.external,

@@ -34,17 +34,27 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from hwattn.bench.engine import bench_engine, format_engine_report
-    from hwattn.cli.serve import engine_from_args
+    from hwattn.cli import at_least, check_output_file
+    from hwattn.cli.serve import engine_config, engine_from_args
     from hwattn.engine.loader import model_config
 
     for name in ("num_prompts", "prompt_len", "output_len"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    at_least(args, 1, "breakdown_batch", "breakdown_context")
+    check_output_file(args.out)
+    engine_config(args)  # the engine options' own checks, before any worker process starts
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
     context = args.max_model_len or model_config(args.model, args.attention, overrides).max_seq_len
     if args.prompt_len >= context:  # said before any worker process starts
         raise ValueError(f"--prompt-len {args.prompt_len} leaves no room to generate in the "
                          f"model's context of {context} tokens")
+    if args.prompt_len + args.output_len > context:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --output-len {args.output_len} "
+                         f"exceed the model's context of {context} tokens")
+    if args.breakdown_context is not None and args.breakdown_context > context:
+        raise ValueError(f"--breakdown-context {args.breakdown_context} exceeds the model's "
+                         f"context of {context} tokens")
     engine = engine_from_args(args)
     try:
         doc = bench_engine(engine, args.num_prompts, args.prompt_len, args.output_len,

@@ -73,6 +73,12 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     cases = cases_from(args)
+    from hwattn.cli import check_output_file
+    from hwattn.variants import parse_variant
+
+    for case in cases:  # named here, not only on a GPU
+        parse_variant(case.variant)
+    check_output_file(args.out)
     config = tile_config(args)
     import torch
 

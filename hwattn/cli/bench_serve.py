@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from hwattn.cli import emit_json
 
 
@@ -38,12 +40,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from hwattn.bench.serve import bench_serve, format_report, prompt_lengths
 
-    if (args.url is None) == (args.model is None):
-        raise ValueError("give either --url (a running server) or MODEL (in-process)")
-    if not 0 <= args.prompt_spread < 1:
-        raise ValueError(f"--prompt-spread must be in [0, 1), got {args.prompt_spread}")
-    if args.warmup_requests < 0:
-        raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
+    check_args(args)
     lengths = prompt_lengths(args.num_prompts, args.prompt_len, args.prompt_spread, args.seed)
     engine = None
     try:
@@ -57,6 +54,13 @@ def run(args) -> int:
                           request_rate=args.request_rate, seed=args.seed,
                           max_duration_s=args.max_duration,
                           warmup_requests=args.warmup_requests, progress=not args.json)
+    except Exception as err:
+        if not _http_error(err):
+            raise
+        # The server at --url is not there or not answering: one line, not a traceback.
+        print(f"hwattn bench serve: error: --url {args.url}: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return 1
     finally:
         if engine is not None:
             engine.shutdown()
@@ -64,4 +68,63 @@ def run(args) -> int:
     if not args.json:
         print(format_report(doc))
     emit_json(doc, args.out)
+    if not doc["completed"]:  # nothing was measured: a failure, whatever the cause
+        print(f"hwattn bench serve: error: none of the {doc['requests']} requests completed"
+              + (f" ({doc['errors'][0]})" if doc.get("errors") else ""), file=sys.stderr)
+        return 1
     return 0
+
+
+def _http_error(err: Exception) -> bool:
+    try:
+        import httpx
+    except ImportError:
+        return False
+    return isinstance(err, httpx.HTTPError)
+
+
+def engine_option_defaults() -> dict:
+    """The engine options (`add_engine_args`) as they are when not given."""
+    import argparse
+
+    from hwattn.cli.serve import add_engine_args
+
+    p = argparse.ArgumentParser(add_help=False)
+    add_engine_args(p)
+    return vars(p.parse_args([]))
+
+
+def check_args(args) -> None:
+    """ValueError for values out of range, and for options a --url run would not use."""
+    from hwattn.cli import at_least, check_output_file, positive
+
+    if (args.url is None) == (args.model is None):
+        raise ValueError("give either --url (a running server) or MODEL (in-process)")
+    if not 0 <= args.prompt_spread < 1:
+        raise ValueError(f"--prompt-spread must be in [0, 1), got {args.prompt_spread}")
+    if args.warmup_requests < 0:
+        raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
+    at_least(args, 1, "num_prompts", "prompt_len", "output_len", "max_concurrency")
+    positive(args, "request_rate", "max_duration")
+    check_output_file(args.out)
+    if args.url is not None:
+        # The engine options configure the in-process engine; --seed also seeds the prompts
+        # and --cpu-threads this process, so both mean something with --url too.
+        given = ["--" + k.replace("_", "-") for k, v in engine_option_defaults().items()
+                 if k not in ("seed", "cpu_threads") and getattr(args, k) != v]
+        if args.http:
+            given.insert(0, "--http")
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to a model served in-process "
+                             f"(MODEL), not to the server at --url")
+        return
+    if args.served_model_name is not None:
+        raise ValueError("--served-model-name only applies with --url (the in-process model "
+                         "needs no name)")
+    from hwattn.engine.loader import model_config
+
+    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
+    context = args.max_model_len or model_config(args.model, args.attention, overrides).max_seq_len
+    if args.prompt_len + args.output_len > context:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --output-len {args.output_len} "
+                         f"exceed the model's context of {context} tokens")

@@ -48,10 +48,23 @@ def run(args) -> int:
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if not variants:
         raise ValueError("--variants must name at least one variant")
+    twice = sorted({v for v in variants if variants.count(v) > 1})
+    if twice:  # each variant trains into <out>/<label>: a second run would overwrite the first
+        raise ValueError(f"--variants names {', '.join(twice)} more than once")
     for name in ("steps", "seq_len", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    from hwattn.cli import at_least, check_dataset, check_device, check_output_dir, positive
+
+    check_dataset(args.data)
+    at_least(args, 0, "seed")
+    positive(args, "lr")
+    check_device(args.device)
+    check_output_dir(args.out)
+    if args.data and args.tokenizer:
+        raise ValueError("--tokenizer only applies to the shipped corpus; a dataset given with "
+                         "--data keeps the tokenizer it was built with")
     cfg = CompareConfig(variants=variants, data=args.data, device=args.device, preset=args.preset,
                         tokenizer=args.tokenizer, steps=args.steps, seq_len=args.seq_len,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,

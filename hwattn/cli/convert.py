@@ -24,11 +24,26 @@ def run(args) -> int:
     import shutil
     from pathlib import Path
 
+    from hwattn.cli import check_output_dir
     from hwattn.models.checkpoint import save_checkpoint
     from hwattn.models.convert import load_paper_checkpoint
 
     src, out = Path(args.source), Path(args.out)
-    model = load_paper_checkpoint(src)
+    if src.exists() and out.exists() and src.resolve() == out.resolve():
+        raise ValueError(f"the output {args.out} is the source folder: converting there would "
+                         f"overwrite the checkpoint being read; give another folder")
+    check_output_dir(args.out, "output")
+    try:
+        theirs = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError):
+        theirs = None  # load_paper_checkpoint says what is missing or wrong
+    if isinstance(theirs, dict) and theirs.get("model_type") == "hwattn":
+        raise ValueError(f"{src} is already an hwattn checkpoint; it needs no conversion")
+    try:
+        model = load_paper_checkpoint(src)
+    except KeyError as err:  # a config.json or state dict without what the paper's code writes
+        raise ValueError(f"{src} is not a checkpoint of the paper's GTA/GLA code: it has no "
+                         f"{err.args[0]!r}") from None
     their = json.loads((src / "config.json").read_text())
     eos = their.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos

@@ -41,9 +41,9 @@ def register(sub) -> None:
     b.add_argument("--seed", type=int, default=0,
                    help="order of capped documents and of the tokenizer's sample")
     b.add_argument("--hf-name", help="dataset configuration for hf: corpora (e.g. sample-10BT)")
-    b.add_argument("--hf-split", default="train", help="split for hf: corpora (default train)")
-    b.add_argument("--hf-text-field", default="text", help="text field for hf: corpora (default text)")
-    b.add_argument("--hf-domain", default="web", help="domain label for hf: corpora (default web)")
+    b.add_argument("--hf-split", help="split for hf: corpora (default train)")
+    b.add_argument("--hf-text-field", help="text field for hf: corpora (default text)")
+    b.add_argument("--hf-domain", help="domain label for hf: corpora (default web)")
     b.add_argument("--hf-limit", type=int, help="documents to stream from an hf: corpus")
     b.add_argument("--hf-data-files", help="local files for an hf: builder such as json")
     b.add_argument("--force", action="store_true", help="rebuild even if up to date")
@@ -78,6 +78,32 @@ def register(sub) -> None:
     up.set_defaults(func=run_unpack)
 
 
+HF_OPTIONS = ("hf_name", "hf_split", "hf_text_field", "hf_domain", "hf_limit", "hf_data_files")
+
+
+def check_build_args(args) -> None:
+    """ValueError for an option the chosen corpus or tokenizer would not read (refused rather
+    than ignored) and for values out of range."""
+    from hwattn.cli import at_least, check_output_dir
+
+    at_least(args, 1, "hf_limit")
+    check_output_dir(args.out)
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if not args.corpus.startswith("hf:"):
+        given = [flag(n) for n in HF_OPTIONS if getattr(args, n) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} "
+                             f"to --corpus hf:DATASET, not --corpus {args.corpus}")
+    if args.sources and args.corpus != "registry":
+        raise ValueError(f"--sources only applies to --corpus registry, not --corpus {args.corpus}")
+    if args.gpt2_file and args.tokenizer != "gpt2":
+        raise ValueError(f"--gpt2-file only applies to --tokenizer gpt2, not --tokenizer "
+                         f"{args.tokenizer}")
+    if args.cache and args.corpus != "registry" and (args.tokenizer != "gpt2" or args.gpt2_file):
+        raise ValueError("--cache (where downloads are kept) only applies to --corpus registry "
+                         "or to --tokenizer gpt2 without --gpt2-file; this build downloads nothing")
+
+
 def run_build(args) -> int:
     import os
 
@@ -87,14 +113,16 @@ def run_build(args) -> int:
     from hwattn.data.corpora import build_dataset
     from hwattn.data.sources import DownloadError
 
+    check_build_args(args)
     options = BuildOptions(val_fraction=args.val_fraction,
                            max_train_tokens_per_domain=args.max_train_tokens_per_domain,
                            max_val_tokens_per_domain=args.max_val_tokens_per_domain,
                            tokenizer_sample_chars=args.tokenizer_sample_chars, seed=args.seed)
     hf = None
     if args.corpus.startswith("hf:"):
-        hf = {"name": args.hf_name, "split": args.hf_split, "text_field": args.hf_text_field,
-              "domain": args.hf_domain, "limit": args.hf_limit, "data_files": args.hf_data_files}
+        hf = {"name": args.hf_name, "split": args.hf_split or "train",
+              "text_field": args.hf_text_field or "text", "domain": args.hf_domain or "web",
+              "limit": args.hf_limit, "data_files": args.hf_data_files}
     sources = [s.strip() for s in args.sources.split(",")] if args.sources else None
     log = (lambda *a: None) if args.json else print
     try:
@@ -130,11 +158,63 @@ def run_sources(args) -> int:
     return 0
 
 
+# What a pack folder holds (`hwattn.data.pack`): its manifest, pack.json, xz parts, copied
+# .gz files and the temporary files of an interrupted pack.
+def _pack_file(name: str) -> bool:
+    return (name in ("manifest.json", "pack.json") or name.endswith((".xz", ".gz"))
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def _same_folder(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def check_pack_args(args) -> None:
+    """The pack goes to a folder of its own: packing removes every file of --out that is not
+    part of the new pack, so --out must not be the dataset or hold other files."""
+    from pathlib import Path
+
+    from hwattn.cli import at_least, check_output_dir
+
+    at_least(args, 1, "workers")
+    if _same_folder(args.data, args.out):
+        raise ValueError(f"--out {args.out} is the dataset folder itself; give a folder of "
+                         f"its own for the pack")
+    check_output_dir(args.out)
+    out = Path(args.out)
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.is_file() and not _pack_file(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ValueError(f"--out {args.out} holds files that are not part of a pack "
+                             f"({shown}); packing removes them: give a new or empty folder")
+
+
+def check_unpack_args(args) -> None:
+    """Unpacking into the pack itself would overwrite its manifest (and into another pack,
+    that pack's)."""
+    from pathlib import Path
+
+    from hwattn.cli import at_least, check_output_dir
+
+    at_least(args, 1, "workers")
+    if _same_folder(args.pack, args.out):
+        raise ValueError(f"--out {args.out} is the pack folder itself; give the dataset a "
+                         f"folder of its own")
+    check_output_dir(args.out)
+    if (Path(args.out) / "pack.json").is_file():
+        raise ValueError(f"--out {args.out} holds a pack (pack.json); give the dataset a "
+                         f"folder of its own")
+
+
 def run_pack(args) -> int:
     from hwattn.data.pack import pack_dataset, pack_size
 
     if args.part_mb < 1:
         raise ValueError(f"--part-mb must be >= 1, got {args.part_mb}")
+    check_pack_args(args)
     pack_dataset(args.data, args.out, part_bytes=args.part_mb << 20, workers=args.workers)
     print(f"{args.out}: {pack_size(args.out) / 2**20:.1f} MiB")
     return 0
@@ -143,6 +223,7 @@ def run_pack(args) -> int:
 def run_unpack(args) -> int:
     from hwattn.data.pack import unpack_dataset
 
+    check_unpack_args(args)
     man = unpack_dataset(args.pack, args.out, workers=args.workers)
     tr = man["splits"]["train"]
     print(f"{args.out}: train {tr['tokens']:,} tokens, validation "

@@ -56,10 +56,20 @@ def run(args) -> int:
     from hwattn.cpu_threads import describe, use_default_cpu_threads
     from hwattn.models import Transformer, greedy_generate
 
+    from hwattn.cli import check_device
+
     for name in ("batch", "prompt_len", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_device(args.device)
+    from hwattn.device import resolve_device
+
+    args.device = str(resolve_device(args.device))  # "auto" as the device it stands for
     configs = [ModelConfig.from_preset("tiny", **parse_variant(label)) for label in DEFAULT_VARIANTS]
+    context = min(c.max_seq_len for c in configs)
+    if args.prompt_len + args.new_tokens > context:
+        raise ValueError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} "
+                         f"exceed the tiny models' context of {context} tokens")
     use_default_cpu_threads(max(model_params(c) for c in configs), args.device)
     print("== KV cache and decode roofline, xl preset (per rank) ==")
     print(format_table(analyze("xl", DEFAULT_VARIANTS, (1, 2, 4)), GPUS["h100"]))

@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--ppl-tokens", type=int, help="held-out tokens per domain (default all)")
     p.add_argument("--cloze", type=int, default=200, help="cloze items, 0 skips (default 200)")
     p.add_argument("--mc", type=int, default=200, help="multiple-choice items, 0 skips (default 200)")
-    p.add_argument("--recall-pairs", type=lambda text: tuple(int_list(text)), default=(8, 32, 64),
+    p.add_argument("--recall-pairs", type=lambda text: tuple(int_list(text)), default=None,
                    help="key-value pair counts of the recall probe (default 8,32,64)")
     p.add_argument("--write-tasks", metavar="DIR",
                    help="write the cloze / MC items as JSONL with lm-eval task YAML (tasks "
@@ -33,8 +33,8 @@ def register(sub) -> None:
                         "hwattn_mc --include_path DIR`)")
     p.add_argument("--lm-eval", action="append", default=[], metavar="NAME=FILE.jsonl",
                    help="run lm-evaluation-harness on a local JSONL task (repeatable)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward (default 16)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task sampling (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     add_cpu_threads(p)
@@ -51,11 +51,26 @@ def run(args) -> int:
 
     from hwattn.cpu_threads import use_default_cpu_threads
     from hwattn.eval.lm_eval_tasks import write_tasks
+    from hwattn.cli import at_least, check_dataset, check_device, check_output_dir
 
+    check_dataset(args.data)
+    at_least(args, 0, "cloze", "mc")
+    at_least(args, 1, "seq_len", "ppl_tokens", "batch_size")
+    check_output_dir(args.write_tasks, "--write-tasks")
     if args.checkpoint is None:
         if not args.write_tasks:
             raise ValueError("eval needs a checkpoint folder (or --write-tasks DIR alone to "
                              "write lm-eval tasks)")
+        # Writing tasks reads only --data, --cloze, --mc and --seed: refuse the rest.
+        given = [flag for flag, value in (("--seq-len", args.seq_len),
+                                          ("--ppl-tokens", args.ppl_tokens),
+                                          ("--recall-pairs", args.recall_pairs),
+                                          ("--lm-eval", args.lm_eval or None),
+                                          ("--batch-size", args.batch_size),
+                                          ("--device", args.device)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} need a checkpoint to evaluate; without one, "
+                             f"eval only writes the --write-tasks files")
         tasks = build_tasks(TokenDataset(args.data),
                             EvalConfig(n_cloze=args.cloze, n_mc=args.mc, seed=args.seed))
         written = write_tasks(tasks, args.write_tasks)
@@ -65,6 +80,15 @@ def run(args) -> int:
         print(f"run: lm_eval --model hwattn --model_args pretrained=CHECKPOINT --tasks "
               f"{','.join(written)} --include_path {args.write_tasks}")
         return 0
+    specs = {}
+    for spec in args.lm_eval:  # checked before the evaluation, not after it
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise ValueError(f"--lm-eval expects NAME=FILE.jsonl, got {spec!r}")
+        specs[name] = file
+    args.batch_size = args.batch_size or 16
+    args.recall_pairs = args.recall_pairs or (8, 32, 64)
+    check_device(args.device)
     ckpt = Path(args.checkpoint)
     device = resolve_device(args.device)
     model = load_model(ckpt, device=device)
@@ -77,6 +101,13 @@ def run(args) -> int:
     if seq_len is None:
         run_cfg = ckpt.parent / "train_config.json"
         seq_len = json.loads(run_cfg.read_text())["seq_len"] if run_cfg.is_file() else 256
+        seq_len = min(seq_len, model.config.max_seq_len)
+    elif seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the checkpoint's context of "
+                         f"{model.config.max_seq_len} tokens (max_seq_len)")
+    if args.ppl_tokens is not None and args.ppl_tokens < seq_len:
+        raise ValueError(f"--ppl-tokens {args.ppl_tokens} is less than one evaluation window "
+                         f"of {seq_len} tokens (--seq-len)")
     cfg = EvalConfig(seq_len=seq_len, ppl_tokens=args.ppl_tokens, n_cloze=args.cloze, n_mc=args.mc,
                      recall_pairs=args.recall_pairs, batch_size=args.batch_size, seed=args.seed)
     tasks = build_tasks(data, cfg)
@@ -86,12 +117,6 @@ def run(args) -> int:
     if args.lm_eval:
         from hwattn.eval.lm_eval_adapter import HwattnLM, run_lm_eval
 
-        specs = {}
-        for spec in args.lm_eval:
-            name, sep, file = spec.partition("=")
-            if not sep or not name or not file:
-                raise ValueError(f"--lm-eval expects NAME=FILE.jsonl, got {spec!r}")
-            specs[name] = file
         lm = HwattnLM(model=model, tokenizer=data.tokenizer, batch_size=args.batch_size,
                       max_length=seq_len)
         res["lm_eval"] = run_lm_eval(lm, specs)

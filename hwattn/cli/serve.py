@@ -44,7 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "engine may fill, weights included (as vLLM); CUDA only")
     p.add_argument("--speculative", default=None,
                    help="'ngram' or a draft-model checkpoint directory")
-    p.add_argument("--num-speculative-tokens", type=int, default=3, help="k drafts per step")
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="k drafts per step, with --speculative (default 3)")
     p.add_argument("--speculative-disable-batch-size", "--speculative-disable-by-batch-size",
                    dest="speculative_disable_batch_size", type=int, default=None, metavar="N",
                    help="with --speculative: a step that starts with N or more running sequences "
@@ -76,19 +77,42 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def parse_budget(text):
     if text is None:
         return None
-    value = float(text)
-    if value <= 0:
-        raise ValueError(f"memory_budget must be positive, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--memory-budget must be a number of bytes (e.g. 2e9) or a fraction "
+                         f"of free GPU memory (0.85), got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise ValueError(f"--memory-budget must be a finite number > 0, got {text}")
     return value if value <= 1 else int(value)
 
 
 def engine_config(args):
     """The `EngineConfig` the engine options (`add_engine_args`) describe; vLLM's flags
     (--enforce-eager, --trust-remote-code) go through `vllm_arguments`, as `LLM`'s do."""
+    from hwattn.cli import at_least, check_device
     from hwattn.engine import EngineConfig
     from hwattn.engine.llm import vllm_arguments
+    from hwattn.engine.loader import is_checkpoint
 
-    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
+    check_device(args.device)
+    at_least(args, 1, "max_model_len", "max_seq_len")
+    if args.max_seq_len is not None and is_checkpoint(args.model):
+        raise ValueError("--max-seq-len applies to presets only: a checkpoint keeps the context "
+                         "it was trained with (--max-model-len lowers the engine's limit)")
+    if args.num_speculative_tokens is not None and args.speculative is None:
+        raise ValueError(f"--num-speculative-tokens {args.num_speculative_tokens} needs "
+                         f"--speculative ('ngram' or a draft checkpoint directory)")
+    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len is not None else None
+    if args.tp > 1 and args.model is not None:  # said before any rank process starts
+        from hwattn.engine.loader import model_config
+        from hwattn.models.transformer import Transformer
+
+        shape = model_config(args.model, args.attention, overrides)
+        try:
+            Transformer(shape, device="meta").layers[0].attn.local_heads(args.tp)
+        except ValueError as err:
+            raise ValueError(f"--tp {args.tp} does not split {shape.label}: {err}") from None
     kwargs = dict(model=args.model, attention=args.attention, dtype=args.dtype,
                   device=args.device, tensor_parallel_size=args.tp, data_parallel_size=args.dp,
                   page_size=args.page_size, max_num_seqs=args.max_num_seqs,
@@ -96,13 +120,14 @@ def engine_config(args):
                   memory_budget=parse_budget(args.memory_budget),
                   gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
                   max_model_len=args.max_model_len, speculative=args.speculative,
-                  num_speculative_tokens=args.num_speculative_tokens,
                   speculative_disable_batch_size=getattr(args, "speculative_disable_batch_size",
                                                          None),
                   seed=args.seed,
                   enable_prefix_caching=not args.no_prefix_caching, model_overrides=overrides,
                   enforce_eager=args.enforce_eager,
                   trust_remote_code=getattr(args, "trust_remote_code", False))
+    if args.num_speculative_tokens is not None:
+        kwargs["num_speculative_tokens"] = args.num_speculative_tokens
     if args.no_cuda_graphs:
         kwargs["cuda_graphs"] = False
     if args.no_compile:
@@ -128,6 +153,20 @@ def served_name(args) -> str:
     return args.model.rstrip("/").split("/")[-1]
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0-65535, got {port}")
+    return port
+
+
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE)",
                        description="Serve a checkpoint directory or a random-weight preset over "
@@ -139,10 +178,12 @@ def register(sub) -> None:
     p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
                    help="the same as the positional MODEL (as vLLM takes either)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000,
+                   help="port, 0-65535 (default 8000; 0: any free port)")
     p.add_argument("--served-model-name", default=None,
                    help="name clients pass as `model` (default: preset-variant or directory name)")
-    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
+                   help="uvicorn log level (default warning)")
     p.add_argument("--api-key", default=None,
                    help=f"require `Authorization: Bearer KEY` on every /v1 route and the "
                         f"tokenizer routes (default: the {API_KEY_ENV} environment variable; "

@@ -25,10 +25,11 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per GPU (default 16)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--warmup", type=int, default=20, help="warm-up steps (default 20)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up steps (default 20, or --steps when fewer)")
     p.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr / peak (default 0.01)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, > 0 (default 1.0; inf: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp32"),
@@ -50,6 +51,36 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args) -> None:
+    """ValueError for what `TrainConfig` leaves to fail late (after training, or after
+    --no-resume has removed the old checkpoint) or would take silently."""
+    from hwattn.cli import at_least, check_dataset, check_device, check_output_dir, positive
+
+    if args.warmup is None:
+        args.warmup = min(20, args.steps)
+    at_least(args, 1, "steps", "seq_len", "batch_size", "accum", "log_every")
+    at_least(args, 0, "warmup", "eval_every", "ckpt_every", "seed", "weight_decay")
+    if args.warmup > args.steps:
+        raise ValueError(f"--warmup {args.warmup} exceeds --steps {args.steps}")
+    positive(args, "lr", "peak_tflops")
+    if not args.clip > 0:  # 0 would zero every gradient, a negative clip flip its sign
+        raise ValueError(f"--clip must be > 0 (inf: no clipping), got {args.clip}")
+    check_device(args.device)
+    check_output_dir(args.out)
+    if args.eval_tokens < args.seq_len:
+        raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one evaluation window "
+                         f"of --seq-len {args.seq_len} tokens")
+    from hwattn.data.loader import TokenDataset
+
+    check_dataset(args.data)
+    data = TokenDataset(args.data)
+    for domain, tokens in data.val.items():
+        if len(tokens) <= args.seq_len:
+            raise ValueError(f"--seq-len {args.seq_len} is longer than the {len(tokens)} "
+                             f"validation tokens of domain {domain!r} in {args.data}: lower "
+                             f"--seq-len or rebuild with a larger --val-fraction")
+
+
 def run(args) -> int:
     from hwattn.cli import model_params
     from hwattn.config import ModelConfig, parse_variant
@@ -57,6 +88,7 @@ def run(args) -> int:
     from hwattn.device import resolve_device
     from hwattn.train.trainer import TrainConfig, train
 
+    check_args(args)
     device = resolve_device(args.device)
     shape = ModelConfig.from_preset(args.preset, **parse_variant(args.variant))
     use_default_cpu_threads(model_params(shape), device)

@@ -21,7 +21,10 @@ def model_config(model: str, attention: str | None = None, overrides: dict | Non
         from hwattn.models.checkpoint import load_config
 
         config = load_config(model)
-        if attention is not None and parse_variant(attention)["attention"] != config.attention:
+        # The whole label, group count included: --attention gqa-4 on a gqa-2 checkpoint
+        # is refused, not ignored.
+        if attention is not None and any(getattr(config, k) != v
+                                         for k, v in parse_variant(attention).items()):
             raise ValueError(f"attention {attention!r} does not match the checkpoint's "
                              f"{config.label!r}; leave it out for checkpoints")
         return config

@@ -4,6 +4,7 @@ resume that would continue differently must be a clear error, not a silent chang
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -214,10 +215,13 @@ def test_resume_on_another_data_build_is_an_error(dataset_dir, tmp_path, stopped
     man = json.loads((data / "manifest.json").read_text())
     tokens = np.fromfile(data / "train.bin", dtype=man["dtype"])
     tokens[::-1].copy().tofile(data / "train.bin")
-    man["splits"]["train"]["sha256"] = man["files"]["train"]["sha256"] = "0" * 64
+    # A consistent build of its own (the loader's integrity check passes): the resume check
+    # is what must refuse it.
+    sha = hashlib.sha256((data / "train.bin").read_bytes()).hexdigest()
+    man["splits"]["train"]["sha256"] = man["files"]["train"]["sha256"] = sha
     (data / "manifest.json").write_text(json.dumps(man))
     out = _copy(stopped, tmp_path)
-    with pytest.raises(ValueError, match="data"):
+    with pytest.raises(ValueError, match="trained on other data"):
         train(_cfg(data, out), **QUIET)
 
 
