@@ -82,31 +82,31 @@ def test_pack_keeps_files_it_did_not_write(tiny, tmp_path):
     assert (out / "notes.txt").read_text() == "not a part"
 
 
+def refused_untouched(folder: Path, call, match: str) -> None:
+    """`call()` raises ValueError matching `match` and leaves `folder`'s files as they were."""
+    before = _files(folder)
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert _files(folder) == before
+
+
 def test_pack_into_the_dataset_itself_is_refused(tiny, tmp_path):
-    root, _, _ = tiny
-    ds = _copy(root / "ds", tmp_path / "ds")
-    before = _files(ds)
-    with pytest.raises(ValueError, match="dataset folder itself"):
-        pack_dataset(ds, ds, workers=1, log=lambda *a: None)
-    assert _files(ds) == before
+    ds = _copy(tiny[0] / "ds", tmp_path / "ds")
+    refused_untouched(ds, lambda: pack_dataset(ds, ds, workers=1, log=lambda *a: None),
+                      "dataset folder itself")
 
 
 def test_pack_into_another_dataset_is_refused(tiny, tmp_path):
-    root, _, _ = tiny
+    root = tiny[0]
     other = _copy(root / "ds", tmp_path / "other")
-    before = _files(other)
-    with pytest.raises(ValueError, match=str(other)):
-        pack_dataset(root / "ds", other, workers=1, log=lambda *a: None)
-    assert _files(other) == before
+    refused_untouched(other, lambda: pack_dataset(root / "ds", other, workers=1,
+                                                  log=lambda *a: None), str(other))
 
 
 def test_unpack_into_the_pack_itself_is_refused(tiny, tmp_path):
-    root, _, _ = tiny
-    pack = _copy(root / "pack", tmp_path / "pack")
-    before = _files(pack)
-    with pytest.raises(ValueError, match="pack folder itself"):
-        unpack_dataset(pack, pack, workers=1, log=lambda *a: None)
-    assert _files(pack) == before
+    pack = _copy(tiny[0] / "pack", tmp_path / "pack")
+    refused_untouched(pack, lambda: unpack_dataset(pack, pack, workers=1, log=lambda *a: None),
+                      "pack folder itself")
 
 
 def test_damaged_pack_leaves_the_build_already_there_intact(tiny, dataset_dir, tmp_path):

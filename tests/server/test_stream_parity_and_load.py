@@ -132,6 +132,22 @@ def test_millions_of_tiny_prompts_are_refused_without_looking_at_each():
     assert err.value.param == "prompt" and "3000000 prompts" in err.value.message
 
 
+def health_during(base, path, body, after_s):
+    """POST `body` to `path`, then `after_s` later time GET /health while it is still pending:
+    (the POST's response, /health's response, its seconds)."""
+    async def main():
+        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=60) as http:
+            pending = asyncio.create_task(http.post(path, json=body))
+            await asyncio.sleep(after_s)
+            start = time.perf_counter()
+            health = await http.get("/health")
+            health_s = time.perf_counter() - start
+            assert not pending.done()
+            return await pending, health, health_s
+
+    return asyncio.run(main())
+
+
 def test_detokenize_runs_off_the_event_loop(server, monkeypatch):
     """A slow detokenization (2 s, injected: as millions of ids in a 16 MB body take) holds
     its own request only; /health answers meanwhile. It ran on the event loop."""
@@ -145,17 +161,7 @@ def test_detokenize_runs_off_the_event_loop(server, monkeypatch):
 
     monkeypatch.setattr(engine.tokenizer, "decode", slow)
 
-    async def main():
-        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=60) as http:
-            pending = asyncio.create_task(http.post("/detokenize", json={"tokens": [115, 108]}))
-            await asyncio.sleep(0.2)
-            start = time.perf_counter()
-            health = await http.get("/health")
-            health_s = time.perf_counter() - start
-            assert not pending.done()
-            return await pending, health, health_s
-
-    detok, health, health_s = asyncio.run(main())
+    detok, health, health_s = health_during(base, "/detokenize", {"tokens": [115, 108]}, 0.2)
     assert detok.status_code == 200 and detok.json() == {"prompt": "sl"}
     assert health.status_code == 200 and health_s < 1.0
 
@@ -174,18 +180,8 @@ def test_a_large_body_is_validated_off_the_event_loop(server, monkeypatch):
 
     monkeypatch.setattr(app_module, "parse", slow)
 
-    async def main():
-        async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=60) as http:
-            big = {"model": NAME, "prompt": [1] * 40_000, "max_tokens": 1}
-            pending = asyncio.create_task(http.post(C, json=big))
-            await asyncio.sleep(0.3)
-            start = time.perf_counter()
-            health = await http.get("/health")
-            health_s = time.perf_counter() - start
-            assert not pending.done()
-            return await pending, health, health_s
-
-    r, health, health_s = asyncio.run(main())
+    big = {"model": NAME, "prompt": [1] * 40_000, "max_tokens": 1}
+    r, health, health_s = health_during(base, C, big, 0.3)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert health.status_code == 200 and health_s < 1.0
 
