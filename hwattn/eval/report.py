@@ -432,7 +432,8 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
                 + f" A perplexity's relative spread is about its loss's spread in nats (the "
                 f"loss, {mean_loss(runs):.2f} nats here, times the loss's relative spread), "
                 "and the mean of the domains' perplexities weighs the high-perplexity domain "
-                "most, so the perplexity spreads above are the larger ones."]
+                "most (where the domains' deviations offset each other, as with two seeds they "
+                "may, the perplexity spread is the smaller one)."]
     peak = r0.get("peak_tflops")
     out += ["", "Perplexity is per held-out domain; the mean over domains weighs each domain "
             "equally. Bits per byte divide the summed loss by the UTF-8 bytes the scored tokens "
