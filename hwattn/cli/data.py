@@ -158,13 +158,6 @@ def run_sources(args) -> int:
     return 0
 
 
-# What a pack folder holds (`hwattn.data.pack`): its manifest, pack.json, xz parts, copied
-# .gz files and the temporary files of an interrupted pack.
-def _pack_file(name: str) -> bool:
-    return (name in ("manifest.json", "pack.json") or name.endswith((".xz", ".gz"))
-            or (name.startswith(".") and name.endswith(".tmp")))
-
-
 def _same_folder(a: str, b: str) -> bool:
     from pathlib import Path
 
@@ -172,10 +165,8 @@ def _same_folder(a: str, b: str) -> bool:
 
 
 def check_pack_args(args) -> None:
-    """The pack goes to a folder of its own: packing removes every file of --out that is not
-    part of the new pack, so --out must not be the dataset or hold other files."""
-    from pathlib import Path
-
+    """The options, named as the command line names them (`pack_dataset` itself refuses the
+    dataset or another dataset as its output, and removes only its own part files)."""
     from hwattn.cli import at_least, check_output_dir
 
     at_least(args, 1, "workers")
@@ -183,13 +174,6 @@ def check_pack_args(args) -> None:
         raise ValueError(f"--out {args.out} is the dataset folder itself; give a folder of "
                          f"its own for the pack")
     check_output_dir(args.out)
-    out = Path(args.out)
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.is_file() and not _pack_file(p.name))
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise ValueError(f"--out {args.out} holds files that are not part of a pack "
-                             f"({shown}); packing removes them: give a new or empty folder")
 
 
 def check_unpack_args(args) -> None:

@@ -16,6 +16,7 @@ from its bytes, and that run ends in exactly one final merge of two smaller toke
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -429,9 +430,16 @@ def _has_decode_stream() -> bool:
     ordinary text (huggingface/tokenizers#1705, fixed in 0.21.1), raising pyo3's
     PanicException, which is no `Exception`."""
     tk = _tokenizers()
-    version = re.match(r"(\d+)\.(\d+)\.(\d+)", getattr(tk, "__version__", ""))
-    return (hasattr(tk.decoders, "DecodeStream") and version is not None
-            and tuple(map(int, version.groups())) >= (0, 21, 1))
+    return hasattr(tk.decoders, "DecodeStream") and \
+        _version_at_least(getattr(tk, "__version__", ""), (0, 21, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _version_at_least(version: str, minimum: tuple[int, ...]) -> bool:
+    """Whether a version string's leading numbers reach `minimum` (read once per string: the
+    engine asks for every request)."""
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    return found is not None and tuple(map(int, found.groups())) >= minimum
 
 
 def incremental_detokenizer(tokenizer, skip_special_tokens: bool | None = None):

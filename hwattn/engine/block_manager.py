@@ -217,8 +217,7 @@ class BlockManager:
         ps = self.page_size
         short = []
         for seq in seqs:
-            # pages_for(num_cached + extra) - pages held, written out (a call per row costs more)
-            needed = -(-(seq.num_cached + extra) // ps) - len(seq.block_table)
+            needed = pages_for(seq.num_cached + extra, ps) - len(seq.block_table)
             if needed > 0:
                 short.append((seq, needed))
         if not short:

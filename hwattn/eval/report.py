@@ -274,8 +274,10 @@ def seed_loss_spread(by: dict[str, list[dict]]) -> dict[str, float]:
     out = {}
     for label, rs in by.items():
         losses = [r["eval"]["ppl"].get("average", {}).get("loss") for r in rs]
-        if len(losses) > 1 and None not in losses:
-            out[label] = statistics.stdev(losses) / statistics.fmean(losses)
+        if None not in losses:
+            m, s = mean_std(losses)
+            if s is not None:
+                out[label] = s / m
     return out
 
 
