@@ -113,7 +113,7 @@ def run(args) -> int:
     tasks = build_tasks(data, cfg)
     if args.write_tasks:
         write_tasks(tasks, args.write_tasks)
-    res = evaluate_model(model, data, cfg, tasks)
+    res = evaluate_model(model, data, cfg, tasks, progress=not args.json)
     if args.lm_eval:
         from hwattn.eval.lm_eval_adapter import HwattnLM, run_lm_eval
 

@@ -116,13 +116,19 @@ class BatchSampler:
         return data[:, :-1], data[:, 1:]
 
 
+def eval_window_count(n_tokens: int, seq_len: int, max_tokens: int | None = None) -> int:
+    """How many windows `eval_windows` cuts from `n_tokens` tokens (0: too few for one)."""
+    n = n_tokens if max_tokens is None else min(n_tokens, max_tokens + 1)
+    return max(0, (n - 1) // seq_len)
+
+
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping (n, seq_len + 1) windows covering `tokens` (the first `max_tokens`),
     each sharing its last token with the next window's first, so every token but the first
     is predicted exactly once."""
-    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
-    count = (n - 1) // seq_len
+    count = eval_window_count(len(tokens), seq_len, max_tokens)
     if count < 1:
+        n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
         raise ValueError(f"{n} tokens are fewer than one evaluation window of {seq_len + 1}")
     idx = np.arange(count)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return torch.from_numpy(np.asarray(tokens[:count * seq_len + 1], dtype=np.int64)[idx])

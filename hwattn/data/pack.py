@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hwattn.data.build import MANIFEST, _pid_alive, _plain_name, read_manifest, up_to_date
+from hwattn.data.progress import progress_bar
 from hwattn.data.sources import sha256_file
 
 PACK_FORMAT = "hwattn-pack-1"
@@ -89,16 +90,23 @@ def _pool(workers: int | None):
     return ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
 
 
-def _map(pool, fn, jobs):
-    return list(pool.map(fn, jobs)) if pool is not None else [fn(j) for j in jobs]
+def _map(pool, fn, jobs, bar, sizes):
+    """[fn(job) for job in jobs], in `pool` when there is one; `bar` advances by each job's
+    entry of `sizes` as its result comes in."""
+    out = []
+    for result, size in zip(pool.map(fn, jobs) if pool is not None else map(fn, jobs), sizes):
+        out.append(result)
+        bar.update(size)
+    return out
 
 
 def pack_dataset(data_dir: str | Path, out: str | Path, part_bytes: int = PART_BYTES,
-                 workers: int | None = None, log=print) -> dict:
+                 workers: int | None = None, log=print, progress: bool = True) -> dict:
     """Write the pack of the built dataset in `data_dir` to folder `out`; returns pack.json.
 
     Parts already present (same content) are kept, so an interrupted pack resumes; parts of
-    other builds are removed once the new pack.json is written.
+    other builds are removed once the new pack.json is written. `progress`: a bar on stderr
+    of the dataset bytes compressed, advanced part by part.
     """
     data_dir, out = Path(data_dir), Path(out)
     man_file = data_dir / MANIFEST
@@ -142,9 +150,13 @@ def pack_dataset(data_dir: str | Path, out: str | Path, part_bytes: int = PART_B
         layout[name] = rec
     log(f"packing {data_dir}: {len(jobs)} parts of at most {part_bytes >> 20} MiB")
     pool = _pool(min(workers or os.cpu_count() or 1, max(1, len(jobs))))
+    sizes = [job[2] for job in jobs]
+    bar = progress_bar(total=sum(sizes), desc="pack", unit="B", unit_scale=True,
+                       unit_divisor=1024, disable=not progress)
     try:
-        results = _map(pool, _compress_part, jobs)
+        results = _map(pool, _compress_part, jobs, bar, sizes)
     finally:
+        bar.close()
         if pool is not None:
             pool.shutdown()
     it = iter(results)
@@ -223,13 +235,14 @@ def _remove_dead_temps(out: Path, names) -> None:
 
 
 def unpack_dataset(pack: str | Path, out: str | Path, workers: int | None = None,
-                   verify: bool = True, log=print) -> dict:
+                   verify: bool = True, log=print, progress: bool = True) -> dict:
     """Expand the pack in folder `pack` into the built dataset `out`; returns its manifest.
 
     Does nothing when `out` already holds the same build. Raises ValueError when a part is
     missing or damaged, or an expanded file does not match the manifest's SHA-256; every
     part is checked before `out` is touched, so a damaged pack leaves a build already there
-    as it was.
+    as it was. `progress`: bars on stderr of the bytes expanded (part by part) and of the
+    expanded files' bytes checked against the manifest (file by file).
     """
     pack, out = Path(pack), Path(out)
     meta = _read_pack(pack)
@@ -279,19 +292,30 @@ def unpack_dataset(pack: str | Path, out: str | Path, workers: int | None = None
                 f.truncate(rec["size"])
         jobs = [(src, str(temps[name]), offset, size) for src, name, offset, size in jobs]
         pool = _pool(min(workers or os.cpu_count() or 1, max(1, len(jobs))))
+        sizes = [job[3] for job in jobs]
+        bar = progress_bar(total=sum(sizes), desc="unpack", unit="B", unit_scale=True,
+                           unit_divisor=1024, disable=not progress)
         try:
-            _map(pool, _decompress_part, jobs)
+            _map(pool, _decompress_part, jobs, bar, sizes)
         except lzma.LZMAError as err:
             raise ValueError(f"{pack}: a part does not decompress ({err})") from None
         finally:
+            bar.close()
             if pool is not None:
                 pool.shutdown()
-        for name, tmp in temps.items():
-            want = meta["files"][name]["sha256"]
-            got = sha256_file(tmp)
-            if got != want:
-                raise ValueError(f"{name}: expanded file has SHA-256 {got[:16]}…, the manifest "
-                                 f"says {want[:16]}…")
+        bar = progress_bar(total=sum(meta["files"][name]["size"] for name in temps),
+                           desc="verify", unit="B", unit_scale=True, unit_divisor=1024,
+                           disable=not progress)
+        try:
+            for name, tmp in temps.items():
+                want = meta["files"][name]["sha256"]
+                got = sha256_file(tmp)
+                if got != want:
+                    raise ValueError(f"{name}: expanded file has SHA-256 {got[:16]}…, the "
+                                     f"manifest says {want[:16]}…")
+                bar.update(meta["files"][name]["size"])
+        finally:
+            bar.close()
     except BaseException:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hwattn.data.loader import eval_windows
+from hwattn.data.loader import eval_window_count, eval_windows
+from hwattn.data.progress import progress_bar
 
 
 def autocast_for(device: torch.device | str, dtype: str = "auto"):
@@ -27,8 +28,10 @@ def autocast_for(device: torch.device | str, dtype: str = "auto"):
 
 
 @torch.no_grad()
-def token_losses(model, windows: torch.Tensor, batch_size: int = 16, amp: str = "auto") -> torch.Tensor:
-    """Per-token losses (n, T) in nats of `windows` (n, T + 1) int64."""
+def token_losses(model, windows: torch.Tensor, batch_size: int = 16, amp: str = "auto",
+                 bar=None) -> torch.Tensor:
+    """Per-token losses (n, T) in nats of `windows` (n, T + 1) int64. `bar` (a progress bar,
+    optional) advances by the tokens of each batch scored."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(windows), batch_size):
@@ -37,18 +40,22 @@ def token_losses(model, windows: torch.Tensor, batch_size: int = 16, amp: str = 
             logits = model(w[:, :-1])
         loss = F.cross_entropy(logits.float().transpose(1, 2), w[:, 1:], reduction="none")
         out.append(loss.cpu())
+        if bar is not None:
+            bar.update(loss.numel())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def evaluate_perplexity(model, tokens: np.ndarray, seq_len: int, token_bytes: np.ndarray | None = None,
-                        max_tokens: int | None = None, batch_size: int = 16, amp: str = "auto") -> dict:
+                        max_tokens: int | None = None, batch_size: int = 16, amp: str = "auto",
+                        bar=None) -> dict:
     """Loss (nats/token), perplexity, and bits per byte when `token_bytes` (V,) is given.
 
     tokens: (N,) held-out token ids; at most `max_tokens` of them are scored.
+    bar: a progress bar (optional), advanced by the tokens scored.
     """
     windows = eval_windows(tokens, seq_len, max_tokens)
-    losses = token_losses(model, windows, batch_size, amp)
+    losses = token_losses(model, windows, batch_size, amp, bar)
     total = float(losses.double().sum())
     n = losses.numel()
     out = {"tokens": n, "loss": total / n, "ppl": math.exp(total / n)}
@@ -60,12 +67,19 @@ def evaluate_perplexity(model, tokens: np.ndarray, seq_len: int, token_bytes: np
 
 
 def evaluate_domains(model, dataset, seq_len: int, max_tokens: int | None = None,
-                     batch_size: int = 16, amp: str = "auto") -> dict:
+                     batch_size: int = 16, amp: str = "auto", progress: bool = False) -> dict:
     """{domain: perplexity record} for every held-out domain of a `TokenDataset`, plus
-    "average": the unweighted mean over domains of loss, ppl and bpb."""
+    "average": the unweighted mean over domains of loss, ppl and bpb. `progress`: a bar on
+    stderr of the tokens scored, all domains together."""
     lengths = dataset.tokenizer.token_byte_lengths
-    res = {d: evaluate_perplexity(model, dataset.val[d], seq_len, lengths, max_tokens, batch_size, amp)
+    total = seq_len * sum(eval_window_count(len(dataset.val[d]), seq_len, max_tokens)
+                          for d in dataset.domains)
+    bar = progress_bar(total=total, desc="perplexity", unit="tok", unit_scale=True,
+                       disable=not progress)
+    res = {d: evaluate_perplexity(model, dataset.val[d], seq_len, lengths, max_tokens, batch_size,
+                                  amp, bar)
            for d in dataset.domains}
+    bar.close()
     if res:
         res["average"] = {k: sum(r[k] for r in res.values()) / len(res)
                           for k in ("loss", "ppl", "bpb")}

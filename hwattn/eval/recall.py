@@ -20,6 +20,7 @@ import re
 import numpy as np
 import torch
 
+from hwattn.data.progress import progress_bar
 from hwattn.eval.perplexity import autocast_for
 
 
@@ -65,16 +66,18 @@ def make_recall_batch(words: list[int], n_seqs: int, n_pairs: int, n_queries: in
 @torch.no_grad()
 def recall_accuracy(model, tokenizer, pair_counts: tuple[int, ...] = (8, 32, 64),
                     n_queries: int = 16, n_seqs: int = 32, max_len: int | None = None,
-                    seed: int = 0, batch_size: int = 16, amp: str = "auto") -> dict:
+                    seed: int = 0, batch_size: int = 16, amp: str = "auto",
+                    progress: bool = False) -> dict:
     """{"pairs_<n>": accuracy} for each pair count that fits `max_len`, plus "mean"
-    (over those counts) and "chance"."""
+    (over those counts) and "chance". `progress`: a bar on stderr of the sequences scored."""
     device = next(model.parameters()).device
     words = word_tokens(tokenizer)
     max_len = max_len or model.config.max_seq_len
+    counts = [n for n in pair_counts if 2 * (n + n_queries) <= max_len and len(words) >= 4 * n]
+    bar = progress_bar(total=len(counts) * n_seqs, desc="recall", unit="seq",
+                       disable=not progress)
     out = {}
-    for n in pair_counts:
-        if 2 * (n + n_queries) > max_len or len(words) < 4 * n:
-            continue
+    for n in counts:
         tokens, qpos, ans = make_recall_batch(words, n_seqs, n, n_queries, seed + n)
         hits = 0
         for i in range(0, n_seqs, batch_size):
@@ -84,7 +87,9 @@ def recall_accuracy(model, tokenizer, pair_counts: tuple[int, ...] = (8, 32, 64)
             pred = logits.argmax(-1).cpu()  # (b, L)
             q = qpos[i:i + batch_size]
             hits += int((pred.gather(1, q) == ans[i:i + batch_size]).sum())
+            bar.update(len(x))
         out[f"pairs_{n}"] = hits / (n_seqs * n_queries)
+    bar.close()
     if out:
         out["mean"] = sum(out.values()) / len(out)
     out["chance"] = 1 / max(1, len(words) - len(words) // 2)

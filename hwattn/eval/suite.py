@@ -45,30 +45,36 @@ def build_tasks(dataset: TokenDataset, cfg: EvalConfig) -> dict[str, list[dict]]
     return tasks
 
 
-def evaluate_model(model, dataset: TokenDataset, cfg: EvalConfig, tasks: dict | None = None) -> dict:
+def evaluate_model(model, dataset: TokenDataset, cfg: EvalConfig, tasks: dict | None = None,
+                   progress: bool = False) -> dict:
     """{"ppl": {domain: {loss, ppl, bpb, tokens, bytes}, "average": ...}, "cloze": {...},
-    "mc": {...}, "recall": {...}, "seconds": {...}}. `tasks` reuses items from `build_tasks`."""
+    "mc": {...}, "recall": {...}, "seconds": {...}}. `tasks` reuses items from `build_tasks`.
+    `progress`: a bar on stderr per measurement (tokens, cloze items, choices, recall
+    sequences scored)."""
     was_training = model.training
     model.eval()
     tasks = tasks if tasks is not None else build_tasks(dataset, cfg)
     tok = dataset.tokenizer
     out, secs = {}, {}
     t = time.perf_counter()
-    out["ppl"] = evaluate_domains(model, dataset, cfg.seq_len, cfg.ppl_tokens, cfg.batch_size, cfg.amp)
+    out["ppl"] = evaluate_domains(model, dataset, cfg.seq_len, cfg.ppl_tokens, cfg.batch_size, cfg.amp,
+                                  progress)
     secs["ppl"] = time.perf_counter() - t
     if tasks["cloze"]:
         t = time.perf_counter()
-        out["cloze"] = score_cloze(model, tok, tasks["cloze"], cfg.seq_len, cfg.batch_size, cfg.amp)
+        out["cloze"] = score_cloze(model, tok, tasks["cloze"], cfg.seq_len, cfg.batch_size, cfg.amp,
+                                   progress)
         secs["cloze"] = time.perf_counter() - t
     if tasks["mc"]:
         t = time.perf_counter()
-        out["mc"] = score_mc(model, tok, tasks["mc"], cfg.seq_len, cfg.batch_size, cfg.amp)
+        out["mc"] = score_mc(model, tok, tasks["mc"], cfg.seq_len, cfg.batch_size, cfg.amp,
+                             progress)
         secs["mc"] = time.perf_counter() - t
     if cfg.recall_pairs:
         t = time.perf_counter()
         out["recall"] = recall_accuracy(model, tok, cfg.recall_pairs, cfg.recall_queries,
                                         cfg.recall_seqs, cfg.seq_len, cfg.seed, cfg.batch_size,
-                                        cfg.amp)
+                                        cfg.amp, progress)
         secs["recall"] = time.perf_counter() - t
     out["seconds"] = secs
     model.train(was_training)

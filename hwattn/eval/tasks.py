@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hwattn.data.progress import progress_bar
 from hwattn.eval.perplexity import autocast_for
 
 _SENT_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[\"'(\[]?[A-Z])")
@@ -167,13 +168,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 @torch.no_grad()
 def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int,
-                   batch_size: int = 16, amp: str = "auto") -> list[tuple[float, bool]]:
+                   batch_size: int = 16, amp: str = "auto", bar=None) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the
     continuation given the context, and whether greedy decoding would produce it.
 
     Contexts are cut from the left to fit `max_len` tokens in all; when a continuation alone
     needs more, `max_len` is raised to hold it plus one context token (up to the model's
-    `max_seq_len`)."""
+    `max_seq_len`). `bar` (a progress bar, optional) advances by the pairs of each batch."""
     device = next(model.parameters()).device
     longest = max((len(c) for _, c in pairs), default=1)
     limit = getattr(getattr(model, "config", None), "max_seq_len", None) or max_len
@@ -202,27 +203,36 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
             ll = lp.gather(1, targets[:, None]).sum()
             greedy = (lp.argmax(-1) == targets).all()
             results[i] = (float(ll), bool(greedy))
+        if bar is not None:
+            bar.update(len(idx))
     return results
 
 
 def score_cloze(model, tokenizer, items: list[dict], max_len: int, batch_size: int = 16,
-                amp: str = "auto") -> dict:
-    """Accuracy (greedy reproduces the whole target word), overall and per domain."""
+                amp: str = "auto", progress: bool = False) -> dict:
+    """Accuracy (greedy reproduces the whole target word), overall and per domain.
+    `progress`: a bar on stderr of the items scored."""
     pairs = [(tokenizer.encode(x["context"]), tokenizer.encode(x["target"])) for x in items]
-    res = loglikelihoods(model, pairs, max_len, batch_size, amp)
+    bar = progress_bar(total=len(pairs), desc="cloze", unit="item", disable=not progress)
+    res = loglikelihoods(model, pairs, max_len, batch_size, amp, bar)
+    bar.close()
     return _summarise(items, [{"acc": float(g), "loglik": ll} for ll, g in res])
 
 
 def score_mc(model, tokenizer, items: list[dict], max_len: int, batch_size: int = 16,
-             amp: str = "auto") -> dict:
-    """acc (argmax total log-likelihood) and acc_norm (argmax per character), per domain."""
+             amp: str = "auto", progress: bool = False) -> dict:
+    """acc (argmax total log-likelihood) and acc_norm (argmax per character), per domain.
+    `progress`: a bar on stderr of the choices scored (every item's, together)."""
     pairs, owner = [], []
     for k, x in enumerate(items):
         ctx = tokenizer.encode(x["context"])
         for c in x["choices"]:
             pairs.append((ctx, tokenizer.encode(c)))
             owner.append(k)
-    res = loglikelihoods(model, pairs, max_len, batch_size, amp)
+    bar = progress_bar(total=len(pairs), desc="multiple choice", unit="choice",
+                       disable=not progress)
+    res = loglikelihoods(model, pairs, max_len, batch_size, amp, bar)
+    bar.close()
     per = []
     pos = 0
     for x in items:

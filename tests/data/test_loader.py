@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hwattn.data.loader import BatchSampler, TokenDataset, eval_windows
+from hwattn.data.loader import BatchSampler, TokenDataset, eval_window_count, eval_windows
 
 
 def test_batches_are_a_function_of_the_step():
@@ -50,6 +50,9 @@ def test_eval_windows_predict_each_token_once():
     assert eval_windows(tokens, 10, max_tokens=35).shape == (3, 11)
     with pytest.raises(ValueError, match="fewer"):
         eval_windows(np.arange(5), 10)
+    # the count progress bars are sized by, without cutting the windows
+    assert [eval_window_count(101, 10), eval_window_count(101, 10, 35)] == [10, 3]
+    assert eval_window_count(5, 10) == eval_window_count(0, 10) == 0
 
 
 def test_dataset_errors(tmp_path):

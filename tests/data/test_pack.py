@@ -81,11 +81,56 @@ def test_pack_refuses_a_dataset_that_no_longer_matches(dataset_dir, tmp_path):
     assert sha256_file(dataset_dir / "train.bin")  # the shared fixture is untouched
 
 
+def spy_bars(monkeypatch, module) -> dict:
+    """{desc: bar} of every progress bar `module` makes from here on (the real bars)."""
+    made = {}
+    real = module.progress_bar
+
+    def spy(*args, **kwargs):
+        made[kwargs["desc"]] = bar = real(*args, **kwargs)
+        return bar
+
+    monkeypatch.setattr(module, "progress_bar", spy)
+    return made
+
+
+def test_progress_bars_count_the_bytes_on_stderr(dataset_dir, tmp_path, capsys, monkeypatch):
+    import hwattn.data.pack as P
+
+    bars = spy_bars(monkeypatch, P)
+    meta = pack_dataset(dataset_dir, tmp_path / "p", part_bytes=1 << 20, workers=1, **QUIET)
+    packed = sum(rec["size"] for rec in meta["files"].values() if "parts" in rec)
+    assert packed > 1 << 20 and bars["pack"].total == bars["pack"].n == packed
+    man = unpack_dataset(tmp_path / "p", tmp_path / "d", workers=2, **QUIET)
+    assert bars["unpack"].total == bars["unpack"].n == packed
+    files = sum(rec["size"] for rec in meta["files"].values())
+    assert bars["verify"].total == bars["verify"].n == files
+    out, err = capsys.readouterr()
+    assert out == ""
+    for desc in ("pack", "unpack", "verify"):
+        assert f"{desc}: 100%" in err, err
+    # Off: nothing on stderr, the same results.
+    bars.clear()
+    assert pack_dataset(dataset_dir, tmp_path / "p2", part_bytes=1 << 20, workers=1,
+                        progress=False, **QUIET) == meta
+    assert unpack_dataset(tmp_path / "p2", tmp_path / "d2", workers=2, progress=False,
+                          **QUIET) == man
+    assert capsys.readouterr() == ("", "")
+    assert set(bars) == {"pack", "unpack", "verify"} and all(b.n == 0 for b in bars.values())
+    # Nothing to unpack: no bar either.
+    unpack_dataset(tmp_path / "p", tmp_path / "d", **QUIET)
+    assert capsys.readouterr().err == ""
+
+
 def test_cli(dataset_dir, tmp_path, capsys):
     from hwattn.cli import main
 
     assert main(["data", "pack", str(dataset_dir), "--out", str(tmp_path / "p"), "--workers", "1"]) == 0
     assert main(["data", "unpack", str(tmp_path / "p"), "--out", str(tmp_path / "d")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "MiB" in out and "train" in out
+    assert "%|" not in out  # the bars go to stderr only
+    for desc in ("pack", "unpack", "verify"):
+        assert f"{desc}: 100%" in err, err
     assert main(["data", "unpack", str(tmp_path / "nothing"), "--out", str(tmp_path / "d2")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1  # the error alone, no bar

@@ -227,6 +227,60 @@ def test_lm_eval_adapter_matches_our_scoring(data, model, trained, tmp_path):
     assert isinstance(gen, str) and "." not in gen
 
 
+def spy_bars(monkeypatch, *modules) -> dict:
+    """{desc: bar} of every progress bar `modules` make from here on (the real bars)."""
+    made = {}
+    for module in modules:
+        def spy(*args, real=module.progress_bar, **kwargs):
+            made[kwargs["desc"]] = bar = real(*args, **kwargs)
+            return bar
+
+        monkeypatch.setattr(module, "progress_bar", spy)
+    return made
+
+
+def test_evaluate_model_progress_bars(data, model, capsys, monkeypatch):
+    import hwattn.eval.perplexity as P
+    import hwattn.eval.recall as R
+    import hwattn.eval.tasks as T
+
+    bars = spy_bars(monkeypatch, P, T, R)
+    cfg = EvalConfig(seq_len=64, ppl_tokens=500, n_cloze=6, n_mc=6, recall_pairs=(4, 1000),
+                     recall_seqs=5, batch_size=4)
+    tasks = build_tasks(data, cfg)
+    quiet = evaluate_model(model, data, cfg, tasks)  # off unless asked for
+    assert capsys.readouterr() == ("", "")
+    assert all(b.n == 0 for b in bars.values())
+    loud = evaluate_model(model, data, cfg, tasks, progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    quiet.pop("seconds"), loud.pop("seconds")
+    assert loud == quiet
+    scored = sum(r["tokens"] for d, r in loud["ppl"].items() if d != "average")
+    assert scored == 2 * 448  # 7 windows of 64 tokens in each domain's first 500
+    want = {"perplexity": scored, "cloze": len(tasks["cloze"]),
+            "multiple choice": sum(len(x["choices"]) for x in tasks["mc"]),
+            "recall": 5}  # 1000 pairs do not fit: only the 4-pair sequences
+    assert {d: (b.total, b.n) for d, b in bars.items()} == {d: (n, n) for d, n in want.items()}
+    for desc in want:
+        assert f"{desc}: 100%" in err, err
+
+
+def test_eval_cli_shows_progress_on_stderr_unless_json(trained, dataset_dir, capsys):
+    from hwattn.cli import main
+
+    argv = ["eval", str(trained[0] / "checkpoint"), "--data", str(dataset_dir), "--seq-len", "64",
+            "--ppl-tokens", "256", "--cloze", "2", "--mc", "2", "--recall-pairs", "4"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "average" in out and "%|" not in out
+    for desc in ("perplexity", "cloze", "multiple choice", "recall"):
+        assert f"{desc}: 100%" in err, err
+    assert main(argv + ["--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["ppl"]["books"]["tokens"] == 256 and "%|" not in err
+
+
 @pytest.mark.slow
 def test_evaluate_model_and_cli(data, model, trained, dataset_dir, capsys, tmp_path):
     res = evaluate_model(model, data, EvalConfig(seq_len=64, ppl_tokens=512, n_cloze=6, n_mc=6,
