@@ -477,7 +477,7 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     if plan is None:
         plan = make_plan(q_nope, kv_cache, rope_cache, cache_seqlens, config)
     else:
-        plan.check(batch, q_nope.device)
+        plan.check(batch, q_nope.device, query_len)
     out, lse, part_out, part_lse = plan.buffers(query_len, n_heads, d_v, q_nope.dtype,
                                                 q_nope.device)
     kv_desc, rope_desc = _descriptors(kv_cache, rope_cache)

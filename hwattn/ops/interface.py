@@ -2,7 +2,10 @@
 
 `backend` is a registered name ("torch", "triton", ...), "auto" (chosen for the tensors'
 device, see `hwattn.ops.backends`), or an `AttentionBackend` object. The backend checks every
-argument before any kernel launches and raises `ValueError` naming it.
+argument before any kernel launches and raises `ValueError` naming it. The index tensors
+(block_table, cache_seqlens, cu_seqlens_q, slot_mapping) must be contiguous in their last
+dimension (rows sliced from a wider table are fine); dequantisation scales, where given, are
+positive finite numbers.
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, *, scale: float |
 
     Args:
         cache: (P, page_size, *feat). new: (N, *feat). slot_mapping: (N,) int, flat slot
-            page * page_size + offset per token; negative entries are skipped (padding).
-        scale: quantisation scale for an fp8 cache (stored = value / scale).
+            page * page_size + offset per token; negative entries are skipped (padding). A
+            slot past the cache is refused by the reference; the Triton kernel, which cannot
+            raise without a device read, skips it (it never writes past the cache).
+        scale: quantisation scale for an fp8 cache (stored = value / scale), positive.
     """
     get_backend(backend, cache.device).store_kv(cache, new, slot_mapping, scale=scale)

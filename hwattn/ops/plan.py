@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -51,6 +52,8 @@ class DecodePlan:
     are consecutive. Item i writes its partial into slot i of the partial buffers.
     max_pieces: most items of one sequence (sizes the combine kernel's tile; a refreshed plan
     that exceeds the tile a CUDA graph captured is still merged correctly, in more steps).
+    min_seqlen: shortest sequence, so that a call with more query tokens than it holds is
+    refused without a device read (None: not known, not checked).
     """
 
     batch: int
@@ -64,11 +67,14 @@ class DecodePlan:
     # A host tensor shaped like `packed` that a refresh writes instead of copying to the
     # device, for a caller whose own upload carries it (the engine's staged inputs).
     host: Tensor | None = None
+    min_seqlen: int | None = None
 
     @classmethod
-    def of_packed(cls, batch: int, max_seqlen: int, packed: Tensor, max_pieces: int) -> DecodePlan:
+    def of_packed(cls, batch: int, max_seqlen: int, packed: Tensor, max_pieces: int,
+                  min_seqlen: int | None = None) -> DecodePlan:
         """A plan whose items and splits are views of `packed`: (capacity * 3 + B * 2,) int32."""
-        return cls(batch, max_seqlen, *_unpacked(packed, batch), max_pieces, packed)
+        return cls(batch, max_seqlen, *_unpacked(packed, batch), max_pieces, packed,
+                   min_seqlen=min_seqlen)
 
     def rebind(self, packed: Tensor) -> None:
         """Move this plan into `packed` (a (capacity * 3 + B * 2,) int32 tensor, e.g. a view
@@ -90,9 +96,9 @@ class DecodePlan:
             return self
         if self.packed is not None:
             return DecodePlan.of_packed(self.batch, self.max_seqlen, self.packed.to(device),
-                                        self.max_pieces)
+                                        self.max_pieces, self.min_seqlen)
         return DecodePlan(self.batch, self.max_seqlen, self.items.to(device),
-                          self.splits.to(device), self.max_pieces)
+                          self.splits.to(device), self.max_pieces, min_seqlen=self.min_seqlen)
 
     @property
     def capacity(self) -> int:
@@ -103,11 +109,16 @@ class DecodePlan:
         """Whether any sequence can have several pieces, i.e. the combine kernel must run."""
         return self.capacity > self.batch
 
-    def check(self, batch: int, device: torch.device) -> None:
-        """Raise ValueError unless this plan was made for `batch` sequences on `device`."""
+    def check(self, batch: int, device: torch.device, query_len: int | None = None) -> None:
+        """Raise ValueError unless this plan was made for `batch` sequences on `device` whose
+        lengths all count `query_len` new tokens (host values only: no device read)."""
         if self.batch != batch or self.items.device != device:
             raise ValueError(f"plan was made for B={self.batch} on {self.items.device}, "
                              f"not B={batch} on {device}")
+        if query_len is not None and self.min_seqlen is not None and self.min_seqlen < query_len:
+            raise ValueError(f"plan: the plan's shortest sequence holds {self.min_seqlen} tokens, "
+                             f"fewer than the query length {query_len} (the new tokens are "
+                             f"counted); plan the step with query_len={query_len}")
 
     def buffers(self, query_len: int, n_heads: int, d_v: int, dtype: torch.dtype,
                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -234,6 +245,14 @@ def device_sms(device: torch.device) -> int:
     return 132  # an H100's count, so CPU plans (tests, interpreter) look like GPU ones
 
 
+def check_positive(**values: int) -> None:
+    """Raise ValueError naming the first of `values` (a plan's sizes and knobs) that is not
+    positive."""
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
 def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
                 page_size: int = 64, num_sms: int | None = None, head_blocks: int = 1,
                 min_piece: int = MIN_PIECE, split_tokens: int | None = None,
@@ -263,11 +282,8 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     if cache_seqlens.dim() != 1 or cache_seqlens.dtype != torch.int32:
         raise ValueError(f"cache_seqlens must be (B,) int32, got {tuple(cache_seqlens.shape)} "
                          f"{cache_seqlens.dtype}")
-    for name, value in (("num_heads_kv", num_heads_kv), ("query_len", query_len),
-                        ("page_size", page_size), ("head_blocks", head_blocks),
-                        ("min_piece", min_piece), ("programs_per_sm", programs_per_sm)):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+    check_positive(num_heads_kv=num_heads_kv, query_len=query_len, page_size=page_size,
+                   head_blocks=head_blocks, min_piece=min_piece, programs_per_sm=programs_per_sm)
     if split_tokens is not None and (split_tokens <= 0 or split_tokens % PIECE_ALIGN):
         raise ValueError(f"split_tokens must be a positive multiple of {PIECE_ALIGN}, "
                          f"got {split_tokens}")
@@ -308,10 +324,11 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     packed, max_pieces = (_schedule_small if small else _schedule)(lengths, n_pieces, capacity)
     packed = torch.from_numpy(packed)
     if out is None:
-        return DecodePlan.of_packed(batch, max_seqlen, packed, max_pieces).to(cache_seqlens.device)
+        return DecodePlan.of_packed(batch, max_seqlen, packed, max_pieces,
+                                    shortest).to(cache_seqlens.device)
     if out.host is not None:  # the caller's own upload carries it (see DecodePlan.host)
         out.host.copy_(packed)
-        out.max_seqlen, out.max_pieces = max_seqlen, max_pieces
+        out.max_seqlen, out.max_pieces, out.min_seqlen = max_seqlen, max_pieces, shortest
         return out
     if out.items.is_cuda:  # a copy from pageable memory may wait for the stream to drain
         packed = packed.pin_memory()
@@ -320,7 +337,7 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     else:
         out.items.copy_(packed[:3 * capacity].view(capacity, 3), non_blocking=True)
         out.splits.copy_(packed[3 * capacity:].view(batch, 2), non_blocking=True)
-    out.max_seqlen, out.max_pieces = max_seqlen, max_pieces
+    out.max_seqlen, out.max_pieces, out.min_seqlen = max_seqlen, max_pieces, shortest
     return out
 
 
@@ -386,6 +403,20 @@ class PrefillPlan:
                              f"longest sequence {self.max_seqlen_k}")
 
 
+def _host_ints(name: str, values) -> list[int]:
+    """A 1-D integer tensor or sequence of integers as a list of ints; ValueError naming it
+    otherwise (a float would be truncated, a nested list fail inside int())."""
+    if isinstance(values, Tensor):
+        if values.dim() != 1 or values.is_floating_point() or values.is_complex():
+            raise ValueError(f"{name} must be a 1-D integer tensor or list, got "
+                             f"{tuple(values.shape)} {values.dtype}")
+        return values.tolist()
+    try:
+        return [operator.index(n) for n in values]
+    except TypeError:
+        raise ValueError(f"{name} must be a 1-D integer tensor or list, got {values!r}") from None
+
+
 def plan_prefill(cu_seqlens_q, cache_seqlens) -> PrefillPlan:
     """Read and check the lengths of a variable-length prefill step (on the host, once).
 
@@ -396,8 +427,8 @@ def plan_prefill(cu_seqlens_q, cache_seqlens) -> PrefillPlan:
     Returns:
         a `PrefillPlan`.
     """
-    cu = [int(n) for n in (cu_seqlens_q.tolist() if isinstance(cu_seqlens_q, Tensor) else cu_seqlens_q)]
-    lens = [int(n) for n in (cache_seqlens.tolist() if isinstance(cache_seqlens, Tensor) else cache_seqlens)]
+    cu = _host_ints("cu_seqlens_q", cu_seqlens_q)
+    lens = _host_ints("cache_seqlens", cache_seqlens)
     if not lens:
         raise ValueError("cache_seqlens must hold at least one sequence")
     if len(cu) != len(lens) + 1:

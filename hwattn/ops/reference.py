@@ -162,7 +162,12 @@ def store_kv_reference(cache: Tensor, new: Tensor, slot_mapping: Tensor,
                        scale: float | None = None) -> None:
     """Write `new` (N, *feat) into `cache` (P, page_size, *feat) at flat slots
     `slot_mapping` (N,) = page * page_size + offset; negative slots are skipped (padding).
-    An fp8 cache stores value / scale, saturated to the format's range."""
+    An fp8 cache stores value / scale, saturated to the format's range. A slot past the cache
+    raises ValueError before anything is written."""
+    n_slots = cache.shape[0] * cache.shape[1]
+    if slot_mapping.numel() and int(slot_mapping.max()) >= n_slots:
+        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())}, past the cache's "
+                         f"{n_slots} slots ({cache.shape[0]} pages of {cache.shape[1]})")
     keep = slot_mapping >= 0
     flat = cache.view(-1, *cache.shape[2:])
     values = new[keep]

@@ -150,7 +150,7 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
                            page_size=page_size, head_blocks=head_blocks,
                            min_piece=min_piece(q, k_cache, v_cache, rope_cache, tied))
     else:
-        plan.check(batch, q.device)
+        plan.check(batch, q.device, query_len)
     out, lse, part_out, part_lse = plan.buffers(query_len, n_heads, d_v, q.dtype, q.device)
     if tied:
         d_rope = q_rope.shape[-1]
@@ -207,12 +207,18 @@ def _token_rows(new: Tensor) -> Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+def _slots(cache: Tensor) -> int:
+    """Slots of a paged cache (P, page_size, ...): the store kernels write none past them."""
+    return cache.shape[0] * cache.shape[1]
+
+
 def _store_block(n_feat: int) -> int:
     return min(1024, triton.next_power_of_2(n_feat))
 
 
 def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, scale: float | None = None) -> None:
-    """Write `new` (N, *feat) into the contiguous `cache` (P, page_size, *feat) at `slot_mapping`."""
+    """Write `new` (N, *feat) into the contiguous `cache` (P, page_size, *feat) at `slot_mapping`
+    (negative slots and slots past the cache are skipped: the kernel never writes outside it)."""
     if not cache.is_contiguous():
         raise ValueError("cache must be contiguous for the Triton store")
     n_tokens = new.shape[0]
@@ -221,7 +227,8 @@ def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, scale: float | No
     flat = _token_rows(new)
     n_feat = flat.shape[1]
     store_kernel[(n_tokens,)](
-        cache, flat, slot_mapping, n_feat, flat.stride(0), scale if scale is not None else 1.0,
+        cache, flat, slot_mapping, _slots(cache), n_feat, flat.stride(0),
+        scale if scale is not None else 1.0,
         SCALED=scale is not None, SATURATE=cache.dtype == torch.float8_e4m3fn,
         BLOCK=_store_block(n_feat),
     )
@@ -245,7 +252,7 @@ def store_kv_pair(caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
     store_pair_kernel[(n_tokens, 2)](
         cache_a, flat_a, flat_a.shape[1], flat_a.stride(0),
         cache_b, flat_b, flat_b.shape[1], flat_b.stride(0),
-        slot_mapping, scale if scale is not None else 1.0,
+        slot_mapping, min(_slots(cache_a), _slots(cache_b)), scale if scale is not None else 1.0,
         SCALED=scale is not None, SATURATE=cache_a.dtype == torch.float8_e4m3fn,
         BLOCK_A=_store_block(flat_a.shape[1]), BLOCK_B=_store_block(flat_b.shape[1]),
     )

@@ -12,6 +12,9 @@ before any kernel launches) and then call the `run_*` hooks a subclass implement
     prefill_tied(q_nope, q_rope, kv_cache, rope_cache, ...)           -> run_prefill_tied
     store_kv(cache, new, slot_mapping, ...)                            -> run_store_kv
 
+Index tensors (block table, lengths, offsets, slots) are int tensors whose last dimension is
+contiguous: the kernels read a table row, or the lengths, as one dense run.
+
 Caches are paged as `(num_pages, page_size, *per-token shape)`, contiguous; `cache_dtype` and
 `check_cache` say which cache a backend reads. A plan is computed once per step from host
 lengths and reused by every layer; `plan(..., out=previous)` refreshes it in place so that a
@@ -26,6 +29,7 @@ step's host lengths (`plan_prefill`), made once per step; without one, the call 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +38,33 @@ from torch import Tensor
 from hwattn.ops.plan import DecodePlan, PrefillPlan, plan_prefill
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def _check_index(name: str, t: Tensor) -> None:
+    """The kernels read an index tensor (block table row, lengths, offsets, slots) as a dense
+    run of its last dimension (of a table only the row stride is passed): ValueError unless
+    that dimension has unit stride. Host metadata only, no device read; called with tensors of
+    at least one dimension."""
+    if not t.is_contiguous() and t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides "
+                         f"{t.stride()} for shape {tuple(t.shape)}")
+
+
+def _check_scale(name: str, scale) -> None:
+    """ValueError unless a dequantisation scale is None or a positive finite number (the
+    kernels fold it into the softmax scale and the output; zero, NaN or inf cannot be)."""
+    if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale)
+                                  and scale > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {scale!r}")
+
+
+def _check_nonempty(name: str, t: Tensor, dims: tuple[str, ...], may_be_empty: str = "") -> None:
+    """ValueError naming the dimension unless each leading dimension of `t` named in `dims`,
+    but `may_be_empty`, holds at least one element."""
+    empty = [d for d, size in zip(dims, t.shape) if size == 0 and d != may_be_empty]
+    if empty:
+        raise ValueError(f"{name} must not be empty: its {', '.join(empty)} dimension is 0 "
+                         f"(shape {tuple(t.shape)})")
 
 
 def _check_float(name: str, t: Tensor) -> None:
@@ -62,6 +93,8 @@ def _check_table(name_cache: str, cache: Tensor, block_table: Tensor, cache_seql
         raise ValueError(f"cache_seqlens must be (B={batch},), got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.dtype != torch.int32:
         raise ValueError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    _check_index("block_table", block_table)
+    _check_index("cache_seqlens", cache_seqlens)
     for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens), (name_cache, cache)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
@@ -78,6 +111,8 @@ def _check_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale, v_scale,
     if q.dim() != len(lead) + 1:
         raise ValueError(f"q must be ({', '.join(lead)}, D), got shape {tuple(q.shape)}")
     _check_float("q", q)
+    if 0 in q.shape:  # a prefill step may have no queries (N = 0)
+        _check_nonempty("q", q, (*lead, "D"), may_be_empty="N")
     n_heads, head_dim = q.shape[-2:]
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if cache.dim() != 4:
@@ -91,6 +126,8 @@ def _check_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale, v_scale,
                          f"{tuple(k_cache.shape)} in pages, page size and heads")
     _check_cache_dtype("k_cache", k_cache, q, k_scale)
     _check_cache_dtype("v_cache", v_cache, q, v_scale)
+    _check_scale("k_scale", k_scale)
+    _check_scale("v_scale", v_scale)
     n_kv = k_cache.shape[2]
     if n_kv <= 0 or n_heads % n_kv:
         raise ValueError(f"k_cache has {n_kv} heads, which must divide q's {n_heads} heads")
@@ -102,10 +139,12 @@ def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
                 kv_scale, lead: tuple[str, ...]) -> None:
     """The operand checks `decode_tied` and `prefill_tied` share; `lead` names the query
     dimensions before the head width (("B", "L_q", "H_q") for decode, ("N", "H_q") for prefill)."""
-    dims, lead = len(lead) + 1, ", ".join(lead)
+    dims, names, lead = len(lead) + 1, lead, ", ".join(lead)
     if q_nope.dim() != dims:
         raise ValueError(f"q_nope must be ({lead}, D_nope), got {tuple(q_nope.shape)}")
     _check_float("q_nope", q_nope)
+    if 0 in q_nope.shape:
+        _check_nonempty("q_nope", q_nope, names, may_be_empty="N")
     d_nope, n_heads = q_nope.shape[-1], q_nope.shape[-2]
     if q_rope.dim() != dims or q_rope.shape[:-1] != q_nope.shape[:-1]:
         raise ValueError(f"q_rope must be ({lead}, D_R) matching q_nope {tuple(q_nope.shape[:-1])}, "
@@ -122,6 +161,7 @@ def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
                          f"got {tuple(rope_cache.shape)}")
     _check_cache_dtype("kv_cache", kv_cache, q_nope, kv_scale)
     _check_cache_dtype("rope_cache", rope_cache, q_nope, kv_scale)
+    _check_scale("kv_scale", kv_scale)
     n_kv = kv_cache.shape[2]
     if n_kv <= 0 or n_heads % n_kv:
         raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
@@ -130,6 +170,8 @@ def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
 def _check_store(cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
     """ValueError naming the argument unless `new` (N, *feat) fits `cache` (P, page, *feat)
     and `slot_mapping` is (N,) int32/int64 on the cache's device."""
+    if cache.dim() < 2:
+        raise ValueError(f"cache must be paged as (P, page_size, *feat), got {tuple(cache.shape)}")
     if new.shape[1:] != cache.shape[2:]:
         raise ValueError(f"new tokens {tuple(new.shape)} do not fit cache {tuple(cache.shape)}: "
                          f"expected (N, {', '.join(map(str, cache.shape[2:]))})")
@@ -137,6 +179,7 @@ def _check_store(cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
         raise ValueError(f"slot_mapping must be (N={new.shape[0]},), got {tuple(slot_mapping.shape)}")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    _check_index("slot_mapping", slot_mapping)
     for name, t in (("new", new), ("slot_mapping", slot_mapping)):
         if t.device != cache.device:
             raise ValueError(f"{name} is on {t.device} but cache is on {cache.device}")
@@ -348,6 +391,7 @@ class AttentionBackend:
         if cu_seqlens_q.dtype != torch.int32:
             raise ValueError(f"cu_seqlens_q must be int32, got {cu_seqlens_q.dtype}")
         batch = cu_seqlens_q.shape[0] - 1
+        _check_index("cu_seqlens_q", cu_seqlens_q)
         if cu_seqlens_q.device != device:
             raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device} but q is on {device}")
         capacity = _check_table(name_cache, cache, block_table, cache_seqlens, batch, device)
@@ -437,9 +481,12 @@ class AttentionBackend:
         Args:
             cache: (P, page_size, *feat). new: (N, *feat). slot_mapping: (N,) int, flat slot
                 page * page_size + offset per token; negative entries are skipped (padding).
-            scale: quantisation scale for an fp8 cache (stored = value / scale).
+                A slot past the cache is an error where it can be seen without a device read
+                (the reference); a kernel that cannot raise skips it, never writing past the cache.
+            scale: quantisation scale for an fp8 cache (stored = value / scale), positive.
         """
         _check_store(cache, new, slot_mapping)
+        _check_scale("scale", scale)
         self.run_store_kv(cache, new, slot_mapping, scale=scale)
 
     @torch.compiler.disable
@@ -453,4 +500,5 @@ class AttentionBackend:
                              f"{len(caches)} caches and {len(news)} tensors")
         for cache, new in zip(caches, news):
             _check_store(cache, new, slot_mapping)
+        _check_scale("scale", scale)
         self.run_store_kvs(tuple(caches), tuple(news), slot_mapping, scale=scale)

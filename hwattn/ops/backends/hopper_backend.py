@@ -27,7 +27,7 @@ from torch import Tensor
 
 from hwattn.ops import triton_decode
 from hwattn.ops.backends.triton_backend import TritonBackend
-from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
+from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, check_positive, plan_decode
 
 CAPABILITY = (9, 0)
 
@@ -77,11 +77,17 @@ class HopperPlan:
             self.plans[key] = self._make(key)
         return self.plans[key]
 
-    def refresh(self, lengths: Tensor) -> None:
-        """New host lengths of the same batch; every launch shape's plan updated in place."""
+    def refresh(self, lengths: Tensor, query_len: int | None = None) -> None:
+        """New host lengths of the same batch, counting `query_len` new tokens (default: the
+        plan's); every launch shape's plan updated in place. Checked before anything changes,
+        so a refused refresh leaves the plan as it was."""
+        query_len = self.query_len if query_len is None else query_len
         if lengths.shape != self.lengths.shape:
             raise ValueError(f"out: a plan for B={self.batch} cannot hold B={lengths.shape[0]}")
-        self.lengths = lengths.clone()
+        if int(lengths.min()) < query_len:
+            raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new "
+                             f"tokens are counted), got min {int(lengths.min())}")
+        self.lengths, self.query_len = lengths.clone(), query_len
         for key, plan in self.plans.items():
             self._make(key, out=plan)
 
@@ -123,6 +129,7 @@ class HopperBackend(TritonBackend):
         if cache_seqlens.dim() != 1 or cache_seqlens.dtype != torch.int32:
             raise ValueError(f"cache_seqlens must be (B,) int32, got {tuple(cache_seqlens.shape)} "
                              f"{cache_seqlens.dtype}")
+        check_positive(num_heads_kv=num_heads_kv, query_len=query_len, page_size=page_size)
         lengths = cache_seqlens.cpu()
         if len(lengths) and int(lengths.min()) < query_len:
             raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new "
@@ -130,7 +137,7 @@ class HopperBackend(TritonBackend):
         if out is not None:
             if not isinstance(out, HopperPlan):
                 raise ValueError(f"out must be a HopperPlan from this backend, got {type(out).__name__}")
-            out.refresh(lengths)
+            out.refresh(lengths, query_len)
             return out
         if len(lengths) == 0:
             raise ValueError("cache_seqlens must hold at least one sequence")
