@@ -166,7 +166,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
         train_s = time.perf_counter() - t0
         model = res.pop("model")
         t1 = time.perf_counter()
-        ev = evaluate_model(model, data, ecfg, tasks)
+        ev = evaluate_model(model, data, ecfg, tasks, progress=progress)
         eval_s = time.perf_counter() - t1
         speed = decode_speed(model, cfg.decode_batch, cfg.decode_prompt, cfg.decode_new, cfg.seed)
         curves[label] = read_metrics(out / label / "metrics.jsonl")
