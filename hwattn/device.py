@@ -21,11 +21,32 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
 
 
+def check_device(device: str | torch.device | None, flag: str = "device") -> None:
+    """ValueError unless `device` names a device this machine has ("auto" always does): a
+    CUDA device needs a CUDA build of PyTorch and a GPU of that index. flag: how the error
+    names the setting (the command line's "--device")."""
+    if device in (None, "auto"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: CUDA is not available on this machine "
+                             f"(torch.cuda.is_available() is False); use {flag} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`dtype` as a torch dtype; "auto" / None: bf16 on CUDA, fp32 elsewhere."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # weights and caches: torch fails later, less clearly
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")

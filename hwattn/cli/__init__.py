@@ -37,23 +37,10 @@ def emit_json(doc: dict, out: str | None = None) -> None:
 
 
 def check_device(device: str | None, flag: str = "--device") -> None:
-    """ValueError unless `device` names a device this machine has ("auto" always does): a
-    CUDA device needs a CUDA build of PyTorch and a GPU of that index."""
-    if device in (None, "auto"):
-        return
-    import torch
+    """`hwattn.device.check_device` (imported here when called: torch loads only then)."""
+    from hwattn.device import check_device as check
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{flag} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{flag} {device}: CUDA is not available on this machine "
-                             f"(torch.cuda.is_available() is False); use {flag} cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} "
-                             f"CUDA device(s)")
+    check(device, flag)
 
 
 def at_least(args, minimum, *names: str) -> None:

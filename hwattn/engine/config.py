@@ -7,9 +7,14 @@ replicas. Nothing is patched onto an engine after it is built.
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from dataclasses import dataclass, fields
 
 import torch
+
+from hwattn.engine.sampling_params import INT64_LIMIT, _integer
 
 
 @dataclass
@@ -31,7 +36,8 @@ class EngineConfig:
         p50 0.48 s against 4.39 s with 2048 at the same inter-token latency, since a chunk
         that reads a cached prefix runs at about half the speed of a whole prompt
         (benchmarks/results/engine_roofline_h200_2026-12-04/).
-    max_model_len: context limit (default: the model's max_seq_len).
+    max_model_len: context limit, >= 2 (default None: the model's max_seq_len; a draft model's
+        max_seq_len must reach it too).
     memory_budget: bytes of KV cache per rank, or a fraction (0, 1] of the GPU memory free
         after loading the model; default 256 MiB on CPU, 0.85 on CUDA. num_pages overrides it.
     gpu_memory_utilization: instead of memory_budget, the fraction (0, 1] of each GPU's whole
@@ -55,7 +61,8 @@ class EngineConfig:
         for CUDA devices, off on the CPU. Compiling adds start-up time (tens of seconds per
         model on a GPU machine) and changes no result beyond floating-point rounding.
     seed: weights of presets, and the seeds of requests that bring none.
-    model_overrides: presets only, ModelConfig fields to change (e.g. max_seq_len).
+    model_overrides: presets only (refused for a checkpoint), ModelConfig fields to change
+        (e.g. max_seq_len).
     enable_mixed_batches: decodes and prompt chunks share each step, decodes first, prompts
         taking the rest of `max_num_batched_tokens` (plain decoding; speculation keeps
         prefill and verify steps apart); a mixed step is one packed forward through the
@@ -99,12 +106,41 @@ class EngineConfig:
     tokenizer: str | None = None
 
     def __post_init__(self):
+        # Integers (numpy's too, stored as int); a bool, a float or a string is refused rather
+        # than read as a number (True as 1, 2.5 failing deep inside torch).
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens",
                      "tensor_parallel_size", "data_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+            setattr(self, name, _integer(name, getattr(self, name), 1))
+        self.num_speculative_tokens = _integer("num_speculative_tokens",
+                                               self.num_speculative_tokens, 0)
+        if self.num_pages is not None:
+            self.num_pages = _integer("num_pages", self.num_pages, 1)
+        if self.max_model_len is not None:
+            # 0 is refused, not taken as "the model's": a prompt token and a generated one.
+            self.max_model_len = _integer("max_model_len", self.max_model_len, 2,
+                                          what=" (None: the model's max_seq_len)")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+                or not -INT64_LIMIT <= seed < INT64_LIMIT:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
+        self.seed = int(seed)
+        for name in ("enable_prefix_caching", "cuda_graphs", "enable_mixed_batches",
+                     "overlap_scheduling", "launch_thread"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compile_decode is not None and not isinstance(self.compile_decode, bool):
+            raise ValueError(f"compile_decode must be True, False or None, got "
+                             f"{self.compile_decode!r}")
+        budget = self.memory_budget
+        if budget is not None and (isinstance(budget, bool)
+                                   or not isinstance(budget, (numbers.Integral, float))
+                                   or not 0 < budget < math.inf):
+            raise ValueError(f"memory_budget must be bytes (an integer > 0) or a fraction in "
+                             f"(0, 1] of free GPU memory, got {budget!r}")
+        spec = self.speculative
+        if spec is not None and (not isinstance(spec, (str, os.PathLike)) or not str(spec)):
+            raise ValueError(f"speculative must be None, 'ngram' or a draft checkpoint "
+                             f"directory, got {spec!r}")
         if self.speculative is None:
             self.num_speculative_tokens = 0  # k means nothing without a drafter
         elif self.num_speculative_tokens < 1:

@@ -195,7 +195,7 @@ class DataParallelEngine:
         """What `add_request` checks of `params` (`validate_prompt` checks the prompt), without
         queueing anything: a checked copy, or the ValueError (a `ParamError` for a setting the
         replicas cannot honour) `add_request` would raise."""
-        params = checked_params(params)
+        params = checked_params(params, self.model_config.vocab_size)
         _check_supported(params)
         return params
 
@@ -211,7 +211,7 @@ class DataParallelEngine:
                                  self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
-        check_request_ids(rids, self.requests)
+        check_request_ids(rids, self.requests, len(prompts))
         for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
             self._route(rid, prompt, ids, sp, owner)
         return rids

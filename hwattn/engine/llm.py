@@ -22,6 +22,7 @@ import torch
 
 from hwattn.cpu_threads import set_cpu_threads, use_default_cpu_threads
 from hwattn.data.tokenizer import load_tokenizer
+from hwattn.device import check_device
 from hwattn.engine.config import EngineConfig
 from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.data_parallel import DataParallelEngine
@@ -101,7 +102,11 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
         raise ValueError(f"give an EngineConfig or keywords, not both (got {sorted(kwargs)})")
     if config.model is None:
         raise ValueError("model must be a checkpoint directory or a preset name, got None")
+    check_device(config.device)
     dev = resolve_device(config.device)
+    if dev.type not in ("cpu", "cuda"):  # the engine runs on these alone
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                         f"{config.device!r}")
     dt = resolve_dtype(config.dtype, dev)
     model_cfg = model_config(config.model, config.attention, config.model_overrides)
     max_len = config.max_model_len or model_cfg.max_seq_len
@@ -124,6 +129,11 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
         if draft_model.config.vocab_size != model_cfg.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) "
                              f"differs from the target's ({model_cfg.vocab_size})")
+        if draft_model.config.max_seq_len < max_len:  # it drafts up to the context's end
+            raise ValueError(f"the draft model's context (max_seq_len "
+                             f"{draft_model.config.max_seq_len}) is shorter than max_model_len "
+                             f"{max_len}: lower max_model_len to at most "
+                             f"{draft_model.config.max_seq_len}")
 
     def pages(model_) -> int:
         per_token = model_.kv_bytes_per_token(1, dt)  # this rank's real layout

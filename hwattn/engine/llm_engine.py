@@ -138,7 +138,7 @@ class LLMEngine:
                                  self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
-        check_request_ids(rids, self.requests)
+        check_request_ids(rids, self.requests, len(prompts))
         for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
             seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
             text = prompt if isinstance(prompt, str) else None
@@ -156,7 +156,7 @@ class LLMEngine:
         queueing anything: a checked copy, or the ValueError `add_request` would raise. Safe to
         call from another thread (the server checks a request before it starts streaming the
         answer)."""
-        return checked_params(params)
+        return checked_params(params, self.model_config.vocab_size)
 
     def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
         """`validate_prompt` against this engine's tokenizer, vocabulary and context. Safe to

@@ -20,6 +20,10 @@ def model_config(model: str, attention: str | None = None, overrides: dict | Non
     if is_checkpoint(model):
         from hwattn.models.checkpoint import load_config
 
+        if overrides:  # a checkpoint's shape is its weights'
+            raise ValueError(f"model_overrides apply to presets only, got {overrides!r} for the "
+                             f"checkpoint {str(model)!r} (max_model_len lowers the engine's "
+                             f"context)")
         config = load_config(model)
         # The whole label, group count included: --attention gqa-4 on a gqa-2 checkpoint
         # is refused, not ignored.

@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from hwattn.engine.sampling_params import SamplingParams
+from hwattn.engine.sampling_params import ParamError, SamplingParams
 
 
 class ContextLengthError(ValueError):
@@ -83,13 +83,27 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
     return [int(t) for t in ids]  # numpy or other integer scalars
 
 
-def checked_params(params: SamplingParams | None) -> SamplingParams:
-    """A validated copy: a caller changing its params afterwards cannot reach the sampler."""
+def checked_params(params: SamplingParams | None, vocab_size: int | None = None) -> SamplingParams:
+    """A validated copy: a caller changing its params afterwards cannot reach the sampler.
+    vocab_size: the model's; a `ParamError` for stop token ids outside it (they could never
+    match, and min_tokens bans them in the sampler) or more log-probabilities per token than
+    it has."""
     if params is None:
         return SamplingParams()
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-    return dataclasses.replace(params)
+    params = dataclasses.replace(params)
+    if vocab_size is not None:
+        for t in params.stop_token_ids:
+            if t >= vocab_size:
+                raise ParamError("stop_token_ids", f"stop_token_ids must be token ids in "
+                                 f"[0, {vocab_size}) (the model's vocabulary), got {t}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > vocab_size:
+                raise ParamError(name, f"{name} must be at most the model's vocabulary size "
+                                 f"({vocab_size}), got {value}")
+    return params
 
 
 def check_requests(prompts: list, params: list, validate, check_params,
@@ -123,8 +137,11 @@ def sibling_seed(seed: int, index: int) -> int:
     return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
-def check_request_ids(request_ids: list[str], in_use) -> None:
-    """ValueError if any id is in `in_use` or appears twice."""
+def check_request_ids(request_ids: list[str], in_use, num_prompts: int | None = None) -> None:
+    """ValueError if any id is in `in_use` or appears twice, or if there are not
+    `num_prompts` of them (when given)."""
+    if num_prompts is not None and len(request_ids) != num_prompts:
+        raise ValueError(f"got {len(request_ids)} request_ids for {num_prompts} prompts")
     seen = set()
     for rid in request_ids:
         if rid in in_use or rid in seen:

@@ -57,11 +57,13 @@ class SamplingParams:
         the engine draws one from its own seeded generator.
     stop: a string or a list of strings that end the output when they appear (the stop string
         is not returned unless include_stop_str_in_output).
-    stop_token_ids: token ids that end the output (the id is kept in `token_ids`).
+    stop_token_ids: token ids that end the output (the id is kept in `token_ids`); each must
+        be in the model's vocabulary (checked when the request is queued).
     include_stop_str_in_output: keep the stop string that ended the output in its text.
     ignore_eos: keep going past the end-of-sequence token.
     logprobs: None, or how many of the most likely tokens to report beside each sampled one
-        (0: the sampled token alone). Log-probabilities are the model's own (log-softmax of
+        (0: the sampled token alone; at most the model's vocabulary size, checked when the
+        request is queued). Log-probabilities are the model's own (log-softmax of
         its logits, before penalties, temperature and filtering).
     prompt_logprobs: None, or the same for every prompt token but the first (the request's
         prompt is then computed in full, not taken from the prefix cache).
