@@ -11,6 +11,15 @@
 # On the GPU machine, first call (carrying .carry/pack_a), then second call (.carry/pack_b):
 #   mkdir -p data/pack && cp .carry/pack_a/* data/pack/
 #   cp .carry/pack_b/* data/pack/ && python3 -m hwattn data unpack data/pack --out data/study
+#
+#   bash benchmarks/study_carry.sh head       # here: .carry/study_head, for one device call
+#
+# `head` writes, instead of the pack, the built corpus with its training shard cut to its first
+# 4M tokens (hwattn.data.build.head_build; 35 MiB, carried whole in one call): enough for work
+# that needs the study's tokenizer and shapes but not its training set, such as timing training
+# steps (benchmarks/study_throughput.py --data data/study_head after
+# `mkdir -p data && cp -r .carry/study_head data/`). Its build key is the study's plus
+# `-head4000000`, so quality_study.py refuses to add runs made on it to the study's records.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,6 +33,14 @@ else
     --val-fraction 0.075 --max-val-tokens-per-domain 2500000
 fi
 built=$(key data/study/manifest.json)
+if [[ ${1:-} == head ]]; then
+  rm -rf .carry/study_head
+  "$PY" -c "from hwattn.data.build import head_build; head_build('data/study', '.carry/study_head', 4_000_000)"
+  du -sm .carry/study_head
+  (( $(du -sm .carry/study_head | cut -f1) < 56 )) || { echo ".carry/study_head is too large to carry" >&2; exit 1; }
+  echo "head of build $built written to .carry/study_head ($(( SECONDS - t0 )) s)"
+  exit 0
+fi
 rm -rf data/study_pack .carry/pack_a .carry/pack_b
 "$PY" -m hwattn data pack data/study --out data/study_pack
 mkdir -p .carry/pack_a .carry/pack_b

@@ -592,3 +592,40 @@ def write_build(out_dir: str | Path, docs: list[dict], tokenizer_factory, option
         shutil.rmtree(staging, ignore_errors=True)
     work.remove()
     return manifest
+
+
+def head_build(src: str | Path, out: str | Path, train_tokens: int) -> dict:
+    """Write to `out` the built dataset in `src` with its training shard cut to the first
+    `train_tokens` tokens; the tokenizer and the validation shards are copied as they are.
+    For work that needs the study's shapes and tokenizer but not its whole training set
+    (timing a training step: `benchmarks/study_carry.sh head`), in a folder small enough to
+    carry. Its build key is `src`'s with `-head<N>` appended, so no study run accepts it as
+    its corpus. Returns the new manifest; raises ValueError when `src` does not check out or
+    holds fewer training tokens."""
+    src, out = Path(src), Path(out)
+    man, _ = check_build(src)
+    train = man["splits"]["train"]
+    if not isinstance(train_tokens, int) or not 1 <= train_tokens <= train["tokens"]:
+        raise ValueError(f"train_tokens must be in [1, {train['tokens']}] (the training tokens "
+                         f"of {src}), got {train_tokens!r}")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"out must differ from src ({src})")
+    out.mkdir(parents=True, exist_ok=True)
+    itemsize = np.dtype(man["dtype"]).itemsize
+    with open(src / train["file"], "rb") as f:
+        head = f.read(train_tokens * itemsize)
+    _atomic_write(out / train["file"], lambda tmp: tmp.write_bytes(head))
+    for entry in man["files"].values():
+        if entry["file"] != train["file"]:
+            _atomic_write(out / entry["file"], lambda tmp, e=entry: shutil.copyfile(src / e["file"], tmp))
+    sha = hashlib.sha256(head).hexdigest()
+    man = json.loads(json.dumps(man))  # a copy
+    man["build_key"] = f"{man['build_key']}-head{train_tokens}"
+    man["splits"]["train"] = {"file": train["file"], "tokens": train_tokens, "sha256": sha,
+                              "head_of": train["sha256"]}
+    for entry in man["files"].values():
+        if entry["file"] == train["file"]:
+            entry["sha256"] = sha
+    _atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(man, indent=1) + "\n"))
+    check_build(out)
+    return man

@@ -359,3 +359,27 @@ def test_build_killed_after_its_manifest_leaves_no_work_folder(tiny, tmp_path):
     build_dataset(ds, f"jsonl:{src}", "bpe:300", OPTS, progress=False, log=msgs.append)
     assert any("up to date" in m for m in msgs)
     assert not work.exists()
+
+
+def test_head_build_keeps_the_prefix_tokenizer_and_validation(built, tmp_path):
+    """A head build (benchmarks/study_carry.sh head) checks out, its training shard is the
+    source's first N tokens, its validation shards and tokenizer are the source's, and its
+    build key is not the source's; bad sizes and writing over the source are refused."""
+    from hwattn.data.build import check_build, head_build
+    from hwattn.data.loader import TokenDataset
+
+    src, manifest = built
+    n = manifest["splits"]["train"]["tokens"] // 3
+    man = head_build(src, tmp_path / "head", n)
+    check_build(tmp_path / "head")
+    whole, head = TokenDataset(src), TokenDataset(tmp_path / "head")
+    assert len(head.train) == n and (head.train[:] == whole.train[:n]).all()
+    for d in whole.domains:
+        assert (head.val[d][:] == whole.val[d][:]).all()
+    assert man["build_key"] == f"{manifest['build_key']}-head{n}"
+    assert head.tokenizer.sha256() == whole.tokenizer.sha256()
+    for bad in (0, manifest["splits"]["train"]["tokens"] + 1, 2.5):
+        with pytest.raises(ValueError, match="train_tokens"):
+            head_build(src, tmp_path / "bad", bad)
+    with pytest.raises(ValueError, match="out must differ"):
+        head_build(src, src, n)
