@@ -13,6 +13,8 @@ model parameter-matched to the MHA model of the same shape (the paper's protocol
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from hwattn.variants import get_variant, parse_variant
@@ -116,10 +118,17 @@ class ModelConfig:
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         spec = get_variant(self.attention)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "mha_hidden_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # 0 ** -x is inf and a negative base has no real powers: NaN RoPE tables.
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"rope_theta must be a positive finite number, got {self.rope_theta}")
+        # RMSNorm takes 1 / sqrt(mean(x^2) + eps): a negative or NaN eps gives NaN.
+        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
+            raise ValueError(f"norm_eps must be a finite number >= 0, got {self.norm_eps}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
@@ -132,6 +141,28 @@ class ModelConfig:
             self.hidden_dim = self._matched_hidden_dim()
         if self.hidden_dim <= 0:
             raise ValueError(f"hidden_dim must be positive, got {self.hidden_dim}")
+
+    def _check_types(self) -> None:
+        """Each field holds what its annotation says (a float size or a string flag from a
+        hand-edited config.json would otherwise fail deep inside torch, or a "false" count as
+        true); integers and numbers of other types (numpy's) become Python ints and floats."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kinds = {k.strip() for k in str(f.type).split("|")}
+            if value is None and "None" in kinds:
+                continue
+            kind = (kinds - {"None"}).pop()
+            number = not isinstance(value, bool)
+            if kind == "int" and number and isinstance(value, numbers.Integral):
+                setattr(self, f.name, int(value))
+            elif kind == "float" and number and isinstance(value, numbers.Real):
+                setattr(self, f.name, float(value))
+            elif not (kind == "bool" and isinstance(value, bool)
+                      or kind == "str" and isinstance(value, str)):
+                what = {"int": "an integer", "float": "a number", "bool": "true or false",
+                        "str": "a string"}[kind]
+                raise ValueError(f"{f.name} must be {what}{' or None' if 'None' in kinds else ''}, "
+                                 f"got {value!r} ({type(value).__name__})")
 
     def _matched_hidden_dim(self) -> int:
         """SwiGLU width whose parameters make up for this attention's saving over MHA."""

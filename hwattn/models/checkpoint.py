@@ -12,7 +12,9 @@ its `model` attribute); the tied output matrix is stored once.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,6 +30,13 @@ PREFIX = "model."
 MODELING_FILE = Path(__file__).with_name("modeling_hwattn.py")
 AUTO_MAP = {"AutoConfig": "modeling_hwattn.HwattnConfig",
             "AutoModelForCausalLM": "modeling_hwattn.HwattnForCausalLM"}
+# The `ModelConfig` fields every hwattn config.json has held since the format began; a file
+# without one would get the default in place of the saved model's value. Fields added later
+# (hidden_multiple, attention_bias) default to what the older checkpoints meant.
+REQUIRED_FIELDS = ("attention", "vocab_size", "dim", "n_layers", "n_heads", "head_dim",
+                   "n_kv_heads", "n_latent_heads", "latent_dim", "q_latent_dim", "rope_dim",
+                   "mha_hidden_dim", "hidden_dim", "max_seq_len", "rope_theta", "norm_eps",
+                   "tie_embeddings")
 
 
 def _safetensors():
@@ -55,22 +64,61 @@ def config_document(config: ModelConfig, eos_token_id: int | None = None) -> dic
     return doc
 
 
+def _config_text(config: ModelConfig, eos_token_id: int | None, extra: dict) -> str:
+    """config.json's text; ValueError naming an `extra` key that would overwrite what
+    describes the weights, or whose value JSON cannot hold."""
+    doc = config_document(config, eos_token_id)
+    reserved = sorted(set(extra) & set(config_document(config, 0)))
+    if reserved:
+        raise ValueError(f"extra keys {reserved} would overwrite config.json's description of "
+                         "the model (its fields, model_type, auto_map, token ids); choose "
+                         "other names, or pass eos_token_id= for the token ids")
+    for key, value in extra.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"extra[{key!r}] cannot be written to config.json: {err}") from None
+    doc.update(extra)
+    return json.dumps(doc, indent=2) + "\n"
+
+
 def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = None,
                     eos_token_id: int | None = None) -> Path:
     """Write `model` to directory `path` (created); `extra` keys are added to config.json.
     `eos_token_id` (the tokenizer's end-of-text id) goes to config.json and
-    generation_config.json, so `generate()` stops there."""
+    generation_config.json, so `generate()` stops there.
+
+    Every file is written under a temporary name first and renamed into place only when all
+    are written, so a save that fails (a full disk, an `extra` value JSON cannot hold) leaves
+    a checkpoint already at `path` as it was."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    doc = config_document(model.config, eos_token_id)
-    doc.update(extra or {})
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a folder: a checkpoint is a folder")
+    config_text = _config_text(model.config, eos_token_id, dict(extra or {}))
+    emb, out = model.tok_embeddings.weight, model.output.weight
+    if model.config.tie_embeddings and out is not emb and not (
+            out.shape == emb.shape and torch.equal(out.detach(), emb.detach().to(out.dtype))):
+        raise ValueError("the model's output.weight is no longer tok_embeddings.weight although "
+                         "its config says tie_embeddings=True, and a tied checkpoint stores one "
+                         "matrix: saving would drop it; re-tie them (model.output.weight = "
+                         "model.tok_embeddings.weight) or save a config with "
+                         "tie_embeddings=False")
+    generation_text = json.dumps(special_tokens(eos_token_id), indent=2) + "\n"
     state = {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()
              if not (model.config.tie_embeddings and k == "output.weight")}
-    _safetensors().save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    (path / CONFIG_NAME).write_text(json.dumps(doc, indent=2) + "\n")
-    generation = special_tokens(eos_token_id)
-    (path / GENERATION_CONFIG_NAME).write_text(json.dumps(generation, indent=2) + "\n")
-    shutil.copyfile(MODELING_FILE, path / MODELING_FILE.name)
+    path.mkdir(parents=True, exist_ok=True)
+    names = (WEIGHTS_NAME, GENERATION_CONFIG_NAME, MODELING_FILE.name, CONFIG_NAME)
+    staged = {name: path / f".{name}.partial" for name in names}
+    try:
+        _safetensors().save_file(state, str(staged[WEIGHTS_NAME]), metadata={"format": "pt"})
+        staged[CONFIG_NAME].write_text(config_text)
+        staged[GENERATION_CONFIG_NAME].write_text(generation_text)
+        shutil.copyfile(MODELING_FILE, staged[MODELING_FILE.name])
+        for name in names:
+            os.replace(staged[name], path / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -86,6 +134,13 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(doc).__name__}")
+    if doc.get("model_type", "hwattn") != "hwattn":
+        raise ValueError(f"{file}: model_type is {doc['model_type']!r}, not 'hwattn'; the "
+                         "paper's GTA/GLA checkpoints convert with `hwattn convert`")
+    missing = [k for k in REQUIRED_FIELDS if k not in doc]
+    if missing:
+        raise ValueError(f"{file}: missing {missing}; an hwattn config.json holds every model "
+                         "field, and defaults would silently stand in for the saved model's")
     try:
         return ModelConfig.from_dict(doc)
     except (TypeError, ValueError) as err:
@@ -114,13 +169,20 @@ def load_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None = N
     """
     config = load_config(path)
     state = read_weights(path)
+    file = Path(path) / WEIGHTS_NAME
+    _check_tensors(file, state, dtype)
     # safetensors returns views at 16-byte offsets into one buffer; CPU matmuls on them ran
     # 6-8x slower (measured on the tiny model), so each tensor gets its own allocation.
-    state = {k[len(PREFIX):]: v.clone() for k, v in state.items() if k.startswith(PREFIX)}
+    state = {k[len(PREFIX):]: v.clone() for k, v in state.items()}
     with torch.device("meta"):
         model = Transformer(config)
     if config.tie_embeddings and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
+        emb, out = state["tok_embeddings.weight"], state.get("output.weight")
+        if out is not None and not (out.shape == emb.shape and torch.equal(out.to(emb.dtype), emb)):
+            raise ValueError(f"{file} holds a {PREFIX}output.weight that differs from "
+                             f"{PREFIX}tok_embeddings.weight, but {Path(path) / CONFIG_NAME} "
+                             "says tie_embeddings: true; tying would drop the output matrix")
+        state["output.weight"] = emb
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
@@ -130,6 +192,28 @@ def load_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None = N
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device=device, dtype=dtype)
+
+
+def _check_tensors(file: Path, state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+    """ValueError naming a tensor of `file` that is not the model's (outside the `model.`
+    prefix) or not floating point, or, when no `dtype` is asked for, the tensors whose dtype
+    differs from the rest (the model would fail at its first matrix product)."""
+    foreign = sorted(k for k in state if not k.startswith(PREFIX))
+    if foreign:
+        raise ValueError(f"{file} holds {len(foreign)} tensors outside the model (no "
+                         f"{PREFIX!r} prefix), e.g. {foreign[:4]}; they would be dropped")
+    for k, v in state.items():
+        if not v.is_floating_point():
+            raise ValueError(f"{file}: {k} is {v.dtype}, not a floating-point tensor")
+    if dtype is None:
+        counts = Counter(v.dtype for v in state.values())
+        if len(counts) > 1:
+            common = counts.most_common(1)[0][0]
+            odd = sorted(k for k, v in state.items() if v.dtype != common)
+            raise ValueError(f"{file} holds tensors of several dtypes ({odd[0]}: "
+                             f"{state[odd[0]].dtype} where {counts[common]} are {common}"
+                             + (f"; {len(odd) - 1} more" if len(odd) > 1 else "")
+                             + "); pass dtype= to load them as one")
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> Transformer:

@@ -118,11 +118,12 @@ def convert_paper_state_dict(state: dict[str, Tensor], config: ModelConfig) -> d
             norms, uk, uv, buk, buv = [], [], [], [], []
             for j in range(1, config.n_latent_heads + 1):
                 norms.append(take(attn + f"kv_norm_{j}.weight"))
-                w = take(attn + f"W_ukv_{j}.weight").view(g, 2, dh, config.latent_dim)
+                w = _shaped(take, attn + f"W_ukv_{j}.weight", (g * 2 * dh, config.latent_dim))
+                w = w.view(g, 2, dh, config.latent_dim)
                 uk.append(w[:, 0])
                 uv.append(w[:, 1])
                 if attn + f"W_ukv_{j}.bias" in state:
-                    bias = take(attn + f"W_ukv_{j}.bias").view(g, 2, dh)
+                    bias = _shaped(take, attn + f"W_ukv_{j}.bias", (g * 2 * dh,)).view(g, 2, dh)
                     buk.append(bias[:, 0])
                     buv.append(bias[:, 1])
             out[ours + "attn.kv_norm.weight"] = torch.stack(norms)  # (h_c, d_c)
@@ -134,25 +135,65 @@ def convert_paper_state_dict(state: dict[str, Tensor], config: ModelConfig) -> d
     unknown = sorted(k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq"))
     if unknown:
         raise ValueError(f"{len(unknown)} parameters have no hwattn counterpart, e.g. {unknown[:4]}")
+    _check_shapes(out, state, config)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _shaped(take, key: str, shape: tuple[int, ...]) -> Tensor:
+    """Their tensor `key`, which must have `shape` (ValueError naming it otherwise)."""
+    t = take(key)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{key} has shape {tuple(t.shape)}; the config implies {shape}")
+    return t
+
+
+def _check_shapes(out: dict[str, Tensor], state: dict[str, Tensor], config: ModelConfig) -> None:
+    """ValueError naming their parameter whose converted tensor does not have the shape the
+    config gives hwattn's (a config.json that does not describe the weights beside it)."""
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    for key, t in out.items():
+        want = expected.get(key)
+        if want is None or t.shape == want.shape:
+            continue
+        theirs = next((k for k, v in state.items() if v is t), key)
+        raise ValueError(f"{theirs} has shape {tuple(t.shape)}; the config implies "
+                         f"{tuple(want.shape)} (hwattn's {key})")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """All `*.safetensors` files of a directory, or its `pytorch_model*.bin` files."""
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
-    state: dict[str, Tensor] = {}
     if files:
         from safetensors.torch import load_file
 
-        for f in files:
-            state.update({k: v.clone() for k, v in load_file(str(f)).items()})
-        return state
-    files = sorted(path.glob("pytorch_model*.bin"))
-    if not files:
-        raise ValueError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
+        def read(f: Path) -> dict[str, Tensor]:
+            return {k: v.clone() for k, v in load_file(str(f)).items()}
+    else:
+        files = sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise ValueError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
+
+        def read(f: Path) -> dict[str, Tensor]:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    state: dict[str, Tensor] = {}
+    origin: dict[str, Path] = {}
     for f in files:
-        state.update(torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            part = read(f)
+        except Exception as err:  # SafetensorError is a bare Exception; torch.load's vary
+            raise ValueError(f"{f} is not a readable weights file (truncated or corrupt: "
+                             f"{str(err).strip().splitlines()[0][:200]})") from None
+        if not isinstance(part, dict):
+            raise ValueError(f"{f} holds a {type(part).__name__}, not a state dict")
+        both = sorted(set(part) & set(state))
+        if both:
+            raise ValueError(f"{both[0]} is in both {origin[both[0]].name} and {f.name}"
+                             + (f" ({len(both) - 1} more)" if len(both) > 1 else "")
+                             + f" of {path}: which to use is ambiguous; remove the stray file")
+        state.update(part)
+        origin.update(dict.fromkeys(part, f))
     return state
 
 
@@ -162,9 +203,19 @@ def load_paper_checkpoint(path: str | Path) -> Transformer:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path}: no config.json")
+    try:
+        doc = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_file}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(doc).__name__}")
     state = read_state_dict(path)
-    config = paper_config(json.loads(cfg_file.read_text()), state)
-    weights = convert_paper_state_dict(state, config)
+    try:
+        config = paper_config(doc, state)
+        weights = convert_paper_state_dict(state, config)
+    except KeyError as err:  # a config.json or state dict without what the paper's code writes
+        raise ValueError(f"{path} is not a checkpoint of the paper's GTA/GLA code: it has no "
+                         f"{err.args[0]!r}") from None
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)

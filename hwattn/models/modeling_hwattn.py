@@ -97,7 +97,9 @@ class HwattnConfig(PretrainedConfig):
         return out
 
     def check_complete(self) -> None:
-        """Raise ValueError if a field the model needs is missing (only possible without hwattn)."""
+        """Raise ValueError if a field the model needs is missing (only possible without hwattn)
+        or the fields describe no model that can run (complete fields are taken as they are,
+        so hwattn's own checks do not see them)."""
         family = _FAMILY.get(self.attention)
         if family is None:
             raise ValueError(f"attention must be one of {tuple(_FAMILY)}, got {self.attention!r}")
@@ -105,6 +107,22 @@ class HwattnConfig(PretrainedConfig):
         if missing:
             raise ValueError(f"HwattnConfig needs {missing} for attention={self.attention!r}; "
                              "give them, or install hwattn to derive them")
+        for k in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len") + _REQUIRED[family]:
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        heads = "n_latent_heads" if family == "latent" else "n_kv_heads"
+        if self.n_heads % getattr(self, heads):
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by {heads} "
+                             f"({getattr(self, heads)})")
+        dh, dr = self.head_dim, self.rope_dim
+        if family == "gqa" and dr != dh:
+            raise ValueError(f"rope_dim must equal head_dim ({dh}) for {self.attention}: it "
+                             f"rotates the whole head, got {dr}")
+        if dr % 2 or dr > dh or (family == "gta" and dr == dh):
+            bound = "smaller than" if family == "gta" else "at most"
+            raise ValueError(f"rope_dim must be an even number {bound} head_dim ({dh}) for "
+                             f"{self.attention}, got {dr}")
 
 
 class RMSNorm(nn.Module):
