@@ -39,11 +39,7 @@ def run(args) -> int:
         theirs = None  # load_paper_checkpoint says what is missing or wrong
     if isinstance(theirs, dict) and theirs.get("model_type") == "hwattn":
         raise ValueError(f"{src} is already an hwattn checkpoint; it needs no conversion")
-    try:
-        model = load_paper_checkpoint(src)
-    except KeyError as err:  # a config.json or state dict without what the paper's code writes
-        raise ValueError(f"{src} is not a checkpoint of the paper's GTA/GLA code: it has no "
-                         f"{err.args[0]!r}") from None
+    model = load_paper_checkpoint(src)  # ValueError naming what is missing or wrong
     their = json.loads((src / "config.json").read_text())
     eos = their.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
