@@ -122,18 +122,25 @@ def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = N
     return path
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """The `ModelConfig` of checkpoint directory `path`; ValueError naming the file when it
-    is missing or unreadable."""
-    file = Path(path) / CONFIG_NAME
-    if not file.is_file():
-        raise ValueError(f"{path} is not an hwattn checkpoint: no {CONFIG_NAME}")
+def read_json_object(file: Path) -> dict:
+    """The JSON object in `file` (a config.json); ValueError naming the file when it is not
+    valid JSON or holds something else."""
     try:
         doc = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of checkpoint directory `path`; ValueError naming the file when it
+    is missing or unreadable."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise ValueError(f"{path} is not an hwattn checkpoint: no {CONFIG_NAME}")
+    doc = read_json_object(file)
     if doc.get("model_type", "hwattn") != "hwattn":
         raise ValueError(f"{file}: model_type is {doc['model_type']!r}, not 'hwattn'; the "
                          "paper's GTA/GLA checkpoints convert with `hwattn convert`")

@@ -24,7 +24,6 @@ Both use rotate-half RoPE over d_R dims, so no permutation is needed. One latent
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 from hwattn.config import ModelConfig
+from hwattn.models.checkpoint import read_json_object
 from hwattn.models.transformer import Transformer
 
 _COMMON = {
@@ -203,12 +203,7 @@ def load_paper_checkpoint(path: str | Path) -> Transformer:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path}: no config.json")
-    try:
-        doc = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{cfg_file}: not valid JSON ({err})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object, got {type(doc).__name__}")
+    doc = read_json_object(cfg_file)
     state = read_state_dict(path)
     try:
         config = paper_config(doc, state)
