@@ -119,11 +119,7 @@ class EngineConfig:
             # 0 is refused, not taken as "the model's": a prompt token and a generated one.
             self.max_model_len = _integer("max_model_len", self.max_model_len, 2,
                                           what=" (None: the model's max_seq_len)")
-        seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
-                or not -INT64_LIMIT <= seed < INT64_LIMIT:
-            raise ValueError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
-        self.seed = int(seed)
+        self.seed = _integer("seed", self.seed, -INT64_LIMIT)
         for name in ("enable_prefix_caching", "cuda_graphs", "enable_mixed_batches",
                      "overlap_scheduling", "launch_thread"):
             if not isinstance(getattr(self, name), bool):
