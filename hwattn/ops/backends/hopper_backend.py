@@ -32,6 +32,14 @@ from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, check_positive, plan_de
 CAPABILITY = (9, 0)
 
 
+def _check_lengths(lengths: Tensor, query_len: int) -> None:
+    """ValueError unless every host length counts the step's `query_len` new tokens."""
+    shortest = int(lengths.min())
+    if shortest < query_len:
+        raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new "
+                         f"tokens are counted), got min {shortest}")
+
+
 @dataclass
 class HopperPlan:
     """One decode step's schedule for every layer of a model.
@@ -84,9 +92,7 @@ class HopperPlan:
         query_len = self.query_len if query_len is None else query_len
         if lengths.shape != self.lengths.shape:
             raise ValueError(f"out: a plan for B={self.batch} cannot hold B={lengths.shape[0]}")
-        if int(lengths.min()) < query_len:
-            raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new "
-                             f"tokens are counted), got min {int(lengths.min())}")
+        _check_lengths(lengths, query_len)
         self.lengths, self.query_len = lengths.clone(), query_len
         for key, plan in self.plans.items():
             self._make(key, out=plan)
@@ -131,16 +137,14 @@ class HopperBackend(TritonBackend):
                              f"{cache_seqlens.dtype}")
         check_positive(num_heads_kv=num_heads_kv, query_len=query_len, page_size=page_size)
         lengths = cache_seqlens.cpu()
-        if len(lengths) and int(lengths.min()) < query_len:
-            raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new "
-                             f"tokens are counted), got min {int(lengths.min())}")
-        if out is not None:
+        if out is not None:  # every step's path: the refresh checks the lengths itself
             if not isinstance(out, HopperPlan):
                 raise ValueError(f"out must be a HopperPlan from this backend, got {type(out).__name__}")
             out.refresh(lengths, query_len)
             return out
         if len(lengths) == 0:
             raise ValueError("cache_seqlens must hold at least one sequence")
+        _check_lengths(lengths, query_len)
         device = torch.device(device) if device is not None else cache_seqlens.device
         return HopperPlan(lengths.clone(), num_heads_kv, query_len, page_size, device,
                           self.hopper.num_sms(device))
