@@ -145,13 +145,16 @@ class ModelConfig:
     def _check_types(self) -> None:
         """Each field holds what its annotation says (a float size or a string flag from a
         hand-edited config.json would otherwise fail deep inside torch, or a "false" count as
-        true); integers and numbers of other types (numpy's) become Python ints and floats."""
+        true); integers and numbers of other types (numpy's) become Python ints and floats.
+        Fields annotated otherwise than `int`, `float`, `bool` or `str` (each optionally
+        `| None`) are not checked."""
+        what = {"int": "an integer", "float": "a number", "bool": "true or false",
+                "str": "a string"}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            kinds = {k.strip() for k in str(f.type).split("|")}
-            if value is None and "None" in kinds:
+            kind, _, optional = str(f.type).partition(" | ")
+            if kind not in what or optional not in ("", "None") or value is None and optional:
                 continue
-            kind = (kinds - {"None"}).pop()
             number = not isinstance(value, bool)
             if kind == "int" and number and isinstance(value, numbers.Integral):
                 setattr(self, f.name, int(value))
@@ -159,9 +162,7 @@ class ModelConfig:
                 setattr(self, f.name, float(value))
             elif not (kind == "bool" and isinstance(value, bool)
                       or kind == "str" and isinstance(value, str)):
-                what = {"int": "an integer", "float": "a number", "bool": "true or false",
-                        "str": "a string"}[kind]
-                raise ValueError(f"{f.name} must be {what}{' or None' if 'None' in kinds else ''}, "
+                raise ValueError(f"{f.name} must be {what[kind]}{' or None' if optional else ''}, "
                                  f"got {value!r} ({type(value).__name__})")
 
     def _matched_hidden_dim(self) -> int:
