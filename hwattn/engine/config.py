@@ -16,6 +16,10 @@ import torch
 
 from hwattn.engine.sampling_params import INT64_LIMIT, _integer
 
+# Tokens of the shortest sequence a decode step sees: a prompt token and the one its prefill
+# sampled.
+SHORTEST_DECODE = 2
+
 
 @dataclass
 class EngineConfig:
@@ -45,7 +49,8 @@ class EngineConfig:
         rest); refused on CPU and together with memory_budget.
     enable_prefix_caching: share the pages of common prompt prefixes.
     speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
-    num_speculative_tokens: k drafts verified per step (default 3; 0 without `speculative`).
+    num_speculative_tokens: k drafts verified per step (default 3; 0 without `speculative`);
+        at most max_model_len - 2, so that a sequence and its drafts fit the context.
     speculative_disable_batch_size: with `speculative`, a step that starts with at least this
         many running sequences is a plain decode step (overlapped with the host, captured in
         a CUDA graph) instead of a verify step, as vLLM's option of that name; None: always
@@ -142,6 +147,19 @@ class EngineConfig:
         elif self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1 with speculative="
                              f"{self.speculative!r}, got {self.num_speculative_tokens}")
+        elif self.max_model_len is not None \
+                and self.num_speculative_tokens > self.max_model_len - SHORTEST_DECODE:
+            # A verify step holds the sequence and its k drafts (`LLMEngine._lookahead` in
+            # hwattn/engine/llm_engine.py), and a decoding sequence has at least a prompt token
+            # and a sampled one: a larger k built an engine that never speculated. When
+            # max_model_len is left to the model, create_engine's copy of the config with the
+            # model's max_seq_len is checked here.
+            k, limit = self.num_speculative_tokens, self.max_model_len
+            raise ValueError(f"num_speculative_tokens={k} leaves no room to speculate within "
+                             f"max_model_len {limit}: a verify step holds a sequence of at "
+                             f"least {SHORTEST_DECODE} tokens plus its k drafts, so k must be "
+                             f"at most max_model_len - {SHORTEST_DECODE} = "
+                             f"{limit - SHORTEST_DECODE}")
         self._check_disable_batch_size()
         util = self.gpu_memory_utilization
         if util is not None:

@@ -40,6 +40,9 @@ class SamplingParams:
     """How one request is decoded.
 
     n: independent completions of the prompt (>= 1); each is one of the output's `outputs`.
+        Not capped in the Python API: completions beyond max_num_seqs wait their turn, and
+        each costs host memory while it waits (the server caps n per request,
+        `ServerLimits.max_n`).
     max_tokens: new tokens to generate at most (>= 1); None: until the context is full (the
         engine sets it to max_model_len minus the prompt's length when the request is queued).
     min_tokens: new tokens before end-of-sequence, stop token ids or stop strings may end the

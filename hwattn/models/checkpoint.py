@@ -12,6 +12,7 @@ its `model` attribute); the tied output matrix is stored once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -171,13 +172,15 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path, device=None, dtype: torch.dtype | None = None) -> Transformer:
     """The `Transformer` saved in directory `path`, on `device` in `dtype`.
 
-    A missing, truncated or corrupt file, or weights that do not fit config.json, raise a
-    ValueError naming the file.
+    A missing, truncated or corrupt file, weights that do not fit config.json, or a weight
+    that is NaN or infinite (or would become infinite in `dtype`, `check_finite`) raise a
+    ValueError naming the file (and the tensor).
     """
     config = load_config(path)
     state = read_weights(path)
     file = Path(path) / WEIGHTS_NAME
     _check_tensors(file, state, dtype)
+    check_finite(file, state, dtype)
     # safetensors returns views at 16-byte offsets into one buffer; CPU matmuls on them ran
     # 6-8x slower (measured on the tiny model), so each tensor gets its own allocation.
     state = {k[len(PREFIX):]: v.clone() for k, v in state.items()}
@@ -221,6 +224,30 @@ def _check_tensors(file: Path, state: dict[str, torch.Tensor], dtype: torch.dtyp
                              f"{state[odd[0]].dtype} where {counts[common]} are {common}"
                              + (f"; {len(odd) - 1} more" if len(odd) > 1 else "")
                              + "); pass dtype= to load them as one")
+
+
+def check_finite(file: Path, state: dict[str, torch.Tensor],
+                 dtype: torch.dtype | None = None) -> None:
+    """ValueError naming the first tensor of `file` that holds NaN or an infinity (a model
+    loaded from it computes NaN from its first step on), or, with `dtype`, a value past that
+    dtype's range (cast to it, the value would become an infinity). One pass over each
+    floating-point tensor of `state`, at load time."""
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+            continue
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            t = t.float()  # (fp8: abs and amax need a wider type)
+        largest = float(t.abs().amax())  # NaN and infinities propagate
+        if not math.isfinite(largest):
+            bad = ~torch.isfinite(t)
+            count, where = int(bad.sum()), tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"{file}: {name} holds {count} non-finite value{'s' * (count > 1)} "
+                             f"(NaN or infinity), e.g. {t[where].item()} at {where}; a model "
+                             "loaded from it would compute NaN")
+        if dtype is not None and dtype.is_floating_point and largest > torch.finfo(dtype).max:
+            raise ValueError(f"{file}: {name} holds {largest:g}, past the largest {dtype} "
+                             f"({torch.finfo(dtype).max:g}): loaded as {dtype} it would become "
+                             "an infinity; load it in a wider dtype")
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> Transformer:

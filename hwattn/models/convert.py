@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from hwattn.config import ModelConfig
-from hwattn.models.checkpoint import read_json_object
+from hwattn.models.checkpoint import check_finite, read_json_object
 from hwattn.models.transformer import Transformer
 
 _COMMON = {
@@ -162,7 +162,9 @@ def _check_shapes(out: dict[str, Tensor], state: dict[str, Tensor], config: Mode
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """All `*.safetensors` files of a directory, or its `pytorch_model*.bin` files."""
+    """All `*.safetensors` files of a directory, or its `pytorch_model*.bin` files.
+    ValueError naming the file and tensor for a weight that is NaN, infinite or past fp32's
+    range (`check_finite`)."""
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if files:
@@ -187,6 +189,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                              f"{str(err).strip().splitlines()[0][:200]})") from None
         if not isinstance(part, dict):
             raise ValueError(f"{f} holds a {type(part).__name__}, not a state dict")
+        check_finite(f, part, torch.float32)  # (the converted model is fp32)
         both = sorted(set(part) & set(state))
         if both:
             raise ValueError(f"{both[0]} is in both {origin[both[0]].name} and {f.name}"

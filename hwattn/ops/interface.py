@@ -6,6 +6,12 @@ argument before any kernel launches and raises `ValueError` naming it. The index
 (block_table, cache_seqlens, cu_seqlens_q, slot_mapping) must be contiguous in their last
 dimension (rows sliced from a wider table are fine); dequantisation scales, where given, are
 positive finite numbers.
+
+What stays unchecked: the page ids of a block table on the GPU. Checking them would read the
+table back (a synchronisation on every layer of every step), so the Triton and Hopper kernels
+trust them, and an id outside [0, P) reads memory outside the cache. The engine's tables come
+from its `BlockManager`, which hands out pages [1, P) only; a caller building its own must
+keep its ids in range (the "torch" backend, or a table in host memory, refuses them).
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
         k_cache, v_cache: (P, page_size, H_kv, D); H_q % H_kv == 0, head i reads KV head
             i // (H_q // H_kv). fp8 (e4m3) with `k_scale` / `v_scale` is accepted.
         block_table: (B, max_pages) int32. cache_seqlens: (B,) int32, counting the L_q new tokens.
+            Row b's first ceil(cache_seqlens[b] / page_size) entries are read: page ids in
+            [0, P). Others raise ValueError on the "torch" backend (any device) and on any
+            backend for a table in host memory. A GPU table is NOT checked by the kernels
+            (that would need a device read): an id out of range reads outside the cache.
         softmax_scale: default 1/sqrt(D).
         plan: the backend's plan for the step (`plan_decode` for Triton), reused by every layer.
     Returns:
@@ -68,7 +78,8 @@ def prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
         q: (N, H_q, D_qk): the queries of B sequences packed as rows, sequence b's being rows
             cu_seqlens_q[b]:cu_seqlens_q[b + 1], its last tokens (already in the cache).
         k_cache: (P, page_size, H_kv, D_qk); v_cache: (P, page_size, H_kv, D_v).
-        block_table: (B, max_pages) int32. cu_seqlens_q: (B + 1,) int32 from 0, ending at N.
+        block_table: (B, max_pages) int32, page ids checked as for `decode` (a sequence without
+            queries reads none). cu_seqlens_q: (B + 1,) int32 from 0, ending at N.
         cache_seqlens: (B,) int32, counting each sequence's queries; causal bottom-right: query
             j of n sees cache positions < cache_seqlens[b] - n + j + 1.
         softmax_scale: default 1/sqrt(D_qk).

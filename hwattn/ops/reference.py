@@ -20,6 +20,33 @@ import torch
 from torch import Tensor
 
 
+def check_block_table(block_table: Tensor, lengths, num_pages: int, page_size: int) -> None:
+    """ValueError naming the first bad entry unless every page a sequence reads is a page of
+    the cache: the first ceil(lengths[b] / page_size) entries of row b of `block_table`
+    (B, max_pages) must lie in [0, num_pages). Entries past them are never read and are not
+    checked (tables are padded with anything). lengths: (B,) tokens each sequence reads, a
+    tensor or a list of ints.
+
+    Reads the table: free on the host, a device synchronisation for a GPU table. The
+    references read their lengths on the host anyway; the kernels' backends call it only for
+    a table in host memory (`hwattn/ops/backends/base.py`)."""
+    if not block_table.numel():
+        return
+    lo, hi = torch.aminmax(block_table)
+    if 0 <= int(lo) and int(hi) < num_pages:  # the common case (the engine's tables): one op
+        return
+    device = block_table.device
+    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
+    pages = (lengths + page_size - 1) // page_size  # (B,) pages each sequence reads
+    read = torch.arange(block_table.shape[1], device=device) < pages[:, None]
+    bad = read & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, i = bad.nonzero()[0].tolist()
+        raise ValueError(f"block_table[{b}, {i}] is page {int(block_table[b, i])}, outside the "
+                         f"cache's {num_pages} pages [0, {num_pages}) (sequence {b} reads the "
+                         f"first {int(pages[b])} pages of its row)")
+
+
 def gather_cache(cache: Tensor, block_table_row: Tensor, length: int) -> Tensor:
     """The first `length` tokens of one sequence, contiguous: (length, *cache.shape[2:])."""
     page_size = cache.shape[1]
@@ -57,8 +84,18 @@ def decode_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: T
 
     q (B, L_q, H_q, D); k_cache, v_cache (P, page_size, H_kv, D); block_table (B, max_pages);
     cache_seqlens (B,). Returns out (B, L_q, H_q, D) in q's dtype and lse (B, H_q, L_q) fp32.
-    `k_scale` / `v_scale` dequantise an fp8 cache (stored = real / scale).
+    `k_scale` / `v_scale` dequantise an fp8 cache (stored = real / scale). A page id the
+    sequences read outside [0, P) raises ValueError (`check_block_table`).
     """
+    check_block_table(block_table, cache_seqlens, *k_cache.shape[:2])
+    return _decode_rows(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale, k_scale,
+                        v_scale)
+
+
+def _decode_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                 cache_seqlens: Tensor, softmax_scale: float | None, k_scale: float | None,
+                 v_scale: float | None):
+    """`decode_reference` on a block table already checked."""
     batch, _, n_heads, head_dim = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     cdt = _compute_dtype(q)
@@ -86,8 +123,18 @@ def decode_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope
     q_nope (B, L_q, H_q, D_nope); q_rope (B, L_q, H_q, D_R); kv_cache (P, page_size, H_kv, D_v)
     whose first D_nope dims are the un-rotated key and all D_v dims the value; rope_cache
     (P, page_size, D_R), one RoPE key shared by every head. Returns out (B, L_q, H_q, D_v) and
-    lse (B, H_q, L_q) fp32. `kv_scale` dequantises an fp8 cache (both caches share it).
+    lse (B, H_q, L_q) fp32. `kv_scale` dequantises an fp8 cache (both caches share it). A
+    page id the sequences read outside [0, P) raises ValueError (`check_block_table`).
     """
+    check_block_table(block_table, cache_seqlens, *kv_cache.shape[:2])
+    return _decode_tied_rows(q_nope, q_rope, kv_cache, rope_cache, block_table, cache_seqlens,
+                             softmax_scale, kv_scale)
+
+
+def _decode_tied_rows(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
+                      block_table: Tensor, cache_seqlens: Tensor, softmax_scale: float,
+                      kv_scale: float | None):
+    """`decode_tied_reference` on a block table already checked."""
     batch, _, n_heads, d_nope = q_nope.shape
     cdt = _compute_dtype(q_nope)
     outs, lses = [], []
@@ -106,13 +153,17 @@ def decode_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope
 
 
 def _per_sequence(decode, cu_seqlens_q: Tensor, block_table: Tensor, cache_seqlens: Tensor,
-                  queries: tuple[Tensor, ...], n_heads: int, d_v: int, out_dtype: torch.dtype):
+                  queries: tuple[Tensor, ...], n_heads: int, d_v: int, out_dtype: torch.dtype,
+                  cache: Tensor):
     """Run `decode(queries of one sequence (1, n, ...), table row, seqlen)` for every sequence
-    and pack the results: out (N, H_q, D_v), lse (H_q, N) fp32."""
+    and pack the results: out (N, H_q, D_v), lse (H_q, N) fp32. The pages of the sequences
+    with queries are checked first (`check_block_table`; `cache` is the one they index)."""
     n_tokens = queries[0].shape[0]
     out = torch.empty(n_tokens, n_heads, d_v, dtype=out_dtype, device=queries[0].device)
     lse = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=queries[0].device)
     cu = cu_seqlens_q.tolist()
+    read = [n if hi > lo else 0 for n, lo, hi in zip(cache_seqlens.tolist(), cu, cu[1:])]
+    check_block_table(block_table, read, *cache.shape[:2])
     for b in range(len(cu) - 1):
         lo, hi = cu[b], cu[b + 1]
         if hi == lo:  # a sequence with no queries this step
@@ -132,14 +183,15 @@ def prefill_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: 
 
     q (N, H_q, D_qk); k_cache (P, page_size, H_kv, D_qk); v_cache (P, page_size, H_kv, D_v);
     block_table (B, max_pages); cu_seqlens_q (B + 1,); cache_seqlens (B,). Returns
-    out (N, H_q, D_v) in q's dtype and lse (H_q, N) fp32.
+    out (N, H_q, D_v) in q's dtype and lse (H_q, N) fp32. A page id read outside [0, P)
+    raises ValueError (`check_block_table`; a sequence without queries reads none).
     """
     def one(queries, table, seqlens):
-        return decode_reference(queries[0], k_cache, v_cache, table, seqlens, softmax_scale,
-                                k_scale, v_scale)
+        return _decode_rows(queries[0], k_cache, v_cache, table, seqlens, softmax_scale,
+                            k_scale, v_scale)
 
     return _per_sequence(one, cu_seqlens_q, block_table, cache_seqlens, (q,), q.shape[1],
-                         v_cache.shape[3], q.dtype)
+                         v_cache.shape[3], q.dtype, k_cache)
 
 
 def prefill_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
@@ -148,14 +200,15 @@ def prefill_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rop
     """Variable-length tied-state paged attention: `decode_tied_reference` per sequence.
 
     q_nope (N, H_q, D_nope); q_rope (N, H_q, D_R); kv_cache (P, page_size, H_kv, D_v);
-    rope_cache (P, page_size, D_R). Returns out (N, H_q, D_v) and lse (H_q, N) fp32.
+    rope_cache (P, page_size, D_R). Returns out (N, H_q, D_v) and lse (H_q, N) fp32. A page
+    id read outside [0, P) raises ValueError, as for `prefill_reference`.
     """
     def one(queries, table, seqlens):
-        return decode_tied_reference(*queries, kv_cache, rope_cache, table, seqlens,
-                                     softmax_scale, kv_scale)
+        return _decode_tied_rows(*queries, kv_cache, rope_cache, table, seqlens, softmax_scale,
+                                 kv_scale)
 
     return _per_sequence(one, cu_seqlens_q, block_table, cache_seqlens, (q_nope, q_rope),
-                         q_nope.shape[1], kv_cache.shape[3], q_nope.dtype)
+                         q_nope.shape[1], kv_cache.shape[3], q_nope.dtype, kv_cache)
 
 
 def store_kv_reference(cache: Tensor, new: Tensor, slot_mapping: Tensor,

@@ -64,6 +64,35 @@ def test_max_model_len_is_a_context_that_can_hold_a_request(value):
     assert EngineConfig(model="tiny", max_model_len=2).max_model_len == 2
 
 
+@pytest.mark.parametrize("k, max_model_len", [(3, 4), (4, 4), (100, 8), (1, 2)])
+def test_num_speculative_tokens_must_leave_room_to_speculate(k, max_model_len):
+    """A verify step holds a sequence (at least its prompt's token and the first sampled one)
+    plus k drafts within the context. With k >= max_model_len - 1 no step could ever verify:
+    the engine was built and quietly never speculated (0 draft tokens)."""
+    with pytest.raises(ValueError, match=r"num_speculative_tokens.*max_model_len") as err:
+        EngineConfig(model="tiny", speculative="ngram", num_speculative_tokens=k,
+                     max_model_len=max_model_len)
+    assert f"num_speculative_tokens={k}" in str(err.value)
+    # Without a drafter k means nothing (it becomes 0): nothing to refuse.
+    assert EngineConfig(model="tiny", num_speculative_tokens=k,
+                        max_model_len=max_model_len).num_speculative_tokens == 0
+
+
+def test_num_speculative_tokens_is_checked_against_the_models_context():
+    """max_model_len left to the model (max_seq_len 128 here): checked once it is known."""
+    with pytest.raises(ValueError, match=r"num_speculative_tokens=127.*max_model_len 128"):
+        LLM("tiny", **TINY, speculative="ngram", num_speculative_tokens=127)
+
+
+def test_the_largest_num_speculative_tokens_allowed_speculates():
+    """k = max_model_len - 2: a one-token prompt's first decode step verifies k drafts."""
+    llm = LLM("tiny", **TINY, speculative="ngram", num_speculative_tokens=6, max_model_len=8)
+    out = llm.generate([[1]], SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 7 and out.error is None
+    assert llm.engine.counters["draft_tokens"] > 0
+    untouched(llm.engine)
+
+
 @pytest.mark.parametrize("value", ["", 5])
 def test_speculative_names_a_drafter(value):
     # "" quietly turned speculation off (with num_speculative_tokens kept at 3).

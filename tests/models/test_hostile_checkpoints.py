@@ -153,6 +153,52 @@ def test_mixed_dtype_weights_are_refused_unless_a_dtype_is_given(tmp_path):
         assert load_checkpoint(tmp_path, dtype=torch.float32)(TOKENS).dtype == torch.float32
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, value, dtype):
+    # Observed: loaded without a word; every logit of the model came out NaN.
+    save_checkpoint(_model(), tmp_path)
+    key = "model.layers.0.attn.wk.weight"
+
+    def poison(sd):
+        sd[key] = sd[key].clone()
+        sd[key][3, 5] = value
+
+    _edit_weights(tmp_path, poison)
+    with pytest.raises(ValueError, match=r"model\.safetensors: model\.layers\.0\.attn\.wk\.weight "
+                                         r"holds 1 non-finite value.*\(3, 5\)"):
+        load_checkpoint(tmp_path, dtype=dtype)
+
+
+def test_weights_that_overflow_the_asked_dtype_are_refused(tmp_path):
+    # Finite in fp32 but past fp16's largest value (65504): loading as fp16 made it inf.
+    model = _model()
+    save_checkpoint(model, tmp_path)
+    key = "model.layers.0.ffn.w1.weight"
+
+    def big(sd):
+        sd[key] = sd[key].clone()
+        sd[key][0, 1] = 1e6
+
+    _edit_weights(tmp_path, big)
+    with pytest.raises(ValueError, match=r"ffn\.w1\.weight.*1e\+06.*float16"):
+        load_checkpoint(tmp_path, dtype=torch.float16)
+    # The same weights load as they are in fp32 and bf16, whose range holds them.
+    for dtype in (None, torch.float32, torch.bfloat16):
+        loaded = load_checkpoint(tmp_path, dtype=dtype)
+        assert loaded.layers[0].ffn.w1.weight[0, 1].item() == pytest.approx(1e6, rel=1e-2)
+
+
+def test_engine_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
+    from hwattn.engine import LLM
+
+    save_checkpoint(_model(), tmp_path)
+    _edit_weights(tmp_path, lambda sd: sd.update(
+        {"model.norm.weight": torch.full_like(sd["model.norm.weight"], float("nan"))}))
+    with pytest.raises(ValueError, match=r"model\.norm\.weight holds 64 non-finite values"):
+        LLM(str(tmp_path), device="cpu", page_size=8, num_pages=64)
+
+
 # --- saving -------------------------------------------------------------------------------
 
 def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -281,6 +327,18 @@ def test_paper_weights_of_the_wrong_shape_are_named(tmp_path, variant, key, shap
 
     src = _paper_dir(tmp_path, variant, state={key: torch.zeros(shape)})
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_paper_checkpoint(src)
+
+
+def test_paper_non_finite_weights_are_named(tmp_path):
+    # Observed: converted without a word into a model whose every output was NaN.
+    from hwattn.models.convert import load_paper_checkpoint
+
+    norm = torch.ones(64)
+    norm[7] = float("inf")
+    src = _paper_dir(tmp_path, state={"model.norm.weight": norm})
+    with pytest.raises(ValueError, match=r"model\.safetensors: model\.norm\.weight holds 1 "
+                                         r"non-finite value.*\(7,\)"):
         load_paper_checkpoint(src)
 
 

@@ -255,3 +255,74 @@ def test_hopper_plan_refused_refresh_leaves_the_plan_as_it_was():
     shorter = torch.tensor([1, 9], dtype=torch.int32)
     assert backend.plan(shorter, num_heads_kv=2, query_len=1, page_size=64, out=plan) is plan
     assert plan.query_len == 1 and plan.lengths.tolist() == [1, 9] and launch.min_seqlen == 1
+
+
+# A page id a sequence reads, outside the cache's pages: one before the first, the first past
+# the last, and far past it.
+BAD_PAGES = [-1, "P", 2**30]
+
+
+def _bad_page(args, name_cache, row, col, bad):
+    """`args` with block_table[row, col] set to `bad` ("P": the cache's page count)."""
+    table = args["block_table"].clone()
+    table[row, col] = args[name_cache].shape[0] if bad == "P" else bad
+    return {**args, "block_table": table}
+
+
+def _host_backends():
+    """The backends that must refuse a bad page id: the reference anywhere, and any backend
+    whose block table is in host memory (reading it costs no device synchronisation)."""
+    return BACKENDS if DEVICE.type == "cpu" else ["torch"]
+
+
+@pytest.mark.parametrize("bad", BAD_PAGES)
+@pytest.mark.parametrize("backend", _host_backends())
+def test_decode_page_ids_out_of_the_cache_are_refused(backend, bad):
+    """A page id outside [0, P) among the pages a sequence reads: the reference raised an
+    IndexError naming no argument for ids past the cache and silently read the wrong page for
+    negative ones (NaN here); the Triton kernel read outside the cache (a crash under the
+    interpreter). Entries past a sequence's last page are never read, and stay unchecked (the
+    hostile tables of tests/ops/paged.py hold garbage there)."""
+    args = _bad_page(_decode_case(), "k_cache", 1, 0, bad)
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] is page .*outside the "
+                                         r"cache's 7 pages"):
+        ops.decode(**args, backend=backend)
+    tied = _bad_page(_tied_case(), "kv_cache", 0, 2, bad)
+    with pytest.raises(ValueError, match=r"block_table\[0, 2\] is page .*outside the "
+                                         r"cache's 6 pages"):
+        ops.decode_tied(**tied, backend=backend)
+
+
+@pytest.mark.parametrize("bad", BAD_PAGES)
+@pytest.mark.parametrize("backend", _host_backends())
+def test_prefill_page_ids_out_of_the_cache_are_refused(backend, bad):
+    args = _prefill_case()  # sequence 0 holds 40 tokens: pages 0-2 of its row are read
+    with pytest.raises(ValueError, match=r"block_table\[0, 2\] is page"):
+        ops.prefill(**_bad_page(args, "k_cache", 0, 2, bad), backend=backend)
+    # A sequence with no queries this step reads none of its pages.
+    quiet = {**args, "q": args["q"][:3],
+             "cu_seqlens_q": torch.tensor([0, 3, 3], dtype=torch.int32, device=DEVICE)}
+    want = ops.prefill(**quiet, backend="torch")
+    torch.testing.assert_close(ops.prefill(**_bad_page(quiet, "k_cache", 1, 0, bad),
+                                           backend=backend), want, rtol=1e-5, atol=1e-5)
+    tied = dict(q_nope=torch.randn(12, 4, 16), q_rope=torch.randn(12, 4, 16),
+                kv_cache=torch.randn(6, 16, 2, 32), rope_cache=torch.randn(6, 16, 16),
+                block_table=torch.arange(6, dtype=torch.int32).view(2, 3),
+                cu_seqlens_q=torch.tensor([0, 3, 12], dtype=torch.int32),
+                cache_seqlens=torch.tensor([40, 9], dtype=torch.int32))
+    tied = {k: v.to(DEVICE) for k, v in tied.items()}
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] is page"):
+        ops.prefill_tied(**_bad_page(tied, "kv_cache", 1, 0, bad), backend=backend)
+
+
+def test_reference_ops_refuse_page_ids_out_of_the_cache():
+    """The references themselves (the CPU path, and what tests compare against) refuse them
+    when called directly, naming the entry."""
+    from hwattn.ops import reference
+
+    args = _bad_page(_decode_case(), "k_cache", 0, 1, -1)
+    with pytest.raises(ValueError, match=r"block_table\[0, 1\] is page -1"):
+        reference.decode_reference(*args.values())
+    args = _bad_page(_prefill_case(), "k_cache", 1, 0, 7)
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] is page 7"):
+        reference.prefill_reference(*args.values())

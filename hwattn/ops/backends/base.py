@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from hwattn.ops.plan import DecodePlan, PrefillPlan, plan_prefill
+from hwattn.ops.reference import check_block_table
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
@@ -200,6 +201,11 @@ class AttentionBackend:
     # Whether one launch of its prefill op serves a whole variable-length step (a kernel over
     # the packed sequences), rather than a loop over them as the PyTorch reference does.
     varlen_prefill: ClassVar[bool] = False
+    # Whether its run_* hooks refuse page ids outside the cache themselves (the references of
+    # hwattn/ops/reference.py do, on any device). For any other backend the checked entry
+    # points refuse them when the block table is in host memory, where reading it costs no
+    # synchronisation; a GPU table is not read, and its kernels trust it.
+    checks_page_ids: ClassVar[bool] = False
 
     @classmethod
     def auto_select(cls, device: torch.device) -> bool:
@@ -301,7 +307,9 @@ class AttentionBackend:
                      plan: Any) -> None:
         capacity = _check_table(name_cache, cache, block_table, cache_seqlens, batch, device)
         if self.check_plan(plan, batch, capacity):
-            return  # the plan read the lengths on the host already: no device read (CUDA graphs)
+            # The plan read the lengths on the host already: no device read (CUDA graphs).
+            self._check_host_pages(cache, block_table, cache_seqlens)
+            return
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return  # reading the lengths would sync; pass a plan to have them checked
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
@@ -311,6 +319,13 @@ class AttentionBackend:
         if hi > capacity:
             raise ValueError(f"block_table has {block_table.shape[1]} pages of {cache.shape[1]} "
                              f"tokens = {capacity} slots, too short for cache_seqlens max {hi}")
+        self._check_host_pages(cache, block_table, cache_seqlens)
+
+    def _check_host_pages(self, cache: Tensor, block_table: Tensor, lengths) -> None:
+        """`check_block_table` of a table in host memory, for a backend whose hooks do not
+        check page ids (`checks_page_ids`); nothing for a GPU table (it would sync)."""
+        if not self.checks_page_ids and block_table.device.type == "cpu":
+            check_block_table(block_table, lengths, *cache.shape[:2])
 
     @torch.compiler.disable
     def decode(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
@@ -324,7 +339,12 @@ class AttentionBackend:
             k_cache, v_cache: (P, page_size, H_kv, D); H_q % H_kv == 0, head i reads KV head
                 i // (H_q // H_kv). fp8 (e4m3) with `k_scale` / `v_scale` is accepted.
             block_table: (B, max_pages) int32. cache_seqlens: (B,) int32, counting the L_q new
-                tokens.
+                tokens. The first ceil(cache_seqlens[b] / page_size) entries of row b are
+                read and must be page ids in [0, P); the rest are never read. An id outside
+                is refused (ValueError) by the reference on any device and by every backend
+                for a table in host memory; a GPU table is not checked (reading it would
+                synchronise with the device) and a kernel reads where it points: build it
+                from pages you own (the engine's `BlockManager` hands out only [1, P)).
             softmax_scale: default 1/sqrt(D).
             plan: this backend's plan for the step (`plan(...)`), reused by every layer.
         Returns:
@@ -406,6 +426,9 @@ class AttentionBackend:
         elif not isinstance(plan, PrefillPlan):
             raise ValueError(f"plan must be a PrefillPlan from plan_prefill, got {type(plan).__name__}")
         plan.check(batch, n_tokens, capacity)
+        # A sequence without queries this step reads none of its pages.
+        self._check_host_pages(cache, block_table, [n if q else 0 for n, q in
+                                                    zip(plan.seqlens, plan.query_lens)])
         return plan
 
     @torch.compiler.disable
@@ -422,7 +445,8 @@ class AttentionBackend:
             k_cache: (P, page_size, H_kv, D_qk); v_cache: (P, page_size, H_kv, D_v), the value
                 width may differ from the key's. H_q % H_kv == 0, head i reads KV head
                 i // (H_q // H_kv). fp8 (e4m3) with `k_scale` / `v_scale` is accepted.
-            block_table: (B, max_pages) int32. cu_seqlens_q: (B + 1,) int32, from 0,
+            block_table: (B, max_pages) int32, its page ids checked as for `decode` (a
+                sequence without queries reads none). cu_seqlens_q: (B + 1,) int32, from 0,
                 non-decreasing, ending at N (a sequence may have no queries).
             cache_seqlens: (B,) int32, tokens cached per sequence counting its queries; query j
                 of a sequence of n queries sees cache positions < cache_seqlens[b] - n + j + 1.

@@ -13,6 +13,7 @@ from hwattn.ops.backends.base import AttentionBackend
 class TorchBackend(AttentionBackend):
     name = "torch"
     priority = 0
+    checks_page_ids = True  # the references check the pages they read
 
     @classmethod
     def auto_select(cls, device) -> bool:
