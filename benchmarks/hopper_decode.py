@@ -50,6 +50,9 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout (workers too)
 
 from hopper_cases import CHECKS, DEVICE, Paged, errors, layer_of, shapes
 from hopper_report import format_pivot, format_table

@@ -362,7 +362,9 @@ def write_study(args, log, env: dict | None = None, log_start: int | None = None
     ordered = sorted(runs.values(), key=lambda r: order.get(run_name(r["variant"], r["seed"]), 1e9))
     _write_atomic(study / RUNS_FILE, "".join(json.dumps(r) + "\n" for r in ordered))
     pending = [run_name(v, s) for v, s in plan(args) if run_name(v, s) not in runs]
-    log(f"study {study}: {len(ordered)} of {len(order)} runs finished"
+    beyond = len(ordered) - (len(order) - len(pending))  # finished runs of earlier plans
+    log(f"study {study}: {len(order) - len(pending)} of {len(order)} planned runs finished"
+        + (f" (and {beyond} more from earlier plans)" if beyond else "")
         + (f"; pending: {', '.join(pending)} (run the same command again)" if pending else "; complete"))
     old = json.loads((study / SUMMARY_FILE).read_text()) if (study / SUMMARY_FILE).is_file() else {}
     commands = old.get("commands", [])

@@ -340,7 +340,13 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
     seeds = sorted({r["seed"] for r in runs})
     plan, pending = summary.get("plan", []), summary.get("pending", [])
     old_env = summary.get("environment", {})  # studies written before per-run records
-    gpus = sorted({r.get("gpu") or old_env.get("gpu") or "CPU" for r in runs})
+    def gpu_of(r: dict) -> str:
+        return r.get("gpu") or old_env.get("gpu") or "CPU"
+
+    gpus = sorted({gpu_of(r) for r in runs})
+    # Training speed depends on the GPU, quality does not: the speed columns come from the
+    # runs on the GPU most runs used, so that a spread over seeds is not a spread over cards.
+    speed_gpu = max(gpus, key=lambda g: (sum(gpu_of(r) == g for r in runs), g))
     cmds = summary.get("commands", [])
     env = cmds[-1]["environment"] if cmds and cmds[-1].get("environment") else old_env
     out = [f"# Quality study: GTA vs GQA, GLA vs MLA at the `{r0.get('preset')}` scale", "",
@@ -410,9 +416,15 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
         row += [_pct(mean_std([r["eval"].get("cloze", {}).get("acc") for r in rs])[0]),
                 _pct(mean_std([r["eval"].get("mc", {}).get("acc_norm") for r in rs])[0]),
                 _pct(mean_std([r["eval"].get("recall", {}).get("mean") for r in rs])[0]),
-                _pm([r.get("steady_tokens_per_s") for r in rs], "{:,.0f}"),
-                _pct(mean_std([r.get("steady_mfu") for r in rs])[0])]
+                _pm([r.get("steady_tokens_per_s") for r in rs if gpu_of(r) == speed_gpu],
+                    "{:,.0f}"),
+                _pct(mean_std([r.get("steady_mfu") for r in rs if gpu_of(r) == speed_gpu])[0])]
         out.append("| " + " | ".join(row) + " |")
+    if len(gpus) > 1:
+        others = ", ".join(f"{r['variant']} seed {r['seed']} on {gpu_of(r)}"
+                           for r in runs if gpu_of(r) != speed_gpu)
+        out += ["", f"tok/s and MFU: the runs on {speed_gpu} only (training speed depends on "
+                f"the card; perplexity does not). Trained elsewhere: {others}."]
     stds = {label: mean_std([r["eval"]["ppl"]["average"]["ppl"] for r in rs])
             for label, rs in by.items()}
     rel = {k: s / m for k, (m, s) in stds.items() if s is not None}

@@ -316,3 +316,18 @@ def test_commands_survive_a_reset_of_the_tracked_copies(tmp_path, dataset_dir):
     assert len(order) == 3 and order == sorted(order)
     assert sum("command {" in line for line in lines) == 3
     assert (tmp_path / "e" / mod.LOG_FILE).read_text() == (study / mod.LOG_FILE).read_text()
+
+
+def test_speed_columns_come_from_one_gpu():
+    """A run trained on another card changes tok/s, not quality: the speed columns average
+    the runs of the GPU most runs used, and the page says which runs were left out."""
+    runs = []
+    for seed, gpu, tps in ((0, "H200", 1.5e6), (1, "H200", 1.6e6), (2, "H100", 1.0e6)):
+        r = _run("gqa-4", seed, 20.0, 20.0)
+        r.update(gpu=gpu, steady_tokens_per_s=tps, steady_mfu=tps / 4e6)
+        runs.append(r)
+    text = render(runs, {})
+    assert "1,550,000 ± 70,711" in text and "38.8%" in text
+    assert "the runs on H200 only" in text and "gqa-4 seed 2 on H100" in text
+    same = render(runs[:2], {})
+    assert "1,550,000 ± 70,711" in same and "Trained elsewhere" not in same
