@@ -71,7 +71,7 @@ from pathlib import Path
 from hwattn.parallel.errors import WorkerError, describe_exit, env_seconds
 from hwattn.parallel.folders import make_socket_folder
 from hwattn.parallel.heartbeat import HeartbeatMonitor, beat_interval
-from hwattn.parallel.wire import Conn, pack
+from hwattn.parallel.wire import Conn, MessageError, pack
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
@@ -287,14 +287,18 @@ class WorkerGroup:
             ready, _, _ = select.select(live, [], [], max(0.0, end - time.monotonic()))
             for conn in ready:
                 try:
-                    for m in conn.read():
-                        if isinstance(m, tuple) and m and m[0] == "error":
-                            reports.append(m[1] | {"rank": conn.rank})
-                        elif m == ("bye",):
-                            self.said_bye[conn.rank] = True
+                    msgs = conn.read()
                 except EOFError:
                     deaths.add(conn.rank)
                     conn.closed = True
+                    continue
+                except MessageError as err:  # dropped; the group is failing already
+                    msgs = err.messages
+                for m in msgs:
+                    if isinstance(m, tuple) and m and m[0] == "error":
+                        reports.append(m[1] | {"rank": conn.rank})
+                    elif m == ("bye",):
+                        self.said_bye[conn.rank] = True
         self.kill()
         reports.sort(key=lambda r: r["time"])
         reported = {r["rank"] for r in reports}
@@ -320,10 +324,18 @@ class WorkerGroup:
         self.error = error
         raise error
 
-    def _pump(self, timeout: float) -> None:
-        """Queue the messages that arrive within `timeout` seconds; raise on any failure."""
+    def _check_open(self) -> None:
+        """Raise the group's error, or a `WorkerError` once it has been shut down or killed
+        (its links are closed: nothing can come, and a wait would never end)."""
         if self.error is not None:
             raise self.error
+        if not self._finalizer.alive:
+            raise self._error(None, f"the {self.label} group was shut down; its workers are "
+                                    "gone")
+
+    def _pump(self, timeout: float) -> None:
+        """Queue the messages that arrive within `timeout` seconds; raise on any failure."""
+        self._check_open()
         live = [c for c in self.conns if c is not None]
         ready, _, _ = select.select(live, [], [], max(0.0, timeout))
         for conn in ready:
@@ -334,6 +346,13 @@ class WorkerGroup:
                     self.conns[conn.rank] = None
                     continue
                 self._died(conn.rank)
+            except MessageError as err:  # a reply lost: the caller's exchange is out of step
+                for m in err.messages:  # an error reported before it is the cause
+                    if isinstance(m, tuple) and m and m[0] == "error":
+                        self._fail(None, report=m[1] | {"rank": conn.rank})
+                self._fail(self._error(conn.rank, f"{self._name(conn.rank)} sent a message this "
+                                                  f"process cannot read: {err}; the group was "
+                                                  "stopped"))
             for m in msgs:
                 if isinstance(m, tuple) and m and m[0] == "error":
                     self._fail(None, report=m[1] | {"rank": conn.rank})
@@ -355,8 +374,7 @@ class WorkerGroup:
     def _send(self, ranks, data: bytes, timeout: float) -> None:
         """Write `data` to each rank; reads whatever comes meanwhile, so a worker blocked on
         writing to us never deadlocks against us writing to it."""
-        if self.error is not None:
-            raise self.error
+        self._check_open()
         deadline = time.monotonic() + timeout
         view = memoryview(data)
         for rank in ranks:

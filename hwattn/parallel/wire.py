@@ -1,6 +1,8 @@
 """What parent and worker send each other over a worker's Unix socket: first the worker's
 hello (its one-time token and rank, plain bytes, so that nothing is unpickled from a
-connection that has not shown the token), then pickled messages framed by their length."""
+connection that has not shown the token), then pickled messages framed by their length.
+A frame that does not unpickle (say, an object of a class the reader cannot import) is
+dropped and refused with `MessageError`."""
 
 from __future__ import annotations
 
@@ -10,6 +12,15 @@ import struct
 
 HEADER = struct.Struct("!Q")  # a message's length in bytes
 HELLO = struct.Struct("!32sI")  # one-time token (hex), rank
+
+
+class MessageError(ValueError):
+    """A whole frame arrived but does not unpickle; the frame has been dropped. `messages`:
+    those that came before it in the same read."""
+
+    def __init__(self, message: str, messages: list):
+        super().__init__(message)
+        self.messages = messages
 
 
 def pack(obj) -> bytes:
@@ -32,15 +43,22 @@ class Conn:
         return self.sock.fileno()
 
     def read(self) -> list:
-        """Messages completed by what the socket holds now; EOFError once it is closed."""
+        """Messages completed by what the socket holds now; EOFError once it is closed.
+        MessageError for a frame that does not unpickle (dropped, so the next read goes on
+        with the frames behind it)."""
         self._fill()
         out = []
         while len(self.buf) >= HEADER.size:
             (n,) = HEADER.unpack_from(self.buf)
             if len(self.buf) < HEADER.size + n:
                 break
-            out.append(pickle.loads(bytes(self.buf[HEADER.size:HEADER.size + n])))
+            frame = bytes(self.buf[HEADER.size:HEADER.size + n])
             del self.buf[:HEADER.size + n]
+            try:
+                out.append(pickle.loads(frame))
+            except Exception as err:  # noqa: BLE001 - whatever the bytes trip over
+                raise MessageError(f"a message of {n} bytes does not unpickle "
+                                   f"({type(err).__name__}: {err})", out) from None
         if self.closed and not out:
             raise EOFError("socket closed")
         return out

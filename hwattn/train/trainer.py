@@ -89,15 +89,36 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("seq_len", "batch_size", "accum_steps", "steps"):
+        # Checked here, not only by `hwattn train` (hwattn/cli/train.py): the compare loop and
+        # the study scripts build this directly, and a value that fails mid-run would do so
+        # after resume=False has deleted the old checkpoint (or, for eval_tokens, at the
+        # final evaluation, before the final checkpoint is written).
+        for name in ("seq_len", "batch_size", "accum_steps", "steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "ckpt_every", "seed"):  # every/ckpt 0: at the end only
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not self.grad_clip > 0:  # 0 would zero every gradient, a negative clip flip its sign
+            raise ValueError(f"grad_clip must be > 0 (inf: no clipping), got {self.grad_clip}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eval_tokens < self.seq_len:
+            raise ValueError(f"eval_tokens ({self.eval_tokens}) is less than one evaluation "
+                             f"window of seq_len ({self.seq_len}) tokens")
+        if self.peak_tflops is not None and not (self.peak_tflops > 0
+                                                 and math.isfinite(self.peak_tflops)):
+            raise ValueError(f"peak_tflops must be a finite number > 0 (None: the default), "
+                             f"got {self.peak_tflops}")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise ValueError(f"amp must be auto, bf16 or fp32, got {self.amp!r}")
         if self.sdpa not in SDPA_CHOICES:
@@ -141,8 +162,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _dist_env():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    """(world, rank, local rank) from torchrun's environment; ValueError naming the variable
+    that is not an integer or out of range (a rank outside the world would otherwise wait in
+    the rendezvous until its timeout)."""
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ValueError(f"environment variable {name} must be an integer, got {text!r}") from None
+    world, rank, local_rank = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if world < 1:
+        raise ValueError(f"environment variable WORLD_SIZE must be >= 1, got {world}")
+    if not 0 <= rank < world:
+        raise ValueError(f"environment variable RANK must be in 0..{world - 1} "
+                         f"(WORLD_SIZE={world}), got {rank}")
+    if local_rank < 0:
+        raise ValueError(f"environment variable LOCAL_RANK must be >= 0, got {local_rank}")
+    return world, rank, local_rank
 
 
 def _rng_state() -> dict:
@@ -278,6 +316,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     (`hwattn.layers.sdpa_choice`); "cudnn" needs a CUDA device. `on_step(done)`, if given, is
     called after each optimizer step (and its logging) with the number of steps done, e.g. to
     drive a profiler over chosen steps."""
+    if stop_after is not None and stop_after < 0:  # it would checkpoint a step not reached
+        raise ValueError(f"stop_after must be >= 0 (None: run to the end), got {stop_after}")
     device = resolve_device(cfg.device)
     if cfg.sdpa != "auto" and device.type != "cuda":
         raise ValueError(f"sdpa={cfg.sdpa!r} needs a CUDA device (cuDNN's attention), got "

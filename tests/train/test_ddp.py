@@ -50,3 +50,28 @@ def test_ddp_matches_single_process(dataset_dir, tmp_path):
         assert torch.equal(result[0][k], result[1][k]), k
         torch.testing.assert_close(result[0][k], v, rtol=0, atol=bound)
 
+
+
+@pytest.mark.timeout(60, method="thread")  # a hang sits in C++, out of reach of signals
+@pytest.mark.parametrize("env, name", [
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK"), ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK"),
+    ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE"), ({"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "LOCAL_RANK"),
+], ids=["rank-past-world", "negative-rank", "world-0", "world-not-a-number", "local-rank"])
+def test_a_bad_rank_or_world_size_is_a_clear_error_not_a_hang(dataset_dir, tmp_path, monkeypatch,
+                                                               env, name):
+    """Observed: RANK 2 (or -1) of WORLD_SIZE 2 waited in the rendezvous until its timeout;
+    WORLD_SIZE=two raised int()'s message, naming no variable; WORLD_SIZE=0 failed only once
+    the data was read, with a message about ranks."""
+    from hwattn.train.trainer import TrainConfig, train
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29517")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = TrainConfig(data=str(dataset_dir), out=str(tmp_path / "run"), variant="gqa-2",
+                      seq_len=32, batch_size=2, steps=3, warmup_steps=1, eval_tokens=256,
+                      model_overrides=SMALL, device="cpu", plot=False)
+    with pytest.raises(ValueError, match=name):
+        train(cfg, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()

@@ -284,3 +284,13 @@ def test_compile_switched_across_a_resume_is_announced(dataset_dir, tmp_path, st
     logs = []
     train(_cfg(dataset_dir, out, compile=True), stop_after=2, progress=False, log=logs.append)
     assert any("compile" in str(m) and "warning" in str(m) for m in logs), logs
+
+
+def test_a_negative_stop_after_is_an_error_not_a_checkpoint_that_lies(dataset_dir, tmp_path, stopped):
+    """Observed: stop_after=-1 on a run at step 2 trained nothing and saved the step-2
+    weights and optimizer as a checkpoint of step 1, so the resume after it took other
+    batches and learning rates than the uninterrupted run."""
+    out = _copy(stopped, tmp_path)
+    with pytest.raises(ValueError, match="stop_after"):
+        train(_cfg(dataset_dir, out), stop_after=-1, **QUIET)
+    assert _state(out)["step"] == 2

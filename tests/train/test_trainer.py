@@ -39,6 +39,25 @@ def test_config_errors():
         train(TrainConfig(data="-", out="-", sdpa="cudnn", device="cpu"))
 
 
+@pytest.mark.parametrize("bad", [
+    {"log_every": 0}, {"eval_every": -2}, {"ckpt_every": -1}, {"seed": -1},
+    {"eval_tokens": 16}, {"grad_clip": 0.0}, {"grad_clip": -1.0}, {"grad_clip": math.nan},
+    {"weight_decay": -0.1}, {"beta1": 1.0}, {"beta2": -0.5}, {"lr": math.inf}, {"lr": math.nan},
+    {"peak_tflops": 0.0}, {"peak_tflops": -1.0},
+], ids=lambda c: f"{next(iter(c))}={next(iter(c.values()))}")
+def test_every_setting_is_checked_when_the_config_is_made(bad):
+    """The CLI checks these flags, but the compare loop and the study scripts build
+    TrainConfig directly. Observed: log_every=0 failed (ZeroDivisionError) and seed=-1
+    (numpy) after the first step, eval_tokens < seq_len at the final evaluation, so that with
+    resume=False the old checkpoint was already deleted and the new run's training lost;
+    grad_clip <= 0 (zeroed or sign-flipped gradients), negative weight decay, eval_every and
+    ckpt_every, an infinite lr (NaN training) and peak_tflops <= 0 (0: the H100 default,
+    negative: a negative MFU) were taken silently. Refused when the config is made, nothing
+    of a run folder is touched."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _cfg("-", "-", resume=False, **bad)
+
+
 def test_no_decay_on_norms_and_embedding():
     from hwattn.config import ModelConfig
     from hwattn.models.transformer import Transformer
