@@ -81,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--evals-per-run", type=int, default=12, help="validation points on the curve")
     p.add_argument("--eval-tokens", type=int, default=262_144,
                    help="validation tokens per domain at each curve point (the final "
-                        "evaluation scores every held-out token)")
+                        "evaluation scores every held-out token up to each domain's last whole "
+                        "window)")
     p.add_argument("--ppl-tokens", type=int, default=0,
                    help="held-out tokens per domain in the final evaluation (0: all of them)")
     p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")

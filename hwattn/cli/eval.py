@@ -26,7 +26,9 @@ def register(sub) -> None:
     p.add_argument("--cloze", type=int, default=200, help="cloze items, 0 skips (default 200)")
     p.add_argument("--mc", type=int, default=200, help="multiple-choice items, 0 skips (default 200)")
     p.add_argument("--recall-pairs", type=lambda text: tuple(int_list(text)), default=None,
-                   help="key-value pair counts of the recall probe (default 8,32,64)")
+                   help="key-value pair counts of the recall probe (default 8,32,64, of "
+                        "which those that fit --seq-len run; a count given here that does not "
+                        "fit, or needs more word tokens than the tokenizer has, is refused)")
     p.add_argument("--write-tasks", metavar="DIR",
                    help="write the cloze / MC items as JSONL with lm-eval task YAML (tasks "
                         "hwattn_cloze, hwattn_mc: `lm_eval --model hwattn --tasks hwattn_cloze,"
@@ -39,6 +41,46 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document")
     add_cpu_threads(p)
     p.set_defaults(func=run)
+
+
+def check_tokenizer(ckpt, data, data_flag: str) -> None:
+    """ValueError when the checkpoint folder holds a tokenizer (`hwattn train` saves the
+    dataset's there) other than the dataset's: its ids would mean other strings to the model,
+    and the perplexity would be a number about nothing. A checkpoint without one is not
+    checked."""
+    from hwattn.data.tokenizer import TOKENIZER_FILE, Tokenizer
+
+    if not (ckpt / TOKENIZER_FILE).is_file():
+        return
+    theirs = Tokenizer.load(ckpt)
+    if theirs.sha256() != data.tokenizer.sha256():
+        raise ValueError(f"--data {data_flag} was tokenized with {data.tokenizer.name!r} "
+                         f"({data.tokenizer.vocab_size} ids), not with the tokenizer the "
+                         f"checkpoint {ckpt} was trained with ({theirs.name!r}, "
+                         f"{theirs.vocab_size} ids): evaluate on a dataset built with the "
+                         f"checkpoint's tokenizer (`hwattn data build --tokenizer "
+                         f"{ckpt / TOKENIZER_FILE}`)")
+
+
+def check_recall_pairs(cfg, tokenizer) -> None:
+    """ValueError naming --recall-pairs for a pair count given on the command line that the
+    probe would leave out (`recall_accuracy` keeps only the counts that fit): its sequence is
+    longer than --seq-len, or the tokenizer has too few word tokens for its keys and values."""
+    from hwattn.eval.recall import word_tokens
+
+    long = [n for n in cfg.recall_pairs if 2 * (n + cfg.recall_queries) > cfg.seq_len]
+    if long:
+        n, most = max(long), cfg.seq_len // 2 - cfg.recall_queries
+        raise ValueError(f"--recall-pairs {n}: a probe sequence of {n} pairs and "
+                         f"{cfg.recall_queries} queries is {2 * (n + cfg.recall_queries)} tokens, "
+                         f"longer than --seq-len {cfg.seq_len}; "
+                         + (f"give at most {most} pairs" if most >= 1 else
+                            f"no pair count fits a --seq-len under {2 * (1 + cfg.recall_queries)}"))
+    words = len(word_tokens(tokenizer))
+    many = [n for n in cfg.recall_pairs if 4 * n > words]
+    if many:
+        raise ValueError(f"--recall-pairs {max(many)}: the tokenizer has {words} word tokens, "
+                         f"enough for at most {words // 4} pairs")
 
 
 def run(args) -> int:
@@ -54,7 +96,7 @@ def run(args) -> int:
     from hwattn.cli import at_least, check_dataset, check_device, check_output_dir
 
     check_dataset(args.data)
-    at_least(args, 0, "cloze", "mc")
+    at_least(args, 0, "cloze", "mc", "seed")  # a negative seed failed after the perplexity
     at_least(args, 1, "seq_len", "ppl_tokens", "batch_size")
     check_output_dir(args.write_tasks, "--write-tasks")
     if args.checkpoint is None:
@@ -87,13 +129,15 @@ def run(args) -> int:
             raise ValueError(f"--lm-eval expects NAME=FILE.jsonl, got {spec!r}")
         specs[name] = file
     args.batch_size = args.batch_size or 16
+    given_pairs = args.recall_pairs is not None  # the default's counts may not all fit
     args.recall_pairs = args.recall_pairs or (8, 32, 64)
     check_device(args.device)
     ckpt = Path(args.checkpoint)
+    data = TokenDataset(args.data)
+    check_tokenizer(ckpt, data, args.data)
     device = resolve_device(args.device)
     model = load_model(ckpt, device=device)
     use_default_cpu_threads(model.num_params(), device)
-    data = TokenDataset(args.data)
     if data.vocab_size > model.config.vocab_size:
         raise ValueError(f"the dataset's tokenizer has {data.vocab_size} ids but the model only "
                          f"{model.config.vocab_size}: --data does not match the checkpoint")
@@ -110,6 +154,8 @@ def run(args) -> int:
                          f"of {seq_len} tokens (--seq-len)")
     cfg = EvalConfig(seq_len=seq_len, ppl_tokens=args.ppl_tokens, n_cloze=args.cloze, n_mc=args.mc,
                      recall_pairs=args.recall_pairs, batch_size=args.batch_size, seed=args.seed)
+    if given_pairs:
+        check_recall_pairs(cfg, data.tokenizer)
     tasks = build_tasks(data, cfg)
     if args.write_tasks:
         write_tasks(tasks, args.write_tasks)

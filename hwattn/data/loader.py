@@ -125,7 +125,8 @@ def eval_window_count(n_tokens: int, seq_len: int, max_tokens: int | None = None
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping (n, seq_len + 1) windows covering `tokens` (the first `max_tokens`),
     each sharing its last token with the next window's first, so every token but the first
-    is predicted exactly once."""
+    is predicted exactly once, up to the last whole window (the final (n - 1) mod seq_len
+    tokens are left out)."""
     count = eval_window_count(len(tokens), seq_len, max_tokens)
     if count < 1:
         n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)

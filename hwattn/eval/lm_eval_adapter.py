@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from lm_eval.api.registry import register_model
 from hwattn.data.tokenizer import Tokenizer
 from hwattn.eval.lm_eval_tasks import local_tasks
 from hwattn.eval.perplexity import autocast_for
-from hwattn.eval.tasks import loglikelihoods
+from hwattn.eval.tasks import encode_pair, loglikelihoods
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ def harness_device(device: str | None) -> str:
     return chosen
 
 
+# The `amp` values `autocast_for` knows: bf16 autocast on CUDA ("auto", "bf16") or none.
+AMP = ("auto", "bf16", "fp32")
+
+
 @register_model("hwattn")
 class HwattnLM(LM):
     """Log-likelihoods and greedy generation of a hwattn `Transformer` for the harness."""
@@ -71,6 +76,13 @@ class HwattnLM(LM):
                  batch_size: int = 16, max_length: int | None = None, device: str = "auto",
                  amp: str = "auto", cpu_threads: int | None = None):
         super().__init__()
+        # Checked here, before a model loads, not where they are used: a batch_size below 1
+        # scored nothing and returned log-likelihoods of 0.
+        if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
+            raise ValueError(f"hwattn model_args: batch_size must be an integer >= 1, got "
+                             f"{batch_size!r}")
+        if amp not in AMP:  # `autocast_for` reads any other value as fp32
+            raise ValueError(f"hwattn model_args: amp must be one of {AMP}, got {amp!r}")
         if model is None:
             if pretrained is None:
                 raise ValueError("HwattnLM needs a model or pretrained=<checkpoint dir>")
@@ -89,10 +101,19 @@ class HwattnLM(LM):
             use_default_cpu_threads(model.num_params(), model.tok_embeddings.weight.device)
         if tokenizer is None:
             raise ValueError("HwattnLM needs the tokenizer the model was trained with")
+        # A max_length of 0 fell back to the model's context, one beyond it failed inside the
+        # model ("position ... exceeds max_seq_len").
+        context = model.config.max_seq_len
+        if max_length is not None and (isinstance(max_length, bool)
+                                       or not isinstance(max_length, Integral)
+                                       or not 1 <= max_length <= context):
+            raise ValueError(f"hwattn model_args: max_length must be an integer from 1 to the "
+                             f"model's context of {context} tokens (max_seq_len), got "
+                             f"{max_length!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
-        self.max_length = int(max_length or model.config.max_seq_len)
+        self.max_length = context if max_length is None else int(max_length)
         self.amp = amp
 
     @classmethod
@@ -136,11 +157,14 @@ class HwattnLM(LM):
         return next(self.model.parameters()).device
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(log-likelihood, is greedy) of each request's continuation given its context, the
+        pair split into tokens as the harness's `--model hf` splits it (`encode_pair`); a
+        context of no tokens is <|endoftext|>."""
         pairs = []
         for req in requests:
             context, continuation = req.args
-            ctx = self.tokenizer.encode(context) if context else [self.tokenizer.eot_id]
-            pairs.append((ctx, self.tokenizer.encode(continuation)))
+            ctx, cont = encode_pair(self.tokenizer, context, continuation)
+            pairs.append((ctx or [self.tokenizer.eot_id], cont))
         return loglikelihoods(self.model, pairs, self.max_length, self.batch_size, self.amp)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -1,7 +1,8 @@
 """Perplexity and bits per byte on held-out token shards.
 
-Every token of a shard (after the first) is predicted once, from non-overlapping windows of
-`seq_len` (so contexts restart at each window, as in the paper's evaluation). Bits per byte
+Every token of a shard after the first is predicted once, from non-overlapping windows of
+`seq_len` (so contexts restart at each window, as in the paper's evaluation), up to the last
+whole window: the final (n - 1) mod seq_len tokens of a shard of n are not scored. Bits per byte
 divide the summed loss in bits by the UTF-8 bytes the predicted tokens stand for, counted
 exactly from the tokenizer's byte lengths, which makes numbers comparable across tokenizers.
 """

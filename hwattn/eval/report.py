@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -42,20 +43,35 @@ ORDER = ("mha", "mqa", "gqa-4", "gta-4", "mla", "gla-2")
 MATCH_MARGIN = 0.01
 # Seed-to-seed variation small enough for a 1% gap to stand out of it.
 SEED_STD_NEEDED = 0.005
-# Two-sided 95% quantiles of Student's t by degrees of freedom (1.96 beyond 30).
+# Two-sided 95% quantiles of Student's t by degrees of freedom (`t95` beyond 30).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
        17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
+# The normal distribution's 97.5% quantile.
+Z975 = 1.959963984540054
+
+
 def t95(df: int) -> float:
-    """The 97.5% quantile of Student's t with `df` degrees of freedom."""
+    """The 97.5% quantile of Student's t with `df` degrees of freedom: the table's value, or
+    that of the nearest smaller df in the table (a slightly wider interval) up to 30; beyond
+    30 the Cornish–Fisher expansion of t in 1/df (Abramowitz & Stegun 26.7.5), within 1e-4 of
+    the quantile there. The normal quantile 1.96, used beyond 30 before, is the limit of
+    infinitely many degrees of freedom: at 31 the quantile is 2.040, so 1.96 made intervals 4%
+    too narrow and `seeds_to_decide` count too few seeds."""
     if df < 1:
         raise ValueError(f"df must be >= 1, got {df}")
     if df in T95:
         return T95[df]
-    below = max(k for k in T95 if k < df)
-    return T95[below] if df <= 30 else 1.96
+    if df <= 30:
+        return T95[max(k for k in T95 if k < df)]
+    z = Z975
+    terms = ((z ** 3 + z) / 4,
+             (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    return z + sum(g / df ** (k + 1) for k, g in enumerate(terms))
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float] | None:
@@ -68,12 +84,31 @@ def t_interval(values: list[float]) -> tuple[float, float, float] | None:
 
 
 def load_runs(study: str | Path) -> tuple[list[dict], dict]:
+    """The run records of study_runs.jsonl and the study_summary.json document ({} without
+    one). ValueError naming the file, and the line, of a record that is not a JSON object."""
     study = Path(study)
     runs_file, summary_file = study / "study_runs.jsonl", study / "study_summary.json"
     if not runs_file.is_file():
         raise ValueError(f"{study} holds no study_runs.jsonl")
-    runs = [json.loads(ln) for ln in runs_file.read_text().splitlines() if ln.strip()]
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    runs = []
+    for i, ln in enumerate(runs_file.read_text().splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            record = json.loads(ln)
+        except ValueError as err:
+            raise ValueError(f"{runs_file}: line {i} is not a JSON record ({err})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{runs_file}: line {i} is not a JSON object")
+        runs.append(record)
+    summary = {}
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text())
+        except ValueError as err:
+            raise ValueError(f"{summary_file}: not JSON ({err})") from None
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_file}: not a JSON object")
     return runs, summary
 
 
@@ -300,7 +335,7 @@ def curve_note(runs: list[dict], domains: list[str]) -> str | None:
         pairs = ", ".join(f"{d} {last[f'val_loss/{d}']:.2f} against {ppl[d]['loss']:.2f}"
                           for d in domains)
         return ("- The curves' validation points score a prefix of each domain's held-out "
-                "tokens (the study's `--eval-tokens`), the tables every held-out token, so a "
+                "tokens (the study's `--eval-tokens`), the tables all of them, so a "
                 "curve's last point is not the table's loss: "
                 f"{run['variant']} seed {run['seed']} ends its curve at {pairs} nats. Compare "
                 "variants on the curves with each other, not with the tables.")
@@ -328,6 +363,21 @@ def scale_notes(runs: list[dict], domains: list[str]) -> list[str]:
               "wide (the 95% quantile of t with 1 and 2 degrees of freedom is 12.7 and 4.3)."]
     note = curve_note(runs, domains)
     return notes + ([note] if note else [])
+
+
+def _scored(run: dict, val: dict | None) -> str:
+    """How much of the held-out text the tables score: whole windows of the run's seq_len,
+    every token after a domain's first predicted once up to the last whole window
+    (`hwattn.data.loader.eval_windows`), so a domain's last (n - 1) mod seq_len tokens are
+    left out."""
+    ppl = run.get("eval", {}).get("ppl", {})
+    scored = {d: ppl[d]["tokens"] for d in (val or {}) if isinstance(ppl.get(d), dict)
+              and "tokens" in ppl[d]}
+    window = f"windows of {run['seq_len']:,} tokens" if run.get("seq_len") else "whole windows"
+    if not scored:
+        return f"scored in {window} (a domain's last partial window left out)"
+    counts = ", ".join(f"{d} {n:,} of {val[d]:,}" for d, n in scored.items())
+    return f"scored in {window}, up to each domain's last whole window ({counts} tokens)"
 
 
 def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png") -> str:
@@ -381,7 +431,7 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
             + (f", tokenizer {tok.get('name')} ({tok.get('vocab_size')} ids)" if tok else "")
             + (f"; training tokens by domain {train_split}" if train_split else "")
             + (f"; validation tokens {val}" if val else "")
-            + "; validation = held-out documents of each domain, every token scored.",
+            + "; validation = held-out documents of each domain, " + _scored(r0, val) + ".",
             "- Schedule, identical for every run: "
             + (f"{r0['steps']} steps × {sched['tokens_per_step']:,} tokens = "
                if r0.get("steps") and sched.get("tokens_per_step") else "")
@@ -500,21 +550,45 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
     return "\n".join(out)
 
 
+def _replace_with(path: Path, write) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`: a write
+    that fails leaves `path` as it was. The temporary name keeps the suffix, from which
+    matplotlib's `savefig` takes the format."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_report(study: str | Path, out: str | Path = "docs/results/quality.md") -> Path:
+    """Write the page `out`, its plot `<stem>_loss.png` and copies of the study's files in
+    `<stem>_raw/`. The page is rendered before anything is written, and each file is replaced
+    by rename, so a study whose records cannot be rendered (ValueError naming the file) leaves
+    an earlier page, plot and raw copies as they were: they keep describing each other."""
     runs, summary = load_runs(study)
+    runs_file = Path(study) / "study_runs.jsonl"
     if not runs:
-        raise ValueError(f"{study}/study_runs.jsonl holds no runs")
+        raise ValueError(f"{runs_file} holds no runs")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     plot = out.with_name(out.stem + "_loss.png")
-    plot_study(runs, plot)
+    try:
+        text = render(runs, summary, plot.name)
+    except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError,
+            statistics.StatisticsError) as err:
+        raise ValueError(f"{runs_file}: its records lack what the report needs "
+                         f"({type(err).__name__}: {err}); are they records of "
+                         "benchmarks/quality_study.py?") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _replace_with(plot, lambda tmp: plot_study(runs, tmp))
     raw = out.parent / f"{out.stem}_raw"
     raw.mkdir(exist_ok=True)
     for name in ("study_runs.jsonl", "study_summary.json", "study_log.txt"):
         src = Path(study) / name
         if src.is_file() and src.resolve() != (raw / name).resolve():
-            shutil.copy(src, raw / name)
-    out.write_text(render(runs, summary, plot.name))
+            _replace_with(raw / name, lambda tmp: shutil.copyfile(src, tmp))
+    _replace_with(out, lambda tmp: tmp.write_text(text))
     return out
 
 

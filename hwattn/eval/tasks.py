@@ -166,6 +166,24 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness's `--model hf` splits a
+    request: whitespace ending the context moves to the front of the continuation (the
+    harness's contract puts a word boundary's space in the continuation), and the continuation's
+    ids are those of context + continuation encoded together, after the context's own ids. So
+    "answer is " + "yes" scores the tokens of " yes", as "answer is" + " yes" does, not a lone
+    space token followed by "yes". Where encoding the two together changes the context's own ids
+    (a merge across the boundary), each part is encoded alone."""
+    stripped = context.rstrip()
+    if stripped != context:
+        context, continuation = stripped, context[len(stripped):] + continuation
+    ctx = tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation)
+    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx):]
+    return ctx, tokenizer.encode(continuation)
+
+
 @torch.no_grad()
 def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int,
                    batch_size: int = 16, amp: str = "auto", bar=None) -> list[tuple[float, bool]]:
@@ -175,12 +193,19 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
     Contexts are cut from the left to fit `max_len` tokens in all; when a continuation alone
     needs more, `max_len` is raised to hold it plus one context token (up to the model's
     `max_seq_len`). `bar` (a progress bar, optional) advances by the pairs of each batch."""
+    if not batch_size >= 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not max_len >= 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
     device = next(model.parameters()).device
     longest = max((len(c) for _, c in pairs), default=1)
     limit = getattr(getattr(model, "config", None), "max_seq_len", None) or max_len
     max_len = max(max_len, min(longest + 1, limit))
     rows = []
     for ctx, cont in pairs:
+        if not ctx:  # its first token would have nothing to be predicted from
+            raise ValueError("every continuation needs a context of at least one token "
+                             "(HwattnLM gives an empty context <|endoftext|>)")
         if not cont or len(cont) > max_len:
             raise ValueError(f"continuation must have 1..{max_len} tokens, got {len(cont)}")
         seq = (ctx + cont)[-(max_len + 1):]
@@ -212,7 +237,7 @@ def score_cloze(model, tokenizer, items: list[dict], max_len: int, batch_size: i
                 amp: str = "auto", progress: bool = False) -> dict:
     """Accuracy (greedy reproduces the whole target word), overall and per domain.
     `progress`: a bar on stderr of the items scored."""
-    pairs = [(tokenizer.encode(x["context"]), tokenizer.encode(x["target"])) for x in items]
+    pairs = [encode_pair(tokenizer, x["context"], x["target"]) for x in items]
     bar = progress_bar(total=len(pairs), desc="cloze", unit="item", disable=not progress)
     res = loglikelihoods(model, pairs, max_len, batch_size, amp, bar)
     bar.close()
@@ -225,9 +250,8 @@ def score_mc(model, tokenizer, items: list[dict], max_len: int, batch_size: int 
     `progress`: a bar on stderr of the choices scored (every item's, together)."""
     pairs, owner = [], []
     for k, x in enumerate(items):
-        ctx = tokenizer.encode(x["context"])
         for c in x["choices"]:
-            pairs.append((ctx, tokenizer.encode(c)))
+            pairs.append(encode_pair(tokenizer, x["context"], c))
             owner.append(k)
     bar = progress_bar(total=len(pairs), desc="multiple choice", unit="choice",
                        disable=not progress)

@@ -133,13 +133,30 @@ def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, seed: int 
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens}
 
 
+def check_windows(cfg: CompareConfig, data: TokenDataset) -> None:
+    """ValueError naming --seq-len when a validation window of `cfg.seq_len` tokens does not
+    fit, checked before the first variant trains: in a validation domain of the data, or in
+    the `eval_tokens` the curves' validation points score. Either failed in evaluation
+    ("... tokens are fewer than one evaluation window"), after training (the trainer builds
+    its model for any --seq-len)."""
+    for domain, tokens in data.val.items():
+        if len(tokens) <= cfg.seq_len:
+            raise ValueError(f"--seq-len {cfg.seq_len} is longer than the {len(tokens)} "
+                             f"validation tokens of domain {domain!r} in {data.path}: lower "
+                             "--seq-len or build a dataset with more validation text")
+    if cfg.eval_tokens is not None and cfg.eval_tokens < cfg.seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the {cfg.eval_tokens} "
+                         "validation tokens per domain the training curves score (eval_tokens)")
+
+
 def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
     """Train, evaluate and time every variant; returns {"config", "rows", "files"}."""
     cfg = cfg.resolved()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    data = prepare_data(cfg, log)
+    data = prepare_data(cfg, log)  # with --data, before <out> is made
+    check_windows(cfg, data)
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.steps is None:
         scale = SCALES["cuda" if resolve_device(cfg.device).type == "cuda" else "cpu"]
         two_epochs = 2 * len(data.train) // (cfg.seq_len * cfg.batch_size)

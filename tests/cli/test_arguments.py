@@ -258,6 +258,8 @@ def test_train_cuda_without_cuda(capsys, dataset_dir, tmp_path, device):
     (["--seed", "-1"], "--seed"),
     (["--variants", "mha,gqa-4,mha"], "--variants"),   # trained twice into one folder
     (["--data", "DATA", "--tokenizer", "gpt2"], "--tokenizer"),  # ignored with --data
+    # Longer than the validation split: failed in evaluation, after training every variant.
+    (["--data", "DATA", "--seq-len", "100000"], "--seq-len"),
 ])
 def test_compare_bad_arguments_before_any_work(capsys, dataset_dir, tmp_path, argv, flag):
     argv = [str(dataset_dir) if a == "DATA" else a for a in argv]
@@ -290,10 +292,34 @@ def test_compare_cuda_without_cuda(capsys, tmp_path):
     (["--batch-size", "0"], ["--batch-size"]),          # was "range() arg 3 must not be zero"
     (["--seq-len", "1000"], ["--seq-len", "256"]),      # beyond the checkpoint's context
     (["--seq-len", "64", "--ppl-tokens", "10"], ["--ppl-tokens"]),
+    (["--seed", "-100"], ["--seed", ">= 0"]),          # was "expected non-negative integer"
+    # Pair counts given that the probe would have left out, silently (it keeps those that fit).
+    (["--seq-len", "64", "--recall-pairs", "8,1000"], ["--recall-pairs 1000", "--seq-len 64"]),
+    (["--seq-len", "256", "--recall-pairs", "100"], ["--recall-pairs 100", "word tokens"]),
 ])
 def test_eval_values_out_of_range(capsys, checkpoints, dataset_dir, argv, needles):
     assert_error(run_cli(capsys, "eval", checkpoints("mha"), "--data", dataset_dir, *argv),
                  *needles)
+
+
+def test_eval_refuses_a_dataset_of_another_tokenizer(capsys, trained, tmp_path, monkeypatch):
+    """A checkpoint of `hwattn train` keeps its tokenizer; a dataset tokenized otherwise (here
+    with fewer ids, which the vocabulary check let through) was evaluated as if its ids meant
+    the same strings to the model, printing a perplexity of nothing in particular."""
+    from hwattn.data.build import BuildOptions
+    from hwattn.data.corpora import build_dataset
+    import hwattn.eval.suite as suite
+
+    other = tmp_path / "other"
+    build_dataset(other, "embedded", "bpe:300", BuildOptions(val_fraction=0.1), progress=False,
+                  log=lambda *a: None)
+
+    def too_late(*a, **k):
+        raise AssertionError("evaluated a dataset of another tokenizer")
+
+    monkeypatch.setattr(suite, "evaluate_model", too_late)
+    assert_error(run_cli(capsys, "eval", trained[0] / "checkpoint", "--data", other, "--cloze",
+                         "0", "--mc", "0"), "--data", "tokenizer")
 
 
 def test_eval_checks_lm_eval_specs_before_evaluating(capsys, checkpoints, dataset_dir,

@@ -299,3 +299,53 @@ def test_evaluate_model_and_cli(data, model, trained, dataset_dir, capsys, tmp_p
                  "--mc", "0", "--recall-pairs", "4"]) == 0
     assert "average" in capsys.readouterr().out
     assert main(["eval", ck, "--data", str(dataset_dir), "--lm-eval", "nofile"]) == 2
+
+
+class _Request:
+    """An lm-eval request: what `HwattnLM` reads of one (`.args`)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_a_space_ending_the_context_is_scored_with_the_continuation(data, model):
+    """The harness's contract puts a word boundary's space in the continuation, and its `--model
+    hf` moves a space that ends the context there: "... the " + "mat" is scored as "... the" +
+    " mat". Encoded apart, it was a lone space token then "mat", another log-likelihood."""
+    from hwattn.eval.lm_eval_adapter import HwattnLM
+    from hwattn.eval.tasks import encode_pair
+
+    tok = data.tokenizer
+    assert encode_pair(tok, "the cat sat on the ", "mat") == (tok.encode("the cat sat on the"),
+                                                               tok.encode(" mat"))
+    assert encode_pair(tok, "the cat sat on the", " mat") == (tok.encode("the cat sat on the"),
+                                                              tok.encode(" mat"))
+    lm = HwattnLM(model=model, tokenizer=tok, max_length=64)
+    spaced, plain, empty = lm.loglikelihood([_Request("the cat sat on the ", "mat"),
+                                             _Request("the cat sat on the", " mat"),
+                                             _Request("", "the cat")])
+    assert spaced == plain
+    want = loglikelihoods(model, [([tok.eot_id], tok.encode("the cat"))], 64)[0]
+    assert empty == want
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"batch_size": 0}, "batch_size"),        # was "range() arg 3 must not be zero"
+    ({"batch_size": -1}, "batch_size"),       # scored nothing: every log-likelihood 0.0
+    ({"max_length": 0}, "max_length"),        # silently the model's context
+    ({"max_length": -5}, "max_length"),
+    ({"max_length": 100_000}, "max_length"),  # was "position ... exceeds max_seq_len" inside
+    ({"amp": "fp16"}, "amp"),                 # silently fp32
+])
+def test_adapter_settings_are_checked_when_it_is_made(data, model, kwargs, needle):
+    from hwattn.eval.lm_eval_adapter import HwattnLM
+
+    with pytest.raises(ValueError, match=needle):
+        HwattnLM(model=model, tokenizer=data.tokenizer, **kwargs)
+
+
+def test_loglikelihoods_refuse_what_they_cannot_score(model):
+    with pytest.raises(ValueError, match="batch_size"):
+        loglikelihoods(model, [([1, 2], [3])], 64, batch_size=-1)  # was [(0.0, False)]
+    with pytest.raises(ValueError, match="context of at least one token"):
+        loglikelihoods(model, [([], [3, 4])], 64)  # its first token predicted from nothing

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hwattn.eval.report import (MAX_SEEDS, claim_results, main as report_main, render,
-                                seeds_to_decide, t95, t_interval)
+                                seeds_to_decide, t95, t_interval, write_report)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIM = "gqa-4,gta-4,mla,gla-2"
@@ -141,7 +141,16 @@ def test_t_interval_against_hand_computation():
     m, lo, hi = t_interval(vals)
     half = 4.303 * statistics.stdev(vals) / math.sqrt(3)
     assert m == pytest.approx(0.03) and lo == pytest.approx(0.03 - half) and hi == pytest.approx(0.03 + half)
-    assert t_interval([0.1]) is None and t95(1) == 12.706 and t95(22) == t95(20) and t95(100) == 1.96
+    assert t_interval([0.1]) is None and t95(1) == 12.706 and t95(22) == t95(20)
+
+
+def test_t_quantile_beyond_the_table_is_not_the_normal_one():
+    """Beyond 30 degrees of freedom t95 was 1.96, the normal quantile: 4% narrower intervals at
+    31. The quantiles below are scipy.stats.t.ppf(0.975, df)."""
+    for df, want in ((31, 2.039513), (40, 2.021075), (60, 2.000298), (99, 1.984217),
+                     (120, 1.979930), (1000, 1.962339)):
+        assert t95(df) == pytest.approx(want, abs=2e-4)
+    assert t95(30) > t95(31) > t95(40) > t95(1000) > 1.96
 
 
 def test_seeds_to_decide_against_hand_computation():
@@ -331,3 +340,42 @@ def test_speed_columns_come_from_one_gpu():
     assert "the runs on H200 only" in text and "gqa-4 seed 2 on H100" in text
     same = render(runs[:2], {})
     assert "1,550,000 ± 70,711" in same and "Trained elsewhere" not in same
+
+
+def test_a_study_that_cannot_be_rendered_leaves_the_earlier_report_whole(tmp_path):
+    """A run record lacking a field the page needs was a KeyError traceback, after the plot and
+    the raw copies beside the earlier page had been replaced with the bad study's: the page no
+    longer matched its raw files. Now one error naming the file, and nothing is replaced."""
+    study, out = tmp_path / "study", tmp_path / "docs" / "quality.md"
+    study.mkdir()
+    good = [_run("gqa-4", 0, 20.0, 20.0), _run("gta-4", 0, 20.1, 20.1)]
+    (study / "study_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    assert report_main(["--study", str(study), "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in out.parent.rglob("*") if p.is_file()}
+    assert len(before) == 3  # the page, its plot, the copy of study_runs.jsonl
+    bad = dict(good[1])
+    del bad["kv_bytes_per_token_per_layer"]
+    (study / "study_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good[0], bad)))
+    with pytest.raises(ValueError, match="study_runs.jsonl.*kv_bytes_per_token_per_layer"):
+        write_report(study, out)
+    assert {p: p.read_bytes() for p in out.parent.rglob("*") if p.is_file()} == before
+
+
+def test_a_damaged_runs_file_is_named_with_its_line(tmp_path, capsys):
+    (tmp_path / "study_runs.jsonl").write_text(json.dumps(_run("mha", 0, 2.0, 2.0)) + "\n{oops\n")
+    assert report_main(["--study", str(tmp_path), "--out", str(tmp_path / "q.md")]) == 2
+    err = capsys.readouterr().err
+    assert "study_runs.jsonl: line 2 is not a JSON record" in err
+    assert not (tmp_path / "q.md").exists()
+
+
+def test_the_page_says_how_much_held_out_text_it_scores():
+    """Perplexity is scored in whole windows, so a domain's last partial window is left out:
+    the page gives the scored and the held-out token counts instead of 'every token'."""
+    r = _run("gqa-4", 0, 20.0, 20.0)
+    r["seq_len"] = 1024
+    r["eval"]["ppl"]["code"]["tokens"], r["eval"]["ppl"]["prose"]["tokens"] = 2048, 1024
+    text = render([r], {"dataset": {"splits": {"val": {"code": 2100, "prose": 1500}}}})
+    assert "every token scored" not in text
+    assert ("scored in windows of 1,024 tokens, up to each domain's last whole window "
+            "(code 2,048 of 2,100, prose 1,024 of 1,500 tokens)") in text
