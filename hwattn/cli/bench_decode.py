@@ -89,6 +89,16 @@ def check_args(args) -> None:
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --suite custom; --suite standard "
                              f"times its own shapes")
+    else:
+        from hwattn.bench.decode import check_shapes
+
+        # Named here, not as an error in every row on the GPU (or, for no variant at all, an
+        # empty table and exit status 0).
+        chosen = cases(args)
+        if not chosen:
+            raise ValueError(f"--variants {args.variants!r} names no variant")
+        check_shapes(sorted({(c["variant"], c["heads"], c["tp"]) for c in chosen}),
+                     args.head_dim, args.rope_dim, rope_dim_given=args.rope_dim != 64)
     check_output_file(args.out)
 
 

@@ -56,6 +56,23 @@ def cases_from(args) -> list:
     return cases
 
 
+def check_forms(args, cases) -> None:
+    """ValueError for a shape no layer can take, a --rope-dim no chosen variant reads, and a
+    --forms name that a chosen variant does not have (on the GPU each was a skipped row, and
+    exit status 0 with nothing timed)."""
+    from hwattn.bench.decode import check_shapes
+
+    layers = check_shapes(sorted({(c.variant, c.heads, 1) for c in cases}), args.head_dim,
+                          args.rope_dim, rope_dim_given=args.rope_dim != 64)
+    forms = [f for f in args.forms.split(",") if f]
+    for (variant, _), layer in layers.items():
+        available = tuple(f.name for f in layer.prefill_forms())
+        unknown = [f for f in forms if f not in available]
+        if unknown:
+            raise ValueError(f"--forms {','.join(unknown)}: {variant} has "
+                             f"{', '.join(available)} only")
+
+
 def tile_config(args):
     """The forced `PrefillConfig`, or None (the launcher chooses per shape)."""
     knobs = dict(block_m=args.block_m, block_n=args.block_n, num_warps=args.warps,
@@ -78,6 +95,7 @@ def run(args) -> int:
 
     for case in cases:  # named here, not only on a GPU
         parse_variant(case.variant)
+    check_forms(args, cases)
     check_output_file(args.out)
     config = tile_config(args)
     import torch

@@ -81,21 +81,35 @@ def register(sub) -> None:
 HF_OPTIONS = ("hf_name", "hf_split", "hf_text_field", "hf_domain", "hf_limit", "hf_data_files")
 
 
+def source_names(text: str) -> list[str]:
+    """The names of a comma-separated --sources list."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
 def check_build_args(args) -> None:
     """ValueError for an option the chosen corpus or tokenizer would not read (refused rather
     than ignored) and for values out of range."""
+    from pathlib import Path
+
     from hwattn.cli import at_least, check_output_dir
+    from hwattn.data.build import PACK_FILE
 
     at_least(args, 1, "hf_limit")
     check_output_dir(args.out)
+    if (Path(args.out) / PACK_FILE).is_file():  # the build would replace the pack's manifest
+        raise ValueError(f"--out {args.out} holds a pack ({PACK_FILE}); give the dataset a "
+                         f"folder of its own")
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if not args.corpus.startswith("hf:"):
         given = [flag(n) for n in HF_OPTIONS if getattr(args, n) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} "
                              f"to --corpus hf:DATASET, not --corpus {args.corpus}")
-    if args.sources and args.corpus != "registry":
+    if args.sources is not None and args.corpus != "registry":
         raise ValueError(f"--sources only applies to --corpus registry, not --corpus {args.corpus}")
+    if args.sources is not None and not source_names(args.sources):  # not "all sources"
+        raise ValueError(f"--sources names no source ({args.sources!r}); leave it out to use all "
+                         "of them")
     if args.gpt2_file and args.tokenizer != "gpt2":
         raise ValueError(f"--gpt2-file only applies to --tokenizer gpt2, not --tokenizer "
                          f"{args.tokenizer}")
@@ -123,7 +137,7 @@ def run_build(args) -> int:
         hf = {"name": args.hf_name, "split": args.hf_split or "train",
               "text_field": args.hf_text_field or "text", "domain": args.hf_domain or "web",
               "limit": args.hf_limit, "data_files": args.hf_data_files}
-    sources = [s.strip() for s in args.sources.split(",")] if args.sources else None
+    sources = source_names(args.sources) if args.sources is not None else None
     log = (lambda *a: None) if args.json else print
     try:
         man = build_dataset(args.out, args.corpus, args.tokenizer, options, sources, args.cache,

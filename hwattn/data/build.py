@@ -42,6 +42,7 @@ FORMAT = "hwattn-data-1"
 EXTRACT_VERSION = 3
 MANIFEST = "manifest.json"
 VAL_DOCS = "val_docs.jsonl"
+PACK_FILE = "pack.json"  # what marks a folder written by `hwattn data pack` (hwattn/data/pack.py)
 
 
 @dataclass
@@ -594,6 +595,17 @@ def write_build(out_dir: str | Path, docs: list[dict], tokenizer_factory, option
     return manifest
 
 
+def check_not_a_pack(out_dir: str | Path) -> None:
+    """ValueError when `out_dir` is a file or holds a pack (`hwattn.data.pack`): a build
+    written there replaces the pack's manifest.json and leaves a pack that no longer unpacks."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a folder")
+    if (out_dir / PACK_FILE).is_file():
+        raise ValueError(f"{out_dir} holds a pack ({PACK_FILE}); give the dataset a folder of "
+                         "its own")
+
+
 def head_build(src: str | Path, out: str | Path, train_tokens: int) -> dict:
     """Write to `out` the built dataset in `src` with its training shard cut to the first
     `train_tokens` tokens; the tokenizer and the validation shards are copied as they are.
@@ -605,12 +617,16 @@ def head_build(src: str | Path, out: str | Path, train_tokens: int) -> dict:
     src, out = Path(src), Path(out)
     man, _ = check_build(src)
     train = man["splits"]["train"]
-    if not isinstance(train_tokens, int) or not 1 <= train_tokens <= train["tokens"]:
+    if isinstance(train_tokens, bool) or not isinstance(train_tokens, (int, np.integer)) \
+            or not 1 <= train_tokens <= train["tokens"]:
         raise ValueError(f"train_tokens must be in [1, {train['tokens']}] (the training tokens "
                          f"of {src}), got {train_tokens!r}")
+    train_tokens = int(train_tokens)
     if out.resolve() == src.resolve():
         raise ValueError(f"out must differ from src ({src})")
+    check_not_a_pack(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a build there is gone from here on (write_build)
     itemsize = np.dtype(man["dtype"]).itemsize
     with open(src / train["file"], "rb") as f:
         head = f.read(train_tokens * itemsize)

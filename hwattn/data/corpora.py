@@ -23,7 +23,8 @@ from pathlib import Path
 from hwattn.data import build as B
 from hwattn.data.extract import archive_files, extract, normalize
 from hwattn.data.sources import SOURCES, WHISPER, Source, fetch, sha256_file, source_by_name
-from hwattn.data.tokenizer import R50K_SHA256, Tokenizer, gpt2_tokenizer, train_bpe
+from hwattn.data.tokenizer import (MIN_BPE_VOCAB, R50K_SHA256, Tokenizer, gpt2_tokenizer,
+                                   train_bpe)
 
 EMBEDDED_LICENCE = "public domain (Project Gutenberg books; US State of the Union addresses)"
 
@@ -218,6 +219,9 @@ def tokenizer_factory(spec: str, cache_dir: str | Path, gpt2_file: str | Path | 
             vocab = int(spec[4:])
         except ValueError:
             raise ValueError(f"tokenizer spec bpe:N needs an integer N, got {spec!r}") from None
+        if vocab < MIN_BPE_VOCAB:  # `train_bpe` would say so only after the corpus is read
+            raise ValueError(f"tokenizer spec bpe:N needs N >= {MIN_BPE_VOCAB} (256 bytes, one "
+                             f"merge, <|endoftext|>), got {spec!r}")
         return (lambda texts: train_bpe(texts, vocab)), {"kind": "bpe", "vocab_size": vocab}
     path = Path(spec)
     if path.exists():
@@ -238,6 +242,7 @@ def build_dataset(out_dir: str | Path, corpus: str = "embedded", tokenizer: str 
     """
     options = options or B.BuildOptions()
     out_dir = Path(out_dir)
+    B.check_not_a_pack(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else out_dir.parent / "raw"
     factory, tok_spec = tokenizer_factory(tokenizer, cache_dir, gpt2_file)
     records: list[dict] = []

@@ -72,8 +72,19 @@ class BatchSampler:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, accum_steps: int = 1,
                  seed: int = 0, rank: int = 0, world: int = 1):
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
+                            ("accum_steps", accum_steps), ("seed", seed), ("rank", rank),
+                            ("world", world)):
+            # Checked here, not at the first batch: numpy's generator refuses a negative or
+            # fractional seed only when an epoch's permutation is drawn.
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        seq_len, batch_size, accum_steps = int(seq_len), int(batch_size), int(accum_steps)
+        seed, rank, world = int(seed), int(rank), int(world)
         if seq_len < 1 or batch_size < 1 or accum_steps < 1:
             raise ValueError("seq_len, batch_size and accum_steps must be positive")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not one of the {world} ranks of the world")
         self.tokens = tokens

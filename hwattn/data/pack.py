@@ -32,12 +32,12 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from hwattn.data.build import MANIFEST, _pid_alive, _plain_name, read_manifest, up_to_date
+from hwattn.data.build import (MANIFEST, PACK_FILE, _pid_alive, _plain_name, read_manifest,
+                               up_to_date)
 from hwattn.data.progress import progress_bar
 from hwattn.data.sources import sha256_file
 
 PACK_FORMAT = "hwattn-pack-1"
-PACK_FILE = "pack.json"
 PART_BYTES = 64 << 20
 # The files a pack writes besides manifest.json and pack.json: parts named by content, and
 # the temporary files of an interrupted pack. Only these are ever removed from a pack folder.

@@ -31,6 +31,7 @@ EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 EOS_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")  # looked for in this order
 CHAT_ROLES = ("system", "user", "assistant")  # the roles `chat_prompt` knows
+MIN_BPE_VOCAB = 256 + 1 + 1  # the smallest `train_bpe`: 256 bytes, one merge, <|endoftext|>
 
 
 def _tokenizers():
@@ -205,9 +206,18 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise ValueError(f"no tokenizer at {path}")
-        tok = _tokenizers().Tokenizer.from_file(str(path))
+        try:
+            tok = _tokenizers().Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ValueError(f"{path} is not a readable tokenizer file ({err})") from None
         meta = path.parent / "tokenizer_config.json"
-        name = json.loads(meta.read_text()).get("hwattn_name") if meta.is_file() else None
+        name = None
+        if meta.is_file():
+            try:
+                config = json.loads(meta.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"{meta} is not valid JSON ({err})") from None
+            name = config.get("hwattn_name") if isinstance(config, dict) else None
         return cls(tok, name=name or path.parent.name, **kwargs)
 
 
@@ -246,9 +256,9 @@ def gpt2_tokenizer(tiktoken_file: str | Path) -> Tokenizer:
 def train_bpe(texts: Iterable[str], vocab_size: int, name: str | None = None) -> Tokenizer:
     """A byte-level BPE of `vocab_size` ids (including <|endoftext|> and the 256 bytes)
     trained on `texts` with the GPT-2 pre-tokenizer."""
-    if vocab_size < 257 + 1:
-        raise ValueError(f"vocab_size must be at least 258 (256 bytes, one merge, <|endoftext|>), "
-                         f"got {vocab_size}")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size must be at least {MIN_BPE_VOCAB} (256 bytes, one merge, "
+                         f"<|endoftext|>), got {vocab_size}")
     tk = _tokenizers()
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -437,10 +437,46 @@ def test_bench_decode_arguments_are_checked_before_the_gpu(capsys, argv, flag):
     assert_error(run_cli(capsys, "bench", "decode", *argv), flag, "hwattn bench decode: error:")
 
 
+@pytest.mark.parametrize("argv, needles", [
+    # was an empty table and exit status 0 on a GPU: nothing timed
+    (["--variants", ","], ["--variants"]),
+    # was an error in every row on the GPU (exit status 1 after the whole sweep)
+    (["--variants", "gqa-4", "--tp", "1,3"], ["--tp 3", "gqa-4"]),
+    (["--variants", "gqa-4", "--heads", "6"], ["--heads 6", "gqa-4"]),
+    # read only by the partial-RoPE variants (gta, mla, gla): ignored silently
+    (["--variants", "gqa-4,mqa", "--rope-dim", "32"], ["--rope-dim", "gqa-4"]),
+])
+def test_bench_decode_shapes_are_checked_before_the_gpu(capsys, argv, needles):
+    assert_error(run_cli(capsys, "bench", "decode", *argv), *needles)
+
+
 @pytest.mark.parametrize("argv, needle", [(["--variants", "bogus"], "bogus"),
                                           (["--out", "/nonexistent-folder/x.json"], "--out")])
 def test_bench_prefill_arguments_are_checked_before_the_gpu(capsys, argv, needle):
     assert_error(run_cli(capsys, "bench", "prefill", *argv), needle)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    # each was a skipped row per case on the GPU, and exit status 0 with nothing timed
+    (["--variants", "gqa-4", "--forms", "bogus"], ["--forms", "bogus", "gqa-4"]),
+    (["--variants", "gqa-4,mla", "--forms", "absorbed"], ["--forms", "absorbed", "gqa-4"]),
+    (["--variants", "gqa-4", "--heads", "6"], ["--heads 6", "gqa-4"]),
+    # read only by the partial-RoPE variants (gta, mla, gla): ignored silently
+    (["--variants", "gqa-4", "--rope-dim", "32"], ["--rope-dim", "gqa-4"]),
+])
+def test_bench_prefill_forms_and_shapes_are_checked_before_the_gpu(capsys, argv, needles):
+    assert_error(run_cli(capsys, "bench", "prefill", *argv), *needles)
+
+
+@no_cuda
+@pytest.mark.parametrize("command, argv", [
+    ("decode", ["--variants", "gqa-4,mla", "--rope-dim", "32", "--tp", "1,2"]),
+    ("decode", ["--suite", "standard", "--rope-dim", "32"]),
+    ("prefill", ["--variants", "gla-2,mla", "--forms", "absorbed", "--rope-dim", "32"]),
+    ("prefill", ["--variants", "gqa-4,mla", "--rope-dim", "32"]),
+])
+def test_bench_options_that_apply_reach_the_gpu_check(capsys, command, argv):
+    assert_error(run_cli(capsys, "bench", command, *argv), "CUDA GPU")
 
 
 ENGINE = ["tiny", "--num-prompts", "2", "--prompt-len", "8", "--output-len", "4", "--json"]

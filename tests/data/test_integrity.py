@@ -383,3 +383,98 @@ def test_head_build_keeps_the_prefix_tokenizer_and_validation(built, tmp_path):
             head_build(src, tmp_path / "bad", bad)
     with pytest.raises(ValueError, match="out must differ"):
         head_build(src, src, n)
+
+
+# ---------------------------------------------------------------- builds aimed at a pack
+
+def test_build_into_a_pack_is_refused_and_the_pack_kept(tiny, tmp_path, capsys):
+    """`data build --out PACK` replaced the pack's manifest.json with the new build's and
+    wrote shards among its parts: the pack no longer unpacked (its manifest no longer matched
+    pack.json)."""
+    root, src, _ = tiny
+    pack = _copy(root / "pack", tmp_path / "pack")
+    refused_untouched(pack, lambda: build_dataset(pack, f"jsonl:{src}", "bpe:280", OPTS, **QUIET),
+                      PACK_FILE)
+    before = _files(pack)
+    code, err = _cli(capsys, "data", "build", "--corpus", f"jsonl:{src}", "--out", str(pack),
+                     "--tokenizer", "bpe:280")
+    _one_line_error(code, err, "--out", PACK_FILE)
+    assert _files(pack) == before
+    unpack_dataset(pack, tmp_path / "un", workers=1, log=lambda *a: None)  # still a good pack
+
+
+def test_head_build_into_a_pack_or_a_file_is_refused(tiny, tmp_path):
+    root = tiny[0]
+    pack = _copy(root / "pack", tmp_path / "pack")
+    refused_untouched(pack, lambda: B.head_build(root / "ds", pack, 100), PACK_FILE)
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine\n")
+    with pytest.raises(ValueError, match="afile"):
+        B.head_build(root / "ds", a_file, 100)
+    assert a_file.read_text() == "mine\n"
+
+
+def test_head_build_over_another_build_removes_its_manifest_first(tiny, tmp_path, monkeypatch):
+    """A head build over an existing dataset that fails half way must not leave the old
+    manifest beside the new training shard: the manifest goes first and comes back last, as in
+    `write_build` (a copy failing here stands for a full disk)."""
+    root = tiny[0]
+    other = _copy(root / "ds", tmp_path / "other")
+
+    def fail(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(B.shutil, "copyfile", fail)
+    with pytest.raises(OSError):
+        B.head_build(root / "ds", other, 100)
+    assert not (other / B.MANIFEST).exists()
+    with pytest.raises(ValueError, match="not a built dataset"):
+        TokenDataset(other, verify=False)
+
+
+def test_head_build_takes_numpy_integers(tiny, tmp_path):
+    root = tiny[0]
+    man = B.head_build(root / "ds", tmp_path / "head", np.int64(100))
+    assert man["splits"]["train"]["tokens"] == 100 and man["build_key"].endswith("-head100")
+    with pytest.raises(ValueError, match="train_tokens"):
+        B.head_build(root / "ds", tmp_path / "bad", True)
+
+
+# ---------------------------------------------------------------- tokenizer and sources
+
+def test_unreadable_tokenizer_file_is_one_line_naming_it(tiny, tmp_path, capsys):
+    """A --tokenizer file that is not a tokenizer was a traceback of tokenizers' bare
+    `Exception` ("key must be a string at line 1 column 2")."""
+    src = tiny[1]
+    for name, content in (("broken.json", b"{not json"), ("binary.json", b"\xff\xfe\0\1")):
+        (tmp_path / name).write_bytes(content)
+        code, err = _cli(capsys, "data", "build", "--corpus", f"jsonl:{src}", "--out",
+                         str(tmp_path / "out"), "--tokenizer", str(tmp_path / name))
+        _one_line_error(code, err, name)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spec", ["bpe:0", "bpe:-5", "bpe:257"])
+def test_bpe_size_is_checked_before_the_corpus_is_read(tiny, tmp_path, monkeypatch, spec):
+    """bpe:N below 258 was refused only by `train_bpe`, after every document had been read
+    and deduplicated (for --corpus registry: fetched)."""
+    import hwattn.data.corpora as C
+
+    monkeypatch.setattr(C, "jsonl_documents",
+                        lambda *a, **k: pytest.fail("corpus read before the spec was checked"))
+    with pytest.raises(ValueError, match=spec):
+        build_dataset(tmp_path / "out", f"jsonl:{tiny[1]}", spec, OPTS, **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sources, corpus", [("", "registry"), (" , ", "registry"),
+                                             ("", "embedded")])
+def test_empty_sources_is_refused_not_all_sources(tmp_path, capsys, monkeypatch, sources, corpus):
+    """`--sources ""` built from every registry source (and was ignored by other corpora)."""
+    import hwattn.data.corpora as C
+
+    monkeypatch.setattr(C, "fetch", lambda *a, **k: pytest.fail("fetched before the check"))
+    code, err = _cli(capsys, "data", "build", "--corpus", corpus, "--sources", sources,
+                     "--out", str(tmp_path / "out"))
+    _one_line_error(code, err, "--sources")
+    assert not (tmp_path / "out").exists()

@@ -60,3 +60,40 @@ def test_dataset_errors(tmp_path):
         TokenDataset(tmp_path)
     with pytest.raises(ValueError, match="shorter"):
         BatchSampler(np.arange(5), 16, 1)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(seed=True), "seed"),
+    (dict(seq_len=16.0), "seq_len"), (dict(batch_size=2.5), "batch_size"),
+])
+def test_sampler_arguments_are_checked_at_construction(kwargs, needle):
+    """A negative or fractional seed was accepted and failed at the first batch with numpy's
+    "expected non-negative integer"; a float length failed there too."""
+    args = dict(seq_len=16, batch_size=4, seed=0) | kwargs
+    with pytest.raises(ValueError, match=needle):
+        BatchSampler(np.arange(1000), **args)
+
+
+def test_numpy_integer_arguments_give_the_same_batches():
+    tokens = np.arange(2000, dtype=np.uint16)
+    a = BatchSampler(tokens, 16, 4, accum_steps=2, seed=3)
+    b = BatchSampler(tokens, np.int64(16), np.int32(4), accum_steps=np.int64(2), seed=np.uint32(3))
+    assert all(torch.equal(a.batch(s, m)[0], b.batch(s, m)[0]) for s in range(40) for m in (0, 1))
+
+
+def test_resumed_sampler_reads_the_uninterrupted_batches_across_epochs():
+    """A run resumed at any step (a new sampler, nothing carried over) reads exactly the
+    batches of the run that never stopped, through several epoch boundaries, on every rank."""
+    tokens = np.arange(1 + 8 * 37, dtype=np.int64)  # 37 windows: batches straddle epochs
+    for world in (1, 2):
+        whole = [BatchSampler(tokens, 8, 3, accum_steps=2, seed=5, rank=r, world=world)
+                 for r in range(world)]
+        ref = {(s, m, r): whole[r].batch(s, m)[0] for s in range(30) for m in (0, 1)
+               for r in range(world)}
+        for resume_at in (1, 6, 13, 29):
+            again = [BatchSampler(tokens, 8, 3, accum_steps=2, seed=5, rank=r, world=world)
+                     for r in range(world)]
+            for s in range(resume_at, 30):
+                for m in (0, 1):
+                    for r in range(world):
+                        assert torch.equal(again[r].batch(s, m)[0], ref[(s, m, r)])

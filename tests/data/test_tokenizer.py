@@ -100,3 +100,20 @@ def test_save_and_load(tmp_path, bpe):
 def test_vocab_too_small():
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(["abc"], 100)
+
+
+def test_load_of_a_damaged_file_names_it(tmp_path):
+    """tokenizers raises a bare `Exception` for a file it cannot parse."""
+    (tmp_path / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes(b"\xff\xfe\0")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer.load(tmp_path / "tokenizer.json")
+
+
+def test_load_with_a_damaged_config_names_it(tmp_path, bpe):
+    bpe.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        Tokenizer.load(tmp_path)
