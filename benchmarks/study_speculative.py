@@ -27,7 +27,9 @@ tokens/s, speed-up over k = 0 at that B, acceptance (accepted / drafted tokens),
 steps where an n-gram matched, the share of decode steps that verified drafts, ITL median and
 p99, and whether the greedy outputs equal k = 0's token for token (speculation at
 temperature 0 must not change them; in bf16 a near-tie in the logits may still flip between
-the verify step and the plain one, so the agreement is reported, not assumed).
+the verify step and the plain one, so the agreement is reported, not assumed). Each row is the
+run of median decode tokens/s among `--repeats` (3) timed runs, with every run's rate and their
+spread beside it.
 
 Fallback row: per domain and B, the best k at that B once more with the engine's
 `speculative_disable_batch_size` at `--disable-batch-size` (default the largest of
@@ -78,7 +80,7 @@ import quality_study  # noqa: E402
 SPEEDUP_TARGET, VERIFY_TARGET = 1.5, 1.3
 # Workload sizes: (GPU study, --tiny CPU check); an argument given on the command line wins.
 SIZES = {"prompts": (32, 3), "prompt_len": (256, 48), "output_len": (128, 24),
-         "page_size": (64, 16), "iters": (20, 2)}
+         "page_size": (64, 16), "iters": (20, 2), "repeats": (3, 2)}
 OUT_JSON, OUT_MD = "study_speculative.json", "study_speculative.md"
 OUT_LOG = "study_speculative_log.txt"
 
@@ -109,6 +111,9 @@ def parse_args(argv=None):
                         "largest of --batch-sizes; 0: no fallback row)")
     p.add_argument("--page-size", type=int, default=None, help="KV page tokens (64)")
     p.add_argument("--iters", type=int, default=None, help="timed repeats of each step (20)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs of each row; the row is the run of median decode tokens/s, "
+                        "and the spread of all of them is kept (3)")
     p.add_argument("--prompt-seed", type=int, default=0, help="order the documents are drawn in")
     p.add_argument("--dtype", default=None, help="engine dtype (default bf16 on CUDA; fp64 --tiny)")
     p.add_argument("--device", default="auto")
@@ -380,10 +385,27 @@ def agreement(plain: list[list[int]], spec: list[list[int]]) -> dict:
 
 def measure_run(engine, prompts: list[list[int]], args, warm) -> tuple:
     """run_offline of the prompts on `engine` after a warm-up on other prompts (kernels,
-    allocator); returns (its row's measurements, the outputs)."""
+    allocator), `--repeats` times; returns (the measurements of the run of median decode
+    tokens/s, with every run's rate and their relative spread, the outputs). A run takes 2-3 s
+    at the study's sizes, and single runs of one configuration were seen 14% apart (H100,
+    2026-12-05), hence the median. Greedy runs must repeat their outputs token for token."""
     from hwattn.bench.engine import run_offline
 
     run_offline(engine, warm, 4)
+    runs = []
+    for _ in range(args.repeats):
+        runs.append(_timed_run(engine, prompts, args, run_offline))
+    rates = [row["decode_tokens_per_s"] for row, _ in runs]
+    row, outputs = sorted(runs, key=lambda r: r[0]["decode_tokens_per_s"])[len(runs) // 2]
+    row["decode_tokens_per_s_runs"] = rates
+    row["decode_tokens_per_s_spread"] = (max(rates) - min(rates)) / row["decode_tokens_per_s"]
+    # (Recorded, not assumed: bf16 near-ties could flip between runs of other batch orders.)
+    row["repeats_equal"] = all(o == runs[0][1] for _, o in runs)
+    return row, outputs
+
+
+def _timed_run(engine, prompts: list[list[int]], args, run_offline) -> tuple:
+    """One timed run_offline of the prompts: (its row's measurements, the outputs)."""
     drafter = engine.drafter
     proposed, matched, verified = ((drafter.proposed, drafter.matched, drafter.verify_steps)
                                    if drafter is not None else (0, 0, 0))
@@ -433,7 +455,9 @@ def measure_batch(shared: SharedRunner, prompts: list[list[int]], args, clock, l
         log(f"{domain} B={batch} k={k}: {row['decode_tokens_per_s']:,.0f} decode tok/s"
             + (f", speed-up {row['speedup']:.2f}x, acceptance {row['acceptance']:.1%}, "
                f"outputs equal to plain {row['outputs_equal']:.0%}" if k else "")
-            + f", ITL median {row['itl_median_s'] * 1e3:.2f} ms")
+            + f", ITL median {row['itl_median_s'] * 1e3:.2f} ms"
+            + f" (median of {len(row['decode_tokens_per_s_runs'])} runs, spread "
+              f"{row['decode_tokens_per_s_spread']:.0%})")
     measured = [r for r in rows.values() if r["k"] and "speedup" in r]
     if args.disable_batch_size and measured:
         best = max(measured, key=lambda r: r["speedup"])["k"]
@@ -534,10 +558,10 @@ def markdown(doc: dict) -> str:
                f"{', '.join(map(str, s['batch_sizes']))}), page {s['page_size']}, CUDA graphs "
                f"{'on' if doc['cuda_graphs'] else 'off'}, compiled decode "
                f"{'on' if s['compile_decode'] else 'off'}", "",
-             "| domain | batch | k | decode tok/s | speed-up | acceptance | n-gram found "
-             "| verify steps | ITL p50 ms | ITL / plain | outputs = plain "
+             "| domain | batch | k | decode tok/s | run spread | speed-up | acceptance "
+             "| n-gram found | verify steps | ITL p50 ms | ITL / plain | outputs = plain "
              "| tokens before divergence |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
@@ -549,10 +573,11 @@ def markdown(doc: dict) -> str:
                      if key == "fallback" else str(row["k"]))
                 if "skipped" in row:
                     lines.append(f"| {domain} | {batch} | {k} | skipped ({row['skipped']}) |"
-                                 + " |" * 8)
+                                 + " |" * 9)
                     continue
                 lines.append(
                     f"| {domain} | {batch} | {k} | {row['decode_tokens_per_s']:,.0f} | "
+                    f"{f(row.get('decode_tokens_per_s_spread'), '{:.0%}')} | "
                     f"{f(row.get('speedup'), '{:.2f}x')} | "
                     f"{f(row.get('acceptance'), '{:.1%}')} | "
                     f"{f(row.get('ngram_match_share'), '{:.0%}')} | "

@@ -64,6 +64,12 @@ def test_tiny_run_trains_as_the_study_and_reports_every_k(trained, dataset_dir):
             assert list(rows) == ["0", *KS, "fallback"]
             plain = rows["0"]
             assert plain["output_tokens"] == 3 * 24 and plain["acceptance"] is None
+            for row in rows.values():  # the median of --repeats (2 under --tiny) timed runs
+                runs = row["decode_tokens_per_s_runs"]
+                assert len(runs) == 2 and row["decode_tokens_per_s"] == sorted(runs)[1]
+                assert row["decode_tokens_per_s_spread"] == pytest.approx(
+                    (max(runs) - min(runs)) / row["decode_tokens_per_s"])
+                assert row["repeats_equal"] is True  # fp64 greedy repeats itself
             for k in KS:
                 row = rows[k]
                 assert row["batch"] == int(batch)
