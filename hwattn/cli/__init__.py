@@ -62,6 +62,31 @@ def positive(args, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
 
 
+def variant_list(text: str, flag: str = "--variants") -> tuple[str, ...]:
+    """The variant labels of a comma-separated `text` as given (blanks dropped); ValueError
+    naming `flag` when it names none, or one variant more than once (each would be a second,
+    identical row; `gqa-4` and `GQA-04` are one variant). A label that is no variant is left
+    for the command to refuse."""
+    from hwattn.variants import parse_variant
+
+    labels = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not labels:
+        raise ValueError(f"{flag} must name at least one variant")
+    spellings: dict = {}
+    for label in labels:
+        try:
+            key = tuple(sorted(parse_variant(label).items()))
+        except ValueError:
+            key = label
+        spellings.setdefault(key, []).append(label)
+    twice = [names for names in spellings.values() if len(names) > 1]
+    if twice:
+        said = [names[0] if len(set(names)) == 1 else " = ".join(dict.fromkeys(names))
+                for names in twice]
+        raise ValueError(f"{flag} names {', '.join(said)} more than once")
+    return labels
+
+
 def check_output_file(path: str | None, flag: str = "--out") -> None:
     """ValueError unless the file `path` can be created: its folder exists and is writable.
     Checked before the work, so a long run does not end in a traceback."""

@@ -9,7 +9,8 @@ from hwattn.config import PRESETS
 
 
 def int_list(text: str, minimum: int = 1) -> list[int]:
-    """An argparse type: comma-separated integers, each at least `minimum`."""
+    """An argparse type: comma-separated integers, each at least `minimum` and none given
+    twice (a repeated value would only repeat its rows)."""
     try:
         values = [int(v) for v in text.split(",") if v]
     except ValueError:
@@ -17,6 +18,10 @@ def int_list(text: str, minimum: int = 1) -> list[int]:
     if not values or any(v < minimum for v in values):
         kind = "positive" if minimum == 1 else f">= {minimum}"
         raise argparse.ArgumentTypeError(f"expected {kind} integers, got {text!r}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(str, twice))} given more than once "
+                                         f"in {text!r}")
     return values
 
 
@@ -31,8 +36,10 @@ def register(sub) -> None:
                                    "attention decode time.")
     p.add_argument("--preset", default="xl", choices=tuple(PRESETS), help="model shape (default xl)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma-separated labels such as mha,gqa-8,gta-4,gla-4 (default: the six)")
-    p.add_argument("--tp", type=int_list, default=[1], help="TP degrees, e.g. 1,2,4,8 (default 1)")
+                   help="comma-separated labels such as mha,gqa-8,gta-4,gla-4, each once "
+                        "(default: the six)")
+    p.add_argument("--tp", type=int_list, default=[1],
+                   help="TP degrees, e.g. 1,2,4,8, each once (default 1)")
     p.add_argument("--batch", type=int, default=128, help="concurrent sequences (default 128)")
     p.add_argument("--context", type=int, default=8192, help="tokens per sequence (default 8192)")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="KV cache dtype")
@@ -51,12 +58,10 @@ def run(args) -> int:
     from dataclasses import replace
 
     from hwattn.analysis.cost import GPUS, analyze, format_table
-    from hwattn.cli import check_output_file, positive
+    from hwattn.cli import check_output_file, positive, variant_list
 
     positive(args, "peak_tflops", "bandwidth")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants:
-        raise ValueError("--variants must name at least one variant")
+    variants = variant_list(args.variants)
     check_output_file(args.plot, "--plot")
     gpu = GPUS[args.gpu]
     if args.peak_tflops is not None or args.bandwidth is not None:

@@ -64,10 +64,11 @@ def register(sub) -> None:
 
 def cases(args) -> list[dict]:
     from hwattn.bench import decode
+    from hwattn.cli import variant_list
 
     if args.suite == "standard":
         return decode.standard_suite()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = variant_list(args.variants)
     return decode.product_suite(variants, args.heads, args.tp, args.batch, args.context,
                                 args.query_len, args.page_size)
 

@@ -45,15 +45,13 @@ def register(sub) -> None:
 def cases_from(args) -> list:
     """The product of the shape lists, one `PrefillCase` each (ValueError on a bad shape)."""
     from hwattn.bench.prefill import PrefillCase
+    from hwattn.cli import variant_list
 
-    cases = [PrefillCase(variant, args.heads, args.head_dim, args.rope_dim, batch, q_len, prefix,
-                         page)
-             for variant in filter(None, args.variants.split(","))
-             for batch in args.batch for q_len in args.query_len for prefix in args.prefix
-             for page in args.page_size]
-    if not cases:
-        raise ValueError("variants: name at least one variant")
-    return cases
+    return [PrefillCase(variant, args.heads, args.head_dim, args.rope_dim, batch, q_len, prefix,
+                        page)
+            for variant in variant_list(args.variants)
+            for batch in args.batch for q_len in args.query_len for prefix in args.prefix
+            for page in args.page_size]
 
 
 def check_forms(args, cases) -> None:

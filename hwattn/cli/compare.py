@@ -39,18 +39,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from hwattn.cli import model_params
+    from hwattn.cli import model_params, variant_list
     from hwattn.config import ModelConfig, parse_variant
     from hwattn.cpu_threads import describe, use_default_cpu_threads
     from hwattn.train.compare import CompareConfig, run_compare
     from hwattn.device import resolve_device
 
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    if not variants:
-        raise ValueError("--variants must name at least one variant")
-    twice = sorted({v for v in variants if variants.count(v) > 1})
-    if twice:  # each variant trains into <out>/<label>: a second run would overwrite the first
-        raise ValueError(f"--variants names {', '.join(twice)} more than once")
+    # Each variant trains into <out>/<label>: a second run would overwrite the first.
+    variants = variant_list(args.variants)
     for name in ("steps", "seq_len", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:

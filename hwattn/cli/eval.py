@@ -22,7 +22,11 @@ def register(sub) -> None:
                         "with --write-tasks")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--seq-len", type=int, default=None, help="context length (default: the run's)")
-    p.add_argument("--ppl-tokens", type=int, help="held-out tokens per domain (default all)")
+    p.add_argument("--ppl-tokens", type=int,
+                   help="held-out tokens scored per domain, a multiple of --seq-len (whole "
+                        "windows; default: every whole window); a domain with fewer scores "
+                        "all its whole windows, and the table's tokens column shows the count "
+                        "scored")
     p.add_argument("--cloze", type=int, default=200, help="cloze items, 0 skips (default 200)")
     p.add_argument("--mc", type=int, default=200, help="multiple-choice items, 0 skips (default 200)")
     p.add_argument("--recall-pairs", type=lambda text: tuple(int_list(text)), default=None,
@@ -152,6 +156,13 @@ def run(args) -> int:
     if args.ppl_tokens is not None and args.ppl_tokens < seq_len:
         raise ValueError(f"--ppl-tokens {args.ppl_tokens} is less than one evaluation window "
                          f"of {seq_len} tokens (--seq-len)")
+    if args.ppl_tokens is not None and args.ppl_tokens % seq_len:
+        # Scored in whole windows: the rest would be dropped without a word.
+        lower = args.ppl_tokens // seq_len * seq_len
+        flag = "--seq-len" if args.seq_len is not None else "the default --seq-len"
+        raise ValueError(f"--ppl-tokens {args.ppl_tokens} is not a multiple of the "
+                         f"{seq_len}-token evaluation window ({flag}): perplexity is scored "
+                         f"in whole windows; give {lower} or {lower + seq_len}")
     cfg = EvalConfig(seq_len=seq_len, ppl_tokens=args.ppl_tokens, n_cloze=args.cloze, n_mc=args.mc,
                      recall_pairs=args.recall_pairs, batch_size=args.batch_size, seed=args.seed)
     if given_pairs:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hwattn.parallel.errors import env_seconds
+from hwattn.parallel.errors import seconds_or_env
 from hwattn.parallel.launch import WorkerGroup
 
 
@@ -25,9 +25,11 @@ class TensorParallelExecutor:
     num_pages. engine_config, max_model_len: size the page pool on every rank (the smallest
     plan wins, so every rank holds the same pages).
 
-    setup_timeout (HWATTN_SETUP_TIMEOUT_S, default 600 s) bounds start-up: processes, process
-    group, weights, cache and CUDA graphs. step_timeout (HWATTN_STEP_TIMEOUT_S, default 600 s)
-    bounds each step's reply. A rank that dies, or stops (its heartbeat stands still for
+    setup_timeout (None: HWATTN_SETUP_TIMEOUT_S, default 600 s) bounds start-up: processes,
+    process group, weights, cache and CUDA graphs. step_timeout (None: HWATTN_STEP_TIMEOUT_S,
+    default 600 s) bounds each step's reply and each collective among the ranks. Either, when
+    given, must be a finite number of seconds > 0 (ValueError naming it before any process
+    starts; 0 is not "the default"). A rank that dies, or stops (its heartbeat stands still for
     HWATTN_HEARTBEAT_TIMEOUT_S, default 5 s: see `hwattn.parallel.launch`), fails the step
     within seconds, whatever the step timeout. Any failure raises `WorkerError` with the
     rank's traceback, and every rank is killed.
@@ -43,8 +45,10 @@ class TensorParallelExecutor:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs, "
                              f"found {torch.cuda.device_count()}")
         self.world = world
-        self.setup_timeout = setup_timeout or env_seconds("HWATTN_SETUP_TIMEOUT_S", 600.0)
-        self.step_timeout = step_timeout or env_seconds("HWATTN_STEP_TIMEOUT_S", 600.0)
+        self.setup_timeout = seconds_or_env("setup_timeout", setup_timeout,
+                                            "HWATTN_SETUP_TIMEOUT_S", 600.0)
+        self.step_timeout = seconds_or_env("step_timeout", step_timeout,
+                                           "HWATTN_STEP_TIMEOUT_S", 600.0)
         spec = dict(build=build, runner=runner_kwargs, engine_config=engine_config,
                     max_model_len=max_model_len, threads=max(1, torch.get_num_threads() // world),
                     setup_timeout=self.setup_timeout, collective_timeout=self.step_timeout)

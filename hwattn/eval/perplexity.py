@@ -52,7 +52,9 @@ def evaluate_perplexity(model, tokens: np.ndarray, seq_len: int, token_bytes: np
                         bar=None) -> dict:
     """Loss (nats/token), perplexity, and bits per byte when `token_bytes` (V,) is given.
 
-    tokens: (N,) held-out token ids; at most `max_tokens` of them are scored.
+    tokens: (N,) held-out token ids; at most `max_tokens` of them are scored, in whole
+        windows of `seq_len` (the largest multiple of seq_len within both max_tokens and
+        N - 1): the record's "tokens" is the number actually scored.
     bar: a progress bar (optional), advanced by the tokens scored.
     """
     windows = eval_windows(tokens, seq_len, max_tokens)

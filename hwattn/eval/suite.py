@@ -14,7 +14,10 @@ from hwattn.eval.tasks import build_cloze, build_mc, score_cloze, score_mc
 @dataclass
 class EvalConfig:
     """seq_len: context of the perplexity windows and cap of task contexts.
-    ppl_tokens: held-out tokens scored per domain (None: all).
+    ppl_tokens: held-out tokens scored per domain (None: all), in whole windows of seq_len:
+        a value that is not a multiple of seq_len scores the multiple below it (`hwattn eval`
+        refuses one); a domain with fewer tokens scores its whole windows. Each domain's
+        record says how many it scored ("tokens").
     n_cloze / n_mc: task items (balanced over domains); 0 skips the task.
     recall_pairs: key–value pair counts of the recall probe (those that fit seq_len)."""
 

@@ -3,6 +3,8 @@ exits, and the seconds settings read from the environment."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import signal
 
@@ -21,9 +23,22 @@ class WorkerError(RuntimeError):
         self.reason = reason or (lines[0] if lines else "a worker process failed")
 
 
+def check_seconds(name: str, value, allow_zero: bool = False) -> float:
+    """`value` as a float; ValueError naming `name` unless it is a finite number of seconds
+    > 0 (>= 0 where `allow_zero`). NaN, infinity (a worker's `timedelta` cannot hold it) and
+    True / False are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not (math.isfinite(seconds) and (seconds >= 0 if allow_zero else seconds > 0)):
+        raise ValueError(f"{name} must be a finite number of seconds "
+                         f"{'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return seconds
+
+
 def env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
     """The number of seconds in environment variable `name` (`default` when unset);
-    ValueError naming it when it is not a positive number (or zero, where allowed)."""
+    ValueError naming it when it is not a finite positive number (or zero, where allowed)."""
     value = os.environ.get(name)
     if value is None:
         return default
@@ -31,9 +46,19 @@ def env_seconds(name: str, default: float, allow_zero: bool = False) -> float:
         seconds = float(value)
     except ValueError:
         raise ValueError(f"{name} must be a number of seconds, got {value!r}") from None
-    if not (seconds >= 0 if allow_zero else seconds > 0):  # NaN fails both
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
+    if not (math.isfinite(seconds) and (seconds >= 0 if allow_zero else seconds > 0)):
+        raise ValueError(f"{name} must be a finite number of seconds "
+                         f"{'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return seconds
+
+
+def seconds_or_env(name: str, value, env: str, default: float) -> float:
+    """A timeout argument: `value` when given (`check_seconds`: a finite number > 0, else
+    ValueError naming `name`), else environment variable `env` (`env_seconds`), else
+    `default`. None alone means "the default": 0 is refused, not taken for it."""
+    if value is None:
+        return env_seconds(env, default)
+    return check_seconds(name, value)
 
 
 def summarize(exc: BaseException) -> str:

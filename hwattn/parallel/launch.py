@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import secrets
 import select
@@ -68,10 +69,10 @@ import weakref
 from collections import deque
 from pathlib import Path
 
-from hwattn.parallel.errors import WorkerError, describe_exit, env_seconds
+from hwattn.parallel.errors import WorkerError, check_seconds, describe_exit, env_seconds
 from hwattn.parallel.folders import make_socket_folder
 from hwattn.parallel.heartbeat import HeartbeatMonitor, beat_interval
-from hwattn.parallel.wire import Conn, MessageError, pack
+from hwattn.parallel.wire import HELLO_MAX_RANK, Conn, MessageError, pack
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
@@ -116,6 +117,42 @@ def _reap(procs: list, folder: str, wait_s: float = 2.0) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def _seconds(t: float) -> str:
+    """`t` for a message: "600", "0.5", "2.3"."""
+    return f"{t:.1f}".rstrip("0").rstrip(".")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_arguments(module, world, label, env, first_rank) -> None:
+    """ValueError naming the first of `WorkerGroup`'s arguments that no worker could start
+    with (see its docstring), before any process starts."""
+    if not isinstance(module, str) or not module:
+        raise ValueError(f"module must be a module name such as 'hwattn.engine.tp_worker', "
+                         f"got {module!r}")
+    if not _whole(world) or world < 1:
+        raise ValueError(f"world must be a whole number >= 1, got {world!r}")
+    if not isinstance(label, str) or not label:
+        raise ValueError(f"label must be a non-empty string, got {label!r}")
+    if not _whole(first_rank) or first_rank < 0:
+        raise ValueError(f"first_rank must be a whole number >= 0, got {first_rank!r}")
+    if first_rank + world - 1 > HELLO_MAX_RANK:
+        raise ValueError(f"first_rank + world - 1 must be at most {HELLO_MAX_RANK}, got "
+                         f"{first_rank} + {world} - 1")
+    if env is not None:
+        if not isinstance(env, (list, tuple)) or len(env) != world:
+            got = f"{len(env)} entries" if isinstance(env, (list, tuple)) else repr(env)
+            raise ValueError(f"env must be None or one dict per worker ({world}), got {got}")
+        for i, extra in enumerate(env):
+            if not isinstance(extra, dict) or not all(
+                    isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+                    for k, v in extra.items()):
+                raise ValueError(f"env[{i}] must be a dict of environment variable names to "
+                                 f"strings, got {extra!r}")
+
+
 class WorkerGroup:
     """`world` workers running `python -m module`, each connected to this process.
 
@@ -129,17 +166,22 @@ class WorkerGroup:
         Methods take a worker's place in this group, 0..world-1.
     heartbeat_timeout: seconds without a heartbeat (and without CPU time used) after which a
         worker counts as stuck; None reads HWATTN_HEARTBEAT_TIMEOUT_S (default 5); 0: off.
+
+    Every argument is checked here, before a process starts (ValueError naming it): world a
+    whole number >= 1, first_rank one >= 0 (with first_rank + world - 1 below 2**32, the
+    largest rank the hello carries), env one dict of strings per worker, connect_timeout a
+    finite number of seconds > 0, heartbeat_timeout one >= 0.
     """
 
     def __init__(self, module: str, world: int, label: str = "worker", env: list[dict] | None = None,
                  rendezvous: bool = False, connect_timeout: float = 180.0, first_rank: int = 0,
                  heartbeat_timeout: float | None = None):
-        if world < 1:
-            raise ValueError(f"world must be >= 1, got {world}")
+        _check_arguments(module, world, label, env, first_rank)
+        connect_timeout = check_seconds("connect_timeout", connect_timeout)
         if heartbeat_timeout is None:
             heartbeat_timeout = env_seconds("HWATTN_HEARTBEAT_TIMEOUT_S", 5.0, allow_zero=True)
-        if heartbeat_timeout < 0:
-            raise ValueError(f"heartbeat_timeout must be >= 0 (0: off), got {heartbeat_timeout}")
+        heartbeat_timeout = check_seconds("heartbeat_timeout", heartbeat_timeout,
+                                          allow_zero=True)  # 0: off
         self.world = world
         self.label = label
         self.first_rank = first_rank
@@ -220,7 +262,7 @@ class WorkerGroup:
             if time.monotonic() > deadline:
                 missing = [self.first_rank + i for i, c in enumerate(self.conns) if c is None]
                 self._fail(self._error(None, f"{self.label} {missing} did not connect within "
-                                             f"{timeout:.0f} s"))
+                                             f"{_seconds(timeout)} s"))
             ready, _, _ = select.select([listener] + pending, [], [], 0.2)
             for item in ready:
                 if item is listener:
@@ -382,7 +424,7 @@ class WorkerGroup:
             while sent < len(data):
                 if conn is None or time.monotonic() > deadline:
                     self._fail(self._error(rank, f"{self._name(rank)} has not read its messages "
-                                                 f"for {timeout:.0f} s"))
+                                                 f"for {_seconds(timeout)} s"))
                 try:
                     sent += conn.sock.send(view[sent:])
                     continue
@@ -394,29 +436,30 @@ class WorkerGroup:
                 if not writable:
                     self._pump(0.0)
 
-    def recv(self, rank: int, timeout: float | None = None, what: str = "a reply"):
+    def recv(self, rank: int, timeout: float | None = None, what: str = "reply"):
         """The next message from `rank`; WorkerError if any worker fails meanwhile or none
-        comes within `timeout` seconds."""
+        comes within `timeout` seconds ("... sent no `what` within ..."; `what` is a noun
+        without an article: "ready signal", "step result")."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.queues[rank]:
             left = self._tick if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 self._fail(self._error(rank, f"{self._name(rank)} sent no {what} within "
-                                             f"{timeout:.0f} s; the group was stopped"))
+                                             f"{_seconds(timeout)} s; the group was stopped"))
             self._pump(min(left, self._tick))
         return self.queues[rank].popleft()
 
-    def gather(self, timeout: float, what: str = "a reply") -> list:
+    def gather(self, timeout: float, what: str = "reply") -> list:
         """The next message of every worker, in rank order; WorkerError naming the ones that
-        sent none within `timeout` seconds."""
+        sent none within `timeout` seconds (`what` as for `recv`)."""
         deadline = time.monotonic() + timeout
         while not all(self.queues):
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = [self.first_rank + i for i, q in enumerate(self.queues) if not q]
                 self._fail(self._error(None, f"{self.label} {', '.join(map(str, missing))} sent "
-                                             f"no {what} within {timeout:.0f} s; the group was "
-                                             f"stopped"))
+                                             f"no {what} within {_seconds(timeout)} s; the group "
+                                             f"was stopped"))
             self._pump(min(left, self._tick))
         return [q.popleft() for q in self.queues]
 

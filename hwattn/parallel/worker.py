@@ -29,7 +29,7 @@ from datetime import timedelta
 
 from hwattn.parallel.errors import summarize
 from hwattn.parallel.heartbeat import Beater
-from hwattn.parallel.wire import HEADER, HELLO, pack
+from hwattn.parallel.wire import HEADER, HELLO, check_length, pack
 
 
 class ParentLink:
@@ -72,14 +72,19 @@ class ParentLink:
     def _exact(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
+            # At most 1 MiB a call: `recv(k)` allocates k bytes before it reads any.
+            chunk = self.sock.recv(min(n - len(buf), 1 << 20))
             if not chunk:  # the parent is gone: nothing left to do
                 os._exit(0)
             buf += chunk
         return bytes(buf)
 
     def recv(self):
+        """The next message from the parent (blocking); MessageError, naming the length, for
+        a length header above `MAX_MESSAGE_BYTES` (a corrupted stream: raised inside a
+        `phase`, it reaches the parent as this worker's error)."""
         (n,) = HEADER.unpack(self._exact(HEADER.size))
+        check_length(n)
         return pickle.loads(self._exact(n))
 
     def poll(self, timeout: float) -> bool:

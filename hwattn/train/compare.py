@@ -14,7 +14,9 @@ on the shipped corpus, or any dataset built with `hwattn data build` (`data=`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,9 +60,21 @@ SCALES = {
 }
 
 
+# TrainConfig fields `run_compare` sets itself for every variant; `CompareConfig.extra` may
+# not name them (those with a field of their own in CompareConfig are set there).
+SET_BY_COMPARE = ("data", "out", "preset", "variant", "seq_len", "batch_size", "steps", "lr",
+                  "warmup_steps", "seed", "device", "compile", "eval_every", "eval_tokens",
+                  "save_final", "plot", "log_every", "resume")
+
+
 @dataclass
 class CompareConfig:
-    """Unset fields (None) take the defaults of the device's scale (`SCALES`)."""
+    """Unset fields (None) take the defaults of the device's scale (`SCALES`).
+
+    extra: more `TrainConfig` fields for every variant's training run (e.g. model_overrides,
+    accum_steps, amp); a field `run_compare` sets itself (`SET_BY_COMPARE`) or one TrainConfig
+    does not have is refused by `resolved` (ValueError naming it), before any data is built.
+    """
 
     out: str = "runs/compare"
     variants: tuple[str, ...] = DEFAULT_VARIANTS
@@ -87,11 +101,43 @@ class CompareConfig:
 
     def resolved(self) -> "CompareConfig":
         """Defaults filled in from the device's scale; `steps` stays None when not given
-        (`run_compare` then caps the scale's step count at two epochs of the data)."""
-        scale = SCALES["cuda" if resolve_device(self.device).type == "cuda" else "cpu"]
+        (`run_compare` then caps the scale's step count at two epochs of the data).
+
+        Checked here, before any data is built: the keys of `extra`, and that one window of
+        `seq_len` tokens fits the `eval_tokens` the training curves score (ValueError naming
+        --seq-len and the limit)."""
+        check_extra(self.extra)
+        kind = "cuda" if resolve_device(self.device).type == "cuda" else "cpu"
+        scale = SCALES[kind]
         vals = {k: (v if v is not None or k == "steps" else scale.get(k))
                 for k, v in asdict(self).items()}
-        return CompareConfig(**vals)
+        cfg = CompareConfig(**vals)
+        if cfg.eval_tokens < cfg.seq_len:
+            where = (f"(eval_tokens {cfg.eval_tokens})" if self.eval_tokens is not None
+                     else f"at the {kind} scale")
+            raise ValueError(f"--seq-len {cfg.seq_len} is longer than the {cfg.eval_tokens} "
+                             f"validation tokens per domain that the training curves score "
+                             f"{where}: give --seq-len at most {cfg.eval_tokens}")
+        return cfg
+
+
+def check_extra(extra: dict) -> None:
+    """ValueError naming the keys of `CompareConfig.extra` that are no `TrainConfig` field, or
+    that `run_compare` sets itself (`SET_BY_COMPARE`): either failed as a bare TypeError from
+    TrainConfig, after the dataset was built."""
+    if not isinstance(extra, dict):
+        raise ValueError(f"extra must be a dict of TrainConfig fields, got {extra!r}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(k for k in extra if k not in fields)
+    if unknown:
+        raise ValueError(f"extra names {', '.join(map(repr, unknown))}, not TrainConfig "
+                         f"field{'s' if len(unknown) > 1 else ''}")
+    taken = [k for k in SET_BY_COMPARE if k in extra]
+    if taken:
+        own = [k for k in taken if k in {f.name for f in dataclasses.fields(CompareConfig)}]
+        raise ValueError(f"extra names {', '.join(map(repr, taken))}, which compare sets for "
+                         f"every variant" + (f"; set {', '.join(own)} on CompareConfig itself"
+                                             if own else ""))
 
 
 def prepare_data(cfg: CompareConfig, log=print) -> TokenDataset:
@@ -134,28 +180,55 @@ def decode_speed(model, batch: int, prompt_len: int, new_tokens: int, seed: int 
 
 
 def check_windows(cfg: CompareConfig, data: TokenDataset) -> None:
-    """ValueError naming --seq-len when a validation window of `cfg.seq_len` tokens does not
-    fit, checked before the first variant trains: in a validation domain of the data, or in
-    the `eval_tokens` the curves' validation points score. Either failed in evaluation
-    ("... tokens are fewer than one evaluation window"), after training (the trainer builds
-    its model for any --seq-len)."""
-    for domain, tokens in data.val.items():
-        if len(tokens) <= cfg.seq_len:
-            raise ValueError(f"--seq-len {cfg.seq_len} is longer than the {len(tokens)} "
-                             f"validation tokens of domain {domain!r} in {data.path}: lower "
-                             "--seq-len or build a dataset with more validation text")
-    if cfg.eval_tokens is not None and cfg.eval_tokens < cfg.seq_len:
-        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the {cfg.eval_tokens} "
-                         "validation tokens per domain the training curves score (eval_tokens)")
+    """ValueError naming --seq-len and its limit when a validation window of `cfg.seq_len`
+    tokens does not fit in a validation domain of the data, checked before the first variant
+    trains: it failed in evaluation ("... tokens are fewer than one evaluation window"), after
+    training (the trainer builds its model for any --seq-len). The `eval_tokens` the curves
+    score are checked earlier, by `CompareConfig.resolved`, before any data is built."""
+    if not data.val:
+        return
+    domain, tokens = min(data.val.items(), key=lambda item: len(item[1]))
+    if len(tokens) <= cfg.seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the {len(tokens)} validation "
+                         f"tokens of domain {domain!r} in {data.path} (one window needs "
+                         f"--seq-len + 1): give --seq-len at most {len(tokens) - 1}, or build "
+                         "a dataset with more validation text")
+
+
+def _new_folders(out: Path) -> list[Path]:
+    """What building the shipped corpus under `out` may create that does not exist yet: the
+    highest missing folder of `out` (all of it would be this run's), else `out`/data and
+    `out`/raw (the tokenizer's downloads) where missing."""
+    missing = [f for f in (out.absolute(), *out.absolute().parents) if not f.exists()]
+    if missing:
+        return [missing[-1]]
+    return [f for f in (out / "data", out / "raw") if not f.exists()]
+
+
+def train_settings(cfg: CompareConfig, data: TokenDataset, out: Path, label: str) -> dict:
+    """The `TrainConfig` fields compare sets for variant `label` (`SET_BY_COMPARE`); `extra`
+    adds to them."""
+    return dict(data=str(data.path), out=str(out / label), preset=cfg.preset, variant=label,
+                seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
+                warmup_steps=min(cfg.warmup_steps, max(1, cfg.steps // 10)), seed=cfg.seed,
+                device=cfg.device, compile=cfg.compile, eval_every=max(1, cfg.steps // 4),
+                eval_tokens=cfg.eval_tokens, save_final=True, plot=False,
+                log_every=max(1, min(10, cfg.steps // 20)), resume=False)
 
 
 def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
     """Train, evaluate and time every variant; returns {"config", "rows", "files"}."""
-    cfg = cfg.resolved()
+    cfg = cfg.resolved()  # checks what it can before the data is built
     out = Path(cfg.out)
     t_start = time.perf_counter()
+    made = [] if cfg.data else _new_folders(out)
     data = prepare_data(cfg, log)  # with --data, before <out> is made
-    check_windows(cfg, data)
+    try:
+        check_windows(cfg, data)
+    except ValueError:  # refused: what the data build made for this run goes too
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     out.mkdir(parents=True, exist_ok=True)
     if cfg.steps is None:
         scale = SCALES["cuda" if resolve_device(cfg.device).type == "cuda" else "cpu"]
@@ -171,14 +244,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
     rows, curves = [], {}
     for label in cfg.variants:
         t0 = time.perf_counter()
-        tcfg = TrainConfig(data=str(data.path), out=str(out / label), preset=cfg.preset,
-                           variant=label, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                           steps=cfg.steps, lr=cfg.lr,
-                           warmup_steps=min(cfg.warmup_steps, max(1, cfg.steps // 10)),
-                           seed=cfg.seed, device=cfg.device, compile=cfg.compile,
-                           eval_every=max(1, cfg.steps // 4), eval_tokens=cfg.eval_tokens,
-                           save_final=True, plot=False,
-                           log_every=max(1, min(10, cfg.steps // 20)), resume=False, **cfg.extra)
+        tcfg = TrainConfig(**train_settings(cfg, data, out, label), **cfg.extra)
         res = train(tcfg, progress=progress, log=log, dataset=data)
         train_s = time.perf_counter() - t0
         model = res.pop("model")

@@ -83,6 +83,33 @@ def test_analyze_gpu_overrides_must_be_positive(capsys, argv, flag):
     assert_error(run_cli(capsys, "analyze", "--preset", "tiny", *argv), flag)
 
 
+@pytest.mark.parametrize("argv, needle", [
+    # Observed: each repeat printed its rows again (--tp 1,1 twice as many rows).
+    (["--variants", "mha,gqa-4,mha"], "--variants names mha more than once"),
+    (["--variants", "gqa-4,mla,GQA-04"], "--variants names gqa-4 = GQA-04 more than once"),
+])
+def test_analyze_refuses_a_variant_given_twice(capsys, argv, needle):
+    result = run_cli(capsys, "analyze", "--preset", "tiny", *argv)
+    assert_error(result, needle)
+    assert result[1] == ""
+
+
+@pytest.mark.parametrize("command", [["analyze", "--preset", "tiny", "--tp"],
+                                     ["bench", "decode", "--batch"]])
+def test_integer_lists_refuse_a_value_given_twice(capsys, command):
+    result = run_cli(capsys, *command, "1,2,1")
+    assert_error(result, f"argument {command[-1]}: 1 given more than once in '1,2,1'",
+                 argparse_style=True)
+
+
+def test_analyze_prints_each_distinct_variant_and_tp_once(capsys):
+    code, out, _ = run_cli(capsys, "analyze", "--preset", "tiny", "--variants", "mqa,gqa-1",
+                           "--tp", "1,2", "--json")
+    assert code == 0
+    rows = [(r["variant"], r["tp"]) for r in json.loads(out)["rows"]]
+    assert rows == [("mqa", 1), ("mqa", 2), ("gqa-1", 1), ("gqa-1", 2)]
+
+
 def test_analyze_plot_into_a_missing_folder_is_refused_before_the_table(capsys, tmp_path):
     result = run_cli(capsys, "analyze", "--preset", "tiny", "--plot", tmp_path / "no" / "x.png")
     assert_error(result, "--plot", "does not exist")
@@ -269,6 +296,18 @@ def test_compare_bad_arguments_before_any_work(capsys, dataset_dir, tmp_path, ar
     assert not out.exists()
 
 
+def test_compare_seq_len_beyond_the_curves_tokens_names_the_flag_and_builds_nothing(capsys,
+                                                                                    tmp_path):
+    """Observed: the error named eval_tokens (no flag of compare) without its limit, and came
+    after the shipped corpus was tokenized into <out>/data, which stayed behind."""
+    out = tmp_path / "cmp"
+    result = run_cli(capsys, "compare", "--out", out, "--steps", "1", "--device", "cpu",
+                     "--seq-len", "10000")
+    assert_error(result, "--seq-len 10000", "give --seq-len at most 8192")
+    assert "eval_tokens" not in result[2] and result[1] == ""
+    assert not out.exists()
+
+
 def test_compare_out_under_a_file(capsys, a_file):
     assert_error(run_cli(capsys, "compare", "--out", a_file / "c", "--steps", "1", "--variants",
                          "mha", "--device", "cpu"), "--out")
@@ -292,6 +331,11 @@ def test_compare_cuda_without_cuda(capsys, tmp_path):
     (["--batch-size", "0"], ["--batch-size"]),          # was "range() arg 3 must not be zero"
     (["--seq-len", "1000"], ["--seq-len", "256"]),      # beyond the checkpoint's context
     (["--seq-len", "64", "--ppl-tokens", "10"], ["--ppl-tokens"]),
+    # Was rounded down to whole windows without a word (100 -> 64 tokens scored).
+    (["--seq-len", "64", "--ppl-tokens", "100"],
+     ["--ppl-tokens 100 is not a multiple of the 64-token evaluation window (--seq-len)",
+      "give 64 or 128"]),
+    (["--ppl-tokens", "300"], ["--ppl-tokens 300", "(the default --seq-len)"]),
     (["--seed", "-100"], ["--seed", ">= 0"]),          # was "expected non-negative integer"
     # Pair counts given that the probe would have left out, silently (it keeps those that fit).
     (["--seq-len", "64", "--recall-pairs", "8,1000"], ["--recall-pairs 1000", "--seq-len 64"]),
@@ -432,6 +476,7 @@ def test_attention_of_another_group_count_than_the_checkpoint_is_refused(capsys,
     (["--heads", "0"], "--heads"),                            # was the default heads
     (["--suite", "standard", "--variants", "mla"], "--variants"),  # ignored by the suite
     (["--out", "/nonexistent-folder/x.json"], "--out"),       # was checked after the run
+    (["--variants", "mla,gla-2,MLA"], "--variants names mla = MLA more than once"),
 ])
 def test_bench_decode_arguments_are_checked_before_the_gpu(capsys, argv, flag):
     assert_error(run_cli(capsys, "bench", "decode", *argv), flag, "hwattn bench decode: error:")

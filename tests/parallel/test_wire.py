@@ -39,3 +39,55 @@ def test_well_formed_frames_split_anywhere_arrive_whole():
     worker.sendall(data[-3:])
     assert conn.read() == [("bye",)]
     assert pickle.loads(pack(7)[HEADER.size:]) == 7
+
+
+def test_a_length_header_beyond_the_limit_is_refused_at_once_naming_the_length():
+    """Observed: a corrupted header (here announcing 2**40 bytes) was taken at its word: the
+    reader waited for bytes that never came, until the caller's deadline."""
+    parent, worker = socket.socketpair()
+    conn = Conn(parent, rank=0)
+    worker.sendall(pack(("result", 1)) + HEADER.pack(1 << 40))
+    with pytest.raises(MessageError, match="1099511627776 bytes") as info:
+        conn.read()
+    assert info.value.messages == [("result", 1)]
+    worker.sendall(pack(("result", 2)))  # nothing behind a bad header can be framed
+    with pytest.raises(MessageError, match="1099511627776 bytes"):
+        conn.read()
+
+
+def test_the_limit_is_enforced_on_both_sides(monkeypatch):
+    import hwattn.parallel.wire as wire
+    from hwattn.parallel.worker import ParentLink
+
+    monkeypatch.setattr(wire, "MAX_MESSAGE_BYTES", 64)
+    with pytest.raises(MessageError, match=r"a message of \d+ bytes pickled is longer than "
+                                           r"the 64 a frame may hold"):
+        pack(list(range(100)))
+    frame = pack(b"x" * 40)  # at most the limit: sent and read as ever
+    assert HEADER.unpack_from(frame)[0] <= 64
+    parent, worker = socket.socketpair()
+    conn = Conn(parent, rank=0)
+    worker.sendall(frame)
+    assert conn.read() == [b"x" * 40]
+    # The worker's side: the parent's frames, read blocking.
+    link = ParentLink.__new__(ParentLink)  # without the bootstrap record
+    link.sock = worker
+    parent.sendall(frame + HEADER.pack(65))
+    assert link.recv() == b"x" * 40
+    with pytest.raises(MessageError, match="announces a message of 65 bytes"):
+        link.recv()  # was MemoryError (recv of 2**40 bytes) or a wait for good
+
+
+def test_the_limit_fits_the_largest_real_messages():
+    """Each rank loads its own weights, so no weights travel today; the limit still holds the
+    float32 weights of every preset, should a `call` return them, and any prompt's tokens."""
+    from hwattn.cli import model_params
+    from hwattn.config import PRESETS, ModelConfig
+    from hwattn.parallel.wire import MAX_MESSAGE_BYTES
+
+    for name in PRESETS:
+        config = ModelConfig.from_preset(name)
+        assert 4 * model_params(config) < MAX_MESSAGE_BYTES / 2, name
+        prompt = pack(("add", "r0", [config.vocab_size - 1] * config.max_seq_len, None, None))
+        assert len(prompt) < MAX_MESSAGE_BYTES
+    assert MAX_MESSAGE_BYTES < 1 << 40  # a random header is refused: below 1 in 2**24

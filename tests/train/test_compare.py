@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from hwattn.train.compare import SMOKE_NOTE, CompareConfig, chance_notes, plot_compare, run_compare
+from hwattn.train.compare import (SET_BY_COMPARE, SMOKE_NOTE, CompareConfig, chance_notes,
+                                  plot_compare, run_compare, train_settings)
 from tests.conftest import SMALL
 
 ROW = {"params": 1e6, "kv_bytes_per_token": 576, "val_loss": 5.3, "val_ppl": 200.0,
@@ -80,3 +81,65 @@ def test_compare_cli(dataset_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "c"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["rows"][0]["variant"] == "mqa" and res["config"]["steps"] == 2
+
+
+@pytest.mark.parametrize("extra, needle", [
+    # Observed: a bare "TrainConfig() got multiple values for keyword argument 'steps'",
+    # raised after the dataset was built.
+    ({"steps": 5}, r"extra names 'steps', which compare sets for every variant; set steps on "
+                   r"CompareConfig itself"),
+    ({"plot": True, "seq_len": 64}, r"extra names 'seq_len', 'plot', which compare sets"),
+    ({"stepz": 5, "lrr": 1.0}, r"extra names 'lrr', 'stepz', not TrainConfig fields"),
+    (["model_overrides"], r"extra must be a dict"),
+])
+def test_extra_keys_compare_sets_or_training_lacks_are_refused_when_resolved(extra, needle,
+                                                                             tmp_path):
+    with pytest.raises(ValueError, match=needle):
+        CompareConfig(device="cpu", extra=extra).resolved()
+    out = tmp_path / "cmp"
+    with pytest.raises(ValueError, match=needle):  # before the shipped corpus is built
+        run_compare(CompareConfig(out=str(out), device="cpu", extra=extra), progress=False,
+                    log=lambda *a: None)
+    assert not out.exists()
+
+
+def test_extra_may_set_the_other_training_fields():
+    cfg = CompareConfig(device="cpu", extra={"model_overrides": SMALL, "accum_steps": 2,
+                                             "amp": "fp32"}).resolved()
+    assert cfg.extra["accum_steps"] == 2
+
+
+def test_the_fields_compare_sets_are_the_ones_extra_may_not_name():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    cfg = CompareConfig(device="cpu", steps=10).resolved()
+    fields = train_settings(cfg, SimpleNamespace(path="data"), Path("out"), "mha")
+    assert sorted(fields) == sorted(SET_BY_COMPARE)
+
+
+def test_seq_len_beyond_the_scales_eval_tokens_is_refused_naming_the_flag_and_limit():
+    """Observed: "--seq-len 10000 is longer than the 8192 validation tokens per domain the
+    training curves score (eval_tokens)": eval_tokens is no flag of `hwattn compare`."""
+    with pytest.raises(ValueError, match=r"^--seq-len 10000 is longer than the 8192 validation "
+                                         r"tokens per domain that the training curves score at "
+                                         r"the cpu scale: give --seq-len at most 8192$"):
+        CompareConfig(device="cpu", seq_len=10000).resolved()
+    with pytest.raises(ValueError, match=r"\(eval_tokens 100\): give --seq-len at most 100$"):
+        CompareConfig(device="cpu", seq_len=128, eval_tokens=100).resolved()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_seq_len_the_shipped_corpus_cannot_hold_leaves_no_data_behind(tmp_path, existing):
+    """Refused after the shipped corpus was built (its validation domains are only known
+    then): the folders the build made for this run are removed, an existing --out is kept."""
+    out = tmp_path / "new" / "cmp"
+    if existing:
+        out.mkdir(parents=True)
+    cfg = CompareConfig(out=str(out), device="cpu", variants=("mha",), seq_len=60_000,
+                        eval_tokens=100_000)
+    with pytest.raises(ValueError, match=r"^--seq-len 60000 is longer than the \d+ validation "
+                                         r"tokens of domain .*: give --seq-len at most \d+"):
+        run_compare(cfg, progress=False, log=lambda *a: None)
+    assert out.exists() == existing and not (out / "data").exists()
+    assert (tmp_path / "new").exists() == existing

@@ -1,0 +1,64 @@
+"""`TensorParallelExecutor` (`hwattn.engine.tp_executor`): its arguments are checked before any
+rank starts. The ranks themselves are exercised in tests/parallel."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import hwattn.engine.tp_executor as tp_executor
+from hwattn.engine.tp_executor import TensorParallelExecutor
+
+
+class Started(Exception):
+    """Raised by the stand-in `WorkerGroup`: the executor got as far as starting ranks."""
+
+
+@pytest.fixture
+def no_ranks(monkeypatch):
+    """No process starts: the stand-in records the group's keywords and stops the executor."""
+    seen = {}
+
+    def group(module, world, **kwargs):
+        seen.update(kwargs)
+        raise Started
+
+    monkeypatch.setattr(tp_executor, "WorkerGroup", group)
+    monkeypatch.delenv("HWATTN_SETUP_TIMEOUT_S", raising=False)
+    monkeypatch.delenv("HWATTN_STEP_TIMEOUT_S", raising=False)
+    return seen
+
+
+def executor(**timeouts):
+    return TensorParallelExecutor(2, dict(device="cpu"), {}, None, 64, **timeouts)
+
+
+@pytest.mark.parametrize("name", ["setup_timeout", "step_timeout"])
+@pytest.mark.parametrize("value", [0, 0.0, -1, -600.0, math.nan, math.inf, True, "600"])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_by_name(no_ranks, name, value):
+    """Observed: `setup_timeout or env_seconds(...)` took 0 for "the default" (600 s), and a
+    negative timeout was kept: every wait then failed at once ("sent no page plan within
+    -1 s"), after the ranks had started."""
+    with pytest.raises(ValueError, match=rf"^{name} must be a "):
+        executor(**{name: value})
+
+
+def test_none_keeps_meaning_the_default_or_the_environment(no_ranks, monkeypatch):
+    with pytest.raises(Started):
+        executor()
+    assert no_ranks["connect_timeout"] == 600.0
+    monkeypatch.setenv("HWATTN_SETUP_TIMEOUT_S", "42.5")
+    with pytest.raises(Started):
+        executor(step_timeout=3)
+    assert no_ranks["connect_timeout"] == 42.5
+    with pytest.raises(Started):
+        executor(setup_timeout=7)  # an argument wins over the environment
+    assert no_ranks["connect_timeout"] == 7.0
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf", "soon"])
+def test_a_bad_timeout_in_the_environment_is_refused_by_name(no_ranks, monkeypatch, value):
+    monkeypatch.setenv("HWATTN_STEP_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match="HWATTN_STEP_TIMEOUT_S must be "):
+        executor()
