@@ -185,16 +185,16 @@ def parse_variant(label: str) -> dict:
     """A label as config fields: 'gqa-8' -> {'attention': 'gqa', 'n_kv_heads': 8};
     'gla-4' -> n_latent_heads 4; 'mla' -> {'attention': 'mla'}."""
     text = label.strip().lower()
-    name, count = text, ""
+    name, dash, count = text, "", ""
     if text not in _SPECS and "-" in text:
-        name, _, count = text.rpartition("-")
+        name, dash, count = text.rpartition("-")
     try:
         spec = get_variant(name)
     except ValueError:
         raise ValueError(f"variant must start with one of {variant_names()}, got {label!r}") from None
     out: dict = {"attention": spec.name}
-    if count:
-        if not count.isdigit() or int(count) <= 0:
+    if dash:  # 'gqa-' is a count left out, not the default; only ASCII digits are a count
+        if not re.fullmatch(r"[0-9]+", count) or int(count) <= 0:
             raise ValueError(f"variant group count must be a positive integer, got {label!r}")
         if spec.fixed_groups:
             raise ValueError(f"variant {spec.name} takes no group count, got {label!r}")

@@ -76,6 +76,14 @@ def test_parse_variant():
             parse_variant(bad)
 
 
+@pytest.mark.parametrize("bad", ["gta-", "gqa-", "gla-", "gqa-\u0663", "gqa-\u00b2", "gqa- 8"])
+def test_parse_variant_refuses_a_dangling_or_non_ascii_count(bad):
+    """'gta-' is not 'gta' with its default count, and only ASCII digits count
+    ('gqa-\u0663' is an Arabic-Indic three, '\u00b2' a superscript two)."""
+    with pytest.raises(ValueError, match="group count"):
+        parse_variant(bad)
+
+
 def test_config_roundtrip():
     cfg = ModelConfig.from_preset("tiny", attention="gla")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg

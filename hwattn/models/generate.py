@@ -8,6 +8,7 @@ continuous batching and speculation.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hwattn.layers import AttentionMetadata
+from hwattn.models.transformer import check_tokens
 
 
 @dataclass
@@ -38,9 +40,19 @@ def greedy_generate(model, prompt: Tensor, max_new_tokens: int, page_size: int =
 
     Returns (tokens (B, T0 + n), stats), plus the logits of every decode step
     (B, n, V) stacked when `return_logits` (step 0 is the prefill's last position).
+    Raises ValueError for a prompt that is not a non-empty (B, T0) integer tensor of ids in
+    [0, vocab_size) (ids checked on the CPU only), `max_new_tokens` or `page_size` not a
+    positive integer, or T0 + max_new_tokens past the model's max_seq_len.
     """
+    check_tokens(prompt, model.config.vocab_size, name="prompt")
+    for name, value in (("max_new_tokens", max_new_tokens), ("page_size", page_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    max_new_tokens, page_size = int(max_new_tokens), int(page_size)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
     batch, t0 = prompt.shape
     total = t0 + max_new_tokens
     if total > model.config.max_seq_len:

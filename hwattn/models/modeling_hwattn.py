@@ -439,8 +439,28 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values / cache: a transformers `DynamicCache` holding the earlier tokens (any
             other cache raises ValueError); with `use_cache=True` one is made when none is
             given, and returned.
-        labels (B, T): mean next-token cross-entropy, -100 ignored.
+        labels (B, T): mean next-token cross-entropy, -100 ignored (needs every position's
+            logits: no `logits_to_keep`).
+
+        Raises ValueError for input_ids that are not a non-empty (B, T) integer tensor of ids
+        in [0, vocab_size), a mask or positions of another shape, and what this model cannot
+        do: `inputs_embeds`, `output_attentions` or `output_hidden_states` (refused rather than
+        answered with None).
         """
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise ValueError(f"{flag}=True is not supported: HwattnForCausalLM returns "
+                                 f"logits (and the cache) only")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("inputs_embeds is not supported: pass input_ids")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else repr(input_ids)
+            raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids must hold at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
         cache = kwargs.pop("cache", None)
         cache = past_key_values if cache is None else cache
         if cache is not None and not isinstance(cache, DynamicCache):
@@ -453,6 +473,10 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
         b, t = input_ids.shape
+        if attention_mask is not None and (attention_mask.dim() != 2
+                                           or attention_mask.shape[0] != b):
+            raise ValueError(f"attention_mask must be (batch = {b}, length), got shape "
+                             f"{tuple(attention_mask.shape)}")
         if attention_mask is not None and attention_mask.shape[-1] != past + t:
             raise ValueError(f"attention_mask must cover the {past} cached and {t} new tokens, "
                              f"got length {attention_mask.shape[-1]}")
@@ -461,11 +485,25 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
-        if int(position_ids.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(position_ids.max())} exceeds max_seq_len "
-                             f"{self.config.max_seq_len}")
-        mask = padding_mask(attention_mask, t) if attention_mask is not None else None
+        elif position_ids.dim() != 2 or position_ids.shape[1] != t or position_ids.shape[0] not in (1, b):
+            raise ValueError(f"position_ids must be (batch = {b} or 1, length = {t}), got shape "
+                             f"{tuple(position_ids.shape)}")
         keep = num_logits_to_keep if num_logits_to_keep is not None else logits_to_keep
+        if labels is not None:
+            if tuple(labels.shape) != (b, t):
+                raise ValueError(f"labels must be shaped as input_ids {(b, t)}, got "
+                                 f"{tuple(labels.shape)}")
+            if not isinstance(keep, int) or 0 < keep < t:
+                raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
+        # One read-back for the positions' and the ids' bounds.
+        top, lo, hi = torch.stack((position_ids.max().long(), input_ids.min().long(),
+                                   input_ids.max().long())).tolist()
+        if top >= self.config.max_seq_len:
+            raise ValueError(f"position {top} exceeds max_seq_len {self.config.max_seq_len}")
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids holds id {lo if lo < 0 else hi}, outside "
+                             f"[0, vocab_size = {self.config.vocab_size})")
+        mask = padding_mask(attention_mask, t) if attention_mask is not None else None
         logits = self.model(input_ids, position_ids, mask, cache, keep)
         loss = None
         if labels is not None:
@@ -475,7 +513,8 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **out)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        """Only the tokens the cache has not seen, with positions from the padding mask."""
+        """Only the tokens the cache has not seen, with positions from the padding mask;
+        `output_attentions` / `output_hidden_states` pass through, for forward to refuse."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         inputs = {"input_ids": input_ids[:, past:], "attention_mask": attention_mask,
@@ -485,6 +524,9 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
         keep = kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep"))
         if keep is not None:
             inputs["logits_to_keep"] = keep
+        for flag in ("output_attentions", "output_hidden_states"):  # forward refuses them
+            if kwargs.get(flag):
+                inputs[flag] = kwargs[flag]
         return inputs
 
 

@@ -29,6 +29,25 @@ from hwattn.layers import (AttentionMetadata, FusedLinear, Linear, RMSNorm, buil
                            fuse_linears, rope_table)
 
 
+def check_tokens(tokens: Tensor, vocab_size: int, name: str = "tokens") -> None:
+    """Raise ValueError naming `name` unless `tokens` is a non-empty (B, T) integer tensor of ids
+    in [0, vocab_size). The ids are checked only on the CPU: on a GPU the check would sync
+    every step (an out-of-range id there fails in the embedding's device assert)."""
+    if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+        raise ValueError(f"{name} must be a (batch, length) tensor of token ids, got {shape}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must hold integer token ids (int64 or int32), got {tokens.dtype}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{name} must hold at least one token in each of at least one row, got "
+                         f"shape {tuple(tokens.shape)}")
+    if tokens.device.type == "cpu":
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} holds id {bad}, outside [0, vocab_size = {vocab_size})")
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -109,7 +128,11 @@ class Transformer(nn.Module):
         last_only: project only the last position to the vocabulary (a prompt's next token).
         blocks: callables run in place of `self.layers`, with `Block.forward`'s signature
             (e.g. compiled copies of the blocks, sharing their parameters).
+
+        Raises ValueError for tokens that are not a non-empty (B, T) integer tensor, or (on
+        the CPU) hold an id outside [0, vocab_size).
         """
+        check_tokens(tokens, self.config.vocab_size)
         b, t = tokens.shape
         if meta is None:
             positions = torch.arange(t, device=tokens.device)[None].expand(b, t)
@@ -147,12 +170,15 @@ class Transformer(nn.Module):
         return self.layers[0].attn.config.cache_heads
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin (B, T, d_R / 2) fp32 for positions (B, T). Positions past max_seq_len
-        raise on CPU; on a GPU the check would sync inside a decode step, so callers bound them."""
-        if positions.device.type == "cpu" and positions.numel() and \
-                int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len "
-                             f"{self.config.max_seq_len}")
+        """cos, sin (B, T, d_R / 2) fp32 for positions (B, T). Positions outside
+        [0, max_seq_len) raise on CPU (a negative one would index the table from its end); on
+        a GPU the check would sync inside a decode step, so callers bound them."""
+        if positions.device.type == "cpu" and positions.numel():
+            lo, hi = int(positions.min()), int(positions.max())
+            if hi >= self.config.max_seq_len:
+                raise ValueError(f"position {hi} exceeds max_seq_len {self.config.max_seq_len}")
+            if lo < 0:
+                raise ValueError(f"position {lo} is negative")
         tables = self._rope_tables.get(positions.device)
         if tables is None:
             cfg = self.config

@@ -286,6 +286,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             raise request_error(err) from None
         return [final[i] for i in sorted(final)]
 
+    async def answered(answer) -> JSONResponse:
+        """The non-streamed answer `answer()` builds, built and encoded in a worker thread, as
+        tokenizing is: with log-probabilities it can hold millions of entries (256 echoed
+        prompts of 300 tokens with 20 top tokens each: 35 MB of JSON, seconds of work) that
+        must not hold every other request's stream and /health meanwhile."""
+        return await run_in_threadpool(lambda: JSONResponse(answer()))
+
     def request_error(err: Exception) -> APIError:
         """What a client hears when its request fails after it was accepted."""
         if isinstance(err, APIError):
@@ -351,6 +358,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             e = request_error(err)
             yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param,
                                   "code": e.code}})
+            # The stream still ends as every stream does (vLLM's serving_completion.py and
+            # serving_chat.py send [DONE] after the error too): a client reading to [DONE]
+            # is not left waiting for the connection to close.
+            yield _sse("[DONE]")
 
     @app.get("/health")
     async def health():
@@ -509,10 +520,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         outs = await until_done(request, stream)
         if outs is None:
             return JSONResponse({}, status_code=499)
-        doc = chunk(None, None, None, None, None, None, usage=usage(outs, generated))
-        doc["choices"] = [choice(i * n + c.index, c.text, c, 0, o, True)
-                          for i, o in enumerate(outs) for c in o.outputs]
-        return doc
+
+        def answer() -> dict:
+            doc = chunk(None, None, None, None, None, None, usage=usage(outs, generated))
+            doc["choices"] = [choice(i * n + c.index, c.text, c, 0, o, True)
+                              for i, o in enumerate(outs) for c in o.outputs]
+            return doc
+
+        return await answered(answer)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
@@ -566,14 +581,18 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if outs is None:
             return JSONResponse({}, status_code=499)
         out = outs[0]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()),
-                "model": model_name,
-                "choices": [{"index": c.index,
-                             "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                             "logprobs": logprobs(c, 0)} for c in out.outputs],
-                "usage": usage(outs),
-                "prompt_logprobs": None if req.prompt_logprobs is None else prompt_logprobs(
-                    out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)}
+
+        def answer() -> dict:
+            return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+                    "model": model_name,
+                    "choices": [{"index": c.index,
+                                 "message": {"role": "assistant", "content": c.text},
+                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                 "logprobs": logprobs(c, 0)} for c in out.outputs],
+                    "usage": usage(outs),
+                    "prompt_logprobs": None if req.prompt_logprobs is None else prompt_logprobs(
+                        out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)}
+
+        return await answered(answer)
 
     return app

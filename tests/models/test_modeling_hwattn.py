@@ -1,0 +1,63 @@
+"""HwattnForCausalLM.forward refuses what it cannot do, and malformed inputs, by name: it never
+silently ignores output_attentions / output_hidden_states, and never fails deep inside with an
+unpacking, IndexError or broadcasting error."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hwattn.models.modeling_hwattn import HwattnConfig, HwattnForCausalLM  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["gta", "gla"])
+def model(request):
+    cfg = HwattnConfig(attention=request.param, vocab_size=64, dim=64, n_layers=1, n_heads=4,
+                       head_dim=16, max_seq_len=32)
+    return HwattnForCausalLM(cfg).eval()
+
+
+IDS = torch.arange(10).view(2, 5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    pytest.param(dict(input_ids=torch.zeros(5, dtype=torch.long)), "input_ids must be .*batch",
+                 id="1-D ids"),
+    pytest.param(dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "input_ids must hold",
+                 id="empty ids"),
+    pytest.param(dict(input_ids=torch.zeros(1, 3)), "input_ids must hold integer", id="float ids"),
+    pytest.param(dict(input_ids=torch.full((1, 3), 64)), "input_ids .*vocab_size", id="id=vocab"),
+    pytest.param(dict(input_ids=torch.full((1, 3), -1)), "input_ids .*vocab_size", id="negative id"),
+    pytest.param(dict(input_ids=None, inputs_embeds=torch.randn(2, 5, 64)), "inputs_embeds",
+                 id="inputs_embeds"),
+    pytest.param(dict(output_attentions=True), "output_attentions", id="output_attentions"),
+    pytest.param(dict(output_hidden_states=True), "output_hidden_states", id="hidden_states"),
+    pytest.param(dict(attention_mask=torch.ones(1, 5, dtype=torch.long)), "attention_mask",
+                 id="mask of one row for two"),
+    pytest.param(dict(attention_mask=torch.ones(3, 5, dtype=torch.long)), "attention_mask",
+                 id="mask of three rows for two"),
+    pytest.param(dict(position_ids=torch.arange(4)[None]), "position_ids", id="short positions"),
+    pytest.param(dict(labels=IDS, logits_to_keep=1), "labels", id="labels with logits_to_keep"),
+    pytest.param(dict(labels=IDS[:, :3]), "labels", id="labels of another shape"),
+])
+def test_unsupported_or_malformed_inputs_are_refused_by_name(model, kwargs, match):
+    kwargs = {"input_ids": IDS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        model(**kwargs)
+
+
+def test_false_flags_and_a_broadcast_free_mask_still_run(model):
+    with torch.no_grad():
+        ref = model(IDS).logits
+        out = model(IDS, output_attentions=False, output_hidden_states=False,
+                    attention_mask=torch.ones(2, 5, dtype=torch.long),
+                    position_ids=torch.arange(5)[None].expand(2, 5), labels=IDS)
+    torch.testing.assert_close(out.logits, ref)
+    assert out.loss is not None
+
+
+@pytest.mark.parametrize("flag", ["output_attentions", "output_hidden_states"])
+def test_generate_refuses_what_forward_cannot_return(model, flag):
+    with pytest.raises(ValueError, match=flag):
+        model.generate(IDS[:1], max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                       **{flag: True})
