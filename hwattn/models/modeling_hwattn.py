@@ -453,6 +453,8 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
                                  f"logits (and the cache) only")
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported: pass input_ids")
+        # (The checks of hwattn.models.transformer.check_tokens, restated: this file is copied
+        # beside exported checkpoints and imports only torch and transformers.)
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else repr(input_ids)
             raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got {shape}")

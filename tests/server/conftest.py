@@ -45,6 +45,27 @@ def serving(app):
         assert not thread.is_alive()
 
 
+POISON = "<poison>"  # a stop string that makes a poisoned engine fail the request mid-generation
+
+
+def poisoned_engine(**overrides):
+    """A tiny engine (`TINY` with `overrides`) that fails a request holding the stop string
+    `POISON` once it has 2 output tokens, as a detokenizer fault would: after the 200 and
+    the first streamed chunks."""
+    from hwattn.engine import create_engine
+
+    engine = create_engine(**{**TINY, **overrides})
+    real_append = engine._append
+
+    def append(seq, tokens):
+        if POISON in seq.params.stop and seq.num_output_tokens >= 2:
+            raise RuntimeError("injected detokenizer fault")
+        return real_append(seq, tokens)
+
+    engine._append = append
+    return engine
+
+
 def wait_idle(engine, timeout: float = 20.0) -> dict:
     """The engine's stats once nothing runs, waits or holds a page (it steps in a thread)."""
     deadline = time.time() + timeout

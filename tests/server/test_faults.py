@@ -12,28 +12,19 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from hwattn.engine import SamplingParams, create_engine  # noqa: E402
+from hwattn.engine import SamplingParams  # noqa: E402
 from hwattn.server import AsyncEngine  # noqa: E402
 from hwattn.server.async_engine import EngineError  # noqa: E402
 from hwattn.server.app import build_app  # noqa: E402
-from tests.server.conftest import TINY, serving, wait_idle  # noqa: E402
+from tests.server.conftest import POISON, poisoned_engine, serving, wait_idle  # noqa: E402
 
 NAME = "tiny-gla-2"
 C, H = "/v1/completions", "/v1/chat/completions"
-POISON = "<poison>"  # a stop string that makes the engine fail the request mid-generation
 
 
 @pytest.fixture(scope="module")
 def server():
-    engine = create_engine(**TINY, max_num_seqs=6)  # few slots: requests queue and interleave
-    real_append = engine._append
-
-    def append(seq, tokens):
-        if POISON in seq.params.stop and seq.num_output_tokens >= 2:
-            raise RuntimeError("injected detokenizer fault")
-        return real_append(seq, tokens)
-
-    engine._append = append
+    engine = poisoned_engine(max_num_seqs=6)  # few slots: requests queue and interleave
     async_engine = AsyncEngine(engine)
     with serving(build_app(async_engine, NAME)) as base:
         yield base, engine, async_engine

@@ -12,27 +12,17 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from hwattn.engine import create_engine  # noqa: E402
 from hwattn.server import AsyncEngine  # noqa: E402
 from hwattn.server.app import build_app  # noqa: E402
-from tests.server.conftest import TINY, serving, wait_idle  # noqa: E402
+from tests.server.conftest import POISON, poisoned_engine, serving, wait_idle  # noqa: E402
 
 NAME = "tiny-gla-2"
 C, H = "/v1/completions", "/v1/chat/completions"
-POISON = "<poison>"  # a stop string that makes the engine fail the request mid-generation
 
 
 @pytest.fixture(scope="module")
 def server():
-    engine = create_engine(**TINY)
-    real_append = engine._append
-
-    def append(seq, tokens):  # as tests/server/test_faults.py poisons a request
-        if POISON in seq.params.stop and seq.num_output_tokens >= 2:
-            raise RuntimeError("injected detokenizer fault")
-        return real_append(seq, tokens)
-
-    engine._append = append
+    engine = poisoned_engine()
     with serving(build_app(AsyncEngine(engine), NAME)) as base:
         yield base, engine
 
