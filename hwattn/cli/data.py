@@ -86,19 +86,25 @@ def source_names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _out_not_a_pack(out: str) -> None:
+    """`check_not_a_pack` of --out: a dataset written into a pack folder replaces the pack's
+    manifest."""
+    from hwattn.data.build import check_not_a_pack
+
+    try:
+        check_not_a_pack(out)
+    except ValueError as err:
+        raise ValueError(f"--out {err}") from None
+
+
 def check_build_args(args) -> None:
     """ValueError for an option the chosen corpus or tokenizer would not read (refused rather
     than ignored) and for values out of range."""
-    from pathlib import Path
-
     from hwattn.cli import at_least, check_output_dir
-    from hwattn.data.build import PACK_FILE
 
     at_least(args, 1, "hf_limit")
     check_output_dir(args.out)
-    if (Path(args.out) / PACK_FILE).is_file():  # the build would replace the pack's manifest
-        raise ValueError(f"--out {args.out} holds a pack ({PACK_FILE}); give the dataset a "
-                         f"folder of its own")
+    _out_not_a_pack(args.out)  # before any download (`build_dataset` checks it too)
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if not args.corpus.startswith("hf:"):
         given = [flag(n) for n in HF_OPTIONS if getattr(args, n) is not None]
@@ -193,8 +199,6 @@ def check_pack_args(args) -> None:
 def check_unpack_args(args) -> None:
     """Unpacking into the pack itself would overwrite its manifest (and into another pack,
     that pack's)."""
-    from pathlib import Path
-
     from hwattn.cli import at_least, check_output_dir
 
     at_least(args, 1, "workers")
@@ -202,9 +206,7 @@ def check_unpack_args(args) -> None:
         raise ValueError(f"--out {args.out} is the pack folder itself; give the dataset a "
                          f"folder of its own")
     check_output_dir(args.out)
-    if (Path(args.out) / "pack.json").is_file():
-        raise ValueError(f"--out {args.out} holds a pack (pack.json); give the dataset a "
-                         f"folder of its own")
+    _out_not_a_pack(args.out)
 
 
 def run_pack(args) -> int:
