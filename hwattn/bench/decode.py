@@ -139,25 +139,27 @@ def layer_for(variant: str, heads: int, head_dim: int, rope_dim: int):
     return build_attention(cfg, device=torch.device("meta"))
 
 
-def check_shapes(shapes, head_dim: int, rope_dim: int, rope_dim_given: bool = True) -> dict:
+def check_shapes(shapes, head_dim: int, rope_dim: int | None = None) -> dict:
     """ValueError, naming the options, for a shape no layer can take, before any GPU work:
-    `shapes` are (variant, heads, tp) triples; each builds its meta-device layer (`layer_for`)
-    and splits its heads over `tp` ranks. With `rope_dim_given`, at least one variant must
-    read `rope_dim` (the partial-RoPE ones: gta, mla, gla), else the option would be ignored.
-    Returns {(variant, heads): layer}."""
+    `shapes` are (variant, heads, tp) triples; each builds its meta-device layer (`layer_for`,
+    with `rope_dim` or `DecodeOptions`' default) and splits its heads over `tp` ranks. A
+    `rope_dim` given (not None) must be read by at least one variant (the partial-RoPE ones:
+    gta, mla, gla), else the option would be ignored. Returns {(variant, heads): layer}."""
     from hwattn.variants import get_variant, parse_variant
 
     layers = {}
     for variant, heads, tp in shapes:
         try:
             if (variant, heads) not in layers:
-                layers[variant, heads] = layer_for(variant, heads, head_dim, rope_dim)
+                layers[variant, heads] = layer_for(variant, heads, head_dim,
+                                                   DecodeOptions.rope_dim if rope_dim is None
+                                                   else rope_dim)
             layers[variant, heads].local_heads(tp)
         except ValueError as err:
             where = f"--variants {variant} --heads {heads}" + (f" --tp {tp}" if tp != 1 else "")
             raise ValueError(f"{where}: {err}") from None
     variants = sorted({v for v, _ in layers})
-    if rope_dim_given and not any(get_variant(parse_variant(v)["attention"]).partial_rope
+    if rope_dim is not None and not any(get_variant(parse_variant(v)["attention"]).partial_rope
                                   for v in variants):
         raise ValueError(f"--rope-dim only applies to the partial-RoPE variants (gta, mla, gla), "
                          f"not to {', '.join(variants)}")

@@ -35,7 +35,7 @@ def register(sub) -> None:
                    help="comma-separated labels (mha, mqa, gqa-G, gta-G, mla, gla-H)")
     p.add_argument("--heads", type=int, help="query heads h_q (default 128 for mla/gla, 32 otherwise)")
     p.add_argument("--head-dim", type=int, default=128, help="d_h (default 128)")
-    p.add_argument("--rope-dim", type=int, default=64, help="d_R of gta/mla/gla (default 64)")
+    p.add_argument("--rope-dim", type=int, help="d_R of gta/mla/gla (default 64)")
     p.add_argument("--tp", type=int_list, default=[1], help="tensor-parallel degrees: per-rank shapes")
     p.add_argument("--batch", type=int_list, default=[128], help="B values (default 128)")
     p.add_argument("--context", type=int_list, default=[8192], help="L values (default 8192)")
@@ -99,7 +99,7 @@ def check_args(args) -> None:
         if not chosen:
             raise ValueError(f"--variants {args.variants!r} names no variant")
         check_shapes(sorted({(c["variant"], c["heads"], c["tp"]) for c in chosen}),
-                     args.head_dim, args.rope_dim, rope_dim_given=args.rope_dim != 64)
+                     args.head_dim, args.rope_dim)
     check_output_file(args.out)
 
 
@@ -107,7 +107,9 @@ def run(args) -> int:
     from hwattn.bench import decode
 
     check_args(args)
-    options = decode.DecodeOptions(head_dim=args.head_dim, rope_dim=args.rope_dim,
+    options = decode.DecodeOptions(head_dim=args.head_dim,
+                                   rope_dim=decode.DecodeOptions.rope_dim
+                                   if args.rope_dim is None else args.rope_dim,
                                    cache_dtype=args.cache_dtype, no_sdpa=args.no_sdpa,
                                    no_hopper=args.no_hopper, external=args.external,
                                    programs_per_sm=tuple(args.programs_per_sm),

@@ -22,7 +22,7 @@ def register(sub) -> None:
                    help="comma-separated labels (mha, mqa, gqa-G, gta-G, mla, gla-H)")
     p.add_argument("--heads", type=int, default=16, help="query heads h_q (default 16, xl)")
     p.add_argument("--head-dim", type=int, default=128, help="d_h (default 128)")
-    p.add_argument("--rope-dim", type=int, default=64, help="d_R of gta/mla/gla (default 64)")
+    p.add_argument("--rope-dim", type=int, help="d_R of gta/mla/gla (default 64)")
     p.add_argument("--batch", type=int_list, default=[1], help="B values (default 1)")
     p.add_argument("--query-len", type=int_list, default=[8192], help="new tokens per sequence")
     p.add_argument("--prefix", type=lambda text: int_list(text, minimum=0), default=[0],
@@ -47,7 +47,8 @@ def cases_from(args) -> list:
     from hwattn.bench.prefill import PrefillCase
     from hwattn.cli import variant_list
 
-    return [PrefillCase(variant, args.heads, args.head_dim, args.rope_dim, batch, q_len, prefix,
+    rope_dim = PrefillCase.rope_dim if args.rope_dim is None else args.rope_dim
+    return [PrefillCase(variant, args.heads, args.head_dim, rope_dim, batch, q_len, prefix,
                         page)
             for variant in variant_list(args.variants)
             for batch in args.batch for q_len in args.query_len for prefix in args.prefix
@@ -61,7 +62,7 @@ def check_forms(args, cases) -> None:
     from hwattn.bench.decode import check_shapes
 
     layers = check_shapes(sorted({(c.variant, c.heads, 1) for c in cases}), args.head_dim,
-                          args.rope_dim, rope_dim_given=args.rope_dim != 64)
+                          args.rope_dim)
     forms = [f for f in args.forms.split(",") if f]
     for (variant, _), layer in layers.items():
         available = tuple(f.name for f in layer.prefill_forms())
