@@ -32,7 +32,7 @@ from lm_eval.api.registry import register_model
 
 from hwattn.data.tokenizer import Tokenizer
 from hwattn.eval.lm_eval_tasks import local_tasks
-from hwattn.eval.perplexity import autocast_for
+from hwattn.eval.perplexity import AMP_CHOICES, autocast_for
 from hwattn.eval.tasks import encode_pair, loglikelihoods
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,6 @@ def harness_device(device: str | None) -> str:
     return chosen
 
 
-# The `amp` values `autocast_for` knows: bf16 autocast on CUDA ("auto", "bf16") or none.
-AMP = ("auto", "bf16", "fp32")
-
-
 @register_model("hwattn")
 class HwattnLM(LM):
     """Log-likelihoods and greedy generation of a hwattn `Transformer` for the harness."""
@@ -81,8 +77,8 @@ class HwattnLM(LM):
         if isinstance(batch_size, bool) or not isinstance(batch_size, Integral) or batch_size < 1:
             raise ValueError(f"hwattn model_args: batch_size must be an integer >= 1, got "
                              f"{batch_size!r}")
-        if amp not in AMP:  # `autocast_for` reads any other value as fp32
-            raise ValueError(f"hwattn model_args: amp must be one of {AMP}, got {amp!r}")
+        if amp not in AMP_CHOICES:  # `autocast_for` reads any other value as fp32
+            raise ValueError(f"hwattn model_args: amp must be one of {AMP_CHOICES}, got {amp!r}")
         if model is None:
             if pretrained is None:
                 raise ValueError("HwattnLM needs a model or pretrained=<checkpoint dir>")

@@ -20,6 +20,10 @@ from hwattn.data.loader import eval_window_count, eval_windows
 from hwattn.data.progress import progress_bar
 
 
+# The `dtype` values `autocast_for` knows (any other would read as "fp32").
+AMP_CHOICES = ("auto", "bf16", "fp32")
+
+
 def autocast_for(device: torch.device | str, dtype: str = "auto"):
     """bf16 autocast on CUDA (dtype "auto" or "bf16"), nothing on CPU or for "fp32"."""
     device = torch.device(device)

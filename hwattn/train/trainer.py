@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from hwattn.config import ModelConfig, parse_variant
 from hwattn.data.loader import BatchSampler, TokenDataset
 from hwattn.data.progress import progress_bar
-from hwattn.eval.perplexity import autocast_for, evaluate_domains
+from hwattn.eval.perplexity import AMP_CHOICES, autocast_for, evaluate_domains
 from hwattn.layers import SDPA_CHOICES, sdpa_choice
 from hwattn.device import resolve_device
 from hwattn.models.checkpoint import load_model, save_checkpoint
@@ -119,7 +119,7 @@ class TrainConfig:
                                                  and math.isfinite(self.peak_tflops)):
             raise ValueError(f"peak_tflops must be a finite number > 0 (None: the default), "
                              f"got {self.peak_tflops}")
-        if self.amp not in ("auto", "bf16", "fp32"):
+        if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be auto, bf16 or fp32, got {self.amp!r}")
         if self.sdpa not in SDPA_CHOICES:
             raise ValueError(f"sdpa must be one of {SDPA_CHOICES}, got {self.sdpa!r}")
