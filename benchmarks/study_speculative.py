@@ -60,7 +60,6 @@ import time
 T_START = time.time()
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -68,7 +67,6 @@ import random  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -76,8 +74,9 @@ sys.path.insert(0, str(HERE.parent))  # run from a checkout
 sys.path.insert(0, str(HERE))  # quality_study, for the study's training configuration
 
 import quality_study  # noqa: E402
+from study_speculative_report import markdown, targets  # noqa: E402
+from study_speculative_train import checkpoint_folder, dataset, train_study_run  # noqa: E402
 
-SPEEDUP_TARGET, VERIFY_TARGET = 1.5, 1.3
 # Workload sizes: (GPU study, --tiny CPU check); an argument given on the command line wins.
 SIZES = {"prompts": (32, 3), "prompt_len": (256, 48), "output_len": (128, 24),
          "page_size": (64, 16), "iters": (20, 2), "repeats": (3, 2)}
@@ -173,109 +172,6 @@ class Log:
         print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")
-
-
-class TrainingProgress:
-    """While a run trains, logs the newest training record of its metrics.jsonl every
-    `every` seconds (the trainer prints nothing itself without its progress bar)."""
-
-    def __init__(self, metrics: Path, steps: int, log, every: float = 30.0):
-        self.metrics, self.steps, self.log, self.every = metrics, steps, log, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        return False
-
-    def _run(self) -> None:
-        from hwattn.train.metrics import read_metrics
-
-        while not self._stop.wait(self.every):
-            try:
-                records = [r for r in read_metrics(self.metrics) if "loss" in r]
-            except (OSError, ValueError):  # a line being written
-                continue
-            if records:
-                r = records[-1]
-                self.log(f"step {r['step']} of {self.steps}: loss {r['loss']:.3f}, "
-                         f"{r['tokens_per_s']:,.0f} tok/s"
-                         + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""))
-
-
-def checkpoint_folder(path: str) -> Path:
-    """The checkpoint folder `--checkpoint` names (itself, or a run folder's checkpoint/)."""
-    for cand in (Path(path), Path(path) / "checkpoint"):
-        if (cand / "config.json").is_file():
-            return cand
-    raise SystemExit(f"--checkpoint: {path} holds no config.json; give a checkpoint folder "
-                     "(config.json + model.safetensors) or a run folder holding checkpoint/")
-
-
-def dataset(args, log):
-    """The built dataset of `--data`; under --tiny, the embedded corpus built into --work
-    when `--data` holds none."""
-    from hwattn.data.build import MANIFEST, BuildOptions
-    from hwattn.data.corpora import build_dataset
-    from hwattn.data.loader import TokenDataset
-
-    if args.tiny and not (Path(args.data) / MANIFEST).is_file():
-        args.data = str(Path(args.work) / "data")
-        if not (Path(args.data) / MANIFEST).is_file():
-            log(f"--tiny: building the embedded corpus into {args.data}")
-            build_dataset(args.data, "embedded", "bpe:512", BuildOptions(val_fraction=0.1),
-                          progress=False, log=lambda *a: None)
-    try:
-        return TokenDataset(args.data)
-    except ValueError as err:
-        raise SystemExit(f"--data: {err}") from None
-
-
-def train_study_run(args, data, device, gpu, deadline: float, log) -> tuple[Path, dict]:
-    """Train `--train` / `--seed` as the study does (quality_study's `run_config`: preset,
-    schedule, batch, compilation, curve points), or reuse the finished checkpoint of the
-    same run in --work. Returns (checkpoint folder, training record)."""
-    import torch
-
-    from hwattn.train.trainer import STATE_FILE, train
-
-    study_argv = ["--data", args.data, "--work", args.work] + (["--smoke"] if args.tiny else [])
-    cfg = quality_study.run_config(quality_study.parse_args(study_argv), args.train, args.seed,
-                                   str(device), gpu is not None)
-    ckpt = Path(cfg.out) / "checkpoint"
-    record = {"variant": args.train, "seed": args.seed, "preset": cfg.preset, "steps": cfg.steps,
-              "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lr": cfg.lr,
-              "compiled": cfg.compile, "run": cfg.out}
-    if (ckpt / STATE_FILE).is_file():
-        step = json.loads((ckpt / "config.json").read_text()).get("hwattn_train", {}).get("step")
-        if step == cfg.steps:
-            log(f"{args.train} seed {args.seed}: reusing the finished run in {cfg.out}")
-            return ckpt, {**record, "steps_done": step, "finished": True, "reused": True}
-    log(f"training {args.train} seed {args.seed}: {cfg.preset} preset, {cfg.steps} steps of "
-        f"{cfg.batch_size} x {cfg.seq_len} tokens, until "
-        f"{deadline - args.measure_reserve_s - T_START:.0f} s at the latest")
-    t0 = time.time()
-    with TrainingProgress(Path(cfg.out) / "metrics.jsonl", cfg.steps, log):
-        res = train(cfg, progress=False, log=log, dataset=data,
-                    deadline=deadline - args.measure_reserve_s)
-    del res["model"]
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    record.update(steps_done=res["steps_done"], finished=res["steps_done"] == cfg.steps,
-                  reused=False, tokens=res["tokens"], train_s=time.time() - t0,
-                  steady_tokens_per_s=res.get("steady_tokens_per_s"),
-                  steady_mfu=res.get("steady_mfu"), val=res.get("val"), gpu=gpu)
-    val = (res.get("val") or {}).get("val_loss")
-    log(f"trained {res['steps_done']} of {cfg.steps} steps in {record['train_s']:.0f} s"
-        + (f", validation loss {val:.3f}" if val is not None else " (stopped at the deadline: "
-           "the unfinished model is measured)"))
-    return ckpt, record
 
 
 def held_out_prompts(docs: list[dict], tokenizer, n: int, prompt_len: int,
@@ -518,96 +414,6 @@ def step_times(shared: SharedRunner, args, log, batch: int) -> dict:
     return dict(batch=batch, context_len=context, iters=args.iters, rows=rows)
 
 
-def targets(doc: dict) -> dict | None:
-    """The issue's targets on the code domain, per batch size: the k of the best speed-up at
-    that batch, and whether its speed-up reaches 1.5x and its verify step (timed at that
-    batch) stays within 1.3x of a plain step. None without a code domain."""
-    code = doc["domains"].get("code")
-    if not code:
-        return None
-    out = {}
-    for batch, part in code["batches"].items():
-        rows = [r for key, r in part["rows"].items() if key != "fallback" and r["k"]
-                and "speedup" in r]
-        if not rows:
-            continue
-        best = max(rows, key=lambda r: r["speedup"])
-        step = ((doc.get("step_time") or {}).get(batch) or {}).get("rows", {}).get(
-            str(best["k"]), {})
-        ratio = step.get("step_over_plain")
-        out[batch] = dict(domain="code", batch=int(batch), k=best["k"], speedup=best["speedup"],
-                          speedup_target=SPEEDUP_TARGET,
-                          speedup_met=best["speedup"] >= SPEEDUP_TARGET,
-                          verify_over_plain=ratio,
-                          forward_over_plain=step.get("forward_over_plain"),
-                          verify_target=VERIFY_TARGET,
-                          verify_met=None if ratio is None else ratio <= VERIFY_TARGET,
-                          outputs_equal=best["outputs_equal"])
-    return out or None
-
-
-def markdown(doc: dict) -> str:
-    """The tables of the document."""
-    s, m = doc["setup"], doc["model"]
-    trained = m.get("training") or {}
-    lines = [f"{m['label']} ({m['params'] / 1e6:.1f}M parameters) from {m['checkpoint']}"
-             + (f", trained {trained['steps_done']} of {trained['steps']} steps"
-                if trained else "")
-             + f"; {s['device']} {s['dtype']}, {s['prompts']} prompts x {s['prompt_len']} held-out "
-               f"tokens + {s['output_len']} greedy, decoded at most B at a time (B = "
-               f"{', '.join(map(str, s['batch_sizes']))}), page {s['page_size']}, CUDA graphs "
-               f"{'on' if doc['cuda_graphs'] else 'off'}, compiled decode "
-               f"{'on' if s['compile_decode'] else 'off'}", "",
-             "| domain | batch | k | decode tok/s | run spread | speed-up | acceptance "
-             "| n-gram found | verify steps | ITL p50 ms | ITL / plain | outputs = plain "
-             "| tokens before divergence |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def f(x, fmt="{:.2f}"):
-        return "-" if x is None else fmt.format(x)
-
-    for domain, part in doc["domains"].items():
-        for batch, group in part["batches"].items():
-            for key, row in group["rows"].items():
-                k = (f"{row['k']}, plain at >= {row['disable_batch_size']} running"
-                     if key == "fallback" else str(row["k"]))
-                if "skipped" in row:
-                    lines.append(f"| {domain} | {batch} | {k} | skipped ({row['skipped']}) |"
-                                 + " |" * 9)
-                    continue
-                lines.append(
-                    f"| {domain} | {batch} | {k} | {row['decode_tokens_per_s']:,.0f} | "
-                    f"{f(row.get('decode_tokens_per_s_spread'), '{:.0%}')} | "
-                    f"{f(row.get('speedup'), '{:.2f}x')} | "
-                    f"{f(row.get('acceptance'), '{:.1%}')} | "
-                    f"{f(row.get('ngram_match_share'), '{:.0%}')} | "
-                    f"{f(row.get('verify_step_share'), '{:.0%}')} | "
-                    f"{row['itl_median_s'] * 1e3:.2f} | {f(row.get('itl_over_plain'))} | "
-                    f"{f(row.get('outputs_equal'), '{:.0%}')} | "
-                    f"{f(row.get('tokens_before_divergence'), '{:.1%}')} |")
-    times = doc.get("step_time") or {}
-    if times:
-        st = next(iter(times.values()))
-        lines += ["", f"Decode step of B sequences at context {st['context_len']}: a verify "
-                      "step (k + 1 query tokens) against a plain one (1) at the same B.", "",
-                  "| batch | k | query tokens | step ms (host-seen) | forward ms (device) "
-                  "| step / plain | forward / plain |", "|---|---|---|---|---|---|---|"]
-        for batch, st in times.items():
-            for row in st["rows"].values():
-                lines.append(f"| {batch} | {row['k']} | {row['query_len']} | "
-                             f"{row['step_wall_s'] * 1e3:.3f} | "
-                             f"{row['forward_device_s'] * 1e3:.3f} | "
-                             f"{row['step_over_plain']:.2f} | {row['forward_over_plain']:.2f} |")
-    verdict = {True: "met", False: "not met", None: "not measured"}
-    for batch, t in (doc.get("targets") or {}).items():
-        lines += ["", f"Targets on C code at batch {batch}, at the best k = {t['k']}: speed-up "
-                      f"{t['speedup']:.2f}x (>= {t['speedup_target']}x: "
-                      f"{verdict[t['speedup_met']]}); verify step {f(t['verify_over_plain'])}x a "
-                      f"plain step (<= {t['verify_target']}x: {verdict[t['verify_met']]}); "
-                      f"outputs equal to plain decoding for {t['outputs_equal']:.0%} of prompts."]
-    return "\n".join(lines)
-
-
 def environment(argv: list[str]) -> dict:
     import torch
 
@@ -659,7 +465,7 @@ def main(argv=None) -> int:
     log(f"prompts: {args.prompts} held-out documents of each of {', '.join(domains)}")
     training = None
     if args.train:
-        ckpt, training = train_study_run(args, data, device, gpu, deadline, log)
+        ckpt, training = train_study_run(args, data, device, gpu, deadline, log, T_START)
 
     t0 = time.time()
     shared = SharedRunner(ckpt, args, device, dtype)
