@@ -31,6 +31,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from hwattn.models.checkpoint import read_json_object
+
 # FineWeb-Edu validation perplexity reported by the paper (docs/design.md §3).
 PAPER_PPL = {
     "xl (1.47B)": {"gta-4": 10.129, "gqa-4": 10.202, "gla-2": 10.218, "mla": 10.256, "mha": 10.311},
@@ -101,14 +103,7 @@ def load_runs(study: str | Path) -> tuple[list[dict], dict]:
         if not isinstance(record, dict):
             raise ValueError(f"{runs_file}: line {i} is not a JSON object")
         runs.append(record)
-    summary = {}
-    if summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text())
-        except ValueError as err:
-            raise ValueError(f"{summary_file}: not JSON ({err})") from None
-        if not isinstance(summary, dict):
-            raise ValueError(f"{summary_file}: not a JSON object")
+    summary = read_json_object(summary_file) if summary_file.is_file() else {}
     return runs, summary
 
 
