@@ -86,6 +86,11 @@ def parse_args(argv=None):
     p.add_argument("--ppl-tokens", type=int, default=0,
                    help="held-out tokens per domain in the final evaluation (0: all of them)")
     p.add_argument("--ckpt-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep a finished run's folder (checkpoint, metrics) under --work, for "
+                        "a later command on the same machine, e.g. "
+                        "`study_speculative.py --checkpoint WORK/gqa-4-s4`; by default it is "
+                        "deleted once the run's record is written")
     p.add_argument("--n-cloze", type=int, default=400)
     p.add_argument("--n-mc", type=int, default=400)
     p.add_argument("--eval-batch", type=int, default=32)
@@ -294,7 +299,8 @@ def work(args, deadline: float, log) -> int:
         for folder in (work_dir, study):
             (folder / "results").mkdir(parents=True, exist_ok=True)
             _write_atomic(folder / "results" / f"{name}.json", json.dumps(rec) + "\n")
-        shutil.rmtree(work_dir / name, ignore_errors=True)
+        if not args.keep_checkpoints:
+            shutil.rmtree(work_dir / name, ignore_errors=True)
         (work_dir / "claims" / name).unlink(missing_ok=True)
         done_here += 1
         ppl = ev["ppl"]

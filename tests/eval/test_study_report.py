@@ -379,3 +379,29 @@ def test_the_page_says_how_much_held_out_text_it_scores():
     assert "every token scored" not in text
     assert ("scored in windows of 1,024 tokens, up to each domain's last whole window "
             "(code 2,048 of 2,100, prose 1,024 of 1,500 tokens)") in text
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_leaves_a_finished_run_loadable(tmp_path, dataset_dir):
+    """--keep-checkpoints keeps the finished run's folder under --work, in the form
+    study_speculative.py --checkpoint takes; without it the folder is deleted."""
+    import importlib
+    import sys
+
+    from hwattn.models.checkpoint import load_checkpoint
+
+    mod = _study_module()
+    base = ["--smoke", "--data", str(dataset_dir), "--variants", "gqa-4", "--seeds", "0",
+            "--extra-seeds", "", "--steps", "2", "--deadline-s", "1e6"]
+    for keep in (False, True):
+        root = tmp_path / f"keep{keep}"
+        argv = base + ["--study", str(root / "s"), "--work", str(root / "w")]
+        assert mod.main(argv + (["--keep-checkpoints"] if keep else [])) == 0
+        assert (root / "w" / "gqa-4-s0" / "checkpoint").is_dir() is keep
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        folder = importlib.import_module("study_speculative_train").checkpoint_folder(
+            str(tmp_path / "keepTrue" / "w" / "gqa-4-s0"))
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert load_checkpoint(folder).config.label.startswith("gqa")
