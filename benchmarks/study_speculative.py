@@ -227,7 +227,15 @@ class SharedRunner:
     def engine(self, k: int, batch: int | None = None, disable: int | None = None):
         """An engine drafting k tokens a step by n-gram lookup (k = 0: plain decoding) that
         decodes `batch` sequences together at most (default `--prompts`), prefilling as many
-        prompts as it admits in one step; `disable`: its speculative_disable_batch_size."""
+        prompts as it admits in one step; `disable`: its speculative_disable_batch_size.
+
+        Prefix caching is off: with it, a row's first timed run prefilled every prompt whole
+        and the later runs found all but the last page cached and prefilled 64 tokens over
+        it, another kernel path with other bf16 rounding. On an H100 (2026-12-05, 128 prompts
+        at B 32, caching on) no row's three runs repeated their outputs, plain decoding's
+        included, and the fallback row, which made no verify step, still differed from plain
+        decoding in 12% of the code prompts: the runs differed in their prefills, not in
+        speculation."""
         from hwattn.engine.config import EngineConfig
         from hwattn.engine.llm_engine import LLMEngine
         from hwattn.engine.speculative import NgramDrafter
@@ -240,7 +248,7 @@ class SharedRunner:
                               max_model_len=self.max_len, num_pages=self.num_pages,
                               speculative="ngram" if k else None, num_speculative_tokens=k,
                               speculative_disable_batch_size=disable,
-                              compile_decode=a.compile_decode)
+                              enable_prefix_caching=False, compile_decode=a.compile_decode)
         drafter = counting(NgramDrafter(k)) if k else None
         return LLMEngine(self.runner, self.tokenizer, self.net.config, config, self.num_pages,
                          drafter, kv_bytes_per_token=self.kv_bytes, model=self.net,

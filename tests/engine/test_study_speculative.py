@@ -227,3 +227,22 @@ def test_inputs_are_checked_before_training(tmp_path, dataset_dir):
         mod.main(["--tiny", "--train", "mha", "--data", str(dataset_dir), "--prompts", "50",
                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "work" / "mha-s0").exists()
+
+
+def test_every_run_of_a_row_prefills_its_prompts_whole(dataset_dir, checkpoints):
+    """A row's timed runs repeat the same prompts on one engine; with prefix caching the
+    later runs would prefill only the last page over a cached prefix, another kernel path
+    whose bf16 rounding changed greedy outputs between the runs on a GPU."""
+    import torch
+
+    from hwattn.bench.engine import run_offline
+
+    mod = _script()
+    ckpt = checkpoints("gqa-4")
+    args = mod.parse_args(["--tiny", "--checkpoint", ckpt, "--data", str(dataset_dir)])
+    shared = mod.SharedRunner(Path(ckpt), args, "cpu", torch.float64)
+    engine = shared.engine(0)
+    prompts = [[7 + i] * (2 * args.page_size + 3) for i in range(2)]
+    first = run_offline(engine, prompts, 4).outputs
+    assert run_offline(engine, prompts, 4).outputs == first
+    assert engine.block_manager.prefix_queries > 0 and engine.block_manager.prefix_hits == 0
