@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 
 def register(sub) -> None:
@@ -92,7 +93,9 @@ def run(args) -> int:
     device = resolve_device(args.device)
     shape = ModelConfig.from_preset(args.preset, **parse_variant(args.variant))
     use_default_cpu_threads(model_params(shape), device)
-    if device.type == "cpu" and not args.json:
+    # Under torchrun rank 0 alone evaluates, checkpoints and reports (the trainer checks RANK).
+    main = os.environ.get("RANK", "0").strip() in ("0", "")  # a bad RANK: train() names it
+    if device.type == "cpu" and not args.json and main:
         print(f"training on {describe()}")
     cfg = TrainConfig(data=args.data, out=args.out, preset=args.preset, variant=args.variant,
                       seq_len=args.seq_len, batch_size=args.batch_size, accum_steps=args.accum,
@@ -105,6 +108,8 @@ def run(args) -> int:
                       resume=not args.no_resume)
     res = train(cfg, progress=not args.json, log=(lambda *a: None) if args.json else print)
     res.pop("model", None)
+    if not main:
+        return 0
     if args.json:
         print(json.dumps(res))
     else:
