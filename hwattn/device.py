@@ -23,14 +23,22 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def check_device(device: str | torch.device | None, flag: str = "device") -> None:
     """ValueError unless `device` names a device this machine has ("auto" always does): a
-    CUDA device needs a CUDA build of PyTorch and a GPU of that index. flag: how the error
-    names the setting (the command line's "--device")."""
+    CUDA device needs a CUDA build of PyTorch and a GPU of that index; another accelerator
+    (mps, xpu, ...) needs its backend available, and "meta" (tensors without data) runs
+    nothing. flag: how the error names the setting (the command line's "--device")."""
     if device in (None, "auto"):
         return
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"{flag} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "meta":  # torch takes the name; every model or kernel fails on it later
+        raise ValueError(f"{flag} meta holds no data and runs nothing; use {flag} cpu or cuda")
+    if dev.type not in ("cpu", "cuda"):
+        backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+        if not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"{flag} {device}: this PyTorch has no {dev.type} device on this "
+                             f"machine; use {flag} cpu or cuda")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{flag} {device}: CUDA is not available on this machine "

@@ -89,12 +89,15 @@ def variant_list(text: str, flag: str = "--variants") -> tuple[str, ...]:
 
 def check_output_file(path: str | None, flag: str = "--out") -> None:
     """ValueError unless the file `path` can be created: its folder exists and is writable.
-    Checked before the work, so a long run does not end in a traceback."""
+    Checked before the work, so a long run does not end in a traceback. None: not given; an
+    empty `path` is refused (it would be no file at all, dropped without a word)."""
     import os
     from pathlib import Path
 
-    if not path:
+    if path is None:
         return
+    if not str(path).strip():
+        raise ValueError(f"{flag} must not be empty")
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
@@ -109,12 +112,16 @@ def check_output_file(path: str | None, flag: str = "--out") -> None:
 
 def check_output_dir(path: str | None, flag: str = "--out") -> None:
     """ValueError unless the folder `path` exists or can be created (missing parents are
-    made): it is not a file, and its nearest existing ancestor is a writable folder."""
+    made): it is not a file, and its nearest existing ancestor is a writable folder. None:
+    not given; an empty `path` is refused (it would stand for the current folder, or for a
+    command's default folder, without a word)."""
     import os
     from pathlib import Path
 
-    if not path:
+    if path is None:
         return
+    if not str(path).strip():
+        raise ValueError(f"{flag} must not be empty")
     p = Path(path).absolute()
     if p.exists() and not p.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder")
@@ -125,6 +132,16 @@ def check_output_dir(path: str | None, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK):
         raise ValueError(f"{flag} {path}: {existing} is not writable")
+
+
+def check_not_the_dataset(out: str | None, data: str | None) -> None:
+    """ValueError when the run folder --out is the dataset folder --data: the run's files
+    (checkpoints, metrics, plots, tables) would be written among the dataset's shards."""
+    from pathlib import Path
+
+    if out and data and Path(out).resolve() == Path(data).resolve():
+        raise ValueError(f"--out {out} is the dataset folder (--data): the run's files would be "
+                         f"written among its shards; give the run a folder of its own")
 
 
 def check_dataset(path: str | None, flag: str = "--data") -> None:
@@ -191,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
 
             set_cpu_threads(args.cpu_threads)
         return args.func(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status, not a traceback
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
     except ValueError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2

@@ -51,13 +51,15 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    from hwattn.cli import at_least, check_dataset, check_device, check_output_dir, positive
+    from hwattn.cli import (at_least, check_dataset, check_device, check_not_the_dataset,
+                            check_output_dir, positive)
 
     check_dataset(args.data)
     at_least(args, 0, "seed")
     positive(args, "lr")
     check_device(args.device)
     check_output_dir(args.out)
+    check_not_the_dataset(args.out, args.data)
     if args.data and args.tokenizer:
         raise ValueError("--tokenizer only applies to the shipped corpus; a dataset given with "
                          "--data keeps the tokenizer it was built with")

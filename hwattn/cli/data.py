@@ -103,6 +103,11 @@ def check_build_args(args) -> None:
     from hwattn.cli import at_least, check_output_dir
 
     at_least(args, 1, "hf_limit")
+    kind, sep, rest = args.corpus.partition(":")
+    if sep and kind in ("hf", "jsonl") and not rest.strip():  # hf: was an IndexError
+        what = "DATASET" if kind == "hf" else "PATH"
+        raise ValueError(f"--corpus {args.corpus!r} names no {what.lower()}: give "
+                         f"--corpus {kind}:{what}")
     check_output_dir(args.out)
     _out_not_a_pack(args.out)  # before any download (`build_dataset` checks it too)
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731

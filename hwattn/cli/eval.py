@@ -88,6 +88,7 @@ def check_recall_pairs(cfg, tokenizer) -> None:
 
 
 def run(args) -> int:
+    import importlib.util
     from pathlib import Path
 
     from hwattn.data.loader import TokenDataset
@@ -96,7 +97,7 @@ def run(args) -> int:
     from hwattn.models.checkpoint import load_model
 
     from hwattn.cpu_threads import use_default_cpu_threads
-    from hwattn.eval.lm_eval_tasks import write_tasks
+    from hwattn.eval.lm_eval_tasks import task_yaml, write_tasks
     from hwattn.cli import at_least, check_dataset, check_device, check_output_dir
 
     check_dataset(args.data)
@@ -127,11 +128,28 @@ def run(args) -> int:
               f"{','.join(written)} --include_path {args.write_tasks}")
         return 0
     specs = {}
+    # Task files this command writes (--write-tasks) before lm-eval reads them.
+    ours = {(Path(args.write_tasks) / f"{kind}.jsonl").resolve()
+            for kind, n in (("cloze", args.cloze), ("mc", args.mc)) if n and args.write_tasks}
     for spec in args.lm_eval:  # checked before the evaluation, not after it
         name, sep, file = spec.partition("=")
         if not sep or not name or not file:
             raise ValueError(f"--lm-eval expects NAME=FILE.jsonl, got {spec!r}")
+        if name in specs:  # one would replace the other
+            raise ValueError(f"--lm-eval names task {name!r} twice ({specs[name]} and {file}); "
+                             f"give each task a name of its own")
+        if Path(file).resolve() in ours:
+            specs[name] = file
+            continue
+        if not Path(file).is_file():
+            raise ValueError(f"--lm-eval {spec}: no such file {file}")
+        try:
+            task_yaml(name, Path(file))  # what `run_lm_eval` writes: a row it cannot use
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"--lm-eval {spec}: {err}") from None
         specs[name] = file
+    if specs and importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("--lm-eval needs lm-evaluation-harness: pip install 'hwattn[eval]'")
     args.batch_size = args.batch_size or 16
     given_pairs = args.recall_pairs is not None  # the default's counts may not all fit
     args.recall_pairs = args.recall_pairs or (8, 32, 64)

@@ -135,12 +135,34 @@ def engine_config(args):
     return EngineConfig(**vllm_arguments(kwargs))
 
 
+def cpu_ignored_flags(args) -> list[str]:
+    """The GPU-only engine options given for a run on the CPU, where they change nothing:
+    decode steps are captured in CUDA graphs and compiled on CUDA only."""
+    from hwattn.device import resolve_device
+
+    if resolve_device(args.device).type != "cpu":
+        return []
+    return [flag for flag, given in (("--no-cuda-graphs", args.no_cuda_graphs),
+                                     ("--no-compile", args.no_compile),
+                                     ("--enforce-eager", args.enforce_eager)) if given]
+
+
 def engine_from_args(args):
+    import sys
+
     from hwattn.cli import model_params
     from hwattn.cpu_threads import use_default_cpu_threads
     from hwattn.engine import create_engine
 
-    engine = create_engine(engine_config(args))
+    config = engine_config(args)
+    ignored = cpu_ignored_flags(args)
+    if ignored:  # said, not dropped: a command line copied from a GPU run
+        command = " ".join(["hwattn", getattr(args, "command", "serve")]
+                           + [c for c in [getattr(args, "bench_command", None)] if c])
+        print(f"{command}: warning: {', '.join(ignored)} "
+              f"{'has' if len(ignored) == 1 else 'have'} no effect on the CPU (CUDA graphs and "
+              f"compiled decode steps are CUDA only)", file=sys.stderr, flush=True)
+    engine = create_engine(config)
     use_default_cpu_threads(model_params(engine.model_config), engine.device)
     return engine
 
@@ -233,6 +255,9 @@ def run(args) -> int:
     from hwattn.server.async_engine import AsyncEngine
     from hwattn.server.protocol import ServerLimits
 
+    if not args.host.strip():  # uvicorn would bind '' to every interface
+        raise ValueError("--host must not be empty (the default is loopback, 127.0.0.1; give "
+                         "--host 0.0.0.0 to listen on every interface)")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty")

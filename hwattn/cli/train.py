@@ -55,12 +55,17 @@ def register(sub) -> None:
 def check_args(args) -> None:
     """ValueError for what `TrainConfig` leaves to fail late (after training, or after
     --no-resume has removed the old checkpoint) or would take silently."""
-    from hwattn.cli import at_least, check_dataset, check_device, check_output_dir, positive
+    import math
+
+    from hwattn.cli import (at_least, check_dataset, check_device, check_not_the_dataset,
+                            check_output_dir, positive)
 
     if args.warmup is None:
         args.warmup = min(20, args.steps)
     at_least(args, 1, "steps", "seq_len", "batch_size", "accum", "log_every")
     at_least(args, 0, "warmup", "eval_every", "ckpt_every", "seed", "weight_decay")
+    if not math.isfinite(args.weight_decay):  # inf: every weight NaN after the first step
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if args.warmup > args.steps:
         raise ValueError(f"--warmup {args.warmup} exceeds --steps {args.steps}")
     positive(args, "lr", "peak_tflops")
@@ -68,6 +73,7 @@ def check_args(args) -> None:
         raise ValueError(f"--clip must be > 0 (inf: no clipping), got {args.clip}")
     check_device(args.device)
     check_output_dir(args.out)
+    check_not_the_dataset(args.out, args.data)
     if args.eval_tokens < args.seq_len:
         raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one evaluation window "
                          f"of --seq-len {args.seq_len} tokens")
