@@ -469,21 +469,28 @@ class LLMEngine:
                              [s.block_table for s in seqs])
             results = self.runner.verify_step(step, sampling, draft_probs)
         with timer.phase("resolve"):
+            bm = self.block_manager
+            # Only the prefix cache reads registered pages: without it, no call per sequence.
+            register = self._register if bm.enable_prefix_caching else None
+            drafted = accepted = 0
             for seq, result in zip(seqs, results):
                 if isinstance(result, str):  # its verification failed in the runner
                     self._fail(seq, result)
                     continue
                 row, n_acc = result
-                old_len, old = len(seq), seq.num_cached
+                old_len, old = len(seq.token_ids), seq.num_cached
                 appended = self._append_or_fail(seq, row[:n_acc + 1])
                 if appended is None:
                     continue
                 seq.num_cached = old + appended
                 seq.draft_cached = min(seq.draft_cached, old_len + n_acc)
-                self.counters["draft_tokens"] += k
-                self.counters["accepted_tokens"] += n_acc
-                self.block_manager.trim(seq, seq.num_cached + 1)
-                self._register(seq)
+                drafted += k
+                accepted += n_acc
+                bm.trim(seq, seq.num_cached + 1)
+                if register is not None:
+                    register(seq)
+            self.counters["draft_tokens"] += drafted
+            self.counters["accepted_tokens"] += accepted
         return seqs
 
     def _drafting_tensors(self, sampling: SamplingInput | None, seqs: list[Sequence], device):

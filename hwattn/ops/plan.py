@@ -143,19 +143,19 @@ def _unpacked(packed: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     return packed[:3 * capacity].view(capacity, 3), packed[3 * capacity:].view(batch, 2)
 
 
-def _one_piece(lengths: np.ndarray, capacity: int) -> np.ndarray:
+def _one_piece(lengths: np.ndarray, capacity: int, packed: np.ndarray) -> None:
     """`_schedule` when every sequence is one piece (the common case: enough sequences to
-    fill the GPU, or short ones): the same packed plan in fewer array operations (each one
-    costs the host a microsecond or two, and a plan is refreshed every step)."""
+    fill the GPU, or short ones): the same packed plan, written into `packed`, in fewer array
+    operations (each one costs the host a microsecond or two, and a plan is refreshed every
+    step)."""
     batch = len(lengths)
     if batch > capacity:
         raise ValueError(f"out: a plan for B={batch} with {capacity} items cannot hold "
                          f"this step's {batch} pieces")
-    packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
     items = packed[:3 * capacity].reshape(capacity, 3)
     splits = packed[3 * capacity:].reshape(batch, 2)
     rows = np.arange(batch)
-    if (lengths[1:] <= lengths[:-1]).all():  # already longest first
+    if np.logical_and.reduce(lengths[1:] <= lengths[:-1]):  # already longest first
         items[:batch, 0] = rows
         items[:batch, 2] = lengths
         splits[:, 0] = rows
@@ -167,21 +167,19 @@ def _one_piece(lengths: np.ndarray, capacity: int) -> np.ndarray:
     items[:batch, 1] = 0
     items[batch:] = (-1, 0, 0)
     splits[:, 1] = 1
-    return packed
 
 
-def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int,
+              packed: np.ndarray) -> int:
     """The packed plan of sequences of `lengths` (B,), each cut into at most `n_pieces` (B,)
-    aligned pieces of near-equal size: (capacity * 3 + B * 2,) int32 holding the items
-    (sequence, start, end), idle slots (-1, 0, 0) after them, then the splits (first item,
-    number of items); and the most pieces of one sequence.
+    aligned pieces of near-equal size, written into `packed` ((capacity * 3 + B * 2,) int32):
+    the items (sequence, start, end), idle slots (-1, 0, 0) after them, then the splits (first
+    item, number of items); returns the most pieces of one sequence.
 
     Sequences are laid out longest pieces first (ties in batch order), each one's pieces
     together: programs start in item order, so the longest work starts first and the short
     pieces fill the gaps at the end (longest-processing-time order), wherever the long
     sequences sit in the batch."""
-    if n_pieces.max() == 1:
-        return _one_piece(lengths, capacity), 1
     size = -(-lengths // n_pieces)
     size = -(-size // PIECE_ALIGN) * PIECE_ALIGN
     counts = -(-lengths // size)  # pieces actually cut: [0, n) in steps of `size`
@@ -197,7 +195,6 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
         raise ValueError(f"out: a plan for B={len(lengths)} with {capacity} items cannot hold "
                          f"this step's {total} pieces")
     batch = len(lengths)
-    packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
     items = packed[:3 * capacity].reshape(capacity, 3)
     seq = np.repeat(order, counts[order])  # (items in layout order)
     start = (np.arange(total) - first[seq]) * size[seq]
@@ -207,10 +204,11 @@ def _schedule(lengths: np.ndarray, n_pieces: np.ndarray, capacity: int) -> tuple
     items[total:] = (-1, 0, 0)
     splits = packed[3 * capacity:].reshape(batch, 2)
     splits[:, 0], splits[:, 1] = first, counts
-    return packed, int(counts.max())
+    return int(counts.max())
 
 
-def _schedule_small(lengths: list[int], n_pieces: list[int], capacity: int) -> tuple[np.ndarray, int]:
+def _schedule_small(lengths: list[int], n_pieces: list[int], capacity: int,
+                    packed: np.ndarray) -> int:
     """`_schedule` for a few sequences, with Python integers: the same packed plan."""
     sizes, counts = [], []
     for n, parts in zip(lengths, n_pieces):
@@ -231,11 +229,10 @@ def _schedule_small(lengths: list[int], n_pieces: list[int], capacity: int) -> t
         splits[2 * b], splits[2 * b + 1] = len(items) // 3, counts[b]
         for start in range(0, n, size):
             items += (b, start, min(start + size, n))
-    packed = np.empty(3 * capacity + 2 * batch, dtype=np.int32)
     packed[:3 * total] = items
     packed[3 * total:3 * capacity].reshape(-1, 3)[:] = (-1, 0, 0)
     packed[3 * capacity:] = splits
-    return packed, max(counts)
+    return max(counts)
 
 
 def device_sms(device: torch.device) -> int:
@@ -279,57 +276,77 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
     Returns:
         a `DecodePlan`.
     """
-    if cache_seqlens.dim() != 1 or cache_seqlens.dtype != torch.int32:
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.dim() != 1:
         raise ValueError(f"cache_seqlens must be (B,) int32, got {tuple(cache_seqlens.shape)} "
                          f"{cache_seqlens.dtype}")
-    check_positive(num_heads_kv=num_heads_kv, query_len=query_len, page_size=page_size,
-                   head_blocks=head_blocks, min_piece=min_piece, programs_per_sm=programs_per_sm)
+    # (One comparison on the every-step path; `check_positive` names the bad value.)
+    if min(num_heads_kv, query_len, page_size, head_blocks, min_piece, programs_per_sm) <= 0:
+        check_positive(num_heads_kv=num_heads_kv, query_len=query_len, page_size=page_size,
+                       head_blocks=head_blocks, min_piece=min_piece,
+                       programs_per_sm=programs_per_sm)
     if split_tokens is not None and (split_tokens <= 0 or split_tokens % PIECE_ALIGN):
         raise ValueError(f"split_tokens must be a positive multiple of {PIECE_ALIGN}, "
                          f"got {split_tokens}")
-    host = cache_seqlens.cpu()
-    batch = host.shape[0]
+    host = cache_seqlens if cache_seqlens.is_cpu else cache_seqlens.cpu()
+    batch = len(host)
     if batch == 0:
         raise ValueError("cache_seqlens must hold at least one sequence")
     small = batch <= SMALL_BATCH
     # Python ints for a small batch, else an int64 array: both go through the same rule.
-    lengths = host.tolist() if small else host.numpy().astype(np.int64)
-    shortest, max_seqlen = (min(lengths), max(lengths)) if small else \
-        (int(lengths.min()), int(lengths.max()))
+    if small:
+        lengths = host.tolist()
+        shortest, max_seqlen = min(lengths), max(lengths)
+    else:
+        lengths = host.numpy().astype(np.int64)
+        shortest, max_seqlen = int(np.minimum.reduce(lengths)), int(np.maximum.reduce(lengths))
     if shortest < query_len:
         raise ValueError(f"cache_seqlens must be >= the query length {query_len} (the new tokens "
                          f"are counted), got min {shortest}")
     sms = num_sms if num_sms is not None else device_sms(cache_seqlens.device)
     per_item = num_heads_kv * head_blocks
 
+    # n_pieces None: every sequence is one piece (`_one_piece`), decided from the longest.
     if split_tokens is not None:
-        n_pieces = [-(-n // split_tokens) for n in lengths] if small \
-            else -(-lengths // split_tokens)
-        capacity = sum(n_pieces) if small else int(n_pieces.sum())
+        n_pieces = None if max_seqlen <= split_tokens else \
+            [-(-n // split_tokens) for n in lengths] if small else -(-lengths // split_tokens)
+        capacity = batch if n_pieces is None else \
+            sum(n_pieces) if small else int(n_pieces.sum())
     elif batch * per_item >= programs_per_sm * sms:
-        n_pieces = [1] * batch if small else np.ones_like(lengths)
-        capacity = batch
+        n_pieces, capacity = None, batch
     else:
         wanted = math.ceil(programs_per_sm * sms / per_item)  # items that fill the GPU
-        chunk = max(min_piece, -(-(sum(lengths) if small else int(lengths.sum())) // wanted))
+        chunk = max(min_piece, -(-(sum(lengths) if small else int(np.add.reduce(lengths)))
+                                 // wanted))
         # Rounding (half to even, as Python's round) keeps the count within wanted + B/2;
-        # capacity B + wanted always holds it.
-        n_pieces = [max(1, round(n / chunk)) for n in lengths] if small \
-            else np.maximum(1, np.rint(lengths / chunk).astype(np.int64))
+        # capacity B + wanted always holds it. round(n / chunk) <= 1 exactly when
+        # 2n < 3 chunk (n / chunk < 1.5; the quotient's rounding error is far below the gap
+        # of 1 / (2 chunk) to 1.5), so that one comparison of the longest decides.
+        if 2 * max_seqlen < 3 * chunk:
+            n_pieces = None
+        else:
+            n_pieces = [max(1, round(n / chunk)) for n in lengths] if small \
+                else np.maximum(1, np.rint(lengths / chunk).astype(np.int64))
         capacity = batch + wanted
     if out is not None:
         if out.batch != batch:
             raise ValueError(f"out: a plan for B={out.batch} cannot hold B={batch}")
         capacity = out.capacity
-    packed, max_pieces = (_schedule_small if small else _schedule)(lengths, n_pieces, capacity)
+    # A refresh whose caller uploads the host mirror is written straight into it.
+    direct = out is not None and out.host is not None
+    packed = out.host.numpy() if direct else np.empty(3 * capacity + 2 * batch, dtype=np.int32)
+    if n_pieces is None and not small:
+        _one_piece(lengths, capacity, packed)
+        max_pieces = 1
+    else:
+        max_pieces = (_schedule_small if small else _schedule)(
+            lengths, [1] * batch if n_pieces is None else n_pieces, capacity, packed)
+    if direct:  # the caller's own upload carries it (see DecodePlan.host)
+        out.max_seqlen, out.max_pieces, out.min_seqlen = max_seqlen, max_pieces, shortest
+        return out
     packed = torch.from_numpy(packed)
     if out is None:
         return DecodePlan.of_packed(batch, max_seqlen, packed, max_pieces,
                                     shortest).to(cache_seqlens.device)
-    if out.host is not None:  # the caller's own upload carries it (see DecodePlan.host)
-        out.host.copy_(packed)
-        out.max_seqlen, out.max_pieces, out.min_seqlen = max_seqlen, max_pieces, shortest
-        return out
     if out.items.is_cuda:  # a copy from pageable memory may wait for the stream to drain
         packed = packed.pin_memory()
     if out.packed is not None:

@@ -146,6 +146,24 @@ def test_ngram_index_lives_on_the_sequence_per_drafter():
     assert seq.drafter_state[0] is b
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_verify_steps_register_their_pages_and_count_their_drafts(checkpoints, caching):
+    """The pages a verify step fills are registered for the prefix cache as it resolves (a
+    later prompt made of the first request's prompt and output finds every full page of it),
+    and none without the prefix cache; every verified row counts k drafts."""
+    llm = LLM(checkpoints("gqa-2"), page_size=4, num_pages=200, max_model_len=128,
+              speculative="ngram", num_speculative_tokens=3, enable_prefix_caching=caching)
+    first = llm.generate([PROMPTS[0]], GREEDY)[0]
+    stats, drafter = llm.engine.stats(), llm.engine.drafter
+    assert stats["draft_tokens"] == 3 * drafter.proposed > 0
+    assert 0 < stats["accepted_tokens"] < stats["draft_tokens"]
+    tokens = PROMPTS[0] + first.token_ids  # the cache held all of them but the last
+    again = llm.generate([tokens], SamplingParams(max_tokens=1, temperature=0))[0]
+    full_pages = (len(tokens) - 1) // 4 * 4
+    assert again.num_cached_prompt_tokens == (full_pages if caching else 0)
+    assert len(PROMPTS[0]) // 4 * 4 < full_pages  # most of them filled by verify steps
+
+
 def test_stops_inside_accepted_drafts_equal_plain_decoding(checkpoints):
     """A stop token, the end of sequence or max_tokens reached among a step's accepted
     drafts ends the output exactly where plain decoding ends it."""

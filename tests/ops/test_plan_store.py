@@ -165,6 +165,39 @@ def test_plan_rounds_a_half_piece_to_even(batch):
     assert plan.items.tolist() == items and plan.splits.tolist() == splits
 
 
+@pytest.mark.parametrize("batch", [2, SMALL_BATCH + 1])
+@pytest.mark.parametrize("longest, pieces", [(383, 1), (384, 2)])
+def test_plan_longest_at_one_and_a_half_chunks(batch, longest, pieces):
+    """Whether every sequence is one piece is decided from the longest alone (2n < 3 chunk):
+    one token short of 1.5 chunks stays whole, exactly 1.5 chunks is cut in 2 (half to
+    even); both as the loop rule, fresh and refreshed into a host mirror."""
+    kw = dict(num_heads_kv=1, num_sms=8, programs_per_sm=2, min_piece=256)  # chunk = 256
+    lengths = torch.tensor([100] * (batch - 1) + [longest], dtype=torch.int32)
+    items, splits = _loop_plan(lengths.tolist(), **kw)
+    plan = ops.plan_decode(lengths, **kw)
+    assert plan.items.tolist() == items and plan.splits.tolist() == splits
+    assert plan.max_pieces == pieces == splits[-1][1]
+    refreshed = ops.plan_decode(torch.full((batch,), 9000, dtype=torch.int32), **kw)
+    refreshed.host = torch.full_like(refreshed.packed, -7)
+    assert ops.plan_decode(lengths, **kw, out=refreshed) is refreshed
+    assert refreshed.max_pieces == pieces
+    refreshed.packed.copy_(refreshed.host)
+    assert refreshed.items.tolist() == items and refreshed.splits.tolist() == splits
+
+
+@pytest.mark.parametrize("batch", [2, SMALL_BATCH + 1])
+@pytest.mark.parametrize("longest, pieces", [(384, 1), (385, 2)])
+def test_forced_pieces_of_the_longest_decide_one_piece(batch, longest, pieces):
+    """With `split_tokens`, every sequence is one piece exactly when the longest fits one
+    forced piece, as the loop rule cuts them."""
+    kw = dict(num_heads_kv=1, num_sms=8, split_tokens=6 * PIECE_ALIGN)
+    lengths = torch.tensor([100] * (batch - 1) + [longest], dtype=torch.int32)
+    plan = ops.plan_decode(lengths, **kw)
+    items, splits = _loop_plan(lengths.tolist(), **kw)
+    assert plan.items.tolist() == items and plan.splits.tolist() == splits
+    assert plan.max_pieces == pieces and plan.capacity == batch - 1 + pieces
+
+
 def test_plan_moves_as_one_buffer():
     """`to` keeps items and splits views of one buffer, so a refresh is one copy."""
     plan = ops.plan_decode(torch.tensor([5000, 70], dtype=torch.int32), num_heads_kv=2, num_sms=8)
