@@ -76,12 +76,50 @@ def t95(df: int) -> float:
     return z + sum(g / df ** (k + 1) for k, g in enumerate(terms))
 
 
-def t_interval(values: list[float]) -> tuple[float, float, float] | None:
-    """(mean, low, high) of the 95% t-interval of the mean of `values`; None under two."""
+def t_within(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with integer `df` >= 1, exactly (Abramowitz & Stegun
+    26.7.3 and 26.7.4: a finite series in theta = atan(t / sqrt(df)))."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + (2*4)/(3*5) cos^4 + ...))
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        tail = math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0
+        return 2 / math.pi * (theta + tail)
+    for k in range(1, df // 2):  # even: sin (1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 + ...)
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return math.sin(theta) * total
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p quantile (0.5 < p < 1) of Student's t with integer `df` >= 1, by bisection on
+    `t_within` to 1e-9."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    lo, hi, within = 0.0, 1.0, 2 * p - 1
+    while t_within(hi, df) < within:
+        hi *= 2
+    while hi - lo > 1e-9 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_within(mid, df) < within else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t_quantile_for(looks: int, df: int) -> float:
+    """The t quantile of a 95% interval read at the `looks`-th of as many looks at a growing
+    set of seeds: Bonferroni's 1 - 0.025 / looks (`t95` for a single look)."""
+    return t95(df) if looks <= 1 else t_quantile(1 - 0.025 / looks, df)
+
+
+def t_interval(values: list[float], looks: int = 1) -> tuple[float, float, float] | None:
+    """(mean, low, high) of the t-interval of the mean of `values`, 95% for one look at the
+    seeds, corrected for `looks` (`t_quantile_for`); None under two values."""
     if len(values) < 2:
         return None
     m = statistics.fmean(values)
-    half = t95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    half = t_quantile_for(looks, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return m, m - half, m + half
 
 
@@ -104,6 +142,9 @@ def load_runs(study: str | Path) -> tuple[list[dict], dict]:
             raise ValueError(f"{runs_file}: line {i} is not a JSON object")
         runs.append(record)
     summary = read_json_object(summary_file) if summary_file.is_file() else {}
+    looks_file = study / LOOKS_FILE
+    if looks_file.is_file():  # the claims' earlier looks (`record_looks`), read with the summary
+        summary = dict(summary, looks=read_json_object(looks_file))
     return runs, summary
 
 
@@ -164,11 +205,12 @@ def verdict(interval: tuple[float, float, float] | None) -> str:
 MAX_SEEDS = 100
 
 
-def seeds_to_decide(values: list[float]) -> int | None:
-    """The fewest paired seeds whose 95% interval would clear the margin (lie wholly on one
-    side of +1%) if the gaps kept the mean and standard deviation of `values`; None when that
-    cannot happen (fewer than two values, no spread, or a mean on the margin itself) and
-    MAX_SEEDS + 1 when more than MAX_SEEDS would be needed."""
+def seeds_to_decide(values: list[float], looks: int = 1) -> int | None:
+    """The fewest paired seeds whose 95% interval, read as look number `looks`
+    (`t_quantile_for`), would clear the margin (lie wholly on one side of +1%) if the gaps kept
+    the mean and standard deviation of `values`; None when that cannot happen (fewer than two
+    values, no spread, or a mean on the margin itself) and MAX_SEEDS + 1 when more than
+    MAX_SEEDS would be needed."""
     if len(values) < 2:
         return None
     m, sd = statistics.fmean(values), statistics.stdev(values)
@@ -176,32 +218,59 @@ def seeds_to_decide(values: list[float]) -> int | None:
     if sd == 0 or distance == 0:
         return None
     for n in range(2, MAX_SEEDS + 1):
-        if t95(n - 1) * sd / math.sqrt(n) < distance:
+        if t_quantile_for(looks, n - 1) * sd / math.sqrt(n) < distance:
             return n
     return MAX_SEEDS + 1
 
 
-def claim_results(by: dict, domains: list[str]) -> list[dict]:
+def claim_key(new: str, base: str) -> str:
+    return f"{new} vs {base}"
+
+
+def claim_results(by: dict, domains: list[str], looks: dict[str, list[int]] | None = None) -> list[dict]:
     """Per claim pair and metric (the mean over domains, then each domain): the per-seed
-    gaps, their 95% interval, the verdict and, when inconclusive, `seeds_to_decide`."""
+    gaps, their 95% interval, the same corrected for the looks taken at the claim so far
+    (`looks`: claim -> paired-seed counts at which its report was written, this one last;
+    none recorded: one look), the verdict read from the corrected interval and, when
+    inconclusive, `seeds_to_decide` at the next look."""
     out = []
     for new, base in CLAIMS:
+        n_looks = max(1, len((looks or {}).get(claim_key(new, base), [])))
         for metric in ["average", *domains]:
             gaps = paired_gaps(by, new, base, metric)
             values = [g for _, g in gaps]
-            iv = t_interval(values)
-            decided = verdict(iv)
+            corrected = t_interval(values, n_looks)
+            decided = verdict(corrected)
             out.append({"new": new, "base": base, "metric": metric, "gaps": gaps,
-                        "interval": iv, "verdict": decided,
-                        "seeds_needed": seeds_to_decide(values) if decided == "inconclusive" else None})
+                        "interval": t_interval(values), "corrected": corrected,
+                        "looks": n_looks, "verdict": decided,
+                        "seeds_needed": seeds_to_decide(values, n_looks + 1)
+                        if decided == "inconclusive" else None})
     return out
+
+
+LOOKS_FILE = "study_looks.json"
+
+
+def record_looks(by: dict, looks: dict[str, list[int]]) -> dict[str, list[int]]:
+    """`looks` with this report counted: each claim's paired-seed count appended where it has
+    at least two seeds and differs from the last look (a report rewritten over the same
+    seeds reads nothing new)."""
+    out = {k: list(v) for k, v in looks.items()}
+    for new, base in CLAIMS:
+        n = len(paired_gaps(by, new, base, "average"))
+        seen = out.setdefault(claim_key(new, base), [])
+        if n >= 2 and (not seen or seen[-1] != n):
+            seen.append(n)
+    return {k: v for k, v in out.items() if v}
 
 
 def _seeds(n: int | None) -> str:
     return "–" if n is None else (f"> {MAX_SEEDS}" if n > MAX_SEEDS else str(n))
 
 
-def plain_statement(res: list[dict], domains: list[str]) -> list[str]:
+def plain_statement(res: list[dict], domains: list[str],
+                    looks: dict[str, list[int]] | None = None) -> list[str]:
     lines = []
     for new, base in CLAIMS:
         rows = [r for r in res if r["new"] == new and r["base"] == base]
@@ -211,12 +280,18 @@ def plain_statement(res: list[dict], domains: list[str]) -> list[str]:
             lines.append(f"- **{new} vs {base}: untested.** {n} paired seed(s) finished; the "
                          "interval needs at least two.")
             continue
-        m, lo, hi = head["interval"]
+        m, lo, hi = head["corrected"]
         word = {"holds": "holds", "fails": "does not hold", "inconclusive": "is not decided"}[
             head["verdict"]]
         text = (f"- **{new} vs {base}: the claim {word} at this scale.** Over {n} paired seeds "
                 f"{new}'s perplexity (mean over domains) is {100 * m:+.2f}% against {base}'s, "
-                f"95% interval [{100 * lo:+.2f}%, {100 * hi:+.2f}%]")
+                f"95% interval [{100 * head['interval'][1]:+.2f}%, "
+                f"{100 * head['interval'][2]:+.2f}%]")
+        if head["looks"] > 1:
+            seen = ", ".join(map(str, (looks or {})[claim_key(new, base)]))
+            text += (f"; this report is look {head['looks']} at the claim (at {seen} paired "
+                     f"seeds), and corrected for the looks the interval is "
+                     f"[{100 * lo:+.2f}%, {100 * hi:+.2f}%]")
         if head["verdict"] == "holds":
             text += (f": at most {100 * MATCH_MARGIN:.0f}% worse"
                      + (", and better with 95% confidence." if hi < 0 else "."))
@@ -503,27 +578,37 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
             + (f"{peak:.0f} TFLOP/s (bf16 dense)." if peak else "no peak (CPU run)."), "",
             f"![loss curves]({plot_name})", ""]
 
-    res = claim_results(by, domains)
+    looks = summary.get("looks") or {}
+    res = claim_results(by, domains, looks)
     out += ["## The paper's claims", "",
             "Paired by seed: gap = perplexity of the new variant / perplexity of its baseline − 1; "
             f"95% t-interval over seeds; a claim holds when the interval's upper end is at most "
-            f"+{100 * MATCH_MARGIN:.0f}% (the new variant no more than 1% worse). Seeds to "
-            "decide: for an inconclusive row, the paired seeds whose interval would clear the "
+            f"+{100 * MATCH_MARGIN:.0f}% (the new variant no more than 1% worse). Seeds are added "
+            "to the study in batches and each batch's report is a look at the claim: reading a "
+            "95% interval after every batch and stopping once it clears the margin would be "
+            "wrong more often than 5% of the time, so the verdict is read from the interval "
+            "corrected for the looks so far (Bonferroni: at the k-th look, the t quantile of "
+            "1 − 0.025/k; `study_looks.json` beside the runs records the paired-seed counts at "
+            "which each claim's report was written). Seeds to decide: for an inconclusive row, "
+            "the paired seeds whose interval, corrected for one look more, would clear the "
             "margin if the gaps kept their mean and standard deviation.", "",
-            "| claim | metric | seeds | per-seed gaps | mean gap | 95% interval | verdict | seeds to decide |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| claim | metric | seeds | per-seed gaps | mean gap | 95% interval | looks | "
+            "corrected interval | verdict | seeds to decide |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res:
-        iv = r["interval"]
+        iv, cv = r["interval"], r["corrected"]
         gaps = ", ".join(f"s{s}: {100 * g:+.2f}%" for s, g in r["gaps"]) or "–"
         out.append(f"| {r['new']} vs {r['base']} | {r['metric']} | {len(r['gaps'])} | {gaps} | "
-                   + (f"{100 * iv[0]:+.2f}% | [{100 * iv[1]:+.2f}%, {100 * iv[2]:+.2f}%]"
-                      if iv else "– | –") + f" | {r['verdict']} | {_seeds(r['seeds_needed'])} |")
+                   + (f"{100 * iv[0]:+.2f}% | [{100 * iv[1]:+.2f}%, {100 * iv[2]:+.2f}%] | "
+                      f"{r['looks']} | [{100 * cv[1]:+.2f}%, {100 * cv[2]:+.2f}%]"
+                      if iv else "– | – | – | –")
+                   + f" | {r['verdict']} | {_seeds(r['seeds_needed'])} |")
     paper = [f"{k}: " + ", ".join(f"{v} {p}" for v, p in d.items()) for k, d in PAPER_PPL.items()]
     gaps = []
     for new, base in CLAIMS:
         gaps += [f"{new} vs {base} {100 * (d[new] / d[base] - 1):+.2f}% at {k}"
                  for k, d in PAPER_PPL.items() if new in d and base in d]
-    out += ["", "In plain words:", "", *plain_statement(res, domains), "",
+    out += ["", "In plain words:", "", *plain_statement(res, domains, looks), "",
             "The paper (FineWeb-Edu validation, 25–50B tokens) measured " + "; ".join(gaps)
             + ". Its perplexities: " + "; ".join(paper) + ".", ""]
 
@@ -568,6 +653,10 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md")
         raise ValueError(f"{runs_file} holds no runs")
     out = Path(out)
     plot = out.with_name(out.stem + "_loss.png")
+    # This report is a look at each claim with new seeds: recorded beside the runs (tracked
+    # with them), so that the next report corrects for it too.
+    looks = record_looks(by_variant(runs), summary.get("looks") or {})
+    summary = dict(summary, looks=looks)
     try:
         text = render(runs, summary, plot.name)
     except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError,
@@ -577,9 +666,12 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md")
                          "benchmarks/quality_study.py?") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     _replace_with(plot, lambda tmp: plot_study(runs, tmp))
+    looks_file = Path(study) / LOOKS_FILE
+    if looks and (not looks_file.is_file() or read_json_object(looks_file) != looks):
+        _replace_with(looks_file, lambda tmp: tmp.write_text(json.dumps(looks, indent=1) + "\n"))
     raw = out.parent / f"{out.stem}_raw"
     raw.mkdir(exist_ok=True)
-    for name in ("study_runs.jsonl", "study_summary.json", "study_log.txt"):
+    for name in ("study_runs.jsonl", "study_summary.json", "study_log.txt", LOOKS_FILE):
         src = Path(study) / name
         if src.is_file() and src.resolve() != (raw / name).resolve():
             _replace_with(raw / name, lambda tmp: shutil.copyfile(src, tmp))

@@ -405,3 +405,65 @@ def test_keep_checkpoints_leaves_a_finished_run_loadable(tmp_path, dataset_dir):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert load_checkpoint(folder).config.label.startswith("gqa")
+
+
+def test_t_quantile_is_students():
+    """The exact quantile by bisection agrees with the table of 97.5% quantiles, and with
+    values of other levels (scipy.stats.t.ppf, written down)."""
+    from hwattn.eval.report import T95, t_quantile, t_within
+
+    for df, q in T95.items():
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=6e-4)
+    assert t_quantile(1 - 0.025 / 4, 5) == pytest.approx(3.8100047, abs=1e-6)
+    assert t_quantile(0.995, 7) == pytest.approx(3.4994833, abs=1e-6)
+    assert t_quantile(0.9999, 2) == pytest.approx(70.700071, rel=1e-6)
+    assert t_within(0.0, 3) == 0.0 and t_within(1e9, 4) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="0.5 < p < 1"):
+        t_quantile(0.4, 3)
+
+
+def test_each_look_at_a_claim_widens_its_interval():
+    """Six gaps whose 95% interval just clears the margin (the study's GTA-4 gaps): one look
+    says "fails"; read as the fourth look at the claim (after 2, 3 and 4 seeds) the corrected
+    interval straddles the margin, and deciding takes more seeds."""
+    from hwattn.eval.report import record_looks
+
+    gaps = [0.0323, 0.0127, 0.0138, 0.0088, 0.0262, 0.0274]
+    runs = []
+    for seed, g in enumerate(gaps):
+        runs += [_run("gqa-4", seed, 20.0, 20.0), _run("gta-4", seed, 20 * (1 + g), 20 * (1 + g))]
+    by = {v: [r for r in runs if r["variant"] == v] for v in ("gqa-4", "gta-4")}
+    once = claim_results(by, ["code", "prose"])[0]
+    assert once["verdict"] == "fails" and once["looks"] == 1
+    assert once["corrected"] == once["interval"]
+    looks = {"gta-4 vs gqa-4": [2, 3, 4, 6]}
+    fourth = claim_results(by, ["code", "prose"], looks)[0]
+    assert fourth["interval"] == once["interval"] and fourth["looks"] == 4
+    assert fourth["corrected"][1] < 0.01 < once["interval"][1]
+    assert fourth["verdict"] == "inconclusive" and fourth["seeds_needed"] > 6
+    text = render(runs, {"looks": looks})
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **gta-4"))
+    assert "is not decided" in line and "look 4 at the claim (at 2, 3, 4, 6 paired seeds)" in line
+    # A report over new seeds is a look; one rewritten over the same seeds is not.
+    assert record_looks(by, {"gta-4 vs gqa-4": [2, 3, 4]}) == looks
+    assert record_looks(by, looks) == looks
+    assert record_looks({"gqa-4": by["gqa-4"][:1], "gta-4": by["gta-4"][:1]}, {}) == {}
+
+
+def test_write_report_records_its_look_beside_the_runs(tmp_path):
+    study, out = tmp_path / "study", tmp_path / "docs" / "quality.md"
+    study.mkdir()
+    runs = [_run(v, s, p, p) for s in (0, 1) for v, p in (("gqa-4", 20.0), ("gta-4", 20.2 + s))]
+    (study / "study_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    write_report(study, out)
+    first = json.loads((study / "study_looks.json").read_text())
+    assert first == {"gta-4 vs gqa-4": [2]}
+    write_report(study, out)  # the same seeds again: no new look
+    assert json.loads((study / "study_looks.json").read_text()) == first
+    assert (out.parent / "quality_raw" / "study_looks.json").read_text() == \
+        (study / "study_looks.json").read_text()
+    more = [_run(v, 2, p, p) for v, p in (("gqa-4", 20.0), ("gta-4", 20.3))]
+    (study / "study_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs + more))
+    write_report(study, out)
+    assert json.loads((study / "study_looks.json").read_text()) == {"gta-4 vs gqa-4": [2, 3]}
+    assert "| gta-4 vs gqa-4 | average | 3 |" in out.read_text()
