@@ -216,8 +216,8 @@ class BlockManager:
         (`can_grow` then `grow` each, with the pages counted once)."""
         ps = self.page_size
         short = []
-        for seq in seqs:  # (`pages_for` written out: this runs for every row of every step)
-            needed = -(-(seq.num_cached + extra) // ps) - len(seq.block_table)
+        for seq in seqs:
+            needed = pages_for(seq.num_cached + extra, ps) - len(seq.block_table)
             if needed > 0:
                 short.append((seq, needed))
         if not short:

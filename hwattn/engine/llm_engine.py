@@ -470,8 +470,6 @@ class LLMEngine:
             results = self.runner.verify_step(step, sampling, draft_probs)
         with timer.phase("resolve"):
             bm = self.block_manager
-            # Only the prefix cache reads registered pages: without it, no call per sequence.
-            register = self._register if bm.enable_prefix_caching else None
             drafted = accepted = 0
             for seq, result in zip(seqs, results):
                 if isinstance(result, str):  # its verification failed in the runner
@@ -487,8 +485,7 @@ class LLMEngine:
                 drafted += k
                 accepted += n_acc
                 bm.trim(seq, seq.num_cached + 1)
-                if register is not None:
-                    register(seq)
+                self._register(seq)
             self.counters["draft_tokens"] += drafted
             self.counters["accepted_tokens"] += accepted
         return seqs
@@ -524,6 +521,8 @@ class LLMEngine:
             return None
 
     def _register(self, seq: Sequence) -> None:
+        if not self.block_manager.enable_prefix_caching:  # nothing reads registered pages
+            return
         # With a drafter that keeps a cache, a page is shared only once both caches hold all
         # its tokens.
         written = None if self.drafter is None else self.drafter.cache_written(seq)
