@@ -474,9 +474,12 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
            "`benchmarks/quality_study.py`, kept beside this page in `quality_raw/`. Every number "
            "below is computed from those files; only the paper's perplexities are typed in.", ""]
     if pending:
-        out += [f"**The study is incomplete: {len(runs)} of {len(plan)} planned runs are "
-                f"finished** (pending: {', '.join(pending)}). Conclusions below use what is "
-                "finished.", ""]
+        # (the plan is the last command's; runs outside it came from earlier plans' seeds)
+        extra = len(runs) - (len(plan) - len(pending))
+        earlier = f", and {extra} more from earlier plans" if extra > 0 else ""
+        out += [f"**The study is incomplete: {len(plan) - len(pending)} of {len(plan)} planned "
+                f"runs are finished** (pending: {', '.join(pending)}){earlier}. Conclusions "
+                "below use what is finished.", ""]
     tokens = r0.get("tokens", 0)
     avail = sched.get("train_tokens_available")
     val = ds.get("splits", {}).get("val")

@@ -467,3 +467,17 @@ def test_write_report_records_its_look_beside_the_runs(tmp_path):
     write_report(study, out)
     assert json.loads((study / "study_looks.json").read_text()) == {"gta-4 vs gqa-4": [2, 3]}
     assert "| gta-4 vs gqa-4 | average | 3 |" in out.read_text()
+
+
+def test_an_extended_plan_counts_its_own_runs_and_the_earlier_ones_apart():
+    """A later command may plan more seeds of two variants: the page counts the plan's
+    finished runs against the plan, and the runs of earlier plans beside them (it once
+    printed '24 of 18 planned runs')."""
+    runs = [_run(v, seed, 20.0, 20.0) for seed in (0, 1) for v in ("gqa-4", "gta-4")]
+    summary = {"plan": ["gqa-4-s0", "gta-4-s0", "gqa-4-s2", "gta-4-s2"],
+               "pending": ["gqa-4-s2", "gta-4-s2"]}
+    text = render(runs, summary)
+    assert ("**The study is incomplete: 2 of 4 planned runs are finished** (pending: "
+            "gqa-4-s2, gta-4-s2), and 2 more from earlier plans.") in text
+    summary["plan"] = summary["plan"][:2] + ["gqa-4-s1", "gta-4-s1"] + summary["plan"][2:]
+    assert "4 of 6 planned runs are finished** (pending: gqa-4-s2, gta-4-s2). " in render(runs, summary)
