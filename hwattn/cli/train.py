@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 
 def register(sub) -> None:
@@ -41,7 +42,7 @@ def register(sub) -> None:
                         "differing key/value widths zero-padded); cudnn = cuDNN's fused "
                         "attention first, widths as they are (CUDA only)")
     p.add_argument("--eval-every", type=int, default=0, help="validation every N steps (default: end only)")
-    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per domain")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="validation tokens per domain, scored in whole windows of --seq-len (a remainder is dropped, with a warning)")
     p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (default: end only)")
     p.add_argument("--log-every", type=int, default=10, help="metrics record every N steps")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU "
@@ -77,6 +78,11 @@ def check_args(args) -> None:
     if args.eval_tokens < args.seq_len:
         raise ValueError(f"--eval-tokens {args.eval_tokens} is less than one evaluation window "
                          f"of --seq-len {args.seq_len} tokens")
+    if args.eval_tokens % args.seq_len:
+        windows = args.eval_tokens // args.seq_len
+        print(f"hwattn train: warning: --eval-tokens {args.eval_tokens} is not a multiple of "
+              f"--seq-len {args.seq_len}: validation scores at most {windows * args.seq_len} "
+              f"tokens per domain ({windows} windows)", file=sys.stderr)
     from hwattn.data.loader import TokenDataset
 
     check_dataset(args.data)

@@ -90,6 +90,19 @@ def test_train_weight_decay_must_be_finite(capsys, dataset_dir, tmp_path):
     assert not out.exists()
 
 
+def test_train_eval_tokens_off_the_window_says_what_it_scores(capsys, dataset_dir, tmp_path):
+    # (was rounded down to whole windows without a word)
+    tokens = [t if t != "256" else "300" for t in TRAIN]
+    code, out, err = run_cli(capsys, "train", "--data", dataset_dir, "--out", tmp_path / "run",
+                             "--steps", "1", *tokens)
+    assert code == 0, err
+    assert ("warning: --eval-tokens 300 is not a multiple of --seq-len 32: validation scores "
+            "at most 288 tokens per domain (9 windows)") in err
+    code, out, err = run_cli(capsys, "train", "--data", dataset_dir, "--out", tmp_path / "run2",
+                             "--steps", "1", *TRAIN)
+    assert code == 0 and "warning" not in err, err
+
+
 def test_train_and_compare_refuse_the_dataset_folder_as_out(capsys, dataset, tmp_path):
     """Observed: the run's checkpoint, metrics and plots were written among the dataset's
     shards (and compare's <variant> folders and tables too)."""
