@@ -145,6 +145,9 @@ def load_runs(study: str | Path) -> tuple[list[dict], dict]:
     looks_file = study / LOOKS_FILE
     if looks_file.is_file():  # the claims' earlier looks (`record_looks`), read with the summary
         summary = dict(summary, looks=read_json_object(looks_file))
+    next_file = study / NEXT_LOOKS_FILE
+    if next_file.is_file():  # batches registered before their first seed (`register_next_looks`)
+        summary = dict(summary, next_looks=read_json_object(next_file))
     return runs, summary
 
 
@@ -227,23 +230,42 @@ def claim_key(new: str, base: str) -> str:
     return f"{new} vs {base}"
 
 
-def claim_results(by: dict, domains: list[str], looks: dict[str, list[int]] | None = None) -> list[dict]:
+def batch_in_progress(n: int, seen: list[int], next_look: int | None) -> bool:
+    """Whether a claim's `n` paired seeds are part-way through a batch registered, before its
+    first seed, to be read at `next_look` seeds (`seen`: the counts at its earlier looks)."""
+    return next_look is not None and (seen[-1] if seen else 0) < n < next_look
+
+
+def claim_results(by: dict, domains: list[str], looks: dict[str, list[int]] | None = None,
+                  next_looks: dict[str, int] | None = None) -> list[dict]:
     """Per claim pair and metric (the mean over domains, then each domain): the per-seed
     gaps, their 95% interval, the same corrected for the looks taken at the claim so far
     (`looks`: claim -> paired-seed counts at which its report was written, this one last;
     none recorded: one look), the verdict read from the corrected interval and, when
-    inconclusive, `seeds_to_decide` at the next look."""
+    inconclusive, `seeds_to_decide` at the next look.
+
+    A claim part-way through a registered batch (`next_looks`: claim -> the paired-seed count
+    it is read at next; `batch_in_progress`) is reported as at its last look: over the seeds
+    that look read (its lowest seeds, as seeds are added in order), with `batch` = (paired
+    seeds in now, the count the batch is read at)."""
     out = []
     for new, base in CLAIMS:
-        n_looks = max(1, len((looks or {}).get(claim_key(new, base), [])))
+        key = claim_key(new, base)
+        seen = (looks or {}).get(key, [])
+        n_looks = max(1, len(seen))
+        n_now = len(paired_gaps(by, new, base, "average"))
+        target = (next_looks or {}).get(key)
+        batch = (n_now, target) if batch_in_progress(n_now, seen, target) else None
         for metric in ["average", *domains]:
             gaps = paired_gaps(by, new, base, metric)
+            if batch:
+                gaps = sorted(gaps)[:seen[-1] if seen else 0]
             values = [g for _, g in gaps]
             corrected = t_interval(values, n_looks)
             decided = verdict(corrected)
             out.append({"new": new, "base": base, "metric": metric, "gaps": gaps,
                         "interval": t_interval(values), "corrected": corrected,
-                        "looks": n_looks, "verdict": decided,
+                        "looks": n_looks, "verdict": decided, "batch": batch,
                         "seeds_needed": seeds_to_decide(values, n_looks + 1)
                         if decided == "inconclusive" else None})
     return out
@@ -252,17 +274,50 @@ def claim_results(by: dict, domains: list[str], looks: dict[str, list[int]] | No
 LOOKS_FILE = "study_looks.json"
 
 
-def record_looks(by: dict, looks: dict[str, list[int]]) -> dict[str, list[int]]:
+NEXT_LOOKS_FILE = "study_next_looks.json"
+
+
+def record_looks(by: dict, looks: dict[str, list[int]],
+                 next_looks: dict[str, int] | None = None) -> dict[str, list[int]]:
     """`looks` with this report counted: each claim's paired-seed count appended where it has
     at least two seeds and differs from the last look (a report rewritten over the same
-    seeds reads nothing new)."""
+    seeds reads nothing new), unless the claim is part-way through a registered batch
+    (`batch_in_progress`): its new seeds are not read until the batch is whole."""
     out = {k: list(v) for k, v in looks.items()}
     for new, base in CLAIMS:
         n = len(paired_gaps(by, new, base, "average"))
-        seen = out.setdefault(claim_key(new, base), [])
+        key = claim_key(new, base)
+        seen = out.setdefault(key, [])
+        if batch_in_progress(n, seen, (next_looks or {}).get(key)):
+            continue
         if n >= 2 and (not seen or seen[-1] != n):
             seen.append(n)
     return {k: v for k, v in out.items() if v}
+
+
+def register_next_looks(by: dict, looks: dict[str, list[int]], next_looks: dict[str, int],
+                        requests: dict[str, int]) -> dict[str, int]:
+    """`next_looks` with each of `requests` (claim -> paired-seed count) registered: the claim
+    is next read when it has that many paired seeds, and not before. Registering is only
+    sound before the batch's first seed is in, so a claim with seeds its last look has not
+    read is refused (ValueError naming it), as is a count not above the seeds it has."""
+    known = {claim_key(new, base) for new, base in CLAIMS}
+    out = dict(next_looks)
+    for key, target in requests.items():
+        if key not in known:
+            raise ValueError(f"--next-look: unknown claim {key!r} (claims: {', '.join(sorted(known))})")
+        new, base = key.split(" vs ")
+        n = len(paired_gaps(by, new, base, "average"))
+        seen = looks.get(key, [])
+        if n != (seen[-1] if seen else 0) and n >= 2:
+            raise ValueError(f"--next-look {key}={target}: {n - (seen[-1] if seen else 0)} of its "
+                             f"{n} paired seeds have not been read at a look; register a batch "
+                             "before its first seed is in")
+        if target <= n:
+            raise ValueError(f"--next-look {key}={target}: the claim already has {n} paired "
+                             "seeds; give a larger count")
+        out[key] = target
+    return out
 
 
 def _seeds(n: int | None) -> str:
@@ -278,7 +333,7 @@ def plain_statement(res: list[dict], domains: list[str],
         n = len(head["gaps"])
         if head["verdict"] == "untested":
             lines.append(f"- **{new} vs {base}: untested.** {n} paired seed(s) finished; the "
-                         "interval needs at least two.")
+                         "interval needs at least two." + _batch_note(head))
             continue
         m, lo, hi = head["corrected"]
         word = {"holds": "holds", "fails": "does not hold", "inconclusive": "is not decided"}[
@@ -309,8 +364,17 @@ def plain_statement(res: list[dict], domains: list[str],
                for r in rows[1:] if r["interval"] is not None]
         if per:
             text += " Per domain: " + ", ".join(per) + "."
-        lines.append(text)
+        lines.append(text + _batch_note(head))
     return lines
+
+
+def _batch_note(head: dict) -> str:
+    if not head["batch"]:
+        return ""
+    n, target = head["batch"]
+    return (f" A batch registered before its first seed is part-way ({n} of {target} paired "
+            f"seeds in): its new seeds are read once, at {target}; until then these are the "
+            "numbers of the last look.")
 
 
 def plot_study(runs: list[dict], path: str | Path) -> Path:
@@ -582,7 +646,8 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
             f"![loss curves]({plot_name})", ""]
 
     looks = summary.get("looks") or {}
-    res = claim_results(by, domains, looks)
+    next_looks = summary.get("next_looks") or {}
+    res = claim_results(by, domains, looks, next_looks)
     out += ["## The paper's claims", "",
             "Paired by seed: gap = perplexity of the new variant / perplexity of its baseline − 1; "
             f"95% t-interval over seeds; a claim holds when the interval's upper end is at most "
@@ -594,7 +659,10 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
             "1 − 0.025/k; `study_looks.json` beside the runs records the paired-seed counts at "
             "which each claim's report was written). Seeds to decide: for an inconclusive row, "
             "the paired seeds whose interval, corrected for one look more, would clear the "
-            "margin if the gaps kept their mean and standard deviation.", "",
+            "margin if the gaps kept their mean and standard deviation. A batch of seeds "
+            "registered before its first seed (`--next-look`, kept in `study_next_looks.json`) "
+            "is read once, when it is whole: until then its claim's rows stay those of the last "
+            "look, and the verdict column says how far the batch has come.", "",
             "| claim | metric | seeds | per-seed gaps | mean gap | 95% interval | looks | "
             "corrected interval | verdict | seeds to decide |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -605,7 +673,9 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
                    + (f"{100 * iv[0]:+.2f}% | [{100 * iv[1]:+.2f}%, {100 * iv[2]:+.2f}%] | "
                       f"{r['looks']} | [{100 * cv[1]:+.2f}%, {100 * cv[2]:+.2f}%]"
                       if iv else "– | – | – | –")
-                   + f" | {r['verdict']} | {_seeds(r['seeds_needed'])} |")
+                   + f" | {r['verdict']}"
+                   + (f" (batch to {r['batch'][1]} seeds: {r['batch'][0]} in)" if r["batch"] else "")
+                   + f" | {_seeds(r['seeds_needed'])} |")
     paper = [f"{k}: " + ", ".join(f"{v} {p}" for v, p in d.items()) for k, d in PAPER_PPL.items()]
     gaps = []
     for new, base in CLAIMS:
@@ -645,11 +715,14 @@ def _replace_with(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_report(study: str | Path, out: str | Path = "docs/results/quality.md") -> Path:
+def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
+                 next_looks: dict[str, int] | None = None) -> Path:
     """Write the page `out`, its plot `<stem>_loss.png` and copies of the study's files in
     `<stem>_raw/`. The page is rendered before anything is written, and each file is replaced
     by rename, so a study whose records cannot be rendered (ValueError naming the file) leaves
-    an earlier page, plot and raw copies as they were: they keep describing each other."""
+    an earlier page, plot and raw copies as they were: they keep describing each other.
+    `next_looks` (claim -> paired seeds) registers each claim's next batch after this report's
+    look (`register_next_looks`; kept in `study_next_looks.json` beside the runs)."""
     runs, summary = load_runs(study)
     runs_file = Path(study) / "study_runs.jsonl"
     if not runs:
@@ -658,8 +731,12 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md")
     plot = out.with_name(out.stem + "_loss.png")
     # This report is a look at each claim with new seeds: recorded beside the runs (tracked
     # with them), so that the next report corrects for it too.
-    looks = record_looks(by_variant(runs), summary.get("looks") or {})
-    summary = dict(summary, looks=looks)
+    by = by_variant(runs)
+    registered = summary.get("next_looks") or {}
+    looks = record_looks(by, summary.get("looks") or {}, registered)
+    if next_looks:
+        registered = register_next_looks(by, looks, registered, next_looks)
+    summary = dict(summary, looks=looks, next_looks=registered)
     try:
         text = render(runs, summary, plot.name)
     except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError,
@@ -672,9 +749,14 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md")
     looks_file = Path(study) / LOOKS_FILE
     if looks and (not looks_file.is_file() or read_json_object(looks_file) != looks):
         _replace_with(looks_file, lambda tmp: tmp.write_text(json.dumps(looks, indent=1) + "\n"))
+    next_file = Path(study) / NEXT_LOOKS_FILE
+    if registered and (not next_file.is_file() or read_json_object(next_file) != registered):
+        _replace_with(next_file,
+                      lambda tmp: tmp.write_text(json.dumps(registered, indent=1) + "\n"))
     raw = out.parent / f"{out.stem}_raw"
     raw.mkdir(exist_ok=True)
-    for name in ("study_runs.jsonl", "study_summary.json", "study_log.txt", LOOKS_FILE):
+    for name in ("study_runs.jsonl", "study_summary.json", "study_log.txt", LOOKS_FILE,
+                 NEXT_LOOKS_FILE):
         src = Path(study) / name
         if src.is_file() and src.resolve() != (raw / name).resolve():
             _replace_with(raw / name, lambda tmp: shutil.copyfile(src, tmp))
@@ -685,10 +767,22 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Write docs/results/quality.md from a quality study's files.")
     p.add_argument("--study", required=True, help="folder with study_runs.jsonl and study_summary.json")
-    p.add_argument("--out", default="docs/results/quality.md")
+    p.add_argument("--out", default="docs/results/quality.md",
+                   help="the page to write (default %(default)s); its plot and raw copies go beside it")
+    p.add_argument("--next-look", action="append", default=[], metavar="CLAIM=SEEDS",
+                   help="register a claim's next batch, e.g. 'gta-4 vs gqa-4=10': its new seeds "
+                        "are read once, when it has that many paired seeds (repeatable)")
     args = p.parse_args(argv)
+    requests = {}
+    for item in args.next_look:
+        key, _, count = item.rpartition("=")
+        if not key or not count.strip().isdigit():
+            print(f"error: --next-look {item!r}: give CLAIM=SEEDS, e.g. 'gta-4 vs gqa-4=10'",
+                  file=sys.stderr)
+            return 2
+        requests[key.strip()] = int(count)
     try:
-        path = write_report(args.study, args.out)
+        path = write_report(args.study, args.out, requests)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -481,3 +481,64 @@ def test_an_extended_plan_counts_its_own_runs_and_the_earlier_ones_apart():
             "gqa-4-s2, gta-4-s2), and 2 more from earlier plans.") in text
     summary["plan"] = summary["plan"][:2] + ["gqa-4-s1", "gta-4-s1"] + summary["plan"][2:]
     assert "4 of 6 planned runs are finished** (pending: gqa-4-s2, gta-4-s2). " in render(runs, summary)
+
+
+def _pairs(gaps, base=20.0):
+    runs = []
+    for seed, g in enumerate(gaps):
+        runs += [_run("gqa-4", seed, base, base),
+                 _run("gta-4", seed, base * (1 + g), base * (1 + g))]
+    return runs
+
+
+def test_a_registered_batch_is_read_once_when_it_is_whole(tmp_path):
+    """Seeds added as one batch registered before its first seed (`--next-look`) are not a
+    look until the batch is whole: part-way, the claim's rows stay those of its last look
+    and the looks file is unchanged; whole, the batch is one look over every seed."""
+    from hwattn.eval.report import by_variant, record_looks
+
+    six = [0.0323, 0.0127, 0.0138, 0.0088, 0.0262, 0.0274]
+    looks, registered = {"gta-4 vs gqa-4": [2, 3, 4, 6]}, {"gta-4 vs gqa-4": 10}
+    at_six = claim_results(by_variant(_pairs(six)), ["code", "prose"], looks)[0]
+    part = _pairs(six + [-0.05, -0.05])  # two new seeds that would move the interval a lot
+    by = by_variant(part)
+    assert record_looks(by, looks, registered) == looks
+    row = claim_results(by, ["code", "prose"], looks, registered)[0]
+    assert row["batch"] == (8, 10) and len(row["gaps"]) == 6
+    assert row["corrected"] == at_six["corrected"] and row["looks"] == 4
+    assert claim_results(by, ["code", "prose"], looks)[0]["corrected"] != at_six["corrected"]
+    text = render(part, {"looks": looks, "next_looks": registered})
+    assert "| gta-4 vs gqa-4 | average | 6 |" in text
+    assert "inconclusive (batch to 10 seeds: 8 in)" in text
+    assert "A batch registered before its first seed is part-way (8 of 10 paired seeds in)" in text
+    whole = by_variant(_pairs(six + [0.02] * 4))
+    assert record_looks(whole, looks, registered) == {"gta-4 vs gqa-4": [2, 3, 4, 6, 10]}
+    row = claim_results(whole, ["code", "prose"], {"gta-4 vs gqa-4": [2, 3, 4, 6, 10]},
+                        registered)[0]
+    assert row["batch"] is None and len(row["gaps"]) == 10 and row["looks"] == 5
+
+
+def test_a_batch_is_registered_only_before_its_first_seed(tmp_path, capsys):
+    from hwattn.eval.report import by_variant, register_next_looks
+
+    by = by_variant(_pairs([0.01, 0.02, 0.03]))
+    key = "gta-4 vs gqa-4"
+    assert register_next_looks(by, {key: [3]}, {}, {key: 6}) == {key: 6}
+    with pytest.raises(ValueError, match="1 of its 3 paired seeds have not been read"):
+        register_next_looks(by, {key: [2]}, {}, {key: 6})
+    with pytest.raises(ValueError, match="already has 3 paired seeds"):
+        register_next_looks(by, {key: [3]}, {}, {key: 3})
+    with pytest.raises(ValueError, match="unknown claim 'gta-4 vs mha'"):
+        register_next_looks(by, {key: [3]}, {}, {"gta-4 vs mha": 6})
+    # Through the command: the report's look first, then the registration, kept beside the runs.
+    study, out = tmp_path / "study", tmp_path / "docs" / "quality.md"
+    study.mkdir()
+    (study / "study_runs.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in _pairs([0.01, 0.02, 0.03])))
+    assert report_main(["--study", str(study), "--out", str(out), "--next-look", "gta-4 vs gqa-4=6"]) == 0
+    assert json.loads((study / "study_looks.json").read_text()) == {key: [3]}
+    assert json.loads((study / "study_next_looks.json").read_text()) == {key: 6}
+    assert (out.parent / "quality_raw" / "study_next_looks.json").is_file()
+    capsys.readouterr()
+    assert report_main(["--study", str(study), "--out", str(out), "--next-look", "gta-4 vs gqa-4"]) == 2
+    assert "give CLAIM=SEEDS" in capsys.readouterr().err
