@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="data/study")
+    p.add_argument("--data", default="data/study",
+                   help="a folder written by `hwattn data build` (default %(default)s)")
     p.add_argument("--preset", type=int, default=9, help="xz preset (the pack uses 9)")
     args = p.parse_args(argv)
 

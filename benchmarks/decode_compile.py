@@ -78,12 +78,21 @@ def digest(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help="comma-separated names of SHAPES in this file to compile (default: "
+                             "all of them)")
     parser.add_argument("--ptx", help="dump the PTX of this shape to /tmp/<shape>.ptx")
-    parser.add_argument("--block-n", type=int)
-    parser.add_argument("--warps", type=int)
-    parser.add_argument("--stages", type=int)
-    parser.add_argument("--max-rows", type=int)
+    parser.add_argument("--block-n", type=int,
+                        help="tokens per loop step (BLOCK_N) for every shape (default: "
+                             "choose_config's choice per shape)")
+    parser.add_argument("--warps", type=int,
+                        help="num_warps for every shape (default: choose_config's choice)")
+    parser.add_argument("--stages", type=int,
+                        help="num_stages (software pipelining) for every shape (default: "
+                             "choose_config's choice)")
+    parser.add_argument("--max-rows", type=int,
+                        help="cap on the rows (query heads × L_q) of one program for every shape "
+                             "(default: choose_config's choice)")
     args = parser.parse_args()
     print(f"{'shape':18} {'block_n':>7} {'warps':>5} {'stages':>6} {'M':>4} {'smem KB':>8} "
           f"{'regs':>5} {'local B':>7} {'wgmma':>5} {'PTX sha256':>12} {'SASS sha256':>12}")

@@ -165,7 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=1024,
                    help="tokens per sequence around the measured steps (default 1024)")
     p.add_argument("--steps", type=int, default=200, help="decode steps measured (default 200)")
-    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--page-size", type=int, default=64,
+                   help="tokens per KV-cache page (default %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where the tiny model and the step's tensors live (default cpu)")
     p.add_argument("--temperature", type=float, default=0.0,

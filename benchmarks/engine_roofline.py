@@ -474,31 +474,54 @@ def draw(doc: dict, path: str, source: str | None = None) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="decode,serving,prefill,ttft")
-    p.add_argument("--variants", default="gqa-4,gta-4,gla-2,mla,mha")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--contexts", default="1024,8192")
+    p.add_argument("--parts", default="decode,serving,prefill,ttft",
+                   help="comma-separated parts to run, of decode, serving, prefill and ttft "
+                        "(default: all four)")
+    p.add_argument("--variants", default="gqa-4,gta-4,gla-2,mla,mha",
+                   help="comma-separated attention variants of the decode and prefill parts "
+                        "(default %(default)s)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="decoding sequences B of the decode part, and the engine's max_num_seqs "
+                        "in the ttft part (default %(default)s)")
+    p.add_argument("--contexts", default="1024,8192",
+                   help="comma-separated contexts L in tokens of the decode part (default "
+                        "%(default)s)")
     p.add_argument("--decode-modes", default="eager,compiled",
                    help="decode steps to time: eager blocks, compiled blocks or both (the "
                         "compiled step is compared with the eager one when both run)")
     p.add_argument("--threaded", action="store_true",
                    help="also time every compiled decode row's engine with its launches made "
                         "from a thread of their own (EngineConfig.launch_thread)")
-    p.add_argument("--serving-batches", default="32,64,128")
-    p.add_argument("--serving-contexts", default="8192,16384,32768")
-    p.add_argument("--prefill-len", type=int, default=8192)
-    p.add_argument("--prefill-batch", type=int, default=1)
-    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--serving-batches", default="32,64,128",
+                   help="comma-separated batch sizes B of the serving part (default %(default)s)")
+    p.add_argument("--serving-contexts", default="8192,16384,32768",
+                   help="comma-separated contexts L in tokens of the serving part (default "
+                        "%(default)s)")
+    p.add_argument("--prefill-len", type=int, default=8192,
+                   help="prompt length in tokens of the prefill and ttft parts (default "
+                        "%(default)s)")
+    p.add_argument("--prefill-batch", type=int, default=1,
+                   help="prompts prefilled together in the prefill part (default %(default)s)")
+    p.add_argument("--chunk", type=int, default=2048,
+                   help="tokens per prefill chunk, timed beside the whole prompt in one step "
+                        "(default %(default)s)")
     p.add_argument("--unequal", default="16x512,4x2048",
                    help="prefill steps of unequal whole prompts, B x mean length, comma-separated")
-    p.add_argument("--ttft-variants", default="gla-2")
+    p.add_argument("--ttft-variants", default="gla-2",
+                   help="comma-separated attention variants of the ttft part (default %(default)s)")
     p.add_argument("--ttft-chunks", default="2048,8192,2048m",
                    help="prefill budgets per step; a trailing m turns mixed prefill+decode steps on")
-    p.add_argument("--ttft-requests", type=int, default=64)
-    p.add_argument("--ttft-output", type=int, default=128)
-    p.add_argument("--rate", type=float, default=16.0)
+    p.add_argument("--ttft-requests", type=int, default=64,
+                   help="requests sent in the ttft part (default %(default)s)")
+    p.add_argument("--ttft-output", type=int, default=128,
+                   help="greedy tokens generated per request in the ttft part (default "
+                        "%(default)s)")
+    p.add_argument("--rate", type=float, default=16.0,
+                   help="Poisson arrivals per second in the ttft part (default %(default)s)")
     p.add_argument("--tiny", action="store_true", help="tiny preset on the CPU (a smoke run)")
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=os.environ.get("OUT", "."),
+                   help="folder for engine_roofline.json and engine_roofline.md (default: $OUT, "
+                        "else the current directory)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw the compiled decode rows' engine step against its floor "
                         "(hwattn.bench.plot) to this file")

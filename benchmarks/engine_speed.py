@@ -316,10 +316,15 @@ def table(before: dict | None, after: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", help="another checkout of the repository to measure first")
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=os.environ.get("OUT", "."),
+                   help="folder for engine_speed.json and engine_speed.md (default: $OUT, else "
+                        "the current directory)")
     p.add_argument("--tiny", action="store_true", help="tiny preset on the CPU (tests)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--spec-variants", default="gla-2")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated attention variants to measure (default %(default)s)")
+    p.add_argument("--spec-variants", default="gla-2",
+                   help="comma-separated variants, of those in --variants, whose n-gram "
+                        "speculation is also measured (default %(default)s)")
     p.add_argument("--ks", default="1,2,3,4", help="n-gram draft lengths to measure")
     p.add_argument("--budget-s", type=float, default=320.0,
                    help="work budget in seconds for everything (half each with --before)")

@@ -379,7 +379,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--only", choices=("correctness", "timing"))
+    parser.add_argument("--only", choices=("correctness", "timing"),
+                        help="run only the correctness checks, or only the peaks and timings "
+                             "(default: both)")
     parser.add_argument("--shapes", help="comma-separated shape names (default: all; see --list)")
     parser.add_argument("--checks", help="comma-separated check names (default: all)")
     parser.add_argument("--variants", default="ws,pipe",

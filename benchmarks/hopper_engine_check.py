@@ -136,7 +136,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=24, help="teacher-forced decode steps")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt")
-    parser.add_argument("--labels", default=",".join(LABELS))
+    parser.add_argument("--labels", default=",".join(LABELS),
+                        help="comma-separated attention variants to check (default %(default)s)")
     args = parser.parse_args()
     calls = {"n": 0}
     launch = hopper_decode.decode_tied

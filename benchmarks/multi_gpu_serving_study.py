@@ -439,7 +439,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts-per-concurrency", type=int, default=2,
                    help="requests per 8K workload = this x its concurrency (default 2)")
     p.add_argument("--name", default="all", help="results go to multi_gpu_serving_NAME.json/.md")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"),
+                   help="folder for the results (default: $OUT, else benchmarks/results)")
     p.add_argument("--tiny", action="store_true", help="tiny preset on CPU (a smoke run)")
     p.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of finished runs")
     args = p.parse_args(argv)

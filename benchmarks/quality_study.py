@@ -67,17 +67,25 @@ def parse_args(argv=None):
     p.add_argument("--work", default="runs/quality_work", help="checkpoints of runs in progress")
     p.add_argument("--export", default=os.environ.get("OUT"),
                    help="copy the study files here at the end (default $OUT when set)")
-    p.add_argument("--preset", default="study")
+    p.add_argument("--preset", default="study", help="model shape (default %(default)s)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help="variants of every seed")
     p.add_argument("--seeds", default="0,1", help="seeds of every variant")
     p.add_argument("--extra-seeds", default="2", help="seeds of --extra-variants only")
-    p.add_argument("--extra-variants", default=",".join(CLAIM_VARIANTS))
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--extra-variants", default=",".join(CLAIM_VARIANTS),
+                   help="comma-separated variants also run with --extra-seeds (default "
+                        "%(default)s)")
+    p.add_argument("--seq-len", type=int, default=1024,
+                   help="tokens per training sequence and per evaluation window (default "
+                        "%(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="sequences per step")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--steps", type=int, default=3000,
+                   help="optimizer steps per run (default %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3,
+                   help="peak learning rate (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=150,
+                   help="warm-up steps, at most --steps (default %(default)s)")
+    p.add_argument("--log-every", type=int, default=25,
+                   help="metrics record every N steps (default %(default)s)")
     p.add_argument("--evals-per-run", type=int, default=12, help="validation points on the curve")
     p.add_argument("--eval-tokens", type=int, default=262_144,
                    help="validation tokens per domain at each curve point (the final "
@@ -91,9 +99,14 @@ def parse_args(argv=None):
                         "a later command on the same machine, e.g. "
                         "`study_speculative.py --checkpoint WORK/gqa-4-s4`; by default it is "
                         "deleted once the run's record is written")
-    p.add_argument("--n-cloze", type=int, default=400)
-    p.add_argument("--n-mc", type=int, default=400)
-    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--n-cloze", type=int, default=400,
+                   help="cloze items in the final evaluation, 0 skips the task (default "
+                        "%(default)s)")
+    p.add_argument("--n-mc", type=int, default=400,
+                   help="multiple-choice items in the final evaluation, 0 skips the task "
+                        "(default %(default)s)")
+    p.add_argument("--eval-batch", type=int, default=32,
+                   help="sequences per forward in the final evaluation (default %(default)s)")
     p.add_argument("--deadline-s", type=float, default=520.0,
                    help="stop (checkpointing a run in progress) this many seconds after start")
     p.add_argument("--eval-reserve-s", type=float, default=45.0,
@@ -112,7 +125,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="eager training steps")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="MFU denominator (H100 / H200 bf16 dense: 989)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, ... (default auto: cuda if present)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny preset, a few steps")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline-at", type=float, default=None, help=argparse.SUPPRESS)

@@ -271,10 +271,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", default=os.environ.get("HWATTN_STUDY_TINY") == "1",
                    help="tiny preset and counts (CPU smoke run); also HWATTN_STUDY_TINY=1")
-    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"),
+                   help="folder for serving_study.json and serving_study.md (default: $OUT, "
+                        "else benchmarks/results)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated attention variants (default %(default)s)")
     p.add_argument("--budget", type=float, default=420.0, help="seconds of work (default 420)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="auto or cuda: the GPU when one is present, else the CPU; cpu: the CPU "
+                        "(default auto)")
     p.add_argument("--dtype", default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--memory-budget", type=float, default=None,
                    help="KV bytes, or fraction of free GPU memory (default 0.85 on CUDA)")

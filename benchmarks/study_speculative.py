@@ -115,7 +115,8 @@ def parse_args(argv=None):
                         "and the spread of all of them is kept (3)")
     p.add_argument("--prompt-seed", type=int, default=0, help="order the documents are drawn in")
     p.add_argument("--dtype", default=None, help="engine dtype (default bf16 on CUDA; fp64 --tiny)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, ... (default auto: cuda if present; with --tiny, the CPU)")
     p.add_argument("--compile-decode", action="store_true",
                    help="decode through torch.compiled blocks (adds compile time)")
     p.add_argument("--deadline-s", type=float, default=560.0,

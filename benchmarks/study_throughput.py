@@ -59,13 +59,21 @@ def flash_ok(model, seq_len: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="data/study")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--preset", default="study")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--log-every", type=int, default=4)
+    p.add_argument("--data", default="data/study",
+                   help="built dataset (default %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated attention variants to train (default %(default)s)")
+    p.add_argument("--preset", default="study", help="model shape (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=1024,
+                   help="tokens per sequence (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="sequences per step (default %(default)s)")
+    p.add_argument("--steps", type=int, default=24,
+                   help="training steps per run, a multiple of --log-every and at least two "
+                        "logging windows (default %(default)s)")
+    p.add_argument("--log-every", type=int, default=4,
+                   help="steps per logging window; the first window (compilation, warm-up) is "
+                        "left out of the steady rate (default %(default)s)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 / H200 bf16 dense")
     p.add_argument("--unfused-loss", action="store_true",
                    help="also time each variant with the plain (B·T, V) logits cross-entropy")
@@ -75,7 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=2,
                    help="profile this many steps of one extra logging window per run and "
                         "report where their GPU time goes (0: no profile; CUDA only)")
-    p.add_argument("--out", default=os.environ.get("OUT", "runs"))
+    p.add_argument("--out", default=os.environ.get("OUT", "runs"),
+                   help="folder for study_throughput.json (default: $OUT, else runs)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of the script: tiny preset, a few eager steps, no MFU")
     args = p.parse_args(argv)

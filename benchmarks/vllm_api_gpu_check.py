@@ -52,12 +52,22 @@ def timed_generate(llm, prompts, params) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--preset", default="mini")
-    ap.add_argument("--attention", default="gla-2")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."),
+                    help="folder for vllm_api_gpu_check.json (default: $OUT, else the current "
+                         "directory)")
+    ap.add_argument("--preset", default="mini",
+                    help="model shape, random weights (default %(default)s)")
+    ap.add_argument("--attention", default="gla-2",
+                    help="attention variant of the model (default %(default)s)")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda, cuda:N or cpu; the memory part runs on CUDA only (default "
+                         "%(default)s)")
+    ap.add_argument("--batch", type=int, default=64,
+                    help="prompts of 256 random tokens generated together in the timed "
+                         "sampler runs (default %(default)s)")
+    ap.add_argument("--output-len", type=int, default=128,
+                    help="tokens generated per prompt in the timed sampler runs (default "
+                         "%(default)s)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     report: dict = dict(preset=args.preset, attention=args.attention, device=args.device)

@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hardware-efficient attention: GTA, GLA, MLA, GQA, MQA and MHA layers, "
                     "paged decode kernels, training and serving.")
     from hwattn import __version__
-    parser.add_argument("--version", action="version", version=f"hwattn {__version__}")
+    parser.add_argument("--version", action="version", version=f"hwattn {__version__}",
+                        help="print the installed hwattn version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _present(COMMANDS):
         importlib.import_module(f"hwattn.cli.{name}").register(sub)

@@ -55,8 +55,12 @@ def register(sub) -> None:
     p.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
                    help="time FlashMLA (flash_mla) and FA3 (flash_attn_interface) in this process "
                         "where they import (default on; --no-external skips them)")
-    p.add_argument("--warmup-ms", type=int, default=25)
-    p.add_argument("--rep-ms", type=int, default=100)
+    p.add_argument("--warmup-ms", type=int, default=25,
+                   help="warm-up time in ms before each timing (do_bench's warmup; default "
+                        "%(default)s)")
+    p.add_argument("--rep-ms", type=int, default=100,
+                   help="time in ms spent on timed repetitions; each row reports the median "
+                        "(do_bench's rep; default %(default)s)")
     p.add_argument("--out", metavar="FILE.json", help="also write the JSON document here")
     add_cpu_threads(p)
     p.set_defaults(func=run)

@@ -16,10 +16,16 @@ def register(sub) -> None:
                                    "GEMMs, other kernels, gaps between them (GPU, from the "
                                    "profiler's trace) and host time, beside its roofline floor.")
     p.add_argument("model", help="checkpoint directory or preset")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=256)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--num-prompts", type=int, default=16,
+                   help="requests N submitted at once (default %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=256,
+                   help="tokens in each random prompt (default %(default)s)")
+    p.add_argument("--output-len", type=int, default=64,
+                   help="tokens generated per request, end-of-sequence ignored (default "
+                        "%(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of the offline run, 0 = greedy (default "
+                        "%(default)s)")
     p.add_argument("--repetitive", action="store_true",
                    help="prompts of repeated phrases (where n-gram speculation shines)")
     p.add_argument("--breakdown-batch", type=int, default=None,

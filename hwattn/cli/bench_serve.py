@@ -21,12 +21,16 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="model name at --url (default: its first)")
     p.add_argument("--http", action="store_true",
                    help="in-process mode: go through a real uvicorn on a loopback port too")
-    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=32,
+                   help="completion requests N to send (default %(default)s)")
     p.add_argument("--prompt-len", type=int, default=256, help="mean prompt length")
     p.add_argument("--prompt-spread", type=float, default=0.5,
                    help="lengths uniform in mean·(1 ± spread) (default 0.5)")
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--output-len", type=int, default=64,
+                   help="tokens generated per request, end-of-sequence ignored (default "
+                        "%(default)s)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="most requests in flight at once (default: no cap)")
     p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     p.add_argument("--max-duration", type=float, default=600.0, help="stop after this many seconds")
     p.add_argument("--warmup-requests", type=int, default=2,

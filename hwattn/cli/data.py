@@ -53,7 +53,7 @@ def register(sub) -> None:
     b.set_defaults(func=run_build)
 
     s = dsub.add_parser("sources", help="list the registry packages `--corpus registry` uses")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the sources as a JSON list")
     s.set_defaults(func=run_sources)
 
     pk = dsub.add_parser("pack", help="compress a built dataset into xz parts for copying",
