@@ -359,6 +359,14 @@ class HwattnDecoder(nn.Module):
         return self.output(self.norm(x))
 
 
+# What forward takes beside its named arguments: the cache under transformers 5.24's name,
+# what generate() and Trainer send (cache_position, checked; num_items_in_batch, used), and
+# what it refuses by name (inputs_embeds, output_attentions, output_hidden_states). Anything
+# else (a misspelt attention_mask, token_type_ids, head_mask) is refused, not ignored.
+_OTHER_FORWARD_ARGS = frozenset({"cache", "cache_position", "num_items_in_batch", "inputs_embeds",
+                                 "output_attentions", "output_hidden_states"})
+
+
 def padding_mask(attention_mask: Tensor, query_len: int) -> Tensor | None:
     """(B, L) ones / zeros -> (B, 1, T, L) bool: causal (queries are the last T positions) and
     never a padded key. A query row with nothing to attend to (a padded query) may attend to
@@ -440,10 +448,13 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
             other cache raises ValueError); with `use_cache=True` one is made when none is
             given, and returned.
         labels (B, T): mean next-token cross-entropy, -100 ignored (needs every position's
-            logits: no `logits_to_keep`).
+            logits: no `logits_to_keep`); with `num_items_in_batch` (as transformers' Trainer
+            passes it) the summed cross-entropy divided by it.
+        return_dict=False: the output as a tuple (loss if labels were given, logits, cache).
 
         Raises ValueError for input_ids that are not a non-empty (B, T) integer tensor of ids
-        in [0, vocab_size), a mask or positions of another shape, and what this model cannot
+        in [0, vocab_size), a mask or positions of another shape, a `cache_position` other
+        than the slots after the cache, any argument not named here, and what this model cannot
         do: `inputs_embeds`, `output_attentions` or `output_hidden_states` (refused rather than
         answered with None).
         """
@@ -453,6 +464,12 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
                                  f"logits (and the cache) only")
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported: pass input_ids")
+        unknown = sorted(set(kwargs) - _OTHER_FORWARD_ARGS)
+        if unknown:
+            raise ValueError(f"HwattnForCausalLM.forward got arguments it does not take: "
+                             f"{', '.join(unknown)} (it takes input_ids, attention_mask, "
+                             f"position_ids, past_key_values, use_cache, labels, logits_to_keep, "
+                             f"return_dict and {', '.join(sorted(_OTHER_FORWARD_ARGS))})")
         # (The checks of hwattn.models.transformer.check_tokens, restated: this file is copied
         # beside exported checkpoints and imports only torch and transformers.)
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
@@ -479,6 +496,13 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
                                            or attention_mask.shape[0] != b):
             raise ValueError(f"attention_mask must be (batch = {b}, length), got shape "
                              f"{tuple(attention_mask.shape)}")
+        cache_position = kwargs.get("cache_position")
+        if cache_position is not None and (
+                tuple(cache_position.shape) != (t,) or not torch.equal(
+                    cache_position.cpu(), torch.arange(past, past + t, dtype=cache_position.dtype))):
+            raise ValueError(f"cache_position must be {past}..{past + t - 1}, the slots after the "
+                             f"{past} cached tokens (positions come from attention_mask or "
+                             f"position_ids), got {cache_position.tolist()}")
         if attention_mask is not None and attention_mask.shape[-1] != past + t:
             raise ValueError(f"attention_mask must cover the {past} cached and {t} new tokens, "
                              f"got length {attention_mask.shape[-1]}")
@@ -509,18 +533,43 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
         logits = self.model(input_ids, position_ids, mask, cache, keep)
         loss = None
         if labels is not None:
+            # num_items_in_batch (transformers' Trainer, over all accumulated micro-batches):
+            # the summed loss over it, which the Trainer then leaves unscaled.
+            items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="mean" if items is None else "sum")
+            if items is not None:
+                loss = loss / (items.to(loss.device) if isinstance(items, Tensor) else items)
         out = {_CACHE_FIELD: cache} if cache is not None else {}
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **out)
+        res = CausalLMOutputWithPast(loss=loss, logits=logits, **out)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return res if return_dict else res.to_tuple()
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        """Only the tokens the cache has not seen, with positions from the padding mask;
-        `output_attentions` / `output_hidden_states` pass through, for forward to refuse."""
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, position_ids=None,
+                                      next_sequence_length=None, **kwargs):
+        """Only the tokens the cache has not seen, with positions from the padding mask (or the
+        last of `position_ids`, when generate() was given them); `output_attentions` /
+        `output_hidden_states` pass through, for forward to refuse.
+
+        `input_ids` is the whole sequence so far, except in a chunked prefill
+        (`prefill_chunk_size`), where it is the chunk: the new tokens are the last
+        `next_sequence_length` (transformers 5), else those the mask covers past the cache,
+        else those past the cache's length."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
-        inputs = {"input_ids": input_ids[:, past:], "attention_mask": attention_mask,
+        width = input_ids.shape[1]
+        if next_sequence_length is not None:
+            new = next_sequence_length
+        elif attention_mask is not None:
+            new = attention_mask.shape[-1] - past
+        else:
+            new = width - past if width > past else width
+        input_ids = input_ids[:, max(width - new, 0):]  # forward names a mask that does not fit
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "use_cache": kwargs.get("use_cache")}
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids[..., -input_ids.shape[1]:]
         if cache is not None:
             inputs["cache" if "cache" in kwargs else "past_key_values"] = cache
         keep = kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep"))
