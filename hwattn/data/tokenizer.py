@@ -472,29 +472,43 @@ def defuse_markers(content: str) -> str:
     return _MARKER.sub(lambda m: "<" + ZERO_WIDTH_SPACE + m.group(0)[1:], content)
 
 
+def message_text(i: int, message) -> tuple[str, str]:
+    """(role, content as one string) of `messages[i]`: {"role": one of `CHAT_ROLES`,
+    "content": a string or a list of OpenAI text parts {"type": "text", "text": str}} and
+    nothing more. Anything else raises `ValueError` naming it (a free-form role could write
+    its own markers into the template; another field would be dropped without a word)."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in CHAT_ROLES:
+        raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+    extra = sorted(set(message) - {"role", "content"}, key=str)  # would vanish unsaid
+    if extra:
+        raise ValueError(f"messages[{i}].{extra[0]} is not supported: a message has only role "
+                         f"and content")
+    content = message.get("content")
+    if isinstance(content, list):
+        for j, p in enumerate(content):
+            if not (isinstance(p, dict) and p.get("type") == "text"
+                    and isinstance(p.get("text"), str) and set(p) == {"type", "text"}):
+                raise ValueError(f"messages[{i}].content[{j}] must be a text part: an object "
+                                 f"with type \"text\" and a string text, nothing else (only "
+                                 f"text is supported)")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got "
+                         f"{type(content).__name__}")
+    return role, content
+
+
 def chat_parts(messages: list[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
     """The built-in chat template as (text, is_content) pieces: `<|role|>\\n`, the content
     (its role markers defused by `defuse_markers`), `\\n` per message, then `<|assistant|>\\n`
     when `add_generation_prompt`. Tokenize content pieces with `encode_text`, so that no
     message can forge a turn or a special token.
 
-    Each message is {"role": one of `CHAT_ROLES`, "content": a string or a list of OpenAI text
-    parts {"type": "text", "text": str}}; anything else raises `ValueError` (a free-form role
-    could write its own markers into the template)."""
+    Each message is checked by `message_text` (ValueError naming what is wrong)."""
     parts = []
     for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if role not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, "
-                             f"got {role!r}")
-        content = m.get("content")
-        if isinstance(content, list) and all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                for p in content):
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string or a list of text parts, "
-                             f"got {type(content).__name__}")
+        role, content = message_text(i, m)
         parts += [(f"<|{role}|>\n", False), (defuse_markers(content), True), ("\n", False)]
     if add_generation_prompt:
         parts.append(("<|assistant|>\n", False))

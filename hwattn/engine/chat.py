@@ -22,45 +22,53 @@ import re
 import secrets
 from pathlib import Path
 
-from hwattn.data.tokenizer import CHAT_ROLES, chat_parts, chat_prompt
+from hwattn.data.tokenizer import chat_parts, chat_prompt, message_text
 from hwattn.engine.requests import check_prompt_chars
 
 
-def _message_text(i: int, message) -> tuple[str, str]:
-    """(role, content as one string) of `messages[i]`, or ValueError naming what is wrong."""
-    role = message.get("role") if isinstance(message, dict) else None
-    if role not in CHAT_ROLES:
-        raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-    content = message.get("content")
-    if isinstance(content, list) and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            for p in content):
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got "
-                         f"{type(content).__name__}")
-    return role, content
+def _tokenizer_config(model_dir: str | Path | None) -> dict:
+    """The checkpoint's tokenizer_config.json as a dict ({} when there is none); ValueError
+    naming the file when it is not a JSON object."""
+    if model_dir is None:
+        return {}
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _read_checkpoint_template(model_dir: str | Path | None) -> str | None:
-    if model_dir is None:
+    """The checkpoint's template (None when it names none); ValueError naming the file when
+    it names one that cannot be used: the built-in format in its place would prompt the model
+    in a format it was not trained on."""
+    template = _tokenizer_config(model_dir).get("chat_template")
+    if template is None:
         return None
-    path = Path(model_dir) / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    template = config.get("chat_template")
+    where = f"{Path(model_dir) / 'tokenizer_config.json'}: chat_template"
     if isinstance(template, list):  # named templates
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template.strip() else None
+        if "default" not in named:
+            raise ValueError(f"{where} lists no template named \"default\" (it has "
+                             f"{', '.join(map(repr, named)) or 'none'}); pass one with "
+                             f"chat_template")
+        template, where = named["default"], where + " \"default\""
+        if not isinstance(template, str):
+            raise ValueError(f"{where} must be a string, got {type(template).__name__}")
+    if not isinstance(template, str):
+        raise ValueError(f"{where} must be a string or a list of {{name, template}}, got "
+                         f"{type(template).__name__}")
+    return template if template.strip() else None
 
 
 def _special(model_dir, key: str) -> str:
     """A special token's text from tokenizer_config.json ("" when absent)."""
-    if model_dir is None or not (Path(model_dir) / "tokenizer_config.json").is_file():
-        return ""
-    value = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()).get(key)
+    value = _tokenizer_config(model_dir).get(key)
     if isinstance(value, dict):  # {"content": "<s>", ...} as transformers writes it
         value = value.get("content")
     return value if isinstance(value, str) else ""
@@ -73,8 +81,10 @@ class ChatTemplate:
         (None for presets). override: a path to a template file, or a Jinja template string
         (anything containing "{{" or "{%"), taking precedence over the checkpoint's.
     `source` says which one is used: "override", "tokenizer_config.json" or "built-in".
-    Raises ValueError if the override is neither an existing file nor a template, or if a
-    template does not compile (naming it).
+    Raises ValueError if the override is neither an existing file nor a template, if a
+    template does not compile (naming it), or if the checkpoint's tokenizer_config.json is not
+    a JSON object or names a template that cannot be used (no "default" among named ones, or
+    not a string), naming the file.
     """
 
     def __init__(self, model_dir: str | Path | None = None, override: str | None = None):
@@ -186,7 +196,7 @@ class ChatTemplate:
     def _flat(messages) -> list[dict]:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {role, content} messages")
-        return [dict(zip(("role", "content"), _message_text(i, m))) for i, m in enumerate(messages)]
+        return [dict(zip(("role", "content"), message_text(i, m))) for i, m in enumerate(messages)]
 
     def _render(self, flat: list[dict], add_generation_prompt: bool) -> str:
         try:
