@@ -48,11 +48,18 @@ def roofline_us(flops: float, nbytes: float, gpu: GPUSpec) -> tuple[float, str]:
 
 def analyze(preset: str = "xl", variants=DEFAULT_VARIANTS, tps=(1,), batch: int = 128,
             context: int = 8192, dtype: str = "bf16", gpu: GPUSpec = GPUS["h100"]) -> list[dict]:
-    """One row per (variant, TP degree); byte and time figures are per rank."""
+    """One row per (variant, TP degree); byte and time figures are per rank. ValueError
+    naming `batch` or `context` unless a positive integer, `variants` or `tps` when empty."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    if batch <= 0 or context <= 0:
-        raise ValueError(f"batch and context must be positive, got {batch}, {context}")
+    for name, value in (("batch", batch), ("context", context)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    variants, tps = tuple(variants), tuple(tps)
+    if not variants:
+        raise ValueError("variants must name at least one variant")
+    if not tps:
+        raise ValueError("tps must hold at least one TP degree")
     torch_dtype = DTYPES[dtype]
     rows = []
     for label in variants:

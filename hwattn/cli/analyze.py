@@ -60,7 +60,7 @@ def run(args) -> int:
     from hwattn.analysis.cost import GPUS, analyze, format_table
     from hwattn.cli import check_output_file, positive, variant_list
 
-    positive(args, "peak_tflops", "bandwidth")
+    positive(args, "peak_tflops", "bandwidth", "batch", "context")
     variants = variant_list(args.variants)
     check_output_file(args.plot, "--plot")
     gpu = GPUS[args.gpu]
