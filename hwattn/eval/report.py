@@ -4,33 +4,25 @@
 
 DIR holds what `benchmarks/quality_study.py` wrote (study_runs.jsonl, study_summary.json).
 Every number of the page is computed here from those files: per-domain perplexity and bits
-per byte as mean ± standard deviation over seeds, the seed-to-seed variation, the paired
-difference of each claim pair (same seed, hence the same tokens in the same order) with a
-95% t-interval over seeds, the recall probe, throughput and MFU, and loss curves. Each of
-the paper's two claims gets a verdict derived from its interval:
-
-- holds: the upper end of the interval of (new / base − 1) in perplexity is at most
-  +1% (`MATCH_MARGIN`): the new variant is no more than 1% worse, with 95% confidence;
-- fails: the lower end is above +1%: it is worse by more than 1%;
-- inconclusive: the interval straddles +1% (more seeds would decide);
-- untested: fewer than two seeds of the pair.
-
-An inconclusive claim also gets the number of paired seeds that would decide it if the gaps'
-mean and standard deviation stayed as observed (`seeds_to_decide`): a planning figure for the
-study, not a prediction.
+per byte as mean ± standard deviation over seeds, the seed-to-seed variation, each claim's
+paired gaps with their interval and verdict (`hwattn.eval.claims`, which says how a verdict
+is read), the recall probe, throughput and MFU, and loss curves. Each report over new seeds
+is a look at a claim, recorded beside the runs (`study_looks.json`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
+from hwattn.eval.claims import (CLAIMS, LOOKS_FILE, MATCH_MARGIN, MAX_SEEDS, NEXT_LOOKS_FILE,
+                                claim_key, claim_results, ppl_of, record_looks,
+                                register_next_looks)
 from hwattn.models.checkpoint import read_json_object
 
 # FineWeb-Edu validation perplexity reported by the paper (docs/design.md §3).
@@ -40,89 +32,9 @@ PAPER_PPL = {
 }
 # The paper's model sizes and training tokens (docs/design.md §3).
 PAPER_SCALE, PAPER_TOKENS = "183M–1.47B-parameter models", "25–50B tokens"
-CLAIMS = (("gta-4", "gqa-4"), ("gla-2", "mla"))
 ORDER = ("mha", "mqa", "gqa-4", "gta-4", "mla", "gla-2")
-MATCH_MARGIN = 0.01
 # Seed-to-seed variation small enough for a 1% gap to stand out of it.
 SEED_STD_NEEDED = 0.005
-# Two-sided 95% quantiles of Student's t by degrees of freedom (`t95` beyond 30).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
-       17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-# The normal distribution's 97.5% quantile.
-Z975 = 1.959963984540054
-
-
-def t95(df: int) -> float:
-    """The 97.5% quantile of Student's t with `df` degrees of freedom: the table's value, or
-    that of the nearest smaller df in the table (a slightly wider interval) up to 30; beyond
-    30 the Cornish–Fisher expansion of t in 1/df (Abramowitz & Stegun 26.7.5), within 1e-4 of
-    the quantile there. The normal quantile 1.96, used beyond 30 before, is the limit of
-    infinitely many degrees of freedom: at 31 the quantile is 2.040, so 1.96 made intervals 4%
-    too narrow and `seeds_to_decide` count too few seeds."""
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
-    if df in T95:
-        return T95[df]
-    if df <= 30:
-        return T95[max(k for k in T95 if k < df)]
-    z = Z975
-    terms = ((z ** 3 + z) / 4,
-             (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
-             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
-             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
-    return z + sum(g / df ** (k + 1) for k, g in enumerate(terms))
-
-
-def t_within(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer `df` >= 1, exactly (Abramowitz & Stegun
-    26.7.3 and 26.7.4: a finite series in theta = atan(t / sqrt(df)))."""
-    theta = math.atan(t / math.sqrt(df))
-    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
-    if df % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + (2*4)/(3*5) cos^4 + ...))
-        for k in range(1, (df - 1) // 2):
-            term *= c2 * (2 * k) / (2 * k + 1)
-            total += term
-        tail = math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0
-        return 2 / math.pi * (theta + tail)
-    for k in range(1, df // 2):  # even: sin (1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 + ...)
-        term *= c2 * (2 * k - 1) / (2 * k)
-        total += term
-    return math.sin(theta) * total
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The p quantile (0.5 < p < 1) of Student's t with integer `df` >= 1, by bisection on
-    `t_within` to 1e-9."""
-    if not 0.5 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    lo, hi, within = 0.0, 1.0, 2 * p - 1
-    while t_within(hi, df) < within:
-        hi *= 2
-    while hi - lo > 1e-9 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_within(mid, df) < within else (lo, mid)
-    return (lo + hi) / 2
-
-
-def t_quantile_for(looks: int, df: int) -> float:
-    """The t quantile of a 95% interval read at the `looks`-th of as many looks at a growing
-    set of seeds: Bonferroni's 1 - 0.025 / looks (`t95` for a single look)."""
-    return t95(df) if looks <= 1 else t_quantile(1 - 0.025 / looks, df)
-
-
-def t_interval(values: list[float], looks: int = 1) -> tuple[float, float, float] | None:
-    """(mean, low, high) of the t-interval of the mean of `values`, 95% for one look at the
-    seeds, corrected for `looks` (`t_quantile_for`); None under two values."""
-    if len(values) < 2:
-        return None
-    m = statistics.fmean(values)
-    half = t_quantile_for(looks, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return m, m - half, m + half
-
-
 def load_runs(study: str | Path) -> tuple[list[dict], dict]:
     """The run records of study_runs.jsonl and the study_summary.json document ({} without
     one). ValueError naming the file, and the line, of a record that is not a JSON object."""
@@ -164,10 +76,6 @@ def domains_of(runs: list[dict]) -> list[str]:
     return [d for d in runs[0]["eval"]["ppl"] if d != "average"]
 
 
-def _ppl(r: dict, domain: str) -> float:
-    return r["eval"]["ppl"][domain]["ppl"]
-
-
 def mean_std(values: list) -> tuple[float | None, float | None]:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -184,140 +92,6 @@ def _pm(values, fmt="{:.3f}") -> str:
 
 def _pct(x, digits=1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}%"
-
-
-def paired_gaps(by: dict, new: str, base: str, domain: str) -> list[tuple[int, float]]:
-    """(seed, ppl_new / ppl_base − 1) for every seed both variants finished."""
-    base_by_seed = {r["seed"]: r for r in by.get(base, [])}
-    return [(r["seed"], _ppl(r, domain) / _ppl(base_by_seed[r["seed"]], domain) - 1)
-            for r in by.get(new, []) if r["seed"] in base_by_seed]
-
-
-def verdict(interval: tuple[float, float, float] | None) -> str:
-    if interval is None:
-        return "untested"
-    _, lo, hi = interval
-    if hi <= MATCH_MARGIN:
-        return "holds"
-    if lo > MATCH_MARGIN:
-        return "fails"
-    return "inconclusive"
-
-
-# The most seeds `seeds_to_decide` looks for; beyond it, "more than" this.
-MAX_SEEDS = 100
-
-
-def seeds_to_decide(values: list[float], looks: int = 1) -> int | None:
-    """The fewest paired seeds whose 95% interval, read as look number `looks`
-    (`t_quantile_for`), would clear the margin (lie wholly on one side of +1%) if the gaps kept
-    the mean and standard deviation of `values`; None when that cannot happen (fewer than two
-    values, no spread, or a mean on the margin itself) and MAX_SEEDS + 1 when more than
-    MAX_SEEDS would be needed."""
-    if len(values) < 2:
-        return None
-    m, sd = statistics.fmean(values), statistics.stdev(values)
-    distance = abs(m - MATCH_MARGIN)
-    if sd == 0 or distance == 0:
-        return None
-    for n in range(2, MAX_SEEDS + 1):
-        if t_quantile_for(looks, n - 1) * sd / math.sqrt(n) < distance:
-            return n
-    return MAX_SEEDS + 1
-
-
-def claim_key(new: str, base: str) -> str:
-    return f"{new} vs {base}"
-
-
-def batch_in_progress(n: int, seen: list[int], next_look: int | None) -> bool:
-    """Whether a claim's `n` paired seeds are part-way through a batch registered, before its
-    first seed, to be read at `next_look` seeds (`seen`: the counts at its earlier looks)."""
-    return next_look is not None and (seen[-1] if seen else 0) < n < next_look
-
-
-def claim_results(by: dict, domains: list[str], looks: dict[str, list[int]] | None = None,
-                  next_looks: dict[str, int] | None = None) -> list[dict]:
-    """Per claim pair and metric (the mean over domains, then each domain): the per-seed
-    gaps, their 95% interval, the same corrected for the looks taken at the claim so far
-    (`looks`: claim -> paired-seed counts at which its report was written, this one last;
-    none recorded: one look), the verdict read from the corrected interval and, when
-    inconclusive, `seeds_to_decide` at the next look.
-
-    A claim part-way through a registered batch (`next_looks`: claim -> the paired-seed count
-    it is read at next; `batch_in_progress`) is reported as at its last look: over the seeds
-    that look read (its lowest seeds, as seeds are added in order), with `batch` = (paired
-    seeds in now, the count the batch is read at)."""
-    out = []
-    for new, base in CLAIMS:
-        key = claim_key(new, base)
-        seen = (looks or {}).get(key, [])
-        n_looks = max(1, len(seen))
-        n_now = len(paired_gaps(by, new, base, "average"))
-        target = (next_looks or {}).get(key)
-        batch = (n_now, target) if batch_in_progress(n_now, seen, target) else None
-        for metric in ["average", *domains]:
-            gaps = paired_gaps(by, new, base, metric)
-            if batch:
-                gaps = sorted(gaps)[:seen[-1] if seen else 0]
-            values = [g for _, g in gaps]
-            corrected = t_interval(values, n_looks)
-            decided = verdict(corrected)
-            out.append({"new": new, "base": base, "metric": metric, "gaps": gaps,
-                        "interval": t_interval(values), "corrected": corrected,
-                        "looks": n_looks, "verdict": decided, "batch": batch,
-                        "seeds_needed": seeds_to_decide(values, n_looks + 1)
-                        if decided == "inconclusive" else None})
-    return out
-
-
-LOOKS_FILE = "study_looks.json"
-
-
-NEXT_LOOKS_FILE = "study_next_looks.json"
-
-
-def record_looks(by: dict, looks: dict[str, list[int]],
-                 next_looks: dict[str, int] | None = None) -> dict[str, list[int]]:
-    """`looks` with this report counted: each claim's paired-seed count appended where it has
-    at least two seeds and differs from the last look (a report rewritten over the same
-    seeds reads nothing new), unless the claim is part-way through a registered batch
-    (`batch_in_progress`): its new seeds are not read until the batch is whole."""
-    out = {k: list(v) for k, v in looks.items()}
-    for new, base in CLAIMS:
-        n = len(paired_gaps(by, new, base, "average"))
-        key = claim_key(new, base)
-        seen = out.setdefault(key, [])
-        if batch_in_progress(n, seen, (next_looks or {}).get(key)):
-            continue
-        if n >= 2 and (not seen or seen[-1] != n):
-            seen.append(n)
-    return {k: v for k, v in out.items() if v}
-
-
-def register_next_looks(by: dict, looks: dict[str, list[int]], next_looks: dict[str, int],
-                        requests: dict[str, int]) -> dict[str, int]:
-    """`next_looks` with each of `requests` (claim -> paired-seed count) registered: the claim
-    is next read when it has that many paired seeds, and not before. Registering is only
-    sound before the batch's first seed is in, so a claim with seeds its last look has not
-    read is refused (ValueError naming it), as is a count not above the seeds it has."""
-    known = {claim_key(new, base) for new, base in CLAIMS}
-    out = dict(next_looks)
-    for key, target in requests.items():
-        if key not in known:
-            raise ValueError(f"--next-look: unknown claim {key!r} (claims: {', '.join(sorted(known))})")
-        new, base = key.split(" vs ")
-        n = len(paired_gaps(by, new, base, "average"))
-        seen = looks.get(key, [])
-        if n != (seen[-1] if seen else 0) and n >= 2:
-            raise ValueError(f"--next-look {key}={target}: {n - (seen[-1] if seen else 0)} of its "
-                             f"{n} paired seeds have not been read at a look; register a batch "
-                             "before its first seed is in")
-        if target <= n:
-            raise ValueError(f"--next-look {key}={target}: the claim already has {n} paired "
-                             "seeds; give a larger count")
-        out[key] = target
-    return out
 
 
 def _seeds(n: int | None) -> str:
@@ -598,7 +372,7 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
         row = [label, str(len(rs)), str(rs[0].get("hidden_dim", "–")),
                f"{rs[0]['kv_bytes_per_token_per_layer']:,}", _pm(avg),
                _pct(s / m if s is not None else None, 2), _pct(loss_rel.get(label), 2)]
-        row += [_pm([_ppl(r, d) for r in rs]) for d in domains]
+        row += [_pm([ppl_of(r, d) for r in rs]) for d in domains]
         row += [_pm([r["eval"]["ppl"][d].get("bpb") for r in rs], "{:.4f}") for d in domains]
         row += [_pct(mean_std([r["eval"].get("cloze", {}).get("acc") for r in rs])[0]),
                 _pct(mean_std([r["eval"].get("mc", {}).get("acc_norm") for r in rs])[0]),

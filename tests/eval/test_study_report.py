@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hwattn.eval.report import (MAX_SEEDS, claim_results, main as report_main, render,
-                                seeds_to_decide, t95, t_interval, write_report)
+from hwattn.eval.claims import MAX_SEEDS, claim_results, seeds_to_decide, t95, t_interval
+from hwattn.eval.report import main as report_main, render, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 CLAIM = "gqa-4,gta-4,mla,gla-2"
@@ -410,7 +410,7 @@ def test_keep_checkpoints_leaves_a_finished_run_loadable(tmp_path, dataset_dir):
 def test_t_quantile_is_students():
     """The exact quantile by bisection agrees with the table of 97.5% quantiles, and with
     values of other levels (scipy.stats.t.ppf, written down)."""
-    from hwattn.eval.report import T95, t_quantile, t_within
+    from hwattn.eval.claims import T95, t_quantile, t_within
 
     for df, q in T95.items():
         assert t_quantile(0.975, df) == pytest.approx(q, abs=6e-4)
@@ -426,7 +426,7 @@ def test_each_look_at_a_claim_widens_its_interval():
     """Six gaps whose 95% interval just clears the margin (the study's GTA-4 gaps): one look
     says "fails"; read as the fourth look at the claim (after 2, 3 and 4 seeds) the corrected
     interval straddles the margin, and deciding takes more seeds."""
-    from hwattn.eval.report import record_looks
+    from hwattn.eval.claims import record_looks
 
     gaps = [0.0323, 0.0127, 0.0138, 0.0088, 0.0262, 0.0274]
     runs = []
@@ -495,7 +495,8 @@ def test_a_registered_batch_is_read_once_when_it_is_whole(tmp_path):
     """Seeds added as one batch registered before its first seed (`--next-look`) are not a
     look until the batch is whole: part-way, the claim's rows stay those of its last look
     and the looks file is unchanged; whole, the batch is one look over every seed."""
-    from hwattn.eval.report import by_variant, record_looks
+    from hwattn.eval.claims import record_looks
+    from hwattn.eval.report import by_variant
 
     six = [0.0323, 0.0127, 0.0138, 0.0088, 0.0262, 0.0274]
     looks, registered = {"gta-4 vs gqa-4": [2, 3, 4, 6]}, {"gta-4 vs gqa-4": 10}
@@ -519,7 +520,8 @@ def test_a_registered_batch_is_read_once_when_it_is_whole(tmp_path):
 
 
 def test_a_batch_is_registered_only_before_its_first_seed(tmp_path, capsys):
-    from hwattn.eval.report import by_variant, register_next_looks
+    from hwattn.eval.claims import register_next_looks
+    from hwattn.eval.report import by_variant
 
     by = by_variant(_pairs([0.01, 0.02, 0.03]))
     key = "gta-4 vs gqa-4"
