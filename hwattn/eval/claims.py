@@ -227,9 +227,9 @@ def register_next_looks(by: dict, looks: dict[str, list[int]], next_looks: dict[
             raise ValueError(f"--next-look: unknown claim {key!r} (claims: {', '.join(sorted(known))})")
         new, base = key.split(" vs ")
         n = len(paired_gaps(by, new, base, "average"))
-        seen = looks.get(key, [])
-        if n != (seen[-1] if seen else 0) and n >= 2:
-            raise ValueError(f"--next-look {key}={target}: {n - (seen[-1] if seen else 0)} of its "
+        read = looks[key][-1] if looks.get(key) else 0  # paired seeds at the last look
+        if n != read and n >= 2:
+            raise ValueError(f"--next-look {key}={target}: {n - read} of its "
                              f"{n} paired seeds have not been read at a look; register a batch "
                              "before its first seed is in")
         if target <= n:
