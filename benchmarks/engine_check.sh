@@ -36,9 +36,14 @@
 #      hopper_decode.py, then `hwattn bench decode` (MLA, and FlashMLA / FA3 where they import,
 #      before GLA-2, in the 12-03 order), then hopper_decode.py again (heat), with the clocks,
 #      power and temperature before and after.
+#  13. fp8ncu: Nsight Compute on one launch each of the Hopper tied kernel over an e4m3 cache and
+#      over a bf16 one (GTA-4, B 128, L 16K, L_q 1): the full section set with per-instruction
+#      stall samples (where do the producer warps that widen fp8 to fp16 wait?), exported as CSV
+#      (details, and the source page at SASS and at Python-source level) beside the report.
+#      Needs a machine whose runtime lets ncu read the counters (Firecracker; not gVisor).
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -130,6 +135,15 @@ for step in $steps; do
       timeout 100 python3 benchmarks/hopper_decode.py --only timing --rep-ms 100 --variants default \
         --shapes gla2-b128-16k-lq1,gta4-b128-16k --out "$OUT/harness_hopper_b.json" 2>&1 | tail -6 | tee -a "$OUT/log"
       nvidia-smi -q -d CLOCK,POWER,TEMPERATURE > "$OUT/gpu_state_after.txt" 2>&1 ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness)" | tee -a "$OUT/log"; exit 2 ;;
+    fp8ncu)
+      rep="$OUT/fp8_ncu"
+      timeout 300 ncu --clock-control none --set full --import-source yes -k regex:hopper \
+        --launch-count 2 -f -o "$rep" python3 benchmarks/hopper_decode.py --worker \
+        --tasks warm:gta4-b128-16k-fp8:default,warm:gta4-b128-16k:default 2>&1 | tail -15 | tee -a "$OUT/log"
+      ncu -i "$rep.ncu-rep" --page details --csv > "$OUT/fp8_ncu_details.csv" 2> "$OUT/fp8_ncu_details.err"
+      ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$OUT/fp8_ncu_sass.csv" 2> "$OUT/fp8_ncu_sass.err"
+      ncu -i "$rep.ncu-rep" --page source --csv --print-source cuda > "$OUT/fp8_ncu_source.csv" 2> "$OUT/fp8_ncu_source.err"
+      ls -la "$OUT" | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done
