@@ -1,4 +1,4 @@
-"""Turn the quality study's files into `docs/results/quality.md` and its plot.
+"""Turn the quality study's files into `docs/results/quality.md` and its plots.
 
     python -m hwattn.eval.report --study DIR [--out docs/results/quality.md]
 
@@ -6,8 +6,9 @@ DIR holds what `benchmarks/quality_study.py` wrote (study_runs.jsonl, study_summ
 Every number of the page is computed here from those files: per-domain perplexity and bits
 per byte as mean ± standard deviation over seeds, the seed-to-seed variation, each claim's
 paired gaps with their interval and verdict (`hwattn.eval.claims`, which says how a verdict
-is read), the recall probe, throughput and MFU, and loss curves. Each report over new seeds
-is a look at a claim, recorded beside the runs (`study_looks.json`).
+is read), the recall probe, throughput and MFU; its figures draw the loss curves and the
+claims' gaps. Each report over new seeds is a look at a claim, recorded beside the runs
+(`study_looks.json`).
 """
 
 from __future__ import annotations
@@ -151,13 +152,29 @@ def _batch_note(head: dict) -> str:
             "numbers of the last look.")
 
 
-def plot_study(runs: list[dict], path: str | Path) -> Path:
-    """Training loss and validation loss per domain vs tokens: one colour per variant, the
-    mean over seeds drawn solid, each seed faint."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend: the report's figures are files, never shown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write `fig` to `path` (its folder made if missing) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_study(runs: list[dict], path: str | Path) -> Path:
+    """Training loss and validation loss per domain vs tokens: one colour per variant, the
+    mean over seeds drawn solid, each seed faint."""
+    plt = _pyplot()
     import numpy as np
 
     domains = domains_of(runs)
@@ -193,11 +210,95 @@ def plot_study(runs: list[dict], path: str | Path) -> Path:
         axes[0].set_ylim(min(tr) - 0.05, min(tr) + 1.5)
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def claim_rows(runs: list[dict], summary: dict) -> list[dict]:
+    """The rows of the page's claims table (`claim_results` over the summary's looks and
+    registered batches); the gaps figure (`plot_gaps`) draws the same rows."""
+    return claim_results(by_variant(runs), domains_of(runs), summary.get("looks") or {},
+                         summary.get("next_looks") or {})
+
+
+def plot_gaps(rows: list[dict], path: str | Path) -> Path:
+    """The claims table drawn (`rows`: `claim_rows`), one panel per claim and one line per
+    metric: each seed's paired gap as a dot (one colour per seed), the mean gap, the 95%
+    t-interval (thick bar) and the interval corrected for the looks (thin bar, capped), the
+    +1% margin dashed and 0 thin. A claim part-way through a registered batch is drawn as its
+    rows are, at the last look."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    claims = list(dict.fromkeys((r["new"], r["base"]) for r in rows))
+    seeds = sorted({s for r in rows for s, _ in r["gaps"]})
+    colour = {s: f"C{i % 10}" for i, s in enumerate(seeds)}
+    marker = {s: "osD^v"[i // 10 % 5] for i, s in enumerate(seeds)}
+    # the dots lie below their line, each seed a little lower than the one before, so that
+    # seeds with nearly the same gap stay apart
+    drop = {s: 0.18 + 0.2 * i / max(1, len(seeds) - 1) for i, s in enumerate(seeds)}
+    per = [[r for r in rows if (r["new"], r["base"]) == c] for c in claims]
+    fig, axes = plt.subplots(len(claims), 1, squeeze=False, dpi=110, figsize=(
+        10, 0.6 + sum(0.85 * len(p) + 1.1 for p in per)),
+        gridspec_kw={"height_ratios": [max(1, len(p)) for p in per]})
+    margin = 100 * MATCH_MARGIN
+    for ax, (new, base), claim in zip(axes[:, 0], claims, per):
+        xs = [0.0, margin]
+        labels = []
+        for y, r in enumerate(claim):
+            gaps = [(s, 100 * g) for s, g in r["gaps"]]
+            for s, g in gaps:
+                ax.scatter(g, y + drop[s], s=30, color=colour[s], marker=marker[s],
+                           edgecolor="white", linewidth=0.5, zorder=4)
+            xs += [g for _, g in gaps]
+            if r["interval"] is not None:
+                m, lo, hi = (100 * v for v in r["interval"])
+                _, clo, chi = (100 * v for v in r["corrected"])
+                ax.plot([lo, hi], [y, y], color="tab:blue", lw=5, alpha=0.45,
+                        solid_capstyle="butt", zorder=2)
+                ax.errorbar(m, y, xerr=[[m - clo], [chi - m]], fmt="none", ecolor="black",
+                            elinewidth=1.1, capsize=5, capthick=1.1, zorder=3)
+                ax.plot(m, y, marker="|", color="black", ms=14, mew=2.2, zorder=5)
+                ax.annotate(f"{m:+.2f}%", (m, y), xytext=(0, 9), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=8, zorder=6,
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                  "alpha": 0.85})
+                xs += [clo, chi]
+            state = ("no paired seeds" if not gaps else
+                     f"{r['verdict']}, {len(gaps)} seed{'s' * (len(gaps) != 1)}")
+            labels.append(f"{r['metric']}\n{state}")
+        ax.axvline(margin, color="tab:red", ls="--", lw=1.2, zorder=1)
+        ax.axvline(0, color="black", lw=0.6, zorder=1)
+        head = claim[0]
+        title = f"{new} vs {base}"
+        if head["interval"] is not None:
+            title += f": look {head['looks']} at the claim"
+        if head["batch"]:
+            n, target = head["batch"]
+            title += (f"; batch to {target} seeds part-way ({n} in), drawn at the last look "
+                      f"({len(head['gaps'])} seeds)")
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_yticks(range(len(claim)), labels, fontsize=9)
+        ax.set_ylim(len(claim) - 0.4, -0.65)
+        pad = 0.08 * (max(xs) - min(xs))
+        ax.set_xlim(min(xs) - pad, max(xs) + pad)
+        ax.set_xlabel("perplexity gap, new variant vs baseline (%)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [Line2D([], [], ls="none", marker=marker[s], color=colour[s], label=f"seed {s}")
+               for s in seeds]
+    handles += [Line2D([], [], ls="none", marker="|", ms=12, mew=2.2, color="black",
+                       label="mean gap"),
+                Line2D([], [], color="tab:blue", lw=5, alpha=0.45, label="95% t-interval"),
+                Line2D([], [], color="black", lw=1.1, marker="|", ms=8,
+                       label="95% interval corrected for the looks"),
+                Line2D([], [], color="tab:red", ls="--", lw=1.2,
+                       label=f"+{margin:.0f}% margin"),
+                Line2D([], [], color="black", lw=0.6, label="0 (no gap)")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8,
+               frameon=False)
+    legend_rows = -(-len(handles) // min(6, len(handles)))
+    fig.tight_layout(rect=(0, (0.1 + 0.2 * legend_rows) / fig.get_figheight(), 1, 1))
+    return _save(fig, path)
 
 
 def final_descent(run: dict) -> float | None:
@@ -288,8 +389,9 @@ def _scored(run: dict, val: dict | None) -> str:
     return f"scored in {window}, up to each domain's last whole window ({counts} tokens)"
 
 
-def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png") -> str:
-    """The markdown report."""
+def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png",
+           gaps_name: str = "quality_gaps.png") -> str:
+    """The markdown report; `plot_name` and `gaps_name` are its figures' file names."""
     by = by_variant(runs)
     domains = domains_of(runs)
     r0 = runs[0]
@@ -420,8 +522,7 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
             f"![loss curves]({plot_name})", ""]
 
     looks = summary.get("looks") or {}
-    next_looks = summary.get("next_looks") or {}
-    res = claim_results(by, domains, looks, next_looks)
+    res = claim_rows(runs, summary)
     out += ["## The paper's claims", "",
             "Paired by seed: gap = perplexity of the new variant / perplexity of its baseline − 1; "
             f"95% t-interval over seeds; a claim holds when the interval's upper end is at most "
@@ -450,6 +551,10 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png")
                    + f" | {r['verdict']}"
                    + (f" (batch to {r['batch'][1]} seeds: {r['batch'][0]} in)" if r["batch"] else "")
                    + f" | {_seeds(r['seeds_needed'])} |")
+    out += ["", f"![the claims' paired gaps]({gaps_name})", "",
+            "Per claim and metric: each seed's gap (dots), the mean gap, the 95% t-interval "
+            "(thick bar) and the interval corrected for the looks (thin bar), against the "
+            f"+{100 * MATCH_MARGIN:.0f}% margin (dashed) and 0."]
     paper = [f"{k}: " + ", ".join(f"{v} {p}" for v, p in d.items()) for k, d in PAPER_PPL.items()]
     gaps = []
     for new, base in CLAIMS:
@@ -491,10 +596,11 @@ def _replace_with(path: Path, write) -> None:
 
 def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
                  next_looks: dict[str, int] | None = None) -> Path:
-    """Write the page `out`, its plot `<stem>_loss.png` and copies of the study's files in
-    `<stem>_raw/`. The page is rendered before anything is written, and each file is replaced
-    by rename, so a study whose records cannot be rendered (ValueError naming the file) leaves
-    an earlier page, plot and raw copies as they were: they keep describing each other.
+    """Write the page `out`, its plots `<stem>_loss.png` (loss curves) and `<stem>_gaps.png`
+    (the claims table drawn) and copies of the study's files in `<stem>_raw/`. The page is
+    rendered before anything is written, and each file is replaced by rename, so a study whose
+    records cannot be rendered (ValueError naming the file) leaves an earlier page, plots and
+    raw copies as they were: they keep describing each other.
     `next_looks` (claim -> paired seeds) registers each claim's next batch after this report's
     look (`register_next_looks`; kept in `study_next_looks.json` beside the runs)."""
     runs, summary = load_runs(study)
@@ -503,6 +609,7 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
         raise ValueError(f"{runs_file} holds no runs")
     out = Path(out)
     plot = out.with_name(out.stem + "_loss.png")
+    gaps = out.with_name(out.stem + "_gaps.png")
     # This report is a look at each claim with new seeds: recorded beside the runs (tracked
     # with them), so that the next report corrects for it too.
     by = by_variant(runs)
@@ -512,7 +619,8 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
         registered = register_next_looks(by, looks, registered, next_looks)
     summary = dict(summary, looks=looks, next_looks=registered)
     try:
-        text = render(runs, summary, plot.name)
+        text = render(runs, summary, plot.name, gaps.name)
+        rows = claim_rows(runs, summary)
     except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError,
             statistics.StatisticsError) as err:
         raise ValueError(f"{runs_file}: its records lack what the report needs "
@@ -520,6 +628,7 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
                          "benchmarks/quality_study.py?") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     _replace_with(plot, lambda tmp: plot_study(runs, tmp))
+    _replace_with(gaps, lambda tmp: plot_gaps(rows, tmp))
     looks_file = Path(study) / LOOKS_FILE
     if looks and (not looks_file.is_file() or read_json_object(looks_file) != looks):
         _replace_with(looks_file, lambda tmp: tmp.write_text(json.dumps(looks, indent=1) + "\n"))

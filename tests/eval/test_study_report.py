@@ -123,6 +123,7 @@ def test_report_from_study_files(study, tmp_path):
     assert "gta-4 vs gqa-4" in text and "gla-2 vs mla" in text and "95% interval" in text
     assert "Recall probe" in text and "10.129" in text and " ± " in text
     assert (tmp_path / "docs" / "quality_loss.png").stat().st_size > 10_000
+    assert (tmp_path / "docs" / "quality_gaps.png").stat().st_size > 10_000
     assert (tmp_path / "docs" / "quality_raw" / "study_runs.jsonl").is_file()
     assert report_main(["--study", str(tmp_path / "nothing")]) == 2
 
@@ -352,7 +353,7 @@ def test_a_study_that_cannot_be_rendered_leaves_the_earlier_report_whole(tmp_pat
     (study / "study_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
     assert report_main(["--study", str(study), "--out", str(out)]) == 0
     before = {p: p.read_bytes() for p in out.parent.rglob("*") if p.is_file()}
-    assert len(before) == 3  # the page, its plot, the copy of study_runs.jsonl
+    assert len(before) == 4  # the page, its two plots, the copy of study_runs.jsonl
     bad = dict(good[1])
     del bad["kv_bytes_per_token_per_layer"]
     (study / "study_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good[0], bad)))
@@ -544,3 +545,66 @@ def test_a_batch_is_registered_only_before_its_first_seed(tmp_path, capsys):
     capsys.readouterr()
     assert report_main(["--study", str(study), "--out", str(out), "--next-look", "gta-4 vs gqa-4"]) == 2
     assert "give CLAIM=SEEDS" in capsys.readouterr().err
+
+
+def _write_study(study: Path, runs: list[dict], looks=None, next_looks=None) -> Path:
+    study.mkdir()
+    (study / "study_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    if looks is not None:
+        (study / "study_looks.json").write_text(json.dumps(looks, indent=1) + "\n")
+    if next_looks is not None:
+        (study / "study_next_looks.json").write_text(json.dumps(next_looks, indent=1) + "\n")
+    return study
+
+
+def test_the_report_draws_the_claims_table_beside_the_loss_plot(tmp_path):
+    """The page's claims table is drawn as `<stem>_gaps.png` beside `<stem>_loss.png`, and
+    the page shows it right under the table."""
+    import matplotlib.pyplot as plt
+
+    runs = _pairs([0.0323, 0.0127, 0.0138])
+    runs += [_run("mla", 0, 20.0, 20.0), _run("gla-2", 0, 20.1, 20.1)]  # one seed: untested
+    study = _write_study(tmp_path / "study", runs)
+    out = tmp_path / "docs" / "quality.md"
+    assert report_main(["--study", str(study), "--out", str(out)]) == 0
+    png = out.parent / "quality_gaps.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = plt.imread(png).shape
+    assert 0 < width <= 1600 and height > 0
+    lines = out.read_text().splitlines()
+    image = lines.index("![the claims' paired gaps](quality_gaps.png)")
+    table_end = max(i for i, ln in enumerate(lines) if ln.startswith("| gla-2 vs mla |"))
+    assert image == table_end + 2 and lines[image + 2].startswith("Per claim and metric:")
+    assert lines.index("![loss curves](quality_loss.png)") < table_end
+    assert lines.index("In plain words:") > image
+
+
+def test_the_gaps_figure_of_a_batch_in_progress_is_its_last_look(tmp_path, monkeypatch):
+    """Part-way through a registered batch, the table keeps the claim's rows at the last
+    look; the figure is handed those rows (the last look's six seeds, its looks and
+    intervals), not the batch's new seeds."""
+    from hwattn.eval import report
+    from hwattn.eval.report import by_variant
+
+    six = [0.0323, 0.0127, 0.0138, 0.0088, 0.0262, 0.0274]
+    looks, registered = {"gta-4 vs gqa-4": [2, 3, 4, 6]}, {"gta-4 vs gqa-4": 10}
+    at_six = claim_results(by_variant(_pairs(six)), ["code", "prose"], looks)
+    study = _write_study(tmp_path / "study", _pairs(six + [-0.05, -0.05]), looks, registered)
+    drawn = []
+    real = report.plot_gaps
+    monkeypatch.setattr(report, "plot_gaps", lambda rows, path: (drawn.append(rows),
+                                                                 real(rows, path))[1])
+    out = write_report(study, tmp_path / "docs" / "quality.md")
+    assert json.loads((study / "study_looks.json").read_text()) == looks  # no new look
+    (rows,) = drawn
+    gta = [r for r in rows if r["new"] == "gta-4"]
+    assert [r["metric"] for r in gta] == ["average", "code", "prose"]
+    for row, last in zip(gta, at_six):
+        assert [s for s, _ in row["gaps"]] == [0, 1, 2, 3, 4, 5]  # not seeds 6 and 7
+        assert row["gaps"] == last["gaps"] and row["looks"] == 4 and row["batch"] == (8, 10)
+        assert row["interval"] == last["interval"] and row["corrected"] == last["corrected"]
+    text = out.read_text()
+    m, lo, hi = gta[0]["interval"]
+    assert (f"| gta-4 vs gqa-4 | average | 6 | " in text
+            and f"| {100 * m:+.2f}% | [{100 * lo:+.2f}%, {100 * hi:+.2f}%] | 4 |" in text)
+    assert (out.parent / "quality_gaps.png").stat().st_size > 0
