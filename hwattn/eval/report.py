@@ -208,7 +208,8 @@ def plot_study(runs: list[dict], path: str | Path) -> Path:
     tr = [c["loss"] for r in runs for c in r["curve"] if "loss" in c]
     if tr:
         axes[0].set_ylim(min(tr) - 0.05, min(tr) + 1.5)
-    axes[-1].legend(fontsize=7)
+    if axes[-1].get_legend_handles_labels()[0]:  # (runs without curves draw nothing)
+        axes[-1].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 
