@@ -137,7 +137,7 @@ for step in $steps; do
       nvidia-smi -q -d CLOCK,POWER,TEMPERATURE > "$OUT/gpu_state_after.txt" 2>&1 ;;
     fp8ncu)
       rep="$OUT/fp8_ncu"
-      timeout 300 ncu --clock-control none --set full --import-source yes -k regex:hopper \
+      timeout 200 ncu --clock-control none --set full --import-source yes -k regex:hopper \
         --launch-count 2 -f -o "$rep" python3 benchmarks/hopper_decode.py --worker \
         --tasks warm:gta4-b128-16k-fp8:default,warm:gta4-b128-16k:default 2>&1 | tail -15 | tee -a "$OUT/log"
       ncu -i "$rep.ncu-rep" --page details --csv > "$OUT/fp8_ncu_details.csv" 2> "$OUT/fp8_ncu_details.err"
