@@ -41,13 +41,17 @@
 #      stall samples (where do the producer warps that widen fp8 to fp16 wait?), exported as CSV
 #      (details, and the source page at SASS and at Python-source level) beside the report.
 #      Needs a machine whose runtime lets ncu read the counters (Firecracker; not gVisor).
+#  14. blas: the xl decode GEMMs (M 64, 16, 128) through cuBLAS asked four ways (F.linear, the
+#      same under cuBLASLt, W stored transposed for torch.mm, addmm with a zero bias), weights
+#      cold: at L = 1K the GEMMs alone exceed the step's floor, and F.linear reads QKV, O and
+#      down at a third to a half of the copy rate.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-OUT=${OUT:-/tmp/engine_check_out}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/engine_check_out}; mkdir -p "$OUT"
 steps=${*:-tests decode prefill}
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/log"
 for step in $steps; do
@@ -135,6 +139,8 @@ for step in $steps; do
       timeout 100 python3 benchmarks/hopper_decode.py --only timing --rep-ms 100 --variants default \
         --shapes gla2-b128-16k-lq1,gta4-b128-16k --out "$OUT/harness_hopper_b.json" 2>&1 | tail -6 | tee -a "$OUT/log"
       nvidia-smi -q -d CLOCK,POWER,TEMPERATURE > "$OUT/gpu_state_after.txt" 2>&1 ;;
+    blas)
+      timeout 150 python3 benchmarks/engine_diagnostics.py blas 2>&1 | tail -70 | tee -a "$OUT/log" ;;
     fp8ncu)
       rep="$OUT/fp8_ncu"
       timeout 200 ncu --clock-control none --set full --import-source yes -k regex:hopper \
@@ -144,6 +150,6 @@ for step in $steps; do
       ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$OUT/fp8_ncu_sass.csv" 2> "$OUT/fp8_ncu_sass.err"
       ncu -i "$rep.ncu-rep" --page source --csv --print-source cuda > "$OUT/fp8_ncu_source.csv" 2> "$OUT/fp8_ncu_source.err"
       ls -la "$OUT" | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu)" | tee -a "$OUT/log"; exit 2 ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

@@ -13,9 +13,14 @@
   at M = 64, 16, 128 rows: cuBLAS against the Triton skinny GEMM (hwattn/ops/skinny_gemm.py)
   under its chosen tiles, then up to 7 other tiles per shape while SKINNY_SECONDS (default 85)
   last; weights cold, CUDA graphs, each Triton output checked (`hwattn.bench.skinny`).
+- blas: the same decode GEMMs through cuBLAS asked four ways (`F.linear`, as under cuBLASLt,
+  W stored transposed for `torch.mm`, `addmm` with a zero bias; `hwattn.bench.skinny.run_blas`),
+  weights cold, CUDA graphs, each output checked: does another entry point reach the small
+  weights (QKV, O, down) faster than the third to half of the copy rate `F.linear` gets?
 
     python3 benchmarks/engine_diagnostics.py host,gemm,prefill   # writes $OUT/diag.jsonl
     OUT=/tmp/skinny python3 benchmarks/engine_diagnostics.py skinny   # about 2 minutes
+    OUT=/tmp/blas python3 benchmarks/engine_diagnostics.py blas       # under a minute
 
 Results of 2026-12-04: benchmarks/results/prefill_tiles_h200_2026-12-04/.
 """
@@ -105,5 +110,12 @@ if "skinny" in parts:
     for r in rows: save("diag.jsonl", dict(part="skinny", **r))
     save("diag.jsonl", dict(part="skinny_totals", totals=totals, copy_gbs=peaks[0]))
     log(f"skinny: {len(rows)} rows, {sum(not r['ok'] for r in rows)} failed")
+
+if "blas" in parts:
+    from hwattn.bench import skinny
+    timer = DeviceTimer("cuda")
+    rows = skinny.run_blas(timer=lambda fn: timer(fn, iters=20, warmup=3), copy_gbs=peaks[0])
+    for r in rows: save("diag.jsonl", dict(part="blas", **r))
+    log(f"blas: {len(rows)} rows, {sum(not r['ok'] for r in rows)} failed")
 
 log("done")

@@ -14,6 +14,10 @@ after the timed replays must equal the first call's bit for bit (split-K is mean
 is marked failed. Row fields: µs per call, GB/s (W + x + y bytes), % of the copy rate measured
 in the same run, speed-up over cuBLAS. The `skinny` part of benchmarks/engine_diagnostics.py
 runs `run` and saves the rows.
+
+`run_blas` times cuBLAS itself asked four ways (`BLAS_VARIANTS`: `F.linear` as the model calls
+it, the same under cuBLASLt, W stored transposed for `torch.mm`, `addmm` with a zero bias), in
+the same way and with the same check; the `blas` part of engine_diagnostics.py runs it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ ROWS = (64, 16, 128)  # 64 first: the serving batch
 CHECK_LIMIT = 1e-2  # max abs error over max |reference|, 16-bit outputs (rounding: <= 4e-3)
 CHECK_LIMIT_FP32 = 1e-4
 MAX_COPIES = 32
-TABLE_HEADER = (f"{'shape':<9} {'M':>4} {'N':>6} {'K':>5} {'impl':<7} {'tiles':<20} {'µs':>8} "
+TABLE_HEADER = (f"{'shape':<9} {'M':>4} {'N':>6} {'K':>5} {'impl':<9} {'tiles':<20} {'µs':>8} "
                 f"{'GB/s':>6} {'%copy':>6} {'×cuBLAS':>7}  check")
 
 
@@ -145,6 +149,106 @@ def bench_shape(name: str, m: int, n: int, k: int, configs: list[SkinnyConfig], 
     return rows
 
 
+# Ways of asking cuBLAS for Y = X W^T. Its heuristics pick the kernel per call from the
+# operands' layout and the entry point, and at decode's few rows the default (`F.linear`:
+# cublasGemmEx, W as the transposed operand) reads the small xl weights at a third to a half
+# of the copy rate. Each variant gets the weight as it would store it once at load time.
+BLAS_VARIANTS = ("linear", "linear_lt", "mm_wt", "addmm_lt")
+
+
+def blas_call(variant: str, x: torch.Tensor, weight: torch.Tensor):
+    """(prepare, op) for a cuBLAS variant: prepare(W (N, K)) gives the stored operand, op(x,
+    stored) computes X W^T (M, N). `*_lt` run under cuBLASLt
+    (`torch.backends.cuda.preferred_blas_library`, set by `bench_blas` around capture), the
+    others under PyTorch's default library: `linear` as the model calls it, `mm_wt` with W stored transposed (K, N) and row-major, `addmm_lt`
+    with a zero bias (PyTorch's fused bias path)."""
+    f = torch.nn.functional
+    if variant in ("linear", "linear_lt"):
+        return (lambda w: w), (lambda x, w: f.linear(x, w))
+    if variant == "mm_wt":
+        return (lambda w: w.t().contiguous()), (lambda x, wt: torch.mm(x, wt))
+    if variant == "addmm_lt":
+        bias = torch.zeros(weight.shape[0], device=x.device, dtype=x.dtype)
+        return (lambda w: w), (lambda x, w: torch.addmm(bias, x, w.t()))
+    raise ValueError(f"unknown cuBLAS variant {variant!r}; expected one of {BLAS_VARIANTS}")
+
+
+def _blas_library(name: str | None):
+    """Set cuBLAS or cuBLASLt as PyTorch's preferred library (CUDA only); returns the one it
+    replaced, or None where there is nothing to set."""
+    backends = getattr(torch.backends.cuda, "preferred_blas_library", None)
+    if name is None or backends is None or not torch.cuda.is_available():
+        return None
+    before = backends()
+    backends(name)
+    return before
+
+
+def bench_blas(name: str, m: int, n: int, k: int, *, timer, copy_gbs: float | None = None,
+               device="cuda", dtype=torch.bfloat16, l2_bytes: int = 0,
+               variants: tuple[str, ...] = BLAS_VARIANTS) -> list[dict]:
+    """One row per cuBLAS variant (`blas_call`) for Y (m, n) = X (m, k) W^T, timed as
+    `bench_shape` times cuBLAS (graph-captured, weights cold); `speedup` is over the first
+    variant (`linear`, the model's call). Each output is checked against the unrounded
+    reference (`CHECK_LIMIT`)."""
+    device = torch.device(device)
+    elem = torch.empty((), dtype=dtype).element_size()
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    weight = torch.randn(n, k, device=device, dtype=dtype)
+    copies = _weight_copies(weight.numel() * elem, l2_bytes)
+    ref = skinny_linear_reference(x.float(), weight.float())
+    limit = CHECK_LIMIT if elem == 2 else CHECK_LIMIT_FP32
+    moved = (n * k + m * k + m * n) * elem
+    rows, base = [], None
+    for variant in variants:
+        prepare, op = blas_call(variant, x, weight)
+        before = _blas_library("cublaslt" if variant.endswith("_lt") else None)
+        try:
+            stored = [prepare(weight)] + [prepare(weight.clone()) for _ in range(copies - 1)]
+            err = relative_error(op(x, stored[0]), ref)
+
+            def every_copy(stored=stored, op=op):
+                for w in stored:
+                    op(x, w)
+
+            fn, how = graphed(every_copy, device)
+            us = timer(fn) / copies * 1e6
+            row = dict(timing=how, rel_err=err, ok=err <= limit)
+        except Exception as failure:  # noqa: BLE001 - a library this build lacks
+            us, row = None, dict(ok=False, error=f"{type(failure).__name__}: {str(failure)[:200]}")
+        finally:
+            _blas_library(before)
+        base = us if base is None else base
+        r = dict(shape=name, m=m, n=n, k=k, impl=variant, dtype=str(dtype).removeprefix("torch."),
+                 tiles=None, copies=copies, us=us, gbs=moved / us / 1e3 if us else None, **row)
+        r["pct_copy"] = 100 * r["gbs"] / copy_gbs if copy_gbs and us else None
+        r["speedup"] = base / us if base and us else None
+        rows.append(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_blas(shapes: dict[str, tuple[int, int]] | None = None, rows: tuple[int, ...] = ROWS, *,
+             timer, copy_gbs: float | None = None, device="cuda", dtype=torch.bfloat16,
+             l2_bytes: int | None = None, log=print) -> list[dict]:
+    """`bench_blas` over every shape and row count; prints the table as rows arrive."""
+    device = torch.device(device)
+    if l2_bytes is None:
+        l2_bytes = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+                    if device.type == "cuda" else 0)
+    log(TABLE_HEADER)
+    out = []
+    for m in rows:
+        for name, (n, k) in (shapes or SHAPES).items():
+            new = bench_blas(name, m, n, k, timer=timer, copy_gbs=copy_gbs, device=device,
+                             dtype=dtype, l2_bytes=l2_bytes)
+            for r in new:
+                log(format_row(r))
+            out.extend(new)
+    return out
+
+
 def format_row(r: dict) -> str:
     """One line of the table (TABLE_HEADER)."""
     def num(value, width: int, digits: int) -> str:
@@ -156,9 +260,9 @@ def format_row(r: dict) -> str:
     elif "error" in r:
         check = f"FAILED {r['error'][:60]}"
     else:
-        check = (f"{r['rel_err']:.1e}" + ("" if r["deterministic"] else " NONDETERMINISTIC")
+        check = (f"{r['rel_err']:.1e}" + ("" if r.get("deterministic", True) else " NONDETERMINISTIC")
                  + ("" if r["ok"] else " FAILED"))
-    return (f"{r['shape']:<9} {r['m']:>4} {r['n']:>6} {r['k']:>5} {r['impl']:<7} {tiles:<20} "
+    return (f"{r['shape']:<9} {r['m']:>4} {r['n']:>6} {r['k']:>5} {r['impl']:<9} {tiles:<20} "
             f"{num(r['us'], 8, 2)} {num(r['gbs'], 6, 0)} {num(r['pct_copy'], 6, 1)} "
             f"{num(r['speedup'], 7, 2)}  {check}")
 

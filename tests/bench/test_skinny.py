@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from hwattn.bench import skinny
@@ -89,3 +90,39 @@ def test_run_two_passes_within_the_deadline():
     rows, _ = skinny.run({"tiny": (40, 72)}, rows=(5,), timer=_wall_clock, device="cpu", sms=2,
                          seconds=0.0, log=lines.append)
     assert rows == []
+
+
+def test_blas_variants_compute_the_same_product_and_are_timed_against_linear():
+    m, n, k = 5, 40, 200
+    rows = skinny.bench_blas("tiny", m, n, k, timer=_wall_clock, copy_gbs=1.0, device="cpu")
+    assert [r["impl"] for r in rows] == list(skinny.BLAS_VARIANTS)
+    for r in rows:
+        assert r["ok"] and r["rel_err"] < skinny.CHECK_LIMIT, r
+        assert r["gbs"] == (n * k + m * k + m * n) * 2 / r["us"] / 1e3
+        assert r["speedup"] == rows[0]["us"] / r["us"]
+    assert rows[0]["speedup"] == 1.0
+    assert "FAILED" not in "".join(skinny.format_row(r) for r in rows)
+
+
+def test_a_blas_variant_that_is_wrong_or_fails_is_marked(monkeypatch):
+    real = skinny.blas_call
+
+    def broken(variant, x, weight):
+        prepare, op = real(variant, x, weight)
+        if variant == "mm_wt":
+            return prepare, (lambda x, w: op(x, w) * 1.05)
+        if variant == "addmm_lt":
+            def fails(x, w):
+                raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+            return prepare, fails
+        return prepare, op
+
+    monkeypatch.setattr(skinny, "blas_call", broken)
+    rows = {r["impl"]: r for r in skinny.bench_blas("tiny", 5, 40, 200, timer=_wall_clock,
+                                                      device="cpu")}
+    assert rows["linear"]["ok"] and rows["linear_lt"]["ok"]
+    assert not rows["mm_wt"]["ok"] and rows["mm_wt"]["rel_err"] > skinny.CHECK_LIMIT
+    assert not rows["addmm_lt"]["ok"] and "NOT_SUPPORTED" in rows["addmm_lt"]["error"]
+    assert rows["addmm_lt"]["us"] is None and "FAILED" in skinny.format_row(rows["addmm_lt"])
+    with pytest.raises(ValueError, match="unknown cuBLAS variant 'gemv'"):
+        skinny.blas_call("gemv", torch.zeros(1, 2), torch.zeros(3, 2))
