@@ -12,10 +12,11 @@ unfinished_request_ids, check_invariants, shutdown. `step()` waits briefly for r
 outputs rather than running a model step; the replicas step on their own.
 
 Routing: each request goes to the replica with the fewest outstanding tokens (prompt tokens
-not yet prefilled plus output tokens not yet generated, over its unfinished requests), ties
-broken round-robin. A request lives on exactly one replica, under a key never used again,
-from `add_request` until its final output or its abort; outputs for a key that is no longer
-live are dropped, so none is delivered twice or to the wrong request.
+not yet prefilled plus output tokens not yet generated, no more than the context allows,
+over its unfinished requests), ties broken round-robin. A request lives on exactly one
+replica, under a key never used again, from `add_request` until its final output or its
+abort; outputs for a key that is no longer live are dropped, so none is delivered twice or
+to the wrong request.
 
 A replica failing fails its own requests alone: its process died (killed, out of memory),
 raised (its step failed, one of its tensor-parallel ranks failed) or stopped beating its
@@ -25,13 +26,14 @@ the other replicas' requests go on untouched. The failed replica is killed and r
 the background (same engine, same devices; `hwattn.engine.replicas` bounds the restarts),
 and the router sends it requests again once it is built. Meanwhile new requests go to the
 replicas that are up; with none up they fail at once the same way, and `health()` says why.
-Once no replica is up and none is restarting, the engine is dead: `step` and `add_request`
-raise `WorkerError`.
+Once no replica is up and none is restarting, or once `shutdown` was called, the engine is
+dead: `step` and `add_request` raise `WorkerError`.
 
 Requests are checked here, all of a batch before any is routed, with the replicas' own checks
-(`validate_prompt`, `check_params`). A request that fails alone inside its replica (its
-sampling, detokenization or stop handling raised) comes back finished with "error" and its
-`error`, as from an `LLMEngine`; the other requests go on.
+(`validate_prompt`, `check_params`), and pickled for their replica. A request that fails
+alone inside its replica (the replica cannot unpickle it, or its sampling, detokenization or
+stop handling raised) comes back finished with "error" and its `error`, as from an
+`LLMEngine`; the other requests go on.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import pickle
 import random
 import time
 
@@ -49,7 +52,7 @@ from hwattn.engine.requests import (check_request_ids, check_requests, checked_p
 from hwattn.engine.replicas import ReplicaProcesses
 from hwattn.engine.sampling_params import ParamError, SamplingParams
 from hwattn.engine.sequence import CompletionOutput, RequestOutput
-from hwattn.parallel.errors import WorkerError
+from hwattn.parallel.errors import WorkerError, seconds_or_env, summarize
 
 COUNTERS = ("prompt_tokens", "generation_tokens", "steps", "prefill_steps", "decode_steps",
             "draft_tokens", "accepted_tokens", "finished", "aborted", "failed")
@@ -100,6 +103,8 @@ class _Request:
     text: str = ""
     first_token_time: float | None = None
     error: str | None = None
+    stop_reason: str | int | None = None
+    num_cached: int = 0  # prompt tokens its replica found in its prefix cache
     final_only: bool = False  # its params' output_kind: an output only once it has finished
 
 
@@ -116,18 +121,27 @@ class DataParallelEngine:
     engine_kwargs: `create_engine`'s keywords (tensor_parallel_size included) with `model`,
     a resolved `device` and `dtype`. model_config, tokenizer: the served model's, for prompt
     validation here. poll_s: how long `step()` waits for outputs before returning none.
+    setup_timeout: seconds for a replica to start and build its engine (None:
+    HWATTN_SETUP_TIMEOUT_S, default 600 s; when given, a finite number > 0).
     workers: a stand-in for the replica processes with `ReplicaProcesses`' methods (tests run
     replicas in this process); None starts the processes.
     """
 
     def __init__(self, size: int, engine_kwargs: dict, model_config, tokenizer,
-                 poll_s: float = 0.02, setup_timeout: float = 600.0, workers=None):
+                 poll_s: float = 0.02, setup_timeout: float | None = None, workers=None):
         if size < 2:
             raise ValueError(f"data_parallel_size must be >= 2 for replica processes, got {size}")
+        setup_timeout = seconds_or_env("setup_timeout", setup_timeout, "HWATTN_SETUP_TIMEOUT_S",
+                                       600.0)
         tp = engine_kwargs.get("tensor_parallel_size", 1)
         device = torch.device(engine_kwargs["device"])
         env = None
         if device.type == "cuda":
+            if device.index:  # replica i takes the GPUs [i*tp, (i+1)*tp) from the first
+                raise ValueError(f"device {str(device)!r} with data_parallel_size {size}: replica "
+                                 f"i runs on the visible GPUs [i*{tp}, (i+1)*{tp}), from the "
+                                 f"first; give device='cuda' and choose the GPUs with "
+                                 f"CUDA_VISIBLE_DEVICES")
             gpus = _visible_gpus()
             if len(gpus) < size * tp:
                 raise ValueError(f"data_parallel_size {size} x tensor_parallel_size {tp} needs "
@@ -202,28 +216,53 @@ class DataParallelEngine:
     def add_requests(self, prompts: list, params: list[SamplingParams | None],
                      request_ids: list[str | None] | None = None,
                      owner: str | None = None) -> list[str]:
-        """Queue several requests, all or none: every prompt, params and id is checked before
-        any request goes to a replica, so a ValueError (naming the bad prompt's index) leaves
-        the engine as it was. WorkerError once the engine is dead (no replica left)."""
+        """Queue several requests, all or none: every prompt, params and id is checked (and
+        each request pickled for its replica) before any request goes to a replica, so a
+        ValueError (naming the bad prompt's index) leaves the engine as it was. An id is in
+        use from here until its final output has come out of `step` (or it was aborted).
+        WorkerError once the engine is dead (no replica left, or shut down)."""
         if self.error is not None:
             raise self.error
         checked = check_requests(prompts, params, self.validate_prompt, self.check_params,
                                  self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
-        check_request_ids(rids, self.requests, len(prompts))
-        for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
-            self._route(rid, prompt, ids, sp, owner)
+        # An id is in use until its final output is delivered, as in `LLMEngine`.
+        check_request_ids(rids, self.requests.keys() | self.pending.keys(), len(prompts))
+        rng, sends = self._rng.getstate(), []
+        for i, (ids, sp) in enumerate(checked):
+            try:
+                sends.append(self._prepare(ids, sp, owner))
+            except ValueError as err:
+                self._rng.setstate(rng)  # no seed drawn for a batch refused
+                if len(prompts) == 1:
+                    raise
+                raise ValueError(f"prompts[{i}]: {err}") from None
+        for prompt, rid, (ids, sp), (final_only, payload) in zip(prompts, rids, checked, sends):
+            self._route(rid, prompt, ids, sp.max_tokens, final_only, payload)
         return rids
 
-    def _route(self, request_id: str, prompt, ids: list[int], params: SamplingParams,
-               owner: str | None = None) -> None:
+    def _prepare(self, ids: list[int], params: SamplingParams,
+                 owner: str | None) -> tuple[bool, bytes]:
+        """(whether the caller wants the final output only, the replica's "add" payload); a
+        ValueError if the request cannot be pickled for a replica."""
         if params.seed is None:  # drawn here, so a request's samples do not depend on routing
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
         final_only = params.output_kind == "final_only"
         if final_only:  # its replica reports every step: the router and TTFT read them
             params = dataclasses.replace(params, output_kind="cumulative")
-        outstanding = len(ids) + params.max_tokens
+        try:
+            # Pickled apart from the message (`engine_core`): a replica that cannot read it
+            # refuses this request alone.
+            return final_only, pickle.dumps((ids, params, owner), pickle.HIGHEST_PROTOCOL)
+        except Exception as err:  # noqa: BLE001 - pickle raises several kinds
+            raise ValueError(f"the request cannot be sent to a data-parallel replica (its "
+                             f"sampling_params and owner must pickle): {summarize(err)}") from None
+
+    def _route(self, request_id: str, prompt, ids: list[int], max_tokens: int,
+               final_only: bool, payload: bytes) -> None:
+        # What the context lets it generate, however many tokens it asks for.
+        outstanding = len(ids) + min(max_tokens, self.max_model_len - len(ids))
         # A fresh key per request: outputs still in flight for an aborted request can never
         # be taken for a later request that reuses its id.
         key = str(next(self._keys))
@@ -238,7 +277,7 @@ class DataParallelEngine:
                                                         time.perf_counter(), worker_failed=True)
                 return
             try:
-                self.replicas.send(replica, ("add", key, ids, params, owner))
+                self.replicas.send(replica, ("add", key, payload))
                 break
             except WorkerError:  # it failed just now: take the news in, route elsewhere
                 self._take(self.replicas.recv_any(0.0))
@@ -290,7 +329,7 @@ class DataParallelEngine:
 
     def health(self) -> tuple[bool, str | None]:
         """(whether a replica takes requests now, why replicas are down or None)."""
-        return any(self.up), self._down_reasons() or None
+        return any(self.up), self._down_reasons() or (self.error and self.error.reason)
 
     def _down_reasons(self) -> str:
         """Why each replica that is down is, in replica order ("" when none is)."""
@@ -313,8 +352,9 @@ class DataParallelEngine:
             elif kind == "rejected":  # checked here first, so rare; it fails that request alone
                 _, key, reason = message
                 self.refused += key in self.keys
-                self._apply(replica, (key, [], 0, "", "error",
-                                      f"data-parallel replica {replica} refused it: {reason}"), now)
+                self._apply(replica, (key, [], 0, "", "error", None,
+                                      f"data-parallel replica {replica} refused it: {reason}", 0),
+                            now)
             elif kind == "down":
                 self._replica_down(replica, message[1], message[2], now)
             elif kind == "ready":
@@ -324,7 +364,7 @@ class DataParallelEngine:
                                   f"{kind!r}", replica)
 
     def _apply(self, replica: int, delta, now: float) -> None:
-        key, new_tokens, start, text, finish_reason, error = delta
+        key, new_tokens, start, text, finish_reason, stop_reason, error, num_cached = delta
         request_id = self.keys.get(key)
         if request_id is None:  # aborted meanwhile
             return
@@ -338,7 +378,7 @@ class DataParallelEngine:
         self.router.add(replica, -done)
         req.tokens.extend(new_tokens)
         req.text = req.text[:start] + text
-        req.error = error
+        req.error, req.stop_reason, req.num_cached = error, stop_reason, num_cached
         if finish_reason is not None:
             del self.requests[request_id], self.keys[key]
             self.router.add(replica, -req.outstanding)
@@ -381,8 +421,10 @@ class DataParallelEngine:
     @staticmethod
     def _output(request_id: str, req: _Request, finish_reason, finish_time,
                 worker_failed: bool = False) -> RequestOutput:
-        completion = CompletionOutput(0, req.text, list(req.tokens), finish_reason=finish_reason)
-        return RequestOutput(request_id, req.prompt, req.prompt_ids, [completion], None, 0,
+        completion = CompletionOutput(0, req.text, list(req.tokens), finish_reason=finish_reason,
+                                      stop_reason=req.stop_reason)
+        return RequestOutput(request_id, req.prompt, req.prompt_ids, [completion], None,
+                             req.num_cached,
                              req.arrival, req.first_token_time, finish_time, req.error,
                              worker_failed=worker_failed)
 
@@ -446,5 +488,8 @@ class DataParallelEngine:
 
     def shutdown(self) -> None:
         """Stop every replica (and its ranks), restarts in progress included: bounded; raises
-        a replica's shutdown error."""
+        a replica's shutdown error. From then on `add_request` and `step` raise WorkerError
+        saying so (a second call stops nothing)."""
+        self.error = WorkerError("the data-parallel engine was shut down; its replicas are gone")
+        self.up = [False] * self.size
         self.replicas.shutdown(grace=15.0)

@@ -5,19 +5,25 @@ its engine (itself tensor-parallel when asked: its ranks are then its own worker
 on the GPUs its CUDA_VISIBLE_DEVICES names), then loops: take every message waiting, run one
 engine step if anything is unfinished, send what the step produced.
 
-Messages in: ("add", request_id, prompt_ids, params, owner), ("abort", request_id),
+Messages in: ("add", request_id, payload), ("abort", request_id),
 ("call", fn, args) -> ("result", fn(engine, *args)), ("stop",).
+An add's payload is (prompt_ids, params, owner), pickled on its own by the sender: a request
+this process cannot unpickle (params of a class defined in the caller's `__main__`) is then
+rejected alone instead of ending the replica and every request it holds.
 Messages out: ("ready", info), ("outputs", deltas, (step kind, seconds), stats),
 ("stats", stats), ("rejected", request_id, message), ("result", value).
-A delta is (request_id, new token ids, text start, text from there, finish_reason, error):
-output text only grows, except when a stop string cuts it, and then `text start` says where
-the replacement begins; error is set when the request failed alone (finish_reason "error").
+A delta is (request_id, new token ids, text start, text from there, finish_reason,
+stop_reason, error, num_cached_prompt_tokens): output text only grows, except when a stop
+string cuts it, and then `text start` says where the replacement begins; error is set when
+the request failed alone (finish_reason "error").
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 
+from hwattn.parallel.errors import summarize
 from hwattn.parallel.worker import ParentLink, fault_point
 
 
@@ -41,7 +47,13 @@ class EngineCore:
     def handle(self, message) -> list:
         kind = message[0]
         if kind == "add":
-            _, request_id, ids, params, owner = message
+            _, request_id, payload = message
+            try:
+                ids, params, owner = pickle.loads(payload)
+            except Exception as err:  # noqa: BLE001 - that request alone is refused
+                return [("rejected", request_id, f"the replica process cannot unpickle the "
+                                                 f"request (are its classes importable there, "
+                                                 f"not defined in __main__?): {summarize(err)}")]
             try:
                 self.engine.add_request(ids, params, request_id=request_id, owner=owner)
             except ValueError as err:
@@ -67,7 +79,8 @@ class EngineCore:
             n_tokens, n_chars = self.sent.get(out.request_id, (0, 0))
             start = n_chars if len(out.text) >= n_chars else 0
             deltas.append((out.request_id, out.token_ids[n_tokens:], start, out.text[start:],
-                           out.finish_reason, out.error))
+                           out.finish_reason, out.outputs[0].stop_reason, out.error,
+                           out.num_cached_prompt_tokens))
             if out.finished:
                 self.sent.pop(out.request_id, None)
             else:

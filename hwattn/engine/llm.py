@@ -116,24 +116,38 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
     config = dataclasses.replace(config, dtype=dt, device=str(dev), max_model_len=max_len)
     checkpoint = config.model if is_checkpoint(config.model) else None
     tokenizer = load_tokenizer(checkpoint, model_cfg.vocab_size, config.tokenizer)
+    # Checked here, before any rank or replica process starts (each would fail on its own).
+    tp = config.tensor_parallel_size
+    if tp > 1:
+        try:
+            Transformer(model_cfg, device="meta").layers[0].attn.local_heads(tp)
+        except ValueError as err:
+            raise ValueError(f"tensor_parallel_size {tp} does not split {model_cfg.label}: "
+                             f"{err}") from None
+    drafting = config.speculative and config.speculative != "ngram"
+    if drafting:
+        if not is_checkpoint(config.speculative):
+            raise ValueError(f"speculative must be None, 'ngram' or a draft checkpoint directory, "
+                             f"got {config.speculative!r}")
+        if tp > 1:
+            raise ValueError("a draft model cannot be combined with tensor_parallel_size > 1; "
+                             "use speculative='ngram'")
+        draft_cfg = model_config(config.speculative)
+        if draft_cfg.vocab_size != model_cfg.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft_cfg.vocab_size}) "
+                             f"differs from the target's ({model_cfg.vocab_size})")
+        if draft_cfg.max_seq_len < max_len:  # it drafts up to the context's end
+            raise ValueError(f"the draft model's context (max_seq_len "
+                             f"{draft_cfg.max_seq_len}) is shorter than max_model_len "
+                             f"{max_len}: lower max_model_len to at most "
+                             f"{draft_cfg.max_seq_len}")
     if config.data_parallel_size > 1:
         replica = dataclasses.replace(config, data_parallel_size=1)
         return DataParallelEngine(config.data_parallel_size, replica.as_kwargs(), model_cfg,
                                   tokenizer)
     draft_model = None
-    if config.speculative and config.speculative != "ngram":
-        if not is_checkpoint(config.speculative):
-            raise ValueError(f"speculative must be None, 'ngram' or a draft checkpoint directory, "
-                             f"got {config.speculative!r}")
+    if drafting:
         draft_model = build_model(config.speculative, dtype=dt, device=dev, seed=config.seed)
-        if draft_model.config.vocab_size != model_cfg.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) "
-                             f"differs from the target's ({model_cfg.vocab_size})")
-        if draft_model.config.max_seq_len < max_len:  # it drafts up to the context's end
-            raise ValueError(f"the draft model's context (max_seq_len "
-                             f"{draft_model.config.max_seq_len}) is shorter than max_model_len "
-                             f"{max_len}: lower max_model_len to at most "
-                             f"{draft_model.config.max_seq_len}")
 
     def pages(model_) -> int:
         per_token = model_.kv_bytes_per_token(1, dt)  # this rank's real layout
@@ -151,9 +165,6 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
     build = dict(model=config.model, attention=config.attention, dtype=dt, device=str(dev),
                  seed=config.seed, overrides=config.model_overrides)
     if config.tensor_parallel_size > 1:
-        if draft_model is not None:
-            raise ValueError("a draft model cannot be combined with tensor_parallel_size > 1; "
-                             "use speculative='ngram'")
         runner = TensorParallelExecutor(config.tensor_parallel_size, build, runner_kwargs, config,
                                         max_len)
         net, n_pages, kv_bytes = None, runner.num_pages, runner.kv_bytes_per_token

@@ -21,9 +21,10 @@ class TensorParallelExecutor:
     """The engine's runner when `tensor_parallel_size > 1`.
 
     world: ranks (processes). build: keyword arguments of `loader.build_model` (device "cuda"
-    puts rank r on cuda:r of the visible devices). runner_kwargs: of `ModelRunner` but
-    num_pages. engine_config, max_model_len: size the page pool on every rank (the smallest
-    plan wins, so every rank holds the same pages).
+    puts rank r on cuda:r of the visible devices; an index other than 0 is refused, naming
+    the device). runner_kwargs: of `ModelRunner` but num_pages. engine_config,
+    max_model_len: size the page pool on every rank (the smallest plan wins, so every rank
+    holds the same pages).
 
     setup_timeout (None: HWATTN_SETUP_TIMEOUT_S, default 600 s) bounds start-up: processes,
     process group, weights, cache and CUDA graphs. step_timeout (None: HWATTN_STEP_TIMEOUT_S,
@@ -41,6 +42,10 @@ class TensorParallelExecutor:
         if world < 2:
             raise ValueError(f"tensor_parallel_size must be >= 2 for worker processes, got {world}")
         device = torch.device(build.get("device") or "cpu")
+        if device.type == "cuda" and device.index:  # rank r runs on cuda:r, from the first
+            raise ValueError(f"device {str(device)!r} with tensor_parallel_size {world}: rank r "
+                             f"runs on cuda:r of the visible GPUs, from the first; give "
+                             f"device='cuda' and choose the GPUs with CUDA_VISIBLE_DEVICES")
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs, "
                              f"found {torch.cuda.device_count()}")

@@ -99,3 +99,44 @@ def test_the_engine_takes_any_drafter(checkpoints):
     outs = step_to_completion(engine, prompts, params)
     assert [o.token_ids for o in outs] == want
     assert engine.drafter.calls > 0
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Fails the test if a tensor-parallel rank or a data-parallel replica starts."""
+    from hwattn.engine.data_parallel import DataParallelEngine
+    from hwattn.engine.tp_executor import TensorParallelExecutor
+
+    def started(*args, **kwargs):
+        raise AssertionError("worker processes started before the settings were checked")
+
+    monkeypatch.setattr(TensorParallelExecutor, "__init__", started)
+    monkeypatch.setattr(DataParallelEngine, "__init__", started)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(tensor_parallel_size=3), r"tensor_parallel_size 3 does not split gqa-4: tp \(3\) must "
+                                   r"divide n_heads \(8\)"),
+    (dict(tensor_parallel_size=16), r"tensor_parallel_size 16 does not split"),
+    (dict(tensor_parallel_size=3, data_parallel_size=2), r"tensor_parallel_size 3 does not split"),
+    (dict(data_parallel_size=2, speculative="/no/such/draft"), r"speculative must be None, "
+                                                               r"'ngram' or a draft checkpoint"),
+], ids=["tp3", "tp16", "tp3-dp2", "dp2-no-draft"])
+def test_multi_process_settings_are_refused_before_any_worker_starts(no_workers, kw, match):
+    """Observed: `LLM(tensor_parallel_size=3)` started three rank processes that each failed
+    to shard the model (a `WorkerError` with their tracebacks; `hwattn serve --tp 3` checked
+    it first, `LLM` did not), and with data_parallel_size > 1 the speculative settings were
+    only checked inside each replica process."""
+    with pytest.raises(ValueError, match=match):
+        LLM("tiny", attention="gqa-4", device="cpu", model_overrides=dict(n_layers=1), **kw)
+
+
+def test_a_draft_model_for_replicas_is_checked_before_they_start(no_workers, checkpoints):
+    target, draft = checkpoints("gqa-4"), checkpoints("gqa-4", draft_layers=1)
+    with pytest.raises(ValueError, match="a draft model cannot be combined with "
+                                         "tensor_parallel_size > 1"):
+        LLM(target, device="cpu", tensor_parallel_size=2, data_parallel_size=2, speculative=draft)
+    with pytest.raises(ValueError, match="the draft model's context .* is shorter than "
+                                         "max_model_len 512"):
+        LLM("tiny", attention="gqa-4", device="cpu", data_parallel_size=2, speculative=draft,
+            model_overrides=dict(n_layers=1, max_seq_len=512))

@@ -62,3 +62,15 @@ def test_a_bad_timeout_in_the_environment_is_refused_by_name(no_ranks, monkeypat
     monkeypatch.setenv("HWATTN_STEP_TIMEOUT_S", value)
     with pytest.raises(ValueError, match="HWATTN_STEP_TIMEOUT_S must be "):
         executor()
+
+
+def test_a_device_index_is_refused_not_ignored(no_ranks, monkeypatch):
+    """Observed: device 'cuda:1' with two ranks put them on cuda:0 and cuda:1 (rank r takes
+    cuda:r of the visible devices), the index dropped without a word."""
+    monkeypatch.setattr(tp_executor.torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ValueError, match=r"device 'cuda:1' with tensor_parallel_size 2: .*"
+                                         r"CUDA_VISIBLE_DEVICES"):
+        TensorParallelExecutor(2, dict(device="cuda:1"), {}, None, 64)
+    for device in ("cuda", "cuda:0"):  # from the first visible GPU, as the ranks are placed
+        with pytest.raises(Started):
+            TensorParallelExecutor(2, dict(device=device), {}, None, 64)

@@ -202,6 +202,127 @@ def test_a_request_a_replica_refuses_fails_alone():
     assert dp.stats()["failed"] == 1 and dp.router.load == [0, 0]
 
 
+def _in_process(size: int = 2, seed: int = 0, **overrides) -> DataParallelEngine:
+    """A data-parallel engine over `InProcessReplicas`."""
+    spec = dict(TINY, **overrides)
+    config = model_config(spec["model"], spec["attention"], spec["model_overrides"])
+    return DataParallelEngine(size, spec, config, load_tokenizer(None, config.vocab_size),
+                              workers=InProcessReplicas(size, seed))
+
+
+def _finish(engine, ids) -> dict:
+    outs = {}
+    deadline = time.monotonic() + 60
+    while engine.has_unfinished():
+        assert time.monotonic() < deadline
+        outs.update((o.request_id, o) for o in engine.step() if o.finished)
+    return {rid: outs[rid] for rid in ids}
+
+
+def test_stop_reasons_and_prefix_hits_come_through_the_replicas():
+    """Observed: every output of a data-parallel engine had stop_reason None (the replicas
+    did not send it; the server's `stop_reason` then said null where one engine says the stop
+    string or token id) and num_cached_prompt_tokens 0 (prefix-cache hits never shown)."""
+    params = [SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[8]),
+              SamplingParams(max_tokens=10, temperature=0, stop=["FF"]),
+              SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)]
+    prompts = [[5, 6, 7, 8], [65, 66, 67, 68, 69, 70], [1, 2, 3]]
+    single = create_engine(**TINY)
+    want = [(o.finish_reason, o.outputs[0].stop_reason, o.text)
+            for o in _finish(single, single.add_requests(prompts, params)).values()]
+    assert want[0][1] == 8 and want[1][1] == "FF"  # the tiny model repeats its last token
+    dp = _in_process()
+    outs = _finish(dp, dp.add_requests(prompts, params))
+    assert [(o.finish_reason, o.outputs[0].stop_reason, o.text) for o in outs.values()] == want
+    # The same 20-token prompt three times, one after the other: one replica gets it twice
+    # and reuses its first two pages (16 tokens), as one engine does.
+    cached = []
+    for _ in range(3):
+        out, = _finish(dp, [dp.add_request(list(range(100, 120)), params[2])]).values()
+        cached.append(out.num_cached_prompt_tokens)
+    assert sorted(cached) == [0, 0, 16]
+
+
+def test_a_request_id_stays_in_use_until_its_final_output_is_delivered():
+    """Observed: once a replica's final output was taken in (waiting for the next `step`),
+    its id was free again: a new request under that id was accepted, and its caller was then
+    handed the old request's final output as its own (LLMEngine refuses such an id)."""
+    dp = _in_process()
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    dp.add_request([1, 2, 3], params, request_id="x")
+    deadline = time.monotonic() + 30
+    while "x" in dp.requests:  # as the server's loop does between steps
+        assert time.monotonic() < deadline
+        dp.check_workers()
+    assert dp.pending["x"].finished
+    with pytest.raises(ValueError, match="request_id 'x' is already in use"):
+        dp.add_request([9, 9, 9, 9], params, request_id="x")
+    out, = dp.step()
+    assert out.request_id == "x" and out.prompt_token_ids == [1, 2, 3]
+    again = _finish(dp, [dp.add_request([9, 9, 9, 9], params, request_id="x")])["x"]
+    assert again.prompt_token_ids == [9, 9, 9, 9] and again.finish_reason == "length"
+
+
+def test_a_request_counts_on_the_router_only_for_what_the_context_lets_it_generate():
+    """Observed: a request's outstanding tokens were its prompt plus max_tokens, however far
+    past the context that went: one request asking for 10**9 tokens made its replica look
+    busy for good, and every later request went to the other replica meanwhile."""
+    dp = _in_process()
+    huge = SamplingParams(max_tokens=10**9, temperature=0, ignore_eos=True)
+    rid = dp.add_request([1, 2, 3], huge)
+    assert max(dp.router.load) == TINY["max_model_len"]  # its prompt and 93 tokens at most
+    short = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    later = dp.add_requests([[4, 5, 6]] * 6, [short] * 6)
+    assert {dp.requests[r].replica for r in later} == {0, 1}
+    outs = _finish(dp, [rid] + later)
+    assert len(outs[rid].token_ids) == TINY["max_model_len"] - 3
+    assert dp.router.load == [0, 0]
+
+
+def test_params_that_cannot_be_sent_to_a_replica_refuse_the_batch():
+    """Observed: params that cannot be pickled (here of a class local to a function) raised
+    pickle's own error out of `add_requests` after the requests before them had gone to
+    replicas, where they ran with no caller knowing their ids. Now the batch is refused, all
+    or nothing, with a ValueError naming the prompt."""
+
+    class Local(SamplingParams):
+        pass
+
+    dp = _in_process()
+    ok = SamplingParams(max_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match=r"prompts\[1\]: the request cannot be sent to a "
+                                         r"data-parallel replica .*Local"):
+        dp.add_requests([[1, 2], [3, 4], [5, 6]], [ok, Local(max_tokens=2), ok])
+    assert not dp.has_unfinished() and dp.router.load == [0, 0]
+    assert all(not core.engine.has_unfinished() for core in dp.replicas.cores)
+    with pytest.raises(ValueError, match=r"^the request cannot be sent"):
+        dp.add_request([3, 4], Local(max_tokens=2))
+    rid = dp.add_request([3, 4], ok)
+    assert _finish(dp, [rid])[rid].finish_reason == "length"
+
+
+class NoReplicas:
+    """Stands in for `ReplicaProcesses`: fails the test if any replica is started."""
+
+    def start(self, spec):
+        raise AssertionError("replicas started before the device was checked")
+
+
+def test_a_device_index_with_replicas_is_refused_not_ignored(monkeypatch):
+    """Observed: device='cuda:1' with data_parallel_size 2 put replica 0 on GPU 0 and
+    replica 1 on GPU 1 (the index was dropped without a word)."""
+    import hwattn.engine.data_parallel as data_parallel
+
+    monkeypatch.setattr(data_parallel, "_visible_gpus", lambda: ["0", "1", "2", "3"])
+    config = model_config(TINY["model"], TINY["attention"], TINY["model_overrides"])
+    tokenizer = load_tokenizer(None, config.vocab_size)
+    with pytest.raises(ValueError, match=r"device 'cuda:1' with data_parallel_size 2: .*"
+                                         r"CUDA_VISIBLE_DEVICES"):
+        DataParallelEngine(2, dict(TINY, device="cuda:1"), config, tokenizer, workers=NoReplicas())
+    with pytest.raises(AssertionError, match="replicas started"):  # cuda, cuda:0: from GPU 0
+        DataParallelEngine(2, dict(TINY, device="cuda:0"), config, tokenizer, workers=NoReplicas())
+
+
 def _tp_pids(engine):
     return engine.runner.pids
 
@@ -311,3 +432,82 @@ def test_a_replica_failing_to_build_fails_the_engine_with_its_traceback(monkeypa
     assert msg.startswith("data-parallel replica 1 failed during build:"), msg
     assert "InjectedFault: injected fault: replica 1 in build" in msg and fault_age(msg) < 10
     assert not wait_gone(set(children(os.getpid())) - before, 3.0)
+
+
+@pytest.mark.timeout(120)
+def test_params_a_replica_cannot_read_fail_that_request_alone(monkeypatch):
+    """A `SamplingParams` subclass defined in the caller's script (its `__main__`) cannot be
+    unpickled in a replica process. Observed: the replica died reading it ("Can't get
+    attribute 'ScriptParams' on <module 'hwattn.engine.engine_core'>"), failing every other
+    request it held, and was restarted. Now that request alone is refused by its replica."""
+    import sys
+
+    class ScriptParams(SamplingParams):
+        pass
+
+    ScriptParams.__module__, ScriptParams.__qualname__ = "__main__", "ScriptParams"
+    monkeypatch.setattr(sys.modules["__main__"], "ScriptParams", ScriptParams, raising=False)
+    with LLM(data_parallel_size=2, **TINY) as llm:
+        engine = llm.engine
+        pids = list(engine.pids)
+        long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+        ids = engine.add_requests([[1, 2, 3]] * 4, [long] * 4)
+        bad = engine.add_request([4, 5, 6], ScriptParams(max_tokens=4))
+        outs = {}
+        deadline = time.monotonic() + 60
+        while engine.has_unfinished():
+            assert time.monotonic() < deadline
+            outs.update((o.request_id, o) for o in engine.step() if o.finished)
+        out = outs[bad]
+        assert out.finish_reason == "error" and not out.worker_failed, out.error
+        assert re.match(r"data-parallel replica [01] refused it: .*ScriptParams", out.error), \
+            out.error
+        assert [(outs[r].finish_reason, len(outs[r].token_ids)) for r in ids] == [("length", 30)] * 4
+        assert engine.pids == pids and engine.health() == (True, None)
+        assert engine.stats()["failed"] == 1
+        engine.check_invariants()
+
+
+@pytest.mark.timeout(120)
+def test_a_shut_down_engine_says_so_at_once():
+    """Observed: after `shutdown`, `generate` returned its requests failed with "no
+    data-parallel replica is up: ... it is not restarted (it failed too often; see
+    HWATTN_REPLICA_RESTARTS)", counted them as failed, and only the next call raised. Now
+    every call raises `WorkerError` saying the engine was shut down; shutdown is idempotent."""
+    before = set(children(os.getpid()))
+    with LLM(data_parallel_size=2, **TINY) as llm:
+        engine = llm.engine
+        assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].finish_reason == "length"
+    llm.shutdown()  # again: nothing left to stop
+    failed = engine.stats()["failed"]
+    for _ in range(2):
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match="data-parallel engine was shut down"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        assert time.monotonic() - t0 < 1
+    with pytest.raises(WorkerError, match="shut down"):
+        engine.step()
+    assert engine.stats()["failed"] == failed and not engine.has_unfinished()
+    assert engine.health()[0] is False
+    assert not wait_gone(set(children(os.getpid())) - before, 3.0)
+
+
+@pytest.mark.timeout(60)
+def test_a_replica_hanging_while_it_builds_is_given_up_after_the_setup_timeout(monkeypatch):
+    """Observed: HWATTN_SETUP_TIMEOUT_S bounded the set-up of tensor-parallel ranks but not
+    of data-parallel replicas, which waited their fixed 600 s for a replica stuck building
+    (its heartbeat beating on, so only the deadline can catch it)."""
+    monkeypatch.setenv("HWATTN_FAULT", "replica:build:1:hang")
+    monkeypatch.setenv("HWATTN_SETUP_TIMEOUT_S", "5")
+    before = set(children(os.getpid()))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"data-parallel replica 1 sent no ready signal within "
+                                          r"5 s"):
+        LLM(data_parallel_size=2, **TINY)
+    assert time.monotonic() - t0 < 5 + 10
+    assert not wait_gone(set(children(os.getpid())) - before, 3.0)
+    monkeypatch.setenv("HWATTN_SETUP_TIMEOUT_S", "0")
+    config = model_config(TINY["model"], TINY["attention"], TINY["model_overrides"])
+    with pytest.raises(ValueError, match="HWATTN_SETUP_TIMEOUT_S must be a finite number"):
+        DataParallelEngine(2, dict(TINY), config, load_tokenizer(None, config.vocab_size),
+                           workers=NoReplicas())

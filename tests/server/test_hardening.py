@@ -248,6 +248,29 @@ def dp_server():
         yield base, dp
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_data_parallel_answers_name_the_stop_that_ended_them(dp_server, stream):
+    """Observed: through data-parallel replicas every choice's `stop_reason` was null (the
+    replicas did not send it on), where one engine names the stop string or token id."""
+    import json
+
+    base, dp = dp_server
+    with httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
+        for extra, want in (({"stop": ["FF"]}, "FF"), ({"stop_token_ids": [70]}, 70)):
+            body = {"model": NAME, "prompt": "ABCDEF", "max_tokens": 8, "temperature": 0,
+                    "stream": stream, **extra}
+            response = http.post(C, json=body)
+            assert response.status_code == 200, response.text
+            if stream:
+                chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+                          if line.startswith("data: {")]
+                last = [c for ch in chunks for c in ch["choices"] if c["finish_reason"]][-1]
+            else:
+                last = response.json()["choices"][0]
+            assert (last["finish_reason"], last["stop_reason"]) == ("stop", want), last
+    wait_idle(dp)
+
+
 @pytest.mark.parametrize("path, extra, param", [
     (C, {"n": 2}, "n"), (H, {"n": 2}, "n"), (C, {"logprobs": 1}, "logprobs"),
     (H, {"logprobs": True}, "logprobs"), (C, {"prompt_logprobs": 1}, "prompt_logprobs"),
