@@ -23,10 +23,9 @@ ROOF_DODGE = 1.12
 def plot_analysis(rows: list[dict], gpu: GPUSpec, path: str) -> dict:
     """Draw `analyze` rows to `path` (PNG). Returns where each marker landed, in pixels:
     {"kv": {(variant, tp): (x, y)}, "roofline": {(variant, tp, L_q): (x, y)}}."""
-    import matplotlib
+    from hwattn.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
     from matplotlib.lines import Line2D
 
@@ -99,6 +98,5 @@ def plot_analysis(rows: list[dict], gpu: GPUSpec, path: str) -> dict:
     placed = {"kv": {k: tuple(kv_ax.transData.transform(p)) for k, p in kv_pts.items()},
               "roofline": {k: tuple(roof_axes[q - 1].transData.transform((x, y)))
                            for k, (q, x, y) in roof_pts.items()}}
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return placed

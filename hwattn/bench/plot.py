@@ -116,10 +116,9 @@ def plot_engine_step(doc: dict, path: str | Path, source: str | None = None) -> 
     rows = decode_rows(doc, where)
     drawn = {(r["variant"], r["batch"], r["context"]): step_parts(r, where) for r in rows}
 
-    import matplotlib
+    from hwattn.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -203,8 +202,5 @@ def plot_engine_step(doc: dict, path: str | Path, source: str | None = None) -> 
                         label_px=tuple(map(float, label.get_window_extent(renderer).extents)))
     others = [title, legend, note] + [ax.title for ax in axes]
     out["texts_px"] = [tuple(map(float, t.get_window_extent(renderer).extents)) for t in others]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return out

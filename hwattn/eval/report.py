@@ -25,6 +25,7 @@ from hwattn.eval.claims import (CLAIMS, LOOKS_FILE, MATCH_MARGIN, MAX_SEEDS, NEX
                                 claim_key, claim_results, ppl_of, record_looks,
                                 register_next_looks)
 from hwattn.models.checkpoint import read_json_object
+from hwattn.plotting import pyplot, save_figure
 
 # FineWeb-Edu validation perplexity reported by the paper (docs/design.md §3).
 PAPER_PPL = {
@@ -152,29 +153,10 @@ def _batch_note(head: dict) -> str:
             "numbers of the last look.")
 
 
-def _pyplot():
-    """matplotlib's pyplot on the Agg backend: the report's figures are files, never shown."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    """Write `fig` to `path` (its folder made if missing) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    _pyplot().close(fig)
-    return path
-
-
 def plot_study(runs: list[dict], path: str | Path) -> Path:
     """Training loss and validation loss per domain vs tokens: one colour per variant, the
     mean over seeds drawn solid, each seed faint."""
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     domains = domains_of(runs)
@@ -211,7 +193,7 @@ def plot_study(runs: list[dict], path: str | Path) -> Path:
     if axes[-1].get_legend_handles_labels()[0]:  # (runs without curves draw nothing)
         axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def claim_rows(runs: list[dict], summary: dict) -> list[dict]:
@@ -227,7 +209,7 @@ def plot_gaps(rows: list[dict], path: str | Path) -> Path:
     t-interval (thick bar) and the interval corrected for the looks (thin bar, capped), the
     +1% margin dashed and 0 thin. A claim part-way through a registered batch is drawn as its
     rows are, at the last look."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     claims = list(dict.fromkeys((r["new"], r["base"]) for r in rows))
@@ -299,7 +281,7 @@ def plot_gaps(rows: list[dict], path: str | Path) -> Path:
                frameon=False)
     legend_rows = -(-len(handles) // min(6, len(handles)))
     fig.tight_layout(rect=(0, (0.1 + 0.2 * legend_rows) / fig.get_figheight(), 1, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def final_descent(run: dict) -> float | None:

@@ -366,10 +366,9 @@ def plot_compare(rows: list[dict], curves: dict, path: Path, cfg: CompareConfig,
     Returns the (closed) matplotlib figure."""
     import textwrap
 
-    import matplotlib
+    from hwattn.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), dpi=110)
     labels = [r["variant"] for r in rows]
@@ -436,6 +435,5 @@ def plot_compare(rows: list[dict], curves: dict, path: Path, cfg: CompareConfig,
     fig.suptitle(f"hwattn compare: preset {cfg.preset}, {cfg.steps} steps x {cfg.batch_size} x "
                  f"{cfg.seq_len} tokens, seed {cfg.seed}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return fig

@@ -8,10 +8,9 @@ from pathlib import Path
 def plot_loss(runs: dict[str, list[dict]], path: str | Path, title: str = "loss vs tokens") -> Path:
     """`runs`: {label: metrics records}; records with "loss" are training points, records
     with "val_loss" validation points. Writes a PNG to `path`."""
-    import matplotlib
+    from hwattn.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for i, (label, recs) in enumerate(runs.items()):
@@ -31,8 +30,4 @@ def plot_loss(runs: dict[str, list[dict]], path: str | Path, title: str = "loss 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
