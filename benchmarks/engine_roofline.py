@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from hwattn.bench.engine import decode_floor, time_decode_step  # noqa: E402
+from hwattn.bench.engine import time_decode_step  # noqa: E402
 from hwattn.bench.timing import device_peaks  # noqa: E402
 from hwattn.engine.loader import build_model  # noqa: E402
 from hwattn.engine.model_runner import ModelRunner, StepInput  # noqa: E402

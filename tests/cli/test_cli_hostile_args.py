@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from hwattn.cli import main
 from tests.cli.test_arguments import assert_error, dataset, no_server, run_cli  # noqa: F401
 
 TRAIN = ["--seq-len", "32", "--batch-size", "2", "--eval-tokens", "256", "--json"]

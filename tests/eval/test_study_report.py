@@ -605,6 +605,6 @@ def test_the_gaps_figure_of_a_batch_in_progress_is_its_last_look(tmp_path, monke
         assert row["interval"] == last["interval"] and row["corrected"] == last["corrected"]
     text = out.read_text()
     m, lo, hi = gta[0]["interval"]
-    assert (f"| gta-4 vs gqa-4 | average | 6 | " in text
+    assert ("| gta-4 vs gqa-4 | average | 6 | " in text
             and f"| {100 * m:+.2f}% | [{100 * lo:+.2f}%, {100 * hi:+.2f}%] | 4 |" in text)
     assert (out.parent / "quality_gaps.png").stat().st_size > 0
