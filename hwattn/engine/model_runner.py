@@ -388,7 +388,7 @@ class ModelRunner:
             every = len(rows) == len(sampling)
             pick = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
             settings = sampling if every else sampling.select(rows)
-            if all(t == 0.0 for t in settings.temperature):
+            if settings.argmax_only:  # greedy on the raw logits (no logit bias)
                 best = pick(graph_best) if graph_best is not None else pick(logits).argmax(-1)
                 if host_rows is not None:  # drafts on the host: only the argmax comes back
                     best = best.tolist()  # one read-back

@@ -86,8 +86,8 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
 def checked_params(params: SamplingParams | None, vocab_size: int | None = None) -> SamplingParams:
     """A validated copy: a caller changing its params afterwards cannot reach the sampler.
     vocab_size: the model's; a `ParamError` for stop token ids outside it (they could never
-    match, and min_tokens bans them in the sampler) or more log-probabilities per token than
-    it has."""
+    match, and min_tokens bans them in the sampler), logit biases of tokens outside it, or
+    more log-probabilities per token than it has."""
     if params is None:
         return SamplingParams()
     if not isinstance(params, SamplingParams):
@@ -97,6 +97,10 @@ def checked_params(params: SamplingParams | None, vocab_size: int | None = None)
         for t in params.stop_token_ids:
             if t >= vocab_size:
                 raise ParamError("stop_token_ids", f"stop_token_ids must be token ids in "
+                                 f"[0, {vocab_size}) (the model's vocabulary), got {t}")
+        for t in params.logit_bias or ():
+            if t >= vocab_size:
+                raise ParamError("logit_bias", f"logit_bias must name token ids in "
                                  f"[0, {vocab_size}) (the model's vocabulary), got {t}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)

@@ -1,5 +1,5 @@
-"""Sampling on the device without host syncs: presence / frequency / repetition penalties,
-tokens banned until min_tokens, temperature, min-p, top-k, top-p, and per-request seeds through
+"""Sampling on the device without host syncs: logit biases, presence / frequency / repetition
+penalties, tokens banned until min_tokens, temperature, min-p, top-k, top-p, and per-request seeds through
 a counter-based random number generator; plus the model's log-probabilities that requests ask
 to see.
 
@@ -42,15 +42,23 @@ def _mix32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
+# The largest float32 below 1. (2**24 - 1 + 0.5) / 2**24 rounds up to 1.0 in float32, whose
+# Gumbel variate is +inf: that entry would win whatever its probability, even a masked one
+# (-inf + inf is NaN, which argmax takes), once in 2**24 draws, i.e. in 0.8% of the tokens
+# sampled over a vocabulary of 128K.
+BELOW_ONE = 1.0 - 2.0**-24
+
+
 def uniform(seeds: Tensor, counters: Tensor, stream: int, n: int) -> Tensor:
-    """(B, n) float32 uniforms in (0, 1) from seeds (B,) int64 and counters (B,) int64."""
+    """(B, n) float32 uniforms in (0, 1) (never 0 or 1) from seeds (B,) int64 and counters
+    (B,) int64."""
     h = _mix32(seeds & MASK32)
     h = _mix32(h ^ ((seeds >> 32) & MASK32))
     h = _mix32(h ^ (counters & MASK32))
     h = _mix32(h ^ stream)
     cols = (torch.arange(n, device=seeds.device, dtype=torch.int64) * 0x9E3779B1) & MASK32
     v = _mix32(_mix32(h[:, None] ^ cols))
-    return ((v >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return (((v >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=BELOW_ONE)
 
 
 def gumbel(seeds: Tensor, counters: Tensor, stream: int, n: int) -> Tensor:
@@ -90,7 +98,8 @@ class SamplingInput:
     it: min_p (0 = off); presence, frequency, repetition penalties with the earlier tokens
     they read (`outputs`: each row's generated tokens; `prompts`: its prompt, for the
     repetition penalty only); `banned`: token ids a row may not sample yet (end-of-sequence
-    and stop ids before min_tokens); `logprobs`: top log-probabilities to report (-1 = none).
+    and stop ids before min_tokens); `logprobs`: top log-probabilities to report (-1 = none);
+    `bias`: each row's (token id, bias) pairs added to its logits first.
     """
 
     temperature: list[float]
@@ -104,6 +113,7 @@ class SamplingInput:
     prompts: list[list[int]] = field(default_factory=list)
     banned: list[list[int]] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
+    bias: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @classmethod
     def of(cls, params, seeds: list[int], positions: list[int], histories=None,
@@ -116,6 +126,8 @@ class SamplingInput:
             out.min_p = [p.min_p for p in params]
         if any(p.logprobs is not None for p in params):
             out.logprobs = [-1 if p.logprobs is None else p.logprobs for p in params]
+        if any(p.logit_bias for p in params):
+            out.bias = [list(p.logit_bias.items()) if p.logit_bias else [] for p in params]
         if histories is None:
             if any(p.penalized or p.min_tokens for p in params):
                 raise ValueError("penalties and min_tokens need the rows' histories")
@@ -135,8 +147,8 @@ class SamplingInput:
 
     @classmethod
     def argmax_rows(cls, params, seeds: list[int], positions: list[int]) -> "SamplingInput":
-        """`of` for rows that all sample greedily with no penalty, min_tokens, min_p or
-        log-probabilities (`Sequence.argmax_only`): the same settings, built in two passes
+        """`of` for rows that all sample greedily with no logit bias, penalty, min_tokens, min_p
+        or log-probabilities (`Sequence.argmax_only`): the same settings, built in two passes
         instead of one per setting (a decode step builds them for every row)."""
         return cls([0.0] * len(params), [p.top_k for p in params], [p.top_p for p in params],
                    list(seeds), list(positions))
@@ -146,9 +158,9 @@ class SamplingInput:
 
     @property
     def argmax_only(self) -> bool:
-        """Whether every row's token is the argmax of its raw logits (greedy, no penalties, no
-        banned tokens): `sample` then needs none of the settings on the device."""
-        return not self.penalties and not any(self.banned) and all(
+        """Whether every row's token is the argmax of its raw logits (greedy, no biases, no
+        penalties, no banned tokens): `sample` then needs none of the settings on the device."""
+        return not self.penalties and not any(self.banned) and not any(self.bias) and all(
             t == 0.0 for t in self.temperature)
 
     def select(self, rows: list[int]) -> "SamplingInput":
@@ -176,6 +188,11 @@ class SamplingInput:
             st.prompts = _ragged(self.prompts, move)
         if any(self.banned):
             st.banned = _ragged(self.banned, move)
+        if any(self.bias):
+            rows, ids = _ragged([[t for t, _ in row] for row in self.bias], move)
+            values = move(torch.tensor([b for row in self.bias for _, b in row],
+                                       dtype=torch.float32))
+            st.bias = (rows, ids, values)
         st.logprobs = list(self.logprobs)
         return st
 
@@ -205,6 +222,7 @@ class SamplingTensors:
     outputs: tuple[Tensor, Tensor] | None = None  # (row, token) of generated tokens
     prompts: tuple[Tensor, Tensor] | None = None  # (row, token) of prompt tokens
     banned: tuple[Tensor, Tensor] | None = None  # (row, token) not to be sampled yet
+    bias: tuple[Tensor, Tensor, Tensor] | None = None  # (row, token, float32 bias) added first
     logprobs: list[int] = field(default_factory=list)  # top log-probs per row, -1 = none
 
     @classmethod
@@ -213,23 +231,32 @@ class SamplingTensors:
         return SamplingInput.of(params, seeds, positions, histories, eos_token_id).tensors(device)
 
     def repeat(self, times: int) -> "SamplingTensors":
-        """Each row repeated `times` times with positions counting up (for k + 1 rows).
-        Speculative verification takes plain rows only: penalties, bans and log-probs stay."""
+        """Each row repeated `times` times with positions counting up (for k + 1 rows), its
+        logit biases with it. Speculative verification takes plain rows only: penalties, bans
+        and log-probs stay behind."""
         step = torch.arange(times, device=self.positions.device)
         rep = lambda t: t.repeat_interleave(times)  # noqa: E731
+        bias = None
+        if self.bias is not None:
+            rows, ids, values = self.bias
+            bias = ((rows[:, None] * times + step).flatten(), rep(ids), rep(values))
         return SamplingTensors(rep(self.temperature), rep(self.top_k), rep(self.top_p),
                                rep(self.seeds), (self.positions[:, None] + step).flatten(),
                                self.filtered, self.all_greedy,
-                               None if self.min_p is None else rep(self.min_p))
+                               None if self.min_p is None else rep(self.min_p), bias=bias)
 
 
 def adjusted_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
-    """(B, V) logits with the rows' penalties applied and banned tokens at -inf: what both
-    the greedy argmax and sampling start from. Returns `logits` itself when no row has any."""
-    if st.penalties is None and st.banned is None:
+    """(B, V) logits with the rows' biases added, then their penalties applied and banned
+    tokens at -inf: what both the greedy argmax and sampling start from. Returns `logits`
+    itself when no row has any."""
+    if st.penalties is None and st.banned is None and st.bias is None:
         return logits
     logits = logits.float().clone()
     batch, vocab = logits.shape
+    if st.bias is not None:
+        rows, ids, values = st.bias
+        logits.index_put_((rows, ids), values, accumulate=True)
     if st.penalties is not None:
         presence, frequency, repetition = st.penalties.unbind(-1)  # (B,) each
         counts = torch.zeros(batch, vocab, dtype=torch.float32, device=logits.device)

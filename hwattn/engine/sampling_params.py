@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 INT64_LIMIT = 1 << 63  # settings the sampler puts in int64 tensors must stay below this
@@ -35,6 +36,27 @@ def _number(name: str, value, what: str) -> float:
 OUTPUT_KINDS = ("cumulative", "final_only")
 
 
+def _logit_bias(value) -> dict[int, float] | None:
+    """A checked copy of a {token id: bias} mapping (None when empty): the caller's dict
+    changed afterwards cannot reach the sampler."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got "
+                         f"{type(value).__name__}")
+    out = {}
+    for token, bias in value.items():
+        if not isinstance(token, numbers.Integral) or isinstance(token, bool) \
+                or not 0 <= token < INT64_LIMIT:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if not isinstance(bias, numbers.Real) or isinstance(bias, bool) \
+                or not math.isfinite(bias):
+            raise ValueError(f"logit_bias values must be finite numbers, got {bias!r} for "
+                             f"token {token}")
+        out[int(token)] = float(bias)
+    return out or None
+
+
 @dataclass
 class SamplingParams:
     """How one request is decoded.
@@ -56,6 +78,10 @@ class SamplingParams:
     frequency_penalty: subtracted once per occurrence in the output (finite, in [-2, 2]).
     repetition_penalty: divides positive (multiplies negative) logits of tokens in the prompt
         or the output (finite, > 0; 1 is off).
+    logit_bias: {token id: bias} added to those tokens' logits before anything else the sampler
+        does (penalties, bans, temperature, filtering, the greedy argmax), as OpenAI's
+        `logit_bias`; ids must be in the model's vocabulary (checked when the request is
+        queued), biases finite (the server takes -100 to 100, as OpenAI does). None or {}: off.
     seed: makes this request's samples reproducible whatever else runs beside it; when None
         the engine draws one from its own seeded generator.
     stop: a string or a list of strings that end the output when they appear (the stop string
@@ -78,7 +104,7 @@ class SamplingParams:
         "final_only" (once, when it has finished; `LLM.generate` asks for this). As vLLM's
         `RequestOutputKind.CUMULATIVE` / `FINAL_ONLY`; a step then builds no output for it.
 
-    Penalties and min_p / min_tokens apply before the greedy argmax too; with none of them
+    Logit biases, penalties and min_p / min_tokens apply before the greedy argmax too; with none of them
     set, sampling is exactly what it was without them.
     Every setting is checked here; a bad one raises `ValueError` naming it.
     """
@@ -103,6 +129,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -156,6 +183,7 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 setattr(self, name, _integer(name, getattr(self, name), 0,
                                              what=" (None: no log-probabilities)"))
+        self.logit_bias = _logit_bias(self.logit_bias)
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got "
                              f"{self.output_kind!r}")
@@ -163,6 +191,12 @@ class SamplingParams:
                      "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def argmax_of_raw_logits(self) -> bool:
+        """Whether the token is always the argmax of the model's logits as they are: greedy,
+        with no setting that changes the logits first."""
+        return self.greedy and self.plain and self.min_p == 0 and not self.logit_bias
 
     @property
     def greedy(self) -> bool:

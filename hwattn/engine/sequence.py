@@ -148,7 +148,7 @@ class Sequence:
         # sampler reads beyond top-k and top-p (`SamplingInput.argmax_rows`). Settings that
         # cannot be read take the general path, where the step fails this request alone.
         try:
-            self.argmax_only = bool(params.greedy and params.plain and params.min_p == 0)
+            self.argmax_only = bool(params.argmax_of_raw_logits)
         except Exception:  # noqa: BLE001 - see above
             self.argmax_only = False
         self.arrival_time = time.perf_counter()

@@ -1,11 +1,12 @@
 """Request bodies of the OpenAI-compatible routes, as pydantic models with bounds, and the
 OpenAI-style error they turn into.
 
-Every field the server honours is declared (OpenAI's sampling fields plus vLLM's extras:
+Every field the server honours is declared (OpenAI's sampling fields, logit_bias among them,
+plus vLLM's extras:
 top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
 include_stop_str_in_output, prompt_logprobs); any other field is refused by name (400)
 instead of being silently ignored, and OpenAI fields this server does not implement
-(logit_bias, tools, tool_choice, suffix, best_of above n) are accepted only at their no-op
+(tools, tool_choice, suffix, best_of above n) are accepted only at their no-op
 value. `null` for any optional field means the field was not given (OpenAI marks them
 nullable). Integers must be JSON integers, floats must be finite, and what costs the engine
 time on every token (stop strings, stop ids) or per request (prompts in one body, prompts x n
@@ -61,6 +62,7 @@ class ServerLimits:
     max_n: completions per prompt (`n`).
     max_logprobs: top log-probabilities per token (`logprobs`, `top_logprobs`,
         `prompt_logprobs`).
+    max_logit_bias: tokens one request may bias (`logit_bias` entries).
     """
 
     max_body_bytes: int = 16 << 20
@@ -71,14 +73,16 @@ class ServerLimits:
     max_messages: int = 1024
     max_n: int = 16
     max_logprobs: int = 20
+    max_logit_bias: int = 1024
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_stop", "max_stop_chars", "max_prompts",
                      "max_sequences", "max_messages", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        for name in ("max_logprobs", "max_logit_bias"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _number(value) -> bool:
@@ -87,7 +91,6 @@ def _number(value) -> bool:
 
 # OpenAI fields this server does not implement, and the values that ask for nothing.
 NO_OP = {
-    "logit_bias": lambda v: v == {},
     "tools": lambda v: v == [],
     "tool_choice": lambda v: v == "none",
     "suffix": lambda v: v == "",
@@ -153,8 +156,7 @@ class _Request(_Body):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
     user: str | None = None  # the caller's end-user label: accepted, used for nothing
-    # OpenAI fields without an implementation here: only their no-op values are accepted.
-    logit_bias: Any = None
+    logit_bias: Any = None  # {"token id": bias in [-100, 100]}, as OpenAI's
 
     @field_validator(*NO_OP, mode="before", check_fields=False)
     @classmethod
@@ -211,6 +213,31 @@ class _Request(_Body):
                 raise _error("invalid_value", "stop_token_ids must be token ids >= 0")
         return value
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias(cls, value, info: ValidationInfo):
+        """{token id: bias} from OpenAI's JSON object of token-id strings to numbers."""
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise _error("invalid_value", "logit_bias must be an object mapping token ids to "
+                         "biases")
+        cap = _limits(info).max_logit_bias
+        if len(value) > cap:
+            raise _error("invalid_value", "logit_bias has {n} entries; at most {cap} are "
+                         "allowed", n=len(value), cap=cap)
+        out = {}
+        for key, bias in value.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()) \
+                    or int(key) >= INT64_LIMIT:
+                raise _error("invalid_value", "logit_bias keys must be token ids (digits), got "
+                             "{key}", key=reprlib.repr(key))
+            if not _number(bias) or not -100 <= bias <= 100:
+                raise _error("invalid_value", "logit_bias values must be numbers in [-100, "
+                             "100], got {bias} for token {key}", bias=reprlib.repr(bias), key=key)
+            out[int(key)] = float(bias)
+        return out or None
+
     def sampling(self, max_tokens: int, logprobs: int | None = None,
                  prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's settings, with `max_tokens`, `logprobs` and `prompt_logprobs` as the
@@ -227,7 +254,7 @@ class _Request(_Body):
                 repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
                 stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
                 include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs)
+                prompt_logprobs=prompt_logprobs, logit_bias=self.logit_bias)
         except ValueError as err:
             raise APIError(str(err), param=str(err).split(" ", 1)[0]) from None
 

@@ -4,8 +4,8 @@ keeps the target distribution."""
 import pytest
 import torch
 
-from hwattn.engine.sampler import (SamplingTensors, adjusted_logits, matching_verify, probabilities,
-                                   rejection_sample, sample, top_logprobs, uniform)
+from hwattn.engine.sampler import (SamplingTensors, adjusted_logits, gumbel, matching_verify,
+                                   probabilities, rejection_sample, sample, top_logprobs, uniform)
 from hwattn.engine.sampling_params import SamplingParams
 
 
@@ -31,6 +31,19 @@ def test_uniforms_are_uniform_and_keyed_by_seed_and_position():
     a = uniform(torch.tensor([5, 5, 6]), torch.tensor([0, 1, 0]), 0, 8)
     assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
     assert torch.equal(a[0], uniform(torch.tensor([5]), torch.tensor([0]), 0, 8)[0])
+
+
+def test_uniforms_never_reach_one_so_no_gumbel_variate_is_infinite():
+    """Observed: seed 1, position 16, vocabulary entry 876 drew u = 1.0 (the top 24-bit value
+    plus a half rounds up in float32), a Gumbel variate of +inf, and the token beat one with
+    a logit bias of +100 (2**-24 of all draws: 0.8% of tokens over 128K ids)."""
+    seeds, counters = torch.tensor([1, 1, 1]), torch.tensor([16, 330, 334])
+    u = uniform(seeds, counters, 0, 32768)
+    assert u.max() < 1 and u.min() > 0
+    assert torch.isfinite(gumbel(seeds, counters, 0, 32768)).all()
+    logits = torch.zeros(1, 1000)
+    logits[0, 77] = 100.0
+    assert sample(logits, tensors([SamplingParams(temperature=1.0)], [16], [1])).item() == 77
 
 
 def test_sampling_follows_softmax():
@@ -246,3 +259,84 @@ def test_matching_verification_emits_the_plain_samplers_tokens():
         assert drafts[b, :a].tolist() == plain[b, :a].tolist()
         assert a == k or drafts[b, a] != plain[b, a]
     assert 0 < accepted.float().mean() < k
+
+
+def dense_bias(params, vocab: int) -> torch.Tensor:
+    """(B, V) the rows' logit biases written out."""
+    out = torch.zeros(len(params), vocab)
+    for row, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            out[row, token] += bias
+    return out
+
+
+def test_logit_bias_is_added_to_the_logits_before_everything_else():
+    """Each row's biases are added to its own logits (rows without any untouched), before
+    penalties, greedy argmax, temperature and filtering: a biased row samples exactly what
+    the unbiased sampler draws from the written-out biased logits, with the same seed."""
+    vocab, n = 11, 48
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(n, vocab, generator=g) * 2
+    params = []
+    for i in range(n):
+        bias = {int(t): float(b) for t, b in zip(torch.randint(0, vocab, (i % 4,), generator=g),
+                                                 torch.randn(i % 4, generator=g) * 5)}
+        params.append(SamplingParams(temperature=[0.0, 0.6, 1.0, 1.5][i % 4], top_k=[0, 3][i % 2],
+                                     top_p=[1.0, 0.9, 1.0][i % 3], logit_bias=bias or None))
+    positions, seeds = list(range(7, 7 + n)), list(range(50, 50 + n))
+    unbiased = [SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+                for p in params]
+    want = sample(logits + dense_bias(params, vocab), tensors(unbiased, positions, seeds))
+    assert torch.equal(sample(logits, tensors(params, positions, seeds)), want)
+    assert tensors(unbiased).bias is None
+    torch.testing.assert_close(adjusted_logits(logits, tensors(params)),
+                               logits + dense_bias(params, vocab))
+    # before the penalties: repetition divides the biased logit (token 1: (1 + 4) / 2 = 2.5,
+    # below token 2's 3), not the raw one (1 / 2 + 4 = 4.5 would win)
+    p = SamplingParams(temperature=0, repetition_penalty=2.0, logit_bias={1: 4.0})
+    st = SamplingTensors.build([p], [0], [2], "cpu", [([1, 1], 1)])
+    row = torch.tensor([[0.0, 1.0, 3.0]])
+    assert adjusted_logits(row, st)[0, 1] == 2.5 and sample(row, st).item() == 2
+
+
+def test_logit_bias_of_minus_100_bans_and_plus_100_forces_a_token():
+    logits = torch.randn(64, 20, generator=torch.Generator().manual_seed(4))
+    top = logits.argmax(-1)
+    banned = [SamplingParams(temperature=1.0, logit_bias={int(t): -100.0}) for t in top]
+    assert not (sample(logits, tensors(banned, seeds=list(range(64)))) == top).any()
+    forced = [SamplingParams(temperature=1.0, logit_bias={5: 100.0})] * 64
+    assert (sample(logits, tensors(forced, seeds=list(range(64)))) == 5).all()
+
+
+def test_verification_repeats_each_rows_logit_bias_with_it():
+    """`matching_verify` and `rejection_sample` see the biases at every one of a row's k + 1
+    positions: a row forced to a token by its bias emits it at each, whatever its drafts."""
+    vocab, k = 9, 3
+    logits = torch.randn(4, k + 1, vocab, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=1.0, logit_bias={2: 100.0}), SamplingParams(),
+              SamplingParams(temperature=0, logit_bias={7: 100.0, 1: -3.0}), SamplingParams()]
+    st = tensors(params, positions=[3, 4, 5, 6], seeds=[1, 2, 3, 4])
+    drafts = torch.tensor([[2, 2, 2], [0, 0, 0], [7, 7, 1], [4, 4, 4]])
+    for verify in (matching_verify, lambda lg, d, s: rejection_sample(lg, d, None, s)):
+        tokens, accepted = verify(logits, drafts, st)
+        assert accepted[0] == k and tokens[0].tolist() == [2] * (k + 1)
+        assert accepted[2] == 2 and tokens[2, :3].tolist() == [7, 7, 7]
+    plain = torch.stack([sample(logits[:, i], tensors(params, [p + i for p in [3, 4, 5, 6]],
+                                                      [1, 2, 3, 4])) for i in range(k + 1)], 1)
+    tokens, accepted = matching_verify(logits, drafts, st)
+    for b in range(4):
+        assert tokens[b, :int(accepted[b]) + 1].tolist() == plain[b, :int(accepted[b]) + 1].tolist()
+
+
+def test_logit_bias_is_checked_and_copied():
+    for bias, says in (({"5": 1.0}, "keys must be token ids"), ({-1: 1.0}, "keys must be token ids"),
+                       ({True: 1.0}, "keys must be token ids"), ({5: float("nan")}, "finite"),
+                       ({5: "high"}, "finite"), ([(5, 1.0)], "dict of token id")):
+        with pytest.raises(ValueError, match="logit_bias.*" + says):
+            SamplingParams(logit_bias=bias)
+    mine = {3: 2}
+    p = SamplingParams(logit_bias=mine)
+    mine[3] = -100
+    assert p.logit_bias == {3: 2.0} and isinstance(p.logit_bias[3], float)
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    assert not SamplingParams(temperature=0, logit_bias={1: 1.0}).argmax_of_raw_logits

@@ -58,7 +58,7 @@ BADS = [  # (status, path, body)
     (400, C, b"{not json"),
     (400, C, {"model": NAME, "prompt": "x", "stream": True, "stream_options": "yes"}),
     (400, C, {"model": NAME, "prompt": "x", "min_p": 1.5}),
-    (400, C, {"model": NAME, "prompt": "x", "logit_bias": {"5": 1}}),
+    (400, C, {"model": NAME, "prompt": "x", "logit_bias": {"5": 1e9}}),
     (400, C, {"model": NAME, "prompt": "x", "stop": ["s"] * 10_000}),
     (400, C, {"model": NAME, "prompt": "x" * 400}),
     (400, C, {"model": NAME, "prompt": [1, 1 << 40]}),

@@ -84,7 +84,12 @@ BAD = [  # (id, path, body, param)
     ("chat min_p str", H, chat(min_p="low"), "min_p"),
     ("response_format", H, chat(response_format={"type": "json_object"}), "response_format"),
     ("best_of above n", C, cmpl(best_of=2), "best_of"),
-    ("logit_bias", C, cmpl(logit_bias={"5": 10}), "logit_bias"),
+    ("logit_bias above 100", C, cmpl(logit_bias={"5": 101}), "logit_bias"),
+    ("logit_bias key not an id", C, cmpl(logit_bias={"five": 1}), "logit_bias"),
+    ("logit_bias negative id", H, chat(logit_bias={"-1": 1}), "logit_bias"),
+    ("logit_bias id past the vocabulary", C, cmpl(logit_bias={"100000": 1}), "logit_bias"),
+    ("logit_bias list", C, cmpl(logit_bias=[[5, 1]]), "logit_bias"),
+    ("logit_bias bool", C, cmpl(logit_bias={"5": True}), "logit_bias"),
     ("echo str", C, cmpl(echo="yes"), "echo"),
     ("max_tokens 0 without echo", C, cmpl(max_tokens=0), "max_tokens"),
     ("logprobs negative", C, cmpl(logprobs=-1), "logprobs"),
@@ -131,8 +136,7 @@ def test_bad_requests_get_a_400_naming_the_field(server, path, body, param):
 
 def test_unknown_or_unsupported_fields_are_named_in_the_message(server):
     base, _ = server
-    for field, value in (("best_of", 4), ("logit_bias", {"1": 1}), ("guided_json", {}),
-                         ("suffix", "x")):
+    for field, value in (("best_of", 4), ("guided_json", {}), ("suffix", "x")):
         err = post(base, C, cmpl(**{field: value})).json()["error"]
         assert field in err["message"] and err["code"] == "unsupported_parameter", err
 
@@ -148,6 +152,37 @@ def test_stop_token_ids_end_the_output(server):
     choice, usage = r.json()["choices"][0], r.json()["usage"]
     assert choice["finish_reason"] == "stop"
     assert usage["completion_tokens"] == want.index(stop) + 1
+    wait_idle(engine)
+
+
+@pytest.mark.parametrize("path", [C, H], ids=["completions", "chat"])
+def test_logit_bias_reaches_the_sampler(server, path):
+    """OpenAI's token-id strings to biases: +100 forces a token at every step (greedy and
+    sampled); biases against the greedy tokens give what the Python API gives with them."""
+    base, engine = server
+    body = (lambda **kw: cmpl(prompt=[5, 6, 7], **kw)) if path == C else chat
+
+    def text(r):
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["text"] if path == C else choice["message"]["content"]
+
+    for temperature in (0, 1.0):
+        forced = body(max_tokens=6, temperature=temperature, ignore_eos=True, seed=3,
+                      logit_bias={"65": 100})
+        assert text(post(base, path, forced)) == "A" * 6  # id 65 is "A" (byte-level ids)
+    llm = LLM(**TINY)
+    prompt = [5, 6, 7] if path == C else post(base, "/tokenize", {
+        "model": NAME, "messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    seen = set(llm.generate([prompt], greedy)[0].token_ids)
+    against = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                             logit_bias={t: -100.0 for t in seen})
+    want = llm.generate([prompt], against)[0]
+    assert not seen & set(want.token_ids)
+    r = post(base, path, body(max_tokens=6, temperature=0, ignore_eos=True,
+                              logit_bias={str(t): -100 for t in seen}))
+    assert text(r) == want.text
     wait_idle(engine)
 
 
