@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from hwattn.ops.kernels.hopper_tied import (
     COL_BOX,
     _load_rows,
+    _out_bases,
     _slot_row,
     _store_tile,
     mma_layout,
@@ -123,14 +124,17 @@ def _finite(m):
 
 
 @gluon.jit
-def _finish(o, l_i, vec_mine, vec_other, vec_m, sync, MINE: gl.constexpr, head0, head_end,
+def _finish(o, l_i, vec_even, vec_odd, vec_m, sync, MINE: gl.constexpr, head0, head_end,
             n_heads_q, single, out_base, lse_base, part_base, part_lse_base, stride_ot,
             stride_oh, stride_lh, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr,
             D_V: gl.constexpr):
     """The end of warpgroup MINE (0 even, 1 odd): its row sum and the other's are over different
-    blocks at the same final max, so each publishes its own (sync 4 + MINE), adds the other's,
-    and stores its half of the columns (the even warpgroup the left half and the LSE)."""
+    blocks at the same final max, so each publishes its own (sync 4 + MINE, in its factor
+    vector), adds the other's, and stores its half of the columns (the even warpgroup the left
+    half and the LSE)."""
     row_l: gl.constexpr = l_i.type.layout
+    vec_mine = vec_odd if MINE == 1 else vec_even
+    vec_other = vec_even if MINE == 1 else vec_odd
     vec_mine.index(0).store(l_i)
     gl.thread_barrier()
     mbarrier.arrive(sync.index(4 + MINE), count=1)
@@ -143,14 +147,16 @@ def _finish(o, l_i, vec_mine, vec_other, vec_m, sync, MINE: gl.constexpr, head0,
 
 
 @gluon.jit
-def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd, vec_m, vec_even,
+def _half(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd, vec_m, vec_even,
           vec_odd, tile_bars, sync, zero, table_row, start, end, seqlen, kv_col, qk_scale,
           head0, head_end, n_heads_q, single, out_base, lse_base, part_base, part_lse_base,
-          stride_ot, stride_oh, stride_lh,
+          stride_ot, stride_oh, stride_lh, MINE: gl.constexpr,
           L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
           BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr, PAGE: gl.constexpr,
           PAIRS: gl.constexpr):
-    """Warpgroup 0: scores and softmax of the even blocks, output columns [0, D_V / 2)."""
+    """Warpgroup MINE: scores and softmax of the even (MINE = 0) or odd (1) blocks, output
+    columns [0, D_V / 2) or [D_V / 2, D_V). The two run a pair of blocks in different orders
+    (the even one opens the pair's softmax, the odd one continues it): a branch on MINE each."""
     HALF: gl.constexpr = D_V // 2
     N_STATE: gl.constexpr = D_V // COL_BOX
     NT: gl.constexpr = N_STATE + 1  # boxes per block: the state's, then the RoPE key's
@@ -166,188 +172,160 @@ def _even(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd
     l_i = gl.zeros([BLOCK_M], gl.float32, row_l)
     n_blocks = gl.cdiv(end - start, BLOCK_N)
     s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    s = _qk_issue(q_smem.index(0), qr_op, kv_bufs.index(0), rope_bufs.index(0), tile_bars, 0, 0,
-                  end - start, s, 0, N_STATE, True, True, BLOCK_N, N_STATE)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    if MINE == 0:
+        s = _qk_issue(q_smem.index(0), qr_op, kv_bufs.index(0), rope_bufs.index(0), tile_bars, 0,
+                      0, end - start, s, 0, N_STATE, True, True, BLOCK_N, N_STATE)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    else:
+        # Scores start on the right half's boxes and the RoPE box (their copies go out first).
+        if n_blocks > 1:
+            n_valid = end - start - BLOCK_N
+            s = _qk_issue(q_smem.index(0), qr_op, kv_bufs.index(1), rope_bufs.index(1), tile_bars,
+                          NT, 0, n_valid, s, N_LEFT, N_STATE, True, True, BLOCK_N, N_STATE)
+            s = _qk_issue(q_smem.index(0), qr_op, kv_bufs.index(1), rope_bufs.index(1), tile_bars,
+                          NT, 0, n_valid, s, 0, N_LEFT, False, False, BLOCK_N, N_STATE)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
     for k in range(gl.cdiv(n_blocks, 2)):
-        j = 2 * k  # this warpgroup's block; j + 1 is the other's
+        # This warpgroup's block j and the other's of the pair, j + 1 or j - 1 (the odd one's
+        # block may lie past the end).
+        j = 2 * k + MINE
         # `varying` is 0, but the compiler cannot tell: hoisting every box's matrix descriptors
         # and shared addresses out of the loop (nothing else changes with PAIRS = 1) would spill.
         varying = k * zero
-        slot = j % SLOTS + varying
+        slot = (j - MINE) % SLOTS + varying  # the pair's even slot; the odd one is slot + 1
         q_view = q_smem.index(varying)
-        refill = j + SLOTS  # the block that follows in this slot (refill + 1: in the odd one)
-        row_even = _slot_row(table_row, start + refill * BLOCK_N, end, PAGE)
-        row_odd = _slot_row(table_row, start + (refill + 1) * BLOCK_N, end, PAGE)
+        refill = j + SLOTS  # the block that follows in our slot (in the other's: refill ± 1)
+        if MINE == 0:
+            row_even = _slot_row(table_row, start + refill * BLOCK_N, end, PAGE)
+            row_odd = _slot_row(table_row, start + (refill + 1) * BLOCK_N, end, PAGE)
+        else:
+            row_odd = _slot_row(table_row, start + refill * BLOCK_N, end, PAGE)
+            row_even = _slot_row(table_row, start + (refill - 1) * BLOCK_N, end, PAGE)
         n0 = start + j * BLOCK_N
         kv_even = kv_bufs.index(slot)
         kv_odd = kv_bufs.index(slot + 1)
         nxt = j + 2  # our next block
         slot_nxt = nxt % SLOTS + varying
-
-        # Softmax of block j from the running max the odd warpgroup left.
         s = _scores(s, n0, end, seqlen, qk_scale, L_Q, BLOCK_N)
-        m_prev = vec_m.index(varying).load(row_l)
-        m_new = gl.maximum(m_prev, gl.max(s, 1))
-        m_use = _finite(m_new)
-        alpha = gl.exp2(m_prev - m_use)  # (M,)
-        p = gl.exp2(s - m_use[:, None])  # (M, N)
-        l_i = l_i * alpha + gl.sum(p, 1)
-        vec_m.index(varying).store(m_new)
-        vec_even.index(varying).store(alpha)
-        gl.thread_barrier()
-        mbarrier.arrive(sync.index(0), count=1)  # the odd warpgroup may continue from m_new
 
-        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p_op = gl.convert_layout(p.to(kv_bufs.dtype), p_op_layout)
-        o = warpgroup_mma(p_op, kv_even.slice(0, HALF, dim=1), o, is_async=True)
-        o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
-        # Block nxt may replace the left half of the even slot (the odd warpgroup never reads it).
-        _issue_tiles(kv_desc, rope_desc, kv_even, rope_bufs.index(slot), tile_bars, slot * NT,
-                     row_even, kv_col, 0, N_LEFT, N_STATE, refill < n_blocks)
+        if MINE == 0:
+            # Softmax of block j from the running max the odd warpgroup left.
+            m_prev = vec_m.index(varying).load(row_l)
+            m_new = gl.maximum(m_prev, gl.max(s, 1))
+            m_use = _finite(m_new)
+            alpha = gl.exp2(m_prev - m_use)  # (M,)
+            p = gl.exp2(s - m_use[:, None])  # (M, N)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            vec_m.index(varying).store(m_new)
+            vec_even.index(varying).store(alpha)
+            gl.thread_barrier()
+            mbarrier.arrive(sync.index(0), count=1)  # the odd warpgroup may continue from m_new
 
-        # The odd warpgroup's factor takes this block's P and our output to its max.
-        mbarrier.wait(sync.index(1), k & 1)
-        beta = vec_odd.index(varying).load(row_l)
-        p_even.index(varying).store((p * beta[:, None]).to(kv_bufs.dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(sync.index(2), count=1)  # P of block j is in shared memory
-        l_i = l_i * beta
-        o = o * gl.convert_layout(beta, gl.SliceLayout(1, o_layout))[:, None]
-        mbarrier.wait(sync.index(3), k & 1)  # P of block j + 1 is in shared memory
-        # (Each branch issues and waits for its own products: a branch may not turn the
-        # accumulator token into a tensor.)
-        if nxt < n_blocks:
-            o = warpgroup_mma(p_odd.index(varying), kv_odd.slice(0, HALF, dim=1), o, is_async=True)
-            # Scores of block nxt behind it, the left boxes first (their copies went out first).
-            kv_nxt = kv_bufs.index(slot_nxt)
-            phase = (nxt // SLOTS) & 1
-            n_valid = end - start - nxt * BLOCK_N
-            s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-            s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
-                          slot_nxt * NT, phase, n_valid, s, 0, N_LEFT, False, True, BLOCK_N, N_STATE)
-            o = warpgroup_mma_wait(num_outstanding=N_LEFT, deps=(o, ))
-            _issue_tiles(kv_desc, rope_desc, kv_odd, rope_bufs.index(slot + 1), tile_bars,
-                         (slot + 1) * NT, row_odd, kv_col, 0, N_LEFT, N_STATE,
-                         refill + 1 < n_blocks)
-            s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
-                          slot_nxt * NT, phase, n_valid, s, N_LEFT, N_STATE, True, False, BLOCK_N,
-                          N_STATE)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        elif n0 + BLOCK_N < end:  # the last block is the odd one
-            o = warpgroup_mma(p_odd.index(varying), kv_odd.slice(0, HALF, dim=1), o, is_async=True)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            p_op = gl.convert_layout(p.to(kv_bufs.dtype), p_op_layout)
+            o = warpgroup_mma(p_op, kv_even.slice(0, HALF, dim=1), o, is_async=True)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+            # Block nxt may replace the left half of the even slot (the odd warpgroup never
+            # reads it).
+            _issue_tiles(kv_desc, rope_desc, kv_even, rope_bufs.index(slot), tile_bars,
+                         slot * NT, row_even, kv_col, 0, N_LEFT, N_STATE, refill < n_blocks)
+
+            # The odd warpgroup's factor takes this block's P and our output to its max.
+            mbarrier.wait(sync.index(1), k & 1)
+            beta = vec_odd.index(varying).load(row_l)
+            p_even.index(varying).store((p * beta[:, None]).to(kv_bufs.dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(sync.index(2), count=1)  # P of block j is in shared memory
+            l_i = l_i * beta
+            o = o * gl.convert_layout(beta, gl.SliceLayout(1, o_layout))[:, None]
+            mbarrier.wait(sync.index(3), k & 1)  # P of block j + 1 is in shared memory
+            # (Each branch issues and waits for its own products: a branch may not turn the
+            # accumulator token into a tensor.)
+            if nxt < n_blocks:
+                o = warpgroup_mma(p_odd.index(varying), kv_odd.slice(0, HALF, dim=1), o,
+                                  is_async=True)
+                # Scores of block nxt behind it, the left boxes first (their copies went out
+                # first).
+                kv_nxt = kv_bufs.index(slot_nxt)
+                phase = (nxt // SLOTS) & 1
+                n_valid = end - start - nxt * BLOCK_N
+                s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+                s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
+                              slot_nxt * NT, phase, n_valid, s, 0, N_LEFT, False, True, BLOCK_N,
+                              N_STATE)
+                o = warpgroup_mma_wait(num_outstanding=N_LEFT, deps=(o, ))
+                _issue_tiles(kv_desc, rope_desc, kv_odd, rope_bufs.index(slot + 1), tile_bars,
+                             (slot + 1) * NT, row_odd, kv_col, 0, N_LEFT, N_STATE,
+                             refill + 1 < n_blocks)
+                s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
+                              slot_nxt * NT, phase, n_valid, s, N_LEFT, N_STATE, True, False,
+                              BLOCK_N, N_STATE)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            elif n0 + BLOCK_N < end:  # the last block is the odd one
+                o = warpgroup_mma(p_odd.index(varying), kv_odd.slice(0, HALF, dim=1), o,
+                                  is_async=True)
+                o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+        else:
+            # Continue the running max from the even warpgroup's block j - 1; a block past the
+            # end is all -inf and changes nothing.
+            mbarrier.wait(sync.index(0), k & 1)
+            m_prev = vec_m.index(varying).load(row_l)
+            alpha = vec_even.index(varying).load(row_l)
+            m_new = gl.maximum(m_prev, gl.max(s, 1))
+            m_use = _finite(m_new)
+            beta = gl.exp2(m_prev - m_use)  # (M,)
+            vec_m.index(varying).store(m_new)
+            vec_odd.index(varying).store(beta)
+            gl.thread_barrier()
+            mbarrier.arrive(sync.index(1), count=1)
+
+            p = gl.exp2(s - m_use[:, None])  # (M, N)
+            scale = alpha * beta
+            l_i = l_i * scale + gl.sum(p, 1)
+            o = o * gl.convert_layout(scale, gl.SliceLayout(1, o_layout))[:, None]
+            p16 = p.to(kv_bufs.dtype)
+            p_odd.index(varying).store(p16)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(sync.index(3), count=1)  # P of block j is in shared memory
+            if n0 < end:
+                o = warpgroup_mma(gl.convert_layout(p16, p_op_layout),
+                                  kv_odd.slice(HALF, HALF, dim=1), o, is_async=True)
+                mbarrier.wait(sync.index(2), k & 1)  # P of block j - 1 is in shared memory
+                o = warpgroup_mma(p_even.index(varying), kv_even.slice(HALF, HALF, dim=1), o,
+                                  is_async=True)
+                # Each slot's right half (and RoPE box) is free once our product on it completes.
+                o = warpgroup_mma_wait(num_outstanding=1, deps=(o, ))
+                _issue_tiles(kv_desc, rope_desc, kv_odd, rope_bufs.index(slot + 1), tile_bars,
+                             (slot + 1) * NT, row_odd, kv_col, N_LEFT, NT, N_STATE,
+                             refill < n_blocks)
+                o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+                _issue_tiles(kv_desc, rope_desc, kv_even, rope_bufs.index(slot), tile_bars,
+                             slot * NT, row_even, kv_col, N_LEFT, NT, N_STATE,
+                             refill - 1 < n_blocks)
+            else:  # no block j (the slot may never have been filled): only the even one's product
+                mbarrier.wait(sync.index(2), k & 1)
+                o = warpgroup_mma(p_even.index(varying), kv_even.slice(HALF, HALF, dim=1), o,
+                                  is_async=True)
+                o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+            if nxt < n_blocks:
+                kv_nxt = kv_bufs.index(slot_nxt)
+                phase = (nxt // SLOTS) & 1
+                n_valid = end - start - nxt * BLOCK_N
+                s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+                s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
+                              slot_nxt * NT, phase, n_valid, s, N_LEFT, N_STATE, True, True,
+                              BLOCK_N, N_STATE)
+                s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
+                              slot_nxt * NT, phase, n_valid, s, 0, N_LEFT, False, False, BLOCK_N,
+                              N_STATE)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
 
     # (The factor vectors are free for the row sums: the odd warpgroup read its last one before
-    # storing the P we waited for, and stores its sum after waiting for our last P, which we
-    # stored after reading its last factor.)
-    _finish(o, l_i, vec_even, vec_odd, vec_m, sync, 0, head0, head_end, n_heads_q, single,
-            out_base, lse_base, part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q,
-            HEADS_PER_PROG, D_V)
-
-
-@gluon.jit
-def _odd(q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd, vec_m, vec_even,
-         vec_odd, tile_bars, sync, zero, table_row, start, end, seqlen, kv_col, qk_scale,
-         head0, head_end, n_heads_q, single, out_base, lse_base, part_base, part_lse_base,
-         stride_ot, stride_oh, stride_lh,
-         L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BLOCK_M: gl.constexpr,
-         BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr, PAGE: gl.constexpr,
-         PAIRS: gl.constexpr):
-    """Warpgroup 1: scores and softmax of the odd blocks, output columns [D_V / 2, D_V)."""
-    HALF: gl.constexpr = D_V // 2
-    N_STATE: gl.constexpr = D_V // COL_BOX
-    NT: gl.constexpr = N_STATE + 1
-    N_LEFT: gl.constexpr = HALF // COL_BOX
-    SLOTS: gl.constexpr = 2 * PAIRS
-    s_layout: gl.constexpr = mma_layout(WG, 1, BLOCK_N)
-    o_layout: gl.constexpr = mma_layout(WG, 1, HALF)
-    row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
-    p_op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    qr_op = qr_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-
-    o = gl.zeros([BLOCK_M, HALF], gl.float32, o_layout)
-    l_i = gl.zeros([BLOCK_M], gl.float32, row_l)
-    n_blocks = gl.cdiv(end - start, BLOCK_N)
-    s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    # Scores start on the right half's boxes and the RoPE box (their copies go out first).
-    if n_blocks > 1:
-        n_valid = end - start - BLOCK_N
-        s = _qk_issue(q_smem.index(0), qr_op, kv_bufs.index(1), rope_bufs.index(1), tile_bars, NT,
-                      0, n_valid, s, N_LEFT, N_STATE, True, True, BLOCK_N, N_STATE)
-        s = _qk_issue(q_smem.index(0), qr_op, kv_bufs.index(1), rope_bufs.index(1), tile_bars, NT,
-                      0, n_valid, s, 0, N_LEFT, False, False, BLOCK_N, N_STATE)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-    for k in range(gl.cdiv(n_blocks, 2)):
-        j = 2 * k + 1  # this warpgroup's block (it may lie past the end); j - 1 is the other's
-        varying = k * zero  # 0 (see the even warpgroup)
-        slot = (j - 1) % SLOTS + varying  # the even slot; ours is slot + 1
-        q_view = q_smem.index(varying)
-        refill = j + SLOTS  # the block that follows in our slot (refill - 1: in the even one)
-        row_odd = _slot_row(table_row, start + refill * BLOCK_N, end, PAGE)
-        row_even = _slot_row(table_row, start + (refill - 1) * BLOCK_N, end, PAGE)
-        n0 = start + j * BLOCK_N
-        kv_even = kv_bufs.index(slot)
-        kv_odd = kv_bufs.index(slot + 1)
-        nxt = j + 2  # our next block
-        slot_nxt = nxt % SLOTS + varying
-
-        # Continue the running max from the even warpgroup's block j - 1; a block past the end
-        # is all -inf and changes nothing.
-        s = _scores(s, n0, end, seqlen, qk_scale, L_Q, BLOCK_N)
-        mbarrier.wait(sync.index(0), k & 1)
-        m_prev = vec_m.index(varying).load(row_l)
-        alpha = vec_even.index(varying).load(row_l)
-        m_new = gl.maximum(m_prev, gl.max(s, 1))
-        m_use = _finite(m_new)
-        beta = gl.exp2(m_prev - m_use)  # (M,)
-        vec_m.index(varying).store(m_new)
-        vec_odd.index(varying).store(beta)
-        gl.thread_barrier()
-        mbarrier.arrive(sync.index(1), count=1)
-
-        p = gl.exp2(s - m_use[:, None])  # (M, N)
-        scale = alpha * beta
-        l_i = l_i * scale + gl.sum(p, 1)
-        o = o * gl.convert_layout(scale, gl.SliceLayout(1, o_layout))[:, None]
-        p16 = p.to(kv_bufs.dtype)
-        p_odd.index(varying).store(p16)
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(sync.index(3), count=1)  # P of block j is in shared memory
-        if n0 < end:
-            o = warpgroup_mma(gl.convert_layout(p16, p_op_layout), kv_odd.slice(HALF, HALF, dim=1),
-                              o, is_async=True)
-            mbarrier.wait(sync.index(2), k & 1)  # P of block j - 1 is in shared memory
-            o = warpgroup_mma(p_even.index(varying), kv_even.slice(HALF, HALF, dim=1), o,
-                              is_async=True)
-            # Each slot's right half (and RoPE box) is free once our product on it completes.
-            o = warpgroup_mma_wait(num_outstanding=1, deps=(o, ))
-            _issue_tiles(kv_desc, rope_desc, kv_odd, rope_bufs.index(slot + 1), tile_bars,
-                         (slot + 1) * NT, row_odd, kv_col, N_LEFT, NT, N_STATE, refill < n_blocks)
-            o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
-            _issue_tiles(kv_desc, rope_desc, kv_even, rope_bufs.index(slot), tile_bars, slot * NT,
-                         row_even, kv_col, N_LEFT, NT, N_STATE, refill - 1 < n_blocks)
-        else:  # no block j (the slot may never have been filled): only the even one's product
-            mbarrier.wait(sync.index(2), k & 1)
-            o = warpgroup_mma(p_even.index(varying), kv_even.slice(HALF, HALF, dim=1), o,
-                              is_async=True)
-            o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
-        if nxt < n_blocks:
-            kv_nxt = kv_bufs.index(slot_nxt)
-            phase = (nxt // SLOTS) & 1
-            n_valid = end - start - nxt * BLOCK_N
-            s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-            s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
-                          slot_nxt * NT, phase, n_valid, s, N_LEFT, N_STATE, True, True, BLOCK_N,
-                          N_STATE)
-            s = _qk_issue(q_view, qr_op, kv_nxt, rope_bufs.index(slot_nxt), tile_bars,
-                          slot_nxt * NT, phase, n_valid, s, 0, N_LEFT, False, False, BLOCK_N,
-                          N_STATE)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-
-    _finish(o, l_i, vec_odd, vec_even, vec_m, sync, 1, head0, head_end, n_heads_q, single,
+    # storing the P the even one waits for, and stores its sum after waiting for the even one's
+    # last P, which the even one stored after reading the odd one's last factor.)
+    _finish(o, l_i, vec_even, vec_odd, vec_m, sync, MINE, head0, head_end, n_heads_q, single,
             out_base, lse_base, part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q,
             HEADS_PER_PROG, D_V)
 
@@ -422,23 +400,19 @@ def duo_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr, BL
     fence_async_shared()  # the queries, before the products read them
     gl.thread_barrier()
 
-    # Where the epilogues write: this sequence's output and LSE, this item's partials.
-    out_base = out_ptr + seq64 * stride_ob
-    lse_base = lse_ptr + seq64 * stride_lb
-    part_row0 = (pid_item * L_Q * n_heads_q).to(gl.int64)  # < 2**31: items × L_q × H_q
-    part_base = part_out_ptr + part_row0 * D_V
-    part_lse_base = part_lse_ptr + part_row0
-    single = n_pieces == 1
+    out_base, lse_base, part_base, part_lse_base, single = _out_bases(
+        out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, pid_item, seq64, n_pieces, n_heads_q,
+        stride_ob, stride_lb, L_Q, D_V)
     # (The argument tuples are written out: a tuple bound to a name turns constexprs to tensors.)
     gl.warp_specialize([
-        (_even, (q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd, vec_m,
+        (_half, (q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd, vec_m,
                  vec_even, vec_odd, tile_bars, sync, gl.program_id(2), table_row, start, end,
                  seqlen, kv_col, qk_scale, head0, head_end, n_heads_q, single, out_base, lse_base,
-                 part_base, part_lse_base, stride_ot, stride_oh, stride_lh,
+                 part_base, part_lse_base, stride_ot, stride_oh, stride_lh, 0,
                  L_Q, HEADS_PER_PROG, BLOCK_M, BLOCK_N, D_NOPE, D_V, PAGE, PAIRS)),
-        (_odd, (q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd, vec_m,
-                vec_even, vec_odd, tile_bars, sync, gl.program_id(2), table_row, start, end,
-                seqlen, kv_col, qk_scale, head0, head_end, n_heads_q, single, out_base, lse_base,
-                part_base, part_lse_base, stride_ot, stride_oh, stride_lh,
-                L_Q, HEADS_PER_PROG, BLOCK_M, BLOCK_N, D_NOPE, D_V, PAGE, PAIRS)),
+        (_half, (q_smem, qr_smem, kv_desc, rope_desc, kv_bufs, rope_bufs, p_even, p_odd, vec_m,
+                 vec_even, vec_odd, tile_bars, sync, gl.program_id(2), table_row, start, end,
+                 seqlen, kv_col, qk_scale, head0, head_end, n_heads_q, single, out_base, lse_base,
+                 part_base, part_lse_base, stride_ot, stride_oh, stride_lh, 1,
+                 L_Q, HEADS_PER_PROG, BLOCK_M, BLOCK_N, D_NOPE, D_V, PAGE, PAIRS)),
     ], [WG], [256])

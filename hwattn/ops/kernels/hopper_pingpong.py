@@ -24,6 +24,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from hwattn.ops.kernels.hopper_tied import (
     _issue_scores,
     _load_rows,
+    _out_bases,
     _produce,
     _softmax,
     _store_tile,
@@ -159,12 +160,9 @@ def pingpong_schedule(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexp
     q_base = q_ptr + seq64 * stride_qb
     q_rope_base = q_rope_ptr + seq64 * stride_qrb
     table_row = block_table_ptr + seq64 * stride_btb
-    part_row0 = (pid_item * L_Q * n_heads_q).to(gl.int64)  # < 2**31: items × L_q × H_q
-    out_base = out_ptr + seq64 * stride_ob
-    lse_base = lse_ptr + seq64 * stride_lb
-    part_base = part_out_ptr + part_row0 * D_V
-    part_lse_base = part_lse_ptr + part_row0
-    single = n_pieces == 1
+    out_base, lse_base, part_base, part_lse_base, single = _out_bases(
+        out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, pid_item, seq64, n_pieces, n_heads_q,
+        stride_ob, stride_lb, L_Q, D_V)
     # (The argument tuples are written out: a tuple bound to a name turns constexprs to tensors.)
     gl.warp_specialize([
         (_rows, (q_base, q_rope_base, stride_qt, stride_qh, stride_qrt, stride_qrh, q_smem, qr_smem,

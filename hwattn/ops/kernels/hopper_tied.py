@@ -203,6 +203,20 @@ def _row_limit(seqlen, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, L_Q: gl.con
 
 
 @gluon.jit
+def _attend_slot(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, o, m_i, l_i, j, start, end,
+                 row_limit, qk_scale, L_Q: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, D_NOPE: gl.constexpr, D_V: gl.constexpr,
+                 NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr, num_warps: gl.constexpr):
+    """Wait for block j in its slot of the ring (j % NUM_STAGES) and attend it: _attend_block's
+    (o, m_i, l_i)."""
+    slot = j % NUM_STAGES
+    mbarrier.wait(ready.index(slot), (j // NUM_STAGES) & 1)
+    return _attend_block(q_smem, qr_smem, kv_bufs.index(slot), rope_bufs.index(slot), p_smem, o,
+                         m_i, l_i, start + j * BLOCK_N, end, row_limit, qk_scale, L_Q, BLOCK_M,
+                         BLOCK_N, D_NOPE, D_V, WARPS_N, num_warps)
+
+
+@gluon.jit
 def _consume(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, end, seqlen,
              qk_scale, L_Q: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              D_NOPE: gl.constexpr, D_V: gl.constexpr, NUM_STAGES: gl.constexpr,
@@ -211,14 +225,11 @@ def _consume(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, empty, start, e
     o, m_i, l_i = _init_state(BLOCK_M, BLOCK_N, D_V, WARPS_N, num_warps)
     row_limit = _row_limit(seqlen, BLOCK_M, BLOCK_N, L_Q, WARPS_N, num_warps)
     for j in range(gl.cdiv(end - start, BLOCK_N)):
-        slot = j % NUM_STAGES
-        mbarrier.wait(ready.index(slot), (j // NUM_STAGES) & 1)
-        o, m_i, l_i = _attend_block(q_smem, qr_smem, kv_bufs.index(slot), rope_bufs.index(slot),
-                                    p_smem, o, m_i, l_i, start + j * BLOCK_N, end, row_limit,
-                                    qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, WARPS_N,
-                                    num_warps)
+        o, m_i, l_i = _attend_slot(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, o, m_i,
+                                   l_i, j, start, end, row_limit, qk_scale, L_Q, BLOCK_M, BLOCK_N,
+                                   D_NOPE, D_V, NUM_STAGES, WARPS_N, num_warps)
         gl.thread_barrier()  # every consumer warpgroup's MMAs on this slot have completed
-        mbarrier.arrive(empty.index(slot), count=1)
+        mbarrier.arrive(empty.index(j % NUM_STAGES), count=1)
     return o, m_i, l_i
 
 
@@ -368,6 +379,17 @@ def _store_tile(o, l_i, m_i, row0, col0, head0, head_end, n_heads_q, single, out
                  mask=mask_od)
         if WRITE_LSE:
             gl.store(part_lse_base + part_rows, lse, mask=mask_o)
+
+
+@gluon.jit
+def _out_bases(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, pid_item, seq64, n_pieces, n_heads_q,
+               stride_ob, stride_lb, L_Q: gl.constexpr, D_V: gl.constexpr):
+    """Where a work item's epilogue writes (`_store_tile`'s bases): this sequence's output and
+    LSE, this item's partials, and whether the item is the whole sequence (single: it writes
+    the output, else the partials)."""
+    part_row0 = (pid_item * L_Q * n_heads_q).to(gl.int64)  # < 2**31: items × L_q × H_q
+    return (out_ptr + seq64 * stride_ob, lse_ptr + seq64 * stride_lb,
+            part_out_ptr + part_row0 * D_V, part_lse_ptr + part_row0, n_pieces == 1)
 
 
 @gluon.jit
@@ -529,18 +551,15 @@ def tied_schedule(args, item, out_scale, L_Q: gl.constexpr, HEADS_PER_PROG: gl.c
             _issue_block(kv_desc, rope_desc, kv_bufs.index(ahead % NUM_STAGES),
                          rope_bufs.index(ahead % NUM_STAGES), ready.index(ahead % NUM_STAGES),
                          row, kv_col, D_V, ahead < n_blocks)
-            slot = j % NUM_STAGES
-            mbarrier.wait(ready.index(slot), (j // NUM_STAGES) & 1)
-            o, m_i, l_i = _attend_block(q_smem, qr_smem, kv_bufs.index(slot), rope_bufs.index(slot),
-                                        p_smem, o, m_i, l_i, start + j * BLOCK_N, end, row_limit,
-                                        qk_scale, L_Q, BLOCK_M, BLOCK_N, D_NOPE, D_V, WARPS_N,
-                                        num_warps)
+            o, m_i, l_i = _attend_slot(q_smem, qr_smem, kv_bufs, rope_bufs, p_smem, ready, o,
+                                       m_i, l_i, j, start, end, row_limit, qk_scale, L_Q, BLOCK_M,
+                                       BLOCK_N, D_NOPE, D_V, NUM_STAGES, WARPS_N, num_warps)
 
     if CACHE_STAGES > 0:  # the values' scale, in fp32 (the softmax weights sum to one)
         o = o * out_scale
-    # Where the epilogue writes: this sequence's output and LSE, this item's partials.
-    part_row0 = (pid_item * L_Q * n_heads_q).to(gl.int64)  # < 2**31: items × L_q × H_q
-    _store_tile(o, l_i, m_i, 0, 0, head0, (kv_head + 1) * group, n_heads_q, n_pieces == 1,
-                out_ptr + seq64 * stride_ob, lse_ptr + seq64 * stride_lb,
-                part_out_ptr + part_row0 * D_V, part_lse_ptr + part_row0,
-                stride_ot, stride_oh, stride_lh, L_Q, HEADS_PER_PROG, D_V, True)
+    out_base, lse_base, part_base, part_lse_base, single = _out_bases(
+        out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, pid_item, seq64, n_pieces, n_heads_q,
+        stride_ob, stride_lb, L_Q, D_V)
+    _store_tile(o, l_i, m_i, 0, 0, head0, head_end, n_heads_q, single, out_base, lse_base,
+                part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q, HEADS_PER_PROG,
+                D_V, True)
