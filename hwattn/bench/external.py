@@ -2,12 +2,13 @@
 
 `hwattn bench decode` times FlashMLA and FlashAttention-3 in its own process, on the same
 random paged caches, block table, lengths and queries as our kernels, when their Python packages
-import (docs/external_baselines.md says how to build them). This module holds one adapter per
-kernel: it takes our call's operands (what `Attention.kernel_call` takes: the queries of
-`decode_query_shapes`, the caches of `cache_layout`, the block table, `cache_seqlens`), converts
-them to the layout the kernel wants once, and returns an `ExternalCall`: a zero-argument callable
-that runs only the kernel (what is timed) and a function turning its result into our output
-layout, (B, L_q, H_q, D_v).
+import (docs/external_baselines.md says how to build them) or, with $HWATTN_EXTERNAL_DIR set,
+from the prebuilt libraries carried in that folder (`external_carried`: no package needed).
+This module holds one adapter per kernel: it takes our call's operands (what
+`Attention.kernel_call` takes: the queries of `decode_query_shapes`, the caches of
+`cache_layout`, the block table, `cache_seqlens`), converts them to the layout the kernel wants
+once, and returns an `ExternalCall`: a zero-argument callable that runs only the kernel (what is
+timed) and a function turning its result into our output layout, (B, L_q, H_q, D_v).
 
 Which call a case is, the adapters read from the operands alone, as `hwattn.ops` does:
 
@@ -40,11 +41,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
+
+from hwattn.bench import external_carried
 
 # name -> (module imported, distributions whose version it may carry)
 PACKAGES = {
@@ -93,8 +97,20 @@ def _version(module, distributions: tuple[str, ...]) -> str:
 
 
 def _import(name: str):
-    """(module, None) or (None, why) for the package behind `name`."""
+    """(module, None) or (None, why) for the kernel behind `name`.
+
+    With $HWATTN_EXTERNAL_DIR set (a folder `benchmarks/fetch_external_kernels.sh` filled), a
+    kernel its manifest lists comes from there and only from there (`external_carried`: a
+    library that cannot load gives its reason, not an installed package's timing); the others,
+    and all of them without the variable, come from their Python packages."""
     module_name, _ = PACKAGES[name]
+    directory = os.environ.get(external_carried.ENV)
+    if directory:
+        try:
+            if external_carried.lists(directory, name):
+                return external_carried.load(name, directory), None
+        except external_carried.CarriedUnavailable as err:
+            return None, f"carried build in {directory} not loaded: {err}"
     try:
         return importlib.import_module(module_name), None
     except Exception as err:  # noqa: BLE001 - a broken build (missing symbol) does not import

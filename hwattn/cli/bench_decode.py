@@ -54,7 +54,9 @@ def register(sub) -> None:
                    help="skip the Hopper backend (timed by default on sm_90 GPUs)")
     p.add_argument("--external", action=argparse.BooleanOptionalAction, default=True,
                    help="time FlashMLA (flash_mla) and FA3 (flash_attn_interface) in this process "
-                        "where they import (default on; --no-external skips them)")
+                        "where they import, or the prebuilt libraries in $HWATTN_EXTERNAL_DIR "
+                        "(benchmarks/fetch_external_kernels.sh) (default on; --no-external skips "
+                        "them)")
     p.add_argument("--warmup-ms", type=int, default=25,
                    help="warm-up time in ms before each timing (do_bench's warmup; default "
                         "%(default)s)")

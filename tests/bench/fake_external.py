@@ -123,3 +123,108 @@ def fa3_module(version: str = "fake-3.0", with_schedule: bool = True) -> types.M
         module.get_scheduler_metadata = get_scheduler_metadata
     module.flash_attn_with_kvcache = flash_attn_with_kvcache
     return module
+
+
+class _Op:
+    """A stand-in for a torch op overload: `_schema` as torch parses it, called with the
+    arguments in that schema's order, handed to `impl` by name."""
+
+    def __init__(self, schema: str, impl):
+        self._schema = torch._C.parse_schema(schema)
+        self._names = [a.name for a in self._schema.arguments]
+        self._impl = impl
+
+    def __call__(self, *args):
+        assert len(args) == len(self._names), (len(args), self._names)
+        return self._impl(**dict(zip(self._names, args)))
+
+
+def _off(**given):
+    """Assert every argument a decode call leaves off has its 'off' value."""
+    for name, (value, off) in given.items():
+        assert value is off or value == off, (name, value)
+
+
+def carried_namespace(name: str, schemas: dict) -> types.SimpleNamespace:
+    """A torch.ops namespace like the one vLLM's `_flashmla_C` ("FlashMLA") or `_vllm_fa3_C`
+    ("FA3") library registers: each op of `schemas` ({op: schema string}) takes its arguments
+    in that schema's order and does what the library documents (FlashMLA's `dense_decode_fwd`
+    computes its schedule when given none and returns it; FA3's `fwd` checks that the schedule
+    it is given was made for its call)."""
+
+    def dense_decode_fwd(q, kcache, head_size_v, seqlens_k, block_table, softmax_scale,
+                         is_causal, tile_scheduler_metadata, num_splits, out_):
+        batch, s_q, h_q, d = q.shape
+        _, page, h_k, d_k = kcache.shape
+        assert (d, d_k, head_size_v, page, h_k) == (576, 576, 512, 64, 1), (q.shape, kcache.shape)
+        assert q.dtype == kcache.dtype and q.dtype in (torch.bfloat16, torch.float16), q.dtype
+        assert kcache.stride(-1) == 1 and out_ is None
+        assert isinstance(softmax_scale, float) and isinstance(is_causal, bool)
+        _check_paging(block_table, seqlens_k, batch)
+        made_for = torch.tensor([batch, s_q, h_q, int(is_causal)], dtype=torch.int32)
+        if tile_scheduler_metadata is None:  # the first call computes the schedule
+            assert num_splits is None
+            tile_scheduler_metadata = made_for
+            num_splits = torch.zeros(batch + 1, dtype=torch.int32)
+        assert torch.equal(tile_scheduler_metadata, made_for), "schedule of another call"
+        out, lse = _paged_attention([(q, kcache)], kcache[..., :head_size_v], block_table,
+                                    seqlens_k, softmax_scale, is_causal, h_k)
+        return out, lse, tile_scheduler_metadata, num_splits
+
+    def _schedule_key(batch, s_q, heads, h_k, d, d_v, page, causal):
+        return torch.tensor([batch, s_q, heads, h_k, d, d_v, page, int(causal)], dtype=torch.int32)
+
+    def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads, num_heads_k,
+                               headdim, headdim_v, qkv_dtype, seqused_k, cu_seqlens_q,
+                               cu_seqlens_k, cu_seqlens_k_new, seqused_q, leftpad_k, page_size,
+                               max_seqlen_k_new, is_causal, window_size_left, window_size_right,
+                               has_softcap, num_splits, pack_gqa, sm_margin):
+        _off(cu_seqlens_q=(cu_seqlens_q, None), cu_seqlens_k=(cu_seqlens_k, None),
+             cu_seqlens_k_new=(cu_seqlens_k_new, None), seqused_q=(seqused_q, None),
+             leftpad_k=(leftpad_k, None), max_seqlen_k_new=(max_seqlen_k_new, 0),
+             window_size_left=(window_size_left, -1), window_size_right=(window_size_right, -1),
+             has_softcap=(has_softcap, False), sm_margin=(sm_margin, 0))
+        assert max_seqlen_k == int(seqused_k.max()) and qkv_dtype in (torch.bfloat16, torch.float16)
+        return _schedule_key(batch_size, max_seqlen_q, num_heads, num_heads_k, headdim, headdim_v,
+                             page_size, is_causal)
+
+    def fwd(q, k, v, k_new, v_new, q_v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new,
+            seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, page_table, kv_batch_idx,
+            leftpad_k, rotary_cos, rotary_sin, seqlens_rotary, q_descale, k_descale, v_descale,
+            softmax_scale, is_causal, window_size_left, window_size_right, softcap,
+            is_rotary_interleaved, scheduler_metadata, num_splits, pack_gqa, sm_margin, s_aux,
+            cp_world_size, cp_rank, cp_tot_seqused_k):
+        _off(k_new=(k_new, None), v_new=(v_new, None), out=(out, None),
+             cu_seqlens_q=(cu_seqlens_q, None), cu_seqlens_k=(cu_seqlens_k, None),
+             cu_seqlens_k_new=(cu_seqlens_k_new, None), seqused_q=(seqused_q, None),
+             max_seqlen_q=(max_seqlen_q, None), max_seqlen_k=(max_seqlen_k, None),
+             kv_batch_idx=(kv_batch_idx, None), leftpad_k=(leftpad_k, None),
+             rotary_cos=(rotary_cos, None), rotary_sin=(rotary_sin, None),
+             seqlens_rotary=(seqlens_rotary, None), q_descale=(q_descale, None),
+             k_descale=(k_descale, None), v_descale=(v_descale, None),
+             window_size_left=(window_size_left, -1), window_size_right=(window_size_right, -1),
+             softcap=(softcap, 0.0), s_aux=(s_aux, None), cp_world_size=(cp_world_size, 1),
+             cp_rank=(cp_rank, 0), cp_tot_seqused_k=(cp_tot_seqused_k, None),
+             sm_margin=(sm_margin, 0))
+        assert k.stride(-1) == 1 and v.stride(-1) == 1 and q.stride(-1) == 1
+        batch, s_q, heads, d = q.shape
+        pages, page, h_k, _ = k.shape
+        d_v = v.shape[-1]
+        assert tuple(k.shape) == (pages, page, h_k, d) and tuple(v.shape) == (pages, page, h_k, d_v)
+        assert heads % h_k == 0 and k.dtype == v.dtype == q.dtype, (heads, h_k)
+        _check_paging(page_table, seqused_k, batch)
+        pairs = [(q, k)]
+        if q_v is not None:
+            assert d <= 64 and d_v >= 256, "q_v needs head_size <= 64 and head_size_v >= 256"
+            assert tuple(q_v.shape) == (batch, s_q, heads, d_v) and q_v.dtype == q.dtype
+            pairs.append((q_v, v))
+        if scheduler_metadata is not None:
+            key = _schedule_key(batch, s_q, heads, h_k, d, d_v, page, is_causal)
+            assert torch.equal(scheduler_metadata, key), (scheduler_metadata, key)
+        out, lse = _paged_attention(pairs, v, page_table, seqused_k, softmax_scale, is_causal, h_k)
+        return [out, lse, torch.empty(0), torch.empty(0)]
+
+    impls = dict(dense_decode_fwd=dense_decode_fwd, get_scheduler_metadata=get_scheduler_metadata,
+                 fwd=fwd)
+    return types.SimpleNamespace(**{op: types.SimpleNamespace(default=_Op(schema, impls[op]))
+                                     for op, schema in schemas.items()})

@@ -212,3 +212,210 @@ def test_cli_external_flag(monkeypatch, flag, expected):
                         seen.setdefault("options", options) and 0)
     assert main(["bench", "decode", "--variants", "mla", *flag]) == 0
     assert seen["options"].external is expected
+
+
+# --- the carried libraries (external_carried): shims, checks, and why a library is not used ---
+
+from hwattn.bench import external_carried as carried  # noqa: E402
+from tests.bench.fake_external import carried_namespace  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_carried(monkeypatch):
+    """Each test loads carried libraries afresh (load caches per process) and starts without
+    $HWATTN_EXTERNAL_DIR."""
+    monkeypatch.setattr(carried, "_LOADED", {})
+    monkeypatch.delenv(carried.ENV, raising=False)
+
+
+def _shim(name, schemas=None):
+    ops = carried.bind_ops(name, carried_namespace(name, schemas or carried.SCHEMAS[name]))
+    return carried.SHIMS[name](ops, "fake carried")
+
+
+def _carried_operands(variant):
+    if variant != "gla-2":
+        return _operands(variant)
+    # FA3's qv form needs a value at least 256 wide (the library refuses less): GLA-2 at d_h 128
+    c = tied_case([37, 2, 50], 2, 8, 2, 256, 256, 64, 16, torch.bfloat16)
+    ref, _ = decode_tied_reference(c["q_nope"], c["q_rope"], c["kv_cache"], c["rope_cache"],
+                                   c["table"], c["seqlens"], c["softmax_scale"])
+    return ((c["q_nope"], c["q_rope"]), (c["kv_cache"], c["rope_cache"]), c["table"], c["seqlens"],
+            c["softmax_scale"], ref, c["truth"][0])
+
+
+@pytest.mark.parametrize("name, variant", [("FlashMLA", "mla"), ("FA3", "mla"), ("FA3", "gla-2"),
+                                           ("FA3", "gqa-4")])
+def test_carried_shims_match_our_reference_on_hostile_pages(name, variant):
+    """The adapters on the shims, the shims on stand-in ops taking their arguments in the
+    libraries' schema order: a misplaced argument changes the result or trips a check."""
+    queries, caches, table, seqlens, scale, ref, truth = _carried_operands(variant)
+    call = external.build(name, _shim(name), queries, caches, table, seqlens, scale)
+    for _ in range(2):  # FlashMLA: the first call makes the schedule, the second reuses it
+        out = call.to_ours(call.run())
+        assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape)
+        assert torch.isfinite(out).all(), "read a slot no sequence owns (NaN there)"
+        assert _rel(out, truth) <= 2 * _rel(ref, truth) + 1e-6, (_rel(out, truth), _rel(ref, truth))
+        assert _rel(out, ref) < 1e-2
+
+
+def test_carried_flash_mla_schedule_is_bound_to_its_call():
+    queries, caches, table, seqlens, scale, _, _ = _carried_operands("mla")
+    shim = _shim("FlashMLA")
+    meta, splits = shim.get_mla_metadata(seqlens, 8, 1)
+    assert splits is None and meta.tile_scheduler_metadata is None
+    q = torch.cat(queries, -1)
+    k_cache = torch.cat((caches[0], caches[1][:, :, None, :]), -1)
+    shim.flash_mla_with_kvcache(q, k_cache, table, seqlens, 512, meta, None, scale, causal=True)
+    assert meta.tile_scheduler_metadata is not None and meta.num_splits is not None
+    with pytest.raises(ValueError, match="schedule metadata made for call"):
+        shim.flash_mla_with_kvcache(q[:, :1], k_cache, table, seqlens, 512, meta, None, scale)
+    with pytest.raises(ValueError, match="num_splits must be None"):
+        shim.flash_mla_with_kvcache(q, k_cache, table, seqlens, 512, meta, torch.ones(4), scale)
+
+
+def _renamed(schema, a, b):
+    return schema.replace(f" {a},", " @,").replace(f" {b},", f" {a},").replace(" @,", f" {b},")
+
+
+def test_bind_ops_refuses_a_missing_op_or_another_schema():
+    with pytest.raises(carried.CarriedUnavailable, match="registers no op _vllm_fa3_C::fwd"):
+        carried.bind_ops("FA3", carried_namespace("FA3", {
+            "get_scheduler_metadata": carried.SCHEMAS["FA3"]["get_scheduler_metadata"]}))
+    schema = carried.SCHEMAS["FlashMLA"]["dense_decode_fwd"]
+    swapped = _renamed(schema, "seqlens_k", "block_table")  # another release's argument order
+    assert swapped != schema
+    with pytest.raises(carried.CarriedUnavailable, match="the shim was written for"):
+        carried.bind_ops("FlashMLA", carried_namespace("FlashMLA", {"dense_decode_fwd": swapped}))
+
+
+def _write_carried(folder, payloads: dict, torch_version="2.11.0", cuda="13.0", xz=True):
+    """A carried folder as fetch_external_kernels.sh writes it: {name: library bytes}."""
+    import hashlib
+    import json
+    import lzma
+
+    folder.mkdir(parents=True, exist_ok=True)
+    kernels = {}
+    for name, data in payloads.items():
+        file = f"{name}.abi3.so" + (".xz" if xz else "")
+        (folder / file).write_bytes(lzma.compress(data) if xz else data)
+        kernels[name] = dict(file=file, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (folder / carried.MANIFEST).write_text(json.dumps(dict(
+        source="vllm==0.26.0", torch=torch_version, cuda=cuda, kernels=kernels)))
+    return folder
+
+
+def test_load_says_why_the_folder_cannot_be_used(tmp_path, monkeypatch):
+    with pytest.raises(carried.CarriedUnavailable, match="HWATTN_EXTERNAL_DIR is not set"):
+        carried.load("FA3")
+    with pytest.raises(carried.CarriedUnavailable, match="is not a folder"):
+        carried.load("FA3", tmp_path / "nowhere")
+    with pytest.raises(carried.CarriedUnavailable, match="MANIFEST.json is missing"):
+        carried.load("FA3", tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / carried.MANIFEST).write_text("{not json")
+    with pytest.raises(carried.CarriedUnavailable, match="does not read as JSON"):
+        carried.load("FA3", tmp_path / "bad")
+    folder = _write_carried(tmp_path / "ext", {"FlashMLA": b"\x7fELF"}, torch_version="0.0.1")
+    with pytest.raises(carried.CarriedUnavailable, match="lists no FA3"):
+        carried.load("FA3", folder)
+    with pytest.raises(carried.CarriedUnavailable, match=r"built against torch 0\.0\.1"):
+        carried.load("FlashMLA", folder)
+    manifest = carried.read_manifest(folder)
+    with pytest.raises(carried.CarriedUnavailable, match="CPU build"):
+        carried.check_build(manifest, ("0.0.1", None))
+    with pytest.raises(carried.CarriedUnavailable, match="this torch uses CUDA 12.8"):
+        carried.check_build(manifest, ("0.0.1", "12.8"))
+    carried.check_build(manifest, ("0.0.1", "13.2"))  # a minor CUDA release apart is fine
+
+
+def test_unpack_decompresses_once_and_checks_the_bytes(tmp_path):
+    data = bytes(range(256)) * 1000
+    folder = _write_carried(tmp_path / "ext", {"FA3": data})
+    entry = carried.read_manifest(folder)["kernels"]["FA3"]
+    path = carried.unpack(folder, entry, cache=tmp_path / "cache")
+    assert path.read_bytes() == data and path.name == "FA3.abi3.so"
+    stamp = path.stat().st_mtime_ns
+    assert carried.unpack(folder, entry, cache=tmp_path / "cache").stat().st_mtime_ns == stamp
+    plain = _write_carried(tmp_path / "plain", {"FA3": data}, xz=False)
+    plain_entry = carried.read_manifest(plain)["kernels"]["FA3"]
+    assert carried.unpack(plain, plain_entry) == plain / "FA3.abi3.so"  # used where it lies
+    with pytest.raises(carried.CarriedUnavailable, match="not the file that was fetched"):
+        carried.unpack(plain, dict(plain_entry, sha256="0" * 64))
+    (folder / entry["file"]).write_bytes(b"not xz at all")
+    with pytest.raises(carried.CarriedUnavailable, match="does not decompress"):
+        carried.unpack(folder, entry, cache=tmp_path / "other")
+    with pytest.raises(carried.CarriedUnavailable, match="is missing"):
+        carried.unpack(folder, dict(entry, file="gone.so.xz"))
+
+
+def test_a_library_that_does_not_dlopen_is_a_reason(tmp_path, monkeypatch):
+    """The real torch.ops.load_library on a file that is no shared library: a reason, once."""
+    folder = _write_carried(tmp_path / "ext", {"FA3": b"this is no ELF file" * 10})
+    monkeypatch.setattr(carried, "torch_build", lambda: ("2.11.0", "13.0"))
+    monkeypatch.setattr(carried.tempfile, "gettempdir", lambda: str(tmp_path))
+    with pytest.raises(carried.CarriedUnavailable,
+                       match=r"FA3.abi3.so does not load \(.*(ELF header|too short)"):
+        carried.load("FA3", folder)  # dlopen's own words, not only torch's wrapper
+    monkeypatch.setattr(carried, "_load_library", lambda path: pytest.fail("loaded twice"))
+    with pytest.raises(carried.CarriedUnavailable, match="does not load"):
+        carried.load("FA3", folder)  # the first reason, remembered
+
+
+def _loadable(monkeypatch, tmp_path, names=("FlashMLA", "FA3")):
+    """A carried folder whose libraries 'load' (load_library records the path) and register
+    the stand-in ops; returns (folder, loaded paths)."""
+    folder = _write_carried(tmp_path / "ext", {n: n.encode() * 100 for n in names})
+    loaded = []
+    monkeypatch.setattr(carried, "torch_build", lambda: ("2.11.0", "13.0"))
+    monkeypatch.setattr(carried.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(carried, "_load_library", loaded.append)
+    by_namespace = {carried.NAMESPACES[n]: carried_namespace(n, carried.SCHEMAS[n]) for n in names}
+    monkeypatch.setattr(carried, "_namespace", by_namespace.__getitem__)
+    return folder, loaded
+
+
+def test_load_gives_one_shim_per_library(tmp_path, monkeypatch):
+    folder, loaded = _loadable(monkeypatch, tmp_path)
+    shim = carried.load("FlashMLA", folder)
+    assert isinstance(shim, carried.FlashMLA) and carried.load("FlashMLA", folder) is shim
+    assert shim.__version__ == "FlashMLA.abi3.so.xz of vllm==0.26.0 (carried)"
+    assert [p.name for p in loaded] == ["FlashMLA.abi3.so"]
+    assert isinstance(carried.load("FA3", folder), carried.FA3) and len(loaded) == 2
+
+
+def test_available_uses_the_carried_folder_and_says_why_not(tmp_path, monkeypatch):
+    """$HWATTN_EXTERNAL_DIR: what its manifest lists comes from there (a reason if it cannot),
+    the rest from the packages; the bench header names both."""
+    _install(monkeypatch, flash_mla=flash_mla_module("9.9"), fa3=fa3_module("3.0.0b1"))
+    folder = _write_carried(tmp_path / "ext", {"FlashMLA": b"x"}, torch_version="0.0.1")
+    monkeypatch.setenv(carried.ENV, str(folder))
+    status = external.available()
+    assert status["FlashMLA"].version is None, "an installed flash_mla must not stand in"
+    assert status["FlashMLA"].why.startswith(f"carried build in {folder} not loaded: built "
+                                             "against torch 0.0.1"), status
+    assert status["FA3"] == external.Availability("3.0.0b1", None)  # not in the manifest
+    monkeypatch.setenv(carried.ENV, str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    assert all("MANIFEST.json is missing" in s.why for s in external.available().values())
+
+    folder, _ = _loadable(monkeypatch, tmp_path / "ok")
+    monkeypatch.setenv(carried.ENV, str(folder))
+    modules, line = decode.external_kernels(decode.DecodeOptions())
+    assert isinstance(modules["FlashMLA"], carried.FlashMLA)
+    assert isinstance(modules["FA3"], carried.FA3)
+    assert "FlashMLA FlashMLA.abi3.so.xz of vllm==0.26.0 (carried)" in line, line
+
+
+def test_bench_row_times_a_carried_kernel(tmp_path, monkeypatch):
+    """A CPU row through the whole path: folder -> shim -> adapter -> check against SDPA."""
+    folder, _ = _loadable(monkeypatch, tmp_path, names=("FA3",))
+    monkeypatch.setenv(carried.ENV, str(folder))
+    _install(monkeypatch)
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, warmup_ms=1, rep_ms=1)
+    case = dict(variant="gqa-4", heads=8, tp=1, batch=2, context=70, query_len=2, page=16)
+    modules, _ = decode.external_kernels(options)
+    row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
+                            device="cpu", external=modules)
+    assert row["ext_FA3_us"] == 1000.0 and row["ext_FA3_rel_err"] < 1e-2, row
