@@ -45,13 +45,18 @@
 #      same under cuBLASLt, W stored transposed for torch.mm, addmm with a zero bias), weights
 #      cold: at L = 1K the GEMMs alone exceed the step's floor, and F.linear reads QKV, O and
 #      down at a third to a half of the copy rate.
+#  15. external: issue 22's side-by-side table, FlashMLA and FA3 timed in this process beside our
+#      kernels (MLA, GLA-2; h_q 128, B 128, L 4K / 16K / 32K, L_q 1 / 2 / 4), from the prebuilt
+#      libraries in .ext/ (benchmarks/fetch_external_kernels.sh; carry `.ext`). While .ext/ is
+#      there every part that runs `hwattn bench decode` (harness too) times them.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 export OUT=${OUT:-/tmp/engine_check_out}; mkdir -p "$OUT"
+[[ -d .ext && -z ${HWATTN_EXTERNAL_DIR:-} ]] && export HWATTN_EXTERNAL_DIR=$PWD/.ext
 steps=${*:-tests decode prefill}
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/log"
 for step in $steps; do
@@ -150,6 +155,12 @@ for step in $steps; do
       ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$OUT/fp8_ncu_sass.csv" 2> "$OUT/fp8_ncu_sass.err"
       ncu -i "$rep.ncu-rep" --page source --csv --print-source cuda > "$OUT/fp8_ncu_source.csv" 2> "$OUT/fp8_ncu_source.err"
       ls -la "$OUT" | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas)" | tee -a "$OUT/log"; exit 2 ;;
+    external)
+      python3 -c "from hwattn.bench import external; [print(k, v) for k, v in external.available().items()]" \
+        2>&1 | tee -a "$OUT/log"
+      timeout 420 python3 -m hwattn bench decode --variants mla,gla-2 --batch 128 \
+        --context 4096,16384,32768 --query-len 1,2,4 --no-sdpa --warmup-ms 10 --rep-ms 60 \
+        --out "$OUT/decode_external.json" 2>&1 | grep -v "^row " | tail -30 | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done
