@@ -34,6 +34,9 @@ def _number(name: str, value, what: str) -> float:
 
 
 OUTPUT_KINDS = ("cumulative", "final_only")
+# Temperatures below this decode greedily, as vLLM's: dividing float32 logits by less can
+# overflow them to +-inf, after which the draw is no longer the distribution's limit.
+GREEDY_BELOW = 1e-5
 
 
 def _logit_bias(value) -> dict[int, float] | None:
@@ -69,7 +72,8 @@ class SamplingParams:
         engine sets it to max_model_len minus the prompt's length when the request is queued).
     min_tokens: new tokens before end-of-sequence, stop token ids or stop strings may end the
         output (0 <= min_tokens <= max_tokens).
-    temperature: 0 means greedy; otherwise logits are divided by it (finite, >= 0).
+    temperature: 0 (or below 1e-5, as vLLM) means greedy; otherwise logits are divided by it
+        (finite, >= 0).
     top_k: keep the k most likely tokens (0 or -1: all; below 2**63).
     top_p: keep the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1).
     min_p: drop tokens less likely than min_p times the most likely one (0 <= min_p <= 1).
@@ -200,7 +204,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def penalized(self) -> bool:

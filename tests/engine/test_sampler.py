@@ -340,3 +340,17 @@ def test_logit_bias_is_checked_and_copied():
     assert p.logit_bias == {3: 2.0} and isinstance(p.logit_bias[3], float)
     assert SamplingParams(logit_bias={}).logit_bias is None
     assert not SamplingParams(temperature=0, logit_bias={1: 1.0}).argmax_of_raw_logits
+
+
+def test_temperatures_below_1e_5_are_greedy():
+    """Observed: temperature 1e-40 divided the logits to +-inf in float32, and the token drawn
+    was the first positive logit, not the largest. As vLLM, temperatures below 1e-5 decode
+    greedily (the argmax, whatever top-k, top-p and min-p say)."""
+    logits = torch.randn(32, 40, generator=torch.Generator().manual_seed(6)) * 4
+    for t in (1e-6, 1e-20, 1e-40, 5e-324):
+        for kw in ({}, dict(top_p=0.9), dict(min_p=0.1), dict(top_k=3)):
+            params = [SamplingParams(temperature=t, **kw)] * 32
+            assert all(p.greedy for p in params)
+            assert torch.equal(sample(logits, tensors(params, seeds=list(range(32)))),
+                               logits.argmax(-1)), (t, kw)
+    assert not SamplingParams(temperature=1e-5).greedy
