@@ -43,10 +43,13 @@ class EngineConfig:
     max_model_len: context limit, >= 2 (default None: the model's max_seq_len; a draft model's
         max_seq_len must reach it too).
     memory_budget: bytes of KV cache per rank, or a fraction (0, 1] of the GPU memory free
-        after loading the model; default 256 MiB on CPU, 0.85 on CUDA. num_pages overrides it.
+        after loading the model; default 256 MiB on CPU, 0.85 on CUDA.
     gpu_memory_utilization: instead of memory_budget, the fraction (0, 1] of each GPU's whole
         memory the engine may fill (weights and all else on it counted; the KV cache takes the
         rest); refused on CPU and together with memory_budget.
+    num_pages: the page pool's size (null page included), instead of what memory_budget or
+        gpu_memory_utilization plans; given beside either, it overrides it, and the engine
+        warns naming both (`overridden_by_num_pages`).
     enable_prefix_caching: share the pages of common prompt prefixes.
     speculative: None, "ngram" (prompt lookup) or a draft-model checkpoint directory.
     num_speculative_tokens: k drafts verified per step (default 3; 0 without `speculative`);
@@ -179,6 +182,14 @@ class EngineConfig:
             # Refused rather than ignored: it would otherwise read as speculation configured.
             raise ValueError(f"speculative_disable_batch_size={size} needs speculative "
                              "('ngram' or a draft checkpoint directory)")
+
+    def overridden_by_num_pages(self) -> dict:
+        """The memory settings given beside `num_pages` (name -> value), which it overrides:
+        the page pool then has num_pages pages whatever the memory."""
+        if self.num_pages is None:
+            return {}
+        return {name: getattr(self, name) for name in ("gpu_memory_utilization", "memory_budget")
+                if getattr(self, name) is not None}
 
     def as_kwargs(self) -> dict:
         """The fields as keywords (`EngineConfig(**config.as_kwargs())` is a copy), for

@@ -77,6 +77,18 @@ class LeastOutstandingTokens:
         self.load[replica] += tokens
 
 
+class ReplicaCallError(RuntimeError):
+    """A function run in a replica by `DataParallelEngine.call_replica` failed there (or its
+    result could not come back); the replica serves on. The message names the replica and
+    the function; `traceback` is the replica's (empty when the failure was here), and the
+    function's own exception, when it could come back, is the `__cause__`."""
+
+    def __init__(self, message: str, replica: int, traceback: str = ""):
+        super().__init__(message)
+        self.replica = replica
+        self.traceback = traceback
+
+
 def _check_supported(params: SamplingParams) -> None:
     """`ParamError` naming the setting if replicas cannot honour `params`: they report the
     text and tokens of one completion, without log-probabilities."""
@@ -348,7 +360,7 @@ class DataParallelEngine:
             elif kind == "stats":
                 self.snapshots[replica] = message[1]
             elif kind == "result":
-                self.results[replica].append(message[1])
+                self.results[replica].append(message[1:])
             elif kind == "rejected":  # checked here first, so rare; it fails that request alone
                 _, key, reason = message
                 self.refused += key in self.keys
@@ -436,9 +448,11 @@ class DataParallelEngine:
     # Replicas.
     def call_replica(self, replica: int, fn, *args, timeout: float | None = None):
         """`fn(engine, *args)` inside replica `replica`'s process; its result. `fn` must be
-        importable. Outputs that arrive meanwhile are kept for the next `step()`. WorkerError
-        if the replica is down or fails meanwhile; one that does not answer within `timeout`
-        s (default: the set-up timeout) is taken as failed."""
+        importable. Outputs that arrive meanwhile are kept for the next `step()`.
+        `ReplicaCallError` if `fn` raises there, or its result cannot be pickled there or
+        unpickled here: the caller's error alone, the replica serves on. WorkerError if the
+        replica is down or fails meanwhile; one that does not answer within `timeout` s
+        (default: the set-up timeout) is taken as failed."""
         what = getattr(fn, "__name__", fn)
         generation = self.generation[replica]
         try:
@@ -461,7 +475,23 @@ class DataParallelEngine:
                 self._take(self.replicas.recv_any(0.0))
                 raise error
             self._take(self.replicas.recv_any(0.1))
-        return self.results[replica].pop(0)
+        ok, payload = self.results[replica].pop(0)
+        where = f"data-parallel replica {replica}: {what}"
+        if ok:
+            try:
+                return pickle.loads(payload)
+            except Exception as err:  # noqa: BLE001 - unpickling raises several kinds
+                raise ReplicaCallError(f"{where} returned a value this process cannot "
+                                       f"unpickle: {summarize(err)}", replica) from err
+        happened, remote, exception = payload
+        cause = None
+        if exception is not None:
+            try:
+                cause = pickle.loads(exception)
+            except Exception:  # noqa: BLE001 - the message and the traceback say it
+                pass
+        raise ReplicaCallError(f"{where} {happened}\n{remote.rstrip()}", replica,
+                               remote) from cause
 
     def check_invariants(self) -> None:
         """Raise if a replica that is up leaks pages."""

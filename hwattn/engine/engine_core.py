@@ -6,12 +6,17 @@ on the GPUs its CUDA_VISIBLE_DEVICES names), then loops: take every message wait
 engine step if anything is unfinished, send what the step produced.
 
 Messages in: ("add", request_id, payload), ("abort", request_id),
-("call", fn, args) -> ("result", fn(engine, *args)), ("stop",).
+("call", fn, args) -> ("result", ...), ("stop",).
 An add's payload is (prompt_ids, params, owner), pickled on its own by the sender: a request
 this process cannot unpickle (params of a class defined in the caller's `__main__`) is then
-rejected alone instead of ending the replica and every request it holds.
+rejected alone instead of ending the replica and every request it holds. So is a request
+the engine fails to queue, whatever it raises (the engine takes nothing of it).
+A call's result is pickled here on its own too: ("result", True, pickled fn(engine, *args)),
+or, when `fn` raised or its result does not pickle, ("result", False, (what happened, its
+traceback, the exception pickled or None)): a failed call is its caller's error alone, and
+the replica serves on.
 Messages out: ("ready", info), ("outputs", deltas, (step kind, seconds), stats),
-("stats", stats), ("rejected", request_id, message), ("result", value).
+("stats", stats), ("rejected", request_id, message), ("result", ok, payload).
 A delta is (request_id, new token ids, text start, text from there, finish_reason,
 stop_reason, error, num_cached_prompt_tokens): output text only grows, except when a stop
 string cuts it, and then `text start` says where the replacement begins; error is set when
@@ -22,9 +27,20 @@ from __future__ import annotations
 
 import pickle
 import time
+import traceback
 
 from hwattn.parallel.errors import summarize
 from hwattn.parallel.worker import ParentLink, fault_point
+
+
+def _failure(happened: str, err: Exception) -> tuple:
+    """A failed call's "result" payload: (what happened, its traceback, `err` pickled or
+    None). Call from the `except` block that caught `err`."""
+    try:
+        exception = pickle.dumps(err, pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - what happened and the traceback still go
+        exception = None
+    return happened, traceback.format_exc(), exception
 
 
 class EngineCore:
@@ -58,14 +74,28 @@ class EngineCore:
                 self.engine.add_request(ids, params, request_id=request_id, owner=owner)
             except ValueError as err:
                 return [("rejected", request_id, str(err))]
+            except Exception as err:  # noqa: BLE001 - it fails alone, as in the server's loop
+                return [("rejected", request_id, summarize(err))]
             return []
         if kind == "abort":
             self.sent.pop(message[1], None)
             self.engine.abort_request(message[1])
             return []
         if kind == "call":
-            return [("result", message[1](self.engine, *message[2]))]
+            return [self.call(message[1], message[2])]
         raise RuntimeError(f"unknown message {kind!r}")
+
+    def call(self, fn, args) -> tuple:
+        """The "result" message of `fn(engine, *args)`: its result pickled, or how it failed."""
+        try:
+            value = fn(self.engine, *args)
+        except Exception as err:  # noqa: BLE001 - the caller's error: the replica serves on
+            return ("result", False, _failure(f"raised {summarize(err)}", err))
+        try:
+            return ("result", True, pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+        except Exception as err:  # noqa: BLE001 - pickle raises several kinds
+            return ("result", False, _failure(f"returned a value that cannot be pickled: "
+                                              f"{summarize(err)}", err))
 
     def step(self) -> list:
         engine = self.engine

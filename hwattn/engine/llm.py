@@ -15,6 +15,7 @@ any other argument is refused by name with a ValueError.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import numbers
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from hwattn.engine.sequence import RequestOutput
 from hwattn.engine.speculative import DraftModelDrafter, NgramDrafter
 from hwattn.engine.tp_executor import TensorParallelExecutor
 from hwattn.models import Transformer
+from hwattn.parallel.errors import summarize
+
+log = logging.getLogger(__name__)
 
 # vLLM `LLM(...)` arguments hwattn takes under another name or as a note, with what each does
 # here (`vllm_arguments` applies them; docs/engine.md's table of vLLM's arguments repeats this).
@@ -141,8 +145,16 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
                              f"{draft_cfg.max_seq_len}) is shorter than max_model_len "
                              f"{max_len}: lower max_model_len to at most "
                              f"{draft_cfg.max_seq_len}")
+    overridden = config.overridden_by_num_pages()
+    if overridden:  # as vLLM logs that num_gpu_blocks_override overrides its memory plan
+        given = ", ".join(f"{name}={value!r}" for name, value in overridden.items())
+        log.warning("num_pages=%d overrides %s: the KV cache gets %d pages whatever the memory "
+                    "(leave num_pages out to size it from %s)", config.num_pages, given,
+                    config.num_pages, " or ".join(overridden))
     if config.data_parallel_size > 1:
-        replica = dataclasses.replace(config, data_parallel_size=1)
+        # Without the settings num_pages overrides, so that no replica warns again.
+        replica = dataclasses.replace(config, data_parallel_size=1,
+                                      **{name: None for name in overridden})
         return DataParallelEngine(config.data_parallel_size, replica.as_kwargs(), model_cfg,
                                   tokenizer)
     draft_model = None
@@ -355,8 +367,18 @@ class LLM:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.shutdown()
+    def __exit__(self, exc_type, exc, tb):
+        """Shut down. When the block raised, its error is the one that propagates: a
+        shutdown failing as well is logged and noted on it, never put in its place."""
+        if exc is None:
+            self.shutdown()
+            return
+        try:
+            self.shutdown()
+        except Exception as err:  # noqa: BLE001 - the block's error comes first
+            log.warning("LLM.shutdown() failed while the with block's %s propagated: %s",
+                        type(exc).__name__, summarize(err), exc_info=err)
+            exc.add_note(f"LLM.shutdown() failed too: {summarize(err)}")
 
 
 def _final_only(params, done: dict):

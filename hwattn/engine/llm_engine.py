@@ -133,22 +133,35 @@ class LLMEngine:
                      owner: str | None = None) -> list[str]:
         """Queue several requests, all or none: every prompt and every params is checked
         before any request is queued, so a ValueError (naming the bad prompt's index) leaves
-        the engine as it was. owner: as for `add_request`, shared by all of them."""
+        the engine as it was; so does any error raised while they are queued (settings that
+        cannot be read, a detokenizer that cannot be set up), which is raised as it is.
+        owner: as for `add_request`, shared by all of them."""
         checked = check_requests(prompts, params, self.validate_prompt, self.check_params,
                                  self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
         check_request_ids(rids, self.requests, len(prompts))
-        for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
-            seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
-            text = prompt if isinstance(prompt, str) else None
-            # n completions: n sequences sharing the prompt, each with its own seed.
-            group = [Sequence(rid, ids, sp, sibling_seed(seed, i), prompt=text, index=i,
-                              owner=owner) for i in range(sp.n)]
-            self.requests[rid] = group
-            for seq in group:
-                self.detok[seq] = incremental_detokenizer(self.tokenizer, sp.skip_special_tokens)
-                self.scheduler.add(seq)
+        rng, queued = self._rng.getstate(), []
+        try:
+            for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
+                seed = sp.seed if sp.seed is not None else self._rng.getrandbits(63)
+                text = prompt if isinstance(prompt, str) else None
+                # n completions: n sequences sharing the prompt, each with its own seed.
+                group = [Sequence(rid, ids, sp, sibling_seed(seed, i), prompt=text, index=i,
+                                  owner=owner) for i in range(sp.n)]
+                self.requests[rid] = group
+                queued.append(rid)
+                for seq in group:
+                    self.detok[seq] = incremental_detokenizer(self.tokenizer,
+                                                              sp.skip_special_tokens)
+                    self.scheduler.add(seq)
+        except BaseException:
+            for rid in queued:  # nothing of the batch stays
+                for seq in self.requests.pop(rid):
+                    self.detok.pop(seq, None)
+                    self.scheduler.finish(seq)
+            self._rng.setstate(rng)  # no seed drawn for a batch refused
+            raise
         return rids
 
     def check_params(self, params: SamplingParams | None) -> SamplingParams:

@@ -34,6 +34,24 @@ def public_reason(err: BaseException) -> str:
     return first.rstrip(":; ")[:200]
 
 
+# How long `AsyncEngine.shutdown` waits for the engine thread beyond the engine's own step
+# timeout (the engine then fails the step: kills its workers, fails the step's requests), or
+# in all for an engine without a step timeout.
+STOP_GRACE_S = 15.0
+STOP_WAIT_S = 30.0
+
+
+def _step_timeout(engine) -> float | None:
+    """The longest the engine lets one step take before it fails the step itself: its
+    tensor-parallel runner's step timeout; None when it sets none."""
+    return getattr(getattr(engine, "runner", None), "step_timeout", None)
+
+
+def _seconds(t: float) -> str:
+    """`t` for a message: "600", "1.5"."""
+    return f"{t:.1f}".rstrip("0").rstrip(".")
+
+
 def _put_all(pairs) -> None:
     for queue, item in pairs:
         queue.put_nowait(item)
@@ -78,12 +96,33 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._loop, name="hwattn-engine", daemon=True)
             self._thread.start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop the engine thread: it ends after the step it is in (the engine itself is left
+        running: its owner shuts it down). Waits at most `timeout` s; None: as long as the
+        engine lets a step take (a tensor-parallel step timeout, HWATTN_STEP_TIMEOUT_S, past
+        which the engine fails the step itself) plus STOP_GRACE_S, or STOP_WAIT_S for an
+        engine without a step timeout. Whether the thread has ended; if not, an error in the
+        log says so, and a later call waits again."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        thread = self._thread
+        if thread is None:
+            return True
+        bound = ""
+        if timeout is None:
+            step_timeout = _step_timeout(self.engine)
+            timeout = STOP_WAIT_S if step_timeout is None else step_timeout + STOP_GRACE_S
+            if step_timeout is not None:
+                bound = (f" (the engine's step timeout {_seconds(step_timeout)} s, "
+                         f"HWATTN_STEP_TIMEOUT_S, and {_seconds(STOP_GRACE_S)} s more)")
+        thread.join(timeout)
+        if thread.is_alive():
+            log.error("the engine thread is still running after %s s%s: it is inside the "
+                      "engine, which it may still be using when the engine is shut down",
+                      _seconds(timeout), bound)
+            return False
+        self._thread = None
+        return True
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        owner: str | None = None):

@@ -1,6 +1,8 @@
 """Engine assembly: one `EngineConfig` from `LLM` keywords and from the command line, handed to
 the engine whole; any `Drafter` works without the engine knowing its class."""
 
+import logging
+
 import pytest
 import torch
 
@@ -99,6 +101,54 @@ def test_the_engine_takes_any_drafter(checkpoints):
     outs = step_to_completion(engine, prompts, params)
     assert [o.token_ids for o in outs] == want
     assert engine.drafter.calls > 0
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_num_pages_beside_a_memory_setting_says_that_it_overrides_it(caplog):
+    """Observed: num_pages sized the page pool and a gpu_memory_utilization or memory_budget
+    given with it was dropped without a word (on the CPU too, where gpu_memory_utilization
+    is otherwise refused). Now the engine warns, naming both settings, as vLLM logs that
+    num_gpu_blocks_override overrides its memory plan; memory settings left at their
+    defaults say nothing."""
+    kw = dict(device="cpu", num_pages=40, model_overrides=dict(n_layers=1, max_seq_len=64))
+    with caplog.at_level(logging.WARNING):
+        llm = LLM("tiny", gpu_memory_utilization=0.5, **kw)
+        assert llm.engine.block_manager.num_pages == 40
+        assert len(_warnings(caplog)) == 1
+        assert "num_pages=40 overrides gpu_memory_utilization=0.5" in _warnings(caplog)[0]
+        caplog.clear()
+        LLM("tiny", memory_budget=1 << 20, **kw)
+        assert len(_warnings(caplog)) == 1
+        assert "num_pages=40 overrides memory_budget=1048576" in _warnings(caplog)[0]
+        caplog.clear()
+        LLM("tiny", **kw)
+        LLM("tiny", memory_budget=1 << 20, device="cpu", model_overrides=kw["model_overrides"])
+        assert _warnings(caplog) == []
+
+
+def test_replicas_do_not_repeat_the_num_pages_warning(monkeypatch, caplog):
+    """With data_parallel_size > 1 the warning comes once, from the engine the user built,
+    not again from each replica building its own engine."""
+    from hwattn.engine.data_parallel import DataParallelEngine
+
+    seen = {}
+
+    def capture(self, size, engine_kwargs, *args, **kwargs):
+        seen.update(engine_kwargs)
+        raise AssertionError("replicas stopped here")
+
+    monkeypatch.setattr(DataParallelEngine, "__init__", capture)
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(AssertionError, match="replicas stopped here"):
+            LLM("tiny", device="cpu", num_pages=40, gpu_memory_utilization=0.5,
+                data_parallel_size=2, model_overrides=dict(n_layers=1, max_seq_len=64))
+        assert len(_warnings(caplog)) == 1 and "num_pages=40 overrides" in _warnings(caplog)[0]
+        caplog.clear()
+        replica = create_engine(**seen)  # as each replica process builds its engine
+        assert replica.block_manager.num_pages == 40 and _warnings(caplog) == []
 
 
 @pytest.fixture

@@ -137,6 +137,33 @@ def test_generate_is_all_or_nothing(llms):
     assert not llm.engine.has_unfinished()
 
 
+def test_a_request_failing_while_it_is_queued_leaves_nothing_behind(llms, monkeypatch):
+    """A batch whose third request fails while it is queued (its detokenizer cannot be set
+    up: a KeyError, not a refusal) raises that error and queues none of the batch. Observed:
+    the requests before it stayed queued and ran with no caller to read them, and the failing
+    one stayed in the engine's requests for good."""
+    import hwattn.engine.llm_engine as llm_engine
+
+    engine = llms[None].engine
+    real, calls = llm_engine.incremental_detokenizer, []
+
+    def detokenizer(tokenizer, skip_special_tokens=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyError("no decoding table")
+        return real(tokenizer, skip_special_tokens)
+
+    monkeypatch.setattr(llm_engine, "incremental_detokenizer", detokenizer)
+    with pytest.raises(KeyError, match="no decoding table"):
+        engine.add_requests(PROMPTS, [SAMPLED] * 3, ["a", "b", "c"])
+    assert not engine.has_unfinished() and not engine.requests and not engine.detok
+    engine.check_invariants()
+    monkeypatch.setattr(llm_engine, "incremental_detokenizer", real)
+    assert [o.token_ids for o in run(engine, engine.add_requests(PROMPTS, [SAMPLED] * 3,
+                                                                 ["a", "b", "c"])).values()] \
+        == [o.token_ids for o in llms[None].generate(PROMPTS, SAMPLED)]
+
+
 def test_generate_accepts_tensors_of_token_ids(llms):
     llm = llms[None]
     greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)

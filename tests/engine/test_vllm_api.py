@@ -196,6 +196,31 @@ def test_gpu_memory_utilization_is_refused_on_the_cpu_by_name():
         LLM("tiny", device="cpu", gpu_memory_utilization=0.5, memory_budget=1 << 20)
 
 
+def test_an_error_in_a_with_block_is_not_masked_by_a_failing_shutdown(monkeypatch, caplog):
+    """Observed: `with LLM(...) as llm:` whose body raised, and whose shutdown then raised too
+    (a worker's error at shutdown), propagated the shutdown's error: the body's was left in
+    its `__context__`. Now the body's error propagates, with a note naming the shutdown's
+    failure (logged in full); without an error in the body, shutdown's error is raised."""
+    kw = dict(device="cpu", num_pages=40, model_overrides=dict(n_layers=1, max_seq_len=64))
+
+    def failing_shutdown():
+        raise RuntimeError("a worker failed at shutdown")
+
+    with pytest.raises(KeyError, match="the body's error") as info:
+        with LLM("tiny", **kw) as llm:
+            monkeypatch.setattr(llm.engine, "shutdown", failing_shutdown)
+            raise KeyError("the body's error")
+    assert any("LLM.shutdown() failed too: RuntimeError: a worker failed at shutdown" in note
+               for note in getattr(info.value, "__notes__", [])), info.value
+    assert any("a worker failed at shutdown" in r.getMessage() and r.exc_info
+               for r in caplog.records)
+    with pytest.raises(RuntimeError, match="a worker failed at shutdown"):
+        with LLM("tiny", **kw) as llm:
+            monkeypatch.setattr(llm.engine, "shutdown", failing_shutdown)
+    with LLM("tiny", **kw) as llm:  # nothing failing: nothing said
+        assert llm.generate([PROMPT], SamplingParams(max_tokens=2))[0].finished
+
+
 def test_final_only_requests_get_one_output_when_every_completion_is_done(llm):
     """output_kind="final_only" (vLLM's FINAL_ONLY): no output while a request runs, then the
     same final output a cumulative request ends with; `generate` asks for it on a copy."""

@@ -3,6 +3,7 @@
 engine with its traceback, leaving no process behind."""
 
 import os
+import pickle
 import random
 import re
 import signal
@@ -217,6 +218,56 @@ def _finish(engine, ids) -> dict:
         assert time.monotonic() < deadline
         outs.update((o.request_id, o) for o in engine.step() if o.finished)
     return {rid: outs[rid] for rid in ids}
+
+
+class Unqueueable(SamplingParams):
+    """Valid settings whose `plain` flag cannot be read: the data-parallel front end, which
+    never reads it, lets it through; its replica's engine raises TypeError queueing it."""
+
+    @property
+    def plain(self):
+        raise TypeError("unqueueable settings")
+
+
+@pytest.mark.parametrize("fault", ["TypeError from the params", "KeyError from the detokenizer"])
+def test_a_request_raising_anything_while_its_replica_queues_it_fails_alone(monkeypatch, fault):
+    """Observed: a replica caught only ValueError while queueing a request; any other error
+    (a TypeError from odd params, a KeyError from the tokenizer's set-up) escaped its message
+    loop and ended the replica process, with every request it held. Now that request alone
+    fails with the error, nothing of it stays in the replica, and the others finish."""
+    import hwattn.engine.llm_engine as llm_engine
+
+    dp = _in_process()
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    ids = dp.add_requests([[1, 2, 3], [4, 5, 6]], [params] * 2)
+    bad_params = params
+    if fault.startswith("TypeError"):
+        bad_params = Unqueueable(max_tokens=6, temperature=0, ignore_eos=True)
+    else:
+        real = llm_engine.incremental_detokenizer
+
+        def detokenizer(tokenizer, skip_special_tokens=None):
+            raise KeyError("no decoding table")
+
+        monkeypatch.setattr(llm_engine, "incremental_detokenizer", detokenizer)
+    bad = dp.add_request([7, 8, 9], bad_params)
+    if not fault.startswith("TypeError"):
+        monkeypatch.setattr(llm_engine, "incremental_detokenizer", real)
+    cores = dp.replicas.cores
+    assert all(dp.requests[bad].key not in core.engine.requests for core in cores)
+    outs = _finish(dp, ids + [bad])
+    kind = fault.split()[0]
+    assert outs[bad].finish_reason == "error" and not outs[bad].worker_failed
+    assert re.match(rf"data-parallel replica [01] refused it: {kind}: ", outs[bad].error), \
+        outs[bad].error
+    assert [(outs[r].finish_reason, len(outs[r].token_ids)) for r in ids] == [("length", 6)] * 2
+    assert dp.stats()["failed"] == 1 and dp.router.load == [0, 0]
+    for core in cores:
+        assert not core.engine.requests and not core.engine.detok
+        assert not core.engine.has_unfinished()
+    dp.check_invariants()
+    again = dp.add_request([7, 8, 9], params)
+    assert _finish(dp, [again])[again].finish_reason == "length"
 
 
 def test_stop_reasons_and_prefix_hits_come_through_the_replicas():
@@ -465,6 +516,108 @@ def test_params_a_replica_cannot_read_fail_that_request_alone(monkeypatch):
         assert [(outs[r].finish_reason, len(outs[r].token_ids)) for r in ids] == [("length", 30)] * 4
         assert engine.pids == pids and engine.health() == (True, None)
         assert engine.stats()["failed"] == 1
+        engine.check_invariants()
+
+
+def _raise_key_error(engine, key):
+    raise KeyError(key)
+
+
+def _unpicklable(engine):
+    return lambda: None
+
+
+def _replica_only_object(engine):
+    """An object of a class that only the replica's `__main__` (`engine_core`, run as a
+    script) holds: it pickles there but does not unpickle here."""
+    import sys
+
+    return sys.modules["__main__"].EngineCore(None)
+
+
+def _pages_total(engine):
+    return engine.stats()["pages_total"]
+
+
+@pytest.mark.timeout(120)
+def test_a_function_failing_inside_a_replica_comes_back_and_the_replica_serves_on():
+    """Observed: `call_replica` with a function that raised ended the replica process (so did
+    a result that could not be pickled there, or not unpickled here): every request it held
+    failed with it and it was restarted. Now the caller gets the error, naming the replica and
+    the function (the function's own exception as its cause, the replica's traceback with
+    it), and the replica serves on."""
+    with LLM(data_parallel_size=2, **TINY) as llm:
+        engine = llm.engine
+        pids = list(engine.pids)
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        ids = engine.add_requests([[1, 2, 3]] * 4, [params] * 4)
+        assert sorted(engine.requests[r].replica for r in ids) == [0, 0, 1, 1]
+        with pytest.raises(RuntimeError, match=r"^data-parallel replica 0: _raise_key_error "
+                                               r"raised KeyError: 'no such key'") as info:
+            engine.call_replica(0, _raise_key_error, "no such key")
+        err = info.value
+        assert not isinstance(err, WorkerError) and isinstance(err.__cause__, KeyError)
+        assert "Traceback" in err.traceback and "_raise_key_error" in err.traceback
+        with pytest.raises(RuntimeError, match=r"^data-parallel replica 1: _unpicklable "
+                                               r"returned a value that cannot be pickled"):
+            engine.call_replica(1, _unpicklable)
+        with pytest.raises(RuntimeError, match=r"^data-parallel replica 0: "
+                                               r"_replica_only_object returned a value this "
+                                               r"process cannot unpickle: .*EngineCore"):
+            engine.call_replica(0, _replica_only_object)
+        outs = _finish(engine, ids)
+        assert [(o.finish_reason, len(o.token_ids)) for o in outs.values()] == [("length", 40)] * 4
+        assert engine.pids == pids and engine.health() == (True, None)
+        assert engine.call_replica(1, _pages_total) == TINY["num_pages"] - 1
+        assert engine.stats()["failed"] == 0
+        engine.check_invariants()
+
+
+def _unread(engine, replica: int) -> int:
+    """Bytes replica `replica` has sent that this process has not read yet."""
+    import fcntl
+    import struct
+    import termios
+
+    sock = engine.replicas.groups[replica].conns[0].sock
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_large_prompt_goes_to_a_replica_blocked_sending_its_outputs():
+    """Both replicas generate while this process reads nothing, until each is blocked writing
+    its outputs (their unread bytes stand still). Then a prompt of 200,000 token ids (about
+    600 KB pickled, more than a socket buffer holds) is sent to one of them, which cannot read
+    it until its own write goes through: this process must read while it writes
+    (`WorkerGroup._send`). The prompt goes through at once and the requests finish whole."""
+    spec = dict(TINY, page_size=64, num_pages=4200, max_model_len=262144,
+                max_num_batched_tokens=256, model_overrides=dict(n_layers=1, max_seq_len=262144))
+    with LLM(data_parallel_size=2, **spec) as llm:
+        engine = llm.engine
+        pids = list(engine.pids)
+        params = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+        ids = engine.add_requests([[1, 2, 3]] * 8, [params] * 8)
+        last, still = [-1, -1], time.monotonic()
+        deadline = time.monotonic() + 60
+        while time.monotonic() - still < 0.5:  # until neither replica's output moves
+            assert time.monotonic() < deadline, "the replicas' outputs never stood still"
+            time.sleep(0.05)
+            now = [_unread(engine, r) for r in range(2)]
+            if now != last:
+                last, still = now, time.monotonic()
+        prompt = [300 + i % 1700 for i in range(200_000)]
+        t0 = time.monotonic()
+        big = engine.add_request(prompt, SamplingParams(max_tokens=1))
+        assert time.monotonic() - t0 < 10
+        assert engine.abort_request(big).finish_reason == "abort"
+        outs = _finish(engine, ids)
+        assert [(o.finish_reason, len(o.token_ids)) for o in outs.values()] == \
+            [("length", 1000)] * 8
+        # A replica sends one output message per step, each at least its stats long: when
+        # their output stood still, far less than all of it had come, so they were blocked.
+        least = len(pickle.dumps(("outputs", [], ("decode", 0.0), engine.snapshots[0])))
+        assert 0 < 2 * sum(last) < least * len(engine.take_step_times()), (last, least)
+        assert engine.pids == pids and engine.health() == (True, None)
         engine.check_invariants()
 
 

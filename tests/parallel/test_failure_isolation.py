@@ -4,6 +4,7 @@ tensor-parallel rank 0 or inside a data-parallel replica, it finishes with finis
 and batches are still checked all or nothing before anything is routed."""
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -46,6 +47,15 @@ class Hostile(SamplingParams):
     @property
     def greedy(self):
         raise RuntimeError("hostile settings")
+
+
+class Unqueueable(SamplingParams):
+    """Valid settings whose `plain` flag cannot be read: the data-parallel front end never
+    reads it; the replica's engine raises TypeError while queueing the request."""
+
+    @property
+    def plain(self):
+        raise TypeError("unqueueable settings")
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +119,30 @@ def test_sampling_failing_inside_a_replica_fails_that_request_alone(dp, clean):
     assert not engine.has_unfinished() and engine.router.load == [0, 0]
     engine.check_invariants()
     assert all(alive(p) for p in engine.pids)
+
+
+def test_a_request_failing_while_its_replica_queues_it_fails_alone(dp, clean):
+    """DP=2: a request whose replica raises TypeError queueing it (not the ValueError of a
+    refusal). Observed: the error ended the replica process, failing the requests it held.
+    Now it comes back alone with its error; the others complete as in one engine, and both
+    replicas live on."""
+    engine = dp.engine
+    pids = list(engine.pids)
+    before = engine.stats()
+    outs = dp.generate(PROMPTS + PROMPTS[:1], [SAMPLED, SAMPLED, SAMPLED,
+                                                Unqueueable(max_tokens=10, seed=3)])
+    bad = outs[3]
+    assert bad.finish_reason == "error" and not bad.worker_failed, bad.error
+    assert re.match(r"data-parallel replica [01] refused it: TypeError: unqueueable settings",
+                    bad.error), bad.error
+    assert [o.token_ids for o in outs[:3]] == clean
+    assert all(o.finish_reason == "length" for o in outs[:3])
+    stats = engine.stats()
+    assert stats["failed"] - before["failed"] == 1
+    assert stats["finished"] - before["finished"] == 3
+    assert engine.pids == pids and engine.health() == (True, None)
+    assert not engine.has_unfinished() and engine.router.load == [0, 0]
+    engine.check_invariants()
 
 
 def test_data_parallel_batches_are_checked_before_any_is_routed(dp):

@@ -49,6 +49,23 @@ def test_a_group_used_after_shutdown_says_so_and_does_not_wait():
         assert time.monotonic() - t0 < 1.0
 
 
+def test_messages_flooding_both_ways_at_once_cannot_deadlock():
+    """The worker echoes each 1 MiB message at once, while the parent sends eight in a row
+    without reading: both socket buffers (about 200 KiB) fill, the worker blocks writing its
+    reply and the parent blocks writing the next message. The parent reads what comes while
+    it writes (`WorkerGroup._send`), so everything goes through, in order and whole."""
+    group = WorkerGroup("tests.parallel.echo_worker", 1, label="echo worker")
+    try:
+        blobs = [bytes([i]) * (1 << 20) for i in range(8)]
+        t0 = time.monotonic()
+        for blob in blobs:
+            group.send(0, ("echo", blob), timeout=20)
+        assert [group.recv(0, timeout=20) for _ in blobs] == [("result", b) for b in blobs]
+        assert time.monotonic() - t0 < 10
+    finally:
+        group.shutdown()
+
+
 def test_a_missing_reply_is_named_in_plain_words():
     """Observed: the default `what` was "a reply", so the timeout read "echo worker 0 sent no
     a reply within 0 s" (and a timeout under a second was printed as 0 s)."""

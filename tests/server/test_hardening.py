@@ -7,11 +7,14 @@ status and message, a bystander request stays fast, nothing hangs and nothing is
 - A data-parallel engine's refusals (n > 1) come back as the same 400 streamed or not.
 - `null` for a nullable OpenAI field means "not given".
 - A failing worker's traceback is logged, never sent: 503 bodies carry a short reason.
+- Shutting down waits as long as the engine lets a step take, and says so if its thread
+  still runs.
 """
 
 import asyncio
 import logging
 import statistics
+import threading
 import time
 
 import pytest
@@ -296,3 +299,88 @@ def test_data_parallel_refusals_are_the_same_400_streamed_or_not(dp_server, path
         assert time.monotonic() < deadline
         time.sleep(0.02)
 
+
+
+class SlowEngine:
+    """Stands in for an engine whose step runs long: `step` takes `step_s` seconds (None:
+    until `release` is set). `runner.step_timeout` is the engine's own bound on a step (a
+    tensor-parallel runner's), or absent with step_timeout None."""
+
+    def __init__(self, step_timeout: float | None, step_s: float | None = None):
+        if step_timeout is not None:
+            self.runner = type("Runner", (), {"step_timeout": step_timeout})()
+        self.step_s = step_s
+        self.stepping = threading.Event()
+        self.release = threading.Event()
+
+    def stats(self) -> dict:
+        return {"generation_tokens": 0}
+
+    def has_unfinished(self) -> bool:
+        return True
+
+    def unfinished_request_ids(self) -> list:
+        return []
+
+    def step(self) -> list:
+        self.stepping.set()
+        self.release.wait(self.step_s)
+        return []
+
+
+def _stopping(engine: SlowEngine):
+    """An `AsyncEngine` over `engine`, started and inside a step."""
+    loop = AsyncEngine(engine)
+    loop.start()
+    assert engine.stepping.wait(10)
+    return loop
+
+
+def test_shutdown_says_so_when_the_engine_thread_outlives_its_step_timeout(monkeypatch, caplog):
+    """Observed: `AsyncEngine.shutdown` gave its thread a fixed 30 s, whatever the engine's
+    own step timeout (a tensor-parallel step may take HWATTN_STEP_TIMEOUT_S, 600 s by
+    default), then returned in silence, the thread still inside the engine (which the caller
+    then shut down under it). Now it waits for the step timeout plus a grace (by then the
+    engine has failed the step itself), and if the thread still runs it says so: an error in
+    the log, False, and a later call waits again."""
+    import hwattn.server.async_engine as async_engine
+
+    monkeypatch.setattr(async_engine, "STOP_GRACE_S", 0.5)
+    caplog.set_level(logging.ERROR, logger="hwattn.server.async_engine")
+    stuck = SlowEngine(step_timeout=1.0)  # a step past its timeout, which the engine misses
+    loop = _stopping(stuck)
+    t0 = time.monotonic()
+    assert loop.shutdown() is False
+    assert 1.4 < time.monotonic() - t0 < 5.0
+    thread = loop._thread
+    assert thread is not None and thread.is_alive()
+    assert "the engine thread is still running after 1.5 s" in caplog.text
+    assert "step timeout 1 s" in caplog.text
+    stuck.release.set()  # the step ends: a second call finds the thread gone
+    assert loop.shutdown() is True and not thread.is_alive()
+
+
+def test_shutdown_waits_out_a_step_as_long_as_the_engine_allows(monkeypatch):
+    import hwattn.server.async_engine as async_engine
+
+    monkeypatch.setattr(async_engine, "STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(async_engine, "STOP_WAIT_S", 0.5)  # what an engine without one gets
+    slow = SlowEngine(step_timeout=4.0, step_s=2.0)  # longer than that, within its own timeout
+    loop = _stopping(slow)
+    t0 = time.monotonic()
+    assert loop.shutdown() is True
+    assert 1.5 < time.monotonic() - t0 < 4.0 and loop._thread is None
+
+
+def test_shutdown_of_an_engine_without_a_step_timeout_waits_the_fixed_bound(monkeypatch, caplog):
+    import hwattn.server.async_engine as async_engine
+
+    monkeypatch.setattr(async_engine, "STOP_WAIT_S", 1.0)
+    caplog.set_level(logging.ERROR, logger="hwattn.server.async_engine")
+    stuck = SlowEngine(step_timeout=None)
+    loop = _stopping(stuck)
+    t0 = time.monotonic()
+    assert loop.shutdown() is False and 0.9 < time.monotonic() - t0 < 4.0
+    assert "the engine thread is still running after 1 s" in caplog.text
+    stuck.release.set()
+    assert loop.shutdown(timeout=10) is True
