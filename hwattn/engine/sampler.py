@@ -47,6 +47,7 @@ def _mix32(x: Tensor) -> Tensor:
 # (-inf + inf is NaN, which argmax takes), once in 2**24 draws, i.e. in 0.8% of the tokens
 # sampled over a vocabulary of 128K.
 BELOW_ONE = 1.0 - 2.0**-24
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def uniform(seeds: Tensor, counters: Tensor, stream: int, n: int) -> Tensor:
@@ -278,7 +279,10 @@ def processed_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
     """(B, V) logits -> temperature-scaled, min-p / top-k / top-p masked (-inf) fp32 logits."""
     logits = logits.float()
     temp = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
-    logits = logits / temp[:, None]
+    # float32 holds neither every finite temperature nor every finite logit bias: an infinite
+    # temperature turned banned tokens' -inf into NaN (which argmax takes), and an infinite
+    # logit turns its row's probabilities into NaN. Clamped, both take their limits.
+    logits = (logits / temp.clamp(max=FLOAT32_MAX)[:, None]).clamp_(max=FLOAT32_MAX)
     if st.min_p is not None:
         probs = logits.softmax(-1)
         low = probs < st.min_p[:, None] * probs.max(-1, keepdim=True).values
@@ -287,12 +291,17 @@ def processed_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(st.top_k > 0, st.top_k, torch.full_like(st.top_k, vocab))
-    drop = rank >= k[:, None]
+    k = torch.where(st.top_k > 0, st.top_k.clamp(max=vocab), torch.full_like(st.top_k, vocab))
+    # Tokens tied with the k-th most likely stay, as in vLLM's and Hugging Face's top-k: cutting
+    # between equal logits would keep the ones the sort happens to put first (bf16 logits tie
+    # often) and never draw the others, however likely.
+    drop = sorted_logits < sorted_logits.gather(1, (k - 1)[:, None])
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-    drop |= before >= st.top_p[:, None]
+    # top_p = 1 keeps everything: float32 sums over a large vocabulary reach 1 before its
+    # last tokens, which `before >= 1` would drop (in rows with top-k, or beside rows that
+    # filter: a seeded request's law would then depend on its batch).
+    drop |= (before >= st.top_p[:, None]) & (st.top_p < 1)[:, None]
     drop[:, 0] = False
     mask = torch.empty_like(drop).scatter_(1, order, drop)
     return logits.masked_fill(mask, float("-inf"))

@@ -74,7 +74,8 @@ class SamplingParams:
         output (0 <= min_tokens <= max_tokens).
     temperature: 0 (or below 1e-5, as vLLM) means greedy; otherwise logits are divided by it
         (finite, >= 0).
-    top_k: keep the k most likely tokens (0 or -1: all; below 2**63).
+    top_k: keep the k most likely tokens, and any tied with the k-th (as vLLM; 0 or -1: all;
+        below 2**63).
     top_p: keep the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1).
     min_p: drop tokens less likely than min_p times the most likely one (0 <= min_p <= 1).
     presence_penalty: subtracted from the logit of every token already in the output

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hwattn.engine.sampler import (SamplingTensors, adjusted_logits, gumbel, matching_verify,
-                                   probabilities, rejection_sample, sample, top_logprobs, uniform)
+                                   probabilities, processed_logits, rejection_sample, sample,
+                                   top_logprobs, uniform)
 from hwattn.engine.sampling_params import SamplingParams
 
 
@@ -354,3 +355,67 @@ def test_temperatures_below_1e_5_are_greedy():
             assert torch.equal(sample(logits, tensors(params, seeds=list(range(32)))),
                                logits.argmax(-1)), (t, kw)
     assert not SamplingParams(temperature=1e-5).greedy
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """Observed: top_k=2 over logits [0, 2, 1, 2, 2, -1] kept tokens 1 and 3 (the sort's
+    first two) and never drew token 4, exactly as likely. As vLLM's and Hugging Face's top-k,
+    every token tied with the k-th most likely stays (bf16 logits tie at the boundary of a
+    top-50 over 128K ids in most rows)."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0]])
+    for dtype in (torch.float32, torch.bfloat16):
+        for kw in (dict(top_k=2), dict(top_k=2, top_p=0.9), dict(top_k=3, temperature=0.7)):
+            p = probabilities(logits.to(dtype), tensors([SamplingParams(**kw)]))
+            assert torch.allclose(p[0], torch.tensor([0, 1 / 3, 0, 1 / 3, 1 / 3, 0])), kw
+    n = 6000
+    tokens = sample(logits.expand(n, 6), tensors([SamplingParams(top_k=2)] * n,
+                                                 seeds=list(range(n))))
+    chi2_ok(torch.bincount(tokens, minlength=6).float(),
+            torch.tensor([0, 1 / 3, 0, 1 / 3, 1 / 3, 0]), n)
+    # Fewer finite logits than k, or k beyond the vocabulary: nothing more is dropped.
+    banned = torch.tensor([[1.0, float("-inf"), 0.5, float("-inf")]])
+    p = probabilities(banned, tensors([SamplingParams(top_k=3)]))
+    assert torch.allclose(p, banned.softmax(-1))
+    p = probabilities(logits, tensors([SamplingParams(top_k=(1 << 63) - 1)]))
+    assert torch.allclose(p, logits.softmax(-1))
+
+
+def test_top_p_of_one_drops_nothing_beside_rows_that_filter():
+    """Observed: a row with top_p=1 and no top-k lost its ~1,300 least likely tokens of 32K
+    (the float32 running sum reached 1 before them, and `before >= 1` dropped them) whenever a
+    batch mate used top-k, so a seeded request's law depended on its batch."""
+    logits = torch.randn(4, 32000, generator=torch.Generator().manual_seed(0)) * 3
+    alone = processed_logits(logits, tensors([SamplingParams()] * 4))
+    mates = [SamplingParams(), SamplingParams(top_k=5), SamplingParams(top_k=32000),
+             SamplingParams(top_p=1.0, min_p=0.0, temperature=1.0)]
+    beside = processed_logits(logits, tensors(mates))
+    assert torch.isfinite(beside[[0, 2, 3]]).all()
+    assert torch.equal(beside[[0, 2, 3]], alone[[0, 2, 3]])
+    assert torch.isfinite(beside[1]).sum() == 5
+
+
+def test_settings_beyond_float32_take_their_limits():
+    """Observed: temperature 1e39 (finite, so accepted) is inf in float32, and the banned
+    tokens' -inf / inf = NaN won every argmax: min_tokens' end-of-sequence and stop ids were
+    drawn every time. A logit bias of 1e39 (inf in float32) made its row's probabilities NaN,
+    and draft-model verification emitted token 0. Clamped, a huge temperature draws uniformly
+    among the allowed tokens and a huge bias forces its token on every path."""
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0, 0.5, 2.0]])
+    n = 3000
+    sp = SamplingParams(temperature=1e39, min_tokens=3, stop_token_ids=[0])
+    st = SamplingTensors.build([sp] * n, list(range(n)), [1] * n, "cpu", [([9], 1)] * n,
+                               eos_token_id=5)
+    chi2_ok(torch.bincount(sample(logits.expand(n, 6), st), minlength=6).float(),
+            torch.tensor([0, 0.25, 0.25, 0.25, 0.25, 0]), n)
+    for bias, temperature in ((1e39, 1.0), (1e38, 0.1), (3e38, 1e-4)):
+        sp = SamplingParams(temperature=temperature, top_p=0.9, min_p=0.1, logit_bias={4: bias})
+        st = tensors([sp] * 8, seeds=list(range(8)))
+        p = probabilities(logits.expand(8, 6), st)
+        assert torch.equal(p, torch.tensor([[0, 0, 0, 0, 1.0, 0]]).expand(8, 6)), bias
+        assert sample(logits.expand(8, 6), st).tolist() == [4] * 8
+        target = logits.expand(8, 3, 6)
+        drafts = torch.tensor([[1, 4]] * 8)
+        tokens, accepted = rejection_sample(target, drafts, torch.full((8, 2, 6), 1 / 6), st)
+        assert tokens[:, 0].tolist() == [4] * 8 and accepted.tolist() == [0] * 8
+        tokens, accepted = matching_verify(target, drafts, st)
+        assert tokens[:, 0].tolist() == [4] * 8 and accepted.tolist() == [0] * 8
