@@ -22,6 +22,7 @@ EXTRA_OF = {
     "hwattn/cli/compare.py": "compare", "hwattn/train/compare.py": "compare",
     "hwattn/ops/": "gpu", "hwattn/cli/bench_decode.py": "gpu", "hwattn/bench/decode.py": "gpu",
     "hwattn/analysis/plot.py": "plot", "hwattn/train/plot.py": "plot", "hwattn/bench/plot.py": "plot",
+    "hwattn/plotting.py": "plot",
     "hwattn/train/": "train", "hwattn/data/": "train",
     "hwattn/eval/report.py": "plot", "hwattn/eval/": "eval", "hwattn_lm_eval_hook.py": "eval",
     "hwattn/hf/": "hf", "hwattn/models/": "hf",
