@@ -75,6 +75,20 @@ def trained(tmp_path_factory, dataset_dir):
     return out, res
 
 
+def failing_on_call(real, n: int, error: Exception):
+    """`real` wrapped to raise `error` on its n-th call (from 1) and pass every other call
+    through (a function, or a method when set on the class)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
 def make_checkpoint(path, attention: str, scale: float = 5.0, seed: int = 0, n_layers: int = 2):
     """A tiny model (random weights scaled up by `scale`, so its greedy continuations vary
     and n-gram drafts are sometimes right, sometimes wrong) saved to `path`."""

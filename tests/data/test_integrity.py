@@ -20,6 +20,7 @@ from hwattn.data.corpora import build_dataset
 from hwattn.data.loader import BatchSampler, TokenDataset
 from hwattn.data.pack import PACK_FILE, pack_dataset, unpack_dataset
 from hwattn.data.tokenizer import Tokenizer, train_bpe
+from tests.conftest import failing_on_call
 
 QUIET = dict(progress=False, log=lambda *a: None)
 OPTS = B.BuildOptions(val_fraction=0.2)
@@ -308,16 +309,8 @@ def test_resume_never_reuses_chunks_of_other_documents(tmp_path, monkeypatch):
         return [{"id": f"s/{i}", "source": "s", "domain": "web", "title": "", "text": r["text"]}
                 for i, r in enumerate(_rows(word=word))]
 
-    calls = []
     real = Tokenizer.encode_batch
-
-    def dies_on_third_chunk(self, texts):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real(self, texts)
-
-    monkeypatch.setattr(Tokenizer, "encode_batch", dies_on_third_chunk)
+    monkeypatch.setattr(Tokenizer, "encode_batch", failing_on_call(real, 3, RuntimeError("killed")))
     with pytest.raises(RuntimeError, match="killed"):
         B.write_build(tmp_path / "out", docs("Plain"), lambda t: tok, OPTS, "k" * 64, [],
                       **QUIET)

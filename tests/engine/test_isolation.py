@@ -12,6 +12,7 @@ from hwattn.data.tokenizer import chat_prompt
 from hwattn.engine import LLM, SamplingParams
 from hwattn.engine.model_runner import ModelRunner, StepInput
 from hwattn.engine.sampler import SamplingInput
+from tests.conftest import failing_on_call
 
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44], [9] * 12]
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=3,
@@ -145,15 +146,9 @@ def test_a_request_failing_while_it_is_queued_leaves_nothing_behind(llms, monkey
     import hwattn.engine.llm_engine as llm_engine
 
     engine = llms[None].engine
-    real, calls = llm_engine.incremental_detokenizer, []
-
-    def detokenizer(tokenizer, skip_special_tokens=None):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyError("no decoding table")
-        return real(tokenizer, skip_special_tokens)
-
-    monkeypatch.setattr(llm_engine, "incremental_detokenizer", detokenizer)
+    real = llm_engine.incremental_detokenizer
+    monkeypatch.setattr(llm_engine, "incremental_detokenizer",
+                        failing_on_call(real, 3, KeyError("no decoding table")))
     with pytest.raises(KeyError, match="no decoding table"):
         engine.add_requests(PROMPTS, [SAMPLED] * 3, ["a", "b", "c"])
     assert not engine.has_unfinished() and not engine.requests and not engine.detok
