@@ -89,9 +89,12 @@ class AsyncEngine:
         self.snapshot = engine.stats()
         self.latency = LatencyMetrics()
         self.dead: str | None = None  # why the engine can serve no more, once it cannot
+        self._closed: str | None = None  # set by `shutdown`, until `start` again
         self._health: tuple[bool, str | None] = (True, None)
 
     def start(self) -> None:
+        with self._lock:
+            self._closed = None
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="hwattn-engine", daemon=True)
             self._thread.start()
@@ -102,9 +105,15 @@ class AsyncEngine:
         engine lets a step take (a tensor-parallel step timeout, HWATTN_STEP_TIMEOUT_S, past
         which the engine fails the step itself) plus STOP_GRACE_S, or STOP_WAIT_S for an
         engine without a step timeout. Whether the thread has ended; if not, an error in the
-        log says so, and a later call waits again."""
+        log says so, and a later call waits again.
+        Callers still waiting in `generate`, and any that come after, get an EngineDeadError
+        (the server's 503) instead of waiting for outputs that will not come."""
         self._stop.set()
         self._wake.set()
+        with self._lock:
+            self._closed = "the server is shutting down"
+            self._adds.clear()
+            self._deliver([(rid, EngineDeadError(self._closed)) for rid in self._queues])
         thread = self._thread
         if thread is None:
             return True
@@ -136,6 +145,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._closed is not None:
+                raise EngineDeadError(self._closed)
             self._queues[request_id] = (loop, queue)
             self._adds.append((request_id, prompt_ids, params, owner))
         self._wake.set()

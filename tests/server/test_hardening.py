@@ -384,3 +384,44 @@ def test_shutdown_of_an_engine_without_a_step_timeout_waits_the_fixed_bound(monk
     assert "the engine thread is still running after 1 s" in caplog.text
     stuck.release.set()
     assert loop.shutdown(timeout=10) is True
+
+
+def test_callers_waiting_when_the_engine_stops_hear_so():
+    """Observed: after `AsyncEngine.shutdown` a `generate` still waiting for outputs waited
+    for ever, and so did one called afterwards: nothing would ever answer them. Now each gets
+    EngineDeadError (the server's 503), and `start` serves again."""
+    from hwattn.engine import SamplingParams
+    from hwattn.server.async_engine import EngineDeadError
+
+    class Holding(SlowEngine):  # takes requests and never finishes them
+        def add_request(self, *args, **kwargs):
+            pass
+
+        def abort_request(self, request_id):
+            pass
+
+    loop = AsyncEngine(Holding(step_timeout=None, step_s=0.01))
+    loop.start()
+
+    async def first_output(request_id):
+        async for out in loop.generate([1, 2], SamplingParams(), request_id):
+            return out
+
+    async def scenario():
+        waiting = asyncio.create_task(first_output("a"))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        assert loop.shutdown() is True
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            await asyncio.wait_for(waiting, 5)
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            await asyncio.wait_for(first_output("b"), 5)
+        loop.start()
+        late = asyncio.create_task(first_output("c"))
+        await asyncio.sleep(0.2)
+        assert not late.done()  # taken again (and held, as this engine holds everything)
+        assert loop.shutdown() is True
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(late, 5)
+
+    asyncio.run(scenario())
