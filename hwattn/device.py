@@ -48,6 +48,16 @@ def check_device(device: str | torch.device | None, flag: str = "device") -> Non
                              f"CUDA device(s)")
 
 
+def check_from_first_gpu(device: torch.device, setting: str, placement: str) -> None:
+    """ValueError unless `device` is the CPU, "cuda" or "cuda:0": worker processes (ranks,
+    replicas) take the visible GPUs from the first, so an index would be ignored.
+    setting: the size that starts them ("tensor_parallel_size 2"); placement: where worker i
+    runs ("rank r runs on cuda:r of the visible GPUs")."""
+    if device.type == "cuda" and device.index:
+        raise ValueError(f"device {str(device)!r} with {setting}: {placement}, from the first; "
+                         f"give device='cuda' and choose the GPUs with CUDA_VISIBLE_DEVICES")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`dtype` as a torch dtype; "auto" / None: bf16 on CUDA, fp32 elsewhere."""
     if dtype in (None, "auto"):

@@ -47,6 +47,7 @@ import time
 
 import torch
 
+from hwattn.device import check_from_first_gpu
 from hwattn.engine.requests import (check_request_ids, check_requests, checked_params,
                                     validate_prompt)
 from hwattn.engine.replicas import ReplicaProcesses
@@ -148,12 +149,9 @@ class DataParallelEngine:
         tp = engine_kwargs.get("tensor_parallel_size", 1)
         device = torch.device(engine_kwargs["device"])
         env = None
+        check_from_first_gpu(device, f"data_parallel_size {size}",
+                             f"replica i runs on the visible GPUs [i*{tp}, (i+1)*{tp})")
         if device.type == "cuda":
-            if device.index:  # replica i takes the GPUs [i*tp, (i+1)*tp) from the first
-                raise ValueError(f"device {str(device)!r} with data_parallel_size {size}: replica "
-                                 f"i runs on the visible GPUs [i*{tp}, (i+1)*{tp}), from the "
-                                 f"first; give device='cuda' and choose the GPUs with "
-                                 f"CUDA_VISIBLE_DEVICES")
             gpus = _visible_gpus()
             if len(gpus) < size * tp:
                 raise ValueError(f"data_parallel_size {size} x tensor_parallel_size {tp} needs "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from hwattn.device import check_from_first_gpu
 from hwattn.parallel.errors import seconds_or_env
 from hwattn.parallel.launch import WorkerGroup
 
@@ -42,10 +43,8 @@ class TensorParallelExecutor:
         if world < 2:
             raise ValueError(f"tensor_parallel_size must be >= 2 for worker processes, got {world}")
         device = torch.device(build.get("device") or "cpu")
-        if device.type == "cuda" and device.index:  # rank r runs on cuda:r, from the first
-            raise ValueError(f"device {str(device)!r} with tensor_parallel_size {world}: rank r "
-                             f"runs on cuda:r of the visible GPUs, from the first; give "
-                             f"device='cuda' and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        check_from_first_gpu(device, f"tensor_parallel_size {world}",
+                             "rank r runs on cuda:r of the visible GPUs")
         if device.type == "cuda" and torch.cuda.device_count() < world:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs, "
                              f"found {torch.cuda.device_count()}")
