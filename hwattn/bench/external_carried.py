@@ -33,7 +33,6 @@ The shims (`FlashMLA`, `FA3`) expose what `hwattn.bench.external`'s adapters cal
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import lzma
 import os
@@ -43,6 +42,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hwattn.data.sources import sha256_file
 
 ENV = "HWATTN_EXTERNAL_DIR"
 MANIFEST = "MANIFEST.json"
@@ -152,14 +153,6 @@ def check_build(manifest: dict, build: tuple[str, str | None] | None = None) -> 
                                  f"{cuda}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def unpack(directory: str | os.PathLike, entry: dict, cache: str | os.PathLike | None = None
            ) -> Path:
     """The library of one manifest entry as a file dlopen can read: the carried file itself
@@ -171,10 +164,12 @@ def unpack(directory: str | os.PathLike, entry: dict, cache: str | os.PathLike |
         raise CarriedUnavailable(f"{source} is missing (the manifest lists it)")
     if source.suffix != ".xz":
         target = source
+        digest = sha256_file(target)
     else:
         folder = Path(cache or tempfile.gettempdir()) / f"hwattn-ext-{entry['sha256'][:16]}"
         target = folder / source.name[: -len(".xz")]
-        if not (target.is_file() and _sha256(target) == entry["sha256"]):
+        digest = sha256_file(target) if target.is_file() else None
+        if digest != entry["sha256"]:
             folder.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + f".{os.getpid()}.part")
             try:
@@ -185,7 +180,7 @@ def unpack(directory: str | os.PathLike, entry: dict, cache: str | os.PathLike |
                 partial.unlink(missing_ok=True)
                 raise CarriedUnavailable(f"{source} does not decompress ({err})") from None
             os.replace(partial, target)
-    digest = _sha256(target)
+            digest = sha256_file(target)
     if digest != entry["sha256"]:
         raise CarriedUnavailable(f"{target} has sha256 {digest[:12]}…, the manifest says "
                                  f"{entry['sha256'][:12]}… (not the file that was fetched)")
