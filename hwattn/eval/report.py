@@ -373,8 +373,9 @@ def _scored(run: dict, val: dict | None) -> str:
 
 
 def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png",
-           gaps_name: str = "quality_gaps.png") -> str:
-    """The markdown report; `plot_name` and `gaps_name` are its figures' file names."""
+           gaps_name: str = "quality_gaps.png", claims: list[dict] | None = None) -> str:
+    """The markdown report; `plot_name` and `gaps_name` are its figures' file names, `claims`
+    the claims table's rows when already computed (`claim_rows`)."""
     by = by_variant(runs)
     domains = domains_of(runs)
     r0 = runs[0]
@@ -505,7 +506,7 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png",
             f"![loss curves]({plot_name})", ""]
 
     looks = summary.get("looks") or {}
-    res = claim_rows(runs, summary)
+    res = claims if claims is not None else claim_rows(runs, summary)
     out += ["## The paper's claims", "",
             "Paired by seed: gap = perplexity of the new variant / perplexity of its baseline − 1; "
             f"95% t-interval over seeds; a claim holds when the interval's upper end is at most "
@@ -602,8 +603,8 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
         registered = register_next_looks(by, looks, registered, next_looks)
     summary = dict(summary, looks=looks, next_looks=registered)
     try:
-        text = render(runs, summary, plot.name, gaps.name)
         rows = claim_rows(runs, summary)
+        text = render(runs, summary, plot.name, gaps.name, rows)
     except (KeyError, TypeError, IndexError, AttributeError, ZeroDivisionError,
             statistics.StatisticsError) as err:
         raise ValueError(f"{runs_file}: its records lack what the report needs "
