@@ -160,7 +160,8 @@ for step in $steps; do
         2>&1 | tee -a "$OUT/log"
       timeout 420 python3 -m hwattn bench decode --variants mla,gla-2 --batch 128 \
         --context 4096,16384,32768 --query-len 1,2,4 --no-sdpa --warmup-ms 10 --rep-ms 60 \
-        --out "$OUT/decode_external.json" 2>&1 | grep -v "^row " | tail -30 | tee -a "$OUT/log" ;;
+        --out "$OUT/decode_external.json" 2>&1 | tee "$OUT/decode_external.rows" | grep -v "^row " \
+        | tail -30 | tee -a "$OUT/log" ;;
     *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done
