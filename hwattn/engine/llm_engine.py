@@ -616,10 +616,11 @@ class LLMEngine:
 
     @staticmethod
     def _hit_stop(seq: Sequence, delta_len: int) -> bool:
-        longest = max(len(s) for s in seq.params.stop)
-        start = max(0, len(seq.text) - delta_len - longest + 1)
-        found = [(i, s) for i, s in ((seq.text.find(s, start), s) for s in seq.params.stop)
-                 if i >= 0]
+        # Each stop string only where it may end in the new text (as vLLM looks): one seen
+        # earlier, while min_tokens held stops off, does not end the output now.
+        end = len(seq.text) - delta_len + 1
+        found = [(i, s) for i, s in ((seq.text.find(s, max(0, end - len(s))), s)
+                                     for s in seq.params.stop) if i >= 0]
         if not found:
             return False
         at, stop = min(found)

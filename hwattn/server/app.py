@@ -229,11 +229,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             except ValueError as err:
                 raise APIError(str(err), param=getattr(err, "param", None)) from None
 
-    def fits(ids: list[int], params: SamplingParams) -> tuple[list[int], SamplingParams]:
+    def fits(ids: list[int], params: SamplingParams,
+             param: str = "max_tokens") -> tuple[list[int], SamplingParams]:
+        """(ids, params), or a 400 naming `param` (the field that set max_tokens) if the
+        prompt and max_tokens cannot fit the context."""
         if len(ids) + params.max_tokens > max_len:
             raise APIError(f"this model's maximum context length is {max_len} tokens; the prompt "
-                           f"has {len(ids)} and max_tokens asks for {params.max_tokens}",
-                           param="max_tokens", code="context_length_exceeded")
+                           f"has {len(ids)} and {param} asks for {params.max_tokens}",
+                           param=param, code="context_length_exceeded")
         return ids, params
 
     async def run_all(request: Request, jobs: list[tuple[list[int], SamplingParams]], prefix: str):
@@ -458,7 +461,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return jobs, texts
 
         jobs, texts = await run_in_threadpool(prepare)
-        rid = f"cmpl-{uuid.uuid4().hex}"
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         stream = run_all(request, jobs, rid)
         n = req.n
         # Per prompt, shared by its n choices: the echoed prompt's (token, top tokens) entries
@@ -504,7 +507,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return doc
 
         def chunk(index, text, completion, start, out, is_first, usage=None):
-            doc = {"id": rid, "object": "text_completion", "created": int(time.time()),
+            doc = {"id": rid, "object": "text_completion", "created": created,
                    "model": model_name, "choices": []}
             if index is not None:
                 doc["choices"] = [choice(index, text, completion, start, out, is_first)]
@@ -541,12 +544,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             ids = prompt_ids(chat_ids(req.messages, req.add_generation_prompt), "messages")
             params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens,
                                   logprobs=top_n if req.logprobs else None)
-            jobs = [fits(ids, params)]
+            jobs = [fits(ids, params, "max_completion_tokens"
+                         if req.max_completion_tokens is not None else "max_tokens")]
             checked(jobs)
             return jobs
 
         jobs = await run_in_threadpool(prepare)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = run_all(request, jobs, rid)
 
         def logprobs(completion, start):
@@ -556,7 +560,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                  decode, top_n)
 
         def chunk(index, text, completion, start, out, is_first, usage=None):
-            doc = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+            doc = {"id": rid, "object": "chat.completion.chunk", "created": created,
                    "model": model_name, "choices": []}
             if index is not None:
                 delta = {"content": text} if text else {}
@@ -569,7 +573,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return doc
 
         if req.stream:
-            first = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+            first = {"id": rid, "object": "chat.completion.chunk", "created": created,
                      "model": model_name,
                      "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                   "finish_reason": None, "logprobs": None}
@@ -583,7 +587,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         out = outs[0]
 
         def answer() -> dict:
-            return {"id": rid, "object": "chat.completion", "created": int(time.time()),
+            return {"id": rid, "object": "chat.completion", "created": created,
                     "model": model_name,
                     "choices": [{"index": c.index,
                                  "message": {"role": "assistant", "content": c.text},

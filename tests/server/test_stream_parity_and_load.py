@@ -5,6 +5,7 @@ else; the router's own errors come back in OpenAI's format."""
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -119,6 +120,39 @@ def test_streamed_logprobs_text_offsets_count_on_across_chunks(server):
             assert got[c["index"]]["text_offset"] == c["logprobs"]["text_offset"], extra
     wait_idle(engine)
     engine.check_invariants()
+
+
+def test_a_stop_string_seen_before_min_tokens_does_not_cut_the_output_later(server):
+    """A stop string that appeared while `min_tokens` held stops off does not end the output
+    once they are allowed (vLLM looks for each stop string only where it may end in the new
+    text). With a longer stop string beside it, the engine searched a window as long as the
+    longest one and found the old match: 'h' after 4 tokens, shorter than min_tokens."""
+    base, engine = server
+    body = {**SEEDED, "prompt": "hello"}
+    full = unstreamed(base, C, body)["choices"][0]["text"]
+    assert full.isascii() and len(full) == 16  # a character a token
+    early = full[1]
+    body.update(min_tokens=3, stop=[early, "a stop string that never shows up"])
+    later = full.find(early, 3)
+    want = full if later < 0 else full[:later]
+    got = unstreamed(base, C, body)["choices"][0]
+    assert got["text"] == want, (early, got)
+    assert joined(streamed(base, C, body), 1)[0] == [want]
+    wait_idle(engine)
+
+
+def test_every_chunk_of_a_stream_has_the_same_created_time(server, monkeypatch):
+    """OpenAI: each chunk of a stream has the same `created` timestamp (vLLM's too). Every
+    chunk read the clock again (here a clock a second later at each reading)."""
+    base, _ = server
+    clock = iter(range(1_000_000_000, 2_000_000_000))
+    monkeypatch.setattr(app_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    for path, extra in ((C, {"prompt": "hello"}),
+                        (H, {"messages": [{"role": "user", "content": "hello"}]})):
+        chunks = streamed(base, path, {**SEEDED, **extra, "max_tokens": 4,
+                                       "stream_options": {"include_usage": True}})
+        assert len(chunks) >= 3
+        assert len({c["created"] for c in chunks}) == 1, [c["created"] for c in chunks]
 
 
 def test_millions_of_tiny_prompts_are_refused_without_looking_at_each():

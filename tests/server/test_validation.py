@@ -105,6 +105,8 @@ BAD = [  # (id, path, body, param)
     ("max_tokens str", C, cmpl(max_tokens="5"), "max_tokens"),
     ("max_tokens bool", C, cmpl(max_tokens=True), "max_tokens"),
     ("max_completion_tokens 0", H, chat(max_completion_tokens=0), "max_completion_tokens"),
+    ("max_completion_tokens past the context", H, chat(max_completion_tokens=1000),
+     "max_completion_tokens"),
     ("ignore_eos str", C, cmpl(ignore_eos="yes"), "ignore_eos"),
     ("seed 2**63", C, cmpl(seed=1 << 63), "seed"),
     ("temperature str", C, cmpl(temperature="hot"), "temperature"),
