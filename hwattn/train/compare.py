@@ -101,7 +101,8 @@ class CompareConfig:
 
     def resolved(self) -> "CompareConfig":
         """Defaults filled in from the device's scale; `steps` stays None when not given
-        (`run_compare` then caps the scale's step count at two epochs of the data).
+        (`run_compare` then caps the scale's step count at two epochs of the data), and so
+        does `warmup_steps` (the scale's, capped at a tenth of the steps: `default_warmup`).
 
         Checked here, before any data is built: the keys of `extra`, and that one window of
         `seq_len` tokens fits the `eval_tokens` the training curves score (ValueError naming
@@ -109,7 +110,7 @@ class CompareConfig:
         check_extra(self.extra)
         kind = "cuda" if resolve_device(self.device).type == "cuda" else "cpu"
         scale = SCALES[kind]
-        vals = {k: (v if v is not None or k == "steps" else scale.get(k))
+        vals = {k: (v if v is not None or k in ("steps", "warmup_steps") else scale.get(k))
                 for k, v in asdict(self).items()}
         cfg = CompareConfig(**vals)
         if cfg.eval_tokens < cfg.seq_len:
@@ -205,12 +206,19 @@ def _new_folders(out: Path) -> list[Path]:
     return [f for f in (out / "data", out / "raw") if not f.exists()]
 
 
+def default_warmup(cfg: CompareConfig) -> int:
+    """The warm-up when none is given: the scale's, at most a tenth of `cfg.steps`."""
+    scale = SCALES["cuda" if resolve_device(cfg.device).type == "cuda" else "cpu"]
+    return min(scale["warmup_steps"], max(1, cfg.steps // 10))
+
+
 def train_settings(cfg: CompareConfig, data: TokenDataset, out: Path, label: str) -> dict:
     """The `TrainConfig` fields compare sets for variant `label` (`SET_BY_COMPARE`); `extra`
     adds to them."""
     return dict(data=str(data.path), out=str(out / label), preset=cfg.preset, variant=label,
                 seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
-                warmup_steps=min(cfg.warmup_steps, max(1, cfg.steps // 10)), seed=cfg.seed,
+                warmup_steps=default_warmup(cfg) if cfg.warmup_steps is None else cfg.warmup_steps,
+                seed=cfg.seed,
                 device=cfg.device, compile=cfg.compile, eval_every=max(1, cfg.steps // 4),
                 eval_tokens=cfg.eval_tokens, save_final=True, plot=False,
                 log_every=max(1, min(10, cfg.steps // 20)), resume=False)
@@ -237,6 +245,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
         if cfg.steps < scale["steps"]:
             log(f"{len(data.train):,} training tokens: {cfg.steps} steps (two epochs); build a "
                 "larger dataset with `hwattn data build --corpus registry` and pass --data")
+    if cfg.warmup_steps is None:  # one given is kept (TrainConfig refuses it past the steps)
+        cfg.warmup_steps = default_warmup(cfg)
     ecfg = EvalConfig(seq_len=cfg.seq_len, ppl_tokens=None, n_cloze=cfg.n_cloze, n_mc=cfg.n_mc,
                       recall_pairs=tuple(cfg.recall_pairs), recall_seqs=cfg.recall_seqs,
                       seed=cfg.seed)

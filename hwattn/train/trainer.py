@@ -93,6 +93,11 @@ class TrainConfig:
         # the study scripts build this directly, and a value that fails mid-run would do so
         # after resume=False has deleted the old checkpoint (or, for eval_tokens, at the
         # final evaluation, before the final checkpoint is written).
+        for name in ("seq_len", "batch_size", "accum_steps", "steps", "log_every", "eval_every",
+                     "ckpt_every", "seed", "warmup_steps", "eval_tokens"):
+            value = getattr(self, name)  # 2.5 steps: a TypeError at the loop; 1.5: taken
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("seq_len", "batch_size", "accum_steps", "steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -107,8 +112,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not self.grad_clip > 0:  # 0 would zero every gradient, a negative clip flip its sign
             raise ValueError(f"grad_clip must be > 0 (inf: no clipping), got {self.grad_clip}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):  # inf: NaN weights
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -123,6 +128,10 @@ class TrainConfig:
             raise ValueError(f"amp must be auto, bf16 or fp32, got {self.amp!r}")
         if self.sdpa not in SDPA_CHOICES:
             raise ValueError(f"sdpa must be one of {SDPA_CHOICES}, got {self.sdpa!r}")
+        from hwattn.config import PRESETS
+
+        if self.preset not in PRESETS:  # model_config would fail with a bare KeyError
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
         parse_variant(self.variant)
 
 
@@ -145,6 +154,13 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     vocab = -(-vocab_size // 64) * 64
     max_len = max(cfg.seq_len, PRESETS[cfg.preset]["max_seq_len"])
     kwargs = {"vocab_size": vocab, "max_seq_len": max_len, **cfg.model_overrides}
+    # Refused here, before a run folder is touched: either failed at the first forward.
+    if kwargs["vocab_size"] < vocab_size:
+        raise ValueError(f"model_overrides vocab_size={kwargs['vocab_size']} is smaller than the "
+                         f"data's vocabulary of {vocab_size} ids")
+    if kwargs["max_seq_len"] < cfg.seq_len:
+        raise ValueError(f"model_overrides max_seq_len={kwargs['max_seq_len']} is shorter than "
+                         f"seq_len={cfg.seq_len}")
     return ModelConfig.from_preset(cfg.preset, **parse_variant(cfg.variant), **kwargs)
 
 
@@ -318,12 +334,22 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_after: int | 
     drive a profiler over chosen steps."""
     if stop_after is not None and stop_after < 0:  # it would checkpoint a step not reached
         raise ValueError(f"stop_after must be >= 0 (None: run to the end), got {stop_after}")
+    if deadline is not None and _dist_env()[0] > 1:  # before resume=False deletes anything
+        raise ValueError("a deadline needs every rank to stop at the same step; it is supported "
+                         "for single-process runs only")
     device = resolve_device(cfg.device)
     if cfg.sdpa != "auto" and device.type != "cuda":
         raise ValueError(f"sdpa={cfg.sdpa!r} needs a CUDA device (cuDNN's attention), got "
                          f"device {cfg.device!r}" + ("" if cfg.device == str(device) else f" ({device})"))
     with sdpa_choice(cfg.sdpa):
         return _train(cfg, progress, log, stop_after, dataset, model, compiled, deadline, on_step)
+
+
+def _config_diff(have: ModelConfig, want: ModelConfig) -> str:
+    """The fields in which `have` differs from `want` (this run's)."""
+    return ", ".join(f"{f.name}={getattr(have, f.name)!r} (this run: {getattr(want, f.name)!r})"
+                     for f in dataclasses.fields(want)
+                     if f.compare and getattr(have, f.name) != getattr(want, f.name))
 
 
 def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled, deadline,
@@ -344,6 +370,11 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
     ckpt = out / "checkpoint"
     metrics_path = out / "metrics.jsonl"
     data = dataset or TokenDataset(cfg.data)
+    for domain, tokens in data.val.items():  # else the evaluation fails after the training
+        if len(tokens) <= cfg.seq_len:
+            raise ValueError(f"seq_len {cfg.seq_len} is longer than the {len(tokens)} validation "
+                             f"tokens of domain {domain!r} in {cfg.data} (one evaluation window "
+                             f"needs seq_len + 1)")
     mcfg = model_config(cfg, data.vocab_size)
 
     torch.manual_seed(cfg.seed)
@@ -369,11 +400,8 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
                 log(line)
         model = load_model(ckpt, device=device)
         if model.config != mcfg:
-            diff = [f"{f.name}={getattr(model.config, f.name)!r} (this run: "
-                    f"{getattr(mcfg, f.name)!r})" for f in dataclasses.fields(mcfg)
-                    if f.compare and getattr(model.config, f.name) != getattr(mcfg, f.name)]
             raise ValueError(f"{ckpt / 'config.json'} describes another model than this run's: "
-                             f"{', '.join(diff)}; use a new --out or --no-resume")
+                             f"{_config_diff(model.config, mcfg)}; use a new --out or --no-resume")
         start_step = state["step"]
         if not 0 <= start_step <= cfg.steps:
             raise ValueError(f"{ckpt / STATE_FILE} is at step {start_step}, outside this run's "
@@ -381,6 +409,9 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
     elif model is None:
         model = Transformer(mcfg).to(device)
         model.init_weights(seed=cfg.seed)
+    elif model.config != mcfg:  # it would train, and checkpoint, another model than cfg's
+        raise ValueError("the model passed is another model than this run's: "
+                         f"{_config_diff(model.config, mcfg)}")
     else:
         model.init_weights(seed=cfg.seed)
     raw_model = model
@@ -434,9 +465,6 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
     t_window, tok_window, last = time.perf_counter(), 0, {}
     steady_tokens, steady_time = 0, 0.0
     end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
-    if deadline is not None and distributed:
-        raise ValueError("a deadline needs every rank to stop at the same step; it is supported "
-                         "for single-process runs only")
     head = raw_model.output.weight
     for step in range(start_step, end):
         t0 = time.perf_counter()

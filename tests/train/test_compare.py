@@ -143,3 +143,17 @@ def test_a_seq_len_the_shipped_corpus_cannot_hold_leaves_no_data_behind(tmp_path
         run_compare(cfg, progress=False, log=lambda *a: None)
     assert out.exists() == existing and not (out / "data").exists()
     assert (tmp_path / "new").exists() == existing
+
+
+def test_a_warmup_given_is_kept_and_only_the_scales_default_is_capped():
+    """Observed: warmup_steps=30 over 100 steps trained with a warm-up of 10 (the cap of the
+    scale's default, a tenth of the run, was applied to a value the caller chose)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    def warmup(**kw):
+        cfg = CompareConfig(device="cpu", steps=100, **kw).resolved()
+        return train_settings(cfg, SimpleNamespace(path="data"), Path("out"), "mha")["warmup_steps"]
+
+    assert warmup(warmup_steps=30) == 30
+    assert warmup() == 10  # the CPU scale's 16, capped at a tenth of the run

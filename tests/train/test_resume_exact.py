@@ -225,6 +225,29 @@ def test_resume_on_another_data_build_is_an_error(dataset_dir, tmp_path, stopped
         train(_cfg(data, out), **QUIET)
 
 
+def test_a_validation_domain_shorter_than_one_window_is_refused_before_training(
+        dataset_dir, tmp_path, stopped):
+    """A consistent build whose "books" validation shard holds 20 tokens, under seq_len 32.
+    Observed: the run trained to the end and then failed at the final evaluation ("20 tokens
+    are fewer than one evaluation window of 33"), before its final checkpoint was written;
+    with resume=False the old run's checkpoint was already gone, so both runs were lost.
+    (`hwattn train` and `hwattn compare` check this; TrainConfig users did not get it.)"""
+    data = tmp_path / "data"
+    shutil.copytree(dataset_dir, data)
+    man = json.loads((data / "manifest.json").read_text())
+    entry = man["splits"]["val"]["books"]
+    shard = data / entry["file"]
+    shard.write_bytes(shard.read_bytes()[:20 * np.dtype(man["dtype"]).itemsize])
+    sha = hashlib.sha256(shard.read_bytes()).hexdigest()
+    entry.update(tokens=20, sha256=sha)
+    next(e for e in man["files"].values() if e["file"] == entry["file"])["sha256"] = sha
+    (data / "manifest.json").write_text(json.dumps(man))
+    out = _copy(stopped, tmp_path)
+    with pytest.raises(ValueError, match="seq_len.*books"):
+        train(_cfg(data, out, resume=False), **QUIET)
+    assert _state(out)["step"] == 2
+
+
 def test_resume_whose_model_files_do_not_fit_the_run_is_an_error(dataset_dir, tmp_path, stopped):
     """config.json / model.safetensors of another variant under this run's trainer state.
     Observed: an optimizer error about parameter-group sizes that names neither file nor
@@ -236,6 +259,22 @@ def test_resume_whose_model_files_do_not_fit_the_run_is_an_error(dataset_dir, tm
         shutil.copy(other / "checkpoint" / name, out / "checkpoint" / name)
     with pytest.raises(ValueError, match="attention"):
         train(_cfg(dataset_dir, out), **QUIET)
+
+
+@pytest.mark.parametrize("override", [{"vocab_size": 64}, {"max_seq_len": 16}],
+                         ids=lambda o: next(iter(o)))
+def test_model_overrides_the_run_cannot_train_are_refused_before_anything_is_deleted(
+        dataset_dir, tmp_path, stopped, override):
+    """model_overrides replace the vocabulary the data needs and the context seq_len needs.
+    Observed: vocab_size=64 on 512-id data failed at the first forward ("tokens holds id
+    498, outside [0, vocab_size = 64)"), max_seq_len=16 under seq_len=32 likewise
+    ("position 31 exceeds max_seq_len 16"), both after resume=False had deleted the
+    checkpoint of the run in --out."""
+    out = _copy(stopped, tmp_path)
+    name = next(iter(override))
+    with pytest.raises(ValueError, match=f"model_overrides.*{name}"):
+        train(_cfg(dataset_dir, out, resume=False, model_overrides={**SMALL, **override}), **QUIET)
+    assert _state(out)["step"] == 2
 
 
 def test_resume_under_another_world_size_is_an_error(dataset_dir, tmp_path, stopped):

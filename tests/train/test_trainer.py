@@ -43,7 +43,7 @@ def test_config_errors():
     {"log_every": 0}, {"eval_every": -2}, {"ckpt_every": -1}, {"seed": -1},
     {"eval_tokens": 16}, {"grad_clip": 0.0}, {"grad_clip": -1.0}, {"grad_clip": math.nan},
     {"weight_decay": -0.1}, {"beta1": 1.0}, {"beta2": -0.5}, {"lr": math.inf}, {"lr": math.nan},
-    {"peak_tflops": 0.0}, {"peak_tflops": -1.0},
+    {"peak_tflops": 0.0}, {"peak_tflops": -1.0}, {"weight_decay": math.inf}, {"preset": "xyz"},
 ], ids=lambda c: f"{next(iter(c))}={next(iter(c.values()))}")
 def test_every_setting_is_checked_when_the_config_is_made(bad):
     """The CLI checks these flags, but the compare loop and the study scripts build
@@ -52,10 +52,54 @@ def test_every_setting_is_checked_when_the_config_is_made(bad):
     resume=False the old checkpoint was already deleted and the new run's training lost;
     grad_clip <= 0 (zeroed or sign-flipped gradients), negative weight decay, eval_every and
     ckpt_every, an infinite lr (NaN training) and peak_tflops <= 0 (0: the H100 default,
-    negative: a negative MFU) were taken silently. Refused when the config is made, nothing
-    of a run folder is touched."""
+    negative: a negative MFU) were taken silently. Also observed: an infinite weight decay
+    was taken (`hwattn train` refuses it; every weight NaN after the first step), and an
+    unknown preset failed as a bare KeyError('xyz'). Refused when the config is made,
+    nothing of a run folder is touched."""
     with pytest.raises(ValueError, match=next(iter(bad))):
         _cfg("-", "-", resume=False, **bad)
+
+
+@pytest.mark.parametrize("bad", [
+    {"steps": 2.5}, {"log_every": 1.5}, {"eval_every": 2.5}, {"ckpt_every": 1.5},
+    {"warmup_steps": 0.5}, {"seed": 1.5}, {"seq_len": 32.0}, {"eval_tokens": 512.5},
+    {"batch_size": True},
+], ids=lambda c: f"{next(iter(c))}={next(iter(c.values()))}")
+def test_a_count_that_is_not_an_integer_is_refused_when_the_config_is_made(bad):
+    """Observed: steps=2.5 failed with TypeError ('float' object cannot be interpreted as an
+    integer) at the training loop, after resume=False had deleted the old checkpoint;
+    seed=1.5 with a RuntimeError from torch.manual_seed; log_every, eval_every, ckpt_every
+    and warmup_steps of 1.5 were taken silently (records, evaluations and checkpoints at
+    every third step, a warm-up of half a step)."""
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer"):
+        _cfg("-", "-", resume=False, **bad)
+
+
+def test_a_deadline_under_torchrun_is_refused_before_the_old_checkpoint_is_deleted(
+        dataset_dir, tmp_path, monkeypatch):
+    """Deadlines are single-process only. Observed: under torchrun with resume=False the
+    refusal came after the old run's checkpoint had been deleted. (One real gloo process
+    group of one process, with the environment of rank 0 of two.)"""
+    import socket
+
+    import torch.distributed as dist
+
+    out = tmp_path / "run"
+    train(_cfg(dataset_dir, out), stop_after=1, progress=False, log=lambda *a: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        with pytest.raises(ValueError, match="deadline"):
+            train(_cfg(dataset_dir, out, resume=False, device="cpu"), deadline=1e18,
+                  progress=False, log=lambda *a: None)
+    finally:
+        dist.destroy_process_group()
+    assert (out / "checkpoint" / "trainer_state.pt").is_file()
 
 
 def test_no_decay_on_norms_and_embedding():
@@ -186,3 +230,17 @@ def test_deadline_checkpoints_and_the_next_call_finishes(dataset_dir, tmp_path):
     assert rest["steps_done"] == 8 and "val" in rest
     # on_step hears of every optimizer step once, with the count done, across the resume.
     assert seen == list(range(1, 9))
+
+
+def test_a_model_passed_for_another_configuration_is_refused(dataset_dir, tmp_path):
+    """`model=` reuses a built model for the run's configuration. Observed: an MHA model
+    passed to a GLA-2 run was trained as it was, its checkpoint then holding an MHA
+    config.json under the trainer state of a gla-2 run (refused at the next resume)."""
+    from hwattn.models.transformer import Transformer
+    from hwattn.train.trainer import model_config
+
+    cfg = _cfg(dataset_dir, tmp_path / "run")
+    other = Transformer(model_config(_cfg(dataset_dir, tmp_path / "x", variant="mha"), 512))
+    with pytest.raises(ValueError, match="attention"):
+        train(cfg, model=other, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run" / "checkpoint").exists()
