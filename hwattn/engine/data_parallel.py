@@ -48,8 +48,8 @@ import time
 import torch
 
 from hwattn.device import check_from_first_gpu
-from hwattn.engine.requests import (check_request_ids, check_requests, checked_params,
-                                    validate_prompt)
+from hwattn.engine.requests import (check_owner, check_request_ids, check_requests,
+                                    checked_params, fresh_request_ids, validate_prompt)
 from hwattn.engine.replicas import ReplicaProcesses
 from hwattn.engine.sampling_params import ParamError, SamplingParams
 from hwattn.engine.sequence import CompletionOutput, RequestOutput
@@ -233,12 +233,14 @@ class DataParallelEngine:
         WorkerError once the engine is dead (no replica left, or shut down)."""
         if self.error is not None:
             raise self.error
+        check_owner(owner)
         checked = check_requests(prompts, params, self.validate_prompt, self.check_params,
                                  self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
-        rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
         # An id is in use until its final output is delivered, as in `LLMEngine`.
-        check_request_ids(rids, self.requests.keys() | self.pending.keys(), len(prompts))
+        in_use = self.requests.keys() | self.pending.keys()
+        rids = fresh_request_ids(request_ids, self._ids, in_use)
+        check_request_ids(rids, in_use, len(prompts))
         rng, sends = self._rng.getstate(), []
         for i, (ids, sp) in enumerate(checked):
             try:

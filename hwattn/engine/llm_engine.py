@@ -43,8 +43,9 @@ from hwattn.engine.block_manager import BlockManager
 from hwattn.engine.config import EngineConfig
 from hwattn.engine.launch import LaunchThread, PendingTokens
 from hwattn.engine.model_runner import Sampled, StepInput
-from hwattn.engine.requests import (check_request_ids, check_requests, checked_params,
-                                    sibling_seed, validate_prompt)
+from hwattn.engine.requests import (check_owner, check_request_ids, check_requests,
+                                    checked_params, fresh_request_ids, sibling_seed,
+                                    validate_prompt)
 from hwattn.engine.sampler import SamplingInput, describe_error
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
@@ -125,7 +126,8 @@ class LLMEngine:
         owner: whom the scheduler shares the batch fairly between (default: the request id;
         requests of one owner take turns together against other owners' requests).
         Raises ValueError if the prompt is empty, has ids outside the vocabulary or does not
-        fit the context, or if `params` is not a valid `SamplingParams`."""
+        fit the context, if `params` is not a valid `SamplingParams`, or if `request_id` is in use
+        or, like `owner`, is not hashable."""
         return self.add_requests([prompt], [params], [request_id], owner=owner)[0]
 
     def add_requests(self, prompts: list, params: list[SamplingParams | None],
@@ -136,10 +138,11 @@ class LLMEngine:
         the engine as it was; so does any error raised while they are queued (settings that
         cannot be read, a detokenizer that cannot be set up), which is raised as it is.
         owner: as for `add_request`, shared by all of them."""
+        check_owner(owner)
         checked = check_requests(prompts, params, self.validate_prompt, self.check_params,
                                  self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
-        rids = [r if r is not None else f"req-{next(self._ids)}" for r in request_ids]
+        rids = fresh_request_ids(request_ids, self._ids, self.requests)
         check_request_ids(rids, self.requests, len(prompts))
         rng, queued = self._rng.getstate(), []
         try:

@@ -141,6 +141,41 @@ def sibling_seed(seed: int, index: int) -> int:
     return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
+def _hashable(name: str, value) -> None:
+    """ValueError naming `name` if `value` cannot be a dict key (the engine files requests
+    and owners by them)."""
+    try:
+        hash(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a string (hashable), got {type(value).__name__} "
+                         f"{value!r}") from None
+
+
+def check_owner(owner) -> None:
+    """ValueError unless `owner` (whom the scheduler shares the batch fairly between) is None
+    or can be filed by (a string, as the server's)."""
+    if owner is not None:
+        _hashable("owner", owner)
+
+
+def fresh_request_ids(request_ids: list[str | None], counter, in_use) -> list[str]:
+    """`request_ids` with each None replaced by the next "req-N" of `counter` (an
+    `itertools.count`) that is neither in `in_use` nor given in `request_ids`: a caller's own
+    id of that form (say "req-0") never makes a request without an id refused as a duplicate.
+    ValueError naming request_id if a given one cannot be filed by."""
+    for rid in request_ids:
+        _hashable("request_id", rid)
+    given = {r for r in request_ids if r is not None}
+    out = []
+    for rid in request_ids:
+        while rid is None:
+            rid = f"req-{next(counter)}"
+            if rid in given or rid in in_use:
+                rid = None
+        out.append(rid)
+    return out
+
+
 def check_request_ids(request_ids: list[str], in_use, num_prompts: int | None = None) -> None:
     """ValueError if any id is in `in_use` or appears twice, or if there are not
     `num_prompts` of them (when given)."""

@@ -230,3 +230,35 @@ def test_a_refused_request_costs_its_batch_mates_nothing(llm):
     assert [done[i].token_ids for i in ids] == want
     assert done[running].finish_reason == "length"
     untouched(engine)
+
+
+def test_an_id_of_the_engines_own_form_never_refuses_a_request_without_one(llm):
+    """A caller's own id "req-N" (the form the engine gives requests that bring none) is a
+    valid id; the engine's next generated id must step past it, not refuse the next request
+    without an id as a duplicate of an id its caller never gave."""
+    engine = llm.engine
+    start = int(engine.add_request([1, 2], GREEDY).removeprefix("req-"))
+    taken = [f"req-{start + i}" for i in (1, 2, 4)]
+    assert engine.add_requests([[1, 2]] * 3, [GREEDY] * 3, request_ids=taken) == taken
+    ids = engine.add_requests([[3, 4]] * 2, [GREEDY] * 2)
+    assert ids == [f"req-{start + 3}", f"req-{start + 5}"]
+    # In one batch too: a generated id never repeats an id given beside it.
+    batch = engine.add_requests([[5, 6]] * 2, [GREEDY] * 2,
+                                request_ids=[None, f"req-{start + 6}"])
+    assert batch == [f"req-{start + 7}", f"req-{start + 6}"]
+    while engine.has_unfinished():
+        engine.step()
+    untouched(engine)
+
+
+@pytest.mark.parametrize("name", ["owner", "request_id"])
+def test_an_owner_or_id_that_cannot_be_filed_is_refused_by_name(llm, name):
+    """An unhashable owner got as far as the scheduler's queue: the TypeError ("unhashable
+    type") named nothing, and the clean-up raised it again, leaving the seed the refused
+    request drew taken from the engine's generator."""
+    engine = llm.engine
+    rng = engine._rng.getstate()
+    with pytest.raises(ValueError, match=name):
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), **{name: ["x"]})
+    untouched(engine)
+    assert engine._rng.getstate() == rng
