@@ -35,9 +35,9 @@ def register(sub) -> None:
                    help="cap on training tokens per domain, 0 = none")
     b.add_argument("--max-val-tokens-per-domain", type=int, default=0,
                    help="cap on validation tokens per domain, 0 = none")
-    b.add_argument("--tokenizer-sample-chars", type=int, default=48_000_000,
+    b.add_argument("--tokenizer-sample-chars", type=int, default=None,
                    help="a bpe:N tokenizer trains on training documents drawn at random up to "
-                        "this many characters, 0 = all (default 48M)")
+                        "this many characters, 0 = all (default 48M; bpe:N only)")
     b.add_argument("--seed", type=int, default=0,
                    help="order of capped documents and of the tokenizer's sample")
     b.add_argument("--hf-name", help="dataset configuration for hf: corpora (e.g. sample-10BT)")
@@ -121,6 +121,9 @@ def check_build_args(args) -> None:
     if args.sources is not None and not source_names(args.sources):  # not "all sources"
         raise ValueError(f"--sources names no source ({args.sources!r}); leave it out to use all "
                          "of them")
+    if args.tokenizer_sample_chars is not None and not args.tokenizer.startswith("bpe:"):
+        raise ValueError(f"--tokenizer-sample-chars only applies to --tokenizer bpe:N (trained "
+                         f"here), not --tokenizer {args.tokenizer}")
     if args.gpt2_file and args.tokenizer != "gpt2":
         raise ValueError(f"--gpt2-file only applies to --tokenizer gpt2, not --tokenizer "
                          f"{args.tokenizer}")
@@ -142,7 +145,10 @@ def run_build(args) -> int:
     options = BuildOptions(val_fraction=args.val_fraction,
                            max_train_tokens_per_domain=args.max_train_tokens_per_domain,
                            max_val_tokens_per_domain=args.max_val_tokens_per_domain,
-                           tokenizer_sample_chars=args.tokenizer_sample_chars, seed=args.seed)
+                           tokenizer_sample_chars=(BuildOptions.tokenizer_sample_chars
+                                                   if args.tokenizer_sample_chars is None
+                                                   else args.tokenizer_sample_chars),
+                           seed=args.seed)
     hf = None
     if args.corpus.startswith("hf:"):
         hf = {"name": args.hf_name, "split": args.hf_split or "train",

@@ -242,6 +242,15 @@ def build_dataset(out_dir: str | Path, corpus: str = "embedded", tokenizer: str 
     """
     options = options or B.BuildOptions()
     out_dir = Path(out_dir)
+    # Refused rather than ignored (as the CLI refuses the same options).
+    if sources is not None and corpus != "registry":
+        raise ValueError(f"sources only applies to corpus 'registry', not {corpus!r}")
+    if sources is not None and not sources:
+        raise ValueError("sources names no source; leave it out (None) to use all of them")
+    if hf is not None and not corpus.startswith("hf:"):
+        raise ValueError(f"hf only applies to an hf:DATASET corpus, not {corpus!r}")
+    if gpt2_file is not None and tokenizer != "gpt2":
+        raise ValueError(f"gpt2_file only applies to tokenizer 'gpt2', not {tokenizer!r}")
     B.check_not_a_pack(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else out_dir.parent / "raw"
     factory, tok_spec = tokenizer_factory(tokenizer, cache_dir, gpt2_file)
@@ -255,7 +264,15 @@ def build_dataset(out_dir: str | Path, corpus: str = "embedded", tokenizer: str 
                     "notes": "shipped with hwattn"} for f in files]
         docs_fn = embedded_documents
     elif corpus == "registry":
-        chosen = [source_by_name(n) for n in sources] if sources else list(SOURCES)
+        names = set()
+        for n in sources or [s.name for s in SOURCES]:
+            if source_by_name(n) not in SOURCES:  # the GPT-2 rank file's package
+                raise ValueError(f"source {n!r} holds no corpus; choose from "
+                                 f"{[s.name for s in SOURCES]}")
+            names.add(n)
+        # In the order of SOURCES, each once: the build key records the set, and the
+        # training shard holds the documents in source order.
+        chosen = [s for s in SOURCES if s.name in names]
         # Fetch first, so that the build key covers the exact archives (and each source's
         # sampling and domain, which decide what is read from them).
         inputs = {"registry": {s.name: {"sha256": sha256_file(fetch(s, cache_dir)),

@@ -41,7 +41,7 @@ PACK_FORMAT = "hwattn-pack-1"
 PART_BYTES = 64 << 20
 # The files a pack writes besides manifest.json and pack.json: parts named by content, and
 # the temporary files of an interrupted pack. Only these are ever removed from a pack folder.
-PART_RE = re.compile(r".+\.\d{3}-[0-9a-f]{16}\.xz")
+PART_RE = re.compile(r".+\.\d{3,}-[0-9a-f]{16}\.xz")
 TMP_RE = re.compile(r"\..+\.tmp")
 
 
@@ -57,6 +57,19 @@ def _filters(name: str, itemsize: int) -> list[dict]:
     return [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
+def _holds(part: Path, digest: str) -> bool:
+    """Whether the xz file `part` is there and expands to bytes of SHA-256 `digest` (a part
+    left damaged in the pack folder, truncated by a copy, is written again, not trusted by
+    its name)."""
+    if not part.is_file():
+        return False
+    try:
+        data = lzma.decompress(part.read_bytes())
+    except lzma.LZMAError:
+        return False
+    return hashlib.sha256(data).hexdigest() == digest
+
+
 def _compress_part(job: tuple) -> tuple[str, int]:
     src, offset, size, filters, dest_dir, stem = job
     with open(src, "rb") as f:
@@ -65,7 +78,7 @@ def _compress_part(job: tuple) -> tuple[str, int]:
     digest = hashlib.sha256(raw).hexdigest()
     name = f"{stem}-{digest[:16]}.xz"
     dest = Path(dest_dir) / name
-    if not dest.is_file():  # named by content: an existing part is a finished one
+    if not _holds(dest, digest):  # named by content: an existing intact part is a finished one
         tmp = dest.with_name(f".{name}.{os.getpid()}.tmp")
         tmp.write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ, filters=filters))
         os.replace(tmp, dest)

@@ -100,6 +100,19 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
+def _refuse_unencodable(texts: Sequence) -> None:
+    """ValueError naming the first lone surrogate among `texts` (a str UTF-8 cannot encode,
+    which `tokenizers` refuses with a TypeError saying the text is not a str)."""
+    for i, text in enumerate(texts):
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                where = f"text {i}" if len(texts) > 1 else "the text"
+                raise ValueError(f"{where} holds a lone surrogate {text[err.start]!r} at "
+                                 f"character {err.start}, which UTF-8 cannot encode") from None
+
+
 class Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` with the end-of-text token hwattn separates
     documents with.
@@ -134,12 +147,20 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _refuse_unencodable([text])
+            raise
 
     def encode_text(self, text: str) -> list[int]:
         """`text`'s ids with no special token among them: "<|endoftext|>" written in the text
         is encoded as the characters it is made of, never as the end-of-text id."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        try:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _refuse_unencodable([text])
+            raise
 
     @cached_property
     def special_token_texts(self) -> tuple[str, ...]:
@@ -156,7 +177,12 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nobody reads here.
         fn = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
-        return [e.ids for e in fn(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in fn(texts, add_special_tokens=False)]
+        except TypeError:
+            _refuse_unencodable(texts)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool | None = None) -> str:
         """The text of `ids`; special tokens left out if `skip_special_tokens` (default: the
@@ -341,7 +367,13 @@ def load_tokenizer(model_dir: str | Path | None, vocab_size: int,
     eos = None
     config = Path(model_dir) / "config.json" if model_dir is not None else None
     if config is not None and config.is_file():
-        eos = json.loads(config.read_text()).get("eos_token_id")
+        try:
+            doc = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config} is not valid JSON ({err})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{config} is not a JSON object")
+        eos = doc.get("eos_token_id")
     loaded = Tokenizer.load(file, require_eot=False, skip_special_tokens=True,
                             eos_token_id=eos if isinstance(eos, int) else None)
     if tokenizer is not None and loaded.vocab_size > vocab_size:
