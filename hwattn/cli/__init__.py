@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "cpu_threads", None) is not None:
             from hwattn.cpu_threads import set_cpu_threads
 
+            at_least(args, 1, "cpu_threads")  # named as the option, not as the library's name
             set_cpu_threads(args.cpu_threads)
         return args.func(args) or 0
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status, not a traceback

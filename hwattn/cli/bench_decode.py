@@ -96,6 +96,16 @@ def check_args(args) -> None:
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --suite custom; --suite standard "
                              f"times its own shapes")
+        from hwattn.bench.decode import check_shapes, standard_suite
+
+        # Its shapes take --head-dim and --rope-dim: a pair no layer can take is named here.
+        try:
+            check_shapes(sorted({(c["variant"], c["heads"], c["tp"]) for c in standard_suite()}),
+                         args.head_dim, args.rope_dim)
+        except ValueError as err:
+            given = f"--head-dim {args.head_dim}" + ("" if args.rope_dim is None
+                                                     else f" --rope-dim {args.rope_dim}")
+            raise ValueError(f"--suite standard with {given}: {err}") from None
     else:
         from hwattn.bench.decode import check_shapes
 

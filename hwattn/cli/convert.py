@@ -39,13 +39,26 @@ def run(args) -> int:
         theirs = None  # load_paper_checkpoint says what is missing or wrong
     if isinstance(theirs, dict) and theirs.get("model_type") == "hwattn":
         raise ValueError(f"{src} is already an hwattn checkpoint; it needs no conversion")
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    stale = [name for name in tokenizer_files
+             if (out / name).exists() and not (src / name).is_file()]
+    if stale:  # they would be left beside the converted weights as if they were its own
+        raise ValueError(f"the output {args.out} holds {', '.join(stale)}, which the source "
+                         f"{src} has not: the converted model would be read with another "
+                         f"model's tokenizer; give an empty folder or remove them")
     model = load_paper_checkpoint(src)  # ValueError naming what is missing or wrong
     their = json.loads((src / "config.json").read_text())
     eos = their.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos = (eos[0] if eos else None) if isinstance(eos, list) else eos
+    vocab = model.config.vocab_size
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int)
+                            or not 0 <= eos < vocab):
+        raise ValueError(f"{src / 'config.json'}: eos_token_id {eos!r} is not a token id in "
+                         f"[0, vocab_size = {vocab}); it would be written as the end-of-text "
+                         f"id that generate() stops at")
     save_checkpoint(model, out, eos_token_id=eos)
     copied = []
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in tokenizer_files:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
             copied.append(name)

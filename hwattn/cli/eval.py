@@ -104,6 +104,9 @@ def run(args) -> int:
     at_least(args, 0, "cloze", "mc", "seed")  # a negative seed failed after the perplexity
     at_least(args, 1, "seq_len", "ppl_tokens", "batch_size")
     check_output_dir(args.write_tasks, "--write-tasks")
+    if args.write_tasks and not (args.cloze or args.mc):  # it would write no task at all
+        raise ValueError(f"--write-tasks {args.write_tasks} writes the cloze and "
+                         f"multiple-choice items, but --cloze 0 and --mc 0 ask for none")
     if args.checkpoint is None:
         if not args.write_tasks:
             raise ValueError("eval needs a checkpoint folder (or --write-tasks DIR alone to "

@@ -263,6 +263,12 @@ def run(args) -> int:
         raise ValueError("--api-key must not be empty")
     if args.protect_metrics and not api_key:
         raise ValueError(f"--protect-metrics needs an API key (--api-key or {API_KEY_ENV})")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise ValueError("--served-model-name must not be empty (leave it out for the "
+                         "default name)")
+    from hwattn.cli import at_least
+
+    at_least(args, 1, "max_body_bytes", "max_request_sequences")  # named as given here
     caps = dict(max_body_bytes=args.max_body_bytes, max_sequences=args.max_request_sequences)
     limits = ServerLimits(**{k: v for k, v in caps.items() if v is not None})
     template = ChatTemplate(args.model if is_checkpoint(args.model) else None, args.chat_template)

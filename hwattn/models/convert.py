@@ -59,6 +59,11 @@ def paper_config(config: dict, state: dict[str, Tensor]) -> ModelConfig:
             raise ValueError(f"config {key}=True ({why}) has no hwattn counterpart")
     if config.get("rope_scaling"):
         raise ValueError(f"rope_scaling {config['rope_scaling']} is not supported (plain RoPE only)")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "head_dim"):
+        value = config[key] if key != "head_dim" else config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"config {key} must be a positive integer, got {value!r}")
     attn = "model.layers.0.self_attn."
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or dim // n_heads

@@ -359,11 +359,11 @@ class HwattnDecoder(nn.Module):
         return self.output(self.norm(x))
 
 
-# What forward takes beside its named arguments: the cache under transformers 5.24's name,
-# what generate() and Trainer send (cache_position, checked; num_items_in_batch, used), and
-# what it refuses by name (inputs_embeds, output_attentions, output_hidden_states). Anything
-# else (a misspelt attention_mask, token_type_ids, head_mask) is refused, not ignored.
-_OTHER_FORWARD_ARGS = frozenset({"cache", "cache_position", "num_items_in_batch", "inputs_embeds",
+# What forward takes beside its named arguments: what generate() and Trainer send
+# (cache_position, checked; num_items_in_batch, used), and what it refuses by name
+# (inputs_embeds, output_attentions, output_hidden_states). Anything else (a misspelt
+# attention_mask, token_type_ids, head_mask) is refused, not ignored.
+_OTHER_FORWARD_ARGS = frozenset({"cache_position", "num_items_in_batch", "inputs_embeds",
                                  "output_attentions", "output_hidden_states"})
 
 
@@ -438,7 +438,7 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values=None,
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
                 logits_to_keep: int | Tensor = 0, num_logits_to_keep: int | None = None,
-                return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+                return_dict: bool | None = None, cache=None, **kwargs) -> CausalLMOutputWithPast:
         """input_ids (B, T) -> logits (B, T, V), or the last `logits_to_keep` positions.
 
         attention_mask (B, past + T): 1 for tokens, 0 for padding (either side).
@@ -446,17 +446,18 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
             past + 0..T-1.
         past_key_values / cache: a transformers `DynamicCache` holding the earlier tokens (any
             other cache raises ValueError); with `use_cache=True` one is made when none is
-            given, and returned.
+            given, and returned. `cache` (transformers 5.24's name) is a named argument:
+            generate() passes on only the arguments forward's signature names.
         labels (B, T): mean next-token cross-entropy, -100 ignored (needs every position's
             logits: no `logits_to_keep`); with `num_items_in_batch` (as transformers' Trainer
             passes it) the summed cross-entropy divided by it.
         return_dict=False: the output as a tuple (loss if labels were given, logits, cache).
 
         Raises ValueError for input_ids that are not a non-empty (B, T) integer tensor of ids
-        in [0, vocab_size), a mask or positions of another shape, a `cache_position` other
-        than the slots after the cache, any argument not named here, and what this model cannot
-        do: `inputs_embeds`, `output_attentions` or `output_hidden_states` (refused rather than
-        answered with None).
+        in [0, vocab_size), a mask or positions of another shape, a negative position, a
+        `cache_position` other than the slots after the cache, any argument not named here, and
+        what this model cannot do: `inputs_embeds`, `output_attentions` or
+        `output_hidden_states` (refused rather than answered with None).
         """
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.get(flag):
@@ -468,8 +469,9 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
         if unknown:
             raise ValueError(f"HwattnForCausalLM.forward got arguments it does not take: "
                              f"{', '.join(unknown)} (it takes input_ids, attention_mask, "
-                             f"position_ids, past_key_values, use_cache, labels, logits_to_keep, "
-                             f"return_dict and {', '.join(sorted(_OTHER_FORWARD_ARGS))})")
+                             f"position_ids, past_key_values, cache, use_cache, labels, "
+                             f"logits_to_keep, return_dict and "
+                             f"{', '.join(sorted(_OTHER_FORWARD_ARGS))})")
         # (The checks of hwattn.models.transformer.check_tokens, restated: this file is copied
         # beside exported checkpoints and imports only torch and transformers.)
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
@@ -480,7 +482,6 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids must hold at least one token, got shape "
                              f"{tuple(input_ids.shape)}")
-        cache = kwargs.pop("cache", None)
         cache = past_key_values if cache is None else cache
         if cache is not None and not isinstance(cache, DynamicCache):
             raise ValueError(
@@ -522,10 +523,12 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
             if not isinstance(keep, int) or 0 < keep < t:
                 raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
         # One read-back for the positions' and the ids' bounds.
-        top, lo, hi = torch.stack((position_ids.max().long(), input_ids.min().long(),
-                                   input_ids.max().long())).tolist()
+        first, top, lo, hi = torch.stack((position_ids.min().long(), position_ids.max().long(),
+                                          input_ids.min().long(), input_ids.max().long())).tolist()
         if top >= self.config.max_seq_len:
             raise ValueError(f"position {top} exceeds max_seq_len {self.config.max_seq_len}")
+        if first < 0:
+            raise ValueError(f"position {first} is negative (position_ids)")
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids holds id {lo if lo < 0 else hi}, outside "
                              f"[0, vocab_size = {self.config.vocab_size})")

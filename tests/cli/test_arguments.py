@@ -386,6 +386,17 @@ def test_write_tasks_alone_refuses_evaluation_options(capsys, dataset_dir, tmp_p
                          "--cloze", "2", "--mc", "2", *argv), argv[0])
 
 
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_write_tasks_without_items_is_refused(capsys, checkpoints, dataset_dir, tmp_path,
+                                              with_checkpoint):
+    # Was exit 0 with no task written and a printed `lm_eval --tasks  --include_path ...`
+    # naming no task (or, with a checkpoint, --write-tasks ignored), and an empty folder made.
+    ckpt = [checkpoints("mha")] if with_checkpoint else []
+    assert_error(run_cli(capsys, "eval", *ckpt, "--data", dataset_dir, "--write-tasks",
+                         tmp_path / "t", "--cloze", "0", "--mc", "0"), "--write-tasks")
+    assert not (tmp_path / "t").exists()
+
+
 def test_eval_write_tasks_under_a_file(capsys, dataset_dir, a_file):
     assert_error(run_cli(capsys, "eval", "--data", dataset_dir, "--write-tasks", a_file / "t",
                          "--cloze", "2", "--mc", "2"), "--write-tasks")
@@ -435,6 +446,17 @@ def test_serve_max_model_len_must_be_positive(capsys, monkeypatch, value):
     no_server(monkeypatch)  # was ignored (the model's context) and the server started
     assert_error(run_cli(capsys, "serve", "tiny", "--device", "cpu", "--max-model-len", value),
                  "--max-model-len")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--served-model-name", ""], "--served-model-name"),  # was the default name, silently
+    (["--served-model-name", "  "], "--served-model-name"),
+    (["--max-request-sequences", "0"], "--max-request-sequences"),  # was "max_sequences ..."
+    (["--max-body-bytes", "-1"], "--max-body-bytes"),
+])
+def test_serve_server_options_are_named(capsys, monkeypatch, argv, flag):
+    no_server(monkeypatch)
+    assert_error(run_cli(capsys, "serve", "tiny", "--device", "cpu", *argv), flag)
 
 
 @pytest.mark.parametrize("command", [["serve", "tiny"], ["bench", "engine", "tiny"]])
@@ -490,6 +512,9 @@ def test_bench_decode_arguments_are_checked_before_the_gpu(capsys, argv, flag):
     (["--variants", "gqa-4", "--heads", "6"], ["--heads 6", "gqa-4"]),
     # read only by the partial-RoPE variants (gta, mla, gla): ignored silently
     (["--variants", "gqa-4,mqa", "--rope-dim", "32"], ["--rope-dim", "gqa-4"]),
+    # the standard suite's shapes with --head-dim / --rope-dim: checked only on the GPU
+    (["--suite", "standard", "--rope-dim", "130"], ["--suite standard", "--rope-dim 130"]),
+    (["--suite", "standard", "--head-dim", "7"], ["--suite standard", "--head-dim 7"]),
 ])
 def test_bench_decode_shapes_are_checked_before_the_gpu(capsys, argv, needles):
     assert_error(run_cli(capsys, "bench", "decode", *argv), *needles)
@@ -615,3 +640,16 @@ def test_convert_of_an_hwattn_checkpoint_is_one_line(capsys, checkpoints, tmp_pa
 
 def test_convert_out_under_a_file(capsys, paper_checkpoint, a_file):
     assert_error(run_cli(capsys, "convert", paper_checkpoint, a_file / "out"), "afile")
+
+
+def test_convert_over_a_checkpoint_with_another_tokenizer_is_refused_and_it_kept(
+        capsys, paper_checkpoint, checkpoints, tmp_path):
+    # Was converted into the folder with the old checkpoint's tokenizer.json left beside the
+    # new weights (the source has none): eval and serve then read the wrong tokenizer.
+    out = tmp_path / "out"
+    shutil.copytree(checkpoints("mha"), out)
+    (out / "tokenizer.json").write_text('{"old": true}')
+    (paper_checkpoint / "tokenizer.json").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_error(run_cli(capsys, "convert", paper_checkpoint, out), "tokenizer.json")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -79,6 +79,13 @@ def test_an_empty_out_file_is_refused(capsys, monkeypatch):
     assert_error(run_cli(capsys, "analyze", "--preset", "tiny", "--plot", ""), "--plot")
 
 
+@pytest.mark.parametrize("command", [["analyze", "--preset", "tiny"], ["data", "build"],
+                                     ["bench", "decode"]])
+def test_cpu_threads_below_one_is_named_as_the_option(capsys, command):
+    # Observed: "error: cpu_threads must be >= 1, got 0", the library's name, not the option.
+    assert_error(run_cli(capsys, *command, "--cpu-threads", "0"), "--cpu-threads must be >= 1")
+
+
 # --- hwattn train / compare -----------------------------------------------------------------
 
 

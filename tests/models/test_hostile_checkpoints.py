@@ -305,6 +305,42 @@ def test_paper_config_json_errors_name_the_file_or_key(tmp_path, config, match):
         load_paper_checkpoint(_paper_dir(tmp_path, config=config))
 
 
+@pytest.mark.parametrize("config, match", [
+    # Observed: ZeroDivisionError "integer division or modulo by zero".
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    # Observed: TypeError "unsupported operand type(s) for //: 'str' and 'int'".
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers"),
+])
+def test_paper_config_values_of_the_wrong_kind_are_named(tmp_path, config, match):
+    from hwattn.models.convert import load_paper_checkpoint
+
+    with pytest.raises(ValueError, match=match):
+        load_paper_checkpoint(_paper_dir(tmp_path, config=config))
+
+
+@pytest.mark.parametrize("eos", [["2"], "2", 2.5, True, -1, 128])
+def test_paper_eos_token_id_that_is_no_token_is_refused_and_nothing_written(tmp_path, capsys, eos):
+    # Observed: written to config.json and generation_config.json as the end-of-text id,
+    # which generate() cannot use.
+    from hwattn.cli import main
+
+    src = _paper_dir(tmp_path, config={"eos_token_id": eos})
+    assert main(["convert", str(src), str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "eos_token_id" in err, err
+    assert not (tmp_path / "ours").exists()
+
+
+def test_paper_empty_eos_token_id_list_converts_without_one(tmp_path, capsys):
+    # Observed: IndexError "list index out of range", a traceback.
+    from hwattn.cli import main
+
+    src = _paper_dir(tmp_path, config={"eos_token_id": []})
+    assert main(["convert", str(src), str(tmp_path / "ours")]) == 0
+    assert "eos_token_id" not in json.loads((tmp_path / "ours" / "config.json").read_text())
+
+
 def test_paper_truncated_weights_name_the_file(tmp_path):
     # Observed: SafetensorError "incomplete metadata, file not fully covered", no file name.
     from hwattn.models.convert import load_paper_checkpoint

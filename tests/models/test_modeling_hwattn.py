@@ -37,6 +37,9 @@ IDS = torch.arange(10).view(2, 5)
     pytest.param(dict(attention_mask=torch.ones(3, 5, dtype=torch.long)), "attention_mask",
                  id="mask of three rows for two"),
     pytest.param(dict(position_ids=torch.arange(4)[None]), "position_ids", id="short positions"),
+    # Was run as a rotation by a negative angle, without a word (hwattn's model refuses it).
+    pytest.param(dict(position_ids=torch.arange(-1, 4)[None]), "position -1",
+                 id="negative position"),
     pytest.param(dict(labels=IDS, logits_to_keep=1), "labels", id="labels with logits_to_keep"),
     pytest.param(dict(labels=IDS[:, :3]), "labels", id="labels of another shape"),
 ])
@@ -61,3 +64,22 @@ def test_generate_refuses_what_forward_cannot_return(model, flag):
     with pytest.raises(ValueError, match=flag):
         model.generate(IDS[:1], max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
                        **{flag: True})
+
+
+def test_generate_continues_from_the_cache_it_is_given(model):
+    # Observed (transformers 5.24+, which renamed past_key_values to cache): generate()
+    # refused the cache a caller passed back ("model_kwargs are not used by the model:
+    # ['cache']"), so a conversation could not reuse its prefix's cache.
+    from transformers import DynamicCache
+
+    ids = torch.tensor([[0, 0, 7, 8, 9], [3, 4, 5, 6, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kw = dict(do_sample=False, pad_token_id=0)
+    whole = model.generate(ids, attention_mask=mask, max_new_tokens=6, **kw)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True,
+                           past_key_values=DynamicCache(), **kw)
+    seq = first.sequences
+    cache = getattr(first, "cache", None) or first.past_key_values
+    more = model.generate(seq, attention_mask=torch.cat((mask, torch.ones_like(seq[:, 5:])), 1),
+                          past_key_values=cache, max_new_tokens=3, **kw)
+    assert more.tolist() == whole.tolist()
