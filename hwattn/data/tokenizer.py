@@ -506,9 +506,10 @@ def defuse_markers(content: str) -> str:
 
 def message_text(i: int, message) -> tuple[str, str]:
     """(role, content as one string) of `messages[i]`: {"role": one of `CHAT_ROLES`,
-    "content": a string or a list of OpenAI text parts {"type": "text", "text": str}} and
-    nothing more. Anything else raises `ValueError` naming it (a free-form role could write
-    its own markers into the template; another field would be dropped without a word)."""
+    "content": a string or a list of OpenAI text parts {"type": "text", "text": str}, joined
+    with "\\n" as vLLM joins them} and nothing more. Anything else raises `ValueError` naming
+    it (a free-form role could write its own markers into the template; another field would
+    be dropped without a word)."""
     role = message.get("role") if isinstance(message, dict) else None
     if role not in CHAT_ROLES:
         raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
@@ -524,7 +525,7 @@ def message_text(i: int, message) -> tuple[str, str]:
                 raise ValueError(f"messages[{i}].content[{j}] must be a text part: an object "
                                  f"with type \"text\" and a string text, nothing else (only "
                                  f"text is supported)")
-        content = "".join(p["text"] for p in content)
+        content = "\n".join(p["text"] for p in content)  # as vLLM's chat_utils joins them
     if not isinstance(content, str):
         raise ValueError(f"messages[{i}].content must be a string or a list of text parts, got "
                          f"{type(content).__name__}")

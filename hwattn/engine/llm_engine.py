@@ -111,6 +111,8 @@ class LLMEngine:
                              decode_steps=0, mixed_steps=0, draft_tokens=0, accepted_tokens=0,
                              finished=0, aborted=0, failed=0)
         self._failed: list[Sequence] = []  # requests failed alone during the current step
+        # Outputs of a step that raised after reading tokens back: the next `step` returns them.
+        self._unreported: list[RequestOutput] = []
         self.step_timer = StepTimer()  # host seconds per phase of each step
         # Overlapped launches made from a thread of their own (`LaunchThread`): their parts
         # are then not timed (the thread's time falls across the engine's steps).
@@ -183,6 +185,7 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request (all its n sequences) and free its pages; None if it is unknown or
         already done."""
+        self._unreported = [o for o in self._unreported if o.request_id != request_id]
         group = self.requests.pop(request_id, None)
         if group is None:
             return None
@@ -200,7 +203,7 @@ class LLMEngine:
         return group[0].output(group)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._unreported)
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self.requests)
@@ -213,7 +216,12 @@ class LLMEngine:
 
         A request whose sampling, detokenization or stop handling raises is finished alone
         with finish_reason "error" (its output's `error` says why); the rest of the batch
-        goes on. Only a failure of the step itself (the model, the scheduler) raises."""
+        goes on. Only a failure of the step itself (the model, the scheduler) raises; the
+        outputs of what it had read back before (requests it finished, their pages freed)
+        are then what the next call returns, without running a step."""
+        if self._unreported:
+            outputs, self._unreported = self._unreported, []
+            return outputs
         k = self._lookahead()
         self._failed = []
         touched, launched = [], None
@@ -230,24 +238,29 @@ class LLMEngine:
                 for seq in touched:
                     if seq.finish_reason is not None:
                         self.scheduler.finish(seq)
-        with timer.phase("schedule"):
-            batch = self.scheduler.schedule(lookahead=k)
-        if batch is not None and batch.seqs:
-            self.counters["steps"] += 1
-            if batch.kind == "decode" and k:
-                # Times its own launch (which waits for the results) and resolve.
-                touched += self._speculative_decode(batch.seqs, k)
-            else:
-                with timer.phase("launch"):
-                    launched = self._launch(batch)
-        previous, self._inflight = self._inflight, None
-        if previous is not None:
-            touched += self._resolve(previous)
-        if launched is not None:
-            if launched.deferred:
-                self._inflight = launched
-            else:
-                touched += self._resolve(launched)
+        try:
+            with timer.phase("schedule"):
+                batch = self.scheduler.schedule(lookahead=k)
+            if batch is not None and batch.seqs:
+                self.counters["steps"] += 1
+                if batch.kind == "decode" and k:
+                    # Times its own launch (which waits for the results) and resolve.
+                    touched += self._speculative_decode(batch.seqs, k)
+                else:
+                    with timer.phase("launch"):
+                        launched = self._launch(batch)
+            previous, self._inflight = self._inflight, None
+            if previous is not None:
+                touched += self._resolve(previous)
+            if launched is not None:
+                if launched.deferred:
+                    self._inflight = launched
+                else:
+                    touched += self._resolve(launched)
+        except BaseException:
+            if touched or self._failed:  # read back (and freed) already: report them next call
+                self._unreported = self._outputs(touched)
+            raise
         with timer.phase("output"):
             outputs = self._outputs(touched)
         timer.end_step()

@@ -147,6 +147,12 @@ class SamplingParams:
                              f"{type(stop).__name__} {stop!r}")
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must hold non-empty strings, got {list(stop)!r}")
+        for s in stop:  # a lone surrogate is in no text the model can write: it could never match
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"stop must hold valid Unicode: {s[:60]!r} has {s[err.start]!r} "
+                                 f"at character {err.start} ({err.reason})") from None
         self.stop = list(stop)
         ids = self.stop_token_ids if self.stop_token_ids is not None else []
         if not isinstance(ids, (list, tuple)):

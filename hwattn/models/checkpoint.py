@@ -91,7 +91,10 @@ def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = N
 
     Every file is written under a temporary name first and renamed into place only when all
     are written, so a save that fails (a full disk, an `extra` value JSON cannot hold) leaves
-    a checkpoint already at `path` as it was."""
+    a checkpoint already at `path` as it was. The old files step aside (config.json first)
+    before the new come in (config.json last), and are put back if a rename fails: a save
+    killed between its renames leaves no config.json (`load_config` names the interrupted
+    save), never one save's config.json beside another's weights."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file, not a folder: a checkpoint is a folder")
@@ -110,13 +113,29 @@ def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = N
     path.mkdir(parents=True, exist_ok=True)
     names = (WEIGHTS_NAME, GENERATION_CONFIG_NAME, MODELING_FILE.name, CONFIG_NAME)
     staged = {name: path / f".{name}.partial" for name in names}
+    aside = {name: path / f".{name}.old" for name in names}
+    moved, placed = [], []
     try:
         _safetensors().save_file(state, str(staged[WEIGHTS_NAME]), metadata={"format": "pt"})
         staged[CONFIG_NAME].write_text(config_text)
         staged[GENERATION_CONFIG_NAME].write_text(generation_text)
         shutil.copyfile(MODELING_FILE, staged[MODELING_FILE.name])
+        for name in (CONFIG_NAME, *names[:-1]):
+            if (path / name).exists():
+                os.replace(path / name, aside[name])
+                moved.append(name)
         for name in names:
             os.replace(staged[name], path / name)
+            placed.append(name)
+        for name in names:  # the new checkpoint is whole: the old files go
+            aside[name].unlink(missing_ok=True)
+    except BaseException:
+        for name in placed:
+            if name not in moved:
+                (path / name).unlink(missing_ok=True)
+        for name in reversed(moved):  # config.json back last
+            os.replace(aside[name], path / name)
+        raise
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
@@ -140,6 +159,10 @@ def load_config(path: str | Path) -> ModelConfig:
     is missing or unreadable."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
+        if (Path(path) / f".{CONFIG_NAME}.old").is_file():  # left by `save_checkpoint`
+            raise ValueError(f"{path} holds no {CONFIG_NAME}: a save into it was interrupted "
+                             f"between its renames (the previous one is .{CONFIG_NAME}.old); "
+                             "save the checkpoint again")
         raise ValueError(f"{path} is not an hwattn checkpoint: no {CONFIG_NAME}")
     doc = read_json_object(file)
     if doc.get("model_type", "hwattn") != "hwattn":

@@ -38,6 +38,17 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def drop_metrics(path: Path, match) -> None:
+    """Remove the records for which `match(record)` is true, replacing the file by rename (as
+    `truncate_metrics` does)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln, rec in _records(path) if not match(rec)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """Every record of a metrics file, in order ([] if there is none)."""
     path = Path(path)

@@ -38,7 +38,7 @@ from hwattn.device import resolve_device
 from hwattn.models.checkpoint import load_model, save_checkpoint
 from hwattn.models.transformer import Transformer
 from hwattn.train.loss import linear_cross_entropy
-from hwattn.train.metrics import append_metrics, read_metrics, truncate_metrics
+from hwattn.train.metrics import append_metrics, drop_metrics, read_metrics, truncate_metrics
 
 H100_BF16_TFLOPS = 989.0
 STATE_FILE = "trainer_state.pt"
@@ -50,6 +50,9 @@ RESUME_MUST_MATCH = ("preset", "variant", "model_overrides", "seq_len", "batch_s
 # Fields that only change how the same computation is rounded: a change is allowed (a run may
 # move to another machine) but announced, as the result is then not bit-identical.
 RESUME_NUMERICS = ("compile", "amp", "fused_loss", "sdpa")
+# The settings of a validation, kept in its record: a finished run resumed with others
+# evaluates again rather than report the number the old settings measured.
+EVAL_SETTINGS = ("eval_tokens", "amp")
 
 
 @dataclass
@@ -132,7 +135,19 @@ class TrainConfig:
 
         if self.preset not in PRESETS:  # model_config would fail with a bare KeyError
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
-        parse_variant(self.variant)
+        variant = parse_variant(self.variant)
+        # model_config would fail with a bare TypeError (not a mapping, an unexpected or a
+        # repeated keyword argument).
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"model_overrides must be a dict of ModelConfig fields, got "
+                             f"{type(self.model_overrides).__name__}")
+        fixed = {"preset": "the preset", **{k: f"the variant ({self.variant})" for k in variant}}
+        valid = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in fixed]
+        for key in self.model_overrides:
+            if key not in valid:
+                why = f"is set by {fixed[key]}" if key in fixed else "is not a ModelConfig field"
+                raise ValueError(f"model_overrides key {key!r} {why}; valid keys: "
+                                 f"{', '.join(valid)}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -457,6 +472,7 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
         rec = {"step": step, "tokens": step * sampler.tokens_per_step,
                "val_loss": res["average"]["loss"], "val_bpb": res["average"]["bpb"]}
         rec.update({f"val_loss/{d}": r["loss"] for d, r in res.items() if d != "average"})
+        rec.update({k: getattr(cfg, k) for k in EVAL_SETTINGS})
         return rec
 
     model.train()
@@ -543,13 +559,19 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
                                  if peak else None)
     if main:
         if end == cfg.steps:
-            # A finished run resumed again keeps the final evaluation it logged.
-            prev = [r for r in read_metrics(metrics_path)
-                    if r.get("step") == end and "val_loss" in r] if start_step == end else []
-            if prev:
+            # A finished run resumed again keeps the final evaluation it logged, unless that
+            # was made with other evaluation settings (those of the checkpoint for a record
+            # that does not hold them); then it is made again and replaces it.
+            final = lambda r: r.get("step") == end and "val_loss" in r  # noqa: E731
+            saved = state["train_config"] if state is not None else {}
+            prev = [r for r in read_metrics(metrics_path) if final(r)] if start_step == end else []
+            if prev and all(prev[-1].get(k, saved.get(k)) == getattr(cfg, k)
+                            for k in EVAL_SETTINGS):
                 rec = prev[-1]
             else:
                 rec = evaluate(end)
+                if prev:  # replaced, not logged twice
+                    drop_metrics(metrics_path, final)
                 append_metrics(metrics_path, rec)
             summary["val"] = rec
         if cfg.save_final or end < cfg.steps:

@@ -36,7 +36,18 @@ def test_plain_messages_still_render():
     chat = ChatTemplate()
     text = chat.render([{"role": "user", "content": [{"type": "text", "text": "a"},
                                                      {"type": "text", "text": "b"}]}])
-    assert text == "<|user|>\nab\n<|assistant|>\n"
+    assert text == "<|user|>\na\nb\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize("template", [None, "{{ messages[0].content }}"])
+def test_text_parts_are_joined_by_newlines_as_vllm_joins_them(template):
+    """vLLM (entrypoints/chat_utils.py, `_parse_chat_message_content_parts`) joins a
+    message's text parts with "\\n": ["a", "b"] is the prompt "a\\nb", not "ab"."""
+    chat = ChatTemplate(override=template)
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    text = chat.render([{"role": "user", "content": parts}])
+    assert text == chat.render([{"role": "user", "content": "a\nb"}])
+    assert "a\nb" in text
 
 
 def _checkpoint(tmp_path, config):

@@ -116,6 +116,7 @@ def test_params_changed_after_queueing_cannot_reach_the_sampler(llms):
     (dict(top_k=1 << 63), "top_k"), (dict(top_k=10 ** 30), "top_k"), (dict(top_k=1e30), "top_k"),
     (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=float("nan")), "top_p"), (dict(stop=5), "stop"), (dict(stop=[1]), "stop"),
+    (dict(stop="\ud800"), "stop"), (dict(stop=["ok", "x\udfff"]), "stop"),
     (dict(stop_token_ids=["a"]), "stop_token_ids"), (dict(stop_token_ids=5), "stop_token_ids"),
     (dict(seed=1 << 63), "seed"), (dict(ignore_eos="yes"), "ignore_eos"),
 ])
@@ -197,3 +198,47 @@ def test_chat_template_knows_its_roles_and_content_types():
                 {"role": "user", "content": None}):
         with pytest.raises(ValueError, match="role|content"):
             chat_prompt([bad])
+
+
+@pytest.mark.parametrize("where", ["verify step", "host-sampled step"])
+def test_requests_finished_before_a_step_fails_are_still_reported(where, monkeypatch):
+    """A step that must read the step in flight back first (a verify step drafts from the
+    tokens; a request sampled on the host's terms needs them) finishes some requests there,
+    then the model fails. Observed: those requests were never reported: they stayed in
+    `engine.requests` while `has_unfinished()` was False, so a caller waited for them
+    forever (their pages were freed). They come back from the next `step()`, before it runs
+    anything (an aborted one is not)."""
+    kw = dict(attention="gla-2", device="cpu", page_size=8, num_pages=300, seed=0,
+              model_overrides=dict(max_seq_len=256, n_layers=2))
+    spec = dict(speculative="ngram", num_speculative_tokens=3) if where == "verify step" else {}
+    llm = LLM("tiny", **kw, **spec)
+    engine = llm.engine
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    later = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True,
+                           logprobs=1 if where == "host-sampled step" else None)
+    want = [o.token_ids for o in llm.generate(PROMPTS[:2], [one, later])]
+    a = engine.add_request(PROMPTS[0], one)
+    aborted = engine.add_request(PROMPTS[2], one)
+    if where == "verify step":
+        b = engine.add_request(PROMPTS[1], later)
+        method = "verify_step"
+    else:
+        method = "sample_step"
+    assert engine.step() == []  # the prompts' step is in flight (overlapped)
+    if where == "host-sampled step":
+        b = engine.add_request(PROMPTS[1], later)  # sampled on the host: read back first
+    real = getattr(engine.runner, method)
+    monkeypatch.setattr(engine.runner, method, failing_on_call(real, 1, RuntimeError("lost")))
+    with pytest.raises(RuntimeError, match="lost"):
+        engine.step()
+    engine.abort_request(aborted)  # finished, not reported yet: never reported now
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+    assert sorted(done) == sorted([a, b]) and done[a].finish_reason == "length"
+    assert [done[a].token_ids, done[b].token_ids] == want
+    assert not engine.requests and not engine.detok
+    assert engine.block_manager.num_used_pages == 0

@@ -228,6 +228,84 @@ def test_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch)
         "config.json", "generation_config.json", "model.safetensors", "modeling_hwattn.py"]
 
 
+def _two_saves():
+    """Two models of one shape with other weights, and the config.json extras telling their
+    saves apart: a mix of the two loads without a word unless the save prevents it."""
+    old, new = _model(), _model()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.5)
+    return (old, {"note": "old"}), (new, {"note": "new"})
+
+
+def _loaded(path):
+    """(note, weights) of the checkpoint at `path`."""
+    weights = {k: v.clone() for k, v in load_checkpoint(path).state_dict().items()}
+    return json.loads((path / "config.json").read_text())["note"], weights
+
+
+def test_a_save_failing_between_its_renames_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    # Observed: the files were renamed into place one after another, so a failure after
+    # model.safetensors had been replaced left the new weights beside the old config.json (and
+    # its `extra`), a checkpoint of neither save that loaded without a word.
+    import hwattn.models.checkpoint as ckpt
+
+    (old, old_extra), (new, new_extra) = _two_saves()
+    save_checkpoint(old, tmp_path, extra=old_extra)
+    want = _loaded(tmp_path)
+    real = ckpt.os.replace
+
+    def fail_at_config(src, dst):
+        if str(src).endswith(".config.json.partial"):
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", fail_at_config)
+    with pytest.raises(OSError, match="Input/output"):
+        save_checkpoint(new, tmp_path, extra=new_extra)
+    monkeypatch.undo()
+    note, weights = _loaded(tmp_path)
+    assert note == "old" and all(torch.equal(weights[k], want[1][k]) for k in weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "modeling_hwattn.py"]
+
+
+def test_a_save_killed_between_its_renames_never_leaves_a_mix_of_two_saves(
+        tmp_path, monkeypatch):
+    # A kill runs no clean-up: the folder as it stands before each rename is what a kill
+    # there leaves. Each must load as the old save or the new one, or be refused by name.
+    # Observed: after model.safetensors was renamed, the folder loaded the new weights under
+    # the old config.json.
+    import shutil
+
+    import hwattn.models.checkpoint as ckpt
+
+    (old, old_extra), (new, new_extra) = _two_saves()
+    save_checkpoint(new, tmp_path / "want-new", extra=new_extra)
+    save_checkpoint(old, tmp_path / "run", extra=old_extra)
+    saves = {"old": _loaded(tmp_path / "run"), "new": _loaded(tmp_path / "want-new")}
+    real, kills = ckpt.os.replace, []
+
+    def snapshot_then_replace(src, dst):
+        kills.append(shutil.copytree(tmp_path / "run", tmp_path / f"kill-{len(kills)}"))
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", snapshot_then_replace)
+    save_checkpoint(new, tmp_path / "run", extra=new_extra)
+    monkeypatch.undo()
+    kills.append(tmp_path / "run")
+    assert len(kills) > 2
+    for folder in kills:
+        try:
+            note, weights = _loaded(folder)
+        except ValueError as err:
+            assert "interrupted" in str(err), err
+            continue
+        assert all(torch.equal(weights[k], saves[note][1][k]) for k in weights), \
+            (folder.name, f"config.json of the {note} save beside other weights")
+    assert _loaded(tmp_path / "run")[0] == "new"
+
+
 def test_unserialisable_extra_is_named_and_loses_nothing(tmp_path):
     # Observed: TypeError "Object of type set is not JSON serializable" after the new
     # weights had replaced the old ones: the folder held one model's weights under the

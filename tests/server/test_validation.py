@@ -115,6 +115,11 @@ BAD = [  # (id, path, body, param)
     ("stop empty", C, cmpl(stop=[""]), "stop"),
     ("stop many", C, cmpl(stop=[f"s{i}" for i in range(400_000)]), "stop"),
     ("stop long", C, cmpl(stop=["x" * 5000]), "stop"),
+    ("stop lone surrogate", C, b'{"model": "tiny-gla-2", "prompt": "a", "stop": "\\ud800"}',
+     "stop"),
+    ("chat stop lone surrogate", H,
+     b'{"model": "tiny-gla-2", "messages": [{"role": "user", "content": "a"}], '
+     b'"stop": ["ok", "x\\udfff"]}', "stop"),
     ("prompts many", C, cmpl(prompt=["a"] * 1000), "prompt"),
     ("messages many", H, {"model": NAME, "messages": [{"role": "user", "content": "a"}] * 5000,
                           "max_tokens": 1}, "messages"),

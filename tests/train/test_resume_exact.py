@@ -119,6 +119,28 @@ def test_resuming_a_finished_run_changes_nothing(dataset_dir, tmp_path, referenc
     _assert_same_as_reference(reference, out, res)
 
 
+def test_resuming_a_finished_run_with_other_evaluation_settings_evaluates_again(
+        dataset_dir, tmp_path, reference):
+    """Observed: a finished run resumed with another eval_tokens (or amp) kept the final
+    validation logged before, so the new setting was ignored and the summary reported the old
+    number. The final evaluation is redone and replaces the logged one; resuming with the
+    first settings again gives back the uninterrupted run's log."""
+    out = _copy(reference[0], tmp_path)
+    before = _metrics(out)
+    res = train(_cfg(dataset_dir, out, eval_tokens=1024), **QUIET)
+    assert res["val"]["val_loss"] != before[-1]["val_loss"]  # 1024 tokens, not 512
+    finals = [r for r in _metrics(out) if r["step"] == 8 and "val_loss" in r]
+    assert len(finals) == 1 and finals[0]["eval_tokens"] == 1024
+    assert res["val"]["val_loss"] == finals[0]["val_loss"] != before[-1]["val_loss"]
+    assert _metrics(out)[:-1] == before[:-1]
+    res = train(_cfg(dataset_dir, out, amp="fp32"), **QUIET)
+    assert res["val"]["amp"] == "fp32" and res["val"]["eval_tokens"] == 512
+    assert [r for r in _metrics(out) if "val_loss" in r][-1] == {
+        **before[-1], "amp": "fp32"}
+    res = train(_cfg(dataset_dir, out), **QUIET)
+    _assert_same_as_reference(reference, out, res)
+
+
 def test_no_resume_discards_the_old_checkpoint(dataset_dir, tmp_path, reference):
     """--no-resume starts over; if that run is killed before its first checkpoint, the next
     (resuming) call must not pick up the discarded run's checkpoint. Observed: it resumed

@@ -60,6 +60,26 @@ def test_every_setting_is_checked_when_the_config_is_made(bad):
         _cfg("-", "-", resume=False, **bad)
 
 
+@pytest.mark.parametrize("overrides, match", [
+    ([("dim", 64)], r"model_overrides must be a dict.*list"),
+    ("dim=64", r"model_overrides must be a dict.*str"),
+    ({"dims": 64}, r"model_overrides key 'dims' is not a ModelConfig field.*valid keys: .*\bdim\b"),
+    ({"attention": "mla"}, r"model_overrides key 'attention' is set by the variant.*valid keys"),
+    ({"n_kv_heads": 4}, r"model_overrides key 'n_kv_heads' is set by the variant.*valid keys"),
+    ({"preset": "mini"}, r"model_overrides key 'preset' is set by the preset.*valid keys"),
+], ids=["list", "str", "unknown", "attention", "variant-count", "preset"])
+def test_model_overrides_that_are_no_model_config_fields_are_refused_by_name(overrides, match):
+    """Observed: a bare TypeError ("'list' object is not a mapping", "ModelConfig.__init__()
+    got an unexpected keyword argument 'dims'", "from_preset() got multiple values for
+    keyword argument 'n_kv_heads'") from model_config, naming neither the setting nor the
+    keys it takes."""
+    with pytest.raises(ValueError, match=match):
+        _cfg("-", "-", variant="gqa-2", model_overrides=overrides)
+    # The keys it takes still work.
+    ok = _cfg("-", "-", variant="gqa-2", model_overrides={"dim": 64, "n_latent_heads": 2})
+    assert ok.model_overrides == {"dim": 64, "n_latent_heads": 2}
+
+
 @pytest.mark.parametrize("bad", [
     {"steps": 2.5}, {"log_every": 1.5}, {"eval_every": 2.5}, {"ckpt_every": 1.5},
     {"warmup_steps": 0.5}, {"seed": 1.5}, {"seq_len": 32.0}, {"eval_tokens": 512.5},
