@@ -34,13 +34,32 @@ def paged_table(lengths: list[int], page_size: int, spare_pages: int = 3):
     return table, n_pool
 
 
+def shared_table(lengths: list[int], page_size: int, spare_pages: int = 3):
+    """`paged_table` with pages shared and reused: every sequence's first page is one page of
+    the pool (a common prefix, as prefix caching hands out), and a sequence of three pages or
+    more reads its first page again as its third (one page at two positions of one row).
+    Filled by `fill_cache`, a shared page holds what the last sequence wrote there: the truth
+    (`gather_truth` of the returned `real`) reads the same slots the kernels do."""
+    table, n_pool = paged_table(lengths, page_size, spare_pages)
+    pages = [-(-n // page_size) for n in lengths]
+    shared = table[next(b for b, n in enumerate(pages) if n), 0].clone()
+    for b, n in enumerate(pages):
+        if n:
+            table[b, 0] = shared
+        if n >= 3:
+            table[b, 2] = shared
+    return table, n_pool
+
+
 def fill_cache(shape_per_token: tuple[int, ...], lengths: list[int], table: torch.Tensor,
-               n_pool: int, page_size: int, dtype: torch.dtype, scale: float | None = None):
-    """A cache (n_pool, page_size, *shape) holding random tokens below each length, NaN elsewhere.
+               n_pool: int, page_size: int, dtype: torch.dtype, scale: float | None = None,
+               garbage: float = float("nan")):
+    """A cache (n_pool, page_size, *shape) holding random tokens below each length, `garbage`
+    (NaN unless given: inf, -inf) elsewhere.
 
     Returns (cache, real) where `real` is the fp64 value of every slot (stored * scale for fp8).
     """
-    real = torch.full((n_pool, page_size, *shape_per_token), float("nan"), dtype=torch.float64)
+    real = torch.full((n_pool, page_size, *shape_per_token), garbage, dtype=torch.float64)
     for b, n in enumerate(lengths):
         for t in range(n):
             real[table[b, t // page_size], t % page_size] = torch.randn(shape_per_token,

@@ -450,3 +450,76 @@ def test_backend_matches_fp64_on_hopper(case):
         assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{step} plan out")
         assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"{step} plan lse")
         backend.plan(seqlens, num_heads_kv=h_kv, query_len=l_q, page_size=page, out=plan)
+
+
+# (lengths, L_q, H_q, H_kv, D_nope, D_v, D_R, page, dtype): every row reads one shared page
+# first, the 3-page rows read it again third (`paged.shared_table`).
+SHARED_CASES = [
+    pytest.param(([129, 64, 1, 200], 1, 16, 4, 64, 128, 64, 64, torch.bfloat16), id="gta-len129-64-1-200"),
+    pytest.param(([65, 192], 2, 128, 2, 256, 256, 64, 64, torch.bfloat16), id="gla2-len65-192-lq2"),
+    pytest.param(([257, 3], 1, 128, 1, 512, 512, 64, 128, torch.bfloat16), id="mla-len257-3-page128"),
+]
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
+@pytest.mark.parametrize("variant", [*VARIANTS, "default"])
+@pytest.mark.parametrize("garbage", [float("inf"), float("-inf")], ids=["inf", "-inf"])
+@pytest.mark.parametrize("case", SHARED_CASES)
+def test_shared_pages_inf_garbage_strided_queries_on_hopper(case, garbage, variant):
+    """Pages shared by every sequence and read twice by one, inf / -inf (not NaN) in the slots
+    the 64-token TMA boxes copy past a sequence's end, and queries that are the two halves of
+    one transposed buffer: the fp64 truth, unsplit, split into 64-token pieces, in one wave."""
+    from tests.ops.paged import shared_table
+    from tests.ops.test_hostile_layouts import _strided_queries, _tied_truth
+
+    lengths, l_q, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    config = _config(TiedShape(d_nope, d_v, d_rope, h_q // h_kv, l_q, page, dtype_name), variant)
+    if config is None:
+        pytest.skip(f"the {variant} schedule does not take this shape")
+    table, n_pool = shared_table(lengths, page)
+    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype, garbage=garbage)
+    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, dtype,
+                                       garbage=garbage)
+    q = _strided_queries((len(lengths), l_q, h_q, d_nope + d_rope), dtype, heads_dim=2)
+    q_nope, q_rope = q[..., :d_nope], q[..., d_nope:]
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    truth, scale = _tied_truth(q_nope, q_rope, kv_real, rope_real, table, lengths, h_kv)
+    baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
+                               softmax_scale=scale, return_lse=True, backend="torch")
+    args = [t.to(DEVICE) for t in (q, kv_cache, rope_cache, table, seqlens)]
+    args = [args[0][..., :d_nope], args[0][..., d_nope:], *args[1:]]  # still the two halves
+    assert not args[0].is_contiguous() and hopper_decode.why_unsupported(*args[:4]) is None
+    for name, plan in _plans(args, h_kv, l_q, page, config).items():
+        out, lse = hopper_decode.decode_tied(*args, softmax_scale=scale, plan=plan, config=config)
+        assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{variant} {name} out")
+        assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"{variant} {name} lse")
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
+def test_non_contiguous_caches_fall_back_to_triton_on_hopper():
+    """A state and RoPE cache that are views of one per-token row (TMA cannot take them): the
+    launcher and the backend run the Triton kernel, which matches the fp64 truth."""
+    from tests.ops.paged import shared_table
+    from tests.ops.test_hostile_layouts import _one_row, _tied_truth
+
+    lengths, h_q, h_kv, d_nope, d_v, d_rope, page = [129, 64, 1], 16, 4, 64, 128, 64, 64
+    table, n_pool = shared_table(lengths, page)
+    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, torch.bfloat16)
+    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, torch.bfloat16)
+    kv_cache, rope_cache = _one_row(kv_cache, rope_cache)
+    q_nope = torch.randn(3, 1, h_q, d_nope).to(torch.bfloat16)
+    q_rope = torch.randn(3, 1, h_q, d_rope).to(torch.bfloat16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    truth, scale = _tied_truth(q_nope, q_rope, kv_real, rope_real, table, lengths, h_kv)
+    baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
+                               softmax_scale=scale, return_lse=True, backend="torch")
+    args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
+    assert "contiguous" in hopper_decode.why_unsupported(*args[:4])
+    got = hopper_decode.decode_tied(*args, softmax_scale=scale)
+    backend = ops.get_backend("hopper")
+    plan = backend.plan(args[5], num_heads_kv=h_kv, page_size=page, device=DEVICE)
+    for what, (out, lse) in (("launcher", got), ("backend", backend.decode_tied(
+            *args, softmax_scale=scale, plan=plan, return_lse=True))):
+        assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{what} out")
+        assert_close_derived(lse.cpu(), truth[1], baseline[1], what=f"{what} lse")
