@@ -228,7 +228,7 @@ def register_next_looks(by: dict, looks: dict[str, list[int]], next_looks: dict[
         new, base = key.split(" vs ")
         n = len(paired_gaps(by, new, base, "average"))
         read = looks[key][-1] if looks.get(key) else 0  # paired seeds at the last look
-        if n != read and n >= 2:
+        if n != read:  # (a single seed too: no look reads it, yet its gap is on the page)
             raise ValueError(f"--next-look {key}={target}: {n - read} of its "
                              f"{n} paired seeds have not been read at a look; register a batch "
                              "before its first seed is in")

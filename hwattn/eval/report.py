@@ -39,7 +39,8 @@ ORDER = ("mha", "mqa", "gqa-4", "gta-4", "mla", "gla-2")
 SEED_STD_NEEDED = 0.005
 def load_runs(study: str | Path) -> tuple[list[dict], dict]:
     """The run records of study_runs.jsonl and the study_summary.json document ({} without
-    one). ValueError naming the file, and the line, of a record that is not a JSON object."""
+    one). ValueError naming the file, and the line, of a record that is not a JSON object;
+    the records are those of `_comparable_runs` (each run once, one setup, finished runs)."""
     study = Path(study)
     runs_file, summary_file = study / "study_runs.jsonl", study / "study_summary.json"
     if not runs_file.is_file():
@@ -54,7 +55,8 @@ def load_runs(study: str | Path) -> tuple[list[dict], dict]:
             raise ValueError(f"{runs_file}: line {i} is not a JSON record ({err})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{runs_file}: line {i} is not a JSON object")
-        runs.append(record)
+        runs.append((i, record))
+    runs = _comparable_runs(runs_file, runs)
     summary = read_json_object(summary_file) if summary_file.is_file() else {}
     looks_file = study / LOOKS_FILE
     if looks_file.is_file():  # the claims' earlier looks (`record_looks`), read with the summary
@@ -63,6 +65,39 @@ def load_runs(study: str | Path) -> tuple[list[dict], dict]:
     if next_file.is_file():  # batches registered before their first seed (`register_next_looks`)
         summary = dict(summary, next_looks=read_json_object(next_file))
     return runs, summary
+
+
+# What must be equal for runs to be compared (benchmarks/quality_study.py's SETUP_KEYS).
+SETUP_KEYS = ("preset", "steps", "seq_len", "batch_size", "lr", "warmup_steps", "build_key")
+
+
+def _comparable_runs(runs_file: Path, numbered: list[tuple[int, dict]]) -> list[dict]:
+    """The records (line number, record) as runs to compare: a run recorded twice alike
+    counted once; ValueError naming the run for one recorded twice differently, one of another
+    setup than the first record's (`SETUP_KEYS`: another corpus build, schedule or shape) and
+    one that stopped before its last step (fewer tokens than steps × batch × sequence)."""
+    out: dict[tuple, tuple[int, dict]] = {}
+    for i, r in numbered:
+        key = (r.get("variant"), r.get("seed"))
+        name = f"{key[0]}-s{key[1]}"
+        if key in out:
+            if out[key][1] != r:
+                raise ValueError(f"{runs_file}: run {name} is recorded twice, differently "
+                                 f"(lines {out[key][0]} and {i}); keep one")
+            continue
+        first = next(iter(out.values()), (i, r))[1]
+        diff = {k: (r.get(k), first.get(k)) for k in SETUP_KEYS if r.get(k) != first.get(k)}
+        if diff:
+            other = f"{first.get('variant')}-s{first.get('seed')}"
+            raise ValueError(f"{runs_file}: run {name} (line {i}) is of another setup than "
+                             f"{other} ({name}'s, {other}'s: {diff}); a study compares runs "
+                             "of one setup")
+        dims = [r.get(k) for k in ("tokens", "steps", "batch_size", "seq_len")]
+        if all(isinstance(d, int) for d in dims) and dims[0] < dims[1] * dims[2] * dims[3]:
+            raise ValueError(f"{runs_file}: run {name} (line {i}) trained {dims[0]:,} of its "
+                             f"{dims[1] * dims[2] * dims[3]:,} tokens: not a finished run")
+        out[key] = (i, r)
+    return [r for _, r in out.values()]
 
 
 def by_variant(runs: list[dict]) -> dict[str, list[dict]]:

@@ -608,3 +608,50 @@ def test_the_gaps_figure_of_a_batch_in_progress_is_its_last_look(tmp_path, monke
     assert ("| gta-4 vs gqa-4 | average | 6 | " in text
             and f"| {100 * m:+.2f}% | [{100 * lo:+.2f}%, {100 * hi:+.2f}%] | 4 |" in text)
     assert (out.parent / "quality_gaps.png").stat().st_size > 0
+
+
+def test_a_run_recorded_twice_is_counted_once(tmp_path):
+    """A run whose record is in study_runs.jsonl twice (a hand merge, an export copied in
+    twice) is one seed: it once made a fourth gap of three seeds, and a fourth seed of the
+    variant in the table. Two different records of one run are refused, naming it."""
+    runs = _pairs([0.01, 0.02, 0.03])
+    study = _write_study(tmp_path / "study", runs + [runs[1]])  # gta-4 seed 0 again
+    out = write_report(study, tmp_path / "docs" / "quality.md")
+    text = out.read_text()
+    assert "| gta-4 vs gqa-4 | average | 3 |" in text and "| gta-4 | 3 |" in text
+    assert json.loads((study / "study_looks.json").read_text()) == {"gta-4 vs gqa-4": [3]}
+    other = dict(runs[1], eval={"ppl": {d: dict(v, ppl=v["ppl"] + 1)
+                                        for d, v in runs[1]["eval"]["ppl"].items()}})
+    study = _write_study(tmp_path / "study2", runs + [other])
+    with pytest.raises(ValueError, match="gta-4-s0 is recorded twice"):
+        write_report(study, tmp_path / "docs2" / "quality.md")
+
+
+def test_runs_of_another_setup_or_unfinished_are_not_compared(tmp_path):
+    """The report pairs runs of one setup (corpus build, schedule, shape), as the study folder
+    is meant to hold: a record of another build (e.g. the `-head4000000` cut of the corpus)
+    or one that stopped before its last step is refused by name, not paired silently."""
+    def full(r, **kw):
+        return dict(r, preset="study", steps=4, seq_len=8, batch_size=2, lr=2e-3,
+                    warmup_steps=1, build_key="abc", tokens=64, **kw)
+
+    runs = [full(r) for r in _pairs([0.01, 0.02, 0.03])]
+    assert write_report(_write_study(tmp_path / "ok", runs), tmp_path / "d0" / "q.md")
+    mixed = runs[:-1] + [dict(runs[-1], build_key="abc-head4000000")]
+    with pytest.raises(ValueError, match="gta-4-s2.*build_key"):
+        write_report(_write_study(tmp_path / "mixed", mixed), tmp_path / "d1" / "q.md")
+    short = runs[:-1] + [dict(runs[-1], tokens=32)]
+    with pytest.raises(ValueError, match="gta-4-s2.*32 of its 64 tokens"):
+        write_report(_write_study(tmp_path / "short", short), tmp_path / "d2" / "q.md")
+
+
+def test_a_batch_is_not_registered_after_a_seed_no_look_has_read():
+    """One paired seed is not read at any look (an interval needs two), but its gap is on the
+    page: registering a batch then fixes the stopping point after seeing data of the batch."""
+    from hwattn.eval.claims import register_next_looks
+    from hwattn.eval.report import by_variant
+
+    key = "gta-4 vs gqa-4"
+    assert register_next_looks(by_variant(_pairs([])), {}, {}, {key: 6}) == {key: 6}
+    with pytest.raises(ValueError, match="1 of its 1 paired seeds have not been read"):
+        register_next_looks(by_variant(_pairs([0.05])), {}, {}, {key: 6})
