@@ -54,7 +54,7 @@ def test_defaults_follow_model_size_and_yield_to_explicit_choices(monkeypatch):
 
 def test_cli_rejects_a_bad_thread_count(capsys):
     assert main(["analyze", "--preset", "tiny", "--cpu-threads", "0"]) == 2
-    assert "cpu_threads must be >= 1" in capsys.readouterr().err
+    assert "--cpu-threads must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_speed_verdict_ranks_only_beyond_the_spread():

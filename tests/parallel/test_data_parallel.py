@@ -651,13 +651,15 @@ def test_a_replica_hanging_while_it_builds_is_given_up_after_the_setup_timeout(m
     of data-parallel replicas, which waited their fixed 600 s for a replica stuck building
     (its heartbeat beating on, so only the deadline can catch it)."""
     monkeypatch.setenv("HWATTN_FAULT", "replica:build:1:hang")
-    monkeypatch.setenv("HWATTN_SETUP_TIMEOUT_S", "5")
+    # (15 s: long enough for a replica to start and connect on a busy 2-core machine, where
+    # 5 s was not, so that the deadline is met in the build, where it hangs)
+    monkeypatch.setenv("HWATTN_SETUP_TIMEOUT_S", "15")
     before = set(children(os.getpid()))
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"data-parallel replica 1 sent no ready signal within "
-                                          r"5 s"):
+                                          r"15 s"):
         LLM(data_parallel_size=2, **TINY)
-    assert time.monotonic() - t0 < 5 + 10
+    assert time.monotonic() - t0 < 15 + 10
     assert not wait_gone(set(children(os.getpid())) - before, 3.0)
     monkeypatch.setenv("HWATTN_SETUP_TIMEOUT_S", "0")
     config = model_config(TINY["model"], TINY["attention"], TINY["model_overrides"])
