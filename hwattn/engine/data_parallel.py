@@ -53,7 +53,7 @@ from hwattn.engine.requests import (check_owner, check_request_ids, check_reques
 from hwattn.engine.replicas import ReplicaProcesses
 from hwattn.engine.sampling_params import ParamError, SamplingParams
 from hwattn.engine.sequence import CompletionOutput, RequestOutput
-from hwattn.parallel.errors import WorkerError, seconds_or_env, summarize
+from hwattn.parallel.errors import WorkerError, check_seconds, seconds_or_env, summarize
 
 COUNTERS = ("prompt_tokens", "generation_tokens", "steps", "prefill_steps", "decode_steps",
             "draft_tokens", "accepted_tokens", "finished", "aborted", "failed")
@@ -170,6 +170,9 @@ class DataParallelEngine:
         self.requests: dict[str, _Request] = {}
         self.keys: dict[str, str] = {}  # replica-side key -> request id
         self.results: list[list] = [[] for _ in range(size)]
+        # Per replica, the results of calls cut short (a KeyboardInterrupt while waiting) still
+        # to come: dropped when they come, so that a later call gets its own result.
+        self.owed = [0] * size
         self.pending: dict[str, RequestOutput] = {}
         self.step_times: list[tuple[str, float]] = []
         self.refused = 0  # requests a replica refused after they passed the checks here
@@ -405,6 +408,7 @@ class DataParallelEngine:
         self.restarting[replica] = restarting
         self.generation[replica] += 1
         self.results[replica].clear()
+        self.owed[replica] = 0
         why = error.reason + ("; restarting it" if restarting else "; it is not restarted (it "
                               "failed too often; see HWATTN_REPLICA_RESTARTS)")
         self.down[replica] = why
@@ -453,6 +457,12 @@ class DataParallelEngine:
         unpickled here: the caller's error alone, the replica serves on. WorkerError if the
         replica is down or fails meanwhile; one that does not answer within `timeout` s
         (default: the set-up timeout) is taken as failed."""
+        if isinstance(replica, bool) or not isinstance(replica, int) \
+                or not 0 <= replica < self.size:
+            raise ValueError(f"replica must be a replica's index, 0..{self.size - 1}, got "
+                             f"{replica!r}")
+        if timeout is not None:  # not 0 or less: that would give up on a healthy replica
+            timeout = check_seconds("timeout", timeout)
         what = getattr(fn, "__name__", fn)
         generation = self.generation[replica]
         try:
@@ -463,8 +473,10 @@ class DataParallelEngine:
             self._take(self.replicas.recv_any(0.0))
             raise WorkerError(f"data-parallel replica {replica} could not run {what}: "
                               f"{self.down.get(replica, err.reason)}", replica) from None
+        stale = self.owed[replica]
+        self.owed[replica] += 1
         deadline = time.monotonic() + (timeout or self.setup_timeout)
-        while not self.results[replica]:
+        while len(self.results[replica]) <= stale:
             if self.generation[replica] != generation:
                 raise WorkerError(f"data-parallel replica {replica} failed while running "
                                   f"{what}: {self.down.get(replica, '')}", replica)
@@ -475,6 +487,8 @@ class DataParallelEngine:
                 self._take(self.replicas.recv_any(0.0))
                 raise error
             self._take(self.replicas.recv_any(0.1))
+        del self.results[replica][:stale]
+        self.owed[replica] -= stale + 1
         ok, payload = self.results[replica].pop(0)
         where = f"data-parallel replica {replica}: {what}"
         if ok:

@@ -108,9 +108,28 @@ class ReplicaProcesses:
         """Start every replica with the build `spec` (side by side) and return their ready
         infos; on a failure, kill them all and raise the error that came first."""
         self.spec = spec
-        # A failure closes at once, so that the others stop building.
-        results, errors = _side_by_side(self._launch, self.size, "hwattn-replica",
-                                       on_error=lambda err: self._close())
+        made: list[WorkerGroup] = []  # built so far, to kill if this start is interrupted
+
+        def launch(replica: int) -> tuple[WorkerGroup, dict]:
+            group, info = self._launch(replica)
+            with self._lock:
+                made.append(group)
+                closed = self._closed
+            if closed:  # the start was interrupted meanwhile: nobody takes it over
+                group.kill()
+            return group, info
+
+        try:
+            # A failure closes at once, so that the others stop building.
+            results, errors = _side_by_side(launch, self.size, "hwattn-replica",
+                                           on_error=lambda err: self._close())
+        except BaseException:  # interrupted (KeyboardInterrupt) while the replicas start
+            self._close()  # kills those building; those still connecting see it and end
+            with self._lock:
+                built = list(made)
+            for group in built:
+                group.kill()
+            raise
         if errors:
             for r in results:
                 if not isinstance(r, BaseException):

@@ -49,6 +49,7 @@ class TensorParallelExecutor:
             raise ValueError(f"tensor_parallel_size {world} needs {world} GPUs, "
                              f"found {torch.cuda.device_count()}")
         self.world = world
+        self._sent = 0  # the number of the last step message sent to the serving ranks
         self.setup_timeout = seconds_or_env("setup_timeout", setup_timeout,
                                             "HWATTN_SETUP_TIMEOUT_S", 600.0)
         self.step_timeout = seconds_or_env("step_timeout", step_timeout,
@@ -79,9 +80,16 @@ class TensorParallelExecutor:
         return self.group.pids
 
     def _run(self, message):
-        self.group.broadcast(message)
-        kind, result = self.group.recv(0, self.step_timeout, "step result")
-        return result
+        # Each message carries its number and rank 0's reply repeats it: a reply to an exchange
+        # cut short here (a KeyboardInterrupt while waiting) is dropped, not taken for this
+        # one's. (Numbered before it is sent: an interrupt between the two skips a number.)
+        self._sent += 1
+        number = self._sent
+        self.group.broadcast((*message, number))
+        while True:
+            kind, result, answered = self.group.recv(0, self.step_timeout, "step result")
+            if answered == number:
+                return result
 
     def sample_step(self, step, sampling) -> list[int | str]:
         """`ModelRunner.sample_step` on every rank; rank 0's tokens (a row whose sampling

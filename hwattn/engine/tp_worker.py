@@ -67,8 +67,8 @@ def serve(link: ParentLink, runner) -> None:
             result = runner.sample_step(message[1], message[2])
         else:
             result = runner.verify_step(message[1], message[2])
-        if rank == 0:
-            link.send(("result", result))
+        if rank == 0:  # with the message's number: the parent drops replies it cut short
+            link.send(("result", result, message[-1]))
 
 
 def main() -> None:

@@ -278,7 +278,10 @@ class WorkerGroup:
                     pending.remove(item)
                     got, rank = hello
                     i = rank - self.first_rank
-                    if not secrets.compare_digest(got, token) or not 0 <= i < self.world \
+                    # As bytes: a hello of non-ASCII bytes is refused like any wrong token
+                    # (`compare_digest` raises TypeError on non-ASCII strings).
+                    if not secrets.compare_digest(got.encode("utf-8", "replace"), token.encode()) \
+                            or not 0 <= i < self.world \
                             or self.conns[i] is not None:
                         item.sock.close()
                         continue
@@ -363,6 +366,12 @@ class WorkerGroup:
                 msg += "\nthen: " + "; ".join(notes[1:])
             error = self._error(first["rank"], msg, first["phase"],
                                 reason=f"{name} failed during {first['phase']}: {_summary(first)}")
+        elif error is None:  # it said bye and ended, though this group had not asked it to
+            i = min(deaths)
+            how = describe_exit(self.procs[i].poll())
+            reason = f"{self._name(i)} (pid {self.procs[i].pid}) stopped with {how}"
+            error = self._error(i, f"{reason} before the group was shut down; the group was "
+                                   "stopped", reason=reason)
         self.error = error
         raise error
 
@@ -407,39 +416,65 @@ class WorkerGroup:
             self._check_beats()
 
     # Messages.
+    def _place(self, rank) -> int:
+        """`rank` (a worker's place in this group); ValueError naming it otherwise."""
+        if not _whole(rank) or not 0 <= rank < self.world:
+            raise ValueError(f"rank must be a worker's place in this group, 0..{self.world - 1}, "
+                             f"got {rank!r}")
+        return rank
+
     def send(self, rank: int, message, timeout: float = 600.0) -> None:
-        self._send([rank], pack(message), timeout)
+        self._send([self._place(rank)], pack(message), timeout)
 
     def broadcast(self, message, timeout: float = 600.0) -> None:
         self._send(range(self.world), pack(message), timeout)
 
     def _send(self, ranks, data: bytes, timeout: float) -> None:
         """Write `data` to each rank; reads whatever comes meanwhile, so a worker blocked on
-        writing to us never deadlocks against us writing to it."""
+        writing to us never deadlocks against us writing to it. Interrupted (KeyboardInterrupt)
+        once a byte has gone, the group fails: a worker would read a cut frame, or the ranks
+        would run different steps."""
+        timeout = check_seconds("timeout", timeout, allow_zero=True)
         self._check_open()
         deadline = time.monotonic() + timeout
         view = memoryview(data)
-        for rank in ranks:
-            conn, sent = self.conns[rank], 0
-            while sent < len(data):
-                if conn is None or time.monotonic() > deadline:
-                    self._fail(self._error(rank, f"{self._name(rank)} has not read its messages "
-                                                 f"for {_seconds(timeout)} s"))
-                try:
-                    sent += conn.sock.send(view[sent:])
-                    continue
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    self._died(rank)
-                _, writable, _ = select.select([], [conn], [], 0.05)
-                if not writable:
-                    self._pump(0.0)
+        begun = False
+        try:
+            for rank in ranks:
+                conn, sent = self.conns[rank], 0
+                while sent < len(data):
+                    if conn is None:
+                        self._fail(self._error(rank, f"{self._name(rank)} has stopped reading "
+                                                     "its messages"))
+                    try:
+                        sent += conn.sock.send(view[sent:])
+                        begun = True
+                        continue
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        self._died(rank)
+                    if time.monotonic() > deadline:
+                        self._fail(self._error(rank, f"{self._name(rank)} has not read its "
+                                                     f"messages for {_seconds(timeout)} s"))
+                    _, writable, _ = select.select([], [conn], [], 0.05)
+                    if not writable:
+                        self._pump(0.0)
+        except WorkerError:
+            raise
+        except BaseException as err:
+            if begun and self.error is None and self._finalizer.alive:
+                self.error = self._error(None, f"sending to the {self.label} group was "
+                                               f"interrupted ({type(err).__name__}) part-way; "
+                                               "the group was stopped")
+                self.kill()
+            raise
 
     def recv(self, rank: int, timeout: float | None = None, what: str = "reply"):
         """The next message from `rank`; WorkerError if any worker fails meanwhile or none
         comes within `timeout` seconds ("... sent no `what` within ..."; `what` is a noun
         without an article: "ready signal", "step result")."""
+        self._place(rank)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.queues[rank]:
             left = self._tick if deadline is None else deadline - time.monotonic()
@@ -493,6 +528,7 @@ class WorkerGroup:
     def shutdown(self, grace: float = 5.0) -> None:
         """Ask every worker to stop, wait at most `grace` s, kill the rest. Raises the first
         error a worker reports while stopping (after all of them are gone)."""
+        grace = check_seconds("grace", grace, allow_zero=True)
         if not self._finalizer.alive:
             return
         if self.error is not None:

@@ -539,6 +539,67 @@ def _pages_total(engine):
     return engine.stats()["pages_total"]
 
 
+def _answer(engine, value):
+    return value
+
+
+def test_a_call_cut_short_leaves_no_stale_result_for_the_next():
+    """Observed: a KeyboardInterrupt while `call_replica` waited left that call's result to
+    come; the replica's next call returned it ("first") instead of its own."""
+    engine = _in_process(2)
+    real = engine.replicas.recv_any
+
+    def interrupted(timeout):
+        raise KeyboardInterrupt
+
+    engine.replicas.recv_any = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        engine.call_replica(0, _answer, "first")
+    engine.replicas.recv_any = real
+    assert engine.call_replica(0, _answer, "second") == "second"
+    assert engine.call_replica(0, _answer, "third") == "third"
+    assert engine.call_replica(1, _answer, "fourth") == "fourth"
+
+
+def test_call_replica_refuses_a_bad_replica_or_timeout_by_name():
+    """Observed: `call_replica(-1, ...)` ran in the last replica, and a timeout of 0 or less
+    gave up on the replica at once (`lose`: killed and restarted with its requests, though
+    healthy); timeout=0 was taken for the default."""
+    engine = _in_process(2)
+    for replica in (-1, 2, True, 0.0):
+        with pytest.raises(ValueError, match=r"replica must be a replica's index, 0\.\.1"):
+            engine.call_replica(replica, _answer, 1)
+    for timeout in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
+            engine.call_replica(0, _answer, 1, timeout=timeout)
+    assert engine.call_replica(1, _answer, 2, timeout=30) == 2
+    assert engine.up == [True, True]
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_replicas_start_leaves_no_replica_running(monkeypatch):
+    """Observed: a KeyboardInterrupt while `ReplicaProcesses.start` waited for the replicas to
+    build left them running: the one building went on to its set-up timeout, the one built
+    stayed up, held by the start threads' results (until the process ended)."""
+    import threading
+
+    from hwattn.engine.replicas import ReplicaProcesses
+
+    monkeypatch.setenv("HWATTN_FAULT", "replica:build:0:hang")
+    before = set(children(os.getpid()))
+    replicas = ReplicaProcesses(2, None, setup_timeout=60)
+    timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            replicas.start(dict(engine=dict(TINY), threads=1))
+    finally:
+        timer.cancel()
+    started = set(children(os.getpid())) - before
+    assert len(started) == 2
+    assert not wait_gone(started, 5.0)
+
+
 @pytest.mark.timeout(120)
 def test_a_function_failing_inside_a_replica_comes_back_and_the_replica_serves_on():
     """Observed: `call_replica` with a function that raised ended the replica process (so did

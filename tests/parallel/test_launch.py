@@ -131,3 +131,113 @@ def test_nonsensical_arguments_are_refused_before_a_worker_starts(kwargs, needle
     with pytest.raises(ValueError, match=needle):
         WorkerGroup(**args)
     assert set(children(os.getpid())) == before
+
+
+def test_a_hello_of_non_ascii_bytes_is_refused_like_a_wrong_token(monkeypatch):
+    """Observed: a connection opening with 32 non-ASCII bytes made the parent's start-up
+    raise TypeError ("comparing strings with non-ASCII characters is not supported", from
+    `secrets.compare_digest` on the decoded token) instead of refusing that connection."""
+    import os
+    import socket
+    import threading
+
+    from hwattn.parallel import launch
+    from hwattn.parallel.wire import HELLO
+
+    def stranger(folder):
+        address = os.path.join(folder, "link")
+        for _ in range(500):
+            if os.path.exists(address):
+                break
+            time.sleep(0.01)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(address)
+            sock.sendall(HELLO.pack(b"\xff" * 32, 0))
+            time.sleep(1.0)
+
+    real = launch.make_socket_folder
+
+    def folder_with_a_stranger():
+        folder = real()
+        threading.Thread(target=stranger, args=(folder,), daemon=True).start()
+        return folder
+
+    monkeypatch.setattr(launch, "make_socket_folder", folder_with_a_stranger)
+    group = WorkerGroup("tests.parallel.echo_worker", 1, label="echo worker")
+    try:
+        group.send(0, ("echo", 3))
+        assert group.recv(0, timeout=30) == ("result", 3)
+    finally:
+        group.shutdown()
+
+
+def test_a_worker_that_stopped_on_its_own_fails_the_group_by_name():
+    """Observed: a worker that said bye and exited though the group had not been shut down
+    (here it was sent ("stop",) directly) made `check` raise TypeError ("exceptions must
+    derive from BaseException"): `_fail` found no cause and raised None."""
+    group = WorkerGroup("tests.parallel.echo_worker", 1, label="echo worker")
+    try:
+        group.send(0, ("stop",))
+        assert not wait_gone(group.pids, 10.0)
+        with pytest.raises(WorkerError, match=r"^echo worker 0 \(pid \d+\) stopped with exit "
+                                              r"code 0 before the group was shut down"):
+            group.check()
+        assert not wait_gone(group.pids, 10.0)
+    finally:
+        group.kill()
+
+
+def test_send_takes_a_place_in_the_group_and_a_zero_timeout():
+    """Observed: `send(-1, ...)` went to the last worker (and `recv(-1)` read from it), and
+    `send(..., timeout=0)` failed the group ("has not read its messages for 0 s") before
+    trying the writable socket once; `shutdown(grace=0)` raised that error too."""
+    group = WorkerGroup("tests.parallel.echo_worker", 1, label="echo worker")
+    try:
+        for call in (lambda: group.send(-1, ("echo", 1)), lambda: group.send(1, ("echo", 1)),
+                     lambda: group.recv(-1, timeout=1), lambda: group.send(0.0, ("echo", 1))):
+            with pytest.raises(ValueError, match=r"rank must be a worker's place in this "
+                                                 r"group, 0\.\.0, got"):
+                call()
+        with pytest.raises(ValueError, match="timeout must be a finite number of seconds >= 0"):
+            group.send(0, ("echo", 1), timeout=float("nan"))
+        with pytest.raises(ValueError, match="grace must be"):
+            group.shutdown(grace=-1)
+        group.send(0, ("echo", 4), timeout=0)
+        assert group.recv(0, timeout=30) == ("result", 4)
+        group.shutdown(grace=0)
+    finally:
+        group.kill()
+
+
+def test_a_send_interrupted_part_way_fails_the_group_instead_of_cutting_a_frame():
+    """Observed: a KeyboardInterrupt while a large message was being written left part of its
+    frame in the worker's stream; the next message was read as the rest of it (the worker
+    then waited for bytes that never came, until the caller's deadline)."""
+    group = WorkerGroup("tests.parallel.echo_worker", 1, label="echo worker")
+    try:
+        class Cut:  # writes 1000 bytes of the frame, then Ctrl-C arrives
+            def __init__(self, sock):
+                self.sock, self.calls = sock, 0
+
+            def send(self, data):
+                self.calls += 1
+                if self.calls > 1:
+                    raise KeyboardInterrupt
+                return self.sock.send(data[:1000])
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+
+        conn = group.conns[0]
+        conn.sock = Cut(conn.sock)
+        with pytest.raises(KeyboardInterrupt):
+            group.send(0, ("echo", b"x" * 5000))
+        conn.sock = conn.sock.sock
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match="interrupted"):
+            group.send(0, ("echo", 1))
+            group.recv(0, timeout=5)
+        assert time.monotonic() - t0 < 1
+        assert not wait_gone(group.pids, 10.0)
+    finally:
+        group.kill()

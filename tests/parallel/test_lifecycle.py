@@ -166,3 +166,26 @@ def test_a_script_on_stdin_starts_ranks_and_a_signal_stops_them(sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_step_cut_short_by_ctrl_c_leaves_no_stale_reply_for_the_next(monkeypatch):
+    """Observed: a KeyboardInterrupt while the parent waited for a step's reply left that
+    reply on the link; every later step then took the reply of the step before it, so the
+    next `generate` returned other requests' tokens ([[43, 3, 43, 3], ...]) without an error."""
+    from hwattn.parallel.launch import WorkerGroup
+
+    spec = dict(TINY, dtype="fp64")
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9]]
+    want = [o.token_ids for o in LLM(**spec).generate(prompts, PARAMS)]
+    with LLM(tensor_parallel_size=2, **spec) as llm:
+        real = WorkerGroup.recv
+
+        def interrupted(self, *args, **kwargs):  # Ctrl-C once the step has been sent
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(WorkerGroup, "recv", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate([[40, 41, 42, 43], [50, 51]], PARAMS)
+        monkeypatch.setattr(WorkerGroup, "recv", real)
+        assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == want
+        llm.engine.check_invariants()
