@@ -158,6 +158,9 @@ def plain_statement(res: list[dict], domains: list[str],
             text += (f"; this report is look {head['looks']} at the claim (at {seen} paired "
                      f"seeds), and corrected for the looks the interval is "
                      f"[{100 * lo:+.2f}%, {100 * hi:+.2f}%]")
+        else:  # the first look is corrected too: its share of the 2.5% a side is half
+            text += (f"; this report is the first look at the claim, and corrected for it the "
+                     f"interval is [{100 * lo:+.2f}%, {100 * hi:+.2f}%]")
         if head["verdict"] == "holds":
             text += (f": at most {100 * MATCH_MARGIN:.0f}% worse"
                      + (", and better with 95% confidence." if hi < 0 else "."))
@@ -549,9 +552,13 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png",
             "to the study in batches and each batch's report is a look at the claim: reading a "
             "95% interval after every batch and stopping once it clears the margin would be "
             "wrong more often than 5% of the time, so the verdict is read from the interval "
-            "corrected for the looks so far (Bonferroni: at the k-th look, the t quantile of "
-            "1 − 0.025/k; `study_looks.json` beside the runs records the paired-seed counts at "
-            "which each claim's report was written). Seeds to decide: for an inconclusive row, "
+            "corrected for the looks so far: at the k-th look, the t quantile of "
+            "1 − 0.025/(k(k+1)) (each end may be wrong 1.25% of the time at the first look, "
+            "0.42% at the second, 0.21% at the third, 0.125% at the fourth, ...; these sum to "
+            "less than 2.5% however many looks are taken, so the chance of ever wrongly "
+            "declaring either verdict stays within 2.5% a side). `study_looks.json` beside the "
+            "runs records the paired-seed counts at which each claim's report was written. "
+            "Seeds to decide: for an inconclusive row, "
             "the paired seeds whose interval, corrected for one look more, would clear the "
             "margin if the gaps kept their mean and standard deviation. A batch of seeds "
             "registered before its first seed (`--next-look`, kept in `study_next_looks.json`) "
