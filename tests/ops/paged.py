@@ -12,11 +12,26 @@ import os
 
 import torch
 
+from tests.conftest import assert_close_derived
+
 # Where the kernels run: the CPU under Triton's interpreter (CI), or "cuda" to run the same
 # tests compiled on a GPU (HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 pytest tests/ops).
 DEVICE = torch.device(os.environ.get("HWATTN_TEST_DEVICE", "cpu"))
 
 OUT_OF_RANGE = (2**30, -7)  # garbage page ids the kernels must never follow
+
+
+def on_device(*tensors) -> list[torch.Tensor]:
+    """The tensors moved to the device the tests run on (HWATTN_TEST_DEVICE)."""
+    return [t.to(DEVICE) for t in tensors]
+
+
+def check_out_lse(name: str, got, truth, baseline) -> None:
+    """Assert a kernel's (out, lse) against the fp64 truth, within the error of `baseline`
+    (the plain reference's (out, lse)) as `assert_close_derived` allows."""
+    out, lse = (t.cpu() for t in got)
+    assert_close_derived(out, truth[0], baseline[0], what=f"{name} out")
+    assert_close_derived(lse, truth[1], baseline[1], what=f"{name} lse")
 
 
 def paged_table(lengths: list[int], page_size: int, spare_pages: int = 3):

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from hwattn import ops
-from tests.conftest import assert_close_derived
-from tests.ops.paged import (DEVICE, attention_truth, fill_cache, gather_truth, paged_table,
-                              tied_case)
+from tests.ops.paged import (DEVICE, attention_truth, check_out_lse, fill_cache, gather_truth,
+                              on_device, paged_table, tied_case)
 
 FP8 = torch.float8_e4m3fn
 
@@ -52,16 +51,6 @@ def _plans(lengths, n_kv, query_len):
                                      split_tokens=FORCED_SPLIT)}
 
 
-def _on_device(*tensors):
-    return [t.to(DEVICE) for t in tensors]
-
-
-def _check(name, got, truth, baseline):
-    out, lse = (t.cpu() for t in got)
-    assert_close_derived(out, truth[0], baseline[0], what=f"{name} out")
-    assert_close_derived(lse, truth[1], baseline[1], what=f"{name} lse")
-
-
 @pytest.mark.parametrize("case", DECODE_CASES)
 def test_decode_matches_fp64(case):
     lengths, l_q, h_q, h_kv, dim, page, dtype, cache_dtype = case
@@ -77,11 +66,11 @@ def test_decode_matches_fp64(case):
                             1 / math.sqrt(dim))
     kw = dict(return_lse=True, k_scale=scales[0], v_scale=scales[1])
     baseline = ops.decode(q, k_cache, v_cache, table, seqlens, backend="torch", **kw)
-    _check("reference", baseline, truth, baseline)
+    check_out_lse("reference", baseline, truth, baseline)
     for name, plan in _plans(lengths, h_kv, l_q).items():
-        got = ops.decode(*_on_device(q, k_cache, v_cache, table, seqlens), backend="triton",
+        got = ops.decode(*on_device(q, k_cache, v_cache, table, seqlens), backend="triton",
                          plan=plan, **kw)
-        _check(f"triton/{name}", got, truth, baseline)
+        check_out_lse(f"triton/{name}", got, truth, baseline)
 
 
 @pytest.mark.parametrize("case", TIED_CASES)
@@ -95,11 +84,11 @@ def test_decode_tied_matches_fp64(case):
     kw = dict(softmax_scale=softmax_scale, return_lse=True, kv_scale=scale)
     baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
                                backend="torch", **kw)
-    _check("reference", baseline, truth, baseline)
+    check_out_lse("reference", baseline, truth, baseline)
     for name, plan in _plans(lengths, h_kv, l_q).items():
-        got = ops.decode_tied(*_on_device(q_nope, q_rope, kv_cache, rope_cache, table, seqlens),
+        got = ops.decode_tied(*on_device(q_nope, q_rope, kv_cache, rope_cache, table, seqlens),
                               backend="triton", plan=plan, **kw)
-        _check(f"triton/{name}", got, truth, baseline)
+        check_out_lse(f"triton/{name}", got, truth, baseline)
 
 
 @pytest.mark.parametrize("block_n, page", [(64, 16), (32, 1), (64, 256)], ids=["bn64-page16", "bn32-page1", "bn64-page256"])
@@ -119,9 +108,9 @@ def test_other_token_blocks(block_n, page):
                           return_lse=True, backend="torch")
     config = triton_decode.KernelConfig(block_n=block_n, num_warps=4, num_stages=2, max_rows=8)
     for name, plan in _plans(lengths, h_kv, l_q).items():
-        got = triton_decode.decode(*_on_device(q, k_cache, v_cache, table, seqlens),
+        got = triton_decode.decode(*on_device(q, k_cache, v_cache, table, seqlens),
                                    softmax_scale=0.125, plan=plan, config=config)
-        _check(f"block_n={block_n}/{name}", got, truth, baseline)
+        check_out_lse(f"block_n={block_n}/{name}", got, truth, baseline)
 
 
 def test_default_scale_and_no_lse():
@@ -132,7 +121,7 @@ def test_default_scale_and_no_lse():
     v_cache, _ = fill_cache((1, 64), lengths, table, n_pool, page, torch.float32)
     q = torch.randn(1, 1, 2, 64)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
-    out = ops.decode(*_on_device(q, k_cache, v_cache, table, seqlens), backend="triton").cpu()
+    out = ops.decode(*on_device(q, k_cache, v_cache, table, seqlens), backend="triton").cpu()
     ref = ops.decode(q, k_cache, v_cache, table, seqlens, softmax_scale=0.125, backend="torch")
     assert isinstance(out, torch.Tensor)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -155,6 +144,6 @@ def test_many_pieces_merge_in_several_steps():
                            split_tokens=FORCED_SPLIT)
     assert plan.max_pieces == 16
     plan.max_pieces = 2  # as after a refresh in place: the captured tile of 8 pieces is too small
-    got = ops.decode(*_on_device(q, k_cache, v_cache, table, seqlens), softmax_scale=0.125,
+    got = ops.decode(*on_device(q, k_cache, v_cache, table, seqlens), softmax_scale=0.125,
                      return_lse=True, plan=plan, backend="triton")
-    _check("16 pieces", got, truth, baseline)
+    check_out_lse("16 pieces", got, truth, baseline)

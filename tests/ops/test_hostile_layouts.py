@@ -21,21 +21,11 @@ import pytest
 import torch
 
 from hwattn import ops
-from tests.conftest import assert_close_derived
-from tests.ops.paged import DEVICE, attention_truth, fill_cache, gather_truth, shared_table
+from tests.ops.paged import (DEVICE, attention_truth, check_out_lse, fill_cache, gather_truth,
+                              on_device, shared_table)
 from tests.ops.test_prefill import prefill_truth, varlen
 
 FORCED_SPLIT = 64
-
-
-def _on_device(*tensors):
-    return [t.to(DEVICE) for t in tensors]
-
-
-def _check(name, got, truth, baseline):
-    out, lse = (t.cpu() for t in got)
-    assert_close_derived(out, truth[0], baseline[0], what=f"{name} out")
-    assert_close_derived(lse, truth[1], baseline[1], what=f"{name} lse")
 
 
 def _strided_queries(shape, dtype, heads_dim: int):
@@ -120,11 +110,11 @@ def test_decode_shared_pages_strided_operands(case, garbage):
                             [gather_truth(v_real, table, b, n) for b, n in enumerate(lengths)],
                             1 / math.sqrt(dim))
     baseline = ops.decode(q, k_cache, v_cache, table, seqlens, return_lse=True, backend="torch")
-    _check("reference", baseline, truth, baseline)
+    check_out_lse("reference", baseline, truth, baseline)
     for name, plan in _plans(lengths, h_kv, l_q).items():
-        got = ops.decode(*_on_device(q, k_cache, v_cache, table, seqlens), return_lse=True,
+        got = ops.decode(*on_device(q, k_cache, v_cache, table, seqlens), return_lse=True,
                          plan=plan, backend="triton")
-        _check(f"triton/{name}", got, truth, baseline)
+        check_out_lse(f"triton/{name}", got, truth, baseline)
 
 
 # (lengths, L_q, H_q, H_kv, D_nope, D_v, D_R, page, dtype)
@@ -149,11 +139,11 @@ def test_decode_tied_shared_pages_strided_operands(case, garbage):
     truth, scale = _tied_truth(q_nope, q_rope, kv_real, rope_real, table, lengths, h_kv)
     args = (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)
     baseline = ops.decode_tied(*args, softmax_scale=scale, return_lse=True, backend="torch")
-    _check("reference", baseline, truth, baseline)
+    check_out_lse("reference", baseline, truth, baseline)
     for name, plan in _plans(lengths, h_kv, l_q).items():
-        got = ops.decode_tied(*_on_device(*args), softmax_scale=scale, return_lse=True,
+        got = ops.decode_tied(*on_device(*args), softmax_scale=scale, return_lse=True,
                               plan=plan, backend="triton")
-        _check(f"triton/{name}", got, truth, baseline)
+        check_out_lse(f"triton/{name}", got, truth, baseline)
 
 
 # Query lens and cache lens (page 16): 16 queries filling one page from position 0; 17
@@ -182,10 +172,10 @@ def test_prefill_page_edges_shared_pages_strided_operands(garbage):
                           1 / math.sqrt(d_qk))
     args = (q, k_cache, v_cache, table, cu, seqlens)
     baseline = ops.prefill(*args, return_lse=True, backend="torch")
-    _check("reference", baseline, truth, baseline)
+    check_out_lse("reference", baseline, truth, baseline)
     for name, plan in (("no plan", None), ("plan", ops.plan_prefill(cu, seqlens))):
-        got = ops.prefill(*_on_device(*args), return_lse=True, plan=plan, backend="triton")
-        _check(f"triton/{name}", got, truth, baseline)
+        got = ops.prefill(*on_device(*args), return_lse=True, plan=plan, backend="triton")
+        check_out_lse(f"triton/{name}", got, truth, baseline)
 
 
 # e4m3fn holds no inf: an fp8 cache's garbage is NaN (and no other tied prefill case is fp8).
@@ -211,10 +201,10 @@ def test_prefill_tied_page_edges_shared_pages_strided_operands(garbage, cache_dt
     args = (q_nope, q_rope, kv_cache, rope_cache, table, cu, seqlens)
     kw = dict(softmax_scale=scale, return_lse=True, kv_scale=kv_scale)
     baseline = ops.prefill_tied(*args, backend="torch", **kw)
-    _check("reference", baseline, truth, baseline)
-    got = ops.prefill_tied(*_on_device(*args), plan=ops.plan_prefill(cu, seqlens),
+    check_out_lse("reference", baseline, truth, baseline)
+    got = ops.prefill_tied(*on_device(*args), plan=ops.plan_prefill(cu, seqlens),
                            backend="triton", **kw)
-    _check("triton", got, truth, baseline)
+    check_out_lse("triton", got, truth, baseline)
 
 
 def test_shared_table_shares_and_reuses():

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from hwattn import ops
-from tests.conftest import assert_close_derived
-from tests.ops.paged import DEVICE, attention_truth, fill_cache, gather_truth, paged_table
+from tests.ops.paged import (attention_truth, check_out_lse, fill_cache, gather_truth, on_device,
+                              paged_table)
 
 FP8 = torch.float8_e4m3fn
 
@@ -39,16 +39,6 @@ def prefill_truth(q: torch.Tensor, query_lens: list[int], keys: list[torch.Tenso
 
 def varlen(query_lens: list[int]):
     return torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def _on_device(*tensors):
-    return [t.to(DEVICE) for t in tensors]
-
-
-def _check(name, got, truth, baseline):
-    out, lse = (t.cpu() for t in got)
-    assert_close_derived(out, truth[0], baseline[0], what=f"{name} out")
-    assert_close_derived(lse, truth[1], baseline[1], what=f"{name} lse")
 
 
 # (query lens, cache lens, H_q, H_kv, D_qk, D_v, page, dtype, cache dtype)
@@ -91,12 +81,12 @@ def test_prefill_matches_fp64(case):
                           [gather_truth(v_real, table, b, n) for b, n in enumerate(lengths)], scale)
     kw = dict(return_lse=True, k_scale=scales[0], v_scale=scales[1])
     baseline = ops.prefill(q, k_cache, v_cache, table, cu, seqlens, backend="torch", **kw)
-    _check("reference", baseline, truth, baseline)
+    check_out_lse("reference", baseline, truth, baseline)
     plan = ops.plan_prefill(cu, seqlens)
     for name, p in (("no plan", None), ("plan", plan)):
-        got = ops.prefill(*_on_device(q, k_cache, v_cache, table, cu, seqlens), backend="triton",
+        got = ops.prefill(*on_device(q, k_cache, v_cache, table, cu, seqlens), backend="triton",
                           plan=p, **kw)
-        _check(f"triton/{name}", got, truth, baseline)
+        check_out_lse(f"triton/{name}", got, truth, baseline)
 
 
 @pytest.mark.parametrize("case", TIED_CASES)
@@ -118,10 +108,10 @@ def test_prefill_tied_matches_fp64(case):
     truth = prefill_truth(torch.cat([q_nope, q_rope], -1), query_lens, keys, values, scale)
     args = (q_nope, q_rope, kv_cache, rope_cache, table, cu, seqlens)
     baseline = ops.prefill_tied(*args, softmax_scale=scale, return_lse=True, backend="torch")
-    _check("reference", baseline, truth, baseline)
-    got = ops.prefill_tied(*_on_device(*args), softmax_scale=scale, return_lse=True,
+    check_out_lse("reference", baseline, truth, baseline)
+    got = ops.prefill_tied(*on_device(*args), softmax_scale=scale, return_lse=True,
                            plan=ops.plan_prefill(cu, seqlens), backend="triton")
-    _check("triton", got, truth, baseline)
+    check_out_lse("triton", got, truth, baseline)
 
 
 @pytest.mark.parametrize("block_m, block_n, page", [(16, 64, 16), (64, 32, 64), (128, 16, 1)],
@@ -143,10 +133,10 @@ def test_other_tiles(block_m, block_n, page):
     baseline = ops.prefill(q, k_cache, v_cache, table, cu, seqlens, softmax_scale=0.125,
                            return_lse=True, backend="torch")
     config = triton_prefill.PrefillConfig(block_m=block_m, block_n=block_n, num_warps=4)
-    got = triton_prefill.prefill(*_on_device(q, k_cache, v_cache, table, cu, seqlens),
+    got = triton_prefill.prefill(*on_device(q, k_cache, v_cache, table, cu, seqlens),
                                  softmax_scale=0.125, plan=ops.plan_prefill(cu, seqlens),
                                  config=config)
-    _check(f"block_m={block_m} block_n={block_n}", got, truth, baseline)
+    check_out_lse(f"block_m={block_m} block_n={block_n}", got, truth, baseline)
 
 
 def test_rows_of_equal_length_equal_decode():
@@ -161,7 +151,7 @@ def test_rows_of_equal_length_equal_decode():
     dec_out, dec_lse = ops.decode(q, k_cache, v_cache, table, seqlens, return_lse=True,
                                   backend="torch")
     for backend in ("torch", "triton"):
-        args = _on_device(q.flatten(0, 1), k_cache, v_cache, table, varlen([l_q] * 3), seqlens)
+        args = on_device(q.flatten(0, 1), k_cache, v_cache, table, varlen([l_q] * 3), seqlens)
         out, lse = (t.cpu() for t in ops.prefill(*args, return_lse=True, backend=backend))
         torch.testing.assert_close(out, dec_out.flatten(0, 1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, dec_lse.permute(1, 0, 2).flatten(1), rtol=1e-5, atol=1e-5)
@@ -174,7 +164,7 @@ def test_no_query_rows():
     k_cache, _ = fill_cache((1, 32), lengths, table, n_pool, page, torch.bfloat16)
     q = torch.empty(0, 2, 32, dtype=torch.bfloat16)
     for backend in ("torch", "triton"):
-        out, lse = ops.prefill(*_on_device(q, k_cache, k_cache, table, varlen([0, 0]),
+        out, lse = ops.prefill(*on_device(q, k_cache, k_cache, table, varlen([0, 0]),
                                            torch.tensor(lengths, dtype=torch.int32)),
                                return_lse=True, backend=backend)
         assert out.shape == (0, 2, 32) and lse.shape == (2, 0)
