@@ -214,8 +214,7 @@ def part_prefill(setup: Setup, args, peaks, rows: list) -> list[dict]:
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, net.config.vocab_size, (args.prefill_batch, n),
                                 generator=g).tolist()
-        # Forward FLOPs per token at context n: a third of the training count.
-        flops = net.flops_per_token(n) / 3 * n * args.prefill_batch
+        flops = prefill_flops(net, [n] * args.prefill_batch)
         for chunk in sorted({n, args.chunk}, reverse=True):
             def run(prompts=prompts, chunk=chunk):
                 done = 0
@@ -237,6 +236,18 @@ def part_prefill(setup: Setup, args, peaks, rows: list) -> list[dict]:
         free(runner, net)
         part_prefill_unequal(setup, args, peaks, rows, variant)
     return rows
+
+
+def prefill_flops(net, lengths: list[int]) -> float:
+    """Forward FLOPs of prefilling whole prompts of `lengths` tokens: a third of the training
+    count per token (2 per matmul weight, attention over the full context of n as is the
+    convention), less the output head on every token but the last of each prompt (the
+    runner computes the logits of that token only) and, untied, the input embedding (a
+    lookup, no matmul)."""
+    head = 2 * net.output.weight.numel()
+    tied = net.output.weight is net.tok_embeddings.weight
+    lookup = 0 if tied else 2 * net.tok_embeddings.weight.numel()
+    return sum(net.flops_per_token(n) / 3 * n - head * (n - 1) - lookup * n for n in lengths)
 
 
 def unequal_lengths(batch: int, mean: int) -> list[int]:
@@ -263,7 +274,7 @@ def part_prefill_unequal(setup: Setup, args, peaks, rows: list, variant: str) ->
         g = torch.Generator().manual_seed(2)
         prompts = [torch.randint(0, net.config.vocab_size, (n,), generator=g).tolist()
                    for n in lens]
-        flops = sum(net.flops_per_token(n) / 3 * n for n in lens)
+        flops = prefill_flops(net, lens)
         saved = base.DENSE_LOOP_MIN_MEAN_LEN
         try:
             routes = [("dense loop", 0), ("paged op", 1 << 62)]

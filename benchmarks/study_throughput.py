@@ -157,7 +157,10 @@ def main(argv=None) -> int:
                    "flops_per_token": res["flops_per_token"], "tokens_per_s": tps,
                    "ms_per_step": 1e3 * args.batch_size * args.seq_len / tps if tps else None,
                    "tflops": tps * res["flops_per_token"] / 1e12,
-                   "mfu": res.get("steady_mfu"),
+                   # From this row's steady rate (the trainer's own leaves the profiled
+                   # window in), against the peak the run was given.
+                   "mfu": (tps * res["flops_per_token"] / (cfg.peak_tflops * 1e12)
+                           if cfg.peak_tflops and tps else None),
                    "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                    "first_window_s": first.get("step_s"), "wall_s": wall,
                    # (the check is of the default path; a cuDNN row did not take it)

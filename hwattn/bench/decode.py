@@ -371,7 +371,9 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
     row = dict(case, heads_local=h_q, kv_heads_local=h_kv, cache_dtype=options.cache_dtype)
     b, length, l_q = case["batch"], case["context"], case["query_len"]
     flops = b * layer.decode_flops(length, l_q, case["tp"])
-    nbytes = b * layer.decode_bytes(length, l_q, case["tp"], cache_dtype)
+    # The cache at its own width; q and out stay bf16 (decode_bytes counts them at `dtype`).
+    nbytes = b * (layer.decode_bytes(0, l_q, case["tp"], torch.bfloat16)
+                  + length * layer.kv_bytes_per_token(case["tp"], cache_dtype))
     copy_gbps, mm_tflops = peaks
     roofline_us = max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6)
 

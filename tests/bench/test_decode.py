@@ -126,3 +126,20 @@ def test_programs_per_sm_sweep_times_each_plan_and_checks_it():
     assert row["check_rel_err"] < 1e-2
     with pytest.raises(ValueError, match="programs_per_sm must be positive"):
         decode.DecodeOptions(programs_per_sm=(0,))
+
+
+@pytest.mark.parametrize("variant, heads", [("gla-2", 8), ("gqa-2", 4)])
+def test_fp8_rows_count_queries_and_outputs_in_bf16(variant, heads):
+    """Over an fp8 cache the queries and the output stay bf16: the fewest bytes are the cache
+    at one byte an element plus q and out at two (as benchmarks/hopper_decode.py counts)."""
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, cache_dtype="fp8", warmup_ms=1,
+                                   rep_ms=1, no_sdpa=True, no_hopper=True, external=False)
+    case = dict(variant=variant, heads=heads, tp=1, batch=2, context=70, query_len=2, page=16)
+    row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
+                            device=DEVICE.type)
+    layer = decode.layer_for(variant, heads, 32, 16)
+    d_qk, d_v = layer.decode_widths()
+    q_and_out = 2 * heads * (d_qk + d_v) * 2  # L_q = 2 rows, bf16
+    cache = 70 * layer.kv_bytes_per_token(1, torch.float8_e4m3fn)
+    assert row["bytes"] == 2 * (cache + q_and_out)
+    assert row["GBps"] == pytest.approx(row["bytes"] / row["us"] / 1e3)

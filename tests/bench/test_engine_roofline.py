@@ -52,3 +52,34 @@ def test_engine_roofline_tiny_prefill_with_unequal_prompts(tmp_path):
     assert [r["route"] for r in unequal] == ["dense loop"]
     assert unequal[0]["lengths"] == [4, 16, 28] and unequal[0]["tokens_per_s"] > 0
     assert "prompts of unequal lengths" in table
+
+
+@pytest.mark.parametrize("variant, tied", [("gqa-4", True), ("mla", True), ("gla-2", False)])
+def test_prefill_flops_count_the_output_head_once_per_prompt(variant, tied):
+    """The prefill MFU's FLOPs: the matrix products a whole-prompt prefill runs (counted by
+    PyTorch's FlopCounterMode: the output head on each prompt's last token only, as the
+    runner does) plus attention over the full context (the convention)."""
+    import importlib.util
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hwattn.engine.loader import build_model
+
+    spec = importlib.util.spec_from_file_location("engine_roofline_mod",
+                                                  ROOT / "benchmarks" / "engine_roofline.py")
+    er = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(er)
+    net = build_model("tiny", attention=variant, dtype=torch.float32, device=torch.device("cpu"),
+                      seed=0, overrides=dict(max_seq_len=128, tie_embeddings=tied))
+    lengths = [48, 20]
+    counted = 0
+    for n in lengths:
+        tokens = torch.randint(0, net.config.vocab_size, (1, n))
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            hidden = net(tokens, hidden_only=True)
+            net.output(hidden[:, -1:])
+        # SDPA is not counted on the CPU; its full-context count is added (the convention).
+        sdpa = sum(v for k, v in fc.get_flop_counts()["Global"].items() if "attention" in str(k))
+        counted += fc.get_total_flops() - sdpa + net.attention_flops_per_token(n) / 3 * n
+    assert er.prefill_flops(net, lengths) == pytest.approx(counted, rel=1e-9)
