@@ -49,7 +49,8 @@ def roofline_us(flops: float, nbytes: float, gpu: GPUSpec) -> tuple[float, str]:
 def analyze(preset: str = "xl", variants=DEFAULT_VARIANTS, tps=(1,), batch: int = 128,
             context: int = 8192, dtype: str = "bf16", gpu: GPUSpec = GPUS["h100"]) -> list[dict]:
     """One row per (variant, TP degree); byte and time figures are per rank. ValueError
-    naming `batch` or `context` unless a positive integer, `variants` or `tps` when empty."""
+    naming `batch` or `context` unless a positive integer, `tps` unless positive integers,
+    `variants` or `tps` when empty."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     for name, value in (("batch", batch), ("context", context)):
@@ -60,6 +61,9 @@ def analyze(preset: str = "xl", variants=DEFAULT_VARIANTS, tps=(1,), batch: int 
         raise ValueError("variants must name at least one variant")
     if not tps:
         raise ValueError("tps must hold at least one TP degree")
+    for tp in tps:  # a float or bool degree went through, giving float byte counts
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp <= 0:
+            raise ValueError(f"tps must hold positive integers, got {tp!r}")
     torch_dtype = DTYPES[dtype]
     rows = []
     for label in variants:

@@ -179,14 +179,34 @@ class HwattnLM(LM):
             out.append(total)
         return out
 
+    # lm-eval's names for the number of tokens to generate, first found wins (as its
+    # `normalize_gen_kwargs` reads them).
+    MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation of each request's context, cut at the first of its `until`
+        strings (the string itself dropped) or <|endoftext|>, at most `max_gen_toks` tokens
+        (default 64). The context keeps its last max_length - max_gen_toks tokens; a
+        max_gen_toks of max_length or more, or sampling (do_sample, temperature > 0), is
+        refused."""
         out = []
         for req in requests:
             context, gen = req.args
             until = gen.get("until", []) or []
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen.get("max_gen_toks", 64))
+            until = [u for u in until if u]  # lm-eval skips '' (it would stop at once)
+            given = [gen[k] for k in self.MAX_TOKEN_KEYS if gen.get(k) is not None]
+            max_new = int(given[0]) if given else 64
+            if max_new >= self.max_length:  # no room left for the context (`--model hf` asserts)
+                raise ValueError(f"hwattn: max_gen_toks {max_new} leaves no room for the context "
+                                 f"in max_length {self.max_length}; give max_gen_toks below "
+                                 f"{self.max_length} or a larger max_length")
+            temperature = float(gen.get("temperature", 0.0) or 0.0)
+            if gen.get("do_sample", temperature > 0):
+                raise ValueError(f"hwattn generates greedily: sampling (do_sample="
+                                 f"{gen.get('do_sample')}, temperature={temperature}) is not "
+                                 f"supported")
             ids = self.tokenizer.encode(context)[-(self.max_length - max_new):] or [self.tokenizer.eot_id]
             x = torch.tensor([ids], device=self.device)
             new = []

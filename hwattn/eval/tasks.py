@@ -191,25 +191,28 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
     continuation given the context, and whether greedy decoding would produce it.
 
     Contexts are cut from the left to fit `max_len` tokens in all; when a continuation alone
-    needs more, `max_len` is raised to hold it plus one context token (up to the model's
-    `max_seq_len`). `bar` (a progress bar, optional) advances by the pairs of each batch."""
+    needs more, that pair's `max_len` is raised to hold it plus one context token (up to the
+    model's `max_seq_len`), the others' left as they are, so no pair's score depends on the
+    pairs it is scored with. `bar` (a progress bar, optional) advances by the pairs of each
+    batch."""
     if not batch_size >= 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not max_len >= 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     device = next(model.parameters()).device
-    longest = max((len(c) for _, c in pairs), default=1)
     limit = getattr(getattr(model, "config", None), "max_seq_len", None) or max_len
-    max_len = max(max_len, min(longest + 1, limit))
-    rows = []
+    rows, windows = [], []
     for ctx, cont in pairs:
         if not ctx:  # its first token would have nothing to be predicted from
             raise ValueError("every continuation needs a context of at least one token "
                              "(HwattnLM gives an empty context <|endoftext|>)")
-        if not cont or len(cont) > max_len:
-            raise ValueError(f"continuation must have 1..{max_len} tokens, got {len(cont)}")
-        seq = (ctx + cont)[-(max_len + 1):]
+        # Per pair: one long continuation once widened every pair's window.
+        window = max(max_len, min(len(cont) + 1, limit))
+        if not cont or len(cont) > window:
+            raise ValueError(f"continuation must have 1..{window} tokens, got {len(cont)}")
+        seq = (ctx + cont)[-(window + 1):]
         rows.append((seq[:-1], len(cont)))
+        windows.append(window)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     for b in range(0, len(order), batch_size):
@@ -222,7 +225,7 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
             logits = model(inp.to(device))  # (b, width, V)
         for r, i in enumerate(idx):
             seq, n_cont = rows[i]
-            full = (pairs[i][0] + pairs[i][1])[-(max_len + 1):]
+            full = (pairs[i][0] + pairs[i][1])[-(windows[i] + 1):]
             targets = torch.tensor(full[-n_cont:], device=logits.device)
             lp = F.log_softmax(logits[r, len(seq) - n_cont:len(seq)].float(), dim=-1)  # (n_cont, V)
             ll = lp.gather(1, targets[:, None]).sum()

@@ -17,6 +17,8 @@ from hwattn.analysis.cost import analyze
     (dict(context=8192.0), "context must be a positive integer"),
     (dict(variants=()), "variants must name at least one variant"),
     (dict(tps=()), "tps must hold at least one TP degree"),
+    (dict(tps=(2.0,)), "tps must hold positive integers, got 2.0"),  # was float byte counts
+    (dict(tps=(1, True)), "tps must hold positive integers, got True"),
 ])
 def test_analyze_refuses_a_workload_that_is_none_by_name(kw, match):
     with pytest.raises(ValueError, match=match):
