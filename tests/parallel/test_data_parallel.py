@@ -588,14 +588,24 @@ def test_ctrl_c_while_replicas_start_leaves_no_replica_running(monkeypatch):
     monkeypatch.setenv("HWATTN_FAULT", "replica:build:0:hang")
     before = set(children(os.getpid()))
     replicas = ReplicaProcesses(2, None, setup_timeout=60)
-    timer = threading.Timer(4.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    started, stop = set(), threading.Event()
+
+    def interrupt():  # once both replicas run (not after a fixed time: a busy machine is slow)
+        deadline = time.monotonic() + 40
+        while len(started) < 2 and time.monotonic() < deadline and not stop.is_set():
+            started.update(set(children(os.getpid())) - before)
+            time.sleep(0.1)
+        if not stop.wait(1.0):  # replica 1 builds meanwhile; replica 0 hangs in its build
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             replicas.start(dict(engine=dict(TINY), threads=1))
     finally:
-        timer.cancel()
-    started = set(children(os.getpid())) - before
+        stop.set()
+        thread.join()
     assert len(started) == 2
     assert not wait_gone(started, 5.0)
 
