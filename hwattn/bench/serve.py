@@ -153,7 +153,7 @@ async def run_load(target, prompts: list[list[int]], max_tokens: int, max_concur
         raise ValueError(f"the number of prompts must be in [1, {MAX_REQUESTS}], got {len(prompts)}")
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-    if request_rate is not None and request_rate <= 0:
+    if request_rate is not None and not request_rate > 0:  # `not >`: NaN fails too
         raise ValueError(f"request_rate must be > 0, got {request_rate}")
     await target.setup()
     rng = random.Random(seed)
@@ -183,9 +183,9 @@ async def run_load(target, prompts: list[list[int]], max_tokens: int, max_concur
     tasks = []
     try:
         async with asyncio.timeout(max_duration_s):
-            for prompt, rec in zip(prompts, records):
+            for i, (prompt, rec) in enumerate(zip(prompts, records)):
                 tasks.append(asyncio.create_task(one(prompt, rec)))
-                if request_rate:
+                if request_rate and i + 1 < len(prompts):  # gaps between arrivals only
                     await asyncio.sleep(rng.expovariate(request_rate))
             await asyncio.gather(*tasks)
         timed_out = False
@@ -246,7 +246,8 @@ def bench_serve(lengths: list[int], output_len: int, *, url: str | None = None,
     (loopback only), or to `engine` (an engine `create_engine` built) served in this process:
     driven through `AsyncEngine` directly, or with `http` through a real uvicorn on a loopback
     port. The first `warmup_requests` prompts are sent once untimed. Returns `run_load`'s
-    document. The engine itself is left running: its owner shuts it down."""
+    document with the settings and the device ("cuda", "cpu"; None for a `url`). The engine
+    itself is left running: its owner shuts it down."""
     if (url is None) == (engine is None):
         raise ValueError("give either url (a running server) or engine (in-process)")
     if warmup_requests < 0:
@@ -275,8 +276,12 @@ def bench_serve(lengths: list[int], output_len: int, *, url: str | None = None,
                 def make_target():
                     return direct
         prompts = [random_prompts(1, n, vocab, seed=seed + i)[0] for i, n in enumerate(lengths)]
-        return asyncio.run(_measure(make_target, prompts, output_len, max_concurrency,
-                                    request_rate, seed, max_duration_s, warmup_requests, progress))
+        doc = asyncio.run(_measure(make_target, prompts, output_len, max_concurrency,
+                                   request_rate, seed, max_duration_s, warmup_requests, progress))
+        # The settings and, in process, the device (a server at `url` does not say its own).
+        doc.update(device=None if engine is None else str(engine.device), output_len=output_len,
+                   seed=seed, warmup_requests=warmup_requests, max_duration_s=max_duration_s)
+        return doc
     finally:
         if server is not None:
             server.should_exit = True

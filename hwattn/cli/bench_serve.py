@@ -68,7 +68,9 @@ def run(args) -> int:
     finally:
         if engine is not None:
             engine.shutdown()
-    doc.update(target=args.url or f"in-process {args.model} ({'http' if args.http else 'direct'})")
+    doc.update(target=args.url or f"in-process {args.model} ({'http' if args.http else 'direct'})",
+               num_prompts=args.num_prompts, prompt_len=args.prompt_len,
+               prompt_spread=args.prompt_spread)
     if not args.json:
         print(format_report(doc))
     emit_json(doc, args.out)
@@ -109,6 +111,10 @@ def check_args(args) -> None:
     if args.warmup_requests < 0:
         raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
     at_least(args, 1, "num_prompts", "prompt_len", "output_len", "max_concurrency")
+    from hwattn.bench.serve import MAX_REQUESTS
+
+    if args.num_prompts > MAX_REQUESTS:
+        raise ValueError(f"--num-prompts must be <= {MAX_REQUESTS}, got {args.num_prompts}")
     positive(args, "request_rate", "max_duration")
     check_output_file(args.out)
     if args.url is not None:

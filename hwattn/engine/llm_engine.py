@@ -417,9 +417,14 @@ class LLMEngine:
         for seq in decodes:
             seq.num_cached += 1
         for seq, n in prefills:
+            # Prompt tokens computed for the first time: a preempted sequence's recompute (of
+            # its prompt and of the tokens it generated) is no new prompt token.
+            counted = min(seq.num_cached + n, seq.num_prompt_tokens)
+            self.counters["prompt_tokens"] += max(0, counted - max(seq.num_cached,
+                                                                   seq.num_prompt_counted))
+            seq.num_prompt_counted = max(seq.num_prompt_counted, counted)
             seq.num_cached += n
             seq.draft_cached = seq.num_cached
-            self.counters["prompt_tokens"] += n
             self._register(seq)
         inflight = InFlight(tokens, [], deferred=deferred)
         for seq in decodes + [s for s, _ in prefills if id(s) in ok]:

@@ -13,6 +13,8 @@ exactly from softmax(logits).
 min(1, p(d_i) / q(d_i)); at the first rejection the token is drawn from normalize(max(p - q, 0)),
 and after k acceptances a bonus token is drawn from p. The output is distributed as p
 (Leviathan et al. 2023; Chen et al. 2023). Greedy requests accept a draft iff it is p's argmax.
+Its tokens are not those `sample` draws at the same seed and positions: a seeded request of a
+draft-model engine gets other tokens (of the same law) when a batch mate makes its steps plain.
 
 `matching_verify` verifies the drafts of a deterministic drafter (q one-hot, n-gram lookup)
 by drawing, at each of the k + 1 positions, the very token `sample` draws there without

@@ -88,7 +88,11 @@ class SamplingParams:
         `logit_bias`; ids must be in the model's vocabulary (checked when the request is
         queued), biases finite (the server takes -100 to 100, as OpenAI does). None or {}: off.
     seed: makes this request's samples reproducible whatever else runs beside it; when None
-        the engine draws one from its own seeded generator.
+        the engine draws one from its own seeded generator. With a draft model speculating,
+        the tokens also depend on which of its steps verified drafts (a verify step draws
+        other tokens than a plain step, from the same law), and a batch mate can make a step
+        plain (penalties, min_tokens, log-probabilities, the end of its context,
+        `speculative_disable_batch_size`); n-gram speculation draws the plain tokens.
     stop: a string or a list of strings that end the output when they appear (the stop string
         is not returned unless include_stop_str_in_output).
     stop_token_ids: token ids that end the output (the id is kept in `token_ids`); each must

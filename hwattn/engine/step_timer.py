@@ -136,6 +136,6 @@ def summarize(steps: list[dict[str, float]]) -> dict:
     for key in (*PHASES, *LAUNCH_PARTS, "gc", "host"):
         values = sorted(r.get(key, 0.0) * 1e6 for r in rows)
         out[key] = dict(median=statistics.median(values),
-                        p90=values[min(len(values) - 1, int(0.9 * len(values)))],
+                        p90=values[(9 * len(values) + 9) // 10 - 1],  # nearest rank: ceil(0.9 n)
                         max=values[-1])
     return out

@@ -420,14 +420,23 @@ class Attention(nn.Module):
         Without `meta` this is the causal training path. With `meta` and this layer's `cache`
         (the tensors from `allocate_cache`), the step's states are written to the cache first;
         a prefill step's B·T tokens are the packed rows of `meta.cu_seqlens_q`'s sequences.
+        cos and sin may also be (1, T, d_R / 2), one row of positions for the whole batch.
+
+        Raises ValueError for x not (B, T, D), cos or sin not shaped as the tokens are (they
+        would broadcast: every token rotated to another token's position), metadata without
+        its cache, or a prefill step's metadata without its plan.
         """
+        self._check_inputs(x, cos, sin)
+        if meta is not None and cache is None:
+            raise ValueError("cache must be given together with meta")
+        if meta is not None and meta.is_prefill and meta.plan is None:
+            raise ValueError("a prefill step's metadata needs its plan (AttentionMetadata."
+                             "for_prefill / for_step make it; else meta.backend.plan_prefill)")
         batch, seq = x.shape[:2]
         q, states = self.project(x, cos, sin)
         if meta is None:
             out = self.attend(q, states)
         else:
-            if cache is None:
-                raise ValueError("cache must be given together with meta")
             self._store(cache, states, meta)
             if meta.is_prefill and meta.plan.fresh and self._attends_densely(meta):
                 out = self._attend_fresh(q, states, meta.plan.query_lens)  # (N, H, d_h)
@@ -436,6 +445,17 @@ class Attention(nn.Module):
             else:
                 out = self.decode(q, cache, meta)
         return self.wo(out.reshape(batch, seq, -1))
+
+    def _check_inputs(self, x: Tensor, cos: Tensor, sin: Tensor) -> None:
+        """`forward`'s shape checks (host metadata only)."""
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
+        batch, seq = x.shape[:2]
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dim() != 3 or t.shape[0] not in (1, batch) or t.shape[1:] != (seq, self.rope_dim // 2):
+                raise ValueError(f"{name} must be (B={batch} or 1, T={seq}, d_R / 2="
+                                 f"{self.rope_dim // 2}) for x {tuple(x.shape)}, got "
+                                 f"{tuple(t.shape)}")
 
     def _attends_densely(self, meta: AttentionMetadata) -> bool:
         """Whether a step of whole prompts goes through `_attend_fresh` rather than the paged

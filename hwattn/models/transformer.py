@@ -130,7 +130,7 @@ class Transformer(nn.Module):
             (e.g. compiled copies of the blocks, sharing their parameters).
 
         Raises ValueError for tokens that are not a non-empty (B, T) integer tensor, or (on
-        the CPU) hold an id outside [0, vocab_size).
+        the CPU) hold an id outside [0, vocab_size), or for `meta` of another step's shape.
         """
         check_tokens(tokens, self.config.vocab_size)
         b, t = tokens.shape
@@ -140,6 +140,10 @@ class Transformer(nn.Module):
             if kv_caches is None or len(kv_caches) != len(self.layers):
                 raise ValueError(f"kv_caches must hold one cache per layer ({len(self.layers)})")
             positions = meta.positions(t)
+            if positions.shape != tokens.shape:
+                raise ValueError(f"meta's token positions {tuple(positions.shape)} (token_positions, "
+                                 f"else the last T of each of its sequences) must be shaped as "
+                                 f"the tokens {tuple(tokens.shape)}: it describes another step")
         blocks = self.layers if blocks is None else blocks
         if len(blocks) != len(self.layers):
             raise ValueError(f"blocks must hold one callable per layer ({len(self.layers)})")

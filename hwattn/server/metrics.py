@@ -66,26 +66,31 @@ class LatencyMetrics:
 class RequestTimer:
     """Observes one request's outputs as they arrive: the first new token gives its time to
     first token, each later one an inter-token latency (a step that brings several tokens,
-    as speculative decoding does, spreads its interval over them; n completions advance
-    together, so their tokens count as one stream), the last output the end-to-end latency."""
+    as speculative decoding does, spreads its interval over them; each of the n completions
+    is a stream of its own, timed from its own previous token, as vLLM times n > 1 requests),
+    the last output the end-to-end latency."""
 
     def __init__(self, metrics: LatencyMetrics):
         self.metrics = metrics
-        self.start = self.last = time.perf_counter()
-        self.tokens = 0
+        self.start = time.perf_counter()
+        self.seen: dict[int, tuple[int, float]] = {}  # completion -> (tokens, time of last)
 
     def observe(self, output) -> None:
         """`output`: the request's latest `RequestOutput`."""
         now = time.perf_counter()
-        tokens = sum(len(o.token_ids) for o in output.outputs)
-        new = tokens - self.tokens
-        if new > 0:
-            if self.tokens == 0:
-                self.metrics.ttft.observe(now - self.start)
-            else:
+        first = not self.seen
+        for o in output.outputs:
+            tokens = len(o.token_ids)
+            before, last = self.seen.get(o.index, (0, None))
+            new = tokens - before
+            if new <= 0:
+                continue
+            if last is not None:  # a completion's first token is no inter-token gap
                 for _ in range(new):
-                    self.metrics.itl.observe((now - self.last) / new)
-            self.tokens, self.last = tokens, now
+                    self.metrics.itl.observe((now - last) / new)
+            self.seen[o.index] = (tokens, now)
+        if first and self.seen:
+            self.metrics.ttft.observe(now - self.start)
         if output.finished:
             self.metrics.e2e.observe(now - self.start)
 

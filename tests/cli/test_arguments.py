@@ -594,6 +594,7 @@ def test_bench_serve_url_refuses_in_process_options(capsys, argv, flag):
     (["--max-duration", "0"], "--max-duration"),  # was nothing measured, exit 0
     (["--prompt-len", "2000"], "--prompt-len"),   # was clipped to the context silently
     (["--served-model-name", "x"], "--served-model-name"),
+    (["--num-prompts", "10001"], "--num-prompts"),  # was refused unnamed, after the build
 ])
 def test_bench_serve_in_process_values(capsys, monkeypatch, argv, flag):
     import hwattn.cli.serve as serve_cli

@@ -93,3 +93,14 @@ def test_collecting_starts_empty_and_times_collections_inside_only():
         timer.end_step()
     assert not timer.attached and timer._on_gc not in gc.callbacks
     assert len(timer.steps) == 1 and timer.steps[0]["gc"] > 0
+
+
+def test_p90_is_the_nearest_rank():
+    # Ten steps of 1..10 us: the 90th percentile is the 9th value (nearest rank), not the max.
+    def steps(n):
+        return [dict(StepTimer._empty(), launch=i * 1e-6) for i in range(1, n + 1)]
+
+    doc = summarize(steps(10))
+    assert doc["launch"]["p90"] == pytest.approx(9) and doc["launch"]["max"] == pytest.approx(10)
+    doc = summarize(steps(20))
+    assert doc["launch"]["p90"] == pytest.approx(18)
