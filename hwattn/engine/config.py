@@ -81,9 +81,10 @@ class EngineConfig:
     overlap_scheduling: launch each step before reading the previous one back, so the host's
         work runs while the device computes (plain decoding in one process).
     launch_thread: with overlapped scheduling, make the launches from a thread of their own
-        (`model_runner.LaunchThread`): the CUDA API's time in each launch (graph replay,
-        copies) then overlaps the engine's Python instead of adding to it. Off by default:
-        not yet measured on a GPU; on the CPU it changes no output (tests).
+        (`hwattn/engine/launch.py`'s `LaunchThread`): the CUDA API's time in each launch
+        (graph replay, copies) then overlaps the engine's Python instead of adding to it. Off
+        by default: on an H200 the step with it was within -2% ... +6% of the step without it
+        (docs/results/engine.md, run 7); on the CPU it changes no output (tests).
     """
 
     model: str | None = None

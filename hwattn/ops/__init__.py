@@ -13,7 +13,8 @@ An `AttentionBackend` (`backends/`) implements them: "torch" runs the plain refe
 `reference.py`, "triton" the kernels (`triton_decode.py` launching `kernels/attend.py`,
 `kernels/combine.py`, `kernels/store.py`) with the split-KV planner of `plan.py`, and
 `triton_prefill.py` launching `kernels/prefill.py`. "auto" picks
-Triton for CUDA tensors and the reference for CPU tensors; `register_backend` (or the
+the Hopper backend (`hopper_backend.py`, Gluon kernels) on compute capability 9.0 GPUs, Triton on
+other CUDA devices and the reference for CPU tensors; `register_backend` (or the
 `hwattn.backends` entry-point group) adds others.
 
 Beside them, `linear.py` holds the linear layers' product (`F.linear`, or, opted into with
