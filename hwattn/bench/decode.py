@@ -544,7 +544,7 @@ def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None =
     anchors = anchors_for(gpu)
     peaks = measure_peaks(torch, do_bench)
     external = {k: importlib.util.find_spec(mod) is not None for k, mod in EXTERNAL_KERNELS.items()}
-    print(f"device: {gpu}; torch {torch.__version__}; external kernels importable: "
+    print(f"device: {gpu}; torch {torch.__version__}; external kernel packages installed: "
           f"{', '.join(k for k, v in external.items() if v) or 'none'}", flush=True)
     timed_external, external_line = external_kernels(options)
     print(external_line, flush=True)
