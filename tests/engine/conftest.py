@@ -18,10 +18,9 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def step_to_completion(engine, prompts, params, after_step=None) -> list:
-    """Add `prompts`, step the engine until nothing is left, checking its invariants (and
-    `after_step(engine)`, if given) after every step; the finished outputs in prompt order."""
-    ids = [engine.add_request(p, params) for p in prompts]
+def drain(engine, after_step=None) -> dict:
+    """Step the engine until nothing is left, checking its invariants (and `after_step(engine)`,
+    if given) after every step; {request id: final output} of what finished."""
     done = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -30,4 +29,11 @@ def step_to_completion(engine, prompts, params, after_step=None) -> list:
         engine.check_invariants()
         if after_step is not None:
             after_step(engine)
+    return done
+
+
+def step_to_completion(engine, prompts, params, after_step=None) -> list:
+    """Add `prompts` and `drain` the engine; the finished outputs in prompt order."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    done = drain(engine, after_step)
     return [done[i] for i in ids]

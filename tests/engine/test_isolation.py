@@ -13,6 +13,7 @@ from hwattn.engine import LLM, SamplingParams
 from hwattn.engine.model_runner import ModelRunner, StepInput
 from hwattn.engine.sampler import SamplingInput
 from tests.conftest import failing_on_call
+from tests.engine.conftest import drain
 
 PROMPTS = [[5, 6, 7], [40, 41, 42, 43, 44], [9] * 12]
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.95, seed=3,
@@ -29,12 +30,7 @@ def llms(tmp_path_factory):
 
 
 def run(engine, ids) -> dict:
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
+    done = drain(engine)
     return {i: done[i] for i in ids}
 
 
@@ -232,12 +228,7 @@ def test_requests_finished_before_a_step_fails_are_still_reported(where, monkeyp
     with pytest.raises(RuntimeError, match="lost"):
         engine.step()
     engine.abort_request(aborted)  # finished, not reported yet: never reported now
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
+    done = drain(engine)
     assert sorted(done) == sorted([a, b]) and done[a].finish_reason == "length"
     assert [done[a].token_ids, done[b].token_ids] == want
     assert not engine.requests and not engine.detok
