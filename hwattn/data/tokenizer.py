@@ -236,15 +236,23 @@ class Tokenizer:
             tok = _tokenizers().Tokenizer.from_file(str(path))
         except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
             raise ValueError(f"{path} is not a readable tokenizer file ({err})") from None
-        meta = path.parent / "tokenizer_config.json"
-        name = None
-        if meta.is_file():
-            try:
-                config = json.loads(meta.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as err:
-                raise ValueError(f"{meta} is not valid JSON ({err})") from None
-            name = config.get("hwattn_name") if isinstance(config, dict) else None
+        name = read_json_object(path.parent / "tokenizer_config.json").get("hwattn_name")
         return cls(tok, name=name or path.parent.name, **kwargs)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in `path` ({} when there is no such file); ValueError naming the file
+    when it is not valid JSON or holds something else (a checkpoint's config.json,
+    tokenizer_config.json)."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def _byte_level_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
@@ -364,16 +372,8 @@ def load_tokenizer(model_dir: str | Path | None, vocab_size: int,
         file = Path(model_dir) / TOKENIZER_FILE
     else:
         return ByteTokenizer(vocab_size)
-    eos = None
-    config = Path(model_dir) / "config.json" if model_dir is not None else None
-    if config is not None and config.is_file():
-        try:
-            doc = json.loads(config.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{config} is not valid JSON ({err})") from None
-        if not isinstance(doc, dict):
-            raise ValueError(f"{config} is not a JSON object")
-        eos = doc.get("eos_token_id")
+    eos = read_json_object(Path(model_dir) / "config.json").get("eos_token_id") \
+        if model_dir is not None else None
     loaded = Tokenizer.load(file, require_eot=False, skip_special_tokens=True,
                             eos_token_id=eos if isinstance(eos, int) else None)
     if tokenizer is not None and loaded.vocab_size > vocab_size:

@@ -17,30 +17,18 @@ are broken up as well (`defuse_markers`): a message cannot forge a turn.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from pathlib import Path
 
-from hwattn.data.tokenizer import chat_parts, chat_prompt, message_text
+from hwattn.data.tokenizer import chat_parts, chat_prompt, message_text, read_json_object
 from hwattn.engine.requests import check_prompt_chars
 
 
 def _tokenizer_config(model_dir: str | Path | None) -> dict:
     """The checkpoint's tokenizer_config.json as a dict ({} when there is none); ValueError
     naming the file when it is not a JSON object."""
-    if model_dir is None:
-        return {}
-    path = Path(model_dir) / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return {} if model_dir is None else read_json_object(Path(model_dir) / "tokenizer_config.json")
 
 
 def _read_checkpoint_template(model_dir: str | Path | None) -> str | None:
