@@ -22,8 +22,36 @@ OUT_OF_RANGE = (2**30, -7)  # garbage page ids the kernels must never follow
 
 
 def on_device(*tensors) -> list[torch.Tensor]:
-    """The tensors moved to the device the tests run on (HWATTN_TEST_DEVICE)."""
-    return [t.to(DEVICE) for t in tensors]
+    """The tensors moved to the device the tests run on (HWATTN_TEST_DEVICE), laid out as they
+    were (`same_layout_on`): `.to` would hand a kernel contiguous copies of padded or
+    interleaved views, and the GPU run would not test the layout the CPU run tests."""
+    return same_layout_on(DEVICE, *tensors)
+
+
+def same_layout_on(device: torch.device, *tensors) -> list[torch.Tensor]:
+    """`tensors` on `device` with their shapes, strides and storage offsets, and tensors that
+    were views of one buffer views of one buffer again; what lies between their elements (the
+    NaN of a padded row, another view's data) comes along. Tensors already on `device`'s type
+    of device are returned as they are."""
+    device = torch.device(device)
+    if all(t.device.type == device.type for t in tensors):
+        return list(tensors)
+    return copied_with_layout(device, *tensors)
+
+
+def copied_with_layout(device: torch.device, *tensors) -> list[torch.Tensor]:
+    """`same_layout_on`'s copy, made whatever device the tensors are on: each buffer's bytes
+    once, then each tensor as the same view of the copy."""
+    copies: dict[int, torch.Tensor] = {}
+    moved = []
+    for t in tensors:
+        src = t.untyped_storage()
+        if src.data_ptr() not in copies:
+            raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(src, 0, (src.nbytes(),))
+            copies[src.data_ptr()] = raw.to(device, copy=True)
+        moved.append(torch.empty(0, dtype=t.dtype, device=device).set_(
+            copies[src.data_ptr()].untyped_storage(), t.storage_offset(), t.shape, t.stride()))
+    return moved
 
 
 def check_out_lse(name: str, got, truth, baseline) -> None:

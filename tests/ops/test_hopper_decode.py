@@ -25,7 +25,7 @@ from hwattn import ops
 from hwattn.ops import hopper_decode, triton_decode
 from hwattn.ops.hopper_decode import HopperConfig, TiedShape
 from tests.conftest import assert_close_derived
-from tests.ops.paged import DEVICE, fill_cache, paged_table, tied_case
+from tests.ops.paged import DEVICE, fill_cache, on_device, paged_table, tied_case
 
 SMEM_LIMIT = 232448  # dynamic shared memory one sm_90 program may use (227 KiB)
 
@@ -487,9 +487,8 @@ def test_shared_pages_inf_garbage_strided_queries_on_hopper(case, garbage, varia
     truth, scale = _tied_truth(q_nope, q_rope, kv_real, rope_real, table, lengths, h_kv)
     baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
                                softmax_scale=scale, return_lse=True, backend="torch")
-    args = [t.to(DEVICE) for t in (q, kv_cache, rope_cache, table, seqlens)]
-    args = [args[0][..., :d_nope], args[0][..., d_nope:], *args[1:]]  # still the two halves
-    assert not args[0].is_contiguous() and hopper_decode.why_unsupported(*args[:4]) is None
+    args = on_device(q_nope, q_rope, kv_cache, rope_cache, table, seqlens)  # still the two halves
+    assert args[0].stride() == q_nope.stride() and hopper_decode.why_unsupported(*args[:4]) is None
     for name, plan in _plans(args, h_kv, l_q, page, config).items():
         out, lse = hopper_decode.decode_tied(*args, softmax_scale=scale, plan=plan, config=config)
         assert_close_derived(out.cpu(), truth[0], baseline[0], what=f"{variant} {name} out")
@@ -514,8 +513,8 @@ def test_non_contiguous_caches_fall_back_to_triton_on_hopper():
     truth, scale = _tied_truth(q_nope, q_rope, kv_real, rope_real, table, lengths, h_kv)
     baseline = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
                                softmax_scale=scale, return_lse=True, backend="torch")
-    args = [t.to(DEVICE) for t in (q_nope, q_rope, kv_cache, rope_cache, table, seqlens)]
-    assert "contiguous" in hopper_decode.why_unsupported(*args[:4])
+    args = on_device(q_nope, q_rope, kv_cache, rope_cache, table, seqlens)
+    assert "contiguous" in (hopper_decode.why_unsupported(*args[:4]) or "")
     got = hopper_decode.decode_tied(*args, softmax_scale=scale)
     backend = ops.get_backend("hopper")
     plan = backend.plan(args[5], num_heads_kv=h_kv, page_size=page, device=DEVICE)

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from hwattn import ops
-from tests.ops.paged import (DEVICE, attention_truth, check_out_lse, fill_cache, gather_truth,
-                              on_device, shared_table)
+from tests.ops.paged import (DEVICE, attention_truth, check_out_lse, copied_with_layout,
+                             fill_cache, gather_truth, on_device, shared_table)
 from tests.ops.test_prefill import prefill_truth, varlen
 
 FORCED_SPLIT = 64
@@ -212,6 +212,22 @@ def test_shared_table_shares_and_reuses():
     table, n_pool = shared_table([65, 64, 1, 33, 0], 16)
     assert (table[:4, 0] == table[0, 0]).all() and (table[[0, 1, 3], 2] == table[0, 0]).all()
     assert 0 <= int(table[0, 0]) < n_pool and (table[4] >= n_pool).any()
+
+
+def test_moving_to_the_test_device_keeps_the_layout():
+    """What `on_device` relies on, checked with a CPU-to-CPU copy: views of one padded buffer
+    come back as the same views of one new buffer, the padding's NaN with them."""
+    buf = torch.full((3, 4, 10), float("nan"), dtype=torch.bfloat16)
+    buf[..., :8] = torch.randn(3, 4, 8)
+    kv, rope, q = buf[..., :6].unflatten(-1, (2, 3)), buf[..., 6:8], buf[..., :8].transpose(0, 1)
+    moved = copied_with_layout(torch.device("cpu"), kv, rope, q, torch.arange(5))
+    for old, new in zip((kv, rope, q, torch.arange(5)), moved):
+        assert new.shape == old.shape and new.stride() == old.stride()
+        assert new.storage_offset() == old.storage_offset() and torch.equal(new, old)
+    assert moved[0].untyped_storage().data_ptr() == moved[2].untyped_storage().data_ptr()
+    assert moved[0].untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()
+    whole = torch.empty(0, dtype=buf.dtype).set_(moved[0].untyped_storage(), 0, buf.shape)
+    assert whole[..., 8:].isnan().all()
 
 
 def test_store_from_views_of_a_fused_projection():
