@@ -65,6 +65,9 @@ def analyze(preset: str = "xl", variants=DEFAULT_VARIANTS, tps=(1,), batch: int 
         if not isinstance(tp, int) or isinstance(tp, bool) or tp <= 0:
             raise ValueError(f"tps must hold positive integers, got {tp!r}")
     torch_dtype = DTYPES[dtype]
+    # Queries and outputs stay 16-bit over an fp8 cache (as the engine and `hwattn bench
+    # decode` run it); over a 16/32-bit cache they are the cache's dtype.
+    io_dtype = torch.bfloat16 if torch_dtype.itemsize == 1 else torch_dtype
     rows = []
     for label in variants:
         cfg = ModelConfig.from_preset(preset, **parse_variant(label))
@@ -82,7 +85,8 @@ def analyze(preset: str = "xl", variants=DEFAULT_VARIANTS, tps=(1,), batch: int 
             }
             for lq in (1, 2):
                 flops = attn.decode_flops(context, lq, tp) * batch * cfg.n_layers
-                nbytes = attn.decode_bytes(context, lq, tp, torch_dtype) * batch * cfg.n_layers
+                nbytes = (attn.decode_bytes(0, lq, tp, io_dtype) + context * per_layer
+                          ) * batch * cfg.n_layers
                 us, bound = roofline_us(flops, nbytes, gpu)
                 row[f"arithmetic_intensity_lq{lq}"] = flops / nbytes
                 row[f"decode_attention_us_lq{lq}"] = us

@@ -53,3 +53,26 @@ def test_kv_bytes_match_the_caches_each_rank_allocates(variant, tp):
             per_token = sum(t.numel() * t.element_size() for layer in caches for t in layer) // 64
             assert per_token == row["kv_bytes_per_token"], (name, rank)
             assert row["kv_cache_bytes"] == per_token * 3 * 16
+
+
+@pytest.mark.parametrize("variant", ["gla-2", "gqa-4"])
+def test_fp8_cache_counts_queries_and_outputs_in_bf16(variant):
+    """Over an fp8 cache the queries and outputs stay bf16 (the engine's and `hwattn bench
+    decode`'s accounting): the roofline's bytes are the cache at one byte an element plus q and
+    out at two, not q and out at one byte."""
+    from hwattn.analysis.cost import GPUS, roofline_us
+    from hwattn.config import ModelConfig, parse_variant
+    from hwattn.models.transformer import Transformer
+
+    batch, context = 2, 8
+    row = analyze("small", [variant], [1], batch=batch, context=context, dtype="fp8")[0]
+    cfg = ModelConfig.from_preset("small", **parse_variant(variant))
+    attn = Transformer(cfg, device="meta").layers[0].attn
+    for lq in (1, 2):
+        cache = context * attn.kv_bytes_per_token(1, torch.float8_e4m3fn)
+        q_and_out = attn.decode_bytes(0, lq, 1, torch.bfloat16)
+        nbytes = (cache + q_and_out) * batch * cfg.n_layers
+        flops = attn.decode_flops(context, lq, 1) * batch * cfg.n_layers
+        assert row[f"arithmetic_intensity_lq{lq}"] == pytest.approx(flops / nbytes, rel=1e-12)
+        us, _ = roofline_us(flops, nbytes, GPUS["h100"])
+        assert row[f"decode_attention_us_lq{lq}"] == pytest.approx(us, rel=1e-12)

@@ -93,7 +93,7 @@ def test_anchors_are_data_with_provenance():
     assert h100.lookup("FlashMLA", "mla", 1, 16384) == 1022.6
     assert anchors_for("NVIDIA H200").lookup("FA3", "gla-2", 2, 16384) == 1090
     assert anchors_for("NVIDIA A100-SXM4-80GB") == sets[0]  # another GPU: the oldest reference
-    case = dict(batch=128, heads=128, page=64, tp=1, cache_dtype="bf16")
+    case = dict(batch=128, heads=128, page=64, tp=1, cache_dtype="bf16", head_dim=128, rope_dim=64)
     assert h100.matches(case) and not h100.matches(dict(case, page=16))
 
 
@@ -101,7 +101,8 @@ def test_bench_case_prints_anchors_only_at_their_shape():
     anchors = anchors_for("NVIDIA H100 80GB HBM3")
     shape = dict(anchors.shape)
     fake = type(anchors)("test.json", anchors.gpu, anchors.date, anchors.source,
-                         dict(shape, batch=2, heads=8, page=16), {("FA3", "gla-2", 1, 70): 5.0})
+                         dict(shape, batch=2, heads=8, page=16, head_dim=32, rope_dim=16),
+                         {("FA3", "gla-2", 1, 70): 5.0})
     options = decode.DecodeOptions(head_dim=32, rope_dim=16, no_sdpa=True)
     case = dict(variant="gla-2", heads=8, tp=1, batch=2, context=70, query_len=1, page=16)
     row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
@@ -143,3 +144,46 @@ def test_fp8_rows_count_queries_and_outputs_in_bf16(variant, heads):
     cache = 70 * layer.kv_bytes_per_token(1, torch.float8_e4m3fn)
     assert row["bytes"] == 2 * (cache + q_and_out)
     assert row["GBps"] == pytest.approx(row["bytes"] / row["us"] / 1e3)
+
+
+def test_a_kernel_writing_nan_fails_the_run(monkeypatch, capsys):
+    """A row whose output is NaN has a NaN relative error; NaN > limit is False, so the check
+    must ask 'within the limit?', else the NaN kernel's time is published as a passing row."""
+    real_kernel, real_case = decode.Inputs.kernel, decode.bench_case
+
+    def nan_kernel(self, plan, config):
+        fn = real_kernel(self, plan, config)
+        return lambda: fn() * float("nan")
+
+    def on_cpu(torch_, do_bench, case, options, peaks, configs, **kw):
+        return real_case(torch_, _wall_clock, case, options, peaks, configs, device=DEVICE.type, **kw)
+
+    monkeypatch.setattr(decode.Inputs, "kernel", nan_kernel)
+    monkeypatch.setattr(decode, "bench_case", on_cpu)
+    monkeypatch.setattr(decode, "measure_peaks", lambda torch_, do_bench: (1000.0, 100.0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, no_hopper=True, external=False)
+    case = dict(variant="gqa-2", heads=4, tp=1, batch=2, context=70, query_len=1, page=16)
+    assert decode.run([case], options) == 1
+    assert '"check_rel_err": NaN' in capsys.readouterr().out
+
+
+def test_anchors_are_not_printed_beside_rows_of_other_head_widths():
+    """The anchors were timed at d_h 128, d_R 64 (MLA's latent of 512, GLA-2's two of 256): a row
+    at another --head-dim / --rope-dim (same batch, heads, page, TP, dtype) is another shape and
+    gets no anchor beside it."""
+    for s in load_anchors():
+        assert (s.shape["head_dim"], s.shape["rope_dim"]) == (128, 64), s.name
+    anchors = anchors_for("NVIDIA H100 80GB HBM3")
+    fake = type(anchors)("test.json", anchors.gpu, anchors.date, anchors.source,
+                         dict(anchors.shape, batch=2, heads=8, page=16, head_dim=128, rope_dim=64),
+                         {("FA3", "gla-2", 1, 70): 5.0})
+    case = dict(variant="gla-2", heads=8, tp=1, batch=2, context=70, query_len=1, page=16)
+    for head_dim, rope_dim in ((32, 16), (128, 16)):
+        options = decode.DecodeOptions(head_dim=head_dim, rope_dim=rope_dim, no_sdpa=True,
+                                       no_hopper=True, external=False)
+        row = decode.bench_case(torch, _wall_clock, case, options,
+                                (1000.0, 100.0), [], device=DEVICE.type, anchors=fake)
+        assert not any(k.startswith("anchor_") for k in row), (head_dim, rope_dim, row)

@@ -5,7 +5,8 @@ Each JSON file in this folder is one measurement session on one GPU model:
     gpu       the device name as torch reports it ("NVIDIA H100 80GB HBM3")
     date      the day it was measured; source: what was timed and how
     peaks     copy GB/s and bf16 matmul TFLOP/s measured the same day
-    shape     what every row shares (batch, query heads, page size, TP degree, cache dtype)
+    shape     what every row shares (batch, query heads, page size, TP degree, cache dtype,
+              d_h and d_R: the widths the latents and the RoPE key follow from)
     timings   rows of kernel, variant, query_len, context and us (median µs per call)
 
 `hwattn bench decode` prints the matching anchor beside its own rows. They come from another
@@ -18,7 +19,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
-SHAPE_KEYS = ("batch", "heads", "page", "tp", "cache_dtype")
+SHAPE_KEYS = ("batch", "heads", "page", "tp", "cache_dtype", "head_dim", "rope_dim")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class AnchorSet:
 
     def matches(self, case: dict) -> bool:
         """Whether a bench row's shape is the one these anchors were timed at. `case` holds
-        batch, heads (local query heads), page, tp and cache_dtype."""
+        batch, heads (local query heads), page, tp, cache_dtype, head_dim and rope_dim."""
         return all(case.get(k) == self.shape[k] for k in SHAPE_KEYS)
 
     def lookup(self, kernel: str, variant: str, query_len: int, context: int) -> float | None:
