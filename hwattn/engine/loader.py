@@ -52,7 +52,7 @@ def build_model(model: str, attention: str | None = None, dtype=None, device=Non
     if is_checkpoint(model):
         from hwattn.models.checkpoint import load_checkpoint
 
-        model_config(model, attention)
+        model_config(model, attention, overrides)  # refuses overrides, a differing attention
         return load_checkpoint(model, device=device, dtype=dtype).eval()
     config = model_config(model, attention, overrides)
     with torch.device("meta"):

@@ -59,6 +59,15 @@ def paper_config(config: dict, state: dict[str, Tensor]) -> ModelConfig:
             raise ValueError(f"config {key}=True ({why}) has no hwattn counterpart")
     if config.get("rope_scaling"):
         raise ValueError(f"rope_scaling {config['rope_scaling']} is not supported (plain RoPE only)")
+    # transformers 5 writes RoPE as rope_parameters {rope_type, rope_theta}, without a
+    # top-level rope_theta.
+    rope = config.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default" \
+            or set(rope) - {"rope_type", "type", "rope_theta"}:
+        raise ValueError(f"rope_parameters {rope} is not supported (plain RoPE only)")
+    if "rope_theta" in rope and config.get("rope_theta", rope["rope_theta"]) != rope["rope_theta"]:
+        raise ValueError(f"config rope_theta {config['rope_theta']} contradicts rope_parameters "
+                         f"{rope}: which one the weights were trained with is ambiguous")
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "head_dim"):
         value = config[key] if key != "head_dim" else config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -71,7 +80,7 @@ def paper_config(config: dict, state: dict[str, Tensor]) -> ModelConfig:
                   n_layers=config["num_hidden_layers"], n_heads=n_heads, head_dim=head_dim,
                   hidden_dim=state["model.layers.0.mlp.gate_proj.weight"].shape[0],
                   max_seq_len=config.get("max_position_embeddings", 2048),
-                  rope_theta=float(config.get("rope_theta", 10_000.0)),
+                  rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10_000.0))),
                   norm_eps=config.get("rms_norm_eps", 1e-6),
                   tie_embeddings="lm_head.weight" not in state
                                  or bool(config.get("tie_word_embeddings", False)))

@@ -71,6 +71,19 @@ def _resolve(fields: dict) -> dict:
     return {**fields, **ModelConfig.from_dict(fields).to_dict()}
 
 
+def _plain_rope_theta(name: str, params) -> float | None:
+    """The rope_theta of transformers' `rope_parameters` / `rope_scaling` dict `params` (None
+    if it names none); ValueError naming `name` for any RoPE other than the plain rotation
+    hwattn models use."""
+    if params is None:
+        return None
+    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else None
+    if kind != "default" or set(params) - {"rope_type", "type", "rope_theta"}:
+        raise ValueError(f"{name} {params!r} asks for a RoPE hwattn models do not have (they "
+                         f"rotate plainly by rope_theta): give rope_theta, or no {name}")
+    return params.get("rope_theta")
+
+
 class HwattnConfig(PretrainedConfig):
     """Every hwattn `ModelConfig` field as an attribute (see `MODEL_FIELDS`)."""
 
@@ -81,6 +94,22 @@ class HwattnConfig(PretrainedConfig):
                      "intermediate_size": "hidden_dim", "rms_norm_eps": "norm_eps"}
 
     def __init__(self, **kwargs):
+        # transformers' names for the fields (hidden_size, ...; tie_word_embeddings; the theta
+        # of rope_parameters) are the fields, read before the derived fields are derived.
+        aliases = {**self.attribute_map, "tie_word_embeddings": "tie_embeddings"}
+        for alias, name in aliases.items():
+            if alias in kwargs and name in kwargs and kwargs[alias] != kwargs[name]:
+                raise ValueError(f"{alias}={kwargs[alias]!r} contradicts {name}={kwargs[name]!r}: "
+                                 f"{alias} is transformers' name for {name}; give one")
+            if alias in kwargs:
+                kwargs.setdefault(name, kwargs[alias])
+                if alias != "tie_word_embeddings":
+                    del kwargs[alias]
+        for key in ("rope_parameters", "rope_scaling"):
+            theta = _plain_rope_theta(key, kwargs.pop(key, None))
+            if theta is not None and kwargs.setdefault("rope_theta", theta) != theta:
+                raise ValueError(f"{key} has rope_theta {theta!r}, rope_theta is "
+                                 f"{kwargs['rope_theta']!r}; give one")
         fields = {k: kwargs.pop(k, v) for k, v in MODEL_FIELDS.items()}
         fields = _resolve(fields)
         kwargs.setdefault("tie_word_embeddings", fields["tie_embeddings"])
@@ -103,6 +132,17 @@ class HwattnConfig(PretrainedConfig):
         family = _FAMILY.get(self.attention)
         if family is None:
             raise ValueError(f"attention must be one of {tuple(_FAMILY)}, got {self.attention!r}")
+        # (Either may have been set after __init__, as from_pretrained sets its keywords.)
+        tie_word = getattr(self, "tie_word_embeddings", self.tie_embeddings)
+        if tie_word != self.tie_embeddings:
+            raise ValueError(f"tie_word_embeddings={tie_word!r} contradicts tie_embeddings="
+                             f"{self.tie_embeddings!r}: the decoder ties by tie_embeddings; set "
+                             "both alike")
+        for key in ("rope_parameters", "rope_scaling"):
+            theta = _plain_rope_theta(key, getattr(self, key, None))
+            if theta is not None and theta != self.rope_theta:
+                raise ValueError(f"{key} has rope_theta {theta!r}, rope_theta is "
+                                 f"{self.rope_theta!r}: the model rotates by rope_theta")
         missing = [k for k in _REQUIRED[family] if getattr(self, k, None) is None]
         if missing:
             raise ValueError(f"HwattnConfig needs {missing} for attention={self.attention!r}; "
@@ -384,6 +424,21 @@ def padding_mask(attention_mask: Tensor, query_len: int) -> Tensor | None:
     return allowed | ~allowed.any(-1, keepdim=True)
 
 
+@torch.no_grad()
+def _init_parameter_(p: Tensor, name: str, in_norm: bool, n_layers: int,
+                     generator: torch.Generator | None = None) -> None:
+    """hwattn's initialisation of one parameter, in place (restated from
+    `hwattn.models.transformer.init_parameter_`): unit norm weights, zero biases, N(0, 0.02)
+    elsewhere, output projections (`wo`, `w2`) at 0.02 / sqrt(2 · n_layers)."""
+    if in_norm:
+        p.fill_(1.0)
+    elif name.endswith(("bias", "b_uk", "b_uv")):
+        p.zero_()
+    else:
+        std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+
+
 class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
     """Causal LM over an hwattn decoder: input_ids (B, T) -> logits (B, T, V)."""
 
@@ -399,28 +454,34 @@ class HwattnForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: HwattnConfig):
         super().__init__(config)
         self.model = HwattnDecoder(config)
+        self._constructing = True  # post_init's per-module hook is left to the line below
         self.post_init()
+        self._constructing = False
         self.init_hwattn_weights()
 
-    @torch.no_grad()
     def init_hwattn_weights(self, seed: int | None = None) -> None:
-        """hwattn's initialisation: N(0, 0.02), output projections scaled by
-        1/sqrt(2 · n_layers), zero biases, unit norms (loading a checkpoint overwrites it)."""
+        """hwattn's initialisation of every parameter (`_init_parameter_`; loading a checkpoint
+        overwrites it)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.model.named_parameters():
-            if p.is_meta:
-                continue
-            if isinstance(self.model.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
-                p.fill_(1.0)
-            elif name.endswith(("bias", "b_uk", "b_uv")):
-                p.zero_()
-            else:
-                std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+            if not p.is_meta:
+                _init_parameter_(p, name, isinstance(self.model.get_submodule(
+                    name.rsplit(".", 1)[0]), RMSNorm), self.config.n_layers, gen)
 
     def _init_weights(self, module):
-        pass  # the decoder is initialised by init_hwattn_weights; loading overwrites it
+        """hwattn's initialisation (`_init_parameter_`, unseeded) of `module`'s own parameters.
+        transformers 5 builds the model on the meta device and calls this only for the modules
+        whose weights the checkpoint lacks (or mis-shapes, with `ignore_mismatched_sizes`):
+        they must not be left as uninitialised memory. Parameters already loaded
+        (`_is_hf_initialized`) are kept; while the model is being constructed it does nothing
+        (`init_hwattn_weights` initialises everything, as it did before this hook existed)."""
+        if getattr(self, "_constructing", False):
+            return
+        prefix = next((f"{n}." for n, m in self.model.named_modules() if m is module), "")
+        for name, p in module.named_parameters(recurse=False):
+            if not p.is_meta and not getattr(p, "_is_hf_initialized", False):
+                _init_parameter_(p, prefix + name, isinstance(module, RMSNorm),
+                                self.config.n_layers)
 
     def get_input_embeddings(self):
         return self.model.tok_embeddings

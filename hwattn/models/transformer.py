@@ -82,6 +82,21 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+@torch.no_grad()
+def init_parameter_(p: Tensor, name: str, in_norm: bool, n_layers: int,
+                    generator: torch.Generator | None = None) -> None:
+    """hwattn's initialisation of one parameter, in place: unit weights in a norm (`in_norm`),
+    zero biases, N(0, 0.02) elsewhere, output projections (`wo`, `w2`) scaled to
+    0.02 / sqrt(2 · n_layers). `name` is the parameter's dotted name (its ending decides)."""
+    if in_norm:
+        p.fill_(1.0)
+    elif name.endswith(("bias", "b_uk", "b_uv")):
+        p.zero_()
+    else:
+        std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+        p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -99,21 +114,12 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def init_weights(self, seed: int | None = None) -> None:
-        """N(0, 0.02) weights, output projections scaled by 1/sqrt(2 · n_layers), zero biases,
-        unit norms."""
+        """hwattn's initialisation of every parameter (`init_parameter_`)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            with torch.no_grad():
-                if isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
-                    p.fill_(1.0)
-                elif name.endswith(("bias", "b_uk", "b_uv")):
-                    p.zero_()
-                else:
-                    std = out_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+            if not p.is_meta:
+                init_parameter_(p, name, isinstance(self.get_submodule(name.rsplit(".", 1)[0]),
+                                                    RMSNorm), self.config.n_layers, gen)
 
     def forward(self, tokens: Tensor, meta: AttentionMetadata | None = None,
                 kv_caches: Sequence[tuple[Tensor, ...]] | None = None, last_only: bool = False,

@@ -139,6 +139,15 @@ def test_model_overrides_are_refused_for_checkpoints(checkpoints):
         LLM(path, page_size=8, num_pages=120, model_overrides=dict(max_seq_len=64))
 
 
+def test_build_model_refuses_model_overrides_for_checkpoints(checkpoints):
+    # LLM checks them through model_config; build_model (public, and what the tensor-parallel
+    # workers call) dropped them without a word and built the checkpoint's own shape.
+    from hwattn.engine.loader import build_model
+
+    with pytest.raises(ValueError, match="model_overrides"):
+        build_model(checkpoints("gla-2"), device="cpu", overrides=dict(max_seq_len=64))
+
+
 def test_a_draft_model_must_cover_the_context(checkpoints, tmp_path):
     """A draft whose context is shorter than the engine's failed every step once a sequence
     passed it (on the CPU; on a GPU it would index past its RoPE tables)."""

@@ -107,3 +107,35 @@ def test_return_dict_false_returns_a_tuple(tmp_path):
     assert type(out) is tuple and len(out) == 2
     torch.testing.assert_close(out[0], full.loss)
     assert torch.equal(out[1], full.logits)
+
+
+def test_weights_missing_from_the_checkpoint_are_initialised_not_left_as_memory(tmp_path):
+    """transformers 5 builds the model on the meta device and initialises only the weights
+    the checkpoint lacks (its load report names them), through `_init_weights`: they come out
+    as a fresh hwattn model's (unit norms, zero biases, N(0, 0.02) with the output projections
+    scaled), not as whatever memory they were allocated in; the others keep the file's values."""
+    import math
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    ckpt, ref = _random_checkpoint(tmp_path, "gla-2", attention_bias=True)
+    state = load_file(ckpt / "model.safetensors")
+    gone = ["model.layers.0.attn.wo.weight", "model.layers.0.attn.w_uk",
+            "model.layers.0.attn.kv_norm.weight", "model.layers.0.attn.b_uv",
+            "model.layers.1.ffn.w2.weight"]
+    save_file({k: v for k, v in state.items() if k not in gone}, str(ckpt / "model.safetensors"),
+              metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
+    params = dict(hf.named_parameters())
+    out_std = 0.02 / math.sqrt(2 * hf.config.n_layers)
+    for name, std in (("model.layers.0.attn.wo.weight", out_std),
+                      ("model.layers.1.ffn.w2.weight", out_std),
+                      ("model.layers.0.attn.w_uk", 0.02)):
+        assert 0.8 * std < params[name].std().item() < 1.2 * std, name
+    assert torch.equal(params["model.layers.0.attn.kv_norm.weight"],
+                       torch.ones_like(params["model.layers.0.attn.kv_norm.weight"]))
+    assert not params["model.layers.0.attn.b_uv"].any()
+    for k, v in ref.state_dict().items():
+        if "model." + k not in gone:
+            assert torch.equal(hf.model.state_dict()[k], v), k

@@ -162,3 +162,17 @@ def test_convert_command_writes_a_loadable_checkpoint(tmp_path, capsys):
         torch.testing.assert_close(ours(ids).double(), their_logits(sd, "gla", ids), rtol=1e-4, atol=1e-4)
         assert torch.equal(ours(ids), direct(ids))
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["eos_token_id"] == 3
+
+
+def test_rope_parameters_of_transformers_5_configs_are_read():
+    # transformers 5 writes a Llama config's RoPE as rope_parameters, with no top-level
+    # rope_theta; it was read as the default 10000 and the converted model rotated wrongly.
+    sd = their_state_dict("gta")
+    config = {k: v for k, v in their_config("gta").items() if k != "rope_theta"}
+    rope = {"rope_type": "default", "rope_theta": 500_000.0}
+    assert paper_config({**config, "rope_parameters": rope}, sd).rope_theta == 500_000.0
+    with pytest.raises(ValueError, match="rope_parameters.*yarn"):
+        paper_config({**config, "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                    "rope_theta": 500_000.0}}, sd)
+    with pytest.raises(ValueError, match="rope_theta"):
+        paper_config({**config, "rope_theta": 10_000.0, "rope_parameters": rope}, sd)

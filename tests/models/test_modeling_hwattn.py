@@ -83,3 +83,54 @@ def test_generate_continues_from_the_cache_it_is_given(model):
     more = model.generate(seq, attention_mask=torch.cat((mask, torch.ones_like(seq[:, 5:])), 1),
                           past_key_values=cache, max_new_tokens=3, **kw)
     assert more.tolist() == whole.tolist()
+
+
+SHAPE = dict(attention="gla", vocab_size=64, n_layers=2, max_seq_len=32)
+
+
+def _fields(config) -> dict:
+    from hwattn.models.modeling_hwattn import MODEL_FIELDS
+
+    return {k: getattr(config, k) for k in MODEL_FIELDS}
+
+
+def test_transformers_names_of_the_fields_derive_what_the_fields_do():
+    # Were set after the derived fields: hidden_size=256 with num_attention_heads=4 kept the
+    # head_dim (16) of the default dim 128 over 8 heads, so the model built was another one.
+    aliased = HwattnConfig(attention="gla", vocab_size=64, hidden_size=256, num_attention_heads=4,
+                           num_hidden_layers=3, max_position_embeddings=64, rms_norm_eps=1e-6)
+    named = HwattnConfig(attention="gla", vocab_size=64, dim=256, n_heads=4, n_layers=3,
+                         max_seq_len=64, norm_eps=1e-6)
+    assert _fields(aliased) == _fields(named) and aliased.head_dim == 64
+    with pytest.raises(ValueError, match="hidden_size.*dim"):
+        HwattnConfig(dim=128, hidden_size=256, **SHAPE)
+
+
+def test_tie_word_embeddings_is_not_ignored():
+    # Was: tie_embeddings kept its default (True) and the model tied its output matrix to the
+    # embedding although transformers' own name for the flag said not to.
+    config = HwattnConfig(tie_word_embeddings=False, dim=64, n_heads=4, **SHAPE)
+    assert config.tie_embeddings is False
+    net = HwattnForCausalLM(config)
+    assert net.model.output.weight is not net.model.tok_embeddings.weight
+    with pytest.raises(ValueError, match="tie_word_embeddings.*tie_embeddings"):
+        HwattnConfig(tie_embeddings=True, tie_word_embeddings=False, **SHAPE)
+    config = HwattnConfig(dim=64, n_heads=4, **SHAPE)
+    config.tie_word_embeddings = False  # as from_pretrained(..., tie_word_embeddings=False) does
+    with pytest.raises(ValueError, match="tie_word_embeddings.*tie_embeddings"):
+        HwattnForCausalLM(config)
+
+
+def test_rope_parameters_are_read_or_refused():
+    # Were accepted and ignored: the model rotated with the default rope_theta (500000),
+    # unscaled, whatever transformers' rope_parameters / rope_scaling said.
+    config = HwattnConfig(rope_parameters={"rope_type": "default", "rope_theta": 77.0},
+                          dim=64, n_heads=4, **SHAPE)
+    assert config.rope_theta == 77.0
+    for key in ("rope_parameters", "rope_scaling"):
+        with pytest.raises(ValueError, match=f"{key}.*linear"):
+            HwattnConfig(**{key: {"rope_type": "linear", "factor": 2.0}}, dim=64, n_heads=4,
+                         **SHAPE)
+    with pytest.raises(ValueError, match="rope_theta"):
+        HwattnConfig(rope_theta=10.0, rope_parameters={"rope_type": "default", "rope_theta": 77.0},
+                     dim=64, n_heads=4, **SHAPE)
