@@ -195,7 +195,8 @@ class BlockManager:
         seq.block_table = list(hits)
         seq.page_hashes = [self.page_hash[p] for p in hits]
         seq.num_cached = len(hits) * self.page_size
-        seq.num_prefix_hit = seq.num_cached
+        if not seq.num_preemptions:  # a recompute's hits are its own pages, not cached prompt
+            seq.num_prefix_hit = seq.num_cached
         needed = pages_for(len(seq), self.page_size) - len(hits)
         if needed > self.num_free_pages:
             self.free_sequence(seq)

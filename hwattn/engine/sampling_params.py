@@ -105,7 +105,8 @@ class SamplingParams:
         its logits, before penalties, temperature and filtering).
     prompt_logprobs: None, or the same for every prompt token but the first (the request's
         prompt is then computed in full, not taken from the prefix cache).
-    detokenize: build the output text (benchmarks turn it off to time the model alone).
+    detokenize: build the output text (benchmarks turn it off to time the model alone);
+        stop strings need it (refused without it, as vLLM refuses them).
     skip_special_tokens: leave special tokens (such as <|endoftext|>) out of the output text
         (True, as vLLM); False writes them into the text. The token ids are the same either way.
     output_kind: when `LLMEngine.step` returns this request's output: "cumulative" (the
@@ -206,6 +207,10 @@ class SamplingParams:
                      "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.stop and not self.detokenize:  # they would never match: refused, as vLLM does
+            raise ValueError(f"stop strings {self.stop!r} are matched on the output text, which "
+                             f"detokenize=False does not build: set detokenize=True or use "
+                             f"stop_token_ids")
 
     @property
     def argmax_of_raw_logits(self) -> bool:

@@ -127,7 +127,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.page_hashes: list[int] = []  # hash chain of the full pages registered so far
         self.num_cached = 0  # tokens whose K/V are in the cache
-        self.num_prefix_hit = 0  # prompt tokens found in the prefix cache at admission
+        self.num_prefix_hit = 0  # prompt tokens found in the prefix cache at first admission
         self.num_prompt_counted = 0  # prompt tokens counted as prefilled (metrics)
         self.draft_cached = 0  # tokens in the draft model's cache (speculative decoding)
         self.drafter_state = None  # what a speculative drafter keeps of it (an n-gram index)

@@ -119,3 +119,20 @@ def test_text_prompts_and_validation(checkpoints):
         LLM("no-such-model")
     with pytest.raises(ValueError, match="memory_budget"):
         LLM(checkpoints("gqa-2"), page_size=8, memory_budget=1000)
+
+
+def test_cached_prompt_tokens_are_counted_at_the_first_admission_only(checkpoints):
+    """`num_cached_prompt_tokens` is what the prefix cache held of the prompt when the request
+    was first admitted. A preempted request recomputes from the pages it registered itself
+    (its prompt and its output so far): they are no cached prompt tokens, and were counted as
+    such (more than the prompt's length) when each admission overwrote the first one's."""
+    llm = LLM(checkpoints("gqa-2"), page_size=4, num_pages=14, max_model_len=40,
+              max_num_seqs=4, overlap_scheduling=False)
+    ps = [[100 + i] * 9 for i in range(3)]  # no prompt shares a page with another
+    outs = llm.generate(ps, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    assert llm.engine.stats()["preemptions"] > 0
+    assert [o.num_cached_prompt_tokens for o in outs] == [0, 0, 0]
+    # A real hit is still reported: the first two pages of the last prompt.
+    again = llm.generate([ps[2] + [5]], SamplingParams(max_tokens=1))[0]
+    assert again.num_cached_prompt_tokens == 8
+    llm.engine.check_invariants()

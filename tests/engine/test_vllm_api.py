@@ -154,6 +154,19 @@ def test_stop_strings_can_stay_in_the_output(llm):
     assert cut.outputs[0].stop_reason == kept.outputs[0].stop_reason == stop
 
 
+def test_stop_strings_without_detokenizing_are_refused_by_name(llm):
+    """Stop strings are matched on the output text, which detokenize=False does not build:
+    such a request ran to max_tokens past its stop string, the stop silently ignored. It is
+    refused, as vLLM refuses it; without stop strings detokenize=False still runs."""
+    with pytest.raises(ValueError, match="stop.*detokenize"):
+        SamplingParams(max_tokens=12, stop=["ab"], detokenize=False)
+    with pytest.raises(ValueError, match="stop.*detokenize"):
+        SamplingParams(max_tokens=12, stop="ab", detokenize=False)
+    bare = llm.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True,
+                                                 detokenize=False, stop_token_ids=[7]))[0]
+    assert bare.text == "" and 1 <= len(bare.token_ids) <= 5
+
+
 def test_speculative_engines_decode_penalized_requests_plainly(tmp_path):
     from tests.conftest import make_checkpoint
 
