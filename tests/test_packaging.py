@@ -24,7 +24,7 @@ EXTRA_OF = {
     "hwattn/analysis/plot.py": "plot", "hwattn/train/plot.py": "plot", "hwattn/bench/plot.py": "plot",
     "hwattn/plotting.py": "plot",
     "hwattn/train/": "train", "hwattn/data/": "train",
-    "hwattn/eval/report.py": "plot", "hwattn/eval/": "eval", "hwattn_lm_eval_hook.py": "eval",
+    "hwattn/eval/report/": "plot", "hwattn/eval/": "eval", "hwattn_lm_eval_hook.py": "eval",
     "hwattn/hf/": "hf", "hwattn/models/": "hf",
     "hwattn/server/": "serve", "hwattn/engine/": "serve", "hwattn/cli/serve.py": "serve",
     "hwattn/cli/bench_serve.py": "serve", "hwattn/cli/bench_engine.py": "serve",

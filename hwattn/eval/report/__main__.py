@@ -1,0 +1,7 @@
+"""`python -m hwattn.eval.report --study DIR`: the command of `hwattn.eval.report.main`."""
+
+import sys
+
+from hwattn.eval.report import main
+
+sys.exit(main())
