@@ -217,14 +217,10 @@ class Server:
             time.sleep(0.5)
 
     def metrics(self) -> dict:
+        from hwattn.server.metrics import read_metrics
+
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+            return read_metrics(r.read().decode())
 
     def stop(self) -> None:
         """SIGINT (graceful), then SIGKILL to the whole session after 20 s."""
@@ -291,7 +287,7 @@ def study_config(cfg: dict, st: dict, share_s: float, tiny: bool, notes: list) -
     try:
         row["startup_s"] = server.wait_ready(min(share_s * 0.7, 480.0))
         m = server.metrics()
-        pages = m["hwattn_kv_pages_total"] / cfg["dp"]  # per replica (the sum over replicas)
+        pages = m["hwattn_kv_pages_capacity"] / cfg["dp"]  # per replica (the sum over replicas)
         page = m["hwattn_kv_page_size_tokens"]
         from hwattn.config import ModelConfig, parse_variant
 

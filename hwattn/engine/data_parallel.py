@@ -115,6 +115,7 @@ class _Request:
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None  # when its replica first admitted it
     error: str | None = None
     stop_reason: str | int | None = None
     num_cached: int = 0  # prompt tokens its replica found in its prefix cache
@@ -368,8 +369,8 @@ class DataParallelEngine:
                 _, key, reason = message
                 self.refused += key in self.keys
                 self._apply(replica, (key, [], 0, "", "error", None,
-                                      f"data-parallel replica {replica} refused it: {reason}", 0),
-                            now)
+                                      f"data-parallel replica {replica} refused it: {reason}", 0,
+                                      None), now)
             elif kind == "down":
                 self._replica_down(replica, message[1], message[2], now)
             elif kind == "ready":
@@ -379,11 +380,16 @@ class DataParallelEngine:
                                   f"{kind!r}", replica)
 
     def _apply(self, replica: int, delta, now: float) -> None:
-        key, new_tokens, start, text, finish_reason, stop_reason, error, num_cached = delta
+        (key, new_tokens, start, text, finish_reason, stop_reason, error, num_cached,
+         scheduled) = delta
         request_id = self.keys.get(key)
         if request_id is None:  # aborted meanwhile
             return
         req = self.requests[request_id]
+        if req.first_scheduled_time is None and scheduled is not None:
+            # The replica's clock: the same monotonic clock as this process's on Linux. Kept
+            # between arrival here and now wherever it is not.
+            req.first_scheduled_time = min(max(scheduled, req.arrival), now)
         done = len(new_tokens)
         if req.first_token_time is None and new_tokens:
             req.first_token_time = now
@@ -442,7 +448,8 @@ class DataParallelEngine:
         return RequestOutput(request_id, req.prompt, req.prompt_ids, [completion], None,
                              req.num_cached,
                              req.arrival, req.first_token_time, finish_time, req.error,
-                             worker_failed=worker_failed)
+                             worker_failed=worker_failed,
+                             first_scheduled_time=req.first_scheduled_time)
 
     def take_step_times(self) -> list[tuple[str, float]]:
         """(kind, seconds) of every replica step reported since the last call."""

@@ -18,9 +18,11 @@ the replica serves on.
 Messages out: ("ready", info), ("outputs", deltas, (step kind, seconds), stats),
 ("stats", stats), ("rejected", request_id, message), ("result", ok, payload).
 A delta is (request_id, new token ids, text start, text from there, finish_reason,
-stop_reason, error, num_cached_prompt_tokens): output text only grows, except when a stop
-string cuts it, and then `text start` says where the replacement begins; error is set when
-the request failed alone (finish_reason "error").
+stop_reason, error, num_cached_prompt_tokens, first_scheduled_time): output text only grows,
+except when a stop string cuts it, and then `text start` says where the replacement begins;
+error is set when the request failed alone (finish_reason "error"); first_scheduled_time is
+the replica's `time.perf_counter()` when its scheduler first admitted the request (None
+before; a monotonic clock every process of the host shares on Linux).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class EngineCore:
             start = n_chars if len(out.text) >= n_chars else 0
             deltas.append((out.request_id, out.token_ids[n_tokens:], start, out.text[start:],
                            out.finish_reason, out.outputs[0].stop_reason, out.error,
-                           out.num_cached_prompt_tokens))
+                           out.num_cached_prompt_tokens, out.first_scheduled_time))
             if out.finished:
                 self.sent.pop(out.request_id, None)
             else:

@@ -27,6 +27,7 @@ once it has is not scheduled again.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -234,6 +235,8 @@ class Scheduler:
             self.waiting.remove(seq)
             self.bm.allocate(seq)
             seq.status = Status.RUNNING
+            if seq.first_scheduled_time is None:  # (a preempted one keeps its first)
+                seq.first_scheduled_time = time.perf_counter()
             self._owners()[seq.owner] += 1  # (built before `running` changes)
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)

@@ -73,6 +73,11 @@ class RequestOutput:
     others "abort"), or when the worker process running it failed. worker_failed: the
     latter (a data-parallel replica died or got stuck): nothing about the request itself
     was wrong, and it may succeed if sent again.
+
+    Times are `time.perf_counter()` seconds: arrival_time (the engine took the request),
+    first_scheduled_time (the scheduler first admitted it for prefill; a preemption does not
+    reset it; None until then), first_token_time, finish_time. With n > 1, the earliest
+    completion's first times and the latest completion's finish time.
     """
 
     request_id: str
@@ -86,6 +91,7 @@ class RequestOutput:
     finish_time: float | None = None
     error: str | None = None
     worker_failed: bool = False
+    first_scheduled_time: float | None = None
 
     @property
     def text(self) -> str:
@@ -153,6 +159,8 @@ class Sequence:
         except Exception:  # noqa: BLE001 - see above
             self.argmax_only = False
         self.arrival_time = time.perf_counter()
+        # When the scheduler first admitted it for prefill; kept through preemptions.
+        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.num_preemptions = 0
@@ -197,6 +205,7 @@ class Sequence:
         group = siblings or [self]
         first = group[0]
         times = [s.first_token_time for s in group if s.first_token_time is not None]
+        scheduled = [s.first_scheduled_time for s in group if s.first_scheduled_time is not None]
         done = [s.finish_time for s in group]
         error = next((s.error for s in group if s.error is not None), None)
         return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
@@ -204,4 +213,5 @@ class Sequence:
                              None if first.prompt_logprobs is None else list(first.prompt_logprobs),
                              first.num_prefix_hit, first.arrival_time,
                              min(times) if times else None,
-                             None if None in done else max(done), error)
+                             None if None in done else max(done), error,
+                             first_scheduled_time=min(scheduled) if scheduled else None)

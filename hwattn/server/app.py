@@ -83,6 +83,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     # surrogateescape: a key read from the environment or the command line as raw bytes that
     # are not UTF-8 comes back as exactly those bytes.
     key = api_key.encode("utf-8", "surrogateescape") if api_key is not None else None
+    engine.latency.set_model_name(model_name)  # every /metrics sample's `model_name` label
 
     @asynccontextmanager
     async def lifespan(app):

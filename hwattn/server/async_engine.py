@@ -87,7 +87,8 @@ class AsyncEngine:
         self._window = rate_window_s
         self._history: deque[tuple[float, int]] = deque()
         self.snapshot = engine.stats()
-        self.latency = LatencyMetrics()
+        # Labelled with the served model's name by `build_app`.
+        self.latency = LatencyMetrics(max_model_len=getattr(engine, "max_model_len", None))
         self.dead: str | None = None  # why the engine can serve no more, once it cannot
         self._closed: str | None = None  # set by `shutdown`, until `start` again
         self._health: tuple[bool, str | None] = (True, None)
@@ -144,13 +145,13 @@ class AsyncEngine:
             raise EngineDeadError(self.dead)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        timer = self.latency.timer()  # before the engine can take it: no latency is missed
         with self._lock:
             if self._closed is not None:
                 raise EngineDeadError(self._closed)
             self._queues[request_id] = (loop, queue)
             self._adds.append((request_id, prompt_ids, params, owner))
         self._wake.set()
-        timer = self.latency.timer()
         finished = False
         try:
             while True:

@@ -192,6 +192,7 @@ def test_a_request_a_replica_refuses_fails_alone():
                 outs[out.request_id] = out
     bad = outs[ids[1]]
     assert bad.finish_reason == "error" and "refused it: thirteen" in bad.error
+    assert bad.first_scheduled_time is None  # never admitted anywhere
     assert [outs[i].finish_reason for i in (ids[0], ids[2])] == ["length"] * 2
     assert dp.stats()["failed"] == 1 and dp.router.load == [0, 0]
 
@@ -211,6 +212,42 @@ def _finish(engine, ids) -> dict:
         assert time.monotonic() < deadline
         outs.update((o.request_id, o) for o in engine.step() if o.finished)
     return {rid: outs[rid] for rid in ids}
+
+
+def test_outputs_carry_when_the_replica_first_scheduled_the_request():
+    """Each output carries its replica's first_scheduled_time (the queue time's end): the
+    replica's own value, between the arrival here and the first token, on every output from
+    the first one that has it. With one sequence per replica, requests queue behind others."""
+    dp = _in_process(max_num_seqs=1)
+    scheduled = {}  # replica-side key -> the replica's first_scheduled_time
+    for core in dp.replicas.cores:
+        def step(real=core.engine.step):
+            outs = real()
+            for o in outs:
+                assert scheduled.setdefault(o.request_id, o.first_scheduled_time) \
+                    == o.first_scheduled_time
+            return outs
+        core.engine.step = step
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ids = dp.add_requests([[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11], [12]], [params] * 5)
+    keys = {rid: dp.requests[rid].key for rid in ids}
+    finals, seen = {}, {}
+    deadline = time.monotonic() + 60
+    while dp.has_unfinished():
+        assert time.monotonic() < deadline
+        for out in dp.step():
+            assert out.first_scheduled_time is not None  # an output comes with a token
+            assert seen.setdefault(out.request_id, out.first_scheduled_time) \
+                == out.first_scheduled_time
+            if out.finished:
+                finals[out.request_id] = out
+    for rid in ids:
+        out = finals[rid]
+        assert out.first_scheduled_time == scheduled[keys[rid]], rid
+        assert out.arrival_time <= out.first_scheduled_time <= out.first_token_time, rid
+    # Five requests on two replicas of one sequence each: some waited for a slot.
+    waits = sorted(o.first_scheduled_time - o.arrival_time for o in finals.values())
+    assert waits[-1] > waits[0]
 
 
 class Unqueueable(SamplingParams):

@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 from hwattn.engine import LLM, SamplingParams, create_engine  # noqa: E402
 from hwattn.server import AsyncEngine  # noqa: E402
 from hwattn.server.app import build_app  # noqa: E402
+from hwattn.server.metrics import read_metrics  # noqa: E402
 
 NAME = "tiny-gla-2"
 ENGINE = dict(model="tiny", attention="gla-2", page_size=8, memory_budget=1 << 22,
@@ -53,9 +54,7 @@ def client(server):
 
 
 def metrics(base):
-    text = httpx.get(f"{base}/metrics", trust_env=False).text
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return read_metrics(httpx.get(f"{base}/metrics", trust_env=False).text)
 
 
 def wait_idle(base, timeout=20):
@@ -177,8 +176,43 @@ def test_concurrent_clients_and_metrics(server, client):
     assert all(o.usage.completion_tokens == 16 for o in outs)
     m = wait_idle(base)
     assert m["hwattn_generation_tokens_total"] >= 8 * 16
-    assert m["hwattn_kv_pages_total"] > 0
+    assert m["hwattn_kv_pages_capacity"] > 0
     assert "hwattn_generation_tokens_per_second" in m
+
+
+def test_metrics_page_parses_with_the_model_name_on_every_sample(server, client):
+    """The whole page through prometheus_client's parser: every sample labelled with the
+    served name; one request of n = 2 adds one queue time (at least 0, at most its time to
+    first token), two times per output token (one per completion), and its prompt and
+    generation tokens once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base, _ = server
+    before = wait_idle(base)
+    out = client.completions.create(model=NAME, prompt="queue and tokens", max_tokens=5, n=2,
+                                    temperature=0.8, seed=3, extra_body={"ignore_eos": True})
+    after = wait_idle(base)
+    text = httpx.get(f"{base}/metrics", trust_env=False).text
+    families = list(text_string_to_metric_families(text))
+    samples = [s for f in families for s in f.samples]
+    assert len(families) > 20 and samples
+    assert {s.labels.get("model_name") for s in samples} == {NAME}
+    types = {f.name: f.type for f in families}
+    assert types["hwattn_kv_pages_capacity"] == "gauge" and "hwattn_kv_pages_total" not in text
+
+    def delta(name):
+        return after[name] - before[name]
+
+    assert delta("hwattn_request_queue_time_seconds_count") == 1
+    queued, ttft = (delta("hwattn_request_queue_time_seconds_sum"),
+                    delta("hwattn_time_to_first_token_seconds_sum"))
+    assert delta("hwattn_time_to_first_token_seconds_count") == 1 and 0 <= queued <= ttft
+    assert delta("hwattn_request_time_per_output_token_seconds_count") == 2
+    assert delta("hwattn_request_time_per_output_token_seconds_sum") > 0
+    assert delta("hwattn_request_prompt_tokens_count") == 1
+    assert delta("hwattn_request_prompt_tokens_sum") == out.usage.prompt_tokens
+    assert delta("hwattn_request_generation_tokens_count") == 1
+    assert delta("hwattn_request_generation_tokens_sum") == out.usage.completion_tokens == 10
 
 
 @pytest.mark.slow

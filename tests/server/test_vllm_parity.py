@@ -18,6 +18,7 @@ from hwattn.engine import LLM, SamplingParams, create_engine  # noqa: E402
 from hwattn.engine.chat import ChatTemplate  # noqa: E402
 from hwattn.server import AsyncEngine  # noqa: E402
 from hwattn.server.app import build_app  # noqa: E402
+from hwattn.server.metrics import read_metrics  # noqa: E402
 from tests.server.conftest import serving, wait_idle  # noqa: E402
 
 NAME = "bpe"
@@ -144,8 +145,7 @@ def test_metrics_have_latency_histograms(server):
     http.post("/v1/completions", json={"model": NAME, "prompt": "one", "max_tokens": 4,
                                        "ignore_eos": True})
     text = http.get("/metrics").text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = read_metrics(text)
     for name in ("hwattn_time_to_first_token_seconds", "hwattn_inter_token_latency_seconds",
                  "hwattn_e2e_request_latency_seconds"):
         assert f"# TYPE {name} histogram" in text
