@@ -190,9 +190,10 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
     """For each (context ids, continuation ids): the summed log-probability of the
     continuation given the context, and whether greedy decoding would produce it.
 
-    Contexts are cut from the left to fit `max_len` tokens in all; when a continuation alone
-    needs more, that pair's `max_len` is raised to hold it plus one context token (up to the
-    model's `max_seq_len`), the others' left as they are, so no pair's score depends on the
+    Contexts are cut from the left so that at most `max_len` tokens are fed to the model (the
+    last token is only predicted), as lm-evaluation-harness's `max_length`; when a
+    continuation is longer than `max_len`, that pair's `max_len` is raised to its length, which
+    scores it after one context token (up to the model's `max_seq_len`), the others' left as they are, so no pair's score depends on the
     pairs it is scored with. `bar` (a progress bar, optional) advances by the pairs of each
     batch."""
     if not batch_size >= 1:
@@ -206,8 +207,10 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
         if not ctx:  # its first token would have nothing to be predicted from
             raise ValueError("every continuation needs a context of at least one token "
                              "(HwattnLM gives an empty context <|endoftext|>)")
-        # Per pair: one long continuation once widened every pair's window.
-        window = max(max_len, min(len(cont) + 1, limit))
+        # Per pair: one long continuation once widened every pair's window. A window of
+        # len(cont) input tokens holds the continuation after one context token; one of
+        # len(cont) + 1 gave two, and fed a max_len-token continuation max_len + 1 tokens.
+        window = max(max_len, min(len(cont), limit))
         if not cont or len(cont) > window:
             raise ValueError(f"continuation must have 1..{window} tokens, got {len(cont)}")
         seq = (ctx + cont)[-(window + 1):]

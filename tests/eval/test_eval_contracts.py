@@ -107,3 +107,35 @@ def test_sampling_is_refused_not_silently_greedy(model):
     # greedy asked for explicitly is fine
     lm.generate_until([_Request("abc", {"until": [], "max_gen_toks": 2, "do_sample": False,
                                         "temperature": 0.0})])
+
+
+class _Widths(torch.nn.Module):
+    """`model`, recording the width of every batch it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.widths = model, model.config, []
+
+    def forward(self, x):
+        self.widths.append(x.shape[1])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("n_cont", [16, 20])
+def test_a_long_continuation_is_scored_after_one_context_token(model, n_cont):
+    """A continuation of max_len tokens or more is scored after exactly one context token: one
+    of max_len tokens fits the window as it is (lm-eval's `--model hf` feeds
+    (context + continuation)[-(max_length + 1):][:-1]), a longer one widens the window to hold
+    it plus one context token. Both were given two context tokens, so a max_len-token
+    continuation was fed max_len + 1 tokens, past the max_length asked for."""
+    g = torch.Generator().manual_seed(5)
+    ctx = torch.randint(0, 256, (10,), generator=g).tolist()
+    cont = torch.randint(0, 256, (n_cont,), generator=g).tolist()
+    spy = _Widths(model)
+    got = loglikelihoods(spy, [(ctx, cont)], max_len=16)[0][0]
+    assert spy.widths == [max(16, n_cont)]
+    seq = torch.tensor([(ctx + cont)[-(n_cont + 1):]])  # the last context token, then cont
+    with torch.no_grad():
+        logp = torch.log_softmax(model(seq[:, :-1]).float(), -1)[0]
+    want = float(logp.gather(1, seq[0, 1:, None]).sum())
+    assert got == pytest.approx(want, abs=1e-4)
