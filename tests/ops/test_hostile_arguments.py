@@ -175,6 +175,25 @@ def test_decode_plan_made_for_a_shorter_query_is_refused():
                                ops.decode(**args, backend="torch"), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_decode_plan_does_not_vouch_for_lengths_a_backend_never_reads_it_for(backend):
+    """The torch backend ignores a plan but took one as vouching for the lengths, so it
+    skipped the checks it makes without one: a plan made with query_len=1 over a 1-token
+    sequence, used by an L_q = 2 call, returned NaN there (the first query row saw nothing)."""
+    lengths = torch.tensor([1, 9], dtype=torch.int32, device=DEVICE)
+    args = {**_decode_case(lengths=(9, 9), l_q=2), "cache_seqlens": lengths}
+    plan = ops.plan_decode(lengths, num_heads_kv=2)  # query_len=1 by default
+    with pytest.raises(ValueError, match="query length 2"):
+        ops.decode(**args, plan=plan, backend=backend)
+    # A wrong plan is still refused by name, and a right one still runs.
+    with pytest.raises(ValueError, match="plan"):
+        ops.decode(**args, plan=ops.plan_decode(lengths[:1], num_heads_kv=2), backend=backend)
+    args["cache_seqlens"] = torch.tensor([5, 9], dtype=torch.int32, device=DEVICE)
+    plan = ops.plan_decode(args["cache_seqlens"], num_heads_kv=2, query_len=2)
+    torch.testing.assert_close(ops.decode(**args, plan=plan, backend=backend),
+                               ops.decode(**args, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
 def test_store_never_writes_past_the_cache():
     """A slot past the cache's last one: the Triton store wrote it anyway, into whatever
     memory follows the cache (here the rest of the caller's buffer), and the reference raised
