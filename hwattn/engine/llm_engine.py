@@ -592,8 +592,12 @@ class LLMEngine:
                     seq.finish_reason, seq.stop_reason = "stop", token
                 elif num_out + kept >= max_tokens or kept >= room:
                     seq.finish_reason = "length"
-                if params.detokenize:  # (the end-of-sequence token itself is not shown)
-                    shown = len(ids) - (seq.finish_reason == "stop" and token == eos)
+                if params.detokenize:
+                    # The token that ended the output (end-of-sequence or a stop token id) is
+                    # kept in token_ids but left out of the text unless
+                    # include_stop_str_in_output, as vLLM's detokenizer leaves it out.
+                    shown = len(ids) - (seq.finish_reason == "stop"
+                                        and not params.include_stop_str_in_output)
                     delta = self.detok[seq].step(ids, seq.num_prompt_tokens, shown)
                     if delta:
                         seq.text += delta

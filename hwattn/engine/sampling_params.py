@@ -95,9 +95,11 @@ class SamplingParams:
         `speculative_disable_batch_size`); n-gram speculation draws the plain tokens.
     stop: a string or a list of strings that end the output when they appear (the stop string
         is not returned unless include_stop_str_in_output).
-    stop_token_ids: token ids that end the output (the id is kept in `token_ids`); each must
-        be in the model's vocabulary (checked when the request is queued).
-    include_stop_str_in_output: keep the stop string that ended the output in its text.
+    stop_token_ids: token ids that end the output (the id is kept in `token_ids`, its text
+        left out of `text` unless include_stop_str_in_output, as vLLM's); each must be in the
+        model's vocabulary (checked when the request is queued).
+    include_stop_str_in_output: keep the stop string, stop token or end-of-sequence token that
+        ended the output in its text.
     ignore_eos: keep going past the end-of-sequence token.
     logprobs: None, or how many of the most likely tokens to report beside each sampled one
         (0: the sampled token alone; at most the model's vocabulary size, checked when the

@@ -154,6 +154,25 @@ def test_stop_strings_can_stay_in_the_output(llm):
     assert cut.outputs[0].stop_reason == kept.outputs[0].stop_reason == stop
 
 
+def test_a_stop_token_is_kept_in_token_ids_and_left_out_of_the_text(llm):
+    """Observed: a stop token id's text was written into the output text (only the
+    end-of-sequence token was left out). vLLM's detokenizer leaves the token that stopped the
+    output out of the text unless include_stop_str_in_output, and keeps its id either way."""
+    greedy = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    base = llm.generate([PROMPT], SamplingParams(**greedy))[0].token_ids
+    tok = llm.tokenizer
+    at = next(i for i, t in enumerate(base)  # a token with text of its own, first seen there
+              if i >= 2 and t >= 257 and t not in base[:i])
+    stop = base[at]
+    cut = llm.generate([PROMPT], SamplingParams(**greedy, stop_token_ids=[stop]))[0]
+    kept = llm.generate([PROMPT], SamplingParams(**greedy, stop_token_ids=[stop],
+                                                 include_stop_str_in_output=True))[0]
+    assert cut.token_ids == kept.token_ids == base[:at + 1]
+    assert cut.outputs[0].stop_reason == kept.outputs[0].stop_reason == stop
+    assert tok.decode([stop]) and cut.text == tok.decode(base[:at])
+    assert kept.text == tok.decode(base[:at + 1])
+
+
 def test_stop_strings_without_detokenizing_are_refused_by_name(llm):
     """Stop strings are matched on the output text, which detokenize=False does not build:
     such a request ran to max_tokens past its stop string, the stop silently ignored. It is
