@@ -252,6 +252,33 @@ def test_captured_decode_on_the_gpu_matches_eager(checkpoints, launch_thread):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+@pytest.mark.parametrize("launch_thread", [False, True])
+def test_captured_decode_with_the_device_behind_the_host_matches_eager(checkpoints,
+                                                                     launch_thread):
+    """As above, with the device held about 10 ms behind the host before every replay
+    (`torch.cuda._sleep` queued ahead of the graph): the host then writes the next steps'
+    staging slots while the copies out of them are still queued, which only the slots' own
+    waits make safe. Greedy tokens still equal eager decoding's."""
+    path = checkpoints("gqa-4")
+    prompts = [list(range(5 + i, 30 + 5 * i)) for i in range(5)]
+    params = [SamplingParams(max_tokens=10 + 6 * i, temperature=0, ignore_eos=True)
+              for i in range(5)]
+    kw = dict(device="cuda", dtype="fp32", page_size=16, num_pages=120, max_model_len=192,
+              max_num_seqs=8)
+    want = [o.token_ids for o in LLM(path, cuda_graphs=False, **kw).generate(prompts, params)]
+    llm = LLM(path, launch_thread=launch_thread, **kw)
+    runner = llm.engine.runner
+    assert runner.cuda_graphs, runner.graph_error
+    for key, (replay, out) in list(runner.graphs.items()):
+        def lagging(replay=replay):
+            torch.cuda._sleep(20_000_000)  # clock cycles: about 10 ms at 2 GHz
+            replay()
+        runner.graphs[key] = (lagging, out)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    llm.engine.check_invariants()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
 def test_captured_latent_decode_on_the_gpu_reads_its_staged_plan(checkpoints):
     """GLA-2 in bf16 on the GPU's own backend (the Hopper kernels on an H100/H200, whose
     plans hold one part per launch shape): replayed steps at lengths that change every plan's
