@@ -561,6 +561,9 @@ class ModelRunner:
             freeze_heap()
         except Exception as err:  # noqa: BLE001 - any capture failure means eager decoding
             self.graphs.clear()
+            # Only replays read these: the device memory they hold goes back to the cache.
+            self.static, self.stages, self.host_tables = {}, {}, {}
+            self.plans, self.staged_plans, self._pool = {}, {}, None
             self.graph_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
             self._synchronize()

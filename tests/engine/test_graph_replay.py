@@ -384,3 +384,33 @@ def test_replayed_plans_reach_the_kernels_through_the_staged_upload(checkpoints,
     assert got == want
     assert runner.replays > 0 and runner.backend.checked >= runner.replays
     llm.engine.check_invariants()
+
+
+class FailingRunner(ReplayRunner):
+    """A capture that fails at its third graph, after the staged inputs and plans exist."""
+
+    def _record(self, forward):
+        if self.recorded == 2:
+            raise RuntimeError("capture failed here")
+        return super()._record(forward)
+
+
+def test_a_failed_capture_decodes_eagerly_and_keeps_none_of_its_buffers(checkpoints):
+    """A capture failing part-way leaves decoding eager, exact, and holds none of the static
+    inputs, staging slots, plans or graph pool made for the graphs (device memory on a GPU)."""
+    path = checkpoints("gqa-4")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 20)), [7, 8, 9]]
+    kw = dict(page_size=4, num_pages=100, max_model_len=64, max_num_seqs=6)
+    want = [o.token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    llm = LLM(path, **kw)
+    runner = llm.engine.runner
+    runner.__class__ = FailingRunner
+    runner.recorded = runner.replays = 0
+    runner._capture((1,))
+    assert runner.graph_error == "RuntimeError: capture failed here" and not runner.cuda_graphs
+    assert not (runner.static or runner.stages or runner.host_tables or runner.plans
+                or runner.staged_plans) and runner._pool is None
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    assert runner.replays == 0
+    llm.engine.check_invariants()
