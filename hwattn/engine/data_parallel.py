@@ -206,10 +206,11 @@ class DataParallelEngine:
         return self.replicas.pids
 
     # Requests.
-    def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
+    def validate_prompt(self, prompt: str | list[int] | torch.Tensor,
+                        truncate_prompt_tokens: int | None = None) -> list[int]:
         """`requests.validate_prompt` against the served model (what every replica checks)."""
         return validate_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
-                               self.max_model_len)
+                               self.max_model_len, truncate_prompt_tokens)
 
     def add_request(self, prompt: str | list[int] | torch.Tensor,
                     params: SamplingParams | None = None, request_id: str | None = None,
@@ -223,7 +224,8 @@ class DataParallelEngine:
         """What `add_request` checks of `params` (`validate_prompt` checks the prompt), without
         queueing anything: a checked copy, or the ValueError (a `ParamError` for a setting the
         replicas cannot honour) `add_request` would raise."""
-        params = checked_params(params, self.model_config.vocab_size)
+        params = checked_params(params, self.model_config.vocab_size, self.tokenizer,
+                                self.max_model_len)
         _check_supported(params)
         return params
 

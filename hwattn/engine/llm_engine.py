@@ -46,7 +46,7 @@ from hwattn.engine.model_runner import Sampled, StepInput
 from hwattn.engine.requests import (check_owner, check_request_ids, check_requests,
                                     checked_params, fresh_request_ids, sibling_seed,
                                     validate_prompt)
-from hwattn.engine.sampler import SamplingInput, describe_error
+from hwattn.engine.sampler import SamplingInput, describe_error, verify_bans
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
 from hwattn.engine.sequence import Logprob, RequestOutput, Sequence
@@ -174,13 +174,16 @@ class LLMEngine:
         queueing anything: a checked copy, or the ValueError `add_request` would raise. Safe to
         call from another thread (the server checks a request before it starts streaming the
         answer)."""
-        return checked_params(params, self.model_config.vocab_size)
+        return checked_params(params, self.model_config.vocab_size, self.tokenizer,
+                              self.max_model_len)
 
-    def validate_prompt(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
-        """`validate_prompt` against this engine's tokenizer, vocabulary and context. Safe to
-        call from another thread."""
+    def validate_prompt(self, prompt: str | list[int] | torch.Tensor,
+                        truncate_prompt_tokens: int | None = None) -> list[int]:
+        """`validate_prompt` against this engine's tokenizer, vocabulary and context (keeping
+        the last `truncate_prompt_tokens`, as `SamplingParams` says). Safe to call from another
+        thread."""
         return validate_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
-                               self.max_model_len)
+                               self.max_model_len, truncate_prompt_tokens)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request (all its n sequences) and free its pages; None if it is unknown or
@@ -277,9 +280,12 @@ class LLMEngine:
             # A batch this large takes plain steps, whose host work overlaps the device's
             # (a verify step's cannot): the user's threshold, not one the engine measures.
             return 0
-        if any(len(s) + k > self.max_model_len or not s.params.plain for s in running):
+        on_host = self.drafter.deterministic  # n-gram drafts: their bad-word bans are known
+        if any(len(s) + k > self.max_model_len or not s.params.plain
+               or (not on_host and s.params.bad_words) for s in running):
             # Someone is at the end of the context, or needs penalties, bans or log-probs
-            # (drafts are verified for plain sampling only): plain decoding this step.
+            # (drafts are verified for plain sampling only; bad words with drafts made on the
+            # host only): plain decoding this step.
             return 0
         return k
 
@@ -334,7 +340,7 @@ class LLMEngine:
 
         def build(rows):
             params = [s.params for s in rows]
-            history = any(p.penalized or p.min_tokens for p in params)
+            history = any(p.penalized or p.min_tokens or p.bad_words for p in params)
             return SamplingInput.of(params, [s.seed for s in rows], [len(s) for s in rows],
                                     [(s.token_ids, s.num_prompt_tokens) for s in rows]
                                     if history else None, eos)
@@ -492,6 +498,12 @@ class LLMEngine:
                 return []
             with timer.phase("draft"):
                 drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k)
+            if isinstance(drafts, list) and any(s.params.bad_words for s in seqs):
+                # Each of the k + 1 positions bans what the output and the drafts before it
+                # make bad (`_lookahead` takes no bad words with drafts on the device).
+                sampling, seqs, drafts = self._with_bans(sampling, seqs, drafts)
+                if not seqs:
+                    return []
             if isinstance(drafts, list):
                 fed = [[s.token_ids[-1], *row] for s, row in zip(seqs, drafts)]
             else:
@@ -523,6 +535,25 @@ class LLMEngine:
             self.counters["draft_tokens"] += drafted
             self.counters["accepted_tokens"] += accepted
         return seqs
+
+    def _with_bans(self, sampling: SamplingInput, seqs: list[Sequence], drafts: list):
+        """`sampling` with each row's bad-word bans at each verified position
+        (`SamplingInput.ahead`); a row whose bans cannot be made fails alone. Returns
+        (sampling, seqs, drafts) of the others."""
+        ahead, ok = [], []
+        for i, (seq, row) in enumerate(zip(seqs, drafts)):
+            try:
+                ahead.append(verify_bans(seq.params, seq.output_token_ids, row)
+                             if seq.params.bad_words else [])
+                ok.append(i)
+            except Exception as err:  # noqa: BLE001 - that request alone fails
+                self._fail(seq, err)
+        if len(ok) < len(seqs):
+            sampling = sampling.select(ok) if ok else None
+            seqs, drafts = [seqs[i] for i in ok], [drafts[i] for i in ok]
+        if sampling is not None:
+            sampling.ahead = ahead
+        return sampling, seqs, drafts
 
     def _drafting_tensors(self, sampling: SamplingInput | None, seqs: list[Sequence], device):
         """`sampling` as tensors on `device` for the drafter. Rows whose settings the device

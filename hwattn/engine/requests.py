@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from hwattn.engine.sampling_params import ParamError, SamplingParams
+from hwattn.engine.sampling_params import ParamError, SamplingParams, bad_words_token_ids
 
 
 class ContextLengthError(ValueError):
@@ -37,10 +37,13 @@ def check_prompt_chars(chars: int, tokenizer, max_model_len: int, generate: bool
                                  f"hold; the model's context is {max_model_len}")
 
 
-def encode_prompt(text: str, tokenizer, max_model_len: int, generate: bool = True) -> list[int]:
-    """`tokenizer.encode(text)` after `check_prompt_chars`; ValueError if the text is not
-    valid Unicode (a lone surrogate), naming the character."""
-    check_prompt_chars(len(text), tokenizer, max_model_len, generate)
+def encode_prompt(text: str, tokenizer, max_model_len: int | None,
+                  generate: bool = True) -> list[int]:
+    """`tokenizer.encode(text)` after `check_prompt_chars` (none when max_model_len is None: a
+    text to be truncated); ValueError if the text is not valid Unicode (a lone surrogate),
+    naming the character."""
+    if max_model_len is not None:
+        check_prompt_chars(len(text), tokenizer, max_model_len, generate)
     try:
         return tokenizer.encode(text)
     except UnicodeEncodeError as err:
@@ -48,16 +51,33 @@ def encode_prompt(text: str, tokenizer, max_model_len: int, generate: bool = Tru
                          f"{text[err.start]!r} ({err.reason})") from None
 
 
+def truncation(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
+    """How many prompt tokens `truncate_prompt_tokens` keeps (None: all): -1 keeps
+    max_model_len - 1, the longest prompt that leaves room for a token."""
+    if truncate_prompt_tokens == -1:
+        return max(1, max_model_len - 1)
+    return truncate_prompt_tokens
+
+
 def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_size: int,
-                    max_model_len: int) -> list[int]:
+                    max_model_len: int, truncate_prompt_tokens: int | None = None) -> list[int]:
     """The prompt's token ids; ValueError if it is empty, has ids outside [0, vocab_size), is
     not valid Unicode or leaves no room to generate within max_model_len (a
     `ContextLengthError`). A text too long for the context is refused before it is tokenized
-    (`check_prompt_chars`).
+    (`check_prompt_chars`), unless it is truncated.
 
-    prompt: text, a list of token ids, or a 1-D integer tensor of token ids."""
+    prompt: text, a list of token ids, or a 1-D integer tensor of token ids.
+    truncate_prompt_tokens: keep only the last k tokens (`SamplingParams`'; -1: as many as
+        the context leaves room for), before the length is checked."""
+    keep = truncation(truncate_prompt_tokens, max_model_len)
+    if keep is not None and keep > max_model_len:
+        raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens must be at most the "
+                         f"model's context ({max_model_len}), or -1, got {keep}")
     if isinstance(prompt, str):
-        ids = encode_prompt(prompt, tokenizer, max_model_len)
+        if keep is None:
+            ids = encode_prompt(prompt, tokenizer, max_model_len)
+        else:  # tokenized in full, then cut
+            ids = encode_prompt(prompt, tokenizer, max_model_len=None)
     elif isinstance(prompt, torch.Tensor):
         if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex \
                 or prompt.dtype == torch.bool:
@@ -71,6 +91,8 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
                          f"tensor, got {type(prompt).__name__}")
     if not ids:
         raise ValueError("prompt must not be empty")
+    if keep is not None and len(ids) > keep:
+        ids = ids[len(ids) - keep:]
     if len(ids) >= max_model_len:
         raise ContextLengthError(f"prompt has {len(ids)} tokens; the model's context is "
                                  f"{max_model_len}, leaving no room to generate")
@@ -83,11 +105,15 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
     return [int(t) for t in ids]  # numpy or other integer scalars
 
 
-def checked_params(params: SamplingParams | None, vocab_size: int | None = None) -> SamplingParams:
+def checked_params(params: SamplingParams | None, vocab_size: int | None = None,
+                   tokenizer=None, max_model_len: int | None = None) -> SamplingParams:
     """A validated copy: a caller changing its params afterwards cannot reach the sampler.
     vocab_size: the model's; a `ParamError` for stop token ids outside it (they could never
-    match, and min_tokens bans them in the sampler), logit biases of tokens outside it, or
-    more log-probabilities per token than it has."""
+    match, and min_tokens bans them in the sampler), logit biases or allowed_token_ids of
+    tokens outside it, or more log-probabilities per token than it has.
+    tokenizer: the model's; the copy's `bad_words_token_ids` are its tokens of `bad_words`
+    (a `ParamError` if one is outside the vocabulary).
+    max_model_len: a `ParamError` for truncate_prompt_tokens above it (as vLLM's)."""
     if params is None:
         return SamplingParams()
     if not isinstance(params, SamplingParams):
@@ -102,11 +128,30 @@ def checked_params(params: SamplingParams | None, vocab_size: int | None = None)
             if t >= vocab_size:
                 raise ParamError("logit_bias", f"logit_bias must name token ids in "
                                  f"[0, {vocab_size}) (the model's vocabulary), got {t}")
+        for t in params.allowed_token_ids or ():
+            if t >= vocab_size:
+                raise ParamError("allowed_token_ids", f"allowed_token_ids must be token ids in "
+                                 f"[0, {vocab_size}) (the model's vocabulary), got {t}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > vocab_size:
                 raise ParamError(name, f"{name} must be at most the model's vocabulary size "
                                  f"({vocab_size}), got {value}")
+    if max_model_len is not None and params.truncate_prompt_tokens is not None \
+            and params.truncate_prompt_tokens > max_model_len:
+        raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens must be at most "
+                         f"the model's context ({max_model_len}), or -1, got "
+                         f"{params.truncate_prompt_tokens}")
+    if tokenizer is not None and params.bad_words:
+        try:
+            words = bad_words_token_ids(params.bad_words, tokenizer)
+        except UnicodeEncodeError as err:
+            raise ParamError("bad_words", f"bad_words cannot be tokenized: {err.reason}") from None
+        for ids in words:
+            if not ids or (vocab_size is not None and max(ids) >= vocab_size):
+                raise ParamError("bad_words", f"bad_words: a word's tokens {ids} are not token "
+                                 f"ids of the model's vocabulary")
+        params.bad_words_token_ids = words
     return params
 
 
@@ -115,15 +160,19 @@ def check_requests(prompts: list, params: list, validate, check_params,
     """(token ids, checked params copy) of every request, or a ValueError naming the first bad
     prompt's index (one request's error as it was raised, a `ParamError` keeping its `param`):
     the all-or-nothing check before a batch of requests is queued anywhere.
-    validate: prompt -> token ids (`validate_prompt` bound to a model). check_params: params ->
-    a checked copy (the engine's `check_params`). A `max_tokens` of None becomes what the
-    context leaves after the prompt (`max_model_len` - its length)."""
+    validate: prompt -> token ids (`validate_prompt` bound to a model; called with the
+    params' truncate_prompt_tokens as well when they set it). check_params: params -> a
+    checked copy (the engine's `check_params`), checked first (its truncate_prompt_tokens
+    cuts the prompt). A `max_tokens` of None becomes what the context leaves after the prompt
+    (`max_model_len` - its length)."""
     if len(params) != len(prompts):
         raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
     checked = []
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         try:
-            ids, sp = validate(prompt), check_params(sp)
+            sp = check_params(sp)
+            ids = validate(prompt) if sp.truncate_prompt_tokens is None \
+                else validate(prompt, sp.truncate_prompt_tokens)
             if sp.max_tokens is None:
                 sp.max_tokens = max_model_len - len(ids)  # validate left at least one
             checked.append((ids, sp))

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from hwattn.engine.sampling_params import bad_word_bans
+
 MASK32 = 0xFFFFFFFF
 STREAM_SAMPLE, STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_DRAFT = 0, 1, 2, 3
 
@@ -101,8 +103,11 @@ class SamplingInput:
     it: min_p (0 = off); presence, frequency, repetition penalties with the earlier tokens
     they read (`outputs`: each row's generated tokens; `prompts`: its prompt, for the
     repetition penalty only); `banned`: token ids a row may not sample yet (end-of-sequence
-    and stop ids before min_tokens); `logprobs`: top log-probabilities to report (-1 = none);
-    `bias`: each row's (token id, bias) pairs added to its logits first.
+    and stop ids before min_tokens, the last tokens of bad words its output ends in);
+    `logprobs`: top log-probabilities to report (-1 = none); `bias`: each row's (token id,
+    bias) pairs added to its logits first; `allowed`: the only ids a row may sample (empty:
+    any); `ahead`: a verify step's bad-word bans, per row (offset j of its k + 1 tokens,
+    token id) pairs (the bans at j if the row's first j drafts are accepted).
     """
 
     temperature: list[float]
@@ -117,12 +122,15 @@ class SamplingInput:
     banned: list[list[int]] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
     bias: list[list[tuple[int, float]]] = field(default_factory=list)
+    allowed: list[list[int]] = field(default_factory=list)
+    ahead: list[list[tuple[int, int]]] = field(default_factory=list)
 
     @classmethod
     def of(cls, params, seeds: list[int], positions: list[int], histories=None,
            eos_token_id: int | None = None) -> "SamplingInput":
         """Settings of rows with `params`. histories: per row (token ids, prompt length) of
-        its sequence so far, needed when a row has penalties or min_tokens (None: no row has)."""
+        its sequence so far, needed when a row has penalties, min_tokens or bad words (None:
+        no row has)."""
         out = cls([0.0 if p.greedy else p.temperature for p in params], [p.top_k for p in params],
                   [p.top_p for p in params], list(seeds), list(positions))
         if any(p.min_p > 0 for p in params):
@@ -131,9 +139,12 @@ class SamplingInput:
             out.logprobs = [-1 if p.logprobs is None else p.logprobs for p in params]
         if any(p.logit_bias for p in params):
             out.bias = [list(p.logit_bias.items()) if p.logit_bias else [] for p in params]
+        if any(p.allowed_token_ids is not None for p in params):
+            out.allowed = [[] if p.allowed_token_ids is None else list(p.allowed_token_ids)
+                           for p in params]
         if histories is None:
-            if any(p.penalized or p.min_tokens for p in params):
-                raise ValueError("penalties and min_tokens need the rows' histories")
+            if any(p.penalized or p.min_tokens or p.bad_words for p in params):
+                raise ValueError("penalties, min_tokens and bad_words need the rows' histories")
             return out
         if any(p.penalized for p in params):
             out.penalties = [(p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
@@ -146,6 +157,10 @@ class SamplingInput:
                 ([] if p.ignore_eos or eos_token_id is None else [eos_token_id])
                 + list(p.stop_token_ids) if len(ids) - n < p.min_tokens else []
                 for p, (ids, n) in zip(params, histories)]
+        if any(p.bad_words for p in params):
+            bans = [bad_word_bans(words_of(p), ids[n:]) if p.bad_words else []
+                    for p, (ids, n) in zip(params, histories)]
+            out.banned = [a + b for a, b in zip(out.banned, bans)] if out.banned else bans
         return out
 
     @classmethod
@@ -163,8 +178,9 @@ class SamplingInput:
     def argmax_only(self) -> bool:
         """Whether every row's token is the argmax of its raw logits (greedy, no biases, no
         penalties, no banned tokens): `sample` then needs none of the settings on the device."""
-        return not self.penalties and not any(self.banned) and not any(self.bias) and all(
-            t == 0.0 for t in self.temperature)
+        return not self.penalties and not any(self.banned) and not any(self.bias) \
+            and not any(self.allowed) and not any(self.ahead) and all(
+                t == 0.0 for t in self.temperature)
 
     def select(self, rows: list[int]) -> "SamplingInput":
         """The settings of `rows` alone, in that order."""
@@ -196,8 +212,37 @@ class SamplingInput:
             values = move(torch.tensor([b for row in self.bias for _, b in row],
                                        dtype=torch.float32))
             st.bias = (rows, ids, values)
+        if any(self.allowed):
+            rows, ids = _ragged(self.allowed, move)
+            st.allowed = (rows, ids, move(torch.tensor([bool(a) for a in self.allowed])))
+        if any(self.ahead):
+            both = move(torch.tensor([[i, j, t] for i, row in enumerate(self.ahead)
+                                      for j, t in row], dtype=torch.int64).reshape(-1, 3).T)
+            st.ahead = (both[0], both[1], both[2])
         st.logprobs = list(self.logprobs)
         return st
+
+
+def words_of(params) -> list[list[int]]:
+    """A request's bad words as token ids (set when the engine checked its params)."""
+    if params.bad_words_token_ids is None:
+        raise ValueError("bad_words were not tokenized: the engine's check_params sets "
+                         "bad_words_token_ids")
+    return params.bad_words_token_ids
+
+
+def verify_bans(params, output: list[int], drafts: list[int]) -> list[tuple[int, int]]:
+    """A verify step's bad-word bans of one row (`SamplingInput.ahead`): (j, token) for each
+    token banned at the j-th of the k + 1 positions, after `output` (its generated tokens)
+    and its first j drafts."""
+    words = words_of(params)
+    longest = max(len(w) for w in words) - 1  # tokens a ban looks back at, at most
+    out = []
+    for j in range(len(drafts) + 1):
+        seen = (list(output[max(0, len(output) - longest):]) + list(drafts[:j])) if longest \
+            else []
+        out += [(j, t) for t in bad_word_bans(words, seen)]
+    return out
 
 
 def _ragged(rows: list[list[int]], move) -> tuple[Tensor, Tensor]:
@@ -226,6 +271,9 @@ class SamplingTensors:
     prompts: tuple[Tensor, Tensor] | None = None  # (row, token) of prompt tokens
     banned: tuple[Tensor, Tensor] | None = None  # (row, token) not to be sampled yet
     bias: tuple[Tensor, Tensor, Tensor] | None = None  # (row, token, float32 bias) added first
+    # (row, token): the only tokens restricted rows may sample, and (B,) bool: which are
+    allowed: tuple[Tensor, Tensor, Tensor] | None = None
+    ahead: tuple[Tensor, Tensor, Tensor] | None = None  # (row, offset, token): `repeat`'s bans
     logprobs: list[int] = field(default_factory=list)  # top log-probs per row, -1 = none
 
     @classmethod
@@ -235,25 +283,33 @@ class SamplingTensors:
 
     def repeat(self, times: int) -> "SamplingTensors":
         """Each row repeated `times` times with positions counting up (for k + 1 rows), its
-        logit biases with it. Speculative verification takes plain rows only: penalties, bans
-        and log-probs stay behind."""
+        logit biases and allowed tokens with it, and its `ahead` bans at their offsets.
+        Speculative verification takes plain rows only: penalties, min_tokens bans and
+        log-probs stay behind."""
         step = torch.arange(times, device=self.positions.device)
         rep = lambda t: t.repeat_interleave(times)  # noqa: E731
-        bias = None
+        bias = allowed = banned = None
         if self.bias is not None:
             rows, ids, values = self.bias
             bias = ((rows[:, None] * times + step).flatten(), rep(ids), rep(values))
+        if self.allowed is not None:
+            rows, ids, restricted = self.allowed
+            allowed = ((rows[:, None] * times + step).flatten(), rep(ids), rep(restricted))
+        if self.ahead is not None:
+            rows, offsets, ids = self.ahead
+            banned = (rows * times + offsets, ids)
         return SamplingTensors(rep(self.temperature), rep(self.top_k), rep(self.top_p),
                                rep(self.seeds), (self.positions[:, None] + step).flatten(),
                                self.filtered, self.all_greedy,
-                               None if self.min_p is None else rep(self.min_p), bias=bias)
+                               None if self.min_p is None else rep(self.min_p), banned=banned,
+                               bias=bias, allowed=allowed)
 
 
 def adjusted_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
-    """(B, V) logits with the rows' biases added, then their penalties applied and banned
-    tokens at -inf: what both the greedy argmax and sampling start from. Returns `logits`
-    itself when no row has any."""
-    if st.penalties is None and st.banned is None and st.bias is None:
+    """(B, V) logits with the rows' biases added, then their penalties applied, banned
+    tokens and (in restricted rows) tokens not allowed at -inf: what both the greedy argmax
+    and sampling start from. Returns `logits` itself when no row has any."""
+    if st.penalties is None and st.banned is None and st.bias is None and st.allowed is None:
         return logits
     logits = logits.float().clone()
     batch, vocab = logits.shape
@@ -274,6 +330,11 @@ def adjusted_logits(logits: Tensor, st: SamplingTensors) -> Tensor:
     if st.banned is not None:
         rows, ids = st.banned
         logits.index_put_((rows, ids), torch.full_like(ids, float("-inf"), dtype=torch.float32))
+    if st.allowed is not None:
+        rows, ids, restricted = st.allowed
+        keep = (~restricted)[:, None].repeat(1, vocab)  # unrestricted rows keep everything
+        keep.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.bool))
+        logits = logits.masked_fill_(~keep, float("-inf"))
     return logits
 
 

@@ -60,6 +60,68 @@ def _logit_bias(value) -> dict[int, float] | None:
     return out or None
 
 
+def _allowed_token_ids(value) -> list[int] | None:
+    """A checked copy of allowed_token_ids (repeats dropped, order kept); an empty list is
+    refused, as vLLM refuses it (no token could be sampled)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"allowed_token_ids must be a list of token ids, got "
+                         f"{type(value).__name__}")
+    if not value:
+        raise ValueError("allowed_token_ids must not be empty (None: every token is allowed)")
+    return list(dict.fromkeys(_integer("allowed_token_ids", t, 0, what=" each") for t in value))
+
+
+def _bad_words(value) -> list[str] | None:
+    """A checked copy of bad_words (None when empty): strings with something beside
+    whitespace, in valid Unicode."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"bad_words must be a list of strings, got {type(value).__name__}")
+    for word in value:
+        if not isinstance(word, str) or not word.strip():
+            raise ValueError(f"bad_words must hold strings with more than whitespace, got "
+                             f"{word!r}")
+        try:
+            word.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"bad_words must hold valid Unicode: {word[:60]!r} has "
+                             f"{word[err.start]!r} at character {err.start} ({err.reason})"
+                             ) from None
+    return list(value) or None
+
+
+def bad_words_token_ids(words: list[str], tokenizer) -> list[list[int]]:
+    """Token id sequences of `words` as vLLM's `SamplingParams.update_from_tokenizer` makes
+    them: each word (leading whitespace stripped) encoded alone, and once more after a space
+    (a word in mid-text), that second form kept when it starts with another token and has as
+    many tokens as the first."""
+    out: list[list[int]] = []
+    for word in words:
+        bare = list(tokenizer.encode(word.lstrip()))
+        spaced = list(tokenizer.encode(" " + word.lstrip()))
+        for ids in (bare, spaced) if spaced and spaced[0] != bare[0] \
+                and len(spaced) == len(bare) else (bare,):
+            if ids not in out:
+                out.append(ids)
+    return out
+
+
+def bad_word_bans(words: list[list[int]], output: list[int]) -> list[int]:
+    """The tokens `words` (token id sequences) ban after `output` (a request's generated
+    tokens so far, or their last tokens, at least as many as the longest word has minus one):
+    each word's last token where the output ends with the word's other tokens (a one-token
+    word: always), as vLLM's bad-words processor bans them (the prompt does not count)."""
+    bans = []
+    for ids in words:
+        n = len(ids) - 1
+        if n == 0 or (n <= len(output) and output[-n:] == ids[:-1]):
+            bans.append(ids[-1])
+    return bans
+
+
 @dataclass
 class SamplingParams:
     """How one request is decoded.
@@ -87,6 +149,21 @@ class SamplingParams:
         does (penalties, bans, temperature, filtering, the greedy argmax), as OpenAI's
         `logit_bias`; ids must be in the model's vocabulary (checked when the request is
         queued), biases finite (the server takes -100 to 100, as OpenAI does). None or {}: off.
+    allowed_token_ids: None, or the only token ids that may be sampled (the others' logits
+        are -inf, after logit biases and penalties, before temperature and filtering, greedy
+        included); ids must be in the model's vocabulary (checked when the request is
+        queued); an empty list is refused. Log-probabilities stay the model's own, as vLLM's
+        default (raw) ones: a disallowed token may be among the top ones reported.
+    bad_words: None, or words never to be generated (as vLLM's): each is tokenized alone and
+        after a space (`bad_words_token_ids`), and a word's last token is banned (-inf) while
+        the generated tokens end with its other tokens (a one-token word always). The prompt
+        does not count. A request with bad words is sampled in step with the host; speculative
+        decoding verifies its n-gram drafts with the bans of each draft position, and a draft
+        model engine decodes plainly while such a request runs.
+    truncate_prompt_tokens: None, or keep only the prompt's last k tokens (k >= 1, at most
+        max_model_len; -1: max_model_len - 1, the longest prompt that leaves room for a token
+        here), applied before the prompt's length is checked; the output's prompt_token_ids
+        are the kept ones. A text prompt is then tokenized in full, however long.
     seed: makes this request's samples reproducible whatever else runs beside it; when None
         the engine draws one from its own seeded generator. With a draft model speculating,
         the tokens also depend on which of its steps verified drafts (a verify step draws
@@ -116,7 +193,8 @@ class SamplingParams:
         "final_only" (once, when it has finished; `LLM.generate` asks for this). As vLLM's
         `RequestOutputKind.CUMULATIVE` / `FINAL_ONLY`; a step then builds no output for it.
 
-    Logit biases, penalties and min_p / min_tokens apply before the greedy argmax too; with none of them
+    Logit biases, penalties, min_p / min_tokens, allowed_token_ids and bad_words apply before
+    the greedy argmax too; with none of them
     set, sampling is exactly what it was without them.
     Every setting is checked here; a bad one raises `ValueError` naming it.
     """
@@ -142,6 +220,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
     output_kind: str = "cumulative"
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    # bad_words as token ids (`bad_words_token_ids`), set by the engine's check of the params
+    # (it has the tokenizer), as vLLM's `_bad_words_token_ids`.
+    bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False,
+                                                        compare=False)
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -202,6 +287,15 @@ class SamplingParams:
                 setattr(self, name, _integer(name, getattr(self, name), 0,
                                              what=" (None: no log-probabilities)"))
         self.logit_bias = _logit_bias(self.logit_bias)
+        self.allowed_token_ids = _allowed_token_ids(self.allowed_token_ids)
+        self.bad_words = _bad_words(self.bad_words)
+        if self.truncate_prompt_tokens is not None:
+            value = self.truncate_prompt_tokens
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) \
+                    or not (value == -1 or 1 <= value < INT64_LIMIT):
+                raise ValueError(f"truncate_prompt_tokens must be an integer >= 1, or -1 (the "
+                                 f"model's context), got {value!r}")
+            self.truncate_prompt_tokens = int(value)
         if self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got "
                              f"{self.output_kind!r}")
@@ -218,7 +312,8 @@ class SamplingParams:
     def argmax_of_raw_logits(self) -> bool:
         """Whether the token is always the argmax of the model's logits as they are: greedy,
         with no setting that changes the logits first."""
-        return self.greedy and self.plain and self.min_p == 0 and not self.logit_bias
+        return self.greedy and self.plain and self.min_p == 0 and not self.logit_bias \
+            and self.allowed_token_ids is None and not self.bad_words
 
     @property
     def greedy(self) -> bool:
@@ -232,6 +327,7 @@ class SamplingParams:
 
     @property
     def plain(self) -> bool:
-        """Whether the sampler needs nothing beyond temperature, top-k, top-p and min-p
-        (speculative decoding verifies drafts of plain requests only)."""
+        """Whether the sampler needs nothing beyond temperature, top-k, top-p, min-p, logit
+        biases, allowed_token_ids and bad_words (speculative decoding verifies drafts of plain
+        requests only; bad_words only with an n-gram drafter, whose drafts are on the host)."""
         return not self.penalized and self.min_tokens == 0 and self.logprobs is None

@@ -147,10 +147,11 @@ class Sequence:
         self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = \
             [None] * self.num_prompt_tokens if params.prompt_logprobs is not None else None
-        # Whether its tokens must be read back before the next step is launched (penalties
-        # and min_tokens read them; log-probabilities come back with them). The engine's
-        # params are its own copy, so this holds for the sequence's life.
-        self.sampled_on_host = not params.plain or self.prompt_logprobs is not None
+        # Whether its tokens must be read back before the next step is launched (penalties,
+        # min_tokens and bad words read them; log-probabilities come back with them). The
+        # engine's params are its own copy, so this holds for the sequence's life.
+        self.sampled_on_host = not params.plain or self.prompt_logprobs is not None \
+            or bool(params.bad_words)
         # Whether its token is always the argmax of the raw logits, with no setting the
         # sampler reads beyond top-k and top-p (`SamplingInput.argmax_rows`). Settings that
         # cannot be read take the general path, where the step fails this request alone.

@@ -187,21 +187,26 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     def refused(err: ValueError, param: str) -> APIError:
         code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
-        return APIError(str(err), param=param, code=code)
+        return APIError(str(err), param=getattr(err, "param", param), code=code)
 
-    def prompt_ids(prompt, param: str) -> list[int]:
+    def prompt_ids(prompt, param: str, truncate: int | None = None) -> list[int]:
+        """The prompt's ids, its last `truncate` only when set (truncate_prompt_tokens)."""
         try:
-            return llm.validate_prompt(prompt)
+            if truncate is None:
+                return llm.validate_prompt(prompt)
+            return llm.validate_prompt(prompt, truncate)
         except ValueError as err:
             raise refused(err, param) from None
 
-    def chat_ids(messages, add_generation_prompt: bool = True, generate: bool = True) -> list[int]:
+    def chat_ids(messages, add_generation_prompt: bool = True, generate: bool = True,
+                 truncated: bool = False) -> list[int]:
         """The conversation's token ids (`ChatTemplate.encode`: no message can produce a
         special token or a turn marker), refused before tokenizing if it cannot fit (leaving a
-        token to generate, with `generate`)."""
+        token to generate, with `generate`), unless it is to be `truncated`."""
         try:
             ids = template.encode([m.model_dump() for m in messages], tokenizer,
-                                  add_generation_prompt, max_model_len=max_len, generate=generate)
+                                  add_generation_prompt,
+                                  max_model_len=None if truncated else max_len, generate=generate)
         except UnicodeEncodeError as err:  # a lone surrogate in a message
             raise APIError(f"messages are not valid Unicode: {err.reason}",
                            param="messages") from None
@@ -455,9 +460,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                               prompt_logprobs=max(asked) if asked else None)
 
         def prepare():
-            jobs = [fits(prompt_ids(p, "prompt"), params) for p in req.prompt]
+            truncate = params.truncate_prompt_tokens
+            jobs = [fits(prompt_ids(p, "prompt", truncate), params) for p in req.prompt]
             checked(jobs)
-            texts = [p if isinstance(p, str) else tokenizer.decode(ids)
+            # An echoed prompt is what the model read: a truncated one, decoded.
+            texts = [p if isinstance(p, str) and truncate is None else tokenizer.decode(ids)
                      for p, (ids, _) in zip(req.prompt, jobs)]
             return jobs, texts
 
@@ -542,7 +549,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         top_n = req.top_logprobs or 0
 
         def prepare():
-            ids = prompt_ids(chat_ids(req.messages, req.add_generation_prompt), "messages")
+            truncate = req.truncate_prompt_tokens
+            ids = prompt_ids(chat_ids(req.messages, req.add_generation_prompt,
+                                      truncated=truncate is not None), "messages", truncate)
             params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens,
                                   logprobs=top_n if req.logprobs else None)
             jobs = [fits(ids, params, "max_completion_tokens"

@@ -4,7 +4,8 @@ OpenAI-style error they turn into.
 Every field the server honours is declared (OpenAI's sampling fields, logit_bias among them,
 plus vLLM's extras:
 top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
-include_stop_str_in_output, prompt_logprobs); any other field is refused by name (400)
+include_stop_str_in_output, prompt_logprobs, allowed_token_ids, bad_words,
+truncate_prompt_tokens); any other field is refused by name (400)
 instead of being silently ignored, and OpenAI fields this server does not implement
 (tools, tool_choice, suffix, best_of above n) are accepted only at their no-op
 value. `null` for any optional field means the field was not given (OpenAI marks them
@@ -52,8 +53,8 @@ class ServerLimits:
     """Caps on what one request may ask of the server.
 
     max_body_bytes: largest request body (413 beyond it, checked before it is parsed).
-    max_stop: stop strings, and stop token ids, per request.
-    max_stop_chars: characters in one stop string.
+    max_stop: stop strings, stop token ids, and bad words, per request.
+    max_stop_chars: characters in one stop string or bad word.
     max_prompts: prompts in one /v1/completions request.
     max_sequences: prompts x `n` in one request: the sequences it queues in the engine (the
         scheduler shares the batch fairly between requests, but each sequence still costs
@@ -157,6 +158,11 @@ class _Request(_Body):
     n: int = Field(1, ge=1)
     user: str | None = None  # the caller's end-user label: accepted, used for nothing
     logit_bias: Any = None  # {"token id": bias in [-100, 100]}, as OpenAI's
+    # vLLM's extras: the only ids that may be sampled; words never to generate; keep only
+    # the prompt's last k tokens (-1: as many as leave room for a token).
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, lt=INT64_LIMIT)
 
     @field_validator(*NO_OP, mode="before", check_fields=False)
     @classmethod
@@ -213,6 +219,27 @@ class _Request(_Body):
                 raise _error("invalid_value", "stop_token_ids must be token ids >= 0")
         return value
 
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed(cls, value):
+        if value is not None and not all(0 <= t < INT64_LIMIT for t in value):
+            raise _error("invalid_value", "allowed_token_ids must be token ids >= 0")
+        return value
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, value, info: ValidationInfo):
+        limits = _limits(info)
+        if value is not None:
+            if len(value) > limits.max_stop:
+                raise _error("invalid_value", "bad_words has {n} words; at most {cap} are "
+                             "allowed", n=len(value), cap=limits.max_stop)
+            longest = max((len(w) for w in value), default=0)
+            if longest > limits.max_stop_chars:
+                raise _error("invalid_value", "a bad word has {n} characters; at most {cap} "
+                             "are allowed", n=longest, cap=limits.max_stop_chars)
+        return value
+
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _logit_bias(cls, value, info: ValidationInfo):
@@ -254,7 +281,9 @@ class _Request(_Body):
                 repetition_penalty=self.repetition_penalty, seed=self.seed, stop=self.stop,
                 stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
                 include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, logit_bias=self.logit_bias)
+                prompt_logprobs=prompt_logprobs, logit_bias=self.logit_bias,
+                allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+                truncate_prompt_tokens=self.truncate_prompt_tokens)
         except ValueError as err:
             raise APIError(str(err), param=str(err).split(" ", 1)[0]) from None
 
