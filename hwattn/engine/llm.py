@@ -25,7 +25,7 @@ from hwattn.cpu_threads import set_cpu_threads, use_default_cpu_threads
 from hwattn.data.tokenizer import load_tokenizer
 from hwattn.device import check_device
 from hwattn.engine.config import EngineConfig
-from hwattn.engine.chat import ChatTemplate
+from hwattn.engine.chat import ChatTemplate, chat_options
 from hwattn.engine.data_parallel import DataParallelEngine
 from hwattn.engine.block_manager import plan_pages
 from hwattn.engine.llm_engine import LLMEngine
@@ -285,15 +285,32 @@ class LLM:
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = False, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"} messages) or several (a list
         of such lists); outputs come back in order.
 
         The prompt is rendered with `chat_template` (a template file or Jinja string) if
         given, else the checkpoint's tokenizer_config.json template, else the built-in one
         (`hwattn.engine.chat.ChatTemplate`), and tokenized so that message content never
-        becomes a special token or a turn marker. A bad message or template raises ValueError
-        naming it, before anything runs."""
+        becomes a special token or a turn marker. As in vLLM:
+
+        add_generation_prompt: end the prompt with the opening of the assistant's turn.
+        continue_final_message: end the prompt right after the final message's content,
+            with nothing after it (no end of turn), so that the model continues that message
+            (a partial assistant answer, say). Needs add_generation_prompt=False.
+        chat_template_kwargs: extra variables for the template (a dict of JSON-like values;
+            none may set the template's own, such as `messages` or `bos_token`).
+        tools: tool calling is not supported; only None (or []) is accepted.
+
+        A bad message, argument or template raises ValueError naming it, before anything
+        runs."""
+        if tools is not None and tools != []:
+            raise ValueError("tools: tool calling is not supported by hwattn's LLM.chat "
+                             "(give tools=None)")
+        # Checked once for all conversations, before any is rendered.
+        chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
         if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
             conversations = [messages]
         elif isinstance(messages, list) and messages and all(isinstance(c, list) for c in messages):
@@ -309,8 +326,10 @@ class LLM:
             try:
                 # Token ids, built piece by piece: no message can produce a special token or
                 # a turn marker (`ChatTemplate.encode`); the text from the same rendering.
-                ids, text = template.encode_with_text(conversation, self.tokenizer,
-                                                      add_generation_prompt)
+                ids, text = template.encode_with_text(
+                    conversation, self.tokenizer, add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    chat_template_kwargs=chat_template_kwargs)
                 prompts.append(ids)
                 texts.append(text)
             except ValueError as err:

@@ -198,20 +198,25 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         except ValueError as err:
             raise refused(err, param) from None
 
-    def chat_ids(messages, add_generation_prompt: bool = True, generate: bool = True,
-                 truncated: bool = False) -> list[int]:
+    def chat_ids(messages, add_generation_prompt: bool = True, generate: bool = True, *,
+                 truncated: bool = False, continue_final_message: bool = False,
+                 chat_template_kwargs=None) -> list[int]:
         """The conversation's token ids (`ChatTemplate.encode`: no message can produce a
         special token or a turn marker), refused before tokenizing if it cannot fit (leaving a
-        token to generate, with `generate`), unless it is to be `truncated`."""
+        token to generate, with `generate`), unless it is to be `truncated`. A refused chat
+        argument is named as the 400's param (`ChatArgumentError`), anything else as
+        `messages`."""
         try:
             ids = template.encode([m.model_dump() for m in messages], tokenizer,
                                   add_generation_prompt,
-                                  max_model_len=None if truncated else max_len, generate=generate)
+                                  max_model_len=None if truncated else max_len, generate=generate,
+                                  continue_final_message=continue_final_message,
+                                  chat_template_kwargs=chat_template_kwargs)
         except UnicodeEncodeError as err:  # a lone surrogate in a message
             raise APIError(f"messages are not valid Unicode: {err.reason}",
                            param="messages") from None
         except ValueError as err:
-            raise refused(err, "messages") from None
+            raise refused(err, getattr(err, "param", "messages")) from None
         return ids
 
     def tokenize_text(text: str) -> list[int]:
@@ -551,7 +556,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         def prepare():
             truncate = req.truncate_prompt_tokens
             ids = prompt_ids(chat_ids(req.messages, req.add_generation_prompt,
-                                      truncated=truncate is not None), "messages", truncate)
+                                      truncated=truncate is not None,
+                                      continue_final_message=req.continue_final_message,
+                                      chat_template_kwargs=req.chat_template_kwargs),
+                             "messages", truncate)
             params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens,
                                   logprobs=top_n if req.logprobs else None)
             jobs = [fits(ids, params, "max_completion_tokens"
@@ -562,6 +570,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         jobs = await run_in_threadpool(prepare)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         stream = run_all(request, jobs, rid)
+        # Whose message the answer is, as vLLM says it: the assistant's new turn, or without
+        # one, the final message's author (whose message continue_final_message continues).
+        role = "assistant" if req.add_generation_prompt else req.messages[-1].role
 
         def logprobs(completion, start):
             if not req.logprobs:
@@ -585,7 +596,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if req.stream:
             first = {"id": rid, "object": "chat.completion.chunk", "created": created,
                      "model": model_name,
-                     "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                     "choices": [{"index": i, "delta": {"role": role, "content": ""},
                                   "finish_reason": None, "logprobs": None}
                                  for i in range(req.n)]}
             return StreamingResponse(stream_events(stream, chunk, include_usage, req.n, first=first,
@@ -600,7 +611,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             return {"id": rid, "object": "chat.completion", "created": created,
                     "model": model_name,
                     "choices": [{"index": c.index,
-                                 "message": {"role": "assistant", "content": c.text},
+                                 "message": {"role": role, "content": c.text},
                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                                  "logprobs": logprobs(c, 0)} for c in out.outputs],
                     "usage": usage(outs),

@@ -26,6 +26,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import PydanticCustomError
 
 from hwattn.data.tokenizer import CHAT_ROLES
+from hwattn.engine.chat import ChatArgumentError, chat_options, check_template_kwargs
 from hwattn.engine.sampling_params import INT64_LIMIT, SamplingParams
 
 
@@ -385,21 +386,39 @@ class ChatMessage(_Body):
 
 class ChatRequest(_Request):
     """POST /v1/chat/completions. logprobs: report each token's log-probability, with the
-    `top_logprobs` most likely tokens beside it. add_generation_prompt: end the rendered
-    prompt with the assistant's turn (vLLM's extra; default true)."""
+    `top_logprobs` most likely tokens beside it. vLLM's extras for the template:
+    add_generation_prompt (end the rendered prompt with the assistant's turn; default true),
+    continue_final_message (end it inside the final message instead, which the model then
+    continues: a prefilled answer; not with add_generation_prompt true) and
+    chat_template_kwargs (extra template variables: an object of JSON values, none of them the
+    template's own). `tools` is the no-op `NO_OP` names: tool calling is not implemented."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Any = None
     tools: Any = None
     tool_choice: Any = None
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs(cls, value):
+        try:
+            return check_template_kwargs(value) or None
+        except ValueError as err:
+            raise _error("invalid_value", "{reason}", reason=str(err)) from None
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        try:
+            chat_options(self.add_generation_prompt, self.continue_final_message)
+        except ChatArgumentError as err:
+            raise APIError(str(err), param=err.param) from None
 
     @model_validator(mode="after")
     def _few_sequences(self, info: ValidationInfo):
