@@ -427,8 +427,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def tokenize(request: Request):
         req = await read_request(request, TokenizeRequest, model_required=False)
         if req.messages is not None:
-            ids, param = await run_in_threadpool(chat_ids, req.messages,
-                                                 req.add_generation_prompt, False), "messages"
+            ids, param = await run_in_threadpool(
+                lambda: chat_ids(req.messages, req.add_generation_prompt, False,
+                                 continue_final_message=req.continue_final_message,
+                                 chat_template_kwargs=req.chat_template_kwargs)), "messages"
         else:
             ids, param = await run_in_threadpool(tokenize_text, req.prompt), "prompt"
         if len(ids) > max_len:

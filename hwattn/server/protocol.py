@@ -432,8 +432,9 @@ class ChatRequest(_Request):
 
 
 class TokenizeRequest(_Body):
-    """POST /tokenize: a `prompt` or chat `messages` (rendered with the chat template), capped
-    as the generation routes cap them (messages, and the model's context).
+    """POST /tokenize: a `prompt` or chat `messages` (rendered with the chat template, with
+    the chat route's add_generation_prompt, continue_final_message and chat_template_kwargs),
+    capped as the generation routes cap them (messages, and the model's context).
     add_special_tokens is accepted for compatibility: this server's tokenizers add none."""
 
     model: str | None = None
@@ -441,12 +442,24 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Any = None
 
     _few_messages = field_validator("messages", mode="before")(_cap_messages)
+    _template_kwargs = ChatRequest._template_kwargs
 
     def check(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise APIError("give exactly one of prompt and messages", param="prompt")
+        if self.messages is None:
+            for name in ("continue_final_message", "chat_template_kwargs"):
+                if getattr(self, name) not in (False, None):
+                    raise APIError(f"{name} applies to messages, not to a prompt", param=name)
+            return
+        try:
+            chat_options(self.add_generation_prompt, self.continue_final_message)
+        except ChatArgumentError as err:
+            raise APIError(str(err), param=err.param) from None
 
 
 class DetokenizeRequest(_Body):

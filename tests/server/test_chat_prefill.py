@@ -175,3 +175,30 @@ def test_a_template_that_never_prints_the_final_message_cannot_continue_it(bpe_c
         error = r.json()["error"]
         assert error["param"] == "continue_final_message"
         assert "does not put the final message's content" in error["message"]
+
+
+def test_tokenize_renders_messages_with_the_same_options(server, offline):
+    """/tokenize takes the chat route's template options, so its ids are the prompt a chat
+    completion with the same body reads; on a prompt they are refused by name."""
+    http, engine = server
+    tok = offline.tokenizer
+    body = {"messages": PREFILL, "add_generation_prompt": False, "continue_final_message": True}
+    r = http.post("/tokenize", json=body)
+    assert r.status_code == 200, r.text
+    want = (tok.encode("### user: ") + tok.encode_text("hi")
+            + tok.encode(EOT + "\n### assistant: ") + tok.encode_text("the cat"))
+    assert r.json()["tokens"] == want
+    r = http.post("/tokenize", json={"messages": PREFILL[:1],
+                                     "chat_template_kwargs": {"persona": "a dog"}})
+    assert r.json()["tokens"] == (tok.encode("### system: a dog\n### user: ")
+                                  + tok.encode_text("hi") + tok.encode(EOT + "\n### assistant:"))
+    for bad, param in (({**body, "add_generation_prompt": True}, "continue_final_message"),
+                       ({"prompt": "hi", "continue_final_message": True},
+                        "continue_final_message"),
+                       ({"prompt": "hi", "chat_template_kwargs": {"a": 1}},
+                        "chat_template_kwargs"),
+                       ({"messages": PREFILL, "chat_template_kwargs": [1]},
+                        "chat_template_kwargs")):
+        r = http.post("/tokenize", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    wait_idle(engine)
