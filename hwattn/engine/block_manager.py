@@ -174,12 +174,13 @@ class BlockManager:
             hits.append(page)
         return hits
 
-    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
-        """Whether the sequence's tokens (plus `reserve` more) fit, counting prefix hits."""
+    def can_allocate(self, seq: Sequence, reserve: int = 0, keep_free: int = 0) -> bool:
+        """Whether the sequence's tokens (plus `reserve` more) fit, counting prefix hits, with
+        `keep_free` pages still free after them."""
         hits = self._cached_prefix(seq)
         revived = sum(1 for p in hits if self.ref_count[p] == 0)
         needed = pages_for(len(seq) + reserve, self.page_size) - len(hits) + revived
-        return needed <= self.num_free_pages
+        return needed + keep_free <= self.num_free_pages
 
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting sequence pages for all its tokens, reusing cached prefix pages."""

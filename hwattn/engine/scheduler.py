@@ -9,14 +9,23 @@ thousands of sequences of a big one. When that sequence finds no free slot or no
 running sequence of an owner holding at least two more is preempted for it (the most recently
 admitted of the owner holding the most), so every owner soon holds its share of the batch.
 
-With `mixed` set (the default for plain decoding), every step first takes every decoding
-sequence (one token each) and spends what is left of `max_num_batched_tokens` on prompt
-chunks: partly-prefilled sequences first, then waiting ones in the fair order above. Decodes
-keep flowing while long prompts arrive, one bounded chunk per step.
+With `mixed` set (`enable_mixed_batches`, plain decoding only), every step first takes every
+decoding sequence (one token each) and spends what is left of `max_num_batched_tokens` on
+prompt chunks: partly-prefilled sequences first, then waiting ones in the fair order above.
+Decodes keep flowing while long prompts arrive, one bounded chunk per step. They never take
+more than the budget: a sequence starts decoding only after a step in which its last prompt
+chunk took a token of the budget beside that step's decodes, so at most
+`max_num_batched_tokens` sequences decode at once. While that many do, prompts wait for one of
+them to finish, as for a free slot (nothing is admitted meanwhile, so their number only falls).
 
 Without it, each step is either a prefill step (prompt chunks of up to
 `max_num_batched_tokens` tokens in all, admitted in the same order) or a decode step (every
-running sequence advances by one token, or by up to k + 1 when speculating).
+running sequence advances by one token, or by up to k + 1 when speculating). A waiting
+sequence is admitted when the pool has pages for its tokens and for its first decode step;
+before a verify step, also for the k + 1 tokens each running sequence writes in it (pages it
+takes for the step and gives back after), or that step would preempt the newcomer straight
+after its prefill and the next admit it again. Prefill steps come first, but each admits a
+sequence or advances a prompt, so decodes wait only while prompts have a slot and pages.
 
 When decoding needs pages the pool does not have, the most recently admitted sequence of the
 owner holding the most running sequences is preempted: it gives back all its pages and goes to
@@ -31,7 +40,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from hwattn.engine.block_manager import BlockManager
+from hwattn.engine.block_manager import BlockManager, pages_for
 from hwattn.engine.sequence import Sequence, Status
 
 
@@ -130,10 +139,10 @@ class Scheduler:
         """The next step, or None when nothing can run. `lookahead` is the number of draft
         tokens a decode step will verify (pages are reserved for them)."""
         self._held = None
-        self._make_way()
+        self._make_way(lookahead)
         if self.mixed and not lookahead:
             return self._schedule_mixed()
-        return self._schedule_prefill() or self._schedule_decode(lookahead)
+        return self._schedule_prefill(lookahead) or self._schedule_decode(lookahead)
 
     def _owners(self) -> Counter:
         """Running sequences per owner (see `_held`)."""
@@ -176,7 +185,23 @@ class Scheduler:
                 best = seq
         return best
 
-    def _make_way(self) -> None:
+    def _fits(self, seq: Sequence, lookahead: int) -> bool:
+        """Whether a waiting sequence can be admitted: the pool has pages for its tokens and
+        the 1 + `lookahead` its first decode step writes. Before a verify step (`lookahead`
+        drafts: vLLM's lookahead slots) they must also leave the pages each running sequence
+        needs for its own k + 1 tokens, which it takes for the step and gives back after:
+        room for less, and the step would preempt the newcomer straight after its prefill,
+        then admit it again once they are given back, over and over."""
+        query_len = 1 + lookahead
+        keep = 0
+        if lookahead:
+            for s in self.running:
+                if not self.will_end(s):  # (one still prefilling: past its prompt)
+                    end = (len(s) if s.is_prefilling else s.num_cached) + query_len
+                    keep += max(0, pages_for(end, self.bm.page_size) - len(s.block_table))
+        return self.bm.can_allocate(seq, reserve=query_len, keep_free=keep)
+
+    def _make_way(self, lookahead: int) -> None:
         """Fairness: while the next waiting sequence finds no free slot or no pages, preempt
         for it a sequence of an owner holding at least two more running sequences than its own
         owner (so no two owners trade a sequence back and forth)."""
@@ -187,7 +212,7 @@ class Scheduler:
             seq = self.waiting.next(held)
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
-            if len(self.running) < self.max_num_seqs and self.bm.can_allocate(seq, reserve=1):
+            if len(self.running) < self.max_num_seqs and self._fits(seq, lookahead):
                 break
             victim = self._victim(at_least=held[seq.owner] + 2)
             if victim is None:
@@ -205,13 +230,14 @@ class Scheduler:
                 decodes.remove(victim)
             self._preempt(victim)
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        seqs, chunks = self._prefill_chunks(self.max_num_batched_tokens)
+    def _schedule_prefill(self, lookahead: int) -> ScheduledBatch | None:
+        seqs, chunks = self._prefill_chunks(self.max_num_batched_tokens, lookahead)
         if not seqs:
             return None
         return ScheduledBatch("prefill", seqs, chunks)
 
-    def _prefill_chunks(self, budget: int) -> tuple[list[Sequence], list[int]]:
+    def _prefill_chunks(self, budget: int,
+                        lookahead: int = 0) -> tuple[list[Sequence], list[int]]:
         """Prompt chunks of `budget` tokens in all: partly-prefilled sequences first, then
         waiting ones admitted in the fair order of `WaitQueue.next` (pages allocated for their
         whole prompt)."""
@@ -226,7 +252,7 @@ class Scheduler:
             seq = self.waiting.next(self._owners())
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
-            if not self.bm.can_allocate(seq, reserve=1):
+            if not self._fits(seq, lookahead):
                 if not self.running and not seqs:
                     # Alone and still too big: the pool cannot ever hold it.
                     raise RuntimeError(f"request {seq.request_id} needs more KV pages than the "

@@ -92,6 +92,25 @@ def test_mixed_steps_give_decodes_first_and_the_rest_of_the_budget_to_prompts(ch
 
 
 @pytest.mark.parametrize("overlap", [False, True])
+def test_mixed_steps_keep_to_a_budget_below_max_num_seqs(checkpoints, overlap):
+    """A budget of 3 tokens with 64 slots: every step (decode-only ones too) holds at most 3
+    tokens, so at most 3 sequences decode at once while the other prompts wait their turn;
+    all of them finish with the reference tokens."""
+    ps = [[3 + i, 4, 5] for i in range(8)]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    llm = LLM(checkpoints("gla-2"), page_size=4, num_pages=6, max_model_len=16,
+              max_num_batched_tokens=3, enable_mixed_batches=True, overlap_scheduling=overlap)
+    engine = llm.engine
+    assert engine.scheduler.max_num_seqs == 64
+    batches = record_batches(engine)
+    outs = step_to_completion(engine, ps, greedy)
+    assert all(sum(chunks) <= 3 for _, _, chunks, _ in batches), batches
+    assert max(nd for _, nd, _, _ in batches) == 3
+    assert [o.token_ids for o in outs] == [oracle(engine.model, p, 6) for p in ps]
+    assert engine.block_manager.num_used_pages == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
 def test_abort_mid_chunk_and_mid_flight_is_clean(checkpoints, overlap):
     path = checkpoints("gla-2")
     greedy = SamplingParams(max_tokens=15, temperature=0, ignore_eos=True)
