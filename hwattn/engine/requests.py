@@ -53,9 +53,14 @@ def encode_prompt(text: str, tokenizer, max_model_len: int | None,
 
 def truncation(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
     """How many prompt tokens `truncate_prompt_tokens` keeps (None: all): -1 keeps
-    max_model_len - 1, the longest prompt that leaves room for a token."""
+    max_model_len - 1, the longest prompt that leaves room for a token. A `ParamError` above
+    max_model_len, as vLLM's."""
     if truncate_prompt_tokens == -1:
         return max(1, max_model_len - 1)
+    if truncate_prompt_tokens is not None and truncate_prompt_tokens > max_model_len:
+        raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens must be at most the "
+                         f"model's context ({max_model_len}), or -1, got "
+                         f"{truncate_prompt_tokens}")
     return truncate_prompt_tokens
 
 
@@ -70,9 +75,6 @@ def validate_prompt(prompt: str | list[int] | torch.Tensor, tokenizer, vocab_siz
     truncate_prompt_tokens: keep only the last k tokens (`SamplingParams`'; -1: as many as
         the context leaves room for), before the length is checked."""
     keep = truncation(truncate_prompt_tokens, max_model_len)
-    if keep is not None and keep > max_model_len:
-        raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens must be at most the "
-                         f"model's context ({max_model_len}), or -1, got {keep}")
     if isinstance(prompt, str):
         if keep is None:
             ids = encode_prompt(prompt, tokenizer, max_model_len)
@@ -137,11 +139,8 @@ def checked_params(params: SamplingParams | None, vocab_size: int | None = None,
             if value is not None and value > vocab_size:
                 raise ParamError(name, f"{name} must be at most the model's vocabulary size "
                                  f"({vocab_size}), got {value}")
-    if max_model_len is not None and params.truncate_prompt_tokens is not None \
-            and params.truncate_prompt_tokens > max_model_len:
-        raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens must be at most "
-                         f"the model's context ({max_model_len}), or -1, got "
-                         f"{params.truncate_prompt_tokens}")
+    if max_model_len is not None:
+        truncation(params.truncate_prompt_tokens, max_model_len)
     if tokenizer is not None and params.bad_words:
         try:
             words = bad_words_token_ids(params.bad_words, tokenizer)
@@ -160,8 +159,8 @@ def check_requests(prompts: list, params: list, validate, check_params,
     """(token ids, checked params copy) of every request, or a ValueError naming the first bad
     prompt's index (one request's error as it was raised, a `ParamError` keeping its `param`):
     the all-or-nothing check before a batch of requests is queued anywhere.
-    validate: prompt -> token ids (`validate_prompt` bound to a model; called with the
-    params' truncate_prompt_tokens as well when they set it). check_params: params -> a
+    validate: (prompt, truncate_prompt_tokens) -> token ids (`validate_prompt` bound to a
+    model). check_params: params -> a
     checked copy (the engine's `check_params`), checked first (its truncate_prompt_tokens
     cuts the prompt). A `max_tokens` of None becomes what the context leaves after the prompt
     (`max_model_len` - its length)."""
@@ -171,8 +170,7 @@ def check_requests(prompts: list, params: list, validate, check_params,
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         try:
             sp = check_params(sp)
-            ids = validate(prompt) if sp.truncate_prompt_tokens is None \
-                else validate(prompt, sp.truncate_prompt_tokens)
+            ids = validate(prompt, sp.truncate_prompt_tokens)
             if sp.max_tokens is None:
                 sp.max_tokens = max_model_len - len(ids)  # validate left at least one
             checked.append((ids, sp))

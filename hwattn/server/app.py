@@ -192,8 +192,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     def prompt_ids(prompt, param: str, truncate: int | None = None) -> list[int]:
         """The prompt's ids, its last `truncate` only when set (truncate_prompt_tokens)."""
         try:
-            if truncate is None:
-                return llm.validate_prompt(prompt)
             return llm.validate_prompt(prompt, truncate)
         except ValueError as err:
             raise refused(err, param) from None

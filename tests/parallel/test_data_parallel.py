@@ -175,10 +175,10 @@ def test_a_request_a_replica_refuses_fails_alone():
                             workers=fake)
 
     def refusing_thirteen(check):
-        def validate(prompt):
+        def validate(prompt, *rest):
             if prompt[0] == 13:
                 raise ValueError("thirteen")
-            return check(prompt)
+            return check(prompt, *rest)
         return validate
 
     for core in fake.cores:
