@@ -135,6 +135,27 @@ def _cap_messages(value, info: ValidationInfo):
     return value
 
 
+def _capped(values: list, limits: "ServerLimits", what: str, unit: str,
+            one: str | None = None) -> list:
+    """`values` (the `unit` of field `what`), refused beyond `limits.max_stop` of them, and,
+    strings named `one` in the error, any longer than `limits.max_stop_chars`."""
+    if len(values) > limits.max_stop:
+        raise _error("invalid_value", "{what} has {n} {unit}; at most {cap} are allowed",
+                     what=what, unit=unit, n=len(values), cap=limits.max_stop)
+    longest = max((len(v) for v in values), default=0) if one is not None else 0
+    if longest > limits.max_stop_chars:
+        raise _error("invalid_value", "{one} has {n} characters; at most {cap} are allowed",
+                     one=one, n=longest, cap=limits.max_stop_chars)
+    return values
+
+
+def _token_ids(values: list[int], what: str) -> list[int]:
+    """`values`, refused unless every one can be a token id."""
+    if not all(0 <= t < INT64_LIMIT for t in values):
+        raise _error("invalid_value", "{what} must be token ids >= 0", what=what)
+    return values
+
+
 class _Request(_Body):
     """Fields shared by completions and chat: the model and the sampling settings."""
 
@@ -199,46 +220,25 @@ class _Request(_Body):
         stops = [value] if isinstance(value, str) else value
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
             raise _error("invalid_value", "stop must be a non-empty string or a list of them")
-        if len(stops) > limits.max_stop:
-            raise _error("invalid_value", "stop has {n} strings; at most {cap} are allowed",
-                         n=len(stops), cap=limits.max_stop)
-        longest = max((len(s) for s in stops), default=0)
-        if longest > limits.max_stop_chars:
-            raise _error("invalid_value", "a stop string has {n} characters; at most {cap} are "
-                         "allowed", n=longest, cap=limits.max_stop_chars)
-        return stops
+        return _capped(stops, limits, "stop", "strings", one="a stop string")
 
     @field_validator("stop_token_ids")
     @classmethod
     def _stop_ids(cls, value, info: ValidationInfo):
-        limits = _limits(info)
         if value is not None:
-            if len(value) > limits.max_stop:
-                raise _error("invalid_value", "stop_token_ids has {n} ids; at most {cap} are "
-                             "allowed", n=len(value), cap=limits.max_stop)
-            if not all(0 <= t < INT64_LIMIT for t in value):
-                raise _error("invalid_value", "stop_token_ids must be token ids >= 0")
+            _token_ids(_capped(value, _limits(info), "stop_token_ids", "ids"), "stop_token_ids")
         return value
 
     @field_validator("allowed_token_ids")
     @classmethod
     def _allowed(cls, value):
-        if value is not None and not all(0 <= t < INT64_LIMIT for t in value):
-            raise _error("invalid_value", "allowed_token_ids must be token ids >= 0")
-        return value
+        return value if value is None else _token_ids(value, "allowed_token_ids")
 
     @field_validator("bad_words")
     @classmethod
     def _bad_words(cls, value, info: ValidationInfo):
-        limits = _limits(info)
         if value is not None:
-            if len(value) > limits.max_stop:
-                raise _error("invalid_value", "bad_words has {n} words; at most {cap} are "
-                             "allowed", n=len(value), cap=limits.max_stop)
-            longest = max((len(w) for w in value), default=0)
-            if longest > limits.max_stop_chars:
-                raise _error("invalid_value", "a bad word has {n} characters; at most {cap} "
-                             "are allowed", n=longest, cap=limits.max_stop_chars)
+            _capped(value, _limits(info), "bad_words", "words", one="a bad word")
         return value
 
     @field_validator("logit_bias", mode="before")
