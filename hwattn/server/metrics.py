@@ -64,15 +64,15 @@ def token_buckets(max_tokens: int | None) -> tuple[float, ...]:
 
 
 class _Series(NamedTuple):
-    """The histograms' series of one model name."""
+    """The histograms' series of one model name (`Histogram.labels(model_name)` of each)."""
 
-    ttft: object
-    itl: object
-    e2e: object
-    queue: object
-    tpot: object
-    prompt_tokens: object
-    generation_tokens: object
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    queue: Histogram
+    tpot: Histogram
+    prompt_tokens: Histogram
+    generation_tokens: Histogram
 
 
 class LatencyMetrics:
