@@ -49,9 +49,14 @@
 #      kernels (MLA, GLA-2; h_q 128, B 128, L 4K / 16K / 32K, L_q 1 / 2 / 4), from the prebuilt
 #      libraries in .ext/ (benchmarks/fetch_external_kernels.sh; carry `.ext`). While .ext/ is
 #      there every part that runs `hwattn bench decode` (harness too) times them.
+#  16. fp8two: the fp8 tied kernel at two programs per SM (GTA-4's state: 115 KB and 128
+#      registers a program, compiled without spills; `ncu` on 2026-12-06 found one block per SM
+#      latency-bound in its widening), checked against the Triton kernel, then timed beside the
+#      one-per-SM default and the bf16 kernel: ovl-c2 (three widened, two copied slots), ws-c2
+#      (two widened, four copied).
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -131,6 +136,14 @@ for step in $steps; do
         --shapes gta4-b128-16k,gta4-b128-16k-fp8,gta4-b1-128k-fp8,gla2-b128-16k-lq1,gla2-b128-16k-lq1-fp8 \
         --variants default,ovl,ovl-w4,ovl-w5,ovl-w6,ovl-w4-s4,ws-w3,ws-w4 \
         --out "$OUT/hopper_fp8_slots.json" 2>&1 | tail -12 | tee -a "$OUT/log" ;;
+    fp8two)
+      timeout 100 python3 benchmarks/hopper_decode.py --only correctness --budget 80 --jobs 4 \
+        --checks gta4-lq1-fp8 --variants ovl-c2,ws-c2 \
+        --out "$OUT/hopper_fp8two_checks.json" 2>&1 | tail -4 | tee -a "$OUT/log"
+      timeout 200 python3 benchmarks/hopper_decode.py --only timing --budget 180 --rep-ms 30 --jobs 8 \
+        --shapes gta4-b128-16k,gta4-b128-16k-fp8,gta4-b1-128k,gta4-b1-128k-fp8 \
+        --variants default,ovl,ovl-c2,ws-c2 \
+        --out "$OUT/hopper_fp8two.json" 2>&1 | tail -12 | tee -a "$OUT/log" ;;
     harness)
       git rev-parse HEAD 2>/dev/null | tee -a "$OUT/log"
       nvidia-smi -q -d CLOCK,POWER,TEMPERATURE > "$OUT/gpu_state_before.txt" 2>&1

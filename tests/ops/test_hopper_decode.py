@@ -36,9 +36,12 @@ VARIANTS = {
     "overlapped": dict(overlap=True),
     "duo": dict(schedule="duo", ctas_per_sm=1),
     "pingpong": dict(schedule="pingpong"),
-    # fp8 caches only: five widened slots, where narrow states leave room for them.
+    # fp8 caches only: five widened slots, where narrow states leave room for them; two
+    # programs per SM, where the state is narrow enough for half of the shared memory.
     "overlapped-w5": dict(overlap=True, widened_stages=5),
+    "overlapped-fp8-2": dict(overlap=True, ctas_per_sm=2),
 }
+FP8_ONLY = {"overlapped-w5", "overlapped-fp8-2"}
 
 
 def _config(shape: TiedShape, variant: str) -> HopperConfig | None:
@@ -49,6 +52,8 @@ def _config(shape: TiedShape, variant: str) -> HopperConfig | None:
                                        shape.query_len, fp8_cache=fp8)
     if variant == "default":
         return base
+    if variant in FP8_ONLY and not fp8:
+        return None
     config = HopperConfig(**dict(dict(ctas_per_sm=base.ctas_per_sm), **VARIANTS[variant]))
     try:
         hopper_decode.plan_launch(shape.d_nope, shape.d_v, shape.d_rope, shape.group,
@@ -196,12 +201,13 @@ def test_fp8_path_is_on_unless_turned_off(monkeypatch):
 
 def test_fp8_caches_take_the_specialised_ring():
     """An fp8 cache: the specialised ring (overlapped where three widened slots fit), one
-    program per SM, the copied ring as deep as fits beside the fewest widened slots, a
+    program per SM by default (two fit GTA's narrow state, untimed), the copied ring as deep as fits beside the fewest widened slots, a
     producer warpgroup that copies and widens; states wider than 256 go to Triton."""
     fp8 = {s for s, v in CASES if "fp8" in s}
     assert {v for s, v in CASES if s in fp8} == {"specialised", "overlapped", "overlapped-w5",
-                                                 "default"}
+                                                 "overlapped-fp8-2", "default"}
     assert {s for s, v in CASES if v == "overlapped-w5"} == {"gta4-fp8-lq2", "dr16-fp16-fp8"}
+    assert {s for s, v in CASES if v == "overlapped-fp8-2"} == {"gta4-fp8-lq2", "dr16-fp16-fp8"}
     config = hopper_decode.choose_config(256, 256, 64, 64, 1, batch=128, num_heads_kv=2,
                                          fp8_cache=True)
     assert (config.schedule, config.specialize, config.overlap, config.ctas_per_sm) == \
@@ -222,8 +228,16 @@ def test_fp8_caches_take_the_specialised_ring():
     plain = hopper_decode.plan_launch(64, 128, 64, 8, 1, HopperConfig(), fp8_cache=True)
     assert (plain.num_stages, plain.cache_stages) == (2, 6)
     assert plain.smem_bytes == 64 * (64 + 64) * 2 + 2 * 64 * 192 * 2 + 6 * 64 * 192
-    for schedule in (dict(schedule="duo"), dict(schedule="pingpong"), dict(specialize=False),
-                     dict(ctas_per_sm=2)):
+    # Two programs per SM: GTA-4's state leaves each half of the shared memory three widened
+    # slots beside two copied ones, and half of the registers; GLA-2's does not fit.
+    two = hopper_decode.plan_launch(64, 128, 64, 8, 1, HopperConfig(overlap=True, ctas_per_sm=2),
+                                    fp8_cache=True)
+    assert (two.num_stages, two.cache_stages, two.maxnreg, two.threads) == (3, 2, 128, 256)
+    assert two.smem_bytes == 64 * (64 + 64) * 2 + 3 * 64 * 192 * 2 + 2 * 64 * 192
+    with pytest.raises(ValueError, match="do not fit"):
+        hopper_decode.plan_launch(256, 256, 64, 64, 1, HopperConfig(ctas_per_sm=2), fp8_cache=True)
+    assert hopper_decode.choose_config(64, 128, 64, 8, 1, fp8_cache=True).ctas_per_sm == 1
+    for schedule in (dict(schedule="duo"), dict(schedule="pingpong"), dict(specialize=False)):
         with pytest.raises(ValueError, match="fp8 cache runs on the specialised ring"):
             hopper_decode.plan_launch(256, 256, 64, 64, 2, HopperConfig(**schedule), fp8_cache=True)
     # MLA's latent: two copied slots do not fit beside its widened ones (the Triton kernel);
@@ -375,7 +389,8 @@ FP8_CASES = [p for p in GPU_CASES if p.id in (
 
 
 @pytest.mark.skipif(not _on_hopper(), reason="needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
-@pytest.mark.parametrize("variant", ["specialised", "overlapped", "overlapped-w5", "default"])
+@pytest.mark.parametrize("variant", ["specialised", "overlapped", "overlapped-w5",
+                                     "overlapped-fp8-2", "default"])
 @pytest.mark.parametrize("case", FP8_CASES)
 def test_fp8_cache_matches_fp64_on_hopper(case, variant, monkeypatch):
     """An e4m3 cache (NaN in the unused slots, as e4m3fn keeps it), widened in shared memory:
