@@ -4,8 +4,9 @@
 mechanism), `ModelRunner` (the model over the paged cache), the sampler and an optional
 speculative drafter. Each `step()` runs one step (decodes and prompt chunks together, or, when
 speculating, a prefill or a verify step), samples on the device, reads the new tokens back
-once, and updates the sequences: stop conditions, detokenized text, cache bookkeeping
-(including rolling back rejected draft slots).
+once, and updates the sequences: cache bookkeeping (including rolling back rejected draft
+slots) here, and through its `OutputProcessor` (`hwattn/engine/output_processor.py`) the
+output side: stop conditions, detokenized text, log-probabilities and the step's outputs.
 
 Overlapped scheduling (plain decoding on one process): `step()` launches step N, whose decode
 rows take their input tokens straight from step N-1's sampled tokens on the device, and only
@@ -38,18 +39,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hwattn.data.tokenizer import IncrementalDetokenizer, StreamDetokenizer, incremental_detokenizer
 from hwattn.engine.block_manager import BlockManager
 from hwattn.engine.config import EngineConfig
 from hwattn.engine.launch import LaunchThread, PendingTokens
-from hwattn.engine.model_runner import Sampled, StepInput
+from hwattn.engine.model_runner import StepInput
+from hwattn.engine.output_processor import OutputProcessor
 from hwattn.engine.requests import (check_owner, check_request_ids, check_requests,
                                     checked_params, fresh_request_ids, sibling_seed,
                                     validate_prompt)
-from hwattn.engine.sampler import SamplingInput, describe_error, verify_bans
+from hwattn.engine.sampler import SamplingInput, verify_bans
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
-from hwattn.engine.sequence import Logprob, RequestOutput, Sequence
+from hwattn.engine.sequence import RequestOutput, Sequence
 from hwattn.engine.speculative import Drafter
 from hwattn.engine.step_timer import StepTimer
 
@@ -104,13 +105,14 @@ class LLMEngine:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.device = runner.device
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its n sequences
-        self.detok: dict[Sequence, IncrementalDetokenizer | StreamDetokenizer] = {}
         self._rng = random.Random(config.seed)
         self._ids = itertools.count()
         self.counters = dict(prompt_tokens=0, generation_tokens=0, steps=0, prefill_steps=0,
                              decode_steps=0, mixed_steps=0, draft_tokens=0, accepted_tokens=0,
                              finished=0, aborted=0, failed=0)
-        self._failed: list[Sequence] = []  # requests failed alone during the current step
+        # The output side: tokens into sequences (stops, text, log-probs), outputs, failures.
+        self.output_processor = OutputProcessor(tokenizer, self.max_model_len, self.scheduler,
+                                                self.requests, self.counters)
         # Outputs of a step that raised after reading tokens back: the next `step` returns them.
         self._unreported: list[RequestOutput] = []
         self.step_timer = StepTimer()  # host seconds per phase of each step
@@ -157,13 +159,12 @@ class LLMEngine:
                 self.requests[rid] = group
                 queued.append(rid)
                 for seq in group:
-                    self.detok[seq] = incremental_detokenizer(self.tokenizer,
-                                                              sp.skip_special_tokens)
+                    self.output_processor.add(seq)
                     self.scheduler.add(seq)
         except BaseException:
             for rid in queued:  # nothing of the batch stays
                 for seq in self.requests.pop(rid):
-                    self.detok.pop(seq, None)
+                    self.output_processor.drop(seq)
                     self.scheduler.finish(seq)
             self._rng.setstate(rng)  # no seed drawn for a batch refused
             raise
@@ -194,7 +195,7 @@ class LLMEngine:
             return None
         now = time.perf_counter()
         for seq in group:
-            self.detok.pop(seq, None)
+            self.output_processor.drop(seq)
             if seq.num_pending:  # placeholders of tokens still on the device
                 del seq.token_ids[len(seq.token_ids) - seq.num_pending:]
                 seq.num_pending = 0
@@ -204,6 +205,11 @@ class LLMEngine:
             self.scheduler.finish(seq)
         self.counters["aborted"] += 1
         return group[0].output(group)
+
+    @property
+    def detok(self) -> dict:
+        """Each live sequence's detokenizer (`OutputProcessor.detok`)."""
+        return self.output_processor.detok
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._unreported)
@@ -226,7 +232,7 @@ class LLMEngine:
             outputs, self._unreported = self._unreported, []
             return outputs
         k = self._lookahead()
-        self._failed = []
+        self.output_processor.begin_step()
         touched, launched = [], None
         timer = self.step_timer
         timer.begin_step()
@@ -261,11 +267,12 @@ class LLMEngine:
                 else:
                     touched += self._resolve(launched)
         except BaseException:
-            if touched or self._failed:  # read back (and freed) already: report them next call
-                self._unreported = self._outputs(touched)
+            if touched or self.output_processor.failed:
+                # Read back (and freed) already: report them next call.
+                self._unreported = self.output_processor.outputs(touched)
             raise
         with timer.phase("output"):
-            outputs = self._outputs(touched)
+            outputs = self.output_processor.outputs(touched)
         timer.end_step()
         return outputs
 
@@ -288,47 +295,6 @@ class LLMEngine:
             # host only): plain decoding this step.
             return 0
         return k
-
-    def _outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
-        """Free the finished among the sequences a step advanced (and the failed ones);
-        one output per request that advanced (if its `output_kind` is "final_only": only once
-        all its sequences have finished)."""
-        touched += [s for s in self._failed if s not in touched]
-        requests: dict[str, list[Sequence]] = {}
-        for seq in touched:
-            group = self.requests.get(seq.request_id)
-            if group is None:
-                continue
-            requests[seq.request_id] = group
-            if seq.finish_reason is not None:
-                self.detok.pop(seq, None)
-                self.scheduler.finish(seq)
-            if seq.finish_reason == "error":  # the request fails: its siblings stop too
-                for sibling in group:
-                    if sibling.finish_reason is None:
-                        sibling.finish_reason, sibling.finish_time = "abort", seq.finish_time
-                        self.detok.pop(sibling, None)
-                        self.scheduler.finish(sibling)
-        outputs = []
-        for rid, group in requests.items():
-            if group[0].params.output_kind == "final_only" and (
-                    group[0].finish_reason is None if len(group) == 1 else
-                    any(s.finish_reason is None for s in group)):
-                continue
-            out = group[0].output(group)
-            outputs.append(out)
-            if out.finished:
-                del self.requests[rid]
-                self.counters["failed" if out.error is not None else "finished"] += 1
-        return outputs
-
-    def _fail(self, seq: Sequence, err: Exception | str) -> None:
-        """Finish `seq` alone with an error (an exception, or its description from a worker);
-        `step` frees it with the finished ones."""
-        seq.finish_reason = "error"
-        seq.error = err if isinstance(err, str) else describe_error(err)
-        seq.finish_time = time.perf_counter()
-        self._failed.append(seq)
 
     def _sampling(self, seqs: list[Sequence]) -> tuple[SamplingInput | None, list[Sequence]]:
         """The sampling settings of those of `seqs` whose settings can be read, and those
@@ -355,7 +321,7 @@ class LLMEngine:
                 build([seq])
                 ok.append(seq)
             except Exception as err:  # noqa: BLE001 - that request alone fails
-                self._fail(seq, err)
+                self.output_processor.fail(seq, err)
         return (build(ok) if ok else None), ok
 
     def _launch(self, batch) -> InFlight | None:
@@ -411,7 +377,8 @@ class LLMEngine:
             results = self.runner.sample_step(step, sampling)
             for j, (seq, _) in enumerate(prefills):  # before num_cached moves past the chunk
                 if len(decodes) + j in results.prompt_logprobs:
-                    self._record_prompt_logprobs(seq, results.prompt_logprobs[len(decodes) + j])
+                    self.output_processor.record_prompt_logprobs(
+                        seq, results.prompt_logprobs[len(decodes) + j])
             tokens = PendingTokens(rows=results)
         if prefills and self.drafter is not None:
             self.drafter.prefill(StepInput("prefill", step.tokens[len(decodes):],
@@ -464,9 +431,9 @@ class LLMEngine:
                 seq.num_pending -= 1 + len(later)
                 touched.append(seq)
                 if isinstance(token, str):  # its sampling failed in the runner
-                    self._fail(seq, token)
+                    self.output_processor.fail(seq, token)
                     continue
-                appended = self._append_or_fail(seq, [token])
+                appended = self.output_processor.append_or_fail(seq, [token])
                 if seq.finish_reason is None:
                     seq.token_ids.extend(later)
                     seq.num_pending += len(later)
@@ -519,11 +486,11 @@ class LLMEngine:
             drafted = accepted = 0
             for seq, result in zip(seqs, results):
                 if isinstance(result, str):  # its verification failed in the runner
-                    self._fail(seq, result)
+                    self.output_processor.fail(seq, result)
                     continue
                 row, n_acc = result
                 old_len, old = len(seq.token_ids), seq.num_cached
-                appended = self._append_or_fail(seq, row[:n_acc + 1])
+                appended = self.output_processor.append_or_fail(seq, row[:n_acc + 1])
                 if appended is None:
                     continue
                 seq.num_cached = old + appended
@@ -547,7 +514,7 @@ class LLMEngine:
                              if seq.params.bad_words else [])
                 ok.append(i)
             except Exception as err:  # noqa: BLE001 - that request alone fails
-                self._fail(seq, err)
+                self.output_processor.fail(seq, err)
         if len(ok) < len(seqs):
             sampling = sampling.select(ok) if ok else None
             seqs, drafts = [seqs[i] for i in ok], [drafts[i] for i in ok]
@@ -570,20 +537,11 @@ class LLMEngine:
                 sampling.select([i]).tensors(device)
                 ok.append(i)
             except Exception as err:  # noqa: BLE001 - that request alone fails
-                self._fail(seq, err)
+                self.output_processor.fail(seq, err)
         if not ok:
             return None, [], None
         sampling = sampling.select(ok)
         return sampling, [seqs[i] for i in ok], sampling.tensors(device)
-
-    def _append_or_fail(self, seq: Sequence, tokens: list) -> int | None:
-        """`_append`, or None after failing the request if detokenizing or stop handling raised.
-        tokens: ids, or the runner's `Sampled` (id and log-probabilities)."""
-        try:
-            return self._append(seq, tokens)
-        except Exception as err:  # noqa: BLE001 - that request alone fails
-            self._fail(seq, err)
-            return None
 
     def _register(self, seq: Sequence) -> None:
         if not self.block_manager.enable_prefix_caching:  # nothing reads registered pages
@@ -592,97 +550,6 @@ class LLMEngine:
         # its tokens.
         written = None if self.drafter is None else self.drafter.cache_written(seq)
         self.block_manager.register_full_pages(seq, written)
-
-    def _append(self, seq: Sequence, tokens: list) -> int:
-        """Append sampled tokens until a stop condition; returns how many were kept."""
-        params = seq.params
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        stops_at_eos = eos is not None and not params.ignore_eos
-        ids = seq.token_ids
-        # Per token: its output count (the min_tokens and max_tokens checks) and the
-        # sequence's length once it is appended (the context check).
-        num_out = len(ids) - seq.num_prompt_tokens
-        room = self.max_model_len - len(ids)
-        min_tokens, max_tokens = params.min_tokens, params.max_tokens
-        stop_ids = params.stop_token_ids
-        kept = 0
-        now = time.perf_counter()
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        try:
-            for token in tokens:
-                if isinstance(token, Sampled):
-                    token, logprobs = token
-                    self._record_logprobs(seq, token, logprobs)
-                ids.append(token)
-                kept += 1
-                may_stop = num_out + kept > min_tokens
-                if may_stop and stops_at_eos and token == eos:
-                    seq.finish_reason = "stop"
-                elif may_stop and token in stop_ids:
-                    seq.finish_reason, seq.stop_reason = "stop", token
-                elif num_out + kept >= max_tokens or kept >= room:
-                    seq.finish_reason = "length"
-                if params.detokenize:
-                    # The token that ended the output (end-of-sequence or a stop token id) is
-                    # kept in token_ids but left out of the text unless
-                    # include_stop_str_in_output, as vLLM's detokenizer leaves it out.
-                    shown = len(ids) - (seq.finish_reason == "stop"
-                                        and not params.include_stop_str_in_output)
-                    delta = self.detok[seq].step(ids, seq.num_prompt_tokens, shown)
-                    if delta:
-                        seq.text += delta
-                        if params.stop and may_stop and self._hit_stop(seq, len(delta)):
-                            seq.finish_reason = "stop"
-                if seq.finish_reason is not None:
-                    seq.finish_time = now
-                    break
-        finally:
-            self.counters["generation_tokens"] += kept
-        return kept
-
-    def _decoded(self, token: int) -> str:
-        return self.tokenizer.decode([token])
-
-    def _position(self, token: int, entry) -> dict:
-        """A `PositionLogprobs` from the runner's (logprob, rank, top ids, top logprobs)."""
-        logprob, rank, top_ids, top_values = entry
-        out = {t: Logprob(v, r + 1, self._decoded(t))
-               for r, (t, v) in enumerate(zip(top_ids, top_values))}
-        if token not in out:
-            out = {token: Logprob(logprob, rank, self._decoded(token)), **out}
-        return out
-
-    def _record_logprobs(self, seq: Sequence, token: int, entry) -> None:
-        seq.logprobs.append(self._position(token, entry))
-        seq.cumulative_logprob += entry[0]
-
-    def _record_prompt_logprobs(self, seq: Sequence, entries) -> None:
-        """Store a prefill chunk's prompt log-probabilities, or fail the request with the
-        runner's error (a str)."""
-        if isinstance(entries, str):
-            self._fail(seq, entries)
-            return
-        try:
-            for offset, entry in enumerate(entries):
-                position = seq.num_cached + 1 + offset
-                seq.prompt_logprobs[position] = self._position(seq.token_ids[position], entry)
-        except Exception as err:  # noqa: BLE001 - that request alone fails
-            self._fail(seq, err)
-
-    @staticmethod
-    def _hit_stop(seq: Sequence, delta_len: int) -> bool:
-        # Each stop string only where it may end in the new text (as vLLM looks): one seen
-        # earlier, while min_tokens held stops off, does not end the output now.
-        end = len(seq.text) - delta_len + 1
-        found = [(i, s) for i, s in ((seq.text.find(s, max(0, end - len(s))), s)
-                                     for s in seq.params.stop) if i >= 0]
-        if not found:
-            return False
-        at, stop = min(found)
-        seq.text = seq.text[:at + len(stop) if seq.params.include_stop_str_in_output else at]
-        seq.stop_reason = stop
-        return True
 
     # Introspection for metrics and tests.
     def stats(self) -> dict:
@@ -694,9 +561,7 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         """Raise if any page is leaked or double-counted."""
-        held = sum(len(group) for group in self.requests.values())
-        if len(self.detok) > held:
-            raise RuntimeError(f"{len(self.detok)} detokenizers for {held} live sequences")
+        self.output_processor.check(sum(len(group) for group in self.requests.values()))
         live = self.scheduler.running + list(self.scheduler.waiting)
         self.block_manager.check(live)
 

@@ -140,17 +140,17 @@ def test_a_request_failing_while_it_is_queued_leaves_nothing_behind(llms, monkey
     up: a KeyError, not a refusal) raises that error and queues none of the batch. Observed:
     the requests before it stayed queued and ran with no caller to read them, and the failing
     one stayed in the engine's requests for good."""
-    import hwattn.engine.llm_engine as llm_engine
+    import hwattn.engine.output_processor as output_processor
 
     engine = llms[None].engine
-    real = llm_engine.incremental_detokenizer
-    monkeypatch.setattr(llm_engine, "incremental_detokenizer",
+    real = output_processor.incremental_detokenizer
+    monkeypatch.setattr(output_processor, "incremental_detokenizer",
                         failing_on_call(real, 3, KeyError("no decoding table")))
     with pytest.raises(KeyError, match="no decoding table"):
         engine.add_requests(PROMPTS, [SAMPLED] * 3, ["a", "b", "c"])
     assert not engine.has_unfinished() and not engine.requests and not engine.detok
     engine.check_invariants()
-    monkeypatch.setattr(llm_engine, "incremental_detokenizer", real)
+    monkeypatch.setattr(output_processor, "incremental_detokenizer", real)
     assert [o.token_ids for o in run(engine, engine.add_requests(PROMPTS, [SAMPLED] * 3,
                                                                  ["a", "b", "c"])).values()] \
         == [o.token_ids for o in llms[None].generate(PROMPTS, SAMPLED)]

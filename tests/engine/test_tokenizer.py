@@ -179,7 +179,8 @@ def _hostile_output(tok):
     "\n", then "\ufffd\ufffd" (held back), then "\ufffd\ufffd hello". The window detokenizer
     shows "\n" and then "\ufffd hello" (its usual slice past what it showed); DecodeStream
     finds "\n" no longer a prefix and raises (tokenizers 0.21.1 to 0.23.3 at least), which
-    `_append_or_fail` turns into finish_reason "error" for the request and its siblings."""
+    `OutputProcessor.append_or_fail` turns into finish_reason "error" for the request and its
+    siblings."""
     word = tok.encode("hello")
     return [tok.tok.token_to_id("<0x0A>"), tok.tok.token_to_id("<0xF0>"), *word]
 
@@ -194,7 +195,8 @@ def test_stream_detokenizer_does_not_raise_on_a_byte_fallback_tokenizer(byte_fal
 
 
 def test_engine_does_not_fail_a_request_on_a_byte_fallback_tokenizer(byte_fallback, tmp_path):
-    """Through the engine's `_append` (one step call per token): the request is not failed."""
+    """Through the engine's `OutputProcessor._append` (one step call per token): the request
+    is not failed."""
     from hwattn.engine import LLM
 
     byte_fallback.save(tmp_path)
@@ -205,7 +207,7 @@ def test_engine_does_not_fail_a_request_on_a_byte_fallback_tokenizer(byte_fallba
     seq = engine.requests[rid][0]
     out = _hostile_output(llm.get_tokenizer())
     for token in out:
-        engine._append_or_fail(seq, [token])
+        engine.output_processor.append_or_fail(seq, [token])
     assert seq.finish_reason is None, seq.error
     window, text = IncrementalDetokenizer(llm.get_tokenizer(), True), ""
     for n in range(1, len(out) + 1):
@@ -218,9 +220,10 @@ def test_engine_does_not_fail_a_request_on_a_byte_fallback_tokenizer(byte_fallba
                                             ("0.22.0", True)])
 def test_no_decode_stream_from_tokenizers_0_21_0(monkeypatch, version, stream):
     """tokenizers 0.21.0's DecodeStream panics on ordinary text (huggingface/tokenizers#1705,
-    fixed in 0.21.1 by #1716): a pyo3 PanicException, a BaseException that `_append_or_fail`
-    does not catch, so one request's text would fail the whole engine step. pyproject allows
-    tokenizers >= 0.19: such an install keeps the window detokenizer."""
+    fixed in 0.21.1 by #1716): a pyo3 PanicException, a BaseException that
+    `OutputProcessor.append_or_fail` does not catch, so one request's text would fail the
+    whole engine step. pyproject allows tokenizers >= 0.19: such an install keeps the window
+    detokenizer."""
     import tokenizers
 
     bpe = data_tokenizer.train_bpe(["plain words, x += 1\n"] * 10, 300)

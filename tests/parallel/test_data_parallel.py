@@ -265,7 +265,7 @@ def test_a_request_raising_anything_while_its_replica_queues_it_fails_alone(monk
     (a TypeError from odd params, a KeyError from the tokenizer's set-up) escaped its message
     loop and ended the replica process, with every request it held. Now that request alone
     fails with the error, nothing of it stays in the replica, and the others finish."""
-    import hwattn.engine.llm_engine as llm_engine
+    import hwattn.engine.output_processor as output_processor
 
     dp = _in_process()
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -274,15 +274,15 @@ def test_a_request_raising_anything_while_its_replica_queues_it_fails_alone(monk
     if fault.startswith("TypeError"):
         bad_params = Unqueueable(max_tokens=6, temperature=0, ignore_eos=True)
     else:
-        real = llm_engine.incremental_detokenizer
+        real = output_processor.incremental_detokenizer
 
         def detokenizer(tokenizer, skip_special_tokens=None):
             raise KeyError("no decoding table")
 
-        monkeypatch.setattr(llm_engine, "incremental_detokenizer", detokenizer)
+        monkeypatch.setattr(output_processor, "incremental_detokenizer", detokenizer)
     bad = dp.add_request([7, 8, 9], bad_params)
     if not fault.startswith("TypeError"):
-        monkeypatch.setattr(llm_engine, "incremental_detokenizer", real)
+        monkeypatch.setattr(output_processor, "incremental_detokenizer", real)
     cores = dp.replicas.cores
     assert all(dp.requests[bad].key not in core.engine.requests for core in cores)
     outs = _finish(dp, ids + [bad])

@@ -55,14 +55,14 @@ def poisoned_engine(**overrides):
     from hwattn.engine import create_engine
 
     engine = create_engine(**{**TINY, **overrides})
-    real_append = engine._append
+    real_append = engine.output_processor._append
 
     def append(seq, tokens):
         if POISON in seq.params.stop and seq.num_output_tokens >= 2:
             raise RuntimeError("injected detokenizer fault")
         return real_append(seq, tokens)
 
-    engine._append = append
+    engine.output_processor._append = append
     return engine
 
 
