@@ -362,18 +362,28 @@ class Attention(nn.Module):
 
     # Hooks each family implements.
     def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """x (B, T, D), cos / sin (B or 1, T, d_R / 2) -> (query parts, states): each query
+        part (B, T, H, width), RoPE applied; each state (B, T, *per-token shape of the
+        matching `cache_layout` entry), in that order."""
         raise NotImplementedError
 
     def attend(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...]) -> Tensor:
+        """Dense causal attention of query parts (B, T, H, ...) over states (B, L, ...),
+        L >= T, the queries being the last T positions -> (B, T, H, d_h)."""
         raise NotImplementedError
 
     def decode(self, q: tuple[Tensor, ...], cache: tuple[Tensor, ...], meta: AttentionMetadata) -> Tensor:
+        """Query parts (B, T, H, ...) over the paged cache through `meta.backend`'s decode op,
+        this step's states already written -> (B, T, H, d_h)."""
         raise NotImplementedError
 
     def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
+        """Per-token shape of each cache tensor on one rank of a `tp`-way split, in the order
+        `project` returns the states."""
         raise NotImplementedError
 
     def decode_widths(self) -> tuple[int, int]:
+        """(d_qk, d_v) per query head of the decode op: what its FLOPs multiply by."""
         raise NotImplementedError
 
     def attend_widths(self) -> tuple[int, int]:

@@ -108,6 +108,7 @@ def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = N
                          "model.tok_embeddings.weight) or save a config with "
                          "tie_embeddings=False")
     generation_text = json.dumps(special_tokens(eos_token_id), indent=2) + "\n"
+    _check_fits_config(model)
     state = {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()
              if not (model.config.tie_embeddings and k == "output.weight")}
     path.mkdir(parents=True, exist_ok=True)
@@ -140,6 +141,24 @@ def save_checkpoint(model: Transformer, path: str | Path, extra: dict | None = N
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_fits_config(model: Transformer) -> None:
+    """ValueError naming the first tensor of `model`'s state dict that the model its
+    config describes would not have, lack or shape otherwise (a tensor-parallel shard, whose
+    layers hold a slice of each projection, or a model edited by hand): saved, config.json
+    would describe other weights than model.safetensors holds."""
+    with torch.device("meta"):
+        want = Transformer(model.config).state_dict()
+    have = model.state_dict()
+    shard = f" (a tensor-parallel shard, tp_world={model.tp_world})" if hasattr(model, "tp_world") else ""
+    for key in sorted(set(want) | set(have)):
+        if key not in have or key not in want or have[key].shape != want[key].shape:
+            got = tuple(have[key].shape) if key in have else "nothing"
+            expected = tuple(want[key].shape) if key in want else "no such tensor"
+            raise ValueError(f"the model{shard} does not fit its config: {key} is {got} where "
+                             f"the config gives {expected}; config.json would not describe "
+                             "the saved weights")
 
 
 def read_json_object(file: Path) -> dict:

@@ -102,31 +102,41 @@ def paper_config(config: dict, state: dict[str, Tensor]) -> ModelConfig:
 
 def convert_paper_state_dict(state: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Their state dict -> hwattn `Transformer` state dict (no `model.` prefix). Raises
-    ValueError on a parameter it does not know, so no weight is dropped silently."""
+    ValueError naming their parameter when one has no counterpart (so no weight is dropped
+    silently), is missing, or has a shape the config does not give it; biases must be where
+    `config.attention_bias` (read from layer 0) puts them, in every layer."""
     out: dict[str, Tensor] = {}
+    source: dict[str, str] = {}  # hwattn key -> their key(s) it was made from
     used: set[str] = set()
 
     def take(key: str) -> Tensor:
         used.add(key)
         return state[key]
 
-    out["tok_embeddings.weight"] = take("model.embed_tokens.weight")
-    out["norm.weight"] = take("model.norm.weight")
+    def put(ours: str, theirs: str) -> None:
+        out[ours], source[ours] = take(theirs), theirs
+
+    put("tok_embeddings.weight", "model.embed_tokens.weight")
+    put("norm.weight", "model.norm.weight")
     if "lm_head.weight" in state:
-        out["output.weight"] = take("lm_head.weight")
+        put("output.weight", "lm_head.weight")
     if config.tie_embeddings:
-        out["output.weight"] = out["tok_embeddings.weight"]
+        emb, head = out["tok_embeddings.weight"], out.get("output.weight")
+        if head is not None and not (head.shape == emb.shape and torch.equal(head, emb.to(head.dtype))):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight, but the config "
+                             "says tie_word_embeddings: true; tying would drop lm_head.weight")
+        out["output.weight"], source["output.weight"] = emb, "model.embed_tokens.weight"
     h, dh = config.n_heads, config.head_dim
     for i in range(config.n_layers):
         theirs, ours = f"model.layers.{i}.", f"layers.{i}."
         for a, b in _COMMON.items():
-            out[ours + b] = take(theirs + a)
+            put(ours + b, theirs + a)
         attn = theirs + "self_attn."
         names = _GTA if config.attention == "gta" else _LATENT
         for a, b in names.items():
             for kind in ("weight", "bias"):
                 if attn + f"{a}.{kind}" in state:
-                    out[ours + f"attn.{b}.{kind}"] = take(attn + f"{a}.{kind}")
+                    put(ours + f"attn.{b}.{kind}", attn + f"{a}.{kind}")
         if config.attention in ("mla", "gla"):
             g = h // config.n_latent_heads
             norms, uk, uv, buk, buv = [], [], [], [], []
@@ -136,20 +146,27 @@ def convert_paper_state_dict(state: dict[str, Tensor], config: ModelConfig) -> d
                 w = w.view(g, 2, dh, config.latent_dim)
                 uk.append(w[:, 0])
                 uv.append(w[:, 1])
-                if attn + f"W_ukv_{j}.bias" in state:
+                if config.attention_bias:
+                    if attn + f"W_ukv_{j}.bias" not in state:
+                        raise ValueError(f"{attn}W_ukv_{j}.bias is missing: the latent "
+                                         "projections have biases (layer 0's W_dKV has one), "
+                                         "so every W_ukv_j must")
                     bias = _shaped(take, attn + f"W_ukv_{j}.bias", (g * 2 * dh,)).view(g, 2, dh)
                     buk.append(bias[:, 0])
                     buv.append(bias[:, 1])
             out[ours + "attn.kv_norm.weight"] = torch.stack(norms)  # (h_c, d_c)
             out[ours + "attn.w_uk"] = torch.cat(uk)  # (h, d_h, d_c)
             out[ours + "attn.w_uv"] = torch.cat(uv)
+            source[ours + "attn.kv_norm.weight"] = attn + "kv_norm_*.weight"
+            source[ours + "attn.w_uk"] = source[ours + "attn.w_uv"] = attn + "W_ukv_*.weight"
             if buk:
                 out[ours + "attn.b_uk"] = torch.cat(buk)  # (h, d_h)
                 out[ours + "attn.b_uv"] = torch.cat(buv)
+                source[ours + "attn.b_uk"] = source[ours + "attn.b_uv"] = attn + "W_ukv_*.bias"
     unknown = sorted(k for k in state if k not in used and not k.endswith("rotary_emb.inv_freq"))
     if unknown:
         raise ValueError(f"{len(unknown)} parameters have no hwattn counterpart, e.g. {unknown[:4]}")
-    _check_shapes(out, state, config)
+    _check_fit(out, source, config)
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -161,18 +178,44 @@ def _shaped(take, key: str, shape: tuple[int, ...]) -> Tensor:
     return t
 
 
-def _check_shapes(out: dict[str, Tensor], state: dict[str, Tensor], config: ModelConfig) -> None:
-    """ValueError naming their parameter whose converted tensor does not have the shape the
-    config gives hwattn's (a config.json that does not describe the weights beside it)."""
+def _their_name(key: str) -> str:
+    """Their parameter that hwattn's `key` is made from (for error messages)."""
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if key in top:
+        return top[key]
+    layer, _, rest = key.partition(".")[2].partition(".")
+    prefix = f"model.layers.{layer}."
+    common = {b: a for a, b in _COMMON.items()}
+    if rest in common:
+        return prefix + common[rest]
+    module, _, kind = rest.removeprefix("attn.").rpartition(".")
+    attn = {b: a for a, b in (*_GTA.items(), *_LATENT.items())}
+    if module in attn:
+        return f"{prefix}self_attn.{attn[module]}.{kind}"
+    return f"{prefix}self_attn.W_ukv_*.bias" if rest in ("attn.b_uk", "attn.b_uv") else key
+
+
+def _check_fit(out: dict[str, Tensor], source: dict[str, str], config: ModelConfig) -> None:
+    """ValueError naming their parameter when the converted tensors are not exactly the
+    state dict the config gives hwattn's model: one it has no place for (a bias where
+    layer 0 has none), one missing (a bias layer 0 has), or one of another shape (a
+    config.json that does not describe the weights beside it)."""
     with torch.device("meta"):
         expected = Transformer(config).state_dict()
+    bias = f"attention_bias={config.attention_bias}, as layer 0's projections say"
+    extra = sorted(set(out) - set(expected))
+    if extra:
+        raise ValueError(f"{source[extra[0]]} has no counterpart in hwattn's {config.label} model "
+                         f"({bias}; hwattn's {extra[0]} does not exist)")
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise ValueError(f"{_their_name(missing[0])} is missing: hwattn's {missing[0]} needs it "
+                         f"({bias})")
     for key, t in out.items():
-        want = expected.get(key)
-        if want is None or t.shape == want.shape:
-            continue
-        theirs = next((k for k, v in state.items() if v is t), key)
-        raise ValueError(f"{theirs} has shape {tuple(t.shape)}; the config implies "
-                         f"{tuple(want.shape)} (hwattn's {key})")
+        if t.shape != expected[key].shape:
+            raise ValueError(f"{source[key]} has shape {tuple(t.shape)}; the config implies "
+                             f"{tuple(expected[key].shape)} (hwattn's {key})")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -216,8 +216,13 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward) at sequence length `seq_len`:
-        6 per matmul weight plus attention's QK^T and PV over the (full) context."""
-        matmul = sum(p.numel() for n, p in self.named_parameters() if not n.endswith("norm.weight"))
+        6 per matmul weight plus attention's QK^T and PV over the (full) context. The input
+        embedding is a lookup, not a product: its matrix counts only when it is also the
+        output matrix (tied embeddings)."""
+        lookup = self.tok_embeddings.weight
+        tied = self.output.weight is lookup
+        matmul = sum(p.numel() for n, p in self.named_parameters()
+                     if not n.endswith("norm.weight") and (tied or p is not lookup))
         return 6 * matmul + self.attention_flops_per_token(seq_len)
 
     def attention_flops_per_token(self, seq_len: int) -> float:

@@ -339,6 +339,18 @@ def test_saving_an_untied_output_matrix_under_a_tied_config_is_refused(tmp_path)
     assert not (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("attention", ["gqa", "gla"])
+def test_saving_a_tensor_parallel_shard_is_refused_and_nothing_written(tmp_path, attention):
+    # Observed: saved; config.json described the whole model beside one rank's slices, and
+    # only loading it failed ("size mismatch for layers.0.attn.wq.weight").
+    from hwattn.parallel import shard_model
+
+    model = shard_model(_model(attention), 0, 2)
+    with pytest.raises(ValueError, match=r"tensor-parallel shard.*layers\.0\.attn\."):
+        save_checkpoint(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_saving_into_a_file_is_refused(tmp_path):
     # Observed: FileExistsError "[Errno 17] File exists".
     target = tmp_path / "weights.bin"
@@ -468,6 +480,47 @@ def test_paper_tensor_in_two_weight_files_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"model\.norm\.weight.*z-stray\.safetensors"):
         load_paper_checkpoint(src)
 
+
+
+_ATTN = "model.layers.{}.self_attn."
+
+
+@pytest.mark.parametrize("variant, drop, add, named", [
+    # Observed (each): RuntimeError "Error(s) in loading state_dict for Transformer: Missing
+    # key(s) in state_dict: "layers.1.attn.wk_rope.bias"", hwattn's name, not the file's.
+    ("gta", _ATTN.format(1) + "W_rope_k.bias", None, _ATTN.format(1) + "W_rope_k.bias"),
+    ("gla", _ATTN.format(0) + "W_dQ.bias", None, _ATTN.format(0) + "W_dQ.bias"),
+    ("gla", _ATTN.format(1) + "W_dKV.bias", None, _ATTN.format(1) + "W_dKV.bias"),
+    # Observed: RuntimeError "Unexpected key(s) in state_dict: "layers.0.attn.wkv.bias"".
+    ("gta", None, _ATTN.format(0) + "kv_proj.bias", _ATTN.format(0) + "kv_proj.bias"),
+    # Observed: ValueError "layers.0.attn.b_uk has shape (2, 16); the config implies (4, 16)".
+    ("gla", _ATTN.format(0) + "W_ukv_2.bias", None, _ATTN.format(0) + "W_ukv_2.bias"),
+])
+def test_paper_biases_that_differ_from_layer_0s_are_named(tmp_path, variant, drop, add, named):
+    from hwattn.models.convert import load_paper_checkpoint
+
+    def edit(state):
+        state.pop(drop, None)
+        if add:
+            state[add] = torch.zeros(32)
+
+    src = _paper_dir(tmp_path, variant)
+    _edit_weights(src, edit)
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        load_paper_checkpoint(src)
+
+
+def test_paper_lm_head_that_differs_from_tied_embeddings_is_refused(tmp_path):
+    # Observed: converted as tied: lm_head.weight dropped without a word (hwattn's own
+    # checkpoints refuse the same contradiction).
+    from hwattn.models.convert import load_paper_checkpoint
+
+    src = _paper_dir(tmp_path, config={"tie_word_embeddings": True})
+    with pytest.raises(ValueError, match=r"lm_head\.weight.*tie_word_embeddings"):
+        load_paper_checkpoint(src)
+    _edit_weights(src, lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
+    model = load_paper_checkpoint(src)  # the same matrix twice is one tied matrix
+    assert model.config.tie_embeddings and model.output.weight is model.tok_embeddings.weight
 
 # --- transformers integration -------------------------------------------------------------
 
