@@ -23,9 +23,15 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
-    """Write `fig` to `path` (its folder made if missing), close it and return the path."""
+    """Write `fig` to `path` (its folder made if missing), close it and return the path. The
+    file is replaced whole (`hwattn.files.replace_file`): a drawing that fails leaves an
+    earlier figure of that name as it was, not a cut one."""
+    from hwattn.files import replace_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, **savefig_kwargs)
-    pyplot().close(fig)
+    try:
+        replace_file(path, lambda tmp: fig.savefig(tmp, **savefig_kwargs))
+    finally:
+        pyplot().close(fig)
     return path

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from hwattn.bench.anchors import AnchorSet, anchors_for
 from hwattn.bench.timing import graphed
+from hwattn.files import write_text
 
 EXTERNAL_KERNELS = {"FlashMLA": "flash_mla", "FA3": "flash_attn_interface", "FlashInfer": "flashinfer"}
 CHECK_LIMIT = 2e-2  # relative L2 error vs SDPA; bf16 operands land near 3e-3
@@ -110,16 +111,37 @@ def product_suite(variants: list[str], heads: int | None, tp: list[int], batch: 
 
 
 def parse_configs(text: str):
-    """Kernel tile configs from 'block_n:warps:stages:max_rows;...'."""
+    """Kernel tile configs from 'block_n:warps:stages:max_rows;...', each checked as the
+    kernel's launch would check it (ValueError naming --configs and the entry): on the GPU a
+    bad entry was an error inside the row's `configs` map while the row reported the default
+    config's time, the config asked for dropped without a word in the table."""
     from hwattn.ops.triton_decode import KernelConfig
 
     configs = []
-    for item in filter(None, text.split(";")):
+    for item in (i.strip() for i in text.split(";")):
+        if not item:
+            continue
         try:
             block_n, warps, stages, rows = (int(v) for v in item.split(":"))
         except ValueError:
             raise ValueError(f"--configs entries must be block_n:warps:stages:max_rows, got {item!r}")
-        configs.append(KernelConfig(block_n, warps, stages, rows))
+        why = None
+        if block_n not in (16, 32, 64):  # pieces of the split-KV plan start on multiples of 64
+            why = f"block_n must be 16, 32 or 64, got {block_n}"
+        elif warps not in (1, 2, 4, 8, 16):
+            why = f"warps must be 1, 2, 4, 8 or 16, got {warps}"
+        elif stages < 1:
+            why = f"stages must be >= 1, got {stages}"
+        elif rows < 1:
+            why = f"max_rows must be >= 1, got {rows}"
+        if why:
+            raise ValueError(f"--configs {item!r}: {why}")
+        config = KernelConfig(block_n, warps, stages, rows)
+        if config in configs:
+            raise ValueError(f"--configs names {item!r} more than once")
+        configs.append(config)
+    if text.strip() and not configs:
+        raise ValueError(f"--configs {text!r} names no config; leave it out for the default")
     return configs
 
 
@@ -522,8 +544,10 @@ def format_table(rows: list[dict], peaks, anchors: AnchorSet | None = None) -> s
 def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None = None,
         name: str = "hwattn bench decode") -> int:
     """Time every case on the GPU; print one JSON line per row, the table, then the whole
-    document as one JSON line (also written to `out`). Returns the exit status: 0, 1 if a row
-    failed or disagreed with SDPA, 2 without a CUDA GPU or Triton."""
+    document as one JSON line. `out`: the document is also written there after every row
+    (each time replacing the file whole), with "complete" false until the last row is in.
+    Returns the exit status: 0, 1 if a row failed or disagreed with SDPA, 2 without a CUDA
+    GPU or Triton."""
     try:
         import torch
     except ImportError:
@@ -558,6 +582,16 @@ def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None =
         hopper = get_backend("hopper")
     print(f"hopper backend: {hopper_why or 'timed beside Triton'}", flush=True)
     rows = []
+
+    def document(complete: bool) -> dict:
+        return dict(device=gpu, torch=torch.__version__, copy_GBps=peaks[0], mm_TFLOPs=peaks[1],
+                    external_kernels=external, hopper=hopper_why or "timed", rows=rows,
+                    external_timed=external_line,
+                    anchors=None if anchors is None else dict(file=anchors.name, gpu=anchors.gpu,
+                                                              date=anchors.date,
+                                                              source=anchors.source),
+                    complete=complete)
+
     for case in cases:
         start = time.perf_counter()
         try:
@@ -568,17 +602,14 @@ def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None =
         row["wall_s"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print("row " + json.dumps(row), flush=True)
+        if out:  # the rows so far, replaced whole: a run cut off keeps what it measured
+            write_text(out, json.dumps(document(complete=False), indent=1) + "\n")
         torch.cuda.empty_cache()
-    doc = dict(device=gpu, torch=torch.__version__, copy_GBps=peaks[0], mm_TFLOPs=peaks[1],
-               external_kernels=external, hopper=hopper_why or "timed", rows=rows,
-               external_timed=external_line,
-               anchors=None if anchors is None else dict(file=anchors.name, gpu=anchors.gpu,
-                                                         date=anchors.date, source=anchors.source))
+    doc = document(complete=True)
     print(format_table(rows, peaks, anchors))
     print(json.dumps(doc))
     if out:
-        with open(out, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_text(out, json.dumps(doc, indent=1) + "\n")
     failed = [r for r in rows if _failed(r)]
     return 1 if failed else 0
 

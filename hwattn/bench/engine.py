@@ -524,18 +524,35 @@ def bench_engine(engine, num_prompts: int, prompt_len: int, output_len: int,
                         ("output_len", output_len)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    batch = breakdown_batch or min(num_prompts, engine.config.max_num_seqs)
+    context = breakdown_context or prompt_len + output_len
+    check_breakdown_fits(engine, batch, context)  # before the offline run, not after it
     prompts = random_prompts(num_prompts, prompt_len, engine.model_config.vocab_size, seed=seed,
                              repetitive=repetitive)
     run_offline(engine, prompts[:2], 4)  # warm-up (kernel compilation, allocator)
     res = run_offline(engine, prompts, output_len, temperature, progress=progress)
-    batch = breakdown_batch or min(num_prompts, engine.config.max_num_seqs)
-    brk = decode_breakdown(engine, batch, breakdown_context or prompt_len + output_len)
+    brk = decode_breakdown(engine, batch, context)
     return dict(variant=engine.model_config.label, tp=engine.tensor_parallel_size,
                 dp=getattr(engine, "data_parallel_size", 1), device=str(engine.device),
                 dtype=str(engine.dtype).replace("torch.", ""),
                 speculative=engine.config.speculative, prompt_len=prompt_len,
                 output_len=output_len, kv_bytes_per_token_per_rank=engine.kv_bytes_per_token,
                 offline=res.as_dict(), decode_step=brk)
+
+
+def check_breakdown_fits(engine, batch: int, context_len: int) -> None:
+    """ValueError unless the idle engine's page pool holds the `batch` sequences of
+    `context_len` tokens that `decode_breakdown` borrows. Data-parallel replicas are left to
+    check their own pool (replica 0's `decode_breakdown` raises the same error)."""
+    bm = getattr(engine, "block_manager", None)
+    if bm is None or hasattr(engine, "call_replica"):
+        return
+    need = -(-context_len // bm.page_size) * batch
+    if need > bm.num_free_pages:
+        raise ValueError(f"the decode-step breakdown of {batch} sequences of {context_len} "
+                         f"tokens needs {need} pages of {bm.page_size} tokens; the pool has "
+                         f"{bm.num_free_pages}: lower its batch or context (--breakdown-batch, "
+                         f"--breakdown-context) or give the pool more memory (--memory-budget)")
 
 
 def format_engine_report(doc: dict) -> str:
@@ -581,7 +598,10 @@ def format_engine_report(doc: dict) -> str:
     else:
         lines.append(f"    attention {brk['attention_s'] * ms:.3f} ms "
                      f"({brk['attention_share']:.0%} of the step; {brk['attention_method']})")
-    if brk.get("launch_queued_s") is not None:
+    # On the CPU nothing is queued: every "device" time is the wall clock, and the differences
+    # the launch loop's line reads (step I/O, launch latency) are timing noise, negative as
+    # often as not; the JSON keeps the numbers.
+    if brk.get("launch_queued_s") is not None and doc["device"].startswith("cuda"):
         lines.append(f"    launch loop {brk['launch_queued_s'] * ms:.3f} ms a step (inputs, plan, "
                      f"forward, argmax, copy back, queued one step ahead): the step's I/O adds "
                      f"{brk['step_io_s'] * ms:.3f} ms to the queued forward "

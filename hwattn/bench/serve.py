@@ -216,7 +216,8 @@ def format_report(doc: dict) -> str:
     lines = [f"requests {doc['completed']}/{doc['requests']} completed in {doc['wall_s']:.2f} s"
              f"{' (stopped at the time limit)' if doc['timed_out'] else ''}; "
              f"concurrency {doc['max_concurrency'] or 'unbounded'}, "
-             f"rate {doc['request_rate'] or 'all at once'} req/s",
+             + (f"rate {doc['request_rate']} req/s" if doc["request_rate"]
+                else "all at once"),
              f"output throughput {doc['output_tokens_per_s']:.1f} tok/s, "
              f"{doc['requests_per_s']:.2f} req/s",
              f"{'':12}{'mean':>10}{'median':>10}{'p99':>10}  ms"]
@@ -280,7 +281,8 @@ def bench_serve(lengths: list[int], output_len: int, *, url: str | None = None,
                                    request_rate, seed, max_duration_s, warmup_requests, progress))
         # The settings and, in process, the device (a server at `url` does not say its own).
         doc.update(device=None if engine is None else str(engine.device), output_len=output_len,
-                   seed=seed, warmup_requests=warmup_requests, max_duration_s=max_duration_s)
+                   seed=seed, warmup_requests=min(warmup_requests, len(prompts)),  # as sent
+                   max_duration_s=max_duration_s)
         return doc
     finally:
         if server is not None:

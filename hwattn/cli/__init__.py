@@ -26,13 +26,14 @@ def add_cpu_threads(p: argparse.ArgumentParser) -> None:
 
 def emit_json(doc: dict, out: str | None = None) -> None:
     """A benchmark's last line: its document as one line of JSON on stdout (flushed), and in
-    `out` too when given."""
+    `out` too when given, replacing an earlier file whole (`hwattn.files.write_text`)."""
     import json
+
+    from hwattn.files import write_text
 
     line = json.dumps(doc)
     if out:
-        with open(out, "w") as f:
-            f.write(line + "\n")
+        write_text(out, line + "\n")
     print(line, flush=True)
 
 

@@ -42,7 +42,8 @@ def register(sub) -> None:
                    help="TP degrees, e.g. 1,2,4,8, each once (default 1)")
     p.add_argument("--batch", type=int, default=128, help="concurrent sequences (default 128)")
     p.add_argument("--context", type=int, default=8192, help="tokens per sequence (default 8192)")
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="KV cache dtype")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES),
+                   help="KV cache dtype (default bf16)")
     p.add_argument("--gpu", default="h100", choices=tuple(GPUS), help="GPU peaks (default h100)")
     p.add_argument("--peak-tflops", type=float, help="override the GPU's dense TFLOP/s")
     p.add_argument("--bandwidth", type=float, help="override the GPU's memory TB/s")

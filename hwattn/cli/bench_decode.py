@@ -30,19 +30,22 @@ def register(sub) -> None:
     p.add_argument("--suite", choices=("custom", "standard"), default="custom",
                    help="custom: the product of the lists below; standard: the sweep of "
                         "docs/results/decode.md (latent variants at h_q 128, per-rank shapes, "
-                        "long contexts, page sizes)")
+                        "long contexts, page sizes) (default custom)")
     p.add_argument("--variants", default="gla-2,mla,gqa-4,gta-4,mqa",
-                   help="comma-separated labels (mha, mqa, gqa-G, gta-G, mla, gla-H)")
+                   help="comma-separated labels (mha, mqa, gqa-G, gta-G, mla, gla-H; default "
+                        "%(default)s)")
     p.add_argument("--heads", type=int, help="query heads h_q (default 128 for mla/gla, 32 otherwise)")
     p.add_argument("--head-dim", type=int, default=128, help="d_h (default 128)")
     p.add_argument("--rope-dim", type=int, help="d_R of gta/mla/gla (default 64)")
-    p.add_argument("--tp", type=int_list, default=[1], help="tensor-parallel degrees: per-rank shapes")
+    p.add_argument("--tp", type=int_list, default=[1],
+                   help="tensor-parallel degrees: per-rank shapes (default 1)")
     p.add_argument("--batch", type=int_list, default=[128], help="B values (default 128)")
     p.add_argument("--context", type=int_list, default=[8192], help="L values (default 8192)")
     p.add_argument("--query-len", type=int_list, default=[1], help="L_q values (default 1)")
     p.add_argument("--page-size", type=int_list, default=[64], help="page sizes (default 64)")
     p.add_argument("--cache-dtype", choices=tuple(CACHE_DTYPES), default="bf16",
-                   help="KV cache dtype; queries are bf16 (fp8 uses a per-tensor scale)")
+                   help="KV cache dtype; queries are bf16 (fp8 uses a per-tensor scale; "
+                        "default bf16)")
     p.add_argument("--configs", default="",
                    help="extra kernel tile configs to time, 'block_n:warps:stages:max_rows;...'; "
                         "each row reports the fastest")
@@ -63,7 +66,9 @@ def register(sub) -> None:
     p.add_argument("--rep-ms", type=int, default=100,
                    help="time in ms spent on timed repetitions; each row reports the median "
                         "(do_bench's rep; default %(default)s)")
-    p.add_argument("--out", metavar="FILE.json", help="also write the JSON document here")
+    p.add_argument("--out", metavar="FILE.json",
+                   help="also write the JSON document here, rewritten after every row (its "
+                        "\"complete\" is false until the last row is in)")
     add_cpu_threads(p)
     p.set_defaults(func=run)
 

@@ -3,6 +3,8 @@ split into attention, cache writes, GEMMs, other kernels, gaps and host time bes
 
 from __future__ import annotations
 
+import math
+
 from hwattn.cli import emit_json
 
 
@@ -29,10 +31,14 @@ def register(sub) -> None:
     p.add_argument("--repetitive", action="store_true",
                    help="prompts of repeated phrases (where n-gram speculation shines)")
     p.add_argument("--breakdown-batch", type=int, default=None,
-                   help="B of the decode-step breakdown (default: --num-prompts)")
+                   help="B of the decode-step breakdown, at most --max-num-seqs (default: "
+                        "--num-prompts, capped at --max-num-seqs)")
     p.add_argument("--breakdown-context", type=int, default=None,
                    help="L of the decode-step breakdown (default: prompt + output length)")
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--json", action="store_true",
+                   help="print only the JSON line (no table, no progress bar)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar of the offline run's tokens on stderr")
     p.add_argument("--out", default=None, help="also write the JSON document to this file")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -48,6 +54,15 @@ def run(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     at_least(args, 1, "breakdown_batch", "breakdown_context")
+    # Said here, not by the sampler once the engine has started and warmed up.
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.breakdown_batch is not None and args.breakdown_batch > args.max_num_seqs:
+        # Its step would run eagerly, beyond the CUDA graphs captured up to --max-num-seqs,
+        # while the report said "CUDA graphs: on": a step the engine never runs.
+        raise ValueError(f"--breakdown-batch {args.breakdown_batch} is more than --max-num-seqs "
+                         f"{args.max_num_seqs}, the most sequences the engine decodes in one "
+                         f"step; raise --max-num-seqs too")
     check_output_file(args.out)
     engine_config(args)  # the engine options' own checks, before any worker process starts
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
@@ -65,7 +80,7 @@ def run(args) -> int:
     try:
         doc = bench_engine(engine, args.num_prompts, args.prompt_len, args.output_len,
                            args.temperature, args.repetitive, args.seed, args.breakdown_batch,
-                           args.breakdown_context, progress=not args.json)
+                           args.breakdown_context, progress=not (args.json or args.no_progress))
         doc = dict(model=args.model, **doc)
         # Printed before teardown: a slow shutdown cannot lose the results.
         if not args.json:

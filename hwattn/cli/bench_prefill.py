@@ -19,17 +19,22 @@ def register(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--variants", default="gla-2,mla,gqa-4,gta-4",
-                   help="comma-separated labels (mha, mqa, gqa-G, gta-G, mla, gla-H)")
+                   help="comma-separated labels (mha, mqa, gqa-G, gta-G, mla, gla-H; default "
+                        "%(default)s)")
     p.add_argument("--heads", type=int, default=16, help="query heads h_q (default 16, xl)")
     p.add_argument("--head-dim", type=int, default=128, help="d_h (default 128)")
     p.add_argument("--rope-dim", type=int, help="d_R of gta/mla/gla (default 64)")
     p.add_argument("--batch", type=int_list, default=[1], help="B values (default 1)")
-    p.add_argument("--query-len", type=int_list, default=[8192], help="new tokens per sequence")
+    p.add_argument("--query-len", type=int_list, default=[8192],
+                   help="new tokens per sequence (default 8192)")
     p.add_argument("--prefix", type=lambda text: int_list(text, minimum=0), default=[0],
                    help="cached tokens before them (default 0)")
     p.add_argument("--page-size", type=int_list, default=[64], help="page sizes (default 64)")
-    p.add_argument("--forms", default="", help="only these forms (paged, absorbed, expanded)")
-    p.add_argument("--backend", default="triton", help="attention backend (default triton)")
+    p.add_argument("--forms", default="",
+                   help="comma-separated: only these forms (paged, absorbed, expanded; default: "
+                        "every form of each variant)")
+    p.add_argument("--backend", default="triton",
+                   help="attention backend: triton, hopper, torch or auto (default triton)")
     p.add_argument("--block-m", type=int, help="force the Triton prefill tile's rows")
     p.add_argument("--block-n", type=int, help="force its keys per step")
     p.add_argument("--warps", type=int, help="force its num_warps")
@@ -55,6 +60,18 @@ def cases_from(args) -> list:
             for page in args.page_size]
 
 
+def form_list(text: str) -> tuple[str, ...]:
+    """The form names of a comma-separated --forms, blanks around them dropped (empty: every
+    form); ValueError for a name given twice or a list of nothing but commas."""
+    forms = tuple(f.strip() for f in text.split(",") if f.strip())
+    if text.strip() and not forms:
+        raise ValueError(f"--forms {text!r} names no form; leave it out for every form")
+    twice = sorted({f for f in forms if forms.count(f) > 1})
+    if twice:
+        raise ValueError(f"--forms names {', '.join(twice)} more than once")
+    return forms
+
+
 def check_forms(args, cases) -> None:
     """ValueError for a shape no layer can take, a --rope-dim no chosen variant reads, and a
     --forms name that a chosen variant does not have (on the GPU each was a skipped row, and
@@ -63,7 +80,7 @@ def check_forms(args, cases) -> None:
 
     layers = check_shapes(sorted({(c.variant, c.heads, 1) for c in cases}), args.head_dim,
                           args.rope_dim)
-    forms = [f for f in args.forms.split(",") if f]
+    forms = form_list(args.forms)
     for (variant, _), layer in layers.items():
         available = tuple(f.name for f in layer.prefill_forms())
         unknown = [f for f in forms if f not in available]
@@ -97,6 +114,11 @@ def run(args) -> int:
     check_forms(args, cases)
     check_output_file(args.out)
     config = tile_config(args)
+    from hwattn.ops import backend_names
+
+    if args.backend != "auto" and args.backend not in backend_names():  # named on any machine
+        raise ValueError(f"--backend must be auto or one of {', '.join(backend_names())}, "
+                         f"got {args.backend!r}")
     import torch
 
     if not torch.cuda.is_available():
@@ -111,7 +133,7 @@ def run(args) -> int:
             raise ValueError(f"--block-m/--block-n/--warps/--stages need the Triton kernels, "
                              f"not backend {backend.name!r}")
         backend = backend.with_prefill_config(config)
-    doc = run_cases(cases, backend=backend, forms=tuple(filter(None, args.forms.split(","))) or None,
+    doc = run_cases(cases, backend=backend, forms=form_list(args.forms) or None,
                     check=not args.no_check, warmup=args.warmup, iters=args.iters, config=config)
     emit_json(doc, args.out)
     return 0

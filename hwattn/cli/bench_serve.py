@@ -23,7 +23,8 @@ def register(sub) -> None:
                    help="in-process mode: go through a real uvicorn on a loopback port too")
     p.add_argument("--num-prompts", type=int, default=32,
                    help="completion requests N to send (default %(default)s)")
-    p.add_argument("--prompt-len", type=int, default=256, help="mean prompt length")
+    p.add_argument("--prompt-len", type=int, default=256,
+                   help="mean prompt length in tokens (default %(default)s)")
     p.add_argument("--prompt-spread", type=float, default=0.5,
                    help="lengths uniform in mean·(1 ± spread) (default 0.5)")
     p.add_argument("--output-len", type=int, default=64,
@@ -31,11 +32,16 @@ def register(sub) -> None:
                         "%(default)s)")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="most requests in flight at once (default: no cap)")
-    p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
-    p.add_argument("--max-duration", type=float, default=600.0, help="stop after this many seconds")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="Poisson arrivals per second (default: every request at once)")
+    p.add_argument("--max-duration", type=float, default=600.0,
+                   help="stop after this many seconds (default %(default)s)")
     p.add_argument("--warmup-requests", type=int, default=2,
                    help="short requests sent and discarded before timing (default 2)")
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--json", action="store_true",
+                   help="print only the JSON line (no report, no progress bar)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar of the requests on stderr")
     p.add_argument("--out", default=None, help="also write the JSON document to this file")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -57,7 +63,8 @@ def run(args) -> int:
                           http=args.http, max_concurrency=args.max_concurrency,
                           request_rate=args.request_rate, seed=args.seed,
                           max_duration_s=args.max_duration,
-                          warmup_requests=args.warmup_requests, progress=not args.json)
+                          warmup_requests=args.warmup_requests,
+                          progress=not (args.json or args.no_progress))
     except Exception as err:
         if not _http_error(err):
             raise
@@ -110,6 +117,10 @@ def check_args(args) -> None:
         raise ValueError(f"--prompt-spread must be in [0, 1), got {args.prompt_spread}")
     if args.warmup_requests < 0:
         raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
+    if args.warmup_requests > args.num_prompts:  # the warm-up sends the first prompts again
+        raise ValueError(f"--warmup-requests {args.warmup_requests} is more than --num-prompts "
+                         f"{args.num_prompts}: the warm-up resends the first prompts, so at "
+                         f"most {args.num_prompts} of them")
     at_least(args, 1, "num_prompts", "prompt_len", "output_len", "max_concurrency")
     from hwattn.bench.serve import MAX_REQUESTS
 
@@ -131,10 +142,18 @@ def check_args(args) -> None:
     if args.served_model_name is not None:
         raise ValueError("--served-model-name only applies with --url (the in-process model "
                          "needs no name)")
+    from hwattn.cli.serve import check_attention
     from hwattn.engine.loader import model_config
 
+    check_attention(args)  # named as the option, before the model's shape is read
     overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else None
     context = args.max_model_len or model_config(args.model, args.attention, overrides).max_seq_len
     if args.prompt_len + args.output_len > context:
         raise ValueError(f"--prompt-len {args.prompt_len} + --output-len {args.output_len} "
                          f"exceed the model's context of {context} tokens")
+    longest = round(args.prompt_len * (1 + args.prompt_spread))  # `prompt_lengths`' bound
+    if longest + args.output_len > context:  # such prompts were cut to fit, without a word
+        raise ValueError(f"--prompt-len {args.prompt_len} with --prompt-spread "
+                         f"{args.prompt_spread:g} makes prompts of up to {longest} tokens, which "
+                         f"with --output-len {args.output_len} exceed the model's context of "
+                         f"{context} tokens; lower --prompt-len or --prompt-spread")

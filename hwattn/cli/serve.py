@@ -4,7 +4,9 @@ optionally several data-parallel replicas)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 
 from hwattn.config import PRESETS
 
@@ -16,8 +18,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine options shared by `hwattn serve` and the benchmarks."""
     p.add_argument("--attention", default=None,
                    help="variant for presets: mha, mqa, gqa-4, gta-4, mla, gla-2, ... (default mha)")
-    p.add_argument("--dtype", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 on CUDA)")
-    p.add_argument("--device", default="auto", help="cuda | cpu | auto")
+    p.add_argument("--dtype", default="auto",
+                   help="weights and KV cache: bf16 | fp16 | fp32 | fp64 (or bfloat16, float16, "
+                        "half, float32, float, float64) | auto: bf16 on CUDA, fp32 on the CPU "
+                        "(default auto)")
+    p.add_argument("--device", default="auto",
+                   help="cuda | cuda:N | cpu | auto: cuda when present (default auto)")
     p.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
                    help="tensor-parallel ranks (processes; NCCL on GPUs, gloo on CPU). A rank "
                         "that dies or stops (no heartbeat for HWATTN_HEARTBEAT_TIMEOUT_S, "
@@ -33,7 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "once no replica is left")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=64,
                    help="tokens per KV page (default 64; --block-size is vLLM's name)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most")
+    p.add_argument("--max-num-seqs", type=int, default=64,
+                   help="sequences per batch at most (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="prompt tokens prefilled per step at most (chunked prefill; default 8192)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: model's)")
@@ -52,7 +59,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "decodes plainly (overlapped with the host, in a CUDA graph) instead of "
                         "verifying drafts (default: always verify; the second name is vLLM's). "
                         "The best N depends on the model and the GPU")
-    p.add_argument("--seed", type=int, default=0, help="weights of presets and unseeded requests")
+    p.add_argument("--seed", type=int, default=0,
+                   help="weights of presets and unseeded requests; the benchmarks' random "
+                        "prompts too (default 0)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="decode steps without captured CUDA graphs")
     p.add_argument("--no-compile", action="store_true",
@@ -72,6 +81,63 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     from hwattn.cli import add_cpu_threads
 
     add_cpu_threads(p)
+
+
+# `EngineConfig` fields, as the engine's errors name them, and the options that set them here:
+# an error says "--page-size must be ...", not "page_size must be ...". (max_seq_len is left:
+# the engine names the model's own context by it.)
+ENGINE_FLAGS = {
+    "tensor_parallel_size": "--tp", "data_parallel_size": "--dp", "page_size": "--page-size",
+    "block_size": "--block-size", "max_num_seqs": "--max-num-seqs",
+    "max_num_batched_tokens": "--max-num-batched-tokens", "max_model_len": "--max-model-len",
+    "memory_budget": "--memory-budget", "gpu_memory_utilization": "--gpu-memory-utilization",
+    "num_speculative_tokens": "--num-speculative-tokens",
+    "speculative_disable_batch_size": "--speculative-disable-batch-size",
+    "speculative": "--speculative",
+}
+
+
+def flag_names(text: str) -> str:
+    """`text` with every `ENGINE_FLAGS` field it names, as a whole word, written as its option."""
+    for name in sorted(ENGINE_FLAGS, key=len, reverse=True):  # num_speculative_tokens first
+        text = re.sub(rf"(?<![\w-]){name}(?![\w-])", ENGINE_FLAGS[name], text)
+    return text
+
+
+@contextlib.contextmanager
+def options_named():
+    """Re-raise the engine's ValueErrors with the options that set its fields (`flag_names`)."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(flag_names(str(err))) from None
+
+
+def check_attention(args) -> None:
+    """ValueError naming --attention when it is no variant label, or a variant the preset's
+    heads cannot take (gqa-5 of 8 heads): the engine's error named neither. A checkpoint's
+    own label is compared with it later (`model_config`)."""
+    if args.attention is None or args.model is None:
+        return
+    from hwattn.config import ModelConfig
+    from hwattn.engine.loader import is_checkpoint
+    from hwattn.variants import parse_variant
+
+    try:
+        fields = parse_variant(args.attention)
+        if args.model in PRESETS and not is_checkpoint(args.model):
+            ModelConfig.from_preset(args.model, **fields)
+    except ValueError as err:
+        raise ValueError(f"--attention {args.attention}: {err}") from None
+
+
+def check_dtype(text: str) -> None:
+    """ValueError naming --dtype unless it is 'auto' or a name `hwattn.device.DTYPES` knows
+    (the engine checked it only once its worker processes started, naming `dtype`)."""
+    from hwattn.device import DTYPES
+
+    if text != "auto" and text not in DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {text!r}")
 
 
 def parse_budget(text):
@@ -96,6 +162,8 @@ def engine_config(args):
     from hwattn.engine.loader import is_checkpoint
 
     check_device(args.device)
+    check_dtype(args.dtype)
+    check_attention(args)
     at_least(args, 1, "max_model_len", "max_seq_len")
     if args.max_seq_len is not None and is_checkpoint(args.model):
         raise ValueError("--max-seq-len applies to presets only: a checkpoint keeps the context "
@@ -132,7 +200,8 @@ def engine_config(args):
         kwargs["cuda_graphs"] = False
     if args.no_compile:
         kwargs["compile_decode"] = False
-    return EngineConfig(**vllm_arguments(kwargs))
+    with options_named():
+        return EngineConfig(**vllm_arguments(kwargs))
 
 
 def cpu_ignored_flags(args) -> list[str]:
@@ -162,7 +231,8 @@ def engine_from_args(args):
         print(f"{command}: warning: {', '.join(ignored)} "
               f"{'has' if len(ignored) == 1 else 'have'} no effect on the CPU (CUDA graphs and "
               f"compiled decode steps are CUDA only)", file=sys.stderr, flush=True)
-    engine = create_engine(config)
+    with options_named():  # the pool's size, the draft model, ... checked as it starts
+        engine = create_engine(config)
     use_default_cpu_threads(model_params(engine.model_config), engine.device)
     return engine
 

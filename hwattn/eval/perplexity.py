@@ -65,7 +65,10 @@ def evaluate_perplexity(model, tokens: np.ndarray, seq_len: int, token_bytes: np
     losses = token_losses(model, windows, batch_size, amp, bar)
     total = float(losses.double().sum())
     n = losses.numel()
-    out = {"tokens": n, "loss": total / n, "ppl": math.exp(total / n)}
+    loss = total / n
+    # A diverged model's loss can exceed what exp() holds (about 709 nats): its perplexity is
+    # inf, not an OverflowError after the whole run.
+    out = {"tokens": n, "loss": loss, "ppl": float("inf") if loss > 709 else math.exp(loss)}
     if token_bytes is not None:
         n_bytes = int(token_bytes[windows[:, 1:].numpy()].sum())
         out["bytes"] = n_bytes

@@ -3,9 +3,10 @@
 For each variant: train on the same tokens with the same schedule and seed, evaluate
 (per-domain perplexity and bits per byte, cloze, multiple choice, recall probe), and measure
 its KV cache bytes per token and greedy decode tokens/s through the paged cache. Writes
-`compare.json` (every number), `compare.md` (the table, what it can and cannot say, each
-task's chance level, the measured wall time) and `compare.png` (loss curves and bars, every
-axis from zero) under the output folder, and prints the table and notes.
+`compare.json` (every number; a diverged run's NaN or inf as null), `compare.md` (the table,
+what it can and cannot say, each task's chance level, the measured wall time) and
+`compare.png` (loss curves and bars, every axis from zero) under the output folder, each
+replaced whole, and prints the table and notes.
 
 Scales: on CPU the `tiny` preset on the shipped corpus (own 2,048-id BPE), a few minutes on
 two cores; on a GPU the `mini` preset (d_h = 64) at sequence length 1024 with an 8,192-id BPE
@@ -15,7 +16,7 @@ on the shipped corpus, or any dataset built with `hwattn data build` (`data=`).
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import shutil
 import statistics
 import time
@@ -27,19 +28,21 @@ import torch
 from hwattn.analysis.cost import DEFAULT_VARIANTS
 from hwattn.data.loader import TokenDataset
 from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
+from hwattn.files import write_json, write_text
 from hwattn.models.generate import greedy_generate
 from hwattn.device import resolve_device
 from hwattn.train.metrics import read_metrics
 from hwattn.train.trainer import TrainConfig, train
 
-# Printed and written with every CPU comparison: what its numbers can and cannot say.
+# Printed and written with every CPU comparison: what its numbers can and cannot say
+# (`smoke_note` puts the run's own model sizes and tokens in the first sentence).
+_SMOKE_REST = ("the run checks that every variant trains, evaluates and decodes, and measures "
+               "its KV bytes per token. Its quality columns rank the variants by seed noise "
+               "(the order changes from run to run and no seed spread is measured), so they "
+               "can neither confirm nor refute the paper's quality claims; that is the GPU "
+               "study's job (benchmarks/quality_study.py, docs/quality_study.md).")
 SMOKE_NOTE = ("Smoke test, not evidence. On CPU every model is tiny (about 1M parameters) and "
-              "sees a few hundred thousand tokens with one seed: the run checks that every "
-              "variant trains, evaluates and decodes, and measures its KV bytes per token. "
-              "Its quality columns rank the variants by seed noise (the order changes from "
-              "run to run and no seed spread is measured), so they can neither confirm nor "
-              "refute the paper's quality claims; that is the GPU study's job "
-              "(benchmarks/quality_study.py, docs/quality_study.md).")
+              "sees a few hundred thousand tokens with one seed: " + _SMOKE_REST)
 # Printed and written with every other comparison (one seed, no spread).
 ONE_SEED_NOTE = ("One seed: no seed spread is measured, so quality differences between variants "
                  "are not established by this run (the GPU quality study, "
@@ -280,25 +283,62 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
         log(f"{label}: val ppl {row['val_ppl']:.2f}, {train_s:.0f} s training, "
             f"{speed['decode_tokens_per_s']:.0f} decode tok/s")
     smoke = resolve_device(cfg.device).type == "cpu"
-    notes = [SMOKE_NOTE if smoke else ONE_SEED_NOTE, *chance_notes(rows)]
+    diverged = [r["variant"] for r in rows if not _finite(r, QUALITY_KEYS)]
+    notes = [smoke_note(rows) if smoke else ONE_SEED_NOTE, *divergence_notes(rows),
+             *chance_notes(rows)]
     result = {"config": asdict(cfg), "device": str(resolve_device(cfg.device)),
-              "smoke_test": smoke, "notes": notes,
+              "smoke_test": smoke, "notes": notes, "diverged": diverged,
               "torch": torch.__version__, "rows": rows,
               "wall_s": time.perf_counter() - t_start}
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    # Each file is replaced whole; NaN and inf are written as null (strict JSON), and the
+    # table and the notes say which variant diverged.
+    write_json(out / "compare.json", result, indent=2)
     table = (format_compare(rows, cfg) + "\n\n" + "\n".join(f"- {n}" for n in notes)
              + f"\n\nwall time {result['wall_s']:.0f} s (data build, training, evaluation and "
-             f"decode timing of {len(rows)} variants).")
-    (out / "compare.md").write_text(table + "\n")
+             f"decode timing of {len(rows)} variant{'s' if len(rows) != 1 else ''}).")
+    write_text(out / "compare.md", table + "\n")
     files = {"json": str(out / "compare.json"), "table": str(out / "compare.md")}
     try:
         plot_compare(rows, curves, out / "compare.png", cfg, notes[0])
         files["plot"] = str(out / "compare.png")
-    except ImportError:
-        pass
+    except ImportError:  # no matplotlib: an earlier run's figure must not pass for this one's
+        (out / "compare.png").unlink(missing_ok=True)
     result["files"] = files
     result["table"] = table
     return result
+
+
+# The quality columns; a diverged model's are NaN or inf.
+QUALITY_KEYS = ("val_loss", "val_ppl", "val_bpb")
+
+
+def _finite(row: dict, keys) -> bool:
+    return all(isinstance(row.get(k), (int, float)) and math.isfinite(row[k]) for k in keys)
+
+
+def smoke_note(rows: list[dict]) -> str:
+    """The CPU run's note (`SMOKE_NOTE`) with its own model sizes and training tokens: the
+    constant describes the default run, and --steps or --preset change both."""
+    def span(values, fmt):
+        low, high = fmt(min(values)), fmt(max(values))
+        return low if low == high else f"{low}-{high}"
+
+    size = span([r["params"] for r in rows], lambda n: f"{n / 1e6:.2f}M")
+    seen = span([r["train_tokens"] for r in rows], lambda n: f"{n:,}")
+    return (f"Smoke test, not evidence. On CPU every model is small ({size} parameters) and "
+            f"sees {seen} training tokens with one seed: " + _SMOKE_REST)
+
+
+def divergence_notes(rows: list[dict]) -> list[str]:
+    """A note naming the variants whose validation loss, perplexity or bits per byte is not
+    finite (training diverged): their quality columns compare with nothing."""
+    bad = [r for r in rows if not _finite(r, QUALITY_KEYS)]
+    if not bad:
+        return []
+    said = ", ".join(f"{r['variant']} (val loss {r['val_loss']:.4g})" for r in bad)
+    return [f"Diverged: {said}. Perplexity past what a float holds (inf, null in compare.json) "
+            f"or NaN: the training run blew up, so these quality columns rank nothing; train "
+            f"again with a lower --lr."]
 
 
 def chance_notes(rows: list[dict]) -> list[str]:
@@ -391,7 +431,7 @@ def plot_compare(rows: list[dict], curves: dict, path: Path, cfg: CompareConfig,
         ax.plot(*zip(*tr), color=f"C{i}", alpha=0.35, lw=1)
         if va:
             ax.plot(*zip(*va), "o-", color=f"C{i}", ms=3, label=label)
-        if label in final and tr:
+        if label in final and tr and math.isfinite(final[label]["val_loss"]):
             ax.plot(tr[-1][0], final[label]["val_loss"], "*", color=f"C{i}", ms=9)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
@@ -402,11 +442,15 @@ def plot_compare(rows: list[dict], curves: dict, path: Path, cfg: CompareConfig,
 
     def bars(ax, key, title, fmt):
         vals = [r[key] for r in rows]
-        ax.bar(labels, vals, color=colours)
-        ax.set_ylim(0, 1.12 * max(vals))  # from zero: bar heights compare as the values do
+        # A diverged run's NaN or inf has no bar: its label says what it is, at the axis.
+        shown = [v if math.isfinite(v) else 0.0 for v in vals]
+        ax.bar(labels, shown, color=colours)
+        top = max(shown)
+        ax.set_ylim(0, 1.12 * top if top > 0 else 1.0)  # from zero: heights compare as values
         ax.set_title(title, fontsize=8)
         for x, v in enumerate(vals):
-            ax.text(x, v, fmt(v), ha="center", va="bottom", fontsize=7)
+            ax.text(x, shown[x], fmt(v) if math.isfinite(v) else str(v), ha="center",
+                    va="bottom", fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
 
     bars(axes[0, 1], "val_ppl", "validation perplexity, lower is better (all held-out tokens,\n"

@@ -187,3 +187,44 @@ def test_anchors_are_not_printed_beside_rows_of_other_head_widths():
         row = decode.bench_case(torch, _wall_clock, case, options,
                                 (1000.0, 100.0), [], device=DEVICE.type, anchors=fake)
         assert not any(k.startswith("anchor_") for k in row), (head_dim, rope_dim, row)
+
+
+def _fake_gpu(monkeypatch, bench_case):
+    monkeypatch.setattr(decode, "bench_case", bench_case)
+    monkeypatch.setattr(decode, "measure_peaks", lambda torch_, do_bench: (1000.0, 100.0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+def test_out_holds_every_row_measured_before_a_run_is_cut_off(monkeypatch, capsys, tmp_path):
+    """`--out` was written once, after the last row: a sweep stopped by the session's time
+    limit or Ctrl-C left no file (GPU sessions here end at 10 minutes a command)."""
+    import json
+
+    real_case = decode.bench_case
+
+    def two_rows_then_cut(torch_, do_bench, case, options, peaks, configs, **kw):
+        if case["batch"] == 3:
+            raise KeyboardInterrupt
+        return real_case(torch_, _wall_clock, case, options, peaks, configs, device=DEVICE.type,
+                         **kw)
+
+    _fake_gpu(monkeypatch, two_rows_then_cut)
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, no_hopper=True, external=False)
+    cases = [dict(variant="gqa-2", heads=4, tp=1, batch=b, context=70, query_len=1, page=16)
+             for b in (1, 2, 3)]
+    out = tmp_path / "decode.json"
+    out.write_text("an earlier run's document")
+    with pytest.raises(KeyboardInterrupt):
+        decode.run(cases, options, out=str(out))
+    cut = json.loads(out.read_text())
+    assert [r["batch"] for r in cut["rows"]] == [1, 2] and cut["complete"] is False
+    assert cut["device"] == "Some GPU" and cut["copy_GBps"] == 1000.0
+    assert [p.name for p in tmp_path.iterdir()] == ["decode.json"]  # no temporary left
+
+    capsys.readouterr()
+    assert decode.run(cases[:2], options, out=str(out)) == 0
+    whole = json.loads(out.read_text())
+    assert whole["complete"] is True and len(whole["rows"]) == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == whole  # stdout's last line

@@ -255,3 +255,25 @@ def test_launch_loop_feeds_each_step_the_tokens_of_the_last():
     assert res["step_io_s"] == pytest.approx(res["launch_queued_s"] - res["forward_queued_s"])
     verify = StepInput("decode", [[3, 4], [4, 5]], [5, 9], tables)
     assert time_decode_step(runner, verify, context_len=10, iters=2)["launch_queued_s"] is None
+
+
+def test_cpu_report_prints_no_launch_loop_of_negative_noise():
+    """Observed on the CPU: "the step's I/O adds -3.043 ms to the queued forward 15.101 ms on
+    the device". Off CUDA nothing is queued and every time is the wall clock, so the line
+    reads noise; the JSON keeps the numbers."""
+    from hwattn.bench.engine import format_engine_report
+
+    stats = dict(mean=1e-3, median=1e-3, p99=2e-3)
+    step = dict(batch=2, context_len=12, cuda_graphs=False, compiled=False, step_wall_s=1.2e-2,
+                forward_device_s=1.2e-2, host_s=1e-4, host_overhead_share=0.01,
+                launch_latency_s=-3e-3, attention_s=5e-3, attention_share=0.4,
+                attention_method="decode-op calls timed alone", allreduce_s=0.0,
+                allreduce_share=0.0, replay_call_s=None, kernels=None,
+                forward_queued_s=1.5e-2, launch_queued_s=1.2e-2, step_io_s=-3e-3)
+    doc = dict(variant="gqa-4", device="cpu", dtype="float32", tp=1, dp=1, prompt_len=8,
+               output_len=4, speculative=None, decode_step=step,
+               offline=dict(requests=2, output_tokens_per_s=1.0, decode_tokens_per_s=1.0,
+                            ttft_s=stats, itl_s=stats, tpot_s=stats, e2e_s=stats))
+    text = format_engine_report(doc)
+    assert "launch loop" not in text and "-3.000" not in text
+    assert "launch loop 12.000 ms" in format_engine_report(dict(doc, device="cuda:0"))

@@ -72,7 +72,8 @@ def test_command_line_options_become_a_config():
         args = build_parser().parse_args(["serve", "tiny", "--speculative", "ngram", flag, "16"])
         assert engine_config(args).speculative_disable_batch_size == 16
     args = build_parser().parse_args(["serve", "tiny", "--speculative-disable-batch-size", "4"])
-    with pytest.raises(ValueError, match="speculative_disable_batch_size=4 needs speculative"):
+    # Named as the command line's options (`hwattn.cli.serve.flag_names`).
+    with pytest.raises(ValueError, match="--speculative-disable-batch-size=4 needs --speculative"):
         engine_config(args)
 
 

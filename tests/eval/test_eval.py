@@ -349,3 +349,30 @@ def test_loglikelihoods_refuse_what_they_cannot_score(model):
         loglikelihoods(model, [([1, 2], [3])], 64, batch_size=-1)  # was [(0.0, False)]
     with pytest.raises(ValueError, match="context of at least one token"):
         loglikelihoods(model, [([], [3, 4])], 64)  # its first token predicted from nothing
+
+
+class _Confident(torch.nn.Module):
+    """Puts logit `margin` on id 0, which the held-out tokens never are: every token's loss
+    is about `margin` nats."""
+
+    def __init__(self, vocab: int, margin: float):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where the evaluation runs
+        self.vocab, self.margin = vocab, margin
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.vocab)
+        logits[..., 0] = self.margin
+        return logits
+
+
+def test_a_diverged_models_perplexity_is_inf_not_an_overflow_error():
+    """Observed: `hwattn compare --lr 1000` (and `hwattn train`, `hwattn eval`) ended in an
+    OverflowError traceback from math.exp once the validation loss passed 709 nats."""
+    tokens = (np.arange(200) % 7 + 1).astype(np.int64)
+    res = evaluate_perplexity(_Confident(8, 1e4), tokens, seq_len=16)
+    assert res["loss"] == pytest.approx(1e4) and res["ppl"] == math.inf
+    near = evaluate_perplexity(_Confident(8, 700.0), tokens, seq_len=16)
+    assert near["ppl"] == pytest.approx(math.exp(near["loss"]))  # finite ones are unchanged
+    nan = evaluate_perplexity(_Confident(8, math.nan), tokens, seq_len=16)
+    assert math.isnan(nan["loss"]) and math.isnan(nan["ppl"])  # NaN stays NaN, not inf

@@ -157,3 +157,107 @@ def test_a_warmup_given_is_kept_and_only_the_scales_default_is_capped():
 
     assert warmup(warmup_steps=30) == 30
     assert warmup() == 10  # the CPU scale's 16, capped at a tenth of the run
+
+
+def _evaluation_with_losses(losses: dict):
+    """An `evaluate_model` whose average validation loss is losses[model's variant]: a real
+    evaluation of a diverged model takes minutes; what is tested is what compare writes."""
+    import math
+
+    def evaluate_model(model, data, ecfg, tasks, progress=False):
+        loss = losses[model.config.label]
+        rec = {"loss": loss, "ppl": math.inf if loss > 709 else math.exp(loss),
+               "bpb": loss / math.log(2) / 3}
+        return {"ppl": {"books": rec, "average": rec}, "cloze": {"acc": 0.0},
+                "mc": {"acc": 0.25, "acc_norm": 0.25}, "recall": {"mean": 0.0, "chance": 0.0025}}
+
+    return evaluate_model
+
+
+def _small_compare(out, **kw):
+    return CompareConfig(out=str(out), variants=("gqa-2", "mla"), device="cpu", steps=1,
+                         seq_len=32, batch_size=2, eval_tokens=64, n_cloze=2, n_mc=2,
+                         recall_pairs=(4,), recall_seqs=2, decode_batch=1, decode_prompt=4,
+                         decode_new=2, extra={"model_overrides": SMALL}, **kw)
+
+
+def test_a_diverged_variant_is_tabled_plotted_and_written_as_strict_json(dataset_dir, tmp_path,
+                                                                        monkeypatch):
+    """Observed with `hwattn compare --lr 1000`: after every variant had trained, the plot
+    failed ("Axis limits cannot be NaN or Inf"): exit status 2, no table printed, no
+    compare.png beside the new compare.json, which held `Infinity` (not JSON to jq or a
+    browser)."""
+    import math
+
+    from hwattn.train import compare
+
+    monkeypatch.setattr(compare, "evaluate_model",
+                        _evaluation_with_losses({"gqa-2": 1000.0, "mla": math.nan}))
+    out = tmp_path / "cmp"
+    res = run_compare(_small_compare(out, data=str(dataset_dir)), progress=False,
+                      log=lambda *a: None)
+    assert res["files"]["plot"] == str(out / "compare.png")
+    assert (out / "compare.png").stat().st_size > 20_000
+    text = (out / "compare.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in compare.json"))
+    assert saved["diverged"] == ["gqa-2", "mla"]
+    assert [r["val_ppl"] for r in saved["rows"]] == [None, None]
+    assert saved["rows"][0]["val_loss"] == 1000.0
+    table = (out / "compare.md").read_text()
+    assert "| gqa-2 | " in table and "| 1000.000 | inf |" in table and "| nan | nan |" in table
+    assert "Diverged: gqa-2 (val loss 1000), mla (val loss nan)" in table
+    assert "lower --lr" in table
+
+
+def test_the_smoke_note_gives_the_runs_own_sizes_and_tokens(dataset_dir, tmp_path, monkeypatch):
+    """The note said "about 1M parameters ... a few hundred thousand tokens" whatever --steps
+    and --preset were: beside a table of "1 steps x 2 x 32 tokens"."""
+    from hwattn.train import compare
+
+    monkeypatch.setattr(compare, "evaluate_model", _evaluation_with_losses({"gqa-2": 5.0,
+                                                                            "mla": 5.0}))
+    res = run_compare(_small_compare(tmp_path / "cmp", data=str(dataset_dir)), progress=False,
+                      log=lambda *a: None)
+    note = res["notes"][0]
+    assert note.startswith("Smoke test, not evidence. On CPU every model is small (")
+    assert "sees 64 training tokens with one seed" in note and "1M parameters" not in note
+    params = sorted(f"{r['params'] / 1e6:.2f}M" for r in res["rows"])
+    assert f"({params[0]}-{params[1]} parameters)" in note or f"({params[0]} parameters)" in note
+    assert not any(n.startswith("Diverged") for n in res["notes"])
+
+
+def test_a_run_without_a_plot_leaves_no_earlier_plot_beside_its_numbers(dataset_dir, tmp_path,
+                                                                      monkeypatch):
+    """Without matplotlib compare writes no figure; a compare.png of an earlier run in the same
+    folder stayed, passing for this run's."""
+    from hwattn.train import compare
+
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.png").write_bytes(b"an earlier run's figure")
+    monkeypatch.setattr(compare, "evaluate_model", _evaluation_with_losses({"gqa-2": 5.0,
+                                                                            "mla": 5.0}))
+
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(compare, "plot_compare", no_matplotlib)
+    res = run_compare(_small_compare(out, data=str(dataset_dir)), progress=False,
+                      log=lambda *a: None)
+    assert "plot" not in res["files"] and not (out / "compare.png").exists()
+
+
+def test_plot_draws_variants_whose_numbers_are_not_finite(tmp_path):
+    import math
+
+    cfg = CompareConfig(device="cpu").resolved()
+    cfg.steps = 10
+    rows = [dict(ROW, variant="mla", val_ppl=math.inf, val_loss=1e3),
+            dict(ROW, variant="gla-2", val_ppl=math.nan, val_loss=math.nan),
+            dict(ROW, variant="gqa-4", val_ppl=158.0)]
+    curves = {r["variant"]: [{"tokens": 1024, "loss": 6.0, "val_loss": r["val_loss"]}]
+              for r in rows}
+    fig = plot_compare(rows, curves, tmp_path / "c.png", cfg, SMOKE_NOTE)
+    ppl = next(ax for ax in fig.axes if ax.get_title().startswith("validation perplexity"))
+    assert ppl.get_ylim() == pytest.approx((0, 1.12 * 158.0))
+    assert {t.get_text() for t in ppl.texts} == {"inf", "nan", "158.0"}
