@@ -56,7 +56,7 @@ from hwattn.engine.sequence import CompletionOutput, RequestOutput
 from hwattn.parallel.errors import WorkerError, check_seconds, seconds_or_env, summarize
 
 COUNTERS = ("prompt_tokens", "generation_tokens", "steps", "prefill_steps", "decode_steps",
-            "draft_tokens", "accepted_tokens", "finished", "aborted", "failed")
+            "mixed_steps", "draft_tokens", "accepted_tokens", "finished", "aborted", "failed")
 GAUGES = ("running", "waiting", "pages_total", "pages_used")  # of `stats`; the rest count up
 
 
@@ -176,8 +176,9 @@ class DataParallelEngine:
         self.owed = [0] * size
         self.pending: dict[str, RequestOutput] = {}
         self.step_times: list[tuple[str, float]] = []
-        self.refused = 0  # requests a replica refused after they passed the checks here
-        self.lost = 0  # requests failed with their replica, or while no replica was up
+        # Requests' ends as delivered here (`stats`): a request aborted here while its
+        # replica finished it is aborted, one failed with its replica or refused by it failed.
+        self.outcomes = dict(finished=0, aborted=0, failed=0)
         self.up = [True] * size
         self.down: dict[int, str] = {}  # replica -> why it is down, while it is
         self.restarting = [False] * size
@@ -290,7 +291,7 @@ class DataParallelEngine:
             replica = self.router.pick(self.up)
             if replica is None:  # fails at once, as the requests of a failed replica do
                 req.error = "no data-parallel replica is up: " + self._down_reasons()
-                self.lost += 1
+                self.outcomes["failed"] += 1
                 self.pending[request_id] = self._output(request_id, req, "error",
                                                         time.perf_counter(), worker_failed=True)
                 return
@@ -305,12 +306,17 @@ class DataParallelEngine:
         self.router.add(replica, outstanding)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request on its replica; its output with finish_reason "abort", or None if
+        it is unknown or already done. An output of it still waiting for `step` is dropped
+        (its final one too, as LLMEngine drops an output it holds back), so its id is free
+        at once."""
+        self.pending.pop(request_id, None)
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         del self.keys[req.key]
         self.router.add(req.replica, -req.outstanding)
-        self.pending.pop(request_id, None)
+        self.outcomes["aborted"] += 1
         try:
             self.replicas.send(req.replica, ("abort", req.key))
         except WorkerError:  # its replica is gone, and the request with it
@@ -369,7 +375,6 @@ class DataParallelEngine:
                 self.results[replica].append(message[1:])
             elif kind == "rejected":  # checked here first, so rare; it fails that request alone
                 _, key, reason = message
-                self.refused += key in self.keys
                 self._apply(replica, (key, [], 0, "", "error", None,
                                       f"data-parallel replica {replica} refused it: {reason}", 0,
                                       None), now)
@@ -405,6 +410,8 @@ class DataParallelEngine:
         if finish_reason is not None:
             del self.requests[request_id], self.keys[key]
             self.router.add(replica, -req.outstanding)
+            self.outcomes["aborted" if finish_reason == "abort" else
+                          "failed" if error is not None else "finished"] += 1
         elif req.final_only:
             return
         self.pending[request_id] = self._output(request_id, req, finish_reason,
@@ -429,7 +436,7 @@ class DataParallelEngine:
             if req.replica == replica:
                 del self.requests[request_id], self.keys[req.key]
                 req.error = why
-                self.lost += 1
+                self.outcomes["failed"] += 1
                 self.pending[request_id] = self._output(request_id, req, "error", now,
                                                         worker_failed=True)
         self.router.load[replica] = 0
@@ -517,21 +524,44 @@ class DataParallelEngine:
                                remote) from cause
 
     def check_invariants(self) -> None:
-        """Raise if a replica that is up leaks pages."""
+        """Raise (AssertionError) if this engine's books disagree (`check_books`), or if a
+        replica that is up leaks pages."""
+        self.check_books()
         for replica in range(self.size):
             if self.up[replica]:
                 self.call_replica(replica, _check_invariants)
 
+    def check_books(self) -> None:
+        """Raise (AssertionError) unless every live request is known by its key, on a
+        replica that is up, and each replica's load is the outstanding tokens of its
+        requests. Here alone (no replica is asked)."""
+        load = [0] * self.size
+        for request_id, req in self.requests.items():
+            if self.keys.get(req.key) != request_id or (self.error is None
+                                                        and not self.up[req.replica]):
+                raise AssertionError(f"request {request_id!r} (key {req.key}) is not on the "
+                                     f"books of a replica that is up (replica {req.replica})")
+            load[req.replica] += req.outstanding
+        if len(self.keys) != len(self.requests):
+            raise AssertionError(f"{len(self.keys)} replica keys for {len(self.requests)} "
+                                 f"live requests")
+        if load != self.router.load:
+            raise AssertionError(f"the router counts {self.router.load} outstanding tokens "
+                                 f"per replica, the requests {load}")
+
     # Introspection.
     def stats(self) -> dict:
-        """The replicas' latest stats, summed (page_size is each replica's); counters include
-        the replicas' earlier processes, and "failed" also counts requests a replica refused
-        or failed with. A replica that is down holds no pages."""
+        """The replicas' latest stats, summed (page_size is each replica's), counters
+        including the replicas' earlier processes; a replica that is down holds no pages.
+        "finished", "aborted" and "failed" count requests as they ended here: a request
+        aborted here while its replica finished it (its final output on the way) is aborted,
+        as its caller saw (its replica counted it finished), and one that failed with its
+        replica, or that a replica refused, failed."""
         total = dict(self.retired)
         for snap in self.snapshots:
             for key, value in snap.items():
                 total[key] = value if key == "page_size" else total.get(key, 0) + value
-        total["failed"] = total.get("failed", 0) + self.refused + self.lost
+        total.update(self.outcomes)
         return total
 
     @property

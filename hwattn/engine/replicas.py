@@ -100,6 +100,7 @@ class ReplicaProcesses:
         self._built: queue.SimpleQueue = queue.SimpleQueue()  # from restart threads
         self._lock = threading.Lock()
         self._starting: dict[int, WorkerGroup] = {}  # groups being built, to kill on close
+        self._cancel = threading.Event()  # set on close: groups still connecting give up
         self._threads: list[threading.Thread] = []
         self._closed = False
 
@@ -139,10 +140,12 @@ class ReplicaProcesses:
         return [info for _, info in results]
 
     def _launch(self, replica: int) -> tuple[WorkerGroup, dict]:
-        """Start `replica`'s process and build its engine (blocking); (group, ready info)."""
+        """Start `replica`'s process and build its engine (blocking); (group, ready info).
+        `setup_timeout` bounds the two together."""
+        deadline = time.monotonic() + self.setup_timeout
         group = WorkerGroup(MODULE, 1, label=LABEL, env=[self.env[replica]] if self.env else None,
                             connect_timeout=self.setup_timeout, first_rank=replica,
-                            heartbeat_timeout=self.heartbeat_timeout)
+                            heartbeat_timeout=self.heartbeat_timeout, cancel=self._cancel)
         try:
             with self._lock:
                 if self._closed:
@@ -150,7 +153,8 @@ class ReplicaProcesses:
                                       replica)
                 self._starting[replica] = group
             group.broadcast(("build", self.spec))
-            _, info = group.recv(0, self.setup_timeout, "ready signal")
+            _, info = group.recv(0, max(0.0, deadline - time.monotonic()), "ready signal",
+                                 self.setup_timeout)
         except BaseException:
             group.kill()
             raise
@@ -184,6 +188,10 @@ class ReplicaProcesses:
             return
         self.groups[replica] = None
         group.kill()
+        # What it sent before it failed (the outputs of its last steps, a call's result) is
+        # real: handed over ahead of its "down" event, not lost with its group.
+        self._events.extend((replica, m) for m in group.queues[0])
+        group.queues[0].clear()
         self._failed(replica, error)
 
     def _failed(self, replica: int, error: WorkerError) -> None:
@@ -260,6 +268,7 @@ class ReplicaProcesses:
         with self._lock:
             self._closed = True
             starting = list(self._starting.values())
+        self._cancel.set()  # those still waiting for their process to connect
         for group in starting:  # a restart in progress: its thread sees the failure and ends
             group.kill()
         return [g for g in self.groups if g is not None]

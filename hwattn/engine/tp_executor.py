@@ -11,6 +11,8 @@ and a failed or stuck rank is killed rather than waited on (`hwattn.parallel.lau
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from hwattn.device import check_from_first_gpu
@@ -57,14 +59,21 @@ class TensorParallelExecutor:
         spec = dict(build=build, runner=runner_kwargs, engine_config=engine_config,
                     max_model_len=max_model_len, threads=max(1, torch.get_num_threads() // world),
                     setup_timeout=self.setup_timeout, collective_timeout=self.step_timeout)
+        # One deadline for the whole set-up (starting, the page plan, the build), as
+        # documented: not `setup_timeout` for each of the three waits.
+        deadline = time.monotonic() + self.setup_timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         self.group = WorkerGroup("hwattn.engine.tp_worker", world, label="tensor-parallel rank",
                                  rendezvous=True, connect_timeout=self.setup_timeout)
         try:
             self.group.broadcast(("build", spec))
-            planned = [m[1] for m in self.group.gather(self.setup_timeout, "page plan")]
+            planned = [m[1] for m in self.group.gather(left(), "page plan", self.setup_timeout)]
             self.num_pages = min(planned)
             self.group.broadcast(("pages", self.num_pages))
-            ready = [m[1] for m in self.group.gather(self.setup_timeout, "ready signal")]
+            ready = [m[1] for m in self.group.gather(left(), "ready signal", self.setup_timeout)]
         except BaseException:
             self.group.kill()
             raise

@@ -166,6 +166,10 @@ class WorkerGroup:
         Methods take a worker's place in this group, 0..world-1.
     heartbeat_timeout: seconds without a heartbeat (and without CPU time used) after which a
         worker counts as stuck; None reads HWATTN_HEARTBEAT_TIMEOUT_S (default 5); 0: off.
+    cancel: a `threading.Event` another thread may set to give up the start: the workers
+        still connecting are killed within a fraction of a second and the constructor raises
+        `WorkerError` (a worker imports for seconds before it connects; without this, a group
+        started from a thread could be stopped only once they all had connected).
 
     Every argument is checked here, before a process starts (ValueError naming it): world a
     whole number >= 1, first_rank one >= 0 (with first_rank + world - 1 below 2**32, the
@@ -175,7 +179,7 @@ class WorkerGroup:
 
     def __init__(self, module: str, world: int, label: str = "worker", env: list[dict] | None = None,
                  rendezvous: bool = False, connect_timeout: float = 180.0, first_rank: int = 0,
-                 heartbeat_timeout: float | None = None):
+                 heartbeat_timeout: float | None = None, cancel: threading.Event | None = None):
         _check_arguments(module, world, label, env, first_rank)
         connect_timeout = check_seconds("connect_timeout", connect_timeout)
         if heartbeat_timeout is None:
@@ -233,7 +237,7 @@ class WorkerGroup:
                             beats=beats_path, beat_s=beat_interval(heartbeat_timeout))
                 proc.stdin.write(json.dumps(boot).encode())
                 proc.stdin.close()
-            self._accept(listener, token, connect_timeout)
+            self._accept(listener, token, connect_timeout, cancel)
         except BaseException:
             self.kill()
             raise
@@ -254,10 +258,16 @@ class WorkerGroup:
         return WorkerError(message, None if i is None else self.first_rank + i, phase, reason)
 
     # Start-up.
-    def _accept(self, listener: socket.socket, token: str, timeout: float) -> None:
+    def _accept(self, listener: socket.socket, token: str, timeout: float,
+                cancel: threading.Event | None) -> None:
         deadline = time.monotonic() + timeout
         pending: list[Conn] = []
         while any(c is None for c in self.conns):
+            if cancel is not None and cancel.is_set():
+                last = self.first_rank + self.world - 1
+                who = (self._name(0) if self.world == 1
+                       else f"{self.label}s {self.first_rank}..{last}")
+                self._fail(self._error(None, f"the start of {who} was cancelled"))
             self._check_exits()
             if time.monotonic() > deadline:
                 missing = [self.first_rank + i for i, c in enumerate(self.conns) if c is None]
@@ -344,6 +354,8 @@ class WorkerGroup:
                         reports.append(m[1] | {"rank": conn.rank})
                     elif m == ("bye",):
                         self.said_bye[conn.rank] = True
+                    else:  # kept, as `_pump` keeps what comes before a failure
+                        self.queues[conn.rank].append(m)
         self.kill()
         reports.sort(key=lambda r: r["time"])
         reported = {r["rank"] for r in reports}
@@ -470,36 +482,55 @@ class WorkerGroup:
                 self.kill()
             raise
 
-    def recv(self, rank: int, timeout: float | None = None, what: str = "reply"):
+    def recv(self, rank: int, timeout: float | None = None, what: str = "reply",
+             budget: float | None = None):
         """The next message from `rank`; WorkerError if any worker fails meanwhile or none
         comes within `timeout` seconds ("... sent no `what` within ..."; `what` is a noun
-        without an article: "ready signal", "step result")."""
+        without an article: "ready signal", "step result"). budget: the seconds the error
+        names when this wait is the rest of a longer one (a set-up deadline that several
+        waits share); default `timeout`. A message already sent counts however little time
+        is left: the socket is read once more before giving up."""
         self._place(rank)
+        if self.error is not None:  # what it queued before failing is the caller's no more
+            raise self.error
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.queues[rank]:
             left = self._tick if deadline is None else deadline - time.monotonic()
             if left <= 0:
+                self._pump(0.0)
+                if self.queues[rank]:
+                    break
+                named = timeout if budget is None else budget
                 self._fail(self._error(rank, f"{self._name(rank)} sent no {what} within "
-                                             f"{_seconds(timeout)} s; the group was stopped"))
+                                             f"{_seconds(named)} s; the group was stopped"))
             self._pump(min(left, self._tick))
         return self.queues[rank].popleft()
 
-    def gather(self, timeout: float, what: str = "reply") -> list:
+    def gather(self, timeout: float, what: str = "reply", budget: float | None = None) -> list:
         """The next message of every worker, in rank order; WorkerError naming the ones that
-        sent none within `timeout` seconds (`what` as for `recv`)."""
+        sent none within `timeout` seconds (`what` and `budget` as for `recv`)."""
+        if self.error is not None:
+            raise self.error
         deadline = time.monotonic() + timeout
         while not all(self.queues):
             left = deadline - time.monotonic()
             if left <= 0:
+                self._pump(0.0)
+                if all(self.queues):
+                    break
                 missing = [self.first_rank + i for i, q in enumerate(self.queues) if not q]
+                named = timeout if budget is None else budget
                 self._fail(self._error(None, f"{self.label} {', '.join(map(str, missing))} sent "
-                                             f"no {what} within {_seconds(timeout)} s; the group "
+                                             f"no {what} within {_seconds(named)} s; the group "
                                              f"was stopped"))
             self._pump(min(left, self._tick))
         return [q.popleft() for q in self.queues]
 
     def recv_any(self, timeout: float) -> list[tuple[int, object]]:
-        """Every message that is or becomes available within `timeout` s, as (rank, message)."""
+        """Every message that is or becomes available within `timeout` s, as (rank, message);
+        the group's error once it has failed (what it had queued stays in `queues`)."""
+        if self.error is not None:
+            raise self.error
         if not any(self.queues):
             self._pump(timeout)
         out = []

@@ -81,16 +81,34 @@ def shard_model(model, rank: int, world: int, group=None):
     """Keep rank `rank`'s shard of every layer of `model` (in place; returns it).
 
     `group` is the process group of the all-reduces (None with world 1: no communication).
-    Raises ValueError if `world` does not divide the heads as `Attention.local_heads` needs.
+    A model whose projections were fused (`Transformer.fuse_projections`, as `ModelRunner`
+    does) is fused again from its shards. Raises ValueError, before changing anything, if
+    `world` does not divide the heads as `Attention.local_heads` needs, or if `model` is
+    sharded already.
     """
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world, got rank {rank}, world {world}")
     if world == 1:
         return model
-    model.layers[0].attn.local_heads(world)  # validates the split before changing anything
+    if getattr(model, "tp_world", 1) != 1:  # its layers would be split again, silently wrong
+        raise ValueError(f"the model is sharded already (over {model.tp_world} ranks): shard "
+                         f"a model as built, once")
+    try:
+        model.layers[0].attn.local_heads(world)  # validates the split before changing anything
+    except ValueError as err:
+        raise ValueError(f"world {world} (ranks to shard over) does not split the model's "
+                         f"heads: {err}") from None
     for block in model.layers:
+        # A fused projection holds the whole layer's weights, not this rank's: fused anew
+        # from the shards below (else the layer would multiply by the unsharded matrix).
+        fused = getattr(block.attn, "_fused_in", None) is not None
+        fused_ffn = getattr(block.ffn, "_w13", None) is not None
         shard_attention(block.attn, rank, world, group)
         shard_ffn(block.ffn, rank, world, group)
+        if fused:
+            block.attn.fuse_projections()
+        if fused_ffn:
+            block.ffn.fuse_projections()
     model.tp_world = world
     return model
 

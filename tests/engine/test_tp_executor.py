@@ -74,3 +74,27 @@ def test_a_device_index_is_refused_not_ignored(no_ranks, monkeypatch):
     for device in ("cuda", "cuda:0"):  # from the first visible GPU, as the ranks are placed
         with pytest.raises(Started):
             TensorParallelExecutor(2, dict(device=device), {}, None, 64)
+
+
+@pytest.mark.timeout(60)
+def test_the_setup_timeout_bounds_the_whole_start_of_the_ranks(monkeypatch):
+    """Observed: `setup_timeout` bounded each of the set-up's three waits (the ranks
+    connecting, their page plans, their builds) on its own: ranks that took 2 s to connect
+    and then never planned were given up after 2 + 3 s, not the 3 s asked (up to three times
+    HWATTN_SETUP_TIMEOUT_S in all). One deadline now covers the whole set-up."""
+    import time
+
+    from hwattn.parallel.errors import WorkerError
+    from hwattn.parallel.launch import WorkerGroup
+
+    def slow_ranks(module, world, **kwargs):
+        return WorkerGroup("tests.parallel.slow_start_worker", world,
+                           **dict(kwargs, heartbeat_timeout=0))
+
+    monkeypatch.setattr(tp_executor, "WorkerGroup", slow_ranks)
+    monkeypatch.setenv("HWATTN_TEST_CONNECT_DELAY_S", "2")
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"^tensor-parallel rank 0, 1 sent no page plan "
+                                          r"within 3 s"):
+        TensorParallelExecutor(2, dict(device="cpu"), {}, None, 64, setup_timeout=3)
+    assert 2 < time.monotonic() - t0 < 3 + 1.5

@@ -386,3 +386,47 @@ def test_a_replica_hanging_while_it_builds_is_given_up_after_the_setup_timeout(m
     with pytest.raises(ValueError, match="HWATTN_SETUP_TIMEOUT_S must be a finite number"):
         DataParallelEngine(2, dict(TINY), config, load_tokenizer(None, config.vocab_size),
                            workers=NoReplicas())
+
+
+@pytest.mark.timeout(60)
+def test_what_a_replica_sent_before_it_failed_is_delivered_before_its_down_event(monkeypatch):
+    """Observed: a replica that sent the outputs finishing a request and then failed, both
+    read at once, lost those outputs with its group: the request it had finished came back
+    failed ("error", worker_failed). The outputs now come first, then the "down" event."""
+    import hwattn.engine.replicas as replicas_module
+    from hwattn.engine.replicas import ReplicaProcesses
+
+    monkeypatch.setattr(replicas_module, "MODULE", "tests.parallel.last_words_worker")
+    replicas = ReplicaProcesses(1, None, setup_timeout=60, max_restarts=0)
+    try:
+        assert replicas.start({}) == [dict(stats={})]
+        pid = replicas.pids[0]
+        replicas.send(0, ("add", "7", b""))
+        assert wait_exited(pid)  # its outputs and its error wait on the socket together
+        events = replicas.recv_any(1.0)
+    finally:
+        replicas.kill()
+    kinds = [message[0] for _, message in events]
+    assert kinds == ["outputs", "down"], events
+    assert events[0][1][1][0][:5] == ("7", [5, 6], 0, "ab", "length")
+    error, restarting = events[1][1][1:]
+    assert "failed right after finishing a request" in str(error) and not restarting
+
+
+@pytest.mark.timeout(60)
+def test_the_setup_timeout_bounds_a_replicas_start_and_build_together(monkeypatch):
+    """Observed: `setup_timeout` bounded the replica's connection, and then again its build:
+    a replica that took 2 s to connect and never built was given up after 2 + 3 s, not the
+    3 s asked (with a replica importing torch for 9 s on a busy machine, a set-up timeout of
+    15 s let it run 24 s). One deadline now covers both."""
+    import hwattn.engine.replicas as replicas_module
+    from hwattn.engine.replicas import ReplicaProcesses
+
+    monkeypatch.setattr(replicas_module, "MODULE", "tests.parallel.slow_start_worker")
+    monkeypatch.setenv("HWATTN_TEST_CONNECT_DELAY_S", "2")
+    replicas = ReplicaProcesses(1, None, setup_timeout=3, max_restarts=0, heartbeat_timeout=0)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"^data-parallel replica 0 sent no ready signal "
+                                          r"within 3 s"):
+        replicas.start({})
+    assert 2 < time.monotonic() - t0 < 3 + 1.5

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -241,3 +242,41 @@ def test_a_send_interrupted_part_way_fails_the_group_instead_of_cutting_a_frame(
         assert not wait_gone(group.pids, 10.0)
     finally:
         group.kill()
+
+
+def test_a_start_cancelled_from_another_thread_kills_the_workers_still_connecting(monkeypatch):
+    """Observed: a group started from a thread (data-parallel replicas start so) could not be
+    stopped before all of its workers had connected, which takes seconds of importing torch
+    on a busy machine, or the whole connect timeout for one that never connects: Ctrl-C while
+    replicas started left them running that long. Setting `cancel` now ends the start within
+    a fraction of a second, the workers killed."""
+    import threading
+
+    from tests.parallel.procs import children
+
+    monkeypatch.setenv("HWATTN_TEST_CONNECT_DELAY_S", "60")  # never connects in this test
+    cancel, raised = threading.Event(), []
+    before = set(children(os.getpid()))
+
+    def start():
+        try:
+            WorkerGroup("tests.parallel.slow_start_worker", 2, label="slow worker",
+                        connect_timeout=60, heartbeat_timeout=0, cancel=cancel)
+        except WorkerError as err:
+            raised.append((time.monotonic(), err))
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while len(set(children(os.getpid())) - before) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = set(children(os.getpid())) - before
+    t0 = time.monotonic()
+    cancel.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    (when, error), = raised
+    assert when - t0 < 1.0
+    assert str(error) == "the start of slow workers 0..1 was cancelled"
+    assert not wait_gone(workers, 3.0)
