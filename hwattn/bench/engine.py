@@ -147,7 +147,8 @@ def run_offline(engine, prompts: list[list[int]], output_len: int, temperature: 
                         prefill_s += seconds
                     else:
                         decode_s += seconds
-                        step_times.append(seconds)
+                        if kind == "decode":  # not a read-back that launched nothing
+                            step_times.append(seconds)
             elif engine.counters["prefill_steps"] > kind_before:
                 prefill_s += dt
             elif engine.counters["steps"] == steps_before:

@@ -461,7 +461,8 @@ class DataParallelEngine:
                              first_scheduled_time=req.first_scheduled_time)
 
     def take_step_times(self) -> list[tuple[str, float]]:
-        """(kind, seconds) of every replica step reported since the last call."""
+        """(kind, seconds) of every replica step reported since the last call; kind is
+        "prefill", "decode" or "readback" (read back the last overlapped step, launched none)."""
         out, self.step_times = self.step_times, []
         return out
 

@@ -15,7 +15,8 @@ A call's result is pickled here on its own too: ("result", True, pickled fn(engi
 or, when `fn` raised or its result does not pickle, ("result", False, (what happened, its
 traceback, the exception pickled or None)): a failed call is its caller's error alone, and
 the replica serves on.
-Messages out: ("ready", info), ("outputs", deltas, (step kind, seconds), stats),
+Messages out: ("ready", info), ("outputs", deltas, (step kind, seconds), stats) (kind
+"prefill", "decode", or "readback": only the last overlapped step read back),
 ("stats", stats), ("rejected", request_id, message), ("result", ok, payload).
 A delta is (request_id, new token ids, text start, text from there, finish_reason,
 stop_reason, error, num_cached_prompt_tokens, first_scheduled_time): output text only grows,
@@ -101,11 +102,13 @@ class EngineCore:
 
     def step(self) -> list:
         engine = self.engine
-        prefills = engine.counters["prefill_steps"]
+        prefills, steps = engine.counters["prefill_steps"], engine.counters["steps"]
         t0 = time.perf_counter()
         outputs = engine.step()
         seconds = time.perf_counter() - t0
-        kind = "prefill" if engine.counters["prefill_steps"] > prefills else "decode"
+        # "readback": the step only read back the last overlapped step and launched none.
+        kind = ("prefill" if engine.counters["prefill_steps"] > prefills else
+                "decode" if engine.counters["steps"] > steps else "readback")
         deltas = []
         for out in outputs:
             n_tokens, n_chars = self.sent.get(out.request_id, (0, 0))

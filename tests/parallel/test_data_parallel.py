@@ -455,3 +455,22 @@ def test_a_device_index_with_replicas_is_refused_not_ignored(monkeypatch):
         DataParallelEngine(2, dict(TINY, device="cuda:1"), config, tokenizer, workers=NoReplicas())
     with pytest.raises(AssertionError, match="replicas started"):  # cuda, cuda:0: from GPU 0
         DataParallelEngine(2, dict(TINY, device="cuda:0"), config, tokenizer, workers=NoReplicas())
+
+
+def test_replica_steps_that_launched_nothing_are_not_timed_as_decode_steps():
+    """A replica's step() that only read back its last overlapped step launched nothing: it is
+    reported as "readback", so the benchmark's inter-token latency leaves it out as the
+    single-process path does. Observed: such steps were reported as decode steps of ~0.1 ms
+    (8 ITL samples against 6 decode steps)."""
+    dp = _in_process()
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    ids = [dp.add_request([3 + i, 4, 5, 6], params) for i in range(4)]
+    _finish(dp, ids)
+    kinds = [kind for kind, _ in dp.take_step_times()]
+    launched = sum(core.engine.counters["steps"] for core in dp.replicas.cores)
+    prefills = sum(core.engine.counters["prefill_steps"] for core in dp.replicas.cores)
+    assert set(kinds) <= {"prefill", "decode", "readback"}
+    assert kinds.count("prefill") == prefills
+    assert kinds.count("prefill") + kinds.count("decode") == launched
+    assert "readback" in kinds  # the engines overlap their steps here
+    dp.check_invariants()
