@@ -118,7 +118,10 @@ def run(args) -> int:
                       eval_tokens=args.eval_tokens, ckpt_every=args.ckpt_every,
                       log_every=args.log_every, peak_tflops=args.peak_tflops,
                       resume=not args.no_resume)
-    res = train(cfg, progress=not args.json, log=(lambda *a: None) if args.json else print)
+    # With --json, stdout holds the summary alone; what the run says (a resume, a warning
+    # that it will not be bit-identical) goes to stderr rather than nowhere.
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    res = train(cfg, progress=not args.json, log=log)
     res.pop("model", None)
     if not main:
         return 0

@@ -522,6 +522,11 @@ def write_build(out_dir: str | Path, docs: list[dict], tokenizer_factory, option
     if not train:
         raise ValueError(f"all {len(docs)} documents went to validation; a build needs at "
                          "least two documents")
+    if not val:  # nothing to evaluate on: `hwattn train` would fail at its final evaluation
+        raise ValueError(f"no document was held out for validation: each of the "
+                         f"{len({d['domain'] for d in docs})} domain(s) holds a single document "
+                         "(after deduplication), and a domain's only document goes to training; "
+                         "a build needs a domain with at least two documents")
     log(f"{stats.documents_in} documents in, {len(docs)} after deduplication "
         f"({stats.duplicate_documents} duplicate, {stats.mostly_duplicate_documents} mostly "
         f"duplicate, {stats.duplicate_paragraphs} repeated paragraphs removed); "

@@ -96,7 +96,7 @@ class BatchSampler:
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
             raise ValueError(f"the training split ({len(tokens)} tokens) is shorter than one "
-                             f"sequence of {seq_len + 1}")
+                             f"sequence of seq_len + 1 = {seq_len + 1} tokens; lower seq_len")
         self._perm = lru_cache(maxsize=2)(self._permutation)
 
     def _permutation(self, epoch: int) -> np.ndarray:

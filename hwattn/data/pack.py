@@ -92,7 +92,11 @@ def _decompress_part(job: tuple) -> int:
         raise ValueError(f"{part}: expands to {len(data)} bytes, the pack says {size}")
     fd = os.open(dest, os.O_WRONLY)
     try:
-        os.pwrite(fd, data, offset)
+        # pwrite may write less than asked (Linux: at most 2 GiB - 4 KiB a call, so a part
+        # of --part-mb 2048 or more); the rest is written by further calls.
+        view, done = memoryview(data), 0
+        while done < size:
+            done += os.pwrite(fd, view[done:], offset + done)
     finally:
         os.close(fd)
     return size

@@ -144,7 +144,11 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
+        """One more than the highest id: the rows an embedding needs and the range a shard's
+        dtype must hold. A tokenizer's ids need not be contiguous (cl100k's and o200k's
+        special tokens sit past a gap), and the number of ids it has would then be too few."""
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        return max(vocab.values(), default=-1) + 1
 
     def encode(self, text: str) -> list[int]:
         try:

@@ -214,20 +214,29 @@ def _dist_env():
     return world, rank, local_rank
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        # The training device's generator alone: a list of every visible device's (as
+        # `get_rng_state_all` gives) fails to restore on a machine with fewer of them.
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # written before: one state per visible device
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def data_fingerprint(data) -> dict:
@@ -247,7 +256,10 @@ def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: in
     The new folder is staged as `<path>.tmp`; its `trainer_state.pt` is written last (by
     rename), so a stage holding it is complete. The previous folder is then moved to
     `<path>.old`, the stage renamed into place, and the old one deleted. Whichever two of
-    these renames a kill falls between, `recover_checkpoint` finds a complete folder.
+    these renames a kill falls between, `recover_checkpoint` finds a complete folder. The
+    stage's files reach the disk (fsync) before its trainer state is named, and the renames
+    before the old folder is deleted: after a machine crash (power, a preempted VM) the
+    renames may be on disk while unflushed file contents are not, which lost both.
     """
     stage = path.with_name(path.name + ".tmp")
     shutil.rmtree(stage, ignore_errors=True)
@@ -256,9 +268,13 @@ def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: in
     if tokenizer is not None:
         tokenizer.save(stage)
     part = stage / (STATE_FILE + ".part")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+    device = next(model.parameters()).device
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
                 "train_config": dataclasses.asdict(cfg), **(run_state or {})}, part)
+    for file in sorted(stage.iterdir()):
+        _fsync(file)
     os.replace(part, stage / STATE_FILE)
+    _fsync(stage)
     old = path.with_name(path.name + ".old")
     if (path / STATE_FILE).is_file():
         shutil.rmtree(old, ignore_errors=True)
@@ -266,7 +282,26 @@ def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: in
     else:  # a partial folder (or none); a complete .old, if any, stays until the new one is in
         shutil.rmtree(path, ignore_errors=True)
     stage.rename(path)
+    _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush the file or folder `path` to disk (a folder: the names in it). Some systems
+    refuse to open or flush a folder; its renames then stand as the system keeps them."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
 
 
 def recover_checkpoint(path: Path, log=print) -> Path | None:
@@ -280,6 +315,7 @@ def recover_checkpoint(path: Path, log=print) -> Path | None:
             if path.exists():
                 shutil.rmtree(path)
             cand.rename(path)
+            _fsync(path.parent)
             log(f"{path}: the last save was interrupted; recovered the checkpoint from {cand.name}")
             return path
     if path.exists() and any(path.iterdir()):
@@ -301,6 +337,16 @@ def _read_trainer_state(file: Path) -> dict:
         raise ValueError(f"{file} is not an hwattn trainer state (it needs "
                          f"{', '.join(kinds)}); move the checkpoint away or pass --no-resume")
     return state
+
+
+def _device_name(device: torch.device) -> str:
+    """What decides the kernels a device runs: the GPU's model, or the CPU's vector unit
+    (a resume on another GPU model or CPU generation is not bit-identical)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    return device.type
 
 
 def _check_resume(state: dict, cfg: TrainConfig, ckpt: Path, world: int, data_fp: dict,
@@ -328,6 +374,8 @@ def _check_resume(state: dict, cfg: TrainConfig, ckpt: Path, world: int, data_fp
             if k in saved and saved[k] != getattr(cfg, k)]
     if "device" in state and state["device"] != device.type:
         warn.append(f"device {state['device']} -> {device.type}")
+    elif state.get("device_name") not in (None, _device_name(device)):  # e.g. H200 -> H100
+        warn.append(f"device {state['device_name']} -> {_device_name(device)}")
     if warn:
         return [f"warning: resuming {ckpt} with {', '.join(warn)}: kernels round differently, "
                 "so the result will not be bit-identical to an uninterrupted run"]
@@ -385,6 +433,11 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
     ckpt = out / "checkpoint"
     metrics_path = out / "metrics.jsonl"
     data = dataset or TokenDataset(cfg.data)
+    if not data.val:  # else the final evaluation fails (KeyError) before the final checkpoint
+        raise ValueError(f"the dataset {cfg.data} holds no validation shard (each domain of its "
+                         "corpus had a single document, which went to training), so the run "
+                         "could not be evaluated; rebuild it from a corpus with at least two "
+                         "documents in a domain")
     for domain, tokens in data.val.items():  # else the evaluation fails after the training
         if len(tokens) <= cfg.seq_len:
             raise ValueError(f"seq_len {cfg.seq_len} is longer than the {len(tokens)} validation "
@@ -435,7 +488,7 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
                                   fused=device.type == "cuda")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rng"], device)
     train_model = model
     if compiled is not None and state is None:
         train_model = compiled
@@ -452,7 +505,8 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
 
     sampler = BatchSampler(data.train, cfg.seq_len, cfg.batch_size, cfg.accum_steps, cfg.seed,
                            rank, world)
-    run_state = {"world": world, "data": data_fp, "device": device.type}
+    run_state = {"world": world, "data": data_fp, "device": device.type,
+                 "device_name": _device_name(device)}
     flops_tok = raw_model.flops_per_token(cfg.seq_len)
     peak = cfg.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda" else None)
     if main:
@@ -558,6 +612,18 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
         summary["steady_mfu"] = (summary["steady_tokens_per_s"] * flops_tok / (peak * 1e12) / world
                                  if peak else None)
     if main:
+        def checkpoint():
+            save_training_checkpoint(ckpt, raw_model, optimizer, end, cfg, data.tokenizer,
+                                     run_state=run_state)
+            summary["checkpoint"] = str(ckpt)
+
+        save = cfg.save_final or end < cfg.steps
+        # Steps trained by this call are checkpointed before the final evaluation: one that
+        # fails (out of memory, a kill) must not take them with it. A finished run resumed
+        # again is saved after it, as its checkpoint's settings then still describe the
+        # evaluation logged before (the fallback for records that do not hold them).
+        if save and end > start_step:
+            checkpoint()
         if end == cfg.steps:
             # A finished run resumed again keeps the final evaluation it logged, unless that
             # was made with other evaluation settings (those of the checkpoint for a record
@@ -574,10 +640,8 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
                     drop_metrics(metrics_path, final)
                 append_metrics(metrics_path, rec)
             summary["val"] = rec
-        if cfg.save_final or end < cfg.steps:
-            save_training_checkpoint(ckpt, raw_model, optimizer, end, cfg, data.tokenizer,
-                                     run_state=run_state)
-            summary["checkpoint"] = str(ckpt)
+        if save and end == start_step:
+            checkpoint()
         if end == cfg.steps and cfg.plot:
             try:
                 from hwattn.train.plot import plot_loss
