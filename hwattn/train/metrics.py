@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from hwattn.files import write_text
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -33,9 +34,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln, rec in _records(path) if rec.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def drop_metrics(path: Path, match) -> None:
@@ -44,9 +43,7 @@ def drop_metrics(path: Path, match) -> None:
     if not path.is_file():
         return
     keep = [ln for ln, rec in _records(path) if not match(rec)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -38,24 +37,13 @@ from hwattn.eval.report.page import (PAPER_PPL, PAPER_SCALE, PAPER_TOKENS, SEED_
                                      scale_notes, seed_loss_spread)
 from hwattn.eval.report.runs import ORDER, SETUP_KEYS, by_variant, domains_of, load_runs
 from hwattn.eval.report.verdicts import claim_rows, plain_statement
+from hwattn.files import replace_file
 from hwattn.models.checkpoint import read_json_object
 
 __all__ = ["ORDER", "PAPER_PPL", "PAPER_SCALE", "PAPER_TOKENS", "SEED_STD_NEEDED", "SETUP_KEYS",
            "by_variant", "claim_rows", "curve_note", "domains_of", "final_descent",
            "load_runs", "main", "mean_loss", "mean_std", "plain_statement", "plot_gaps",
            "plot_study", "render", "scale_notes", "seed_loss_spread", "write_report"]
-
-
-def _replace_with(path: Path, write) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`: a write
-    that fails leaves `path` as it was. The temporary name keeps the suffix, from which
-    matplotlib's `savefig` takes the format."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
@@ -91,14 +79,14 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
                          f"({type(err).__name__}: {err}); are they records of "
                          "benchmarks/quality_study.py?") from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    _replace_with(plot, lambda tmp: plot_study(runs, tmp))
-    _replace_with(gaps, lambda tmp: plot_gaps(rows, tmp))
+    replace_file(plot, lambda tmp: plot_study(runs, tmp))
+    replace_file(gaps, lambda tmp: plot_gaps(rows, tmp))
     looks_file = Path(study) / LOOKS_FILE
     if looks and (not looks_file.is_file() or read_json_object(looks_file) != looks):
-        _replace_with(looks_file, lambda tmp: tmp.write_text(json.dumps(looks, indent=1) + "\n"))
+        replace_file(looks_file, lambda tmp: tmp.write_text(json.dumps(looks, indent=1) + "\n"))
     next_file = Path(study) / NEXT_LOOKS_FILE
     if registered and (not next_file.is_file() or read_json_object(next_file) != registered):
-        _replace_with(next_file,
+        replace_file(next_file,
                       lambda tmp: tmp.write_text(json.dumps(registered, indent=1) + "\n"))
     raw = out.parent / f"{out.stem}_raw"
     raw.mkdir(exist_ok=True)
@@ -106,8 +94,8 @@ def write_report(study: str | Path, out: str | Path = "docs/results/quality.md",
                  NEXT_LOOKS_FILE):
         src = Path(study) / name
         if src.is_file() and src.resolve() != (raw / name).resolve():
-            _replace_with(raw / name, lambda tmp: shutil.copyfile(src, tmp))
-    _replace_with(out, lambda tmp: tmp.write_text(text))
+            replace_file(raw / name, lambda tmp: shutil.copyfile(src, tmp))
+    replace_file(out, lambda tmp: tmp.write_text(text))
     return out
 
 
