@@ -242,12 +242,10 @@ def prefill_flops(net, lengths: list[int]) -> float:
     """Forward FLOPs of prefilling whole prompts of `lengths` tokens: a third of the training
     count per token (2 per matmul weight, attention over the full context of n as is the
     convention), less the output head on every token but the last of each prompt (the
-    runner computes the logits of that token only) and, untied, the input embedding (a
-    lookup, no matmul)."""
+    runner computes the logits of that token only). `flops_per_token` already leaves out an
+    untied input embedding (a lookup, no matmul)."""
     head = 2 * net.output.weight.numel()
-    tied = net.output.weight is net.tok_embeddings.weight
-    lookup = 0 if tied else 2 * net.tok_embeddings.weight.numel()
-    return sum(net.flops_per_token(n) / 3 * n - head * (n - 1) - lookup * n for n in lengths)
+    return sum(net.flops_per_token(n) / 3 * n - head * (n - 1) for n in lengths)
 
 
 def unequal_lengths(batch: int, mean: int) -> list[int]:
