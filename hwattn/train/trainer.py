@@ -534,6 +534,7 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
                        disable=not (progress and main), unit="step")
     t_window, tok_window, last = time.perf_counter(), 0, {}
     steady_tokens, steady_time = 0, 0.0
+    warned_diverged = False  # a non-finite training loss is said once
     end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
     head = raw_model.output.weight
     for step in range(start_step, end):
@@ -583,6 +584,11 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
             last = {"step": done, "tokens": done * sampler.tokens_per_step, "loss": loss_val,
                     "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps, "mfu": mfu,
                     "step_s": time.perf_counter() - t0}
+            if main and not math.isfinite(loss_val) and not warned_diverged:
+                warned_diverged = True
+                log(f"warning: step {done}: the training loss is {loss_val} (diverged); the run "
+                    f"goes on, but its weights will not recover: train again with a lower lr "
+                    f"(now {cfg.lr:g}) or a longer warm-up")
             if main and log_now:
                 append_metrics(metrics_path, last)
                 bar.set_postfix_str(f"loss {loss_val:.3f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s"

@@ -182,3 +182,17 @@ def test_a_resume_on_another_gpu_model_is_announced(dataset_dir, tmp_path):
     logs = []
     train(_cfg(dataset_dir, out), stop_after=1, progress=False, log=logs.append)
     assert any("warning" in m and "H200" in m for m in logs), logs
+
+
+def test_a_diverged_run_says_so_once_and_goes_on(dataset_dir, tmp_path):
+    """Observed: a run whose loss became NaN or inf trained on silently to its end; only the
+    final evaluation's perplexity showed it. Now the first non-finite logged loss is named
+    with its step and the lr, once; the run still finishes (`hwattn compare` reports a
+    diverged variant beside the others)."""
+    lines = []
+    steps = []
+    train(_cfg(dataset_dir, tmp_path / "run", lr=1e6, warmup_steps=1, log_every=1),
+          progress=False, log=lambda *a: lines.append(" ".join(map(str, a))), on_step=steps.append)
+    warned = [ln for ln in lines if "diverged" in ln]
+    assert len(warned) == 1 and "lower lr (now 1e+06)" in warned[0], lines
+    assert steps[-1] == 8
