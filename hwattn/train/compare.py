@@ -35,14 +35,12 @@ from hwattn.train.metrics import read_metrics
 from hwattn.train.trainer import TrainConfig, train
 
 # Printed and written with every CPU comparison: what its numbers can and cannot say
-# (`smoke_note` puts the run's own model sizes and tokens in the first sentence).
+# (`smoke_note` puts the run's own model sizes and tokens in front of it).
 _SMOKE_REST = ("the run checks that every variant trains, evaluates and decodes, and measures "
                "its KV bytes per token. Its quality columns rank the variants by seed noise "
                "(the order changes from run to run and no seed spread is measured), so they "
                "can neither confirm nor refute the paper's quality claims; that is the GPU "
                "study's job (benchmarks/quality_study.py, docs/quality_study.md).")
-SMOKE_NOTE = ("Smoke test, not evidence. On CPU every model is tiny (about 1M parameters) and "
-              "sees a few hundred thousand tokens with one seed: " + _SMOKE_REST)
 # Printed and written with every other comparison (one seed, no spread).
 ONE_SEED_NOTE = ("One seed: no seed spread is measured, so quality differences between variants "
                  "are not established by this run (the GPU quality study, "
@@ -283,11 +281,12 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
         log(f"{label}: val ppl {row['val_ppl']:.2f}, {train_s:.0f} s training, "
             f"{speed['decode_tokens_per_s']:.0f} decode tok/s")
     smoke = resolve_device(cfg.device).type == "cpu"
-    diverged = [r["variant"] for r in rows if not _finite(r, QUALITY_KEYS)]
-    notes = [smoke_note(rows) if smoke else ONE_SEED_NOTE, *divergence_notes(rows),
+    diverged = [r for r in rows if not _finite(r, QUALITY_KEYS)]
+    notes = [smoke_note(rows) if smoke else ONE_SEED_NOTE, *divergence_notes(diverged),
              *chance_notes(rows)]
     result = {"config": asdict(cfg), "device": str(resolve_device(cfg.device)),
-              "smoke_test": smoke, "notes": notes, "diverged": diverged,
+              "smoke_test": smoke, "notes": notes,
+              "diverged": [r["variant"] for r in diverged],
               "torch": torch.__version__, "rows": rows,
               "wall_s": time.perf_counter() - t_start}
     # Each file is replaced whole; NaN and inf are written as null (strict JSON), and the
@@ -317,8 +316,8 @@ def _finite(row: dict, keys) -> bool:
 
 
 def smoke_note(rows: list[dict]) -> str:
-    """The CPU run's note (`SMOKE_NOTE`) with its own model sizes and training tokens: the
-    constant describes the default run, and --steps or --preset change both."""
+    """The CPU run's note: smoke test, not evidence, with the run's own model sizes and
+    training tokens (--steps and --preset change both)."""
     def span(values, fmt):
         low, high = fmt(min(values)), fmt(max(values))
         return low if low == high else f"{low}-{high}"
@@ -329,10 +328,9 @@ def smoke_note(rows: list[dict]) -> str:
             f"sees {seen} training tokens with one seed: " + _SMOKE_REST)
 
 
-def divergence_notes(rows: list[dict]) -> list[str]:
-    """A note naming the variants whose validation loss, perplexity or bits per byte is not
-    finite (training diverged): their quality columns compare with nothing."""
-    bad = [r for r in rows if not _finite(r, QUALITY_KEYS)]
+def divergence_notes(bad: list[dict]) -> list[str]:
+    """A note naming the variants of the rows `bad`, whose validation loss, perplexity or bits
+    per byte is not finite (training diverged): their quality columns compare with nothing."""
     if not bad:
         return []
     said = ", ".join(f"{r['variant']} (val loss {r['val_loss']:.4g})" for r in bad)

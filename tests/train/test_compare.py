@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from hwattn.train.compare import (SET_BY_COMPARE, SMOKE_NOTE, CompareConfig, chance_notes,
+from hwattn.train.compare import (SET_BY_COMPARE, CompareConfig, chance_notes,
                                   plot_compare, run_compare, train_settings)
 from tests.conftest import SMALL
+
+NOTE = "Smoke test, not evidence."  # the figure's caption (`smoke_note` in a run)
 
 ROW = {"params": 1e6, "kv_bytes_per_token": 576, "val_loss": 5.3, "val_ppl": 200.0,
        "val_bpb": 2.4, "cloze_acc": 0.0, "mc_acc": 0.16, "mc_acc_norm": 0.3,
@@ -34,7 +36,7 @@ def test_plot_starts_every_bar_axis_at_zero(tmp_path):
     rows = [dict(ROW, variant="mla", val_ppl=263.0), dict(ROW, variant="gla-2", val_ppl=158.0)]
     curves = {r["variant"]: [{"tokens": 1024, "loss": 6.0}, {"tokens": 2048, "loss": 5.5,
                                                              "val_loss": 5.6}] for r in rows}
-    fig = plot_compare(rows, curves, tmp_path / "c.png", cfg, SMOKE_NOTE)
+    fig = plot_compare(rows, curves, tmp_path / "c.png", cfg, NOTE)
     titled = {ax.get_title(): ax for ax in fig.axes}
     ppl = next(ax for t, ax in titled.items() if t.startswith("validation perplexity"))
     assert ppl.get_ylim()[0] == 0
@@ -257,7 +259,7 @@ def test_plot_draws_variants_whose_numbers_are_not_finite(tmp_path):
             dict(ROW, variant="gqa-4", val_ppl=158.0)]
     curves = {r["variant"]: [{"tokens": 1024, "loss": 6.0, "val_loss": r["val_loss"]}]
               for r in rows}
-    fig = plot_compare(rows, curves, tmp_path / "c.png", cfg, SMOKE_NOTE)
+    fig = plot_compare(rows, curves, tmp_path / "c.png", cfg, NOTE)
     ppl = next(ax for ax in fig.axes if ax.get_title().startswith("validation perplexity"))
     assert ppl.get_ylim() == pytest.approx((0, 1.12 * 158.0))
     assert {t.get_text() for t in ppl.texts} == {"inf", "nan", "158.0"}
