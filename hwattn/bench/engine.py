@@ -223,10 +223,8 @@ def decode_breakdown(engine, batch: int, context_len: int, iters: int = 10,
         raise RuntimeError("decode_breakdown needs an idle engine")
     if not 1 <= query_len <= context_len:
         raise ValueError(f"query_len must be in [1, context_len={context_len}], got {query_len}")
+    check_breakdown_fits(engine, batch, context_len)
     per_seq = -(-context_len // bm.page_size)
-    if per_seq * batch > bm.num_free_pages:
-        raise ValueError(f"{batch} sequences of {context_len} tokens need {per_seq * batch} pages; "
-                         f"the pool has {bm.num_free_pages} free")
     with bm.borrow_pages(per_seq * batch) as pages:
         tables = [pages[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
         g = torch.Generator().manual_seed(0)
@@ -543,8 +541,8 @@ def bench_engine(engine, num_prompts: int, prompt_len: int, output_len: int,
 
 def check_breakdown_fits(engine, batch: int, context_len: int) -> None:
     """ValueError unless the idle engine's page pool holds the `batch` sequences of
-    `context_len` tokens that `decode_breakdown` borrows. Data-parallel replicas are left to
-    check their own pool (replica 0's `decode_breakdown` raises the same error)."""
+    `context_len` tokens that `decode_breakdown` borrows (it checks too, inside replica 0 of
+    a data-parallel engine, whose pool is not here)."""
     bm = getattr(engine, "block_manager", None)
     if bm is None or hasattr(engine, "call_replica"):
         return
