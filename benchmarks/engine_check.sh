@@ -54,9 +54,13 @@
 #      latency-bound in its widening), checked against the Triton kernel, then timed beside the
 #      one-per-SM default and the bf16 kernel: ovl-c2 (three widened, two copied slots), ws-c2
 #      (two widened, four copied).
+#  17. small: `hwattn bench decode` at small batches beside FlashMLA and FA3 (where they import or
+#      .ext/ carries them): MLA and GLA-2 at h_q 128, B 1 and 4 at L 32K, and the uneven batch of
+#      one 128K-token sequence beside 63 of 1K (--mixed 131072x1+1024x63: each sequence's own
+#      pages, bytes summed over the sequences), L_q 1.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -175,6 +179,11 @@ for step in $steps; do
         --context 4096,16384,32768 --query-len 1,2,4 --no-sdpa --warmup-ms 10 --rep-ms 60 \
         --out "$OUT/decode_external.json" 2>&1 | tee "$OUT/decode_external.rows" | grep -v "^row " \
         | tail -30 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external)" | tee -a "$OUT/log"; exit 2 ;;
+    small)
+      timeout 240 python3 -m hwattn bench decode --variants mla,gla-2 --batch 1,4 --context 32768 \
+        --mixed 131072x1+1024x63 --query-len 1 --no-sdpa --warmup-ms 10 --rep-ms 60 \
+        --out "$OUT/decode_small.json" 2>&1 | tee "$OUT/decode_small.rows" | grep -v "^row " \
+        | tail -30 | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

@@ -15,6 +15,11 @@ before timing). On an sm_90 GPU the Hopper backend
 roofline and speed-up over Triton, on the tied-state calls it takes (MLA, GLA, GTA; the rest it
 hands to Triton); elsewhere the header says why it is unavailable. Every row is checked against
 SDPA before it is timed.
+
+A case is uniform (B sequences of L tokens each) or uneven (`lengths`: one length per
+sequence, e.g. one sequence of 128K tokens beside 63 of 1K, from `parse_mixed`): every
+sequence holds only the pages its own length needs, the byte floor and FLOPs are summed over
+the sequences, and the SDPA baseline runs one call per distinct length (none padded).
 """
 
 from __future__ import annotations
@@ -93,21 +98,79 @@ def standard_suite() -> list[dict]:
 
 
 def product_suite(variants: list[str], heads: int | None, tp: list[int], batch: list[int],
-                  context: list[int], query_len: list[int], page_size: list[int]) -> list[dict]:
-    """Every combination of the lists; `heads` None takes each variant's `bench_heads`."""
+                  context: list[int], query_len: list[int], page_size: list[int],
+                  mixed: list[tuple[str, list[int]]] = ()) -> list[dict]:
+    """Every combination of the lists; `heads` None takes each variant's `bench_heads`.
+
+    The batch shapes of each (variant, tp) are every (B, L) of `batch` x `context` (uniform:
+    B sequences of L tokens), then each uneven batch of `mixed` ((spec, lengths) pairs from
+    `parse_mixed`): a case with batch = len(lengths), context = the longest length, the
+    `lengths` (B,) and the `mixed` spec it came from. ValueError naming --mixed and
+    --query-len if an uneven batch has a sequence shorter than a query length."""
     from hwattn.variants import get_variant, parse_variant
 
+    shapes = [dict(batch=b, context=length) for b in batch for length in context]
+    shapes += [dict(batch=len(lengths), context=max(lengths), lengths=list(lengths), mixed=spec)
+               for spec, lengths in mixed]
+    for spec, lengths in mixed:
+        if min(lengths) < max(query_len):
+            raise ValueError(f"--mixed {spec} has a sequence of {min(lengths)} token(s), shorter "
+                             f"than --query-len {max(query_len)} (every sequence holds its "
+                             f"queries)")
     cases = []
     for variant in variants:
         h = heads or get_variant(parse_variant(variant)["attention"]).bench_heads
         for t in tp:
-            for b in batch:
-                for length in context:
-                    for l_q in query_len:
-                        for page in page_size:
-                            cases.append(dict(variant=variant, heads=h, tp=t, batch=b,
-                                              context=length, query_len=l_q, page=page))
+            for shape in shapes:
+                for l_q in query_len:
+                    for page in page_size:
+                        cases.append(dict(variant=variant, heads=h, tp=t, **shape,
+                                          query_len=l_q, page=page))
     return cases
+
+
+def parse_mixed(text: str) -> list[tuple[str, list[int]]]:
+    """Uneven batches from `--mixed`: ';'-separated specs, each 'LENxCOUNT' terms joined by
+    '+' ('131072x1+1024x63': one sequence of 131072 tokens, then 63 of 1024).
+
+    Returns one (spec, lengths) per spec, in order: the spec written back canonically
+    ('LENxCOUNT+...', integers without padding) and lengths, a list of B = sum of the counts
+    ints in the order the terms give them. ValueError naming --mixed and the spec for a term
+    that is not two integers joined by 'x', a length or count below 1, a spec given twice, or
+    no spec at all."""
+    out = []
+    for spec in (s.strip() for s in text.split(";")):
+        if not spec:
+            continue
+        lengths, terms = [], []
+        for term in (t.strip() for t in spec.split("+")):
+            try:
+                length, count = (int(v) for v in term.lower().split("x"))
+            except ValueError:
+                raise ValueError(f"--mixed {spec!r}: each term must be LENGTHxCOUNT (e.g. "
+                                 f"131072x1+1024x63), got {term!r}") from None
+            if length < 1 or count < 1:
+                raise ValueError(f"--mixed {spec!r}: lengths and counts must be positive, got "
+                                 f"{term!r}")
+            terms.append(f"{length}x{count}")
+            lengths += [length] * count
+        canonical = "+".join(terms)
+        if canonical in (s for s, _ in out):
+            raise ValueError(f"--mixed names {canonical} more than once")
+        out.append((canonical, lengths))
+    if not out:
+        raise ValueError(f"--mixed {text!r} names no batch; e.g. 131072x1+1024x63")
+    return out
+
+
+def case_lengths(case: dict) -> list[int]:
+    """The case's tokens per sequence, (B,): its `lengths` if uneven, else B times `context`."""
+    return list(case["lengths"]) if "lengths" in case else [case["context"]] * case["batch"]
+
+
+def case_label(case: dict) -> str:
+    """The case's lengths as the table prints them: L, or the uneven batch's spec."""
+    return case.get("mixed") or str(case["context"])
 
 
 def parse_configs(text: str):
@@ -204,16 +267,27 @@ def measure_peaks(torch, do_bench) -> tuple[float, float]:
 class Inputs:
     """Random paged cache, shuffled block table and queries for one case, on the GPU: the
     layer's cache tensors (`cache_layout`) and the queries its kernel takes
-    (`decode_query_shapes`), called through `Attention.kernel_call`."""
+    (`decode_query_shapes`), called through `Attention.kernel_call`.
+
+    Each sequence holds the pages its own length needs (`case_lengths`), drawn without overlap
+    from a pool with a few spare pages in shuffled order: block_table (B, max pages) int32,
+    a shorter sequence's row padded with page 0 (a valid id, never read past its length);
+    seqlens (B,) int32."""
 
     def __init__(self, torch, layer, case: dict, cache_dtype, device="cuda"):
-        batch, length, l_q, page = case["batch"], case["context"], case["query_len"], case["page"]
+        batch, l_q, page = case["batch"], case["query_len"], case["page"]
         self.layer = layer
-        pages = -(-length // page)
-        n_pool = batch * pages + 7  # spare pages, table shuffled across the pool
+        self.lengths = case_lengths(case)
+        if len(self.lengths) != batch:
+            raise ValueError(f"case lengths has {len(self.lengths)} entries for batch {batch}")
+        pages = [-(-n // page) for n in self.lengths]
+        n_pool = sum(pages) + 7  # spare pages, table shuffled across the pool
         self.device = device
-        self.block_table = torch.randperm(n_pool, device=device)[: batch * pages].to(torch.int32).view(batch, pages)
-        self.seqlens = torch.full((batch,), length, dtype=torch.int32, device=device)
+        ids = torch.randperm(n_pool, device=device)[: sum(pages)].to(torch.int32)
+        self.block_table = torch.zeros(batch, max(pages), dtype=torch.int32, device=device)
+        for row, own in zip(self.block_table, ids.split(pages)):
+            row[: len(own)] = own
+        self.seqlens = torch.tensor(self.lengths, dtype=torch.int32, device=device)
         fp8 = cache_dtype == torch.float8_e4m3fn
         self.scale = 0.05 if fp8 else None
 
@@ -259,21 +333,46 @@ class Inputs:
                                                cache_scale=self.scale)), plan
 
     def sdpa(self, torch):
-        """SDPA on the gathered cache with query heads packed as rows: (fn, unpack)."""
+        """SDPA on the gathered cache with query heads packed as rows: (fn, unpack). The
+        sequences of one length share a call, so an uneven batch makes one call per distinct
+        length (none padded, no key mask): fn returns their outputs, unpack puts them back
+        in batch order as (B, L_q, H_q, D_v)."""
+        groups = {}  # length -> the batch rows of that length
+        for b, length in enumerate(self.lengths):
+            groups.setdefault(length, []).append(b)
+        calls = [(torch.tensor(rows, device=self.device), *self._sdpa_group(torch, rows, length))
+                 for length, rows in groups.items()]
+
+        def fn():
+            return [call() for _, call, _ in calls]
+
+        def unpack(outs):
+            parts = [unpack_one(out) for (_, _, unpack_one), out in zip(calls, outs)]
+            whole = parts[0].new_empty(len(self.lengths), *parts[0].shape[1:])  # (B, L_q, H_q, D_v)
+            for (rows, _, _), part in zip(calls, parts):
+                whole[rows] = part
+            return whole
+
+        return fn, unpack
+
+    def _sdpa_group(self, torch, rows: list[int], length: int):
+        """(fn, unpack) of SDPA over the batch rows `rows`, every one `length` tokens long."""
         import torch.nn.functional as F
 
-        def gathered(cache):  # (P, page, *feat) -> (B, L, *feat) bf16
-            length = int(self.seqlens[0])
-            x = cache[self.block_table.long()].flatten(1, 2)[:, :length]
+        index = torch.tensor(rows, device=self.device)
+        table = self.block_table[index, : -(-length // self.caches[0].shape[1])].long()
+
+        def gathered(cache):  # (P, page, *feat) -> (b, L, *feat) bf16
+            x = cache[table].flatten(1, 2)[:, :length]
             return x.to(torch.bfloat16) * (self.scale or 1.0)
 
-        q, keys, values = self.layer.kernel_operands(self.queries,
+        q, keys, values = self.layer.kernel_operands(tuple(q[index] for q in self.queries),
                                                      tuple(gathered(c) for c in self.caches))
-        keys, values = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()  # (B, H_kv, L, E)
+        keys, values = keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()  # (b, H_kv, L, E)
         batch, l_q, h_q, d_qk = q.shape
-        h_kv, length = keys.shape[1], keys.shape[2]
+        h_kv = keys.shape[1]
         g = h_q // h_kv
-        # (B, L_q, H_kv, g, E) -> (B, H_kv, g * L_q, E): row = head * L_q + query
+        # (b, L_q, H_kv, g, E) -> (b, H_kv, g * L_q, E): row = head * L_q + query
         packed = q.reshape(batch, l_q, h_kv, g, d_qk).permute(0, 2, 3, 1, 4).reshape(batch, h_kv, g * l_q, d_qk)
         mask = None
         if l_q > 1:
@@ -285,7 +384,7 @@ class Inputs:
             return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask,
                                                   scale=softmax_scale)
 
-        def unpack(out):  # (B, H_kv, g * L_q, D_v) -> (B, L_q, H_q, D_v)
+        def unpack(out):  # (b, H_kv, g * L_q, D_v) -> (b, L_q, H_q, D_v)
             d_v = out.shape[-1]
             return out.view(batch, h_kv, g, l_q, d_v).permute(0, 3, 1, 2, 4).reshape(batch, l_q, h_q, d_v)
 
@@ -294,8 +393,8 @@ class Inputs:
 
 def _sdpa_bytes(case: dict, h_q: int, h_kv: int, widths: tuple[int, int]) -> int:
     """GPU memory the SDPA baseline needs: gathered bf16 K and V, and fp32 scores should it
-    fall back to the math kernel."""
-    tokens = case["batch"] * case["context"]
+    fall back to the math kernel (each sequence at its own length: `Inputs.sdpa` pads none)."""
+    tokens = sum(case_lengths(case))
     scores = tokens * h_q * case["query_len"] * 4
     return tokens * h_kv * sum(widths) * 2 + scores
 
@@ -373,7 +472,8 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
     """Time one case with each tile config (the default and `configs`, keeping the fastest),
     then the Hopper backend if given (`hopper`: an AttentionBackend), then each external kernel
     in `external` ({name: module}, from `hwattn.bench.external.load`), then SDPA; check each
-    against SDPA. Returns the table row: the case, µs, GB/s, TFLOP/s, AI, the
+    against SDPA. Returns the table row: the case (an uneven one with its `lengths` and
+    `mixed` spec; bytes and FLOPs summed over its sequences), µs, GB/s, TFLOP/s, AI, the
     roofline from `peaks` (copy GB/s, matmul TFLOP/s), SDPA µs and error, per external kernel
     `ext_<name>_us`, `ext_<name>_rel_err` and `ext_<name>_ratio` (hwattn's fastest µs over
     its µs: above 1 it is faster) or `ext_<name>_note` / `_error` saying why it has no time,
@@ -391,11 +491,12 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
     default = choose_config(max(16, 1 << (d_v - 1).bit_length()), case["query_len"], h_q // h_kv,
                             inputs.tied)
     row = dict(case, heads_local=h_q, kv_heads_local=h_kv, cache_dtype=options.cache_dtype)
-    b, length, l_q = case["batch"], case["context"], case["query_len"]
-    flops = b * layer.decode_flops(length, l_q, case["tp"])
-    # The cache at its own width; q and out stay bf16 (decode_bytes counts them at `dtype`).
-    nbytes = b * (layer.decode_bytes(0, l_q, case["tp"], torch.bfloat16)
-                  + length * layer.kv_bytes_per_token(case["tp"], cache_dtype))
+    length, l_q, lengths = case["context"], case["query_len"], case_lengths(case)
+    flops = sum(layer.decode_flops(n, l_q, case["tp"]) for n in lengths)
+    # Each sequence's cache once at its own width; q and out stay bf16 (decode_bytes counts
+    # them at `dtype`).
+    nbytes = (len(lengths) * layer.decode_bytes(0, l_q, case["tp"], torch.bfloat16)
+              + sum(lengths) * layer.kv_bytes_per_token(case["tp"], cache_dtype))
     copy_gbps, mm_tflops = peaks
     roofline_us = max(nbytes / copy_gbps / 1e3, flops / mm_tflops / 1e6)
 
@@ -460,9 +561,11 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
         except torch.OutOfMemoryError:
             row.update(sdpa_us=None, note="SDPA baseline out of memory")
         del sdpa
-    if anchors is not None and anchors.matches(dict(case, heads=h_q, cache_dtype=options.cache_dtype,
-                                                    head_dim=options.head_dim,
-                                                    rope_dim=options.rope_dim)):
+    uniform = "lengths" not in case  # the anchors were timed on uniform batches only
+    if anchors is not None and uniform and anchors.matches(dict(case, heads=h_q,
+                                                                cache_dtype=options.cache_dtype,
+                                                                head_dim=options.head_dim,
+                                                                rope_dim=options.rope_dim)):
         for name in EXTERNAL_KERNELS:
             anchor = anchors.lookup(name, case["variant"], l_q, length)
             if anchor is not None:
@@ -505,8 +608,11 @@ def _external_cells(row: dict, name: str) -> str:
 
 
 def format_table(rows: list[dict], peaks, anchors: AnchorSet | None = None) -> str:
+    """The human table of `rows`; L is an uneven batch's spec (`case_label`), the column as
+    wide as the widest."""
     names = _external_names(rows)
-    head = (f"{'variant':8} {'hq/hkv':>7} {'B':>4} {'L':>7} {'Lq':>2} {'page':>4} {'µs':>9} "
+    width = max([7, *(len(case_label(r)) for r in rows)])
+    head = (f"{'variant':8} {'hq/hkv':>7} {'B':>4} {'L':>{width}} {'Lq':>2} {'page':>4} {'µs':>9} "
             f"{'GB/s':>6} {'TFLOP/s':>7} {'AI':>6} {'roof µs':>8} {'%roof':>5} {'SDPA µs':>9} "
             f"{'×SDPA':>6} {'err':>7} {'Hopper µs':>9} {'%roof':>5} {'×Tri':>5} "
             + "".join(_external_head(name) for name in names)
@@ -515,12 +621,12 @@ def format_table(rows: list[dict], peaks, anchors: AnchorSet | None = None) -> s
              f"{peaks[1]:.0f} TFLOP/s", head]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['variant']:8} B={r['batch']} L={r['context']} Lq={r['query_len']}: {r['error']}")
+            lines.append(f"{r['variant']:8} B={r['batch']} L={case_label(r)} Lq={r['query_len']}: {r['error']}")
             continue
         beside = [f"{k[7:-3]} {v:.0f}" for k, v in r.items() if k.startswith("anchor_")]
         lines.append(
             f"{r['variant']:8} {r['heads_local']:>3}/{r['kv_heads_local']:<3} {r['batch']:4} "
-            f"{r['context']:7} {r['query_len']:2} {r['page']:4} {r['us']:9.1f} {r['GBps']:6.0f} "
+            f"{case_label(r):>{width}} {r['query_len']:2} {r['page']:4} {r['us']:9.1f} {r['GBps']:6.0f} "
             f"{r['TFLOPs']:7.1f} {r['AI']:6.1f} {r['roofline_us']:8.1f} {r['pct_roofline']:5.0f} "
             f"{_fmt(r.get('sdpa_us'), '9.1f'):>9} {_fmt(r.get('speedup_sdpa'), '6.2f'):>6} "
             f"{_fmt(r.get('check_rel_err'), '7.1e'):>7} {_fmt(r.get('hopper_us'), '9.1f'):>9} "
@@ -530,6 +636,10 @@ def format_table(rows: list[dict], peaks, anchors: AnchorSet | None = None) -> s
             + f"{', '.join(beside) or '-':>16}")
     lines.append("µs, GB/s, %roof: the Triton backend; Hopper µs / %roof / ×Tri: the Hopper "
                  "backend (its default schedule and plan; '-' where it hands the call to Triton)")
+    if any("mixed" in r for r in rows):
+        lines.append("L as LENGTHxCOUNT+...: an uneven batch (B sequences of those lengths); its "
+                     "bytes and FLOPs are summed over the sequences, SDPA runs one call per "
+                     "distinct length")
     if names:
         lines.append(f"{' / '.join(names)} µs: timed in this process on the same paged data "
                      "(layouts converted before timing); hw/X: hwattn's fastest µs over X's, "

@@ -1,6 +1,7 @@
 """`hwattn bench decode`: the paged decode kernels against the roofline and baselines.
 
-Times each variant's decode kernel at every (B, L, L_q, page size): µs, GB/s, TFLOP/s,
+Times each variant's decode kernel at every (B, L, L_q, page size), and on uneven batches
+(--mixed 131072x1+1024x63: one sequence of 128K tokens beside 63 of 1K): µs, GB/s, TFLOP/s,
 arithmetic intensity and the % of the roofline measured in the same run, with the speed-up
 over PyTorch SDPA (every row is checked against it), FlashMLA and FA3 timed in this process on
 the same paged data where their packages import (docs/external_baselines.md: how to build
@@ -10,6 +11,8 @@ FA3 anchors of this GPU model (`hwattn.bench.decode` has the details).
     hwattn bench decode --variants gla-2,mla --batch 128 --context 8192,16384 --query-len 1,2
     hwattn bench decode --suite standard --out results.json
     hwattn bench decode --variants mla,gla-2,gqa-4 --context 16384 --no-hopper --no-external
+    hwattn bench decode --variants mla --mixed 131072x1+1024x63
+    hwattn bench decode --variants mla,gla-2 --batch 1,4 --context 32768 --mixed 131072x1+1024x63
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 
 from hwattn.cli.analyze import int_list
+
+DEFAULT_BATCH, DEFAULT_CONTEXT = [128], [8192]
 
 
 def register(sub) -> None:
@@ -39,8 +44,18 @@ def register(sub) -> None:
     p.add_argument("--rope-dim", type=int, help="d_R of gta/mla/gla (default 64)")
     p.add_argument("--tp", type=int_list, default=[1],
                    help="tensor-parallel degrees: per-rank shapes (default 1)")
-    p.add_argument("--batch", type=int_list, default=[128], help="B values (default 128)")
-    p.add_argument("--context", type=int_list, default=[8192], help="L values (default 8192)")
+    p.add_argument("--batch", type=int_list,
+                   help=f"B values (default {DEFAULT_BATCH[0]}; with --mixed, only if --batch "
+                        f"or --context is given)")
+    p.add_argument("--context", type=int_list,
+                   help=f"L values (default {DEFAULT_CONTEXT[0]}; with --mixed, only if --batch "
+                        f"or --context is given)")
+    p.add_argument("--mixed", action="append", metavar="SPEC",
+                   help="an uneven batch, LENGTHxCOUNT terms joined by '+' (131072x1+1024x63: "
+                        "one sequence of 128K tokens and 63 of 1K), timed at every variant, "
+                        "--tp, --query-len and --page-size; repeat it or separate specs with "
+                        "';'. Added to the --batch x --context rows when either is given, else "
+                        "timed alone")
     p.add_argument("--query-len", type=int_list, default=[1], help="L_q values (default 1)")
     p.add_argument("--page-size", type=int_list, default=[64], help="page sizes (default 64)")
     p.add_argument("--cache-dtype", choices=tuple(CACHE_DTYPES), default="bf16",
@@ -74,19 +89,27 @@ def register(sub) -> None:
 
 
 def cases(args) -> list[dict]:
+    """The cases the options name: `--suite standard`'s, else every variant, --tp, --query-len
+    and --page-size at each --batch x --context shape (their defaults unless --mixed is given
+    without them) and each --mixed batch. ValueError naming --mixed for a bad spec."""
     from hwattn.bench import decode
     from hwattn.cli import variant_list
 
     if args.suite == "standard":
         return decode.standard_suite()
     variants = variant_list(args.variants)
-    return decode.product_suite(variants, args.heads, args.tp, args.batch, args.context,
-                                args.query_len, args.page_size)
+    mixed = decode.parse_mixed(";".join(args.mixed)) if args.mixed else []
+    uniform = not mixed or args.batch is not None or args.context is not None
+    batch = (args.batch or DEFAULT_BATCH) if uniform else []
+    context = (args.context or DEFAULT_CONTEXT) if uniform else []
+    return decode.product_suite(variants, args.heads, args.tp, batch, context, args.query_len,
+                                args.page_size, mixed)
 
 
-# The options that make the custom product; `--suite standard` has its own shapes.
-CUSTOM_ONLY = {"variants": "gla-2,mla,gqa-4,gta-4,mqa", "heads": None, "tp": [1], "batch": [128],
-               "context": [8192], "query_len": [1], "page_size": [64]}
+# The options that make the custom product; `--suite standard` has its own shapes. (--batch and
+# --context default to None so that given at all, even at their default values, they are seen.)
+CUSTOM_ONLY = {"variants": "gla-2,mla,gqa-4,gta-4,mqa", "heads": None, "tp": [1], "batch": None,
+               "context": None, "mixed": None, "query_len": [1], "page_size": [64]}
 
 
 def check_args(args) -> None:

@@ -228,3 +228,143 @@ def test_out_holds_every_row_measured_before_a_run_is_cut_off(monkeypatch, capsy
     whole = json.loads(out.read_text())
     assert whole["complete"] is True and len(whole["rows"]) == 2
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == whole  # stdout's last line
+
+
+# --- uneven batches (--mixed) ----------------------------------------------------------------
+
+MIXED = "131072x1+1024x63"
+
+
+def test_mixed_specs_give_each_sequence_its_length_in_order():
+    assert decode.parse_mixed(MIXED) == [(MIXED, [131072] + [1024] * 63)]
+    assert decode.parse_mixed(" 70x2 + 5x1 ;9X3;") == [("70x2+5x1", [70, 70, 5]),
+                                                       ("9x3", [9, 9, 9])]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("1024x0", "lengths and counts must be positive, got '1024x0'"),
+    ("0x4+8x1", "lengths and counts must be positive, got '0x4'"),
+    ("-5x2", "lengths and counts must be positive"),
+    ("1024", "each term must be LENGTHxCOUNT"),
+    ("1024x1+", "each term must be LENGTHxCOUNT"),
+    ("128Kx1", "each term must be LENGTHxCOUNT"),
+    ("4x2x2", "each term must be LENGTHxCOUNT"),
+    (";", "names no batch"),
+    ("4x2;4x2", "--mixed names 4x2 more than once"),
+])
+def test_a_bad_mixed_spec_is_named(text, needle):
+    with pytest.raises(ValueError, match="--mixed") as err:
+        decode.parse_mixed(text)
+    assert needle in str(err.value)
+
+
+def _cli_cases(*argv) -> list[dict]:
+    from hwattn.cli import bench_decode, build_parser
+
+    args = build_parser().parse_args(["bench", "decode", *argv])
+    bench_decode.check_args(args)
+    return bench_decode.cases(args)
+
+
+def _shape(case: dict) -> tuple:
+    return case["variant"], case["batch"], case["context"], case["query_len"], case.get("mixed")
+
+
+def test_mixed_cases_alone_or_beside_the_product():
+    """--mixed alone times only its batches; with --batch or --context the product runs too
+    (engine_check.sh's `small`: MLA and GLA-2 at B 1 and 4, L 32K, and 1 x 128K + 63 x 1K)."""
+    alone = _cli_cases("--variants", "mla", "--mixed", MIXED, "--query-len", "1,2")
+    assert [_shape(c) for c in alone] == [("mla", 64, 131072, l_q, MIXED) for l_q in (1, 2)]
+    assert alone[0]["lengths"] == [131072] + [1024] * 63 and alone[0]["heads"] == 128
+    small = _cli_cases("--variants", "mla,gla-2", "--batch", "1,4", "--context", "32768",
+                       "--mixed", MIXED, "--query-len", "1", "--no-sdpa")
+    assert [_shape(c) for c in small] == [
+        (v, b, length, 1, spec) for v in ("mla", "gla-2")
+        for b, length, spec in ((1, 32768, None), (4, 32768, None), (64, 131072, MIXED))]
+    assert not any("lengths" in c for c in small if c["batch"] != 64)
+    # one of --batch / --context given: the other at its default; specs repeated or ';'-joined
+    some = _cli_cases("--variants", "mla", "--batch", "2", "--mixed", "9x3;4x1+2x1",
+                      "--mixed", "5x1")
+    assert [(c["batch"], c["context"], c.get("lengths")) for c in some] == [
+        (2, 8192, None), (3, 9, [9, 9, 9]), (2, 4, [4, 2]), (1, 5, [5])]
+    assert [_shape(c) for c in _cli_cases("--variants", "mla")] == [("mla", 128, 8192, 1, None)]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--mixed", "1024x0"], "--mixed '1024x0'"),
+    (["--mixed", "4x1+1x2", "--query-len", "1,2"], "--mixed 4x1+1x2 has a sequence of 1 token(s), "
+                                                    "shorter than --query-len 2"),
+    (["--suite", "standard", "--mixed", MIXED], "--mixed only apply to --suite custom"),
+    # given at the default value, still not silently ignored
+    (["--suite", "standard", "--batch", "128"], "--batch only apply to --suite custom"),
+])
+def test_cli_refuses_a_mixed_batch_it_cannot_time(capsys, argv, needle):
+    assert main(["bench", "decode", "--variants", "mla", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "hwattn bench decode: error:" in err and needle in err, err
+
+
+def _mixed_case(variant, heads, l_q, spec="150x1+20x2+33x1", page=16):
+    ((spec, lengths),) = decode.parse_mixed(spec)
+    (case,) = decode.product_suite([variant], heads, [1], [], [], [l_q], [page], [(spec, lengths)])
+    return case
+
+
+@pytest.mark.parametrize("variant, heads, l_q", [("gqa-2", 4, 2), ("gla-2", 8, 2), ("mla", 4, 1)])
+def test_uneven_inputs_own_their_pages_and_sdpa_matches_the_reference(variant, heads, l_q):
+    """Each sequence holds the pages its own length needs, none shared, all in the pool; the
+    SDPA baseline (one call per distinct length) agrees with the plain paged reference, which
+    reads each sequence at its own length."""
+    from hwattn.ops.reference import decode_reference, decode_tied_reference
+
+    case = _mixed_case(variant, heads, l_q)
+    lengths = case["lengths"]
+    layer = decode.layer_for(variant, heads, 32, 16)
+    inputs = decode.Inputs(torch, layer, case, torch.bfloat16, device="cpu")
+    assert inputs.seqlens.dtype == torch.int32 and inputs.seqlens.tolist() == lengths
+    pages = [-(-n // 16) for n in lengths]  # 10, 2, 2, 3
+    assert inputs.block_table.shape == (4, max(pages))
+    owned = [p for b, n in enumerate(pages) for p in inputs.block_table[b, :n].tolist()]
+    n_pool = inputs.caches[0].shape[0]
+    assert len(set(owned)) == len(owned) == sum(pages) and n_pool == sum(pages) + 7
+    assert 0 <= int(inputs.block_table.min()) and int(inputs.block_table.max()) < n_pool
+    assert all(c.shape[0] == n_pool for c in inputs.caches)
+
+    fn, unpack = inputs.sdpa(torch)
+    out = unpack(fn())
+    reference = decode_tied_reference if inputs.tied else decode_reference
+    ref, _ = reference(*inputs.queries, *inputs.caches, inputs.block_table, inputs.seqlens,
+                       layer.scale)
+    assert out.shape == ref.shape
+    assert decode._rel_err(out, ref) < 1e-2
+    # the check notices lengths: every sequence read to the longest (as a uniform batch's
+    # baseline reads them) gives another answer
+    uniform = decode.Inputs.__new__(decode.Inputs)
+    uniform.__dict__.update(inputs.__dict__, lengths=[max(lengths)] * len(lengths))
+    wrong_fn, wrong_unpack = uniform.sdpa(torch)
+    assert decode._rel_err(wrong_unpack(wrong_fn()), ref) > 0.1
+
+
+@pytest.mark.parametrize("variant, heads, l_q", [("gla-2", 8, 2), ("gqa-2", 4, 1)])
+def test_an_uneven_batch_is_timed_and_checked_end_to_end(variant, heads, l_q):
+    """A mixed case through `bench_case` (the Triton kernel under the interpreter): the byte
+    floor and FLOPs are sums over the sequences, not B times the longest, the kernel agrees
+    with SDPA at each sequence's length, and the table prints the spec as L."""
+    options = decode.DecodeOptions(head_dim=32, rope_dim=16, warmup_ms=1, rep_ms=1,
+                                   no_hopper=True, external=False)
+    case = _mixed_case(variant, heads, l_q)
+    row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
+                            device=DEVICE.type)
+    layer = decode.layer_for(variant, heads, 32, 16)
+    lengths = [150, 20, 20, 33]
+    assert row["lengths"] == lengths and row["mixed"] == "150x1+20x2+33x1" and row["batch"] == 4
+    assert row["bytes"] == sum(layer.decode_bytes(n, l_q) for n in lengths)
+    assert row["flops"] == sum(layer.decode_flops(n, l_q) for n in lengths)
+    assert row["bytes"] < 4 * layer.decode_bytes(150, l_q)
+    assert row["check_rel_err"] < 1e-2, row
+    table = decode.format_table([row, dict(case, batch=2, error="RuntimeError: x")],
+                                (1000.0, 100.0))
+    assert " 150x1+20x2+33x1 " in table and "L=150x1+20x2+33x1" in table
+    assert "an uneven batch" in table
+    head, line = table.splitlines()[1:3]
+    assert line.index("150x1+20x2+33x1") + len("150x1+20x2+33x1") == head.index(" Lq")

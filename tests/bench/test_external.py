@@ -182,6 +182,38 @@ def test_bench_times_what_imports_and_skips_the_rest(monkeypatch):
     assert "FA3 µs" in table and "hw/FA3" in table and "FlashMLA" not in table
 
 
+@pytest.mark.parametrize("variant, head_dim, rope_dim, l_q, page", [
+    ("gla-2", 32, 16, 2, 16),  # FA3's qv form, two latent heads
+    ("mla", 128, 64, 1, 64),   # FlashMLA's shapes (and FA3's qv form)
+])
+def test_an_uneven_batch_reaches_the_external_kernels_with_its_lengths(monkeypatch, variant,
+                                                                       head_dim, rope_dim,
+                                                                       l_q, page):
+    """A --mixed case: each external kernel is called with the per-sequence lengths and the
+    padded block table, and its output agrees with SDPA at every sequence's own length."""
+    fa3, flash_mla = fa3_module(), flash_mla_module()
+    seen = []
+    for module, name in ((fa3, "flash_attn_with_kvcache"), (flash_mla, "flash_mla_with_kvcache")):
+        def spy(*args, _call=getattr(module, name), **kwargs):
+            seen.append(kwargs.get("cache_seqlens", args[3] if len(args) > 3 else None).tolist())
+            return _call(*args, **kwargs)
+
+        setattr(module, name, spy)
+    _install(monkeypatch, flash_mla=flash_mla, fa3=fa3)
+    options = decode.DecodeOptions(head_dim=head_dim, rope_dim=rope_dim, warmup_ms=1, rep_ms=1,
+                                   no_hopper=True)
+    ((spec, lengths),) = decode.parse_mixed("150x1+20x2+3x1")
+    (case,) = decode.product_suite([variant], 4 if variant == "mla" else 8, [1], [], [], [l_q],
+                                   [page], [(spec, lengths)])
+    row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
+                            device="cpu", external=external.load())
+    timed = ("FlashMLA", "FA3") if variant == "mla" else ("FA3",)
+    for name in timed:
+        assert row[f"ext_{name}_us"] == 1000.0 and row[f"ext_{name}_rel_err"] < 1e-2, row
+    assert row["check_rel_err"] < 1e-2, row
+    assert seen and all(s == [150, 20, 20, 3] for s in seen), seen
+
+
 def test_bench_row_says_why_an_importable_kernel_has_no_call(monkeypatch):
     _install(monkeypatch, flash_mla=flash_mla_module())
     options = decode.DecodeOptions(head_dim=32, rope_dim=16, no_sdpa=True)

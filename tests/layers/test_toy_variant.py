@@ -162,7 +162,7 @@ def test_bench_decode_builds_and_checks_its_kernel_inputs():
     from hwattn.cli import bench_decode
 
     args = argparse.Namespace(suite="custom", variants="kvs-2", heads=None, tp=[1, 2], batch=[2],
-                              context=[70], query_len=[2], page_size=[16])
+                              context=[70], mixed=None, query_len=[2], page_size=[16])
     cases = bench_decode.cases(args)
     assert [c["heads"] for c in cases] == [TOY.bench_heads] * 2
     options = decode.DecodeOptions(head_dim=32, rope_dim=16, warmup_ms=1, rep_ms=1)
