@@ -296,13 +296,21 @@ def choose_config(d_nope: int, d_v: int, d_rope: int, group: int, query_len: int
     wave of pieces of at least 256 tokens.
 
     fp8_cache: an e4m3 cache, which only the specialised ring takes (overlapped where the state
-    is at most 256 wide), one program per SM; overlapped was the fastest on an H200 wherever
-    it fits (2026-12-05, docs/hopper.md; GLA-2 at L_q 2 has 128 rows and no room for it).
+    is at most 256 wide; the fastest on an H200 wherever it fits, 2026-12-05; GLA-2 at L_q 2
+    has 128 rows and no room for it), two programs per SM where the overlapped launch fits
+    them (GTA-4's narrow state: three widened and two copied slots), else one. At one per SM
+    the widening warps were latency-bound; two ran GTA-4 at L_q 1 1.30x (B 128, 16K) and
+    1.17x (B 1, 128K) faster on an H100 (2026-12-06, docs/hopper.md).
     """
     ctas = 1
     try:
-        if not fp8_cache and plan_launch(d_nope, d_v, d_rope, group, query_len,
-                                         HopperConfig(ctas_per_sm=2)).num_stages >= 4:
+        if fp8_cache:
+            if d_v <= 256:
+                plan_launch(d_nope, d_v, d_rope, group, query_len,
+                            HopperConfig(overlap=True, ctas_per_sm=2), fp8_cache=True)
+                ctas = 2
+        elif plan_launch(d_nope, d_v, d_rope, group, query_len,
+                         HopperConfig(ctas_per_sm=2)).num_stages >= 4:
             ctas = 2
     except ValueError:
         pass
