@@ -58,9 +58,13 @@
 #      .ext/ carries them): MLA and GLA-2 at h_q 128, B 1 and 4 at L 32K, and the uneven batch of
 #      one 128K-token sequence beside 63 of 1K (--mixed 131072x1+1024x63: each sequence's own
 #      pages, bytes summed over the sequences), L_q 1.
+#  18. smallplans: the split-KV plan knobs where the Hopper kernels trail at few sequences
+#      (2026-12-06, H100: MLA at B 1 / 4, 32K 1.11x / 1.15x FA3's time, the uneven batch 1.42x;
+#      GTA-4 at B 1, 128K 0.663x GQA-4's time against 0.65x): pieces per SM (-p) and the
+#      shortest piece (-m) of the default schedules, timed with hopper_decode.py.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small|smallplans ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -184,6 +188,11 @@ for step in $steps; do
         --mixed 131072x1+1024x63 --query-len 1 --no-sdpa --warmup-ms 10 --rep-ms 60 \
         --out "$OUT/decode_small.json" 2>&1 | tee "$OUT/decode_small.rows" | grep -v "^row " \
         | tail -30 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small)" | tee -a "$OUT/log"; exit 2 ;;
+    smallplans)
+      timeout 300 python3 benchmarks/hopper_decode.py --only timing --budget 280 --rep-ms 30 --jobs 8 \
+        --shapes mla-b1-32k,mla-b4-32k,mla-uneven,gla2-uneven,gta4-b1-128k \
+        --variants default,duo-p1-m128,duo-p1-m512,duo-p1-m1024,duo-p2-m256,duo-p4-m256,ovl-p3,ovl-p4,ovl-m512 \
+        --out "$OUT/hopper_smallplans.json" 2>&1 | tail -10 | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small, smallplans)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done
