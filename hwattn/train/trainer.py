@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,13 +264,16 @@ def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: in
     """
     stage = path.with_name(path.name + ".tmp")
     shutil.rmtree(stage, ignore_errors=True)
-    save_checkpoint(model, stage, extra={"hwattn_train": {"step": step, **(extra or {})}},
+    save_id = uuid.uuid4().hex  # in config.json and the trainer state: `_check_one_save`
+    save_checkpoint(model, stage, extra={"hwattn_train": {"step": step, "save_id": save_id,
+                                                          **(extra or {})}},
                     eos_token_id=None if tokenizer is None else tokenizer.eot_id)
     if tokenizer is not None:
         tokenizer.save(stage)
     part = stage / (STATE_FILE + ".part")
     device = next(model.parameters()).device
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
+    torch.save({"step": step, "save_id": save_id, "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(device),
                 "train_config": dataclasses.asdict(cfg), **(run_state or {})}, part)
     for file in sorted(stage.iterdir()):
         _fsync(file)
@@ -347,6 +351,25 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.backends.cpu.get_cpu_capability()})"
     return device.type
+
+
+def _check_one_save(state: dict, ckpt: Path) -> None:
+    """ValueError if `ckpt`'s weights (config.json's `hwattn_train`, written with
+    model.safetensors) and its trainer state come from different saves (a folder put together
+    by hand): by the save id both carry, or by the step for checkpoints older than the id."""
+    try:
+        saved = json.loads((ckpt / "config.json").read_text()).get("hwattn_train")
+    except (OSError, ValueError, AttributeError):
+        return  # load_model names an unreadable config.json
+    if not isinstance(saved, dict):
+        return  # a model saved outside training: nothing to tie
+    ids = saved.get("save_id"), state.get("save_id")
+    steps = saved.get("step"), state["step"]
+    if (None not in ids and ids[0] != ids[1]) or (steps[0] is not None and steps[0] != steps[1]):
+        raise ValueError(f"{ckpt} mixes two saves: model.safetensors and config.json are of "
+                         f"step {steps[0]} (save {str(ids[0])[:8]}), {STATE_FILE} of step "
+                         f"{steps[1]} (save {str(ids[1])[:8]}); put back the files of one "
+                         "save, or use a new --out or --no-resume")
 
 
 def _check_resume(state: dict, cfg: TrainConfig, ckpt: Path, world: int, data_fp: dict,
@@ -470,6 +493,7 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
         if model.config != mcfg:
             raise ValueError(f"{ckpt / 'config.json'} describes another model than this run's: "
                              f"{_config_diff(model.config, mcfg)}; use a new --out or --no-resume")
+        _check_one_save(state, ckpt)  # (after the model's own check, which names what differs)
         start_step = state["step"]
         if not 0 <= start_step <= cfg.steps:
             raise ValueError(f"{ckpt / STATE_FILE} is at step {start_step}, outside this run's "

@@ -355,3 +355,23 @@ def test_a_negative_stop_after_is_an_error_not_a_checkpoint_that_lies(dataset_di
     with pytest.raises(ValueError, match="stop_after"):
         train(_cfg(dataset_dir, out), stop_after=-1, **QUIET)
     assert _state(out)["step"] == 2
+
+
+def test_a_checkpoint_mixing_two_saves_is_a_clear_error(dataset_dir, tmp_path, stopped):
+    """The weights (model.safetensors, config.json) of one save beside the trainer state of
+    another (a folder put back together by hand) would train on silently: the optimizer's
+    moments and the data position of one step applied to another step's weights."""
+    out = _copy(stopped, tmp_path)  # stopped at step 2
+    later = _copy(stopped, tmp_path / "later")
+    train(_cfg(dataset_dir, later), stop_after=4, **QUIET)
+    shutil.copyfile(later / "checkpoint" / STATE_FILE, out / "checkpoint" / STATE_FILE)
+    with pytest.raises(ValueError, match="two saves"):
+        train(_cfg(dataset_dir, out), **QUIET)
+    # The same step, another save (e.g. a rerun of the same schedule): still two saves.
+    other = _copy(stopped, tmp_path / "other")
+    shutil.rmtree(other / "checkpoint")
+    train(_cfg(dataset_dir, other, resume=False), stop_after=2, **QUIET)
+    out = _copy(stopped, tmp_path / "again")
+    shutil.copyfile(other / "checkpoint" / STATE_FILE, out / "checkpoint" / STATE_FILE)
+    with pytest.raises(ValueError, match="two saves"):
+        train(_cfg(dataset_dir, out), **QUIET)
