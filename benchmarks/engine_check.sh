@@ -57,7 +57,8 @@
 #  17. small: `hwattn bench decode` at small batches beside FlashMLA and FA3 (where they import or
 #      .ext/ carries them): MLA and GLA-2 at h_q 128, B 1 and 4 at L 32K, and the uneven batch of
 #      one 128K-token sequence beside 63 of 1K (--mixed 131072x1+1024x63: each sequence's own
-#      pages, bytes summed over the sequences), L_q 1.
+#      pages, bytes summed over the sequences), L_q 1; then GTA-4 and GQA-4 on one 128K-token
+#      sequence among 127 of 1K, a batch the split-KV plan does not split (full GPU).
 #  18. smallplans: the split-KV plan knobs where the Hopper kernels trail at few sequences
 #      (2026-12-06, H100: MLA at B 1 / 4, 32K 1.11x / 1.15x FA3's time, the uneven batch 1.42x;
 #      GTA-4 at B 1, 128K 0.663x GQA-4's time against 0.65x): pieces per SM (-p) and the
@@ -187,7 +188,12 @@ for step in $steps; do
       timeout 240 python3 -m hwattn bench decode --variants mla,gla-2 --batch 1,4 --context 32768 \
         --mixed 131072x1+1024x63 --query-len 1 --no-sdpa --warmup-ms 10 --rep-ms 60 \
         --out "$OUT/decode_small.json" 2>&1 | tee "$OUT/decode_small.rows" | grep -v "^row " \
-        | tail -30 | tee -a "$OUT/log" ;;
+        | tail -30 | tee -a "$OUT/log"
+      # A full batch (B x KV heads fills the GPU) is never split today: one 128K-token
+      # sequence among 127 of 1K is one program's work (hwattn/ops/plan.py).
+      timeout 150 python3 -m hwattn bench decode --variants gta-4,gqa-4 --heads 32 \
+        --mixed 131072x1+1024x127 --query-len 1 --no-sdpa --warmup-ms 10 --rep-ms 60 \
+        --out "$OUT/decode_straggler.json" 2>&1 | grep -v "^row " | tail -12 | tee -a "$OUT/log" ;;
     smallplans)
       timeout 300 python3 benchmarks/hopper_decode.py --only timing --budget 280 --rep-ms 30 --jobs 8 \
         --shapes mla-b1-32k,mla-b4-32k,mla-uneven,gla2-uneven,gta4-b1-128k \
