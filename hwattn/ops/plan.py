@@ -6,7 +6,10 @@ A decode step's work is B sequences × the programs along the head axis (KV head
 blocks). When that is too few programs to keep every SM streaming (small batch, long context),
 long sequences are cut into pieces; each piece becomes a work item with its own partial output
 and LSE, and the combine kernel merges a sequence's pieces. Piece sizes follow the lengths, so a
-batch of one 128K and three 1K sequences spends its programs on the long one.
+batch of one 128K and three 1K sequences spends its programs on the long one. A batch large
+enough to fill the GPU one piece per sequence is cut only where one sequence is far longer
+than its share (one 128K among 127 of 1K), which alone would keep one SM busy long after the
+rest are done.
 
 The plan is computed once per step on the host (it reads `cache_seqlens`) and reused by every
 layer. Its tensors live on the lengths' device; the kernels read them there and never sync.
@@ -311,22 +314,32 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
             [-(-n // split_tokens) for n in lengths] if small else -(-lengths // split_tokens)
         capacity = batch if n_pieces is None else \
             sum(n_pieces) if small else int(n_pieces.sum())
-    elif batch * per_item >= programs_per_sm * sms:
-        n_pieces, capacity = None, batch
     else:
         wanted = math.ceil(programs_per_sm * sms / per_item)  # items that fill the GPU
-        chunk = max(min_piece, -(-(sum(lengths) if small else int(np.add.reduce(lengths)))
-                                 // wanted))
+        # A full batch (one piece per sequence fills every SM) is cut only where a sequence
+        # is far longer than an even share of the step's work: a 128K-token sequence among
+        # short ones would otherwise be one program's work while the rest of the GPU idles.
+        # Its chunk is at least the mean length, so a batch of equal lengths stays whole, and
+        # the cheap bound from the shortest decides that without summing the lengths.
+        full = batch >= wanted
+        if full and 2 * max_seqlen * wanted < 3 * (max_seqlen + (batch - 1) * shortest):
+            chunk = None
+        else:
+            chunk = max(min_piece, -(-(sum(lengths) if small else int(np.add.reduce(lengths)))
+                                     // wanted))
         # Rounding (half to even, as Python's round) keeps the count within wanted + B/2;
         # capacity B + wanted always holds it. round(n / chunk) <= 1 exactly when
         # 2n < 3 chunk (n / chunk < 1.5; the quotient's rounding error is far below the gap
-        # of 1 / (2 chunk) to 1.5), so that one comparison of the longest decides.
-        if 2 * max_seqlen < 3 * chunk:
+        # of 1 / (2 chunk) to 1.5), so that one comparison of the longest decides. A full
+        # batch refreshed into a plan sized without room for pieces (a CUDA graph captured
+        # on equal lengths) keeps one piece per sequence, as it was captured.
+        if chunk is None or 2 * max_seqlen < 3 * chunk or (
+                full and out is not None and out.capacity < batch + wanted):
             n_pieces = None
         else:
             n_pieces = [max(1, round(n / chunk)) for n in lengths] if small \
                 else np.maximum(1, np.rint(lengths / chunk).astype(np.int64))
-        capacity = batch + wanted
+        capacity = batch if full and n_pieces is None else batch + wanted
     if out is not None:
         if out.batch != batch:
             raise ValueError(f"out: a plan for B={out.batch} cannot hold B={batch}")

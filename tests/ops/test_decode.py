@@ -45,10 +45,22 @@ FORCED_SPLIT = 64  # pieces of 64 tokens: every sequence longer than that is spl
 
 
 def _plans(lengths, n_kv, query_len):
+    """auto (the op's own plan), split (every sequence in 64-token pieces) and full: the
+    plan of a batch that fills the GPU one piece per sequence (one SM per sequence and KV
+    head), where a sequence 1.5x the mean or longer is still cut near the mean."""
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     return {"auto": None,
             "split": ops.plan_decode(seqlens, num_heads_kv=n_kv, query_len=query_len,
-                                     split_tokens=FORCED_SPLIT)}
+                                     split_tokens=FORCED_SPLIT),
+            "full": ops.plan_decode(seqlens, num_heads_kv=n_kv, query_len=query_len,
+                                    num_sms=len(lengths) * n_kv, programs_per_sm=1,
+                                    min_piece=64)}
+
+
+def test_the_full_plan_cuts_a_long_sequence():
+    """The "full" plan above does split where a case has a long sequence."""
+    assert _plans([65, 339], 2, 1)["full"].max_pieces == 2
+    assert _plans([63, 65], 4, 1)["full"].max_pieces == 1
 
 
 @pytest.mark.parametrize("case", DECODE_CASES)

@@ -39,6 +39,34 @@ def test_large_batch_is_not_split():
     assert all(len(p) == 1 for p in _assert_partition(plan, lengths).values())
 
 
+@pytest.mark.parametrize("batch", [SMALL_BATCH, 128])
+def test_a_full_batch_splits_a_sequence_far_longer_than_its_share(batch):
+    """One 128K-token sequence among short ones in a batch that fills the GPU one piece per
+    sequence (GTA-4's 4 KV heads at B 128 on 132 SMs): kept whole, it would be one program's
+    work (33x the even share) while every other SM idles. It is cut near the share; the short
+    ones stay whole; a plan refreshed with equal lengths keeps its room for pieces."""
+    kw = dict(num_heads_kv=4, num_sms=132 if batch == 128 else 8)
+    lengths = [131072] + [1024] * (batch - 1)
+    plan = ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), **kw)
+    wanted = -(-2 * kw["num_sms"] // 4)
+    assert batch >= wanted  # a full batch
+    pieces = _assert_partition(plan, lengths)
+    share = -(-sum(lengths) // wanted)
+    assert len(pieces[0]) == round(131072 / share) > 1 and plan.max_pieces == len(pieces[0])
+    assert all(e - s <= 1.1 * share + PIECE_ALIGN for s, e in pieces[0])  # rounded count
+    assert all(len(pieces[b]) == 1 for b in range(1, batch))
+    assert plan.capacity == batch + wanted and plan.may_split
+    ops.plan_decode(torch.full((batch,), 1024, dtype=torch.int32), **kw, out=plan)
+    assert plan.max_pieces == 1 and plan.capacity == batch + wanted
+    # Sized without room (fresh on equal lengths, as a captured graph's plan), a refresh
+    # with the long sequence keeps every sequence whole rather than overflowing the grid.
+    even = ops.plan_decode(torch.full((batch,), 131072, dtype=torch.int32), **kw)
+    assert even.capacity == batch and not even.may_split
+    ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), **kw, out=even)
+    assert even.max_pieces == 1
+    assert all(len(p) == 1 for p in _assert_partition(even, lengths).values())
+
+
 def test_small_batch_fills_the_gpu_and_balances_uneven_lengths():
     lengths = [131072, 1024, 1000, 3]
     plan = ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), num_heads_kv=1, num_sms=132)
@@ -106,13 +134,13 @@ def _loop_plan(lengths, *, num_heads_kv, num_sms, head_blocks=1, min_piece=MIN_P
     if split_tokens is not None:
         pieces = [cut(n, -(-n // split_tokens)) for n in lengths]
         capacity = sum(len(p) for p in pieces)
-    elif batch * per_item >= programs_per_sm * num_sms:
-        pieces, capacity = [[(0, n)] for n in lengths], batch
     else:
         wanted = -(-programs_per_sm * num_sms // per_item)
         chunk = max(min_piece, -(-sum(lengths) // wanted))
         pieces = [cut(n, max(1, round(n / chunk))) for n in lengths]
-        capacity = batch + wanted
+        # A full batch (one piece each fills the GPU) has room for pieces only if it splits.
+        whole = all(len(p) == 1 for p in pieces)
+        capacity = batch if batch >= wanted and whole else batch + wanted
     items, splits = [], [None] * batch
     # Longest pieces first (a sequence's first piece is its longest), ties in batch order.
     for seq in sorted(range(batch), key=lambda b: -(pieces[b][0][1] - pieces[b][0][0])):
@@ -149,8 +177,15 @@ def test_plan_matches_the_rule_written_as_a_loop(seed, small):
             shorter = torch.randint(1, top, (batch,), generator=g, dtype=torch.int32)
             fresh = ops.plan_decode(shorter, **kw)
             assert ops.plan_decode(shorter, **kw, out=plan) is plan
-            assert torch.equal(plan.items, fresh.items) and torch.equal(plan.splits, fresh.splits)
-            assert (plan.max_pieces, plan.max_seqlen) == (fresh.max_pieces, fresh.max_seqlen)
+            assert plan.max_seqlen == fresh.max_seqlen
+            if plan.capacity >= fresh.capacity:  # the fresh schedule, idle items after it
+                assert torch.equal(plan.items[:fresh.capacity], fresh.items)
+                assert (plan.items[fresh.capacity:] == torch.tensor([-1, 0, 0])).all()
+                assert torch.equal(plan.splits, fresh.splits)
+                assert plan.max_pieces == fresh.max_pieces
+            else:  # a full batch refreshed into a plan without room for pieces: kept whole
+                assert plan.max_pieces == 1
+                assert all(len(p) == 1 for p in _assert_partition(plan, shorter.tolist()).values())
 
 
 @pytest.mark.parametrize("batch", [2, SMALL_BATCH + 1])
