@@ -351,12 +351,16 @@ def test_unsupported_cuda_calls_fall_back_to_triton():
 
 
 def _plans(args, h_kv: int, l_q: int, page: int, config: HopperConfig) -> dict:
-    """The plans a GPU case runs under: the kernel's own, 64-token pieces, one wave."""
+    """The plans a GPU case runs under: the kernel's own, 64-token pieces, one wave, and a
+    full batch's (one SM per sequence and KV head) that cuts only a sequence 1.5x the mean."""
     one_wave = dataclasses.replace(config, programs_per_sm=1, min_piece=64)
     return {"auto": None,
             "split": ops.plan_decode(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page,
                                      split_tokens=64),
-            "one-wave": hopper_decode.make_plan(args[0], args[2], args[3], args[5], one_wave)}
+            "one-wave": hopper_decode.make_plan(args[0], args[2], args[3], args[5], one_wave),
+            "full": ops.plan_decode(args[5], num_heads_kv=h_kv, query_len=l_q, page_size=page,
+                                    num_sms=len(args[5]) * h_kv, programs_per_sm=1,
+                                    min_piece=64)}
 
 
 # (lengths, L_q, H_q, H_kv, D_nope, D_v, D_R, page, dtype)
