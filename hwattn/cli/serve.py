@@ -97,10 +97,20 @@ ENGINE_FLAGS = {
 }
 
 
+# Where a field that is also an English word ("speculative") stands as a field in a
+# message: given a value (`speculative='ngram'`), told what it must be (`speculative must
+# ...`), or followed by its values in parentheses (`needs speculative ('ngram' or ...)`).
+_AS_FIELD = r"(?=\s*=|\s+must\b|\s+\(['\"])"
+
+
 def flag_names(text: str) -> str:
-    """`text` with every `ENGINE_FLAGS` field it names, as a whole word, written as its option."""
+    """`text` with every `ENGINE_FLAGS` field it names written as its option. A field with an
+    underscore (`max_model_len`) is one wherever it stands as a whole word; a plain word is
+    one only where the message uses it as a field (`_AS_FIELD`), so that prose such as
+    "speculative decoding" is left as it is."""
     for name in sorted(ENGINE_FLAGS, key=len, reverse=True):  # num_speculative_tokens first
-        text = re.sub(rf"(?<![\w-]){name}(?![\w-])", ENGINE_FLAGS[name], text)
+        after = r"(?![\w-])" if "_" in name else _AS_FIELD
+        text = re.sub(rf"(?<![\w-]){re.escape(name)}{after}", ENGINE_FLAGS[name], text)
     return text
 
 

@@ -251,26 +251,37 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def run_all(request: Request, jobs: list[tuple[list[int], SamplingParams]], prefix: str):
         """Merge the output streams of several requests: yields (index, RequestOutput). The
         requests share one owner (`prefix`): the scheduler weighs them together against other
-        clients' requests."""
-        queue: asyncio.Queue = asyncio.Queue()
+        clients' requests.
+        An output holds everything its request has generated so far, so only each request's
+        newest one waits for the consumer: a client that stops reading its stream holds one
+        output per prompt, not one per step (copies of every token so far each: memory
+        quadratic in the answer's length)."""
+        newest: dict[int, object] = {}  # index -> its newest RequestOutput, or its error
+        ready = asyncio.Event()
 
         async def pump(i, ids, params):
             try:
                 async for out in engine.generate(ids, params, f"{prefix}-{i}", owner=prefix):
-                    await queue.put((i, out))
+                    newest[i] = out
+                    ready.set()
             except Exception as err:  # noqa: BLE001 - handed to the consumer
-                await queue.put((i, err))
+                newest[i] = err
+                ready.set()
 
         tasks = [asyncio.create_task(pump(i, ids, p)) for i, (ids, p) in enumerate(jobs)]
         left = len(jobs)
         try:
             while left:
-                i, out = await queue.get()
-                if isinstance(out, Exception):
-                    raise out
-                if out.finished:
-                    left -= 1
-                yield i, out
+                await ready.wait()
+                ready.clear()
+                batch = list(newest.items())
+                newest.clear()
+                for i, out in batch:
+                    if isinstance(out, Exception):
+                        raise out
+                    if out.finished:
+                        left -= 1
+                    yield i, out
         finally:
             for t in tasks:
                 t.cancel()
@@ -337,13 +348,21 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         request output, is_first)` for each choice's new text (its tokens from `start`) and
         its finish; `announce`: send each choice's first chunk even before it has text (an
         echoed prompt). `generated` False shows no generated text (echo of the prompt alone).
-        hold: characters of an unfinished choice's text kept back (`holdback`)."""
+        hold: characters of an unfinished choice's text kept back (`holdback`).
+        include_usage: a last chunk with the usage and no choices, and, as OpenAI's, a null
+        `usage` in every other chunk."""
         sent: dict[int, tuple[int, int]] = {}  # choice -> (characters, tokens) sent
         done: set[int] = set()
         outs = {}
+
+        def event(doc: dict) -> str:
+            if include_usage:
+                doc.setdefault("usage", None)
+            return _sse(doc)
+
         try:
             if first is not None:
-                yield _sse(first)
+                yield event(first)
             async for i, out in stream:
                 outs[i] = out
                 for completion in out.outputs:
@@ -361,10 +380,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                     sent[choice] = (chars + len(text), len(completion.token_ids))
                     if completion.finished:
                         done.add(choice)
-                    yield _sse(make_chunk(choice, text, completion, tokens, out, is_first))
+                    yield event(make_chunk(choice, text, completion, tokens, out, is_first))
             if include_usage:
-                yield _sse(make_chunk(None, None, None, None, None, None,
-                                      usage=usage(outs.values(), generated)))
+                yield event(make_chunk(None, None, None, None, None, None,
+                                       usage=usage(outs.values(), generated)))
             yield _sse("[DONE]")
         except Exception as err:  # noqa: BLE001 - this request's failure, told to its client
             e = request_error(err)
@@ -551,6 +570,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         include_usage = req.check_stream_options()
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
+        # The field that set max_tokens, for errors (max_completion_tokens wins, as vLLM's).
+        limit_field = "max_completion_tokens" if req.max_completion_tokens is not None \
+            else "max_tokens"
         top_n = req.top_logprobs or 0
 
         def prepare():
@@ -560,10 +582,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                       continue_final_message=req.continue_final_message,
                                       chat_template_kwargs=req.chat_template_kwargs),
                              "messages", truncate)
-            params = req.sampling(max_len - len(ids) if max_tokens is None else max_tokens,
-                                  logprobs=top_n if req.logprobs else None)
-            jobs = [fits(ids, params, "max_completion_tokens"
-                         if req.max_completion_tokens is not None else "max_tokens")]
+            limit = max_len - len(ids) if max_tokens is None else max_tokens
+            if req.min_tokens > limit:  # named as sent (the engine would say max_tokens)
+                where = f"{limit_field} ({limit})" if max_tokens is not None else \
+                    f"the {limit} tokens the context leaves after the prompt"
+                raise APIError(f"min_tokens must be at most {where}, got {req.min_tokens}",
+                               param="min_tokens")
+            params = req.sampling(limit, logprobs=top_n if req.logprobs else None)
+            jobs = [fits(ids, params, limit_field)]
             checked(jobs)
             return jobs
 

@@ -84,6 +84,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._looping = False  # whether an engine thread runs `_loop` (and will go on)
         self._window = rate_window_s
         self._history: deque[tuple[float, int]] = deque()
         self.snapshot = engine.stats()
@@ -94,11 +95,16 @@ class AsyncEngine:
         self._health: tuple[bool, str | None] = (True, None)
 
     def start(self) -> None:
+        """Run the engine thread (again, after `shutdown`: an app's lifespan may start twice);
+        a thread that outlived `shutdown` serves on instead of a new one."""
         with self._lock:
             self._closed = None
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="hwattn-engine", daemon=True)
-            self._thread.start()
+            self._stop.clear()
+            if not self._looping:  # decided under the lock: `_loop` ends only with it held
+                self._looping = True
+                self._thread = threading.Thread(target=self._loop, name="hwattn-engine",
+                                                daemon=True)
+                self._thread.start()
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop the engine thread: it ends after the step it is in (the engine itself is left
@@ -216,16 +222,21 @@ class AsyncEngine:
                         self._aborts.append(request_id)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._iteration()
-            except Exception:  # noqa: BLE001 - keep serving; the requests in flight are lost
-                log.exception("engine loop failed")
+        while True:
+            while not self._stop.is_set():
                 try:
-                    self._fail_all("engine loop failed")
-                except Exception:  # noqa: BLE001
-                    log.exception("could not fail the requests in flight")
-                self._stop.wait(0.1)  # no hot loop if the failure repeats
+                    self._iteration()
+                except Exception:  # noqa: BLE001 - keep serving; the requests in flight are lost
+                    log.exception("engine loop failed")
+                    try:
+                        self._fail_all("engine loop failed")
+                    except Exception:  # noqa: BLE001
+                        log.exception("could not fail the requests in flight")
+                    self._stop.wait(0.1)  # no hot loop if the failure repeats
+            with self._lock:  # unless `start` came meanwhile: then this thread serves on
+                if self._stop.is_set():
+                    self._looping = False
+                    return
 
     def _iteration(self) -> None:
         engine = self.engine

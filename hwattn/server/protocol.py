@@ -160,7 +160,7 @@ class _Request(_Body):
     """Fields shared by completions and chat: the model and the sampling settings."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, lt=INT64_LIMIT)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1, lt=INT64_LIMIT)
@@ -309,7 +309,7 @@ class CompletionRequest(_Request):
     max_tokens may be 0 (the prompt alone)."""
 
     prompt: Any
-    max_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=0, lt=INT64_LIMIT)
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -394,7 +394,7 @@ class ChatRequest(_Request):
     template's own). `tools` is the no-op `NO_OP` names: tool calling is not implemented."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, lt=INT64_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
