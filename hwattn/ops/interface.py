@@ -12,6 +12,15 @@ table back (a synchronisation on every layer of every step), so the Triton and H
 trust them, and an id outside [0, P) reads memory outside the cache. The engine's tables come
 from its `BlockManager`, which hands out pages [1, P) only; a caller building its own must
 keep its ids in range (the "torch" backend, or a table in host memory, refuses them).
+
+Nor is a plan checked against the lengths of a GPU call: it was made on the host from the
+step's lengths, and comparing would read the device copy back. A decode kernel reads the
+tokens of the plan's lengths and masks those past `cache_seqlens`, so a plan made for other
+lengths skips tokens (shorter) or reads table entries past a sequence's pages and the slots
+past its length (longer); a prefill kernel sizes its grid by the plan's longest query run and
+reads `cu_seqlens_q` / `cache_seqlens` from the device, so a stale plan leaves output rows
+unwritten or reads pages the host never checked. Make the plan from the very lengths the
+step passes (the engine does); with the lengths in host memory, a plan for others is refused.
 """
 
 from __future__ import annotations
@@ -36,8 +45,10 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
             [0, P). Others raise ValueError on the "torch" backend (any device) and on any
             backend for a table in host memory. A GPU table is NOT checked by the kernels
             (that would need a device read): an id out of range reads outside the cache.
-        softmax_scale: default 1/sqrt(D).
-        plan: the backend's plan for the step (`plan_decode` for Triton), reused by every layer.
+        softmax_scale: any finite number, default 1/sqrt(D).
+        plan: the backend's plan for the step (`plan_decode` for Triton), reused by every layer;
+            made from these very lengths (a GPU call cannot check that: see the module
+            docstring).
     Returns:
         out (B, L_q, H_q, D) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
     """
@@ -58,7 +69,7 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
         q_nope: (B, L_q, H_q, D_nope); q_rope: (B, L_q, H_q, D_R).
         kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
         block_table, cache_seqlens, plan: as for `decode`.
-        softmax_scale: default 1/sqrt(D_nope + D_R).
+        softmax_scale: any finite number, default 1/sqrt(D_nope + D_R).
     Returns:
         out (B, L_q, H_q, D_v) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
     """
@@ -82,9 +93,11 @@ def prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
             queries reads none). cu_seqlens_q: (B + 1,) int32 from 0, ending at N.
         cache_seqlens: (B,) int32, counting each sequence's queries; causal bottom-right: query
             j of n sees cache positions < cache_seqlens[b] - n + j + 1.
-        softmax_scale: default 1/sqrt(D_qk).
+        softmax_scale: any finite number, default 1/sqrt(D_qk).
         plan: the step's `plan_prefill(cu_seqlens_q, cache_seqlens)` on host lengths, reused by
-            every layer; without it the lengths are read back from the device.
+            every layer; without it the lengths are read back from the device. It must be
+            made from these very lengths (a GPU call cannot check that: see the module
+            docstring).
     Returns:
         out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
     """
@@ -105,7 +118,7 @@ def prefill_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: T
         q_nope: (N, H_q, D_nope); q_rope: (N, H_q, D_R), packed as for `prefill`.
         kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
         block_table, cu_seqlens_q, cache_seqlens, plan: as for `prefill`.
-        softmax_scale: default 1/sqrt(D_nope + D_R).
+        softmax_scale: any finite number, default 1/sqrt(D_nope + D_R).
     Returns:
         out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
     """

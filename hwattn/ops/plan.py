@@ -123,6 +123,12 @@ class DecodePlan:
                              f"fewer than the query length {query_len} (the new tokens are "
                              f"counted); plan the step with query_len={query_len}")
 
+    def planned_lengths(self) -> Tensor:
+        """(B,) int32 on the plan's device: the tokens of each sequence its items cover, i.e.
+        the lengths it was made for (a sequence's last item ends at its length)."""
+        last = self.splits[:, 0] + self.splits[:, 1] - 1
+        return self.items[last.long(), 2]
+
     def buffers(self, query_len: int, n_heads: int, d_v: int, dtype: torch.dtype,
                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The step's outputs and the partials its pieces write: out (B, L_q, H, d_v) in
@@ -287,6 +293,8 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
         check_positive(num_heads_kv=num_heads_kv, query_len=query_len, page_size=page_size,
                        head_blocks=head_blocks, min_piece=min_piece,
                        programs_per_sm=programs_per_sm)
+    if out is not None and not isinstance(out, DecodePlan):
+        raise ValueError(f"out must be a DecodePlan from plan_decode, got {type(out).__name__}")
     if split_tokens is not None and (split_tokens <= 0 or split_tokens % PIECE_ALIGN):
         raise ValueError(f"split_tokens must be a positive multiple of {PIECE_ALIGN}, "
                          f"got {split_tokens}")

@@ -222,14 +222,17 @@ def store_kv_reference(cache: Tensor, new: Tensor, slot_mapping: Tensor,
         raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())}, past the cache's "
                          f"{n_slots} slots ({cache.shape[0]} pages of {cache.shape[1]})")
     keep = slot_mapping >= 0
-    flat = cache.view(-1, *cache.shape[2:])
     values = new[keep]
     if scale is not None:
         values = values.float() / scale
     if cache.dtype == torch.float8_e4m3fn:  # saturate explicitly, as the Triton store does
         limit = torch.finfo(cache.dtype).max
         values = values.float().clamp(-limit, limit)
-    flat[slot_mapping[keep].long()] = values.to(cache.dtype)
+    # Indexed by (page, offset), not through a flat view: any layout of the cache takes it
+    # (a view fails when the page and token dimensions do not merge, e.g. token-major pools).
+    slots = slot_mapping[keep].long()
+    page_size = cache.shape[1]
+    cache[slots // page_size, slots % page_size] = values.to(cache.dtype)
 
 
 def skinny_linear_reference(x: Tensor, weight: Tensor) -> Tensor:

@@ -49,6 +49,16 @@ class KernelConfig:
     num_stages: int = 2
     max_rows: int = 128
 
+    def __post_init__(self):
+        # Checked when made, as PrefillConfig is: a bad value otherwise surfaced only at the
+        # first launch (block_n), or as an opaque compiler error on the GPU (num_warps).
+        if self.block_n not in (16, 32, 64):
+            raise ValueError(f"block_n must be 16, 32 or 64 (pieces start on multiples of 64), "
+                             f"got {self.block_n}")
+        check_tile(self, ())
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {self.max_rows}")
+
 
 def interpreting() -> bool:
     """Whether Triton runs kernels under its CPU interpreter (TRITON_INTERPRET=1)."""

@@ -345,3 +345,201 @@ def test_reference_ops_refuse_page_ids_out_of_the_cache():
     args = _bad_page(_prefill_case(), "k_cache", 1, 0, 7)
     with pytest.raises(ValueError, match=r"block_table\[1, 0\] is page 7"):
         reference.prefill_reference(*args.values())
+
+
+BAD_SOFTMAX_SCALES = [float("nan"), float("inf"), -float("inf"), torch.tensor(0.25), "0.25"]
+
+
+@pytest.mark.parametrize("scale", BAD_SOFTMAX_SCALES,
+                         ids=["nan", "inf", "-inf", "tensor", "string"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_scale_must_be_a_finite_number(backend, scale):
+    """A NaN or infinite softmax_scale returned NaN everywhere on both backends without a
+    word; a 0-d tensor ran on the reference but reached the Triton kernel as a pointer (an
+    InterpreterError about pointer<fp32>; on the GPU it would need a device read); a string
+    failed in a TypeError naming nothing."""
+    match = "softmax_scale must be a finite number"
+    with pytest.raises(ValueError, match=match):
+        ops.decode(**_decode_case(), softmax_scale=scale, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        ops.decode_tied(**_tied_case(), softmax_scale=scale, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        ops.prefill(**_prefill_case(), softmax_scale=scale, backend=backend)
+    tied = _tied_case()
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        ops.prefill_tied(tied["q_nope"][:, 0], tied["q_rope"][:, 0], tied["kv_cache"],
+                         tied["rope_cache"], tied["block_table"], cu, tied["cache_seqlens"],
+                         softmax_scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.3, 2, np.float32(0.5)],
+                         ids=["zero", "negative", "int", "numpy"])
+def test_finite_softmax_scales_agree_across_backends(scale):
+    """Any finite scale is well defined (zero: uniform weights over the visible tokens;
+    negative: the smallest scores weigh most), and the kernels compute it as the reference.
+    A NumPy float32 scale failed inside the Triton launch ("cannot convert ... of type
+    numpy.float32 to tensor"); it is passed on as a Python float now."""
+    args = _decode_case(lengths=(65, 17), l_q=2)
+    want = ops.decode(**args, softmax_scale=scale, return_lse=True, backend="torch")
+    got = ops.decode(**args, softmax_scale=scale, return_lse=True, backend="triton")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    prefill = _prefill_case()
+    torch.testing.assert_close(ops.prefill(**prefill, softmax_scale=scale, backend="triton"),
+                               ops.prefill(**prefill, softmax_scale=scale, backend="torch"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _lengths_in_host_memory():
+    """Skip on a GPU run: a GPU call trusts its plan (comparing would read the lengths back)."""
+    if DEVICE.type != "cpu":
+        pytest.skip("plans are held to the call's lengths only where these are in host memory")
+
+
+def test_plan_decode_out_must_be_a_decode_plan():
+    """`out=` of another kind (a prefill plan, a Hopper plan handed to the Triton backend)
+    failed in an AttributeError naming neither `out` nor what it should be."""
+    lengths = torch.tensor([40, 9], dtype=torch.int32)
+    for out in (ops.plan_prefill([0, 1, 2], [40, 9]), object()):
+        with pytest.raises(ValueError, match="out must be a DecodePlan from plan_decode"):
+            ops.plan_decode(lengths, num_heads_kv=2, out=out)
+        with pytest.raises(ValueError, match="out must be a DecodePlan"):
+            ops.get_backend("triton").plan(lengths, num_heads_kv=2, page_size=16, out=out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_plan_for_other_lengths_is_refused_where_they_are_on_the_host(backend):
+    """The kernels read the tokens of the plan's lengths and mask those past cache_seqlens.
+    A plan of the same batch made for other lengths: shorter ones made the Triton kernel skip
+    the sequence's last tokens (a silently wrong output); longer ones made it read the table
+    entries past the sequence's pages (here out-of-range ids: a segmentation fault under the
+    interpreter, a read outside the cache on a GPU) and, through pages in range, the slots
+    past its length (NaN here: a NaN output, as 0 x NaN is NaN). With the lengths in host
+    memory, checking costs nothing. The reference ignored the plan (it reads the lengths);
+    it refuses one made for other lengths alike."""
+    _lengths_in_host_memory()
+    args = _decode_case(lengths=(70, 30))  # sequence 1: pages 0-1 of its row, garbage after
+    want = ops.decode(**args, backend="torch")
+    shorter = ops.plan_decode(torch.tensor([70, 9], dtype=torch.int32), num_heads_kv=2)
+    with pytest.raises(ValueError, match="sequence 1 was planned with 9 tokens, but "
+                                         "cache_seqlens gives it 30"):
+        ops.decode(**args, plan=shorter, backend=backend)
+    longer = ops.plan_decode(torch.tensor([70, 40], dtype=torch.int32), num_heads_kv=2)
+    table = args["block_table"].clone()
+    table[1, 2] = table[0, 0]  # the extra page in range: only the NaN slots remain
+    for block_table in (args["block_table"], table):
+        with pytest.raises(ValueError, match="sequence 1 was planned with 40 tokens, but "
+                                             "cache_seqlens gives it 30"):
+            ops.decode(**{**args, "block_table": block_table}, plan=longer, backend=backend)
+    # Plans of the call's own lengths, in one piece or split, still run.
+    split = ops.plan_decode(args["cache_seqlens"], num_heads_kv=2, split_tokens=64)
+    assert split.max_pieces == 2
+    for plan in (ops.plan_decode(args["cache_seqlens"], num_heads_kv=2), split):
+        torch.testing.assert_close(ops.decode(**args, plan=plan, backend=backend), want,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_hopper_plan_for_other_lengths_is_refused_where_they_are_on_the_host():
+    """The Hopper backend's step plan (the lengths it read, one DecodePlan per launch shape)
+    is held to the call's lengths the same way."""
+    _lengths_in_host_memory()
+    pytest.importorskip("triton.experimental.gluon")
+    from hwattn.ops.backends.hopper_backend import HopperBackend
+
+    backend = HopperBackend()
+    args = _decode_case(lengths=(40, 30))
+    plan = backend.plan(torch.tensor([40, 9], dtype=torch.int32), num_heads_kv=2,
+                        page_size=16, device="cpu")
+    with pytest.raises(ValueError, match="sequence 1 was planned with 9 tokens"):
+        ops.decode(**args, plan=plan, backend=backend)
+    backend.plan(args["cache_seqlens"], num_heads_kv=2, page_size=16, out=plan)
+    torch.testing.assert_close(ops.decode(**args, plan=plan, backend=backend),
+                               ops.decode(**args, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_plan_for_other_lengths_is_refused_where_they_are_on_the_host(backend):
+    """The prefill kernel reads cu_seqlens_q and cache_seqlens from the tensors and sizes its
+    grid by the plan. A plan of other lengths with the same batch and query rows: a shorter
+    longest query run left rows of `out` unwritten (uninitialised memory); longer cached
+    lengths on the device than in the plan read pages the plan's page check never saw (a
+    segmentation fault under the interpreter); offsets not starting at 0 on the device wrote
+    past `out`. The reference ignored the plan. With the lengths on the host, both refuse."""
+    _lengths_in_host_memory()
+    args = _prefill_case()  # cu [0, 3, 12], cache_seqlens [40, 9]
+    cases = [(ops.plan_prefill([0, 6, 12], [40, 9]), {},
+              "sequence 0 was planned with 6 queries over 40 tokens, but cu_seqlens_q and "
+              "cache_seqlens give it 3 over 40"),
+             (ops.plan_prefill([0, 3, 12], [40, 9]),
+              {"cache_seqlens": torch.tensor([40, 33], dtype=torch.int32, device=DEVICE)},
+              "sequence 1 was planned with 9 queries over 9 tokens.* give it 9 over 33"),
+             (ops.plan_prefill([0, 3, 12], [40, 9]),
+              {"cu_seqlens_q": torch.tensor([1, 4, 13], dtype=torch.int32, device=DEVICE)},
+              "cu_seqlens_q must start at 0")]
+    for plan, override, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ops.prefill(**{**args, **override}, plan=plan, backend=backend)
+    plan = ops.plan_prefill(args["cu_seqlens_q"], args["cache_seqlens"])
+    torch.testing.assert_close(ops.prefill(**args, plan=plan, backend=backend),
+                               ops.prefill(**args, backend="torch"), rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_float32_scales_reach_the_kernels_as_python_floats():
+    """Scales that are NumPy float32 scalars (what arithmetic on float32 arrays yields) passed
+    the checks as real numbers, then failed inside the Triton launch ("cannot convert ... of
+    type numpy.float32 to tensor"); the reference took them."""
+    half = np.float32(0.5)
+    args = _decode_case()
+    torch.testing.assert_close(
+        ops.decode(**args, k_scale=half, v_scale=np.float32(2), backend="triton"),
+        ops.decode(**args, k_scale=half, v_scale=np.float32(2), backend="torch"),
+        rtol=1e-5, atol=1e-5)
+    tied = _tied_case()
+    torch.testing.assert_close(
+        ops.decode_tied(**tied, softmax_scale=0.1, kv_scale=half, backend="triton"),
+        ops.decode_tied(**tied, softmax_scale=0.1, kv_scale=half, backend="torch"),
+        rtol=1e-5, atol=1e-5)
+    prefill = _prefill_case()
+    torch.testing.assert_close(ops.prefill(**prefill, k_scale=half, backend="triton"),
+                               ops.prefill(**prefill, k_scale=half, backend="torch"),
+                               rtol=1e-5, atol=1e-5)
+    new, slots = torch.randn(3, 2, 8, device=DEVICE), torch.tensor([5, 0, 17], device=DEVICE)
+    caches = {}
+    for backend in BACKENDS:
+        caches[backend] = torch.zeros(4, 16, 2, 8, device=DEVICE)
+        ops.store_kv(caches[backend], new, slots, scale=half, backend=backend)
+    torch.testing.assert_close(caches["triton"], caches["torch"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fields, name", [
+    (dict(block_n=128), "block_n"), (dict(block_n=8), "block_n"), (dict(num_warps=3), "num_warps"),
+    (dict(num_stages=0), "num_stages"), (dict(max_rows=0), "max_rows")])
+def test_decode_kernel_config_is_checked_when_made(fields, name):
+    """A forced decode tile shape (TritonBackend(config=...)) was taken as made: block_n 128
+    failed at the first launch, far from where it was chosen, and a num_warps Triton does not
+    launch with only inside the GPU compiler; the prefill config already checked itself."""
+    from hwattn.ops.triton_decode import KernelConfig
+
+    with pytest.raises(ValueError, match=name):
+        KernelConfig(**fields)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_queries_without_any_key_width_are_refused(backend):
+    """q_nope and q_rope both 0 wide (no key to score with): the default softmax scale
+    1/sqrt(D_nope + D_R) failed in a ZeroDivisionError naming neither. One of them empty is
+    a key of the other's width alone, and runs."""
+    tied = _tied_case()
+    empty = {**tied, "q_nope": tied["q_nope"][..., :0], "q_rope": tied["q_rope"][..., :0],
+             "rope_cache": tied["rope_cache"][..., :0]}
+    with pytest.raises(ValueError, match="q_nope and q_rope must not both be empty"):
+        ops.decode_tied(**empty, backend=backend)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="q_nope and q_rope must not both be empty"):
+        ops.prefill_tied(empty["q_nope"][:, 0], empty["q_rope"][:, 0], empty["kv_cache"],
+                         empty["rope_cache"], empty["block_table"], cu, empty["cache_seqlens"],
+                         backend=backend)
+    no_rope = {**empty, "q_nope": tied["q_nope"]}
+    torch.testing.assert_close(ops.decode_tied(**no_rope, backend=backend),
+                               ops.decode_tied(**no_rope, backend="torch"), rtol=1e-5, atol=1e-5)

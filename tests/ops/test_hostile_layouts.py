@@ -257,3 +257,22 @@ def test_store_from_views_of_a_fused_projection():
         torch.testing.assert_close(got.view(torch.uint8), ref.view(torch.uint8), rtol=0, atol=0)
         assert torch.equal(got.flatten(0, 1)[keep], new[slots >= 0])
         assert got.flatten(0, 1)[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_store_into_a_cache_whose_pages_and_tokens_do_not_merge(backend):
+    """A cache (P, page, H, D) viewed out of a token-major pool (page, P, H, D): the decode
+    kernels read it through its strides, but the store (the reference, and the Triton
+    backend's fallback for a non-contiguous cache) wrote through `cache.view(-1, ...)`, which
+    fails for it with an opaque RuntimeError about view sizes and strides."""
+    n_pool, page, h_kv, dim = 4, 16, 2, 8
+    pool = torch.full((page, n_pool, h_kv, dim), float("nan"), device=DEVICE)
+    cache = pool.transpose(0, 1)  # (P, page, H, D)
+    new = torch.randn(5, h_kv, dim, device=DEVICE)
+    slots = torch.tensor([3, -1, 17, 63, 32], device=DEVICE)
+    ops.store_kv(cache, new, slots, backend=backend)
+    for token, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            torch.testing.assert_close(cache[slot // page, slot % page], new[token],
+                                       rtol=0, atol=0)
+    assert cache.isnan().flatten(0, 1).all(-1).all(-1).sum() == n_pool * page - 4

@@ -51,12 +51,29 @@ def _check_index(name: str, t: Tensor) -> None:
                          f"{t.stride()} for shape {tuple(t.shape)}")
 
 
-def _check_scale(name: str, scale) -> None:
+def _check_scale(name: str, scale) -> float | None:
     """ValueError unless a dequantisation scale is None or a positive finite number (the
-    kernels fold it into the softmax scale and the output; zero, NaN or inf cannot be)."""
-    if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale)
-                                  and scale > 0):
+    kernels fold it into the softmax scale and the output; zero, NaN or inf cannot be);
+    returned as a Python float (a NumPy float32 is no scalar a Triton launch takes)."""
+    if scale is None:
+        return None
+    if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"{name} must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_softmax_scale(scale) -> float | None:
+    """ValueError unless `softmax_scale` is None or a finite real number (zero and negative
+    scales are well defined and allowed); returned as a Python float (a NumPy float32 is no
+    scalar a Triton launch takes). A NaN or inf scale made every output NaN; a tensor reached
+    the Triton kernels as a pointer (an opaque compile error there) and would need a device
+    read on the GPU."""
+    if scale is None:
+        return None
+    if not (isinstance(scale, numbers.Real) and math.isfinite(scale)):
+        raise ValueError(f"softmax_scale must be a finite number (or None for 1/sqrt(D)), "
+                         f"got {scale!r}")
+    return float(scale)
 
 
 def _check_nonempty(name: str, t: Tensor, dims: tuple[str, ...], may_be_empty: str = "") -> None:
@@ -153,6 +170,9 @@ def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     if q_rope.dtype != q_nope.dtype:
         raise ValueError(f"q_rope dtype {q_rope.dtype} must match q_nope's {q_nope.dtype}")
     d_rope = q_rope.shape[-1]
+    if d_nope + d_rope == 0:  # no key at all (and the default scale 1/sqrt(0))
+        raise ValueError(f"q_nope and q_rope must not both be empty: D_nope + D_R is 0 "
+                         f"(shapes {tuple(q_nope.shape)}, {tuple(q_rope.shape)})")
     if kv_cache.dim() != 4:
         raise ValueError(f"kv_cache must be (P, page_size, H_kv, D_v), got {tuple(kv_cache.shape)}")
     if kv_cache.shape[3] < d_nope:
@@ -184,6 +204,21 @@ def _check_store(cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
     for name, t in (("new", new), ("slot_mapping", slot_mapping)):
         if t.device != cache.device:
             raise ValueError(f"{name} is on {t.device} but cache is on {cache.device}")
+
+
+def _check_prefill_plan(plan: PrefillPlan, actual: PrefillPlan) -> None:
+    """ValueError naming the first sequence whose planned query or cache length differs from
+    the call's (`actual`, the plan of its cu_seqlens_q and cache_seqlens)."""
+    if plan == actual:
+        return
+    if plan.batch != actual.batch:
+        raise ValueError(f"plan was made for B={plan.batch}, not B={actual.batch}")
+    b = next(b for b in range(plan.batch) if (plan.query_lens[b], plan.seqlens[b])
+             != (actual.query_lens[b], actual.seqlens[b]))
+    raise ValueError(f"plan was made for other lengths: sequence {b} was planned with "
+                     f"{plan.query_lens[b]} queries over {plan.seqlens[b]} tokens, but "
+                     f"cu_seqlens_q and cache_seqlens give it {actual.query_lens[b]} over "
+                     f"{actual.seqlens[b]} (plan each step from its own lengths)")
 
 
 class AttentionBackend:
@@ -306,7 +341,10 @@ class AttentionBackend:
                      cache_seqlens: Tensor, batch: int, query_len: int, device: torch.device,
                      plan: Any) -> None:
         capacity = _check_table(name_cache, cache, block_table, cache_seqlens, batch, device)
-        if self.check_plan(plan, batch, capacity):
+        vouches = self.check_plan(plan, batch, capacity)
+        if plan is not None and cache_seqlens.device.type == "cpu":
+            self._check_plan_lengths(plan, cache_seqlens)
+        if vouches:
             # The plan read the lengths on the host already: no device read (CUDA graphs).
             self._check_host_pages(cache, block_table, cache_seqlens)
             return
@@ -320,6 +358,29 @@ class AttentionBackend:
             raise ValueError(f"block_table has {block_table.shape[1]} pages of {cache.shape[1]} "
                              f"tokens = {capacity} slots, too short for cache_seqlens max {hi}")
         self._check_host_pages(cache, block_table, cache_seqlens)
+
+    def _check_plan_lengths(self, plan: Any, cache_seqlens: Tensor) -> None:
+        """For lengths in host memory (free to read): ValueError unless `plan` was made for
+        exactly `cache_seqlens`. The kernels read the tokens of the plan's lengths and mask
+        those past cache_seqlens: a plan for fewer tokens skipped the sequence's last ones,
+        one for more read table entries past its pages and slots past its length (a NaN
+        there poisons the output)."""
+        planned = self.plan_lengths(plan)
+        if planned is None:
+            return
+        planned = planned.cpu()
+        differ = (planned != cache_seqlens).nonzero()
+        if len(differ):
+            b = int(differ[0])
+            raise ValueError(f"plan was made for other lengths: sequence {b} was planned with "
+                             f"{int(planned[b])} tokens, but cache_seqlens gives it "
+                             f"{int(cache_seqlens[b])} (plan each step from its own lengths)")
+
+    def plan_lengths(self, plan: Any) -> Tensor | None:
+        """The (B,) lengths a plan this backend vouches with (`check_plan`) was made for: the
+        tokens of each sequence its kernels read (on the plan's device), or None if the plan
+        does not record them. Read only where the call's lengths are in host memory."""
+        return plan.planned_lengths() if isinstance(plan, DecodePlan) else None
 
     def _check_host_pages(self, cache: Tensor, block_table: Tensor, lengths) -> None:
         """`check_block_table` of a table in host memory, for a backend whose hooks do not
@@ -345,16 +406,21 @@ class AttentionBackend:
                 for a table in host memory; a GPU table is not checked (reading it would
                 synchronise with the device) and a kernel reads where it points: build it
                 from pages you own (the engine's `BlockManager` hands out only [1, P)).
-            softmax_scale: default 1/sqrt(D).
-            plan: this backend's plan for the step (`plan(...)`), reused by every layer.
+            softmax_scale: any finite number, default 1/sqrt(D).
+            plan: this backend's plan for the step (`plan(...)`), reused by every layer, made
+                from these very lengths: its kernels read the tokens of the plan's lengths. A
+                plan of other lengths is refused where cache_seqlens is in host memory; a GPU
+                call trusts it (comparing would read the lengths back).
         Returns:
             out (B, L_q, H_q, D) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
         """
         _check_kv(q, k_cache, v_cache, k_scale, v_scale, ("B", "L_q", "H_q"),
                   value_width=q.shape[-1])
+        k_scale, v_scale = _check_scale("k_scale", k_scale), _check_scale("v_scale", v_scale)
         batch, query_len, _, head_dim = q.shape
         self._check_paged("k_cache", k_cache, block_table, cache_seqlens, batch, query_len,
                           q.device, plan)
+        softmax_scale = _check_softmax_scale(softmax_scale)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         out, lse = self.run_decode(q, k_cache, v_cache, block_table, cache_seqlens,
                                    softmax_scale=scale, plan=plan, k_scale=k_scale,
@@ -373,18 +439,20 @@ class AttentionBackend:
             q_nope: (B, L_q, H_q, D_nope); q_rope: (B, L_q, H_q, D_R).
             kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
             block_table, cache_seqlens, plan: as for `decode`.
-            softmax_scale: default 1/sqrt(D_nope + D_R).
+            softmax_scale: any finite number, default 1/sqrt(D_nope + D_R).
             kv_scale: dequantisation scale of an fp8 cache (both caches share it).
         Returns:
             out (B, L_q, H_q, D_v) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
         """
         _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, ("B", "L_q", "H_q"))
+        kv_scale = _check_scale("kv_scale", kv_scale)
         batch, query_len, n_heads, d_nope = q_nope.shape
         d_rope = q_rope.shape[3]
         self._check_paged("kv_cache", kv_cache, block_table, cache_seqlens, batch, query_len,
                           q_nope.device, plan)
         if q_rope.device != q_nope.device or rope_cache.device != q_nope.device:
             raise ValueError("q_rope and rope_cache must be on q_nope's device")
+        softmax_scale = _check_softmax_scale(softmax_scale)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_nope + d_rope)
         out, lse = self.run_decode_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                         cache_seqlens, softmax_scale=scale, plan=plan,
@@ -415,7 +483,8 @@ class AttentionBackend:
         if cu_seqlens_q.device != device:
             raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device} but q is on {device}")
         capacity = _check_table(name_cache, cache, block_table, cache_seqlens, batch, device)
-        if plan is None:
+        given = plan is not None
+        if not given:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise ValueError("plan: a prefill call inside a CUDA graph capture needs the "
                                  "step's plan (backend.plan_prefill), its lengths cannot be read")
@@ -426,6 +495,11 @@ class AttentionBackend:
         elif not isinstance(plan, PrefillPlan):
             raise ValueError(f"plan must be a PrefillPlan from plan_prefill, got {type(plan).__name__}")
         plan.check(batch, n_tokens, capacity)
+        if given and device.type == "cpu":
+            # Lengths in host memory cost nothing to read: the plan must be theirs. (The
+            # kernel reads them from the tensors and sizes its grid by the plan: a plan of
+            # other lengths left query rows unwritten or read pages no check had seen.)
+            _check_prefill_plan(plan, plan_prefill(cu_seqlens_q, cache_seqlens))
         # A sequence without queries this step reads none of its pages.
         self._check_host_pages(cache, block_table, [n if q else 0 for n, q in
                                                     zip(plan.seqlens, plan.query_lens)])
@@ -450,16 +524,20 @@ class AttentionBackend:
                 non-decreasing, ending at N (a sequence may have no queries).
             cache_seqlens: (B,) int32, tokens cached per sequence counting its queries; query j
                 of a sequence of n queries sees cache positions < cache_seqlens[b] - n + j + 1.
-            softmax_scale: default 1/sqrt(D_qk).
+            softmax_scale: any finite number, default 1/sqrt(D_qk).
             plan: the step's `plan_prefill(...)`, shared by every layer; without it the lengths
-                are read back from the device (a synchronisation).
+                are read back from the device (a synchronisation). It must be the plan of
+                these very tensors: refused otherwise where they are in host memory, trusted
+                on the GPU (the kernel sizes its grid by it and reads the lengths itself).
         Returns:
             out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
         """
         _check_kv(q, k_cache, v_cache, k_scale, v_scale, ("N", "H_q"), value_width=None)
+        k_scale, v_scale = _check_scale("k_scale", k_scale), _check_scale("v_scale", v_scale)
         n_tokens, _, d_qk = q.shape
         plan = self._check_varlen("k_cache", k_cache, block_table, cu_seqlens_q, cache_seqlens,
                                   n_tokens, q.device, plan)
+        softmax_scale = _check_softmax_scale(softmax_scale)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_qk)
         out, lse = self.run_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q,
                                     cache_seqlens, softmax_scale=scale, plan=plan,
@@ -479,18 +557,20 @@ class AttentionBackend:
             q_nope: (N, H_q, D_nope); q_rope: (N, H_q, D_R), packed as for `prefill`.
             kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
             block_table, cu_seqlens_q, cache_seqlens, plan: as for `prefill`.
-            softmax_scale: default 1/sqrt(D_nope + D_R).
+            softmax_scale: any finite number, default 1/sqrt(D_nope + D_R).
             kv_scale: dequantisation scale of an fp8 cache (both caches share it).
         Returns:
             out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
         """
         _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, ("N", "H_q"))
+        kv_scale = _check_scale("kv_scale", kv_scale)
         n_tokens, n_heads, d_nope = q_nope.shape
         d_rope = q_rope.shape[2]
         if q_rope.device != q_nope.device or rope_cache.device != q_nope.device:
             raise ValueError("q_rope and rope_cache must be on q_nope's device")
         plan = self._check_varlen("kv_cache", kv_cache, block_table, cu_seqlens_q, cache_seqlens,
                                   n_tokens, q_nope.device, plan)
+        softmax_scale = _check_softmax_scale(softmax_scale)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_nope + d_rope)
         out, lse = self.run_prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                          cu_seqlens_q, cache_seqlens, softmax_scale=scale,
@@ -510,7 +590,7 @@ class AttentionBackend:
             scale: quantisation scale for an fp8 cache (stored = value / scale), positive.
         """
         _check_store(cache, new, slot_mapping)
-        _check_scale("scale", scale)
+        scale = _check_scale("scale", scale)
         self.run_store_kv(cache, new, slot_mapping, scale=scale)
 
     @torch.compiler.disable
@@ -524,5 +604,5 @@ class AttentionBackend:
                              f"{len(caches)} caches and {len(news)} tensors")
         for cache, new in zip(caches, news):
             _check_store(cache, new, slot_mapping)
-        _check_scale("scale", scale)
+        scale = _check_scale("scale", scale)
         self.run_store_kvs(tuple(caches), tuple(news), slot_mapping, scale=scale)

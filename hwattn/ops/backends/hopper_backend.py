@@ -154,6 +154,11 @@ class HopperBackend(TritonBackend):
             return [p for p in plan.plans.values() if p.packed is not None]
         return super().plan_parts(plan)
 
+    def plan_lengths(self, plan):
+        if isinstance(plan, HopperPlan):  # every launch shape's plan is made from these
+            return plan.lengths
+        return super().plan_lengths(plan)
+
     def check_plan(self, plan, batch: int, capacity: int) -> bool:
         if isinstance(plan, HopperPlan):
             if plan.batch != batch:
