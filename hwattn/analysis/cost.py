@@ -50,12 +50,15 @@ def analyze(preset: str = "xl", variants=DEFAULT_VARIANTS, tps=(1,), batch: int 
             context: int = 8192, dtype: str = "bf16", gpu: GPUSpec = GPUS["h100"]) -> list[dict]:
     """One row per (variant, TP degree); byte and time figures are per rank. ValueError
     naming `batch` or `context` unless a positive integer, `tps` unless positive integers,
-    `variants` or `tps` when empty."""
+    `variants` or `tps` when empty, `variants` when a string (not a sequence of labels)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     for name, value in (("batch", batch), ("context", context)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(variants, str):  # iterated letter by letter: "variant ... got 'm'"
+        raise ValueError(f"variants must be a sequence of labels, got the string {variants!r} "
+                         f"(give [{variants!r}], or split a comma-separated list)")
     variants, tps = tuple(variants), tuple(tps)
     if not variants:
         raise ValueError("variants must name at least one variant")

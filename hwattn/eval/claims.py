@@ -120,10 +120,23 @@ def ppl_of(r: dict, domain: str) -> float:
 
 
 def paired_gaps(by: dict, new: str, base: str, domain: str) -> list[tuple[int, float]]:
-    """(seed, ppl_new / ppl_base − 1) for every seed both variants finished."""
+    """(seed, ppl_new / ppl_base − 1) for every seed both variants finished. ValueError
+    naming the run whose perplexity is not a finite positive number (a diverged run): an
+    infinite baseline made a gap of −100%, a claim helped by its baseline diverging."""
     base_by_seed = {r["seed"]: r for r in by.get(base, [])}
-    return [(r["seed"], ppl_of(r, domain) / ppl_of(base_by_seed[r["seed"]], domain) - 1)
-            for r in by.get(new, []) if r["seed"] in base_by_seed]
+    out = []
+    for r in by.get(new, []):
+        if r["seed"] not in base_by_seed:
+            continue
+        pair = (r, base_by_seed[r["seed"]])
+        for run in pair:
+            p = ppl_of(run, domain)
+            if not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
+                raise ValueError(f"run {run['variant']}-s{run['seed']}: its {domain} perplexity "
+                                 f"is {p!r}, not a finite positive number (a diverged run?): "
+                                 f"seed {r['seed']} of {new} vs {base} has no gap")
+        out.append((r["seed"], ppl_of(pair[0], domain) / ppl_of(pair[1], domain) - 1))
+    return out
 
 
 def verdict(interval: tuple[float, float, float] | None) -> str:

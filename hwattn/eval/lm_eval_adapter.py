@@ -79,6 +79,19 @@ class HwattnLM(LM):
                              f"{batch_size!r}")
         if amp not in AMP_CHOICES:  # `autocast_for` reads any other value as fp32
             raise ValueError(f"hwattn model_args: amp must be one of {AMP_CHOICES}, got {amp!r}")
+        # What only loading a checkpoint reads was dropped without a word beside a loaded
+        # model (the model stayed on its device, the checkpoint was not read), and a tokenizer
+        # beside pretrained= was replaced by the checkpoint's.
+        if model is not None:
+            ignored = [name for name, value in (("pretrained", pretrained),
+                                                ("cpu_threads", cpu_threads)) if value is not None]
+            ignored += ["device"] if device not in (None, "auto") else []
+            if ignored:
+                raise ValueError(f"HwattnLM: {', '.join(ignored)} cannot be given with a model "
+                                 "(it is used as it is, on its device and threads)")
+        elif tokenizer is not None:
+            raise ValueError("HwattnLM: tokenizer cannot be given with pretrained= (the "
+                             "checkpoint's own tokenizer is used)")
         if model is None:
             if pretrained is None:
                 raise ValueError("HwattnLM needs a model or pretrained=<checkpoint dir>")

@@ -20,10 +20,15 @@ pretrained=CKPT --tasks hwattn_cloze --include_path DIR` runs it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 # The task names `write_tasks` gives the items of `hwattn.eval.suite.build_tasks`.
 TASK_NAMES = {"cloze": "hwattn_cloze", "mc": "hwattn_mc"}
+
+
+# Plain words YAML reads as something other than a string.
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n"}
 
 
 def task_yaml(name: str, path: Path) -> str:
@@ -31,10 +36,19 @@ def task_yaml(name: str, path: Path) -> str:
     rows = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
     if not rows:
         raise ValueError(f"task {name}: {path} has no rows")
-    first = json.loads(rows[0])
+    try:
+        first = json.loads(rows[0])
+    except ValueError as err:
+        raise ValueError(f"task {name}: the first row of {path} is not JSON ({err})") from None
+    if not isinstance(first, dict):  # `"context" in first` was a substring test on a string
+        raise ValueError(f"task {name}: the rows of {path} must be JSON objects, the first is "
+                         f"{type(first).__name__}")
     files = json.dumps({"test": str(Path(path).resolve())})
-    head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files: {files}\n"
-            "test_split: test\n")
+    # A name other than letters, digits and _.- is quoted (JSON is YAML): "a: b" made a
+    # YAML error, "x #2" the task "x", "123" a number.
+    plain = re.fullmatch(r"[A-Za-z_][\w.\-]*", name) and name.lower() not in _YAML_WORDS
+    head = (f"task: {name if plain else json.dumps(name)}\ndataset_path: json\ndataset_kwargs:\n"
+            f"  data_files: {files}\ntest_split: test\n")
     if "choices" in first and "gold" in first:
         return head + ("output_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
                        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: gold\n"

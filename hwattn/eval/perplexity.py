@@ -32,11 +32,34 @@ def autocast_for(device: torch.device | str, dtype: str = "auto"):
     return nullcontext()
 
 
+def check_window_args(model, seq_len: int, max_tokens: int | None = None,
+                      batch_size: int = 16) -> None:
+    """ValueError naming the argument, before any forward pass, unless `seq_len` and
+    `batch_size` are integers >= 1, `max_tokens` is None or one, and `seq_len` is within the
+    model's context (`config.max_seq_len`, where the model has one). A `seq_len` of 0 was a
+    ZeroDivisionError, a `batch_size` of 0 "range() arg 3 must not be zero", a `seq_len`
+    beyond the context failed inside the model, and a negative `max_tokens` was read as
+    "-4 tokens are fewer than one evaluation window"."""
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
+                        ("max_tokens", max_tokens)):
+        if name == "max_tokens" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    context = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if context is not None and seq_len > context:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {context} tokens "
+                         "(max_seq_len)")
+
+
 @torch.no_grad()
 def token_losses(model, windows: torch.Tensor, batch_size: int = 16, amp: str = "auto",
                  bar=None) -> torch.Tensor:
     """Per-token losses (n, T) in nats of `windows` (n, T + 1) int64. `bar` (a progress bar,
     optional) advances by the tokens of each batch scored."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(windows), batch_size):
@@ -59,9 +82,17 @@ def evaluate_perplexity(model, tokens: np.ndarray, seq_len: int, token_bytes: np
     tokens: (N,) held-out token ids; at most `max_tokens` of them are scored, in whole
         windows of `seq_len` (the largest multiple of seq_len within both max_tokens and
         N - 1): the record's "tokens" is the number actually scored.
+    token_bytes: (V,) UTF-8 bytes per id, covering every id of the scored windows.
     bar: a progress bar (optional), advanced by the tokens scored.
+    ValueError naming the argument, before any forward pass, for a bad `seq_len`,
+    `max_tokens` or `batch_size` (`check_window_args`) or a `token_bytes` too short.
     """
+    check_window_args(model, seq_len, max_tokens, batch_size)
     windows = eval_windows(tokens, seq_len, max_tokens)
+    if token_bytes is not None and len(token_bytes) <= int(windows.max()):
+        raise ValueError(f"token_bytes has {len(token_bytes)} entries but the tokens hold id "
+                         f"{int(windows.max())}: give the byte lengths of the tokenizer "
+                         "that made them")
     losses = token_losses(model, windows, batch_size, amp, bar)
     total = float(losses.double().sum())
     n = losses.numel()
@@ -81,6 +112,7 @@ def evaluate_domains(model, dataset, seq_len: int, max_tokens: int | None = None
     """{domain: perplexity record} for every held-out domain of a `TokenDataset`, plus
     "average": the unweighted mean over domains of loss, ppl and bpb. `progress`: a bar on
     stderr of the tokens scored, all domains together."""
+    check_window_args(model, seq_len, max_tokens, batch_size)
     lengths = dataset.tokenizer.token_byte_lengths
     total = seq_len * sum(eval_window_count(len(dataset.val[d]), seq_len, max_tokens)
                           for d in dataset.domains)

@@ -69,10 +69,26 @@ def recall_accuracy(model, tokenizer, pair_counts: tuple[int, ...] = (8, 32, 64)
                     seed: int = 0, batch_size: int = 16, amp: str = "auto",
                     progress: bool = False) -> dict:
     """{"pairs_<n>": accuracy} for each pair count that fits `max_len`, plus "mean"
-    (over those counts) and "chance". `progress`: a bar on stderr of the sequences scored."""
+    (over those counts) and "chance". `progress`: a bar on stderr of the sequences scored.
+    ValueError naming the argument, before any forward pass, unless `pair_counts`,
+    `n_queries`, `n_seqs` and `batch_size` are integers >= 1 (0 queries or sequences
+    divided by zero, a batch of 0 was "range() arg 3 must not be zero") and `max_len` is
+    within the model's context."""
+    for name, value in (("n_queries", n_queries), ("n_seqs", n_seqs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    bad = [n for n in pair_counts if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+    if bad:
+        raise ValueError(f"pair_counts must be integers >= 1, got {bad[0]!r}")
+    context = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if max_len is None:
+        max_len = context
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= (
+            context or max_len):
+        raise ValueError(f"max_len must be an integer from 1 to the model's context of "
+                         f"{context} tokens (max_seq_len), got {max_len!r}")
     device = next(model.parameters()).device
     words = word_tokens(tokenizer)
-    max_len = max_len or model.config.max_seq_len
     counts = [n for n in pair_counts if 2 * (n + n_queries) <= max_len and len(words) >= 4 * n]
     bar = progress_bar(total=len(counts) * n_seqs, desc="recall", unit="seq",
                        disable=not progress)

@@ -53,9 +53,19 @@ def evaluate_model(model, dataset: TokenDataset, cfg: EvalConfig, tasks: dict | 
     """{"ppl": {domain: {loss, ppl, bpb, tokens, bytes}, "average": ...}, "cloze": {...},
     "mc": {...}, "recall": {...}, "seconds": {...}}. `tasks` reuses items from `build_tasks`.
     `progress`: a bar on stderr per measurement (tokens, cloze items, choices, recall
-    sequences scored)."""
+    sequences scored). The model is in eval mode meanwhile and back in its own mode after,
+    also when a measurement raises."""
     was_training = model.training
     model.eval()
+    try:
+        return _measure(model, dataset, cfg, tasks, progress)
+    finally:
+        model.train(was_training)
+
+
+def _measure(model, dataset: TokenDataset, cfg: EvalConfig, tasks: dict | None,
+             progress: bool) -> dict:
+    """`evaluate_model`'s measurements, the model already in eval mode."""
     tasks = tasks if tasks is not None else build_tasks(dataset, cfg)
     tok = dataset.tokenizer
     out, secs = {}, {}
@@ -80,5 +90,4 @@ def evaluate_model(model, dataset: TokenDataset, cfg: EvalConfig, tasks: dict | 
                                         cfg.amp, progress)
         secs["recall"] = time.perf_counter() - t
     out["seconds"] = secs
-    model.train(was_training)
     return out

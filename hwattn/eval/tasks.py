@@ -195,13 +195,16 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], max_len: int
     continuation is longer than `max_len`, that pair's `max_len` is raised to its length, which
     scores it after one context token (up to the model's `max_seq_len`), the others' left as they are, so no pair's score depends on the
     pairs it is scored with. `bar` (a progress bar, optional) advances by the pairs of each
-    batch."""
+    batch. ValueError for a `max_len` beyond the model's context, before any forward pass."""
     if not batch_size >= 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not max_len >= 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     device = next(model.parameters()).device
     limit = getattr(getattr(model, "config", None), "max_seq_len", None) or max_len
+    if max_len > limit:  # it failed inside the model, on the first long pair
+        raise ValueError(f"max_len {max_len} exceeds the model's context of {limit} tokens "
+                         "(max_seq_len)")
     rows, windows = [], []
     for ctx, cont in pairs:
         if not ctx:  # its first token would have nothing to be predicted from
@@ -253,7 +256,14 @@ def score_cloze(model, tokenizer, items: list[dict], max_len: int, batch_size: i
 def score_mc(model, tokenizer, items: list[dict], max_len: int, batch_size: int = 16,
              amp: str = "auto", progress: bool = False) -> dict:
     """acc (argmax total log-likelihood) and acc_norm (argmax per character), per domain.
-    `progress`: a bar on stderr of the choices scored (every item's, together)."""
+    `progress`: a bar on stderr of the choices scored (every item's, together). ValueError
+    naming the item, before any scoring, for one with fewer than two choices or a `gold`
+    that is not the index of one (it was never right, so accuracy fell without a word)."""
+    for k, x in enumerate(items):
+        n, gold = len(x["choices"]), x["gold"]
+        if n < 2 or isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < n:
+            raise ValueError(f"multiple-choice item {k}: needs two or more choices and gold an "
+                             f"index into them, got {n} choice(s) and gold {gold!r}")
     pairs, owner = [], []
     for k, x in enumerate(items):
         for c in x["choices"]:

@@ -19,6 +19,8 @@ from hwattn.analysis.cost import analyze
     (dict(tps=()), "tps must hold at least one TP degree"),
     (dict(tps=(2.0,)), "tps must hold positive integers, got 2.0"),  # was float byte counts
     (dict(tps=(1, True)), "tps must hold positive integers, got True"),
+    # a string was iterated letter by letter: "variant must start with ..., got 'm'"
+    (dict(variants="mha"), "variants must be a sequence of labels, got the string 'mha'"),
 ])
 def test_analyze_refuses_a_workload_that_is_none_by_name(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -139,3 +139,25 @@ def test_a_long_continuation_is_scored_after_one_context_token(model, n_cont):
         logp = torch.log_softmax(model(seq[:, :-1]).float(), -1)[0]
     want = float(logp.gather(1, seq[0, 1:, None]).sum())
     assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"device": "cuda"}, "device"),      # the model stayed where it was
+    ({"cpu_threads": 2}, "cpu_threads"),  # the thread count was not set
+    ({"pretrained": "runs/x/checkpoint"}, "pretrained"),  # the checkpoint was not read
+])
+def test_what_only_a_checkpoint_load_reads_is_refused_beside_a_model(model, kwargs, named):
+    """`device`, `cpu_threads` and `pretrained` are read only when the adapter loads a
+    checkpoint: beside a model they were dropped without a word."""
+    from hwattn.eval.lm_eval_adapter import HwattnLM
+
+    with pytest.raises(ValueError, match=f"{named} cannot be given with a model"):
+        HwattnLM(model=model, tokenizer=_Bytes(), **kwargs)
+    assert HwattnLM(model=model, tokenizer=_Bytes(), device="auto").model is model
+
+
+def test_a_tokenizer_beside_a_checkpoint_is_refused_not_replaced():
+    from hwattn.eval.lm_eval_adapter import HwattnLM
+
+    with pytest.raises(ValueError, match="tokenizer cannot be given with pretrained="):
+        HwattnLM(pretrained="no/such/checkpoint", tokenizer=_Bytes())

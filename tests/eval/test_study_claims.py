@@ -228,3 +228,20 @@ def test_a_batch_is_not_registered_after_a_seed_no_look_has_read():
     assert register_next_looks(by_variant(paired_runs([])), {}, {}, {key: 6}) == {key: 6}
     with pytest.raises(ValueError, match="1 of its 1 paired seeds have not been read"):
         register_next_looks(by_variant(paired_runs([0.05])), {}, {}, {key: 6})
+
+
+@pytest.mark.parametrize("side", ["base", "new"])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_a_diverged_run_has_no_gap_it_is_named(side, value):
+    """A diverged run's perplexity is inf (loss past 709 nats) or NaN. A diverged baseline
+    made a gap of exactly −100% (20 / inf − 1), which pulled the mean gap to −24% in favour
+    of the claim; a diverged new variant gave inf or NaN gaps and an AttributeError from
+    `statistics.stdev`. Each is refused, naming the run."""
+    runs = paired_runs([0.001, 0.002, 0.003, 0.0])
+    bad = runs[2] if side == "base" else runs[3]  # seed 1's gqa-4 or gta-4
+    for rec in bad["eval"]["ppl"].values():
+        rec["ppl"] = value
+    by = {v: [r for r in runs if r["variant"] == v] for v in ("gqa-4", "gta-4")}
+    with pytest.raises(ValueError, match=f"run {bad['variant']}-s1: its average perplexity "
+                                         f"is {value}.*seed 1 of gta-4 vs gqa-4 has no gap"):
+        claim_results(by, ["code", "prose"])

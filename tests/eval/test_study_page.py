@@ -164,3 +164,15 @@ def test_a_study_that_cannot_be_rendered_leaves_the_earlier_report_whole(tmp_pat
     with pytest.raises(ValueError, match="study_runs.jsonl.*kv_bytes_per_token_per_layer"):
         write_report(study, out)
     assert {p: p.read_bytes() for p in out.parent.rglob("*") if p.is_file()} == before
+
+
+def test_the_recall_table_does_not_need_the_first_run_to_have_run_the_probe():
+    """The recall section read its chance level from the first record alone: a study whose
+    first run has no recall results (and a later one has) stopped with a KeyError, reported
+    as "its records lack what the report needs"."""
+    runs = paired_runs([0.01, 0.02])
+    for r in runs[1:]:
+        r["eval"]["recall"] = {"pairs_8": 0.5, "mean": 0.5, "chance": 0.001}
+    text = render(runs, {})
+    assert "(chance 0.10%)" in text
+    assert "| gqa-4 | 0.500 |" in text  # seed 1's alone: seed 0's gqa-4 ran no probe

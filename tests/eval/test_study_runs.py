@@ -301,3 +301,20 @@ def test_write_report_records_its_look_beside_the_runs(tmp_path):
     write_report(study, out)
     assert json.loads((study / "study_looks.json").read_text()) == {"gta-4 vs gqa-4": [2, 3]}
     assert "| gta-4 vs gqa-4 | average | 3 |" in out.read_text()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_diverged_run_is_named_not_read_as_a_damaged_file(tmp_path, value):
+    """A run whose final evaluation diverged (perplexity inf or NaN, as `hwattn.eval` reports
+    it and json writes it) stopped the report with "its records lack what the report needs
+    (AttributeError: 'float' object has no attribute 'numerator'); are they records of
+    benchmarks/quality_study.py?". It is named, with its line and what is not finite, and
+    nothing is written, the looks included."""
+    runs = paired_runs([0.01, 0.02, 0.03])
+    runs[3]["eval"]["ppl"]["code"]["ppl"] = value  # gta-4 seed 1, line 4
+    study = write_study_folder(tmp_path / "study", runs)
+    with pytest.raises(ValueError, match=r"run gta-4-s1 \(line 4\) diverged: its validation "
+                                         f"perplexity of code is {value}"):
+        write_report(study, tmp_path / "docs" / "quality.md")
+    assert not (study / "study_looks.json").exists()
+    assert not (tmp_path / "docs").exists()

@@ -317,7 +317,9 @@ def render(runs: list[dict], summary: dict, plot_name: str = "quality_loss.png",
     pairs = sorted({k for r in runs for k in r["eval"].get("recall", {})
                     if k.startswith("pairs_")}, key=lambda k: int(k.split("_")[1]))
     if pairs:
-        chance = r0["eval"]["recall"].get("chance")
+        # (from a run that ran the probe: the first record need not have)
+        chance = next(r["eval"]["recall"].get("chance") for r in runs
+                      if r["eval"].get("recall", {}).get("chance") is not None)
         out += ["## Recall probe", "",
                 "Multi-query associative recall: a list of key–value word pairs, then queries of "
                 "the keys; accuracy of the model's next-token argmax at each query (chance "

@@ -9,6 +9,7 @@ finished: `_comparable_runs`), the study_summary.json beside them and the claims
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from hwattn.eval.claims import LOOKS_FILE, NEXT_LOOKS_FILE
@@ -55,8 +56,9 @@ SETUP_KEYS = ("preset", "steps", "seq_len", "batch_size", "lr", "warmup_steps", 
 def _comparable_runs(runs_file: Path, numbered: list[tuple[int, dict]]) -> list[dict]:
     """The records (line number, record) as runs to compare: a run recorded twice alike
     counted once; ValueError naming the run for one recorded twice differently, one of another
-    setup than the first record's (`SETUP_KEYS`: another corpus build, schedule or shape) and
-    one that stopped before its last step (fewer tokens than steps × batch × sequence)."""
+    setup than the first record's (`SETUP_KEYS`: another corpus build, schedule or shape), one
+    that stopped before its last step (fewer tokens than steps × batch × sequence) and one
+    that diverged (`_diverged`)."""
     out: dict[tuple, tuple[int, dict]] = {}
     for i, r in numbered:
         key = (r.get("variant"), r.get("seed"))
@@ -77,8 +79,33 @@ def _comparable_runs(runs_file: Path, numbered: list[tuple[int, dict]]) -> list[
         if all(isinstance(d, int) for d in dims) and dims[0] < dims[1] * dims[2] * dims[3]:
             raise ValueError(f"{runs_file}: run {name} (line {i}) trained {dims[0]:,} of its "
                              f"{dims[1] * dims[2] * dims[3]:,} tokens: not a finished run")
+        bad = _diverged(r)
+        if bad:
+            raise ValueError(f"{runs_file}: run {name} (line {i}) diverged: its validation "
+                             f"{bad}, so its seed has no perplexity gap to pair (an "
+                             "infinite baseline would make a gap of -100%); decide what the "
+                             "study does with it (rerun the seed, or take its record out and "
+                             "say so) before reporting")
         out[key] = (i, r)
     return [r for _, r in out.values()]
+
+
+def _diverged(run: dict) -> str | None:
+    """What is not finite in the run's final evaluation ("perplexity of code is inf"), or
+    None: a loss past about 709 nats is an infinite perplexity, a NaN loss a NaN one
+    (`hwattn.eval.perplexity`). Records without an evaluation are left to the phases that
+    read it."""
+    ppl = run.get("eval", {}).get("ppl") if isinstance(run.get("eval"), dict) else None
+    if not isinstance(ppl, dict):
+        return None
+    for domain, rec in ppl.items():
+        if not isinstance(rec, dict):
+            continue
+        for key, word in (("ppl", "perplexity"), ("loss", "loss")):
+            value = rec.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                return f"{word} of {domain} is {value}"
+    return None
 
 
 def by_variant(runs: list[dict]) -> dict[str, list[dict]]:
