@@ -15,7 +15,6 @@ import time
 from collections import deque
 
 from hwattn.engine.sampling_params import SamplingParams
-from hwattn.engine.sequence import RequestOutput
 from hwattn.parallel.errors import WorkerError
 from hwattn.server.metrics import LatencyMetrics
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from hwattn.data import build as B
 from hwattn.data.corpora import build_dataset
 from hwattn.data.pack import pack_dataset, unpack_dataset
-from hwattn.data.sources import Source
 from hwattn.data.tokenizer import EOT, train_bpe
 
 QUIET = dict(progress=False, log=lambda *a: None)
