@@ -6,14 +6,19 @@ pages of `page_size` tokens, sized once from a memory budget with the model's ow
 it, so no real sequence ever reads what they write.
 
 Prefix caching: a full page is identified by the hash chain of its tokens and of every page
-before it. Once written, a full page is registered under that hash; a later prompt that starts
-with the same tokens takes the page (reference count + 1) instead of recomputing it. A page
+before it: SHA-256 of the previous page's digest and the page's token ids (as vLLM's default
+since 0.10.2), not Python's `hash()`, whose 64-bit values can be made to collide on purpose (a
+prompt built to collide with another's prefix would be served that prefix's cache). Once
+written, a full page is registered under that hash; a later prompt that starts with the same
+tokens takes the page (reference count + 1) instead of recomputing it. A page
 whose count drops to zero keeps its contents and hash and joins the free list in
 least-recently-used order, so it can still be revived until it is handed out again.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,9 +102,9 @@ class BlockManager:
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_pages
-        self.page_hash: list[int | None] = [None] * num_pages
+        self.page_hash: list[bytes | None] = [None] * num_pages
         self.page_tokens: list[tuple[int, ...] | None] = [None] * num_pages
-        self.hash_to_page: dict[int, int] = {}
+        self.hash_to_page: dict[bytes, int] = {}
         # Free pages in eviction order: the first is handed out next.
         self.free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(1, num_pages))
         self.prefix_hits = 0
@@ -118,8 +123,12 @@ class BlockManager:
         return self.num_usable_pages - len(self.free)
 
     @staticmethod
-    def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
-        return hash((previous, tokens))
+    def chain_hash(previous: bytes | None, tokens: tuple[int, ...]) -> bytes:
+        """The 32-byte digest of a full page: SHA-256 of the previous page's digest (None for
+        the first page) and the page's token ids as int64."""
+        digest = hashlib.sha256(b"\x00" if previous is None else b"\x01" + previous)
+        digest.update(array("q", tokens).tobytes())
+        return digest.digest()
 
     def _take_free_page(self) -> int:
         page, _ = self.free.popitem(last=False)
@@ -270,6 +279,16 @@ class BlockManager:
         seq.page_hashes = []
         seq.num_cached = 0
         seq.draft_cached = 0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every registered page (as vLLM's `reset_prefix_cache`): a page whose
+        contents cannot be trusted (its writing step was lost) must never be shared. Pages in
+        use keep their contents but are no longer found by later prompts."""
+        for page in range(1, self.num_pages):
+            self.page_hash[page] = None
+            self.page_tokens[page] = None
+        self.hash_to_page.clear()
+        # Unhashed free pages are handed out first, in any order; keep the current one.
 
     def check(self, live: list[Sequence]) -> None:
         """Raise if the reference counts disagree with the live sequences' page lists."""

@@ -131,7 +131,8 @@ class LLMEngine:
         requests of one owner take turns together against other owners' requests).
         Raises ValueError if the prompt is empty, has ids outside the vocabulary or does not
         fit the context, if `params` is not a valid `SamplingParams`, or if `request_id` is in use
-        or, like `owner`, is not hashable."""
+        (from here until its final output has come out of `step`, or it was aborted) or, like
+        `owner`, is not hashable."""
         return self.add_requests([prompt], [params], [request_id], owner=owner)[0]
 
     def add_requests(self, prompts: list, params: list[SamplingParams | None],
@@ -146,8 +147,11 @@ class LLMEngine:
         checked = check_requests(prompts, params, self.validate_prompt, self.check_params,
                                  self.max_model_len)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
-        rids = fresh_request_ids(request_ids, self._ids, self.requests)
-        check_request_ids(rids, self.requests, len(prompts))
+        # An id is in use until its final output has come out of `step` (one held back after
+        # a failed step, `_unreported`, too), as in `DataParallelEngine`.
+        in_use = self.requests.keys() | {o.request_id for o in self._unreported}
+        rids = fresh_request_ids(request_ids, self._ids, in_use)
+        check_request_ids(rids, in_use, len(prompts))
         rng, queued = self._rng.getstate(), []
         try:
             for prompt, rid, (ids, sp) in zip(prompts, rids, checked):
@@ -186,9 +190,13 @@ class LLMEngine:
         return validate_prompt(prompt, self.tokenizer, self.model_config.vocab_size,
                                self.max_model_len, truncate_prompt_tokens)
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str | list[str]
+                      ) -> RequestOutput | None | list[RequestOutput | None]:
         """Stop a request (all its n sequences) and free its pages; None if it is unknown or
-        already done."""
+        already done. A list of ids (vLLM's `abort_request(request_ids)`; a list is never an
+        id) stops each of them and returns their results in a list."""
+        if isinstance(request_id, list):
+            return [self.abort_request(r) for r in request_id]
         self._unreported = [o for o in self._unreported if o.request_id != request_id]
         group = self.requests.pop(request_id, None)
         if group is None:
@@ -368,6 +376,13 @@ class LLMEngine:
             step.prompt_targets = [[] for _ in decodes] + [
                 s.token_ids[s.num_cached + 1:min(s.num_cached + n + 1, s.num_prompt_tokens)]
                 for s, n in prefills]
+        if prefills and self.drafter is not None:
+            # Before the target's launch: were it to raise after a deferred launch, that
+            # launch's tokens would be lost with the runner's `last_sampled` already replaced
+            # by them, and the next step's decode rows fed from the wrong tokens.
+            self.drafter.prefill(StepInput("prefill", step.tokens[len(decodes):],
+                                           step.num_cached[len(decodes):],
+                                           step.block_tables[len(decodes):]))
         if deferred:
             tokens = self.launcher.submit(step, sampling) if self.launcher is not None \
                 else self.runner.launch_step(step, sampling)
@@ -380,10 +395,6 @@ class LLMEngine:
                     self.output_processor.record_prompt_logprobs(
                         seq, results.prompt_logprobs[len(decodes) + j])
             tokens = PendingTokens(rows=results)
-        if prefills and self.drafter is not None:
-            self.drafter.prefill(StepInput("prefill", step.tokens[len(decodes):],
-                                           step.num_cached[len(decodes):],
-                                           step.block_tables[len(decodes):]))
         self.counters["decode_steps"] += bool(decodes)
         self.counters["prefill_steps"] += bool(prefills)
         self.counters["mixed_steps"] += bool(decodes and prefills)
@@ -420,7 +431,11 @@ class LLMEngine:
         an earlier token, aborted, failed) is skipped; one that stops here drops the
         placeholders of the step launched after this one."""
         with self.step_timer.phase("wait"):
-            tokens = inflight.tokens.result()
+            try:
+                tokens = inflight.tokens.result()
+            except BaseException:
+                self._recompute_after_lost_step()
+                raise
         with self.step_timer.phase("resolve"):
             touched = []
             for (seq, pos), token in zip(inflight.rows, tokens):
@@ -440,6 +455,27 @@ class LLMEngine:
                 if appended is not None:
                     self._register(seq)
         return touched
+
+    def _recompute_after_lost_step(self) -> None:
+        """Undo what the launch of a step whose tokens never came back (its launch failed on
+        the launch thread, or reading it back raised) assumed: its rows' placeholders, their
+        cache counts, the pages it registered for the prefix cache before writing them, and
+        the same of any step launched after it. Every running sequence is preempted (its
+        tokens recomputed from what was read back, as after any preemption), the prefix
+        cache is emptied (a registered page may hold nothing), and the launch thread is
+        drained, so that the next `step` goes on as after a failed step that was not
+        overlapped."""
+        if self.launcher is not None:
+            try:
+                self.launcher.drain()
+            except Exception:  # noqa: BLE001 - the lost step's own failure, raised already
+                pass
+        self.scheduler.preempt_all()
+        for seq in self.scheduler.waiting:
+            if seq.num_pending:  # placeholders of tokens that will never come
+                del seq.token_ids[len(seq.token_ids) - seq.num_pending:]
+                seq.num_pending = 0
+        self.block_manager.reset_prefix_cache()
 
     def _speculative_decode(self, seqs: list[Sequence], k: int) -> list[Sequence]:
         """A verify step: draft k tokens per sequence, run them through the target with each
@@ -463,24 +499,33 @@ class LLMEngine:
                 sampling, seqs, st = self._drafting_tensors(sampling, seqs, self.device)
             if not seqs:
                 return []
-            with timer.phase("draft"):
-                drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k)
-            if isinstance(drafts, list) and any(s.params.bad_words for s in seqs):
-                # Each of the k + 1 positions bans what the output and the drafts before it
-                # make bad (`_lookahead` takes no bad words with drafts on the device).
-                sampling, seqs, drafts = self._with_bans(sampling, seqs, drafts)
-                if not seqs:
-                    return []
-            if isinstance(drafts, list):
-                fed = [[s.token_ids[-1], *row] for s, row in zip(seqs, drafts)]
-            else:
-                last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64,
-                                    device=drafts.device)
-                fed = torch.cat((last, drafts), 1)
-            # (The runner reads the page lists here and now: the launch thread is drained.)
-            step = StepInput("decode", fed, [s.num_cached for s in seqs],
-                             [s.block_table for s in seqs])
-            results = self.runner.verify_step(step, sampling, draft_probs)
+            drafted_for = list(seqs)
+            try:
+                with timer.phase("draft"):
+                    drafts, draft_probs = self.drafter.propose(seqs, st)  # (B, k)
+                if isinstance(drafts, list) and any(s.params.bad_words for s in seqs):
+                    # Each of the k + 1 positions bans what the output and the drafts before it
+                    # make bad (`_lookahead` takes no bad words with drafts on the device).
+                    sampling, seqs, drafts = self._with_bans(sampling, seqs, drafts)
+                    if not seqs:
+                        return []
+                if isinstance(drafts, list):
+                    fed = [[s.token_ids[-1], *row] for s, row in zip(seqs, drafts)]
+                else:
+                    last = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.int64,
+                                        device=drafts.device)
+                    fed = torch.cat((last, drafts), 1)
+                # (The runner reads the page lists here and now: the launch thread is drained.)
+                step = StepInput("decode", fed, [s.num_cached for s in seqs],
+                                 [s.block_table for s in seqs])
+                results = self.runner.verify_step(step, sampling, draft_probs)
+            except BaseException:
+                # A draft model counts its drafts as cached once it has proposed them, for
+                # the verification to cut back to what it accepts; with no verification,
+                # every later proposal found its cache ahead of the tokens and raised.
+                for seq in drafted_for:
+                    seq.draft_cached = min(seq.draft_cached, len(seq) - 1)
+                raise
         with timer.phase("resolve"):
             bm = self.block_manager
             drafted = accepted = 0

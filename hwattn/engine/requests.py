@@ -151,7 +151,26 @@ def checked_params(params: SamplingParams | None, vocab_size: int | None = None,
                 raise ParamError("bad_words", f"bad_words: a word's tokens {ids} are not token "
                                  f"ids of the model's vocabulary")
         params.bad_words_token_ids = words
+    if params.allowed_token_ids is not None:
+        _check_something_allowed(params, getattr(tokenizer, "eos_token_id", None))
     return params
+
+
+def _check_something_allowed(params: SamplingParams, eos_token_id: int | None) -> None:
+    """A `ParamError` naming allowed_token_ids when every allowed token is banned at the first
+    step: a one-token bad word, or (while min_tokens holds them back) a stop token id or the
+    end-of-sequence token. The sampler would then find every logit at -inf and emit token 0,
+    which was never allowed."""
+    banned = {ids[0] for ids in params.bad_words_token_ids or () if len(ids) == 1}
+    if params.min_tokens:
+        banned.update(params.stop_token_ids)
+        if eos_token_id is not None and not params.ignore_eos:
+            banned.add(eos_token_id)
+    if banned.issuperset(params.allowed_token_ids):
+        raise ParamError("allowed_token_ids", f"allowed_token_ids {params.allowed_token_ids} "
+                         f"are all banned at the first token (min_tokens={params.min_tokens} "
+                         f"holds back stop token ids and end-of-sequence; one-token bad_words "
+                         f"are never sampled): no token could be sampled")
 
 
 def check_requests(prompts: list, params: list, validate, check_params,

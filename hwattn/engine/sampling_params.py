@@ -152,7 +152,9 @@ class SamplingParams:
     allowed_token_ids: None, or the only token ids that may be sampled (the others' logits
         are -inf, after logit biases and penalties, before temperature and filtering, greedy
         included); ids must be in the model's vocabulary (checked when the request is
-        queued); an empty list is refused. Log-probabilities stay the model's own, as vLLM's
+        queued); an empty list is refused, as is one whose every id is banned at the first
+        token (stop token ids or end-of-sequence under min_tokens, one-token bad words;
+        checked when the request is queued). Log-probabilities stay the model's own, as vLLM's
         default (raw) ones: a disallowed token may be among the top ones reported.
     bad_words: None, or words never to be generated (as vLLM's): each is tokenized alone and
         after a space (`bad_words_token_ids`), and a word's last token is banned (-inf) while

@@ -297,6 +297,13 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def preempt_all(self) -> None:
+        """Preempt every running sequence (the engine's way back after a step it launched
+        was lost: each is recomputed from its tokens)."""
+        self._held = None
+        for seq in list(reversed(self.running)):
+            self._preempt(seq)
+
     def finish(self, seq: Sequence) -> None:
         """Take a finished or aborted sequence out of the queues and free its pages."""
         if seq in self.running:
