@@ -31,6 +31,25 @@ def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
 
 
+def _step_through_one_failure(engine, message: str) -> dict:
+    """Step `engine` until it has nothing left, checking its invariants after every step;
+    exactly one step must raise RuntimeError(`message`). Returns the finished outputs by id."""
+    done, raised = {}, 0
+    for _ in range(60):
+        if not engine.has_unfinished():
+            break
+        try:
+            outs = engine.step()
+        except RuntimeError as err:
+            assert message in str(err)
+            raised += 1
+            continue
+        done.update({o.request_id: o for o in outs if o.finished})
+        engine.check_invariants()
+    assert raised == 1
+    return done
+
+
 @pytest.mark.parametrize("fail_at", [1, 3], ids=["prefill launch", "decode launch"])
 def test_a_launch_failing_on_the_launch_thread_does_not_wedge_the_engine(path, fail_at):
     """Observed: with launch_thread=True a launch that raised in the thread surfaced one step
@@ -49,19 +68,7 @@ def test_a_launch_failing_on_the_launch_thread_does_not_wedge_the_engine(path, f
     real = engine.runner.launch_step
     engine.runner.launch_step = failing_on_call(real, fail_at, RuntimeError("lost launch"))
     ids = engine.add_requests([PROMPT, other], [greedy(6), greedy(6)])
-    done, raised = {}, 0
-    for _ in range(60):
-        if not engine.has_unfinished():
-            break
-        try:
-            outs = engine.step()
-        except RuntimeError as err:
-            assert "lost launch" in str(err)
-            raised += 1
-            continue
-        done.update({o.request_id: o for o in outs if o.finished})
-        engine.check_invariants()
-    assert raised == 1
+    done = _step_through_one_failure(engine, "lost launch")
     assert [done[i].token_ids for i in ids] == want
     engine.runner.launch_step = real
     again = llm.generate([PROMPT, PROMPT], greedy(6))  # through the prefix cache
@@ -113,19 +120,7 @@ def test_a_failed_verify_step_leaves_the_draft_models_cache_count_as_it_was(path
     real = engine.runner.verify_step
     engine.runner.verify_step = failing_on_call(real, 2, RuntimeError("lost verify"))
     ids = engine.add_requests(prompts, [greedy(10), greedy(10)])
-    done, raised = {}, 0
-    for _ in range(60):
-        if not engine.has_unfinished():
-            break
-        try:
-            outs = engine.step()
-        except RuntimeError as err:
-            assert "lost verify" in str(err)
-            raised += 1
-            continue
-        done.update({o.request_id: o for o in outs if o.finished})
-        engine.check_invariants()
-    assert raised == 1
+    done = _step_through_one_failure(engine, "lost verify")
     assert [done[i].token_ids for i in ids] == want
     assert engine.block_manager.num_used_pages == 0
 
