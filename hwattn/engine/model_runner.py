@@ -542,7 +542,7 @@ class ModelRunner:
                 stage = StagedInputs(fields, self.device)
                 ids, lens, table = (stage.device[k] for k in ("ids", "lens", "table"))
                 table.fill_(NULL_PAGE)
-                lens.fill_(t)
+                lens.fill_(self._capture_len(t))
                 self.static[t] = (ids, table, lens)
                 self.stages[t] = stage
                 self.host_tables[t] = [HostBlockTable(big, width, array=slot["table"])
@@ -568,12 +568,19 @@ class ModelRunner:
             log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
             self._synchronize()
 
+    def _capture_len(self, t: int) -> int:
+        """The length of every placeholder sequence while the graphs are captured: the longest
+        context, which their plans are made for (a kernel reads the tokens of its plan's
+        lengths, and an op refuses a plan of other lengths where they are on the host); each
+        replay refreshes the lengths and the plan together."""
+        return max(t, self.max_model_len)
+
     def _placeholders(self, rows: int, t: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
         """(ids, table, lens) for a decode forward that only settles shapes: every row one
-        page-less sequence of `t` tokens."""
+        sequence of `_capture_len(t)` tokens on the null page."""
         ids = torch.zeros(rows, t, dtype=torch.int64, device=self.device)
         table = torch.full((rows, width), NULL_PAGE, dtype=torch.int32, device=self.device)
-        lens = torch.full((rows,), t, dtype=torch.int32, device=self.device)
+        lens = torch.full((rows,), self._capture_len(t), dtype=torch.int32, device=self.device)
         return ids, table, lens
 
     def _synchronize(self) -> None:
@@ -609,7 +616,7 @@ class ModelRunner:
         if (size, t) not in self.plans:
             # Planned for the longest context, so the captured combine tile fits the most
             # pieces a refreshed plan will have (the grid depends only on B and heads).
-            longest = torch.full((size,), max(t, self.max_model_len), dtype=torch.int32)
+            longest = torch.full((size,), self._capture_len(t), dtype=torch.int32)
             self.plans[(size, t)] = self.plan(longest, t)
         meta = AttentionMetadata.for_step(table[:size], lens[:size], t, self.page_size,
                                           backend=self.backend)
