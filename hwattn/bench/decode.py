@@ -20,6 +20,9 @@ A case is uniform (B sequences of L tokens each) or uneven (`lengths`: one lengt
 sequence, e.g. one sequence of 128K tokens beside 63 of 1K, from `parse_mixed`): every
 sequence holds only the pages its own length needs, the byte floor and FLOPs are summed over
 the sequences, and the SDPA baseline runs one call per distinct length (none padded).
+
+The cases come from `decode_cases`, the human table from `decode_table`; this module builds
+each case's inputs, times it and checks it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import time
 from dataclasses import dataclass
 
 from hwattn.bench.anchors import AnchorSet, anchors_for
+from hwattn.bench.decode_cases import case_lengths
+from hwattn.bench.decode_table import format_table
 from hwattn.bench.timing import graphed
 from hwattn.files import write_text
 
@@ -68,109 +73,6 @@ class DecodeOptions:
             raise ValueError(f"cache_dtype must be one of {tuple(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if any(p < 1 for p in self.programs_per_sm):
             raise ValueError(f"programs_per_sm must be positive, got {self.programs_per_sm}")
-
-
-def standard_suite() -> list[dict]:
-    """The standard sweep, (variant, h_q, tp, B, L, L_q, page): the latent variants at the
-    paper's h_q = 128, one rank's shapes of the KV-head variants at TP 1 / 4 / 8, long contexts
-    at B = 1 and 4 (split-KV), and page sizes 1 / 16 / 256."""
-    cases = []
-    for variant in ("gla-2", "mla"):
-        for l_q in (1, 2):
-            for length in (4096, 8192, 16384, 32768):
-                cases.append(dict(variant=variant, heads=128, tp=1, batch=128, context=length,
-                                  query_len=l_q, page=64))
-    for variant in ("gqa-4", "gta-4", "mqa"):
-        for tp in (1, 4, 8):
-            for length in (8192, 16384):
-                cases.append(dict(variant=variant, heads=32, tp=tp, batch=128, context=length,
-                                  query_len=1, page=64))
-    for variant, heads in (("gqa-4", 32), ("gta-4", 32), ("gla-2", 128)):
-        for batch in (1, 4):
-            for length in (32768, 131072):
-                cases.append(dict(variant=variant, heads=heads, tp=1, batch=batch, context=length,
-                                  query_len=1, page=64))
-    for variant, heads in (("gla-2", 128), ("gqa-4", 32)):
-        for page in (1, 16, 256):
-            cases.append(dict(variant=variant, heads=heads, tp=1, batch=128, context=8192,
-                              query_len=1, page=page))
-    return cases
-
-
-def product_suite(variants: list[str], heads: int | None, tp: list[int], batch: list[int],
-                  context: list[int], query_len: list[int], page_size: list[int],
-                  mixed: list[tuple[str, list[int]]] = ()) -> list[dict]:
-    """Every combination of the lists; `heads` None takes each variant's `bench_heads`.
-
-    The batch shapes of each (variant, tp) are every (B, L) of `batch` x `context` (uniform:
-    B sequences of L tokens), then each uneven batch of `mixed` ((spec, lengths) pairs from
-    `parse_mixed`): a case with batch = len(lengths), context = the longest length, the
-    `lengths` (B,) and the `mixed` spec it came from. ValueError naming --mixed and
-    --query-len if an uneven batch has a sequence shorter than a query length."""
-    from hwattn.variants import get_variant, parse_variant
-
-    shapes = [dict(batch=b, context=length) for b in batch for length in context]
-    shapes += [dict(batch=len(lengths), context=max(lengths), lengths=list(lengths), mixed=spec)
-               for spec, lengths in mixed]
-    for spec, lengths in mixed:
-        if min(lengths) < max(query_len):
-            raise ValueError(f"--mixed {spec} has a sequence of {min(lengths)} token(s), shorter "
-                             f"than --query-len {max(query_len)} (every sequence holds its "
-                             f"queries)")
-    cases = []
-    for variant in variants:
-        h = heads or get_variant(parse_variant(variant)["attention"]).bench_heads
-        for t in tp:
-            for shape in shapes:
-                for l_q in query_len:
-                    for page in page_size:
-                        cases.append(dict(variant=variant, heads=h, tp=t, **shape,
-                                          query_len=l_q, page=page))
-    return cases
-
-
-def parse_mixed(text: str) -> list[tuple[str, list[int]]]:
-    """Uneven batches from `--mixed`: ';'-separated specs, each 'LENxCOUNT' terms joined by
-    '+' ('131072x1+1024x63': one sequence of 131072 tokens, then 63 of 1024).
-
-    Returns one (spec, lengths) per spec, in order: the spec written back canonically
-    ('LENxCOUNT+...', integers without padding) and lengths, a list of B = sum of the counts
-    ints in the order the terms give them. ValueError naming --mixed and the spec for a term
-    that is not two integers joined by 'x', a length or count below 1, a spec given twice, or
-    no spec at all."""
-    out = []
-    for spec in (s.strip() for s in text.split(";")):
-        if not spec:
-            continue
-        lengths, terms = [], []
-        for term in (t.strip() for t in spec.split("+")):
-            try:
-                length, count = (int(v) for v in term.lower().split("x"))
-            except ValueError:
-                raise ValueError(f"--mixed {spec!r}: each term must be LENGTHxCOUNT (e.g. "
-                                 f"131072x1+1024x63), got {term!r}") from None
-            if length < 1 or count < 1:
-                raise ValueError(f"--mixed {spec!r}: lengths and counts must be positive, got "
-                                 f"{term!r}")
-            terms.append(f"{length}x{count}")
-            lengths += [length] * count
-        canonical = "+".join(terms)
-        if canonical in (s for s, _ in out):
-            raise ValueError(f"--mixed names {canonical} more than once")
-        out.append((canonical, lengths))
-    if not out:
-        raise ValueError(f"--mixed {text!r} names no batch; e.g. 131072x1+1024x63")
-    return out
-
-
-def case_lengths(case: dict) -> list[int]:
-    """The case's tokens per sequence, (B,): its `lengths` if uneven, else B times `context`."""
-    return list(case["lengths"]) if "lengths" in case else [case["context"]] * case["batch"]
-
-
-def case_label(case: dict) -> str:
-    """The case's lengths as the table prints them: L, or the uneven batch's spec."""
-    return case.get("mixed") or str(case["context"])
 
 
 def parse_configs(text: str):
@@ -571,84 +473,6 @@ def bench_case(torch, do_bench, case: dict, options: DecodeOptions, peaks: tuple
             if anchor is not None:
                 row[f"anchor_{name}_us"] = anchor
     return row
-
-
-def _fmt(value, spec):
-    return format(value, spec) if isinstance(value, (int, float)) else "-"
-
-
-def _external_names(rows: list[dict]) -> list[str]:
-    """External kernels with a column: those any row timed or tried (in first-seen order)."""
-    names = []
-    for r in rows:
-        for key in r:
-            if key.startswith("ext_") and key.endswith(("_us", "_error")):
-                name = key[4:].rsplit("_", 1)[0]
-                if name not in names:
-                    names.append(name)
-    return names
-
-
-def _external_widths(name: str) -> tuple[int, int]:
-    return max(9, len(name) + 3), max(6, len(name) + 3)  # "<name> µs", "hw/<name>"
-
-
-def _external_head(name: str) -> str:
-    us, ratio = _external_widths(name)
-    return f"{name + ' µs':>{us}} {'hw/' + name:>{ratio}} {'err':>7} "
-
-
-def _external_cells(row: dict, name: str) -> str:
-    us, ratio = _external_widths(name)
-    if f"ext_{name}_error" in row:
-        return f"{'error':>{us}} {'-':>{ratio}} {'-':>7} "
-    return (f"{_fmt(row.get(f'ext_{name}_us'), '.1f'):>{us}} "
-            f"{_fmt(row.get(f'ext_{name}_ratio'), '.2f'):>{ratio}} "
-            f"{_fmt(row.get(f'ext_{name}_rel_err'), '.1e'):>7} ")
-
-
-def format_table(rows: list[dict], peaks, anchors: AnchorSet | None = None) -> str:
-    """The human table of `rows`; L is an uneven batch's spec (`case_label`), the column as
-    wide as the widest."""
-    names = _external_names(rows)
-    width = max([7, *(len(case_label(r)) for r in rows)])
-    head = (f"{'variant':8} {'hq/hkv':>7} {'B':>4} {'L':>{width}} {'Lq':>2} {'page':>4} {'µs':>9} "
-            f"{'GB/s':>6} {'TFLOP/s':>7} {'AI':>6} {'roof µs':>8} {'%roof':>5} {'SDPA µs':>9} "
-            f"{'×SDPA':>6} {'err':>7} {'Hopper µs':>9} {'%roof':>5} {'×Tri':>5} "
-            + "".join(_external_head(name) for name in names)
-            + f"{'anchor':>16}")
-    lines = [f"peaks measured now: copy {peaks[0]:.0f} GB/s (read+write), bf16 matmul "
-             f"{peaks[1]:.0f} TFLOP/s", head]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['variant']:8} B={r['batch']} L={case_label(r)} Lq={r['query_len']}: {r['error']}")
-            continue
-        beside = [f"{k[7:-3]} {v:.0f}" for k, v in r.items() if k.startswith("anchor_")]
-        lines.append(
-            f"{r['variant']:8} {r['heads_local']:>3}/{r['kv_heads_local']:<3} {r['batch']:4} "
-            f"{case_label(r):>{width}} {r['query_len']:2} {r['page']:4} {r['us']:9.1f} {r['GBps']:6.0f} "
-            f"{r['TFLOPs']:7.1f} {r['AI']:6.1f} {r['roofline_us']:8.1f} {r['pct_roofline']:5.0f} "
-            f"{_fmt(r.get('sdpa_us'), '9.1f'):>9} {_fmt(r.get('speedup_sdpa'), '6.2f'):>6} "
-            f"{_fmt(r.get('check_rel_err'), '7.1e'):>7} {_fmt(r.get('hopper_us'), '9.1f'):>9} "
-            f"{_fmt(r.get('hopper_pct_roofline'), '5.0f'):>5} "
-            f"{_fmt(r.get('hopper_speedup_triton'), '5.2f'):>5} "
-            + "".join(_external_cells(r, name) for name in names)
-            + f"{', '.join(beside) or '-':>16}")
-    lines.append("µs, GB/s, %roof: the Triton backend; Hopper µs / %roof / ×Tri: the Hopper "
-                 "backend (its default schedule and plan; '-' where it hands the call to Triton)")
-    if any("mixed" in r for r in rows):
-        lines.append("L as LENGTHxCOUNT+...: an uneven batch (B sequences of those lengths); its "
-                     "bytes and FLOPs are summed over the sequences, SDPA runs one call per "
-                     "distinct length")
-    if names:
-        lines.append(f"{' / '.join(names)} µs: timed in this process on the same paged data "
-                     "(layouts converted before timing); hw/X: hwattn's fastest µs over X's, "
-                     "above 1 X is faster; err: X's output against SDPA; '-' where X has no "
-                     "call for the case (the JSON row's ext_X_note says why)")
-    if anchors is not None:
-        lines.append(f"anchor: µs of FlashMLA / FA3 on {anchors.describe()} ({anchors.name}), "
-                     f"another process: compare only on the same GPU model")
-    return "\n".join(lines)
 
 
 def run(cases: list[dict], options: DecodeOptions, configs=(), out: str | None = None,

@@ -92,17 +92,17 @@ def cases(args) -> list[dict]:
     """The cases the options name: `--suite standard`'s, else every variant, --tp, --query-len
     and --page-size at each --batch x --context shape (their defaults unless --mixed is given
     without them) and each --mixed batch. ValueError naming --mixed for a bad spec."""
-    from hwattn.bench import decode
+    from hwattn.bench import decode_cases
     from hwattn.cli import variant_list
 
     if args.suite == "standard":
-        return decode.standard_suite()
+        return decode_cases.standard_suite()
     variants = variant_list(args.variants)
-    mixed = decode.parse_mixed(";".join(args.mixed)) if args.mixed else []
+    mixed = decode_cases.parse_mixed(";".join(args.mixed)) if args.mixed else []
     uniform = not mixed or args.batch is not None or args.context is not None
     batch = (args.batch or DEFAULT_BATCH) if uniform else []
     context = (args.context or DEFAULT_CONTEXT) if uniform else []
-    return decode.product_suite(variants, args.heads, args.tp, batch, context, args.query_len,
+    return decode_cases.product_suite(variants, args.heads, args.tp, batch, context, args.query_len,
                                 args.page_size, mixed)
 
 
@@ -124,7 +124,8 @@ def check_args(args) -> None:
         if given:
             raise ValueError(f"{', '.join(given)} only apply to --suite custom; --suite standard "
                              f"times its own shapes")
-        from hwattn.bench.decode import check_shapes, standard_suite
+        from hwattn.bench.decode import check_shapes
+        from hwattn.bench.decode_cases import standard_suite
 
         # Its shapes take --head-dim and --rope-dim: a pair no layer can take is named here.
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hwattn.bench import decode
+from hwattn.bench import decode, decode_cases, decode_table
 from hwattn.bench.anchors import anchors_for, load_anchors
 from hwattn.cli import main
 from tests.ops.paged import DEVICE
@@ -49,7 +49,7 @@ def test_hopper_columns_are_timed_and_checked(monkeypatch):
     assert row["hopper_pct_roofline"] == pytest.approx(row["pct_roofline"])
     assert row["hopper_check_rel_err"] < 1e-2 and "_hopper_out" not in row, row
     assert row["hopper_items"] and row["hopper_config"].startswith("ring"), row
-    assert "Hopper µs" in decode.format_table([row], (1000.0, 100.0))
+    assert "Hopper µs" in decode_table.format_table([row], (1000.0, 100.0))
 
 
 def _hopper_backend():
@@ -71,7 +71,7 @@ def test_hopper_column_says_why_it_is_missing(monkeypatch, capability, expected)
 
 
 def test_standard_suite_is_well_formed():
-    cases = decode.standard_suite()
+    cases = decode_cases.standard_suite()
     assert {c["variant"] for c in cases} == {"gla-2", "mla", "gqa-4", "gta-4", "mqa"}
     for case in cases:
         layer = decode.layer_for(case["variant"], case["heads"], 128, 64)
@@ -108,7 +108,7 @@ def test_bench_case_prints_anchors_only_at_their_shape():
     row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
                             device=DEVICE.type, anchors=fake)
     assert row["anchor_FA3_us"] == 5.0
-    assert "FA3 5" in decode.format_table([row], (1000.0, 100.0), fake)
+    assert "FA3 5" in decode_table.format_table([row], (1000.0, 100.0), fake)
     row = decode.bench_case(torch, _wall_clock, dict(case, page=8), options, (1000.0, 100.0), [],
                             device=DEVICE.type, anchors=fake)
     assert not any(k.startswith("anchor_") for k in row)
@@ -236,8 +236,8 @@ MIXED = "131072x1+1024x63"
 
 
 def test_mixed_specs_give_each_sequence_its_length_in_order():
-    assert decode.parse_mixed(MIXED) == [(MIXED, [131072] + [1024] * 63)]
-    assert decode.parse_mixed(" 70x2 + 5x1 ;9X3;") == [("70x2+5x1", [70, 70, 5]),
+    assert decode_cases.parse_mixed(MIXED) == [(MIXED, [131072] + [1024] * 63)]
+    assert decode_cases.parse_mixed(" 70x2 + 5x1 ;9X3;") == [("70x2+5x1", [70, 70, 5]),
                                                        ("9x3", [9, 9, 9])]
 
 
@@ -254,7 +254,7 @@ def test_mixed_specs_give_each_sequence_its_length_in_order():
 ])
 def test_a_bad_mixed_spec_is_named(text, needle):
     with pytest.raises(ValueError, match="--mixed") as err:
-        decode.parse_mixed(text)
+        decode_cases.parse_mixed(text)
     assert needle in str(err.value)
 
 
@@ -305,8 +305,8 @@ def test_cli_refuses_a_mixed_batch_it_cannot_time(capsys, argv, needle):
 
 
 def _mixed_case(variant, heads, l_q, spec="150x1+20x2+33x1", page=16):
-    ((spec, lengths),) = decode.parse_mixed(spec)
-    (case,) = decode.product_suite([variant], heads, [1], [], [], [l_q], [page], [(spec, lengths)])
+    ((spec, lengths),) = decode_cases.parse_mixed(spec)
+    (case,) = decode_cases.product_suite([variant], heads, [1], [], [], [l_q], [page], [(spec, lengths)])
     return case
 
 
@@ -362,7 +362,7 @@ def test_an_uneven_batch_is_timed_and_checked_end_to_end(variant, heads, l_q):
     assert row["flops"] == sum(layer.decode_flops(n, l_q) for n in lengths)
     assert row["bytes"] < 4 * layer.decode_bytes(150, l_q)
     assert row["check_rel_err"] < 1e-2, row
-    table = decode.format_table([row, dict(case, batch=2, error="RuntimeError: x")],
+    table = decode_table.format_table([row, dict(case, batch=2, error="RuntimeError: x")],
                                 (1000.0, 100.0))
     assert " 150x1+20x2+33x1 " in table and "L=150x1+20x2+33x1" in table
     assert "an uneven batch" in table

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from hwattn.bench import decode, external
+from hwattn.bench import decode, decode_cases, decode_table, external
 from hwattn.cli import main
 from hwattn.ops.reference import decode_reference, decode_tied_reference
 from tests.bench.fake_external import fa3_module, flash_mla_module
@@ -178,7 +178,7 @@ def test_bench_times_what_imports_and_skips_the_rest(monkeypatch):
     assert row["ext_FA3_us"] == 1000.0 and row["ext_FA3_ratio"] == 1.0, row
     assert row["ext_FA3_rel_err"] < 1e-2 and row["check_rel_err"] < 1e-2, row
     assert not any(k.startswith("ext_FlashMLA") for k in row), row
-    table = decode.format_table([row], (1000.0, 100.0))
+    table = decode_table.format_table([row], (1000.0, 100.0))
     assert "FA3 µs" in table and "hw/FA3" in table and "FlashMLA" not in table
 
 
@@ -202,8 +202,8 @@ def test_an_uneven_batch_reaches_the_external_kernels_with_its_lengths(monkeypat
     _install(monkeypatch, flash_mla=flash_mla, fa3=fa3)
     options = decode.DecodeOptions(head_dim=head_dim, rope_dim=rope_dim, warmup_ms=1, rep_ms=1,
                                    no_hopper=True)
-    ((spec, lengths),) = decode.parse_mixed("150x1+20x2+3x1")
-    (case,) = decode.product_suite([variant], 4 if variant == "mla" else 8, [1], [], [], [l_q],
+    ((spec, lengths),) = decode_cases.parse_mixed("150x1+20x2+3x1")
+    (case,) = decode_cases.product_suite([variant], 4 if variant == "mla" else 8, [1], [], [], [l_q],
                                    [page], [(spec, lengths)])
     row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
                             device="cpu", external=external.load())
@@ -221,7 +221,7 @@ def test_bench_row_says_why_an_importable_kernel_has_no_call(monkeypatch):
     row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
                             device="cpu", external=external.load())
     assert "MLA only" in row["ext_FlashMLA_note"] and "ext_FlashMLA_us" not in row, row
-    assert "FlashMLA" not in decode.format_table([row], (1000.0, 100.0))
+    assert "FlashMLA" not in decode_table.format_table([row], (1000.0, 100.0))
 
 
 def test_a_failing_external_call_is_recorded_not_raised(monkeypatch):
@@ -236,7 +236,7 @@ def test_a_failing_external_call_is_recorded_not_raised(monkeypatch):
     row = decode.bench_case(torch, _wall_clock, case, options, (1000.0, 100.0), [],
                             device="cpu", external={"FA3": broken})
     assert "no kernel for this head dim" in row["ext_FA3_error"] and "ext_FA3_us" not in row
-    assert "error" in decode.format_table([row], (1000.0, 100.0))
+    assert "error" in decode_table.format_table([row], (1000.0, 100.0))
 
 
 @pytest.mark.parametrize("flag, expected", [([], True), (["--no-external"], False),
