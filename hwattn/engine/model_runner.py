@@ -572,8 +572,13 @@ class ModelRunner:
         """The length of every placeholder sequence while the graphs are captured: the longest
         context, which their plans are made for (a kernel reads the tokens of its plan's
         lengths, and an op refuses a plan of other lengths where they are on the host); each
-        replay refreshes the lengths and the plan together."""
-        return max(t, self.max_model_len)
+        replay refreshes the lengths and the plan together. It stops at the model's own
+        context: the engine's `max_model_len` here keeps room for drafts beyond it, and a
+        placeholder token past the model's positions would index its RoPE table out of
+        bounds (a device-side assert on a GPU)."""
+        positions = getattr(getattr(self.model, "config", None), "max_seq_len", None)
+        longest = self.max_model_len if positions is None else min(self.max_model_len, positions)
+        return max(t, longest)
 
     def _placeholders(self, rows: int, t: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
         """(ids, table, lens) for a decode forward that only settles shapes: every row one

@@ -68,6 +68,26 @@ def test_replayed_decode_matches_eager(checkpoints, speculative):
     llm.engine.check_invariants()
 
 
+@pytest.mark.parametrize("speculative", [None, "ngram"])
+def test_capture_at_the_models_whole_context(checkpoints, speculative):
+    """With `max_model_len` the model's whole context (256 here), the engine's runner holds a
+    few more token slots (room for drafts); the capture's placeholder sequences still end
+    inside the model's positions. (They once ended one past it: the rope table's gather read
+    out of bounds on a GPU, a device-side assert that left the engine unusable.)"""
+    path = checkpoints("gqa-4")
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 30)), [5] * 9]
+    kw = dict(page_size=16, num_pages=60, max_model_len=256, max_num_seqs=3,
+              speculative=speculative, num_speculative_tokens=2)
+    want = [o.token_ids for o in LLM(path, cuda_graphs=False, **kw).generate(prompts, params)]
+    llm = LLM(path, **kw)
+    assert llm.engine.runner.max_model_len > 256
+    runner = with_replay(llm, (1, 3) if speculative else (1,))
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    assert runner.replays > 0
+    llm.engine.check_invariants()
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_greedy_one_token_steps_take_their_tokens_from_the_graph(checkpoints, temperature):
     """A one-token graph also records each row's argmax (`_captured_step`): greedy steps take
