@@ -18,6 +18,10 @@ captured with one plan replays correctly after `plan_decode(..., out=plan)` refr
 
 Prefill (`plan_prefill`): a variable-length step's query and context lengths, read on the host
 once and checked, so that every layer's prefill call launches without reading them back.
+
+Where a step's lengths are in host memory, an op holds its plan to them; each plan remembers
+the tensors it was last found to match (`CheckedLengths`), so that the check runs in the
+step's first layer, not in all of them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -42,6 +46,48 @@ PROGRAMS_PER_SM = 2
 # Batches of at most this many sequences are planned with Python integers: numpy's cost per
 # call, not the batch, sets the time of a small plan, and a plan is refreshed every step.
 SMALL_BATCH = 8
+
+
+class CheckedLengths:
+    """The host tensors a plan was last found to agree with (the call's lengths, and the
+    plan's own tensors where it has any), with their bytes at that time: an op that holds a
+    plan to the call's lengths skips the check when `holds` them, so the later layers of a
+    step do not repeat the first layer's.
+
+    `holds` is true only for the very same tensor objects (another tensor of equal values is
+    checked afresh) still holding the same bytes. Identity alone would not do: the engine
+    refreshes its buffers in place, and a tensor made under `torch.inference_mode` keeps no
+    version counter that would show a write. The bytes are read through a NumPy view kept
+    from `remember`, valid while the tensor still starts at the same address with the same
+    shape and strides (the view then covers exactly its elements): about 0.4 µs a tensor,
+    where `.numpy()` alone costs 1 µs and deriving a decode plan's lengths about 15.
+    Host tensors only.
+    """
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        # Per tensor: (tensor, its NumPy view, the view's bytes, address, shape, strides).
+        self._seen: tuple[tuple, ...] = ()
+
+    def holds(self, tensors: tuple[Tensor, ...]) -> bool:
+        """Whether `tensors` are the ones last remembered, in order, holding the same bytes."""
+        seen = self._seen  # read once: a `remember` from another thread swaps it whole
+        if len(seen) != len(tensors):
+            return False
+        for t, (old, view, values, address, shape, strides) in zip(tensors, seen):
+            if not (t is old and t.data_ptr() == address and t.shape == shape
+                    and t.stride() == strides and view.tobytes() == values):
+                return False
+        return True
+
+    def remember(self, tensors: tuple[Tensor, ...]) -> None:
+        """Record `tensors` (host tensors just found to agree with the plan) and their bytes."""
+        seen = []
+        for t in tensors:
+            view = t.numpy()
+            seen.append((t, view, view.tobytes(), t.data_ptr(), t.shape, t.stride()))
+        self._seen = tuple(seen)
 
 
 @dataclass
@@ -71,6 +117,9 @@ class DecodePlan:
     # device, for a caller whose own upload carries it (the engine's staged inputs).
     host: Tensor | None = None
     min_seqlen: int | None = None
+    # The host lengths this plan was last found to be made for (`CheckedLengths`).
+    checked: CheckedLengths = field(default_factory=CheckedLengths, init=False, repr=False,
+                                    compare=False)
 
     @classmethod
     def of_packed(cls, batch: int, max_seqlen: int, packed: Tensor, max_pieces: int,
@@ -390,6 +439,9 @@ class PrefillPlan:
 
     query_lens: tuple[int, ...]
     seqlens: tuple[int, ...]
+    # The host cu_seqlens_q and cache_seqlens this plan was last found to be made for.
+    checked: CheckedLengths = field(default_factory=CheckedLengths, init=False, repr=False,
+                                    compare=False)
 
     # Read by every layer of a step: computed once per plan (the plan is immutable).
     @cached_property

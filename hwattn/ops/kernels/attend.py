@@ -54,8 +54,11 @@ def attend_kernel(
     if seq < 0:
         return
     start = tl.load(items_ptr + pid_item * 3 + 1)
-    end = tl.load(items_ptr + pid_item * 3 + 2)
     seqlen = tl.load(seqlens_ptr + seq)
+    # A plan made for other lengths (a GPU call cannot check it) must not read past the
+    # sequence's pages: the item's end is clamped to the length the call passes. A no-op for
+    # a plan of these lengths (its items end at them); the length is loaded anyway.
+    end = tl.minimum(tl.load(items_ptr + pid_item * 3 + 2), seqlen)
     n_pieces = tl.load(splits_ptr + seq * 2 + 1)
     seq64 = seq.to(tl.int64)
     kv_head = pid_head // HEAD_BLOCKS
@@ -88,8 +91,9 @@ def attend_kernel(
     mask_d = offs_d < D_V
     # Page ids are read one block ahead (kernels/paging.py says why): the first block's here.
     if PAGE % BLOCK_N == 0:
-        # Pieces start on multiples of 64 >= BLOCK_N, so a block lies in one page.
-        page_next = tl.load(table_row + start // PAGE).to(tl.int64)
+        # Pieces start on multiples of 64 >= BLOCK_N, so a block lies in one page. (An item
+        # that starts past the sequence's length, from a stale plan, reads no entry.)
+        page_next = tl.load(table_row + start // PAGE, mask=start < end, other=0).to(tl.int64)
     else:
         tok_next = start + offs_n
         page_next = tl.load(table_row + tok_next // PAGE, mask=tok_next < end, other=0).to(tl.int64)

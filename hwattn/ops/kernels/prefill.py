@@ -17,6 +17,12 @@ The grid is (query tiles of the longest sequence, B, KV heads × head blocks): n
 a program past its sequence's queries returns at once. Query tiles run last-first, so the
 heaviest tiles of a sequence (the ones furthest down the diagonal) start first.
 
+The grid comes from the step's plan, the rows and key positions from the device's
+`cu_seqlens_q` and `cache_seqlens`, which a GPU call does not hold to the plan (that would read
+them back). So that offsets or lengths of another step cannot make a program write or read out
+of bounds, rows outside [0, N) are masked and key positions clamped to [0, the block table's
+capacity): bounds known on the host from the tensors' shapes, no-ops for consistent inputs.
+
 TIED selects the tied-state shape: keys are [S[..., :D_QK], R] with R the shared RoPE cache,
 values S; when D_QK pads to the same width as D_V the one loaded tile serves as key and value
 (the query is zero past D_QK), else the narrower key tile is loaded on its own (fewer FLOPs,
@@ -103,11 +109,12 @@ def _attend_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit
+# The bounds change from step to step: one compiled kernel for all their values.
+@triton.jit(do_not_specialize=["n_rows", "kv_capacity"])
 def prefill_kernel(
     q_ptr, q_rope_ptr, k_ptr, v_ptr, rope_ptr, block_table_ptr, cu_seqlens_ptr, seqlens_ptr,
     out_ptr, lse_ptr,
-    qk_scale, v_scale, group,
+    qk_scale, v_scale, group, n_rows, kv_capacity,
     stride_qt, stride_qh, stride_qrt, stride_qrh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
@@ -136,9 +143,10 @@ def prefill_kernel(
     m_slot = offs_m // TOKENS  # (M,) head of each row within the program's block
     m_tok = tok0 + offs_m % TOKENS  # (M,) query token of each row within its sequence
     m_head = head0 + m_slot  # (M,) query head of each row
-    mask_m = (m_slot < HEADS_PER_PROG) & (m_head < (kv_head + 1) * group) & (m_tok < n_q)
-    m_limit = prefix + m_tok + 1  # (M,) row sees key positions < m_limit
     m_row = (q_start + m_tok).to(tl.int64)  # (M,) packed query row
+    mask_m = ((m_slot < HEADS_PER_PROG) & (m_head < (kv_head + 1) * group) & (m_tok < n_q)
+              & (m_row >= 0) & (m_row < n_rows))
+    m_limit = prefix + m_tok + 1  # (M,) row sees key positions < m_limit
     offs_dk = tl.arange(0, DK_PAD)
     offs_dv = tl.arange(0, DV_PAD)
 
@@ -158,9 +166,11 @@ def prefill_kernel(
     table_row = block_table_ptr + seq.to(tl.int64) * stride_btb
     k_head = k_ptr + kv_head.to(tl.int64) * stride_kh
     v_head = v_ptr + kv_head.to(tl.int64) * stride_vh
-    # Every row of the tile sees positions < prefix + tok0 + 1; the last row < kv_end.
-    full_end = (prefix + tok0 + 1) // BLOCK_N * BLOCK_N
-    kv_end = prefix + tl.minimum(n_q, tok0 + TOKENS)
+    # Every row of the tile sees positions < prefix + tok0 + 1; the last row < kv_end. Both
+    # kept within [0, kv_capacity), whole blocks before full_end (see the module docstring).
+    kv_end = tl.minimum(prefix + tl.minimum(n_q, tok0 + TOKENS), kv_capacity)
+    full_end = tl.minimum((prefix + tok0 + 1) // BLOCK_N, kv_end // BLOCK_N) * BLOCK_N
+    full_end = tl.maximum(full_end, 0)
     acc, l_i, m_i = _attend_blocks(
         acc, l_i, m_i, q_tile, qr_tile, 0, full_end, m_limit, table_row, k_head, v_head,
         rope_ptr, stride_kp, stride_kt, stride_vp, stride_vt, stride_rp, stride_rt, qk_scale,
