@@ -171,9 +171,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="where the tiny model and the step's tensors live (default cpu)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature of every request (default 0: greedy)")
-    p.add_argument("--output-kind", default="final_only", choices=("final_only", "cumulative"),
+    p.add_argument("--output-kind", default="final_only",
+                   choices=("final_only", "cumulative", "delta"),
                    help="the requests' SamplingParams.output_kind (default final_only, as "
-                        "LLM.generate; cumulative: an output per request and step, as streaming)")
+                        "LLM.generate; cumulative: an output per request and step holding "
+                        "everything so far; delta: one holding only the step's new tokens, as "
+                        "the server asks)")
     p.add_argument("--detokenize", action="store_true",
                    help="the requests detokenize their output as it grows (as LLM.generate "
                         "and the server do; default off, as in the recorded runs; the "

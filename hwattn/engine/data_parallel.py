@@ -112,6 +112,8 @@ class _Request:
     prompt_ids: list[int]
     outstanding: int  # prompt tokens until the first token, plus output tokens still to come
     arrival: float
+    # Its completion's token ids and text: all so far, or, for output_kind "delta", what has
+    # not yet come out of `step` (emptied as its output does).
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     first_token_time: float | None = None
@@ -119,7 +121,7 @@ class _Request:
     error: str | None = None
     stop_reason: str | int | None = None
     num_cached: int = 0  # prompt tokens its replica found in its prefix cache
-    final_only: bool = False  # its params' output_kind: an output only once it has finished
+    output_kind: str = "cumulative"  # its params' ("final_only": an output once it has finished)
 
 
 def _visible_gpus() -> list[str]:
@@ -257,36 +259,36 @@ class DataParallelEngine:
                 if len(prompts) == 1:
                     raise
                 raise ValueError(f"prompts[{i}]: {err}") from None
-        for prompt, rid, (ids, sp), (final_only, payload) in zip(prompts, rids, checked, sends):
-            self._route(rid, prompt, ids, sp.max_tokens, final_only, payload)
+        for prompt, rid, (ids, sp), payload in zip(prompts, rids, checked, sends):
+            self._route(rid, prompt, ids, sp.max_tokens, sp.output_kind, payload)
         return rids
 
-    def _prepare(self, ids: list[int], params: SamplingParams,
-                 owner: str | None) -> tuple[bool, bytes]:
-        """(whether the caller wants the final output only, the replica's "add" payload); a
-        ValueError if the request cannot be pickled for a replica."""
+    def _prepare(self, ids: list[int], params: SamplingParams, owner: str | None) -> bytes:
+        """The replica's "add" payload; a ValueError if the request cannot be pickled for a
+        replica. A "delta" request's replica reports deltas (its text held back where a stop
+        string may cut it, `EngineCore`), a "cumulative" one's everything so far."""
         if params.seed is None:  # drawn here, so a request's samples do not depend on routing
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
-        final_only = params.output_kind == "final_only"
-        if final_only:  # its replica reports every step: the router and TTFT read them
+        if params.output_kind == "final_only":
+            # Its replica reports every step: the router and TTFT read them.
             params = dataclasses.replace(params, output_kind="cumulative")
         try:
             # Pickled apart from the message (`engine_core`): a replica that cannot read it
             # refuses this request alone.
-            return final_only, pickle.dumps((ids, params, owner), pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps((ids, params, owner), pickle.HIGHEST_PROTOCOL)
         except Exception as err:  # noqa: BLE001 - pickle raises several kinds
             raise ValueError(f"the request cannot be sent to a data-parallel replica (its "
                              f"sampling_params and owner must pickle): {summarize(err)}") from None
 
     def _route(self, request_id: str, prompt, ids: list[int], max_tokens: int,
-               final_only: bool, payload: bytes) -> None:
+               output_kind: str, payload: bytes) -> None:
         # What the context lets it generate, however many tokens it asks for.
         outstanding = len(ids) + min(max_tokens, self.max_model_len - len(ids))
         # A fresh key per request: outputs still in flight for an aborted request can never
         # be taken for a later request that reuses its id.
         key = str(next(self._keys))
         req = _Request(key, -1, prompt if isinstance(prompt, str) else None, ids, outstanding,
-                       time.perf_counter(), final_only=final_only)
+                       time.perf_counter(), output_kind=output_kind)
         while True:
             replica = self.router.pick(self.up)
             if replica is None:  # fails at once, as the requests of a failed replica do
@@ -305,11 +307,16 @@ class DataParallelEngine:
         self.keys[key] = request_id
         self.router.add(replica, outstanding)
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request on its replica; its output with finish_reason "abort", or None if
+    def abort_request(self, request_id: str | list[str]
+                      ) -> RequestOutput | None | list[RequestOutput | None]:
+        """Stop a request on its replica; its output with finish_reason "abort" (of its
+        output_kind: a "delta" one holds what no output from `step` has held), or None if
         it is unknown or already done. An output of it still waiting for `step` is dropped
         (its final one too, as LLMEngine drops an output it holds back), so its id is free
-        at once."""
+        at once. A list of ids (as `LLMEngine.abort_request`; a list is never an id) stops
+        each of them and returns their results in a list."""
+        if isinstance(request_id, list):
+            return [self.abort_request(r) for r in request_id]
         self.pending.pop(request_id, None)
         req = self.requests.pop(request_id, None)
         if req is None:
@@ -336,6 +343,10 @@ class DataParallelEngine:
         replica is left and every output is delivered."""
         self._poll(self.poll_s)
         out, self.pending = list(self.pending.values()), {}
+        for o in out:  # a live "delta" request's next output holds what comes after these
+            req = self.requests.get(o.request_id)
+            if req is not None and req.output_kind == "delta":
+                req.tokens, req.text = [], ""
         return out
 
     def check_workers(self) -> None:
@@ -405,14 +416,15 @@ class DataParallelEngine:
         req.outstanding -= done
         self.router.add(replica, -done)
         req.tokens.extend(new_tokens)
-        req.text = req.text[:start] + text
+        # A "delta" request's replica never cuts text it sent (`start` is where it left off).
+        req.text = req.text + text if req.output_kind == "delta" else req.text[:start] + text
         req.error, req.stop_reason, req.num_cached = error, stop_reason, num_cached
         if finish_reason is not None:
             del self.requests[request_id], self.keys[key]
             self.router.add(replica, -req.outstanding)
             self.outcomes["aborted" if finish_reason == "abort" else
                           "failed" if error is not None else "finished"] += 1
-        elif req.final_only:
+        elif req.output_kind == "final_only":
             return
         self.pending[request_id] = self._output(request_id, req, finish_reason,
                                                 now if finish_reason else None)

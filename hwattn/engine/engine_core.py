@@ -20,7 +20,9 @@ Messages out: ("ready", info), ("outputs", deltas, (step kind, seconds), stats) 
 ("stats", stats), ("rejected", request_id, message), ("result", ok, payload).
 A delta is (request_id, new token ids, text start, text from there, finish_reason,
 stop_reason, error, num_cached_prompt_tokens, first_scheduled_time): output text only grows,
-except when a stop string cuts it, and then `text start` says where the replacement begins;
+except when a stop string cuts it, and then `text start` says where the replacement begins
+(never, for a request whose params ask for "delta" outputs: the engine's own deltas are
+forwarded as they are, their text held back until no stop string can cut it);
 error is set when the request failed alone (finish_reason "error"); first_scheduled_time is
 the replica's `time.perf_counter()` when its scheduler first admitted the request (None
 before; a monotonic clock every process of the host shares on Linux).
@@ -52,6 +54,7 @@ class EngineCore:
     def __init__(self, engine):
         self.engine = engine
         self.sent: dict[str, tuple[int, int]] = {}  # request id -> (tokens, characters) sent
+        self.delta: set[str] = set()  # requests whose outputs hold only what is new
 
     def info(self) -> dict:
         e = self.engine
@@ -79,9 +82,12 @@ class EngineCore:
                 return [("rejected", request_id, str(err))]
             except Exception as err:  # noqa: BLE001 - it fails alone, as in the server's loop
                 return [("rejected", request_id, summarize(err))]
+            if params.output_kind == "delta":
+                self.delta.add(request_id)
             return []
         if kind == "abort":
             self.sent.pop(message[1], None)
+            self.delta.discard(message[1])
             self.engine.abort_request(message[1])
             return []
         if kind == "call":
@@ -111,15 +117,21 @@ class EngineCore:
                 "decode" if engine.counters["steps"] > steps else "readback")
         deltas = []
         for out in outputs:
-            n_tokens, n_chars = self.sent.get(out.request_id, (0, 0))
-            start = n_chars if len(out.text) >= n_chars else 0
-            deltas.append((out.request_id, out.token_ids[n_tokens:], start, out.text[start:],
-                           out.finish_reason, out.outputs[0].stop_reason, out.error,
-                           out.num_cached_prompt_tokens, out.first_scheduled_time))
-            if out.finished:
-                self.sent.pop(out.request_id, None)
+            rid = out.request_id
+            n_tokens, n_chars = self.sent.get(rid, (0, 0))
+            if rid in self.delta:  # already what is new, text that no stop string can cut
+                start, tokens, text = n_chars, out.token_ids, out.text
             else:
-                self.sent[out.request_id] = (len(out.token_ids), len(out.text))
+                start = n_chars if len(out.text) >= n_chars else 0
+                tokens, text = out.token_ids[n_tokens:], out.text[start:]
+            deltas.append((rid, tokens, start, text, out.finish_reason,
+                           out.outputs[0].stop_reason, out.error, out.num_cached_prompt_tokens,
+                           out.first_scheduled_time))
+            if out.finished:
+                self.sent.pop(rid, None)
+                self.delta.discard(rid)
+            else:
+                self.sent[rid] = (n_tokens + len(tokens), start + len(text))
         return [("outputs", deltas, (kind, seconds), engine.stats())]
 
 

@@ -55,8 +55,8 @@ class OutputProcessor:
 
     def outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
         """Free the finished among the sequences a step advanced (and the failed ones);
-        one output per request that advanced (if its `output_kind` is "final_only": only once
-        all its sequences have finished)."""
+        one output per request that advanced, of its `output_kind` (`Sequence.output`; if
+        "final_only": only once all its sequences have finished)."""
         touched += [s for s in self.failed if s not in touched]
         requests: dict[str, list[Sequence]] = {}
         for seq in touched:

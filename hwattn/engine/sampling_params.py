@@ -33,7 +33,7 @@ def _number(name: str, value, what: str) -> float:
     return float(value)
 
 
-OUTPUT_KINDS = ("cumulative", "final_only")
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
 # Temperatures below this decode greedily, as vLLM's: dividing float32 logits by less can
 # overflow them to +-inf, after which the draw is no longer the distribution's limit.
 GREEDY_BELOW = 1e-5
@@ -190,10 +190,13 @@ class SamplingParams:
         stop strings need it (refused without it, as vLLM refuses them).
     skip_special_tokens: leave special tokens (such as <|endoftext|>) out of the output text
         (True, as vLLM); False writes them into the text. The token ids are the same either way.
-    output_kind: when `LLMEngine.step` returns this request's output: "cumulative" (the
-        default: every step that advanced it, with everything so far, for streaming) or
-        "final_only" (once, when it has finished; `LLM.generate` asks for this). As vLLM's
-        `RequestOutputKind.CUMULATIVE` / `FINAL_ONLY`; a step then builds no output for it.
+    output_kind: when `LLMEngine.step` returns this request's output, and what it holds:
+        "cumulative" (the default: every step that advanced it, with everything so far),
+        "delta" (every step that advanced it, with only what is new since its previous
+        output: for streaming, at a cost per step that does not grow with the answer; see
+        `RequestOutput` for what each field then means) or "final_only" (once, when it has
+        finished, a step building no output for it before; `LLM.generate` asks for this). As
+        vLLM's `RequestOutputKind.CUMULATIVE` / `DELTA` / `FINAL_ONLY`.
 
     Logit biases, penalties, min_p / min_tokens, allowed_token_ids and bad_words apply before
     the greedy argmax too; with none of them
@@ -309,6 +312,17 @@ class SamplingParams:
             raise ValueError(f"stop strings {self.stop!r} are matched on the output text, which "
                              f"detokenize=False does not build: set detokenize=True or use "
                              f"stop_token_ids")
+
+    @property
+    def stop_holdback(self) -> int:
+        """Characters at the end of an unfinished output's text that a stop string begun there
+        may still cut off (the engine then cuts the text back to before the stop string): the
+        longest stop string's length minus one; 0 without stop strings or when the stop string
+        is kept (include_stop_str_in_output, whose cut never reaches back). A "delta" output
+        keeps them back until more text or the finish shows they stay."""
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self.stop) - 1
 
     @property
     def argmax_of_raw_logits(self) -> bool:

@@ -10,6 +10,7 @@ for tokens sampled on the device and not yet read back; outputs never show them.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass
@@ -41,9 +42,11 @@ PositionLogprobs = dict[int, Logprob]
 class CompletionOutput:
     """One of a request's `n` completions.
 
-    index: which of the n it is. text, token_ids: generated so far. cumulative_logprob: sum
-    of the sampled tokens' log-probabilities (None unless `logprobs` was asked for).
-    logprobs: per generated token, its `PositionLogprobs` (None unless asked for).
+    index: which of the n it is. text, token_ids: generated so far (with output_kind
+    "delta": generated since this completion's previous output). cumulative_logprob: sum
+    of the sampled tokens' log-probabilities so far, whatever the output kind (None unless
+    `logprobs` was asked for).
+    logprobs: per token of `token_ids`, its `PositionLogprobs` (None unless asked for).
     finish_reason: None while running; "stop" (EOS, a stop string or stop token), "length"
     (max_tokens or the model's context), "abort", or "error" (see `RequestOutput.error`).
     stop_reason: the stop string or stop token id that ended it (None otherwise).
@@ -73,6 +76,20 @@ class RequestOutput:
     others "abort"), or when the worker process running it failed. worker_failed: the
     latter (a data-parallel replica died or got stuck): nothing about the request itself
     was wrong, and it may succeed if sent again.
+
+    With output_kind "delta" each output holds what is new since the request's previous
+    output: `outputs` still lists all n completions in index order, each with the token ids,
+    their log-probabilities and the text that are new for it (any of them may be empty; a
+    completion that finished in an earlier output comes again, empty, with its
+    finish_reason). Joining a completion's deltas over all the request's outputs gives
+    exactly the text, token ids and log-probabilities a "cumulative" request ends with. The
+    text lags its tokens: a multi-byte character waits for its last token, and the last
+    `SamplingParams.stop_holdback` characters of an unfinished completion wait until later
+    text shows that no stop string cuts them off (each character comes exactly once; the
+    completion's finishing output brings all that was kept back). prompt_logprobs comes in
+    the request's first output only (as a "cumulative" first output has it), None later;
+    the other fields (prompt, prompt_token_ids, cumulative_logprob, finish reasons, error,
+    times) are as for "cumulative".
 
     Times are `time.perf_counter()` seconds: arrival_time (the engine took the request),
     first_scheduled_time (the scheduler first admitted it for prefill; a preemption does not
@@ -112,6 +129,48 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+
+class DeltaJoiner:
+    """Joins a request's "delta" outputs (`SamplingParams.output_kind`), added in the order
+    they came, into one output of the same kind that holds what they held together: per
+    completion, the text, token ids and log-probabilities appended; prompt_logprobs the
+    first's; every other field the last's. Joining all of a request's outputs gives the
+    output a "cumulative" request ends with. Adding costs what is added (the text parts are
+    joined once, by `take`)."""
+
+    def __init__(self):
+        self.last: RequestOutput | None = None
+        self.prompt_logprobs = None
+        self.texts: list[list[str]] = []
+        self.tokens: list[list[int]] = []
+        self.logprobs: list[list[PositionLogprobs] | None] = []
+
+    def add(self, out: RequestOutput) -> None:
+        if self.last is None:
+            self.prompt_logprobs = out.prompt_logprobs
+            self.texts = [[c.text] for c in out.outputs]
+            self.tokens = [list(c.token_ids) for c in out.outputs]
+            self.logprobs = [None if c.logprobs is None else list(c.logprobs)
+                             for c in out.outputs]
+        else:
+            for k, c in enumerate(out.outputs):
+                self.texts[k].append(c.text)
+                self.tokens[k] += c.token_ids
+                if c.logprobs is not None:
+                    self.logprobs[k] += c.logprobs
+        self.last = out
+
+    def take(self) -> RequestOutput | None:
+        """The joined output of what was added since the last `take` (None if nothing was),
+        after which the joiner starts over."""
+        out, self.last = self.last, None
+        if out is None:
+            return None
+        outputs = [dataclasses.replace(c, text="".join(text), token_ids=tokens, logprobs=logprobs)
+                   for c, text, tokens, logprobs in zip(out.outputs, self.texts, self.tokens,
+                                                        self.logprobs)]
+        return dataclasses.replace(out, outputs=outputs, prompt_logprobs=self.prompt_logprobs)
 
 
 class Sequence:
@@ -165,6 +224,13 @@ class Sequence:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.num_preemptions = 0
+        # What "delta" outputs have reported: output tokens (and their log-probabilities),
+        # characters of text, and whether the request's first output went (kept on the
+        # first sequence of a request: its prompt log-probabilities go there).
+        self.reported_tokens = 0
+        self.reported_chars = 0
+        self.reported_any = False
+        self.stop_holdback = params.stop_holdback if params.output_kind == "delta" else 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -200,18 +266,46 @@ class Sequence:
                                 None if self.logprobs is None else list(self.logprobs),
                                 self.finish_reason, self.stop_reason)
 
+    def delta(self) -> CompletionOutput:
+        """What is new since this sequence's previous `delta` (see `RequestOutput` on
+        output_kind "delta"), and mark it reported: its known tokens since, their
+        log-probabilities, and its text since but for the last `stop_holdback` characters
+        while it runs."""
+        known = len(self.token_ids) - self.num_pending  # placeholders stay hidden
+        start = self.num_prompt_tokens + self.reported_tokens
+        tokens = self.token_ids[start:known]
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = self.logprobs[self.reported_tokens:self.reported_tokens + len(tokens)]
+        end = len(self.text)
+        if self.finish_reason is None:
+            # A stop string cuts at most this far back, and never into what was reported
+            # (`SamplingParams.stop_holdback`).
+            end = max(self.reported_chars, end - self.stop_holdback)
+        text = self.text[self.reported_chars:end]
+        self.reported_tokens += len(tokens)
+        self.reported_chars = max(self.reported_chars, end)
+        return CompletionOutput(self.index, text, tokens, self.cumulative_logprob, logprobs,
+                                self.finish_reason, self.stop_reason)
+
     def output(self, siblings: list["Sequence"] | None = None) -> RequestOutput:
-        """The request's output; `siblings`: all n sequences of the request (default: this
-        one alone), in index order."""
+        """The request's output, as its `params.output_kind` asks (a "delta" one marks what it
+        holds reported; "final_only" builds a "cumulative" one); `siblings`: all n sequences
+        of the request (default: this one alone), in index order."""
         group = siblings or [self]
         first = group[0]
+        delta = first.params.output_kind == "delta"
         times = [s.first_token_time for s in group if s.first_token_time is not None]
         scheduled = [s.first_scheduled_time for s in group if s.first_scheduled_time is not None]
         done = [s.finish_time for s in group]
         error = next((s.error for s in group if s.error is not None), None)
+        prompt_logprobs = None  # a "delta" request's go in its first output alone
+        if first.prompt_logprobs is not None and not (delta and first.reported_any):
+            prompt_logprobs = list(first.prompt_logprobs)
+        first.reported_any = True
         return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
-                             [s.completion() for s in group],
-                             None if first.prompt_logprobs is None else list(first.prompt_logprobs),
+                             [s.delta() if delta else s.completion() for s in group],
+                             prompt_logprobs,
                              first.num_prefix_hit, first.arrival_time,
                              min(times) if times else None,
                              None if None in done else max(done), error,

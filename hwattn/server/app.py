@@ -12,8 +12,9 @@ if the engine fails the request, and 503 when a worker process it needed is gone
 replica's requests get 503, and /health answers 200 "degraded" while it restarts and the
 others serve; the worker's traceback goes to the log, never to a client). A request the
 engine would refuse is refused before any answer starts, so a streamed request gets the same
-400 as an unstreamed one. One request's failure never reaches another's. A stream
-holds back the end of its text that a stop string may still cut off, so that it says what the
+400 as an unstreamed one. One request's failure never reaches another's. The engine sends
+"delta" outputs (`SamplingParams.output_kind`: what is new each step, never all so far), whose
+text holds back the end that a stop string may still cut off, so that a stream says what the
 same request says unstreamed.
 
 Tokenizing and rendering prompts, detokenizing, and checking a large body run in worker
@@ -43,6 +44,7 @@ from hwattn.config import VERSION
 from hwattn.engine.chat import ChatTemplate
 from hwattn.engine.requests import ContextLengthError, encode_prompt
 from hwattn.engine.sampling_params import SamplingParams
+from hwattn.engine.sequence import CompletionOutput, DeltaJoiner
 from hwattn.server.async_engine import AsyncEngine, EngineDeadError, EngineError
 from hwattn.server.formats import chat_logprobs, completion_logprobs, prompt_logprobs, top
 from hwattn.server.metrics import render
@@ -249,20 +251,22 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return ids, params
 
     async def run_all(request: Request, jobs: list[tuple[list[int], SamplingParams]], prefix: str):
-        """Merge the output streams of several requests: yields (index, RequestOutput). The
-        requests share one owner (`prefix`): the scheduler weighs them together against other
-        clients' requests.
-        An output holds everything its request has generated so far, so only each request's
-        newest one waits for the consumer: a client that stops reading its stream holds one
-        output per prompt, not one per step (copies of every token so far each: memory
-        quadratic in the answer's length)."""
-        newest: dict[int, object] = {}  # index -> its newest RequestOutput, or its error
+        """Merge the "delta" output streams of several requests: yields (index, RequestOutput
+        holding what is new since that index's previous one). The requests share one owner
+        (`prefix`): the scheduler weighs them together against other clients' requests.
+        The outputs that come while the consumer is busy are joined into one per request
+        (`DeltaJoiner`): a client that stops reading its stream holds what was generated
+        meanwhile once, not one output per step."""
+        newest: dict[int, object] = {}  # index -> its DeltaJoiner, or its error
         ready = asyncio.Event()
 
         async def pump(i, ids, params):
             try:
                 async for out in engine.generate(ids, params, f"{prefix}-{i}", owner=prefix):
-                    newest[i] = out
+                    joiner = newest.get(i)
+                    if joiner is None:
+                        joiner = newest[i] = DeltaJoiner()
+                    joiner.add(out)
                     ready.set()
             except Exception as err:  # noqa: BLE001 - handed to the consumer
                 newest[i] = err
@@ -276,9 +280,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 ready.clear()
                 batch = list(newest.items())
                 newest.clear()
-                for i, out in batch:
-                    if isinstance(out, Exception):
-                        raise out
+                for i, joiner in batch:
+                    if isinstance(joiner, Exception):
+                        raise joiner
+                    out = joiner.take()
                     if out.finished:
                         left -= 1
                     yield i, out
@@ -288,13 +293,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def until_done(request: Request, stream):
-        """Collect a non-streamed result, aborting if the client goes away meanwhile."""
+        """Collect a non-streamed result (each request's outputs joined), aborting if the
+        client goes away meanwhile."""
         final: dict[int, object] = {}
+        joined: dict[int, DeltaJoiner] = {}
 
         async def collect():
             async for i, out in stream:
+                joined.setdefault(i, DeltaJoiner()).add(out)
                 if out.finished:
-                    final[i] = out
+                    final[i] = joined.pop(i).take()
 
         task = asyncio.create_task(collect())
         while not task.done():
@@ -330,30 +338,31 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         return APIError(f"internal error: {type(err).__name__}", status=500, kind="server_error")
 
     def usage(outs, generated: bool = True) -> dict:
+        """The usage of finished outputs, each with all its tokens."""
         p = sum(len(o.prompt_token_ids) for o in outs)
         c = sum(len(c.token_ids) for o in outs for c in o.outputs) if generated else 0
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return usage_of(p, c)
 
-    def holdback(params: SamplingParams) -> int:
-        """Characters at the end of an unfinished output that a stream must not send yet: a
-        stop string that has begun there may still end the output before them (the engine
-        then cuts its text back), so that the streamed text is the unstreamed one."""
-        if not params.stop or params.include_stop_str_in_output:
-            return 0
-        return max(len(s) for s in params.stop) - 1
+    def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
     async def stream_events(stream, make_chunk, include_usage: bool, n: int, first=None,
-                            generated: bool = True, announce: bool = False, hold: int = 0):
-        """SSE chunks of the merged `stream`: `make_chunk(choice, text, completion, start,
-        request output, is_first)` for each choice's new text (its tokens from `start`) and
-        its finish; `announce`: send each choice's first chunk even before it has text (an
-        echoed prompt). `generated` False shows no generated text (echo of the prompt alone).
-        hold: characters of an unfinished choice's text kept back (`holdback`).
-        include_usage: a last chunk with the usage and no choices, and, as OpenAI's, a null
-        `usage` in every other chunk."""
-        sent: dict[int, tuple[int, int]] = {}  # choice -> (characters, tokens) sent
+                            generated: bool = True, announce: bool = False):
+        """SSE chunks of the merged "delta" `stream` (`run_all`): `make_chunk(choice, text,
+        completion, request output, is_first)` for each choice's new text (`completion`
+        holding its tokens since its previous chunk) and its finish; `announce`: send each
+        choice's first chunk even before it has text (an echoed prompt). `generated` False
+        shows no generated text (echo of the prompt alone). include_usage: a last chunk with
+        the usage and no choices, and, as OpenAI's, a null `usage` in every other chunk."""
+        # Per choice: its tokens and their log-probabilities that came with no text to send
+        # yet (a character still incomplete, text a stop string may still cut); they go with
+        # its next chunk.
+        unsent: dict[int, tuple[list[int], list]] = {}
+        started: set[int] = set()  # choices that have had a chunk
         done: set[int] = set()
-        outs = {}
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens = 0
 
         def event(doc: dict) -> str:
             if include_usage:
@@ -364,26 +373,32 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             if first is not None:
                 yield event(first)
             async for i, out in stream:
-                outs[i] = out
+                prompt_tokens[i] = len(out.prompt_token_ids)
                 for completion in out.outputs:
                     choice = i * n + completion.index
                     if choice in done:
                         continue
-                    is_first = choice not in sent
-                    chars, tokens = sent.get(choice, (0, 0))
-                    end = len(completion.text)
-                    if hold and not completion.finished:
-                        end = max(chars, end - hold)
-                    text = completion.text[chars:end] if generated else ""
+                    completion_tokens += len(completion.token_ids)
+                    tokens, logprobs = unsent.setdefault(choice, ([], []))
+                    tokens += completion.token_ids
+                    if completion.logprobs is not None:
+                        logprobs += completion.logprobs
+                    is_first = choice not in started
+                    text = completion.text if generated else ""
                     if not (text or completion.finished or (is_first and announce)):
                         continue
-                    sent[choice] = (chars + len(text), len(completion.token_ids))
+                    del unsent[choice]
+                    started.add(choice)
                     if completion.finished:
                         done.add(choice)
-                    yield event(make_chunk(choice, text, completion, tokens, out, is_first))
+                    pending = CompletionOutput(
+                        completion.index, text, tokens, completion.cumulative_logprob,
+                        None if completion.logprobs is None else logprobs,
+                        completion.finish_reason, completion.stop_reason)
+                    yield event(make_chunk(choice, text, pending, out, is_first))
             if include_usage:
-                yield event(make_chunk(None, None, None, None, None, None,
-                                       usage=usage(outs.values(), generated)))
+                yield event(make_chunk(None, None, None, None, None, usage=usage_of(
+                    sum(prompt_tokens.values()), completion_tokens if generated else 0)))
             yield _sse("[DONE]")
         except Exception as err:  # noqa: BLE001 - this request's failure, told to its client
             e = request_error(err)
@@ -510,13 +525,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 echoed[i] = list(zip(prompt, lps))
             return echoed[i]
 
-        def choice(index, text, completion, start, out, is_first):
+        def choice(index, text, completion, out, is_first):
             """One choice: new text (the prompt before it on the first chunk, with echo) and
-            the log-probabilities of its tokens from `start`."""
+            the log-probabilities of `completion`'s tokens."""
             entries = []
             if generated:
-                tokens = completion.token_ids[start:]
-                lps = completion.logprobs[start:] if want else [None] * len(tokens)
+                tokens = completion.token_ids
+                lps = completion.logprobs if want else [None] * len(tokens)
                 entries = list(zip(tokens, lps))
             else:
                 text = ""
@@ -538,27 +553,26 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 doc["prompt_logprobs"] = formatted.get(index // n)
             return doc
 
-        def chunk(index, text, completion, start, out, is_first, usage=None):
+        def chunk(index, text, completion, out, is_first, usage=None):
             doc = {"id": rid, "object": "text_completion", "created": created,
                    "model": model_name, "choices": []}
             if index is not None:
-                doc["choices"] = [choice(index, text, completion, start, out, is_first)]
+                doc["choices"] = [choice(index, text, completion, out, is_first)]
             if usage is not None:
                 doc["usage"] = usage
             return doc
 
         if req.stream:
             return StreamingResponse(stream_events(stream, chunk, include_usage, n,
-                                                   generated=generated, announce=req.echo,
-                                                   hold=holdback(params)),
+                                                   generated=generated, announce=req.echo),
                                      media_type="text/event-stream")
         outs = await until_done(request, stream)
         if outs is None:
             return JSONResponse({}, status_code=499)
 
         def answer() -> dict:
-            doc = chunk(None, None, None, None, None, None, usage=usage(outs, generated))
-            doc["choices"] = [choice(i * n + c.index, c.text, c, 0, o, True)
+            doc = chunk(None, None, None, None, None, usage=usage(outs, generated))
+            doc["choices"] = [choice(i * n + c.index, c.text, c, o, True)
                               for i, o in enumerate(outs) for c in o.outputs]
             return doc
 
@@ -600,13 +614,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         # one, the final message's author (whose message continue_final_message continues).
         role = "assistant" if req.add_generation_prompt else req.messages[-1].role
 
-        def logprobs(completion, start):
+        def logprobs(completion):
             if not req.logprobs:
                 return None
-            return chat_logprobs(zip(completion.token_ids[start:], completion.logprobs[start:]),
-                                 decode, top_n)
+            return chat_logprobs(zip(completion.token_ids, completion.logprobs), decode, top_n)
 
-        def chunk(index, text, completion, start, out, is_first, usage=None):
+        def chunk(index, text, completion, out, is_first, usage=None):
             doc = {"id": rid, "object": "chat.completion.chunk", "created": created,
                    "model": model_name, "choices": []}
             if index is not None:
@@ -614,7 +627,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 doc["choices"] = [{"index": index, "delta": delta,
                                    "finish_reason": completion.finish_reason,
                                    "stop_reason": completion.stop_reason,
-                                   "logprobs": logprobs(completion, start)}]
+                                   "logprobs": logprobs(completion)}]
             if usage is not None:
                 doc["usage"] = usage
             return doc
@@ -625,8 +638,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                      "choices": [{"index": i, "delta": {"role": role, "content": ""},
                                   "finish_reason": None, "logprobs": None}
                                  for i in range(req.n)]}
-            return StreamingResponse(stream_events(stream, chunk, include_usage, req.n, first=first,
-                                                   hold=holdback(jobs[0][1])),
+            return StreamingResponse(stream_events(stream, chunk, include_usage, req.n,
+                                                   first=first),
                                      media_type="text/event-stream")
         outs = await until_done(request, stream)
         if outs is None:
@@ -639,7 +652,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                     "choices": [{"index": c.index,
                                  "message": {"role": role, "content": c.text},
                                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                                 "logprobs": logprobs(c, 0)} for c in out.outputs],
+                                 "logprobs": logprobs(c)} for c in out.outputs],
                     "usage": usage(outs),
                     "prompt_logprobs": None if req.prompt_logprobs is None else prompt_logprobs(
                         out.prompt_token_ids, out.prompt_logprobs, req.prompt_logprobs)}

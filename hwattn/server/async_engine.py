@@ -142,7 +142,8 @@ class AsyncEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        owner: str | None = None):
         """Yield this request's `RequestOutput` after every step that advanced it, the last one
-        finished. Leaving the loop early (client gone, task cancelled) aborts the request.
+        finished (of `params.output_kind`: the server asks for "delta" outputs). Leaving the
+        loop early (client gone, task cancelled) aborts the request.
         owner: whom the scheduler shares the batch fairly between (default: the request; the
         server passes one owner for all the prompts of an HTTP request).
         Raises ValueError if the engine refuses the request, EngineError if it fails."""
@@ -150,7 +151,8 @@ class AsyncEngine:
             raise EngineDeadError(self.dead)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        timer = self.latency.timer()  # before the engine can take it: no latency is missed
+        # Started before the engine can take it: no latency is missed.
+        timer = self.latency.timer(delta=params.output_kind == "delta")
         with self._lock:
             if self._closed is not None:
                 raise EngineDeadError(self._closed)

@@ -122,11 +122,11 @@ class LatencyMetrics:
         self.model_name = model_name
         self._series = _Series(*(h.labels(model_name) for h in self._histograms))
 
-    def timer(self) -> "RequestTimer":
-        """A timer for one request, started now."""
+    def timer(self, delta: bool = False) -> "RequestTimer":
+        """A timer for one request, started now; `delta`: its outputs are "delta" ones."""
         if self._series is None:
             self.set_model_name(self.model_name)
-        return RequestTimer(self._series)
+        return RequestTimer(self._series, delta)
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()
@@ -142,8 +142,9 @@ class RequestTimer:
     that says when the scheduler first admitted the request its queue time, and the last
     output the end-to-end latency and the request's prompt and generation tokens."""
 
-    def __init__(self, series: _Series):
+    def __init__(self, series: _Series, delta: bool = False):
         self.series = series
+        self.delta = delta  # outputs hold what is new (output_kind "delta"), not all so far
         self.start = time.perf_counter()
         self.seen: dict[int, tuple[int, float]] = {}  # completion -> (tokens, time of last)
         self.first: dict[int, float] = {}  # completion -> time of its first token
@@ -151,13 +152,13 @@ class RequestTimer:
         self.queued = False  # queue time observed
 
     def observe(self, output) -> None:
-        """`output`: the request's latest `RequestOutput`."""
+        """`output`: the request's latest `RequestOutput` (with `delta`: what is new in it)."""
         now = time.perf_counter()
         series = self.series
         first = not self.seen
         for o in output.outputs:
-            tokens = len(o.token_ids)
             before, last = self.seen.get(o.index, (0, None))
+            tokens = before + len(o.token_ids) if self.delta else len(o.token_ids)
             new = tokens - before
             if new > 0:
                 if last is not None:  # a completion's first token is no inter-token gap
@@ -180,7 +181,8 @@ class RequestTimer:
         if output.finished:
             series.e2e.observe(now - self.start)
             series.prompt_tokens.observe(len(output.prompt_token_ids))
-            series.generation_tokens.observe(sum(len(o.token_ids) for o in output.outputs))
+            series.generation_tokens.observe(sum(self.seen.get(o.index, (0, None))[0]
+                                                 for o in output.outputs))
 
 
 class _EngineFamilies:

@@ -284,7 +284,10 @@ class _Request(_Body):
                 include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, logit_bias=self.logit_bias,
                 allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
-                truncate_prompt_tokens=self.truncate_prompt_tokens)
+                truncate_prompt_tokens=self.truncate_prompt_tokens,
+                # What is new each step, streamed or not: the server joins the outputs
+                # (`app.run_all`) and never asks the engine for all so far every step.
+                output_kind="delta")
         except ValueError as err:
             raise APIError(str(err), param=str(err).split(" ", 1)[0]) from None
 

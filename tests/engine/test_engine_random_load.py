@@ -3,6 +3,7 @@ steps, some are aborted at random moments, the page pool is tight enough to pree
 prefix caching, overlapped scheduling (its launches made from a thread or not), mixed steps
 and the captured-graph decode path are on or off; a speculative engine may turn to plain
 overlapped steps while its batch is large (`speculative_disable_batch_size`) and back.
+Requests ask for cumulative, "delta" (joined here) or final outputs.
 
 Bad requests arrive too and must be refused whole. After every step the pages must add up (`check_invariants`); at the end every request must
 have finished exactly once (aborted ones with "abort") and the pool must be empty; and every
@@ -14,12 +15,14 @@ against the plain sampler's own draws, `sampler.matching_verify`).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import random
 
 import pytest
 
 from hwattn.engine import LLM, SamplingParams
+from hwattn.engine.sequence import DeltaJoiner
 
 
 def random_request(rng: random.Random, shared_prefix: list[int]) -> tuple[list[int], SamplingParams]:
@@ -92,10 +95,15 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, bpe_dir, see
     aborted: set[str] = set()
     outputs_seen: dict[str, int] = {}
     texts: dict[tuple[str, int], str] = {}
+    # Half the "cumulative" requests ask for "delta" outputs instead, joined here (drawn
+    # apart: the requests and what the engine does with them stay those of `rng`).
+    delta_rng, joined = random.Random(seed + 1000), {}
     for step in range(400):
         if step < 150 and rng.random() < 0.35:
             for _ in range(rng.randint(1, 3)):
                 prompt, params = random_request(rng, shared_prefix)
+                if params.output_kind == "cumulative" and delta_rng.random() < 0.5:
+                    params = dataclasses.replace(params, output_kind="delta")
                 requests[engine.add_request(prompt, params)] = (prompt, params)
         if rng.random() < 0.05:  # a bad request is refused whole and touches nothing
             bad = rng.choice([([], "empty"), ([5, 1 << 20], "vocabulary"),
@@ -118,6 +126,11 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, bpe_dir, see
             break
         for out in engine.step():
             rid = out.request_id
+            if requests[rid][1].output_kind == "delta":  # all so far: the deltas joined
+                joiner = joined.setdefault(rid, DeltaJoiner())
+                joiner.add(out)
+                out = joiner.take()
+                joiner.add(out)
             assert rid not in finals, f"{rid} gave an output after its final one"
             outputs_seen[rid] = outputs_seen.get(rid, 0) + 1
             for c in out.outputs:  # a streamed text only grows
@@ -152,6 +165,8 @@ def test_random_load_keeps_pages_outputs_and_isolation(checkpoints, bpe_dir, see
     for rid, out in finals.items():
         prompt, params = requests[rid]
         assert all(c.finish_reason == "length" for c in out.outputs), out
+        if params.output_kind == "delta":  # alone, its final output holds everything
+            params = dataclasses.replace(params, output_kind="final_only")
         alone = [o for o in _run_alone(roomy, prompt, params) if o.finished][0]
         assert [c.token_ids for c in out.outputs] == [c.token_ids for c in alone.outputs], rid
 

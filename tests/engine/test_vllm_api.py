@@ -271,5 +271,6 @@ def test_final_only_requests_get_one_output_when_every_completion_is_done(llm):
     assert engine.block_manager.num_used_pages == 0
     mine = SamplingParams(max_tokens=3, temperature=0)
     assert llm.generate([PROMPT], mine)[0].finished and mine.output_kind == "cumulative"
-    with pytest.raises(ValueError, match="output_kind must be one of cumulative, final_only"):
-        SamplingParams(output_kind="delta")
+    with pytest.raises(ValueError, match="output_kind must be one of cumulative, delta, "
+                                         "final_only"):
+        SamplingParams(output_kind="final")

@@ -178,7 +178,9 @@ def test_a_failed_replica_costs_only_its_own_requests(signals, sig):
             live = list(engine.requests.values())
         except RuntimeError:  # changed while we read it: the engine thread runs
             return False
-        return len(live) == 6 and all(len(r.tokens) > 1 for r in live)
+        # Each decoding (its `tokens`, with the server's "delta" outputs, are only those not
+        # yet delivered).
+        return len(live) == 6 and all(r.first_token_time is not None for r in live)
 
     try:
         with serving(build_app(AsyncEngine(engine), "m")) as base, httpx.Client(base_url=base,

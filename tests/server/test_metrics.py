@@ -81,6 +81,28 @@ def test_time_per_output_token_is_per_completion_from_its_first_token_to_its_las
     assert _histogram(latency, "hwattn_request_generation_tokens") == (1, 3 + 5)
 
 
+def test_a_timer_of_delta_outputs_observes_what_cumulative_ones_make(monkeypatch):
+    """The server reads "delta" outputs (each completion's new tokens alone, a finished one
+    listed again with none): every histogram is the one its cumulative outputs make."""
+    steps = [(1.0, [1, 0], False), (1.1, [2, 3], [False, True]), (1.3, [5, 3], False),
+             (1.4, [6, 3], True)]
+    def values(latency):  # every sample, buckets included, but the series' creation times
+        return [line for line in latency.exposition().splitlines() if "_created" not in line]
+
+    cumulative = values(_timed(monkeypatch, steps, prompt=[4, 5]))
+    now = [0.0]
+    monkeypatch.setattr(metrics_mod.time, "perf_counter", lambda: now[0])
+    latency = LatencyMetrics()
+    timer = latency.timer(delta=True)
+    before = [0, 0]
+    for t, counts, finished in steps:
+        now[0] = t
+        timer.observe(_output([c - b for c, b in zip(counts, before)], finished, prompt=[4, 5]))
+        before = counts
+    assert values(latency) == cumulative and len(cumulative) > 50
+    assert _histogram(latency, "hwattn_request_generation_tokens") == (1, 9)
+
+
 def test_queue_time_is_observed_once_from_the_engines_times():
     # Not yet admitted in the first output; admitted 0.25 s after arrival (engine's clock)
     # in every later one: one observation of 0.25.
