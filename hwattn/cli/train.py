@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
+
+DEFAULT_WARMUP = 20
 
 
 def register(sub) -> None:
@@ -28,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps (default 1)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="warm-up steps (default 20, or --steps when fewer)")
+                   help=f"warm-up steps (default {DEFAULT_WARMUP}, at most a tenth of --steps so "
+                        "that a short run still decays; a resumed run keeps its own)")
     p.add_argument("--min-lr-ratio", type=float, default=0.01, help="final lr / peak (default 0.01)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, > 0 (default 1.0; inf: none)")
@@ -53,22 +57,51 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def check_args(args) -> None:
+def default_warmup(args) -> tuple[int, str]:
+    """The warm-up when --warmup is not given, and a note saying where it comes from. A run
+    resumed in --out keeps the one it started with (its train_config.json), as the trainer
+    refuses another. Else 20 steps, at most a tenth of --steps (at least 1): the old default,
+    min(20, steps), made a run of 20 steps or fewer all warm-up, its learning rate rising to
+    the peak at the last step and never decaying."""
+    if not args.no_resume:
+        try:
+            saved = json.loads((Path(args.out) / "train_config.json").read_text())
+            warmup = saved["warmup_steps"]
+        except (OSError, ValueError, TypeError, KeyError):
+            warmup = None
+        if isinstance(warmup, int) and not isinstance(warmup, bool) and 0 <= warmup <= args.steps:
+            return warmup, f"that of the run resumed in {args.out}"
+    return (min(DEFAULT_WARMUP, max(1, args.steps // 10)),
+            f"the default, {DEFAULT_WARMUP} but at most a tenth of --steps {args.steps}")
+
+
+def check_args(args) -> list[str]:
     """ValueError for what `TrainConfig` leaves to fail late (after training, or after
-    --no-resume has removed the old checkpoint) or would take silently."""
+    --no-resume has removed the old checkpoint) or would take silently. Sets --warmup when
+    not given; returns notes for stderr (the warm-up chosen, when it is not 20; a run that is
+    all warm-up), to print once every check has passed."""
     import math
 
     from hwattn.cli import (at_least, check_dataset, check_device, check_not_the_dataset,
                             check_output_dir, positive)
 
-    if args.warmup is None:
-        args.warmup = min(20, args.steps)
+    notes = []
     at_least(args, 1, "steps", "seq_len", "batch_size", "accum", "log_every")
+    if args.warmup is None:
+        args.warmup, origin = default_warmup(args)
+        if args.warmup != DEFAULT_WARMUP:
+            notes.append(f"hwattn train: --warmup not given: {args.warmup} warm-up "
+                         f"step{'s' if args.warmup != 1 else ''} ({origin})")
     at_least(args, 0, "warmup", "eval_every", "ckpt_every", "seed", "weight_decay")
     if not math.isfinite(args.weight_decay):  # inf: every weight NaN after the first step
         raise ValueError(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if args.warmup > args.steps:
         raise ValueError(f"--warmup {args.warmup} exceeds --steps {args.steps}")
+    if args.warmup == args.steps > 1:
+        notes.append(f"hwattn train: warning: --warmup {args.warmup} equals --steps: the whole "
+                     f"run is warm-up, its learning rate rising to --lr {args.lr:g} at the last "
+                     f"step with no decay; a shorter --warmup leaves steps for the cosine to "
+                     f"--min-lr-ratio")
     positive(args, "lr", "peak_tflops")
     if not args.clip > 0:  # 0 would zero every gradient, a negative clip flip its sign
         raise ValueError(f"--clip must be > 0 (inf: no clipping), got {args.clip}")
@@ -92,6 +125,7 @@ def check_args(args) -> None:
             raise ValueError(f"--seq-len {args.seq_len} is longer than the {len(tokens)} "
                              f"validation tokens of domain {domain!r} in {args.data}: lower "
                              f"--seq-len or rebuild with a larger --val-fraction")
+    return notes
 
 
 def run(args) -> int:
@@ -101,7 +135,7 @@ def run(args) -> int:
     from hwattn.device import resolve_device
     from hwattn.train.trainer import TrainConfig, train
 
-    check_args(args)
+    notes = check_args(args)
     device = resolve_device(args.device)
     shape = ModelConfig.from_preset(args.preset, **parse_variant(args.variant))
     use_default_cpu_threads(model_params(shape), device)
@@ -118,6 +152,18 @@ def run(args) -> int:
                       eval_tokens=args.eval_tokens, ckpt_every=args.ckpt_every,
                       log_every=args.log_every, peak_tflops=args.peak_tflops,
                       resume=not args.no_resume)
+    # One process: under torchrun each rank trains on its own GPU, which the trainer picks.
+    # Not compiled: Inductor recomputes what eager keeps, so the eager bound is none there.
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("1", "") and not cfg.compile:
+        from hwattn.data.loader import TokenDataset
+        from hwattn.train.memory import check_batch_fits
+        from hwattn.train.trainer import model_config
+
+        check_batch_fits([model_config(cfg, TokenDataset(args.data).vocab_size)], cfg.seq_len,
+                         cfg.batch_size, device, cfg.amp)
+    if main:
+        for note in notes:
+            print(note, file=sys.stderr)
     # With --json, stdout holds the summary alone; what the run says (a resume, a warning
     # that it will not be bit-identical) goes to stderr rather than nowhere.
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print

@@ -20,6 +20,16 @@ from hwattn.parallel.errors import seconds_or_env
 from hwattn.parallel.launch import WorkerGroup
 
 
+class TensorParallelCallError(RuntimeError):
+    """A function run on the ranks by `TensorParallelExecutor.call` raised there; the ranks
+    serve on. `rank` is the lowest rank it failed on, `traceback` that rank's."""
+
+    def __init__(self, message: str, rank: int, traceback: str = ""):
+        super().__init__(message)
+        self.rank = rank
+        self.traceback = traceback
+
+
 class TensorParallelExecutor:
     """The engine's runner when `tensor_parallel_size > 1`.
 
@@ -36,7 +46,8 @@ class TensorParallelExecutor:
     starts; 0 is not "the default"). A rank that dies, or stops (its heartbeat stands still for
     HWATTN_HEARTBEAT_TIMEOUT_S, default 5 s: see `hwattn.parallel.launch`), fails the step
     within seconds, whatever the step timeout. Any failure raises `WorkerError` with the
-    rank's traceback, and every rank is killed.
+    rank's traceback, and every rank is killed; a function given to `call` that raises is
+    the caller's error alone (`TensorParallelCallError`), and the ranks serve on.
     """
 
     def __init__(self, world: int, build: dict, runner_kwargs: dict, engine_config,
@@ -88,22 +99,30 @@ class TensorParallelExecutor:
         """Process ids of the ranks, rank 0 first."""
         return self.group.pids
 
-    def _run(self, message):
-        # Each message carries its number and rank 0's reply repeats it: a reply to an exchange
+    def _run(self, message, ranks=(0,)):
+        """Send `message` to every rank; the results of `ranks` (those that answer it)."""
+        # Each message carries its number and each reply repeats it: a reply to an exchange
         # cut short here (a KeyboardInterrupt while waiting) is dropped, not taken for this
         # one's. (Numbered before it is sent: an interrupt between the two skips a number.)
         self._sent += 1
         number = self._sent
         self.group.broadcast((*message, number))
-        while True:
-            kind, result, answered = self.group.recv(0, self.step_timeout, "step result")
-            if answered == number:
-                return result
+        deadline = time.monotonic() + self.step_timeout
+        results = []
+        for rank in ranks:
+            while True:
+                left = max(0.0, deadline - time.monotonic())
+                kind, result, answered = self.group.recv(rank, left, "step result",
+                                                         budget=self.step_timeout)
+                if answered == number:
+                    results.append(result)
+                    break
+        return results
 
     def sample_step(self, step, sampling) -> list[int | str]:
         """`ModelRunner.sample_step` on every rank; rank 0's tokens (a row whose sampling
         failed on rank 0 gets its error, a str, as there)."""
-        return self._run(("sample", step, sampling))
+        return self._run(("sample", step, sampling))[0]
 
     def verify_step(self, step, sampling, draft_probs=None):
         """`ModelRunner.verify_step` on every rank, for a deterministic drafter only; rank 0's
@@ -111,12 +130,28 @@ class TensorParallelExecutor:
         if draft_probs is not None:
             raise ValueError("tensor-parallel workers verify deterministic drafts only "
                              "(speculative='ngram')")
-        return self._run(("verify", step, sampling))
+        return self._run(("verify", step, sampling))[0]
 
     def call(self, fn, *args):
         """Run `fn(runner, *args)` on every rank (each with its own `ModelRunner`, so any
-        collective inside lines up) and return rank 0's result. `fn` must be importable."""
-        return self._run(("call", fn, args))
+        collective inside lines up) and return rank 0's result. `fn` must be importable.
+
+        `TensorParallelCallError` (the lowest failing rank's error and traceback) if `fn`
+        raises on any rank; every rank has then finished `fn`, and an all-reduce checks that
+        they are still in step before the group serves the next step. A rank that raises
+        before a collective its peers wait in leaves them there: that fails the group
+        (`WorkerError`, every rank killed) within `step_timeout`, as a stuck step does."""
+        replies = self._run(("call", fn, args), range(self.world))
+        failed = [(rank, value) for rank, (ok, value) in enumerate(replies) if not ok]
+        if not failed:
+            return replies[0][1]
+        self._run(("sync",), range(self.world))
+        rank, (happened, remote) = failed[0]
+        what = getattr(fn, "__name__", fn)
+        ranks = ", ".join(str(r) for r, _ in failed)
+        raise TensorParallelCallError(f"{what} raised {happened} on tensor-parallel rank "
+                                      f"{ranks}; the ranks serve on\n{remote.rstrip()}",
+                                      rank, remote)
 
     def check(self) -> None:
         """Raise `WorkerError` if a rank has died or is stuck; for an engine between steps."""

@@ -5,7 +5,8 @@ Life of a rank: receive the build spec, join the process group through the paren
 build and shard the model, plan its page pool (the parent picks the smallest plan of all
 ranks), allocate the cache (capturing CUDA graphs on GPUs), then answer steps until told to
 stop. Every rank runs every step (the forward's all-reduces need them all); rank 0 samples
-and replies. Any exception goes to the parent with its traceback and ends the process.
+and replies. An exception in a `call` goes back to the parent and the rank serves on; any
+other goes to the parent with its traceback and ends the process.
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def serve(link: ParentLink, runner) -> None:
             return
         count += 1
         fault_point("rank", "step", rank, count)
-        if kind == "call":
-            fn, args = message[1], message[2]
-            result = fn(runner, *args)
-        elif kind not in ("sample", "verify"):
+        if kind in ("call", "sync"):  # every rank answers these
+            if kind == "call":
+                result = _call(runner, message[1], message[2])
+            else:
+                result = _in_step(runner, message[-1])
+            link.send(("result", result, message[-1]))
+            continue
+        if kind not in ("sample", "verify"):
             raise RuntimeError(f"unknown message {kind!r}")
         elif rank != 0:
             runner.execute(message[1])  # the forward only: rank 0 samples
@@ -69,6 +74,34 @@ def serve(link: ParentLink, runner) -> None:
             result = runner.verify_step(message[1], message[2])
         if rank == 0:  # with the message's number: the parent drops replies it cut short
             link.send(("result", result, message[-1]))
+
+
+def _call(runner, fn, args) -> tuple:
+    """(True, `fn(runner, *args)`), or (False, (what it raised, the traceback)): a call that
+    raises is its caller's error, and the rank serves on."""
+    import traceback
+
+    from hwattn.parallel.errors import summarize
+
+    try:
+        return True, fn(runner, *args)
+    except Exception as err:  # noqa: BLE001 - sent back whole; the parent raises it
+        return False, (summarize(err), traceback.format_exc())
+
+
+def _in_step(runner, number: int) -> bool:
+    """After a call failed on some rank: an all-reduce of the message's number, which every
+    rank must reach and agree on before the group is trusted with another step. A rank left
+    in another collective (or one that timed out) raises here, and the group fails."""
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([number], dtype=torch.int64, device=runner.device)
+    dist.all_reduce(value)
+    if int(value) != number * dist.get_world_size():
+        raise RuntimeError(f"the ranks are out of step after a failed call: the all-reduce of "
+                           f"message {number} gave {int(value)}")
+    return True
 
 
 def main() -> None:

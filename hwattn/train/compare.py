@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 from hwattn.analysis.cost import DEFAULT_VARIANTS
+from hwattn.config import PRESETS, ModelConfig, parse_variant
 from hwattn.data.loader import TokenDataset
 from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
 from hwattn.files import write_json, write_text
 from hwattn.models.generate import greedy_generate
 from hwattn.device import resolve_device
+from hwattn.train.memory import check_batch_fits
 from hwattn.train.metrics import read_metrics
 from hwattn.train.trainer import TrainConfig, train
 
@@ -213,6 +215,24 @@ def default_warmup(cfg: CompareConfig) -> int:
     return min(scale["warmup_steps"], max(1, cfg.steps // 10))
 
 
+def model_configs(cfg: CompareConfig, vocab_size: int) -> list[ModelConfig]:
+    """The model of each variant on data of `vocab_size` ids, as
+    `hwattn.train.trainer.model_config` will build it, before any TrainConfig is made."""
+    given = cfg.extra.get("model_overrides")
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"preset", "attention"}
+    # Keys it cannot take are refused, by name, when the run's TrainConfig is made.
+    overrides = ({k: v for k, v in given.items() if k in known} if isinstance(given, dict)
+                 else {})
+    max_len = max(cfg.seq_len, PRESETS[cfg.preset]["max_seq_len"])
+    configs = []
+    for label in cfg.variants:
+        variant = parse_variant(label)
+        mine = {k: v for k, v in overrides.items() if k not in variant}
+        configs.append(ModelConfig.from_preset(cfg.preset, **variant, **{
+            "vocab_size": -(-vocab_size // 64) * 64, "max_seq_len": max_len, **mine}))
+    return configs
+
+
 def train_settings(cfg: CompareConfig, data: TokenDataset, out: Path, label: str) -> dict:
     """The `TrainConfig` fields compare sets for variant `label` (`SET_BY_COMPARE`); `extra`
     adds to them."""
@@ -234,6 +254,9 @@ def run_compare(cfg: CompareConfig, progress: bool = True, log=print) -> dict:
     data = prepare_data(cfg, log)  # with --data, before <out> is made
     try:
         check_windows(cfg, data)
+        if not cfg.compile:  # Inductor recomputes what eager keeps: the eager bound is none there
+            check_batch_fits(model_configs(cfg, data.vocab_size), cfg.seq_len, cfg.batch_size,
+                             resolve_device(cfg.device), cfg.extra.get("amp", "auto"))
     except ValueError:  # refused: what the data build made for this run goes too
         for folder in made:
             shutil.rmtree(folder, ignore_errors=True)

@@ -353,6 +353,29 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+def _fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW runs its fused kernel on `device`: on CUDA, where it is one launch per
+    step instead of a handful per parameter group."""
+    return device.type == "cuda"
+
+
+# AdamW's param-group flags that choose the kernel, not the numbers: they belong to the device
+# a run is on, whatever device wrote its checkpoint.
+OPTIMIZER_KERNEL_FLAGS = ("fused", "foreach", "capturable")
+
+
+def _on_this_device(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """`saved` (an optimizer state dict) with the kernel flags of `optimizer`, built for this
+    run's device. `load_state_dict` takes every param-group setting from the checkpoint, so a
+    run checkpointed on the CPU went on with the unfused AdamW on a GPU. The flags are set
+    before loading, as they also decide where the loaded `step` counters are put."""
+    if len(saved.get("param_groups", ())) != len(optimizer.param_groups):
+        return saved  # refused by load_state_dict, which names the mismatch
+    groups = [{**old, **{k: new[k] for k in OPTIMIZER_KERNEL_FLAGS if k in new}}
+              for old, new in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
+
+
 def _check_one_save(state: dict, ckpt: Path) -> None:
     """ValueError if `ckpt`'s weights (config.json's `hwattn_train`, written with
     model.safetensors) and its trainer state come from different saves (a folder put together
@@ -508,10 +531,9 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
         model.init_weights(seed=cfg.seed)
     raw_model = model
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type == "cuda")
+                                  betas=(cfg.beta1, cfg.beta2), fused=_fused_adamw(device))
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(_on_this_device(state["optimizer"], optimizer))
         _set_rng_state(state["rng"], device)
     train_model = model
     if compiled is not None and state is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -202,6 +203,64 @@ def test_compare_names_the_option_before_building_anything(capsys, tmp_path, arg
     out = tmp_path / "cmp"
     assert_error(run_cli(capsys, "compare", "--device", "cpu", "--out", out, *argv), needle)
     assert not out.exists()
+
+
+def test_compare_refuses_a_batch_that_cannot_fit_in_memory(capsys, monkeypatch, tmp_path):
+    """Observed: `hwattn compare --batch-size 100000` built the corpus, showed "train mha: 0/1"
+    and grew for a minute to the machine's 24 GB, when the kernel killed it (status 137, no
+    word); with more memory it swapped for hours. Refused now once the corpus is built (it
+    decides the vocabulary) and before any training, naming the option, the memory the batch
+    needs, the memory free and the largest batch; what the build made is removed."""
+    from hwattn.config import ModelConfig, parse_variant
+    from hwattn.train import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * memory.GIB)
+    out = tmp_path / "cmp"
+    result = run_cli(capsys, "compare", "--device", "cpu", "--variants", "mha,gla-2", "--out", out,
+                     "--batch-size", "100000")
+    assert_error(result, "--batch-size 100000", "8.0 GiB free on cpu", "it cannot fit")
+    assert not out.exists()
+    # The largest batch said to fit passes (the shipped corpus's own 2,048-id BPE).
+    fits = int(re.search(r"above ([\d,]+) it cannot fit", result[2])[1].replace(",", ""))
+    configs = [ModelConfig.from_preset("tiny", **parse_variant(v)) for v in ("mha", "gla-2")]
+    per_seq, once = max(memory.saved_bytes(c, 128, torch.device("cpu")) for c in configs)
+    assert fits == (8 * memory.GIB - once) // per_seq and 8 < fits < 100_000
+    memory.check_batch_fits(configs, 128, fits, torch.device("cpu"))
+
+
+def _kept_by_forward(config, batch: int, seq_len: int) -> int:
+    """Bytes of the storages a training forward keeps for the backward, counted plainly."""
+    from hwattn.models.transformer import Transformer
+    from hwattn.train.loss import linear_cross_entropy
+
+    model = Transformer(config)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in params:
+            kept[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, config.vocab_size, (batch, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        linear_cross_entropy(model(x, hidden_only=True), model.output.weight, x)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("label", ["mha", "mla", "gla-2"])
+def test_the_memory_bound_is_what_the_forward_keeps_or_less(label):
+    """Measured on batches of one and two, the bound is exact at another batch (linear); from
+    a probe shorter than the sequence it is scaled up, and stays at or below the truth."""
+    from hwattn.config import ModelConfig, parse_variant
+    from hwattn.train.memory import saved_bytes
+
+    config = ModelConfig.from_preset("tiny", **parse_variant(label))
+    per_seq, once = saved_bytes(config, 48, torch.device("cpu"))
+    assert _kept_by_forward(config, 5, 48) == once + 5 * per_seq > 0
+    per_seq, once = saved_bytes(config, 96, torch.device("cpu"), probe_len=32)
+    truth = _kept_by_forward(config, 3, 96)
+    assert 0.9 * truth <= once + 3 * per_seq <= truth
 
 
 def test_compare_json_is_the_only_thing_on_stdout(capsys, monkeypatch, tmp_path):

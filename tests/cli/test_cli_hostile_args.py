@@ -109,6 +109,59 @@ def test_train_eval_tokens_off_the_window_says_what_it_scores(capsys, dataset_di
     assert code == 0 and "warning" not in err, err
 
 
+def test_a_short_train_without_warmup_still_decays_and_says_its_warmup(capsys, dataset_dir,
+                                                                     tmp_path):
+    """Observed: --warmup defaulted to min(20, --steps), so a run of 20 steps or fewer was
+    all warm-up: its learning rate rose to the peak at the last step and never decayed, and
+    nothing said so. The default is now at most a tenth of the steps, and named."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", dataset_dir, "--out", out, "--steps", "10",
+                           *TRAIN)
+    assert code == 0, err
+    assert json.loads((out / "train_config.json").read_text())["warmup_steps"] == 1
+    assert "--warmup not given: 1 warm-up step (the default, 20 but at most a tenth of --steps 10)" in err, err
+    lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r]
+    assert lrs[-1] < 0.1 * 3e-3, lrs  # decayed towards 1% of the peak
+
+    # All warm-up on purpose: allowed, but said.
+    code, _, err = run_cli(capsys, "train", "--data", dataset_dir, "--out", tmp_path / "all",
+                           "--steps", "3", "--warmup", "3", *TRAIN)
+    assert code == 0, err
+    assert "warning: --warmup 3 equals --steps" in err, err
+
+
+def test_a_run_resumed_without_warmup_keeps_its_own(capsys, dataset_dir, tmp_path):
+    """A run started with another warm-up than today's default (e.g. under the old
+    min(20, --steps)) must resume when --warmup is left out, not be refused for a setting
+    the user never gave."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", dataset_dir, "--out", out, "--steps", "4",
+                           "--warmup", "2", *TRAIN)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--data", dataset_dir, "--out", out, "--steps", "4",
+                           *TRAIN)
+    assert code == 0, err
+    assert f"--warmup not given: 2 warm-up steps (that of the run resumed in {out})" in err, err
+
+
+def test_train_refuses_a_batch_that_cannot_fit_in_memory(capsys, dataset_dir, tmp_path,
+                                                         monkeypatch):
+    """As `hwattn compare --batch-size 100000` (tests/cli/test_bench_and_compare_options.py):
+    the first step grew until the kernel killed the process, with no word. Refused before the
+    run folder is made, naming --batch-size and the largest batch that could fit."""
+    from hwattn.train import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: memory.GIB)
+    out = tmp_path / "run"
+    argv = ["train", "--data", dataset_dir, "--out", out, "--steps", "1", *TRAIN]
+    assert_error(run_cli(capsys, *argv, "--batch-size", "100000"), "--batch-size 100000",
+                 "1.0 GiB free on cpu", "it cannot fit")
+    assert not out.exists()
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+
+
 def test_train_and_compare_refuse_the_dataset_folder_as_out(capsys, dataset, tmp_path):
     """Observed: the run's checkpoint, metrics and plots were written among the dataset's
     shards (and compare's <variant> folders and tables too)."""

@@ -1,11 +1,13 @@
 """`TensorParallelExecutor` (`hwattn.engine.tp_executor`): its arguments are checked before any
-rank starts. The ranks themselves are exercised in tests/parallel."""
+rank starts, and a call that raises on a rank leaves the ranks serving. The ranks themselves
+are exercised in tests/parallel."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 import hwattn.engine.tp_executor as tp_executor
 from hwattn.engine.tp_executor import TensorParallelExecutor
@@ -98,3 +100,58 @@ def test_the_setup_timeout_bounds_the_whole_start_of_the_ranks(monkeypatch):
                                           r"within 3 s"):
         TensorParallelExecutor(2, dict(device="cpu"), {}, None, 64, setup_timeout=3)
     assert 2 < time.monotonic() - t0 < 3 + 1.5
+
+
+def raise_on(runner, rank: int, collective_first: bool = False):
+    """Raises on `rank` (after an all-reduce with the others, if `collective_first`); returns
+    the rank elsewhere. Run on the ranks by `TensorParallelExecutor.call`."""
+    import torch.distributed as dist
+
+    if collective_first:
+        dist.all_reduce(torch.ones(1, device=runner.device))
+    if dist.get_rank() == rank:
+        raise ValueError(f"a bad request on rank {rank}")
+    return dist.get_rank()
+
+
+def raise_on_1_while_0_waits(runner):
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 leaves before the all-reduce")
+    dist.all_reduce(torch.ones(1, device=runner.device))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_call_that_raises_on_a_rank_fails_alone_and_the_ranks_serve_on():
+    """Observed: a function given to `call` that raised on rank 0 (a bad request's error)
+    ended that rank's process, so the call raised `WorkerError`, every rank was killed and
+    each later call or step failed with the same error. Now the call raises the function's
+    error, and the ranks go on: calls, and generation (all-reduces) as before the failure."""
+    from hwattn.engine import LLM, SamplingParams
+    from hwattn.engine.tp_executor import TensorParallelCallError
+    from hwattn.parallel.errors import WorkerError
+
+    tiny = dict(model="tiny", attention="gqa-4", device="cpu", dtype="fp32", page_size=8,
+                num_pages=64, max_model_len=64, model_overrides=dict(n_layers=1, max_seq_len=64))
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM(tensor_parallel_size=2, **tiny) as llm:
+        executor = llm.engine.runner
+        pids = executor.pids
+        want = llm.generate([[1, 2, 3]], greedy)[0].token_ids
+        for rank, collective_first in ((0, False), (1, False), (0, True)):
+            with pytest.raises(TensorParallelCallError,
+                               match=rf"^raise_on raised ValueError: a bad request on rank "
+                                     rf"{rank} on tensor-parallel rank {rank}; the ranks serve "
+                                     r"on\n") as caught:
+                executor.call(raise_on, rank, collective_first)
+            assert caught.value.rank == rank and "raise_on" in caught.value.traceback
+            assert executor.call(raise_on, -1) == 0
+        assert llm.generate([[1, 2, 3]], greedy)[0].token_ids == want
+        assert executor.pids == pids
+        # A rank that raises before a collective its peer waits in leaves it there: that is a
+        # stuck step, which fails the group within the step timeout (documented in `call`).
+        executor.step_timeout = 2.0
+        with pytest.raises(WorkerError, match="sent no step result within 2 s"):
+            executor.call(raise_on_1_while_0_waits)

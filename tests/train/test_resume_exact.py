@@ -375,3 +375,41 @@ def test_a_checkpoint_mixing_two_saves_is_a_clear_error(dataset_dir, tmp_path, s
     shutil.copyfile(other / "checkpoint" / STATE_FILE, out / "checkpoint" / STATE_FILE)
     with pytest.raises(ValueError, match="two saves"):
         train(_cfg(dataset_dir, out), **QUIET)
+
+
+
+def test_a_cpu_checkpoint_resumed_on_a_gpu_gets_the_gpus_optimizer(dataset_dir, tmp_path,
+                                                                   monkeypatch):
+    """Observed: `load_state_dict` copies the checkpoint's param-group flags over the
+    optimizer's, so a run checkpointed on the CPU (unfused AdamW) went on unfused when
+    resumed on CUDA, where a fresh run is fused. The kernel is now the current device's.
+    On this CPU the device's choice is faked (CPU AdamW has a fused kernel too); the
+    resumed run must still equal an uninterrupted fused run bit for bit."""
+    def device_fuses(answer):
+        monkeypatch.setattr(T, "_fused_adamw", lambda device: answer)
+
+    def fused_flags(out):
+        return [g["fused"] for g in _state(out)["optimizer"]["param_groups"]]
+
+    device_fuses(False)  # the CPU leg
+    out = tmp_path / "moved"
+    train(_cfg(dataset_dir, out), stop_after=2, **QUIET)
+    cpu_groups = _state(out)["optimizer"]["param_groups"]
+    assert fused_flags(out) == [False, False]
+    device_fuses(True)  # resumed where a fresh run fuses
+    train(_cfg(dataset_dir, out), stop_after=1, **QUIET)
+    assert fused_flags(out) == [True, True]
+
+    # Bit for bit: the fused and unfused kernels round apart, so the stopped leg is a fused
+    # one whose checkpoint carries the CPU leg's flags; only the kernel choice is foreign.
+    ref = tmp_path / "ref"
+    res = train(_cfg(dataset_dir, ref), **QUIET)
+    reference = ref, {k: v.clone() for k, v in res["model"].state_dict().items()}
+    out = tmp_path / "run"
+    train(_cfg(dataset_dir, out), stop_after=2, **QUIET)
+    state = _state(out)
+    state["optimizer"]["param_groups"] = cpu_groups
+    torch.save(state, out / "checkpoint" / STATE_FILE)
+    res = train(_cfg(dataset_dir, out), **QUIET)
+    assert fused_flags(out) == [True, True]
+    _assert_same_as_reference(reference, out, res)
