@@ -62,8 +62,20 @@ def default_warmup(args) -> tuple[int, str]:
     resumed in --out keeps the one it started with (its train_config.json), as the trainer
     refuses another. Else 20 steps, at most a tenth of --steps (at least 1): the old default,
     min(20, steps), made a run of 20 steps or fewer all warm-up, its learning rate rising to
-    the peak at the last step and never decaying."""
-    if not args.no_resume:
+    the peak at the last step and never decaying.
+
+    Only where --out holds a checkpoint the trainer resumes (`recover_checkpoint`'s folders):
+    every run writes train_config.json as it starts, so one stopped before its first
+    checkpoint left one that a new run, starting afresh, must not take its warm-up from."""
+    from hwattn.train.trainer import STATE_FILE
+
+    ckpt = Path(args.out) / "checkpoint"
+    try:
+        resumes = any((ckpt.with_name(ckpt.name + suffix) / STATE_FILE).is_file()
+                      for suffix in ("", ".tmp", ".old"))
+    except OSError:  # an unreadable --out is named by check_output_dir
+        resumes = False
+    if resumes and not args.no_resume:
         try:
             saved = json.loads((Path(args.out) / "train_config.json").read_text())
             warmup = saved["warmup_steps"]

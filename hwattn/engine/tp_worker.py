@@ -59,6 +59,8 @@ def serve(link: ParentLink, runner) -> None:
         if kind in ("call", "sync"):  # every rank answers these
             if kind == "call":
                 result = _call(runner, message[1], message[2])
+                if rank != 0 and result[0]:  # the parent returns rank 0's value alone
+                    result = (True, None)
             else:
                 result = _in_step(runner, message[-1])
             link.send(("result", result, message[-1]))

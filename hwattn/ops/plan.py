@@ -26,6 +26,7 @@ step's first layer, not in all of them.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import operator
@@ -57,27 +58,32 @@ class CheckedLengths:
     `holds` is true only for the very same tensor objects (another tensor of equal values is
     checked afresh) still holding the same bytes. Identity alone would not do: the engine
     refreshes its buffers in place, and a tensor made under `torch.inference_mode` keeps no
-    version counter that would show a write. The bytes are read through a NumPy view kept
-    from `remember`, valid while the tensor still starts at the same address with the same
-    shape and strides (the view then covers exactly its elements): about 0.4 µs a tensor,
-    where `.numpy()` alone costs 1 µs and deriving a decode plan's lengths about 15.
-    Host tensors only.
+    version counter that would show a write. The bytes are read through a view of the raw
+    memory kept from `remember`, and only while the tensor still starts at the same address
+    with the same shape, strides and dtype, i.e. covers exactly the view's bytes (its storage
+    may have been swapped and the old one freed: the view is never read then). Not through
+    `Tensor.numpy()`, which would make the caller's tensor unresizable for good. Under a
+    microsecond a tensor, where deriving a decode plan's lengths costs about 15. Contiguous
+    host tensors only: a call with any other is checked every time.
     """
 
     __slots__ = ("_seen",)
 
     def __init__(self) -> None:
-        # Per tensor: (tensor, its NumPy view, the view's bytes, address, shape, strides).
-        self._seen: tuple[tuple, ...] = ()
+        # Per tensor: (tensor, a view of its bytes, the bytes, address, shape, strides, dtype);
+        # None: nothing that `holds` may vouch for.
+        self._seen: tuple[tuple, ...] | None = None
 
     def holds(self, tensors: tuple[Tensor, ...]) -> bool:
         """Whether `tensors` are the ones last remembered, in order, holding the same bytes."""
         seen = self._seen  # read once: a `remember` from another thread swaps it whole
-        if len(seen) != len(tensors):
+        if seen is None or len(seen) != len(tensors):
             return False
-        for t, (old, view, values, address, shape, strides) in zip(tensors, seen):
+        for t, (old, view, values, address, shape, strides, dtype) in zip(tensors, seen):
+            # The view is read last, once the tensor is known to span exactly its bytes.
             if not (t is old and t.data_ptr() == address and t.shape == shape
-                    and t.stride() == strides and view.tobytes() == values):
+                    and t.stride() == strides and t.dtype == dtype and t.is_cpu
+                    and view.tobytes() == values):
                 return False
         return True
 
@@ -85,9 +91,18 @@ class CheckedLengths:
         """Record `tensors` (host tensors just found to agree with the plan) and their bytes."""
         seen = []
         for t in tensors:
-            view = t.numpy()
-            seen.append((t, view, view.tobytes(), t.data_ptr(), t.shape, t.stride()))
+            if not (t.is_cpu and t.is_contiguous()):
+                self._seen = None
+                return
+            address, size = t.data_ptr(), t.numel() * t.element_size()
+            view = np.frombuffer((ctypes.c_char * size).from_address(address), dtype=np.uint8)
+            seen.append((t, view, view.tobytes(), address, t.shape, t.stride(), t.dtype))
         self._seen = tuple(seen)
+
+    def __reduce__(self):
+        # A copy (pickled, deep-copied with its plan) was checked against nothing: its views
+        # would hold copied bytes, not the memory at the addresses they remember.
+        return CheckedLengths, ()
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from hwattn.analysis.cost import DEFAULT_VARIANTS
-from hwattn.config import PRESETS, ModelConfig, parse_variant
+from hwattn.config import ModelConfig, parse_variant
 from hwattn.data.loader import TokenDataset
 from hwattn.eval.suite import EvalConfig, build_tasks, evaluate_model
 from hwattn.files import write_json, write_text
@@ -34,7 +34,7 @@ from hwattn.models.generate import greedy_generate
 from hwattn.device import resolve_device
 from hwattn.train.memory import check_batch_fits
 from hwattn.train.metrics import read_metrics
-from hwattn.train.trainer import TrainConfig, train
+from hwattn.train.trainer import TrainConfig, run_model_config, train
 
 # Printed and written with every CPU comparison: what its numbers can and cannot say
 # (`smoke_note` puts the run's own model sizes and tokens in front of it).
@@ -216,20 +216,18 @@ def default_warmup(cfg: CompareConfig) -> int:
 
 
 def model_configs(cfg: CompareConfig, vocab_size: int) -> list[ModelConfig]:
-    """The model of each variant on data of `vocab_size` ids, as
-    `hwattn.train.trainer.model_config` will build it, before any TrainConfig is made."""
+    """The model of each variant on data of `vocab_size` ids, by the trainer's own rule
+    (`hwattn.train.trainer.run_model_config`), before any TrainConfig is made (the step
+    count may not be known yet); ValueError where that rule refuses the overrides."""
     given = cfg.extra.get("model_overrides")
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"preset", "attention"}
-    # Keys it cannot take are refused, by name, when the run's TrainConfig is made.
-    overrides = ({k: v for k, v in given.items() if k in known} if isinstance(given, dict)
-                 else {})
-    max_len = max(cfg.seq_len, PRESETS[cfg.preset]["max_seq_len"])
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"preset"}
     configs = []
     for label in cfg.variants:
         variant = parse_variant(label)
-        mine = {k: v for k, v in overrides.items() if k not in variant}
-        configs.append(ModelConfig.from_preset(cfg.preset, **variant, **{
-            "vocab_size": -(-vocab_size // 64) * 64, "max_seq_len": max_len, **mine}))
+        # Keys it cannot take are refused, by name, when the run's TrainConfig is made.
+        overrides = ({k: v for k, v in given.items() if k in known and k not in variant}
+                     if isinstance(given, dict) else {})
+        configs.append(run_model_config(cfg.preset, label, cfg.seq_len, vocab_size, overrides))
     return configs
 
 

@@ -67,9 +67,13 @@ def saved_bytes(config: ModelConfig, seq_len: int, device: torch.device, amp: st
 
 def free_bytes(device: torch.device) -> int | None:
     """Memory the device has free now: a GPU's free memory, or the host's available memory
-    (Linux `MemAvailable`); None where it cannot be told."""
+    (Linux `MemAvailable`); None where it cannot be told. On a GPU the blocks PyTorch has
+    cached but not handed out count as free (this process allocates from them first), as
+    the engine's page planner counts them: a run after another in the same process (a
+    notebook, a second `run_compare`) found only what the first had left uncached."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type != "cpu":
         return None
     try:

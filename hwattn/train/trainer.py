@@ -163,21 +163,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The model `cfg` trains on data of `vocab_size` ids (`run_model_config`)."""
+    return run_model_config(cfg.preset, cfg.variant, cfg.seq_len, vocab_size,
+                            cfg.model_overrides)
+
+
+def run_model_config(preset: str, variant: str, seq_len: int, vocab_size: int,
+                     model_overrides: dict) -> ModelConfig:
     """The preset with the run's variant, the data's vocabulary (rounded up to 64), a context
-    long enough for `seq_len`, and `model_overrides` (any `ModelConfig` field)."""
+    long enough for `seq_len`, and `model_overrides` (any `ModelConfig` field). The one rule,
+    for the trainer and for whoever sizes its model before a `TrainConfig` exists
+    (`hwattn compare`'s memory check)."""
     from hwattn.config import PRESETS
 
     vocab = -(-vocab_size // 64) * 64
-    max_len = max(cfg.seq_len, PRESETS[cfg.preset]["max_seq_len"])
-    kwargs = {"vocab_size": vocab, "max_seq_len": max_len, **cfg.model_overrides}
+    max_len = max(seq_len, PRESETS[preset]["max_seq_len"])
+    kwargs = {"vocab_size": vocab, "max_seq_len": max_len, **model_overrides}
     # Refused here, before a run folder is touched: either failed at the first forward.
     if kwargs["vocab_size"] < vocab_size:
         raise ValueError(f"model_overrides vocab_size={kwargs['vocab_size']} is smaller than the "
                          f"data's vocabulary of {vocab_size} ids")
-    if kwargs["max_seq_len"] < cfg.seq_len:
+    if kwargs["max_seq_len"] < seq_len:
         raise ValueError(f"model_overrides max_seq_len={kwargs['max_seq_len']} is shorter than "
-                         f"seq_len={cfg.seq_len}")
-    return ModelConfig.from_preset(cfg.preset, **parse_variant(cfg.variant), **kwargs)
+                         f"seq_len={seq_len}")
+    return ModelConfig.from_preset(preset, **parse_variant(variant), **kwargs)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -145,6 +145,22 @@ def test_a_run_resumed_without_warmup_keeps_its_own(capsys, dataset_dir, tmp_pat
     assert f"--warmup not given: 2 warm-up steps (that of the run resumed in {out})" in err, err
 
 
+def test_a_run_without_a_checkpoint_to_resume_takes_the_default_warmup(capsys, dataset_dir,
+                                                                       tmp_path):
+    """Observed: the warm-up of the run "resumed" was read from train_config.json, which every
+    run writes as it starts: after a run of 1000 steps (warm-up 20) stopped before its first
+    checkpoint (by default the last step), `--steps 10` in the same --out started afresh with
+    20 warm-up steps (all warm-up, no decay), saying it kept the resumed run's."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_config.json").write_text(json.dumps({"warmup_steps": 8, "steps": 1000}))
+    code, _, err = run_cli(capsys, "train", "--data", dataset_dir, "--out", out, "--steps", "10",
+                           *TRAIN)
+    assert code == 0, err
+    assert json.loads((out / "train_config.json").read_text())["warmup_steps"] == 1
+    assert "1 warm-up step (the default" in err and "resumed" not in err, err
+
+
 def test_train_refuses_a_batch_that_cannot_fit_in_memory(capsys, dataset_dir, tmp_path,
                                                          monkeypatch):
     """As `hwattn compare --batch-size 100000` (tests/cli/test_bench_and_compare_options.py):

@@ -155,3 +155,32 @@ def test_a_call_that_raises_on_a_rank_fails_alone_and_the_ranks_serve_on():
         executor.step_timeout = 2.0
         with pytest.raises(WorkerError, match="sent no step result within 2 s"):
             executor.call(raise_on_1_while_0_waits)
+
+
+def rank_local_value(runner):
+    """A value only rank 0's can be sent back: elsewhere an unpicklable rank-local object
+    (as a handle, a generator or a CUDA tensor of that rank's device may be)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    return rank if rank == 0 else (lambda: rank)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_call_sends_back_rank_0s_value_alone():
+    """Observed: since every rank answers a call (so that a failure on any is seen), every
+    rank sent its whole return value, which the parent drops: a value that only rank 0's is
+    meant to be sent (one that cannot be pickled elsewhere) killed the other rank, and every
+    rank's large one crossed the link for nothing. The others now say only that they
+    succeeded."""
+    from hwattn.engine import LLM
+
+    tiny = dict(model="tiny", attention="gqa-4", device="cpu", dtype="fp32", page_size=8,
+                num_pages=64, max_model_len=64, model_overrides=dict(n_layers=1, max_seq_len=64))
+    with LLM(tensor_parallel_size=2, **tiny) as llm:
+        executor = llm.engine.runner
+        pids = executor.pids
+        assert executor.call(rank_local_value) == 0
+        assert executor.call(rank_local_value) == 0
+        assert executor.pids == pids

@@ -10,6 +10,7 @@ a stale plan is refused as it was before the first call.
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import pytest
@@ -175,3 +176,48 @@ def test_a_prefill_plan_checked_once_is_still_refused_once_stale(backend_name):
         with pytest.raises(ValueError, match="give it 9 over 33"):
             ops.prefill(**{**args, "cache_seqlens": lens.clone()}, plan=plan,
                         backend=backend_name)
+
+
+def test_a_checked_call_leaves_the_callers_lengths_resizable():
+    """Observed: remembering the lengths through `Tensor.numpy()` made their storage
+    unresizable for good, so a caller that resized its lengths buffers between steps (a
+    batch that grows) got "Trying to resize storage that is not resizable" after one call
+    with a plan, where the call without the memory had left them alone."""
+    args = _decode_args()
+    plan = ops.plan_decode(args["cache_seqlens"], num_heads_kv=2)
+    ops.decode(**args, plan=plan, backend="torch")
+    args["cache_seqlens"].resize_(3)
+    prefill = _prefill_args()
+    plan = ops.plan_prefill(prefill["cu_seqlens_q"], prefill["cache_seqlens"])
+    ops.prefill(**prefill, plan=plan, backend="torch")
+    prefill["cu_seqlens_q"].resize_(4)
+    prefill["cache_seqlens"].resize_(3)
+
+
+def test_checked_lengths_vouch_only_for_the_same_elements():
+    """The bytes alone are not the values: the same tensor pointed at the same memory as
+    another dtype (shape and strides unchanged) is checked again. A non-contiguous tensor is
+    never vouched for (its bytes are not one span), nor is a copy (its bytes are copies), and
+    a freed-and-reused address is read only through a tensor that spans it."""
+    from hwattn.ops.plan import CheckedLengths
+
+    lens = torch.tensor([5, 7], dtype=torch.int32)
+    checked = CheckedLengths()
+    checked.remember((lens,))
+    assert checked.holds((lens,))
+    lens.data = lens.view(torch.uint8)[:2]  # (2,) stride (1,) at the same address: [5, 0]
+    assert not checked.holds((lens,))
+
+    rows = torch.tensor([[5, 0], [7, 0]], dtype=torch.int32)[:, 0]
+    checked.remember((rows,))
+    assert not checked.holds((rows,))
+
+    lens = torch.tensor([5, 7], dtype=torch.int32)
+    checked.remember((lens,))
+    copied, copied_lens = copy.deepcopy((checked, lens))
+    assert checked.holds((lens,)) and not copied.holds((copied_lens,))
+    for _ in range(100):  # storages swapped and freed, some reusing the address
+        lens.set_(torch.tensor([5, 7], dtype=torch.int32))
+        assert checked.holds((lens,)) == (lens.data_ptr() == checked._seen[0][3])
+        lens.set_(torch.tensor([5, 8], dtype=torch.int32))
+        assert not checked.holds((lens,))

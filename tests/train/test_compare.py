@@ -263,3 +263,37 @@ def test_plot_draws_variants_whose_numbers_are_not_finite(tmp_path):
     ppl = next(ax for ax in fig.axes if ax.get_title().startswith("validation perplexity"))
     assert ppl.get_ylim() == pytest.approx((0, 1.12 * 158.0))
     assert {t.get_text() for t in ppl.texts} == {"inf", "nan", "158.0"}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_layers": 1},
+                                       {"max_seq_len": 4096, "vocab_size": 4096}])
+def test_the_memory_check_sizes_the_models_the_variants_train(overrides):
+    """`model_configs` (the models compare's memory check probes) is the trainer's own
+    `model_config` of each variant's TrainConfig, overrides included."""
+    from hwattn.train.compare import model_configs
+    from hwattn.train.trainer import TrainConfig, model_config
+
+    extra = {"model_overrides": overrides}
+    cfg = CompareConfig(device="cpu", variants=("mha", "gqa-4", "gla-2"), steps=10,
+                        extra=extra).resolved()
+    for label, got in zip(cfg.variants, model_configs(cfg, 2000)):
+        tcfg = TrainConfig(data="d", out="o", preset=cfg.preset, variant=label,
+                           seq_len=cfg.seq_len, model_overrides=overrides)
+        assert got == model_config(tcfg, 2000)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("max_seq_len", 64, "model_overrides max_seq_len=64 is shorter than seq_len=128"),
+    ("vocab_size", 64, "model_overrides vocab_size=64 is smaller than the data's vocabulary"),
+])
+def test_the_memory_check_refuses_overrides_as_the_trainer_does(key, value, needle):
+    """Observed: compare sized the models with a copy of the trainer's rule that lacked its
+    checks, so a `max_seq_len` override shorter than --seq-len failed in the memory probe as
+    "position 127 exceeds max_seq_len 64", and a `vocab_size` below the data's was probed
+    as given; the trainer names both."""
+    from hwattn.train.compare import model_configs
+
+    cfg = CompareConfig(device="cpu", variants=("mha",),
+                        extra={"model_overrides": {key: value}}).resolved()
+    with pytest.raises(ValueError, match=needle):
+        model_configs(cfg, 2048)
