@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
+import socket
 
 from hwattn.config import PRESETS
 
@@ -269,6 +271,88 @@ def port_number(text: str) -> int:
     return port
 
 
+def name_list(what: str, upper: bool = False):
+    """An argparse type for a CORS option: vLLM's JSON list ('["http://a.example"]') or a
+    comma-separated list (http://a.example,http://b.example); `upper`: HTTP methods, which a
+    browser's preflight names in capitals."""
+    def parse(text: str) -> list[str]:
+        if text.lstrip().startswith("["):
+            try:
+                names = json.loads(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a JSON list of {what} or a "
+                                                 f"comma-separated list, got {text!r}") from None
+            if not all(isinstance(n, str) for n in names):
+                raise argparse.ArgumentTypeError(f"expected a JSON list of strings ({what}), "
+                                                 f"got {text!r}")
+        else:
+            names = text.split(",")
+        names = [n.strip().upper() if upper else n.strip() for n in names]
+        if not all(names):
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty one in {text!r}")
+        return names
+
+    return parse
+
+
+def origin_list(text: str) -> list[str]:
+    """An argparse type: --allowed-origins, each `*` or an origin as a browser sends it
+    (scheme://host[:port], no path: "http://a.example/" would match no request)."""
+    origins = name_list("origins")(text)
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+", origin):
+            raise argparse.ArgumentTypeError(f"expected origins such as http://localhost:3000 "
+                                             f"(scheme://host[:port], no path) or *, got "
+                                             f"{origin!r}")
+    return origins
+
+
+def check_cors(args) -> None:
+    """ValueError naming the CORS options given without --allowed-origins: CORS is off unless
+    an origin is allowed (vLLM allows every origin by default; this server none)."""
+    given = [flag for flag, value in (("--allowed-methods", args.allowed_methods),
+                                      ("--allowed-headers", args.allowed_headers),
+                                      ("--allow-credentials", args.allow_credentials)) if value]
+    if given and not args.allowed_origins:
+        raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
+                         f"only with --allowed-origins: without it the server sends no CORS "
+                         f"headers at all")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), not yet listening: bound before the engine loads,
+    so that a port in use is said at once, and port 0 is known (the kernel's choice) before
+    the address is printed. IPv6 for a host with a colon, as uvicorn binds."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"--host {host} --port {port}: cannot listen there: "
+                      f"{err.strerror or err}") from None
+    return sock
+
+
+def listen(app, sock: socket.socket, log_level: str) -> None:
+    """Serve `app` under uvicorn on the bound `sock` until the server is stopped (Ctrl-C,
+    SIGTERM)."""
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn has stopped serving: shut down as after SIGTERM
+        pass
+
+
+def url_host(host: str) -> str:
+    """`host` as it stands in a URL: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def register(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE)",
                        description="Serve a checkpoint directory or a random-weight preset over "
@@ -304,6 +388,20 @@ def register(sub) -> None:
                    help="Jinja chat template (a file or the template itself) for "
                         "/v1/chat/completions; default: the checkpoint's tokenizer_config.json "
                         "chat_template, else the built-in <|role|> format")
+    p.add_argument("--allowed-origins", type=origin_list, default=None, metavar="ORIGINS",
+                   help="origins browsers may call the API from (CORS), as a JSON list or "
+                        "comma-separated: '[\"http://localhost:3000\"]', or '*' for any. "
+                        "Default: none, and no CORS headers are sent (vLLM allows any origin "
+                        "by default)")
+    p.add_argument("--allowed-methods", type=name_list("methods", upper=True), default=None,
+                   metavar="METHODS",
+                   help="with --allowed-origins: the HTTP methods allowed (default '*')")
+    p.add_argument("--allowed-headers", type=name_list("headers"), default=None,
+                   metavar="HEADERS",
+                   help="with --allowed-origins: the request headers allowed (default '*')")
+    p.add_argument("--allow-credentials", action="store_true",
+                   help="with --allowed-origins: let browsers send cookies and HTTP "
+                        "authentication (Access-Control-Allow-Credentials)")
     add_engine_args(p)
     p.set_defaults(func=run)
 
@@ -322,7 +420,7 @@ def resolve_model(args) -> str:
 def run(args) -> int:
     args.model = resolve_model(args)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - `listen` runs it
 
         from hwattn.server.app import build_app
     except ImportError as err:
@@ -351,20 +449,33 @@ def run(args) -> int:
     at_least(args, 1, "max_body_bytes", "max_request_sequences")  # named as given here
     caps = dict(max_body_bytes=args.max_body_bytes, max_sequences=args.max_request_sequences)
     limits = ServerLimits(**{k: v for k, v in caps.items() if v is not None})
+    check_cors(args)
     template = ChatTemplate(args.model if is_checkpoint(args.model) else None, args.chat_template)
-    engine = engine_from_args(args)
+    sock = bind(args.host, args.port)
+    try:
+        engine = engine_from_args(args)
+    except BaseException:
+        sock.close()
+        raise
     name = served_name(args)
     stats = engine.stats()
     cpu = f", {describe()}" if torch.device(engine.device).type == "cpu" else ""
+    port = sock.getsockname()[1]  # the port bound: the kernel's choice for --port 0
+    cors = f" (CORS: {', '.join(args.allowed_origins)})" if args.allowed_origins else ""
     print(f"hwattn serve: {name} ({engine.model_config.label}, TP={args.tp}, DP={args.dp}, "
           f"{stats['pages_total']} pages of {stats['page_size']} tokens, "
           f"{engine.kv_bytes_per_token} KV bytes/token/rank{cpu}, chat template: "
-          f"{template.source}) on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if api_key else ''}", flush=True)
+          f"{template.source}) on http://{url_host(args.host)}:{port}/v1"
+          f"{' (API key required)' if api_key else ''}{cors}", flush=True)
     try:
-        uvicorn.run(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits,
-                              chat_template=template, protect_metrics=args.protect_metrics),
-                    host=args.host, port=args.port, log_level=args.log_level)
+        listen(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits,
+                         chat_template=template, protect_metrics=args.protect_metrics,
+                         allowed_origins=args.allowed_origins,
+                         allowed_methods=args.allowed_methods,
+                         allowed_headers=args.allowed_headers,
+                         allow_credentials=args.allow_credentials),
+               sock, args.log_level)
     finally:
+        sock.close()
         engine.shutdown()
     return 0

@@ -201,9 +201,13 @@ def check_requests(prompts: list, params: list, validate, check_params,
 
 
 def sibling_seed(seed: int, index: int) -> int:
-    """The seed of a request's `index`-th completion: its own seed for the first."""
+    """The seed of a request's `index`-th completion: its own seed for the first. A seed's
+    completions stay on its side of zero (a negative seed's are negative: bitwise
+    complements of a non-negative one's), so that no two int64 seeds share one."""
     if index == 0:
         return seed
+    if seed < 0:
+        return ~sibling_seed(~seed, index)
     return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
 
 

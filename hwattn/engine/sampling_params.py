@@ -23,7 +23,8 @@ class ParamError(ValueError):
 def _integer(name: str, value, low: int, what: str = "") -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) \
             or not low <= value < INT64_LIMIT:
-        raise ValueError(f"{name} must be an integer in [{low}, 2**63){what}, got {value!r}")
+        lowest = "-2**63" if low == -INT64_LIMIT else low
+        raise ValueError(f"{name} must be an integer in [{lowest}, 2**63){what}, got {value!r}")
     return int(value)
 
 
@@ -167,10 +168,14 @@ class SamplingParams:
         here), applied before the prompt's length is checked; the output's prompt_token_ids
         are the kept ones. A text prompt is then tokenized in full, however long.
     seed: makes this request's samples reproducible whatever else runs beside it; when None
-        the engine draws one from its own seeded generator. With a draft model speculating,
-        the tokens also depend on which of its steps verified drafts (a verify step draws
-        other tokens than a plain step, from the same law), and a batch mate can make a step
-        plain (penalties, min_tokens, log-probabilities, the end of its context,
+        the engine draws one from its own seeded generator. Any signed 64-bit integer, as
+        vLLM's server takes (negative ones included); the sampler hashes its 64 bits as two's
+        complement, so -1 is the seed a uint64 generator would call 2**64 - 1, and distinct
+        seeds are distinct inputs to the hash. Values outside [-2**63, 2**63), 2**64 - 1
+        among them, are refused rather than folded onto a negative seed. With a draft model
+        speculating, the tokens also depend on which of its steps verified drafts (a verify
+        step draws other tokens than a plain step, from the same law), and a batch mate can
+        make a step plain (penalties, min_tokens, log-probabilities, the end of its context,
         `speculative_disable_batch_size`); n-gram speculation draws the plain tokens.
     stop: a string or a list of strings that end the output when they appear (the stop string
         is not returned unless include_stop_str_in_output).
@@ -269,7 +274,8 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a finite number in (0, 1], got {self.top_p!r}")
         if self.seed is not None:
-            self.seed = _integer("seed", self.seed, 0)
+            self.seed = _integer("seed", self.seed, -INT64_LIMIT,
+                                 what=" (a signed 64-bit integer)")
         self.n = _integer("n", self.n, 1)
         self.min_tokens = _integer("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

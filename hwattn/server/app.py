@@ -6,16 +6,17 @@
 
 Errors come back as OpenAI does them, `{"error": {"message", "type", "param", "code"}}`: 400 for
 a malformed body, a bad or unknown field (see `protocol`), 401 for a missing or wrong API key
-(when the server has one), 404 for an unknown model, 413 for a body over the size cap, 500
-if the engine fails the request, and 503 when a worker process it needed is gone or stuck
-(/health then answers 503 with the reason; with data-parallel replicas, only the failed
-replica's requests get 503, and /health answers 200 "degraded" while it restarts and the
-others serve; the worker's traceback goes to the log, never to a client). A request the
-engine would refuse is refused before any answer starts, so a streamed request gets the same
-400 as an unstreamed one. One request's failure never reaches another's. The engine sends
-"delta" outputs (`SamplingParams.output_kind`: what is new each step, never all so far), whose
-text holds back the end that a stop string may still cut off, so that a stream says what the
-same request says unstreamed.
+(when the server has one), 404 for an unknown model (`model` may be left out: the served one),
+413 for a body over the size cap, 500 if the engine fails the request, 503 at once when no
+engine thread runs to take it (the app's lifespan never started one), and 503 when a worker
+process it needed is gone or stuck (/health then answers 503 with the reason; with data-parallel
+replicas, only the failed replica's requests get 503, and /health answers 200 "degraded" while
+it restarts and the others serve; the worker's traceback goes to the log, never to a client). A
+request the engine would refuse is refused before any answer starts, so a streamed request gets
+the same 400 as an unstreamed one. One request's failure never reaches another's. The engine
+sends "delta" outputs (`SamplingParams.output_kind`: what is new each step, never all so far),
+whose text holds back the end that a stop string may still cut off, so that a stream says what
+the same request says unstreamed.
 
 Tokenizing and rendering prompts, detokenizing, and checking a large body run in worker
 threads, never on the event loop, and tokenizing is bounded before it starts (a text longer
@@ -34,6 +35,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -64,7 +66,10 @@ def _sse(doc) -> str:
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               limits: ServerLimits | None = None,
-              chat_template: ChatTemplate | None = None, protect_metrics: bool = False) -> FastAPI:
+              chat_template: ChatTemplate | None = None, protect_metrics: bool = False, *,
+              allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
+              allowed_headers: list[str] | None = None,
+              allow_credentials: bool = False) -> FastAPI:
     """The FastAPI application serving `engine` under the name `model_name`.
 
     api_key: when given, every /v1 route and the tokenizer routes need `Authorization: Bearer
@@ -75,6 +80,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         usually carry no key). ValueError without an api_key.
     limits: caps on body size, stop lists and prompts per request (`ServerLimits()` default).
     chat_template: how /v1/chat/completions renders messages (default: the built-in format).
+    allowed_origins: origins a browser may call the server from (CORS; "*": any). None or
+        empty: no CORS middleware, so no Access-Control-* header is ever sent and a preflight
+        gets the 405 of any method a route does not take. vLLM allows every origin unless told
+        otherwise; a server that holds an API key or sits on a private network should not
+        be readable from any web page its users open, so here an origin must be named.
+    allowed_methods, allowed_headers: with allowed_origins, what a cross-origin request may
+        use (default ["*"]); allow_credentials: browsers may send cookies and HTTP
+        authentication. ValueError for any of them without allowed_origins.
     """
     limits = limits or ServerLimits()
     template = chat_template or ChatTemplate()
@@ -82,6 +95,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         raise ValueError("api_key must not be empty (leave it None for no authentication)")
     if protect_metrics and api_key is None:
         raise ValueError("protect_metrics needs an api_key to protect /metrics and the docs with")
+    cors_options = [name for name, value in (("allowed_methods", allowed_methods),
+                                             ("allowed_headers", allowed_headers),
+                                             ("allow_credentials", allow_credentials)) if value]
+    if cors_options and not allowed_origins:
+        raise ValueError(f"{', '.join(cors_options)} need allowed_origins: without an origin "
+                         f"no CORS headers are sent")
     # surrogateescape: a key read from the environment or the command line as raw bytes that
     # are not UTF-8 comes back as exactly those bytes.
     key = api_key.encode("utf-8", "surrogateescape") if api_key is not None else None
@@ -95,6 +114,13 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     docs = {} if not protect_metrics else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="hwattn", lifespan=lifespan, **docs)
+    if allowed_origins:
+        # Outside the routes: a preflight (OPTIONS, no Authorization header) is answered
+        # here, before the API key is asked for.
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=list(allowed_methods or ["*"]),
+                           allow_headers=list(allowed_headers or ["*"]),
+                           allow_credentials=allow_credentials)
     llm = engine.engine
     tokenizer = llm.tokenizer
     max_len = llm.max_model_len
@@ -138,17 +164,17 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     auth = [Depends(authorize)]
     auth_metrics = auth if protect_metrics else []
 
-    async def read_request(request: Request, schema, model_required: bool = True):
+    async def read_request(request: Request, schema):
         """The body as a `schema` request (`parse`): validated off the event loop when it is
         large, as its JSON is (a body of millions of list items takes a while to check)."""
-        body, size = await read_body(request, model_required)
+        body, size = await read_body(request)
         if size > 1 << 16:
             return await run_in_threadpool(parse, schema, body, limits)
         return parse(schema, body, limits)
 
-    async def read_body(request: Request, model_required: bool = True) -> tuple[dict, int]:
+    async def read_body(request: Request) -> tuple[dict, int]:
         """The JSON object of the body, at most `limits.max_body_bytes`, naming the served model
-        (or, unless `model_required`, naming none), and the body's size in bytes."""
+        or no model (404 for any other name), and the body's size in bytes."""
         cap = limits.max_body_bytes
         too_large = APIError(f"the request body is larger than {cap} bytes", status=413,
                              code="request_too_large")
@@ -178,10 +204,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         if not isinstance(body, dict):
             raise APIError("request body must be a JSON object")
         model = body.get("model")
-        if model is None and not model_required:
+        if model is None:  # left out (or null): the served model, as recent vLLM takes it
             return body, len(data)
         if not isinstance(model, str):
-            raise APIError("model is required and must be a string", param="model")
+            raise APIError(f"model must be a string (the served model's name, "
+                           f"{model_name!r}), or left out", param="model")
         if model != model_name:
             raise APIError(f"the model {model!r} does not exist; this server serves "
                            f"{model_name!r}", status=404, param="model", code="model_not_found")
@@ -231,9 +258,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         """Refuse now, with the engine's own check of the params (the prompts passed
         `prompt_ids`), what the engine would refuse once queued (e.g. settings a data-parallel
         engine does not support, each a `ParamError` naming the setting), and everything once
-        the engine is down: a stream must not start with 200 and then fail."""
-        if engine.dead is not None:
-            raise APIError(engine.dead, status=503, kind="server_error")
+        the engine is down, shutting down or not started: a stream must not start with 200
+        and then fail."""
+        reason = engine.unavailable()
+        if reason is not None:
+            raise APIError(reason, status=503, kind="server_error")
         for _, params in jobs:
             try:
                 llm.check_params(params)
@@ -457,7 +486,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(request: Request):
-        req = await read_request(request, TokenizeRequest, model_required=False)
+        req = await read_request(request, TokenizeRequest)
         if req.messages is not None:
             ids, param = await run_in_threadpool(
                 lambda: chat_ids(req.messages, req.add_generation_prompt, False,
@@ -472,7 +501,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(request: Request):
-        req = await read_request(request, DetokenizeRequest, model_required=False)
+        req = await read_request(request, DetokenizeRequest)
         vocab = llm.model_config.vocab_size
 
         def text() -> str:

@@ -40,6 +40,14 @@ STOP_GRACE_S = 15.0
 STOP_WAIT_S = 30.0
 
 
+# Why a request is refused when no engine thread was ever started: an app served without its
+# lifespan (uvicorn --lifespan off, starlette's TestClient outside `with`) would otherwise
+# queue the request for a loop that never takes it.
+NOT_STARTED = ("the engine is not running: the server's startup (its lifespan) never started "
+               "it; serve the app with its lifespan on (starlette's TestClient: use it in a "
+               "`with` block)")
+
+
 def _step_timeout(engine) -> float | None:
     """The longest the engine lets one step take before it fails the step itself: its
     tensor-parallel runner's step timeout; None when it sets none."""
@@ -139,6 +147,17 @@ class AsyncEngine:
         self._thread = None
         return True
 
+    def unavailable(self) -> str | None:
+        """Why no request can run now, in words a client may read: the engine is down, the
+        server is shutting down, or the engine thread was never started (`NOT_STARTED`);
+        None when requests are taken."""
+        if self.dead is not None:
+            return self.dead
+        with self._lock:
+            if self._closed is not None:
+                return self._closed
+            return None if self._looping else NOT_STARTED
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        owner: str | None = None):
         """Yield this request's `RequestOutput` after every step that advanced it, the last one
@@ -146,7 +165,8 @@ class AsyncEngine:
         loop early (client gone, task cancelled) aborts the request.
         owner: whom the scheduler shares the batch fairly between (default: the request; the
         server passes one owner for all the prompts of an HTTP request).
-        Raises ValueError if the engine refuses the request, EngineError if it fails."""
+        Raises ValueError if the engine refuses the request, EngineError if it fails, and
+        EngineDeadError at once when no engine thread runs to take it (`unavailable`)."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         loop = asyncio.get_running_loop()
@@ -156,6 +176,8 @@ class AsyncEngine:
         with self._lock:
             if self._closed is not None:
                 raise EngineDeadError(self._closed)
+            if not self._looping:
+                raise EngineDeadError(NOT_STARTED)
             self._queues[request_id] = (loop, queue)
             self._adds.append((request_id, prompt_ids, params, owner))
         self._wake.set()

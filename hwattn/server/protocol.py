@@ -159,7 +159,7 @@ def _token_ids(values: list[int], what: str) -> list[int]:
 class _Request(_Body):
     """Fields shared by completions and chat: the model and the sampling settings."""
 
-    model: str
+    model: str | None = None  # None: the served model (`app.read_body` refuses any other)
     max_tokens: int | None = Field(None, ge=1, lt=INT64_LIMIT)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
@@ -169,7 +169,7 @@ class _Request(_Body):
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
     min_tokens: int = Field(0, ge=0, lt=INT64_LIMIT)
-    seed: int | None = Field(None, ge=0, lt=INT64_LIMIT)
+    seed: int | None = Field(None, ge=-INT64_LIMIT, lt=INT64_LIMIT)  # any int64, as vLLM's
     stop: Any = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False

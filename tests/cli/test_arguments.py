@@ -57,13 +57,16 @@ def a_file(tmp_path):
 
 
 def no_server(monkeypatch):
-    """A serve command that gets past its checks fails the test instead of listening."""
-    import uvicorn
+    """A serve command that gets past its checks fails the test instead of listening (and
+    binds a free port, not --port, meanwhile)."""
+    import hwattn.cli.serve as serve_cli
 
     def refuse(*a, **k):
         raise AssertionError("the server started: the argument was not refused")
 
-    monkeypatch.setattr(uvicorn, "run", refuse)
+    bind = serve_cli.bind
+    monkeypatch.setattr(serve_cli, "bind", lambda host, port: bind(host, 0))
+    monkeypatch.setattr(serve_cli, "listen", refuse)
 
 
 # --- hwattn analyze -------------------------------------------------------------------------

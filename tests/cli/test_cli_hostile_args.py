@@ -255,14 +255,14 @@ def test_serve_empty_host_is_refused(capsys, monkeypatch):
 def test_gpu_only_engine_flags_on_the_cpu_are_warned_about(capsys, monkeypatch, flag):
     """Observed: taken and dropped without a word on the CPU (no CUDA graphs, no compiled
     decode there in any case)."""
-    import uvicorn
+    import hwattn.cli.serve as serve_cli
 
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
-    code, out, err = run_cli(capsys, "serve", "tiny", "--device", "cpu", flag)
+    monkeypatch.setattr(serve_cli, "listen", lambda *a, **k: None)
+    code, out, err = run_cli(capsys, "serve", "tiny", "--device", "cpu", "--port", "0", flag)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("hwattn serve: warning:")]
     assert len(warnings) == 1 and flag in warnings[0], err
-    code, out, err = run_cli(capsys, "serve", "tiny", "--device", "cpu")
+    code, out, err = run_cli(capsys, "serve", "tiny", "--device", "cpu", "--port", "0")
     assert code == 0 and "warning" not in err, err
 
 

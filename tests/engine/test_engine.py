@@ -111,7 +111,7 @@ def test_text_prompts_and_validation(checkpoints):
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]])
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-5),
-                dict(seed=-1), dict(stop=[""])):
+                dict(seed=2**63), dict(stop=[""])):
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):
             SamplingParams(**bad)

@@ -76,8 +76,6 @@ def test_clients_with_the_key_are_served(server, monkeypatch):
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_serve_command_takes_an_api_key(server, monkeypatch, how):
-    import uvicorn
-
     from hwattn.cli import build_parser
     from hwattn.cli import serve as serve_cli
 
@@ -85,9 +83,9 @@ def test_serve_command_takes_an_api_key(server, monkeypatch, how):
     apps = []
     monkeypatch.setattr(serve_cli, "engine_from_args", lambda args: engine)
     monkeypatch.setattr(engine, "shutdown", lambda: None)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(serve_cli, "listen", lambda app, sock, log_level: apps.append(app))
     monkeypatch.delenv("HWATTN_API_KEY", raising=False)
-    argv = ["serve", "tiny", "--attention", "gla-2"]
+    argv = ["serve", "tiny", "--attention", "gla-2", "--port", "0"]
     if how == "flag":
         argv += ["--api-key", "k1"]
     else:
@@ -125,8 +123,6 @@ def test_a_non_ascii_key_works_and_metrics_and_docs_can_be_protected(monkeypatch
 
 
 def test_serve_command_takes_a_non_ascii_key_and_protects_metrics(server, monkeypatch):
-    import uvicorn
-
     from hwattn.cli import build_parser
     from hwattn.cli import serve as serve_cli
 
@@ -134,15 +130,15 @@ def test_serve_command_takes_a_non_ascii_key_and_protects_metrics(server, monkey
     apps = []
     monkeypatch.setattr(serve_cli, "engine_from_args", lambda args: engine)
     monkeypatch.setattr(engine, "shutdown", lambda: None)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(serve_cli, "listen", lambda app, sock, log_level: apps.append(app))
     monkeypatch.setenv("HWATTN_API_KEY", UNICODE_KEY)
-    args = build_parser().parse_args(["serve", "tiny", "--protect-metrics"])
+    args = build_parser().parse_args(["serve", "tiny", "--protect-metrics", "--port", "0"])
     assert args.func(args) == 0
     http = TestClient(apps[0])
     assert http.get("/metrics").status_code == 401
     ok = {"Authorization": b"Bearer " + UNICODE_KEY.encode()}
     assert http.get("/metrics", headers=ok).status_code == 200
     monkeypatch.delenv("HWATTN_API_KEY")
-    args = build_parser().parse_args(["serve", "tiny", "--protect-metrics"])
+    args = build_parser().parse_args(["serve", "tiny", "--protect-metrics", "--port", "0"])
     with pytest.raises(ValueError, match="--protect-metrics needs an API key"):
         args.func(args)

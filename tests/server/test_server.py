@@ -111,7 +111,7 @@ def test_chat_completions_plain_and_streamed(server, client):
 
 @pytest.mark.parametrize("body,status,param", [
     ({"model": "nope", "prompt": "x"}, 404, "model"),
-    ({"prompt": "x"}, 400, "model"),
+    ({"model": 5, "prompt": "x"}, 400, "model"),  # left out it is the served model
     ({"model": NAME, "prompt": "x" * 400}, 400, "prompt"),
     ({"model": NAME, "prompt": "x" * 300, "max_tokens": 100}, 400, "max_tokens"),
     ({"model": NAME, "prompt": "x", "temperature": -1}, 400, "temperature"),

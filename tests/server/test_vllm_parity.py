@@ -167,8 +167,6 @@ def test_chat_template_override_and_fallback(bpe_checkpoint, tmp_path):
 
 
 def test_serve_takes_the_model_positionally_or_by_flag(monkeypatch):
-    import uvicorn
-
     from hwattn.cli import build_parser
     from hwattn.cli import serve as serve_cli
 
@@ -177,10 +175,10 @@ def test_serve_takes_the_model_positionally_or_by_flag(monkeypatch):
                         create_engine("tiny", attention="gla-2", device="cpu", num_pages=8,
                                       page_size=8, model_overrides=dict(n_layers=1,
                                                                         max_seq_len=32)))
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(serve_cli, "listen", lambda app, sock, log_level: None)
     parser = build_parser()
     for argv in (["serve", "tiny"], ["serve", "--model", "tiny"], ["serve", "tiny", "--model", "tiny"]):
-        args = parser.parse_args(argv + ["--attention", "gla-2"])
+        args = parser.parse_args(argv + ["--attention", "gla-2", "--port", "0"])
         assert args.func(args) == 0
     assert seen == ["tiny"] * 3
     for argv, message in ((["serve", "tiny", "--model", "small"], "differ"),
