@@ -310,8 +310,8 @@ def origin_list(text: str) -> list[str]:
 def check_cors(args) -> None:
     """ValueError naming the CORS options given without --allowed-origins: CORS is off unless
     an origin is allowed (vLLM allows every origin by default; this server none)."""
-    given = [flag for flag, value in (("--allowed-methods", args.allowed_methods),
-                                      ("--allowed-headers", args.allowed_headers),
+    given = [flag for flag, value in (("--allowed-methods", args.allowed_methods is not None),
+                                      ("--allowed-headers", args.allowed_headers is not None),
                                       ("--allow-credentials", args.allow_credentials)) if value]
     if given and not args.allowed_origins:
         raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
@@ -319,33 +319,67 @@ def check_cors(args) -> None:
                          f"headers at all")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port), not yet listening: bound before the engine loads,
-    so that a port in use is said at once, and port 0 is known (the kernel's choice) before
-    the address is printed. IPv6 for a host with a colon, as uvicorn binds."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def bind(host: str, port: int) -> list[socket.socket]:
+    """TCP sockets bound to (host, port), not yet listening: bound before the engine loads, so
+    that a port in use is said at once, and port 0 is known (the kernel's choice) before the
+    address is printed. One per address `host` names, as uvicorn's asyncio server binds them
+    ("localhost": 127.0.0.1 and ::1; an IPv6 socket takes IPv6 alone, so "::" is not also
+    every IPv4 address), all on the port the first gets."""
+    def refused(reason) -> OSError:
+        return OSError(f"--host {host} --port {port}: cannot listen there: {reason}")
+
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise refused(err.strerror or err) from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if len(socks) > 1:  # port 0: the others on the port the kernel gave the first
+                address = (address[0], socks[0].getsockname()[1], *address[2:])
+            sock.bind(address)
     except OSError as err:
-        sock.close()
-        raise OSError(f"--host {host} --port {port}: cannot listen there: "
-                      f"{err.strerror or err}") from None
-    return sock
+        for sock in socks:
+            sock.close()
+        raise refused(err.strerror or err) from None
+    return socks
 
 
-def listen(app, sock: socket.socket, log_level: str) -> None:
-    """Serve `app` under uvicorn on the bound `sock` until the server is stopped (Ctrl-C,
-    SIGTERM)."""
+# `uvicorn.run`'s exit status when the server never started (its app's startup failed).
+STARTUP_FAILURE = 3
+
+
+def listen(app, socks: list[socket.socket], log_level: str) -> int:
+    """Serve `app` under uvicorn on the bound `socks` until the server is stopped (Ctrl-C,
+    SIGTERM); the exit status, as `uvicorn.run` has it: 0, or STARTUP_FAILURE when the app's
+    startup (its lifespan) failed and nothing was served."""
+    import logging
+
     import uvicorn
 
-    host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    host, port = socks[0].getsockname()[:2]
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # uvicorn says where it listens only for a socket it bound itself
+                for sock in sockets:
+                    logging.getLogger("uvicorn.error").info(
+                        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)",
+                        url_host(sock.getsockname()[0]), sock.getsockname()[1])
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=socks)
     except KeyboardInterrupt:  # uvicorn has stopped serving: shut down as after SIGTERM
         pass
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def url_host(host: str) -> str:
@@ -451,31 +485,33 @@ def run(args) -> int:
     limits = ServerLimits(**{k: v for k, v in caps.items() if v is not None})
     check_cors(args)
     template = ChatTemplate(args.model if is_checkpoint(args.model) else None, args.chat_template)
-    sock = bind(args.host, args.port)
+    socks = bind(args.host, args.port)
     try:
         engine = engine_from_args(args)
     except BaseException:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    name = served_name(args)
-    stats = engine.stats()
-    cpu = f", {describe()}" if torch.device(engine.device).type == "cpu" else ""
-    port = sock.getsockname()[1]  # the port bound: the kernel's choice for --port 0
-    cors = f" (CORS: {', '.join(args.allowed_origins)})" if args.allowed_origins else ""
-    print(f"hwattn serve: {name} ({engine.model_config.label}, TP={args.tp}, DP={args.dp}, "
-          f"{stats['pages_total']} pages of {stats['page_size']} tokens, "
-          f"{engine.kv_bytes_per_token} KV bytes/token/rank{cpu}, chat template: "
-          f"{template.source}) on http://{url_host(args.host)}:{port}/v1"
-          f"{' (API key required)' if api_key else ''}{cors}", flush=True)
     try:
-        listen(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits,
-                         chat_template=template, protect_metrics=args.protect_metrics,
-                         allowed_origins=args.allowed_origins,
-                         allowed_methods=args.allowed_methods,
-                         allowed_headers=args.allowed_headers,
-                         allow_credentials=args.allow_credentials),
-               sock, args.log_level)
+        name = served_name(args)
+        stats = engine.stats()
+        cpu = f", {describe()}" if torch.device(engine.device).type == "cpu" else ""
+        port = socks[0].getsockname()[1]  # the port bound: the kernel's choice for --port 0
+        cors = f" (CORS: {', '.join(args.allowed_origins)})" if args.allowed_origins else ""
+        print(f"hwattn serve: {name} ({engine.model_config.label}, TP={args.tp}, DP={args.dp}, "
+              f"{stats['pages_total']} pages of {stats['page_size']} tokens, "
+              f"{engine.kv_bytes_per_token} KV bytes/token/rank{cpu}, chat template: "
+              f"{template.source}) on http://{url_host(args.host)}:{port}/v1"
+              f"{' (API key required)' if api_key else ''}{cors}", flush=True)
+        status = listen(build_app(AsyncEngine(engine), name, api_key=api_key, limits=limits,
+                                  chat_template=template, protect_metrics=args.protect_metrics,
+                                  allowed_origins=args.allowed_origins,
+                                  allowed_methods=args.allowed_methods,
+                                  allowed_headers=args.allowed_headers,
+                                  allow_credentials=args.allow_credentials),
+                        socks, args.log_level)
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
         engine.shutdown()
-    return 0
+    return status or 0

@@ -50,7 +50,7 @@ from hwattn.engine.requests import (check_owner, check_request_ids, check_reques
 from hwattn.engine.sampler import SamplingInput, verify_bans
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.scheduler import Scheduler
-from hwattn.engine.sequence import RequestOutput, Sequence
+from hwattn.engine.sequence import DeltaJoiner, RequestOutput, Sequence
 from hwattn.engine.speculative import Drafter
 from hwattn.engine.step_timer import StepTimer
 
@@ -194,9 +194,12 @@ class LLMEngine:
                       ) -> RequestOutput | None | list[RequestOutput | None]:
         """Stop a request (all its n sequences) and free its pages; None if it is unknown or
         already done. A list of ids (vLLM's `abort_request(request_ids)`; a list is never an
-        id) stops each of them and returns their results in a list."""
+        id) stops each of them and returns their results in a list. An output held back
+        after a failed step is dropped (the final one too); a "delta" request's abort output
+        then holds what the dropped ones held, so nothing it generated is lost."""
         if isinstance(request_id, list):
             return [self.abort_request(r) for r in request_id]
+        held = [o for o in self._unreported if o.request_id == request_id]
         self._unreported = [o for o in self._unreported if o.request_id != request_id]
         group = self.requests.pop(request_id, None)
         if group is None:
@@ -212,7 +215,13 @@ class LLMEngine:
                 seq.finish_time = now
             self.scheduler.finish(seq)
         self.counters["aborted"] += 1
-        return group[0].output(group)
+        out = group[0].output(group)
+        if held and group[0].params.output_kind == "delta":  # marked reported when built
+            joiner = DeltaJoiner()
+            for o in (*held, out):
+                joiner.add(o)
+            out = joiner.take()
+        return out
 
     @property
     def detok(self) -> dict:

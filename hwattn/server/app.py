@@ -64,6 +64,40 @@ def _sse(doc) -> str:
     return f"data: {json.dumps(doc) if not isinstance(doc, str) else doc}\n\n"
 
 
+def _unexpected_response(path: str, err: Exception) -> JSONResponse:
+    """A route's unexpected error: logged with its traceback, a 500 without it to the client."""
+    log.exception("unexpected error in %s", path, exc_info=err)
+    return APIError(f"internal error: {type(err).__name__}", status=500,
+                    kind="server_error").response()
+
+
+class _AnswerUnexpected:
+    """ASGI middleware: an HTTP request whose handling raises before its answer has begun
+    gets `answer(path, error)` from here, so that the middleware around this one (CORS) sees
+    the answer go out; one whose answer has begun is left to fail as it would."""
+
+    def __init__(self, app, answer):
+        self.app = app
+        self.answer = answer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as err:  # noqa: BLE001 - answered as the app's Exception handler does
+            if started:
+                raise
+            await self.answer(scope["path"], err)(scope, receive, send)
+
+
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
               limits: ServerLimits | None = None,
               chat_template: ChatTemplate | None = None, protect_metrics: bool = False, *,
@@ -86,8 +120,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         otherwise; a server that holds an API key or sits on a private network should not
         be readable from any web page its users open, so here an origin must be named.
     allowed_methods, allowed_headers: with allowed_origins, what a cross-origin request may
-        use (default ["*"]); allow_credentials: browsers may send cookies and HTTP
-        authentication. ValueError for any of them without allowed_origins.
+        use (None: ["*"]; an empty list allows none); allow_credentials: browsers may send
+        cookies and HTTP authentication. ValueError for any of them without allowed_origins.
     """
     limits = limits or ServerLimits()
     template = chat_template or ChatTemplate()
@@ -95,9 +129,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
         raise ValueError("api_key must not be empty (leave it None for no authentication)")
     if protect_metrics and api_key is None:
         raise ValueError("protect_metrics needs an api_key to protect /metrics and the docs with")
-    cors_options = [name for name, value in (("allowed_methods", allowed_methods),
-                                             ("allowed_headers", allowed_headers),
-                                             ("allow_credentials", allow_credentials)) if value]
+    # An empty list given is given: it allows nothing (None is the default, "*").
+    cors_options = [name for name, given in (("allowed_methods", allowed_methods is not None),
+                                             ("allowed_headers", allowed_headers is not None),
+                                             ("allow_credentials", allow_credentials)) if given]
     if cors_options and not allowed_origins:
         raise ValueError(f"{', '.join(cors_options)} need allowed_origins: without an origin "
                          f"no CORS headers are sent")
@@ -115,11 +150,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     docs = {} if not protect_metrics else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="hwattn", lifespan=lifespan, **docs)
     if allowed_origins:
+        # Inside the CORS middleware (added first, so it runs second): starlette answers an
+        # unexpected error's 500 from outside every middleware, without CORS headers, which
+        # a browser then hides from the page (as it would any answer without them).
+        app.add_middleware(_AnswerUnexpected, answer=_unexpected_response)
+        methods = ["*"] if allowed_methods is None else list(allowed_methods)
+        headers = ["*"] if allowed_headers is None else list(allowed_headers)
         # Outside the routes: a preflight (OPTIONS, no Authorization header) is answered
         # here, before the API key is asked for.
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
-                           allow_methods=list(allowed_methods or ["*"]),
-                           allow_headers=list(allowed_headers or ["*"]),
+                           allow_methods=methods, allow_headers=headers,
                            allow_credentials=allow_credentials)
     llm = engine.engine
     tokenizer = llm.tokenizer
@@ -147,9 +187,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.exception_handler(Exception)
     async def _unexpected(request, err: Exception):
-        log.exception("unexpected error in %s", request.url.path, exc_info=err)
-        return APIError(f"internal error: {type(err).__name__}", status=500,
-                        kind="server_error").response()
+        return _unexpected_response(request.url.path, err)
 
     async def authorize(request: Request) -> None:
         if key is None:

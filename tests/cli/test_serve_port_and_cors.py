@@ -29,8 +29,8 @@ def served(monkeypatch):
 
     seen = []
 
-    def listen(app, sock, log_level):
-        seen.append((app, sock.getsockname()[1]))
+    def listen(app, socks, log_level):
+        seen.append((app, socks[0].getsockname()[1]))
 
     monkeypatch.setattr(serve_cli, "listen", listen)
     return seen
@@ -128,3 +128,98 @@ def test_bad_origins_are_refused_by_name(capsys, monkeypatch, value):
     no_server(monkeypatch)
     assert_error(run_cli(capsys, "serve", "tiny", *TINY, "--allowed-origins", value),
                  "--allowed-origins", argparse_style=True)
+
+
+def _lifespan_app(fail: bool):
+    """An app whose startup fails, or that stops its server (SIGINT) once it has started."""
+    import asyncio
+    import os
+    import signal
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if fail:
+            raise RuntimeError("the engine thread could not start")
+        asyncio.get_running_loop().call_later(0.3, os.kill, os.getpid(), signal.SIGINT)
+        yield
+
+    return FastAPI(lifespan=lifespan)
+
+
+def test_listen_on_a_bound_socket_logs_where_and_fails_as_uvicorn_run(capfd):
+    """Serving a socket bound beforehand keeps what `uvicorn.run` did: the "Uvicorn running
+    on" line once started (uvicorn leaves it out for a socket it did not bind), and exit
+    status 3 when the app's startup fails (recent uvicorn exits so itself; older ones within
+    `uvicorn>=0.29` returned, as if the server had run)."""
+    import hwattn.cli.serve as serve_cli
+
+    socks = serve_cli.bind("127.0.0.1", 0)
+    port = socks[0].getsockname()[1]
+    try:
+        assert serve_cli.listen(_lifespan_app(fail=False), socks, "info") == 0
+    finally:
+        socks[0].close()
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in capfd.readouterr().err
+    socks = serve_cli.bind("127.0.0.1", 0)
+    try:
+        status = serve_cli.listen(_lifespan_app(fail=True), socks, "info")
+    except SystemExit as exit_:
+        status = exit_.code
+    finally:
+        socks[0].close()
+    assert status == serve_cli.STARTUP_FAILURE == 3
+    err = capfd.readouterr().err
+    assert "Application startup failed" in err and "Uvicorn running on" not in err
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_hosts_are_bound_as_uvicorn_bound_them():
+    """Bound before loading, a host still gets the sockets uvicorn's own server gave it: every
+    address of a name (localhost: IPv4 and IPv6 loopback, on one port even for port 0), and an
+    IPv6 address IPv6 alone (a dual-stack "::" would also take every IPv4 address)."""
+    import hwattn.cli.serve as serve_cli
+
+    names = {a[4][0] for a in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM)}
+    socks = serve_cli.bind("localhost", 0)
+    try:
+        assert {s.getsockname()[0] for s in socks} == names
+        assert len({s.getsockname()[1] for s in socks}) == 1
+    finally:
+        for s in socks:
+            s.close()
+    socks = serve_cli.bind("::", 0)
+    try:
+        assert [s.family for s in socks] == [socket.AF_INET6]
+        assert socks[0].getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        socks[0].close()
+
+
+def test_an_empty_cors_list_is_not_taken_for_the_default(capsys, monkeypatch, served):
+    """--allowed-methods '[]' allows no method (not every one, the default's "*"), and like
+    any value it needs --allowed-origins."""
+    no_server(monkeypatch)
+    assert_error(run_cli(capsys, "serve", "tiny", *TINY, "--allowed-methods", "[]"),
+                 "--allowed-methods applies only with --allowed-origins")
+    monkeypatch.undo()
+    import hwattn.cli.serve as serve_cli
+
+    monkeypatch.setattr(serve_cli, "listen",
+                        lambda app, socks, log_level: served.append((app, 0)))
+    code, out, err = run_cli(capsys, "serve", "tiny", "--port", "0", *TINY,
+                             "--allowed-origins", "http://localhost:3000",
+                             "--allowed-methods", "[]")
+    assert code == 0, err
+    assert preflight(served[-1][0]).status_code == 400

@@ -209,3 +209,32 @@ def test_data_parallel_abort_request_takes_a_list_of_ids():
     text = "".join(o.text for o in seen[ids[0]] + [aborted[0]])
     assert len(tokens) >= 3 and tokens == want.token_ids[:len(tokens)]
     assert want.text.startswith(text)
+
+
+def test_abort_after_a_failed_step_keeps_the_held_back_delta():
+    """A step that fails after reading tokens back holds their outputs for the next `step`;
+    aborting a "delta" request meanwhile drops its held output, whose tokens its abort output
+    must then bring (else they came in no output at all)."""
+    from tests.conftest import failing_on_call
+
+    engine = create_engine(**TINY, seed=0, overlap_scheduling=True)
+    rid = engine.add_request(PROMPT, SamplingParams(
+        max_tokens=40, temperature=1.0, seed=4, ignore_eos=True, allowed_token_ids=ALPHABET,
+        output_kind="delta"))
+    seq = engine.requests[rid][0]
+    outs = []
+    while sum(len(o.token_ids) for o in outs) < 3:
+        outs += engine.step()
+    # Sampled on the host: the step in flight is read back first, then the launch fails.
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2, logprobs=1, output_kind="delta"))
+    real = engine.runner.sample_step
+    engine.runner.sample_step = failing_on_call(real, 1, RuntimeError("lost"))
+    with pytest.raises(RuntimeError, match="lost"):
+        engine.step()
+    engine.runner.sample_step = real
+    assert any(o.request_id == rid for o in engine._unreported)
+    outs.append(engine.abort_request(rid))
+    assert [t for o in outs for t in o.token_ids] == seq.output_token_ids
+    assert "".join(o.text for o in outs) == seq.text
+    drain(engine)
+    assert engine.block_manager.num_used_pages == 0

@@ -84,3 +84,37 @@ def test_methods_headers_and_credentials_are_honoured(engine):
 def test_cors_options_without_an_origin_are_refused(engine, kw, name):
     with pytest.raises(ValueError, match=f"{name} need allowed_origins"):
         build_app(AsyncEngine(engine), NAME, **kw)
+
+
+def test_an_unexpected_error_still_carries_the_cors_headers(engine):
+    """A route failing unexpectedly answers its 500 (in the OpenAI format) with the CORS
+    headers too: without them the page sees a network error, not the server's answer."""
+    async_engine = AsyncEngine(engine)
+
+    def broken():
+        raise RuntimeError("health check broke")
+
+    async_engine.health = broken
+    http = TestClient(build_app(async_engine, NAME, allowed_origins=[SITE]),
+                      raise_server_exceptions=False)
+    r = http.get("/health", headers={"Origin": SITE})
+    assert r.status_code == 500, r.text
+    assert r.json()["error"] == {"message": "internal error: RuntimeError",
+                                 "type": "server_error", "param": None, "code": None}
+    assert r.headers["access-control-allow-origin"] == SITE
+    # Without CORS the same 500 comes from starlette's outermost handler, as before.
+    plain = TestClient(build_app(async_engine, NAME), raise_server_exceptions=False)
+    r = plain.get("/health", headers={"Origin": SITE})
+    assert r.status_code == 500 and not cors_headers(r)
+
+
+def test_an_empty_list_of_methods_or_headers_allows_none(engine):
+    """`allowed_methods=[]` (`--allowed-methods '[]'`) allows no method rather than every one
+    (only None means the default "*"), and is refused without an origin as any list is."""
+    http = app(engine, allowed_origins=[SITE], allowed_methods=[])
+    assert preflight(http).status_code == 400
+    http = app(engine, allowed_origins=[SITE], allowed_headers=[])
+    r = preflight(http)  # asks for authorization and content-type
+    assert r.status_code == 400, r.text
+    with pytest.raises(ValueError, match="allowed_headers need allowed_origins"):
+        build_app(AsyncEngine(engine), NAME, allowed_headers=[])
