@@ -45,6 +45,23 @@ def serving(app):
         assert not thread.is_alive()
 
 
+NAME = "tiny-gla-2"  # the name the test apps serve `TINY` under
+C, H = "/v1/completions", "/v1/chat/completions"
+
+
+@contextmanager
+def tiny_server(**app_kw):
+    """A fresh `TINY` engine served by `build_app(..., NAME, **app_kw)` under uvicorn; yields
+    (base URL, engine)."""
+    from hwattn.engine import create_engine
+    from hwattn.server import AsyncEngine
+    from hwattn.server.app import build_app
+
+    engine = create_engine(**TINY)
+    with serving(build_app(AsyncEngine(engine), NAME, **app_kw)) as base:
+        yield base, engine
+
+
 POISON = "<poison>"  # a stop string that makes a poisoned engine fail the request mid-generation
 
 

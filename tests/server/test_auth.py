@@ -18,17 +18,15 @@ from hwattn.server import AsyncEngine  # noqa: E402
 from hwattn.server import app as app_module  # noqa: E402
 from hwattn.server.app import build_app  # noqa: E402
 from hwattn.bench.serve import HttpTarget, run_load  # noqa: E402
-from tests.server.conftest import TINY, serving, wait_idle  # noqa: E402
+from tests.server.conftest import NAME, TINY, tiny_server, wait_idle  # noqa: E402
 
-NAME = "tiny-gla-2"
 KEY = "sekrit-0123"
 BODY = {"model": NAME, "prompt": "hi", "max_tokens": 3}
 
 
 @pytest.fixture(scope="module")
 def server():
-    engine = create_engine(**TINY)
-    with serving(build_app(AsyncEngine(engine), NAME, api_key=KEY)) as base:
+    with tiny_server(api_key=KEY) as (base, engine):
         yield base, engine
 
 

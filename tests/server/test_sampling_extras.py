@@ -9,19 +9,14 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from hwattn.engine import LLM, SamplingParams, create_engine  # noqa: E402
-from hwattn.server import AsyncEngine  # noqa: E402
-from hwattn.server.app import build_app  # noqa: E402
-from tests.server.conftest import TINY, serving, wait_idle  # noqa: E402
+from hwattn.engine import LLM, SamplingParams  # noqa: E402
+from tests.server.conftest import C, H, NAME, TINY, tiny_server, wait_idle  # noqa: E402
 
-NAME = "tiny-gla-2"
-C, H = "/v1/completions", "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
 def server():
-    engine = create_engine(**TINY)
-    with serving(build_app(AsyncEngine(engine), NAME)) as base:
+    with tiny_server() as (base, engine):
         yield base, engine
 
 

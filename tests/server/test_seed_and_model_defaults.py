@@ -9,19 +9,15 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from hwattn.engine import SamplingParams, create_engine  # noqa: E402
-from hwattn.server import AsyncEngine  # noqa: E402
-from hwattn.server.app import build_app  # noqa: E402
-from tests.server.conftest import TINY, serving  # noqa: E402
+from hwattn.engine import SamplingParams  # noqa: E402
+from tests.server.conftest import C, H, NAME, tiny_server  # noqa: E402
 
-NAME = "tiny-gla-2"
-C, H = "/v1/completions", "/v1/chat/completions"
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @pytest.fixture(scope="module")
 def base():
-    with serving(build_app(AsyncEngine(create_engine(**TINY)), NAME)) as url:
+    with tiny_server() as (url, _):
         yield url
 
 

@@ -12,23 +12,17 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from hwattn.engine import create_engine  # noqa: E402
-from hwattn.server import AsyncEngine  # noqa: E402
 from hwattn.server import app as app_module  # noqa: E402
-from hwattn.server.app import build_app  # noqa: E402
 from hwattn.server.protocol import APIError, CompletionRequest, ServerLimits, parse  # noqa: E402
-from tests.server.conftest import TINY, serving, wait_idle  # noqa: E402
+from tests.server.conftest import C, H, NAME, tiny_server, wait_idle  # noqa: E402
 
-NAME = "tiny-gla-2"
-C, H = "/v1/completions", "/v1/chat/completions"
 # Seeded sampling: varied text (greedy output of the random tiny model repeats one character).
 SEEDED = {"model": NAME, "max_tokens": 16, "temperature": 0.8, "seed": 7, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
 def server():
-    engine = create_engine(**TINY)
-    with serving(build_app(AsyncEngine(engine), NAME)) as base:
+    with tiny_server() as (base, engine):
         yield base, engine
 
 
