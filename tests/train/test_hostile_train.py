@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import hwattn.train.checkpoint as C
 import hwattn.train.trainer as T
 from hwattn.train.trainer import train
 from tests.train.test_resume_exact import (QUIET, Kill, _assert_same_as_reference, _cfg,  # noqa: F401
@@ -77,16 +78,16 @@ def test_cuda_generator_state_is_the_training_devices_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: put.append((int(s), device)))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     dev = torch.device("cuda", 1)
-    state = T._rng_state(dev)
+    state = C._rng_state(dev)
     assert got == [dev] and int(state["cuda"]) == 7
-    T._set_rng_state(state, dev)
+    C._set_rng_state(state, dev)
     assert put == [(7, dev)]
     legacy = {**state, "cuda": [torch.tensor([k], dtype=torch.uint8) for k in (3, 4)]}
     put.clear()
-    T._set_rng_state(legacy, dev)
-    T._set_rng_state(legacy, torch.device("cuda"))  # index None: the current device, 0
-    T._set_rng_state(legacy, torch.device("cuda", 5))  # none recorded for it: left alone
-    T._set_rng_state(legacy, torch.device("cpu"))
+    C._set_rng_state(legacy, dev)
+    C._set_rng_state(legacy, torch.device("cuda"))  # index None: the current device, 0
+    C._set_rng_state(legacy, torch.device("cuda", 5))  # none recorded for it: left alone
+    C._set_rng_state(legacy, torch.device("cpu"))
     assert put == [(4, dev), (3, torch.device("cuda"))]
 
 
