@@ -5,7 +5,9 @@ table, no write past `out`.
 The launchers are called directly, below the host checks that refuse such a plan where the
 lengths are in host memory (tests/ops/test_plan_checked_once.py). What lies past the memory a
 kernel may touch is poisoned: NaN pages behind the table entries past a sequence's pages, and
-a sentinel after the rows of `out` and `lse`.
+a sentinel after the rows of `out` and `lse`. The kernels run on HWATTN_TEST_DEVICE (the CPU
+under Triton's interpreter, or compiled on a GPU, where a read past the table faults); the
+references on the CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from hwattn import ops
-from tests.ops.paged import fill_cache, paged_table
+from tests.ops.paged import DEVICE, fill_cache, on_device, paged_table
 
 SENTINEL = 1234.5
 
@@ -44,8 +46,9 @@ def test_decode_kernel_reads_no_token_past_the_length_a_stale_plan_covers(page, 
     stale = ops.plan_decode(torch.tensor([70, 90], dtype=torch.int32), num_heads_kv=2,
                             split_tokens=64 if split else None)
     assert stale.max_pieces == (2 if split else 1)
-    out, lse = triton_decode.decode(q, k_cache, v_cache, table, seqlens, softmax_scale=0.25,
-                                    plan=stale)
+    out, lse = triton_decode.decode(*on_device(q, k_cache, v_cache, table, seqlens),
+                                    softmax_scale=0.25, plan=stale.to(DEVICE))
+    out, lse = out.cpu(), lse.cpu()
     want, want_lse = ops.decode(q, k_cache, v_cache, table, seqlens, softmax_scale=0.25,
                                 return_lse=True, backend="torch")
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -104,11 +107,12 @@ def test_prefill_kernel_writes_no_row_past_out_for_offsets_of_another_step(monke
     stale = ops.plan_prefill([0, 3, 12], lengths)
     padded = _PaddedEmpty(12)
     monkeypatch.setattr(triton_prefill, "torch", padded)
-    out, lse = triton_prefill.prefill(q, k_cache, v_cache, table, cu_device, seqlens,
+    out, lse = triton_prefill.prefill(*on_device(q, k_cache, v_cache, table, cu_device, seqlens),
                                       softmax_scale=0.25, plan=stale)
     monkeypatch.undo()
     for past in padded.past_the_end():
         assert (past == SENTINEL).all(), "the kernel wrote past out or lse"
+    out, lse = out.cpu(), lse.cpu()
     want, want_lse = ops.prefill(q_rows, k_cache, v_cache, table, cu_device, seqlens,
                                  softmax_scale=0.25, return_lse=True, backend="torch")
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -133,8 +137,9 @@ def test_prefill_kernel_reads_no_table_entry_past_its_row_for_lengths_of_another
     q = torch.randn(12, 4, 16)
     cu = torch.tensor([0, 3, 12], dtype=torch.int32)
     seqlens = torch.tensor([40, 200], dtype=torch.int32)
-    out, lse = triton_prefill.prefill(q, k_cache, v_cache, block_table, cu, seqlens,
+    out, lse = triton_prefill.prefill(*on_device(q, k_cache, v_cache, block_table, cu, seqlens),
                                       softmax_scale=0.25, plan=ops.plan_prefill(cu, lengths))
+    out, lse = out.cpu(), lse.cpu()
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     # Sequence 0 is what the call asks for; sequence 1 read only its row's 64 slots.
     want, want_lse = ops.prefill(q, k_cache, v_cache, block_table, cu,
