@@ -58,7 +58,7 @@
 #      .ext/ carries them): MLA and GLA-2 at h_q 128, B 1 and 4 at L 32K, and the uneven batch of
 #      one 128K-token sequence beside 63 of 1K (--mixed 131072x1+1024x63: each sequence's own
 #      pages, bytes summed over the sequences), L_q 1; then GTA-4 and GQA-4 on one 128K-token
-#      sequence among 127 of 1K, a batch the split-KV plan does not split (full GPU).
+#      sequence among 127 of 1K, a full batch whose plan cuts only the long sequence.
 #  18. smallplans: the split-KV plan knobs where the Hopper kernels trail at few sequences
 #      (2026-12-06, H100: MLA at B 1 / 4, 32K 1.11x / 1.15x FA3's time, the uneven batch 1.42x;
 #      GTA-4 at B 1, 128K 0.663x GQA-4's time against 0.65x): pieces per SM (-p) and the
@@ -189,8 +189,8 @@ for step in $steps; do
         --mixed 131072x1+1024x63 --query-len 1 --no-sdpa --warmup-ms 10 --rep-ms 60 \
         --out "$OUT/decode_small.json" 2>&1 | tee "$OUT/decode_small.rows" | grep -v "^row " \
         | tail -30 | tee -a "$OUT/log"
-      # A full batch (B x KV heads fills the GPU) is never split today: one 128K-token
-      # sequence among 127 of 1K is one program's work (hwattn/ops/plan.py).
+      # A full batch (B x KV heads fills the GPU): the plan cuts only a sequence far longer
+      # than an even share, here one 128K-token sequence among 127 of 1K (hwattn/ops/plan.py).
       timeout 150 python3 -m hwattn bench decode --variants gta-4,gqa-4 --heads 32 \
         --mixed 131072x1+1024x127 --query-len 1 --no-sdpa --warmup-ms 10 --rep-ms 60 \
         --out "$OUT/decode_straggler.json" 2>&1 | grep -v "^row " | tail -12 | tee -a "$OUT/log" ;;

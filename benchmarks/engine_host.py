@@ -71,9 +71,9 @@ class PlanningBackend(TorchBackend):
     name = "torch+plan"
 
     def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None,
-             out=None):
+             out=None, reserve_pieces=False):
         plan = plan_decode(cache_seqlens, num_heads_kv=num_heads_kv, query_len=query_len,
-                           page_size=page_size, out=out)
+                           page_size=page_size, reserve_pieces=reserve_pieces, out=out)
         if out is not None:
             return plan
         return plan.to(device if device is not None else cache_seqlens.device)

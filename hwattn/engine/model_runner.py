@@ -180,12 +180,13 @@ class ModelRunner:
         model's layers (the compiled decode blocks)."""
         return self.model(tokens, meta=meta, kv_caches=self.kv_caches, blocks=blocks)
 
-    def plan(self, seqlens: Tensor, query_len: int, out=None):
+    def plan(self, seqlens: Tensor, query_len: int, out=None, **knobs):
         """The backend's plan for a decode step of host lengths `seqlens` (B,) int32 (the
         step's `query_len` new tokens included), for the kernels on this runner's device;
-        `out` refreshes an earlier plan of the same batch size in place."""
+        `out` refreshes an earlier plan of the same batch size in place; `knobs` go to the
+        backend's `plan` (`reserve_pieces`)."""
         return self.backend.plan(seqlens, num_heads_kv=self.cache_heads, query_len=query_len,
-                                 page_size=self.page_size, device=self.device, out=out)
+                                 page_size=self.page_size, device=self.device, out=out, **knobs)
 
     def _table(self, tables: list[list[int]], width: int | None = None) -> Tensor:
         """(B, width) int32 block table, rows padded with the null page."""
@@ -620,9 +621,11 @@ class ModelRunner:
         ids, table, lens = self.static[t]
         if (size, t) not in self.plans:
             # Planned for the longest context, so the captured combine tile fits the most
-            # pieces a refreshed plan will have (the grid depends only on B and heads).
+            # pieces a refreshed plan will have (the grid depends only on B and heads), and
+            # with room for pieces: even lengths fill the GPU in a large bucket without any,
+            # but a later step's one long sequence among short ones must be cut to share it.
             longest = torch.full((size,), self._capture_len(t), dtype=torch.int32)
-            self.plans[(size, t)] = self.plan(longest, t)
+            self.plans[(size, t)] = self.plan(longest, t, reserve_pieces=True)
         meta = AttentionMetadata.for_step(table[:size], lens[:size], t, self.page_size,
                                           backend=self.backend)
         meta.plan = self.plans[(size, t)]

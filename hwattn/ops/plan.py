@@ -326,7 +326,7 @@ def check_positive(**values: int) -> None:
 def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
                 page_size: int = 64, num_sms: int | None = None, head_blocks: int = 1,
                 min_piece: int = MIN_PIECE, split_tokens: int | None = None,
-                programs_per_sm: int = PROGRAMS_PER_SM,
+                programs_per_sm: int = PROGRAMS_PER_SM, reserve_pieces: bool = False,
                 out: DecodePlan | None = None) -> DecodePlan:
     """Split-KV schedule for one decode step (reads `cache_seqlens` on the host once).
 
@@ -343,6 +343,11 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
             combine path; default: decided from the lengths.
         programs_per_sm: programs in flight per SM to aim for when splitting (default 2); a
             kernel that fits one program per SM asks for 1, so its pieces fill one wave.
+        reserve_pieces: size the plan for split pieces even where these lengths need none (a
+            full batch of even lengths): a plan captured in a CUDA graph and refreshed for
+            later steps, whose lengths may hold a sequence far longer than the rest, which a
+            plan of capacity B would have to leave whole. It costs the refreshed steps that
+            split nothing one combine launch per call, whose programs return at once.
         out: a previous plan of the same batch to refresh in place (CUDA graph replay); the new
             schedule must fit its capacity. If `out.host` is set the schedule is written there
             and not copied to the device (the caller uploads it).
@@ -403,15 +408,15 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
         # capacity B + wanted always holds it. round(n / chunk) <= 1 exactly when
         # 2n < 3 chunk (n / chunk < 1.5; the quotient's rounding error is far below the gap
         # of 1 / (2 chunk) to 1.5), so that one comparison of the longest decides. A full
-        # batch refreshed into a plan sized without room for pieces (a CUDA graph captured
-        # on equal lengths) keeps one piece per sequence, as it was captured.
+        # batch refreshed into a plan sized without room for pieces (made on equal lengths
+        # without `reserve_pieces`) keeps one piece per sequence, as it was made.
         if chunk is None or 2 * max_seqlen < 3 * chunk or (
                 full and out is not None and out.capacity < batch + wanted):
             n_pieces = None
         else:
             n_pieces = [max(1, round(n / chunk)) for n in lengths] if small \
                 else np.maximum(1, np.rint(lengths / chunk).astype(np.int64))
-        capacity = batch if full and n_pieces is None else batch + wanted
+        capacity = batch if full and n_pieces is None and not reserve_pieces else batch + wanted
     if out is not None:
         if out.batch != batch:
             raise ValueError(f"out: a plan for B={out.batch} cannot hold B={batch}")

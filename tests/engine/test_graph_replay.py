@@ -319,12 +319,13 @@ class PlanCheckingBackend:
             checked = 0
 
             def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None,
-                     out=None):
+                     out=None, reserve_pieces=False):
                 if out is not None:
                     out.refresh(cache_seqlens.cpu())
                     return out
                 return HopperPlan(cache_seqlens.cpu().clone(), num_heads_kv, query_len,
-                                  page_size, torch.device(device or "cpu"), 8)
+                                  page_size, torch.device(device or "cpu"), 8,
+                                  reserve_pieces=reserve_pieces)
 
             def plan_parts(self, plan):
                 return list(plan.plans.values()) if isinstance(plan, HopperPlan) else []
@@ -424,4 +425,36 @@ def test_a_failed_capture_decodes_eagerly_and_keeps_none_of_its_buffers(checkpoi
                 or runner.staged_plans) and runner._pool is None
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
     assert runner.replays == 0
+    llm.engine.check_invariants()
+
+
+@pytest.mark.parametrize("variant", ["gla-2", "mla"])
+def test_a_captured_full_bucket_cuts_a_sequence_far_longer_than_the_rest(checkpoints, variant):
+    """A bucket whose rows fill the GPU one piece each (here the 8-SM plans' second launch
+    shape, at B = 4, for a model of one or two latent heads) is captured on even placeholder lengths, which need no pieces. Its plan
+    keeps room for them: a replayed step with one sequence far longer than the rest cuts it,
+    as a plan made afresh for that step does (the checking backend compares them in every
+    layer). Captured without room, the long sequence stayed one program's work."""
+    path = checkpoints(variant)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 153))] + [[5 + i, 6, 7, 8, 9] for i in range(3)]
+    kw = dict(page_size=4, num_pages=200, max_model_len=192, max_num_seqs=4)
+    eager = LLM(path, cuda_graphs=False, **kw)
+    eager.engine.runner.backend = PlanCheckingBackend()
+    want = [o.token_ids for o in eager.generate(prompts, params)]
+    llm = LLM(path, **kw)
+    llm.engine.runner.backend = PlanCheckingBackend()
+    runner = with_replay(llm, (1,))
+    cut = []
+    check = runner.backend._check
+
+    def spy(plan, cache_seqlens):
+        check(plan, cache_seqlens)
+        cut.append(max(p.max_pieces for p in plan.plans.values()))
+
+    runner.backend._check = spy
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == want and runner.replays > 0
+    assert max(cut) > 1  # the long sequence was cut at some replayed step
+    assert runner.backend.checked >= runner.replays
     llm.engine.check_invariants()

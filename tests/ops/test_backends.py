@@ -28,7 +28,8 @@ class RecordingBackend(TorchBackend):
     def auto_select(cls, device) -> bool:
         return torch.device(device).type == "cpu"
 
-    def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None, out=None):
+    def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None, out=None,
+             reserve_pieces=False):
         plan = dict(heads=num_heads_kv, query_len=query_len, lengths=cache_seqlens.tolist())
         self.made.append(plan)
         return plan

@@ -65,6 +65,18 @@ def test_a_full_batch_splits_a_sequence_far_longer_than_its_share(batch):
     ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), **kw, out=even)
     assert even.max_pieces == 1
     assert all(len(p) == 1 for p in _assert_partition(even, lengths).values())
+    # Sized with room (`reserve_pieces`, as the engine captures its graphs' plans), the same
+    # even lengths keep every sequence whole, and the refresh cuts as a fresh plan does.
+    room = ops.plan_decode(torch.full((batch,), 131072, dtype=torch.int32), **kw,
+                           reserve_pieces=True)
+    assert room.capacity == batch + wanted and room.may_split and room.max_pieces == 1
+    assert all(len(p) == 1 for p in _assert_partition(room, [131072] * batch).values())
+    ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), **kw, out=room)
+    fresh = ops.plan_decode(torch.tensor(lengths, dtype=torch.int32), **kw)
+    total = int(fresh.splits[:, 1].sum())
+    assert room.max_pieces == fresh.max_pieces > 1
+    assert torch.equal(room.splits, fresh.splits)
+    assert torch.equal(room.items[:total], fresh.items[:total])
 
 
 def test_small_batch_fills_the_gpu_and_balances_uneven_lengths():

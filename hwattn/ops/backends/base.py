@@ -252,7 +252,7 @@ class AttentionBackend:
 
     # The step plan.
     def plan(self, cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
-             page_size: int, device=None, out: Any = None) -> Any:
+             page_size: int, device=None, out: Any = None, reserve_pieces: bool = False) -> Any:
         """The schedule of one decode step, shared by every layer (None if none is needed).
 
         Args:
@@ -262,6 +262,9 @@ class AttentionBackend:
             page_size: the cache's page size.
             device: where the decode kernels run (default: the lengths' device).
             out: a plan of the same batch size to refresh in place (CUDA graph replay).
+            reserve_pieces: make room for split pieces even where these lengths need none
+                (`hwattn.ops.plan_decode`): for a plan captured in a CUDA graph, whose later
+                refreshes may need them.
         """
         return None
 

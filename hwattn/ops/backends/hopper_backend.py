@@ -48,6 +48,7 @@ class HopperPlan:
     num_heads_kv, query_len, page_size, device, num_sms: what `plan(...)` was told.
     plans: launch shape (head_blocks, programs_per_sm, min_piece) -> its `DecodePlan` on
         `device`, made by `for_launch` and refreshed by `HopperBackend.plan(..., out=self)`.
+    reserve_pieces: every launch shape's plan has room for split pieces (`plan_decode`).
     """
 
     lengths: Tensor
@@ -57,6 +58,7 @@ class HopperPlan:
     device: torch.device
     num_sms: int
     plans: dict[tuple[int, int, int], DecodePlan] = field(default_factory=dict)
+    reserve_pieces: bool = False
 
     @property
     def batch(self) -> int:
@@ -71,7 +73,8 @@ class HopperPlan:
         plan = plan_decode(self.lengths, num_heads_kv=self.num_heads_kv,
                            query_len=self.query_len, page_size=self.page_size,
                            num_sms=self.num_sms, head_blocks=head_blocks, min_piece=min_piece,
-                           programs_per_sm=programs_per_sm, out=out)
+                           programs_per_sm=programs_per_sm, reserve_pieces=self.reserve_pieces,
+                           out=out)
         return plan if out is not None else plan.to(self.device)
 
     def for_launch(self, head_blocks: int, programs_per_sm: int, min_piece: int) -> DecodePlan:
@@ -131,7 +134,8 @@ class HopperBackend(TritonBackend):
         """A backend that launches every Hopper kernel with `config` (a HopperConfig)."""
         return HopperBackend(config)
 
-    def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None, out=None):
+    def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None, out=None,
+             reserve_pieces=False):
         if cache_seqlens.dim() != 1 or cache_seqlens.dtype != torch.int32:
             raise ValueError(f"cache_seqlens must be (B,) int32, got {tuple(cache_seqlens.shape)} "
                              f"{cache_seqlens.dtype}")
@@ -147,7 +151,7 @@ class HopperBackend(TritonBackend):
         _check_lengths(lengths, query_len)
         device = torch.device(device) if device is not None else cache_seqlens.device
         return HopperPlan(lengths.clone(), num_heads_kv, query_len, page_size, device,
-                          self.hopper.num_sms(device))
+                          self.hopper.num_sms(device), reserve_pieces=reserve_pieces)
 
     def plan_parts(self, plan) -> list[DecodePlan]:
         if isinstance(plan, HopperPlan):  # one per launch shape met so far

@@ -66,10 +66,12 @@ class TritonBackend(AttentionBackend):
                                  if device.type == "cuda" else None)
         return self._sms[device]
 
-    def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None, out=None):
+    def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None, out=None,
+             reserve_pieces=False):
         device = torch.device(device) if device is not None else cache_seqlens.device
         plan = plan_decode(cache_seqlens, num_heads_kv=num_heads_kv, query_len=query_len,
-                           page_size=page_size, num_sms=self._num_sms(device), out=out)
+                           page_size=page_size, num_sms=self._num_sms(device),
+                           reserve_pieces=reserve_pieces, out=out)
         return plan if out is not None else plan.to(device)
 
     def run_decode(self, q, k_cache, v_cache, block_table, cache_seqlens, *, softmax_scale,
