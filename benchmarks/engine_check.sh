@@ -63,9 +63,12 @@
 #      (2026-12-06, H100: MLA at B 1 / 4, 32K 1.11x / 1.15x FA3's time, the uneven batch 1.42x;
 #      GTA-4 at B 1, 128K 0.663x GQA-4's time against 0.65x): pieces per SM (-p) and the
 #      shortest piece (-m) of the default schedules, timed with hopper_decode.py.
+#  19. straggler: benchmarks/straggler_step.py, a captured decode step at B 128 (GTA-4, GQA-4 and
+#      MLA at `xl`) with one 32K-token sequence among 127 of 1K and with all at 1K, through the
+#      engine's plans (room for split pieces, 2026-12-06) and through plans captured without it.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small|smallplans ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small|smallplans|straggler ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -199,6 +202,8 @@ for step in $steps; do
         --shapes mla-b1-32k,mla-b4-32k,mla-uneven,gla2-uneven,gta4-b1-128k \
         --variants default,duo-p1-m128,duo-p1-m512,duo-p1-m1024,duo-p2-m256,duo-p4-m256,ovl-p3,ovl-p4,ovl-m512 \
         --out "$OUT/hopper_smallplans.json" 2>&1 | tail -10 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small, smallplans)" | tee -a "$OUT/log"; exit 2 ;;
+    straggler)
+      timeout 420 python3 benchmarks/straggler_step.py --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small, smallplans, straggler)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done
