@@ -113,9 +113,15 @@ class _Request:
     outstanding: int  # prompt tokens until the first token, plus output tokens still to come
     arrival: float
     # Its completion's token ids and text: all so far, or, for output_kind "delta", what has
-    # not yet come out of `step` (emptied as its output does).
+    # not yet come out of `step` (emptied as its output does), its text from character
+    # `base` on.
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
+    base: int = 0
+    # A "delta" request's characters at the end of its text kept back while it runs (its
+    # `SamplingParams.stop_holdback`): its replica reports everything so far, as for
+    # "cumulative", so that an abort here still brings them.
+    hold: int = 0
     first_token_time: float | None = None
     first_scheduled_time: float | None = None  # when its replica first admitted it
     error: str | None = None
@@ -260,16 +266,20 @@ class DataParallelEngine:
                     raise
                 raise ValueError(f"prompts[{i}]: {err}") from None
         for prompt, rid, (ids, sp), payload in zip(prompts, rids, checked, sends):
-            self._route(rid, prompt, ids, sp.max_tokens, sp.output_kind, payload)
+            hold = sp.stop_holdback if sp.output_kind == "delta" else 0
+            self._route(rid, prompt, ids, sp.max_tokens, sp.output_kind, hold, payload)
         return rids
 
     def _prepare(self, ids: list[int], params: SamplingParams, owner: str | None) -> bytes:
         """The replica's "add" payload; a ValueError if the request cannot be pickled for a
-        replica. A "delta" request's replica reports deltas (its text held back where a stop
-        string may cut it, `EngineCore`), a "cumulative" one's everything so far."""
+        replica. A "delta" request's replica reports deltas (`EngineCore`), but for one with
+        stop strings whose text is held back (`SamplingParams.stop_holdback`): its replica
+        reports everything so far, as a "cumulative" one's, and the text is held back here
+        (`_output`), where an abort still finds it (a replica drops its abort output)."""
         if params.seed is None:  # drawn here, so a request's samples do not depend on routing
             params = dataclasses.replace(params, seed=self._rng.getrandbits(63))
-        if params.output_kind == "final_only":
+        if params.output_kind == "final_only" or (params.output_kind == "delta"
+                                                  and params.stop_holdback):
             # Its replica reports every step: the router and TTFT read them.
             params = dataclasses.replace(params, output_kind="cumulative")
         try:
@@ -281,14 +291,14 @@ class DataParallelEngine:
                              f"sampling_params and owner must pickle): {summarize(err)}") from None
 
     def _route(self, request_id: str, prompt, ids: list[int], max_tokens: int,
-               output_kind: str, payload: bytes) -> None:
+               output_kind: str, hold: int, payload: bytes) -> None:
         # What the context lets it generate, however many tokens it asks for.
         outstanding = len(ids) + min(max_tokens, self.max_model_len - len(ids))
         # A fresh key per request: outputs still in flight for an aborted request can never
         # be taken for a later request that reuses its id.
         key = str(next(self._keys))
         req = _Request(key, -1, prompt if isinstance(prompt, str) else None, ids, outstanding,
-                       time.perf_counter(), output_kind=output_kind)
+                       time.perf_counter(), output_kind=output_kind, hold=hold)
         while True:
             replica = self.router.pick(self.up)
             if replica is None:  # fails at once, as the requests of a failed replica do
@@ -346,7 +356,8 @@ class DataParallelEngine:
         for o in out:  # a live "delta" request's next output holds what comes after these
             req = self.requests.get(o.request_id)
             if req is not None and req.output_kind == "delta":
-                req.tokens, req.text = [], ""
+                given = len(o.outputs[0].text)
+                req.tokens, req.text, req.base = [], req.text[given:], req.base + given
         return out
 
     def check_workers(self) -> None:
@@ -416,8 +427,10 @@ class DataParallelEngine:
         req.outstanding -= done
         self.router.add(replica, -done)
         req.tokens.extend(new_tokens)
-        # A "delta" request's replica never cuts text it sent (`start` is where it left off).
-        req.text = req.text + text if req.output_kind == "delta" else req.text[:start] + text
+        # The replica's text from character `start` on (where a stop string cut it, or where
+        # it left off); a cut never reaches into what a "delta" output gave (`hold`).
+        base = req.base
+        req.text = req.text[:start - base] + text if start >= base else text[base - start:]
         req.error, req.stop_reason, req.num_cached = error, stop_reason, num_cached
         if finish_reason is not None:
             del self.requests[request_id], self.keys[key]
@@ -464,7 +477,10 @@ class DataParallelEngine:
     @staticmethod
     def _output(request_id: str, req: _Request, finish_reason, finish_time,
                 worker_failed: bool = False) -> RequestOutput:
-        completion = CompletionOutput(0, req.text, list(req.tokens), finish_reason=finish_reason,
+        text = req.text
+        if req.hold and finish_reason is None:  # what a stop string may still cut stays here
+            text = text[:max(0, len(text) - req.hold)]
+        completion = CompletionOutput(0, text, list(req.tokens), finish_reason=finish_reason,
                                       stop_reason=req.stop_reason)
         return RequestOutput(request_id, req.prompt, req.prompt_ids, [completion], None,
                              req.num_cached,
