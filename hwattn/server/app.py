@@ -8,7 +8,8 @@ Errors come back as OpenAI does them, `{"error": {"message", "type", "param", "c
 a malformed body, a bad or unknown field (see `protocol`), 401 for a missing or wrong API key
 (when the server has one), 404 for an unknown model (`model` may be left out: the served one),
 413 for a body over the size cap, 500 if the engine fails the request, 503 at once when no
-engine thread runs to take it (the app's lifespan never started one), and 503 when a worker
+engine thread runs to take it (the app's lifespan never started one, or the server is shutting
+down; /health then answers 503 too), and 503 when a worker
 process it needed is gone or stuck (/health then answers 503 with the reason; with data-parallel
 replicas, only the failed replica's requests get 503, and /health answers 200 "degraded" while
 it restarts and the others serve; the worker's traceback goes to the log, never to a client). A
@@ -315,6 +316,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @app.get("/health")
     async def health():
         serving, problem = engine.health()
+        # No engine thread takes requests (never started, or shutting down): each gets 503
+        # at once, and so does this.
+        stopped = engine.unavailable() if serving else None
+        if stopped is not None:
+            serving, problem = False, stopped
         if not serving:  # a worker is gone: load balancers should stop sending
             return JSONResponse({"status": "error", "message": problem}, status_code=503)
         if problem is not None:  # a data-parallel replica is down (restarting); others serve
