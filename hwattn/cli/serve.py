@@ -324,7 +324,8 @@ def bind(host: str, port: int) -> list[socket.socket]:
     that a port in use is said at once, and port 0 is known (the kernel's choice) before the
     address is printed. One per address `host` names, as uvicorn's asyncio server binds them
     ("localhost": 127.0.0.1 and ::1; an IPv6 socket takes IPv6 alone, so "::" is not also
-    every IPv4 address), all on the port the first gets."""
+    every IPv4 address), all on the port the first gets; an address of a family this machine
+    cannot make sockets of (IPv6 turned off) is passed over, as there."""
     def refused(reason) -> OSError:
         return OSError(f"--host {host} --port {port}: cannot listen there: {reason}")
 
@@ -334,9 +335,14 @@ def bind(host: str, port: int) -> list[socket.socket]:
     except socket.gaierror as err:
         raise refused(err.strerror or err) from None
     socks: list[socket.socket] = []
+    lacking = None
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as err:  # a family this machine lacks (IPv6 off): passed over,
+                lacking = err  # as asyncio's create_server passes over it
+                continue
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -348,6 +354,8 @@ def bind(host: str, port: int) -> list[socket.socket]:
         for sock in socks:
             sock.close()
         raise refused(err.strerror or err) from None
+    if not socks:
+        raise refused(lacking.strerror or lacking)
     return socks
 
 
