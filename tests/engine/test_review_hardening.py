@@ -166,10 +166,15 @@ def test_random_load_with_failing_steps_and_aborts_ends_clean(path, tmp_path, se
     llm = LLM(path, page_size=4, num_pages=18, max_num_seqs=6, max_model_len=48,
               max_num_batched_tokens=16, enable_prefix_caching=True, **mode)
     engine = llm.engine
-    for name in ("launch_step", "sample_step", "verify_step"):
-        setattr(engine.runner, name, _flaky(getattr(engine.runner, name), rng, 0.03))
+    # Each failing call draws from a generator of its own: with launch_thread the runner's
+    # calls come from another thread, and sharing `rng` made the requests depend on how the
+    # two threads interleaved (a run could then see no preemption or no failure at all).
+    for i, name in enumerate(("launch_step", "sample_step", "verify_step")):
+        setattr(engine.runner, name, _flaky(getattr(engine.runner, name),
+                                            random.Random(1000 * seed + i), 0.03))
     if engine.drafter is not None:
-        engine.drafter.propose = _flaky(engine.drafter.propose, rng, 0.03)
+        engine.drafter.propose = _flaky(engine.drafter.propose, random.Random(1000 * seed + 9),
+                                        0.03)
     shared = [rng.randrange(2048) for _ in range(16)]
     requests, finished, aborted, raised = {}, {}, set(), 0
     for step in range(2000):
