@@ -37,7 +37,7 @@ RESUME_NUMERICS = ("compile", "amp", "fused_loss", "sdpa")
 EVAL_SETTINGS = ("eval_tokens", "amp")
 
 
-def _device_name(device: torch.device) -> str:
+def device_label(device: torch.device) -> str:
     """What decides the kernels a device runs: the GPU's model, or the CPU's vector unit
     (a resume on another GPU model or CPU generation is not bit-identical)."""
     if device.type == "cuda":
@@ -57,7 +57,9 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """Put back the Python, NumPy, torch and (on a GPU) `device`'s CUDA generators saved in a
+    trainer state's "rng"; a CUDA state for a device the saving run did not have is skipped."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -96,7 +98,7 @@ def save_training_checkpoint(path: Path, model: Transformer, optimizer, step: in
     """
     stage = path.with_name(path.name + ".tmp")
     shutil.rmtree(stage, ignore_errors=True)
-    save_id = uuid.uuid4().hex  # in config.json and the trainer state: `_check_one_save`
+    save_id = uuid.uuid4().hex  # in config.json and the trainer state: `check_one_save`
     save_checkpoint(model, stage, extra={"hwattn_train": {"step": step, "save_id": save_id,
                                                           **(extra or {})}},
                     eos_token_id=None if tokenizer is None else tokenizer.eot_id)
@@ -161,7 +163,9 @@ def recover_checkpoint(path: Path, log=print) -> Path | None:
     return None
 
 
-def _read_trainer_state(file: Path) -> dict:
+def read_trainer_state(file: Path) -> dict:
+    """The trainer state saved in `file`; ValueError, naming the file and `--no-resume`, if it
+    cannot be read or lacks the step, optimizer, RNG or config a resume needs."""
     try:
         state = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged pickle raises whatever its bytes trip over
@@ -180,7 +184,7 @@ def _read_trainer_state(file: Path) -> dict:
 OPTIMIZER_KERNEL_FLAGS = ("fused", "foreach", "capturable")
 
 
-def _on_this_device(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+def on_this_device(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     """`saved` (an optimizer state dict) with the kernel flags of `optimizer`, built for this
     run's device. `load_state_dict` takes every param-group setting from the checkpoint, so a
     run checkpointed on the CPU went on with the unfused AdamW on a GPU. The flags are set
@@ -192,7 +196,7 @@ def _on_this_device(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     return {**saved, "param_groups": groups}
 
 
-def _check_one_save(state: dict, ckpt: Path) -> None:
+def check_one_save(state: dict, ckpt: Path) -> None:
     """ValueError if `ckpt`'s weights (config.json's `hwattn_train`, written with
     model.safetensors) and its trainer state come from different saves (a folder put together
     by hand): by the save id both carry, or by the step for checkpoints older than the id."""
@@ -211,7 +215,7 @@ def _check_one_save(state: dict, ckpt: Path) -> None:
                          "save, or use a new --out or --no-resume")
 
 
-def _check_resume(state: dict, cfg: TrainConfig, ckpt: Path, world: int, data_fp: dict,
+def check_resume(state: dict, cfg: TrainConfig, ckpt: Path, world: int, data_fp: dict,
                   device: torch.device) -> list[str]:
     """ValueError naming every setting in which `cfg` (on this data, with `world` processes)
     would continue `ckpt`'s run differently; returns warnings for rounding-only changes."""
@@ -236,8 +240,8 @@ def _check_resume(state: dict, cfg: TrainConfig, ckpt: Path, world: int, data_fp
             if k in saved and saved[k] != getattr(cfg, k)]
     if "device" in state and state["device"] != device.type:
         warn.append(f"device {state['device']} -> {device.type}")
-    elif state.get("device_name") not in (None, _device_name(device)):  # e.g. H200 -> H100
-        warn.append(f"device {state['device_name']} -> {_device_name(device)}")
+    elif state.get("device_name") not in (None, device_label(device)):  # e.g. H200 -> H100
+        warn.append(f"device {state['device_name']} -> {device_label(device)}")
     if warn:
         return [f"warning: resuming {ckpt} with {', '.join(warn)}: kernels round differently, "
                 "so the result will not be bit-identical to an uninterrupted run"]

@@ -36,9 +36,9 @@ from hwattn.layers import SDPA_CHOICES, sdpa_choice
 from hwattn.device import resolve_device
 from hwattn.models.checkpoint import load_model
 from hwattn.models.transformer import Transformer
-from hwattn.train.checkpoint import (EVAL_SETTINGS, STATE_FILE, _check_one_save, _check_resume,
-                                     _device_name, _on_this_device, _read_trainer_state,
-                                     _set_rng_state, data_fingerprint, recover_checkpoint,
+from hwattn.train.checkpoint import (EVAL_SETTINGS, STATE_FILE, check_one_save, check_resume,
+                                     data_fingerprint, device_label, on_this_device,
+                                     read_trainer_state, recover_checkpoint, restore_rng_state,
                                      save_training_checkpoint)
 from hwattn.train.loss import linear_cross_entropy
 from hwattn.train.metrics import append_metrics, drop_metrics, read_metrics, truncate_metrics
@@ -300,15 +300,15 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
                 "from; training starts again at step 0")
     data_fp = data_fingerprint(data)
     if found is not None:
-        state = _read_trainer_state(ckpt / STATE_FILE)
-        for line in _check_resume(state, cfg, ckpt, world, data_fp, device):
+        state = read_trainer_state(ckpt / STATE_FILE)
+        for line in check_resume(state, cfg, ckpt, world, data_fp, device):
             if main:
                 log(line)
         model = load_model(ckpt, device=device)
         if model.config != mcfg:
             raise ValueError(f"{ckpt / 'config.json'} describes another model than this run's: "
                              f"{_config_diff(model.config, mcfg)}; use a new --out or --no-resume")
-        _check_one_save(state, ckpt)  # (after the model's own check, which names what differs)
+        check_one_save(state, ckpt)  # (after the model's own check, which names what differs)
         start_step = state["step"]
         if not 0 <= start_step <= cfg.steps:
             raise ValueError(f"{ckpt / STATE_FILE} is at step {start_step}, outside this run's "
@@ -325,8 +325,8 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=_fused_adamw(device))
     if state is not None:
-        optimizer.load_state_dict(_on_this_device(state["optimizer"], optimizer))
-        _set_rng_state(state["rng"], device)
+        optimizer.load_state_dict(on_this_device(state["optimizer"], optimizer))
+        restore_rng_state(state["rng"], device)
     train_model = model
     if compiled is not None and state is None:
         train_model = compiled
@@ -344,7 +344,7 @@ def _train(cfg: TrainConfig, progress, log, stop_after, dataset, model, compiled
     sampler = BatchSampler(data.train, cfg.seq_len, cfg.batch_size, cfg.accum_steps, cfg.seed,
                            rank, world)
     run_state = {"world": world, "data": data_fp, "device": device.type,
-                 "device_name": _device_name(device)}
+                 "device_name": device_label(device)}
     flops_tok = raw_model.flops_per_token(cfg.seq_len)
     peak = cfg.peak_tflops or (H100_BF16_TFLOPS if device.type == "cuda" else None)
     if main:

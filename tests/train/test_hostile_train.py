@@ -80,14 +80,14 @@ def test_cuda_generator_state_is_the_training_devices_alone(monkeypatch):
     dev = torch.device("cuda", 1)
     state = C._rng_state(dev)
     assert got == [dev] and int(state["cuda"]) == 7
-    C._set_rng_state(state, dev)
+    C.restore_rng_state(state, dev)
     assert put == [(7, dev)]
     legacy = {**state, "cuda": [torch.tensor([k], dtype=torch.uint8) for k in (3, 4)]}
     put.clear()
-    C._set_rng_state(legacy, dev)
-    C._set_rng_state(legacy, torch.device("cuda"))  # index None: the current device, 0
-    C._set_rng_state(legacy, torch.device("cuda", 5))  # none recorded for it: left alone
-    C._set_rng_state(legacy, torch.device("cpu"))
+    C.restore_rng_state(legacy, dev)
+    C.restore_rng_state(legacy, torch.device("cuda"))  # index None: the current device, 0
+    C.restore_rng_state(legacy, torch.device("cuda", 5))  # none recorded for it: left alone
+    C.restore_rng_state(legacy, torch.device("cpu"))
     assert put == [(4, dev), (3, torch.device("cuda"))]
 
 
@@ -177,7 +177,7 @@ def test_a_resume_on_another_gpu_model_is_announced(dataset_dir, tmp_path):
     out = tmp_path / "run"
     train(_cfg(dataset_dir, out), stop_after=2, **QUIET)
     state = _state(out)
-    assert state["device_name"] == T._device_name(torch.device("cpu"))
+    assert state["device_name"] == T.device_label(torch.device("cpu"))
     state["device_name"] = "NVIDIA H200"
     torch.save(state, out / "checkpoint" / T.STATE_FILE)
     logs = []
