@@ -57,32 +57,38 @@ class OutputProcessor:
         """Free the finished among the sequences a step advanced (and the failed ones);
         one output per request that advanced, of its `output_kind` (`Sequence.output`; if
         "final_only": only once all its sequences have finished)."""
-        touched += [s for s in self.failed if s not in touched]
+        if self.failed:
+            touched += [s for s in self.failed if s not in touched]
+        live, detok, finish = self.requests, self.detok, self.scheduler.finish
         requests: dict[str, list[Sequence]] = {}
         for seq in touched:
-            group = self.requests.get(seq.request_id)
+            group = live.get(seq.request_id)
             if group is None:
                 continue
             requests[seq.request_id] = group
             if seq.finish_reason is not None:
-                self.detok.pop(seq, None)
-                self.scheduler.finish(seq)
-            if seq.finish_reason == "error":  # the request fails: its siblings stop too
-                for sibling in group:
-                    if sibling.finish_reason is None:
-                        sibling.finish_reason, sibling.finish_time = "abort", seq.finish_time
-                        self.detok.pop(sibling, None)
-                        self.scheduler.finish(sibling)
+                detok.pop(seq, None)
+                finish(seq)
+                if seq.finish_reason == "error":  # the request fails: its siblings stop too
+                    for sibling in group:
+                        if sibling.finish_reason is None:
+                            sibling.finish_reason, sibling.finish_time = "abort", seq.finish_time
+                            detok.pop(sibling, None)
+                            finish(sibling)
+        # Built once per request and step (with output_kind "delta" or "cumulative"), so the
+        # request's finish is read off its sequences, as `RequestOutput.finished` would read
+        # it off the output's completions.
         outputs = []
         for rid, group in requests.items():
-            if group[0].params.output_kind == "final_only" and (
-                    group[0].finish_reason is None if len(group) == 1 else
-                    any(s.finish_reason is None for s in group)):
+            first = group[0]
+            finished = first.finish_reason is not None if len(group) == 1 else \
+                all(s.finish_reason is not None for s in group)
+            if not finished and first.params.output_kind == "final_only":
                 continue
-            out = group[0].output(group)
+            out = first.output(group)
             outputs.append(out)
-            if out.finished:
-                del self.requests[rid]
+            if finished:
+                del live[rid]
                 self.counters["failed" if out.error is not None else "finished"] += 1
         return outputs
 

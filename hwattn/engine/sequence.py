@@ -270,23 +270,30 @@ class Sequence:
         """What is new since this sequence's previous `delta` (see `RequestOutput` on
         output_kind "delta"), and mark it reported: its known tokens since, their
         log-probabilities, and its text since but for the last `stop_holdback` characters
-        while it runs."""
-        known = len(self.token_ids) - self.num_pending  # placeholders stay hidden
-        start = self.num_prompt_tokens + self.reported_tokens
-        tokens = self.token_ids[start:known]
+        while it runs. Called for every request and step of a "delta" stream, hence each
+        attribute read once."""
+        ids = self.token_ids
+        reported = self.reported_tokens
+        start = self.num_prompt_tokens + reported
+        tokens = ids[start:len(ids) - self.num_pending]  # placeholders stay hidden
+        new = len(tokens)
         logprobs = None
         if self.logprobs is not None:
-            logprobs = self.logprobs[self.reported_tokens:self.reported_tokens + len(tokens)]
-        end = len(self.text)
-        if self.finish_reason is None:
+            logprobs = self.logprobs[reported:reported + new]
+        text, chars, finish_reason = self.text, self.reported_chars, self.finish_reason
+        end = len(text)
+        if finish_reason is None:
             # A stop string cuts at most this far back, and never into what was reported
-            # (`SamplingParams.stop_holdback`).
-            end = max(self.reported_chars, end - self.stop_holdback)
-        text = self.text[self.reported_chars:end]
-        self.reported_tokens += len(tokens)
-        self.reported_chars = max(self.reported_chars, end)
+            # (`SamplingParams.stop_holdback`): nothing comes while `end` is not past that.
+            end -= self.stop_holdback
+        self.reported_tokens = reported + new
+        if end > chars:
+            self.reported_chars = end
+            text = text[chars:end]
+        else:
+            text = ""
         return CompletionOutput(self.index, text, tokens, self.cumulative_logprob, logprobs,
-                                self.finish_reason, self.stop_reason)
+                                finish_reason, self.stop_reason)
 
     def output(self, siblings: list["Sequence"] | None = None) -> RequestOutput:
         """The request's output, as its `params.output_kind` asks (a "delta" one marks what it
@@ -295,14 +302,23 @@ class Sequence:
         group = siblings or [self]
         first = group[0]
         delta = first.params.output_kind == "delta"
-        times = [s.first_token_time for s in group if s.first_token_time is not None]
-        scheduled = [s.first_scheduled_time for s in group if s.first_scheduled_time is not None]
-        done = [s.finish_time for s in group]
-        error = next((s.error for s in group if s.error is not None), None)
         prompt_logprobs = None  # a "delta" request's go in its first output alone
         if first.prompt_logprobs is not None and not (delta and first.reported_any):
             prompt_logprobs = list(first.prompt_logprobs)
         first.reported_any = True
+        if len(group) == 1:
+            # One completion (most requests): its own times and error, as the merge below
+            # gives them, without building its lists and generator for every request and
+            # step (most of this method's cost; `docs/results/engine.md`, "The output phase").
+            return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
+                                 [first.delta() if delta else first.completion()],
+                                 prompt_logprobs, first.num_prefix_hit, first.arrival_time,
+                                 first.first_token_time, first.finish_time, first.error, False,
+                                 first.first_scheduled_time)
+        times = [s.first_token_time for s in group if s.first_token_time is not None]
+        scheduled = [s.first_scheduled_time for s in group if s.first_scheduled_time is not None]
+        done = [s.finish_time for s in group]
+        error = next((s.error for s in group if s.error is not None), None)
         return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids,
                              [s.delta() if delta else s.completion() for s in group],
                              prompt_logprobs,
