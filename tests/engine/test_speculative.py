@@ -273,10 +273,12 @@ def test_greedy_verify_equals_rejection_sampling_of_greedy_rows(with_probs):
     assert [accepted_prefix(f, b) for f, b in zip(fed, best)] == got[1].tolist()
 
 
-def record_steps(engine) -> list[str]:
+def record_steps(engine, on_verify=None) -> list[str]:
     """Wrap the runner so that each decode step it runs is recorded, in order: "verify",
     "plain" (a plain decode step) or "fed" (a plain decode step launched while the one before
-    it was still in flight: it feeds on that step's sampled tokens on the device)."""
+    it was still in flight: it feeds on that step's sampled tokens on the device). With a
+    launch thread the plain steps are recorded on that thread, possibly after `engine.step()`
+    returns; `on_verify()` is called as each verify step starts, on the engine's thread."""
     runner, kinds = engine.runner, []
 
     def plain(method):
@@ -288,6 +290,8 @@ def record_steps(engine) -> list[str]:
 
     def verify(step, sampling, draft_probs=None, _method=runner.verify_step):
         kinds.append("verify")
+        if on_verify is not None:
+            on_verify()
         return _method(step, sampling, draft_probs)
 
     runner.launch_step = plain(runner.launch_step)
@@ -354,21 +358,24 @@ def test_disable_batch_size_switches_both_ways_like_plain_decoding(checkpoints, 
               overlap_scheduling=overlap, launch_thread=thread)
     engine = llm.engine
     assert engine.disable_batch_size == 3
-    kinds = record_steps(engine)
+    # The sequences running as each verify step starts (read there: with a launch thread,
+    # the last kind recorded after a step could still be the step before's).
+    verify_running = []
+    kinds = record_steps(engine, on_verify=lambda: verify_running.append(
+        len(engine.scheduler.running)))
     checked = check_greedy_drafts(engine, spec) if drafter == "model" else None
     ids, done, step = {}, {}, 0
     while step <= max(ARRIVALS) or engine.has_unfinished():
         for i in ARRIVALS.get(step, []):
             ids[engine.add_request(SWITCH_PROMPTS[i], params[i])] = i
-        running = len(engine.scheduler.running)
         for out in engine.step():
             assert out.request_id not in done, "an output after the final one"
             if out.finished:
                 done[out.request_id] = out
         engine.check_invariants()
-        if kinds and kinds[-1] == "verify":
-            assert running < 3, f"a verify step with {running} sequences running"
         step += 1
+    assert verify_running and max(verify_running) < 3, \
+        f"verify steps with {verify_running} sequences running"
     got = [None] * len(SWITCH_PROMPTS)
     for rid, i in ids.items():
         got[i] = done[rid]
