@@ -23,8 +23,8 @@ def test_phases_add_up_per_step_and_summarize():
         timer.end_step()
     doc = timer.summary()
     assert doc["n"] == 3
-    assert doc["wait"]["median"] == pytest.approx(4000, rel=0.5)
-    assert doc["wait"]["max"] >= doc["wait"]["median"] >= 2000
+    # (A sleep never ends early, but a loaded machine may end it late: lower bounds only.)
+    assert doc["wait"]["max"] >= doc["wait"]["median"] >= 3900
     assert doc["resolve"]["median"] >= 1000 and doc["schedule"]["max"] == 0
     exact = summarize([dict(schedule=1e-6, launch=2e-6, wait=100e-6, resolve=3e-6, output=4e-6,
                             gc=5e-6)] * 3)
