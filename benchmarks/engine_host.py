@@ -266,20 +266,27 @@ def measure(args, k: int | None = None) -> dict:
                             output_kind=args.output_kind)
     for prompt in random_prompts(args.batch, prompt_len, vocab, seed=5):
         engine.add_request(prompt, params)
+    outputs = {}  # request id -> its tokens so far ("delta" outputs joined)
+
+    def collect(step_outputs) -> None:
+        for out in step_outputs:
+            if args.output_kind == "delta":
+                outputs.setdefault(out.request_id, []).extend(out.token_ids)
+            else:
+                outputs[out.request_id] = out.token_ids
+
     while engine.counters["decode_steps"] < 2:  # the prompts, then decoding under way
-        engine.step()
+        collect(engine.step())
     engine.step_timer.steps.clear()
     copies = count_copies(engine.runner)
     generated = engine.counters["generation_tokens"]
     drafted, accepted = engine.counters["draft_tokens"], engine.counters["accepted_tokens"]
-    outputs = {}
     profile = cProfile.Profile() if args.profile else None
     steps, start = 0, time.perf_counter()
     if profile:
         profile.enable()
     while engine.has_unfinished():
-        for out in engine.step():
-            outputs[out.request_id] = out.token_ids
+        collect(engine.step())
         steps += 1
     if profile:
         profile.disable()

@@ -80,3 +80,14 @@ def test_engine_host_with_speculation_disabled_at_the_batch_size(tmp_path):
     assert 0 < res["acceptance"] < 1 and res["tokens_per_step"] > res["batch"]
     done = run("--speculative-disable-batch-size", "4", check=False)
     assert done.returncode == 2 and "needs --speculative" in done.stderr
+
+
+def test_engine_host_checks_delta_outputs_whole(tmp_path):
+    """--check with --output-kind delta joins each request's deltas (the warm-up steps'
+    included) before comparing with plain decoding; it compared each request's last delta
+    alone, and reported outputs that were equal as different."""
+    out = tmp_path / "host.jsonl"
+    run("--batch", "4", "--context", "128", "--steps", "24", "--page-size", "16",
+        "--speculative", "3", "--check", "--output-kind", "delta", "--out", str(out))
+    res = json.loads(out.read_text().splitlines()[-1])
+    assert res["outputs_equal_plain"] is True and res["output_kind"] == "delta"
