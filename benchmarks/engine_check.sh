@@ -63,8 +63,8 @@
 #      (2026-12-06, H100: MLA at B 1 / 4, 32K 1.11x / 1.15x FA3's time, the uneven batch 1.42x;
 #      GTA-4 at B 1, 128K 0.663x GQA-4's time against 0.65x): pieces per SM (-p) and the
 #      shortest piece (-m) of the default schedules, timed with hopper_decode.py.
-#  19. straggler: benchmarks/straggler_step.py, a captured decode step at B 128 (GTA-4, GQA-4 and
-#      MLA at `xl`) with one 32K-token sequence among 127 of 1K and with all at 1K, through the
+#  19. straggler: benchmarks/straggler_step.py, a captured decode step at B 128 (GTA-4 and GQA-4
+#      at `xl`) with one 32K-token sequence among 127 of 1K and with all at 1K, through the
 #      engine's plans (room for split pieces, 2026-12-06) and through plans captured without it.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
 #   eager,compiled) from the environment.

@@ -18,6 +18,7 @@ previous launched step sampled, still on the device (`StepInput.feed`).
 from __future__ import annotations
 
 import gc
+import inspect
 import itertools
 import logging
 from collections.abc import Iterator
@@ -615,17 +616,30 @@ class ModelRunner:
         logits = self._static_forward(size, t)
         return logits, (logits[:, -1] if t == 1 else logits).argmax(-1)
 
+    def _capture_knobs(self) -> dict:
+        """`reserve_pieces=True` for the captured plans, where the backend's `plan` takes it
+        (a backend registered from outside may predate the keyword: its plans are captured
+        as it makes them, rather than the capture failing on the keyword)."""
+        try:
+            params = inspect.signature(self.backend.plan).parameters
+        except (TypeError, ValueError):  # no signature to read: call it as documented
+            return {}
+        takes = "reserve_pieces" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return {"reserve_pieces": True} if takes else {}
+
     def _static_forward(self, size: int, t: int) -> Tensor:
         """The captured decode step: reads only the static tensors and the bucket's plan,
         which `_replay` refreshes in place before each replay."""
         ids, table, lens = self.static[t]
         if (size, t) not in self.plans:
-            # Planned for the longest context, so the captured combine tile fits the most
-            # pieces a refreshed plan will have (the grid depends only on B and heads), and
-            # with room for pieces: even lengths fill the GPU in a large bucket without any,
-            # but a later step's one long sequence among short ones must be cut to share it.
+            # Planned for the longest context, and with room for pieces: even lengths fill
+            # the GPU in a large bucket without any, but a later step's one long sequence
+            # among short ones must be cut to share it. (The combine kernel captured here
+            # merges however many pieces a refreshed plan has, reading the counts on the
+            # device; a bucket captured with one piece a sequence merges them one at a time.)
             longest = torch.full((size,), self._capture_len(t), dtype=torch.int32)
-            self.plans[(size, t)] = self.plan(longest, t, reserve_pieces=True)
+            self.plans[(size, t)] = self.plan(longest, t, **self._capture_knobs())
         meta = AttentionMetadata.for_step(table[:size], lens[:size], t, self.page_size,
                                           backend=self.backend)
         meta.plan = self.plans[(size, t)]

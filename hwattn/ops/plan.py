@@ -348,6 +348,7 @@ def plan_decode(cache_seqlens: Tensor, *, num_heads_kv: int, query_len: int = 1,
             later steps, whose lengths may hold a sequence far longer than the rest, which a
             plan of capacity B would have to leave whole. It costs the refreshed steps that
             split nothing one combine launch per call, whose programs return at once.
+            (With `split_tokens` the forced pieces size the plan, and this is not needed.)
         out: a previous plan of the same batch to refresh in place (CUDA graph replay); the new
             schedule must fit its capacity. If `out.host` is set the schedule is written there
             and not copied to the device (the caller uploads it).

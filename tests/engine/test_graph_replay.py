@@ -458,3 +458,32 @@ def test_a_captured_full_bucket_cuts_a_sequence_far_longer_than_the_rest(checkpo
     assert max(cut) > 1  # the long sequence was cut at some replayed step
     assert runner.backend.checked >= runner.replays
     llm.engine.check_invariants()
+
+
+def test_a_backend_whose_plan_predates_reserve_pieces_still_captures(checkpoints):
+    """A backend registered from outside with `plan` as documented before `reserve_pieces`
+    existed: the capture calls it without the keyword (it failed on it, and the engine then
+    decoded eagerly for good), and replayed steps decode as eager ones."""
+    from hwattn.ops.backends.torch_backend import TorchBackend
+    from hwattn.ops.plan import plan_decode
+
+    class Older(TorchBackend):
+        name = "torch+older-plan"
+
+        def plan(self, cache_seqlens, *, num_heads_kv, query_len=1, page_size, device=None,
+                 out=None):
+            plan = plan_decode(cache_seqlens, num_heads_kv=num_heads_kv, query_len=query_len,
+                               page_size=page_size, out=out)
+            return plan if out is not None else plan.to(device or cache_seqlens.device)
+
+    path = checkpoints("gqa-4")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 30)), [5] * 9]
+    kw = dict(page_size=4, num_pages=100, max_model_len=64, max_num_seqs=2)
+    eager = LLM(path, cuda_graphs=False, **kw)
+    eager.engine.runner.backend = Older()
+    want = [o.token_ids for o in eager.generate(prompts, params)]
+    llm = LLM(path, **kw)
+    llm.engine.runner.backend = Older()
+    runner = with_replay(llm, (1,))  # asserts that the capture did not fail
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want and runner.replays > 0
