@@ -428,6 +428,18 @@ def test_a_failed_capture_decodes_eagerly_and_keeps_none_of_its_buffers(checkpoi
     llm.engine.check_invariants()
 
 
+def eager_then_replayed(path, backend, prompts, params, kw):
+    """Greedy tokens of `prompts` decoded eagerly through `backend()`, then an engine on the
+    same backend with its one-token decode graphs captured (`with_replay`): (tokens, llm,
+    runner)."""
+    eager = LLM(path, cuda_graphs=False, **kw)
+    eager.engine.runner.backend = backend()
+    want = [o.token_ids for o in eager.generate(prompts, params)]
+    llm = LLM(path, **kw)
+    llm.engine.runner.backend = backend()
+    return want, llm, with_replay(llm, (1,))
+
+
 @pytest.mark.parametrize("variant", ["gla-2", "mla"])
 def test_a_captured_full_bucket_cuts_a_sequence_far_longer_than_the_rest(checkpoints, variant):
     """A bucket whose rows fill the GPU one piece each (here the 8-SM plans' second launch
@@ -439,12 +451,7 @@ def test_a_captured_full_bucket_cuts_a_sequence_far_longer_than_the_rest(checkpo
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     prompts = [list(range(3, 153))] + [[5 + i, 6, 7, 8, 9] for i in range(3)]
     kw = dict(page_size=4, num_pages=200, max_model_len=192, max_num_seqs=4)
-    eager = LLM(path, cuda_graphs=False, **kw)
-    eager.engine.runner.backend = PlanCheckingBackend()
-    want = [o.token_ids for o in eager.generate(prompts, params)]
-    llm = LLM(path, **kw)
-    llm.engine.runner.backend = PlanCheckingBackend()
-    runner = with_replay(llm, (1,))
+    want, llm, runner = eager_then_replayed(path, PlanCheckingBackend, prompts, params, kw)
     cut = []
     check = runner.backend._check
 
@@ -480,10 +487,6 @@ def test_a_backend_whose_plan_predates_reserve_pieces_still_captures(checkpoints
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     prompts = [list(range(3, 30)), [5] * 9]
     kw = dict(page_size=4, num_pages=100, max_model_len=64, max_num_seqs=2)
-    eager = LLM(path, cuda_graphs=False, **kw)
-    eager.engine.runner.backend = Older()
-    want = [o.token_ids for o in eager.generate(prompts, params)]
-    llm = LLM(path, **kw)
-    llm.engine.runner.backend = Older()
-    runner = with_replay(llm, (1,))  # asserts that the capture did not fail
+    # (with_replay asserts that the capture did not fail)
+    want, llm, runner = eager_then_replayed(path, Older, prompts, params, kw)
     assert [o.token_ids for o in llm.generate(prompts, params)] == want and runner.replays > 0
