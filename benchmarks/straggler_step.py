@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from hwattn.bench.timing import DeviceTimer  # noqa: E402
+from hwattn.cli import positive, variant_list  # noqa: E402
 from hwattn.engine.loader import build_model  # noqa: E402
 from hwattn.engine.model_runner import ModelRunner, StepInput  # noqa: E402
 
@@ -69,9 +70,11 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny preset on the CPU (a smoke run)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for straggler_step.json")
     args = p.parse_args(argv)
-    for name in ("batch", "short", "long"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    try:
+        positive(args, "batch", "short", "long")
+        variants = variant_list(args.variants)
+    except ValueError as err:
+        p.error(str(err))
     if args.long < args.short:
         p.error(f"--long ({args.long}) must be at least --short ({args.short})")
     if not args.tiny and not torch.cuda.is_available():
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
                "straggler": [args.long] + [args.short] * (args.batch - 1)}
     pages = sum(-(-n // page) for n in lengths["straggler"]) + 1
     rows = []
-    for variant in args.variants.split(","):
+    for variant in variants:
         net = build_model(preset, attention=variant, dtype=dtype, device=device, seed=0,
                           overrides=dict(max_seq_len=args.long + 64))
         times = {}

@@ -26,3 +26,10 @@ def test_straggler_step_refuses_a_long_shorter_than_short(tmp_path):
                           "--out", str(tmp_path)], cwd=ROOT, timeout=120, capture_output=True,
                          text=True)
     assert res.returncode == 2 and "--long (32) must be at least --short (64)" in res.stderr
+
+
+def test_straggler_step_refuses_a_batch_of_none(tmp_path):
+    res = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--batch", "0",
+                          "--out", str(tmp_path)], cwd=ROOT, timeout=120, capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "--batch must be a finite number > 0, got 0" in res.stderr
