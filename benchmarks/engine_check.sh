@@ -80,7 +80,7 @@ for step in $steps; do
   echo "== $step" | tee -a "$OUT/log"
   case $step in
     tests)
-      HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 240 python3 -m pytest -q -x -n 8 \
+      HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 240 python3 -m pytest -q --maxfail=10 -n 8 \
         -p no:cacheprovider tests/ops 2>&1 | tail -15 | tee -a "$OUT/log" ;;
     decode)
       timeout 90 python3 -m hwattn bench decode --variants gqa-4 --heads 16 --batch 64 \

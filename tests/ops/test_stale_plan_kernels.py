@@ -147,3 +147,54 @@ def test_prefill_kernel_reads_no_table_entry_past_its_row_for_lengths_of_another
                                  return_lse=True, backend="torch")
     torch.testing.assert_close(out[:3], want[:3], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse[:, :3], want_lse[:, :3], rtol=1e-5, atol=1e-5)
+
+
+# (H_q, H_kv, D_nope, D_v, D_R): GTA-4's state heads, MLA's latent.
+HOPPER_SHAPES = [pytest.param((16, 4, 64, 128, 64), id="gta4"),
+                 pytest.param((16, 1, 512, 512, 64), id="mla")]
+
+
+@pytest.mark.parametrize("variant", ["default", "specialised", "overlapped", "pipelined", "duo",
+                                     "pingpong"])
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
+@pytest.mark.parametrize("shape", HOPPER_SHAPES)
+def test_hopper_decode_kernel_reads_no_token_past_the_length_a_stale_plan_covers(shape, split,
+                                                                                  variant):
+    """The Hopper kernel under the plan of the Triton test above (sequence 1 planned at 90
+    tokens, holding 30; its table entries past its page point at a NaN page). Before each item
+    ended at the call's length, the kernel masked the scores past 30 but multiplied the NaN
+    values by their zero weights: a NaN output. Split into 64-token pieces, sequence 1's second
+    item starts past its length: it holds no token, and its consumers waited for a first block
+    no producer sent; it now writes the partial of attending nothing (zero, LSE -inf)."""
+    from tests.ops.test_hopper_decode import _config, _on_hopper
+
+    if not _on_hopper():
+        pytest.skip("needs an sm_90 GPU (HWATTN_TEST_DEVICE=cuda)")
+    from hwattn.ops import hopper_decode
+    from hwattn.ops.hopper_decode import TiedShape
+
+    h_q, h_kv, d_nope, d_v, d_rope = shape
+    config = _config(TiedShape(d_nope, d_v, d_rope, h_q // h_kv, 1), variant)
+    if config is None:
+        pytest.skip(f"the {variant} schedule does not take this shape")
+    lengths, page = [70, 30], 64
+    table, n_pool = paged_table(lengths, page)
+    kv_cache, _ = fill_cache((h_kv, d_v), lengths, table, n_pool, page, torch.bfloat16)
+    rope_cache, _ = fill_cache((d_rope,), lengths, table, n_pool, page, torch.bfloat16)
+    table[1, 1:] = _spare_page(table, lengths, n_pool, page)  # in range, all NaN
+    q_nope = torch.randn(2, 1, h_q, d_nope).to(torch.bfloat16)
+    q_rope = torch.randn(2, 1, h_q, d_rope).to(torch.bfloat16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    stale = ops.plan_decode(torch.tensor([70, 90], dtype=torch.int32), num_heads_kv=h_kv,
+                            page_size=page, split_tokens=64 if split else None)
+    assert stale.max_pieces == (2 if split else 1)
+    args = on_device(q_nope, q_rope, kv_cache, rope_cache, table, seqlens)
+    out, lse = hopper_decode.decode_tied(*args, softmax_scale=0.1, plan=stale.to(DEVICE),
+                                         config=config)
+    torch.cuda.synchronize()  # a hang would stop here
+    want, want_lse = ops.decode_tied(q_nope, q_rope, kv_cache, rope_cache, table, seqlens,
+                                     softmax_scale=0.1, return_lse=True, backend="torch")
+    out, lse = out.cpu().float(), lse.cpu()
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out, want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-3)

@@ -27,7 +27,7 @@ from triton.experimental.gluon import language as gl
 
 from hwattn.ops.kernels.hopper_duo import duo_schedule
 from hwattn.ops.kernels.hopper_pingpong import pingpong_schedule
-from hwattn.ops.kernels.hopper_tied import tied_schedule
+from hwattn.ops.kernels.hopper_tied import store_empty_item, tied_schedule
 
 
 @gluon.jit
@@ -55,8 +55,12 @@ def hopper_decode_kernel(
     if seq < 0:
         return
     start = gl.load(items_ptr + pid_item * 3 + 1)
-    end = gl.load(items_ptr + pid_item * 3 + 2)
     seqlen = gl.load(seqlens_ptr + seq)
+    # A plan made for other lengths (a GPU call cannot check it) must not read past the
+    # sequence's pages: the item ends at the length the call passes (a no-op for a plan of
+    # these lengths, whose items end at them). An item left with no token writes what
+    # attending nothing gives: its consumers would wait for a first block no producer sends.
+    end = gl.minimum(gl.load(items_ptr + pid_item * 3 + 2), seqlen)
     n_pieces = gl.load(splits_ptr + seq * 2 + 1)
     seq64 = seq.to(gl.int64)
     kv_head = pid_head // HEAD_BLOCKS
@@ -66,6 +70,9 @@ def hopper_decode_kernel(
             stride_qh, stride_qrb, stride_qrt, stride_qrh, stride_btb, stride_ob, stride_ot,
             stride_oh, stride_lb, stride_lh)
     item = (pid_item, seq64, start, end, seqlen, n_pieces, kv_head, head0)
+    if start >= end:
+        store_empty_item(args, item, L_Q, HEADS_PER_PROG, BLOCK_M, D_V, num_warps)
+        return
     if SCHEDULE == "duo":
         duo_schedule(args, item, L_Q, HEADS_PER_PROG, BLOCK_M, BLOCK_N, D_NOPE, D_V, D_R, PAGE,
                      NUM_STAGES // 2, num_warps)

@@ -393,6 +393,31 @@ def _out_bases(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, pid_item, seq64, n_
 
 
 @gluon.jit
+def store_empty_item(args, item, L_Q: gl.constexpr, HEADS_PER_PROG: gl.constexpr,
+                     BLOCK_M: gl.constexpr, D_V: gl.constexpr, num_warps: gl.constexpr):
+    """The epilogue of an item that holds no token (only a stale plan makes one: its piece
+    starts at or past the sequence's length, see `hopper_decode_kernel`): what attending
+    nothing gives, a zero output and an LSE of -inf (a partial the combine step weighs
+    zero), written in 64-column tiles without touching the caches or the ring."""
+    (q_ptr, q_rope_ptr, kv_desc, rope_desc, block_table_ptr, out_ptr, lse_ptr, part_out_ptr,
+     part_lse_ptr, qk_scale, n_heads_q, group, stride_qb, stride_qt, stride_qh, stride_qrb,
+     stride_qrt, stride_qrh, stride_btb, stride_ob, stride_ot, stride_oh, stride_lb,
+     stride_lh) = args
+    pid_item, seq64, start, end, seqlen, n_pieces, kv_head, head0 = item
+    out_base, lse_base, part_base, part_lse_base, single = _out_bases(
+        out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, pid_item, seq64, n_pieces, n_heads_q,
+        stride_ob, stride_lb, L_Q, D_V)
+    layout: gl.constexpr = row_layout(64, num_warps)
+    o = gl.zeros([BLOCK_M, 64], gl.float32, layout)
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, layout))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, layout))
+    for c in gl.static_range(0, D_V, 64):
+        _store_tile(o, l_i, m_i, 0, c, head0, (kv_head + 1) * group, n_heads_q, single, out_base,
+                    lse_base, part_base, part_lse_base, stride_ot, stride_oh, stride_lh, L_Q,
+                    HEADS_PER_PROG, D_V, c == 0)
+
+
+@gluon.jit
 def _produce(kv_desc, rope_desc, kv_bufs, rope_bufs, ready, empty, table_row, start, end, kv_col,
              PAGE: gl.constexpr, BLOCK_N: gl.constexpr, D_V: gl.constexpr,
              NUM_STAGES: gl.constexpr):
