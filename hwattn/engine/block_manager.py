@@ -183,6 +183,14 @@ class BlockManager:
             hits.append(page)
         return hits
 
+    def shares_prompt(self, seq: Sequence) -> bool:
+        """Whether another sequence of the same prompt, admitted once this one's prompt is in
+        the cache, would take pages from it: prefix caching is on, the prompt's log-
+        probabilities are not asked for (`_cached_prefix`) and it holds a full page before
+        its last token."""
+        return (self.enable_prefix_caching and seq.params.prompt_logprobs is None
+                and seq.num_prompt_tokens > self.page_size)
+
     def can_allocate(self, seq: Sequence, reserve: int = 0, keep_free: int = 0) -> bool:
         """Whether the sequence's tokens (plus `reserve` more) fit, counting prefix hits, with
         `keep_free` pages still free after them."""

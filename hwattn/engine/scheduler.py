@@ -8,6 +8,9 @@ sequences (ties: the one waiting longest), so a one-prompt request is not queued
 thousands of sequences of a big one. When that sequence finds no free slot or no pages, a
 running sequence of an owner holding at least two more is preempted for it (the most recently
 admitted of the owner holding the most), so every owner soon holds its share of the batch.
+The n completions of one request compute their prompt once: the first is admitted, the others
+(and their owner's later sequences) after the step that writes the prompt, whose full pages
+they then take from the prefix cache (`_awaits_sibling`).
 
 With `mixed` set (`enable_mixed_batches`, plain decoding only), every step first takes every
 decoding sequence (one token each) and spends what is left of `max_num_batched_tokens` on
@@ -83,11 +86,14 @@ class WaitQueue:
         if not queue:
             del self._queues[seq.owner]
 
-    def next(self, held: Counter) -> Sequence | None:
+    def next(self, held: Counter, skip: set | frozenset = frozenset()) -> Sequence | None:
         """The first waiting sequence of the owner holding the fewest running sequences
-        (`held`: owner -> running sequences); ties go to the one waiting longest."""
+        (`held`: owner -> running sequences); ties go to the one waiting longest. Owners in
+        `skip` are passed over (None if every owner is)."""
         best, best_key = None, None
         for owner, queue in self._queues.items():
+            if owner in skip:
+                continue
             key = (held[owner], queue[0].arrival_time)
             if best_key is None or key < best_key:
                 best, best_key = queue[0], key
@@ -208,8 +214,15 @@ class Scheduler:
         if not self.waiting:
             return
         held = self._owners()
+        prefilling = {s.request_id for s in self.running if s.is_prefilling}
+        held_back: set[str] = set()
         while self.waiting:
-            seq = self.waiting.next(held)
+            seq = self.waiting.next(held, held_back)
+            if seq is None:
+                break
+            if self._awaits_sibling(seq, prefilling):  # admitted later: no room made for it
+                held_back.add(seq.owner)
+                continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if len(self.running) < self.max_num_seqs and self._fits(seq, lookahead):
@@ -248,8 +261,15 @@ class Scheduler:
                 seqs.append(seq)
                 chunks.append(n)
                 budget -= n
+        prefilling = {s.request_id for s in self.running if s.is_prefilling}
+        held_back: set[str] = set()  # owners whose next sequence waits for a sibling
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.next(self._owners())
+            seq = self.waiting.next(self._owners(), held_back)
+            if seq is None:
+                break
+            if self._awaits_sibling(seq, prefilling):
+                held_back.add(seq.owner)  # (its owner's later sequences queue behind it)
+                continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if not self._fits(seq, lookahead):
@@ -269,7 +289,20 @@ class Scheduler:
             seqs.append(seq)
             chunks.append(n)
             budget -= n
+            prefilling.add(seq.request_id)
         return seqs, chunks
+
+    def _awaits_sibling(self, seq: Sequence, prefilling: set[str]) -> bool:
+        """Whether a waiting sequence should wait for a sibling (another of its request's n
+        completions) that is computing their common prompt: the prefix cache shares the
+        prompt's full pages once a step has written them (the engine registers a chunk's
+        pages as it launches the step), so a sibling admitted after that step computes only
+        the prompt's last page, where one admitted beside it would compute the whole prompt
+        again and hold a copy of every page. Only a fresh sequence waits (a preempted one
+        recomputes its own tokens), and only for a prompt of at least one full page beyond
+        the last token (`BlockManager.shares_prompt`)."""
+        return (seq.request_id in prefilling and not seq.num_preemptions
+                and self.bm.shares_prompt(seq))
 
     def _schedule_decode(self, lookahead: int) -> ScheduledBatch | None:
         query_len = 1 + lookahead

@@ -214,3 +214,38 @@ def test_host_sampled_requests_beside_overlapped_ones(checkpoints, mode):
             assert (a is None) == (b is None)
             assert [list(e or {}) for e in a or []] == [list(e or {}) for e in b or []]
             assert flat(a) == pytest.approx(flat(b), abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_n_completions_compute_their_prompt_once(checkpoints, mode):
+    """A request of n = 4 greedy completions over a 37-token prompt (4 full pages of 8 before
+    its last token): the first sibling computes the prompt, the others wait for the step that
+    writes it and take its 4 full pages from the prefix cache, computing only the last 5
+    tokens. Admitted beside it, each computed all 37 and held its own copy of every page.
+    Outputs equal one completion's; another owner's prompt is not held back meanwhile."""
+    prompt = list(range(100, 137))
+    other = list(range(500, 520))
+    sp = SamplingParams(n=4, max_tokens=3, temperature=0, ignore_eos=True)
+    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=8, memory_budget=1 << 20,
+              max_num_batched_tokens=64, **mode)
+    engine = llm.engine
+    batches = record_batches(engine)
+    rid = engine.add_request(prompt, sp)
+    other_rid = engine.add_request(other, SamplingParams(max_tokens=3, temperature=0,
+                                                         ignore_eos=True))
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+    want = oracle(engine.model, prompt, 3)
+    assert [c.token_ids for c in done[rid].outputs] == [want] * 4
+    assert done[other_rid].outputs[0].token_ids == oracle(engine.model, other, 3)
+    stats = engine.stats()
+    assert stats["prefix_hit_pages"] == 3 * 4
+    prompt_chunks = sum(sum(chunks[nd:]) for _, nd, chunks, _ in batches)
+    assert prompt_chunks == 37 + 3 * 5 + 20
+    first = batches[0]
+    assert first[2][first[1]:] == [37, 20]  # the other owner's prompt is admitted at once
+    assert engine.block_manager.num_used_pages == 0
