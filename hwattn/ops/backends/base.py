@@ -367,8 +367,7 @@ class AttentionBackend:
         exactly `cache_seqlens`. The kernels read the tokens of the plan's lengths: a plan for
         fewer tokens skips the sequence's last ones (a silently wrong output). One for more
         read table entries past its pages and slots past its length (a NaN there poisoned
-        the output); the Triton kernel now ends each item at cache_seqlens, the Hopper
-        kernels do not.
+        the output); the Triton and Hopper kernels now end each item at cache_seqlens.
 
         A `DecodePlan` in host memory remembers what it was found to match (`CheckedLengths`):
         the step's later layers, passing the very same lengths tensor to the plan, both
