@@ -8,9 +8,10 @@ sequences (ties: the one waiting longest), so a one-prompt request is not queued
 thousands of sequences of a big one. When that sequence finds no free slot or no pages, a
 running sequence of an owner holding at least two more is preempted for it (the most recently
 admitted of the owner holding the most), so every owner soon holds its share of the batch.
-The n completions of one request compute their prompt once: the first is admitted, the others
-(and their owner's later sequences) after the step that writes the prompt, whose full pages
-they then take from the prefix cache (`_awaits_sibling`).
+With prefix caching on, the n completions of one request compute their prompt's full pages
+once: the first is admitted, the others after the step that writes the prompt, taking those
+pages from the prefix cache and computing only its last page (`_awaits_sibling`); their
+owner's other requests are admitted meanwhile.
 
 With `mixed` set (`enable_mixed_batches`, plain decoding only), every step first takes every
 decoding sequence (one token each) and spends what is left of `max_num_batched_tokens` on
@@ -88,15 +89,19 @@ class WaitQueue:
 
     def next(self, held: Counter, skip: set | frozenset = frozenset()) -> Sequence | None:
         """The first waiting sequence of the owner holding the fewest running sequences
-        (`held`: owner -> running sequences); ties go to the one waiting longest. Owners in
-        `skip` are passed over (None if every owner is)."""
+        (`held`: owner -> running sequences); ties go to the one waiting longest. Sequences
+        of the requests in `skip` (request ids) are passed over: an owner's first sequence of
+        another request stands in for them (None if no sequence is left)."""
         best, best_key = None, None
         for owner, queue in self._queues.items():
-            if owner in skip:
-                continue
-            key = (held[owner], queue[0].arrival_time)
+            head = queue[0]
+            if skip and head.request_id in skip:
+                head = next((s for s in queue if s.request_id not in skip), None)
+                if head is None:
+                    continue
+            key = (held[owner], head.arrival_time)
             if best_key is None or key < best_key:
-                best, best_key = queue[0], key
+                best, best_key = head, key
         return best
 
     def __contains__(self, seq) -> bool:
@@ -221,7 +226,7 @@ class Scheduler:
             if seq is None:
                 break
             if self._awaits_sibling(seq, prefilling):  # admitted later: no room made for it
-                held_back.add(seq.owner)
+                held_back.add(seq.request_id)
                 continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
@@ -262,13 +267,13 @@ class Scheduler:
                 chunks.append(n)
                 budget -= n
         prefilling = {s.request_id for s in self.running if s.is_prefilling}
-        held_back: set[str] = set()  # owners whose next sequence waits for a sibling
+        held_back: set[str] = set()  # requests whose waiting sequences wait for a sibling
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting.next(self._owners(), held_back)
             if seq is None:
                 break
             if self._awaits_sibling(seq, prefilling):
-                held_back.add(seq.owner)  # (its owner's later sequences queue behind it)
+                held_back.add(seq.request_id)  # (its owner's other requests go on)
                 continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break

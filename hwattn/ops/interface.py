@@ -16,8 +16,9 @@ keep its ids in range (the "torch" backend, or a table in host memory, refuses t
 Nor is a plan checked against the lengths of a GPU call: it was made on the host from the
 step's lengths, and comparing would read the device copy back. A decode kernel reads the
 tokens of the plan's lengths, so a plan made for shorter ones skips tokens; the Triton and
-Hopper kernels end each work item at `cache_seqlens`, so one made for longer ones reads
-nothing past a sequence's length. A prefill kernel sizes its grid by the
+Hopper kernels end each work item at `cache_seqlens`, so one made for longer ones reads no
+table entry past a sequence's pages (the Hopper kernel's copies still take the whole 64-token
+block the length ends in, and zero its slots past the length in shared memory). A prefill kernel sizes its grid by the
 plan's longest query run and reads `cu_seqlens_q` / `cache_seqlens` from the device, so a
 stale plan leaves output rows unwritten or reads pages the host never checked; the Triton
 kernel writes no row outside `out` and reads no key past its block-table row whatever the

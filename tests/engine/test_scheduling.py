@@ -249,3 +249,27 @@ def test_n_completions_compute_their_prompt_once(checkpoints, mode):
     first = batches[0]
     assert first[2][first[1]:] == [37, 20]  # the other owner's prompt is admitted at once
     assert engine.block_manager.num_used_pages == 0
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "mixed"])
+def test_one_owner_many_prompts_with_n_2_are_admitted_together(checkpoints, mixed):
+    """Eight prompts of one owner (the server's one HTTP request), n = 2 each: the first
+    completions are admitted together and their siblings together in the next step (found in
+    review: holding back the owner instead of the request admitted one prompt per step)."""
+    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=64, memory_budget=1 << 22,
+              max_num_batched_tokens=2048, enable_mixed_batches=mixed)
+    engine = llm.engine
+    batches = record_batches(engine)
+    ps = [list(range(100 + 30 * i, 120 + 30 * i)) for i in range(8)]
+    sp = SamplingParams(n=2, max_tokens=2, temperature=0, ignore_eos=True)
+    ids = engine.add_requests(ps, [sp] * 8, owner="client")
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    assert prompt_steps == [[20] * 8, [4] * 8]
+    assert engine.stats()["prefix_hit_pages"] == 8 * 2
+    for p, rid in zip(ps, ids):
+        assert [c.token_ids for c in done[rid].outputs] == [oracle(engine.model, p, 2)] * 2

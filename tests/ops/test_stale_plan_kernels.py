@@ -1,13 +1,13 @@
-"""The Triton kernels given a stale plan, as a GPU call may be (it cannot compare the plan with
-the device's lengths without reading them back): no read past a sequence's pages or the block
-table, no write past `out`.
+"""The Triton kernels, and the Hopper decode kernel, given a stale plan, as a GPU call may be
+(it cannot compare the plan with the device's lengths without reading them back): no read past
+a sequence's pages or the block table, no write past `out`, no hang.
 
 The launchers are called directly, below the host checks that refuse such a plan where the
 lengths are in host memory (tests/ops/test_plan_checked_once.py). What lies past the memory a
 kernel may touch is poisoned: NaN pages behind the table entries past a sequence's pages, and
-a sentinel after the rows of `out` and `lse`. The kernels run on HWATTN_TEST_DEVICE (the CPU
-under Triton's interpreter, or compiled on a GPU, where a read past the table faults); the
-references on the CPU.
+a sentinel after the rows of `out` and `lse`. The Triton kernels run on HWATTN_TEST_DEVICE
+(the CPU under Triton's interpreter, or compiled on a GPU, where a read past the table
+faults), the Hopper kernel on an sm_90 GPU only; the references on the CPU.
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def test_prefill_kernel_reads_no_table_entry_past_its_row_for_lengths_of_another
 
 # (H_q, H_kv, D_nope, D_v, D_R): GTA-4's state heads, MLA's latent.
 HOPPER_SHAPES = [pytest.param((16, 4, 64, 128, 64), id="gta4"),
-                 pytest.param((16, 1, 512, 512, 64), id="mla")]
+                 pytest.param((16, 1, 512, 512, 64), id="mla"),
+                 pytest.param((128, 1, 64, 128, 64), id="gta-g128")]  # the pingpong schedule's
 
 
 @pytest.mark.parametrize("variant", ["default", "specialised", "overlapped", "pipelined", "duo",
@@ -164,8 +165,9 @@ def test_hopper_decode_kernel_reads_no_token_past_the_length_a_stale_plan_covers
     tokens, holding 30; its table entries past its page point at a NaN page). Before each item
     ended at the call's length, the kernel masked the scores past 30 but multiplied the NaN
     values by their zero weights: a NaN output. Split into 64-token pieces, sequence 1's second
-    item starts past its length: it holds no token, and its consumers waited for a first block
-    no producer sent; it now writes the partial of attending nothing (zero, LSE -inf)."""
+    item, [64, 90), is empty once cut at 30: run through its schedule, its consumers would
+    wait for a first block no producer sends; it writes the partial of attending nothing
+    (zero, LSE -inf) instead."""
     from tests.ops.test_hopper_decode import _config, _on_hopper
 
     if not _on_hopper():

@@ -421,10 +421,11 @@ class AttentionBackend:
                 from pages you own (the engine's `BlockManager` hands out only [1, P)).
             softmax_scale: any finite number, default 1/sqrt(D).
             plan: this backend's plan for the step (`plan(...)`), reused by every layer, made
-                from these very lengths: its kernels read the tokens of the plan's lengths. A
-                plan of other lengths is refused where cache_seqlens is in host memory (checked
-                once per step: the plan remembers the tensor it matched, see `CheckedLengths`);
-                a GPU call trusts it (comparing would read the lengths back).
+                from these very lengths: its kernels read the tokens of the plan's pieces, each
+                cut at cache_seqlens. A plan of other lengths is refused where cache_seqlens is
+                in host memory (checked once per step: the plan remembers the tensor it
+                matched, see `CheckedLengths`); a GPU call trusts it (comparing would read the
+                lengths back).
         Returns:
             out (B, L_q, H_q, D) in q's dtype, and lse (B, H_q, L_q) fp32 if `return_lse`.
         """
