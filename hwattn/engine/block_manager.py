@@ -174,22 +174,47 @@ class BlockManager:
             return []
         ps = self.page_size
         hits, previous = [], None
+        known = self.prompt_hashes(seq)  # (a waiting sequence is asked about every step)
         for i in range((len(seq) - 1) // ps):
             tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
-            previous = self.chain_hash(previous, tokens)
+            previous = known[i] if i < len(known) else self.chain_hash(previous, tokens)
             page = self.hash_to_page.get(previous)
             if page is None or self.page_tokens[page] != tokens:
                 break
             hits.append(page)
         return hits
 
-    def shares_prompt(self, seq: Sequence) -> bool:
-        """Whether another sequence of the same prompt, admitted once this one's prompt is in
-        the cache, would take pages from it: prefix caching is on, the prompt's log-
-        probabilities are not asked for (`_cached_prefix`) and it holds a full page before
-        its last token."""
-        return (self.enable_prefix_caching and seq.params.prompt_logprobs is None
-                and seq.num_prompt_tokens > self.page_size)
+    def prompt_hashes(self, seq: Sequence) -> list[bytes]:
+        """The hash chain of the full pages of the sequence's prompt, computed once per
+        sequence (its prompt never changes)."""
+        if seq.prompt_hashes is None:
+            ps, previous, hashes = self.page_size, None, []
+            for i in range(seq.num_prompt_tokens // ps):
+                previous = self.chain_hash(previous, tuple(seq.token_ids[i * ps:(i + 1) * ps]))
+                hashes.append(previous)
+            seq.prompt_hashes = hashes
+        return seq.prompt_hashes
+
+    def unwritten_prompt_pages(self, seq: Sequence) -> list[bytes]:
+        """Hashes of the full prompt pages a sequence holding pages has not registered yet:
+        those its coming prefill chunks write (none without prefix caching)."""
+        if not self.enable_prefix_caching:
+            return []
+        return self.prompt_hashes(seq)[len(seq.page_hashes):]
+
+    def awaits_pages(self, seq: Sequence, pending: set[bytes]) -> bool:
+        """Whether a waiting sequence would take, from the prefix cache, a page among
+        `pending` (pages another sequence's prefill is about to write) if it waited for them:
+        its leading full prompt pages are registered up to one of them. Only a fresh
+        sequence whose prompt is read from the cache (`_cached_prefix`) waits."""
+        if (not pending or not self.enable_prefix_caching or seq.num_preemptions
+                or seq.params.prompt_logprobs is not None):
+            return False
+        shared = (seq.num_prompt_tokens - 1) // self.page_size  # as `_cached_prefix` reads
+        for h in self.prompt_hashes(seq)[:shared]:
+            if h not in self.hash_to_page:
+                return h in pending
+        return False
 
     def can_allocate(self, seq: Sequence, reserve: int = 0, keep_free: int = 0) -> bool:
         """Whether the sequence's tokens (plus `reserve` more) fit, counting prefix hits, with
@@ -269,9 +294,11 @@ class BlockManager:
             return
         ps = self.page_size
         written = seq.num_cached if written is None else min(written, seq.num_cached)
+        known = self.prompt_hashes(seq)
         for i in range(len(seq.page_hashes), written // ps):
             tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
-            h = self.chain_hash(seq.page_hashes[-1] if seq.page_hashes else None, tokens)
+            h = known[i] if i < len(known) else self.chain_hash(
+                seq.page_hashes[-1] if seq.page_hashes else None, tokens)
             seq.page_hashes.append(h)
             page = seq.block_table[i]
             if h not in self.hash_to_page and self.page_hash[page] is None:

@@ -8,10 +8,11 @@ sequences (ties: the one waiting longest), so a one-prompt request is not queued
 thousands of sequences of a big one. When that sequence finds no free slot or no pages, a
 running sequence of an owner holding at least two more is preempted for it (the most recently
 admitted of the owner holding the most), so every owner soon holds its share of the batch.
-With prefix caching on, the n completions of one request compute their prompt's full pages
-once: the first is admitted, the others after the step that writes the prompt, taking those
-pages from the prefix cache and computing only its last page (`_awaits_sibling`); their
-owner's other requests are admitted meanwhile.
+With prefix caching on, prompts that start alike compute their common full pages once: a
+fresh request whose leading pages a prefilling sequence is about to write (the n completions
+of one request, a shared system prompt, the same prompt sent many times) waits for the steps
+that write them and takes them from the prefix cache (`_pending_pages`); its owner's other
+requests are admitted meanwhile.
 
 With `mixed` set (`enable_mixed_batches`, plain decoding only), every step first takes every
 decoding sequence (one token each) and spends what is left of `max_num_batched_tokens` on
@@ -61,6 +62,29 @@ class ScheduledBatch:
     num_decode: int = 0
 
 
+class HeldBack:
+    """The waiting requests one scheduling pass holds back (`BlockManager.awaits_pages`), and
+    the owners it passes over altogether: after `MAX_PER_OWNER` held requests of one owner
+    (a batch of many copies of one prompt), so that finding the owner's next request does not
+    cost a scan of all those held before it, again for each request admitted."""
+
+    MAX_PER_OWNER = 16
+
+    def __init__(self):
+        self.requests: set[str] = set()
+        self.owners: set[str] = set()
+        self._per_owner: Counter = Counter()
+
+    def hold(self, seq: Sequence) -> None:
+        self.requests.add(seq.request_id)
+        self._per_owner[seq.owner] += 1
+        if self._per_owner[seq.owner] >= self.MAX_PER_OWNER:
+            self.owners.add(seq.owner)
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+
 class WaitQueue:
     """The waiting sequences, one first-in first-out queue per owner (owners in the order
     they first queued). A preempted sequence goes back to the front of its owner's queue."""
@@ -87,16 +111,18 @@ class WaitQueue:
         if not queue:
             del self._queues[seq.owner]
 
-    def next(self, held: Counter, skip: set | frozenset = frozenset()) -> Sequence | None:
+    def next(self, held: Counter, skip: HeldBack | None = None) -> Sequence | None:
         """The first waiting sequence of the owner holding the fewest running sequences
         (`held`: owner -> running sequences); ties go to the one waiting longest. Sequences
-        of the requests in `skip` (request ids) are passed over: an owner's first sequence of
-        another request stands in for them (None if no sequence is left)."""
+        `skip` holds back are passed over: an owner's first sequence of another request
+        stands in for them (None if no sequence is left)."""
         best, best_key = None, None
         for owner, queue in self._queues.items():
             head = queue[0]
-            if skip and head.request_id in skip:
-                head = next((s for s in queue if s.request_id not in skip), None)
+            if skip and (owner in skip.owners or head.request_id in skip.requests):
+                if owner in skip.owners:
+                    continue
+                head = next((s for s in queue if s.request_id not in skip.requests), None)
                 if head is None:
                     continue
             key = (held[owner], head.arrival_time)
@@ -219,19 +245,20 @@ class Scheduler:
         if not self.waiting:
             return
         held = self._owners()
-        prefilling = {s.request_id for s in self.running if s.is_prefilling}
-        held_back: set[str] = set()
+        pending, held_back = None, HeldBack()
         while self.waiting:
             seq = self.waiting.next(held, held_back)
             if seq is None:
                 break
-            if self._awaits_sibling(seq, prefilling):  # admitted later: no room made for it
-                held_back.add(seq.request_id)
-                continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if len(self.running) < self.max_num_seqs and self._fits(seq, lookahead):
                 break
+            if pending is None:  # (only when preempting is in question)
+                pending = self._pending_pages()
+            if self.bm.awaits_pages(seq, pending):  # admitted later: no room made for it
+                held_back.hold(seq)
+                continue
             victim = self._victim(at_least=held[seq.owner] + 2)
             if victim is None:
                 break
@@ -266,14 +293,16 @@ class Scheduler:
                 seqs.append(seq)
                 chunks.append(n)
                 budget -= n
-        prefilling = {s.request_id for s in self.running if s.is_prefilling}
-        held_back: set[str] = set()  # requests whose waiting sequences wait for a sibling
+        pending = None  # built when a sequence waits to be admitted
+        held_back = HeldBack()  # requests waiting for pages another prefill writes
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting.next(self._owners(), held_back)
             if seq is None:
                 break
-            if self._awaits_sibling(seq, prefilling):
-                held_back.add(seq.request_id)  # (its owner's other requests go on)
+            if pending is None:
+                pending = self._pending_pages()
+            if self.bm.awaits_pages(seq, pending):
+                held_back.hold(seq)  # (its owner's other requests go on)
                 continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
@@ -294,20 +323,21 @@ class Scheduler:
             seqs.append(seq)
             chunks.append(n)
             budget -= n
-            prefilling.add(seq.request_id)
+            pending.update(self.bm.unwritten_prompt_pages(seq))
         return seqs, chunks
 
-    def _awaits_sibling(self, seq: Sequence, prefilling: set[str]) -> bool:
-        """Whether a waiting sequence should wait for a sibling (another of its request's n
-        completions) that is computing their common prompt: the prefix cache shares the
-        prompt's full pages once a step has written them (the engine registers a chunk's
-        pages as it launches the step), so a sibling admitted after that step computes only
-        the prompt's last page, where one admitted beside it would compute the whole prompt
-        again and hold a copy of every page. Only a fresh sequence waits (a preempted one
-        recomputes its own tokens), and only for a prompt of at least one full page beyond
-        the last token (`BlockManager.shares_prompt`)."""
-        return (seq.request_id in prefilling and not seq.num_preemptions
-                and self.bm.shares_prompt(seq))
+    def _pending_pages(self) -> set[bytes]:
+        """Hashes of the full prompt pages that prefilling sequences are about to write. A
+        waiting prompt that starts with them waits (`BlockManager.awaits_pages`): the prefix
+        cache shares a page once the step writing it is launched (the engine registers a
+        chunk's pages then), so a prompt admitted after it computes only what it does not
+        share, where one admitted beside it would compute the common part again and hold a
+        copy of each of its pages for as long as it runs."""
+        pending: set[bytes] = set()
+        for seq in self.running:
+            if seq.is_prefilling:
+                pending.update(self.bm.unwritten_prompt_pages(seq))
+        return pending
 
     def _schedule_decode(self, lookahead: int) -> ScheduledBatch | None:
         query_len = 1 + lookahead

@@ -273,3 +273,78 @@ def test_one_owner_many_prompts_with_n_2_are_admitted_together(checkpoints, mixe
     assert engine.stats()["prefix_hit_pages"] == 8 * 2
     for p, rid in zip(ps, ids):
         assert [c.token_ids for c in done[rid].outputs] == [oracle(engine.model, p, 2)] * 2
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_prompts_that_start_alike_compute_their_common_pages_once(checkpoints, mode):
+    """Three owners send the same 37-token prompt, a fourth a prompt sharing its first 2 pages
+    (16 tokens) and a fifth one sharing nothing: the first computes the prompt, the second and
+    third wait for the step that writes it and take its 4 full pages, the fourth takes 2; the
+    fifth is admitted beside the first. Greedy outputs are each prompt's own."""
+    same = list(range(100, 137))
+    ps = [same, same, same, same[:16] + list(range(900, 921)), list(range(300, 337))]
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=8, memory_budget=1 << 20,
+              max_num_batched_tokens=128, **mode)
+    engine = llm.engine
+    batches = record_batches(engine)
+    ids = [engine.add_request(p, sp) for p in ps]
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+    for p, rid in zip(ps, ids):
+        assert done[rid].outputs[0].token_ids == oracle(engine.model, p, 3)
+    prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    assert prompt_steps[0] == [37, 37]  # the first and the one sharing nothing
+    assert engine.stats()["prefix_hit_pages"] == 4 + 4 + 2
+    assert sum(map(sum, prompt_steps)) == 37 + 37 + 5 + 5 + 21
+    assert engine.block_manager.num_used_pages == 0
+
+
+def test_a_prompt_waits_for_every_chunk_of_a_long_prefill_it_shares(checkpoints):
+    """A 64-token prompt prefilled in chunks of 16 (budget 16): a second request with the same
+    prompt waits until all 7 of its shared pages (those before its last token) are written,
+    then computes its last page only."""
+    prompt = list(range(200, 264))
+    sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=4, memory_budget=1 << 20,
+              max_num_batched_tokens=16)
+    engine = llm.engine
+    batches = record_batches(engine)
+    first, second = (engine.add_request(prompt, sp) for _ in range(2))
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_invariants()
+    want = oracle(engine.model, prompt, 2)
+    assert done[first].outputs[0].token_ids == want == done[second].outputs[0].token_ids
+    prompt_chunks = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    assert prompt_chunks == [[16], [16], [16], [16], [8]]
+    assert engine.stats()["prefix_hit_pages"] == 7
+
+
+def test_many_copies_of_one_prompt_from_one_owner_wait_for_one_prefill(checkpoints):
+    """100 copies of a 20-token prompt from one owner (max_num_seqs 64): the first computes
+    it; past `HeldBack.MAX_PER_OWNER` held copies the owner is passed over for the step; the
+    next step admits 63 copies, each computing only the 4 tokens after the 2 shared pages."""
+    prompt = list(range(700, 720))
+    sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=64, memory_budget=1 << 22,
+              max_num_batched_tokens=4096)
+    engine = llm.engine
+    batches = record_batches(engine)
+    engine.add_requests([prompt] * 100, [sp] * 100, owner="client")
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.finished]
+        engine.check_invariants()
+    assert len(outs) == 100
+    assert {tuple(o.outputs[0].token_ids) for o in outs} == {tuple(oracle(engine.model, prompt, 1))}
+    prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    assert prompt_steps[:2] == [[20], [4] * 63]
+    assert engine.stats()["prefix_hit_pages"] == 99 * 2

@@ -105,7 +105,9 @@ def test_admission_leaves_room_for_the_next_verify_step():
 
     bm = BlockManager(num_pages=9, page_size=4)  # 8 usable
     sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
-    a, b = (Sequence(r, list(range(6)), SamplingParams(), seed=0) for r in "ab")
+    # (prompts that share no page: b would wait for a page of a's prompt otherwise)
+    a, b = (Sequence(r, list(range(i, i + 6)), SamplingParams(), seed=0)
+            for r, i in (("a", 0), ("b", 10)))
     c = Sequence("c", list(range(8)), SamplingParams(), seed=0)  # 2 pages, 3 once verified
     for seq in (a, b):
         sched.add(seq)
