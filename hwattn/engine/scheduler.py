@@ -66,9 +66,12 @@ class HeldBack:
     """The waiting requests one scheduling pass holds back (`BlockManager.awaits_pages`), and
     the owners it passes over altogether: after `MAX_PER_OWNER` held requests of one owner
     (a batch of many copies of one prompt), so that finding the owner's next request does not
-    cost a scan of all those held before it, again for each request admitted."""
+    cost a scan of all those held before it, again for each request admitted. After
+    `MAX_HELD` in all (many clients sending one system prompt at once) the pass admits no
+    more: each `WaitQueue.next` looks at every owner, and the rest wait a step."""
 
     MAX_PER_OWNER = 16
+    MAX_HELD = 64
 
     def __init__(self):
         self.requests: set[str] = set()
@@ -83,6 +86,10 @@ class HeldBack:
 
     def __bool__(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def full(self) -> bool:
+        return len(self.requests) >= self.MAX_HELD
 
 
 class WaitQueue:
@@ -258,6 +265,8 @@ class Scheduler:
                 pending = self._pending_pages()
             if self.bm.awaits_pages(seq, pending):  # admitted later: no room made for it
                 held_back.hold(seq)
+                if held_back.full:
+                    break
                 continue
             victim = self._victim(at_least=held[seq.owner] + 2)
             if victim is None:
@@ -303,6 +312,8 @@ class Scheduler:
                 pending = self._pending_pages()
             if self.bm.awaits_pages(seq, pending):
                 held_back.hold(seq)  # (its owner's other requests go on)
+                if held_back.full:
+                    break
                 continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break

@@ -348,3 +348,29 @@ def test_many_copies_of_one_prompt_from_one_owner_wait_for_one_prefill(checkpoin
     prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
     assert prompt_steps[:2] == [[20], [4] * 63]
     assert engine.stats()["prefix_hit_pages"] == 99 * 2
+
+
+def test_a_pass_holds_back_a_bounded_number_of_requests():
+    """200 owners send one prompt each, all starting with the same page: the first is admitted,
+    then at most `HeldBack.MAX_HELD` are held back in the pass, which then admits no more (each
+    hold looks at every owner: without a bound one pass cost owners x waiting). A prompt of an
+    owner queued after them that shares nothing waits for the next step too."""
+    from hwattn.engine.block_manager import BlockManager
+    from hwattn.engine.scheduler import HeldBack, Scheduler
+    from hwattn.engine.sequence import Sequence
+
+    bm = BlockManager(num_pages=2000, page_size=4)
+    sched = Scheduler(bm, max_num_seqs=256, max_num_batched_tokens=100000)
+    seqs = [Sequence(f"r{i}", [1, 2, 3, 4, 100 + i, 7], SamplingParams(), seed=0)
+            for i in range(200)]
+    other = Sequence("other", [9, 9, 9, 9, 9, 9], SamplingParams(), seed=0)
+    for seq in seqs + [other]:
+        sched.add(seq)
+    calls = []
+    next_ = sched.waiting.next
+    sched.waiting.next = lambda *a: calls.append(1) or next_(*a)
+    batch = sched.schedule()
+    assert batch.seqs == [seqs[0]]
+    assert len(calls) == 2 + HeldBack.MAX_HELD  # `_make_way`'s look, the admission, the holds
+    batch = sched.schedule()  # (nothing launched: the first is still prefilling)
+    assert batch.seqs == [seqs[0]]
