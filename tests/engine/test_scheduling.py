@@ -9,7 +9,7 @@ import torch
 from hwattn.engine import LLM, SamplingParams
 from hwattn.engine.llm_engine import PLACEHOLDER
 from hwattn.models import greedy_generate
-from tests.engine.conftest import step_to_completion
+from tests.engine.conftest import drain, step_to_completion
 
 MODES = [dict(enable_mixed_batches=m, overlap_scheduling=o) for m in (False, True)
          for o in (False, True)]
@@ -233,12 +233,7 @@ def test_n_completions_compute_their_prompt_once(checkpoints, mode):
     rid = engine.add_request(prompt, sp)
     other_rid = engine.add_request(other, SamplingParams(max_tokens=3, temperature=0,
                                                          ignore_eos=True))
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
+    done = drain(engine)
     want = oracle(engine.model, prompt, 3)
     assert [c.token_ids for c in done[rid].outputs] == [want] * 4
     assert done[other_rid].outputs[0].token_ids == oracle(engine.model, other, 3)
@@ -263,11 +258,7 @@ def test_one_owner_many_prompts_with_n_2_are_admitted_together(checkpoints, mixe
     ps = [list(range(100 + 30 * i, 120 + 30 * i)) for i in range(8)]
     sp = SamplingParams(n=2, max_tokens=2, temperature=0, ignore_eos=True)
     ids = engine.add_requests(ps, [sp] * 8, owner="client")
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    done = drain(engine)
     prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
     assert prompt_steps == [[20] * 8, [4] * 8]
     assert engine.stats()["prefix_hit_pages"] == 8 * 2
@@ -289,12 +280,7 @@ def test_prompts_that_start_alike_compute_their_common_pages_once(checkpoints, m
     engine = llm.engine
     batches = record_batches(engine)
     ids = [engine.add_request(p, sp) for p in ps]
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
+    done = drain(engine)
     for p, rid in zip(ps, ids):
         assert done[rid].outputs[0].token_ids == oracle(engine.model, p, 3)
     prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
@@ -315,12 +301,7 @@ def test_a_prompt_waits_for_every_chunk_of_a_long_prefill_it_shares(checkpoints)
     engine = llm.engine
     batches = record_batches(engine)
     first, second = (engine.add_request(prompt, sp) for _ in range(2))
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_invariants()
+    done = drain(engine)
     want = oracle(engine.model, prompt, 2)
     assert done[first].outputs[0].token_ids == want == done[second].outputs[0].token_ids
     prompt_chunks = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
@@ -339,10 +320,7 @@ def test_many_copies_of_one_prompt_from_one_owner_wait_for_one_prefill(checkpoin
     engine = llm.engine
     batches = record_batches(engine)
     engine.add_requests([prompt] * 100, [sp] * 100, owner="client")
-    outs = []
-    while engine.has_unfinished():
-        outs += [o for o in engine.step() if o.finished]
-        engine.check_invariants()
+    outs = list(drain(engine).values())
     assert len(outs) == 100
     assert {tuple(o.outputs[0].token_ids) for o in outs} == {tuple(oracle(engine.model, prompt, 1))}
     prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
