@@ -64,25 +64,23 @@ class ScheduledBatch:
 
 class HeldBack:
     """The waiting requests one scheduling pass holds back (`BlockManager.awaits_pages`), and
-    the owners it passes over altogether: after `MAX_PER_OWNER` held requests of one owner
-    (a batch of many copies of one prompt), so that finding the owner's next request does not
-    cost a scan of all those held before it, again for each request admitted. After
-    `MAX_HELD` in all (many clients sending one system prompt at once) the pass admits no
-    more: each `WaitQueue.next` looks at every owner, and the rest wait a step."""
+    per owner where its first request not held back was last found (`first`): a held request
+    is never admitted in the pass, so each owner's queue is scanned past them once per pass.
+    After `MAX_HELD` in all (many clients sending one system prompt at once) the pass admits
+    no more: each `WaitQueue.next` looks at every owner, and the rest wait a step."""
 
-    MAX_PER_OWNER = 16
     MAX_HELD = 64
 
     def __init__(self):
         self.requests: set[str] = set()
-        self.owners: set[str] = set()
-        self._per_owner: Counter = Counter()
+        self.first: dict[str, int] = {}
 
     def hold(self, seq: Sequence) -> None:
         self.requests.add(seq.request_id)
-        self._per_owner[seq.owner] += 1
-        if self._per_owner[seq.owner] >= self.MAX_PER_OWNER:
-            self.owners.add(seq.owner)
+
+    def forget(self, owner: str) -> None:
+        """The owner's queue grew at its front (a preemption): scan it from the start."""
+        self.first.pop(owner, None)
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -124,14 +122,17 @@ class WaitQueue:
         `skip` holds back are passed over: an owner's first sequence of another request
         stands in for them (None if no sequence is left)."""
         best, best_key = None, None
+        skipped = skip.requests if skip else None  # (one truth test, not one per owner)
         for owner, queue in self._queues.items():
             head = queue[0]
-            if skip and (owner in skip.owners or head.request_id in skip.requests):
-                if owner in skip.owners:
+            if skipped is not None and head.request_id in skipped:
+                i, n = skip.first.get(owner, 0), len(queue)
+                while i < n and queue[i].request_id in skipped:
+                    i += 1
+                skip.first[owner] = i
+                if i == n:
                     continue
-                head = next((s for s in queue if s.request_id not in skip.requests), None)
-                if head is None:
-                    continue
+                head = queue[i]
             key = (held[owner], head.arrival_time)
             if best_key is None or key < best_key:
                 best, best_key = head, key
@@ -257,21 +258,22 @@ class Scheduler:
             seq = self.waiting.next(held, held_back)
             if seq is None:
                 break
-            if seq.num_pending:  # preempted with a token still on its way: next step
-                break
-            if len(self.running) < self.max_num_seqs and self._fits(seq, lookahead):
-                break
-            if pending is None:  # (only when preempting is in question)
+            if pending is None:
                 pending = self._pending_pages()
             if self.bm.awaits_pages(seq, pending):  # admitted later: no room made for it
                 held_back.hold(seq)
                 if held_back.full:
                     break
                 continue
+            if seq.num_pending:  # preempted with a token still on its way: next step
+                break
+            if len(self.running) < self.max_num_seqs and self._fits(seq, lookahead):
+                break
             victim = self._victim(at_least=held[seq.owner] + 2)
             if victim is None:
                 break
             self._preempt(victim)
+            held_back.forget(victim.owner)
 
     def _make_room(self, decodes: list[Sequence], query_len: int) -> None:
         """Preempt running sequences (`_victim`: never one about to end) until every one left

@@ -291,13 +291,15 @@ def test_prompts_that_start_alike_compute_their_common_pages_once(checkpoints, m
 
 
 def test_a_prompt_waits_for_every_chunk_of_a_long_prefill_it_shares(checkpoints):
-    """A 64-token prompt prefilled in chunks of 16 (budget 16): a second request with the same
+    """A 64-token prompt prefilled in chunks of 24 (the budget): a second request with the same
     prompt waits until all 7 of its shared pages (those before its last token) are written,
-    then computes its last page only."""
+    then computes its last page only; admitted beside the first's last chunk (16 tokens, 8 of
+    the budget left), it took 8 of its tokens there (found in review: at a budget of 16 the
+    first's chunks left no room, and the test passed without the change)."""
     prompt = list(range(200, 264))
     sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=4, memory_budget=1 << 20,
-              max_num_batched_tokens=16)
+              max_num_batched_tokens=24)
     engine = llm.engine
     batches = record_batches(engine)
     first, second = (engine.add_request(prompt, sp) for _ in range(2))
@@ -305,14 +307,14 @@ def test_a_prompt_waits_for_every_chunk_of_a_long_prefill_it_shares(checkpoints)
     want = oracle(engine.model, prompt, 2)
     assert done[first].outputs[0].token_ids == want == done[second].outputs[0].token_ids
     prompt_chunks = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
-    assert prompt_chunks == [[16], [16], [16], [16], [8]]
+    assert prompt_chunks == [[24], [24], [16], [8]]
     assert engine.stats()["prefix_hit_pages"] == 7
 
 
 def test_many_copies_of_one_prompt_from_one_owner_wait_for_one_prefill(checkpoints):
     """100 copies of a 20-token prompt from one owner (max_num_seqs 64): the first computes
-    it; past `HeldBack.MAX_PER_OWNER` held copies the owner is passed over for the step; the
-    next step admits 63 copies, each computing only the 4 tokens after the 2 shared pages."""
+    it; past `HeldBack.MAX_HELD` held copies the pass admits no more; the next step admits
+    63 copies, each computing only the 4 tokens after the 2 shared pages."""
     prompt = list(range(700, 720))
     sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=64, memory_budget=1 << 22,
@@ -352,3 +354,19 @@ def test_a_pass_holds_back_a_bounded_number_of_requests():
     assert len(calls) == 2 + HeldBack.MAX_HELD  # `_make_way`'s look, the admission, the holds
     batch = sched.schedule()  # (nothing launched: the first is still prefilling)
     assert batch.seqs == [seqs[0]]
+
+
+def test_a_big_batch_of_one_owner_with_n_2_is_admitted_in_two_steps(checkpoints):
+    """64 prompts with n = 2 from one owner (one HTTP request): the first completions in one
+    step, their siblings in the next (found in review: passing over an owner after 16 held
+    requests admitted 16 prompts a step)."""
+    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=256, memory_budget=1 << 23,
+              max_num_batched_tokens=4096)
+    engine = llm.engine
+    batches = record_batches(engine)
+    ps = [list(range(100 + 30 * i, 120 + 30 * i)) for i in range(64)]
+    sp = SamplingParams(n=2, max_tokens=2, temperature=0, ignore_eos=True)
+    engine.add_requests(ps, [sp] * 64, owner="client")
+    drain(engine)
+    prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    assert prompt_steps == [[20] * 64, [4] * 64]
