@@ -173,27 +173,35 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         ps = self.page_size
-        hits, previous = [], None
-        known = self.prompt_hashes(seq)  # (a waiting sequence is asked about every step)
+        hits, previous, in_prompt = [], None, seq.num_prompt_tokens // ps
         for i in range((len(seq) - 1) // ps):
             tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
-            previous = known[i] if i < len(known) else self.chain_hash(previous, tokens)
+            # (the prompt's hashes are kept: a waiting sequence is asked about every step)
+            previous = self._prompt_hash(seq, i) if i < in_prompt else \
+                self.chain_hash(previous, tokens)
             page = self.hash_to_page.get(previous)
             if page is None or self.page_tokens[page] != tokens:
                 break
             hits.append(page)
         return hits
 
-    def prompt_hashes(self, seq: Sequence) -> list[bytes]:
-        """The hash chain of the full pages of the sequence's prompt, computed once per
-        sequence (its prompt never changes)."""
-        if seq.prompt_hashes is None:
-            ps, previous, hashes = self.page_size, None, []
-            for i in range(seq.num_prompt_tokens // ps):
-                previous = self.chain_hash(previous, tuple(seq.token_ids[i * ps:(i + 1) * ps]))
-                hashes.append(previous)
-            seq.prompt_hashes = hashes
-        return seq.prompt_hashes
+    def prompt_hashes(self, seq: Sequence, pages: int | None = None) -> list[bytes]:
+        """The hash chain of the full pages of the sequence's prompt, at least its first
+        `pages` (default: all), kept on the sequence (`Sequence.prompt_hashes`) and extended
+        only as far as asked: a prompt no cache holds costs one hash per check, as before,
+        and its chain is built as its chunks are registered."""
+        hashes, ps = seq.prompt_hashes, self.page_size
+        want = seq.num_prompt_tokens // ps
+        if pages is not None:
+            want = min(want, pages)
+        for i in range(len(hashes), want):
+            hashes.append(self.chain_hash(hashes[-1] if hashes else None,
+                                          tuple(seq.token_ids[i * ps:(i + 1) * ps])))
+        return hashes
+
+    def _prompt_hash(self, seq: Sequence, i: int) -> bytes:
+        """The hash of the prompt's full page i."""
+        return self.prompt_hashes(seq, i + 1)[i]
 
     def unwritten_prompt_pages(self, seq: Sequence) -> list[bytes]:
         """Hashes of the full prompt pages a sequence holding pages has not registered yet:
@@ -210,8 +218,8 @@ class BlockManager:
         if (not pending or not self.enable_prefix_caching or seq.num_preemptions
                 or seq.params.prompt_logprobs is not None):
             return False
-        shared = (seq.num_prompt_tokens - 1) // self.page_size  # as `_cached_prefix` reads
-        for h in self.prompt_hashes(seq)[:shared]:
+        for i in range((seq.num_prompt_tokens - 1) // self.page_size):  # as `_cached_prefix`
+            h = self._prompt_hash(seq, i)
             if h not in self.hash_to_page:
                 return h in pending
         return False
@@ -294,10 +302,10 @@ class BlockManager:
             return
         ps = self.page_size
         written = seq.num_cached if written is None else min(written, seq.num_cached)
-        known = self.prompt_hashes(seq)
+        in_prompt = seq.num_prompt_tokens // ps
         for i in range(len(seq.page_hashes), written // ps):
             tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
-            h = known[i] if i < len(known) else self.chain_hash(
+            h = self._prompt_hash(seq, i) if i < in_prompt else self.chain_hash(
                 seq.page_hashes[-1] if seq.page_hashes else None, tokens)
             seq.page_hashes.append(h)
             page = seq.block_table[i]

@@ -191,7 +191,7 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.page_hashes: list[bytes] = []  # hash chain of the full pages registered so far
-        self.prompt_hashes: list[bytes] | None = None  # BlockManager.prompt_hashes, once
+        self.prompt_hashes: list[bytes] = []  # the prompt's page hash chain, as far as asked
         self.num_cached = 0  # tokens whose K/V are in the cache
         self.num_prefix_hit = 0  # prompt tokens found in the prefix cache at first admission
         self.num_prompt_counted = 0  # prompt tokens counted as prefilled (metrics)

@@ -139,3 +139,29 @@ def test_borrowed_pages_come_back_even_on_error():
         with bm.borrow_pages(6):
             pass
     bm.check([])
+
+
+def test_a_prompt_no_cache_holds_costs_one_hash_per_check(monkeypatch):
+    """A waiting 40-page prompt whose first page no cache holds is checked every step: each
+    check hashes its first page once (the chain is kept on the sequence and extended only as
+    far as asked), not all 40 pages; registering its chunks extends the same chain, whose
+    hashes equal the chain built from scratch."""
+    bm = BlockManager(num_pages=64, page_size=4)
+    calls = []
+    chain_hash = BlockManager.chain_hash
+    monkeypatch.setattr(BlockManager, "chain_hash",
+                        staticmethod(lambda prev, tokens: calls.append(1) or chain_hash(prev, tokens)))
+    a = seq(range(161), "a")
+    for _ in range(3):
+        assert bm.can_allocate(a)
+    assert len(calls) == 1 and len(a.prompt_hashes) == 1
+    assert not bm.awaits_pages(a, {b"not a page"})
+    bm.allocate(a)
+    a.num_cached = 80  # a first chunk of 20 pages
+    bm.register_full_pages(a)
+    assert len(a.prompt_hashes) == 20 and a.page_hashes == a.prompt_hashes
+    fresh, previous = [], None
+    for i in range(20):
+        previous = chain_hash(previous, tuple(range(4 * i, 4 * i + 4)))
+        fresh.append(previous)
+    assert a.page_hashes == fresh
