@@ -63,7 +63,8 @@ class ScheduledBatch:
 
 
 class HeldBack:
-    """The waiting requests one scheduling pass holds back (`BlockManager.awaits_pages`), and
+    """One scheduling pass's hold-backs (`Scheduler._next_waiting`): the prompt pages being
+    written (`pending`, built when first asked), the waiting requests held back for them, and
     per owner where its first request not held back was last found (`first`): a held request
     is never admitted in the pass, so each owner's queue is scanned past them once per pass.
     After `MAX_HELD` in all (many clients sending one system prompt at once) the pass admits
@@ -72,6 +73,7 @@ class HeldBack:
     MAX_HELD = 64
 
     def __init__(self):
+        self.pending: set[bytes] | None = None
         self.requests: set[str] = set()
         self.first: dict[str, int] = {}
 
@@ -252,19 +254,11 @@ class Scheduler:
         owner (so no two owners trade a sequence back and forth)."""
         if not self.waiting:
             return
-        held = self._owners()
-        pending, held_back = None, HeldBack()
+        held, held_back = self._owners(), HeldBack()
         while self.waiting:
-            seq = self.waiting.next(held, held_back)
+            seq = self._next_waiting(held, held_back)  # (no room made for a held one)
             if seq is None:
                 break
-            if pending is None:
-                pending = self._pending_pages()
-            if self.bm.awaits_pages(seq, pending):  # admitted later: no room made for it
-                held_back.hold(seq)
-                if held_back.full:
-                    break
-                continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if len(self.running) < self.max_num_seqs and self._fits(seq, lookahead):
@@ -304,19 +298,11 @@ class Scheduler:
                 seqs.append(seq)
                 chunks.append(n)
                 budget -= n
-        pending = None  # built when a sequence waits to be admitted
-        held_back = HeldBack()  # requests waiting for pages another prefill writes
+        held_back = HeldBack()
         while budget and self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.next(self._owners(), held_back)
+            seq = self._next_waiting(self._owners(), held_back)
             if seq is None:
                 break
-            if pending is None:
-                pending = self._pending_pages()
-            if self.bm.awaits_pages(seq, pending):
-                held_back.hold(seq)  # (its owner's other requests go on)
-                if held_back.full:
-                    break
-                continue
             if seq.num_pending:  # preempted with a token still on its way: next step
                 break
             if not self._fits(seq, lookahead):
@@ -336,8 +322,25 @@ class Scheduler:
             seqs.append(seq)
             chunks.append(n)
             budget -= n
-            pending.update(self.bm.unwritten_prompt_pages(seq))
+            held_back.pending.update(self.bm.unwritten_prompt_pages(seq))
         return seqs, chunks
+
+    def _next_waiting(self, held: Counter, held_back: HeldBack) -> Sequence | None:
+        """The next waiting sequence in the fair order (`WaitQueue.next`) that is not to wait
+        for prompt pages another sequence's prefill is about to write; those that are are
+        held back for the pass, their owners' other requests going on. None when no sequence
+        is left or the pass has held back `HeldBack.MAX_HELD`."""
+        while True:
+            seq = self.waiting.next(held, held_back)
+            if seq is None:
+                return None
+            if held_back.pending is None:
+                held_back.pending = self._pending_pages()
+            if not self.bm.awaits_pages(seq, held_back.pending):
+                return seq
+            held_back.hold(seq)
+            if held_back.full:
+                return None
 
     def _pending_pages(self) -> set[bytes]:
         """Hashes of the full prompt pages that prefilling sequences are about to write. A
