@@ -66,8 +66,9 @@
 #  19. straggler: benchmarks/straggler_step.py, a captured decode step at B 128 (GTA-4 and GQA-4
 #      at `xl`) with one 32K-token sequence among 127 of 1K and with all at 1K, through the
 #      engine's plans (room for split pieces, 2026-12-06) and through plans captured without it.
-#   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla) and ENGINE_MODES (default
-#   eager,compiled) from the environment.
+#   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla), ENGINE_MODES (default
+#   eager,compiled) and ENGINE_STEPS (the engine's steady decode steps, default 32) from the
+#   environment.
 #   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small|smallplans|straggler ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
@@ -91,7 +92,8 @@ for step in $steps; do
       plot=(); [[ ${ENGINE_MODES:-eager,compiled} == *compiled* ]] && plot=(--plot "$OUT/engine_step.png")
       timeout 560 python3 benchmarks/engine_roofline.py --parts decode \
         --variants "${ENGINE_VARIANTS:-gqa-4,gta-4,gla-2,mla}" \
-        --decode-modes "${ENGINE_MODES:-eager,compiled}" --out "$OUT" "${plot[@]}" \
+        --decode-modes "${ENGINE_MODES:-eager,compiled}" --engine-steps "${ENGINE_STEPS:-32}" \
+        --out "$OUT" "${plot[@]}" \
         2>&1 | tail -40 | tee -a "$OUT/log" ;;
     enginetests)
       # (test_graph_replay's other tests replace the capture; on a GPU they only cost time)

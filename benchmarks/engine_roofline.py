@@ -168,12 +168,13 @@ def part_decode(setup: Setup, args, rows: list) -> list[dict]:
             # been compared with the eager runner's on the same cache.
             for context, r in measured.items():
                 if compiled:
-                    r.update(engine_steady(setup, runner, net, args.batch, context))
+                    r.update(engine_steady(setup, runner, net, args.batch, context,
+                                           steps=args.engine_steps))
                     # Against the forward queued back to back: the engine launches ahead too.
                     r["engine_beyond_forward"] = 1 - r["forward_queued_s"] / r["engine_step_s"]
                     if args.threaded:
                         threaded = engine_steady(setup, runner, net, args.batch, context,
-                                                 launch_thread=True)
+                                                 steps=args.engine_steps, launch_thread=True)
                         r["threaded"] = dict(
                             engine_step_s=threaded["engine_step_s"],
                             beyond_forward=1 - r["forward_queued_s"] / threaded["engine_step_s"],
@@ -498,6 +499,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-modes", default="eager,compiled",
                    help="decode steps to time: eager blocks, compiled blocks or both (the "
                         "compiled step is compared with the eager one when both run)")
+    p.add_argument("--engine-steps", type=int, default=32,
+                   help="decode steps of the serving engine's steady run; its step is their median")
     p.add_argument("--threaded", action="store_true",
                    help="also time every compiled decode row's engine with its launches made "
                         "from a thread of their own (EngineConfig.launch_thread)")
