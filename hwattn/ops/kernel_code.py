@@ -2,6 +2,7 @@
 its SASS and its PTX, with the cuobjdump that ships with Triton (no CUDA toolkit needed).
 
     resources(kernel)        registers per thread, spill bytes, shared bytes
+    programs_per_sm(...)     how many programs of it one Hopper SM holds at once
     sass(cubin)              the SASS instructions, names and section headers dropped
     ptx_code(ptx)            the PTX without its debug information
 
@@ -20,7 +21,7 @@ import tempfile
 
 import triton
 
-__all__ = ["cuobjdump", "ptx_code", "resources", "sass"]
+__all__ = ["cuobjdump", "programs_per_sm", "ptx_code", "resources", "sass"]
 
 
 def cuobjdump(cubin: bytes, option: str) -> str:
@@ -59,3 +60,15 @@ def resources(kernel) -> dict[str, int]:
     found = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
     return dict(registers=found.get("REG", -1), spill_bytes=found.get("LOCAL", 0) + found.get("STACK", 0),
                 shared_bytes=kernel.metadata.shared)
+
+
+def programs_per_sm(res: dict[str, int], threads: int) -> int:
+    """How many programs of a kernel one sm_90 SM holds at once, from its `resources` and
+    threads per program: the fewest that its registers (allocated per warp in units of 256,
+    65,536 an SM), its shared memory (228 KiB an SM, 1 KiB reserved per program) and its warps
+    (64 an SM) allow."""
+    warps = -(-threads // 32)
+    per_warp = -(-res["registers"] * 32 // 256) * 256
+    by_registers = 65536 // (per_warp * warps)
+    by_shared = 233472 // (res["shared_bytes"] + 1024)
+    return min(by_registers, by_shared, 64 // warps, 32)

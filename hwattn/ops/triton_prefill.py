@@ -23,7 +23,8 @@ from hwattn.ops.plan import PrefillPlan
 from hwattn.ops.triton_decode import (LOG2E, check_kernel_dtypes, check_tile, interpreting,
                                      pad_width)
 
-__all__ = ["PrefillConfig", "choose_prefill_config", "prefill", "prefill_layout", "prefill_tied"]
+__all__ = ["PrefillConfig", "choose_prefill_config", "compile_sm90", "kernel_constants", "prefill",
+           "prefill_layout", "prefill_tied"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,60 @@ def prefill_layout(group: int, max_seqlen_q: int, block_m: int) -> tuple[int, in
     return tokens, heads, head_blocks, rows
 
 
+def kernel_constants(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int,
+                     page_size: int, max_seqlen_q: int, fp32: bool,
+                     config: PrefillConfig | None = None) -> tuple[dict, PrefillConfig]:
+    """The compile-time arguments of one prefill launch (`prefill_kernel`'s constexprs) and its
+    tile shape: `group` query heads per KV head, widths of the query/key (`d_qk`), value and
+    RoPE key (`d_rope`, tied only), the step's longest query run."""
+    dk_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
+    # Tied states with a key as wide (padded) as the value: one tile serves as both.
+    shared = tied and dk_pad == dv_pad
+    config = config or choose_prefill_config(dk_pad, dv_pad)
+    tokens, heads, head_blocks, block_m = prefill_layout(group, max_seqlen_q, config.block_m)
+    return dict(
+        TOKENS=tokens, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v,
+        DK_PAD=dv_pad if shared else dk_pad, DV_PAD=dv_pad, D_R=d_rope, DR_PAD=pad_width(d_rope),
+        PAGE=page_size, TIED=tied, SHARED_TILE=shared,
+        DOT_PRECISION="ieee" if fp32 else "tf32"), config
+
+
+def compile_sm90(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int = 16,
+                 page_size: int = 64, max_seqlen_q: int = 2048,
+                 config: PrefillConfig | None = None):
+    """The bf16 prefill kernel compiled for Hopper (sm_90) on any machine, GPU or not (ptxas
+    ships with Triton), with the constants `_launch` would give it: (compiled kernel, config).
+    `kernel_code.resources` reads its registers and shared memory. Run without
+    TRITON_INTERPRET (the interpreter replaces the functions the compiler needs)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constexprs, config = kernel_constants(tied=tied, group=group, d_qk=d_qk, d_v=d_v,
+                                          d_rope=d_rope, page_size=page_size,
+                                          max_seqlen_q=max_seqlen_q, fp32=False, config=config)
+    pointers = dict(q_ptr="bf16", q_rope_ptr="bf16", k_ptr="bf16", v_ptr="bf16", rope_ptr="bf16",
+                    block_table_ptr="i32", cu_seqlens_ptr="i32", seqlens_ptr="i32",
+                    out_ptr="bf16", lse_ptr="fp32")
+    signature, attrs = {}, {}
+    for i, name in enumerate(prefill_kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "v_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride") and name != "stride_lh":  # (lse's row: N tokens)
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=prefill_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return kernel, config
+
+
 def _launch(q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, cache_seqlens,
             *, softmax_scale: float, plan: PrefillPlan, k_scale: float, v_scale: float,
             tied: bool, config: PrefillConfig | None):
@@ -96,19 +151,17 @@ def _launch(q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, 
     lse = torch.empty(n_heads, n_tokens, dtype=torch.float32, device=q.device)
     if n_tokens == 0:
         return out, lse
-    dk_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
-    # Tied states with a key as wide (padded) as the value: one tile serves as both.
-    shared = tied and dk_pad == dv_pad
-    config = config or choose_prefill_config(dk_pad, dv_pad)
     group = n_heads // n_kv
-    tokens, heads, head_blocks, block_m = prefill_layout(group, plan.max_seqlen_q, config.block_m)
     if tied:
         d_rope = q_rope.shape[-1]
         qr_strides, r_strides = q_rope.stride()[:2], rope_cache.stride()[:2]
     else:
         d_rope, q_rope, rope_cache = 16, q, k_cache
         qr_strides, r_strides = (0, 0), (0, 0)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    constexprs, config = kernel_constants(
+        tied=tied, group=group, d_qk=d_qk, d_v=d_v, d_rope=d_rope, page_size=page_size,
+        max_seqlen_q=plan.max_seqlen_q, fp32=q.dtype == torch.float32, config=config)
+    tokens, head_blocks = constexprs["TOKENS"], constexprs["HEAD_BLOCKS"]
     grid = (triton.cdiv(plan.max_seqlen_q, tokens), plan.batch, n_kv * head_blocks)
     prefill_kernel[grid](
         q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, cache_seqlens,
@@ -117,11 +170,7 @@ def _launch(q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, 
         block_table.shape[1] * page_size,
         *q.stride()[:2], *qr_strides, *k_cache.stride()[:3], *v_cache.stride()[:3], *r_strides,
         block_table.stride(0), *out.stride()[:2], lse.stride(0),
-        TOKENS=tokens, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks,
-        BLOCK_M=block_m, BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v,
-        DK_PAD=dv_pad if shared else dk_pad, DV_PAD=dv_pad, D_R=d_rope, DR_PAD=pad_width(d_rope),
-        PAGE=page_size, TIED=tied, SHARED_TILE=shared, DOT_PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        **constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
 
