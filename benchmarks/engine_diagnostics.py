@@ -17,6 +17,10 @@
   W stored transposed for `torch.mm`, `addmm` with a zero bias; `hwattn.bench.skinny.run_blas`),
   weights cold, CUDA graphs, each output checked: does another entry point reach the small
   weights (QKV, O, down) faster than the third to half of the copy rate `F.linear` gets?
+- prefillprof: one 8192-token prompt of `xl` prefilled whole and in chunks of 2048 (as
+  `engine_roofline.py --parts prefill` does) for MLA, GLA-2 and GQA-4 under the PyTorch
+  profiler: device time by kind (attention, GEMM, gather/copy, other) and the 15 costliest
+  kernels, beside the wall time of the same steps: where chunked latent prefill loses its MFU.
 
     python3 benchmarks/engine_diagnostics.py host,gemm,prefill   # writes $OUT/diag.jsonl
     OUT=/tmp/skinny python3 benchmarks/engine_diagnostics.py skinny   # about 2 minutes
@@ -117,5 +121,50 @@ if "blas" in parts:
     rows = skinny.run_blas(timer=lambda fn: timer(fn, iters=20, warmup=3), copy_gbs=peaks[0])
     for r in rows: save("diag.jsonl", dict(part="blas", **r))
     log(f"blas: {len(rows)} rows, {sum(not r['ok'] for r in rows)} failed")
+
+if "prefillprof" in parts:
+    from torch.profiler import profile, ProfilerActivity
+    from hwattn.engine.model_runner import StepInput
+    KINDS = [("attention", ("prefill_kernel", "flash", "fmha", "attention", "sdpa", "attn")),
+             ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "wgmma")),
+             ("copy", ("copy", "gather", "index", "cat", "memcpy", "fill"))]
+    def kind(name):
+        low = name.lower()
+        return next((k for k, keys in KINDS if any(w in low for w in keys)), "other")
+    n = 8192
+    for variant in ["mla", "gla-2", "gqa-4"]:
+        net = er.build(setup, "xl", variant, n)
+        runner = er.runner_for(setup, net, 1, n + 8, compiled=False)
+        table = [list(range(1, 2 + n // setup.page))]
+        prompt = torch.randint(0, net.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+        for chunk in (n, 2048):
+            def run():
+                for done in range(0, n, chunk):
+                    runner.execute(StepInput("prefill", [prompt[done:done + chunk]], [done], table,
+                                             need_logits=[done + chunk >= n]))
+            run(); torch.cuda.synchronize()
+            walls = []
+            for _ in range(5):
+                t0 = time.perf_counter(); run(); torch.cuda.synchronize(); walls.append(time.perf_counter() - t0)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3): run()
+                torch.cuda.synchronize()
+            ker = {}
+            for e in prof.events():
+                if e.device_type.name == "CUDA":
+                    ker.setdefault(e.name, []).append(e.device_time)
+            by_kind = {}
+            for name, v in ker.items():
+                by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + sum(v) / 3 / 1e3
+            top = sorted(((name, len(v) / 3, sum(v) / 3 / 1e3) for name, v in ker.items()), key=lambda r: -r[2])[:15]
+            rec = dict(part="prefillprof", variant=variant, chunk=chunk, wall_ms=statistics.median(walls) * 1e3,
+                       device_ms=sum(by_kind.values()), by_kind_ms=by_kind,
+                       top=[dict(name=k[:140], per_run=c, ms=t) for k, c, t in top])
+            save("diag.jsonl", rec)
+            log(f"prefillprof {variant} chunk {chunk}: wall {rec['wall_ms']:.1f} ms, device {rec['device_ms']:.1f} ms, "
+                + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+            for k, c, t in top[:8]:
+                log(f"    {t:7.2f} ms  x{c:5.0f}  {k[:110]}")
+        er.free(runner, net)
 
 log("done")
