@@ -7,8 +7,8 @@
   profiler: every matmul op with its shapes and device time, and the 25 kernels costing the
   most per step.
 - prefill: the paged prefill op on a 2048-token chunk over a 6144-token prefix (B=1, 16
-  heads) for GQA-4, GLA-2, MLA and GTA-4 under 8 tile shapes (`PrefillConfig`), each checked
-  against the PyTorch reference (`hwattn.bench.prefill.bench_case`).
+  heads) for GQA-4, GLA-2, MLA and GTA-4 (DIAG_VARIANTS) under 9 tile shapes (`PrefillConfig`),
+  each checked against the PyTorch reference (`hwattn.bench.prefill.bench_case`).
 - skinny: the decode GEMMs of `xl` (QKV, O, gate+up, down, GLA-2's input projections, LM head)
   at M = 64, 16, 128 rows: cuBLAS against the Triton skinny GEMM (hwattn/ops/skinny_gemm.py)
   under its chosen tiles, then up to 7 other tiles per shape while SKINNY_SECONDS (default 85)
@@ -93,8 +93,8 @@ if "prefill" in parts:
     from hwattn.ops.triton_prefill import PrefillConfig
     timer = DeviceTimer("cuda")
     base = ops.get_backend("triton", "cuda")
-    configs = [None, (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 128, 8, 2), (64, 128, 8, 2)]
-    for variant in ["gqa-4", "gla-2", "mla", "gta-4"]:
+    configs = [None, (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2)]
+    for variant in os.environ.get("DIAG_VARIANTS", "gqa-4,gla-2,mla,gta-4").split(","):
         for cfg in configs:
             if time.time() - T0 > float(os.environ.get("DEADLINE", "540")): break
             be = base if cfg is None else base.with_prefill_config(PrefillConfig(*cfg))

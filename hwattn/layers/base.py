@@ -193,6 +193,9 @@ class PrefillForm:
         families' expanded form up-projects every context token to per-head keys and values).
     query_flops: FLOPs per query token around the call (the absorbed form folds W_UK into the
         query and W_UV into the output).
+    split_values: (tied only) the values are a cache of their own, not the state: the call
+        reads three caches, keys (H_kv, d_qk), the RoPE key (d_rope,), values (H_kv, d_v)
+        (the latent families' expanded form).
     """
 
     name: str
@@ -205,6 +208,7 @@ class PrefillForm:
     softmax_scale: float
     context_flops: int = 0
     query_flops: int = 0
+    split_values: bool = False
 
     @staticmethod
     def pairs(query_lens: Sequence[int], seqlens: Sequence[int]) -> int:
@@ -236,6 +240,8 @@ class PrefillForm:
 
     def cache_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per-token shapes of the paged caches the call reads."""
+        if self.split_values:
+            return (self.heads_kv, self.d_qk), (self.d_rope,), (self.heads_kv, self.d_v)
         if self.tied:
             return (self.heads_kv, self.d_v), (self.d_rope,)
         return (self.heads_kv, self.d_qk), (self.heads_kv, self.d_v)
@@ -248,11 +254,12 @@ class PrefillForm:
         what the backend's op returns (out (N, H_q, d_v) [, lse (H_q, N)])."""
         if self.tied:
             q_nope, q_rope = queries
-            kv_cache, rope_cache = caches
+            kv_cache, rope_cache, *values = caches
+            split = dict(v_cache=values[0]) if self.split_values else {}
             return backend.prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                         cu_seqlens_q, cache_seqlens,
                                         softmax_scale=self.softmax_scale, plan=plan,
-                                        kv_scale=cache_scale, return_lse=return_lse)
+                                        kv_scale=cache_scale, return_lse=return_lse, **split)
         k_cache, v_cache = caches
         return backend.prefill(queries[0], k_cache, v_cache, block_table, cu_seqlens_q,
                                cache_seqlens, softmax_scale=self.softmax_scale, plan=plan,

@@ -14,10 +14,10 @@ latent head of d_c = 4·d_h. Query head i uses latent head i // (h_q / h_c).
 Prefill has two forms (`prefill_forms`), chosen per step by their FLOPs (`prefill_form`):
 absorbed, as decode (`prefill_tied` over the latent cache: ~2·(d_c + d_R + d_c) FLOPs per
 query-key pair per head), or expanded (each sequence's cached latent pages gathered and
-up-projected to per-head K = [W_UK c, k_rope] and V = W_UV c, attended by `prefill`:
-~2·(d_h + d_R + d_h) per pair, plus the up-projection of every context token). Long prompts
-take the expanded form, a few queries over a long context (decode rows, short chunks) the
-absorbed one.
+up-projected to per-head K_nope = W_UK c and V = W_UV c, attended by `prefill_tied` with
+values of their own beside the one shared RoPE key: ~2·(d_h + d_R + d_h) per pair, plus the
+up-projection of every context token). Long prompts take the expanded form, a few queries
+over a long context (decode rows, short chunks) the absorbed one.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ class LatentAttention(TiedStateAttention):
         W_UK and W_UV) and per context token (up-projecting K_nope and V) on local heads."""
         h, dh, dc = self.n_heads, self.head_dim, self.latent_dim
         absorbed = self.tied_form(dc, "absorbed", query_flops=2 * 2 * h * dh * dc)
-        expanded = PrefillForm("expanded", False, h, h, dh + self.rope_dim, dh, 0, self.scale,
-                               context_flops=2 * 2 * h * dc * dh)
+        expanded = PrefillForm("expanded", True, h, h, dh, dh, self.rope_dim, self.scale,
+                               context_flops=2 * 2 * h * dc * dh, split_values=True)
         return absorbed, expanded
 
     def prefill_form(self, plan) -> PrefillForm:
@@ -144,22 +144,25 @@ class LatentAttention(TiedStateAttention):
             out_latent = form.run(meta.backend, (self.absorb_query(q_nope), q_rope), cache,
                                   meta.block_table, *args, plan=meta.plan)  # (N, H, d_c)
             return self.absorb_output(out_latent)
-        k, v, table = self.expand_context(cache, meta)
-        return form.run(meta.backend, (torch.cat((q_nope, q_rope), -1),), (k, v), table, *args,
+        *caches, table = self.expand_context(cache, meta)
+        return form.run(meta.backend, (q_nope, q_rope), tuple(caches), table, *args,
                         plan=meta.plan)
 
     def expand_context(self, cache: tuple[Tensor, Tensor],
-                       meta: AttentionMetadata) -> tuple[Tensor, Tensor, Tensor]:
+                       meta: AttentionMetadata) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Every sequence's cached latent pages, gathered and up-projected to per-head keys
-        and values: K (n, page, H, d_h + d_R), V (n, page, H, d_h), and the block table
-        (B, max_pages) int32 that maps each sequence onto them (`meta.context_pages`)."""
+        and values: K_nope (n, page, H, d_h) = W_UK c, the RoPE keys of those pages
+        (n, page, d_R), V (n, page, H, d_h) = W_UV c, and the block table (B, max_pages)
+        int32 that maps each sequence onto them (`meta.context_pages`)."""
         kv_cache, rope_cache = cache
         pages, table = meta.context_pages(kv_cache.shape[1])
         latent, rope = kv_cache[pages], rope_cache[pages]  # (n, page, h_c, d_c), (n, page, d_R)
         n, page = latent.shape[:2]
-        k, v = self.expand(latent.view(1, n * page, self.n_latent_heads, self.latent_dim),
-                           rope.view(1, n * page, self.rope_dim))  # (1, n·page, H, ...)
-        return k.view(n, page, self.n_heads, -1), v.view(n, page, self.n_heads, -1), table
+        flat = latent.view(1, n * page, self.n_latent_heads, self.latent_dim)
+        k_nope = self._up(flat, self.w_uk, self.b_uk)  # (1, n·page, H, d_h)
+        v = self._up(flat, self.w_uv, self.b_uv)
+        return (k_nope.view(n, page, self.n_heads, -1), rope.to(k_nope.dtype),
+                v.view(n, page, self.n_heads, -1), table)
 
     def cache_layout(self, tp: int = 1) -> dict[str, tuple[int, ...]]:
         return {"kv": (self.local_heads(tp)[1], self.latent_dim), "rope": (self.rope_dim,)}

@@ -114,21 +114,25 @@ def prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
 def prefill_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
                  block_table: Tensor, cu_seqlens_q: Tensor, cache_seqlens: Tensor, *,
                  softmax_scale: float | None = None, return_lse: bool = False, plan=None,
-                 backend: str | AttentionBackend = "auto", kv_scale: float | None = None):
+                 backend: str | AttentionBackend = "auto", kv_scale: float | None = None,
+                 v_cache: Tensor | None = None):
     """Variable-length causal paged attention over tied states plus one shared RoPE key
-    (prefill of GTA; MLA / GLA absorbed).
+    (prefill of GTA; MLA / GLA absorbed), or over per-head keys beside that RoPE key with
+    values of their own (`v_cache`: MLA / GLA expanded).
 
     Args:
         q_nope: (N, H_q, D_nope); q_rope: (N, H_q, D_R), packed as for `prefill`.
         kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
         block_table, cu_seqlens_q, cache_seqlens, plan: as for `prefill`.
         softmax_scale: any finite number, default 1/sqrt(D_nope + D_R).
+        v_cache: (P, page_size, H_kv, D_v) values, of kv_cache's dtype; None: the state's.
     Returns:
         out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
     """
     return get_backend(backend, q_nope.device).prefill_tied(
         q_nope, q_rope, kv_cache, rope_cache, block_table, cu_seqlens_q, cache_seqlens,
-        softmax_scale=softmax_scale, return_lse=return_lse, plan=plan, kv_scale=kv_scale)
+        softmax_scale=softmax_scale, return_lse=return_lse, plan=plan, kv_scale=kv_scale,
+        v_cache=v_cache)
 
 
 def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, *, scale: float | None = None,

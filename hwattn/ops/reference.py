@@ -133,8 +133,9 @@ def decode_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope
 
 def _decode_tied_rows(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
                       block_table: Tensor, cache_seqlens: Tensor, softmax_scale: float,
-                      kv_scale: float | None):
-    """`decode_tied_reference` on a block table already checked."""
+                      kv_scale: float | None, v_cache: Tensor | None = None):
+    """`decode_tied_reference` on a block table already checked; with `v_cache` (P, page_size,
+    H_kv, D_v) its values in place of the state's."""
     batch, _, n_heads, d_nope = q_nope.shape
     cdt = _compute_dtype(q_nope)
     outs, lses = [], []
@@ -142,11 +143,13 @@ def _decode_tied_rows(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cac
         length = int(cache_seqlens[b])
         state = _expand_heads(gather_cache(kv_cache, block_table[b], length).to(cdt), n_heads)
         rope = gather_cache(rope_cache, block_table[b], length).to(cdt)  # (L, D_R)
+        values = state if v_cache is None else \
+            _expand_heads(gather_cache(v_cache, block_table[b], length).to(cdt), n_heads)
         if kv_scale is not None:
-            state, rope = state * kv_scale, rope * kv_scale
+            state, rope, values = state * kv_scale, rope * kv_scale, values * kv_scale
         scores = (torch.einsum("qhd,lhd->qhl", q_nope[b].to(cdt), state[..., :d_nope])
                   + torch.einsum("qhr,lr->qhl", q_rope[b].to(cdt), rope)) * softmax_scale
-        out, lse = _attend_one(scores, state, length, q_nope.dtype)
+        out, lse = _attend_one(scores, values, length, q_nope.dtype)
         outs.append(out)
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)
@@ -196,19 +199,22 @@ def prefill_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: 
 
 def prefill_tied_reference(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
                            block_table: Tensor, cu_seqlens_q: Tensor, cache_seqlens: Tensor,
-                           softmax_scale: float, kv_scale: float | None = None):
+                           softmax_scale: float, kv_scale: float | None = None,
+                           v_cache: Tensor | None = None):
     """Variable-length tied-state paged attention: `decode_tied_reference` per sequence.
 
     q_nope (N, H_q, D_nope); q_rope (N, H_q, D_R); kv_cache (P, page_size, H_kv, D_v);
-    rope_cache (P, page_size, D_R). Returns out (N, H_q, D_v) and lse (H_q, N) fp32. A page
-    id read outside [0, P) raises ValueError, as for `prefill_reference`.
+    rope_cache (P, page_size, D_R); v_cache (P, page_size, H_kv, D_v) or None: values in place
+    of the state's. Returns out (N, H_q, D_v) and lse (H_q, N) fp32. A page id read outside
+    [0, P) raises ValueError, as for `prefill_reference`.
     """
     def one(queries, table, seqlens):
         return _decode_tied_rows(*queries, kv_cache, rope_cache, table, seqlens, softmax_scale,
-                                 kv_scale)
+                                 kv_scale, v_cache)
 
+    d_v = (kv_cache if v_cache is None else v_cache).shape[3]
     return _per_sequence(one, cu_seqlens_q, block_table, cache_seqlens, (q_nope, q_rope),
-                         q_nope.shape[1], kv_cache.shape[3], q_nope.dtype, kv_cache)
+                         q_nope.shape[1], d_v, q_nope.dtype, kv_cache)
 
 
 def store_kv_reference(cache: Tensor, new: Tensor, slot_mapping: Tensor,

@@ -48,24 +48,27 @@ class PrefillConfig:
 # Tile shapes measured fastest on one H200 for a 2048-token chunk over a 6144-token cached
 # prefix, B = 1, 16 query heads (the engine's chunked-prefill step at `xl`): 8 configurations
 # swept per form, benchmarks/results/prefill_tiles_h200_2026-12-04/ (ms against the shape's
-# previous default in brackets). Keyed by the padded (key, value) widths of the launch.
+# previous default in brackets). Keyed by the padded (key, value, RoPE key) widths of the
+# launch (RoPE 0: untied).
 _TUNED = {
-    (128, 128): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),  # GQA: 0.368 (0.485)
-    (64, 128): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),  # GTA: 0.406 (0.479)
-    (256, 256): PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),  # GLA absorbed: 0.611 (1.159)
-    (256, 128): PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=2),  # expanded MLA / GLA: 0.699 / 0.597 (1.148 / 1.152)
+    (128, 128, 0): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=3),  # GQA: 0.368 (0.485)
+    (64, 128, 64): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),  # GTA: 0.406 (0.479)
+    (256, 256, 64): PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),  # GLA absorbed: 0.611 (1.159)
+    # Expanded MLA / GLA (per-head keys of 128 beside the shared RoPE key of 64, values of
+    # their own; 2026-12-07): not yet timed; the tile of two programs per SM at sm_90.
+    (128, 128, 64): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
 }
 
 
-def choose_prefill_config(dk_pad: int, dv_pad: int) -> PrefillConfig:
-    """Tile shape for padded key and value widths: the shape measured fastest on the GPU for
-    the widths of the layers we ship (`_TUNED`); otherwise 128 rows while the fp32
-    accumulator (rows × dv_pad) and the query tile fit the registers of 8 warps, fewer rows
-    and keys beyond. `hwattn bench prefill --block-m ...` sweeps it."""
+def choose_prefill_config(dk_pad: int, dv_pad: int, dr_pad: int = 0) -> PrefillConfig:
+    """Tile shape for padded key, value and RoPE-key widths (0: untied): the shape measured
+    fastest on the GPU for the widths of the layers we ship (`_TUNED`); otherwise 128 rows
+    while the fp32 accumulator (rows × dv_pad) and the query tile fit the registers of 8 warps,
+    fewer rows and keys beyond. `hwattn bench prefill --block-m ...` sweeps it."""
     if interpreting():  # small tiles: several query tiles and key blocks even in tiny tests
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
-    if (dk_pad, dv_pad) in _TUNED:
-        return _TUNED[(dk_pad, dv_pad)]
+    if (dk_pad, dv_pad, dr_pad) in _TUNED:
+        return _TUNED[(dk_pad, dv_pad, dr_pad)]
     widest = max(dk_pad, dv_pad)
     if widest <= 64:
         return PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
@@ -88,15 +91,16 @@ def prefill_layout(group: int, max_seqlen_q: int, block_m: int) -> tuple[int, in
 
 
 def kernel_constants(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int,
-                     page_size: int, max_seqlen_q: int, fp32: bool,
+                     page_size: int, max_seqlen_q: int, fp32: bool, split_values: bool = False,
                      config: PrefillConfig | None = None) -> tuple[dict, PrefillConfig]:
     """The compile-time arguments of one prefill launch (`prefill_kernel`'s constexprs) and its
     tile shape: `group` query heads per KV head, widths of the query/key (`d_qk`), value and
-    RoPE key (`d_rope`, tied only), the step's longest query run."""
+    RoPE key (`d_rope`, tied only), the step's longest query run; `split_values`: a tied call
+    whose values are a cache of their own."""
     dk_pad, dv_pad = pad_width(d_qk), pad_width(d_v)
     # Tied states with a key as wide (padded) as the value: one tile serves as both.
-    shared = tied and dk_pad == dv_pad
-    config = config or choose_prefill_config(dk_pad, dv_pad)
+    shared = tied and not split_values and dk_pad == dv_pad
+    config = config or choose_prefill_config(dk_pad, dv_pad, pad_width(d_rope) if tied else 0)
     tokens, heads, head_blocks, block_m = prefill_layout(group, max_seqlen_q, config.block_m)
     return dict(
         TOKENS=tokens, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks,
@@ -107,7 +111,7 @@ def kernel_constants(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int
 
 
 def compile_sm90(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int = 16,
-                 page_size: int = 64, max_seqlen_q: int = 2048,
+                 page_size: int = 64, max_seqlen_q: int = 2048, split_values: bool = False,
                  config: PrefillConfig | None = None):
     """The bf16 prefill kernel compiled for Hopper (sm_90) on any machine, GPU or not (ptxas
     ships with Triton), with the constants `_launch` would give it: (compiled kernel, config).
@@ -118,7 +122,8 @@ def compile_sm90(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int = 1
 
     constexprs, config = kernel_constants(tied=tied, group=group, d_qk=d_qk, d_v=d_v,
                                           d_rope=d_rope, page_size=page_size,
-                                          max_seqlen_q=max_seqlen_q, fp32=False, config=config)
+                                          max_seqlen_q=max_seqlen_q, fp32=False,
+                                          split_values=split_values, config=config)
     pointers = dict(q_ptr="bf16", q_rope_ptr="bf16", k_ptr="bf16", v_ptr="bf16", rope_ptr="bf16",
                     block_table_ptr="i32", cu_seqlens_ptr="i32", seqlens_ptr="i32",
                     out_ptr="bf16", lse_ptr="fp32")
@@ -143,7 +148,7 @@ def compile_sm90(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int = 1
 
 def _launch(q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, cache_seqlens,
             *, softmax_scale: float, plan: PrefillPlan, k_scale: float, v_scale: float,
-            tied: bool, config: PrefillConfig | None):
+            tied: bool, config: PrefillConfig | None, split_values: bool = False):
     n_tokens, n_heads, d_qk = q.shape
     n_kv, d_v = k_cache.shape[2], v_cache.shape[3]
     page_size = k_cache.shape[1]
@@ -160,7 +165,8 @@ def _launch(q, q_rope, k_cache, v_cache, rope_cache, block_table, cu_seqlens_q, 
         qr_strides, r_strides = (0, 0), (0, 0)
     constexprs, config = kernel_constants(
         tied=tied, group=group, d_qk=d_qk, d_v=d_v, d_rope=d_rope, page_size=page_size,
-        max_seqlen_q=plan.max_seqlen_q, fp32=q.dtype == torch.float32, config=config)
+        max_seqlen_q=plan.max_seqlen_q, fp32=q.dtype == torch.float32,
+        split_values=split_values, config=config)
     tokens, head_blocks = constexprs["TOKENS"], constexprs["HEAD_BLOCKS"]
     grid = (triton.cdiv(plan.max_seqlen_q, tokens), plan.batch, n_kv * head_blocks)
     prefill_kernel[grid](
@@ -190,11 +196,13 @@ def prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
 def prefill_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
                  block_table: Tensor, cu_seqlens_q: Tensor, cache_seqlens: Tensor, *,
                  softmax_scale: float, plan: PrefillPlan, kv_scale: float | None = None,
-                 config: PrefillConfig | None = None):
-    """Tied-state varlen paged prefill; shapes as `AttentionBackend.prefill_tied`. Returns
-    (out (N, H_q, D_v), lse (H_q, N))."""
-    check_kernel_dtypes(q_nope=q_nope, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache)
+                 config: PrefillConfig | None = None, v_cache: Tensor | None = None):
+    """Tied-state varlen paged prefill; shapes as `AttentionBackend.prefill_tied` (`v_cache`:
+    values of their own, else the state's). Returns (out (N, H_q, D_v), lse (H_q, N))."""
+    check_kernel_dtypes(q_nope=q_nope, q_rope=q_rope, kv_cache=kv_cache, rope_cache=rope_cache,
+                        **({} if v_cache is None else dict(v_cache=v_cache)))
     scale = kv_scale or 1.0
-    return _launch(q_nope, q_rope, kv_cache, kv_cache, rope_cache, block_table, cu_seqlens_q,
-                   cache_seqlens, softmax_scale=softmax_scale, plan=plan, k_scale=scale,
-                   v_scale=scale, tied=True, config=config)
+    return _launch(q_nope, q_rope, kv_cache, kv_cache if v_cache is None else v_cache,
+                   rope_cache, block_table, cu_seqlens_q, cache_seqlens,
+                   softmax_scale=softmax_scale, plan=plan, k_scale=scale, v_scale=scale,
+                   tied=True, config=config, split_values=v_cache is not None)

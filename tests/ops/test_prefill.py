@@ -114,6 +114,62 @@ def test_prefill_tied_matches_fp64(case):
     check_out_lse("triton", got, truth, baseline)
 
 
+# Per-head keys beside one shared RoPE key, values of their own (`v_cache`: MLA / GLA expanded).
+# (query lens, cache lens, H_q, H_kv, D_nope, D_v, D_R, page, dtype)
+SPLIT_CASES = [
+    # Key and value of one padded width: the one-tile shortcut of tied states must not apply.
+    pytest.param(([11, 29], [40, 29], 4, 4, 64, 64, 32, 16, torch.bfloat16), id="expanded-like-d64-dr32"),
+    pytest.param(([31, 2, 0], [96, 2, 7], 4, 4, 128, 128, 64, 64, torch.bfloat16), id="xl-widths-page64"),
+    pytest.param(([5, 9], [70, 9], 8, 2, 32, 48, 16, 16, torch.float16), id="ratio4-dv48-fp16"),
+    pytest.param(([1, 1], [33, 1], 2, 2, 48, 16, 16, 1, torch.float32), id="decode-rows-page1-fp32"),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_prefill_tied_with_values_of_their_own_matches_fp64(case):
+    query_lens, lengths, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
+    table, n_pool = paged_table(lengths, page)
+    k_cache, k_real = fill_cache((h_kv, d_nope), lengths, table, n_pool, page, dtype)
+    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, dtype)
+    v_cache, v_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype)
+    n = sum(query_lens)
+    q_nope, q_rope = torch.randn(n, h_q, d_nope).to(dtype), torch.randn(n, h_q, d_rope).to(dtype)
+    cu, seqlens = varlen(query_lens), torch.tensor(lengths, dtype=torch.int32)
+    scale = 1 / math.sqrt(d_nope + d_rope)
+    keys, values = [], []
+    for b, length in enumerate(lengths):
+        rope = gather_truth(rope_real, table, b, length)[:, None, :].expand(length, h_kv, d_rope)
+        keys.append(torch.cat([gather_truth(k_real, table, b, length), rope], -1))
+        values.append(gather_truth(v_real, table, b, length))
+    truth = prefill_truth(torch.cat([q_nope, q_rope], -1), query_lens, keys, values, scale)
+    args = (q_nope, q_rope, k_cache, rope_cache, table, cu, seqlens)
+    baseline = ops.prefill_tied(*args, softmax_scale=scale, return_lse=True, backend="torch",
+                                v_cache=v_cache)
+    check_out_lse("reference", baseline, truth, baseline)
+    *device_args, device_v = on_device(*args, v_cache)
+    got = ops.prefill_tied(*device_args, softmax_scale=scale, return_lse=True, v_cache=device_v,
+                           plan=ops.plan_prefill(cu, seqlens), backend="triton")
+    check_out_lse("triton", got, truth, baseline)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prefill_tied_refuses_values_that_do_not_fit(backend):
+    table, n_pool = paged_table([20], 16)
+    k_cache, _ = fill_cache((2, 32), [20], table, n_pool, 16, torch.float32)
+    rope_cache, _ = fill_cache((16,), [20], table, n_pool, 16, torch.float32)
+    q_nope, q_rope = torch.randn(20, 4, 32), torch.randn(20, 4, 16)
+    cu, seqlens = varlen([20]), torch.tensor([20], dtype=torch.int32)
+    args = (q_nope, q_rope, k_cache, rope_cache, table, cu, seqlens)
+    wrong = [(torch.randn(n_pool, 16, 1, 32), "v_cache must be"),  # other heads
+             (torch.randn(n_pool + 1, 16, 2, 32), "v_cache must be"),  # other pages
+             (torch.randn(n_pool, 16, 2, 0), "v_cache must be"),
+             (torch.randn(n_pool, 16, 2, 32, dtype=torch.float64), "v_cache dtype"),
+             (k_cache.numpy(), "v_cache must be a tensor")]
+    for v_cache, message in wrong:
+        with pytest.raises(ValueError, match=message):
+            ops.prefill_tied(*args, v_cache=v_cache, backend=backend)
+
+
 @pytest.mark.parametrize("block_m, block_n, page", [(16, 64, 16), (64, 32, 64), (128, 16, 1)],
                          ids=["bm16-bn64-page16", "bm64-bn32-page64", "bm128-bn16-page1"])
 def test_other_tiles(block_m, block_n, page):
@@ -195,9 +251,11 @@ def test_tuned_tiles_match_the_shipped_layers(monkeypatch):
         for form in layer_for(variant, 16, 128, 64).prefill_forms():
             d_qk = form.query_shapes(1)[0][-1]
             caches = form.cache_shapes()
-            d_v = caches[1][-1] if len(caches[1]) > 1 else caches[0][-1]  # tied: the state
-            widths.add((pad_width(d_qk), pad_width(d_v)))
-    assert widths == set(triton_prefill._TUNED) | {(512, 512)}  # MLA absorbed: its default
+            # Values: the last cache of an untied or split call, the state of a tied one.
+            d_v = caches[0][-1] if form.tied and not form.split_values else caches[-1][-1]
+            d_rope = pad_width(form.d_rope) if form.tied else 0
+            widths.add((pad_width(d_qk), pad_width(d_v), d_rope))
+    assert widths == set(triton_prefill._TUNED) | {(512, 512, 64)}  # MLA absorbed: its default
     for key, config in triton_prefill._TUNED.items():
         assert triton_prefill.choose_prefill_config(*key) is config
-    assert triton_prefill.choose_prefill_config(512, 512).block_n == 32
+    assert triton_prefill.choose_prefill_config(512, 512, 64).block_n == 32

@@ -17,13 +17,14 @@ import pytest
 
 from hwattn.ops import triton_prefill
 
-# (key width, value width) padded -> (the `xl` layer it serves: tied, query heads per KV head,
-# key width, value width, RoPE width; programs per SM at the tuned tile shape).
+# (key, value, RoPE key) widths padded -> (the `xl` layer it serves: tied, query heads per KV
+# head, key width, value width, RoPE width, values of their own; programs per SM at the tuned
+# tile shape).
 LAUNCHES = {
-    (128, 128): ((False, 4, 128, 128, 16), 2),  # GQA-4
-    (64, 128): ((True, 4, 64, 128, 64), 2),  # GTA-4: 64 state dims in the key, and the RoPE key
-    (256, 256): ((True, 8, 256, 256, 64), 1),  # GLA-2 absorbed (short chunks over a context)
-    (256, 128): ((False, 1, 192, 128, 16), 2),  # MLA / GLA expanded: per-head keys of 128 + 64
+    (128, 128, 0): ((False, 4, 128, 128, 16, False), 2),  # GQA-4
+    (64, 128, 64): ((True, 4, 64, 128, 64, False), 2),  # GTA-4: 64 state dims in the key, and the RoPE key
+    (256, 256, 64): ((True, 8, 256, 256, 64, False), 1),  # GLA-2 absorbed (short chunks over a context)
+    (128, 128, 64): ((True, 1, 128, 128, 64, True), 2),  # MLA / GLA expanded: per-head K and V
 }
 
 # Compiled in a child process: the ops tests run Triton's interpreter, whose functions the
@@ -32,9 +33,9 @@ COMPILE_SCRIPT = """
 import json, sys
 from hwattn.ops import kernel_code, triton_prefill
 results = []
-for tied, group, d_qk, d_v, d_rope in json.loads(sys.argv[1]):
+for tied, group, d_qk, d_v, d_rope, split in json.loads(sys.argv[1]):
     kernel, config = triton_prefill.compile_sm90(tied=tied, group=group, d_qk=d_qk, d_v=d_v,
-                                                 d_rope=d_rope)
+                                                 d_rope=d_rope, split_values=split)
     res = kernel_code.resources(kernel)
     results.append(dict(res, programs=kernel_code.programs_per_sm(res, 32 * config.num_warps)))
 print(json.dumps(results))

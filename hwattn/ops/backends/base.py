@@ -188,6 +188,21 @@ def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
         raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
 
 
+def _check_values(v_cache: Tensor, kv_cache: Tensor) -> None:
+    """ValueError naming `v_cache` unless it is a value cache on kv_cache's pages and heads:
+    (P, page_size, H_kv, D_v), its dtype and device."""
+    if not isinstance(v_cache, Tensor):
+        raise ValueError(f"v_cache must be a tensor or None, got {type(v_cache).__name__}")
+    if v_cache.dim() != 4 or v_cache.shape[:3] != kv_cache.shape[:3] or v_cache.shape[3] == 0:
+        raise ValueError(f"v_cache must be (P, page_size, H_kv, D_v) = "
+                         f"({', '.join(map(str, kv_cache.shape[:3]))}, D_v > 0) as kv_cache, "
+                         f"got {tuple(v_cache.shape)}")
+    if v_cache.dtype != kv_cache.dtype:
+        raise ValueError(f"v_cache dtype {v_cache.dtype} must match kv_cache's {kv_cache.dtype}")
+    if v_cache.device != kv_cache.device:
+        raise ValueError(f"v_cache is on {v_cache.device} but kv_cache is on {kv_cache.device}")
+
+
 def _check_store(cache: Tensor, new: Tensor, slot_mapping: Tensor) -> None:
     """ValueError naming the argument unless `new` (N, *feat) fits `cache` (P, page, *feat)
     and `slot_mapping` is (N,) int32/int64 on the cache's device."""
@@ -323,8 +338,10 @@ class AttentionBackend:
     def run_prefill_tied(self, q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor,
                          rope_cache: Tensor, block_table: Tensor, cu_seqlens_q: Tensor,
                          cache_seqlens: Tensor, *, softmax_scale: float, plan: PrefillPlan,
-                         kv_scale: float | None) -> tuple[Tensor, Tensor]:
-        """Variable-length tied-state paged attention -> (out (N, H_q, D_v), lse (H_q, N) fp32)."""
+                         kv_scale: float | None,
+                         v_cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Variable-length tied-state paged attention -> (out (N, H_q, D_v), lse (H_q, N) fp32);
+        with `v_cache`, its values in place of the state's."""
         raise NotImplementedError(f"backend {self.name!r} has no tied prefill kernel")
 
     def run_store_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor, *,
@@ -567,21 +584,28 @@ class AttentionBackend:
     def prefill_tied(self, q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
                      block_table: Tensor, cu_seqlens_q: Tensor, cache_seqlens: Tensor, *,
                      softmax_scale: float | None = None, return_lse: bool = False,
-                     plan: Any = None, kv_scale: float | None = None):
+                     plan: Any = None, kv_scale: float | None = None,
+                     v_cache: Tensor | None = None):
         """Variable-length causal paged attention over one tied state per head plus one shared
         RoPE key (GTA; MLA / GLA absorbed): scores = (q_nope · S[..., :D_nope] + q_rope · R)
-        · scale, out = P · S.
+        · scale, out = P · S; or, with `v_cache`, out = P · V (MLA / GLA expanded: per-head
+        keys W_UK c beside the shared RoPE key, values W_UV c).
 
         Args:
             q_nope: (N, H_q, D_nope); q_rope: (N, H_q, D_R), packed as for `prefill`.
-            kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
+            kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v (with `v_cache`: any width
+                >= D_nope); rope_cache: (P, page_size, D_R).
             block_table, cu_seqlens_q, cache_seqlens, plan: as for `prefill`.
             softmax_scale: any finite number, default 1/sqrt(D_nope + D_R).
-            kv_scale: dequantisation scale of an fp8 cache (both caches share it).
+            kv_scale: dequantisation scale of an fp8 cache (every cache shares it).
+            v_cache: (P, page_size, H_kv, D_v), values on the pages and heads of kv_cache,
+                of its dtype; None: the state is the value.
         Returns:
             out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.
         """
         _check_tied(q_nope, q_rope, kv_cache, rope_cache, kv_scale, ("N", "H_q"))
+        if v_cache is not None:
+            _check_values(v_cache, kv_cache)
         kv_scale = _check_scale("kv_scale", kv_scale)
         n_tokens, n_heads, d_nope = q_nope.shape
         d_rope = q_rope.shape[2]
@@ -591,9 +615,11 @@ class AttentionBackend:
                                   n_tokens, q_nope.device, plan)
         softmax_scale = _check_softmax_scale(softmax_scale)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_nope + d_rope)
+        # (A backend that predates v_cache is asked only for what it knows.)
+        values = {} if v_cache is None else dict(v_cache=v_cache)
         out, lse = self.run_prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                          cu_seqlens_q, cache_seqlens, softmax_scale=scale,
-                                         plan=plan, kv_scale=kv_scale)
+                                         plan=plan, kv_scale=kv_scale, **values)
         return (out, lse) if return_lse else out
 
     @torch.compiler.disable

@@ -42,10 +42,10 @@ class TorchBackend(AttentionBackend):
                                            cache_seqlens, softmax_scale, k_scale, v_scale)
 
     def run_prefill_tied(self, q_nope, q_rope, kv_cache, rope_cache, block_table, cu_seqlens_q,
-                         cache_seqlens, *, softmax_scale, plan, kv_scale):
+                         cache_seqlens, *, softmax_scale, plan, kv_scale, v_cache=None):
         return reference.prefill_tied_reference(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                                 cu_seqlens_q, cache_seqlens, softmax_scale,
-                                                kv_scale)
+                                                kv_scale, v_cache=v_cache)
 
     def run_store_kv(self, cache, new, slot_mapping, *, scale) -> None:
         reference.store_kv_reference(cache, new, slot_mapping, scale)

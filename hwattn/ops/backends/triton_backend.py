@@ -93,11 +93,12 @@ class TritonBackend(AttentionBackend):
                                       k_scale=k_scale, v_scale=v_scale, config=self.prefill_config)
 
     def run_prefill_tied(self, q_nope, q_rope, kv_cache, rope_cache, block_table, cu_seqlens_q,
-                         cache_seqlens, *, softmax_scale, plan, kv_scale):
+                         cache_seqlens, *, softmax_scale, plan, kv_scale, v_cache=None):
         return triton_prefill.prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
                                            cu_seqlens_q, cache_seqlens,
                                            softmax_scale=softmax_scale, plan=plan,
-                                           kv_scale=kv_scale, config=self.prefill_config)
+                                           kv_scale=kv_scale, config=self.prefill_config,
+                                           v_cache=v_cache)
 
     @staticmethod
     def _stores(cache, new) -> bool:
