@@ -540,6 +540,8 @@ def main(argv=None) -> int:
     p.add_argument("--replot", metavar="JSON",
                    help="time nothing: draw --plot from this engine_roofline.json")
     args = p.parse_args(argv)
+    if args.engine_steps < 1:
+        p.error(f"--engine-steps must be >= 1, got {args.engine_steps}")
     if args.replot:
         if not args.plot:
             p.error("--replot needs --plot FILE.png")

@@ -252,6 +252,9 @@ class PrefillForm:
             return_lse: bool = False):
         """The call: queries and caches shaped as `query_shapes` / `cache_shapes`; returns
         what the backend's op returns (out (N, H_q, d_v) [, lse (H_q, N)])."""
+        if len(caches) != len(self.cache_shapes()):
+            raise ValueError(f"the {self.name} form reads {len(self.cache_shapes())} caches "
+                             f"(per token {self.cache_shapes()}), got {len(caches)}")
         if self.tied:
             q_nope, q_rope = queries
             kv_cache, rope_cache, *values = caches

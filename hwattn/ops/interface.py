@@ -87,7 +87,7 @@ def prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
             return_lse: bool = False, plan=None, backend: str | AttentionBackend = "auto",
             k_scale: float | None = None, v_scale: float | None = None):
     """Variable-length causal paged attention with separate K and V caches (prefill of MHA /
-    MQA / GQA; the latent variants' expanded form).
+    MQA / GQA; keys may be wider than values).
 
     Args:
         q: (N, H_q, D_qk): the queries of B sequences packed as rows, sequence b's being rows
@@ -122,9 +122,11 @@ def prefill_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: T
 
     Args:
         q_nope: (N, H_q, D_nope); q_rope: (N, H_q, D_R), packed as for `prefill`.
-        kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v; rope_cache: (P, page_size, D_R).
+        kv_cache: (P, page_size, H_kv, D_v) with D_nope <= D_v (with `v_cache`: any width
+            >= D_nope); rope_cache: (P, page_size, D_R).
         block_table, cu_seqlens_q, cache_seqlens, plan: as for `prefill`.
         softmax_scale: any finite number, default 1/sqrt(D_nope + D_R).
+        kv_scale: dequantisation scale of an fp8 cache (every cache shares it).
         v_cache: (P, page_size, H_kv, D_v) values, of kv_cache's dtype; None: the state's.
     Returns:
         out (N, H_q, D_v) in q's dtype, and lse (H_q, N) fp32 if `return_lse`.

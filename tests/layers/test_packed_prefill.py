@@ -69,8 +69,9 @@ def test_packed_prefill_matches_forward(attention, backend):
 @pytest.mark.parametrize("attention, latent_heads, bias", [
     ("mla", None, False), ("gla", None, True), ("gla", 4, False)])
 def test_latent_prefill_forms_agree(attention, latent_heads, bias):
-    """The absorbed form (prefill_tied over the latent) and the expanded one (prefill over
-    per-head K/V up-projected from the gathered latent pages) give one result."""
+    """The absorbed form (prefill_tied over the latent) and the expanded one (prefill_tied
+    over per-head K_nope and V up-projected from the gathered latent pages, beside their RoPE
+    keys) give one result."""
     kw = {"n_latent_heads": latent_heads} if latent_heads else {}
     cfg = ModelConfig.from_preset("tiny", attention=attention, attention_bias=bias, **kw)
     model = Transformer(cfg).double()

@@ -152,6 +152,45 @@ def test_prefill_tied_with_values_of_their_own_matches_fp64(case):
     check_out_lse("triton", got, truth, baseline)
 
 
+def test_a_backend_from_before_v_cache_gets_split_values_through_prefill():
+    """A backend registered from outside whose run_prefill_tied predates `v_cache` is given
+    the call through its run_prefill, over keys [K_nope, R] built per head."""
+    from hwattn.ops.backends.torch_backend import TorchBackend
+
+    class Older(TorchBackend):
+        name = "older"
+        calls: list = []
+
+        def run_prefill_tied(self, q_nope, q_rope, kv_cache, rope_cache, block_table,
+                             cu_seqlens_q, cache_seqlens, *, softmax_scale, plan, kv_scale):
+            self.calls.append("tied")
+            return super().run_prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                            cu_seqlens_q, cache_seqlens,
+                                            softmax_scale=softmax_scale, plan=plan,
+                                            kv_scale=kv_scale)
+
+        def run_prefill(self, *args, **kwargs):
+            self.calls.append("separate")
+            return super().run_prefill(*args, **kwargs)
+
+    lengths, query_lens, h_kv = [40, 9], [7, 9], 2
+    table, n_pool = paged_table(lengths, 16)
+    k_cache, _ = fill_cache((h_kv, 32), lengths, table, n_pool, 16, torch.float32)
+    rope_cache, _ = fill_cache((16,), lengths, table, n_pool, 16, torch.float32)
+    v_cache, _ = fill_cache((h_kv, 24), lengths, table, n_pool, 16, torch.float32)
+    q_nope, q_rope = torch.randn(16, 4, 32), torch.randn(16, 4, 16)
+    args = (q_nope, q_rope, k_cache, rope_cache, table, varlen(query_lens),
+            torch.tensor(lengths, dtype=torch.int32))
+    want = ops.prefill_tied(*args, v_cache=v_cache, return_lse=True, backend="torch")
+    older = Older()
+    got = older.prefill_tied(*args, v_cache=v_cache, return_lse=True)
+    assert older.calls == ["separate"]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    older.prefill_tied(*args)  # without values of their own: its tied kernel, as before
+    assert older.calls == ["separate", "tied"]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_prefill_tied_refuses_values_that_do_not_fit(backend):
     table, n_pool = paged_table([20], 16)

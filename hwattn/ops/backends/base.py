@@ -28,6 +28,8 @@ step's host lengths (`plan_prefill`), made once per step; without one, the call 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 from typing import Any, ClassVar
@@ -125,7 +127,7 @@ def _check_kv(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_scale, v_scale,
               lead: tuple[str, ...], value_width: int | None) -> None:
     """The operand checks `decode` and `prefill` share; `lead` names the query dimensions
     before the head width. value_width: the value width the op needs (decode: the key's),
-    None where any width goes (prefill, whose expanded latent form has keys wider than values)."""
+    None where any width goes (prefill, whose keys may be wider than its values)."""
     if q.dim() != len(lead) + 1:
         raise ValueError(f"q must be ({', '.join(lead)}, D), got shape {tuple(q.shape)}")
     _check_float("q", q)
@@ -186,6 +188,17 @@ def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
     n_kv = kv_cache.shape[2]
     if n_kv <= 0 or n_heads % n_kv:
         raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether the function takes the keyword `name` (or any keyword); one whose signature
+    cannot be read is taken to (it is called as documented)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _check_values(v_cache: Tensor, kv_cache: Tensor) -> None:
@@ -547,7 +560,7 @@ class AttentionBackend:
                 softmax_scale: float | None = None, return_lse: bool = False, plan: Any = None,
                 k_scale: float | None = None, v_scale: float | None = None):
         """Variable-length causal paged attention with separate K and V caches (MHA / MQA /
-        GQA prefill; the latent variants' expanded form).
+        GQA prefill; keys may be wider than values).
 
         Args:
             q: (N, H_q, D_qk), the queries of B sequences packed as rows: sequence b's are rows
@@ -615,13 +628,27 @@ class AttentionBackend:
                                   n_tokens, q_nope.device, plan)
         softmax_scale = _check_softmax_scale(softmax_scale)
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d_nope + d_rope)
-        # (A backend that predates v_cache is asked only for what it knows.)
-        values = {} if v_cache is None else dict(v_cache=v_cache)
-        out, lse = self.run_prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
-                                         cu_seqlens_q, cache_seqlens, softmax_scale=scale,
-                                         plan=plan, kv_scale=kv_scale, **values)
+        if v_cache is None:
+            out, lse = self.run_prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                             cu_seqlens_q, cache_seqlens, softmax_scale=scale,
+                                             plan=plan, kv_scale=kv_scale)
+        elif self._takes_split_values():
+            out, lse = self.run_prefill_tied(q_nope, q_rope, kv_cache, rope_cache, block_table,
+                                             cu_seqlens_q, cache_seqlens, softmax_scale=scale,
+                                             plan=plan, kv_scale=kv_scale, v_cache=v_cache)
+        else:  # a backend from before v_cache: its separate-K/V prefill over [K_nope, R] per head
+            keys = torch.cat((kv_cache[..., :d_nope], rope_cache[:, :, None, :].expand(
+                -1, -1, kv_cache.shape[2], -1)), -1)  # (P, page_size, H_kv, D_nope + D_R)
+            out, lse = self.run_prefill(torch.cat((q_nope, q_rope), -1), keys, v_cache,
+                                        block_table, cu_seqlens_q, cache_seqlens,
+                                        softmax_scale=scale, plan=plan, k_scale=kv_scale,
+                                        v_scale=kv_scale)
         return (out, lse) if return_lse else out
 
+    def _takes_split_values(self) -> bool:
+        """Whether `run_prefill_tied` takes `v_cache` (a backend registered from outside may
+        predate it; it is then given keys and values through `run_prefill`)."""
+        return _takes_keyword(getattr(type(self), "run_prefill_tied"), "v_cache")
     @torch.compiler.disable
     def store_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor, *,
                  scale: float | None = None) -> None:

@@ -20,13 +20,15 @@ heaviest tiles of a sequence (the ones furthest down the diagonal) start first.
 The grid comes from the step's plan, the rows and key positions from the device's
 `cu_seqlens_q` and `cache_seqlens`, which a GPU call does not hold to the plan (that would read
 them back). So that offsets or lengths of another step cannot make a program write or read out
-of bounds, rows outside [0, N) are masked and key positions clamped to [0, the block table's
-capacity): bounds known on the host from the tensors' shapes, no-ops for consistent inputs.
+of bounds, rows outside [0, N) are masked (a sequence whose offset is negative writes none)
+and key positions clamped to [0, the block table's capacity): bounds known on the host from
+the tensors' shapes, no-ops for consistent inputs.
 
 TIED selects the tied-state shape: keys are [S[..., :D_QK], R] with R the shared RoPE cache,
 values S; when D_QK pads to the same width as D_V the one loaded tile serves as key and value
-(the query is zero past D_QK), else the narrower key tile is loaded on its own (fewer FLOPs,
-the second read comes from L1/L2).
+(SHARED_TILE: the query is zero past D_QK), else the narrower key tile is loaded on its own
+(fewer FLOPs, the second read comes from L1/L2). A tied call may also read its values from a
+cache of their own (v_ptr; the latent families' expanded form), never with SHARED_TILE.
 """
 
 from __future__ import annotations
@@ -132,9 +134,10 @@ def prefill_kernel(
     q_start = tl.load(cu_seqlens_ptr + seq)
     n_q = tl.load(cu_seqlens_ptr + seq + 1) - q_start
     # The rows this program may write: the sequence's, cut to [0, n_rows) here on scalars.
-    # (Testing each row's index against [0, n_rows) instead took the expanded latent form's
-    # launch from 123 to 144 registers a thread at sm_90: one program per SM instead of two,
-    # 5-6% slower; tests/ops/test_prefill_occupancy.py.)
+    # (Testing each row's index against [0, n_rows) instead took an untied launch of 192-wide
+    # keys, 128 rows and 8 warps from 123 to 144 registers a thread at sm_90: one program per
+    # SM instead of two, the paged prefill of MLA / GLA-2 5-6% slower while their expanded form
+    # took that launch; tests/ops/test_prefill_occupancy.py.)
     n_rows_here = tl.where(q_start >= 0, tl.minimum(n_q, n_rows - q_start), 0)
     tok0 = pid_tile * TOKENS
     if tok0 >= n_rows_here:
