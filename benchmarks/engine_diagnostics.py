@@ -21,6 +21,9 @@
   `engine_roofline.py --parts prefill` does) for MLA, GLA-2 and GQA-4 under the PyTorch
   profiler: device time by kind (attention, GEMM, gather/copy, other) and the 15 costliest
   kernels, beside the wall time of the same steps: where chunked latent prefill loses its MFU.
+- prefillhost: the same chunked prefill (GLA-2, GQA-4) under cProfile, the host's side of it
+  (prefillhost_<variant>.txt): run 2026-12-07 as a script of its own, the chunked steps' wall
+  time was 2-3x their device time.
 
     python3 benchmarks/engine_diagnostics.py host,gemm,prefill   # writes $OUT/diag.jsonl
     OUT=/tmp/skinny python3 benchmarks/engine_diagnostics.py skinny   # about 2 minutes
@@ -165,6 +168,28 @@ if "prefillprof" in parts:
                 + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
             for k, c, t in top[:8]:
                 log(f"    {t:7.2f} ms  x{c:5.0f}  {k[:110]}")
+        er.free(runner, net)
+
+if "prefillhost" in parts:
+    from hwattn.engine.model_runner import StepInput
+    n = 8192
+    for variant in ["gla-2", "gqa-4"]:
+        net = er.build(setup, "xl", variant, n)
+        runner = er.runner_for(setup, net, 1, n + 8, compiled=False)
+        table = [list(range(1, 2 + n // setup.page))]
+        prompt = torch.randint(0, net.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+        def run(chunk=2048):
+            for done in range(0, n, chunk):
+                runner.execute(StepInput("prefill", [prompt[done:done + chunk]], [done], table,
+                                         need_logits=[done + chunk >= n]))
+        run(); torch.cuda.synchronize()
+        for _ in range(2):
+            t0 = time.perf_counter(); run(); torch.cuda.synchronize()
+            log(f"prefillhost {variant}: wall {(time.perf_counter() - t0) * 1e3:.1f} ms")
+        pr = cProfile.Profile(); pr.enable(); run(); torch.cuda.synchronize(); pr.disable()
+        s = io.StringIO(); st = pstats.Stats(pr, stream=s)
+        st.sort_stats("tottime").print_stats(25); st.sort_stats("cumulative").print_stats(45)
+        open(os.path.join(OUT, f"prefillhost_{variant}.txt"), "w").write(s.getvalue())
         er.free(runner, net)
 
 log("done")
