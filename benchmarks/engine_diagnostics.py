@@ -21,6 +21,10 @@
   `engine_roofline.py --parts prefill` does) for MLA, GLA-2 and GQA-4 under the PyTorch
   profiler: device time by kind (attention, GEMM, gather/copy, other) and the 15 costliest
   kernels, beside the wall time of the same steps: where chunked latent prefill loses its MFU.
+- normops: `hwattn.layers.norm.RMSNorm` against `F.rms_norm` on a 2048-token chunk of `xl`
+  (bf16, 2048 wide; GLA-2's per-latent-head (2, 256) norm): bitwise equal?, host µs per call
+  (200 calls queued, no synchronisation inside) and device µs (CUDA events): does torch's own
+  RMSNorm cut the eager launches that make chunked prefill host-bound?
 - prefillhost: the same chunked prefill (GLA-2, GQA-4) under cProfile, the host's side of it
   (prefillhost_<variant>.txt): run 2026-12-07 as a script of its own, the chunked steps' wall
   time was 2-3x their device time.
@@ -169,6 +173,32 @@ if "prefillprof" in parts:
             for k, c, t in top[:8]:
                 log(f"    {t:7.2f} ms  x{c:5.0f}  {k[:110]}")
         er.free(runner, net)
+
+if "normops" in parts:
+    import torch.nn.functional as F
+    from hwattn.layers.norm import RMSNorm
+    timer = DeviceTimer("cuda")
+    for shape, wshape in [((2048, 2048), (2048,)), ((2048, 2, 256), (2, 256))]:
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        norm = RMSNorm(*wshape, device="cuda", dtype=torch.bfloat16)
+        norm.weight.data.normal_()
+        def fused(x=x, norm=norm):
+            w = norm.weight.float()
+            if w.dim() == 1:
+                return F.rms_norm(x.float(), w.shape, w, norm.eps).to(x.dtype)
+            return (F.rms_norm(x.float(), w.shape[-1:], None, norm.eps) * w).to(x.dtype)
+        with torch.no_grad():
+            a, b = norm(x), fused()
+            rec = dict(part="normops", shape=list(shape), equal=bool(torch.equal(a, b)),
+                       max_diff=float((a.float() - b.float()).abs().max()))
+            for name, fn in (("ours", lambda: norm(x)), ("F.rms_norm", fused)):
+                torch.cuda.synchronize(); t0 = time.perf_counter()
+                for _ in range(200): fn()
+                rec[f"{name}_host_us"] = (time.perf_counter() - t0) / 200 * 1e6
+                torch.cuda.synchronize()
+                rec[f"{name}_device_us"] = timer(fn, iters=50, warmup=5) * 1e6
+        save("diag.jsonl", rec)
+        log(f"normops {rec}")
 
 if "prefillhost" in parts:
     from hwattn.engine.model_runner import StepInput
