@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hwattn.ops.kernel_code import ptx_code, resources, sass
+from hwattn.ops.kernel_code import ptx_code, resources, sass, signature
 from hwattn.ops.kernels.attend import attend_kernel
 from hwattn.ops.triton_decode import KernelConfig, choose_config, head_layout
 
@@ -51,20 +51,10 @@ def compile_shape(shape, config: KernelConfig | None = None):
                          rope_ptr=cache_ty, block_table_ptr="i32", seqlens_ptr="i32",
                          items_ptr="i32", splits_ptr="i32", out_ptr="bf16", lse_ptr="fp32",
                          part_out_ptr="fp32", part_lse_ptr="fp32")
-    signature, attrs = {}, {}
-    for i, name in enumerate(attend_kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = "*" + pointer_types[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "v_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=attend_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    types, attrs = signature(attend_kernel.arg_names, constexprs, pointer_types,
+                             floats=("qk_scale", "v_scale"),
+                             aligned=lambda name: name.startswith("stride"))
+    src = ASTSource(fn=attend_kernel, signature=types, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     return kernel, config, block_m

@@ -3,6 +3,7 @@ its SASS and its PTX, with the cuobjdump that ships with Triton (no CUDA toolkit
 
     resources(kernel)        registers per thread, spill bytes, shared bytes
     programs_per_sm(...)     how many programs of it one Hopper SM holds at once
+    signature(...)           the signature and attributes `triton.compile` takes for a kernel
     sass(cubin)              the SASS instructions, names and section headers dropped
     ptx_code(ptx)            the PTX without its debug information
 
@@ -21,7 +22,7 @@ import tempfile
 
 import triton
 
-__all__ = ["cuobjdump", "programs_per_sm", "ptx_code", "resources", "sass"]
+__all__ = ["cuobjdump", "programs_per_sm", "ptx_code", "resources", "sass", "signature"]
 
 
 def cuobjdump(cubin: bytes, option: str) -> str:
@@ -72,3 +73,25 @@ def programs_per_sm(res: dict[str, int], threads: int) -> int:
     by_registers = 65536 // (per_warp * warps)
     by_shared = 233472 // (res["shared_bytes"] + 1024)
     return min(by_registers, by_shared, 64 // warps, 32)
+
+
+def signature(arg_names, constexprs: dict, pointers: dict[str, str], floats=(),
+              aligned=lambda name: False) -> tuple[dict, dict]:
+    """(signature, attrs) for compiling a `@triton.jit` kernel ahead of time (`ASTSource`):
+    `constexprs` by name, pointers to the element types of `pointers` (e.g. "bf16"), aligned
+    to 16 bytes, `floats` fp32, every other argument i32, those `aligned(name)` marked
+    divisible by 16 (as a launch specialises strides that are)."""
+    types, attrs = {}, {}
+    for i, name in enumerate(arg_names):
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in pointers:
+            types[name] = "*" + pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+            if aligned(name):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return types, attrs

@@ -121,6 +121,8 @@ def compile_sm90(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int = 1
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from hwattn.ops.kernel_code import signature
+
     constexprs, config = kernel_constants(tied=tied, group=group, d_qk=d_qk, d_v=d_v,
                                           d_rope=d_rope, page_size=page_size,
                                           max_seqlen_q=max_seqlen_q, fp32=False,
@@ -128,20 +130,11 @@ def compile_sm90(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int = 1
     pointers = dict(q_ptr="bf16", q_rope_ptr="bf16", k_ptr="bf16", v_ptr="bf16", rope_ptr="bf16",
                     block_table_ptr="i32", cu_seqlens_ptr="i32", seqlens_ptr="i32",
                     out_ptr="bf16", lse_ptr="fp32")
-    signature, attrs = {}, {}
-    for i, name in enumerate(prefill_kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("qk_scale", "v_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride") and name != "stride_lh":  # (lse's row: N tokens)
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=prefill_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    # (Strides as a launch of 16-element multiples specialises them; lse's row is N tokens.)
+    types, attrs = signature(prefill_kernel.arg_names, constexprs, pointers,
+                             floats=("qk_scale", "v_scale"),
+                             aligned=lambda name: name.startswith("stride") and name != "stride_lh")
+    source = ASTSource(fn=prefill_kernel, signature=types, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     return kernel, config

@@ -89,31 +89,6 @@ def test_prefill_matches_fp64(case):
         check_out_lse(f"triton/{name}", got, truth, baseline)
 
 
-@pytest.mark.parametrize("case", TIED_CASES)
-def test_prefill_tied_matches_fp64(case):
-    query_lens, lengths, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
-    table, n_pool = paged_table(lengths, page)
-    kv_cache, kv_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype)
-    rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, dtype)
-    n = sum(query_lens)
-    q_nope, q_rope = torch.randn(n, h_q, d_nope).to(dtype), torch.randn(n, h_q, d_rope).to(dtype)
-    cu, seqlens = varlen(query_lens), torch.tensor(lengths, dtype=torch.int32)
-    scale = 1 / math.sqrt(d_nope + d_rope)
-    keys, values = [], []
-    for b, length in enumerate(lengths):
-        state = gather_truth(kv_real, table, b, length)  # (L, H_kv, D_v)
-        rope = gather_truth(rope_real, table, b, length)[:, None, :].expand(length, h_kv, d_rope)
-        keys.append(torch.cat([state[..., :d_nope], rope], -1))
-        values.append(state)
-    truth = prefill_truth(torch.cat([q_nope, q_rope], -1), query_lens, keys, values, scale)
-    args = (q_nope, q_rope, kv_cache, rope_cache, table, cu, seqlens)
-    baseline = ops.prefill_tied(*args, softmax_scale=scale, return_lse=True, backend="torch")
-    check_out_lse("reference", baseline, truth, baseline)
-    got = ops.prefill_tied(*on_device(*args), softmax_scale=scale, return_lse=True,
-                           plan=ops.plan_prefill(cu, seqlens), backend="triton")
-    check_out_lse("triton", got, truth, baseline)
-
-
 # Per-head keys beside one shared RoPE key, values of their own (`v_cache`: MLA / GLA expanded).
 # (query lens, cache lens, H_q, H_kv, D_nope, D_v, D_R, page, dtype)
 SPLIT_CASES = [
@@ -125,13 +100,17 @@ SPLIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", SPLIT_CASES)
-def test_prefill_tied_with_values_of_their_own_matches_fp64(case):
+@pytest.mark.parametrize("case, split", [pytest.param(p.values[0], False, id=p.id) for p in TIED_CASES]
+                         + [pytest.param(p.values[0], True, id=f"values-{p.id}") for p in SPLIT_CASES])
+def test_prefill_tied_matches_fp64(case, split):
+    """Tied states (keys [S[..., :D_nope], R], values S) or, `split`, keys [K_nope, R] with
+    values V of their own."""
     query_lens, lengths, h_q, h_kv, d_nope, d_v, d_rope, page, dtype = case
     table, n_pool = paged_table(lengths, page)
-    k_cache, k_real = fill_cache((h_kv, d_nope), lengths, table, n_pool, page, dtype)
+    kv_cache, kv_real = fill_cache((h_kv, d_nope if split else d_v), lengths, table, n_pool, page, dtype)
     rope_cache, rope_real = fill_cache((d_rope,), lengths, table, n_pool, page, dtype)
-    v_cache, v_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype)
+    v_cache, v_real = fill_cache((h_kv, d_v), lengths, table, n_pool, page, dtype) if split \
+        else (None, kv_real)
     n = sum(query_lens)
     q_nope, q_rope = torch.randn(n, h_q, d_nope).to(dtype), torch.randn(n, h_q, d_rope).to(dtype)
     cu, seqlens = varlen(query_lens), torch.tensor(lengths, dtype=torch.int32)
@@ -139,15 +118,16 @@ def test_prefill_tied_with_values_of_their_own_matches_fp64(case):
     keys, values = [], []
     for b, length in enumerate(lengths):
         rope = gather_truth(rope_real, table, b, length)[:, None, :].expand(length, h_kv, d_rope)
-        keys.append(torch.cat([gather_truth(k_real, table, b, length), rope], -1))
+        keys.append(torch.cat([gather_truth(kv_real, table, b, length)[..., :d_nope], rope], -1))
         values.append(gather_truth(v_real, table, b, length))
     truth = prefill_truth(torch.cat([q_nope, q_rope], -1), query_lens, keys, values, scale)
-    args = (q_nope, q_rope, k_cache, rope_cache, table, cu, seqlens)
+    args = (q_nope, q_rope, kv_cache, rope_cache, table, cu, seqlens)
     baseline = ops.prefill_tied(*args, softmax_scale=scale, return_lse=True, backend="torch",
                                 v_cache=v_cache)
     check_out_lse("reference", baseline, truth, baseline)
-    *device_args, device_v = on_device(*args, v_cache)
-    got = ops.prefill_tied(*device_args, softmax_scale=scale, return_lse=True, v_cache=device_v,
+    *device_args, device_v = on_device(*args, v_cache if split else kv_cache)
+    got = ops.prefill_tied(*device_args, softmax_scale=scale, return_lse=True,
+                           v_cache=device_v if split else None,
                            plan=ops.plan_prefill(cu, seqlens), backend="triton")
     check_out_lse("triton", got, truth, baseline)
 
