@@ -23,11 +23,12 @@
   kernels, beside the wall time of the same steps: where chunked latent prefill loses its MFU.
 - normops: `hwattn.layers.norm.RMSNorm` against `F.rms_norm` on a 2048-token chunk of `xl`
   (bf16, 2048 wide; GLA-2's per-latent-head (2, 256) norm): bitwise equal?, host µs per call
-  (200 calls queued, no synchronisation inside) and device µs (CUDA events): does torch's own
+  (200 calls queued, no synchronisation inside), device µs and launches per call (the
+  profiler's kernels; the F.rms_norm side keeps our fp32 round trip): does torch's own
   RMSNorm cut the eager launches that make chunked prefill host-bound?
 - prefillhost: the same chunked prefill (GLA-2, GQA-4) under cProfile, the host's side of it
-  (prefillhost_<variant>.txt): run 2026-12-07 as a script of its own, the chunked steps' wall
-  time was 2-3x their device time.
+  (prefillhost_<variant>.txt, walls in diag.jsonl): run 2026-12-07 as a script of its own, the
+  chunked steps' wall time was 1.5-3.5x their device time.
 
     python3 benchmarks/engine_diagnostics.py host,gemm,prefill   # writes $OUT/diag.jsonl
     OUT=/tmp/skinny python3 benchmarks/engine_diagnostics.py skinny   # about 2 minutes
@@ -101,17 +102,23 @@ if "prefill" in parts:
     timer = DeviceTimer("cuda")
     base = ops.get_backend("triton", "cuda")
     configs = [None, (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (64, 128, 8, 2)]
+    from hwattn.bench.decode import layer_for
     for variant in os.environ.get("DIAG_VARIANTS", "gqa-4,gla-2,mla,gta-4").split(","):
+        # One form at a time: a tile one form cannot launch must not hide the other's time.
+        forms = [f.name for f in layer_for(variant, 16, 128, 64).prefill_forms()]
         for cfg in configs:
             if time.time() - T0 > float(os.environ.get("DEADLINE", "540")): break
             be = base if cfg is None else base.with_prefill_config(PrefillConfig(*cfg))
-            try:
-                rows = bench_case(PrefillCase(variant, query_len=2048, prefix=6144), backend=be,
-                                  timer=lambda fn: timer(fn, iters=10, warmup=3) * 1e3, peak_tflops=peaks[1] if peaks else None)
-                for r in rows: r["config"] = cfg; save("diag.jsonl", dict(part="prefill", **r))
-                log(f"prefill {variant} {cfg}: " + ", ".join(f"{r['form']} {r['ms']:.3f} ms {r.get('pct_peak', 0):.0f}%" for r in rows))
-            except Exception as err:
-                log(f"prefill {variant} {cfg}: {type(err).__name__}: {str(err)[:150]}")
+            for form in forms:
+                try:
+                    rows = bench_case(PrefillCase(variant, query_len=2048, prefix=6144), backend=be,
+                                      forms=(form,), timer=lambda fn: timer(fn, iters=10, warmup=3) * 1e3,
+                                      peak_tflops=peaks[1] if peaks else None)
+                    for r in rows: r["config"] = cfg; save("diag.jsonl", dict(part="prefill", **r))
+                    log(f"prefill {variant} {cfg}: " + ", ".join(f"{r['form']} {r['ms']:.3f} ms {r.get('pct_peak', 0):.0f}%" for r in rows))
+                except Exception as err:
+                    save("diag.jsonl", dict(part="prefill", variant=variant, form=form, config=cfg, error=f"{type(err).__name__}: {str(err)[:300]}"))
+                    log(f"prefill {variant} {form} {cfg}: {type(err).__name__}: {str(err)[:150]}")
 
 if "skinny" in parts:
     from hwattn.bench import skinny
@@ -176,8 +183,8 @@ if "prefillprof" in parts:
 
 if "normops" in parts:
     import torch.nn.functional as F
+    from torch.profiler import profile, ProfilerActivity
     from hwattn.layers.norm import RMSNorm
-    timer = DeviceTimer("cuda")
     for shape, wshape in [((2048, 2048), (2048,)), ((2048, 2, 256), (2, 256))]:
         x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
         norm = RMSNorm(*wshape, device="cuda", dtype=torch.bfloat16)
@@ -196,7 +203,14 @@ if "normops" in parts:
                 for _ in range(200): fn()
                 rec[f"{name}_host_us"] = (time.perf_counter() - t0) / 200 * 1e6
                 torch.cuda.synchronize()
-                rec[f"{name}_device_us"] = timer(fn, iters=50, warmup=5) * 1e6
+                # Device time as the kernels' own (events around one call would count the
+                # launch gaps of a host-bound op); launches per call beside it.
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(20): fn()
+                    torch.cuda.synchronize()
+                kernels = [e.device_time for e in prof.events() if e.device_type.name == "CUDA"]
+                rec[f"{name}_device_us"] = sum(kernels) / 20
+                rec[f"{name}_launches"] = len(kernels) / 20
         save("diag.jsonl", rec)
         log(f"normops {rec}")
 
@@ -215,7 +229,9 @@ if "prefillhost" in parts:
         run(); torch.cuda.synchronize()
         for _ in range(2):
             t0 = time.perf_counter(); run(); torch.cuda.synchronize()
-            log(f"prefillhost {variant}: wall {(time.perf_counter() - t0) * 1e3:.1f} ms")
+            wall_ms = (time.perf_counter() - t0) * 1e3
+            save("diag.jsonl", dict(part="prefillhost", variant=variant, chunk=2048, wall_ms=wall_ms))
+            log(f"prefillhost {variant}: wall {wall_ms:.1f} ms")
         pr = cProfile.Profile(); pr.enable(); run(); torch.cuda.synchronize(); pr.disable()
         s = io.StringIO(); st = pstats.Stats(pr, stream=s)
         st.sort_stats("tottime").print_stats(25); st.sort_stats("cumulative").print_stats(45)

@@ -55,8 +55,8 @@ _TUNED = {
     (64, 128, 64): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),  # GTA: 0.406 (0.479)
     (256, 256, 64): PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),  # GLA absorbed: 0.611 (1.159)
     # Expanded MLA / GLA (per-head keys of 128 beside the shared RoPE key of 64, values of
-    # their own): the fastest of 8 tiles swept on one H100, 2026-12-07, MLA 0.506 / GLA-2
-    # 0.564 ms (benchmarks/results/prefill_split_h100_2026-12-07/).
+    # their own): the fastest of the tiles timed on one H100, 2026-12-07 (4 for MLA, 6 for
+    # GLA-2), MLA 0.506 / GLA-2 0.564 ms (benchmarks/results/prefill_split_h100_2026-12-07/).
     (128, 128, 64): PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2),
 }
 

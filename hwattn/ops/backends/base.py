@@ -649,6 +649,7 @@ class AttentionBackend:
         """Whether `run_prefill_tied` takes `v_cache` (a backend registered from outside may
         predate it; it is then given keys and values through `run_prefill`)."""
         return _takes_keyword(getattr(type(self), "run_prefill_tied"), "v_cache")
+
     @torch.compiler.disable
     def store_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor, *,
                  scale: float | None = None) -> None:

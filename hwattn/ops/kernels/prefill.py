@@ -136,8 +136,8 @@ def prefill_kernel(
     # The rows this program may write: the sequence's, cut to [0, n_rows) here on scalars.
     # (Testing each row's index against [0, n_rows) instead took an untied launch of 192-wide
     # keys, 128 rows and 8 warps from 123 to 144 registers a thread at sm_90: one program per
-    # SM instead of two, the paged prefill of MLA / GLA-2 5-6% slower while their expanded form
-    # took that launch; tests/ops/test_prefill_occupancy.py.)
+    # SM instead of two, the paged prefill of MLA / GLA-2 4.7-5.6% slower on an H100 while their
+    # expanded form took that launch; tests/ops/test_prefill_occupancy.py.)
     n_rows_here = tl.where(q_start >= 0, tl.minimum(n_q, n_rows - q_start), 0)
     tok0 = pid_tile * TOKENS
     if tok0 >= n_rows_here:
