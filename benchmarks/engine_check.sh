@@ -66,10 +66,16 @@
 #  19. straggler: benchmarks/straggler_step.py, a captured decode step at B 128 (GTA-4 and GQA-4
 #      at `xl`) with one 32K-token sequence among 127 of 1K and with all at 1K, through the
 #      engine's plans (room for split pieces, 2026-12-06) and through plans captured without it.
+#  20. prefilldiag: where chunked prefill's time goes (2026-12-07, H100: the chunk steps' wall
+#      time 1.5-3.5x their device time, the eager forward's host side): engine_diagnostics.py
+#      normops (our RMSNorm against F.rms_norm), prefillprof (device time by kind, whole and
+#      chunked), prefillhost (cProfile of the chunked steps), into $OUT/diag.
+#  21. ttft: TTFT and ITL of 64 Poisson-arriving 8K prompts at 16 req/s on GLA-2, prefill budgets
+#      8192 (the default) and 2048 (chunked, run 5: TTFT p50 6.4 s against 0.46 s).
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla), ENGINE_MODES (default
 #   eager,compiled) and ENGINE_STEPS (the engine's steady decode steps, default 32) from the
 #   environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small|smallplans|straggler ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small|smallplans|straggler|prefilldiag|ttft ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -206,6 +212,14 @@ for step in $steps; do
         --out "$OUT/hopper_smallplans.json" 2>&1 | tail -10 | tee -a "$OUT/log" ;;
     straggler)
       timeout 420 python3 benchmarks/straggler_step.py --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small, smallplans, straggler)" | tee -a "$OUT/log"; exit 2 ;;
+    prefilldiag)
+      mkdir -p "$OUT/diag"
+      OUT="$OUT/diag" timeout 200 python3 benchmarks/engine_diagnostics.py normops,prefillprof,prefillhost \
+        2>&1 | grep -E "normops|prefillprof|prefillhost|ms  x" | tee -a "$OUT/log" ;;
+    ttft)
+      mkdir -p "$OUT/ttft"
+      timeout 240 python3 benchmarks/engine_roofline.py --parts ttft --ttft-variants gla-2 \
+        --ttft-chunks 8192,2048 --out "$OUT/ttft" 2>&1 | tail -12 | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small, smallplans, straggler, prefilldiag, ttft)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done
