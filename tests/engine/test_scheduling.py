@@ -41,6 +41,18 @@ def record_batches(engine) -> list:
     return seen
 
 
+def recorded_engine(checkpoints, **kw):
+    """A gqa-2 engine over pages of 8 tokens whose scheduled batches are kept:
+    (engine, batches), as `record_batches` keeps them."""
+    engine = LLM(checkpoints("gqa-2"), page_size=8, **kw).engine
+    return engine, record_batches(engine)
+
+
+def chunks_by_step(batches) -> list:
+    """The prompt chunks of each step that has any (the rows after its decode rows)."""
+    return [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+
+
 @pytest.mark.parametrize("variant", ["gqa-2", "gla-2"])
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_greedy_output_is_the_reference_decoders_in_every_mode(checkpoints, variant, mode):
@@ -226,10 +238,8 @@ def test_n_completions_compute_their_prompt_once(checkpoints, mode):
     prompt = list(range(100, 137))
     other = list(range(500, 520))
     sp = SamplingParams(n=4, max_tokens=3, temperature=0, ignore_eos=True)
-    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=8, memory_budget=1 << 20,
-              max_num_batched_tokens=64, **mode)
-    engine = llm.engine
-    batches = record_batches(engine)
+    engine, batches = recorded_engine(checkpoints, max_num_seqs=8, memory_budget=1 << 20,
+                                      max_num_batched_tokens=64, **mode)
     rid = engine.add_request(prompt, sp)
     other_rid = engine.add_request(other, SamplingParams(max_tokens=3, temperature=0,
                                                          ignore_eos=True))
@@ -251,15 +261,13 @@ def test_one_owner_many_prompts_with_n_2_are_admitted_together(checkpoints, mixe
     """Eight prompts of one owner (the server's one HTTP request), n = 2 each: the first
     completions are admitted together and their siblings together in the next step (found in
     review: holding back the owner instead of the request admitted one prompt per step)."""
-    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=64, memory_budget=1 << 22,
-              max_num_batched_tokens=2048, enable_mixed_batches=mixed)
-    engine = llm.engine
-    batches = record_batches(engine)
+    engine, batches = recorded_engine(checkpoints, max_num_seqs=64, memory_budget=1 << 22,
+                                      max_num_batched_tokens=2048, enable_mixed_batches=mixed)
     ps = [list(range(100 + 30 * i, 120 + 30 * i)) for i in range(8)]
     sp = SamplingParams(n=2, max_tokens=2, temperature=0, ignore_eos=True)
     ids = engine.add_requests(ps, [sp] * 8, owner="client")
     done = drain(engine)
-    prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    prompt_steps = chunks_by_step(batches)
     assert prompt_steps == [[20] * 8, [4] * 8]
     assert engine.stats()["prefix_hit_pages"] == 8 * 2
     for p, rid in zip(ps, ids):
@@ -275,15 +283,13 @@ def test_prompts_that_start_alike_compute_their_common_pages_once(checkpoints, m
     same = list(range(100, 137))
     ps = [same, same, same, same[:16] + list(range(900, 921)), list(range(300, 337))]
     sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=8, memory_budget=1 << 20,
-              max_num_batched_tokens=128, **mode)
-    engine = llm.engine
-    batches = record_batches(engine)
+    engine, batches = recorded_engine(checkpoints, max_num_seqs=8, memory_budget=1 << 20,
+                                      max_num_batched_tokens=128, **mode)
     ids = [engine.add_request(p, sp) for p in ps]
     done = drain(engine)
     for p, rid in zip(ps, ids):
         assert done[rid].outputs[0].token_ids == oracle(engine.model, p, 3)
-    prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    prompt_steps = chunks_by_step(batches)
     assert prompt_steps[0] == [37, 37]  # the first and the one sharing nothing
     assert engine.stats()["prefix_hit_pages"] == 4 + 4 + 2
     assert sum(map(sum, prompt_steps)) == 37 + 37 + 5 + 5 + 21
@@ -298,15 +304,13 @@ def test_a_prompt_waits_for_every_chunk_of_a_long_prefill_it_shares(checkpoints)
     first's chunks left no room, and the test passed without the change)."""
     prompt = list(range(200, 264))
     sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=4, memory_budget=1 << 20,
-              max_num_batched_tokens=24)
-    engine = llm.engine
-    batches = record_batches(engine)
+    engine, batches = recorded_engine(checkpoints, max_num_seqs=4, memory_budget=1 << 20,
+                                      max_num_batched_tokens=24)
     first, second = (engine.add_request(prompt, sp) for _ in range(2))
     done = drain(engine)
     want = oracle(engine.model, prompt, 2)
     assert done[first].outputs[0].token_ids == want == done[second].outputs[0].token_ids
-    prompt_chunks = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    prompt_chunks = chunks_by_step(batches)
     assert prompt_chunks == [[24], [24], [16], [8]]
     assert engine.stats()["prefix_hit_pages"] == 7
 
@@ -317,15 +321,13 @@ def test_many_copies_of_one_prompt_from_one_owner_wait_for_one_prefill(checkpoin
     63 copies, each computing only the 4 tokens after the 2 shared pages."""
     prompt = list(range(700, 720))
     sp = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=64, memory_budget=1 << 22,
-              max_num_batched_tokens=4096)
-    engine = llm.engine
-    batches = record_batches(engine)
+    engine, batches = recorded_engine(checkpoints, max_num_seqs=64, memory_budget=1 << 22,
+                                      max_num_batched_tokens=4096)
     engine.add_requests([prompt] * 100, [sp] * 100, owner="client")
     outs = list(drain(engine).values())
     assert len(outs) == 100
     assert {tuple(o.outputs[0].token_ids) for o in outs} == {tuple(oracle(engine.model, prompt, 1))}
-    prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    prompt_steps = chunks_by_step(batches)
     assert prompt_steps[:2] == [[20], [4] * 63]
     assert engine.stats()["prefix_hit_pages"] == 99 * 2
 
@@ -360,13 +362,11 @@ def test_a_big_batch_of_one_owner_with_n_2_is_admitted_in_two_steps(checkpoints)
     """64 prompts with n = 2 from one owner (one HTTP request): the first completions in one
     step, their siblings in the next (found in review: passing over an owner after 16 held
     requests admitted 16 prompts a step)."""
-    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=256, memory_budget=1 << 23,
-              max_num_batched_tokens=4096)
-    engine = llm.engine
-    batches = record_batches(engine)
+    engine, batches = recorded_engine(checkpoints, max_num_seqs=256, memory_budget=1 << 23,
+                                      max_num_batched_tokens=4096)
     ps = [list(range(100 + 30 * i, 120 + 30 * i)) for i in range(64)]
     sp = SamplingParams(n=2, max_tokens=2, temperature=0, ignore_eos=True)
     engine.add_requests(ps, [sp] * 64, owner="client")
     drain(engine)
-    prompt_steps = [chunks[nd:] for _, nd, chunks, _ in batches if chunks[nd:]]
+    prompt_steps = chunks_by_step(batches)
     assert prompt_steps == [[20] * 64, [4] * 64]
