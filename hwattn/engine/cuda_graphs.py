@@ -15,7 +15,6 @@ static outputs.
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from torch import Tensor
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
 from hwattn.engine.staging import HostBlockTable, StagedInputs
 from hwattn.layers import AttentionMetadata
+from hwattn.ops.backends.base import takes_keyword
 
 log = logging.getLogger(__name__)
 
@@ -207,12 +207,8 @@ class DecodeGraphs:
         """`reserve_pieces=True` for the captured plans, where the backend's `plan` takes it
         (a backend registered from outside may predate the keyword: its plans are captured
         as it makes them, rather than the capture failing on the keyword)."""
-        try:
-            params = inspect.signature(self.backend.plan).parameters
-        except (TypeError, ValueError):  # no signature to read: call it as documented
-            return {}
-        takes = "reserve_pieces" in params or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        # (no signature to read: called without it, as every backend's plan may be)
+        takes = takes_keyword(self.backend.plan, "reserve_pieces", unreadable=False)
         return {"reserve_pieces": True} if takes else {}
 
     def _static_forward(self, size: int, t: int) -> Tensor:

@@ -190,15 +190,21 @@ def _check_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
         raise ValueError(f"kv_cache has {n_kv} heads, which must divide q_nope's {n_heads} heads")
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_keyword(fn, name: str) -> bool:
-    """Whether the function takes the keyword `name` (or any keyword); one whose signature
-    cannot be read is taken to (it is called as documented)."""
+def takes_keyword(fn, name: str, unreadable: bool = True) -> bool:
+    """Whether a callable takes the keyword `name` (or any keyword): a backend registered from
+    outside may predate a keyword its hooks now take. `unreadable`: the answer for a callable
+    whose signature cannot be read."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return True
+        return unreadable
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _run_prefill_tied_takes_values(fn) -> bool:
+    """`takes_keyword(fn, "v_cache")`, once per function (every latent layer of a step asks)."""
+    return takes_keyword(fn, "v_cache")
 
 
 def _check_values(v_cache: Tensor, kv_cache: Tensor) -> None:
@@ -648,7 +654,7 @@ class AttentionBackend:
     def _takes_split_values(self) -> bool:
         """Whether `run_prefill_tied` takes `v_cache` (a backend registered from outside may
         predate it; it is then given keys and values through `run_prefill`)."""
-        return _takes_keyword(getattr(type(self), "run_prefill_tied"), "v_cache")
+        return _run_prefill_tied_takes_values(type(self).run_prefill_tied)
 
     @torch.compiler.disable
     def store_kv(self, cache: Tensor, new: Tensor, slot_mapping: Tensor, *,
