@@ -71,11 +71,15 @@
 #      normops (our RMSNorm against F.rms_norm), prefillprof (device time by kind, whole and
 #      chunked), prefillhost (cProfile of the chunked steps), into $OUT/diag.
 #  21. ttft: TTFT and ITL of 64 Poisson-arriving 8K prompts at 16 req/s on GLA-2, prefill budgets
-#      8192 (the default) and 2048 (chunked, run 5: TTFT p50 6.4 s against 0.46 s).
+#      8192 (the default) and 2048 (chunked, run 5: TTFT p50 6.4 s against 0.46 s); TTFT_CHUNKS
+#      and TTFT_MODES (eager and/or compiled prefill blocks, default compiled) from the environment.
+#  22. prefillc: one 8K prompt whole and in chunks of 2048, through the eager and the compiled
+#      prefill blocks (EngineConfig.compile_prefill, 2026-12-07), PREFILL_VARIANTS (default
+#      gla-2,mla,gqa-4); the compiled rows' logits against the eager rows'.
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla), ENGINE_MODES (default
 #   eager,compiled) and ENGINE_STEPS (the engine's steady decode steps, default 32) from the
 #   environment.
-#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small|smallplans|straggler|prefilldiag|ttft ...]
+#   run: bash benchmarks/engine_check.sh [tests|enginetests|decode|prefill|engine|skinny|pps|host|xlattn|fp8|fp8slots|harness|fp8ncu|blas|external|fp8two|small|smallplans|straggler|prefilldiag|ttft|prefillc ...]
 #   (default: tests decode prefill; then `engine` alone in a second call)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -218,8 +222,14 @@ for step in $steps; do
         2>&1 | grep -E "normops|prefillprof|prefillhost|ms  x" | tee -a "$OUT/log" ;;
     ttft)
       mkdir -p "$OUT/ttft"
-      timeout 240 python3 benchmarks/engine_roofline.py --parts ttft --ttft-variants gla-2 \
-        --ttft-chunks 8192,2048 --out "$OUT/ttft" 2>&1 | tail -12 | tee -a "$OUT/log" ;;
-    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small, smallplans, straggler, prefilldiag, ttft)" | tee -a "$OUT/log"; exit 2 ;;
+      timeout 280 python3 benchmarks/engine_roofline.py --parts ttft --ttft-variants gla-2 \
+        --ttft-chunks ${TTFT_CHUNKS:-8192,2048} --ttft-prefill-modes ${TTFT_MODES:-compiled} \
+        --out "$OUT/ttft" 2>&1 | tail -12 | tee -a "$OUT/log" ;;
+    prefillc)
+      mkdir -p "$OUT/prefillc"
+      timeout 330 python3 benchmarks/engine_roofline.py --parts prefill --unequal "" \
+        --variants ${PREFILL_VARIANTS:-gla-2,mla,gqa-4} --out "$OUT/prefillc" 2>&1 | tail -14 \
+        | tee -a "$OUT/log" ;;
+    *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small, smallplans, straggler, prefilldiag, ttft, prefillc)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

@@ -18,7 +18,8 @@ rate and bf16 matmul rate measured first in the same process:
   `--serving-batches` and L in `--serving-contexts`: decode tokens/s (B / step), the
   attention kernels' time inside the step, and MLA's step and kernel time over GLA-2's.
 - prefill: `xl`, prompts of `--prefill-len` tokens through the runner's prefill path, whole
-  and in chunks of `--chunk`: seconds, tokens/s and MFU (forward FLOPs, causal attention
+  and in chunks of `--chunk`, with eager and compiled prefill blocks (`--prefill-modes`):
+  seconds, tokens/s and MFU (forward FLOPs, causal attention
   counted in full as is the convention, over the matmul rate). Then one step of whole prompts
   of unequal lengths (`--unequal`: B × mean length pairs; lengths spread evenly over
   [mean / 4, 7 · mean / 4]) attended both ways `Attention._attends_densely` chooses between:
@@ -40,6 +41,7 @@ figure from an earlier run's `engine_roofline.json`, without a GPU and without t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -74,13 +76,16 @@ class Setup:
         self.iters = 3 if args.tiny else 20
 
 
-def runner_for(setup: Setup, net, batch: int, max_len: int, compiled: bool) -> ModelRunner:
+def runner_for(setup: Setup, net, batch: int, max_len: int, compiled: bool,
+               compile_prefill: bool = False) -> ModelRunner:
     """A runner whose pool holds `batch` sequences of `max_len` tokens, its cache filled with
-    random values (never zeros, never uninitialised memory)."""
+    random values (never zeros, never uninitialised memory); `compiled`: compiled decode
+    blocks, `compile_prefill`: compiled prefill blocks."""
     per_seq = -(-max_len // setup.page)
     runner = ModelRunner(net, num_pages=batch * per_seq + 1, page_size=setup.page,
                          max_model_len=max_len, max_num_seqs=batch, cache_dtype=setup.dtype,
-                         cuda_graphs=setup.device.type == "cuda", compile_decode=compiled)
+                         cuda_graphs=setup.device.type == "cuda", compile_decode=compiled,
+                         compile_prefill=compile_prefill)
     g = torch.Generator(device=setup.device).manual_seed(0)  # the same cache in every runner
     for layer in runner.kv_caches:
         for t in layer:
@@ -205,38 +210,58 @@ def part_serving(setup: Setup, args, rows: list) -> list[dict]:
 
 
 def part_prefill(setup: Setup, args, peaks, rows: list) -> list[dict]:
-    n = args.prefill_len
     for variant in args.variants.split(","):
-        net = build(setup, setup.preset, variant, n)
-        runner = runner_for(setup, net, args.prefill_batch, n + 8, False)
-        per_seq = -(-(n + 8) // setup.page)
-        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))
-                  for i in range(args.prefill_batch)]
-        g = torch.Generator().manual_seed(1)
-        prompts = torch.randint(0, net.config.vocab_size, (args.prefill_batch, n),
-                                generator=g).tolist()
-        flops = prefill_flops(net, [n] * args.prefill_batch)
-        for chunk in sorted({n, args.chunk}, reverse=True):
-            def run(prompts=prompts, chunk=chunk):
-                done = 0
-                while done < n:
-                    size = min(chunk, n - done)
-                    runner.execute(StepInput(
-                        "prefill", [p[done:done + size] for p in prompts], [done] * len(prompts),
-                        tables, need_logits=[done + size == n] * len(prompts)))
-                    done += size
-            seconds = _time(setup, run, 2 if setup.tiny else 5)
-            row = dict(part="prefill", variant=variant, batch=args.prefill_batch, prompt_len=n,
-                       chunk=chunk, seconds=seconds, tokens_per_s=n * args.prefill_batch / seconds,
-                       flops=flops)
-            if peaks:
-                row["mfu"] = flops / seconds / (peaks[1] * 1e12)
-            rows.append(row)
-            log(f"prefill {variant} chunk {chunk}: {seconds * 1e3:.1f} ms, "
-                f"{row['tokens_per_s']:.0f} tok/s, MFU {row.get('mfu', 0):.1%}")
-        free(runner, net)
+        logits = {}
+        for mode in args.prefill_modes.split(","):
+            part_prefill_whole(setup, args, peaks, rows, variant, mode == "compiled", logits)
         part_prefill_unequal(setup, args, peaks, rows, variant)
     return rows
+
+
+def part_prefill_whole(setup: Setup, args, peaks, rows: list, variant: str,
+                       compiled: bool, logits: dict) -> None:
+    """`--prefill-batch` prompts of `--prefill-len` tokens, in one step and in chunks of
+    `--chunk`, through the eager or the compiled prefill blocks (`compiled`). `logits` keeps
+    each chunk size's last logits (on the host) from the mode that ran first; the other mode's
+    rows report how far theirs are from them (`logits_max_diff`, `argmax_agree`)."""
+    n = args.prefill_len
+    net = build(setup, setup.preset, variant, n)
+    runner = runner_for(setup, net, args.prefill_batch, n + 8, False, compiled)
+    per_seq = -(-(n + 8) // setup.page)
+    tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))
+              for i in range(args.prefill_batch)]
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, net.config.vocab_size, (args.prefill_batch, n),
+                            generator=g).tolist()
+    flops = prefill_flops(net, [n] * args.prefill_batch)
+    for chunk in sorted({n, args.chunk}, reverse=True):
+        def run(prompts=prompts, chunk=chunk):
+            done, out = 0, None
+            while done < n:
+                size = min(chunk, n - done)
+                out = runner.execute(StepInput(
+                    "prefill", [p[done:done + size] for p in prompts], [done] * len(prompts),
+                    tables, need_logits=[done + size == n] * len(prompts)))
+                done += size
+            return out
+        last = run().float().cpu()  # (B, V)
+        seconds = _time(setup, run, 2 if setup.tiny else 5)
+        row = dict(part="prefill", variant=variant, batch=args.prefill_batch, prompt_len=n,
+                   chunk=chunk, compiled=compiled, seconds=seconds,
+                   tokens_per_s=n * args.prefill_batch / seconds, flops=flops)
+        if chunk in logits:
+            row["logits_max_diff"] = (last - logits[chunk]).abs().max().item()
+            row["argmax_agree"] = (last.argmax(-1) == logits[chunk].argmax(-1)).float().mean().item()
+        else:
+            logits[chunk] = last
+        if peaks:
+            row["mfu"] = flops / seconds / (peaks[1] * 1e12)
+        rows.append(row)
+        log(f"prefill {variant} chunk {chunk} compiled={compiled}: {seconds * 1e3:.1f} ms, "
+            f"{row['tokens_per_s']:.0f} tok/s, MFU {row.get('mfu', 0):.1%}"
+            + (f", logits within {row['logits_max_diff']:.3g} of the other mode's, argmax "
+               f"agree {row['argmax_agree']:.0%}" if "argmax_agree" in row else ""))
+    free(runner, net)
 
 
 def prefill_flops(net, lengths: list[int]) -> float:
@@ -303,7 +328,8 @@ def part_prefill_unequal(setup: Setup, args, peaks, rows: list, variant: str) ->
 def part_ttft(setup: Setup, args, rows: list) -> None:
     """Poisson arrivals of `--ttft-requests` prompts of `--prefill-len` tokens at `--rate`
     requests/s, `--ttft-output` greedy tokens each, on the serving engine (compiled decode,
-    CUDA graphs, overlapped scheduling), for each prefill budget of `--ttft-chunks`:
+    CUDA graphs, overlapped scheduling; eager or compiled prefill blocks, `--ttft-prefill-modes`),
+    for each prefill budget of `--ttft-chunks`:
     TTFT and inter-token latency percentiles (`benchmarks/engine_speed.py`'s loop)."""
     from benchmarks.engine_speed import serve_poisson
     from hwattn.bench.engine import random_prompts
@@ -312,9 +338,11 @@ def part_ttft(setup: Setup, args, rows: list) -> None:
     from hwattn.engine.llm_engine import LLMEngine
 
     n, out_len = args.prefill_len, args.ttft_output
-    for variant in args.ttft_variants.split(","):
+    for variant, mode in itertools.product(args.ttft_variants.split(","),
+                                           args.ttft_prefill_modes.split(",")):
+        compiled = mode == "compiled"
         net = build(setup, setup.preset, variant, n + out_len)
-        runner = runner_for(setup, net, args.batch, n + out_len + 8, True)
+        runner = runner_for(setup, net, args.batch, n + out_len + 8, True, compiled)
         prompts = random_prompts(args.ttft_requests, n, net.config.vocab_size, seed=11)
         for spec in args.ttft_chunks.split(","):
             chunk, mixed = int(spec.rstrip("m")), spec.endswith("m")
@@ -327,8 +355,8 @@ def part_ttft(setup: Setup, args, rows: list) -> None:
             serve_poisson(engine, prompts[:2], 2, rate=1e6)  # warm-up
             r = serve_poisson(engine, prompts, out_len, args.rate)
             rows.append(dict(part="ttft", variant=variant, chunk=chunk, mixed=mixed, prompt_len=n,
-                             rate=args.rate, **r))
-            log(f"ttft {variant} chunk {chunk} mixed={mixed}: TTFT p50 {r['ttft_p50_s']:.2f} s, "
+                             rate=args.rate, compiled_prefill=compiled, **r))
+            log(f"ttft {variant} chunk {chunk} mixed={mixed} compiled prefill={compiled}: TTFT p50 {r['ttft_p50_s']:.2f} s, "
                 f"ITL p50 {r['itl_p50_s'] * 1e3:.1f} ms")
         free(runner, net)
 
@@ -445,11 +473,12 @@ def tables(doc: dict) -> str:
     ttft = [r for r in doc["rows"] if r["part"] == "ttft"]
     if ttft:
         out += ["## Serving: Poisson arrivals (xl, compiled decode, CUDA graphs)", "",
-                "| variant | requests x prompt @ rate | prefill budget (m: mixed steps) | TTFT p50 s | TTFT p99 s | "
-                "ITL p50 ms | ITL p99 ms | out tok/s |", "|---|---|---|---|---|---|---|---|"]
+                "| variant | requests x prompt @ rate | prefill budget (m: mixed steps) | compiled prefill | TTFT p50 s | TTFT p99 s | "
+                "ITL p50 ms | ITL p99 ms | out tok/s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in ttft:
             out.append(f"| {r['variant']} | {r['requests']} x {r['prompt_len']} @ {r['rate']:g}/s | "
-                       f"{r['chunk']}{'m' if r.get('mixed') else ''} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+                       f"{r['chunk']}{'m' if r.get('mixed') else ''} | "
+                       f"{'yes' if r.get('compiled_prefill') else 'no'} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
                        f"{r['itl_p50_s'] * ms:.1f} | {r['itl_p99_s'] * ms:.1f} | "
                        f"{r['output_tok_s']:.0f} |")
         out.append("")
@@ -465,11 +494,12 @@ def tables(doc: dict) -> str:
         out.append("")
     pre = [r for r in doc["rows"] if r["part"] == "prefill"]
     if pre:
-        out += ["## Prefill (xl)", "", "| variant | B x prompt | chunk | ms | tok/s | MFU |",
-                "|---|---|---|---|---|---|"]
+        out += ["## Prefill (xl)", "", "| variant | B x prompt | chunk | compiled | ms | tok/s | MFU |",
+                "|---|---|---|---|---|---|---|"]
         for r in pre:
             mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
             out.append(f"| {r['variant']} | {r['batch']} x {r['prompt_len']} | {r['chunk']} | "
+                       f"{'yes' if r.get('compiled') else 'no'} | "
                        f"{r['seconds'] * ms:.1f} | {r['tokens_per_s']:.0f} | {mfu} |")
     return "\n".join(out)
 
@@ -517,12 +547,18 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=2048,
                    help="tokens per prefill chunk, timed beside the whole prompt in one step "
                         "(default %(default)s)")
+    p.add_argument("--prefill-modes", default="eager,compiled",
+                   help="prefill steps to time: through the eager blocks, the compiled prefill "
+                        "blocks (EngineConfig.compile_prefill) or both (default %(default)s)")
     p.add_argument("--unequal", default="16x512,4x2048",
                    help="prefill steps of unequal whole prompts, B x mean length, comma-separated")
     p.add_argument("--ttft-variants", default="gla-2",
                    help="comma-separated attention variants of the ttft part (default %(default)s)")
     p.add_argument("--ttft-chunks", default="2048,8192,2048m",
                    help="prefill budgets per step; a trailing m turns mixed prefill+decode steps on")
+    p.add_argument("--ttft-prefill-modes", default="compiled",
+                   help="the ttft part's engine with eager or compiled prefill blocks, or both "
+                        "(default %(default)s, as the engine's default on CUDA)")
     p.add_argument("--ttft-requests", type=int, default=64,
                    help="requests sent in the ttft part (default %(default)s)")
     p.add_argument("--ttft-output", type=int, default=128,
@@ -556,8 +592,10 @@ def main(argv=None) -> int:
         args.ttft_chunks, args.ttft_requests, args.ttft_output, args.rate = "16,64,16m", 4, 4, 200.0
         torch.set_num_threads(1)
     setup = Setup(args)
-    if not args.decode_modes or set(args.decode_modes.split(",")) - {"eager", "compiled"}:
-        p.error(f"--decode-modes takes eager, compiled or both; got {args.decode_modes!r}")
+    for name in ("decode_modes", "prefill_modes", "ttft_prefill_modes"):
+        value = getattr(args, name)
+        if not value or set(value.split(",")) - {"eager", "compiled"}:
+            p.error(f"--{name.replace('_', '-')} takes eager, compiled or both; got {value!r}")
     parts = args.parts.split(",")
     unknown = set(parts) - {"decode", "serving", "prefill", "ttft"}
     if unknown:

@@ -67,8 +67,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="decode steps without captured CUDA graphs")
     p.add_argument("--no-compile", action="store_true",
-                   help="decode steps through the eager decoder blocks, not torch.compile'd ones "
-                        "(compiling is on by default on CUDA)")
+                   help="decode and prefill steps through the eager decoder blocks, not "
+                        "torch.compile'd ones (compiling is on by default on CUDA)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="both of the above, as vLLM's flag of that name")
     caching = p.add_mutually_exclusive_group()
@@ -211,7 +211,7 @@ def engine_config(args):
     if args.no_cuda_graphs:
         kwargs["cuda_graphs"] = False
     if args.no_compile:
-        kwargs["compile_decode"] = False
+        kwargs["compile_decode"] = kwargs["compile_prefill"] = False
     with options_named():
         return EngineConfig(**vllm_arguments(kwargs))
 

@@ -68,6 +68,11 @@ class EngineConfig:
         absorptions and SwiGLU fused into a few kernels; hwattn/models/compile.py); None: on
         for CUDA devices, off on the CPU. Compiling adds start-up time (tens of seconds per
         model on a GPU machine) and changes no result beyond floating-point rounding.
+    compile_prefill: run prefill and mixed steps through `torch.compile`d decoder blocks of
+        their own, compiled once for any number of tokens (the attention itself stays eager);
+        None: on for CUDA devices, off on the CPU. It cuts the small launches (RMSNorm, RoPE,
+        SwiGLU) that made a prompt chunk's step host-bound on the device machines
+        (docs/results/engine.md, runs 13-14). Compiled at start-up, beside the decode blocks.
     seed: weights of presets, and the seeds of requests that bring none.
     model_overrides: presets only (refused for a checkpoint), ModelConfig fields to change
         (e.g. max_seq_len).
@@ -106,6 +111,7 @@ class EngineConfig:
     speculative_disable_batch_size: int | None = None
     cuda_graphs: bool = True
     compile_decode: bool | None = None
+    compile_prefill: bool | None = None
     backend: str = "auto"
     seed: int = 0
     model_overrides: dict | None = None
@@ -133,9 +139,10 @@ class EngineConfig:
                      "overlap_scheduling", "launch_thread"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.compile_decode is not None and not isinstance(self.compile_decode, bool):
-            raise ValueError(f"compile_decode must be True, False or None, got "
-                             f"{self.compile_decode!r}")
+        for name in ("compile_decode", "compile_prefill"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True, False or None, got "
+                                 f"{getattr(self, name)!r}")
         budget = self.memory_budget
         if budget is not None and (isinstance(budget, bool)
                                    or not isinstance(budget, (numbers.Integral, float))

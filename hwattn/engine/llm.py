@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 # here (`vllm_arguments` applies them; docs/engine.md's table of vLLM's arguments repeats this).
 VLLM_ARGUMENTS = {
     "block_size": "page_size (tokens per KV page)",
-    "enforce_eager": "enforce_eager=True is cuda_graphs=False and compile_decode=False",
+    "enforce_eager": "enforce_eager=True is cuda_graphs=False, compile_decode=False and "
+                     "compile_prefill=False",
     "trust_remote_code": "accepted and ignored: the engine runs hwattn's own model code and "
                          "never executes code from the checkpoint folder",
     "swap_space": "accepted and ignored: preempted sequences are recomputed, never swapped to "
@@ -70,11 +71,11 @@ def vllm_arguments(kwargs: dict) -> dict:
             raise ValueError(f"swap_space must be a number of GiB >= 0, got {space!r}")
     if "enforce_eager" in kwargs:
         eager = kwargs.pop("enforce_eager")
-        for name in ("cuda_graphs", "compile_decode"):
+        for name in ("cuda_graphs", "compile_decode", "compile_prefill"):
             if eager and kwargs.get(name):
                 raise ValueError(f"enforce_eager=True contradicts {name}=True; give one of them")
         if eager:
-            kwargs["cuda_graphs"] = kwargs["compile_decode"] = False
+            kwargs["cuda_graphs"] = kwargs["compile_decode"] = kwargs["compile_prefill"] = False
     if "block_size" in kwargs:
         block = kwargs.pop("block_size")
         if kwargs.get("page_size", block) != block:
@@ -173,7 +174,9 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
                          max_num_seqs=config.max_num_seqs, cache_dtype=dt, backend=config.backend,
                          cuda_graphs=config.cuda_graphs, graph_query_lens=graph_lens,
                          compile_decode=(dev.type == "cuda" if config.compile_decode is None
-                                         else bool(config.compile_decode)))
+                                         else bool(config.compile_decode)),
+                         compile_prefill=(dev.type == "cuda" if config.compile_prefill is None
+                                          else bool(config.compile_prefill)))
     build = dict(model=config.model, attention=config.attention, dtype=dt, device=str(dev),
                  seed=config.seed, overrides=config.model_overrides)
     if config.tensor_parallel_size > 1:

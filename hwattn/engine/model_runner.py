@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hwattn import ops
-from hwattn.engine.block_manager import NULL_PAGE
+from hwattn.engine.block_manager import NULL_PAGE, pages_for
 from hwattn.engine.cuda_graphs import DecodeGraphs, decode_buckets
 from hwattn.engine.launch import PendingTokens
 from hwattn.engine.staging import PinnedRing
@@ -108,6 +108,12 @@ class ModelRunner(DecodeGraphs):
         query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails).
     compile_decode: run decode steps through `torch.compile`d blocks (hwattn/models/compile.py;
         compiled before capture, so each captured graph replays the fused kernels).
+    compile_prefill: run prefill (and mixed) steps through `torch.compile`d blocks of their
+        own, compiled for any number of tokens (`dynamic=True`): RMSNorm, RoPE and SwiGLU
+        become a few fused kernels around the GEMMs, the attention dispatch stays eager
+        (`Attention._attend_prefill`). A prompt chunk's host time is mostly these small
+        launches, which left chunked prefill host-bound on the device machines
+        (docs/results/engine.md, run 13).
 
     The runner fuses the model's input projections (`Transformer.fuse_projections`): from
     then on the model serves (its fused weights take no gradients).
@@ -116,7 +122,8 @@ class ModelRunner(DecodeGraphs):
     def __init__(self, model, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int = 64, cache_dtype: torch.dtype | None = None,
                  backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
-                 graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False):
+                 graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False,
+                 compile_prefill: bool = False):
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
         self.page_size = page_size
         self.num_pages = num_pages
@@ -142,13 +149,27 @@ class ModelRunner(DecodeGraphs):
         # the next step of its query length).
         self.fed_tokens: Tensor | None = None
         self.decode_blocks = compile_blocks(model, eager_numerics=True) if compile_decode else None
+        self.prefill_blocks = None
+        if compile_prefill:
+            self.prefill_blocks = compile_blocks(model, eager_numerics=True, dynamic=True)
         # The engine's `StepTimer`, when one is attached: decode launches time their parts
         # on it (`hwattn.engine.step_timer.LAUNCH_PARTS`).
         self.step_timer = None
         # Pinned buffers the launched steps' tokens (one per row) come back through.
         self._out_ring = PinnedRing(max_num_seqs) if self.device.type == "cuda" else None
+        if self.prefill_blocks is not None:
+            self._warm_prefill()  # (before the capture, which ends by freezing the heap)
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
+
+    def _warm_prefill(self) -> None:
+        """Compile the prefill blocks now rather than in the first request's step: one
+        prefill of two tokens into the null page, whose graphs (compiled with a symbolic token
+        count) then serve every prefill and mixed step of two tokens or more (a step of one
+        token runs the eager blocks: dynamo specialises sizes 0 and 1)."""
+        pages = [NULL_PAGE] * pages_for(2, self.page_size)
+        self.execute(StepInput("prefill", [[0, 0]], [0], [pages], need_logits=[False]))
+        self._synchronize()
 
     def _part(self, name: str):
         """Time a part of a decode launch on the attached step timer (none: no timing)."""
@@ -388,7 +409,10 @@ class ModelRunner(DecodeGraphs):
         tokens = self._upload(torch.from_numpy(flat)[None])  # (1, N)
         if step.feeds:
             tokens = self._feed(tokens, step.feed, last=[n - 1 for n in cu[1:]])
-        hidden = self.model(tokens, meta=meta, kv_caches=self.kv_caches, hidden_only=True)[0]  # (N, D)
+        # (A step of one token runs eagerly: dynamo would specialise a graph for size 1.)
+        blocks = self.prefill_blocks if cu[-1] > 1 else None
+        hidden = self.model(tokens, meta=meta, kv_caches=self.kv_caches, hidden_only=True,
+                            blocks=blocks)[0]  # (N, D)
         for i, k in enumerate(step.prompt_logprobs):
             if k >= 0:
                 self._prompt_logits[i] = self.model.output(hidden[cu[i]:cu[i + 1]])  # (T_i, V)

@@ -458,13 +458,23 @@ class Attention(nn.Module):
             out = self.attend(q, states)
         else:
             self._store(cache, states, meta)
-            if meta.is_prefill and meta.plan.fresh and self._attends_densely(meta):
-                out = self._attend_fresh(q, states, meta.plan.query_lens)  # (N, H, d_h)
-            elif meta.is_prefill:
-                out = self.prefill(tuple(t.flatten(0, 1) for t in q), cache, meta)  # (N, H, d_h)
+            if meta.is_prefill:
+                out = self._attend_prefill(q, states, cache, meta)  # (N, H, d_h)
             else:
                 out = self.decode(q, cache, meta)
         return self.wo(out.reshape(batch, seq, -1))
+
+    @torch.compiler.disable
+    def _attend_prefill(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...],
+                        cache: tuple[Tensor, ...], meta: AttentionMetadata) -> Tensor:
+        """A prefill step's attention, its queries and states (B, T, ...) packed rows, the
+        states already in the cache -> (N, H, d_h): whole prompts densely (`_attend_fresh`)
+        or through the paged op (`prefill`). One graph break under `torch.compile`: the
+        choice and both paths read the step's host lengths, on which a compiled graph would
+        guard (one recompile per chunk layout)."""
+        if meta.plan.fresh and self._attends_densely(meta):
+            return self._attend_fresh(q, states, meta.plan.query_lens)
+        return self.prefill(tuple(t.flatten(0, 1) for t in q), cache, meta)
 
     def _check_inputs(self, x: Tensor, cos: Tensor, sin: Tensor) -> None:
         """`forward`'s shape checks (host metadata only)."""

@@ -37,11 +37,12 @@ def test_engine_roofline_tiny_decode(tmp_path):
     assert doc["skinny_gemm"] is False and "`F.linear`" in table  # the CPU has no skinny kernel
 
 
-def test_engine_roofline_rejects_unknown_decode_modes(tmp_path):
+@pytest.mark.parametrize("flag", ["--decode-modes", "--prefill-modes", "--ttft-prefill-modes"])
+def test_engine_roofline_rejects_unknown_modes(tmp_path, flag):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "engine_roofline.py"), "--tiny",
-           "--out", str(tmp_path), "--parts", "decode", "--decode-modes", "eager,fast"]
+           "--out", str(tmp_path), "--parts", "decode", flag, "eager,fast"]
     done = subprocess.run(cmd, cwd=ROOT, timeout=120, capture_output=True, text=True)
-    assert done.returncode == 2 and "--decode-modes takes eager, compiled or both" in done.stderr
+    assert done.returncode == 2 and f"{flag} takes eager, compiled or both" in done.stderr
 
 
 @pytest.mark.timeout(300)
@@ -52,6 +53,13 @@ def test_engine_roofline_tiny_prefill_with_unequal_prompts(tmp_path):
     assert [r["route"] for r in unequal] == ["dense loop"]
     assert unequal[0]["lengths"] == [4, 16, 28] and unequal[0]["tokens_per_s"] > 0
     assert "prompts of unequal lengths" in table
+    # Whole and chunked prompts through the eager and the compiled prefill blocks.
+    whole = [(r["chunk"], r["compiled"]) for r in doc["rows"] if r["part"] == "prefill"]
+    assert whole == [(48, False), (16, False), (48, True), (16, True)]
+    assert "| gqa-4 | 1 x 48 | 16 | yes |" in table
+    for r in doc["rows"]:
+        if r["part"] == "prefill" and r["compiled"]:  # the same logits as the eager rows'
+            assert r["argmax_agree"] == 1.0 and r["logits_max_diff"] < 1e-3, r
 
 
 @pytest.mark.parametrize("variant, tied", [("gqa-4", True), ("mla", True), ("gla-2", False)])

@@ -1,6 +1,7 @@
 """Decode steps through `torch.compile`d blocks (EngineConfig.compile_decode) give the eager
 engine's greedy tokens, for every kernel shape and with speculative verification; the paged
-ops stay outside the compiled graphs."""
+ops stay outside the compiled graphs. Prefill and mixed steps through the prefill blocks
+(EngineConfig.compile_prefill) do too, compiled once for every chunk layout."""
 
 import pytest
 import torch
@@ -59,3 +60,53 @@ def test_backend_ops_are_opaque_to_the_compiler(checkpoints):
     # One block code object: before the cache write, between it and the decode op, after it
     # (and one recompile with a symbolic batch), shared by every layer.
     assert 0 < counter.frame_count <= 8, counter.frame_count
+
+
+def _generate_chunked(path, prompts_, compile_prefill, **kw):
+    """Greedy outputs of `prompts_` with prompts cut into chunks of at most 24 tokens (so
+    prefill steps attend over cached prefixes through the paged op, and whole short prompts
+    densely), and the engine."""
+    llm = LLM(path, page_size=8, max_num_seqs=4, memory_budget=1 << 20,
+              max_num_batched_tokens=24, compile_prefill=compile_prefill, **kw)
+    outs = [o.token_ids for o in llm.generate(prompts_, GREEDY)]
+    assert llm.engine.block_manager.num_used_pages == 0
+    return outs, llm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["gqa-2", "gta-4", "gla-2", "mla"])
+def test_compiled_prefill_matches_eager(checkpoints, variant):
+    """Prefill and mixed steps through the runner's compiled prefill blocks
+    (EngineConfig.compile_prefill) give the eager engine's greedy tokens."""
+    torch._dynamo.reset()
+    path = checkpoints(variant)
+    for mixed in (False, True):
+        eager, _ = _generate_chunked(path, prompts(5, seed=3), False,
+                                     enable_mixed_batches=mixed)
+        compiled, llm = _generate_chunked(path, prompts(5, seed=3), True,
+                                          enable_mixed_batches=mixed)
+        assert compiled == eager, mixed
+        assert llm.engine.runner.prefill_blocks is not None
+
+
+def test_prefill_blocks_compile_once(checkpoints):
+    """The prefill blocks are compiled at start-up for any number of tokens: no step of
+    another chunk layout (rows, lengths, cached prefixes, whole prompts or chunks) compiles
+    them again, since the attention dispatch that reads the step's host lengths is one graph
+    break (`Attention._attend_prefill`)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    path = checkpoints("gta-4")
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 61, (12,), generator=g).tolist()
+    prompts_ = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in lengths]
+    llm = LLM(path, page_size=8, max_num_seqs=4, memory_budget=1 << 20,
+              max_num_batched_tokens=24, compile_prefill=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    outs = [o.token_ids for o in llm.generate(prompts_, GREEDY)]
+    outs += [o.token_ids for o in llm.generate([[7]], GREEDY)]  # a step of one token
+    assert counters["stats"]["unique_graphs"] == graphs
+    llm.engine.runner.prefill_blocks = None
+    assert outs == [o.token_ids for o in llm.generate(prompts_ + [[7]], GREEDY)]
