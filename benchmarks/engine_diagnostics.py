@@ -30,6 +30,10 @@
   (prefillhost_<variant>.txt, walls in diag.jsonl): run 2026-12-07 as a script of its own, the
   chunked steps' wall time was 1.5-3.5x their device time.
 
+prefillprof and prefillhost run the eager prefill blocks, or the compiled ones with
+COMPILE_PREFILL=1 (EngineConfig.compile_prefill), over PREFILL_DIAG_VARIANTS (default: each
+part's own list).
+
     python3 benchmarks/engine_diagnostics.py host,gemm,prefill   # writes $OUT/diag.jsonl
     OUT=/tmp/skinny python3 benchmarks/engine_diagnostics.py skinny   # about 2 minutes
     OUT=/tmp/blas python3 benchmarks/engine_diagnostics.py blas       # under a minute
@@ -48,6 +52,9 @@ import engine_roofline as er
 from hwattn.bench.timing import DeviceTimer, device_peaks
 peaks = device_peaks("cuda"); log(f"peaks {peaks}"); save("diag.jsonl", dict(peaks=peaks))
 setup = er.Setup(types.SimpleNamespace(tiny=False))
+COMPILE_PREFILL = os.environ.get("COMPILE_PREFILL", "0") == "1"
+def prefill_variants(default):
+    return os.environ.get("PREFILL_DIAG_VARIANTS", default).split(",")
 parts = sys.argv[1].split(",")
 
 if "host" in parts:
@@ -146,9 +153,9 @@ if "prefillprof" in parts:
         low = name.lower()
         return next((k for k, keys in KINDS if any(w in low for w in keys)), "other")
     n = 8192
-    for variant in ["mla", "gla-2", "gqa-4"]:
+    for variant in prefill_variants("mla,gla-2,gqa-4"):
         net = er.build(setup, "xl", variant, n)
-        runner = er.runner_for(setup, net, 1, n + 8, compiled=False)
+        runner = er.runner_for(setup, net, 1, n + 8, compiled=False, compile_prefill=COMPILE_PREFILL)
         table = [list(range(1, 2 + n // setup.page))]
         prompt = torch.randint(0, net.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
         for chunk in (n, 2048):
@@ -171,7 +178,7 @@ if "prefillprof" in parts:
             for name, v in ker.items():
                 by_kind[kind(name)] = by_kind.get(kind(name), 0.0) + sum(v) / 3 / 1e3
             top = sorted(((name, len(v) / 3, sum(v) / 3 / 1e3) for name, v in ker.items()), key=lambda r: -r[2])[:15]
-            rec = dict(part="prefillprof", variant=variant, chunk=chunk, wall_ms=statistics.median(walls) * 1e3,
+            rec = dict(part="prefillprof", variant=variant, chunk=chunk, compiled=COMPILE_PREFILL, wall_ms=statistics.median(walls) * 1e3,
                        device_ms=sum(by_kind.values()), by_kind_ms=by_kind,
                        top=[dict(name=k[:140], per_run=c, ms=t) for k, c, t in top])
             save("diag.jsonl", rec)
@@ -217,9 +224,9 @@ if "normops" in parts:
 if "prefillhost" in parts:
     from hwattn.engine.model_runner import StepInput
     n = 8192
-    for variant in ["gla-2", "gqa-4"]:
+    for variant in prefill_variants("gla-2,gqa-4"):
         net = er.build(setup, "xl", variant, n)
-        runner = er.runner_for(setup, net, 1, n + 8, compiled=False)
+        runner = er.runner_for(setup, net, 1, n + 8, compiled=False, compile_prefill=COMPILE_PREFILL)
         table = [list(range(1, 2 + n // setup.page))]
         prompt = torch.randint(0, net.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)).tolist()
         def run(chunk=2048):
@@ -230,12 +237,14 @@ if "prefillhost" in parts:
         for _ in range(2):
             t0 = time.perf_counter(); run(); torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - t0) * 1e3
-            save("diag.jsonl", dict(part="prefillhost", variant=variant, chunk=2048, wall_ms=wall_ms))
+            save("diag.jsonl", dict(part="prefillhost", variant=variant, chunk=2048,
+                                    compiled=COMPILE_PREFILL, wall_ms=wall_ms))
             log(f"prefillhost {variant}: wall {wall_ms:.1f} ms")
         pr = cProfile.Profile(); pr.enable(); run(); torch.cuda.synchronize(); pr.disable()
         s = io.StringIO(); st = pstats.Stats(pr, stream=s)
         st.sort_stats("tottime").print_stats(25); st.sort_stats("cumulative").print_stats(45)
-        open(os.path.join(OUT, f"prefillhost_{variant}.txt"), "w").write(s.getvalue())
+        suffix = "_compiled" if COMPILE_PREFILL else ""
+        open(os.path.join(OUT, f"prefillhost_{variant}{suffix}.txt"), "w").write(s.getvalue())
         er.free(runner, net)
 
 log("done")

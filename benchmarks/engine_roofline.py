@@ -357,7 +357,10 @@ def part_ttft(setup: Setup, args, rows: list) -> None:
             rows.append(dict(part="ttft", variant=variant, chunk=chunk, mixed=mixed, prompt_len=n,
                              rate=args.rate, compiled_prefill=compiled, **r))
             log(f"ttft {variant} chunk {chunk} mixed={mixed} compiled prefill={compiled}: TTFT p50 {r['ttft_p50_s']:.2f} s, "
-                f"ITL p50 {r['itl_p50_s'] * 1e3:.1f} ms")
+                f"ITL p50 {r['itl_p50_s'] * 1e3:.1f} ms, p99 {r['itl_p99_s'] * 1e3:.1f} ms; slowest of "
+                f"{r['steps']} steps (s, at s, first tokens, later tokens): "
+                + ", ".join(f"({d:.3f}, {at:.2f}, {first}, {later})"
+                           for d, at, first, later in r["slowest_steps"]))
         free(runner, net)
 
 

@@ -132,7 +132,9 @@ def params(n: int):
 def serve_poisson(engine, prompts: list[list[int]], output_len: int, rate: float,
                   seed: int = 0) -> dict:
     """Requests arrive at Poisson times; each token's arrival is when `step()` returns it.
-    TTFT counts from the scheduled arrival; ITL is the gap between a request's tokens."""
+    TTFT counts from the scheduled arrival; ITL is the gap between a request's tokens.
+    `slowest_steps`: the five longest `step()` calls, each (seconds, seconds since the start,
+    requests that got their first token in it, requests that got a later one)."""
     rng = random.Random(seed)
     arrivals, t = [], 0.0
     for _ in prompts:
@@ -140,7 +142,7 @@ def serve_poisson(engine, prompts: list[list[int]], output_len: int, rate: float
         t += rng.expovariate(rate)
     sp = params(output_len)
     start = time.perf_counter()
-    due, seen, last, ttft, itl = {}, {}, {}, [], []
+    due, seen, last, ttft, itl, steps = {}, {}, {}, [], [], []
     i = 0
     while i < len(prompts) or engine.has_unfinished():
         now = time.perf_counter() - start
@@ -150,8 +152,10 @@ def serve_poisson(engine, prompts: list[list[int]], output_len: int, rate: float
         if not engine.has_unfinished():
             time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - start)))
             continue
+        t0 = time.perf_counter()
         outs = engine.step()
         t = time.perf_counter()
+        firsts = later = 0
         for out in outs:
             n = len(out.token_ids) - seen.get(out.request_id, 0)
             if n <= 0:
@@ -159,15 +163,19 @@ def serve_poisson(engine, prompts: list[list[int]], output_len: int, rate: float
             if out.request_id not in seen:
                 ttft.append(t - due[out.request_id])
                 n -= 1
+                firsts += 1
             elif n:
                 itl += [(t - last[out.request_id]) / n] * n
+                later += 1
             seen[out.request_id], last[out.request_id] = len(out.token_ids), t
+        steps.append((t - t0, t0 - start, firsts, later))
     wall = time.perf_counter() - start
     tokens = sum(seen.values())
     return dict(requests=len(prompts), output_tokens=tokens, wall_s=wall,
                 output_tok_s=tokens / wall, ttft_p50_s=pct(ttft, 0.5), ttft_p99_s=pct(ttft, 0.99),
                 itl_p50_s=pct(itl, 0.5), itl_p99_s=pct(itl, 0.99),
-                itl_p99_over_p50=pct(itl, 0.99) / pct(itl, 0.5))
+                itl_p99_over_p50=pct(itl, 0.99) / pct(itl, 0.5), steps=len(steps),
+                slowest_steps=sorted(steps, reverse=True)[:5])
 
 
 def run_batch(engine, prompts: list[list[int]], output_len: int) -> list[dict]:
