@@ -70,9 +70,9 @@ class EngineConfig:
         model on a GPU machine) and changes no result beyond floating-point rounding.
     compile_prefill: run prefill and mixed steps through `torch.compile`d decoder blocks of
         their own, compiled once for any number of tokens (the attention itself stays eager);
-        None: on for CUDA devices, off on the CPU. It cuts the small launches (RMSNorm, RoPE,
-        SwiGLU) that made a prompt chunk's step host-bound on the device machines
-        (docs/results/engine.md, runs 13-14). Compiled at start-up, beside the decode blocks.
+        None: on for CUDA devices, off on the CPU. Compiled at start-up, beside the decode
+        blocks; on an H100 a whole 8K-token `xl` prompt took 24-27% less time through them
+        (docs/results/engine.md, run 14).
     seed: weights of presets, and the seeds of requests that bring none.
     model_overrides: presets only (refused for a checkpoint), ModelConfig fields to change
         (e.g. max_seq_len).

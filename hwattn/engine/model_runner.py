@@ -111,9 +111,8 @@ class ModelRunner(DecodeGraphs):
     compile_prefill: run prefill (and mixed) steps through `torch.compile`d blocks of their
         own, compiled for any number of tokens (`dynamic=True`): RMSNorm, RoPE and SwiGLU
         become a few fused kernels around the GEMMs, the attention dispatch stays eager
-        (`Attention._attend_prefill`). A prompt chunk's host time is mostly these small
-        launches, which left chunked prefill host-bound on the device machines
-        (docs/results/engine.md, run 13).
+        (`Attention._attend_prefill`). Compiled at start-up (`_warm_prefill`); on an H100 they
+        took 24-27% off a whole 8K-token `xl` prompt (docs/results/engine.md, run 14).
 
     The runner fuses the model's input projections (`Transformer.fuse_projections`): from
     then on the model serves (its fused weights take no gradients).
@@ -163,13 +162,38 @@ class ModelRunner(DecodeGraphs):
             self._capture(graph_query_lens)
 
     def _warm_prefill(self) -> None:
-        """Compile the prefill blocks now rather than in the first request's step: one
-        prefill of two tokens into the null page, whose graphs (compiled with a symbolic token
-        count) then serve every prefill and mixed step of two tokens or more (a step of one
-        token runs the eager blocks: dynamo specialises sizes 0 and 1)."""
-        pages = [NULL_PAGE] * pages_for(2, self.page_size)
-        self.execute(StepInput("prefill", [[0, 0]], [0], [pages], need_logits=[False]))
+        """Compile the prefill blocks now rather than in the first request's step: a whole
+        prompt, then a chunk over it (the dense path and the paged op), both in the null page;
+        their graphs, compiled with a symbolic token count, then serve every prefill and mixed
+        step of two tokens or more (a step of one token runs the eager blocks: dynamo
+        specialises sizes 0 and 1).
+
+        The warm-up's token count is one no tensor the blocks see has as a size: dynamo would
+        otherwise take the two sizes for one symbol ("duck sizing") and guard on their
+        equality, and the first step of another length would compile the blocks again (a
+        two-token warm-up did so wherever a rank holds two cached heads)."""
+        n = self._warm_len()
+        pages = [NULL_PAGE] * self._warm_table_width(n)
+        for cached in (0, n):
+            self.execute(StepInput("prefill", [[0] * n], [cached], [pages], need_logits=[False]))
         self._synchronize()
+
+    def _warm_len(self) -> int:
+        """The smallest token count >= 3 that is no size of the model's parameters, of its
+        caches or of the warm-up's block table (see `_warm_prefill`; 2 is a step's
+        `cu_seqlens` for one sequence)."""
+        sizes = {s for p in self.model.parameters() for s in p.shape}
+        sizes |= {s for layer in self.kv_caches for t in layer for s in t.shape}
+        sizes |= {self.model.config.rope_dim // 2, self.page_size}
+        n = 3
+        while n in sizes or n == self._warm_table_width(n):
+            n += 1
+        return n
+
+    def _warm_table_width(self, n: int) -> int:
+        """The warm-up's block table: room for both of its steps, and one page more, so that
+        its width is never the token count (it is 2n + 1 for pages of one token)."""
+        return pages_for(2 * n, self.page_size) + 1
 
     def _part(self, name: str):
         """Time a part of a decode launch on the attached step timer (none: no timing)."""

@@ -471,10 +471,13 @@ class Attention(nn.Module):
         states already in the cache -> (N, H, d_h): whole prompts densely (`_attend_fresh`)
         or through the paged op (`prefill`). One graph break under `torch.compile`: the
         choice and both paths read the step's host lengths, on which a compiled graph would
-        guard (one recompile per chunk layout)."""
+        guard (one recompile per chunk layout). Contiguous, whichever path ran: the compiled
+        code after the break guards on its input's strides, which differ between the paths."""
         if meta.plan.fresh and self._attends_densely(meta):
-            return self._attend_fresh(q, states, meta.plan.query_lens)
-        return self.prefill(tuple(t.flatten(0, 1) for t in q), cache, meta)
+            out = self._attend_fresh(q, states, meta.plan.query_lens)
+        else:
+            out = self.prefill(tuple(t.flatten(0, 1) for t in q), cache, meta)
+        return out.contiguous()
 
     def _check_inputs(self, x: Tensor, cos: Tensor, sin: Tensor) -> None:
         """`forward`'s shape checks (host metadata only)."""

@@ -89,19 +89,23 @@ def test_compiled_prefill_matches_eager(checkpoints, variant):
         assert llm.engine.runner.prefill_blocks is not None
 
 
-def test_prefill_blocks_compile_once(checkpoints):
+@pytest.mark.parametrize("variant, page_size", [("gqa-2", 8), ("gta-4", 8), ("gla-2", 8),
+                                               ("mla", 8), ("gla-2", 1), ("gqa-2", 2)])
+def test_prefill_blocks_compile_once(checkpoints, variant, page_size):
     """The prefill blocks are compiled at start-up for any number of tokens: no step of
     another chunk layout (rows, lengths, cached prefixes, whole prompts or chunks) compiles
     them again, since the attention dispatch that reads the step's host lengths is one graph
-    break (`Attention._attend_prefill`)."""
+    break (`Attention._attend_prefill`, whose output is contiguous whichever path ran), and
+    the warm-up's token count is no size of the caches (two cached heads, pages of one or two
+    tokens: `ModelRunner._warm_len`)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    path = checkpoints("gta-4")
+    path = checkpoints(variant)
     g = torch.Generator().manual_seed(5)
     lengths = torch.randint(1, 61, (12,), generator=g).tolist()
     prompts_ = [torch.randint(0, 2048, (n,), generator=g).tolist() for n in lengths]
-    llm = LLM(path, page_size=8, max_num_seqs=4, memory_budget=1 << 20,
+    llm = LLM(path, page_size=page_size, max_num_seqs=4, memory_budget=1 << 20,
               max_num_batched_tokens=24, compile_prefill=True)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0

@@ -101,7 +101,7 @@ def test_speculative_names_a_drafter(value):
 
 
 @pytest.mark.parametrize("name", ["enable_prefix_caching", "cuda_graphs", "compile_decode",
-                                  "enable_mixed_batches", "overlap_scheduling",
+                                  "compile_prefill", "enable_mixed_batches", "overlap_scheduling",
                                   "launch_thread"])
 def test_switches_are_true_or_false(name):
     # "no" read as True.

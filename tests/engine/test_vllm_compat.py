@@ -28,7 +28,8 @@ def test_vllm_engine_arguments_map_onto_the_engine_config():
               swap_space=4, dtype="half", tokenizer_mode="auto", quantization=None, **SMALL)
     config = llm.engine.config
     assert (config.page_size, config.cuda_graphs, config.dtype) == (16, False, torch.float16)
-    assert config.compile_decode is False  # vLLM's eager mode: no graphs, no compilation
+    # vLLM's eager mode: no graphs, no compilation
+    assert config.compile_decode is False and config.compile_prefill is False
     assert next(llm.engine.model.parameters()).dtype == torch.float16
     out = llm.generate([[1, 2, 3]], greedy(3))[0]
     assert len(out.token_ids) == 3
@@ -43,6 +44,7 @@ def test_vllm_engine_arguments_map_onto_the_engine_config():
     ({"block_size": 16, "page_size": 32}, "block_size=16 and page_size=32 differ"),
     ({"enforce_eager": True, "cuda_graphs": True}, "contradicts cuda_graphs"),
     ({"enforce_eager": True, "compile_decode": True}, "contradicts compile_decode"),
+    ({"enforce_eager": True, "compile_prefill": True}, "contradicts compile_prefill"),
     ({"enforce_eager": "yes"}, "enforce_eager must be True or False"),
     ({"trust_remote_code": 1}, "trust_remote_code must be True or False"),
     ({"swap_space": -1}, "swap_space must be a number"),
@@ -128,9 +130,11 @@ def test_serve_takes_vllm_flags():
     args.model = "tiny"
     config = engine_config(args)
     assert (config.page_size, config.cuda_graphs, config.enable_prefix_caching) == (16, False, True)
-    assert config.compile_decode is False
+    assert config.compile_decode is False and config.compile_prefill is False
     plain = engine_config(parse(["serve", "tiny", "--no-cuda-graphs"]))
-    assert (plain.cuda_graphs, plain.compile_decode) == (False, None)  # compiled where CUDA is
-    assert engine_config(parse(["serve", "tiny", "--no-compile"])).compile_decode is False
+    # compiled where CUDA is
+    assert (plain.cuda_graphs, plain.compile_decode, plain.compile_prefill) == (False, None, None)
+    eager = engine_config(parse(["serve", "tiny", "--no-compile"]))
+    assert eager.compile_decode is False and eager.compile_prefill is False
     with pytest.raises(SystemExit):
         parse(["serve", "tiny", "--enable-prefix-caching", "--no-prefix-caching"])
