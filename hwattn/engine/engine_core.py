@@ -64,7 +64,8 @@ class EngineCore:
                     stats=e.stats(), config=e.config,
                     cuda_graphs=bool(getattr(runner, "graphs", None)
                                      or getattr(runner, "cuda_graphs", False)),
-                    graph_error=getattr(runner, "graph_error", None))
+                    graph_error=getattr(runner, "graph_error", None),
+                    prefill_compile_error=getattr(runner, "prefill_compile_error", None))
 
     def handle(self, message) -> list:
         kind = message[0]

@@ -18,6 +18,7 @@ previous launched step sampled, still on the device (`StepInput.feed`).
 from __future__ import annotations
 
 import itertools
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -35,6 +36,8 @@ from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, match
                                   rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
 from hwattn.models.compile import compile_blocks
+
+log = logging.getLogger(__name__)
 
 # `decode_buckets` is re-exported: benchmarks and tests import it from here.
 __all__ = ["ModelRunner", "Sampled", "StepInput", "StepResults", "accepted_prefix",
@@ -156,8 +159,15 @@ class ModelRunner(DecodeGraphs):
         self.step_timer = None
         # Pinned buffers the launched steps' tokens (one per row) come back through.
         self._out_ring = PinnedRing(max_num_seqs) if self.device.type == "cuda" else None
+        self.prefill_compile_error: str | None = None
         if self.prefill_blocks is not None:
-            self._warm_prefill()  # (before the capture, which ends by freezing the heap)
+            try:
+                self._warm_prefill()  # (before the capture, which ends by freezing the heap)
+            except Exception as err:  # noqa: BLE001 - a failed compile leaves prefill eager
+                self.prefill_blocks = None
+                self.prefill_compile_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                log.warning("compiling the prefill blocks failed, prefilling eagerly: %s",
+                            self.prefill_compile_error)
         if cuda_graphs and self.device.type == "cuda":
             self._capture(graph_query_lens)
 
@@ -166,7 +176,8 @@ class ModelRunner(DecodeGraphs):
         prompt, then a chunk over it (the dense path and the paged op), both in the null page;
         their graphs, compiled with a symbolic token count, then serve every prefill and mixed
         step of two tokens or more (a step of one token runs the eager blocks: dynamo
-        specialises sizes 0 and 1).
+        specialises sizes 0 and 1). If it fails, prefill runs the eager blocks and
+        `prefill_compile_error` says why, as a failed graph capture leaves decoding eager.
 
         The warm-up's token count is one no tensor the blocks see has as a size: dynamo would
         otherwise take the two sizes for one symbol ("duck sizing") and guard on their

@@ -114,3 +114,26 @@ def test_prefill_blocks_compile_once(checkpoints, variant, page_size):
     assert counters["stats"]["unique_graphs"] == graphs
     llm.engine.runner.prefill_blocks = None
     assert outs == [o.token_ids for o in llm.generate(prompts_ + [[7]], GREEDY)]
+
+
+def test_a_failed_prefill_compile_leaves_prefill_eager(checkpoints, monkeypatch, caplog):
+    """A prefill-block compile that fails at start-up leaves prefill on the eager blocks with
+    the error kept and logged, as a failed graph capture leaves decoding eager: the engine
+    still serves (compile_prefill is on by default on CUDA)."""
+    import hwattn.engine.model_runner as mr
+
+    def broken(model, **kw):
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor could not compile\nsecond line")
+        return [fail] * len(model.layers)
+
+    monkeypatch.setattr(mr, "compile_blocks", broken)
+    path = checkpoints("gla-2")
+    with caplog.at_level("WARNING", logger="hwattn.engine.model_runner"):
+        outs, llm = _generate_chunked(path, prompts(3, seed=6), True)
+    runner = llm.engine.runner
+    assert runner.prefill_blocks is None
+    assert runner.prefill_compile_error == "RuntimeError: inductor could not compile"
+    assert "prefilling eagerly" in caplog.text
+    monkeypatch.undo()
+    assert outs == _generate_chunked(path, prompts(3, seed=6), False)[0]
