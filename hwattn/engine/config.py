@@ -72,7 +72,7 @@ class EngineConfig:
         their own, compiled once for any number of tokens (the attention itself stays eager);
         None: on for CUDA devices, off on the CPU. Compiled at start-up, beside the decode
         blocks; on an H100 a whole 8K-token `xl` prompt took 24-27% less time through them
-        (docs/results/engine.md, run 14).
+        (docs/results/engine.md, run 14, measured before the warm-up took its present form).
     seed: weights of presets, and the seeds of requests that bring none.
     model_overrides: presets only (refused for a checkpoint), ModelConfig fields to change
         (e.g. max_seq_len).

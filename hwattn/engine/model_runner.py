@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -38,6 +38,40 @@ from hwattn.layers import AttentionMetadata
 from hwattn.models.compile import compile_blocks
 
 log = logging.getLogger(__name__)
+
+# Tokens of each of the prefill warm-up's two steps (`ModelRunner._warm_prefill`).
+WARM_TOKENS = 3
+
+
+@contextmanager
+def distinct_sizes():
+    """Inside the block, dynamo gives every dimension a symbol of its own instead of one
+    symbol to all sizes that happen to be equal ("duck sizing"), where this PyTorch has the
+    switch (`torch.fx.experimental._config.use_duck_shape`)."""
+    import torch.fx.experimental._config as fx_config
+
+    if not hasattr(fx_config, "use_duck_shape"):
+        yield
+        return
+    with fx_config.patch(use_duck_shape=False):
+        yield
+
+
+def _tensor_parallel() -> bool:
+    """Whether this process is one rank of several (a tensor-parallel worker)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def error_line(err: BaseException, limit: int = 300) -> str:
+    """`err` as one line of at most `limit` characters: its type and message, and where it
+    wraps another exception (dynamo's `BackendCompilerFailed` says only "backend='inductor'
+    raised:" on its first line), the wrapped one's, which holds the cause."""
+    inner = getattr(err, "inner_exception", None) or err.__cause__
+    lines = [f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"]
+    if inner is not None and inner is not err:
+        lines.append(f"{type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}")
+    return " <- ".join(lines)[:limit]
 
 # `decode_buckets` is re-exported: benchmarks and tests import it from here.
 __all__ = ["ModelRunner", "Sampled", "StepInput", "StepResults", "accepted_prefix",
@@ -115,7 +149,8 @@ class ModelRunner(DecodeGraphs):
         own, compiled for any number of tokens (`dynamic=True`): RMSNorm, RoPE and SwiGLU
         become a few fused kernels around the GEMMs, the attention dispatch stays eager
         (`Attention._attend_prefill`). Compiled at start-up (`_warm_prefill`); on an H100 they
-        took 24-27% off a whole 8K-token `xl` prompt (docs/results/engine.md, run 14).
+        took 24-27% off a whole 8K-token `xl` prompt (docs/results/engine.md, run 14; measured
+        before the warm-up took its present form).
 
     The runner fuses the model's input projections (`Transformer.fuse_projections`): from
     then on the model serves (its fused weights take no gradients).
@@ -164,8 +199,12 @@ class ModelRunner(DecodeGraphs):
             try:
                 self._warm_prefill()  # (before the capture, which ends by freezing the heap)
             except Exception as err:  # noqa: BLE001 - a failed compile leaves prefill eager
+                if _tensor_parallel():
+                    # One rank going on eagerly while the others still run the warm-up's
+                    # collectives would put the ranks out of step: the engine fails instead.
+                    raise
                 self.prefill_blocks = None
-                self.prefill_compile_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                self.prefill_compile_error = error_line(err)
                 log.warning("compiling the prefill blocks failed, prefilling eagerly: %s",
                             self.prefill_compile_error)
         if cuda_graphs and self.device.type == "cuda":
@@ -177,34 +216,22 @@ class ModelRunner(DecodeGraphs):
         their graphs, compiled with a symbolic token count, then serve every prefill and mixed
         step of two tokens or more (a step of one token runs the eager blocks: dynamo
         specialises sizes 0 and 1). If it fails, prefill runs the eager blocks and
-        `prefill_compile_error` says why, as a failed graph capture leaves decoding eager.
+        `prefill_compile_error` says why, as a failed graph capture leaves decoding eager
+        (under tensor parallelism the engine fails instead: the ranks would fall out of step).
 
-        The warm-up's token count is one no tensor the blocks see has as a size: dynamo would
-        otherwise take the two sizes for one symbol ("duck sizing") and guard on their
-        equality, and the first step of another length would compile the blocks again (a
-        two-token warm-up did so wherever a rank holds two cached heads)."""
-        n = self._warm_len()
-        pages = [NULL_PAGE] * self._warm_table_width(n)
-        for cached in (0, n):
-            self.execute(StepInput("prefill", [[0] * n], [cached], [pages], need_logits=[False]))
+        The graphs are compiled without duck sizing (`distinct_sizes`): dynamo would otherwise
+        take two sizes that happen to be equal in the warm-up (its token count and, say, the
+        number of cached heads or the page size) for one symbol and guard on their equality,
+        and the first step of another length would compile the blocks again (a two-token
+        warm-up did so wherever a rank holds two cached heads). The token count is the same
+        on every tensor-parallel rank, since each rank's warm-up runs collectives."""
+        n = WARM_TOKENS
+        pages = [NULL_PAGE] * pages_for(2 * n, self.page_size)
+        with distinct_sizes():
+            for cached in (0, n):
+                self.execute(StepInput("prefill", [[0] * n], [cached], [pages],
+                                       need_logits=[False]))
         self._synchronize()
-
-    def _warm_len(self) -> int:
-        """The smallest token count >= 3 that is no size of the model's parameters, of its
-        caches or of the warm-up's block table (see `_warm_prefill`; 2 is a step's
-        `cu_seqlens` for one sequence)."""
-        sizes = {s for p in self.model.parameters() for s in p.shape}
-        sizes |= {s for layer in self.kv_caches for t in layer for s in t.shape}
-        sizes |= {self.model.config.rope_dim // 2, self.page_size}
-        n = 3
-        while n in sizes or n == self._warm_table_width(n):
-            n += 1
-        return n
-
-    def _warm_table_width(self, n: int) -> int:
-        """The warm-up's block table: room for both of its steps, and one page more, so that
-        its width is never the token count (it is 2n + 1 for pages of one token)."""
-        return pages_for(2 * n, self.page_size) + 1
 
     def _part(self, name: str):
         """Time a part of a decode launch on the attached step timer (none: no timing)."""

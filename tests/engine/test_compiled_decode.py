@@ -90,14 +90,15 @@ def test_compiled_prefill_matches_eager(checkpoints, variant):
 
 
 @pytest.mark.parametrize("variant, page_size", [("gqa-2", 8), ("gta-4", 8), ("gla-2", 8),
-                                               ("mla", 8), ("gla-2", 1), ("gqa-2", 2)])
+                                               ("mla", 8), ("gla-2", 1), ("gqa-2", 2),
+                                               ("mla", 3)])
 def test_prefill_blocks_compile_once(checkpoints, variant, page_size):
     """The prefill blocks are compiled at start-up for any number of tokens: no step of
     another chunk layout (rows, lengths, cached prefixes, whole prompts or chunks) compiles
     them again, since the attention dispatch that reads the step's host lengths is one graph
     break (`Attention._attend_prefill`, whose output is contiguous whichever path ran), and
-    the warm-up's token count is no size of the caches (two cached heads, pages of one or two
-    tokens: `ModelRunner._warm_len`)."""
+    the warm-up's graphs are compiled without duck sizing (two cached heads, pages of one or
+    two tokens: `ModelRunner._warm_prefill`)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -137,3 +138,33 @@ def test_a_failed_prefill_compile_leaves_prefill_eager(checkpoints, monkeypatch,
     assert "prefilling eagerly" in caplog.text
     monkeypatch.undo()
     assert outs == _generate_chunked(path, prompts(3, seed=6), False)[0]
+
+
+def test_a_failed_prefill_compile_keeps_its_cause(checkpoints, monkeypatch):
+    """dynamo wraps a backend's error ("backend=... raised:" on its first line): the error
+    kept names the wrapped one, which says what went wrong."""
+    import hwattn.engine.model_runner as mr
+    from hwattn.models.compile import compile_blocks
+
+    def bad_backend(gm, inputs):
+        raise RuntimeError("out of shared memory (the cause)")
+
+    monkeypatch.setattr(mr, "compile_blocks",
+                        lambda model, **kw: compile_blocks(model, backend=bad_backend))
+    torch._dynamo.reset()
+    _, llm = _generate_chunked(checkpoints("gla-2"), prompts(2, seed=6), True)
+    error = llm.engine.runner.prefill_compile_error
+    assert error.startswith("BackendCompilerFailed") and "out of shared memory (the cause)" in error
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_warm_their_prefill_blocks_alike():
+    """Each rank's warm-up runs the layers' collectives, so every rank must warm with the
+    same steps, even where the ranks' shards differ in size (an FFN width of 5 split 3 + 2:
+    a warm-up length chosen from each rank's sizes put the ranks' all-reduces out of step)."""
+    kw = dict(attention="gqa-2", device="cpu", dtype="fp32", page_size=8, max_num_seqs=2,
+              memory_budget=1 << 23, tensor_parallel_size=2, model_overrides=dict(hidden_dim=5))
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompt = [[1, 2, 3, 4, 5, 6, 7]]
+    compiled = LLM("tiny", compile_prefill=True, **kw).generate(prompt, sp)[0].token_ids
+    assert compiled == LLM("tiny", compile_prefill=False, **kw).generate(prompt, sp)[0].token_ids
