@@ -40,6 +40,17 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
+def error_line(err: BaseException, limit: int = 300) -> str:
+    """A failed capture or compile as one line of at most `limit` characters: the error's type
+    and first line, and where it wraps another (dynamo's `BackendCompilerFailed` says only
+    "backend='inductor' raised:" first), the wrapped one's, which holds the cause."""
+    def first(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    inner = getattr(err, "inner_exception", None) or err.__cause__
+    parts = [first(err)] + ([first(inner)] if inner is not None and inner is not err else [])
+    return " <- ".join(parts)[:limit]
+
+
 def decode_buckets(max_num_seqs: int) -> list[int]:
     """Batch sizes that get a CUDA graph: 1, 2, 4, 8, then multiples of 16."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
@@ -153,7 +164,7 @@ class DecodeGraphs:
             # Only replays read these: the device memory they hold goes back to the cache.
             self.static, self.stages, self.host_tables = {}, {}, {}
             self.plans, self.staged_plans, self._pool = {}, {}, None
-            self.graph_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            self.graph_error = error_line(err)
             log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
             self._synchronize()
 

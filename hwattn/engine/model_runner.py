@@ -29,7 +29,7 @@ from torch import Tensor
 
 from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
-from hwattn.engine.cuda_graphs import DecodeGraphs, decode_buckets
+from hwattn.engine.cuda_graphs import DecodeGraphs, decode_buckets, error_line
 from hwattn.engine.launch import PendingTokens
 from hwattn.engine.staging import PinnedRing
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
@@ -61,17 +61,6 @@ def _tensor_parallel() -> bool:
     """Whether this process is one rank of several (a tensor-parallel worker)."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def error_line(err: BaseException, limit: int = 300) -> str:
-    """`err` as one line of at most `limit` characters: its type and message, and where it
-    wraps another exception (dynamo's `BackendCompilerFailed` says only "backend='inductor'
-    raised:" on its first line), the wrapped one's, which holds the cause."""
-    inner = getattr(err, "inner_exception", None) or err.__cause__
-    lines = [f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"]
-    if inner is not None and inner is not err:
-        lines.append(f"{type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}")
-    return " <- ".join(lines)[:limit]
 
 # `decode_buckets` is re-exported: benchmarks and tests import it from here.
 __all__ = ["ModelRunner", "Sampled", "StepInput", "StepResults", "accepted_prefix",
