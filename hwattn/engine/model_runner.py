@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -35,26 +35,12 @@ from hwattn.engine.staging import PinnedRing
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
-from hwattn.models.compile import compile_blocks
+from hwattn.models.compile import compile_blocks, distinct_sizes
 
 log = logging.getLogger(__name__)
 
 # Tokens of each of the prefill warm-up's two steps (`ModelRunner._warm_prefill`).
 WARM_TOKENS = 3
-
-
-@contextmanager
-def distinct_sizes():
-    """Inside the block, dynamo gives every dimension a symbol of its own instead of one
-    symbol to all sizes that happen to be equal ("duck sizing"), where this PyTorch has the
-    switch (`torch.fx.experimental._config.use_duck_shape`)."""
-    import torch.fx.experimental._config as fx_config
-
-    if not hasattr(fx_config, "use_duck_shape"):
-        yield
-        return
-    with fx_config.patch(use_duck_shape=False):
-        yield
 
 
 def _tensor_parallel() -> bool:

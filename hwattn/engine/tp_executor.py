@@ -93,9 +93,6 @@ class TensorParallelExecutor:
         self.kv_bytes_per_token: int = info["kv_bytes_per_token"]
         self.cuda_graphs: bool = info["cuda_graphs"]
         self.graph_error: str | None = info["graph_error"]
-        # Each rank compiles its own prefill blocks: the first rank's error, if any failed.
-        self.prefill_compile_error: str | None = next(
-            (r["prefill_compile_error"] for r in ready if r["prefill_compile_error"]), None)
 
     @property
     def pids(self) -> list[int]:

@@ -42,8 +42,7 @@ def build_rank(link: ParentLink, spec: dict):
     _, num_pages = link.recv()
     runner = ModelRunner(model, num_pages=num_pages, **spec["runner"])
     link.send(("ready", dict(kv_bytes_per_token=per_token, device=str(runner.device),
-                             cuda_graphs=bool(runner.graphs), graph_error=runner.graph_error,
-                             prefill_compile_error=runner.prefill_compile_error)))
+                             cuda_graphs=bool(runner.graphs), graph_error=runner.graph_error)))
     return runner
 
 

@@ -14,6 +14,8 @@ latent absorptions, SwiGLU's activation, residual adds) into a few kernels.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from hwattn.models.transformer import Transformer
@@ -54,3 +56,18 @@ def compile_blocks(model: Transformer, eager_numerics: bool = False, **compile_k
             options.setdefault("emulate_precision_casts", True)
             compile_kwargs["options"] = options
     return [torch.compile(blk, **compile_kwargs) for blk in model.layers]
+
+
+@contextmanager
+def distinct_sizes():
+    """Inside the block, dynamo gives every dimension a symbol of its own instead of one
+    symbol to all sizes that happen to be equal ("duck sizing"), where this PyTorch has the
+    switch (`torch.fx.experimental._config.use_duck_shape`): graphs compiled from example
+    inputs whose unrelated sizes coincide are then not guarded on that coincidence."""
+    import torch.fx.experimental._config as fx_config
+
+    if not hasattr(fx_config, "use_duck_shape"):
+        yield
+        return
+    with fx_config.patch(use_duck_shape=False):
+        yield
