@@ -12,10 +12,12 @@ from tests.engine.test_engine import prompts
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
-def _generate(path, compile_decode, **kw):
+def _generate(path, compile_decode=False, prompts_=None, **kw):
+    """Greedy outputs of `prompts_` (default: five short prompts) and the engine, which
+    leaks no page."""
     llm = LLM(path, page_size=8, max_num_seqs=4, memory_budget=1 << 20,
               compile_decode=compile_decode, **kw)
-    outs = [o.token_ids for o in llm.generate(prompts(5, seed=3), GREEDY)]
+    outs = [o.token_ids for o in llm.generate(prompts_ or prompts(5, seed=3), GREEDY)]
     assert llm.engine.block_manager.num_used_pages == 0
     return outs, llm
 
@@ -63,14 +65,10 @@ def test_backend_ops_are_opaque_to_the_compiler(checkpoints):
 
 
 def _generate_chunked(path, prompts_, compile_prefill, **kw):
-    """Greedy outputs of `prompts_` with prompts cut into chunks of at most 24 tokens (so
-    prefill steps attend over cached prefixes through the paged op, and whole short prompts
-    densely), and the engine."""
-    llm = LLM(path, page_size=8, max_num_seqs=4, memory_budget=1 << 20,
-              max_num_batched_tokens=24, compile_prefill=compile_prefill, **kw)
-    outs = [o.token_ids for o in llm.generate(prompts_, GREEDY)]
-    assert llm.engine.block_manager.num_used_pages == 0
-    return outs, llm
+    """`_generate` with prompts cut into chunks of at most 24 tokens (so prefill steps attend
+    over cached prefixes through the paged op, and whole short prompts densely)."""
+    return _generate(path, prompts_=prompts_, max_num_batched_tokens=24,
+                     compile_prefill=compile_prefill, **kw)
 
 
 @pytest.mark.slow
