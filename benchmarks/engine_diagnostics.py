@@ -235,11 +235,19 @@ if "prefillhost" in parts:
                                          need_logits=[done + chunk >= n]))
         run(); torch.cuda.synchronize()
         for _ in range(2):
-            t0 = time.perf_counter(); run(); torch.cuda.synchronize()
-            wall_ms = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter(); run(); queued = time.perf_counter(); torch.cuda.synchronize()
+            wall_ms, queued_ms = (time.perf_counter() - t0) * 1e3, (queued - t0) * 1e3
+            # (one chunk alone, the device idle before it: the host's time to queue it)
+            torch.cuda.synchronize(); t1 = time.perf_counter()
+            runner.execute(StepInput("prefill", [prompt[4096:6144]], [4096], table,
+                                     need_logits=[False]))
+            chunk_ms = (time.perf_counter() - t1) * 1e3; torch.cuda.synchronize()
+            chunk_wall_ms = (time.perf_counter() - t1) * 1e3
             save("diag.jsonl", dict(part="prefillhost", variant=variant, chunk=2048,
-                                    compiled=COMPILE_PREFILL, wall_ms=wall_ms))
-            log(f"prefillhost {variant}: wall {wall_ms:.1f} ms")
+                                    compiled=COMPILE_PREFILL, wall_ms=wall_ms, queued_ms=queued_ms,
+                                    third_chunk_queued_ms=chunk_ms, third_chunk_wall_ms=chunk_wall_ms))
+            log(f"prefillhost {variant}: wall {wall_ms:.1f} ms, queued after {queued_ms:.1f} ms; "
+                f"the third chunk alone: queued after {chunk_ms:.1f} ms of {chunk_wall_ms:.1f}")
         pr = cProfile.Profile(); pr.enable(); run(); torch.cuda.synchronize(); pr.disable()
         s = io.StringIO(); st = pstats.Stats(pr, stream=s)
         st.sort_stats("tottime").print_stats(25); st.sort_stats("cumulative").print_stats(45)
