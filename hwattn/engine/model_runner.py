@@ -35,7 +35,7 @@ from hwattn.engine.staging import PinnedRing
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
-from hwattn.models.compile import compile_blocks, distinct_sizes
+from hwattn.models.compile import compile_blocks, compile_pieces, distinct_sizes
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,12 @@ class ModelRunner(DecodeGraphs):
     compile_decode: run decode steps through `torch.compile`d blocks (hwattn/models/compile.py;
         compiled before capture, so each captured graph replays the fused kernels).
     compile_prefill: run prefill (and mixed) steps through `torch.compile`d blocks of their
-        own, compiled for any number of tokens (`dynamic=True`): RMSNorm, RoPE and SwiGLU
-        become a few fused kernels around the GEMMs, the attention dispatch stays eager
-        (`Attention._attend_prefill`). Compiled at start-up (`_warm_prefill`); on an H100 they
-        took 24-27% off a whole 8K-token `xl` prompt (docs/results/engine.md, run 14; measured
-        before the warm-up took its present form).
+        own, compiled for any number of tokens (`dynamic=True`) in two pieces a block
+        (`compile_pieces`): RMSNorm, RoPE and SwiGLU become a few fused kernels around the
+        GEMMs, the attention step between the pieces stays eager (`Attention.attend_step`).
+        Compiled at start-up (`_warm_prefill`); on an H100, compiled whole blocks took 24-27%
+        off a whole 8K-token `xl` prompt (docs/results/engine.md, run 14; measured before the
+        warm-up and the pieces took their present form).
 
     The runner fuses the model's input projections (`Transformer.fuse_projections`): from
     then on the model serves (its fused weights take no gradients).
@@ -163,7 +164,7 @@ class ModelRunner(DecodeGraphs):
         self.decode_blocks = compile_blocks(model, eager_numerics=True) if compile_decode else None
         self.prefill_blocks = None
         if compile_prefill:
-            self.prefill_blocks = compile_blocks(model, eager_numerics=True, dynamic=True)
+            self.prefill_blocks = compile_pieces(model, eager_numerics=True, dynamic=True)
         # The engine's `StepTimer`, when one is attached: decode launches time their parts
         # on it (`hwattn.engine.step_timer.LAUNCH_PARTS`).
         self.step_timer = None

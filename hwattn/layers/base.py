@@ -446,23 +446,33 @@ class Attention(nn.Module):
         would broadcast: every token rotated to another token's position), metadata without
         its cache, or a prefill step's metadata without its plan.
         """
+        self.check_step(x, cos, sin, meta, cache)
+        q, states = self.project(x, cos, sin)
+        return self.wo(self.attend_step(q, states, meta, cache).reshape(*x.shape[:2], -1))
+
+    def check_step(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None,
+                   cache: tuple[Tensor, ...] | None) -> None:
+        """`forward`'s checks of its arguments (host metadata only; see `forward`)."""
         self._check_inputs(x, cos, sin)
         if meta is not None and cache is None:
             raise ValueError("cache must be given together with meta")
         if meta is not None and meta.is_prefill and meta.plan is None:
             raise ValueError("a prefill step's metadata needs its plan (AttentionMetadata."
                              "for_prefill / for_step make it; else meta.backend.plan_prefill)")
-        batch, seq = x.shape[:2]
-        q, states = self.project(x, cos, sin)
+
+    def attend_step(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...],
+                    meta: AttentionMetadata | None = None,
+                    cache: tuple[Tensor, ...] | None = None) -> Tensor:
+        """`forward` between `project` and the output projection: the queries and states of
+        `project` (each (B, T, ...)) -> the attention output before `wo`, (B, T, H, d_h) (or
+        (N, H, d_h), N = B·T, for a prefill step). With `meta`, the states are written to
+        `cache` first and the queries attend through it."""
         if meta is None:
-            out = self.attend(q, states)
-        else:
-            self._store(cache, states, meta)
-            if meta.is_prefill:
-                out = self._attend_prefill(q, states, cache, meta)  # (N, H, d_h)
-            else:
-                out = self.decode(q, cache, meta)
-        return self.wo(out.reshape(batch, seq, -1))
+            return self.attend(q, states)
+        self._store(cache, states, meta)
+        if meta.is_prefill:
+            return self._attend_prefill(q, states, cache, meta)
+        return self.decode(q, cache, meta)
 
     @torch.compiler.disable
     def _attend_prefill(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...],

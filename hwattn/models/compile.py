@@ -10,15 +10,21 @@ of `hwattn.ops.AttentionBackend` (decode, prefill, store_kv) and the layers' cac
 (`Attention._store`) are `torch.compiler.disable`d, so the graph breaks around the cache write
 and the attention kernel and Inductor fuses what lies between (RMSNorm, RoPE, the
 latent absorptions, SwiGLU's activation, residual adds) into a few kernels.
+
+The engine's prefill steps run the blocks in two compiled pieces instead (`compile_pieces`),
+the attention step between them eager: no graph break inside a piece, two frames a layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+from torch import Tensor
 
-from hwattn.models.transformer import Transformer
+from hwattn.layers import AttentionMetadata
+from hwattn.models.transformer import Block, Transformer
 
 # One process may compile many models (the quality study trains 16 in one worker; a benchmark
 # builds an engine per variant): many graphs for the one code object of `Block.forward`, where
@@ -47,7 +53,15 @@ def compile_blocks(model: Transformer, eager_numerics: bool = False, **compile_k
         intermediates in fp32: a bf16 model then decodes as its eager self does, up to the
         order of reductions (the serving engine asks for it).
     """
+    compile_kwargs = _compile_kwargs(eager_numerics, compile_kwargs)
+    return [torch.compile(blk, **compile_kwargs) for blk in model.layers]
+
+
+def _compile_kwargs(eager_numerics: bool, compile_kwargs: dict) -> dict:
+    """`torch.compile`'s arguments for `compile_blocks` / `compile_pieces` (recompile limits
+    raised; Inductor's `emulate_precision_casts` with `eager_numerics`)."""
     allow_recompiles()
+    compile_kwargs = dict(compile_kwargs)
     if eager_numerics and compile_kwargs.get("backend", "inductor") == "inductor":
         import torch._inductor.config as inductor_config
 
@@ -55,7 +69,44 @@ def compile_blocks(model: Transformer, eager_numerics: bool = False, **compile_k
             options = dict(compile_kwargs.pop("options", None) or {})
             options.setdefault("emulate_precision_casts", True)
             compile_kwargs["options"] = options
-    return [torch.compile(blk, **compile_kwargs) for blk in model.layers]
+    return compile_kwargs
+
+
+class PiecewiseBlock:
+    """A block's forward (`Block.forward`'s signature, for `Transformer.forward(blocks=)`) as
+    two compiled pieces around an eager attention step: `Block.attention_inputs` (RMSNorm,
+    the input projections, RoPE), then `Attention.attend_step` (the cache write and the
+    attention kernel, which read the step's host lengths), then `Block.attention_outputs` (the
+    output projection, residual adds, RMSNorm and SwiGLU).
+
+    Compiling the whole block instead breaks its graph inside the attention module (the cache
+    write, the attention dispatch): dynamo then runs five frames a layer (the block, the
+    attention module and their resume functions), each with its guards, where these pieces
+    run two. Shared by every layer: `inputs` and `outputs` are compiled once, the block an
+    argument."""
+
+    def __init__(self, block: Block, inputs: Callable, outputs: Callable):
+        self.block = block
+        self.inputs = inputs
+        self.outputs = outputs
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None,
+                 cache: tuple[Tensor, ...] | None) -> Tensor:
+        attn = self.block.attn
+        attn.check_step(x, cos, sin, meta, cache)
+        q, states = self.inputs(self.block, x, cos, sin)
+        return self.outputs(self.block, x, attn.attend_step(q, states, meta, cache))
+
+
+def compile_pieces(model: Transformer, eager_numerics: bool = False,
+                   **compile_kwargs) -> list[PiecewiseBlock]:
+    """One `PiecewiseBlock` per block of `model`, for `Transformer.forward(..., blocks=)`:
+    the blocks compiled in two pieces, the attention step between them eager (the serving
+    engine's prefill). Arguments as `compile_blocks`'."""
+    compile_kwargs = _compile_kwargs(eager_numerics, compile_kwargs)
+    inputs = torch.compile(Block.attention_inputs, **compile_kwargs)
+    outputs = torch.compile(Block.attention_outputs, **compile_kwargs)
+    return [PiecewiseBlock(blk, inputs, outputs) for blk in model.layers]
 
 
 @contextmanager

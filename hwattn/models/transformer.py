@@ -78,8 +78,24 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None,
                 cache: tuple[Tensor, ...] | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, meta, cache)
+        return self.feed_forward(x + self.attn(self.attn_norm(x), cos, sin, meta, cache))
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The block after its attention's residual add: x (B, T, D) -> (B, T, D)."""
         return x + self.ffn(self.ffn_norm(x))
+
+    # `forward` in pieces, for callers that run the attention step between them themselves
+    # (the serving engine's compiled prefill, hwattn/models/compile.py::compile_pieces):
+    # attention_outputs(x, attn.attend_step(*attention_inputs(x, cos, sin), meta, cache)).
+    def attention_inputs(self, x: Tensor, cos: Tensor,
+                         sin: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """x (B, T, D) -> the queries and states (`Attention.project`) of the normed x."""
+        return self.attn.project(self.attn_norm(x), cos, sin)
+
+    def attention_outputs(self, x: Tensor, out: Tensor) -> Tensor:
+        """The block's input x (B, T, D) and its attention step's output
+        (`Attention.attend_step`: B·T rows of H·d_h) -> the block's output (B, T, D)."""
+        return self.feed_forward(x + self.attn.wo(out.reshape(*x.shape[:2], -1)))
 
 
 @torch.no_grad()

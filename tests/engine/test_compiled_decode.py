@@ -126,7 +126,7 @@ def test_a_failed_prefill_compile_leaves_prefill_eager(checkpoints, monkeypatch,
             raise RuntimeError("inductor could not compile\nsecond line")
         return [fail] * len(model.layers)
 
-    monkeypatch.setattr(mr, "compile_blocks", broken)
+    monkeypatch.setattr(mr, "compile_pieces", broken)
     path = checkpoints("gla-2")
     with caplog.at_level("WARNING", logger="hwattn.engine.model_runner"):
         outs, llm = _generate_chunked(path, prompts(3, seed=6), True)
@@ -142,13 +142,13 @@ def test_a_failed_prefill_compile_keeps_its_cause(checkpoints, monkeypatch):
     """dynamo wraps a backend's error ("backend=... raised:" on its first line): the error
     kept names the wrapped one, which says what went wrong."""
     import hwattn.engine.model_runner as mr
-    from hwattn.models.compile import compile_blocks
+    from hwattn.models.compile import compile_pieces
 
     def bad_backend(gm, inputs):
         raise RuntimeError("out of shared memory (the cause)")
 
-    monkeypatch.setattr(mr, "compile_blocks",
-                        lambda model, **kw: compile_blocks(model, backend=bad_backend))
+    monkeypatch.setattr(mr, "compile_pieces",
+                        lambda model, **kw: compile_pieces(model, backend=bad_backend))
     torch._dynamo.reset()
     _, llm = _generate_chunked(checkpoints("gla-2"), prompts(2, seed=6), True)
     error = llm.engine.runner.prefill_compile_error
