@@ -75,10 +75,12 @@
 #      and TTFT_MODES (eager and/or compiled prefill blocks, default compiled) from the environment.
 #  22. prefillc: one 8K prompt whole and in chunks of 2048, through the eager and the compiled
 #      prefill blocks (EngineConfig.compile_prefill, 2026-12-07), PREFILL_VARIANTS (default
-#      gla-2,mla,gqa-4); the compiled rows' logits against the eager rows'.
+#      gla-2,mla,gqa-4), PREFILL_MODES (default eager,compiled; pieces: compiled without the
+#      prefill graphs); the compiled rows' logits against the eager rows'.
 #  23. ttftlog: the ttft step's GLA-2 runs at budgets 8192 and 2048, compiled and eager prefill
-#      blocks, under TORCH_LOGS=recompiles: any recompile after start-up, and each run's five
-#      slowest steps (run 14's compiled 8192 row had ITL p99 305 ms against 11 ms eager).
+#      blocks (TTFT_MODES), under TORCH_LOGS=recompiles: any recompile after start-up, and each
+#      run's five slowest steps (run 14's compiled 8192 row had ITL p99 305 ms against 11 ms
+#      eager).
 #   `engine` takes ENGINE_VARIANTS (default gqa-4,gta-4,gla-2,mla), ENGINE_MODES (default
 #   eager,compiled) and ENGINE_STEPS (the engine's steady decode steps, default 32) from the
 #   environment.
@@ -114,6 +116,7 @@ for step in $steps; do
         tests/engine/test_staging.py \
         tests/engine/test_graph_replay.py::test_captured_decode_on_the_gpu_matches_eager \
         tests/engine/test_graph_replay.py::test_captured_latent_decode_on_the_gpu_reads_its_staged_plan \
+        tests/engine/test_prefill_graphs.py::test_captured_prefill_on_the_gpu_matches_eager \
         2>&1 | tail -5 | tee -a "$OUT/log" ;;
     prefill)
       mkdir -p "$OUT/prefill"
@@ -231,15 +234,15 @@ for step in $steps; do
     ttftlog)
       mkdir -p "$OUT/ttftlog"
       TORCH_LOGS=recompiles timeout 200 python3 benchmarks/engine_roofline.py --parts ttft \
-        --ttft-variants gla-2 --ttft-chunks 8192,2048 --ttft-prefill-modes compiled,eager \
+        --ttft-variants gla-2 --ttft-chunks 8192,2048 --ttft-prefill-modes ${TTFT_MODES:-compiled,eager} \
         --out "$OUT/ttftlog" > "$OUT/ttftlog/stderr_and_out" 2>&1
       grep -aE "ttft gla|Recompiling|guard failure" "$OUT/ttftlog/stderr_and_out" | cut -c1-700 \
         | head -30 | tee -a "$OUT/log" ;;
     prefillc)
       mkdir -p "$OUT/prefillc"
       timeout 330 python3 benchmarks/engine_roofline.py --parts prefill --unequal "" \
-        --variants ${PREFILL_VARIANTS:-gla-2,mla,gqa-4} --out "$OUT/prefillc" 2>&1 | tail -14 \
-        | tee -a "$OUT/log" ;;
+        --variants ${PREFILL_VARIANTS:-gla-2,mla,gqa-4} --prefill-modes ${PREFILL_MODES:-eager,compiled} \
+        --out "$OUT/prefillc" 2>&1 | tail -16 | tee -a "$OUT/log" ;;
     *) echo "unknown step $step (tests, enginetests, decode, engine, prefill, skinny, pps, host, xlattn, fp8, fp8slots, harness, fp8ncu, blas, external, fp8two, small, smallplans, straggler, prefilldiag, ttft, prefillc, ttftlog)" | tee -a "$OUT/log"; exit 2 ;;
   esac
 done

@@ -18,7 +18,8 @@ rate and bf16 matmul rate measured first in the same process:
   `--serving-batches` and L in `--serving-contexts`: decode tokens/s (B / step), the
   attention kernels' time inside the step, and MLA's step and kernel time over GLA-2's.
 - prefill: `xl`, prompts of `--prefill-len` tokens through the runner's prefill path, whole
-  and in chunks of `--chunk`, with eager and compiled prefill blocks (`--prefill-modes`):
+  and in chunks of `--chunk`, with eager and compiled prefill blocks, the latter with or
+  without their CUDA graphs (`--prefill-modes` eager, compiled, pieces):
   seconds, tokens/s and MFU (forward FLOPs, causal attention
   counted in full as is the convention, over the matmul rate). Then one step of whole prompts
   of unequal lengths (`--unequal`: B × mean length pairs; lengths spread evenly over
@@ -90,6 +91,16 @@ def runner_for(setup: Setup, net, batch: int, max_len: int, compiled: bool,
     for layer in runner.kv_caches:
         for t in layer:
             t.normal_(generator=g)
+    return runner
+
+
+def prefill_runner(setup: Setup, net, batch: int, max_len: int, compiled: bool,
+                   mode: str) -> ModelRunner:
+    """`runner_for` with prefill `mode` eager, compiled, or pieces (compiled, its prefill
+    graphs dropped: the pieces launched one by one)."""
+    runner = runner_for(setup, net, batch, max_len, compiled, compile_prefill=mode != "eager")
+    if mode == "pieces":
+        runner.prefill_graphs = None
     return runner
 
 
@@ -213,20 +224,21 @@ def part_prefill(setup: Setup, args, peaks, rows: list) -> list[dict]:
     for variant in args.variants.split(","):
         logits = {}
         for mode in args.prefill_modes.split(","):
-            part_prefill_whole(setup, args, peaks, rows, variant, mode == "compiled", logits)
+            part_prefill_whole(setup, args, peaks, rows, variant, mode, logits)
         part_prefill_unequal(setup, args, peaks, rows, variant)
     return rows
 
 
 def part_prefill_whole(setup: Setup, args, peaks, rows: list, variant: str,
-                       compiled: bool, logits: dict) -> None:
+                       mode: str, logits: dict) -> None:
     """`--prefill-batch` prompts of `--prefill-len` tokens, in one step and in chunks of
-    `--chunk`, through the eager or the compiled prefill blocks (`compiled`). `logits` keeps
+    `--chunk`, through the eager or the compiled prefill blocks (`mode`: eager, compiled, or
+    pieces: compiled without the prefill graphs, `ModelRunner.prefill_graphs`). `logits` keeps
     each chunk size's last logits (on the host) from the mode that ran first; the other mode's
     rows report how far theirs are from them (`logits_max_diff`, `argmax_agree`)."""
     n = args.prefill_len
     net = build(setup, setup.preset, variant, n)
-    runner = runner_for(setup, net, args.prefill_batch, n + 8, False, compiled)
+    runner = prefill_runner(setup, net, args.prefill_batch, n + 8, False, mode)
     per_seq = -(-(n + 8) // setup.page)
     tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq))
               for i in range(args.prefill_batch)]
@@ -247,7 +259,7 @@ def part_prefill_whole(setup: Setup, args, peaks, rows: list, variant: str,
         last = run().float().cpu()  # (B, V)
         seconds = _time(setup, run, 2 if setup.tiny else 5)
         row = dict(part="prefill", variant=variant, batch=args.prefill_batch, prompt_len=n,
-                   chunk=chunk, compiled=compiled, seconds=seconds,
+                   chunk=chunk, compiled=mode != "eager", mode=mode, seconds=seconds,
                    tokens_per_s=n * args.prefill_batch / seconds, flops=flops)
         if chunk in logits:
             row["logits_max_diff"] = (last - logits[chunk]).abs().max().item()
@@ -257,7 +269,7 @@ def part_prefill_whole(setup: Setup, args, peaks, rows: list, variant: str,
         if peaks:
             row["mfu"] = flops / seconds / (peaks[1] * 1e12)
         rows.append(row)
-        log(f"prefill {variant} chunk {chunk} compiled={compiled}: {seconds * 1e3:.1f} ms, "
+        log(f"prefill {variant} chunk {chunk} {mode}: {seconds * 1e3:.1f} ms, "
             f"{row['tokens_per_s']:.0f} tok/s, MFU {row.get('mfu', 0):.1%}"
             + (f", logits within {row['logits_max_diff']:.3g} of the other mode's, argmax "
                f"agree {row['argmax_agree']:.0%}" if "argmax_agree" in row else ""))
@@ -340,9 +352,8 @@ def part_ttft(setup: Setup, args, rows: list) -> None:
     n, out_len = args.prefill_len, args.ttft_output
     for variant, mode in itertools.product(args.ttft_variants.split(","),
                                            args.ttft_prefill_modes.split(",")):
-        compiled = mode == "compiled"
         net = build(setup, setup.preset, variant, n + out_len)
-        runner = runner_for(setup, net, args.batch, n + out_len + 8, True, compiled)
+        runner = prefill_runner(setup, net, args.batch, n + out_len + 8, True, mode)
         prompts = random_prompts(args.ttft_requests, n, net.config.vocab_size, seed=11)
         for spec in args.ttft_chunks.split(","):
             chunk, mixed = int(spec.rstrip("m")), spec.endswith("m")
@@ -355,8 +366,9 @@ def part_ttft(setup: Setup, args, rows: list) -> None:
             serve_poisson(engine, prompts[:2], 2, rate=1e6)  # warm-up
             r = serve_poisson(engine, prompts, out_len, args.rate)
             rows.append(dict(part="ttft", variant=variant, chunk=chunk, mixed=mixed, prompt_len=n,
-                             rate=args.rate, compiled_prefill=compiled, **r))
-            log(f"ttft {variant} chunk {chunk} mixed={mixed} compiled prefill={compiled}: TTFT p50 {r['ttft_p50_s']:.2f} s, "
+                             rate=args.rate, compiled_prefill=mode != "eager", prefill_mode=mode,
+                             **r))
+            log(f"ttft {variant} chunk {chunk} mixed={mixed} prefill {mode}: TTFT p50 {r['ttft_p50_s']:.2f} s, "
                 f"ITL p50 {r['itl_p50_s'] * 1e3:.1f} ms, p99 {r['itl_p99_s'] * 1e3:.1f} ms; slowest of "
                 f"{r['steps']} steps (s, at s, first tokens, later tokens): "
                 + ", ".join(f"({d:.3f}, {at:.2f}, {first}, {later})"
@@ -476,12 +488,12 @@ def tables(doc: dict) -> str:
     ttft = [r for r in doc["rows"] if r["part"] == "ttft"]
     if ttft:
         out += ["## Serving: Poisson arrivals (xl, compiled decode, CUDA graphs)", "",
-                "| variant | requests x prompt @ rate | prefill budget (m: mixed steps) | compiled prefill | TTFT p50 s | TTFT p99 s | "
+                "| variant | requests x prompt @ rate | prefill budget (m: mixed steps) | prefill blocks | TTFT p50 s | TTFT p99 s | "
                 "ITL p50 ms | ITL p99 ms | out tok/s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in ttft:
             out.append(f"| {r['variant']} | {r['requests']} x {r['prompt_len']} @ {r['rate']:g}/s | "
                        f"{r['chunk']}{'m' if r.get('mixed') else ''} | "
-                       f"{'yes' if r.get('compiled_prefill') else 'no'} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+                       f"{_prefill_mode(r, 'compiled_prefill')} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
                        f"{r['itl_p50_s'] * ms:.1f} | {r['itl_p99_s'] * ms:.1f} | "
                        f"{r['output_tok_s']:.0f} |")
         out.append("")
@@ -497,14 +509,21 @@ def tables(doc: dict) -> str:
         out.append("")
     pre = [r for r in doc["rows"] if r["part"] == "prefill"]
     if pre:
-        out += ["## Prefill (xl)", "", "| variant | B x prompt | chunk | compiled | ms | tok/s | MFU |",
+        out += ["## Prefill (xl)", "", "| variant | B x prompt | chunk | blocks | ms | tok/s | MFU |",
                 "|---|---|---|---|---|---|---|"]
         for r in pre:
             mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
             out.append(f"| {r['variant']} | {r['batch']} x {r['prompt_len']} | {r['chunk']} | "
-                       f"{'yes' if r.get('compiled') else 'no'} | "
+                       f"{_prefill_mode(r, 'compiled')} | "
                        f"{r['seconds'] * ms:.1f} | {r['tokens_per_s']:.0f} | {mfu} |")
     return "\n".join(out)
+
+
+def _prefill_mode(row: dict, compiled_key: str) -> str:
+    """A prefill or ttft row's prefill blocks: its mode, or (rows written before modes were
+    recorded) compiled / eager."""
+    return row.get("mode") or row.get("prefill_mode") or (
+        "compiled" if row.get(compiled_key) else "eager")
 
 
 def draw(doc: dict, path: str, source: str | None = None) -> None:
@@ -552,7 +571,8 @@ def main(argv=None) -> int:
                         "(default %(default)s)")
     p.add_argument("--prefill-modes", default="eager,compiled",
                    help="prefill steps to time: through the eager blocks, the compiled prefill "
-                        "blocks (EngineConfig.compile_prefill) or both (default %(default)s)")
+                        "blocks (EngineConfig.compile_prefill, their CUDA graphs included) and/or "
+                        "pieces (compiled, without those graphs) (default %(default)s)")
     p.add_argument("--unequal", default="16x512,4x2048",
                    help="prefill steps of unequal whole prompts, B x mean length, comma-separated")
     p.add_argument("--ttft-variants", default="gla-2",
@@ -560,8 +580,8 @@ def main(argv=None) -> int:
     p.add_argument("--ttft-chunks", default="2048,8192,2048m",
                    help="prefill budgets per step; a trailing m turns mixed prefill+decode steps on")
     p.add_argument("--ttft-prefill-modes", default="compiled",
-                   help="the ttft part's engine with eager or compiled prefill blocks, or both "
-                        "(default %(default)s, as the engine's default on CUDA)")
+                   help="the ttft part's engine with eager, compiled and/or pieces prefill blocks "
+                        "(as --prefill-modes; default %(default)s, as the engine's default on CUDA)")
     p.add_argument("--ttft-requests", type=int, default=64,
                    help="requests sent in the ttft part (default %(default)s)")
     p.add_argument("--ttft-output", type=int, default=128,
@@ -597,8 +617,10 @@ def main(argv=None) -> int:
     setup = Setup(args)
     for name in ("decode_modes", "prefill_modes", "ttft_prefill_modes"):
         value = getattr(args, name)
-        if not value or set(value.split(",")) - {"eager", "compiled"}:
-            p.error(f"--{name.replace('_', '-')} takes eager, compiled or both; got {value!r}")
+        allowed = {"eager", "compiled"} | ({"pieces"} if name != "decode_modes" else set())
+        if not value or set(value.split(",")) - allowed:
+            p.error(f"--{name.replace('_', '-')} takes {', '.join(sorted(allowed))} (one or "
+                    f"more); got {value!r}")
     parts = args.parts.split(",")
     unknown = set(parts) - {"decode", "serving", "prefill", "ttft"}
     if unknown:

@@ -65,7 +65,8 @@ class EngineCore:
                     cuda_graphs=bool(getattr(runner, "graphs", None)
                                      or getattr(runner, "cuda_graphs", False)),
                     graph_error=getattr(runner, "graph_error", None),
-                    prefill_compile_error=getattr(runner, "prefill_compile_error", None))
+                    prefill_compile_error=getattr(runner, "prefill_compile_error", None),
+                    prefill_graph_error=getattr(runner, "prefill_graph_error", None))
 
     def handle(self, message) -> list:
         kind = message[0]

@@ -31,6 +31,7 @@ from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
 from hwattn.engine.cuda_graphs import DecodeGraphs, decode_buckets, error_line
 from hwattn.engine.launch import PendingTokens
+from hwattn.engine.prefill_graphs import PREFILL_GRAPH_SIZES, PrefillGraphs
 from hwattn.engine.staging import PinnedRing
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
@@ -117,7 +118,9 @@ class ModelRunner(DecodeGraphs):
     backend: attention backend name, "auto" (chosen for the model's device) or an
         `AttentionBackend`; it also chooses the cache dtype when `cache_dtype` is None.
     cuda_graphs: capture decode for every bucket in `decode_buckets(max_num_seqs)` and each
-        query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails).
+        query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails);
+        with `compile_prefill`, also the prefill pieces between attention steps, for steps of
+        up to 2048 tokens (`PrefillGraphs`; not under tensor parallelism).
     compile_decode: run decode steps through `torch.compile`d blocks (hwattn/models/compile.py;
         compiled before capture, so each captured graph replays the fused kernels).
     compile_prefill: run prefill (and mixed) steps through `torch.compile`d blocks of their
@@ -171,6 +174,9 @@ class ModelRunner(DecodeGraphs):
         # Pinned buffers the launched steps' tokens (one per row) come back through.
         self._out_ring = PinnedRing(max_num_seqs) if self.device.type == "cuda" else None
         self.prefill_compile_error: str | None = None
+        # Graphs of the prefill pieces (`_capture_prefill`), and why capturing them failed.
+        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_graph_error: str | None = None
         if self.prefill_blocks is not None:
             try:
                 self._warm_prefill()  # (before the capture, which ends by freezing the heap)
@@ -184,7 +190,24 @@ class ModelRunner(DecodeGraphs):
                 log.warning("compiling the prefill blocks failed, prefilling eagerly: %s",
                             self.prefill_compile_error)
         if cuda_graphs and self.device.type == "cuda":
+            if self.prefill_blocks is not None and not _tensor_parallel():
+                self._capture_prefill()
             self._capture(graph_query_lens)
+
+    def _capture_prefill(self) -> None:
+        """Record the prefill pieces' graphs (`PrefillGraphs`, steps of up to
+        `PREFILL_GRAPH_SIZES[-1]` tokens; not under tensor parallelism, where a rank whose
+        capture failed would run other steps than the rest). A failure leaves the compiled
+        pieces launching one by one (`prefill_graph_error`, logged)."""
+        sizes = [n for n in PREFILL_GRAPH_SIZES if n <= self.max_model_len * self.max_num_seqs]
+        try:
+            self.prefill_graphs = PrefillGraphs(self.model, self.prefill_blocks, sizes or [2])
+        except Exception as err:  # noqa: BLE001 - any capture failure leaves the pieces eager
+            self.prefill_graphs = None
+            self.prefill_graph_error = error_line(err)
+            log.warning("capturing the prefill pieces failed, launching them one by one: %s",
+                        self.prefill_graph_error)
+            self._synchronize()
 
     def _warm_prefill(self) -> None:
         """Compile the prefill blocks now rather than in the first request's step: a whole
@@ -447,10 +470,14 @@ class ModelRunner(DecodeGraphs):
         tokens = self._upload(torch.from_numpy(flat)[None])  # (1, N)
         if step.feeds:
             tokens = self._feed(tokens, step.feed, last=[n - 1 for n in cu[1:]])
-        # (A step of one token runs eagerly: dynamo would specialise a graph for size 1.)
-        blocks = self.prefill_blocks if cu[-1] > 1 else None
-        hidden = self.model(tokens, meta=meta, kv_caches=self.kv_caches, hidden_only=True,
-                            blocks=blocks)[0]  # (N, D)
+        graphs = self.prefill_graphs
+        if graphs is not None and 1 < cu[-1] <= graphs.sizes[-1]:
+            hidden = graphs.forward(tokens, meta, self.kv_caches)[0]  # (N, D)
+        else:
+            # (A step of one token runs eagerly: dynamo would specialise a graph for size 1.)
+            blocks = self.prefill_blocks if cu[-1] > 1 else None
+            hidden = self.model(tokens, meta=meta, kv_caches=self.kv_caches, hidden_only=True,
+                                blocks=blocks)[0]  # (N, D)
         for i, k in enumerate(step.prompt_logprobs):
             if k >= 0:
                 self._prompt_logits[i] = self.model.output(hidden[cu[i]:cu[i + 1]])  # (T_i, V)

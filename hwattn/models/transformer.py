@@ -154,6 +154,21 @@ class Transformer(nn.Module):
         Raises ValueError for tokens that are not a non-empty (B, T) integer tensor, or (on
         the CPU) hold an id outside [0, vocab_size), or for `meta` of another step's shape.
         """
+        blocks = self.layers if blocks is None else blocks
+        if len(blocks) != len(self.layers):
+            raise ValueError(f"blocks must hold one callable per layer ({len(self.layers)})")
+        x, cos, sin = self.embed(tokens, meta, kv_caches)
+        for i, block in enumerate(blocks):
+            x = block(x, cos, sin, meta, None if meta is None else kv_caches[i])
+        if last_only:
+            x = x[:, -1:]  # (B, 1, D)
+        x = self.norm(x)  # (B, T, D)
+        return x if hidden_only else self.output(x)
+
+    def embed(self, tokens: Tensor, meta: AttentionMetadata | None = None,
+              kv_caches: Sequence[tuple[Tensor, ...]] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` up to the first block: tokens (B, T) -> their embeddings x (B, T, D) and
+        the RoPE cos, sin (B, T, d_R / 2) of their positions (`forward`'s checks included)."""
         check_tokens(tokens, self.config.vocab_size)
         b, t = tokens.shape
         if meta is None:
@@ -166,17 +181,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"meta's token positions {tuple(positions.shape)} (token_positions, "
                                  f"else the last T of each of its sequences) must be shaped as "
                                  f"the tokens {tuple(tokens.shape)}: it describes another step")
-        blocks = self.layers if blocks is None else blocks
-        if len(blocks) != len(self.layers):
-            raise ValueError(f"blocks must hold one callable per layer ({len(self.layers)})")
         cos, sin = self.rope(positions)  # (B, T, d_R / 2) each
-        x = self.tok_embeddings(tokens)  # (B, T, D)
-        for i, block in enumerate(blocks):
-            x = block(x, cos, sin, meta, None if meta is None else kv_caches[i])
-        if last_only:
-            x = x[:, -1:]  # (B, 1, D)
-        x = self.norm(x)  # (B, T, D)
-        return x if hidden_only else self.output(x)
+        return self.tok_embeddings(tokens), cos, sin
 
     @torch.no_grad()
     def fuse_projections(self) -> "Transformer":
