@@ -63,7 +63,9 @@ class EngineConfig:
         0.62-0.80x plain decoding's tokens/s although 55-75% of the drafts were accepted
         (benchmarks/results/study_speculative_h200_2026-12-05/). The best threshold depends on
         the model and the GPU; it has not been measured yet.
-    cuda_graphs: capture decode steps in CUDA graphs (on CUDA). backend: attention backend.
+    cuda_graphs: capture decode steps in CUDA graphs (on CUDA), and with compiled prefill the
+        prefill pieces between attention steps (hwattn/engine/prefill_graphs.py). backend:
+        attention backend.
     compile_decode: run decode steps through `torch.compile`d decoder blocks (norms, RoPE,
         absorptions and SwiGLU fused into a few kernels; hwattn/models/compile.py); None: on
         for CUDA devices, off on the CPU. Compiling adds start-up time (tens of seconds per

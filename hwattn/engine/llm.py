@@ -176,7 +176,8 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
                          compile_decode=(dev.type == "cuda" if config.compile_decode is None
                                          else bool(config.compile_decode)),
                          compile_prefill=(dev.type == "cuda" if config.compile_prefill is None
-                                          else bool(config.compile_prefill)))
+                                          else bool(config.compile_prefill)),
+                         max_num_batched_tokens=config.max_num_batched_tokens)
     build = dict(model=config.model, attention=config.attention, dtype=dt, device=str(dev),
                  seed=config.seed, overrides=config.model_overrides)
     if config.tensor_parallel_size > 1:

@@ -31,7 +31,7 @@ from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
 from hwattn.engine.cuda_graphs import DecodeGraphs, decode_buckets, error_line
 from hwattn.engine.launch import PendingTokens
-from hwattn.engine.prefill_graphs import PREFILL_GRAPH_SIZES, PrefillGraphs
+from hwattn.engine.prefill_graphs import PrefillGraphs, prefill_graph_sizes
 from hwattn.engine.staging import PinnedRing
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
@@ -121,6 +121,8 @@ class ModelRunner(DecodeGraphs):
         query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails);
         with `compile_prefill`, also the prefill pieces between attention steps, for steps of
         up to 2048 tokens (`PrefillGraphs`; not under tensor parallelism).
+    max_num_batched_tokens: the most tokens a prefill or mixed step holds (the scheduler's
+        budget; None: unknown): no prefill graph is recorded for more.
     compile_decode: run decode steps through `torch.compile`d blocks (hwattn/models/compile.py;
         compiled before capture, so each captured graph replays the fused kernels).
     compile_prefill: run prefill (and mixed) steps through `torch.compile`d blocks of their
@@ -139,12 +141,13 @@ class ModelRunner(DecodeGraphs):
                  max_num_seqs: int = 64, cache_dtype: torch.dtype | None = None,
                  backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
                  graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False,
-                 compile_prefill: bool = False):
+                 compile_prefill: bool = False, max_num_batched_tokens: int | None = None):
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         ref = model.tok_embeddings.weight
         self.device = ref.device
         self.backend = ops.get_backend(backend, self.device)
@@ -196,12 +199,17 @@ class ModelRunner(DecodeGraphs):
 
     def _capture_prefill(self) -> None:
         """Record the prefill pieces' graphs (`PrefillGraphs`, steps of up to
-        `PREFILL_GRAPH_SIZES[-1]` tokens; not under tensor parallelism, where a rank whose
+        `prefill_graph_sizes`' largest; not under tensor parallelism, where a rank whose
         capture failed would run other steps than the rest). A failure leaves the compiled
         pieces launching one by one (`prefill_graph_error`, logged)."""
-        sizes = [n for n in PREFILL_GRAPH_SIZES if n <= self.max_model_len * self.max_num_seqs]
+        most = self.max_model_len * self.max_num_seqs
+        if self.max_num_batched_tokens is not None:
+            most = min(most, self.max_num_batched_tokens)
+        sizes = prefill_graph_sizes(most)
+        if not sizes:
+            return
         try:
-            self.prefill_graphs = PrefillGraphs(self.model, self.prefill_blocks, sizes or [2])
+            self.prefill_graphs = PrefillGraphs(self.model, self.prefill_blocks, sizes)
         except Exception as err:  # noqa: BLE001 - any capture failure leaves the pieces eager
             self.prefill_graphs = None
             self.prefill_graph_error = error_line(err)

@@ -33,14 +33,26 @@ import torch
 from torch import Tensor
 
 from hwattn.layers import AttentionMetadata
+from hwattn.models.compile import distinct_sizes
 
 log = logging.getLogger(__name__)
 
-# Token counts that get graphs: every step of 2 to 2048 tokens pads to at most 1.25x
-# (1.5x below 32 tokens, where the step is launch-bound whatever its size). Longer steps keep
-# enough work on the GPU per launch to run the compiled pieces directly.
-PREFILL_GRAPH_SIZES = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536,
-                       1792, 2048)
+# Token counts that get graphs. A step of 48 to 2048 tokens is padded by at most a third
+# (64 / 48, 256 / 192, 512 / 384), from 512 up by at most a quarter; shorter steps are
+# launch-bound whatever their padding. Longer steps keep enough work on the GPU per launch to
+# run the compiled pieces directly.
+PREFILL_GRAPH_SIZES = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768,
+                       896, 1024, 1280, 1536, 1792, 2048)
+
+
+def prefill_graph_sizes(most: int) -> list[int]:
+    """The token counts to record for steps of at most `most` tokens: those of
+    `PREFILL_GRAPH_SIZES` below it, and `most` itself where it is below the largest (a full
+    step of the scheduler's budget then runs unpadded)."""
+    sizes = [n for n in PREFILL_GRAPH_SIZES if n < most]
+    if 2 <= most <= PREFILL_GRAPH_SIZES[-1]:
+        sizes.append(most)
+    return sizes
 
 
 class PrefillGraphs:
@@ -60,24 +72,28 @@ class PrefillGraphs:
         self.sizes = sorted(set(sizes))
         ref = model.tok_embeddings.weight
         big = self.sizes[-1]
-        cfg = model.config
-        zeros = dict(device=ref.device)
-        self.x = torch.zeros(1, big, cfg.dim, dtype=ref.dtype, **zeros)  # the hidden state
-        cos, sin = model.rope(torch.zeros(1, 1, dtype=torch.long, device=ref.device))
-        self.cos = torch.zeros(1, big, cos.shape[-1], dtype=cos.dtype, **zeros)
-        self.sin = torch.zeros_like(self.cos)
-        attn = self.pieces[0].block.attn
-        self.out = torch.zeros(1, big, attn.wo.in_features, dtype=ref.dtype, **zeros)
-        # The queries and states (`Attention.project`'s parts), shaped by one run.
-        with torch.inference_mode():
-            q, states = self.pieces[0].inputs(self.pieces[0].block, self.x, self.cos, self.sin)
-        self.q = tuple(torch.zeros_like(t) for t in q)
-        self.states = tuple(torch.zeros_like(t) for t in states)
-        self.graphs: dict[int, list[Callable[[], None]]] = {}
-        self._pool = None
-        for n in reversed(self.sizes):  # largest first: the smaller reuse its memory
-            self.graphs[n] = [self._record(lambda i=i, n=n: self._segment(i, n), capture)
-                              for i in range(len(self.pieces) + 1)]
+        # Every buffer has the tokens first and no batch dimension: a step's rows, `rows`,
+        # are then laid out (strides included) as the eager pieces' contiguous (1, N, ...)
+        # inputs are, so the compiled pieces' guards hold and nothing compiles again. Made
+        # in inference mode, as the eager steps' activations are.
+        with torch.inference_mode(), distinct_sizes():
+            self.x = torch.zeros(big, model.config.dim, dtype=ref.dtype, device=ref.device)
+            cos, _ = model.rope(torch.zeros(1, 1, dtype=torch.long, device=ref.device))
+            self.cos = torch.zeros(big, cos.shape[-1], dtype=cos.dtype, device=ref.device)
+            self.sin = torch.zeros_like(self.cos)
+            attn = self.pieces[0].block.attn
+            self.heads = attn.n_heads  # the attention step's output: (N, H, d_h)
+            self.out = torch.zeros(big, attn.wo.in_features, dtype=ref.dtype, device=ref.device)
+            # The queries and states (`Attention.project`'s parts), shaped by one run.
+            q, states = self.pieces[0].inputs(self.pieces[0].block, self.x[None],
+                                              self.cos[None], self.sin[None])
+            self.q = tuple(torch.zeros_like(t[0]) for t in q)
+            self.states = tuple(torch.zeros_like(t[0]) for t in states)
+            self.graphs: dict[int, list[Callable[[], None]]] = {}
+            self._pool = None
+            for n in reversed(self.sizes):  # largest first: the smaller reuse its memory
+                self.graphs[n] = [self._record(lambda i=i, n=n: self._segment(i, n), capture)
+                                  for i in range(len(self.pieces) + 1)]
         if capture:
             torch.cuda.synchronize(ref.device)
 
@@ -88,30 +104,37 @@ class PrefillGraphs:
                 return n
         return None
 
+    @staticmethod
+    def rows(buffer: Tensor, n: int) -> Tensor:
+        """The first n rows of a static buffer as one batch row: (1, n, ...)."""
+        return buffer[:n].unsqueeze(0)
+
     def _segment(self, i: int, n: int) -> None:
         """What graph i of count n runs: layer i-1's second piece (the hidden state updated
         in place), then layer i's first (the queries and states into their buffers), or the
         final norm after the last layer."""
-        x = self.x[:, :n]
+        x = self.rows(self.x, n)
         if i > 0:
             prev = self.pieces[i - 1]
-            x.copy_(prev.outputs(prev.block, x, self.out[:, :n]))
+            out = self.out[:n].view(n, self.heads, -1)  # (n, H, d_h), as eager
+            x.copy_(prev.outputs(prev.block, x, out))
         if i == len(self.pieces):
             x.copy_(self.model.norm(x))
             return
         piece = self.pieces[i]
-        q, states = piece.inputs(piece.block, x, self.cos[:, :n], self.sin[:, :n])
+        q, states = piece.inputs(piece.block, x, self.rows(self.cos, n), self.rows(self.sin, n))
         for buf, t in zip(self.q + self.states, q + states):
-            buf[:, :n].copy_(t)
+            self.rows(buf, n).copy_(t)
 
     def _record(self, segment: Callable[[], None], capture: bool) -> Callable[[], None]:
+        """`segment` run once (compiling nothing new, settling the allocator and cuBLAS's
+        workspace), then captured: its replay (without `capture`, itself)."""
+        segment()
         if not capture:
             return segment
-        with torch.inference_mode():
-            segment()  # warm up (the allocator, cuBLAS's workspace) outside the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                segment()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            segment()
         self._pool = graph.pool()
         return graph.replay
 
@@ -127,15 +150,15 @@ class PrefillGraphs:
                              f"{tuple(tokens.shape)}")
         x, cos, sin = self.model.embed(tokens, meta, kv_caches)
         self.pieces[0].block.attn.check_step(x, cos, sin, meta, kv_caches[0])
-        self.x[:, :n_tokens].copy_(x)
-        self.cos[:, :n_tokens].copy_(cos)
-        self.sin[:, :n_tokens].copy_(sin)
+        self.x[:n_tokens].copy_(x[0])
+        self.cos[:n_tokens].copy_(cos[0])
+        self.sin[:n_tokens].copy_(sin[0])
         graphs = self.graphs[n]
         graphs[0]()
         for i, piece in enumerate(self.pieces):
-            q = tuple(t[:, :n_tokens] for t in self.q)
-            states = tuple(t[:, :n_tokens] for t in self.states)
-            out = piece.block.attn.attend_step(q, states, meta, kv_caches[i])
-            self.out[:, :n_tokens].copy_(out.view(1, n_tokens, -1))
+            q = tuple(self.rows(t, n_tokens) for t in self.q)
+            states = tuple(self.rows(t, n_tokens) for t in self.states)
+            out = piece.block.attn.attend_step(q, states, meta, kv_caches[i])  # (N, H, d_h)
+            self.out[:n_tokens].copy_(out.view(n_tokens, -1))
             graphs[i + 1]()
-        return self.x[:, :n_tokens]
+        return self.rows(self.x, n_tokens)

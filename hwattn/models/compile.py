@@ -12,7 +12,8 @@ and the attention kernel and Inductor fuses what lies between (RMSNorm, RoPE, th
 latent absorptions, SwiGLU's activation, residual adds) into a few kernels.
 
 The engine's prefill steps run the blocks in two compiled pieces instead (`compile_pieces`),
-the attention step between them eager: no graph break inside a piece, two frames a layer.
+the attention step between them eager: two frames a layer (more under tensor parallelism,
+whose all-reduces break the second piece).
 """
 
 from __future__ import annotations

@@ -154,10 +154,10 @@ class Transformer(nn.Module):
         Raises ValueError for tokens that are not a non-empty (B, T) integer tensor, or (on
         the CPU) hold an id outside [0, vocab_size), or for `meta` of another step's shape.
         """
+        x, cos, sin = self.embed(tokens, meta, kv_caches)
         blocks = self.layers if blocks is None else blocks
         if len(blocks) != len(self.layers):
             raise ValueError(f"blocks must hold one callable per layer ({len(self.layers)})")
-        x, cos, sin = self.embed(tokens, meta, kv_caches)
         for i, block in enumerate(blocks):
             x = block(x, cos, sin, meta, None if meta is None else kv_caches[i])
         if last_only:

@@ -111,7 +111,7 @@ def test_prefill_blocks_compile_once(checkpoints, variant, page_size):
     outs = [o.token_ids for o in llm.generate(prompts_, GREEDY)]
     outs += [o.token_ids for o in llm.generate([[7]], GREEDY)]  # a step of one token
     assert counters["stats"]["unique_graphs"] == graphs
-    llm.engine.runner.prefill_blocks = None
+    llm.engine.runner.prefill_blocks = llm.engine.runner.prefill_graphs = None
     assert outs == [o.token_ids for o in llm.generate(prompts_ + [[7]], GREEDY)]
 
 

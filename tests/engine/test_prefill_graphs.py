@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hwattn.engine.llm import LLM
-from hwattn.engine.prefill_graphs import PrefillGraphs
+from hwattn.engine.prefill_graphs import PREFILL_GRAPH_SIZES, PrefillGraphs, prefill_graph_sizes
 from hwattn.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -41,6 +41,56 @@ def test_padded_prefill_steps_match_eager(checkpoints, variant):
         llm.engine.check_invariants()
 
 
+def test_graph_sizes_pad_little_and_stop_at_the_budget():
+    """Counts from 48 tokens up pad a step by at most a third, from 512 by at most a quarter;
+    the scheduler's budget is the largest count (a full step runs unpadded)."""
+    sizes = prefill_graph_sizes(4096)
+    assert sizes == list(PREFILL_GRAPH_SIZES)
+    for small, big in zip(sizes, sizes[1:]):
+        assert big <= small * (4 / 3 if small < 512 else 5 / 4) or small < 48, (small, big)
+    assert prefill_graph_sizes(24) == [16, 24] and prefill_graph_sizes(2048)[-1] == 2048
+    assert prefill_graph_sizes(1) == [] and prefill_graph_sizes(2) == [2]
+
+
+def test_the_graphs_compile_nothing_after_start_up(checkpoints):
+    """Building the graphs runs every segment once: no step afterwards compiles a piece again
+    (their buffers are laid out as the eager pieces' inputs, in inference mode)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    llm = LLM(checkpoints("gla-2"), page_size=8, max_num_seqs=4, memory_budget=1 << 20,
+              max_num_batched_tokens=20, compile_prefill=True)
+    runner = llm.engine.runner
+    runner.prefill_graphs = PrefillGraphs(runner.model, runner.prefill_blocks, [4, 8, 16, 24],
+                                          capture=False)
+    graphs = counters["stats"]["unique_graphs"]
+    llm.generate(_prompts(6, seed=2), GREEDY)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_failed_prefill_capture_leaves_the_pieces(checkpoints, monkeypatch, caplog):
+    """A prefill-graph capture that fails leaves the compiled pieces launching directly, with
+    the error kept and logged; the engine's tokens do not change."""
+    import hwattn.engine.model_runner as mr
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture failed: out of memory\nsecond line")
+
+    path = checkpoints("gqa-2")
+    prompts = _prompts(4, seed=3)
+    kw = dict(page_size=8, max_num_seqs=4, memory_budget=1 << 20, max_num_batched_tokens=20)
+    want = [o.token_ids for o in LLM(path, compile_prefill=False, **kw).generate(prompts, GREEDY)]
+    llm = LLM(path, compile_prefill=True, **kw)
+    runner = llm.engine.runner
+    monkeypatch.setattr(mr, "PrefillGraphs", broken)
+    with caplog.at_level("WARNING", logger="hwattn.engine.model_runner"):
+        runner._capture_prefill()  # (what a GPU runner does at start-up)
+    assert runner.prefill_graphs is None
+    assert runner.prefill_graph_error == "RuntimeError: capture failed: out of memory"
+    assert "launching them one by one" in caplog.text
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+
+
 def test_steps_longer_than_the_graphs_run_the_pieces(checkpoints):
     """A step of more tokens than the largest count runs the compiled pieces directly; the
     graphs' forward refuses it with the bound named."""
@@ -59,9 +109,9 @@ def test_steps_longer_than_the_graphs_run_the_pieces(checkpoints):
         PrefillGraphs(runner.model, runner.prefill_blocks, [1, 8], capture=False)
 
 
-def test_no_prefill_graphs_without_cuda_graphs_or_compiled_prefill(checkpoints):
-    """The runner records prefill graphs only on a GPU, with CUDA graphs and compiled prefill
-    on: on the CPU, and with either off, it has none and says no error."""
+def test_no_prefill_graphs_on_the_cpu(checkpoints):
+    """The runner records prefill graphs only on a GPU (with CUDA graphs and compiled prefill
+    on): on the CPU it has none and says no error."""
     path = checkpoints("gqa-2")
     runner = LLM(path, page_size=8, max_num_seqs=2, memory_budget=1 << 20,
                  compile_prefill=True).engine.runner
@@ -83,5 +133,8 @@ def test_captured_prefill_on_the_gpu_matches_eager(checkpoints, variant):
     runner = llm.engine.runner
     assert runner.prefill_graphs is not None, runner.prefill_graph_error
     assert runner.prefill_compile_error is None
+    assert runner.prefill_graphs.sizes[-1] == 48  # the budget, unpadded
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
     llm.engine.check_invariants()
+    for off in (dict(cuda_graphs=False), dict(compile_prefill=False)):
+        assert LLM(path, **{**kw, "compile_prefill": True, **off}).engine.runner.prefill_graphs is None
