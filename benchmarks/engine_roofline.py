@@ -78,15 +78,16 @@ class Setup:
 
 
 def runner_for(setup: Setup, net, batch: int, max_len: int, compiled: bool,
-               compile_prefill: bool = False) -> ModelRunner:
+               compile_prefill: bool = False, prefill_graphs: bool = True) -> ModelRunner:
     """A runner whose pool holds `batch` sequences of `max_len` tokens, its cache filled with
     random values (never zeros, never uninitialised memory); `compiled`: compiled decode
-    blocks, `compile_prefill`: compiled prefill blocks."""
+    blocks, `compile_prefill`: compiled prefill blocks (`prefill_graphs`: replayed from CUDA
+    graphs, as ModelRunner's prefill_graphs)."""
     per_seq = -(-max_len // setup.page)
     runner = ModelRunner(net, num_pages=batch * per_seq + 1, page_size=setup.page,
                          max_model_len=max_len, max_num_seqs=batch, cache_dtype=setup.dtype,
                          cuda_graphs=setup.device.type == "cuda", compile_decode=compiled,
-                         compile_prefill=compile_prefill)
+                         compile_prefill=compile_prefill, prefill_graphs=prefill_graphs)
     g = torch.Generator(device=setup.device).manual_seed(0)  # the same cache in every runner
     for layer in runner.kv_caches:
         for t in layer:
@@ -98,10 +99,8 @@ def prefill_runner(setup: Setup, net, batch: int, max_len: int, compiled: bool,
                    mode: str) -> ModelRunner:
     """`runner_for` with prefill `mode` eager, compiled, or pieces (compiled, its prefill
     graphs dropped: the pieces launched one by one)."""
-    runner = runner_for(setup, net, batch, max_len, compiled, compile_prefill=mode != "eager")
-    if mode == "pieces":
-        runner.prefill_graphs = None
-    return runner
+    return runner_for(setup, net, batch, max_len, compiled, compile_prefill=mode != "eager",
+                      prefill_graphs=mode == "compiled")
 
 
 def decode_step(setup: Setup, runner: ModelRunner, net, batch: int, context: int) -> dict:

@@ -63,9 +63,8 @@ class EngineConfig:
         0.62-0.80x plain decoding's tokens/s although 55-75% of the drafts were accepted
         (benchmarks/results/study_speculative_h200_2026-12-05/). The best threshold depends on
         the model and the GPU; it has not been measured yet.
-    cuda_graphs: capture decode steps in CUDA graphs (on CUDA), and with compiled prefill the
-        prefill pieces between attention steps (hwattn/engine/prefill_graphs.py). backend:
-        attention backend.
+    cuda_graphs: capture decode steps in CUDA graphs (on CUDA), and with `prefill_graphs`
+        the compiled prefill pieces between attention steps. backend: attention backend.
     compile_decode: run decode steps through `torch.compile`d decoder blocks (norms, RoPE,
         absorptions and SwiGLU fused into a few kernels; hwattn/models/compile.py); None: on
         for CUDA devices, off on the CPU. Compiling adds start-up time (tens of seconds per
@@ -75,6 +74,12 @@ class EngineConfig:
         None: on for CUDA devices, off on the CPU. Compiled at start-up, beside the decode
         blocks; on an H100 a whole 8K-token `xl` prompt took 24-27% less time through them
         (docs/results/engine.md, run 14, measured before the warm-up took its present form).
+    prefill_graphs: with `cuda_graphs` and compiled prefill on (on CUDA; not under tensor
+        parallelism), replay the compiled prefill pieces between attention steps from CUDA
+        graphs for steps of up to 2048 tokens (hwattn/engine/prefill_graphs.py): chunks of a
+        few thousand tokens otherwise spend longer launching kernels than running them on the
+        device machines. Off by default until it has been measured on a GPU (written
+        2026-12-07 without one).
     seed: weights of presets, and the seeds of requests that bring none.
     model_overrides: presets only (refused for a checkpoint), ModelConfig fields to change
         (e.g. max_seq_len).
@@ -114,6 +119,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     compile_decode: bool | None = None
     compile_prefill: bool | None = None
+    prefill_graphs: bool = False
     backend: str = "auto"
     seed: int = 0
     model_overrides: dict | None = None
@@ -138,7 +144,7 @@ class EngineConfig:
                                           what=" (None: the model's max_seq_len)")
         self.seed = _integer("seed", self.seed, -INT64_LIMIT)
         for name in ("enable_prefix_caching", "cuda_graphs", "enable_mixed_batches",
-                     "overlap_scheduling", "launch_thread"):
+                     "overlap_scheduling", "launch_thread", "prefill_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("compile_decode", "compile_prefill"):

@@ -177,6 +177,7 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
                                          else bool(config.compile_decode)),
                          compile_prefill=(dev.type == "cuda" if config.compile_prefill is None
                                           else bool(config.compile_prefill)),
+                         prefill_graphs=config.prefill_graphs,
                          max_num_batched_tokens=config.max_num_batched_tokens)
     build = dict(model=config.model, attention=config.attention, dtype=dt, device=str(dev),
                  seed=config.seed, overrides=config.model_overrides)

@@ -118,9 +118,10 @@ class ModelRunner(DecodeGraphs):
     backend: attention backend name, "auto" (chosen for the model's device) or an
         `AttentionBackend`; it also chooses the cache dtype when `cache_dtype` is None.
     cuda_graphs: capture decode for every bucket in `decode_buckets(max_num_seqs)` and each
-        query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails);
-        with `compile_prefill`, also the prefill pieces between attention steps, for steps of
-        up to 2048 tokens (`PrefillGraphs`; not under tensor parallelism).
+        query length in `graph_query_lens` (on CUDA only; falls back to eager if capture fails).
+    prefill_graphs: with `cuda_graphs` and `compile_prefill`, also capture the prefill pieces
+        between attention steps, for steps of up to 2048 tokens (`PrefillGraphs`; on CUDA,
+        not under tensor parallelism; EngineConfig.prefill_graphs).
     max_num_batched_tokens: the most tokens a prefill or mixed step holds (the scheduler's
         budget; None: unknown): no prefill graph is recorded for more.
     compile_decode: run decode steps through `torch.compile`d blocks (hwattn/models/compile.py;
@@ -141,7 +142,8 @@ class ModelRunner(DecodeGraphs):
                  max_num_seqs: int = 64, cache_dtype: torch.dtype | None = None,
                  backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
                  graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False,
-                 compile_prefill: bool = False, max_num_batched_tokens: int | None = None):
+                 compile_prefill: bool = False, prefill_graphs: bool = False,
+                 max_num_batched_tokens: int | None = None):
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
         self.page_size = page_size
         self.num_pages = num_pages
@@ -193,7 +195,7 @@ class ModelRunner(DecodeGraphs):
                 log.warning("compiling the prefill blocks failed, prefilling eagerly: %s",
                             self.prefill_compile_error)
         if cuda_graphs and self.device.type == "cuda":
-            if self.prefill_blocks is not None and not _tensor_parallel():
+            if prefill_graphs and self.prefill_blocks is not None and not _tensor_parallel():
                 self._capture_prefill()
             self._capture(graph_query_lens)
 

@@ -129,12 +129,13 @@ def test_captured_prefill_on_the_gpu_matches_eager(checkpoints, variant):
     kw = dict(device="cuda", dtype="fp32", page_size=16, num_pages=160, max_model_len=256,
               max_num_seqs=8, max_num_batched_tokens=48)
     want = [o.token_ids for o in LLM(path, compile_prefill=False, **kw).generate(prompts, GREEDY)]
-    llm = LLM(path, compile_prefill=True, **kw)
+    llm = LLM(path, compile_prefill=True, prefill_graphs=True, **kw)
     runner = llm.engine.runner
     assert runner.prefill_graphs is not None, runner.prefill_graph_error
     assert runner.prefill_compile_error is None
     assert runner.prefill_graphs.sizes[-1] == 48  # the budget, unpadded
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
     llm.engine.check_invariants()
-    for off in (dict(cuda_graphs=False), dict(compile_prefill=False)):
-        assert LLM(path, **{**kw, "compile_prefill": True, **off}).engine.runner.prefill_graphs is None
+    for off in (dict(cuda_graphs=False), dict(compile_prefill=False), dict(prefill_graphs=False)):
+        on = dict(compile_prefill=True, prefill_graphs=True, **kw)
+        assert LLM(path, **{**on, **off}).engine.runner.prefill_graphs is None
