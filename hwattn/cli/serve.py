@@ -65,7 +65,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="weights of presets and unseeded requests; the benchmarks' random "
                         "prompts too (default 0)")
     p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="decode steps without captured CUDA graphs")
+                   help="decode and prefill steps without captured CUDA graphs")
+    p.add_argument("--no-prefill-graphs", action="store_true",
+                   help="prefill steps launch the compiled pieces between attention steps one by "
+                        "one instead of replaying them from CUDA graphs")
     p.add_argument("--no-compile", action="store_true",
                    help="decode and prefill steps through the eager decoder blocks, not "
                         "torch.compile'd ones (compiling is on by default on CUDA)")
@@ -210,6 +213,8 @@ def engine_config(args):
         kwargs["num_speculative_tokens"] = args.num_speculative_tokens
     if args.no_cuda_graphs:
         kwargs["cuda_graphs"] = False
+    if args.no_prefill_graphs:
+        kwargs["prefill_graphs"] = False
     if args.no_compile:
         kwargs["compile_decode"] = kwargs["compile_prefill"] = False
     with options_named():
@@ -224,6 +229,7 @@ def cpu_ignored_flags(args) -> list[str]:
     if resolve_device(args.device).type != "cpu":
         return []
     return [flag for flag, given in (("--no-cuda-graphs", args.no_cuda_graphs),
+                                     ("--no-prefill-graphs", args.no_prefill_graphs),
                                      ("--no-compile", args.no_compile),
                                      ("--enforce-eager", args.enforce_eager)) if given]
 

@@ -71,11 +71,12 @@ def vllm_arguments(kwargs: dict) -> dict:
             raise ValueError(f"swap_space must be a number of GiB >= 0, got {space!r}")
     if "enforce_eager" in kwargs:
         eager = kwargs.pop("enforce_eager")
-        for name in ("cuda_graphs", "compile_decode", "compile_prefill"):
+        switches = ("cuda_graphs", "compile_decode", "compile_prefill", "prefill_graphs")
+        for name in switches:
             if eager and kwargs.get(name):
                 raise ValueError(f"enforce_eager=True contradicts {name}=True; give one of them")
         if eager:
-            kwargs["cuda_graphs"] = kwargs["compile_decode"] = kwargs["compile_prefill"] = False
+            kwargs.update(dict.fromkeys(switches, False))
     if "block_size" in kwargs:
         block = kwargs.pop("block_size")
         if kwargs.get("page_size", block) != block:

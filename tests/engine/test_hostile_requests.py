@@ -102,7 +102,7 @@ def test_speculative_names_a_drafter(value):
 
 @pytest.mark.parametrize("name", ["enable_prefix_caching", "cuda_graphs", "compile_decode",
                                   "compile_prefill", "enable_mixed_batches", "overlap_scheduling",
-                                  "launch_thread"])
+                                  "launch_thread", "prefill_graphs"])
 def test_switches_are_true_or_false(name):
     # "no" read as True.
     with pytest.raises(ValueError, match=name):

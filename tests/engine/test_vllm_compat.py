@@ -45,6 +45,7 @@ def test_vllm_engine_arguments_map_onto_the_engine_config():
     ({"enforce_eager": True, "cuda_graphs": True}, "contradicts cuda_graphs"),
     ({"enforce_eager": True, "compile_decode": True}, "contradicts compile_decode"),
     ({"enforce_eager": True, "compile_prefill": True}, "contradicts compile_prefill"),
+    ({"enforce_eager": True, "prefill_graphs": True}, "contradicts prefill_graphs"),
     ({"enforce_eager": "yes"}, "enforce_eager must be True or False"),
     ({"trust_remote_code": 1}, "trust_remote_code must be True or False"),
     ({"swap_space": -1}, "swap_space must be a number"),
@@ -136,5 +137,7 @@ def test_serve_takes_vllm_flags():
     assert (plain.cuda_graphs, plain.compile_decode, plain.compile_prefill) == (False, None, None)
     eager = engine_config(parse(["serve", "tiny", "--no-compile"]))
     assert eager.compile_decode is False and eager.compile_prefill is False
+    assert engine_config(parse(["serve", "tiny", "--no-prefill-graphs"])).prefill_graphs is False
+    assert config.prefill_graphs is False and plain.prefill_graphs is True
     with pytest.raises(SystemExit):
         parse(["serve", "tiny", "--enable-prefix-caching", "--no-prefix-caching"])
