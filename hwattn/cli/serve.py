@@ -223,7 +223,7 @@ def engine_config(args):
 
 def cpu_ignored_flags(args) -> list[str]:
     """The GPU-only engine options given for a run on the CPU, where they change nothing:
-    decode steps are captured in CUDA graphs and compiled on CUDA only."""
+    steps are captured in CUDA graphs and compiled on CUDA only."""
     from hwattn.device import resolve_device
 
     if resolve_device(args.device).type != "cpu":
@@ -247,8 +247,9 @@ def engine_from_args(args):
         command = " ".join(["hwattn", getattr(args, "command", "serve")]
                            + [c for c in [getattr(args, "bench_command", None)] if c])
         print(f"{command}: warning: {', '.join(ignored)} "
-              f"{'has' if len(ignored) == 1 else 'have'} no effect on the CPU (CUDA graphs and "
-              f"compiled decode steps are CUDA only)", file=sys.stderr, flush=True)
+              f"{'has' if len(ignored) == 1 else 'have'} no effect on the CPU (CUDA graphs, "
+              f"prefill's included, and compiled steps are CUDA only)", file=sys.stderr,
+              flush=True)
     with options_named():  # the pool's size, the draft model, ... checked as it starts
         engine = create_engine(config)
     use_default_cpu_threads(model_params(engine.model_config), engine.device)

@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 # here (`vllm_arguments` applies them; docs/engine.md's table of vLLM's arguments repeats this).
 VLLM_ARGUMENTS = {
     "block_size": "page_size (tokens per KV page)",
-    "enforce_eager": "enforce_eager=True is cuda_graphs=False, compile_decode=False and "
-                     "compile_prefill=False",
+    "enforce_eager": "enforce_eager=True is cuda_graphs=False, compile_decode=False, "
+                     "compile_prefill=False and prefill_graphs=False",
     "trust_remote_code": "accepted and ignored: the engine runs hwattn's own model code and "
                          "never executes code from the checkpoint folder",
     "swap_space": "accepted and ignored: preempted sequences are recomputed, never swapped to "
@@ -73,6 +73,8 @@ def vllm_arguments(kwargs: dict) -> dict:
         eager = kwargs.pop("enforce_eager")
         switches = ("cuda_graphs", "compile_decode", "compile_prefill", "prefill_graphs")
         for name in switches:
+            if kwargs.get(name) not in (True, False, None):  # ("no" is not a contradiction)
+                raise ValueError(f"{name} must be True or False, got {kwargs[name]!r}")
             if eager and kwargs.get(name):
                 raise ValueError(f"enforce_eager=True contradicts {name}=True; give one of them")
         if eager:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from hwattn import ops
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
-from hwattn.engine.cuda_graphs import DecodeGraphs, decode_buckets, error_line
+from hwattn.engine.cuda_graphs import DecodeGraphs, decode_buckets, error_line, freeze_heap
 from hwattn.engine.launch import PendingTokens
 from hwattn.engine.prefill_graphs import PrefillGraphs, prefill_graph_sizes
 from hwattn.engine.staging import PinnedRing
@@ -142,7 +142,7 @@ class ModelRunner(DecodeGraphs):
                  max_num_seqs: int = 64, cache_dtype: torch.dtype | None = None,
                  backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
                  graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False,
-                 compile_prefill: bool = False, prefill_graphs: bool = False,
+                 compile_prefill: bool = False, prefill_graphs: bool = True,
                  max_num_batched_tokens: int | None = None):
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
         self.page_size = page_size
@@ -195,9 +195,12 @@ class ModelRunner(DecodeGraphs):
                 log.warning("compiling the prefill blocks failed, prefilling eagerly: %s",
                             self.prefill_compile_error)
         if cuda_graphs and self.device.type == "cuda":
+            self._capture(graph_query_lens)
+            # After decode's graphs, which keep the memory first: a prefill capture that
+            # finds too little left fails alone (the pieces then launch directly).
             if prefill_graphs and self.prefill_blocks is not None and not _tensor_parallel():
                 self._capture_prefill()
-            self._capture(graph_query_lens)
+                freeze_heap()
 
     def _capture_prefill(self) -> None:
         """Record the prefill pieces' graphs (`PrefillGraphs`, steps of up to

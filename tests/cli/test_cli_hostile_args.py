@@ -251,7 +251,8 @@ def test_serve_empty_host_is_refused(capsys, monkeypatch):
     assert_error(run_cli(capsys, "serve", "tiny", "--device", "cpu", "--host", ""), "--host")
 
 
-@pytest.mark.parametrize("flag", ["--no-cuda-graphs", "--no-compile", "--enforce-eager"])
+@pytest.mark.parametrize("flag", ["--no-cuda-graphs", "--no-prefill-graphs", "--no-compile",
+                                  "--enforce-eager"])
 def test_gpu_only_engine_flags_on_the_cpu_are_warned_about(capsys, monkeypatch, flag):
     """Observed: taken and dropped without a word on the CPU (no CUDA graphs, no compiled
     decode there in any case)."""

@@ -109,6 +109,25 @@ def test_steps_longer_than_the_graphs_run_the_pieces(checkpoints):
         PrefillGraphs(runner.model, runner.prefill_blocks, [1, 8], capture=False)
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_the_engine_passes_its_prefill_graphs_switch_to_the_runner(checkpoints, monkeypatch, on):
+    """EngineConfig.prefill_graphs (and the scheduler's budget, which caps the graphs' token
+    counts) reach the runner the engine builds."""
+    import hwattn.engine.llm as llm_module
+
+    seen = {}
+
+    class Recording(llm_module.ModelRunner):
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(llm_module, "ModelRunner", Recording)
+    LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=2, memory_budget=1 << 20,
+        max_num_batched_tokens=40, prefill_graphs=on)
+    assert seen["prefill_graphs"] is on and seen["max_num_batched_tokens"] == 40
+
+
 def test_no_prefill_graphs_on_the_cpu(checkpoints):
     """The runner records prefill graphs only on a GPU (with CUDA graphs and compiled prefill
     on): on the CPU it has none and says no error."""

@@ -30,6 +30,7 @@ def test_vllm_engine_arguments_map_onto_the_engine_config():
     assert (config.page_size, config.cuda_graphs, config.dtype) == (16, False, torch.float16)
     # vLLM's eager mode: no graphs, no compilation
     assert config.compile_decode is False and config.compile_prefill is False
+    assert config.prefill_graphs is False
     assert next(llm.engine.model.parameters()).dtype == torch.float16
     out = llm.generate([[1, 2, 3]], greedy(3))[0]
     assert len(out.token_ids) == 3
@@ -47,6 +48,7 @@ def test_vllm_engine_arguments_map_onto_the_engine_config():
     ({"enforce_eager": True, "compile_prefill": True}, "contradicts compile_prefill"),
     ({"enforce_eager": True, "prefill_graphs": True}, "contradicts prefill_graphs"),
     ({"enforce_eager": "yes"}, "enforce_eager must be True or False"),
+    ({"enforce_eager": True, "prefill_graphs": "no"}, "prefill_graphs must be True or False"),
     ({"trust_remote_code": 1}, "trust_remote_code must be True or False"),
     ({"swap_space": -1}, "swap_space must be a number"),
 ])
