@@ -18,6 +18,13 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [torch.randint(0, 2048, (k,), generator=g).tolist() for k in lengths]
 
 
+def _eager_and_compiled(path, prompts: list[list[int]], **kw) -> tuple[list, LLM]:
+    """The greedy tokens of `prompts` from an engine prefilling eagerly, and an engine of the
+    same settings with compiled prefill (its runner's prefill graphs for the test to set)."""
+    want = [o.token_ids for o in LLM(path, compile_prefill=False, **kw).generate(prompts, GREEDY)]
+    return want, LLM(path, compile_prefill=True, **kw)
+
+
 @pytest.mark.parametrize("variant", ["gqa-2", "gta-4", "gla-2", "mla"])
 def test_padded_prefill_steps_match_eager(checkpoints, variant):
     """Steps of 2-20 tokens (chunks over cached prefixes and whole prompts, mixed with decode
@@ -27,9 +34,7 @@ def test_padded_prefill_steps_match_eager(checkpoints, variant):
     prompts = _prompts(8, seed=5)
     kw = dict(page_size=8, max_num_seqs=4, memory_budget=1 << 20, max_num_batched_tokens=20)
     for mixed in (False, True):
-        eager = [o.token_ids for o in LLM(path, compile_prefill=False, enable_mixed_batches=mixed,
-                                          **kw).generate(prompts, GREEDY)]
-        llm = LLM(path, compile_prefill=True, enable_mixed_batches=mixed, **kw)
+        eager, llm = _eager_and_compiled(path, prompts, enable_mixed_batches=mixed, **kw)
         runner = llm.engine.runner
         runner.prefill_graphs = graphs = PrefillGraphs(runner.model, runner.prefill_blocks,
                                                        [4, 8, 16, 24], capture=False)
@@ -79,8 +84,7 @@ def test_a_failed_prefill_capture_leaves_the_pieces(checkpoints, monkeypatch, ca
     path = checkpoints("gqa-2")
     prompts = _prompts(4, seed=3)
     kw = dict(page_size=8, max_num_seqs=4, memory_budget=1 << 20, max_num_batched_tokens=20)
-    want = [o.token_ids for o in LLM(path, compile_prefill=False, **kw).generate(prompts, GREEDY)]
-    llm = LLM(path, compile_prefill=True, **kw)
+    want, llm = _eager_and_compiled(path, prompts, **kw)
     runner = llm.engine.runner
     monkeypatch.setattr(mr, "PrefillGraphs", broken)
     with caplog.at_level("WARNING", logger="hwattn.engine.model_runner"):
@@ -97,8 +101,7 @@ def test_steps_longer_than_the_graphs_run_the_pieces(checkpoints):
     path = checkpoints("gla-2")
     prompts = _prompts(4, seed=8)
     kw = dict(page_size=8, max_num_seqs=4, memory_budget=1 << 20, max_num_batched_tokens=64)
-    eager = [o.token_ids for o in LLM(path, compile_prefill=False, **kw).generate(prompts, GREEDY)]
-    llm = LLM(path, compile_prefill=True, **kw)
+    eager, llm = _eager_and_compiled(path, prompts, **kw)
     runner = llm.engine.runner
     runner.prefill_graphs = graphs = PrefillGraphs(runner.model, runner.prefill_blocks, [8],
                                                    capture=False)
