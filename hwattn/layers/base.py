@@ -479,10 +479,12 @@ class Attention(nn.Module):
                         cache: tuple[Tensor, ...], meta: AttentionMetadata) -> Tensor:
         """A prefill step's attention, its queries and states (B, T, ...) packed rows, the
         states already in the cache -> (N, H, d_h): whole prompts densely (`_attend_fresh`)
-        or through the paged op (`prefill`). One graph break under `torch.compile`: the
-        choice and both paths read the step's host lengths, on which a compiled graph would
-        guard (one recompile per chunk layout). Contiguous, whichever path ran: the compiled
-        code after the break guards on its input's strides, which differ between the paths."""
+        or through the paged op (`prefill`). The choice and both paths read the step's host
+        lengths, on which a compiled graph would guard (one recompile per chunk layout): the
+        engine runs it eagerly between its compiled pieces (`compile_pieces`), and a whole
+        block compiled with `compile_blocks` breaks its graph here. Contiguous, whichever path
+        ran: the compiled code after it guards on its input's strides, which differ between
+        the paths."""
         if meta.plan.fresh and self._attends_densely(meta):
             out = self._attend_fresh(q, states, meta.plan.query_lens)
         else:
