@@ -26,6 +26,7 @@ On a CPU (the tests) the same code runs without graphs: each "replay" calls its 
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Sequence
 
@@ -99,10 +100,8 @@ class PrefillGraphs:
 
     def size_for(self, n_tokens: int) -> int | None:
         """The recorded token count a step of `n_tokens` runs in (None: none fits)."""
-        for n in self.sizes:
-            if n >= n_tokens:
-                return n
-        return None
+        i = bisect.bisect_left(self.sizes, n_tokens)
+        return self.sizes[i] if i < len(self.sizes) else None
 
     @staticmethod
     def rows(buffer: Tensor, n: int) -> Tensor:
