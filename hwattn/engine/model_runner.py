@@ -306,7 +306,7 @@ class ModelRunner(DecodeGraphs):
             raise ValueError(f"a mixed step needs 0 < num_decode < {len(step.num_cached)} rows, "
                              f"got {nd}")
         rest = step.need_logits[nd:] if step.need_logits else [False] * (len(step.num_cached) - nd)
-        return self._packed(step, [True] * nd + list(rest))
+        return self._packed(step, [True] * nd + list(rest), num_decode=nd)
 
     def _upload(self, t: Tensor) -> Tensor:
         """A host tensor on the runner's device without waiting for the device: a blocking
@@ -467,16 +467,20 @@ class ModelRunner(DecodeGraphs):
         is set (None if none)."""
         return self._packed(step, step.need_logits or [False] * len(step.num_cached))
 
-    def _packed(self, step: StepInput, need: list[bool]) -> Tensor | None:
+    def _packed(self, step: StepInput, need: list[bool], num_decode: int = 0) -> Tensor | None:
         """One forward over the rows' tokens packed as (1, N) (whole prompts attended densely,
-        chunks over a cached prefix through the paged prefill op). Returns the logits (n, V) of the last token of each row i with need[i],
-        in row order (None if none); rows asking prompt log-probabilities keep every
-        position's logits for `_prompt_logprobs`."""
+        chunks over a cached prefix through the paged prefill op; the first `num_decode`
+        rows, one token each, through the paged decode op). Returns the logits (n, V) of the
+        last token of each row i with need[i], in row order (None if none); rows asking
+        prompt log-probabilities keep every position's logits for `_prompt_logprobs`."""
         self._prompt_logits = {}
         query_lens = [len(t) for t in step.tokens]
         meta = AttentionMetadata.for_prefill(self._table(step.block_tables), query_lens,
                                              step.num_cached, self.page_size,
                                              backend=self.backend, upload=self._upload)
+        if num_decode:
+            seqlens = torch.tensor([n + 1 for n in step.num_cached[:num_decode]], dtype=torch.int32)
+            meta.split_decode_rows(num_decode, self.plan(seqlens, 1))
         cu = meta.plan.cu_seqlens_q
         flat = np.fromiter(itertools.chain.from_iterable(step.tokens), dtype=np.int64,
                            count=cu[-1])

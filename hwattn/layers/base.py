@@ -68,6 +68,9 @@ class AttentionMetadata:
         `PrefillPlan` of the step's host lengths (`backend.plan_prefill`).
     backend: the `AttentionBackend` every layer calls. A registered name or "auto" given here
         is resolved once, for block_table's device, when the metadata is made.
+    parts: a mixed step's two halves (`split_decode_rows`): the first rows are decode rows, one
+        query token each, attended through the paged decode op; the rest are prompt chunks,
+        attended as a prefill step of their own. None: every row attends as the step says.
     """
 
     block_table: Tensor
@@ -78,6 +81,7 @@ class AttentionMetadata:
     backend: AttentionBackend | str = "auto"
     cu_seqlens_q: Tensor | None = None
     token_positions: Tensor | None = None
+    parts: MixedParts | None = None
     # Per-step values the first layer that needs them makes (`context_pages`), and the host
     # block table with the upload that made the device one (`for_prefill`).
     _context: dict = field(default_factory=dict, init=False, repr=False)
@@ -151,6 +155,46 @@ class AttentionMetadata:
         meta._host_table = table, upload
         return meta
 
+    def split_decode_rows(self, num_decode: int, decode_plan: Any = None) -> None:
+        """Make this prefill step a mixed one (`parts`): its first `num_decode` rows, one query
+        token each, attend through the paged decode op with `decode_plan` (the backend's
+        `plan` for their lengths), the rest as a prefill step of their own. The decode op reads
+        only the cache, where the prefill op over a row of one query token would run a whole
+        query tile for it; the latent families' prefill would also pick one form for every
+        row, e.g. up-project each decode row's whole context. The step's cache write, RoPE
+        positions and slots stay whole: `parts` only changes how the rows attend.
+
+        Raises ValueError unless 0 < num_decode < B and each of the first rows has one token.
+        """
+        plan = self.plan
+        if not self.is_prefill or plan is None:
+            raise ValueError("split_decode_rows needs a prefill step's metadata with its plan")
+        nd, batch = num_decode, plan.batch
+        if not 0 < nd < batch:
+            raise ValueError(f"num_decode must be in [1, {batch - 1}] for a step of {batch} "
+                             f"sequences, got {nd}")
+        if any(n != 1 for n in plan.query_lens[:nd]):
+            raise ValueError(f"decode rows take one query token each, got query lengths "
+                             f"{list(plan.query_lens[:nd])} for the first {nd} rows")
+        decode = AttentionMetadata(self.block_table[:nd], self.cache_seqlens[:nd],
+                                   self.slot_mapping[:nd], plan=decode_plan, backend=self.backend,
+                                   token_positions=self.token_positions[0, :nd, None])
+        query_lens = plan.query_lens[nd:]
+        cu = np.concatenate(([0], np.cumsum(query_lens))).astype(np.int32)
+        if self._host_table is not None:
+            host, upload = self._host_table
+            cu_seqlens = upload(torch.from_numpy(cu))
+        else:
+            host, upload, cu_seqlens = None, None, torch.from_numpy(cu).to(self.block_table.device)
+        prompts = AttentionMetadata(self.block_table[nd:], self.cache_seqlens[nd:],
+                                    self.slot_mapping[nd:], is_prefill=True, backend=self.backend,
+                                    cu_seqlens_q=cu_seqlens,
+                                    token_positions=self.token_positions[:, nd:],
+                                    plan=self.backend.plan_prefill(cu.tolist(), plan.seqlens[nd:]))
+        if host is not None:
+            prompts._host_table = host[nd:], upload
+        self.parts = MixedParts(nd, decode, prompts)
+
     def context_pages(self, page_size: int) -> tuple[Tensor, Tensor]:
         """Prefill: every page holding a sequence's cached tokens, gathered into one list.
 
@@ -176,6 +220,15 @@ class AttentionMetadata:
                 pages = self.block_table[index[0], index[1]].long()
                 self._context[page_size] = pages, torch.from_numpy(table).to(device)
         return self._context[page_size]
+
+
+class MixedParts(NamedTuple):
+    """A mixed step's halves (`AttentionMetadata.split_decode_rows`): its first `num_decode`
+    rows as a decode step of one token each, the rest as a prefill step of their own."""
+
+    num_decode: int
+    decode: AttentionMetadata
+    prompts: AttentionMetadata
 
 
 @dataclass(frozen=True)
@@ -470,9 +523,24 @@ class Attention(nn.Module):
         if meta is None:
             return self.attend(q, states)
         self._store(cache, states, meta)
+        if meta.parts is not None:
+            return self._attend_mixed(q, states, cache, meta.parts)
         if meta.is_prefill:
             return self._attend_prefill(q, states, cache, meta)
         return self.decode(q, cache, meta)
+
+    @torch.compiler.disable
+    def _attend_mixed(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...],
+                      cache: tuple[Tensor, ...], parts: MixedParts) -> Tensor:
+        """A mixed step's attention, its queries and states (1, N, ...) packed rows, decode rows
+        first, the states already in the cache -> (N, H, d_h): the decode rows through the
+        paged decode op (each a sequence of one query token), the prompt rows as a prefill
+        step (`_attend_prefill`)."""
+        nd = parts.num_decode
+        decoded = self.decode(tuple(t[0, :nd, None] for t in q), cache, parts.decode)  # (nd, 1, H, d_h)
+        prompts = self._attend_prefill(tuple(t[:, nd:] for t in q),
+                                       tuple(s[:, nd:] for s in states), cache, parts.prompts)
+        return torch.cat((decoded.flatten(0, 1), prompts))
 
     @torch.compiler.disable
     def _attend_prefill(self, q: tuple[Tensor, ...], states: tuple[Tensor, ...],

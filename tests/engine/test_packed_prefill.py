@@ -66,9 +66,10 @@ def _count_forwards(runner) -> list:
     return calls
 
 
-def test_one_forward_per_prefill_and_mixed_step(checkpoints):
+def test_one_forward_per_prefill_and_mixed_step(checkpoints, monkeypatch):
     """Rows of any chunk length, cached prefix or not, and the decode rows of a mixed step run
-    as one forward; each row's logits equal those of the row run alone."""
+    as one forward (the decode rows attending through the decode op); each row's logits equal
+    those of the row run alone."""
     llm = LLM(checkpoints("gla-2"), dtype="fp64", page_size=4, num_pages=80,
               overlap_scheduling=False)
     runner = llm.engine.runner
@@ -87,8 +88,17 @@ def test_one_forward_per_prefill_and_mixed_step(checkpoints):
     step = StepInput("mixed", [[tokens[0][14]], [tokens[1][5]], tokens[2][11:18]], [14, 5, 11],
                      [tables[0], tables[1], tables[2]], need_logits=[True, True, False],
                      num_decode=2)
+    family = type(runner.model.layers[0].attn)
+    decoded, decode = [], family.decode
+
+    def spy(self, q, cache, meta):
+        decoded.append(tuple(q[0].shape[:2]))
+        return decode(self, q, cache, meta)
+
+    monkeypatch.setattr(family, "decode", spy)
     mixed = runner.execute(step)
     assert calls == [(1, 17), (1, 9)] and mixed.shape[0] == 2
+    assert decoded == [(2, 1)] * len(runner.model.layers)  # the decode rows, through the decode op
     # The same rows, one at a time, over a cache written the same way.
     alone = [prefill([r], [c], [n], [True])[0] for r, c, n in ((0, 9, 5), (2, 0, 11))]
     torch.testing.assert_close(packed, torch.stack(alone), rtol=1e-9, atol=1e-9)

@@ -26,9 +26,15 @@ def _tiny(attention: str) -> Transformer:
     return Transformer(ModelConfig.from_preset("tiny", attention=attention, n_layers=2)).eval()
 
 
-def run_packed(model: Transformer, seqs: torch.Tensor, backend: str) -> list[torch.Tensor]:
-    """Feed `seqs` (3, L) through STEPS as packed prefill steps over a NaN-filled cache with
-    shuffled pages; per sequence, the logits of every position it fed, in order."""
+# Mixed steps: per step, the tokens of each sequence and how many leading one-token rows
+# attend as decode rows (`AttentionMetadata.split_decode_rows`).
+MIXED_STEPS = [((6, 3, 9), 0), ((1, 1, 5), 2), ((1, 1, 3), 2), ((1, 7, 2), 1)]
+
+
+def run_packed(model: Transformer, seqs: torch.Tensor, backend: str, steps=None) -> list[torch.Tensor]:
+    """Feed `seqs` (3, L) through STEPS (or `steps`, MIXED_STEPS' form) as packed prefill
+    steps over a NaN-filled cache with shuffled pages; per sequence, the logits of every
+    position it fed, in order."""
     batch, total = seqs.shape
     pages = -(-total // PAGE)
     order = torch.randperm(batch * pages + 5)[: batch * pages].to(torch.int32)
@@ -40,9 +46,13 @@ def run_packed(model: Transformer, seqs: torch.Tensor, backend: str) -> list[tor
     cached = [0] * batch
     logits = [[] for _ in range(batch)]
     with torch.no_grad():
-        for lens in STEPS:
+        for lens, num_decode in steps or [(lens, 0) for lens in STEPS]:
             tokens = torch.cat([seqs[b, cached[b]:cached[b] + n] for b, n in enumerate(lens)])
             meta = AttentionMetadata.for_prefill(table, lens, cached, PAGE, backend=backend)
+            if num_decode:
+                seqlens = torch.tensor([c + 1 for c in cached[:num_decode]], dtype=torch.int32)
+                meta.split_decode_rows(num_decode, meta.backend.plan(
+                    seqlens, num_heads_kv=model.cache_heads, page_size=PAGE))
             out = model(tokens[None], meta=meta, kv_caches=caches)[0]  # (N, V)
             cu = meta.plan.cu_seqlens_q
             for b, n in enumerate(lens):
@@ -64,6 +74,54 @@ def test_packed_prefill_matches_forward(attention, backend):
         truth = [model(seqs[b:b + 1, :n])[0] for b, n in enumerate(total)]
     for b in range(3):
         assert_close_derived(got[b], truth[b], fwd32[b], what=f"{attention}/{backend} seq {b}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_mixed_steps_attend_decode_rows_through_the_decode_op(monkeypatch, attention, backend):
+    """A mixed step's leading one-token rows go through the paged decode op (one call per
+    layer, batch = those rows) and its prompt rows through the prefill path; every position's
+    logits still match the full causal forward."""
+    model = _tiny(attention)
+    family = type(model.layers[0].attn)
+    decoded, decode = [], family.decode
+
+    def spy(self, q, cache, meta):
+        decoded.append(tuple(q[0].shape[:2]))
+        return decode(self, q, cache, meta)
+
+    monkeypatch.setattr(family, "decode", spy)
+    total = [sum(lens[b] for lens, _ in MIXED_STEPS) for b in range(3)]
+    seqs = torch.randint(0, model.config.vocab_size, (3, max(total)))
+    got = run_packed(model, seqs, backend, MIXED_STEPS)
+    layers = len(model.layers)
+    assert decoded == [(nd, 1) for _, nd in MIXED_STEPS if nd for _ in range(layers)]
+    with torch.no_grad():
+        fwd32 = [model(seqs[b:b + 1, :n])[0] for b, n in enumerate(total)]
+        model.double()
+        truth = [model(seqs[b:b + 1, :n])[0] for b, n in enumerate(total)]
+    for b in range(3):
+        assert_close_derived(got[b], truth[b], fwd32[b], what=f"{attention}/{backend} seq {b}")
+
+
+def test_split_decode_rows_refuses_bad_rows():
+    table = torch.arange(12, dtype=torch.int32).view(3, 4)
+    meta = AttentionMetadata.for_prefill(table, [1, 2, 3], [4, 0, 0], PAGE, backend="torch")
+    with pytest.raises(ValueError, match="num_decode must be in"):
+        meta.split_decode_rows(3)
+    with pytest.raises(ValueError, match="num_decode must be in"):
+        meta.split_decode_rows(0)
+    with pytest.raises(ValueError, match="one query token each"):
+        meta.split_decode_rows(2)
+    decode = AttentionMetadata.for_step(table, torch.tensor([5, 5, 5], dtype=torch.int32), 1, PAGE,
+                                        backend="torch")
+    with pytest.raises(ValueError, match="prefill step's metadata"):
+        decode.split_decode_rows(1)
+    assert meta.parts is None
+    meta.split_decode_rows(1)
+    assert meta.parts.num_decode == 1 and meta.parts.prompts.plan.query_lens == (2, 3)
+    assert meta.parts.prompts.cu_seqlens_q.tolist() == [0, 2, 5]
+    assert meta.parts.decode.cache_seqlens.tolist() == [5] and not meta.parts.decode.is_prefill
 
 
 @pytest.mark.parametrize("attention, latent_heads, bias", [
