@@ -16,6 +16,7 @@ from hwattn.engine import LLM, SamplingParams  # noqa: E402
 from hwattn.engine.model_runner import StepInput  # noqa: E402
 from tests.engine.conftest import step_to_completion  # noqa: E402
 
+DEVICE = "cuda"
 VARIANTS = ["mha", "mqa", "gqa-2", "gta-4", "mla", "gla-2"]
 
 
@@ -117,3 +118,28 @@ def test_triton_backend_gives_the_reference_backends_tokens(checkpoints, variant
         outs[backend] = [o.token_ids for o in step_to_completion(llm.engine, ps, params)]
         assert llm.engine.stats()["mixed_steps"] > 0
     assert outs["triton"] == outs["torch"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU kernels need a GPU")
+@pytest.mark.parametrize("variant, dtype", [("gqa-2", "fp32"), ("gla-2", "fp32"), ("mla", "fp32"),
+                                            ("gla-2", "bf16")])
+def test_mixed_steps_on_the_gpu_match_prefill_first(checkpoints, variant, dtype):
+    """On the GPU's backend, mixed steps (decode rows through the decode op, prompt chunks
+    through the prefill path) give the greedy tokens of prefill-first steps, and leak no page.
+    (bf16: the decode and prefill kernels round differently, so only the first tokens, sampled
+    by prompt rows in both runs, must agree.)"""
+    path = checkpoints(variant)
+    prompts = shared_prefix_prompts(seed=3)
+    params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    kw = dict(device=DEVICE, dtype=dtype, page_size=16, num_pages=64, max_num_seqs=4,
+              max_num_batched_tokens=24, cuda_graphs=False, compile_prefill=False)
+    want = [o.token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    llm = LLM(path, enable_mixed_batches=True, **kw)
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert llm.engine.stats()["mixed_steps"] > 0
+    llm.engine.check_invariants()
+    assert llm.engine.block_manager.num_used_pages == 0
+    if dtype == "fp32":
+        assert got == want
+    else:
+        assert [g[0] for g in got] == [w[0] for w in want]
