@@ -130,10 +130,12 @@ def compile_sm90(*, tied: bool, group: int, d_qk: int, d_v: int, d_rope: int = 1
     pointers = dict(q_ptr="bf16", q_rope_ptr="bf16", k_ptr="bf16", v_ptr="bf16", rope_ptr="bf16",
                     block_table_ptr="i32", cu_seqlens_ptr="i32", seqlens_ptr="i32",
                     out_ptr="bf16", lse_ptr="fp32")
-    # (Strides as a launch of 16-element multiples specialises them; lse's row is N tokens.)
+    # (Strides as a launch of 16-element multiples specialises them, but for the two the
+    # kernel keeps unspecialised: the block table's and lse's.)
     types, attrs = signature(prefill_kernel.arg_names, constexprs, pointers,
                              floats=("qk_scale", "v_scale"),
-                             aligned=lambda name: name.startswith("stride") and name != "stride_lh")
+                             aligned=lambda name: (name.startswith("stride")
+                                                   and name not in ("stride_lh", "stride_btb")))
     source = ASTSource(fn=prefill_kernel, signature=types, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))

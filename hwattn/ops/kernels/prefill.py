@@ -111,8 +111,11 @@ def _attend_blocks(
     return acc, l_i, m_i
 
 
-# The bounds change from step to step: one compiled kernel for all their values.
-@triton.jit(do_not_specialize=["n_rows", "kv_capacity"])
+# The bounds change from step to step, and so do two strides: the block table's (its width,
+# the step's longest sequence in pages) and lse's (the step's token count). Triton would
+# compile again for each of them that turned divisible by 16 or not (a second or so in a
+# serving step, found in mixed steps of 2048 - n_decode prompt rows): one kernel for all.
+@triton.jit(do_not_specialize=["n_rows", "kv_capacity", "stride_btb", "stride_lh"])
 def prefill_kernel(
     q_ptr, q_rope_ptr, k_ptr, v_ptr, rope_ptr, block_table_ptr, cu_seqlens_ptr, seqlens_ptr,
     out_ptr, lse_ptr,
