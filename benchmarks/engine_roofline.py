@@ -363,6 +363,7 @@ def part_ttft(setup: Setup, args, rows: list) -> None:
                                config, runner.num_pages,
                                kv_bytes_per_token=net.kv_bytes_per_token(1, setup.dtype))
             serve_poisson(engine, prompts[:2], 2, rate=1e6)  # warm-up
+            log(f"ttft {variant} chunk {spec} prefill {mode}: the timed arrivals start")
             r = serve_poisson(engine, prompts, out_len, args.rate)
             rows.append(dict(part="ttft", variant=variant, chunk=chunk, mixed=mixed, prompt_len=n,
                              rate=args.rate, compiled_prefill=mode != "eager", prefill_mode=mode,

@@ -201,6 +201,8 @@ class ModelRunner(DecodeGraphs):
             if prefill_graphs and self.prefill_blocks is not None and not _tensor_parallel():
                 self._capture_prefill()
                 freeze_heap()
+        if self.device.type == "cuda":
+            self.warm_kernels()
 
     def _capture_prefill(self) -> None:
         """Record the prefill pieces' graphs (`PrefillGraphs`, steps of up to
@@ -244,6 +246,51 @@ class ModelRunner(DecodeGraphs):
                 self.execute(StepInput("prefill", [[0] * n], [cached], [pages],
                                        need_logits=[False]))
         self._synchronize()
+
+    def warm_kernels(self) -> None:
+        """Run now, in the null page, the prefill and mixed steps whose kernel variants the
+        first serving steps of each shape would otherwise compile (Triton's JIT, a second or
+        more a variant: run 16 measured such stalls in mixed steps). A variant is one per
+        compile-time tile shape and per specialised argument, and those follow a step's
+        shape: the prefill kernel's rows per query tile follow its longest chunk (a power of
+        two up to its tile), the latent families pick the absorbed or the expanded form by
+        FLOPs (short chunks over long contexts, long chunks over short ones), and a mixed
+        step's decode rows run the decode op eagerly, whose combine step follows the plan's
+        most pieces a sequence (few rows over long contexts: many). So: chunks of 1, 2, 4 ...
+        128 tokens over one token per chunk token and over the longest context; then mixed
+        steps of 1, 2, 4 ... decode rows over the longest context beside a 3-token chunk.
+        Triton keeps what it compiles on disk, so a later start compiles none of it. Under
+        tensor parallelism every rank runs the same steps; a failure there fails the engine
+        (the ranks would fall out of step), elsewhere it is logged and serving compiles what
+        is left when it comes."""
+        long = self.max_model_len - 1
+        budget = self.max_num_batched_tokens or self.max_model_len
+        steps = []
+        n = 1
+        while n <= min(128, budget, long):
+            for cached in sorted({n, long - n} - {0}) if long > n else ():
+                pages = [NULL_PAGE] * pages_for(cached + n, self.page_size)
+                steps.append(StepInput("prefill", [[0] * n], [cached], [pages]))
+            n *= 2
+        full = [NULL_PAGE] * pages_for(long + 1, self.page_size)
+        chunk = [NULL_PAGE] * pages_for(8, self.page_size)
+        for nd in sorted({b for b in decode_buckets(self.max_num_seqs) if b < self.max_num_seqs}
+                         | {self.max_num_seqs - 1} - {0}):
+            if nd + 3 > budget:
+                break
+            steps.append(StepInput("mixed", [[0]] * nd + [[0] * 3], [long] * nd + [5],
+                                   [full] * nd + [chunk], need_logits=[True] * (nd + 1),
+                                   num_decode=nd))
+        try:
+            with torch.inference_mode():
+                for step in steps:
+                    self.execute(step)
+            self._synchronize()
+        except Exception as err:  # noqa: BLE001 - serving compiles them later instead
+            if _tensor_parallel():
+                raise
+            log.warning("warming the prefill and mixed-step kernels failed (they compile in "
+                        "the first steps that need them): %s", error_line(err))
 
     def _part(self, name: str):
         """Time a part of a decode launch on the attached step timer (none: no timing)."""

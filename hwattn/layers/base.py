@@ -186,7 +186,10 @@ class AttentionMetadata:
             cu_seqlens = upload(torch.from_numpy(cu))
         else:
             host, upload, cu_seqlens = None, None, torch.from_numpy(cu).to(self.block_table.device)
-        prompts = AttentionMetadata(self.block_table[nd:], self.cache_seqlens[nd:],
+        # The prompt rows' table and lengths copied rather than sliced: a view starting at row
+        # nd is aligned to 16 bytes or not as nd goes, and Triton compiles its kernels again
+        # for each alignment of a pointer argument.
+        prompts = AttentionMetadata(self.block_table[nd:].clone(), self.cache_seqlens[nd:].clone(),
                                     self.slot_mapping[nd:], is_prefill=True, backend=self.backend,
                                     cu_seqlens_q=cu_seqlens,
                                     token_positions=self.token_positions[:, nd:],

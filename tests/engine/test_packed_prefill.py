@@ -143,3 +143,41 @@ def test_mixed_steps_on_the_gpu_match_prefill_first(checkpoints, variant, dtype)
         assert got == want
     else:
         assert [g[0] for g in got] == [w[0] for w in want]
+
+
+def test_kernel_warm_up_covers_chunk_and_mixed_shapes(checkpoints, monkeypatch, caplog):
+    """`ModelRunner.warm_kernels` (run at start-up on a GPU) runs, in the null page, chunks of
+    1, 2, 4 ... tokens over short and the longest contexts and mixed steps of 1, 2, 4 ...
+    decode rows over the longest context; it takes no page, leaves greedy output as it was,
+    and a failure in it is logged, not raised."""
+    path = checkpoints("gla-2")
+    kw = dict(dtype="fp64", page_size=4, num_pages=80, max_model_len=64, max_num_seqs=6,
+              max_num_batched_tokens=40, enable_mixed_batches=True)
+    prompts = shared_prefix_prompts(seed=5)[:4]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(path, **kw).generate(prompts, params)]
+    llm = LLM(path, **kw)
+    runner, steps = llm.engine.runner, []
+    execute = runner.execute
+
+    def spy(step):
+        steps.append((step.kind, step.num_decode, [len(t) for t in step.tokens], step.num_cached))
+        return execute(step)
+
+    monkeypatch.setattr(runner, "execute", spy)
+    runner.warm_kernels()
+    prefills = [(lens[0], cached[0]) for kind, _, lens, cached in steps if kind == "prefill"]
+    long = runner.max_model_len - 1  # the longest context a step's tokens may end at
+    assert prefills == [(n, c) for n in (1, 2, 4, 8, 16, 32) for c in sorted({n, long - n})]
+    mixed = [(nd, cached[:nd]) for kind, nd, _, cached in steps if kind == "mixed"]
+    assert mixed == [(nd, [long] * nd) for nd in (1, 2, 4, 5)]  # up to max_num_seqs - 1
+    assert llm.engine.block_manager.num_used_pages == 0
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+
+    def fail(step):
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setattr(runner, "execute", fail)
+    with caplog.at_level("WARNING"):
+        runner.warm_kernels()
+    assert "no kernel for you" in caplog.text
