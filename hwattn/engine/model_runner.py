@@ -256,9 +256,10 @@ class ModelRunner(DecodeGraphs):
         two up to its tile), the latent families pick the absorbed or the expanded form by
         FLOPs (short chunks over long contexts, long chunks over short ones), and a mixed
         step's decode rows run the decode op eagerly, whose combine step follows the plan's
-        most pieces a sequence (few rows over long contexts: many). So: chunks of 1, 2, 4 ...
-        128 tokens over one token per chunk token and over the longest context; then mixed
-        steps of 1, 2, 4 ... decode rows over the longest context beside a 3-token chunk.
+        most pieces a sequence (few rows over long contexts: many; the pieces fall as the rows
+        grow). So: chunks of 1, 2, 4 ... 128 tokens over one token per chunk token and over
+        the longest context; then mixed steps of 1 to 16 decode rows, and of each decode graph
+        bucket's, over the longest context beside a 3-token chunk.
         Triton keeps what it compiles on disk, so a later start compiles none of it. Under
         tensor parallelism every rank runs the same steps; a failure there fails the engine
         (the ranks would fall out of step), elsewhere it is logged and serving compiles what
@@ -274,8 +275,8 @@ class ModelRunner(DecodeGraphs):
             n *= 2
         full = [NULL_PAGE] * pages_for(long + 1, self.page_size)
         chunk = [NULL_PAGE] * pages_for(8, self.page_size)
-        for nd in sorted({b for b in decode_buckets(self.max_num_seqs) if b < self.max_num_seqs}
-                         | {self.max_num_seqs - 1} - {0}):
+        rows = set(range(1, 17)) | set(decode_buckets(self.max_num_seqs))
+        for nd in sorted(b for b in rows if b < self.max_num_seqs):
             if nd + 3 > budget:
                 break
             steps.append(StepInput("mixed", [[0]] * nd + [[0] * 3], [long] * nd + [5],

@@ -147,8 +147,8 @@ def test_mixed_steps_on_the_gpu_match_prefill_first(checkpoints, variant, dtype)
 
 def test_kernel_warm_up_covers_chunk_and_mixed_shapes(checkpoints, monkeypatch, caplog):
     """`ModelRunner.warm_kernels` (run at start-up on a GPU) runs, in the null page, chunks of
-    1, 2, 4 ... tokens over short and the longest contexts and mixed steps of 1, 2, 4 ...
-    decode rows over the longest context; it takes no page, leaves greedy output as it was,
+    1, 2, 4 ... tokens over short and the longest contexts and mixed steps of 1 to 16 decode
+    rows (and the decode buckets') over the longest context; it takes no page, leaves greedy output as it was,
     and a failure in it is logged, not raised."""
     path = checkpoints("gla-2")
     kw = dict(dtype="fp64", page_size=4, num_pages=80, max_model_len=64, max_num_seqs=6,
@@ -170,7 +170,7 @@ def test_kernel_warm_up_covers_chunk_and_mixed_shapes(checkpoints, monkeypatch, 
     long = runner.max_model_len - 1  # the longest context a step's tokens may end at
     assert prefills == [(n, c) for n in (1, 2, 4, 8, 16, 32) for c in sorted({n, long - n})]
     mixed = [(nd, cached[:nd]) for kind, nd, _, cached in steps if kind == "mixed"]
-    assert mixed == [(nd, [long] * nd) for nd in (1, 2, 4, 5)]  # up to max_num_seqs - 1
+    assert mixed == [(nd, [long] * nd) for nd in (1, 2, 3, 4, 5)]  # up to max_num_seqs - 1
     assert llm.engine.block_manager.num_used_pages == 0
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
 

@@ -25,7 +25,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# A plan's splits are a view of its packed buffer, after the pieces: 16-byte aligned or not as
+# the plan's capacity goes. They are read as scalars, so the kernels do not specialise on their
+# alignment (which compiled the kernels again in serving steps, run 16;
+# `DecodePlan.of_packed` in hwattn/ops/plan.py).
+@triton.jit(do_not_specialize_on_alignment=["splits_ptr"])
 def combine_kernel(
     part_out_ptr, part_lse_ptr, splits_ptr, out_ptr, lse_ptr,
     n_heads_q,
@@ -79,7 +83,7 @@ def combine_kernel(
         tl.store(lse_ptr + seq64 * stride_lb + head * stride_lh + query, lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["splits_ptr"])
 def combine_rows_kernel(
     part_out_ptr, part_lse_ptr, splits_ptr, out_ptr, lse_ptr,
     n_heads_q, n_rows,
