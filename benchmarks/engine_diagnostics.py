@@ -30,6 +30,13 @@
   (prefillhost_<variant>.txt, walls in diag.jsonl): run 2026-12-07 as a script of its own, the
   chunked steps' wall time was 1.5-3.5x their device time.
 
+- mixedstep: what a mixed step costs against its halves (GLA-2 `xl`, compiled prefill and
+  its graphs, compiled decode with CUDA graphs): a 2048-token chunk over 6144 cached tokens
+  alone; a decode step of MIXED_ROWS (default 32) sequences at 8K alone; the two as one
+  mixed step (decode rows through the decode op, `AttentionMetadata.split_decode_rows`); the
+  same step with every row through the prefill op (as before the split). Median wall of 7
+  (synchronised), then each under the PyTorch profiler: device time by kind.
+
 prefillprof and prefillhost run the eager prefill blocks, or the compiled ones with
 COMPILE_PREFILL=1 (EngineConfig.compile_prefill), over PREFILL_DIAG_VARIANTS (default: each
 part's own list).
@@ -186,6 +193,50 @@ if "prefillprof" in parts:
                 + ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
             for k, c, t in top[:8]:
                 log(f"    {t:7.2f} ms  x{c:5.0f}  {k[:110]}")
+        er.free(runner, net)
+
+if "mixedstep" in parts:
+    from torch.profiler import profile, ProfilerActivity
+    from hwattn.engine.model_runner import StepInput
+    rows, n, cached = int(os.environ.get("MIXED_ROWS", "32")), 2048, 6144
+    for variant in prefill_variants("gla-2"):
+        net = er.build(setup, "xl", variant, 8192)
+        runner = er.prefill_runner(setup, net, rows + 1, 8192 + 64, True, "compiled")
+        per_seq = -(-(8192 + 64) // setup.page)
+        tables = [list(range(1 + i * per_seq, 1 + (i + 1) * per_seq)) for i in range(rows + 1)]
+        g = torch.Generator().manual_seed(2)
+        chunk = torch.randint(0, net.config.vocab_size, (n,), generator=g).tolist()
+        dec = torch.randint(0, net.config.vocab_size, (rows, 1), generator=g).tolist()
+        steps = {
+            "chunk": StepInput("prefill", [chunk], [cached], tables[-1:], need_logits=[True]),
+            "decode": StepInput("decode", dec, [8191] * rows, tables[:rows]),
+            "mixed": StepInput("mixed", dec + [chunk[rows:]], [8191] * rows + [cached + rows],
+                               tables, need_logits=[True] * (rows + 1), num_decode=rows),
+            "mixed, all rows prefill": StepInput("prefill", dec + [chunk[rows:]],
+                                                 [8191] * rows + [cached + rows], tables,
+                                                 need_logits=[True] * (rows + 1)),
+        }
+        for name, step in steps.items():
+            with torch.inference_mode():
+                for _ in range(2): runner.execute(step)
+                torch.cuda.synchronize(); walls = []
+                for _ in range(7):
+                    t0 = time.perf_counter(); runner.execute(step); torch.cuda.synchronize()
+                    walls.append(time.perf_counter() - t0)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3): runner.execute(step)
+                    torch.cuda.synchronize()
+            ker = {}
+            for e in prof.events():
+                if e.device_type.name == "CUDA":
+                    ker[e.name] = ker.get(e.name, 0.0) + e.device_time / 3 / 1e3
+            top = sorted(ker.items(), key=lambda kv: -kv[1])[:6]
+            rec = dict(part="mixedstep", variant=variant, step=name, rows=rows,
+                       wall_ms=statistics.median(walls) * 1e3, device_ms=sum(ker.values()),
+                       top=[dict(name=k[:120], ms=v) for k, v in top])
+            save("diag.jsonl", rec)
+            log(f"mixedstep {variant} {name}: wall {rec['wall_ms']:.2f} ms, device {rec['device_ms']:.2f} ms; "
+                + "; ".join(f"{k[:50]} {v:.2f}" for k, v in top[:4]))
         er.free(runner, net)
 
 if "normops" in parts:
