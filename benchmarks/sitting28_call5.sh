@@ -9,8 +9,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s28e}; mkdir -p "$OUT/
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv | tee "$OUT/gpu_before"
 export TRITON_CACHE_DIR=$OUT/tc; rm -rf "$TRITON_CACHE_DIR"
 timeout 200 python3 benchmarks/engine_diagnostics.py mixedstep 2>&1 | grep -a "mixedstep\|Error\|error" | cut -c1-400
+export TRITON_CACHE_DIR=$OUT/tc2  # a fresh cache: nothing the diagnostic compiled is reused
 timeout 240 python3 benchmarks/engine_roofline.py --parts ttft --ttft-variants gla-2 \
   --ttft-chunks ${CHUNKS:-2048m,2048} --ttft-prefill-modes compiled --out "$OUT/ttft" > "$OUT/ttft/log" 2>&1
 grep -aE "ttft |Error|warming" "$OUT/ttft/log" | cut -c1-700 | head -8
 python3 benchmarks/jit_timeline.py "$TRITON_CACHE_DIR" | grep -v triton_ | tail -14
 rm -rf "$TRITON_CACHE_DIR"
+rm -rf "$OUT/tc" "$OUT/tc2"
