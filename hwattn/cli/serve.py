@@ -69,6 +69,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefill-graphs", action="store_true",
                    help="prefill steps launch the compiled pieces between attention steps one by "
                         "one instead of replaying them from CUDA graphs")
+    p.add_argument("--no-mixed-batches", action="store_true",
+                   help="steps of prompt chunks and steps of decodes apart, prompts first "
+                        "(shorter TTFT, longer inter-token latency while prompts arrive); by "
+                        "default each step takes every decode and spends the rest of "
+                        "--max-num-batched-tokens on prompt chunks")
     p.add_argument("--no-compile", action="store_true",
                    help="decode and prefill steps through the eager decoder blocks, not "
                         "torch.compile'd ones (compiling is on by default on CUDA)")
@@ -215,6 +220,8 @@ def engine_config(args):
         kwargs["cuda_graphs"] = False
     if args.no_prefill_graphs:
         kwargs["prefill_graphs"] = False
+    if args.no_mixed_batches:
+        kwargs["enable_mixed_batches"] = False
     if args.no_compile:
         kwargs["compile_decode"] = kwargs["compile_prefill"] = False
     with options_named():

@@ -85,11 +85,14 @@ class EngineConfig:
         (e.g. max_seq_len).
     enable_mixed_batches: decodes and prompt chunks share each step, decodes first, prompts
         taking the rest of `max_num_batched_tokens` (plain decoding; speculation keeps
-        prefill and verify steps apart); a mixed step is one packed forward through the
-        paged prefill op. Off by default: on an H200 (xl GLA-2, 64 prompts of 8K arriving at
-        16/s, budget 2048) it gave ITL p50 61.6 ms and TTFT p50 7.1 s against 5.5 ms and
-        4.2 s without it, since every decode then waits for a prompt chunk and runs outside
-        the captured CUDA graphs (benchmarks/results/engine_roofline_h200_2026-12-04/).
+        prefill and verify steps apart): a decoding sequence then waits for at most one
+        step's chunks, instead of every prompt that arrives before it. The step is one packed
+        forward, its decode rows attending through the paged decode op and its prompt rows
+        as a prefill step (`AttentionMetadata.split_decode_rows`). On by default: on an H100
+        (xl, 64 prompts of 8K arriving at 16/s, the default budget 8192) it cut ITL p99 from
+        729 to 83 ms for GLA-2, 163 to 67 ms for GQA-4 and 152 to 102 ms for GTA-4, for
+        TTFT p50 of 0.27-0.48 s against 0.08-0.16 s and 2-6% fewer output tokens/s;
+        docs/results/engine.md, run 16. Off: prompts first, for the shortest TTFT.
     overlap_scheduling: launch each step before reading the previous one back, so the host's
         work runs while the device computes (plain decoding in one process).
     launch_thread: with overlapped scheduling, make the launches from a thread of their own
@@ -123,7 +126,7 @@ class EngineConfig:
     backend: str = "auto"
     seed: int = 0
     model_overrides: dict | None = None
-    enable_mixed_batches: bool = False
+    enable_mixed_batches: bool = True
     overlap_scheduling: bool = True
     launch_thread: bool = False
     tokenizer: str | None = None
