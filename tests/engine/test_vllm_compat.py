@@ -141,5 +141,7 @@ def test_serve_takes_vllm_flags():
     assert eager.compile_decode is False and eager.compile_prefill is False
     assert engine_config(parse(["serve", "tiny", "--no-prefill-graphs"])).prefill_graphs is False
     assert config.prefill_graphs is False and plain.prefill_graphs is True
+    assert engine_config(parse(["serve", "tiny", "--no-mixed-batches"])).enable_mixed_batches is False
+    assert plain.enable_mixed_batches is True  # mixed steps by default
     with pytest.raises(SystemExit):
         parse(["serve", "tiny", "--enable-prefix-caching", "--no-prefix-caching"])
