@@ -260,11 +260,11 @@ class ModelRunner(DecodeGraphs):
         grow). So: chunks of 1, 2, 4 ... 128 tokens over one token per chunk token and over
         the longest context; then mixed steps of 1 to 16 decode rows, and of each decode graph
         bucket's, over the longest context beside a 3-token chunk.
-        Triton keeps what it compiles on disk, so a later start compiles none of it. Under
-        tensor parallelism every rank runs the same steps; a failure there fails the engine
-        (the ranks would fall out of step), elsewhere it is logged and serving compiles what
-        is left when it comes."""
-        long = self.max_model_len - 1
+        Triton keeps what it compiles on disk, so a later start compiles none of it. The
+        longest context is the runner's or the model's, whichever is shorter (positions past
+        the model's RoPE table would index out of it). A failure is raised, not logged: these
+        are steps serving would run, and a device-side assert leaves the device unusable."""
+        long = min(self.max_model_len, self.model.config.max_seq_len) - 1
         budget = self.max_num_batched_tokens or self.max_model_len
         steps = []
         n = 1
@@ -277,21 +277,15 @@ class ModelRunner(DecodeGraphs):
         chunk = [NULL_PAGE] * pages_for(8, self.page_size)
         rows = set(range(1, 17)) | set(decode_buckets(self.max_num_seqs))
         for nd in sorted(b for b in rows if b < self.max_num_seqs):
-            if nd + 3 > budget:
+            if nd + 3 > budget or long < 8:
                 break
             steps.append(StepInput("mixed", [[0]] * nd + [[0] * 3], [long] * nd + [5],
                                    [full] * nd + [chunk], need_logits=[True] * (nd + 1),
                                    num_decode=nd))
-        try:
-            with torch.inference_mode():
-                for step in steps:
-                    self.execute(step)
-            self._synchronize()
-        except Exception as err:  # noqa: BLE001 - serving compiles them later instead
-            if _tensor_parallel():
-                raise
-            log.warning("warming the prefill and mixed-step kernels failed (they compile in "
-                        "the first steps that need them): %s", error_line(err))
+        with torch.inference_mode():
+            for step in steps:
+                self.execute(step)
+        self._synchronize()
 
     def _part(self, name: str):
         """Time a part of a decode launch on the attached step timer (none: no timing)."""

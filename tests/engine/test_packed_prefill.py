@@ -145,14 +145,15 @@ def test_mixed_steps_on_the_gpu_match_prefill_first(checkpoints, variant, dtype)
         assert [g[0] for g in got] == [w[0] for w in want]
 
 
-def test_kernel_warm_up_covers_chunk_and_mixed_shapes(checkpoints, monkeypatch, caplog):
+def test_kernel_warm_up_covers_chunk_and_mixed_shapes(checkpoints, monkeypatch):
     """`ModelRunner.warm_kernels` (run at start-up on a GPU) runs, in the null page, chunks of
     1, 2, 4 ... tokens over short and the longest contexts and mixed steps of 1 to 16 decode
-    rows (and the decode buckets') over the longest context; it takes no page, leaves greedy output as it was,
-    and a failure in it is logged, not raised."""
+    rows (and the decode buckets') over the longest context the model's positions allow; it
+    takes no page, leaves greedy output as it was, and raises what fails in it (on the CPU a
+    position past the RoPE table raises too)."""
     path = checkpoints("gla-2")
-    kw = dict(dtype="fp64", page_size=4, num_pages=80, max_model_len=64, max_num_seqs=6,
-              max_num_batched_tokens=40, enable_mixed_batches=True)
+    kw = dict(dtype="fp64", page_size=4, num_pages=80, max_num_seqs=6,
+              max_num_batched_tokens=40, enable_mixed_batches=True)  # the model's max_seq_len
     prompts = shared_prefix_prompts(seed=5)[:4]
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     want = [o.token_ids for o in LLM(path, **kw).generate(prompts, params)]
@@ -167,7 +168,8 @@ def test_kernel_warm_up_covers_chunk_and_mixed_shapes(checkpoints, monkeypatch, 
     monkeypatch.setattr(runner, "execute", spy)
     runner.warm_kernels()
     prefills = [(lens[0], cached[0]) for kind, _, lens, cached in steps if kind == "prefill"]
-    long = runner.max_model_len - 1  # the longest context a step's tokens may end at
+    long = llm.engine.model.config.max_seq_len - 1  # the last position the RoPE table holds
+    assert runner.max_model_len > long + 1  # (the runner's room for one more token)
     assert prefills == [(n, c) for n in (1, 2, 4, 8, 16, 32) for c in sorted({n, long - n})]
     mixed = [(nd, cached[:nd]) for kind, nd, _, cached in steps if kind == "mixed"]
     assert mixed == [(nd, [long] * nd) for nd in (1, 2, 3, 4, 5)]  # up to max_num_seqs - 1
@@ -178,6 +180,5 @@ def test_kernel_warm_up_covers_chunk_and_mixed_shapes(checkpoints, monkeypatch, 
         raise RuntimeError("no kernel for you")
 
     monkeypatch.setattr(runner, "execute", fail)
-    with caplog.at_level("WARNING"):
+    with pytest.raises(RuntimeError, match="no kernel for you"):
         runner.warm_kernels()
-    assert "no kernel for you" in caplog.text
