@@ -249,6 +249,7 @@ def build_engine(args, k: int | None = None) -> LLMEngine:
     config = EngineConfig(page_size=args.page_size, max_num_seqs=args.batch,
                           max_num_batched_tokens=per_step * prompt_len, max_model_len=max_len,
                           enable_prefix_caching=False, speculative="ngram" if k else None,
+                          enable_mixed_batches=False,  # prefill, then decode steps, as before
                           num_speculative_tokens=k,
                           speculative_disable_batch_size=args.speculative_disable_batch_size
                           if k else None)

@@ -132,7 +132,8 @@ def engine_steady(setup: Setup, runner: ModelRunner, net, batch: int, context: i
     config = EngineConfig(page_size=setup.page, max_num_seqs=batch,
                           max_num_batched_tokens=batch * prompt_len,
                           max_model_len=runner.max_model_len, enable_prefix_caching=False,
-                          launch_thread=launch_thread)
+                          launch_thread=launch_thread,
+                          enable_mixed_batches=False)  # decode steps timed as in runs 1-15
     engine = LLMEngine(runner, load_tokenizer(None, net.config.vocab_size), net.config, config,
                        runner.num_pages, kv_bytes_per_token=net.kv_bytes_per_token(1, setup.dtype))
     try:

@@ -91,7 +91,7 @@ class EngineConfig:
         as a prefill step (`AttentionMetadata.split_decode_rows`). On by default: on an H100
         (xl, 64 prompts of 8K arriving at 16/s, the default budget 8192) it cut ITL p99 from
         729 to 83 ms for GLA-2, 163 to 67 ms for GQA-4 and 152 to 102 ms for GTA-4, for
-        TTFT p50 of 0.27-0.48 s against 0.08-0.16 s and 2-6% fewer output tokens/s;
+        TTFT p50 of 0.27-0.48 s against 0.08-0.16 s and about 6% fewer output tokens/s;
         docs/results/engine.md, run 16. Off: prompts first, for the shortest TTFT.
     overlap_scheduling: launch each step before reading the previous one back, so the host's
         work runs while the device computes (plain decoding in one process).

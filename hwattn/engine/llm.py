@@ -175,6 +175,7 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
     graph_lens = (1, k + 1) if k else (1,)
     runner_kwargs = dict(page_size=config.page_size, max_model_len=max_len + k + 1,
                          max_num_seqs=config.max_num_seqs, cache_dtype=dt, backend=config.backend,
+                         mixed_steps=config.enable_mixed_batches and not k,
                          cuda_graphs=config.cuda_graphs, graph_query_lens=graph_lens,
                          compile_decode=(dev.type == "cuda" if config.compile_decode is None
                                          else bool(config.compile_decode)),

@@ -1,7 +1,7 @@
 """Runs the model over the paged cache through an attention backend (`hwattn.ops`): prefill
-and mixed steps as one variable-length forward (every row's chunk, cached prefix or not, decode
-rows of a mixed step as one-token rows; a step of whole prompts attends densely, any other
-through the paged prefill op), and decode steps through the paged decode op, replayed on a GPU
+and mixed steps as one variable-length forward (every row's chunk, cached prefix or not; a step
+of whole prompts attends densely, any other through the paged prefill op, but for a mixed
+step's decode rows, which attend through the paged decode op), and decode steps through the paged decode op, replayed on a GPU
 from the CUDA graphs of decode batch-size buckets (`DecodeGraphs`, hwattn/engine/cuda_graphs.py).
 
 Mechanism only. The runner chooses its backend once; a step arrives as a `StepInput` of plain
@@ -61,8 +61,8 @@ class StepInput:
     kind: "prefill" (each row its own chunk length: whole prompts attended densely, chunks
         over a cached prefix through the paged prefill op), "decode" (every row the same
         number T of tokens, attended through the paged decode op) or "mixed" (the first
-        `num_decode` rows decode one token each, the rest are prefill chunks; all rows
-        attended through the prefill op).
+        `num_decode` rows decode one token each, attended through the paged decode op, the
+        rest are prefill chunks; one forward, `AttentionMetadata.split_decode_rows`).
     tokens: per sequence, the new tokens this step feeds.
     num_cached: per sequence, tokens already in the cache before this step.
     block_tables: per sequence, its page ids (covering num_cached + len(tokens) tokens).
@@ -124,6 +124,8 @@ class ModelRunner(DecodeGraphs):
         not under tensor parallelism; EngineConfig.prefill_graphs).
     max_num_batched_tokens: the most tokens a prefill or mixed step holds (the scheduler's
         budget; None: unknown): no prefill graph is recorded for more.
+    mixed_steps: whether the engine may run mixed steps here (EngineConfig.
+        enable_mixed_batches, plain decoding): `warm_kernels` warms their shapes only then.
     compile_decode: run decode steps through `torch.compile`d blocks (hwattn/models/compile.py;
         compiled before capture, so each captured graph replays the fused kernels).
     compile_prefill: run prefill (and mixed) steps through `torch.compile`d blocks of their
@@ -143,13 +145,14 @@ class ModelRunner(DecodeGraphs):
                  backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
                  graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False,
                  compile_prefill: bool = False, prefill_graphs: bool = True,
-                 max_num_batched_tokens: int | None = None):
+                 max_num_batched_tokens: int | None = None, mixed_steps: bool = True):
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.mixed_steps = mixed_steps
         ref = model.tok_embeddings.weight
         self.device = ref.device
         self.backend = ops.get_backend(backend, self.device)
@@ -258,8 +261,9 @@ class ModelRunner(DecodeGraphs):
         step's decode rows run the decode op eagerly, whose combine step follows the plan's
         most pieces a sequence (few rows over long contexts: many; the pieces fall as the rows
         grow). So: chunks of 1, 2, 4 ... 128 tokens over one token per chunk token and over
-        the longest context; then mixed steps of 1 to 16 decode rows, and of each decode graph
-        bucket's, over the longest context beside a 3-token chunk.
+        the longest context; then, where the engine runs mixed steps (`mixed_steps`), mixed
+        steps of 1 to 16 decode rows, and of each decode graph bucket's, over the longest
+        context beside a 3-token chunk.
         Triton keeps what it compiles on disk, so a later start compiles none of it. The
         longest context is the runner's or the model's, whichever is shorter (positions past
         the model's RoPE table would index out of it). A failure is raised, not logged: these
@@ -276,7 +280,7 @@ class ModelRunner(DecodeGraphs):
         full = [NULL_PAGE] * pages_for(long + 1, self.page_size)
         chunk = [NULL_PAGE] * pages_for(8, self.page_size)
         rows = set(range(1, 17)) | set(decode_buckets(self.max_num_seqs))
-        for nd in sorted(b for b in rows if b < self.max_num_seqs):
+        for nd in sorted(b for b in rows if b < self.max_num_seqs) if self.mixed_steps else ():
             if nd + 3 > budget or long < 8:
                 break
             steps.append(StepInput("mixed", [[0]] * nd + [[0] * 3], [long] * nd + [5],

@@ -175,7 +175,7 @@ class DraftModelDrafter(Drafter):
         # Tokens one catch-up prefill writes at most (the engine's own prefill budget).
         self.budget = max_num_batched_tokens
         self.runner = ModelRunner(model, num_pages, page_size, max_model_len, cuda_graphs=False,
-                                  backend=backend)
+                                  backend=backend, mixed_steps=False)  # (prefill steps only)
 
     def cache_written(self, seq: Sequence) -> int:
         return seq.draft_cached

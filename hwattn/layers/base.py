@@ -164,11 +164,15 @@ class AttentionMetadata:
         row, e.g. up-project each decode row's whole context. The step's cache write, RoPE
         positions and slots stay whole: `parts` only changes how the rows attend.
 
-        Raises ValueError unless 0 < num_decode < B and each of the first rows has one token.
+        Raises ValueError unless this is packed prefill metadata (`for_prefill`), 0 < num_decode
+        < B and each of the first rows has one token.
         """
         plan = self.plan
         if not self.is_prefill or plan is None:
             raise ValueError("split_decode_rows needs a prefill step's metadata with its plan")
+        if self.token_positions is None or self.token_positions.shape[0] != 1:
+            raise ValueError("split_decode_rows needs packed rows (1, N), as "
+                             "AttentionMetadata.for_prefill makes them")
         nd, batch = num_decode, plan.batch
         if not 0 < nd < batch:
             raise ValueError(f"num_decode must be in [1, {batch - 1}] for a step of {batch} "

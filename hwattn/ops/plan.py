@@ -157,15 +157,24 @@ class DecodePlan:
         self.packed = packed
 
     def to(self, device) -> DecodePlan:
-        """This plan with its tensors on `device` (itself if they are there already)."""
+        """This plan with its tensors on `device` (itself if they are there already). From the
+        host to a GPU the copy goes through pinned memory without waiting: a blocking copy
+        would first drain every step already queued (an eager decode call, such as a mixed
+        step's decode rows, would then hold the engine's overlapped scheduling back)."""
         device = torch.device(device)
         if self.items.device == device:
             return self
+        if device.type == "cuda" and self.items.device.type == "cpu":
+            def move(t: Tensor) -> Tensor:
+                return t.pin_memory().to(device, non_blocking=True)
+        else:
+            def move(t: Tensor) -> Tensor:
+                return t.to(device)
         if self.packed is not None:
-            return DecodePlan.of_packed(self.batch, self.max_seqlen, self.packed.to(device),
+            return DecodePlan.of_packed(self.batch, self.max_seqlen, move(self.packed),
                                         self.max_pieces, self.min_seqlen)
-        return DecodePlan(self.batch, self.max_seqlen, self.items.to(device),
-                          self.splits.to(device), self.max_pieces, min_seqlen=self.min_seqlen)
+        return DecodePlan(self.batch, self.max_seqlen, move(self.items), move(self.splits),
+                          self.max_pieces, min_seqlen=self.min_seqlen)
 
     @property
     def capacity(self) -> int:

@@ -176,6 +176,13 @@ def test_kernel_warm_up_covers_chunk_and_mixed_shapes(checkpoints, monkeypatch):
     assert llm.engine.block_manager.num_used_pages == 0
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
 
+    steps.clear()
+    runner.mixed_steps = False  # an engine that never runs mixed steps warms none
+    runner.warm_kernels()
+    assert steps and all(kind == "prefill" for kind, *_ in steps)
+    assert LLM(path, speculative="ngram", **kw).engine.runner.mixed_steps is False
+    assert LLM(path, **{**kw, "enable_mixed_batches": False}).engine.runner.mixed_steps is False
+
     def fail(step):
         raise RuntimeError("no kernel for you")
 

@@ -117,6 +117,10 @@ def test_split_decode_rows_refuses_bad_rows():
                                         backend="torch")
     with pytest.raises(ValueError, match="prefill step's metadata"):
         decode.split_decode_rows(1)
+    rows = AttentionMetadata.for_step(table, torch.tensor([5, 5, 5], dtype=torch.int32), 1, PAGE,
+                                      is_prefill=True, backend="torch")  # (B, T), not packed
+    with pytest.raises(ValueError, match="packed rows"):
+        rows.split_decode_rows(1)
     assert meta.parts is None
     meta.split_decode_rows(1)
     assert meta.parts.num_decode == 1 and meta.parts.prompts.plan.query_lens == (2, 3)

@@ -2,9 +2,9 @@
 
 A flash-attention forward. One program owns a tile of query rows of one sequence and one block
 of the query heads of one KV head: rows are (head, token) pairs, head-major, TOKENS query tokens
-of each of the block's heads, so short chunks (decode rows of a mixed step, one token each)
-still fill the M dimension of the tensor-core dot with the query heads that share a KV head
-(as kernels/attend.py packs heads × L_q). It streams the sequence's keys BLOCK_N at a time,
+of each of the block's heads, so short chunks (a few tokens, or one) still fill the M dimension
+of the tensor-core dot with the query heads that share a KV head (as kernels/attend.py packs
+heads × L_q). It streams the sequence's keys BLOCK_N at a time,
 gathered page by page through the block table, with an online softmax in fp32 (exp2, scores
 pre-scaled by log2 e).
 
