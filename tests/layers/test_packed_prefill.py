@@ -67,13 +67,19 @@ def test_packed_prefill_matches_forward(attention, backend):
     model = _tiny(attention)
     total = sum(s[0] for s in STEPS), sum(s[1] for s in STEPS), sum(s[2] for s in STEPS)
     seqs = torch.randint(0, model.config.vocab_size, (3, max(total)))
-    got = run_packed(model, seqs, backend)
+    check_against_forward(model, seqs, total, run_packed(model, seqs, backend),
+                          f"{attention}/{backend}")
+
+
+def check_against_forward(model: Transformer, seqs: torch.Tensor, total, got, what: str) -> None:
+    """Each sequence's packed logits `got[b]` against the full causal forward over its first
+    `total[b]` tokens (fp64 truth, the model's own dtype for the tolerance)."""
     with torch.no_grad():
         fwd32 = [model(seqs[b:b + 1, :n])[0] for b, n in enumerate(total)]
         model.double()
         truth = [model(seqs[b:b + 1, :n])[0] for b, n in enumerate(total)]
-    for b in range(3):
-        assert_close_derived(got[b], truth[b], fwd32[b], what=f"{attention}/{backend} seq {b}")
+    for b in range(len(total)):
+        assert_close_derived(got[b], truth[b], fwd32[b], what=f"{what} seq {b}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -96,12 +102,7 @@ def test_mixed_steps_attend_decode_rows_through_the_decode_op(monkeypatch, atten
     got = run_packed(model, seqs, backend, MIXED_STEPS)
     layers = len(model.layers)
     assert decoded == [(nd, 1) for _, nd in MIXED_STEPS if nd for _ in range(layers)]
-    with torch.no_grad():
-        fwd32 = [model(seqs[b:b + 1, :n])[0] for b, n in enumerate(total)]
-        model.double()
-        truth = [model(seqs[b:b + 1, :n])[0] for b, n in enumerate(total)]
-    for b in range(3):
-        assert_close_derived(got[b], truth[b], fwd32[b], what=f"{attention}/{backend} seq {b}")
+    check_against_forward(model, seqs, total, got, f"{attention}/{backend}")
 
 
 def test_split_decode_rows_refuses_bad_rows():
