@@ -7,9 +7,10 @@ imports below run in the paper's order, which is the order `variant_names()` lis
 from __future__ import annotations
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import (SDPA_CHOICES, Attention, AttentionMetadata, FusedLinear, Linear,
-                                PrefillForm, TiedStateAttention, causal_attention, fuse_linears,
-                                sdpa_choice, select_heads, set_weight)
+from hwattn.layers.base import (SDPA_CHOICES, Attention, FusedLinear, Linear, TiedStateAttention,
+                                causal_attention, fuse_linears, sdpa_choice, select_heads,
+                                set_weight)
+from hwattn.layers.metadata import AttentionMetadata, MixedParts, PrefillForm
 from hwattn.layers.gqa import GroupedQueryAttention  # isort: skip
 from hwattn.layers.gta import GroupedTiedAttention  # isort: skip
 from hwattn.layers.mla import LatentAttention, MultiHeadLatentAttention  # isort: skip
@@ -31,7 +32,7 @@ def attention_param_count(config: ModelConfig) -> int:
 
 __all__ = [
     "SDPA_CHOICES", "Attention", "AttentionMetadata", "FusedLinear", "Linear", "GroupedLatentAttention", "GroupedQueryAttention",
-    "GroupedTiedAttention", "LatentAttention", "MultiHeadLatentAttention", "PrefillForm", "RMSNorm",
-    "TiedStateAttention", "apply_rope", "attention_param_count", "build_attention",
+    "GroupedTiedAttention", "LatentAttention", "MixedParts", "MultiHeadLatentAttention", "PrefillForm",
+    "RMSNorm", "TiedStateAttention", "apply_rope", "attention_param_count", "build_attention",
     "causal_attention", "fuse_linears", "rope_table", "sdpa_choice", "select_heads", "set_weight",
 ]

@@ -13,8 +13,8 @@ import math
 from torch import Tensor
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import (Attention, AttentionMetadata, Linear, PrefillForm, causal_attention,
-                                select_heads, set_weight)
+from hwattn.layers.base import Attention, Linear, causal_attention, select_heads, set_weight
+from hwattn.layers.metadata import AttentionMetadata, PrefillForm
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
 

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import (AttentionMetadata, Linear, TiedStateAttention, causal_attention,
-                                select_heads, set_weight)
+from hwattn.layers.base import (Linear, TiedStateAttention, causal_attention, select_heads,
+                                set_weight)
+from hwattn.layers.metadata import AttentionMetadata
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
 

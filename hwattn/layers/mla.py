@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from hwattn.config import ModelConfig
-from hwattn.layers.base import (AttentionMetadata, Linear, PrefillForm, TiedStateAttention,
-                                causal_attention, select_heads, set_weight)
+from hwattn.layers.base import (Linear, TiedStateAttention, causal_attention, select_heads,
+                                set_weight)
+from hwattn.layers.metadata import AttentionMetadata, PrefillForm
 from hwattn.layers.norm import RMSNorm
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
