@@ -277,15 +277,14 @@ class ModelRunner(DecodeGraphs):
                 pages = [NULL_PAGE] * pages_for(cached + n, self.page_size)
                 steps.append(StepInput("prefill", [[0] * n], [cached], [pages]))
             n *= 2
-        full = [NULL_PAGE] * pages_for(long + 1, self.page_size)
-        chunk = [NULL_PAGE] * pages_for(8, self.page_size)
-        rows = set(range(1, 17)) | set(decode_buckets(self.max_num_seqs))
-        for nd in sorted(b for b in rows if b < self.max_num_seqs) if self.mixed_steps else ():
-            if nd + 3 > budget or long < 8:
-                break
-            steps.append(StepInput("mixed", [[0]] * nd + [[0] * 3], [long] * nd + [5],
-                                   [full] * nd + [chunk], need_logits=[True] * (nd + 1),
-                                   num_decode=nd))
+        if self.mixed_steps and long >= 8:  # (decode rows over `long`, a chunk at 5..7)
+            full = [NULL_PAGE] * pages_for(long + 1, self.page_size)
+            chunk = [NULL_PAGE] * pages_for(8, self.page_size)
+            rows = set(range(1, 17)) | set(decode_buckets(self.max_num_seqs))
+            for nd in sorted(b for b in rows if b < self.max_num_seqs and b + 3 <= budget):
+                steps.append(StepInput("mixed", [[0]] * nd + [[0] * 3], [long] * nd + [5],
+                                       [full] * nd + [chunk], need_logits=[True] * (nd + 1),
+                                       num_decode=nd))
         with torch.inference_mode():
             for step in steps:
                 self.execute(step)

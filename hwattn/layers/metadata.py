@@ -144,7 +144,8 @@ class AttentionMetadata:
         plan = self.plan
         if not self.is_prefill or plan is None:
             raise ValueError("split_decode_rows needs a prefill step's metadata with its plan")
-        if self.token_positions is None or self.token_positions.shape[0] != 1:
+        if (self.token_positions is None or self.token_positions.shape[0] != 1
+                or self.cu_seqlens_q is None):
             raise ValueError("split_decode_rows needs packed rows (1, N), as "
                              "AttentionMetadata.for_prefill makes them")
         nd, batch = num_decode, plan.batch
@@ -157,22 +158,17 @@ class AttentionMetadata:
         decode = AttentionMetadata(self.block_table[:nd], self.cache_seqlens[:nd],
                                    self.slot_mapping[:nd], plan=decode_plan, backend=self.backend,
                                    token_positions=self.token_positions[0, :nd, None])
-        query_lens = plan.query_lens[nd:]
-        cu = np.concatenate(([0], np.cumsum(query_lens))).astype(np.int32)
-        if self._host_table is not None:
-            host, upload = self._host_table
-            cu_seqlens = upload(torch.from_numpy(cu))
-        else:
-            host, upload, cu_seqlens = None, None, torch.from_numpy(cu).to(self.block_table.device)
         # The prompt rows' table and lengths copied rather than sliced: a view starting at row
         # nd is aligned to 16 bytes or not as nd goes, and Triton compiles its kernels again
-        # for each alignment of a pointer argument.
+        # for each alignment of a pointer argument. (Their offsets are a new tensor anyway.)
+        cu = [0, *itertools.accumulate(plan.query_lens[nd:])]
         prompts = AttentionMetadata(self.block_table[nd:].clone(), self.cache_seqlens[nd:].clone(),
                                     self.slot_mapping[nd:], is_prefill=True, backend=self.backend,
-                                    cu_seqlens_q=cu_seqlens,
+                                    cu_seqlens_q=self.cu_seqlens_q[nd:] - nd,
                                     token_positions=self.token_positions[:, nd:],
-                                    plan=self.backend.plan_prefill(cu.tolist(), plan.seqlens[nd:]))
-        if host is not None:
+                                    plan=self.backend.plan_prefill(cu, plan.seqlens[nd:]))
+        if self._host_table is not None:
+            host, upload = self._host_table
             prompts._host_table = host[nd:], upload
         self.parts = MixedParts(nd, decode, prompts)
 
