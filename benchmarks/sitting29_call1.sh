@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# First device call of 2026-12-07's twenty-ninth sitting: the engine's GPU tests at the tree
-# the last sitting left untested on a GPU (pinned non-blocking plan uploads, the mixed_steps
-# switch, the metadata module split, prompt offsets by a device subtraction), then issue 22's
-# split-KV plan knobs at few sequences (engine_check.sh smallplans).
+# First device call of 2026-12-07's twenty-ninth sitting (one GPU, under 10 minutes):
+#   1. the engine's GPU tests at the tree the last sitting left untested on a GPU (pinned
+#      non-blocking plan uploads, the mixed_steps switch, the metadata module split, prompt
+#      offsets by a device subtraction): staging, captured decode and prefill, mixed steps;
+#   2. issue 19's decode-step targets at this tree: `xl`, B 64, L 1K and 8K, compiled, the
+#      step against its byte floor, its kernels and the host beyond the queued forward
+#      (engine_check.sh engine, mixed steps off as in runs 1-15);
+#   3. the `serving` preset, GLA-2 against MLA at B 64, L 16K and 32K: the step ratio against
+#      the attention kernels' own ratio, and MLA's step against its FLOP floor.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s29c1}
-mkdir -p "$OUT"
-git rev-parse HEAD 2>/dev/null || true
+mkdir -p "$OUT/engine" "$OUT/serving"
 LIMIT=250 bash benchmarks/sitting28_call8.sh
-bash benchmarks/engine_check.sh smallplans
+ENGINE_MODES=compiled OUT=$OUT/engine bash benchmarks/engine_check.sh engine 2>&1 | tail -30
+timeout 170 python3 benchmarks/engine_roofline.py --parts serving --serving-batches 64 \
+  --serving-contexts 16384,32768 --out "$OUT/serving" 2>&1 | tail -12
