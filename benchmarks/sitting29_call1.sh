@@ -3,6 +3,7 @@
 #   1. the engine's GPU tests at the tree the last sitting left untested on a GPU (pinned
 #      non-blocking plan uploads, the mixed_steps switch, the metadata module split, prompt
 #      offsets by a device subtraction): staging, captured decode and prefill, mixed steps;
+#      (and hwattn/ops/argmax.py against torch.argmax on the GPU);
 #   2. issue 19's decode-step targets at this tree: `xl`, B 64, L 1K and 8K, compiled, the
 #      step against its byte floor, its kernels and the host beyond the queued forward
 #      (engine_check.sh engine, mixed steps off as in runs 1-15);
@@ -11,6 +12,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s29c1}
 mkdir -p "$OUT/engine" "$OUT/serving"
+HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/ops/test_argmax.py 2>&1 | tail -2
 LIMIT=250 bash benchmarks/sitting28_call8.sh
 ENGINE_MODES=compiled OUT=$OUT/engine bash benchmarks/engine_check.sh engine 2>&1 | tail -30
 timeout 170 python3 benchmarks/engine_roofline.py --parts serving --serving-batches 64 \

@@ -25,6 +25,7 @@ from torch import Tensor
 from hwattn.engine.block_manager import NULL_PAGE, pages_for
 from hwattn.engine.staging import HostBlockTable, StagedInputs
 from hwattn.layers import AttentionMetadata
+from hwattn.ops.argmax import argmax_last
 from hwattn.ops.backends.base import takes_keyword
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ class DecodeGraphs:
         `verify_step`). A sampled step pays for an argmax it does not read: one pass over
         the logits, small next to the forward that wrote them."""
         logits = self._static_forward(size, t)
-        return logits, (logits[:, -1] if t == 1 else logits).argmax(-1)
+        return logits, argmax_last(logits[:, -1] if t == 1 else logits)
 
     def _capture_knobs(self) -> dict:
         """`reserve_pieces=True` for the captured plans, where the backend's `plan` takes it

@@ -37,6 +37,7 @@ from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, match
                                   rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata
 from hwattn.models.compile import compile_blocks, compile_pieces, distinct_sizes
+from hwattn.ops.argmax import argmax_last
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +429,7 @@ class ModelRunner(DecodeGraphs):
         """(n, V) logits -> (n,) int64 tokens: `sample` with the settings on this device, or
         the argmax at once when every row takes it (no setting needs uploading then)."""
         if sampling.argmax_only:
-            return logits.argmax(-1)
+            return argmax_last(logits)
         return sample(logits, self._device_sampling(sampling))
 
     def _sample_rows(self, logits: Tensor, sampling: SamplingInput) -> list[int | str]:
@@ -488,7 +489,7 @@ class ModelRunner(DecodeGraphs):
             pick = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
             settings = sampling if every else sampling.select(rows)
             if settings.argmax_only:  # greedy on the raw logits (no logit bias)
-                best = pick(graph_best) if graph_best is not None else pick(logits).argmax(-1)
+                best = pick(graph_best) if graph_best is not None else argmax_last(pick(logits))
                 if host_rows is not None:  # drafts on the host: only the argmax comes back
                     best = best.tolist()  # one read-back
                     return [(row, accepted_prefix(host_rows[r], row))

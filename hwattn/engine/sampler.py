@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from hwattn.engine.sampling_params import bad_word_bans
+from hwattn.ops.argmax import argmax_last
 
 MASK32 = 0xFFFFFFFF
 STREAM_SAMPLE, STREAM_ACCEPT, STREAM_RESIDUAL, STREAM_DRAFT = 0, 1, 2, 3
@@ -381,11 +382,11 @@ def probabilities(logits: Tensor, st: SamplingTensors) -> Tensor:
 def sample(logits: Tensor, st: SamplingTensors, stream: int = STREAM_SAMPLE) -> Tensor:
     """(B, V) logits -> (B,) int64 tokens."""
     logits = adjusted_logits(logits, st)
-    greedy = logits.argmax(-1)
+    greedy = argmax_last(logits)
     if st.all_greedy:
         return greedy
     noisy = processed_logits(logits, st) + gumbel(st.seeds, st.positions, stream, logits.shape[-1])
-    return torch.where(st.temperature == 0, greedy, noisy.argmax(-1))
+    return torch.where(st.temperature == 0, greedy, argmax_last(noisy))
 
 
 def top_logprobs(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -18,7 +18,8 @@ other CUDA devices and the reference for CPU tensors; `register_backend` (or the
 `hwattn.backends` entry-point group) adds others.
 
 Beside them, `linear.py` holds the linear layers' product (`F.linear`, or, opted into with
-HWATTN_SKINNY_GEMM=1, the few-row Triton GEMM of `skinny_gemm.py` / `kernels/skinny_gemm.py`).
+HWATTN_SKINNY_GEMM=1, the few-row Triton GEMM of `skinny_gemm.py` / `kernels/skinny_gemm.py`),
+and `argmax.py` the greedy tokens' argmax over few long rows, in two passes.
 """
 
 from hwattn.ops.backends import AttentionBackend, backend_names, get_backend, register_backend
