@@ -269,9 +269,10 @@ def profile_kernels(fn, iters: int) -> list[tuple[str, float]]:
     return trace_kernels(prof)
 
 
-def kernel_breakdown(kernels: list[tuple[str, float]], iters: int, backend, top: int = 12) -> dict:
+def kernel_breakdown(kernels: list[tuple[str, float]], iters: int, backend, top: int = 40) -> dict:
     """Per step (kernel times summed over `iters` steps, divided by `iters`): seconds in each
-    part of `classify_kernel`, the kernel count, and the `top` kernels by time."""
+    part of `classify_kernel`, the kernel count, and the `top` kernels by time (40: every
+    distinct kernel of an `xl` decode step, for the results files)."""
     return summarize_kernels(kernels, iters, lambda name: classify_kernel(name, backend),
                              ("attention", "cache_write", "gemm", "other"), top)
 
