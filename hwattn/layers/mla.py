@@ -23,6 +23,7 @@ over a long context (decode rows, short chunks) the absorbed one.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,25 @@ from hwattn.layers.metadata import AttentionMetadata, PrefillForm
 from hwattn.layers.norm import RMSNorm
 from hwattn.layers.rope import apply_rope
 from hwattn.variants import VariantSpec, register_variant
+
+
+# `LatentAttention.absorb_output` through `_absorb_rows` (off: the einsum, for comparison).
+ABSORB_INTO_ROWS = os.environ.get("HWATTN_LATENT_OUT_COPY", "0") != "1"
+
+
+@torch.compiler.disable
+def _absorb_rows(out_latent: Tensor, w_uv: Tensor) -> Tensor:
+    """out_latent (..., H, d_c), w_uv (H, d_h, d_c) -> (..., H, d_h), contiguous: per head h,
+    out[..., h, :] = out_latent[..., h, :] @ w_uv[h].T, as one `bmm` whose output is the
+    (H, N, d_h) transposed view of the result (row stride H·d_h, head stride d_h), which
+    cuBLAS writes in place. Opaque to the compiler: traced, the `out=` would become a GEMM
+    into a buffer of its own and a copy."""
+    *lead, heads, width = out_latent.shape
+    rows = out_latent.reshape(-1, heads, width)  # (N, H, d_c)
+    out = torch.empty(rows.shape[0], heads, w_uv.shape[1], dtype=torch.result_type(rows, w_uv),
+                      device=rows.device)
+    torch.bmm(rows.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+    return out.view(*lead, heads, w_uv.shape[1])
 
 
 class LatentAttention(TiedStateAttention):
@@ -109,8 +129,18 @@ class LatentAttention(TiedStateAttention):
 
     def absorb_output(self, out_latent: Tensor) -> Tensor:
         """Attended latent (..., H, d_c) -> per-head output (..., H, d_h) through W_UV (plus
-        b_uv whole: the attention weights sum to one)."""
-        out = torch.einsum("...hc,hdc->...hd", out_latent, self.w_uv)
+        b_uv whole: the attention weights sum to one).
+
+        Without autograd the product is one batched GEMM over the heads that writes its
+        (H, N, d_h) result straight into the rows of an (N, H, d_h) tensor (`_absorb_rows`),
+        so `wo` reads it as it is. As an einsum, Inductor gives the GEMM a head-major buffer
+        and then copies it into rows before `wo`: one more kernel a layer in a compiled
+        decode step (HWATTN_LATENT_OUT_COPY=1 keeps that path, to measure the two)."""
+        if ABSORB_INTO_ROWS and not (torch.is_grad_enabled() and (
+                out_latent.requires_grad or self.w_uv.requires_grad)):
+            out = _absorb_rows(out_latent, self.w_uv)
+        else:
+            out = torch.einsum("...hc,hdc->...hd", out_latent, self.w_uv)
         return out if self.b_uv is None else out + self.b_uv
 
     def decode(self, q, cache, meta: AttentionMetadata) -> Tensor:

@@ -108,6 +108,34 @@ def test_absorbed_decode_equals_unabsorbed(attention, latent_heads, bias):
     torch.testing.assert_close(absorbed, unabsorbed, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_absorbed_output_rows_match_the_einsum(bias, monkeypatch):
+    """`absorb_output` without autograd writes the batched product straight into (N, H, d_h)
+    rows (`_absorb_rows`): the einsum's numbers up to fp32 rounding (the two sum in their own
+    orders), bias included, contiguous for `wo`;
+    with autograd it takes the einsum, whose gradient flows."""
+    from hwattn.layers import mla
+
+    cfg = ModelConfig.from_preset("tiny", attention="gla", attention_bias=bias)
+    layer = Transformer(cfg).layers[0].attn
+    if bias:
+        with torch.no_grad():
+            layer.b_uv.normal_()
+    latent = torch.randn(3, 2, cfg.n_heads, layer.latent_dim)
+    with torch.no_grad():
+        rows = layer.absorb_output(latent)
+        monkeypatch.setattr(mla, "ABSORB_INTO_ROWS", False)
+        einsum = layer.absorb_output(latent)
+        monkeypatch.setattr(mla, "ABSORB_INTO_ROWS", True)
+        strided = layer.absorb_output(latent.transpose(0, 1))  # rows not contiguous
+    assert rows.is_contiguous() and rows.shape == (3, 2, cfg.n_heads, layer.head_dim)
+    torch.testing.assert_close(rows, einsum)
+    torch.testing.assert_close(strided, einsum.transpose(0, 1))
+    latent.requires_grad_(True)
+    layer.absorb_output(latent).sum().backward()  # the einsum: bmm(out=) has no gradient
+    assert latent.grad is not None and layer.w_uv.grad is not None
+
+
 def test_meta_without_cache_is_rejected():
     model = tiny("gqa")
     meta = AttentionMetadata.for_step(torch.zeros(1, 1, dtype=torch.int32),
