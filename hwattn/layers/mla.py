@@ -50,7 +50,7 @@ def _absorb_rows(out_latent: Tensor, w_uv: Tensor) -> Tensor:
     into a buffer of its own and a copy."""
     *lead, heads, width = out_latent.shape
     rows = out_latent.reshape(-1, heads, width)  # (N, H, d_c)
-    out = torch.empty(rows.shape[0], heads, w_uv.shape[1], dtype=torch.result_type(rows, w_uv),
+    out = torch.empty(rows.shape[0], heads, w_uv.shape[1], dtype=rows.dtype,
                       device=rows.device)
     torch.bmm(rows.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
     return out.view(*lead, heads, w_uv.shape[1])
