@@ -204,9 +204,11 @@ class ModelRunner(DecodeGraphs):
             # finds too little left fails alone (the pieces then launch directly).
             if prefill_graphs and self.prefill_blocks is not None and not _tensor_parallel():
                 self._capture_prefill()
-                freeze_heap()
         if self.device.type == "cuda":
             self.warm_kernels()
+            # Once everything start-up builds is alive (graphs, compiled pieces, the kernels
+            # the warm-up compiled): a collection in a serving step then scans none of it.
+            freeze_heap()
 
     def _capture_prefill(self) -> None:
         """Record the prefill pieces' graphs (`PrefillGraphs`, steps of up to
