@@ -4,11 +4,12 @@
 value's index in each row, a NaN counting as the maximum (the first NaN's index then).
 
 Why: a decode step's logits are a few rows (one per sequence) of a long vocabulary, e.g.
-64 × 128,256 in the `xl` model. PyTorch's reduction gives each row to one block, so 64 blocks
-read 16 MB while most of the GPU idles: 33 µs of a 2.6 ms step on an H200, about 12% of the
-copy rate (docs/results/engine.md, run 11). Cut each row into chunks of `d` entries (a divisor
-of the row's length, so the cut is a free view), `max` over every chunk (rows × V/d blocks'
-worth of work), then the argmax of each row's chunk maxima and the index within that chunk.
+64 × 128,256 in the `xl` model, and PyTorch's argmax over them took 33 µs of a 2.6 ms step on
+an H200, reading the 16 MB at about 12% of the copy rate (docs/results/engine.md, run 11):
+64 outputs of 128,256 inputs each is a poor shape for a GPU reduction. Here each row is cut
+into chunks of `d` entries (a divisor of the row's length, so the cut is a free view), `max`
+runs over every chunk (rows × V/d outputs, 6,144 for the `xl` step), then `argmax` over each
+row's chunk maxima and a gather of the index within that chunk. Not yet timed on a GPU.
 
 Ties and NaN keep `argmax`'s rule: `max(-1)` returns the first maximal index within a chunk,
 and `argmax` over the chunk maxima the first chunk holding the row's maximum, whose first
