@@ -38,6 +38,7 @@ from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, match
 from hwattn.layers import AttentionMetadata
 from hwattn.models.compile import compile_blocks, compile_pieces, distinct_sizes
 from hwattn.ops.argmax import argmax_last
+from hwattn.ops.plan import upload
 
 log = logging.getLogger(__name__)
 
@@ -357,11 +358,8 @@ class ModelRunner(DecodeGraphs):
         return self._packed(step, [True] * nd + list(rest), num_decode=nd)
 
     def _upload(self, t: Tensor) -> Tensor:
-        """A host tensor on the runner's device without waiting for the device: a blocking
-        copy would first drain every step already queued."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
+        """A host tensor on the runner's device without waiting for the device (`upload`)."""
+        return upload(t, self.device)
 
     def _device_sampling(self, sampling: SamplingInput):
         """`sampling.tensors` on this device, uploaded without a synchronisation (two copies

@@ -164,17 +164,12 @@ class DecodePlan:
         device = torch.device(device)
         if self.items.device == device:
             return self
-        if device.type == "cuda" and self.items.device.type == "cpu":
-            def move(t: Tensor) -> Tensor:
-                return t.pin_memory().to(device, non_blocking=True)
-        else:
-            def move(t: Tensor) -> Tensor:
-                return t.to(device)
         if self.packed is not None:
-            return DecodePlan.of_packed(self.batch, self.max_seqlen, move(self.packed),
+            return DecodePlan.of_packed(self.batch, self.max_seqlen, upload(self.packed, device),
                                         self.max_pieces, self.min_seqlen)
-        return DecodePlan(self.batch, self.max_seqlen, move(self.items), move(self.splits),
-                          self.max_pieces, min_seqlen=self.min_seqlen)
+        return DecodePlan(self.batch, self.max_seqlen, upload(self.items, device),
+                          upload(self.splits, device), self.max_pieces,
+                          min_seqlen=self.min_seqlen)
 
     @property
     def capacity(self) -> int:
@@ -217,6 +212,15 @@ class DecodePlan:
         part_lse = torch.empty(self.capacity, query_len, n_heads, dtype=torch.float32,
                                device=device)
         return out, lse, part_out, part_lse
+
+
+def upload(t: Tensor, device) -> Tensor:
+    """`t` on `device`; from host memory to a GPU through pinned memory without waiting for
+    the device (a blocking copy would first drain every step already queued)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _unpacked(packed: Tensor, batch: int) -> tuple[Tensor, Tensor]:
