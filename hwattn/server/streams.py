@@ -107,11 +107,11 @@ class PiecewiseJSONResponse(JSONResponse):
         choices = content.get("choices") if isinstance(content, dict) else None
         if not isinstance(choices, list) or len(choices) < 2:
             return super().render(content)
+        encode = super().render
         mark = f"\x00{uuid.uuid4().hex}\x00"  # stands where the list goes; no answer holds it
         key = b'"choices":' + json.dumps(mark).encode()
-        head, tail = super().render({**content, "choices": mark}).split(key, 1)
-        return b"".join((head, b'"choices":[', b",".join(
-            super(PiecewiseJSONResponse, self).render(c) for c in choices), b"]", tail))
+        head, tail = encode({**content, "choices": mark}).split(key, 1)
+        return b"".join((head, b'"choices":[', b",".join(map(encode, choices)), b"]", tail))
 
 
 async def answered(answer) -> JSONResponse:
