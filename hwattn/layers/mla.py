@@ -41,18 +41,27 @@ from hwattn.variants import VariantSpec, register_variant
 ABSORB_INTO_ROWS = os.environ.get("HWATTN_LATENT_OUT_COPY", "0") != "1"
 
 
-@torch.compiler.disable
-def _absorb_rows(out_latent: Tensor, w_uv: Tensor) -> Tensor:
-    """out_latent (..., H, d_c), w_uv (H, d_h, d_c) -> (..., H, d_h), contiguous: per head h,
-    out[..., h, :] = out_latent[..., h, :] @ w_uv[h].T, as one `bmm` whose output is the
-    (H, N, d_h) transposed view of the result (row stride H·d_h, head stride d_h), which
-    cuBLAS writes in place. Opaque to the compiler: traced, the `out=` would become a GEMM
-    into a buffer of its own and a copy."""
-    *lead, heads, width = out_latent.shape
-    rows = out_latent.reshape(-1, heads, width)  # (N, H, d_c)
-    out = torch.empty(rows.shape[0], heads, w_uv.shape[1], dtype=rows.dtype,
-                      device=rows.device)
+@torch.library.custom_op("hwattn::absorb_rows", mutates_args=())
+def absorb_rows_op(rows: Tensor, w_uv: Tensor) -> Tensor:
+    """rows (N, H, d_c), w_uv (H, d_h, d_c) -> (N, H, d_h), contiguous: per head h,
+    out[:, h] = rows[:, h] @ w_uv[h].T, as one `bmm` whose output is the (H, N, d_h)
+    transposed view of the result (row stride H·d_h, head stride d_h), which cuBLAS writes in
+    place. A custom op (as `hwattn/ops/linear.py`'s), so a compiled block keeps it whole:
+    traced, the `out=` would become a GEMM into a buffer of its own and a copy."""
+    out = rows.new_empty(rows.shape[0], rows.shape[1], w_uv.shape[1])
     torch.bmm(rows.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+    return out
+
+
+@absorb_rows_op.register_fake
+def _(rows: Tensor, w_uv: Tensor) -> Tensor:
+    return rows.new_empty(rows.shape[0], rows.shape[1], w_uv.shape[1])
+
+
+def _absorb_rows(out_latent: Tensor, w_uv: Tensor) -> Tensor:
+    """out_latent (..., H, d_c) -> (..., H, d_h) through `absorb_rows_op`."""
+    *lead, heads, width = out_latent.shape
+    out = torch.ops.hwattn.absorb_rows(out_latent.reshape(-1, heads, width), w_uv)
     return out.view(*lead, heads, w_uv.shape[1])
 
 
