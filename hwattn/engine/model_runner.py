@@ -35,7 +35,7 @@ from hwattn.engine.prefill_graphs import PrefillGraphs, prefill_graph_sizes
 from hwattn.engine.staging import PinnedRing
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
-from hwattn.layers import AttentionMetadata
+from hwattn.layers import AttentionMetadata, mla
 from hwattn.models.compile import compile_blocks, compile_pieces, distinct_sizes
 from hwattn.ops.argmax import argmax_last
 from hwattn.ops.plan import upload
@@ -138,6 +138,10 @@ class ModelRunner(DecodeGraphs):
         off a whole 8K-token `xl` prompt (docs/results/engine.md, run 14; measured before the
         warm-up and the pieces took their present form).
 
+    compose_absorptions: decode steps of latent layers (MLA, GLA) through projections with
+        W_UK and W_UV multiplied in (`Transformer.compose_absorptions`); None: the
+        HWATTN_COMPOSE_ABSORB environment switch (off unless "1").
+
     The runner fuses the model's input projections (`Transformer.fuse_projections`): from
     then on the model serves (its fused weights take no gradients).
     """
@@ -147,8 +151,12 @@ class ModelRunner(DecodeGraphs):
                  backend: str | ops.AttentionBackend = "auto", cuda_graphs: bool = True,
                  graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False,
                  compile_prefill: bool = False, prefill_graphs: bool = True,
-                 max_num_batched_tokens: int | None = None, mixed_steps: bool = True):
+                 max_num_batched_tokens: int | None = None, mixed_steps: bool = True,
+                 compose_absorptions: bool | None = None):
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
+        if compose_absorptions is None:
+            compose_absorptions = mla.COMPOSE_ABSORPTIONS
+        self.composed_layers = model.compose_absorptions() if compose_absorptions else 0
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len

@@ -22,8 +22,10 @@ over a long context (decode rows, short chunks) the absorbed one.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +67,34 @@ def _absorb_rows(out_latent: Tensor, w_uv: Tensor) -> Tensor:
     return out.view(*lead, heads, w_uv.shape[1])
 
 
+# Whether `ModelRunner` composes the absorptions into the projections
+# (`LatentAttention.compose_absorptions`); off until measured in the decode step on a GPU.
+COMPOSE_ABSORPTIONS = os.environ.get("HWATTN_COMPOSE_ABSORB", "0") == "1"
+
+
+class ComposedProjections(NamedTuple):
+    """A latent layer's decode projections with W_UK and W_UV multiplied in
+    (`LatentAttention.compose_absorptions`): `query` maps the normed query latent
+    (..., q_latent_dim) to per head [q_abs (d_c) | q_rope (d_R)]; `output` maps the attended
+    latents (..., H·d_c) to the model width, as `wo` does (its all-reduce included under
+    tensor parallelism)."""
+
+    query: nn.Module
+    output: nn.Module
+
+
+def _linear_like(module: nn.Module, weight: Tensor) -> nn.Module:
+    """A shallow copy of the linear layer `module` (a `Linear`, or a tensor-parallel
+    `RowParallelLinear` with its all-reduce) whose weight is `weight` instead; `module` keeps
+    its own parameters."""
+    clone = copy.copy(module)
+    # Registries of its own (parameters, buffers, submodules, hooks), not `module`'s.
+    vars(clone).update({k: v.copy() for k, v in vars(module).items() if isinstance(v, dict)})
+    clone.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    clone.out_features, clone.in_features = weight.shape
+    return clone
+
+
 class LatentAttention(TiedStateAttention):
     """Latent attention with `n_latent_heads` latents of `latent_dim` each (MLA: 1, GLA: h_c)."""
 
@@ -92,6 +122,8 @@ class LatentAttention(TiedStateAttention):
             self.b_uk = nn.Parameter(torch.zeros(h, dh, device=device, dtype=dtype))
             self.b_uv = nn.Parameter(torch.zeros(h, dh, device=device, dtype=dtype))
         self.wo = Linear(h * dh, d, **kw)
+        # Set by `compose_absorptions` (inference only; not parameters of the module).
+        self._composed: ComposedProjections | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,9 +139,65 @@ class LatentAttention(TiedStateAttention):
         q_latent, kv = self.in_proj(x)  # (B, T, 8·d_h), (B, T, h_c·d_c + d_R)
         q = self.wq_b(self.q_norm(q_latent)).view(b, t, self.n_heads, -1)  # (B, T, H, d_h + d_R)
         q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
+        return (q_nope, apply_rope(q_rope, cos, sin)), self._latent_states(kv, cos, sin)
+
+    def _latent_states(self, kv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """`wkv_a`'s output (B, T, h_c·d_c + d_R) -> the states to cache: the normed latents
+        (B, T, h_c, d_c) and the rotated RoPE key (B, T, d_R)."""
+        b, t = kv.shape[:2]
         latent, k_rope = kv.split([self.n_latent_heads * self.latent_dim, self.rope_dim], dim=-1)
-        latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))  # (B, T, h_c, d_c)
-        return (q_nope, apply_rope(q_rope, cos, sin)), (latent, apply_rope(k_rope, cos, sin))
+        latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))
+        return latent, apply_rope(k_rope, cos, sin)
+
+    @torch.no_grad()
+    def compose_absorptions(self, on: bool = True) -> bool:
+        """For inference, once the layer is on its device and sharded: multiply W_UK into the
+        query rows of `wq_b` and W_UV into `wo` (in fp32 or wider, stored in the weights' dtype), so
+        that a decode step's queries leave `wq_b` already absorbed and its attended latents
+        go straight through the output projection. Per layer that is two batched GEMMs fewer
+        (the absorptions), for H·(d_c − d_h)·(q_latent_dim + D) more weight elements read;
+        prefill and mixed steps keep the separate products. Returns whether the layer
+        composed them: not with `b_uv` (attention_bias), which `wo` would have to carry as a
+        bias. `on=False` drops the composed weights. Replacing `wq_b`'s or `wo`'s weight
+        afterwards needs this again."""
+        self._composed = None
+        if not on or self.b_uv is not None:
+            return False
+        h, dh, dc, dr = self.n_heads, self.head_dim, self.latent_dim, self.rope_dim
+        dtype = self.wq_b.weight.dtype
+        wide = torch.promote_types(dtype, torch.float32)  # fp32 at least
+        w_uk, w_uv = self.w_uk.to(wide), self.w_uv.to(wide)  # (H, d_h, d_c)
+        wq = self.wq_b.weight.to(wide).view(h, dh + dr, -1)  # (H, d_h + d_R, Q)
+        wq = torch.cat((torch.einsum("hdc,hdq->hcq", w_uk, wq[:, :dh]), wq[:, dh:]), 1)
+        bias = None
+        if self.wq_b.bias is not None:
+            bq = self.wq_b.bias.to(wide).view(h, dh + dr)
+            bias = torch.cat((torch.einsum("hdc,hd->hc", w_uk, bq[:, :dh]), bq[:, dh:]), 1)
+            bias = bias.flatten().to(dtype)
+        query = Linear(1, 1, bias=bias is not None, device="meta")
+        set_weight(query, wq.flatten(0, 1).to(dtype), bias)
+        wo = self.wo.weight.to(wide).view(self.wo.weight.shape[0], h, dh)  # (D, H, d_h)
+        wo = torch.einsum("ohd,hdc->ohc", wo, w_uv).flatten(1)  # (D, H·d_c)
+        self._composed = ComposedProjections(query, _linear_like(self.wo, wo.to(dtype)))
+        return True
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None = None,
+                cache: tuple[Tensor, ...] | None = None) -> Tensor:
+        """`Attention.forward`; a decode step (neither prefill nor mixed) through the composed
+        projections once `compose_absorptions` made them."""
+        composed = self._composed
+        if composed is None or meta is None or meta.is_prefill or meta.parts is not None:
+            return super().forward(x, cos, sin, meta, cache)
+        self.check_step(x, cos, sin, meta, cache)
+        b, t, _ = x.shape
+        q_latent, kv = self.in_proj(x)
+        q = composed.query(self.q_norm(q_latent)).view(b, t, self.n_heads, -1)
+        q_abs, q_rope = q.split([self.latent_dim, self.rope_dim], dim=-1)  # (B, T, H, d_c), (B, T, H, d_R)
+        self._store(cache, self._latent_states(kv, cos, sin), meta)
+        out_latent = self.kernel_call(meta.backend, (q_abs, apply_rope(q_rope, cos, sin)), cache,
+                                      meta.block_table, meta.cache_seqlens,
+                                      plan=meta.plan)  # (B, T, H, d_c)
+        return composed.output(out_latent.reshape(b, t, -1))
 
     def _up(self, latent: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Per-head up-projection: latent (B, L, h_c, d_c) -> (B, L, H, d_h)."""

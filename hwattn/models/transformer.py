@@ -195,6 +195,14 @@ class Transformer(nn.Module):
             blk.ffn.fuse_projections()
         return self
 
+    @torch.no_grad()
+    def compose_absorptions(self, on: bool = True) -> int:
+        """For inference: every latent layer's decode projections with W_UK and W_UV
+        multiplied in (`LatentAttention.compose_absorptions`; `on=False` drops them). Call
+        once the model is on its device and sharded; returns how many layers composed them."""
+        return sum(bool(blk.attn.compose_absorptions(on)) for blk in self.layers
+                   if hasattr(blk.attn, "compose_absorptions"))
+
     @property
     def cache_heads(self) -> int:
         """Cached heads per layer on this rank (KV or latent heads), from the layers' own

@@ -34,6 +34,24 @@ def test_compiled_decode_matches_eager(checkpoints, variant):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", ["gla-2", "mla"])
+def test_composed_absorptions_decode_as_the_separate_products(checkpoints, variant, monkeypatch):
+    """With HWATTN_COMPOSE_ABSORB (W_UK and W_UV multiplied into the projections), the
+    engine decodes the separate products' greedy tokens, eager and compiled; the runner says
+    how many layers composed them."""
+    from hwattn.layers import mla
+
+    torch._dynamo.reset()
+    path = checkpoints(variant)
+    separate, _ = _generate(path, False)
+    monkeypatch.setattr(mla, "COMPOSE_ABSORPTIONS", True)
+    eager, llm = _generate(path, False)
+    assert llm.engine.runner.composed_layers == len(llm.engine.model.layers)
+    compiled, _ = _generate(path, True)
+    assert eager == separate and compiled == separate
+
+
+@pytest.mark.slow
 def test_compiled_verify_steps_match_eager(checkpoints):
     """Speculative verification (L_q = k + 1) runs the same compiled blocks."""
     torch._dynamo.reset()

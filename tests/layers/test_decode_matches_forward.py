@@ -136,6 +136,63 @@ def test_absorbed_output_rows_match_the_einsum(bias, monkeypatch):
     assert latent.grad is not None and layer.w_uv.grad is not None
 
 
+@pytest.mark.parametrize("attention, latent_heads, bias", [
+    ("mla", None, False), ("gla", None, False), ("gla", 4, False), ("gla", None, True)])
+def test_composed_absorptions_decode_as_the_separate_products(attention, latent_heads, bias):
+    """`compose_absorptions` (W_UK in `wq_b`'s query rows, W_UV in `wo`): chunked prefill,
+    then decode steps of one and of three query tokens (verification) give the logits of the
+    separate products, in float64 to rounding, with `wq_b`'s bias composed too; a layer with
+    `b_uv` keeps the separate products, and `on=False` restores them."""
+    kw = {"n_latent_heads": latent_heads} if latent_heads else {}
+    cfg = ModelConfig.from_preset("tiny", attention=attention, n_layers=2, attention_bias=bias, **kw)
+    model = Transformer(cfg).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "b_uk")):
+                p.normal_(std=0.5)
+            if name.endswith("b_uv"):
+                p.zero_()
+    if bias:  # a value bias is not composed: its layers keep the separate products
+        assert model.compose_absorptions() == 0
+        for blk in model.layers:
+            blk.attn.b_uv = None
+    batch, page, steps = 2, 4, [(6, True), (1, False), (3, False), (1, False)]
+    seq = torch.randint(0, cfg.vocab_size, (batch, sum(n for n, _ in steps)))
+    table = torch.randperm(batch * 4 + 1)[: batch * 4].to(torch.int32).view(batch, 4)
+
+    def run():
+        caches = model.allocate_kv_cache(batch * 4 + 1, page, dtype=torch.float64)
+        out, pos = [], 0
+        with torch.no_grad():
+            for n, prefill in steps:
+                lens = torch.full((batch,), pos + n, dtype=torch.int32)
+                meta = AttentionMetadata.for_step(table, lens, n, page, is_prefill=prefill)
+                out.append(model(seq[:, pos:pos + n], meta=meta, kv_caches=caches))
+                pos += n
+        return torch.cat(out, 1)
+
+    separate = run()
+    assert model.compose_absorptions() == cfg.n_layers
+    calls = []  # the composed projections run in the three decode steps only
+    for blk in model.layers:
+        for m in blk.attn._composed:
+            m.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    composed = run()
+    torch.testing.assert_close(composed, separate, rtol=1e-9, atol=1e-10)
+    assert sorted(calls) == sorted([1, 3, 1] * 2 * cfg.n_layers), calls
+    assert model.compose_absorptions(on=False) == 0
+    assert torch.equal(run(), separate)
+
+
+def test_composed_absorptions_stay_out_of_the_state_dict():
+    model = tiny("gla")
+    names = set(model.state_dict())
+    model.compose_absorptions()
+    assert set(model.state_dict()) == names
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in tiny("gla").parameters())
+
+
 def test_meta_without_cache_is_rejected():
     model = tiny("gqa")
     meta = AttentionMetadata.for_step(torch.zeros(1, 1, dtype=torch.int32),

@@ -137,6 +137,23 @@ def test_every_variant_sharded_over_real_all_reduces_computes_what_one_process_d
             torch.testing.assert_close(steps, want_steps, msg=lambda m: f"rank {rank} paged: {m}")
 
 
+@pytest.mark.parametrize("label, tp", [("mla", 2), ("gla-2", 2), ("gla-4", 4)])
+def test_composed_absorptions_on_shards_decode_what_one_process_does(label, tp):
+    """Each rank composes W_UK and W_UV into its own shards' projections (the output one
+    keeps its all-reduce): paged decode logits equal the unsharded, uncomposed model's."""
+    full = _random_model(label)
+    tokens = torch.randint(0, full.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        _, _, want = greedy_generate(full, tokens, 4, page_size=4, return_logits=True)
+
+        def run(shard):
+            assert shard.compose_absorptions() == len(shard.layers)
+            return greedy_generate(shard, tokens, 4, page_size=4, return_logits=True)[2]
+
+        for rank, got in enumerate(_on_gloo_threads(full, tp, run)):
+            torch.testing.assert_close(got, want, msg=lambda m: f"rank {rank}: {m}")
+
+
 @pytest.mark.parametrize("label", ["gta-4", "mla", "gla-2"])
 def test_biased_variants_sharded_over_real_all_reduces_compute_what_one_process_does(label):
     full = _random_model(label, attention_bias=True)
