@@ -286,6 +286,29 @@ def test_captured_decode_on_the_gpu_matches_eager(checkpoints, launch_thread, la
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["gla-2", "mla"])
+def test_composed_absorptions_on_the_gpu_decode_as_the_separate_products(checkpoints, variant,
+                                                                        monkeypatch):
+    """HWATTN_COMPOSE_ABSORB on the GPU (fp32): compiled blocks in captured graphs decode
+    the greedy tokens of the separate products run eagerly."""
+    from hwattn.layers import mla
+
+    path = checkpoints(variant)
+    prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(5)]
+    params = [SamplingParams(max_tokens=10 + 5 * i, temperature=0, ignore_eos=True)
+              for i in range(5)]
+    kw = dict(device="cuda", dtype="fp32", page_size=16, num_pages=96, max_model_len=256,
+              max_num_seqs=8)
+    want = [o.token_ids for o in LLM(path, cuda_graphs=False, **kw).generate(prompts, params)]
+    monkeypatch.setattr(mla, "COMPOSE_ABSORPTIONS", True)
+    llm = LLM(path, compile_decode=True, **kw)
+    assert llm.engine.runner.cuda_graphs, llm.engine.runner.graph_error
+    assert llm.engine.runner.composed_layers == len(llm.engine.model.layers)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    llm.engine.check_invariants()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
 def test_captured_latent_decode_on_the_gpu_reads_its_staged_plan(checkpoints):
     """GLA-2 in bf16 on the GPU's own backend (the Hopper kernels on an H100/H200, whose
     plans hold one part per launch shape): replayed steps at lengths that change every plan's
