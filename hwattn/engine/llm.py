@@ -30,7 +30,7 @@ from hwattn.engine.data_parallel import DataParallelEngine
 from hwattn.engine.block_manager import plan_pages
 from hwattn.engine.llm_engine import LLMEngine
 from hwattn.engine.loader import build_model, is_checkpoint, model_config, resolve_device, resolve_dtype
-from hwattn.engine.model_runner import ModelRunner
+from hwattn.engine.model_runner import ModelRunner, compose_absorptions_for_serving
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.engine.sequence import RequestOutput
 from hwattn.engine.speculative import DraftModelDrafter, NgramDrafter
@@ -191,6 +191,7 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
         net, n_pages, kv_bytes = None, runner.num_pages, runner.kv_bytes_per_token
     else:
         net = build_model(**build)
+        compose_absorptions_for_serving(net)  # (its weights count before the cache is sized)
         n_pages = pages(net)
         runner = ModelRunner(net, num_pages=n_pages, **runner_kwargs)
         kv_bytes = net.kv_bytes_per_token(1, dt)

@@ -53,7 +53,7 @@ def _tensor_parallel() -> bool:
 
 # `decode_buckets` is re-exported: benchmarks and tests import it from here.
 __all__ = ["ModelRunner", "Sampled", "StepInput", "StepResults", "accepted_prefix",
-           "decode_buckets", "greedy_accept", "greedy_verify"]
+           "compose_absorptions_for_serving", "decode_buckets", "greedy_accept", "greedy_verify"]
 
 
 @dataclass
@@ -113,6 +113,14 @@ class StepResults(list):
         self.prompt_logprobs = prompt_logprobs or {}
 
 
+def compose_absorptions_for_serving(model, on: bool | None = None) -> int:
+    """`model.compose_absorptions(on)` (W_UK and W_UV multiplied into the latent layers'
+    decode projections; they then hold more weight bytes), `on` None meaning the
+    HWATTN_COMPOSE_ABSORB switch; returns how many layers composed them. The engine calls it
+    before it sizes the KV cache from the free memory, and `ModelRunner` again."""
+    return model.compose_absorptions(mla.COMPOSE_ABSORPTIONS if on is None else on)
+
+
 class ModelRunner(DecodeGraphs):
     """Owns the model's KV cache and runs prefill and decode steps.
 
@@ -154,9 +162,7 @@ class ModelRunner(DecodeGraphs):
                  max_num_batched_tokens: int | None = None, mixed_steps: bool = True,
                  compose_absorptions: bool | None = None):
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
-        if compose_absorptions is None:
-            compose_absorptions = mla.COMPOSE_ABSORPTIONS
-        self.composed_layers = model.compose_absorptions() if compose_absorptions else 0
+        self.composed_layers = compose_absorptions_for_serving(model, compose_absorptions)
         self.page_size = page_size
         self.num_pages = num_pages
         self.max_model_len = max_model_len

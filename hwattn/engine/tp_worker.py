@@ -20,7 +20,7 @@ def build_rank(link: ParentLink, spec: dict):
 
     from hwattn.engine.block_manager import plan_pages
     from hwattn.engine.loader import build_model, resolve_dtype
-    from hwattn.engine.model_runner import ModelRunner
+    from hwattn.engine.model_runner import ModelRunner, compose_absorptions_for_serving
     from hwattn.parallel.tp import shard_model
 
     rank, world = link.rank, link.world
@@ -35,6 +35,7 @@ def build_rank(link: ParentLink, spec: dict):
         backend = "nccl"
     init_process_group(link, backend, spec["setup_timeout"], spec["collective_timeout"])
     model = shard_model(build_model(**build), rank, world, dist.group.WORLD)
+    compose_absorptions_for_serving(model)  # (its weights count before the cache is sized)
     dtype = resolve_dtype(build["dtype"], model.tok_embeddings.weight.device)
     per_token = model.kv_bytes_per_token(1, dtype)  # this rank's real layout
     link.send(("planned", plan_pages(spec["engine_config"], per_token,
