@@ -155,8 +155,9 @@ class LatentAttention(TiedStateAttention):
         query rows of `wq_b` and W_UV into `wo` (in fp32 or wider, stored in the weights' dtype), so
         that a decode step's queries leave `wq_b` already absorbed and its attended latents
         go straight through the output projection. Per layer that is two batched GEMMs fewer
-        (the absorptions), for H·(d_c − d_h)·(q_latent_dim + D) more weight elements read;
-        prefill and mixed steps keep the separate products. Returns whether the layer
+        (the absorptions), for H·(d_c − d_h)·(q_latent_dim + D) − 2·H·d_h·d_c more weight
+        elements read; prefill and mixed steps keep the separate products (the composed
+        weights are held beside them). Returns whether the layer
         composed them: not with `b_uv` (attention_bias), which `wo` would have to carry as a
         bias. `on=False` drops the composed weights. Replacing `wq_b`'s or `wo`'s weight
         afterwards needs this again."""
