@@ -285,6 +285,9 @@ def decode_floor(model, batch: int, context_len: int, cache_dtype: torch.dtype,
 
     Bytes: every weight once (the tied embedding counts once: the output head reads it all)
     plus the whole KV cache the step reads and the `query_len` tokens per sequence it writes.
+    The model's own weights: composed absorptions (`Transformer.compose_absorptions`), which
+    a step reads in place of `wq_b`, `wo`, W_UK and W_UV, are not counted, so a step through
+    them is judged against the same floor as one through the separate products.
     FLOPs: 2 per weight per token (the embedding lookup is free) plus each layer's decode
     attention.
     """

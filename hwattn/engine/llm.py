@@ -164,6 +164,7 @@ def create_engine(config: EngineConfig | str | None = None, **kwargs):
     draft_model = None
     if drafting:
         draft_model = build_model(config.speculative, dtype=dt, device=dev, seed=config.seed)
+        compose_absorptions_for_serving(draft_model)  # (before the cache is sized, as below)
 
     def pages(model_) -> int:
         per_token = model_.kv_bytes_per_token(1, dt)  # this rank's real layout

@@ -95,6 +95,13 @@ def _linear_like(module: nn.Module, weight: Tensor) -> nn.Module:
     return clone
 
 
+def _recompose(layer: nn.Module, incompatible_keys) -> None:
+    """After `load_state_dict`: compose the absorptions of a layer that had them again, from
+    the weights just loaded."""
+    if layer._composed is not None:
+        layer.compose_absorptions()
+
+
 class LatentAttention(TiedStateAttention):
     """Latent attention with `n_latent_heads` latents of `latent_dim` each (MLA: 1, GLA: h_c)."""
 
@@ -124,6 +131,7 @@ class LatentAttention(TiedStateAttention):
         self.wo = Linear(h * dh, d, **kw)
         # Set by `compose_absorptions` (inference only; not parameters of the module).
         self._composed: ComposedProjections | None = None
+        self.register_load_state_dict_post_hook(_recompose)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -159,8 +167,9 @@ class LatentAttention(TiedStateAttention):
         elements read; prefill and mixed steps keep the separate products (the composed
         weights are held beside them). Returns whether the layer
         composed them: not with `b_uv` (attention_bias), which `wo` would have to carry as a
-        bias. `on=False` drops the composed weights. Replacing `wq_b`'s or `wo`'s weight
-        afterwards needs this again."""
+        bias. `on=False` drops the composed weights. `load_state_dict` composes them again;
+        `.to()` and dtype casts carry them along; replacing or writing into `wq_b`'s, `wo`'s,
+        W_UK's or W_UV's weight in any other way needs this again."""
         self._composed = None
         if not on or self.b_uv is not None:
             return False
@@ -181,6 +190,13 @@ class LatentAttention(TiedStateAttention):
         wo = torch.einsum("ohd,hdc->ohc", wo, w_uv).flatten(1)  # (D, H·d_c)
         self._composed = ComposedProjections(query, _linear_like(self.wo, wo.to(dtype)))
         return True
+
+    def _apply(self, fn, recurse: bool = True):
+        """`nn.Module._apply` (`.to()`, `.double()`, ...), the composed weights included."""
+        super()._apply(fn, recurse)
+        if self._composed is not None:
+            self._composed = ComposedProjections(*(m._apply(fn) for m in self._composed))
+        return self
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None = None,
                 cache: tuple[Tensor, ...] | None = None) -> Tensor:

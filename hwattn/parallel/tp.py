@@ -82,7 +82,7 @@ def shard_model(model, rank: int, world: int, group=None):
 
     `group` is the process group of the all-reduces (None with world 1: no communication).
     A model whose projections were fused (`Transformer.fuse_projections`, as `ModelRunner`
-    does) is fused again from its shards. Raises ValueError, before changing anything, if
+    does) is fused again from its shards, and composed absorptions are composed again. Raises ValueError, before changing anything, if
     `world` does not divide the heads as `Attention.local_heads` needs, or if `model` is
     sharded already.
     """
@@ -103,12 +103,16 @@ def shard_model(model, rank: int, world: int, group=None):
         # from the shards below (else the layer would multiply by the unsharded matrix).
         fused = getattr(block.attn, "_fused_in", None) is not None
         fused_ffn = getattr(block.ffn, "_w13", None) is not None
+        # Composed absorptions (`LatentAttention.compose_absorptions`): composed anew too.
+        composed = getattr(block.attn, "_composed", None) is not None
         shard_attention(block.attn, rank, world, group)
         shard_ffn(block.ffn, rank, world, group)
         if fused:
             block.attn.fuse_projections()
         if fused_ffn:
             block.ffn.fuse_projections()
+        if composed:
+            block.attn.compose_absorptions()
     model.tp_world = world
     return model
 

@@ -184,13 +184,23 @@ def test_composed_absorptions_decode_as_the_separate_products(attention, latent_
     assert torch.equal(run(), separate)
 
 
-def test_composed_absorptions_stay_out_of_the_state_dict():
+def test_composed_absorptions_stay_out_of_the_state_dict_and_follow_the_weights():
+    """Not in the state dict or the parameters; a dtype cast carries them along, and
+    `load_state_dict` composes them again from the loaded weights."""
     model = tiny("gla")
     names = set(model.state_dict())
     model.compose_absorptions()
     assert set(model.state_dict()) == names
     assert sum(p.numel() for p in model.parameters()) == sum(
         p.numel() for p in tiny("gla").parameters())
+    model.double()
+    assert all(m.weight.dtype == torch.float64 for blk in model.layers for m in blk.attn._composed)
+    other = tiny("gla").double()
+    other.compose_absorptions()
+    other.load_state_dict(model.state_dict())
+    for mine, theirs in zip(model.layers, other.layers):
+        for a, b in zip(mine.attn._composed, theirs.attn._composed):
+            torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)
 
 
 def test_meta_without_cache_is_rejected():

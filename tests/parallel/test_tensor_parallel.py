@@ -152,6 +152,11 @@ def test_composed_absorptions_on_shards_decode_what_one_process_does(label, tp):
 
         for rank, got in enumerate(_on_gloo_threads(full, tp, run)):
             torch.testing.assert_close(got, want, msg=lambda m: f"rank {rank}: {m}")
+        # A model composed before it is sharded is composed again from its shards.
+        full.compose_absorptions()
+        for rank, got in enumerate(_on_gloo_threads(full, tp, lambda shard: greedy_generate(
+                shard, tokens, 4, page_size=4, return_logits=True)[2])):
+            torch.testing.assert_close(got, want, msg=lambda m: f"rank {rank}, composed first: {m}")
 
 
 @pytest.mark.parametrize("label", ["gta-4", "mla", "gla-2"])
