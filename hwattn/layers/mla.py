@@ -68,7 +68,8 @@ def _absorb_rows(out_latent: Tensor, w_uv: Tensor) -> Tensor:
 
 
 # Whether `ModelRunner` composes the absorptions into the projections
-# (`LatentAttention.compose_absorptions`); off until measured in the decode step on a GPU.
+# (`LatentAttention.compose_absorptions`). Off: on an H100 the `xl` decode step took the same
+# time with them for GLA-2 and 2-5% longer for MLA (docs/results/engine.md, run 17).
 COMPOSE_ABSORPTIONS = os.environ.get("HWATTN_COMPOSE_ABSORB", "0") == "1"
 
 
