@@ -257,6 +257,18 @@ def test_host_block_table_equals_a_table_built_afresh():
         table.update([[1]] * 3, 2)
 
 
+def _gpu_requests(n: int, tokens: int, more: int, num_pages: int):
+    """The GPU tests' requests: n prompts of 37 + 6·i tokens, greedy, of `tokens` + `more`·i
+    output tokens each (batch mates finish at different steps), and the `LLM` keywords (fp32
+    on the GPU, pages of 16, up to 8 sequences)."""
+    prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(n)]
+    params = [SamplingParams(max_tokens=tokens + more * i, temperature=0, ignore_eos=True)
+              for i in range(n)]
+    kw = dict(device="cuda", dtype="fp32", page_size=16, num_pages=num_pages,
+              max_model_len=256, max_num_seqs=8)
+    return prompts, params, kw
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
 @pytest.mark.parametrize("launch_thread", [False, True])
 @pytest.mark.parametrize("lag", [False, True], ids=["in-step", "device-behind"])
@@ -267,11 +279,7 @@ def test_captured_decode_on_the_gpu_matches_eager(checkpoints, launch_thread, la
     queued ahead of the graph), so the host writes the next steps' staging slots while the
     copies out of them are still queued, which only the slots' own waits make safe."""
     path = checkpoints("gqa-4")
-    prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(7)]
-    params = [SamplingParams(max_tokens=12 + 9 * i, temperature=0, ignore_eos=True)
-              for i in range(7)]
-    kw = dict(device="cuda", dtype="fp32", page_size=16, num_pages=160, max_model_len=256,
-              max_num_seqs=8)
+    prompts, params, kw = _gpu_requests(7, 12, 9, num_pages=160)
     want = [o.token_ids for o in LLM(path, cuda_graphs=False, **kw).generate(prompts, params)]
     llm = LLM(path, launch_thread=launch_thread, **kw)
     runner = llm.engine.runner
@@ -294,11 +302,7 @@ def test_composed_absorptions_on_the_gpu_decode_as_the_separate_products(checkpo
     from hwattn.layers import mla
 
     path = checkpoints(variant)
-    prompts = [list(range(3 + i, 40 + 7 * i)) for i in range(5)]
-    params = [SamplingParams(max_tokens=10 + 5 * i, temperature=0, ignore_eos=True)
-              for i in range(5)]
-    kw = dict(device="cuda", dtype="fp32", page_size=16, num_pages=96, max_model_len=256,
-              max_num_seqs=8)
+    prompts, params, kw = _gpu_requests(5, 10, 5, num_pages=96)
     want = [o.token_ids for o in LLM(path, cuda_graphs=False, **kw).generate(prompts, params)]
     monkeypatch.setattr(mla, "COMPOSE_ABSORPTIONS", True)
     llm = LLM(path, compile_decode=True, **kw)
