@@ -145,36 +145,36 @@ class LatentAttention(TiedStateAttention):
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor):
         b, t, _ = x.shape
-        q_latent, kv = self.in_proj(x)  # (B, T, 8·d_h), (B, T, h_c·d_c + d_R)
-        q = self.wq_b(self.q_norm(q_latent)).view(b, t, self.n_heads, -1)  # (B, T, H, d_h + d_R)
-        q_nope, q_rope = q.split([self.head_dim, self.rope_dim], dim=-1)
-        return (q_nope, apply_rope(q_rope, cos, sin)), self._latent_states(kv, cos, sin)
+        return self._project(x, cos, sin, self.wq_b, self.head_dim)
 
-    def _latent_states(self, kv: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """`wkv_a`'s output (B, T, h_c·d_c + d_R) -> the states to cache: the normed latents
-        (B, T, h_c, d_c) and the rotated RoPE key (B, T, d_R)."""
-        b, t = kv.shape[:2]
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor, wq_b: nn.Module, width: int):
+        """`project` through the query projection `wq_b`, whose output per head is
+        [`width` un-rotated dims | d_R RoPE dims]: `self.wq_b` (q_nope, d_h), or the composed
+        query (q_abs, d_c; `compose_absorptions`)."""
+        b, t, _ = x.shape
+        q_latent, kv = self.in_proj(x)  # (B, T, 8·d_h), (B, T, h_c·d_c + d_R)
+        q = wq_b(self.q_norm(q_latent)).view(b, t, self.n_heads, -1)  # (B, T, H, width + d_R)
+        q_first, q_rope = q.split([width, self.rope_dim], dim=-1)
         latent, k_rope = kv.split([self.n_latent_heads * self.latent_dim, self.rope_dim], dim=-1)
-        latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))
-        return latent, apply_rope(k_rope, cos, sin)
+        latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))  # (B, T, h_c, d_c)
+        return (q_first, apply_rope(q_rope, cos, sin)), (latent, apply_rope(k_rope, cos, sin))
 
     @torch.no_grad()
     def compose_absorptions(self, on: bool = True) -> bool:
         """For inference, once the layer is on its device and sharded: multiply W_UK into the
-        query rows of `wq_b` and W_UV into `wo` (in fp32 or wider, stored in the weights' dtype), so
-        that a decode step's queries leave `wq_b` already absorbed and its attended latents
-        go straight through the output projection. Per layer that is two batched GEMMs fewer
-        (the absorptions), for H·(d_c − d_h)·(q_latent_dim + D) − 2·H·d_h·d_c more weight
+        query rows of `wq_b` and W_UV into `wo` (in fp32 or wider, stored in the weights'
+        dtype), so that a decode step's queries leave `wq_b` already absorbed and its attended
+        latents go straight through the output projection. Per layer that is two batched GEMMs
+        fewer (the absorptions), for H·(d_c − d_h)·(q_latent_dim + D) − 2·H·d_h·d_c more weight
         elements read; prefill and mixed steps keep the separate products (the composed
-        weights are held beside them). Returns whether the layer
-        composed them: not with `b_uv` (attention_bias), which `wo` would have to carry as a
-        bias. `on=False` drops the composed weights. `load_state_dict` composes them again;
+        weights are held beside them). Returns whether the layer composed them: not with
+        `b_uv` (attention_bias), which `wo` would have to carry as a bias. `on=False` drops the composed weights. `load_state_dict` composes them again;
         `.to()` and dtype casts carry them along; replacing or writing into `wq_b`'s, `wo`'s,
         W_UK's or W_UV's weight in any other way needs this again."""
         self._composed = None
         if not on or self.b_uv is not None:
             return False
-        h, dh, dc, dr = self.n_heads, self.head_dim, self.latent_dim, self.rope_dim
+        h, dh, dr = self.n_heads, self.head_dim, self.rope_dim
         dtype = self.wq_b.weight.dtype
         wide = torch.promote_types(dtype, torch.float32)  # fp32 at least
         w_uk, w_uv = self.w_uk.to(wide), self.w_uv.to(wide)  # (H, d_h, d_c)
@@ -207,15 +207,11 @@ class LatentAttention(TiedStateAttention):
         if composed is None or meta is None or meta.is_prefill or meta.parts is not None:
             return super().forward(x, cos, sin, meta, cache)
         self.check_step(x, cos, sin, meta, cache)
-        b, t, _ = x.shape
-        q_latent, kv = self.in_proj(x)
-        q = composed.query(self.q_norm(q_latent)).view(b, t, self.n_heads, -1)
-        q_abs, q_rope = q.split([self.latent_dim, self.rope_dim], dim=-1)  # (B, T, H, d_c), (B, T, H, d_R)
-        self._store(cache, self._latent_states(kv, cos, sin), meta)
-        out_latent = self.kernel_call(meta.backend, (q_abs, apply_rope(q_rope, cos, sin)), cache,
-                                      meta.block_table, meta.cache_seqlens,
+        q, states = self._project(x, cos, sin, composed.query, self.latent_dim)  # q_abs, q_rope
+        self._store(cache, states, meta)
+        out_latent = self.kernel_call(meta.backend, q, cache, meta.block_table, meta.cache_seqlens,
                                       plan=meta.plan)  # (B, T, H, d_c)
-        return composed.output(out_latent.reshape(b, t, -1))
+        return composed.output(out_latent.reshape(*x.shape[:2], -1))
 
     def _up(self, latent: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Per-head up-projection: latent (B, L, h_c, d_c) -> (B, L, H, d_h)."""
