@@ -116,9 +116,13 @@ class StepResults(list):
 def compose_absorptions_for_serving(model, on: bool | None = None) -> int:
     """`model.compose_absorptions(on)` (W_UK and W_UV multiplied into the latent layers'
     decode projections; they then hold more weight bytes), `on` None meaning the
-    HWATTN_COMPOSE_ABSORB switch; returns how many layers composed them. The engine calls it
-    before it sizes the KV cache from the free memory, and `ModelRunner` again."""
-    return model.compose_absorptions(mla.COMPOSE_ABSORPTIONS if on is None else on)
+    HWATTN_COMPOSE_ABSORB switch; returns how many layers hold them. The engine calls it
+    before it sizes the KV cache from the free memory, `ModelRunner` again: a model composed
+    already is left as it is."""
+    on = mla.COMPOSE_ABSORPTIONS if on is None else on
+    if on and model.composed_layers:
+        return model.composed_layers
+    return model.compose_absorptions(on)
 
 
 class ModelRunner(DecodeGraphs):

@@ -204,6 +204,11 @@ class Transformer(nn.Module):
                    if hasattr(blk.attn, "compose_absorptions"))
 
     @property
+    def composed_layers(self) -> int:
+        """How many layers hold composed absorptions (`compose_absorptions`)."""
+        return sum(getattr(blk.attn, "_composed", None) is not None for blk in self.layers)
+
+    @property
     def cache_heads(self) -> int:
         """Cached heads per layer on this rank (KV or latent heads), from the layers' own
         configs, which describe the local shard once the model is tensor-parallel."""

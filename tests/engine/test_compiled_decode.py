@@ -51,6 +51,23 @@ def test_composed_absorptions_decode_as_the_separate_products(checkpoints, varia
     assert eager == separate and compiled == separate
 
 
+def test_serving_composes_a_model_once(monkeypatch):
+    """The engine composes before it sizes the cache and the runner again: the second call
+    keeps the first's composed weights; switched off, it drops them."""
+    from hwattn import ModelConfig, Transformer
+    from hwattn.engine.model_runner import compose_absorptions_for_serving
+    from hwattn.layers import mla
+
+    model = Transformer(ModelConfig.from_preset("tiny", attention="gla", n_layers=2))
+    monkeypatch.setattr(mla, "COMPOSE_ABSORPTIONS", True)
+    assert compose_absorptions_for_serving(model) == 2
+    first = [blk.attn._composed for blk in model.layers]
+    assert compose_absorptions_for_serving(model) == 2
+    assert [blk.attn._composed for blk in model.layers] == first
+    assert all(a is b for a, b in zip(first, [blk.attn._composed for blk in model.layers]))
+    assert compose_absorptions_for_serving(model, on=False) == 0 == model.composed_layers
+
+
 @pytest.mark.slow
 def test_compiled_verify_steps_match_eager(checkpoints):
     """Speculative verification (L_q = k + 1) runs the same compiled blocks."""
