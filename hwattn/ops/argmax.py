@@ -9,7 +9,8 @@ an H200, reading the 16 MB at about 12% of the copy rate (docs/results/engine.md
 64 outputs of 128,256 inputs each is a poor shape for a GPU reduction. Here each row is cut
 into chunks of `d` entries (a divisor of the row's length, so the cut is a free view), `max`
 runs over every chunk (rows × V/d outputs, 6,144 for the `xl` step), then `argmax` over each
-row's chunk maxima and a gather of the index within that chunk. Not yet timed on a GPU.
+row's chunk maxima and a gather of the index within that chunk. It ran in run 17's H100
+decode steps, where its kernels' time could not be told from the step's other reductions.
 
 Ties and NaN keep `argmax`'s rule: `max(-1)` returns the first maximal index within a chunk,
 and `argmax` over the chunk maxima the first chunk holding the row's maximum, whose first

@@ -82,9 +82,9 @@ def shard_model(model, rank: int, world: int, group=None):
 
     `group` is the process group of the all-reduces (None with world 1: no communication).
     A model whose projections were fused (`Transformer.fuse_projections`, as `ModelRunner`
-    does) is fused again from its shards, and composed absorptions are composed again. Raises ValueError, before changing anything, if
-    `world` does not divide the heads as `Attention.local_heads` needs, or if `model` is
-    sharded already.
+    does) is fused again from its shards, and composed absorptions are composed again.
+    Raises ValueError, before changing anything, if `world` does not divide the heads as
+    `Attention.local_heads` needs, or if `model` is sharded already.
     """
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"need 0 <= rank < world, got rank {rank}, world {world}")
