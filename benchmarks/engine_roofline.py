@@ -412,9 +412,12 @@ def tables(doc: dict) -> str:
         out += [f"Copy {doc['peaks'][0]:.0f} GB/s (read + write), bf16 matmul "
                 f"{doc['peaks'][1]:.0f} TFLOP/s, measured in this run.", ""]
     if "skinny_gemm" in doc:
+        blas = next((r["blas"] for r in doc["rows"] if r.get("blas")), None)
+        blas = {"cublaslt": "cuBLASLt preferred", "cublas": "cuBLAS preferred",
+                "default": "PyTorch's BLAS choice"}.get(blas, "cuBLAS")
         out += ["Linear layers at decode's few rows: "
                 + ("the skinny Triton kernel (`hwattn/ops/linear.py`)." if doc["skinny_gemm"]
-                   else "`F.linear` (cuBLAS on a GPU)."), ""]
+                   else f"`F.linear` ({blas} on a GPU)."), ""]
     dec = [r for r in doc["rows"] if r["part"] == "decode"]
     if dec:
         out += ["## Decode step (xl, random weights, CUDA graphs)", "",

@@ -376,6 +376,7 @@ def time_decode_step(runner, step: StepInput, context_len: int, iters: int = 10)
     out = dict(cuda_graphs=runner.cuda_graphs, graph_error=runner.graph_error,
                compiled=getattr(runner, "decode_blocks", None) is not None,
                composed_layers=getattr(runner, "composed_layers", 0),
+               blas=getattr(runner, "blas", "default"),
                step_wall_s=step_wall, forward_device_s=forward_device,
                forward_queued_s=forward_queued, launch_latency_s=forward_device - forward_queued,
                launch_queued_s=launch_queued,

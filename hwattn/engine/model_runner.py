@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -113,6 +114,29 @@ class StepResults(list):
         self.prompt_logprobs = prompt_logprobs or {}
 
 
+# The BLAS library the engine asks PyTorch to prefer for its GEMMs on a GPU (HWATTN_BLAS:
+# "cublaslt", "cublas", or "default" to leave PyTorch's choice alone). cuBLASLt is the default:
+# at decode's 64 rows it runs the down projection without cuBLAS's split-K reduction kernel,
+# and on an H100 the compiled `xl` decode step was 1.9-2.6% faster at L = 1K and 0.6-1.0% at
+# 8K with it (docs/results/engine.md, run 18).
+BLAS_CHOICES = ("cublaslt", "cublas", "default")
+BLAS_LIBRARY = os.environ.get("HWATTN_BLAS", "cublaslt")
+
+
+def prefer_blas(device: torch.device, blas: str | None = None) -> str:
+    """Make PyTorch prefer `blas` (None: HWATTN_BLAS) for the process's GEMMs when `device` is
+    a CUDA device, before anything is compiled or captured; returns the library preferred
+    ("default" off CUDA or when left alone). The preference is process-wide, as PyTorch keeps
+    it (`torch.backends.cuda.preferred_blas_library`)."""
+    blas = BLAS_LIBRARY if blas is None else blas
+    if blas not in BLAS_CHOICES:
+        raise ValueError(f"blas (HWATTN_BLAS) must be one of {BLAS_CHOICES}, got {blas!r}")
+    if device.type != "cuda" or blas == "default" or torch.version.hip is not None:
+        return "default"
+    torch.backends.cuda.preferred_blas_library(blas)
+    return blas
+
+
 def compose_absorptions_for_serving(model, on: bool | None = None) -> int:
     """`model.compose_absorptions(on)` (W_UK and W_UV multiplied into the latent layers'
     decode projections; they then hold more weight bytes), `on` None meaning the
@@ -153,6 +177,8 @@ class ModelRunner(DecodeGraphs):
     compose_absorptions: decode steps of latent layers (MLA, GLA) through projections with
         W_UK and W_UV multiplied in (`Transformer.compose_absorptions`); None: the
         HWATTN_COMPOSE_ABSORB environment switch (off unless "1").
+    blas: the BLAS library PyTorch is asked to prefer on a GPU, for the whole process
+        (`prefer_blas`; None: HWATTN_BLAS, cuBLASLt unless set).
 
     The runner fuses the model's input projections (`Transformer.fuse_projections`): from
     then on the model serves (its fused weights take no gradients).
@@ -164,7 +190,9 @@ class ModelRunner(DecodeGraphs):
                  graph_query_lens: tuple[int, ...] = (1,), compile_decode: bool = False,
                  compile_prefill: bool = False, prefill_graphs: bool = True,
                  max_num_batched_tokens: int | None = None, mixed_steps: bool = True,
-                 compose_absorptions: bool | None = None):
+                 compose_absorptions: bool | None = None, blas: str | None = None):
+        # Before the blocks are compiled and the steps captured, which keep the GEMMs chosen.
+        self.blas = prefer_blas(model.tok_embeddings.weight.device, blas)
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
         self.composed_layers = compose_absorptions_for_serving(model, compose_absorptions)
         self.page_size = page_size

@@ -5,6 +5,8 @@ accounting (KV bytes, decode bytes, FLOPs). The metadata that drives a step
 A family implements these hooks:
 
     project(x, cos, sin) -> (q_parts, states)   query pieces and the per-token cached states
+                                                 (`finish=False` as well where the family sets
+                                                 `finishes_states_in_store`; `state_norm`)
     attend(q_parts, states) -> (B, T, H, d_h)   dense causal attention over states (training,
                                                  whole prompts); keys may outnumber queries
     decode(q_parts, cache, meta) -> (B, T, H, d_h)  attention through `meta.backend`
@@ -32,6 +34,7 @@ attention (`attend`) over each sequence's cache gathered into a tensor.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -115,6 +118,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 # was faster at a mean of 512 tokens (by 6-10% for GQA-4/GTA-4, 31% for GLA-2/MLA) and level
 # with it at 2048 (the op ahead by 1-2%), so the crossover is set there.
 DENSE_LOOP_MIN_MEAN_LEN = 2048
+
+# Whether decode steps of the families that can finish their cached states in the cache write
+# (`Attention.finishes_states_in_store`): HWATTN_FUSED_STATE_STORE=0 keeps the norm and RoPE
+# as kernels of their own before the store, to measure the two.
+FUSED_STATE_STORE = os.environ.get("HWATTN_FUSED_STATE_STORE", "1") != "0"
 
 
 class Attention(nn.Module):
@@ -225,8 +233,42 @@ class Attention(nn.Module):
         its cache, or a prefill step's metadata without its plan.
         """
         self.check_step(x, cos, sin, meta, cache)
-        q, states = self.project(x, cos, sin)
-        return self.wo(self.attend_step(q, states, meta, cache).reshape(*x.shape[:2], -1))
+        if not self.finishes_in_store(meta):
+            q, states = self.project(x, cos, sin)
+            return self.wo(self.attend_step(q, states, meta, cache).reshape(*x.shape[:2], -1))
+        q, raw = self.project(x, cos, sin, finish=False)
+        self._store_unfinished(cache, raw, cos, sin, meta)
+        return self.wo(self.decode(q, cache, meta).reshape(*x.shape[:2], -1))
+
+    # Families whose `project` does no more to its two cached states after the input
+    # projection than an RMSNorm per head of the first (`state_norm`) and the RoPE of the
+    # second set this, and take `project(x, cos, sin, finish=False)`: the states then come
+    # back as the projection left them, and a decode step finishes them in its cache write
+    # (`AttentionBackend.store_states`: one launch on the Triton backend, where the norm, the
+    # rotation and the store would be three).
+    finishes_states_in_store = False
+
+    def state_norm(self) -> tuple[Tensor, float] | None:
+        """(weight (heads, d), eps) of the RMSNorm on the first cached state, or None."""
+        return None
+
+    def finishes_in_store(self, meta: AttentionMetadata | None) -> bool:
+        """Whether this step's states are finished in the cache write: a decode step (neither
+        prefill nor mixed, whose attention reads the finished states themselves) of a family
+        that can, unless HWATTN_FUSED_STATE_STORE=0."""
+        return (FUSED_STATE_STORE and self.finishes_states_in_store and meta is not None
+                and not meta.is_prefill and meta.parts is None)
+
+    @torch.compiler.disable
+    def _store_unfinished(self, cache: tuple[Tensor, ...], raw: tuple[Tensor, Tensor],
+                          cos: Tensor, sin: Tensor, meta: AttentionMetadata) -> None:
+        """`_store` of the states `project(..., finish=False)` returned (each (B, T, ...)),
+        finished on the way: `state_norm` on the first, RoPE by cos, sin on the second."""
+        first, second = raw
+        rows = (first.shape[0] * first.shape[1], cos.shape[-1])
+        cos, sin = (t.expand(*first.shape[:2], rows[1]).reshape(rows) for t in (cos, sin))
+        meta.backend.store_states(cache, (first.flatten(0, 1), second.flatten(0, 1)),
+                                  meta.slot_mapping, norm=self.state_norm(), rope=(cos, sin))
 
     def check_step(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None,
                    cache: tuple[Tensor, ...] | None) -> None:

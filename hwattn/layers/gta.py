@@ -40,14 +40,16 @@ class GroupedTiedAttention(TiedStateAttention):
         self.wo = Linear(h * self.head_dim, d, **kw)
 
     input_projections = ("wq", "wkv", "wk_rope")
+    finishes_states_in_store = True  # the RoPE key rotated in a decode step's cache write
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor):
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor, finish: bool = True):
         b, t, _ = x.shape
         q, tied, k_rope = self.in_proj(x)
         q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, d_h)
         q = torch.cat((q[..., :self.nope_dim], apply_rope(q[..., self.nope_dim:], cos, sin)), -1)
         tied = tied.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, d_h)
-        k_rope = apply_rope(k_rope, cos, sin)  # (B, T, d_R)
+        if finish:
+            k_rope = apply_rope(k_rope, cos, sin)  # (B, T, d_R)
         return (q,), (tied, k_rope)
 
     def attend(self, q, states) -> Tensor:

@@ -142,12 +142,17 @@ class LatentAttention(TiedStateAttention):
                 nn.init.uniform_(w, -bound, bound)
 
     input_projections = ("wq_a", "wkv_a")
+    # kv_norm and the RoPE key's rotation done in a decode step's cache write
+    finishes_states_in_store = True
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor):
-        b, t, _ = x.shape
-        return self._project(x, cos, sin, self.wq_b, self.head_dim)
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor, finish: bool = True):
+        return self._project(x, cos, sin, self.wq_b, self.head_dim, finish)
 
-    def _project(self, x: Tensor, cos: Tensor, sin: Tensor, wq_b: nn.Module, width: int):
+    def state_norm(self) -> tuple[Tensor, float]:
+        return self.kv_norm.weight, self.kv_norm.eps
+
+    def _project(self, x: Tensor, cos: Tensor, sin: Tensor, wq_b: nn.Module, width: int,
+                 finish: bool = True):
         """`project` through the query projection `wq_b`, whose output per head is
         [`width` un-rotated dims | d_R RoPE dims]: `self.wq_b` (q_nope, d_h), or the composed
         query (q_abs, d_c; `compose_absorptions`)."""
@@ -156,8 +161,10 @@ class LatentAttention(TiedStateAttention):
         q = wq_b(self.q_norm(q_latent)).view(b, t, self.n_heads, -1)  # (B, T, H, width + d_R)
         q_first, q_rope = q.split([width, self.rope_dim], dim=-1)
         latent, k_rope = kv.split([self.n_latent_heads * self.latent_dim, self.rope_dim], dim=-1)
-        latent = self.kv_norm(latent.view(b, t, self.n_latent_heads, self.latent_dim))  # (B, T, h_c, d_c)
-        return (q_first, apply_rope(q_rope, cos, sin)), (latent, apply_rope(k_rope, cos, sin))
+        latent = latent.view(b, t, self.n_latent_heads, self.latent_dim)  # (B, T, h_c, d_c)
+        if finish:
+            latent, k_rope = self.kv_norm(latent), apply_rope(k_rope, cos, sin)
+        return (q_first, apply_rope(q_rope, cos, sin)), (latent, k_rope)
 
     @torch.no_grad()
     def compose_absorptions(self, on: bool = True) -> bool:
@@ -207,8 +214,13 @@ class LatentAttention(TiedStateAttention):
         if composed is None or meta is None or meta.is_prefill or meta.parts is not None:
             return super().forward(x, cos, sin, meta, cache)
         self.check_step(x, cos, sin, meta, cache)
-        q, states = self._project(x, cos, sin, composed.query, self.latent_dim)  # q_abs, q_rope
-        self._store(cache, states, meta)
+        finish = not self.finishes_in_store(meta)
+        q, states = self._project(x, cos, sin, composed.query, self.latent_dim,  # q_abs, q_rope
+                                  finish)
+        if finish:
+            self._store(cache, states, meta)
+        else:
+            self._store_unfinished(cache, states, cos, sin, meta)
         out_latent = self.kernel_call(meta.backend, q, cache, meta.block_table, meta.cache_seqlens,
                                       plan=meta.plan)  # (B, T, H, d_c)
         return composed.output(out_latent.reshape(*x.shape[:2], -1))

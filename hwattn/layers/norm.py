@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hwattn.ops.reference import rms_norm_reference
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32.
@@ -22,6 +24,4 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)

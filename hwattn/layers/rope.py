@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hwattn.ops.reference import rope_reference
+
 
 def rope_table(dim: int, max_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
     """cos, sin tables of shape (max_len, dim // 2), fp32."""
@@ -21,6 +23,4 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x (B, T, [H,] d) by cos, sin (B, T, d/2); returns x's dtype."""
     while cos.dim() < x.dim():
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    return rope_reference(x, cos, sin)

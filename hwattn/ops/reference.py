@@ -241,6 +241,36 @@ def store_kv_reference(cache: Tensor, new: Tensor, slot_mapping: Tensor,
     cache[slots // page_size, slots % page_size] = values.to(cache.dtype)
 
 
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) * weight over the last dimension, in fp32 (or wider), returned in x's dtype;
+    `weight` (..., d) broadcasts against x (one row per head: (heads, d) for x (..., heads, d))."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE of x (..., d) by cos, sin (..., d / 2), which broadcast against x's
+    leading dimensions: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in fp32,
+    returned in x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def finish_states_reference(news: tuple[Tensor, Tensor], norm: tuple[Tensor, float] | None,
+                            rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """What a layer does to its two cached states between its input projection and the cache
+    (the contract of `AttentionBackend.store_states`): news[0] (N, heads, d) through RMSNorm
+    with one weight row per head, `norm` = (weight (heads, d), eps), and news[1] (N, d_R)
+    rotated, `rope` = (cos, sin), each (N, d_R / 2); either left as it is where None."""
+    first, second = news
+    if norm is not None:
+        first = rms_norm_reference(first, *norm)
+    if rope is not None:
+        second = rope_reference(second, *rope)
+    return first, second
+
+
 def skinny_linear_reference(x: Tensor, weight: Tensor) -> Tensor:
     """x (..., K) @ weight (N, K)^T -> (..., N) in x's dtype, computed in fp32 and rounded once
     (the contract of `hwattn.ops.skinny_gemm.skinny_linear`)."""

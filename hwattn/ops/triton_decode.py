@@ -22,10 +22,10 @@ from torch import Tensor
 from hwattn.ops.kernels import interpreter
 from hwattn.ops.kernels.attend import attend_kernel
 from hwattn.ops.kernels.combine import combine
-from hwattn.ops.kernels.store import store_kernel, store_pair_kernel
+from hwattn.ops.kernels.store import store_kernel, store_pair_kernel, store_states_kernel
 from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN, DecodePlan, plan_decode
 
-__all__ = ["KernelConfig", "choose_config", "decode", "decode_tied", "plan_decode", "store_kv",
+__all__ = ["KernelConfig", "choose_config", "decode", "decode_tied", "plan_decode", "store_kv", "store_states",
            "store_kv_pair"]
 
 LOG2E = 1.4426950408889634
@@ -265,4 +265,30 @@ def store_kv_pair(caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
         slot_mapping, min(_slots(cache_a), _slots(cache_b)), scale if scale is not None else 1.0,
         SCALED=scale is not None, SATURATE=cache_a.dtype == torch.float8_e4m3fn,
         BLOCK_A=_store_block(flat_a.shape[1]), BLOCK_B=_store_block(flat_b.shape[1]),
+    )
+
+
+def store_states(caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor], slot_mapping: Tensor,
+                 norm: tuple[Tensor, float] | None = None,
+                 rope: tuple[Tensor, Tensor] | None = None, scale: float | None = None) -> None:
+    """`finish_states_reference(news, norm, rope)` written into `caches` at `slot_mapping`, in
+    one launch (`AttentionBackend.store_states`, whose checks it assumes): caches (P, page,
+    heads, d) and (P, page, d_R) contiguous, of one dtype; news[0] (N, heads, d) and news[1]
+    (N, d_R), each with unit stride in its last dimension (views of the input projection's
+    output, as the layers pass them); norm = (weight (heads, d), eps); rope = (cos, sin), each
+    (N, d_R / 2) fp32 with unit last stride."""
+    (cache_a, cache_b), (new_a, new_b) = caches, news
+    n_tokens, n_heads, head_dim = new_a.shape
+    rope_dim = new_b.shape[1]
+    if n_tokens == 0:
+        return
+    weight, eps = norm if norm is not None else (new_a, 0.0)  # (a pointer never read)
+    cos, sin = rope if rope is not None else (new_b, new_b)
+    store_states_kernel[(n_tokens, n_heads + 1)](
+        cache_a, new_a, new_a.stride(0), new_a.stride(1), n_heads, head_dim, weight.contiguous(),
+        eps, cache_b, new_b, new_b.stride(0), rope_dim, cos, sin, cos.stride(0), slot_mapping,
+        min(_slots(cache_a), _slots(cache_b)), scale if scale is not None else 1.0,
+        NORM=norm is not None, ROPE=rope is not None, SCALED=scale is not None,
+        SATURATE=cache_a.dtype == torch.float8_e4m3fn,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=triton.next_power_of_2(rope_dim // 2),
     )

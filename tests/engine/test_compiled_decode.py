@@ -69,6 +69,42 @@ def test_serving_composes_a_model_once(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", ["gta-4", "gla-2", "mla"])
+def test_states_finished_in_the_cache_write_decode_as_before(checkpoints, variant, monkeypatch):
+    """Decode steps that finish their states in the cache write (`Attention.
+    finishes_states_in_store`, on by default) give the greedy tokens of steps that norm and
+    rotate them first (HWATTN_FUSED_STATE_STORE=0), eager and compiled."""
+    from hwattn.layers import base
+
+    torch._dynamo.reset()
+    path = checkpoints(variant)
+    monkeypatch.setattr(base, "FUSED_STATE_STORE", False)
+    unfused, _ = _generate(path, False)
+    monkeypatch.setattr(base, "FUSED_STATE_STORE", True)
+    eager, _ = _generate(path, False)
+    compiled, _ = _generate(path, True)
+    assert eager == unfused and compiled == unfused
+
+
+def test_the_engine_prefers_its_blas_library_on_a_gpu_only(monkeypatch):
+    """`prefer_blas`: a CUDA device gets the library asked for (HWATTN_BLAS by default), any
+    other device none; a name it does not know is refused, naming the switch."""
+    from hwattn.engine import model_runner
+
+    asked = []
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", asked.append)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert model_runner.prefer_blas(torch.device("cpu")) == "default"
+    assert model_runner.prefer_blas(torch.device("cuda", 0)) == model_runner.BLAS_LIBRARY
+    assert model_runner.prefer_blas(torch.device("cuda", 0), "cublas") == "cublas"
+    assert model_runner.prefer_blas(torch.device("cuda", 0), "default") == "default"
+    expected = [model_runner.BLAS_LIBRARY] if model_runner.BLAS_LIBRARY != "default" else []
+    assert asked == expected + ["cublas"]
+    with pytest.raises(ValueError, match="HWATTN_BLAS"):
+        model_runner.prefer_blas(torch.device("cuda", 0), "mkl")
+
+
+@pytest.mark.slow
 def test_compiled_verify_steps_match_eager(checkpoints):
     """Speculative verification (L_q = k + 1) runs the same compiled blocks."""
     torch._dynamo.reset()

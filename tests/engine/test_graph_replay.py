@@ -313,6 +313,26 @@ def test_composed_absorptions_on_the_gpu_decode_as_the_separate_products(checkpo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["gta-4", "gla-2", "mla"])
+def test_states_finished_in_the_cache_write_on_the_gpu_decode_as_before(checkpoints, variant,
+                                                                       monkeypatch):
+    """The Triton store that norms and rotates the states (`store_states_kernel`) in compiled,
+    captured steps (fp32) decodes the greedy tokens of eager steps that norm and rotate them
+    first (HWATTN_FUSED_STATE_STORE=0)."""
+    from hwattn.layers import base
+
+    path = checkpoints(variant)
+    prompts, params, kw = _gpu_requests(5, 10, 5, num_pages=96)
+    monkeypatch.setattr(base, "FUSED_STATE_STORE", False)
+    want = [o.token_ids for o in LLM(path, cuda_graphs=False, **kw).generate(prompts, params)]
+    monkeypatch.setattr(base, "FUSED_STATE_STORE", True)
+    llm = LLM(path, compile_decode=True, **kw)
+    assert llm.engine.runner.cuda_graphs, llm.engine.runner.graph_error
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    llm.engine.check_invariants()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
 def test_captured_latent_decode_on_the_gpu_reads_its_staged_plan(checkpoints):
     """GLA-2 in bf16 on the GPU's own backend (the Hopper kernels on an H100/H200, whose
     plans hold one part per launch shape): replayed steps at lengths that change every plan's

@@ -366,6 +366,119 @@ def test_store_kvs_of_two_cache_dtypes_and_bad_arguments():
     backend.store_kvs(caches[:1], news[:1], slots)  # one cache: a plain store
 
 
+def _rope_rows(n_tokens: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (N, d_R / 2) fp32 of random positions, as `Transformer.rope` gives them."""
+    from hwattn.layers.rope import rope_table
+
+    cos, sin = rope_table(rope_dim, 4096, 10000.0)
+    positions = torch.randint(0, 4096, (n_tokens,))
+    return cos[positions], sin[positions]
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["normed", "as-is"])
+@pytest.mark.parametrize("dtype, cache_dtype, scale", [
+    (torch.bfloat16, torch.bfloat16, None), (torch.float32, torch.float32, None),
+    (torch.float32, torch.float16, None), (torch.bfloat16, torch.float8_e4m3fn, 0.37)],
+    ids=["bf16", "fp32", "fp32-into-fp16", "fp8-scaled"])
+def test_store_states_writes_what_finishing_and_storing_write(dtype, cache_dtype, scale, norm):
+    """The Triton backend's one launch (per-head RMSNorm of the first state, RoPE of the second,
+    both stored) against the reference (`finish_states_reference`, then the store), on the
+    strided rows of a wider projection output as the layers pass them, with padding slots:
+    equal to the stored dtype's rounding, padding and other slots untouched."""
+    n_tokens, page, heads, d, d_r = 23, 8, 2, 48, 16
+    wide = (torch.randn(n_tokens, 7 + heads * d + d_r) * 3).to(dtype)  # [other | latents | rope]
+    news = (wide[:, 7:7 + heads * d].view(n_tokens, heads, d), wide[:, 7 + heads * d:])
+    weight = (torch.rand(heads, d) + 0.5).to(dtype)
+    cos, sin = _rope_rows(n_tokens, d_r)
+    slots = torch.randperm(5 * page)[:n_tokens]
+    slots[2::6] = -1
+    written = {}
+    for backend in ("torch", "triton"):
+        caches = (torch.full((5, page, heads, d), float("nan")).to(cache_dtype).to(DEVICE),
+                  torch.full((5, page, d_r), float("nan")).to(cache_dtype).to(DEVICE))
+        ops.get_backend(backend, torch.device(DEVICE)).store_states(
+            caches, tuple(n.to(DEVICE) for n in news), slots.to(DEVICE),
+            norm=(weight.to(DEVICE), 1e-5) if norm else None,
+            rope=(cos.to(DEVICE), sin.to(DEVICE)), scale=scale)
+        written[backend] = [c.cpu() for c in caches]
+    keep = slots[slots >= 0]
+    finished = ops.reference.finish_states_reference(news, (weight, 1e-5) if norm else None,
+                                                     (cos, sin))
+    tol = 2 * torch.finfo(cache_dtype).eps  # two roundings apart at most (fp32 sums reordered)
+    for i, (ref, got) in enumerate(zip(written["torch"], written["triton"])):
+        flat = got.flatten(0, 1)
+        torch.testing.assert_close(flat[keep].float(), ref.flatten(0, 1)[keep].float(),
+                                   rtol=tol, atol=tol * (scale or 1e-3))
+        untouched = torch.ones(5 * page, dtype=torch.bool)
+        untouched[keep] = False
+        assert flat[untouched].float().isnan().all()
+        # and the reference store holds the finished states (nothing left as it was)
+        expect = finished[i][slots >= 0].float() / (scale or 1.0)
+        torch.testing.assert_close(ref.flatten(0, 1)[keep].float(), expect.to(cache_dtype).float())
+    if norm:  # the norm was applied: every stored latent row has an RMS near its weights'
+        rms = written["triton"][0].flatten(0, 1)[keep].float().div(weight.float()).pow(2).mean(-1)
+        assert ((rms.sqrt() * (scale or 1.0) - 1).abs() < 0.1).all()
+
+
+def test_store_states_refuses_bad_arguments_naming_them():
+    backend = ops.get_backend("triton", torch.device(DEVICE))
+    slots = torch.tensor([3, -1, 0], device=DEVICE)
+    caches = (torch.zeros(2, 4, 2, 8, device=DEVICE), torch.zeros(2, 4, 4, device=DEVICE))
+    news = (torch.randn(3, 2, 8, device=DEVICE), torch.randn(3, 4, device=DEVICE))
+    cos, sin = torch.ones(3, 2, device=DEVICE), torch.zeros(3, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="norm weight must be"):
+        backend.store_states(caches, news, slots, norm=(torch.ones(8, device=DEVICE), 1e-5))
+    with pytest.raises(ValueError, match="norm eps"):
+        backend.store_states(caches, news, slots, norm=(torch.ones(2, 8, device=DEVICE), -1.0))
+    with pytest.raises(ValueError, match="rope cos must be float32"):
+        backend.store_states(caches, news, slots, rope=(cos.double(), sin))
+    with pytest.raises(ValueError, match=r"rope sin must be \(N, d_R / 2\)"):
+        backend.store_states(caches, news, slots, rope=(cos, sin[:2]))
+    with pytest.raises(ValueError, match="two caches and two tensors"):
+        backend.store_states(caches[:1], news[:1], slots)
+    with pytest.raises(ValueError, match="new tokens .* do not fit cache"):
+        backend.store_states(caches, news[::-1], slots)
+    assert caches[0].abs().sum() == 0 and caches[1].abs().sum() == 0  # nothing written
+    backend.store_states(caches, news, slots, rope=(cos, sin))  # cos 1, sin 0: stored as is
+    for cache, new in zip(caches, news):
+        torch.testing.assert_close(cache.flatten(0, 1)[[3, 0]], new[[0, 2]])
+
+
+@pytest.mark.parametrize("attention", ["gta", "mla", "gla"])
+def test_decode_steps_finishing_states_in_the_store_match_the_unfused_layer(attention,
+                                                                            monkeypatch):
+    """A decode step whose states are finished in the cache write (Triton, one launch) leaves
+    the cache and the output the unfused step (norm and RoPE first, then the store) leaves."""
+    from hwattn.layers import base
+
+    cfg = ModelConfig.from_preset("tiny", attention=attention)
+    layer = build_attention(cfg, device=DEVICE).eval()
+    if hasattr(layer, "kv_norm"):
+        torch.nn.init.uniform_(layer.kv_norm.weight, 0.5, 1.5)
+    batch, past, page = 3, 13, 4
+    table = torch.randperm(batch * 5, device=DEVICE).to(torch.int32).view(batch, 5)
+    positions = torch.full((batch, 1), past - 1, device=DEVICE)
+    slots = AttentionMetadata.slots(table, positions, page)
+    lens = torch.full((batch,), past, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(batch, 1, cfg.dim, device=DEVICE)
+    cos, sin = _rope_rows(batch, cfg.rope_dim)
+    cos, sin = cos[:, None].to(DEVICE), sin[:, None].to(DEVICE)
+    start = layer.allocate_cache(batch * 5, page, dtype=torch.float32, device=DEVICE)
+    for c in start:
+        c.normal_()
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setattr(base, "FUSED_STATE_STORE", fused)
+        cache = tuple(c.clone() for c in start)
+        meta = AttentionMetadata(table, lens, slots, backend="triton")
+        assert layer.finishes_in_store(meta) == fused
+        with torch.no_grad():
+            results[fused] = (layer(x, cos, sin, meta, cache), cache)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for got, ref in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("attention", ["gqa", "mqa", "gta", "mla", "gla"])
 def test_layer_decode_on_triton_matches_torch(attention):
     """Each family's decode hook through the Triton kernels equals the reference backend."""

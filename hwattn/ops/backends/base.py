@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from hwattn.ops.plan import DecodePlan, PrefillPlan, plan_prefill
+from hwattn.ops import reference
 from hwattn.ops.reference import check_block_table
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -375,6 +376,14 @@ class AttentionBackend:
         for cache, new in zip(caches, news):
             self.run_store_kv(cache, new, slot_mapping, scale=scale)
 
+    def run_store_states(self, caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
+                         slot_mapping: Tensor, *, norm: tuple[Tensor, float] | None,
+                         rope: tuple[Tensor, Tensor] | None, scale: float | None) -> None:
+        """`run_store_kvs` of `finish_states_reference(news, norm, rope)`; a backend may
+        finish and store them in one launch."""
+        finished = reference.finish_states_reference(news, norm, rope)
+        self.run_store_kvs(caches, finished, slot_mapping, scale=scale)
+
     # Checked entry points.
     def _check_paged(self, name_cache: str, cache: Tensor, block_table: Tensor,
                      cache_seqlens: Tensor, batch: int, query_len: int, device: torch.device,
@@ -685,3 +694,53 @@ class AttentionBackend:
             _check_store(cache, new, slot_mapping)
         scale = _check_scale("scale", scale)
         self.run_store_kvs(tuple(caches), tuple(news), slot_mapping, scale=scale)
+
+    @torch.compiler.disable
+    def store_states(self, caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
+                     slot_mapping: Tensor, *, norm: tuple[Tensor, float] | None = None,
+                     rope: tuple[Tensor, Tensor] | None = None,
+                     scale: float | None = None) -> None:
+        """`store_kvs` of a layer's two states as its input projection left them, finished on
+        the way (`reference.finish_states_reference`): the first RMSNorm'd per head, the
+        second rotated. A decode step's cache write of the latent layers (MLA, GLA: the
+        normalised latents and the RoPE key) and GTA (its tied state as it is, the RoPE key):
+        the Triton backend does it in one launch, where the layer would otherwise launch the
+        norm, the rotation and the store.
+
+        Args:
+            caches: (P, page_size, heads, d) and (P, page_size, d_R).
+            news: (N, heads, d) and (N, d_R), the projection's output rows (views are taken).
+            norm: (weight (heads, d), eps) or None (the first state stored as it is).
+            rope: (cos, sin), each (N, d_R / 2) float32, or None (the second as it is).
+            scale: as `store_kv`'s.
+        """
+        if len(caches) != 2 or len(news) != 2:
+            raise ValueError(f"store_states takes two caches and two tensors of new tokens, got "
+                             f"{len(caches)} and {len(news)}")
+        for cache, new in zip(caches, news):
+            _check_store(cache, new, slot_mapping)
+        if news[0].dim() != 3 or news[1].dim() != 2:
+            raise ValueError(f"store_states takes news (N, heads, d) and (N, d_R), got "
+                             f"{tuple(news[0].shape)} and {tuple(news[1].shape)}")
+        if norm is not None:
+            weight, eps = norm
+            if weight.shape != news[0].shape[1:]:
+                raise ValueError(f"norm weight must be (heads, d) = {tuple(news[0].shape[1:])}, "
+                                 f"got {tuple(weight.shape)}")
+            if weight.device != news[0].device:
+                raise ValueError(f"norm weight is on {weight.device} but news are on "
+                                 f"{news[0].device}")
+            if not eps >= 0:
+                raise ValueError(f"norm eps must be >= 0, got {eps}")
+        if rope is not None:
+            half = (news[1].shape[0], news[1].shape[1] // 2)
+            for name, t in zip(("cos", "sin"), rope):
+                if news[1].shape[1] % 2 or t.shape != half:
+                    raise ValueError(f"rope {name} must be (N, d_R / 2) = {half} for an even "
+                                     f"d_R, got {tuple(t.shape)}")
+                if t.dtype != torch.float32 or t.device != news[1].device:
+                    raise ValueError(f"rope {name} must be float32 on {news[1].device}, got "
+                                     f"{t.dtype} on {t.device}")
+        scale = _check_scale("scale", scale)
+        self.run_store_states(tuple(caches), tuple(news), slot_mapping, norm=norm, rope=rope,
+                              scale=scale)

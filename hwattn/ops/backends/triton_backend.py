@@ -29,7 +29,7 @@ class TritonBackend(AttentionBackend):
     priority = 10
     kernel_names = {"attention": ("attend_kernel", "combine_kernel", "combine_rows_kernel",
                                   "prefill_kernel"),
-                    "cache_write": ("store_kernel", "store_pair_kernel")}
+                    "cache_write": ("store_kernel", "store_pair_kernel", "store_states_kernel")}
     varlen_prefill = True
 
     def __init__(self, config: triton_decode.KernelConfig | None = None,
@@ -118,3 +118,12 @@ class TritonBackend(AttentionBackend):
             triton_decode.store_kv_pair(caches, news, slot_mapping, scale)  # one launch
         else:
             super().run_store_kvs(caches, news, slot_mapping, scale=scale)
+
+    def run_store_states(self, caches, news, slot_mapping, *, norm, rope, scale) -> None:
+        if (caches[0].dtype == caches[1].dtype and all(map(self._stores, caches, news))
+                and all(t.stride(-1) == 1 for t in (*news, *(rope or ())))
+                and (norm is None or norm[0].dtype in triton_decode.KERNEL_DTYPES)):
+            triton_decode.store_states(caches, news, slot_mapping, norm, rope, scale)  # one launch
+        else:
+            super().run_store_states(caches, news, slot_mapping, norm=norm, rope=rope,
+                                     scale=scale)

@@ -62,3 +62,61 @@ def store_pair_kernel(cache_a_ptr, new_a_ptr, n_feat_a, stride_a, cache_b_ptr, n
     else:
         _store_row(cache_b_ptr, new_b_ptr, pid_tok, slot, n_feat_b, stride_b, scale, SCALED,
                    SATURATE, BLOCK_B)
+
+
+@triton.jit
+def _cache_write(cache_ptr, offs, values, mask, scale, SCALED: tl.constexpr,
+                 SATURATE: tl.constexpr):
+    """`values` (rounded to the activations' dtype already) into the cache at `offs`, divided by
+    the fp8 scale and saturated as `_store_row` does."""
+    if SCALED:
+        values = values.to(tl.float32) / scale
+    if SATURATE:
+        values = tl.minimum(tl.maximum(values.to(tl.float32), -E4M3_MAX), E4M3_MAX)
+    tl.store(cache_ptr + offs, values.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_states_kernel(cache_a_ptr, new_a_ptr, stride_a_tok, stride_a_head, n_heads, head_dim,
+                        norm_ptr, eps, cache_b_ptr, new_b_ptr, stride_b_tok, rope_dim,
+                        cos_ptr, sin_ptr, stride_cs, slots_ptr, n_slots, scale,
+                        NORM: tl.constexpr, ROPE: tl.constexpr, SCALED: tl.constexpr,
+                        SATURATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A layer's two states finished and cached in one launch (`finish_states_reference`, then
+    the store): program (token, j < n_heads) writes head j of the first state (RMSNorm'd with
+    weight row j when NORM), program (token, n_heads) the second state (rotate-half RoPE by the
+    token's cos / sin row when ROPE). Each result is rounded to the activations' dtype before
+    the cache's, as the unfused layer stores it."""
+    pid_tok = tl.program_id(0)
+    head = tl.program_id(1)
+    slot = tl.load(slots_ptr + pid_tok).to(tl.int64)
+    if (slot < 0) | (slot >= n_slots):
+        return
+    tok = pid_tok.to(tl.int64)
+    if head < n_heads:
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < head_dim
+        x = tl.load(new_a_ptr + tok * stride_a_tok + head * stride_a_head + offs, mask=mask)
+        if NORM:
+            xf = x.to(tl.float32)
+            inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / head_dim + eps)
+            w = tl.load(norm_ptr + head * head_dim + offs, mask=mask).to(tl.float32)
+            x = (xf * inv_rms * w).to(new_a_ptr.dtype.element_ty)
+        _cache_write(cache_a_ptr, (slot * n_heads + head) * head_dim + offs, x, mask, scale,
+                     SCALED, SATURATE)
+    else:
+        half = rope_dim // 2
+        offs = tl.arange(0, BLOCK_R)
+        mask = offs < half
+        row = new_b_ptr + tok * stride_b_tok
+        x1 = tl.load(row + offs, mask=mask)
+        x2 = tl.load(row + half + offs, mask=mask)
+        if ROPE:
+            c = tl.load(cos_ptr + tok * stride_cs + offs, mask=mask)
+            s = tl.load(sin_ptr + tok * stride_cs + offs, mask=mask)
+            x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+            dtype = new_b_ptr.dtype.element_ty
+            x1, x2 = (x1f * c - x2f * s).to(dtype), (x2f * c + x1f * s).to(dtype)
+        _cache_write(cache_b_ptr, slot * rope_dim + offs, x1, mask, scale, SCALED, SATURATE)
+        _cache_write(cache_b_ptr, slot * rope_dim + half + offs, x2, mask, scale, SCALED,
+                     SATURATE)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Second and third device calls of 2026-12-07's thirty-first sitting (one GPU; everything
+# printed also goes to $OUT/summary.txt, each engine run keeps only its .json and .md):
+#   PART=tests (default): the GPU tests of `AttentionBackend.store_states` (the Triton store
+#     that norms and rotates a layer's states: tests/ops/test_plan_store.py), of decode steps
+#     finishing their states in the cache write (compiled, captured, fp32, GTA-4 / GLA-2 /
+#     MLA) and the captured decode test again (now under cuBLASLt); then prefill with the
+#     engine's BLAS preference (HWATTN_BLAS, cuBLASLt) beside cuBLAS (HWATTN_BLAS=cublas).
+#   PART=engine: the compiled `xl` decode step (engine_check.sh engine) at this tree for
+#     GTA-4, GLA-2 and MLA, then the same with HWATTN_FUSED_STATE_STORE=0 (norm and RoPE as
+#     kernels of their own before the store), in one call so the times compare directly.
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s31c2}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/summary.txt") 2>&1
+nvidia-smi --query-gpu=name --format=csv,noheader
+if [[ ${PART:-tests} == tests ]]; then
+  for t in "tests/ops/test_plan_store.py -k store_states or finishing" \
+      tests/engine/test_graph_replay.py::test_states_finished_in_the_cache_write_on_the_gpu_decode_as_before \
+      tests/engine/test_graph_replay.py::test_captured_decode_on_the_gpu_matches_eager; do
+    echo "== $t"
+    # shellcheck disable=SC2086 # (the -k expression is split on purpose, then re-quoted)
+    if [[ $t == *" -k "* ]]; then
+      HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 120 python3 -m pytest -q \
+        -p no:cacheprovider "${t%% -k *}" -k "${t#* -k }" 2>&1 \
+        | grep -aE "passed|skipped|failed|FAILED|Error|^E |Timeout" | head -8
+    else
+      HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 200 python3 -m pytest -q \
+        -p no:cacheprovider "$t" 2>&1 | grep -aE "passed|skipped|failed|FAILED|Error|^E |Timeout" | head -8
+    fi
+  done
+  for blas in cublaslt cublas; do
+    echo "== prefill HWATTN_BLAS=$blas"
+    mkdir -p "$OUT/prefill_$blas"
+    HWATTN_BLAS=$blas timeout 140 python3 benchmarks/engine_roofline.py --parts prefill \
+      --variants gla-2 --prefill-modes compiled \
+      --out "$OUT/prefill_$blas" 2>&1 | grep -aE "^\[|^\||MFU|TFLOP" | tail -24
+    rm -f "$OUT/prefill_$blas"/*.png
+  done
+  exit 0
+fi
+run() {  # name, then environment assignments for engine_check.sh engine
+  local name=$1; shift
+  echo "== $name $*"
+  env "$@" ENGINE_MODES=compiled OUT=$OUT/$name bash benchmarks/engine_check.sh engine 2>&1 \
+    | grep -aE "^\| (gqa|gta|gla|mla)|^Copy|decode .* step" | head -30
+  rm -f "$OUT/$name"/*.png "$OUT/$name/log"
+}
+run fused ENGINE_VARIANTS=gta-4,gla-2,mla
+run unfused HWATTN_FUSED_STATE_STORE=0 ENGINE_VARIANTS=gta-4,gla-2,mla
