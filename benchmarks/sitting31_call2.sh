@@ -7,19 +7,33 @@
 #     MLA) and the captured decode test again (now under cuBLASLt); then prefill with the
 #     engine's BLAS preference (HWATTN_BLAS, cuBLASLt) beside cuBLAS (HWATTN_BLAS=cublas).
 #   PART=engine: the compiled `xl` decode step (engine_check.sh engine) at this tree for
-#     GTA-4, GLA-2 and MLA, then the same with HWATTN_FUSED_STATE_STORE=0 (norm and RoPE as
-#     kernels of their own before the store), in one call so the times compare directly.
+#     $VARIANTS (default GTA-4, GLA-2, MLA), then the same with HWATTN_FUSED_STATE_STORE=0
+#     (norm and RoPE as kernels of their own before the store), in one call so the times
+#     compare directly.
+#   PART=one: what fits one call: the store tests, the GPU engine test for GTA-4 and GLA-2,
+#     the engine A/B for GTA-4 and GLA-2, then the prefill A/B.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s31c2}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/summary.txt") 2>&1
 nvidia-smi --query-gpu=name --format=csv,noheader
-if [[ ${PART:-tests} == tests ]]; then
-  for t in "tests/ops/test_plan_store.py -k store_states or finishing" \
-      tests/engine/test_graph_replay.py::test_states_finished_in_the_cache_write_on_the_gpu_decode_as_before \
-      tests/engine/test_graph_replay.py::test_captured_decode_on_the_gpu_matches_eager; do
+FINISHED=tests/engine/test_graph_replay.py::test_states_finished_in_the_cache_write_on_the_gpu_decode_as_before
+TESTS=("tests/ops/test_plan_store.py -k store_states or finishing" "$FINISHED"
+       tests/engine/test_graph_replay.py::test_captured_decode_on_the_gpu_matches_eager)
+if [[ ${PART:-tests} == one ]]; then
+  TESTS=("tests/ops/test_plan_store.py -k store_states or finishing" "$FINISHED[gta-4]"
+         "$FINISHED[gla-2]")
+fi
+run() {  # name, then environment assignments for engine_check.sh engine
+  local name=$1; shift
+  echo "== $name $*"
+  env "$@" ENGINE_MODES=compiled OUT=$OUT/$name bash benchmarks/engine_check.sh engine 2>&1 \
+    | grep -aE "^\| (gqa|gta|gla|mla)|^Copy|decode .* step" | head -30
+  rm -f "$OUT/$name"/*.png "$OUT/$name/log"
+}
+if [[ ${PART:-tests} != engine ]]; then
+  for t in "${TESTS[@]}"; do
     echo "== $t"
-    # shellcheck disable=SC2086 # (the -k expression is split on purpose, then re-quoted)
     if [[ $t == *" -k "* ]]; then
       HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 120 python3 -m pytest -q \
         -p no:cacheprovider "${t%% -k *}" -k "${t#* -k }" 2>&1 \
@@ -29,6 +43,10 @@ if [[ ${PART:-tests} == tests ]]; then
         -p no:cacheprovider "$t" 2>&1 | grep -aE "passed|skipped|failed|FAILED|Error|^E |Timeout" | head -8
     fi
   done
+  if [[ $PART == one ]]; then
+    run fused ENGINE_VARIANTS=gta-4,gla-2
+    run unfused HWATTN_FUSED_STATE_STORE=0 ENGINE_VARIANTS=gta-4,gla-2
+  fi
   for blas in cublaslt cublas; do
     echo "== prefill HWATTN_BLAS=$blas"
     mkdir -p "$OUT/prefill_$blas"
@@ -39,12 +57,5 @@ if [[ ${PART:-tests} == tests ]]; then
   done
   exit 0
 fi
-run() {  # name, then environment assignments for engine_check.sh engine
-  local name=$1; shift
-  echo "== $name $*"
-  env "$@" ENGINE_MODES=compiled OUT=$OUT/$name bash benchmarks/engine_check.sh engine 2>&1 \
-    | grep -aE "^\| (gqa|gta|gla|mla)|^Copy|decode .* step" | head -30
-  rm -f "$OUT/$name"/*.png "$OUT/$name/log"
-}
-run fused ENGINE_VARIANTS=gta-4,gla-2,mla
-run unfused HWATTN_FUSED_STATE_STORE=0 ENGINE_VARIANTS=gta-4,gla-2,mla
+run fused ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}
+run unfused HWATTN_FUSED_STATE_STORE=0 ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}
