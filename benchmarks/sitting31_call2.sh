@@ -8,8 +8,9 @@
 #     engine's BLAS preference (HWATTN_BLAS, cuBLASLt) beside cuBLAS (HWATTN_BLAS=cublas).
 #   PART=engine: the compiled `xl` decode step (engine_check.sh engine) at this tree for
 #     $VARIANTS (default GTA-4, GLA-2, MLA), then the same with HWATTN_FUSED_STATE_STORE=0
-#     (norm and RoPE as kernels of their own before the store), in one call so the times
-#     compare directly.
+#     (norm and RoPE as kernels of their own before the store) and HWATTN_DEFER_RESIDUAL=0
+#     (each block's last residual add a kernel of its own), in one call so the times compare
+#     directly; the kernel lists tell the two changes apart.
 #   PART=one: what fits one call: the store tests, the GPU engine test for GTA-4 and GLA-2,
 #     the engine A/B for GTA-4 and GLA-2, then the prefill A/B.
 set -o pipefail
@@ -45,7 +46,7 @@ if [[ ${PART:-tests} != engine ]]; then
   done
   if [[ $PART == one ]]; then
     run fused ENGINE_VARIANTS=gta-4,gla-2
-    run unfused HWATTN_FUSED_STATE_STORE=0 ENGINE_VARIANTS=gta-4,gla-2
+    run unfused HWATTN_FUSED_STATE_STORE=0 HWATTN_DEFER_RESIDUAL=0 ENGINE_VARIANTS=gta-4,gla-2
   fi
   for blas in cublaslt cublas; do
     echo "== prefill HWATTN_BLAS=$blas"
@@ -58,4 +59,4 @@ if [[ ${PART:-tests} != engine ]]; then
   exit 0
 fi
 run fused ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}
-run unfused HWATTN_FUSED_STATE_STORE=0 ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}
+run unfused HWATTN_FUSED_STATE_STORE=0 HWATTN_DEFER_RESIDUAL=0 ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}
