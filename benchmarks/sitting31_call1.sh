@@ -10,6 +10,8 @@
 #   2. with PART=ab: the A/Bs run 17 did not reach, each beside its baseline in the same call:
 #      GLA-2 and MLA with HWATTN_LATENT_OUT_COPY=1 (W_UV's product copied into rows, as
 #      before absorb_rows), GQA-4 and GLA-2 with TORCH_BLAS_PREFER_CUBLASLT=1.
+# Run 18 (docs/results/engine.md) ran it at a454015. From a13d2d9 on the engine prefers
+# cuBLASLt itself (HWATTN_BLAS): the baseline of that A/B is then HWATTN_BLAS=cublas.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s31c1}
 mkdir -p "$OUT"
@@ -30,13 +32,7 @@ if [[ ${PART:-tests} == tests ]]; then
   done
   exit 0
 fi
-run() {  # name, then environment assignments for engine_check.sh engine
-  local name=$1; shift
-  echo "== $name $*"
-  env "$@" ENGINE_MODES=compiled OUT=$OUT/$name bash benchmarks/engine_check.sh engine 2>&1 \
-    | grep -aE "^\| (gqa|gta|gla|mla)|^Copy|decode .* step" | head -30
-  rm -f "$OUT/$name"/*.png "$OUT/$name/log"
-}
+source benchmarks/engine_ab.sh  # run NAME VAR=VALUE...
 run base ENGINE_VARIANTS=gqa-4,gla-2,mla
 run rowcopy HWATTN_LATENT_OUT_COPY=1 ENGINE_VARIANTS=gla-2,mla
 run cublaslt TORCH_BLAS_PREFER_CUBLASLT=1 ENGINE_VARIANTS=gqa-4,gla-2

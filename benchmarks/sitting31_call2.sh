@@ -24,13 +24,7 @@ TESTS=("tests/ops/test_plan_store.py -k store_states or finishing" "$FINISHED"
 if [[ ${PART:-tests} == one ]]; then
   TESTS=("tests/ops/test_plan_store.py -k store_states or finishing" "$FINISHED[gla-2]")
 fi
-run() {  # name, then environment assignments for engine_check.sh engine
-  local name=$1; shift
-  echo "== $name $*"
-  env "$@" ENGINE_MODES=compiled OUT=$OUT/$name bash benchmarks/engine_check.sh engine 2>&1 \
-    | grep -aE "^\| (gqa|gta|gla|mla)|^Copy|decode .* step" | head -30
-  rm -f "$OUT/$name"/*.png "$OUT/$name/log"
-}
+source benchmarks/engine_ab.sh  # run NAME VAR=VALUE...
 if [[ ${PART:-tests} != engine ]]; then
   if [[ $PART == one ]]; then  # the A/B first, then the tests, prefill last
     run fused ENGINE_VARIANTS=gla-2,gta-4
