@@ -12,7 +12,8 @@
 #     (each block's last residual add a kernel of its own), in one call so the times compare
 #     directly; the kernel lists tell the two changes apart.
 #   PART=one: what fits one call: the engine A/B for GLA-2 and GTA-4, the store tests, the
-#     GPU engine test for GLA-2, then the prefill A/B.
+#     GPU engine test for GLA-2, then the prefill A/B. PART=min: the same with the A/B for
+#     GLA-2 alone.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s31c2}
 mkdir -p "$OUT"
@@ -21,14 +22,16 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 FINISHED=tests/engine/test_graph_replay.py::test_states_finished_in_the_cache_write_on_the_gpu_decode_as_before
 TESTS=("tests/ops/test_plan_store.py -k store_states or finishing" "$FINISHED"
        tests/engine/test_graph_replay.py::test_captured_decode_on_the_gpu_matches_eager)
-if [[ ${PART:-tests} == one ]]; then
+if [[ ${PART:-tests} == one || ${PART:-tests} == min ]]; then
   TESTS=("tests/ops/test_plan_store.py -k store_states or finishing" "$FINISHED[gla-2]")
 fi
 source benchmarks/engine_ab.sh  # run NAME VAR=VALUE...
 if [[ ${PART:-tests} != engine ]]; then
-  if [[ $PART == one ]]; then  # the A/B first, then the tests, prefill last
-    run fused ENGINE_VARIANTS=gla-2,gta-4
-    run unfused HWATTN_FUSED_STATE_STORE=0 HWATTN_DEFER_RESIDUAL=0 ENGINE_VARIANTS=gla-2,gta-4
+  if [[ $PART == one || $PART == min ]]; then  # the A/B first, then the tests, prefill last
+    ab=gla-2,gta-4
+    [[ $PART == min ]] && ab=gla-2
+    run fused ENGINE_VARIANTS=$ab
+    run unfused HWATTN_FUSED_STATE_STORE=0 HWATTN_DEFER_RESIDUAL=0 ENGINE_VARIANTS=$ab
   fi
   for t in "${TESTS[@]}"; do
     echo "== $t"
