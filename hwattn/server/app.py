@@ -27,6 +27,7 @@ than the context could hold is refused untokenized): a huge prompt costs its own
 
 from __future__ import annotations
 
+import gc
 import hmac
 import json
 import logging
@@ -44,6 +45,7 @@ from starlette.requests import ClientDisconnect
 
 from hwattn.config import VERSION
 from hwattn.engine.chat import ChatTemplate
+from hwattn.engine.cuda_graphs import freeze_heap
 from hwattn.engine.requests import ContextLengthError, encode_prompt
 from hwattn.engine.sampling_params import SamplingParams
 from hwattn.server.async_engine import AsyncEngine
@@ -140,8 +142,18 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
-        yield
-        engine.shutdown()
+        # Everything start-up left alive (the model, the engine, the libraries' objects) into
+        # the collector's permanent generation, as the GPU runner does after its capture and
+        # vLLM after start-up: otherwise every full collection while a big answer is built (a
+        # million log-probabilities) scans that whole heap with the GIL held, stalling every
+        # other request and /health for it (hundreds of ms each on our CPU). Given back to
+        # the collector at shutdown.
+        freeze_heap()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+            engine.shutdown()
 
     docs = {} if not protect_metrics else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = FastAPI(title="hwattn", lifespan=lifespan, **docs)

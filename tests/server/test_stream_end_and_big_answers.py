@@ -3,6 +3,7 @@ legal answer of millions of log-probabilities is built off the event loop: other
 and /health are answered meanwhile."""
 
 import asyncio
+import gc
 import json
 import random
 import time
@@ -69,3 +70,12 @@ def test_a_huge_logprobs_answer_does_not_stall_other_requests(server):
     assert len(choices) == 128 and all(len(c["logprobs"]["tokens"]) == 300 for c in choices)
     assert max(waits) < 1.0, sorted(waits)[-5:]
     wait_idle(engine)
+
+
+def test_the_server_serves_with_its_start_up_heap_frozen(server):
+    """Start-up's objects are in the collector's permanent generation while the app serves
+    (`build_app`'s lifespan), so a full collection during a big answer scans only what came
+    after."""
+    base, engine = server
+    assert gc.get_freeze_count() > 0
+    assert httpx.get(base + "/health", trust_env=False, timeout=30).status_code == 200
