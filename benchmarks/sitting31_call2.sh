@@ -7,10 +7,10 @@
 #     MLA) and the captured decode test again (now under cuBLASLt); then prefill with the
 #     engine's BLAS preference (HWATTN_BLAS, cuBLASLt) beside cuBLAS (HWATTN_BLAS=cublas).
 #   PART=engine: the compiled `xl` decode step (engine_check.sh engine) at this tree for
-#     $VARIANTS (default GTA-4, GLA-2, MLA), then the same with HWATTN_FUSED_STATE_STORE=0
-#     (norm and RoPE as kernels of their own before the store) and HWATTN_DEFER_RESIDUAL=0
-#     (each block's last residual add a kernel of its own), in one call so the times compare
-#     directly; the kernel lists tell the two changes apart.
+#     $VARIANTS (default GTA-4, GLA-2, MLA) with HWATTN_FUSED_STATE_STORE=1 (norm and RoPE
+#     done by the store) and HWATTN_DEFER_RESIDUAL=1 (each block's last residual add in the
+#     next block's norm), then the same without them (the defaults), in one call so the times
+#     compare directly; the kernel lists tell the two changes apart.
 #   PART=one: what fits one call: the engine A/B for GLA-2 and GTA-4, the store tests, the
 #     GPU engine test for GLA-2, then the prefill A/B. PART=min: the same with the A/B for
 #     GLA-2 alone.
@@ -30,8 +30,8 @@ if [[ ${PART:-tests} != engine ]]; then
   if [[ $PART == one || $PART == min ]]; then  # the A/B first, then the tests, prefill last
     ab=gla-2,gta-4
     [[ $PART == min ]] && ab=gla-2
-    run fused ENGINE_VARIANTS=$ab
-    run unfused HWATTN_FUSED_STATE_STORE=0 HWATTN_DEFER_RESIDUAL=0 ENGINE_VARIANTS=$ab
+    run fused HWATTN_FUSED_STATE_STORE=1 HWATTN_DEFER_RESIDUAL=1 ENGINE_VARIANTS=$ab
+    run unfused ENGINE_VARIANTS=$ab
   fi
   for t in "${TESTS[@]}"; do
     echo "== $t"
@@ -54,5 +54,5 @@ if [[ ${PART:-tests} != engine ]]; then
   done
   exit 0
 fi
-run fused ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}
-run unfused HWATTN_FUSED_STATE_STORE=0 HWATTN_DEFER_RESIDUAL=0 ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}
+run fused HWATTN_FUSED_STATE_STORE=1 HWATTN_DEFER_RESIDUAL=1 ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}
+run unfused ENGINE_VARIANTS=${VARIANTS:-gta-4,gla-2,mla}

@@ -120,9 +120,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 DENSE_LOOP_MIN_MEAN_LEN = 2048
 
 # Whether decode steps of the families that can finish their cached states in the cache write
-# (`Attention.finishes_states_in_store`): HWATTN_FUSED_STATE_STORE=0 keeps the norm and RoPE
-# as kernels of their own before the store, to measure the two.
-FUSED_STATE_STORE = os.environ.get("HWATTN_FUSED_STATE_STORE", "1") != "0"
+# do so (`Attention.finishes_states_in_store`; HWATTN_FUSED_STATE_STORE=1). Off until it has
+# run on a GPU: its Triton kernel is tested under the interpreter only (docs/engine.md).
+FUSED_STATE_STORE = os.environ.get("HWATTN_FUSED_STATE_STORE", "0") == "1"
 
 
 class Attention(nn.Module):
@@ -245,7 +245,7 @@ class Attention(nn.Module):
     # second set this, and take `project(x, cos, sin, finish=False)`: the states then come
     # back as the projection left them, and a decode step finishes them in its cache write
     # (`AttentionBackend.store_states`: one launch on the Triton backend, where the norm, the
-    # rotation and the store would be three).
+    # rotation and the store would be three) when FUSED_STATE_STORE is on.
     finishes_states_in_store = False
 
     def state_norm(self) -> tuple[Tensor, float] | None:
@@ -255,7 +255,7 @@ class Attention(nn.Module):
     def finishes_in_store(self, meta: AttentionMetadata | None) -> bool:
         """Whether this step's states are finished in the cache write: a decode step (neither
         prefill nor mixed, whose attention reads the finished states themselves) of a family
-        that can, unless HWATTN_FUSED_STATE_STORE=0."""
+        that can, with HWATTN_FUSED_STATE_STORE=1."""
         return (FUSED_STATE_STORE and self.finishes_states_in_store and meta is not None
                 and not meta.is_prefill and meta.parts is None)
 
