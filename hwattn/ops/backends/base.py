@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from hwattn.ops.plan import DecodePlan, PrefillPlan, plan_prefill
 from hwattn.ops import reference
+from hwattn.ops.plan import DecodePlan, PrefillPlan, plan_prefill
 from hwattn.ops.reference import check_block_table
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -711,7 +711,8 @@ class AttentionBackend:
             caches: (P, page_size, heads, d) and (P, page_size, d_R).
             news: (N, heads, d) and (N, d_R), the projection's output rows (views are taken).
             norm: (weight (heads, d), eps) or None (the first state stored as it is).
-            rope: (cos, sin), each (N, d_R / 2) float32, or None (the second as it is).
+            rope: (cos, sin), each (N, d_R / 2) floating point (the model's tables are
+                float32), or None (the second as it is).
             scale: as `store_kv`'s.
         """
         if len(caches) != 2 or len(news) != 2:
@@ -738,9 +739,9 @@ class AttentionBackend:
                 if news[1].shape[1] % 2 or t.shape != half:
                     raise ValueError(f"rope {name} must be (N, d_R / 2) = {half} for an even "
                                      f"d_R, got {tuple(t.shape)}")
-                if t.dtype != torch.float32 or t.device != news[1].device:
-                    raise ValueError(f"rope {name} must be float32 on {news[1].device}, got "
-                                     f"{t.dtype} on {t.device}")
+                if not t.is_floating_point() or t.device != news[1].device:
+                    raise ValueError(f"rope {name} must be floating point on {news[1].device}, "
+                                     f"got {t.dtype} on {t.device}")
         scale = _check_scale("scale", scale)
         self.run_store_states(tuple(caches), tuple(news), slot_mapping, norm=norm, rope=rope,
                               scale=scale)

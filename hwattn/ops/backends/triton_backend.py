@@ -122,6 +122,7 @@ class TritonBackend(AttentionBackend):
     def run_store_states(self, caches, news, slot_mapping, *, norm, rope, scale) -> None:
         if (caches[0].dtype == caches[1].dtype and all(map(self._stores, caches, news))
                 and all(t.stride(-1) == 1 for t in (*news, *(rope or ())))
+                and (rope is None or rope[0].dtype == rope[1].dtype == torch.float32)
                 and (norm is None or norm[0].dtype in triton_decode.KERNEL_DTYPES)):
             triton_decode.store_states(caches, news, slot_mapping, norm, rope, scale)  # one launch
         else:
