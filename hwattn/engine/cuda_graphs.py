@@ -26,7 +26,7 @@ from hwattn.engine.block_manager import NULL_PAGE, pages_for
 from hwattn.engine.staging import HostBlockTable, StagedInputs
 from hwattn.layers import AttentionMetadata
 from hwattn.ops.argmax import argmax_last
-from hwattn.ops.backends.base import takes_keyword
+from hwattn.ops.backends.checks import takes_keyword
 
 log = logging.getLogger(__name__)
 
