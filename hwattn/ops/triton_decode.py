@@ -25,8 +25,8 @@ from hwattn.ops.kernels.combine import combine
 from hwattn.ops.kernels.store import store_kernel, store_pair_kernel, store_states_kernel
 from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN, DecodePlan, plan_decode
 
-__all__ = ["KernelConfig", "choose_config", "decode", "decode_tied", "plan_decode", "store_kv", "store_states",
-           "store_kv_pair"]
+__all__ = ["KernelConfig", "choose_config", "decode", "decode_tied", "plan_decode", "store_kv",
+           "store_kv_pair", "store_states"]
 
 LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -18,6 +18,18 @@ E4M3_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
+def _cache_write(cache_ptr, offs, values, mask, scale, SCALED: tl.constexpr,
+                 SATURATE: tl.constexpr):
+    """`values` (in the activations' dtype) into the cache at `offs`: divided by the fp8 scale
+    and saturated to the e4m3 range where asked, then rounded to the cache's dtype."""
+    if SCALED:
+        values = values.to(tl.float32) / scale
+    if SATURATE:
+        values = tl.minimum(tl.maximum(values.to(tl.float32), -E4M3_MAX), E4M3_MAX)
+    tl.store(cache_ptr + offs, values.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_row(cache_ptr, new_ptr, tok, slot, n_feat, stride_new, scale,
                SCALED: tl.constexpr, SATURATE: tl.constexpr, BLOCK: tl.constexpr):
     """Token `tok`'s features (n_feat, flattened) from `new` to `cache[slot]`."""
@@ -25,12 +37,7 @@ def _store_row(cache_ptr, new_ptr, tok, slot, n_feat, stride_new, scale,
         offs_f = f0 + tl.arange(0, BLOCK)
         mask_f = offs_f < n_feat
         values = tl.load(new_ptr + tok.to(tl.int64) * stride_new + offs_f, mask=mask_f)  # (BLOCK,)
-        if SCALED:
-            values = values.to(tl.float32) / scale
-        if SATURATE:
-            values = tl.minimum(tl.maximum(values.to(tl.float32), -E4M3_MAX), E4M3_MAX)
-        tl.store(cache_ptr + slot * n_feat + offs_f, values.to(cache_ptr.dtype.element_ty),
-                 mask=mask_f)
+        _cache_write(cache_ptr, slot * n_feat + offs_f, values, mask_f, scale, SCALED, SATURATE)
 
 
 @triton.jit
@@ -62,18 +69,6 @@ def store_pair_kernel(cache_a_ptr, new_a_ptr, n_feat_a, stride_a, cache_b_ptr, n
     else:
         _store_row(cache_b_ptr, new_b_ptr, pid_tok, slot, n_feat_b, stride_b, scale, SCALED,
                    SATURATE, BLOCK_B)
-
-
-@triton.jit
-def _cache_write(cache_ptr, offs, values, mask, scale, SCALED: tl.constexpr,
-                 SATURATE: tl.constexpr):
-    """`values` (rounded to the activations' dtype already) into the cache at `offs`, divided by
-    the fp8 scale and saturated as `_store_row` does."""
-    if SCALED:
-        values = values.to(tl.float32) / scale
-    if SATURATE:
-        values = tl.minimum(tl.maximum(values.to(tl.float32), -E4M3_MAX), E4M3_MAX)
-    tl.store(cache_ptr + offs, values.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
