@@ -87,9 +87,8 @@ class DeferredResidual(torch.nn.Module):
                 meta: AttentionMetadata | None, cache: tuple[Tensor, ...] | None):
         if isinstance(x, tuple):
             x = x[0] + x[1]
-        blk = self.block
-        h = x + blk.attn(blk.attn_norm(x), cos, sin, meta, cache)
-        out = blk.ffn(blk.ffn_norm(h))
+        h = self.block.attention_residual(x, cos, sin, meta, cache)
+        out = self.block.ffn_delta(h)
         return h + out if self.last else (h, out)
 
 
