@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -37,7 +37,6 @@ from hwattn.engine.staging import PinnedRing
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata, mla
-from hwattn.models import compile as regional
 from hwattn.models.compile import compile_blocks, compile_pieces, distinct_sizes
 from hwattn.ops.argmax import argmax_last
 from hwattn.ops.plan import upload
@@ -115,27 +114,42 @@ class StepResults(list):
         self.prompt_logprobs = prompt_logprobs or {}
 
 
-# The BLAS library the engine asks PyTorch to prefer for its GEMMs on a GPU (HWATTN_BLAS:
+# The BLAS library the engine's decode steps ask PyTorch to prefer on a GPU (HWATTN_BLAS:
 # "cublaslt", "cublas", or "default" to leave PyTorch's choice alone). cuBLASLt is the default:
 # at decode's 64 rows it runs the down projection without cuBLAS's split-K reduction kernel,
 # and on an H100 the compiled `xl` decode step was 1.9-2.6% faster at L = 1K and 0.6-1.0% at
-# 8K with it (docs/results/engine.md, run 18).
+# 8K with it (docs/results/engine.md, run 18). Prefill keeps PyTorch's choice: compiled
+# 2048-token prefill chunks were 4.7% slower under cuBLASLt on an H100 (run 19).
 BLAS_CHOICES = ("cublaslt", "cublas", "default")
 BLAS_LIBRARY = os.environ.get("HWATTN_BLAS", "cublaslt")
 
 
-def prefer_blas(device: torch.device, blas: str | None = None) -> str:
-    """Make PyTorch prefer `blas` (None: HWATTN_BLAS) for the process's GEMMs when `device` is
-    a CUDA device, before anything is compiled or captured; returns the library preferred
-    ("default" off CUDA or when left alone). The preference is process-wide, as PyTorch keeps
-    it (`torch.backends.cuda.preferred_blas_library`)."""
+def decode_blas(device: torch.device, blas: str | None = None) -> str:
+    """The BLAS library decode steps on `device` prefer: `blas` (None: HWATTN_BLAS) on a CUDA
+    device, "default" (PyTorch's own choice) elsewhere and on ROCm. ValueError naming
+    HWATTN_BLAS for a library outside BLAS_CHOICES."""
     blas = BLAS_LIBRARY if blas is None else blas
     if blas not in BLAS_CHOICES:
         raise ValueError(f"blas (HWATTN_BLAS) must be one of {BLAS_CHOICES}, got {blas!r}")
-    if device.type != "cuda" or blas == "default" or torch.version.hip is not None:
+    if device.type != "cuda" or torch.version.hip is not None:
         return "default"
-    torch.backends.cuda.preferred_blas_library(blas)
     return blas
+
+
+@contextmanager
+def blas_preference(blas: str):
+    """PyTorch prefers `blas` for the GEMMs issued inside (a captured graph keeps the kernels
+    chosen at capture), and its earlier preference after; "default" changes nothing. The
+    preference is process-wide (`torch.backends.cuda.preferred_blas_library`)."""
+    if blas == "default":
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(blas)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def compose_absorptions_for_serving(model, on: bool | None = None) -> int:
@@ -178,8 +192,9 @@ class ModelRunner(DecodeGraphs):
     compose_absorptions: decode steps of latent layers (MLA, GLA) through projections with
         W_UK and W_UV multiplied in (`Transformer.compose_absorptions`); None: the
         HWATTN_COMPOSE_ABSORB environment switch (off unless "1").
-    blas: the BLAS library PyTorch is asked to prefer on a GPU, for the whole process
-        (`prefer_blas`; None: HWATTN_BLAS, cuBLASLt unless set).
+    blas: the BLAS library PyTorch is asked to prefer for decode steps on a GPU, while they
+        are captured or run eagerly (`decode_blas`, `blas_preference`; None: HWATTN_BLAS,
+        cuBLASLt unless set); prefill keeps PyTorch's choice.
 
     The runner fuses the model's input projections (`Transformer.fuse_projections`): from
     then on the model serves (its fused weights take no gradients).
@@ -192,8 +207,7 @@ class ModelRunner(DecodeGraphs):
                  compile_prefill: bool = False, prefill_graphs: bool = True,
                  max_num_batched_tokens: int | None = None, mixed_steps: bool = True,
                  compose_absorptions: bool | None = None, blas: str | None = None):
-        # Before the blocks are compiled and the steps captured, which keep the GEMMs chosen.
-        self.blas = prefer_blas(model.tok_embeddings.weight.device, blas)
+        self.blas = decode_blas(model.tok_embeddings.weight.device, blas)
         self.model = model.fuse_projections()  # fewer, larger GEMMs (weights shared, not copied)
         self.composed_layers = compose_absorptions_for_serving(model, compose_absorptions)
         self.page_size = page_size
@@ -221,10 +235,7 @@ class ModelRunner(DecodeGraphs):
         # drafts are read from here; a captured step's are its static inputs, valid until
         # the next step of its query length).
         self.fed_tokens: Tensor | None = None
-        self.decode_blocks = None
-        if compile_decode:
-            self.decode_blocks = compile_blocks(model, eager_numerics=True,
-                                                defer_residual=regional.DEFER_RESIDUAL)
+        self.decode_blocks = compile_blocks(model, eager_numerics=True) if compile_decode else None
         self.prefill_blocks = None
         if compile_prefill:
             self.prefill_blocks = compile_pieces(model, eager_numerics=True, dynamic=True)
@@ -250,7 +261,8 @@ class ModelRunner(DecodeGraphs):
                 log.warning("compiling the prefill blocks failed, prefilling eagerly: %s",
                             self.prefill_compile_error)
         if cuda_graphs and self.device.type == "cuda":
-            self._capture(graph_query_lens)
+            with blas_preference(self.blas):  # the graphs keep the GEMMs chosen here
+                self._capture(graph_query_lens)
             # After decode's graphs, which keep the memory first: a prefill capture that
             # finds too little left fails alone (the pieces then launch directly).
             if prefill_graphs and self.prefill_blocks is not None and not _tensor_parallel():
@@ -390,7 +402,8 @@ class ModelRunner(DecodeGraphs):
         if step.kind == "prefill":
             return self._prefill(step)
         if step.kind == "decode":
-            return self._decode(step)
+            with blas_preference(self.blas):  # (a replayed graph has its GEMMs already)
+                return self._decode(step)
         if step.kind == "mixed":
             return self._mixed(step)
         raise ValueError(f"step kind must be 'prefill', 'decode' or 'mixed', got {step.kind!r}")

@@ -119,10 +119,18 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 # with it at 2048 (the op ahead by 1-2%), so the crossover is set there.
 DENSE_LOOP_MIN_MEAN_LEN = 2048
 
-# Whether decode steps of the families that can finish their cached states in the cache write
-# do so (`Attention.finishes_states_in_store`; HWATTN_FUSED_STATE_STORE=1). Off until it has
-# run on a GPU: its Triton kernel is tested under the interpreter only (docs/engine.md).
-FUSED_STATE_STORE = os.environ.get("HWATTN_FUSED_STATE_STORE", "0") == "1"
+# Which families' decode steps finish their cached states in the cache write
+# (`Attention.finishes_states_in_store`; HWATTN_FUSED_STATE_STORE): "auto" (the default), those
+# whose step it made faster (`Attention.store_fusion_pays`: MLA and GLA); "1", every family
+# that can (GTA too); "0", none. Measured on an H100 (docs/results/engine.md, run 19, `xl`
+# B = 64, compiled, captured): the queued forward of GLA-2 2.4% / 0.9% faster at 1K / 8K and of
+# MLA 1.8% / 0.6% (two kernels fewer a layer), of GTA-4 1.8% / 0.6% slower (its kernel list
+# showed no kernel fewer).
+FUSED_STATE_STORE_CHOICES = ("auto", "1", "0")
+FUSED_STATE_STORE = os.environ.get("HWATTN_FUSED_STATE_STORE", "auto")
+if FUSED_STATE_STORE not in FUSED_STATE_STORE_CHOICES:
+    raise ValueError(f"HWATTN_FUSED_STATE_STORE must be one of {FUSED_STATE_STORE_CHOICES}, "
+                     f"got {FUSED_STATE_STORE!r}")
 
 
 class Attention(nn.Module):
@@ -245,8 +253,11 @@ class Attention(nn.Module):
     # second set this, and take `project(x, cos, sin, finish=False)`: the states then come
     # back as the projection left them, and a decode step finishes them in its cache write
     # (`AttentionBackend.store_states`: one launch on the Triton backend, where the norm, the
-    # rotation and the store would be three) when FUSED_STATE_STORE is on.
+    # rotation and the store would be three) as FUSED_STATE_STORE says.
     finishes_states_in_store = False
+    # Whether FUSED_STATE_STORE's "auto" finishes this family's states in the cache write
+    # (measured faster on a GPU; see FUSED_STATE_STORE).
+    store_fusion_pays = False
 
     def state_norm(self) -> tuple[Tensor, float] | None:
         """(weight (heads, d), eps) of the RMSNorm on the first cached state, or None."""
@@ -255,9 +266,12 @@ class Attention(nn.Module):
     def finishes_in_store(self, meta: AttentionMetadata | None) -> bool:
         """Whether this step's states are finished in the cache write: a decode step (neither
         prefill nor mixed, whose attention reads the finished states themselves) of a family
-        that can, with HWATTN_FUSED_STATE_STORE=1."""
-        return (FUSED_STATE_STORE and self.finishes_states_in_store and meta is not None
-                and not meta.is_prefill and meta.parts is None)
+        that can, as HWATTN_FUSED_STATE_STORE asks (`FUSED_STATE_STORE`)."""
+        if not self.finishes_states_in_store or FUSED_STATE_STORE == "0":
+            return False
+        if FUSED_STATE_STORE == "auto" and not self.store_fusion_pays:
+            return False
+        return meta is not None and not meta.is_prefill and meta.parts is None
 
     @torch.compiler.disable
     def _store_unfinished(self, cache: tuple[Tensor, ...], raw: tuple[Tensor, Tensor],

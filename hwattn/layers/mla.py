@@ -144,6 +144,7 @@ class LatentAttention(TiedStateAttention):
     input_projections = ("wq_a", "wkv_a")
     # kv_norm and the RoPE key's rotation done in a decode step's cache write
     finishes_states_in_store = True
+    store_fusion_pays = True  # two kernels fewer a layer (hwattn/layers/base.py)
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor, finish: bool = True):
         return self._project(x, cos, sin, self.wq_b, self.head_dim, finish)

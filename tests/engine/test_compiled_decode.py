@@ -73,42 +73,45 @@ def test_serving_composes_a_model_once(monkeypatch):
 def test_states_finished_in_the_cache_write_decode_as_before(checkpoints, variant, monkeypatch):
     """Decode steps that finish their states in the cache write (`Attention.
     finishes_states_in_store`, HWATTN_FUSED_STATE_STORE=1) give the greedy tokens of steps that
-    norm and rotate them first, eager and compiled; compiled also with each block's last
-    residual add deferred to the next block (HWATTN_DEFER_RESIDUAL=1)."""
+    norm and rotate them first, eager and compiled."""
     from hwattn.layers import base
-    from hwattn.models import compile as regional
 
     torch._dynamo.reset()
     path = checkpoints(variant)
-    monkeypatch.setattr(base, "FUSED_STATE_STORE", False)
-    monkeypatch.setattr(regional, "DEFER_RESIDUAL", False)
+    monkeypatch.setattr(base, "FUSED_STATE_STORE", "0")
     unfused, _ = _generate(path, False)
-    monkeypatch.setattr(base, "FUSED_STATE_STORE", True)
+    monkeypatch.setattr(base, "FUSED_STATE_STORE", "1")
     eager, _ = _generate(path, False)
     compiled, _ = _generate(path, True)
-    monkeypatch.setattr(regional, "DEFER_RESIDUAL", True)
-    deferred, llm = _generate(path, True)
-    assert all(isinstance(b._orig_mod, regional.DeferredResidual)
-               for b in llm.engine.runner.decode_blocks)
-    assert eager == unfused and compiled == unfused and deferred == unfused
+    assert eager == unfused and compiled == unfused
 
 
-def test_the_engine_prefers_its_blas_library_on_a_gpu_only(monkeypatch):
-    """`prefer_blas`: a CUDA device gets the library asked for (HWATTN_BLAS by default), any
-    other device none; a name it does not know is refused, naming the switch."""
+def test_decode_steps_prefer_their_blas_library_on_a_gpu_only(monkeypatch):
+    """`decode_blas`: a CUDA device gets the library asked for (HWATTN_BLAS by default), any
+    other device "default"; an unknown name is refused naming HWATTN_BLAS. `blas_preference`
+    sets the preference for its block only and restores the one before; "default" leaves
+    it alone."""
     from hwattn.engine import model_runner
 
-    asked = []
-    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", asked.append)
+    state = ["cublas"]
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library",
+                        lambda name=None: state[-1] if name is None else state.append(name))
     monkeypatch.setattr(torch.version, "hip", None)
-    assert model_runner.prefer_blas(torch.device("cpu")) == "default"
-    assert model_runner.prefer_blas(torch.device("cuda", 0)) == model_runner.BLAS_LIBRARY
-    assert model_runner.prefer_blas(torch.device("cuda", 0), "cublas") == "cublas"
-    assert model_runner.prefer_blas(torch.device("cuda", 0), "default") == "default"
-    expected = [model_runner.BLAS_LIBRARY] if model_runner.BLAS_LIBRARY != "default" else []
-    assert asked == expected + ["cublas"]
+    assert model_runner.decode_blas(torch.device("cpu")) == "default"
+    assert model_runner.decode_blas(torch.device("cuda", 0)) == model_runner.BLAS_LIBRARY
+    assert model_runner.decode_blas(torch.device("cuda", 0), "cublas") == "cublas"
+    assert model_runner.decode_blas(torch.device("cuda", 0), "default") == "default"
     with pytest.raises(ValueError, match="HWATTN_BLAS"):
-        model_runner.prefer_blas(torch.device("cuda", 0), "mkl")
+        model_runner.decode_blas(torch.device("cuda", 0), "mkl")
+    with model_runner.blas_preference("cublaslt"):
+        assert state[-1] == "cublaslt"
+    assert state == ["cublas", "cublaslt", "cublas"]
+    with pytest.raises(RuntimeError), model_runner.blas_preference("cublaslt"):
+        raise RuntimeError("a failed step")
+    assert state[-1] == "cublas"
+    with model_runner.blas_preference("default"):
+        pass
+    assert len(state) == 5
 
 
 @pytest.mark.slow

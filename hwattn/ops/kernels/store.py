@@ -99,19 +99,19 @@ def store_states_kernel(cache_a_ptr, new_a_ptr, stride_a_tok, stride_a_head, n_h
             x = (xf * inv_rms * w).to(new_a_ptr.dtype.element_ty)
         _cache_write(cache_a_ptr, (slot * n_heads + head) * head_dim + offs, x, mask, scale,
                      SCALED, SATURATE)
-    else:
+    else:  # names of their own: Triton rejects a name bound to two shapes in the branches
         half = rope_dim // 2
-        offs = tl.arange(0, BLOCK_R)
-        mask = offs < half
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < half
         row = new_b_ptr + tok * stride_b_tok
-        x1 = tl.load(row + offs, mask=mask)
-        x2 = tl.load(row + half + offs, mask=mask)
+        x1 = tl.load(row + offs_r, mask=mask_r)
+        x2 = tl.load(row + half + offs_r, mask=mask_r)
         if ROPE:
-            c = tl.load(cos_ptr + tok * stride_cs + offs, mask=mask)
-            s = tl.load(sin_ptr + tok * stride_cs + offs, mask=mask)
+            c = tl.load(cos_ptr + tok * stride_cs + offs_r, mask=mask_r)
+            s = tl.load(sin_ptr + tok * stride_cs + offs_r, mask=mask_r)
             x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
             dtype = new_b_ptr.dtype.element_ty
             x1, x2 = (x1f * c - x2f * s).to(dtype), (x2f * c + x1f * s).to(dtype)
-        _cache_write(cache_b_ptr, slot * rope_dim + offs, x1, mask, scale, SCALED, SATURATE)
-        _cache_write(cache_b_ptr, slot * rope_dim + half + offs, x2, mask, scale, SCALED,
+        _cache_write(cache_b_ptr, slot * rope_dim + offs_r, x1, mask_r, scale, SCALED, SATURATE)
+        _cache_write(cache_b_ptr, slot * rope_dim + half + offs_r, x2, mask_r, scale, SCALED,
                      SATURATE)
