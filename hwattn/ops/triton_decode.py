@@ -183,8 +183,7 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if plan.may_split:
-        combine(part_out, part_lse, plan.splits, out, lse, max_pieces=plan.max_pieces,
-                max_block_d=min(128, d_pad))
+        combine(part_out, part_lse, plan.splits, out, lse, max_pieces=plan.max_pieces)
     return out, lse
 
 

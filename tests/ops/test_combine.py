@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hwattn.ops.triton_decode  # noqa: F401 - applies kernels/interpreter.py's fixes
-from hwattn.ops.kernels.combine import ROWS_MAX_PIECES, combine
+from hwattn.ops.kernels.combine import ROWS_MAX_PIECES, combine, one_row_blocks
 from tests.ops.paged import DEVICE
 
 
@@ -48,8 +48,11 @@ def _merged(part_out, part_lse, splits, out, lse):
     pytest.param([4, 2], 3, 3, 192, id="dv192-lq3"),
     pytest.param([20, 1, 7], 1, 4, 64, id="many-pieces"),
 ])
-@pytest.mark.parametrize("max_pieces", [2, ROWS_MAX_PIECES + 1], ids=["rows", "tiles"])
-def test_combine_matches_the_merge_written_in_pytorch(pieces, query_len, n_heads, d_v, max_pieces):
+@pytest.mark.parametrize("max_pieces, num_sms", [(2, None), (ROWS_MAX_PIECES + 1, None),
+                                                 (ROWS_MAX_PIECES + 1, 1)],
+                         ids=["rows", "tiles", "wide-tiles"])
+def test_combine_matches_the_merge_written_in_pytorch(pieces, query_len, n_heads, d_v, max_pieces,
+                                                      num_sms):
     part_out, part_lse, splits = _partials(pieces, query_len, n_heads, d_v, seed=len(pieces))
     batch = len(pieces)
     out = torch.full((batch, query_len, n_heads, d_v), 7.0, dtype=torch.bfloat16)
@@ -57,11 +60,25 @@ def test_combine_matches_the_merge_written_in_pytorch(pieces, query_len, n_heads
     want_out, want_lse = _merged(part_out, part_lse, splits, out, lse)
     got_out, got_lse = out.to(DEVICE), lse.to(DEVICE)
     # max_pieces picks the program shape; a refreshed plan may hold more pieces than it says
+    # (num_sms 1: the one-row kernel's widest column blocks, `one_row_blocks`)
     combine(part_out.to(DEVICE), part_lse.to(DEVICE), splits.to(DEVICE), got_out, got_lse,
-            max_pieces=max_pieces)
+            max_pieces=max_pieces, num_sms=num_sms)
     torch.testing.assert_close(got_out.cpu().float(), want_out.float(), atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(got_lse.cpu(), want_lse, atol=1e-4, rtol=1e-5)
     single = [b for b, n in enumerate(pieces) if n == 1]
     assert got_out.cpu()[single].eq(7.0).all() and got_lse.cpu()[single].eq(7.0).all()
     if len(pieces) > 1 and pieces[1] > 1:  # a row nothing saw: -inf, and no NaN in its output
         assert got_lse.cpu()[1, 0, 0] == float("-inf") and got_out.cpu()[1, 0, 0].eq(0).all()
+
+
+def test_one_row_blocks_widen_where_the_grid_stays_full():
+    """Whole rows where B × rows × column blocks keeps 4 programs per SM (a long-context
+    batch, most of whose programs return at once), 128 columns for a batch of one; the tile
+    of pieces shrinks as the columns widen, never below 8 nor past the pieces."""
+    assert one_row_blocks(64, 128, 512, 44, 132) == (512, 16)  # MLA, 1 x 128K + 63 x 1K
+    assert one_row_blocks(64, 128, 256, 44, 132) == (256, 32)  # GLA-2's latent heads
+    assert one_row_blocks(4, 128, 512, 16, 132) == (256, 16)  # MLA, 4 x 32K: 1024 programs
+    assert one_row_blocks(1, 128, 512, 66, 132) == (128, 64)  # one long sequence
+    assert one_row_blocks(1, 32, 128, 200, 132) == (128, 64)
+    assert one_row_blocks(8, 16, 192, 9, 1) == (256, 16)  # a width that is not a power of two
+    assert one_row_blocks(64, 128, 512, 3, 132)[1] == 8

@@ -21,8 +21,12 @@ neither grid depends on the lengths (CUDA graph replay).
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
+
+from hwattn.ops.plan import device_sms
 
 
 # A plan's splits are a view of its packed buffer, after the pieces: 16-byte aligned or not as
@@ -134,9 +138,37 @@ def combine_rows_kernel(
 ROWS_MAX_PIECES = 8
 # Elements of a rows program's (BLOCK_R, BLOCK_D) accumulator (fp32, 4 warps: 16 per thread).
 ROWS_TILE = 2048
+# Elements of a one-row program's (BLOCK_P, BLOCK_D) tile of pieces (fp32, 4 warps: 64 per
+# thread), and its narrowest column block.
+PIECES_TILE = 8192
+MIN_BLOCK_D = 128
+# Programs per SM the one-row kernel's grid keeps at least, where its column blocks widen.
+PROGRAMS_PER_SM = 4
+_device_sms = functools.lru_cache(maxsize=None)(device_sms)  # (eager steps call it per layer)
 
 
-def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int, max_block_d: int = 128):
+def one_row_blocks(batch: int, rows: int, d_v: int, max_pieces: int,
+                   num_sms: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_P) of the one-row kernel: the widest column block (a power of two,
+    down to MIN_BLOCK_D) whose grid still holds PROGRAMS_PER_SM programs per SM, and as many
+    pieces per tile as PIECES_TILE leaves (8 to 64, no more than the pieces).
+
+    Its grid is B × rows × column blocks whatever the lengths (CUDA graph replay), and in a
+    long-context step most sequences are one piece, whose programs only read their count and
+    return: MLA at 1 × 128K + 63 × 1K tokens launched 32768 programs of 128 columns to merge
+    one sequence, 26 µs on an H100 where its 11.5 MB of partials take 4 (2026-12-07,
+    docs/hopper.md). Whole 512-wide rows cut that grid fourfold; a batch of one keeps the
+    narrow blocks, whose many programs share its one long merge."""
+    block_d = triton.next_power_of_2(d_v)
+    while (block_d > MIN_BLOCK_D
+           and batch * rows * triton.cdiv(d_v, block_d) < PROGRAMS_PER_SM * num_sms):
+        block_d //= 2
+    block_p = max(8, min(64, triton.next_power_of_2(max_pieces), PIECES_TILE // block_d))
+    return block_d, block_p
+
+
+def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int,
+            num_sms: int | None = None):
     """Merge the pieces of every split sequence of a decode step into `out` and `lse`.
 
     part_out (capacity, L_q, H_q, D_v) and part_lse (capacity, L_q, H_q) fp32: each piece's
@@ -144,8 +176,8 @@ def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int, max_block_
     piece and piece count; out (B, L_q, H_q, D_v), lse (B, H_q, L_q) fp32. Sequences of one
     piece are left as the attention kernel wrote them. max_pieces: the plan's most pieces of
     one sequence when the launch was made (a CUDA graph keeps that choice; more pieces after
-    a refresh are still merged, more slowly); max_block_d: the widest column block of the
-    one-row kernel.
+    a refresh are still merged, more slowly); num_sms: the SMs the one-row kernel's grid is
+    sized for (`one_row_blocks`; None: the device's).
     """
     _, query_len, n_heads, d_v = part_out.shape
     batch = splits.shape[0]
@@ -159,8 +191,9 @@ def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int, max_block_
             D_V=d_v, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
         )
         return
-    block_d = min(max_block_d, triton.next_power_of_2(d_v))
-    block_p = min(64, max(8, triton.next_power_of_2(max_pieces)))
+    if num_sms is None:
+        num_sms = _device_sms(part_out.device)
+    block_d, block_p = one_row_blocks(batch, rows, d_v, max_pieces, num_sms)
     combine_kernel[(batch, rows, triton.cdiv(d_v, block_d))](
         part_out, part_lse, splits, out, lse, n_heads, *strides,
         L_Q=query_len, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
