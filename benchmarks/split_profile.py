@@ -6,11 +6,14 @@ FA3 can be told apart into the attention programs' balance and the combine's cos
     python3 benchmarks/split_profile.py --out /tmp/split.json
     python3 benchmarks/split_profile.py --cases mla:131072x1+1024x63 --plans default,p2
 
-A case is VARIANT:LENGTHS with LENGTHS as `hwattn bench decode --mixed` takes it
-(131072x1+1024x63) or BxL (4x32768); h_q 128, page 64, L_q 1, bf16, random page order.
+A case is VARIANT[@H_Q]:LENGTHS with LENGTHS as `hwattn bench decode --mixed` takes it
+(131072x1+1024x63) or BxL (4x32768); h_q 128 unless given (gta-4@32:1x131072), page 64,
+L_q 1, bf16, random page order.
 A plan setting is `default` (the backend's own plan, as the engine makes it), `pN` (N programs
 per SM), `mN` (shortest piece N tokens), `sN` (pieces of N tokens) or a combination joined by
-`-` (p1-m512). Every setting's output is checked against the default's.
+`-` (p1-m512); `narrow` is the default plan merged by the one-row combine kernel's former
+launch (128-column blocks whatever the grid: `combine.one_row_blocks` with no SM target).
+Every setting's output is checked against the first setting's.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ PLANS = ("default", "p1", "p2", "p1-m512", "p1-m1024", "p2-m1024")
 
 def parse_case(text: str) -> dict:
     variant, _, spec = text.partition(":")
+    variant, _, heads = variant.partition("@")
+    if heads and not heads.isdigit():
+        raise ValueError(f"--cases entry {text!r}: the heads after @ must be a number")
     if re.fullmatch(r"\d+x\d+", spec):
         batch, context = (int(v) for v in spec.split("x"))
         lengths = [context] * batch
@@ -43,12 +49,12 @@ def parse_case(text: str) -> dict:
             lengths += [length] * count
     else:
         raise ValueError(f"--cases entry {text!r}: want VARIANT:BxL or VARIANT:LxN+LxN")
-    return dict(variant=variant, heads=128, tp=1, batch=len(lengths), context=max(lengths),
+    return dict(variant=variant, heads=int(heads or 128), tp=1, batch=len(lengths), context=max(lengths),
                 query_len=1, page=64, lengths=lengths, label=spec)
 
 
 def parse_plan(text: str) -> dict:
-    if text == "default":
+    if text in ("default", "narrow"):
         return {}
     knobs = {}
     for part in text.split("-"):
@@ -93,10 +99,12 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     from hwattn.ops import hopper_decode
+    from hwattn.ops.kernels import combine
     from hwattn.ops.plan import plan_decode
 
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
+    per_sm = combine.PROGRAMS_PER_SM
     rows = []
     for case in cases:
         layer = layer_for(case["variant"], case["heads"], 128, 64)
@@ -117,6 +125,8 @@ def main(argv=None) -> int:
                                                  inputs.seqlens, softmax_scale=scale, plan=plan,
                                                  config=config)
 
+            # `narrow`: no grid is small enough for wide column blocks (the former launch)
+            combine.PROGRAMS_PER_SM = 10**9 if name == "narrow" else per_sm
             out = fn()[0]
             if reference is None:
                 reference = out.float()
@@ -126,7 +136,7 @@ def main(argv=None) -> int:
             kernels = kernel_times(fn)
             attend = sum(t for k, t in kernels.items() if "combine" not in k)
             combine = sum(t for k, t in kernels.items() if "combine" in k)
-            row = dict(case=f"{case['variant']}:{case['label']}", plan=name, knobs=plan_args,
+            row = dict(case=f"{case['variant']}@{case['heads']}:{case['label']}", plan=name, knobs=plan_args,
                        items=int((plan.items[:, 0] >= 0).sum()), capacity=plan.capacity,
                        max_pieces=plan.max_pieces, us=us, timing=how, attend_us=attend,
                        combine_us=combine, kernels=kernels, max_err_vs_default=err,

@@ -78,21 +78,14 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata | None,
                 cache: tuple[Tensor, ...] | None) -> Tensor:
-        return self.feed_forward(self.attention_residual(x, cos, sin, meta, cache))
-
-    def attention_residual(self, x: Tensor, cos: Tensor, sin: Tensor,
-                           meta: AttentionMetadata | None,
-                           cache: tuple[Tensor, ...] | None) -> Tensor:
-        """The block up to its attention's residual add: x (B, T, D) -> (B, T, D)."""
-        return x + self.attn(self.attn_norm(x), cos, sin, meta, cache)
+        # The residual add stays in this frame: inside a helper of its own, the graph break at
+        # the attention step left it a compiled graph and a kernel of its own a layer (run 19,
+        # docs/results/engine.md).
+        return self.feed_forward(x + self.attn(self.attn_norm(x), cos, sin, meta, cache))
 
     def feed_forward(self, x: Tensor) -> Tensor:
         """The block after its attention's residual add: x (B, T, D) -> (B, T, D)."""
-        return x + self.ffn_delta(x)
-
-    def ffn_delta(self, x: Tensor) -> Tensor:
-        """What the feed-forward adds to x (B, T, D), before its residual add."""
-        return self.ffn(self.ffn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
 
     # `forward` in pieces, for callers that run the attention step between them themselves
     # (the serving engine's compiled prefill, hwattn/models/compile.py::compile_pieces):

@@ -86,6 +86,41 @@ def test_states_finished_in_the_cache_write_decode_as_before(checkpoints, varian
     assert eager == unfused and compiled == unfused
 
 
+@pytest.mark.parametrize("attention", ["gqa", "gla"])
+def test_no_compiled_decode_graph_is_a_lone_residual_add(attention):
+    """A compiled block's residual adds stay in the graphs around them: a helper that made
+    the attention's residual add after the graph break a frame of its own compiled it into a
+    graph, and a kernel a layer, of that one add (run 19 on an H100, docs/results/engine.md)."""
+    import operator
+
+    from hwattn import ModelConfig, Transformer
+    from hwattn.layers import AttentionMetadata
+    from hwattn.models.compile import compile_blocks
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method")])
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = Transformer(ModelConfig.from_preset("tiny", attention=attention, n_layers=2)).eval()
+    caches = [blk.attn.allocate_cache(16, 4, dtype=torch.float32, device=torch.device("cpu"))
+              for blk in model.layers]
+    blocks = compile_blocks(model, backend=backend)
+    table = torch.arange(16, dtype=torch.int32).view(2, 8)
+    for step in range(2):
+        lens = torch.full((2,), 6 + step, dtype=torch.int32)
+        slots = AttentionMetadata.slots(table, torch.full((2, 1), 5 + step), 4)
+        with torch.no_grad():
+            model(torch.randint(0, model.config.vocab_size, (2, 1)),
+                  meta=AttentionMetadata(table, lens, slots, backend="torch"), kv_caches=caches,
+                  blocks=blocks)
+    assert graphs
+    lone_adds = [g for g in graphs if g in ([operator.add], [torch.add], ["add"])]
+    assert not lone_adds, graphs
+
+
 def test_decode_steps_prefer_their_blas_library_on_a_gpu_only(monkeypatch):
     """`decode_blas`: a CUDA device gets the library asked for (HWATTN_BLAS by default), any
     other device "default"; an unknown name is refused naming HWATTN_BLAS. `blas_preference`
