@@ -11,7 +11,8 @@
 #      tree's defaults (the state store on for GLA-2, the residual add back in its frame).
 #   4. `hwattn bench decode`: MLA and GLA-2 at the uneven batch and B 4 x 32K beside FlashMLA
 #      and FA3 in this process.
-#   5. The Hopper decode against fp64 under split plans (default schedule).
+#   5. MLA's uneven batch under other split plans (pieces of 1K / 2K / 4K, 2K shortest).
+#   6. The Hopper decode against fp64 under split plans (default schedule).
 # Most wanted first: a call cut short by the device budget still returns what it printed.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s32}
@@ -40,4 +41,7 @@ timeout 150 python3 -m hwattn bench decode --variants mla,gla-2 --mixed 131072x1
 timeout 120 python3 -m hwattn bench decode --variants mla,gla-2 --batch 4 --context 32768 \
   --query-len 1 --no-sdpa --warmup-ms 10 --rep-ms 60 --out "$OUT/decode_b4.json" 2>&1 \
   | grep -v "^row " | tail -8
+echo "== split_profile: other plans for the uneven batch"
+timeout 100 python3 benchmarks/split_profile.py --cases mla:131072x1+1024x63 \
+  --plans default,s1024,s2048,s4096,m2048 --out "$OUT/split_plans.json" 2>&1 | grep -a "^|"
 gpu_tests tests/ops/test_hopper_decode.py -k "test_matches_fp64_on_hopper and default"
