@@ -99,12 +99,12 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     from hwattn.ops import hopper_decode
-    from hwattn.ops.kernels import combine
+    from hwattn.ops.kernels import combine as combine_kernels
     from hwattn.ops.plan import plan_decode
 
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
-    per_sm = combine.PROGRAMS_PER_SM
+    per_sm = combine_kernels.PROGRAMS_PER_SM
     rows = []
     for case in cases:
         layer = layer_for(case["variant"], case["heads"], 128, 64)
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
                                                  config=config)
 
             # `narrow`: no grid is small enough for wide column blocks (the former launch)
-            combine.PROGRAMS_PER_SM = 10**9 if name == "narrow" else per_sm
+            combine_kernels.PROGRAMS_PER_SM = 10**9 if name == "narrow" else per_sm
             out = fn()[0]
             if reference is None:
                 reference = out.float()
