@@ -11,8 +11,10 @@ A case is VARIANT[@H_Q]:LENGTHS with LENGTHS as `hwattn bench decode --mixed` ta
 L_q 1, bf16, random page order.
 A plan setting is `default` (the backend's own plan, as the engine makes it), `pN` (N programs
 per SM), `mN` (shortest piece N tokens), `sN` (pieces of N tokens) or a combination joined by
-`-` (p1-m512); `narrow` is the default plan merged by the one-row combine kernel's former
-launch (128-column blocks whatever the grid: `combine.one_row_blocks` with no SM target).
+`-` (p1-m512), with `narrow` or `strided` among them for another combine launch: `narrow`,
+the one-row combine kernel's former launch (128-column blocks whatever the grid:
+`combine.one_row_blocks` with no SM target); `strided`, programs striding over the split
+sequences' rows (HWATTN_COMBINE=strided, `combine.combine_strided_kernel`).
 Every setting's output is checked against the first setting's.
 """
 
@@ -53,17 +55,20 @@ def parse_case(text: str) -> dict:
                 query_len=1, page=64, lengths=lengths, label=spec)
 
 
-def parse_plan(text: str) -> dict:
-    if text in ("default", "narrow"):
-        return {}
-    knobs = {}
+def parse_plan(text: str) -> tuple[dict, str | None]:
+    """(plan_decode keywords, combine launch: None, "narrow" or "strided") of a --plans entry."""
+    knobs, merge = {}, None
     for part in text.split("-"):
+        if part in ("default", "narrow", "strided"):
+            merge = None if part == "default" else part
+            continue
         match = re.fullmatch(r"([pms])(\d+)", part)
         if not match:
-            raise ValueError(f"--plans entry {text!r}: want default or pN / mN / sN joined by -")
+            raise ValueError(f"--plans entry {text!r}: want default, narrow, strided or pN / mN "
+                             "/ sN, joined by -")
         key = {"p": "programs_per_sm", "m": "min_piece", "s": "split_tokens"}[match[1]]
         knobs[key] = int(match[2])
-    return knobs
+    return knobs, merge
 
 
 def kernel_times(fn, reps: int = 20) -> dict[str, float]:
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
-    per_sm = combine_kernels.PROGRAMS_PER_SM
+    per_sm, schedule = combine_kernels.PROGRAMS_PER_SM, combine_kernels.COMBINE_SCHEDULE
     rows = []
     for case in cases:
         layer = layer_for(case["variant"], case["heads"], 128, 64)
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
         config = hopper_decode.call_config(q_nope, kv, rope)
         knobs = hopper_decode.plan_knobs(q_nope, kv, rope, config)
         reference = None
-        for name, change in plans:
+        for name, (change, merge) in plans:
             plan_args = {**knobs, **change}
             plan = plan_decode(inputs.seqlens.cpu(), num_heads_kv=kv.shape[2], query_len=1,
                                page_size=64, **plan_args).to(q_nope.device)
@@ -126,7 +131,8 @@ def main(argv=None) -> int:
                                                  config=config)
 
             # `narrow`: no grid is small enough for wide column blocks (the former launch)
-            combine_kernels.PROGRAMS_PER_SM = 10**9 if name == "narrow" else per_sm
+            combine_kernels.PROGRAMS_PER_SM = 10**9 if merge == "narrow" else per_sm
+            combine_kernels.COMBINE_SCHEDULE = "strided" if merge == "strided" else schedule
             out = fn()[0]
             if reference is None:
                 reference = out.float()

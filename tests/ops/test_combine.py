@@ -48,11 +48,12 @@ def _merged(part_out, part_lse, splits, out, lse):
     pytest.param([4, 2], 3, 3, 192, id="dv192-lq3"),
     pytest.param([20, 1, 7], 1, 4, 64, id="many-pieces"),
 ])
-@pytest.mark.parametrize("max_pieces, num_sms", [(2, None), (ROWS_MAX_PIECES + 1, None),
-                                                 (ROWS_MAX_PIECES + 1, 1)],
-                         ids=["rows", "tiles", "wide-tiles"])
+@pytest.mark.parametrize("max_pieces, num_sms, schedule", [
+    (2, None, None), (ROWS_MAX_PIECES + 1, None, "grid"), (ROWS_MAX_PIECES + 1, 1, "grid"),
+    (ROWS_MAX_PIECES + 1, None, "strided"), (ROWS_MAX_PIECES + 1, 1, "strided")],
+    ids=["rows", "tiles", "wide-tiles", "strided", "strided-one-sm"])
 def test_combine_matches_the_merge_written_in_pytorch(pieces, query_len, n_heads, d_v, max_pieces,
-                                                      num_sms):
+                                                      num_sms, schedule):
     part_out, part_lse, splits = _partials(pieces, query_len, n_heads, d_v, seed=len(pieces))
     batch = len(pieces)
     out = torch.full((batch, query_len, n_heads, d_v), 7.0, dtype=torch.bfloat16)
@@ -60,9 +61,10 @@ def test_combine_matches_the_merge_written_in_pytorch(pieces, query_len, n_heads
     want_out, want_lse = _merged(part_out, part_lse, splits, out, lse)
     got_out, got_lse = out.to(DEVICE), lse.to(DEVICE)
     # max_pieces picks the program shape; a refreshed plan may hold more pieces than it says
-    # (num_sms 1: the one-row kernel's widest column blocks, `one_row_blocks`)
+    # (num_sms 1: the one-row kernel's widest column blocks, `one_row_blocks`; strided: a few
+    # programs, each merging many rows)
     combine(part_out.to(DEVICE), part_lse.to(DEVICE), splits.to(DEVICE), got_out, got_lse,
-            max_pieces=max_pieces, num_sms=num_sms)
+            max_pieces=max_pieces, num_sms=num_sms, schedule=schedule)
     torch.testing.assert_close(got_out.cpu().float(), want_out.float(), atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(got_lse.cpu(), want_lse, atol=1e-4, rtol=1e-5)
     single = [b for b, n in enumerate(pieces) if n == 1]
@@ -82,3 +84,10 @@ def test_one_row_blocks_widen_where_the_grid_stays_full():
     assert one_row_blocks(1, 32, 128, 200, 132) == (128, 64)
     assert one_row_blocks(8, 16, 192, 9, 1) == (256, 16)  # a width that is not a power of two
     assert one_row_blocks(64, 128, 512, 3, 132)[1] == 8
+
+
+def test_combine_refuses_an_unknown_schedule():
+    part_out, part_lse, splits = _partials([3, 1], 1, 2, 64, seed=0)
+    out, lse = torch.zeros(2, 1, 2, 64), torch.zeros(2, 2, 1)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        combine(part_out, part_lse, splits, out, lse, max_pieces=9, schedule="persistent")

@@ -22,6 +22,7 @@ neither grid depends on the lengths (CUDA graph replay).
 from __future__ import annotations
 
 import functools
+import os
 
 import triton
 import triton.language as tl
@@ -33,21 +34,13 @@ from hwattn.ops.plan import device_sms
 # the plan's capacity goes. They are read as scalars, so the kernels do not specialise on their
 # alignment (which compiled the kernels again in serving steps, run 16;
 # `DecodePlan.of_packed` in hwattn/ops/plan.py).
-@triton.jit(do_not_specialize_on_alignment=["splits_ptr"])
-def combine_kernel(
-    part_out_ptr, part_lse_ptr, splits_ptr, out_ptr, lse_ptr,
-    n_heads_q,
-    stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh,
-    L_Q: tl.constexpr, D_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    row = tl.program_id(1)  # query * H_q + head
-    pid_d = tl.program_id(2)
-    first = tl.load(splits_ptr + seq * 2)
-    n_pieces = tl.load(splits_ptr + seq * 2 + 1)
-    if n_pieces <= 1:
-        return
+@triton.jit
+def _merge_row(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, first, n_pieces, seq, row, pid_d,
+               n_heads_q, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+               L_Q: tl.constexpr, D_V: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Merge one row ((query position, head) pair) × BLOCK_D output columns of sequence `seq`
+    from its `n_pieces` pieces starting at item `first`, BLOCK_P pieces a tile."""
     rows_per_piece = L_Q * n_heads_q
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -85,6 +78,57 @@ def combine_kernel(
     if pid_d == 0:
         lse = tl.where(seen, top + tl.log(tl.where(seen, total_sum, 1.0)), float("-inf"))
         tl.store(lse_ptr + seq64 * stride_lb + head * stride_lh + query, lse)
+
+
+# A plan's splits are a view of its packed buffer, after the pieces: 16-byte aligned or not as
+# the plan's capacity goes. They are read as scalars, so the kernels do not specialise on their
+# alignment (which compiled the kernels again in serving steps, run 16;
+# `DecodePlan.of_packed` in hwattn/ops/plan.py).
+@triton.jit(do_not_specialize_on_alignment=["splits_ptr"])
+def combine_kernel(
+    part_out_ptr, part_lse_ptr, splits_ptr, out_ptr, lse_ptr,
+    n_heads_q,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    L_Q: tl.constexpr, D_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    row = tl.program_id(1)  # query * H_q + head
+    pid_d = tl.program_id(2)
+    first = tl.load(splits_ptr + seq * 2)
+    n_pieces = tl.load(splits_ptr + seq * 2 + 1)
+    if n_pieces <= 1:
+        return
+    _merge_row(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, first, n_pieces, seq, row, pid_d,
+               n_heads_q, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+               L_Q, D_V, BLOCK_P, BLOCK_D)
+
+
+@triton.jit(do_not_specialize_on_alignment=["splits_ptr"])
+def combine_strided_kernel(
+    part_out_ptr, part_lse_ptr, splits_ptr, out_ptr, lse_ptr,
+    n_heads_q, batch,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    L_Q: tl.constexpr, D_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_DBLOCKS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """The one-row merge over the split sequences only: each program reads every sequence's
+    piece count at once, ranks the split ones, and strides over their (row, column block)
+    units, so the grid need not hold a program for every sequence's every row."""
+    offs_b = tl.arange(0, BLOCK_B)
+    counts = tl.load(splits_ptr + offs_b * 2 + 1, mask=offs_b < batch, other=0)
+    is_split = (counts > 1).to(tl.int32)
+    rank = tl.cumsum(is_split, 0) - is_split  # split sequences before each one
+    per_seq = L_Q * n_heads_q * N_DBLOCKS
+    for unit in range(tl.program_id(0), tl.sum(is_split, 0) * per_seq, tl.num_programs(0)):
+        rest = unit % per_seq
+        seq = tl.sum(tl.where((is_split == 1) & (rank == unit // per_seq), offs_b, 0), 0)
+        first = tl.load(splits_ptr + seq * 2)
+        n_pieces = tl.load(splits_ptr + seq * 2 + 1)
+        _merge_row(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, first, n_pieces, seq,
+                   rest // N_DBLOCKS, rest % N_DBLOCKS, n_heads_q, stride_ob, stride_ot,
+                   stride_oh, stride_lb, stride_lh, L_Q, D_V, BLOCK_P, BLOCK_D)
 
 
 @triton.jit(do_not_specialize_on_alignment=["splits_ptr"])
@@ -144,6 +188,17 @@ PIECES_TILE = 8192
 MIN_BLOCK_D = 128
 # Programs per SM the one-row kernel's grid keeps at least, where its column blocks widen.
 PROGRAMS_PER_SM = 4
+# How the one-row merge is launched (HWATTN_COMBINE): "grid" (the default), a program for
+# every sequence's every row and column block (`one_row_blocks`), or "strided", at most one
+# wave of programs striding over the split sequences' rows alone (`combine_strided_kernel`:
+# written on 2026-12-07 for the grid's one-piece programs, tested under the interpreter only,
+# not yet compiled for or timed on a GPU).
+COMBINE_SCHEDULES = ("grid", "strided")
+COMBINE_SCHEDULE = os.environ.get("HWATTN_COMBINE", "grid")
+if COMBINE_SCHEDULE not in COMBINE_SCHEDULES:
+    raise ValueError(f"HWATTN_COMBINE must be one of {COMBINE_SCHEDULES}, got {COMBINE_SCHEDULE!r}")
+# Programs per SM of the strided launch: one wave of 4-warp programs (64 warps an SM).
+STRIDED_PROGRAMS_PER_SM = 16
 _device_sms = functools.lru_cache(maxsize=None)(device_sms)  # (eager steps call it per layer)
 
 
@@ -168,7 +223,7 @@ def one_row_blocks(batch: int, rows: int, d_v: int, max_pieces: int,
 
 
 def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int,
-            num_sms: int | None = None):
+            num_sms: int | None = None, schedule: str | None = None):
     """Merge the pieces of every split sequence of a decode step into `out` and `lse`.
 
     part_out (capacity, L_q, H_q, D_v) and part_lse (capacity, L_q, H_q) fp32: each piece's
@@ -177,7 +232,8 @@ def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int,
     piece are left as the attention kernel wrote them. max_pieces: the plan's most pieces of
     one sequence when the launch was made (a CUDA graph keeps that choice; more pieces after
     a refresh are still merged, more slowly); num_sms: the SMs the one-row kernel's grid is
-    sized for (`one_row_blocks`; None: the device's).
+    sized for (`one_row_blocks`; None: the device's); schedule: the one-row kernel's launch,
+    "grid" or "strided" (None: HWATTN_COMBINE, `COMBINE_SCHEDULE`).
     """
     _, query_len, n_heads, d_v = part_out.shape
     batch = splits.shape[0]
@@ -191,8 +247,22 @@ def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int,
             D_V=d_v, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
         )
         return
+    schedule = COMBINE_SCHEDULE if schedule is None else schedule
+    if schedule not in COMBINE_SCHEDULES:
+        raise ValueError(f"schedule must be one of {COMBINE_SCHEDULES}, got {schedule!r}")
     if num_sms is None:
         num_sms = _device_sms(part_out.device)
+    if schedule == "strided":  # narrow blocks: no program is spent on a one-piece sequence
+        block_d = min(MIN_BLOCK_D, triton.next_power_of_2(d_v))
+        n_dblocks = triton.cdiv(d_v, block_d)
+        grid = min(STRIDED_PROGRAMS_PER_SM * num_sms, batch * rows * n_dblocks)
+        combine_strided_kernel[(grid,)](
+            part_out, part_lse, splits, out, lse, n_heads, batch, *strides,
+            L_Q=query_len, D_V=d_v, BLOCK_D=block_d, N_DBLOCKS=n_dblocks,
+            BLOCK_P=max(8, min(64, triton.next_power_of_2(max_pieces))),
+            BLOCK_B=triton.next_power_of_2(batch), num_warps=4,
+        )
+        return
     block_d, block_p = one_row_blocks(batch, rows, d_v, max_pieces, num_sms)
     combine_kernel[(batch, rows, triton.cdiv(d_v, block_d))](
         part_out, part_lse, splits, out, lse, n_heads, *strides,
