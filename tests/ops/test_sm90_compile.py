@@ -1,0 +1,110 @@
+"""The decode step's small Triton kernels compile for sm_90 without a GPU (Triton's NVIDIA
+backend and its ptxas run on the CPU). The interpreter, which the other CPU tests use, runs
+code the compiler refuses: `store_states_kernel` bound one name to two shapes in the branches
+of an `if`, passed every interpreter test, and failed to compile on an H100 (2026-12-07).
+The Hopper attention kernel has its own compile test (test_hopper_decode.py).
+
+The tests run under TRITON_INTERPRET=1, where `triton.jit` makes interpreted functions that
+cannot be compiled, so the compiling happens in a child process without it
+(`python -m tests.ops.test_sm90_compile`, which prints one line per kernel and variant)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+COMBINE_POINTERS = dict(part_out_ptr="fp32", part_lse_ptr="fp32", splits_ptr="i32",
+                        out_ptr="bf16", lse_ptr="fp32")
+
+
+def _compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats: tuple = (),
+                  num_warps: int = 4):
+    """Compile a `triton.jit` kernel for sm_90: pointer arguments typed by `pointers`, `floats`
+    fp32, constexprs given, every other argument i32. Returns the compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps})
+
+
+def cases():
+    """(name, kernel, pointers, constexprs, fp32 arguments) of every variant compiled."""
+    import triton
+
+    from hwattn.ops.kernels import combine, store
+
+    for l_q, d_v, block_p, block_d in [(1, 512, 16, 512), (2, 256, 64, 128)]:
+        common = dict(L_Q=l_q, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d)
+        yield f"combine_kernel {common}", combine.combine_kernel, COMBINE_POINTERS, common, ()
+        strided = dict(common, N_DBLOCKS=triton.cdiv(d_v, block_d), BLOCK_B=64)
+        yield (f"combine_strided_kernel {strided}", combine.combine_strided_kernel,
+               COMBINE_POINTERS, strided, ())
+    rows = dict(D_V=512, BLOCK_R=4, BLOCK_D=512)
+    yield f"combine_rows_kernel {rows}", combine.combine_rows_kernel, COMBINE_POINTERS, rows, ()
+    for cache, scaled in [("bf16", False), ("fp8e4nv", True)]:
+        pointers = dict(cache_a_ptr=cache, new_a_ptr="bf16", norm_ptr="bf16", cache_b_ptr=cache,
+                        new_b_ptr="bf16", cos_ptr="fp32", sin_ptr="fp32", slots_ptr="i64",
+                        cache_ptr=cache, new_ptr="bf16")
+        flags = dict(SCALED=scaled, SATURATE=scaled)
+        for norm, rope in [(True, True), (False, True), (False, False)]:
+            finish = dict(flags, NORM=norm, ROPE=rope, BLOCK_D=256, BLOCK_R=32)
+            yield (f"store_states_kernel {cache} {finish}", store.store_states_kernel, pointers,
+                   finish, ("eps", "scale"))
+        yield (f"store_kernel {cache}", store.store_kernel, pointers, dict(flags, BLOCK=128),
+               ("scale",))
+        yield (f"store_pair_kernel {cache}", store.store_pair_kernel, pointers,
+               dict(flags, BLOCK_A=512, BLOCK_B=64), ("scale",))
+
+
+def main() -> int:
+    """Compile every case; print `ok NAME` or `FAILED NAME: error`; exit 1 on any failure."""
+    failed = 0
+    for name, fn, pointers, constexprs, floats in cases():
+        try:
+            kernel = _compile_sm90(fn, pointers, constexprs, floats)
+            assert kernel.asm["cubin"], "no cubin"
+            print(f"ok {name}", flush=True)
+        except Exception as err:  # noqa: BLE001 - every failure is reported by name
+            failed += 1
+            print(f"FAILED {name}: {type(err).__name__}: {str(err).splitlines()[-1][:300]}",
+                  flush=True)
+    return 1 if failed else 0
+
+
+def _nvidia_backend() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import triton
+
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.exists(os.path.join(tools, "ptxas"))
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its NVIDIA backend (ptxas)")
+def test_combine_and_store_kernels_compile_for_sm90():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-m", "tests.ops.test_sm90_compile"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, "\n".join(lines + done.stderr.splitlines()[-20:])
+    assert sum(line.startswith("ok ") for line in lines) == len(list(cases())), lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
