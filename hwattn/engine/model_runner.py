@@ -37,6 +37,7 @@ from hwattn.engine.staging import PinnedRing
 from hwattn.engine.sampler import (SamplingInput, by_rows, describe_error, matching_verify,
                                   rejection_sample, sample, top_logprobs)
 from hwattn.layers import AttentionMetadata, mla
+from hwattn.models import compile as regional
 from hwattn.models.compile import compile_blocks, compile_pieces, distinct_sizes
 from hwattn.ops.argmax import argmax_last
 from hwattn.ops.plan import upload
@@ -235,7 +236,10 @@ class ModelRunner(DecodeGraphs):
         # drafts are read from here; a captured step's are its static inputs, valid until
         # the next step of its query length).
         self.fed_tokens: Tensor | None = None
-        self.decode_blocks = compile_blocks(model, eager_numerics=True) if compile_decode else None
+        self.decode_blocks = None
+        if compile_decode:
+            self.decode_blocks = compile_blocks(model, eager_numerics=True,
+                                                defer_residual=regional.DEFER_RESIDUAL)
         self.prefill_blocks = None
         if compile_prefill:
             self.prefill_blocks = compile_pieces(model, eager_numerics=True, dynamic=True)

@@ -18,6 +18,7 @@ whose all-reduces break the second piece).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -32,6 +33,14 @@ from hwattn.models.transformer import Block, Transformer
 # dynamo's default limit (8) would soon fall back to eager without a word.
 RECOMPILE_LIMIT = 256
 
+# Whether the engine's compiled decode blocks defer each feed-forward's residual add to the
+# next block (`compile_blocks(defer_residual=)`; HWATTN_DEFER_RESIDUAL=1). Off until timed on
+# a GPU: its first form, on helpers that split the block's frames, saved no kernel there (run
+# 19, docs/results/engine.md); this one saves one a layer under Inductor on the CPU
+# (tests/models/test_compile.py) and has not run on a GPU.
+DEFER_RESIDUAL = os.environ.get("HWATTN_DEFER_RESIDUAL", "0") == "1"
+
+
 def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
     """Raise dynamo's per-code-object recompile limits to at least `limit`."""
     import torch._dynamo.config as dc
@@ -44,7 +53,8 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
             setattr(dc, name, max(getattr(dc, name), 4 * limit))
 
 
-def compile_blocks(model: Transformer, eager_numerics: bool = False, **compile_kwargs) -> list:
+def compile_blocks(model: Transformer, eager_numerics: bool = False,
+                   defer_residual: bool = False, **compile_kwargs) -> list:
     """One `torch.compile`d callable per block of `model`, sharing its parameters, for
     `Transformer.forward(..., blocks=)`. Compilation happens on first call.
 
@@ -52,9 +62,41 @@ def compile_blocks(model: Transformer, eager_numerics: bool = False, **compile_k
         the eager model does (`emulate_precision_casts`), instead of keeping fused
         intermediates in fp32: a bf16 model then decodes as its eager self does, up to the
         order of reductions (the serving engine asks for it).
+    defer_residual: each block but the last leaves its feed-forward's residual add to the
+        next block (`DeferredResidual`), where Inductor fuses it into that block's first
+        RMSNorm: one kernel fewer a layer, the same sums in the same order.
     """
     compile_kwargs = _compile_kwargs(eager_numerics, compile_kwargs)
-    return [torch.compile(blk, **compile_kwargs) for blk in model.layers]
+    if not defer_residual:
+        return [torch.compile(blk, **compile_kwargs) for blk in model.layers]
+    last = len(model.layers) - 1
+    return [torch.compile(DeferredResidual(blk, i == last), **compile_kwargs)
+            for i, blk in enumerate(model.layers)]
+
+
+class DeferredResidual(torch.nn.Module):
+    """A block (`Block.forward`'s signature) that takes its input as a Tensor or as the pair
+    (h, ffn_out) the block before it returned, adds the pair itself (Inductor then fuses the
+    add into this block's attention RMSNorm), and returns its own pair unless it is the last
+    block, which returns h + ffn_out. The sums are the eager block's, in its order.
+
+    `forward` spells the block's two residual steps out in one frame, as `Block.forward`
+    does: in a helper of their own, the graph break at the attention step leaves the residual
+    add after it a compiled graph and a kernel of its own (run 19, docs/results/engine.md)."""
+
+    def __init__(self, block: Block, last: bool):
+        super().__init__()
+        self.block = block
+        self.last = last
+
+    def forward(self, x: Tensor | tuple[Tensor, Tensor], cos: Tensor, sin: Tensor,
+                meta: AttentionMetadata | None, cache: tuple[Tensor, ...] | None):
+        if isinstance(x, tuple):
+            x = x[0] + x[1]
+        blk = self.block
+        h = x + blk.attn(blk.attn_norm(x), cos, sin, meta, cache)
+        out = blk.ffn(blk.ffn_norm(h))
+        return h + out if self.last else (h, out)
 
 
 def _compile_kwargs(eager_numerics: bool, compile_kwargs: dict) -> dict:

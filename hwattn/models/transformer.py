@@ -152,7 +152,9 @@ class Transformer(nn.Module):
         each cached sequence: they are written to the cache and attend to everything before.
         last_only: project only the last position to the vocabulary (a prompt's next token).
         blocks: callables run in place of `self.layers`, with `Block.forward`'s signature
-            (e.g. compiled copies of the blocks, sharing their parameters).
+            (e.g. compiled copies of the blocks, sharing their parameters); what one returns
+            is the next one's input (a pair, for `compile.DeferredResidual`), the last's the
+            hidden states (B, T, D).
 
         Raises ValueError for tokens that are not a non-empty (B, T) integer tensor, or (on
         the CPU) hold an id outside [0, vocab_size), or for `meta` of another step's shape.

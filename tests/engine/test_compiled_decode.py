@@ -73,17 +73,24 @@ def test_serving_composes_a_model_once(monkeypatch):
 def test_states_finished_in_the_cache_write_decode_as_before(checkpoints, variant, monkeypatch):
     """Decode steps that finish their states in the cache write (`Attention.
     finishes_states_in_store`, HWATTN_FUSED_STATE_STORE=1) give the greedy tokens of steps that
-    norm and rotate them first, eager and compiled."""
+    norm and rotate them first, eager and compiled; compiled also with each block's last
+    residual add deferred to the next block (HWATTN_DEFER_RESIDUAL=1)."""
     from hwattn.layers import base
+    from hwattn.models import compile as regional
 
     torch._dynamo.reset()
     path = checkpoints(variant)
     monkeypatch.setattr(base, "FUSED_STATE_STORE", "0")
+    monkeypatch.setattr(regional, "DEFER_RESIDUAL", False)
     unfused, _ = _generate(path, False)
     monkeypatch.setattr(base, "FUSED_STATE_STORE", "1")
     eager, _ = _generate(path, False)
     compiled, _ = _generate(path, True)
-    assert eager == unfused and compiled == unfused
+    monkeypatch.setattr(regional, "DEFER_RESIDUAL", True)
+    deferred, llm = _generate(path, True)
+    assert all(isinstance(b._orig_mod, regional.DeferredResidual)
+               for b in llm.engine.runner.decode_blocks)
+    assert eager == unfused and compiled == unfused and deferred == unfused
 
 
 @pytest.mark.parametrize("attention", ["gqa", "gla"])

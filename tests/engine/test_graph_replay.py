@@ -317,15 +317,18 @@ def test_composed_absorptions_on_the_gpu_decode_as_the_separate_products(checkpo
 def test_states_finished_in_the_cache_write_on_the_gpu_decode_as_before(checkpoints, variant,
                                                                        monkeypatch):
     """The Triton store that norms and rotates the states (`store_states_kernel`,
-    HWATTN_FUSED_STATE_STORE=1) in compiled, captured steps, fp32, decodes the greedy tokens
-    of eager steps that norm and rotate the states first."""
+    HWATTN_FUSED_STATE_STORE=1) in compiled, captured steps whose blocks defer their last
+    residual add (HWATTN_DEFER_RESIDUAL=1), fp32, decodes the greedy tokens of eager steps
+    that norm and rotate the states first."""
     from hwattn.layers import base
+    from hwattn.models import compile as regional
 
     path = checkpoints(variant)
     prompts, params, kw = _gpu_requests(5, 10, 5, num_pages=96)
     monkeypatch.setattr(base, "FUSED_STATE_STORE", "0")
     want = [o.token_ids for o in LLM(path, cuda_graphs=False, **kw).generate(prompts, params)]
     monkeypatch.setattr(base, "FUSED_STATE_STORE", "1")
+    monkeypatch.setattr(regional, "DEFER_RESIDUAL", True)
     llm = LLM(path, compile_decode=True, **kw)
     assert llm.engine.runner.cuda_graphs, llm.engine.runner.graph_error
     assert [o.token_ids for o in llm.generate(prompts, params)] == want
