@@ -156,6 +156,29 @@ def test_decode_steps_prefer_their_blas_library_on_a_gpu_only(monkeypatch):
     assert len(state) == 5
 
 
+def test_decode_steps_alone_run_under_the_decode_blas_library(checkpoints, monkeypatch):
+    """A runner whose decode library is cuBLASLt asks for it around each decode step and
+    restores the preference after; prefill steps run under the preference as it was."""
+    state, during = ["cublas"], []
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library",
+                        lambda name=None: state[-1] if name is None else state.append(name))
+    llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=4, memory_budget=1 << 20)
+    runner = llm.engine.runner
+    monkeypatch.setattr(runner, "blas", "cublaslt")
+    for kind in ("_prefill", "_decode"):
+        real = getattr(runner, kind)
+
+        def spy(step, real=real, kind=kind):
+            during.append((kind, state[-1]))
+            return real(step)
+
+        monkeypatch.setattr(runner, kind, spy)
+    llm.generate(prompts(2, seed=5), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert {k for k, _ in during} == {"_prefill", "_decode"}
+    assert all(blas == ("cublaslt" if k == "_decode" else "cublas") for k, blas in during), during
+    assert state[-1] == "cublas"
+
+
 @pytest.mark.slow
 def test_compiled_verify_steps_match_eager(checkpoints):
     """Speculative verification (L_q = k + 1) runs the same compiled blocks."""
