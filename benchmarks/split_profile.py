@@ -91,10 +91,15 @@ def kernel_times(fn, reps: int = 20) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--plans", default=",".join(PLANS))
-    parser.add_argument("--rep-ms", type=int, default=40)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated VARIANT[@H_Q]:LENGTHS cases (see above)")
+    parser.add_argument("--plans", default=",".join(PLANS),
+                        help="comma-separated plan settings: default, narrow, strided, pN, mN, "
+                             "sN, joined by - (see above)")
+    parser.add_argument("--rep-ms", type=int, default=40,
+                        help="do_bench's timing budget per setting, ms (default 40)")
+    parser.add_argument("--out", default=None, metavar="FILE.json",
+                        help="also write every row, its kernels included, here")
     args = parser.parse_args(argv)
     cases = [parse_case(c) for c in args.cases.split(",") if c]
     plans = [(p, parse_plan(p)) for p in args.plans.split(",") if p]
