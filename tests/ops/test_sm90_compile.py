@@ -23,21 +23,16 @@ COMBINE_POINTERS = dict(part_out_ptr="fp32", part_lse_ptr="fp32", splits_ptr="i3
 
 def _compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats: tuple = (),
                   num_warps: int = 4):
-    """Compile a `triton.jit` kernel for sm_90: pointer arguments typed by `pointers`, `floats`
-    fp32, constexprs given, every other argument i32. Returns the compiled kernel."""
+    """Compile a `triton.jit` kernel for sm_90 (`kernel_code.signature`: pointers typed by
+    `pointers`, `floats` fp32, every other argument i32). Returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        else:
-            signature[name] = "fp32" if name in floats else "i32"
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    from hwattn.ops.kernel_code import signature
+
+    types, attrs = signature(fn.arg_names, constexprs, pointers, floats=floats)
+    source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps})
 
