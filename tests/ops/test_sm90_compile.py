@@ -1,8 +1,9 @@
-"""The decode step's small Triton kernels compile for sm_90 without a GPU (Triton's NVIDIA
+"""The decode step's Triton kernels compile for sm_90 without a GPU (Triton's NVIDIA
 backend and its ptxas run on the CPU). The interpreter, which the other CPU tests use, runs
 code the compiler refuses: `store_states_kernel` bound one name to two shapes in the branches
 of an `if`, passed every interpreter test, and failed to compile on an H100 (2026-12-07).
-The Hopper attention kernel has its own compile test (test_hopper_decode.py).
+The Hopper attention kernel has its own compile test (test_hopper_decode.py), the prefill
+kernel its own (test_prefill_occupancy.py).
 
 The tests run under TRITON_INTERPRET=1, where `triton.jit` makes interpreted functions that
 cannot be compiled, so the compiling happens in a child process without it
@@ -22,9 +23,10 @@ COMBINE_POINTERS = dict(part_out_ptr="fp32", part_lse_ptr="fp32", splits_ptr="i3
 
 
 def _compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats: tuple = (),
-                  num_warps: int = 4):
+                  options: dict | None = None):
     """Compile a `triton.jit` kernel for sm_90 (`kernel_code.signature`: pointers typed by
-    `pointers`, `floats` fp32, every other argument i32). Returns the compiled kernel."""
+    `pointers`, `floats` fp32, every other argument i32; `options` for `triton.compile`,
+    default 4 warps). Returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,11 +36,12 @@ def _compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats: tuple 
     types, attrs = signature(fn.arg_names, constexprs, pointers, floats=floats)
     source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps})
+                          options=options or {"num_warps": 4})
 
 
 def cases():
-    """(name, kernel, pointers, constexprs, fp32 arguments) of every variant compiled."""
+    """(name, kernel, pointers, constexprs, fp32 arguments[, compile options]) of every variant
+    compiled."""
     import triton
 
     from hwattn.ops.kernels import combine, store
@@ -49,6 +52,26 @@ def cases():
         strided = dict(common, N_DBLOCKS=triton.cdiv(d_v, block_d), BLOCK_B=64)
         yield (f"combine_strided_kernel {strided}", combine.combine_strided_kernel,
                COMBINE_POINTERS, strided, ())
+    from hwattn.ops.kernels.attend import attend_kernel
+    from hwattn.ops.triton_decode import choose_config, head_layout, pad_width
+
+    # The portable decode kernel as `triton_decode._attend` launches it: GQA-4 (separate K/V),
+    # GLA-2 (tied, a RoPE key) at L_q 2, and GTA-4 with an fp8 cache.
+    for name, group, l_q, d_qk, d_v, d_r, tied, cache in [
+            ("gqa-4", 4, 1, 128, 128, 16, False, "bf16"), ("gla-2", 64, 2, 256, 256, 64, True, "bf16"),
+            ("gta-4 fp8", 8, 1, 64, 128, 64, True, "fp8e4nv")]:
+        config = choose_config(pad_width(d_v), l_q, group, tied)
+        heads, head_blocks, block_m = head_layout(group, l_q, config.max_rows)
+        attend = dict(L_Q=l_q, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks, BLOCK_M=block_m,
+                      BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v, D_PAD=pad_width(d_v), D_R=d_r,
+                      DR_PAD=pad_width(d_r), PAGE=64, TIED=tied, DOT_PRECISION="tf32")
+        pointers = dict(q_ptr="bf16", q_rope_ptr="bf16", k_ptr=cache, v_ptr=cache, rope_ptr=cache,
+                        block_table_ptr="i32", seqlens_ptr="i32", items_ptr="i32",
+                        splits_ptr="i32", out_ptr="bf16", lse_ptr="fp32", part_out_ptr="fp32",
+                        part_lse_ptr="fp32")
+        yield (f"attend_kernel {name} {config}", attend_kernel, pointers, attend,
+               ("qk_scale", "v_scale"),
+               dict(num_warps=config.num_warps, num_stages=config.num_stages))
     rows = dict(D_V=512, BLOCK_R=4, BLOCK_D=512)
     yield f"combine_rows_kernel {rows}", combine.combine_rows_kernel, COMBINE_POINTERS, rows, ()
     for cache, scaled in [("bf16", False), ("fp8e4nv", True)]:
@@ -69,9 +92,9 @@ def cases():
 def main() -> int:
     """Compile every case; print `ok NAME` or `FAILED NAME: error`; exit 1 on any failure."""
     failed = 0
-    for name, fn, pointers, constexprs, floats in cases():
+    for name, fn, pointers, constexprs, floats, *options in cases():
         try:
-            kernel = _compile_sm90(fn, pointers, constexprs, floats)
+            kernel = _compile_sm90(fn, pointers, constexprs, floats, *options)
             assert kernel.asm["cubin"], "no cubin"
             print(f"ok {name}", flush=True)
         except Exception as err:  # noqa: BLE001 - every failure is reported by name
@@ -91,7 +114,7 @@ def _nvidia_backend() -> bool:
 
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="Triton without its NVIDIA backend (ptxas)")
-def test_combine_and_store_kernels_compile_for_sm90():
+def test_decode_kernels_compile_for_sm90():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
     done = subprocess.run([sys.executable, "-m", "tests.ops.test_sm90_compile"], cwd=root, env=env,
