@@ -47,6 +47,7 @@ def _merged(part_out, part_lse, splits, out, lse):
     pytest.param([2] * 5, 1, 32, 128, id="gqa-h32"),
     pytest.param([4, 2], 3, 3, 192, id="dv192-lq3"),
     pytest.param([20, 1, 7], 1, 4, 64, id="many-pieces"),
+    pytest.param([30], 1, 4, 128, id="one-long-sequence"),
 ])
 @pytest.mark.parametrize("max_pieces, num_sms, schedule", [
     (2, None, None), (ROWS_MAX_PIECES + 1, None, "grid"), (ROWS_MAX_PIECES + 1, 1, "grid"),

@@ -49,7 +49,7 @@ def cases():
     for l_q, d_v, block_p, block_d in [(1, 512, 16, 512), (2, 256, 64, 128)]:
         common = dict(L_Q=l_q, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d)
         yield f"combine_kernel {common}", combine.combine_kernel, COMBINE_POINTERS, common, ()
-        strided = dict(common, N_DBLOCKS=triton.cdiv(d_v, block_d), BLOCK_B=64)
+        strided = dict(common, N_DBLOCKS=triton.cdiv(d_v, block_d), BLOCK_B=1 if l_q == 1 else 64)
         yield (f"combine_strided_kernel {strided}", combine.combine_strided_kernel,
                COMBINE_POINTERS, strided, ())
     from hwattn.ops.kernels.attend import attend_kernel
