@@ -58,7 +58,8 @@ def cases():
     # The portable decode kernel as `triton_decode._attend` launches it: GQA-4 (separate K/V),
     # GLA-2 (tied, a RoPE key) at L_q 2, and GTA-4 with an fp8 cache.
     for name, group, l_q, d_qk, d_v, d_r, tied, cache in [
-            ("gqa-4", 4, 1, 128, 128, 16, False, "bf16"), ("gla-2", 64, 2, 256, 256, 64, True, "bf16"),
+            ("gqa-4", 4, 1, 128, 128, 16, False, "bf16"),
+            ("gla-2", 64, 2, 256, 256, 64, True, "bf16"),
             ("gta-4 fp8", 8, 1, 64, 128, 64, True, "fp8e4nv")]:
         config = choose_config(pad_width(d_v), l_q, group, tied)
         heads, head_blocks, block_m = head_layout(group, l_q, config.max_rows)
