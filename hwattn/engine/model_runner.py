@@ -406,8 +406,7 @@ class ModelRunner(DecodeGraphs):
         if step.kind == "prefill":
             return self._prefill(step)
         if step.kind == "decode":
-            with blas_preference(self.blas):  # (a replayed graph has its GEMMs already)
-                return self._decode(step)
+            return self._decode(step)
         if step.kind == "mixed":
             return self._mixed(step)
         raise ValueError(f"step kind must be 'prefill', 'decode' or 'mixed', got {step.kind!r}")
@@ -643,9 +642,9 @@ class ModelRunner(DecodeGraphs):
                     meta.slot_mapping = meta.slot_mapping.masked_fill(
                         self._upload(skip.flatten()), -1)
                 meta.plan = self.plan(seqlens, t)
-        if graph is not None:
+        if graph is not None:  # (its GEMMs were chosen at capture, under `self.blas`)
             return self._replay(graph, batch, t, step)
-        with self._part("forward"):
+        with self._part("forward"), blas_preference(self.blas):
             return self.forward(tokens, meta, blocks=self.decode_blocks)
 
     def _feed(self, tokens: Tensor, feed: list[int], last: list[int] | None = None) -> Tensor:

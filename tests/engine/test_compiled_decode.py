@@ -157,9 +157,10 @@ def test_decode_steps_prefer_their_blas_library_on_a_gpu_only(monkeypatch):
 
 
 def test_decode_steps_alone_run_under_the_decode_blas_library(checkpoints, monkeypatch):
-    """A runner whose decode library is cuBLASLt asks for it around each decode step and
-    restores the preference after; prefill steps run under the preference as it was."""
-    state, during = ["cublas"], []
+    """A runner whose decode library is cuBLASLt asks for it around each eager decode forward
+    and restores the preference after; prefill steps' forwards run under the preference as it
+    was."""
+    state, during, kinds = ["cublas"], [], []
     monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library",
                         lambda name=None: state[-1] if name is None else state.append(name))
     llm = LLM(checkpoints("gqa-2"), page_size=8, max_num_seqs=4, memory_budget=1 << 20)
@@ -169,10 +170,17 @@ def test_decode_steps_alone_run_under_the_decode_blas_library(checkpoints, monke
         real = getattr(runner, kind)
 
         def spy(step, real=real, kind=kind):
-            during.append((kind, state[-1]))
+            kinds.append(kind)
             return real(step)
 
         monkeypatch.setattr(runner, kind, spy)
+    model_forward = runner.model.forward
+
+    def forward(*args, **kwargs):  # the model's GEMMs run here
+        during.append((kinds[-1], state[-1]))
+        return model_forward(*args, **kwargs)
+
+    monkeypatch.setattr(runner.model, "forward", forward)
     llm.generate(prompts(2, seed=5), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert {k for k, _ in during} == {"_prefill", "_decode"}
     assert all(blas == ("cublaslt" if k == "_decode" else "cublas") for k, blas in during), during
