@@ -5,9 +5,13 @@ sequence's output is sum_i w_i o_i with w_i = exp(lse_i - lse), lse = log sum_i 
 A piece that saw none of a row's visible tokens has lse_i = -inf and weight 0.
 
 Two shapes of program, chosen by `combine` from the plan's most pieces per sequence:
-- `combine_kernel` (many pieces: a batch of one long sequence, few rows): one program merges
-  one row ((query position, head) pair) × BLOCK_D output columns of one sequence, reading
-  BLOCK_P pieces per step as one tile so that the loads of all pieces are in flight together.
+- one row (many pieces: a batch of one long sequence, few rows; `_merge_row`): a program
+  merges one row ((query position, head) pair) × BLOCK_D output columns of one sequence,
+  reading BLOCK_P pieces per step as one tile so that the loads of all pieces are in flight
+  together. `combine_kernel` launches one program per sequence, row and column block, its
+  column blocks as wide as keep the grid full (`one_row_blocks`); `combine_strided_kernel`
+  (HWATTN_COMBINE=strided, off) at most one wave of programs striding over the rows of the
+  split sequences alone.
 - `combine_rows_kernel` (a few pieces each: large batches, many heads): one program merges
   BLOCK_R rows × every output column of one sequence, one piece at a time with a running
   maximum. Each program holds 2048 outputs where a one-row program holds at most 128, so
@@ -16,7 +20,7 @@ Two shapes of program, chosen by `combine` from the plan's most pieces per seque
   (4096 programs of two pieces each), and a graph captured for long contexts launches it
   every step even when no sequence is split.
 Sequences with a single piece were written by the attention kernel and are left alone, so
-neither grid depends on the lengths (CUDA graph replay).
+no grid depends on the lengths (CUDA graph replay).
 """
 
 from __future__ import annotations
@@ -191,8 +195,8 @@ PROGRAMS_PER_SM = 4
 # How the one-row merge is launched (HWATTN_COMBINE): "grid" (the default), a program for
 # every sequence's every row and column block (`one_row_blocks`), or "strided", at most one
 # wave of programs striding over the split sequences' rows alone (`combine_strided_kernel`:
-# written on 2026-12-07 for the grid's one-piece programs, tested under the interpreter only,
-# not yet compiled for or timed on a GPU).
+# written on 2026-12-07 for the grid's one-piece programs; tested under the interpreter and
+# compiled for sm_90 on the CPU, not yet run or timed on a GPU).
 COMBINE_SCHEDULES = ("grid", "strided")
 COMBINE_SCHEDULE = os.environ.get("HWATTN_COMBINE", "grid")
 if COMBINE_SCHEDULE not in COMBINE_SCHEDULES:
@@ -218,8 +222,13 @@ def one_row_blocks(batch: int, rows: int, d_v: int, max_pieces: int,
     while (block_d > MIN_BLOCK_D
            and batch * rows * triton.cdiv(d_v, block_d) < PROGRAMS_PER_SM * num_sms):
         block_d //= 2
-    block_p = max(8, min(64, triton.next_power_of_2(max_pieces), PIECES_TILE // block_d))
-    return block_d, block_p
+    return block_d, pieces_per_tile(max_pieces, block_d)
+
+
+def pieces_per_tile(max_pieces: int, block_d: int) -> int:
+    """BLOCK_P of a one-row program of BLOCK_D columns: as many pieces as PIECES_TILE leaves,
+    8 to 64, no more than the pieces."""
+    return max(8, min(64, triton.next_power_of_2(max_pieces), PIECES_TILE // block_d))
 
 
 def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int,
@@ -259,7 +268,7 @@ def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int,
         combine_strided_kernel[(grid,)](
             part_out, part_lse, splits, out, lse, n_heads, batch, *strides,
             L_Q=query_len, D_V=d_v, BLOCK_D=block_d, N_DBLOCKS=n_dblocks,
-            BLOCK_P=max(8, min(64, triton.next_power_of_2(max_pieces))),
+            BLOCK_P=pieces_per_tile(max_pieces, block_d),
             BLOCK_B=triton.next_power_of_2(batch), num_warps=4,
         )
         return
