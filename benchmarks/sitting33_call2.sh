@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Second device call of 2026-12-07's thirty-third sitting (one Hopper GPU; everything printed
+# also goes to $OUT/summary.txt): programmatic dependent launch (PDL) of the compiled decode
+# blocks' Inductor kernels, and Inductor's own GEMM templates, in the `xl` decode step.
+#   At L = 1K the step's GEMMs read the weights at about 60% of the copy rate and 340-412
+#   kernels a step each pay a launch and a ramp (run 19, docs/results/engine.md). With
+#   TORCHINDUCTOR_ENABLE_PDL=1 Inductor launches its Triton kernels with PDL (each waits on
+#   `griddepcontrol.wait` before it reads what the kernel before it wrote), so a kernel's
+#   launch overlaps its predecessor's tail; TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 lets Inductor
+#   time its Triton GEMM templates against cuBLAS for each decode GEMM (and fuse epilogues).
+#   1. Whether this PyTorch has the switch; the captured fp32 engine test under PDL (greedy
+#      tokens equal to eager steps), GTA-4 / GLA-2 / MLA.
+#   2. The engine step for GLA-2 and GQA-4: plain, PDL, then GLA-2 with the GEMM templates.
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/s33b}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/summary.txt") 2>&1
+nvidia-smi --query-gpu=name --format=csv,noheader
+python3 -c "import torch, torch._inductor.config as c; print('torch', torch.__version__, 'inductor enable_pdl:', getattr(c.triton, 'enable_pdl', 'absent'))"
+TORCHINDUCTOR_ENABLE_PDL=1 python3 -c "import torch._inductor.config as c; print('with TORCHINDUCTOR_ENABLE_PDL=1:', getattr(c.triton, 'enable_pdl', 'absent'))"
+echo "== engine test under PDL"
+TORCHINDUCTOR_ENABLE_PDL=1 HWATTN_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -k 5 200 \
+  python3 -m pytest -q -p no:cacheprovider tests/engine/test_graph_replay.py \
+  -k "finished_in_the_cache_write" 2>&1 | grep -aE "passed|failed|FAILED|^E " | head -12
+source benchmarks/engine_ab.sh  # run NAME VAR=VALUE...
+run plain ENGINE_VARIANTS=gla-2,gqa-4
+run pdl TORCHINDUCTOR_ENABLE_PDL=1 ENGINE_VARIANTS=gla-2,gqa-4
+run gemm_templates TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 TORCHINDUCTOR_ENABLE_PDL=1 ENGINE_VARIANTS=gla-2
