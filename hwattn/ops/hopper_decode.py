@@ -37,6 +37,7 @@ from torch import Tensor
 
 from hwattn.ops import triton_decode
 from hwattn.ops.kernels.combine import combine
+from hwattn.ops.kernels.pdl import launch_options
 from hwattn.ops.plan import PROGRAMS_PER_SM, DecodePlan, plan_decode
 
 __all__ = ["HopperConfig", "call_config", "choose_config", "compile_sm90", "decode_tied",
@@ -461,7 +462,8 @@ def _kernel(d_nope: int, d_v: int, d_rope: int, query_len: int, page: int, confi
 
     return hopper_decode_kernel, dict(common, SCHEDULE=config.schedule, NUM_STAGES=launch.num_stages,
                                       WARPS_N=launch.warps_n, SPECIALIZE=config.specialize,
-                                      OVERLAP=config.overlap, CACHE_STAGES=launch.cache_stages)
+                                      OVERLAP=config.overlap, CACHE_STAGES=launch.cache_stages,
+                                      PDL=False)
 
 
 def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Tensor,
@@ -492,6 +494,7 @@ def decode_tied(q_nope: Tensor, q_rope: Tensor, kv_cache: Tensor, rope_cache: Te
                                                 q_nope.device)
     kv_desc, rope_desc = _descriptors(kv_cache, rope_cache)
     kernel, constexprs = _kernel(d_nope, d_v, d_rope, query_len, page_size, config, launch)
+    constexprs.update(launch_options(q_nope.device))
     kernel[(n_kv * launch.head_blocks, plan.capacity)](
         q_nope, q_rope, kv_desc, rope_desc, block_table, cache_seqlens,
         plan.items, plan.splits, out, lse, part_out, part_lse,
@@ -518,8 +521,9 @@ class TiedShape:
     cache: str | None = None  # "fp8": an e4m3 cache (else the query dtype)
 
 
-def compile_sm90(shape: TiedShape, config: HopperConfig):
-    """Compile the kernel for sm_90 on any machine (ptxas included, no GPU needed).
+def compile_sm90(shape: TiedShape, config: HopperConfig, pdl: bool = False):
+    """Compile the kernel for sm_90 on any machine (ptxas included, no GPU needed); pdl: as
+    launched with programmatic dependent launch (HWATTN_PDL, `hwattn.ops.kernels.pdl`).
 
     Returns (compiled kernel, Launch). The kernel's `asm` holds 'ttgir', 'ptx' and 'cubin';
     `metadata.shared` its shared memory. Pointer strides stay runtime values here, so registers
@@ -540,6 +544,8 @@ def compile_sm90(shape: TiedShape, config: HopperConfig):
                              config, launch)
     options = {k: constexprs.pop(k) for k in ("num_warps", "maxnreg") if k in constexprs}
     constexprs["num_warps"] = options["num_warps"]
+    if pdl:
+        constexprs["PDL"] = options["launch_pdl"] = True
     pointers = dict(q_ptr=shape.dtype, q_rope_ptr=shape.dtype, block_table_ptr="i32",
                     seqlens_ptr="i32", items_ptr="i32", splits_ptr="i32", out_ptr=shape.dtype,
                     lse_ptr="fp32", part_out_ptr="fp32", part_lse_ptr="fp32")

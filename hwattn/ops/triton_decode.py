@@ -22,6 +22,7 @@ from torch import Tensor
 from hwattn.ops.kernels import interpreter
 from hwattn.ops.kernels.attend import attend_kernel
 from hwattn.ops.kernels.combine import combine
+from hwattn.ops.kernels.pdl import launch_options
 from hwattn.ops.kernels.store import store_kernel, store_pair_kernel, store_states_kernel
 from hwattn.ops.plan import MIN_PIECE, PIECE_ALIGN, DecodePlan, plan_decode
 
@@ -180,7 +181,7 @@ def _attend(q, q_rope, k_cache, v_cache, rope_cache, block_table, cache_seqlens,
         BLOCK_M=block_m, BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v, D_PAD=d_pad,
         D_R=d_rope, DR_PAD=pad_width(d_rope),
         PAGE=page_size, TIED=tied, DOT_PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(q.device),
     )
     if plan.may_split:
         combine(part_out, part_lse, plan.splits, out, lse, max_pieces=plan.max_pieces)
@@ -239,7 +240,7 @@ def store_kv(cache: Tensor, new: Tensor, slot_mapping: Tensor, scale: float | No
         cache, flat, slot_mapping, _slots(cache), n_feat, flat.stride(0),
         scale if scale is not None else 1.0,
         SCALED=scale is not None, SATURATE=cache.dtype == torch.float8_e4m3fn,
-        BLOCK=_store_block(n_feat),
+        BLOCK=_store_block(n_feat), **launch_options(cache.device),
     )
 
 
@@ -264,6 +265,7 @@ def store_kv_pair(caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor],
         slot_mapping, min(_slots(cache_a), _slots(cache_b)), scale if scale is not None else 1.0,
         SCALED=scale is not None, SATURATE=cache_a.dtype == torch.float8_e4m3fn,
         BLOCK_A=_store_block(flat_a.shape[1]), BLOCK_B=_store_block(flat_b.shape[1]),
+        **launch_options(cache_a.device),
     )
 
 
@@ -290,4 +292,5 @@ def store_states(caches: tuple[Tensor, Tensor], news: tuple[Tensor, Tensor], slo
         NORM=norm is not None, ROPE=rope is not None, SCALED=scale is not None,
         SATURATE=cache_a.dtype == torch.float8_e4m3fn,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_R=triton.next_power_of_2(rope_dim // 2),
+        **launch_options(cache_a.device),
     )

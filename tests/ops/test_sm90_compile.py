@@ -35,8 +35,10 @@ def _compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats: tuple 
 
     types, attrs = signature(fn.arg_names, constexprs, pointers, floats=floats)
     source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options=options or {"num_warps": 4})
+    options = dict(options or {"num_warps": 4})
+    if constexprs.get("PDL"):  # as `hwattn.ops.kernels.pdl.launch_options` launches it
+        options["launch_pdl"] = True
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def cases():
@@ -47,7 +49,7 @@ def cases():
     from hwattn.ops.kernels import combine, store
 
     for l_q, d_v, block_p, block_d in [(1, 512, 16, 512), (2, 256, 64, 128)]:
-        common = dict(L_Q=l_q, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d)
+        common = dict(L_Q=l_q, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d, PDL=l_q == 2)
         yield f"combine_kernel {common}", combine.combine_kernel, COMBINE_POINTERS, common, ()
         strided = dict(common, N_DBLOCKS=triton.cdiv(d_v, block_d), BLOCK_B=1 if l_q == 1 else 64)
         yield (f"combine_strided_kernel {strided}", combine.combine_strided_kernel,
@@ -65,7 +67,8 @@ def cases():
         heads, head_blocks, block_m = head_layout(group, l_q, config.max_rows)
         attend = dict(L_Q=l_q, HEADS_PER_PROG=heads, HEAD_BLOCKS=head_blocks, BLOCK_M=block_m,
                       BLOCK_N=config.block_n, D_QK=d_qk, D_V=d_v, D_PAD=pad_width(d_v), D_R=d_r,
-                      DR_PAD=pad_width(d_r), PAGE=64, TIED=tied, DOT_PRECISION="tf32")
+                      DR_PAD=pad_width(d_r), PAGE=64, TIED=tied, DOT_PRECISION="tf32",
+                      PDL=tied)
         pointers = dict(q_ptr="bf16", q_rope_ptr="bf16", k_ptr=cache, v_ptr=cache, rope_ptr=cache,
                         block_table_ptr="i32", seqlens_ptr="i32", items_ptr="i32",
                         splits_ptr="i32", out_ptr="bf16", lse_ptr="fp32", part_out_ptr="fp32",
@@ -73,13 +76,14 @@ def cases():
         yield (f"attend_kernel {name} {config}", attend_kernel, pointers, attend,
                ("qk_scale", "v_scale"),
                dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    rows = dict(D_V=512, BLOCK_R=4, BLOCK_D=512)
-    yield f"combine_rows_kernel {rows}", combine.combine_rows_kernel, COMBINE_POINTERS, rows, ()
+    for pdl in (False, True):
+        rows = dict(D_V=512, BLOCK_R=4, BLOCK_D=512, PDL=pdl)
+        yield f"combine_rows_kernel {rows}", combine.combine_rows_kernel, COMBINE_POINTERS, rows, ()
     for cache, scaled in [("bf16", False), ("fp8e4nv", True)]:
         pointers = dict(cache_a_ptr=cache, new_a_ptr="bf16", norm_ptr="bf16", cache_b_ptr=cache,
                         new_b_ptr="bf16", cos_ptr="fp32", sin_ptr="fp32", slots_ptr="i64",
                         cache_ptr=cache, new_ptr="bf16")
-        flags = dict(SCALED=scaled, SATURATE=scaled)
+        flags = dict(SCALED=scaled, SATURATE=scaled, PDL=scaled)
         for norm, rope in [(True, True), (False, True), (False, False)]:
             finish = dict(flags, NORM=norm, ROPE=rope, BLOCK_D=256, BLOCK_R=32)
             yield (f"store_states_kernel {cache} {finish}", store.store_states_kernel, pointers,
@@ -88,6 +92,24 @@ def cases():
                ("scale",))
         yield (f"store_pair_kernel {cache}", store.store_pair_kernel, pointers,
                dict(flags, BLOCK_A=512, BLOCK_B=64), ("scale",))
+    yield "hopper_decode_kernel gla-2 xl PDL", None, {}, dict(PDL=True), ()
+
+
+def check_pdl(ptx: str, pdl: bool | None) -> None:
+    """A kernel compiled with PDL waits for its predecessor and lets the next kernel launch
+    (`hwattn.ops.kernels.pdl`); one compiled without it does neither."""
+    for instruction in ("griddepcontrol.wait", "griddepcontrol.launch_dependents"):
+        assert (instruction in ptx) == bool(pdl), f"PDL={pdl}: {instruction} in the PTX: {not pdl}"
+
+
+def _compile_hopper_pdl():
+    """The Hopper (Gluon) decode kernel at GLA-2's `xl` decode shape, its default config,
+    compiled as HWATTN_PDL launches it."""
+    from hwattn.ops import hopper_decode
+
+    shape = hopper_decode.TiedShape(256, 256, 64, 8, 1)
+    config = hopper_decode.choose_config(256, 256, 64, 8, 1)
+    return hopper_decode.compile_sm90(shape, config, pdl=True)[0]
 
 
 def main() -> int:
@@ -95,8 +117,12 @@ def main() -> int:
     failed = 0
     for name, fn, pointers, constexprs, floats, *options in cases():
         try:
-            kernel = _compile_sm90(fn, pointers, constexprs, floats, *options)
+            if fn is None:  # the Gluon kernel
+                kernel = _compile_hopper_pdl()
+            else:
+                kernel = _compile_sm90(fn, pointers, constexprs, floats, *options)
             assert kernel.asm["cubin"], "no cubin"
+            check_pdl(kernel.asm["ptx"], constexprs.get("PDL"))
             print(f"ok {name}", flush=True)
         except Exception as err:  # noqa: BLE001 - every failure is reported by name
             failed += 1

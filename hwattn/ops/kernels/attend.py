@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from hwattn.ops.kernels.paging import block_pages
+from hwattn.ops.kernels.pdl import wait_for_predecessor
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -44,8 +45,9 @@ def attend_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D_QK: tl.constexpr, D_V: tl.constexpr, D_PAD: tl.constexpr,
     D_R: tl.constexpr, DR_PAD: tl.constexpr,
-    PAGE: tl.constexpr, TIED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGE: tl.constexpr, TIED: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)  # (HWATTN_PDL: hwattn/ops/kernels/pdl.py)
     # Head blocks vary fastest, so programs reading the same KV tiles run side by side and
     # the second read of a tile (MLA's two head blocks) comes from L2.
     pid_head = tl.program_id(0)

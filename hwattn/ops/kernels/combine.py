@@ -31,6 +31,7 @@ import os
 import triton
 import triton.language as tl
 
+from hwattn.ops.kernels.pdl import launch_options, wait_for_predecessor
 from hwattn.ops.plan import device_sms
 
 
@@ -95,7 +96,9 @@ def combine_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
     L_Q: tl.constexpr, D_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     seq = tl.program_id(0)
     row = tl.program_id(1)  # query * H_q + head
     pid_d = tl.program_id(2)
@@ -115,11 +118,12 @@ def combine_strided_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
     L_Q: tl.constexpr, D_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_DBLOCKS: tl.constexpr, BLOCK_B: tl.constexpr,
+    N_DBLOCKS: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr,
 ):
     """The one-row merge over the split sequences only: each program reads every sequence's
     piece count at once, ranks the split ones, and strides over their (row, column block)
     units, so the grid need not hold a program for every sequence's every row."""
+    wait_for_predecessor(PDL)
     offs_b = tl.arange(0, BLOCK_B)
     counts = tl.load(splits_ptr + offs_b * 2 + 1, mask=offs_b < batch, other=0)
     is_split = (counts > 1).to(tl.int32)
@@ -141,8 +145,9 @@ def combine_rows_kernel(
     n_heads_q, n_rows,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
-    D_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_predecessor(PDL)
     seq = tl.program_id(0)
     first = tl.load(splits_ptr + seq * 2)
     n_pieces = tl.load(splits_ptr + seq * 2 + 1)
@@ -248,12 +253,13 @@ def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int,
     batch = splits.shape[0]
     rows = query_len * n_heads
     strides = (*out.stride()[:3], *lse.stride()[:2])
+    pdl = launch_options(out.device)
     if max_pieces <= ROWS_MAX_PIECES:
         block_d = triton.next_power_of_2(d_v)
         block_r = max(1, min(triton.next_power_of_2(rows), ROWS_TILE // block_d))
         combine_rows_kernel[(batch, triton.cdiv(rows, block_r))](
             part_out, part_lse, splits, out, lse, n_heads, rows, *strides,
-            D_V=d_v, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+            D_V=d_v, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4, **pdl,
         )
         return
     schedule = COMBINE_SCHEDULE if schedule is None else schedule
@@ -269,11 +275,11 @@ def combine(part_out, part_lse, splits, out, lse, *, max_pieces: int,
             part_out, part_lse, splits, out, lse, n_heads, batch, *strides,
             L_Q=query_len, D_V=d_v, BLOCK_D=block_d, N_DBLOCKS=n_dblocks,
             BLOCK_P=pieces_per_tile(max_pieces, block_d),
-            BLOCK_B=triton.next_power_of_2(batch), num_warps=4,
+            BLOCK_B=triton.next_power_of_2(batch), num_warps=4, **pdl,
         )
         return
     block_d, block_p = one_row_blocks(batch, rows, d_v, max_pieces, num_sms)
     combine_kernel[(batch, rows, triton.cdiv(d_v, block_d))](
         part_out, part_lse, splits, out, lse, n_heads, *strides,
-        L_Q=query_len, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4,
+        L_Q=query_len, D_V=d_v, BLOCK_P=block_p, BLOCK_D=block_d, num_warps=4, **pdl,
     )

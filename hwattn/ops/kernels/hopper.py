@@ -27,6 +27,7 @@ from triton.experimental.gluon import language as gl
 
 from hwattn.ops.kernels.hopper_duo import duo_schedule
 from hwattn.ops.kernels.hopper_pingpong import pingpong_schedule
+from hwattn.ops.kernels.pdl import gluon_wait_for_predecessor
 from hwattn.ops.kernels.hopper_tied import store_empty_item, tied_schedule
 
 
@@ -45,8 +46,9 @@ def hopper_decode_kernel(
     D_NOPE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr, PAGE: gl.constexpr,
     SCHEDULE: gl.constexpr, NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr,
     SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, CACHE_STAGES: gl.constexpr,
-    num_warps: gl.constexpr,
+    PDL: gl.constexpr, num_warps: gl.constexpr,
 ):
+    gluon_wait_for_predecessor(PDL)  # (HWATTN_PDL: hwattn/ops/kernels/pdl.py)
     # Head blocks vary fastest: programs reading the same state tiles run side by side, so the
     # second read of a tile (several head blocks per state head) comes from L2.
     pid_head = gl.program_id(0)

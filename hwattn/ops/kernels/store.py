@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hwattn.ops.kernels.pdl import wait_for_predecessor
+
 E4M3_MAX = tl.constexpr(448.0)
 
 
@@ -42,7 +44,9 @@ def _store_row(cache_ptr, new_ptr, tok, slot, n_feat, stride_new, scale,
 
 @triton.jit
 def store_kernel(cache_ptr, new_ptr, slots_ptr, n_slots, n_feat, stride_new, scale,
-                 SCALED: tl.constexpr, SATURATE: tl.constexpr, BLOCK: tl.constexpr):
+                 SCALED: tl.constexpr, SATURATE: tl.constexpr, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr):
+    wait_for_predecessor(PDL)
     pid_tok = tl.program_id(0)
     slot = tl.load(slots_ptr + pid_tok).to(tl.int64)
     if (slot < 0) | (slot >= n_slots):
@@ -55,10 +59,11 @@ def store_kernel(cache_ptr, new_ptr, slots_ptr, n_slots, n_feat, stride_new, sca
 def store_pair_kernel(cache_a_ptr, new_a_ptr, n_feat_a, stride_a, cache_b_ptr, new_b_ptr,
                       n_feat_b, stride_b, slots_ptr, n_slots, scale,
                       SCALED: tl.constexpr, SATURATE: tl.constexpr, BLOCK_A: tl.constexpr,
-                      BLOCK_B: tl.constexpr):
+                      BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """Two caches written in one launch (a layer's K and V, or its latent and RoPE key):
     program (token, 0) writes the first, (token, 1) the second, at the same slot (`n_slots`:
     the fewer slots of the two caches)."""
+    wait_for_predecessor(PDL)
     pid_tok = tl.program_id(0)
     slot = tl.load(slots_ptr + pid_tok).to(tl.int64)
     if (slot < 0) | (slot >= n_slots):
@@ -76,12 +81,14 @@ def store_states_kernel(cache_a_ptr, new_a_ptr, stride_a_tok, stride_a_head, n_h
                         norm_ptr, eps, cache_b_ptr, new_b_ptr, stride_b_tok, rope_dim,
                         cos_ptr, sin_ptr, stride_cs, slots_ptr, n_slots, scale,
                         NORM: tl.constexpr, ROPE: tl.constexpr, SCALED: tl.constexpr,
-                        SATURATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+                        SATURATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                        PDL: tl.constexpr):
     """A layer's two states finished and cached in one launch (`finish_states_reference`, then
     the store): program (token, j < n_heads) writes head j of the first state (RMSNorm'd with
     weight row j when NORM), program (token, n_heads) the second state (rotate-half RoPE by the
     token's cos / sin row when ROPE). Each result is rounded to the activations' dtype before
     the cache's, as the unfused layer stores it."""
+    wait_for_predecessor(PDL)
     pid_tok = tl.program_id(0)
     head = tl.program_id(1)
     slot = tl.load(slots_ptr + pid_tok).to(tl.int64)
