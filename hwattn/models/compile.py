@@ -34,11 +34,13 @@ from hwattn.models.transformer import Block, Transformer
 RECOMPILE_LIMIT = 256
 
 # Whether the engine's compiled decode blocks defer each feed-forward's residual add to the
-# next block (`compile_blocks(defer_residual=)`; HWATTN_DEFER_RESIDUAL=1). Off until timed on
-# a GPU: its first form, on helpers that split the block's frames, saved no kernel there (run
-# 19, docs/results/engine.md); this one saves one a layer under Inductor on the CPU
-# (tests/models/test_compile.py) and has not run on a GPU.
-DEFER_RESIDUAL = os.environ.get("HWATTN_DEFER_RESIDUAL", "0") == "1"
+# next block (`compile_blocks(defer_residual=)`; HWATTN_DEFER_RESIDUAL, 1 by default, 0 for
+# whole blocks). One kernel fewer a layer, and the `xl` decode step's queued forward 0.3-0.6%
+# shorter on an H100 (run 20, docs/results/engine.md).
+_DEFER_SETTING = os.environ.get("HWATTN_DEFER_RESIDUAL", "1")
+if _DEFER_SETTING not in ("0", "1"):
+    raise ValueError(f"HWATTN_DEFER_RESIDUAL must be 0 or 1, got {_DEFER_SETTING!r}")
+DEFER_RESIDUAL = _DEFER_SETTING == "1"
 
 
 def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:

@@ -2,6 +2,8 @@
 residual add deferred to the next block or not, compute the eager model's logits, and the
 deferred blocks run one Inductor kernel fewer a layer."""
 
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -72,3 +74,11 @@ def test_deferred_residual_runs_one_kernel_fewer_a_layer(monkeypatch):
     assert sum(plain.values()) - sum(deferred.values()) == 2, (plain, deferred)
     lone_adds = [name for name in plain if plain[name] - deferred[name] == 2]
     assert len(lone_adds) == 1 and "add" in lone_adds[0], (plain, deferred)
+
+
+def test_the_deferral_switch_refuses_a_bad_value_by_name():
+    done = subprocess.run([sys.executable, "-c", "import hwattn.models.compile"],
+                          env={"HWATTN_DEFER_RESIDUAL": "on", "PATH": ""}, capture_output=True,
+                          text=True)
+    assert done.returncode != 0
+    assert "HWATTN_DEFER_RESIDUAL must be 0 or 1, got 'on'" in done.stderr
