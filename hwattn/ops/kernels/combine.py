@@ -199,9 +199,11 @@ MIN_BLOCK_D = 128
 PROGRAMS_PER_SM = 4
 # How the one-row merge is launched (HWATTN_COMBINE): "grid" (the default), a program for
 # every sequence's every row and column block (`one_row_blocks`), or "strided", at most one
-# wave of programs striding over the split sequences' rows alone (`combine_strided_kernel`:
-# written on 2026-12-07 for the grid's one-piece programs; tested under the interpreter and
-# compiled for sm_90 on the CPU, not yet run or timed on a GPU).
+# wave of programs striding over the split sequences' rows alone (`combine_strided_kernel`).
+# On an H100 (2026-12-08, docs/hopper.md) the strided launch merged an uneven batch (one
+# 128K-token sequence among 63 of 1K) 3-5 µs sooner, but MLA's B 4 x 32K 5 µs later (its
+# 128-column units read every piece's LSE once per unit): which batch a captured step meets
+# is not known at launch, so the grid stays the default.
 COMBINE_SCHEDULES = ("grid", "strided")
 COMBINE_SCHEDULE = os.environ.get("HWATTN_COMBINE", "grid")
 if COMBINE_SCHEDULE not in COMBINE_SCHEDULES:
