@@ -1,7 +1,10 @@
 """Where the Hopper decode kernel's time goes at small and uneven batches (issue 22): for each
-case, each split-KV plan setting is timed (CUDA graph replay, `do_bench` median) and profiled
-(torch.profiler, the attention kernel and the combine kernel apart), so the gap to FlashMLA /
-FA3 can be told apart into the attention programs' balance and the combine's cost.
+case, each split-KV plan setting is timed (CUDA graph replay, `do_bench` median) and its replays
+profiled (torch.profiler: the attention kernel and the combine kernel apart, and `span`, a
+call's first kernel's start to its last kernel's end, of which `idle` lies between kernels;
+the timed median minus the span is spent before the first kernel starts and after the last
+ends), so the gap to FlashMLA / FA3 can be told apart into the attention programs' balance,
+the combine's cost and the time around the kernels.
 
     python3 benchmarks/split_profile.py --out /tmp/split.json
     python3 benchmarks/split_profile.py --cases mla:131072x1+1024x63 --plans default,p2
@@ -71,8 +74,12 @@ def parse_plan(text: str) -> tuple[dict, str | None]:
     return knobs, merge
 
 
-def kernel_times(fn, reps: int = 20) -> dict[str, float]:
-    """Median µs per call of each CUDA kernel `fn` launches, from torch.profiler."""
+def kernel_times(fn, reps: int = 20) -> tuple[dict[str, float], dict[str, float | None]]:
+    """(median µs per call of each CUDA kernel `fn` launches, the calls' timeline) from
+    torch.profiler over `reps` calls of `fn` (the graph replay that is timed). The timeline:
+    `span_us`, the median time from a call's first kernel's start to its last kernel's end,
+    and `idle_us`, the part of that span no kernel covers (between the kernels); None where
+    the calls' kernels cannot be told apart (a count of kernels that is not reps × one call's)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -81,12 +88,41 @@ def kernel_times(fn, reps: int = 20) -> dict[str, float]:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
+    launched = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
     per_kernel: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel.setdefault(event.name, []).append(event.device_time)
-    return {name[:60]: statistics.median(times) for name, times in per_kernel.items()
-            if len(times) >= reps}
+    for event in launched:
+        per_kernel.setdefault(event.name, []).append(event.device_time)
+    times = {name[:60]: statistics.median(ts) for name, ts in per_kernel.items() if len(ts) >= reps}
+    intervals = [(e.time_range.start, e.time_range.end) for e in launched]
+    return times, call_timeline(intervals, reps)
+
+
+def call_timeline(intervals: list[tuple[float, float]], reps: int) -> dict[str, float | None]:
+    """{span_us, idle_us} of `reps` calls from their kernels' (start, end) µs sorted by start,
+    each call the same number of kernels: the median of a call's first start to its last end,
+    and of the part of that span no kernel of the call covers (kernels may overlap). None
+    where the count of kernels is not a multiple of `reps`."""
+    per_call, rest = divmod(len(intervals), reps)
+    if not per_call or rest:
+        return dict(span_us=None, idle_us=None)
+    spans, idles = [], []
+    for i in range(reps):
+        call = intervals[i * per_call:(i + 1) * per_call]
+        start, end = call[0][0], max(e for _, e in call)
+        covered, reach = 0.0, start
+        for s, e in call:  # the union of the kernels' intervals, swept in start order
+            covered += max(0.0, e - max(s, reach))
+            reach = max(reach, e)
+        spans.append(end - start)
+        idles.append(end - start - covered)
+    return dict(span_us=statistics.median(spans), idle_us=statistics.median(idles))
+
+
+def _timeline(timeline: dict) -> str:
+    if timeline["span_us"] is None:
+        return "span      -  idle     -"
+    return f"span {timeline['span_us']:6.1f}  idle {timeline['idle_us']:5.1f}"
 
 
 def main(argv=None) -> int:
@@ -144,18 +180,18 @@ def main(argv=None) -> int:
             err = (out.float() - reference).abs().max().item()
             timed, how = graphed(fn, q_nope.device)
             us = do_bench(timed, warmup=10, rep=args.rep_ms, return_mode="median") * 1e3
-            kernels = kernel_times(fn)
+            kernels, timeline = kernel_times(timed)
             attend = sum(t for k, t in kernels.items() if "combine" not in k)
             combine = sum(t for k, t in kernels.items() if "combine" in k)
             row = dict(case=f"{case['variant']}@{case['heads']}:{case['label']}", plan=name, knobs=plan_args,
                        items=int((plan.items[:, 0] >= 0).sum()), capacity=plan.capacity,
                        max_pieces=plan.max_pieces, us=us, timing=how, attend_us=attend,
-                       combine_us=combine, kernels=kernels, max_err_vs_default=err,
+                       combine_us=combine, kernels=kernels, **timeline, max_err_vs_default=err,
                        config=f"{config.schedule} {config.ctas_per_sm}/SM")
             rows.append(row)
             print(f"| {row['case']:<28} | {name:<9} | {row['items']:>4} items "
                   f"(max {plan.max_pieces:>3}) | {us:8.1f} us | attend {attend:7.1f} | "
-                  f"combine {combine:6.1f} | err {err:.1e} |", flush=True)
+                  f"combine {combine:6.1f} | {_timeline(timeline)} | err {err:.1e} |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
