@@ -11,7 +11,9 @@ the combine's cost and the time around the kernels.
 
 A case is VARIANT[@H_Q]:LENGTHS with LENGTHS as `hwattn bench decode --mixed` takes it
 (131072x1+1024x63) or BxL (4x32768); h_q 128 unless given (gta-4@32:1x131072), page 64,
-L_q 1, bf16, random page order.
+L_q 1, bf16, random page order. A variant with separate K and V (gqa-4@32:1x131072) runs the
+Triton kernel under its backend's own plan (the `default` setting alone), to set the tied
+kernels' timelines beside it.
 A plan setting is `default` (the backend's own plan, as the engine makes it), `pN` (N programs
 per SM), `mN` (shortest piece N tokens), `sN` (pieces of N tokens) or a combination joined by
 `-` (p1-m512), with `narrow` or `strided` among them for another combine launch: `narrow`,
@@ -155,30 +157,43 @@ def main(argv=None) -> int:
     for case in cases:
         layer = layer_for(case["variant"], case["heads"], 128, 64)
         inputs = Inputs(torch, layer, case, torch.bfloat16)
-        q_nope, q_rope = inputs.queries
-        kv, rope = inputs.caches
-        scale = layer.scale
-        config = hopper_decode.call_config(q_nope, kv, rope)
-        knobs = hopper_decode.plan_knobs(q_nope, kv, rope, config)
         reference = None
-        for name, (change, merge) in plans:
-            plan_args = {**knobs, **change}
-            plan = plan_decode(inputs.seqlens.cpu(), num_heads_kv=kv.shape[2], query_len=1,
-                               page_size=64, **plan_args).to(q_nope.device)
+        if not inputs.tied:  # separate K/V (GQA): the Triton kernel under its backend's plan
+            config = None
+            if any(change or merge for change, merge in (p for _, p in plans)):
+                print(f"| {case['variant']}: separate K/V, the default plan alone", flush=True)
+            plans_here = [(name, p) for name, p in plans if not (p[0] or p[1])]
+        else:
+            q_nope, q_rope = inputs.queries
+            kv, rope = inputs.caches
+            config = hopper_decode.call_config(q_nope, kv, rope)
+            knobs = hopper_decode.plan_knobs(q_nope, kv, rope, config)
+            plans_here = plans
+        for name, (change, merge) in plans_here:
+            if not inputs.tied:
+                from hwattn.ops.backends.triton_backend import TritonBackend
 
-            def fn(plan=plan):
-                return hopper_decode.decode_tied(q_nope, q_rope, kv, rope, inputs.block_table,
-                                                 inputs.seqlens, softmax_scale=scale, plan=plan,
-                                                 config=config)
+                fn, plan = inputs.hopper(TritonBackend(), case)
+                plan_args = {}
+            else:
+                plan_args = {**knobs, **change}
+                plan = plan_decode(inputs.seqlens.cpu(), num_heads_kv=kv.shape[2], query_len=1,
+                                   page_size=64, **plan_args).to(q_nope.device)
+
+                def fn(plan=plan):
+                    return hopper_decode.decode_tied(q_nope, q_rope, kv, rope, inputs.block_table,
+                                                     inputs.seqlens, softmax_scale=layer.scale,
+                                                     plan=plan, config=config)
 
             # `narrow`: no grid is small enough for wide column blocks (the former launch)
             combine_kernels.PROGRAMS_PER_SM = 10**9 if merge == "narrow" else per_sm
             combine_kernels.COMBINE_SCHEDULE = "strided" if merge == "strided" else schedule
-            out = fn()[0]
+            out = fn()
+            out = out[0] if isinstance(out, tuple) else out  # decode_tied returns (out, lse)
             if reference is None:
                 reference = out.float()
             err = (out.float() - reference).abs().max().item()
-            timed, how = graphed(fn, q_nope.device)
+            timed, how = graphed(fn, inputs.queries[0].device)
             us = do_bench(timed, warmup=10, rep=args.rep_ms, return_mode="median") * 1e3
             kernels, timeline = kernel_times(timed)
             attend = sum(t for k, t in kernels.items() if "combine" not in k)
@@ -187,7 +202,8 @@ def main(argv=None) -> int:
                        items=int((plan.items[:, 0] >= 0).sum()), capacity=plan.capacity,
                        max_pieces=plan.max_pieces, us=us, timing=how, attend_us=attend,
                        combine_us=combine, kernels=kernels, **timeline, max_err_vs_default=err,
-                       config=f"{config.schedule} {config.ctas_per_sm}/SM")
+                       config="triton" if config is None else
+                       f"{config.schedule} {config.ctas_per_sm}/SM")
             rows.append(row)
             print(f"| {row['case']:<28} | {name:<9} | {row['items']:>4} items "
                   f"(max {plan.max_pieces:>3}) | {us:8.1f} us | attend {attend:7.1f} | "
