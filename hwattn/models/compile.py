@@ -1,7 +1,9 @@
 """Regional compilation: `torch.compile` each decoder block instead of the whole model.
 
 Every block of a model runs the same code, so dynamo compiles one block graph and reuses it
-for all layers: compile time is that of one layer. Training (`hwattn.train.compile`) and the
+for all layers: compile time is that of one layer (three for the engine's decode blocks,
+whose first and last differ from the rest while they defer their residual add:
+`DeferredResidual`). Training (`hwattn.train.compile`) and the
 engine's decode step (`hwattn.engine.model_runner`) both run `Transformer.forward` with the
 compiled blocks in place of the model's own (`blocks=`); the model itself is untouched.
 
