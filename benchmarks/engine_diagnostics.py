@@ -17,6 +17,9 @@
   W stored transposed for `torch.mm`, `addmm` with a zero bias; `hwattn.bench.skinny.run_blas`),
   weights cold, CUDA graphs, each output checked: does another entry point reach the small
   weights (QKV, O, down) faster than the third to half of the copy rate `F.linear` gets?
+- gemmtune: the same decode GEMMs at 64 rows under cuBLASLt (`F.linear`, the decode step's
+  choice) and through Inductor's Triton GEMM templates autotuned for each shape alone
+  (`hwattn.bench.skinny.TEMPLATE_VARIANT`): does a template read the small weights faster?
 - prefillprof: one 8192-token prompt of `xl` prefilled whole and in chunks of 2048 (as
   `engine_roofline.py --parts prefill` does) for MLA, GLA-2 and GQA-4 under the PyTorch
   profiler: device time by kind (attention, GEMM, gather/copy, other) and the 15 costliest
@@ -44,6 +47,7 @@ part's own list).
     python3 benchmarks/engine_diagnostics.py host,gemm,prefill   # writes $OUT/diag.jsonl
     OUT=/tmp/skinny python3 benchmarks/engine_diagnostics.py skinny   # about 2 minutes
     OUT=/tmp/blas python3 benchmarks/engine_diagnostics.py blas       # under a minute
+    OUT=/tmp/tune python3 benchmarks/engine_diagnostics.py gemmtune   # autotuning: minutes
 
 Results of 2026-12-04: benchmarks/results/prefill_tiles_h200_2026-12-04/.
 """
@@ -149,6 +153,14 @@ if "blas" in parts:
     rows = skinny.run_blas(timer=lambda fn: timer(fn, iters=20, warmup=3), copy_gbs=peaks[0])
     for r in rows: save("diag.jsonl", dict(part="blas", **r))
     log(f"blas: {len(rows)} rows, {sum(not r['ok'] for r in rows)} failed")
+
+if "gemmtune" in parts:
+    from hwattn.bench import skinny
+    timer = DeviceTimer("cuda")
+    rows = skinny.run_blas(rows=(64,), variants=("linear_lt", skinny.TEMPLATE_VARIANT),
+                           timer=lambda fn: timer(fn, iters=20, warmup=3), copy_gbs=peaks[0])
+    for r in rows: save("diag.jsonl", dict(part="gemmtune", **r))
+    log(f"gemmtune: {len(rows)} rows, {sum(not r['ok'] for r in rows)} failed")
 
 if "prefillprof" in parts:
     from torch.profiler import profile, ProfilerActivity

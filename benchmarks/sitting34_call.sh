@@ -36,3 +36,8 @@ if [[ $gpu == *H200* ]]; then
 else
   echo "== not an H200: the engine step and the side-by-side rows are left for an H200"
 fi
+# A second call, on any Hopper card: Inductor's Triton GEMM templates autotuned for each `xl`
+# decode GEMM alone, beside cuBLASLt (the whole step under max-autotune did not finish
+# compiling in a call on 2026-12-08):
+#   OUT=$OUT/b bash -c 'mkdir -p $OUT && PYTHONPATH=$PWD timeout 560 python3 \
+#     benchmarks/engine_diagnostics.py gemmtune 2>&1 | tee $OUT/summary.txt | tail -30'

@@ -154,6 +154,11 @@ def bench_shape(name: str, m: int, n: int, k: int, configs: list[SkinnyConfig], 
 # cublasGemmEx, W as the transposed operand) reads the small xl weights at a third to a half
 # of the copy rate. Each variant gets the weight as it would store it once at load time.
 BLAS_VARIANTS = ("linear", "linear_lt", "mm_wt", "addmm_lt")
+# Inductor's own Triton GEMM templates for the same product, autotuned for the shape alone
+# (`torch.compile` with max_autotune, Triton as its only GEMM backend): can a template reach
+# the small weights faster than cuBLAS? (The whole decode step under max-autotune did not
+# finish compiling within a device call, 2026-12-08.) GPU only; not in the default variants.
+TEMPLATE_VARIANT = "triton_template"
 
 
 def blas_call(variant: str, x: torch.Tensor, weight: torch.Tensor):
@@ -170,7 +175,12 @@ def blas_call(variant: str, x: torch.Tensor, weight: torch.Tensor):
     if variant == "addmm_lt":
         bias = torch.zeros(weight.shape[0], device=x.device, dtype=x.dtype)
         return (lambda w: w), (lambda x, w: torch.addmm(bias, x, w.t()))
-    raise ValueError(f"unknown cuBLAS variant {variant!r}; expected one of {BLAS_VARIANTS}")
+    if variant == TEMPLATE_VARIANT:
+        tuned = torch.compile(lambda x, w: f.linear(x, w), dynamic=False,
+                              options={"max_autotune": True, "max_autotune_gemm_backends": "TRITON"})
+        return (lambda w: w), tuned
+    raise ValueError(f"unknown cuBLAS variant {variant!r}; expected one of "
+                     f"{BLAS_VARIANTS + (TEMPLATE_VARIANT,)}")
 
 
 def _blas_library(name: str | None):
@@ -231,8 +241,10 @@ def bench_blas(name: str, m: int, n: int, k: int, *, timer, copy_gbs: float | No
 
 def run_blas(shapes: dict[str, tuple[int, int]] | None = None, rows: tuple[int, ...] = ROWS, *,
              timer, copy_gbs: float | None = None, device="cuda", dtype=torch.bfloat16,
-             l2_bytes: int | None = None, log=print) -> list[dict]:
-    """`bench_blas` over every shape and row count; prints the table as rows arrive."""
+             l2_bytes: int | None = None, variants: tuple[str, ...] = BLAS_VARIANTS,
+             log=print) -> list[dict]:
+    """`bench_blas` over every shape and row count (`variants` as `bench_blas` takes them);
+    prints the table as rows arrive."""
     device = torch.device(device)
     if l2_bytes is None:
         l2_bytes = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
@@ -242,7 +254,7 @@ def run_blas(shapes: dict[str, tuple[int, int]] | None = None, rows: tuple[int, 
     for m in rows:
         for name, (n, k) in (shapes or SHAPES).items():
             new = bench_blas(name, m, n, k, timer=timer, copy_gbs=copy_gbs, device=device,
-                             dtype=dtype, l2_bytes=l2_bytes)
+                             dtype=dtype, l2_bytes=l2_bytes, variants=variants)
             for r in new:
                 log(format_row(r))
             out.extend(new)

@@ -126,3 +126,19 @@ def test_a_blas_variant_that_is_wrong_or_fails_is_marked(monkeypatch):
     assert rows["addmm_lt"]["us"] is None and "FAILED" in skinny.format_row(rows["addmm_lt"])
     with pytest.raises(ValueError, match="unknown cuBLAS variant 'gemv'"):
         skinny.blas_call("gemv", torch.zeros(1, 2), torch.zeros(3, 2))
+
+
+def test_run_blas_takes_the_template_variant_and_keeps_its_failure_to_its_row():
+    """The Inductor template variant (`TEMPLATE_VARIANT`, a GPU measurement) is known to
+    `run_blas`; where it cannot compile (this CPU has no Triton GEMM templates) its row says
+    why and the cuBLAS row beside it is unharmed."""
+    lines = []
+    rows = skinny.run_blas({"tiny": (40, 200)}, rows=(5,), timer=_wall_clock, device="cpu",
+                           variants=("linear", skinny.TEMPLATE_VARIANT), log=lines.append)
+    assert [r["impl"] for r in rows] == ["linear", skinny.TEMPLATE_VARIANT]
+    assert rows[0]["ok"]
+    template = rows[1]
+    assert template["ok"] or template["error"], template
+    if template["ok"]:
+        assert template["rel_err"] < skinny.CHECK_LIMIT
+    assert len(lines) == 3
