@@ -27,8 +27,8 @@ from triton.experimental.gluon import language as gl
 
 from hwattn.ops.kernels.hopper_duo import duo_schedule
 from hwattn.ops.kernels.hopper_pingpong import pingpong_schedule
-from hwattn.ops.kernels.pdl import gluon_wait_for_predecessor
 from hwattn.ops.kernels.hopper_tied import store_empty_item, tied_schedule
+from hwattn.ops.kernels.pdl import gluon_wait_for_predecessor
 
 
 @gluon.jit

@@ -18,6 +18,11 @@ without PDL (cuBLAS) starts after ours completes.
 
 `PDL` is each kernel's constexpr switch (off under the interpreter, which has no inline
 assembly); `launch_options` gives a launch's keywords.
+
+Measured on an H100 (run 20, docs/results/engine.md): the `xl` decode step was 0.3-1.1%
+slower with ours and Inductor's kernels under PDL than with neither, and GTA-4's B 1 x 128K
+call 1.3 µs slower with ours; so it is off, kept for experiments (a kernel that could read
+its weights before it waits, such as a GEMM, is where it might pay).
 """
 
 from __future__ import annotations
