@@ -196,6 +196,8 @@ def main(argv=None) -> int:
             timed, how = graphed(fn, inputs.queries[0].device)
             us = do_bench(timed, warmup=10, rep=args.rep_ms, return_mode="median") * 1e3
             kernels, timeline = kernel_times(timed)
+            if not kernels:  # no kernel seen inside the replays: profile the eager calls
+                kernels, timeline = kernel_times(fn)
             attend = sum(t for k, t in kernels.items() if "combine" not in k)
             combine = sum(t for k, t in kernels.items() if "combine" in k)
             row = dict(case=f"{case['variant']}@{case['heads']}:{case['label']}", plan=name, knobs=plan_args,
