@@ -11,7 +11,8 @@
 
 An `AttentionBackend` (`backends/`) implements them: "torch" runs the plain references of
 `reference.py`, "triton" the kernels (`triton_decode.py` launching `kernels/attend.py`,
-`kernels/combine.py`, `kernels/store.py`) with the split-KV planner of `plan.py`, and
+`kernels/combine.py`, `kernels/store.py`; `kernels/pdl.py` their programmatic dependent
+launch, HWATTN_PDL=1, off) with the split-KV planner of `plan.py`, and
 `triton_prefill.py` launching `kernels/prefill.py`. "auto" picks
 the Hopper backend (`hopper_backend.py`, Gluon kernels) on compute capability 9.0 GPUs, Triton on
 other CUDA devices and the reference for CPU tensors; `register_backend` (or the
