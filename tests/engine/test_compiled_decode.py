@@ -320,3 +320,18 @@ def test_tensor_parallel_ranks_warm_their_prefill_blocks_alike():
     prompt = [[1, 2, 3, 4, 5, 6, 7]]
     compiled = LLM("tiny", compile_prefill=True, **kw).generate(prompt, sp)[0].token_ids
     assert compiled == LLM("tiny", compile_prefill=False, **kw).generate(prompt, sp)[0].token_ids
+
+
+@pytest.mark.slow
+def test_tensor_parallel_compiled_decode_matches_eager(checkpoints):
+    """Compiled decode blocks on two tensor-parallel ranks (CPU processes), whose blocks defer
+    their residual add by default (`DEFER_RESIDUAL`) and reduce the feed-forward's output
+    before handing it on: the eager engine's greedy tokens."""
+    from hwattn.models import compile as regional
+
+    assert regional.DEFER_RESIDUAL  # (the ranks' processes read the same default)
+    path = checkpoints("gla-2")
+    eager, _ = _generate(path, False, tensor_parallel_size=2)
+    compiled, _ = _generate(path, True, tensor_parallel_size=2)
+    assert compiled == eager
+    assert len({tuple(o) for o in eager}) > 1 and len(set(eager[0])) > 1  # not one token over
