@@ -4,7 +4,7 @@ Read from the source with `ast`, so an import inside a function (a lazy import) 
 as one at the top of a module. The tiers, top to bottom:
 
     cli > server, bench > engine, parallel, train, eval, hf, analysis > models > layers > ops
-        > config, variants, device, data, cpu_threads, plotting, files
+        > config, variants, device, data, cpu_threads, plotting, files, switches
 
 A module may import from its own tier or below. `analysis` builds models to count their
 costs, so it sits with the users of models rather than at the ground. The package's
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / "hwattn"
 
 TIERS = {
     "config": 0, "variants": 0, "device": 0, "data": 0, "cpu_threads": 0, "plotting": 0,
-    "files": 0,
+    "files": 0, "switches": 0,
     "ops": 1,
     "layers": 2,
     "models": 3,

@@ -34,7 +34,6 @@ attention (`attend`) over each sequence's cache gathered into a tensor.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -48,6 +47,7 @@ from hwattn.layers.metadata import AttentionMetadata, MixedParts, PrefillForm
 from hwattn.ops import AttentionBackend
 from hwattn.ops.linear import linear
 from hwattn.ops.reference import gather_cache
+from hwattn.switches import env_choice
 
 
 # Which SDPA kernels dense attention may use (`sdpa_choice`, TrainConfig.sdpa):
@@ -127,10 +127,7 @@ DENSE_LOOP_MIN_MEAN_LEN = 2048
 # MLA 1.8% / 0.6% (two kernels fewer a layer), of GTA-4 1.8% / 0.6% slower (its kernel list
 # showed no kernel fewer).
 FUSED_STATE_STORE_CHOICES = ("auto", "1", "0")
-FUSED_STATE_STORE = os.environ.get("HWATTN_FUSED_STATE_STORE", "auto")
-if FUSED_STATE_STORE not in FUSED_STATE_STORE_CHOICES:
-    raise ValueError(f"HWATTN_FUSED_STATE_STORE must be one of {FUSED_STATE_STORE_CHOICES}, "
-                     f"got {FUSED_STATE_STORE!r}")
+FUSED_STATE_STORE = env_choice("HWATTN_FUSED_STATE_STORE", FUSED_STATE_STORE_CHOICES, "auto")
 
 
 class Attention(nn.Module):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -36,11 +35,12 @@ from hwattn.layers.base import (Linear, TiedStateAttention, causal_attention, se
 from hwattn.layers.metadata import AttentionMetadata, PrefillForm
 from hwattn.layers.norm import RMSNorm
 from hwattn.layers.rope import apply_rope
+from hwattn.switches import env_flag
 from hwattn.variants import VariantSpec, register_variant
 
 
 # `LatentAttention.absorb_output` through `_absorb_rows` (off: the einsum, for comparison).
-ABSORB_INTO_ROWS = os.environ.get("HWATTN_LATENT_OUT_COPY", "0") != "1"
+ABSORB_INTO_ROWS = not env_flag("HWATTN_LATENT_OUT_COPY")
 
 
 @torch.library.custom_op("hwattn::absorb_rows", mutates_args=())
@@ -70,7 +70,7 @@ def _absorb_rows(out_latent: Tensor, w_uv: Tensor) -> Tensor:
 # Whether `ModelRunner` composes the absorptions into the projections
 # (`LatentAttention.compose_absorptions`). Off: on an H100 the `xl` decode step took the same
 # time with them for GLA-2 and 2-5% longer for MLA (docs/results/engine.md, run 17).
-COMPOSE_ABSORPTIONS = os.environ.get("HWATTN_COMPOSE_ABSORB", "0") == "1"
+COMPOSE_ABSORPTIONS = env_flag("HWATTN_COMPOSE_ABSORB")
 
 
 class ComposedProjections(NamedTuple):

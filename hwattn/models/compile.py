@@ -20,7 +20,6 @@ whose all-reduces break the second piece).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from hwattn.layers import AttentionMetadata
 from hwattn.models.transformer import Block, Transformer
+from hwattn.switches import env_flag
 
 # One process may compile many models (the quality study trains 16 in one worker; a benchmark
 # builds an engine per variant): many graphs for the one code object of `Block.forward`, where
@@ -39,10 +39,7 @@ RECOMPILE_LIMIT = 256
 # next block (`compile_blocks(defer_residual=)`; HWATTN_DEFER_RESIDUAL, 1 by default, 0 for
 # whole blocks). One kernel fewer a layer, and the `xl` decode step's queued forward 0.3-0.6%
 # shorter on an H100 (run 20, docs/results/engine.md).
-_DEFER_SETTING = os.environ.get("HWATTN_DEFER_RESIDUAL", "1")
-if _DEFER_SETTING not in ("0", "1"):
-    raise ValueError(f"HWATTN_DEFER_RESIDUAL must be 0 or 1, got {_DEFER_SETTING!r}")
-DEFER_RESIDUAL = _DEFER_SETTING == "1"
+DEFER_RESIDUAL = env_flag("HWATTN_DEFER_RESIDUAL", default=True)
 
 
 def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:

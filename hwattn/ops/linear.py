@@ -20,14 +20,14 @@ breaking the graph around it, and a captured CUDA graph records it like any kern
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hwattn.switches import env_flag
+
 SKINNY_MAX_ROWS = 128
-SKINNY_ENABLED = os.environ.get("HWATTN_SKINNY_GEMM", "0") == "1"
+SKINNY_ENABLED = env_flag("HWATTN_SKINNY_GEMM")
 # Device types whose products may take the kernel; the tests add "cpu" under the interpreter.
 SKINNY_DEVICES = ("cuda",)
 _DTYPES = (torch.bfloat16, torch.float16)

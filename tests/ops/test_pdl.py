@@ -15,13 +15,13 @@ from hwattn.ops.kernels import pdl
 
 def test_off_by_default_and_never_off_a_gpu(monkeypatch):
     assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
-    monkeypatch.setattr(pdl, "PDL_SETTING", "1")
+    monkeypatch.setattr(pdl, "PDL_ENABLED", True)
     assert pdl.launch_options(torch.device("cpu")) == {"PDL": False}
     assert not pdl.use_pdl(torch.device("cpu"))
 
 
 def test_on_for_a_hopper_gpu_outside_the_interpreter(monkeypatch):
-    monkeypatch.setattr(pdl, "PDL_SETTING", "1")
+    monkeypatch.setattr(pdl, "PDL_ENABLED", True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert pdl.launch_options(torch.device("cuda")) == {"PDL": True, "launch_pdl": True}

@@ -26,13 +26,13 @@ no grid depends on the lengths (CUDA graph replay).
 from __future__ import annotations
 
 import functools
-import os
 
 import triton
 import triton.language as tl
 
 from hwattn.ops.kernels.pdl import launch_options, wait_for_predecessor
 from hwattn.ops.plan import device_sms
+from hwattn.switches import env_choice
 
 
 # A plan's splits are a view of its packed buffer, after the pieces: 16-byte aligned or not as
@@ -205,9 +205,7 @@ PROGRAMS_PER_SM = 4
 # 128-column units read every piece's LSE once per unit): which batch a captured step meets
 # is not known at launch, so the grid stays the default.
 COMBINE_SCHEDULES = ("grid", "strided")
-COMBINE_SCHEDULE = os.environ.get("HWATTN_COMBINE", "grid")
-if COMBINE_SCHEDULE not in COMBINE_SCHEDULES:
-    raise ValueError(f"HWATTN_COMBINE must be one of {COMBINE_SCHEDULES}, got {COMBINE_SCHEDULE!r}")
+COMBINE_SCHEDULE = env_choice("HWATTN_COMBINE", COMBINE_SCHEDULES, "grid")
 # Programs per SM of the strided launch: one wave of 4-warp programs (64 warps an SM).
 STRIDED_PROGRAMS_PER_SM = 16
 _device_sms = functools.lru_cache(maxsize=None)(device_sms)  # (eager steps call it per layer)

@@ -34,15 +34,15 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-PDL_SETTING = os.environ.get("HWATTN_PDL", "0")
-if PDL_SETTING not in ("0", "1"):
-    raise ValueError(f"HWATTN_PDL must be 0 or 1, got {PDL_SETTING!r}")
+from hwattn.switches import env_flag
+
+PDL_ENABLED = env_flag("HWATTN_PDL")
 
 
 def use_pdl(device) -> bool:
     """Whether kernels launched on `device` (a torch.device) go with PDL: HWATTN_PDL=1, a CUDA
     device of compute capability 9 or more, and compiled kernels (not the interpreter)."""
-    if PDL_SETTING != "1" or device.type != "cuda":
+    if not PDL_ENABLED or device.type != "cuda":
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
