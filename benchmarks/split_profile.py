@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     from hwattn.ops import hopper_decode
+    from hwattn.ops.backends.triton_backend import TritonBackend
     from hwattn.ops.kernels import combine as combine_kernels
     from hwattn.ops.plan import plan_decode
 
@@ -160,9 +161,9 @@ def main(argv=None) -> int:
         reference = None
         if not inputs.tied:  # separate K/V (GQA): the Triton kernel under its backend's plan
             config = None
-            if any(change or merge for change, merge in (p for _, p in plans)):
+            plans_here = [(name, plan) for name, plan in plans if plan == ({}, None)]
+            if len(plans_here) < len(plans):
                 print(f"| {case['variant']}: separate K/V, the default plan alone", flush=True)
-            plans_here = [(name, p) for name, p in plans if not (p[0] or p[1])]
         else:
             q_nope, q_rope = inputs.queries
             kv, rope = inputs.caches
@@ -171,8 +172,6 @@ def main(argv=None) -> int:
             plans_here = plans
         for name, (change, merge) in plans_here:
             if not inputs.tied:
-                from hwattn.ops.backends.triton_backend import TritonBackend
-
                 fn, plan = inputs.hopper(TritonBackend(), case)
                 plan_args = {}
             else:
