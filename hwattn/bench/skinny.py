@@ -165,8 +165,9 @@ def blas_call(variant: str, x: torch.Tensor, weight: torch.Tensor):
     """(prepare, op) for a cuBLAS variant: prepare(W (N, K)) gives the stored operand, op(x,
     stored) computes X W^T (M, N). `*_lt` run under cuBLASLt
     (`torch.backends.cuda.preferred_blas_library`, set by `bench_blas` around capture), the
-    others under PyTorch's default library: `linear` as the model calls it, `mm_wt` with W stored transposed (K, N) and row-major, `addmm_lt`
-    with a zero bias (PyTorch's fused bias path)."""
+    others under PyTorch's default library: `linear` as the model calls it, `mm_wt` with W
+    stored transposed (K, N) and row-major, `addmm_lt` with a zero bias (PyTorch's fused bias
+    path); `TEMPLATE_VARIANT` (not cuBLAS) Inductor's autotuned Triton templates."""
     f = torch.nn.functional
     if variant in ("linear", "linear_lt"):
         return (lambda w: w), (lambda x, w: f.linear(x, w))
